@@ -1,0 +1,146 @@
+//! Counter layouts: the per-VNI per-CPU counters every data-path outcome is
+//! counted in, the drop reasons indexing them, and node-wide counters.
+
+/// Why a packet was dropped. The discriminant indexes [`VniCounters::drops`]
+/// and is part of the ABI: append new reasons, never renumber.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// No endpoint with that address on the network (or the endpoint is not
+    /// where the packet would have to go, e.g. remote-to-remote).
+    NoEndpoint = 0,
+    /// VXLAN for a VNI this node does not serve.
+    UnknownVni = 1,
+    /// VXLAN from a source address that is not a VTEP of that network.
+    UnknownVtep = 2,
+    /// Truncated or malformed headers.
+    Malformed = 3,
+    /// Would not fit the underlay MTU after encapsulation.
+    TooBig = 4,
+    /// A frame ovl does not switch (IPv6, other EtherTypes, non-request ARP,
+    /// IPv4 fragments of VXLAN).
+    Unsupported = 5,
+    /// The kernel has no route to the destination VTEP.
+    NoRoute = 6,
+}
+
+impl DropReason {
+    /// Number of reasons; the length of [`VniCounters::drops`].
+    pub const COUNT: usize = 7;
+    /// Every reason, in index order.
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::NoEndpoint,
+        DropReason::UnknownVni,
+        DropReason::UnknownVtep,
+        DropReason::Malformed,
+        DropReason::TooBig,
+        DropReason::Unsupported,
+        DropReason::NoRoute,
+    ];
+
+    /// The snake_case name used in `ovl stats` output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::UnknownVni => "unknown_vni",
+            DropReason::UnknownVtep => "unknown_vtep",
+            DropReason::Malformed => "malformed",
+            DropReason::TooBig => "too_big",
+            DropReason::Unsupported => "unsupported",
+            DropReason::NoRoute => "no_route",
+        }
+    }
+}
+
+/// Key of [`VniCounters`] for outcomes that cannot be attributed to a
+/// network (malformed underlay frames, VXLAN for an unknown VNI). VNI 0 is
+/// never given to a network.
+pub const UNATTRIBUTED_VNI: u32 = 0;
+
+/// Per-VNI counters, one copy per CPU (summed by the agent).
+/// Byte counters count inner Ethernet frames, as the containers see them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VniCounters {
+    /// Frames encapsulated towards a remote VTEP.
+    pub tx_packets: u64,
+    /// Bytes of those frames.
+    pub tx_bytes: u64,
+    /// Frames decapsulated and delivered to a local container.
+    pub rx_packets: u64,
+    /// Bytes of those frames.
+    pub rx_bytes: u64,
+    /// Frames switched between two containers of this node.
+    pub local_packets: u64,
+    /// ARP requests answered by proxy.
+    pub arp_replies: u64,
+    /// Drops, indexed by [`DropReason`].
+    pub drops: [u64; DropReason::COUNT],
+}
+const _: () = assert!(core::mem::size_of::<VniCounters>() == 8 * (6 + DropReason::COUNT));
+
+impl VniCounters {
+    /// Adds another CPU's copy into this one.
+    pub fn accumulate(&mut self, other: &VniCounters) {
+        self.tx_packets += other.tx_packets;
+        self.tx_bytes += other.tx_bytes;
+        self.rx_packets += other.rx_packets;
+        self.rx_bytes += other.rx_bytes;
+        self.local_packets += other.local_packets;
+        self.arp_replies += other.arp_replies;
+        for (sum, add) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *sum += *add;
+        }
+    }
+
+    /// Drops counted for `reason`.
+    pub fn drops_for(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+}
+
+/// Node-wide counters of the underlay hook; the discriminant indexes the
+/// per-CPU `OVL_GLOBAL` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GlobalCounter {
+    /// Every frame the underlay ingress program saw.
+    UnderlayPackets = 0,
+    /// Frames that were not ovl's VXLAN and went on to the host stack.
+    UnderlayPassed = 1,
+}
+
+impl GlobalCounter {
+    /// Number of node-wide counters (entries of `OVL_GLOBAL`).
+    pub const COUNT: u32 = 2;
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for VniCounters {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_index_in_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+
+    #[test]
+    fn accumulate_sums_every_field() {
+        let mut a = VniCounters {
+            tx_packets: 1,
+            arp_replies: 2,
+            ..Default::default()
+        };
+        a.drops[DropReason::TooBig as usize] = 3;
+        let b = a;
+        a.accumulate(&b);
+        assert_eq!(a.tx_packets, 2);
+        assert_eq!(a.arp_replies, 4);
+        assert_eq!(a.drops_for(DropReason::TooBig), 6);
+    }
+}

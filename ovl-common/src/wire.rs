@@ -1,0 +1,122 @@
+//! Protocol constants of the frames ovl parses and builds, named after the
+//! RFC fields they come from (RFC 7348 VXLAN, RFC 791 IPv4, RFC 826 ARP).
+
+/// IANA-assigned VXLAN UDP destination port (RFC 7348 §5).
+pub const VXLAN_PORT: u16 = 4789;
+/// Length of the VXLAN header (RFC 7348 §5).
+pub const VXLAN_HDR_LEN: usize = 8;
+/// The "I" flag: the VNI field is valid (RFC 7348 §5, first octet 0x08).
+pub const VXLAN_FLAG_I: u8 = 0x08;
+/// Largest VNI: the field is 24 bits wide.
+pub const VNI_MAX: u32 = 0x00ff_ffff;
+
+/// Ethernet header without VLAN tag.
+pub const ETH_HDR_LEN: usize = 14;
+/// IPv4 header without options (IHL = 5).
+pub const IPV4_HDR_LEN: usize = 20;
+/// UDP header.
+pub const UDP_HDR_LEN: usize = 8;
+/// ARP packet for Ethernet/IPv4 (RFC 826).
+pub const ARP_ETH_IPV4_LEN: usize = 28;
+
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// EtherType of ARP.
+pub const ETH_P_ARP: u16 = 0x0806;
+/// IPv4 protocol number of UDP.
+pub const IPPROTO_UDP: u8 = 17;
+/// IPv4 protocol number of TCP.
+pub const IPPROTO_TCP: u8 = 6;
+/// ARP opcode: request.
+pub const ARP_OP_REQUEST: u16 = 1;
+/// ARP opcode: reply.
+pub const ARP_OP_REPLY: u16 = 2;
+/// ARP hardware type: Ethernet.
+pub const ARP_HTYPE_ETHER: u16 = 1;
+
+/// Bytes in front of the inner IPv4 packet on the underlay wire beyond the
+/// inner Ethernet header: outer IPv4 + UDP + VXLAN + inner Ethernet.
+/// This is what encapsulation inserts between the (re-used) Ethernet header
+/// and the inner IPv4 header.
+pub const ENCAP_INSERT_LEN: usize = IPV4_HDR_LEN + UDP_HDR_LEN + VXLAN_HDR_LEN + ETH_HDR_LEN;
+/// Whole overhead of VXLAN over IPv4 on the underlay L3 MTU: an inner
+/// packet of `mtu - ENCAP_OVERHEAD` bytes fills an underlay packet of `mtu`.
+pub const ENCAP_OVERHEAD: u32 = ENCAP_INSERT_LEN as u32;
+/// Offset of the inner Ethernet header in an encapsulated frame.
+pub const INNER_ETH_OFFSET: usize = ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN + VXLAN_HDR_LEN;
+
+/// Range of UDP source ports used for flow entropy (RFC 7348 §5: dynamic
+/// port range 49152-65535).
+pub const VXLAN_SRC_PORT_MIN: u16 = 49152;
+/// Number of ports in the source-port range.
+pub const VXLAN_SRC_PORT_SPAN: u32 = 16384;
+
+/// Time to live of outer IPv4 headers.
+pub const OUTER_TTL: u8 = 64;
+
+/// Maps a flow hash into the VXLAN source-port range.
+#[inline(always)]
+pub const fn vxlan_src_port(flow_hash: u32) -> u16 {
+    // Fold the high bits in so hashes that differ only there still spread.
+    let h = flow_hash ^ (flow_hash >> 16);
+    VXLAN_SRC_PORT_MIN + (h % VXLAN_SRC_PORT_SPAN) as u16
+}
+
+/// Locally administered MAC that ovl gives a container: 02:42 followed by
+/// its IPv4 address, as Docker does for overlay endpoints.
+#[inline(always)]
+pub const fn mac_for_ipv4(addr: [u8; 4]) -> [u8; 6] {
+    [0x02, 0x42, addr[0], addr[1], addr[2], addr[3]]
+}
+
+/// One's-complement checksum of an IPv4 header given as ten 16-bit words
+/// read in network order (RFC 791, RFC 1071).
+#[inline(always)]
+pub const fn ipv4_checksum(words: &[u16; 10]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 10 {
+        sum += words[i] as u32;
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_checksum_matches_rfc1071_example_header() {
+        // 45 00 00 73 00 00 40 00 40 11 [b8 61] c0 a8 00 01 c0 a8 00 c7
+        let words = [
+            0x4500, 0x0073, 0x0000, 0x4000, 0x4011, 0x0000, 0xc0a8, 0x0001, 0xc0a8, 0x00c7,
+        ];
+        assert_eq!(ipv4_checksum(&words), 0xb861);
+    }
+
+    #[test]
+    fn src_port_stays_in_dynamic_range() {
+        for h in [0u32, 1, 0xffff, 0x1_0000, 0xdead_beef, u32::MAX] {
+            let p = vxlan_src_port(h);
+            assert!(p >= VXLAN_SRC_PORT_MIN, "{p}");
+        }
+        assert_ne!(vxlan_src_port(1), vxlan_src_port(2));
+    }
+
+    #[test]
+    fn container_mac_embeds_address() {
+        assert_eq!(
+            mac_for_ipv4([198, 18, 0, 2]),
+            [0x02, 0x42, 198, 18, 0, 2]
+        );
+    }
+
+    #[test]
+    fn overhead_is_fifty_bytes() {
+        assert_eq!(ENCAP_OVERHEAD, 50);
+        assert_eq!(INNER_ETH_OFFSET, 50);
+    }
+}

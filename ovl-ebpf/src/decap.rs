@@ -1,0 +1,139 @@
+//! VXLAN decapsulation on the underlay (RFC 7348 §4.1): validation shared
+//! by the XDP and TC hooks, then each hook's way to strip and deliver.
+
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
+    helpers::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
+    programs::{TcContext, XdpContext},
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
+use ovl_common::{
+    DropReason,
+    wire::{ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I, VXLAN_PORT},
+};
+
+use crate::{
+    maps,
+    packet::Frame,
+    stats,
+    verdict::{Dropped, OnVni},
+};
+
+/// Most bytes of headers decap reads: outer Ethernet, IPv4 with the
+/// largest options, UDP, VXLAN, inner Ethernet and IPv4.
+pub const MAX_HDR_LEN: u32 = (ETH_HDR_LEN + 60 + UDP_HDR_LEN + 8 + ETH_HDR_LEN + IPV4_HDR_LEN) as u32;
+/// IPv4 "more fragments" flag and fragment offset.
+const IPV4_FRAG_MASK: u16 = 0x3fff;
+
+/// A validated VXLAN frame for a local container.
+pub struct Delivery {
+    /// The network.
+    pub vni: u32,
+    /// Host end of the destination container's veth.
+    pub ifindex: u32,
+    /// The destination container's MAC.
+    pub mac: [u8; 6],
+    /// Offset of the inner Ethernet header: bytes to strip.
+    pub inner_offset: usize,
+}
+
+/// Decides what to do with an underlay frame: `Ok(None)` when it is not
+/// VXLAN addressed to this VTEP (the host stack gets it), a `Delivery`
+/// when it is valid VXLAN for a local endpoint, a drop otherwise.
+#[inline(always)]
+pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped> {
+    let Ok(eth) = frame.read::<EthHdr>(0) else { return Ok(None) };
+    if eth.ether_type != ETH_P_IP.to_be() {
+        return Ok(None);
+    }
+    let Ok(ip) = frame.read::<Ipv4Hdr>(ETH_HDR_LEN) else { return Ok(None) };
+    if ip.proto != IPPROTO_UDP || ip.dst_addr != vtep || ip.vihl >> 4 != 4 {
+        return Ok(None);
+    }
+    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    // Fragments are the host stack's to reassemble; ovl switches whole
+    // packets only (and sends with DF).
+    if ihl < IPV4_HDR_LEN || u16::from_be_bytes(ip.frags) & IPV4_FRAG_MASK != 0 {
+        return Ok(None);
+    }
+    let udp_off = ETH_HDR_LEN + ihl;
+    let Ok(udp) = frame.read::<UdpHdr>(udp_off) else { return Ok(None) };
+    if udp.dst_port() != VXLAN_PORT {
+        return Ok(None);
+    }
+
+    // VXLAN addressed to this VTEP: from here on every failure is a drop.
+    let vxlan_off = udp_off + UDP_HDR_LEN;
+    let inner_offset = vxlan_off + 8;
+    let claimed = usize::from(u16::from_be_bytes(ip.tot_len));
+    if claimed < inner_offset - ETH_HDR_LEN + ETH_HDR_LEN + IPV4_HDR_LEN
+        || usize::from(udp.len()) < UDP_HDR_LEN + 8 + ETH_HDR_LEN + IPV4_HDR_LEN
+    {
+        return Err(Dropped::unattributed(DropReason::Malformed));
+    }
+    let vx: VxlanHdr = frame.read(vxlan_off).map_err(Dropped::unattributed)?;
+    if vx.flags & VXLAN_FLAG_I == 0 {
+        return Err(Dropped::unattributed(DropReason::Malformed));
+    }
+    let vni = vx.vni();
+    if !maps::serves_vni(vni) {
+        return Err(Dropped::unattributed(DropReason::UnknownVni));
+    }
+    if !maps::vtep_allowed(vni, ip.src_addr) {
+        return Err(Dropped::on(vni, DropReason::UnknownVtep));
+    }
+
+    let inner_eth: EthHdr = frame.read(inner_offset).on_vni(vni)?;
+    if inner_eth.ether_type != ETH_P_IP.to_be() {
+        return Err(Dropped::on(vni, DropReason::Unsupported));
+    }
+    let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).on_vni(vni)?;
+    match maps::endpoint(vni, inner_ip.dst_addr) {
+        Some(ep) if ep.is_local() => {
+            Ok(Some(Delivery { vni, ifindex: ep.ifindex, mac: ep.mac, inner_offset }))
+        }
+        _ => Err(Dropped::on(vni, DropReason::NoEndpoint)),
+    }
+}
+
+/// XDP: strip the outer headers and redirect the inner frame to the
+/// container's veth.
+#[inline(always)]
+pub fn deliver_xdp(ctx: &XdpContext, frame: &Frame, d: &Delivery) -> Result<u32, Dropped> {
+    // The destination MAC is the endpoint's own, whatever the sender wrote.
+    let mut inner_eth: EthHdr = frame.read(d.inner_offset).on_vni(d.vni)?;
+    inner_eth.dst_addr = d.mac;
+    frame.write(d.inner_offset, inner_eth).on_vni(d.vni)?;
+    // SAFETY: helper call on the program's own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, d.inner_offset as i32) } != 0 {
+        return Err(Dropped::on(d.vni, DropReason::Malformed));
+    }
+    stats::rx(d.vni, (ctx.data_end() - ctx.data()) as u64);
+    // SAFETY: helper call; the action it returns is the program's verdict.
+    Ok(unsafe { bpf_redirect(d.ifindex, 0) } as u32)
+}
+
+/// TC: strip the outer headers (keeping the socket buffer's GSO state
+/// valid) and hand the frame to the container side of its veth.
+#[inline(always)]
+pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, Dropped> {
+    let inner_eth: EthHdr = frame.read(d.inner_offset).on_vni(d.vni)?;
+    let strip = (d.inner_offset - ETH_HDR_LEN) as i32;
+    ctx.adjust_room(-strip, BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
+        .map_err(|_| Dropped::on(d.vni, DropReason::Malformed))?;
+    let frame = Frame::of_skb(ctx);
+    frame
+        .write(
+            0,
+            EthHdr { dst_addr: d.mac, src_addr: inner_eth.src_addr, ether_type: ETH_P_IP.to_be() },
+        )
+        .on_vni(d.vni)?;
+    stats::rx(d.vni, u64::from(ctx.len()));
+    // SAFETY: helper call; the action it returns is the program's verdict.
+    Ok(unsafe { bpf_redirect_peer(d.ifindex, 0) } as i32)
+}
+
+/// The XDP action for a drop.
+pub const XDP_DROP: u32 = xdp_action::XDP_DROP;
+/// The XDP action for "not ours".
+pub const XDP_PASS: u32 = xdp_action::XDP_PASS;

@@ -1,0 +1,62 @@
+//! Container egress, at TC ingress of the host end of a container's veth:
+//! proxy ARP, same-node switching, or encapsulation to the remote VTEP.
+
+use aya_ebpf::{helpers::bpf_redirect_peer, programs::TcContext};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use ovl_common::{
+    DropReason,
+    wire::{ETH_HDR_LEN, ETH_P_ARP, ETH_P_IP},
+};
+
+use crate::{arp, encap, maps, packet::Frame, stats};
+
+/// Headers egress reads: Ethernet, IPv4 with options, TCP data offset.
+const MAX_HDR_LEN: u32 = (ETH_HDR_LEN + 60 + 20) as u32;
+
+/// Switches one frame a container sent on network `vni` from the veth
+/// whose host end is `ifindex`.
+#[inline(always)]
+pub fn switch(ctx: &TcContext, vni: u32, ifindex: u32) -> Result<i32, DropReason> {
+    // Make the headers readable with direct packet access; frames shorter
+    // than that fail the bounds checks below and count as malformed.
+    let _ = ctx.pull_data(ctx.len().min(MAX_HDR_LEN));
+    let frame = Frame::of_skb(ctx);
+    let eth: EthHdr = frame.read(0)?;
+
+    if eth.ether_type == ETH_P_ARP.to_be() {
+        arp::answer_request(&frame, vni)?;
+        stats::arp_reply(vni);
+        return Ok(to_container(ifindex));
+    }
+    if eth.ether_type != ETH_P_IP.to_be() {
+        return Err(DropReason::Unsupported);
+    }
+
+    let ip: Ipv4Hdr = frame.read(ETH_HDR_LEN)?;
+    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
+        return Err(DropReason::Malformed);
+    }
+    let dst = maps::endpoint(vni, ip.dst_addr).ok_or(DropReason::NoEndpoint)?;
+    if dst.is_local() {
+        if dst.ifindex == ifindex {
+            return Err(DropReason::NoEndpoint);
+        }
+        let mut eth = eth;
+        eth.dst_addr = dst.mac;
+        frame.write(0, eth)?;
+        // SAFETY: reading a field of the program's own context.
+        let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1);
+        stats::local(vni, u64::from(segs));
+        return Ok(to_container(dst.ifindex));
+    }
+    let node = maps::node_config().ok_or(DropReason::NoRoute)?;
+    encap::to_remote(ctx, vni, node, &dst, &ip)
+}
+
+/// Hands a frame to the container end of the veth whose host end is
+/// `ifindex` (straight into its ingress, skipping the host backlog).
+#[inline(always)]
+fn to_container(ifindex: u32) -> i32 {
+    // SAFETY: helper call; the action it returns is the program's verdict.
+    unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+}

@@ -1,0 +1,247 @@
+//! VXLAN encapsulation at TC (RFC 7348 §5): outer Ethernet / IPv4 / UDP
+//! (destination 4789) / VXLAN around the container's frame, next hop taken
+//! from the kernel's FIB and neighbour tables.
+
+use core::mem;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_fib_lookup, bpf_redir_neigh,
+    },
+    helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
+use ovl_common::{
+    DropReason, Endpoint, NodeConfig,
+    wire::{
+        ENCAP_INSERT_LEN, ENCAP_OVERHEAD, ETH_HDR_LEN, ETH_P_IP, INNER_ETH_OFFSET, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_HDR_LEN, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I, VXLAN_PORT,
+        ipv4_checksum, vxlan_src_port,
+    },
+};
+
+use crate::{packet::Frame, stats};
+
+const AF_INET: u8 = 2;
+/// IPv4 "don't fragment" (RFC 791): RFC 7348 §4.3 forbids VTEPs from
+/// fragmenting, so the underlay must not either; the MTU is checked here.
+const IPV4_DF: u16 = 0x4000;
+/// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: length of the inner L2 header.
+const ADJ_ROOM_ENCAP_L2_ETH_LEN: u64 = (ETH_HDR_LEN as u64 & 0xff) << 56;
+/// The kernel keeps GSO valid for a UDP tunnel carrying Ethernet; FIXED_GSO
+/// keeps the container's segment size, which its 1450 MTU already sized
+/// for the underlay.
+const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
+    | ADJ_ROOM_ENCAP_L2_ETH_LEN;
+
+/// Wraps the container's IPv4 frame for the VTEP of `dst` and redirects it
+/// to the underlay. `inner_ip` is the frame's IPv4 header (at `ETH_HDR_LEN`).
+#[inline(always)]
+pub fn to_remote(
+    ctx: &TcContext,
+    vni: u32,
+    node: &NodeConfig,
+    dst: &Endpoint,
+    inner_ip: &Ipv4Hdr,
+) -> Result<i32, DropReason> {
+    let skb = ctx.skb.skb;
+    let inner_frame_len = ctx.len();
+    // SAFETY: reading fields of the context the program was handed.
+    let (gso_size, gso_segs) = unsafe { ((*skb).gso_size, (*skb).gso_segs) };
+
+    let outer_len = largest_outer_len(ctx, inner_ip, inner_frame_len, gso_size)?;
+    let route = route_to(ctx, node, dst.vtep, outer_len)?;
+
+    // Flow entropy from the inner flow (RFC 7348 §5, source port): taken
+    // before the headers change.
+    // SAFETY: helper call on the program's own context.
+    let flow_hash = unsafe { bpf_get_hash_recalc(skb) };
+    let frame = Frame::of_skb(ctx);
+    let inner_eth: EthHdr = frame.read(0)?;
+
+    ctx.adjust_room(ENCAP_INSERT_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .map_err(|_| DropReason::Malformed)?;
+
+    let frame = Frame::of_skb(ctx);
+    let outer_l3_len = ctx.len() - ETH_HDR_LEN as u32;
+    frame.write(
+        0,
+        EthHdr { dst_addr: route.dmac, src_addr: route.smac, ether_type: ETH_P_IP.to_be() },
+    )?;
+    frame.write(
+        ETH_HDR_LEN,
+        outer_ipv4(outer_l3_len as u16, inner_ip.tos, node.vtep, dst.vtep),
+    )?;
+    frame.write(ETH_HDR_LEN + IPV4_HDR_LEN, outer_udp(outer_l3_len as u16, flow_hash))?;
+    frame.write(ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN, vxlan(vni))?;
+    frame.write(
+        INNER_ETH_OFFSET,
+        EthHdr { dst_addr: dst.mac, src_addr: inner_eth.src_addr, ether_type: ETH_P_IP.to_be() },
+    )?;
+
+    stats::tx(vni, u64::from(gso_segs.max(1)), u64::from(inner_frame_len));
+    Ok(route.redirect())
+}
+
+/// Underlay L3 length of the largest packet this frame turns into: the
+/// whole frame, or one segment of a GSO super-packet.
+#[inline(always)]
+fn largest_outer_len(
+    ctx: &TcContext,
+    inner_ip: &Ipv4Hdr,
+    inner_frame_len: u32,
+    gso_size: u32,
+) -> Result<u32, DropReason> {
+    let inner_l3 = if gso_size == 0 {
+        inner_frame_len - ETH_HDR_LEN as u32
+    } else {
+        let ihl = u32::from(inner_ip.vihl & 0x0f) * 4;
+        let l4_hdr = match inner_ip.proto {
+            IPPROTO_TCP => {
+                // Data offset: high nibble of byte 12 of the TCP header.
+                let off: u8 = Frame::of_skb(ctx).read(ETH_HDR_LEN + ihl as usize + 12)?;
+                u32::from(off >> 4) * 4
+            }
+            IPPROTO_UDP => UDP_HDR_LEN as u32,
+            _ => 0,
+        };
+        ihl + l4_hdr + gso_size
+    };
+    Ok(inner_l3 + ENCAP_OVERHEAD)
+}
+
+/// Where the kernel would send a packet to `vtep`, and how.
+struct Route {
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    /// Set when the neighbour is not resolved yet: the kernel resolves it
+    /// (`bpf_redirect_neigh`) via this next hop.
+    unresolved_next_hop: Option<u32>,
+}
+
+impl Route {
+    #[inline(always)]
+    fn redirect(&self) -> i32 {
+        match self.unresolved_next_hop {
+            // SAFETY: helper calls with valid arguments.
+            None => unsafe { bpf_redirect(self.ifindex, 0) as i32 },
+            Some(nh) => unsafe {
+                let mut params: bpf_redir_neigh = mem::zeroed();
+                params.nh_family = u32::from(AF_INET);
+                params.__bindgen_anon_1.ipv4_nh = nh;
+                bpf_redirect_neigh(
+                    self.ifindex,
+                    &mut params,
+                    mem::size_of::<bpf_redir_neigh>() as i32,
+                    0,
+                ) as i32
+            },
+        }
+    }
+}
+
+/// Routes an underlay packet of `outer_len` bytes from this VTEP to `vtep`
+/// through the kernel FIB, which also checks the route's MTU.
+#[inline(always)]
+fn route_to(
+    ctx: &TcContext,
+    node: &NodeConfig,
+    vtep: [u8; 4],
+    outer_len: u32,
+) -> Result<Route, DropReason> {
+    if outer_len > u32::from(u16::MAX) {
+        return Err(DropReason::TooBig);
+    }
+    // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
+    let mut fib: bpf_fib_lookup = unsafe { mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.__bindgen_anon_1.tot_len = outer_len as u16;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(node.vtep);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(vtep);
+    fib.ifindex = node.underlay_ifindex;
+    // SAFETY: helper call with a properly sized parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    // SAFETY: the kernel wrote the union members it documents for IPv4.
+    let next_hop = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+    match rc {
+        r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Ok(Route {
+            ifindex: fib.ifindex,
+            smac: fib.smac,
+            dmac: fib.dmac,
+            unresolved_next_hop: None,
+        }),
+        r if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 => Ok(Route {
+            ifindex: fib.ifindex,
+            smac: [0; 6],
+            dmac: [0; 6],
+            unresolved_next_hop: Some(next_hop),
+        }),
+        r if r == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 => Err(DropReason::TooBig),
+        _ => Err(DropReason::NoRoute),
+    }
+}
+
+#[inline(always)]
+fn outer_ipv4(tot_len: u16, tos: u8, src: [u8; 4], dst: [u8; 4]) -> Ipv4Hdr {
+    let mut ip = Ipv4Hdr {
+        vihl: 0x45,
+        // RFC 6040 normal mode: the outer header carries the inner ECN (and
+        // DSCP) so congestion marks survive the tunnel.
+        tos,
+        tot_len: tot_len.to_be_bytes(),
+        id: [0; 2],
+        frags: IPV4_DF.to_be_bytes(),
+        ttl: OUTER_TTL,
+        proto: IPPROTO_UDP,
+        check: [0; 2],
+        src_addr: src,
+        dst_addr: dst,
+    };
+    let words = [
+        u16::from_be_bytes([ip.vihl, ip.tos]),
+        tot_len,
+        0,
+        IPV4_DF,
+        u16::from_be_bytes([OUTER_TTL, IPPROTO_UDP]),
+        0,
+        u16::from_be_bytes([src[0], src[1]]),
+        u16::from_be_bytes([src[2], src[3]]),
+        u16::from_be_bytes([dst[0], dst[1]]),
+        u16::from_be_bytes([dst[2], dst[3]]),
+    ];
+    ip.check = ipv4_checksum(&words).to_be_bytes();
+    ip
+}
+
+#[inline(always)]
+fn outer_udp(outer_l3_len: u16, flow_hash: u32) -> UdpHdr {
+    let mut udp: UdpHdr = UdpHdr { src: [0; 2], dst: [0; 2], len: [0; 2], check: [0; 2] };
+    udp.set_src_port(vxlan_src_port(flow_hash));
+    udp.set_dst_port(VXLAN_PORT);
+    udp.set_len(outer_l3_len - IPV4_HDR_LEN as u16);
+    // A zero UDP checksum is allowed for VXLAN over IPv4 (RFC 7348 §5).
+    udp
+}
+
+#[inline(always)]
+fn vxlan(vni: u32) -> VxlanHdr {
+    let mut hdr = VxlanHdr { flags: VXLAN_FLAG_I, _reserved1: [0; 3], vni: [0; 3], _reserved2: 0 };
+    hdr.set_vni(vni);
+    hdr
+}

@@ -1,0 +1,116 @@
+//! ovl's kernel programs. Entry points only: each wires the units
+//! (parsing, ARP, encap, decap, counting) together and has one exit that
+//! counts drops.
+#![no_std]
+#![no_main]
+
+mod arp;
+mod decap;
+mod egress;
+mod encap;
+mod maps;
+mod packet;
+mod stats;
+mod verdict;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use aya_log_ebpf::debug;
+use ovl_common::{DropReason, GlobalCounter, counters::UNATTRIBUTED_VNI};
+
+use crate::{packet::Frame, verdict::Dropped};
+
+/// Underlay ingress at XDP: decapsulates VXLAN for local containers,
+/// passes everything that is not ovl's.
+#[xdp]
+pub fn ovl_xdp_decap(ctx: XdpContext) -> u32 {
+    stats::global(GlobalCounter::UnderlayPackets);
+    let Some(node) = maps::node_config() else {
+        stats::global(GlobalCounter::UnderlayPassed);
+        return decap::XDP_PASS;
+    };
+    let frame = Frame::of_xdp(&ctx);
+    let outcome = match decap::inspect(&frame, node.vtep) {
+        Ok(None) => {
+            stats::global(GlobalCounter::UnderlayPassed);
+            return decap::XDP_PASS;
+        }
+        Ok(Some(delivery)) => decap::deliver_xdp(&ctx, &frame, &delivery),
+        Err(dropped) => Err(dropped),
+    };
+    outcome.unwrap_or_else(|d| {
+        count_decap_drop(&ctx, d);
+        decap::XDP_DROP
+    })
+}
+
+/// Underlay ingress at TC: the same decisions as `ovl_xdp_decap`, for
+/// underlays where XDP would cost offloads.
+#[classifier]
+pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
+    stats::global(GlobalCounter::UnderlayPackets);
+    let Some(node) = maps::node_config() else {
+        stats::global(GlobalCounter::UnderlayPassed);
+        return TC_ACT_OK as i32;
+    };
+    // Headers must be in the linear area for direct access.
+    let _ = ctx.pull_data(ctx.len().min(decap::MAX_HDR_LEN));
+    let frame = Frame::of_skb(&ctx);
+    let outcome = match decap::inspect(&frame, node.vtep) {
+        Ok(None) => {
+            stats::global(GlobalCounter::UnderlayPassed);
+            return TC_ACT_OK as i32;
+        }
+        Ok(Some(delivery)) => decap::deliver_tc(&ctx, &frame, &delivery),
+        Err(dropped) => Err(dropped),
+    };
+    outcome.unwrap_or_else(|d| {
+        count_decap_drop(&ctx, d);
+        TC_ACT_SHOT as i32
+    })
+}
+
+/// Container egress at TC ingress of the host end of a container veth.
+/// Nothing a container sends reaches the host stack: it is switched or
+/// dropped.
+#[classifier]
+pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(vni) = maps::iface_vni(ifindex) else {
+        stats::drop(UNATTRIBUTED_VNI, DropReason::NoEndpoint);
+        return TC_ACT_SHOT as i32;
+    };
+    egress::switch(&ctx, vni, ifindex).unwrap_or_else(|reason| {
+        stats::drop(vni, reason);
+        TC_ACT_SHOT as i32
+    })
+}
+
+/// The single drop exit of the decap programs. VXLAN from a source that is
+/// not a VTEP of the network is worth a (debug-level) log line: it is
+/// either a misconfiguration or spoofing.
+#[inline(always)]
+fn count_decap_drop<C: EbpfContext>(ctx: &C, d: Dropped) {
+    stats::drop(d.vni, d.reason);
+    if d.reason == DropReason::UnknownVtep {
+        debug!(ctx, "dropped VXLAN for VNI {} from a host that is not its VTEP", d.vni);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program; the verifier rejects loops.
+    loop {}
+}
+
+/// License of the object: GPL, for the GPL-only helpers (fib lookup,
+/// neighbour redirect).
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,71 @@
+//! Every map of ovl's kernel programs, defined in one place. Names and
+//! layouts come from ovl-common; all maps are pinned by name so the agent
+//! and `ovl stats` find them under the node's pin directory.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+};
+use ovl_common::{Endpoint, NodeConfig, VniAddr, VniCounters, counters::GlobalCounter, maps::capacity};
+
+/// This node's underlay identity (one entry).
+#[map(name = "OVL_CONFIG")]
+pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+
+/// VNI → network MTU: the networks this node serves.
+#[map(name = "OVL_NETWORKS")]
+pub static NETWORKS: HashMap<u32, u32> = HashMap::pinned(capacity::NETWORKS, 0);
+
+/// (VNI, IPv4) → endpoint.
+#[map(name = "OVL_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<VniAddr, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+/// (VNI, remote VTEP address) pairs allowed to send VXLAN for that VNI.
+#[map(name = "OVL_VTEPS")]
+pub static VTEPS: HashMap<VniAddr, u32> = HashMap::pinned(capacity::VTEPS, 0);
+
+/// Host-side ifindex of a local container veth → its VNI.
+#[map(name = "OVL_IFACES")]
+pub static IFACES: HashMap<u32, u32> = HashMap::pinned(capacity::IFACES, 0);
+
+/// Per-VNI, per-CPU counters. Entries are created by the agent.
+#[map(name = "OVL_STATS")]
+pub static STATS: PerCpuHashMap<u32, VniCounters> =
+    PerCpuHashMap::pinned(capacity::NETWORKS + 1, 0);
+
+/// Node-wide per-CPU counters indexed by `GlobalCounter`.
+#[map(name = "OVL_GLOBAL")]
+pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::pinned(GlobalCounter::COUNT, 0);
+
+/// This node's configuration; `None` until the agent has written it.
+#[inline(always)]
+pub fn node_config() -> Option<&'static NodeConfig> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.vtep == [0; 4] { None } else { Some(cfg) }
+}
+
+/// The endpoint `addr` of network `vni`.
+#[inline(always)]
+pub fn endpoint(vni: u32, addr: [u8; 4]) -> Option<Endpoint> {
+    // SAFETY: the value is copied out before any other map operation.
+    unsafe { ENDPOINTS.get(&VniAddr { vni, addr }).copied() }
+}
+
+/// True when `vni` is a network this node serves.
+#[inline(always)]
+pub fn serves_vni(vni: u32) -> bool {
+    NETWORKS.get_ptr(&vni).is_some()
+}
+
+/// True when `vtep` may send VXLAN for `vni`.
+#[inline(always)]
+pub fn vtep_allowed(vni: u32, vtep: [u8; 4]) -> bool {
+    VTEPS.get_ptr(&VniAddr { vni, addr: vtep }).is_some()
+}
+
+/// The VNI of the container veth whose host end is `ifindex`.
+#[inline(always)]
+pub fn iface_vni(ifindex: u32) -> Option<u32> {
+    // SAFETY: the value is copied out immediately.
+    unsafe { IFACES.get(&ifindex).copied() }
+}

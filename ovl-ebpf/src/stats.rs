@@ -1,0 +1,67 @@
+//! Counting: every outcome of every program lands in the per-VNI per-CPU
+//! counters (drops by reason) or in the node-wide counters.
+
+use ovl_common::{DropReason, VniCounters, counters::GlobalCounter};
+
+use crate::maps::{GLOBAL, STATS};
+
+/// Adds to the counters of `vni`. The agent creates an entry for every
+/// network (and for `UNATTRIBUTED_VNI`), so a missing entry means the VNI
+/// is being removed and the count is let go.
+#[inline(always)]
+fn with_counters(vni: u32, f: impl FnOnce(&mut VniCounters)) {
+    if let Some(c) = STATS.get_ptr_mut(&vni) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        f(unsafe { &mut *c });
+    }
+}
+
+/// Counts a drop.
+#[inline(always)]
+pub fn drop(vni: u32, reason: DropReason) {
+    let idx = reason as usize;
+    with_counters(vni, |c| {
+        if let Some(d) = c.drops.get_mut(idx) {
+            *d += 1;
+        }
+    });
+}
+
+/// Counts frames encapsulated towards a remote VTEP.
+#[inline(always)]
+pub fn tx(vni: u32, packets: u64, bytes: u64) {
+    with_counters(vni, |c| {
+        c.tx_packets += packets;
+        c.tx_bytes += bytes;
+    });
+}
+
+/// Counts a frame decapsulated and delivered.
+#[inline(always)]
+pub fn rx(vni: u32, bytes: u64) {
+    with_counters(vni, |c| {
+        c.rx_packets += 1;
+        c.rx_bytes += bytes;
+    });
+}
+
+/// Counts frames switched between two local containers.
+#[inline(always)]
+pub fn local(vni: u32, packets: u64) {
+    with_counters(vni, |c| c.local_packets += packets);
+}
+
+/// Counts an ARP request answered by proxy.
+#[inline(always)]
+pub fn arp_reply(vni: u32) {
+    with_counters(vni, |c| c.arp_replies += 1);
+}
+
+/// Bumps a node-wide counter.
+#[inline(always)]
+pub fn global(counter: GlobalCounter) {
+    if let Some(c) = GLOBAL.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}

@@ -1,0 +1,40 @@
+//! The outcome type every handler returns: an action for the hook, or a
+//! drop with the VNI it is charged to. One exit per program counts drops.
+
+use ovl_common::{DropReason, counters::UNATTRIBUTED_VNI};
+
+/// A packet ovl decided to drop, and the network whose counters say so.
+#[derive(Clone, Copy)]
+pub struct Dropped {
+    /// VNI whose counters get the drop (`UNATTRIBUTED_VNI` when unknown).
+    pub vni: u32,
+    /// Why.
+    pub reason: DropReason,
+}
+
+impl Dropped {
+    /// A drop charged to network `vni`.
+    #[inline(always)]
+    pub const fn on(vni: u32, reason: DropReason) -> Self {
+        Self { vni, reason }
+    }
+
+    /// A drop that belongs to no known network.
+    #[inline(always)]
+    pub const fn unattributed(reason: DropReason) -> Self {
+        Self { vni: UNATTRIBUTED_VNI, reason }
+    }
+}
+
+/// Attaches a VNI to a bare `DropReason` from the parsing helpers.
+pub trait OnVni<T> {
+    /// Charges an error to network `vni`.
+    fn on_vni(self, vni: u32) -> Result<T, Dropped>;
+}
+
+impl<T> OnVni<T> for Result<T, DropReason> {
+    #[inline(always)]
+    fn on_vni(self, vni: u32) -> Result<T, Dropped> {
+        self.map_err(|reason| Dropped::on(vni, reason))
+    }
+}
