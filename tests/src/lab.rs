@@ -1,0 +1,351 @@
+// The `Lab` cleanup guard: owns every namespace, process, bpffs mount and
+// temp dir a test makes, and removes all of them on drop, panic or not.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::cmd;
+use crate::netns::Netns;
+use crate::process::{ChildHandle, Signal, SpawnedProcess};
+use crate::stale;
+
+/// Every namespace and temp dir a lab creates starts with this, so leftovers
+/// of a killed run can be found (see [`remove_stale_labs`](crate::remove_stale_labs)).
+pub const LAB_NAME_PREFIX: &str = "ovlt-";
+
+/// How long a spawned process gets to exit after SIGTERM before SIGKILL.
+const TERMINATE_GRACE: Duration = Duration::from_secs(2);
+
+/// How long to wait for the kernel to reap a process after SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// How much of each spawned process's stdout and stderr a dropping lab
+/// prints: the end of a log is where a failure shows.
+const LOG_TAIL_BYTES: usize = 8 * 1024;
+
+/// Longest tag kept in lab names: namespace names have no 15-byte limit
+/// like interface names, but short names keep `ip` output readable.
+const MAX_TAG_LEN: usize = 10;
+
+/// Longest role kept in a namespace name.
+const MAX_ROLE_LEN: usize = 20;
+
+/// Numbers labs within this process so parallel tests get distinct names.
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+/// Leftovers of killed runs are swept once per test process, before its
+/// first lab exists.
+static STALE_SWEEP: Once = Once::new();
+
+/// Serialises `ip netns add/del` within the process: iproute2 sets up the
+/// shared `/run/netns` mount on first use, and parallel first uses race.
+static NETNS_ADMIN: Mutex<()> = Mutex::new(());
+
+/// A test's private world: the namespaces, background processes, bpffs
+/// mounts and temp dir it created. Dropping the lab — including during a
+/// panic's unwinding — stops the processes (SIGTERM, then SIGKILL), unmounts
+/// the mounts, deletes the namespaces (which deletes their links) and
+/// removes the temp dir. Failures during cleanup are printed, never raised.
+///
+/// Names are `ovlt-<tag>-<pid>-<n>[-<role>]`, unique per process and lab, so
+/// tests run in parallel and a sweep can tell whose leftovers are dead.
+pub struct Lab {
+    prefix: String,
+    tempdir: PathBuf,
+    namespaces: Mutex<Vec<Netns>>,
+    processes: Mutex<Vec<Arc<SpawnedProcess>>>,
+    mounts: Mutex<Vec<PathBuf>>,
+    next_item: AtomicU32,
+}
+
+impl Lab {
+    /// Creates an empty lab named after `tag` (a short test name; anything
+    /// but ASCII letters and digits is dropped) and its temp dir.
+    ///
+    /// The first lab of a process also sweeps leftovers of dead test
+    /// processes (see [`remove_stale_labs`](crate::remove_stale_labs)).
+    pub fn new(tag: &str) -> Result<Lab> {
+        STALE_SWEEP.call_once(|| {
+            if let Err(error) = stale::remove_stale_labs() {
+                eprintln!("ovl-tests: sweeping stale labs failed: {error:#}");
+            }
+        });
+        let mut tag: String = tag
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_lowercase())
+            .take(MAX_TAG_LEN)
+            .collect();
+        if tag.is_empty() {
+            tag = "lab".to_string();
+        }
+        let prefix = format!(
+            "{LAB_NAME_PREFIX}{tag}-{}-{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        );
+        let tempdir = std::env::temp_dir().join(&prefix);
+        fs::create_dir(&tempdir)
+            .with_context(|| format!("cannot create lab temp dir {}", tempdir.display()))?;
+        Ok(Lab {
+            prefix,
+            tempdir,
+            namespaces: Mutex::new(Vec::new()),
+            processes: Mutex::new(Vec::new()),
+            mounts: Mutex::new(Vec::new()),
+            next_item: AtomicU32::new(0),
+        })
+    }
+
+    /// The `ovlt-<tag>-<pid>-<n>` prefix of everything this lab names.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The lab's private directory (logs of spawned processes, bpffs mount
+    /// points, scratch files); removed when the lab drops.
+    pub fn tempdir(&self) -> &Path {
+        &self.tempdir
+    }
+
+    /// The namespaces created so far, oldest first.
+    pub fn namespaces(&self) -> Vec<Netns> {
+        lock(&self.namespaces).clone()
+    }
+
+    /// Creates namespace `<prefix>-<role>` with `lo` up and IPv6 disabled
+    /// (no router solicitations or MLD reports, so tests can count packets
+    /// exactly). A role used twice gets a numeric suffix.
+    pub fn netns(&self, role: &str) -> Result<Netns> {
+        let role: String = role
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(MAX_ROLE_LEN)
+            .collect();
+        let netns = {
+            let mut namespaces = lock(&self.namespaces);
+            let taken: HashSet<&str> = namespaces.iter().map(Netns::name).collect();
+            let mut name = format!("{}-{role}", self.prefix);
+            let mut suffix = 1;
+            while taken.contains(name.as_str()) {
+                name = format!("{}-{role}{suffix}", self.prefix);
+                suffix += 1;
+            }
+            {
+                let _admin = netns_admin();
+                cmd::run(&["ip", "netns", "add", &name])?;
+            }
+            // Registered before any further step so a failure below still
+            // leaves the namespace to the lab's cleanup.
+            let netns = Netns::from_name(name);
+            namespaces.push(netns.clone());
+            netns
+        };
+        netns.ip(&["link", "set", "lo", "up"])?;
+        netns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])?;
+        Ok(netns)
+    }
+
+    /// Starts `argv` in the background inside `netns` with extra environment
+    /// `envs`; stdout and stderr go to files in the lab's temp dir. The lab
+    /// stops the process (and any children it leaves in its process group)
+    /// when it drops.
+    pub fn spawn(
+        &self,
+        netns: &Netns,
+        argv: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<ChildHandle> {
+        let program = argv.first().context("cannot spawn an empty command line")?;
+        let program_name = Path::new(program)
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "process".to_string());
+        let role = netns
+            .name()
+            .strip_prefix(&self.prefix)
+            .unwrap_or(netns.name())
+            .trim_start_matches('-');
+        let log_stem = format!("{:02}-{role}-{program_name}", self.next_item());
+        let stdout_path = self.tempdir.join(format!("{log_stem}.stdout"));
+        let stderr_path = self.tempdir.join(format!("{log_stem}.stderr"));
+        let stdout = File::create(&stdout_path)
+            .with_context(|| format!("cannot create {}", stdout_path.display()))?;
+        let stderr = File::create(&stderr_path)
+            .with_context(|| format!("cannot create {}", stderr_path.display()))?;
+
+        let full_argv = netns.exec_argv(argv);
+        let command_line = cmd::command_line(&full_argv);
+        let child = Command::new(full_argv[0])
+            .args(&full_argv[1..])
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            // Own process group: cleanup signals the group, reaching
+            // whatever the process forked.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot spawn `{command_line}`"))?;
+        let handle = ChildHandle::new(child, command_line, stdout_path, stderr_path);
+        lock(&self.processes).push(handle.shared());
+        Ok(handle)
+    }
+
+    /// Mounts a fresh bpffs on a directory in the lab's temp dir and returns
+    /// its path. The mount is made in this process's (the root) mount
+    /// namespace, so programs run with `ip netns exec` — which only remounts
+    /// /sys — see it too. Lazily unmounted when the lab drops.
+    pub fn bpffs(&self) -> Result<PathBuf> {
+        let dir = self.tempdir.join(format!("bpffs-{}", self.next_item()));
+        fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir_text = dir.to_string_lossy().into_owned();
+        cmd::run(&["mount", "-t", "bpf", "bpf", &dir_text])?;
+        lock(&self.mounts).push(dir.clone());
+        Ok(dir)
+    }
+
+    fn next_item(&self) -> u32 {
+        self.next_item.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// SIGTERM to every live process group, a shared grace period, then
+    /// SIGKILL to whatever remains, and reap.
+    fn stop_processes(&self) {
+        let processes = lock(&self.processes).clone();
+        let running: Vec<_> = processes
+            .iter()
+            .filter(|process| process.signal_group_if_running(Signal::Terminate))
+            .collect();
+        let deadline = Instant::now() + TERMINATE_GRACE;
+        for process in running {
+            if matches!(process.wait_deadline(deadline), Ok(Some(_))) {
+                continue;
+            }
+            if process.signal_group_if_running(Signal::Kill) {
+                match process.wait_deadline(Instant::now() + KILL_GRACE) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => eprintln!(
+                        "ovl-tests: `{}` survived SIGKILL for {KILL_GRACE:?}",
+                        process.command_line()
+                    ),
+                    Err(error) => eprintln!(
+                        "ovl-tests: cannot reap `{}`: {error:#}",
+                        process.command_line()
+                    ),
+                }
+            }
+        }
+        // libtest captures this and shows it only when the test fails,
+        // whether by panic or by returning an error.
+        for process in &processes {
+            eprintln!("{}", process.output_tail(LOG_TAIL_BYTES));
+        }
+    }
+
+    /// Kills processes still inside the lab's namespaces that are not its
+    /// direct children (e.g. daemons that escaped their process group).
+    fn kill_stragglers(&self) {
+        for netns in lock(&self.namespaces).iter() {
+            if let Err(error) = stale::kill_processes_in(netns.name()) {
+                eprintln!("ovl-tests: cannot empty namespace {netns}: {error:#}");
+            }
+        }
+    }
+
+    fn unmount_all(&self) {
+        for dir in lock(&self.mounts).drain(..).rev() {
+            let dir_text = dir.to_string_lossy().into_owned();
+            if let Err(error) = cmd::run(&["umount", "-l", &dir_text]) {
+                eprintln!("ovl-tests: cannot unmount {dir_text}: {error:#}");
+            }
+        }
+    }
+
+    fn delete_namespaces(&self) {
+        let mut namespaces = lock(&self.namespaces);
+        let _admin = netns_admin();
+        for netns in namespaces.drain(..).rev() {
+            if let Err(error) = cmd::run(&["ip", "netns", "del", netns.name()]) {
+                eprintln!("ovl-tests: cannot delete namespace {netns}: {error:#}");
+            }
+        }
+    }
+
+    fn remove_tempdir(&self) {
+        // Never recurse into a mount that failed to go away: removing files
+        // there would delete another filesystem's content.
+        match stale::mount_points_under(&self.tempdir) {
+            Ok(mounts) if mounts.is_empty() => {
+                if let Err(error) = fs::remove_dir_all(&self.tempdir) {
+                    eprintln!(
+                        "ovl-tests: cannot remove {}: {error}",
+                        self.tempdir.display()
+                    );
+                }
+            }
+            Ok(mounts) => eprintln!(
+                "ovl-tests: keeping {}: still mounted: {mounts:?}",
+                self.tempdir.display()
+            ),
+            Err(error) => eprintln!(
+                "ovl-tests: keeping {}: cannot read mounts: {error:#}",
+                self.tempdir.display()
+            ),
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Processes first: they may hold pins in the bpffs and keep the
+        // namespaces alive.
+        self.stop_processes();
+        self.kill_stragglers();
+        self.unmount_all();
+        self.delete_namespaces();
+        self.remove_tempdir();
+    }
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lab")
+            .field("prefix", &self.prefix)
+            .field("tempdir", &self.tempdir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks `mutex` even when poisoned: cleanup runs while unwinding from a
+/// panic and must still see the lab's records.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Takes the process-wide namespace administration lock.
+pub(crate) fn netns_admin() -> MutexGuard<'static, ()> {
+    lock(&NETNS_ADMIN)
+}

@@ -1,0 +1,30 @@
+// ovl's network-namespace test library: labs that clean up after
+// themselves, underlay topologies, the reference overlay and traffic probes.
+
+//! Every scenario builds its world inside a [`Lab`]: namespaces named
+//! `ovlt-<tag>-<pid>-<n>-<role>`, documentation addresses only (underlay
+//! 192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24; overlay 198.18.0.0/15),
+//! and traffic only between namespaces the lab made. Requires root.
+
+mod binary;
+mod cmd;
+mod lab;
+mod netns;
+mod probe;
+mod process;
+mod reference;
+mod stale;
+mod topology;
+
+pub use binary::{OVL_BIN_ENV, ovl_binary, workspace_root};
+pub use cmd::{run, run_unchecked};
+pub use lab::{LAB_NAME_PREFIX, Lab};
+pub use netns::Netns;
+pub use probe::{PingResult, ping, wait_until};
+pub use process::{ChildHandle, Signal};
+pub use reference::{
+    CONTAINER_IFACE, MacAddr, OVERLAY_MTU, REF_BRIDGE, REF_VXLAN, RefOverlayNode, VXLAN_OVERHEAD,
+    VXLAN_PORT, mac_for,
+};
+pub use stale::remove_stale_labs;
+pub use topology::{HOST_IFACE, Host, UNDERLAY_MTU, UNDERLAY_PREFIX_LEN, cidr, create_veth};

@@ -1,0 +1,147 @@
+// Traffic probes and polling used by scenarios: ping with parsed counts,
+// and waiting for a condition with a deadline.
+
+use std::net::Ipv4Addr;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Netns;
+
+/// How often [`wait_until`] re-evaluates its condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What one iputils `ping` run reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PingResult {
+    /// Echo requests sent.
+    pub transmitted: u32,
+    /// Distinct echo replies received (duplicates not counted).
+    pub received: u32,
+    /// Duplicate replies (`+N duplicates`), a sign of looping or flooding.
+    pub duplicates: u32,
+    /// The full ping output, for assertion messages.
+    pub output: String,
+}
+
+impl PingResult {
+    /// Every request got exactly one reply.
+    pub fn all_received(&self) -> bool {
+        self.transmitted > 0 && self.received == self.transmitted && self.duplicates == 0
+    }
+}
+
+/// Pings `dst` from inside `from`, `count` times, with extra iputils flags
+/// (`-W 2`, `-i 0.2`, `-s 1422 -M do`, ...). Packet loss is a result, not
+/// an error; the call fails only when ping's summary line is missing.
+pub fn ping(from: &Netns, dst: Ipv4Addr, count: u32, extra_args: &[&str]) -> Result<PingResult> {
+    let count = count.to_string();
+    let dst = dst.to_string();
+    let mut argv = vec!["ping", "-n", "-c", count.as_str()];
+    argv.extend_from_slice(extra_args);
+    argv.push(dst.as_str());
+    let output = from.exec_unchecked(&argv)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_ping_summary(&text).with_context(|| {
+        format!(
+            "no ping summary from `{}` in {from}:\n{text}",
+            argv.join(" ")
+        )
+    })
+}
+
+/// Parses `3 packets transmitted, 2 received, +1 duplicates, ...`.
+fn parse_ping_summary(text: &str) -> Option<PingResult> {
+    let line = text
+        .lines()
+        .find(|line| line.contains("packets transmitted"))?;
+    let mut transmitted = None;
+    let mut received = None;
+    let mut duplicates = 0;
+    for field in line.split(',') {
+        let mut words = field.split_whitespace();
+        let (Some(number), Some(label)) = (words.next(), words.next()) else {
+            continue;
+        };
+        match label {
+            "packets" => transmitted = number.parse().ok(),
+            "received" => received = number.parse().ok(),
+            "duplicates" => duplicates = number.trim_start_matches('+').parse().ok()?,
+            _ => {}
+        }
+    }
+    Some(PingResult {
+        transmitted: transmitted?,
+        received: received?,
+        duplicates,
+        output: text.to_string(),
+    })
+}
+
+/// Polls `condition` until it returns `Ok(true)` or `timeout` passes.
+/// Errors from `condition` count as "not yet" (a daemon still starting
+/// refuses connections); the last one is reported if time runs out.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match condition() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(error) => bail!("condition not met within {timeout:?}; last error: {error:#}"),
+                None => bail!("condition not met within {timeout:?}"),
+            }
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_summary_counts_are_parsed() {
+        let text = "PING 198.18.0.3 (198.18.0.3) 56(84) bytes of data.\n\
+            64 bytes from 198.18.0.3: icmp_seq=1 ttl=64 time=0.1 ms\n\n\
+            --- 198.18.0.3 ping statistics ---\n\
+            3 packets transmitted, 2 received, 33.3333% packet loss, time 402ms\n";
+        let result = parse_ping_summary(text).expect("summary present");
+        assert_eq!(
+            (result.transmitted, result.received, result.duplicates),
+            (3, 2, 0)
+        );
+        assert!(!result.all_received());
+    }
+
+    #[test]
+    fn ping_duplicates_are_not_a_clean_result() {
+        let text = "3 packets transmitted, 3 received, +2 duplicates, 0% packet loss, time 2ms";
+        let result = parse_ping_summary(text).expect("summary present");
+        assert_eq!(result.duplicates, 2);
+        assert!(!result.all_received());
+    }
+
+    #[test]
+    fn ping_errors_line_is_tolerated() {
+        let text = "3 packets transmitted, 0 received, +3 errors, 100% packet loss, time 2ms";
+        let result = parse_ping_summary(text).expect("summary present");
+        assert_eq!((result.transmitted, result.received), (3, 0));
+    }
+
+    #[test]
+    fn wait_until_reports_the_last_error() {
+        let error = wait_until(Duration::from_millis(60), || bail!("not listening"))
+            .expect_err("never true");
+        assert!(format!("{error:#}").contains("not listening"));
+    }
+}

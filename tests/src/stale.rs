@@ -1,0 +1,176 @@
+// Cleanup of labs whose test process died without unwinding (SIGKILL, OOM):
+// their namespaces, the processes inside them, bpffs mounts and temp dirs.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::cmd;
+use crate::lab::{LAB_NAME_PREFIX, netns_admin};
+use crate::process::{self, Signal};
+
+/// Deletes what labs of dead test processes left behind: kills the
+/// processes inside each stale `ovlt-*` namespace, deletes the namespace,
+/// unmounts stale bpffs mounts and removes stale temp dirs. Returns how many
+/// namespaces were deleted.
+///
+/// A leftover is stale when the pid embedded in its name
+/// (`ovlt-<tag>-<pid>-...`) is no longer a running process; labs of live
+/// test processes — including parallel test binaries — are left alone.
+/// Names that do not follow the pattern are treated as stale.
+pub fn remove_stale_labs() -> Result<usize> {
+    let mut removed = 0;
+    {
+        let _admin = netns_admin();
+        let listing = cmd::run(&["ip", "netns", "list"])?;
+        // Lines look like `NAME (id: 3)` or just `NAME`.
+        let names: Vec<String> = cmd::stdout_text(&listing)
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .filter(|name| is_stale(name))
+            .map(str::to_string)
+            .collect();
+        for name in names {
+            kill_processes_in(&name)?;
+            cmd::run(&["ip", "netns", "del", &name])?;
+            removed += 1;
+        }
+    }
+
+    let temp_root = std::env::temp_dir();
+    for mount in mount_points_under(&temp_root)? {
+        if lab_dir_of(&temp_root, &mount).is_some_and(is_stale) {
+            let mount_text = mount.to_string_lossy().into_owned();
+            cmd::run(&["umount", "-l", &mount_text])?;
+        }
+    }
+
+    let entries =
+        fs::read_dir(&temp_root).with_context(|| format!("cannot list {}", temp_root.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if !is_stale(&name) || !path.is_dir() {
+            continue;
+        }
+        // Unmounting above was lazy but immediate for path lookup; a mount
+        // that is somehow still there keeps the directory.
+        if mount_points_under(&path)?.is_empty() {
+            fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(removed)
+}
+
+/// SIGKILLs every process whose network namespace is `netns_name`.
+pub(crate) fn kill_processes_in(netns_name: &str) -> Result<()> {
+    let output = cmd::run(&["ip", "netns", "pids", netns_name])?;
+    let own_pid = std::process::id() as libc::pid_t;
+    for pid in cmd::stdout_text(&output)
+        .lines()
+        .filter_map(|line| line.trim().parse::<libc::pid_t>().ok())
+        .filter(|&pid| pid != own_pid)
+    {
+        match process::send(pid, Signal::Kill) {
+            Err(error) if error.raw_os_error() != Some(libc::ESRCH) => {
+                eprintln!("ovl-tests: cannot kill pid {pid} in {netns_name}: {error}")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Mount points at or below `dir` in this process's mount namespace.
+pub(crate) fn mount_points_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let table = fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
+    Ok(table
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .map(unescape_mount_path)
+        .filter(|mount| mount.starts_with(dir))
+        .collect())
+}
+
+/// Whether a name starting with the lab prefix belongs to a dead process.
+fn is_stale(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(LAB_NAME_PREFIX) else {
+        return false;
+    };
+    let owner = rest
+        .split('-')
+        .nth(1)
+        .and_then(|pid| pid.parse::<libc::pid_t>().ok());
+    match owner {
+        Some(pid) => pid != std::process::id() as libc::pid_t && !process::is_alive(pid),
+        None => true,
+    }
+}
+
+/// The first path component below `temp_root` of `path`, e.g. the lab
+/// directory `ovlt-x-1-0` of `/tmp/ovlt-x-1-0/bpffs-3`.
+fn lab_dir_of<'a>(temp_root: &Path, path: &'a Path) -> Option<&'a str> {
+    path.strip_prefix(temp_root)
+        .ok()?
+        .components()
+        .next()?
+        .as_os_str()
+        .to_str()
+}
+
+/// `/proc/self/mounts` escapes space, tab, newline and backslash as octal.
+fn unescape_mount_path(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            std::str::from_utf8(digits)
+                .ok()
+                .and_then(|digits| u8::from_str_radix(digits, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_live_owners_are_not_stale() {
+        let own = format!("{LAB_NAME_PREFIX}tag-{}-0-router", std::process::id());
+        assert!(!is_stale(&own));
+        assert!(!is_stale("ovlt-tag-1-0-router"), "pid 1 is always alive");
+        assert!(!is_stale("other-namespace"));
+    }
+
+    #[test]
+    fn names_without_an_owner_pid_are_stale() {
+        assert!(is_stale("ovlt-leftover"));
+    }
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(
+            unescape_mount_path("/tmp/a\\040b"),
+            PathBuf::from("/tmp/a b")
+        );
+        assert_eq!(
+            unescape_mount_path("/tmp/plain"),
+            PathBuf::from("/tmp/plain")
+        );
+    }
+}
