@@ -1,0 +1,304 @@
+//! The node agent behind `ovl attach`: loads and attaches the programs,
+//! turns the store's state into map entries (store → desired → maps) and
+//! keeps them in step until told to stop, then removes what it made.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use ovl_common::{Endpoint as MapEndpoint, NodeConfig, maps::names, wire::ENCAP_OVERHEAD};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    bpffs,
+    datapath::{Datapath, DecapMode},
+    model::{Location, State},
+    netlink,
+    store::Store,
+};
+
+/// How often the agent looks for store changes.
+const POLL: Duration = Duration::from_millis(200);
+/// How often it re-checks local interfaces even without store changes
+/// (a container veth may appear after its endpoint was registered).
+const RESYNC: Duration = Duration::from_secs(2);
+
+/// What `ovl attach` was asked to do.
+pub struct AgentOptions {
+    pub iface: String,
+    pub mode: DecapMode,
+    pub node: String,
+    pub pin_root: PathBuf,
+}
+
+/// The map contents one node's state calls for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// VNI → network MTU.
+    pub networks: BTreeMap<u32, u32>,
+    /// (VNI, address) → endpoint.
+    pub endpoints: BTreeMap<(u32, [u8; 4]), MapEndpoint>,
+    /// (VNI, remote VTEP) pairs allowed to send.
+    pub vteps: BTreeSet<(u32, [u8; 4])>,
+    /// Host-side ifindex → VNI, for local containers.
+    pub ifaces: BTreeMap<u32, u32>,
+    /// Host-side interface names of local containers, by ifindex.
+    pub iface_names: BTreeMap<u32, String>,
+    /// Local endpoints whose veth does not exist (yet).
+    pub missing_links: Vec<String>,
+}
+
+/// Computes what node `node` (VTEP `vtep`) must hold. `ifindex_of`
+/// resolves a host-side interface name on this node.
+pub fn desired(
+    state: &State,
+    node: &str,
+    vtep: Ipv4Addr,
+    ifindex_of: &dyn Fn(&str) -> Option<u32>,
+) -> Desired {
+    let mut d = Desired::default();
+    for net in state.networks.values() {
+        d.networks.insert(net.vni.get(), net.mtu);
+    }
+    for ep in &state.endpoints {
+        let Ok(net) = state.network(&ep.network) else { continue };
+        let vni = net.vni.get();
+        let key = (vni, ep.ip.octets());
+        match &ep.location {
+            Location::Container { node: n, host_ifname, .. } if n == node => {
+                let Some(ifindex) = ifindex_of(host_ifname) else {
+                    d.missing_links.push(host_ifname.clone());
+                    continue;
+                };
+                d.endpoints.insert(key, MapEndpoint { mac: ep.mac.0, _pad: [0; 2], ifindex, vtep: [0; 4] });
+                d.ifaces.insert(ifindex, vni);
+                d.iface_names.insert(ifindex, host_ifname.clone());
+            }
+            _ => {
+                // A remote endpoint needs a known VTEP that is not us.
+                let Some(remote) = state.vtep_of(ep) else { continue };
+                if remote == vtep {
+                    continue;
+                }
+                d.endpoints.insert(
+                    key,
+                    MapEndpoint { mac: ep.mac.0, _pad: [0; 2], ifindex: 0, vtep: remote.octets() },
+                );
+                d.vteps.insert((vni, remote.octets()));
+            }
+        }
+    }
+    d
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub async fn run(opts: AgentOptions, store: Box<dyn Store>) -> Result<()> {
+    let handle = netlink::connect()?;
+    let underlay = netlink::underlay(&handle, &opts.iface).await?;
+    let driver = netlink::driver(&opts.iface).unwrap_or_default();
+    let pin_dir = bpffs::node_dir(&opts.pin_root, &opts.node);
+    bpffs::prepare(&pin_dir)?;
+
+    let mut dp = Datapath::load(&pin_dir)?;
+    // From here on, leave nothing behind on any exit path.
+    let result = serve(&opts, store, &mut dp, &underlay, &driver).await;
+    if let Err(e) = dp.detach_decap() {
+        log::warn!("detach decap program: {e:#}");
+    }
+    for ifindex in dp.egress_ifindexes().collect::<Vec<_>>() {
+        dp.detach_egress(ifindex);
+    }
+    drop(dp);
+    if let Err(e) = bpffs::remove_node_dir(&pin_dir) {
+        log::warn!("remove pins: {e:#}");
+    }
+    log::info!("detached from {}; pins under {} removed", opts.iface, pin_dir.display());
+    result
+}
+
+async fn serve(
+    opts: &AgentOptions,
+    store: Box<dyn Store>,
+    dp: &mut Datapath,
+    underlay: &netlink::Underlay,
+    driver: &str,
+) -> Result<()> {
+    // SAFETY: the logger owns the ring's descriptor and lives as long as
+    // the AsyncFd that wraps it (the contract register_with_interest asks).
+    let mut logs = unsafe { AsyncFd::register_with_interest(dp.logger()?, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("watch the kernel log ring")?;
+    dp.set_config(NodeConfig {
+        vtep: underlay.addr.octets(),
+        underlay_ifindex: underlay.ifindex,
+        underlay_mtu: underlay.mtu,
+        _pad: 0,
+    })?;
+    let mut state = store
+        .update(&mut |s| {
+            s.register_node(&opts.node, underlay.addr);
+            Ok(())
+        })
+        .with_context(|| format!("register node {} in {}", opts.node, store.describe()))?;
+    reconcile(dp, &state, opts, underlay)?;
+
+    let mode = dp.attach_decap(&opts.iface, opts.mode, driver)?;
+    log::info!(
+        "node {} attached to {} ({driver}, VTEP {}, MTU {}) in {mode} mode; store {}",
+        opts.node,
+        opts.iface,
+        underlay.addr,
+        underlay.mtu,
+        store.describe()
+    );
+
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut tick = tokio::time::interval(POLL);
+    let mut last_sync = Instant::now();
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { log::info!("SIGINT: detaching"); return Ok(()); }
+            _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); return Ok(()); }
+            guard = logs.readable_mut() => {
+                let mut guard = guard.context("kernel log ring")?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                let fresh = match store.load() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Keep forwarding with the last known state.
+                        log::warn!("cannot read store {}: {e}; keeping the current maps", store.describe());
+                        continue;
+                    }
+                };
+                if fresh.revision != state.revision || last_sync.elapsed() >= RESYNC {
+                    state = fresh;
+                    if let Err(e) = reconcile(dp, &state, opts, underlay) {
+                        log::error!("reconcile: {e:#}");
+                    }
+                    last_sync = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+/// Brings maps and egress hooks in line with `state`.
+fn reconcile(
+    dp: &mut Datapath,
+    state: &State,
+    opts: &AgentOptions,
+    underlay: &netlink::Underlay,
+) -> Result<()> {
+    let want = desired(state, &opts.node, underlay.addr, &netlink::ifindex);
+    for (vni, mtu) in &want.networks {
+        if mtu + ENCAP_OVERHEAD > underlay.mtu {
+            log::warn!(
+                "network with VNI {vni} has MTU {mtu}; with VXLAN's {ENCAP_OVERHEAD} bytes that exceeds {}'s MTU {} — large packets will be dropped as too_big",
+                underlay.name,
+                underlay.mtu
+            );
+        }
+    }
+    // Counters and networks first, endpoints last: a packet never finds an
+    // endpoint whose network has no counters.
+    dp.sync_stats(want.networks.keys().copied())?;
+    dp.sync_u32_map(names::NETWORKS, &want.networks)?;
+    dp.sync_vteps(&want.vteps)?;
+    dp.sync_u32_map(names::IFACES, &want.ifaces)?;
+    let changed = dp.sync_endpoints(&want.endpoints)?;
+    if changed.written + changed.removed > 0 {
+        log::info!(
+            "endpoints: {} written, {} removed ({} total)",
+            changed.written,
+            changed.removed,
+            want.endpoints.len()
+        );
+    }
+
+    let attached: BTreeSet<u32> = dp.egress_ifindexes().collect();
+    for gone in attached.iter().filter(|i| !want.ifaces.contains_key(i)) {
+        dp.detach_egress(*gone);
+    }
+    for (ifindex, name) in &want.iface_names {
+        if !attached.contains(ifindex) {
+            dp.attach_egress(name, *ifindex)?;
+            log::info!("container egress hooked on {name}");
+        }
+    }
+    for name in &want.missing_links {
+        log::debug!("local endpoint interface {name} does not exist yet");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ContainerSpec, NetworkSpec};
+
+    fn state() -> State {
+        let mut s = State::default();
+        for (name, vni) in [("blue", 100), ("red", 200)] {
+            s.create_network(NetworkSpec {
+                name: name.into(),
+                subnet: "198.18.0.0/24".parse().unwrap(),
+                vni: Some(vni),
+                mtu: None,
+            })
+            .unwrap();
+        }
+        s.register_node("a", Ipv4Addr::new(192, 0, 2, 10));
+        s.register_node("b", Ipv4Addr::new(198, 51, 100, 10));
+        for (net, node, ns) in [("blue", "a", "c1"), ("blue", "b", "c2"), ("red", "b", "c3")] {
+            s.add_container(ContainerSpec {
+                network: net.into(),
+                node: node.into(),
+                netns: ns.into(),
+                name: None,
+                ip: None,
+            })
+            .unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn local_endpoints_point_at_veths_remote_ones_at_vteps() {
+        let s = state();
+        let d = desired(&s, "a", Ipv4Addr::new(192, 0, 2, 10), &|_| Some(7));
+        let c1 = d.endpoints[&(100, [198, 18, 0, 2])];
+        assert_eq!((c1.ifindex, c1.vtep), (7, [0; 4]));
+        let c2 = d.endpoints[&(100, [198, 18, 0, 3])];
+        assert_eq!((c2.ifindex, c2.vtep), (0, [198, 51, 100, 10]));
+        assert_eq!(c2.mac, [0x02, 0x42, 198, 18, 0, 3]);
+        // Same address on another network is another key.
+        assert!(d.endpoints.contains_key(&(200, [198, 18, 0, 2])));
+        assert_eq!(d.ifaces, BTreeMap::from([(7, 100)]));
+        assert_eq!(
+            d.vteps,
+            BTreeSet::from([(100, [198, 51, 100, 10]), (200, [198, 51, 100, 10])])
+        );
+    }
+
+    #[test]
+    fn endpoints_of_unknown_nodes_and_missing_veths_are_left_out() {
+        let mut s = state();
+        s.nodes.remove("b");
+        let d = desired(&s, "a", Ipv4Addr::new(192, 0, 2, 10), &|_| None);
+        assert!(d.endpoints.is_empty());
+        assert!(d.vteps.is_empty());
+        assert_eq!(d.missing_links.len(), 1);
+        assert_eq!(d.networks.len(), 2);
+    }
+}

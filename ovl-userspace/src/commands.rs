@@ -1,0 +1,254 @@
+//! What each `ovl` subcommand does, on top of the store, netlink and the
+//! datapath. Each returns what it would print, so main stays a dispatcher.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::{
+    bpffs, datapath,
+    ipam::Subnet,
+    metrics::{self, NetworkStats},
+    model::{ContainerSpec, Endpoint, Location, MacAddr, NetworkSpec},
+    netlink, netns,
+    store::{self, Store},
+};
+
+/// `ovl network create`.
+pub fn network_create(
+    store: &dyn Store,
+    name: &str,
+    subnet: Subnet,
+    vni: Option<u32>,
+    mtu: Option<u32>,
+) -> Result<String> {
+    let net = store::update_with(store, |s| {
+        s.create_network(NetworkSpec { name: name.to_owned(), subnet, vni, mtu }).cloned()
+    })?;
+    Ok(format!(
+        "created network {} (VNI {}, subnet {}, MTU {})",
+        net.name, net.vni, net.subnet, net.mtu
+    ))
+}
+
+/// `ovl network ls`.
+pub fn network_ls(store: &dyn Store) -> Result<String> {
+    let state = store.load()?;
+    let mut out = format!("{:<20} {:>8} {:<18} {:>5} {:>9}\n", "NAME", "VNI", "SUBNET", "MTU", "ENDPOINTS");
+    for n in state.networks.values() {
+        out.push_str(&format!(
+            "{:<20} {:>8} {:<18} {:>5} {:>9}\n",
+            n.name,
+            n.vni,
+            n.subnet.to_string(),
+            n.mtu,
+            state.endpoints_of(&n.name).count()
+        ));
+    }
+    Ok(out)
+}
+
+#[derive(Serialize)]
+struct Inspect<'a> {
+    name: &'a str,
+    vni: u32,
+    subnet: String,
+    mtu: u32,
+    endpoints: Vec<&'a Endpoint>,
+}
+
+/// `ovl network inspect`: the network and its endpoints as JSON.
+pub fn network_inspect(store: &dyn Store, name: &str) -> Result<String> {
+    let state = store.load()?;
+    let n = state.network(name)?;
+    let view = Inspect {
+        name: &n.name,
+        vni: n.vni.get(),
+        subnet: n.subnet.to_string(),
+        mtu: n.mtu,
+        endpoints: state.endpoints_of(name).collect(),
+    };
+    Ok(serde_json::to_string_pretty(&view).expect("inspect view serialises"))
+}
+
+/// `ovl network rm`.
+pub fn network_rm(store: &dyn Store, name: &str) -> Result<String> {
+    store::update_with(store, |s| s.remove_network(name))?;
+    Ok(format!("removed network {name}"))
+}
+
+/// `ovl connect`: registers the endpoint, then builds its veth. If the
+/// link cannot be built the registration is rolled back.
+pub async fn connect(
+    store: &dyn Store,
+    node: &str,
+    network: &str,
+    netns_name: &str,
+    ip: Option<Ipv4Addr>,
+    name: Option<String>,
+) -> Result<String> {
+    netns::open(netns_name)?;
+    let ep = store::update_with(store, |s| {
+        s.add_container(ContainerSpec {
+            network: network.to_owned(),
+            node: node.to_owned(),
+            netns: netns_name.to_owned(),
+            name: name.clone(),
+            ip,
+        })
+    })?;
+    let net = store.load()?.network(network)?.clone();
+    let Location::Container { host_ifname, .. } = &ep.location else {
+        unreachable!("add_container makes container endpoints")
+    };
+    let handle = netlink::connect()?;
+    let built = netlink::create_container_link(
+        &handle,
+        &netlink::ContainerLink {
+            host_ifname,
+            netns: netns_name,
+            ip: ep.ip,
+            prefix: net.subnet.prefix(),
+            mac: ep.mac,
+            mtu: net.mtu,
+        },
+    )
+    .await;
+    match built {
+        Ok(ifname) => Ok(format!(
+            "connected {netns_name} to {network}: {ifname} {}/{} mac {} mtu {} (host side {host_ifname})",
+            ep.ip,
+            net.subnet.prefix(),
+            ep.mac,
+            net.mtu
+        )),
+        Err(e) => {
+            if let Err(undo) = store::update_with(store, |s| s.remove_container(network, node, netns_name)) {
+                log::error!("could not roll back the registration of {netns_name}: {undo}");
+            }
+            Err(e.context(format!("connect {netns_name} to {network}; nothing was registered")))
+        }
+    }
+}
+
+/// `ovl disconnect`: removes the veth (if still there) and the endpoint.
+pub async fn disconnect(store: &dyn Store, node: &str, network: &str, netns_name: &str) -> Result<String> {
+    let state = store.load()?;
+    let ep = state
+        .endpoints_of(network)
+        .find(|e| matches!(&e.location, Location::Container { node: n, netns, .. } if n == node && netns == netns_name))
+        .cloned();
+    if let Some(Endpoint { location: Location::Container { host_ifname, .. }, .. }) = &ep {
+        if netlink::ifindex(host_ifname).is_some() {
+            let handle = netlink::connect()?;
+            netlink::delete_link(&handle, host_ifname).await?;
+        }
+    }
+    let ep = store::update_with(store, |s| s.remove_container(network, node, netns_name))?;
+    Ok(format!("disconnected {netns_name} ({}) from {network}", ep.ip))
+}
+
+/// `ovl endpoint add`: an endpoint behind a VTEP that runs no ovl agent.
+pub fn endpoint_add(
+    store: &dyn Store,
+    network: &str,
+    ip: Ipv4Addr,
+    vtep: Ipv4Addr,
+    mac: Option<MacAddr>,
+    name: Option<String>,
+) -> Result<String> {
+    let ep = store::update_with(store, |s| s.add_static(network, ip, mac, vtep, name.clone()))?;
+    Ok(format!("added {} ({}) on {network} behind VTEP {vtep}", ep.ip, ep.mac))
+}
+
+/// `ovl endpoint rm`.
+pub fn endpoint_rm(store: &dyn Store, network: &str, ip: Ipv4Addr) -> Result<String> {
+    store::update_with(store, |s| s.remove_endpoint(network, ip))?;
+    Ok(format!("removed {ip} from {network}"))
+}
+
+/// `ovl node ls`.
+pub fn node_ls(store: &dyn Store, pin_root: &Path) -> Result<String> {
+    let state = store.load()?;
+    let mut out = format!("{:<20} {:<16} {}\n", "NODE", "VTEP", "AGENT STATE");
+    for n in state.nodes.values() {
+        let pinned = bpffs::node_dir(pin_root, &n.name).join(ovl_common::maps::names::STATS).exists();
+        out.push_str(&format!(
+            "{:<20} {:<16} {}\n",
+            n.name,
+            n.vtep.to_string(),
+            if pinned { "pinned here" } else { "-" }
+        ));
+    }
+    Ok(out)
+}
+
+/// `ovl stats`: counters of this node's agent, per network.
+pub fn stats(
+    store: &dyn Store,
+    node: &str,
+    pin_root: &Path,
+    network: Option<&str>,
+    json: bool,
+) -> Result<String> {
+    let state = store.load()?;
+    if let Some(name) = network {
+        state.network(name)?;
+    }
+    let pin_dir = bpffs::node_dir(pin_root, node);
+    let counters = datapath::read_counters(&pin_dir)?;
+    let rows: Vec<NetworkStats> = state
+        .networks
+        .values()
+        .filter(|n| network.is_none_or(|want| want == n.name))
+        .map(|n| {
+            let c = counters.get(&n.vni.get()).copied().unwrap_or_default();
+            NetworkStats::new(&n.name, n.vni.get(), &c)
+        })
+        .collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&rows).expect("stats serialise"));
+    }
+    let mut out = metrics::table(&rows);
+    if network.is_none() {
+        let global = datapath::read_global(&pin_dir)?;
+        let orphan = counters.get(&ovl_common::counters::UNATTRIBUTED_VNI).copied().unwrap_or_default();
+        let drops: Vec<String> = ovl_common::DropReason::ALL
+            .iter()
+            .filter(|r| orphan.drops_for(**r) > 0)
+            .map(|r| format!("{}={}", r.name(), orphan.drops_for(*r)))
+            .collect();
+        out.push_str(&format!(
+            "underlay: {} packets seen, {} passed to the host; unattributed drops: {}\n",
+            global.first().copied().unwrap_or(0),
+            global.get(1).copied().unwrap_or(0),
+            if drops.is_empty() { "-".to_owned() } else { drops.join(" ") }
+        ));
+    }
+    Ok(out)
+}
+
+/// `ovl detach`: cleans up after an agent that died: its pins and any
+/// XDP program it left on `iface` (links die with the process; a program
+/// attached the legacy netlink way does not).
+pub async fn detach(iface: &str, node: &str, pin_root: &Path) -> Result<String> {
+    let mut done = Vec::new();
+    if let Some(idx) = netlink::ifindex(iface) {
+        let handle = netlink::connect()?;
+        if netlink::clear_xdp(&handle, idx).await.context("remove XDP program")? {
+            done.push(format!("removed XDP program from {iface}"));
+        }
+    } else {
+        done.push(format!("interface {iface} does not exist here"));
+    }
+    let dir = bpffs::node_dir(pin_root, node);
+    if dir.exists() {
+        bpffs::remove_node_dir(&dir)?;
+        done.push(format!("removed pins under {}", dir.display()));
+    }
+    if done.is_empty() {
+        done.push(format!("nothing of node {node} was left on {iface}"));
+    }
+    Ok(done.join("\n"))
+}

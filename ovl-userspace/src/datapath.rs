@@ -1,0 +1,355 @@
+//! ovl's kernel programs as the agent holds them: the embedded object,
+//! loaded with its maps pinned per node, the underlay decap hook, and the
+//! egress hook on each local container veth.
+
+use std::{collections::BTreeMap, fmt, path::Path, str::FromStr};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId},
+    util::nr_cpus,
+};
+use ovl_common::{
+    Endpoint, NodeConfig, VniAddr, VniCounters,
+    counters::UNATTRIBUTED_VNI,
+    maps::{names, programs},
+};
+
+/// The kernel programs, built by build.rs and embedded in `ovl`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ovl-ebpf.o"));
+
+/// Where the underlay decap program hooks in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapMode {
+    /// Pick by driver: TC on veth (native XDP there disables the peer's
+    /// TSO), native XDP elsewhere, generic XDP if native is refused.
+    Auto,
+    /// XDP in the driver.
+    Native,
+    /// XDP in the kernel's generic (skb) path.
+    Generic,
+    /// TC ingress (clsact/TCX).
+    Tc,
+}
+
+impl FromStr for DecapMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DecapMode::Auto),
+            "native" => Ok(DecapMode::Native),
+            "generic" => Ok(DecapMode::Generic),
+            "tc" => Ok(DecapMode::Tc),
+            _ => Err(format!("unknown mode {s:?}: use auto, native, generic or tc")),
+        }
+    }
+}
+
+impl fmt::Display for DecapMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DecapMode::Auto => "auto",
+            DecapMode::Native => "native",
+            DecapMode::Generic => "generic",
+            DecapMode::Tc => "tc",
+        })
+    }
+}
+
+enum DecapLink {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
+/// Loaded programs and their maps, pinned under one node directory.
+pub struct Datapath {
+    ebpf: Ebpf,
+    decap: Option<DecapLink>,
+    /// Egress hooks by host-side ifindex.
+    egress: BTreeMap<u32, SchedClassifierLinkId>,
+}
+
+impl Datapath {
+    /// Loads the embedded object with every map pinned in `pin_dir` (maps
+    /// already pinned there are reused, so a restarted agent keeps state).
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!(
+                "this ovl was built without its kernel programs (OVL_EBPF_SKIP=1); rebuild with `cargo xtask build`"
+            );
+        }
+        let level = log::max_level() as u8;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(OBJECT)
+            .context("load ovl's kernel programs (is this root, with BPF enabled?)")?;
+        for name in programs::ALL {
+            let prog = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?;
+            match prog {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => bail!("program {name} has an unexpected type"),
+            }
+            .with_context(|| format!("verify and load {name}"))?;
+        }
+        Ok(Datapath { ebpf, decap: None, egress: BTreeMap::new() })
+    }
+
+    /// Takes the aya-log ring so the caller can forward kernel log lines.
+    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("open the kernel programs' log ring")
+    }
+
+    /// Attaches the decap program to the underlay `iface`; returns the mode
+    /// actually used.
+    pub fn attach_decap(&mut self, iface: &str, mode: DecapMode, driver: &str) -> Result<DecapMode> {
+        let mode = match mode {
+            DecapMode::Auto if driver == "veth" => DecapMode::Tc,
+            other => other,
+        };
+        let link = match mode {
+            DecapMode::Tc => {
+                let prog: &mut SchedClassifier = self.program(programs::TC_DECAP)?;
+                DecapLink::Tc(
+                    prog.attach(iface, TcAttachType::Ingress)
+                        .with_context(|| format!("attach {} to TC ingress of {iface}", programs::TC_DECAP))?,
+                )
+            }
+            DecapMode::Native | DecapMode::Generic => {
+                let xdp_mode = if mode == DecapMode::Native { XdpMode::Driver } else { XdpMode::Skb };
+                let prog: &mut Xdp = self.program(programs::XDP_DECAP)?;
+                DecapLink::Xdp(prog.attach(iface, xdp_mode).with_context(|| {
+                    format!("attach {} to {iface} in {mode} XDP mode", programs::XDP_DECAP)
+                })?)
+            }
+            DecapMode::Auto => {
+                let prog: &mut Xdp = self.program(programs::XDP_DECAP)?;
+                match prog.attach(iface, XdpMode::Driver) {
+                    Ok(id) => {
+                        self.decap = Some(DecapLink::Xdp(id));
+                        return Ok(DecapMode::Native);
+                    }
+                    Err(e) => {
+                        log::warn!("native XDP refused on {iface} ({e}); using generic XDP");
+                        self.decap = Some(DecapLink::Xdp(
+                            prog.attach(iface, XdpMode::Skb)
+                                .with_context(|| format!("attach generic XDP to {iface}"))?,
+                        ));
+                        return Ok(DecapMode::Generic);
+                    }
+                }
+            }
+        };
+        self.decap = Some(link);
+        Ok(mode)
+    }
+
+    /// Detaches the decap program (done on drop as well).
+    pub fn detach_decap(&mut self) -> Result<()> {
+        match self.decap.take() {
+            Some(DecapLink::Xdp(id)) => self.program::<Xdp>(programs::XDP_DECAP)?.detach(id)?,
+            Some(DecapLink::Tc(id)) => {
+                self.program::<SchedClassifier>(programs::TC_DECAP)?.detach(id)?
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Host-side ifindexes that carry the egress hook.
+    pub fn egress_ifindexes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.egress.keys().copied()
+    }
+
+    /// Hooks container egress on the host end `ifname` (index `ifindex`).
+    pub fn attach_egress(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        let prog: &mut SchedClassifier = self.program(programs::TC_EGRESS)?;
+        let id = prog
+            .attach(ifname, TcAttachType::Ingress)
+            .with_context(|| format!("attach {} to {ifname}", programs::TC_EGRESS))?;
+        self.egress.insert(ifindex, id);
+        Ok(())
+    }
+
+    /// Unhooks the egress program from `ifindex`. A link whose device is
+    /// already gone detached itself; that is not an error.
+    pub fn detach_egress(&mut self, ifindex: u32) {
+        if let Some(id) = self.egress.remove(&ifindex) {
+            if let Ok(prog) = self.program::<SchedClassifier>(programs::TC_EGRESS) {
+                if let Err(e) = prog.detach(id) {
+                    log::debug!("egress hook of ifindex {ifindex} already gone: {e}");
+                }
+            }
+        }
+    }
+
+    fn program<T>(&mut self, name: &str) -> Result<&mut T>
+    where
+        for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let prog = self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
+        prog.try_into().with_context(|| format!("program {name} has an unexpected type"))
+    }
+
+    fn map(&mut self, name: &str) -> Result<&mut Map> {
+        self.ebpf.map_mut(name).with_context(|| format!("map {name} missing from the object"))
+    }
+
+    /// Writes this node's underlay identity.
+    pub fn set_config(&mut self, cfg: NodeConfig) -> Result<()> {
+        let mut arr: Array<_, NodeConfig> = Array::try_from(self.map(names::CONFIG)?)?;
+        arr.set(0, cfg, 0).context("write OVL_CONFIG")
+    }
+
+    /// Makes map `name` hold exactly `want` (u32 → u32 maps).
+    pub fn sync_u32_map(&mut self, name: &str, want: &BTreeMap<u32, u32>) -> Result<SyncCount> {
+        let mut map: HashMap<_, u32, u32> = HashMap::try_from(self.map(name)?)?;
+        sync(&mut map, want, name)
+    }
+
+    /// Makes OVL_ENDPOINTS hold exactly `want`.
+    pub fn sync_endpoints(&mut self, want: &BTreeMap<(u32, [u8; 4]), Endpoint>) -> Result<SyncCount> {
+        let mut map: HashMap<_, VniAddr, Endpoint> = HashMap::try_from(self.map(names::ENDPOINTS)?)?;
+        let want: BTreeMap<VniAddrKey, Endpoint> =
+            want.iter().map(|(k, v)| (VniAddrKey(*k), *v)).collect();
+        sync_keyed(&mut map, &want, names::ENDPOINTS)
+    }
+
+    /// Makes OVL_VTEPS hold exactly `want`.
+    pub fn sync_vteps(&mut self, want: &std::collections::BTreeSet<(u32, [u8; 4])>) -> Result<SyncCount> {
+        let mut map: HashMap<_, VniAddr, u32> = HashMap::try_from(self.map(names::VTEPS)?)?;
+        let want: BTreeMap<VniAddrKey, u32> = want.iter().map(|k| (VniAddrKey(*k), 1)).collect();
+        sync_keyed(&mut map, &want, names::VTEPS)
+    }
+
+    /// Gives every VNI in `vnis` (and the unattributed bucket) a counter
+    /// entry, keeping existing counts, and removes the others.
+    pub fn sync_stats(&mut self, vnis: impl Iterator<Item = u32>) -> Result<()> {
+        let mut map: PerCpuHashMap<_, u32, VniCounters> =
+            PerCpuHashMap::try_from(self.map(names::STATS)?)?;
+        let want: std::collections::BTreeSet<u32> =
+            vnis.chain(std::iter::once(UNATTRIBUTED_VNI)).collect();
+        let have: Vec<u32> = map.keys().collect::<Result<_, _>>().context("list OVL_STATS")?;
+        for k in have.iter().filter(|k| !want.contains(k)) {
+            map.remove(k).with_context(|| format!("remove counters of VNI {k}"))?;
+        }
+        let ncpus = nr_cpus().map_err(|(_, e)| e).context("count CPUs")?;
+        for k in want.iter().filter(|k| !have.contains(k)) {
+            let zero = PerCpuValues::try_from(vec![VniCounters::default(); ncpus])
+                .context("per-CPU zero counters")?;
+            map.insert(k, zero, 0).with_context(|| format!("create counters of VNI {k}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Entries added or changed, and removed, by one map sync.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncCount {
+    pub written: usize,
+    pub removed: usize,
+}
+
+/// `VniAddr` ordered, for BTreeMap keys.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct VniAddrKey((u32, [u8; 4]));
+
+impl From<VniAddrKey> for VniAddr {
+    fn from(k: VniAddrKey) -> VniAddr {
+        VniAddr { vni: k.0.0, addr: k.0.1 }
+    }
+}
+
+fn sync<V: aya::Pod + PartialEq>(
+    map: &mut HashMap<&mut MapData, u32, V>,
+    want: &BTreeMap<u32, V>,
+    name: &str,
+) -> Result<SyncCount> {
+    let mut count = SyncCount::default();
+    let have: Vec<(u32, V)> = map.iter().collect::<Result<_, _>>().with_context(|| format!("list {name}"))?;
+    for (k, _) in have.iter().filter(|(k, _)| !want.contains_key(k)) {
+        map.remove(k).with_context(|| format!("remove from {name}"))?;
+        count.removed += 1;
+    }
+    for (k, v) in want {
+        if have.iter().any(|(hk, hv)| hk == k && hv == v) {
+            continue;
+        }
+        map.insert(k, v, 0).with_context(|| format!("write {name}"))?;
+        count.written += 1;
+    }
+    Ok(count)
+}
+
+fn sync_keyed<V: aya::Pod + PartialEq>(
+    map: &mut HashMap<&mut MapData, VniAddr, V>,
+    want: &BTreeMap<VniAddrKey, V>,
+    name: &str,
+) -> Result<SyncCount> {
+    let mut count = SyncCount::default();
+    let have: BTreeMap<VniAddrKey, V> = map
+        .iter()
+        .map(|r| r.map(|(k, v)| (VniAddrKey((k.vni, k.addr)), v)))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("list {name}"))?;
+    for k in have.keys().filter(|k| !want.contains_key(k)) {
+        map.remove(&VniAddr::from(*k)).with_context(|| format!("remove from {name}"))?;
+        count.removed += 1;
+    }
+    for (k, v) in want {
+        if have.get(k) == Some(v) {
+            continue;
+        }
+        map.insert(VniAddr::from(*k), v, 0).with_context(|| format!("write {name}"))?;
+        count.written += 1;
+    }
+    Ok(count)
+}
+
+/// Per-VNI counters summed over CPUs, read from a node's pinned maps.
+pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<u32, VniCounters>> {
+    let map = open_pinned(pin_dir, names::STATS)?;
+    let map: PerCpuHashMap<_, u32, VniCounters> = PerCpuHashMap::try_from(map)?;
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (vni, per_cpu) = entry.context("read OVL_STATS")?;
+        let mut sum = VniCounters::default();
+        for c in per_cpu.iter() {
+            sum.accumulate(c);
+        }
+        out.insert(vni, sum);
+    }
+    Ok(out)
+}
+
+/// Node-wide counters summed over CPUs, indexed by `GlobalCounter`.
+pub fn read_global(pin_dir: &Path) -> Result<Vec<u64>> {
+    let map = open_pinned(pin_dir, names::GLOBAL)?;
+    let arr: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map)?;
+    arr.iter()
+        .map(|r| r.map(|v| v.iter().sum()).context("read OVL_GLOBAL"))
+        .collect()
+}
+
+/// Endpoint entries of a node's pinned map, for inspection and tests.
+pub fn read_endpoints(pin_dir: &Path) -> Result<Vec<(VniAddr, Endpoint)>> {
+    let map = open_pinned(pin_dir, names::ENDPOINTS)?;
+    let map: HashMap<_, VniAddr, Endpoint> = HashMap::try_from(map)?;
+    map.iter().collect::<Result<_, _>>().context("read OVL_ENDPOINTS")
+}
+
+fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "no ovl agent state at {} — is `ovl attach` running for this node (same --node and --pin-root)?",
+            path.display()
+        )
+    })?;
+    Map::from_map_data(data).with_context(|| format!("open {}", path.display()))
+}

@@ -1,0 +1,13 @@
+//! ovl's agent and CLI as a library: the model and its stores, IPAM,
+//! netlink plumbing, the kernel programs' loader and the node agent.
+
+pub mod agent;
+pub mod bpffs;
+pub mod commands;
+pub mod datapath;
+pub mod ipam;
+pub mod model;
+pub mod metrics;
+pub mod netlink;
+pub mod netns;
+pub mod store;

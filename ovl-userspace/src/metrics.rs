@@ -1,0 +1,91 @@
+//! Per-VNI counters as `ovl stats` shows them: a table for people, JSON
+//! for machines (an array of objects with integer fields).
+
+use std::collections::BTreeMap;
+
+use ovl_common::{DropReason, VniCounters};
+use serde::Serialize;
+
+/// Counters of one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkStats {
+    pub network: String,
+    pub vni: u32,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub local_packets: u64,
+    pub arp_replies: u64,
+    /// Drops keyed by reason name, every reason present.
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+impl NetworkStats {
+    /// Builds the report row of `network` from summed counters.
+    pub fn new(network: &str, vni: u32, c: &VniCounters) -> Self {
+        NetworkStats {
+            network: network.to_owned(),
+            vni,
+            tx_packets: c.tx_packets,
+            tx_bytes: c.tx_bytes,
+            rx_packets: c.rx_packets,
+            rx_bytes: c.rx_bytes,
+            local_packets: c.local_packets,
+            arp_replies: c.arp_replies,
+            drops: DropReason::ALL.iter().map(|r| (r.name(), c.drops_for(*r))).collect(),
+        }
+    }
+}
+
+/// Renders rows as an aligned table; drops list only non-zero reasons.
+pub fn table(rows: &[NetworkStats]) -> String {
+    let mut out = format!(
+        "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}  {}\n",
+        "NETWORK", "VNI", "TX_PKTS", "TX_BYTES", "RX_PKTS", "RX_BYTES", "LOCAL", "ARP", "DROPS"
+    );
+    for r in rows {
+        let drops: Vec<String> =
+            r.drops.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!(
+            "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}  {}\n",
+            r.network,
+            r.vni,
+            r.tx_packets,
+            r.tx_bytes,
+            r.rx_packets,
+            r.rx_bytes,
+            r.local_packets,
+            r.arp_replies,
+            if drops.is_empty() { "-".to_owned() } else { drops.join(" ") }
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_integer_counters_and_every_drop_reason() {
+        let mut c = VniCounters { tx_packets: 3, rx_bytes: 300, ..Default::default() };
+        c.drops[DropReason::UnknownVtep as usize] = 2;
+        let v = serde_json::to_value(vec![NetworkStats::new("blue", 4096, &c)]).unwrap();
+        assert_eq!(v[0]["network"], "blue");
+        assert_eq!(v[0]["vni"], 4096);
+        assert_eq!(v[0]["tx_packets"], 3);
+        assert_eq!(v[0]["rx_bytes"], 300);
+        assert_eq!(v[0]["drops"]["unknown_vtep"], 2);
+        assert_eq!(v[0]["drops"].as_object().unwrap().len(), DropReason::COUNT);
+    }
+
+    #[test]
+    fn table_lists_only_nonzero_drops() {
+        let mut c = VniCounters::default();
+        c.drops[DropReason::TooBig as usize] = 1;
+        let t = table(&[NetworkStats::new("blue", 4096, &c)]);
+        assert!(t.contains("too_big=1"), "{t}");
+        assert!(!t.contains("no_endpoint"), "{t}");
+    }
+}

@@ -1,0 +1,304 @@
+//! Link plumbing over rtnetlink and ioctls: interface lookups, the
+//! container veth pair `ovl connect` makes, and the per-link knobs (GRO,
+//! IPv6) the data path depends on.
+
+use std::{ffi::CString, fs, net::Ipv4Addr, os::fd::AsRawFd};
+
+use anyhow::{Context, Result, bail};
+use futures_util::TryStreamExt;
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVeth,
+    packet_route::{address::AddressAttribute, link::LinkAttribute},
+};
+
+use crate::{model::MacAddr, netns};
+
+/// An rtnetlink handle whose socket lives in the current thread's
+/// namespace (the connection task runs on the caller's runtime).
+pub fn connect() -> Result<Handle> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink socket")?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// An rtnetlink handle bound to namespace `name`.
+pub fn connect_in(name: &str) -> Result<Handle> {
+    let _inside = netns::enter(name)?;
+    connect()
+}
+
+/// Index of interface `name` in the current namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: valid NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+/// What the agent needs to know of the underlay interface.
+#[derive(Debug, Clone)]
+pub struct Underlay {
+    pub name: String,
+    pub ifindex: u32,
+    pub addr: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// Looks up `name`'s index, MTU and first IPv4 address.
+pub async fn underlay(handle: &Handle, name: &str) -> Result<Underlay> {
+    let Some(ifindex) = ifindex(name) else {
+        bail!("interface {name:?} does not exist in this network namespace; list them with `ip link`");
+    };
+    let link = handle
+        .link()
+        .get()
+        .match_index(ifindex)
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("read link {name}"))?
+        .with_context(|| format!("interface {name} vanished"))?;
+    let mtu = link
+        .attributes
+        .iter()
+        .find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None })
+        .unwrap_or(1500);
+    let mut addrs = handle.address().get().set_link_index_filter(ifindex).execute();
+    while let Some(msg) = addrs.try_next().await.with_context(|| format!("read addresses of {name}"))? {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Address(std::net::IpAddr::V4(v4)) = attr {
+                return Ok(Underlay { name: name.to_owned(), ifindex, addr: *v4, mtu });
+            }
+        }
+    }
+    bail!("interface {name} has no IPv4 address; the VTEP needs one (e.g. `ip addr add 192.0.2.10/24 dev {name}`)")
+}
+
+/// The container end of a new veth pair, before it is configured.
+pub struct ContainerLink<'a> {
+    pub host_ifname: &'a str,
+    pub netns: &'a str,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub mac: MacAddr,
+    pub mtu: u32,
+}
+
+/// Makes the veth pair of a container endpoint: the host end stays here
+/// (named `host_ifname`), the other end becomes `eth0` (or the next free
+/// `ethN`) in the container's namespace with its address, MAC and MTU.
+/// Returns the container-side interface name. On failure nothing is left.
+pub async fn create_container_link(handle: &Handle, spec: &ContainerLink<'_>) -> Result<String> {
+    let peer_tmp = format!("{}c", spec.host_ifname);
+    handle
+        .link()
+        .add(LinkVeth::new(spec.host_ifname, &peer_tmp).mtu(spec.mtu).build())
+        .execute()
+        .await
+        .with_context(|| format!("create veth pair {} / {peer_tmp}", spec.host_ifname))?;
+    let result = configure_container_link(handle, spec, &peer_tmp).await;
+    if result.is_err() {
+        // Deleting one end deletes the pair, wherever the peer went.
+        let _ = delete_link(handle, spec.host_ifname).await;
+    }
+    result
+}
+
+async fn configure_container_link(
+    handle: &Handle,
+    spec: &ContainerLink<'_>,
+    peer_tmp: &str,
+) -> Result<String> {
+    let peer = ifindex(peer_tmp).context("new veth peer vanished")?;
+    let host = ifindex(spec.host_ifname).context("new veth vanished")?;
+    // XDP frames redirected into a veth need NAPI on the receiving end,
+    // which GRO turns on.
+    set_gro(peer_tmp, true)?;
+    disable_ipv6(spec.host_ifname)?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(peer).address(spec.mac.0.to_vec()).mtu(spec.mtu).build())
+        .execute()
+        .await
+        .context("set container MAC and MTU")?;
+    let ns = netns::open(spec.netns)?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(peer).setns_by_fd(ns.as_raw_fd()).build())
+        .execute()
+        .await
+        .with_context(|| format!("move veth end into namespace {:?}", spec.netns))?;
+
+    let inner = connect_in(spec.netns)?;
+    let name = free_eth_name(&inner).await?;
+    {
+        let _inside = netns::enter(spec.netns)?;
+        disable_ipv6(peer_tmp)?;
+    }
+    let idx = container_ifindex(&inner, peer_tmp).await?;
+    inner
+        .link()
+        .set(LinkUnspec::new_with_index(idx).name(name.clone()).build())
+        .execute()
+        .await
+        .with_context(|| format!("rename container interface to {name}"))?;
+    inner
+        .address()
+        .add(idx, spec.ip.into(), spec.prefix)
+        .execute()
+        .await
+        .with_context(|| format!("add {}/{} in {:?}", spec.ip, spec.prefix, spec.netns))?;
+    inner
+        .link()
+        .set(LinkUnspec::new_with_index(idx).up().build())
+        .execute()
+        .await
+        .context("bring container interface up")?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(host).up().build())
+        .execute()
+        .await
+        .context("bring host veth up")?;
+    Ok(name)
+}
+
+async fn container_ifindex(handle: &Handle, name: &str) -> Result<u32> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("find {name} in the container namespace"))?
+        .with_context(|| format!("{name} did not arrive in the container namespace"))?;
+    Ok(link.header.index)
+}
+
+async fn free_eth_name(handle: &Handle) -> Result<String> {
+    let mut taken = Vec::new();
+    let mut links = handle.link().get().execute();
+    while let Some(l) = links.try_next().await.context("list container links")? {
+        for a in l.attributes {
+            if let LinkAttribute::IfName(n) = a {
+                taken.push(n);
+            }
+        }
+    }
+    (0..64)
+        .map(|i| format!("eth{i}"))
+        .find(|n| !taken.contains(n))
+        .context("container has eth0..eth63 already")
+}
+
+/// Deletes link `name` in the handle's namespace.
+pub async fn delete_link(handle: &Handle, name: &str) -> Result<()> {
+    let idx = ifindex(name).with_context(|| format!("interface {name} does not exist"))?;
+    handle.link().del(idx).execute().await.with_context(|| format!("delete {name}"))
+}
+
+/// Turns off IPv6 on `ifname` in the current namespace: ovl networks are
+/// IPv4, and a link-local stack would only send frames that get dropped.
+pub fn disable_ipv6(ifname: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    match fs::write(&path, "1") {
+        Ok(()) => Ok(()),
+        // No IPv6 in this kernel: nothing to turn off.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("write {path}")),
+    }
+}
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GDRVINFO: u32 = 0x3;
+const ETHTOOL_SGRO: u32 = 0x2c;
+
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+#[repr(C)]
+struct EthtoolDrvInfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    n_priv_flags: u32,
+    n_stats: u32,
+    testinfo_len: u32,
+    eedump_len: u32,
+    regdump_len: u32,
+}
+
+fn ethtool(ifname: &str, data: *mut libc::c_void) -> std::io::Result<()> {
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = data.cast();
+    // SAFETY: a datagram socket only to carry the ioctl; closed on return.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCETHTOOL with a request block of the kind `cmd` names.
+    let rc = unsafe { libc::ioctl(sock, SIOCETHTOOL as _, &mut req) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(sock) };
+    if rc < 0 { Err(err) } else { Ok(()) }
+}
+
+/// Switches generic receive offload of `ifname` on or off.
+pub fn set_gro(ifname: &str, on: bool) -> Result<()> {
+    let mut v = EthtoolValue { cmd: ETHTOOL_SGRO, data: u32::from(on) };
+    ethtool(ifname, (&raw mut v).cast()).with_context(|| format!("set GRO on {ifname}"))
+}
+
+/// Kernel driver behind `ifname` ("veth", "virtio_net", ...).
+pub fn driver(ifname: &str) -> Result<String> {
+    // SAFETY: an all-zero ethtool_drvinfo is a valid request.
+    let mut info: EthtoolDrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    ethtool(ifname, (&raw mut info).cast())
+        .with_context(|| format!("query driver of {ifname}"))?;
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// Removes whatever XDP program is attached to `ifindex` via netlink;
+/// returns whether one was there.
+pub async fn clear_xdp(handle: &Handle, ifindex: u32) -> Result<bool> {
+    use rtnetlink::packet_route::link::{LinkXdp, XdpAttached};
+    let link = handle
+        .link()
+        .get()
+        .match_index(ifindex)
+        .execute()
+        .try_next()
+        .await?
+        .context("interface vanished")?;
+    let attached = link.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::Xdp(x) if x.iter().any(|x| matches!(x, LinkXdp::Attached(m) if *m != XdpAttached::None)))
+    });
+    if !attached {
+        return Ok(false);
+    }
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(ifindex)
+                .append_extra_attribute(LinkAttribute::Xdp(vec![LinkXdp::Fd(-1)]))
+                .build(),
+        )
+        .execute()
+        .await
+        .context("detach XDP")?;
+    Ok(true)
+}
