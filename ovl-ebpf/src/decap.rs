@@ -118,7 +118,9 @@ pub fn deliver_xdp(ctx: &XdpContext, frame: &Frame, d: &Delivery) -> Result<u32,
 #[inline(always)]
 pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, Dropped> {
     let inner_eth: EthHdr = frame.read(d.inner_offset).on_vni(d.vni)?;
-    let strip = (d.inner_offset - ETH_HDR_LEN) as i32;
+    // Everything between the outer Ethernet header (kept, rewritten below)
+    // and the inner IPv4 header goes: outer IPv4, UDP, VXLAN, inner Ethernet.
+    let strip = d.inner_offset as i32;
     ctx.adjust_room(-strip, BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
         .map_err(|_| Dropped::on(d.vni, DropReason::Malformed))?;
     let frame = Frame::of_skb(ctx);

@@ -8,7 +8,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
@@ -105,9 +105,11 @@ fn largest_outer_len(
         let ihl = u32::from(inner_ip.vihl & 0x0f) * 4;
         let l4_hdr = match inner_ip.proto {
             IPPROTO_TCP => {
-                // Data offset: high nibble of byte 12 of the TCP header.
-                let off: u8 = Frame::of_skb(ctx).read(ETH_HDR_LEN + ihl as usize + 12)?;
-                u32::from(off >> 4) * 4
+                // Data offset: high nibble of byte 12 of the TCP header. Read
+                // two bytes: LLVM turns a one-byte bounds check into a form
+                // the verifier cannot use with a variable offset.
+                let off: [u8; 2] = Frame::of_skb(ctx).read(ETH_HDR_LEN + ihl as usize + 12)?;
+                u32::from(off[0] >> 4) * 4
             }
             IPPROTO_UDP => UDP_HDR_LEN as u32,
             _ => 0,
@@ -117,32 +119,50 @@ fn largest_outer_len(
     Ok(inner_l3 + ENCAP_OVERHEAD)
 }
 
-/// Where the kernel would send a packet to `vtep`, and how.
+/// How an encapsulated packet leaves for its VTEP. A plain struct, not an
+/// enum with data: LLVM leaves the unused fields of an enum variant
+/// undefined, and the verifier rejects reading such registers.
 struct Route {
+    how: Via,
     ifindex: u32,
     smac: [u8; 6],
     dmac: [u8; 6],
-    /// Set when the neighbour is not resolved yet: the kernel resolves it
-    /// (`bpf_redirect_neigh`) via this next hop.
-    unresolved_next_hop: Option<u32>,
+    next_hop: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// FIB and neighbour known: MACs written here, straight to the device.
+    Resolved,
+    /// Neighbour not resolved yet: the kernel resolves `next_hop` and fills
+    /// in the MACs.
+    Unresolved,
+    /// The FIB helper refuses to work on a device without IPv4 forwarding;
+    /// the kernel then routes (and resolves) the packet itself, out of the
+    /// underlay device.
+    KernelRouted,
 }
 
 impl Route {
     #[inline(always)]
     fn redirect(&self) -> i32 {
-        match self.unresolved_next_hop {
-            // SAFETY: helper calls with valid arguments.
-            None => unsafe { bpf_redirect(self.ifindex, 0) as i32 },
-            Some(nh) => unsafe {
+        // SAFETY (all arms): helper calls with valid arguments; the action
+        // they return is the program's verdict.
+        match self.how {
+            Via::Resolved => unsafe { bpf_redirect(self.ifindex, 0) as i32 },
+            Via::Unresolved => unsafe {
                 let mut params: bpf_redir_neigh = mem::zeroed();
                 params.nh_family = u32::from(AF_INET);
-                params.__bindgen_anon_1.ipv4_nh = nh;
+                params.__bindgen_anon_1.ipv4_nh = self.next_hop;
                 bpf_redirect_neigh(
                     self.ifindex,
                     &mut params,
                     mem::size_of::<bpf_redir_neigh>() as i32,
                     0,
                 ) as i32
+            },
+            Via::KernelRouted => unsafe {
+                bpf_redirect_neigh(self.ifindex, core::ptr::null_mut(), 0, 0) as i32
             },
         }
     }
@@ -157,7 +177,9 @@ fn route_to(
     vtep: [u8; 4],
     outer_len: u32,
 ) -> Result<Route, DropReason> {
-    if outer_len > u32::from(u16::MAX) {
+    // The underlay link's MTU bounds every path; the FIB below also checks
+    // the route's (it skips that check where forwarding is off).
+    if outer_len > node.underlay_mtu {
         return Err(DropReason::TooBig);
     }
     // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
@@ -179,22 +201,23 @@ fn route_to(
     };
     // SAFETY: the kernel wrote the union members it documents for IPv4.
     let next_hop = unsafe { fib.__bindgen_anon_4.ipv4_dst };
-    match rc {
-        r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Ok(Route {
-            ifindex: fib.ifindex,
-            smac: fib.smac,
-            dmac: fib.dmac,
-            unresolved_next_hop: None,
-        }),
-        r if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 => Ok(Route {
-            ifindex: fib.ifindex,
-            smac: [0; 6],
-            dmac: [0; 6],
-            unresolved_next_hop: Some(next_hop),
-        }),
-        r if r == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 => Err(DropReason::TooBig),
-        _ => Err(DropReason::NoRoute),
-    }
+    let how = match rc {
+        r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Via::Resolved,
+        r if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 => Via::Unresolved,
+        r if r == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 => Via::KernelRouted,
+        r if r == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 => return Err(DropReason::TooBig),
+        _ => return Err(DropReason::NoRoute),
+    };
+    let resolved = how == Via::Resolved;
+    Ok(Route {
+        how,
+        ifindex: if how == Via::KernelRouted { node.underlay_ifindex } else { fib.ifindex },
+        // Unresolved routes get their MACs from the neighbour subsystem;
+        // zeros are fine meanwhile (only a multicast destination is refused).
+        smac: if resolved { fib.smac } else { [0; 6] },
+        dmac: if resolved { fib.dmac } else { [0; 6] },
+        next_hop,
+    })
 }
 
 #[inline(always)]

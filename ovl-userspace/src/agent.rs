@@ -105,8 +105,18 @@ pub async fn run(opts: AgentOptions, store: Box<dyn Store>) -> Result<()> {
     let driver = netlink::driver(&opts.iface).unwrap_or_default();
     let pin_dir = bpffs::node_dir(&opts.pin_root, &opts.node);
     bpffs::prepare(&pin_dir)?;
+    let restarting = std::fs::read_dir(&pin_dir).is_ok_and(|mut d| d.next().is_some());
 
-    let mut dp = Datapath::load(&pin_dir)?;
+    let mut dp = match Datapath::load(&pin_dir) {
+        Ok(dp) => dp,
+        Err(e) => {
+            // Pins made by this failed load would look like a running agent.
+            if !restarting {
+                let _ = bpffs::remove_node_dir(&pin_dir);
+            }
+            return Err(e);
+        }
+    };
     // From here on, leave nothing behind on any exit path.
     let result = serve(&opts, store, &mut dp, &underlay, &driver).await;
     if let Err(e) = dp.detach_decap() {
