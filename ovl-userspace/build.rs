@@ -20,7 +20,9 @@ fn main() {
     }
 
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
-    let workspace = manifest_dir.parent().expect("ovl-userspace sits in the workspace");
+    let workspace = manifest_dir
+        .parent()
+        .expect("ovl-userspace sits in the workspace");
     for dir in ["ovl-ebpf/src", "ovl-common/src"] {
         rerun_if_tree_changed(&workspace.join(dir));
     }
@@ -33,7 +35,15 @@ fn main() {
     let target_dir = workspace.join("target/ebpf");
     let mut cmd = Command::new("rustup");
     cmd.current_dir(workspace.join("ovl-ebpf"))
-        .args(["run", "nightly", "cargo", "build", "--release", "--package", "ovl-ebpf"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--release",
+            "--package",
+            "ovl-ebpf",
+        ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(&target_dir);
@@ -51,9 +61,14 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
     let status = cmd.status().unwrap_or_else(|e| {
-        panic!("cannot run `rustup run nightly cargo` to build ovl-ebpf ({e}); run `cargo xtask setup`")
+        panic!(
+            "cannot run `rustup run nightly cargo` to build ovl-ebpf ({e}); run `cargo xtask setup`"
+        )
     });
     if !status.success() {
         panic!(

@@ -68,28 +68,49 @@ pub fn desired(
         d.networks.insert(net.vni.get(), net.mtu);
     }
     for ep in &state.endpoints {
-        let Ok(net) = state.network(&ep.network) else { continue };
+        let Ok(net) = state.network(&ep.network) else {
+            continue;
+        };
         let vni = net.vni.get();
         let key = (vni, ep.ip.octets());
         match &ep.location {
-            Location::Container { node: n, host_ifname, .. } if n == node => {
+            Location::Container {
+                node: n,
+                host_ifname,
+                ..
+            } if n == node => {
                 let Some(ifindex) = ifindex_of(host_ifname) else {
                     d.missing_links.push(host_ifname.clone());
                     continue;
                 };
-                d.endpoints.insert(key, MapEndpoint { mac: ep.mac.0, _pad: [0; 2], ifindex, vtep: [0; 4] });
+                d.endpoints.insert(
+                    key,
+                    MapEndpoint {
+                        mac: ep.mac.0,
+                        _pad: [0; 2],
+                        ifindex,
+                        vtep: [0; 4],
+                    },
+                );
                 d.ifaces.insert(ifindex, vni);
                 d.iface_names.insert(ifindex, host_ifname.clone());
             }
             _ => {
                 // A remote endpoint needs a known VTEP that is not us.
-                let Some(remote) = state.vtep_of(ep) else { continue };
+                let Some(remote) = state.vtep_of(ep) else {
+                    continue;
+                };
                 if remote == vtep {
                     continue;
                 }
                 d.endpoints.insert(
                     key,
-                    MapEndpoint { mac: ep.mac.0, _pad: [0; 2], ifindex: 0, vtep: remote.octets() },
+                    MapEndpoint {
+                        mac: ep.mac.0,
+                        _pad: [0; 2],
+                        ifindex: 0,
+                        vtep: remote.octets(),
+                    },
                 );
                 d.vteps.insert((vni, remote.octets()));
             }
@@ -129,7 +150,11 @@ pub async fn run(opts: AgentOptions, store: Box<dyn Store>) -> Result<()> {
     if let Err(e) = bpffs::remove_node_dir(&pin_dir) {
         log::warn!("remove pins: {e:#}");
     }
-    log::info!("detached from {}; pins under {} removed", opts.iface, pin_dir.display());
+    log::info!(
+        "detached from {}; pins under {} removed",
+        opts.iface,
+        pin_dir.display()
+    );
     result
 }
 
@@ -142,9 +167,10 @@ async fn serve(
 ) -> Result<()> {
     // SAFETY: the logger owns the ring's descriptor and lives as long as
     // the AsyncFd that wraps it (the contract register_with_interest asks).
-    let mut logs = unsafe { AsyncFd::register_with_interest(dp.logger()?, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("watch the kernel log ring")?;
+    let mut logs =
+        unsafe { AsyncFd::register_with_interest(dp.logger()?, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("watch the kernel log ring")?;
     dp.set_config(NodeConfig {
         vtep: underlay.addr.octets(),
         underlay_ifindex: underlay.ifindex,

@@ -25,7 +25,9 @@ pub fn node_dir(root: &Path, node: &str) -> PathBuf {
 
 /// True when `path` is on a bpffs.
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs into a zeroed struct we own.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
@@ -51,7 +53,13 @@ fn mount_bpffs(at: &Path) -> Result<()> {
     let fstype = c"bpf";
     // SAFETY: mount(2) with valid NUL-terminated strings and no data.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         bail!(

@@ -24,7 +24,13 @@ pub fn network_create(
     mtu: Option<u32>,
 ) -> Result<String> {
     let net = store::update_with(store, |s| {
-        s.create_network(NetworkSpec { name: name.to_owned(), subnet, vni, mtu }).cloned()
+        s.create_network(NetworkSpec {
+            name: name.to_owned(),
+            subnet,
+            vni,
+            mtu,
+        })
+        .cloned()
     })?;
     Ok(format!(
         "created network {} (VNI {}, subnet {}, MTU {})",
@@ -35,7 +41,10 @@ pub fn network_create(
 /// `ovl network ls`.
 pub fn network_ls(store: &dyn Store) -> Result<String> {
     let state = store.load()?;
-    let mut out = format!("{:<20} {:>8} {:<18} {:>5} {:>9}\n", "NAME", "VNI", "SUBNET", "MTU", "ENDPOINTS");
+    let mut out = format!(
+        "{:<20} {:>8} {:<18} {:>5} {:>9}\n",
+        "NAME", "VNI", "SUBNET", "MTU", "ENDPOINTS"
+    );
     for n in state.networks.values() {
         out.push_str(&format!(
             "{:<20} {:>8} {:<18} {:>5} {:>9}\n",
@@ -124,29 +133,45 @@ pub async fn connect(
             net.mtu
         )),
         Err(e) => {
-            if let Err(undo) = store::update_with(store, |s| s.remove_container(network, node, netns_name)) {
+            if let Err(undo) =
+                store::update_with(store, |s| s.remove_container(network, node, netns_name))
+            {
                 log::error!("could not roll back the registration of {netns_name}: {undo}");
             }
-            Err(e.context(format!("connect {netns_name} to {network}; nothing was registered")))
+            Err(e.context(format!(
+                "connect {netns_name} to {network}; nothing was registered"
+            )))
         }
     }
 }
 
 /// `ovl disconnect`: removes the veth (if still there) and the endpoint.
-pub async fn disconnect(store: &dyn Store, node: &str, network: &str, netns_name: &str) -> Result<String> {
+pub async fn disconnect(
+    store: &dyn Store,
+    node: &str,
+    network: &str,
+    netns_name: &str,
+) -> Result<String> {
     let state = store.load()?;
     let ep = state
         .endpoints_of(network)
         .find(|e| matches!(&e.location, Location::Container { node: n, netns, .. } if n == node && netns == netns_name))
         .cloned();
-    if let Some(Endpoint { location: Location::Container { host_ifname, .. }, .. }) = &ep {
+    if let Some(Endpoint {
+        location: Location::Container { host_ifname, .. },
+        ..
+    }) = &ep
+    {
         if netlink::ifindex(host_ifname).is_some() {
             let handle = netlink::connect()?;
             netlink::delete_link(&handle, host_ifname).await?;
         }
     }
     let ep = store::update_with(store, |s| s.remove_container(network, node, netns_name))?;
-    Ok(format!("disconnected {netns_name} ({}) from {network}", ep.ip))
+    Ok(format!(
+        "disconnected {netns_name} ({}) from {network}",
+        ep.ip
+    ))
 }
 
 /// `ovl endpoint add`: an endpoint behind a VTEP that runs no ovl agent.
@@ -158,8 +183,13 @@ pub fn endpoint_add(
     mac: Option<MacAddr>,
     name: Option<String>,
 ) -> Result<String> {
-    let ep = store::update_with(store, |s| s.add_static(network, ip, mac, vtep, name.clone()))?;
-    Ok(format!("added {} ({}) on {network} behind VTEP {vtep}", ep.ip, ep.mac))
+    let ep = store::update_with(store, |s| {
+        s.add_static(network, ip, mac, vtep, name.clone())
+    })?;
+    Ok(format!(
+        "added {} ({}) on {network} behind VTEP {vtep}",
+        ep.ip, ep.mac
+    ))
 }
 
 /// `ovl endpoint rm`.
@@ -173,7 +203,9 @@ pub fn node_ls(store: &dyn Store, pin_root: &Path) -> Result<String> {
     let state = store.load()?;
     let mut out = format!("{:<20} {:<16} {}\n", "NODE", "VTEP", "AGENT STATE");
     for n in state.nodes.values() {
-        let pinned = bpffs::node_dir(pin_root, &n.name).join(ovl_common::maps::names::STATS).exists();
+        let pinned = bpffs::node_dir(pin_root, &n.name)
+            .join(ovl_common::maps::names::STATS)
+            .exists();
         out.push_str(&format!(
             "{:<20} {:<16} {}\n",
             n.name,
@@ -210,23 +242,23 @@ pub fn stats(
     if json {
         return Ok(serde_json::to_string_pretty(&rows).expect("stats serialise"));
     }
-    let mut out = metrics::table(&rows);
-    if network.is_none() {
-        let global = datapath::read_global(&pin_dir)?;
-        let orphan = counters.get(&ovl_common::counters::UNATTRIBUTED_VNI).copied().unwrap_or_default();
-        let drops: Vec<String> = ovl_common::DropReason::ALL
-            .iter()
-            .filter(|r| orphan.drops_for(**r) > 0)
-            .map(|r| format!("{}={}", r.name(), orphan.drops_for(*r)))
-            .collect();
-        out.push_str(&format!(
-            "underlay: {} packets seen, {} passed to the host; unattributed drops: {}\n",
-            global.first().copied().unwrap_or(0),
-            global.get(1).copied().unwrap_or(0),
-            if drops.is_empty() { "-".to_owned() } else { drops.join(" ") }
-        ));
+    Ok(metrics::table(&rows))
+}
+
+/// `ovl stats --underlay`: node-wide counters.
+pub fn underlay_stats(node: &str, pin_root: &Path, json: bool) -> Result<String> {
+    let pin_dir = bpffs::node_dir(pin_root, node);
+    let counters = datapath::read_counters(&pin_dir)?;
+    let global = datapath::read_global(&pin_dir)?;
+    let orphan = counters
+        .get(&ovl_common::counters::UNATTRIBUTED_VNI)
+        .copied()
+        .unwrap_or_default();
+    let report = metrics::UnderlayStats::new(&global, &orphan);
+    if json {
+        return Ok(serde_json::to_string_pretty(&report).expect("stats serialise"));
     }
-    Ok(out)
+    Ok(report.to_string())
 }
 
 /// `ovl detach`: cleans up after an agent that died: its pins and any
@@ -236,7 +268,10 @@ pub async fn detach(iface: &str, node: &str, pin_root: &Path) -> Result<String> 
     let mut done = Vec::new();
     if let Some(idx) = netlink::ifindex(iface) {
         let handle = netlink::connect()?;
-        if netlink::clear_xdp(&handle, idx).await.context("remove XDP program")? {
+        if netlink::clear_xdp(&handle, idx)
+            .await
+            .context("remove XDP program")?
+        {
             done.push(format!("removed XDP program from {iface}"));
         }
     } else {

@@ -8,7 +8,9 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    },
     util::nr_cpus,
 };
 use ovl_common::{
@@ -42,7 +44,9 @@ impl FromStr for DecapMode {
             "native" => Ok(DecapMode::Native),
             "generic" => Ok(DecapMode::Generic),
             "tc" => Ok(DecapMode::Tc),
-            _ => Err(format!("unknown mode {s:?}: use auto, native, generic or tc")),
+            _ => Err(format!(
+                "unknown mode {s:?}: use auto, native, generic or tc"
+            )),
         }
     }
 }
@@ -97,7 +101,11 @@ impl Datapath {
             }
             .with_context(|| format!("verify and load {name}"))?;
         }
-        Ok(Datapath { ebpf, decap: None, egress: BTreeMap::new() })
+        Ok(Datapath {
+            ebpf,
+            decap: None,
+            egress: BTreeMap::new(),
+        })
     }
 
     /// Takes the aya-log ring so the caller can forward kernel log lines.
@@ -107,7 +115,12 @@ impl Datapath {
 
     /// Attaches the decap program to the underlay `iface`; returns the mode
     /// actually used.
-    pub fn attach_decap(&mut self, iface: &str, mode: DecapMode, driver: &str) -> Result<DecapMode> {
+    pub fn attach_decap(
+        &mut self,
+        iface: &str,
+        mode: DecapMode,
+        driver: &str,
+    ) -> Result<DecapMode> {
         let mode = match mode {
             DecapMode::Auto if driver == "veth" => DecapMode::Tc,
             other => other,
@@ -115,16 +128,22 @@ impl Datapath {
         let link = match mode {
             DecapMode::Tc => {
                 let prog: &mut SchedClassifier = self.program(programs::TC_DECAP)?;
-                DecapLink::Tc(
-                    prog.attach(iface, TcAttachType::Ingress)
-                        .with_context(|| format!("attach {} to TC ingress of {iface}", programs::TC_DECAP))?,
-                )
+                DecapLink::Tc(prog.attach(iface, TcAttachType::Ingress).with_context(|| {
+                    format!("attach {} to TC ingress of {iface}", programs::TC_DECAP)
+                })?)
             }
             DecapMode::Native | DecapMode::Generic => {
-                let xdp_mode = if mode == DecapMode::Native { XdpMode::Driver } else { XdpMode::Skb };
+                let xdp_mode = if mode == DecapMode::Native {
+                    XdpMode::Driver
+                } else {
+                    XdpMode::Skb
+                };
                 let prog: &mut Xdp = self.program(programs::XDP_DECAP)?;
                 DecapLink::Xdp(prog.attach(iface, xdp_mode).with_context(|| {
-                    format!("attach {} to {iface} in {mode} XDP mode", programs::XDP_DECAP)
+                    format!(
+                        "attach {} to {iface} in {mode} XDP mode",
+                        programs::XDP_DECAP
+                    )
                 })?)
             }
             DecapMode::Auto => {
@@ -153,9 +172,9 @@ impl Datapath {
     pub fn detach_decap(&mut self) -> Result<()> {
         match self.decap.take() {
             Some(DecapLink::Xdp(id)) => self.program::<Xdp>(programs::XDP_DECAP)?.detach(id)?,
-            Some(DecapLink::Tc(id)) => {
-                self.program::<SchedClassifier>(programs::TC_DECAP)?.detach(id)?
-            }
+            Some(DecapLink::Tc(id)) => self
+                .program::<SchedClassifier>(programs::TC_DECAP)?
+                .detach(id)?,
             None => {}
         }
         Ok(())
@@ -190,14 +209,21 @@ impl Datapath {
 
     fn program<T>(&mut self, name: &str) -> Result<&mut T>
     where
-        for<'a> &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+        for<'a> &'a mut T:
+            TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
     {
-        let prog = self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
-        prog.try_into().with_context(|| format!("program {name} has an unexpected type"))
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?;
+        prog.try_into()
+            .with_context(|| format!("program {name} has an unexpected type"))
     }
 
     fn map(&mut self, name: &str) -> Result<&mut Map> {
-        self.ebpf.map_mut(name).with_context(|| format!("map {name} missing from the object"))
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the object"))
     }
 
     /// Writes this node's underlay identity.
@@ -213,15 +239,22 @@ impl Datapath {
     }
 
     /// Makes OVL_ENDPOINTS hold exactly `want`.
-    pub fn sync_endpoints(&mut self, want: &BTreeMap<(u32, [u8; 4]), Endpoint>) -> Result<SyncCount> {
-        let mut map: HashMap<_, VniAddr, Endpoint> = HashMap::try_from(self.map(names::ENDPOINTS)?)?;
+    pub fn sync_endpoints(
+        &mut self,
+        want: &BTreeMap<(u32, [u8; 4]), Endpoint>,
+    ) -> Result<SyncCount> {
+        let mut map: HashMap<_, VniAddr, Endpoint> =
+            HashMap::try_from(self.map(names::ENDPOINTS)?)?;
         let want: BTreeMap<VniAddrKey, Endpoint> =
             want.iter().map(|(k, v)| (VniAddrKey(*k), *v)).collect();
         sync_keyed(&mut map, &want, names::ENDPOINTS)
     }
 
     /// Makes OVL_VTEPS hold exactly `want`.
-    pub fn sync_vteps(&mut self, want: &std::collections::BTreeSet<(u32, [u8; 4])>) -> Result<SyncCount> {
+    pub fn sync_vteps(
+        &mut self,
+        want: &std::collections::BTreeSet<(u32, [u8; 4])>,
+    ) -> Result<SyncCount> {
         let mut map: HashMap<_, VniAddr, u32> = HashMap::try_from(self.map(names::VTEPS)?)?;
         let want: BTreeMap<VniAddrKey, u32> = want.iter().map(|k| (VniAddrKey(*k), 1)).collect();
         sync_keyed(&mut map, &want, names::VTEPS)
@@ -234,15 +267,20 @@ impl Datapath {
             PerCpuHashMap::try_from(self.map(names::STATS)?)?;
         let want: std::collections::BTreeSet<u32> =
             vnis.chain(std::iter::once(UNATTRIBUTED_VNI)).collect();
-        let have: Vec<u32> = map.keys().collect::<Result<_, _>>().context("list OVL_STATS")?;
+        let have: Vec<u32> = map
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("list OVL_STATS")?;
         for k in have.iter().filter(|k| !want.contains(k)) {
-            map.remove(k).with_context(|| format!("remove counters of VNI {k}"))?;
+            map.remove(k)
+                .with_context(|| format!("remove counters of VNI {k}"))?;
         }
         let ncpus = nr_cpus().map_err(|(_, e)| e).context("count CPUs")?;
         for k in want.iter().filter(|k| !have.contains(k)) {
             let zero = PerCpuValues::try_from(vec![VniCounters::default(); ncpus])
                 .context("per-CPU zero counters")?;
-            map.insert(k, zero, 0).with_context(|| format!("create counters of VNI {k}"))?;
+            map.insert(k, zero, 0)
+                .with_context(|| format!("create counters of VNI {k}"))?;
         }
         Ok(())
     }
@@ -261,7 +299,10 @@ struct VniAddrKey((u32, [u8; 4]));
 
 impl From<VniAddrKey> for VniAddr {
     fn from(k: VniAddrKey) -> VniAddr {
-        VniAddr { vni: k.0.0, addr: k.0.1 }
+        VniAddr {
+            vni: k.0.0,
+            addr: k.0.1,
+        }
     }
 }
 
@@ -271,16 +312,21 @@ fn sync<V: aya::Pod + PartialEq>(
     name: &str,
 ) -> Result<SyncCount> {
     let mut count = SyncCount::default();
-    let have: Vec<(u32, V)> = map.iter().collect::<Result<_, _>>().with_context(|| format!("list {name}"))?;
+    let have: Vec<(u32, V)> = map
+        .iter()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("list {name}"))?;
     for (k, _) in have.iter().filter(|(k, _)| !want.contains_key(k)) {
-        map.remove(k).with_context(|| format!("remove from {name}"))?;
+        map.remove(k)
+            .with_context(|| format!("remove from {name}"))?;
         count.removed += 1;
     }
     for (k, v) in want {
         if have.iter().any(|(hk, hv)| hk == k && hv == v) {
             continue;
         }
-        map.insert(k, v, 0).with_context(|| format!("write {name}"))?;
+        map.insert(k, v, 0)
+            .with_context(|| format!("write {name}"))?;
         count.written += 1;
     }
     Ok(count)
@@ -298,14 +344,16 @@ fn sync_keyed<V: aya::Pod + PartialEq>(
         .collect::<Result<_, _>>()
         .with_context(|| format!("list {name}"))?;
     for k in have.keys().filter(|k| !want.contains_key(k)) {
-        map.remove(&VniAddr::from(*k)).with_context(|| format!("remove from {name}"))?;
+        map.remove(&VniAddr::from(*k))
+            .with_context(|| format!("remove from {name}"))?;
         count.removed += 1;
     }
     for (k, v) in want {
         if have.get(k) == Some(v) {
             continue;
         }
-        map.insert(VniAddr::from(*k), v, 0).with_context(|| format!("write {name}"))?;
+        map.insert(VniAddr::from(*k), v, 0)
+            .with_context(|| format!("write {name}"))?;
         count.written += 1;
     }
     Ok(count)
@@ -340,7 +388,9 @@ pub fn read_global(pin_dir: &Path) -> Result<Vec<u64>> {
 pub fn read_endpoints(pin_dir: &Path) -> Result<Vec<(VniAddr, Endpoint)>> {
     let map = open_pinned(pin_dir, names::ENDPOINTS)?;
     let map: HashMap<_, VniAddr, Endpoint> = HashMap::try_from(map)?;
-    map.iter().collect::<Result<_, _>>().context("read OVL_ENDPOINTS")
+    map.iter()
+        .collect::<Result<_, _>>()
+        .context("read OVL_ENDPOINTS")
 }
 
 fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {

@@ -8,11 +8,19 @@ use serde::{Deserialize, Serialize};
 /// Why an address could not be allocated or a subnet parsed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IpamError {
-    #[error("invalid subnet {0:?}: expected an IPv4 CIDR such as 198.18.0.0/24 with a prefix of /8 to /29")]
+    #[error(
+        "invalid subnet {0:?}: expected an IPv4 CIDR such as 198.18.0.0/24 with a prefix of /8 to /29"
+    )]
     BadSubnet(String),
     #[error("subnet {subnet} has host bits set; did you mean {network}/{prefix}?")]
-    HostBitsSet { subnet: String, network: Ipv4Addr, prefix: u8 },
-    #[error("{ip} is not a usable address of {subnet} (outside it, or its network, gateway or broadcast address)")]
+    HostBitsSet {
+        subnet: String,
+        network: Ipv4Addr,
+        prefix: u8,
+    },
+    #[error(
+        "{ip} is not a usable address of {subnet} (outside it, or its network, gateway or broadcast address)"
+    )]
     OutsideSubnet { ip: Ipv4Addr, subnet: Subnet },
     #[error("{0} is already in use on this network")]
     InUse(Ipv4Addr),
@@ -74,10 +82,17 @@ impl FromStr for Subnet {
         if !(8..=29).contains(&prefix) {
             return Err(bad());
         }
-        let subnet = Subnet { network: addr, prefix };
+        let subnet = Subnet {
+            network: addr,
+            prefix,
+        };
         let network = Ipv4Addr::from(u32::from(addr) & subnet.mask());
         if network != addr {
-            return Err(IpamError::HostBitsSet { subnet: s.to_owned(), network, prefix });
+            return Err(IpamError::HostBitsSet {
+                subnet: s.to_owned(),
+                network,
+                prefix,
+            });
         }
         Ok(subnet)
     }
@@ -105,7 +120,10 @@ pub fn allocate(
 ) -> Result<Ipv4Addr, IpamError> {
     if let Some(ip) = requested {
         if !subnet.is_assignable(ip) {
-            return Err(IpamError::OutsideSubnet { ip, subnet: *subnet });
+            return Err(IpamError::OutsideSubnet {
+                ip,
+                subnet: *subnet,
+            });
         }
         if used.contains(&ip) {
             return Err(IpamError::InUse(ip));
@@ -130,8 +148,17 @@ mod tests {
     #[test]
     fn parses_cidr_and_rejects_host_bits_and_odd_prefixes() {
         assert_eq!(net("198.18.0.0/24").to_string(), "198.18.0.0/24");
-        assert!(matches!("198.18.0.1/24".parse::<Subnet>(), Err(IpamError::HostBitsSet { .. })));
-        for bad in ["198.18.0.0", "198.18.0.0/33", "198.18.0.0/30", "x/24", "198.18.0.0/-1"] {
+        assert!(matches!(
+            "198.18.0.1/24".parse::<Subnet>(),
+            Err(IpamError::HostBitsSet { .. })
+        ));
+        for bad in [
+            "198.18.0.0",
+            "198.18.0.0/33",
+            "198.18.0.0/30",
+            "x/24",
+            "198.18.0.0/-1",
+        ] {
             assert!(bad.parse::<Subnet>().is_err(), "{bad}");
         }
     }
@@ -153,9 +180,20 @@ mod tests {
     fn requested_address_must_be_free_and_inside() {
         let s = net("198.18.0.0/24");
         let used: BTreeSet<_> = [Ipv4Addr::new(198, 18, 0, 7)].into();
-        assert_eq!(allocate(&s, &used, Some(Ipv4Addr::new(198, 18, 0, 8))), Ok(Ipv4Addr::new(198, 18, 0, 8)));
-        assert_eq!(allocate(&s, &used, Some(Ipv4Addr::new(198, 18, 0, 7))), Err(IpamError::InUse(Ipv4Addr::new(198, 18, 0, 7))));
-        for bad in [[198, 18, 0, 0], [198, 18, 0, 1], [198, 18, 0, 255], [198, 19, 0, 5]] {
+        assert_eq!(
+            allocate(&s, &used, Some(Ipv4Addr::new(198, 18, 0, 8))),
+            Ok(Ipv4Addr::new(198, 18, 0, 8))
+        );
+        assert_eq!(
+            allocate(&s, &used, Some(Ipv4Addr::new(198, 18, 0, 7))),
+            Err(IpamError::InUse(Ipv4Addr::new(198, 18, 0, 7)))
+        );
+        for bad in [
+            [198, 18, 0, 0],
+            [198, 18, 0, 1],
+            [198, 18, 0, 255],
+            [198, 19, 0, 5],
+        ] {
             assert!(allocate(&s, &used, Some(Ipv4Addr::from(bad))).is_err());
         }
     }

@@ -1,7 +1,7 @@
 //! `ovl`: the command line of the overlay. Parses arguments and dispatches
 //! to `ovl_userspace::commands` and the agent; nothing else lives here.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
+use std::{io::Write, net::Ipv4Addr, path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -21,7 +21,12 @@ use ovl_userspace::{
 #[command(name = "ovl", version, about)]
 struct Cli {
     /// Where the state lives: file:///PATH (embedded, one machine).
-    #[arg(long, env = "OVL_STORE", default_value = "file:///var/lib/ovl", global = true)]
+    #[arg(
+        long,
+        env = "OVL_STORE",
+        default_value = "file:///var/lib/ovl",
+        global = true
+    )]
     store: String,
     /// This node's name [default: the hostname].
     #[arg(long, env = "OVL_NODE", global = true)]
@@ -63,10 +68,16 @@ enum Command {
     Detach { iface: String },
     /// Per-network counters of this node's agent.
     Stats {
+        /// Only this network.
         #[arg(long)]
         network: Option<String>,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Node-wide counters instead: underlay frames seen and passed,
+        /// drops no network can be charged with.
+        #[arg(long, conflicts_with = "network")]
+        underlay: bool,
     },
     /// Endpoints behind VTEPs that run no ovl agent (e.g. a kernel vxlan).
     #[command(subcommand)]
@@ -135,37 +146,65 @@ async fn run(cli: Cli) -> Result<()> {
     let store = &*store;
     let node = node_name(&cli.node)?;
     let out = match cli.command {
-        Command::Network(NetworkCmd::Create { name, subnet, vni, mtu }) => {
-            commands::network_create(store, &name, subnet, vni, mtu)?
-        }
+        Command::Network(NetworkCmd::Create {
+            name,
+            subnet,
+            vni,
+            mtu,
+        }) => commands::network_create(store, &name, subnet, vni, mtu)?,
         Command::Network(NetworkCmd::Ls) => commands::network_ls(store)?,
         Command::Network(NetworkCmd::Inspect { name }) => commands::network_inspect(store, &name)?,
         Command::Network(NetworkCmd::Rm { name }) => commands::network_rm(store, &name)?,
-        Command::Connect { network, netns, ip, name } => {
-            commands::connect(store, &node, &network, &netns, ip, name).await?
-        }
+        Command::Connect {
+            network,
+            netns,
+            ip,
+            name,
+        } => commands::connect(store, &node, &network, &netns, ip, name).await?,
         Command::Disconnect { network, netns } => {
             commands::disconnect(store, &node, &network, &netns).await?
         }
         Command::Attach { iface, mode } => {
             let store = store::open(&cli.store)?;
-            agent::run(AgentOptions { iface, mode, node, pin_root: cli.pin_root }, store).await?;
+            agent::run(
+                AgentOptions {
+                    iface,
+                    mode,
+                    node,
+                    pin_root: cli.pin_root,
+                },
+                store,
+            )
+            .await?;
             return Ok(());
         }
         Command::Detach { iface } => commands::detach(&iface, &node, &cli.pin_root).await?,
-        Command::Stats { network, json } => {
+        Command::Stats {
+            underlay: true,
+            json,
+            ..
+        } => commands::underlay_stats(&node, &cli.pin_root, json)?,
+        Command::Stats { network, json, .. } => {
             commands::stats(store, &node, &cli.pin_root, network.as_deref(), json)?
         }
-        Command::Endpoint(EndpointCmd::Add { network, ip, vtep, mac, name }) => {
-            commands::endpoint_add(store, &network, ip, vtep, mac, name)?
-        }
+        Command::Endpoint(EndpointCmd::Add {
+            network,
+            ip,
+            vtep,
+            mac,
+            name,
+        }) => commands::endpoint_add(store, &network, ip, vtep, mac, name)?,
         Command::Endpoint(EndpointCmd::Rm { network, ip }) => {
             commands::endpoint_rm(store, &network, ip)?
         }
         Command::Node(NodeCmd::Ls) => commands::node_ls(store, &cli.pin_root)?,
     };
-    println!("{}", out.trim_end());
-    Ok(())
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{}", out.trim_end()) {
+        // A closed pipe (`ovl stats | head`) is the reader's choice.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("write to stdout"),
+    }
 }
 
 fn main() -> ExitCode {
@@ -173,7 +212,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One thread: namespace switches (setns) apply per thread, and the
     // CLI and the agent never need more.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ovl: cannot start the runtime: {e}");

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ovl_common::{DropReason, VniCounters};
+use ovl_common::{DropReason, GlobalCounter, VniCounters};
 use serde::Serialize;
 
 /// Counters of one network.
@@ -33,8 +33,58 @@ impl NetworkStats {
             rx_bytes: c.rx_bytes,
             local_packets: c.local_packets,
             arp_replies: c.arp_replies,
-            drops: DropReason::ALL.iter().map(|r| (r.name(), c.drops_for(*r))).collect(),
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (r.name(), c.drops_for(*r)))
+                .collect(),
         }
+    }
+}
+
+/// Node-wide counters: what the underlay hook saw, and drops that belong
+/// to no network (malformed VXLAN, unknown VNIs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnderlayStats {
+    pub underlay_packets: u64,
+    pub underlay_passed: u64,
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+impl UnderlayStats {
+    /// Builds the report from the `OVL_GLOBAL` sums and the unattributed
+    /// bucket of `OVL_STATS`.
+    pub fn new(global: &[u64], unattributed: &VniCounters) -> Self {
+        let at = |c: GlobalCounter| global.get(c as usize).copied().unwrap_or(0);
+        UnderlayStats {
+            underlay_packets: at(GlobalCounter::UnderlayPackets),
+            underlay_passed: at(GlobalCounter::UnderlayPassed),
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (r.name(), unattributed.drops_for(*r)))
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Display for UnderlayStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let drops: Vec<String> = self
+            .drops
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        write!(
+            f,
+            "underlay frames seen: {}\npassed to the host:   {}\nunattributed drops:   {}",
+            self.underlay_packets,
+            self.underlay_passed,
+            if drops.is_empty() {
+                "-".to_owned()
+            } else {
+                drops.join(" ")
+            }
+        )
     }
 }
 
@@ -45,8 +95,12 @@ pub fn table(rows: &[NetworkStats]) -> String {
         "NETWORK", "VNI", "TX_PKTS", "TX_BYTES", "RX_PKTS", "RX_BYTES", "LOCAL", "ARP", "DROPS"
     );
     for r in rows {
-        let drops: Vec<String> =
-            r.drops.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+        let drops: Vec<String> = r
+            .drops
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         out.push_str(&format!(
             "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}  {}\n",
             r.network,
@@ -57,7 +111,11 @@ pub fn table(rows: &[NetworkStats]) -> String {
             r.rx_bytes,
             r.local_packets,
             r.arp_replies,
-            if drops.is_empty() { "-".to_owned() } else { drops.join(" ") }
+            if drops.is_empty() {
+                "-".to_owned()
+            } else {
+                drops.join(" ")
+            }
         ));
     }
     out
@@ -69,7 +127,11 @@ mod tests {
 
     #[test]
     fn json_has_integer_counters_and_every_drop_reason() {
-        let mut c = VniCounters { tx_packets: 3, rx_bytes: 300, ..Default::default() };
+        let mut c = VniCounters {
+            tx_packets: 3,
+            rx_bytes: 300,
+            ..Default::default()
+        };
         c.drops[DropReason::UnknownVtep as usize] = 2;
         let v = serde_json::to_value(vec![NetworkStats::new("blue", 4096, &c)]).unwrap();
         assert_eq!(v[0]["network"], "blue");

@@ -19,7 +19,9 @@ pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 /// Why a change to the state was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModelError {
-    #[error("network {0:?} already exists; pick another name or remove it with `ovl network rm {0}`")]
+    #[error(
+        "network {0:?} already exists; pick another name or remove it with `ovl network rm {0}`"
+    )]
     NetworkExists(String),
     #[error("no network named {0:?}; list networks with `ovl network ls`")]
     NoSuchNetwork(String),
@@ -27,7 +29,9 @@ pub enum ModelError {
     VniInUse { vni: Vni, network: String },
     #[error("every VNI from {FIRST_AUTO_VNI} to {VNI_MAX} is in use")]
     VnisExhausted,
-    #[error("network {name:?} still has {count} endpoint(s); disconnect them first (`ovl network inspect {name}`)")]
+    #[error(
+        "network {name:?} still has {count} endpoint(s); disconnect them first (`ovl network inspect {name}`)"
+    )]
     NetworkInUse { name: String, count: usize },
     #[error("invalid VNI {0}: VXLAN network identifiers are 1..={VNI_MAX}")]
     InvalidVni(u64),
@@ -38,7 +42,11 @@ pub enum ModelError {
     #[error("namespace {netns:?} is already connected to network {network:?}")]
     AlreadyConnected { network: String, netns: String },
     #[error("namespace {netns:?} on node {node:?} is not connected to network {network:?}")]
-    NotConnected { network: String, netns: String, node: String },
+    NotConnected {
+        network: String,
+        netns: String,
+        node: String,
+    },
     #[error("no endpoint {ip} on network {network:?}")]
     NoSuchEndpoint { network: String, ip: Ipv4Addr },
     #[error(transparent)]
@@ -94,14 +102,19 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
 impl FromStr for MacAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid MAC address {s:?}: expected six hex octets like 02:42:c6:12:00:02");
+        let bad =
+            || format!("invalid MAC address {s:?}: expected six hex octets like 02:42:c6:12:00:02");
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in &mut out {
@@ -230,7 +243,9 @@ pub struct ContainerSpec {
 impl State {
     /// The network called `name`.
     pub fn network(&self, name: &str) -> Result<&Network, ModelError> {
-        self.networks.get(name).ok_or_else(|| ModelError::NoSuchNetwork(name.to_owned()))
+        self.networks
+            .get(name)
+            .ok_or_else(|| ModelError::NoSuchNetwork(name.to_owned()))
     }
 
     /// Endpoints of network `name`.
@@ -252,13 +267,21 @@ impl State {
             Some(v) => {
                 let vni = Vni::try_from(v)?;
                 if let Some(n) = self.networks.values().find(|n| n.vni == vni) {
-                    return Err(ModelError::VniInUse { vni, network: n.name.clone() });
+                    return Err(ModelError::VniInUse {
+                        vni,
+                        network: n.name.clone(),
+                    });
                 }
                 vni
             }
             None => self.free_vni()?,
         };
-        let network = Network { name: spec.name.clone(), vni, subnet: spec.subnet, mtu };
+        let network = Network {
+            name: spec.name.clone(),
+            vni,
+            subnet: spec.subnet,
+            mtu,
+        };
         Ok(self.networks.entry(spec.name).or_insert(network))
     }
 
@@ -276,7 +299,10 @@ impl State {
         self.network(name)?;
         let count = self.endpoints_of(name).count();
         if count > 0 {
-            return Err(ModelError::NetworkInUse { name: name.to_owned(), count });
+            return Err(ModelError::NetworkInUse {
+                name: name.to_owned(),
+                count,
+            });
         }
         Ok(self.networks.remove(name).expect("presence checked above"))
     }
@@ -291,7 +317,10 @@ impl State {
                 && matches!(&e.location, Location::Container { node, netns, .. }
                     if *node == spec.node && *netns == spec.netns)
         }) {
-            return Err(ModelError::AlreadyConnected { network: spec.network, netns: spec.netns });
+            return Err(ModelError::AlreadyConnected {
+                network: spec.network,
+                netns: spec.netns,
+            });
         }
         let used = self.endpoints_of(&spec.network).map(|e| e.ip).collect();
         let ip = ipam::allocate(&network.subnet, &used, spec.ip)?;
@@ -364,13 +393,22 @@ impl State {
             .endpoints
             .iter()
             .position(|e| e.network == network && e.ip == ip)
-            .ok_or_else(|| ModelError::NoSuchEndpoint { network: network.to_owned(), ip })?;
+            .ok_or_else(|| ModelError::NoSuchEndpoint {
+                network: network.to_owned(),
+                ip,
+            })?;
         Ok(self.endpoints.remove(pos))
     }
 
     /// Records (or updates) a node and its VTEP address.
     pub fn register_node(&mut self, name: &str, vtep: Ipv4Addr) {
-        self.nodes.insert(name.to_owned(), Node { name: name.to_owned(), vtep });
+        self.nodes.insert(
+            name.to_owned(),
+            Node {
+                name: name.to_owned(),
+                vtep,
+            },
+        );
     }
 
     /// The VTEP address that serves `endpoint`, when known.
@@ -397,8 +435,14 @@ pub fn host_ifname(vni: Vni, ip: Ipv4Addr) -> String {
 fn validate_name(name: &str) -> Result<(), ModelError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if ok { Ok(()) } else { Err(ModelError::InvalidName(name.to_owned())) }
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::InvalidName(name.to_owned()))
+    }
 }
 
 #[cfg(test)]
@@ -406,18 +450,32 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, vni: Option<u32>) -> NetworkSpec {
-        NetworkSpec { name: name.into(), subnet: "198.18.0.0/24".parse().unwrap(), vni, mtu: None }
+        NetworkSpec {
+            name: name.into(),
+            subnet: "198.18.0.0/24".parse().unwrap(),
+            vni,
+            mtu: None,
+        }
     }
 
     fn container(net: &str, node: &str, ns: &str) -> ContainerSpec {
-        ContainerSpec { network: net.into(), node: node.into(), netns: ns.into(), name: None, ip: None }
+        ContainerSpec {
+            network: net.into(),
+            node: node.into(),
+            netns: ns.into(),
+            name: None,
+            ip: None,
+        }
     }
 
     #[test]
     fn vnis_are_allocated_from_4096_and_never_reused_while_taken() {
         let mut s = State::default();
         assert_eq!(s.create_network(spec("a", None)).unwrap().vni.get(), 4096);
-        assert_eq!(s.create_network(spec("b", Some(4097))).unwrap().vni.get(), 4097);
+        assert_eq!(
+            s.create_network(spec("b", Some(4097))).unwrap().vni.get(),
+            4097
+        );
         assert_eq!(s.create_network(spec("c", None)).unwrap().vni.get(), 4098);
         s.remove_network("a").unwrap();
         assert_eq!(s.create_network(spec("d", None)).unwrap().vni.get(), 4096);
@@ -428,9 +486,18 @@ mod tests {
         let mut s = State::default();
         s.create_network(spec("a", Some(7))).unwrap();
         let before = s.clone();
-        assert!(matches!(s.create_network(spec("b", Some(7))), Err(ModelError::VniInUse { .. })));
-        assert!(matches!(s.create_network(spec("a", None)), Err(ModelError::NetworkExists(_))));
-        assert_eq!(s.create_network(spec("x", Some(0))).unwrap_err(), ModelError::InvalidVni(0));
+        assert!(matches!(
+            s.create_network(spec("b", Some(7))),
+            Err(ModelError::VniInUse { .. })
+        ));
+        assert!(matches!(
+            s.create_network(spec("a", None)),
+            Err(ModelError::NetworkExists(_))
+        ));
+        assert_eq!(
+            s.create_network(spec("x", Some(0))).unwrap_err(),
+            ModelError::InvalidVni(0)
+        );
         assert!(s.create_network(spec("bad name", None)).is_err());
         assert_eq!(s, before);
     }
@@ -446,7 +513,10 @@ mod tests {
         let mut s = State::default();
         s.create_network(spec("a", None)).unwrap();
         s.add_container(container("a", "n1", "c1")).unwrap();
-        assert!(matches!(s.remove_network("a"), Err(ModelError::NetworkInUse { count: 1, .. })));
+        assert!(matches!(
+            s.remove_network("a"),
+            Err(ModelError::NetworkInUse { count: 1, .. })
+        ));
         s.remove_container("a", "n1", "c1").unwrap();
         s.remove_network("a").unwrap();
     }
@@ -487,8 +557,14 @@ mod tests {
         let mut s = State::default();
         s.create_network(spec("a", None)).unwrap();
         s.add_container(container("a", "n1", "c1")).unwrap();
-        s.add_static("a", Ipv4Addr::new(198, 18, 0, 9), None, Ipv4Addr::new(192, 0, 2, 5), None)
-            .unwrap();
+        s.add_static(
+            "a",
+            Ipv4Addr::new(198, 18, 0, 9),
+            None,
+            Ipv4Addr::new(192, 0, 2, 5),
+            None,
+        )
+        .unwrap();
         s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10));
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<State>(&json).unwrap(), s);

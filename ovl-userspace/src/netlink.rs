@@ -47,7 +47,9 @@ pub struct Underlay {
 /// Looks up `name`'s index, MTU and first IPv4 address.
 pub async fn underlay(handle: &Handle, name: &str) -> Result<Underlay> {
     let Some(ifindex) = ifindex(name) else {
-        bail!("interface {name:?} does not exist in this network namespace; list them with `ip link`");
+        bail!(
+            "interface {name:?} does not exist in this network namespace; list them with `ip link`"
+        );
     };
     let link = handle
         .link()
@@ -61,17 +63,38 @@ pub async fn underlay(handle: &Handle, name: &str) -> Result<Underlay> {
     let mtu = link
         .attributes
         .iter()
-        .find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None })
+        .find_map(|a| {
+            if let LinkAttribute::Mtu(m) = a {
+                Some(*m)
+            } else {
+                None
+            }
+        })
         .unwrap_or(1500);
-    let mut addrs = handle.address().get().set_link_index_filter(ifindex).execute();
-    while let Some(msg) = addrs.try_next().await.with_context(|| format!("read addresses of {name}"))? {
+    let mut addrs = handle
+        .address()
+        .get()
+        .set_link_index_filter(ifindex)
+        .execute();
+    while let Some(msg) = addrs
+        .try_next()
+        .await
+        .with_context(|| format!("read addresses of {name}"))?
+    {
         for attr in &msg.attributes {
             if let AddressAttribute::Address(std::net::IpAddr::V4(v4)) = attr {
-                return Ok(Underlay { name: name.to_owned(), ifindex, addr: *v4, mtu });
+                return Ok(Underlay {
+                    name: name.to_owned(),
+                    ifindex,
+                    addr: *v4,
+                    mtu,
+                });
             }
         }
     }
-    bail!("interface {name} has no IPv4 address; the VTEP needs one (e.g. `ip addr add 192.0.2.10/24 dev {name}`)")
+    bail!(
+        "interface {name} has no IPv4 address; the VTEP needs one (e.g. `ip addr add 192.0.2.10/24 dev {name}`)"
+    )
 }
 
 /// The container end of a new veth pair, before it is configured.
@@ -92,7 +115,11 @@ pub async fn create_container_link(handle: &Handle, spec: &ContainerLink<'_>) ->
     let peer_tmp = format!("{}c", spec.host_ifname);
     handle
         .link()
-        .add(LinkVeth::new(spec.host_ifname, &peer_tmp).mtu(spec.mtu).build())
+        .add(
+            LinkVeth::new(spec.host_ifname, &peer_tmp)
+                .mtu(spec.mtu)
+                .build(),
+        )
         .execute()
         .await
         .with_context(|| format!("create veth pair {} / {peer_tmp}", spec.host_ifname))?;
@@ -117,14 +144,23 @@ async fn configure_container_link(
     disable_ipv6(spec.host_ifname)?;
     handle
         .link()
-        .set(LinkUnspec::new_with_index(peer).address(spec.mac.0.to_vec()).mtu(spec.mtu).build())
+        .set(
+            LinkUnspec::new_with_index(peer)
+                .address(spec.mac.0.to_vec())
+                .mtu(spec.mtu)
+                .build(),
+        )
         .execute()
         .await
         .context("set container MAC and MTU")?;
     let ns = netns::open(spec.netns)?;
     handle
         .link()
-        .set(LinkUnspec::new_with_index(peer).setns_by_fd(ns.as_raw_fd()).build())
+        .set(
+            LinkUnspec::new_with_index(peer)
+                .setns_by_fd(ns.as_raw_fd())
+                .build(),
+        )
         .execute()
         .await
         .with_context(|| format!("move veth end into namespace {:?}", spec.netns))?;
@@ -195,7 +231,12 @@ async fn free_eth_name(handle: &Handle) -> Result<String> {
 /// Deletes link `name` in the handle's namespace.
 pub async fn delete_link(handle: &Handle, name: &str) -> Result<()> {
     let idx = ifindex(name).with_context(|| format!("interface {name} does not exist"))?;
-    handle.link().del(idx).execute().await.with_context(|| format!("delete {name}"))
+    handle
+        .link()
+        .del(idx)
+        .execute()
+        .await
+        .with_context(|| format!("delete {name}"))
 }
 
 /// Turns off IPv6 on `ifname` in the current namespace: ovl networks are
@@ -238,7 +279,11 @@ struct EthtoolDrvInfo {
 
 fn ethtool(ifname: &str, data: *mut libc::c_void) -> std::io::Result<()> {
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
+    {
         *dst = src as libc::c_char;
     }
     req.ifr_ifru.ifru_data = data.cast();
@@ -257,7 +302,10 @@ fn ethtool(ifname: &str, data: *mut libc::c_void) -> std::io::Result<()> {
 
 /// Switches generic receive offload of `ifname` on or off.
 pub fn set_gro(ifname: &str, on: bool) -> Result<()> {
-    let mut v = EthtoolValue { cmd: ETHTOOL_SGRO, data: u32::from(on) };
+    let mut v = EthtoolValue {
+        cmd: ETHTOOL_SGRO,
+        data: u32::from(on),
+    };
     ethtool(ifname, (&raw mut v).cast()).with_context(|| format!("set GRO on {ifname}"))
 }
 
@@ -266,9 +314,12 @@ pub fn driver(ifname: &str) -> Result<String> {
     // SAFETY: an all-zero ethtool_drvinfo is a valid request.
     let mut info: EthtoolDrvInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
-    ethtool(ifname, (&raw mut info).cast())
-        .with_context(|| format!("query driver of {ifname}"))?;
-    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(info.driver.len());
+    ethtool(ifname, (&raw mut info).cast()).with_context(|| format!("query driver of {ifname}"))?;
+    let end = info
+        .driver
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(info.driver.len());
     Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 

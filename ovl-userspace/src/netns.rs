@@ -14,7 +14,11 @@ pub const NETNS_DIR: &str = "/run/netns";
 
 /// The file behind namespace `name` (a name under /run/netns or a path).
 pub fn path_of(name: &str) -> PathBuf {
-    if name.contains('/') { PathBuf::from(name) } else { Path::new(NETNS_DIR).join(name) }
+    if name.contains('/') {
+        PathBuf::from(name)
+    } else {
+        Path::new(NETNS_DIR).join(name)
+    }
 }
 
 /// Opens namespace `name`, with an error that says how to create it.

@@ -10,6 +10,7 @@ mod binary;
 mod cmd;
 mod lab;
 mod netns;
+mod ovl;
 mod probe;
 mod process;
 mod reference;
@@ -20,6 +21,7 @@ pub use binary::{OVL_BIN_ENV, ovl_binary, workspace_root};
 pub use cmd::{run, run_unchecked};
 pub use lab::{LAB_NAME_PREFIX, Lab};
 pub use netns::Netns;
+pub use ovl::{Agent, NetCounters, Ovl, TwoHosts};
 pub use probe::{PingResult, ping, wait_until};
 pub use process::{ChildHandle, Signal};
 pub use reference::{

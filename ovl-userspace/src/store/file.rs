@@ -35,10 +35,19 @@ impl FileStore {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
-            Err(source) => return Err(StoreError::Io { action: "read", path, source }),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    action: "read",
+                    path,
+                    source,
+                });
+            }
         };
-        let state: State = serde_json::from_slice(&bytes)
-            .map_err(|source| StoreError::Corrupt { path: path.clone(), source })?;
+        let state: State =
+            serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
         if state.schema > SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
                 path,
@@ -54,7 +63,11 @@ impl FileStore {
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
         let io = |action, path: &Path| {
             let path = path.to_owned();
-            move |source| StoreError::Io { action, path, source }
+            move |source| StoreError::Io {
+                action,
+                path,
+                source,
+            }
         };
         let json = serde_json::to_vec_pretty(state).expect("State always serialises");
         let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
@@ -62,7 +75,9 @@ impl FileStore {
         f.sync_all().map_err(io("fsync", &tmp))?;
         fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
         // The rename is durable once the directory entry is.
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("fsync", &self.dir))
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", &self.dir))
     }
 
     fn lock(&self) -> Result<File, StoreError> {
@@ -77,11 +92,19 @@ impl FileStore {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|source| StoreError::Io { action: "open", path: path.clone(), source })?;
+            .map_err(|source| StoreError::Io {
+                action: "open",
+                path: path.clone(),
+                source,
+            })?;
         // SAFETY: flock on a descriptor we own; released when `f` closes.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             let source = std::io::Error::last_os_error();
-            return Err(StoreError::Io { action: "lock", path, source });
+            return Err(StoreError::Io {
+                action: "lock",
+                path,
+                source,
+            });
         }
         Ok(f)
     }
@@ -199,7 +222,10 @@ mod tests {
                 })
             })
             .collect();
-        let mut all: Vec<Ipv4Addr> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let mut all: Vec<Ipv4Addr> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 40);

@@ -21,14 +21,22 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("store file {path} is not valid ovl state ({source}); fix or move it aside — ovl will not overwrite it")]
+    #[error(
+        "store file {path} is not valid ovl state ({source}); fix or move it aside — ovl will not overwrite it"
+    )]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("store file {path} has schema version {found}, this ovl understands {supported}; upgrade ovl")]
-    SchemaTooNew { path: PathBuf, found: u32, supported: u32 },
+    #[error(
+        "store file {path} has schema version {found}, this ovl understands {supported}; upgrade ovl"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     /// The change broke a rule of the model; nothing was written.
     #[error(transparent)]
     Rejected(#[from] ModelError),

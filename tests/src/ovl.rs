@@ -1,0 +1,313 @@
+// Driving ovl itself in a lab: a shared file store and bpffs, agents as
+// lab processes, and typed reads of `ovl stats --json`.
+
+//! Every `ovl` call runs inside a host namespace with `OVL_STORE`,
+//! `OVL_PIN_ROOT` and `OVL_NODE` set, exactly as a user would run it there.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{ChildHandle, Host, Lab, Netns, Signal, ovl_binary, wait_until};
+
+/// One ovl deployment inside a lab: its store and pin root.
+pub struct Ovl {
+    bin: PathBuf,
+    store: PathBuf,
+    pin_root: PathBuf,
+}
+
+/// A running `ovl attach`.
+pub struct Agent {
+    child: ChildHandle,
+    /// Node name the agent runs as.
+    pub node: String,
+}
+
+/// Per-network counters as `ovl stats --json` reports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub local_packets: u64,
+    pub arp_replies: u64,
+    pub no_endpoint: u64,
+    pub unknown_vni: u64,
+    pub unknown_vtep: u64,
+    pub malformed: u64,
+    pub too_big: u64,
+    pub unsupported: u64,
+    pub no_route: u64,
+}
+
+impl NetCounters {
+    fn from_json(v: &Value) -> Result<Self> {
+        let n = |k: &str| v[k].as_u64().with_context(|| format!("{k} missing in {v}"));
+        let d = |k: &str| {
+            v["drops"][k]
+                .as_u64()
+                .with_context(|| format!("drops.{k} missing in {v}"))
+        };
+        Ok(NetCounters {
+            tx_packets: n("tx_packets")?,
+            tx_bytes: n("tx_bytes")?,
+            rx_packets: n("rx_packets")?,
+            rx_bytes: n("rx_bytes")?,
+            local_packets: n("local_packets")?,
+            arp_replies: n("arp_replies")?,
+            no_endpoint: d("no_endpoint")?,
+            unknown_vni: d("unknown_vni")?,
+            unknown_vtep: d("unknown_vtep")?,
+            malformed: d("malformed")?,
+            too_big: d("too_big")?,
+            unsupported: d("unsupported")?,
+            no_route: d("no_route")?,
+        })
+    }
+
+    /// Sum of every drop reason.
+    pub fn drops(&self) -> u64 {
+        self.no_endpoint
+            + self.unknown_vni
+            + self.unknown_vtep
+            + self.malformed
+            + self.too_big
+            + self.unsupported
+            + self.no_route
+    }
+}
+
+impl Ovl {
+    /// A fresh store directory and bpffs in `lab`.
+    pub fn new(lab: &Lab) -> Result<Ovl> {
+        let store = lab.tempdir().join("store");
+        Ok(Ovl {
+            bin: ovl_binary()?,
+            store,
+            pin_root: lab.bpffs()?,
+        })
+    }
+
+    /// The `OVL_*` environment of node `node`.
+    pub fn env(&self, node: &str) -> Vec<(String, String)> {
+        vec![
+            (
+                "OVL_STORE".into(),
+                format!("file://{}", self.store.display()),
+            ),
+            ("OVL_PIN_ROOT".into(), self.pin_root.display().to_string()),
+            ("OVL_NODE".into(), node.into()),
+        ]
+    }
+
+    fn argv(&self, node: &str, args: &[&str]) -> Vec<String> {
+        let mut argv = vec!["env".to_owned()];
+        argv.extend(self.env(node).into_iter().map(|(k, v)| format!("{k}={v}")));
+        argv.push(self.bin.display().to_string());
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv
+    }
+
+    /// Runs `ovl args...` in namespace `ns` as node `node`; fails unless it
+    /// exits 0. Returns stdout.
+    pub fn run(&self, ns: &Netns, node: &str, args: &[&str]) -> Result<String> {
+        let argv = self.argv(node, args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = ns.exec(&argv)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `ovl args...` and returns its output whatever the exit status.
+    pub fn run_unchecked(
+        &self,
+        ns: &Netns,
+        node: &str,
+        args: &[&str],
+    ) -> Result<std::process::Output> {
+        let argv = self.argv(node, args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        ns.exec_unchecked(&argv)
+    }
+
+    /// Starts `ovl attach eth0 --mode MODE` on `host` as `node` and waits
+    /// until its maps are pinned and its decap hook is attached.
+    pub fn attach(&self, lab: &Lab, host: &Host, node: &str, mode: &str) -> Result<Agent> {
+        let argv = self.argv(node, &["attach", &host.iface, "--mode", mode]);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let child = lab.spawn(&host.netns, &argv, &[("RUST_LOG", "info")])?;
+        let agent = Agent {
+            child,
+            node: node.to_owned(),
+        };
+        wait_until(Duration::from_secs(15), || {
+            if let Some(status) = agent.child.try_status()? {
+                bail!(
+                    "ovl attach exited early ({status}):\n{}",
+                    agent.child.output_report()
+                );
+            }
+            Ok(agent.child.stderr()?.contains(" attached to "))
+        })
+        .with_context(|| {
+            format!(
+                "agent {node} did not come up:\n{}",
+                agent.child.output_report()
+            )
+        })?;
+        Ok(agent)
+    }
+
+    /// `ovl network create NAME --subnet SUBNET [extra...]`.
+    pub fn create_network(
+        &self,
+        ns: &Netns,
+        name: &str,
+        subnet: &str,
+        extra: &[&str],
+    ) -> Result<()> {
+        let mut args = vec!["network", "create", name, "--subnet", subnet];
+        args.extend_from_slice(extra);
+        self.run(ns, "-", &args).map(|_| ())
+    }
+
+    /// `ovl connect NETWORK CONTAINER [extra...]` on `host` as `node`;
+    /// returns the address the container got.
+    pub fn connect(
+        &self,
+        host: &Host,
+        node: &str,
+        network: &str,
+        container: &Netns,
+        extra: &[&str],
+    ) -> Result<Ipv4Addr> {
+        let mut args = vec!["connect", network, container.name()];
+        args.extend_from_slice(extra);
+        self.run(&host.netns, node, &args)?;
+        let net = self.inspect(&host.netns, network)?;
+        let ep = net["endpoints"]
+            .as_array()
+            .context("endpoints array")?
+            .iter()
+            .find(|e| e["location"]["netns"] == container.name() && e["location"]["node"] == node)
+            .with_context(|| format!("{} not in inspect output {net}", container.name()))?;
+        ep["ip"].as_str().context("ip")?.parse().context("parse ip")
+    }
+
+    /// `ovl network inspect NAME` as JSON.
+    pub fn inspect(&self, ns: &Netns, network: &str) -> Result<Value> {
+        let out = self.run(ns, "-", &["network", "inspect", network])?;
+        serde_json::from_str(&out).with_context(|| format!("inspect output is not JSON: {out}"))
+    }
+
+    /// Counters of `network` on node `node` (read in `ns`).
+    pub fn counters(&self, ns: &Netns, node: &str, network: &str) -> Result<NetCounters> {
+        let out = self.run(ns, node, &["stats", "--json", "--network", network])?;
+        let v: Value =
+            serde_json::from_str(&out).with_context(|| format!("stats not JSON: {out}"))?;
+        let row = v
+            .as_array()
+            .and_then(|a| a.first())
+            .with_context(|| format!("no row in {out}"))?;
+        NetCounters::from_json(row)
+    }
+
+    /// `ovl stats --underlay --json` of node `node`.
+    pub fn underlay(&self, ns: &Netns, node: &str) -> Result<Value> {
+        let out = self.run(ns, node, &["stats", "--underlay", "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("stats not JSON: {out}"))
+    }
+
+    /// The pin root (bpffs) of this deployment.
+    pub fn pin_root(&self) -> &std::path::Path {
+        &self.pin_root
+    }
+}
+
+impl Agent {
+    /// Stops the agent with SIGINT and checks that it exits cleanly.
+    pub fn stop(self) -> Result<()> {
+        self.child.signal(Signal::Interrupt)?;
+        let status = self.child.wait_timeout(Duration::from_secs(10))?;
+        if !status.success() {
+            bail!(
+                "agent {} exited with {status}:\n{}",
+                self.node,
+                self.child.output_report()
+            );
+        }
+        Ok(())
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> Result<String> {
+        self.child.stderr()
+    }
+
+    /// Kills the agent without letting it clean up.
+    pub fn kill(&self) -> Result<()> {
+        self.child.signal(Signal::Kill)
+    }
+}
+
+/// Two routed hosts (192.0.2.10, 198.51.100.10) with an agent each
+/// (nodes "host-a", "host-b") and one network; the common starting point.
+pub struct TwoHosts {
+    pub ovl: Ovl,
+    pub router: Netns,
+    pub hosts: Vec<Host>,
+    pub agents: Vec<Agent>,
+}
+
+impl TwoHosts {
+    /// Node names of the two hosts.
+    pub const NODES: [&'static str; 2] = ["host-a", "host-b"];
+
+    /// Builds the topology and starts both agents in decap mode `mode`.
+    pub fn start(lab: &Lab, mode: &str) -> Result<TwoHosts> {
+        let ovl = Ovl::new(lab)?;
+        let (router, hosts) = lab.routed_hosts(2)?;
+        let mut agents = Vec::new();
+        for (host, node) in hosts.iter().zip(Self::NODES) {
+            agents.push(ovl.attach(lab, host, node, mode)?);
+        }
+        Ok(TwoHosts {
+            ovl,
+            router,
+            hosts,
+            agents,
+        })
+    }
+
+    /// Connects a new container on host `i` to `network`; returns it and
+    /// its address.
+    pub fn container(
+        &self,
+        lab: &Lab,
+        i: usize,
+        network: &str,
+        hint: &str,
+    ) -> Result<(Netns, Ipv4Addr)> {
+        let c = lab.container(hint)?;
+        let ip = self
+            .ovl
+            .connect(&self.hosts[i], Self::NODES[i], network, &c, &[])?;
+        Ok((c, ip))
+    }
+
+    /// Counters of `network` on host `i`.
+    pub fn counters(&self, i: usize, network: &str) -> Result<NetCounters> {
+        self.ovl
+            .counters(&self.hosts[i].netns, Self::NODES[i], network)
+    }
+
+    /// Stops both agents, checking that they exit cleanly.
+    pub fn stop(self) -> Result<()> {
+        for a in self.agents {
+            a.stop()?;
+        }
+        Ok(())
+    }
+}

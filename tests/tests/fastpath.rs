@@ -1,0 +1,140 @@
+//! The VXLAN fast path between two hosts on different underlay subnets:
+//! reachability both ways, one overlay hop, exact per-VNI counters.
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use ovl_tests::{Lab, TwoHosts, ping, wait_until};
+
+#[test]
+fn containers_on_two_subnets_ping_both_ways_in_one_overlay_hop() -> Result<()> {
+    let lab = Lab::new("fp-ping")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, ip1) = world.container(&lab, 0, "uber-net", "c1")?;
+    let (c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
+
+    // The agents pick the new endpoints up from the store.
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    let there = ping(&c1, ip2, 5, &["-i", "0.2", "-W", "2"])?;
+    ensure!(
+        there.all_received(),
+        "A -> B lost packets:\n{}",
+        there.output
+    );
+    let back = ping(&c2, ip1, 5, &["-i", "0.2", "-W", "2"])?;
+    ensure!(back.all_received(), "B -> A lost packets:\n{}", back.output);
+
+    // One hop: the router between the underlay subnets is invisible.
+    let trace = c1.exec(&["traceroute", "-n", "-w", "2", "-q", "1", &ip2.to_string()])?;
+    let trace = String::from_utf8_lossy(&trace.stdout).into_owned();
+    let hops: Vec<&str> = trace.lines().skip(1).collect();
+    ensure!(
+        hops.len() == 1 && hops[0].contains(&ip2.to_string()),
+        "traceroute:\n{trace}"
+    );
+
+    world.stop()
+}
+
+#[test]
+fn pings_move_tx_and_rx_by_exactly_their_number_on_their_vni_only() -> Result<()> {
+    let lab = Lab::new("fp-count")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let ns = &world.hosts[0].netns;
+    world.ovl.create_network(ns, "blue", "198.18.0.0/24", &[])?;
+    world.ovl.create_network(ns, "red", "198.18.1.0/24", &[])?;
+    let (c1, _) = world.container(&lab, 0, "blue", "c1")?;
+    let (_c2, ip2) = world.container(&lab, 1, "blue", "c2")?;
+    let (_r1, _) = world.container(&lab, 0, "red", "r1")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+
+    let a0 = world.counters(0, "blue")?;
+    let b0 = world.counters(1, "blue")?;
+    let red_a0 = world.counters(0, "red")?;
+    let red_b0 = world.counters(1, "red")?;
+    const N: u64 = 20;
+    let r = ping(&c1, ip2, N as u32, &["-i", "0.05", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    let a1 = world.counters(0, "blue")?;
+    let b1 = world.counters(1, "blue")?;
+
+    // Requests leave A and arrive at B; replies the other way. ARP was
+    // answered before the baseline (the neighbour entry is fresh).
+    ensure!(
+        a1.tx_packets - a0.tx_packets == N,
+        "A tx moved {} ({a0:?} -> {a1:?})",
+        a1.tx_packets - a0.tx_packets
+    );
+    ensure!(
+        a1.rx_packets - a0.rx_packets == N,
+        "A rx moved {}",
+        a1.rx_packets - a0.rx_packets
+    );
+    ensure!(
+        b1.rx_packets - b0.rx_packets == N,
+        "B rx moved {}",
+        b1.rx_packets - b0.rx_packets
+    );
+    ensure!(
+        b1.tx_packets - b0.tx_packets == N,
+        "B tx moved {}",
+        b1.tx_packets - b0.tx_packets
+    );
+    // 84-byte IPv4 echo + 14-byte Ethernet header, both ways.
+    ensure!(
+        a1.tx_bytes - a0.tx_bytes == N * 98,
+        "A tx bytes {}",
+        a1.tx_bytes - a0.tx_bytes
+    );
+    ensure!(
+        b1.rx_bytes - b0.rx_bytes == N * 98,
+        "B rx bytes {}",
+        b1.rx_bytes - b0.rx_bytes
+    );
+    ensure!(
+        a1.drops() == a0.drops() && b1.drops() == b0.drops(),
+        "drops moved: {a1:?} {b1:?}"
+    );
+    ensure!(
+        a0.arp_replies >= 1 && b0.arp_replies >= 1,
+        "proxy ARP answered nothing: {a0:?} {b0:?}"
+    );
+    ensure!(world.counters(0, "red")? == red_a0, "red moved on A");
+    ensure!(world.counters(1, "red")? == red_b0, "red moved on B");
+    world.stop()
+}
+
+#[test]
+fn containers_on_one_host_are_switched_locally() -> Result<()> {
+    let lab = Lab::new("fp-local")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
+    let (_c3, ip3) = world.container(&lab, 0, "uber-net", "c3")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip3, 1, &["-W", "1"])?.all_received())
+    })?;
+    let before = world.counters(0, "uber-net")?;
+    let r = ping(&c1, ip3, 10, &["-i", "0.05", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    let after = world.counters(0, "uber-net")?;
+    ensure!(
+        after.local_packets - before.local_packets == 20,
+        "local moved {}",
+        after.local_packets - before.local_packets
+    );
+    ensure!(
+        after.tx_packets == before.tx_packets,
+        "local traffic was encapsulated"
+    );
+    world.stop()
+}
