@@ -108,10 +108,7 @@ mod tests {
 
     #[test]
     fn container_mac_embeds_address() {
-        assert_eq!(
-            mac_for_ipv4([198, 18, 0, 2]),
-            [0x02, 0x42, 198, 18, 0, 2]
-        );
+        assert_eq!(mac_for_ipv4([198, 18, 0, 2]), [0x02, 0x42, 198, 18, 0, 2]);
     }
 
     #[test]

@@ -14,8 +14,7 @@ use crate::{maps, packet::Frame};
 #[inline(always)]
 pub fn answer_request(frame: &Frame, vni: u32) -> Result<(), DropReason> {
     let arp: ArpHdr = frame.read(ETH_HDR_LEN)?;
-    if arp.htype() != ARP_HTYPE_ETHER || arp.ptype() != ETH_P_IP || arp.hlen != 6 || arp.plen != 4
-    {
+    if arp.htype() != ARP_HTYPE_ETHER || arp.ptype() != ETH_P_IP || arp.hlen != 6 || arp.plen != 4 {
         return Err(DropReason::Unsupported);
     }
     // Replies and gratuitous announcements have no answer to give.

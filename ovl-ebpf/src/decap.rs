@@ -9,7 +9,9 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 use ovl_common::{
     DropReason,
-    wire::{ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I, VXLAN_PORT},
+    wire::{
+        ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I, VXLAN_PORT,
+    },
 };
 
 use crate::{
@@ -21,7 +23,8 @@ use crate::{
 
 /// Most bytes of headers decap reads: outer Ethernet, IPv4 with the
 /// largest options, UDP, VXLAN, inner Ethernet and IPv4.
-pub const MAX_HDR_LEN: u32 = (ETH_HDR_LEN + 60 + UDP_HDR_LEN + 8 + ETH_HDR_LEN + IPV4_HDR_LEN) as u32;
+pub const MAX_HDR_LEN: u32 =
+    (ETH_HDR_LEN + 60 + UDP_HDR_LEN + 8 + ETH_HDR_LEN + IPV4_HDR_LEN) as u32;
 /// IPv4 "more fragments" flag and fragment offset.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
 
@@ -42,11 +45,15 @@ pub struct Delivery {
 /// when it is valid VXLAN for a local endpoint, a drop otherwise.
 #[inline(always)]
 pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped> {
-    let Ok(eth) = frame.read::<EthHdr>(0) else { return Ok(None) };
+    let Ok(eth) = frame.read::<EthHdr>(0) else {
+        return Ok(None);
+    };
     if eth.ether_type != ETH_P_IP.to_be() {
         return Ok(None);
     }
-    let Ok(ip) = frame.read::<Ipv4Hdr>(ETH_HDR_LEN) else { return Ok(None) };
+    let Ok(ip) = frame.read::<Ipv4Hdr>(ETH_HDR_LEN) else {
+        return Ok(None);
+    };
     if ip.proto != IPPROTO_UDP || ip.dst_addr != vtep || ip.vihl >> 4 != 4 {
         return Ok(None);
     }
@@ -57,7 +64,9 @@ pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped
         return Ok(None);
     }
     let udp_off = ETH_HDR_LEN + ihl;
-    let Ok(udp) = frame.read::<UdpHdr>(udp_off) else { return Ok(None) };
+    let Ok(udp) = frame.read::<UdpHdr>(udp_off) else {
+        return Ok(None);
+    };
     if udp.dst_port() != VXLAN_PORT {
         return Ok(None);
     }
@@ -89,9 +98,12 @@ pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped
     }
     let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).on_vni(vni)?;
     match maps::endpoint(vni, inner_ip.dst_addr) {
-        Some(ep) if ep.is_local() => {
-            Ok(Some(Delivery { vni, ifindex: ep.ifindex, mac: ep.mac, inner_offset }))
-        }
+        Some(ep) if ep.is_local() => Ok(Some(Delivery {
+            vni,
+            ifindex: ep.ifindex,
+            mac: ep.mac,
+            inner_offset,
+        })),
         _ => Err(Dropped::on(vni, DropReason::NoEndpoint)),
     }
 }
@@ -121,13 +133,21 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
     // Everything between the outer Ethernet header (kept, rewritten below)
     // and the inner IPv4 header goes: outer IPv4, UDP, VXLAN, inner Ethernet.
     let strip = d.inner_offset as i32;
-    ctx.adjust_room(-strip, BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
-        .map_err(|_| Dropped::on(d.vni, DropReason::Malformed))?;
+    ctx.adjust_room(
+        -strip,
+        BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+    )
+    .map_err(|_| Dropped::on(d.vni, DropReason::Malformed))?;
     let frame = Frame::of_skb(ctx);
     frame
         .write(
             0,
-            EthHdr { dst_addr: d.mac, src_addr: inner_eth.src_addr, ether_type: ETH_P_IP.to_be() },
+            EthHdr {
+                dst_addr: d.mac,
+                src_addr: inner_eth.src_addr,
+                ether_type: ETH_P_IP.to_be(),
+            },
         )
         .on_vni(d.vni)?;
     stats::rx(d.vni, u64::from(ctx.len()));

@@ -7,9 +7,9 @@ use core::mem;
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup, bpf_redir_neigh,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
@@ -19,8 +19,8 @@ use ovl_common::{
     DropReason, Endpoint, NodeConfig,
     wire::{
         ENCAP_INSERT_LEN, ENCAP_OVERHEAD, ETH_HDR_LEN, ETH_P_IP, INNER_ETH_OFFSET, IPPROTO_TCP,
-        IPPROTO_UDP, IPV4_HDR_LEN, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I, VXLAN_PORT,
-        ipv4_checksum, vxlan_src_port,
+        IPPROTO_UDP, IPV4_HDR_LEN, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I, VXLAN_PORT, ipv4_checksum,
+        vxlan_src_port,
     },
 };
 
@@ -73,17 +73,28 @@ pub fn to_remote(
     let outer_l3_len = ctx.len() - ETH_HDR_LEN as u32;
     frame.write(
         0,
-        EthHdr { dst_addr: route.dmac, src_addr: route.smac, ether_type: ETH_P_IP.to_be() },
+        EthHdr {
+            dst_addr: route.dmac,
+            src_addr: route.smac,
+            ether_type: ETH_P_IP.to_be(),
+        },
     )?;
     frame.write(
         ETH_HDR_LEN,
         outer_ipv4(outer_l3_len as u16, inner_ip.tos, node.vtep, dst.vtep),
     )?;
-    frame.write(ETH_HDR_LEN + IPV4_HDR_LEN, outer_udp(outer_l3_len as u16, flow_hash))?;
+    frame.write(
+        ETH_HDR_LEN + IPV4_HDR_LEN,
+        outer_udp(outer_l3_len as u16, flow_hash),
+    )?;
     frame.write(ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN, vxlan(vni))?;
     frame.write(
         INNER_ETH_OFFSET,
-        EthHdr { dst_addr: dst.mac, src_addr: inner_eth.src_addr, ether_type: ETH_P_IP.to_be() },
+        EthHdr {
+            dst_addr: dst.mac,
+            src_addr: inner_eth.src_addr,
+            ether_type: ETH_P_IP.to_be(),
+        },
     )?;
 
     stats::tx(vni, u64::from(gso_segs.max(1)), u64::from(inner_frame_len));
@@ -211,7 +222,11 @@ fn route_to(
     let resolved = how == Via::Resolved;
     Ok(Route {
         how,
-        ifindex: if how == Via::KernelRouted { node.underlay_ifindex } else { fib.ifindex },
+        ifindex: if how == Via::KernelRouted {
+            node.underlay_ifindex
+        } else {
+            fib.ifindex
+        },
         // Unresolved routes get their MACs from the neighbour subsystem;
         // zeros are fine meanwhile (only a multicast destination is refused).
         smac: if resolved { fib.smac } else { [0; 6] },
@@ -254,7 +269,12 @@ fn outer_ipv4(tot_len: u16, tos: u8, src: [u8; 4], dst: [u8; 4]) -> Ipv4Hdr {
 
 #[inline(always)]
 fn outer_udp(outer_l3_len: u16, flow_hash: u32) -> UdpHdr {
-    let mut udp: UdpHdr = UdpHdr { src: [0; 2], dst: [0; 2], len: [0; 2], check: [0; 2] };
+    let mut udp: UdpHdr = UdpHdr {
+        src: [0; 2],
+        dst: [0; 2],
+        len: [0; 2],
+        check: [0; 2],
+    };
     udp.set_src_port(vxlan_src_port(flow_hash));
     udp.set_dst_port(VXLAN_PORT);
     udp.set_len(outer_l3_len - IPV4_HDR_LEN as u16);
@@ -264,7 +284,12 @@ fn outer_udp(outer_l3_len: u16, flow_hash: u32) -> UdpHdr {
 
 #[inline(always)]
 fn vxlan(vni: u32) -> VxlanHdr {
-    let mut hdr = VxlanHdr { flags: VXLAN_FLAG_I, _reserved1: [0; 3], vni: [0; 3], _reserved2: 0 };
+    let mut hdr = VxlanHdr {
+        flags: VXLAN_FLAG_I,
+        _reserved1: [0; 3],
+        vni: [0; 3],
+        _reserved2: 0,
+    };
     hdr.set_vni(vni);
     hdr
 }

@@ -55,7 +55,7 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
     stats::global(GlobalCounter::UnderlayPackets);
     let Some(node) = maps::node_config() else {
         stats::global(GlobalCounter::UnderlayPassed);
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     // Headers must be in the linear area for direct access.
     let _ = ctx.pull_data(ctx.len().min(decap::MAX_HDR_LEN));
@@ -63,14 +63,14 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
     let outcome = match decap::inspect(&frame, node.vtep) {
         Ok(None) => {
             stats::global(GlobalCounter::UnderlayPassed);
-            return TC_ACT_OK as i32;
+            return TC_ACT_OK;
         }
         Ok(Some(delivery)) => decap::deliver_tc(&ctx, &frame, &delivery),
         Err(dropped) => Err(dropped),
     };
     outcome.unwrap_or_else(|d| {
         count_decap_drop(&ctx, d);
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     })
 }
 
@@ -83,11 +83,11 @@ pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(vni) = maps::iface_vni(ifindex) else {
         stats::drop(UNATTRIBUTED_VNI, DropReason::NoEndpoint);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     egress::switch(&ctx, vni, ifindex).unwrap_or_else(|reason| {
         stats::drop(vni, reason);
-        TC_ACT_SHOT as i32
+        TC_ACT_SHOT
     })
 }
 
@@ -98,7 +98,10 @@ pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
 fn count_decap_drop<C: EbpfContext>(ctx: &C, d: Dropped) {
     stats::drop(d.vni, d.reason);
     if d.reason == DropReason::UnknownVtep {
-        debug!(ctx, "dropped VXLAN for VNI {} from a host that is not its VTEP", d.vni);
+        debug!(
+            ctx,
+            "dropped VXLAN for VNI {} from a host that is not its VTEP", d.vni
+        );
     }
 }
 

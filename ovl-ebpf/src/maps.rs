@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
-use ovl_common::{Endpoint, NodeConfig, VniAddr, VniCounters, counters::GlobalCounter, maps::capacity};
+use ovl_common::{
+    Endpoint, NodeConfig, VniAddr, VniCounters, counters::GlobalCounter, maps::capacity,
+};
 
 /// This node's underlay identity (one entry).
 #[map(name = "OVL_CONFIG")]
@@ -48,24 +50,24 @@ pub fn node_config() -> Option<&'static NodeConfig> {
 #[inline(always)]
 pub fn endpoint(vni: u32, addr: [u8; 4]) -> Option<Endpoint> {
     // SAFETY: the value is copied out before any other map operation.
-    unsafe { ENDPOINTS.get(&VniAddr { vni, addr }).copied() }
+    unsafe { ENDPOINTS.get(VniAddr { vni, addr }).copied() }
 }
 
 /// True when `vni` is a network this node serves.
 #[inline(always)]
 pub fn serves_vni(vni: u32) -> bool {
-    NETWORKS.get_ptr(&vni).is_some()
+    NETWORKS.get_ptr(vni).is_some()
 }
 
 /// True when `vtep` may send VXLAN for `vni`.
 #[inline(always)]
 pub fn vtep_allowed(vni: u32, vtep: [u8; 4]) -> bool {
-    VTEPS.get_ptr(&VniAddr { vni, addr: vtep }).is_some()
+    VTEPS.get_ptr(VniAddr { vni, addr: vtep }).is_some()
 }
 
 /// The VNI of the container veth whose host end is `ifindex`.
 #[inline(always)]
 pub fn iface_vni(ifindex: u32) -> Option<u32> {
     // SAFETY: the value is copied out immediately.
-    unsafe { IFACES.get(&ifindex).copied() }
+    unsafe { IFACES.get(ifindex).copied() }
 }

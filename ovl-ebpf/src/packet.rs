@@ -17,7 +17,10 @@ impl Frame {
     /// The frame of an XDP packet.
     #[inline(always)]
     pub fn of_xdp(ctx: &XdpContext) -> Self {
-        Self { start: ctx.data(), end: ctx.data_end() }
+        Self {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        }
     }
 
     /// The linear part of a socket buffer. Re-take it after every helper
@@ -25,7 +28,10 @@ impl Frame {
     /// invalidates older pointers.
     #[inline(always)]
     pub fn of_skb(ctx: &TcContext) -> Self {
-        Self { start: ctx.data(), end: ctx.data_end() }
+        Self {
+            start: ctx.data(),
+            end: ctx.data_end(),
+        }
     }
 
     /// A pointer to a `T` at `offset`, if all of it lies inside the frame.

@@ -10,7 +10,7 @@ use crate::maps::{GLOBAL, STATS};
 /// is being removed and the count is let go.
 #[inline(always)]
 fn with_counters(vni: u32, f: impl FnOnce(&mut VniCounters)) {
-    if let Some(c) = STATS.get_ptr_mut(&vni) {
+    if let Some(c) = STATS.get_ptr_mut(vni) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         f(unsafe { &mut *c });
     }

@@ -22,7 +22,10 @@ impl Dropped {
     /// A drop that belongs to no known network.
     #[inline(always)]
     pub const fn unattributed(reason: DropReason) -> Self {
-        Self { vni: UNATTRIBUTED_VNI, reason }
+        Self {
+            vni: UNATTRIBUTED_VNI,
+            reason,
+        }
     }
 }
 

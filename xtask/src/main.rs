@@ -1,0 +1,121 @@
+// `cargo xtask`: the command line of ovl's build orchestration and the
+// dispatch to the module that owns each task. No product logic lives here.
+
+//! Every task a developer or CI runs on ovl, reproducible from a fresh
+//! machine: `setup` installs what is missing, the build tasks compile the
+//! kernel programs and the `ovl` binary that embeds them, `test`/`lint` are
+//! the CI gate and `demo` is the README's walk-through.
+
+mod check;
+mod command;
+mod demo;
+mod ebpf;
+mod setup;
+mod workspace;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::workspace::Profile;
+
+/// Build, test and demo ovl.
+#[derive(Debug, Parser)]
+#[command(bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what is missing: the nightly toolchain and its components,
+    /// bpf-linker, and the Debian packages tests and benchmarks use.
+    Setup,
+    /// Build the kernel programs (nightly, bpfel-unknown-none) and print the
+    /// object's path.
+    BuildEbpf,
+    /// Build `ovl` with its kernel programs embedded and print its path.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build `ovl`, then run it with the arguments after `--`.
+    Run {
+        /// Build and run the release profile.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `ovl`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The CI gate: full setup, build, every workspace test, then lint.
+    /// Arguments after `--` go to `cargo test` (filters, `-- --nocapture`).
+    Test {
+        /// Arguments for `cargo test`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt and clippy over the workspace, the eBPF crate on its target.
+    Lint,
+    /// Two hosts behind a router, one overlay network, two containers
+    /// pinging each other: the README's main job, step by step.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => {
+            setup::toolchain()?;
+            setup::packages()
+        }
+        Task::BuildEbpf => {
+            setup::toolchain()?;
+            let object = ebpf::build()?;
+            println!("{}", object.display());
+            Ok(())
+        }
+        Task::Build { release } => {
+            setup::toolchain()?;
+            let binary = workspace::build_ovl(Profile::from_release_flag(release))?;
+            println!("{}", binary.display());
+            Ok(())
+        }
+        Task::Run { release, args } => {
+            setup::toolchain()?;
+            let binary = workspace::build_ovl(Profile::from_release_flag(release))?;
+            // exec, not spawn: Ctrl-C and the exit code reach `ovl` and the
+            // caller directly, as if it had been started by hand.
+            let error = Command::new(&binary).args(&args).exec();
+            Err(error).with_context(|| format!("cannot exec {}", binary.display()))
+        }
+        Task::Test { args } => {
+            setup::toolchain()?;
+            setup::packages()?;
+            check::test(&args)
+        }
+        Task::Lint => {
+            setup::toolchain()?;
+            check::lint()
+        }
+        Task::Demo => {
+            setup::toolchain()?;
+            setup::packages()?;
+            demo::run()
+        }
+    }
+}

@@ -1,0 +1,90 @@
+// Where the workspace and its build outputs are, and the host cargo that
+// builds the userspace crates (the `ovl` binary embeds the eBPF object).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+
+use crate::command;
+
+/// The cargo package whose build script embeds the kernel programs.
+const USERSPACE_PACKAGE: &str = "ovl-userspace";
+
+/// The binary that package builds.
+const OVL_BINARY: &str = "ovl";
+
+/// A cargo build profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// The `dev` profile, built into `<target>/debug`.
+    Debug,
+    /// The `release` profile, built into `<target>/release`.
+    Release,
+}
+
+impl Profile {
+    /// The profile a `--release` flag asks for.
+    pub fn from_release_flag(release: bool) -> Self {
+        if release {
+            Profile::Release
+        } else {
+            Profile::Debug
+        }
+    }
+
+    /// The directory under the target dir that cargo builds it into.
+    fn dir_name(self) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+/// The workspace root: xtask lives in `<root>/xtask`.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask's manifest dir always has the workspace root as parent")
+}
+
+/// The cargo that runs xtask (so `cargo +toolchain xtask` stays on that
+/// toolchain), started in the workspace root.
+pub fn cargo() -> Command {
+    let program = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(program);
+    cmd.current_dir(root());
+    cmd
+}
+
+/// The target directory of host builds, as cargo resolves it (honouring
+/// `CARGO_TARGET_DIR` and config), always absolute.
+pub fn target_dir() -> Result<PathBuf> {
+    let metadata =
+        command::stdout_of(cargo().args(["metadata", "--format-version", "1", "--no-deps"]))?;
+    let metadata: serde_json::Value =
+        serde_json::from_str(&metadata).context("`cargo metadata` printed invalid JSON")?;
+    let dir = metadata["target_directory"]
+        .as_str()
+        .context("`cargo metadata` has no target_directory")?;
+    Ok(PathBuf::from(dir))
+}
+
+/// Builds `ovl` (its build script builds and embeds the kernel programs)
+/// and returns the binary's absolute path.
+pub fn build_ovl(profile: Profile) -> Result<PathBuf> {
+    let mut build = cargo();
+    build.args(["build", "--package", USERSPACE_PACKAGE]);
+    if profile == Profile::Release {
+        build.arg("--release");
+    }
+    command::run_step("build ovl", &mut build)?;
+    let binary = target_dir()?.join(profile.dir_name()).join(OVL_BINARY);
+    ensure!(
+        binary.is_file(),
+        "cargo built {USERSPACE_PACKAGE} but {} does not exist",
+        binary.display()
+    );
+    Ok(binary)
+}
