@@ -65,6 +65,19 @@ fn main() {
         "CARGO_ENCODED_RUSTFLAGS",
         "-Cdebuginfo=2\x1f-Clink-arg=--btf",
     );
+    // `cargo install` puts bpf-linker in $CARGO_HOME/bin, which need not be
+    // on PATH (e.g. under sudo or in CI shells).
+    if let Some(cargo_home) = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+    {
+        let mut paths = vec![cargo_home.join("bin")];
+        paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+        cmd.env(
+            "PATH",
+            env::join_paths(paths).expect("PATH entries are valid"),
+        );
+    }
     let status = cmd.status().unwrap_or_else(|e| {
         panic!(
             "cannot run `rustup run nightly cargo` to build ovl-ebpf ({e}); run `cargo xtask setup`"
