@@ -207,6 +207,45 @@ impl Datapath {
         }
     }
 
+    /// Runs program `name` once (or `repeat` times) on `packet` with
+    /// BPF_PROG_TEST_RUN, without any interface: the golden-packet tests
+    /// and the micro-benchmark use it. `ctx` is a raw `__sk_buff` for TC
+    /// programs (e.g. to set `ifindex`).
+    pub fn test_run(
+        &self,
+        name: &str,
+        packet: &[u8],
+        ctx: Option<&[u8]>,
+        repeat: u32,
+    ) -> Result<TestRunOutcome> {
+        use aya::programs::{Program, TestRun, TestRunOptions};
+        // Room for what encapsulation adds.
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: ctx,
+            repeat: repeat.max(1),
+            ..Default::default()
+        };
+        let prog = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing"))?;
+        let result = match prog {
+            Program::Xdp(p) => p.test_run(opts),
+            Program::SchedClassifier(p) => p.test_run(opts),
+            _ => bail!("program {name} cannot be test-run"),
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            output: out,
+            duration: result.duration,
+        })
+    }
+
     fn program<T>(&mut self, name: &str) -> Result<&mut T>
     where
         for<'a> &'a mut T:
@@ -284,6 +323,17 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// What one BPF_PROG_TEST_RUN returned.
+#[derive(Debug, Clone)]
+pub struct TestRunOutcome {
+    /// The program's return value (XDP or TC action).
+    pub action: u32,
+    /// The packet as the program left it.
+    pub output: Vec<u8>,
+    /// Mean time per run, as the kernel measured it.
+    pub duration: std::time::Duration,
 }
 
 /// Entries added or changed, and removed, by one map sync.

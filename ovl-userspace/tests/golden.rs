@@ -1,0 +1,471 @@
+//! Golden packets through the kernel programs with BPF_PROG_TEST_RUN, no
+//! interfaces involved: for each input frame, the expected action, output
+//! bytes and counter deltas (Katran's fixture style).
+//!
+//! Runs in a namespace of its own holding one stand-in underlay device, so the
+//! FIB lookups of encapsulation see a known route and neighbour.
+
+mod packets;
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context, Result, ensure};
+use ovl_common::{
+    DropReason, Endpoint, NodeConfig, VniCounters,
+    counters::UNATTRIBUTED_VNI,
+    maps::{names, programs},
+};
+use ovl_tests::Lab;
+use ovl_userspace::{datapath, datapath::Datapath, netlink, netns};
+use packets::*;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// A loaded datapath with one network (VNI 4096, MTU 1450) and endpoints:
+/// C1 198.18.0.2 local on ifindex 1 (the test-run device), C3 198.18.0.4
+/// local on ifindex 77, C2 198.18.0.3 behind VTEP 198.51.100.10.
+struct Fixture {
+    dp: Datapath,
+    pin_dir: std::path::PathBuf,
+    underlay_mac: [u8; 6],
+    _inside: netns::Entered,
+    _lab: Lab,
+}
+
+const VNI: u32 = 4096;
+const LOCAL_VTEP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const REMOTE_VTEP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const C1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const C2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const C3: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+const C3_IFINDEX: u32 = 77;
+
+fn fixture(tag: &str) -> Result<Fixture> {
+    let lab = Lab::new(tag)?;
+    let ns = lab.netns("golden")?;
+    // A veth pair stands in for the underlay NIC (this kernel has no dummy).
+    ns.ip(&[
+        "link",
+        "add",
+        "ul0",
+        "address",
+        "02:00:00:00:00:10",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ul0p",
+    ])?;
+    ns.ip(&["addr", "add", "192.0.2.10/24", "dev", "ul0"])?;
+    ns.ip(&["link", "set", "ul0p", "up"])?;
+    ns.ip(&["link", "set", "ul0", "up"])?;
+    ns.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.1"])?;
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "192.0.2.1",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "ul0",
+        "nud",
+        "permanent",
+    ])?;
+    ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
+    ns.sysctl("net.ipv4.conf.ul0.forwarding", "1")?;
+    let pin_dir = lab.bpffs()?.join("node");
+    std::fs::create_dir(&pin_dir)?;
+    let inside = netns::enter(ns.name())?;
+    let ul0 = netlink::ifindex("ul0").context("ul0 index")?;
+
+    let mut dp = Datapath::load(&pin_dir)?;
+    dp.set_config(NodeConfig {
+        vtep: LOCAL_VTEP.octets(),
+        underlay_ifindex: ul0,
+        underlay_mtu: 1500,
+        _pad: 0,
+    })?;
+    dp.sync_stats([VNI].into_iter())?;
+    dp.sync_u32_map(names::NETWORKS, &BTreeMap::from([(VNI, 1450)]))?;
+    dp.sync_u32_map(
+        names::IFACES,
+        &BTreeMap::from([(1, VNI), (C3_IFINDEX, VNI)]),
+    )?;
+    dp.sync_vteps(&[(VNI, REMOTE_VTEP.octets())].into())?;
+    let local = |ip: Ipv4Addr, ifindex| Endpoint {
+        mac: mac_of(ip),
+        _pad: [0; 2],
+        ifindex,
+        vtep: [0; 4],
+    };
+    dp.sync_endpoints(&BTreeMap::from([
+        ((VNI, C1.octets()), local(C1, 1)),
+        ((VNI, C3.octets()), local(C3, C3_IFINDEX)),
+        (
+            (VNI, C2.octets()),
+            Endpoint {
+                mac: mac_of(C2),
+                _pad: [0; 2],
+                ifindex: 0,
+                vtep: REMOTE_VTEP.octets(),
+            },
+        ),
+    ]))?;
+    Ok(Fixture {
+        dp,
+        pin_dir,
+        underlay_mac: [0x02, 0, 0, 0, 0, 0x10],
+        _inside: inside,
+        _lab: lab,
+    })
+}
+
+impl Fixture {
+    fn counters(&self, vni: u32) -> Result<VniCounters> {
+        Ok(datapath::read_counters(&self.pin_dir)?
+            .get(&vni)
+            .copied()
+            .unwrap_or_default())
+    }
+
+    fn global(&self) -> Result<Vec<u64>> {
+        datapath::read_global(&self.pin_dir)
+    }
+
+    /// Runs `program` on `input`; returns action and output and checks that
+    /// the counters of `vni` moved exactly as `expect` says.
+    fn run(
+        &self,
+        program: &str,
+        input: &[u8],
+        ctx: Option<&[u8]>,
+        vni: u32,
+        expect: impl FnOnce(&mut VniCounters),
+    ) -> Result<(u32, Vec<u8>)> {
+        let before = self.counters(vni)?;
+        let out = self.dp.test_run(program, input, ctx, 1)?;
+        let mut want = before;
+        expect(&mut want);
+        let got = self.counters(vni)?;
+        ensure!(
+            got == want,
+            "{program}: counters of VNI {vni}\n  got  {got:?}\n  want {want:?}"
+        );
+        Ok((out.action, out.output))
+    }
+}
+
+/// A `__sk_buff` test-run context whose `ifindex` is `ifindex`.
+fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+fn vxlan_from(src_vtep: Ipv4Addr, vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut udp_payload = vxlan_hdr(vni);
+    udp_payload.extend_from_slice(inner);
+    eth(
+        [0x02, 0, 0, 0, 0, 0x10],
+        GATEWAY_MAC,
+        ETH_P_IP,
+        &ipv4(
+            src_vtep,
+            LOCAL_VTEP,
+            IPPROTO_UDP,
+            &udp(51000, 4789, &udp_payload),
+        ),
+    )
+}
+
+fn echo(src: Ipv4Addr, dst: Ipv4Addr, dst_mac: [u8; 6]) -> Vec<u8> {
+    eth(
+        dst_mac,
+        mac_of(src),
+        ETH_P_IP,
+        &ipv4(src, dst, IPPROTO_ICMP, &icmp_echo(7, 1, 56)),
+    )
+}
+
+#[test]
+fn every_program_and_map_of_the_contract_is_in_the_object() -> Result<()> {
+    let f = fixture("gold-names")?;
+    for name in names::ALL {
+        ensure!(f.pin_dir.join(name).exists(), "map {name} not pinned");
+    }
+    let ctx = skb_ctx(1);
+    for name in programs::ALL {
+        // A program that is missing fails the run with "program missing".
+        let ctx = (name != programs::XDP_DECAP).then_some(ctx.as_slice());
+        f.dp.test_run(name, &[0u8; 64], ctx, 1)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn decap_delivers_vxlan_for_a_local_endpoint() -> Result<()> {
+    let f = fixture("gold-decap")?;
+    // The sender wrote a wrong inner destination MAC; ovl sets the right one.
+    let inner = echo(C2, C1, [0x02, 0x42, 0, 0, 0, 0]);
+    let input = vxlan_from(REMOTE_VTEP, VNI, &inner);
+    let expected = echo(C2, C1, mac_of(C1));
+    for program in [programs::XDP_DECAP, programs::TC_DECAP] {
+        let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(1));
+        let (action, out) = f.run(program, &input, ctx.as_deref(), VNI, |c| {
+            c.rx_packets += 1;
+            c.rx_bytes += expected.len() as u64;
+        })?;
+        let want_action = if program == programs::XDP_DECAP {
+            XDP_REDIRECT
+        } else {
+            TC_ACT_REDIRECT
+        };
+        ensure!(action == want_action, "{program}: action {action}");
+        ensure!(
+            out == expected,
+            "{program}: output\n{}\nwant\n{}",
+            hex(&out),
+            hex(&expected)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn decap_drops_vxlan_from_unknown_vtep() -> Result<()> {
+    let f = fixture("gold-spoof")?;
+    let input = vxlan_from(Ipv4Addr::new(192, 0, 2, 66), VNI, &echo(C2, C1, mac_of(C1)));
+    let (action, _) = f.run(programs::XDP_DECAP, &input, None, VNI, |c| {
+        c.drops[DropReason::UnknownVtep as usize] += 1
+    })?;
+    ensure!(action == XDP_DROP, "action {action}");
+    Ok(())
+}
+
+#[test]
+fn decap_drops_unknown_vni_malformed_and_misaddressed_vxlan() -> Result<()> {
+    let f = fixture("gold-bad")?;
+    let good_inner = echo(C2, C1, mac_of(C1));
+    let cases: Vec<(&str, Vec<u8>, u32, DropReason)> = vec![
+        (
+            "unknown VNI",
+            vxlan_from(REMOTE_VTEP, 999, &good_inner),
+            UNATTRIBUTED_VNI,
+            DropReason::UnknownVni,
+        ),
+        (
+            "I flag clear",
+            {
+                let mut p = vxlan_from(REMOTE_VTEP, VNI, &good_inner);
+                p[42] = 0;
+                p
+            },
+            UNATTRIBUTED_VNI,
+            DropReason::Malformed,
+        ),
+        (
+            "truncated inside VXLAN header",
+            vxlan_from(REMOTE_VTEP, VNI, &good_inner)[..46].to_vec(),
+            UNATTRIBUTED_VNI,
+            DropReason::Malformed,
+        ),
+        (
+            "inner destination is remote",
+            vxlan_from(REMOTE_VTEP, VNI, &echo(C1, C2, mac_of(C2))),
+            VNI,
+            DropReason::NoEndpoint,
+        ),
+        (
+            "inner ARP",
+            vxlan_from(REMOTE_VTEP, VNI, &arp_request(mac_of(C2), C2, C1)),
+            VNI,
+            DropReason::Unsupported,
+        ),
+    ];
+    for (what, input, vni, reason) in cases {
+        let (action, _) = f
+            .run(programs::XDP_DECAP, &input, None, vni, |c| {
+                c.drops[reason as usize] += 1
+            })
+            .with_context(|| what.to_owned())?;
+        ensure!(action == XDP_DROP, "{what}: action {action}");
+    }
+    Ok(())
+}
+
+#[test]
+fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
+    let f = fixture("gold-pass")?;
+    let other_udp = eth(
+        [0x02, 0, 0, 0, 0, 0x10],
+        GATEWAY_MAC,
+        ETH_P_IP,
+        &ipv4(
+            REMOTE_VTEP,
+            LOCAL_VTEP,
+            IPPROTO_UDP,
+            &udp(5000, 53, &[0; 20]),
+        ),
+    );
+    let to_other_host = {
+        let mut udp_payload = vxlan_hdr(VNI);
+        udp_payload.extend_from_slice(&echo(C2, C1, mac_of(C1)));
+        eth(
+            [0x02, 0, 0, 0, 0, 0x10],
+            GATEWAY_MAC,
+            ETH_P_IP,
+            &ipv4(
+                REMOTE_VTEP,
+                Ipv4Addr::new(192, 0, 2, 11),
+                IPPROTO_UDP,
+                &udp(51000, 4789, &udp_payload),
+            ),
+        )
+    };
+    let arp = arp_request(GATEWAY_MAC, Ipv4Addr::new(192, 0, 2, 1), LOCAL_VTEP);
+    for (what, input) in [
+        ("other UDP", other_udp),
+        ("VXLAN for another host", to_other_host),
+        ("ARP", arp),
+    ] {
+        let g0 = f.global()?;
+        let (action, out) = f.run(programs::XDP_DECAP, &input, None, VNI, |_| {})?;
+        let g1 = f.global()?;
+        ensure!(action == XDP_PASS, "{what}: action {action}");
+        ensure!(out == input, "{what}: packet changed");
+        ensure!(
+            g1[0] - g0[0] == 1 && g1[1] - g0[1] == 1,
+            "{what}: global counters {g0:?} -> {g1:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn egress_answers_arp_for_an_endpoint_of_the_network() -> Result<()> {
+    let f = fixture("gold-arp")?;
+    let request = arp_request(mac_of(C1), C1, C2);
+    let (action, out) = f.run(programs::TC_EGRESS, &request, Some(&skb_ctx(1)), VNI, |c| {
+        c.arp_replies += 1
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    let want = arp_reply(mac_of(C2), C2, mac_of(C1), C1);
+    ensure!(out == want, "reply\n{}\nwant\n{}", hex(&out), hex(&want));
+
+    let unknown = arp_request(mac_of(C1), C1, Ipv4Addr::new(198, 18, 0, 200));
+    let (action, _) = f.run(programs::TC_EGRESS, &unknown, Some(&skb_ctx(1)), VNI, |c| {
+        c.drops[DropReason::NoEndpoint as usize] += 1
+    })?;
+    ensure!(action == TC_ACT_SHOT, "unknown target: action {action}");
+    Ok(())
+}
+
+#[test]
+fn egress_switches_to_a_local_endpoint_without_encapsulation() -> Result<()> {
+    let f = fixture("gold-local")?;
+    let input = echo(C1, C3, [0x02, 0x42, 0, 0, 0, 1]);
+    let (action, out) = f.run(programs::TC_EGRESS, &input, Some(&skb_ctx(1)), VNI, |c| {
+        c.local_packets += 1
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    ensure!(out == echo(C1, C3, mac_of(C3)), "output\n{}", hex(&out));
+    Ok(())
+}
+
+#[test]
+fn egress_encapsulates_to_the_remote_vtep_per_rfc7348() -> Result<()> {
+    let f = fixture("gold-encap")?;
+    let inner = echo(C1, C2, mac_of(C2));
+    let (action, out) = f.run(programs::TC_EGRESS, &inner, Some(&skb_ctx(1)), VNI, |c| {
+        c.tx_packets += 1;
+        c.tx_bytes += inner.len() as u64;
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    ensure!(out.len() == inner.len() + 50, "length {}", out.len());
+    // Outer Ethernet: from the underlay device to the gateway's MAC (FIB + neighbour).
+    ensure!(
+        out[0..6] == GATEWAY_MAC && out[6..12] == f.underlay_mac && out[12..14] == [0x08, 0x00],
+        "outer eth\n{}",
+        hex(&out[..14])
+    );
+    // Outer IPv4: version/IHL, length, DF, TTL 64, UDP, VTEP addresses, valid checksum.
+    let ip = &out[14..34];
+    ensure!(
+        ip[0] == 0x45 && u16::from_be_bytes([ip[2], ip[3]]) as usize == out.len() - 14,
+        "ip\n{}",
+        hex(ip)
+    );
+    ensure!(
+        ip[6] == 0x40 && ip[8] == 64 && ip[9] == IPPROTO_UDP,
+        "ip flags/ttl/proto\n{}",
+        hex(ip)
+    );
+    ensure!(
+        ip[12..16] == LOCAL_VTEP.octets() && ip[16..20] == REMOTE_VTEP.octets(),
+        "ip addrs\n{}",
+        hex(ip)
+    );
+    ensure!(
+        checksum(ip) == 0,
+        "outer IPv4 checksum does not verify\n{}",
+        hex(ip)
+    );
+    // UDP: source port from the flow hash in 49152..=65535, destination 4789.
+    let sport = u16::from_be_bytes([out[34], out[35]]);
+    ensure!(sport >= 49152, "source port {sport}");
+    ensure!(out[36..38] == [0x12, 0xb5], "destination port");
+    ensure!(
+        u16::from_be_bytes([out[38], out[39]]) as usize == out.len() - 34,
+        "udp length"
+    );
+    // VXLAN: I flag, VNI 4096; then the inner frame unchanged.
+    ensure!(
+        out[42..50] == vxlan_hdr(VNI)[..],
+        "vxlan\n{}",
+        hex(&out[42..50])
+    );
+    ensure!(out[50..] == inner[..], "inner frame changed");
+    Ok(())
+}
+
+#[test]
+fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
+    let f = fixture("gold-egress-drops")?;
+    let ipv6 = eth(mac_of(C2), mac_of(C1), 0x86dd, &[0x60; 40]);
+    let unknown = echo(C1, Ipv4Addr::new(198, 18, 0, 99), mac_of(C2));
+    let broadcast = echo(C1, Ipv4Addr::new(198, 18, 0, 255), [0xff; 6]);
+    let too_big = eth(
+        mac_of(C2),
+        mac_of(C1),
+        ETH_P_IP,
+        &ipv4(C1, C2, IPPROTO_ICMP, &icmp_echo(7, 1, 1460)),
+    );
+    // BPF_PROG_TEST_RUN refuses IPv4 frames shorter than an IPv4 header, so
+    // the truncated case is an ARP request cut short.
+    let runt = arp_request(mac_of(C1), C1, C2)[..24].to_vec();
+    let cases = [
+        ("IPv6", ipv6, DropReason::Unsupported),
+        ("unknown destination", unknown, DropReason::NoEndpoint),
+        ("broadcast", broadcast, DropReason::NoEndpoint),
+        (
+            "1488-byte packet on a 1500 underlay",
+            too_big,
+            DropReason::TooBig,
+        ),
+        ("truncated ARP", runt, DropReason::Malformed),
+    ];
+    for (what, input, reason) in cases {
+        let (action, _) = f
+            .run(programs::TC_EGRESS, &input, Some(&skb_ctx(1)), VNI, |c| {
+                c.drops[reason as usize] += 1
+            })
+            .with_context(|| what)?;
+        ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
+    }
+    Ok(())
+}
