@@ -1,0 +1,133 @@
+//! The overlay MTU: containers get 1450 bytes (a 1500-byte underlay minus
+//! 50 bytes of VXLAN headers), the largest unfragmented ping crosses, and
+//! anything that would not fit the underlay never leaves the host.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use ovl_tests::{CONTAINER_IFACE, Lab, Netns, OVERLAY_MTU, TwoHosts, ping, wait_until};
+
+/// IPv4 (20) + ICMP (8) header bytes in front of a ping payload.
+const ICMP_HEADERS: u32 = 28;
+
+/// The largest payload whose packet fits the overlay MTU: 1422.
+const LARGEST_PAYLOAD: u32 = OVERLAY_MTU - ICMP_HEADERS;
+
+/// Two hosts, one network, a container on each, reachable.
+fn connected(lab: &Lab) -> Result<(TwoHosts, Netns, Netns, std::net::Ipv4Addr)> {
+    let world = TwoHosts::start(lab, "auto")?;
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, _) = world.container(lab, 0, "uber-net", "c1")?;
+    let (c2, ip2) = world.container(lab, 1, "uber-net", "c2")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    Ok((world, c1, c2, ip2))
+}
+
+#[test]
+fn container_mtu_is_1450_and_1422_byte_pings_cross_1423_are_refused() -> Result<()> {
+    let lab = Lab::new("mtu-fit")?;
+    let (world, c1, c2, ip2) = connected(&lab)?;
+    for c in [&c1, &c2] {
+        let mtu = c.link_mtu(CONTAINER_IFACE)?;
+        ensure!(
+            mtu == OVERLAY_MTU,
+            "{c} has MTU {mtu}, expected {OVERLAY_MTU}"
+        );
+    }
+
+    let largest = LARGEST_PAYLOAD.to_string();
+    let r = ping(
+        &c1,
+        ip2,
+        3,
+        &["-M", "do", "-s", &largest, "-i", "0.2", "-W", "2"],
+    )?;
+    ensure!(
+        r.all_received(),
+        "{LARGEST_PAYLOAD}-byte pings lost:\n{}",
+        r.output
+    );
+
+    // One byte more does not fit eth0 and DF forbids fragmenting: the
+    // container's own stack refuses to send it, so ovl never sees it.
+    let before = world.counters(0, "uber-net")?;
+    let too_large = (LARGEST_PAYLOAD + 1).to_string();
+    let ip2_text = ip2.to_string();
+    let out = c1.exec_unchecked(&[
+        "ping", "-n", "-c", "1", "-W", "1", "-M", "do", "-s", &too_large, &ip2_text,
+    ])?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        !out.status.success() && text.contains("message too long"),
+        "a {too_large}-byte ping was not refused locally ({}):\n{text}",
+        out.status
+    );
+    let after = world.counters(0, "uber-net")?;
+    ensure!(
+        after.tx_packets == before.tx_packets && after.too_big == before.too_big,
+        "the refused ping reached ovl: {before:?} -> {after:?}"
+    );
+    world.stop()
+}
+
+#[test]
+fn oversized_frame_is_dropped_as_too_big() -> Result<()> {
+    let lab = Lab::new("mtu-big")?;
+    let (world, c1, _c2, ip2) = connected(&lab)?;
+
+    // A container that ignores the MTU it was given: both ends of its veth
+    // raised to 1500 (a veth drops frames larger than its peer's MTU, so
+    // the host end must take them for ovl to see them).
+    let host_end = host_end_of(&c1, &world.hosts[0].netns)?;
+    world.hosts[0]
+        .netns
+        .ip(&["link", "set", &host_end, "mtu", "1500"])?;
+    c1.ip(&["link", "set", CONTAINER_IFACE, "mtu", "1500"])?;
+
+    const N: u64 = 5;
+    // 1450 bytes of payload: a 1478-byte packet, 1528 once encapsulated.
+    let before = world.counters(0, "uber-net")?;
+    let r = ping(
+        &c1,
+        ip2,
+        N as u32,
+        &["-M", "do", "-s", "1450", "-i", "0.05", "-W", "1"],
+    )?;
+    ensure!(r.received == 0, "an oversized frame crossed:\n{}", r.output);
+    let after = world.counters(0, "uber-net")?;
+    ensure!(
+        after.too_big - before.too_big == N,
+        "too_big moved by {}, expected {N}: {before:?} -> {after:?}",
+        after.too_big - before.too_big
+    );
+    ensure!(
+        after.tx_packets == before.tx_packets,
+        "oversized frames were encapsulated: {before:?} -> {after:?}"
+    );
+    world.stop()
+}
+
+/// The name, in `host`, of the host end of `container`'s eth0 veth.
+fn host_end_of(container: &Netns, host: &Netns) -> Result<String> {
+    let peer_index = container
+        .exec(&["cat", "/sys/class/net/eth0/iflink"])
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())?;
+    let out = host.ip(&["-o", "link", "show"])?;
+    let links = String::from_utf8_lossy(&out.stdout).into_owned();
+    links
+        .lines()
+        .find_map(|line| {
+            let (index, rest) = line.split_once(": ")?;
+            let name = rest.split([':', '@']).next()?;
+            (index == peer_index).then(|| name.to_owned())
+        })
+        .with_context(|| format!("no link with index {peer_index} in {host}:\n{links}"))
+}

@@ -1,0 +1,159 @@
+//! Decap trusts only VTEPs of the frame's own network: crafted VXLAN from a
+//! machine on the underlay that is not one, or for a VNI this node does not
+//! serve, is dropped and counted under its reason.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use ovl_tests::{CONTAINER_IFACE, HOST_IFACE, Lab, Netns, TwoHosts, mac_for, ping, wait_until};
+use serde_json::Value;
+
+/// Crafted frames per test.
+const N: u64 = 5;
+
+/// A VNI no network has: ovl allocates from 4096 up.
+const UNSERVED_VNI: u32 = 999;
+
+/// The overlay address the forged frames claim to come from.
+const FORGED_SOURCE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+
+/// Two hosts with a container each on one network, proven to work; the
+/// network's VNI and host A's container.
+fn world_with_traffic(lab: &Lab) -> Result<(TwoHosts, u32, Netns, Ipv4Addr)> {
+    let world = TwoHosts::start(lab, "auto")?;
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let vni = world.ovl.inspect(&world.hosts[0].netns, "uber-net")?["vni"]
+        .as_u64()
+        .context("inspect has no vni")?;
+    let (c1, ip1) = world.container(lab, 0, "uber-net", "c1")?;
+    let (_c2, ip2) = world.container(lab, 1, "uber-net", "c2")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    Ok((world, u32::try_from(vni)?, c1, ip1))
+}
+
+/// Sends `N` VXLAN frames with VNI `vni` from the router (192.0.2.1, on
+/// host A's subnet but no VTEP) to host A, each carrying an ICMP echo
+/// request for `victim`. Built with scapy and sent on the raw link, so the
+/// router's own stack adds nothing (no ARP: both MACs are given).
+fn send_forged_vxlan(world: &TwoHosts, vni: u32, victim: Ipv4Addr) -> Result<()> {
+    let host_a = &world.hosts[0];
+    let gateway = host_a.gateway.context("routed host has a gateway")?;
+    let router_iface = iface_with_addr(&world.router, gateway)?;
+    let router_mac = link_mac(&world.router, &router_iface)?;
+    let host_mac = link_mac(&host_a.netns, HOST_IFACE)?;
+    let script = format!(
+        "from scapy.all import Ether, IP, UDP, ICMP, sendp\n\
+         from scapy.layers.vxlan import VXLAN\n\
+         frame = (Ether(src='{router_mac}', dst='{host_mac}')\n\
+             / IP(src='{gateway}', dst='{vtep}')\n\
+             / UDP(sport=40000, dport=4789)\n\
+             / VXLAN(vni={vni}, flags=0x08)\n\
+             / Ether(src='{forged_mac}', dst='{victim_mac}')\n\
+             / IP(src='{FORGED_SOURCE}', dst='{victim}')\n\
+             / ICMP())\n\
+         sendp(frame, iface='{router_iface}', count={N}, verbose=False)\n",
+        vtep = host_a.addr,
+        forged_mac = mac_for(FORGED_SOURCE),
+        victim_mac = mac_for(victim),
+    );
+    // Debian's python3-scapy lives in the system interpreter, which a
+    // user-level python3 (pyenv, venv) earlier in PATH would not see.
+    world.router.exec(&["/usr/bin/python3", "-c", &script])?;
+    Ok(())
+}
+
+#[test]
+fn vxlan_from_a_non_vtep_is_dropped_and_counted_unknown_vtep() -> Result<()> {
+    let lab = Lab::new("spoof-vtep")?;
+    let (world, vni, c1, ip1) = world_with_traffic(&lab)?;
+    let before = world.counters(0, "uber-net")?;
+    let rx_before = c1.link_counter(CONTAINER_IFACE, "rx_packets")?;
+
+    send_forged_vxlan(&world, vni, ip1)?;
+
+    // Counters are written before the drop returns, so once the sender is
+    // done they are final; polling only tolerates a slow scapy exit.
+    let mut after = before.clone();
+    wait_until(Duration::from_secs(5), || {
+        after = world.counters(0, "uber-net")?;
+        Ok(after.unknown_vtep - before.unknown_vtep >= N)
+    })
+    .with_context(|| format!("unknown_vtep did not reach +{N}: {before:?} -> {after:?}"))?;
+    ensure!(
+        after.unknown_vtep - before.unknown_vtep == N,
+        "unknown_vtep moved by {}, expected {N}",
+        after.unknown_vtep - before.unknown_vtep
+    );
+    let mut expected = before.clone();
+    expected.unknown_vtep += N;
+    ensure!(
+        after == expected,
+        "more than unknown_vtep moved (a forged frame was delivered or answered): \
+         {before:?} -> {after:?}"
+    );
+    let delivered = c1.link_counter(CONTAINER_IFACE, "rx_packets")? - rx_before;
+    ensure!(
+        delivered < N,
+        "the container received {delivered} frames while {N} were forged for it"
+    );
+    world.stop()
+}
+
+#[test]
+fn vxlan_for_an_unknown_vni_is_dropped_unattributed() -> Result<()> {
+    let lab = Lab::new("spoof-vni")?;
+    let (world, _vni, _c1, ip1) = world_with_traffic(&lab)?;
+    let host_a = &world.hosts[0];
+    let node_a = TwoHosts::NODES[0];
+    let network_before = world.counters(0, "uber-net")?;
+    let before = world.ovl.underlay(&host_a.netns, node_a)?;
+
+    send_forged_vxlan(&world, UNSERVED_VNI, ip1)?;
+
+    let unknown_vni = |v: &Value| v["drops"]["unknown_vni"].as_u64().unwrap_or(0);
+    let seen = |v: &Value| v["underlay_packets"].as_u64().unwrap_or(0);
+    let mut after = before.clone();
+    wait_until(Duration::from_secs(5), || {
+        after = world.ovl.underlay(&host_a.netns, node_a)?;
+        Ok(unknown_vni(&after) - unknown_vni(&before) >= N)
+    })
+    .with_context(|| format!("unknown_vni did not reach +{N}: {before} -> {after}"))?;
+    ensure!(
+        unknown_vni(&after) - unknown_vni(&before) == N,
+        "unknown_vni moved by {}, expected {N}: {before} -> {after}",
+        unknown_vni(&after) - unknown_vni(&before)
+    );
+    ensure!(
+        seen(&after) - seen(&before) >= N,
+        "the underlay hook saw fewer than {N} frames: {before} -> {after}"
+    );
+    // A VNI nobody serves is nobody's: the network's counters stay put.
+    ensure!(
+        world.counters(0, "uber-net")? == network_before,
+        "the forged frames were charged to a network"
+    );
+    world.stop()
+}
+
+/// The interface of `ns` that carries `addr`.
+fn iface_with_addr(ns: &Netns, addr: Ipv4Addr) -> Result<String> {
+    let out = ns.ip(&["-o", "-4", "addr", "show"])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let needle = format!(" {addr}/");
+    text.lines()
+        .find(|line| line.contains(&needle))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .map(str::to_owned)
+        .with_context(|| format!("no interface with {addr} in {ns}:\n{text}"))
+}
+
+/// The MAC address of `iface` in `ns`.
+fn link_mac(ns: &Netns, iface: &str) -> Result<String> {
+    let out = ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
