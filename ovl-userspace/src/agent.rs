@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::PathBuf,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -24,8 +24,6 @@ use crate::{
     store::Store,
 };
 
-/// How often the agent looks for store changes.
-const POLL: Duration = Duration::from_millis(200);
 /// How often it re-checks local interfaces even without store changes
 /// (a container veth may appear after its endpoint was registered).
 const RESYNC: Duration = Duration::from_secs(2);
@@ -36,6 +34,8 @@ pub struct AgentOptions {
     pub mode: DecapMode,
     pub node: String,
     pub pin_root: PathBuf,
+    /// Lease TTL of the node's liveness (stores that track it).
+    pub lease_ttl: Duration,
 }
 
 /// The map contents one node's state calls for.
@@ -120,7 +120,7 @@ pub fn desired(
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
-pub async fn run(opts: AgentOptions, store: Box<dyn Store>) -> Result<()> {
+pub async fn run(opts: AgentOptions, store: &Store) -> Result<()> {
     let handle = netlink::connect()?;
     let underlay = netlink::underlay(&handle, &opts.iface).await?;
     let driver = netlink::driver(&opts.iface).unwrap_or_default();
@@ -160,7 +160,7 @@ pub async fn run(opts: AgentOptions, store: Box<dyn Store>) -> Result<()> {
 
 async fn serve(
     opts: &AgentOptions,
-    store: Box<dyn Store>,
+    store: &Store,
     dp: &mut Datapath,
     underlay: &netlink::Underlay,
     driver: &str,
@@ -177,12 +177,12 @@ async fn serve(
         underlay_mtu: underlay.mtu,
         _pad: 0,
     })?;
-    let mut state = store
-        .update(&mut |s| {
-            s.register_node(&opts.node, underlay.addr);
-            Ok(())
-        })
+    let _registration = store
+        .register_node(&opts.node, underlay.addr, opts.lease_ttl)
+        .await
         .with_context(|| format!("register node {} in {}", opts.node, store.describe()))?;
+    let mut updates = store.subscribe().await?;
+    let mut state = updates.borrow_and_update().clone();
     reconcile(dp, &state, opts, underlay)?;
 
     let mode = dp.attach_decap(&opts.iface, opts.mode, driver)?;
@@ -197,8 +197,7 @@ async fn serve(
 
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut tick = tokio::time::interval(POLL);
-    let mut last_sync = Instant::now();
+    let mut resync = tokio::time::interval(RESYNC);
     loop {
         tokio::select! {
             _ = sigint.recv() => { log::info!("SIGINT: detaching"); return Ok(()); }
@@ -208,23 +207,35 @@ async fn serve(
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = tick.tick() => {
-                let fresh = match store.load() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Keep forwarding with the last known state.
-                        log::warn!("cannot read store {}: {e}; keeping the current maps", store.describe());
-                        continue;
-                    }
-                };
-                if fresh.revision != state.revision || last_sync.elapsed() >= RESYNC {
-                    state = fresh;
-                    if let Err(e) = reconcile(dp, &state, opts, underlay) {
-                        log::error!("reconcile: {e:#}");
-                    }
-                    last_sync = Instant::now();
+            changed = updates.changed() => {
+                changed.context("store follower stopped")?;
+                let fresh = updates.borrow_and_update().clone();
+                free_dead_nodes(store, &state, &fresh).await;
+                state = fresh;
+                if let Err(e) = reconcile(dp, &state, opts, underlay) {
+                    log::error!("reconcile: {e:#}");
                 }
             }
+            _ = resync.tick() => {
+                if let Err(e) = reconcile(dp, &state, opts, underlay) {
+                    log::error!("reconcile: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// Nodes that just died still own endpoints in the store; free them (every
+/// agent may try: the store only deletes while the node stays dead).
+async fn free_dead_nodes(store: &Store, before: &State, after: &State) {
+    let (Some(was), Some(now)) = (&before.alive, &after.alive) else {
+        return;
+    };
+    for node in was.difference(now) {
+        match store.forget_dead_node(node).await {
+            Ok(0) => log::info!("node {node} is gone"),
+            Ok(n) => log::info!("node {node} is gone; freed its {n} endpoint(s)"),
+            Err(e) => log::warn!("node {node} is gone, but freeing its endpoints failed: {e}"),
         }
     }
 }

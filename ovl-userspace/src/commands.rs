@@ -12,26 +12,28 @@ use crate::{
     metrics::{self, NetworkStats},
     model::{ContainerSpec, Endpoint, Location, MacAddr, NetworkSpec},
     netlink, netns,
-    store::{self, Store},
+    store::Store,
 };
 
 /// `ovl network create`.
-pub fn network_create(
-    store: &dyn Store,
+pub async fn network_create(
+    store: &Store,
     name: &str,
     subnet: Subnet,
     vni: Option<u32>,
     mtu: Option<u32>,
 ) -> Result<String> {
-    let net = store::update_with(store, |s| {
-        s.create_network(NetworkSpec {
-            name: name.to_owned(),
-            subnet,
-            vni,
-            mtu,
+    let net = store
+        .update_with(|s| {
+            s.create_network(NetworkSpec {
+                name: name.to_owned(),
+                subnet,
+                vni,
+                mtu,
+            })
+            .cloned()
         })
-        .cloned()
-    })?;
+        .await?;
     Ok(format!(
         "created network {} (VNI {}, subnet {}, MTU {})",
         net.name, net.vni, net.subnet, net.mtu
@@ -39,8 +41,8 @@ pub fn network_create(
 }
 
 /// `ovl network ls`.
-pub fn network_ls(store: &dyn Store) -> Result<String> {
-    let state = store.load()?;
+pub async fn network_ls(store: &Store) -> Result<String> {
+    let state = store.load().await?;
     let mut out = format!(
         "{:<20} {:>8} {:<18} {:>5} {:>9}\n",
         "NAME", "VNI", "SUBNET", "MTU", "ENDPOINTS"
@@ -68,8 +70,8 @@ struct Inspect<'a> {
 }
 
 /// `ovl network inspect`: the network and its endpoints as JSON.
-pub fn network_inspect(store: &dyn Store, name: &str) -> Result<String> {
-    let state = store.load()?;
+pub async fn network_inspect(store: &Store, name: &str) -> Result<String> {
+    let state = store.load().await?;
     let n = state.network(name)?;
     let view = Inspect {
         name: &n.name,
@@ -82,15 +84,15 @@ pub fn network_inspect(store: &dyn Store, name: &str) -> Result<String> {
 }
 
 /// `ovl network rm`.
-pub fn network_rm(store: &dyn Store, name: &str) -> Result<String> {
-    store::update_with(store, |s| s.remove_network(name))?;
+pub async fn network_rm(store: &Store, name: &str) -> Result<String> {
+    store.update_with(|s| s.remove_network(name)).await?;
     Ok(format!("removed network {name}"))
 }
 
 /// `ovl connect`: registers the endpoint, then builds its veth. If the
 /// link cannot be built the registration is rolled back.
 pub async fn connect(
-    store: &dyn Store,
+    store: &Store,
     node: &str,
     network: &str,
     netns_name: &str,
@@ -98,16 +100,18 @@ pub async fn connect(
     name: Option<String>,
 ) -> Result<String> {
     netns::open(netns_name)?;
-    let ep = store::update_with(store, |s| {
-        s.add_container(ContainerSpec {
-            network: network.to_owned(),
-            node: node.to_owned(),
-            netns: netns_name.to_owned(),
-            name: name.clone(),
-            ip,
+    let ep = store
+        .update_with(|s| {
+            s.add_container(ContainerSpec {
+                network: network.to_owned(),
+                node: node.to_owned(),
+                netns: netns_name.to_owned(),
+                name: name.clone(),
+                ip,
+            })
         })
-    })?;
-    let net = store.load()?.network(network)?.clone();
+        .await?;
+    let net = store.load().await?.network(network)?.clone();
     let Location::Container { host_ifname, .. } = &ep.location else {
         unreachable!("add_container makes container endpoints")
     };
@@ -133,8 +137,9 @@ pub async fn connect(
             net.mtu
         )),
         Err(e) => {
-            if let Err(undo) =
-                store::update_with(store, |s| s.remove_container(network, node, netns_name))
+            if let Err(undo) = store
+                .update_with(|s| s.remove_container(network, node, netns_name))
+                .await
             {
                 log::error!("could not roll back the registration of {netns_name}: {undo}");
             }
@@ -147,12 +152,12 @@ pub async fn connect(
 
 /// `ovl disconnect`: removes the veth (if still there) and the endpoint.
 pub async fn disconnect(
-    store: &dyn Store,
+    store: &Store,
     node: &str,
     network: &str,
     netns_name: &str,
 ) -> Result<String> {
-    let state = store.load()?;
+    let state = store.load().await?;
     let ep = state
         .endpoints_of(network)
         .find(|e| matches!(&e.location, Location::Container { node: n, netns, .. } if n == node && netns == netns_name))
@@ -167,7 +172,9 @@ pub async fn disconnect(
             netlink::delete_link(&handle, host_ifname).await?;
         }
     }
-    let ep = store::update_with(store, |s| s.remove_container(network, node, netns_name))?;
+    let ep = store
+        .update_with(|s| s.remove_container(network, node, netns_name))
+        .await?;
     Ok(format!(
         "disconnected {netns_name} ({}) from {network}",
         ep.ip
@@ -175,17 +182,17 @@ pub async fn disconnect(
 }
 
 /// `ovl endpoint add`: an endpoint behind a VTEP that runs no ovl agent.
-pub fn endpoint_add(
-    store: &dyn Store,
+pub async fn endpoint_add(
+    store: &Store,
     network: &str,
     ip: Ipv4Addr,
     vtep: Ipv4Addr,
     mac: Option<MacAddr>,
     name: Option<String>,
 ) -> Result<String> {
-    let ep = store::update_with(store, |s| {
-        s.add_static(network, ip, mac, vtep, name.clone())
-    })?;
+    let ep = store
+        .update_with(|s| s.add_static(network, ip, mac, vtep, name.clone()))
+        .await?;
     Ok(format!(
         "added {} ({}) on {network} behind VTEP {vtep}",
         ep.ip, ep.mac
@@ -193,38 +200,61 @@ pub fn endpoint_add(
 }
 
 /// `ovl endpoint rm`.
-pub fn endpoint_rm(store: &dyn Store, network: &str, ip: Ipv4Addr) -> Result<String> {
-    store::update_with(store, |s| s.remove_endpoint(network, ip))?;
+pub async fn endpoint_rm(store: &Store, network: &str, ip: Ipv4Addr) -> Result<String> {
+    store
+        .update_with(|s| s.remove_endpoint(network, ip))
+        .await?;
     Ok(format!("removed {ip} from {network}"))
 }
 
-/// `ovl node ls`.
-pub fn node_ls(store: &dyn Store, pin_root: &Path) -> Result<String> {
-    let state = store.load()?;
-    let mut out = format!("{:<20} {:<16} {}\n", "NODE", "VTEP", "AGENT STATE");
+/// `ovl node ls`: nodes, their VTEPs and whether their agent is alive
+/// (known with etcd leases; with the file store, whether this machine
+/// holds the node's pins).
+pub async fn node_ls(store: &Store, pin_root: &Path) -> Result<String> {
+    let state = store.load().await?;
+    let mut out = format!(
+        "{:<20} {:<16} {}
+",
+        "NODE", "VTEP", "ALIVE"
+    );
     for n in state.nodes.values() {
-        let pinned = bpffs::node_dir(pin_root, &n.name)
-            .join(ovl_common::maps::names::STATS)
-            .exists();
+        let alive = match &state.alive {
+            Some(alive) => {
+                if alive.contains(&n.name) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            }
+            None => {
+                let pinned =
+                    bpffs::node_dir(pin_root, &n.name).join(ovl_common::maps::names::STATS);
+                if pinned.exists() {
+                    "yes (pinned here)"
+                } else {
+                    "unknown"
+                }
+            }
+        };
         out.push_str(&format!(
             "{:<20} {:<16} {}\n",
             n.name,
             n.vtep.to_string(),
-            if pinned { "pinned here" } else { "-" }
+            alive
         ));
     }
     Ok(out)
 }
 
 /// `ovl stats`: counters of this node's agent, per network.
-pub fn stats(
-    store: &dyn Store,
+pub async fn stats(
+    store: &Store,
     node: &str,
     pin_root: &Path,
     network: Option<&str>,
     json: bool,
 ) -> Result<String> {
-    let state = store.load()?;
+    let state = store.load().await?;
     if let Some(name) = network {
         state.network(name)?;
     }

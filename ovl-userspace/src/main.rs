@@ -12,7 +12,7 @@ use ovl_userspace::{
     datapath::DecapMode,
     ipam::Subnet,
     model::MacAddr,
-    store,
+    store::Store,
 };
 
 /// VXLAN overlay networks switched by eBPF/XDP: Docker's overlay data
@@ -20,7 +20,8 @@ use ovl_userspace::{
 #[derive(Parser)]
 #[command(name = "ovl", version, about)]
 struct Cli {
-    /// Where the state lives: file:///PATH (embedded, one machine).
+    /// Where the state lives: file:///PATH (embedded, one machine) or
+    /// etcd://HOST:PORT[,HOST:PORT...] (a cluster).
     #[arg(
         long,
         env = "OVL_STORE",
@@ -63,6 +64,9 @@ enum Command {
         /// Decap hook: auto, native (XDP), generic (XDP), tc.
         #[arg(long, default_value = "auto")]
         mode: DecapMode,
+        /// Seconds the node stays alive in etcd without keep-alives.
+        #[arg(long, env = "OVL_LEASE_TTL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        lease_ttl: u64,
     },
     /// Clean up after an agent that died.
     Detach { iface: String },
@@ -142,19 +146,22 @@ fn node_name(cli: &Option<String>) -> Result<String> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let store = store::open(&cli.store)?;
-    let store = &*store;
     let node = node_name(&cli.node)?;
+    // Opened before anything else: a bad URL fails before any change.
+    let store = Store::open(&cli.store).await?;
+    let store = &store;
     let out = match cli.command {
         Command::Network(NetworkCmd::Create {
             name,
             subnet,
             vni,
             mtu,
-        }) => commands::network_create(store, &name, subnet, vni, mtu)?,
-        Command::Network(NetworkCmd::Ls) => commands::network_ls(store)?,
-        Command::Network(NetworkCmd::Inspect { name }) => commands::network_inspect(store, &name)?,
-        Command::Network(NetworkCmd::Rm { name }) => commands::network_rm(store, &name)?,
+        }) => commands::network_create(store, &name, subnet, vni, mtu).await?,
+        Command::Network(NetworkCmd::Ls) => commands::network_ls(store).await?,
+        Command::Network(NetworkCmd::Inspect { name }) => {
+            commands::network_inspect(store, &name).await?
+        }
+        Command::Network(NetworkCmd::Rm { name }) => commands::network_rm(store, &name).await?,
         Command::Connect {
             network,
             netns,
@@ -164,18 +171,19 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Disconnect { network, netns } => {
             commands::disconnect(store, &node, &network, &netns).await?
         }
-        Command::Attach { iface, mode } => {
-            let store = store::open(&cli.store)?;
-            agent::run(
-                AgentOptions {
-                    iface,
-                    mode,
-                    node,
-                    pin_root: cli.pin_root,
-                },
-                store,
-            )
-            .await?;
+        Command::Attach {
+            iface,
+            mode,
+            lease_ttl,
+        } => {
+            let opts = AgentOptions {
+                iface,
+                mode,
+                node,
+                pin_root: cli.pin_root,
+                lease_ttl: std::time::Duration::from_secs(lease_ttl),
+            };
+            agent::run(opts, store).await?;
             return Ok(());
         }
         Command::Detach { iface } => commands::detach(&iface, &node, &cli.pin_root).await?,
@@ -185,7 +193,7 @@ async fn run(cli: Cli) -> Result<()> {
             ..
         } => commands::underlay_stats(&node, &cli.pin_root, json)?,
         Command::Stats { network, json, .. } => {
-            commands::stats(store, &node, &cli.pin_root, network.as_deref(), json)?
+            commands::stats(store, &node, &cli.pin_root, network.as_deref(), json).await?
         }
         Command::Endpoint(EndpointCmd::Add {
             network,
@@ -193,11 +201,11 @@ async fn run(cli: Cli) -> Result<()> {
             vtep,
             mac,
             name,
-        }) => commands::endpoint_add(store, &network, ip, vtep, mac, name)?,
+        }) => commands::endpoint_add(store, &network, ip, vtep, mac, name).await?,
         Command::Endpoint(EndpointCmd::Rm { network, ip }) => {
-            commands::endpoint_rm(store, &network, ip)?
+            commands::endpoint_rm(store, &network, ip).await?
         }
-        Command::Node(NodeCmd::Ls) => commands::node_ls(store, &cli.pin_root)?,
+        Command::Node(NodeCmd::Ls) => commands::node_ls(store, &cli.pin_root).await?,
     };
     let mut stdout = std::io::stdout().lock();
     match writeln!(stdout, "{}", out.trim_end()) {

@@ -207,6 +207,10 @@ pub struct State {
     pub networks: BTreeMap<String, Network>,
     pub endpoints: Vec<Endpoint>,
     pub nodes: BTreeMap<String, Node>,
+    /// Nodes whose agent is alive, where the store tracks liveness (etcd
+    /// leases); `None` where it does not (the file store).
+    #[serde(skip)]
+    pub alive: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Default for State {
@@ -217,6 +221,7 @@ impl Default for State {
             networks: BTreeMap::new(),
             endpoints: Vec::new(),
             nodes: BTreeMap::new(),
+            alive: None,
         }
     }
 }
@@ -411,10 +416,18 @@ impl State {
         );
     }
 
+    /// False when the store tracks liveness and `node`'s agent is gone.
+    pub fn is_alive(&self, node: &str) -> bool {
+        self.alive.as_ref().is_none_or(|a| a.contains(node))
+    }
+
     /// The VTEP address that serves `endpoint`, when known.
     pub fn vtep_of(&self, endpoint: &Endpoint) -> Option<Ipv4Addr> {
         match &endpoint.location {
-            Location::Container { node, .. } => self.nodes.get(node).map(|n| n.vtep),
+            Location::Container { node, .. } if self.is_alive(node) => {
+                self.nodes.get(node).map(|n| n.vtep)
+            }
+            Location::Container { .. } => None,
             Location::Static { vtep } => Some(*vtep),
         }
     }

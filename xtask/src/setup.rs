@@ -52,10 +52,15 @@ const DEBIAN_PACKAGES: [&str; 12] = [
     "etcd-client",
 ];
 
+/// Debian packages the build itself needs: protoc and protobuf's
+/// well-known types, for the etcd client's generated gRPC code.
+const BUILD_PACKAGES: [&str; 2] = ["protobuf-compiler", "libprotobuf-dev"];
+
 /// Makes sure the eBPF build can run: the nightly toolchain with its
-/// components, the host toolchain's clippy and rustfmt, and bpf-linker.
-/// Changes nothing that is already present.
+/// components, the host toolchain's clippy and rustfmt, bpf-linker, and
+/// the build's Debian packages. Changes nothing that is already present.
 pub fn toolchain() -> Result<()> {
+    install_missing(&BUILD_PACKAGES)?;
     ensure_nightly()?;
     let host = host_triple()?;
     ensure_components(NIGHTLY, &NIGHTLY_COMPONENTS, &host)?;
@@ -67,8 +72,14 @@ pub fn toolchain() -> Result<()> {
 /// Makes sure every Debian package in [`DEBIAN_PACKAGES`] is installed,
 /// running `apt-get update` and one `apt-get install` only if some is not.
 pub fn packages() -> Result<()> {
+    install_missing(&DEBIAN_PACKAGES)
+}
+
+/// Installs whichever of `packages` is missing, with one `apt-get update`
+/// and one `apt-get install`.
+fn install_missing(packages: &[&str]) -> Result<()> {
     let mut missing = Vec::new();
-    for package in DEBIAN_PACKAGES {
+    for &package in packages {
         if is_package_installed(package)? {
             report(&format!("Debian package {package}"), "present");
         } else {

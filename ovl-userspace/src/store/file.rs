@@ -8,8 +8,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Store, StoreError};
+use tokio::sync::watch;
+
+use super::StoreError;
 use crate::model::{ModelError, SCHEMA_VERSION, State};
+
+/// How often a subscriber looks at the file for a new revision.
+const POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "state.lock";
@@ -110,14 +115,16 @@ impl FileStore {
     }
 }
 
-impl Store for FileStore {
-    fn load(&self) -> Result<State, StoreError> {
+impl FileStore {
+    /// The current state.
+    pub fn load(&self) -> Result<State, StoreError> {
         // Writers replace the file by rename, so a reader sees the old or the
         // new state whole, never a mix: no lock needed.
         self.read()
     }
 
-    fn update(
+    /// Applies `change` under the lock and commits it atomically.
+    pub fn update(
         &self,
         change: &mut dyn FnMut(&mut State) -> Result<(), ModelError>,
     ) -> Result<State, StoreError> {
@@ -130,8 +137,38 @@ impl Store for FileStore {
         Ok(state)
     }
 
-    fn describe(&self) -> String {
+    /// `file:///dir`.
+    pub fn describe(&self) -> String {
         format!("file://{}", self.dir.display())
+    }
+
+    /// Polls the file and publishes each new revision.
+    pub fn subscribe(&self) -> Result<watch::Receiver<State>, StoreError> {
+        let first = self.load()?;
+        let (tx, rx) = watch::channel(first);
+        let store = FileStore::new(self.dir.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POLL);
+            loop {
+                tick.tick().await;
+                match store.load() {
+                    Ok(s) if s.revision != tx.borrow().revision => {
+                        if tx.send(s).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => log::warn!(
+                        "cannot read {}: {e}; keeping the last state",
+                        store.describe()
+                    ),
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
     }
 }
 
@@ -146,6 +183,18 @@ mod tests {
         let d = std::env::temp_dir().join(format!("ovl-store-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         d
+    }
+
+    fn update_with<T>(
+        store: &FileStore,
+        mut change: impl FnMut(&mut State) -> Result<T, ModelError>,
+    ) -> Result<T, StoreError> {
+        let mut out = None;
+        store.update(&mut |s| {
+            out = Some(change(s)?);
+            Ok(())
+        })?;
+        Ok(out.unwrap())
     }
 
     fn create(store: &FileStore, name: &str) -> Result<State, StoreError> {
@@ -206,7 +255,7 @@ mod tests {
                 std::thread::spawn(move || {
                     (0..5)
                         .map(|j| {
-                            crate::store::update_with(&*store, |s| {
+                            update_with(&store, |s| {
                                 s.add_container(ContainerSpec {
                                     network: "a".into(),
                                     node: format!("n{i}"),

@@ -1,18 +1,27 @@
-//! Where the desired state lives. One trait, one file per backend; every
-//! command and agent goes through `Store`, selected by a URL.
+//! Where the desired state lives. One interface, one file per backend:
+//! the embedded file store (one machine) and etcd (a cluster). Commands
+//! and agents go through `Store`, selected by a URL.
+//!
+//! `Store` is an enum rather than a trait object because its operations
+//! are async and async trait methods cannot be called through `dyn`.
 
+mod etcd;
 mod file;
 
-use std::path::PathBuf;
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
+pub use etcd::{EtcdStore, KEY_PREFIX};
 pub use file::FileStore;
+use tokio::sync::watch;
 
 use crate::model::{ModelError, State};
 
 /// Store failures. Each message says what is wrong and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("unsupported store URL {0:?}: use file:///PATH (the embedded default)")]
+    #[error(
+        "unsupported store URL {0:?}: use file:///PATH (the embedded default) or etcd://HOST:PORT[,HOST:PORT...]"
+    )]
     UnsupportedUrl(String),
     #[error("{action} {path}: {source}")]
     Io {
@@ -37,46 +46,128 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
+    #[error(
+        "etcd at {endpoints} is unreachable or failing ({detail}); check that it runs and the URL is right"
+    )]
+    Etcd { endpoints: String, detail: String },
+    #[error(
+        "etcd key {key} holds a value ovl cannot read ({detail}); fix or delete it with etcdctl"
+    )]
+    EtcdValue { key: String, detail: String },
+    #[error("gave up after {0} conflicting concurrent changes; try again")]
+    Contended(u32),
     /// The change broke a rule of the model; nothing was written.
     #[error(transparent)]
     Rejected(#[from] ModelError),
 }
 
-/// A place that holds the `State` and changes it atomically.
-pub trait Store: Send + Sync {
+/// A backend holding the `State`.
+pub enum Store {
+    File(FileStore),
+    Etcd(Box<EtcdStore>),
+}
+
+/// Keeps an agent's node registered (and, with etcd, alive) while held.
+pub enum Registration {
+    /// The file store does not track liveness.
+    File,
+    /// The etcd lease behind `/ovl/alive/<node>`, kept alive by a task.
+    Etcd(etcd::Liveness),
+}
+
+impl Store {
+    /// Opens the store a URL names. For etcd, connects and checks that a
+    /// request goes through, so a bad URL fails here, naming the endpoint.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        match url.split_once("://") {
+            Some(("file", path)) if path.starts_with('/') => Ok(Store::File(FileStore::new(path))),
+            Some(("etcd", hosts)) if !hosts.is_empty() => {
+                Ok(Store::Etcd(Box::new(EtcdStore::connect(hosts).await?)))
+            }
+            _ => Err(StoreError::UnsupportedUrl(url.to_owned())),
+        }
+    }
+
     /// The current state.
-    fn load(&self) -> Result<State, StoreError>;
+    pub async fn load(&self) -> Result<State, StoreError> {
+        match self {
+            Store::File(f) => f.load(),
+            Store::Etcd(e) => e.load().await,
+        }
+    }
 
     /// Applies `change` to the current state and commits the result as one
-    /// atomic step, exclusive against every other writer. When `change`
-    /// fails nothing is written.
-    fn update(
+    /// atomic step; concurrent writers never both win a conflicting change.
+    /// When `change` fails nothing is written.
+    pub async fn update(
         &self,
         change: &mut dyn FnMut(&mut State) -> Result<(), ModelError>,
-    ) -> Result<State, StoreError>;
+    ) -> Result<State, StoreError> {
+        match self {
+            Store::File(f) => f.update(change),
+            Store::Etcd(e) => e.update(change).await,
+        }
+    }
 
-    /// A short description for logs ("file:///var/lib/ovl").
-    fn describe(&self) -> String;
-}
+    /// Applies a change that produces a value, returning the value.
+    pub async fn update_with<T>(
+        &self,
+        mut change: impl FnMut(&mut State) -> Result<T, ModelError>,
+    ) -> Result<T, StoreError> {
+        let mut out = None;
+        self.update(&mut |s| {
+            out = Some(change(s)?);
+            Ok(())
+        })
+        .await?;
+        Ok(out.expect("update succeeded, so the change ran and produced a value"))
+    }
 
-/// Applies a change that produces a value, returning it with the new state.
-pub fn update_with<T>(
-    store: &dyn Store,
-    mut change: impl FnMut(&mut State) -> Result<T, ModelError>,
-) -> Result<T, StoreError> {
-    let mut out = None;
-    store.update(&mut |s| {
-        out = Some(change(s)?);
-        Ok(())
-    })?;
-    Ok(out.expect("update succeeded, so the change ran and produced a value"))
-}
+    /// Registers node `name` with VTEP `vtep`; with etcd, also as alive
+    /// under a lease of `ttl` that the returned registration keeps alive.
+    pub async fn register_node(
+        &self,
+        name: &str,
+        vtep: Ipv4Addr,
+        ttl: Duration,
+    ) -> Result<Registration, StoreError> {
+        match self {
+            Store::File(f) => {
+                f.update(&mut |s| {
+                    s.register_node(name, vtep);
+                    Ok(())
+                })?;
+                Ok(Registration::File)
+            }
+            Store::Etcd(e) => Ok(Registration::Etcd(e.register_node(name, vtep, ttl).await?)),
+        }
+    }
 
-/// Opens the store a URL names.
-pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
-    match url.split_once("://") {
-        Some(("file", path)) if path.starts_with('/') => Ok(Box::new(FileStore::new(path))),
-        _ => Err(StoreError::UnsupportedUrl(url.to_owned())),
+    /// Frees what dead node `name` held (its endpoints), unless it came
+    /// back meanwhile. Only meaningful where liveness is tracked.
+    pub async fn forget_dead_node(&self, name: &str) -> Result<usize, StoreError> {
+        match self {
+            Store::File(_) => Ok(0),
+            Store::Etcd(e) => e.forget_dead_node(name).await,
+        }
+    }
+
+    /// Follows the state: the receiver always holds the latest state seen.
+    /// The first state is loaded before this returns. Read errors later on
+    /// keep the last state (the data path keeps forwarding) and retry.
+    pub async fn subscribe(&self) -> Result<watch::Receiver<State>, StoreError> {
+        match self {
+            Store::File(f) => f.subscribe(),
+            Store::Etcd(e) => e.subscribe().await,
+        }
+    }
+
+    /// A short description for logs and errors.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::File(f) => f.describe(),
+            Store::Etcd(e) => e.describe(),
+        }
     }
 }
 
@@ -84,12 +175,25 @@ pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn urls_select_backends_or_fail_clearly() {
-        assert!(open("file:///tmp/x").is_ok());
-        for bad in ["file://relative", "/var/lib/ovl", "consul://h:1", ""] {
-            let err = open(bad).err().expect("must be refused").to_string();
-            assert!(err.contains("file:///PATH"), "{err}");
+    #[tokio::test]
+    async fn urls_select_backends_or_fail_clearly() {
+        assert!(Store::open("file:///tmp/x").await.is_ok());
+        for bad in [
+            "file://relative",
+            "/var/lib/ovl",
+            "consul://h:1",
+            "",
+            "etcd://",
+        ] {
+            let err = Store::open(bad)
+                .await
+                .err()
+                .expect("must be refused")
+                .to_string();
+            assert!(
+                err.contains("file:///PATH") && err.contains("etcd://"),
+                "{err}"
+            );
         }
     }
 }
