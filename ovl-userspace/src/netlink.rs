@@ -51,15 +51,9 @@ pub async fn underlay(handle: &Handle, name: &str) -> Result<Underlay> {
             "interface {name:?} does not exist in this network namespace; list them with `ip link`"
         );
     };
-    let link = handle
-        .link()
-        .get()
-        .match_index(ifindex)
-        .execute()
-        .try_next()
+    let link = link_by_index(handle, ifindex)
         .await
-        .with_context(|| format!("read link {name}"))?
-        .with_context(|| format!("interface {name} vanished"))?;
+        .with_context(|| format!("read link {name}"))?;
     let mtu = link
         .attributes
         .iter()
@@ -95,6 +89,21 @@ pub async fn underlay(handle: &Handle, name: &str) -> Result<Underlay> {
     bail!(
         "interface {name} has no IPv4 address; the VTEP needs one (e.g. `ip addr add 192.0.2.10/24 dev {name}`)"
     )
+}
+
+/// The link message of interface `ifindex`.
+async fn link_by_index(
+    handle: &Handle,
+    ifindex: u32,
+) -> Result<rtnetlink::packet_route::link::LinkMessage> {
+    handle
+        .link()
+        .get()
+        .match_index(ifindex)
+        .execute()
+        .try_next()
+        .await?
+        .with_context(|| format!("interface {ifindex} vanished"))
 }
 
 /// The container end of a new veth pair, before it is configured.
@@ -327,14 +336,7 @@ pub fn driver(ifname: &str) -> Result<String> {
 /// returns whether one was there.
 pub async fn clear_xdp(handle: &Handle, ifindex: u32) -> Result<bool> {
     use rtnetlink::packet_route::link::{LinkXdp, XdpAttached};
-    let link = handle
-        .link()
-        .get()
-        .match_index(ifindex)
-        .execute()
-        .try_next()
-        .await?
-        .context("interface vanished")?;
+    let link = link_by_index(handle, ifindex).await?;
     let attached = link.attributes.iter().any(|a| {
         matches!(a, LinkAttribute::Xdp(x) if x.iter().any(|x| matches!(x, LinkXdp::Attached(m) if *m != XdpAttached::None)))
     });
