@@ -1,0 +1,222 @@
+//! The `ovl` command line on bad input and after failures: clear errors,
+//! untouched state, and cleanup after an agent that was killed.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use ovl_tests::{Lab, Ovl, TwoHosts, ping, wait_until};
+
+#[test]
+fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() -> Result<()> {
+    let lab = Lab::new("cli-bad")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let ns = &hosts[0].netns;
+    ovl.create_network(ns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    ovl.connect(&hosts[0], "host-a", "uber-net", &c1, &[])?;
+    let state_file = lab.tempdir().join("store/state.json");
+    let before = std::fs::read(&state_file).context("state.json")?;
+
+    // (arguments, a piece of the message that must name the problem)
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["network", "create", "x", "--subnet", "198.18.0.1/24"],
+            "host bits",
+        ),
+        (
+            &["network", "create", "x", "--subnet", "nonsense"],
+            "nonsense",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "198.18.1.0/24",
+                "--vni",
+                "0",
+            ],
+            "VNI 0",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "198.18.1.0/24",
+                "--vni",
+                "16777216",
+            ],
+            "16777216",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "x",
+                "--subnet",
+                "198.18.1.0/24",
+                "--mtu",
+                "100",
+            ],
+            "MTU 100",
+        ),
+        (
+            &["network", "create", "uber-net", "--subnet", "198.18.1.0/24"],
+            "already exists",
+        ),
+        (
+            &["network", "create", "bad name", "--subnet", "198.18.1.0/24"],
+            "network name",
+        ),
+        (&["network", "rm", "uber-net"], "still has 1 endpoint"),
+        (&["network", "rm", "nope"], "no network named"),
+        (&["connect", "nope", c1.name()], "no network named"),
+        (
+            &["connect", "uber-net", "ovlt-no-such-netns"],
+            "ip netns add",
+        ),
+        (&["connect", "uber-net", c1.name()], "already connected"),
+        (
+            &[
+                "endpoint",
+                "add",
+                "uber-net",
+                "203.0.113.5",
+                "--vtep",
+                "192.0.2.99",
+            ],
+            "not a usable address",
+        ),
+        (
+            &[
+                "endpoint",
+                "add",
+                "uber-net",
+                "198.18.0.2",
+                "--vtep",
+                "192.0.2.99",
+            ],
+            "already in use",
+        ),
+        (
+            &[
+                "endpoint",
+                "add",
+                "uber-net",
+                "198.18.0.7",
+                "--vtep",
+                "192.0.2.99",
+                "--mac",
+                "zz",
+            ],
+            "MAC",
+        ),
+        (
+            &["disconnect", "uber-net", "ovlt-never-connected"],
+            "not connected",
+        ),
+        (&["--store", "consul://x:1", "network", "ls"], "etcd://"),
+        (&["attach", "eth0", "--mode", "turbo"], "turbo"),
+    ];
+    for (args, needle) in cases {
+        let out = ovl.run_unchecked(ns, "host-a", args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "`ovl {}` succeeded", args.join(" "));
+        ensure!(
+            stderr.contains(needle),
+            "`ovl {}`: error does not mention {needle:?}:\n{stderr}",
+            args.join(" ")
+        );
+    }
+    let after = std::fs::read(&state_file)?;
+    ensure!(before == after, "a refused command changed the store");
+    // Nothing half-made either: the refused connect left no second veth.
+    let links = String::from_utf8_lossy(&ns.ip(&["-o", "link", "show"])?.stdout).into_owned();
+    // Host ends are named ovlXXXXXXXX (`N: ovl…@ifM:` in the listing).
+    ensure!(links.matches(": ovl").count() == 1, "host links:\n{links}");
+    Ok(())
+}
+
+#[test]
+fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()> {
+    let lab = Lab::new("cli-detach")?;
+    let mut world = TwoHosts::start(&lab, "native")?;
+    let host_a = world.hosts[0].clone();
+    world
+        .ovl
+        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
+    let (_c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+
+    let agent = world.agents.remove(0);
+    agent.kill()?;
+    let pins = world.ovl.pin_root().join("host-a");
+    wait_until(Duration::from_secs(5), || {
+        Ok(!ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    ensure!(pins.exists(), "a killed agent cannot have removed its pins");
+
+    let out = world
+        .ovl
+        .run(&host_a.netns, "host-a", &["detach", "eth0"])?;
+    ensure!(out.contains("removed pins"), "detach said:\n{out}");
+    ensure!(!pins.exists(), "pins still at {}", pins.display());
+    let link = String::from_utf8_lossy(&host_a.netns.ip(&["-d", "link", "show", "eth0"])?.stdout)
+        .into_owned();
+    ensure!(!link.contains("xdp"), "XDP left on eth0:\n{link}");
+    let stats = world
+        .ovl
+        .run_unchecked(&host_a.netns, "host-a", &["stats"])?;
+    ensure!(
+        !stats.status.success() && String::from_utf8_lossy(&stats.stderr).contains("ovl attach"),
+        "stats without an agent: {}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+
+    world
+        .agents
+        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "native")?);
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    world.stop()
+}
+
+#[test]
+fn disconnect_removes_the_interface_and_the_endpoint() -> Result<()> {
+    let lab = Lab::new("cli-disc")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let ns = &hosts[0].netns;
+    ovl.create_network(ns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let ip = ovl.connect(&hosts[0], "host-a", "uber-net", &c1, &[])?;
+    ensure!(c1.link_mtu("eth0")? == 1450, "container MTU");
+    let out = ovl.run(ns, "host-a", &["disconnect", "uber-net", c1.name()])?;
+    ensure!(out.contains(&ip.to_string()), "disconnect said: {out}");
+    ensure!(
+        c1.exec_unchecked(&["ip", "link", "show", "eth0"])?
+            .status
+            .code()
+            != Some(0),
+        "eth0 still in the container"
+    );
+    let net = ovl.inspect(ns, "uber-net")?;
+    ensure!(
+        net["endpoints"].as_array().is_some_and(|a| a.is_empty()),
+        "endpoint still registered: {net}"
+    );
+    let links = String::from_utf8_lossy(&ns.ip(&["-o", "link", "show"])?.stdout).into_owned();
+    ensure!(!links.contains(": ovl"), "host veth left:\n{links}");
+    // The address is free again.
+    let again = ovl.connect(&hosts[0], "host-a", "uber-net", &c1, &[])?;
+    ensure!(again == ip, "address {ip} was not freed (got {again})");
+    Ok(())
+}
