@@ -7,8 +7,12 @@
 //! and traffic only between namespaces the lab made. Requires root.
 
 mod binary;
+mod cluster;
 mod cmd;
+mod etcd;
+mod hooks;
 mod lab;
+mod maps;
 mod netns;
 mod ovl;
 mod probe;
@@ -18,8 +22,12 @@ mod stale;
 mod topology;
 
 pub use binary::{OVL_BIN_ENV, ovl_binary, workspace_root};
+pub use cluster::ThreeHosts;
 pub use cmd::{run, run_unchecked};
+pub use etcd::{ETCD_CLIENT_PORT, Etcd};
+pub use hooks::{HookedProgram, hooked_programs};
 pub use lab::{LAB_NAME_PREFIX, Lab};
+pub use maps::{ENDPOINTS_MAP, MapEndpoint, dump_endpoints};
 pub use netns::Netns;
 pub use ovl::{Agent, NetCounters, Ovl, TwoHosts};
 pub use probe::{PingResult, ping, wait_until};

@@ -1,10 +1,12 @@
-// Driving ovl itself in a lab: a shared file store and bpffs, agents as
-// lab processes, and typed reads of `ovl stats --json`.
+// Driving ovl itself in a lab: a shared store (file or URL) and bpffs, agents
+// as lab processes, and typed reads of `ovl stats --json`.
 
 //! Every `ovl` call runs inside a host namespace with `OVL_STORE`,
 //! `OVL_PIN_ROOT` and `OVL_NODE` set, exactly as a user would run it there.
+//! The store is a file in the lab's temp dir ([`Ovl::new`]) or any store
+//! URL, such as an etcd the lab runs ([`Ovl::with_store`]).
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, process::ExitStatus, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -14,7 +16,8 @@ use crate::{ChildHandle, Host, Lab, Netns, Signal, ovl_binary, wait_until};
 /// One ovl deployment inside a lab: its store and pin root.
 pub struct Ovl {
     bin: PathBuf,
-    store: PathBuf,
+    /// The store URL every command and agent gets as `OVL_STORE`.
+    store: String,
     pin_root: PathBuf,
 }
 
@@ -84,28 +87,53 @@ impl Ovl {
     /// A fresh store directory and bpffs in `lab`.
     pub fn new(lab: &Lab) -> Result<Ovl> {
         let store = lab.tempdir().join("store");
+        Self::with_store(lab, &format!("file://{}", store.display()))
+    }
+
+    /// A fresh bpffs in `lab` and the store at `url` (`etcd://HOST:PORT`,
+    /// `file:///PATH`, or a deliberately bad URL).
+    pub fn with_store(lab: &Lab, url: &str) -> Result<Ovl> {
         Ok(Ovl {
             bin: ovl_binary()?,
-            store,
+            store: url.to_owned(),
             pin_root: lab.bpffs()?,
         })
+    }
+
+    /// The same deployment (binary, pin root) pointed at another store
+    /// URL: what a node with a mistyped `OVL_STORE` would run.
+    pub fn using_store(&self, url: &str) -> Ovl {
+        Ovl {
+            bin: self.bin.clone(),
+            store: url.to_owned(),
+            pin_root: self.pin_root.clone(),
+        }
+    }
+
+    /// The store URL commands and agents are given.
+    pub fn store_url(&self) -> &str {
+        &self.store
     }
 
     /// The `OVL_*` environment of node `node`.
     pub fn env(&self, node: &str) -> Vec<(String, String)> {
         vec![
-            (
-                "OVL_STORE".into(),
-                format!("file://{}", self.store.display()),
-            ),
+            ("OVL_STORE".into(), self.store.clone()),
             ("OVL_PIN_ROOT".into(), self.pin_root.display().to_string()),
             ("OVL_NODE".into(), node.into()),
         ]
     }
 
     fn argv(&self, node: &str, args: &[&str]) -> Vec<String> {
+        self.argv_with_env(node, &[], args)
+    }
+
+    /// `env OVL_*=... EXTRA=... ovl args...`; `extra_env` comes last so
+    /// it can also override an `OVL_*` variable.
+    fn argv_with_env(&self, node: &str, extra_env: &[(&str, &str)], args: &[&str]) -> Vec<String> {
         let mut argv = vec!["env".to_owned()];
         argv.extend(self.env(node).into_iter().map(|(k, v)| format!("{k}={v}")));
+        argv.extend(extra_env.iter().map(|(k, v)| format!("{k}={v}")));
         argv.push(self.bin.display().to_string());
         argv.extend(args.iter().map(|a| a.to_string()));
         argv
@@ -135,13 +163,20 @@ impl Ovl {
     /// Starts `ovl attach eth0 --mode MODE` on `host` as `node` and waits
     /// until its maps are pinned and its decap hook is attached.
     pub fn attach(&self, lab: &Lab, host: &Host, node: &str, mode: &str) -> Result<Agent> {
-        let argv = self.argv(node, &["attach", &host.iface, "--mode", mode]);
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let child = lab.spawn(&host.netns, &argv, &[("RUST_LOG", "info")])?;
-        let agent = Agent {
-            child,
-            node: node.to_owned(),
-        };
+        self.attach_with_env(lab, host, node, mode, &[])
+    }
+
+    /// [`attach`](Self::attach) with extra environment for the agent, such
+    /// as `OVL_LEASE_TTL`.
+    pub fn attach_with_env(
+        &self,
+        lab: &Lab,
+        host: &Host,
+        node: &str,
+        mode: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Agent> {
+        let agent = self.spawn_agent(lab, host, node, mode, extra_env)?;
         wait_until(Duration::from_secs(15), || {
             if let Some(status) = agent.child.try_status()? {
                 bail!(
@@ -158,6 +193,25 @@ impl Ovl {
             )
         })?;
         Ok(agent)
+    }
+
+    /// Starts `ovl attach eth0 --mode MODE` on `host` as `node` without
+    /// waiting for it to attach (for agents expected to fail).
+    pub fn spawn_agent(
+        &self,
+        lab: &Lab,
+        host: &Host,
+        node: &str,
+        mode: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Agent> {
+        let argv = self.argv_with_env(node, extra_env, &["attach", &host.iface, "--mode", mode]);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let child = lab.spawn(&host.netns, &argv, &[("RUST_LOG", "info")])?;
+        Ok(Agent {
+            child,
+            node: node.to_owned(),
+        })
     }
 
     /// `ovl network create NAME --subnet SUBNET [extra...]`.
@@ -249,6 +303,21 @@ impl Agent {
     /// Kills the agent without letting it clean up.
     pub fn kill(&self) -> Result<()> {
         self.child.signal(Signal::Kill)
+    }
+
+    /// Waits up to `timeout` for the agent to exit; fails if it still runs.
+    pub fn wait_exit(&self, timeout: Duration) -> Result<ExitStatus> {
+        self.child.wait_timeout(timeout)
+    }
+
+    /// The exit status if the agent has exited, `None` while it runs.
+    pub fn try_status(&self) -> Result<Option<ExitStatus>> {
+        self.child.try_status()
+    }
+
+    /// Both output streams, labelled, for assertion messages.
+    pub fn output_report(&self) -> String {
+        self.child.output_report()
     }
 }
 

@@ -1,0 +1,117 @@
+// Three routed hosts sharing one etcd store: the starting point of the
+// scenarios about ovl as a cluster (allocation races, node failure, outages).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::{Agent, Etcd, Host, Lab, NetCounters, Netns, Ovl};
+
+/// Three hosts (192.0.2.10, 198.51.100.10, 203.0.113.10) behind one router,
+/// an etcd on the router (192.0.2.1:2379, reachable from every host) and an
+/// agent per host, nodes "host-a", "host-b", "host-c", in that order.
+pub struct ThreeHosts {
+    pub ovl: Ovl,
+    pub etcd: Etcd,
+    pub router: Netns,
+    pub hosts: Vec<Host>,
+    /// One agent per host, in host order; a test that kills one takes it
+    /// out before [`stop`](Self::stop).
+    pub agents: Vec<Agent>,
+}
+
+impl ThreeHosts {
+    /// Node names of the three hosts.
+    pub const NODES: [&'static str; 3] = ["host-a", "host-b", "host-c"];
+
+    /// Builds the topology, starts etcd and the three agents (decap mode
+    /// auto) with liveness leases of `lease_ttl` seconds.
+    pub fn start(lab: &Lab, lease_ttl: u64) -> Result<ThreeHosts> {
+        let (router, hosts) = lab.routed_hosts(Self::NODES.len())?;
+        let etcd_addr = hosts[0]
+            .gateway
+            .context("routed hosts have a gateway on the router")?;
+        let etcd = Etcd::start(lab, &router, etcd_addr)?;
+        let ovl = Ovl::with_store(lab, &etcd.url())?;
+        let ttl = lease_ttl.to_string();
+        let mut agents = Vec::new();
+        for (host, node) in hosts.iter().zip(Self::NODES) {
+            agents.push(ovl.attach_with_env(
+                lab,
+                host,
+                node,
+                "auto",
+                &[("OVL_LEASE_TTL", &ttl)],
+            )?);
+        }
+        Ok(ThreeHosts {
+            ovl,
+            etcd,
+            router,
+            hosts,
+            agents,
+        })
+    }
+
+    /// Runs `ovl args...` on host `i` as its node.
+    pub fn run(&self, i: usize, args: &[&str]) -> Result<String> {
+        self.ovl.run(&self.hosts[i].netns, Self::NODES[i], args)
+    }
+
+    /// Connects a new container on host `i` to `network`; returns it and
+    /// its address.
+    pub fn container(
+        &self,
+        lab: &Lab,
+        i: usize,
+        network: &str,
+        hint: &str,
+    ) -> Result<(Netns, Ipv4Addr)> {
+        let c = lab.container(hint)?;
+        let ip = self
+            .ovl
+            .connect(&self.hosts[i], Self::NODES[i], network, &c, &[])?;
+        Ok((c, ip))
+    }
+
+    /// `ovl network inspect NETWORK`, run on host `i`.
+    pub fn inspect(&self, i: usize, network: &str) -> Result<Value> {
+        self.ovl.inspect(&self.hosts[i].netns, network)
+    }
+
+    /// Counters of `network` on host `i`.
+    pub fn counters(&self, i: usize, network: &str) -> Result<NetCounters> {
+        self.ovl
+            .counters(&self.hosts[i].netns, Self::NODES[i], network)
+    }
+
+    /// `ovl node ls` run on host `i`, as (node, VTEP, alive) rows.
+    pub fn nodes(&self, i: usize) -> Result<Vec<(String, Ipv4Addr, String)>> {
+        let out = self.run(i, &["node", "ls"])?;
+        out.lines()
+            .skip(1)
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                let mut words = line.split_whitespace();
+                let (Some(node), Some(vtep)) = (words.next(), words.next()) else {
+                    anyhow::bail!("bad `ovl node ls` row {line:?} in:\n{out}");
+                };
+                let vtep = vtep
+                    .parse()
+                    .with_context(|| format!("bad VTEP in {line:?}"))?;
+                let alive = words.collect::<Vec<_>>().join(" ");
+                Ok((node.to_owned(), vtep, alive))
+            })
+            .collect()
+    }
+
+    /// Stops every agent still in [`agents`](Self::agents), checking that
+    /// each exits cleanly.
+    pub fn stop(self) -> Result<()> {
+        for agent in self.agents {
+            agent.stop()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+// A single-member etcd server inside a lab namespace, for scenarios that run
+// ovl's etcd store: started, stopped and restarted on one data dir.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{ChildHandle, Lab, Netns, Signal, wait_until};
+
+/// The client port etcd listens on (its registered default).
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+
+/// The peer URL of the one member: raft between members never leaves the
+/// namespace, so it stays on loopback.
+const PEER_URL: &str = "http://127.0.0.1:2380";
+
+/// The member's name; the data dir remembers it, so a restart reuses it.
+const MEMBER_NAME: &str = "ovlt";
+
+/// How long a fresh or restarted etcd gets to elect itself and answer.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long etcd gets to exit after SIGTERM or SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound on one etcdctl request, so a probe of a stopped server is quick.
+const ETCDCTL_TIMEOUT: &str = "2s";
+
+/// An etcd server the lab runs in `netns`, serving clients on
+/// `addr:2379`. The lab kills it when it drops; [`stop`](Self::stop) and
+/// [`restart`](Self::restart) model an outage of the store.
+pub struct Etcd {
+    netns: Netns,
+    addr: Ipv4Addr,
+    data_dir: PathBuf,
+    process: Option<ChildHandle>,
+}
+
+impl Etcd {
+    /// Starts etcd in `netns` listening on `addr` (an address of that
+    /// namespace), with a fresh data dir in the lab's temp dir, and waits
+    /// until it is healthy.
+    pub fn start(lab: &Lab, netns: &Netns, addr: Ipv4Addr) -> Result<Etcd> {
+        let data_dir = lab.tempdir().join(format!("etcd-{}", netns.name()));
+        ensure!(
+            !data_dir.exists(),
+            "an etcd already uses {} in this lab",
+            data_dir.display()
+        );
+        let mut etcd = Etcd {
+            netns: netns.clone(),
+            addr,
+            data_dir,
+            process: None,
+        };
+        etcd.launch(lab)?;
+        Ok(etcd)
+    }
+
+    /// `HOST:PORT` of the client endpoint, as etcdctl takes it.
+    pub fn endpoint(&self) -> String {
+        format!("{}:{ETCD_CLIENT_PORT}", self.addr)
+    }
+
+    /// The store URL ovl takes: `etcd://HOST:PORT`.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoint())
+    }
+
+    /// The member's data dir (kept across stop and restart).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&self) -> bool {
+        self.process
+            .as_ref()
+            .is_some_and(|p| matches!(p.try_status(), Ok(None)))
+    }
+
+    /// Stops the server with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) -> Result<()> {
+        self.halt(Signal::Terminate)
+    }
+
+    /// Kills the server with SIGKILL (a crash) and waits for it to exit.
+    pub fn kill(&mut self) -> Result<()> {
+        self.halt(Signal::Kill)
+    }
+
+    /// Starts the server again on the same data dir (same member, same
+    /// keys and leases) and waits until it is healthy.
+    pub fn restart(&mut self, lab: &Lab) -> Result<()> {
+        ensure!(
+            !self.is_running(),
+            "etcd at {} is still running",
+            self.endpoint()
+        );
+        self.launch(lab)
+    }
+
+    /// Runs `etcdctl --endpoints HOST:PORT args...` (API v3) inside the
+    /// server's namespace; fails unless it exits 0. Returns stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let endpoint = self.endpoint();
+        let command_timeout = format!("--command-timeout={ETCDCTL_TIMEOUT}");
+        let mut argv = vec![
+            "env",
+            "ETCDCTL_API=3",
+            "etcdctl",
+            "--endpoints",
+            endpoint.as_str(),
+            "--dial-timeout",
+            ETCDCTL_TIMEOUT,
+            command_timeout.as_str(),
+        ];
+        argv.extend_from_slice(args);
+        let out = self.netns.exec(&argv)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The keys under `prefix`, sorted.
+    pub fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let out = self.etcdctl(&["get", "--prefix", "--keys-only", prefix])?;
+        let mut keys: Vec<String> = out
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Waits until `etcdctl endpoint health` succeeds; fails at once if
+    /// the server exited.
+    pub fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+        let process = self.process.as_ref().context("etcd is not running")?;
+        wait_until(timeout, || {
+            if let Some(status) = process.try_status()? {
+                bail!(
+                    "etcd exited ({status}) while starting:\n{}",
+                    process.output_report()
+                );
+            }
+            self.etcdctl(&["endpoint", "health"])?;
+            Ok(true)
+        })
+        .with_context(|| format!("etcd at {} never became healthy", self.endpoint()))
+    }
+
+    fn launch(&mut self, lab: &Lab) -> Result<()> {
+        let client_url = format!("http://{}", self.endpoint());
+        let data_dir = self.data_dir.to_string_lossy().into_owned();
+        let initial_cluster = format!("{MEMBER_NAME}={PEER_URL}");
+        let argv = [
+            "etcd",
+            "--name",
+            MEMBER_NAME,
+            "--data-dir",
+            &data_dir,
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+            "--listen-peer-urls",
+            PEER_URL,
+            "--initial-advertise-peer-urls",
+            PEER_URL,
+            "--initial-cluster",
+            &initial_cluster,
+        ];
+        self.process = Some(lab.spawn(&self.netns, &argv, &[])?);
+        self.wait_healthy(STARTUP_TIMEOUT)
+    }
+
+    fn halt(&mut self, signal: Signal) -> Result<()> {
+        let process = self.process.as_ref().context("etcd is not running")?;
+        process.signal(signal)?;
+        // etcd re-raises SIGTERM after its cleanup, so a graceful stop ends
+        // "killed by signal" too: any exit will do.
+        process.wait_timeout(STOP_TIMEOUT)?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("netns", &self.netns.name())
+            .field("endpoint", &self.endpoint())
+            .field("data_dir", &self.data_dir)
+            .field("running", &self.is_running())
+            .finish()
+    }
+}

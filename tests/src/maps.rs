@@ -1,0 +1,98 @@
+// Reading an agent's pinned maps from outside, with bpftool: what the data
+// path really holds, independent of what the agent logs.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::{MacAddr, Ovl, cmd};
+
+/// The endpoint map's pin name (`ovl_common::maps::names::ENDPOINTS`).
+pub const ENDPOINTS_MAP: &str = "OVL_ENDPOINTS";
+
+/// One entry of a node's `OVL_ENDPOINTS` map: the key (VNI, overlay
+/// address) and where frames for it go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEndpoint {
+    /// The network's VNI.
+    pub vni: u32,
+    /// The endpoint's overlay address.
+    pub addr: Ipv4Addr,
+    /// The MAC proxy ARP answers with.
+    pub mac: MacAddr,
+    /// Host end of the container veth when the endpoint is on this node;
+    /// 0 when it is remote.
+    pub ifindex: u32,
+    /// The remote VTEP; 0.0.0.0 when the endpoint is local.
+    pub vtep: Ipv4Addr,
+}
+
+impl MapEndpoint {
+    /// True when the endpoint is on the node whose map this is.
+    pub fn is_local(&self) -> bool {
+        self.ifindex != 0
+    }
+}
+
+/// The endpoint map pinned in `pin_dir`, keyed by (VNI, address).
+///
+/// bpftool prints maps without BTF as arrays of `"0x.."` bytes in memory
+/// order: the key is `{vni: u32 host order, addr: [u8; 4]}`, the value
+/// `{mac: [u8; 6], _pad: [u8; 2], ifindex: u32 host order, vtep: [u8; 4]}`
+/// (the layouts of `ovl_common::{VniAddr, Endpoint}`).
+pub fn dump_endpoints(pin_dir: &Path) -> Result<BTreeMap<(u32, Ipv4Addr), MapEndpoint>> {
+    let pin = pin_dir.join(ENDPOINTS_MAP);
+    let pin_text = pin.to_string_lossy().into_owned();
+    let out = cmd::run(&["bpftool", "-j", "map", "dump", "pinned", &pin_text])?;
+    let dump: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("bpftool dump of {pin_text} is not JSON"))?;
+    let entries = dump
+        .as_array()
+        .with_context(|| format!("bpftool dump of {pin_text} is not a list: {dump}"))?;
+    let mut map = BTreeMap::new();
+    for entry in entries {
+        let key = bytes(&entry["key"]).with_context(|| format!("key of {entry}"))?;
+        let value = bytes(&entry["value"]).with_context(|| format!("value of {entry}"))?;
+        ensure!(
+            key.len() == 8 && value.len() == 16,
+            "unexpected sizes (key {}, value {}) in {entry}",
+            key.len(),
+            value.len()
+        );
+        let endpoint = MapEndpoint {
+            vni: u32::from_ne_bytes([key[0], key[1], key[2], key[3]]),
+            addr: Ipv4Addr::new(key[4], key[5], key[6], key[7]),
+            mac: MacAddr([value[0], value[1], value[2], value[3], value[4], value[5]]),
+            ifindex: u32::from_ne_bytes([value[8], value[9], value[10], value[11]]),
+            vtep: Ipv4Addr::new(value[12], value[13], value[14], value[15]),
+        };
+        map.insert((endpoint.vni, endpoint.addr), endpoint);
+    }
+    Ok(map)
+}
+
+/// `["0x1f", "0x00", ...]` as bytes.
+fn bytes(v: &Value) -> Result<Vec<u8>> {
+    let Some(items) = v.as_array() else {
+        bail!("not a byte array (was the map built with BTF?)");
+    };
+    items
+        .iter()
+        .map(|item| {
+            let text = item.as_str().context("byte is not a string")?;
+            let hex = text.trim_start_matches("0x");
+            u8::from_str_radix(hex, 16).with_context(|| format!("bad byte {text:?}"))
+        })
+        .collect()
+}
+
+impl Ovl {
+    /// The endpoint map of node `node`'s agent, read with bpftool from its
+    /// pins (the pin root is visible from every namespace).
+    pub fn endpoint_map(&self, node: &str) -> Result<BTreeMap<(u32, Ipv4Addr), MapEndpoint>> {
+        dump_endpoints(&self.pin_root().join(node))
+    }
+}
