@@ -25,8 +25,11 @@ use crate::{
 };
 
 /// How often it re-checks local interfaces even without store changes
-/// (a container veth may appear after its endpoint was registered).
+/// (a container veth may be deleted or re-created under it).
 const RESYNC: Duration = Duration::from_secs(2);
+/// How soon it looks again for a local endpoint's veth that did not exist
+/// yet: `ovl connect` registers the endpoint a moment before the link.
+const LINK_RETRY: Duration = Duration::from_millis(50);
 
 /// What `ovl attach` was asked to do.
 pub struct AgentOptions {
@@ -177,13 +180,19 @@ async fn serve(
         underlay_mtu: underlay.mtu,
         _pad: 0,
     })?;
-    let _registration = store
+    let registration = store
         .register_node(&opts.node, underlay.addr, opts.lease_ttl)
         .await
         .with_context(|| format!("register node {} in {}", opts.node, store.describe()))?;
+    let mut reregistrations = registration.reregistrations();
     let mut updates = store.subscribe().await?;
     let mut state = updates.borrow_and_update().clone();
-    reconcile(dp, &state, opts, underlay)?;
+    // Every endpoint of this node seen so far whose veth still exists: what
+    // to put back if peers freed them while this node was cut off from the
+    // store (`ovl disconnect` deletes the veth, so it drops out of here).
+    let mut mine = BTreeMap::new();
+    remember_local_endpoints(&mut mine, &state, &opts.node);
+    let mut links_missing = reconcile(dp, &state, opts, underlay)?;
 
     let mode = dp.attach_decap(&opts.iface, opts.mode, driver)?;
     log::info!(
@@ -198,6 +207,7 @@ async fn serve(
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut resync = tokio::time::interval(RESYNC);
+    let mut link_retry = tokio::time::interval(LINK_RETRY);
     loop {
         tokio::select! {
             _ = sigint.recv() => { log::info!("SIGINT: detaching"); return Ok(()); }
@@ -210,28 +220,96 @@ async fn serve(
             changed = updates.changed() => {
                 changed.context("store follower stopped")?;
                 let fresh = updates.borrow_and_update().clone();
-                free_dead_nodes(store, &state, &fresh).await;
+                free_dead_nodes(store, &opts.node, &state, &fresh).await;
                 state = fresh;
-                if let Err(e) = reconcile(dp, &state, opts, underlay) {
-                    log::error!("reconcile: {e:#}");
-                }
+                remember_local_endpoints(&mut mine, &state, &opts.node);
+                links_missing = reconcile_logged(dp, &state, opts, underlay);
+            }
+            () = next_reregistration(&mut reregistrations) => {
+                remember_local_endpoints(&mut mine, &state, &opts.node);
+                restore_endpoints(store, mine.values()).await;
+            }
+            _ = link_retry.tick(), if links_missing => {
+                links_missing = reconcile_logged(dp, &state, opts, underlay);
             }
             _ = resync.tick() => {
-                if let Err(e) = reconcile(dp, &state, opts, underlay) {
-                    log::error!("reconcile: {e:#}");
-                }
+                links_missing = reconcile_logged(dp, &state, opts, underlay);
             }
         }
     }
 }
 
+/// Adds `node`'s endpoints in `state` to `mine` and forgets those whose
+/// veth is gone, keyed by (network, address).
+fn remember_local_endpoints(
+    mine: &mut BTreeMap<(String, Ipv4Addr), crate::model::Endpoint>,
+    state: &State,
+    node: &str,
+) {
+    let current: BTreeMap<_, _> = state
+        .endpoints
+        .iter()
+        .filter(|e| e.node() == Some(node))
+        .map(|e| ((e.network.clone(), e.ip), e.clone()))
+        .collect();
+    // An endpoint gone from the store is still ours while its veth exists
+    // (one just registered may not have its veth yet, so those in the
+    // store are kept regardless).
+    mine.retain(|k, e| current.contains_key(k) || host_link_exists(e));
+    mine.extend(current);
+}
+
+fn host_link_exists(e: &crate::model::Endpoint) -> bool {
+    match &e.location {
+        Location::Container { host_ifname, .. } => netlink::ifindex(host_ifname).is_some(),
+        Location::Static { .. } => false,
+    }
+}
+
+/// Resolves when the node registered again after losing its liveness.
+async fn next_reregistration(rx: &mut tokio::sync::watch::Receiver<u64>) {
+    if rx.changed().await.is_err() {
+        // Liveness is not tracked: nothing will ever change.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Puts back this node's endpoints that peers freed while it was cut off,
+/// where the container's veth still exists and the address is still free.
+async fn restore_endpoints(store: &Store, mine: impl Iterator<Item = &crate::model::Endpoint>) {
+    let present: Vec<_> = mine.filter(|e| host_link_exists(e)).cloned().collect();
+    let restored = store
+        .update_with(|s| Ok(present.iter().filter(|e| s.restore_endpoint(e)).count()))
+        .await;
+    match restored {
+        Ok(n) => log::info!(
+            "registered again; restored {n} of {} local endpoint(s)",
+            present.len()
+        ),
+        Err(e) => log::warn!("registered again, but restoring local endpoints failed: {e}"),
+    }
+}
+
+fn reconcile_logged(
+    dp: &mut Datapath,
+    state: &State,
+    opts: &AgentOptions,
+    underlay: &netlink::Underlay,
+) -> bool {
+    reconcile(dp, state, opts, underlay).unwrap_or_else(|e| {
+        log::error!("reconcile: {e:#}");
+        false
+    })
+}
+
 /// Nodes that just died still own endpoints in the store; free them (every
 /// agent may try: the store only deletes while the node stays dead).
-async fn free_dead_nodes(store: &Store, before: &State, after: &State) {
+async fn free_dead_nodes(store: &Store, me: &str, before: &State, after: &State) {
     let (Some(was), Some(now)) = (&before.alive, &after.alive) else {
         return;
     };
-    for node in was.difference(now) {
+    // Our own liveness lapsing is the keep-alive task's to repair.
+    for node in was.difference(now).filter(|n| *n != me) {
         match store.forget_dead_node(node).await {
             Ok(0) => log::info!("node {node} is gone"),
             Ok(n) => log::info!("node {node} is gone; freed its {n} endpoint(s)"),
@@ -240,13 +318,15 @@ async fn free_dead_nodes(store: &Store, before: &State, after: &State) {
     }
 }
 
-/// Brings maps and egress hooks in line with `state`.
+/// Brings maps and egress hooks in line with `state`. Returns whether a
+/// local endpoint's veth does not exist yet (`ovl connect` registers the
+/// endpoint before it creates the link), so the caller retries soon.
 fn reconcile(
     dp: &mut Datapath,
     state: &State,
     opts: &AgentOptions,
     underlay: &netlink::Underlay,
-) -> Result<()> {
+) -> Result<bool> {
     let want = desired(state, &opts.node, underlay.addr, &netlink::ifindex);
     for (vni, mtu) in &want.networks {
         if mtu + ENCAP_OVERHEAD > underlay.mtu {
@@ -286,7 +366,7 @@ fn reconcile(
     for name in &want.missing_links {
         log::debug!("local endpoint interface {name} does not exist yet");
     }
-    Ok(())
+    Ok(!want.missing_links.is_empty())
 }
 
 #[cfg(test)]

@@ -405,6 +405,21 @@ impl State {
         Ok(self.endpoints.remove(pos))
     }
 
+    /// Puts back an endpoint that was freed while its node was cut off, if
+    /// its network still exists and its address is still free; returns
+    /// whether it was restored.
+    pub fn restore_endpoint(&mut self, ep: &Endpoint) -> bool {
+        let free = self.networks.contains_key(&ep.network)
+            && !self
+                .endpoints
+                .iter()
+                .any(|e| e.network == ep.network && e.ip == ep.ip);
+        if free {
+            self.endpoints.push(ep.clone());
+        }
+        free
+    }
+
     /// Records (or updates) a node and its VTEP address.
     pub fn register_node(&mut self, name: &str, vtep: Ipv4Addr) {
         self.nodes.insert(
@@ -547,6 +562,20 @@ mod tests {
             s.add_container(container("a", "n1", "c1")),
             Err(ModelError::AlreadyConnected { .. })
         ));
+    }
+
+    #[test]
+    fn freed_endpoint_is_restored_only_while_its_address_is_free() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        let ep = s.add_container(container("a", "n1", "c1")).unwrap();
+        s.remove_container("a", "n1", "c1").unwrap();
+        assert!(s.restore_endpoint(&ep));
+        assert!(!s.restore_endpoint(&ep), "restored twice");
+        s.remove_container("a", "n1", "c1").unwrap();
+        let taken = s.add_container(container("a", "n2", "c9")).unwrap();
+        assert_eq!(taken.ip, ep.ip);
+        assert!(!s.restore_endpoint(&ep), "address was taken meanwhile");
     }
 
     #[test]

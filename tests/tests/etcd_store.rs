@@ -395,9 +395,6 @@ fn node_is(world: &ThreeHosts, i: usize, node: &str, alive: &str) -> Result<bool
 }
 
 #[test]
-#[ignore = "product bug: an agent cut off from etcd for longer than its lease \
-            never becomes alive again (keep_alive retries the expired lease \
-            forever), and its containers' endpoints are never re-registered"]
 fn node_cut_off_from_etcd_beyond_its_lease_is_alive_and_reachable_once_the_cut_heals() -> Result<()>
 {
     let lab = Lab::new("etcd-cut")?;

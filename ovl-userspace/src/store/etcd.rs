@@ -77,6 +77,15 @@ pub struct EtcdStore {
 /// TTL keeps the node's endpoints).
 pub struct Liveness {
     task: JoinHandle<()>,
+    epochs: watch::Receiver<u64>,
+}
+
+impl Liveness {
+    /// Changes each time the lease was lost and the node registered again;
+    /// peers may have freed the node's endpoints meanwhile.
+    pub fn reregistrations(&self) -> watch::Receiver<u64> {
+        self.epochs.clone()
+    }
 }
 
 impl Drop for Liveness {
@@ -169,6 +178,13 @@ fn decode(snap: &Snapshot) -> State {
 impl EtcdStore {
     /// Connects to `hosts` ("h1:2379,h2:2379") and checks that etcd answers.
     pub async fn connect(hosts: &str) -> Result<EtcdStore, StoreError> {
+        for h in hosts.split(',') {
+            if !is_host_port(h.trim()) {
+                return Err(StoreError::UnsupportedUrl(format!(
+                    "etcd://{hosts} (endpoint {h:?} is not HOST:PORT)"
+                )));
+            }
+        }
         let endpoints: Vec<String> = hosts
             .split(',')
             .map(|h| format!("http://{}", h.trim()))
@@ -378,8 +394,10 @@ impl EtcdStore {
             endpoints: self.endpoints.clone(),
         };
         let name = name.to_owned();
-        let task = tokio::spawn(async move { store.keep_alive(name, vtep, ttl_secs, lease).await });
-        Ok(Liveness { task })
+        let (tx, epochs) = watch::channel(0);
+        let task =
+            tokio::spawn(async move { store.keep_alive(name, vtep, ttl_secs, lease, tx).await });
+        Ok(Liveness { task, epochs })
     }
 
     async fn grant_alive(
@@ -402,31 +420,60 @@ impl EtcdStore {
         Ok(lease)
     }
 
-    async fn keep_alive(&self, name: String, vtep: Ipv4Addr, ttl_secs: i64, mut lease: i64) {
+    async fn keep_alive(
+        &self,
+        name: String,
+        vtep: Ipv4Addr,
+        ttl_secs: i64,
+        mut lease: i64,
+        epochs: watch::Sender<u64>,
+    ) {
         let period = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(300));
         loop {
-            let mut c = self.client.clone();
-            match c.lease_keep_alive(lease).await {
-                Ok((mut keeper, mut responses)) => loop {
-                    if keeper.keep_alive().await.is_err() {
-                        break;
+            if let Err(e) = self.hold_lease(lease, period).await {
+                log::debug!("keep-alive of node {name}: {e}");
+            }
+            // The stream broke: etcd is down, or the lease is gone (expired
+            // while we were cut off). Only the second needs a new lease.
+            if self.lease_expired(lease).await {
+                log::warn!("lease of node {name} expired; registering the node again");
+                match self.grant_alive(&name, vtep, ttl_secs).await {
+                    Ok(l) => {
+                        lease = l;
+                        epochs.send_modify(|e| *e += 1);
                     }
-                    match tokio::time::timeout(REQUEST_TIMEOUT, responses.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => tokio::time::sleep(period).await,
-                        Ok(Ok(Some(_))) => {
-                            log::warn!("lease of node {name} expired; registering it again");
-                            match self.grant_alive(&name, vtep, ttl_secs).await {
-                                Ok(l) => lease = l,
-                                Err(e) => log::warn!("{e}"),
-                            }
-                            break;
-                        }
-                        _ => break,
-                    }
-                },
-                Err(e) => log::warn!("keep-alive of node {name}: {e}; retrying"),
+                    Err(e) => log::warn!("{e}"),
+                }
             }
             tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Sends keep-alives for `lease` every `period` until the stream fails.
+    async fn hold_lease(&self, lease: i64, period: Duration) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        let (mut keeper, mut responses) =
+            self.call("keep-alive", c.lease_keep_alive(lease)).await?;
+        loop {
+            self.call("keep-alive", keeper.keep_alive()).await?;
+            match self.call("keep-alive reply", responses.message()).await? {
+                Some(r) if r.ttl() > 0 => tokio::time::sleep(period).await,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// True when etcd says `lease` no longer exists (false when it cannot
+    /// be asked: an unreachable etcd is not an expired lease).
+    async fn lease_expired(&self, lease: i64) -> bool {
+        let mut c = self.client.clone();
+        match self
+            .call("lease TTL", c.lease_time_to_live(lease, None))
+            .await
+        {
+            Ok(r) => r.ttl() <= 0,
+            Err(StoreError::Etcd { detail, .. }) => detail.contains("lease not found"),
+            Err(_) => false,
         }
     }
 
@@ -571,8 +618,41 @@ impl EtcdStore {
     }
 }
 
+/// `host:port` with a plausible host and a numeric port.
+fn is_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_[]:".contains(c))
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn endpoints_must_be_host_and_port() {
+        for good in [
+            "192.0.2.1:2379",
+            "etcd-1.example:2379",
+            "[2001:db8::1]:2379",
+        ] {
+            assert!(super::is_host_port(good), "{good}");
+        }
+        for bad in [
+            "not a url",
+            "192.0.2.1",
+            "192.0.2.1:0",
+            ":2379",
+            "h:port",
+            "h/x:1",
+        ] {
+            assert!(!super::is_host_port(bad), "{bad}");
+        }
+    }
+
     use super::*;
     use crate::model::{ContainerSpec, NetworkSpec};
 

@@ -75,6 +75,17 @@ pub enum Registration {
     Etcd(etcd::Liveness),
 }
 
+impl Registration {
+    /// Changes each time the node had to register again after losing its
+    /// liveness; never changes where liveness is not tracked.
+    pub fn reregistrations(&self) -> watch::Receiver<u64> {
+        match self {
+            Registration::File => watch::channel(0).1,
+            Registration::Etcd(l) => l.reregistrations(),
+        }
+    }
+}
+
 impl Store {
     /// Opens the store a URL names. For etcd, connects and checks that a
     /// request goes through, so a bad URL fails here, naming the endpoint.
