@@ -74,6 +74,24 @@ impl Netns {
         full
     }
 
+    /// The interface in this namespace that carries IPv4 address `addr`.
+    pub fn iface_with_addr(&self, addr: std::net::Ipv4Addr) -> Result<String> {
+        let out = self.ip(&["-o", "-4", "addr", "show"])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let needle = format!(" {addr}/");
+        text.lines()
+            .find(|line| line.contains(&needle))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .map(str::to_owned)
+            .with_context(|| format!("no interface with {addr} in {self}:\n{text}"))
+    }
+
+    /// The MAC address of `iface` in this namespace, as sysfs prints it.
+    pub fn link_mac(&self, iface: &str) -> Result<String> {
+        let out = self.exec(&["cat", &format!("/sys/class/net/{iface}/address")])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
     // `ip netns exec` remounts /sys for the target namespace, so sysfs must
     // be read through it rather than from this process.
     fn read_sysfs_number(&self, path: &str) -> Result<u64> {

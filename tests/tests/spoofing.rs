@@ -43,9 +43,9 @@ fn world_with_traffic(lab: &Lab) -> Result<(TwoHosts, u32, Netns, Ipv4Addr)> {
 fn send_forged_vxlan(world: &TwoHosts, vni: u32, victim: Ipv4Addr) -> Result<()> {
     let host_a = &world.hosts[0];
     let gateway = host_a.gateway.context("routed host has a gateway")?;
-    let router_iface = iface_with_addr(&world.router, gateway)?;
-    let router_mac = link_mac(&world.router, &router_iface)?;
-    let host_mac = link_mac(&host_a.netns, HOST_IFACE)?;
+    let router_iface = world.router.iface_with_addr(gateway)?;
+    let router_mac = world.router.link_mac(&router_iface)?;
+    let host_mac = host_a.netns.link_mac(HOST_IFACE)?;
     let script = format!(
         "from scapy.all import Ether, IP, UDP, ICMP, sendp\n\
          from scapy.layers.vxlan import VXLAN\n\
@@ -138,22 +138,4 @@ fn vxlan_for_an_unknown_vni_is_dropped_unattributed() -> Result<()> {
         "the forged frames were charged to a network"
     );
     world.stop()
-}
-
-/// The interface of `ns` that carries `addr`.
-fn iface_with_addr(ns: &Netns, addr: Ipv4Addr) -> Result<String> {
-    let out = ns.ip(&["-o", "-4", "addr", "show"])?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let needle = format!(" {addr}/");
-    text.lines()
-        .find(|line| line.contains(&needle))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .map(str::to_owned)
-        .with_context(|| format!("no interface with {addr} in {ns}:\n{text}"))
-}
-
-/// The MAC address of `iface` in `ns`.
-fn link_mac(ns: &Netns, iface: &str) -> Result<String> {
-    let out = ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")])?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

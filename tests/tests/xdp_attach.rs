@@ -2,8 +2,6 @@
 //! `ovl` load, attach in native XDP mode, count every frame in their maps,
 //! and leave neither hook nor pins behind when the agent stops.
 
-use std::net::Ipv4Addr;
-
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{HOST_IFACE, Lab, Netns, Ovl, ping};
 use serde_json::Value;
@@ -18,12 +16,12 @@ fn native_xdp_program_counts_exactly_the_packets_sent() -> Result<()> {
     let (router, hosts) = lab.routed_hosts(1)?;
     let host = &hosts[0];
     let gateway = host.gateway.context("routed host has a gateway")?;
-    let router_iface = iface_with_addr(&router, gateway)?;
+    let router_iface = router.iface_with_addr(gateway)?;
 
     // Permanent neighbours both ways: no ARP on the wire, so the frames the
     // hook sees are exactly the echo requests.
-    let host_mac = link_mac(&host.netns, HOST_IFACE)?;
-    let router_mac = link_mac(&router, &router_iface)?;
+    let host_mac = host.netns.link_mac(HOST_IFACE)?;
+    let router_mac = router.link_mac(&router_iface)?;
     router.ip(&[
         "neigh",
         "replace",
@@ -110,22 +108,4 @@ fn xdp_marks(link: &str) -> Vec<&str> {
     link.split_whitespace()
         .filter(|word| word.starts_with("xdp") || word.starts_with("prog/xdp"))
         .collect()
-}
-
-/// The interface of `ns` that carries `addr`.
-fn iface_with_addr(ns: &Netns, addr: Ipv4Addr) -> Result<String> {
-    let out = ns.ip(&["-o", "-4", "addr", "show"])?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let needle = format!(" {addr}/");
-    text.lines()
-        .find(|line| line.contains(&needle))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .map(str::to_owned)
-        .with_context(|| format!("no interface with {addr} in {ns}:\n{text}"))
-}
-
-/// The MAC address of `iface` in `ns`.
-fn link_mac(ns: &Netns, iface: &str) -> Result<String> {
-    let out = ns.exec(&["cat", &format!("/sys/class/net/{iface}/address")])?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
