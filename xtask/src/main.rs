@@ -4,8 +4,10 @@
 //! Every task a developer or CI runs on ovl, reproducible from a fresh
 //! machine: `setup` installs what is missing, the build tasks compile the
 //! kernel programs and the `ovl` binary that embeds them, `test`/`lint` are
-//! the CI gate and `demo` is the README's walk-through.
+//! the CI gate, `demo` is the README's walk-through and `bench` measures
+//! ovl against the bare underlay and Docker's kernel vxlan overlay.
 
+mod bench;
 mod check;
 mod command;
 mod demo;
@@ -64,6 +66,21 @@ enum Task {
     /// Two hosts behind a router, one overlay network, two containers
     /// pinging each other: the README's main job, step by step.
     Demo,
+    /// Release build, then throughput, latency, small-packet rate and CPU
+    /// of the bare underlay, the kernel vxlan overlay and ovl (each decap
+    /// mode), plus ovl's kernel programs alone; writes bench/results/.
+    Bench {
+        /// Fewer, shorter runs (3 runs of 1 s): a check that the whole
+        /// benchmark works, not figures to quote.
+        #[arg(long)]
+        quick: bool,
+        /// Runs per figure (at least 3; default 3).
+        #[arg(long)]
+        runs: Option<u32>,
+        /// Seconds per measurement (default 3, or 1 with --quick).
+        #[arg(long)]
+        seconds: Option<u32>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -116,6 +133,19 @@ fn run(task: Task) -> Result<()> {
             setup::toolchain()?;
             setup::packages()?;
             demo::run()
+        }
+        Task::Bench {
+            quick,
+            runs,
+            seconds,
+        } => {
+            setup::toolchain()?;
+            setup::packages()?;
+            bench::run(bench::Options {
+                quick,
+                runs,
+                seconds,
+            })
         }
     }
 }

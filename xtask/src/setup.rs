@@ -36,8 +36,9 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 
 /// Debian packages the tests and benchmarks run: namespaces and routing,
 /// probes, captures, load generators, scapy for crafted packets, bpftool,
-/// and etcd for the etcd store backend.
-const DEBIAN_PACKAGES: [&str; 12] = [
+/// etcd for the etcd store backend, and the font the benchmark chart's
+/// text is drawn with.
+const DEBIAN_PACKAGES: [&str; 13] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -50,6 +51,7 @@ const DEBIAN_PACKAGES: [&str; 12] = [
     "bpftool",
     "etcd-server",
     "etcd-client",
+    "fonts-dejavu-core",
 ];
 
 /// Debian packages the build itself needs: protoc and protobuf's

@@ -1,0 +1,169 @@
+// The micro-benchmark's world: ovl's programs loaded in a throwaway network
+// namespace, maps filled as an agent would fill them for one network.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use ovl_common::maps::names;
+use ovl_common::{Endpoint, NodeConfig};
+use ovl_tests::{Lab, Netns};
+use ovl_userspace::datapath::Datapath;
+use ovl_userspace::{netlink, netns};
+
+use crate::frames::container_mac;
+
+/// The network's VXLAN network identifier.
+pub const VNI: u32 = 4096;
+/// Overlay MTU over a 1500-byte underlay.
+pub const OVERLAY_MTU: u32 = 1450;
+/// This node's VTEP address.
+pub const LOCAL_VTEP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// The peer VTEP, one routed hop away.
+pub const REMOTE_VTEP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// The stand-in underlay device's MAC.
+pub const UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+/// The underlay gateway's MAC (a permanent neighbour entry).
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// A local container on the test-run device (ifindex 1, `lo`).
+pub const LOCAL_CONTAINER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// A container behind [`REMOTE_VTEP`].
+pub const REMOTE_CONTAINER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+/// A second local container, on a made-up ifindex.
+pub const NEIGHBOUR_CONTAINER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
+/// The made-up host-side ifindex of [`NEIGHBOUR_CONTAINER`].
+const NEIGHBOUR_IFINDEX: u32 = 77;
+/// The device BPF_PROG_TEST_RUN runs TC programs on: `lo`.
+pub const TEST_RUN_IFINDEX: u32 = 1;
+/// The stand-in underlay device.
+const UNDERLAY_IFACE: &str = "ul0";
+
+/// Loaded programs with one network (VNI [`VNI`]) whose endpoints are two
+/// local containers and one remote, inside a namespace with a routed
+/// underlay. Field order is drop order: programs, then the thread's return
+/// to its namespace, then the lab.
+pub struct Fixture {
+    pub datapath: Datapath,
+    _inside: netns::Entered,
+    netns: Netns,
+    _pin_dir: PathBuf,
+    _lab: Lab,
+}
+
+impl Fixture {
+    /// Builds the namespace, moves this thread into it and loads ovl's
+    /// kernel programs there.
+    pub fn new() -> Result<Fixture> {
+        let lab = Lab::new("micro")?;
+        let ns = lab.netns("micro")?;
+        // A veth pair stands in for the underlay NIC: the FIB lookups of
+        // encapsulation need a real device, route and neighbour.
+        ns.ip(&[
+            "link",
+            "add",
+            UNDERLAY_IFACE,
+            "address",
+            &mac_text(UNDERLAY_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0p",
+        ])?;
+        ns.ip(&["addr", "add", "192.0.2.10/24", "dev", UNDERLAY_IFACE])?;
+        ns.ip(&["link", "set", "ul0p", "up"])?;
+        ns.ip(&["link", "set", UNDERLAY_IFACE, "up"])?;
+        ns.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.1"])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "192.0.2.1",
+            "lladdr",
+            &mac_text(GATEWAY_MAC),
+            "dev",
+            UNDERLAY_IFACE,
+            "nud",
+            "permanent",
+        ])?;
+        let pin_dir = lab.bpffs()?.join("node");
+        std::fs::create_dir(&pin_dir)
+            .with_context(|| format!("cannot create {}", pin_dir.display()))?;
+        let inside = netns::enter(ns.name())?;
+        let underlay_ifindex = netlink::ifindex(UNDERLAY_IFACE)
+            .with_context(|| format!("ifindex of {UNDERLAY_IFACE}"))?;
+
+        let mut datapath = Datapath::load(&pin_dir)?;
+        datapath.set_config(NodeConfig {
+            vtep: LOCAL_VTEP.octets(),
+            underlay_ifindex,
+            underlay_mtu: 1500,
+            _pad: 0,
+        })?;
+        datapath.sync_stats([VNI].into_iter())?;
+        datapath.sync_u32_map(names::NETWORKS, &BTreeMap::from([(VNI, OVERLAY_MTU)]))?;
+        datapath.sync_u32_map(
+            names::IFACES,
+            &BTreeMap::from([(TEST_RUN_IFINDEX, VNI), (NEIGHBOUR_IFINDEX, VNI)]),
+        )?;
+        datapath.sync_vteps(&[(VNI, REMOTE_VTEP.octets())].into())?;
+        let local = |ip: Ipv4Addr, ifindex| Endpoint {
+            mac: container_mac(ip),
+            _pad: [0; 2],
+            ifindex,
+            vtep: [0; 4],
+        };
+        datapath.sync_endpoints(&BTreeMap::from([
+            (
+                (VNI, LOCAL_CONTAINER.octets()),
+                local(LOCAL_CONTAINER, TEST_RUN_IFINDEX),
+            ),
+            (
+                (VNI, NEIGHBOUR_CONTAINER.octets()),
+                local(NEIGHBOUR_CONTAINER, NEIGHBOUR_IFINDEX),
+            ),
+            (
+                (VNI, REMOTE_CONTAINER.octets()),
+                Endpoint {
+                    mac: container_mac(REMOTE_CONTAINER),
+                    _pad: [0; 2],
+                    ifindex: 0,
+                    vtep: REMOTE_VTEP.octets(),
+                },
+            ),
+        ]))?;
+        Ok(Fixture {
+            datapath,
+            _inside: inside,
+            netns: ns,
+            _pin_dir: pin_dir,
+            _lab: lab,
+        })
+    }
+
+    /// Turns IPv4 forwarding on or off in the namespace: with it on,
+    /// encapsulation resolves the next hop with `bpf_fib_lookup`; with it
+    /// off the helper refuses and ovl hands the packet to the kernel's
+    /// routing (`bpf_redirect_neigh`).
+    pub fn set_forwarding(&self, on: bool) -> Result<()> {
+        let value = if on { "1" } else { "0" };
+        self.netns.sysctl("net.ipv4.conf.all.forwarding", value)?;
+        self.netns
+            .sysctl(&format!("net.ipv4.conf.{UNDERLAY_IFACE}.forwarding"), value)
+    }
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|octet| format!("{octet:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A `__sk_buff` test-run context whose `ifindex` is `ifindex` (the
+/// field sits at byte 40 of the 192-byte UAPI struct).
+pub fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}

@@ -1,0 +1,293 @@
+// `ovl-microbench`: ovl's kernel programs alone, timed per packet with
+// BPF_PROG_TEST_RUN; `cargo xtask bench` runs it and reads its JSON.
+
+//! Times every kernel program on representative frames (encapsulation of a
+//! 64- and a 1400-byte frame, decapsulation of the same in XDP and TC, the
+//! pass-through every other underlay packet pays, same-host switching) and
+//! prints one JSON array on stdout.
+//!
+//! BPF_PROG_TEST_RUN with `repeat` reruns the program on the packet *as the
+//! previous run left it*: after one encapsulation the next run sees an
+//! encapsulated frame, after one decapsulation a plain one. So each case is
+//! timed as the median of many single runs (each one the real path), and
+//! the repeat figure is kept only where the program leaves its input
+//! unchanged, with the action the last run returned as evidence otherwise.
+//!
+//! Usage: `ovl-microbench [--samples N] [--repeat N]` (root; built with
+//! `cargo build -p xtask --features microbench`).
+
+mod fixture;
+mod frames;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use ovl_common::maps::programs;
+use ovl_common::wire::{ENCAP_OVERHEAD, ETH_P_IP, IPPROTO_UDP};
+use serde_json::{Value, json};
+
+use crate::fixture::{
+    Fixture, GATEWAY_MAC, LOCAL_CONTAINER, LOCAL_VTEP, NEIGHBOUR_CONTAINER, REMOTE_CONTAINER,
+    REMOTE_VTEP, TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
+};
+use crate::frames::{container_udp_frame, ethernet, ipv4, udp, vxlan_frame};
+
+/// XDP verdicts (uapi `enum xdp_action`).
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+/// TC verdicts (uapi `TC_ACT_*`).
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// Single runs per case unless `--samples` says otherwise.
+const DEFAULT_SAMPLES: usize = 20_000;
+/// Runs of one BPF_PROG_TEST_RUN call in the repeat figure.
+const DEFAULT_REPEAT: u32 = 100_000;
+
+/// One timed program on one frame.
+struct Case {
+    name: &'static str,
+    program: &'static str,
+    hook: &'static str,
+    frame: Vec<u8>,
+    /// `__sk_buff` context for TC programs; XDP runs without one.
+    ctx: Option<Vec<u8>>,
+    expected_action: u32,
+    /// How much longer (positive) or shorter the output frame is.
+    length_change: isize,
+    /// IPv4 forwarding in the fixture namespace during this case.
+    forwarding: bool,
+}
+
+fn cases() -> Vec<Case> {
+    let tc_ctx = || Some(skb_ctx(TEST_RUN_IFINDEX));
+    let encap_overhead = ENCAP_OVERHEAD as isize;
+    let outbound = |len| container_udp_frame(LOCAL_CONTAINER, REMOTE_CONTAINER, len);
+    let inbound = |len| {
+        vxlan_frame(
+            REMOTE_VTEP,
+            LOCAL_VTEP,
+            UNDERLAY_MAC,
+            GATEWAY_MAC,
+            VNI,
+            &container_udp_frame(REMOTE_CONTAINER, LOCAL_CONTAINER, len),
+        )
+    };
+    let encap = |name, len, forwarding| Case {
+        name,
+        program: programs::TC_EGRESS,
+        hook: "TC (container veth)",
+        frame: outbound(len),
+        ctx: tc_ctx(),
+        expected_action: TC_ACT_REDIRECT,
+        length_change: encap_overhead,
+        forwarding,
+    };
+    let decap = |name, len, program, hook, ctx, expected_action| Case {
+        name,
+        program,
+        hook,
+        frame: inbound(len),
+        ctx,
+        expected_action,
+        length_change: -encap_overhead,
+        forwarding: true,
+    };
+    // Plain UDP to the host itself: what every non-overlay packet of the
+    // underlay pays for the decap hook.
+    let host_udp = ethernet(
+        UNDERLAY_MAC,
+        GATEWAY_MAC,
+        ETH_P_IP,
+        &ipv4(
+            REMOTE_VTEP,
+            LOCAL_VTEP,
+            IPPROTO_UDP,
+            &udp(5000, 53, &[0; 22]),
+        ),
+    );
+    vec![
+        encap("encap 64 B, forwarding on (bpf_fib_lookup)", 64, true),
+        encap("encap 1400 B, forwarding on (bpf_fib_lookup)", 1400, true),
+        encap("encap 64 B, forwarding off (bpf_redirect_neigh)", 64, false),
+        encap(
+            "encap 1400 B, forwarding off (bpf_redirect_neigh)",
+            1400,
+            false,
+        ),
+        decap(
+            "decap 64 B",
+            64,
+            programs::XDP_DECAP,
+            "XDP (underlay)",
+            None,
+            XDP_REDIRECT,
+        ),
+        decap(
+            "decap 1400 B",
+            1400,
+            programs::XDP_DECAP,
+            "XDP (underlay)",
+            None,
+            XDP_REDIRECT,
+        ),
+        decap(
+            "decap 64 B",
+            64,
+            programs::TC_DECAP,
+            "TC ingress (underlay)",
+            tc_ctx(),
+            TC_ACT_REDIRECT,
+        ),
+        decap(
+            "decap 1400 B",
+            1400,
+            programs::TC_DECAP,
+            "TC ingress (underlay)",
+            tc_ctx(),
+            TC_ACT_REDIRECT,
+        ),
+        Case {
+            name: "pass-through, non-VXLAN UDP 64 B",
+            program: programs::XDP_DECAP,
+            hook: "XDP (underlay)",
+            frame: host_udp.clone(),
+            ctx: None,
+            expected_action: XDP_PASS,
+            length_change: 0,
+            forwarding: true,
+        },
+        Case {
+            name: "pass-through, non-VXLAN UDP 64 B",
+            program: programs::TC_DECAP,
+            hook: "TC ingress (underlay)",
+            frame: host_udp,
+            ctx: tc_ctx(),
+            expected_action: TC_ACT_OK,
+            length_change: 0,
+            forwarding: true,
+        },
+        Case {
+            name: "same-host switch 64 B",
+            program: programs::TC_EGRESS,
+            hook: "TC (container veth)",
+            frame: container_udp_frame(LOCAL_CONTAINER, NEIGHBOUR_CONTAINER, 64),
+            ctx: tc_ctx(),
+            expected_action: TC_ACT_REDIRECT,
+            length_change: 0,
+            forwarding: true,
+        },
+    ]
+}
+
+struct Options {
+    samples: usize,
+    repeat: u32,
+}
+
+fn parse_args() -> Result<Options> {
+    let mut options = Options {
+        samples: DEFAULT_SAMPLES,
+        repeat: DEFAULT_REPEAT,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--samples" => options.samples = value.parse().context("--samples")?,
+            "--repeat" => options.repeat = value.parse().context("--repeat")?,
+            _ => bail!("unknown argument {flag}; usage: ovl-microbench [--samples N] [--repeat N]"),
+        }
+    }
+    ensure!(options.samples > 0, "--samples must be positive");
+    Ok(options)
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ovl-microbench: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let options = parse_args()?;
+    let fixture = Fixture::new()?;
+    let mut rows = Vec::new();
+    for case in cases() {
+        fixture.set_forwarding(case.forwarding)?;
+        let row = measure(&fixture, &case, &options)
+            .with_context(|| format!("{} ({})", case.name, case.program))?;
+        rows.push(row);
+    }
+    println!("{}", Value::Array(rows));
+    Ok(())
+}
+
+/// Checks the case takes the path it names, then times it.
+fn measure(fixture: &Fixture, case: &Case, options: &Options) -> Result<Value> {
+    let datapath = &fixture.datapath;
+    let ctx = case.ctx.as_deref();
+    let first = datapath.test_run(case.program, &case.frame, ctx, 1)?;
+    ensure!(
+        first.action == case.expected_action,
+        "returned action {} instead of {}: the fixture does not exercise this path",
+        first.action,
+        case.expected_action
+    );
+    let expected_len = case.frame.len() as isize + case.length_change;
+    ensure!(
+        first.output.len() as isize == expected_len,
+        "output frame is {} bytes, expected {expected_len}",
+        first.output.len()
+    );
+
+    let mut single_ns = Vec::with_capacity(options.samples);
+    for _ in 0..options.samples {
+        let outcome = datapath.test_run(case.program, &case.frame, ctx, 1)?;
+        ensure!(
+            outcome.action == case.expected_action,
+            "a single run returned action {}",
+            outcome.action
+        );
+        single_ns.push(nanos(outcome.duration));
+    }
+    single_ns.sort_unstable();
+
+    let repeated = datapath.test_run(case.program, &case.frame, ctx, options.repeat)?;
+    // Only a program that leaves its input as it found it reruns the same
+    // path: the last run's action and output say whether it did.
+    let repeat_same_path = case.length_change == 0
+        && repeated.action == case.expected_action
+        && repeated.output == first.output;
+    Ok(json!({
+        "case": case.name,
+        "program": case.program,
+        "hook": case.hook,
+        "frame_bytes": case.frame.len(),
+        "expected_action": case.expected_action,
+        "samples": options.samples,
+        "single_median_ns": percentile(&single_ns, 50),
+        "single_p90_ns": percentile(&single_ns, 90),
+        "repeat": options.repeat,
+        "repeat_mean_ns": nanos(repeated.duration),
+        "repeat_same_path": repeat_same_path,
+        "repeat_last_action": repeated.action,
+    }))
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The `pct`th percentile of sorted, non-empty `values` (nearest rank).
+fn percentile(sorted: &[u64], pct: usize) -> u64 {
+    let rank = (sorted.len() * pct).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
