@@ -38,6 +38,8 @@ pub struct Delivery {
     pub mac: [u8; 6],
     /// Offset of the inner Ethernet header: bytes to strip.
     pub inner_offset: usize,
+    /// The network's MTU.
+    pub mtu: u32,
 }
 
 /// Decides what to do with an underlay frame: `Ok(None)` when it is not
@@ -85,9 +87,9 @@ pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped
         return Err(Dropped::unattributed(DropReason::Malformed));
     }
     let vni = vx.vni();
-    if !maps::serves_vni(vni) {
+    let Some(mtu) = maps::network_mtu(vni) else {
         return Err(Dropped::unattributed(DropReason::UnknownVni));
-    }
+    };
     if !maps::vtep_allowed(vni, ip.src_addr) {
         return Err(Dropped::on(vni, DropReason::UnknownVtep));
     }
@@ -103,6 +105,7 @@ pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped
             ifindex: ep.ifindex,
             mac: ep.mac,
             inner_offset,
+            mtu,
         })),
         _ => Err(Dropped::on(vni, DropReason::NoEndpoint)),
     }
@@ -120,7 +123,14 @@ pub fn deliver_xdp(ctx: &XdpContext, frame: &Frame, d: &Delivery) -> Result<u32,
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, d.inner_offset as i32) } != 0 {
         return Err(Dropped::on(d.vni, DropReason::Malformed));
     }
-    stats::rx(d.vni, (ctx.data_end() - ctx.data()) as u64);
+    // A frame beyond the container's MTU (a GRO super-packet under generic
+    // XDP, say) would be refused by the redirect after this program counted
+    // it delivered: refuse it here, counted.
+    let inner_len = (ctx.data_end() - ctx.data()) as u64;
+    if inner_len > u64::from(d.mtu) + ETH_HDR_LEN as u64 {
+        return Err(Dropped::on(d.vni, DropReason::TooBig));
+    }
+    stats::rx(d.vni, inner_len);
     // SAFETY: helper call; the action it returns is the program's verdict.
     Ok(unsafe { bpf_redirect(d.ifindex, 0) } as u32)
 }

@@ -53,10 +53,11 @@ pub fn endpoint(vni: u32, addr: [u8; 4]) -> Option<Endpoint> {
     unsafe { ENDPOINTS.get(VniAddr { vni, addr }).copied() }
 }
 
-/// True when `vni` is a network this node serves.
+/// The MTU of network `vni`, when this node serves it.
 #[inline(always)]
-pub fn serves_vni(vni: u32) -> bool {
-    NETWORKS.get_ptr(vni).is_some()
+pub fn network_mtu(vni: u32) -> Option<u32> {
+    // SAFETY: the value is copied out immediately.
+    unsafe { NETWORKS.get(vni).copied() }
 }
 
 /// True when `vtep` may send VXLAN for `vni`.

@@ -26,7 +26,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ov
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecapMode {
     /// Pick by driver: TC on veth (native XDP there disables the peer's
-    /// TSO), native XDP elsewhere, generic XDP if native is refused.
+    /// TSO), native XDP elsewhere, TC where the driver refuses native XDP.
     Auto,
     /// XDP in the driver.
     Native,
@@ -154,12 +154,11 @@ impl Datapath {
                         return Ok(DecapMode::Native);
                     }
                     Err(e) => {
-                        log::warn!("native XDP refused on {iface} ({e}); using generic XDP");
-                        self.decap = Some(DecapLink::Xdp(
-                            prog.attach(iface, XdpMode::Skb)
-                                .with_context(|| format!("attach generic XDP to {iface}"))?,
-                        ));
-                        return Ok(DecapMode::Generic);
+                        // Not generic XDP: it sees GRO super-packets it
+                        // cannot redirect (measured: TCP stalls). TC sees
+                        // the same packets and keeps their GSO state.
+                        log::warn!("native XDP refused on {iface} ({e}); using TC ingress");
+                        return self.attach_decap(iface, DecapMode::Tc, driver);
                     }
                 }
             }

@@ -299,6 +299,26 @@ fn decap_drops_unknown_vni_malformed_and_misaddressed_vxlan() -> Result<()> {
 }
 
 #[test]
+fn xdp_decap_refuses_frames_beyond_the_network_mtu_instead_of_counting_them_delivered() -> Result<()>
+{
+    let f = fixture("gold-xdp-big")?;
+    // A 1500-byte inner packet on a network with MTU 1450: what generic XDP
+    // sees of a GRO super-packet. The redirect would fail after the fact.
+    let big = eth(
+        mac_of(C1),
+        mac_of(C2),
+        ETH_P_IP,
+        &ipv4(C2, C1, IPPROTO_ICMP, &icmp_echo(7, 1, 1472)),
+    );
+    let input = vxlan_from(REMOTE_VTEP, VNI, &big);
+    let (action, _) = f.run(programs::XDP_DECAP, &input, None, VNI, |c| {
+        c.drops[DropReason::TooBig as usize] += 1
+    })?;
+    ensure!(action == XDP_DROP, "action {action}");
+    Ok(())
+}
+
+#[test]
 fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
     let f = fixture("gold-pass")?;
     let other_udp = eth(
