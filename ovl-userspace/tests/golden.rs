@@ -5,166 +5,73 @@
 //! Runs in a namespace of its own holding one stand-in underlay device, so the
 //! FIB lookups of encapsulation see a known route and neighbour.
 
-mod packets;
+#[allow(dead_code, reason = "shared with the micro-benchmark; each uses part")]
+mod testbed;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
+use ovl_common::wire::ETH_P_IP;
 use ovl_common::{
-    DropReason, Endpoint, NodeConfig, VniCounters,
+    DropReason, VniCounters,
     counters::UNATTRIBUTED_VNI,
     maps::{names, programs},
 };
-use ovl_tests::Lab;
-use ovl_userspace::{datapath, datapath::Datapath, netlink, netns};
-use packets::*;
+use ovl_userspace::datapath;
+use testbed::{
+    fixture::{
+        Fixture, GATEWAY_MAC, LOCAL_CONTAINER as C1, LOCAL_VTEP, NEIGHBOUR_CONTAINER as C3,
+        REMOTE_CONTAINER as C2, REMOTE_VTEP, TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
+    },
+    frames::{
+        IPPROTO_ICMP, arp_reply, arp_request, container_mac as mac_of, ethernet as eth, hex,
+        icmp_echo, internet_checksum as checksum, ipv4, udp, vxlan_header as vxlan_hdr,
+    },
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const IPPROTO_UDP: u8 = 17;
 
-/// A loaded datapath with one network (VNI 4096, MTU 1450) and endpoints:
-/// C1 198.18.0.2 local on ifindex 1 (the test-run device), C3 198.18.0.4
-/// local on ifindex 77, C2 198.18.0.3 behind VTEP 198.51.100.10.
-struct Fixture {
-    dp: Datapath,
-    pin_dir: std::path::PathBuf,
-    underlay_mac: [u8; 6],
-    _inside: netns::Entered,
-    _lab: Lab,
-}
-
-const VNI: u32 = 4096;
-const LOCAL_VTEP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const REMOTE_VTEP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const C1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const C2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
-const C3: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
-const C3_IFINDEX: u32 = 77;
-
+/// The shared testbed with forwarding on, so encapsulation resolves its
+/// next hop through the FIB and writes known MACs.
 fn fixture(tag: &str) -> Result<Fixture> {
-    let lab = Lab::new(tag)?;
-    let ns = lab.netns("golden")?;
-    // A veth pair stands in for the underlay NIC (this kernel has no dummy).
-    ns.ip(&[
-        "link",
-        "add",
-        "ul0",
-        "address",
-        "02:00:00:00:00:10",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ul0p",
-    ])?;
-    ns.ip(&["addr", "add", "192.0.2.10/24", "dev", "ul0"])?;
-    ns.ip(&["link", "set", "ul0p", "up"])?;
-    ns.ip(&["link", "set", "ul0", "up"])?;
-    ns.ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.1"])?;
-    ns.ip(&[
-        "neigh",
-        "replace",
-        "192.0.2.1",
-        "lladdr",
-        "02:00:00:00:00:01",
-        "dev",
-        "ul0",
-        "nud",
-        "permanent",
-    ])?;
-    ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
-    ns.sysctl("net.ipv4.conf.ul0.forwarding", "1")?;
-    let pin_dir = lab.bpffs()?.join("node");
-    std::fs::create_dir(&pin_dir)?;
-    let inside = netns::enter(ns.name())?;
-    let ul0 = netlink::ifindex("ul0").context("ul0 index")?;
-
-    let mut dp = Datapath::load(&pin_dir)?;
-    dp.set_config(NodeConfig {
-        vtep: LOCAL_VTEP.octets(),
-        underlay_ifindex: ul0,
-        underlay_mtu: 1500,
-        _pad: 0,
-    })?;
-    dp.sync_stats([VNI].into_iter())?;
-    dp.sync_u32_map(names::NETWORKS, &BTreeMap::from([(VNI, 1450)]))?;
-    dp.sync_u32_map(
-        names::IFACES,
-        &BTreeMap::from([(1, VNI), (C3_IFINDEX, VNI)]),
-    )?;
-    dp.sync_vteps(&[(VNI, REMOTE_VTEP.octets())].into())?;
-    let local = |ip: Ipv4Addr, ifindex| Endpoint {
-        mac: mac_of(ip),
-        _pad: [0; 2],
-        ifindex,
-        vtep: [0; 4],
-    };
-    dp.sync_endpoints(&BTreeMap::from([
-        ((VNI, C1.octets()), local(C1, 1)),
-        ((VNI, C3.octets()), local(C3, C3_IFINDEX)),
-        (
-            (VNI, C2.octets()),
-            Endpoint {
-                mac: mac_of(C2),
-                _pad: [0; 2],
-                ifindex: 0,
-                vtep: REMOTE_VTEP.octets(),
-            },
-        ),
-    ]))?;
-    Ok(Fixture {
-        dp,
-        pin_dir,
-        underlay_mac: [0x02, 0, 0, 0, 0, 0x10],
-        _inside: inside,
-        _lab: lab,
-    })
+    let f = Fixture::new(tag)?;
+    f.set_forwarding(true)?;
+    Ok(f)
 }
 
-impl Fixture {
-    fn counters(&self, vni: u32) -> Result<VniCounters> {
-        Ok(datapath::read_counters(&self.pin_dir)?
-            .get(&vni)
-            .copied()
-            .unwrap_or_default())
-    }
-
-    fn global(&self) -> Result<Vec<u64>> {
-        datapath::read_global(&self.pin_dir)
-    }
-
-    /// Runs `program` on `input`; returns action and output and checks that
-    /// the counters of `vni` moved exactly as `expect` says.
-    fn run(
-        &self,
-        program: &str,
-        input: &[u8],
-        ctx: Option<&[u8]>,
-        vni: u32,
-        expect: impl FnOnce(&mut VniCounters),
-    ) -> Result<(u32, Vec<u8>)> {
-        let before = self.counters(vni)?;
-        let out = self.dp.test_run(program, input, ctx, 1)?;
-        let mut want = before;
-        expect(&mut want);
-        let got = self.counters(vni)?;
-        ensure!(
-            got == want,
-            "{program}: counters of VNI {vni}\n  got  {got:?}\n  want {want:?}"
-        );
-        Ok((out.action, out.output))
-    }
+/// Counters of `vni` in the fixture's pinned maps.
+fn counters(f: &Fixture, vni: u32) -> Result<VniCounters> {
+    Ok(datapath::read_counters(f.pin_dir())?
+        .get(&vni)
+        .copied()
+        .unwrap_or_default())
 }
 
-/// A `__sk_buff` test-run context whose `ifindex` is `ifindex`.
-fn skb_ctx(ifindex: u32) -> Vec<u8> {
-    let mut ctx = vec![0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx
+/// Runs `program` on `input`; returns action and output and checks that the
+/// counters of `vni` moved exactly as `expect` says.
+fn run(
+    f: &Fixture,
+    program: &str,
+    input: &[u8],
+    ctx: Option<&[u8]>,
+    vni: u32,
+    expect: impl FnOnce(&mut VniCounters),
+) -> Result<(u32, Vec<u8>)> {
+    let before = counters(f, vni)?;
+    let out = f.datapath.test_run(program, input, ctx, 1)?;
+    let mut want = before;
+    expect(&mut want);
+    let got = counters(f, vni)?;
+    ensure!(
+        got == want,
+        "{program}: counters of VNI {vni}\n  got  {got:?}\n  want {want:?}"
+    );
+    Ok((out.action, out.output))
 }
 
 fn vxlan_from(src_vtep: Ipv4Addr, vni: u32, inner: &[u8]) -> Vec<u8> {
@@ -196,13 +103,13 @@ fn echo(src: Ipv4Addr, dst: Ipv4Addr, dst_mac: [u8; 6]) -> Vec<u8> {
 fn every_program_and_map_of_the_contract_is_in_the_object() -> Result<()> {
     let f = fixture("gold-names")?;
     for name in names::ALL {
-        ensure!(f.pin_dir.join(name).exists(), "map {name} not pinned");
+        ensure!(f.pin_dir().join(name).exists(), "map {name} not pinned");
     }
-    let ctx = skb_ctx(1);
+    let ctx = skb_ctx(TEST_RUN_IFINDEX);
     for name in programs::ALL {
         // A program that is missing fails the run with "program missing".
         let ctx = (name != programs::XDP_DECAP).then_some(ctx.as_slice());
-        f.dp.test_run(name, &[0u8; 64], ctx, 1)?;
+        f.datapath.test_run(name, &[0u8; 64], ctx, 1)?;
     }
     Ok(())
 }
@@ -215,8 +122,8 @@ fn decap_delivers_vxlan_for_a_local_endpoint() -> Result<()> {
     let input = vxlan_from(REMOTE_VTEP, VNI, &inner);
     let expected = echo(C2, C1, mac_of(C1));
     for program in [programs::XDP_DECAP, programs::TC_DECAP] {
-        let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(1));
-        let (action, out) = f.run(program, &input, ctx.as_deref(), VNI, |c| {
+        let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(TEST_RUN_IFINDEX));
+        let (action, out) = run(&f, program, &input, ctx.as_deref(), VNI, |c| {
             c.rx_packets += 1;
             c.rx_bytes += expected.len() as u64;
         })?;
@@ -240,7 +147,7 @@ fn decap_delivers_vxlan_for_a_local_endpoint() -> Result<()> {
 fn decap_drops_vxlan_from_unknown_vtep() -> Result<()> {
     let f = fixture("gold-spoof")?;
     let input = vxlan_from(Ipv4Addr::new(192, 0, 2, 66), VNI, &echo(C2, C1, mac_of(C1)));
-    let (action, _) = f.run(programs::XDP_DECAP, &input, None, VNI, |c| {
+    let (action, _) = run(&f, programs::XDP_DECAP, &input, None, VNI, |c| {
         c.drops[DropReason::UnknownVtep as usize] += 1
     })?;
     ensure!(action == XDP_DROP, "action {action}");
@@ -288,11 +195,10 @@ fn decap_drops_unknown_vni_malformed_and_misaddressed_vxlan() -> Result<()> {
         ),
     ];
     for (what, input, vni, reason) in cases {
-        let (action, _) = f
-            .run(programs::XDP_DECAP, &input, None, vni, |c| {
-                c.drops[reason as usize] += 1
-            })
-            .with_context(|| what.to_owned())?;
+        let (action, _) = run(&f, programs::XDP_DECAP, &input, None, vni, |c| {
+            c.drops[reason as usize] += 1
+        })
+        .with_context(|| what.to_owned())?;
         ensure!(action == XDP_DROP, "{what}: action {action}");
     }
     Ok(())
@@ -311,7 +217,7 @@ fn xdp_decap_refuses_frames_beyond_the_network_mtu_instead_of_counting_them_deli
         &ipv4(C2, C1, IPPROTO_ICMP, &icmp_echo(7, 1, 1472)),
     );
     let input = vxlan_from(REMOTE_VTEP, VNI, &big);
-    let (action, _) = f.run(programs::XDP_DECAP, &input, None, VNI, |c| {
+    let (action, _) = run(&f, programs::XDP_DECAP, &input, None, VNI, |c| {
         c.drops[DropReason::TooBig as usize] += 1
     })?;
     ensure!(action == XDP_DROP, "action {action}");
@@ -353,9 +259,9 @@ fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
         ("VXLAN for another host", to_other_host),
         ("ARP", arp),
     ] {
-        let g0 = f.global()?;
-        let (action, out) = f.run(programs::XDP_DECAP, &input, None, VNI, |_| {})?;
-        let g1 = f.global()?;
+        let g0 = datapath::read_global(f.pin_dir())?;
+        let (action, out) = run(&f, programs::XDP_DECAP, &input, None, VNI, |_| {})?;
+        let g1 = datapath::read_global(f.pin_dir())?;
         ensure!(action == XDP_PASS, "{what}: action {action}");
         ensure!(out == input, "{what}: packet changed");
         ensure!(
@@ -370,17 +276,27 @@ fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
 fn egress_answers_arp_for_an_endpoint_of_the_network() -> Result<()> {
     let f = fixture("gold-arp")?;
     let request = arp_request(mac_of(C1), C1, C2);
-    let (action, out) = f.run(programs::TC_EGRESS, &request, Some(&skb_ctx(1)), VNI, |c| {
-        c.arp_replies += 1
-    })?;
+    let (action, out) = run(
+        &f,
+        programs::TC_EGRESS,
+        &request,
+        Some(&skb_ctx(TEST_RUN_IFINDEX)),
+        VNI,
+        |c| c.arp_replies += 1,
+    )?;
     ensure!(action == TC_ACT_REDIRECT, "action {action}");
     let want = arp_reply(mac_of(C2), C2, mac_of(C1), C1);
     ensure!(out == want, "reply\n{}\nwant\n{}", hex(&out), hex(&want));
 
     let unknown = arp_request(mac_of(C1), C1, Ipv4Addr::new(198, 18, 0, 200));
-    let (action, _) = f.run(programs::TC_EGRESS, &unknown, Some(&skb_ctx(1)), VNI, |c| {
-        c.drops[DropReason::NoEndpoint as usize] += 1
-    })?;
+    let (action, _) = run(
+        &f,
+        programs::TC_EGRESS,
+        &unknown,
+        Some(&skb_ctx(TEST_RUN_IFINDEX)),
+        VNI,
+        |c| c.drops[DropReason::NoEndpoint as usize] += 1,
+    )?;
     ensure!(action == TC_ACT_SHOT, "unknown target: action {action}");
     Ok(())
 }
@@ -389,9 +305,14 @@ fn egress_answers_arp_for_an_endpoint_of_the_network() -> Result<()> {
 fn egress_switches_to_a_local_endpoint_without_encapsulation() -> Result<()> {
     let f = fixture("gold-local")?;
     let input = echo(C1, C3, [0x02, 0x42, 0, 0, 0, 1]);
-    let (action, out) = f.run(programs::TC_EGRESS, &input, Some(&skb_ctx(1)), VNI, |c| {
-        c.local_packets += 1
-    })?;
+    let (action, out) = run(
+        &f,
+        programs::TC_EGRESS,
+        &input,
+        Some(&skb_ctx(TEST_RUN_IFINDEX)),
+        VNI,
+        |c| c.local_packets += 1,
+    )?;
     ensure!(action == TC_ACT_REDIRECT, "action {action}");
     ensure!(out == echo(C1, C3, mac_of(C3)), "output\n{}", hex(&out));
     Ok(())
@@ -401,15 +322,22 @@ fn egress_switches_to_a_local_endpoint_without_encapsulation() -> Result<()> {
 fn egress_encapsulates_to_the_remote_vtep_per_rfc7348() -> Result<()> {
     let f = fixture("gold-encap")?;
     let inner = echo(C1, C2, mac_of(C2));
-    let (action, out) = f.run(programs::TC_EGRESS, &inner, Some(&skb_ctx(1)), VNI, |c| {
-        c.tx_packets += 1;
-        c.tx_bytes += inner.len() as u64;
-    })?;
+    let (action, out) = run(
+        &f,
+        programs::TC_EGRESS,
+        &inner,
+        Some(&skb_ctx(TEST_RUN_IFINDEX)),
+        VNI,
+        |c| {
+            c.tx_packets += 1;
+            c.tx_bytes += inner.len() as u64;
+        },
+    )?;
     ensure!(action == TC_ACT_REDIRECT, "action {action}");
     ensure!(out.len() == inner.len() + 50, "length {}", out.len());
     // Outer Ethernet: from the underlay device to the gateway's MAC (FIB + neighbour).
     ensure!(
-        out[0..6] == GATEWAY_MAC && out[6..12] == f.underlay_mac && out[12..14] == [0x08, 0x00],
+        out[0..6] == GATEWAY_MAC && out[6..12] == UNDERLAY_MAC && out[12..14] == [0x08, 0x00],
         "outer eth\n{}",
         hex(&out[..14])
     );
@@ -480,11 +408,15 @@ fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
         ("truncated ARP", runt, DropReason::Malformed),
     ];
     for (what, input, reason) in cases {
-        let (action, _) = f
-            .run(programs::TC_EGRESS, &input, Some(&skb_ctx(1)), VNI, |c| {
-                c.drops[reason as usize] += 1
-            })
-            .with_context(|| what)?;
+        let (action, _) = run(
+            &f,
+            programs::TC_EGRESS,
+            &input,
+            Some(&skb_ctx(TEST_RUN_IFINDEX)),
+            VNI,
+            |c| c.drops[reason as usize] += 1,
+        )
+        .with_context(|| what)?;
         ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
     }
     Ok(())

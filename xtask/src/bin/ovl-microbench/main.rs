@@ -16,8 +16,11 @@
 //! Usage: `ovl-microbench [--samples N] [--repeat N]` (root; built with
 //! `cargo build -p xtask --features microbench`).
 
-mod fixture;
-mod frames;
+// The golden tests' testbed: one fixture and one set of frame builders for
+// both, so the benchmark times exactly what the tests check.
+#[allow(dead_code, reason = "shared with the golden tests; each uses part")]
+#[path = "../../../../ovl-userspace/tests/testbed/mod.rs"]
+mod testbed;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,11 +30,11 @@ use ovl_common::maps::programs;
 use ovl_common::wire::{ENCAP_OVERHEAD, ETH_P_IP, IPPROTO_UDP};
 use serde_json::{Value, json};
 
-use crate::fixture::{
+use crate::testbed::fixture::{
     Fixture, GATEWAY_MAC, LOCAL_CONTAINER, LOCAL_VTEP, NEIGHBOUR_CONTAINER, REMOTE_CONTAINER,
     REMOTE_VTEP, TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
 };
-use crate::frames::{container_udp_frame, ethernet, ipv4, udp, vxlan_frame};
+use crate::testbed::frames::{container_udp_frame, ethernet, ipv4, udp, vxlan_frame};
 
 /// XDP verdicts (uapi `enum xdp_action`).
 const XDP_PASS: u32 = 2;
@@ -218,7 +221,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let options = parse_args()?;
-    let fixture = Fixture::new()?;
+    let fixture = Fixture::new("micro")?;
     let mut rows = Vec::new();
     for case in cases() {
         fixture.set_forwarding(case.forwarding)?;

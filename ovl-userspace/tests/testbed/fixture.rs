@@ -1,5 +1,5 @@
-// The micro-benchmark's world: ovl's programs loaded in a throwaway network
-// namespace, maps filled as an agent would fill them for one network.
+// The golden tests' and the micro-benchmark's world: ovl's programs loaded
+// in a throwaway network namespace, maps filled as an agent would fill them.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -12,7 +12,7 @@ use ovl_tests::{Lab, Netns};
 use ovl_userspace::datapath::Datapath;
 use ovl_userspace::{netlink, netns};
 
-use crate::frames::container_mac;
+use super::frames::container_mac;
 
 /// The network's VXLAN network identifier.
 pub const VNI: u32 = 4096;
@@ -47,16 +47,16 @@ pub struct Fixture {
     pub datapath: Datapath,
     _inside: netns::Entered,
     netns: Netns,
-    _pin_dir: PathBuf,
+    pin_dir: PathBuf,
     _lab: Lab,
 }
 
 impl Fixture {
     /// Builds the namespace, moves this thread into it and loads ovl's
     /// kernel programs there.
-    pub fn new() -> Result<Fixture> {
-        let lab = Lab::new("micro")?;
-        let ns = lab.netns("micro")?;
+    pub fn new(tag: &str) -> Result<Fixture> {
+        let lab = Lab::new(tag)?;
+        let ns = lab.netns("bed")?;
         // A veth pair stands in for the underlay NIC: the FIB lookups of
         // encapsulation need a real device, route and neighbour.
         ns.ip(&[
@@ -136,9 +136,15 @@ impl Fixture {
             datapath,
             _inside: inside,
             netns: ns,
-            _pin_dir: pin_dir,
+            pin_dir,
             _lab: lab,
         })
+    }
+
+    /// Where the maps are pinned (for reading counters).
+    #[allow(dead_code, reason = "the micro-benchmark reads no counters")]
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
     }
 
     /// Turns IPv4 forwarding on or off in the namespace: with it on,

@@ -1,5 +1,5 @@
-// Test frames for the micro-benchmark, laid out byte by byte as the RFCs
-// give them: Ethernet, IPv4 with its header checksum, UDP and VXLAN.
+// Test frames for the golden tests and the micro-benchmark, laid out byte by
+// byte as the RFCs give them: Ethernet, IPv4, UDP, VXLAN, ICMP echo, ARP.
 
 use std::net::Ipv4Addr;
 
@@ -24,7 +24,7 @@ pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> V
 }
 
 /// RFC 1071 one's-complement checksum.
-fn internet_checksum(bytes: &[u8]) -> u16 {
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
@@ -90,8 +90,7 @@ pub fn vxlan_frame(
     vni: u32,
     inner: &[u8],
 ) -> Vec<u8> {
-    let [_, v1, v2, v3] = vni.to_be_bytes();
-    let mut udp_payload = vec![VXLAN_FLAG_I, 0, 0, 0, v1, v2, v3, 0];
+    let mut udp_payload = vxlan_header(vni);
     udp_payload.extend_from_slice(inner);
     ethernet(
         dst_mac,
@@ -104,4 +103,60 @@ pub fn vxlan_frame(
             &udp(51000, VXLAN_PORT, &udp_payload),
         ),
     )
+}
+
+/// EtherType of ARP.
+pub const ETH_P_ARP: u16 = 0x0806;
+/// IPv4 protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
+
+/// RFC 7348 §5: flags with the I bit, 24 reserved bits, VNI, 8 reserved.
+pub fn vxlan_header(vni: u32) -> Vec<u8> {
+    let [_, v1, v2, v3] = vni.to_be_bytes();
+    vec![VXLAN_FLAG_I, 0, 0, 0, v1, v2, v3, 0]
+}
+
+/// An ICMP echo request with `payload_len` bytes of payload.
+pub fn icmp_echo(id: u16, seq: u16, payload_len: usize) -> Vec<u8> {
+    let mut message = vec![8, 0, 0, 0];
+    message.extend_from_slice(&id.to_be_bytes());
+    message.extend_from_slice(&seq.to_be_bytes());
+    message.extend((0..payload_len).map(|i| i as u8));
+    let checksum = internet_checksum(&message);
+    message[2..4].copy_from_slice(&checksum.to_be_bytes());
+    message
+}
+
+fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
+    let mut packet = vec![0, 1, 0x08, 0, 6, 4];
+    packet.extend_from_slice(&op.to_be_bytes());
+    packet.extend_from_slice(&sha);
+    packet.extend_from_slice(&spa.octets());
+    packet.extend_from_slice(&tha);
+    packet.extend_from_slice(&tpa.octets());
+    packet
+}
+
+/// A broadcast ARP request from (`sha`, `spa`) for `tpa` (RFC 826).
+pub fn arp_request(sha: [u8; 6], spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+    ethernet([0xff; 6], sha, ETH_P_ARP, &arp(1, sha, spa, [0; 6], tpa))
+}
+
+/// The unicast reply (`sha`, `spa`) sends to (`tha`, `tpa`).
+pub fn arp_reply(sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
+    ethernet(tha, sha, ETH_P_ARP, &arp(2, sha, spa, tha, tpa))
+}
+
+/// Bytes as hex, 16 a line, for assertion messages.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .map(|c| {
+            c.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
