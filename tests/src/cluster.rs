@@ -1,5 +1,5 @@
-// Three routed hosts sharing one etcd store: the starting point of the
-// scenarios about ovl as a cluster (allocation races, node failure, outages).
+// Routed hosts with an ovl agent each, on the file store (two hosts) or on
+// an etcd that runs on the router (three hosts): the scenarios' worlds.
 
 use std::net::Ipv4Addr;
 
@@ -8,12 +8,11 @@ use serde_json::Value;
 
 use crate::{Agent, Etcd, Host, Lab, NetCounters, Netns, Ovl};
 
-/// Three hosts (192.0.2.10, 198.51.100.10, 203.0.113.10) behind one router,
-/// an etcd on the router (192.0.2.1:2379, reachable from every host) and an
-/// agent per host, nodes "host-a", "host-b", "host-c", in that order.
-pub struct ThreeHosts {
+/// Routed hosts (192.0.2.10, 198.51.100.10, 203.0.113.10 — as many as
+/// asked) behind one router, one store, and an agent per host: nodes
+/// "host-a", "host-b", "host-c", in that order.
+pub struct Cluster {
     pub ovl: Ovl,
-    pub etcd: Etcd,
     pub router: Netns,
     pub hosts: Vec<Host>,
     /// One agent per host, in host order; a test that kills one takes it
@@ -21,33 +20,41 @@ pub struct ThreeHosts {
     pub agents: Vec<Agent>,
 }
 
-impl ThreeHosts {
-    /// Node names of the three hosts.
+/// Two hosts on the embedded file store: the fast path's starting point.
+pub type TwoHosts = Cluster;
+
+/// Three hosts sharing an etcd that runs on the router (192.0.2.1:2379,
+/// reachable from every host): the starting point of the scenarios about
+/// ovl as a cluster (allocation races, node failure, outages).
+pub struct ThreeHosts {
+    pub cluster: Cluster,
+    pub etcd: Etcd,
+}
+
+impl Cluster {
+    /// Node names, in host order.
     pub const NODES: [&'static str; 3] = ["host-a", "host-b", "host-c"];
 
-    /// Builds the topology, starts etcd and the three agents (decap mode
-    /// auto) with liveness leases of `lease_ttl` seconds.
-    pub fn start(lab: &Lab, lease_ttl: u64) -> Result<ThreeHosts> {
-        let (router, hosts) = lab.routed_hosts(Self::NODES.len())?;
-        let etcd_addr = hosts[0]
-            .gateway
-            .context("routed hosts have a gateway on the router")?;
-        let etcd = Etcd::start(lab, &router, etcd_addr)?;
-        let ovl = Ovl::with_store(lab, &etcd.url())?;
-        let ttl = lease_ttl.to_string();
+    /// Two hosts, a file store and both agents in decap mode `mode`.
+    pub fn start(lab: &Lab, mode: &str) -> Result<Cluster> {
+        let (router, hosts) = lab.routed_hosts(2)?;
+        Self::with_agents(lab, Ovl::new(lab)?, router, hosts, mode, &[])
+    }
+
+    fn with_agents(
+        lab: &Lab,
+        ovl: Ovl,
+        router: Netns,
+        hosts: Vec<Host>,
+        mode: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Cluster> {
         let mut agents = Vec::new();
         for (host, node) in hosts.iter().zip(Self::NODES) {
-            agents.push(ovl.attach_with_env(
-                lab,
-                host,
-                node,
-                "auto",
-                &[("OVL_LEASE_TTL", &ttl)],
-            )?);
+            agents.push(ovl.attach_with_env(lab, host, node, mode, env)?);
         }
-        Ok(ThreeHosts {
+        Ok(Cluster {
             ovl,
-            etcd,
             router,
             hosts,
             agents,
@@ -113,5 +120,43 @@ impl ThreeHosts {
             agent.stop()?;
         }
         Ok(())
+    }
+}
+
+impl ThreeHosts {
+    /// Node names, in host order.
+    pub const NODES: [&'static str; 3] = Cluster::NODES;
+
+    /// Builds the topology, starts etcd and the three agents (decap mode
+    /// auto) with liveness leases of `lease_ttl` seconds.
+    pub fn start(lab: &Lab, lease_ttl: u64) -> Result<ThreeHosts> {
+        let (router, hosts) = lab.routed_hosts(Self::NODES.len())?;
+        let etcd_addr = hosts[0]
+            .gateway
+            .context("routed hosts have a gateway on the router")?;
+        let etcd = Etcd::start(lab, &router, etcd_addr)?;
+        let ovl = Ovl::with_store(lab, &etcd.url())?;
+        let ttl = lease_ttl.to_string();
+        let cluster =
+            Cluster::with_agents(lab, ovl, router, hosts, "auto", &[("OVL_LEASE_TTL", &ttl)])?;
+        Ok(ThreeHosts { cluster, etcd })
+    }
+
+    /// Stops every agent still running, checking that each exits cleanly.
+    pub fn stop(self) -> Result<()> {
+        self.cluster.stop()
+    }
+}
+
+impl std::ops::Deref for ThreeHosts {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl std::ops::DerefMut for ThreeHosts {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
     }
 }

@@ -22,14 +22,14 @@ mod stale;
 mod topology;
 
 pub use binary::{OVL_BIN_ENV, ovl_binary, workspace_root};
-pub use cluster::ThreeHosts;
+pub use cluster::{Cluster, ThreeHosts, TwoHosts};
 pub use cmd::{run, run_unchecked};
 pub use etcd::{ETCD_CLIENT_PORT, Etcd};
 pub use hooks::{HookedProgram, hooked_programs};
 pub use lab::{LAB_NAME_PREFIX, Lab};
 pub use maps::{ENDPOINTS_MAP, MapEndpoint, dump_endpoints};
 pub use netns::Netns;
-pub use ovl::{Agent, NetCounters, Ovl, TwoHosts};
+pub use ovl::{Agent, NetCounters, Ovl};
 pub use probe::{PingResult, ping, wait_until};
 pub use process::{ChildHandle, Signal};
 pub use reference::{
