@@ -99,21 +99,28 @@ impl VniCounters {
     }
 }
 
-/// Node-wide counters of the underlay hook; the discriminant indexes the
-/// per-CPU `OVL_GLOBAL` array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GlobalCounter {
+/// Node-wide counters of the underlay hook, one copy per CPU: the single
+/// entry of `OVL_GLOBAL` (one lookup per packet bumps both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct UnderlayCounters {
     /// Every frame the underlay ingress program saw.
-    UnderlayPackets = 0,
+    pub packets: u64,
     /// Frames that were not ovl's VXLAN and went on to the host stack.
-    UnderlayPassed = 1,
+    pub passed: u64,
+}
+const _: () = assert!(core::mem::size_of::<UnderlayCounters>() == 16);
+
+impl UnderlayCounters {
+    /// Adds another CPU's copy into this one.
+    pub fn accumulate(&mut self, other: &UnderlayCounters) {
+        self.packets += other.packets;
+        self.passed += other.passed;
+    }
 }
 
-impl GlobalCounter {
-    /// Number of node-wide counters (entries of `OVL_GLOBAL`).
-    pub const COUNT: u32 = 2;
-}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for UnderlayCounters {}
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for VniCounters {}

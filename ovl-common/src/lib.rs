@@ -11,5 +11,5 @@ pub mod counters;
 pub mod maps;
 pub mod wire;
 
-pub use counters::{DropReason, GlobalCounter, VniCounters};
+pub use counters::{DropReason, UnderlayCounters, VniCounters};
 pub use maps::{Endpoint, NodeConfig, VniAddr};

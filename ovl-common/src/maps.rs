@@ -29,7 +29,7 @@ pub mod names {
     pub const IFACES: &str = "OVL_IFACES";
     /// `PerCpuHashMap<u32 VNI, VniCounters>`.
     pub const STATS: &str = "OVL_STATS";
-    /// `PerCpuArray<u64>` indexed by `GlobalCounter`.
+    /// `PerCpuArray<UnderlayCounters>` with one entry.
     pub const GLOBAL: &str = "OVL_GLOBAL";
     /// Every map name ovl defines.
     pub const ALL: [&str; 7] = [CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, STATS, GLOBAL];

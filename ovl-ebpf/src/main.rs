@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use ovl_common::{DropReason, GlobalCounter, counters::UNATTRIBUTED_VNI};
+use ovl_common::{DropReason, counters::UNATTRIBUTED_VNI};
 
 use crate::{packet::Frame, verdict::Dropped};
 
@@ -28,19 +28,24 @@ use crate::{packet::Frame, verdict::Dropped};
 /// passes everything that is not ovl's.
 #[xdp]
 pub fn ovl_xdp_decap(ctx: XdpContext) -> u32 {
-    stats::global(GlobalCounter::UnderlayPackets);
     let Some(node) = maps::node_config() else {
-        stats::global(GlobalCounter::UnderlayPassed);
+        stats::underlay(true);
         return decap::XDP_PASS;
     };
     let frame = Frame::of_xdp(&ctx);
     let outcome = match decap::inspect(&frame, node.vtep) {
         Ok(None) => {
-            stats::global(GlobalCounter::UnderlayPassed);
+            stats::underlay(true);
             return decap::XDP_PASS;
         }
-        Ok(Some(delivery)) => decap::deliver_xdp(&ctx, &frame, &delivery),
-        Err(dropped) => Err(dropped),
+        Ok(Some(delivery)) => {
+            stats::underlay(false);
+            decap::deliver_xdp(&ctx, &frame, &delivery)
+        }
+        Err(dropped) => {
+            stats::underlay(false);
+            Err(dropped)
+        }
     };
     outcome.unwrap_or_else(|d| {
         count_decap_drop(&ctx, d);
@@ -52,9 +57,8 @@ pub fn ovl_xdp_decap(ctx: XdpContext) -> u32 {
 /// underlays where XDP would cost offloads.
 #[classifier]
 pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
-    stats::global(GlobalCounter::UnderlayPackets);
     let Some(node) = maps::node_config() else {
-        stats::global(GlobalCounter::UnderlayPassed);
+        stats::underlay(true);
         return TC_ACT_OK;
     };
     // Headers must be in the linear area for direct access.
@@ -62,11 +66,17 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
     let frame = Frame::of_skb(&ctx);
     let outcome = match decap::inspect(&frame, node.vtep) {
         Ok(None) => {
-            stats::global(GlobalCounter::UnderlayPassed);
+            stats::underlay(true);
             return TC_ACT_OK;
         }
-        Ok(Some(delivery)) => decap::deliver_tc(&ctx, &frame, &delivery),
-        Err(dropped) => Err(dropped),
+        Ok(Some(delivery)) => {
+            stats::underlay(false);
+            decap::deliver_tc(&ctx, &frame, &delivery)
+        }
+        Err(dropped) => {
+            stats::underlay(false);
+            Err(dropped)
+        }
     };
     outcome.unwrap_or_else(|d| {
         count_decap_drop(&ctx, d);

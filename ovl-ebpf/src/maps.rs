@@ -6,9 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
-use ovl_common::{
-    Endpoint, NodeConfig, VniAddr, VniCounters, counters::GlobalCounter, maps::capacity,
-};
+use ovl_common::{Endpoint, NodeConfig, UnderlayCounters, VniAddr, VniCounters, maps::capacity};
 
 /// This node's underlay identity (one entry).
 #[map(name = "OVL_CONFIG")]
@@ -35,9 +33,9 @@ pub static IFACES: HashMap<u32, u32> = HashMap::pinned(capacity::IFACES, 0);
 pub static STATS: PerCpuHashMap<u32, VniCounters> =
     PerCpuHashMap::pinned(capacity::NETWORKS + 1, 0);
 
-/// Node-wide per-CPU counters indexed by `GlobalCounter`.
+/// Node-wide per-CPU counters of the underlay hook (one entry).
 #[map(name = "OVL_GLOBAL")]
-pub static GLOBAL: PerCpuArray<u64> = PerCpuArray::pinned(GlobalCounter::COUNT, 0);
+pub static GLOBAL: PerCpuArray<UnderlayCounters> = PerCpuArray::pinned(1, 0);
 
 /// This node's configuration; `None` until the agent has written it.
 #[inline(always)]

@@ -1,7 +1,7 @@
 //! Counting: every outcome of every program lands in the per-VNI per-CPU
 //! counters (drops by reason) or in the node-wide counters.
 
-use ovl_common::{DropReason, VniCounters, counters::GlobalCounter};
+use ovl_common::{DropReason, VniCounters};
 
 use crate::maps::{GLOBAL, STATS};
 
@@ -57,11 +57,13 @@ pub fn arp_reply(vni: u32) {
     with_counters(vni, |c| c.arp_replies += 1);
 }
 
-/// Bumps a node-wide counter.
+/// Counts one underlay frame, and whether it went on to the host stack.
 #[inline(always)]
-pub fn global(counter: GlobalCounter) {
-    if let Some(c) = GLOBAL.get_ptr_mut(counter as u32) {
+pub fn underlay(passed: bool) {
+    if let Some(c) = GLOBAL.get_ptr_mut(0) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
-        unsafe { *c += 1 };
+        let c = unsafe { &mut *c };
+        c.packets += 1;
+        c.passed += u64::from(passed);
     }
 }

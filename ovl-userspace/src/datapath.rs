@@ -14,7 +14,7 @@ use aya::{
     util::nr_cpus,
 };
 use ovl_common::{
-    Endpoint, NodeConfig, VniAddr, VniCounters,
+    Endpoint, NodeConfig, UnderlayCounters, VniAddr, VniCounters,
     counters::UNATTRIBUTED_VNI,
     maps::{names, programs},
 };
@@ -424,13 +424,16 @@ pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<u32, VniCounters>> {
     Ok(out)
 }
 
-/// Node-wide counters summed over CPUs, indexed by `GlobalCounter`.
-pub fn read_global(pin_dir: &Path) -> Result<Vec<u64>> {
+/// Node-wide underlay counters summed over CPUs.
+pub fn read_global(pin_dir: &Path) -> Result<UnderlayCounters> {
     let map = open_pinned(pin_dir, names::GLOBAL)?;
-    let arr: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map)?;
-    arr.iter()
-        .map(|r| r.map(|v| v.iter().sum()).context("read OVL_GLOBAL"))
-        .collect()
+    let arr: aya::maps::PerCpuArray<_, UnderlayCounters> = aya::maps::PerCpuArray::try_from(map)?;
+    let per_cpu = arr.get(&0, 0).context("read OVL_GLOBAL")?;
+    let mut sum = UnderlayCounters::default();
+    for c in per_cpu.iter() {
+        sum.accumulate(c);
+    }
+    Ok(sum)
 }
 
 /// Endpoint entries of a node's pinned map, for inspection and tests.

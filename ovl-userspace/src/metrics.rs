@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ovl_common::{DropReason, GlobalCounter, VniCounters};
+use ovl_common::{DropReason, UnderlayCounters, VniCounters};
 use serde::Serialize;
 
 /// Counters of one network.
@@ -53,11 +53,10 @@ pub struct UnderlayStats {
 impl UnderlayStats {
     /// Builds the report from the `OVL_GLOBAL` sums and the unattributed
     /// bucket of `OVL_STATS`.
-    pub fn new(global: &[u64], unattributed: &VniCounters) -> Self {
-        let at = |c: GlobalCounter| global.get(c as usize).copied().unwrap_or(0);
+    pub fn new(underlay: &UnderlayCounters, unattributed: &VniCounters) -> Self {
         UnderlayStats {
-            underlay_packets: at(GlobalCounter::UnderlayPackets),
-            underlay_passed: at(GlobalCounter::UnderlayPassed),
+            underlay_packets: underlay.packets,
+            underlay_passed: underlay.passed,
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name(), unattributed.drops_for(*r)))

@@ -265,7 +265,7 @@ fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
         ensure!(action == XDP_PASS, "{what}: action {action}");
         ensure!(out == input, "{what}: packet changed");
         ensure!(
-            g1[0] - g0[0] == 1 && g1[1] - g0[1] == 1,
+            g1.packets - g0.packets == 1 && g1.passed - g0.passed == 1,
             "{what}: global counters {g0:?} -> {g1:?}"
         );
     }
