@@ -94,6 +94,15 @@ fn wait_for_maps(world: &ThreeHosts, vni: u32, endpoints: &[(Ipv4Addr, usize)]) 
 }
 
 /// The network's VNI, as `ovl network inspect` on host `i` reports it.
+/// Three hosts on etcd with agents, and the network created from host A.
+fn cluster_with_network(lab: &Lab) -> Result<ThreeHosts> {
+    let world = ThreeHosts::start(lab, LEASE_TTL)?;
+    world
+        .ovl
+        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    Ok(world)
+}
+
 fn vni_of(world: &ThreeHosts, i: usize) -> Result<u32> {
     let vni = world.inspect(i, NETWORK)?["vni"]
         .as_u64()
@@ -147,10 +156,7 @@ fn expect_reachable(from: &Netns, to: Ipv4Addr, count: u32) -> Result<()> {
 #[test]
 fn network_created_on_host_a_carries_traffic_between_containers_on_b_and_c() -> Result<()> {
     let lab = Lab::new("etcd-3h")?;
-    let world = ThreeHosts::start(&lab, LEASE_TTL)?;
-    world
-        .ovl
-        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    let world = cluster_with_network(&lab)?;
     let (cb, ip_b) = world.container(&lab, B, NETWORK, "cb")?;
     let (cc, ip_c) = world.container(&lab, C, NETWORK, "cc")?;
 
@@ -168,10 +174,7 @@ const RACERS_PER_HOST: usize = 20;
 #[test]
 fn sixty_concurrent_connects_on_three_hosts_get_distinct_reachable_addresses() -> Result<()> {
     let lab = Lab::new("etcd-race")?;
-    let world = ThreeHosts::start(&lab, LEASE_TTL)?;
-    world
-        .ovl
-        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    let world = cluster_with_network(&lab)?;
     let (probe, probe_ip) = world.container(&lab, A, NETWORK, "probe")?;
 
     let mut racers: Vec<(usize, Netns)> = Vec::new();
@@ -297,10 +300,7 @@ fn sixty_concurrent_connects_on_three_hosts_get_distinct_reachable_addresses() -
 #[test]
 fn killed_agents_endpoints_leave_every_map_and_the_store_within_the_lease_ttl() -> Result<()> {
     let lab = Lab::new("etcd-kill")?;
-    let mut world = ThreeHosts::start(&lab, LEASE_TTL)?;
-    world
-        .ovl
-        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    let mut world = cluster_with_network(&lab)?;
     let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
     let (_cb, ip_b) = world.container(&lab, B, NETWORK, "cb")?;
     let (_cc1, ip_c1) = world.container(&lab, C, NETWORK, "cc1")?;
@@ -398,10 +398,7 @@ fn node_is(world: &ThreeHosts, i: usize, node: &str, alive: &str) -> Result<bool
 fn node_cut_off_from_etcd_beyond_its_lease_is_alive_and_reachable_once_the_cut_heals() -> Result<()>
 {
     let lab = Lab::new("etcd-cut")?;
-    let world = ThreeHosts::start(&lab, LEASE_TTL)?;
-    world
-        .ovl
-        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    let world = cluster_with_network(&lab)?;
     let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
     let (_cc, ip_c) = world.container(&lab, C, NETWORK, "cc")?;
     let vni = vni_of(&world, A)?;
@@ -454,10 +451,7 @@ const PINGS_BEFORE_OUTAGE: u64 = 20;
 #[test]
 fn etcd_outage_loses_no_packet_and_a_restarted_etcd_serves_new_endpoints() -> Result<()> {
     let lab = Lab::new("etcd-down")?;
-    let mut world = ThreeHosts::start(&lab, LEASE_TTL)?;
-    world
-        .ovl
-        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    let mut world = cluster_with_network(&lab)?;
     let (cb, ip_b) = world.container(&lab, B, NETWORK, "cb")?;
     let (cc, ip_c) = world.container(&lab, C, NETWORK, "cc")?;
     let vni = vni_of(&world, A)?;
@@ -548,10 +542,7 @@ const PINGS_TO_REMOVED: u64 = 5;
 fn endpoint_disconnected_on_b_leaves_every_map_and_its_traffic_counts_as_no_endpoint() -> Result<()>
 {
     let lab = Lab::new("etcd-disc")?;
-    let world = ThreeHosts::start(&lab, LEASE_TTL)?;
-    world
-        .ovl
-        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    let world = cluster_with_network(&lab)?;
     let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
     let (cb, ip_b) = world.container(&lab, B, NETWORK, "cb")?;
     let (_cc, ip_c) = world.container(&lab, C, NETWORK, "cc")?;
