@@ -20,7 +20,7 @@ use etcd_client::{
     WatchOptions,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::{oneshot, watch};
 
 use super::StoreError;
 use crate::model::{Endpoint, ModelError, Network, Node, SCHEMA_VERSION, State};
@@ -67,16 +67,25 @@ struct Snapshot {
 }
 
 /// A connection to an etcd cluster holding ovl's state.
+#[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
-    endpoints: String,
+    /// The comma-separated `host:port` list it was opened with.
+    hosts: String,
 }
 
 /// Keeps `/ovl/alive/<node>` alive; dropping it stops the keep-alives, and
 /// the lease then expires after its TTL (a clean agent restart within the
 /// TTL keeps the node's endpoints).
+///
+/// The keep-alives run on a thread of their own, over a connection of their
+/// own: the agent's loop blocks while it attaches programs (each attach
+/// waits for the RTNL lock, seconds in all when dozens of containers start
+/// at once), and a lease must not lapse — and peers free the node's
+/// endpoints — because the node was busy.
 pub struct Liveness {
-    task: JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     epochs: watch::Receiver<u64>,
 }
 
@@ -90,7 +99,11 @@ impl Liveness {
 
 impl Drop for Liveness {
     fn drop(&mut self) {
-        self.task.abort();
+        // The thread stops at its next await; the lease is left to expire.
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -204,7 +217,7 @@ impl EtcdStore {
                 .map_err(|e| fail(e.to_string()))?;
         let store = EtcdStore {
             client,
-            endpoints: describe,
+            hosts: hosts.to_owned(),
         };
         store.ensure_schema().await?;
         Ok(store)
@@ -212,7 +225,7 @@ impl EtcdStore {
 
     /// `etcd://host:port,...`.
     pub fn describe(&self) -> String {
-        self.endpoints.clone()
+        format!("etcd://{}", self.hosts)
     }
 
     async fn call<T, F>(&self, what: &str, fut: F) -> Result<T, StoreError>
@@ -369,8 +382,8 @@ impl EtcdStore {
         Err(StoreError::Contended(MAX_ATTEMPTS))
     }
 
-    /// Records the node and its liveness lease; a task keeps the lease
-    /// alive and re-creates it (and the alive key) if it was lost.
+    /// Records the node and its liveness lease; a thread of its own keeps
+    /// the lease alive and re-creates it (and the alive key) if it was lost.
     pub async fn register_node(
         &self,
         name: &str,
@@ -389,15 +402,39 @@ impl EtcdStore {
         .await?;
         let ttl_secs = ttl.as_secs().max(1) as i64;
         let lease = self.grant_alive(name, vtep, ttl_secs).await?;
-        let store = EtcdStore {
-            client: self.client.clone(),
-            endpoints: self.endpoints.clone(),
-        };
-        let name = name.to_owned();
         let (tx, epochs) = watch::channel(0);
-        let task =
-            tokio::spawn(async move { store.keep_alive(name, vtep, ttl_secs, lease, tx).await });
-        Ok(Liveness { task, epochs })
+        let (stop, stopped) = oneshot::channel::<()>();
+        let hosts = self.hosts.clone();
+        let name = name.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("ovl-liveness".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        log::error!("liveness of node {name}: cannot start a runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    tokio::select! {
+                        _ = stopped => {}
+                        () = Self::keep_alive(&hosts, &name, vtep, ttl_secs, lease, tx) => {}
+                    }
+                });
+            })
+            .map_err(|e| StoreError::Etcd {
+                endpoints: self.describe(),
+                detail: format!("start the keep-alive thread: {e}"),
+            })?;
+        Ok(Liveness {
+            stop: Some(stop),
+            thread: Some(thread),
+            epochs,
+        })
     }
 
     async fn grant_alive(
@@ -420,24 +457,34 @@ impl EtcdStore {
         Ok(lease)
     }
 
+    /// The liveness thread's work: its own connection (whose I/O runs on
+    /// this thread), then keep-alives for `lease` forever, granting a new
+    /// lease (and telling the agent) if the old one expired meanwhile.
     async fn keep_alive(
-        &self,
-        name: String,
+        hosts: &str,
+        name: &str,
         vtep: Ipv4Addr,
         ttl_secs: i64,
         mut lease: i64,
         epochs: watch::Sender<u64>,
     ) {
+        let store = loop {
+            match EtcdStore::connect(hosts).await {
+                Ok(s) => break s,
+                Err(e) => log::debug!("keep-alive of node {name}: {e}"),
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        };
         let period = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(300));
         loop {
-            if let Err(e) = self.hold_lease(lease, period).await {
+            if let Err(e) = store.hold_lease(lease, period).await {
                 log::debug!("keep-alive of node {name}: {e}");
             }
             // The stream broke: etcd is down, or the lease is gone (expired
             // while we were cut off). Only the second needs a new lease.
-            if self.lease_expired(lease).await {
+            if store.lease_expired(lease).await {
                 log::warn!("lease of node {name} expired; registering the node again");
-                match self.grant_alive(&name, vtep, ttl_secs).await {
+                match store.grant_alive(name, vtep, ttl_secs).await {
                     Ok(l) => {
                         lease = l;
                         epochs.send_modify(|e| *e += 1);
@@ -522,10 +569,7 @@ impl EtcdStore {
     pub async fn subscribe(&self) -> Result<watch::Receiver<State>, StoreError> {
         let snap = self.list().await?;
         let (tx, rx) = watch::channel(decode(&snap));
-        let store = EtcdStore {
-            client: self.client.clone(),
-            endpoints: self.endpoints.clone(),
-        };
+        let store = self.clone();
         tokio::spawn(async move {
             let mut snap = snap;
             loop {

@@ -71,7 +71,7 @@ pub enum Store {
 pub enum Registration {
     /// The file store does not track liveness.
     File,
-    /// The etcd lease behind `/ovl/alive/<node>`, kept alive by a task.
+    /// The etcd lease behind `/ovl/alive/<node>`, kept alive by a thread.
     Etcd(etcd::Liveness),
 }
 
