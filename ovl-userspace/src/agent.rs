@@ -308,7 +308,7 @@ async fn free_dead_nodes(store: &Store, me: &str, before: &State, after: &State)
     let (Some(was), Some(now)) = (&before.alive, &after.alive) else {
         return;
     };
-    // Our own liveness lapsing is the keep-alive task's to repair.
+    // Our own liveness lapsing is the liveness thread's to repair.
     for node in was.difference(now).filter(|n| *n != me) {
         match store.forget_dead_node(node).await {
             Ok(0) => log::info!("node {node} is gone"),

@@ -11,7 +11,7 @@ mod testbed;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
-use ovl_common::wire::ETH_P_IP;
+use ovl_common::wire::{ETH_P_IP, IPPROTO_UDP};
 use ovl_common::{
     DropReason, VniCounters,
     counters::UNATTRIBUTED_VNI,
@@ -19,6 +19,7 @@ use ovl_common::{
 };
 use ovl_userspace::datapath;
 use testbed::{
+    action::{TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT},
     fixture::{
         Fixture, GATEWAY_MAC, LOCAL_CONTAINER as C1, LOCAL_VTEP, NEIGHBOUR_CONTAINER as C3,
         REMOTE_CONTAINER as C2, REMOTE_VTEP, TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
@@ -28,13 +29,6 @@ use testbed::{
         icmp_echo, internet_checksum as checksum, ipv4, udp, vxlan_header as vxlan_hdr,
     },
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const IPPROTO_UDP: u8 = 17;
 
 /// The shared testbed with forwarding on, so encapsulation resolves its
 /// next hop through the FIB and writes known MACs.

@@ -1,20 +1,29 @@
 //! The `ovl` command line on bad input and after failures: clear errors,
 //! untouched state, and cleanup after an agent that was killed.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{Lab, Ovl, TwoHosts, ping, wait_until};
+use ovl_tests::{Host, Lab, Netns, Ovl, TwoHosts, ping, wait_until};
+
+/// One host ("host-a") with network uber-net and container c1 connected
+/// to it; returns the host, the container and its address.
+fn one_host_with_container(lab: &Lab, ovl: &Ovl) -> Result<(Host, Netns, Ipv4Addr)> {
+    let (_router, mut hosts) = lab.routed_hosts(1)?;
+    let host = hosts.remove(0);
+    ovl.create_network(&host.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let ip = ovl.connect(&host, "host-a", "uber-net", &c1, &[])?;
+    Ok((host, c1, ip))
+}
 
 #[test]
 fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() -> Result<()> {
     let lab = Lab::new("cli-bad")?;
     let ovl = Ovl::new(&lab)?;
-    let (_router, hosts) = lab.routed_hosts(1)?;
-    let ns = &hosts[0].netns;
-    ovl.create_network(ns, "uber-net", "198.18.0.0/24", &[])?;
-    let c1 = lab.container("c1")?;
-    ovl.connect(&hosts[0], "host-a", "uber-net", &c1, &[])?;
+    let (host, c1, _) = one_host_with_container(&lab, &ovl)?;
+    let ns = &host.netns;
     let state_file = lab.tempdir().join("store/state.json");
     let before = std::fs::read(&state_file).context("state.json")?;
 
@@ -193,11 +202,8 @@ fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()
 fn disconnect_removes_the_interface_and_the_endpoint() -> Result<()> {
     let lab = Lab::new("cli-disc")?;
     let ovl = Ovl::new(&lab)?;
-    let (_router, hosts) = lab.routed_hosts(1)?;
-    let ns = &hosts[0].netns;
-    ovl.create_network(ns, "uber-net", "198.18.0.0/24", &[])?;
-    let c1 = lab.container("c1")?;
-    let ip = ovl.connect(&hosts[0], "host-a", "uber-net", &c1, &[])?;
+    let (host, c1, ip) = one_host_with_container(&lab, &ovl)?;
+    let ns = &host.netns;
     ensure!(c1.link_mtu("eth0")? == 1450, "container MTU");
     let out = ovl.run(ns, "host-a", &["disconnect", "uber-net", c1.name()])?;
     ensure!(out.contains(&ip.to_string()), "disconnect said: {out}");
@@ -216,7 +222,7 @@ fn disconnect_removes_the_interface_and_the_endpoint() -> Result<()> {
     let links = String::from_utf8_lossy(&ns.ip(&["-o", "link", "show"])?.stdout).into_owned();
     ensure!(!links.contains(": ovl"), "host veth left:\n{links}");
     // The address is free again.
-    let again = ovl.connect(&hosts[0], "host-a", "uber-net", &c1, &[])?;
+    let again = ovl.connect(&host, "host-a", "uber-net", &c1, &[])?;
     ensure!(again == ip, "address {ip} was not freed (got {again})");
     Ok(())
 }

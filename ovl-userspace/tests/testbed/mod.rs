@@ -7,3 +7,15 @@
 
 pub mod fixture;
 pub mod frames;
+
+/// Program return codes as BPF_PROG_TEST_RUN reports them.
+pub mod action {
+    /// XDP verdicts (uapi `enum xdp_action`).
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
+    pub const XDP_REDIRECT: u32 = 4;
+    /// TC verdicts (uapi `TC_ACT_*`).
+    pub const TC_ACT_OK: u32 = 0;
+    pub const TC_ACT_SHOT: u32 = 2;
+    pub const TC_ACT_REDIRECT: u32 = 7;
+}

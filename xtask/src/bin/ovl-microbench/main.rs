@@ -30,18 +30,12 @@ use ovl_common::maps::programs;
 use ovl_common::wire::{ENCAP_OVERHEAD, ETH_P_IP, IPPROTO_UDP};
 use serde_json::{Value, json};
 
+use crate::testbed::action::{TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_REDIRECT};
 use crate::testbed::fixture::{
     Fixture, GATEWAY_MAC, LOCAL_CONTAINER, LOCAL_VTEP, NEIGHBOUR_CONTAINER, REMOTE_CONTAINER,
     REMOTE_VTEP, TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
 };
 use crate::testbed::frames::{container_udp_frame, ethernet, ipv4, udp, vxlan_frame};
-
-/// XDP verdicts (uapi `enum xdp_action`).
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
-/// TC verdicts (uapi `TC_ACT_*`).
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_REDIRECT: u32 = 7;
 
 /// Single runs per case unless `--samples` says otherwise.
 const DEFAULT_SAMPLES: usize = 20_000;
