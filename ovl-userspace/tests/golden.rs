@@ -26,7 +26,8 @@ use testbed::{
     },
     frames::{
         IPPROTO_ICMP, arp_reply, arp_request, container_mac as mac_of, ethernet as eth, hex,
-        icmp_echo, internet_checksum as checksum, ipv4, udp, vxlan_header as vxlan_hdr,
+        icmp_echo, internet_checksum as checksum, ipv4, udp, vxlan_frame,
+        vxlan_header as vxlan_hdr,
     },
 };
 
@@ -68,20 +69,12 @@ fn run(
     Ok((out.action, out.output))
 }
 
+/// Destination MAC of the frames the tests put on the underlay (decap does
+/// not look at it).
+const ARRIVAL_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+
 fn vxlan_from(src_vtep: Ipv4Addr, vni: u32, inner: &[u8]) -> Vec<u8> {
-    let mut udp_payload = vxlan_hdr(vni);
-    udp_payload.extend_from_slice(inner);
-    eth(
-        [0x02, 0, 0, 0, 0, 0x10],
-        GATEWAY_MAC,
-        ETH_P_IP,
-        &ipv4(
-            src_vtep,
-            LOCAL_VTEP,
-            IPPROTO_UDP,
-            &udp(51000, 4789, &udp_payload),
-        ),
-    )
+    vxlan_frame(src_vtep, LOCAL_VTEP, ARRIVAL_MAC, GATEWAY_MAC, vni, inner)
 }
 
 fn echo(src: Ipv4Addr, dst: Ipv4Addr, dst_mac: [u8; 6]) -> Vec<u8> {
@@ -222,7 +215,7 @@ fn xdp_decap_refuses_frames_beyond_the_network_mtu_instead_of_counting_them_deli
 fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
     let f = fixture("gold-pass")?;
     let other_udp = eth(
-        [0x02, 0, 0, 0, 0, 0x10],
+        ARRIVAL_MAC,
         GATEWAY_MAC,
         ETH_P_IP,
         &ipv4(
@@ -232,21 +225,14 @@ fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
             &udp(5000, 53, &[0; 20]),
         ),
     );
-    let to_other_host = {
-        let mut udp_payload = vxlan_hdr(VNI);
-        udp_payload.extend_from_slice(&echo(C2, C1, mac_of(C1)));
-        eth(
-            [0x02, 0, 0, 0, 0, 0x10],
-            GATEWAY_MAC,
-            ETH_P_IP,
-            &ipv4(
-                REMOTE_VTEP,
-                Ipv4Addr::new(192, 0, 2, 11),
-                IPPROTO_UDP,
-                &udp(51000, 4789, &udp_payload),
-            ),
-        )
-    };
+    let to_other_host = vxlan_frame(
+        REMOTE_VTEP,
+        Ipv4Addr::new(192, 0, 2, 11),
+        ARRIVAL_MAC,
+        GATEWAY_MAC,
+        VNI,
+        &echo(C2, C1, mac_of(C1)),
+    );
     let arp = arp_request(GATEWAY_MAC, Ipv4Addr::new(192, 0, 2, 1), LOCAL_VTEP);
     for (what, input) in [
         ("other UDP", other_udp),
