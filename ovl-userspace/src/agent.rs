@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use ovl_common::{Endpoint as MapEndpoint, NodeConfig, maps::names, wire::ENCAP_OVERHEAD};
+use ovl_common::{NodeConfig, maps::names, wire::ENCAP_OVERHEAD};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -19,6 +19,7 @@ use tokio::{
 use crate::{
     bpffs,
     datapath::{Datapath, DecapMode},
+    desired::desired,
     model::{Location, State},
     netlink,
     store::Store,
@@ -39,87 +40,6 @@ pub struct AgentOptions {
     pub pin_root: PathBuf,
     /// Lease TTL of the node's liveness (stores that track it).
     pub lease_ttl: Duration,
-}
-
-/// The map contents one node's state calls for.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Desired {
-    /// VNI → network MTU.
-    pub networks: BTreeMap<u32, u32>,
-    /// (VNI, address) → endpoint.
-    pub endpoints: BTreeMap<(u32, [u8; 4]), MapEndpoint>,
-    /// (VNI, remote VTEP) pairs allowed to send.
-    pub vteps: BTreeSet<(u32, [u8; 4])>,
-    /// Host-side ifindex → VNI, for local containers.
-    pub ifaces: BTreeMap<u32, u32>,
-    /// Host-side interface names of local containers, by ifindex.
-    pub iface_names: BTreeMap<u32, String>,
-    /// Local endpoints whose veth does not exist (yet).
-    pub missing_links: Vec<String>,
-}
-
-/// Computes what node `node` (VTEP `vtep`) must hold. `ifindex_of`
-/// resolves a host-side interface name on this node.
-pub fn desired(
-    state: &State,
-    node: &str,
-    vtep: Ipv4Addr,
-    ifindex_of: &dyn Fn(&str) -> Option<u32>,
-) -> Desired {
-    let mut d = Desired::default();
-    for net in state.networks.values() {
-        d.networks.insert(net.vni.get(), net.mtu);
-    }
-    for ep in &state.endpoints {
-        let Ok(net) = state.network(&ep.network) else {
-            continue;
-        };
-        let vni = net.vni.get();
-        let key = (vni, ep.ip.octets());
-        match &ep.location {
-            Location::Container {
-                node: n,
-                host_ifname,
-                ..
-            } if n == node => {
-                let Some(ifindex) = ifindex_of(host_ifname) else {
-                    d.missing_links.push(host_ifname.clone());
-                    continue;
-                };
-                d.endpoints.insert(
-                    key,
-                    MapEndpoint {
-                        mac: ep.mac.0,
-                        _pad: [0; 2],
-                        ifindex,
-                        vtep: [0; 4],
-                    },
-                );
-                d.ifaces.insert(ifindex, vni);
-                d.iface_names.insert(ifindex, host_ifname.clone());
-            }
-            _ => {
-                // A remote endpoint needs a known VTEP that is not us.
-                let Some(remote) = state.vtep_of(ep) else {
-                    continue;
-                };
-                if remote == vtep {
-                    continue;
-                }
-                d.endpoints.insert(
-                    key,
-                    MapEndpoint {
-                        mac: ep.mac.0,
-                        _pad: [0; 2],
-                        ifindex: 0,
-                        vtep: remote.octets(),
-                    },
-                );
-                d.vteps.insert((vni, remote.octets()));
-            }
-        }
-    }
-    d
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
@@ -367,65 +287,4 @@ fn reconcile(
         log::debug!("local endpoint interface {name} does not exist yet");
     }
     Ok(!want.missing_links.is_empty())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{ContainerSpec, NetworkSpec};
-
-    fn state() -> State {
-        let mut s = State::default();
-        for (name, vni) in [("blue", 100), ("red", 200)] {
-            s.create_network(NetworkSpec {
-                name: name.into(),
-                subnet: "198.18.0.0/24".parse().unwrap(),
-                vni: Some(vni),
-                mtu: None,
-            })
-            .unwrap();
-        }
-        s.register_node("a", Ipv4Addr::new(192, 0, 2, 10));
-        s.register_node("b", Ipv4Addr::new(198, 51, 100, 10));
-        for (net, node, ns) in [("blue", "a", "c1"), ("blue", "b", "c2"), ("red", "b", "c3")] {
-            s.add_container(ContainerSpec {
-                network: net.into(),
-                node: node.into(),
-                netns: ns.into(),
-                name: None,
-                ip: None,
-            })
-            .unwrap();
-        }
-        s
-    }
-
-    #[test]
-    fn local_endpoints_point_at_veths_remote_ones_at_vteps() {
-        let s = state();
-        let d = desired(&s, "a", Ipv4Addr::new(192, 0, 2, 10), &|_| Some(7));
-        let c1 = d.endpoints[&(100, [198, 18, 0, 2])];
-        assert_eq!((c1.ifindex, c1.vtep), (7, [0; 4]));
-        let c2 = d.endpoints[&(100, [198, 18, 0, 3])];
-        assert_eq!((c2.ifindex, c2.vtep), (0, [198, 51, 100, 10]));
-        assert_eq!(c2.mac, [0x02, 0x42, 198, 18, 0, 3]);
-        // Same address on another network is another key.
-        assert!(d.endpoints.contains_key(&(200, [198, 18, 0, 2])));
-        assert_eq!(d.ifaces, BTreeMap::from([(7, 100)]));
-        assert_eq!(
-            d.vteps,
-            BTreeSet::from([(100, [198, 51, 100, 10]), (200, [198, 51, 100, 10])])
-        );
-    }
-
-    #[test]
-    fn endpoints_of_unknown_nodes_and_missing_veths_are_left_out() {
-        let mut s = state();
-        s.nodes.remove("b");
-        let d = desired(&s, "a", Ipv4Addr::new(192, 0, 2, 10), &|_| None);
-        assert!(d.endpoints.is_empty());
-        assert!(d.vteps.is_empty());
-        assert_eq!(d.missing_links.len(), 1);
-        assert_eq!(d.networks.len(), 2);
-    }
 }

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod commands;
 pub mod datapath;
+pub mod desired;
 pub mod ipam;
 pub mod metrics;
 pub mod model;
