@@ -12,4 +12,4 @@ pub mod maps;
 pub mod wire;
 
 pub use counters::{DropReason, UnderlayCounters, VniCounters};
-pub use maps::{Endpoint, NodeConfig, VniAddr};
+pub use maps::{Endpoint, NetworkInfo, NodeConfig, VniAddr};

@@ -19,7 +19,7 @@ pub mod programs {
 pub mod names {
     /// `Array<NodeConfig>` with one entry.
     pub const CONFIG: &str = "OVL_CONFIG";
-    /// `HashMap<u32 VNI, u32 MTU>`: the networks this node serves.
+    /// `HashMap<u32 VNI, NetworkInfo>`: the networks this node serves.
     pub const NETWORKS: &str = "OVL_NETWORKS";
     /// `HashMap<VniAddr, Endpoint>`: every endpoint of every network.
     pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
@@ -45,6 +45,25 @@ pub mod capacity {
     pub const VTEPS: u32 = 65536;
     /// Local container interfaces.
     pub const IFACES: u32 = 4096;
+}
+
+/// What the kernel programs know of a network; the value of `OVL_NETWORKS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NetworkInfo {
+    /// MTU of the network's container interfaces (L3 bytes).
+    pub mtu: u32,
+    /// `network_flags::*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<NetworkInfo>() == 8);
+
+/// Bits of [`NetworkInfo::flags`].
+pub mod network_flags {
+    /// No way out of the overlay (Docker's `--internal`).
+    pub const INTERNAL: u32 = 1 << 0;
+    /// Traffic between hosts must leave only encrypted.
+    pub const ENCRYPTED: u32 = 1 << 1;
 }
 
 /// A (VNI, IPv4 address) pair: the key of endpoints and of allowed VTEPs.
@@ -104,6 +123,7 @@ mod user {
     unsafe impl aya::Pod for super::VniAddr {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::NetworkInfo {}
 }
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped
         return Err(Dropped::unattributed(DropReason::Malformed));
     }
     let vni = vx.vni();
-    let Some(mtu) = maps::network_mtu(vni) else {
+    let Some(network) = maps::network(vni) else {
         return Err(Dropped::unattributed(DropReason::UnknownVni));
     };
     if !maps::vtep_allowed(vni, ip.src_addr) {
@@ -105,7 +105,7 @@ pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped
             ifindex: ep.ifindex,
             mac: ep.mac,
             inner_offset,
-            mtu,
+            mtu: network.mtu,
         })),
         _ => Err(Dropped::on(vni, DropReason::NoEndpoint)),
     }

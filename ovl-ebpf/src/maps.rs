@@ -6,15 +6,17 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
-use ovl_common::{Endpoint, NodeConfig, UnderlayCounters, VniAddr, VniCounters, maps::capacity};
+use ovl_common::{
+    Endpoint, NetworkInfo, NodeConfig, UnderlayCounters, VniAddr, VniCounters, maps::capacity,
+};
 
 /// This node's underlay identity (one entry).
 #[map(name = "OVL_CONFIG")]
 pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 
-/// VNI → network MTU: the networks this node serves.
+/// VNI → network: the networks this node serves.
 #[map(name = "OVL_NETWORKS")]
-pub static NETWORKS: HashMap<u32, u32> = HashMap::pinned(capacity::NETWORKS, 0);
+pub static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(capacity::NETWORKS, 0);
 
 /// (VNI, IPv4) → endpoint.
 #[map(name = "OVL_ENDPOINTS")]
@@ -51,9 +53,9 @@ pub fn endpoint(vni: u32, addr: [u8; 4]) -> Option<Endpoint> {
     unsafe { ENDPOINTS.get(VniAddr { vni, addr }).copied() }
 }
 
-/// The MTU of network `vni`, when this node serves it.
+/// Network `vni`, when this node serves it.
 #[inline(always)]
-pub fn network_mtu(vni: u32) -> Option<u32> {
+pub fn network(vni: u32) -> Option<NetworkInfo> {
     // SAFETY: the value is copied out immediately.
     unsafe { NETWORKS.get(vni).copied() }
 }

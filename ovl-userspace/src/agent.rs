@@ -248,7 +248,8 @@ fn reconcile(
     underlay: &netlink::Underlay,
 ) -> Result<bool> {
     let want = desired(state, &opts.node, underlay.addr, &netlink::ifindex);
-    for (vni, mtu) in &want.networks {
+    for (vni, net) in &want.networks {
+        let mtu = net.mtu;
         if mtu + ENCAP_OVERHEAD > underlay.mtu {
             log::warn!(
                 "network with VNI {vni} has MTU {mtu}; with VXLAN's {ENCAP_OVERHEAD} bytes that exceeds {}'s MTU {} — large packets will be dropped as too_big",
@@ -260,7 +261,7 @@ fn reconcile(
     // Counters and networks first, endpoints last: a packet never finds an
     // endpoint whose network has no counters.
     dp.sync_stats(want.networks.keys().copied())?;
-    dp.sync_u32_map(names::NETWORKS, &want.networks)?;
+    dp.sync_networks(&want.networks)?;
     dp.sync_vteps(&want.vteps)?;
     dp.sync_u32_map(names::IFACES, &want.ifaces)?;
     let changed = dp.sync_endpoints(&want.endpoints)?;

@@ -14,7 +14,7 @@ use aya::{
     util::nr_cpus,
 };
 use ovl_common::{
-    Endpoint, NodeConfig, UnderlayCounters, VniAddr, VniCounters,
+    Endpoint, NetworkInfo, NodeConfig, UnderlayCounters, VniAddr, VniCounters,
     counters::UNATTRIBUTED_VNI,
     maps::{names, programs},
 };
@@ -274,6 +274,12 @@ impl Datapath {
     pub fn sync_u32_map(&mut self, name: &str, want: &BTreeMap<u32, u32>) -> Result<SyncCount> {
         let mut map: HashMap<_, u32, u32> = HashMap::try_from(self.map(name)?)?;
         sync(&mut map, want, name)
+    }
+
+    /// Makes OVL_NETWORKS hold exactly `want` (VNI → network).
+    pub fn sync_networks(&mut self, want: &BTreeMap<u32, NetworkInfo>) -> Result<SyncCount> {
+        let mut map: HashMap<_, u32, NetworkInfo> = HashMap::try_from(self.map(names::NETWORKS)?)?;
+        sync(&mut map, want, names::NETWORKS)
     }
 
     /// Makes OVL_ENDPOINTS hold exactly `want`.

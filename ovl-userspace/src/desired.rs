@@ -6,15 +6,15 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ovl_common::Endpoint as MapEndpoint;
+use ovl_common::{Endpoint as MapEndpoint, NetworkInfo};
 
 use crate::model::{Location, State};
 
 /// The map contents one node's state calls for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// VNI → network MTU.
-    pub networks: BTreeMap<u32, u32>,
+    /// VNI → what the kernel programs know of the network.
+    pub networks: BTreeMap<u32, NetworkInfo>,
     /// (VNI, address) → endpoint.
     pub endpoints: BTreeMap<(u32, [u8; 4]), MapEndpoint>,
     /// (VNI, remote VTEP) pairs allowed to send.
@@ -37,7 +37,13 @@ pub fn desired(
 ) -> Desired {
     let mut d = Desired::default();
     for net in state.networks.values() {
-        d.networks.insert(net.vni.get(), net.mtu);
+        d.networks.insert(
+            net.vni.get(),
+            NetworkInfo {
+                mtu: net.mtu,
+                flags: 0,
+            },
+        );
     }
     for ep in &state.endpoints {
         let Ok(net) = state.network(&ep.network) else {

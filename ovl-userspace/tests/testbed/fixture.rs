@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use ovl_common::maps::names;
-use ovl_common::{Endpoint, NodeConfig};
+use ovl_common::{Endpoint, NetworkInfo, NodeConfig};
 use ovl_tests::{Lab, Netns};
 use ovl_userspace::datapath::Datapath;
 use ovl_userspace::{netlink, netns};
@@ -101,7 +101,13 @@ impl Fixture {
             _pad: 0,
         })?;
         datapath.sync_stats([VNI].into_iter())?;
-        datapath.sync_u32_map(names::NETWORKS, &BTreeMap::from([(VNI, OVERLAY_MTU)]))?;
+        datapath.sync_networks(&BTreeMap::from([(
+            VNI,
+            NetworkInfo {
+                mtu: OVERLAY_MTU,
+                flags: 0,
+            },
+        )]))?;
         datapath.sync_u32_map(
             names::IFACES,
             &BTreeMap::from([(TEST_RUN_IFINDEX, VNI), (NEIGHBOUR_IFINDEX, VNI)]),
