@@ -31,9 +31,21 @@ pub mod names {
     pub const STATS: &str = "OVL_STATS";
     /// `PerCpuArray<UnderlayCounters>` with one entry.
     pub const GLOBAL: &str = "OVL_GLOBAL";
+    /// `Array<u32>` with one entry: the [`ABI_VERSION`](super::ABI_VERSION)
+    /// of the build that filled the maps pinned beside it (no program reads
+    /// it; an agent compares it before reusing pinned maps).
+    pub const ABI: &str = "OVL_ABI";
     /// Every map name ovl defines.
-    pub const ALL: [&str; 7] = [CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, STATS, GLOBAL];
+    pub const ALL: [&str; 8] = [
+        CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, STATS, GLOBAL, ABI,
+    ];
 }
+
+/// Version of the meaning of the maps' contents. Bump it whenever a map's
+/// key or value changes meaning without changing size (a flag bit, a field
+/// reused): an agent then refills fresh maps instead of reusing the pinned
+/// ones. Size changes are detected without it.
+pub const ABI_VERSION: u32 = 1;
 
 /// Capacities of the hash maps.
 pub mod capacity {

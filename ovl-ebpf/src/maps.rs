@@ -39,6 +39,10 @@ pub static STATS: PerCpuHashMap<u32, VniCounters> =
 #[map(name = "OVL_GLOBAL")]
 pub static GLOBAL: PerCpuArray<UnderlayCounters> = PerCpuArray::pinned(1, 0);
 
+/// ABI version of the build that filled these maps (read by the agent only).
+#[map(name = "OVL_ABI")]
+pub static ABI: Array<u32> = Array::pinned(1, 0);
+
 /// This node's configuration; `None` until the agent has written it.
 #[inline(always)]
 pub fn node_config() -> Option<&'static NodeConfig> {

@@ -1,11 +1,11 @@
-//! The bpffs directory a node pins its maps in: `<pin root>/<node>`.
-//! Mounts a bpffs where none is (e.g. under `ip netns exec`, which hides
-//! the host's /sys/fs/bpf) and removes a node's pins.
+//! The bpffs directory a node pins its maps and links in:
+//! `<pin root>/<node>/` with `links/` below it. Owns where pins live, the
+//! one-agent-per-node lock on that directory, and removing a node's pins.
 
 use std::{
     ffi::CString,
-    fs,
-    os::unix::ffi::OsStrExt,
+    fs::{self, File},
+    os::{fd::AsRawFd, linux::fs::MetadataExt, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
 };
 
@@ -17,6 +17,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/ovl";
 /// The conventional bpffs mount point.
 const SYS_FS_BPF: &str = "/sys/fs/bpf";
+/// Sub-directory of a node's pin directory that holds its bpf_links.
+pub const LINKS_DIR: &str = "links";
 
 /// The pin directory of `node` under `root`.
 pub fn node_dir(root: &Path, node: &str) -> PathBuf {
@@ -33,18 +35,61 @@ pub fn is_bpffs(path: &Path) -> bool {
     (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
 }
 
-/// Makes sure `dir` exists on a bpffs, mounting one if needed: at
-/// /sys/fs/bpf when `dir` is below that empty mount point, else at `dir`.
+/// The nearest existing ancestor of `path` (or `path` itself).
+fn existing_ancestor(path: &Path) -> &Path {
+    path.ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+}
+
+/// Makes sure `dir` (a node's pin directory) exists on a bpffs. Under the
+/// conventional /sys/fs/bpf a bpffs is mounted there if none is (as
+/// systemd does at boot); any other pin root must already be on one.
 pub fn prepare(dir: &Path) -> Result<()> {
     let sys_bpf = Path::new(SYS_FS_BPF);
-    if dir.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
-        mount_bpffs(sys_bpf)?;
+    if dir.starts_with(sys_bpf) {
+        if !is_bpffs(sys_bpf) {
+            mount_bpffs(sys_bpf)?;
+            if root_mount_is_private() {
+                log::warn!(
+                    "mounted a bpffs at {SYS_FS_BPF} in a private mount namespace (e.g. `ip netns exec`): its pins, and with them the data path, vanish when this process exits. Run the agent with `nsenter --net=...` instead, or pass --pin-root on a bpffs mounted in the host's mount namespace"
+                );
+            }
+        }
+    } else if !is_bpffs(existing_ancestor(dir)) {
+        bail!(
+            "pin root {} is not on a bpffs; mount one (`mount -t bpf bpf {}`) or use the default --pin-root {DEFAULT_PIN_ROOT}",
+            dir.parent().unwrap_or(dir).display(),
+            dir.parent().unwrap_or(dir).display()
+        );
     }
-    fs::create_dir_all(dir).with_context(|| format!("create pin directory {}", dir.display()))?;
+    fs::create_dir_all(dir.join(LINKS_DIR))
+        .with_context(|| format!("create pin directory {}", dir.display()))?;
     if !is_bpffs(dir) {
-        mount_bpffs(dir)?;
+        bail!(
+            "{} is not on a bpffs; mount one there or pass another --pin-root",
+            dir.display()
+        );
     }
     Ok(())
+}
+
+/// True when this process's root mount only receives mounts from another
+/// namespace (`ip netns exec` makes it so): mounts made here stay here.
+fn root_mount_is_private() -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    // Fields: id parent major:minor root mountpoint options optional... - fs
+    info.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(4) == Some(&"/")
+            && fields
+                .iter()
+                .skip(6)
+                .take_while(|f| **f != "-")
+                .all(|f| !f.starts_with("shared:"))
+    })
 }
 
 fn mount_bpffs(at: &Path) -> Result<()> {
@@ -72,14 +117,115 @@ fn mount_bpffs(at: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes a node's pins (files, then the directory).
+/// Removes a node's pins: links (which detaches them), maps, directories.
 pub fn remove_node_dir(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
     for entry in fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))? {
         let path = entry?.path();
-        fs::remove_file(&path).with_context(|| format!("unpin {}", path.display()))?;
+        if path.is_dir() {
+            remove_node_dir(&path)?;
+        } else {
+            fs::remove_file(&path).with_context(|| format!("unpin {}", path.display()))?;
+        }
     }
     fs::remove_dir(dir).with_context(|| format!("remove {}", dir.display()))
+}
+
+/// Exclusive ownership of a node's pin directory: one agent (or `ovl
+/// detach`) per node at a time. Released when dropped or when the process
+/// dies, however it dies.
+#[derive(Debug)]
+pub struct NodeLock {
+    _dir: File,
+}
+
+/// Why a node's pin directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "another ovl agent{holder} already runs for this node (it holds {dir}); stop it first, or give this one another --node"
+    )]
+    Held { dir: PathBuf, holder: String },
+    #[error("lock {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl NodeLock {
+    /// Takes the lock on `dir` without waiting.
+    pub fn acquire(dir: &Path) -> Result<NodeLock, LockError> {
+        let io = |source| LockError::Io {
+            dir: dir.to_owned(),
+            source,
+        };
+        let file = File::open(dir).map_err(io)?;
+        // SAFETY: flock on a descriptor we own; released when it closes.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let holder = lock_holder(&file)
+                    .map(|pid| format!(" (pid {pid})"))
+                    .unwrap_or_default();
+                return Err(LockError::Held {
+                    dir: dir.to_owned(),
+                    holder,
+                });
+            }
+            return Err(io(err));
+        }
+        Ok(NodeLock { _dir: file })
+    }
+}
+
+/// The pid holding a flock on `file`, from /proc/locks.
+fn lock_holder(file: &File) -> Option<u32> {
+    let meta = file.metadata().ok()?;
+    let (dev, ino) = (meta.st_dev(), meta.st_ino());
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    // "1: FLOCK  ADVISORY  WRITE 1234 00:1f:5678 0 EOF"
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (kind, pid, id) = (f.get(1)?, f.get(4)?, f.get(5)?);
+        let mut parts = id.split(':');
+        let maj = u32::from_str_radix(parts.next()?, 16).ok()?;
+        let min = u32::from_str_radix(parts.next()?, 16).ok()?;
+        let i: u64 = parts.next()?.parse().ok()?;
+        (*kind == "FLOCK" && maj == major && min == minor && i == ino)
+            .then(|| pid.parse().ok())
+            .flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_on_a_node_directory_is_refused_naming_the_holder() {
+        let dir = std::env::temp_dir().join(format!("ovl-lock-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let first = NodeLock::acquire(&dir).unwrap();
+        let err = NodeLock::acquire(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("already runs") && err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(first);
+        NodeLock::acquire(&dir).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_pin_root_off_bpffs_is_refused_with_the_mount_command() {
+        let dir = std::env::temp_dir().join(format!("ovl-notbpf-{}/node", std::process::id()));
+        let err = prepare(&dir).unwrap_err().to_string();
+        assert!(err.contains("mount -t bpf bpf"), "{err}");
+        assert!(!dir.exists(), "nothing created");
+    }
 }

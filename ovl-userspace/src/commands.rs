@@ -3,11 +3,11 @@
 
 use std::{net::Ipv4Addr, path::Path};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::{
-    bpffs, datapath,
+    api, bpffs, datapath,
     ipam::Subnet,
     metrics::{self, NetworkStats},
     model::{ContainerSpec, Endpoint, Location, MacAddr, NetworkSpec},
@@ -246,56 +246,179 @@ pub async fn node_ls(store: &Store, pin_root: &Path) -> Result<String> {
     Ok(out)
 }
 
-/// `ovl stats`: counters of this node's agent, per network.
+/// `ovl stats`: counters of this node's data path, per network. Asked of
+/// the agent (which works from any mount namespace); with no agent
+/// running, read from the pinned maps, which still forward and count.
 pub async fn stats(
     store: &Store,
+    api_socket: &Path,
     node: &str,
     pin_root: &Path,
     network: Option<&str>,
     json: bool,
 ) -> Result<String> {
-    let state = store.load().await?;
-    if let Some(name) = network {
-        state.network(name)?;
-    }
-    let pin_dir = bpffs::node_dir(pin_root, node);
-    let counters = datapath::read_counters(&pin_dir)?;
-    let rows: Vec<NetworkStats> = state
-        .networks
-        .values()
-        .filter(|n| network.is_none_or(|want| want == n.name))
-        .map(|n| {
-            let c = counters.get(&n.vni.get()).copied().unwrap_or_default();
-            NetworkStats::new(&n.name, n.vni.get(), &c)
-        })
-        .collect();
+    let query = match network {
+        Some(n) => format!("/v1/stats?network={}", url_escape(n)),
+        None => "/v1/stats".to_owned(),
+    };
+    let rows: Vec<NetworkStats> = match api::Client::new(api_socket).get(&query).await {
+        Ok(rows) => rows,
+        Err(api::ClientError::NoAgent(_)) => {
+            let rows = pinned_stats(store, node, pin_root, network).await?;
+            eprintln!(
+                "ovl: no agent runs for node {node}; counters read from its pinned maps (the data path still forwards)"
+            );
+            rows
+        }
+        Err(e) => return Err(e.into()),
+    };
     if json {
         return Ok(serde_json::to_string_pretty(&rows).expect("stats serialise"));
     }
     Ok(metrics::table(&rows))
 }
 
-/// `ovl stats --underlay`: node-wide counters.
-pub fn underlay_stats(node: &str, pin_root: &Path, json: bool) -> Result<String> {
+async fn pinned_stats(
+    store: &Store,
+    node: &str,
+    pin_root: &Path,
+    network: Option<&str>,
+) -> Result<Vec<NetworkStats>> {
+    let state = store.load().await?;
+    if let Some(name) = network {
+        state.network(name)?;
+    }
     let pin_dir = bpffs::node_dir(pin_root, node);
     let counters = datapath::read_counters(&pin_dir)?;
-    let global = datapath::read_global(&pin_dir)?;
-    let orphan = counters
-        .get(&ovl_common::counters::UNATTRIBUTED_VNI)
-        .copied()
-        .unwrap_or_default();
-    let report = metrics::UnderlayStats::new(&global, &orphan);
+    Ok(state
+        .networks
+        .values()
+        .filter(|n| network.is_none_or(|want| want == n.name))
+        .filter(|n| counters.contains_key(&n.vni.get()))
+        .map(|n| {
+            let c = counters.get(&n.vni.get()).copied().unwrap_or_default();
+            NetworkStats::new(&n.name, n.vni.get(), &c)
+        })
+        .collect())
+}
+
+/// `ovl stats --underlay`: node-wide counters, from the agent or the pins.
+pub async fn underlay_stats(
+    api_socket: &Path,
+    node: &str,
+    pin_root: &Path,
+    json: bool,
+) -> Result<String> {
+    let report: metrics::UnderlayStats = match api::Client::new(api_socket)
+        .get("/v1/stats/underlay")
+        .await
+    {
+        Ok(r) => r,
+        Err(api::ClientError::NoAgent(_)) => {
+            let pin_dir = bpffs::node_dir(pin_root, node);
+            let counters = datapath::read_counters(&pin_dir)?;
+            let global = datapath::read_global(&pin_dir)?;
+            let orphan = counters
+                .get(&ovl_common::counters::UNATTRIBUTED_VNI)
+                .copied()
+                .unwrap_or_default();
+            eprintln!(
+                "ovl: no agent runs for node {node}; counters read from its pinned maps (the data path still forwards)"
+            );
+            metrics::UnderlayStats::new(&global, &orphan)
+        }
+        Err(e) => return Err(e.into()),
+    };
     if json {
         return Ok(serde_json::to_string_pretty(&report).expect("stats serialise"));
     }
     Ok(report.to_string())
 }
 
-/// `ovl detach`: cleans up after an agent that died: its pins and any
-/// XDP program it left on `iface` (links die with the process; a program
-/// attached the legacy netlink way does not).
-pub async fn detach(iface: &str, node: &str, pin_root: &Path) -> Result<String> {
+/// `ovl status`: the node agent's health in one screen.
+pub async fn status(api_socket: &Path, json: bool) -> Result<String> {
+    let h: api::Health = match api::Client::new(api_socket).get("/v1/health").await {
+        Ok(h) => h,
+        Err(api::ClientError::NoAgent(path)) => bail!(
+            "no ovl agent answers on {}; start one with `ovl attach IFACE` (a data path pinned earlier keeps forwarding meanwhile)",
+            path.display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        return Ok(serde_json::to_string_pretty(&h).expect("health serialises"));
+    }
+    let age = h
+        .store
+        .last_sync_age_seconds
+        .map(|a| format!("{a:.1} s ago"))
+        .unwrap_or_else(|| "never".into());
+    Ok(format!(
+        "node:       {} (agent {} pid {}, up {} s)\n\
+         underlay:   {} VTEP {}, decap {}\n\
+         pins:       {}\n\
+         store:      {} ({}, last sync {age}, revision {})\n\
+         networks:   {}\n\
+         endpoints:  {} local, {} remote",
+        h.node,
+        h.version,
+        h.pid,
+        h.uptime_seconds,
+        h.iface,
+        h.vtep,
+        h.mode,
+        h.pin_dir.display(),
+        h.store.url,
+        if h.store.reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        },
+        h.store.revision,
+        h.networks,
+        h.local_endpoints,
+        h.remote_endpoints
+    ))
+}
+
+/// Percent-encodes a query value (network names are [A-Za-z0-9_.-]; the
+/// rest is escaped defensively).
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `ovl detach`: removes this node's data path — every pinned link (which
+/// unhooks the programs), the maps and their pins — and any XDP program
+/// left on `iface` the legacy netlink way. Refused while an agent runs.
+pub async fn detach(iface: &str, node: &str, pin_root: &Path, api_socket: &Path) -> Result<String> {
     let mut done = Vec::new();
+    let dir = bpffs::node_dir(pin_root, node);
+    let _lock = if dir.exists() {
+        Some(bpffs::NodeLock::acquire(&dir).map_err(|e| match e {
+            bpffs::LockError::Held { holder, .. } => anyhow::anyhow!(
+                "an ovl agent{holder} runs for node {node}; stop it (SIGTERM) before `ovl detach`"
+            ),
+            other => other.into(),
+        })?)
+    } else {
+        None
+    };
+    if dir.exists() {
+        let links = datapath::LinkPins::of(&dir).list()?;
+        bpffs::remove_node_dir(&dir)?;
+        done.push(format!(
+            "removed {} link(s) and the pins under {}",
+            links.len(),
+            dir.display()
+        ));
+    }
+    // A program attached the legacy netlink way (by an older ovl) has no
+    // pin; once the links are gone, whatever XDP remains is that.
     if let Some(idx) = netlink::ifindex(iface) {
         let handle = netlink::connect()?;
         if netlink::clear_xdp(&handle, idx)
@@ -307,10 +430,8 @@ pub async fn detach(iface: &str, node: &str, pin_root: &Path) -> Result<String> 
     } else {
         done.push(format!("interface {iface} does not exist here"));
     }
-    let dir = bpffs::node_dir(pin_root, node);
-    if dir.exists() {
-        bpffs::remove_node_dir(&dir)?;
-        done.push(format!("removed pins under {}", dir.display()));
+    if api_socket.exists() {
+        let _ = std::fs::remove_file(api_socket);
     }
     if done.is_empty() {
         done.push(format!("nothing of node {node} was left on {iface}"));

@@ -2,10 +2,12 @@
 //! netlink plumbing, the kernel programs' loader and the node agent.
 
 pub mod agent;
+pub mod api;
 pub mod bpffs;
 pub mod commands;
 pub mod datapath;
 pub mod desired;
+pub mod exporter;
 pub mod ipam;
 pub mod metrics;
 pub mod model;

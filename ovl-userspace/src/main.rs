@@ -32,9 +32,15 @@ struct Cli {
     /// This node's name [default: the hostname].
     #[arg(long, env = "OVL_NODE", global = true)]
     node: Option<String>,
-    /// bpffs directory under which each node pins its maps.
+    /// bpffs directory under which each node pins its maps and links.
     #[arg(long, env = "OVL_PIN_ROOT", default_value = DEFAULT_PIN_ROOT, global = true)]
     pin_root: PathBuf,
+    /// The node agent's API socket [default: /run/ovl/<node>.sock].
+    #[arg(long, env = "OVL_API_SOCKET", global = true)]
+    api_socket: Option<PathBuf>,
+    /// The node agent's local state [default: /var/lib/ovl/nodes/<node>].
+    #[arg(long, env = "OVL_STATE_DIR", global = true)]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,7 +64,9 @@ enum Command {
     },
     /// Remove a container namespace's interface from a network.
     Disconnect { network: String, netns: String },
-    /// Run the node agent on an underlay interface (foreground).
+    /// Run the node agent on an underlay interface (foreground). The data
+    /// path it sets up keeps forwarding when it exits; a new agent takes
+    /// it over without a gap.
     Attach {
         iface: String,
         /// Decap hook: auto, native (XDP), generic (XDP), tc.
@@ -67,9 +75,18 @@ enum Command {
         /// Seconds the node stays alive in etcd without keep-alives.
         #[arg(long, env = "OVL_LEASE_TTL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         lease_ttl: u64,
+        /// Serve Prometheus metrics on ADDR:PORT (conventionally port 9474).
+        #[arg(long, env = "OVL_METRICS")]
+        metrics: Option<std::net::SocketAddr>,
     },
-    /// Clean up after an agent that died.
+    /// Remove this node's data path from IFACE: programs, links, maps, pins.
     Detach { iface: String },
+    /// The node agent's health in one screen.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Per-network counters of this node's agent.
     Stats {
         /// Only this network.
@@ -147,6 +164,39 @@ fn node_name(cli: &Option<String>) -> Result<String> {
 
 async fn run(cli: Cli) -> Result<()> {
     let node = node_name(&cli.node)?;
+    let api_socket = cli
+        .api_socket
+        .clone()
+        .unwrap_or_else(|| ovl_userspace::api::default_socket(&node));
+    if let Command::Attach {
+        iface,
+        mode,
+        lease_ttl,
+        metrics,
+    } = cli.command
+    {
+        let state_dir = cli
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/ovl/nodes").join(&node));
+        return agent::run(AgentOptions {
+            iface,
+            mode,
+            node,
+            pin_root: cli.pin_root,
+            lease_ttl: std::time::Duration::from_secs(lease_ttl),
+            store_url: cli.store,
+            api_socket,
+            metrics,
+            state_dir,
+        })
+        .await;
+    }
+    if let Command::Status { json } = cli.command {
+        return print(commands::status(&api_socket, json).await?);
+    }
+    if let Command::Detach { iface } = &cli.command {
+        return print(commands::detach(iface, &node, &cli.pin_root, &api_socket).await?);
+    }
     // Opened before anything else: a bad URL fails before any change.
     let store = Store::open(&cli.store).await?;
     let store = &store;
@@ -171,29 +221,24 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Disconnect { network, netns } => {
             commands::disconnect(store, &node, &network, &netns).await?
         }
-        Command::Attach {
-            iface,
-            mode,
-            lease_ttl,
-        } => {
-            let opts = AgentOptions {
-                iface,
-                mode,
-                node,
-                pin_root: cli.pin_root,
-                lease_ttl: std::time::Duration::from_secs(lease_ttl),
-            };
-            agent::run(opts, store).await?;
-            return Ok(());
+        Command::Attach { .. } | Command::Status { .. } | Command::Detach { .. } => {
+            unreachable!("dispatched above")
         }
-        Command::Detach { iface } => commands::detach(&iface, &node, &cli.pin_root).await?,
         Command::Stats {
             underlay: true,
             json,
             ..
-        } => commands::underlay_stats(&node, &cli.pin_root, json)?,
+        } => commands::underlay_stats(&api_socket, &node, &cli.pin_root, json).await?,
         Command::Stats { network, json, .. } => {
-            commands::stats(store, &node, &cli.pin_root, network.as_deref(), json).await?
+            commands::stats(
+                store,
+                &api_socket,
+                &node,
+                &cli.pin_root,
+                network.as_deref(),
+                json,
+            )
+            .await?
         }
         Command::Endpoint(EndpointCmd::Add {
             network,
@@ -207,6 +252,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Node(NodeCmd::Ls) => commands::node_ls(store, &cli.pin_root).await?,
     };
+    print(out)
+}
+
+fn print(out: String) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     match writeln!(stdout, "{}", out.trim_end()) {
         // A closed pipe (`ovl stats | head`) is the reader's choice.
@@ -218,12 +267,19 @@ async fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    // One thread: namespace switches (setns) apply per thread, and the
-    // CLI and the agent never need more.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The CLI needs one thread. The agent gets two: its API and metrics
+    // answer while its loop waits on the kernel (attaching programs waits
+    // for the RTNL lock). Namespace switches (setns) are per thread and
+    // never span an await, so either runtime is safe for them.
+    let builder = if matches!(cli.command, Command::Attach { .. }) {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let mut builder = builder;
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ovl: cannot start the runtime: {e}");

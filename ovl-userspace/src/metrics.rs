@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use ovl_common::{DropReason, UnderlayCounters, VniCounters};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Counters of one network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkStats {
     pub network: String,
     pub vni: u32,
@@ -18,7 +18,7 @@ pub struct NetworkStats {
     pub local_packets: u64,
     pub arp_replies: u64,
     /// Drops keyed by reason name, every reason present.
-    pub drops: BTreeMap<&'static str, u64>,
+    pub drops: BTreeMap<String, u64>,
 }
 
 impl NetworkStats {
@@ -35,7 +35,7 @@ impl NetworkStats {
             arp_replies: c.arp_replies,
             drops: DropReason::ALL
                 .iter()
-                .map(|r| (r.name(), c.drops_for(*r)))
+                .map(|r| (r.name().to_owned(), c.drops_for(*r)))
                 .collect(),
         }
     }
@@ -43,11 +43,11 @@ impl NetworkStats {
 
 /// Node-wide counters: what the underlay hook saw, and drops that belong
 /// to no network (malformed VXLAN, unknown VNIs).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnderlayStats {
     pub underlay_packets: u64,
     pub underlay_passed: u64,
-    pub drops: BTreeMap<&'static str, u64>,
+    pub drops: BTreeMap<String, u64>,
 }
 
 impl UnderlayStats {
@@ -59,7 +59,7 @@ impl UnderlayStats {
             underlay_passed: underlay.passed,
             drops: DropReason::ALL
                 .iter()
-                .map(|r| (r.name(), unattributed.drops_for(*r)))
+                .map(|r| (r.name().to_owned(), unattributed.drops_for(*r)))
                 .collect(),
         }
     }

@@ -19,6 +19,9 @@ pub struct Ovl {
     /// The store URL every command and agent gets as `OVL_STORE`.
     store: String,
     pin_root: PathBuf,
+    /// Where each node's API socket and agent state go (the lab's temp
+    /// dir): parallel labs never share `/run/ovl` or `/var/lib/ovl`.
+    run_dir: PathBuf,
 }
 
 /// A running `ovl attach`.
@@ -97,6 +100,7 @@ impl Ovl {
             bin: ovl_binary()?,
             store: url.to_owned(),
             pin_root: lab.bpffs()?,
+            run_dir: lab.tempdir().to_owned(),
         })
     }
 
@@ -107,6 +111,7 @@ impl Ovl {
             bin: self.bin.clone(),
             store: url.to_owned(),
             pin_root: self.pin_root.clone(),
+            run_dir: self.run_dir.clone(),
         }
     }
 
@@ -121,7 +126,28 @@ impl Ovl {
             ("OVL_STORE".into(), self.store.clone()),
             ("OVL_PIN_ROOT".into(), self.pin_root.display().to_string()),
             ("OVL_NODE".into(), node.into()),
+            (
+                "OVL_API_SOCKET".into(),
+                self.api_socket(node).display().to_string(),
+            ),
+            (
+                "OVL_STATE_DIR".into(),
+                self.run_dir
+                    .join(format!("state-{node}"))
+                    .display()
+                    .to_string(),
+            ),
         ]
+    }
+
+    /// The API socket of node `node`'s agent.
+    pub fn api_socket(&self, node: &str) -> PathBuf {
+        self.run_dir.join(format!("api-{node}.sock"))
+    }
+
+    /// The pin directory of node `node`.
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        self.pin_root.join(node)
     }
 
     fn argv(&self, node: &str, args: &[&str]) -> Vec<String> {
@@ -281,7 +307,23 @@ impl Ovl {
 }
 
 impl Agent {
-    /// Stops the agent with SIGINT and checks that it exits cleanly.
+    /// Stops the agent with SIGTERM and checks that it exits cleanly (its
+    /// data path stays pinned and keeps forwarding).
+    pub fn terminate(self) -> Result<()> {
+        self.child.signal(Signal::Terminate)?;
+        let status = self.child.wait_timeout(Duration::from_secs(10))?;
+        if !status.success() {
+            bail!(
+                "agent {} exited with {status}:\n{}",
+                self.node,
+                self.child.output_report()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the agent with SIGINT and checks that it exits cleanly (its
+    /// data path stays pinned and keeps forwarding).
     pub fn stop(self) -> Result<()> {
         self.child.signal(Signal::Interrupt)?;
         let status = self.child.wait_timeout(Duration::from_secs(10))?;

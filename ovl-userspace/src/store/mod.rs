@@ -173,6 +173,14 @@ impl Store {
         }
     }
 
+    /// Checks that the store answers (health probes).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::File(f) => f.load().map(|_| ()),
+            Store::Etcd(e) => e.ping().await,
+        }
+    }
+
     /// A short description for logs and errors.
     pub fn describe(&self) -> String {
         match self {

@@ -1,26 +1,63 @@
-//! ovl's kernel programs as the agent holds them: the embedded object,
-//! loaded with its maps pinned per node, the underlay decap hook, and the
-//! egress hook on each local container veth.
+//! ovl's kernel programs as the agent holds them: the kernel object, loaded
+//! with its maps pinned per node (reused, or replaced when they no longer
+//! fit this build), the underlay decap hook and the egress hook on each
+//! local container veth — all pinned bpf_links that outlive the agent.
 
-use std::{collections::BTreeMap, fmt, path::Path, str::FromStr};
+mod compat;
+mod links;
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet},
+    fmt, fs,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
-    programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
-    },
+    programs::XdpMode,
     util::nr_cpus,
 };
+pub use compat::Mismatch;
+pub use links::{DecapKind, LinkPin, LinkPins};
 use ovl_common::{
     Endpoint, NetworkInfo, NodeConfig, UnderlayCounters, VniAddr, VniCounters,
     counters::UNATTRIBUTED_VNI,
-    maps::{names, programs},
+    maps::{ABI_VERSION, names, programs},
 };
 
 /// The kernel programs, built by build.rs and embedded in `ovl`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ovl-ebpf.o"));
+
+/// Environment variable naming another kernel object to load instead of
+/// the embedded one: for developing and testing program upgrades only.
+pub const OBJECT_ENV: &str = "OVL_EBPF_OBJECT";
+
+/// Sub-directory where replacement maps are built before they take the
+/// place of pinned maps that no longer fit.
+const STAGING_DIR: &str = "next";
+
+/// The kernel object this agent runs: the embedded one or `$OVL_EBPF_OBJECT`.
+fn object() -> Result<Cow<'static, [u8]>> {
+    if let Some(path) = std::env::var_os(OBJECT_ENV) {
+        let bytes = fs::read(&path)
+            .with_context(|| format!("read {OBJECT_ENV}={}", Path::new(&path).display()))?;
+        log::warn!(
+            "loading kernel programs from {} ({OBJECT_ENV}) instead of the embedded ones",
+            Path::new(&path).display()
+        );
+        return Ok(Cow::Owned(bytes));
+    }
+    if OBJECT.is_empty() {
+        bail!(
+            "this ovl was built without its kernel programs (OVL_EBPF_SKIP=1); rebuild with `cargo xtask build`"
+        );
+    }
+    Ok(Cow::Borrowed(OBJECT))
+}
 
 /// Where the underlay decap program hooks in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,7 +69,7 @@ pub enum DecapMode {
     Native,
     /// XDP in the kernel's generic (skb) path.
     Generic,
-    /// TC ingress (clsact/TCX).
+    /// TC ingress (TCX).
     Tc,
 }
 
@@ -62,33 +99,75 @@ impl fmt::Display for DecapMode {
     }
 }
 
-enum DecapLink {
-    Xdp(XdpLinkId),
-    Tc(SchedClassifierLinkId),
+impl DecapMode {
+    fn of_kind(kind: DecapKind) -> DecapMode {
+        match kind {
+            DecapKind::Tc => DecapMode::Tc,
+            DecapKind::XdpDriver => DecapMode::Native,
+            DecapKind::XdpGeneric => DecapMode::Generic,
+        }
+    }
+}
+
+/// How the maps of a load relate to what was pinned before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Maps {
+    /// Nothing was pinned: new, empty maps.
+    Created,
+    /// Pinned maps that fit this build are used as they are, entries and
+    /// counters included.
+    Reused,
+    /// Pinned maps that do not fit this build: new ones were made beside
+    /// them. Fill them, swap the programs in ([`Datapath::adopt_links`]),
+    /// then [`Datapath::promote`] them into place.
+    Replacing(Vec<Mismatch>),
+}
+
+/// What [`Datapath::adopt_links`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    /// Links whose program was swapped for this build's.
+    pub replaced: Vec<LinkPin>,
+    /// Links of interfaces that no longer exist, removed.
+    pub removed: Vec<LinkPin>,
 }
 
 /// Loaded programs and their maps, pinned under one node directory.
 pub struct Datapath {
     ebpf: Ebpf,
-    decap: Option<DecapLink>,
-    /// Egress hooks by host-side ifindex.
-    egress: BTreeMap<u32, SchedClassifierLinkId>,
+    pin_dir: PathBuf,
+    links: LinkPins,
+    maps: Maps,
+    /// Names of the maps the object pins.
+    map_names: Vec<String>,
 }
 
 impl Datapath {
-    /// Loads the embedded object with every map pinned in `pin_dir` (maps
-    /// already pinned there are reused, so a restarted agent keeps state).
+    /// Loads the kernel object with its maps pinned in `pin_dir`: maps
+    /// already pinned there are reused when they fit this build (a
+    /// restarted agent keeps entries and counters), else new ones are made
+    /// in `pin_dir/next` to replace them.
     pub fn load(pin_dir: &Path) -> Result<Self> {
-        if OBJECT.is_empty() {
-            bail!(
-                "this ovl was built without its kernel programs (OVL_EBPF_SKIP=1); rebuild with `cargo xtask build`"
-            );
-        }
+        let object = object()?;
+        let mismatches = compat::check(pin_dir, &object)?;
+        let any_pinned = names::ALL.iter().any(|n| pin_dir.join(n).exists());
+        let (maps, map_dir) = if !mismatches.is_empty() {
+            let staging = pin_dir.join(STAGING_DIR);
+            // Left by a replacement that was cut short: start it over.
+            crate::bpffs::remove_node_dir(&staging)?;
+            fs::create_dir_all(&staging)
+                .with_context(|| format!("create {}", staging.display()))?;
+            (Maps::Replacing(mismatches), staging)
+        } else if any_pinned {
+            (Maps::Reused, pin_dir.to_owned())
+        } else {
+            (Maps::Created, pin_dir.to_owned())
+        };
         let level = log::max_level() as u8;
         let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
+            .default_map_pin_directory(&map_dir)
             .override_global(aya_log::LEVEL, &level, true)
-            .load(OBJECT)
+            .load(&object)
             .context("load ovl's kernel programs (is this root, with BPF enabled?)")?;
         for name in programs::ALL {
             let prog = ebpf
@@ -103,9 +182,46 @@ impl Datapath {
         }
         Ok(Datapath {
             ebpf,
-            decap: None,
-            egress: BTreeMap::new(),
+            pin_dir: pin_dir.to_owned(),
+            links: LinkPins::of(pin_dir),
+            maps,
+            map_names: compat::pinned_map_names(&object)?,
         })
+    }
+
+    /// How this load's maps relate to the pins it found.
+    pub fn maps(&self) -> &Maps {
+        &self.maps
+    }
+
+    /// Records this build's ABI version beside the maps: call once they
+    /// hold what the store says, so a later agent may reuse them.
+    pub fn record_abi(&mut self) -> Result<()> {
+        let mut arr: Array<_, u32> = Array::try_from(self.map(names::ABI)?)?;
+        arr.set(0, ABI_VERSION, 0).context("write OVL_ABI")
+    }
+
+    /// Moves replacement maps into the place of the pins they replace.
+    /// Call after [`adopt_links`](Self::adopt_links): the running programs
+    /// then use the new maps already, and the old ones go with their pins.
+    pub fn promote(&mut self) -> Result<()> {
+        if !matches!(self.maps, Maps::Replacing(_)) {
+            return Ok(());
+        }
+        let staging = self.pin_dir.join(STAGING_DIR);
+        for name in &self.map_names {
+            let (from, to) = (staging.join(name), self.pin_dir.join(name));
+            match fs::remove_file(&to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("unpin {}", to.display())),
+            }
+            fs::rename(&from, &to)
+                .with_context(|| format!("move {} to {}", from.display(), to.display()))?;
+        }
+        crate::bpffs::remove_node_dir(&staging)?;
+        self.maps = Maps::Reused;
+        Ok(())
     }
 
     /// Takes the aya-log ring so the caller can forward kernel log lines.
@@ -113,11 +229,51 @@ impl Datapath {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("open the kernel programs' log ring")
     }
 
-    /// Attaches the decap program to the underlay `iface`; returns the mode
-    /// actually used.
-    pub fn attach_decap(
+    /// Swaps this build's programs into every pinned link, atomically per
+    /// link, and removes links whose interface is gone. What was pinned
+    /// keeps forwarding throughout.
+    pub fn adopt_links(&mut self) -> Result<Adopted> {
+        let mut done = Adopted::default();
+        for pin in self.links.list()? {
+            if crate::netlink::ifname(pin.ifindex()).is_none() {
+                self.links.remove(pin)?;
+                done.removed.push(pin);
+                continue;
+            }
+            let links = LinkPins::of(&self.pin_dir);
+            match pin {
+                LinkPin::Egress { .. } => {
+                    links.replace_tc(self.program(programs::TC_EGRESS)?, pin)?
+                }
+                LinkPin::Decap {
+                    kind: DecapKind::Tc,
+                    ..
+                } => links.replace_tc(self.program(programs::TC_DECAP)?, pin)?,
+                LinkPin::Decap { .. } => {
+                    links.replace_xdp(self.program(programs::XDP_DECAP)?, pin)?
+                }
+            }
+            done.replaced.push(pin);
+        }
+        Ok(done)
+    }
+
+    /// The decap hook currently pinned, if any.
+    pub fn decap_hook(&self) -> Result<Option<(DecapMode, u32)>> {
+        Ok(self.links.list()?.into_iter().find_map(|p| match p {
+            LinkPin::Decap { kind, ifindex } => Some((DecapMode::of_kind(kind), ifindex)),
+            LinkPin::Egress { .. } => None,
+        }))
+    }
+
+    /// Hooks the decap program on the underlay `iface` (index `ifindex`)
+    /// in `mode` unless that very hook is pinned already (then
+    /// [`adopt_links`](Self::adopt_links) has updated it), and removes any
+    /// other decap hook once the new one is in place. Returns the mode used.
+    pub fn hook_decap(
         &mut self,
         iface: &str,
+        ifindex: u32,
         mode: DecapMode,
         driver: &str,
     ) -> Result<DecapMode> {
@@ -125,85 +281,94 @@ impl Datapath {
             DecapMode::Auto if driver == "veth" => DecapMode::Tc,
             other => other,
         };
-        let link = match mode {
+        let links = LinkPins::of(&self.pin_dir);
+        let wanted = |kind| LinkPin::Decap { kind, ifindex };
+        let used = match mode {
             DecapMode::Tc => {
-                let prog: &mut SchedClassifier = self.program(programs::TC_DECAP)?;
-                DecapLink::Tc(prog.attach(iface, TcAttachType::Ingress).with_context(|| {
-                    format!("attach {} to TC ingress of {iface}", programs::TC_DECAP)
-                })?)
+                let pin = wanted(DecapKind::Tc);
+                if !links.has(pin) {
+                    links
+                        .attach_tc(self.program(programs::TC_DECAP)?, iface, pin)
+                        .with_context(|| format!("hook {}", programs::TC_DECAP))?;
+                }
+                DecapKind::Tc
             }
             DecapMode::Native | DecapMode::Generic => {
-                let xdp_mode = if mode == DecapMode::Native {
-                    XdpMode::Driver
+                let (kind, xdp_mode) = if mode == DecapMode::Native {
+                    (DecapKind::XdpDriver, XdpMode::Driver)
                 } else {
-                    XdpMode::Skb
+                    (DecapKind::XdpGeneric, XdpMode::Skb)
                 };
-                let prog: &mut Xdp = self.program(programs::XDP_DECAP)?;
-                DecapLink::Xdp(prog.attach(iface, xdp_mode).with_context(|| {
-                    format!(
-                        "attach {} to {iface} in {mode} XDP mode",
-                        programs::XDP_DECAP
-                    )
-                })?)
+                let pin = wanted(kind);
+                if !links.has(pin) {
+                    links
+                        .attach_xdp(self.program(programs::XDP_DECAP)?, iface, xdp_mode, pin)
+                        .with_context(|| {
+                            format!("hook {} in {mode} XDP mode on {iface}", programs::XDP_DECAP)
+                        })?;
+                }
+                kind
             }
             DecapMode::Auto => {
-                let prog: &mut Xdp = self.program(programs::XDP_DECAP)?;
-                match prog.attach(iface, XdpMode::Driver) {
-                    Ok(id) => {
-                        self.decap = Some(DecapLink::Xdp(id));
-                        return Ok(DecapMode::Native);
-                    }
-                    Err(e) => {
-                        // Not generic XDP: it sees GRO super-packets it
-                        // cannot redirect (measured: TCP stalls). TC sees
-                        // the same packets and keeps their GSO state.
-                        log::warn!("native XDP refused on {iface} ({e}); using TC ingress");
-                        return self.attach_decap(iface, DecapMode::Tc, driver);
+                let pin = wanted(DecapKind::XdpDriver);
+                if links.has(pin) {
+                    DecapKind::XdpDriver
+                } else {
+                    match links.attach_xdp(
+                        self.program(programs::XDP_DECAP)?,
+                        iface,
+                        XdpMode::Driver,
+                        pin,
+                    ) {
+                        Ok(()) => DecapKind::XdpDriver,
+                        Err(e) => {
+                            // Not generic XDP: it sees GRO super-packets it
+                            // cannot redirect (measured: TCP stalls). TC sees
+                            // the same packets and keeps their GSO state.
+                            log::warn!("native XDP refused on {iface} ({e:#}); using TC ingress");
+                            return self.hook_decap(iface, ifindex, DecapMode::Tc, driver);
+                        }
                     }
                 }
             }
         };
-        self.decap = Some(link);
-        Ok(mode)
-    }
-
-    /// Detaches the decap program (done on drop as well).
-    pub fn detach_decap(&mut self) -> Result<()> {
-        match self.decap.take() {
-            Some(DecapLink::Xdp(id)) => self.program::<Xdp>(programs::XDP_DECAP)?.detach(id)?,
-            Some(DecapLink::Tc(id)) => self
-                .program::<SchedClassifier>(programs::TC_DECAP)?
-                .detach(id)?,
-            None => {}
+        for pin in links.list()? {
+            if matches!(pin, LinkPin::Decap { .. }) && pin != wanted(used) {
+                links.remove(pin)?;
+                log::info!("removed the previous decap hook {}", pin.file_name());
+            }
         }
-        Ok(())
+        Ok(DecapMode::of_kind(used))
     }
 
     /// Host-side ifindexes that carry the egress hook.
-    pub fn egress_ifindexes(&self) -> impl Iterator<Item = u32> + '_ {
-        self.egress.keys().copied()
+    pub fn egress_ifindexes(&self) -> Result<BTreeSet<u32>> {
+        Ok(self
+            .links
+            .list()?
+            .into_iter()
+            .filter_map(|p| match p {
+                LinkPin::Egress { ifindex } => Some(ifindex),
+                LinkPin::Decap { .. } => None,
+            })
+            .collect())
     }
 
     /// Hooks container egress on the host end `ifname` (index `ifindex`).
-    pub fn attach_egress(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
-        let prog: &mut SchedClassifier = self.program(programs::TC_EGRESS)?;
-        let id = prog
-            .attach(ifname, TcAttachType::Ingress)
-            .with_context(|| format!("attach {} to {ifname}", programs::TC_EGRESS))?;
-        self.egress.insert(ifindex, id);
-        Ok(())
+    pub fn hook_egress(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        let links = LinkPins::of(&self.pin_dir);
+        links
+            .attach_tc(
+                self.program(programs::TC_EGRESS)?,
+                ifname,
+                LinkPin::Egress { ifindex },
+            )
+            .with_context(|| format!("hook {} on {ifname}", programs::TC_EGRESS))
     }
 
-    /// Unhooks the egress program from `ifindex`. A link whose device is
-    /// already gone detached itself; that is not an error.
-    pub fn detach_egress(&mut self, ifindex: u32) {
-        if let Some(id) = self.egress.remove(&ifindex) {
-            if let Ok(prog) = self.program::<SchedClassifier>(programs::TC_EGRESS) {
-                if let Err(e) = prog.detach(id) {
-                    log::debug!("egress hook of ifindex {ifindex} already gone: {e}");
-                }
-            }
-        }
+    /// Unhooks the egress program from `ifindex`.
+    pub fn unhook_egress(&mut self, ifindex: u32) -> Result<()> {
+        self.links.remove(LinkPin::Egress { ifindex })
     }
 
     /// Runs program `name` once (or `repeat` times) on `packet` with

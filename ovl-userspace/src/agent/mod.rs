@@ -1,0 +1,525 @@
+//! The node agent behind `ovl attach`: takes over the node's pinned data
+//! path (or builds it), keeps its maps in step with the store, and serves
+//! the local API and metrics. The data path never depends on it: programs
+//! and maps stay pinned when it exits, however it exits.
+
+mod journal;
+mod reconcile;
+pub mod view;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow};
+use backon::{ExponentialBuilder, Retryable};
+use ovl_common::NodeConfig;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use self::{
+    journal::{Journal, Memory},
+    view::{Identity, View},
+};
+use crate::{
+    api, bpffs,
+    datapath::{Datapath, DecapMode, LinkPin, LinkPins, Maps},
+    exporter,
+    model::State,
+    netlink::{self, Underlay},
+    store::{Registration, Store, StoreError},
+};
+
+/// How often it re-checks local interfaces even without store changes
+/// (a container veth may be deleted or re-created under it).
+const RESYNC: Duration = Duration::from_secs(2);
+/// How soon it looks again for a local endpoint's veth that did not exist
+/// yet: `ovl connect` registers the endpoint a moment before the link.
+const LINK_RETRY: Duration = Duration::from_millis(50);
+/// How often it checks that the store answers.
+const STORE_PROBE: Duration = Duration::from_secs(2);
+/// How long opening the store may take before the agent starts without it
+/// (when it has a pinned data path to forward with).
+const STORE_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `ovl attach` was asked to do.
+pub struct AgentOptions {
+    pub iface: String,
+    pub mode: DecapMode,
+    pub node: String,
+    pub pin_root: PathBuf,
+    /// Lease TTL of the node's liveness (stores that track it).
+    pub lease_ttl: Duration,
+    /// The store URL.
+    pub store_url: String,
+    /// Unix socket of the local API.
+    pub api_socket: PathBuf,
+    /// Address of the Prometheus endpoint, if any.
+    pub metrics: Option<SocketAddr>,
+    /// Directory of this node's agent-local state.
+    pub state_dir: PathBuf,
+}
+
+/// The store as the agent holds it once reachable.
+struct Connected {
+    store: Arc<Store>,
+    _registration: Registration,
+    updates: watch::Receiver<State>,
+    reregistrations: watch::Receiver<u64>,
+}
+
+type Connecting = Pin<Box<dyn Future<Output = Connected> + Send>>;
+
+/// Runs the agent until SIGINT/SIGTERM. On any exit the data path keeps
+/// forwarding with the last state; `ovl detach` removes it.
+pub async fn run(opts: AgentOptions) -> Result<()> {
+    let handle = netlink::connect()?;
+    let underlay = netlink::underlay(&handle, &opts.iface).await?;
+    let driver = netlink::driver(&opts.iface).unwrap_or_default();
+    let pin_dir = bpffs::node_dir(&opts.pin_root, &opts.node);
+    let created = !pin_dir.exists();
+    bpffs::prepare(&pin_dir)?;
+    let prelude = prelude(&opts, &pin_dir).await;
+    let Prelude {
+        lock: _lock,
+        api_listener,
+        metrics_listener,
+        journal,
+        memory,
+        store,
+    } = match prelude {
+        Ok(p) => p,
+        Err(e) => {
+            if created {
+                // Nothing was pinned yet: leave no directory behind either.
+                let _ = bpffs::remove_node_dir(&pin_dir);
+            }
+            return Err(e);
+        }
+    };
+
+    let dp = Datapath::load(&pin_dir)?;
+    let fresh = *dp.maps() == Maps::Created;
+    let (view, kicks) = View::new(Identity {
+        node: opts.node.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        iface: opts.iface.clone(),
+        vtep: underlay.addr,
+        pin_dir: pin_dir.clone(),
+        store: opts.store_url.clone(),
+    });
+    let mut agent = Agent {
+        node: opts.node.clone(),
+        underlay,
+        dp,
+        view,
+        journal,
+        memory,
+        state: None,
+        links_missing: false,
+    };
+    let started = agent.take_over(&opts, &driver, store.as_deref()).await;
+    if let Err(e) = started {
+        if fresh {
+            // Nothing forwarded with these pins yet: leave no trace.
+            let _ = bpffs::remove_node_dir(&pin_dir);
+        }
+        return Err(e);
+    }
+
+    let api = api::serve(api_listener, api::AgentApi::new(agent.view.clone()));
+    let api_task = tokio::spawn(api);
+    let metrics_task =
+        metrics_listener.map(|l| tokio::spawn(exporter::serve(l, agent.view.clone())));
+
+    let result = agent.serve(&opts, store, kicks).await;
+    api_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&opts.api_socket);
+    log::info!(
+        "agent stopped; the data path keeps forwarding with the last state (pins under {}). `ovl detach {}{}` removes it",
+        pin_dir.display(),
+        opts.iface,
+        node_flag(&opts.node)
+    );
+    result
+}
+
+/// What the agent holds before it touches the kernel.
+struct Prelude {
+    lock: bpffs::NodeLock,
+    api_listener: tokio::net::UnixListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    journal: Journal,
+    memory: Memory,
+    store: Option<Arc<Store>>,
+}
+
+/// Everything that can refuse to start without changing the kernel: the
+/// node lock, the API and metrics listeners, the journal, the store.
+async fn prelude(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Prelude> {
+    // Before anything else that could touch another agent's world.
+    let lock = bpffs::NodeLock::acquire(pin_dir)?;
+    let api_listener = api::bind(&opts.api_socket)?;
+    let rest = after_bind(opts, pin_dir).await;
+    let (metrics_listener, journal, memory, store) = match rest {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&opts.api_socket);
+            return Err(e);
+        }
+    };
+    Ok(Prelude {
+        lock,
+        api_listener,
+        metrics_listener,
+        journal,
+        memory,
+        store,
+    })
+}
+
+type AfterBind = (
+    Option<tokio::net::TcpListener>,
+    Journal,
+    Memory,
+    Option<Arc<Store>>,
+);
+
+async fn after_bind(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<AfterBind> {
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("serve metrics on {addr}: address in use or not local; pick another --metrics ADDR:PORT")
+        })?),
+        None => None,
+    };
+    let (journal, memory) = Journal::open(&opts.state_dir)?;
+
+    let pinned_decap = LinkPins::of(pin_dir)
+        .list()?
+        .into_iter()
+        .any(|p| matches!(p, LinkPin::Decap { .. }));
+    let store = match open_store(&opts.store_url).await {
+        Ok(store) => Some(Arc::new(store)),
+        Err(e @ StoreError::UnsupportedUrl(_)) => return Err(e.into()),
+        Err(e) if pinned_decap => {
+            log::warn!(
+                "{e}; forwarding with the pinned state of node {} and retrying the store",
+                opts.node
+            );
+            None
+        }
+        Err(e) => {
+            return Err(anyhow!(e)).context(
+                "cannot start: the store is unreachable and this node has no pinned data path to forward with",
+            );
+        }
+    };
+    Ok((metrics_listener, journal, memory, store))
+}
+
+fn node_flag(node: &str) -> String {
+    format!(" --node {node}")
+}
+
+async fn open_store(url: &str) -> Result<Store, StoreError> {
+    match tokio::time::timeout(STORE_OPEN_TIMEOUT, Store::open(url)).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Etcd {
+            endpoints: url.to_owned(),
+            detail: "connect timed out".into(),
+        }),
+    }
+}
+
+/// The agent's loop state.
+struct Agent {
+    node: String,
+    underlay: Underlay,
+    dp: Datapath,
+    view: Arc<View>,
+    journal: Journal,
+    memory: Memory,
+    /// The last state applied to the maps.
+    state: Option<State>,
+    links_missing: bool,
+}
+
+impl Agent {
+    /// Makes this build's programs the ones forwarding: fills replacement
+    /// maps first when the pinned ones do not fit, then swaps the programs
+    /// into the pinned links, then hooks the underlay if it is not yet.
+    async fn take_over(
+        &mut self,
+        opts: &AgentOptions,
+        driver: &str,
+        store: Option<&Store>,
+    ) -> Result<()> {
+        self.dp.set_config(NodeConfig {
+            vtep: self.underlay.addr.octets(),
+            underlay_ifindex: self.underlay.ifindex,
+            underlay_mtu: self.underlay.mtu,
+            _pad: 0,
+        })?;
+        if let Maps::Replacing(mismatches) = self.dp.maps().clone() {
+            let list = mismatches
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            let Some(store) = store else {
+                return Err(anyhow!(
+                    "the pinned maps of node {} do not fit this build ({list}) and the store is unreachable, so new maps cannot be filled before the switch; the old data path keeps forwarding. Start again when the store is reachable, or remove the old data path with `ovl detach {}{}`",
+                    self.node,
+                    opts.iface,
+                    node_flag(&self.node)
+                ));
+            };
+            log::info!("pinned maps do not fit this build ({list}): filling new ones");
+            let state = store
+                .load()
+                .await
+                .context("read the store to fill new maps")?;
+            self.apply(&state)?;
+        }
+        let adopted = self.dp.adopt_links()?;
+        if !adopted.replaced.is_empty() {
+            log::info!(
+                "took over {} pinned link(s); programs replaced atomically",
+                adopted.replaced.len()
+            );
+        }
+        for gone in &adopted.removed {
+            log::info!("removed {} (its interface is gone)", gone.file_name());
+        }
+        self.dp.promote()?;
+        self.dp.record_abi()?;
+        let mode = self
+            .dp
+            .hook_decap(&opts.iface, self.underlay.ifindex, opts.mode, driver)?;
+        self.view.update(|l| l.mode = mode.to_string());
+        log::info!(
+            "node {} attached to {} ({driver}, VTEP {}, MTU {}) in {mode} mode; store {}",
+            self.node,
+            opts.iface,
+            self.underlay.addr,
+            self.underlay.mtu,
+            opts.store_url
+        );
+        Ok(())
+    }
+
+    /// Applies `state` to the kernel and remembers it.
+    fn apply(&mut self, state: &State) -> Result<()> {
+        let outcome =
+            reconcile::reconcile(&mut self.dp, state, &self.node, &self.underlay, &self.view)?;
+        self.links_missing = outcome.links_missing;
+        reconcile::remember(&mut self.memory, state, &self.node);
+        if let Err(e) = self.journal.save(&self.memory) {
+            log::warn!("{e:#}");
+        }
+        self.state = Some(state.clone());
+        Ok(())
+    }
+
+    fn apply_logged(&mut self, state: &State) {
+        if let Err(e) = self.apply(state) {
+            log::error!("reconcile: {e:#}");
+        }
+    }
+
+    fn reapply(&mut self) {
+        if let Some(state) = self.state.clone() {
+            self.apply_logged(&state);
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        opts: &AgentOptions,
+        store: Option<Arc<Store>>,
+        mut kicks: tokio::sync::mpsc::Receiver<()>,
+    ) -> Result<()> {
+        // SAFETY: the logger owns the ring's descriptor and lives as long as
+        // the AsyncFd that wraps it (the contract register_with_interest asks).
+        let mut logs = unsafe {
+            AsyncFd::register_with_interest(self.dp.logger()?, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow!("{e}"))
+        .context("watch the kernel log ring")?;
+
+        let mut connected: Option<Connected> = None;
+        let mut connecting: Option<Connecting> = Some(Box::pin(connect(
+            store,
+            opts.store_url.clone(),
+            opts.node.clone(),
+            self.underlay.addr,
+            opts.lease_ttl,
+        )));
+        let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let mut resync = tokio::time::interval(RESYNC);
+        let mut link_retry = tokio::time::interval(LINK_RETRY);
+        let mut probe = tokio::time::interval(STORE_PROBE);
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => { log::info!("SIGINT: stopping"); return Ok(()); }
+                _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); return Ok(()); }
+                guard = logs.readable_mut() => {
+                    let mut guard = guard.context("kernel log ring")?;
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                c = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
+                    connecting = None;
+                    self.on_connected(&c).await;
+                    connected = Some(c);
+                }
+                event = next_store_event(connected.as_mut()), if connected.is_some() => {
+                    let c = connected.as_ref().expect("guarded");
+                    match event? {
+                        StoreEvent::Changed(fresh) => {
+                            if let Some(before) = &self.state {
+                                reconcile::free_dead_nodes(&c.store, &self.node, before, &fresh).await;
+                            }
+                            self.view.update(|l| l.last_sync = Some(Instant::now()));
+                            self.apply_logged(&fresh);
+                        }
+                        StoreEvent::Reregistered => {
+                            if let Some(state) = &self.state {
+                                reconcile::restore_endpoints(&c.store, state, &self.memory).await;
+                            }
+                        }
+                    }
+                }
+                Some(()) = kicks.recv() => {
+                    // Someone waits for an endpoint: read the store now rather
+                    // than at the follower's next event.
+                    match &connected {
+                        Some(c) => match c.store.load().await {
+                            Ok(state) => self.apply_logged(&state),
+                            Err(e) => log::warn!("{e}"),
+                        },
+                        None => self.reapply(),
+                    }
+                }
+                _ = probe.tick(), if connected.is_some() => {
+                    let c = connected.as_ref().expect("guarded");
+                    let ok = c.store.ping().await.is_ok();
+                    self.view.update(|l| {
+                        l.store_reachable = ok;
+                        if ok {
+                            l.last_sync = Some(Instant::now());
+                        }
+                    });
+                }
+                _ = link_retry.tick(), if self.links_missing => self.reapply(),
+                _ = resync.tick() => self.reapply(),
+            }
+        }
+    }
+
+    /// First contact with the store (at start, or after starting without
+    /// it): catch up with everything that changed meanwhile.
+    async fn on_connected(&mut self, c: &Connected) {
+        let state = c.updates.borrow().clone();
+        self.view.update(|l| {
+            l.store_reachable = true;
+            l.last_sync = Some(Instant::now());
+        });
+        // Endpoints of this node the store lost while the agent was away
+        // (its lease expired, say) go back first, then everything applies.
+        reconcile::restore_endpoints(&c.store, &state, &self.memory).await;
+        let state = c.store.load().await.unwrap_or(state);
+        self.apply_logged(&state);
+        log::info!(
+            "in step with {} at revision {}",
+            c.store.describe(),
+            state.revision
+        );
+    }
+}
+
+/// Opens the store (unless given), registers the node and follows the
+/// state, retrying with jittered exponential backoff until it works.
+async fn connect(
+    store: Option<Arc<Store>>,
+    url: String,
+    node: String,
+    vtep: std::net::Ipv4Addr,
+    ttl: Duration,
+) -> Connected {
+    let mut store = store;
+    let attempt = || {
+        let given = store.take();
+        let url = url.clone();
+        let node = node.clone();
+        async move {
+            let store = match given {
+                Some(s) => s,
+                None => Arc::new(open_store(&url).await?),
+            };
+            let registration = store
+                .register_node(&node, vtep, ttl)
+                .await
+                .map_err(|e| anyhow!(e).context(format!("register node {node}")))?;
+            let updates = store.subscribe().await?;
+            Ok::<_, anyhow::Error>(Connected {
+                reregistrations: registration.reregistrations(),
+                _registration: registration,
+                updates,
+                store,
+            })
+        }
+    };
+    let retry = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_jitter()
+                .without_max_times(),
+        )
+        .notify(|e, pause| log::warn!("store: {e:#}; retrying in {pause:?}"));
+    retry.await.expect("retried without limit")
+}
+
+/// What the store told the agent.
+enum StoreEvent {
+    /// A new state.
+    Changed(State),
+    /// The node registered again after losing its liveness: peers may have
+    /// freed its endpoints meanwhile.
+    Reregistered,
+}
+
+/// The next thing the store has to say.
+async fn next_store_event(c: Option<&mut Connected>) -> Result<StoreEvent> {
+    let c = c.expect("only polled while connected");
+    tokio::select! {
+        changed = c.updates.changed() => {
+            changed.context("store follower stopped")?;
+            Ok(StoreEvent::Changed(c.updates.borrow_and_update().clone()))
+        }
+        () = next_reregistration(&mut c.reregistrations) => Ok(StoreEvent::Reregistered),
+    }
+}
+
+/// Resolves when the node registered again after losing its liveness.
+async fn next_reregistration(rx: &mut watch::Receiver<u64>) {
+    if rx.changed().await.is_err() {
+        // Liveness is not tracked: nothing will ever change.
+        std::future::pending::<()>().await;
+    }
+}

@@ -1,0 +1,204 @@
+//! Bringing the kernel in line with the store: maps and egress hooks from
+//! the desired state, and the store-side duties of a node (putting back
+//! its endpoints that peers freed, freeing the endpoints of dead nodes).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use anyhow::Result;
+use ovl_common::{maps::names, wire::ENCAP_OVERHEAD};
+
+use super::{
+    journal::Memory,
+    view::{NetworkView, View},
+};
+use crate::{
+    datapath::Datapath,
+    desired::desired,
+    model::{Endpoint, Location, State},
+    netlink::{self, Underlay},
+    store::Store,
+};
+
+/// What one reconcile found.
+pub struct Outcome {
+    /// A local endpoint's veth does not exist yet (`ovl connect` registers
+    /// the endpoint a moment before it creates the link): retry soon.
+    pub links_missing: bool,
+}
+
+/// Brings maps and egress hooks in line with `state`, and publishes the
+/// result in `view`.
+pub fn reconcile(
+    dp: &mut Datapath,
+    state: &State,
+    node: &str,
+    underlay: &Underlay,
+    view: &View,
+) -> Result<Outcome> {
+    let want = desired(state, node, underlay.addr, &netlink::ifindex);
+    for (vni, net) in &want.networks {
+        if net.mtu + ENCAP_OVERHEAD > underlay.mtu {
+            log::warn!(
+                "network with VNI {vni} has MTU {}; with VXLAN's {ENCAP_OVERHEAD} bytes that exceeds {}'s MTU {} — large packets will be dropped as too_big",
+                net.mtu,
+                underlay.name,
+                underlay.mtu
+            );
+        }
+    }
+    // Counters and networks first, endpoints last: a packet never finds an
+    // endpoint whose network has no counters.
+    dp.sync_stats(want.networks.keys().copied())?;
+    dp.sync_networks(&want.networks)?;
+    dp.sync_vteps(&want.vteps)?;
+    dp.sync_u32_map(names::IFACES, &want.ifaces)?;
+    let changed = dp.sync_endpoints(&want.endpoints)?;
+    if changed.written + changed.removed > 0 {
+        log::info!(
+            "endpoints: {} written, {} removed ({} total)",
+            changed.written,
+            changed.removed,
+            want.endpoints.len()
+        );
+    }
+
+    let hooked = dp.egress_ifindexes()?;
+    for gone in hooked.iter().filter(|i| !want.ifaces.contains_key(i)) {
+        dp.unhook_egress(*gone)?;
+        log::info!("container egress unhooked from ifindex {gone}");
+    }
+    for (ifindex, name) in &want.iface_names {
+        if !hooked.contains(ifindex) {
+            dp.hook_egress(name, *ifindex)?;
+            log::info!("container egress hooked on {name}");
+        }
+    }
+    for name in &want.missing_links {
+        log::debug!("local endpoint interface {name} does not exist yet");
+    }
+
+    publish(state, &want, view);
+    Ok(Outcome {
+        links_missing: !want.missing_links.is_empty(),
+    })
+}
+
+/// Publishes what the maps now hold: network endpoint counts and which
+/// local endpoints forward.
+fn publish(state: &State, want: &crate::desired::Desired, view: &View) {
+    let mut networks: BTreeMap<u32, NetworkView> = state
+        .networks
+        .values()
+        .map(|n| {
+            let vni = n.vni.get();
+            (
+                vni,
+                NetworkView {
+                    name: n.name.clone(),
+                    vni,
+                    ..NetworkView::default()
+                },
+            )
+        })
+        .collect();
+    let mut ready = BTreeSet::new();
+    for ((vni, ip), ep) in &want.endpoints {
+        let Some(net) = networks.get_mut(vni) else {
+            continue;
+        };
+        if ep.is_local() {
+            net.local_endpoints += 1;
+            ready.insert((*vni, Ipv4Addr::from(*ip)));
+        } else {
+            net.remote_endpoints += 1;
+        }
+    }
+    view.update(|live| {
+        live.networks = networks;
+        live.revision = state.revision;
+    });
+    view.set_ready(ready);
+}
+
+/// Adds `node`'s endpoints in `state` to `memory` and forgets those whose
+/// veth is gone; records the networks' names.
+pub fn remember(memory: &mut Memory, state: &State, node: &str) {
+    let current: BTreeMap<_, _> = state
+        .endpoints
+        .iter()
+        .filter(|e| e.node() == Some(node))
+        .map(|e| (Memory::key(&e.network, e.ip), e.clone()))
+        .collect();
+    // An endpoint gone from the store is still ours while its veth exists
+    // (one just registered may not have its veth yet, so those in the
+    // store are kept regardless).
+    memory
+        .endpoints
+        .retain(|k, e| current.contains_key(k) || host_link_exists(e));
+    memory.endpoints.extend(current);
+    memory.networks = state
+        .networks
+        .values()
+        .map(|n| (n.vni.get(), n.name.clone()))
+        .collect();
+}
+
+fn host_link_exists(e: &Endpoint) -> bool {
+    match &e.location {
+        Location::Container { host_ifname, .. } => netlink::ifindex(host_ifname).is_some(),
+        Location::Static { .. } => false,
+    }
+}
+
+/// Puts back this node's endpoints that the store no longer has (peers
+/// freed them while the node was cut off or its agent down), where the
+/// container's veth still exists and the address is still free.
+pub async fn restore_endpoints(store: &Store, state: &State, memory: &Memory) {
+    let missing: Vec<Endpoint> = memory
+        .endpoints
+        .values()
+        .filter(|e| host_link_exists(e))
+        .filter(|e| {
+            !state
+                .endpoints
+                .iter()
+                .any(|s| s.network == e.network && s.ip == e.ip && s.node() == e.node())
+        })
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let restored = store
+        .update_with(|s| Ok(missing.iter().filter(|e| s.restore_endpoint(e)).count()))
+        .await;
+    match restored {
+        Ok(n) if n == missing.len() => {
+            log::info!("restored {n} local endpoint(s) the store had lost")
+        }
+        Ok(n) => log::error!(
+            "restored {n} of {} local endpoint(s) the store had lost; the others' addresses were taken meanwhile (their containers cannot be reached until reconnected)",
+            missing.len()
+        ),
+        Err(e) => log::warn!("restoring local endpoints failed: {e}"),
+    }
+}
+
+/// Nodes that just died still own endpoints in the store; free them (every
+/// agent may try: the store only deletes while the node stays dead).
+pub async fn free_dead_nodes(store: &Store, me: &str, before: &State, after: &State) {
+    let (Some(was), Some(now)) = (&before.alive, &after.alive) else {
+        return;
+    };
+    // Our own liveness lapsing is the liveness thread's to repair.
+    for node in was.difference(now).filter(|n| *n != me) {
+        match store.forget_dead_node(node).await {
+            Ok(0) => log::info!("node {node} is gone"),
+            Ok(n) => log::info!("node {node} is gone; freed its {n} endpoint(s)"),
+            Err(e) => log::warn!("node {node} is gone, but freeing its endpoints failed: {e}"),
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! The agent's local API: HTTP/JSON on a Unix socket (default
+//! `/run/ovl/<node>.sock`, mode 0600) — health and counters, and whether a
+//! local endpoint forwards yet — plus the client the CLI uses to ask it.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /v1/health` | [`Health`] |
+//! | `GET /v1/stats[?network=NAME]` | `[NetworkStats]`, as `ovl stats --json` |
+//! | `GET /v1/stats/underlay` | [`UnderlayStats`], as `ovl stats --underlay --json` |
+//! | `GET /v1/endpoints/ready?network=NAME&ip=IP[&timeout_ms=N]` | `{"ready": bool}`: in the maps and hooked, waiting up to N ms (≤ 10 s) |
+
+use std::{
+    collections::BTreeMap,
+    io::ErrorKind,
+    net::Ipv4Addr,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::{
+    agent::view::View,
+    datapath,
+    metrics::{NetworkStats, UnderlayStats},
+};
+
+/// Directory of the default API sockets.
+pub const DEFAULT_SOCKET_DIR: &str = "/run/ovl";
+/// Longest wait a ready query may ask for.
+const MAX_READY_WAIT: Duration = Duration::from_secs(10);
+
+/// The default API socket of `node`.
+pub fn default_socket(node: &str) -> PathBuf {
+    Path::new(DEFAULT_SOCKET_DIR).join(format!("{node}.sock"))
+}
+
+/// The agent's health, as `GET /v1/health` and `ovl status` show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub node: String,
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: u64,
+    pub iface: String,
+    pub vtep: Ipv4Addr,
+    /// Decap mode in use.
+    pub mode: String,
+    pub pin_dir: PathBuf,
+    pub store: StoreHealth,
+    pub networks: usize,
+    pub local_endpoints: u64,
+    pub remote_endpoints: u64,
+}
+
+/// The store as the agent sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreHealth {
+    pub url: String,
+    pub reachable: bool,
+    /// Seconds since the agent last knew its view of the store current.
+    pub last_sync_age_seconds: Option<f64>,
+    /// Store revision applied to the maps.
+    pub revision: u64,
+}
+
+/// What the agent's API serves from.
+#[derive(Clone)]
+pub struct AgentApi {
+    view: Arc<View>,
+}
+
+impl AgentApi {
+    /// The API of the agent whose view is `view`.
+    pub fn new(view: Arc<View>) -> AgentApi {
+        AgentApi { view }
+    }
+
+    fn router(self) -> Router {
+        Router::new()
+            .route("/v1/health", get(health))
+            .route("/v1/stats", get(stats))
+            .route("/v1/stats/underlay", get(underlay))
+            .route("/v1/endpoints/ready", get(ready))
+            .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+            .with_state(self)
+    }
+}
+
+/// An error answer: `{"error": "..."}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        #[derive(Serialize)]
+        struct Body {
+            error: String,
+        }
+        (
+            self.status,
+            Json(Body {
+                error: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+/// The health report of the agent behind `view`.
+pub fn health_of(view: &View) -> Health {
+    let live = view.live();
+    let id = &view.identity;
+    Health {
+        node: id.node.clone(),
+        version: id.version.clone(),
+        pid: id.pid,
+        uptime_seconds: view.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        iface: id.iface.clone(),
+        vtep: id.vtep,
+        mode: live.mode.clone(),
+        pin_dir: id.pin_dir.clone(),
+        store: StoreHealth {
+            url: id.store.clone(),
+            reachable: live.store_reachable,
+            last_sync_age_seconds: view.sync_age(),
+            revision: live.revision,
+        },
+        networks: live.networks.len(),
+        local_endpoints: live.networks.values().map(|n| n.local_endpoints).sum(),
+        remote_endpoints: live.networks.values().map(|n| n.remote_endpoints).sum(),
+    }
+}
+
+async fn health(State(api): State<AgentApi>) -> Json<Health> {
+    Json(health_of(&api.view))
+}
+
+#[derive(Deserialize)]
+struct StatsQuery {
+    network: Option<String>,
+}
+
+/// Counter rows of every network the agent serves, by VNI order.
+pub fn network_rows(view: &View, network: Option<&str>) -> Result<Vec<NetworkStats>, ApiError> {
+    let live = view.live();
+    if let Some(want) = network {
+        if !live.networks.values().any(|n| n.name == want) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no network named {want:?} on this node; list networks with `ovl network ls`"
+                ),
+            ));
+        }
+    }
+    let counters = datapath::read_counters(&view.identity.pin_dir)?;
+    let mut rows: Vec<NetworkStats> = live
+        .networks
+        .values()
+        .filter(|n| network.is_none_or(|want| want == n.name))
+        .map(|n| {
+            let c = counters.get(&n.vni).copied().unwrap_or_default();
+            NetworkStats::new(&n.name, n.vni, &c)
+        })
+        .collect();
+    rows.sort_by(|a, b| a.network.cmp(&b.network));
+    Ok(rows)
+}
+
+async fn stats(
+    State(api): State<AgentApi>,
+    Query(q): Query<StatsQuery>,
+) -> Result<Json<Vec<NetworkStats>>, ApiError> {
+    Ok(Json(network_rows(&api.view, q.network.as_deref())?))
+}
+
+/// The node-wide counters of the agent behind `view`.
+pub fn underlay_of(view: &View) -> Result<UnderlayStats> {
+    let pin_dir = &view.identity.pin_dir;
+    let counters = datapath::read_counters(pin_dir)?;
+    let global = datapath::read_global(pin_dir)?;
+    let orphan = counters
+        .get(&ovl_common::counters::UNATTRIBUTED_VNI)
+        .copied()
+        .unwrap_or_default();
+    Ok(UnderlayStats::new(&global, &orphan))
+}
+
+async fn underlay(State(api): State<AgentApi>) -> Result<Json<UnderlayStats>, ApiError> {
+    Ok(Json(underlay_of(&api.view)?))
+}
+
+#[derive(Deserialize)]
+struct ReadyQuery {
+    network: String,
+    ip: Ipv4Addr,
+    timeout_ms: Option<u64>,
+}
+
+/// Whether an endpoint forwards, as `GET /v1/endpoints/ready` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ready {
+    pub ready: bool,
+}
+
+async fn ready(
+    State(api): State<AgentApi>,
+    Query(q): Query<ReadyQuery>,
+) -> Result<Json<Ready>, ApiError> {
+    let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(0)).min(MAX_READY_WAIT);
+    let deadline = tokio::time::Instant::now() + timeout;
+    // The network may be new to the agent: look it up again after a kick.
+    let vni = loop {
+        let live = api.view.live();
+        if let Some(n) = live.networks.values().find(|n| n.name == q.network) {
+            break Some(n.vni);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break None;
+        }
+        api.view.kick();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let Some(vni) = vni else {
+        return Ok(Json(Ready { ready: false }));
+    };
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    Ok(Json(Ready {
+        ready: api.view.wait_ready(vni, q.ip, left).await,
+    }))
+}
+
+/// Binds the API socket at `path`, mode 0600. A socket file left by a
+/// killed agent (nobody answers on it) is replaced; a live one or any
+/// other file there is refused, naming what to do.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create the API socket directory {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => bail!(
+                    "another ovl agent answers on {}; stop it first, or give this one another --api-socket",
+                    path.display()
+                ),
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    log::info!("replacing the stale API socket {}", path.display());
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("remove the stale socket {}", path.display()))?;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("check the existing API socket {}", path.display())
+                    });
+                }
+            }
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket; move it away or pass another --api-socket",
+            path.display()
+        ),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspect {}", path.display())),
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("listen on the API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restrict {} to its owner", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves `api` on `listener` until the task is dropped.
+pub async fn serve(listener: UnixListener, api: AgentApi) {
+    serve_router(listener, api.router()).await
+}
+
+/// Serves `router` on a Unix `listener` until the task is dropped; errors
+/// of single connections are the peer's and only logged.
+pub async fn serve_router(listener: UnixListener, router: Router) {
+    if let Err(e) = axum::serve(listener, router).await {
+        log::error!("API server stopped: {e}");
+    }
+}
+
+/// A client of an agent's API socket.
+pub struct Client {
+    socket: PathBuf,
+}
+
+/// Why the agent could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No agent listens on the socket (no file, or a stale one).
+    #[error("no ovl agent answers on {0}")]
+    NoAgent(PathBuf),
+    #[error("ask the agent on {socket}: {detail}")]
+    Failed { socket: PathBuf, detail: String },
+    /// The agent answered with an error.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl Client {
+    /// A client for the agent listening on `socket`.
+    pub fn new(socket: &Path) -> Client {
+        Client {
+            socket: socket.to_owned(),
+        }
+    }
+
+    /// `GET path_and_query`, decoded from JSON.
+    pub async fn get<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, ClientError> {
+        use http_body_util::{BodyExt, Empty};
+        use hyper::{Request, body::Bytes};
+
+        let fail = |detail: String| ClientError::Failed {
+            socket: self.socket.clone(),
+            detail,
+        };
+        let stream = match UnixStream::connect(&self.socket).await {
+            Ok(s) => s,
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+                return Err(ClientError::NoAgent(self.socket.clone()));
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::get(path_and_query)
+            .header(hyper::header::HOST, "ovl")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<BTreeMap<String, String>>(&body)
+                .ok()
+                .and_then(|m| m.get("error").cloned())
+                .unwrap_or_else(|| format!("HTTP {status}"));
+            return Err(ClientError::Refused(msg));
+        }
+        serde_json::from_slice(&body).map_err(|e| fail(format!("bad answer: {e}")))
+    }
+}
