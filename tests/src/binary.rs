@@ -40,6 +40,25 @@ pub fn ovl_binary() -> Result<PathBuf> {
     }
 }
 
+/// Environment variable naming the `upgrade-test` build of the kernel
+/// programs (`cargo xtask test` builds it and sets this).
+pub const UPGRADE_OBJECT_ENV: &str = "OVL_UPGRADE_OBJECT";
+
+/// The kernel object whose programs differ from the ones `ovl` embeds,
+/// for upgrade scenarios: `$OVL_UPGRADE_OBJECT`.
+pub fn upgrade_object() -> Result<PathBuf> {
+    match std::env::var_os(UPGRADE_OBJECT_ENV) {
+        Some(p) if Path::new(&p).is_file() => Ok(PathBuf::from(p)),
+        Some(p) => bail!(
+            "{UPGRADE_OBJECT_ENV}={} is not a file",
+            Path::new(&p).display()
+        ),
+        None => bail!(
+            "{UPGRADE_OBJECT_ENV} is not set: run the upgrade scenarios through `cargo xtask test`, which builds the upgrade-test variant of the kernel programs"
+        ),
+    }
+}
+
 /// The cargo workspace root: this crate lives in `<root>/tests`.
 pub fn workspace_root() -> PathBuf {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));

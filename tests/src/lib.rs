@@ -21,7 +21,7 @@ mod reference;
 mod stale;
 mod topology;
 
-pub use binary::{OVL_BIN_ENV, ovl_binary, workspace_root};
+pub use binary::{OVL_BIN_ENV, UPGRADE_OBJECT_ENV, ovl_binary, upgrade_object, workspace_root};
 pub use cluster::{Cluster, ThreeHosts, TwoHosts};
 pub use cmd::{run, run_unchecked};
 pub use etcd::{ETCD_CLIENT_PORT, Etcd};
@@ -30,7 +30,7 @@ pub use lab::{LAB_NAME_PREFIX, Lab};
 pub use maps::{ENDPOINTS_MAP, MapEndpoint, dump_endpoints};
 pub use netns::Netns;
 pub use ovl::{Agent, NetCounters, Ovl};
-pub use probe::{PingResult, ping, wait_until};
+pub use probe::{BackgroundPing, PingResult, ping, wait_until};
 pub use process::{ChildHandle, Signal};
 pub use reference::{
     CONTAINER_IFACE, MacAddr, OVERLAY_MTU, REF_BRIDGE, REF_VXLAN, RefOverlayNode, VXLAN_OVERHEAD,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::netns::Netns;
+use crate::{ChildHandle, Lab};
 
 /// How often [`wait_until`] re-evaluates its condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -81,6 +82,57 @@ fn parse_ping_summary(text: &str) -> Option<PingResult> {
         duplicates,
         output: text.to_string(),
     })
+}
+
+/// A ping left running in the background while a test does something
+/// disruptive, then read: how many of its requests got no reply.
+pub struct BackgroundPing {
+    child: ChildHandle,
+    /// How long it runs, roughly.
+    duration: Duration,
+}
+
+impl BackgroundPing {
+    /// Starts `ping -c count -i interval_s -W 2 dst` in `from`.
+    pub fn start(
+        lab: &Lab,
+        from: &Netns,
+        dst: Ipv4Addr,
+        count: u32,
+        interval: Duration,
+    ) -> Result<BackgroundPing> {
+        let count_s = count.to_string();
+        let interval_s = format!("{:.3}", interval.as_secs_f64());
+        let dst = dst.to_string();
+        let child = lab.spawn(
+            from,
+            &[
+                "ping",
+                "-n",
+                "-c",
+                &count_s,
+                "-i",
+                &interval_s,
+                "-W",
+                "2",
+                &dst,
+            ],
+            &[],
+        )?;
+        Ok(BackgroundPing {
+            child,
+            duration: interval * count,
+        })
+    }
+
+    /// Waits for the ping to end and returns its counts.
+    pub fn finish(self) -> Result<PingResult> {
+        self.child
+            .wait_timeout(self.duration + Duration::from_secs(10))
+            .context("background ping did not end")?;
+        let text = format!("{}{}", self.child.stdout()?, self.child.stderr()?);
+        parse_ping_summary(&text).with_context(|| format!("no ping summary in:\n{text}"))
+    }
 }
 
 /// Polls `condition` until it returns `Ok(true)` or `timeout` passes.

@@ -29,11 +29,16 @@ pub fn test(cargo_test_args: &[String]) -> Result<()> {
         }
     }
 
+    // Programs that differ from ovl's own: the upgrade scenarios swap them
+    // in under a running data path.
+    let variant = ebpf::build_upgrade_variant()?;
+
     let mut cargo_test = workspace::cargo();
     cargo_test
         .args(["test", "--workspace", "--exclude", EBPF_PACKAGE])
         .args(cargo_test_args)
-        .env(ovl_tests::OVL_BIN_ENV, &ovl);
+        .env(ovl_tests::OVL_BIN_ENV, &ovl)
+        .env(ovl_tests::UPGRADE_OBJECT_ENV, &variant);
     record(
         &mut failed,
         "cargo test",

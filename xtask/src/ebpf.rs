@@ -58,6 +58,25 @@ fn nightly_cargo(subcommand: &str) -> Result<Command> {
     Ok(cmd)
 }
 
+/// Builds the `upgrade-test` variant of the kernel programs (programs that
+/// differ from the default build) in a target dir of its own and returns
+/// the object's path.
+pub fn build_upgrade_variant() -> Result<PathBuf> {
+    let dir = workspace::root().join("target/ebpf-upgrade-test");
+    let mut cmd = nightly_cargo("build")?;
+    cmd.args(["--features", "upgrade-test"])
+        .arg("--target-dir")
+        .arg(&dir);
+    command::run_step("build ovl-ebpf (upgrade-test variant)", &mut cmd)?;
+    let object = dir.join(TARGET).join("release").join(OBJECT_NAME);
+    ensure!(
+        object.is_file(),
+        "the eBPF build succeeded but {} does not exist",
+        object.display()
+    );
+    Ok(object)
+}
+
 /// Builds the kernel programs and returns the object's path.
 pub fn build() -> Result<PathBuf> {
     command::run_step("build ovl-ebpf", &mut nightly_cargo("build")?)?;

@@ -397,9 +397,7 @@ impl Agent {
                             self.apply_logged(&fresh);
                         }
                         StoreEvent::Reregistered => {
-                            if let Some(state) = &self.state {
-                                reconcile::restore_endpoints(&c.store, state, &self.memory).await;
-                            }
+                            reconcile::restore_endpoints(&c.store, &self.memory).await;
                         }
                     }
                 }
@@ -440,7 +438,7 @@ impl Agent {
         });
         // Endpoints of this node the store lost while the agent was away
         // (its lease expired, say) go back first, then everything applies.
-        reconcile::restore_endpoints(&c.store, &state, &self.memory).await;
+        reconcile::restore_endpoints(&c.store, &self.memory).await;
         let state = c.store.load().await.unwrap_or(state);
         self.apply_logged(&state);
         log::info!(

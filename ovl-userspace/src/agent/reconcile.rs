@@ -155,33 +155,47 @@ fn host_link_exists(e: &Endpoint) -> bool {
 
 /// Puts back this node's endpoints that the store no longer has (peers
 /// freed them while the node was cut off or its agent down), where the
-/// container's veth still exists and the address is still free.
-pub async fn restore_endpoints(store: &Store, state: &State, memory: &Memory) {
-    let missing: Vec<Endpoint> = memory
+/// container's veth still exists and the address is still free. Decided
+/// inside the store's transaction, against what the store holds now.
+pub async fn restore_endpoints(store: &Store, memory: &Memory) {
+    let candidates: Vec<Endpoint> = memory
         .endpoints
         .values()
         .filter(|e| host_link_exists(e))
-        .filter(|e| {
-            !state
-                .endpoints
-                .iter()
-                .any(|s| s.network == e.network && s.ip == e.ip && s.node() == e.node())
-        })
         .cloned()
         .collect();
-    if missing.is_empty() {
+    if candidates.is_empty() {
         return;
     }
-    let restored = store
-        .update_with(|s| Ok(missing.iter().filter(|e| s.restore_endpoint(e)).count()))
+    let outcome = store
+        .update_with(|s| {
+            let mut restored = 0;
+            let mut taken = Vec::new();
+            for e in &candidates {
+                let still_ours = s
+                    .endpoints
+                    .iter()
+                    .any(|x| x.network == e.network && x.ip == e.ip && x.node() == e.node());
+                if still_ours {
+                    continue;
+                }
+                if s.restore_endpoint(e) {
+                    restored += 1;
+                } else {
+                    taken.push(format!("{}/{}", e.network, e.ip));
+                }
+            }
+            Ok((restored, taken))
+        })
         .await;
-    match restored {
-        Ok(n) if n == missing.len() => {
+    match outcome {
+        Ok((0, taken)) if taken.is_empty() => {}
+        Ok((n, taken)) if taken.is_empty() => {
             log::info!("restored {n} local endpoint(s) the store had lost")
         }
-        Ok(n) => log::error!(
-            "restored {n} of {} local endpoint(s) the store had lost; the others' addresses were taken meanwhile (their containers cannot be reached until reconnected)",
-            missing.len()
+        Ok((n, taken)) => log::error!(
+            "restored {n} local endpoint(s) the store had lost; the addresses of {} were taken meanwhile (those containers cannot be reached until reconnected)",
+            taken.join(", ")
         ),
         Err(e) => log::warn!("restoring local endpoints failed: {e}"),
     }
