@@ -337,6 +337,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> Result<String> {
         self.child.stderr()

@@ -47,6 +47,11 @@ pub fn target_dir() -> PathBuf {
 /// its directory, with host-build variables removed, the eBPF rustflags set
 /// and bpf-linker findable.
 fn nightly_cargo(subcommand: &str) -> Result<Command> {
+    nightly_cargo_in(subcommand, &target_dir())
+}
+
+/// [`nightly_cargo`] with another target dir.
+fn nightly_cargo_in(subcommand: &str, target_dir: &std::path::Path) -> Result<Command> {
     let mut cmd = setup::nightly_command("cargo")?;
     cmd.current_dir(workspace::root().join(PACKAGE))
         .env("CARGO_ENCODED_RUSTFLAGS", ENCODED_RUSTFLAGS)
@@ -54,7 +59,7 @@ fn nightly_cargo(subcommand: &str) -> Result<Command> {
         .args(["--release", "--package", PACKAGE])
         .args(["--target", TARGET, "-Z", "build-std=core"])
         .arg("--target-dir")
-        .arg(target_dir());
+        .arg(target_dir);
     Ok(cmd)
 }
 
@@ -63,10 +68,8 @@ fn nightly_cargo(subcommand: &str) -> Result<Command> {
 /// the object's path.
 pub fn build_upgrade_variant() -> Result<PathBuf> {
     let dir = workspace::root().join("target/ebpf-upgrade-test");
-    let mut cmd = nightly_cargo("build")?;
-    cmd.args(["--features", "upgrade-test"])
-        .arg("--target-dir")
-        .arg(&dir);
+    let mut cmd = nightly_cargo_in("build", &dir)?;
+    cmd.args(["--features", "upgrade-test"]);
     command::run_step("build ovl-ebpf (upgrade-test variant)", &mut cmd)?;
     let object = dir.join(TARGET).join("release").join(OBJECT_NAME);
     ensure!(

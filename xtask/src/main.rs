@@ -38,7 +38,12 @@ enum Task {
     Setup,
     /// Build the kernel programs (nightly, bpfel-unknown-none) and print the
     /// object's path.
-    BuildEbpf,
+    BuildEbpf {
+        /// Build the `upgrade-test` variant instead (programs that differ,
+        /// for the upgrade scenarios: point OVL_UPGRADE_OBJECT at it).
+        #[arg(long)]
+        upgrade_test: bool,
+    },
     /// Build `ovl` with its kernel programs embedded and print its path.
     Build {
         /// Build with the release profile.
@@ -100,9 +105,13 @@ fn run(task: Task) -> Result<()> {
             setup::toolchain()?;
             setup::packages()
         }
-        Task::BuildEbpf => {
+        Task::BuildEbpf { upgrade_test } => {
             setup::toolchain()?;
-            let object = ebpf::build()?;
+            let object = if upgrade_test {
+                ebpf::build_upgrade_variant()?
+            } else {
+                ebpf::build()?
+            };
             println!("{}", object.display());
             Ok(())
         }

@@ -36,9 +36,10 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 
 /// Debian packages the tests and benchmarks run: namespaces and routing,
 /// probes, captures, load generators, scapy for crafted packets, bpftool,
-/// etcd for the etcd store backend, and the font the benchmark chart's
-/// text is drawn with.
-const DEBIAN_PACKAGES: [&str; 13] = [
+/// etcd for the etcd store backend, Prometheus (server and promtool) that
+/// scrapes the agent, curl, and the font the benchmark chart's text is
+/// drawn with.
+const DEBIAN_PACKAGES: [&str; 15] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -51,6 +52,8 @@ const DEBIAN_PACKAGES: [&str; 13] = [
     "bpftool",
     "etcd-server",
     "etcd-client",
+    "prometheus",
+    "curl",
     "fonts-dejavu-core",
 ];
 

@@ -1,0 +1,270 @@
+//! The data path outlives its agent: a ping at 100 packets/s loses nothing
+//! while the agent is killed, kept down, restarted, stopped and upgraded
+//! to different programs; a TCP stream never stalls across a restart; what
+//! changed in the store meanwhile is applied within a second of its
+//! return; a second agent for the node is refused without harm.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use ovl_tests::{BackgroundPing, Lab, TwoHosts, dump_endpoints, ping, upgrade_object, wait_until};
+use serde_json::Value;
+
+/// 100 packets/s, as the measurement.
+const PING_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The program each pinned link of `pin_dir` runs: (pin file name, tag).
+fn link_programs(pin_dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(pin_dir.join("links"))? {
+        let path = entry?.path();
+        let path_s = path.display().to_string();
+        let link: Value = serde_json::from_slice(
+            &ovl_tests::run(&["bpftool", "-j", "link", "show", "pinned", &path_s])?.stdout,
+        )?;
+        let id = link["prog_id"]
+            .as_u64()
+            .with_context(|| format!("no prog_id in {link}"))?
+            .to_string();
+        let prog: Value = serde_json::from_slice(
+            &ovl_tests::run(&["bpftool", "-j", "prog", "show", "id", &id])?.stdout,
+        )?;
+        let tag = prog["tag"].as_str().context("no tag")?.to_owned();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        out.push((name, tag));
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[test]
+fn ping_loses_nothing_while_the_agent_is_killed_restarted_stopped_and_upgraded() -> Result<()> {
+    let lab = Lab::new("lc-ping")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].clone();
+    world
+        .ovl
+        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
+    let (_c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    let pin_dir = world.ovl.pin_dir("host-a");
+    let tx_at_start = world.counters(0, "uber-net")?.tx_packets;
+
+    // SIGKILL, kept down 3 s.
+    let bg = BackgroundPing::start(&lab, &c1, ip2, 400, PING_INTERVAL)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = world.agents.remove(0);
+    agent.kill()?;
+    agent.wait_exit(Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let r = bg.finish()?;
+    ensure!(r.all_received(), "agent killed and down 3 s:\n{}", r.output);
+
+    // Started again after the kill.
+    let bg = BackgroundPing::start(&lab, &c1, ip2, 300, PING_INTERVAL)?;
+    std::thread::sleep(Duration::from_millis(300));
+    world
+        .agents
+        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    let r = bg.finish()?;
+    ensure!(
+        r.all_received(),
+        "agent started after a kill:\n{}",
+        r.output
+    );
+    ensure!(
+        world.agents[0]
+            .log()?
+            .contains("took over 2 pinned link(s)"),
+        "the new agent did not take over the pinned links:\n{}",
+        world.agents[0].log()?
+    );
+
+    // SIGTERM, then started again.
+    let bg = BackgroundPing::start(&lab, &c1, ip2, 300, PING_INTERVAL)?;
+    std::thread::sleep(Duration::from_millis(300));
+    world.agents.remove(0).terminate()?;
+    world
+        .agents
+        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    let r = bg.finish()?;
+    ensure!(r.all_received(), "SIGTERM and restart:\n{}", r.output);
+
+    // An upgrade to programs that differ.
+    let before = link_programs(&pin_dir)?;
+    let variant = upgrade_object()?;
+    let variant = variant.display().to_string();
+    let bg = BackgroundPing::start(&lab, &c1, ip2, 300, PING_INTERVAL)?;
+    std::thread::sleep(Duration::from_millis(300));
+    world.agents.remove(0).terminate()?;
+    world.agents.insert(
+        0,
+        world.ovl.attach_with_env(
+            &lab,
+            &host_a,
+            "host-a",
+            "auto",
+            &[("OVL_EBPF_OBJECT", variant.as_str())],
+        )?,
+    );
+    let r = bg.finish()?;
+    ensure!(r.all_received(), "upgrade to other programs:\n{}", r.output);
+    let after = link_programs(&pin_dir)?;
+    ensure!(
+        before.len() == 2 && after.len() == 2,
+        "links before {before:?}, after {after:?}"
+    );
+    for ((link, old), (_, new)) in before.iter().zip(&after) {
+        ensure!(
+            old != new,
+            "{link} still runs program tag {old} after the upgrade"
+        );
+    }
+
+    // The counters lived through all of it (maps reused, never reset).
+    let tx_now = world.counters(0, "uber-net")?.tx_packets;
+    ensure!(
+        tx_now >= tx_at_start + 1300,
+        "A's tx went from {tx_at_start} to {tx_now}: counters were reset"
+    );
+    world.stop()
+}
+
+#[test]
+fn tcp_stream_across_an_agent_restart_never_stalls() -> Result<()> {
+    let lab = Lab::new("lc-tcp")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].clone();
+    world
+        .ovl
+        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
+    let (c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    lab.spawn(&c2, &["iperf3", "-s", "-1"], &[])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let ip2s = ip2.to_string();
+    let client = lab.spawn(
+        &c1,
+        &[
+            "iperf3", "-c", &ip2s, "-t", "4", "-i", "0.1", "-J", "-b", "200M",
+        ],
+        &[],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    world.agents.remove(0).terminate()?;
+    world
+        .agents
+        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    client.wait_timeout(Duration::from_secs(20))?;
+    let report: Value = serde_json::from_str(&client.stdout()?)
+        .with_context(|| format!("iperf3 output:\n{}", client.output_report()))?;
+    let intervals = report["intervals"]
+        .as_array()
+        .context("no intervals in the iperf3 report")?;
+    ensure!(intervals.len() >= 35, "{} intervals", intervals.len());
+    for (i, iv) in intervals.iter().enumerate() {
+        let bytes = iv["sum"]["bytes"].as_u64().unwrap_or(0);
+        ensure!(
+            bytes > 0,
+            "interval {i} ({} s) carried no data: a stall of 100 ms or more",
+            iv["sum"]["start"]
+        );
+    }
+    world.stop()
+}
+
+#[test]
+fn containers_that_came_and_went_while_the_agent_was_down_are_forwarded_within_a_second()
+-> Result<()> {
+    let lab = Lab::new("lc-down")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].clone();
+    world
+        .ovl
+        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, ip1) = world.container(&lab, 0, "uber-net", "c1")?;
+    let (c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+
+    let agent = world.agents.remove(0);
+    agent.kill()?;
+    agent.wait_exit(Duration::from_secs(5))?;
+    // While A's agent is down: a new container on A, and c1 leaves.
+    let (c3, ip3) = world.container(&lab, 0, "uber-net", "c3")?;
+    world.run(0, &["disconnect", "uber-net", c1.name()])?;
+
+    world
+        .agents
+        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    let back = Instant::now();
+    wait_until(Duration::from_secs(1), || {
+        Ok(ping(&c2, ip3, 1, &["-W", "1"])?.all_received())
+    })
+    .context("c3 not reachable from B within 1 s of A's agent returning")?;
+    eprintln!("c3 reachable {:?} after A's agent returned", back.elapsed());
+    wait_until(Duration::from_secs(1), || {
+        let a = dump_endpoints(&world.ovl.pin_dir("host-a"))?;
+        let b = dump_endpoints(&world.ovl.pin_dir("host-b"))?;
+        Ok(!a.keys().chain(b.keys()).any(|(_, ip)| *ip == ip1))
+    })
+    .context("c1 still in a map 1 s after A's agent returned")?;
+    world.stop()
+}
+
+#[test]
+fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_forwarding() -> Result<()> {
+    let lab = Lab::new("lc-second")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].clone();
+    world
+        .ovl
+        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
+    let (_c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    let links_before = link_programs(&world.ovl.pin_dir("host-a"))?;
+
+    let bg = BackgroundPing::start(&lab, &c1, ip2, 200, PING_INTERVAL)?;
+    let second = world
+        .ovl
+        .spawn_agent(&lab, &host_a, "host-a", "auto", &[])?;
+    let status = second.wait_exit(Duration::from_secs(10))?;
+    let log = second.log()?;
+    ensure!(!status.success(), "the second agent ran:\n{log}");
+    ensure!(
+        log.contains("already runs for this node") && log.contains("pid"),
+        "the refusal does not say why:\n{log}"
+    );
+    let r = bg.finish()?;
+    ensure!(
+        r.all_received(),
+        "the second agent disturbed forwarding:\n{}",
+        r.output
+    );
+    ensure!(
+        link_programs(&world.ovl.pin_dir("host-a"))? == links_before,
+        "the second agent changed the first one's links"
+    );
+    let status = world.run(0, &["status", "--json"])?;
+    let health: Value = serde_json::from_str(&status)?;
+    ensure!(
+        health["pid"].as_u64() == Some(u64::from(world.agents[0].pid())),
+        "the API socket is not the first agent's any more: {health}"
+    );
+    world.stop()
+}
