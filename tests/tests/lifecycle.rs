@@ -203,7 +203,7 @@ fn containers_that_came_and_went_while_the_agent_was_down_are_forwarded_within_a
     agent.kill()?;
     agent.wait_exit(Duration::from_secs(5))?;
     // While A's agent is down: a new container on A, and c1 leaves.
-    let (c3, ip3) = world.container(&lab, 0, "uber-net", "c3")?;
+    let (_c3, ip3) = world.container(&lab, 0, "uber-net", "c3")?;
     world.run(0, &["disconnect", "uber-net", c1.name()])?;
 
     world
