@@ -268,3 +268,111 @@ fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_forwarding() -> Re
     );
     world.stop()
 }
+
+/// The endpoints `network` lists, as address → node.
+fn listed(world: &ovl_tests::Cluster, i: usize, network: &str) -> Result<Vec<(String, String)>> {
+    let net = world.inspect(i, network)?;
+    Ok(net["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .map(|e| {
+            (
+                e["ip"].as_str().unwrap_or_default().to_owned(),
+                e["location"]["node"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn agent_down_longer_than_its_lease_gets_its_containers_back_with_their_addresses() -> Result<()> {
+    const LEASE_TTL: u64 = 2;
+    let lab = Lab::new("lc-lease")?;
+    let mut world = ovl_tests::ThreeHosts::start(&lab, LEASE_TTL)?;
+    let host_a = world.hosts[0].clone();
+    world
+        .ovl
+        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (_ca, ip_a) = world.container(&lab, 0, "uber-net", "ca")?;
+    let (cb, _) = world.container(&lab, 1, "uber-net", "cb")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&cb, ip_a, 1, &["-W", "1"])?.all_received())
+    })?;
+
+    let agent = world.agents.remove(0);
+    agent.kill()?;
+    agent.wait_exit(Duration::from_secs(5))?;
+    // A is declared dead: its endpoint leaves the store and B's maps.
+    wait_until(Duration::from_secs(LEASE_TTL + 8), || {
+        let b = dump_endpoints(&world.ovl.pin_dir("host-b"))?;
+        let gone_from_store = !listed(&world, 1, "uber-net")?
+            .iter()
+            .any(|(ip, _)| *ip == ip_a.to_string());
+        Ok(gone_from_store && !b.keys().any(|(_, ip)| *ip == ip_a))
+    })
+    .context("A's endpoint was never freed after its lease")?;
+
+    let agent =
+        world
+            .ovl
+            .attach_with_env(&lab, &host_a, "host-a", "auto", &[("OVL_LEASE_TTL", "2")])?;
+    world.agents.insert(0, agent);
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&cb, ip_a, 1, &["-W", "1"])?.all_received())
+    })
+    .context("A's container unreachable after its agent came back")?;
+    let ep = listed(&world, 1, "uber-net")?;
+    ensure!(
+        ep.contains(&(ip_a.to_string(), "host-a".to_owned())),
+        "A's container does not have its address {ip_a} back: {ep:?}"
+    );
+    world.stop()
+}
+
+#[test]
+fn agent_started_while_etcd_is_down_forwards_from_its_pins_and_catches_up() -> Result<()> {
+    let lab = Lab::new("lc-noetcd")?;
+    let mut world = ovl_tests::ThreeHosts::start(&lab, 10)?;
+    let host_a = world.hosts[0].clone();
+    world
+        .ovl
+        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (ca, ip_a) = world.container(&lab, 0, "uber-net", "ca")?;
+    let (cb, ip_b) = world.container(&lab, 1, "uber-net", "cb")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&cb, ip_a, 1, &["-W", "1"])?.all_received())
+    })?;
+
+    let agent = world.agents.remove(0);
+    agent.kill()?;
+    agent.wait_exit(Duration::from_secs(5))?;
+    world.etcd.stop()?;
+    let agent = world.ovl.attach(&lab, &host_a, "host-a", "auto")?;
+    ensure!(
+        agent.log()?.contains("retrying the store"),
+        "the agent did not say it started without the store:\n{}",
+        agent.log()?
+    );
+    world.agents.insert(0, agent);
+    for (from, to) in [(&ca, ip_b), (&cb, ip_a)] {
+        let r = ping(from, to, 5, &["-i", "0.1", "-W", "1"])?;
+        ensure!(
+            r.all_received(),
+            "no forwarding during the outage:\n{}",
+            r.output
+        );
+    }
+
+    world.etcd.restart(&lab)?;
+    world.etcd.wait_healthy(Duration::from_secs(15))?;
+    let (_cc, ip_c) = world.container(&lab, 2, "uber-net", "cc")?;
+    wait_until(Duration::from_secs(15), || {
+        Ok(ping(&ca, ip_c, 1, &["-W", "1"])?.all_received())
+    })
+    .context("a container connected after etcd returned never became reachable from A")?;
+    world.stop()
+}
