@@ -186,6 +186,20 @@ impl Ovl {
         ns.exec_unchecked(&argv)
     }
 
+    /// Runs `ovl args...` with extra environment (overriding `OVL_*` too)
+    /// and returns its output whatever the exit status.
+    pub fn run_with_env_unchecked(
+        &self,
+        ns: &Netns,
+        node: &str,
+        extra_env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<std::process::Output> {
+        let argv = self.argv_with_env(node, extra_env, args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        ns.exec_unchecked(&argv)
+    }
+
     /// Starts `ovl attach eth0 --mode MODE` on `host` as `node` and waits
     /// until its maps are pinned and its decap hook is attached.
     pub fn attach(&self, lab: &Lab, host: &Host, node: &str, mode: &str) -> Result<Agent> {

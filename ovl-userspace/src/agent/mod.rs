@@ -132,7 +132,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         if fresh {
             // Nothing forwarded with these pins yet: leave no trace.
             let _ = bpffs::remove_node_dir(&pin_dir);
+        } else {
+            agent.dp.discard_staged();
         }
+        let _ = std::fs::remove_file(&opts.api_socket);
         return Err(e);
     }
 
@@ -278,19 +281,19 @@ impl Agent {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join("; ");
-            let Some(store) = store else {
-                return Err(anyhow!(
-                    "the pinned maps of node {} do not fit this build ({list}) and the store is unreachable, so new maps cannot be filled before the switch; the old data path keeps forwarding. Start again when the store is reachable, or remove the old data path with `ovl detach {}{}`",
+            let state = match store {
+                Some(store) => store.load().await.map_err(|e| e.to_string()),
+                None => Err("it is unreachable".to_owned()),
+            };
+            let state = state.map_err(|why| {
+                anyhow!(
+                    "the pinned maps of node {} do not fit this build ({list}), and new ones cannot be filled from the store before the switch ({why}); the old data path keeps forwarding. Start again when the store answers, or remove the old data path with `ovl detach {}{}`",
                     self.node,
                     opts.iface,
                     node_flag(&self.node)
-                ));
-            };
+                )
+            })?;
             log::info!("pinned maps do not fit this build ({list}): filling new ones");
-            let state = store
-                .load()
-                .await
-                .context("read the store to fill new maps")?;
             self.apply(&state)?;
         }
         let adopted = self.dp.adopt_links()?;

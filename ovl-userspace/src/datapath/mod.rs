@@ -224,6 +224,17 @@ impl Datapath {
         Ok(())
     }
 
+    /// Removes replacement maps that will not be promoted (the take-over
+    /// failed): the pinned data path stays as it was.
+    pub fn discard_staged(&mut self) {
+        if matches!(self.maps, Maps::Replacing(_)) {
+            let staging = self.pin_dir.join(STAGING_DIR);
+            if let Err(e) = crate::bpffs::remove_node_dir(&staging) {
+                log::warn!("{e:#}");
+            }
+        }
+    }
+
     /// Takes the aya-log ring so the caller can forward kernel log lines.
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("open the kernel programs' log ring")

@@ -1,0 +1,446 @@
+//! The running agent seen from outside: `ovl stats` through its API socket
+//! from another mount namespace, its Prometheus metrics as promtool and a
+//! real Prometheus server see them, and start-up faults it must refuse (or
+//! repair) without touching a data path.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use ovl_tests::{
+    BackgroundPing, HOST_IFACE, Host, Lab, Netns, Ovl, TwoHosts, hooked_programs, ping, wait_until,
+    workspace_root,
+};
+use serde_json::Value;
+
+/// Where a test's agent serves metrics, inside its host namespace.
+const METRICS: &str = "127.0.0.1:9474";
+
+/// Two hosts with an agent each (host A's with `env_a`), a network and a
+/// container on each that reach each other.
+fn two_hosts_with_env(
+    lab: &Lab,
+    env_a: &[(&str, &str)],
+    node_a: &str,
+) -> Result<(
+    Ovl,
+    Vec<Host>,
+    Vec<ovl_tests::Agent>,
+    Netns,
+    Netns,
+    Ipv4Addr,
+)> {
+    let ovl = Ovl::new(lab)?;
+    let (_router, hosts) = lab.routed_hosts(2)?;
+    let a = ovl.attach_with_env(lab, &hosts[0], node_a, "auto", env_a)?;
+    let b = ovl.attach(lab, &hosts[1], "host-b", "auto")?;
+    ovl.create_network(&hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let c2 = lab.container("c2")?;
+    ovl.connect(&hosts[0], node_a, "uber-net", &c1, &[])?;
+    let ip2 = ovl.connect(&hosts[1], "host-b", "uber-net", &c2, &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    Ok((ovl, hosts, vec![a, b], c1, c2, ip2))
+}
+
+#[test]
+fn stats_under_ip_netns_exec_reach_an_agent_that_uses_the_default_pin_root() -> Result<()> {
+    let lab = Lab::new("api-stats")?;
+    // The default pin root lives in /sys, which `ip netns exec` replaces:
+    // the agent's bpffs there is its own. A node name of the lab's keeps
+    // it apart from any other ovl on the machine.
+    let node = format!("{}-a", lab.prefix());
+    let env = [("OVL_PIN_ROOT", "/sys/fs/bpf/ovl")];
+    let (ovl, hosts, agents, c1, _c2, ip2) = two_hosts_with_env(&lab, &env, &node)?;
+    let ns = &hosts[0].netns;
+    let pins_seen = ns.exec_unchecked(&["test", "-e", &format!("/sys/fs/bpf/ovl/{node}")])?;
+    ensure!(
+        !pins_seen.status.success(),
+        "this namespace's /sys shows the agent's pins; the API would not be needed"
+    );
+
+    let stats = |ovl: &Ovl| -> Result<(u64, String)> {
+        let out = ovl.run_with_env_unchecked(
+            ns,
+            &node,
+            &env,
+            &["stats", "--json", "--network", "uber-net"],
+        )?;
+        ensure!(
+            out.status.success(),
+            "ovl stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        let tx = v[0]["tx_packets"]
+            .as_u64()
+            .with_context(|| format!("{v}"))?;
+        Ok((tx, String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    let (before, _) = stats(&ovl)?;
+    let r = ping(&c1, ip2, 20, &["-i", "0.05", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    let (after, stderr) = stats(&ovl)?;
+    ensure!(
+        after - before == 20,
+        "tx moved {} for 20 pings",
+        after - before
+    );
+    ensure!(
+        !stderr.contains("no agent"),
+        "stats fell back to the pins instead of asking the agent: {stderr}"
+    );
+    for a in agents {
+        a.stop()?;
+    }
+    Ok(())
+}
+
+/// Runs `ovl attach` on `host` as `node` with `env` and expects it to fail
+/// with a message containing every one of `needles`, leaving no program on
+/// the underlay and no pin directory for the node.
+fn expect_refused(
+    lab: &Lab,
+    ovl: &Ovl,
+    host: &Host,
+    node: &str,
+    env: &[(&str, &str)],
+    needles: &[&str],
+) -> Result<String> {
+    let agent = ovl.spawn_agent(lab, host, node, "auto", env)?;
+    let status = agent.wait_exit(Duration::from_secs(15))?;
+    let log = agent.log()?;
+    ensure!(!status.success(), "the agent started:\n{log}");
+    for needle in needles {
+        ensure!(log.contains(needle), "the error lacks {needle:?}:\n{log}");
+    }
+    let programs = hooked_programs(&host.netns, HOST_IFACE)?;
+    ensure!(
+        programs.is_empty(),
+        "programs left on {HOST_IFACE}: {programs:?}"
+    );
+    ensure!(
+        !ovl.pin_dir(node).exists(),
+        "pin directory {} left behind",
+        ovl.pin_dir(node).display()
+    );
+    Ok(log)
+}
+
+#[test]
+fn start_up_faults_are_refused_clearly_and_attach_nothing() -> Result<()> {
+    let lab = Lab::new("api-faults")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+
+    // A pin root that is not a bpffs.
+    let plain = lab.tempdir().join("plain");
+    std::fs::create_dir(&plain)?;
+    let plain_s = plain.display().to_string();
+    expect_refused(
+        &lab,
+        &ovl,
+        host,
+        "host-a",
+        &[("OVL_PIN_ROOT", plain_s.as_str())],
+        &["is not on a bpffs", "mount -t bpf bpf"],
+    )?;
+    ensure!(
+        std::fs::read_dir(&plain)?.next().is_none(),
+        "something was created in {plain_s}"
+    );
+
+    // Something that is not a socket where the API socket goes.
+    let socket = ovl.api_socket("host-a");
+    std::fs::write(&socket, b"not a socket")?;
+    expect_refused(&lab, &ovl, host, "host-a", &[], &["is not a socket"])?;
+    ensure!(
+        std::fs::read(&socket)? == b"not a socket",
+        "the file was touched"
+    );
+    std::fs::remove_file(&socket)?;
+
+    // --metrics on an address in use.
+    let squatter = lab.spawn(
+        &host.netns,
+        &[
+            "python3",
+            "-c",
+            "import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 9474)); s.listen(); time.sleep(120)",
+        ],
+        &[],
+    )?;
+    wait_until(Duration::from_secs(5), || {
+        let ss = host.netns.exec(&["ss", "-ltn"])?;
+        Ok(String::from_utf8_lossy(&ss.stdout).contains("127.0.0.1:9474"))
+    })?;
+    expect_refused(
+        &lab,
+        &ovl,
+        host,
+        "host-a",
+        &[("OVL_METRICS", METRICS)],
+        &["serve metrics on 127.0.0.1:9474", "address in use"],
+    )?;
+    ensure!(!socket.exists(), "the API socket was left behind");
+    squatter.signal(ovl_tests::Signal::Kill)?;
+
+    // A stale socket left by a killed agent is replaced.
+    let stale = format!(
+        "import socket; s=socket.socket(socket.AF_UNIX); s.bind('{}')",
+        socket.display()
+    );
+    ovl_tests::run(&["python3", "-c", &stale])?;
+    let agent = ovl.attach(&lab, host, "host-a", "auto")?;
+    ensure!(
+        agent.log()?.contains("replacing the stale API socket"),
+        "{}",
+        agent.log()?
+    );
+    let health: Value =
+        serde_json::from_str(&ovl.run(&host.netns, "host-a", &["status", "--json"])?)?;
+    ensure!(
+        health["node"] == "host-a" && health["store"]["reachable"] == true,
+        "{health}"
+    );
+    agent.stop()
+}
+
+/// `bpftool -j map show pinned PATH`.
+fn map_info(path: &std::path::Path) -> Result<Value> {
+    let p = path.display().to_string();
+    Ok(serde_json::from_slice(
+        &ovl_tests::run(&["bpftool", "-j", "map", "show", "pinned", &p])?.stdout,
+    )?)
+}
+
+#[test]
+fn pins_of_an_incompatible_build_are_replaced_without_a_gap_or_refused_when_they_cannot_be()
+-> Result<()> {
+    let lab = Lab::new("api-compat")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].clone();
+    world
+        .ovl
+        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
+    let (_c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    world.agents.remove(0).terminate()?;
+
+    // What an older build with another layout would have pinned: an
+    // interface map with 8-byte values. The running programs keep the map
+    // they hold; only the pin changes.
+    let pin_dir = world.ovl.pin_dir("host-a");
+    let ifaces = pin_dir.join("OVL_IFACES");
+    std::fs::remove_file(&ifaces)?;
+    let ifaces_s = ifaces.display().to_string();
+    ovl_tests::run(&[
+        "bpftool",
+        "map",
+        "create",
+        &ifaces_s,
+        "type",
+        "hash",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "16",
+        "name",
+        "OVL_IFACES",
+    ])?;
+
+    // The store cannot be read: the new agent refuses, the old data path
+    // keeps forwarding and its pins stay.
+    let state = lab.tempdir().join("store/state.json");
+    let saved = std::fs::read(&state)?;
+    std::fs::write(&state, b"{ not ovl state")?;
+    let links_before = std::fs::read_dir(pin_dir.join("links"))?.count();
+    let refused = world
+        .ovl
+        .spawn_agent(&lab, &host_a, "host-a", "auto", &[])?;
+    let status = refused.wait_exit(Duration::from_secs(15))?;
+    let log = refused.log()?;
+    ensure!(!status.success(), "started over unfillable maps:\n{log}");
+    for needle in [
+        "OVL_IFACES: value size 8, this build expects 4",
+        "ovl detach eth0 --node host-a",
+    ] {
+        ensure!(log.contains(needle), "the refusal lacks {needle:?}:\n{log}");
+    }
+    let r = ping(&c1, ip2, 10, &["-i", "0.05", "-W", "1"])?;
+    ensure!(r.all_received(), "the old data path stopped:\n{}", r.output);
+    ensure!(
+        !pin_dir.join("next").exists()
+            && std::fs::read_dir(pin_dir.join("links"))?.count() == links_before,
+        "the refused start changed the pins"
+    );
+
+    // With the store back, the new agent fills new maps and switches to
+    // them under a running ping.
+    std::fs::write(&state, saved)?;
+    let bg = BackgroundPing::start(&lab, &c1, ip2, 300, Duration::from_millis(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    world
+        .agents
+        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    let r = bg.finish()?;
+    ensure!(
+        r.all_received(),
+        "the switch to new maps lost packets:\n{}",
+        r.output
+    );
+    ensure!(
+        world.agents[0].log()?.contains("do not fit this build"),
+        "{}",
+        world.agents[0].log()?
+    );
+    let info = map_info(&ifaces)?;
+    ensure!(info["bytes_value"] == 4, "OVL_IFACES still {info}");
+    ensure!(!pin_dir.join("next").exists(), "staging maps left behind");
+    world.stop()
+}
+
+/// `curl -s URL` inside `ns`.
+fn curl(ns: &Netns, url: &str) -> Result<String> {
+    let out = ns.exec(&["curl", "-sS", "--max-time", "5", url])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Prometheus's answer for an instant query, as one number.
+fn prom_value(ns: &Netns, query: &str) -> Result<Option<f64>> {
+    let out = ns.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "-G",
+        "http://127.0.0.1:9090/api/v1/query",
+        "--data-urlencode",
+        &format!("query={query}"),
+    ])?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{}", String::from_utf8_lossy(&out.stdout)))?;
+    if v["status"] != "success" {
+        bail!("query {query} failed: {v}");
+    }
+    Ok(v["data"]["result"]
+        .as_array()
+        .and_then(|r| r.first())
+        .and_then(|s| s["value"][1].as_str())
+        .and_then(|n| n.parse().ok()))
+}
+
+#[test]
+fn prometheus_scrapes_the_agent_and_counts_exactly_the_pings_sent() -> Result<()> {
+    let lab = Lab::new("api-prom")?;
+    let (ovl, hosts, agents, c1, _c2, ip2) =
+        two_hosts_with_env(&lab, &[("OVL_METRICS", METRICS)], "host-a")?;
+    let ns = &hosts[0].netns;
+
+    // promtool accepts the exposition as it is.
+    let text = curl(ns, &format!("http://{METRICS}/metrics"))?;
+    let file = lab.tempdir().join("metrics.txt");
+    std::fs::write(&file, &text)?;
+    let check = ovl_tests::run_unchecked(&[
+        "sh",
+        "-c",
+        &format!("promtool check metrics < {}", file.display()),
+    ])?;
+    ensure!(
+        check.status.success(),
+        "promtool check metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for line in [
+        "# TYPE ovl_network_tx_packets_total counter",
+        "ovl_network_drops_total{network=\"uber-net\",reason=\"no_endpoint\",vni=\"4096\"}",
+        "ovl_network_endpoints{location=\"local\",network=\"uber-net\",vni=\"4096\"} 1",
+        "ovl_store_up 1",
+        "ovl_agent_info{decap_mode=\"tc\",node=\"host-a\",underlay=\"eth0\"",
+    ] {
+        ensure!(text.contains(line), "no {line:?} in\n{text}");
+    }
+
+    // The dashboard shipped in docs/ refers only to metrics that exist.
+    let dashboard = std::fs::read_to_string(workspace_root().join("docs/grafana-dashboard.json"))?;
+    let dashboard: Value = serde_json::from_str(&dashboard).context("dashboard JSON")?;
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().context("panels")? {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(target["expr"].as_str().context("expr")?.to_owned());
+        }
+    }
+    ensure!(!exprs.is_empty(), "no queries in the dashboard");
+    for expr in &exprs {
+        for name in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("ovl_"))
+        {
+            ensure!(
+                text.contains(&format!("# TYPE {name} ")),
+                "the dashboard queries {name}, which the agent does not export"
+            );
+        }
+    }
+
+    // A real Prometheus scrapes it every second.
+    let config = lab.tempdir().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ovl\n    static_configs:\n      - targets: ['{METRICS}']\n"
+        ),
+    )?;
+    let config_arg = format!("--config.file={}", config.display());
+    let tsdb_arg = format!(
+        "--storage.tsdb.path={}",
+        lab.tempdir().join("tsdb").display()
+    );
+    lab.spawn(
+        ns,
+        &[
+            "prometheus",
+            &config_arg,
+            &tsdb_arg,
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+        &[],
+    )?;
+    let query = "ovl_network_tx_packets_total{network=\"uber-net\"}";
+    let current = |ovl: &Ovl| -> Result<f64> {
+        Ok(ovl.counters(ns, "host-a", "uber-net")?.tx_packets as f64)
+    };
+    let mut seen = None;
+    wait_until(Duration::from_secs(30), || {
+        seen = prom_value(ns, query)?;
+        Ok(seen == Some(current(&ovl)?))
+    })
+    .with_context(|| format!("Prometheus never caught up with the agent (last {seen:?})"))?;
+    let before = seen.context("baseline")?;
+    let r = ping(&c1, ip2, 20, &["-i", "0.05", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    wait_until(Duration::from_secs(15), || {
+        seen = prom_value(ns, query)?;
+        Ok(seen == Some(before + 20.0))
+    })
+    .with_context(|| {
+        format!(
+            "Prometheus shows {seen:?}, expected {} after 20 pings",
+            before + 20.0
+        )
+    })?;
+    ensure!(prom_value(ns, "ovl_store_up")? == Some(1.0), "store not up");
+    for a in agents {
+        a.stop()?;
+    }
+    Ok(())
+}
