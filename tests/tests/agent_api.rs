@@ -42,7 +42,13 @@ fn two_hosts_with_env(
     wait_until(Duration::from_secs(10), || {
         Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
     })?;
-    Ok((ovl, hosts, vec![a, b], c1, c2, ip2))
+    Ok(World {
+        ovl,
+        hosts,
+        agents: vec![a, b],
+        c1,
+        ip2,
+    })
 }
 
 #[test]
@@ -53,7 +59,13 @@ fn stats_under_ip_netns_exec_reach_an_agent_that_uses_the_default_pin_root() -> 
     // it apart from any other ovl on the machine.
     let node = format!("{}-a", lab.prefix());
     let env = [("OVL_PIN_ROOT", "/sys/fs/bpf/ovl")];
-    let (ovl, hosts, agents, c1, _c2, ip2) = two_hosts_with_env(&lab, &env, &node)?;
+    let World {
+        ovl,
+        hosts,
+        agents,
+        c1,
+        ip2,
+    } = two_hosts_with_env(&lab, &env, &node)?;
     let ns = &hosts[0].netns;
     let pins_seen = ns.exec_unchecked(&["test", "-e", &format!("/sys/fs/bpf/ovl/{node}")])?;
     ensure!(
@@ -341,8 +353,13 @@ fn prom_value(ns: &Netns, query: &str) -> Result<Option<f64>> {
 #[test]
 fn prometheus_scrapes_the_agent_and_counts_exactly_the_pings_sent() -> Result<()> {
     let lab = Lab::new("api-prom")?;
-    let (ovl, hosts, agents, c1, _c2, ip2) =
-        two_hosts_with_env(&lab, &[("OVL_METRICS", METRICS)], "host-a")?;
+    let World {
+        ovl,
+        hosts,
+        agents,
+        c1,
+        ip2,
+    } = two_hosts_with_env(&lab, &[("OVL_METRICS", METRICS)], "host-a")?;
     let ns = &hosts[0].netns;
 
     // promtool accepts the exposition as it is.
