@@ -16,20 +16,18 @@ use serde_json::Value;
 /// Where a test's agent serves metrics, inside its host namespace.
 const METRICS: &str = "127.0.0.1:9474";
 
+/// Two hosts with an agent each, a network and a container on each.
+struct World {
+    ovl: Ovl,
+    hosts: Vec<Host>,
+    agents: Vec<ovl_tests::Agent>,
+    c1: Netns,
+    ip2: Ipv4Addr,
+}
+
 /// Two hosts with an agent each (host A's with `env_a`), a network and a
 /// container on each that reach each other.
-fn two_hosts_with_env(
-    lab: &Lab,
-    env_a: &[(&str, &str)],
-    node_a: &str,
-) -> Result<(
-    Ovl,
-    Vec<Host>,
-    Vec<ovl_tests::Agent>,
-    Netns,
-    Netns,
-    Ipv4Addr,
-)> {
+fn two_hosts_with_env(lab: &Lab, env_a: &[(&str, &str)], node_a: &str) -> Result<World> {
     let ovl = Ovl::new(lab)?;
     let (_router, hosts) = lab.routed_hosts(2)?;
     let a = ovl.attach_with_env(lab, &hosts[0], node_a, "auto", env_a)?;
