@@ -44,11 +44,23 @@ struct Node {
 
 impl Node {
     fn new(name: &'static str, host: Host, store_url: &str, pin_root: &Path) -> Self {
+        // Socket and agent state in the lab's pin root's parent (the lab's
+        // temp dir), so nothing of the demo outlives it.
+        let lab_dir = pin_root.parent().unwrap_or(pin_root);
         let env = vec![
             ("OVL_STORE", store_url.to_string()),
             ("OVL_NODE", name.to_string()),
             ("OVL_PIN_ROOT", pin_root.display().to_string()),
+            (
+                "OVL_API_SOCKET",
+                lab_dir.join(format!("{name}.sock")).display().to_string(),
+            ),
+            (
+                "OVL_STATE_DIR",
+                lab_dir.join(format!("state-{name}")).display().to_string(),
+            ),
         ];
+
         Node { name, host, env }
     }
 
