@@ -1,17 +1,17 @@
 //! What each `ovl` subcommand does, on top of the store, netlink and the
 //! datapath. Each returns what it would print, so main stays a dispatcher.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::{
-    api, bpffs, datapath,
+    api, attachment, bpffs, datapath,
     ipam::Subnet,
     metrics::{self, NetworkStats},
-    model::{ContainerSpec, Endpoint, Location, MacAddr, NetworkSpec},
-    netlink, netns,
+    model::{Endpoint, MacAddr, NetworkSpec},
+    netlink,
     store::Store,
 };
 
@@ -89,65 +89,44 @@ pub async fn network_rm(store: &Store, name: &str) -> Result<String> {
     Ok(format!("removed network {name}"))
 }
 
-/// `ovl connect`: registers the endpoint, then builds its veth. If the
-/// link cannot be built the registration is rolled back.
+/// How long `ovl connect` waits for the node's agent to forward for the
+/// new endpoint.
+const READY_WAIT: Duration = Duration::from_secs(2);
+
+/// `ovl connect`: registers the endpoint, builds its veth (both rolled
+/// back on failure), then waits until the node's agent forwards for it,
+/// warning when no agent runs.
 pub async fn connect(
     store: &Store,
-    node: &str,
-    network: &str,
-    netns_name: &str,
-    ip: Option<Ipv4Addr>,
-    name: Option<String>,
+    api_socket: &Path,
+    req: &attachment::Request,
 ) -> Result<String> {
-    netns::open(netns_name)?;
-    let ep = store
-        .update_with(|s| {
-            s.add_container(ContainerSpec {
-                network: network.to_owned(),
-                node: node.to_owned(),
-                netns: netns_name.to_owned(),
-                name: name.clone(),
-                ip,
-            })
-        })
-        .await?;
-    let net = store.load().await?.network(network)?.clone();
-    let Location::Container { host_ifname, .. } = &ep.location else {
-        unreachable!("add_container makes container endpoints")
-    };
-    let handle = netlink::connect()?;
-    let built = netlink::create_container_link(
-        &handle,
-        &netlink::ContainerLink {
-            host_ifname,
-            netns: netns_name,
-            ip: ep.ip,
-            prefix: net.subnet.prefix(),
-            mac: ep.mac,
-            mtu: net.mtu,
-        },
-    )
-    .await;
-    match built {
-        Ok(ifname) => Ok(format!(
-            "connected {netns_name} to {network}: {ifname} {}/{} mac {} mtu {} (host side {host_ifname})",
-            ep.ip,
-            net.subnet.prefix(),
-            ep.mac,
-            net.mtu
-        )),
-        Err(e) => {
-            if let Err(undo) = store
-                .update_with(|s| s.remove_container(network, node, netns_name))
-                .await
-            {
-                log::error!("could not roll back the registration of {netns_name}: {undo}");
-            }
-            Err(e.context(format!(
-                "connect {netns_name} to {network}; nothing was registered"
-            )))
-        }
+    let a = attachment::attach(store, req).await?;
+    let prefix = a.network.subnet.prefix();
+    match attachment::wait_forwarding(api_socket, &req.network, a.endpoint.ip, READY_WAIT).await {
+        Ok(attachment::Readiness::Forwarding) => {}
+        Ok(attachment::Readiness::NoAgent) => eprintln!(
+            "ovl: warning: no ovl agent runs for node {} (nothing answers on {}): {} is registered, but nothing forwards for it until `ovl attach` runs on this node",
+            req.node,
+            api_socket.display(),
+            a.endpoint.ip
+        ),
+        Ok(attachment::Readiness::NotYet) => eprintln!(
+            "ovl: warning: the agent of node {} did not report {} forwarding within {READY_WAIT:?}; see its log",
+            req.node, a.endpoint.ip
+        ),
+        Err(e) => eprintln!("ovl: warning: {e:#}"),
     }
+    Ok(format!(
+        "connected {} to {}: {} {}/{prefix} mac {} mtu {} (host side {})",
+        req.netns,
+        req.network,
+        a.ifname,
+        a.endpoint.ip,
+        a.endpoint.mac,
+        a.network.mtu,
+        a.host_ifname
+    ))
 }
 
 /// `ovl disconnect`: removes the veth (if still there) and the endpoint.
@@ -157,24 +136,7 @@ pub async fn disconnect(
     network: &str,
     netns_name: &str,
 ) -> Result<String> {
-    let state = store.load().await?;
-    let ep = state
-        .endpoints_of(network)
-        .find(|e| matches!(&e.location, Location::Container { node: n, netns, .. } if n == node && netns == netns_name))
-        .cloned();
-    if let Some(Endpoint {
-        location: Location::Container { host_ifname, .. },
-        ..
-    }) = &ep
-    {
-        if netlink::ifindex(host_ifname).is_some() {
-            let handle = netlink::connect()?;
-            netlink::delete_link(&handle, host_ifname).await?;
-        }
-    }
-    let ep = store
-        .update_with(|s| s.remove_container(network, node, netns_name))
-        .await?;
+    let ep = attachment::detach(store, node, network, netns_name).await?;
     Ok(format!(
         "disconnected {netns_name} ({}) from {network}",
         ep.ip

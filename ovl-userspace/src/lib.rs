@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod attachment;
 pub mod bpffs;
 pub mod commands;
 pub mod datapath;

@@ -217,7 +217,16 @@ async fn run(cli: Cli) -> Result<()> {
             netns,
             ip,
             name,
-        } => commands::connect(store, &node, &network, &netns, ip, name).await?,
+        } => {
+            let req = ovl_userspace::attachment::Request {
+                network,
+                node: node.clone(),
+                netns,
+                name,
+                ip,
+            };
+            commands::connect(store, &api_socket, &req).await?
+        }
         Command::Disconnect { network, netns } => {
             commands::disconnect(store, &node, &network, &netns).await?
         }

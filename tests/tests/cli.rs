@@ -235,3 +235,45 @@ fn disconnect_removes_the_interface_and_the_endpoint() -> Result<()> {
     ensure!(again == ip, "address {ip} was not freed (got {again})");
     Ok(())
 }
+
+#[test]
+fn connect_returns_once_the_endpoint_forwards_and_warns_when_no_agent_runs() -> Result<()> {
+    let lab = Lab::new("cli-ready")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].clone();
+    world
+        .ovl
+        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (_c1, ip1) = world.container(&lab, 0, "uber-net", "c1")?;
+    // Each new container's very first packet, sent as soon as `ovl connect`
+    // returns, is switched: the agent had hooked it before the return.
+    for i in 0..5 {
+        let (c, _) = world.container(&lab, 0, "uber-net", &format!("n{i}"))?;
+        let r = ping(&c, ip1, 1, &["-W", "1"])?;
+        ensure!(
+            r.all_received(),
+            "first ping right after connect #{i} failed:\n{}",
+            r.output
+        );
+    }
+
+    let agent = world.agents.remove(0);
+    agent.kill()?;
+    agent.wait_exit(Duration::from_secs(5))?;
+    let late = lab.container("late")?;
+    let out = world.ovl.run_unchecked(
+        &host_a.netns,
+        "host-a",
+        &["connect", "uber-net", late.name()],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "connect without an agent failed: {stderr}"
+    );
+    ensure!(
+        stderr.contains("no ovl agent runs for node host-a") && stderr.contains("ovl attach"),
+        "no warning that nothing forwards: {stderr}"
+    );
+    world.stop()
+}

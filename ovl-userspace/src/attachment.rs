@@ -1,0 +1,164 @@
+//! The one code path that gives a container an interface on a network and
+//! takes it away again, for every front end: `ovl connect`, the CNI plugin
+//! and the Docker plugin. Registration in the store, the veth, rollback on
+//! failure, and waiting until the node's agent forwards for it.
+
+use std::{net::Ipv4Addr, path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    api,
+    model::{ContainerSpec, Endpoint, Location, Network},
+    netlink, netns,
+    store::Store,
+};
+
+/// What a front end asks for.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub network: String,
+    /// The node the container runs on (this machine).
+    pub node: String,
+    /// The container's network namespace: a name under /run/netns or a path.
+    pub netns: String,
+    /// Endpoint name [default: the namespace name].
+    pub name: Option<String>,
+    /// Address to use instead of the next free one.
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// A container attached to a network.
+#[derive(Clone, Debug)]
+pub struct Attachment {
+    pub endpoint: Endpoint,
+    pub network: Network,
+    /// The interface's name inside the container (`eth0`, ...).
+    pub ifname: String,
+    /// The host end of the veth.
+    pub host_ifname: String,
+}
+
+/// Registers the endpoint (IPAM), then builds its veth into the container.
+/// On any failure the registration is rolled back and no link is left.
+pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
+    netns::open(&req.netns)?;
+    let (endpoint, network) = store
+        .update_with(|s| {
+            let ep = s.add_container(ContainerSpec {
+                network: req.network.clone(),
+                node: req.node.clone(),
+                netns: req.netns.clone(),
+                name: req.name.clone(),
+                ip: req.ip,
+            })?;
+            Ok((ep, s.network(&req.network)?.clone()))
+        })
+        .await?;
+    let Location::Container { host_ifname, .. } = &endpoint.location else {
+        unreachable!("add_container makes container endpoints")
+    };
+    let host_ifname = host_ifname.clone();
+    let built = async {
+        let handle = netlink::connect()?;
+        netlink::create_container_link(
+            &handle,
+            &netlink::ContainerLink {
+                host_ifname: &host_ifname,
+                netns: &req.netns,
+                ip: endpoint.ip,
+                prefix: network.subnet.prefix(),
+                mac: endpoint.mac,
+                mtu: network.mtu,
+            },
+        )
+        .await
+    }
+    .await;
+    match built {
+        Ok(ifname) => Ok(Attachment {
+            endpoint,
+            network,
+            ifname,
+            host_ifname,
+        }),
+        Err(e) => {
+            if let Err(undo) = store
+                .update_with(|s| s.remove_container(&req.network, &req.node, &req.netns))
+                .await
+            {
+                log::error!(
+                    "could not roll back the registration of {}: {undo}",
+                    req.netns
+                );
+            }
+            Err(e.context(format!(
+                "connect {} to {}; nothing was registered",
+                req.netns, req.network
+            )))
+        }
+    }
+}
+
+/// The endpoint of namespace `netns` on `node` in `network`, if any.
+pub async fn find(
+    store: &Store,
+    node: &str,
+    network: &str,
+    netns: &str,
+) -> Result<Option<Endpoint>> {
+    let state = store.load().await?;
+    Ok(state
+        .endpoints_of(network)
+        .find(|e| matches!(&e.location, Location::Container { node: n, netns: ns, .. } if n == node && ns == netns))
+        .cloned())
+}
+
+/// Removes the veth of `netns` on `node` (if still there) and its endpoint.
+pub async fn detach(store: &Store, node: &str, network: &str, netns: &str) -> Result<Endpoint> {
+    if let Some(Endpoint {
+        location: Location::Container { host_ifname, .. },
+        ..
+    }) = find(store, node, network, netns).await?
+    {
+        if netlink::ifindex(&host_ifname).is_some() {
+            let handle = netlink::connect()?;
+            netlink::delete_link(&handle, &host_ifname).await?;
+        }
+    }
+    Ok(store
+        .update_with(|s| s.remove_container(network, node, netns))
+        .await?)
+}
+
+/// Whether the node's agent forwards for an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// In the agent's maps, its veth hooked.
+    Forwarding,
+    /// The agent runs but did not get there within the wait.
+    NotYet,
+    /// No agent answers on the node's API socket: the endpoint forwards
+    /// once one runs.
+    NoAgent,
+}
+
+/// Waits up to `timeout` until the agent on `api_socket` forwards for
+/// address `ip` of `network`.
+pub async fn wait_forwarding(
+    api_socket: &Path,
+    network: &str,
+    ip: Ipv4Addr,
+    timeout: Duration,
+) -> Result<Readiness> {
+    let query = format!(
+        "/v1/endpoints/ready?network={network}&ip={ip}&timeout_ms={}",
+        timeout.as_millis()
+    );
+    match api::Client::new(api_socket).get::<api::Ready>(&query).await {
+        Ok(r) if r.ready => Ok(Readiness::Forwarding),
+        Ok(_) => Ok(Readiness::NotYet),
+        Err(api::ClientError::NoAgent(_)) => Ok(Readiness::NoAgent),
+        Err(e) => Err(e).context("ask the node's agent whether the endpoint forwards"),
+    }
+}
