@@ -26,6 +26,8 @@ pub struct Request {
     pub name: Option<String>,
     /// Address to use instead of the next free one.
     pub ip: Option<Ipv4Addr>,
+    /// The front end's identity for the attachment ([`Endpoint::owner`]).
+    pub owner: Option<String>,
 }
 
 /// A container attached to a network.
@@ -51,7 +53,9 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
                 netns: req.netns.clone(),
                 name: req.name.clone(),
                 ip: req.ip,
+                owner: req.owner.clone(),
             })?;
+
             Ok((ep, s.network(&req.network)?.clone()))
         })
         .await?;

@@ -122,6 +122,7 @@ mod tests {
                 netns: ns.into(),
                 name: None,
                 ip: None,
+                owner: None,
             })
             .unwrap();
         }

@@ -224,6 +224,7 @@ async fn run(cli: Cli) -> Result<()> {
                 netns,
                 name,
                 ip,
+                owner: None,
             };
             commands::connect(store, &api_socket, &req).await?
         }

@@ -179,6 +179,12 @@ pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub mac: MacAddr,
     pub location: Location,
+    /// Which front end made the endpoint and under what identity, e.g.
+    /// `cni:<container id>/<ifname>` or `docker:<endpoint id>`; none for
+    /// `ovl connect` and `ovl endpoint add`. Lets a runtime find, check and
+    /// garbage-collect its own attachments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl Endpoint {
@@ -243,6 +249,8 @@ pub struct ContainerSpec {
     pub netns: String,
     pub name: Option<String>,
     pub ip: Option<Ipv4Addr>,
+    /// See [`Endpoint::owner`].
+    pub owner: Option<String>,
 }
 
 impl State {
@@ -339,6 +347,7 @@ impl State {
                 netns: spec.netns,
                 host_ifname: host_ifname(network.vni, ip),
             },
+            owner: spec.owner,
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
@@ -362,7 +371,9 @@ impl State {
             ip,
             mac: mac.unwrap_or(MacAddr::for_ipv4(ip)),
             location: Location::Static { vtep },
+            owner: None,
         };
+
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
     }
@@ -493,6 +504,7 @@ mod tests {
             netns: ns.into(),
             name: None,
             ip: None,
+            owner: None,
         }
     }
 

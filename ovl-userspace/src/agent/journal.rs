@@ -119,6 +119,7 @@ mod tests {
                     netns: "c1".into(),
                     host_ifname: "ovl1".into(),
                 },
+                owner: None,
             },
         );
         j.save(&m).unwrap();

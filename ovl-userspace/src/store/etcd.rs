@@ -732,6 +732,7 @@ mod tests {
             netns: "c1".into(),
             name: None,
             ip: None,
+            owner: None,
         })
         .unwrap();
         let back = decode(&snapshot_of(&s));

@@ -262,6 +262,7 @@ mod tests {
                                     netns: format!("c{j}"),
                                     name: None,
                                     ip: None,
+                                    owner: None,
                                 })
                             })
                             .unwrap()
