@@ -22,6 +22,8 @@ pub struct Request {
     pub node: String,
     /// The container's network namespace: a name under /run/netns or a path.
     pub netns: String,
+    /// The interface's name in the container [default: the first free `ethN`].
+    pub ifname: Option<String>,
     /// Endpoint name [default: the namespace name].
     pub name: Option<String>,
     /// Address to use instead of the next free one.
@@ -70,6 +72,8 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
             &netlink::ContainerLink {
                 host_ifname: &host_ifname,
                 netns: &req.netns,
+                ifname: req.ifname.as_deref(),
+
                 ip: endpoint.ip,
                 prefix: network.subnet.prefix(),
                 mac: endpoint.mac,

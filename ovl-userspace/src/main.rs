@@ -222,6 +222,7 @@ async fn run(cli: Cli) -> Result<()> {
                 network,
                 node: node.clone(),
                 netns,
+                ifname: None,
                 name,
                 ip,
                 owner: None,

@@ -123,6 +123,9 @@ async fn link_by_index(
 pub struct ContainerLink<'a> {
     pub host_ifname: &'a str,
     pub netns: &'a str,
+    /// The interface's name in the container [default: the first free
+    /// `ethN`]; a name the container already uses is refused.
+    pub ifname: Option<&'a str>,
     pub ip: Ipv4Addr,
     pub prefix: u8,
     pub mac: MacAddr,
@@ -188,7 +191,7 @@ async fn configure_container_link(
         .with_context(|| format!("move veth end into namespace {:?}", spec.netns))?;
 
     let inner = connect_in(spec.netns)?;
-    let name = free_eth_name(&inner).await?;
+    let name = container_ifname(&inner, spec.ifname, spec.netns).await?;
     {
         let _inside = netns::enter(spec.netns)?;
         disable_ipv6(peer_tmp)?;
@@ -234,7 +237,9 @@ async fn container_ifindex(handle: &Handle, name: &str) -> Result<u32> {
     Ok(link.header.index)
 }
 
-async fn free_eth_name(handle: &Handle) -> Result<String> {
+/// The name the container's interface gets: `requested`, unless the
+/// container has one by that name already, or the first free `ethN`.
+async fn container_ifname(handle: &Handle, requested: Option<&str>, netns: &str) -> Result<String> {
     let mut taken = Vec::new();
     let mut links = handle.link().get().execute();
     while let Some(l) = links.try_next().await.context("list container links")? {
@@ -243,6 +248,12 @@ async fn free_eth_name(handle: &Handle) -> Result<String> {
                 taken.push(n);
             }
         }
+    }
+    if let Some(name) = requested {
+        if taken.iter().any(|t| t == name) {
+            bail!("namespace {netns:?} already has an interface named {name}");
+        }
+        return Ok(name.to_owned());
     }
     (0..64)
         .map(|i| format!("eth{i}"))
