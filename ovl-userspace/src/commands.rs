@@ -3,7 +3,7 @@
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::Serialize;
 
 use crate::{
@@ -380,14 +380,25 @@ pub async fn detach(iface: &str, node: &str, pin_root: &Path, api_socket: &Path)
         ));
     }
     // A program attached the legacy netlink way (by an older ovl) has no
-    // pin; once the links are gone, whatever XDP remains is that.
+    // pin; once the links are gone, whatever XDP remains is that. The
+    // kernel releases an unpinned link a moment later (deferred work):
+    // until then netlink refuses with EBUSY, so that is retried briefly.
     if let Some(idx) = netlink::ifindex(iface) {
         let handle = netlink::connect()?;
-        if netlink::clear_xdp(&handle, idx)
-            .await
-            .context("remove XDP program")?
-        {
-            done.push(format!("removed XDP program from {iface}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match netlink::clear_xdp(&handle, idx).await {
+                Ok(true) => {
+                    done.push(format!("removed XDP program from {iface}"));
+                    break;
+                }
+                Ok(false) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    log::debug!("XDP on {iface} still held ({e:#}); retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.context(format!("remove the XDP program from {iface}"))),
+            }
         }
     } else {
         done.push(format!("interface {iface} does not exist here"));
