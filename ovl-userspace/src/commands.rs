@@ -371,11 +371,10 @@ pub async fn detach(iface: &str, node: &str, pin_root: &Path, api_socket: &Path)
         None
     };
     if dir.exists() {
-        let links = datapath::LinkPins::of(&dir).list()?;
+        let links = datapath::LinkPins::of(&dir).remove_all_and_wait(Duration::from_secs(5))?;
         bpffs::remove_node_dir(&dir)?;
         done.push(format!(
-            "removed {} link(s) and the pins under {}",
-            links.len(),
+            "removed {links} link(s) and the pins under {}",
             dir.display()
         ));
     }

@@ -129,6 +129,38 @@ impl LinkPins {
         Ok(out)
     }
 
+    /// Removes every link pinned here and waits (up to `timeout`) until the
+    /// kernel has released them: it frees an unpinned link in deferred
+    /// work, and until then its program still runs. Returns how many there
+    /// were.
+    pub fn remove_all_and_wait(&self, timeout: std::time::Duration) -> Result<usize> {
+        let pins = self.list()?;
+        let mut ids = Vec::new();
+        for pin in &pins {
+            if let Ok(link) = self.open(*pin) {
+                if let Ok(info) = link.info() {
+                    ids.push(info.id());
+                }
+            }
+            self.remove(*pin)?;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let alive = aya::programs::loaded_links()
+                .filter_map(Result::ok)
+                .any(|l| ids.contains(&l.id()));
+            if !alive {
+                return Ok(pins.len());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "the kernel still holds links {ids:?} {timeout:?} after their pins were removed"
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Removes `pin`: the last reference goes, so the link detaches.
     pub fn remove(&self, pin: LinkPin) -> Result<()> {
         match fs::remove_file(self.path(pin)) {
