@@ -29,6 +29,11 @@ pub struct Desired {
 
 /// Computes what node `node` (VTEP `vtep`) must hold. `ifindex_of`
 /// resolves a host-side interface name on this node.
+///
+/// A node programs only the networks it has endpoints of (as Docker
+/// programs only the overlays present on a host): a network's remote
+/// endpoints and VTEPs cost a node nothing until one of its containers
+/// joins it.
 pub fn desired(
     state: &State,
     node: &str,
@@ -36,7 +41,17 @@ pub fn desired(
     ifindex_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Desired {
     let mut d = Desired::default();
-    for net in state.networks.values() {
+    let here: std::collections::BTreeSet<&str> = state
+        .endpoints
+        .iter()
+        .filter(|e| e.node() == Some(node))
+        .map(|e| e.network.as_str())
+        .collect();
+    for net in state
+        .networks
+        .values()
+        .filter(|n| here.contains(n.name.as_str()))
+    {
         d.networks.insert(
             net.vni.get(),
             NetworkInfo {
@@ -45,7 +60,11 @@ pub fn desired(
             },
         );
     }
-    for ep in &state.endpoints {
+    for ep in state
+        .endpoints
+        .iter()
+        .filter(|e| here.contains(e.network.as_str()))
+    {
         let Ok(net) = state.network(&ep.network) else {
             continue;
         };
@@ -138,13 +157,27 @@ mod tests {
         let c2 = d.endpoints[&(100, [198, 18, 0, 3])];
         assert_eq!((c2.ifindex, c2.vtep), (0, [198, 51, 100, 10]));
         assert_eq!(c2.mac, [0x02, 0x42, 198, 18, 0, 3]);
-        // Same address on another network is another key.
-        assert!(d.endpoints.contains_key(&(200, [198, 18, 0, 2])));
         assert_eq!(d.ifaces, BTreeMap::from([(7, 100)]));
+        // Red has no endpoint on a: a holds nothing of it.
+        assert_eq!(d.networks.keys().copied().collect::<Vec<_>>(), vec![100]);
+        assert!(!d.endpoints.keys().any(|(vni, _)| *vni == 200));
+        assert_eq!(d.vteps, BTreeSet::from([(100, [198, 51, 100, 10])]));
+    }
+
+    #[test]
+    fn a_node_programs_every_network_it_has_an_endpoint_of() {
+        let s = state();
+        let d = desired(&s, "b", Ipv4Addr::new(198, 51, 100, 10), &|_| Some(9));
         assert_eq!(
-            d.vteps,
-            BTreeSet::from([(100, [198, 51, 100, 10]), (200, [198, 51, 100, 10])])
+            d.networks.keys().copied().collect::<Vec<_>>(),
+            vec![100, 200]
         );
+        // Same address on another network is another key.
+        let c1 = d.endpoints[&(100, [198, 18, 0, 2])];
+        let c3 = d.endpoints[&(200, [198, 18, 0, 2])];
+        assert_eq!((c1.ifindex, c1.vtep), (0, [192, 0, 2, 10]));
+        assert_eq!((c3.ifindex, c3.vtep), (9, [0; 4]));
+        assert_eq!(d.vteps, BTreeSet::from([(100, [192, 0, 2, 10])]));
     }
 
     #[test]
@@ -155,6 +188,6 @@ mod tests {
         assert!(d.endpoints.is_empty());
         assert!(d.vteps.is_empty());
         assert_eq!(d.missing_links.len(), 1);
-        assert_eq!(d.networks.len(), 2);
+        assert_eq!(d.networks.len(), 1);
     }
 }

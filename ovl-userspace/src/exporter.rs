@@ -149,6 +149,13 @@ pub fn render(view: &View) -> Result<String> {
             "Seconds since the agent last knew its view of the store current.",
         )?,
     )?;
+    let collected = register(
+        &reg,
+        IntCounter::new(
+            "ovl_endpoints_collected_total",
+            "Local endpoints freed because their container's namespace was gone without a disconnect.",
+        )?,
+    )?;
     let info = gauge(
         &reg,
         "ovl_agent_info",
@@ -188,6 +195,8 @@ pub fn render(view: &View) -> Result<String> {
         u_drops.with_label_values(&[reason.name()]).inc_by(n);
     }
     store_up.set(i64::from(live.store_reachable));
+    collected.inc_by(live.collected_endpoints);
+
     if let Some(age) = view.sync_age() {
         sync_age.set(age);
     }

@@ -78,6 +78,10 @@ enum Command {
         /// Serve Prometheus metrics on ADDR:PORT (conventionally port 9474).
         #[arg(long, env = "OVL_METRICS")]
         metrics: Option<std::net::SocketAddr>,
+        /// Seconds a local endpoint's network namespace must be gone
+        /// (deleted without a disconnect) before its endpoint is freed.
+        #[arg(long, env = "OVL_GC_GRACE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        gc_grace: u64,
     },
     /// Remove this node's data path from IFACE: programs, links, maps, pins.
     Detach { iface: String },
@@ -173,6 +177,7 @@ async fn run(cli: Cli) -> Result<()> {
         mode,
         lease_ttl,
         metrics,
+        gc_grace,
     } = cli.command
     {
         let state_dir = cli
@@ -188,6 +193,7 @@ async fn run(cli: Cli) -> Result<()> {
             api_socket,
             metrics,
             state_dir,
+            gc_grace: std::time::Duration::from_secs(gc_grace),
         })
         .await;
     }

@@ -21,6 +21,26 @@ pub fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
+/// Notifications of link changes (created, deleted, renamed, up/down) in
+/// the current namespace: the agent's cue to look at container veths again
+/// instead of polling for them.
+pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    use futures_util::StreamExt;
+    let (conn, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])
+            .context("subscribe to link notifications")?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while messages.next().await.is_some() {
+            if tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 /// An rtnetlink handle bound to namespace `name`.
 pub fn connect_in(name: &str) -> Result<Handle> {
     let _inside = netns::enter(name)?;

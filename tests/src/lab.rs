@@ -282,6 +282,16 @@ impl Lab {
         }
     }
 
+    /// Deletes namespace `netns` now (a container that goes away without
+    /// telling ovl), so the lab does not delete it again.
+    pub fn remove_netns(&self, netns: &Netns) -> Result<()> {
+        let mut namespaces = lock(&self.namespaces);
+        let _admin = netns_admin();
+        cmd::run(&["ip", "netns", "del", netns.name()])?;
+        namespaces.retain(|n| n.name() != netns.name());
+        Ok(())
+    }
+
     fn delete_namespaces(&self) {
         let mut namespaces = lock(&self.namespaces);
         let _admin = netns_admin();

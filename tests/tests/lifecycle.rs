@@ -376,3 +376,39 @@ fn agent_started_while_etcd_is_down_forwards_from_its_pins_and_catches_up() -> R
     .context("a container connected after etcd returned never became reachable from A")?;
     world.stop()
 }
+
+#[test]
+fn an_endpoint_whose_namespace_was_deleted_without_disconnect_is_freed_after_the_grace()
+-> Result<()> {
+    let lab = Lab::new("lc-gc")?;
+    let ovl = ovl_tests::Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+    let agent = ovl.attach_with_env(&lab, host, "host-a", "auto", &[("OVL_GC_GRACE", "2")])?;
+    ovl.create_network(&host.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let ip1 = ovl.connect(host, "host-a", "uber-net", &c1, &[])?;
+
+    lab.remove_netns(&c1)?;
+    let deleted = Instant::now();
+    wait_until(Duration::from_secs(10), || {
+        let net = ovl.inspect(&host.netns, "uber-net")?;
+        Ok(net["endpoints"].as_array().is_some_and(|a| a.is_empty()))
+    })
+    .context("the abandoned endpoint was never freed")?;
+    let took = deleted.elapsed();
+    ensure!(
+        took >= Duration::from_secs(2),
+        "freed after {took:?}, before its 2 s grace"
+    );
+    ensure!(
+        agent.log()?.contains(&format!("collected endpoint {ip1}")),
+        "{}",
+        agent.log()?
+    );
+    // The address is free again.
+    let c2 = lab.container("c2")?;
+    let ip2 = ovl.connect(host, "host-a", "uber-net", &c2, &[])?;
+    ensure!(ip2 == ip1, "address {ip1} not reused (got {ip2})");
+    agent.stop()
+}

@@ -3,6 +3,7 @@
 //! the local API and metrics. The data path never depends on it: programs
 //! and maps stay pinned when it exits, however it exits.
 
+mod gc;
 mod journal;
 mod reconcile;
 pub mod view;
@@ -33,17 +34,11 @@ use crate::{
     api, bpffs,
     datapath::{Datapath, DecapMode, LinkPin, LinkPins, Maps},
     exporter,
-    model::State,
+    model::{Location, State},
     netlink::{self, Underlay},
     store::{Registration, Store, StoreError},
 };
 
-/// How often it re-checks local interfaces even without store changes
-/// (a container veth may be deleted or re-created under it).
-const RESYNC: Duration = Duration::from_secs(2);
-/// How soon it looks again for a local endpoint's veth that did not exist
-/// yet: `ovl connect` registers the endpoint a moment before the link.
-const LINK_RETRY: Duration = Duration::from_millis(50);
 /// How often it checks that the store answers.
 const STORE_PROBE: Duration = Duration::from_secs(2);
 /// How long opening the store may take before the agent starts without it
@@ -66,6 +61,9 @@ pub struct AgentOptions {
     pub metrics: Option<SocketAddr>,
     /// Directory of this node's agent-local state.
     pub state_dir: PathBuf,
+    /// How long a local endpoint's namespace must be gone before the
+    /// endpoint is collected.
+    pub gc_grace: Duration,
 }
 
 /// The store as the agent holds it once reachable.
@@ -125,7 +123,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         journal,
         memory,
         state: None,
-        links_missing: false,
+        collector: gc::Collector::new(opts.gc_grace),
+        next_gc: None,
     };
     let started = agent.take_over(&opts, &driver, store.as_deref()).await;
     if let Err(e) = started {
@@ -256,7 +255,9 @@ struct Agent {
     memory: Memory,
     /// The last state applied to the maps.
     state: Option<State>,
-    links_missing: bool,
+    collector: gc::Collector,
+    /// When an abandoned endpoint is next due for collection.
+    next_gc: Option<Instant>,
 }
 
 impl Agent {
@@ -325,9 +326,7 @@ impl Agent {
 
     /// Applies `state` to the kernel and remembers it.
     fn apply(&mut self, state: &State) -> Result<()> {
-        let outcome =
-            reconcile::reconcile(&mut self.dp, state, &self.node, &self.underlay, &self.view)?;
-        self.links_missing = outcome.links_missing;
+        reconcile::reconcile(&mut self.dp, state, &self.node, &self.underlay, &self.view)?;
         reconcile::remember(&mut self.memory, state, &self.node);
         if let Err(e) = self.journal.save(&self.memory) {
             log::warn!("{e:#}");
@@ -372,8 +371,10 @@ impl Agent {
         )));
         let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-        let mut resync = tokio::time::interval(RESYNC);
-        let mut link_retry = tokio::time::interval(LINK_RETRY);
+        // Container veths come and go under the agent (`ovl connect` makes
+        // one just after registering it; a deleted namespace takes its own
+        // along): the kernel says when, nothing is polled.
+        let mut links = netlink::link_events()?;
         let mut probe = tokio::time::interval(STORE_PROBE);
         loop {
             tokio::select! {
@@ -398,6 +399,7 @@ impl Agent {
                             }
                             self.view.update(|l| l.last_sync = Some(Instant::now()));
                             self.apply_logged(&fresh);
+                            self.collect_abandoned(connected.as_ref()).await;
                         }
                         StoreEvent::Reregistered => {
                             reconcile::restore_endpoints(&c.store, &self.memory).await;
@@ -425,8 +427,47 @@ impl Agent {
                         }
                     });
                 }
-                _ = link_retry.tick(), if self.links_missing => self.reapply(),
-                _ = resync.tick() => self.reapply(),
+                Some(()) = links.recv() => {
+                    // One look for a burst of notifications.
+                    while links.try_recv().is_ok() {}
+                    self.reapply();
+                    self.collect_abandoned(connected.as_ref()).await;
+                }
+                () = sleep_until(self.next_gc), if self.next_gc.is_some() => {
+                    self.next_gc = None;
+                    self.collect_abandoned(connected.as_ref()).await;
+                }
+            }
+        }
+    }
+
+    /// Deletes from the store the local endpoints whose container has
+    /// been gone for longer than the grace, and plans the next look.
+    async fn collect_abandoned(&mut self, connected: Option<&Connected>) {
+        let (Some(c), Some(state)) = (connected, &self.state) else {
+            return;
+        };
+        let (due, next) = self.collector.scan(state, &self.node, Instant::now());
+        self.next_gc = next;
+        for ep in due {
+            let Location::Container { netns, .. } = &ep.location else {
+                continue;
+            };
+            match c
+                .store
+                .update_with(|s| s.remove_container(&ep.network, &self.node, netns))
+                .await
+            {
+                Ok(_) => {
+                    log::warn!(
+                        "collected endpoint {} ({}) of {}: its namespace {netns} is gone without a disconnect",
+                        ep.ip,
+                        ep.name,
+                        ep.network
+                    );
+                    self.view.update(|l| l.collected_endpoints += 1);
+                }
+                Err(e) => log::warn!("collecting endpoint {} of {}: {e}", ep.ip, ep.network),
             }
         }
     }
@@ -442,7 +483,11 @@ impl Agent {
         // Endpoints of this node the store lost while the agent was away
         // (its lease expired, say) go back first, then everything applies.
         reconcile::restore_endpoints(&c.store, &self.memory).await;
+        // Nodes that died while no agent watched (this one included, before
+        // it started) still hold endpoints: free them now.
+        reconcile::free_nodes_found_dead(&c.store, &self.node, &state).await;
         let state = c.store.load().await.unwrap_or(state);
+
         self.apply_logged(&state);
         log::info!(
             "in step with {} at revision {}",
@@ -514,6 +559,14 @@ async fn next_store_event(c: Option<&mut Connected>) -> Result<StoreEvent> {
             Ok(StoreEvent::Changed(c.updates.borrow_and_update().clone()))
         }
         () = next_reregistration(&mut c.reregistrations) => Ok(StoreEvent::Reregistered),
+    }
+}
+
+/// Resolves at `at` (never when there is no `at`).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -22,13 +22,6 @@ use crate::{
     store::Store,
 };
 
-/// What one reconcile found.
-pub struct Outcome {
-    /// A local endpoint's veth does not exist yet (`ovl connect` registers
-    /// the endpoint a moment before it creates the link): retry soon.
-    pub links_missing: bool,
-}
-
 /// Brings maps and egress hooks in line with `state`, and publishes the
 /// result in `view`.
 pub fn reconcile(
@@ -37,7 +30,7 @@ pub fn reconcile(
     node: &str,
     underlay: &Underlay,
     view: &View,
-) -> Result<Outcome> {
+) -> Result<()> {
     let want = desired(state, node, underlay.addr, &netlink::ifindex);
     for (vni, net) in &want.networks {
         if net.mtu + ENCAP_OVERHEAD > underlay.mtu {
@@ -81,9 +74,7 @@ pub fn reconcile(
     }
 
     publish(state, &want, view);
-    Ok(Outcome {
-        links_missing: !want.missing_links.is_empty(),
-    })
+    Ok(())
 }
 
 /// Publishes what the maps now hold: network endpoint counts and which
@@ -198,6 +189,26 @@ pub async fn restore_endpoints(store: &Store, memory: &Memory) {
             taken.join(", ")
         ),
         Err(e) => log::warn!("restoring local endpoints failed: {e}"),
+    }
+}
+
+/// Frees the endpoints of every node the store lists as dead (other than
+/// `me`): nodes that died while no agent was watching.
+pub async fn free_nodes_found_dead(store: &Store, me: &str, state: &State) {
+    for node in state
+        .nodes
+        .keys()
+        .filter(|n| *n != me && !state.is_alive(n))
+    {
+        if !state.endpoints.iter().any(|e| e.node() == Some(node)) {
+            continue;
+        }
+        match store.forget_dead_node(node).await {
+            Ok(n) => log::info!("node {node} was found dead; freed its {n} endpoint(s)"),
+            Err(e) => {
+                log::warn!("node {node} was found dead, but freeing its endpoints failed: {e}")
+            }
+        }
     }
 }
 

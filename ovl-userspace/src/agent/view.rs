@@ -38,6 +38,8 @@ pub struct Live {
     pub networks: BTreeMap<u32, NetworkView>,
     /// Decap mode in use (after `auto` was resolved).
     pub mode: String,
+    /// Local endpoints collected because their container was gone.
+    pub collected_endpoints: u64,
 }
 
 /// Identity of the running agent, fixed at start.

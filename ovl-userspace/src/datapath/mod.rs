@@ -5,6 +5,7 @@
 
 mod compat;
 mod links;
+mod shadow;
 
 use std::{
     borrow::Cow,
@@ -140,6 +141,8 @@ pub struct Datapath {
     maps: Maps,
     /// Names of the maps the object pins.
     map_names: Vec<String>,
+    /// What the maps hold, so syncs write only what changed.
+    shadow: shadow::Shadow,
 }
 
 impl Datapath {
@@ -186,6 +189,7 @@ impl Datapath {
             links: LinkPins::of(pin_dir),
             maps,
             map_names: compat::pinned_map_names(&object)?,
+            shadow: shadow::Shadow::default(),
         })
     }
 
@@ -448,14 +452,12 @@ impl Datapath {
 
     /// Makes map `name` hold exactly `want` (u32 → u32 maps).
     pub fn sync_u32_map(&mut self, name: &str, want: &BTreeMap<u32, u32>) -> Result<SyncCount> {
-        let mut map: HashMap<_, u32, u32> = HashMap::try_from(self.map(name)?)?;
-        sync(&mut map, want, name)
+        self.sync_map(name, want.iter().map(|(k, v)| (*k, *v)))
     }
 
     /// Makes OVL_NETWORKS hold exactly `want` (VNI → network).
     pub fn sync_networks(&mut self, want: &BTreeMap<u32, NetworkInfo>) -> Result<SyncCount> {
-        let mut map: HashMap<_, u32, NetworkInfo> = HashMap::try_from(self.map(names::NETWORKS)?)?;
-        sync(&mut map, want, names::NETWORKS)
+        self.sync_map(names::NETWORKS, want.iter().map(|(k, v)| (*k, *v)))
     }
 
     /// Makes OVL_ENDPOINTS hold exactly `want`.
@@ -463,46 +465,69 @@ impl Datapath {
         &mut self,
         want: &BTreeMap<(u32, [u8; 4]), Endpoint>,
     ) -> Result<SyncCount> {
-        let mut map: HashMap<_, VniAddr, Endpoint> =
-            HashMap::try_from(self.map(names::ENDPOINTS)?)?;
-        let want: BTreeMap<VniAddrKey, Endpoint> =
-            want.iter().map(|(k, v)| (VniAddrKey(*k), *v)).collect();
-        sync_keyed(&mut map, &want, names::ENDPOINTS)
+        self.sync_map(
+            names::ENDPOINTS,
+            want.iter().map(|((vni, addr), ep)| {
+                (
+                    VniAddr {
+                        vni: *vni,
+                        addr: *addr,
+                    },
+                    *ep,
+                )
+            }),
+        )
     }
 
     /// Makes OVL_VTEPS hold exactly `want`.
-    pub fn sync_vteps(
+    pub fn sync_vteps(&mut self, want: &BTreeSet<(u32, [u8; 4])>) -> Result<SyncCount> {
+        self.sync_map(
+            names::VTEPS,
+            want.iter().map(|(vni, addr)| {
+                (
+                    VniAddr {
+                        vni: *vni,
+                        addr: *addr,
+                    },
+                    1u32,
+                )
+            }),
+        )
+    }
+
+    /// Makes hash map `name` hold exactly `want`, writing only what
+    /// differs from what it holds (see [`shadow`]).
+    pub fn sync_map<K, V>(
         &mut self,
-        want: &std::collections::BTreeSet<(u32, [u8; 4])>,
-    ) -> Result<SyncCount> {
-        let mut map: HashMap<_, VniAddr, u32> = HashMap::try_from(self.map(names::VTEPS)?)?;
-        let want: BTreeMap<VniAddrKey, u32> = want.iter().map(|k| (VniAddrKey(*k), 1)).collect();
-        sync_keyed(&mut map, &want, names::VTEPS)
+        name: &str,
+        want: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<SyncCount>
+    where
+        K: aya::Pod + bytemuck::Pod,
+        V: aya::Pod + bytemuck::Pod,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the object"))?;
+        let mut map: HashMap<_, K, V> = HashMap::try_from(map)?;
+        self.shadow.sync(name, &mut map, want)
     }
 
     /// Gives every VNI in `vnis` (and the unattributed bucket) a counter
     /// entry, keeping existing counts, and removes the others.
     pub fn sync_stats(&mut self, vnis: impl Iterator<Item = u32>) -> Result<()> {
-        let mut map: PerCpuHashMap<_, u32, VniCounters> =
-            PerCpuHashMap::try_from(self.map(names::STATS)?)?;
-        let want: std::collections::BTreeSet<u32> =
-            vnis.chain(std::iter::once(UNATTRIBUTED_VNI)).collect();
-        let have: Vec<u32> = map
-            .keys()
-            .collect::<Result<_, _>>()
-            .context("list OVL_STATS")?;
-        for k in have.iter().filter(|k| !want.contains(k)) {
-            map.remove(k)
-                .with_context(|| format!("remove counters of VNI {k}"))?;
-        }
+        let map = self
+            .ebpf
+            .map_mut(names::STATS)
+            .context("map OVL_STATS missing from the object")?;
+        let mut map: PerCpuHashMap<_, u32, VniCounters> = PerCpuHashMap::try_from(map)?;
+        let want: BTreeSet<u32> = vnis.chain(std::iter::once(UNATTRIBUTED_VNI)).collect();
         let ncpus = nr_cpus().map_err(|(_, e)| e).context("count CPUs")?;
-        for k in want.iter().filter(|k| !have.contains(k)) {
-            let zero = PerCpuValues::try_from(vec![VniCounters::default(); ncpus])
-                .context("per-CPU zero counters")?;
-            map.insert(k, zero, 0)
-                .with_context(|| format!("create counters of VNI {k}"))?;
-        }
-        Ok(())
+        self.shadow.sync_keys(names::STATS, &mut map, &want, || {
+            PerCpuValues::try_from(vec![VniCounters::default(); ncpus])
+                .context("per-CPU zero counters")
+        })
     }
 }
 
@@ -522,72 +547,6 @@ pub struct TestRunOutcome {
 pub struct SyncCount {
     pub written: usize,
     pub removed: usize,
-}
-
-/// `VniAddr` ordered, for BTreeMap keys.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct VniAddrKey((u32, [u8; 4]));
-
-impl From<VniAddrKey> for VniAddr {
-    fn from(k: VniAddrKey) -> VniAddr {
-        VniAddr {
-            vni: k.0.0,
-            addr: k.0.1,
-        }
-    }
-}
-
-fn sync<V: aya::Pod + PartialEq>(
-    map: &mut HashMap<&mut MapData, u32, V>,
-    want: &BTreeMap<u32, V>,
-    name: &str,
-) -> Result<SyncCount> {
-    let mut count = SyncCount::default();
-    let have: Vec<(u32, V)> = map
-        .iter()
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("list {name}"))?;
-    for (k, _) in have.iter().filter(|(k, _)| !want.contains_key(k)) {
-        map.remove(k)
-            .with_context(|| format!("remove from {name}"))?;
-        count.removed += 1;
-    }
-    for (k, v) in want {
-        if have.iter().any(|(hk, hv)| hk == k && hv == v) {
-            continue;
-        }
-        map.insert(k, v, 0)
-            .with_context(|| format!("write {name}"))?;
-        count.written += 1;
-    }
-    Ok(count)
-}
-
-fn sync_keyed<V: aya::Pod + PartialEq>(
-    map: &mut HashMap<&mut MapData, VniAddr, V>,
-    want: &BTreeMap<VniAddrKey, V>,
-    name: &str,
-) -> Result<SyncCount> {
-    let mut count = SyncCount::default();
-    let have: BTreeMap<VniAddrKey, V> = map
-        .iter()
-        .map(|r| r.map(|(k, v)| (VniAddrKey((k.vni, k.addr)), v)))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("list {name}"))?;
-    for k in have.keys().filter(|k| !want.contains_key(k)) {
-        map.remove(&VniAddr::from(*k))
-            .with_context(|| format!("remove from {name}"))?;
-        count.removed += 1;
-    }
-    for (k, v) in want {
-        if have.get(k) == Some(v) {
-            continue;
-        }
-        map.insert(VniAddr::from(*k), v, 0)
-            .with_context(|| format!("write {name}"))?;
-        count.written += 1;
-    }
-    Ok(count)
 }
 
 /// Per-VNI counters summed over CPUs, read from a node's pinned maps.
