@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{Query, State, rejection::QueryRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
@@ -130,6 +130,11 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A query string that does not fit the route: 400 with what was wrong.
+fn bad_query(e: QueryRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
@@ -199,8 +204,9 @@ pub fn network_rows(view: &View, network: Option<&str>) -> Result<Vec<NetworkSta
 
 async fn stats(
     State(api): State<AgentApi>,
-    Query(q): Query<StatsQuery>,
+    q: Result<Query<StatsQuery>, QueryRejection>,
 ) -> Result<Json<Vec<NetworkStats>>, ApiError> {
+    let Query(q) = q.map_err(bad_query)?;
     Ok(Json(network_rows(&api.view, q.network.as_deref())?))
 }
 
@@ -235,8 +241,9 @@ pub struct Ready {
 
 async fn ready(
     State(api): State<AgentApi>,
-    Query(q): Query<ReadyQuery>,
+    q: Result<Query<ReadyQuery>, QueryRejection>,
 ) -> Result<Json<Ready>, ApiError> {
+    let Query(q) = q.map_err(bad_query)?;
     let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(0)).min(MAX_READY_WAIT);
     let deadline = tokio::time::Instant::now() + timeout;
     // The network may be new to the agent: look it up again after a kick.

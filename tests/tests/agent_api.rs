@@ -459,3 +459,51 @@ fn prometheus_scrapes_the_agent_and_counts_exactly_the_pings_sent() -> Result<()
     }
     Ok(())
 }
+
+#[test]
+fn the_api_answers_bad_requests_with_a_json_error_and_keeps_serving() -> Result<()> {
+    let lab = Lab::new("api-bad")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+    let agent = ovl.attach(&lab, host, "host-a", "auto")?;
+    let socket = ovl.api_socket("host-a").display().to_string();
+    let ask = |path: &str| -> Result<(String, Value)> {
+        let out = host.netns.exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "15",
+            "--unix-socket",
+            &socket,
+            "-w",
+            "\n%{http_code}",
+            &format!("http://ovl{path}"),
+        ])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').context("no status line")?;
+        let body: Value =
+            serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+        Ok((code.to_owned(), body))
+    };
+    for (path, code, needle) in [
+        ("/v1/nothing", "404", "no such route"),
+        ("/v1/endpoints/ready?network=x&ip=not-an-ip", "400", "ip"),
+        ("/v1/endpoints/ready", "400", "network"),
+        ("/v1/stats?network=nope", "404", "no network named \"nope\""),
+    ] {
+        let (got, body) = ask(path)?;
+        ensure!(got == code, "{path}: HTTP {got}, expected {code}: {body}");
+        let msg = body["error"].as_str().unwrap_or_default();
+        ensure!(
+            msg.contains(needle),
+            "{path}: error {body} lacks {needle:?}"
+        );
+    }
+    // An endpoint of an unknown network is simply not ready, after the wait.
+    let (got, body) = ask("/v1/endpoints/ready?network=nope&ip=198.18.0.9&timeout_ms=200")?;
+    ensure!(got == "200" && body["ready"] == false, "{got} {body}");
+    let (got, body) = ask("/v1/health")?;
+    ensure!(got == "200" && body["node"] == "host-a", "{got} {body}");
+    agent.stop()
+}
