@@ -298,13 +298,29 @@ pub async fn underlay_stats(
 }
 
 /// `ovl status`: the node agent's health in one screen.
-pub async fn status(api_socket: &Path, json: bool) -> Result<String> {
+pub async fn status(api_socket: &Path, node: &str, pin_root: &Path, json: bool) -> Result<String> {
     let h: api::Health = match api::Client::new(api_socket).get("/v1/health").await {
         Ok(h) => h,
-        Err(api::ClientError::NoAgent(path)) => bail!(
-            "no ovl agent answers on {}; start one with `ovl attach IFACE` (a data path pinned earlier keeps forwarding meanwhile)",
-            path.display()
-        ),
+        Err(api::ClientError::NoAgent(path)) => {
+            let dir = bpffs::node_dir(pin_root, node);
+            let links = datapath::LinkPins::of(&dir).list().unwrap_or_default();
+            let pinned = if links.is_empty() {
+                format!(
+                    "no data path of node {node} is pinned under {}",
+                    dir.display()
+                )
+            } else {
+                format!(
+                    "its data path ({} link(s) pinned under {}) keeps forwarding with the last state",
+                    links.len(),
+                    dir.display()
+                )
+            };
+            bail!(
+                "no ovl agent answers on {}; {pinned}. Start one with `ovl attach IFACE`",
+                path.display()
+            )
+        }
         Err(e) => return Err(e.into()),
     };
     if json {

@@ -198,7 +198,7 @@ async fn run(cli: Cli) -> Result<()> {
         .await;
     }
     if let Command::Status { json } = cli.command {
-        return print(commands::status(&api_socket, json).await?);
+        return print(commands::status(&api_socket, &node, &cli.pin_root, json).await?);
     }
     if let Command::Detach { iface } = &cli.command {
         return print(commands::detach(iface, &node, &cli.pin_root, &api_socket).await?);

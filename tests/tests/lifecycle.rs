@@ -64,6 +64,16 @@ fn ping_loses_nothing_while_the_agent_is_killed_restarted_stopped_and_upgraded()
     let agent = world.agents.remove(0);
     agent.kill()?;
     agent.wait_exit(Duration::from_secs(5))?;
+    let status = world
+        .ovl
+        .run_unchecked(&host_a.netns, "host-a", &["status"])?;
+    let said = String::from_utf8_lossy(&status.stderr);
+    ensure!(
+        !status.status.success()
+            && said.contains("2 link(s) pinned")
+            && said.contains("keeps forwarding"),
+        "`ovl status` without an agent said: {said}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     let r = bg.finish()?;
     ensure!(r.all_received(), "agent killed and down 3 s:\n{}", r.output);
