@@ -72,14 +72,18 @@ fn via(world: &ThreeHosts, i: usize, owner: usize) -> Via {
     }
 }
 
-/// Waits until every host's map holds exactly `endpoints` (address, owning
-/// host) for network `vni`, each pointing the right way.
+/// Waits until every host that has one of `endpoints` (address, owning
+/// host) holds exactly them for network `vni`, each pointing the right way,
+/// and every other host holds nothing of the network (a node programs
+/// only the networks it has endpoints of).
 fn wait_for_maps(world: &ThreeHosts, vni: u32, endpoints: &[(Ipv4Addr, usize)]) -> Result<()> {
     let mut last = BTreeMap::new();
     wait_until(PROPAGATION, || {
         for i in 0..world.hosts.len() {
+            let member = endpoints.iter().any(|&(_, owner)| owner == i);
             let want: BTreeMap<Ipv4Addr, Via> = endpoints
                 .iter()
+                .filter(|_| member)
                 .map(|&(ip, owner)| (ip, via(world, i, owner)))
                 .collect();
             let have = map_of(world, i, vni)?;
