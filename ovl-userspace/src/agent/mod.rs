@@ -296,6 +296,16 @@ impl Agent {
             })?;
             log::info!("pinned maps do not fit this build ({list}): filling new ones");
             self.apply(&state)?;
+        } else if let Some(store) = store {
+            // Catch up with what changed while no agent ran before saying
+            // so: the maps are shared with the programs already running.
+            // Endpoints the store lost meanwhile (its lease expired, say) go
+            // back first, so their entries are never removed in between.
+            reconcile::restore_endpoints(store, &self.memory).await;
+            match store.load().await {
+                Ok(state) => self.apply(&state)?,
+                Err(e) => log::warn!("{e}; applying the store's state once it answers"),
+            }
         }
         let adopted = self.dp.adopt_links()?;
         if !adopted.replaced.is_empty() {
