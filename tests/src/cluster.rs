@@ -23,6 +23,15 @@ pub struct Cluster {
 /// Two hosts on the embedded file store: the fast path's starting point.
 pub type TwoHosts = Cluster;
 
+/// Two containers of one network on hosts A and B (see
+/// [`Cluster::connected_pair`]).
+pub struct Pair {
+    pub c1: Netns,
+    pub ip1: Ipv4Addr,
+    pub c2: Netns,
+    pub ip2: Ipv4Addr,
+}
+
 /// Three hosts sharing an etcd that runs on the router (192.0.2.1:2379,
 /// reachable from every host): the starting point of the scenarios about
 /// ovl as a cluster (allocation races, node failure, outages).
@@ -111,6 +120,45 @@ impl Cluster {
                 Ok((node.to_owned(), vtep, alive))
             })
             .collect()
+    }
+
+    /// Network `network` (198.18.0.0/24) created from host A, container
+    /// `c1` on host A and `c2` on host B, once c1's pings reach c2.
+    pub fn connected_pair(&self, lab: &Lab, network: &str) -> Result<Pair> {
+        self.ovl
+            .create_network(&self.hosts[0].netns, network, "198.18.0.0/24", &[])?;
+        let (c1, ip1) = self.container(lab, 0, network, "c1")?;
+        let (c2, ip2) = self.container(lab, 1, network, "c2")?;
+        crate::wait_until(std::time::Duration::from_secs(10), || {
+            Ok(crate::ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+        })
+        .context("c1 never reached c2")?;
+        Ok(Pair { c1, ip1, c2, ip2 })
+    }
+
+    /// SIGKILLs host `i`'s agent and waits until it is gone; its data path
+    /// stays pinned. [`restart_agent`](Self::restart_agent) brings one back.
+    pub fn kill_agent(&mut self, i: usize) -> Result<()> {
+        let agent = self.agents.remove(i);
+        agent.kill()?;
+        agent.wait_exit(std::time::Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    /// SIGTERMs host `i`'s agent and checks that it exits cleanly.
+    pub fn terminate_agent(&mut self, i: usize) -> Result<()> {
+        self.agents.remove(i).terminate()
+    }
+
+    /// Starts host `i`'s agent again (decap mode auto) with extra
+    /// environment `env`, after [`kill_agent`](Self::kill_agent) or
+    /// [`terminate_agent`](Self::terminate_agent).
+    pub fn restart_agent(&mut self, lab: &Lab, i: usize, env: &[(&str, &str)]) -> Result<()> {
+        let agent = self
+            .ovl
+            .attach_with_env(lab, &self.hosts[i], Self::NODES[i], "auto", env)?;
+        self.agents.insert(i, agent);
+        Ok(())
     }
 
     /// Stops every agent still in [`agents`](Self::agents), checking that

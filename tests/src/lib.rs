@@ -22,7 +22,7 @@ mod stale;
 mod topology;
 
 pub use binary::{OVL_BIN_ENV, UPGRADE_OBJECT_ENV, ovl_binary, upgrade_object, workspace_root};
-pub use cluster::{Cluster, ThreeHosts, TwoHosts};
+pub use cluster::{Cluster, Pair, ThreeHosts, TwoHosts};
 pub use cmd::{run, run_unchecked};
 pub use etcd::{ETCD_CLIENT_PORT, Etcd};
 pub use hooks::{HookedProgram, hooked_programs};

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use ovl_tests::{
-    BackgroundPing, HOST_IFACE, Host, Lab, Netns, Ovl, TwoHosts, hooked_programs, ping, wait_until,
-    workspace_root,
+    BackgroundPing, HOST_IFACE, Host, Lab, Netns, Ovl, Pair, TwoHosts, hooked_programs, ping,
+    wait_until, workspace_root,
 };
 use serde_json::Value;
 
@@ -233,15 +233,8 @@ fn pins_of_an_incompatible_build_are_replaced_without_a_gap_or_refused_when_they
     let lab = Lab::new("api-compat")?;
     let mut world = TwoHosts::start(&lab, "auto")?;
     let host_a = world.hosts[0].clone();
-    world
-        .ovl
-        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
-    let (_c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })?;
-    world.agents.remove(0).terminate()?;
+    let Pair { c1, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
+    world.terminate_agent(0)?;
 
     // What an older build with another layout would have pinned: an
     // interface map with 8-byte values. The running programs keep the map
@@ -298,9 +291,7 @@ fn pins_of_an_incompatible_build_are_replaced_without_a_gap_or_refused_when_they
     std::fs::write(&state, saved)?;
     let bg = BackgroundPing::start(&lab, &c1, ip2, 300, Duration::from_millis(10))?;
     std::thread::sleep(Duration::from_millis(300));
-    world
-        .agents
-        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    world.restart_agent(&lab, 0, &[])?;
     let r = bg.finish()?;
     ensure!(
         r.all_received(),

@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{Host, Lab, Netns, Ovl, TwoHosts, ping, wait_until};
+use ovl_tests::{Host, Lab, Netns, Ovl, Pair, TwoHosts, ping, wait_until};
 
 /// One host ("host-a") with network uber-net and container c1 connected
 /// to it; returns the host, the container and its address.
@@ -155,18 +155,9 @@ fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()
     let lab = Lab::new("cli-detach")?;
     let mut world = TwoHosts::start(&lab, "native")?;
     let host_a = world.hosts[0].clone();
-    world
-        .ovl
-        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
-    let (_c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })?;
+    let Pair { c1, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
 
-    let agent = world.agents.remove(0);
-    agent.kill()?;
-    agent.wait_exit(Duration::from_secs(5))?;
+    world.kill_agent(0)?;
     let pins = world.ovl.pin_root().join("host-a");
     ensure!(pins.exists(), "a killed agent cannot have removed its pins");
     // The data path outlives its agent.
@@ -257,9 +248,7 @@ fn connect_returns_once_the_endpoint_forwards_and_warns_when_no_agent_runs() -> 
         );
     }
 
-    let agent = world.agents.remove(0);
-    agent.kill()?;
-    agent.wait_exit(Duration::from_secs(5))?;
+    world.kill_agent(0)?;
     let late = lab.container("late")?;
     let out = world.ovl.run_unchecked(
         &host_a.netns,

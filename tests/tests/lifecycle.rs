@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{BackgroundPing, Lab, TwoHosts, dump_endpoints, ping, upgrade_object, wait_until};
+use ovl_tests::{
+    BackgroundPing, Lab, Pair, TwoHosts, dump_endpoints, ping, upgrade_object, wait_until,
+};
 use serde_json::Value;
 
 /// 100 packets/s, as the measurement.
@@ -47,23 +49,14 @@ fn ping_loses_nothing_while_the_agent_is_killed_restarted_stopped_and_upgraded()
     let lab = Lab::new("lc-ping")?;
     let mut world = TwoHosts::start(&lab, "auto")?;
     let host_a = world.hosts[0].clone();
-    world
-        .ovl
-        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
-    let (_c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })?;
+    let Pair { c1, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
     let pin_dir = world.ovl.pin_dir("host-a");
     let tx_at_start = world.counters(0, "uber-net")?.tx_packets;
 
     // SIGKILL, kept down 3 s.
     let bg = BackgroundPing::start(&lab, &c1, ip2, 400, PING_INTERVAL)?;
     std::thread::sleep(Duration::from_millis(300));
-    let agent = world.agents.remove(0);
-    agent.kill()?;
-    agent.wait_exit(Duration::from_secs(5))?;
+    world.kill_agent(0)?;
     let status = world
         .ovl
         .run_unchecked(&host_a.netns, "host-a", &["status"])?;
@@ -81,9 +74,7 @@ fn ping_loses_nothing_while_the_agent_is_killed_restarted_stopped_and_upgraded()
     // Started again after the kill.
     let bg = BackgroundPing::start(&lab, &c1, ip2, 300, PING_INTERVAL)?;
     std::thread::sleep(Duration::from_millis(300));
-    world
-        .agents
-        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    world.restart_agent(&lab, 0, &[])?;
     let r = bg.finish()?;
     ensure!(
         r.all_received(),
@@ -101,10 +92,8 @@ fn ping_loses_nothing_while_the_agent_is_killed_restarted_stopped_and_upgraded()
     // SIGTERM, then started again.
     let bg = BackgroundPing::start(&lab, &c1, ip2, 300, PING_INTERVAL)?;
     std::thread::sleep(Duration::from_millis(300));
-    world.agents.remove(0).terminate()?;
-    world
-        .agents
-        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    world.terminate_agent(0)?;
+    world.restart_agent(&lab, 0, &[])?;
     let r = bg.finish()?;
     ensure!(r.all_received(), "SIGTERM and restart:\n{}", r.output);
 
@@ -114,17 +103,8 @@ fn ping_loses_nothing_while_the_agent_is_killed_restarted_stopped_and_upgraded()
     let variant = variant.display().to_string();
     let bg = BackgroundPing::start(&lab, &c1, ip2, 300, PING_INTERVAL)?;
     std::thread::sleep(Duration::from_millis(300));
-    world.agents.remove(0).terminate()?;
-    world.agents.insert(
-        0,
-        world.ovl.attach_with_env(
-            &lab,
-            &host_a,
-            "host-a",
-            "auto",
-            &[("OVL_EBPF_OBJECT", variant.as_str())],
-        )?,
-    );
+    world.terminate_agent(0)?;
+    world.restart_agent(&lab, 0, &[("OVL_EBPF_OBJECT", variant.as_str())])?;
     let r = bg.finish()?;
     ensure!(r.all_received(), "upgrade to other programs:\n{}", r.output);
     let after = link_programs(&pin_dir)?;
@@ -152,15 +132,7 @@ fn ping_loses_nothing_while_the_agent_is_killed_restarted_stopped_and_upgraded()
 fn tcp_stream_across_an_agent_restart_never_stalls() -> Result<()> {
     let lab = Lab::new("lc-tcp")?;
     let mut world = TwoHosts::start(&lab, "auto")?;
-    let host_a = world.hosts[0].clone();
-    world
-        .ovl
-        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
-    let (c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })?;
+    let Pair { c1, c2, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
     lab.spawn(&c2, &["iperf3", "-s", "-1"], &[])?;
     std::thread::sleep(Duration::from_millis(300));
     let ip2s = ip2.to_string();
@@ -172,10 +144,8 @@ fn tcp_stream_across_an_agent_restart_never_stalls() -> Result<()> {
         &[],
     )?;
     std::thread::sleep(Duration::from_secs(1));
-    world.agents.remove(0).terminate()?;
-    world
-        .agents
-        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    world.terminate_agent(0)?;
+    world.restart_agent(&lab, 0, &[])?;
     client.wait_timeout(Duration::from_secs(20))?;
     let report: Value = serde_json::from_str(&client.stdout()?)
         .with_context(|| format!("iperf3 output:\n{}", client.output_report()))?;
@@ -199,26 +169,14 @@ fn containers_that_came_and_went_while_the_agent_was_down_are_forwarded_within_a
 -> Result<()> {
     let lab = Lab::new("lc-down")?;
     let mut world = TwoHosts::start(&lab, "auto")?;
-    let host_a = world.hosts[0].clone();
-    world
-        .ovl
-        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (c1, ip1) = world.container(&lab, 0, "uber-net", "c1")?;
-    let (c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })?;
+    let Pair { c1, ip1, c2, .. } = world.connected_pair(&lab, "uber-net")?;
 
-    let agent = world.agents.remove(0);
-    agent.kill()?;
-    agent.wait_exit(Duration::from_secs(5))?;
+    world.kill_agent(0)?;
     // While A's agent is down: a new container on A, and c1 leaves.
     let (_c3, ip3) = world.container(&lab, 0, "uber-net", "c3")?;
     world.run(0, &["disconnect", "uber-net", c1.name()])?;
 
-    world
-        .agents
-        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    world.restart_agent(&lab, 0, &[])?;
     let back = Instant::now();
     wait_until(Duration::from_secs(1), || {
         Ok(ping(&c2, ip3, 1, &["-W", "1"])?.all_received())
@@ -239,14 +197,7 @@ fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_forwarding() -> Re
     let lab = Lab::new("lc-second")?;
     let world = TwoHosts::start(&lab, "auto")?;
     let host_a = world.hosts[0].clone();
-    world
-        .ovl
-        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
-    let (_c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })?;
+    let Pair { c1, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
     let links_before = link_programs(&world.ovl.pin_dir("host-a"))?;
 
     let bg = BackgroundPing::start(&lab, &c1, ip2, 200, PING_INTERVAL)?;
@@ -303,19 +254,11 @@ fn agent_down_longer_than_its_lease_gets_its_containers_back_with_their_addresse
     const LEASE_TTL: u64 = 2;
     let lab = Lab::new("lc-lease")?;
     let mut world = ovl_tests::ThreeHosts::start(&lab, LEASE_TTL)?;
-    let host_a = world.hosts[0].clone();
-    world
-        .ovl
-        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (_ca, ip_a) = world.container(&lab, 0, "uber-net", "ca")?;
-    let (cb, _) = world.container(&lab, 1, "uber-net", "cb")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&cb, ip_a, 1, &["-W", "1"])?.all_received())
-    })?;
+    let Pair {
+        ip1: ip_a, c2: cb, ..
+    } = world.connected_pair(&lab, "uber-net")?;
 
-    let agent = world.agents.remove(0);
-    agent.kill()?;
-    agent.wait_exit(Duration::from_secs(5))?;
+    world.kill_agent(0)?;
     // A is declared dead: its endpoint leaves the store and B's maps.
     wait_until(Duration::from_secs(LEASE_TTL + 8), || {
         let b = dump_endpoints(&world.ovl.pin_dir("host-b"))?;
@@ -326,11 +269,7 @@ fn agent_down_longer_than_its_lease_gets_its_containers_back_with_their_addresse
     })
     .context("A's endpoint was never freed after its lease")?;
 
-    let agent =
-        world
-            .ovl
-            .attach_with_env(&lab, &host_a, "host-a", "auto", &[("OVL_LEASE_TTL", "2")])?;
-    world.agents.insert(0, agent);
+    world.restart_agent(&lab, 0, &[("OVL_LEASE_TTL", "2")])?;
     wait_until(Duration::from_secs(10), || {
         Ok(ping(&cb, ip_a, 1, &["-W", "1"])?.all_received())
     })
@@ -348,18 +287,14 @@ fn agent_started_while_etcd_is_down_forwards_from_its_pins_and_catches_up() -> R
     let lab = Lab::new("lc-noetcd")?;
     let mut world = ovl_tests::ThreeHosts::start(&lab, 10)?;
     let host_a = world.hosts[0].clone();
-    world
-        .ovl
-        .create_network(&host_a.netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (ca, ip_a) = world.container(&lab, 0, "uber-net", "ca")?;
-    let (cb, ip_b) = world.container(&lab, 1, "uber-net", "cb")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&cb, ip_a, 1, &["-W", "1"])?.all_received())
-    })?;
+    let Pair {
+        c1: ca,
+        ip1: ip_a,
+        c2: cb,
+        ip2: ip_b,
+    } = world.connected_pair(&lab, "uber-net")?;
 
-    let agent = world.agents.remove(0);
-    agent.kill()?;
-    agent.wait_exit(Duration::from_secs(5))?;
+    world.kill_agent(0)?;
     world.etcd.stop()?;
     let agent = world.ovl.attach(&lab, &host_a, "host-a", "auto")?;
     ensure!(
