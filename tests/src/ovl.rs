@@ -324,22 +324,17 @@ impl Agent {
     /// Stops the agent with SIGTERM and checks that it exits cleanly (its
     /// data path stays pinned and keeps forwarding).
     pub fn terminate(self) -> Result<()> {
-        self.child.signal(Signal::Terminate)?;
-        let status = self.child.wait_timeout(Duration::from_secs(10))?;
-        if !status.success() {
-            bail!(
-                "agent {} exited with {status}:\n{}",
-                self.node,
-                self.child.output_report()
-            );
-        }
-        Ok(())
+        self.stop_with(Signal::Terminate)
     }
 
     /// Stops the agent with SIGINT and checks that it exits cleanly (its
     /// data path stays pinned and keeps forwarding).
     pub fn stop(self) -> Result<()> {
-        self.child.signal(Signal::Interrupt)?;
+        self.stop_with(Signal::Interrupt)
+    }
+
+    fn stop_with(self, signal: Signal) -> Result<()> {
+        self.child.signal(signal)?;
         let status = self.child.wait_timeout(Duration::from_secs(10))?;
         if !status.success() {
             bail!(
