@@ -41,6 +41,9 @@ pub struct Attachment {
     pub ifname: String,
     /// The host end of the veth.
     pub host_ifname: String,
+    /// The IPv4 routes through the interface in the container (at least
+    /// the subnet's), as the kernel holds them after the attachment.
+    pub routes: Vec<netlink::Route4>,
 }
 
 /// Registers the endpoint (IPAM), then builds its veth into the container.
@@ -67,7 +70,7 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
     let host_ifname = host_ifname.clone();
     let built = async {
         let handle = netlink::connect()?;
-        netlink::create_container_link(
+        let ifname = netlink::create_container_link(
             &handle,
             &netlink::ContainerLink {
                 host_ifname: &host_ifname,
@@ -80,15 +83,23 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
                 mtu: network.mtu,
             },
         )
-        .await
+        .await?;
+        match container_routes(&req.netns, &ifname).await {
+            Ok(routes) => Ok((ifname, routes)),
+            Err(e) => {
+                let _ = netlink::delete_link(&handle, &host_ifname).await;
+                Err(e)
+            }
+        }
     }
     .await;
     match built {
-        Ok(ifname) => Ok(Attachment {
+        Ok((ifname, routes)) => Ok(Attachment {
             endpoint,
             network,
             ifname,
             host_ifname,
+            routes,
         }),
         Err(e) => {
             if let Err(undo) = store
@@ -106,6 +117,50 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
             )))
         }
     }
+}
+
+/// The IPv4 routes through interface `ifname` of namespace `netns`.
+pub async fn container_routes(netns: &str, ifname: &str) -> Result<Vec<netlink::Route4>> {
+    let inner = netlink::connect_in(netns)?;
+    let index = netlink::link_state(&inner, ifname)
+        .await?
+        .with_context(|| format!("{ifname} vanished from namespace {netns:?}"))?
+        .index;
+    Ok(netlink::ipv4_routes(&inner)
+        .await?
+        .into_iter()
+        .filter(|r| r.oif == Some(index))
+        .collect())
+}
+
+/// The container endpoints on `node` in `network` whose owner starts with
+/// `prefix` (a front end's attachments, e.g. every `cni:` one).
+pub async fn owned(
+    store: &Store,
+    node: &str,
+    network: &str,
+    prefix: &str,
+) -> Result<Vec<Endpoint>> {
+    let state = store.load().await?;
+    Ok(state
+        .endpoints_of(network)
+        .filter(|e| e.node() == Some(node))
+        .filter(|e| e.owner.as_deref().is_some_and(|o| o.starts_with(prefix)))
+        .cloned()
+        .collect())
+}
+
+/// The container endpoint on `node` in `network` owned by exactly `owner`.
+pub async fn find_owned(
+    store: &Store,
+    node: &str,
+    network: &str,
+    owner: &str,
+) -> Result<Option<Endpoint>> {
+    Ok(owned(store, node, network, owner)
+        .await?
+        .into_iter()
+        .find(|e| e.owner.as_deref() == Some(owner)))
 }
 
 /// The endpoint of namespace `netns` on `node` in `network`, if any.

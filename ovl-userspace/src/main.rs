@@ -110,6 +110,26 @@ enum Command {
     /// Nodes known to the store.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// ovl as a CNI plugin (podman, containerd, CRI-O, Kubernetes).
+    #[command(subcommand)]
+    Cni(CniCmd),
+}
+
+#[derive(Subcommand)]
+enum CniCmd {
+    /// Copy this binary into a CNI bin directory as the plugin `ovl`.
+    Install {
+        #[arg(long, default_value = ovl_userspace::cni::install::DEFAULT_BIN_DIR)]
+        dir: PathBuf,
+    },
+    /// Print a network configuration list (.conflist) that attaches
+    /// containers to NETWORK on this node with this store.
+    Conflist {
+        network: String,
+        /// The CNI network name runtimes use [default: NETWORK].
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -200,6 +220,9 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Status { json } = cli.command {
         return print(commands::status(&api_socket, &node, &cli.pin_root, json).await?);
     }
+    if let Command::Cni(cmd) = &cli.command {
+        return print(cni_command(cmd, &cli, &node, &api_socket)?);
+    }
     if let Command::Detach { iface } = &cli.command {
         return print(commands::detach(iface, &node, &cli.pin_root, &api_socket).await?);
     }
@@ -238,7 +261,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Disconnect { network, netns } => {
             commands::disconnect(store, &node, &network, &netns).await?
         }
-        Command::Attach { .. } | Command::Status { .. } | Command::Detach { .. } => {
+        Command::Attach { .. }
+        | Command::Status { .. }
+        | Command::Detach { .. }
+        | Command::Cni(_) => {
             unreachable!("dispatched above")
         }
         Command::Stats {
@@ -272,6 +298,32 @@ async fn run(cli: Cli) -> Result<()> {
     print(out)
 }
 
+fn cni_command(
+    cmd: &CniCmd,
+    cli: &Cli,
+    node: &str,
+    api_socket: &std::path::Path,
+) -> Result<String> {
+    use ovl_userspace::cni::install;
+    match cmd {
+        CniCmd::Install { dir } => {
+            let path = install::install(dir)?;
+            Ok(format!(
+                "installed the ovl CNI plugin as {}",
+                path.display()
+            ))
+        }
+        CniCmd::Conflist { network, name } => Ok(install::conflist(&install::ConflistSpec {
+            name: name.as_deref().unwrap_or(network),
+            network,
+            store: &cli.store,
+            node,
+            api_socket,
+            pin_root: &cli.pin_root,
+        })),
+    }
+}
+
 fn print(out: String) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     match writeln!(stdout, "{}", out.trim_end()) {
@@ -282,6 +334,10 @@ fn print(out: String) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // A runtime runs CNI plugins with no arguments and CNI_COMMAND set.
+    if ovl_userspace::cni::invoked_as_plugin() {
+        return ovl_userspace::cni::main();
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     // The CLI needs one thread. The agent gets two: its API and metrics

@@ -281,6 +281,123 @@ async fn container_ifname(handle: &Handle, requested: Option<&str>, netns: &str)
         .context("container has eth0..eth63 already")
 }
 
+/// What a link looks like, as attachments are checked against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    pub index: u32,
+    pub mac: Option<MacAddr>,
+    pub mtu: Option<u32>,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+}
+
+/// The link called `name` in the handle's namespace, if there is one.
+pub async fn link_state(handle: &Handle, name: &str) -> Result<Option<LinkState>> {
+    use rtnetlink::packet_route::link::LinkFlags;
+    let mut links = handle.link().get().execute();
+    while let Some(l) = links.try_next().await.context("list links")? {
+        let named = l
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name));
+        if !named {
+            continue;
+        }
+        let mut state = LinkState {
+            index: l.header.index,
+            mac: None,
+            mtu: None,
+            up: l.header.flags.contains(LinkFlags::Up),
+        };
+        for a in &l.attributes {
+            match a {
+                LinkAttribute::Address(b) if b.len() == 6 => {
+                    let mut m = [0u8; 6];
+                    m.copy_from_slice(b);
+                    state.mac = Some(MacAddr(m));
+                }
+                LinkAttribute::Mtu(m) => state.mtu = Some(*m),
+                _ => {}
+            }
+        }
+        return Ok(Some(state));
+    }
+    Ok(None)
+}
+
+/// IPv4 addresses (address, prefix length) of link `index`.
+pub async fn ipv4_addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+    let mut out = Vec::new();
+    let mut addrs = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    while let Some(msg) = addrs.try_next().await.context("list addresses")? {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Address(std::net::IpAddr::V4(v4)) = attr {
+                out.push((*v4, msg.header.prefix_len));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// An IPv4 route of the main table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route4 {
+    pub dst: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    /// Output interface index.
+    pub oif: Option<u32>,
+    /// RT_SCOPE_* (0 universe, 253 link, 254 host).
+    pub scope: u8,
+}
+
+/// The unicast IPv4 routes of the main table in the handle's namespace.
+pub async fn ipv4_routes(handle: &Handle) -> Result<Vec<Route4>> {
+    use rtnetlink::{
+        RouteMessageBuilder,
+        packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType},
+    };
+    let mut out = Vec::new();
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(r) = routes.try_next().await.context("list routes")? {
+        let table = r
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(r.header.table));
+        if table != u32::from(RouteHeader::RT_TABLE_MAIN) || r.header.kind != RouteType::Unicast {
+            continue;
+        }
+        let mut route = Route4 {
+            dst: Ipv4Addr::UNSPECIFIED,
+            prefix: r.header.destination_prefix_length,
+            gateway: None,
+            oif: None,
+            scope: u8::from(r.header.scope),
+        };
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => route.dst = *d,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => route.gateway = Some(*g),
+                RouteAttribute::Oif(i) => route.oif = Some(*i),
+                _ => {}
+            }
+        }
+        out.push(route);
+    }
+    Ok(out)
+}
+
 /// Deletes link `name` in the handle's namespace.
 pub async fn delete_link(handle: &Handle, name: &str) -> Result<()> {
     let idx = ifindex(name).with_context(|| format!("interface {name} does not exist"))?;

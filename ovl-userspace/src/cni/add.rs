@@ -1,0 +1,146 @@
+//! ADD: the container gets an interface on the ovl network exactly as
+//! `ovl connect` gives it one (same IPAM, MAC, MTU, veth), named
+//! CNI_IFNAME and owned by `cni:<container id>/<ifname>`.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use super::{
+    env::Invocation,
+    error::{CniError, Code},
+    result, sandbox,
+    settings::Settings,
+    types::NetConf,
+    version::SpecVersion,
+};
+use crate::{attachment, netlink};
+
+/// How long ADD waits for the node's agent to forward for the container
+/// (as `ovl connect` does): the container starts right after ADD.
+const READY_WAIT: Duration = Duration::from_secs(2);
+
+/// Longest prefix of the container ID used as the endpoint name when the
+/// runtime gives no pod name (as `podman ps` shortens IDs).
+const SHORT_ID_LEN: usize = 12;
+
+pub async fn add(
+    inv: &Invocation,
+    conf: &NetConf,
+    s: &Settings,
+    version: SpecVersion,
+) -> Result<String, CniError> {
+    let netns = inv.netns.as_deref().expect("ADD requires CNI_NETNS");
+    sandbox::check(netns)?;
+    let ip = requested_ip(inv, conf)?;
+    // Refused before anything is registered: the spec requires an error
+    // when the container already has an interface by this name.
+    if container_has(netns, &inv.ifname).await? {
+        return Err(CniError::new(
+            Code::InterfaceExists,
+            format!(
+                "the container ({netns}) already has an interface named {} (CNI_IFNAME); DEL the attachment first or choose another name",
+                inv.ifname
+            ),
+        ));
+    }
+    let store = s.open_store().await?;
+    let owner = inv.owner();
+    let known = attachment::find_owned(&store, &s.node, &s.network, &owner)
+        .await
+        .map_err(|e| CniError::from_failure(&e))?;
+    if let Some(ep) = known {
+        return Err(CniError::new(
+            Code::InterfaceExists,
+            format!(
+                "attachment {owner} already exists on network {} with address {}; DEL it first",
+                s.network, ep.ip
+            ),
+        ));
+    }
+    let name = inv
+        .args
+        .get("K8S_POD_NAME")
+        .cloned()
+        .unwrap_or_else(|| inv.container_id.chars().take(SHORT_ID_LEN).collect());
+    let req = attachment::Request {
+        network: s.network.clone(),
+        node: s.node.clone(),
+        netns: netns.to_owned(),
+        ifname: Some(inv.ifname.clone()),
+        name: Some(name),
+        ip,
+        owner: Some(owner),
+    };
+    let a = attachment::attach(&store, &req)
+        .await
+        .map_err(|e| CniError::from_failure(&e))?;
+    warn_unless_forwarding(s, &a).await;
+    let host_mac = match netlink::connect() {
+        Ok(h) => netlink::link_state(&h, &a.host_ifname)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.mac),
+        Err(_) => None,
+    };
+    let ours = result::of_attachment(&a, netns, host_mac, conf.dns.as_ref());
+    let full = result::chain(conf.prev_result.as_ref(), ours)?;
+    Ok(result::render(version, full))
+}
+
+/// An address the runtime asks for: the `ips` capability or `IP=` in
+/// CNI_ARGS (the CNI conventions); one IPv4 address at most.
+fn requested_ip(inv: &Invocation, conf: &NetConf) -> Result<Option<Ipv4Addr>, CniError> {
+    let mut asked: Vec<&str> = conf
+        .runtime_config
+        .as_ref()
+        .map(|r| r.ips.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    if let Some(ip) = inv.args.get("IP") {
+        asked.push(ip);
+    }
+    asked.dedup();
+    match asked.as_slice() {
+        [] => Ok(None),
+        [one] => {
+            let addr = one.split_once('/').map_or(*one, |(a, _)| a);
+            addr.parse().map(Some).map_err(|_| {
+                CniError::config(format!(
+                    "requested address {one:?} is not an IPv4 address; ovl networks are IPv4"
+                ))
+            })
+        }
+        many => Err(CniError::config(format!(
+            "{} addresses requested ({}); ovl gives a container one address per network",
+            many.len(),
+            many.join(", ")
+        ))),
+    }
+}
+
+/// Whether namespace `netns` has an interface called `ifname`.
+async fn container_has(netns: &str, ifname: &str) -> Result<bool, CniError> {
+    let inner = netlink::connect_in(netns).map_err(|e| CniError::from_failure(&e))?;
+    netlink::link_state(&inner, ifname)
+        .await
+        .map(|l| l.is_some())
+        .map_err(|e| CniError::from_failure(&e))
+}
+
+/// The attachment is registered either way; the runtime's log says when
+/// nothing forwards for it yet.
+async fn warn_unless_forwarding(s: &Settings, a: &attachment::Attachment) {
+    let ip = a.endpoint.ip;
+    match attachment::wait_forwarding(&s.api_socket, &s.network, ip, READY_WAIT).await {
+        Ok(attachment::Readiness::Forwarding) => {}
+        Ok(attachment::Readiness::NoAgent) => log::warn!(
+            "no ovl agent answers on {} for node {}: {ip} is registered, but nothing forwards for it until `ovl attach` runs",
+            s.api_socket.display(),
+            s.node
+        ),
+        Ok(attachment::Readiness::NotYet) => log::warn!(
+            "the agent of node {} did not report {ip} forwarding within {READY_WAIT:?}",
+            s.node
+        ),
+        Err(e) => log::warn!("{e:#}"),
+    }
+}

@@ -1,0 +1,96 @@
+//! `ovl cni install` and `ovl cni conflist`: put the plugin where runtimes
+//! look for it (a copy of this binary named `ovl` in a CNI bin directory)
+//! and write a network configuration list that uses it.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use super::version::SpecVersion;
+
+/// Where runtimes look for plugins unless configured otherwise.
+pub const DEFAULT_BIN_DIR: &str = "/opt/cni/bin";
+
+/// The plugin's file name: a network configuration's `"type": "ovl"`.
+pub const PLUGIN_NAME: &str = "ovl";
+
+/// Copies the running binary to `<dir>/ovl` (atomically: a runtime never
+/// runs a half-written plugin). Returns the installed path.
+pub fn install(dir: &Path) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("find the running ovl binary")?;
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let target = dir.join(PLUGIN_NAME);
+    if fs::canonicalize(&target).ok() == fs::canonicalize(&me).ok() {
+        return Ok(target);
+    }
+    let tmp = dir.join(format!(".{PLUGIN_NAME}.{}", std::process::id()));
+    let copied = fs::copy(&me, &tmp)
+        .and_then(|_| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)))
+        .and_then(|()| fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| fs::rename(&tmp, &target));
+    if let Err(e) = copied {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("install {} as {}", me.display(), target.display()));
+    }
+    Ok(target)
+}
+
+/// What a network configuration list for ovl names.
+pub struct ConflistSpec<'a> {
+    /// The CNI network name runtimes use (`podman run --network NAME`).
+    pub name: &'a str,
+    /// The ovl network it attaches to.
+    pub network: &'a str,
+    pub store: &'a str,
+    pub node: &'a str,
+    pub api_socket: &'a Path,
+    pub pin_root: &'a Path,
+}
+
+/// A `.conflist` with ovl as its only plugin.
+pub fn conflist(spec: &ConflistSpec<'_>) -> String {
+    let doc = json!({
+        "cniVersion": SpecVersion::NEWEST.to_string(),
+        "name": spec.name,
+        "plugins": [{
+            "type": PLUGIN_NAME,
+            "network": spec.network,
+            "store": spec.store,
+            "node": spec.node,
+            "apiSocket": spec.api_socket,
+            "pinRoot": spec.pin_root,
+        }],
+    });
+    let mut out = Vec::new();
+    serde_json::to_writer_pretty(&mut out, &doc).expect("a conflist serialises");
+    let _ = writeln!(out);
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflist_names_the_plugin_and_every_option() {
+        let text = conflist(&ConflistSpec {
+            name: "uber-net",
+            network: "uber-net",
+            store: "etcd://192.0.2.1:2379",
+            node: "host-a",
+            api_socket: Path::new("/run/ovl/host-a.sock"),
+            pin_root: Path::new("/sys/fs/bpf/ovl"),
+        });
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["name"], "uber-net");
+        assert_eq!(v["plugins"][0]["type"], "ovl");
+        assert_eq!(v["plugins"][0]["store"], "etcd://192.0.2.1:2379");
+        assert_eq!(v["plugins"][0]["node"], "host-a");
+    }
+}
