@@ -37,9 +37,10 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// Debian packages the tests and benchmarks run: namespaces and routing,
 /// probes, captures, load generators, scapy for crafted packets, bpftool,
 /// etcd for the etcd store backend, Prometheus (server and promtool) that
-/// scrapes the agent, curl, and the font the benchmark chart's text is
-/// drawn with.
-const DEBIAN_PACKAGES: [&str; 15] = [
+/// scrapes the agent, curl, the font the benchmark chart's text is drawn
+/// with, and podman with the reference CNI plugins and busybox-static (the
+/// offline container image) for the CNI plugin's scenarios.
+const DEBIAN_PACKAGES: [&str; 18] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -55,6 +56,9 @@ const DEBIAN_PACKAGES: [&str; 15] = [
     "prometheus",
     "curl",
     "fonts-dejavu-core",
+    "podman",
+    "containernetworking-plugins",
+    "busybox-static",
 ];
 
 /// Debian packages the build itself needs: protoc and protobuf's

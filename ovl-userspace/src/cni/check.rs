@@ -60,16 +60,6 @@ pub async fn check(inv: &Invocation, conf: &NetConf, s: &Settings) -> Result<(),
             "endpoint {owner} is recorded in namespace {recorded}, CNI_NETNS is {netns}"
         )));
     }
-    let host = netlink::connect().map_err(|e| CniError::from_failure(&e))?;
-    let host_link = netlink::link_state(&host, host_ifname)
-        .await
-        .map_err(|e| CniError::from_failure(&e))?;
-    if host_link.is_none() {
-        return Err(failed(format!(
-            "the host end {host_ifname} of the veth is gone"
-        )));
-    }
-
     let inner = netlink::connect_in(netns).map_err(|e| CniError::from_failure(&e))?;
     let ifname = &inv.ifname;
     let link = netlink::link_state(&inner, ifname)
@@ -90,6 +80,15 @@ pub async fn check(inv: &Invocation, conf: &NetConf, s: &Settings) -> Result<(),
         return Err(failed(format!(
             "{ifname} has MTU {:?}, the network {}",
             link.mtu, network.mtu
+        )));
+    }
+    let host = netlink::connect().map_err(|e| CniError::from_failure(&e))?;
+    let host_link = netlink::link_state(&host, host_ifname)
+        .await
+        .map_err(|e| CniError::from_failure(&e))?;
+    if host_link.is_none() {
+        return Err(failed(format!(
+            "the host end {host_ifname} of the veth is gone"
         )));
     }
     let want = (ep.ip, network.subnet.prefix());

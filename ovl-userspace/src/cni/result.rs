@@ -86,13 +86,19 @@ pub fn chain(prev: Option<&Value>, ours: AddResult) -> Result<AddResult, CniErro
 }
 
 /// The result JSON for `version`: `cniVersion` first; IP entries carry
-/// `version: "4"` before 1.0.0; route fields added in 1.1.0 (mtu, advmss,
-/// priority, table, scope) only from 1.1.0 on.
+/// `version: "4"` before 1.0.0; the interface fields (mtu, socketPath,
+/// pciID) and route fields (mtu, advmss, priority, table, scope) that 1.1.0
+/// added only from 1.1.0 on.
 pub fn render(version: SpecVersion, mut r: AddResult) -> String {
     for ip in &mut r.ips {
         ip.version = version.legacy_layout().then(|| ip_version(&ip.address));
     }
-    if version < SpecVersion::ROUTE_DETAILS_SINCE {
+    if version < SpecVersion::DETAILS_SINCE {
+        for i in &mut r.interfaces {
+            i.mtu = None;
+            i.socket_path = None;
+            i.pci_id = None;
+        }
         for route in &mut r.routes {
             *route = Route {
                 dst: std::mem::take(&mut route.dst),
@@ -154,8 +160,13 @@ mod tests {
         assert_eq!(doc["routes"][0]["scope"], 253);
         assert!(doc.get("dns").is_none());
 
-        let doc: Value = serde_json::from_str(&render(v("1.0.0"), ours())).unwrap();
+        let mut with_mtu = ours();
+        with_mtu.interfaces[1].mtu = Some(1450);
+        let doc: Value = serde_json::from_str(&render(v("1.1.0"), with_mtu.clone())).unwrap();
+        assert_eq!(doc["interfaces"][1]["mtu"], 1450);
+        let doc: Value = serde_json::from_str(&render(v("1.0.0"), with_mtu)).unwrap();
         assert!(doc["routes"][0].get("scope").is_none());
+        assert!(doc["interfaces"][1].get("mtu").is_none());
         let doc: Value = serde_json::from_str(&render(v("0.4.0"), ours())).unwrap();
         assert_eq!(doc["ips"][0]["version"], "4");
     }

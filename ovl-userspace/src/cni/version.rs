@@ -20,8 +20,9 @@ impl SpecVersion {
     const GC_STATUS_SINCE: SpecVersion = SpecVersion(1, 1, 0);
     /// Results before 1.0.0 carry `version` in each IP entry.
     const CURRENT_LAYOUT_SINCE: SpecVersion = SpecVersion(1, 0, 0);
-    /// Routes carry mtu, advmss, priority, table and scope from 1.1.0 on.
-    pub const ROUTE_DETAILS_SINCE: SpecVersion = SpecVersion(1, 1, 0);
+    /// Interfaces carry mtu, socketPath and pciID, routes mtu, advmss,
+    /// priority, table and scope from 1.1.0 on.
+    pub const DETAILS_SINCE: SpecVersion = SpecVersion(1, 1, 0);
 
     /// The versions ovl answers. 0.1.0/0.2.0 are left out: their result
     /// layout (`ip4`/`ip6`) predates interfaces and ovl does not write it.
