@@ -186,12 +186,21 @@ fn add_check_del_gc_status_and_version_follow_the_spec() -> Result<()> {
         "{v}"
     );
 
-    // ADD: a result of the spec's shape describing what now exists.
-    let conf = w.conf("1.1.0");
+    // ADD: a result of the spec's shape describing what now exists; the
+    // configuration's dns is passed through.
+    let conf = with(
+        &w.conf("1.1.0"),
+        "dns",
+        json!({"nameservers": ["198.18.0.1"], "search": ["ovl"]}),
+    );
     let env = CniPlugin::attachment_env("ctr-1", &sandbox, "eth0");
     let res = w.plugin.call("ADD", &env, &conf.to_string())?.ok()?;
     assert_spec_result(&res, "1.1.0", &sandbox, "eth0")?;
     ensure!(res["ips"][0]["address"] == "198.18.0.2/24", "{res}");
+    ensure!(
+        res["dns"] == json!({"nameservers": ["198.18.0.1"], "search": ["ovl"]}),
+        "{res}"
+    );
     let mac = res["interfaces"][1]["mac"].as_str().context("mac")?;
     let shown =
         String::from_utf8_lossy(&c1.ip(&["-o", "addr", "show", "eth0"])?.stdout).into_owned();
@@ -626,8 +635,11 @@ fn podman_containers_on_two_hosts_talk_through_ovl() -> Result<()> {
         .find(|e| e["owner"] == owner_a.as_str())
         .with_context(|| format!("no endpoint owned by {owner_a}: {net}"))?
         .clone();
+    // Named after the container (podman passes K8S_POD_NAME).
     ensure!(
-        ep_a["ip"] == ip_a.to_string() && ep_a["location"]["node"] == "host-a",
+        ep_a["ip"] == ip_a.to_string()
+            && ep_a["location"]["node"] == "host-a"
+            && ep_a["name"] == "web-a",
         "{ep_a}"
     );
     let sysctl = pa.exec(

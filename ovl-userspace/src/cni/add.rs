@@ -70,9 +70,13 @@ pub async fn add(
         ip,
         owner: Some(owner),
     };
-    let a = attachment::attach(&store, &req)
-        .await
-        .map_err(|e| CniError::from_failure(&e))?;
+    let a = attachment::attach(&store, &req).await.map_err(|e| {
+        let e = e.context(format!(
+            "attach container {} ({}) to network {}",
+            inv.container_id, inv.ifname, s.network
+        ));
+        CniError::from_failure(&e)
+    })?;
     warn_unless_forwarding(s, &a).await;
     let host_mac = match netlink::connect() {
         Ok(h) => netlink::link_state(&h, &a.host_ifname)

@@ -4,13 +4,12 @@
 
 use std::{
     fs,
-    io::Write,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
-use serde_json::json;
+use serde::Serialize;
 
 use super::version::SpecVersion;
 
@@ -55,22 +54,39 @@ pub struct ConflistSpec<'a> {
 
 /// A `.conflist` with ovl as its only plugin.
 pub fn conflist(spec: &ConflistSpec<'_>) -> String {
-    let doc = json!({
-        "cniVersion": SpecVersion::NEWEST.to_string(),
-        "name": spec.name,
-        "plugins": [{
-            "type": PLUGIN_NAME,
-            "network": spec.network,
-            "store": spec.store,
-            "node": spec.node,
-            "apiSocket": spec.api_socket,
-            "pinRoot": spec.pin_root,
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct List<'a> {
+        cni_version: String,
+        name: &'a str,
+        plugins: [Plugin<'a>; 1],
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Plugin<'a> {
+        #[serde(rename = "type")]
+        plugin_type: &'a str,
+        network: &'a str,
+        store: &'a str,
+        node: &'a str,
+        api_socket: &'a Path,
+        pin_root: &'a Path,
+    }
+    let list = List {
+        cni_version: SpecVersion::NEWEST.to_string(),
+        name: spec.name,
+        plugins: [Plugin {
+            plugin_type: PLUGIN_NAME,
+            network: spec.network,
+            store: spec.store,
+            node: spec.node,
+            api_socket: spec.api_socket,
+            pin_root: spec.pin_root,
         }],
-    });
-    let mut out = Vec::new();
-    serde_json::to_writer_pretty(&mut out, &doc).expect("a conflist serialises");
-    let _ = writeln!(out);
-    String::from_utf8(out).expect("serde_json writes UTF-8")
+    };
+    let mut out = serde_json::to_string_pretty(&list).expect("a conflist serialises");
+    out.push('\n');
+    out
 }
 
 #[cfg(test)]

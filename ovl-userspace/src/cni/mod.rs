@@ -100,7 +100,12 @@ pub fn main() -> ExitCode {
         ),
     };
     let mut out = std::io::stdout().lock();
-    let written = writeln!(out, "{}", reply.stdout).and_then(|()| out.flush());
+    // DEL, CHECK, GC and STATUS print nothing on success.
+    let written = if reply.stdout.is_empty() {
+        Ok(())
+    } else {
+        writeln!(out, "{}", reply.stdout).and_then(|()| out.flush())
+    };
     if reply.success && written.is_ok() {
         ExitCode::SUCCESS
     } else {
