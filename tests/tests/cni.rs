@@ -263,15 +263,18 @@ fn add_check_del_gc_status_and_version_follow_the_spec() -> Result<()> {
     ensure!(left.is_empty(), "DEL left {left:?}");
     ensure!(!w.host_links()?.contains(&host_if.to_owned()), "veth left");
 
-    // An older spec version gets its own layout.
+    // An older spec version gets its own layout; an address asked for in
+    // CNI_ARGS (the `IP=` convention) is the one given.
     let c2 = lab.container("c2")?;
     let s2 = netns_path(&c2);
-    let env2 = CniPlugin::attachment_env("ctr-2", &s2, "net1");
+    let mut env2 = CniPlugin::attachment_env("ctr-2", &s2, "net1");
+    env2.push(("CNI_ARGS", "IgnoreUnknown=1;IP=198.18.0.50"));
     let legacy = w
         .plugin
         .call("ADD", &env2, &w.conf("0.4.0").to_string())?
         .ok()?;
     assert_spec_result(&legacy, "0.4.0", &s2, "net1")?;
+    ensure!(legacy["ips"][0]["address"] == "198.18.0.50/24", "{legacy}");
 
     // GC releases the attachment the runtime no longer lists, and only it.
     let c3 = lab.container("c3")?;
@@ -537,6 +540,10 @@ fn bad_input_gets_spec_errors_and_leaves_nothing_behind() -> Result<()> {
     );
     ensure!(w.host_links()? == host_before, "links left on the host");
 
+    // No agent and no pinned data path on this node: STATUS says 51.
+    let status = w.plugin.call("STATUS", &[], &w.conf("1.1.0").to_string())?;
+    ensure!(status.error_code()? == 51, "{status:?}");
+
     // ADD twice for one attachment: the second is refused, the first stays.
     let c2 = lab.container("c2")?;
     let s2 = netns_path(&c2);
@@ -551,6 +558,25 @@ fn bad_input_gets_spec_errors_and_leaves_nothing_behind() -> Result<()> {
         "the store changed"
     );
     ensure!(w.host_links()? == links_once, "links changed on the host");
+
+    // The same container under another interface name (ovl gives a
+    // container one address per network): 103. An address that is taken,
+    // asked for through the `ips` capability: 102. Nothing changes.
+    let env3 = CniPlugin::attachment_env("ctr-twice", &s2, "net1");
+    let out = w.plugin.call("ADD", &env3, &conf.to_string())?;
+    ensure!(out.error_code()? == 103, "{out:?}");
+    let c3 = lab.container("c3")?;
+    let s3 = netns_path(&c3);
+    let env4 = CniPlugin::attachment_env("ctr-taken", &s3, "eth0");
+    let taken = with(&conf, "runtimeConfig", json!({"ips": ["198.18.0.2/24"]}));
+    let out = w.plugin.call("ADD", &env4, &taken.to_string())?;
+    ensure!(out.error_code()? == 102, "{out:?}");
+    ensure!(
+        std::fs::read(&state_file)? == state_once,
+        "the store changed"
+    );
+    ensure!(w.host_links()? == links_once, "links changed on the host");
+    ensure!(link_names(&c3)? == ["lo"], "links left in the container");
     Ok(())
 }
 

@@ -22,6 +22,7 @@ const READY_WAIT: Duration = Duration::from_secs(2);
 /// runtime gives no pod name (as `podman ps` shortens IDs).
 const SHORT_ID_LEN: usize = 12;
 
+/// ADD; returns the result JSON.
 pub async fn add(
     inv: &Invocation,
     conf: &NetConf,

@@ -25,6 +25,7 @@ fn failed(details: String) -> CniError {
     CniError::new(Code::CheckFailed, details)
 }
 
+/// CHECK; `Ok` when the attachment is as ADD made it.
 pub async fn check(inv: &Invocation, conf: &NetConf, s: &Settings) -> Result<(), CniError> {
     let prev = conf.prev_result.as_ref().ok_or_else(|| {
         CniError::config("CHECK needs prevResult, the result of the ADD being checked")

@@ -5,6 +5,7 @@
 use super::{env::Invocation, error::CniError, settings::Settings};
 use crate::{attachment, model::ModelError, store::StoreError};
 
+/// DEL of the invocation's attachment.
 pub async fn del(inv: &Invocation, s: &Settings) -> Result<(), CniError> {
     // An unreachable store fails the DEL (code 11): succeeding would leave
     // the address held with nobody left to release it.

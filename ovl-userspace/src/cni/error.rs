@@ -102,6 +102,7 @@ pub struct CniError {
 }
 
 impl CniError {
+    /// An error with `code` and `details`.
     pub fn new(code: Code, details: impl Into<String>) -> CniError {
         CniError {
             code,
@@ -109,18 +110,22 @@ impl CniError {
         }
     }
 
+    /// Code 1.
     pub fn incompatible(details: impl Into<String>) -> CniError {
         Self::new(Code::IncompatibleVersion, details)
     }
 
+    /// Code 6.
     pub fn decode(details: impl Into<String>) -> CniError {
         Self::new(Code::Decode, details)
     }
 
+    /// Code 4.
     pub fn env(details: impl Into<String>) -> CniError {
         Self::new(Code::InvalidEnvironment, details)
     }
 
+    /// Code 7.
     pub fn config(details: impl Into<String>) -> CniError {
         Self::new(Code::InvalidConfig, details)
     }

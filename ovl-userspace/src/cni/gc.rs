@@ -14,6 +14,7 @@ use super::{
 };
 use crate::attachment;
 
+/// GC of this node's attachments on the network.
 pub async fn gc(conf: &NetConf, s: &Settings) -> Result<(), CniError> {
     // Without the list every attachment would look stale: refuse.
     let valid: BTreeSet<String> = conf

@@ -8,6 +8,7 @@ use super::{
 };
 use crate::{api, bpffs, ipam};
 
+/// STATUS: `Ok` when ADD can be served.
 pub async fn status(s: &Settings) -> Result<(), CniError> {
     let unavailable = |details: String| CniError::new(Code::NotAvailable, details);
     let store = s.open_store().await.map_err(|e| match e.code {
