@@ -611,14 +611,26 @@ fn tcp_exchange(
     let (client, client_name) = from;
     let send = format!("echo {text} | nc -w 3 {to_ip} 7000");
     // The listener starts asynchronously: retry while it is not there yet.
-    wait_until(Duration::from_secs(10), || {
-        Ok(client
-            .run_unchecked(&["exec", client_name, "sh", "-c", &send])?
-            .status
-            .success())
-    })?;
-    wait_until(Duration::from_secs(5), || {
-        Ok(server.exec(server_name, &["cat", "/tmp/got"])?.trim() == text)
+    let mut said = String::new();
+    wait_until(Duration::from_secs(20), || {
+        let out = client.run_unchecked(&["exec", client_name, "sh", "-c", &send])?;
+        said = format!(
+            "{}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(out.status.success())
+    })
+    .with_context(|| format!("{client_name} never reached {to_ip}:7000 ({said})"))?;
+    // Bounds, not timings: podman exec takes seconds on a loaded machine.
+    let mut got = String::new();
+    wait_until(Duration::from_secs(15), || {
+        got = server.exec(server_name, &["cat", "/tmp/got"])?;
+        Ok(got.trim() == text)
+    })
+    .with_context(|| {
+        format!("{server_name} received {got:?} instead of {text:?}; the client said {said}")
     })
 }
 
