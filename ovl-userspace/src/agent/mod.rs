@@ -303,7 +303,13 @@ impl Agent {
             // back first, so their entries are never removed in between.
             reconcile::restore_endpoints(store, &self.memory).await;
             match store.load().await {
-                Ok(state) => self.apply(&state)?,
+                Ok(state) => {
+                    self.apply(&state)?;
+                    self.view.update(|l| {
+                        l.store_reachable = true;
+                        l.last_sync = Some(Instant::now());
+                    });
+                }
                 Err(e) => log::warn!("{e}; applying the store's state once it answers"),
             }
         }
