@@ -32,12 +32,26 @@ pub struct Request {
     pub owner: Option<String>,
 }
 
+/// Where the container's end of the veth goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Into [`Request::netns`], named [`Request::ifname`] (or the first free
+    /// `ethN`), addressed and up: `ovl connect`, CNI.
+    IntoNamespace,
+    /// Left in the host's namespace with its MAC and MTU set, for a runtime
+    /// that moves, renames and addresses it itself (Docker's Join answers
+    /// with its name, [`Attachment::ifname`]). [`Request::netns`] only
+    /// identifies the container; it is never opened.
+    HostSide,
+}
+
 /// A container attached to a network.
 #[derive(Clone, Debug)]
 pub struct Attachment {
     pub endpoint: Endpoint,
     pub network: Network,
-    /// The interface's name inside the container (`eth0`, ...).
+    /// The interface's name inside the container (`eth0`, ...), or in the
+    /// host's namespace for [`Placement::HostSide`].
     pub ifname: String,
     /// The host end of the veth.
     pub host_ifname: String,
@@ -49,9 +63,36 @@ pub struct Attachment {
 /// Registers the endpoint (IPAM), then builds its veth into the container.
 /// On any failure the registration is rolled back and no link is left.
 pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
-    netns::open(&req.netns)?;
-    let (endpoint, network) = store
+    attach_placed(store, req, Placement::IntoNamespace).await
+}
+
+/// [`attach`], with the container end of the veth where `placement` says.
+/// An address `req.owner` reserved on this node ([`State::reserve`]) is
+/// taken over, and reserved again if the attachment fails.
+///
+/// [`State::reserve`]: crate::model::State::reserve
+pub async fn attach_placed(
+    store: &Store,
+    req: &Request,
+    placement: Placement,
+) -> Result<Attachment> {
+    if placement == Placement::IntoNamespace {
+        netns::open(&req.netns)?;
+    }
+    let (endpoint, network, reservation) = store
         .update_with(|s| {
+            let reservation = req.ip.and_then(|ip| {
+                s.endpoints
+                    .iter()
+                    .find(|e| {
+                        e.network == req.network
+                            && e.ip == ip
+                            && e.owner.is_some()
+                            && e.owner == req.owner
+                            && matches!(&e.location, Location::Reserved { node } if *node == req.node)
+                    })
+                    .cloned()
+            });
             let ep = s.add_container(ContainerSpec {
                 network: req.network.clone(),
                 node: req.node.clone(),
@@ -61,22 +102,27 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
                 owner: req.owner.clone(),
             })?;
 
-            Ok((ep, s.network(&req.network)?.clone()))
+            Ok((ep, s.network(&req.network)?.clone(), reservation))
         })
         .await?;
     let Location::Container { host_ifname, .. } = &endpoint.location else {
         unreachable!("add_container makes container endpoints")
     };
     let host_ifname = host_ifname.clone();
+    let peer = format!("{host_ifname}c");
     let built = async {
         let handle = netlink::connect()?;
         let ifname = netlink::create_container_link(
             &handle,
             &netlink::ContainerLink {
                 host_ifname: &host_ifname,
-                netns: &req.netns,
-                ifname: req.ifname.as_deref(),
-
+                placement: match placement {
+                    Placement::IntoNamespace => netlink::Placement::Namespace {
+                        netns: &req.netns,
+                        ifname: req.ifname.as_deref(),
+                    },
+                    Placement::HostSide => netlink::Placement::HostSide { peer: &peer },
+                },
                 ip: endpoint.ip,
                 prefix: network.subnet.prefix(),
                 mac: endpoint.mac,
@@ -102,19 +148,27 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
             routes,
         }),
         Err(e) => {
-            if let Err(undo) = store
-                .update_with(|s| s.remove_container(&req.network, &req.node, &req.netns))
-                .await
-            {
+            let undo = store
+                .update_with(|s| {
+                    s.remove_container(&req.network, &req.node, &req.netns)?;
+                    if let Some(r) = &reservation {
+                        s.endpoints.push(r.clone());
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(undo) = undo {
                 log::error!(
                     "could not roll back the registration of {}: {undo}",
                     req.netns
                 );
             }
-            Err(e.context(format!(
-                "connect {} to {}; nothing was registered",
-                req.netns, req.network
-            )))
+            let kept = if reservation.is_some() {
+                "its address stays reserved"
+            } else {
+                "nothing was registered"
+            };
+            Err(e.context(format!("connect {} to {}; {kept}", req.netns, req.network)))
         }
     }
 }
@@ -179,19 +233,46 @@ pub async fn find(
 
 /// Removes the veth of `netns` on `node` (if still there) and its endpoint.
 pub async fn detach(store: &Store, node: &str, network: &str, netns: &str) -> Result<Endpoint> {
+    remove_link(store, node, network, netns).await?;
+    Ok(store
+        .update_with(|s| s.remove_container(network, node, netns))
+        .await?)
+}
+
+/// Removes the veth of `netns` on `node` (if still there) and turns its
+/// endpoint back into a reservation of the address by the same owner, for
+/// a runtime whose IPAM releases addresses on its own (Docker's Leave
+/// comes before its ReleaseAddress).
+pub async fn detach_keeping_address(
+    store: &Store,
+    node: &str,
+    network: &str,
+    netns: &str,
+) -> Result<Endpoint> {
+    remove_link(store, node, network, netns).await?;
+    Ok(store
+        .update_with(|s| s.release_to_reservation(network, node, netns))
+        .await?)
+}
+
+async fn remove_link(store: &Store, node: &str, network: &str, netns: &str) -> Result<()> {
     if let Some(Endpoint {
         location: Location::Container { host_ifname, .. },
         ..
     }) = find(store, node, network, netns).await?
     {
-        if netlink::ifindex(&host_ifname).is_some() {
-            let handle = netlink::connect()?;
-            netlink::delete_link(&handle, &host_ifname).await?;
-        }
+        remove_host_link(&host_ifname).await?;
     }
-    Ok(store
-        .update_with(|s| s.remove_container(network, node, netns))
-        .await?)
+    Ok(())
+}
+
+/// Deletes the host end of a container veth (and so the pair), if present.
+pub async fn remove_host_link(host_ifname: &str) -> Result<()> {
+    if netlink::ifindex(host_ifname).is_some() {
+        let handle = netlink::connect()?;
+        netlink::delete_link(&handle, host_ifname).await?;
+    }
+    Ok(())
 }
 
 /// Whether the node's agent forwards for an endpoint.

@@ -64,6 +64,26 @@ impl Subnet {
     pub fn is_assignable(&self, ip: Ipv4Addr) -> bool {
         self.assignable().contains(&u32::from(ip))
     }
+
+    /// The network address.
+    pub const fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// The address kept for a gateway: the first host address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base() + 1)
+    }
+
+    /// True when `ip` lies inside the subnet.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == self.base()
+    }
+
+    /// True when the two subnets share an address.
+    pub fn overlaps(&self, other: &Subnet) -> bool {
+        self.contains(other.network) || other.contains(self.network)
+    }
 }
 
 impl fmt::Display for Subnet {
@@ -174,6 +194,18 @@ mod tests {
         }
         assert_eq!(got, vec![2, 3, 4, 5, 6]);
         assert_eq!(allocate(&s, &used, None), Err(IpamError::Exhausted(s)));
+    }
+
+    #[test]
+    fn gateway_containment_and_overlap() {
+        let s = net("198.18.0.0/24");
+        assert_eq!(s.gateway(), Ipv4Addr::new(198, 18, 0, 1));
+        assert!(s.contains(Ipv4Addr::new(198, 18, 0, 255)));
+        assert!(!s.contains(Ipv4Addr::new(198, 18, 1, 0)));
+        assert!(s.overlaps(&net("198.18.0.0/16")));
+        assert!(net("198.18.0.0/16").overlaps(&s));
+        assert!(s.overlaps(&net("198.18.0.128/25")));
+        assert!(!s.overlaps(&net("198.18.1.0/24")));
     }
 
     #[test]

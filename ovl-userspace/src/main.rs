@@ -82,6 +82,14 @@ enum Command {
         /// (deleted without a disconnect) before its endpoint is freed.
         #[arg(long, env = "OVL_GC_GRACE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
         gc_grace: u64,
+        /// Be Docker's `ovl` network and IPAM driver for the dockerd at this
+        /// URL (unix:///var/run/docker.sock), mirroring ovl networks into it.
+        #[arg(long, env = "OVL_DOCKER_HOST")]
+        docker_host: Option<String>,
+        /// The Docker plugin's socket (needs --docker-host).
+        #[arg(long, env = "OVL_DOCKER_PLUGIN_SOCKET", requires = "docker_host",
+              default_value = ovl_userspace::docker::DEFAULT_PLUGIN_SOCKET)]
+        docker_plugin_socket: PathBuf,
     },
     /// Remove this node's data path from IFACE: programs, links, maps, pins.
     Detach { iface: String },
@@ -198,6 +206,8 @@ async fn run(cli: Cli) -> Result<()> {
         lease_ttl,
         metrics,
         gc_grace,
+        docker_host,
+        docker_plugin_socket,
     } = cli.command
     {
         let state_dir = cli
@@ -214,6 +224,10 @@ async fn run(cli: Cli) -> Result<()> {
             metrics,
             state_dir,
             gc_grace: std::time::Duration::from_secs(gc_grace),
+            docker: docker_host.map(|host| ovl_userspace::docker::DockerOptions {
+                host,
+                plugin_socket: docker_plugin_socket,
+            }),
         })
         .await;
     }

@@ -49,6 +49,20 @@ pub enum ModelError {
     },
     #[error("no endpoint {ip} on network {network:?}")]
     NoSuchEndpoint { network: String, ip: Ipv4Addr },
+    #[error(
+        "{ip} on network {network:?} is not a reservation of node {node:?}; nothing was changed"
+    )]
+    NotReserved {
+        network: String,
+        ip: Ipv4Addr,
+        node: String,
+    },
+    #[error("subnet {subnet} overlaps network {network:?} ({existing}); pick another subnet")]
+    SubnetClash {
+        subnet: Subnet,
+        network: String,
+        existing: Subnet,
+    },
     #[error(transparent)]
     Ipam(#[from] ipam::IpamError),
 }
@@ -152,6 +166,21 @@ pub struct Network {
     pub subnet: Subnet,
     /// MTU of container interfaces on this network.
     pub mtu: u32,
+    /// Set while a network made through Docker's plugin waits for the name
+    /// Docker gave it (Docker's calls carry only its ID); the network then
+    /// takes that name. Front ends do not show such a network to users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_pending: Option<DockerPending>,
+}
+
+/// A network Docker is creating on one node, named provisionally.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerPending {
+    /// The node whose dockerd creates it.
+    pub node: String,
+    /// Docker's network ID on that node, once its CreateNetwork came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_id: Option<String>,
 }
 
 /// Where an endpoint's frames are sent.
@@ -169,6 +198,10 @@ pub enum Location {
     /// An endpoint behind a VTEP that runs no ovl agent (a kernel vxlan
     /// device, say), registered with `ovl endpoint add`.
     Static { vtep: Ipv4Addr },
+    /// An address a runtime's IPAM handed out on `node` for a container
+    /// that is not attached yet (Docker's RequestAddress comes before its
+    /// Join). It holds the address and forwards nothing.
+    Reserved { node: String },
 }
 
 /// An address on a network.
@@ -191,7 +224,7 @@ impl Endpoint {
     /// The node hosting a container endpoint.
     pub fn node(&self) -> Option<&str> {
         match &self.location {
-            Location::Container { node, .. } => Some(node),
+            Location::Container { node, .. } | Location::Reserved { node } => Some(node),
             Location::Static { .. } => None,
         }
     }
@@ -272,10 +305,7 @@ impl State {
         if self.networks.contains_key(&spec.name) {
             return Err(ModelError::NetworkExists(spec.name));
         }
-        let mtu = spec.mtu.unwrap_or(DEFAULT_UNDERLAY_MTU - ENCAP_OVERHEAD);
-        if !(576..=9000).contains(&mtu) {
-            return Err(ModelError::InvalidMtu(mtu));
-        }
+        let mtu = check_mtu(spec.mtu.unwrap_or(DEFAULT_UNDERLAY_MTU - ENCAP_OVERHEAD))?;
         let vni = match spec.vni {
             Some(v) => {
                 let vni = Vni::try_from(v)?;
@@ -294,8 +324,21 @@ impl State {
             vni,
             subnet: spec.subnet,
             mtu,
+            docker_pending: None,
         };
         Ok(self.networks.entry(spec.name).or_insert(network))
+    }
+
+    /// Refuses `subnet` if it shares an address with any network's.
+    pub fn check_subnet_free(&self, subnet: &Subnet) -> Result<(), ModelError> {
+        match self.networks.values().find(|n| n.subnet.overlaps(subnet)) {
+            Some(n) => Err(ModelError::SubnetClash {
+                subnet: *subnet,
+                network: n.name.clone(),
+                existing: n.subnet,
+            }),
+            None => Ok(()),
+        }
     }
 
     fn free_vni(&self) -> Result<Vni, ModelError> {
@@ -322,7 +365,9 @@ impl State {
 
     /// Registers a container endpoint, allocating its address (IPAM) unless
     /// one is given. The host interface name is derived from network and
-    /// address so it is stable and unique on the node.
+    /// address so it is stable and unique on the node. An address the same
+    /// owner reserved on the same node ([`State::reserve`]) is taken over:
+    /// the reservation becomes the endpoint.
     pub fn add_container(&mut self, spec: ContainerSpec) -> Result<Endpoint, ModelError> {
         let network = self.network(&spec.network)?.clone();
         if self.endpoints.iter().any(|e| {
@@ -334,6 +379,18 @@ impl State {
                 network: spec.network,
                 netns: spec.netns,
             });
+        }
+        let reserved = spec.ip.and_then(|ip| {
+            self.endpoints.iter().position(|e| {
+                e.network == spec.network
+                    && e.ip == ip
+                    && e.owner.is_some()
+                    && e.owner == spec.owner
+                    && matches!(&e.location, Location::Reserved { node } if *node == spec.node)
+            })
+        });
+        if let Some(pos) = reserved {
+            self.endpoints.remove(pos);
         }
         let used = self.endpoints_of(&spec.network).map(|e| e.ip).collect();
         let ip = ipam::allocate(&network.subnet, &used, spec.ip)?;
@@ -351,6 +408,72 @@ impl State {
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
+    }
+
+    /// Reserves an address of `network` on `node` for `owner` (the next free
+    /// one unless `ip` is given), for a runtime whose IPAM hands addresses
+    /// out before it attaches the container. The address is as taken as an
+    /// endpoint's until [`State::add_container`] with the same owner takes
+    /// it over, or [`State::remove_endpoint`] frees it.
+    pub fn reserve(
+        &mut self,
+        network: &str,
+        node: &str,
+        ip: Option<Ipv4Addr>,
+        owner: &str,
+    ) -> Result<Endpoint, ModelError> {
+        let net = self.network(network)?.clone();
+        let used = self.endpoints_of(network).map(|e| e.ip).collect();
+        let ip = ipam::allocate(&net.subnet, &used, ip)?;
+        let endpoint = Endpoint {
+            network: network.to_owned(),
+            name: owner.to_owned(),
+            ip,
+            mac: MacAddr::for_ipv4(ip),
+            location: Location::Reserved {
+                node: node.to_owned(),
+            },
+            owner: Some(owner.to_owned()),
+        };
+        self.endpoints.push(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// Turns the container endpoint of `netns` on `node` back into a
+    /// reservation of its address by the same owner (the container left,
+    /// but the runtime's IPAM releases the address separately).
+    pub fn release_to_reservation(
+        &mut self,
+        network: &str,
+        node: &str,
+        netns: &str,
+    ) -> Result<Endpoint, ModelError> {
+        let ep = self.remove_container(network, node, netns)?;
+        let reserved = Endpoint {
+            location: Location::Reserved {
+                node: node.to_owned(),
+            },
+            ..ep
+        };
+        self.endpoints.push(reserved.clone());
+        Ok(reserved)
+    }
+
+    /// Gives network `from` the name `to`, with its endpoints, and clears
+    /// its pending Docker creation. VNI, subnet and addresses stay.
+    pub fn rename_network(&mut self, from: &str, to: &str) -> Result<&Network, ModelError> {
+        validate_name(to)?;
+        self.network(from)?;
+        if self.networks.contains_key(to) {
+            return Err(ModelError::NetworkExists(to.to_owned()));
+        }
+        let mut net = self.networks.remove(from).expect("presence checked above");
+        net.name = to.to_owned();
+        net.docker_pending = None;
+        for e in self.endpoints.iter_mut().filter(|e| e.network == from) {
+            e.network = to.to_owned();
+        }
+        Ok(self.networks.entry(to.to_owned()).or_insert(net))
     }
 
     /// Registers an endpoint behind a VTEP that runs no ovl agent.
@@ -453,9 +576,18 @@ impl State {
             Location::Container { node, .. } if self.is_alive(node) => {
                 self.nodes.get(node).map(|n| n.vtep)
             }
-            Location::Container { .. } => None,
+            Location::Container { .. } | Location::Reserved { .. } => None,
             Location::Static { vtep } => Some(*vtep),
         }
+    }
+}
+
+/// Checks a container MTU: 576..=9000 bytes.
+pub fn check_mtu(mtu: u32) -> Result<u32, ModelError> {
+    if (576..=9000).contains(&mtu) {
+        Ok(mtu)
+    } else {
+        Err(ModelError::InvalidMtu(mtu))
     }
 }
 
@@ -588,6 +720,81 @@ mod tests {
         let taken = s.add_container(container("a", "n2", "c9")).unwrap();
         assert_eq!(taken.ip, ep.ip);
         assert!(!s.restore_endpoint(&ep), "address was taken meanwhile");
+    }
+
+    #[test]
+    fn a_reservation_holds_its_address_until_its_owner_takes_it_over() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        let r = s.reserve("a", "n1", None, "docker:e1").unwrap();
+        assert_eq!(r.ip, Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(r.node(), Some("n1"));
+        assert_eq!(s.vtep_of(&r), None, "a reservation forwards nothing");
+        // Nobody else gets the address, nor may anyone else claim it.
+        let other = s.add_container(container("a", "n2", "c2")).unwrap();
+        assert_eq!(other.ip, Ipv4Addr::new(198, 18, 0, 3));
+        let mut thief = container("a", "n2", "c3");
+        thief.ip = Some(r.ip);
+        thief.owner = Some("docker:e1".into());
+        assert_eq!(
+            s.add_container(thief),
+            Err(ModelError::Ipam(ipam::IpamError::InUse(r.ip)))
+        );
+        // Its owner on its node takes it over.
+        let mut mine = container("a", "n1", "/run/docker/netns/x");
+        mine.ip = Some(r.ip);
+        mine.owner = Some("docker:e1".into());
+        let ep = s.add_container(mine).unwrap();
+        assert_eq!(ep.ip, r.ip);
+        assert!(matches!(ep.location, Location::Container { .. }));
+        assert_eq!(s.endpoints_of("a").count(), 2);
+        // Leaving the container keeps the address reserved.
+        let back = s
+            .release_to_reservation("a", "n1", "/run/docker/netns/x")
+            .unwrap();
+        assert_eq!(back.location, Location::Reserved { node: "n1".into() });
+        assert_eq!(back.owner.as_deref(), Some("docker:e1"));
+        s.remove_endpoint("a", r.ip).unwrap();
+        assert_eq!(s.endpoints_of("a").count(), 1);
+    }
+
+    #[test]
+    fn renaming_a_network_moves_its_endpoints_and_keeps_vni_and_addresses() {
+        let mut s = State::default();
+        s.create_network(spec("docker-pending", None)).unwrap();
+        s.networks.get_mut("docker-pending").unwrap().docker_pending = Some(DockerPending {
+            node: "n1".into(),
+            network_id: Some("abc".into()),
+        });
+        s.create_network(spec("taken", None)).unwrap();
+        let ep = s
+            .add_container(container("docker-pending", "n1", "c1"))
+            .unwrap();
+        let before = s.clone();
+        assert!(matches!(
+            s.rename_network("docker-pending", "taken"),
+            Err(ModelError::NetworkExists(_))
+        ));
+        assert!(s.rename_network("docker-pending", "bad name").is_err());
+        assert_eq!(s, before);
+        let net = s
+            .rename_network("docker-pending", "uber-net")
+            .unwrap()
+            .clone();
+        assert_eq!(net.vni, before.networks["docker-pending"].vni);
+        assert_eq!(net.docker_pending, None);
+        let moved: Vec<_> = s.endpoints_of("uber-net").collect();
+        assert_eq!(moved.len(), 1);
+        assert_eq!((moved[0].ip, moved[0].mac), (ep.ip, ep.mac));
+        assert!(!s.networks.contains_key("docker-pending"));
+    }
+
+    #[test]
+    fn networks_of_older_stores_load_without_the_docker_field() {
+        let old = r#"{"name":"a","vni":4096,"subnet":"198.18.0.0/24","mtu":1450}"#;
+        let net: Network = serde_json::from_str(old).unwrap();
+        assert_eq!(net.docker_pending, None);
+        assert!(!serde_json::to_string(&net).unwrap().contains("docker"));
     }
 
     #[test]

@@ -71,7 +71,7 @@ fn is_abandoned(e: &Endpoint) -> bool {
         Location::Container {
             netns, host_ifname, ..
         } => !netns::path_of(netns).exists() && netlink::ifindex(host_ifname).is_none(),
-        Location::Static { .. } => false,
+        Location::Static { .. } | Location::Reserved { .. } => false,
     }
 }
 

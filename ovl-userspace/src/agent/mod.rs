@@ -33,7 +33,7 @@ use self::{
 use crate::{
     api, bpffs,
     datapath::{Datapath, DecapMode, LinkPin, LinkPins, Maps},
-    exporter,
+    docker, exporter,
     model::{Location, State},
     netlink::{self, Underlay},
     store::{Registration, Store, StoreError},
@@ -64,6 +64,8 @@ pub struct AgentOptions {
     /// How long a local endpoint's namespace must be gone before the
     /// endpoint is collected.
     pub gc_grace: Duration,
+    /// Docker's plugin socket and Engine API, if Docker is to use ovl.
+    pub docker: Option<docker::DockerOptions>,
 }
 
 /// The store as the agent holds it once reachable.
@@ -93,6 +95,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         journal,
         memory,
         store,
+        docker_listener,
     } = match prelude {
         Ok(p) => p,
         Err(e) => {
@@ -142,10 +145,19 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let api_task = tokio::spawn(api);
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(exporter::serve(l, agent.view.clone())));
+    let docker_task = docker_listener.map(|l| {
+        let store = docker::StoreHandle::new(&opts.store_url, store.clone());
+        tokio::spawn(docker::serve(
+            l,
+            opts.node.clone(),
+            store,
+            agent.view.clone(),
+        ))
+    });
 
     let result = agent.serve(&opts, store, kicks).await;
     api_task.abort();
-    if let Some(t) = metrics_task {
+    for t in metrics_task.into_iter().chain(docker_task) {
         t.abort();
     }
     let _ = std::fs::remove_file(&opts.api_socket);
@@ -166,6 +178,7 @@ struct Prelude {
     journal: Journal,
     memory: Memory,
     store: Option<Arc<Store>>,
+    docker_listener: Option<docker::Listener>,
 }
 
 /// Everything that can refuse to start without changing the kernel: the
@@ -175,7 +188,7 @@ async fn prelude(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Prelu
     let lock = bpffs::NodeLock::acquire(pin_dir)?;
     let api_listener = api::bind(&opts.api_socket)?;
     let rest = after_bind(opts, pin_dir).await;
-    let (metrics_listener, journal, memory, store) = match rest {
+    let (metrics_listener, journal, memory, store, docker_listener) = match rest {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_file(&opts.api_socket);
@@ -189,6 +202,7 @@ async fn prelude(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Prelu
         journal,
         memory,
         store,
+        docker_listener,
     })
 }
 
@@ -197,6 +211,7 @@ type AfterBind = (
     Journal,
     Memory,
     Option<Arc<Store>>,
+    Option<docker::Listener>,
 );
 
 async fn after_bind(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<AfterBind> {
@@ -207,6 +222,11 @@ async fn after_bind(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Af
         None => None,
     };
     let (journal, memory) = Journal::open(&opts.state_dir)?;
+    let docker_listener = opts
+        .docker
+        .as_ref()
+        .map(docker::Listener::bind)
+        .transpose()?;
 
     let pinned_decap = LinkPins::of(pin_dir)
         .list()?
@@ -228,7 +248,7 @@ async fn after_bind(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Af
             );
         }
     };
-    Ok((metrics_listener, journal, memory, store))
+    Ok((metrics_listener, journal, memory, store, docker_listener))
 }
 
 fn node_flag(node: &str) -> String {

@@ -140,7 +140,7 @@ pub fn remember(memory: &mut Memory, state: &State, node: &str) {
 fn host_link_exists(e: &Endpoint) -> bool {
     match &e.location {
         Location::Container { host_ifname, .. } => netlink::ifindex(host_ifname).is_some(),
-        Location::Static { .. } => false,
+        Location::Static { .. } | Location::Reserved { .. } => false,
     }
 }
 

@@ -315,7 +315,7 @@ impl EtcdStore {
     /// which is what makes VNIs and addresses unique across racing hosts.
     pub async fn update(
         &self,
-        change: &mut dyn FnMut(&mut State) -> Result<(), ModelError>,
+        change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
         for attempt in 0..MAX_ATTEMPTS {
             let snap = self.list().await?;

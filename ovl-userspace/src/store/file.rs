@@ -126,7 +126,7 @@ impl FileStore {
     /// Applies `change` under the lock and commits it atomically.
     pub fn update(
         &self,
-        change: &mut dyn FnMut(&mut State) -> Result<(), ModelError>,
+        change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
         let _lock = self.lock()?;
         let mut state = self.read()?;
@@ -185,9 +185,9 @@ mod tests {
         d
     }
 
-    fn update_with<T>(
+    fn update_with<T: Send>(
         store: &FileStore,
-        mut change: impl FnMut(&mut State) -> Result<T, ModelError>,
+        mut change: impl FnMut(&mut State) -> Result<T, ModelError> + Send,
     ) -> Result<T, StoreError> {
         let mut out = None;
         store.update(&mut |s| {

@@ -109,10 +109,11 @@ impl Store {
 
     /// Applies `change` to the current state and commits the result as one
     /// atomic step; concurrent writers never both win a conflicting change.
-    /// When `change` fails nothing is written.
+    /// When `change` fails nothing is written. (`Send`, so that servers
+    /// running requests on any thread can change the state.)
     pub async fn update(
         &self,
-        change: &mut dyn FnMut(&mut State) -> Result<(), ModelError>,
+        change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
         match self {
             Store::File(f) => f.update(change),
@@ -121,9 +122,9 @@ impl Store {
     }
 
     /// Applies a change that produces a value, returning the value.
-    pub async fn update_with<T>(
+    pub async fn update_with<T: Send>(
         &self,
-        mut change: impl FnMut(&mut State) -> Result<T, ModelError>,
+        mut change: impl FnMut(&mut State) -> Result<T, ModelError> + Send,
     ) -> Result<T, StoreError> {
         let mut out = None;
         self.update(&mut |s| {
