@@ -235,6 +235,34 @@ impl Ovl {
         Ok(agent)
     }
 
+    /// The Docker plugin socket of node `node`'s agent.
+    pub fn docker_plugin_socket(&self, node: &str) -> PathBuf {
+        self.run_dir.join(format!("plugin-{node}.sock"))
+    }
+
+    /// Starts `ovl attach eth0` on `host` as `node`, serving the Docker
+    /// plugin on [`docker_plugin_socket`](Self::docker_plugin_socket) for
+    /// the dockerd at `docker_url`, and waits until it is attached.
+    pub fn attach_docker(
+        &self,
+        lab: &Lab,
+        host: &Host,
+        node: &str,
+        docker_url: &str,
+    ) -> Result<Agent> {
+        let socket = self.docker_plugin_socket(node).display().to_string();
+        self.attach_with_env(
+            lab,
+            host,
+            node,
+            "auto",
+            &[
+                ("OVL_DOCKER_HOST", docker_url),
+                ("OVL_DOCKER_PLUGIN_SOCKET", &socket),
+            ],
+        )
+    }
+
     /// Starts `ovl attach eth0 --mode MODE` on `host` as `node` without
     /// waiting for it to attach (for agents expected to fail).
     pub fn spawn_agent(

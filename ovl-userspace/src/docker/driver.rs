@@ -131,7 +131,12 @@ pub async fn delete_network(State(ctx): Ctx, body: Bytes) -> Response {
     answer(DELETE_NETWORK, do_delete_network(&ctx, &body).await)
 }
 
-async fn do_delete_network(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
+/// How long after refusing a DeleteNetwork the mirror is checked again:
+/// Docker 20.10 only logs a driver's refusal and deletes its network
+/// anyway, so the agent puts it back.
+const REMIRROR_AFTER: Duration = Duration::from_millis(300);
+
+async fn do_delete_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, Refusal> {
     let req: protocol::DeleteNetwork = parse(DELETE_NETWORK, body)?;
     let store = ctx.store.get().await?;
     let Some(net) = resolve(ctx, &store, &req.network_id).await? else {
@@ -157,6 +162,11 @@ async fn do_delete_network(ctx: &Context, body: &[u8]) -> Result<Response, Refus
         }
         Err(StoreError::Rejected(ModelError::NoSuchNetwork(_))) => Ok(protocol::ok()),
         Err(StoreError::Rejected(ModelError::NetworkInUse { count, .. })) => {
+            let again = ctx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(REMIRROR_AFTER).await;
+                again.nudge.notify_one();
+            });
             let state = store.load().await?;
             Err(Refusal::new(format!(
                 "network {} has {count} active endpoint(s) on {}; remove those containers first",

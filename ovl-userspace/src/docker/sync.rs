@@ -336,7 +336,10 @@ async fn mirror(ctx: &Context, n: &Network) -> Result<String, String> {
         driver: DRIVER,
         ipam: IpamCreate {
             driver: DRIVER,
-            config: vec![BTreeMap::from([("Subnet", n.subnet.to_string())])],
+            config: vec![BTreeMap::from([
+                ("Subnet", n.subnet.to_string()),
+                ("Gateway", n.subnet.gateway().to_string()),
+            ])],
             options: BTreeMap::from([(MIRROR_OF, n.name.clone())]),
         },
         options: BTreeMap::from([(MIRROR_OF, n.name.clone()), (MTU, n.mtu.to_string())]),
