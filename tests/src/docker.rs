@@ -52,6 +52,11 @@ pub struct DockerdOptions {
 /// A dockerd running in one lab host's network namespace.
 pub struct Dockerd {
     netns: Netns,
+    /// Holds the host's private mount namespace (where dockerd's plugin
+    /// directories, container rootfs and sandbox mounts live) across
+    /// dockerd restarts: a dockerd started in a fresh one could not find
+    /// the containers `--live-restore` kept running.
+    mounts: ChildHandle,
     dir: PathBuf,
     socket: PathBuf,
     cgroup_parent: String,
@@ -81,8 +86,10 @@ impl Dockerd {
         fs::create_dir_all(SPEC_DIR)?;
         fs::create_dir_all(SOCKET_DIR)?;
         let cgroup_parent = format!("{}-{role}", lab.prefix());
+        let mounts = hold_mount_namespace(lab, &host.netns, &dir)?;
         let mut dockerd = Dockerd {
             netns: host.netns.clone(),
+            mounts,
             socket: dir.join("docker.sock"),
             dir,
             cgroup_parent: cgroup_parent.clone(),
@@ -133,24 +140,11 @@ impl Dockerd {
             dockerd.push_str(" --live-restore");
         }
         // `ip netns exec` would mount a /sys without the cgroup hierarchies
-        // ("Devices cgroup isn't mounted"): enter the network namespace only.
-        let script = format!(
-            "mount --bind {} {SPEC_DIR} && mount --bind {} {SOCKET_DIR} && {dockerd}",
-            d("plugins"),
-            d("no-sockets"),
-        );
+        // ("Devices cgroup isn't mounted"): enter the network namespace and
+        // the host's mount namespace only.
         let netns_path = format!("--net=/run/netns/{}", self.netns.name());
-        let argv = [
-            "nsenter",
-            &netns_path,
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ];
+        let mnt_path = format!("--mount=/proc/{}/ns/mnt", self.mounts.pid());
+        let argv = ["nsenter", &netns_path, &mnt_path, "sh", "-c", &dockerd];
         // Spawned from the root namespace: `nsenter` does the entering.
         let child = lab.spawn_here(&argv, &[])?;
         self.process = Some(child);
@@ -276,7 +270,28 @@ impl Dockerd {
 
     /// Kills dockerd with SIGKILL (a crash).
     pub fn kill(&mut self) -> Result<()> {
-        self.halt(Signal::Kill)
+        self.halt(Signal::Kill)?;
+        // Its containerd dies with it, but this machine's pid 1 reaps no
+        // orphans: the zombie keeps its pid, and the next dockerd, finding
+        // that pid in containerd's pid file, waits for it forever ("failed
+        // to start containerd"). With a reaping init the file is harmless.
+        let pidfile = self.dir.join("exec/containerd/containerd.pid");
+        let Ok(pid) = fs::read_to_string(&pidfile) else {
+            return Ok(());
+        };
+        let stat = format!("/proc/{}/stat", pid.trim());
+        // Killed on its parent's death, asynchronously: wait until it is.
+        wait_until(Duration::from_secs(10), || {
+            let Ok(stat) = fs::read_to_string(&stat) else {
+                return Ok(true);
+            };
+            Ok(stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')))
+        })
+        .context("dockerd's containerd outlived it")?;
+        fs::remove_file(&pidfile)?;
+        Ok(())
     }
 
     fn halt(&mut self, signal: Signal) -> Result<()> {
@@ -456,6 +471,46 @@ impl Container {
             .and_then(|a| a.parse().ok())
             .with_context(|| format!("no IPv4 on eth0 of {}: {text}", self.name))
     }
+}
+
+/// Starts the process that holds a host's private mount namespace: this
+/// host's `ovl.spec` bound over /etc/docker/plugins, and an empty
+/// /run/docker/plugins so no other plugin socket on the machine is found.
+fn hold_mount_namespace(lab: &Lab, netns: &Netns, dir: &Path) -> Result<ChildHandle> {
+    let d = |p: &str| dir.join(p).display().to_string();
+    let script = format!(
+        "mount --bind {} {SPEC_DIR} && mount --bind {} {SOCKET_DIR} && exec sleep infinity",
+        d("plugins"),
+        d("no-sockets"),
+    );
+    let netns_path = format!("--net=/run/netns/{}", netns.name());
+    let holder = lab.spawn_here(
+        &[
+            "nsenter",
+            &netns_path,
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ],
+        &[],
+    )?;
+    // Every step execs, so the pid is sleep's once the mounts are made.
+    let exe = format!("/proc/{}/exe", holder.pid());
+    wait_until(Duration::from_secs(5), || {
+        Ok(holder.try_status()?.is_some()
+            || fs::read_link(&exe)?.to_string_lossy().ends_with("sleep"))
+    })?;
+    if let Some(status) = holder.try_status()? {
+        bail!(
+            "the mount namespace of {netns} could not be set up ({status}):\n{}",
+            holder.output_report()
+        );
+    }
+    Ok(holder)
 }
 
 /// Removes every container of the dockerd on `socket`, if it answers.
