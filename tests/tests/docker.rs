@@ -497,3 +497,146 @@ fn restarts_keep_traffic_and_leave_docker_and_ovl_agreeing() -> Result<()> {
     ensure!(ping(&c1.netns, ip2, 3, &["-i", "0.2", "-W", "2"])?.all_received());
     world.stop()
 }
+
+/// What a bad request must not change: the store's networks, VNIs and
+/// endpoints (etcd keys and values) and the host's links.
+fn snapshot(world: &DockerCluster) -> Result<(String, String)> {
+    let etcd = world.etcd.as_ref().context("etcd store")?;
+    let mut keys = String::new();
+    for prefix in ["/ovl/networks/", "/ovl/vnis/", "/ovl/endpoints/"] {
+        keys.push_str(&etcd.etcdctl(&["get", "--prefix", prefix])?);
+    }
+    let links = world.hosts[0].netns.ip(&["-o", "link", "show"])?;
+    let links = String::from_utf8_lossy(&links.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok((keys, links))
+}
+
+/// Calls the plugin and checks the answer is an error with `status` whose
+/// `{"Err": ...}` contains `needle`.
+fn refused(
+    world: &DockerCluster,
+    method: &str,
+    body: &str,
+    status: u16,
+    needle: &str,
+) -> Result<()> {
+    let (got, reply) = plugin_call(&world.plugin_socket(0), method, body)?;
+    let err: Value = serde_json::from_str(&reply)
+        .with_context(|| format!("{method}: answer is not JSON: {reply}"))?;
+    let err = err["Err"].as_str().unwrap_or_default();
+    ensure!(
+        got == status && err.contains(needle),
+        "{method} {body}: got {got} {reply}, expected {status} with Err containing {needle:?}"
+    );
+    Ok(())
+}
+
+/// Every bad request the issue lists, sent to the plugin socket as dockerd
+/// would: each is answered `{"Err": "..."}` naming the problem, and the
+/// store and the host's links are exactly as before.
+#[test]
+fn plugin_refuses_bad_requests_and_changes_nothing() -> Result<()> {
+    let lab = Lab::new("dk-bad")?;
+    let mut world = DockerCluster::start(&lab, StoreKind::Etcd, 1, DockerdOptions::default())?;
+    create_network(&world, 0, NET, SUBNET)?;
+    wait_until(Duration::from_secs(2), || {
+        Ok(ovl_networks(&world)?.contains(&NET.to_owned()))
+    })?;
+    let id = world.docker(0, &["network", "inspect", "-f", "{{.Id}}", NET])?;
+    let pool = format!("{}:{SUBNET}", vni_of(&world, NET)?);
+    let before = snapshot(&world)?;
+    let endpoint = "de".repeat(32);
+    let cases = [
+        (
+            "NetworkDriver.CreateNetwork",
+            r#"{"NetworkID":"f00d","Options":{"com.docker.network.generic":{"color":"blue"}},
+               "IPv4Data":[{"AddressSpace":"ovl","Pool":"198.18.9.0/24","Gateway":"198.18.9.1/24"}]}"#
+                .to_owned(),
+            500,
+            "unknown option --opt color=blue",
+        ),
+        (
+            "IpamDriver.RequestPool",
+            r#"{"AddressSpace":"ovl","Pool":"198.18.0.0/16","SubPool":"","Options":{},"V6":false}"#
+                .to_owned(),
+            500,
+            "overlaps network \"uber-net\"",
+        ),
+        (
+            "IpamDriver.RequestAddress",
+            r#"{"PoolID":"9999:198.18.9.0/24","Address":"","Options":{}}"#.to_owned(),
+            500,
+            "not served by ovl",
+        ),
+        (
+            "IpamDriver.RequestAddress",
+            r#"{"PoolID":"LocalDefault/172.17.0.0/16","Address":"","Options":{}}"#.to_owned(),
+            500,
+            "not one of ovl's IPAM",
+        ),
+        (
+            "NetworkDriver.Join",
+            format!(
+                r#"{{"NetworkID":"{id}","EndpointID":"{endpoint}","SandboxKey":"/var/run/docker/netns/1","Options":{{}}}}"#
+            ),
+            500,
+            "no endpoint dededededede on network uber-net",
+        ),
+        (
+            "NetworkDriver.CreateEndpoint",
+            format!(
+                r#"{{"NetworkID":"{id}","EndpointID":"{endpoint}","Interface":{{"Address":"198.18.0.77/24"}},"Options":{{}}}}"#
+            ),
+            500,
+            "198.18.0.77 on network \"uber-net\" is not a reservation of node \"host-a\"",
+        ),
+        (
+            "NetworkDriver.CreateNetwork",
+            "{not json".to_owned(),
+            400,
+            "malformed NetworkDriver.CreateNetwork request",
+        ),
+        (
+            "IpamDriver.RequestAddress",
+            r#"{"PoolID":7}"#.to_owned(),
+            400,
+            "malformed IpamDriver.RequestAddress request",
+        ),
+        (
+            "NetworkDriver.Frobnicate",
+            "{}".to_owned(),
+            404,
+            "not implemented",
+        ),
+    ];
+    for (method, body, status, needle) in &cases {
+        refused(&world, method, body, *status, needle)?;
+        ensure!(
+            snapshot(&world)? == before,
+            "{method} {body} changed something"
+        );
+    }
+
+    // While the store is unreachable: refused, naming it; nothing changes.
+    world.etcd.as_mut().context("etcd")?.stop()?;
+    let body = format!(r#"{{"PoolID":"{pool}","Address":"","Options":{{}}}}"#);
+    refused(&world, "IpamDriver.RequestAddress", &body, 500, "etcd at")?;
+    world.etcd.as_mut().context("etcd")?.restart(&lab)?;
+    ensure!(
+        snapshot(&world)? == before,
+        "a request during the outage changed something"
+    );
+
+    // And the plugin still works.
+    let c1 = world.dockerds[0].run(&lab, "c1", NET, &[])?;
+    ensure!(
+        c1.ip()? == Ipv4Addr::new(198, 18, 0, 2),
+        "c1 got {}",
+        c1.ip()?
+    );
+    world.stop()
+}
