@@ -245,6 +245,11 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
         (vec!["--opt", "encrypted"], "encrypted"),
         (vec!["--internal"], "--internal"),
         (vec!["--opt", "vxlan=42"], "unknown option --opt vxlan=42"),
+        (vec!["--subnet", "198.18.2.0/24"], "several --subnet"),
+        (vec!["--gateway", "198.18.1.254"], "--gateway 198.18.1.254"),
+        (vec!["--ip-range", "198.18.1.128/25"], "--ip-range"),
+        (vec!["--aux-address", "x=198.18.1.9"], "--aux-address"),
+        (vec!["--ipv6", "--subnet", "2001:db8::/64"], "IPv4 only"),
     ] {
         let mut argv = vec![
             "network",
@@ -305,6 +310,30 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
             .contains(&"odd-net".to_owned())
     );
 
+    // --ip picks the address, --mac-address is refused (ovl derives MACs).
+    let c5 = world.dockerds[1].run(&lab, "c5", NET, &["--ip", "198.18.0.50"])?;
+    ensure!(c5.ip()? == Ipv4Addr::new(198, 18, 0, 50), "--ip ignored");
+    let out = world.dockerds[1].docker_unchecked(&[
+        "run",
+        "-d",
+        "--name",
+        "c6",
+        "--network",
+        NET,
+        "--mac-address",
+        "02:00:00:00:00:01",
+        ovl_tests::BUSYBOX_IMAGE,
+        "sleep",
+        "1000",
+    ])?;
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success() && msg.contains("--mac-address"),
+        "--mac-address: {msg}"
+    );
+    world.docker(1, &["rm", "-f", "c5", "c6"])?;
+    world.agree(1, NET)?;
+
     // With its containers gone, the network goes from B, everywhere.
     world.docker(0, &["rm", "-f", "c1", "c3"])?;
     world.docker(1, &["network", "rm", NET])?;
@@ -321,6 +350,25 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
         let took = wait_listed(&world, i, "blue", true)?;
         eprintln!("ovl network create: listed on host {i} after {took:?}");
     }
+    // The MTU option sets the containers' MTU.
+    world.docker(
+        1,
+        &[
+            "network",
+            "create",
+            "-d",
+            "ovl",
+            "--ipam-driver",
+            "ovl",
+            "--subnet",
+            "198.18.6.0/24",
+            "--opt",
+            "com.docker.network.driver.mtu=1400",
+            "small",
+        ],
+    )?;
+    let s1 = world.dockerds[1].run(&lab, "s1", "small", &[])?;
+    ensure!(s1.netns.link_mtu("eth0")? == 1400, "MTU option ignored");
     let b1 = world.dockerds[0].run(&lab, "b1", "blue", &[])?;
     let b2 = world.dockerds[1].run(&lab, "b2", "blue", &[])?;
     let dst = b2.ip()?;
