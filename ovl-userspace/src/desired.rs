@@ -181,6 +181,19 @@ mod tests {
     }
 
     #[test]
+    fn reserved_addresses_are_in_no_map() {
+        let mut s = state();
+        let r = s.reserve("blue", "b", None, "docker-ipam").unwrap();
+        for (node, vtep) in [("a", [192, 0, 2, 10]), ("b", [198, 51, 100, 10])] {
+            let d = desired(&s, node, Ipv4Addr::from(vtep), &|_| Some(7));
+            assert!(
+                !d.endpoints.contains_key(&(100, r.ip.octets())),
+                "{node} maps a reservation"
+            );
+        }
+    }
+
+    #[test]
     fn endpoints_of_unknown_nodes_and_missing_veths_are_left_out() {
         let mut s = state();
         s.nodes.remove("b");
