@@ -228,7 +228,9 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
             ..
         }) => {
             // Docker lists the network by now: take its name first.
-            networks::name(ctx, &store, &network, id).await;
+            if let Err(why) = networks::name(ctx, &store, &network, id).await {
+                log::warn!("{why}");
+            }
         }
         None => {}
     }

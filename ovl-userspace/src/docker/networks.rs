@@ -55,11 +55,14 @@ pub async fn resolve(
     }
     if let Some(pending) = pending_of(&state, &ctx.node, docker_id) {
         let pending = pending.clone();
-        return Ok(Some(
-            name(ctx, store, &pending, docker_id)
-                .await
-                .unwrap_or(pending),
-        ));
+        return Ok(Some(match name(ctx, store, &pending, docker_id).await {
+            Ok(Some(named)) => named,
+            Ok(None) => pending,
+            Err(why) => {
+                log::warn!("{why}");
+                pending
+            }
+        }));
     }
     let Some(docker) = ctx.engine.network(docker_id).await? else {
         return Ok(None);
@@ -75,20 +78,21 @@ pub async fn resolve(
 }
 
 /// Renames `pending` after the Docker network `docker_id` if dockerd lists
-/// it; returns the renamed network. Failures are logged: the provisional
-/// name keeps working meanwhile.
+/// it; returns the renamed network, or `None` while dockerd does not list
+/// it yet. An error says why the name cannot be taken (another ovl network
+/// has it, say); the provisional name keeps working meanwhile.
 pub async fn name(
     ctx: &Context,
     store: &Store,
     pending: &Network,
     docker_id: &str,
-) -> Option<Network> {
+) -> Result<Option<Network>, String> {
     let docker = match ctx.engine.network(docker_id).await {
         Ok(Some(d)) => d,
-        Ok(None) => return None,
+        Ok(None) => return Ok(None),
         Err(e) => {
             log::debug!("naming {}: {e}", pending.name);
-            return None;
+            return Ok(None);
         }
     };
     let expected = pending.docker_pending.clone();
@@ -114,18 +118,15 @@ pub async fn name(
                 n.vni,
                 n.subnet
             );
-            Some(n)
+            Ok(Some(n))
         }
-        Err(StoreError::Rejected(ModelError::NoSuchNetwork(_))) => None,
-        Err(e) => {
-            log::error!(
-                "Docker network {} ({}) keeps the ovl name {}: {e}",
-                docker.name,
-                short(docker_id),
-                pending.name
-            );
-            None
-        }
+        Err(StoreError::Rejected(ModelError::NoSuchNetwork(_))) => Ok(None),
+        Err(e) => Err(format!(
+            "Docker network {} ({}) keeps the ovl name {}: {e}",
+            docker.name,
+            short(docker_id),
+            pending.name
+        )),
     }
 }
 
@@ -144,8 +145,14 @@ pub async fn name_soon(ctx: std::sync::Arc<Context>, docker_id: String) {
         let Some(pending) = pending_of(&state, &ctx.node, &docker_id).cloned() else {
             return; // named, or removed
         };
-        if name(&ctx, &store, &pending, &docker_id).await.is_some() {
-            return;
+        match name(&ctx, &store, &pending, &docker_id).await {
+            Ok(Some(_)) => return,
+            Ok(None) => {}
+            Err(why) => {
+                // Waiting will not change it; the reconcile loop says it again.
+                log::error!("{why}");
+                return;
+            }
         }
     }
 }

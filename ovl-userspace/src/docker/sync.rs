@@ -228,7 +228,10 @@ async fn pass(
     if !first.name.is_empty() || !first.orphans.is_empty() {
         for (pending, id) in &first.name {
             if let Some(n) = state.networks.get(pending).cloned() {
-                networks::name(ctx, store, &n, id).await;
+                match networks::name(ctx, store, &n, id).await {
+                    Ok(_) => complaints.clear(&format!("name {id}")),
+                    Err(why) => complaints.once(&format!("name {id}"), &why),
+                }
             }
         }
         for n in &first.orphans {
