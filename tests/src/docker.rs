@@ -271,10 +271,11 @@ impl Dockerd {
     /// Kills dockerd with SIGKILL (a crash).
     pub fn kill(&mut self) -> Result<()> {
         self.halt(Signal::Kill)?;
-        // Its containerd dies with it, but this machine's pid 1 reaps no
-        // orphans: the zombie keeps its pid, and the next dockerd, finding
-        // that pid in containerd's pid file, waits for it forever ("failed
-        // to start containerd"). With a reaping init the file is harmless.
+        // Its containerd dies with it, but this machine's pid 1 reaps
+        // orphans late: meanwhile the zombie keeps its pid, and a dockerd
+        // started then, finding that pid in containerd's pid file, waits for
+        // it and gives up ("failed to start containerd"). The file names a
+        // dead process either way.
         let pidfile = self.dir.join("exec/containerd/containerd.pid");
         let Ok(pid) = fs::read_to_string(&pidfile) else {
             return Ok(());
