@@ -56,7 +56,8 @@ pub struct Attachment {
     /// The host end of the veth.
     pub host_ifname: String,
     /// The IPv4 routes through the interface in the container (at least
-    /// the subnet's), as the kernel holds them after the attachment.
+    /// the subnet's), as the kernel holds them after the attachment; none
+    /// for [`Placement::HostSide`] (the runtime addresses the interface).
     pub routes: Vec<netlink::Route4>,
 }
 
@@ -130,6 +131,10 @@ pub async fn attach_placed(
             },
         )
         .await?;
+        if placement == Placement::HostSide {
+            // Not in the container yet: the runtime moves and addresses it.
+            return Ok((ifname, Vec::new()));
+        }
         match container_routes(&req.netns, &ifname).await {
             Ok(routes) => Ok((ifname, routes)),
             Err(e) => {
