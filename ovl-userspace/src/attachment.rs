@@ -11,7 +11,7 @@ use crate::{
     api,
     model::{ContainerSpec, Endpoint, Location, Network},
     netlink, netns,
-    store::Store,
+    store::{Scope, Store},
 };
 
 /// What a front end asks for.
@@ -51,7 +51,7 @@ pub struct Attachment {
 pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
     netns::open(&req.netns)?;
     let (endpoint, network) = store
-        .update_with(|s| {
+        .update_with(Scope::Network(&req.network), |s| {
             let ep = s.add_container(ContainerSpec {
                 network: req.network.clone(),
                 node: req.node.clone(),
@@ -103,7 +103,9 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
         }),
         Err(e) => {
             if let Err(undo) = store
-                .update_with(|s| s.remove_container(&req.network, &req.node, &req.netns))
+                .update_with(Scope::Network(&req.network), |s| {
+                    s.remove_container(&req.network, &req.node, &req.netns)
+                })
                 .await
             {
                 log::error!(
@@ -170,7 +172,7 @@ pub async fn find(
     network: &str,
     netns: &str,
 ) -> Result<Option<Endpoint>> {
-    let state = store.load().await?;
+    let state = store.load_in(Scope::Network(network)).await?;
     Ok(state
         .endpoints_of(network)
         .find(|e| matches!(&e.location, Location::Container { node: n, netns: ns, .. } if n == node && ns == netns))
@@ -190,7 +192,9 @@ pub async fn detach(store: &Store, node: &str, network: &str, netns: &str) -> Re
         }
     }
     Ok(store
-        .update_with(|s| s.remove_container(network, node, netns))
+        .update_with(Scope::Network(network), |s| {
+            s.remove_container(network, node, netns)
+        })
         .await?)
 }
 

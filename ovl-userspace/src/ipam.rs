@@ -60,6 +60,21 @@ impl Subnet {
         self.base() + 2..=self.broadcast() - 1
     }
 
+    /// The subnet's first address (its network address).
+    pub fn first(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// The subnet's last address (its broadcast address).
+    pub fn last(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.broadcast())
+    }
+
+    /// True when `ip` lies in the subnet.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        (self.base()..=self.broadcast()).contains(&u32::from(ip))
+    }
+
     /// True when `ip` may be given to an endpoint.
     pub fn is_assignable(&self, ip: Ipv4Addr) -> bool {
         self.assignable().contains(&u32::from(ip))

@@ -15,4 +15,6 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod netns;
+pub mod release;
 pub mod store;
+pub mod validate;

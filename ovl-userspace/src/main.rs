@@ -12,7 +12,7 @@ use ovl_userspace::{
     datapath::DecapMode,
     ipam::Subnet,
     model::MacAddr,
-    store::Store,
+    store::{EtcdAccess, Store, StoreOptions},
 };
 
 /// VXLAN overlay networks switched by eBPF/XDP: Docker's overlay data
@@ -20,8 +20,9 @@ use ovl_userspace::{
 #[derive(Parser)]
 #[command(name = "ovl", version, about)]
 struct Cli {
-    /// Where the state lives: file:///PATH (embedded, one machine) or
-    /// etcd://HOST:PORT[,HOST:PORT...] (a cluster).
+    /// Where the state lives: file:///PATH (embedded, one machine),
+    /// etcd://HOST:PORT[,HOST:PORT...] (a cluster) or etcds://... (etcd
+    /// over TLS). Options may follow as a query (?cacert=...&user=...).
     #[arg(
         long,
         env = "OVL_STORE",
@@ -29,6 +30,26 @@ struct Cli {
         global = true
     )]
     store: String,
+    /// CA bundle that signed etcd's server certificate (etcds://).
+    #[arg(long, env = "OVL_ETCD_CACERT", global = true)]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate for etcd's client-certificate authentication.
+    #[arg(long, env = "OVL_ETCD_CERT", global = true, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Key of --etcd-cert.
+    #[arg(long, env = "OVL_ETCD_KEY", global = true, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user; the password comes from OVL_ETCD_PASSWORD or
+    /// --etcd-password-file, never from the command line.
+    #[arg(long, env = "OVL_ETCD_USER", global = true)]
+    etcd_user: Option<String>,
+    /// File whose first line is the etcd user's password.
+    #[arg(long, env = "OVL_ETCD_PASSWORD_FILE", global = true)]
+    etcd_password_file: Option<PathBuf>,
+    /// Seconds a freed address is held back before it is handed out again
+    /// (its holder may only be cut off) [default: 60].
+    #[arg(long, env = "OVL_ADDRESS_GRACE", global = true, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    address_grace: Option<u64>,
     /// This node's name [default: the hostname].
     #[arg(long, env = "OVL_NODE", global = true)]
     node: Option<String>,
@@ -147,7 +168,11 @@ enum NetworkCmd {
         mtu: Option<u32>,
     },
     /// List networks.
-    Ls,
+    Ls {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a network and its endpoints as JSON.
     Inspect { name: String },
     /// Remove a network without endpoints.
@@ -170,24 +195,83 @@ enum EndpointCmd {
     },
     /// Remove an endpoint.
     Rm { network: String, ip: Ipv4Addr },
+    /// List endpoints (containers and static ones).
+    Ls {
+        /// Only this network's.
+        #[arg(long)]
+        network: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
 enum NodeCmd {
-    /// List nodes and their VTEP addresses.
-    Ls,
+    /// List nodes, their VTEP addresses, liveness and address conflicts.
+    Ls {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a dead node: its registration and its endpoints (their
+    /// addresses are held back for the address grace). Refused while the
+    /// node's agent is alive.
+    Rm { node: String },
 }
 
+/// This node's name: `--node`, else the host name. Checked before any
+/// path is built from it, by every command that uses it.
 fn node_name(cli: &Option<String>) -> Result<String> {
-    if let Some(n) = cli {
-        return Ok(n.clone());
-    }
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("read hostname")?;
-    Ok(name.trim().to_owned())
+    let name = match cli {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("read hostname")?
+            .trim()
+            .to_owned(),
+    };
+    ovl_userspace::validate::node_name(&name)?;
+    Ok(name)
+}
+
+/// The store URL with the store flags folded into its options, so every
+/// consumer (the agent too) gets one self-contained string.
+fn store_url(cli: &Cli) -> String {
+    let options = StoreOptions {
+        etcd: EtcdAccess {
+            cacert: cli.etcd_cacert.clone(),
+            cert: cli.etcd_cert.clone(),
+            key: cli.etcd_key.clone(),
+            user: cli.etcd_user.clone(),
+            password_file: cli.etcd_password_file.clone(),
+        },
+        address_grace: cli.address_grace.map(std::time::Duration::from_secs),
+        lock_timeout: None,
+    };
+    ovl_userspace::store::options::with_options(&cli.store, &options)
+}
+
+/// Commands that act as this node (and so build paths from its name).
+fn uses_node(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Attach { .. }
+            | Command::Status { .. }
+            | Command::Detach { .. }
+            | Command::Connect { .. }
+            | Command::Disconnect { .. }
+            | Command::Stats { .. }
+    )
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let node = node_name(&cli.node)?;
+    let store_url = store_url(&cli);
+    // Commands that do not act as a node work whatever the host name is.
+    let node = if uses_node(&cli.command) {
+        node_name(&cli.node)?
+    } else {
+        cli.node.clone().unwrap_or_default()
+    };
     let api_socket = cli
         .api_socket
         .clone()
@@ -209,7 +293,7 @@ async fn run(cli: Cli) -> Result<()> {
             node,
             pin_root: cli.pin_root,
             lease_ttl: std::time::Duration::from_secs(lease_ttl),
-            store_url: cli.store,
+            store_url,
             api_socket,
             metrics,
             state_dir,
@@ -227,7 +311,7 @@ async fn run(cli: Cli) -> Result<()> {
         return print(commands::detach(iface, &node, &cli.pin_root, &api_socket).await?);
     }
     // Opened before anything else: a bad URL fails before any change.
-    let store = Store::open(&cli.store).await?;
+    let store = Store::open(&store_url).await?;
     let store = &store;
     let out = match cli.command {
         Command::Network(NetworkCmd::Create {
@@ -236,7 +320,7 @@ async fn run(cli: Cli) -> Result<()> {
             vni,
             mtu,
         }) => commands::network_create(store, &name, subnet, vni, mtu).await?,
-        Command::Network(NetworkCmd::Ls) => commands::network_ls(store).await?,
+        Command::Network(NetworkCmd::Ls { json }) => commands::network_ls(store, json).await?,
         Command::Network(NetworkCmd::Inspect { name }) => {
             commands::network_inspect(store, &name).await?
         }
@@ -293,7 +377,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Endpoint(EndpointCmd::Rm { network, ip }) => {
             commands::endpoint_rm(store, &network, ip).await?
         }
-        Command::Node(NodeCmd::Ls) => commands::node_ls(store, &cli.pin_root).await?,
+        Command::Endpoint(EndpointCmd::Ls { network, json }) => {
+            commands::endpoint_ls(store, network.as_deref(), json).await?
+        }
+        Command::Node(NodeCmd::Ls { json }) => {
+            commands::node_ls(store, &cli.pin_root, json).await?
+        }
+        Command::Node(NodeCmd::Rm { node }) => {
+            commands::node_rm(store, &cli.pin_root, &node).await?
+        }
     };
     print(out)
 }

@@ -7,7 +7,11 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 use ovl_common::wire::{ENCAP_OVERHEAD, VNI_MAX, mac_for_ipv4};
 use serde::{Deserialize, Serialize};
 
-use crate::ipam::{self, Subnet};
+use crate::{
+    ipam::{self, Subnet},
+    release::{AddressConflict, GraceClock, Released, RestoreOutcome, Verdict},
+    validate::{self, InvalidInput},
+};
 
 /// Version of the persisted schema; bumped when a migration is needed.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -51,6 +55,39 @@ pub enum ModelError {
     NoSuchEndpoint { network: String, ip: Ipv4Addr },
     #[error(transparent)]
     Ipam(#[from] ipam::IpamError),
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    #[error(
+        "subnet {subnet} contains {vtep}, the underlay address (VTEP) of node {node:?}: routing it into the overlay would cut the node off; pick another subnet"
+    )]
+    SubnetCoversVtep {
+        subnet: Subnet,
+        node: String,
+        vtep: Ipv4Addr,
+    },
+    #[error(
+        "{vtep} is the VTEP of ovl node {node:?}, which serves its own containers; `ovl endpoint add` is for hosts that run no ovl agent"
+    )]
+    VtepOfNode { vtep: Ipv4Addr, node: String },
+    #[error(
+        "{ip} on network {network:?} was freed {ago_s} s ago and is held back {left_s} s more (--address-grace) in case its holder was only cut off; pick another address or wait"
+    )]
+    AddressHeld {
+        network: String,
+        ip: Ipv4Addr,
+        ago_s: u64,
+        left_s: u64,
+    },
+    #[error(
+        "no free address in {subnet} of network {network:?}: {held} freed address(es) are held back (--address-grace); wait for the grace to pass or disconnect stale endpoints"
+    )]
+    AllFreeAddressesHeld {
+        network: String,
+        subnet: Subnet,
+        held: usize,
+    },
+    #[error("no node named {0:?}; list nodes with `ovl node ls`")]
+    NoSuchNode(String),
 }
 
 /// A VXLAN network identifier (24 bits, never 0).
@@ -217,6 +254,17 @@ pub struct State {
     /// leases); `None` where it does not (the file store).
     #[serde(skip)]
     pub alive: Option<std::collections::BTreeSet<String>>,
+    /// Addresses freed recently: held back from allocation for a while.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<Released>,
+    /// Per node, the addresses it found taken when it put back its
+    /// endpoints (its last attempt).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub conflicts: BTreeMap<String, Vec<AddressConflict>>,
+    /// Now, and how long freed addresses are held back: set by the store
+    /// before each change.
+    #[serde(skip)]
+    pub clock: GraceClock,
 }
 
 impl Default for State {
@@ -228,6 +276,9 @@ impl Default for State {
             endpoints: Vec::new(),
             nodes: BTreeMap::new(),
             alive: None,
+            released: Vec::new(),
+            conflicts: BTreeMap::new(),
+            clock: GraceClock::default(),
         }
     }
 }
@@ -269,6 +320,8 @@ impl State {
     /// Creates a network, allocating a VNI when none is asked for.
     pub fn create_network(&mut self, spec: NetworkSpec) -> Result<&Network, ModelError> {
         validate_name(&spec.name)?;
+        validate::subnet(&spec.subnet)?;
+        self.check_clear_of_vteps(&spec.subnet)?;
         if self.networks.contains_key(&spec.name) {
             return Err(ModelError::NetworkExists(spec.name));
         }
@@ -317,6 +370,7 @@ impl State {
                 count,
             });
         }
+        self.released.retain(|r| r.network != name);
         Ok(self.networks.remove(name).expect("presence checked above"))
     }
 
@@ -324,6 +378,7 @@ impl State {
     /// one is given. The host interface name is derived from network and
     /// address so it is stable and unique on the node.
     pub fn add_container(&mut self, spec: ContainerSpec) -> Result<Endpoint, ModelError> {
+        validate::node_name(&spec.node)?;
         let network = self.network(&spec.network)?.clone();
         if self.endpoints.iter().any(|e| {
             e.network == spec.network
@@ -335,8 +390,7 @@ impl State {
                 netns: spec.netns,
             });
         }
-        let used = self.endpoints_of(&spec.network).map(|e| e.ip).collect();
-        let ip = ipam::allocate(&network.subnet, &used, spec.ip)?;
+        let ip = self.allocate(&network, spec.ip)?;
         let endpoint = Endpoint {
             network: spec.network,
             name: spec.name.unwrap_or_else(|| spec.netns.clone()),
@@ -363,8 +417,17 @@ impl State {
         name: Option<String>,
     ) -> Result<Endpoint, ModelError> {
         let net = self.network(network)?.clone();
-        let used = self.endpoints_of(network).map(|e| e.ip).collect();
-        let ip = ipam::allocate(&net.subnet, &used, Some(ip))?;
+        validate::vtep(vtep)?;
+        if let Some(n) = self.nodes.values().find(|n| n.vtep == vtep) {
+            return Err(ModelError::VtepOfNode {
+                vtep,
+                node: n.name.clone(),
+            });
+        }
+        if let Some(mac) = mac {
+            validate::mac(mac)?;
+        }
+        let ip = self.allocate(&net, Some(ip))?;
         let endpoint = Endpoint {
             network: network.to_owned(),
             name: name.unwrap_or_else(|| format!("static-{ip}")),
@@ -399,7 +462,7 @@ impl State {
                 netns: netns.to_owned(),
                 node: node.to_owned(),
             })?;
-        Ok(self.endpoints.remove(pos))
+        Ok(self.release(pos))
     }
 
     /// Removes the endpoint with address `ip` from `network`.
@@ -413,7 +476,7 @@ impl State {
                 network: network.to_owned(),
                 ip,
             })?;
-        Ok(self.endpoints.remove(pos))
+        Ok(self.release(pos))
     }
 
     /// Puts back an endpoint that was freed while its node was cut off, if
@@ -426,9 +489,133 @@ impl State {
                 .iter()
                 .any(|e| e.network == ep.network && e.ip == ep.ip);
         if free {
+            self.forget_release(&ep.network, ep.ip);
             self.endpoints.push(ep.clone());
         }
         free
+    }
+
+    /// Puts back `node`'s endpoints `wanted` that the store lost, where
+    /// their address is still free (held back or not: the grace exists for
+    /// this), and records the addresses taken meanwhile under the node
+    /// (replacing what its previous attempt recorded).
+    pub fn restore_endpoints(&mut self, node: &str, wanted: &[Endpoint]) -> RestoreOutcome {
+        let mut out = RestoreOutcome::default();
+        for ep in wanted.iter().filter(|e| e.node() == Some(node)) {
+            let holder = self
+                .endpoints
+                .iter()
+                .find(|e| e.network == ep.network && e.ip == ep.ip);
+            let exists = self.networks.contains_key(&ep.network);
+            match crate::release::judge(ep, holder, exists, self.clock.now_ms) {
+                Verdict::Present => out.present += 1,
+                Verdict::Restore => {
+                    self.forget_release(&ep.network, ep.ip);
+                    self.endpoints.push(ep.clone());
+                    out.restored.push(ep.clone());
+                }
+                Verdict::NetworkGone => out.networks_gone.push(ep.clone()),
+                Verdict::Conflict(c) => out.conflicts.push(c),
+            }
+        }
+        if out.conflicts.is_empty() {
+            self.conflicts.remove(node);
+        } else {
+            self.conflicts
+                .insert(node.to_owned(), out.conflicts.clone());
+        }
+        out
+    }
+
+    /// Endpoints of node `name`.
+    pub fn endpoints_of_node<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a Endpoint> + 'a {
+        self.endpoints
+            .iter()
+            .filter(move |e| e.node() == Some(name))
+    }
+
+    /// Removes node `name`: its record, its endpoints (their addresses are
+    /// held back like any freed address) and its recorded conflicts.
+    /// Whether the node is dead is the caller's to check.
+    pub fn remove_node(&mut self, name: &str) -> Result<Vec<Endpoint>, ModelError> {
+        if !self.nodes.contains_key(name) && self.endpoints_of_node(name).next().is_none() {
+            return Err(ModelError::NoSuchNode(name.to_owned()));
+        }
+        let mut gone = Vec::new();
+        while let Some(pos) = self.endpoints.iter().position(|e| e.node() == Some(name)) {
+            gone.push(self.release(pos));
+        }
+        self.nodes.remove(name);
+        self.conflicts.remove(name);
+        Ok(gone)
+    }
+
+    /// Removes endpoint `pos` and holds its address back.
+    fn release(&mut self, pos: usize) -> Endpoint {
+        let ep = self.endpoints.remove(pos);
+        self.forget_release(&ep.network, ep.ip);
+        self.released.push(Released::of(&ep, self.clock.now_ms));
+        ep
+    }
+
+    fn forget_release(&mut self, network: &str, ip: Ipv4Addr) {
+        self.released
+            .retain(|r| !(r.network == network && r.ip == ip));
+    }
+
+    /// Picks an address of `network` for a new endpoint (`requested`, or
+    /// the lowest free one), skipping addresses still held back after
+    /// their release; an expired hold is dropped when its address is
+    /// handed out again.
+    fn allocate(
+        &mut self,
+        network: &Network,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, ModelError> {
+        let mut used: std::collections::BTreeSet<Ipv4Addr> =
+            self.endpoints_of(&network.name).map(|e| e.ip).collect();
+        let mut held = 0;
+        for r in self.released.iter().filter(|r| r.network == network.name) {
+            let Some(left) = self.clock.remaining(r) else {
+                continue;
+            };
+            if requested == Some(r.ip) {
+                return Err(ModelError::AddressHeld {
+                    network: network.name.clone(),
+                    ip: r.ip,
+                    ago_s: self.clock.now_ms.saturating_sub(r.at_ms) / 1000,
+                    left_s: left.as_secs_f64().ceil() as u64,
+                });
+            }
+            held += usize::from(used.insert(r.ip));
+        }
+        let ip = match ipam::allocate(&network.subnet, &used, requested) {
+            Err(ipam::IpamError::Exhausted(subnet)) if held > 0 => {
+                return Err(ModelError::AllFreeAddressesHeld {
+                    network: network.name.clone(),
+                    subnet,
+                    held,
+                });
+            }
+            other => other?,
+        };
+        self.forget_release(&network.name, ip);
+        Ok(ip)
+    }
+
+    /// Refuses `subnet` if it contains a registered node's VTEP.
+    fn check_clear_of_vteps(&self, subnet: &Subnet) -> Result<(), ModelError> {
+        match self.nodes.values().find(|n| subnet.contains(n.vtep)) {
+            Some(n) => Err(ModelError::SubnetCoversVtep {
+                subnet: *subnet,
+                node: n.name.clone(),
+                vtep: n.vtep,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Records (or updates) a node and its VTEP address.
@@ -622,5 +809,169 @@ mod tests {
         s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10));
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<State>(&json).unwrap(), s);
+    }
+
+    fn at(now_s: u64) -> GraceClock {
+        GraceClock {
+            now_ms: now_s * 1000,
+            grace: std::time::Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_freed_address_is_held_back_for_the_grace_then_reused() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.clock = at(1000);
+        let first = s.add_container(container("a", "n1", "c1")).unwrap();
+        s.remove_container("a", "n1", "c1").unwrap();
+        // Held back: the next container gets another address, and asking
+        // for the freed one names the grace.
+        s.clock = at(1030);
+        let other = s.add_container(container("a", "n2", "c2")).unwrap();
+        assert_ne!(other.ip, first.ip);
+        let mut asked = container("a", "n2", "c3");
+        asked.ip = Some(first.ip);
+        let err = s.add_container(asked.clone()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ModelError::AddressHeld {
+                    ago_s: 30,
+                    left_s: 30,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("--address-grace"), "{err}");
+        // Past the grace it is handed out again and its record dropped.
+        s.clock = at(1060);
+        assert_eq!(s.add_container(asked).unwrap().ip, first.ip);
+        assert!(s.released.is_empty());
+    }
+
+    #[test]
+    fn a_full_subnet_with_held_addresses_says_so() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec {
+            name: "small".into(),
+            subnet: "198.18.0.0/29".parse().unwrap(),
+            vni: None,
+            mtu: None,
+        })
+        .unwrap();
+        s.clock = at(5);
+        for i in 0..5 {
+            s.add_container(container("small", "n", &format!("c{i}")))
+                .unwrap();
+        }
+        s.remove_container("small", "n", "c0").unwrap();
+        let err = s.add_container(container("small", "n", "x")).unwrap_err();
+        assert!(
+            matches!(err, ModelError::AllFreeAddressesHeld { held: 1, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn restoring_puts_back_free_addresses_and_records_taken_ones_under_the_node() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.clock = at(100);
+        let mine: Vec<Endpoint> = (0..3)
+            .map(|i| {
+                s.add_container(container("a", "n1", &format!("c{i}")))
+                    .unwrap()
+            })
+            .collect();
+        s.remove_node("n1").unwrap();
+        // Held back for n1, but explicitly taken by n2 after the grace.
+        s.clock = at(200);
+        let mut take = container("a", "n2", "thief");
+        take.ip = Some(mine[1].ip);
+        s.add_container(take).unwrap();
+        let out = s.restore_endpoints("n1", &mine);
+        assert_eq!(out.restored, vec![mine[0].clone(), mine[2].clone()]);
+        assert_eq!(out.conflicts.len(), 1);
+        assert_eq!(out.conflicts[0].holder_name, "thief");
+        assert_eq!(s.conflicts["n1"], out.conflicts);
+        // Again: the two are present, the conflict stays until it is gone.
+        let again = s.restore_endpoints("n1", &mine);
+        assert_eq!((again.present, again.conflicts.len()), (2, 1));
+        s.remove_container("a", "n2", "thief").unwrap();
+        s.clock = at(400);
+        let healed = s.restore_endpoints("n1", &mine);
+        assert_eq!(healed.restored, vec![mine[1].clone()]);
+        assert!(!s.conflicts.contains_key("n1"));
+    }
+
+    #[test]
+    fn removing_a_node_frees_its_endpoints_and_holds_their_addresses() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10));
+        s.add_container(container("a", "n1", "c1")).unwrap();
+        s.add_container(container("a", "n2", "c2")).unwrap();
+        assert_eq!(s.remove_node("n1").unwrap().len(), 1);
+        assert_eq!(s.endpoints.len(), 1);
+        assert_eq!(s.released.len(), 1);
+        assert!(!s.nodes.contains_key("n1"));
+        assert_eq!(
+            s.remove_node("n1"),
+            Err(ModelError::NoSuchNode("n1".into()))
+        );
+    }
+
+    #[test]
+    fn bad_nodes_vteps_macs_and_subnets_are_refused_before_any_change() {
+        let mut s = State::default();
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10));
+        let covering = NetworkSpec {
+            subnet: "192.0.2.0/24".parse().unwrap(),
+            ..spec("x", None)
+        };
+        assert!(matches!(
+            s.create_network(covering),
+            Err(ModelError::SubnetCoversVtep { .. })
+        ));
+        let multicast = NetworkSpec {
+            subnet: "224.1.0.0/16".parse().unwrap(),
+            ..spec("x", None)
+        };
+        assert!(matches!(
+            s.create_network(multicast),
+            Err(ModelError::Invalid(_))
+        ));
+        s.create_network(spec("a", None)).unwrap();
+        let before = s.clone();
+        let ip = Ipv4Addr::new(198, 18, 0, 9);
+        assert!(matches!(
+            s.add_container(container("a", "..", "c1")),
+            Err(ModelError::Invalid(_))
+        ));
+        for vtep in [[0, 0, 0, 0], [224, 0, 0, 5], [127, 0, 0, 1]] {
+            assert!(matches!(
+                s.add_static("a", ip, None, Ipv4Addr::from(vtep), None),
+                Err(ModelError::Invalid(_))
+            ));
+        }
+        assert!(matches!(
+            s.add_static("a", ip, None, Ipv4Addr::new(192, 0, 2, 10), None),
+            Err(ModelError::VtepOfNode { .. })
+        ));
+        for mac in ["01:00:5e:00:00:01", "00:00:00:00:00:00"] {
+            assert!(matches!(
+                s.add_static(
+                    "a",
+                    ip,
+                    Some(mac.parse().unwrap()),
+                    Ipv4Addr::new(192, 0, 2, 50),
+                    None
+                ),
+                Err(ModelError::Invalid(_))
+            ));
+        }
+        assert_eq!(s, before);
     }
 }

@@ -82,7 +82,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let handle = netlink::connect()?;
     let underlay = netlink::underlay(&handle, &opts.iface).await?;
     let driver = netlink::driver(&opts.iface).unwrap_or_default();
-    let pin_dir = bpffs::node_dir(&opts.pin_root, &opts.node);
+    let pin_dir = bpffs::node_dir(&opts.pin_root, &opts.node)?;
     let created = !pin_dir.exists();
     bpffs::prepare(&pin_dir)?;
     let prelude = prelude(&opts, &pin_dir).await;

@@ -159,7 +159,7 @@ pub async fn restore_endpoints(store: &Store, memory: &Memory) {
         return;
     }
     let outcome = store
-        .update_with(|s| {
+        .update_with(crate::store::Scope::All, |s| {
             let mut restored = 0;
             let mut taken = Vec::new();
             for e in &candidates {
