@@ -462,7 +462,7 @@ impl State {
                 netns: netns.to_owned(),
                 node: node.to_owned(),
             })?;
-        Ok(self.release(pos))
+        Ok(self.endpoints.remove(pos))
     }
 
     /// Removes the endpoint with address `ip` from `network`.
@@ -476,7 +476,7 @@ impl State {
                 network: network.to_owned(),
                 ip,
             })?;
-        Ok(self.release(pos))
+        Ok(self.endpoints.remove(pos))
     }
 
     /// Puts back an endpoint that was freed while its node was cut off, if
@@ -553,7 +553,10 @@ impl State {
         Ok(gone)
     }
 
-    /// Removes endpoint `pos` and holds its address back.
+    /// Removes endpoint `pos` and holds its address back: its holder did
+    /// not let go of it (its node died or was removed), it may only be cut
+    /// off. Addresses let go of (`disconnect`, `endpoint rm`) are free at
+    /// once.
     fn release(&mut self, pos: usize) -> Endpoint {
         let ep = self.endpoints.remove(pos);
         self.forget_release(&ep.network, ep.ip);
@@ -824,7 +827,7 @@ mod tests {
         s.create_network(spec("a", None)).unwrap();
         s.clock = at(1000);
         let first = s.add_container(container("a", "n1", "c1")).unwrap();
-        s.remove_container("a", "n1", "c1").unwrap();
+        s.remove_node("n1").unwrap();
         // Held back: the next container gets another address, and asking
         // for the freed one names the grace.
         s.clock = at(1030);
@@ -862,11 +865,12 @@ mod tests {
         })
         .unwrap();
         s.clock = at(5);
-        for i in 0..5 {
+        s.add_container(container("small", "gone", "c0")).unwrap();
+        for i in 1..5 {
             s.add_container(container("small", "n", &format!("c{i}")))
                 .unwrap();
         }
-        s.remove_container("small", "n", "c0").unwrap();
+        s.remove_node("gone").unwrap();
         let err = s.add_container(container("small", "n", "x")).unwrap_err();
         assert!(
             matches!(err, ModelError::AllFreeAddressesHeld { held: 1, .. }),
@@ -973,5 +977,19 @@ mod tests {
             ));
         }
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn an_address_let_go_of_is_free_at_once() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.clock = at(10);
+        let ep = s.add_container(container("a", "n1", "c1")).unwrap();
+        s.remove_container("a", "n1", "c1").unwrap();
+        assert!(s.released.is_empty());
+        assert_eq!(
+            s.add_container(container("a", "n1", "c2")).unwrap().ip,
+            ep.ip
+        );
     }
 }

@@ -102,22 +102,26 @@ impl Cluster {
             .counters(&self.hosts[i].netns, Self::NODES[i], network)
     }
 
-    /// `ovl node ls` run on host `i`, as (node, VTEP, alive) rows.
+    /// `ovl node ls` run on host `i`, as (node, VTEP, alive) rows; alive
+    /// reads as the table shows it ("yes", "no", "yes (pinned here)",
+    /// "unknown").
     pub fn nodes(&self, i: usize) -> Result<Vec<(String, Ipv4Addr, String)>> {
-        let out = self.run(i, &["node", "ls"])?;
-        out.lines()
-            .skip(1)
-            .filter(|line| !line.trim().is_empty())
-            .map(|line| {
-                let mut words = line.split_whitespace();
-                let (Some(node), Some(vtep)) = (words.next(), words.next()) else {
-                    anyhow::bail!("bad `ovl node ls` row {line:?} in:\n{out}");
+        let out = self.run(i, &["node", "ls", "--json"])?;
+        let rows: Value =
+            serde_json::from_str(&out).with_context(|| format!("node ls is not JSON: {out}"))?;
+        rows.as_array()
+            .with_context(|| format!("node ls is not a list: {out}"))?
+            .iter()
+            .map(|r| {
+                let name = r["name"].as_str().context("name")?.to_owned();
+                let vtep = r["vtep"].as_str().context("vtep")?.parse()?;
+                let alive = match (r["alive"].as_bool(), r["pinned_here"].as_bool()) {
+                    (Some(true), _) => "yes",
+                    (Some(false), _) => "no",
+                    (None, Some(true)) => "yes (pinned here)",
+                    (None, _) => "unknown",
                 };
-                let vtep = vtep
-                    .parse()
-                    .with_context(|| format!("bad VTEP in {line:?}"))?;
-                let alive = words.collect::<Vec<_>>().join(" ");
-                Ok((node.to_owned(), vtep, alive))
+                Ok((name, vtep, alive.to_owned()))
             })
             .collect()
     }

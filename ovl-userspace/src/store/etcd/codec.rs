@@ -254,10 +254,10 @@ mod tests {
             mtu: None,
         })
         .unwrap();
-        for ns in ["c1", "c2"] {
+        for (node, ns) in [("a", "c1"), ("b", "c2")] {
             s.add_container(ContainerSpec {
                 network: "blue".into(),
-                node: "a".into(),
+                node: node.into(),
                 netns: ns.into(),
                 name: None,
                 ip: None,
@@ -265,7 +265,7 @@ mod tests {
             })
             .unwrap();
         }
-        s.remove_container("blue", "a", "c1").unwrap();
+        s.remove_node("a").unwrap();
         s
     }
 
@@ -317,7 +317,7 @@ mod tests {
                 owner: None,
             })
             .unwrap();
-        changed.remove_container("blue", "a", "c2").unwrap();
+        changed.remove_container("blue", "b", "c2").unwrap();
         changed.networks.get_mut("blue").unwrap().mtu = 1400;
         let new = encode(&changed);
         for (k, v) in &new {
