@@ -132,11 +132,32 @@ fn access_hint(detail: &str) -> Option<&'static str> {
         .map(|(_, hint)| *hint)
 }
 
-/// An etcd client error from `what` against `endpoints`, as a store error
-/// that says what to fix when TLS or a login is at fault.
-pub fn store_error(endpoints: String, what: &str, e: &etcd_client::Error) -> StoreError {
+/// What a connection closed by etcd right away most likely means: over
+/// TLS (1.3 reports a refused client certificate after the handshake), a
+/// missing or refused client certificate; in plain text, a TLS port.
+fn closed_hint(detail: &str, tls: bool) -> Option<&'static str> {
+    let d = detail.to_ascii_lowercase();
+    let closed = ["connection closed", "broken pipe", "connection reset"]
+        .iter()
+        .any(|n| d.contains(n));
+    match (closed, tls) {
+        (false, _) => None,
+        (true, true) => Some(
+            "etcd closed the TLS connection: it wants a client certificate signed by a CA it trusts; pass --etcd-cert and --etcd-key (OVL_ETCD_CERT, OVL_ETCD_KEY)",
+        ),
+        (true, false) => Some(
+            "etcd closed the connection: if it serves TLS on this port, use etcds:// with --etcd-cacert",
+        ),
+    }
+}
+
+/// An etcd client error from `what` against the store at `url`, as a
+/// store error that says what to fix when TLS or a login is at fault.
+pub fn store_error(url: &StoreUrl, what: &str, e: &etcd_client::Error) -> StoreError {
+    let endpoints = url.base();
     let detail = chain(e);
-    match access_hint(&detail) {
+    let hint = access_hint(&detail).or_else(|| closed_hint(&detail, url.scheme == "etcds"));
+    match hint {
         Some(hint) => StoreError::EtcdAccess {
             endpoints,
             detail: format!("{hint} ({what}: {detail})"),
@@ -171,5 +192,14 @@ mod tests {
             assert!(hint.contains(needle), "{detail}: {hint}");
         }
         assert_eq!(access_hint("connection refused"), None);
+        assert_eq!(closed_hint("connection refused", true), None);
+        assert!(
+            closed_hint("hyper::Error(Canceled, \"connection closed\")", true)
+                .is_some_and(|h| h.contains("--etcd-cert"))
+        );
+        assert!(
+            closed_hint("stream closed because of a broken pipe", false)
+                .is_some_and(|h| h.contains("etcds://"))
+        );
     }
 }

@@ -148,7 +148,7 @@ impl EtcdStore {
                     endpoints: url.base(),
                     detail: "connect timed out".into(),
                 })?
-                .map_err(|e| access::store_error(url.base(), "connect", &e))?;
+                .map_err(|e| access::store_error(url, "connect", &e))?;
         let store = EtcdStore {
             client,
             url: url.clone(),
@@ -169,7 +169,7 @@ impl EtcdStore {
     {
         match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(access::store_error(self.describe(), what, &e)),
+            Ok(Err(e)) => Err(access::store_error(&self.url, what, &e)),
             Err(_) => Err(StoreError::Etcd {
                 endpoints: self.describe(),
                 detail: format!("{what}: timed out"),
