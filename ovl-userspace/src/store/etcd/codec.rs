@@ -123,7 +123,7 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
 }
 
 /// The network and address in `/ovl/<kind>/<network>/<ipv4>`.
-fn network_and_ip<'a>(rest: &'a str) -> Option<(&'a str, Ipv4Addr)> {
+fn network_and_ip(rest: &str) -> Option<(&str, Ipv4Addr)> {
     let (network, ip) = rest.rsplit_once('/')?;
     Some((network, ip.parse().ok()?))
 }

@@ -57,6 +57,7 @@ impl EtcdStore {
         vtep: Ipv4Addr,
         ttl: Duration,
     ) -> Result<Liveness, StoreError> {
+        crate::validate::node_name(name).map_err(crate::model::ModelError::from)?;
         let mut c = self.client.clone();
         let node = Node {
             name: name.to_owned(),

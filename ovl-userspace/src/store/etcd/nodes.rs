@@ -293,5 +293,5 @@ fn holder_in(snap: &Snapshot, key: &str) -> Result<Option<Endpoint>, ()> {
 }
 
 // Transaction sizes are fixed by the batch sizes above.
-const _: () = assert!(1 + FREE_BATCH <= MAX_TXN_OPS && 2 * FREE_BATCH <= MAX_TXN_OPS);
+const _: () = assert!(FREE_BATCH < MAX_TXN_OPS && 2 * FREE_BATCH <= MAX_TXN_OPS);
 const _: () = assert!(3 * RESTORE_BATCH + 8 <= MAX_TXN_OPS);
