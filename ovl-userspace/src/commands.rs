@@ -422,7 +422,7 @@ pub async fn status(api_socket: &Path, node: &str, pin_root: &Path, json: bool) 
     let h: api::Health = match api::Client::new(api_socket).get("/v1/health").await {
         Ok(h) => h,
         Err(api::ClientError::NoAgent(path)) => {
-            let dir = bpffs::node_dir(pin_root, node);
+            let dir = bpffs::node_dir(pin_root, node)?;
             let links = datapath::LinkPins::of(&dir).list().unwrap_or_default();
             let pinned = if links.is_empty() {
                 format!(

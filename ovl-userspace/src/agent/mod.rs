@@ -471,7 +471,9 @@ impl Agent {
             };
             match c
                 .store
-                .update_with(|s| s.remove_container(&ep.network, &self.node, netns))
+                .update_with(crate::store::Scope::Network(&ep.network), |s| {
+                    s.remove_container(&ep.network, &self.node, netns)
+                })
                 .await
             {
                 Ok(_) => {
