@@ -31,8 +31,10 @@ const LOCK_FILE: &str = "state.lock";
 const FILE_MODE: u32 = 0o600;
 /// How long a change waits for the lock by default.
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often a waiting change tries the lock again.
-const LOCK_POLL: Duration = Duration::from_millis(20);
+/// How often a waiting change tries the lock again: soon at first (locks
+/// are held for milliseconds), then less often.
+const LOCK_POLL_FIRST: Duration = Duration::from_millis(1);
+const LOCK_POLL_MAX: Duration = Duration::from_millis(20);
 
 /// State in `<dir>/state.json`, shared safely by every `ovl` process on
 /// the machine.
@@ -155,6 +157,7 @@ impl FileStore {
         f.set_permissions(Permissions::from_mode(FILE_MODE))
             .map_err(io("chmod"))?;
         let started = Instant::now();
+        let mut pause = LOCK_POLL_FIRST;
         loop {
             // SAFETY: flock on a descriptor we own; released when `f` closes.
             if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -173,7 +176,8 @@ impl FileStore {
                         .unwrap_or_else(|| "an unknown process".into()),
                 });
             }
-            std::thread::sleep(LOCK_POLL);
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(LOCK_POLL_MAX);
         }
     }
 }

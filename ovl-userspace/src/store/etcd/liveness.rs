@@ -3,6 +3,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
+use backon::{ExponentialBuilder, Retryable};
 use etcd_client::PutOptions;
 use tokio::sync::{oneshot, watch};
 
@@ -133,13 +134,17 @@ impl EtcdStore {
         mut lease: i64,
         epochs: watch::Sender<u64>,
     ) {
-        let store = loop {
-            match EtcdStore::connect(url).await {
-                Ok(s) => break s,
-                Err(e) => log::debug!("keep-alive of node {name}: {e}"),
-            }
-            tokio::time::sleep(RETRY_PAUSE).await;
-        };
+        let store = (|| EtcdStore::connect(url))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(RETRY_PAUSE)
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_jitter()
+                    .without_max_times(),
+            )
+            .notify(|e, pause| log::debug!("keep-alive of node {name}: {e}; again in {pause:?}"))
+            .await
+            .expect("retried without limit");
         let period = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(300));
         loop {
             if let Err(e) = store.hold_lease(lease, period).await {
