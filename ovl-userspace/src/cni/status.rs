@@ -37,8 +37,7 @@ pub async fn status(s: &Settings) -> Result<(), CniError> {
         ))),
         Err(api::ClientError::NoAgent(_)) => {
             let pinned = bpffs::node_dir(&s.pin_root, &s.node)
-                .join(bpffs::LINKS_DIR)
-                .is_dir();
+                .is_ok_and(|d| d.join(bpffs::LINKS_DIR).is_dir());
             if pinned {
                 Err(unavailable(format!(
                     "no ovl agent answers on {}: containers attached earlier keep forwarding, new ones are not forwarded until `ovl attach` runs on node {}",
