@@ -46,8 +46,9 @@ struct Cli {
     /// File whose first line is the etcd user's password.
     #[arg(long, env = "OVL_ETCD_PASSWORD_FILE", global = true)]
     etcd_password_file: Option<PathBuf>,
-    /// Seconds a freed address is held back before it is handed out again
-    /// (its holder may only be cut off) [default: 60].
+    /// Seconds an address freed from a dead (or removed) node is held back
+    /// before it is handed out again: the node may only be cut off
+    /// [default: 60].
     #[arg(long, env = "OVL_ADDRESS_GRACE", global = true, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     address_grace: Option<u64>,
     /// This node's name [default: the hostname].
