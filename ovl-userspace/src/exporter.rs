@@ -156,6 +156,13 @@ pub fn render(view: &View) -> Result<String> {
             "Local endpoints freed because their container's namespace was gone without a disconnect.",
         )?,
     )?;
+    let conflicts = register(
+        &reg,
+        IntGauge::new(
+            "ovl_address_conflicts",
+            "Local endpoints whose address another endpoint took while this node was away; they cannot be reached until reconnected.",
+        )?,
+    )?;
     let info = gauge(
         &reg,
         "ovl_agent_info",
@@ -195,6 +202,7 @@ pub fn render(view: &View) -> Result<String> {
         u_drops.with_label_values(&[reason.name()]).inc_by(n);
     }
     store_up.set(i64::from(live.store_reachable));
+    conflicts.set(live.address_conflicts as i64);
     collected.inc_by(live.collected_endpoints);
 
     if let Some(age) = view.sync_age() {

@@ -301,7 +301,7 @@ impl Agent {
             // so: the maps are shared with the programs already running.
             // Endpoints the store lost meanwhile (its lease expired, say) go
             // back first, so their entries are never removed in between.
-            reconcile::restore_endpoints(store, &self.memory).await;
+            self.restore(store).await;
             match store.load().await {
                 Ok(state) => {
                     self.apply(&state)?;
@@ -338,6 +338,15 @@ impl Agent {
             opts.store_url
         );
         Ok(())
+    }
+
+    /// Puts back lost local endpoints and publishes how many addresses
+    /// were found taken.
+    async fn restore(&mut self, store: &Store) {
+        if let Some(conflicts) = reconcile::restore_endpoints(store, &self.node, &self.memory).await
+        {
+            self.view.update(|l| l.address_conflicts = conflicts as u64);
+        }
     }
 
     /// Applies `state` to the kernel and remembers it.
@@ -418,7 +427,7 @@ impl Agent {
                             self.collect_abandoned(connected.as_ref()).await;
                         }
                         StoreEvent::Reregistered => {
-                            reconcile::restore_endpoints(&c.store, &self.memory).await;
+                            self.restore(&c.store).await;
                         }
                     }
                 }
@@ -500,7 +509,7 @@ impl Agent {
         });
         // Endpoints of this node the store lost while the agent was away
         // (its lease expired, say) go back first, then everything applies.
-        reconcile::restore_endpoints(&c.store, &self.memory).await;
+        self.restore(&c.store).await;
         // Nodes that died while no agent watched (this one included, before
         // it started) still hold endpoints: free them now.
         reconcile::free_nodes_found_dead(&c.store, &self.node, &state).await;
