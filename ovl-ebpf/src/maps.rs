@@ -3,11 +3,15 @@
 //! and `ovl stats` find them under the node's pin directory.
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use ovl_common::{
-    Endpoint, NetworkInfo, NodeConfig, UnderlayCounters, VniAddr, VniCounters, maps::capacity,
+    Endpoint, Iface, NetworkInfo, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters, VniAddr,
+    VniCounters,
+    maps::{capacity, subnet_key_bits},
+    wire::{MIN_PATH_MTU, PATH_MTU_EXPIRY_NS},
 };
 
 /// This node's underlay identity (one entry).
@@ -26,9 +30,18 @@ pub static ENDPOINTS: HashMap<VniAddr, Endpoint> = HashMap::pinned(capacity::END
 #[map(name = "OVL_VTEPS")]
 pub static VTEPS: HashMap<VniAddr, u32> = HashMap::pinned(capacity::VTEPS, 0);
 
-/// Host-side ifindex of a local container veth → its VNI.
+/// Host-side ifindex of a local container veth → its network, address,
+/// MAC and gateway.
 #[map(name = "OVL_IFACES")]
-pub static IFACES: HashMap<u32, u32> = HashMap::pinned(capacity::IFACES, 0);
+pub static IFACES: HashMap<u32, Iface> = HashMap::pinned(capacity::IFACES, 0);
+
+/// (VNI, subnet) → the subnet's gateway; longest-prefix matched.
+#[map(name = "OVL_SUBNETS")]
+pub static SUBNETS: LpmTrie<VniAddr, SubnetInfo> = LpmTrie::pinned(capacity::SUBNETS, 0);
+
+/// Remote VTEP → the path MTU the underlay reported for it.
+#[map(name = "OVL_PATH_MTU")]
+pub static PATH_MTU: LruHashMap<[u8; 4], PathMtu> = LruHashMap::pinned(capacity::PATH_MTU, 0);
 
 /// Per-VNI, per-CPU counters. Entries are created by the agent.
 #[map(name = "OVL_STATS")]
@@ -74,9 +87,43 @@ pub fn vtep_allowed(vni: u32, vtep: [u8; 4]) -> bool {
     VTEPS.get_ptr(VniAddr { vni, addr: vtep }).is_some()
 }
 
-/// The VNI of the container veth whose host end is `ifindex`.
+/// The container interface whose host end is `ifindex`.
 #[inline(always)]
-pub fn iface_vni(ifindex: u32) -> Option<u32> {
+pub fn iface(ifindex: u32) -> Option<Iface> {
     // SAFETY: the value is copied out immediately.
     unsafe { IFACES.get(ifindex).copied() }
+}
+
+/// The subnet of network `vni` that holds `addr`, if any.
+#[inline(always)]
+pub fn subnet_of(vni: u32, addr: [u8; 4]) -> Option<SubnetInfo> {
+    let key = Key::new(subnet_key_bits(32), VniAddr { vni, addr });
+    SUBNETS.get(&key).copied()
+}
+
+/// The path MTU to `vtep` the underlay reported, while it holds.
+#[inline(always)]
+pub fn path_mtu(vtep: [u8; 4]) -> Option<u32> {
+    // SAFETY: the value is copied out immediately.
+    let reported = unsafe { PATH_MTU.get(vtep).copied() }?;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    (now.wrapping_sub(reported.learned_ns) < PATH_MTU_EXPIRY_NS).then_some(reported.mtu)
+}
+
+/// Records a path MTU to `vtep` (raised to the floor ovl accepts).
+#[inline(always)]
+pub fn set_path_mtu(vtep: [u8; 4], mtu: u32) {
+    let entry = PathMtu {
+        mtu: if mtu < MIN_PATH_MTU {
+            MIN_PATH_MTU
+        } else {
+            mtu
+        },
+        _pad: 0,
+        // SAFETY: helper without arguments.
+        learned_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // A full LRU map evicts the oldest entry; an error only loses a report.
+    let _ = PATH_MTU.insert(vtep, entry, 0);
 }

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     api,
+    ipam::Subnet,
     model::{ContainerSpec, Endpoint, Location, Network},
     netlink, netns,
     store::{Scope, Store},
@@ -28,6 +29,9 @@ pub struct Request {
     pub name: Option<String>,
     /// Address to use instead of the next free one.
     pub ip: Option<Ipv4Addr>,
+    /// The network's subnet to take the address from [default: the first
+    /// with a free address].
+    pub subnet: Option<Subnet>,
     /// The front end's identity for the attachment ([`Endpoint::owner`]).
     pub owner: Option<String>,
 }
@@ -58,6 +62,7 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
                 netns: req.netns.clone(),
                 name: req.name.clone(),
                 ip: req.ip,
+                subnet: req.subnet,
                 owner: req.owner.clone(),
             })?;
 
@@ -69,6 +74,9 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
     };
     let host_ifname = host_ifname.clone();
     let built = async {
+        let routes = network
+            .container_routes(endpoint.ip)
+            .context("IPAM gave an address outside the network's subnets")?;
         let handle = netlink::connect()?;
         let ifname = netlink::create_container_link(
             &handle,
@@ -78,9 +86,11 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
                 ifname: req.ifname.as_deref(),
 
                 ip: endpoint.ip,
-                prefix: network.subnet.prefix(),
+                prefix: routes.prefix,
                 mac: endpoint.mac,
                 mtu: network.mtu,
+                gateway: routes.gateway,
+                via_gateway: &routes.via_gateway,
             },
         )
         .await?;

@@ -11,7 +11,7 @@ use ovl_userspace::{
     commands,
     datapath::DecapMode,
     ipam::Subnet,
-    model::MacAddr,
+    model::{MacAddr, NetworkSpec},
     store::{EtcdAccess, Store, StoreOptions},
 };
 
@@ -80,6 +80,10 @@ enum Command {
         /// Address to use instead of the next free one.
         #[arg(long)]
         ip: Option<Ipv4Addr>,
+        /// Take the address from this subnet of the network [default: the
+        /// first with a free address].
+        #[arg(long)]
+        subnet: Option<Subnet>,
         /// Endpoint name [default: the namespace name].
         #[arg(long)]
         name: Option<String>,
@@ -135,6 +139,22 @@ enum Command {
     /// ovl as a CNI plugin (podman, containerd, CRI-O, Kubernetes).
     #[command(subcommand)]
     Cni(CniCmd),
+    /// Settings every node of the cluster shares.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Show the cluster's settings.
+    Show,
+    /// Change the cluster's settings (every agent follows).
+    Set {
+        /// UDP port of the overlay's VXLAN [default: 4789, IANA's; 8472 is
+        /// Linux's and Flannel's].
+        #[arg(long)]
+        vxlan_port: Option<u16>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -159,12 +179,23 @@ enum NetworkCmd {
     /// Create a network.
     Create {
         name: String,
+        /// A subnet of the network; repeat for several (routed to each
+        /// other by their gateways). IPAM fills them in this order.
+        #[arg(long, required = true)]
+        subnet: Vec<Subnet>,
+        /// A subnet's gateway, matched to the subnet that holds it; repeat
+        /// for several [default: each subnet's first address].
         #[arg(long)]
-        subnet: Subnet,
+        gateway: Vec<Ipv4Addr>,
+        /// No way out of the overlay: containers get no default route and
+        /// no external egress (Docker's --internal).
+        #[arg(long)]
+        internal: bool,
         /// VXLAN network identifier [default: next free from 4096].
         #[arg(long)]
         vni: Option<u32>,
-        /// Container MTU [default: 1450, a 1500 underlay minus 50].
+        /// Container MTU [default: the smallest underlay MTU of the known
+        /// nodes minus 50; 1450 when none is known].
         #[arg(long)]
         mtu: Option<u32>,
     },
@@ -318,9 +349,21 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Network(NetworkCmd::Create {
             name,
             subnet,
+            gateway,
+            internal,
             vni,
             mtu,
-        }) => commands::network_create(store, &name, subnet, vni, mtu).await?,
+        }) => {
+            let spec = NetworkSpec {
+                name,
+                subnets: subnet,
+                gateways: gateway,
+                vni,
+                mtu,
+                internal,
+            };
+            commands::network_create(store, spec).await?
+        }
         Command::Network(NetworkCmd::Ls { json }) => commands::network_ls(store, json).await?,
         Command::Network(NetworkCmd::Inspect { name }) => {
             commands::network_inspect(store, &name).await?
@@ -330,6 +373,7 @@ async fn run(cli: Cli) -> Result<()> {
             network,
             netns,
             ip,
+            subnet,
             name,
         } => {
             let req = ovl_userspace::attachment::Request {
@@ -339,6 +383,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ifname: None,
                 name,
                 ip,
+                subnet,
                 owner: None,
             };
             commands::connect(store, &api_socket, &req).await?
@@ -386,6 +431,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Node(NodeCmd::Rm { node }) => {
             commands::node_rm(store, &cli.pin_root, &node).await?
+        }
+        Command::Cluster(ClusterCmd::Show) => commands::cluster_show(store).await?,
+        Command::Cluster(ClusterCmd::Set { vxlan_port }) => {
+            commands::cluster_set(store, vxlan_port).await?
         }
     };
     print(out)

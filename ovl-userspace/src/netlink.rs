@@ -7,7 +7,7 @@ use std::{ffi::CString, fs, net::Ipv4Addr, os::fd::AsRawFd};
 use anyhow::{Context, Result, bail};
 use futures_util::TryStreamExt;
 use rtnetlink::{
-    Handle, LinkUnspec, LinkVeth,
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{address::AddressAttribute, link::LinkAttribute},
 };
 
@@ -150,12 +150,18 @@ pub struct ContainerLink<'a> {
     pub prefix: u8,
     pub mac: MacAddr,
     pub mtu: u32,
+    /// The gateway of the container's subnet.
+    pub gateway: Ipv4Addr,
+    /// Destinations (address, prefix length) routed through `gateway`:
+    /// `0.0.0.0/0` for the default route.
+    pub via_gateway: &'a [(Ipv4Addr, u8)],
 }
 
 /// Makes the veth pair of a container endpoint: the host end stays here
 /// (named `host_ifname`), the other end becomes `eth0` (or the next free
-/// `ethN`) in the container's namespace with its address, MAC and MTU.
-/// Returns the container-side interface name. On failure nothing is left.
+/// `ethN`) in the container's namespace with its address, MAC, MTU and
+/// routes through its gateway. Returns the container-side interface name.
+/// On failure nothing is left.
 pub async fn create_container_link(handle: &Handle, spec: &ContainerLink<'_>) -> Result<String> {
     let peer_tmp = format!("{}c", spec.host_ifname);
     handle
@@ -235,6 +241,22 @@ async fn configure_container_link(
         .execute()
         .await
         .context("bring container interface up")?;
+    for (dst, len) in spec.via_gateway {
+        inner
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(*dst, *len)
+                    .gateway(spec.gateway)
+                    .output_interface(idx)
+                    .build(),
+            )
+            .execute()
+            .await
+            .with_context(|| {
+                format!("route {dst}/{len} via {} in {:?}", spec.gateway, spec.netns)
+            })?;
+    }
     handle
         .link()
         .set(LinkUnspec::new_with_index(host).up().build())

@@ -270,10 +270,13 @@ impl Agent {
         driver: &str,
         store: Option<&Store>,
     ) -> Result<()> {
+        // Kept: the store's VXLAN port, applied by an earlier agent.
+        let udp_port = self.dp.config()?.udp_port;
         self.dp.set_config(NodeConfig {
             vtep: self.underlay.addr.octets(),
             underlay_ifindex: self.underlay.ifindex,
             underlay_mtu: self.underlay.mtu,
+            udp_port,
             _pad: 0,
         })?;
         if let Maps::Replacing(mismatches) = self.dp.maps().clone() {
@@ -392,6 +395,7 @@ impl Agent {
             opts.store_url.clone(),
             opts.node.clone(),
             self.underlay.addr,
+            self.underlay.mtu,
             opts.lease_ttl,
         )));
         let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -531,6 +535,7 @@ async fn connect(
     url: String,
     node: String,
     vtep: std::net::Ipv4Addr,
+    underlay_mtu: u32,
     ttl: Duration,
 ) -> Connected {
     let mut store = store;
@@ -544,7 +549,7 @@ async fn connect(
                 None => Arc::new(open_store(&url).await?),
             };
             let registration = store
-                .register_node(&node, vtep, ttl)
+                .register_node(&node, vtep, underlay_mtu, ttl)
                 .await
                 .map_err(|e| anyhow!(e).context(format!("register node {node}")))?;
             let updates = store.subscribe().await?;

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Result;
-use ovl_common::{maps::names, wire::ENCAP_OVERHEAD};
+use ovl_common::wire::ENCAP_OVERHEAD;
 
 use super::{
     journal::Memory,
@@ -17,6 +17,7 @@ use super::{
 use crate::{
     datapath::Datapath,
     desired::desired,
+    egress_nat,
     model::{Endpoint, Location, State},
     netlink::{self, Underlay},
     store::Store,
@@ -47,7 +48,11 @@ pub fn reconcile(
     dp.sync_stats(want.networks.keys().copied())?;
     dp.sync_networks(&want.networks)?;
     dp.sync_vteps(&want.vteps)?;
-    dp.sync_u32_map(names::IFACES, &want.ifaces)?;
+    dp.sync_subnets(&want.subnets)?;
+    dp.sync_ifaces(&want.ifaces)?;
+    if dp.set_vxlan_port(want.vxlan_port)? {
+        log::info!("VXLAN now on UDP port {}", want.vxlan_port);
+    }
     let changed = dp.sync_endpoints(&want.endpoints)?;
     if changed.written + changed.removed > 0 {
         log::info!(
@@ -72,6 +77,7 @@ pub fn reconcile(
     for name in &want.missing_links {
         log::debug!("local endpoint interface {name} does not exist yet");
     }
+    egress_nat::ensure_logged(&underlay.name, &want.egress);
 
     publish(state, &want, view);
     Ok(())

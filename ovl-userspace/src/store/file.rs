@@ -286,10 +286,8 @@ mod tests {
     fn create(store: &FileStore, name: &str) -> Result<State, StoreError> {
         store.update(&mut |s| {
             s.create_network(NetworkSpec {
-                name: name.into(),
-                subnet: "198.18.0.0/24".parse().unwrap(),
                 vni: None,
-                mtu: None,
+                ..NetworkSpec::new(name, "198.18.0.0/24".parse().unwrap())
             })
             .map(|_| ())
         })
@@ -347,8 +345,7 @@ mod tests {
                                     node: format!("n{i}"),
                                     netns: format!("c{j}"),
                                     name: None,
-                                    ip: None,
-                                    owner: None,
+                                    ..ContainerSpec::default()
                                 })
                             })
                             .unwrap()

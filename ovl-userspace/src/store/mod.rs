@@ -241,24 +241,28 @@ impl Store {
         }
     }
 
-    /// Registers node `name` with VTEP `vtep`; with etcd, also as alive
-    /// under a lease of `ttl` that the returned registration keeps alive.
+    /// Registers node `name` with VTEP `vtep` and its underlay's MTU; with
+    /// etcd, also as alive under a lease of `ttl` that the returned
+    /// registration keeps alive.
     pub async fn register_node(
         &self,
         name: &str,
         vtep: Ipv4Addr,
+        underlay_mtu: u32,
         ttl: Duration,
     ) -> Result<Registration, StoreError> {
         match self {
             Store::File(f) => {
                 f.update(&mut |s| {
                     crate::validate::node_name(name)?;
-                    s.register_node(name, vtep);
+                    s.register_node(name, vtep, Some(underlay_mtu));
                     Ok(())
                 })?;
                 Ok(Registration::File)
             }
-            Store::Etcd(e) => Ok(Registration::Etcd(e.register_node(name, vtep, ttl).await?)),
+            Store::Etcd(e) => Ok(Registration::Etcd(
+                e.register_node(name, vtep, underlay_mtu, ttl).await?,
+            )),
         }
     }
 

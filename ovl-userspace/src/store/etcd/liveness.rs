@@ -56,6 +56,7 @@ impl EtcdStore {
         &self,
         name: &str,
         vtep: Ipv4Addr,
+        underlay_mtu: u32,
         ttl: Duration,
     ) -> Result<Liveness, StoreError> {
         crate::validate::node_name(name).map_err(crate::model::ModelError::from)?;
@@ -63,6 +64,7 @@ impl EtcdStore {
         let node = Node {
             name: name.to_owned(),
             vtep,
+            underlay_mtu: Some(underlay_mtu),
         };
         self.call("register node", c.put(node_key(name), json(&node), None))
             .await?;

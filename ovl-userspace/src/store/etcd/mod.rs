@@ -14,8 +14,8 @@ use std::{collections::BTreeMap, future::Future, time::Duration};
 
 pub use codec::KEY_PREFIX;
 use codec::{
-    ENDPOINTS, NETWORKS, NODES, RELEASED, SCHEMA_KEY, decode, encode, endpoint_key, network_key,
-    prefix_end, released_key,
+    CLUSTER_KEY, ENDPOINTS, NETWORKS, NODES, RELEASED, SCHEMA_KEY, decode, encode, endpoint_key,
+    network_key, prefix_end, released_key,
 };
 use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
 pub use liveness::Liveness;
@@ -83,7 +83,11 @@ impl Range {
     /// What `scope` reads.
     fn of(scope: Scope<'_>) -> Vec<Range> {
         match scope {
-            Scope::Networks => vec![Range::Prefix(NETWORKS.into()), Range::Prefix(NODES.into())],
+            Scope::Networks => vec![
+                Range::Prefix(NETWORKS.into()),
+                Range::Prefix(NODES.into()),
+                Range::Key(CLUSTER_KEY.into()),
+            ],
             Scope::Network(n) => vec![
                 Range::Key(network_key(n)),
                 Range::Prefix(format!("{ENDPOINTS}{n}/")),
@@ -472,10 +476,9 @@ mod tests {
     fn network() -> State {
         let mut s = State::default();
         s.create_network(NetworkSpec {
-            name: "blue".into(),
-            subnet: "198.18.0.0/24".parse().unwrap(),
             vni: None,
             mtu: None,
+            ..NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap())
         })
         .unwrap();
         s
@@ -489,6 +492,7 @@ mod tests {
             name: None,
             ip: None,
             owner: None,
+            subnet: None,
         })
         .unwrap();
     }
