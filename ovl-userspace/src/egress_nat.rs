@@ -215,19 +215,13 @@ pub fn remove(underlay: &str) -> Result<Vec<String>> {
         ));
     }
     let rules = ovl_rules()?;
-    for (vni_mark, _) in &rules {
-        let mark = vni_mark.to_string();
+    let prio = RULE_PRIORITY.to_string();
+    for (mark, table) in &rules {
+        let (mark, table) = (mark.to_string(), table.to_string());
         ip(&[
-            "rule",
-            "del",
-            "priority",
-            &RULE_PRIORITY.to_string(),
-            "fwmark",
-            &mark,
-            "table",
-            &mark,
+            "rule", "del", "priority", &prio, "fwmark", &mark, "table", &table,
         ])?;
-        let _ = ip(&["route", "flush", "table", &mark]);
+        let _ = ip(&["route", "flush", "table", &table]);
     }
     if !rules.is_empty() {
         done.push(format!("removed {} egress routing table(s)", rules.len()));

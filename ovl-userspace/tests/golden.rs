@@ -417,7 +417,13 @@ fn echo_ttl(src: Ipv4Addr, dst: Ipv4Addr, dst_mac: [u8; 6], ttl: u8, len: usize)
 /// The ICMP error (type, code, 4 bytes of rest) the gateway `from` sends
 /// to container `to` about `offending` (an Ethernet frame): RFC 792 quote
 /// of its IPv4 header and 8 bytes, TOS 0xc0, TTL 64, checksums valid.
-fn icmp_error(from: Ipv4Addr, to: Ipv4Addr, kind: [u8; 2], rest: [u8; 4], offending: &[u8]) -> Vec<u8> {
+fn icmp_error(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    kind: [u8; 2],
+    rest: [u8; 4],
+    offending: &[u8],
+) -> Vec<u8> {
     let mut message = vec![kind[0], kind[1], 0, 0];
     message.extend_from_slice(&rest);
     message.extend_from_slice(&offending[14..14 + 28]);
@@ -477,7 +483,10 @@ fn egress_routes_to_another_subnet_rewriting_macs_and_decrementing_ttl() -> Resu
         hex(&out),
         hex(&inner)
     );
-    ensure!(out[16 + 14..20 + 14] == REMOTE_VTEP.octets(), "outer destination");
+    ensure!(
+        out[16 + 14..20 + 14] == REMOTE_VTEP.octets(),
+        "outer destination"
+    );
     Ok(())
 }
 
@@ -485,10 +494,17 @@ fn egress_routes_to_another_subnet_rewriting_macs_and_decrementing_ttl() -> Resu
 fn egress_answers_ttl_1_at_the_gateway_with_time_exceeded() -> Result<()> {
     let f = fixture("gold-ttl")?;
     let input = echo_ttl(C1, D1, GW_MAC, 1, 56);
-    let (action, out) = egress(&f, &input, |c| c.drops[DropReason::TtlExceeded as usize] += 1)?;
+    let (action, out) = egress(&f, &input, |c| {
+        c.drops[DropReason::TtlExceeded as usize] += 1
+    })?;
     ensure!(action == TC_ACT_REDIRECT, "action {action}");
     let want = icmp_error(GATEWAY, C1, [11, 0], [0; 4], &input);
-    ensure!(out == want, "time exceeded\n{}\nwant\n{}", hex(&out), hex(&want));
+    ensure!(
+        out == want,
+        "time exceeded\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
     ensure!(checksum(&out[34..]) == 0, "ICMP checksum does not verify");
     Ok(())
 }
@@ -522,7 +538,12 @@ fn egress_answers_arp_and_echo_for_the_gateway() -> Result<()> {
     let c = checksum(&ip[..20]);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let want = eth(mac_of(C1), GW_MAC, ETH_P_IP, &ip);
-    ensure!(out == want, "echo reply\n{}\nwant\n{}", hex(&out), hex(&want));
+    ensure!(
+        out == want,
+        "echo reply\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
     Ok(())
 }
 
@@ -546,8 +567,10 @@ fn egress_drops_spoofed_sources_and_counts_them() -> Result<()> {
         ("ARP with another sender MAC", arp_forged_sha),
         ("routed with a forged address", routed_forged),
     ] {
-        let (action, _) = egress(&f, &input, |c| c.drops[DropReason::SpoofedSource as usize] += 1)
-            .with_context(|| what)?;
+        let (action, _) = egress(&f, &input, |c| {
+            c.drops[DropReason::SpoofedSource as usize] += 1
+        })
+        .with_context(|| what)?;
         ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
     }
     Ok(())
@@ -567,18 +590,22 @@ fn egress_hands_external_destinations_to_the_host_unless_internal() -> Result<()
     })?;
     ensure!(action == TC_ACT_SHOT, "action {action}");
 
-    f.datapath.sync_networks(&std::collections::BTreeMap::from([(
-        VNI,
-        NetworkInfo {
-            mtu: OVERLAY_MTU,
-            flags: network_flags::INTERNAL,
-        },
-    )]))?;
+    f.datapath
+        .sync_networks(&std::collections::BTreeMap::from([(
+            VNI,
+            NetworkInfo {
+                mtu: OVERLAY_MTU,
+                flags: network_flags::INTERNAL,
+            },
+        )]))?;
     let (action, _) = egress(&f, &input, |c| c.drops[DropReason::NoRoute as usize] += 1)?;
     ensure!(action == TC_ACT_SHOT, "internal: action {action}");
     // Subnets still route to each other on an internal network.
     let (action, _) = egress(&f, &echo(C1, D1, GW_MAC), |c| c.local_packets += 1)?;
-    ensure!(action == TC_ACT_REDIRECT, "internal, routed: action {action}");
+    ensure!(
+        action == TC_ACT_REDIRECT,
+        "internal, routed: action {action}"
+    );
     Ok(())
 }
 
@@ -604,7 +631,12 @@ fn frag_needed_report(to_vtep: Ipv4Addr, port: u16, mtu: u16) -> Vec<u8> {
         ARRIVAL_MAC,
         GATEWAY_MAC,
         ETH_P_IP,
-        &ipv4(Ipv4Addr::new(192, 0, 2, 1), LOCAL_VTEP, IPPROTO_ICMP, &message),
+        &ipv4(
+            Ipv4Addr::new(192, 0, 2, 1),
+            LOCAL_VTEP,
+            IPPROTO_ICMP,
+            &message,
+        ),
     )
 }
 
@@ -614,7 +646,10 @@ fn decap_learns_the_path_mtu_and_encap_answers_larger_packets_with_frag_needed()
     // A report about another port, or with a bogus MTU, teaches nothing.
     for (what, report) in [
         ("other port", frag_needed_report(REMOTE_VTEP, 8472, 1400)),
-        ("MTU above the refused size", frag_needed_report(REMOTE_VTEP, 4789, 1600)),
+        (
+            "MTU above the refused size",
+            frag_needed_report(REMOTE_VTEP, 4789, 1600),
+        ),
     ] {
         let (action, _) = run(&f, programs::XDP_DECAP, &report, None, VNI, |_| {})?;
         ensure!(action == XDP_PASS, "{what}: action {action}");
@@ -628,7 +663,10 @@ fn decap_learns_the_path_mtu_and_encap_answers_larger_packets_with_frag_needed()
         let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(TEST_RUN_IFINDEX));
         let report = frag_needed_report(REMOTE_VTEP, 4789, 1400);
         let (action, out) = run(&f, program, &report, ctx.as_deref(), VNI, |_| {})?;
-        ensure!(out == report, "{program}: the report changed on its way to the host");
+        ensure!(
+            out == report,
+            "{program}: the report changed on its way to the host"
+        );
         ensure!(
             action == XDP_PASS || action == testbed::action::TC_ACT_OK,
             "{program}: action {action}"
@@ -656,7 +694,12 @@ fn decap_learns_the_path_mtu_and_encap_answers_larger_packets_with_frag_needed()
     let (action, out) = egress(&f, &big, |c| c.drops[DropReason::PathMtu as usize] += 1)?;
     ensure!(action == TC_ACT_REDIRECT, "oversize: action {action}");
     let want = icmp_error(GATEWAY, C1, [3, 4], [0, 0, 0x05, 0x46], &big);
-    ensure!(out == want, "frag needed\n{}\nwant\n{}", hex(&out), hex(&want));
+    ensure!(
+        out == want,
+        "frag needed\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
     // Without DF the sender asked for fragments ovl cannot make: dropped.
     let mut no_df = big.clone();
     no_df[14 + 6] = 0;
@@ -680,12 +723,19 @@ fn the_cluster_vxlan_port_is_what_encap_sends_and_decap_accepts() -> Result<()> 
         c.tx_packets += 1;
         c.tx_bytes += inner.len() as u64;
     })?;
-    ensure!(out[36..38] == 8472u16.to_be_bytes(), "destination port\n{}", hex(&out[..50]));
+    ensure!(
+        out[36..38] == 8472u16.to_be_bytes(),
+        "destination port\n{}",
+        hex(&out[..50])
+    );
 
     let from_c2 = echo(C2, C1, mac_of(C1));
     let on_4789 = vxlan_from(REMOTE_VTEP, VNI, &from_c2);
     let (action, out) = run(&f, programs::XDP_DECAP, &on_4789, None, VNI, |_| {})?;
-    ensure!(action == XDP_PASS && out == on_4789, "4789 is not ovl's now: {action}");
+    ensure!(
+        action == XDP_PASS && out == on_4789,
+        "4789 is not ovl's now: {action}"
+    );
     let mut on_8472 = on_4789.clone();
     on_8472[36..38].copy_from_slice(&8472u16.to_be_bytes());
     let (action, _) = run(&f, programs::XDP_DECAP, &on_8472, None, VNI, |c| {

@@ -76,7 +76,16 @@ fn icmp_on_the_far_link(lab: &Lab, world: &TwoHosts, c: &Netns) -> Result<Vec<(S
     let tshark = lab.spawn(
         &world.router,
         &[
-            "tshark", "-i", &far_link, "-f", "icmp", "-c", "6", "-a", "duration:20", "-w",
+            "tshark",
+            "-i",
+            &far_link,
+            "-f",
+            "icmp",
+            "-c",
+            "6",
+            "-a",
+            "duration:20",
+            "-w",
             &pcap_text,
         ],
         &[],
@@ -87,7 +96,12 @@ fn icmp_on_the_far_link(lab: &Lab, world: &TwoHosts, c: &Netns) -> Result<Vec<(S
     .with_context(|| format!("tshark did not start:\n{}", tshark.output_report()))?;
     // The server is the router itself: its own replies leave on no link,
     // so ping a host behind it instead — host B's underlay address.
-    let r = ping(c, Ipv4Addr::new(198, 51, 100, 10), 3, &["-i", "0.2", "-W", "2"])?;
+    let r = ping(
+        c,
+        Ipv4Addr::new(198, 51, 100, 10),
+        3,
+        &["-i", "0.2", "-W", "2"],
+    )?;
     ensure!(r.all_received(), "pings to host B were lost:\n{}", r.output);
     tshark.wait_timeout(Duration::from_secs(25))?;
     let out = ovl_tests::run(&[
@@ -119,7 +133,9 @@ fn a_container_reaches_the_underlay_masqueraded_and_leaves_no_translation_behind
         "nc got {got:?}:\n{}",
         server.output_report()
     );
-    wait_until(Duration::from_secs(5), || Ok(server.stdout()?.contains("peer")))?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(server.stdout()?.contains("peer"))
+    })?;
     let peer = server.stdout()?;
     ensure!(
         peer.contains(&format!("peer {HOST_A}\n")),
@@ -191,7 +207,11 @@ fn an_internal_network_has_no_way_out() -> Result<()> {
     let before = world.counters(0, NETWORK)?;
     let _server = start_server(&lab, &world)?;
     let r = ping(&c1, SERVER, 3, &["-i", "0.2", "-W", "1"])?;
-    ensure!(r.received == 0, "an internal container reached {SERVER}:\n{}", r.output);
+    ensure!(
+        r.received == 0,
+        "an internal container reached {SERVER}:\n{}",
+        r.output
+    );
     ensure!(
         !fetch(&c1)?.contains(GREETING),
         "an internal container opened a connection to {SERVER}"

@@ -106,13 +106,21 @@ fn bad_subnets_gateways_and_addresses_are_refused_and_the_store_is_unchanged() -
     refused(
         &ovl,
         ns,
-        &["connect", "prod-net", c1.name(), "--subnet", "198.18.9.0/24"],
+        &[
+            "connect",
+            "prod-net",
+            c1.name(),
+            "--subnet",
+            "198.18.9.0/24",
+        ],
         "not a subnet of this network",
     )?;
     let after = std::fs::read(&state_file).context("state.json")?;
     ensure!(before == after, "a refused command changed the store");
     ensure!(
-        !c1.exec_unchecked(&["ip", "link", "show", "eth0"])?.status.success(),
+        !c1.exec_unchecked(&["ip", "link", "show", "eth0"])?
+            .status
+            .success(),
         "a refused connect left an interface in the container"
     );
     Ok(())

@@ -96,7 +96,9 @@ fn a_1_mib_tcp_transfer_crosses_a_narrower_underlay_link() -> Result<()> {
         counted.path_mtu > 0,
         "no packet was answered with frag-needed: {counted:?}"
     );
-    let underlay = world.ovl.underlay(&world.hosts[0].netns, TwoHosts::NODES[0])?;
+    let underlay = world
+        .ovl
+        .underlay(&world.hosts[0].netns, TwoHosts::NODES[0])?;
     let reports = underlay["path_mtu_reports"].as_u64().unwrap_or(0);
     ensure!(
         reports > 0,

@@ -59,13 +59,16 @@ fn reply_ttl(output: &str) -> Option<u8> {
 }
 
 #[test]
-fn containers_of_two_subnets_on_two_hosts_all_reach_each_other_through_the_gateway() -> Result<()>
-{
+fn containers_of_two_subnets_on_two_hosts_all_reach_each_other_through_the_gateway() -> Result<()> {
     let lab = Lab::new("routing")?;
     let (world, members) = world(&lab)?;
     for m in &members {
         let in_subnet_2 = m.name.ends_with('2');
-        let want = if in_subnet_2 { "198.18.2." } else { "198.18.1." };
+        let want = if in_subnet_2 {
+            "198.18.2."
+        } else {
+            "198.18.1."
+        };
         ensure!(
             m.ip.to_string().starts_with(want),
             "{} got {} outside its subnet",

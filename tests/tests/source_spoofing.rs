@@ -50,7 +50,12 @@ fn frames_with_another_source_are_dropped_counted_and_reach_nobody() -> Result<(
         after = world.counters(0, "tenant")?;
         Ok(after.spoofed_source - before.spoofed_source >= 3 * N)
     })
-    .with_context(|| format!("spoofed_source did not reach +{}: {before:?} -> {after:?}", 3 * N))?;
+    .with_context(|| {
+        format!(
+            "spoofed_source did not reach +{}: {before:?} -> {after:?}",
+            3 * N
+        )
+    })?;
     let mut expected = before.clone();
     expected.spoofed_source += 3 * N;
     ensure!(

@@ -42,7 +42,16 @@ fn a_cluster_on_port_8472_carries_its_overlay_there_and_nothing_on_4789() -> Res
     let tshark = lab.spawn(
         &host_a.netns,
         &[
-            "tshark", "-i", HOST_IFACE, "-f", "udp", "-c", &count, "-a", "duration:20", "-w",
+            "tshark",
+            "-i",
+            HOST_IFACE,
+            "-f",
+            "udp",
+            "-c",
+            &count,
+            "-a",
+            "duration:20",
+            "-w",
             &pcap_text,
         ],
         &[],
@@ -52,7 +61,11 @@ fn a_cluster_on_port_8472_carries_its_overlay_there_and_nothing_on_4789() -> Res
     })
     .with_context(|| format!("tshark did not start:\n{}", tshark.output_report()))?;
     let r = ping(&c1, ip2, PINGS as u32, &["-i", "0.2", "-W", "2"])?;
-    ensure!(r.all_received(), "A -> B lost packets on port {PORT}:\n{}", r.output);
+    ensure!(
+        r.all_received(),
+        "A -> B lost packets on port {PORT}:\n{}",
+        r.output
+    );
     tshark.wait_timeout(Duration::from_secs(25))?;
 
     let decode_as = format!("udp.port=={PORT},vxlan");

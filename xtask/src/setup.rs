@@ -38,9 +38,12 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// probes, captures, load generators, scapy for crafted packets, bpftool,
 /// etcd for the etcd store backend, Prometheus (server and promtool) that
 /// scrapes the agent, curl, the font the benchmark chart's text is drawn
-/// with, and podman with the reference CNI plugins and busybox-static (the
-/// offline container image) for the CNI plugin's scenarios.
-const DEBIAN_PACKAGES: [&str; 18] = [
+/// with, podman with the reference CNI plugins and busybox-static (the
+/// offline container image) for the CNI plugin's scenarios, and what the
+/// agent runs for external egress (nftables for the masquerade, conntrack
+/// to forget a leaving container's translations) with netcat to open
+/// connections through it.
+const DEBIAN_PACKAGES: [&str; 21] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -59,6 +62,9 @@ const DEBIAN_PACKAGES: [&str; 18] = [
     "podman",
     "containernetworking-plugins",
     "busybox-static",
+    "nftables",
+    "conntrack",
+    "netcat-openbsd",
 ];
 
 /// Debian packages the build itself needs: protoc and protobuf's

@@ -77,9 +77,11 @@ pub fn reconcile(
     for name in &want.missing_links {
         log::debug!("local endpoint interface {name} does not exist yet");
     }
-    egress_nat::ensure_logged(&underlay.name, &want.egress);
 
     publish(state, &want, view);
+    // Last: the host's side of external egress runs nft and ip, slower than
+    // the map writes the containers' traffic waits for.
+    egress_nat::ensure_logged(&underlay.name, &want.egress);
     Ok(())
 }
 

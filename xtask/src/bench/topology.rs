@@ -171,7 +171,10 @@ fn ovl(
         }
     }
     let ovl = ovl_tests::Ovl::new(lab)?;
-    ovl.create_network(&host_a.netns, NETWORK, SUBNET, &[])?;
+    // Internal: the benchmark's containers talk only to each other, and an
+    // agent switches forwarding on the underlay on for external egress,
+    // which would take "forwarding off" away from the measurement.
+    ovl.create_network(&host_a.netns, NETWORK, SUBNET, &["--internal"])?;
     let nodes = TwoHosts::NODES;
     let mut agents = Vec::new();
     for (host, node) in [host_a, host_b].into_iter().zip(nodes) {
