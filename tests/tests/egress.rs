@@ -223,3 +223,51 @@ fn an_internal_network_has_no_way_out() -> Result<()> {
     );
     world.stop()
 }
+
+#[test]
+fn egress_survives_the_agent_and_ovl_detach_removes_it() -> Result<()> {
+    let lab = Lab::new("egress-dt")?;
+    let (mut world, c1, _ip1) = world(&lab, &[])?;
+    let host_a = world.hosts[0].netns.clone();
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
+    })?;
+    let forwarding = || -> Result<String> {
+        let out = host_a.exec(&["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    ensure!(
+        forwarding()? == "1",
+        "the agent did not switch forwarding on"
+    );
+
+    // The agent dies: what it installed keeps working.
+    let agent = world.agents.remove(0);
+    agent.kill()?;
+    agent.wait_exit(Duration::from_secs(5))?;
+    let _server = start_server(&lab, &world)?;
+    ensure!(
+        fetch(&c1)?.contains(GREETING),
+        "no external egress without the agent"
+    );
+
+    let out = world.run(0, &["detach", "eth0"])?;
+    ensure!(out.contains("nftables table ip ovl"), "detach said:\n{out}");
+    let tables = host_a.exec(&["nft", "list", "tables"])?;
+    let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
+    ensure!(!tables.contains("ovl"), "nft tables left: {tables}");
+    let rules = host_a.ip(&["rule", "show"])?;
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    ensure!(!rules.contains("1000:"), "ovl's rules left:\n{rules}");
+    ensure!(
+        forwarding()? == "0",
+        "forwarding on eth0 was not switched back off"
+    );
+    let tracked = host_a.exec_unchecked(&["conntrack", "-L", "-m", "0x6f000000/0xff000000"])?;
+    let tracked = String::from_utf8_lossy(&tracked.stdout).into_owned();
+    ensure!(
+        tracked.trim().is_empty(),
+        "ovl's translations left:\n{tracked}"
+    );
+    world.stop()
+}
