@@ -10,6 +10,7 @@ mod binary;
 mod cluster;
 mod cmd;
 mod cni;
+pub mod command;
 mod etcd;
 mod hooks;
 mod lab;

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use ovl_tests::{Agent, Host, Lab, Netns, RefOverlayNode, TwoHosts, mac_for, ping, wait_until};
 
-use crate::bench::measure::Endpoints;
-use crate::bench::report::PathId;
+use crate::measure::Endpoints;
+use crate::report::PathId;
 
 /// The overlay network of the ovl paths.
 const NETWORK: &str = "bench-net";

@@ -12,15 +12,6 @@
 //! Writes `bench/results/<date>[-quick].{md,json,png}` and prints the
 //! markdown on stdout.
 
-pub mod chart;
-mod machine;
-mod measure;
-mod micro;
-mod offloads;
-mod progstats;
-pub mod report;
-mod topology;
-
 use std::fs;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -28,14 +19,16 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use crate::bench::measure::{CLIENT_CPU, SERVER_CPU, TCP_MULTI_STREAMS};
-use crate::bench::report::{Failure, InSituRow, Metric, PathId, Report, Samples, Underlay};
-use crate::bench::topology::Topology;
-use crate::workspace::{self, Profile};
+use crate::measure::{CLIENT_CPU, SERVER_CPU, TCP_MULTI_STREAMS};
+use crate::report::{Failure, InSituRow, Metric, PathId, Report, Samples, Underlay};
+use crate::topology::Topology;
+use crate::{chart, machine, micro, offloads, progstats, report};
 
 /// What `cargo xtask bench` was asked for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
+    /// The (release) `ovl` binary to measure.
+    pub ovl: PathBuf,
     /// Fewer, shorter runs: a smoke test of the whole benchmark.
     pub quick: bool,
     /// Runs per figure, overriding the mode's default.
@@ -77,7 +70,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(options: Options) -> Result<Plan> {
+    fn new(options: &Options) -> Result<Plan> {
         let (runs, seconds, micro_samples) = if options.quick {
             (3, 1, 5_000)
         } else {
@@ -144,14 +137,14 @@ impl Plan {
 /// Runs the benchmark and writes its report.
 pub fn run(options: Options) -> Result<()> {
     let started = Instant::now();
-    let plan = Plan::new(options)?;
+    let plan = Plan::new(&options)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark builds network namespaces and loads BPF programs: run it as root");
     }
-    let ovl = workspace::build_ovl(Profile::Release)?;
-    let micro_binary = micro::build()?;
-    // SAFETY: xtask is single-threaded (it has only started child
+    let ovl = options.ovl.clone();
+    let micro_binary = micro::binary()?;
+    // SAFETY: the benchmark is single-threaded (it has only started child
     // processes so far), so nothing can read the environment concurrently.
     unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, &ovl) };
     let build_time = started.elapsed();
@@ -552,7 +545,7 @@ fn notes(
 /// Writes the markdown, the raw runs as JSON and the chart under
 /// `bench/results/`, and prints the markdown.
 fn write_outputs(report: &Report, date: &str, plan: &Plan) -> Result<()> {
-    let dir = workspace::root().join("bench/results");
+    let dir = ovl_tests::workspace_root().join("bench/results");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let stem = if plan.quick {
         format!("{date}-quick")
