@@ -33,11 +33,18 @@ pub enum DropReason {
     /// reported (ICMP fragmentation needed); the sender got ICMP
     /// fragmentation needed with that MTU less VXLAN's overhead.
     PathMtu = 9,
+    /// A frame of an encrypted network that cannot be encrypted: the
+    /// node's encrypting path is down (no agent, so no crypto device), or
+    /// the peer's key is unknown. Never sent in clear.
+    NoKey = 10,
+    /// Clear VXLAN for an encrypted network from the underlay: encrypted
+    /// networks are only accepted decrypted, from the crypto device.
+    Unencrypted = 11,
 }
 
 impl DropReason {
     /// Number of reasons; the length of [`VniCounters::drops`].
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 12;
     /// Every reason, in index order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::NoEndpoint,
@@ -50,6 +57,8 @@ impl DropReason {
         DropReason::SpoofedSource,
         DropReason::TtlExceeded,
         DropReason::PathMtu,
+        DropReason::NoKey,
+        DropReason::Unencrypted,
     ];
 
     /// The snake_case name used in `ovl stats` output.
@@ -65,6 +74,8 @@ impl DropReason {
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::TtlExceeded => "ttl_exceeded",
             DropReason::PathMtu => "path_mtu",
+            DropReason::NoKey => "no_key",
+            DropReason::Unencrypted => "unencrypted",
         }
     }
 }

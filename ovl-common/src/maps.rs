@@ -23,7 +23,8 @@ pub mod names {
     pub const NETWORKS: &str = "OVL_NETWORKS";
     /// `HashMap<VniAddr, Endpoint>`: every endpoint of every network.
     pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
-    /// `HashMap<VniAddr, u32>`: (VNI, remote VTEP) pairs allowed to send.
+    /// `HashMap<VniAddr, u32>`: (VNI, remote VTEP) pairs allowed to send;
+    /// the value holds [`vtep_flags`](super::vtep_flags).
     pub const VTEPS: &str = "OVL_VTEPS";
     /// `HashMap<u32 ifindex, Iface>`: host ends of local container veths.
     pub const IFACES: &str = "OVL_IFACES";
@@ -41,9 +42,15 @@ pub mod names {
     /// of the build that filled the maps pinned beside it (no program reads
     /// it; an agent compares it before reusing pinned maps).
     pub const ABI: &str = "OVL_ABI";
+    /// `DevMap` with one entry ([`CRYPTO_DEVICE`](super::CRYPTO_DEVICE)):
+    /// the agent's crypto device, where frames of encrypted networks go to
+    /// be encrypted and come back decrypted. The kernel deletes the entry
+    /// when the device goes (the agent exited): encrypted networks then
+    /// fail closed.
+    pub const CRYPTO: &str = "OVL_CRYPTO";
     /// Every map name ovl defines.
-    pub const ALL: [&str; 10] = [
-        CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, SUBNETS, PATH_MTU, STATS, GLOBAL, ABI,
+    pub const ALL: [&str; 11] = [
+        CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, SUBNETS, PATH_MTU, STATS, GLOBAL, ABI, CRYPTO,
     ];
 }
 
@@ -51,7 +58,10 @@ pub mod names {
 /// key or value changes meaning without changing size (a flag bit, a field
 /// reused): an agent then refills fresh maps instead of reusing the pinned
 /// ones. Size changes are detected without it.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
+
+/// Index of the crypto device in `OVL_CRYPTO`.
+pub const CRYPTO_DEVICE: u32 = 0;
 
 /// Capacities of the hash maps.
 pub mod capacity {
@@ -100,6 +110,15 @@ pub const EGRESS_MARK_BASE: u32 = 0x6f00_0000;
 pub const EGRESS_MARK_MASK: u32 = 0xff00_0000;
 /// The bits of a mark that carry the VNI.
 pub const EGRESS_VNI_MASK: u32 = 0x00ff_ffff;
+
+/// Bits of the `OVL_VTEPS` values.
+pub mod vtep_flags {
+    /// The VTEP may send VXLAN for the VNI (every entry has it).
+    pub const ALLOWED: u32 = 1 << 0;
+    /// The VTEP's node published a WireGuard key: frames of an encrypted
+    /// network may go to it (through the crypto device).
+    pub const KEYED: u32 = 1 << 1;
+}
 
 /// A (VNI, IPv4 address) pair: the key of endpoints and of allowed VTEPs.
 #[repr(C)]

@@ -84,6 +84,16 @@ pub const ENCAP_OVERHEAD: u32 = ENCAP_INSERT_LEN as u32;
 /// Offset of the inner Ethernet header in an encapsulated frame.
 pub const INNER_ETH_OFFSET: usize = ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN + VXLAN_HDR_LEN;
 
+/// Default UDP port of WireGuard (the encrypted networks' transport).
+pub const WIREGUARD_PORT: u16 = 51820;
+/// WireGuard transport data message overhead: type, receiver index and
+/// counter (16 bytes) plus the Poly1305 tag (16 bytes).
+pub const WIREGUARD_DATA_OVERHEAD: u32 = 32;
+/// What carrying a VXLAN packet in WireGuard adds on the underlay: outer
+/// IPv4 + UDP + the data message overhead. An encrypted network's
+/// container MTU is the underlay MTU less this and [`ENCAP_OVERHEAD`].
+pub const WIREGUARD_OVERHEAD: u32 = (IPV4_HDR_LEN + UDP_HDR_LEN) as u32 + WIREGUARD_DATA_OVERHEAD;
+
 /// Range of UDP source ports used for flow entropy (RFC 7348 §5: dynamic
 /// port range 49152-65535).
 pub const VXLAN_SRC_PORT_MIN: u16 = 49152;
@@ -223,5 +233,13 @@ mod tests {
     fn overhead_is_fifty_bytes() {
         assert_eq!(ENCAP_OVERHEAD, 50);
         assert_eq!(INNER_ETH_OFFSET, 50);
+    }
+
+    #[test]
+    fn encrypted_networks_fit_1390_in_a_1500_underlay() {
+        // 1500 - 60 (IPv4, UDP, WireGuard) = 1440, a multiple of WireGuard's
+        // 16-byte padding block; less VXLAN's 50 leaves 1390.
+        assert_eq!(1500 - WIREGUARD_OVERHEAD - ENCAP_OVERHEAD, 1390);
+        assert_eq!((1500 - WIREGUARD_OVERHEAD) % 16, 0);
     }
 }

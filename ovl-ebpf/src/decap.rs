@@ -9,6 +9,7 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 use ovl_common::{
     DropReason, NodeConfig,
+    maps::network_flags,
     wire::{
         ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I,
     },
@@ -45,9 +46,16 @@ pub struct Delivery {
 /// Decides what to do with an underlay frame: `Ok(None)` when it is not
 /// VXLAN addressed to this VTEP (the host stack gets it; an ICMP report of
 /// a smaller path MTU is read on the way), a `Delivery` when it is valid
-/// VXLAN for a local endpoint, a drop otherwise.
+/// VXLAN for a local endpoint, a drop otherwise. `decrypted` says the frame
+/// comes from the agent's crypto device (it arrived encrypted and
+/// authenticated); an encrypted network's frames are accepted from there
+/// only.
 #[inline(always)]
-pub fn inspect(frame: &Frame, node: &NodeConfig) -> Result<Option<Delivery>, Dropped> {
+pub fn inspect(
+    frame: &Frame,
+    node: &NodeConfig,
+    decrypted: bool,
+) -> Result<Option<Delivery>, Dropped> {
     let vtep = node.vtep;
     let Ok(eth) = frame.read::<EthHdr>(0) else {
         return Ok(None);
@@ -101,6 +109,9 @@ pub fn inspect(frame: &Frame, node: &NodeConfig) -> Result<Option<Delivery>, Dro
     let Some(network) = maps::network(vni) else {
         return Err(Dropped::unattributed(DropReason::UnknownVni));
     };
+    if network.flags & network_flags::ENCRYPTED != 0 && !decrypted {
+        return Err(Dropped::on(vni, DropReason::Unencrypted));
+    }
     if !maps::vtep_allowed(vni, ip.src_addr) {
         return Err(Dropped::on(vni, DropReason::UnknownVtep));
     }

@@ -17,10 +17,11 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 use ovl_common::{
     DropReason, Endpoint, Iface, NodeConfig,
+    maps::{network_flags, vtep_flags},
     wire::{
         ENCAP_INSERT_LEN, ENCAP_OVERHEAD, ETH_HDR_LEN, ETH_P_IP, INNER_ETH_OFFSET, IPPROTO_TCP,
-        IPPROTO_UDP, IPV4_HDR_LEN, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I, ipv4_checksum,
-        vxlan_src_port,
+        IPPROTO_UDP, IPV4_HDR_LEN, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I, WIREGUARD_OVERHEAD,
+        ipv4_checksum, vxlan_src_port,
     },
 };
 
@@ -41,8 +42,36 @@ const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
     | ADJ_ROOM_ENCAP_L2_ETH_LEN;
 
+/// Where an encapsulated frame leaves the node.
+#[derive(Clone, Copy)]
+enum Exit {
+    /// Straight out of the underlay, routed by the kernel FIB.
+    Underlay,
+    /// To the agent's crypto device (this ifindex), which sends it on
+    /// encrypted: the VXLAN packet becomes the payload of a WireGuard
+    /// message to the VTEP's node.
+    Crypto(u32),
+}
+
+/// The exit of network `vni`'s frames to `dst`: an encrypted network's go
+/// to the crypto device or nowhere (fail closed: no agent, or a VTEP whose
+/// node published no key, is `no_key` — never the underlay in clear).
+#[inline(always)]
+fn exit_of(vni: u32, dst: &Endpoint) -> Result<Exit, DropReason> {
+    let encrypted = maps::network(vni).is_some_and(|n| n.flags & network_flags::ENCRYPTED != 0);
+    if !encrypted {
+        return Ok(Exit::Underlay);
+    }
+    let device = maps::crypto_device().ok_or(DropReason::NoKey)?;
+    if maps::vtep_flags(vni, dst.vtep) & vtep_flags::KEYED == 0 {
+        return Err(DropReason::NoKey);
+    }
+    Ok(Exit::Crypto(device))
+}
+
 /// Wraps the IPv4 frame the container of `iface` (host end `ifindex`)
-/// sent for the VTEP of `dst` and redirects it to the underlay.
+/// sent for the VTEP of `dst` and redirects it to the underlay, or to the
+/// crypto device for an encrypted network.
 /// `inner_ip` is the frame's IPv4 header (at `ETH_HDR_LEN`).
 #[inline(always)]
 pub fn to_remote(
@@ -60,23 +89,38 @@ pub fn to_remote(
     let (gso_size, gso_segs) = unsafe { ((*skb).gso_size, (*skb).gso_segs) };
 
     let outer_len = largest_outer_len(ctx, inner_ip, inner_frame_len, gso_size)?;
-    // The underlay link's MTU bounds every path (the network's MTU is
-    // chosen to fit it: a frame beyond it is a container ignoring its MTU).
-    if outer_len > node.underlay_mtu {
-        return Err(DropReason::TooBig);
-    }
-    // A router on the way reported a smaller path MTU (RFC 1191): tell the
-    // sender, as a router on its path would, unless it allows fragmenting.
-    if let Some(path_mtu) = maps::path_mtu(dst.vtep) {
-        if outer_len > path_mtu {
-            if u16::from_be_bytes(inner_ip.frags) & IPV4_DF == 0 {
+    let route = match exit_of(vni, dst)? {
+        Exit::Crypto(device) => {
+            // The WireGuard message around it must fit the underlay too.
+            // (Path MTU reports quote the WireGuard packet, not ovl's
+            // VXLAN: they are the host stack's, like any UDP socket's.)
+            if outer_len + WIREGUARD_OVERHEAD > node.underlay_mtu {
                 return Err(DropReason::TooBig);
             }
-            let inner_mtu = path_mtu.saturating_sub(ENCAP_OVERHEAD) as u16;
-            return icmp::frag_needed(ctx, ifindex, iface, inner_mtu);
+            Route::device(device)
         }
-    }
-    let route = route_to(ctx, node, dst.vtep, outer_len)?;
+        Exit::Underlay => {
+            // The underlay link's MTU bounds every path (the network's MTU
+            // is chosen to fit it: a frame beyond it is a container ignoring
+            // its MTU).
+            if outer_len > node.underlay_mtu {
+                return Err(DropReason::TooBig);
+            }
+            // A router on the way reported a smaller path MTU (RFC 1191):
+            // tell the sender, as a router on its path would, unless it
+            // allows fragmenting.
+            if let Some(path_mtu) = maps::path_mtu(dst.vtep) {
+                if outer_len > path_mtu {
+                    if u16::from_be_bytes(inner_ip.frags) & IPV4_DF == 0 {
+                        return Err(DropReason::TooBig);
+                    }
+                    let inner_mtu = path_mtu.saturating_sub(ENCAP_OVERHEAD) as u16;
+                    return icmp::frag_needed(ctx, ifindex, iface, inner_mtu);
+                }
+            }
+            route_to(ctx, node, dst.vtep, outer_len)?
+        }
+    };
 
     // Flow entropy from the inner flow (RFC 7348 §5, source port): taken
     // before the headers change.
@@ -174,6 +218,18 @@ enum Via {
 }
 
 impl Route {
+    /// Straight to a local device that takes any MAC (the crypto device).
+    #[inline(always)]
+    fn device(ifindex: u32) -> Route {
+        Route {
+            how: Via::Resolved,
+            ifindex,
+            smac: [0; 6],
+            dmac: [0; 6],
+            next_hop: 0,
+        }
+    }
+
     #[inline(always)]
     fn redirect(&self) -> i32 {
         // SAFETY (all arms): helper calls with valid arguments; the action

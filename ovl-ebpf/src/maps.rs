@@ -5,12 +5,14 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{
+        Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+    },
 };
 use ovl_common::{
     Endpoint, Iface, NetworkInfo, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters, VniAddr,
     VniCounters,
-    maps::{capacity, subnet_key_bits},
+    maps::{CRYPTO_DEVICE, capacity, subnet_key_bits},
     wire::{MIN_PATH_MTU, PATH_MTU_EXPIRY_NS},
 };
 
@@ -56,6 +58,12 @@ pub static GLOBAL: PerCpuArray<UnderlayCounters> = PerCpuArray::pinned(1, 0);
 #[map(name = "OVL_ABI")]
 pub static ABI: Array<u32> = Array::pinned(1, 0);
 
+/// The agent's crypto device (one entry). The kernel deletes the entry
+/// when the device is unregistered, so an agent that died takes its
+/// encrypted path with it instead of leaving a hole to send in clear.
+#[map(name = "OVL_CRYPTO")]
+pub static CRYPTO: DevMap = DevMap::pinned(1, 0);
+
 /// This node's configuration; `None` until the agent has written it.
 #[inline(always)]
 pub fn node_config() -> Option<&'static NodeConfig> {
@@ -85,6 +93,13 @@ pub fn network(vni: u32) -> Option<NetworkInfo> {
 #[inline(always)]
 pub fn vtep_allowed(vni: u32, vtep: [u8; 4]) -> bool {
     VTEPS.get_ptr(VniAddr { vni, addr: vtep }).is_some()
+}
+
+/// The `vtep_flags` of (`vni`, `vtep`); 0 when it is not a VTEP of it.
+#[inline(always)]
+pub fn vtep_flags(vni: u32, vtep: [u8; 4]) -> u32 {
+    // SAFETY: the value is copied out immediately.
+    unsafe { VTEPS.get(VniAddr { vni, addr: vtep }).copied() }.unwrap_or(0)
 }
 
 /// The container interface whose host end is `ifindex`.
@@ -126,4 +141,10 @@ pub fn set_path_mtu(vtep: [u8; 4], mtu: u32) {
     };
     // A full LRU map evicts the oldest entry; an error only loses a report.
     let _ = PATH_MTU.insert(vtep, entry, 0);
+}
+
+/// Interface index of the crypto device, while there is one.
+#[inline(always)]
+pub fn crypto_device() -> Option<u32> {
+    CRYPTO.get_ifindex(CRYPTO_DEVICE).filter(|i| *i != 0)
 }
