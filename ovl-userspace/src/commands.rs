@@ -32,7 +32,12 @@ pub async fn network_create(store: &Store, spec: NetworkSpec) -> Result<String> 
         net.vni,
         subnets.join(", subnet "),
         net.mtu,
-        if net.internal { ", internal" } else { "" }
+        match (net.internal, net.encrypted) {
+            (true, true) => ", internal, encrypted",
+            (true, false) => ", internal",
+            (false, true) => ", encrypted",
+            (false, false) => "",
+        }
     ))
 }
 
@@ -45,6 +50,7 @@ struct NetworkRow<'a> {
     mtu: u32,
     endpoints: usize,
     internal: bool,
+    encrypted: bool,
 }
 
 /// `ovl network ls`.
@@ -60,24 +66,26 @@ pub async fn network_ls(store: &Store, json: bool) -> Result<String> {
             mtu: n.mtu,
             endpoints: state.endpoints_of(&n.name).count(),
             internal: n.internal,
+            encrypted: n.encrypted,
         })
         .collect();
     if json {
         return Ok(serde_json::to_string_pretty(&rows).expect("rows serialise"));
     }
     let mut out = format!(
-        "{:<20} {:>8} {:<18} {:>5} {:>9}  {}\n",
-        "NAME", "VNI", "SUBNETS", "MTU", "ENDPOINTS", "INTERNAL"
+        "{:<20} {:>8} {:<18} {:>5} {:>9}  {:<8}  {}\n",
+        "NAME", "VNI", "SUBNETS", "MTU", "ENDPOINTS", "INTERNAL", "ENCRYPTED"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<20} {:>8} {:<18} {:>5} {:>9}  {}\n",
+            "{:<20} {:>8} {:<18} {:>5} {:>9}  {:<8}  {}\n",
             r.name,
             r.vni,
             r.subnets.join(","),
             r.mtu,
             r.endpoints,
-            if r.internal { "yes" } else { "no" }
+            if r.internal { "yes" } else { "no" },
+            if r.encrypted { "yes" } else { "no" }
         ));
     }
     Ok(out)
@@ -90,6 +98,8 @@ struct Inspect<'a> {
     subnets: &'a [Pool],
     mtu: u32,
     internal: bool,
+    /// Traffic between nodes is encrypted (WireGuard).
+    encrypted: bool,
     endpoints: Vec<&'a Endpoint>,
 }
 
@@ -103,6 +113,7 @@ pub async fn network_inspect(store: &Store, name: &str) -> Result<String> {
         subnets: &n.subnets,
         mtu: n.mtu,
         internal: n.internal,
+        encrypted: n.encrypted,
         endpoints: state.endpoints_of(name).collect(),
     };
     Ok(serde_json::to_string_pretty(&view).expect("inspect view serialises"))
@@ -234,6 +245,8 @@ struct NodeRow<'a> {
     pinned_here: bool,
     /// Addresses it found taken when it last put back its endpoints.
     conflicts: &'a [AddressConflict],
+    /// The WireGuard key and port it published (encrypted networks).
+    wireguard: Option<crate::crypto::NodeKey>,
 }
 
 /// `ovl node ls`: nodes, their VTEPs, whether their agent is alive (known
@@ -251,14 +264,15 @@ pub async fn node_ls(store: &Store, pin_root: &Path, json: bool) -> Result<Strin
             pinned_here: bpffs::node_dir(pin_root, &n.name)
                 .is_ok_and(|d| d.join(ovl_common::maps::names::STATS).exists()),
             conflicts: state.conflicts.get(&n.name).map_or(&[], Vec::as_slice),
+            wireguard: n.wireguard,
         })
         .collect();
     if json {
         return Ok(serde_json::to_string_pretty(&rows).expect("rows serialise"));
     }
     let mut out = format!(
-        "{:<20} {:<16} {:>9} {}\n",
-        "NODE", "VTEP", "CONFLICTS", "ALIVE"
+        "{:<20} {:<16} {:>9} {:<18} {:<44} {}\n",
+        "NODE", "VTEP", "CONFLICTS", "ALIVE", "WIREGUARD KEY", "PORT"
     );
     for r in &rows {
         let alive = match (r.alive, r.pinned_here) {
@@ -267,8 +281,11 @@ pub async fn node_ls(store: &Store, pin_root: &Path, json: bool) -> Result<Strin
             (None, true) => "yes (pinned here)",
             (None, false) => "unknown",
         };
+        let (key, port) = r.wireguard.map_or(("-".to_owned(), "-".to_owned()), |k| {
+            (k.public_key.to_string(), k.port.to_string())
+        });
         out.push_str(&format!(
-            "{:<20} {:<16} {:>9} {alive}\n",
+            "{:<20} {:<16} {:>9} {alive:<18} {key:<44} {port}\n",
             r.name,
             r.vtep.to_string(),
             r.conflicts.len(),

@@ -21,6 +21,9 @@ pub struct Desired {
     pub endpoints: BTreeMap<(u32, [u8; 4]), MapEndpoint>,
     /// (VNI, remote VTEP) pairs allowed to send.
     pub vteps: BTreeSet<(u32, [u8; 4])>,
+    /// Those of `vteps` on encrypted networks whose node published a
+    /// WireGuard key: the only ones an encrypted network sends to.
+    pub keyed_vteps: BTreeSet<(u32, [u8; 4])>,
     /// Host-side ifindex → the local container interface behind it.
     pub ifaces: BTreeMap<u32, Iface>,
     /// Host-side interface names of local containers, by ifindex.
@@ -81,6 +84,10 @@ pub fn desired(
                 mtu: net.mtu,
                 flags: if net.internal {
                     network_flags::INTERNAL
+                } else {
+                    0
+                } | if net.encrypted {
+                    network_flags::ENCRYPTED
                 } else {
                     0
                 },
@@ -166,6 +173,13 @@ pub fn desired(
                     },
                 );
                 d.vteps.insert((vni, remote.octets()));
+                let keyed = ep
+                    .node()
+                    .and_then(|n| state.nodes.get(n))
+                    .is_some_and(|n| n.wireguard.is_some());
+                if net.encrypted && keyed {
+                    d.keyed_vteps.insert((vni, remote.octets()));
+                }
             }
         }
     }
@@ -271,5 +285,37 @@ mod tests {
         assert!(d.egress.is_empty());
         assert_eq!(d.missing_links.len(), 1);
         assert_eq!(d.networks.len(), 1);
+    }
+
+    #[test]
+    fn encrypted_networks_are_flagged_and_send_only_to_keyed_vteps() {
+        let mut s = state();
+        s.create_network(NetworkSpec {
+            vni: Some(300),
+            encrypted: true,
+            ..NetworkSpec::new("secret", "198.18.1.0/24".parse().unwrap())
+        })
+        .unwrap();
+        s.register_node("c", Ipv4Addr::new(203, 0, 113, 10), None);
+        for (node, ns) in [("a", "s1"), ("b", "s2"), ("c", "s3")] {
+            s.add_container(ContainerSpec {
+                network: "secret".into(),
+                node: node.into(),
+                netns: ns.into(),
+                ..ContainerSpec::default()
+            })
+            .unwrap();
+        }
+        let key = crate::crypto::NodeKey {
+            public_key: crate::crypto::keys::PublicKey([1; 32]),
+            port: 51820,
+        };
+        assert!(s.publish_node_key("b", key));
+        let d = desired(&s, "a", Ipv4Addr::new(192, 0, 2, 10), &|_| Some(7));
+        assert_eq!(d.networks[&300].flags, network_flags::ENCRYPTED);
+        assert_eq!(d.networks[&100].flags, 0);
+        // c has published no key yet: allowed as a VTEP, but not keyed.
+        assert!(d.vteps.contains(&(300, [203, 0, 113, 10])));
+        assert_eq!(d.keyed_vteps, BTreeSet::from([(300, [198, 51, 100, 10])]));
     }
 }

@@ -7,6 +7,7 @@ pub mod attachment;
 pub mod bpffs;
 pub mod cni;
 pub mod commands;
+pub mod crypto;
 pub mod datapath;
 pub mod desired;
 pub mod egress_nat;

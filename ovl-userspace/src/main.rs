@@ -108,6 +108,14 @@ enum Command {
         /// (deleted without a disconnect) before its endpoint is freed.
         #[arg(long, env = "OVL_GC_GRACE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
         gc_grace: u64,
+        /// UDP port of WireGuard, which carries encrypted networks between
+        /// nodes (at this node's VTEP address).
+        #[arg(long, env = "OVL_WIREGUARD_PORT", default_value_t = ovl_common::wire::WIREGUARD_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+        wireguard_port: u16,
+        /// Seconds between automatic rotations of this node's WireGuard key
+        /// (12 h, as Docker's overlay).
+        #[arg(long, env = "OVL_KEY_ROTATION", default_value_t = 43200, value_parser = clap::value_parser!(u64).range(10..=31_536_000))]
+        key_rotation: u64,
     },
     /// Remove this node's data path from IFACE: programs, links, maps, pins.
     Detach { iface: String },
@@ -129,6 +137,10 @@ enum Command {
         /// drops no network can be charged with.
         #[arg(long, conflicts_with = "network")]
         underlay: bool,
+        /// The encrypting path instead: WireGuard key, peers, packets
+        /// sealed and opened, drops (authentication, replays, unknown keys).
+        #[arg(long, conflicts_with_all = ["network", "underlay"])]
+        crypto: bool,
     },
     /// Endpoints behind VTEPs that run no ovl agent (e.g. a kernel vxlan).
     #[command(subcommand)]
@@ -195,9 +207,14 @@ enum NetworkCmd {
         #[arg(long)]
         vni: Option<u32>,
         /// Container MTU [default: the smallest underlay MTU of the known
-        /// nodes minus 50; 1450 when none is known].
+        /// nodes minus 50 (110 when encrypted); 1450 (1390) when none is
+        /// known].
         #[arg(long)]
         mtu: Option<u32>,
+        /// Traffic between nodes leaves only encrypted and authenticated
+        /// (WireGuard), as Docker's `--opt encrypted`.
+        #[arg(long)]
+        encrypted: bool,
     },
     /// List networks.
     Ls {
@@ -250,6 +267,9 @@ enum NodeCmd {
     /// addresses are held back for the address grace). Refused while the
     /// node's agent is alive.
     Rm { node: String },
+    /// Give this node a new WireGuard key now (the agent also rotates on
+    /// its own, every --key-rotation seconds); no packet is lost.
+    RotateKey,
 }
 
 /// This node's name: `--node`, else the host name. Checked before any
@@ -293,6 +313,7 @@ fn uses_node(command: &Command) -> bool {
             | Command::Connect { .. }
             | Command::Disconnect { .. }
             | Command::Stats { .. }
+            | Command::Node(NodeCmd::RotateKey)
     )
 }
 
@@ -314,6 +335,8 @@ async fn run(cli: Cli) -> Result<()> {
         lease_ttl,
         metrics,
         gc_grace,
+        wireguard_port,
+        key_rotation,
     } = cli.command
     {
         let state_dir = cli
@@ -330,11 +353,22 @@ async fn run(cli: Cli) -> Result<()> {
             metrics,
             state_dir,
             gc_grace: std::time::Duration::from_secs(gc_grace),
+            wireguard_port,
+            key_rotation: std::time::Duration::from_secs(key_rotation),
         })
         .await;
     }
     if let Command::Status { json } = cli.command {
         return print(commands::status(&api_socket, &node, &cli.pin_root, json).await?);
+    }
+    if let Command::Node(NodeCmd::RotateKey) = &cli.command {
+        return print(ovl_userspace::crypto::cli::rotate_key(&api_socket, &node).await?);
+    }
+    if let Command::Stats {
+        crypto: true, json, ..
+    } = &cli.command
+    {
+        return print(ovl_userspace::crypto::cli::stats(&api_socket, &node, *json).await?);
     }
     if let Command::Cni(cmd) = &cli.command {
         return print(cni_command(cmd, &cli, &node, &api_socket)?);
@@ -353,6 +387,7 @@ async fn run(cli: Cli) -> Result<()> {
             internal,
             vni,
             mtu,
+            encrypted,
         }) => {
             let spec = NetworkSpec {
                 name,
@@ -361,6 +396,7 @@ async fn run(cli: Cli) -> Result<()> {
                 vni,
                 mtu,
                 internal,
+                encrypted,
             };
             commands::network_create(store, spec).await?
         }
@@ -432,6 +468,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Node(NodeCmd::Rm { node }) => {
             commands::node_rm(store, &cli.pin_root, &node).await?
         }
+        Command::Node(NodeCmd::RotateKey) => unreachable!("dispatched above"),
         Command::Cluster(ClusterCmd::Show) => commands::cluster_show(store).await?,
         Command::Cluster(ClusterCmd::Set { vxlan_port }) => {
             commands::cluster_set(store, vxlan_port).await?

@@ -4,7 +4,9 @@
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 
-use ovl_common::wire::{ANYCAST_GATEWAY_MAC, ENCAP_OVERHEAD, VNI_MAX, VXLAN_PORT, mac_for_ipv4};
+use ovl_common::wire::{
+    ANYCAST_GATEWAY_MAC, ENCAP_OVERHEAD, VNI_MAX, VXLAN_PORT, WIREGUARD_OVERHEAD, mac_for_ipv4,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -232,6 +234,8 @@ pub struct Network {
     /// No way out of the overlay (Docker's `--internal`): no default route,
     /// no external egress.
     pub internal: bool,
+    /// Traffic between nodes leaves only encrypted (WireGuard).
+    pub encrypted: bool,
 }
 
 /// How a network is stored. `subnets` holds every subnet; `subnet`, the
@@ -249,6 +253,8 @@ struct NetworkRecord {
     mtu: u32,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     internal: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    encrypted: bool,
 }
 
 impl TryFrom<NetworkRecord> for Network {
@@ -270,6 +276,7 @@ impl TryFrom<NetworkRecord> for Network {
             subnets,
             mtu: r.mtu,
             internal: r.internal,
+            encrypted: r.encrypted,
         })
     }
 }
@@ -283,6 +290,7 @@ impl From<Network> for NetworkRecord {
             subnets: n.subnets,
             mtu: n.mtu,
             internal: n.internal,
+            encrypted: n.encrypted,
         }
     }
 }
@@ -403,6 +411,10 @@ pub struct Node {
     /// (unknown for nodes registered by ovl versions from before).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay_mtu: Option<u32>,
+    /// The node's WireGuard public key and port, once its agent published
+    /// them (encrypted networks reach it only then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<crate::crypto::NodeKey>,
 }
 
 /// Everything a store holds.
@@ -463,6 +475,8 @@ pub struct NetworkSpec {
     pub vni: Option<u32>,
     pub mtu: Option<u32>,
     pub internal: bool,
+    /// Encrypt traffic between nodes (WireGuard; 60 bytes less MTU).
+    pub encrypted: bool,
 }
 
 impl NetworkSpec {
@@ -514,7 +528,7 @@ impl State {
             return Err(ModelError::NetworkExists(spec.name));
         }
         let subnets = pools(&spec.subnets, &spec.gateways)?;
-        let mtu = self.network_mtu(spec.mtu)?;
+        let mtu = self.network_mtu(spec.mtu, spec.encrypted)?;
         let vni = match spec.vni {
             Some(v) => {
                 let vni = Vni::try_from(v)?;
@@ -534,6 +548,7 @@ impl State {
             subnets,
             mtu,
             internal: spec.internal,
+            encrypted: spec.encrypted,
         };
         Ok(self.networks.entry(spec.name).or_insert(network))
     }
@@ -541,8 +556,10 @@ impl State {
     /// The MTU a new network gets: `asked` if every node's underlay carries
     /// it, else refused; without one, the smallest node underlay MTU less
     /// VXLAN's overhead (a network spans the cluster, so its narrowest
-    /// node bounds it), or 1450 when no node has reported one yet.
-    fn network_mtu(&self, asked: Option<u32>) -> Result<u32, ModelError> {
+    /// node bounds it), or 1450 when no node has reported one yet. An
+    /// encrypted network carries VXLAN inside WireGuard: 60 bytes more.
+    fn network_mtu(&self, asked: Option<u32>, encrypted: bool) -> Result<u32, ModelError> {
+        let overhead = ENCAP_OVERHEAD + if encrypted { WIREGUARD_OVERHEAD } else { 0 };
         let narrowest = self
             .nodes
             .values()
@@ -550,14 +567,14 @@ impl State {
             .min();
         let mtu = match (asked, narrowest) {
             (Some(mtu), _) => mtu,
-            (None, Some((underlay, _))) => underlay.saturating_sub(ENCAP_OVERHEAD).min(MAX_MTU),
-            (None, None) => DEFAULT_UNDERLAY_MTU - ENCAP_OVERHEAD,
+            (None, Some((underlay, _))) => underlay.saturating_sub(overhead).min(MAX_MTU),
+            (None, None) => DEFAULT_UNDERLAY_MTU - overhead,
         };
         if !(576..=MAX_MTU).contains(&mtu) {
             return Err(ModelError::InvalidMtu(mtu));
         }
         if let Some((underlay_mtu, node)) = narrowest {
-            if mtu + ENCAP_OVERHEAD > underlay_mtu {
+            if mtu + overhead > underlay_mtu {
                 return Err(ModelError::MtuTooBig {
                     mtu,
                     node: node.to_owned(),
@@ -852,14 +869,29 @@ impl State {
 
     /// Records (or updates) a node, its VTEP address and its underlay MTU.
     pub fn register_node(&mut self, name: &str, vtep: Ipv4Addr, underlay_mtu: Option<u32>) {
+        // The key the node published survives its registering again.
+        let wireguard = self.nodes.get(name).and_then(|n| n.wireguard);
         self.nodes.insert(
             name.to_owned(),
             Node {
                 name: name.to_owned(),
                 vtep,
                 underlay_mtu,
+                wireguard,
             },
         );
+    }
+
+    /// Records the WireGuard key node `name` publishes; false when the node
+    /// is not registered.
+    pub fn publish_node_key(&mut self, name: &str, key: crate::crypto::NodeKey) -> bool {
+        match self.nodes.get_mut(name) {
+            Some(n) => {
+                n.wireguard = Some(key);
+                true
+            }
+            None => false,
+        }
     }
 
     /// False when the store tracks liveness and `node`'s agent is gone.
@@ -1018,6 +1050,40 @@ mod tests {
         s.register_node("old", Ipv4Addr::new(192, 0, 2, 11), None);
         s.register_node("thin", Ipv4Addr::new(192, 0, 2, 12), Some(1400));
         assert_eq!(s.create_network(spec("c", None)).unwrap().mtu, 1350);
+    }
+
+    #[test]
+    fn encrypted_networks_leave_room_for_wireguard_and_say_so_in_json() {
+        let mut s = State::default();
+        let secret = |name: &str| NetworkSpec {
+            encrypted: true,
+            ..spec(name, None)
+        };
+        let net = s.create_network(secret("e")).unwrap().clone();
+        assert_eq!((net.mtu, net.encrypted), (1390, true));
+        assert_eq!(serde_json::to_value(&net).unwrap()["encrypted"], true);
+        s.register_node("thin", Ipv4Addr::new(192, 0, 2, 12), Some(1400));
+        assert_eq!(s.create_network(secret("f")).unwrap().mtu, 1290);
+        // Plain networks keep their old JSON (no field) and read back plain.
+        let plain = s.create_network(spec("p", None)).unwrap().clone();
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("encrypted").is_none());
+        assert!(!serde_json::from_value::<Network>(json).unwrap().encrypted);
+    }
+
+    #[test]
+    fn re_registering_a_node_keeps_its_published_key() {
+        let mut s = State::default();
+        let key = crate::crypto::NodeKey {
+            public_key: crate::crypto::keys::PublicKey([7; 32]),
+            port: 51820,
+        };
+        assert!(!s.publish_node_key("n1", key));
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10), Some(1500));
+        assert!(s.publish_node_key("n1", key));
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 11), Some(1500));
+        assert_eq!(s.nodes["n1"].wireguard, Some(key));
+        assert_eq!(s.nodes["n1"].vtep, Ipv4Addr::new(192, 0, 2, 11));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use self::{
     view::{Identity, View},
 };
 use crate::{
-    api, bpffs,
+    api, bpffs, crypto,
     datapath::{Datapath, DecapMode, LinkPin, LinkPins, Maps},
     exporter,
     model::{Location, State},
@@ -64,6 +64,10 @@ pub struct AgentOptions {
     /// How long a local endpoint's namespace must be gone before the
     /// endpoint is collected.
     pub gc_grace: Duration,
+    /// WireGuard UDP port of encrypted networks.
+    pub wireguard_port: u16,
+    /// Period of automatic WireGuard key rotation.
+    pub key_rotation: Duration,
 }
 
 /// The store as the agent holds it once reachable.
@@ -125,6 +129,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         state: None,
         collector: gc::Collector::new(opts.gc_grace),
         next_gc: None,
+        crypto: None,
     };
     let started = agent.take_over(&opts, &driver, store.as_deref()).await;
     if let Err(e) = started {
@@ -138,7 +143,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         return Err(e);
     }
 
-    let api = api::serve(api_listener, api::AgentApi::new(agent.view.clone()));
+    agent.crypto = crypto::start_for_agent(&opts, agent.underlay.addr, &mut agent.dp);
+    let api = api::AgentApi::new(agent.view.clone())
+        .with_crypto(agent.crypto.as_ref().map(|c| c.handle()));
+    let api = api::serve(api_listener, api);
     let api_task = tokio::spawn(api);
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(exporter::serve(l, agent.view.clone())));
@@ -258,6 +266,9 @@ struct Agent {
     collector: gc::Collector,
     /// When an abandoned endpoint is next due for collection.
     next_gc: Option<Instant>,
+    /// The encrypting path of encrypted networks (none if it could not
+    /// start: those networks then drop, counted `no_key`).
+    crypto: Option<crypto::Crypto>,
 }
 
 impl Agent {
@@ -356,6 +367,9 @@ impl Agent {
     fn apply(&mut self, state: &State) -> Result<()> {
         reconcile::reconcile(&mut self.dp, state, &self.node, &self.underlay, &self.view)?;
         reconcile::remember(&mut self.memory, state, &self.node);
+        if let Some(c) = &self.crypto {
+            c.set_peers(&crypto::peers_of(state, &self.node));
+        }
         if let Err(e) = self.journal.save(&self.memory) {
             log::warn!("{e:#}");
         }
@@ -507,6 +521,9 @@ impl Agent {
     /// it): catch up with everything that changed meanwhile.
     async fn on_connected(&mut self, c: &Connected) {
         let state = c.updates.borrow().clone();
+        if let Some(crypto) = &self.crypto {
+            crypto.publish_to(c.store.clone(), &self.node);
+        }
         self.view.update(|l| {
             l.store_reachable = true;
             l.last_sync = Some(Instant::now());

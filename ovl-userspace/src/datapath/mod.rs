@@ -28,7 +28,7 @@ use ovl_common::{
     Endpoint, Iface, NetworkInfo, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters, VniAddr,
     VniCounters,
     counters::UNATTRIBUTED_VNI,
-    maps::{ABI_VERSION, names, programs, subnet_key_bits},
+    maps::{ABI_VERSION, names, programs, subnet_key_bits, vtep_flags},
 };
 
 /// The kernel programs, built by build.rs and embedded in `ovl`.
@@ -387,6 +387,22 @@ impl Datapath {
         self.links.remove(LinkPin::Egress { ifindex })
     }
 
+    /// Makes `ifindex` (the agent's crypto device, named `ifname`) the way
+    /// out and in for encrypted networks: the decap program on its TC
+    /// ingress, then its entry in `OVL_CRYPTO`. Neither is pinned: both go
+    /// with the device, which goes with the agent, so encrypted networks
+    /// fail closed when it exits.
+    pub fn hook_crypto(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        let prog: &mut aya::programs::SchedClassifier = self.program(programs::TC_DECAP)?;
+        prog.attach(ifname, aya::programs::TcAttachType::Ingress)
+            .with_context(|| {
+                format!("hook {} on the crypto device {ifname}", programs::TC_DECAP)
+            })?;
+        let mut map: aya::maps::DevMap<_> = aya::maps::DevMap::try_from(self.map(names::CRYPTO)?)?;
+        map.set(ovl_common::maps::CRYPTO_DEVICE, ifindex, None, 0)
+            .context("write OVL_CRYPTO")
+    }
+
     /// Runs program `name` once (or `repeat` times) on `packet` with
     /// BPF_PROG_TEST_RUN, without any interface: the golden-packet tests
     /// and the micro-benchmark use it. `ctx` is a raw `__sk_buff` for TC
@@ -525,17 +541,26 @@ impl Datapath {
         )
     }
 
-    /// Makes OVL_VTEPS hold exactly `want`.
-    pub fn sync_vteps(&mut self, want: &BTreeSet<(u32, [u8; 4])>) -> Result<SyncCount> {
+    /// Makes OVL_VTEPS hold exactly `want`, those in `keyed` marked as
+    /// reachable by encrypted networks.
+    pub fn sync_vteps(
+        &mut self,
+        want: &BTreeSet<(u32, [u8; 4])>,
+        keyed: &BTreeSet<(u32, [u8; 4])>,
+    ) -> Result<SyncCount> {
         self.sync_map(
             names::VTEPS,
             want.iter().map(|(vni, addr)| {
+                let mut flags = vtep_flags::ALLOWED;
+                if keyed.contains(&(*vni, *addr)) {
+                    flags |= vtep_flags::KEYED;
+                }
                 (
                     VniAddr {
                         vni: *vni,
                         addr: *addr,
                     },
-                    1u32,
+                    flags,
                 )
             }),
         )

@@ -266,6 +266,32 @@ impl Store {
         }
     }
 
+    /// Publishes node `name`'s WireGuard public key and port in its node
+    /// record, for peers to reach it on encrypted networks.
+    pub async fn publish_node_key(
+        &self,
+        name: &str,
+        key: crate::crypto::NodeKey,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::File(f) => {
+                let mut found = false;
+                f.update(&mut |s| {
+                    found = s.publish_node_key(name, key);
+                    Ok(())
+                })?;
+                if found {
+                    Ok(())
+                } else {
+                    Err(StoreError::Rejected(crate::model::ModelError::NoSuchNode(
+                        name.to_owned(),
+                    )))
+                }
+            }
+            Store::Etcd(e) => e.publish_node_key(name, key).await,
+        }
+    }
+
     /// Frees what dead node `name` held (its endpoints, their addresses
     /// held back), unless it comes back meanwhile: deleted in batches that
     /// each check the node is still dead. Only meaningful where liveness is

@@ -142,7 +142,7 @@ impl Fixture {
             (TEST_RUN_IFINDEX, iface(LOCAL_CONTAINER)),
             (NEIGHBOUR_IFINDEX, iface(NEIGHBOUR_CONTAINER)),
         ]))?;
-        datapath.sync_vteps(&[(VNI, REMOTE_VTEP.octets())].into())?;
+        datapath.sync_vteps(&[(VNI, REMOTE_VTEP.octets())].into(), &Default::default())?;
         let local = |ip: Ipv4Addr, ifindex| Endpoint {
             mac: container_mac(ip),
             _pad: [0; 2],

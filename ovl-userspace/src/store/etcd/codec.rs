@@ -9,7 +9,7 @@
 //! | `/ovl/vnis/<vni>` | `{"network": name}`: the VNI's owner, so two networks never share one |
 //! | `/ovl/endpoints/<network>/<ipv4>` | the endpoint: name, ip, mac, location; the key makes an address unique |
 //! | `/ovl/released/<network>/<ipv4>` | when the address was freed and by whom: held back for the grace |
-//! | `/ovl/nodes/<name>` | the node and its VTEP address (kept after it dies) |
+//! | `/ovl/nodes/<name>` | the node, its VTEP address and WireGuard key and port (kept after it dies) |
 //! | `/ovl/alive/<name>` | present while the node's agent holds its lease |
 //! | `/ovl/conflicts/<name>` | addresses the node found taken when it put back its endpoints |
 

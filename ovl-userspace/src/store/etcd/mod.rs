@@ -9,6 +9,7 @@ mod codec;
 mod follow;
 mod liveness;
 mod nodes;
+mod wireguard;
 
 use std::{collections::BTreeMap, future::Future, time::Duration};
 
