@@ -165,6 +165,26 @@ impl Cluster {
         Ok(())
     }
 
+    /// `ovl node ls` run on host `i`: each node's published WireGuard
+    /// public key, if any.
+    pub fn node_keys(
+        &self,
+        i: usize,
+    ) -> Result<std::collections::BTreeMap<String, Option<String>>> {
+        let out = self.run(i, &["node", "ls", "--json"])?;
+        let rows: Value =
+            serde_json::from_str(&out).with_context(|| format!("node ls is not JSON: {out}"))?;
+        rows.as_array()
+            .with_context(|| format!("node ls is not a list: {out}"))?
+            .iter()
+            .map(|r| {
+                let name = r["name"].as_str().context("name")?.to_owned();
+                let key = r["wireguard"]["public_key"].as_str().map(str::to_owned);
+                Ok((name, key))
+            })
+            .collect()
+    }
+
     /// Stops every agent still in [`agents`](Self::agents), checking that
     /// each exits cleanly.
     pub fn stop(self) -> Result<()> {

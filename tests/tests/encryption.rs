@@ -1,0 +1,317 @@
+//! Encrypted networks (`ovl network create --encrypted`): between hosts an
+//! encrypted network's traffic exists on the wire only as WireGuard, which
+//! a third-party dissector decodes as such and nothing more; forged and
+//! replayed messages are dropped and counted; keys rotate without loss; a
+//! node joining later is reached; a dead agent fails closed.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use ovl_tests::{BackgroundPing, Cluster, HOST_IFACE, Lab, Netns, TwoHosts, ping, wait_until};
+use serde_json::Value;
+
+/// The encrypted network and the plain one beside it.
+const SECRET: &str = "secret";
+const SECRET_SUBNET: &str = "198.18.0.0/24";
+const OPEN: &str = "open";
+const OPEN_SUBNET: &str = "198.18.1.0/24";
+
+/// WireGuard's port (ovl's default) and VXLAN's.
+const WG_PORT: u16 = 51820;
+const VXLAN_PORT: u16 = 4789;
+
+/// `ovl stats --crypto --json` of host `i`.
+fn crypto(world: &Cluster, i: usize) -> Result<Value> {
+    let out = world.run(i, &["stats", "--crypto", "--json"])?;
+    serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))
+}
+
+/// One drop counter of the encrypting path of host `i`.
+fn crypto_drop(world: &Cluster, i: usize, reason: &str) -> Result<u64> {
+    crypto(world, i)?["counters"]["drops"][reason]
+        .as_u64()
+        .with_context(|| format!("no drop reason {reason}"))
+}
+
+/// Waits until every host of `world` sees every other's published key.
+fn wait_for_keys(world: &Cluster) -> Result<()> {
+    wait_until(Duration::from_secs(15), || {
+        for i in 0..world.hosts.len() {
+            let keys = world.node_keys(i)?;
+            if keys.len() < world.hosts.len() || keys.values().any(Option::is_none) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .context("nodes did not publish their WireGuard keys")
+}
+
+/// Both networks and a container on each host on each; returns the
+/// containers (host A's, host B's) of each network and their addresses.
+struct TwoNetworks {
+    secret: [(Netns, Ipv4Addr); 2],
+    open: [(Netns, Ipv4Addr); 2],
+}
+
+fn two_networks(lab: &Lab, world: &Cluster) -> Result<TwoNetworks> {
+    let ns = &world.hosts[0].netns;
+    world
+        .ovl
+        .create_network(ns, SECRET, SECRET_SUBNET, &["--encrypted"])?;
+    world.ovl.create_network(ns, OPEN, OPEN_SUBNET, &[])?;
+    let s0 = world.container(lab, 0, SECRET, "s0")?;
+    let s1 = world.container(lab, 1, SECRET, "s1")?;
+    let o0 = world.container(lab, 0, OPEN, "o0")?;
+    let o1 = world.container(lab, 1, OPEN, "o1")?;
+    wait_for_keys(world)?;
+    Ok(TwoNetworks {
+        secret: [s0, s1],
+        open: [o0, o1],
+    })
+}
+
+fn vni_of(world: &Cluster, network: &str) -> Result<u64> {
+    world.inspect(0, network)?["vni"]
+        .as_u64()
+        .context("inspect has no vni")
+}
+
+/// A capture running in `ns` on `iface` into a pcap in the lab.
+struct Capture {
+    child: ovl_tests::ChildHandle,
+    pcap: String,
+}
+
+impl Capture {
+    /// Starts `tshark` on `iface` for UDP, stopping by itself after
+    /// `seconds` (not by a signal: an interrupted capture loses what is
+    /// still in the kernel's ring). Headers only: 200 bytes a frame.
+    fn start(lab: &Lab, ns: &Netns, iface: &str, name: &str, seconds: u32) -> Result<Capture> {
+        let pcap = lab.tempdir().join(format!("{name}.pcap"));
+        let pcap = pcap.to_string_lossy().into_owned();
+        let duration = format!("duration:{seconds}");
+        let child = lab.spawn(
+            ns,
+            &[
+                "tshark", "-i", iface, "-f", "udp", "-s", "200", "-a", &duration, "-w", &pcap,
+            ],
+            &[],
+        )?;
+        wait_until(Duration::from_secs(15), || {
+            Ok(child.stderr()?.contains("Capture started"))
+        })
+        .with_context(|| format!("tshark did not start:\n{}", child.output_report()))?;
+        Ok(Capture { child, pcap })
+    }
+
+    /// Waits for the capture to end and decodes it.
+    fn finish(self, ns: &Netns, timeout: Duration) -> Result<Vec<Frame>> {
+        let status = self.child.wait_timeout(timeout)?;
+        ensure!(
+            status.success(),
+            "tshark exited with {status}:\n{}",
+            self.child.output_report()
+        );
+        decode(ns, &self.pcap)
+    }
+}
+
+/// One captured frame as tshark decodes it.
+#[derive(Debug)]
+struct Frame {
+    /// `eth:ethertype:ip:udp:wg`, `...:udp:vxlan:eth:ethertype:ip:icmp`...
+    protocols: String,
+    udp_dst: String,
+    /// WireGuard message type (1 initiation, 2 response, 4 transport).
+    wg_type: String,
+    vni: String,
+    /// Every IPv4 address tshark found, outer and inner.
+    addrs: Vec<String>,
+}
+
+/// Reads `pcap` back: WireGuard decoded on its port, VXLAN on its.
+fn decode(ns: &Netns, pcap: &str) -> Result<Vec<Frame>> {
+    let wg = format!("udp.port=={WG_PORT},wg");
+    let vxlan = format!("udp.port=={VXLAN_PORT},vxlan");
+    let out = ns.exec(&[
+        "tshark",
+        "-r",
+        pcap,
+        "-d",
+        &wg,
+        "-d",
+        &vxlan,
+        "-T",
+        "fields",
+        "-E",
+        "separator=/t",
+        "-E",
+        "aggregator=,",
+        "-e",
+        "frame.protocols",
+        "-e",
+        "udp.dstport",
+        "-e",
+        "wg.type",
+        "-e",
+        "vxlan.vni",
+        "-e",
+        "ip.addr",
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            ensure!(f.len() == 5, "unexpected tshark row {line:?}");
+            Ok(Frame {
+                protocols: f[0].to_owned(),
+                udp_dst: f[1].to_owned(),
+                wg_type: f[2].to_owned(),
+                vni: f[3].to_owned(),
+                addrs: f[4].split(',').map(str::to_owned).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Pings `dst` from `from` until one answer comes back.
+fn wait_for_ping(from: &Netns, dst: Ipv4Addr) -> Result<()> {
+    wait_until(Duration::from_secs(15), || {
+        Ok(ping(from, dst, 1, &["-W", "1"])?.all_received())
+    })
+    .with_context(|| format!("no ping answer from {dst}"))
+}
+
+/// Runs iperf3 for `seconds` from `client` to `server` at `server_ip`;
+/// returns the bytes the server received.
+fn iperf(
+    lab: &Lab,
+    client: &Netns,
+    server: &Netns,
+    server_ip: Ipv4Addr,
+    args: &[&str],
+) -> Result<f64> {
+    let srv = lab.spawn(server, &["iperf3", "-s", "-1"], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        let out = server.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
+        Ok(!out.stdout.is_empty())
+    })
+    .with_context(|| format!("iperf3 server did not start:\n{}", srv.output_report()))?;
+    let ip = server_ip.to_string();
+    let mut argv = vec!["iperf3", "-c", &ip, "-J"];
+    argv.extend_from_slice(args);
+    let out = client.exec(&argv)?;
+    let report: Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+    srv.wait_timeout(Duration::from_secs(10))
+        .context("iperf3 server did not exit after its one test")?;
+    report["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .with_context(|| format!("no received bytes in {report}"))
+}
+
+#[test]
+fn encrypted_network_is_only_wireguard_on_the_wire_and_the_plain_one_stays_vxlan() -> Result<()> {
+    let lab = Lab::new("crypt-wire")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let secret_vni = vni_of(&world, SECRET)?;
+    let open_vni = vni_of(&world, OPEN)?;
+    let inspect = world.inspect(0, SECRET)?;
+    ensure!(inspect["encrypted"] == true, "inspect: {inspect}");
+    ensure!(inspect["mtu"] == 1390, "inspect: {inspect}");
+    ensure!(world.inspect(0, OPEN)?["encrypted"] == false);
+
+    // Capture from before the first packet, so the handshake is in it.
+    let capture = Capture::start(&lab, &world.router, "h0", "wire", 12)?;
+    let [(s0, _), (s1, s1_ip)] = &nets.secret;
+    let [(o0, _), (o1, o1_ip)] = &nets.open;
+    wait_for_ping(s0, *s1_ip)?;
+    wait_for_ping(o0, *o1_ip)?;
+    for (from, to) in [(s0, *s1_ip), (o0, *o1_ip)] {
+        let r = ping(from, to, 5, &["-i", "0.2", "-W", "2"])?;
+        ensure!(r.all_received(), "ping lost packets:\n{}", r.output);
+    }
+    // Some TCP of each network on the wire too (slow: the capture stays small).
+    for (c, s, ip) in [(s0, s1, *s1_ip), (o0, o1, *o1_ip)] {
+        let bytes = iperf(&lab, c, s, ip, &["-t", "1", "-b", "5M"])?;
+        ensure!(bytes > 0.0, "no TCP bytes arrived at {ip}");
+    }
+    let frames = capture.finish(&world.router, Duration::from_secs(40))?;
+
+    let wireguard: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.udp_dst == WG_PORT.to_string() || f.protocols.ends_with(":wg"))
+        .collect();
+    let vxlan: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.protocols.contains(":vxlan"))
+        .collect();
+    // The encrypted network: WireGuard, decoded as nothing but WireGuard.
+    for t in ["1", "2", "4"] {
+        ensure!(
+            wireguard.iter().any(|f| f.wg_type == t),
+            "no WireGuard message of type {t} captured: {wireguard:#?}"
+        );
+    }
+    for f in &wireguard {
+        ensure!(
+            f.protocols == "eth:ethertype:ip:udp:wg",
+            "WireGuard frame decoded further than WireGuard: {f:?}"
+        );
+    }
+    // Not one VXLAN frame, nor one inner address, of the encrypted network.
+    let secret_prefix = "198.18.0.";
+    for f in &frames {
+        ensure!(
+            f.vni != secret_vni.to_string(),
+            "VXLAN of the encrypted network on the wire: {f:?}"
+        );
+        ensure!(
+            !f.addrs.iter().any(|a| a.starts_with(secret_prefix)),
+            "an address of the encrypted network on the wire: {f:?}"
+        );
+    }
+    // The plain network: plain VXLAN with its VNI, ICMP and TCP inside.
+    ensure!(
+        vxlan.iter().all(|f| f.vni == open_vni.to_string()),
+        "VXLAN of another VNI: {vxlan:#?}"
+    );
+    ensure!(
+        vxlan.iter().any(|f| f.protocols.contains(":icmp")),
+        "no ICMP in VXLAN"
+    );
+    ensure!(
+        vxlan.iter().any(|f| f.protocols.contains(":tcp")),
+        "no TCP in VXLAN"
+    );
+    ensure!(
+        wireguard.len() + vxlan.len() == frames.len(),
+        "frames that are neither: {:#?}",
+        frames
+            .iter()
+            .filter(|f| !f.protocols.contains(":vxlan") && !f.protocols.ends_with(":wg"))
+            .collect::<Vec<_>>()
+    );
+
+    // Full-speed TCP works on both (5 s each), and the encrypting path
+    // counted what it carried.
+    let secret_bytes = iperf(&lab, s0, s1, *s1_ip, &["-t", "5"])?;
+    let open_bytes = iperf(&lab, o0, o1, *o1_ip, &["-t", "5"])?;
+    println!(
+        "iperf3 5 s: encrypted {:.2} Gbit/s, plain {:.2} Gbit/s",
+        secret_bytes * 8.0 / 5e9,
+        open_bytes * 8.0 / 5e9
+    );
+    ensure!(secret_bytes > 1e6 && open_bytes > 1e6);
+    let a = crypto(&world, 0)?;
+    ensure!(a["counters"]["tx_packets"].as_u64() > Some(1000), "{a}");
+    ensure!(a["counters"]["rx_packets"].as_u64() > Some(100), "{a}");
+    ensure!(a["counters"]["drops"]["auth_failed"] == 0, "{a}");
+    let secret_counters = world.counters(0, SECRET)?;
+    ensure!(
+        secret_counters.drops() == 0,
+        "drops on the encrypted network: {secret_counters:?}"
+    );
+    world.stop()
+}
