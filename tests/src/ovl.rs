@@ -51,6 +51,8 @@ pub struct NetCounters {
     pub spoofed_source: u64,
     pub ttl_exceeded: u64,
     pub path_mtu: u64,
+    pub no_key: u64,
+    pub unencrypted: u64,
 }
 
 impl NetCounters {
@@ -79,6 +81,8 @@ impl NetCounters {
             spoofed_source: d("spoofed_source")?,
             ttl_exceeded: d("ttl_exceeded")?,
             path_mtu: d("path_mtu")?,
+            no_key: d("no_key")?,
+            unencrypted: d("unencrypted")?,
         })
     }
 
@@ -94,6 +98,8 @@ impl NetCounters {
             + self.spoofed_source
             + self.ttl_exceeded
             + self.path_mtu
+            + self.no_key
+            + self.unencrypted
     }
 }
 
