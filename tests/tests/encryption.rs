@@ -26,13 +26,6 @@ fn crypto(world: &Cluster, i: usize) -> Result<Value> {
     serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))
 }
 
-/// One drop counter of the encrypting path of host `i`.
-fn crypto_drop(world: &Cluster, i: usize, reason: &str) -> Result<u64> {
-    crypto(world, i)?["counters"]["drops"][reason]
-        .as_u64()
-        .with_context(|| format!("no drop reason {reason}"))
-}
-
 /// Waits until every host of `world` sees every other's published key.
 fn wait_for_keys(world: &Cluster) -> Result<()> {
     wait_until(Duration::from_secs(15), || {
@@ -483,8 +476,8 @@ fn a_host_joining_later_reaches_the_first_two_on_the_encrypted_network() -> Resu
     let (router, hosts) = lab.routed_hosts(3)?;
     let ovl = ovl_tests::Ovl::new(&lab)?;
     let mut agents = Vec::new();
-    for i in 0..2 {
-        agents.push(ovl.attach(&lab, &hosts[i], Cluster::NODES[i], "tc")?);
+    for (host, node) in hosts.iter().zip(Cluster::NODES).take(2) {
+        agents.push(ovl.attach(&lab, host, node, "tc")?);
     }
     let mut world = Cluster {
         ovl,

@@ -367,14 +367,9 @@ impl Engine {
                 let dest = if msg.first() == Some(&1) { from } else { to };
                 self.emit(reply, dest, 0);
                 // Packets queued while the handshake ran go now.
-                loop {
-                    match tunn.decapsulate(None, &[], body) {
-                        TunnResult::WriteToNetwork(m) => {
-                            let len = m.len().saturating_sub(32);
-                            self.emit(m, to, len)
-                        }
-                        _ => break,
-                    }
+                while let TunnResult::WriteToNetwork(m) = tunn.decapsulate(None, &[], body) {
+                    let len = m.len().saturating_sub(32);
+                    self.emit(m, to, len)
                 }
             }
             TunnResult::WriteToTunnelV4(packet, _) => {
@@ -385,7 +380,8 @@ impl Engine {
                 }
                 let _ = header;
                 let frame = &out[..ETH_HDR_LEN + len];
-                match (&*self.tap.file()).write(frame) {
+                // A TAP takes a frame per write, whole or not at all.
+                match self.tap.file().write_all(frame) {
                     Ok(_) => {
                         Counters::add(&self.counters.rx_packets, 1);
                         Counters::add(&self.counters.rx_bytes, len as u64);

@@ -189,8 +189,8 @@ impl std::fmt::Display for CryptoReport {
         )?;
         writeln!(
             f,
-            "{:<16} {:<22} {:<46} {}",
-            "PEER", "ENDPOINT", "KEY", "HANDSHAKE"
+            "{:<16} {:<22} {:<46} HANDSHAKE",
+            "PEER", "ENDPOINT", "KEY"
         )?;
         for p in &self.peers {
             writeln!(
