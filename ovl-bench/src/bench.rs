@@ -105,6 +105,8 @@ impl Plan {
         }
         match (path, self.quick) {
             (PathId::Bare | PathId::KernelVxlan | PathId::OvlTc, _) => &Test::ALL,
+            (PathId::OvlEncrypted, false) => &Test::ALL,
+            (PathId::OvlEncrypted, true) => &[Test::Tcp1],
             (PathId::OvlTcForwarding, false) => &Test::ALL,
             (PathId::OvlNative | PathId::OvlGeneric, false) => &[Test::Tcp1, Test::Udp64],
             (PathId::OvlTcForwarding | PathId::OvlNative | PathId::OvlGeneric, true) => {
@@ -485,7 +487,14 @@ fn notes(
         "Topology per path: two hosts on different /24s behind a router namespace \
          (`routed_hosts(2)`), MTU 1500. Bare underlay = host netns to host netns \
          (198.51.100.10), no container veth. Overlays = container to container, \
-         MTU 1450, one VNI."
+         MTU 1450, one VNI (1390 on the encrypted network, which carries VXLAN inside \
+         WireGuard)."
+            .to_string(),
+        "`ovl encrypted`: an encrypted network (decap on TC): the egress program sends the \
+         VXLAN frame to the agent's crypto device (a TAP), the agent seals it with boringtun \
+         (ChaCha20-Poly1305) and sends it over UDP; the peer's agent opens it and writes it to \
+         its crypto device, whose TC ingress decapsulates. The agents are not pinned to a core: \
+         they share both with client and server."
             .to_string(),
         "IPv4 forwarding in the hosts is off (the namespace default) for every path \
          except `ovl tc +fwd`, where it is on and ovl's encapsulation resolves the next \

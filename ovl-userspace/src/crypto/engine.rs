@@ -21,6 +21,7 @@ use ovl_common::wire::{ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP, VXLAN_PORT};
 use tokio::sync::watch;
 
 use super::{
+    batch::{Incoming, Outgoing, SLOT},
     keys::{Identity, KeyFile, PublicKey},
     peers::{Peer, PeerInfo, Table},
     stats::{Counters, CryptoDrop},
@@ -156,6 +157,12 @@ impl Engine {
 
     /// Sends what a tunnel asked to send, counting it.
     fn emit(&self, msg: &[u8], to: SocketAddr, payload: usize) {
+        self.count_out(msg, payload);
+        self.send(msg, to);
+    }
+
+    /// Counts a message a tunnel produced.
+    fn count_out(&self, msg: &[u8], payload: usize) {
         if is_data(msg) {
             if payload > 0 {
                 Counters::add(&self.counters.tx_packets, 1);
@@ -164,35 +171,54 @@ impl Engine {
         } else {
             Counters::add(&self.counters.handshakes_sent, 1);
         }
-        self.send(msg, to);
     }
 
-    /// The transmit thread: device → seal → UDP.
+    fn flush(&self, out: &mut Outgoing) {
+        for _ in 0..out.flush(&self.socket) {
+            self.counters.drop(CryptoDrop::IoError);
+        }
+    }
+
+    /// The transmit thread: device → seal → UDP. Reads every frame that
+    /// is ready, then sends the batch with one system call.
     pub fn run_tx(&self) {
         let mut frame = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF];
+        let mut scratch = vec![0u8; BUF];
+        let mut out = Outgoing::default();
         let fd = self.tap.file().as_raw_fd();
+        // SAFETY: fcntl on a descriptor this engine owns.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
         let mut file = self.tap.file();
         while !self.stopped() {
             if !wait_readable(fd) {
                 continue;
             }
-            let n = match file.read(&mut frame) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if !self.stopped() {
-                        log::error!("crypto device {}: {e}", self.tap.name());
+            loop {
+                match file.read(&mut frame) {
+                    Ok(n) => self.seal(&frame[..n], &mut out, &mut scratch),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        if !self.stopped() {
+                            log::error!("crypto device {}: {e}", self.tap.name());
+                        }
+                        return;
                     }
-                    return;
                 }
-            };
-            self.seal(&frame[..n], &mut out);
+                if out.is_full() {
+                    self.flush(&mut out);
+                }
+            }
+            self.flush(&mut out);
         }
     }
 
-    /// Seals one frame from the device for its VTEP's node.
-    fn seal(&self, frame: &[u8], out: &mut [u8]) {
+    /// Seals one frame from the device for its VTEP's node, into the
+    /// outgoing batch.
+    fn seal(&self, frame: &[u8], out: &mut Outgoing, scratch: &mut [u8]) {
         let Some((packet, vtep)) = vxlan_of(frame) else {
             self.counters.drop(CryptoDrop::NoKey);
             return;
@@ -218,18 +244,34 @@ impl Engine {
             self.counters.drop(CryptoDrop::NoKey);
             return;
         };
-        match p.gens[sender.index].tunn.encapsulate(packet, out) {
-            TunnResult::WriteToNetwork(msg) => self.emit(msg, to, packet.len()),
-            TunnResult::Done => {}
-            TunnResult::Err(e) => {
-                log::debug!("seal for {vtep}: {e:?}");
-                self.counters.drop(CryptoDrop::IoError);
+        let tunn = &mut p.gens[sender.index].tunn;
+        if packet.len() + 32 <= SLOT {
+            let slot = out.slot();
+            match tunn.encapsulate(packet, slot) {
+                TunnResult::WriteToNetwork(msg) => {
+                    let len = msg.len();
+                    self.count_out(msg, packet.len());
+                    out.commit(len, to);
+                }
+                TunnResult::Err(e) => {
+                    log::debug!("seal for {vtep}: {e:?}");
+                    self.counters.drop(CryptoDrop::IoError);
+                }
+                _ => {}
             }
-            _ => {}
+        } else {
+            match tunn.encapsulate(packet, scratch) {
+                TunnResult::WriteToNetwork(msg) => self.emit(msg, to, packet.len()),
+                TunnResult::Err(e) => {
+                    log::debug!("seal for {vtep}: {e:?}");
+                    self.counters.drop(CryptoDrop::IoError);
+                }
+                _ => {}
+            }
         }
         if sender.handshake_newest {
             if let Some(n) = p.newest(&mine) {
-                self.initiate(&mut p, n, to, out);
+                self.initiate(&mut p, n, to, scratch);
             }
         }
     }
@@ -246,7 +288,6 @@ impl Engine {
 
     /// The receive thread: UDP → open → check → device.
     pub fn run_rx(&self) {
-        let mut buf = vec![0u8; BUF];
         // Decrypted packets land after room for the Ethernet header the
         // device needs.
         let mut out = vec![0u8; BUF];
@@ -256,19 +297,29 @@ impl Engine {
         header[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
         out[..ETH_HDR_LEN].copy_from_slice(&header);
         let fd = self.socket.as_raw_fd();
+        let mut incoming = Incoming::default();
         while !self.stopped() {
             if !wait_readable(fd) {
                 continue;
             }
-            let (n, from) = match self.socket.recv_from(&mut buf) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::warn!("WireGuard socket: {e}");
-                    continue;
+            loop {
+                let n = match incoming.receive(&self.socket) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("WireGuard socket: {e}");
+                        break;
+                    }
+                };
+                for i in 0..n {
+                    match incoming.get(i) {
+                        Some((msg, from)) => self.open(msg, from, &mut out),
+                        None => self.counters.drop(CryptoDrop::Malformed),
+                    }
                 }
-            };
-            self.open(&buf[..n], from, &mut out);
+            }
         }
     }
 

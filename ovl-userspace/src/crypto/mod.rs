@@ -10,6 +10,7 @@
 //! the store answers, [`Crypto::handle`] for the local API; dropping it
 //! stops the engine and removes the device.
 
+mod batch;
 pub mod cli;
 mod engine;
 pub mod keys;
@@ -41,6 +42,11 @@ use crate::{model::State, store::Store};
 
 /// Default period of automatic key rotation (as Docker's overlay).
 pub const DEFAULT_ROTATION: Duration = Duration::from_secs(12 * 3600);
+
+/// Socket buffer of the WireGuard socket, each way. The default (208 KiB)
+/// overflows under a TCP burst the receiving thread has not caught up
+/// with yet (measured: every such drop was a TCP retransmission).
+const SOCKET_BUFFER: usize = 8 << 20;
 
 /// What a node publishes in the store for its peers (the node record's
 /// `wireguard` field).
@@ -136,6 +142,7 @@ impl Crypto {
                     opts.vtep, opts.port
                 )
             })?;
+        batch::enlarge_buffers(&socket, SOCKET_BUFFER);
         let name = device_name(&opts.node);
         // Frames never exceed what the underlay carries; leave room anyway
         // so nothing the kernel hands over is cut.
