@@ -289,7 +289,7 @@ pub struct Comparison {
 impl Comparison {
     /// ovl's default on veth (TC decap, hosts as configured: forwarding
     /// off) against the two baselines, then the other ovl variants.
-    pub const ALL: [Comparison; 8] = [
+    pub const ALL: [Comparison; 10] = [
         Comparison::new(PathId::OvlTc, PathId::KernelVxlan),
         Comparison::new(PathId::OvlTc, PathId::Bare),
         Comparison::new(PathId::OvlTcForwarding, PathId::KernelVxlan),
