@@ -232,6 +232,8 @@ pub fn render(view: &View) -> Result<String> {
     ])
     .set(1);
 
+    crate::crypto::metrics::export(&reg)?;
+
     let mut out = Vec::new();
     TextEncoder::new()
         .encode(&reg.gather(), &mut out)

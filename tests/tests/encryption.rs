@@ -312,6 +312,9 @@ fn encrypted_network_is_only_wireguard_on_the_wire_and_the_plain_one_stays_vxlan
 /// Crafted messages of each kind.
 const N: u64 = 5;
 
+/// Where the agents serve Prometheus metrics (each in its host's namespace).
+const METRICS: &str = "127.0.0.1:9474";
+
 /// Sends, from the router on host A's link, messages that claim to come
 /// from host B's WireGuard: `N` replays of a captured transport message,
 /// `N` with a live session's header but random ciphertext, `N` random
@@ -354,7 +357,7 @@ fn send_forgeries(world: &Cluster, pcap: &str) -> Result<()> {
 #[test]
 fn forged_and_replayed_messages_are_dropped_counted_and_reach_no_container() -> Result<()> {
     let lab = Lab::new("crypt-forge")?;
-    let world = TwoHosts::start(&lab, "tc")?;
+    let world = Cluster::start_with_env(&lab, "tc", &[("OVL_METRICS", METRICS)])?;
     let nets = two_networks(&lab, &world)?;
     let [(s0, s0_ip), (s1, _)] = &nets.secret;
     wait_for_ping(s1, *s0_ip)?;
@@ -422,6 +425,46 @@ fn forged_and_replayed_messages_are_dropped_counted_and_reach_no_container() -> 
         delivered_after.rx_packets == delivered_before.rx_packets,
         "something reached a container: {delivered_before:?} -> {delivered_after:?}"
     );
+    // The same counts in the Prometheus metrics, which promtool accepts.
+    let text = String::from_utf8_lossy(
+        &world.hosts[0]
+            .netns
+            .exec(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://{METRICS}/metrics"),
+            ])?
+            .stdout,
+    )
+    .into_owned();
+    let file = lab.tempdir().join("metrics.txt");
+    std::fs::write(&file, &text)?;
+    let check = ovl_tests::run_unchecked(&[
+        "sh",
+        "-c",
+        &format!("promtool check metrics < {}", file.display()),
+    ])?;
+    ensure!(
+        check.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for (reason, n) in [
+        ("replayed", drops(&after, "replayed")),
+        ("auth_failed", drops(&after, "auth_failed")),
+        ("unknown_session", drops(&after, "unknown_session")),
+    ] {
+        let line = format!("ovl_crypto_drops_total{{reason=\"{reason}\"}} {n}");
+        ensure!(text.contains(&line), "no `{line}` in the metrics:\n{text}");
+    }
+    ensure!(
+        text.contains("ovl_crypto_packets_total{direction=\"rx\"}"),
+        "{text}"
+    );
+
     // The real session is unharmed.
     let r = ping(s0, nets.secret[1].1, 3, &["-i", "0.2", "-W", "2"])?;
     ensure!(r.all_received(), "{}", r.output);

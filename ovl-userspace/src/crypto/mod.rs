@@ -14,6 +14,7 @@ mod batch;
 pub mod cli;
 mod engine;
 pub mod keys;
+pub mod metrics;
 mod peers;
 pub mod stats;
 mod tap;
@@ -170,6 +171,7 @@ impl Crypto {
             rotate_every: opts.rotate_every,
             next_rotation: Mutex::new(Instant::now() + opts.rotate_every),
         });
+        metrics::set_current(&engine);
         let mut threads = Vec::new();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -324,7 +326,7 @@ pub fn peers_of(state: &State, me: &str) -> Vec<PeerInfo> {
         .collect()
 }
 
-fn report(engine: &Engine) -> CryptoReport {
+pub(crate) fn report(engine: &Engine) -> CryptoReport {
     let ids = engine.identities.read().unwrap_or_else(|e| e.into_inner());
     let table = engine.table.read().unwrap_or_else(|e| e.into_inner());
     let mut peers: Vec<PeerReport> = table
