@@ -144,6 +144,9 @@ impl Crypto {
                 )
             })?;
         batch::enlarge_buffers(&socket, SOCKET_BUFFER);
+        if !batch::enable_gro(&socket) {
+            log::info!("UDP GRO unavailable: WireGuard messages are received one by one");
+        }
         let name = device_name(&opts.node);
         // Frames never exceed what the underlay carries; leave room anyway
         // so nothing the kernel hands over is cut.
