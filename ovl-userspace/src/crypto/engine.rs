@@ -303,17 +303,16 @@ impl Engine {
                 continue;
             }
             loop {
-                let n = match incoming.receive(&self.socket) {
+                match incoming.receive(&self.socket) {
                     Ok(0) => break,
-                    Ok(n) => n,
+                    Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         log::warn!("WireGuard socket: {e}");
                         break;
                     }
-                };
-                let _ = n;
+                }
                 for _ in 0..incoming.truncated() {
                     self.counters.drop(CryptoDrop::Malformed);
                 }
@@ -410,7 +409,8 @@ impl Engine {
         let to = p.endpoint();
         let vtep = p.info.vtep;
         let tunn = &mut p.gens[g].tunn;
-        let (header, body) = out.split_at_mut(ETH_HDR_LEN);
+        // The Ethernet header run_rx wrote stays in front of what opens.
+        let body = &mut out[ETH_HDR_LEN..];
         match tunn.decapsulate(Some(from.ip()), msg, body) {
             TunnResult::WriteToNetwork(reply) => {
                 if !is_data(msg) {
@@ -431,7 +431,6 @@ impl Engine {
                     self.counters.drop(CryptoDrop::Spoofed);
                     return;
                 }
-                let _ = header;
                 let frame = &out[..ETH_HDR_LEN + len];
                 // A TAP takes a frame per write, whole or not at all.
                 match self.tap.file().write_all(frame) {
