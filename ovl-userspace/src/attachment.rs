@@ -9,9 +9,10 @@ use anyhow::{Context, Result};
 
 use crate::{
     api,
+    ipam::Subnet,
     model::{ContainerSpec, Endpoint, Location, Network},
     netlink, netns,
-    store::Store,
+    store::{Scope, Store},
 };
 
 /// What a front end asks for.
@@ -28,6 +29,9 @@ pub struct Request {
     pub name: Option<String>,
     /// Address to use instead of the next free one.
     pub ip: Option<Ipv4Addr>,
+    /// The network's subnet to take the address from [default: the first
+    /// with a free address].
+    pub subnet: Option<Subnet>,
     /// The front end's identity for the attachment ([`Endpoint::owner`]).
     pub owner: Option<String>,
 }
@@ -81,7 +85,7 @@ pub async fn attach_placed(
         netns::open(&req.netns)?;
     }
     let (endpoint, network, reservation) = store
-        .update_with(|s| {
+        .update_with(Scope::Network(&req.network), |s| {
             let reservation = req.ip.and_then(|ip| {
                 s.endpoints
                     .iter()
@@ -100,6 +104,7 @@ pub async fn attach_placed(
                 netns: req.netns.clone(),
                 name: req.name.clone(),
                 ip: req.ip,
+                subnet: req.subnet,
                 owner: req.owner.clone(),
             })?;
 
@@ -112,6 +117,9 @@ pub async fn attach_placed(
     let host_ifname = host_ifname.clone();
     let peer = format!("{host_ifname}c");
     let built = async {
+        let routes = network
+            .container_routes(endpoint.ip)
+            .context("IPAM gave an address outside the network's subnets")?;
         let handle = netlink::connect()?;
         let ifname = netlink::create_container_link(
             &handle,
@@ -125,9 +133,11 @@ pub async fn attach_placed(
                     Placement::HostSide => netlink::Placement::HostSide { peer: &peer },
                 },
                 ip: endpoint.ip,
-                prefix: network.subnet.prefix(),
+                prefix: routes.prefix,
                 mac: endpoint.mac,
                 mtu: network.mtu,
+                gateway: routes.gateway,
+                via_gateway: &routes.via_gateway,
             },
         )
         .await?;
@@ -154,7 +164,7 @@ pub async fn attach_placed(
         }),
         Err(e) => {
             let undo = store
-                .update_with(|s| {
+                .update_with(Scope::Network(&req.network), |s| {
                     s.remove_container(&req.network, &req.node, &req.netns)?;
                     if let Some(r) = &reservation {
                         s.endpoints.push(r.clone());
@@ -229,7 +239,7 @@ pub async fn find(
     network: &str,
     netns: &str,
 ) -> Result<Option<Endpoint>> {
-    let state = store.load().await?;
+    let state = store.load_in(Scope::Network(network)).await?;
     Ok(state
         .endpoints_of(network)
         .find(|e| matches!(&e.location, Location::Container { node: n, netns: ns, .. } if n == node && ns == netns))
@@ -240,7 +250,9 @@ pub async fn find(
 pub async fn detach(store: &Store, node: &str, network: &str, netns: &str) -> Result<Endpoint> {
     remove_link(store, node, network, netns).await?;
     Ok(store
-        .update_with(|s| s.remove_container(network, node, netns))
+        .update_with(Scope::Network(network), |s| {
+            s.remove_container(network, node, netns)
+        })
         .await?)
 }
 
@@ -256,7 +268,9 @@ pub async fn detach_keeping_address(
 ) -> Result<Endpoint> {
     remove_link(store, node, network, netns).await?;
     Ok(store
-        .update_with(|s| s.release_to_reservation(network, node, netns))
+        .update_with(Scope::Network(network), |s| {
+            s.release_to_reservation(network, node, netns)
+        })
         .await?)
 }
 

@@ -20,9 +20,12 @@ const SYS_FS_BPF: &str = "/sys/fs/bpf";
 /// Sub-directory of a node's pin directory that holds its bpf_links.
 pub const LINKS_DIR: &str = "links";
 
-/// The pin directory of `node` under `root`.
-pub fn node_dir(root: &Path, node: &str) -> PathBuf {
-    root.join(node)
+/// The pin directory of `node` under `root`; a name that is not one safe
+/// path component (`..`, `a/b`, empty) is refused, so no node's directory
+/// is ever outside the pin root.
+pub fn node_dir(root: &Path, node: &str) -> Result<PathBuf, crate::validate::InvalidInput> {
+    crate::validate::node_name(node)?;
+    Ok(root.join(node))
 }
 
 /// True when `path` is on a bpffs.
@@ -183,7 +186,7 @@ impl NodeLock {
 }
 
 /// The pid holding a flock on `file`, from /proc/locks.
-fn lock_holder(file: &File) -> Option<u32> {
+pub(crate) fn lock_holder(file: &File) -> Option<u32> {
     let meta = file.metadata().ok()?;
     let (dev, ino) = (meta.st_dev(), meta.st_ino());
     let (major, minor) = (libc::major(dev), libc::minor(dev));

@@ -3,58 +3,89 @@
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::{
-    api, attachment, bpffs, datapath,
-    ipam::Subnet,
+    api, attachment, bpffs, datapath, egress_nat,
+    ipam::Pool,
     metrics::{self, NetworkStats},
-    model::{Endpoint, MacAddr, NetworkSpec},
+    model::{Endpoint, Location, MacAddr, NetworkSpec},
     netlink,
-    store::Store,
+    release::AddressConflict,
+    store::{Scope, Store},
 };
 
 /// `ovl network create`.
-pub async fn network_create(
-    store: &Store,
-    name: &str,
-    subnet: Subnet,
-    vni: Option<u32>,
-    mtu: Option<u32>,
-) -> Result<String> {
+pub async fn network_create(store: &Store, spec: NetworkSpec) -> Result<String> {
     let net = store
-        .update_with(|s| {
-            s.create_network(NetworkSpec {
-                name: name.to_owned(),
-                subnet,
-                vni,
-                mtu,
-            })
-            .cloned()
-        })
+        .update_with(Scope::Networks, |s| s.create_network(spec.clone()).cloned())
         .await?;
+    let subnets: Vec<String> = net
+        .subnets
+        .iter()
+        .map(|p| format!("{} gateway {}", p.subnet, p.gateway))
+        .collect();
     Ok(format!(
-        "created network {} (VNI {}, subnet {}, MTU {})",
-        net.name, net.vni, net.subnet, net.mtu
+        "created network {} (VNI {}, subnet {}, MTU {}{})",
+        net.name,
+        net.vni,
+        subnets.join(", subnet "),
+        net.mtu,
+        match (net.internal, net.encrypted) {
+            (true, true) => ", internal, encrypted",
+            (true, false) => ", internal",
+            (false, true) => ", encrypted",
+            (false, false) => "",
+        }
     ))
 }
 
+/// One row of `ovl network ls --json`.
+#[derive(Serialize)]
+struct NetworkRow<'a> {
+    name: &'a str,
+    vni: u32,
+    subnets: Vec<String>,
+    mtu: u32,
+    endpoints: usize,
+    internal: bool,
+    encrypted: bool,
+}
+
 /// `ovl network ls`.
-pub async fn network_ls(store: &Store) -> Result<String> {
+pub async fn network_ls(store: &Store, json: bool) -> Result<String> {
     let state = store.load().await?;
+    let rows: Vec<NetworkRow> = state
+        .networks
+        .values()
+        .map(|n| NetworkRow {
+            name: &n.name,
+            vni: n.vni.get(),
+            subnets: n.subnets.iter().map(|p| p.subnet.to_string()).collect(),
+            mtu: n.mtu,
+            endpoints: state.endpoints_of(&n.name).count(),
+            internal: n.internal,
+            encrypted: n.encrypted,
+        })
+        .collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&rows).expect("rows serialise"));
+    }
     let mut out = format!(
-        "{:<20} {:>8} {:<18} {:>5} {:>9}\n",
-        "NAME", "VNI", "SUBNET", "MTU", "ENDPOINTS"
+        "{:<20} {:>8} {:<18} {:>5} {:>9}  {:<8}  {}\n",
+        "NAME", "VNI", "SUBNETS", "MTU", "ENDPOINTS", "INTERNAL", "ENCRYPTED"
     );
-    for n in state.networks.values() {
+    for r in rows {
         out.push_str(&format!(
-            "{:<20} {:>8} {:<18} {:>5} {:>9}\n",
-            n.name,
-            n.vni,
-            n.subnet.to_string(),
-            n.mtu,
-            state.endpoints_of(&n.name).count()
+            "{:<20} {:>8} {:<18} {:>5} {:>9}  {:<8}  {}\n",
+            r.name,
+            r.vni,
+            r.subnets.join(","),
+            r.mtu,
+            r.endpoints,
+            if r.internal { "yes" } else { "no" },
+            if r.encrypted { "yes" } else { "no" }
         ));
     }
     Ok(out)
@@ -64,20 +95,25 @@ pub async fn network_ls(store: &Store) -> Result<String> {
 struct Inspect<'a> {
     name: &'a str,
     vni: u32,
-    subnet: String,
+    subnets: &'a [Pool],
     mtu: u32,
+    internal: bool,
+    /// Traffic between nodes is encrypted (WireGuard).
+    encrypted: bool,
     endpoints: Vec<&'a Endpoint>,
 }
 
 /// `ovl network inspect`: the network and its endpoints as JSON.
 pub async fn network_inspect(store: &Store, name: &str) -> Result<String> {
-    let state = store.load().await?;
+    let state = store.load_in(Scope::Network(name)).await?;
     let n = state.network(name)?;
     let view = Inspect {
         name: &n.name,
         vni: n.vni.get(),
-        subnet: n.subnet.to_string(),
+        subnets: &n.subnets,
         mtu: n.mtu,
+        internal: n.internal,
+        encrypted: n.encrypted,
         endpoints: state.endpoints_of(name).collect(),
     };
     Ok(serde_json::to_string_pretty(&view).expect("inspect view serialises"))
@@ -85,7 +121,9 @@ pub async fn network_inspect(store: &Store, name: &str) -> Result<String> {
 
 /// `ovl network rm`.
 pub async fn network_rm(store: &Store, name: &str) -> Result<String> {
-    store.update_with(|s| s.remove_network(name)).await?;
+    store
+        .update_with(Scope::Network(name), |s| s.remove_network(name))
+        .await?;
     Ok(format!("removed network {name}"))
 }
 
@@ -102,7 +140,11 @@ pub async fn connect(
     req: &attachment::Request,
 ) -> Result<String> {
     let a = attachment::attach(store, req).await?;
-    let prefix = a.network.subnet.prefix();
+    let (prefix, gateway) = a
+        .network
+        .pool_of(a.endpoint.ip)
+        .map(|p| (p.subnet.prefix(), p.gateway))
+        .context("IPAM gave an address outside the network's subnets")?;
     match attachment::wait_forwarding(api_socket, &req.network, a.endpoint.ip, READY_WAIT).await {
         Ok(attachment::Readiness::Forwarding) => {}
         Ok(attachment::Readiness::NoAgent) => eprintln!(
@@ -118,7 +160,7 @@ pub async fn connect(
         Err(e) => eprintln!("ovl: warning: {e:#}"),
     }
     Ok(format!(
-        "connected {} to {}: {} {}/{prefix} mac {} mtu {} (host side {})",
+        "connected {} to {}: {} {}/{prefix} gateway {gateway} mac {} mtu {} (host side {})",
         req.netns,
         req.network,
         a.ifname,
@@ -153,7 +195,9 @@ pub async fn endpoint_add(
     name: Option<String>,
 ) -> Result<String> {
     let ep = store
-        .update_with(|s| s.add_static(network, ip, mac, vtep, name.clone()))
+        .update_with(Scope::Network(network), |s| {
+            s.add_static(network, ip, mac, vtep, name.clone())
+        })
         .await?;
     Ok(format!(
         "added {} ({}) on {network} behind VTEP {vtep}",
@@ -164,45 +208,167 @@ pub async fn endpoint_add(
 /// `ovl endpoint rm`.
 pub async fn endpoint_rm(store: &Store, network: &str, ip: Ipv4Addr) -> Result<String> {
     store
-        .update_with(|s| s.remove_endpoint(network, ip))
+        .update_with(Scope::Network(network), |s| s.remove_endpoint(network, ip))
         .await?;
     Ok(format!("removed {ip} from {network}"))
 }
 
-/// `ovl node ls`: nodes, their VTEPs and whether their agent is alive
-/// (known with etcd leases; with the file store, whether this machine
-/// holds the node's pins).
-pub async fn node_ls(store: &Store, pin_root: &Path) -> Result<String> {
+/// `ovl cluster show`: the settings every node shares.
+pub async fn cluster_show(store: &Store) -> Result<String> {
     let state = store.load().await?;
+    Ok(format!("vxlan port: {}", state.cluster.vxlan_port))
+}
+
+/// `ovl cluster set`: changes settings every node shares; each agent
+/// applies them as it sees the change.
+pub async fn cluster_set(store: &Store, vxlan_port: Option<u16>) -> Result<String> {
+    let Some(port) = vxlan_port else {
+        bail!("nothing to set; give --vxlan-port PORT");
+    };
+    store
+        .update_with(Scope::Networks, |s| s.set_vxlan_port(port))
+        .await?;
+    Ok(format!(
+        "VXLAN port set to {port}: every agent sends to it and accepts only it from now on (allow UDP {port} between the nodes)"
+    ))
+}
+
+/// One row of `ovl node ls --json`.
+#[derive(Serialize)]
+struct NodeRow<'a> {
+    name: &'a str,
+    vtep: std::net::Ipv4Addr,
+    /// Whether its agent holds its lease; null where the store does not
+    /// track liveness (the file store).
+    alive: Option<bool>,
+    /// Whether this machine holds the node's pins (its data path).
+    pinned_here: bool,
+    /// Addresses it found taken when it last put back its endpoints.
+    conflicts: &'a [AddressConflict],
+    /// The WireGuard key and port it published (encrypted networks).
+    wireguard: Option<crate::crypto::NodeKey>,
+}
+
+/// `ovl node ls`: nodes, their VTEPs, whether their agent is alive (known
+/// with etcd leases; with the file store, whether this machine holds the
+/// node's pins) and the address conflicts they reported.
+pub async fn node_ls(store: &Store, pin_root: &Path, json: bool) -> Result<String> {
+    let state = store.load().await?;
+    let rows: Vec<NodeRow> = state
+        .nodes
+        .values()
+        .map(|n| NodeRow {
+            name: &n.name,
+            vtep: n.vtep,
+            alive: state.alive.as_ref().map(|a| a.contains(&n.name)),
+            pinned_here: bpffs::node_dir(pin_root, &n.name)
+                .is_ok_and(|d| d.join(ovl_common::maps::names::STATS).exists()),
+            conflicts: state.conflicts.get(&n.name).map_or(&[], Vec::as_slice),
+            wireguard: n.wireguard,
+        })
+        .collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&rows).expect("rows serialise"));
+    }
     let mut out = format!(
-        "{:<20} {:<16} {}
-",
-        "NODE", "VTEP", "ALIVE"
+        "{:<20} {:<16} {:>9} {:<18} {:<44} {}\n",
+        "NODE", "VTEP", "CONFLICTS", "ALIVE", "WIREGUARD KEY", "PORT"
     );
-    for n in state.nodes.values() {
-        let alive = match &state.alive {
-            Some(alive) => {
-                if alive.contains(&n.name) {
-                    "yes"
-                } else {
-                    "no"
-                }
-            }
-            None => {
-                let pinned =
-                    bpffs::node_dir(pin_root, &n.name).join(ovl_common::maps::names::STATS);
-                if pinned.exists() {
-                    "yes (pinned here)"
-                } else {
-                    "unknown"
-                }
-            }
+    for r in &rows {
+        let alive = match (r.alive, r.pinned_here) {
+            (Some(true), _) => "yes",
+            (Some(false), _) => "no",
+            (None, true) => "yes (pinned here)",
+            (None, false) => "unknown",
+        };
+        let (key, port) = r.wireguard.map_or(("-".to_owned(), "-".to_owned()), |k| {
+            (k.public_key.to_string(), k.port.to_string())
+        });
+        out.push_str(&format!(
+            "{:<20} {:<16} {:>9} {alive:<18} {key:<44} {port}\n",
+            r.name,
+            r.vtep.to_string(),
+            r.conflicts.len(),
+        ));
+    }
+    for r in &rows {
+        for c in r.conflicts {
+            out.push_str(&format!("conflict on node {}: {c}\n", r.name));
+        }
+    }
+    Ok(out)
+}
+
+/// `ovl node rm`: removes a dead node's registration and endpoints.
+/// Refused while its agent is alive (etcd), or runs on this machine (the
+/// file store, which does not track liveness).
+pub async fn node_rm(store: &Store, pin_root: &Path, name: &str) -> Result<String> {
+    let dir = bpffs::node_dir(pin_root, name)?;
+    if matches!(store, Store::File(_)) && dir.exists() {
+        if let Err(bpffs::LockError::Held { holder, .. }) = bpffs::NodeLock::acquire(&dir) {
+            bail!(
+                "node {name:?} has a running agent on this machine{holder}; stop it first (SIGTERM), then remove the node"
+            );
+        }
+    }
+    let freed = store.remove_node(name).await?;
+    Ok(format!(
+        "removed node {name} and freed its {freed} endpoint(s); their addresses are held back for the address grace before reuse"
+    ))
+}
+
+/// One row of `ovl endpoint ls --json`: the endpoint as stored.
+#[derive(Serialize)]
+struct EndpointRow<'a> {
+    #[serde(flatten)]
+    endpoint: &'a Endpoint,
+    /// The VTEP its frames go to, when known (its node's, while alive).
+    vtep: Option<std::net::Ipv4Addr>,
+}
+
+/// `ovl endpoint ls`: every endpoint, or those of one network.
+pub async fn endpoint_ls(store: &Store, network: Option<&str>, json: bool) -> Result<String> {
+    let state = match network {
+        Some(n) => {
+            let s = store.load_in(Scope::Network(n)).await?;
+            s.network(n)?;
+            s
+        }
+        None => store.load().await?,
+    };
+    let mut endpoints: Vec<&Endpoint> = state
+        .endpoints
+        .iter()
+        .filter(|e| network.is_none_or(|n| e.network == n))
+        .collect();
+    endpoints.sort_by(|a, b| (&a.network, a.ip).cmp(&(&b.network, b.ip)));
+    let rows: Vec<EndpointRow> = endpoints
+        .into_iter()
+        .map(|e| EndpointRow {
+            endpoint: e,
+            vtep: state.vtep_of(e),
+        })
+        .collect();
+    if json {
+        return Ok(serde_json::to_string_pretty(&rows).expect("rows serialise"));
+    }
+    let mut out = format!(
+        "{:<20} {:<15} {:<17} {:<20} {}\n",
+        "NETWORK", "IP", "MAC", "NAME", "WHERE"
+    );
+    for r in rows {
+        let e = r.endpoint;
+        let place = match &e.location {
+            Location::Container { node, netns, .. } => format!("{netns} on {node}"),
+            Location::Static { vtep } => format!("behind VTEP {vtep}"),
+            Location::Reserved { node } => format!("reserved on {node} (Docker's IPAM)"),
         };
         out.push_str(&format!(
-            "{:<20} {:<16} {}\n",
-            n.name,
-            n.vtep.to_string(),
-            alive
+            "{:<20} {:<15} {:<17} {:<20} {place}\n",
+            e.network,
+            e.ip.to_string(),
+            e.mac.to_string(),
+            e.name
         ));
     }
     Ok(out)
@@ -246,11 +412,11 @@ async fn pinned_stats(
     pin_root: &Path,
     network: Option<&str>,
 ) -> Result<Vec<NetworkStats>> {
-    let state = store.load().await?;
+    let state = store.load_in(Scope::Networks).await?;
     if let Some(name) = network {
         state.network(name)?;
     }
-    let pin_dir = bpffs::node_dir(pin_root, node);
+    let pin_dir = bpffs::node_dir(pin_root, node)?;
     let counters = datapath::read_counters(&pin_dir)?;
     Ok(state
         .networks
@@ -277,7 +443,7 @@ pub async fn underlay_stats(
     {
         Ok(r) => r,
         Err(api::ClientError::NoAgent(_)) => {
-            let pin_dir = bpffs::node_dir(pin_root, node);
+            let pin_dir = bpffs::node_dir(pin_root, node)?;
             let counters = datapath::read_counters(&pin_dir)?;
             let global = datapath::read_global(&pin_dir)?;
             let orphan = counters
@@ -302,7 +468,7 @@ pub async fn status(api_socket: &Path, node: &str, pin_root: &Path, json: bool) 
     let h: api::Health = match api::Client::new(api_socket).get("/v1/health").await {
         Ok(h) => h,
         Err(api::ClientError::NoAgent(path)) => {
-            let dir = bpffs::node_dir(pin_root, node);
+            let dir = bpffs::node_dir(pin_root, node)?;
             let links = datapath::LinkPins::of(&dir).list().unwrap_or_default();
             let pinned = if links.is_empty() {
                 format!(
@@ -375,7 +541,7 @@ fn url_escape(s: &str) -> String {
 /// left on `iface` the legacy netlink way. Refused while an agent runs.
 pub async fn detach(iface: &str, node: &str, pin_root: &Path, api_socket: &Path) -> Result<String> {
     let mut done = Vec::new();
-    let dir = bpffs::node_dir(pin_root, node);
+    let dir = bpffs::node_dir(pin_root, node)?;
     let _lock = if dir.exists() {
         Some(bpffs::NodeLock::acquire(&dir).map_err(|e| match e {
             bpffs::LockError::Held { holder, .. } => anyhow::anyhow!(
@@ -418,6 +584,7 @@ pub async fn detach(iface: &str, node: &str, pin_root: &Path, api_socket: &Path)
     } else {
         done.push(format!("interface {iface} does not exist here"));
     }
+    done.extend(egress_nat::remove(iface).context("remove the host's external egress setup")?);
     if api_socket.exists() {
         let _ = std::fs::remove_file(api_socket);
     }

@@ -11,8 +11,8 @@ use ovl_userspace::{
     commands,
     datapath::DecapMode,
     ipam::Subnet,
-    model::MacAddr,
-    store::Store,
+    model::{MacAddr, NetworkSpec},
+    store::{EtcdAccess, Store, StoreOptions},
 };
 
 /// VXLAN overlay networks switched by eBPF/XDP: Docker's overlay data
@@ -20,8 +20,9 @@ use ovl_userspace::{
 #[derive(Parser)]
 #[command(name = "ovl", version, about)]
 struct Cli {
-    /// Where the state lives: file:///PATH (embedded, one machine) or
-    /// etcd://HOST:PORT[,HOST:PORT...] (a cluster).
+    /// Where the state lives: file:///PATH (embedded, one machine),
+    /// etcd://HOST:PORT[,HOST:PORT...] (a cluster) or etcds://... (etcd
+    /// over TLS). Options may follow as a query (?cacert=...&user=...).
     #[arg(
         long,
         env = "OVL_STORE",
@@ -29,6 +30,27 @@ struct Cli {
         global = true
     )]
     store: String,
+    /// CA bundle that signed etcd's server certificate (etcds://).
+    #[arg(long, env = "OVL_ETCD_CACERT", global = true)]
+    etcd_cacert: Option<PathBuf>,
+    /// Client certificate for etcd's client-certificate authentication.
+    #[arg(long, env = "OVL_ETCD_CERT", global = true, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Key of --etcd-cert.
+    #[arg(long, env = "OVL_ETCD_KEY", global = true, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user; the password comes from OVL_ETCD_PASSWORD or
+    /// --etcd-password-file, never from the command line.
+    #[arg(long, env = "OVL_ETCD_USER", global = true)]
+    etcd_user: Option<String>,
+    /// File whose first line is the etcd user's password.
+    #[arg(long, env = "OVL_ETCD_PASSWORD_FILE", global = true)]
+    etcd_password_file: Option<PathBuf>,
+    /// Seconds an address freed from a dead (or removed) node is held back
+    /// before it is handed out again: the node may only be cut off
+    /// [default: 60].
+    #[arg(long, env = "OVL_ADDRESS_GRACE", global = true, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    address_grace: Option<u64>,
     /// This node's name [default: the hostname].
     #[arg(long, env = "OVL_NODE", global = true)]
     node: Option<String>,
@@ -58,6 +80,10 @@ enum Command {
         /// Address to use instead of the next free one.
         #[arg(long)]
         ip: Option<Ipv4Addr>,
+        /// Take the address from this subnet of the network [default: the
+        /// first with a free address].
+        #[arg(long)]
+        subnet: Option<Subnet>,
         /// Endpoint name [default: the namespace name].
         #[arg(long)]
         name: Option<String>,
@@ -90,6 +116,14 @@ enum Command {
         #[arg(long, env = "OVL_DOCKER_PLUGIN_SOCKET", requires = "docker_host",
               default_value = ovl_userspace::docker::DEFAULT_PLUGIN_SOCKET)]
         docker_plugin_socket: PathBuf,
+        /// UDP port of WireGuard, which carries encrypted networks between
+        /// nodes (at this node's VTEP address).
+        #[arg(long, env = "OVL_WIREGUARD_PORT", default_value_t = ovl_common::wire::WIREGUARD_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+        wireguard_port: u16,
+        /// Seconds between automatic rotations of this node's WireGuard key
+        /// (12 h, as Docker's overlay).
+        #[arg(long, env = "OVL_KEY_ROTATION", default_value_t = 43200, value_parser = clap::value_parser!(u64).range(10..=31_536_000))]
+        key_rotation: u64,
     },
     /// Remove this node's data path from IFACE: programs, links, maps, pins.
     Detach { iface: String },
@@ -111,6 +145,10 @@ enum Command {
         /// drops no network can be charged with.
         #[arg(long, conflicts_with = "network")]
         underlay: bool,
+        /// The encrypting path instead: WireGuard key, peers, packets
+        /// sealed and opened, drops (authentication, replays, unknown keys).
+        #[arg(long, conflicts_with_all = ["network", "underlay"])]
+        crypto: bool,
     },
     /// Endpoints behind VTEPs that run no ovl agent (e.g. a kernel vxlan).
     #[command(subcommand)]
@@ -121,6 +159,22 @@ enum Command {
     /// ovl as a CNI plugin (podman, containerd, CRI-O, Kubernetes).
     #[command(subcommand)]
     Cni(CniCmd),
+    /// Settings every node of the cluster shares.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Show the cluster's settings.
+    Show,
+    /// Change the cluster's settings (every agent follows).
+    Set {
+        /// UDP port of the overlay's VXLAN [default: 4789, IANA's; 8472 is
+        /// Linux's and Flannel's].
+        #[arg(long)]
+        vxlan_port: Option<u16>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -145,17 +199,37 @@ enum NetworkCmd {
     /// Create a network.
     Create {
         name: String,
+        /// A subnet of the network; repeat for several (routed to each
+        /// other by their gateways). IPAM fills them in this order.
+        #[arg(long, required = true)]
+        subnet: Vec<Subnet>,
+        /// A subnet's gateway, matched to the subnet that holds it; repeat
+        /// for several [default: each subnet's first address].
         #[arg(long)]
-        subnet: Subnet,
+        gateway: Vec<Ipv4Addr>,
+        /// No way out of the overlay: containers get no default route and
+        /// no external egress (Docker's --internal).
+        #[arg(long)]
+        internal: bool,
         /// VXLAN network identifier [default: next free from 4096].
         #[arg(long)]
         vni: Option<u32>,
-        /// Container MTU [default: 1450, a 1500 underlay minus 50].
+        /// Container MTU [default: the smallest underlay MTU of the known
+        /// nodes minus 50 (110 when encrypted); 1450 (1390) when none is
+        /// known].
         #[arg(long)]
         mtu: Option<u32>,
+        /// Traffic between nodes leaves only encrypted and authenticated
+        /// (WireGuard), as Docker's `--opt encrypted`.
+        #[arg(long)]
+        encrypted: bool,
     },
     /// List networks.
-    Ls,
+    Ls {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a network and its endpoints as JSON.
     Inspect { name: String },
     /// Remove a network without endpoints.
@@ -178,24 +252,87 @@ enum EndpointCmd {
     },
     /// Remove an endpoint.
     Rm { network: String, ip: Ipv4Addr },
+    /// List endpoints (containers and static ones).
+    Ls {
+        /// Only this network's.
+        #[arg(long)]
+        network: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
 enum NodeCmd {
-    /// List nodes and their VTEP addresses.
-    Ls,
+    /// List nodes, their VTEP addresses, liveness and address conflicts.
+    Ls {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a dead node: its registration and its endpoints (their
+    /// addresses are held back for the address grace). Refused while the
+    /// node's agent is alive.
+    Rm { node: String },
+    /// Give this node a new WireGuard key now (the agent also rotates on
+    /// its own, every --key-rotation seconds); no packet is lost.
+    RotateKey,
 }
 
+/// This node's name: `--node`, else the host name. Checked before any
+/// path is built from it, by every command that uses it.
 fn node_name(cli: &Option<String>) -> Result<String> {
-    if let Some(n) = cli {
-        return Ok(n.clone());
-    }
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("read hostname")?;
-    Ok(name.trim().to_owned())
+    let name = match cli {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("read hostname")?
+            .trim()
+            .to_owned(),
+    };
+    ovl_userspace::validate::node_name(&name)?;
+    Ok(name)
+}
+
+/// The store URL with the store flags folded into its options, so every
+/// consumer (the agent too) gets one self-contained string.
+fn store_url(cli: &Cli) -> String {
+    let options = StoreOptions {
+        etcd: EtcdAccess {
+            cacert: cli.etcd_cacert.clone(),
+            cert: cli.etcd_cert.clone(),
+            key: cli.etcd_key.clone(),
+            user: cli.etcd_user.clone(),
+            password_file: cli.etcd_password_file.clone(),
+        },
+        address_grace: cli.address_grace.map(std::time::Duration::from_secs),
+        lock_timeout: None,
+    };
+    ovl_userspace::store::options::with_options(&cli.store, &options)
+}
+
+/// Commands that act as this node (and so build paths from its name).
+fn uses_node(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Attach { .. }
+            | Command::Status { .. }
+            | Command::Detach { .. }
+            | Command::Connect { .. }
+            | Command::Disconnect { .. }
+            | Command::Stats { .. }
+            | Command::Node(NodeCmd::RotateKey)
+    )
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let node = node_name(&cli.node)?;
+    let store_url = store_url(&cli);
+    // Commands that do not act as a node work whatever the host name is.
+    let node = if uses_node(&cli.command) {
+        node_name(&cli.node)?
+    } else {
+        cli.node.clone().unwrap_or_default()
+    };
     let api_socket = cli
         .api_socket
         .clone()
@@ -208,6 +345,8 @@ async fn run(cli: Cli) -> Result<()> {
         gc_grace,
         docker_host,
         docker_plugin_socket,
+        wireguard_port,
+        key_rotation,
     } = cli.command
     {
         let state_dir = cli
@@ -219,7 +358,7 @@ async fn run(cli: Cli) -> Result<()> {
             node,
             pin_root: cli.pin_root,
             lease_ttl: std::time::Duration::from_secs(lease_ttl),
-            store_url: cli.store,
+            store_url,
             api_socket,
             metrics,
             state_dir,
@@ -228,11 +367,22 @@ async fn run(cli: Cli) -> Result<()> {
                 host,
                 plugin_socket: docker_plugin_socket,
             }),
+            wireguard_port,
+            key_rotation: std::time::Duration::from_secs(key_rotation),
         })
         .await;
     }
     if let Command::Status { json } = cli.command {
         return print(commands::status(&api_socket, &node, &cli.pin_root, json).await?);
+    }
+    if let Command::Node(NodeCmd::RotateKey) = &cli.command {
+        return print(ovl_userspace::crypto::cli::rotate_key(&api_socket, &node).await?);
+    }
+    if let Command::Stats {
+        crypto: true, json, ..
+    } = &cli.command
+    {
+        return print(ovl_userspace::crypto::cli::stats(&api_socket, &node, *json).await?);
     }
     if let Command::Cni(cmd) = &cli.command {
         return print(cni_command(cmd, &cli, &node, &api_socket)?);
@@ -241,16 +391,30 @@ async fn run(cli: Cli) -> Result<()> {
         return print(commands::detach(iface, &node, &cli.pin_root, &api_socket).await?);
     }
     // Opened before anything else: a bad URL fails before any change.
-    let store = Store::open(&cli.store).await?;
+    let store = Store::open(&store_url).await?;
     let store = &store;
     let out = match cli.command {
         Command::Network(NetworkCmd::Create {
             name,
             subnet,
+            gateway,
+            internal,
             vni,
             mtu,
-        }) => commands::network_create(store, &name, subnet, vni, mtu).await?,
-        Command::Network(NetworkCmd::Ls) => commands::network_ls(store).await?,
+            encrypted,
+        }) => {
+            let spec = NetworkSpec {
+                name,
+                subnets: subnet,
+                gateways: gateway,
+                vni,
+                mtu,
+                internal,
+                encrypted,
+            };
+            commands::network_create(store, spec).await?
+        }
+        Command::Network(NetworkCmd::Ls { json }) => commands::network_ls(store, json).await?,
         Command::Network(NetworkCmd::Inspect { name }) => {
             commands::network_inspect(store, &name).await?
         }
@@ -259,6 +423,7 @@ async fn run(cli: Cli) -> Result<()> {
             network,
             netns,
             ip,
+            subnet,
             name,
         } => {
             let req = ovl_userspace::attachment::Request {
@@ -268,6 +433,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ifname: None,
                 name,
                 ip,
+                subnet,
                 owner: None,
             };
             commands::connect(store, &api_socket, &req).await?
@@ -307,7 +473,20 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Endpoint(EndpointCmd::Rm { network, ip }) => {
             commands::endpoint_rm(store, &network, ip).await?
         }
-        Command::Node(NodeCmd::Ls) => commands::node_ls(store, &cli.pin_root).await?,
+        Command::Endpoint(EndpointCmd::Ls { network, json }) => {
+            commands::endpoint_ls(store, network.as_deref(), json).await?
+        }
+        Command::Node(NodeCmd::Ls { json }) => {
+            commands::node_ls(store, &cli.pin_root, json).await?
+        }
+        Command::Node(NodeCmd::Rm { node }) => {
+            commands::node_rm(store, &cli.pin_root, &node).await?
+        }
+        Command::Node(NodeCmd::RotateKey) => unreachable!("dispatched above"),
+        Command::Cluster(ClusterCmd::Show) => commands::cluster_show(store).await?,
+        Command::Cluster(ClusterCmd::Set { vxlan_port }) => {
+            commands::cluster_set(store, vxlan_port).await?
+        }
     };
     print(out)
 }

@@ -17,6 +17,8 @@ pub struct NetworkStats {
     pub rx_bytes: u64,
     pub local_packets: u64,
     pub arp_replies: u64,
+    /// Frames handed to the host for external egress.
+    pub egress_packets: u64,
     /// Drops keyed by reason name, every reason present.
     pub drops: BTreeMap<String, u64>,
 }
@@ -33,6 +35,7 @@ impl NetworkStats {
             rx_bytes: c.rx_bytes,
             local_packets: c.local_packets,
             arp_replies: c.arp_replies,
+            egress_packets: c.egress_packets,
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name().to_owned(), c.drops_for(*r)))
@@ -47,6 +50,8 @@ impl NetworkStats {
 pub struct UnderlayStats {
     pub underlay_packets: u64,
     pub underlay_passed: u64,
+    /// ICMP reports of a smaller path MTU to a remote VTEP.
+    pub path_mtu_reports: u64,
     pub drops: BTreeMap<String, u64>,
 }
 
@@ -57,6 +62,7 @@ impl UnderlayStats {
         UnderlayStats {
             underlay_packets: underlay.packets,
             underlay_passed: underlay.passed,
+            path_mtu_reports: underlay.path_mtu_reports,
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name().to_owned(), unattributed.drops_for(*r)))
@@ -75,9 +81,10 @@ impl std::fmt::Display for UnderlayStats {
             .collect();
         write!(
             f,
-            "underlay frames seen: {}\npassed to the host:   {}\nunattributed drops:   {}",
+            "underlay frames seen: {}\npassed to the host:   {}\npath MTU reports:     {}\nunattributed drops:   {}",
             self.underlay_packets,
             self.underlay_passed,
+            self.path_mtu_reports,
             if drops.is_empty() {
                 "-".to_owned()
             } else {
@@ -90,8 +97,17 @@ impl std::fmt::Display for UnderlayStats {
 /// Renders rows as an aligned table; drops list only non-zero reasons.
 pub fn table(rows: &[NetworkStats]) -> String {
     let mut out = format!(
-        "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}  {}\n",
-        "NETWORK", "VNI", "TX_PKTS", "TX_BYTES", "RX_PKTS", "RX_BYTES", "LOCAL", "ARP", "DROPS"
+        "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>8}  {}\n",
+        "NETWORK",
+        "VNI",
+        "TX_PKTS",
+        "TX_BYTES",
+        "RX_PKTS",
+        "RX_BYTES",
+        "LOCAL",
+        "ARP",
+        "EGRESS",
+        "DROPS"
     );
     for r in rows {
         let drops: Vec<String> = r
@@ -101,7 +117,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         out.push_str(&format!(
-            "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}  {}\n",
+            "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>8}  {}\n",
             r.network,
             r.vni,
             r.tx_packets,
@@ -110,6 +126,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
             r.rx_bytes,
             r.local_packets,
             r.arp_replies,
+            r.egress_packets,
             if drops.is_empty() {
                 "-".to_owned()
             } else {

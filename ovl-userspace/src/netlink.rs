@@ -7,7 +7,7 @@ use std::{ffi::CString, fs, net::Ipv4Addr, os::fd::AsRawFd};
 use anyhow::{Context, Result, bail};
 use futures_util::TryStreamExt;
 use rtnetlink::{
-    Handle, LinkUnspec, LinkVeth,
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{address::AddressAttribute, link::LinkAttribute},
 };
 
@@ -163,10 +163,17 @@ pub struct ContainerLink<'a> {
     pub prefix: u8,
     pub mac: MacAddr,
     pub mtu: u32,
+    /// The gateway of the container's subnet.
+    pub gateway: Ipv4Addr,
+    /// Destinations (address, prefix length) routed through `gateway`:
+    /// `0.0.0.0/0` for the default route.
+    pub via_gateway: &'a [(Ipv4Addr, u8)],
 }
 
 /// Makes the veth pair of a container endpoint: the host end stays here
-/// (named `host_ifname`), the other end goes where `spec.placement` says.
+/// (named `host_ifname`), the other end goes where `spec.placement` says
+/// (into the container's namespace with its address, MAC, MTU and routes
+/// through its gateway, or left here for a runtime that moves it itself).
 /// Returns the container-side interface name. On failure nothing is left.
 pub async fn create_container_link(handle: &Handle, spec: &ContainerLink<'_>) -> Result<String> {
     let peer_tmp = match spec.placement {
@@ -274,6 +281,20 @@ async fn move_into_namespace(
         .execute()
         .await
         .context("bring container interface up")?;
+    for (dst, len) in spec.via_gateway {
+        inner
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(*dst, *len)
+                    .gateway(spec.gateway)
+                    .output_interface(idx)
+                    .build(),
+            )
+            .execute()
+            .await
+            .with_context(|| format!("route {dst}/{len} via {} in {netns:?}", spec.gateway))?;
+    }
     Ok(name)
 }
 

@@ -50,6 +50,13 @@ impl Cluster {
         Self::with_agents(lab, Ovl::new(lab)?, router, hosts, mode, &[])
     }
 
+    /// [`start`](Self::start) with extra environment for every agent
+    /// (`OVL_KEY_ROTATION`, say).
+    pub fn start_with_env(lab: &Lab, mode: &str, env: &[(&str, &str)]) -> Result<Cluster> {
+        let (router, hosts) = lab.routed_hosts(2)?;
+        Self::with_agents(lab, Ovl::new(lab)?, router, hosts, mode, env)
+    }
+
     fn with_agents(
         lab: &Lab,
         ovl: Ovl,
@@ -102,22 +109,26 @@ impl Cluster {
             .counters(&self.hosts[i].netns, Self::NODES[i], network)
     }
 
-    /// `ovl node ls` run on host `i`, as (node, VTEP, alive) rows.
+    /// `ovl node ls` run on host `i`, as (node, VTEP, alive) rows; alive
+    /// reads as the table shows it ("yes", "no", "yes (pinned here)",
+    /// "unknown").
     pub fn nodes(&self, i: usize) -> Result<Vec<(String, Ipv4Addr, String)>> {
-        let out = self.run(i, &["node", "ls"])?;
-        out.lines()
-            .skip(1)
-            .filter(|line| !line.trim().is_empty())
-            .map(|line| {
-                let mut words = line.split_whitespace();
-                let (Some(node), Some(vtep)) = (words.next(), words.next()) else {
-                    anyhow::bail!("bad `ovl node ls` row {line:?} in:\n{out}");
+        let out = self.run(i, &["node", "ls", "--json"])?;
+        let rows: Value =
+            serde_json::from_str(&out).with_context(|| format!("node ls is not JSON: {out}"))?;
+        rows.as_array()
+            .with_context(|| format!("node ls is not a list: {out}"))?
+            .iter()
+            .map(|r| {
+                let name = r["name"].as_str().context("name")?.to_owned();
+                let vtep = r["vtep"].as_str().context("vtep")?.parse()?;
+                let alive = match (r["alive"].as_bool(), r["pinned_here"].as_bool()) {
+                    (Some(true), _) => "yes",
+                    (Some(false), _) => "no",
+                    (None, Some(true)) => "yes (pinned here)",
+                    (None, _) => "unknown",
                 };
-                let vtep = vtep
-                    .parse()
-                    .with_context(|| format!("bad VTEP in {line:?}"))?;
-                let alive = words.collect::<Vec<_>>().join(" ");
-                Ok((node.to_owned(), vtep, alive))
+                Ok((name, vtep, alive.to_owned()))
             })
             .collect()
     }
@@ -159,6 +170,26 @@ impl Cluster {
             .attach_with_env(lab, &self.hosts[i], Self::NODES[i], "auto", env)?;
         self.agents.insert(i, agent);
         Ok(())
+    }
+
+    /// `ovl node ls` run on host `i`: each node's published WireGuard
+    /// public key, if any.
+    pub fn node_keys(
+        &self,
+        i: usize,
+    ) -> Result<std::collections::BTreeMap<String, Option<String>>> {
+        let out = self.run(i, &["node", "ls", "--json"])?;
+        let rows: Value =
+            serde_json::from_str(&out).with_context(|| format!("node ls is not JSON: {out}"))?;
+        rows.as_array()
+            .with_context(|| format!("node ls is not a list: {out}"))?
+            .iter()
+            .map(|r| {
+                let name = r["name"].as_str().context("name")?.to_owned();
+                let key = r["wireguard"]["public_key"].as_str().map(str::to_owned);
+                Ok((name, key))
+            })
+            .collect()
     }
 
     /// Stops every agent still in [`agents`](Self::agents), checking that

@@ -7,7 +7,21 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{ChildHandle, Lab, Netns, Signal, wait_until};
+use crate::{CertFiles, ChildHandle, Lab, Netns, Signal, wait_until};
+
+/// TLS on etcd's client port.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// The server's certificate (for the address it listens on).
+    pub server: CertFiles,
+    /// The CA whose client certificates etcd accepts; with it, a client
+    /// without such a certificate is refused (`--client-cert-auth`).
+    pub client_ca: Option<PathBuf>,
+    /// The CA that signed `server`, for etcdctl.
+    pub server_ca: PathBuf,
+    /// etcdctl's own client certificate.
+    pub etcdctl: Option<CertFiles>,
+}
 
 /// The client port etcd listens on (its registered default).
 pub const ETCD_CLIENT_PORT: u16 = 2379;
@@ -36,6 +50,9 @@ pub struct Etcd {
     addr: Ipv4Addr,
     data_dir: PathBuf,
     process: Option<ChildHandle>,
+    tls: Option<EtcdTls>,
+    /// `USER:PASSWORD` etcdctl logs in with, once authentication is on.
+    etcdctl_user: Option<String>,
 }
 
 impl Etcd {
@@ -43,6 +60,15 @@ impl Etcd {
     /// namespace), with a fresh data dir in the lab's temp dir, and waits
     /// until it is healthy.
     pub fn start(lab: &Lab, netns: &Netns, addr: Ipv4Addr) -> Result<Etcd> {
+        Self::start_with(lab, netns, addr, None)
+    }
+
+    /// [`start`](Self::start) serving TLS on the client port.
+    pub fn start_tls(lab: &Lab, netns: &Netns, addr: Ipv4Addr, tls: EtcdTls) -> Result<Etcd> {
+        Self::start_with(lab, netns, addr, Some(tls))
+    }
+
+    fn start_with(lab: &Lab, netns: &Netns, addr: Ipv4Addr, tls: Option<EtcdTls>) -> Result<Etcd> {
         let data_dir = lab.tempdir().join(format!("etcd-{}", netns.name()));
         ensure!(
             !data_dir.exists(),
@@ -54,6 +80,8 @@ impl Etcd {
             addr,
             data_dir,
             process: None,
+            tls,
+            etcdctl_user: None,
         };
         etcd.launch(lab)?;
         Ok(etcd)
@@ -64,9 +92,37 @@ impl Etcd {
         format!("{}:{ETCD_CLIENT_PORT}", self.addr)
     }
 
-    /// The store URL ovl takes: `etcd://HOST:PORT`.
+    /// The store URL ovl takes: `etcd://HOST:PORT`, or `etcds://` with TLS.
     pub fn url(&self) -> String {
-        format!("etcd://{}", self.endpoint())
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", self.endpoint())
+    }
+
+    /// `http(s)://HOST:PORT`.
+    fn client_url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.endpoint())
+    }
+
+    /// Turns on authentication: user `root` with `root_password`, then a
+    /// user `user` with `password` whose role may read and write `/ovl/`
+    /// only (what an operator gives ovl). etcdctl logs in as root from now.
+    pub fn enable_auth(&mut self, root_password: &str, user: &str, password: &str) -> Result<()> {
+        self.etcdctl(&["user", "add", "root", "--new-user-password", root_password])?;
+        self.etcdctl(&["role", "add", "ovl-rw"])?;
+        self.etcdctl(&[
+            "role",
+            "grant-permission",
+            "ovl-rw",
+            "readwrite",
+            "/ovl/",
+            "--prefix=true",
+        ])?;
+        self.etcdctl(&["user", "add", user, "--new-user-password", password])?;
+        self.etcdctl(&["user", "grant-role", user, "ovl-rw"])?;
+        self.etcdctl(&["auth", "enable"])?;
+        self.etcdctl_user = Some(format!("root:{root_password}"));
+        Ok(())
     }
 
     /// The member's data dir (kept across stop and restart).
@@ -105,9 +161,9 @@ impl Etcd {
     /// Runs `etcdctl --endpoints HOST:PORT args...` (API v3) inside the
     /// server's namespace; fails unless it exits 0. Returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
-        let endpoint = self.endpoint();
+        let endpoint = self.client_url();
         let command_timeout = format!("--command-timeout={ETCDCTL_TIMEOUT}");
-        let mut argv = vec![
+        let mut argv: Vec<String> = [
             "env",
             "ETCDCTL_API=3",
             "etcdctl",
@@ -116,10 +172,41 @@ impl Etcd {
             "--dial-timeout",
             ETCDCTL_TIMEOUT,
             command_timeout.as_str(),
-        ];
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        if let Some(tls) = &self.tls {
+            argv.push(format!("--cacert={}", tls.server_ca.display()));
+            if let Some(c) = &tls.etcdctl {
+                argv.push(format!("--cert={}", c.cert.display()));
+                argv.push(format!("--key={}", c.key.display()));
+            }
+        }
+        if let Some(user) = &self.etcdctl_user {
+            argv.push(format!("--user={user}"));
+        }
+        let mut argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         argv.extend_from_slice(args);
         let out = self.netns.exec(&argv)?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The value of Prometheus metric `name` (summed over its label sets)
+    /// from the server's `/metrics` (plain-text servers only).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let url = format!("{}/metrics", self.client_url());
+        let out = self.netns.exec(&["curl", "-sf", "--max-time", "5", &url])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut total = None;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if key == name || key.starts_with(&format!("{name}{{")) {
+                *total.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        total.with_context(|| format!("etcd at {url} exports no {name}"))
     }
 
     /// The keys under `prefix`, sorted.
@@ -152,10 +239,19 @@ impl Etcd {
     }
 
     fn launch(&mut self, lab: &Lab) -> Result<()> {
-        let client_url = format!("http://{}", self.endpoint());
+        let client_url = self.client_url();
         let data_dir = self.data_dir.to_string_lossy().into_owned();
         let initial_cluster = format!("{MEMBER_NAME}={PEER_URL}");
-        let argv = [
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(tls) = &self.tls {
+            tls_args.push(format!("--cert-file={}", tls.server.cert.display()));
+            tls_args.push(format!("--key-file={}", tls.server.key.display()));
+            if let Some(ca) = &tls.client_ca {
+                tls_args.push("--client-cert-auth".into());
+                tls_args.push(format!("--trusted-ca-file={}", ca.display()));
+            }
+        }
+        let mut argv = vec![
             "etcd",
             "--name",
             MEMBER_NAME,
@@ -172,6 +268,7 @@ impl Etcd {
             "--initial-cluster",
             &initial_cluster,
         ];
+        argv.extend(tls_args.iter().map(String::as_str));
         self.process = Some(lab.spawn(&self.netns, &argv, &[])?);
         self.wait_healthy(STARTUP_TIMEOUT)
     }

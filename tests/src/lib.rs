@@ -10,6 +10,7 @@ mod binary;
 mod cluster;
 mod cmd;
 mod cni;
+pub mod command;
 mod docker;
 mod etcd;
 mod hooks;
@@ -17,6 +18,7 @@ mod lab;
 mod maps;
 mod netns;
 mod ovl;
+mod pki;
 mod podman;
 mod probe;
 mod process;
@@ -32,12 +34,13 @@ pub use docker::{
     BUSYBOX_IMAGE, Container as DockerContainer, DOCKER_CLI, DockerCluster, Dockerd,
     DockerdOptions, StoreKind, plugin_call,
 };
-pub use etcd::{ETCD_CLIENT_PORT, Etcd};
+pub use etcd::{ETCD_CLIENT_PORT, Etcd, EtcdTls};
 pub use hooks::{HookedProgram, hooked_programs};
 pub use lab::{CleanupStage, LAB_NAME_PREFIX, Lab};
 pub use maps::{ENDPOINTS_MAP, MapEndpoint, dump_endpoints};
 pub use netns::Netns;
 pub use ovl::{Agent, NetCounters, Ovl};
+pub use pki::{Ca, CertFiles};
 pub use podman::{Container, Podman, REFERENCE_PLUGIN_DIR};
 pub use probe::{BackgroundPing, PingResult, ping, wait_until};
 pub use process::{ChildHandle, Signal};

@@ -108,3 +108,29 @@ impl fmt::Display for Netns {
         f.write_str(&self.name)
     }
 }
+
+impl Netns {
+    /// Runs `f` on a thread of its own that has entered this namespace, so
+    /// every socket `f` opens (and every thread it starts) lives there:
+    /// how a test talks to a server of the lab from its own process.
+    pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        let ns = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a namespace descriptor we own; it only
+                // changes this thread's network namespace.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(anyhow::anyhow!(
+                        "enter {path}: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread inside {path} panicked"))?
+        })
+    }
+}

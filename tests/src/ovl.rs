@@ -40,6 +40,7 @@ pub struct NetCounters {
     pub rx_bytes: u64,
     pub local_packets: u64,
     pub arp_replies: u64,
+    pub egress_packets: u64,
     pub no_endpoint: u64,
     pub unknown_vni: u64,
     pub unknown_vtep: u64,
@@ -47,6 +48,11 @@ pub struct NetCounters {
     pub too_big: u64,
     pub unsupported: u64,
     pub no_route: u64,
+    pub spoofed_source: u64,
+    pub ttl_exceeded: u64,
+    pub path_mtu: u64,
+    pub no_key: u64,
+    pub unencrypted: u64,
 }
 
 impl NetCounters {
@@ -64,6 +70,7 @@ impl NetCounters {
             rx_bytes: n("rx_bytes")?,
             local_packets: n("local_packets")?,
             arp_replies: n("arp_replies")?,
+            egress_packets: n("egress_packets")?,
             no_endpoint: d("no_endpoint")?,
             unknown_vni: d("unknown_vni")?,
             unknown_vtep: d("unknown_vtep")?,
@@ -71,6 +78,11 @@ impl NetCounters {
             too_big: d("too_big")?,
             unsupported: d("unsupported")?,
             no_route: d("no_route")?,
+            spoofed_source: d("spoofed_source")?,
+            ttl_exceeded: d("ttl_exceeded")?,
+            path_mtu: d("path_mtu")?,
+            no_key: d("no_key")?,
+            unencrypted: d("unencrypted")?,
         })
     }
 
@@ -83,6 +95,11 @@ impl NetCounters {
             + self.too_big
             + self.unsupported
             + self.no_route
+            + self.spoofed_source
+            + self.ttl_exceeded
+            + self.path_mtu
+            + self.no_key
+            + self.unencrypted
     }
 }
 

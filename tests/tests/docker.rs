@@ -127,6 +127,15 @@ fn check_interface(c: &DockerContainer, ip: Ipv4Addr) -> Result<()> {
         "{} has interfaces {names:?} (no gateway leg expected)",
         c.name
     );
+    // The default route goes through the ovl network's gateway, as with
+    // `ovl connect` (Join's answer carries it).
+    let routes = c.netns.ip(&["-4", "route", "show", "default"])?;
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    ensure!(
+        routes.contains("default via 198.18.0.1 dev eth0"),
+        "{} routes: {routes}",
+        c.name
+    );
     Ok(())
 }
 
@@ -244,11 +253,13 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
     // Options ovl does not support are refused clearly; nothing is left.
     let networks = ovl_networks(&world)?;
     for (args, needle) in [
-        (vec!["--opt", "encrypted"], "encrypted"),
-        (vec!["--internal"], "--internal"),
+        (vec!["--opt", "encrypted=maybe"], "--opt encrypted=maybe"),
         (vec!["--opt", "vxlan=42"], "unknown option --opt vxlan=42"),
-        (vec!["--subnet", "198.18.2.0/24"], "several --subnet"),
-        (vec!["--gateway", "198.18.1.254"], "--gateway 198.18.1.254"),
+        (
+            vec!["--subnet", "198.18.2.0/24"],
+            "ovl network create NAME --subnet A --subnet B",
+        ),
+        (vec!["--gateway", "198.18.2.254"], "not a host address"),
         (vec!["--ip-range", "198.18.1.128/25"], "--ip-range"),
         (vec!["--aux-address", "x=198.18.1.9"], "--aux-address"),
         (vec!["--ipv6", "--subnet", "2001:db8::/64"], "IPv4 only"),
@@ -312,6 +323,44 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
             .contains(&"odd-net".to_owned())
     );
 
+    // --internal, --opt encrypted and --gateway map to ovl's network.
+    world.docker(
+        1,
+        &[
+            "network",
+            "create",
+            "-d",
+            "ovl",
+            "--ipam-driver",
+            "ovl",
+            "--subnet",
+            "198.18.1.0/24",
+            "--gateway",
+            "198.18.1.254",
+            "--internal",
+            "--opt",
+            "encrypted",
+            "secret-net",
+        ],
+    )?;
+    wait_until(Duration::from_secs(2), || {
+        Ok(ovl_networks(&world)?.contains(&"secret-net".to_owned()))
+    })
+    .context("secret-net never took Docker's name")?;
+    let secret = world.ovl.inspect(&world.hosts[0].netns, "secret-net")?;
+    ensure!(
+        secret["internal"] == true
+            && secret["encrypted"] == true
+            && secret["mtu"] == 1390
+            && secret["subnets"][0]["gateway"] == "198.18.1.254",
+        "secret-net in ovl: {secret}"
+    );
+    world.docker(1, &["network", "rm", "secret-net"])?;
+    wait_until(Duration::from_secs(2), || {
+        Ok(!ovl_networks(&world)?.contains(&"secret-net".to_owned()))
+    })
+    .context("docker network rm left secret-net in ovl")?;
+
     // --ip picks the address, --mac-address is refused (ovl derives MACs).
     let c5 = world.dockerds[1].run(&lab, "c5", NET, &["--ip", "198.18.0.50"])?;
     ensure!(c5.ip()? == Ipv4Addr::new(198, 18, 0, 50), "--ip ignored");
@@ -343,14 +392,32 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
     let took = wait_listed(&world, 0, NET, false)?;
     eprintln!("docker network rm on B: gone from A after {took:?}");
 
-    // A network made with ovl appears in every Docker.
+    // A network made with ovl appears in every Docker, with each of its
+    // subnets.
     world.ovl(
         0,
-        &["network", "create", "blue", "--subnet", "198.18.5.0/24"],
+        &[
+            "network",
+            "create",
+            "blue",
+            "--subnet",
+            "198.18.5.0/24",
+            "--subnet",
+            "198.18.7.0/24",
+        ],
     )?;
     for i in 0..2 {
         let took = wait_listed(&world, i, "blue", true)?;
         eprintln!("ovl network create: listed on host {i} after {took:?}");
+        let d = world.dockerds[i].inspect_network("blue")?;
+        let subnets: Vec<&Value> = d["IPAM"]["Config"]
+            .as_array()
+            .map(|c| c.iter().map(|c| &c["Subnet"]).collect())
+            .unwrap_or_default();
+        ensure!(
+            subnets == [&Value::from("198.18.5.0/24"), &Value::from("198.18.7.0/24")],
+            "blue on host {i}: {d}"
+        );
     }
     // The MTU option sets the containers' MTU.
     world.docker(
@@ -371,9 +438,12 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
     )?;
     let s1 = world.dockerds[1].run(&lab, "s1", "small", &[])?;
     ensure!(s1.netns.link_mtu("eth0")? == 1400, "MTU option ignored");
+    // One container in each subnet, on different hosts: routed through
+    // ovl's gateways.
     let b1 = world.dockerds[0].run(&lab, "b1", "blue", &[])?;
-    let b2 = world.dockerds[1].run(&lab, "b2", "blue", &[])?;
+    let b2 = world.dockerds[1].run(&lab, "b2", "blue", &["--ip", "198.18.7.10"])?;
     let dst = b2.ip()?;
+    ensure!(dst == Ipv4Addr::new(198, 18, 7, 10), "b2 has {dst}");
     wait_until(Duration::from_secs(5), || {
         Ok(ping(&b1.netns, dst, 1, &["-W", "1"])?.all_received())
     })?;

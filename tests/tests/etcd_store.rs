@@ -365,12 +365,41 @@ fn killed_agents_endpoints_leave_every_map_and_the_store_within_the_lease_ttl() 
         );
     }
 
-    // C's addresses are free again: the next connect gets the lowest one.
+    // C may only be cut off: its addresses are held back for the address
+    // grace (60 s by default), not handed out at once to the next container
+    // (which is what lowest-free allocation did), and asking for one by
+    // name is refused, naming the grace.
     let (_ca2, ip_a2) = world.container(&lab, A, NETWORK, "ca2")?;
     ensure!(
-        ip_a2 == ip_c1.min(ip_c2),
-        "new container got {ip_a2}, expected C's freed {}",
-        ip_c1.min(ip_c2)
+        ip_a2 != ip_c1 && ip_a2 != ip_c2,
+        "new container got {ip_a2}, one of dead C's addresses ({ip_c1}, {ip_c2}), within the grace"
+    );
+    let ca3 = lab.container("ca3")?;
+    let ip = ip_c1.to_string();
+    let asked = world.ovl.run_unchecked(
+        &world.hosts[A].netns,
+        ThreeHosts::NODES[A],
+        &["connect", NETWORK, ca3.name(), "--ip", &ip],
+    )?;
+    let stderr = String::from_utf8_lossy(&asked.stderr);
+    ensure!(
+        !asked.status.success()
+            && stderr.contains("held back")
+            && stderr.contains("--address-grace"),
+        "connect --ip {ip} within the grace: {} {stderr}",
+        asked.status
+    );
+    // With no grace (an operator's choice) the address is free at once.
+    let taken = world.ovl.run_with_env_unchecked(
+        &world.hosts[A].netns,
+        ThreeHosts::NODES[A],
+        &[("OVL_ADDRESS_GRACE", "0")],
+        &["connect", NETWORK, ca3.name(), "--ip", &ip],
+    )?;
+    ensure!(
+        taken.status.success(),
+        "connect --ip {ip} without grace failed: {}",
+        String::from_utf8_lossy(&taken.stderr)
     );
     world.stop()
 }

@@ -39,9 +39,12 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// etcd for the etcd store backend, Prometheus (server and promtool) that
 /// scrapes the agent, curl, the font the benchmark chart's text is drawn
 /// with, podman with the reference CNI plugins for the CNI plugin's
-/// scenarios, Docker 20.10 (docker.io) for the Docker plugin's, and
-/// busybox-static for their offline container image.
-const DEBIAN_PACKAGES: [&str; 19] = [
+/// scenarios, Docker 20.10 (docker.io) for the Docker plugin's,
+/// busybox-static for their offline container image, and what the
+/// agent runs for external egress (nftables for the masquerade, conntrack
+/// to forget a leaving container's translations) with netcat to open
+/// connections through it.
+const DEBIAN_PACKAGES: [&str; 22] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -61,6 +64,9 @@ const DEBIAN_PACKAGES: [&str; 19] = [
     "containernetworking-plugins",
     "docker.io",
     "busybox-static",
+    "nftables",
+    "conntrack",
+    "netcat-openbsd",
 ];
 
 /// Debian packages the build itself needs: protoc and protobuf's

@@ -31,7 +31,7 @@ use self::{
     view::{Identity, View},
 };
 use crate::{
-    api, bpffs,
+    api, bpffs, crypto,
     datapath::{Datapath, DecapMode, LinkPin, LinkPins, Maps},
     docker, exporter,
     model::{Location, State},
@@ -66,6 +66,10 @@ pub struct AgentOptions {
     pub gc_grace: Duration,
     /// Docker's plugin socket and Engine API, if Docker is to use ovl.
     pub docker: Option<docker::DockerOptions>,
+    /// WireGuard UDP port of encrypted networks.
+    pub wireguard_port: u16,
+    /// Period of automatic WireGuard key rotation.
+    pub key_rotation: Duration,
 }
 
 /// The store as the agent holds it once reachable.
@@ -84,7 +88,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let handle = netlink::connect()?;
     let underlay = netlink::underlay(&handle, &opts.iface).await?;
     let driver = netlink::driver(&opts.iface).unwrap_or_default();
-    let pin_dir = bpffs::node_dir(&opts.pin_root, &opts.node);
+    let pin_dir = bpffs::node_dir(&opts.pin_root, &opts.node)?;
     let created = !pin_dir.exists();
     bpffs::prepare(&pin_dir)?;
     let prelude = prelude(&opts, &pin_dir).await;
@@ -128,6 +132,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         state: None,
         collector: gc::Collector::new(opts.gc_grace),
         next_gc: None,
+        crypto: None,
     };
     let started = agent.take_over(&opts, &driver, store.as_deref()).await;
     if let Err(e) = started {
@@ -141,7 +146,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         return Err(e);
     }
 
-    let api = api::serve(api_listener, api::AgentApi::new(agent.view.clone()));
+    agent.crypto = crypto::start_for_agent(&opts, agent.underlay.addr, &mut agent.dp);
+    let api = api::AgentApi::new(agent.view.clone())
+        .with_crypto(agent.crypto.as_ref().map(|c| c.handle()));
+    let api = api::serve(api_listener, api);
     let api_task = tokio::spawn(api);
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(exporter::serve(l, agent.view.clone())));
@@ -278,6 +286,9 @@ struct Agent {
     collector: gc::Collector,
     /// When an abandoned endpoint is next due for collection.
     next_gc: Option<Instant>,
+    /// The encrypting path of encrypted networks (none if it could not
+    /// start: those networks then drop, counted `no_key`).
+    crypto: Option<crypto::Crypto>,
 }
 
 impl Agent {
@@ -290,10 +301,13 @@ impl Agent {
         driver: &str,
         store: Option<&Store>,
     ) -> Result<()> {
+        // Kept: the store's VXLAN port, applied by an earlier agent.
+        let udp_port = self.dp.config()?.udp_port;
         self.dp.set_config(NodeConfig {
             vtep: self.underlay.addr.octets(),
             underlay_ifindex: self.underlay.ifindex,
             underlay_mtu: self.underlay.mtu,
+            udp_port,
             _pad: 0,
         })?;
         if let Maps::Replacing(mismatches) = self.dp.maps().clone() {
@@ -321,7 +335,7 @@ impl Agent {
             // so: the maps are shared with the programs already running.
             // Endpoints the store lost meanwhile (its lease expired, say) go
             // back first, so their entries are never removed in between.
-            reconcile::restore_endpoints(store, &self.memory).await;
+            self.restore(store).await;
             match store.load().await {
                 Ok(state) => {
                     self.apply(&state)?;
@@ -360,10 +374,22 @@ impl Agent {
         Ok(())
     }
 
+    /// Puts back lost local endpoints and publishes how many addresses
+    /// were found taken.
+    async fn restore(&mut self, store: &Store) {
+        if let Some(conflicts) = reconcile::restore_endpoints(store, &self.node, &self.memory).await
+        {
+            self.view.update(|l| l.address_conflicts = conflicts as u64);
+        }
+    }
+
     /// Applies `state` to the kernel and remembers it.
     fn apply(&mut self, state: &State) -> Result<()> {
         reconcile::reconcile(&mut self.dp, state, &self.node, &self.underlay, &self.view)?;
         reconcile::remember(&mut self.memory, state, &self.node);
+        if let Some(c) = &self.crypto {
+            c.set_peers(&crypto::peers_of(state, &self.node));
+        }
         if let Err(e) = self.journal.save(&self.memory) {
             log::warn!("{e:#}");
         }
@@ -403,6 +429,7 @@ impl Agent {
             opts.store_url.clone(),
             opts.node.clone(),
             self.underlay.addr,
+            self.underlay.mtu,
             opts.lease_ttl,
         )));
         let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -438,7 +465,7 @@ impl Agent {
                             self.collect_abandoned(connected.as_ref()).await;
                         }
                         StoreEvent::Reregistered => {
-                            reconcile::restore_endpoints(&c.store, &self.memory).await;
+                            self.restore(&c.store).await;
                         }
                     }
                 }
@@ -491,7 +518,9 @@ impl Agent {
             };
             match c
                 .store
-                .update_with(|s| s.remove_container(&ep.network, &self.node, netns))
+                .update_with(crate::store::Scope::Network(&ep.network), |s| {
+                    s.remove_container(&ep.network, &self.node, netns)
+                })
                 .await
             {
                 Ok(_) => {
@@ -512,13 +541,16 @@ impl Agent {
     /// it): catch up with everything that changed meanwhile.
     async fn on_connected(&mut self, c: &Connected) {
         let state = c.updates.borrow().clone();
+        if let Some(crypto) = &self.crypto {
+            crypto.publish_to(c.store.clone(), &self.node);
+        }
         self.view.update(|l| {
             l.store_reachable = true;
             l.last_sync = Some(Instant::now());
         });
         // Endpoints of this node the store lost while the agent was away
         // (its lease expired, say) go back first, then everything applies.
-        reconcile::restore_endpoints(&c.store, &self.memory).await;
+        self.restore(&c.store).await;
         // Nodes that died while no agent watched (this one included, before
         // it started) still hold endpoints: free them now.
         reconcile::free_nodes_found_dead(&c.store, &self.node, &state).await;
@@ -540,6 +572,7 @@ async fn connect(
     url: String,
     node: String,
     vtep: std::net::Ipv4Addr,
+    underlay_mtu: u32,
     ttl: Duration,
 ) -> Connected {
     let mut store = store;
@@ -553,7 +586,7 @@ async fn connect(
                 None => Arc::new(open_store(&url).await?),
             };
             let registration = store
-                .register_node(&node, vtep, ttl)
+                .register_node(&node, vtep, underlay_mtu, ttl)
                 .await
                 .map_err(|e| anyhow!(e).context(format!("register node {node}")))?;
             let updates = store.subscribe().await?;

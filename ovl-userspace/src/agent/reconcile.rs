@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Result;
-use ovl_common::{maps::names, wire::ENCAP_OVERHEAD};
+use ovl_common::wire::ENCAP_OVERHEAD;
 
 use super::{
     journal::Memory,
@@ -17,6 +17,7 @@ use super::{
 use crate::{
     datapath::Datapath,
     desired::desired,
+    egress_nat,
     model::{Endpoint, Location, State},
     netlink::{self, Underlay},
     store::Store,
@@ -46,8 +47,12 @@ pub fn reconcile(
     // endpoint whose network has no counters.
     dp.sync_stats(want.networks.keys().copied())?;
     dp.sync_networks(&want.networks)?;
-    dp.sync_vteps(&want.vteps)?;
-    dp.sync_u32_map(names::IFACES, &want.ifaces)?;
+    dp.sync_vteps(&want.vteps, &want.keyed_vteps)?;
+    dp.sync_subnets(&want.subnets)?;
+    dp.sync_ifaces(&want.ifaces)?;
+    if dp.set_vxlan_port(want.vxlan_port)? {
+        log::info!("VXLAN now on UDP port {}", want.vxlan_port);
+    }
     let changed = dp.sync_endpoints(&want.endpoints)?;
     if changed.written + changed.removed > 0 {
         log::info!(
@@ -74,6 +79,9 @@ pub fn reconcile(
     }
 
     publish(state, &want, view);
+    // Last: the host's side of external egress runs nft and ip, slower than
+    // the map writes the containers' traffic waits for.
+    egress_nat::ensure_logged(&underlay.name, &want.egress);
     Ok(())
 }
 
@@ -146,9 +154,11 @@ fn host_link_exists(e: &Endpoint) -> bool {
 
 /// Puts back this node's endpoints that the store no longer has (peers
 /// freed them while the node was cut off or its agent down), where the
-/// container's veth still exists and the address is still free. Decided
-/// inside the store's transaction, against what the store holds now.
-pub async fn restore_endpoints(store: &Store, memory: &Memory) {
+/// container's veth still exists and the address is still free. The store
+/// decides in batched transactions against what it holds now, and records
+/// addresses taken meanwhile as conflicts under the node (`ovl node ls`);
+/// they are logged loudly and counted. Returns how many conflicts there are.
+pub async fn restore_endpoints(store: &Store, node: &str, memory: &Memory) -> Option<usize> {
     let candidates: Vec<Endpoint> = memory
         .endpoints
         .values()
@@ -156,39 +166,35 @@ pub async fn restore_endpoints(store: &Store, memory: &Memory) {
         .cloned()
         .collect();
     if candidates.is_empty() {
-        return;
+        return Some(0);
     }
-    let outcome = store
-        .update_with(|s| {
-            let mut restored = 0;
-            let mut taken = Vec::new();
-            for e in &candidates {
-                let still_ours = s
-                    .endpoints
-                    .iter()
-                    .any(|x| x.network == e.network && x.ip == e.ip && x.node() == e.node());
-                if still_ours {
-                    continue;
-                }
-                if s.restore_endpoint(e) {
-                    restored += 1;
-                } else {
-                    taken.push(format!("{}/{}", e.network, e.ip));
-                }
+    match store.restore_endpoints(node, &candidates).await {
+        Ok(out) => {
+            if !out.restored.is_empty() {
+                log::info!(
+                    "restored {} local endpoint(s) the store had lost",
+                    out.restored.len()
+                );
             }
-            Ok((restored, taken))
-        })
-        .await;
-    match outcome {
-        Ok((0, taken)) if taken.is_empty() => {}
-        Ok((n, taken)) if taken.is_empty() => {
-            log::info!("restored {n} local endpoint(s) the store had lost")
+            for c in &out.conflicts {
+                log::error!(
+                    "address conflict: {c}; this node's container keeps its interface but cannot be reached until it is reconnected (the newer owner is left alone)"
+                );
+            }
+            for e in &out.networks_gone {
+                log::warn!(
+                    "endpoint {} ({}) not restored: network {} was removed meanwhile",
+                    e.ip,
+                    e.name,
+                    e.network
+                );
+            }
+            Some(out.conflicts.len())
         }
-        Ok((n, taken)) => log::error!(
-            "restored {n} local endpoint(s) the store had lost; the addresses of {} were taken meanwhile (those containers cannot be reached until reconnected)",
-            taken.join(", ")
-        ),
-        Err(e) => log::warn!("restoring local endpoints failed: {e}"),
+        Err(e) => {
+            log::warn!("restoring local endpoints failed: {e}");
+            None
+        }
     }
 }
 

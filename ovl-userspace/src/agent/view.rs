@@ -40,6 +40,9 @@ pub struct Live {
     pub mode: String,
     /// Local endpoints collected because their container was gone.
     pub collected_endpoints: u64,
+    /// Local endpoints whose address another endpoint took while this node
+    /// was away (as of the last restore).
+    pub address_conflicts: u64,
 }
 
 /// Identity of the running agent, fixed at start.

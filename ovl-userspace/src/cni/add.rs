@@ -69,6 +69,7 @@ pub async fn add(
         ifname: Some(inv.ifname.clone()),
         name: Some(name),
         ip,
+        subnet: None,
         owner: Some(owner),
     };
     let a = attachment::attach(&store, &req).await.map_err(|e| {

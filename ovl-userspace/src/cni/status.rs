@@ -23,7 +23,7 @@ pub async fn status(s: &Settings) -> Result<(), CniError> {
         .network(&s.network)
         .map_err(|e| unavailable(e.to_string()))?;
     let used = state.endpoints_of(&s.network).map(|e| e.ip).collect();
-    if let Err(e) = ipam::allocate(&network.subnet, &used, None) {
+    if let Err(e) = ipam::allocate(&network.subnets, &used, None, None) {
         return Err(unavailable(format!("network {}: {e}", s.network)));
     }
     match api::Client::new(&s.api_socket)
@@ -37,8 +37,7 @@ pub async fn status(s: &Settings) -> Result<(), CniError> {
         ))),
         Err(api::ClientError::NoAgent(_)) => {
             let pinned = bpffs::node_dir(&s.pin_root, &s.node)
-                .join(bpffs::LINKS_DIR)
-                .is_dir();
+                .is_ok_and(|d| d.join(bpffs::LINKS_DIR).is_dir());
             if pinned {
                 Err(unavailable(format!(
                     "no ovl agent answers on {}: containers attached earlier keep forwarding, new ones are not forwarded until `ovl attach` runs on node {}",

@@ -18,7 +18,7 @@ use crate::{
     attachment::{self, Placement},
     ipam::Subnet,
     model::{Endpoint, Location, MacAddr, ModelError, Network, State as OvlState, check_mtu},
-    store::{Store, StoreError},
+    store::{Scope, Store, StoreError},
 };
 
 /// How long Join waits for the agent's maps to hold the new endpoint, so
@@ -45,28 +45,41 @@ pub async fn create_network(State(ctx): Ctx, body: Bytes) -> Response {
 async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, Refusal> {
     let req: protocol::CreateNetwork = parse(CREATE_NETWORK, body)?;
     let opts = options::network_options(&req.options, &req.ipv4_data, &req.ipv6_data)?;
-    let pool = &req.ipv4_data[0];
-    if pool.address_space != options::ADDRESS_SPACE {
-        return Err(Refusal::new(format!(
-            "address space {:?} is not ovl's: create the network with --ipam-driver ovl",
-            pool.address_space
-        )));
-    }
-    let subnet: Subnet = pool.pool.parse()?;
-    if let Some(gw) = cidr_address(&pool.gateway)? {
-        options::gateway(gw, subnet.gateway())?;
+    let mut pools = Vec::new();
+    for pool in &req.ipv4_data {
+        if pool.address_space != options::ADDRESS_SPACE {
+            return Err(Refusal::new(format!(
+                "address space {:?} is not ovl's: create the network with --ipam-driver ovl",
+                pool.address_space
+            )));
+        }
+        let subnet: Subnet = pool.pool.parse()?;
+        pools.push((subnet, cidr_address(&pool.gateway)?));
     }
     if let Some(mtu) = opts.mtu {
         check_mtu(mtu).map_err(StoreError::from)?;
     }
     let store = ctx.store.get().await?;
     if let Some(name) = opts.mirror_of {
-        let state = store.load().await?;
+        let state = store.load_in(Scope::Network(&name)).await?;
         let n = state.network(&name).map_err(StoreError::from)?;
-        if n.subnet != subnet || opts.mtu.is_some_and(|m| m != n.mtu) {
+        let same_pools = pools.len() == n.subnets.len()
+            && pools.iter().all(|(subnet, gw)| {
+                n.subnets
+                    .iter()
+                    .any(|p| p.subnet == *subnet && gw.is_none_or(|g| g == p.gateway))
+            });
+        if !same_pools || opts.mtu.is_some_and(|m| m != n.mtu) || opts.internal != n.internal {
             return Err(Refusal::new(format!(
-                "ovl network {name} has subnet {} and MTU {}; the Docker network must match",
-                n.subnet, n.mtu
+                "ovl network {name} has subnets {} (gateways {}), MTU {}{}; the Docker network must match",
+                n.subnets_text(),
+                n.subnets
+                    .iter()
+                    .map(|p| p.gateway.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                n.mtu,
+                if n.internal { ", internal" } else { "" },
             )));
         }
         ctx.remember(&req.network_id, Known::of(n));
@@ -76,24 +89,37 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
         );
         return Ok(protocol::ok());
     }
+    let [(subnet, gateway)] = pools[..] else {
+        unreachable!("network_options refuses several subnets on networks Docker creates")
+    };
     let node = ctx.node.clone();
     let id = req.network_id.clone();
     let net = store
-        .update_with(|s| {
+        .update_with(Scope::All, |s| {
+            let mtu = s.network_mtu(opts.mtu, opts.encrypted)?;
             let pending = s
                 .networks
                 .values_mut()
                 .find(|n| {
-                    n.subnet == subnet
+                    n.subnets.iter().any(|p| p.subnet == subnet)
                         && n.docker_pending.as_ref().is_some_and(|p| {
                             p.node == node && p.network_id.is_none()
                         })
                 })
                 .ok_or_else(|| ModelError::NoSuchNetwork(networks::pending_name(&subnet)))?;
-            networks::bind(pending, &node, &id);
-            if let Some(mtu) = opts.mtu {
-                pending.mtu = mtu;
+            if let Some(gw) = gateway {
+                // IPAM's RequestAddress for the gateway set it already.
+                if pending.subnets.iter().all(|p| p.gateway != gw) {
+                    return Err(ModelError::GatewayOutsideSubnets {
+                        gateway: gw,
+                        subnets: pending.subnets_text(),
+                    });
+                }
             }
+            networks::bind(pending, &node, &id);
+            pending.mtu = mtu;
+            pending.internal = opts.internal;
+            pending.encrypted = opts.encrypted;
             Ok(pending.clone())
         })
         .await
@@ -105,10 +131,12 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
         })?;
     ctx.remember(&req.network_id, Known::of(&net));
     log::info!(
-        "Docker creates network {} on {subnet}: VNI {}, MTU {}",
+        "Docker creates network {} on {subnet}: VNI {}, MTU {}{}{}",
         short(&req.network_id),
         net.vni,
-        net.mtu
+        net.mtu,
+        if net.internal { ", internal" } else { "" },
+        if net.encrypted { ", encrypted" } else { "" },
     );
     tokio::spawn(networks::name_soon(ctx.clone(), req.network_id));
     Ok(protocol::ok())
@@ -145,7 +173,7 @@ async fn do_delete_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
         return Ok(protocol::ok());
     };
     let removed = store
-        .update_with(|s| {
+        .update_with(Scope::Network(&net.name), |s| {
             if s.network(&net.name)?.vni != net.vni {
                 return Ok(false);
             }
@@ -246,7 +274,7 @@ async fn do_create_endpoint(ctx: &Context, body: &[u8]) -> Result<Response, Refu
     let node = ctx.node.clone();
     let owner = owner_of(&req.endpoint_id);
     store
-        .update_with(|s| {
+        .update_with(Scope::Network(&net.name), |s| {
             let not_reserved = || ModelError::NotReserved {
                 network: net.name.clone(),
                 ip,
@@ -352,6 +380,7 @@ async fn do_join(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
                     name: Some(short(&req.endpoint_id).to_owned()),
                     ip: Some(ep.ip),
                     owner: Some(owner_of(&req.endpoint_id)),
+                    subnet: None,
                 },
                 Placement::HostSide,
             )
@@ -380,13 +409,39 @@ async fn do_join(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
         ep.ip,
         attached
     );
+    let (gateway, static_routes) = join_routes(&net, ep.ip);
     Ok(protocol::reply(&protocol::JoinReply {
         interface_name: protocol::InterfaceName {
             src_name: attached,
             dst_prefix: CONTAINER_IFNAME_PREFIX,
         },
         disable_gateway_service: true,
+        gateway,
+        static_routes,
     }))
+}
+
+/// What Join tells Docker to route in the container: the same routes
+/// `ovl connect` sets (`Network::container_routes`), as a default gateway
+/// and static routes.
+fn join_routes(net: &Network, ip: Ipv4Addr) -> (Option<String>, Vec<protocol::StaticRoute>) {
+    let Some(routes) = net.container_routes(ip) else {
+        return (None, Vec::new());
+    };
+    let mut gateway = None;
+    let mut statics = Vec::new();
+    for (dst, len) in routes.via_gateway {
+        if len == 0 {
+            gateway = Some(routes.gateway.to_string());
+        } else {
+            statics.push(protocol::StaticRoute {
+                destination: format!("{dst}/{len}"),
+                route_type: protocol::ROUTE_NEXTHOP,
+                next_hop: routes.gateway.to_string(),
+            });
+        }
+    }
+    (gateway, statics)
 }
 
 const LEAVE: &str = "NetworkDriver.Leave";

@@ -104,6 +104,8 @@ pub struct NetworkCreate<'a> {
     pub driver: &'a str,
     #[serde(rename = "IPAM")]
     pub ipam: IpamCreate<'a>,
+    #[serde(rename = "Internal")]
+    pub internal: bool,
     #[serde(rename = "Options")]
     pub options: BTreeMap<&'a str, String>,
 }

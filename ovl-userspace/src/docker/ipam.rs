@@ -15,7 +15,8 @@ use super::{
 };
 use crate::{
     ipam::Subnet,
-    model::{DockerPending, Location, ModelError, NetworkSpec},
+    model::{DockerPending, Location, ModelError, Network, NetworkSpec},
+    store::{Scope, Store},
 };
 
 /// Owner of an address Docker's IPAM reserved, before its CreateEndpoint.
@@ -107,12 +108,12 @@ async fn do_request_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
     let store = ctx.store.get().await?;
     let network = match mirror_of {
         Some(name) => {
-            let state = store.load().await?;
+            let state = store.load_in(Scope::Network(&name)).await?;
             let n = state.network(&name)?;
-            if n.subnet != subnet {
+            if !has_subnet(n, &subnet) {
                 return Err(Refusal::new(format!(
-                    "ovl network {name} has subnet {}, not {subnet}",
-                    n.subnet
+                    "ovl network {name} has subnets {}, not {subnet}",
+                    n.subnets_text()
                 )));
             }
             n.clone()
@@ -120,15 +121,10 @@ async fn do_request_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
         None => {
             let node = ctx.node.clone();
             store
-                .update_with(|s| {
+                .update_with(Scope::All, |s| {
                     s.check_subnet_free(&subnet)?;
                     let name = pending_name(&subnet);
-                    s.create_network(NetworkSpec {
-                        name: name.clone(),
-                        subnet,
-                        vni: None,
-                        mtu: None,
-                    })?;
+                    s.create_network(NetworkSpec::new(&name, subnet))?;
                     let n = s.networks.get_mut(&name).expect("created just above");
                     n.docker_pending = Some(DockerPending {
                         node: node.clone(),
@@ -169,9 +165,9 @@ async fn do_release_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
         network_id: None,
     };
     let removed = store
-        .update_with(|s| {
+        .update_with(Scope::All, |s| {
             let Some(n) = by_vni(s, pool.vni).filter(|n| {
-                n.subnet == pool.subnet && n.docker_pending.as_ref() == Some(&abandoned)
+                has_subnet(n, &pool.subnet) && n.docker_pending.as_ref() == Some(&abandoned)
             }) else {
                 return Ok(None);
             };
@@ -202,19 +198,18 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
         ),
     };
     let prefix = pool.subnet.prefix();
-    let gateway = pool.subnet.gateway();
+    let store = ctx.store.get().await?;
+    let state = store.load_in(Scope::All).await?;
+    let network = served(&state, &pool)?.clone();
     if req
         .options
         .get(protocol::REQUEST_ADDRESS_TYPE)
         .map(String::as_str)
         == Some(protocol::GATEWAY_ADDRESS)
     {
-        options::gateway(wanted.unwrap_or(gateway), gateway)?;
+        let gateway = gateway_for(ctx, &store, &network, &pool, wanted).await?;
         return Ok(address_reply(gateway, prefix));
     }
-    let store = ctx.store.get().await?;
-    let state = store.load().await?;
-    let network = served(&state, &pool)?.clone();
     match &network.docker_pending {
         Some(DockerPending {
             network_id: None, ..
@@ -236,16 +231,70 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
     }
     let node = ctx.node.clone();
     let reserved = store
-        .update_with(|s| {
+        .update_with(Scope::Network(&network.name), |s| {
             let name = served(s, &pool)
                 .map_err(|_| ModelError::NoSuchNetwork(network.name.clone()))?
                 .name
                 .clone();
-            s.reserve(&name, &node, wanted, OWNER_IPAM)
+            s.reserve(&name, &node, wanted, Some(pool.subnet), OWNER_IPAM)
         })
         .await?;
     log::info!("reserved {} on {}", reserved.ip, reserved.network);
     Ok(address_reply(reserved.ip, prefix))
+}
+
+/// The gateway of `pool`'s subnet. `--gateway` (`wanted`) sets it while
+/// this node's Docker is still creating the network (Docker asks for the
+/// gateway between RequestPool and CreateNetwork); on a network that
+/// exists already it must be the one it has.
+async fn gateway_for(
+    ctx: &Context,
+    store: &Store,
+    network: &Network,
+    pool: &PoolId,
+    wanted: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, Refusal> {
+    let current = network
+        .subnets
+        .iter()
+        .find(|p| p.subnet == pool.subnet)
+        .map(|p| p.gateway)
+        .expect("served networks have the pool's subnet");
+    let Some(wanted) = wanted.filter(|w| *w != current) else {
+        return Ok(current);
+    };
+    let creating_here = network
+        .docker_pending
+        .as_ref()
+        .is_some_and(|p| p.node == ctx.node && p.network_id.is_none());
+    if !creating_here {
+        options::gateway(wanted, current)?;
+    }
+    if !pool.subnet.is_host(wanted) {
+        return Err(Refusal::new(format!(
+            "--gateway {wanted} is not a host address of {}",
+            pool.subnet
+        )));
+    }
+    let name = network.name.clone();
+    let subnet = pool.subnet;
+    store
+        .update_with(Scope::Network(&name), |s| {
+            if s.endpoints_of(&name).any(|e| e.ip == wanted) {
+                return Err(crate::ipam::IpamError::InUse(wanted).into());
+            }
+            let n = s
+                .networks
+                .get_mut(&name)
+                .ok_or_else(|| ModelError::NoSuchNetwork(name.clone()))?;
+            if let Some(p) = n.subnets.iter_mut().find(|p| p.subnet == subnet) {
+                p.gateway = wanted;
+            }
+            Ok(())
+        })
+        .await?;
+    log::info!("gateway {wanted} for {subnet} of {name}");
+    Ok(wanted)
 }
 
 fn address_reply(ip: Ipv4Addr, prefix: u8) -> Response {
@@ -255,13 +304,18 @@ fn address_reply(ip: Ipv4Addr, prefix: u8) -> Response {
     })
 }
 
+/// True when `subnet` is one of `n`'s.
+fn has_subnet(n: &Network, subnet: &Subnet) -> bool {
+    n.subnets.iter().any(|p| p.subnet == *subnet)
+}
+
 /// The network behind `pool`, or why there is none.
 fn served<'a>(
     state: &'a crate::model::State,
     pool: &PoolId,
 ) -> Result<&'a crate::model::Network, Refusal> {
     by_vni(state, pool.vni)
-        .filter(|n| n.subnet == pool.subnet)
+        .filter(|n| has_subnet(n, &pool.subnet))
         .ok_or_else(|| {
             Refusal::new(format!(
                 "pool {pool} is not served by ovl: no ovl network has VNI {} and subnet {} (removed meanwhile?)",
@@ -283,16 +337,17 @@ async fn do_release_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
         .address
         .parse()
         .map_err(|_| Refusal::new(format!("{:?} is not an IPv4 address", req.address)))?;
-    if ip == pool.subnet.gateway() {
-        return Ok(protocol::ok());
-    }
     let store = ctx.store.get().await?;
     let node = ctx.node.clone();
     let outcome = store
-        .update_with(|s| {
-            let Some(network) = by_vni(s, pool.vni).filter(|n| n.subnet == pool.subnet) else {
+        .update_with(Scope::All, |s| {
+            let Some(network) = by_vni(s, pool.vni).filter(|n| has_subnet(n, &pool.subnet)) else {
                 return Ok(Released::NoNetwork);
             };
+            if network.subnets.iter().any(|p| p.gateway == ip) {
+                // The gateway is the network's, not an endpoint's.
+                return Ok(Released::Gateway);
+            }
             let network = network.name.clone();
             let Some(e) = s
                 .endpoints
@@ -315,7 +370,7 @@ async fn do_release_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
         Released::Other(what) => log::warn!(
             "Docker released {ip} of pool {pool}, which is not a reservation of this node ({what}); kept"
         ),
-        Released::NoNetwork | Released::NotHeld => {}
+        Released::NoNetwork | Released::Gateway | Released::NotHeld => {}
     }
     Ok(protocol::ok())
 }
@@ -323,6 +378,7 @@ async fn do_release_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
 enum Released {
     Freed(String),
     NoNetwork,
+    Gateway,
     NotHeld,
     Other(String),
 }

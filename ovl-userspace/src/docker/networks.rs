@@ -9,7 +9,7 @@ use super::{Context, Known, protocol::Refusal};
 use crate::{
     ipam::Subnet,
     model::{DockerPending, ModelError, Network, State},
-    store::{Store, StoreError},
+    store::{Scope, Store, StoreError},
 };
 
 /// Provisional names start with this.
@@ -70,11 +70,16 @@ pub async fn resolve(
     let found = state
         .networks
         .get(&docker.name)
-        .filter(|n| docker.subnet() == Some(n.subnet.to_string().as_str()));
+        .filter(|n| docker.subnet() == first_subnet(n).as_deref());
     if let Some(n) = found {
         ctx.remember(docker_id, Known::of(n));
     }
     Ok(found.cloned())
+}
+
+/// The first subnet of `n`, as Docker shows the first of a network's.
+pub fn first_subnet(n: &Network) -> Option<String> {
+    n.subnets.first().map(|p| p.subnet.to_string())
 }
 
 /// Renames `pending` after the Docker network `docker_id` if dockerd lists
@@ -97,7 +102,7 @@ pub async fn name(
     };
     let expected = pending.docker_pending.clone();
     let renamed = store
-        .update_with(|s| {
+        .update_with(Scope::All, |s| {
             let current = s.network(&pending.name)?;
             if current.vni != pending.vni || current.docker_pending != expected {
                 // Renamed or replaced meanwhile: nothing to do.
@@ -111,12 +116,12 @@ pub async fn name(
             ctx.remember(docker_id, Known::of(&n));
             ctx.nudge.notify_one();
             log::info!(
-                "Docker network {} ({}) is ovl network {} (VNI {}, subnet {})",
+                "Docker network {} ({}) is ovl network {} (VNI {}, subnets {})",
                 docker.name,
                 short(docker_id),
                 n.name,
                 n.vni,
-                n.subnet
+                n.subnets_text()
             );
             Ok(Some(n))
         }
@@ -179,12 +184,10 @@ mod tests {
         let n = pending_name(&"198.18.0.0/24".parse().unwrap());
         assert_eq!(n, "docker-pending-198.18.0.0-24");
         let mut s = State::default();
-        s.create_network(crate::model::NetworkSpec {
-            name: n,
-            subnet: "198.18.0.0/24".parse().unwrap(),
-            vni: None,
-            mtu: None,
-        })
+        s.create_network(crate::model::NetworkSpec::new(
+            &n,
+            "198.18.0.0/24".parse().unwrap(),
+        ))
         .unwrap();
     }
 }

@@ -27,9 +27,7 @@ const DOCKER_ADDRESS_SPACES: [&str; 2] = ["LocalDefault", "GlobalDefault"];
 /// The address space ovl's IPAM serves.
 pub const ADDRESS_SPACE: &str = "ovl";
 
-/// Which Docker features ovl can map today. The other engineers' work
-/// (routing: several subnets, a gateway, internal networks; crypto:
-/// encrypted networks) turns these on.
+/// Which Docker features ovl maps on networks Docker creates.
 pub struct Features {
     pub internal: bool,
     pub encrypted: bool,
@@ -37,12 +35,14 @@ pub struct Features {
     pub custom_gateway: bool,
 }
 
-/// What ovl supports now.
+/// What ovl supports now. Several subnets only on networks made with
+/// `ovl network create` (mirrored into Docker): Docker asks ovl's IPAM for
+/// one pool per subnet before it says which network they belong to.
 pub const FEATURES: Features = Features {
-    internal: false,
-    encrypted: false,
+    internal: true,
+    encrypted: true,
     several_subnets: false,
-    custom_gateway: false,
+    custom_gateway: true,
 };
 
 /// What a CreateNetwork asks of ovl, once its options are understood.
@@ -52,6 +52,10 @@ pub struct NetworkOptions {
     pub mtu: Option<u32>,
     /// The ovl network a mirror stands for.
     pub mirror_of: Option<String>,
+    /// `--internal`: no way out of the overlay.
+    pub internal: bool,
+    /// `--opt encrypted`: traffic between hosts only in WireGuard.
+    pub encrypted: bool,
 }
 
 fn unsupported(what: &str, later: &str) -> Refusal {
@@ -80,8 +84,11 @@ pub fn network_options(
     }
     if ipv4.len() > 1 && !FEATURES.several_subnets {
         return Err(unsupported(
-            &format!("several --subnet ({} were given)", ipv4.len()),
-            "one subnet per network",
+            &format!(
+                "several --subnet ({} were given) on a network Docker creates",
+                ipv4.len()
+            ),
+            "make it with `ovl network create NAME --subnet A --subnet B`: it appears in Docker with every subnet",
         ));
     }
     if !ipv6.is_empty() || options.get(ENABLE_IPV6).and_then(Value::as_bool) == Some(true) {
@@ -89,7 +96,8 @@ pub fn network_options(
             "ovl networks are IPv4 only: create the network without --ipv6",
         ));
     }
-    if options.get(INTERNAL).and_then(Value::as_bool) == Some(true) && !FEATURES.internal {
+    let internal = options.get(INTERNAL).and_then(Value::as_bool) == Some(true);
+    if internal && !FEATURES.internal {
         return Err(unsupported("--internal", "internal networks are coming"));
     }
     for pool in ipv4 {
@@ -106,7 +114,10 @@ pub fn network_options(
             )));
         }
     };
-    let mut out = NetworkOptions::default();
+    let mut out = NetworkOptions {
+        internal,
+        ..NetworkOptions::default()
+    };
     for (key, value) in &generic {
         let text = match value {
             Value::String(s) => s.clone(),
@@ -125,9 +136,18 @@ pub fn network_options(
             ENCRYPTED if !FEATURES.encrypted => {
                 return Err(unsupported("--opt encrypted", "encryption is coming"));
             }
+            ENCRYPTED => match text.as_str() {
+                "" | "true" => out.encrypted = true,
+                "false" => {}
+                _ => {
+                    return Err(Refusal::new(format!(
+                        "--opt {ENCRYPTED}={text}: give it without a value (or true/false)"
+                    )));
+                }
+            },
             other => {
                 return Err(Refusal::new(format!(
-                    "unknown option --opt {other}={text}: ovl understands {MTU}"
+                    "unknown option --opt {other}={text}: ovl understands {MTU} and {ENCRYPTED}"
                 )));
             }
         }
@@ -151,11 +171,16 @@ pub fn pool_options(options: &BTreeMap<String, String>) -> Result<Option<String>
     Ok(mirror_of)
 }
 
-/// Checks a requested gateway against the one ovl serves: the subnet's
-/// first address.
+/// Checks a requested gateway against the one ovl serves (for a network
+/// that exists already, whose gateway cannot change).
 pub fn gateway(requested: Ipv4Addr, served: Ipv4Addr) -> Result<(), Refusal> {
-    if requested == served || FEATURES.custom_gateway {
+    if requested == served {
         return Ok(());
+    }
+    if FEATURES.custom_gateway {
+        return Err(Refusal::new(format!(
+            "--gateway {requested}: the ovl network's gateway is {served}; give that one or none"
+        )));
     }
     Err(unsupported(
         &format!("--gateway {requested}"),
@@ -197,18 +222,30 @@ mod tests {
             got,
             NetworkOptions {
                 mtu: Some(1400),
-                mirror_of: Some("uber-net".into())
+                mirror_of: Some("uber-net".into()),
+                internal: false,
+                encrypted: false,
             }
         );
     }
 
     #[test]
+    fn internal_and_encrypted_are_mapped() {
+        let o = opts(json!({INTERNAL: true, GENERIC: {"encrypted": ""}}));
+        let got = network_options(&o, &[pool("ovl")], &[]).unwrap();
+        assert!(got.internal && got.encrypted);
+        let o = opts(json!({GENERIC: {"encrypted": "false"}}));
+        let got = network_options(&o, &[pool("ovl")], &[]).unwrap();
+        assert!(!got.internal && !got.encrypted);
+        let o = opts(json!({GENERIC: {"encrypted": "maybe"}}));
+        assert!(network_options(&o, &[pool("ovl")], &[]).is_err());
+    }
+
+    #[test]
     fn every_unsupported_option_is_refused_by_name() {
         let cases = [
-            (json!({GENERIC: {"encrypted": ""}}), "encrypted"),
             (json!({GENERIC: {"foo": "bar"}}), "foo=bar"),
             (json!({GENERIC: {MTU: "big"}}), "MTU must be a number"),
-            (json!({INTERNAL: true, GENERIC: {}}), "--internal"),
             (json!({ENABLE_IPV6: true, GENERIC: {}}), "--ipv6"),
         ];
         for (o, needle) in cases {
@@ -222,12 +259,12 @@ mod tests {
     }
 
     #[test]
-    fn only_the_subnets_first_address_is_a_gateway() {
+    fn an_existing_networks_gateway_cannot_change() {
         let g = Ipv4Addr::new(198, 18, 0, 1);
         assert!(gateway(g, g).is_ok());
         let e = gateway(Ipv4Addr::new(198, 18, 0, 254), g).unwrap_err();
         assert!(
-            e.message.contains("--gateway 198.18.0.254"),
+            e.message.contains("--gateway 198.18.0.254") && e.message.contains("198.18.0.1"),
             "{}",
             e.message
         );

@@ -323,7 +323,30 @@ pub struct JoinReply {
     /// gateway bridge.
     #[serde(rename = "DisableGatewayService")]
     pub disable_gateway_service: bool,
+    /// The container's default gateway (the ovl network's gateway of its
+    /// subnet), unless the network is internal.
+    #[serde(rename = "Gateway", skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Routes through the gateway besides the default one: the other
+    /// subnets of an internal network.
+    #[serde(rename = "StaticRoutes", skip_serializing_if = "Vec::is_empty")]
+    pub static_routes: Vec<StaticRoute>,
 }
+
+/// A route Docker adds in the container (libnetwork's `StaticRoute`).
+#[derive(Debug, Serialize)]
+pub struct StaticRoute {
+    #[serde(rename = "Destination")]
+    pub destination: String,
+    /// libnetwork's `types.NEXTHOP`: through `next_hop`.
+    #[serde(rename = "RouteType")]
+    pub route_type: u8,
+    #[serde(rename = "NextHop")]
+    pub next_hop: String,
+}
+
+/// libnetwork's route type of a route through a next hop.
+pub const ROUTE_NEXTHOP: u8 = 0;
 
 #[cfg(test)]
 mod tests {
@@ -364,10 +387,16 @@ mod tests {
                 dst_prefix: "eth",
             },
             disable_gateway_service: true,
+            gateway: Some("198.18.0.1".into()),
+            static_routes: vec![StaticRoute {
+                destination: "198.18.1.0/24".into(),
+                route_type: ROUTE_NEXTHOP,
+                next_hop: "198.18.0.1".into(),
+            }],
         };
         assert_eq!(
             serde_json::to_string(&join).unwrap(),
-            r#"{"InterfaceName":{"SrcName":"ovl1234abcdc","DstPrefix":"eth"},"DisableGatewayService":true}"#
+            r#"{"InterfaceName":{"SrcName":"ovl1234abcdc","DstPrefix":"eth"},"DisableGatewayService":true,"Gateway":"198.18.0.1","StaticRoutes":[{"Destination":"198.18.1.0/24","RouteType":0,"NextHop":"198.18.0.1"}]}"#
         );
         let ep = EndpointReply {
             interface: Some(EndpointInterface {

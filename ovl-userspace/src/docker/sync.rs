@@ -21,12 +21,12 @@ use super::{
     engine::{DockerNetwork, IpamCreate, NetworkCreate},
     ipam::{OWNER_IPAM, is_docker_owner},
     networks::{self, short},
-    options::{MIRROR_OF, MTU},
+    options::{ENCRYPTED, MIRROR_OF, MTU},
 };
 use crate::{
     attachment,
     model::{Endpoint, Location, Network, State},
-    store::Store,
+    store::{Scope, Store},
 };
 
 /// How often a pass runs without store changes.
@@ -84,7 +84,7 @@ pub fn plan(state: &State, docker: &[DockerNetwork], node: &str) -> Plan {
             .networks
             .get(&d.name)
             .filter(|n| n.docker_pending.is_none())
-            .is_some_and(|n| d.subnet() == Some(n.subnet.to_string().as_str()));
+            .is_some_and(|n| d.subnet() == networks::first_subnet(n).as_deref());
         if !stands_for {
             plan.remove.push((d.name.clone(), d.id.clone()));
         }
@@ -339,13 +339,26 @@ async fn mirror(ctx: &Context, n: &Network) -> Result<String, String> {
         driver: DRIVER,
         ipam: IpamCreate {
             driver: DRIVER,
-            config: vec![BTreeMap::from([
-                ("Subnet", n.subnet.to_string()),
-                ("Gateway", n.subnet.gateway().to_string()),
-            ])],
+            config: n
+                .subnets
+                .iter()
+                .map(|p| {
+                    BTreeMap::from([
+                        ("Subnet", p.subnet.to_string()),
+                        ("Gateway", p.gateway.to_string()),
+                    ])
+                })
+                .collect(),
             options: BTreeMap::from([(MIRROR_OF, n.name.clone())]),
         },
-        options: BTreeMap::from([(MIRROR_OF, n.name.clone()), (MTU, n.mtu.to_string())]),
+        internal: n.internal,
+        options: {
+            let mut o = BTreeMap::from([(MIRROR_OF, n.name.clone()), (MTU, n.mtu.to_string())]);
+            if n.encrypted {
+                o.insert(ENCRYPTED, String::new());
+            }
+            o
+        },
     };
     ctx.engine
         .create_network(&spec)
@@ -356,7 +369,7 @@ async fn mirror(ctx: &Context, n: &Network) -> Result<String, String> {
 /// Removes a network Docker started creating here and never finished.
 async fn remove_orphan(store: &Store, n: &Network) {
     let removed = store
-        .update_with(|s| {
+        .update_with(Scope::Network(&n.name), |s| {
             let same = s
                 .networks
                 .get(&n.name)
@@ -385,7 +398,7 @@ async fn release(store: &Store, e: &Endpoint) {
         }
     }
     let freed = store
-        .update_with(|s| {
+        .update_with(Scope::Network(&e.network), |s| {
             let Some(pos) = s.endpoints.iter().position(|x| x == e) else {
                 return Ok(false);
             };
@@ -422,25 +435,15 @@ mod tests {
     fn state() -> State {
         let mut s = State::default();
         for (name, subnet) in [("blue", "198.18.0.0/24"), ("red", "198.18.1.0/24")] {
-            s.create_network(NetworkSpec {
-                name: name.into(),
-                subnet: subnet.parse().unwrap(),
-                vni: None,
-                mtu: None,
-            })
-            .unwrap();
+            s.create_network(NetworkSpec::new(name, subnet.parse().unwrap()))
+                .unwrap();
         }
         s
     }
 
     fn pend(s: &mut State, name: &str, subnet: &str, node: &str, id: Option<&str>) {
-        s.create_network(NetworkSpec {
-            name: name.into(),
-            subnet: subnet.parse().unwrap(),
-            vni: None,
-            mtu: None,
-        })
-        .unwrap();
+        s.create_network(NetworkSpec::new(name, subnet.parse().unwrap()))
+            .unwrap();
         s.networks.get_mut(name).unwrap().docker_pending = Some(DockerPending {
             node: node.into(),
             network_id: id.map(Into::into),
@@ -512,9 +515,9 @@ mod tests {
     #[test]
     fn only_this_nodes_docker_records_unknown_to_docker_are_suspects() {
         let mut s = state();
-        let mine = s.reserve("blue", "a", None, OWNER_IPAM).unwrap();
-        s.reserve("blue", "b", None, OWNER_IPAM).unwrap();
-        s.reserve("blue", "a", None, "docker:live").unwrap();
+        let mine = s.reserve("blue", "a", None, None, OWNER_IPAM).unwrap();
+        s.reserve("blue", "b", None, None, OWNER_IPAM).unwrap();
+        s.reserve("blue", "a", None, None, "docker:live").unwrap();
         let mut dead = ContainerSpec {
             network: "blue".into(),
             node: "a".into(),
@@ -522,6 +525,7 @@ mod tests {
             name: None,
             ip: None,
             owner: Some("docker:dead".into()),
+            subnet: None,
         };
         let dead_ep = s.add_container(dead.clone()).unwrap();
         dead.netns = "c9".into();

@@ -1,34 +1,70 @@
 //! The embedded default store: one JSON file in a directory, changed under
 //! an exclusive `flock` and replaced atomically (write, fsync, rename).
+//! Both files are readable by their owner only: a lock file others can
+//! open is a lock others can hold forever.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, File, OpenOptions, Permissions},
     io::Write,
-    os::fd::AsRawFd,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{OpenOptionsExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
 
 use super::StoreError;
-use crate::model::{ModelError, SCHEMA_VERSION, State};
+use crate::{
+    model::{ModelError, SCHEMA_VERSION, State},
+    release::{DEFAULT_ADDRESS_GRACE, GraceClock},
+};
 
 /// How often a subscriber looks at the file for a new revision.
 const POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "state.lock";
+/// Mode of the state and lock files.
+const FILE_MODE: u32 = 0o600;
+/// How long a change waits for the lock by default.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a waiting change tries the lock again: soon at first (locks
+/// are held for milliseconds), then less often.
+const LOCK_POLL_FIRST: Duration = Duration::from_millis(1);
+const LOCK_POLL_MAX: Duration = Duration::from_millis(20);
 
 /// State in `<dir>/state.json`, shared safely by every `ovl` process on
 /// the machine.
 pub struct FileStore {
     dir: PathBuf,
+    lock_timeout: Duration,
+    address_grace: Duration,
 }
 
 impl FileStore {
-    /// A store rooted at `dir` (created on first write).
+    /// A store rooted at `dir` (created on first write), with the default
+    /// lock timeout and address grace.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        FileStore { dir: dir.into() }
+        FileStore {
+            dir: dir.into(),
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            address_grace: DEFAULT_ADDRESS_GRACE,
+        }
+    }
+
+    /// How long a change waits for another process's lock before failing.
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// How long a freed address is held back.
+    pub fn with_address_grace(mut self, grace: Duration) -> Self {
+        self.address_grace = grace;
+        self
     }
 
     fn state_path(&self) -> PathBuf {
@@ -75,7 +111,16 @@ impl FileStore {
             }
         };
         let json = serde_json::to_vec_pretty(state).expect("State always serialises");
-        let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(FILE_MODE)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        // A leftover temp file keeps its old mode through `open`.
+        f.set_permissions(Permissions::from_mode(FILE_MODE))
+            .map_err(io("chmod", &tmp))?;
         f.write_all(&json).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("fsync", &tmp))?;
         fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
@@ -92,26 +137,48 @@ impl FileStore {
             source,
         })?;
         let path = self.dir.join(LOCK_FILE);
+        let io = |action| {
+            let path = path.clone();
+            move |source| StoreError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        // Writable, so only who may write the store may lock it; the mode
+        // is repaired for lock files an older ovl made world-readable.
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(&path)
-            .map_err(|source| StoreError::Io {
-                action: "open",
-                path: path.clone(),
-                source,
-            })?;
-        // SAFETY: flock on a descriptor we own; released when `f` closes.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            let source = std::io::Error::last_os_error();
-            return Err(StoreError::Io {
-                action: "lock",
-                path,
-                source,
-            });
+            .map_err(io("open"))?;
+        f.set_permissions(Permissions::from_mode(FILE_MODE))
+            .map_err(io("chmod"))?;
+        let started = Instant::now();
+        let mut pause = LOCK_POLL_FIRST;
+        loop {
+            // SAFETY: flock on a descriptor we own; released when `f` closes.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(f);
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io("lock")(err));
+            }
+            if started.elapsed() >= self.lock_timeout {
+                return Err(StoreError::LockTimeout {
+                    path,
+                    waited: self.lock_timeout,
+                    holder: crate::bpffs::lock_holder(&f)
+                        .map(describe_process)
+                        .unwrap_or_else(|| "an unknown process".into()),
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(LOCK_POLL_MAX);
         }
-        Ok(f)
     }
 }
 
@@ -130,6 +197,7 @@ impl FileStore {
     ) -> Result<State, StoreError> {
         let _lock = self.lock()?;
         let mut state = self.read()?;
+        state.clock = GraceClock::now(self.address_grace);
         change(&mut state)?;
         state.schema = SCHEMA_VERSION;
         state.revision += 1;
@@ -172,6 +240,24 @@ impl FileStore {
     }
 }
 
+/// `pid N (command line)` of a process, as far as /proc tells.
+fn describe_process(pid: u32) -> String {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    if cmdline.is_empty() {
+        format!("pid {pid}")
+    } else {
+        format!("pid {pid} ({cmdline})")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::Ipv4Addr, sync::Arc};
@@ -200,10 +286,8 @@ mod tests {
     fn create(store: &FileStore, name: &str) -> Result<State, StoreError> {
         store.update(&mut |s| {
             s.create_network(NetworkSpec {
-                name: name.into(),
-                subnet: "198.18.0.0/24".parse().unwrap(),
                 vni: None,
-                mtu: None,
+                ..NetworkSpec::new(name, "198.18.0.0/24".parse().unwrap())
             })
             .map(|_| ())
         })
@@ -261,8 +345,7 @@ mod tests {
                                     node: format!("n{i}"),
                                     netns: format!("c{j}"),
                                     name: None,
-                                    ip: None,
-                                    owner: None,
+                                    ..ContainerSpec::default()
                                 })
                             })
                             .unwrap()
@@ -280,6 +363,54 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 40);
         assert_eq!(store.load().unwrap().endpoints.len(), 40);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn state_and_lock_files_are_private_even_if_they_were_not() {
+        let dir = tmpdir("mode");
+        fs::create_dir_all(&dir).unwrap();
+        // An older ovl left a world-readable lock file.
+        fs::write(dir.join(LOCK_FILE), b"").unwrap();
+        fs::set_permissions(dir.join(LOCK_FILE), Permissions::from_mode(0o644)).unwrap();
+        let store = FileStore::new(&dir);
+        create(&store, "a").unwrap();
+        for f in [LOCK_FILE, STATE_FILE] {
+            let mode = fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{f} has mode {mode:o}");
+        }
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_held_lock_times_out_naming_its_holder_and_changes_nothing() {
+        let dir = tmpdir("locktimeout");
+        let store = FileStore::new(&dir).with_lock_timeout(Duration::from_millis(300));
+        create(&store, "a").unwrap();
+        // Another process holds the lock (as any user who could open the
+        // file could, before it was private).
+        let mut holder = std::process::Command::new("flock")
+            .arg(dir.join(LOCK_FILE))
+            .args(["sleep", "30"])
+            .spawn()
+            .expect("run flock(1)");
+        let lock = File::open(dir.join(LOCK_FILE)).unwrap();
+        let t0 = Instant::now();
+        while crate::bpffs::lock_holder(&lock).is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "flock(1) never took the lock"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let before = fs::read(dir.join(STATE_FILE)).unwrap();
+        let err = create(&store, "b").unwrap_err();
+        let _ = holder.kill();
+        let _ = holder.wait();
+        let msg = err.to_string();
+        assert!(matches!(err, StoreError::LockTimeout { .. }), "{msg}");
+        assert!(msg.contains("pid ") && msg.contains("flock"), "{msg}");
+        assert_eq!(fs::read(dir.join(STATE_FILE)).unwrap(), before);
         fs::remove_dir_all(dir).unwrap();
     }
 }

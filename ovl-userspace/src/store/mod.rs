@@ -7,22 +7,55 @@
 
 mod etcd;
 mod file;
+pub mod options;
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 pub use etcd::{EtcdStore, KEY_PREFIX};
 pub use file::FileStore;
+pub use options::{EtcdAccess, StoreOptions, StoreUrl};
 use tokio::sync::watch;
 
-use crate::model::{ModelError, State};
+use crate::{
+    model::{Endpoint, ModelError, State},
+    release::{DEFAULT_ADDRESS_GRACE, RestoreOutcome},
+};
+
+/// What a change reads, and so the only part of the store it may change
+/// (it may always create keys that do not exist yet). The narrower, the
+/// cheaper: a change to one network never reads the others' endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Every network record and every node: creating a network.
+    Networks,
+    /// One network, its endpoints and held-back addresses, and every node.
+    Network(&'a str),
+    /// Everything.
+    All,
+}
 
 /// Store failures. Each message says what is wrong and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "unsupported store URL {0:?}: use file:///PATH (the embedded default) or etcd://HOST:PORT[,HOST:PORT...]"
+        "unsupported store URL {0:?}: use file:///PATH (the embedded default), etcd://HOST:PORT[,HOST:PORT...] or etcds://... (TLS)"
     )]
     UnsupportedUrl(String),
+    /// A store option (flag, environment or URL query) is wrong.
+    #[error("{0}")]
+    BadOption(String),
+    #[error(
+        "store lock {path} is held by {holder}; gave up after {waited:?}. If that process hangs, stop it"
+    )]
+    LockTimeout {
+        path: PathBuf,
+        waited: Duration,
+        holder: String,
+    },
+    #[error(
+        "node {0:?} is alive (its agent holds its lease); stop its agent first, or wait until its lease lapses"
+    )]
+    NodeAlive(String),
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -50,6 +83,13 @@ pub enum StoreError {
         "etcd at {endpoints} is unreachable or failing ({detail}); check that it runs and the URL is right"
     )]
     Etcd { endpoints: String, detail: String },
+    /// etcd answered, but refused who we are (TLS or authentication).
+    #[error("etcd at {endpoints} refused the connection: {detail}")]
+    EtcdAccess { endpoints: String, detail: String },
+    #[error(
+        "the change needs {ops} operations in one etcd transaction, more than etcd's limit of {limit}; make it in smaller steps"
+    )]
+    TooLarge { ops: usize, limit: usize },
     #[error(
         "etcd key {key} holds a value ovl cannot read ({detail}); fix or delete it with etcdctl"
     )]
@@ -87,47 +127,60 @@ impl Registration {
 }
 
 impl Store {
-    /// Opens the store a URL names. For etcd, connects and checks that a
-    /// request goes through, so a bad URL fails here, naming the endpoint.
+    /// Opens the store a URL names (with its options: see
+    /// [`options`]). For etcd, connects and checks that a request goes
+    /// through, so a bad URL or credential fails here, naming the endpoint.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        match url.split_once("://") {
-            Some(("file", path)) if path.starts_with('/') => Ok(Store::File(FileStore::new(path))),
-            Some(("etcd", hosts)) if !hosts.is_empty() => {
-                Ok(Store::Etcd(Box::new(EtcdStore::connect(hosts).await?)))
+        let url = StoreUrl::parse(url)?;
+        let grace = url.options.address_grace.unwrap_or(DEFAULT_ADDRESS_GRACE);
+        match url.scheme.as_str() {
+            "file" => {
+                let mut f = FileStore::new(&url.location).with_address_grace(grace);
+                if let Some(t) = url.options.lock_timeout {
+                    f = f.with_lock_timeout(t);
+                }
+                Ok(Store::File(f))
             }
-            _ => Err(StoreError::UnsupportedUrl(url.to_owned())),
+            _ => Ok(Store::Etcd(Box::new(EtcdStore::connect(&url).await?))),
         }
     }
 
-    /// The current state.
+    /// The current state, all of it.
     pub async fn load(&self) -> Result<State, StoreError> {
+        self.load_in(Scope::All).await
+    }
+
+    /// The part of the state `scope` covers (the file store reads it all).
+    pub async fn load_in(&self, scope: Scope<'_>) -> Result<State, StoreError> {
         match self {
             Store::File(f) => f.load(),
-            Store::Etcd(e) => e.load().await,
+            Store::Etcd(e) => e.load(scope).await,
         }
     }
 
-    /// Applies `change` to the current state and commits the result as one
-    /// atomic step; concurrent writers never both win a conflicting change.
-    /// When `change` fails nothing is written. (`Send`, so that servers
-    /// running requests on any thread can change the state.)
+    /// Applies `change` to the part of the state `scope` covers and commits
+    /// the result as one atomic step; concurrent writers never both win a
+    /// conflicting change. When `change` fails nothing is written. (`Send`,
+    /// so that servers running requests on any thread can change the state.)
     pub async fn update(
         &self,
+        scope: Scope<'_>,
         change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
         match self {
             Store::File(f) => f.update(change),
-            Store::Etcd(e) => e.update(change).await,
+            Store::Etcd(e) => e.update(scope, change).await,
         }
     }
 
     /// Applies a change that produces a value, returning the value.
     pub async fn update_with<T: Send>(
         &self,
+        scope: Scope<'_>,
         mut change: impl FnMut(&mut State) -> Result<T, ModelError> + Send,
     ) -> Result<T, StoreError> {
         let mut out = None;
-        self.update(&mut |s| {
+        self.update(scope, &mut |s| {
             out = Some(change(s)?);
             Ok(())
         })
@@ -135,28 +188,115 @@ impl Store {
         Ok(out.expect("update succeeded, so the change ran and produced a value"))
     }
 
-    /// Registers node `name` with VTEP `vtep`; with etcd, also as alive
-    /// under a lease of `ttl` that the returned registration keeps alive.
+    /// Puts back `node`'s endpoints `wanted` that the store lost (peers
+    /// freed them while the node was cut off), where their address is
+    /// still free; returns what was restored and which addresses another
+    /// endpoint holds now. Those conflicts are recorded under the node
+    /// (`ovl node ls`), replacing what its previous attempt recorded. Any
+    /// number of endpoints: etcd gets them in transactions within its limits.
+    pub async fn restore_endpoints(
+        &self,
+        node: &str,
+        wanted: &[Endpoint],
+    ) -> Result<RestoreOutcome, StoreError> {
+        match self {
+            Store::File(f) => {
+                let mut out = RestoreOutcome::default();
+                f.update(&mut |s| {
+                    out = s.restore_endpoints(node, wanted);
+                    Ok(())
+                })?;
+                Ok(out)
+            }
+            Store::Etcd(e) => e.restore_endpoints(node, wanted).await,
+        }
+    }
+
+    /// Registered nodes whose agent is not alive, where liveness is
+    /// tracked (none elsewhere). An agent starting up frees what they hold
+    /// with [`forget_dead_node`](Self::forget_dead_node).
+    pub async fn dead_nodes(&self) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::File(_) => Ok(Vec::new()),
+            Store::Etcd(e) => e.dead_nodes().await,
+        }
+    }
+
+    /// Removes node `name` from the store: its endpoints (their addresses
+    /// held back like any freed address), its registration and recorded
+    /// conflicts. Refused while the node is alive (etcd); with the file
+    /// store, the caller checks that no agent runs for it. Returns the
+    /// number of endpoints freed.
+    pub async fn remove_node(&self, name: &str) -> Result<usize, StoreError> {
+        crate::validate::node_name(name).map_err(ModelError::from)?;
+        match self {
+            Store::File(f) => {
+                let mut n = 0;
+                f.update(&mut |s| {
+                    n = s.remove_node(name)?.len();
+                    Ok(())
+                })?;
+                Ok(n)
+            }
+            Store::Etcd(e) => e.remove_node(name).await,
+        }
+    }
+
+    /// Registers node `name` with VTEP `vtep` and its underlay's MTU; with
+    /// etcd, also as alive under a lease of `ttl` that the returned
+    /// registration keeps alive.
     pub async fn register_node(
         &self,
         name: &str,
         vtep: Ipv4Addr,
+        underlay_mtu: u32,
         ttl: Duration,
     ) -> Result<Registration, StoreError> {
         match self {
             Store::File(f) => {
                 f.update(&mut |s| {
-                    s.register_node(name, vtep);
+                    crate::validate::node_name(name)?;
+                    s.register_node(name, vtep, Some(underlay_mtu));
                     Ok(())
                 })?;
                 Ok(Registration::File)
             }
-            Store::Etcd(e) => Ok(Registration::Etcd(e.register_node(name, vtep, ttl).await?)),
+            Store::Etcd(e) => Ok(Registration::Etcd(
+                e.register_node(name, vtep, underlay_mtu, ttl).await?,
+            )),
         }
     }
 
-    /// Frees what dead node `name` held (its endpoints), unless it came
-    /// back meanwhile. Only meaningful where liveness is tracked.
+    /// Publishes node `name`'s WireGuard public key and port in its node
+    /// record, for peers to reach it on encrypted networks.
+    pub async fn publish_node_key(
+        &self,
+        name: &str,
+        key: crate::crypto::NodeKey,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::File(f) => {
+                let mut found = false;
+                f.update(&mut |s| {
+                    found = s.publish_node_key(name, key);
+                    Ok(())
+                })?;
+                if found {
+                    Ok(())
+                } else {
+                    Err(StoreError::Rejected(crate::model::ModelError::NoSuchNode(
+                        name.to_owned(),
+                    )))
+                }
+            }
+            Store::Etcd(e) => e.publish_node_key(name, key).await,
+        }
+    }
+
+    /// Frees what dead node `name` held (its endpoints, their addresses
+    /// held back), unless it comes back meanwhile: deleted in batches that
+    /// each check the node is still dead. Only meaningful where liveness is
+    /// tracked.
     pub async fn forget_dead_node(&self, name: &str) -> Result<usize, StoreError> {
         match self {
             Store::File(_) => Ok(0),
@@ -204,6 +344,7 @@ mod tests {
             "consul://h:1",
             "",
             "etcd://",
+            "etcds://?cacert=/x",
         ] {
             let err = Store::open(bad)
                 .await

@@ -1,0 +1,214 @@
+//! What happens to an address after its endpoint goes: it is held back for
+//! a grace period (its holder may only be cut off, and come back), and a
+//! node that puts back its endpoints learns which addresses were taken.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Endpoint, Location};
+
+/// How long a freed address is held back by default: longer than any
+/// sensible liveness lease (default 10 s), so a node that was cut off for
+/// a while finds its addresses free when it returns.
+pub const DEFAULT_ADDRESS_GRACE: Duration = Duration::from_secs(60);
+
+/// An address freed at `at_ms` (milliseconds since the Unix epoch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub at_ms: u64,
+    /// The endpoint that held it, for `ovl endpoint ls` and logs.
+    pub name: String,
+    /// Its node, for container endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+impl Released {
+    /// The record of `endpoint` freed at `at_ms`.
+    pub fn of(endpoint: &Endpoint, at_ms: u64) -> Released {
+        Released {
+            network: endpoint.network.clone(),
+            ip: endpoint.ip,
+            at_ms,
+            name: endpoint.name.clone(),
+            node: endpoint.node().map(str::to_owned),
+        }
+    }
+}
+
+/// The time a change happens at and how long freed addresses are held
+/// back; the store sets it before each change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GraceClock {
+    pub now_ms: u64,
+    pub grace: Duration,
+}
+
+impl GraceClock {
+    /// The wall clock now, holding addresses back for `grace`.
+    pub fn now(grace: Duration) -> GraceClock {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        GraceClock { now_ms, grace }
+    }
+
+    /// How much longer `r` is held back, if it still is.
+    pub fn remaining(&self, r: &Released) -> Option<Duration> {
+        if self.grace.is_zero() {
+            return None;
+        }
+        let until = r
+            .at_ms
+            .saturating_add(u64::try_from(self.grace.as_millis()).unwrap_or(u64::MAX));
+        (self.now_ms < until).then(|| Duration::from_millis(until - self.now_ms))
+    }
+}
+
+/// A node came back and found one of its addresses held by another
+/// endpoint: the newer owner keeps it, the node's container is cut off
+/// until it is reconnected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressConflict {
+    pub network: String,
+    pub ip: Ipv4Addr,
+    /// The returning node's endpoint that lost the address.
+    pub name: String,
+    pub netns: String,
+    /// Who holds the address now.
+    pub holder_name: String,
+    pub holder: Location,
+    /// When the conflict was found (ms since the Unix epoch).
+    pub at_ms: u64,
+}
+
+impl std::fmt::Display for AddressConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let holder = match &self.holder {
+            Location::Container { node, netns, .. } => {
+                format!("{} ({netns} on {node})", self.holder_name)
+            }
+            Location::Static { vtep } => format!("{} (behind VTEP {vtep})", self.holder_name),
+            Location::Reserved { node } => {
+                format!("{} (reserved by Docker on {node})", self.holder_name)
+            }
+        };
+        write!(
+            f,
+            "{}/{} of {} ({}) is held by {holder}",
+            self.network, self.ip, self.name, self.netns
+        )
+    }
+}
+
+/// What to do with one endpoint a node wants back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The store still has it: nothing to do.
+    Present,
+    /// Its address is free: put it back.
+    Restore,
+    /// Its network was removed meanwhile.
+    NetworkGone,
+    /// Another endpoint holds its address.
+    Conflict(AddressConflict),
+}
+
+/// Judges `wanted` against what holds its address now (`holder`) and
+/// whether its network still exists.
+pub fn judge(
+    wanted: &Endpoint,
+    holder: Option<&Endpoint>,
+    network_exists: bool,
+    now_ms: u64,
+) -> Verdict {
+    if !network_exists {
+        return Verdict::NetworkGone;
+    }
+    match holder {
+        None => Verdict::Restore,
+        Some(h) if h.location == wanted.location => Verdict::Present,
+        Some(h) => Verdict::Conflict(AddressConflict {
+            network: wanted.network.clone(),
+            ip: wanted.ip,
+            name: wanted.name.clone(),
+            netns: match &wanted.location {
+                Location::Container { netns, .. } => netns.clone(),
+                Location::Static { .. } | Location::Reserved { .. } => String::new(),
+            },
+            holder_name: h.name.clone(),
+            holder: h.location.clone(),
+            at_ms: now_ms,
+        }),
+    }
+}
+
+/// What putting back a node's endpoints did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOutcome {
+    /// Put back.
+    pub restored: Vec<Endpoint>,
+    /// Still in the store: nothing done.
+    pub present: usize,
+    /// Taken by another endpoint meanwhile (recorded under the node).
+    pub conflicts: Vec<AddressConflict>,
+    /// Their network was removed meanwhile.
+    pub networks_gone: Vec<Endpoint>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MacAddr;
+
+    fn ep(node: &str, netns: &str) -> Endpoint {
+        let ip = Ipv4Addr::new(198, 18, 0, 5);
+        Endpoint {
+            network: "n".into(),
+            name: netns.into(),
+            ip,
+            mac: MacAddr::for_ipv4(ip),
+            location: Location::Container {
+                node: node.into(),
+                netns: netns.into(),
+                host_ifname: "ovl1".into(),
+            },
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn grace_holds_an_address_until_it_expires() {
+        let r = Released::of(&ep("a", "c1"), 10_000);
+        let clock = |now_ms| GraceClock {
+            now_ms,
+            grace: Duration::from_secs(60),
+        };
+        assert_eq!(clock(10_000).remaining(&r), Some(Duration::from_secs(60)));
+        assert_eq!(clock(69_999).remaining(&r), Some(Duration::from_millis(1)));
+        assert_eq!(clock(70_000).remaining(&r), None);
+        assert_eq!(GraceClock::default().remaining(&r), None);
+    }
+
+    #[test]
+    fn a_returning_endpoint_is_restored_kept_or_reported_in_conflict() {
+        let mine = ep("a", "c1");
+        assert_eq!(judge(&mine, None, true, 1), Verdict::Restore);
+        assert_eq!(judge(&mine, Some(&mine), true, 1), Verdict::Present);
+        assert_eq!(judge(&mine, None, false, 1), Verdict::NetworkGone);
+        let Verdict::Conflict(c) = judge(&mine, Some(&ep("b", "c9")), true, 7) else {
+            panic!("a foreign holder is a conflict");
+        };
+        assert_eq!(
+            (c.netns.as_str(), c.holder_name.as_str(), c.at_ms),
+            ("c1", "c9", 7)
+        );
+        assert!(c.to_string().contains("held by c9 (c9 on b)"), "{c}");
+    }
+}

@@ -1,0 +1,409 @@
+//! The etcd key schema: which key holds what, values as versioned JSON,
+//! the state as keys (`encode`) and one key's change applied to a decoded
+//! state (`apply`), so a follower never re-decodes what did not change.
+//!
+//! | key | value |
+//! |---|---|
+//! | `/ovl/schema` | `1`, the layout version |
+//! | `/ovl/networks/<name>` | the network: name, vni, subnet, mtu |
+//! | `/ovl/vnis/<vni>` | `{"network": name}`: the VNI's owner, so two networks never share one |
+//! | `/ovl/endpoints/<network>/<ipv4>` | the endpoint: name, ip, mac, location; the key makes an address unique |
+//! | `/ovl/released/<network>/<ipv4>` | when the address was freed and by whom: held back for the grace |
+//! | `/ovl/nodes/<name>` | the node, its VTEP address and WireGuard key and port (kept after it dies) |
+//! | `/ovl/alive/<name>` | present while the node's agent holds its lease |
+//! | `/ovl/conflicts/<name>` | addresses the node found taken when it put back its endpoints |
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::{
+    model::{ClusterSettings, Endpoint, Network, Node, SCHEMA_VERSION, State},
+    release::{AddressConflict, Released},
+    store::StoreError,
+};
+
+/// Every ovl key starts with this.
+pub const KEY_PREFIX: &str = "/ovl/";
+pub const SCHEMA_KEY: &str = "/ovl/schema";
+pub const NETWORKS: &str = "/ovl/networks/";
+pub const VNIS: &str = "/ovl/vnis/";
+pub const ENDPOINTS: &str = "/ovl/endpoints/";
+pub const RELEASED: &str = "/ovl/released/";
+pub const NODES: &str = "/ovl/nodes/";
+pub const ALIVE: &str = "/ovl/alive/";
+pub const CONFLICTS: &str = "/ovl/conflicts/";
+/// Settings of the whole cluster (the VXLAN port); absent while default.
+pub const CLUSTER_KEY: &str = "/ovl/cluster";
+
+#[derive(Serialize, Deserialize)]
+struct Versioned<T> {
+    schema: u32,
+    #[serde(flatten)]
+    value: T,
+}
+
+#[derive(Serialize, Deserialize)]
+struct VniOwner {
+    network: String,
+}
+
+/// The value of `/ovl/alive/<node>`.
+#[derive(Serialize, Deserialize)]
+pub struct AliveRecord {
+    pub vtep: Ipv4Addr,
+}
+
+/// The value of `/ovl/conflicts/<node>`.
+#[derive(Serialize, Deserialize)]
+pub struct ConflictsRecord {
+    pub conflicts: Vec<AddressConflict>,
+}
+
+/// `value` as versioned JSON.
+pub fn json<T: Serialize>(value: T) -> Vec<u8> {
+    serde_json::to_vec(&Versioned {
+        schema: SCHEMA_VERSION,
+        value,
+    })
+    .expect("model values serialise")
+}
+
+/// The value of `key`, refusing a newer schema.
+pub fn parse<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    let v: Versioned<T> = serde_json::from_slice(bytes).map_err(|e| StoreError::EtcdValue {
+        key: key.to_owned(),
+        detail: e.to_string(),
+    })?;
+    if v.schema > SCHEMA_VERSION {
+        return Err(StoreError::EtcdValue {
+            key: key.to_owned(),
+            detail: format!(
+                "schema {} is newer than this ovl's {SCHEMA_VERSION}; upgrade ovl",
+                v.schema
+            ),
+        });
+    }
+    Ok(v.value)
+}
+
+pub fn network_key(name: &str) -> String {
+    format!("{NETWORKS}{name}")
+}
+
+pub fn endpoint_key(network: &str, ip: Ipv4Addr) -> String {
+    format!("{ENDPOINTS}{network}/{ip}")
+}
+
+pub fn released_key(network: &str, ip: Ipv4Addr) -> String {
+    format!("{RELEASED}{network}/{ip}")
+}
+
+pub fn alive_key(node: &str) -> String {
+    format!("{ALIVE}{node}")
+}
+
+pub fn node_key(node: &str) -> String {
+    format!("{NODES}{node}")
+}
+
+pub fn conflicts_key(node: &str) -> String {
+    format!("{CONFLICTS}{node}")
+}
+
+/// The first key after every key that starts with `prefix` (etcd's range
+/// end for a prefix).
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// The network and address in `/ovl/<kind>/<network>/<ipv4>`.
+fn network_and_ip(rest: &str) -> Option<(&str, Ipv4Addr)> {
+    let (network, ip) = rest.rsplit_once('/')?;
+    Some((network, ip.parse().ok()?))
+}
+
+/// The keys and values `update` may write: networks, their VNIs,
+/// endpoints, released addresses and the cluster's settings (nodes, liveness and conflicts have
+/// writers of their own).
+pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for n in state.networks.values() {
+        out.insert(network_key(&n.name), json(n));
+        out.insert(
+            format!("{VNIS}{}", n.vni),
+            json(VniOwner {
+                network: n.name.clone(),
+            }),
+        );
+    }
+    for e in &state.endpoints {
+        out.insert(endpoint_key(&e.network, e.ip), json(e));
+    }
+    for r in &state.released {
+        out.insert(released_key(&r.network, r.ip), json(r));
+    }
+    if state.cluster != ClusterSettings::default() {
+        out.insert(CLUSTER_KEY.to_owned(), json(state.cluster));
+    }
+    out
+}
+
+/// Rebuilds the state from keys and values read at `revision`.
+pub fn decode<'a>(revision: i64, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> State {
+    let mut state = State {
+        revision: revision.max(0) as u64,
+        alive: Some(Default::default()),
+        ..State::default()
+    };
+    for (key, value) in kvs {
+        apply(&mut state, key, Some(value));
+    }
+    state
+}
+
+/// Applies one key's new value (`None`: deleted) to a decoded state. A
+/// value that cannot be read is logged and skipped: one bad key must not
+/// take a node's data path down.
+pub fn apply(state: &mut State, key: &str, value: Option<&[u8]>) {
+    if let Err(e) = try_apply(state, key, value) {
+        log::error!("{e}");
+    }
+}
+
+fn try_apply(state: &mut State, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+    let mismatch = |what: &str| StoreError::EtcdValue {
+        key: key.to_owned(),
+        detail: format!("its value names another {what} than its key"),
+    };
+    if let Some(name) = key.strip_prefix(NETWORKS) {
+        state.networks.remove(name);
+        if let Some(v) = value {
+            let n: Network = parse(key, v)?;
+            if n.name != name {
+                return Err(mismatch("network"));
+            }
+            state.networks.insert(n.name.clone(), n);
+        }
+    } else if let Some(rest) = key.strip_prefix(ENDPOINTS) {
+        let Some((network, ip)) = network_and_ip(rest) else {
+            return Ok(());
+        };
+        state
+            .endpoints
+            .retain(|e| !(e.ip == ip && e.network == network));
+        if let Some(v) = value {
+            let e: Endpoint = parse(key, v)?;
+            if e.network != network || e.ip != ip {
+                return Err(mismatch("endpoint"));
+            }
+            state.endpoints.push(e);
+        }
+    } else if let Some(rest) = key.strip_prefix(RELEASED) {
+        let Some((network, ip)) = network_and_ip(rest) else {
+            return Ok(());
+        };
+        state
+            .released
+            .retain(|r| !(r.ip == ip && r.network == network));
+        if let Some(v) = value {
+            let r: Released = parse(key, v)?;
+            if r.network != network || r.ip != ip {
+                return Err(mismatch("address"));
+            }
+            state.released.push(r);
+        }
+    } else if let Some(name) = key.strip_prefix(NODES) {
+        state.nodes.remove(name);
+        if let Some(v) = value {
+            let n: Node = parse(key, v)?;
+            state.nodes.insert(name.to_owned(), n);
+        }
+    } else if let Some(name) = key.strip_prefix(ALIVE) {
+        let alive = state.alive.get_or_insert_with(Default::default);
+        if value.is_some() {
+            alive.insert(name.to_owned());
+        } else {
+            alive.remove(name);
+        }
+    } else if key == CLUSTER_KEY {
+        state.cluster = match value {
+            Some(v) => parse(key, v)?,
+            None => ClusterSettings::default(),
+        };
+    } else if let Some(name) = key.strip_prefix(CONFLICTS) {
+        state.conflicts.remove(name);
+        if let Some(v) = value {
+            let c: ConflictsRecord = parse(key, v)?;
+            if !c.conflicts.is_empty() {
+                state.conflicts.insert(name.to_owned(), c.conflicts);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ContainerSpec, NetworkSpec};
+
+    fn sample() -> State {
+        let mut s = State::default();
+        s.create_network(NetworkSpec {
+            vni: Some(4242),
+            mtu: None,
+            ..NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap())
+        })
+        .unwrap();
+        for (node, ns) in [("a", "c1"), ("b", "c2")] {
+            s.add_container(ContainerSpec {
+                network: "blue".into(),
+                node: node.into(),
+                netns: ns.into(),
+                name: None,
+                ip: None,
+                owner: None,
+                subnet: None,
+            })
+            .unwrap();
+        }
+        s.remove_node("a").unwrap();
+        s
+    }
+
+    fn decode_map(m: &BTreeMap<String, Vec<u8>>) -> State {
+        decode(1, m.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    }
+
+    #[test]
+    fn state_survives_encode_and_decode() {
+        let s = sample();
+        let back = decode_map(&encode(&s));
+        assert_eq!(back.networks, s.networks);
+        assert_eq!(back.endpoints, s.endpoints);
+        assert_eq!(back.released, s.released);
+        assert_eq!(back.alive, Some(Default::default()));
+    }
+
+    #[test]
+    fn keys_follow_the_documented_schema() {
+        let keys: Vec<String> = encode(&sample()).into_keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "/ovl/endpoints/blue/198.18.0.3",
+                "/ovl/networks/blue",
+                "/ovl/released/blue/198.18.0.2",
+                "/ovl/vnis/4242"
+            ]
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&encode(&sample())["/ovl/networks/blue"]).unwrap();
+        assert_eq!(v["schema"], 1);
+        assert_eq!(v["vni"], 4242);
+    }
+
+    #[test]
+    fn applying_each_change_gives_the_state_a_full_decode_gives() {
+        let mut kvs = encode(&sample());
+        let mut followed = decode_map(&kvs);
+        // A put of a new endpoint, a delete, a changed network, liveness.
+        let mut changed = sample();
+        changed
+            .add_container(ContainerSpec {
+                network: "blue".into(),
+                node: "b".into(),
+                netns: "c9".into(),
+                name: None,
+                ip: None,
+                owner: None,
+                subnet: None,
+            })
+            .unwrap();
+        changed.remove_container("blue", "b", "c2").unwrap();
+        changed.networks.get_mut("blue").unwrap().mtu = 1400;
+        let new = encode(&changed);
+        for (k, v) in &new {
+            if kvs.get(k) != Some(v) {
+                apply(&mut followed, k, Some(v));
+            }
+        }
+        for k in kvs.keys().filter(|k| !new.contains_key(*k)) {
+            apply(&mut followed, k, None);
+        }
+        apply(&mut followed, "/ovl/alive/b", Some(b"{}"));
+        kvs = new;
+        kvs.insert("/ovl/alive/b".into(), b"{}".to_vec());
+        let mut decoded = decode_map(&kvs);
+        followed.endpoints.sort_by_key(|e| e.ip);
+        decoded.endpoints.sort_by_key(|e| e.ip);
+        followed.released.sort_by_key(|r| r.ip);
+        decoded.released.sort_by_key(|r| r.ip);
+        assert_eq!(followed, decoded);
+        apply(&mut followed, "/ovl/alive/b", None);
+        assert!(followed.alive.unwrap().is_empty());
+    }
+
+    #[test]
+    fn unreadable_or_mismatched_values_are_skipped_not_fatal() {
+        let ep = encode(&sample())["/ovl/endpoints/blue/198.18.0.3"].clone();
+        let s = decode(
+            1,
+            [
+                ("/ovl/networks/bad", b"{nope".as_slice()),
+                ("/ovl/endpoints/blue/198.18.0.99", ep.as_slice()),
+                ("/ovl/alive/a", b"{}".as_slice()),
+            ],
+        );
+        assert!(s.networks.is_empty());
+        assert!(s.endpoints.is_empty());
+        assert!(s.alive.unwrap().contains("a"));
+    }
+
+    #[test]
+    fn values_written_before_several_subnets_still_decode() {
+        // A network and a node as ovl stored them before this layout.
+        let mut m = BTreeMap::new();
+        m.insert(
+            "/ovl/networks/uber-net".to_owned(),
+            br#"{"schema":1,"name":"uber-net","vni":4096,"subnet":"198.18.0.0/24","mtu":1450}"#
+                .to_vec(),
+        );
+        m.insert(
+            "/ovl/nodes/host-a".to_owned(),
+            br#"{"schema":1,"name":"host-a","vtep":"192.0.2.10"}"#.to_vec(),
+        );
+        let s = decode_map(&m);
+        let n = &s.networks["uber-net"];
+        assert_eq!(n.subnets_text(), "198.18.0.0/24");
+        assert_eq!(n.subnets[0].gateway, Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(s.nodes["host-a"].underlay_mtu, None);
+        assert_eq!(s.cluster, ClusterSettings::default());
+    }
+
+    #[test]
+    fn cluster_settings_live_under_one_key_only_when_set() {
+        let mut s = State::default();
+        assert!(!encode(&s).contains_key(CLUSTER_KEY));
+        s.set_vxlan_port(8472).unwrap();
+        let keys = encode(&s);
+        let v: serde_json::Value = serde_json::from_slice(&keys[CLUSTER_KEY]).unwrap();
+        assert_eq!(v["vxlan_port"], 8472);
+        assert_eq!(v["schema"], 1);
+        assert_eq!(decode_map(&keys).cluster.vxlan_port, 8472);
+    }
+
+    #[test]
+    fn a_prefix_range_ends_after_its_last_key() {
+        assert_eq!(prefix_end("/ovl/"), b"/ovl0".to_vec());
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+    }
+}

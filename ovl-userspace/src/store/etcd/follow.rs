@@ -1,0 +1,119 @@
+//! Following the state: list once, then watch from the listed revision and
+//! apply each event to the decoded state in place (nothing is decoded
+//! twice). A lost watch (etcd restart, compaction, lost leader) means a
+//! fresh list, retried with jittered exponential backoff.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use etcd_client::{EventType, WatchOptions};
+use tokio::sync::watch;
+
+use super::{EtcdStore, KEY_PREFIX, Range, codec::apply};
+use crate::{model::State, store::StoreError};
+
+impl EtcdStore {
+    /// Lists, then watches from the listed revision, publishing every
+    /// change; re-lists after a compaction, a cancelled watch or an etcd
+    /// outage (keeping the last state meanwhile).
+    pub async fn subscribe(&self) -> Result<watch::Receiver<State>, StoreError> {
+        let first = self.list_all().await?;
+        let (tx, rx) = watch::channel(first);
+        let store = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let from = tx.borrow().revision;
+                match store.follow(from, &tx).await {
+                    Ok(()) => return, // every receiver is gone
+                    Err(e) => log::warn!("{e}; keeping the last known state and re-listing"),
+                }
+                let relist = (|| store.list_all())
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(200))
+                            .with_max_delay(Duration::from_secs(5))
+                            .with_jitter()
+                            .without_max_times(),
+                    )
+                    .when(|_| !tx.is_closed())
+                    .notify(|e, pause| log::debug!("{e}; listing again in {pause:?}"));
+                match relist.await {
+                    Ok(state) => {
+                        log::info!(
+                            "resynchronised with {} at revision {}",
+                            store.describe(),
+                            state.revision
+                        );
+                        if tx.send(state).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => return, // every receiver is gone
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Everything under `/ovl/`, decoded.
+    async fn list_all(&self) -> Result<State, StoreError> {
+        Ok(self
+            .read(&[Range::Prefix(KEY_PREFIX.into())])
+            .await?
+            .state())
+    }
+
+    /// Applies watch events from revision `from + 1` on to the published
+    /// state until the watch fails or every receiver is gone.
+    async fn follow(&self, from: u64, tx: &watch::Sender<State>) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from as i64 + 1);
+        let mut stream = self
+            .call("watch /ovl/", c.watch(KEY_PREFIX, Some(opts)))
+            .await?;
+        let broken = |detail: String| StoreError::Etcd {
+            endpoints: self.describe(),
+            detail,
+        };
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = tx.closed() => return Ok(()),
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err(broken("watch stream ended".into())),
+                Err(e) => return Err(broken(format!("watch: {e}"))),
+            };
+            if resp.compact_revision() > 0 || resp.canceled() {
+                return Err(broken(format!(
+                    "watch cancelled ({}compacted to revision {})",
+                    if resp.cancel_reason().is_empty() {
+                        String::new()
+                    } else {
+                        format!("{}; ", resp.cancel_reason())
+                    },
+                    resp.compact_revision()
+                )));
+            }
+            if resp.events().is_empty() {
+                continue;
+            }
+            let revision = resp.header().map_or(0, |h| h.revision()).max(0) as u64;
+            tx.send_modify(|state| {
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key());
+                    match ev.event_type() {
+                        EventType::Put => apply(state, &key, Some(kv.value())),
+                        EventType::Delete => apply(state, &key, None),
+                    }
+                    state.revision = state.revision.max(kv.mod_revision().max(0) as u64);
+                }
+                state.revision = state.revision.max(revision);
+            });
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! The etcd v3 store: the state as versioned JSON values under `/ovl/`
+//! (schema in `codec`), changed by compare-and-swap transactions that read
+//! only the part of the store a change needs, followed by list + watch
+//! (`follow`), node liveness as a lease (`liveness`), and the node-wide
+//! changes that must be split to fit etcd's limits (`nodes`).
+
+mod access;
+mod codec;
+mod follow;
+mod liveness;
+mod nodes;
+mod wireguard;
+
+use std::{collections::BTreeMap, future::Future, time::Duration};
+
+pub use codec::KEY_PREFIX;
+use codec::{
+    CLUSTER_KEY, ENDPOINTS, NETWORKS, NODES, RELEASED, SCHEMA_KEY, decode, encode, endpoint_key,
+    network_key, prefix_end, released_key,
+};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
+pub use liveness::Liveness;
+
+use super::{Scope, StoreError, StoreUrl};
+use crate::{
+    model::{ModelError, SCHEMA_VERSION, State},
+    release::{DEFAULT_ADDRESS_GRACE, GraceClock},
+};
+
+/// Bound on every unary request, so an unreachable etcd fails a command
+/// instead of hanging it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Conflicting concurrent transactions are retried this often.
+const MAX_ATTEMPTS: u32 = 64;
+/// Pause before the liveness thread tries etcd again.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// etcd's default `--max-txn-ops`: the most compares, and the most
+/// operations, one transaction may carry.
+pub const MAX_TXN_OPS: usize = 128;
+/// Keys per page when reading a range: a page stays far below gRPC's
+/// 4 MiB message limit whatever the cluster's size.
+const PAGE: i64 = 512;
+
+/// Keys with their values and mod revisions, as of one etcd revision.
+#[derive(Clone, Default)]
+struct Snapshot {
+    revision: i64,
+    kvs: BTreeMap<String, (Vec<u8>, i64)>,
+}
+
+impl Snapshot {
+    fn state(&self) -> State {
+        decode(
+            self.revision,
+            self.kvs
+                .iter()
+                .map(|(k, (v, _))| (k.as_str(), v.as_slice())),
+        )
+    }
+
+    /// The mod revision of `key` (0: absent).
+    fn mod_rev(&self, key: &str) -> i64 {
+        self.kvs.get(key).map_or(0, |(_, r)| *r)
+    }
+
+    fn add(&mut self, resp: &GetResponse) {
+        for kv in resp.kvs() {
+            self.kvs.insert(
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                (kv.value().to_vec(), kv.mod_revision()),
+            );
+        }
+    }
+}
+
+/// A key, or every key under a prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Range {
+    Key(String),
+    Prefix(String),
+}
+
+impl Range {
+    /// What `scope` reads.
+    fn of(scope: Scope<'_>) -> Vec<Range> {
+        match scope {
+            Scope::Networks => vec![
+                Range::Prefix(NETWORKS.into()),
+                Range::Prefix(NODES.into()),
+                Range::Key(CLUSTER_KEY.into()),
+            ],
+            Scope::Network(n) => vec![
+                Range::Key(network_key(n)),
+                Range::Prefix(format!("{ENDPOINTS}{n}/")),
+                Range::Prefix(format!("{RELEASED}{n}/")),
+                Range::Prefix(NODES.into()),
+            ],
+            Scope::All => vec![Range::Prefix(KEY_PREFIX.into())],
+        }
+    }
+
+    fn options(&self) -> GetOptions {
+        match self {
+            Range::Key(_) => GetOptions::new(),
+            Range::Prefix(p) => GetOptions::new().with_range(prefix_end(p)).with_limit(PAGE),
+        }
+    }
+
+    fn start(&self) -> &str {
+        match self {
+            Range::Key(k) | Range::Prefix(k) => k,
+        }
+    }
+}
+
+/// A connection to an etcd cluster holding ovl's state.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    /// The URL (and options) it was opened with.
+    url: StoreUrl,
+    /// How long freed addresses are held back.
+    address_grace: Duration,
+}
+
+impl EtcdStore {
+    /// Connects to the cluster `url` names and checks that etcd answers
+    /// (and accepts ovl's certificate and login).
+    pub async fn connect(url: &StoreUrl) -> Result<EtcdStore, StoreError> {
+        let hosts = &url.location;
+        for h in hosts.split(',') {
+            if !is_host_port(h.trim()) {
+                return Err(StoreError::UnsupportedUrl(format!(
+                    "{} (endpoint {h:?} is not HOST:PORT)",
+                    url.base()
+                )));
+            }
+        }
+        let scheme = if url.scheme == "etcds" {
+            "https"
+        } else {
+            "http"
+        };
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .map(|h| format!("{scheme}://{}", h.trim()))
+            .collect();
+        let options = access::connect_options(url)?;
+        let client =
+            tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(&endpoints, Some(options)))
+                .await
+                .map_err(|_| StoreError::Etcd {
+                    endpoints: url.base(),
+                    detail: "connect timed out".into(),
+                })?
+                .map_err(|e| access::store_error(url, "connect", &e))?;
+        let store = EtcdStore {
+            client,
+            url: url.clone(),
+            address_grace: url.options.address_grace.unwrap_or(DEFAULT_ADDRESS_GRACE),
+        };
+        store.ensure_schema().await?;
+        Ok(store)
+    }
+
+    /// `etcd://host:port,...` (without options).
+    pub fn describe(&self) -> String {
+        self.url.base()
+    }
+
+    async fn call<T, F>(&self, what: &str, fut: F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(access::store_error(&self.url, what, &e)),
+            Err(_) => Err(StoreError::Etcd {
+                endpoints: self.describe(),
+                detail: format!("{what}: timed out"),
+            }),
+        }
+    }
+
+    async fn ensure_schema(&self) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        let txn = Txn::new()
+            .when([Compare::create_revision(SCHEMA_KEY, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(SCHEMA_KEY, SCHEMA_VERSION.to_string(), None)])
+            .or_else([TxnOp::get(SCHEMA_KEY, None)]);
+        let resp = self.call("check the schema key", c.txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        for r in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = r {
+                if let Some(kv) = g.kvs().first() {
+                    let found: u32 = kv.value_str().unwrap_or("0").trim().parse().unwrap_or(0);
+                    if found > SCHEMA_VERSION {
+                        return Err(StoreError::EtcdValue {
+                            key: SCHEMA_KEY.into(),
+                            detail: format!(
+                                "layout version {found} is newer than this ovl's {SCHEMA_VERSION}; upgrade ovl"
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `ranges` as of one revision: one transaction of range reads,
+    /// then further pages of any range longer than a page, at the same
+    /// revision.
+    async fn read(&self, ranges: &[Range]) -> Result<Snapshot, StoreError> {
+        let mut c = self.client.clone();
+        let ops: Vec<TxnOp> = ranges
+            .iter()
+            .map(|r| TxnOp::get(r.start(), Some(r.options())))
+            .collect();
+        let resp = self.call("read", c.txn(Txn::new().and_then(ops))).await?;
+        let mut snap = Snapshot {
+            revision: resp.header().map_or(0, |h| h.revision()),
+            kvs: BTreeMap::new(),
+        };
+        for (range, r) in ranges.iter().zip(resp.op_responses()) {
+            let TxnOpResponse::Get(page) = r else {
+                continue;
+            };
+            snap.add(&page);
+            if let (Range::Prefix(prefix), true) = (range, page.more()) {
+                let last = page.kvs().last().map(|kv| kv.key().to_vec());
+                self.read_rest(prefix, last, &mut snap).await?;
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Reads the pages of `prefix` after key `after`, at `snap`'s revision.
+    async fn read_rest(
+        &self,
+        prefix: &str,
+        mut after: Option<Vec<u8>>,
+        snap: &mut Snapshot,
+    ) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        while let Some(mut start) = after.take() {
+            start.push(0);
+            let opts = GetOptions::new()
+                .with_range(prefix_end(prefix))
+                .with_limit(PAGE)
+                .with_revision(snap.revision);
+            let page = self.call("read a page", c.get(start, Some(opts))).await?;
+            snap.add(&page);
+            if page.more() {
+                after = page.kvs().last().map(|kv| kv.key().to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that etcd answers: one read of the schema key.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.client.clone();
+        self.call("read the schema key", c.get(SCHEMA_KEY, None))
+            .await
+            .map(|_| ())
+    }
+
+    /// The part of the state `scope` covers.
+    pub async fn load(&self, scope: Scope<'_>) -> Result<State, StoreError> {
+        Ok(self.read(&Range::of(scope)).await?.state())
+    }
+
+    /// Optimistic concurrency: read what `scope` covers at revision R,
+    /// apply `change`, and commit only if no key the change touches (nor
+    /// the network its new endpoints join, nor the endpoints of a network
+    /// it removes, nor the release record of an address it hands out)
+    /// changed since R; otherwise read again and retry. New keys must not
+    /// exist, which is what makes VNIs and addresses unique across racing
+    /// hosts, whatever the scope.
+    pub async fn update(
+        &self,
+        scope: Scope<'_>,
+        change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
+    ) -> Result<State, StoreError> {
+        let ranges = Range::of(scope);
+        for attempt in 0..MAX_ATTEMPTS {
+            let snap = self.read(&ranges).await?;
+            let mut before = snap.state();
+            before.clock = GraceClock::now(self.address_grace);
+            let mut after = before.clone();
+            change(&mut after)?;
+            let txn = commit_plan(&snap, &encode(&before), &encode(&after));
+            if txn.ops.is_empty() {
+                return Ok(after);
+            }
+            let size = txn.ops.len().max(txn.compares.len());
+            if size > MAX_TXN_OPS {
+                return Err(StoreError::TooLarge {
+                    ops: size,
+                    limit: MAX_TXN_OPS,
+                });
+            }
+            let mut c = self.client.clone();
+            let resp = self
+                .call(
+                    "commit",
+                    c.txn(Txn::new().when(txn.compares).and_then(txn.ops)),
+                )
+                .await?;
+            if resp.succeeded() {
+                after.revision = resp.header().map_or(0, |h| h.revision()).max(0) as u64;
+                return Ok(after);
+            }
+            // Lost a race: back off a little (more with every retry) and
+            // redo the change against what the winner wrote.
+            let pause = 2 + u64::from(attempt) * 3 + u64::from(std::process::id() % 7);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        Err(StoreError::Contended(MAX_ATTEMPTS))
+    }
+}
+
+/// The compares and operations of one `update` commit.
+#[derive(Default)]
+struct CommitPlan {
+    compares: Vec<Compare>,
+    ops: Vec<TxnOp>,
+}
+
+/// What to compare and write to turn `old` (read in `snap`) into `new`.
+fn commit_plan(
+    snap: &Snapshot,
+    old: &BTreeMap<String, Vec<u8>>,
+    new: &BTreeMap<String, Vec<u8>>,
+) -> CommitPlan {
+    let mut plan = CommitPlan::default();
+    let mut guarded = std::collections::BTreeSet::new();
+    let mut guard = |plan: &mut CommitPlan, key: &str, compare: Compare| {
+        if guarded.insert(key.to_owned()) {
+            plan.compares.push(compare);
+        }
+    };
+    let removed_networks: Vec<&str> = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .filter_map(|k| k.strip_prefix(NETWORKS))
+        .collect();
+    for (key, value) in new {
+        match old.get(key) {
+            Some(v) if v == value => continue,
+            Some(_) => guard(
+                &mut plan,
+                key,
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, snap.mod_rev(key)),
+            ),
+            None => guard(
+                &mut plan,
+                key,
+                Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            ),
+        }
+        plan.ops.push(TxnOp::put(key.as_str(), value.clone(), None));
+        let Some(rest) = key.strip_prefix(ENDPOINTS) else {
+            continue;
+        };
+        let Some((network, ip)) = rest
+            .rsplit_once('/')
+            .and_then(|(n, ip)| Some((n, ip.parse().ok()?)))
+        else {
+            continue;
+        };
+        // The network it joins is the one it was read with.
+        let net_key = network_key(network);
+        if old.contains_key(&net_key) && new.get(&net_key) == old.get(&net_key) {
+            guard(
+                &mut plan,
+                &net_key,
+                Compare::mod_revision(net_key.as_str(), CompareOp::Equal, snap.mod_rev(&net_key)),
+            );
+        }
+        // A new endpoint's address was not freed after the read (the
+        // record would hold it back); the change's own edits of the record
+        // are guarded above.
+        if !old.contains_key(endpoint_key(network, ip).as_str()) {
+            let rel = released_key(network, ip);
+            let rev = snap.mod_rev(&rel);
+            guard(
+                &mut plan,
+                &rel,
+                Compare::mod_revision(rel.as_str(), CompareOp::Equal, rev),
+            );
+        }
+    }
+    for key in old.keys().filter(|k| !new.contains_key(*k)) {
+        let of_removed_network = key
+            .strip_prefix(RELEASED)
+            .and_then(|rest| rest.rsplit_once('/'))
+            .is_some_and(|(n, _)| removed_networks.contains(&n));
+        if of_removed_network {
+            continue;
+        }
+        guard(
+            &mut plan,
+            key,
+            Compare::mod_revision(key.as_str(), CompareOp::Equal, snap.mod_rev(key)),
+        );
+        plan.ops.push(TxnOp::delete(key.as_str(), None));
+    }
+    for network in removed_networks {
+        // No endpoint may have joined since we saw it empty; its held-back
+        // addresses go with it, in one operation however many.
+        let endpoints = format!("{ENDPOINTS}{network}/");
+        plan.compares.push(
+            Compare::create_revision(endpoints.as_str(), CompareOp::Less, snap.revision + 1)
+                .with_prefix(),
+        );
+        let released = format!("{RELEASED}{network}/");
+        plan.ops.push(TxnOp::delete(
+            released.as_str(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        ));
+    }
+    plan
+}
+
+/// `host:port` with a plausible host and a numeric port.
+fn is_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-_[]:".contains(c))
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ContainerSpec, NetworkSpec};
+
+    #[test]
+    fn endpoints_must_be_host_and_port() {
+        for good in [
+            "192.0.2.1:2379",
+            "etcd-1.example:2379",
+            "[2001:db8::1]:2379",
+        ] {
+            assert!(is_host_port(good), "{good}");
+        }
+        for bad in [
+            "not a url",
+            "192.0.2.1",
+            "192.0.2.1:0",
+            ":2379",
+            "h:port",
+            "h/x:1",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
+    }
+
+    fn snapshot_of(state: &State) -> Snapshot {
+        Snapshot {
+            revision: 7,
+            kvs: encode(state)
+                .into_iter()
+                .map(|(k, v)| (k, (v, 5)))
+                .collect(),
+        }
+    }
+
+    fn network() -> State {
+        let mut s = State::default();
+        s.create_network(NetworkSpec {
+            vni: None,
+            mtu: None,
+            ..NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap())
+        })
+        .unwrap();
+        s
+    }
+
+    fn connect(s: &mut State, ns: &str) {
+        s.add_container(ContainerSpec {
+            network: "blue".into(),
+            node: "a".into(),
+            netns: ns.into(),
+            name: None,
+            ip: None,
+            owner: None,
+            subnet: None,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_connect_is_one_put_guarded_by_its_key_network_and_release_record() {
+        let before = network();
+        let mut after = before.clone();
+        connect(&mut after, "c1");
+        let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
+        assert_eq!((plan.ops.len(), plan.compares.len()), (1, 3));
+    }
+
+    #[test]
+    fn removing_a_network_drops_its_held_addresses_in_one_operation() {
+        let mut before = network();
+        for i in 0..200 {
+            connect(&mut before, &format!("c{i}"));
+        }
+        before.remove_node("a").unwrap();
+        assert_eq!(before.released.len(), 200);
+        let mut after = before.clone();
+        after.remove_network("blue").unwrap();
+        let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
+        // network and VNI deletes, one prefix delete of the records
+        assert_eq!(plan.ops.len(), 3);
+        assert_eq!(plan.compares.len(), 3);
+    }
+}

@@ -1,0 +1,297 @@
+//! Changes that concern a whole node and may touch any number of its
+//! endpoints: freeing a dead node's endpoints, removing a node, putting
+//! back a returning node's endpoints. Each is split into transactions
+//! within etcd's limits, every one of them carrying the guard that makes
+//! it safe on its own (the node is still dead; the address is still free).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+
+use super::{
+    ENDPOINTS, EtcdStore, MAX_ATTEMPTS, MAX_TXN_OPS, Range, Snapshot,
+    codec::{
+        ALIVE, ConflictsRecord, NODES, alive_key, conflicts_key, endpoint_key, json, network_key,
+        node_key, parse, released_key,
+    },
+};
+use crate::{
+    model::{Endpoint, ModelError},
+    release::{GraceClock, Released, RestoreOutcome, Verdict, judge},
+    store::StoreError,
+};
+
+/// Endpoints freed per transaction: a compare and two operations (delete,
+/// release record) each, plus the node-is-dead compare.
+const FREE_BATCH: usize = (MAX_TXN_OPS - 1) / 2;
+/// Endpoints put back per transaction: each reads its key and release
+/// record (plus its network once) and then compares both.
+const RESTORE_BATCH: usize = (MAX_TXN_OPS - 8) / 3;
+
+impl EtcdStore {
+    /// Registered nodes without a live agent.
+    pub async fn dead_nodes(&self) -> Result<Vec<String>, StoreError> {
+        let snap = self
+            .read(&[Range::Prefix(NODES.into()), Range::Prefix(ALIVE.into())])
+            .await?;
+        let alive: BTreeSet<&str> = snap
+            .kvs
+            .keys()
+            .filter_map(|k| k.strip_prefix(ALIVE))
+            .collect();
+        Ok(snap
+            .kvs
+            .keys()
+            .filter_map(|k| k.strip_prefix(NODES))
+            .filter(|n| !alive.contains(n))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    async fn is_alive(&self, name: &str) -> Result<bool, StoreError> {
+        let mut c = self.client.clone();
+        let resp = self
+            .call("read liveness", c.get(alive_key(name), None))
+            .await?;
+        Ok(!resp.kvs().is_empty())
+    }
+
+    /// Deletes the endpoints of node `name` if it is still not alive.
+    pub async fn forget_dead_node(&self, name: &str) -> Result<usize, StoreError> {
+        Ok(self.free_endpoints_of(name).await?.unwrap_or(0))
+    }
+
+    /// Frees `name`'s endpoints in batches that each check the node is
+    /// still dead and each endpoint unchanged since read, holding their
+    /// addresses back. `None` when the node is (or came back) alive.
+    async fn free_endpoints_of(&self, name: &str) -> Result<Option<usize>, StoreError> {
+        if self.is_alive(name).await? {
+            return Ok(None);
+        }
+        let snap = self.read(&[Range::Prefix(ENDPOINTS.into())]).await?;
+        let mut theirs: Vec<(String, i64, Endpoint)> = snap
+            .kvs
+            .iter()
+            .filter_map(|(k, (v, rev))| {
+                let e: Endpoint = parse(k, v).ok()?;
+                (e.node() == Some(name)).then(|| (k.clone(), *rev, e))
+            })
+            .collect();
+        let mut freed = 0;
+        while !theirs.is_empty() {
+            let rest = theirs.split_off(theirs.len().min(FREE_BATCH));
+            let mut batch = std::mem::replace(&mut theirs, rest);
+            let mut attempts = 0;
+            while !batch.is_empty() {
+                attempts += 1;
+                if attempts > MAX_ATTEMPTS {
+                    return Err(StoreError::Contended(MAX_ATTEMPTS));
+                }
+                let now = GraceClock::now(self.address_grace).now_ms;
+                let mut compares = vec![Compare::create_revision(
+                    alive_key(name),
+                    CompareOp::Equal,
+                    0,
+                )];
+                let mut ops = Vec::new();
+                for (key, rev, e) in &batch {
+                    compares.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev));
+                    ops.push(TxnOp::delete(key.as_str(), None));
+                    ops.push(TxnOp::put(
+                        released_key(&e.network, e.ip),
+                        json(Released::of(e, now)),
+                        None,
+                    ));
+                }
+                let mut c = self.client.clone();
+                let resp = self
+                    .call(
+                        "free a dead node's endpoints",
+                        c.txn(Txn::new().when(compares).and_then(ops)),
+                    )
+                    .await?;
+                if resp.succeeded() {
+                    freed += batch.len();
+                    break;
+                }
+                if self.is_alive(name).await? {
+                    return Ok(None);
+                }
+                // Someone else (another agent) freed or changed some of
+                // them: keep those that are still the dead node's.
+                batch = self.still_theirs(name, &batch).await?;
+            }
+        }
+        Ok(Some(freed))
+    }
+
+    /// Those of `batch`'s keys that still hold an endpoint of `name`, with
+    /// their current mod revisions.
+    async fn still_theirs(
+        &self,
+        name: &str,
+        batch: &[(String, i64, Endpoint)],
+    ) -> Result<Vec<(String, i64, Endpoint)>, StoreError> {
+        let keys: Vec<Range> = batch
+            .iter()
+            .map(|(k, _, _)| Range::Key(k.clone()))
+            .collect();
+        let snap = self.read(&keys).await?;
+        Ok(snap
+            .kvs
+            .iter()
+            .filter_map(|(k, (v, rev))| {
+                let e: Endpoint = parse(k, v).ok()?;
+                (e.node() == Some(name)).then(|| (k.clone(), *rev, e))
+            })
+            .collect())
+    }
+
+    /// Removes dead node `name`: its endpoints (batched, each batch only
+    /// while the node is dead), then its registration and conflicts.
+    pub async fn remove_node(&self, name: &str) -> Result<usize, StoreError> {
+        let mut c = self.client.clone();
+        let registered = !self
+            .call("read the node", c.get(node_key(name), None))
+            .await?
+            .kvs()
+            .is_empty();
+        let Some(freed) = self.free_endpoints_of(name).await? else {
+            return Err(StoreError::NodeAlive(name.to_owned()));
+        };
+        if !registered && freed == 0 {
+            return Err(ModelError::NoSuchNode(name.to_owned()).into());
+        }
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                alive_key(name),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([
+                TxnOp::delete(node_key(name), None),
+                TxnOp::delete(conflicts_key(name), None),
+            ]);
+        let resp = self.call("remove the node", c.txn(txn)).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::NodeAlive(name.to_owned()));
+        }
+        Ok(freed)
+    }
+
+    /// Puts back `node`'s endpoints in `wanted` that the store lost, in
+    /// batches; an address another endpoint holds now is a conflict,
+    /// recorded under the node.
+    pub async fn restore_endpoints(
+        &self,
+        node: &str,
+        wanted: &[Endpoint],
+    ) -> Result<RestoreOutcome, StoreError> {
+        let mine: Vec<&Endpoint> = wanted.iter().filter(|e| e.node() == Some(node)).collect();
+        let mut out = RestoreOutcome::default();
+        for batch in mine.chunks(RESTORE_BATCH) {
+            self.restore_batch(batch, &mut out).await?;
+        }
+        let mut c = self.client.clone();
+        if out.conflicts.is_empty() {
+            self.call("clear conflicts", c.delete(conflicts_key(node), None))
+                .await?;
+        } else {
+            let record = json(ConflictsRecord {
+                conflicts: out.conflicts.clone(),
+            });
+            self.call("record conflicts", c.put(conflicts_key(node), record, None))
+                .await?;
+        }
+        Ok(out)
+    }
+
+    async fn restore_batch(
+        &self,
+        batch: &[&Endpoint],
+        out: &mut RestoreOutcome,
+    ) -> Result<(), StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let networks: BTreeSet<&str> = batch.iter().map(|e| e.network.as_str()).collect();
+            let mut ranges: Vec<Range> = networks
+                .iter()
+                .map(|n| Range::Key(network_key(n)))
+                .collect();
+            for e in batch {
+                ranges.push(Range::Key(endpoint_key(&e.network, e.ip)));
+                ranges.push(Range::Key(released_key(&e.network, e.ip)));
+            }
+            let snap = self.read(&ranges).await?;
+            let now = GraceClock::now(self.address_grace).now_ms;
+            let mut verdicts = Vec::new();
+            let mut compares = Vec::new();
+            let mut ops = Vec::new();
+            let mut guarded_networks = BTreeMap::new();
+            for e in batch {
+                let key = endpoint_key(&e.network, e.ip);
+                let Ok(holder) = holder_in(&snap, &key) else {
+                    // Something unreadable holds the address: leave it.
+                    continue;
+                };
+                let net = network_key(&e.network);
+                let verdict = judge(e, holder.as_ref(), snap.kvs.contains_key(&net), now);
+                if verdict == Verdict::Restore {
+                    compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+                    let rel = released_key(&e.network, e.ip);
+                    compares.push(Compare::mod_revision(
+                        rel.as_str(),
+                        CompareOp::Equal,
+                        snap.mod_rev(&rel),
+                    ));
+                    guarded_networks.entry(net.clone()).or_insert_with(|| {
+                        Compare::mod_revision(net.as_str(), CompareOp::Equal, snap.mod_rev(&net))
+                    });
+                    ops.push(TxnOp::put(key.as_str(), json(*e), None));
+                    if snap.kvs.contains_key(&rel) {
+                        ops.push(TxnOp::delete(rel.as_str(), None));
+                    }
+                }
+                verdicts.push((*e, verdict));
+            }
+            compares.extend(guarded_networks.into_values());
+            if !ops.is_empty() {
+                let mut c = self.client.clone();
+                let resp = self
+                    .call(
+                        "restore endpoints",
+                        c.txn(Txn::new().when(compares).and_then(ops)),
+                    )
+                    .await?;
+                if !resp.succeeded() {
+                    // Something changed since the read: judge again.
+                    continue;
+                }
+            }
+            for (e, verdict) in verdicts {
+                match verdict {
+                    Verdict::Present => out.present += 1,
+                    Verdict::Restore => out.restored.push(e.clone()),
+                    Verdict::NetworkGone => out.networks_gone.push(e.clone()),
+                    Verdict::Conflict(c) => out.conflicts.push(c),
+                }
+            }
+            return Ok(());
+        }
+        Err(StoreError::Contended(MAX_ATTEMPTS))
+    }
+}
+
+/// The endpoint at `key` in `snap`, if any; an error (logged) when the
+/// key holds something unreadable.
+fn holder_in(snap: &Snapshot, key: &str) -> Result<Option<Endpoint>, ()> {
+    let Some((value, _)) = snap.kvs.get(key) else {
+        return Ok(None);
+    };
+    parse::<Endpoint>(key, value)
+        .map(Some)
+        .map_err(|e| log::error!("{e}"))
+}
+
+// Transaction sizes are fixed by the batch sizes above.
+const _: () = assert!(FREE_BATCH < MAX_TXN_OPS && 2 * FREE_BATCH <= MAX_TXN_OPS);
+const _: () = assert!(3 * RESTORE_BATCH + 8 <= MAX_TXN_OPS);

@@ -1,0 +1,432 @@
+//! The etcd store at cluster scale, on a real etcd: a dead node with 300
+//! endpoints is freed and 300 endpoints are put back although etcd takes
+//! at most 128 operations per transaction; addresses freed from a dead node
+//! are held back; a change to one network reads only that network; the
+//! follower's state, built from watch deltas, equals a fresh read.
+//!
+//! The test process talks to an etcd that a lab runs in a namespace of its
+//! own, from a thread that entered that namespace.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use ovl_tests::{Etcd, Lab, Netns};
+use ovl_userspace::{
+    model::{ContainerSpec, Endpoint, Location, MacAddr, ModelError, NetworkSpec, State},
+    store::{Scope, Store, StoreError},
+};
+
+const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+/// Endpoints of the node the scenarios free and restore.
+const MANY: usize = 300;
+
+/// A lab with etcd on 127.0.0.1 of a namespace of its own.
+fn etcd(tag: &str) -> Result<(Lab, Netns, Etcd)> {
+    let lab = Lab::new(tag)?;
+    let ns = lab.netns("etcd")?;
+    let etcd = Etcd::start(&lab, &ns, LOCALHOST)?;
+    Ok((lab, ns, etcd))
+}
+
+/// Runs `f` inside `ns` on a runtime of its own.
+fn inside<T: Send>(ns: &Netns, f: impl AsyncFnOnce() -> Result<T> + Send) -> Result<T> {
+    ns.run_inside(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(f())
+    })?
+}
+
+async fn create_network(store: &Store, name: &str, subnet: &str) -> Result<()> {
+    store
+        .update_with(Scope::Networks, |s| {
+            s.create_network(NetworkSpec::new(
+                name,
+                subnet.parse().expect("test subnets are valid"),
+            ))
+            .map(|_| ())
+        })
+        .await?;
+    Ok(())
+}
+
+fn container(network: &str, node: &str, netns: &str, ip: Option<Ipv4Addr>) -> ContainerSpec {
+    ContainerSpec {
+        network: network.into(),
+        node: node.into(),
+        netns: netns.into(),
+        name: None,
+        ip,
+        owner: None,
+        subnet: None,
+    }
+}
+
+async fn connect(store: &Store, spec: ContainerSpec) -> Result<Endpoint, StoreError> {
+    let network = spec.network.clone();
+    store
+        .update_with(Scope::Network(&network), |s| s.add_container(spec.clone()))
+        .await
+}
+
+/// Node `node` with `n` container endpoints on `network`.
+async fn populate(store: &Store, network: &str, node: &str, n: usize) -> Result<Vec<Endpoint>> {
+    let mut eps = Vec::new();
+    for i in 0..n {
+        eps.push(connect(store, container(network, node, &format!("c{i}"), None)).await?);
+    }
+    Ok(eps)
+}
+
+/// Waits until the store lists `node` as dead (its lease lapsed).
+async fn wait_dead(store: &Store, node: &str) -> Result<()> {
+    for _ in 0..100 {
+        if store.dead_nodes().await?.iter().any(|n| n == node) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("node {node} never died")
+}
+
+#[test]
+fn a_dead_node_with_300_endpoints_is_freed_and_its_addresses_held_back() -> Result<()> {
+    let (_lab, ns, etcd) = etcd("st-free")?;
+    let url = etcd.url();
+    inside(&ns, async || {
+        let store = Store::open(&url).await?;
+        create_network(&store, "n", "198.18.0.0/22").await?;
+        let gone = store
+            .register_node(
+                "gone",
+                Ipv4Addr::new(192, 0, 2, 20),
+                1500,
+                Duration::from_secs(1),
+            )
+            .await?;
+        let _live = store
+            .register_node(
+                "live",
+                Ipv4Addr::new(192, 0, 2, 21),
+                1500,
+                Duration::from_secs(30),
+            )
+            .await?;
+        let theirs = populate(&store, "n", "gone", MANY).await?;
+        let mine = connect(&store, container("n", "live", "mine", None)).await?;
+
+        // The finding: freeing them as one transaction that checks the node
+        // is dead and every endpoint unchanged (1 + 300 compares) is more
+        // than etcd takes.
+        let mut raw =
+            etcd_client::Client::connect([format!("http://{}", etcd.endpoint())], None).await?;
+        let mut compares = vec![Compare::create_revision(
+            "/ovl/alive/gone",
+            CompareOp::Equal,
+            0,
+        )];
+        let mut ops = Vec::new();
+        for e in &theirs {
+            let key = format!("/ovl/endpoints/n/{}", e.ip);
+            compares.push(Compare::mod_revision(key.as_str(), CompareOp::Greater, 0));
+            ops.push(TxnOp::delete(key, None));
+        }
+        let refused = raw.txn(Txn::new().when(compares).and_then(ops)).await;
+        let refused = refused
+            .err()
+            .context("etcd took a 301-compare transaction")?;
+        ensure!(
+            refused.to_string().contains("too many operations"),
+            "etcd refused it for another reason: {refused}"
+        );
+        eprintln!("one transaction for {MANY} endpoints: {refused}");
+
+        // A live node loses nothing, and cannot be removed.
+        ensure!(store.forget_dead_node("live").await? == 0);
+        let err = store.remove_node("live").await.unwrap_err();
+        ensure!(matches!(err, StoreError::NodeAlive(_)), "{err}");
+
+        drop(gone);
+        wait_dead(&store, "gone").await?;
+        ensure!(
+            store.dead_nodes().await? == ["gone"],
+            "dead nodes: {:?}",
+            store.dead_nodes().await?
+        );
+        let t0 = std::time::Instant::now();
+        let freed = store.forget_dead_node("gone").await?;
+        eprintln!(
+            "freed {freed} endpoints of a dead node in {:?}",
+            t0.elapsed()
+        );
+        ensure!(freed == MANY, "freed {freed} of {MANY}");
+        let state = store.load().await?;
+        ensure!(state.endpoints_of_node("gone").count() == 0);
+        ensure!(
+            state.endpoints == [mine.clone()],
+            "{:?}",
+            state.endpoints.len()
+        );
+        ensure!(
+            state.released.len() == MANY,
+            "{} released",
+            state.released.len()
+        );
+
+        // Held back: the next container gets none of them, and asking for
+        // one names the grace.
+        let freed_ips: BTreeSet<Ipv4Addr> = theirs.iter().map(|e| e.ip).collect();
+        let next = connect(&store, container("n", "live", "next", None)).await?;
+        ensure!(
+            !freed_ips.contains(&next.ip),
+            "{} handed out again",
+            next.ip
+        );
+        let asked = connect(&store, container("n", "live", "x", Some(theirs[0].ip))).await;
+        ensure!(
+            matches!(
+                asked,
+                Err(StoreError::Rejected(ModelError::AddressHeld { .. }))
+            ),
+            "{asked:?}"
+        );
+
+        // Its registration goes with `node rm`; a second one finds nothing.
+        ensure!(store.remove_node("gone").await? == 0);
+        ensure!(!store.load().await?.nodes.contains_key("gone"));
+        let again = store.remove_node("gone").await.unwrap_err();
+        ensure!(
+            matches!(again, StoreError::Rejected(ModelError::NoSuchNode(_))),
+            "{again}"
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn a_returning_node_gets_300_endpoints_back_and_learns_which_address_was_taken() -> Result<()> {
+    let (_lab, ns, etcd) = etcd("st-restore")?;
+    let url = etcd.url();
+    inside(&ns, async || {
+        let store = Store::open(&url).await?;
+        create_network(&store, "n", "198.18.0.0/22").await?;
+        let reg = store
+            .register_node(
+                "back",
+                Ipv4Addr::new(192, 0, 2, 20),
+                1500,
+                Duration::from_secs(1),
+            )
+            .await?;
+        let mut eps = populate(&store, "n", "back", MANY).await?;
+        drop(reg);
+        wait_dead(&store, "back").await?;
+        ensure!(store.forget_dead_node("back").await? == MANY);
+        // Another host takes one of the addresses (its operator set no grace).
+        let ungraced = Store::open(&format!("{url}?address-grace=0")).await?;
+        let taken = eps[7].ip;
+        let thief = connect(&ungraced, container("n", "thief", "t1", Some(taken))).await?;
+        // And one endpoint is still there (the node re-registered it).
+        let kept = eps.pop().expect("MANY > 0");
+        store
+            .update_with(Scope::Network("n"), |s| {
+                s.restore_endpoint(&kept);
+                Ok(())
+            })
+            .await?;
+
+        // The finding: putting them back in one change, as the agent did,
+        // needs more operations than etcd takes, so none comes back.
+        let one_change = store
+            .update_with(Scope::All, |s| {
+                for e in &eps {
+                    s.restore_endpoint(e);
+                }
+                Ok(())
+            })
+            .await;
+        ensure!(
+            matches!(one_change, Err(StoreError::TooLarge { .. })),
+            "{one_change:?}"
+        );
+        ensure!(store.load().await?.endpoints_of_node("back").count() == 1);
+
+        eps.push(kept);
+        let t0 = std::time::Instant::now();
+        let out = store.restore_endpoints("back", &eps).await?;
+        eprintln!(
+            "restored {} endpoints in {:?}; {} conflict(s)",
+            out.restored.len(),
+            t0.elapsed(),
+            out.conflicts.len()
+        );
+        ensure!(
+            out.restored.len() == MANY - 2,
+            "{} restored",
+            out.restored.len()
+        );
+        ensure!(out.present == 1, "{} present", out.present);
+        ensure!(out.conflicts.len() == 1, "{:?}", out.conflicts);
+        let c = &out.conflicts[0];
+        ensure!(
+            c.ip == taken
+                && c.holder_name == thief.name
+                && matches!(&c.holder, Location::Container { node, .. } if node == "thief"),
+            "{c:?}"
+        );
+        let state = store.load().await?;
+        ensure!(state.endpoints_of_node("back").count() == MANY - 1);
+        ensure!(
+            state.conflicts.get("back") == Some(&out.conflicts),
+            "{:?}",
+            state.conflicts
+        );
+        ensure!(state.released.is_empty(), "{:?}", state.released);
+        // Nothing more to do the second time; the conflict stays recorded
+        // until the address is free.
+        let again = store.restore_endpoints("back", &eps).await?;
+        ensure!(
+            again.restored.is_empty() && again.present == MANY - 1 && again.conflicts.len() == 1
+        );
+        ungraced
+            .update_with(Scope::Network("n"), |s| {
+                s.remove_container("n", "thief", "t1")
+            })
+            .await?;
+        let healed = store.restore_endpoints("back", &eps).await?;
+        ensure!(healed.restored.len() == 1 && healed.conflicts.is_empty());
+        ensure!(!store.load().await?.conflicts.contains_key("back"));
+        Ok(())
+    })
+}
+
+/// `n` static endpoints on `network` written straight to etcd, 100 per
+/// transaction, as the store encodes them.
+async fn bulk_endpoints(etcd: &Etcd, network: &str, base: Ipv4Addr, n: u32) -> Result<()> {
+    let mut raw =
+        etcd_client::Client::connect([format!("http://{}", etcd.endpoint())], None).await?;
+    let ips: Vec<Ipv4Addr> = (2..2 + n)
+        .map(|i| Ipv4Addr::from(u32::from(base) + i))
+        .collect();
+    for chunk in ips.chunks(100) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|ip| {
+                let ep = Endpoint {
+                    network: network.into(),
+                    name: format!("s-{ip}"),
+                    ip: *ip,
+                    mac: MacAddr::for_ipv4(*ip),
+                    location: Location::Static {
+                        vtep: Ipv4Addr::new(203, 0, 113, 50),
+                    },
+                    owner: None,
+                };
+                let mut v = serde_json::to_value(&ep).expect("endpoints serialise");
+                v["schema"] = 1.into();
+                TxnOp::put(
+                    format!("/ovl/endpoints/{network}/{ip}"),
+                    v.to_string(),
+                    None,
+                )
+            })
+            .collect();
+        raw.txn(Txn::new().and_then(ops)).await?;
+    }
+    Ok(())
+}
+
+/// The state with endpoints in a canonical order.
+fn sorted(mut s: State) -> State {
+    s.endpoints
+        .sort_by(|a, b| (&a.network, a.ip).cmp(&(&b.network, b.ip)));
+    s.released
+        .sort_by(|a, b| (&a.network, a.ip).cmp(&(&b.network, b.ip)));
+    s
+}
+
+/// Bytes etcd sent to clients so far.
+fn sent_bytes(etcd: &Etcd) -> Result<f64> {
+    etcd.metric("etcd_network_client_grpc_sent_bytes_total")
+}
+
+/// Changes measured per scope.
+const CHANGES: u32 = 10;
+/// Endpoints of the big network, whose reading one change must not pay.
+const BIG: u32 = 2000;
+
+#[test]
+fn a_change_to_one_network_reads_only_that_network_and_followers_apply_deltas() -> Result<()> {
+    let (_lab, ns, etcd) = etcd("st-scope")?;
+    let url = etcd.url();
+    let etcd = &etcd;
+    inside(&ns, async || {
+        let store = Store::open(&url).await?;
+        create_network(&store, "big", "198.18.0.0/20").await?;
+        create_network(&store, "small", "198.19.0.0/24").await?;
+        bulk_endpoints(etcd, "big", Ipv4Addr::new(198, 18, 0, 0), BIG).await?;
+        let mut follower = store.subscribe().await?;
+
+        // Paged reads: the whole store comes back, page after page.
+        let all = store.load().await?;
+        ensure!(
+            all.endpoints.len() == BIG as usize,
+            "{} listed",
+            all.endpoints.len()
+        );
+
+        let per_change = async |scope: Scope<'_>, tag: &str| -> Result<f64> {
+            let before = sent_bytes(etcd)?;
+            for i in 0..CHANGES {
+                let spec = container("small", "a", &format!("{tag}{i}"), None);
+                store
+                    .update_with(scope, |s| s.add_container(spec.clone()))
+                    .await?;
+            }
+            Ok((sent_bytes(etcd)? - before) / f64::from(CHANGES))
+        };
+        // The finding: a change that reads the whole store pays for every
+        // endpoint of every network.
+        let whole = per_change(Scope::All, "w").await?;
+        let scoped = per_change(Scope::Network("small"), "s").await?;
+        eprintln!(
+            "bytes etcd sent per connect with {BIG} endpoints elsewhere: {whole:.0} reading everything, {scoped:.0} reading one network"
+        );
+        ensure!(whole > 200_000.0, "a whole read sent only {whole:.0} bytes");
+        ensure!(scoped < 16_384.0, "a scoped change sent {scoped:.0} bytes");
+
+        // Removals, a network change and a held-back address arrive as
+        // deltas; the follower's state equals a fresh read.
+        store
+            .update_with(Scope::Network("small"), |s| {
+                s.remove_container("small", "a", "w3")
+            })
+            .await?;
+        store
+            .update_with(Scope::Network("big"), |s| {
+                s.remove_endpoint("big", Ipv4Addr::new(198, 18, 0, 9))
+            })
+            .await?;
+        let fresh = store.load().await?;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while follower.borrow_and_update().revision < fresh.revision {
+                follower.changed().await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+        .await
+        .context("the follower never caught up")??;
+        let followed = follower.borrow().clone();
+        let (followed, fresh) = (sorted(followed), sorted(fresh));
+        ensure!(
+            followed.networks == fresh.networks
+                && followed.endpoints == fresh.endpoints
+                && followed.released == fresh.released
+                && followed.alive == fresh.alive,
+            "the follower's state differs from a fresh read"
+        );
+        Ok(())
+    })
+}
