@@ -156,7 +156,7 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
     .context("the ovl network never took Docker's name")?;
     let net = world.ovl.inspect(&world.hosts[0].netns, NET)?;
     ensure!(
-        net["subnet"] == SUBNET && net["mtu"] == 1450 && net["vni"].as_u64() >= Some(4096),
+        net["subnets"][0]["subnet"] == SUBNET && net["mtu"] == 1450 && net["vni"].as_u64() >= Some(4096),
         "{net}"
     );
     let took = wait_listed(&world, 1, NET, true)?;
