@@ -366,6 +366,23 @@ impl Ovl {
 }
 
 impl Agent {
+    /// Waits until the agent has registered its node and read the store
+    /// (it attaches first and reaches the store in the background): what
+    /// the store derives from the node's record, such as a new network's
+    /// default MTU, holds from then on.
+    pub fn wait_in_step(&self) -> Result<()> {
+        wait_until(Duration::from_secs(10), || {
+            Ok(self.child.stderr()?.contains(" in step with "))
+        })
+        .with_context(|| {
+            format!(
+                "agent {} did not reach its store:\n{}",
+                self.node,
+                self.child.output_report()
+            )
+        })
+    }
+
     /// Stops the agent with SIGTERM and checks that it exits cleanly (its
     /// data path stays pinned and keeps forwarding).
     pub fn terminate(self) -> Result<()> {

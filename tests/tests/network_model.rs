@@ -136,6 +136,7 @@ fn network_mtu_defaults_to_the_underlay_less_50_and_larger_is_refused() -> Resul
     host.netns.ip(&["link", "set", "eth0", "mtu", "9000"])?;
     router.ip(&["link", "set", "h0", "mtu", "9000"])?;
     let agent = ovl.attach(&lab, host, "host-a", "auto")?;
+    agent.wait_in_step()?;
     ovl.create_network(&host.netns, "jumbo", "198.18.0.0/24", &[])?;
     let mtu = ovl.inspect(&host.netns, "jumbo")?["mtu"].as_u64();
     ensure!(mtu == Some(8950), "default MTU on a 9000 underlay: {mtu:?}");
