@@ -15,8 +15,8 @@ use std::{collections::BTreeMap, future::Future, time::Duration};
 
 pub use codec::KEY_PREFIX;
 use codec::{
-    CLUSTER_KEY, ENDPOINTS, NETWORKS, NODES, RELEASED, SCHEMA_KEY, decode, encode, endpoint_key,
-    network_key, prefix_end, released_key,
+    CLUSTER_KEY, ENDPOINTS, NETWORKS, NODES, RELEASED, SCHEMA_KEY, VNIS, decode, encode,
+    endpoint_key, network_key, prefix_end, released_key,
 };
 use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
 pub use liveness::Liveness;
@@ -89,8 +89,12 @@ impl Range {
                 Range::Prefix(NODES.into()),
                 Range::Key(CLUSTER_KEY.into()),
             ],
+            // The VNI keys too: removing the network deletes its VNI's,
+            // which must have been read to be guarded (one small key per
+            // network).
             Scope::Network(n) => vec![
                 Range::Key(network_key(n)),
+                Range::Prefix(VNIS.into()),
                 Range::Prefix(format!("{ENDPOINTS}{n}/")),
                 Range::Prefix(format!("{RELEASED}{n}/")),
                 Range::Prefix(NODES.into()),
