@@ -156,7 +156,9 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
     .context("the ovl network never took Docker's name")?;
     let net = world.ovl.inspect(&world.hosts[0].netns, NET)?;
     ensure!(
-        net["subnets"][0]["subnet"] == SUBNET && net["mtu"] == 1450 && net["vni"].as_u64() >= Some(4096),
+        net["subnets"][0]["subnet"] == SUBNET
+            && net["mtu"] == 1450
+            && net["vni"].as_u64() >= Some(4096),
         "{net}"
     );
     let took = wait_listed(&world, 1, NET, true)?;
@@ -259,7 +261,7 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
             vec!["--subnet", "198.18.2.0/24"],
             "ovl network create NAME --subnet A --subnet B",
         ),
-        (vec!["--gateway", "198.18.2.254"], "not a host address"),
+        (vec!["--gateway", "198.18.1.255"], "not a host address"),
         (vec!["--ip-range", "198.18.1.128/25"], "--ip-range"),
         (vec!["--aux-address", "x=198.18.1.9"], "--aux-address"),
         (vec!["--ipv6", "--subnet", "2001:db8::/64"], "IPv4 only"),

@@ -82,15 +82,6 @@ pub fn network_options(
             "no IPv4 pool: ovl networks need one --subnet (with --ipam-driver ovl)",
         ));
     }
-    if ipv4.len() > 1 && !FEATURES.several_subnets {
-        return Err(unsupported(
-            &format!(
-                "several --subnet ({} were given) on a network Docker creates",
-                ipv4.len()
-            ),
-            "make it with `ovl network create NAME --subnet A --subnet B`: it appears in Docker with every subnet",
-        ));
-    }
     if !ipv6.is_empty() || options.get(ENABLE_IPV6).and_then(Value::as_bool) == Some(true) {
         return Err(Refusal::new(
             "ovl networks are IPv4 only: create the network without --ipv6",
@@ -151,6 +142,16 @@ pub fn network_options(
                 )));
             }
         }
+    }
+    // Mirrors of ovl networks carry every subnet of theirs.
+    if ipv4.len() > 1 && out.mirror_of.is_none() && !FEATURES.several_subnets {
+        return Err(unsupported(
+            &format!(
+                "several --subnet ({} were given) on a network Docker creates",
+                ipv4.len()
+            ),
+            "make it with `ovl network create NAME --subnet A --subnet B`: it appears in Docker with every subnet",
+        ));
     }
     Ok(out)
 }
