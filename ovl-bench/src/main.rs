@@ -5,8 +5,9 @@
 //! The benchmark harness of ovl, a crate of its own so xtask stays build
 //! orchestration: the data-path comparison (`bench.rs` with its topology,
 //! measurement, report and chart units) and the BPF_PROG_TEST_RUN
-//! micro-benchmark (`bin/ovl-microbench.rs`). Speed targets live here,
-//! never in timed tests.
+//! micro-benchmark (`bin/ovl-microbench.rs`), and the control plane at
+//! scale (`scale/`: many agents on one etcd, thousands of endpoints,
+//! churn). Speed targets live here, never in timed tests.
 
 mod bench;
 mod chart;
@@ -16,6 +17,7 @@ mod micro;
 mod offloads;
 mod progstats;
 mod report;
+mod scale;
 mod topology;
 
 use std::path::PathBuf;
@@ -41,10 +43,27 @@ struct Cli {
     /// Seconds per measurement (default 3, or 1 with --quick).
     #[arg(long)]
     seconds: Option<u32>,
+    /// The control plane at scale instead: 20 agents on one etcd, 1k, 5k
+    /// and 10k endpoints, then churn (with --quick: 5 agents, up to 1k).
+    #[arg(long, conflicts_with_all = ["runs", "seconds"])]
+    scale: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.scale {
+        let options = scale::Options {
+            ovl: cli.ovl,
+            quick: cli.quick,
+        };
+        return match scale::run(options) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ovl-bench: error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let options = bench::Options {
         ovl: cli.ovl,
         quick: cli.quick,

@@ -130,6 +130,14 @@ impl Etcd {
         &self.data_dir
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process
+            .as_ref()
+            .filter(|p| matches!(p.try_status(), Ok(None)))
+            .map(ChildHandle::pid)
+    }
+
     /// Whether the server process is running.
     pub fn is_running(&self) -> bool {
         self.process

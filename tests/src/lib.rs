@@ -49,4 +49,7 @@ pub use reference::{
     VXLAN_PORT, mac_for,
 };
 pub use stale::{remove_cgroup_tree, remove_stale_labs};
-pub use topology::{HOST_IFACE, Host, UNDERLAY_MTU, UNDERLAY_PREFIX_LEN, cidr, create_veth};
+pub use topology::{
+    HOST_IFACE, Host, L2_MAX_HOSTS, SWITCH_BRIDGE, UNDERLAY_MTU, UNDERLAY_PREFIX_LEN, cidr,
+    create_veth,
+};

@@ -34,8 +34,12 @@ const ROUTED_SUBNETS: [(Ipv4Addr, Ipv4Addr); 3] = [
 /// The first host address on the switched segment; host i gets `.10 + i`.
 const L2_FIRST_HOST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
+/// Most hosts on the switched segment: .10 to .254 of 192.0.2.0/24
+/// (.1 to .9 stay free for servers the lab adds, such as an etcd).
+pub const L2_MAX_HOSTS: usize = 245;
+
 /// Bridge joining the hosts inside the switch namespace.
-const SWITCH_BRIDGE: &str = "br0";
+pub const SWITCH_BRIDGE: &str = "br0";
 
 /// One underlay host: a namespace whose [`HOST_IFACE`] link carries the
 /// host's underlay address (the VTEP address in overlay tests).
@@ -86,12 +90,13 @@ impl Lab {
         Ok((router, hosts))
     }
 
-    /// Builds `n` (1..=3) hosts on one 192.0.2.0/24 segment (.10, .11, .12),
-    /// joined by a bridge in a "switch" namespace; no router, no gateway.
+    /// Builds `n` (1..=[`L2_MAX_HOSTS`]) hosts on one 192.0.2.0/24 segment
+    /// (.10, .11, .12, ...), joined by a bridge ([`SWITCH_BRIDGE`]) in a
+    /// "switch" namespace; no router, no gateway.
     pub fn l2_hosts(&self, n: usize) -> Result<(Netns, Vec<Host>)> {
         ensure!(
-            (1..=3).contains(&n),
-            "l2_hosts supports 1..=3 hosts, asked for {n}"
+            (1..=L2_MAX_HOSTS).contains(&n),
+            "l2_hosts supports 1..={L2_MAX_HOSTS} hosts, asked for {n}"
         );
         let switch = self.netns("switch")?;
         switch.ip(&["link", "add", SWITCH_BRIDGE, "type", "bridge"])?;

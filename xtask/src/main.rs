@@ -86,6 +86,11 @@ enum Task {
         /// Seconds per measurement (default 3, or 1 with --quick).
         #[arg(long)]
         seconds: Option<u32>,
+        /// The control plane at scale instead: 20 agents on one etcd, 1k,
+        /// 5k and 10k endpoints, then churn (with --quick: 5 agents, up to
+        /// 1k endpoints); writes bench/results/<date>-scale.{md,json}.
+        #[arg(long, conflicts_with_all = ["runs", "seconds"])]
+        scale: bool,
     },
 }
 
@@ -148,10 +153,11 @@ fn run(task: Task) -> Result<()> {
             quick,
             runs,
             seconds,
+            scale,
         } => {
             setup::toolchain()?;
             setup::packages()?;
-            workspace::bench(quick, runs, seconds)
+            workspace::bench(quick, runs, seconds, scale)
         }
     }
 }

@@ -90,8 +90,9 @@ pub fn build_ovl(profile: Profile) -> Result<PathBuf> {
 }
 
 /// `cargo xtask bench`: the release `ovl`, then the `ovl-bench` crate's
-/// binaries (the harness and its micro-benchmark), run with it.
-pub fn bench(quick: bool, runs: Option<u32>, seconds: Option<u32>) -> Result<()> {
+/// binaries (the harness and its micro-benchmark), run with it; `--scale`
+/// runs the harness's control-plane benchmark instead.
+pub fn bench(quick: bool, runs: Option<u32>, seconds: Option<u32>, scale: bool) -> Result<()> {
     let ovl = build_ovl(Profile::Release)?;
     let mut cargo = cargo();
     cargo.args(["build", "--release", "--package", "ovl-bench"]);
@@ -101,6 +102,9 @@ pub fn bench(quick: bool, runs: Option<u32>, seconds: Option<u32>) -> Result<()>
     run.arg("--ovl").arg(&ovl);
     if quick {
         run.arg("--quick");
+    }
+    if scale {
+        run.arg("--scale");
     }
     if let Some(n) = runs {
         run.args(["--runs", &n.to_string()]);
