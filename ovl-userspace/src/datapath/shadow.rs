@@ -3,7 +3,7 @@
 //! compares with this copy and writes or deletes only what differs. The
 //! agent is the maps' only writer, so the copy stays true.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet};
 
 use anyhow::{Context, Result};
 use aya::maps::{
@@ -44,33 +44,46 @@ impl Shadow {
             self.maps.insert(name.to_owned(), have);
         }
         let have = self.maps.get_mut(name).expect("inserted above");
-        let want: BTreeMap<Vec<u8>, (K, V)> = want
-            .into_iter()
-            .map(|(k, v)| (bytemuck::bytes_of(&k).to_vec(), (k, v)))
-            .collect();
-        let mut count = SyncCount::default();
-        let gone: Vec<Vec<u8>> = have
-            .keys()
-            .filter(|k| !want.contains_key(*k))
-            .cloned()
-            .collect();
-        for kb in gone {
-            let k: K = bytemuck::pod_read_unaligned(&kb);
-            match map.remove(&k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).with_context(|| format!("remove from {name}")),
+        // Compared as byte slices, allocating nothing per entry: with tens
+        // of thousands of entries a sync is mostly this comparison.
+        let want: Vec<(K, V)> = want.into_iter().collect();
+        let mut kept = 0;
+        let mut writes = Vec::new();
+        for (k, v) in &want {
+            match have.get(bytemuck::bytes_of(k)) {
+                Some(h) => {
+                    kept += 1;
+                    if h.as_slice() != bytemuck::bytes_of(v) {
+                        writes.push((k, v));
+                    }
+                }
+                None => writes.push((k, v)),
             }
-            have.remove(&kb);
-            count.removed += 1;
         }
-        for (kb, (k, v)) in want {
-            let vb = bytemuck::bytes_of(&v);
-            if have.get(&kb).is_some_and(|h| h.as_slice() == vb) {
-                continue;
+        let mut count = SyncCount::default();
+        // Keys are unique in `want` (they come from maps), so fewer found
+        // than held means some held ones are no longer wanted.
+        if kept < have.len() {
+            let wanted: HashSet<&[u8]> = want.iter().map(|(k, _)| bytemuck::bytes_of(k)).collect();
+            let gone: Vec<Vec<u8>> = have
+                .keys()
+                .filter(|k| !wanted.contains(k.as_slice()))
+                .cloned()
+                .collect();
+            for kb in gone {
+                let k: K = bytemuck::pod_read_unaligned(&kb);
+                match map.remove(&k) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).with_context(|| format!("remove from {name}")),
+                }
+                have.remove(&kb);
+                count.removed += 1;
             }
-            map.insert(k, v, 0)
+        }
+        for (k, v) in writes {
+            map.insert(*k, *v, 0)
                 .with_context(|| format!("write {name}"))?;
-            have.insert(kb, vb.to_vec());
+            have.insert(bytemuck::bytes_of(k).to_vec(), bytemuck::bytes_of(v).to_vec());
             count.written += 1;
         }
         Ok(count)
