@@ -5,20 +5,31 @@
 //! plugin, which reconciles them with dockerd.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
 use crate::{
     model::{Endpoint, Location, State},
-    netlink, netns,
+    netns,
 };
+
+/// While the same local endpoints lack a veth, their namespaces are looked
+/// at again at most this often on store changes (a namespace deleted
+/// without a veth sends no notification; one with a veth does, and is
+/// looked at at once).
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// Tracks how long each local endpoint has looked abandoned.
 pub struct Collector {
     grace: Duration,
     gone_since: BTreeMap<(String, Ipv4Addr), Instant>,
+    /// Local endpoints without a veth at the last look, when it was, and
+    /// when one of them will be due.
+    last_candidates: BTreeSet<(String, Ipv4Addr)>,
+    last_look: Option<Instant>,
+    next: Option<Instant>,
 }
 
 impl Collector {
@@ -27,23 +38,43 @@ impl Collector {
         Collector {
             grace,
             gone_since: BTreeMap::new(),
+            last_candidates: BTreeSet::new(),
+            last_look: None,
+            next: None,
         }
     }
 
-    /// Looks at `node`'s endpoints in `state` at `now`: returns those
-    /// abandoned for longer than the grace, and when to look again (the
-    /// earliest moment another one will be due), if any is pending.
+    /// Looks at `node`'s endpoints in `state` at `now` (`ifindex_of`
+    /// resolves a host interface): returns those abandoned for longer than
+    /// the grace, and when to look again (the earliest moment another one
+    /// will be due), if any is pending. Only endpoints without a veth can
+    /// be abandoned; their namespaces are looked at when that set changed,
+    /// when one is due, or [`RECHECK`] after the last look.
     pub fn scan(
         &mut self,
         state: &State,
         node: &str,
         now: Instant,
+        ifindex_of: &dyn Fn(&str) -> Option<u32>,
     ) -> (Vec<Endpoint>, Option<Instant>) {
-        let abandoned: BTreeMap<(String, Ipv4Addr), &Endpoint> = state
+        let candidates: BTreeMap<(String, Ipv4Addr), &Endpoint> = state
             .endpoints
             .iter()
-            .filter(|e| e.node() == Some(node) && is_abandoned(e))
+            .filter(|e| e.node() == Some(node) && lacks_veth(e, ifindex_of))
             .map(|e| ((e.network.clone(), e.ip), e))
+            .collect();
+        let unchanged = candidates.len() == self.last_candidates.len()
+            && candidates.keys().eq(self.last_candidates.iter());
+        let recent = self.last_look.is_some_and(|t| now < t + RECHECK);
+        let due = self.next.is_some_and(|t| t <= now);
+        if unchanged && recent && !due {
+            return (Vec::new(), self.next);
+        }
+        self.last_candidates = candidates.keys().cloned().collect();
+        self.last_look = Some(now);
+        let abandoned: BTreeMap<(String, Ipv4Addr), &Endpoint> = candidates
+            .into_iter()
+            .filter(|(_, e)| namespace_gone(e))
             .collect();
         self.gone_since.retain(|k, _| abandoned.contains_key(k));
         let mut due = Vec::new();
@@ -57,20 +88,28 @@ impl Collector {
                 next = Some(next.map_or(at, |n| n.min(at)));
             }
         }
+        self.next = next;
         (due, next)
     }
 }
 
-/// The container of `e` is gone: its namespace no longer exists and
-/// neither does its host veth (a namespace deleted takes its veth along).
-fn is_abandoned(e: &Endpoint) -> bool {
+/// A container endpoint (not Docker's: its plugin reconciles those with
+/// dockerd) whose host veth does not exist.
+fn lacks_veth(e: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>) -> bool {
     if e.owner.as_deref().is_some_and(|o| o.starts_with("docker:")) {
         return false;
     }
     match &e.location {
-        Location::Container {
-            netns, host_ifname, ..
-        } => !netns::path_of(netns).exists() && netlink::ifindex(host_ifname).is_none(),
+        Location::Container { host_ifname, .. } => ifindex_of(host_ifname).is_none(),
+        Location::Static { .. } | Location::Reserved { .. } => false,
+    }
+}
+
+/// The container of `e` is gone: its namespace no longer exists (a
+/// namespace deleted takes its veth along).
+fn namespace_gone(e: &Endpoint) -> bool {
+    match &e.location {
+        Location::Container { netns, .. } => !netns::path_of(netns).exists(),
         Location::Static { .. } | Location::Reserved { .. } => false,
     }
 }
@@ -97,14 +136,50 @@ mod tests {
         docker.owner = Some("docker:abc".into());
         s.endpoints.push(docker);
         let mut gc = Collector::new(Duration::from_secs(10));
+        let no_veth = |_: &str| None;
         let t0 = Instant::now();
-        let (due, next) = gc.scan(&s, "a", t0);
+        let (due, next) = gc.scan(&s, "a", t0, &no_veth);
         assert!(due.is_empty());
         assert_eq!(next, Some(t0 + Duration::from_secs(10)));
-        let (due, _) = gc.scan(&s, "a", t0 + Duration::from_secs(11));
+        let (due, _) = gc.scan(&s, "a", t0 + Duration::from_secs(11), &no_veth);
         assert_eq!(due.len(), 1, "only the non-Docker endpoint");
         assert_eq!(due[0].ip, Ipv4Addr::new(198, 18, 0, 2));
+        // An endpoint whose veth exists is never collected.
+        let mut other = Collector::new(Duration::from_secs(10));
+        let veth = |_: &str| Some(7);
+        other.scan(&s, "a", t0, &veth);
+        assert!(other.scan(&s, "a", t0 + Duration::from_secs(11), &veth).0.is_empty());
         // Another node's view: nothing of ours.
-        assert!(gc.scan(&s, "b", t0).0.is_empty());
+        assert!(gc.scan(&s, "b", t0, &no_veth).0.is_empty());
+    }
+
+    #[test]
+    fn unchanged_candidates_are_looked_at_again_only_after_a_while() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
+            .unwrap();
+        // A namespace that exists: not abandoned, only a candidate.
+        s.add_container(ContainerSpec {
+            network: "blue".into(),
+            node: "a".into(),
+            netns: "/proc/self/ns/net".into(),
+            ..ContainerSpec::default()
+        })
+        .unwrap();
+        let mut gc = Collector::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        gc.scan(&s, "a", t0, &|_| None);
+        assert_eq!(gc.last_look, Some(t0));
+        // Same candidates soon after: not looked at.
+        let t1 = t0 + Duration::from_millis(100);
+        gc.scan(&s, "a", t1, &|_| None);
+        assert_eq!(gc.last_look, Some(t0));
+        // Changed candidates (a veth appeared): looked at at once.
+        gc.scan(&s, "a", t1, &|_| Some(3));
+        assert_eq!(gc.last_look, Some(t1));
+        // Past RECHECK: looked at again.
+        let t2 = t1 + RECHECK;
+        gc.scan(&s, "a", t2, &|_| Some(3));
+        assert_eq!(gc.last_look, Some(t2));
     }
 }

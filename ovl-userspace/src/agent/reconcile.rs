@@ -24,15 +24,16 @@ use crate::{
 };
 
 /// Brings maps and egress hooks in line with `state`, and publishes the
-/// result in `view`.
+/// result in `view`. `ifindex_of` resolves a host interface name.
 pub fn reconcile(
     dp: &mut Datapath,
     state: &State,
     node: &str,
     underlay: &Underlay,
     view: &View,
+    ifindex_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<()> {
-    let want = desired(state, node, underlay.addr, &netlink::ifindex);
+    let want = desired(state, node, underlay.addr, ifindex_of);
     for (vni, net) in &want.networks {
         if net.mtu + ENCAP_OVERHEAD > underlay.mtu {
             log::warn!(
