@@ -2,13 +2,13 @@
 //! a pure function from `State` to `Desired`, which the agent writes.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
 use ovl_common::{Endpoint as MapEndpoint, Iface, NetworkInfo, SubnetInfo, maps::network_flags};
 
-use crate::model::{Location, State};
+use crate::model::{Endpoint, Location, Network, State};
 
 /// The map contents one node's state calls for.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -102,12 +102,27 @@ pub fn desired(
             );
         }
     }
-    for ep in state
-        .endpoints
+    // One hash lookup per endpoint instead of searches of the ordered
+    // maps by name: with tens of thousands of endpoints this loop is most
+    // of an apply.
+    let served: HashMap<&str, &Network> = state
+        .networks
         .iter()
-        .filter(|e| here.contains(e.network.as_str()))
-    {
-        let Ok(net) = state.network(&ep.network) else {
+        .filter(|(name, _)| here.contains(name.as_str()))
+        .map(|(name, net)| (name.as_str(), net))
+        .collect();
+    let node_vteps: HashMap<&str, Option<Ipv4Addr>> = state
+        .nodes
+        .iter()
+        .map(|(name, n)| (name.as_str(), state.is_alive(name).then_some(n.vtep)))
+        .collect();
+    let vtep_of = |ep: &Endpoint| match &ep.location {
+        Location::Container { node, .. } => node_vteps.get(node.as_str()).copied().flatten(),
+        Location::Reserved { .. } => None,
+        Location::Static { vtep } => Some(*vtep),
+    };
+    for ep in &state.endpoints {
+        let Some(net) = served.get(ep.network.as_str()) else {
             continue;
         };
         let vni = net.vni.get();
@@ -156,8 +171,9 @@ pub fn desired(
                 }
             }
             _ => {
-                // A remote endpoint needs a known VTEP that is not us.
-                let Some(remote) = state.vtep_of(ep) else {
+                // A remote endpoint needs a known VTEP that is not us
+                // (`State::vtep_of`, from the tables above).
+                let Some(remote) = vtep_of(ep) else {
                     continue;
                 };
                 if remote == vtep {
@@ -173,11 +189,12 @@ pub fn desired(
                     },
                 );
                 d.vteps.insert((vni, remote.octets()));
-                let keyed = ep
-                    .node()
-                    .and_then(|n| state.nodes.get(n))
-                    .is_some_and(|n| n.wireguard.is_some());
-                if net.encrypted && keyed {
+                let keyed = || {
+                    ep.node()
+                        .and_then(|n| state.nodes.get(n))
+                        .is_some_and(|n| n.wireguard.is_some())
+                };
+                if net.encrypted && keyed() {
                     d.keyed_vteps.insert((vni, remote.octets()));
                 }
             }

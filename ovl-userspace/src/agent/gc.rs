@@ -57,24 +57,33 @@ impl Collector {
         now: Instant,
         ifindex_of: &dyn Fn(&str) -> Option<u32>,
     ) -> (Vec<Endpoint>, Option<Instant>) {
-        let candidates: BTreeMap<(String, Ipv4Addr), &Endpoint> = state
+        let candidates: BTreeMap<(&str, Ipv4Addr), &Endpoint> = state
             .endpoints
             .iter()
             .filter(|e| e.node() == Some(node) && lacks_veth(e, ifindex_of))
-            .map(|e| ((e.network.clone(), e.ip), e))
+            .map(|e| ((e.network.as_str(), e.ip), e))
             .collect();
         let unchanged = candidates.len() == self.last_candidates.len()
-            && candidates.keys().eq(self.last_candidates.iter());
+            && candidates
+                .keys()
+                .copied()
+                .eq(self.last_candidates.iter().map(|(n, ip)| (n.as_str(), *ip)));
         let recent = self.last_look.is_some_and(|t| now < t + RECHECK);
         let due = self.next.is_some_and(|t| t <= now);
         if unchanged && recent && !due {
             return (Vec::new(), self.next);
         }
-        self.last_candidates = candidates.keys().cloned().collect();
+        if !unchanged {
+            self.last_candidates = candidates
+                .keys()
+                .map(|(n, ip)| ((*n).to_owned(), *ip))
+                .collect();
+        }
         self.last_look = Some(now);
         let abandoned: BTreeMap<(String, Ipv4Addr), &Endpoint> = candidates
             .into_iter()
             .filter(|(_, e)| namespace_gone(e))
+            .map(|((n, ip), e)| ((n.to_owned(), ip), e))
             .collect();
         self.gone_since.retain(|k, _| abandoned.contains_key(k));
         let mut due = Vec::new();

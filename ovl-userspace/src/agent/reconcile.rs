@@ -126,11 +126,11 @@ fn publish(state: &State, want: &crate::desired::Desired, view: &View) {
 /// Adds `node`'s endpoints in `state` to `memory` and forgets those whose
 /// veth is gone; records the networks' names.
 pub fn remember(memory: &mut Memory, state: &State, node: &str) {
-    let current: BTreeMap<_, _> = state
+    let current: BTreeMap<String, &Endpoint> = state
         .endpoints
         .iter()
         .filter(|e| e.node() == Some(node))
-        .map(|e| (Memory::key(&e.network, e.ip), e.clone()))
+        .map(|e| (Memory::key(&e.network, e.ip), e))
         .collect();
     // An endpoint gone from the store is still ours while its veth exists
     // (one just registered may not have its veth yet, so those in the
@@ -138,7 +138,12 @@ pub fn remember(memory: &mut Memory, state: &State, node: &str) {
     memory
         .endpoints
         .retain(|k, e| current.contains_key(k) || host_link_exists(e));
-    memory.endpoints.extend(current);
+    // Copied only when new or changed: most applies change none of ours.
+    for (key, e) in current {
+        if memory.endpoints.get(&key) != Some(e) {
+            memory.endpoints.insert(key, e.clone());
+        }
+    }
     memory.networks = state
         .networks
         .values()

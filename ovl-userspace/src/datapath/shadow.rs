@@ -14,9 +14,10 @@ use aya::maps::{
 use super::SyncCount;
 
 /// Map name → (key bytes → value bytes), and per-CPU maps' key sets.
+/// Hashed, not ordered: a sync looks up every wanted key.
 #[derive(Default)]
 pub struct Shadow {
-    maps: StdHashMap<String, BTreeMap<Vec<u8>, Vec<u8>>>,
+    maps: StdHashMap<String, StdHashMap<Vec<u8>, Vec<u8>>>,
     keys: StdHashMap<String, BTreeSet<u32>>,
 }
 
@@ -33,7 +34,7 @@ impl Shadow {
         V: aya::Pod + bytemuck::Pod,
     {
         if !self.maps.contains_key(name) {
-            let mut have = BTreeMap::new();
+            let mut have = StdHashMap::new();
             for entry in map.iter() {
                 let (k, v) = entry.with_context(|| format!("read {name}"))?;
                 have.insert(
@@ -108,7 +109,7 @@ impl Shadow {
             b
         };
         if !self.maps.contains_key(name) {
-            let mut have = BTreeMap::new();
+            let mut have = StdHashMap::new();
             for entry in map.iter() {
                 let (k, v) = entry.with_context(|| format!("read {name}"))?;
                 have.insert(
