@@ -71,8 +71,11 @@ pub mod capacity {
     pub const ENDPOINTS: u32 = 65536;
     /// (VNI, VTEP) pairs.
     pub const VTEPS: u32 = 65536;
-    /// Local container interfaces.
-    pub const IFACES: u32 = 4096;
+    /// Local container interfaces: as many as endpoints, so that the
+    /// cluster's endpoint limit (which the store checks before any change)
+    /// bounds a node's own interfaces too. Allocated as they are added
+    /// (`BPF_F_NO_PREALLOC`), not up front: a node holds few.
+    pub const IFACES: u32 = 65536;
     /// Subnets across all networks.
     pub const SUBNETS: u32 = 16384;
     /// Remote VTEPs with a reported path MTU (least recently used go).

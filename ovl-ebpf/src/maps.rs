@@ -3,6 +3,7 @@
 //! and `ovl stats` find them under the node's pin directory.
 
 use aya_ebpf::{
+    bindings,
     helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{
@@ -33,9 +34,11 @@ pub static ENDPOINTS: HashMap<VniAddr, Endpoint> = HashMap::pinned(capacity::END
 pub static VTEPS: HashMap<VniAddr, u32> = HashMap::pinned(capacity::VTEPS, 0);
 
 /// Host-side ifindex of a local container veth → its network, address,
-/// MAC and gateway.
+/// MAC and gateway. Written only by the agent: entries are allocated as it
+/// adds them instead of all up front.
 #[map(name = "OVL_IFACES")]
-pub static IFACES: HashMap<u32, Iface> = HashMap::pinned(capacity::IFACES, 0);
+pub static IFACES: HashMap<u32, Iface> =
+    HashMap::pinned(capacity::IFACES, bindings::BPF_F_NO_PREALLOC);
 
 /// (VNI, subnet) → the subnet's gateway; longest-prefix matched.
 #[map(name = "OVL_SUBNETS")]

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod api;
 pub mod attachment;
 pub mod bpffs;
+pub mod capacity;
 pub mod cni;
 pub mod commands;
 pub mod crypto;

@@ -10,6 +10,7 @@ use ovl_common::wire::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    capacity,
     ipam::{self, Pool, Subnet},
     release::{AddressConflict, GraceClock, Released, RestoreOutcome, Verdict},
     validate::{self, InvalidInput},
@@ -140,6 +141,17 @@ pub enum ModelError {
     },
     #[error("no node named {0:?}; list nodes with `ovl node ls`")]
     NoSuchNode(String),
+    #[error(
+        "the cluster would hold {wanted} {what}, more than the {max} a node's {map} map holds (any node may serve every network); nothing was changed: {hint}",
+        what = limit.what(),
+        max = limit.limit(),
+        map = limit.map(),
+        hint = limit.hint()
+    )]
+    OverCapacity {
+        limit: crate::capacity::Limit,
+        wanted: usize,
+    },
 }
 
 /// A VXLAN network identifier (24 bits, never 0).
@@ -481,6 +493,11 @@ pub struct State {
     /// before each change.
     #[serde(skip)]
     pub clock: GraceClock,
+    /// Endpoints the store holds that this state was read without (a read
+    /// of one network counts the others' without reading them): the
+    /// capacity checks count them too.
+    #[serde(skip)]
+    pub endpoints_elsewhere: usize,
 }
 
 impl Default for State {
@@ -496,6 +513,7 @@ impl Default for State {
             released: Vec::new(),
             conflicts: BTreeMap::new(),
             clock: GraceClock::default(),
+            endpoints_elsewhere: 0,
         }
     }
 }
@@ -564,6 +582,7 @@ impl State {
         if self.networks.contains_key(&spec.name) {
             return Err(ModelError::NetworkExists(spec.name));
         }
+        capacity::network(self, spec.subnets.len())?;
         let subnets = pools(&spec.subnets, &spec.gateways)?;
         let mtu = self.network_mtu(spec.mtu, spec.encrypted)?;
         let vni = match spec.vni {
@@ -702,6 +721,10 @@ impl State {
                     && matches!(&e.location, Location::Reserved { node } if *node == spec.node)
             })
         });
+        if reserved.is_none() {
+            // Taking a reservation over adds no endpoint.
+            capacity::endpoints(self, 1)?;
+        }
         if let Some(pos) = reserved {
             self.endpoints.remove(pos);
         }
@@ -736,6 +759,7 @@ impl State {
         owner: &str,
     ) -> Result<Endpoint, ModelError> {
         let net = self.network(network)?.clone();
+        capacity::endpoints(self, 1)?;
         let ip = self.allocate(&net, ip, within)?;
         let endpoint = Endpoint {
             network: network.to_owned(),
@@ -811,6 +835,7 @@ impl State {
         if mac == Some(MacAddr(ANYCAST_GATEWAY_MAC)) {
             return Err(ModelError::GatewayMac(MacAddr(ANYCAST_GATEWAY_MAC)));
         }
+        capacity::endpoints(self, 1)?;
         let ip = self.allocate(&net, Some(ip), None)?;
         let endpoint = Endpoint {
             network: network.to_owned(),

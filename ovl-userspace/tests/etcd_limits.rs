@@ -430,3 +430,32 @@ fn a_change_to_one_network_reads_only_that_network_and_followers_apply_deltas() 
         Ok(())
     })
 }
+
+#[test]
+fn a_read_of_one_network_counts_the_endpoints_of_the_others_for_the_capacity_checks() -> Result<()>
+{
+    let (_lab, ns, etcd) = etcd("st-count")?;
+    let url = etcd.url();
+    inside(&ns, async || {
+        let store = Store::open(&url).await?;
+        create_network(&store, "a", "198.18.0.0/24").await?;
+        create_network(&store, "b", "198.18.1.0/24").await?;
+        populate(&store, "a", "n1", 3).await?;
+        populate(&store, "b", "n1", 5).await?;
+        for (scope, read, elsewhere) in [
+            (Scope::Network("a"), 3, 5),
+            (Scope::Network("b"), 5, 3),
+            (Scope::Networks, 0, 8),
+            (Scope::All, 8, 0),
+        ] {
+            let s = store.load_in(scope).await?;
+            ensure!(
+                (s.endpoints.len(), s.endpoints_elsewhere) == (read, elsewhere),
+                "{scope:?}: read {} and counted {} elsewhere, expected {read} and {elsewhere}",
+                s.endpoints.len(),
+                s.endpoints_elsewhere
+            );
+        }
+        Ok(())
+    })
+}

@@ -1,5 +1,6 @@
 //! The store seen from the command line: input that could escape the pin
-//! root or cannot work on the wire is refused before anything changes; the
+//! root or cannot work on the wire, and networks or endpoints beyond what a
+//! node's kernel maps hold, are refused before anything changes; the
 //! file store's files are private and a held lock times out naming its
 //! holder; listings in JSON; a dead node removed with `ovl node rm`.
 
@@ -322,4 +323,117 @@ fn a_node_is_removed_with_node_rm_only_once_its_agent_is_gone() -> Result<()> {
     let (ok, stderr) = attempt(&world.ovl, &a, "host-a", &["node", "rm", "host-b"])?;
     ensure!(!ok && stderr.contains("no node named"), "{stderr}");
     world.stop()
+}
+
+#[test]
+fn a_network_or_endpoint_beyond_the_kernel_maps_is_refused_by_name_and_writes_nothing() -> Result<()>
+{
+    use std::net::Ipv4Addr;
+    let lab = Lab::new("st-cap")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+    ovl.create_network(&host.netns, "uber-net", "198.18.0.0/27", &[])?;
+    let state_file = lab.tempdir().join("store/state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_file)?)?;
+
+    // A cluster at the 4096 networks of a node's OVL_NETWORKS (a /27 each:
+    // they fill 198.18.0.0/15), with 16 endpoints each: the 65536 of its
+    // OVL_ENDPOINTS (written as ovl writes its file store).
+    let template = state["networks"]["uber-net"].clone();
+    let mut endpoints = Vec::new();
+    for i in 0..4096u32 {
+        let subnet = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (i << 5));
+        let name = if i == 0 {
+            "uber-net".to_owned()
+        } else {
+            format!("n{i}")
+        };
+        if i > 0 {
+            let mut n = template.clone();
+            n["name"] = Value::from(name.clone());
+            n["vni"] = Value::from(4096 + i);
+            n["subnet"] = Value::from(format!("{subnet}/27"));
+            n["subnets"] = serde_json::json!([{
+                "subnet": format!("{subnet}/27"),
+                "gateway": Ipv4Addr::from(u32::from(subnet) + 1).to_string(),
+            }]);
+            state["networks"][&name] = n;
+        }
+        for h in 0..16u32 {
+            let ip = Ipv4Addr::from(u32::from(subnet) + 2 + h);
+            let [a, b, c, d] = ip.octets();
+            endpoints.push(serde_json::json!({
+                "network": name,
+                "name": format!("static-{ip}"),
+                "ip": ip.to_string(),
+                "mac": format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}"),
+                "location": {"kind": "static", "vtep": "203.0.113.50"},
+            }));
+        }
+    }
+    state["endpoints"] = Value::from(endpoints);
+    std::fs::write(&state_file, serde_json::to_vec(&state)?)?;
+    let listed = ovl.run(&host.netns, "host-a", &["endpoint", "ls", "--json"])?;
+    let listed: Value = serde_json::from_str(&listed)?;
+    ensure!(
+        listed.as_array().map(Vec::len) == Some(65536),
+        "the seeded store does not hold 65536 endpoints"
+    );
+
+    let c1 = lab.container("c1")?;
+    expect_refused(
+        &ovl,
+        host,
+        "host-a",
+        &state_file,
+        &[
+            (
+                &["network", "create", "one-more", "--subnet", "198.19.0.0/24"],
+                "4097 networks, more than the 4096 a node's OVL_NETWORKS map holds",
+            ),
+            (
+                &[
+                    "endpoint",
+                    "add",
+                    "uber-net",
+                    "198.18.0.20",
+                    "--vtep",
+                    "203.0.113.50",
+                ],
+                "65537 endpoints (all networks together, reservations included), more than the 65536 a node's OVL_ENDPOINTS map holds",
+            ),
+            (
+                &["connect", "uber-net", c1.name()],
+                "more than the 65536 a node's OVL_ENDPOINTS map holds",
+            ),
+        ],
+    )?;
+    // Nothing was built for the refused connect either.
+    let links = c1.ip(&["-o", "link", "show"])?;
+    let links = String::from_utf8_lossy(&links.stdout);
+    ensure!(
+        links.lines().count() == 1,
+        "the container got a link: {links}"
+    );
+
+    // Room made, the same change works.
+    ovl.run(
+        &host.netns,
+        "host-a",
+        &["endpoint", "rm", "n7", "198.18.0.226"],
+    )?;
+    ovl.run(
+        &host.netns,
+        "host-a",
+        &[
+            "endpoint",
+            "add",
+            "uber-net",
+            "198.18.0.20",
+            "--vtep",
+            "203.0.113.50",
+        ],
+    )?;
+    Ok(())
 }

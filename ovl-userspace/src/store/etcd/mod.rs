@@ -7,6 +7,7 @@
 mod access;
 mod codec;
 mod follow;
+mod limits;
 mod liveness;
 mod nodes;
 mod wireguard;
@@ -46,16 +47,23 @@ const PAGE: i64 = 512;
 struct Snapshot {
     revision: i64,
     kvs: BTreeMap<String, (Vec<u8>, i64)>,
+    /// Endpoint keys in the whole store, when the read counted them.
+    endpoints_total: Option<i64>,
 }
 
 impl Snapshot {
     fn state(&self) -> State {
-        decode(
+        let mut state = decode(
             self.revision,
             self.kvs
                 .iter()
                 .map(|(k, (v, _))| (k.as_str(), v.as_slice())),
-        )
+        );
+        if let Some(total) = self.endpoints_total {
+            let read = self.kvs.keys().filter(|k| k.starts_with(ENDPOINTS)).count();
+            state.endpoints_elsewhere = usize::try_from(total).unwrap_or(0).saturating_sub(read);
+        }
+        state
     }
 
     /// The mod revision of `key` (0: absent).
@@ -73,21 +81,26 @@ impl Snapshot {
     }
 }
 
-/// A key, or every key under a prefix.
+/// A key, every key under a prefix, or how many keys there are under a
+/// prefix (etcd answers the count alone).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Range {
     Key(String),
     Prefix(String),
+    Count(String),
 }
 
 impl Range {
     /// What `scope` reads.
     fn of(scope: Scope<'_>) -> Vec<Range> {
         match scope {
+            // Every scope but the whole store counts the endpoints it does
+            // not read: the cluster's capacity checks need the total.
             Scope::Networks => vec![
                 Range::Prefix(NETWORKS.into()),
                 Range::Prefix(NODES.into()),
                 Range::Key(CLUSTER_KEY.into()),
+                Range::Count(ENDPOINTS.into()),
             ],
             // The VNI keys too: removing the network deletes its VNI's,
             // which must have been read to be guarded (one small key per
@@ -98,6 +111,7 @@ impl Range {
                 Range::Prefix(format!("{ENDPOINTS}{n}/")),
                 Range::Prefix(format!("{RELEASED}{n}/")),
                 Range::Prefix(NODES.into()),
+                Range::Count(ENDPOINTS.into()),
             ],
             Scope::All => vec![Range::Prefix(KEY_PREFIX.into())],
         }
@@ -107,12 +121,15 @@ impl Range {
         match self {
             Range::Key(_) => GetOptions::new(),
             Range::Prefix(p) => GetOptions::new().with_range(prefix_end(p)).with_limit(PAGE),
+            Range::Count(p) => GetOptions::new()
+                .with_range(prefix_end(p))
+                .with_count_only(),
         }
     }
 
     fn start(&self) -> &str {
         match self {
-            Range::Key(k) | Range::Prefix(k) => k,
+            Range::Key(k) | Range::Prefix(k) | Range::Count(k) => k,
         }
     }
 }
@@ -226,12 +243,18 @@ impl EtcdStore {
         let resp = self.call("read", c.txn(Txn::new().and_then(ops))).await?;
         let mut snap = Snapshot {
             revision: resp.header().map_or(0, |h| h.revision()),
-            kvs: BTreeMap::new(),
+            ..Snapshot::default()
         };
         for (range, r) in ranges.iter().zip(resp.op_responses()) {
             let TxnOpResponse::Get(page) = r else {
                 continue;
             };
+            if let Range::Count(prefix) = range {
+                if prefix == ENDPOINTS {
+                    snap.endpoints_total = Some(page.count());
+                }
+                continue;
+            }
             snap.add(&page);
             if let (Range::Prefix(prefix), true) = (range, page.more()) {
                 let last = page.kvs().last().map(|kv| kv.key().to_vec());
@@ -296,10 +319,13 @@ impl EtcdStore {
             before.clock = GraceClock::now(self.address_grace);
             let mut after = before.clone();
             change(&mut after)?;
-            let txn = commit_plan(&snap, &encode(&before), &encode(&after));
+            let (old, new) = (encode(&before), encode(&after));
+            let mut txn = commit_plan(&snap, &old, &new);
             if txn.ops.is_empty() {
                 return Ok(after);
             }
+            txn.compares
+                .extend(limits::guards(snap.revision, &old, &new, &after));
             let size = txn.ops.len().max(txn.compares.len());
             if size > MAX_TXN_OPS {
                 return Err(StoreError::TooLarge {
@@ -475,6 +501,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k, (v, 5)))
                 .collect(),
+            endpoints_total: None,
         }
     }
 
