@@ -68,8 +68,26 @@ impl Etcd {
         Self::start_with(lab, netns, addr, Some(tls))
     }
 
+    /// [`start`](Self::start) with the data dir on a tmpfs of the lab: no
+    /// commit waits for the machine's disk. For benchmarks on a shared
+    /// virtual disk, where fsyncs measure the other tenants' writes.
+    pub fn start_in_memory(lab: &Lab, netns: &Netns, addr: Ipv4Addr) -> Result<Etcd> {
+        let data_dir = lab.tmpfs()?.join(format!("etcd-{}", netns.name()));
+        Self::start_at(lab, netns, addr, None, data_dir)
+    }
+
     fn start_with(lab: &Lab, netns: &Netns, addr: Ipv4Addr, tls: Option<EtcdTls>) -> Result<Etcd> {
         let data_dir = lab.tempdir().join(format!("etcd-{}", netns.name()));
+        Self::start_at(lab, netns, addr, tls, data_dir)
+    }
+
+    fn start_at(
+        lab: &Lab,
+        netns: &Netns,
+        addr: Ipv4Addr,
+        tls: Option<EtcdTls>,
+        data_dir: PathBuf,
+    ) -> Result<Etcd> {
         ensure!(
             !data_dir.exists(),
             "an etcd already uses {} in this lab",

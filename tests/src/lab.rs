@@ -295,6 +295,27 @@ impl Lab {
         Ok(dir)
     }
 
+    /// Mounts a fresh tmpfs on a directory in the lab's temp dir and returns
+    /// its path: for data that must not wait on the machine's disk (a
+    /// benchmark's etcd, whose every commit is an fsync). Lazily unmounted
+    /// when the lab drops.
+    pub fn tmpfs(&self) -> Result<PathBuf> {
+        let dir = self.tempdir.join(format!("tmpfs-{}", self.next_item()));
+        fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir_text = dir.to_string_lossy().into_owned();
+        cmd::run(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "mode=0700",
+            "tmpfs",
+            &dir_text,
+        ])?;
+        lock(&self.mounts).push(dir.clone());
+        Ok(dir)
+    }
+
     fn next_item(&self) -> u32 {
         self.next_item.fetch_add(1, Ordering::Relaxed)
     }

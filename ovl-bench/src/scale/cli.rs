@@ -68,7 +68,13 @@ pub async fn connects(
         world.ovl.run(
             &node.host.netns,
             &node.name,
-            &["connect", &network, container.name(), "--ip", &ip.to_string()],
+            &[
+                "connect",
+                &network,
+                container.name(),
+                "--ip",
+                &ip.to_string(),
+            ],
         )?;
         let command = started.elapsed();
         let reached = wait(outcomes, tag).await?;

@@ -192,7 +192,9 @@ pub async fn grow(store: &Arc<Store>, fleet: &Arc<Mutex<Fleet>>, total: usize) -
             .collect();
         let members: Vec<Member> = (0..per_network)
             .map(|i| Member {
-                ip: free.pop_front().expect("a /22 holds more than a network's share"),
+                ip: free
+                    .pop_front()
+                    .expect("a /22 holds more than a network's share"),
                 node: i % nodes.len(),
                 netns: format!("fill-{k}-{i}"),
             })
@@ -237,10 +239,11 @@ pub async fn grow(store: &Arc<Store>, fleet: &Arc<Mutex<Fleet>>, total: usize) -
     }
 }
 
-/// Connects and disconnects at `rate` of each per second for `duration`:
-/// tick t connects a new endpoint to network t mod N on a node that turns
-/// with t, and disconnects that network's oldest churnable endpoint. Each
-/// change goes to the prober, which says when every other node shows it.
+/// Makes `rate` changes per second for `duration`, half connects, half
+/// disconnects: tick t connects a new endpoint to network t mod N on a
+/// node that turns with t, and disconnects that network's oldest
+/// churnable endpoint. Each change goes to the prober, which says when
+/// every other node shows it.
 pub async fn churn(
     store: &Arc<Store>,
     fleet: &Arc<Mutex<Fleet>>,
@@ -262,7 +265,7 @@ pub async fn churn(
     let mut result = ChurnResult::default();
     let mut kinds = std::collections::HashMap::new();
     let mut outcomes_seen = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut tick = tokio::time::interval(Duration::from_secs(2) / rate.max(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
     let mut t: usize = 0;
@@ -467,7 +470,9 @@ impl OpContext {
         &self,
         mut probe: Probe,
         network: &str,
-        mut change: impl FnMut(&mut ovl_userspace::model::State) -> Result<(), ovl_userspace::model::ModelError>
+        mut change: impl FnMut(
+            &mut ovl_userspace::model::State,
+        ) -> Result<(), ovl_userspace::model::ModelError>
         + Send,
     ) -> bool {
         let started = Instant::now();

@@ -37,7 +37,7 @@ use self::load::{Fleet, NodeSlot};
 use self::maps::NodeMap;
 use self::prober::Prober;
 use self::report::{ScaleReport, Step, Window};
-use self::usage::{CpuWindow, EtcdCounters};
+use self::usage::{CpuWindow, EtcdCounters, MachineWindow};
 use self::world::World;
 
 /// What `--scale` was asked for.
@@ -60,8 +60,12 @@ pub struct Plan {
     /// Seconds of the idle window and of the churn.
     pub idle_seconds: u64,
     pub churn_seconds: u64,
-    /// Connects per second (and as many disconnects).
+    /// Changes per second under churn: half connects, half disconnects
+    /// ("100 connects+disconnects per second").
     pub rate: u32,
+    /// After the last step, churn once more at this rate (changes per
+    /// second): where the machine's limit is.
+    pub stress_rate: Option<u32>,
     /// Real `ovl connect` runs per step.
     pub cli_samples: usize,
 }
@@ -77,6 +81,7 @@ impl Plan {
                 idle_seconds: 3,
                 churn_seconds: 5,
                 rate: 50,
+                stress_rate: None,
                 cli_samples: 3,
             }
         } else {
@@ -88,6 +93,7 @@ impl Plan {
                 idle_seconds: 10,
                 churn_seconds: 30,
                 rate: 100,
+                stress_rate: Some(200),
                 cli_samples: 10,
             }
         }
@@ -114,8 +120,8 @@ pub fn run(options: Options) -> Result<()> {
     let machine = crate::machine::describe();
     let date = crate::machine::utc_date();
     eprintln!(
-        "ovl-bench: scale: {} nodes, steps {:?} endpoints, churn {}+{}/s for {} s",
-        plan.nodes, plan.steps, plan.rate, plan.rate, plan.churn_seconds
+        "ovl-bench: scale: {} nodes, steps {:?} endpoints, churn of {} changes/s for {} s",
+        plan.nodes, plan.steps, plan.rate, plan.churn_seconds
     );
     let world = World::build(plan.nodes)?;
     let steps = world
@@ -191,61 +197,67 @@ async fn measure(world: &World, plan: &Plan) -> Result<Vec<Step>> {
         let rss_idle = memory(&agents)?;
         let etcd_rss_idle = usage::memory_kib(etcd_pid)?.0;
 
-        let cli = cli::connects(
-            world,
-            &fleet,
-            &probes,
-            &mut outcomes,
-            plan.cli_samples,
-        )
-        .await?;
+        let cli = cli::connects(world, &fleet, &probes, &mut outcomes, plan.cli_samples).await?;
 
-        eprintln!(
-            "ovl-bench: scale: churn at {target} endpoints, {}+{}/s for {} s",
-            plan.rate, plan.rate, plan.churn_seconds
-        );
-        let mut churned = None;
-        let busy = window(&pids, &world.etcd_ns, &endpoint, async {
-            churned = Some(
-                load::churn(
-                    &store,
-                    &fleet,
-                    &probes,
-                    &mut outcomes,
-                    plan.rate,
-                    Duration::from_secs(plan.churn_seconds),
-                )
-                .await?,
-            );
-            Ok(())
-        })
-        .await?;
-        let churn = churned.expect("set by the churn window");
-        let rss_churn = memory(&agents)?;
-        let etcd_rss_churn = usage::memory_kib(etcd_pid)?;
-        // Nothing lost: every map holds exactly what the store says.
-        let after_seconds = converge(&counting, &fleet, CONVERGE).await?;
-        world.check_agents()?;
-        let etcd_now = EtcdCounters::scrape(&world.etcd_ns, &endpoint)?;
-        let networks = lock(&fleet).network_count();
-        steps.push(Step {
-            endpoints: lock(&fleet).total(),
+        // One lock at a time: guards in one expression live to its end.
+        let (endpoints, networks) = {
+            let f = lock(&fleet);
+            (f.total(), f.network_count())
+        };
+        let mut step = Step {
+            endpoints,
             networks,
+            rate: plan.rate,
             fill_seconds,
             converge_seconds,
-            after_churn_seconds: after_seconds,
             idle,
-            busy,
             rss_idle_kib: rss_idle.iter().map(|m| m.0).collect(),
-            rss_churn_kib: rss_churn.iter().map(|m| m.0).collect(),
-            hwm_kib: rss_churn.iter().map(|m| m.1).collect(),
             etcd_rss_idle_kib: etcd_rss_idle,
-            etcd_rss_churn_kib: etcd_rss_churn.0,
-            etcd: etcd_now,
-            churn,
             cli,
-        });
-        eprintln!("ovl-bench: scale: {}", report::one_line(steps.last().expect("pushed")));
+            ..Step::default()
+        };
+        let last = target == *plan.steps.last().expect("steps are not empty");
+        let rates = std::iter::once(plan.rate).chain(plan.stress_rate.filter(|_| last));
+        for (i, rate) in rates.enumerate() {
+            if i > 0 {
+                // The stress run: same endpoints, same idle figures.
+                let mut stress = step.clone();
+                stress.rate = rate;
+                stress.cli = Vec::new();
+                steps.push(std::mem::replace(&mut step, stress));
+            }
+            eprintln!(
+                "ovl-bench: scale: churn at {} endpoints, {rate} changes/s for {} s",
+                step.endpoints, plan.churn_seconds
+            );
+            let mut churned = None;
+            step.busy = window(&pids, &world.etcd_ns, &endpoint, async {
+                churned = Some(
+                    load::churn(
+                        &store,
+                        &fleet,
+                        &probes,
+                        &mut outcomes,
+                        rate,
+                        Duration::from_secs(plan.churn_seconds),
+                    )
+                    .await?,
+                );
+                Ok(())
+            })
+            .await?;
+            step.churn = churned.expect("set by the churn window");
+            let rss_churn = memory(&agents)?;
+            step.rss_churn_kib = rss_churn.iter().map(|m| m.0).collect();
+            step.hwm_kib = rss_churn.iter().map(|m| m.1).collect();
+            step.etcd_rss_churn_kib = usage::memory_kib(etcd_pid)?.0;
+            // Nothing lost: every map holds exactly what the store says.
+            step.after_churn_seconds = converge(&counting, &fleet, CONVERGE).await?;
+            world.check_agents()?;
+            step.etcd = EtcdCounters::scrape(&world.etcd_ns, &endpoint)?;
+            eprintln!("ovl-bench: scale: {}", report::one_line(&step));
+        }
+        steps.push(step);
     }
     drop(probes);
     prober.stop()?;
@@ -288,7 +300,10 @@ async fn window(
     let before = EtcdCounters::scrape(etcd_ns, endpoint)?;
     let cpu = CpuWindow::start(pids)?;
     let own = CpuWindow::start(&[std::process::id()])?;
+    let machine = MachineWindow::start()?;
     work.await?;
+    let machine_cpu = machine.percent()?;
+    let load = usage::load_average();
     let mut percent = cpu.percent()?;
     let seconds = cpu.seconds();
     let after = EtcdCounters::scrape(etcd_ns, endpoint)?;
@@ -298,6 +313,8 @@ async fn window(
         agent_cpu: percent,
         etcd_cpu,
         bench_cpu: own.percent()?[0],
+        machine_cpu,
+        load,
         etcd: after.rates_since(&before, seconds),
     })
 }

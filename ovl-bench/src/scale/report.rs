@@ -21,7 +21,7 @@ const GOAL_IDLE_CPU_PERCENT: f64 = 0.5;
 const GOAL_RSS_MIB: f64 = 64.0;
 
 /// CPU and etcd traffic over one window.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Window {
     pub seconds: f64,
     /// Percent of one core, per agent in node order.
@@ -29,14 +29,20 @@ pub struct Window {
     pub etcd_cpu: f64,
     /// The benchmark process itself (etcd client, prober).
     pub bench_cpu: f64,
+    /// Every process on the machine, others' included (200 = two cores).
+    pub machine_cpu: f64,
+    /// The 1-minute load average at the end.
+    pub load: f64,
     pub etcd: EtcdRates,
 }
 
-/// Everything measured at one number of endpoints.
-#[derive(Clone, Debug)]
+/// Everything measured at one number of endpoints and churn rate.
+#[derive(Clone, Debug, Default)]
 pub struct Step {
     pub endpoints: usize,
     pub networks: usize,
+    /// Changes per second asked of the churn.
+    pub rate: u32,
     pub fill_seconds: f64,
     /// From the first write of the step until every map held everything.
     pub converge_seconds: f64,
@@ -57,6 +63,14 @@ pub struct Step {
 }
 
 impl Step {
+    /// Agent CPU per committed change, mean over the agents, in ms: what
+    /// one node pays per change wherever it runs.
+    pub fn agent_ms_per_change(&self) -> f64 {
+        let changes = self.churn.changes_per_second().max(1e-9);
+        (mean(&self.busy.agent_cpu) - mean(&self.idle.agent_cpu)).max(0.0) / 100.0 / changes
+            * 1000.0
+    }
+
     /// Bytes etcd sent and received per committed change, beyond what it
     /// moves when idle.
     pub fn bytes_per_change(&self) -> f64 {
@@ -152,13 +166,16 @@ fn mib(kib: u64) -> f64 {
 pub fn one_line(s: &Step) -> String {
     let c = all_ms(&s.churn.connects);
     format!(
-        "{} endpoints: connect→all p50 {:.0} ms p99 {:.0} ms; agent CPU idle {:.2}% churn {:.1}% (max {:.1}%); RSS max {:.1} MiB; etcd {:.0} req/s churn, {:.0} B/change",
+        "{} endpoints, {} changes/s asked, {:.0} made: connect→all p50 {:.0} ms p99 {:.0} ms; agent CPU idle {:.2}% churn {:.1}% (max {:.1}%), {:.2} ms/change; RSS max {:.1} MiB; etcd {:.0} req/s churn, {:.0} B/change",
         s.endpoints,
+        s.rate,
+        s.churn.changes_per_second(),
         c.p50,
         c.p99,
         mean(&s.idle.agent_cpu),
         mean(&s.busy.agent_cpu),
         max(s.busy.agent_cpu.iter().copied()),
+        s.agent_ms_per_change(),
         mib(s.hwm_kib.iter().copied().max().unwrap_or(0)),
         s.busy.etcd.requests,
         s.bytes_per_change()
@@ -176,7 +193,7 @@ pub fn markdown(r: &ScaleReport) -> String {
     }
     let _ = writeln!(
         md,
-        "\n{} nodes (one `ovl attach` each, decap on TC) on one switched underlay segment with one etcd 3.4 on it; networks of {} endpoints (/22, `--internal`), each node holding an equal share of every network; steps of {:?} endpoints; at each step {} s idle, {} real `ovl connect` runs, then {} s of churn at {} connects + {} disconnects per second. Maps polled every {} ms. {:.0} s in all.\n",
+        "\n{} nodes (one `ovl attach` each, decap on TC) on one switched underlay segment with one etcd 3.4 on it; networks of {} endpoints (/22, `--internal`), each node holding an equal share of every network; steps of {:?} endpoints; at each step {} s idle, {} real `ovl connect` runs, then {} s of churn at {} changes per second (half connects, half disconnects){}. Maps polled every {} ms. {:.0} s in all.\n",
         p.nodes,
         p.per_network,
         p.steps,
@@ -184,11 +201,17 @@ pub fn markdown(r: &ScaleReport) -> String {
         p.cli_samples,
         p.churn_seconds,
         p.rate,
-        p.rate,
+        p.stress_rate
+            .map(|r| format!(", and at the last step once more at {r} changes per second"))
+            .unwrap_or_default(),
         POLL_INTERVAL.as_millis(),
         r.total_seconds
     );
-    let head: Vec<String> = r.steps.iter().map(|s| format!("{} endpoints", s.endpoints)).collect();
+    let head: Vec<String> = r
+        .steps
+        .iter()
+        .map(|s| format!("{} endpoints, {} changes/s", s.endpoints, s.rate))
+        .collect();
     let _ = writeln!(md, "| | {} |", head.join(" | "));
     let _ = writeln!(md, "|---|{}", "---|".repeat(r.steps.len()));
     let mut row = |label: &str, f: &dyn Fn(&Step) -> String| {
@@ -200,47 +223,85 @@ pub fn markdown(r: &ScaleReport) -> String {
     row("written in / in every map after (s)", &|s| {
         format!("{:.1} / {:.1}", s.fill_seconds, s.converge_seconds)
     });
-    row("**connect → every other node's map**, p50 / p99 / max (ms)", &|s| {
-        spread3(all_ms(&s.churn.connects))
-    });
-    row("disconnect → gone from every other map, p50 / p99 / max (ms)", &|s| {
-        spread3(all_ms(&s.churn.disconnects))
-    });
+    row(
+        "**connect → every other node's map**, p50 / p99 / max (ms)",
+        &|s| spread3(all_ms(&s.churn.connects)),
+    );
+    row(
+        "disconnect → gone from every other map, p50 / p99 / max (ms)",
+        &|s| spread3(all_ms(&s.churn.disconnects)),
+    );
     row("connect → first other node, p50 / p99 (ms)", &|s| {
-        let f = Spread::of(s.churn.connects.iter().filter_map(|o| o.first).map(ms).collect());
+        let f = Spread::of(
+            s.churn
+                .connects
+                .iter()
+                .filter_map(|o| o.first)
+                .map(ms)
+                .collect(),
+        );
         format!("{:.0} / {:.0}", f.p50, f.p99)
     });
     row("store commit of a connect, p50 / p99 (ms)", &|s| {
         let c = commit_ms(&s.churn.connects);
         format!("{:.0} / {:.0}", c.p50, c.p99)
     });
-    row("changes committed per second (skipped ticks, errors)", &|s| {
-        format!(
-            "{:.0} ({}, {})",
-            s.churn.changes_per_second(),
-            s.churn.skipped,
-            s.churn.errors.len()
-        )
-    });
-    row("real `ovl connect`: command, p50 / max (ms)", &|s| {
-        let c = Spread::of(s.cli.iter().map(|c| ms(c.command)).collect());
-        format!("{:.0} / {:.0}", c.p50, c.max)
-    });
-    row("real `ovl connect` → every other node, p50 / max (ms)", &|s| {
-        let c = Spread::of(s.cli.iter().filter_map(|c| c.all).map(ms).collect());
-        format!("{:.0} / {:.0} (n={})", c.p50, c.max, c.n)
-    });
+    row(
+        "changes committed per second (skipped ticks, errors)",
+        &|s| {
+            format!(
+                "{:.0} ({}, {})",
+                s.churn.changes_per_second(),
+                s.churn.skipped,
+                s.churn.errors.len()
+            )
+        },
+    );
+    row(
+        "real `ovl connect` at idle: command, p50 / max (ms)",
+        &|s| {
+            let c = Spread::of(s.cli.iter().map(|c| ms(c.command)).collect());
+            if c.n == 0 {
+                return "–".into();
+            }
+            format!("{:.0} / {:.0}", c.p50, c.max)
+        },
+    );
+    row(
+        "real `ovl connect` at idle → every other node, p50 / max (ms)",
+        &|s| {
+            let c = Spread::of(s.cli.iter().filter_map(|c| c.all).map(ms).collect());
+            if s.cli.is_empty() {
+                return "–".into();
+            }
+            format!("{:.0} / {:.0} (n={} of {})", c.p50, c.max, c.n, s.cli.len())
+        },
+    );
     row("maps in step again after the churn (s)", &|s| {
         format!("{:.1}", s.after_churn_seconds)
     });
     row("**agent CPU idle**, mean / max (% of a core)", &|s| {
-        format!("{:.2} / {:.2}", mean(&s.idle.agent_cpu), max(s.idle.agent_cpu.iter().copied()))
+        format!(
+            "{:.2} / {:.2}",
+            mean(&s.idle.agent_cpu),
+            max(s.idle.agent_cpu.iter().copied())
+        )
     });
     row("agent CPU under churn, mean / max (%)", &|s| {
-        format!("{:.1} / {:.1}", mean(&s.busy.agent_cpu), max(s.busy.agent_cpu.iter().copied()))
+        format!(
+            "{:.1} / {:.1}",
+            mean(&s.busy.agent_cpu),
+            max(s.busy.agent_cpu.iter().copied())
+        )
+    });
+    row("agent CPU per change, mean beyond idle (ms)", &|s| {
+        format!("{:.2}", s.agent_ms_per_change())
     });
     row("**agent RSS** idle, max (MiB)", &|s| {
-        format!("{:.1}", mib(s.rss_idle_kib.iter().copied().max().unwrap_or(0)))
+        format!(
+            "{:.1}",
+            mib(s.rss_idle_kib.iter().copied().max().unwrap_or(0))
+        )
     });
     row("agent RSS after churn / peak, max (MiB)", &|s| {
         format!(
@@ -253,7 +314,11 @@ pub fn markdown(r: &ScaleReport) -> String {
         format!("{:.1} / {:.1}", s.idle.etcd_cpu, s.busy.etcd_cpu)
     });
     row("etcd RSS idle / after churn (MiB)", &|s| {
-        format!("{:.0} / {:.0}", mib(s.etcd_rss_idle_kib), mib(s.etcd_rss_churn_kib))
+        format!(
+            "{:.0} / {:.0}",
+            mib(s.etcd_rss_idle_kib),
+            mib(s.etcd_rss_churn_kib)
+        )
     });
     row("**etcd requests/s** idle / churn", &|s| {
         format!("{:.1} / {:.0}", s.idle.etcd.requests, s.busy.etcd.requests)
@@ -277,10 +342,18 @@ pub fn markdown(r: &ScaleReport) -> String {
             (s.busy.etcd.sent_bytes + s.busy.etcd.received_bytes) / 1000.0
         )
     });
-    row("**etcd bytes per change** (sent + received, beyond idle)", &|s| {
-        let (sent, received) = s.bytes_split();
-        format!("{:.0} ({:.0} sent, {:.0} received)", s.bytes_per_change(), sent, received)
-    });
+    row(
+        "**etcd bytes per change** (sent + received, beyond idle)",
+        &|s| {
+            let (sent, received) = s.bytes_split();
+            format!(
+                "{:.0} ({:.0} sent, {:.0} received)",
+                s.bytes_per_change(),
+                sent,
+                received
+            )
+        },
+    );
     row("etcd keys; db size / in use (MB)", &|s| {
         format!(
             "{:.0}; {:.1} / {:.1}",
@@ -289,7 +362,19 @@ pub fn markdown(r: &ScaleReport) -> String {
             s.etcd.db_in_use_bytes / 1e6
         )
     });
-    row("benchmark process CPU under churn (%)", &|s| format!("{:.0}", s.busy.bench_cpu));
+    row("benchmark process CPU under churn (%)", &|s| {
+        format!("{:.0}", s.busy.bench_cpu)
+    });
+    row(
+        "**whole machine CPU under churn** / of it this benchmark's processes (%)",
+        &|s| {
+            let ours = s.busy.agent_cpu.iter().sum::<f64>() + s.busy.etcd_cpu + s.busy.bench_cpu;
+            format!("{:.0} / {:.0}", s.busy.machine_cpu, ours)
+        },
+    );
+    row("load average (1 min) after idle / churn", &|s| {
+        format!("{:.1} / {:.1}", s.idle.load, s.busy.load)
+    });
 
     let _ = writeln!(md, "\n## Goals\n");
     for line in goals(r) {
@@ -298,7 +383,12 @@ pub fn markdown(r: &ScaleReport) -> String {
     let errors: Vec<String> = r
         .steps
         .iter()
-        .flat_map(|s| s.churn.errors.iter().map(move |e| format!("{} endpoints: {e}", s.endpoints)))
+        .flat_map(|s| {
+            s.churn
+                .errors
+                .iter()
+                .map(move |e| format!("{} endpoints: {e}", s.endpoints))
+        })
         .collect();
     if !errors.is_empty() {
         let _ = writeln!(md, "\n## Errors during churn ({})\n", errors.len());
@@ -311,27 +401,31 @@ pub fn markdown(r: &ScaleReport) -> String {
 
 /// Each goal of the issue with what was measured, met or missed.
 fn goals(r: &ScaleReport) -> Vec<String> {
-    let Some(last) = r.steps.last() else {
+    let nominal: Vec<&Step> = r.steps.iter().filter(|s| s.rate == r.plan.rate).collect();
+    let Some(last) = nominal.last().copied() else {
         return vec!["no step ran".into()];
     };
     let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
     let p99 = all_ms(&last.churn.connects).p99;
     let idle = max(last.idle.agent_cpu.iter().copied());
     let rss = mib(last.hwm_kib.iter().copied().max().unwrap_or(0));
-    let per_change: Vec<String> = r
-        .steps
+    let per_change: Vec<String> = nominal
         .iter()
         .map(|s| format!("{:.0} B at {}", s.bytes_per_change(), s.endpoints))
         .collect();
-    let first = r.steps.first().map_or(0.0, Step::bytes_per_change);
+    let first = nominal.first().map_or(0.0, |s| s.bytes_per_change());
     let growth = last.bytes_per_change() / first.max(1.0);
     vec![
         format!(
-            "connect → every other node p99 < {} ms at {} endpoints: {:.0} ms — {}",
+            "connect → every other node p99 < {} ms at {} endpoints and {} changes/s: {:.0} ms — {}",
             GOAL_P99.as_millis(),
             last.endpoints,
+            last.rate,
             p99,
-            verdict(Duration::from_secs_f64(p99 / 1000.0) < GOAL_P99 && last.churn.connects.iter().all(|o| o.all.is_some()))
+            verdict(
+                Duration::from_secs_f64(p99 / 1000.0) < GOAL_P99
+                    && last.churn.connects.iter().all(|o| o.all.is_some())
+            )
         ),
         format!(
             "idle agent CPU ≈ 0 (below {GOAL_IDLE_CPU_PERCENT}% of a core) at {} endpoints: busiest agent {idle:.2}% — {}",
@@ -362,7 +456,8 @@ pub fn json(r: &ScaleReport) -> Value {
             "per_network": r.plan.per_network,
             "idle_seconds": r.plan.idle_seconds,
             "churn_seconds": r.plan.churn_seconds,
-            "rate_per_second": r.plan.rate,
+            "changes_per_second": r.plan.rate,
+            "stress_changes_per_second": r.plan.stress_rate,
             "cli_samples": r.plan.cli_samples,
             "poll_interval_ms": POLL_INTERVAL.as_millis() as u64,
         },
@@ -370,6 +465,8 @@ pub fn json(r: &ScaleReport) -> Value {
         "goals": goals(r),
         "steps": r.steps.iter().map(|s| json!({
             "endpoints": s.endpoints,
+            "rate": s.rate,
+            "agent_cpu_ms_per_change": s.agent_ms_per_change(),
             "networks": s.networks,
             "fill_seconds": s.fill_seconds,
             "converge_seconds": s.converge_seconds,
@@ -410,6 +507,8 @@ fn window_json(w: &Window) -> Value {
         "agent_cpu_percent": w.agent_cpu,
         "etcd_cpu_percent": w.etcd_cpu,
         "bench_cpu_percent": w.bench_cpu,
+        "machine_cpu_percent": w.machine_cpu,
+        "load_average": w.load,
         "etcd_requests_per_second": w.etcd.requests,
         "etcd_requests_by_method": w.etcd.by_method,
         "etcd_watch_responses_per_second": w.etcd.watch_responses,
@@ -450,7 +549,10 @@ mod tests {
     #[test]
     fn percentiles_are_nearest_rank() {
         let s = Spread::of((1..=100).map(f64::from).collect());
-        assert_eq!((s.n, s.p50, s.p90, s.p99, s.max), (100, 50.0, 90.0, 99.0, 100.0));
+        assert_eq!(
+            (s.n, s.p50, s.p90, s.p99, s.max),
+            (100, 50.0, 90.0, 99.0, 100.0)
+        );
         let one = Spread::of(vec![7.0]);
         assert_eq!((one.p50, one.p99), (7.0, 7.0));
         assert_eq!(Spread::of(Vec::new()).n, 0);

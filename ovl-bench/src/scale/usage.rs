@@ -87,6 +87,56 @@ impl CpuWindow {
     }
 }
 
+/// The whole machine's CPU time so far (all processes, every core), from
+/// the first line of /proc/stat: (busy, idle) in clock ticks.
+fn machine_ticks() -> Result<(u64, u64)> {
+    let text = fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let fields: Vec<u64> = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("/proc/stat has no cpu line")?
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let at = |i: usize| fields.get(i).copied().unwrap_or(0);
+    let idle = at(3) + at(4);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    Ok((busy, idle))
+}
+
+/// How busy the whole machine was over a window, whoever used it.
+pub struct MachineWindow {
+    start: Instant,
+    before: (u64, u64),
+}
+
+impl MachineWindow {
+    pub fn start() -> Result<MachineWindow> {
+        Ok(MachineWindow {
+            start: Instant::now(),
+            before: machine_ticks()?,
+        })
+    }
+
+    /// CPU used by every process since the start, in percent of one core
+    /// (200 is two cores fully busy).
+    pub fn percent(&self) -> Result<f64> {
+        let (busy, _) = machine_ticks()?;
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        Ok((busy.saturating_sub(self.before.0)) as f64 / clock_ticks() / wall * 100.0)
+    }
+}
+
+/// The 1-minute load average.
+pub fn load_average() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The etcd counters the report uses, as of one scrape.
 #[derive(Clone, Debug, Default)]
 pub struct EtcdCounters {
@@ -164,7 +214,12 @@ impl EtcdCounters {
         let methods: BTreeMap<String, f64> = self
             .received
             .iter()
-            .map(|(m, v)| (m.clone(), per_s(*v, before.received.get(m).copied().unwrap_or(0.0))))
+            .map(|(m, v)| {
+                (
+                    m.clone(),
+                    per_s(*v, before.received.get(m).copied().unwrap_or(0.0)),
+                )
+            })
             .filter(|(_, v)| *v > 0.0)
             .collect();
         EtcdRates {

@@ -62,7 +62,7 @@ impl World {
             HOST_IFACE,
         ])?;
         etcd_ns.ip(&["link", "set", HOST_IFACE, "up"])?;
-        let etcd = Etcd::start(&lab, &etcd_ns, ETCD_ADDR)?;
+        let etcd = Etcd::start_in_memory(&lab, &etcd_ns, ETCD_ADDR)?;
         let ovl = Ovl::with_store(&lab, &etcd.url())?;
         let started = Instant::now();
         let mut nodes = Vec::with_capacity(n);

@@ -157,7 +157,12 @@ mod tests {
         let mut other = Collector::new(Duration::from_secs(10));
         let veth = |_: &str| Some(7);
         other.scan(&s, "a", t0, &veth);
-        assert!(other.scan(&s, "a", t0 + Duration::from_secs(11), &veth).0.is_empty());
+        assert!(
+            other
+                .scan(&s, "a", t0 + Duration::from_secs(11), &veth)
+                .0
+                .is_empty()
+        );
         // Another node's view: nothing of ours.
         assert!(gc.scan(&s, "b", t0, &no_veth).0.is_empty());
     }

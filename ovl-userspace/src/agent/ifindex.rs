@@ -28,10 +28,7 @@ impl IfindexCache {
     /// Forgets every name: a link was created, deleted or renamed (the
     /// kernel said so), so any answer may have changed.
     pub fn invalidate(&self) {
-        self.known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 

@@ -527,9 +527,11 @@ impl Agent {
             return;
         };
         let ifindexes = &self.ifindexes;
-        let (due, next) =
-            self.collector
-                .scan(state, &self.node, Instant::now(), &|name| ifindexes.get(name));
+        let (due, next) = self
+            .collector
+            .scan(state, &self.node, Instant::now(), &|name| {
+                ifindexes.get(name)
+            });
         self.next_gc = next;
         for ep in due {
             let Location::Container { netns, .. } = &ep.location else {

@@ -84,7 +84,10 @@ impl Shadow {
         for (k, v) in writes {
             map.insert(*k, *v, 0)
                 .with_context(|| format!("write {name}"))?;
-            have.insert(bytemuck::bytes_of(k).to_vec(), bytemuck::bytes_of(v).to_vec());
+            have.insert(
+                bytemuck::bytes_of(k).to_vec(),
+                bytemuck::bytes_of(v).to_vec(),
+            );
             count.written += 1;
         }
         Ok(count)
