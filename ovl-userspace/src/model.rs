@@ -53,6 +53,19 @@ pub enum ModelError {
     },
     #[error("no endpoint {ip} on network {network:?}")]
     NoSuchEndpoint { network: String, ip: Ipv4Addr },
+    #[error(
+        "invalid endpoint name or alias {name:?}: {why}; use DNS labels (letters, digits, '-', '_'; 1-63 characters each, not starting or ending with '-') joined by dots, at most 253 characters"
+    )]
+    InvalidEndpointName { name: String, why: &'static str },
+    #[error(
+        "name {name:?} is already taken on network {network:?} by {holder} ({ip}); names and aliases are unique per network (ignoring case): pick another --name or --alias"
+    )]
+    NameTaken {
+        name: String,
+        network: String,
+        holder: String,
+        ip: Ipv4Addr,
+    },
     #[error(transparent)]
     Ipam(#[from] ipam::IpamError),
     #[error(transparent)]
@@ -222,6 +235,11 @@ pub struct Endpoint {
     /// garbage-collect its own attachments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// More names the endpoint answers to in its network's DNS; with the
+    /// name, unique per network (ignoring case). Absent in stores written
+    /// before aliases existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 impl Endpoint {
@@ -231,6 +249,11 @@ impl Endpoint {
             Location::Container { node, .. } => Some(node),
             Location::Static { .. } => None,
         }
+    }
+
+    /// The endpoint's name and aliases.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.name.as_str()).chain(self.aliases.iter().map(String::as_str))
     }
 }
 
@@ -390,10 +413,15 @@ impl State {
                 netns: spec.netns,
             });
         }
+        if let Some(name) = &spec.name {
+            validate_endpoint_name(name)?;
+        }
+        let name = spec.name.unwrap_or_else(|| spec.netns.clone());
+        self.check_names_free(&spec.network, None, [name.as_str()])?;
         let ip = self.allocate(&network, spec.ip)?;
         let endpoint = Endpoint {
             network: spec.network,
-            name: spec.name.unwrap_or_else(|| spec.netns.clone()),
+            name,
             ip,
             mac: MacAddr::for_ipv4(ip),
             location: Location::Container {
@@ -402,9 +430,78 @@ impl State {
                 host_ifname: host_ifname(network.vni, ip),
             },
             owner: spec.owner,
+            aliases: Vec::new(),
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
+    }
+
+    /// Gives endpoint `ip` of `network` a new name (if `name` is given) and
+    /// these aliases (replacing its aliases), each a DNS name unique in the
+    /// network. Refused, changing nothing, when one is invalid or taken.
+    pub fn set_names(
+        &mut self,
+        network: &str,
+        ip: Ipv4Addr,
+        name: Option<String>,
+        aliases: Vec<String>,
+    ) -> Result<Endpoint, ModelError> {
+        self.network(network)?;
+        let pos = self
+            .endpoints
+            .iter()
+            .position(|e| e.network == network && e.ip == ip)
+            .ok_or_else(|| ModelError::NoSuchEndpoint {
+                network: network.to_owned(),
+                ip,
+            })?;
+        if let Some(name) = &name {
+            validate_endpoint_name(name)?;
+        }
+        for alias in &aliases {
+            validate_endpoint_name(alias)?;
+        }
+        let name = name.unwrap_or_else(|| self.endpoints[pos].name.clone());
+        // An alias repeating the name or another alias adds nothing.
+        let mut seen = std::collections::BTreeSet::from([name.to_ascii_lowercase()]);
+        let aliases: Vec<String> = aliases
+            .into_iter()
+            .filter(|a| seen.insert(a.to_ascii_lowercase()))
+            .collect();
+        self.check_names_free(
+            network,
+            Some(ip),
+            std::iter::once(name.as_str()).chain(aliases.iter().map(String::as_str)),
+        )?;
+        let ep = &mut self.endpoints[pos];
+        ep.name = name;
+        ep.aliases = aliases;
+        Ok(ep.clone())
+    }
+
+    /// Fails when any of `names` is a name or alias of another endpoint of
+    /// `network` than the one at `except`.
+    fn check_names_free<'a>(
+        &self,
+        network: &str,
+        except: Option<Ipv4Addr>,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ModelError> {
+        for wanted in names {
+            let holder = self
+                .endpoints_of(network)
+                .filter(|e| Some(e.ip) != except)
+                .find(|e| e.names().any(|n| n.eq_ignore_ascii_case(wanted)));
+            if let Some(e) = holder {
+                return Err(ModelError::NameTaken {
+                    name: wanted.to_owned(),
+                    network: network.to_owned(),
+                    holder: e.name.clone(),
+                    ip: e.ip,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Registers an endpoint behind a VTEP that runs no ovl agent.
@@ -427,14 +524,20 @@ impl State {
         if let Some(mac) = mac {
             validate::mac(mac)?;
         }
+        if let Some(name) = &name {
+            validate_endpoint_name(name)?;
+        }
         let ip = self.allocate(&net, Some(ip))?;
+        let name = name.unwrap_or_else(|| format!("static-{ip}"));
+        self.check_names_free(network, None, [name.as_str()])?;
         let endpoint = Endpoint {
             network: network.to_owned(),
-            name: name.unwrap_or_else(|| format!("static-{ip}")),
+            name,
             ip,
             mac: mac.unwrap_or(MacAddr::for_ipv4(ip)),
             location: Location::Static { vtep },
             owner: None,
+            aliases: Vec::new(),
         };
 
         self.endpoints.push(endpoint.clone());
@@ -661,6 +764,46 @@ pub fn host_ifname(vni: Vni, ip: Ipv4Addr) -> String {
     format!("ovl{h:08x}")
 }
 
+/// Checks that `name` can be asked for in DNS (RFC 1123 host names, plus
+/// '_' as Docker allows in container names): labels of 1-63 characters
+/// from [A-Za-z0-9_-], not starting or ending with '-', joined by dots,
+/// at most 253 characters, and not an IPv4 address.
+pub fn validate_endpoint_name(name: &str) -> Result<(), ModelError> {
+    let bad = |why| {
+        Err(ModelError::InvalidEndpointName {
+            name: name.to_owned(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > 253 {
+        return bad("it is longer than 253 characters");
+    }
+    if name.parse::<Ipv4Addr>().is_ok() {
+        return bad("it is an IPv4 address");
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return bad("it has an empty label (two dots in a row, or a dot at an end)");
+        }
+        if label.len() > 63 {
+            return bad("a label is longer than 63 characters");
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad("it has a character other than letters, digits, '-', '_' and '.'");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a label starts or ends with '-'");
+        }
+    }
+    Ok(())
+}
+
 fn validate_name(name: &str) -> Result<(), ModelError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -796,11 +939,104 @@ mod tests {
         assert!("02:42:c6:12:00:zz".parse::<MacAddr>().is_err());
     }
 
+    fn named(net: &str, node: &str, ns: &str, name: &str) -> ContainerSpec {
+        ContainerSpec {
+            name: Some(name.into()),
+            ..container(net, node, ns)
+        }
+    }
+
+    #[test]
+    fn names_and_aliases_are_unique_per_network_ignoring_case() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.create_network(spec("b", Some(7))).unwrap();
+        let web = s.add_container(named("a", "n1", "c1", "web")).unwrap();
+        s.set_names(
+            "a",
+            web.ip,
+            None,
+            vec!["www".into(), "WWW".into(), "web".into()],
+        )
+        .unwrap();
+        assert_eq!(s.endpoints[0].aliases, vec!["www".to_string()]);
+        let before = s.clone();
+        for clash in ["web", "Web", "WWW"] {
+            let err = s
+                .add_container(named("a", "n2", "c2", clash))
+                .expect_err("a taken name must be refused");
+            assert!(
+                matches!(&err, ModelError::NameTaken { holder, ip, .. } if holder == "web" && *ip == web.ip),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("--name"), "{err}");
+        }
+        let other = s.add_container(named("a", "n2", "c2", "db")).unwrap();
+        assert!(matches!(
+            s.set_names("a", other.ip, None, vec!["www".into()]),
+            Err(ModelError::NameTaken { .. })
+        ));
+        s.remove_container("a", "n2", "c2").unwrap();
+        assert_eq!(s, before, "refusals changed nothing");
+        // Another network has names of its own.
+        s.add_container(named("b", "n2", "c3", "web")).unwrap();
+    }
+
+    #[test]
+    fn endpoint_names_must_be_dns_names() {
+        for good in [
+            "web",
+            "web-1",
+            "my_app",
+            "db.internal",
+            "a1",
+            "x".repeat(63).as_str(),
+        ] {
+            validate_endpoint_name(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "",
+            "-web",
+            "web-",
+            "we b",
+            "web.",
+            "a..b",
+            "/run/netns/x",
+            "198.18.0.2",
+            "x".repeat(64).as_str(),
+        ] {
+            assert!(
+                matches!(
+                    validate_endpoint_name(bad),
+                    Err(ModelError::InvalidEndpointName { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        assert!(s.add_container(named("a", "n1", "c1", "bad name")).is_err());
+        assert!(s.endpoints.is_empty());
+        // A default name (the namespace) need not be a DNS name.
+        s.add_container(container("a", "n1", "/proc/42/ns/net"))
+            .unwrap();
+    }
+
+    #[test]
+    fn endpoints_stored_before_aliases_load_without_them() {
+        let old = r#"{"network":"a","name":"web","ip":"198.18.0.2","mac":"02:42:c6:12:00:02","location":{"kind":"static","vtep":"192.0.2.5"}}"#;
+        let ep: Endpoint = serde_json::from_str(old).unwrap();
+        assert!(ep.aliases.is_empty());
+        assert!(!serde_json::to_string(&ep).unwrap().contains("aliases"));
+    }
+
     #[test]
     fn state_round_trips_through_json() {
         let mut s = State::default();
         s.create_network(spec("a", None)).unwrap();
-        s.add_container(container("a", "n1", "c1")).unwrap();
+        let c1 = s.add_container(container("a", "n1", "c1")).unwrap();
+        s.set_names("a", c1.ip, Some("web".into()), vec!["www".into()])
+            .unwrap();
         s.add_static(
             "a",
             Ipv4Addr::new(198, 18, 0, 9),

@@ -367,6 +367,16 @@ fn commit_plan(
         else {
             continue;
         };
+        // Names are unique per network, and each endpoint is a key of its
+        // own: no endpoint of the network may have been written since the
+        // read, or two writers could both take one name.
+        let endpoints = format!("{ENDPOINTS}{network}/");
+        guard(
+            &mut plan,
+            &endpoints,
+            Compare::mod_revision(endpoints.as_str(), CompareOp::Less, snap.revision + 1)
+                .with_prefix(),
+        );
         // The network it joins is the one it was read with.
         let net_key = network_key(network);
         if old.contains_key(&net_key) && new.get(&net_key) == old.get(&net_key) {
