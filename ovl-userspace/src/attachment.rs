@@ -185,11 +185,10 @@ pub async fn detach(store: &Store, node: &str, network: &str, netns: &str) -> Re
         location: Location::Container { host_ifname, .. },
         ..
     }) = find(store, node, network, netns).await?
+        && netlink::ifindex(&host_ifname).is_some()
     {
-        if netlink::ifindex(&host_ifname).is_some() {
-            let handle = netlink::connect()?;
-            netlink::delete_link(&handle, &host_ifname).await?;
-        }
+        let handle = netlink::connect()?;
+        netlink::delete_link(&handle, &host_ifname).await?;
     }
     Ok(store
         .update_with(Scope::Network(network), |s| {
