@@ -9,6 +9,7 @@ pub mod cni;
 pub mod commands;
 pub mod datapath;
 pub mod desired;
+pub mod dns;
 pub mod exporter;
 pub mod ipam;
 pub mod metrics;
