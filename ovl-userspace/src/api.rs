@@ -193,7 +193,10 @@ pub fn network_rows(view: &View, network: Option<&str>) -> Result<Vec<NetworkSta
         .filter(|n| network.is_none_or(|want| want == n.name))
         .map(|n| {
             let c = counters.get(&n.vni).copied().unwrap_or_default();
-            NetworkStats::new(&n.name, n.vni, &c)
+            NetworkStats {
+                dns: view.dns.of(&n.name),
+                ..NetworkStats::new(&n.name, n.vni, &c)
+            }
         })
         .collect();
     rows.sort_by(|a, b| a.network.cmp(&b.network));

@@ -140,15 +140,20 @@ pub async fn connect(
         ),
         Err(e) => eprintln!("ovl: warning: {e:#}"),
     }
+    let resolver = match &a.resolv_conf {
+        Some(path) => format!("{} ({})", crate::dns::RESOLVER_ADDR, path.display()),
+        None => crate::dns::RESOLVER_ADDR.to_string(),
+    };
     Ok(format!(
-        "connected {} to {}: {} {}/{prefix} mac {} mtu {} (host side {})",
+        "connected {} to {}: {} {}/{prefix} mac {} mtu {} (host side {})\nnames: {}; resolver {resolver}",
         req.netns,
         req.network,
         a.ifname,
         a.endpoint.ip,
         a.endpoint.mac,
         a.network.mtu,
-        a.host_ifname
+        a.host_ifname,
+        a.endpoint.names().collect::<Vec<_>>().join(", ")
     ))
 }
 

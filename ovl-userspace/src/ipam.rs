@@ -42,11 +42,6 @@ impl Subnet {
         self.prefix
     }
 
-    /// True when `ip` is inside the subnet (any of its addresses).
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask() == self.base()
-    }
-
     fn mask(&self) -> u32 {
         u32::MAX << (32 - u32::from(self.prefix))
     }

@@ -80,9 +80,13 @@ enum Command {
         /// Address to use instead of the next free one.
         #[arg(long)]
         ip: Option<Ipv4Addr>,
-        /// Endpoint name [default: the namespace name].
+        /// Endpoint name [default: the namespace name]: what the network's
+        /// other containers resolve to its address.
         #[arg(long)]
         name: Option<String>,
+        /// Another name the endpoint resolves as (repeatable).
+        #[arg(long = "alias", value_name = "NAME")]
+        aliases: Vec<String>,
     },
     /// Remove a container namespace's interface from a network.
     Disconnect { network: String, netns: String },
@@ -104,6 +108,8 @@ enum Command {
         /// (deleted without a disconnect) before its endpoint is freed.
         #[arg(long, env = "OVL_GC_GRACE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
         gc_grace: u64,
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Remove this node's data path from IFACE: programs, links, maps, pins.
     Detach { iface: String },
@@ -152,6 +158,22 @@ enum CniCmd {
         #[arg(long)]
         name: Option<String>,
     },
+}
+
+/// The containers' resolver (`ovl attach`).
+#[derive(clap::Args)]
+struct DnsArgs {
+    /// No resolver in the containers of this node.
+    #[arg(long, env = "OVL_NO_DNS")]
+    no_dns: bool,
+    /// Resolver for names that are not ovl's, IP[:PORT] (repeatable,
+    /// tried in order) [default: the nameservers of /etc/resolv.conf].
+    #[arg(long = "dns-upstream", env = "OVL_DNS_UPSTREAM", value_delimiter = ',', value_name = "IP[:PORT]", value_parser = ovl_userspace::dns::parse_upstream)]
+    upstreams: Vec<std::net::SocketAddr>,
+    /// Questions per second each container may ask (bursts of twice
+    /// that); more are dropped. 0: no limit.
+    #[arg(long, env = "OVL_DNS_RATE_LIMIT", default_value_t = ovl_userspace::dns::DEFAULT_RATE_LIMIT)]
+    dns_rate_limit: u32,
 }
 
 #[derive(Subcommand)]
@@ -283,6 +305,7 @@ async fn run(cli: Cli) -> Result<()> {
         lease_ttl,
         metrics,
         gc_grace,
+        dns,
     } = cli.command
     {
         let state_dir = cli
@@ -299,6 +322,11 @@ async fn run(cli: Cli) -> Result<()> {
             metrics,
             state_dir,
             gc_grace: std::time::Duration::from_secs(gc_grace),
+            dns: ovl_userspace::dns::Options {
+                enabled: !dns.no_dns,
+                upstreams: dns.upstreams,
+                rate_limit: dns.dns_rate_limit,
+            },
         })
         .await;
     }
@@ -331,6 +359,7 @@ async fn run(cli: Cli) -> Result<()> {
             netns,
             ip,
             name,
+            aliases,
         } => {
             let req = ovl_userspace::attachment::Request {
                 network,
@@ -338,6 +367,7 @@ async fn run(cli: Cli) -> Result<()> {
                 netns,
                 ifname: None,
                 name,
+                aliases,
                 ip,
                 owner: None,
             };

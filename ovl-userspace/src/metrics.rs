@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 
 use ovl_common::{DropReason, UnderlayCounters, VniCounters};
+
+use crate::dns::DnsCounters;
 use serde::{Deserialize, Serialize};
 
 /// Counters of one network.
@@ -19,6 +21,10 @@ pub struct NetworkStats {
     pub arp_replies: u64,
     /// Drops keyed by reason name, every reason present.
     pub drops: BTreeMap<String, u64>,
+    /// The network's containers' DNS questions, by outcome (zero when no
+    /// agent runs: they live in the agent).
+    #[serde(default)]
+    pub dns: DnsCounters,
 }
 
 impl NetworkStats {
@@ -37,6 +43,7 @@ impl NetworkStats {
                 .iter()
                 .map(|r| (r.name().to_owned(), c.drops_for(*r)))
                 .collect(),
+            dns: DnsCounters::default(),
         }
     }
 }
@@ -90,8 +97,17 @@ impl std::fmt::Display for UnderlayStats {
 /// Renders rows as an aligned table; drops list only non-zero reasons.
 pub fn table(rows: &[NetworkStats]) -> String {
     let mut out = format!(
-        "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}  {}\n",
-        "NETWORK", "VNI", "TX_PKTS", "TX_BYTES", "RX_PKTS", "RX_BYTES", "LOCAL", "ARP", "DROPS"
+        "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>20}  {}\n",
+        "NETWORK",
+        "VNI",
+        "TX_PKTS",
+        "TX_BYTES",
+        "RX_PKTS",
+        "RX_BYTES",
+        "LOCAL",
+        "ARP",
+        "DNS ANS/FWD/FAIL",
+        "DROPS"
     );
     for r in rows {
         let drops: Vec<String> = r
@@ -101,7 +117,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         out.push_str(&format!(
-            "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6}  {}\n",
+            "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>20}  {}\n",
             r.network,
             r.vni,
             r.tx_packets,
@@ -110,6 +126,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
             r.rx_bytes,
             r.local_packets,
             r.arp_replies,
+            format!("{}/{}/{}", r.dns.answered, r.dns.forwarded, r.dns.failed),
             if drops.is_empty() {
                 "-".to_owned()
             } else {

@@ -244,6 +244,21 @@ async fn configure_container_link(
     Ok(name)
 }
 
+/// Brings up the loopback interface of namespace `netns` (ovl's resolver
+/// listens on 127.0.0.11 there; a new `ip netns add` namespace has it down).
+pub async fn loopback_up(netns: &str) -> Result<()> {
+    let inner = connect_in(netns)?;
+    let lo = container_ifindex(&inner, "lo")
+        .await
+        .with_context(|| format!("find the loopback of {netns:?}"))?;
+    inner
+        .link()
+        .set(LinkUnspec::new_with_index(lo).up().build())
+        .execute()
+        .await
+        .with_context(|| format!("bring up the loopback of {netns:?}"))
+}
+
 async fn container_ifindex(handle: &Handle, name: &str) -> Result<u32> {
     let link = handle
         .link()

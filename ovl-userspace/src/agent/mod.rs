@@ -64,6 +64,8 @@ pub struct AgentOptions {
     /// How long a local endpoint's namespace must be gone before the
     /// endpoint is collected.
     pub gc_grace: Duration,
+    /// The containers' resolver.
+    pub dns: crate::dns::Options,
 }
 
 /// The store as the agent holds it once reachable.
@@ -115,7 +117,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         pin_dir: pin_dir.clone(),
         store: opts.store_url.clone(),
     });
+    let dns = crate::dns::Service::start(&opts.dns, view.dns.clone())?;
     let mut agent = Agent {
+        dns,
         node: opts.node.clone(),
         underlay,
         dp,
@@ -258,6 +262,7 @@ struct Agent {
     collector: gc::Collector,
     /// When an abandoned endpoint is next due for collection.
     next_gc: Option<Instant>,
+    dns: crate::dns::Service,
 }
 
 impl Agent {
@@ -351,6 +356,9 @@ impl Agent {
 
     /// Applies `state` to the kernel and remembers it.
     fn apply(&mut self, state: &State) -> Result<()> {
+        // Names first: a container's resolver is listening by the time its
+        // endpoint is reported forwarding.
+        self.dns.update(state, &self.node);
         reconcile::reconcile(&mut self.dp, state, &self.node, &self.underlay, &self.view)?;
         reconcile::remember(&mut self.memory, state, &self.node);
         if let Err(e) = self.journal.save(&self.memory) {
@@ -493,6 +501,7 @@ impl Agent {
                         ep.network
                     );
                     self.view.update(|l| l.collected_endpoints += 1);
+                    let _ = crate::dns::resolv_conf::remove(netns);
                 }
                 Err(e) => log::warn!("collecting endpoint {} of {}: {e}", ep.ip, ep.network),
             }

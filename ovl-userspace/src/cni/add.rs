@@ -68,6 +68,7 @@ pub async fn add(
         netns: netns.to_owned(),
         ifname: Some(inv.ifname.clone()),
         name: Some(name),
+        aliases: Vec::new(),
         ip,
         owner: Some(owner),
     };

@@ -67,6 +67,11 @@ pub fn install(netns: &str, dns: &ContainerDns) -> Result<Change> {
     install_under(Path::new(NETNS_ETC), netns, dns)
 }
 
+/// Whether namespace `netns` has a resolv.conf ovl wrote.
+pub fn is_ours(netns: &str) -> bool {
+    file_of(Path::new(NETNS_ETC), netns).is_some_and(|p| matches!(ours(&p), Ok(Some(true))))
+}
+
 /// Removes the resolv.conf of namespace `netns` if ovl wrote it.
 pub fn remove(netns: &str) -> Result<Change> {
     remove_under(Path::new(NETNS_ETC), netns)
