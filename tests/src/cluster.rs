@@ -50,6 +50,13 @@ impl Cluster {
         Self::with_agents(lab, Ovl::new(lab)?, router, hosts, mode, &[])
     }
 
+    /// [`start`](Self::start) with extra environment for every agent
+    /// (such as `OVL_DNS_UPSTREAM`).
+    pub fn start_with_env(lab: &Lab, mode: &str, env: &[(&str, &str)]) -> Result<Cluster> {
+        let (router, hosts) = lab.routed_hosts(2)?;
+        Self::with_agents(lab, Ovl::new(lab)?, router, hosts, mode, env)
+    }
+
     fn with_agents(
         lab: &Lab,
         ovl: Ovl,
