@@ -659,3 +659,265 @@ fn etcd_names_survive_races_and_a_dead_nodes_names_go() -> Result<()> {
     eprintln!("NXDOMAIN {:?} after C was listed dead", declared.elapsed());
     world.stop()
 }
+
+/// A dockerd on one lab host (its network namespace, the root mount
+/// namespace, so the agent can open its containers' namespaces as it
+/// would on a real host), with its own roots and an offline busybox
+/// image. Dropping it removes its containers and stops it.
+struct Dockerd {
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    cgroup: String,
+    process: std::process::Child,
+}
+
+const DOCKER_IMAGE: &str = "ovlt/busybox:dns";
+
+impl Dockerd {
+    fn start(lab: &Lab, host: &Netns) -> Result<Dockerd> {
+        use std::os::unix::process::CommandExt;
+        let dir = lab.tempdir().join("docker");
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("docker.sock");
+        let cgroup = format!("{}-docker", lab.prefix());
+        let log = std::fs::File::create(dir.join("dockerd.log"))?;
+        let d = |p: &str| dir.join(p).display().to_string();
+        // `ip netns exec` would hide the cgroup hierarchies from dockerd.
+        let process = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", host.name()))
+            .args([
+                "/usr/sbin/dockerd",
+                "--data-root",
+                &d("data"),
+                "--exec-root",
+            ])
+            .args([&d("exec"), "--pidfile", &d("docker.pid"), "-H"])
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--iptables=false", "--ip-forward=false", "--bridge=none"])
+            .args([
+                "--exec-opt",
+                "native.cgroupdriver=cgroupfs",
+                "--cgroup-parent",
+            ])
+            .arg(format!("/{cgroup}"))
+            .args(["--containerd-namespace", &cgroup])
+            .args(["--containerd-plugins-namespace", &format!("{cgroup}-p")])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("start dockerd (is docker.io installed? `cargo xtask setup`)")?;
+        let dockerd = Dockerd {
+            dir,
+            socket,
+            cgroup,
+            process,
+        };
+        wait_until(Duration::from_secs(30), || {
+            Ok(dockerd.docker(&["version"]).is_ok())
+        })
+        .with_context(|| format!("dockerd did not start:\n{}", dockerd.log()))?;
+        dockerd.import_busybox()?;
+        Ok(dockerd)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+    }
+
+    fn import_busybox(&self) -> Result<()> {
+        let rootfs = self.dir.join("rootfs");
+        for sub in ["bin", "tmp", "etc"] {
+            std::fs::create_dir_all(rootfs.join(sub))?;
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+            .context("copy /bin/busybox: is busybox-static installed?")?;
+        for applet in ["sh", "ping", "sleep", "nslookup", "cat"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
+        }
+        let tar = self.dir.join("rootfs.tar");
+        let (rootfs, tar) = (rootfs.display().to_string(), tar.display().to_string());
+        ovl_tests::run(&["tar", "-C", &rootfs, "-cf", &tar, "."])?;
+        self.docker(&["import", &tar, DOCKER_IMAGE])?;
+        Ok(())
+    }
+
+    fn docker_unchecked(&self, args: &[&str]) -> Result<std::process::Output> {
+        let host = format!("unix://{}", self.socket.display());
+        let mut argv = vec!["/usr/bin/docker", "-H", &host];
+        argv.extend_from_slice(args);
+        ovl_tests::run_unchecked(&argv)
+    }
+
+    fn docker(&self, args: &[&str]) -> Result<String> {
+        let out = self.docker_unchecked(args)?;
+        ensure!(
+            out.status.success(),
+            "`docker {}` failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
+            for id in ids.split_whitespace() {
+                let _ = self.docker(&["rm", "-f", id]);
+            }
+        }
+        let pid = self.process.id() as i32;
+        // SAFETY: signalling the dockerd this guard started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if matches!(self.process.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // SAFETY: as above; its containerd is in its process group.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = self.process.wait();
+        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{}", self.cgroup));
+    }
+}
+
+/// An agent started with `nsenter --net` only, as on a real host: in the
+/// root mount namespace, where it sees the namespaces dockerd mounts
+/// after it started (an agent under `ip netns exec` has a mount
+/// namespace of its own that new mounts outside do not reach). Stopped
+/// (SIGINT) when dropped.
+struct RootMountAgent(std::process::Child);
+
+impl RootMountAgent {
+    fn start(lab: &Lab, world: &TwoHosts, i: usize) -> Result<RootMountAgent> {
+        use std::os::unix::process::CommandExt;
+        let log_path = lab.tempdir().join(format!("root-agent-{i}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", world.hosts[i].netns.name()))
+            .arg(ovl_tests::ovl_binary()?)
+            .args(["attach", "eth0"])
+            .envs(world.ovl.env(TwoHosts::NODES[i]))
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        let agent = RootMountAgent(child);
+        wait_until(Duration::from_secs(15), || {
+            Ok(std::fs::read_to_string(&log_path)?.contains(" in step with "))
+        })
+        .with_context(|| {
+            format!(
+                "agent did not start:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            )
+        })?;
+        Ok(agent)
+    }
+}
+
+impl Drop for RootMountAgent {
+    fn drop(&mut self) {
+        // SAFETY: signalling the agent this guard started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn docker_containers_resolve_ovl_names_through_dockers_own_resolver() -> Result<()> {
+    let lab = Lab::new("dns-docker")?;
+    let mut u = Uber::start(&lab, &[])?;
+    // Host A's agent moves to the root mount namespace (its data path
+    // stays pinned meanwhile).
+    u.world.agents.remove(0).stop()?;
+    let _agent = RootMountAgent::start(&lab, &u.world, 0)?;
+    let world = &u.world;
+    let docker = Dockerd::start(&lab, &world.hosts[0].netns)?;
+    // A user-defined network: Docker's embedded resolver (127.0.0.11) in
+    // every container, forwarding what it does not know to the
+    // container's --dns servers from inside the container's namespace.
+    docker.docker(&[
+        "network",
+        "create",
+        "-d",
+        "bridge",
+        "--subnet",
+        "198.19.0.0/24",
+        "dnet",
+    ])?;
+    docker.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "dweb",
+        "--network",
+        "dnet",
+        "--dns",
+        &docker_dns_server(),
+        DOCKER_IMAGE,
+        "sleep",
+        "120",
+    ])?;
+    let sandbox = docker.docker(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", "dweb"])?;
+    let resolv = docker.docker(&["exec", "dweb", "cat", "/etc/resolv.conf"])?;
+    ensure!(
+        resolv.contains("nameserver 127.0.0.11"),
+        "Docker's resolv.conf:\n{resolv}"
+    );
+    // The container joins uber-net too (what the Docker plugin's Join
+    // does with the sandbox).
+    world.run(0, &["connect", NETWORK, &sandbox, "--name", "dweb"])?;
+    let dweb_ip = world.inspect(0, NETWORK)?["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .find(|e| e["name"] == "dweb")
+        .and_then(|e| e["ip"].as_str().map(str::to_owned))
+        .context("dweb's endpoint")?;
+
+    let web = u.web.1.to_string();
+    let mut last = String::new();
+    wait_until(Duration::from_secs(3), || {
+        let out = docker.docker_unchecked(&["exec", "dweb", "nslookup", "web"])?;
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(last.contains(&format!("Address: {web}")))
+    })
+    .with_context(|| format!("web never resolved in the Docker container:\n{last}"))?;
+    let out = docker.docker(&["exec", "dweb", "ping", "-c", "1", "-W", "2", "web"])?;
+    ensure!(
+        out.contains(&format!("({web})")) && out.contains("1 packets received"),
+        "{out}"
+    );
+    // And the Docker container is a name on uber-net for everyone else.
+    expect_answer(&u.client.0, "dweb", &[], &[&dweb_ip])?;
+    expect_answer(&u.web.0, "dweb", &[], &[&dweb_ip])?;
+    world.run(0, &["disconnect", NETWORK, &sandbox])?;
+    drop(docker);
+    u.world.stop()
+}
+
+/// The address Docker is given as `--dns` (ovl's resolver's second one).
+fn docker_dns_server() -> String {
+    "127.0.0.12".to_owned()
+}

@@ -38,9 +38,10 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// probes, captures, load generators, scapy for crafted packets, bpftool,
 /// etcd for the etcd store backend, Prometheus (server and promtool) that
 /// scrapes the agent, curl, the font the benchmark chart's text is drawn
-/// with, and podman with the reference CNI plugins and busybox-static (the
-/// offline container image) for the CNI plugin's scenarios.
-const DEBIAN_PACKAGES: [&str; 18] = [
+/// with, podman with the reference CNI plugins and busybox-static (the
+/// offline container image) for the CNI plugin's scenarios, and for the
+/// DNS scenarios dnsmasq (the lab's upstream resolver), dig and Docker.
+const DEBIAN_PACKAGES: [&str; 21] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -58,6 +59,9 @@ const DEBIAN_PACKAGES: [&str; 18] = [
     "fonts-dejavu-core",
     "podman",
     "containernetworking-plugins",
+    "dnsmasq-base",
+    "dnsutils",
+    "docker.io",
     "busybox-static",
 ];
 
