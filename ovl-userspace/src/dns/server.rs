@@ -368,3 +368,257 @@ async fn send_error(request: &Request, code: ResponseCode, mut reply: ResponseHa
         log::debug!("DNS reply to {}: {e}", request.src());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, UdpSocket},
+        str::FromStr,
+    };
+
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{RData, RecordType, rdata::A},
+    };
+
+    use super::*;
+    use crate::{
+        dns::records::namespace_key,
+        model::{ContainerSpec, NetworkSpec, State},
+    };
+
+    const WEB: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+
+    fn records() -> Records {
+        let mut s = State::default();
+        s.create_network(NetworkSpec {
+            name: "blue".into(),
+            subnet: "198.18.0.0/24".parse().unwrap(),
+            vni: None,
+            mtu: None,
+        })
+        .unwrap();
+        for (ns, name) in [("c-client", "client"), ("c-web", "web")] {
+            s.add_container(ContainerSpec {
+                network: "blue".into(),
+                node: "me".into(),
+                netns: ns.into(),
+                name: Some(name.into()),
+                ip: None,
+                owner: None,
+            })
+            .unwrap();
+        }
+        Records::build(&s, "me", &|_| true)
+    }
+
+    /// A resolver for namespace `c-client` on a loopback port, forwarding
+    /// to `upstream`; returns its address and counters.
+    fn serve(rt: &tokio::runtime::Runtime, upstream: SocketAddr, rate: u32) -> (SocketAddr, Stats) {
+        let _in = rt.enter();
+        let stats = Stats::default();
+        let limits = Limits {
+            rate,
+            forwards: 4,
+            connections: 2,
+            forward_budget: Duration::from_millis(300),
+            tcp_idle: Duration::from_secs(1),
+        };
+        let shared = Arc::new(Shared {
+            records: RwLock::new(Arc::new(records())),
+            upstreams: Upstreams::new(&[upstream], limits.forward_budget),
+            stats: stats.clone(),
+            limits,
+        });
+        let ns = Arc::new(Namespace::new(namespace_key("c-client"), &limits));
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let socket = tokio::net::UdpSocket::from_std(socket).unwrap();
+        rt.spawn(serve_udp(socket, ns, shared));
+        (addr, stats)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn client() -> UdpSocket {
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        c
+    }
+
+    fn question(name: &str, qtype: RecordType) -> Message {
+        let mut m = Message::query();
+        m.add_query(Query::query(Name::from_str(name).unwrap(), qtype));
+        m.metadata.recursion_desired = true;
+        m
+    }
+
+    fn ask(c: &UdpSocket, server: SocketAddr, bytes: &[u8]) -> Option<Message> {
+        c.send_to(bytes, server).unwrap();
+        let mut buf = [0u8; 4096];
+        let (n, _) = c.recv_from(&mut buf).ok()?;
+        Some(Message::from_vec(&buf[..n]).unwrap())
+    }
+
+    /// An upstream that answers every A question with `count` addresses.
+    fn fake_upstream(count: u8) -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = s.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.metadata.recursion_available = true;
+                r.add_queries(q.queries.clone());
+                let name = q.queries[0].name().clone();
+                for i in 0..count {
+                    r.add_answer(Record::from_rdata(
+                        name.clone(),
+                        60,
+                        RData::A(A(Ipv4Addr::new(203, 0, 113, i))),
+                    ));
+                }
+                let _ = s.send_to(&r.to_vec().unwrap(), from);
+            }
+        });
+        addr
+    }
+
+    fn nowhere() -> SocketAddr {
+        // A port nothing listens on: the upstream is down.
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    }
+
+    #[test]
+    fn answers_own_names_and_errors_from_the_records() {
+        let rt = runtime();
+        let (server, stats) = serve(&rt, nowhere(), 0);
+        let c = client();
+        let q = question("web.", RecordType::A);
+        let r = ask(&c, server, &q.to_vec().unwrap()).unwrap();
+        assert_eq!(r.metadata.id, q.metadata.id);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.metadata.authoritative && r.metadata.recursion_available);
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(r.answers[0].data, RData::A(A(WEB)));
+        assert_eq!(r.answers[0].ttl, super::super::records::RECORD_TTL);
+        let r = ask(
+            &c,
+            server,
+            &question("web.", RecordType::AAAA).to_vec().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty());
+        let r = ask(
+            &c,
+            server,
+            &question("nosuch.", RecordType::A).to_vec().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(stats.of("blue").answered, 3);
+    }
+
+    #[test]
+    fn malformed_and_unsupported_questions_get_errors_or_nothing() {
+        let rt = runtime();
+        let (server, stats) = serve(&rt, nowhere(), 0);
+        let c = client();
+        // Another operation: NOTIMP.
+        let mut status = question("web.", RecordType::A);
+        status.metadata.op_code = OpCode::Status;
+        let r = ask(&c, server, &status.to_vec().unwrap()).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NotImp);
+        // Two questions: FORMERR.
+        let mut two = question("web.", RecordType::A);
+        two.add_query(Query::query(Name::from_str("x.").unwrap(), RecordType::A));
+        let r = ask(&c, server, &two.to_vec().unwrap()).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+        // A header announcing a question that is cut off: FORMERR.
+        let good = question("web.", RecordType::A).to_vec().unwrap();
+        let r = ask(&c, server, &good[..good.len() - 3]).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+        // Too short for a header, or an answer: no reply at all.
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        assert!(ask(&c, server, &good[..5]).is_none());
+        let mut answer = question("web.", RecordType::A);
+        answer.metadata.message_type = MessageType::Response;
+        assert!(ask(&c, server, &answer.to_vec().unwrap()).is_none());
+        let s = stats.of("blue");
+        assert_eq!((s.failed, s.malformed, s.answered), (1, 4, 0), "{s:?}");
+    }
+
+    #[test]
+    fn other_names_are_relayed_and_truncated_for_small_buffers() {
+        let rt = runtime();
+        let (server, stats) = serve(&rt, fake_upstream(40), 0);
+        let c = client();
+        // With EDNS (4096): the whole answer.
+        let mut big = question("many.example.", RecordType::A);
+        big.set_edns(Edns::new().set_max_payload(4096).clone());
+        let r = ask(&c, server, &big.to_vec().unwrap()).unwrap();
+        assert_eq!(r.answers.len(), 40);
+        assert!(!r.metadata.truncation);
+        assert!(r.edns.is_some(), "EDNS answered with EDNS");
+        // Without EDNS: at most 512 bytes, truncated (the asker retries
+        // over TCP).
+        let q = question("many.example.", RecordType::A);
+        c.send_to(&q.to_vec().unwrap(), server).unwrap();
+        let mut buf = [0u8; 4096];
+        let (n, _) = c.recv_from(&mut buf).unwrap();
+        assert!(n <= 512, "{n} bytes");
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        assert!(r.metadata.truncation);
+        assert_eq!(stats.of("blue").forwarded, 2);
+    }
+
+    #[test]
+    fn a_dead_upstream_is_servfail_within_the_budget() {
+        let rt = runtime();
+        let (server, stats) = serve(&rt, nowhere(), 0);
+        let c = client();
+        let asked = Instant::now();
+        let r = ask(
+            &c,
+            server,
+            &question("a.example.", RecordType::A).to_vec().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            asked.elapsed()
+        );
+        assert_eq!(stats.of("blue").failed, 1);
+    }
+
+    #[test]
+    fn the_rate_limit_drops_unread_beyond_the_burst() {
+        let rt = runtime();
+        let (server, stats) = serve(&rt, nowhere(), 10);
+        let c = client();
+        let q = question("web.", RecordType::A).to_vec().unwrap();
+        for _ in 0..100 {
+            c.send_to(&q, server).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let s = stats.of("blue");
+        // A burst of 20, plus what 0.3 s refills.
+        assert!((20..=25).contains(&s.answered), "{s:?}");
+        assert_eq!(s.answered + s.rate_limited, 100, "{s:?}");
+    }
+}
