@@ -86,6 +86,15 @@ enum Task {
         #[arg(long)]
         seconds: Option<u32>,
     },
+    /// Release build, then the containers' resolver on two hosts: answer
+    /// and forwarding latency, throughput, a flooding neighbour's cost,
+    /// removal after disconnect, the gap across an agent restart; writes
+    /// bench/results/<date>-dns.md.
+    BenchDns {
+        /// Shorter runs: a check that it works, not figures to quote.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -155,6 +164,11 @@ fn run(task: Task) -> Result<()> {
                 runs,
                 seconds,
             })
+        }
+        Task::BenchDns { quick } => {
+            setup::toolchain()?;
+            setup::packages()?;
+            bench::dns::run(quick)
         }
     }
 }

@@ -170,10 +170,13 @@ impl Service {
                 "DNS: no upstream resolver (none in {HOST_RESOLV_CONF}, no --dns-upstream): names other than ovl's get SERVFAIL"
             );
         }
+        let limit = match opts.rate_limit {
+            0 => "no per-container limit".to_owned(),
+            n => format!("at most {n} questions/s per container"),
+        };
         log::info!(
-            "DNS: resolver on {RESOLVER_ADDR} and {DOCKER_FORWARD_ADDR} port 53 in every local container; other names go to {}; at most {} questions/s per container",
-            describe(&servers),
-            opts.rate_limit
+            "DNS: resolver on {RESOLVER_ADDR} and {DOCKER_FORWARD_ADDR} port 53 in every local container; other names go to {}; {limit}",
+            describe(&servers)
         );
         let shared = Arc::new(Shared {
             records: RwLock::new(Arc::new(Records::default())),

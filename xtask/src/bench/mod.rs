@@ -13,6 +13,7 @@
 //! markdown on stdout.
 
 pub mod chart;
+pub mod dns;
 mod machine;
 mod measure;
 mod micro;
