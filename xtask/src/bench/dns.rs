@@ -33,8 +33,13 @@ const SUBNET: &str = "198.18.0.0/24";
 const UPSTREAM: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const OUTSIDE: &str = "outside.example";
 const CLIENT_CPU: &str = "0";
+/// Pause between a latency probe's questions: 1000/s, under the limit.
+const PAUSE_MS: &str = "1";
+/// The per-container limit of the latency lab: above the probes' pace,
+/// far below a flood's.
+const RATE_LIMIT: &str = "2000";
 
-/// The measuring client: `latency NAME N`, `throughput NAME SECONDS
+/// The measuring client: `latency NAME N PAUSE_MS`, `throughput NAME SECONDS
 /// WINDOW`, `flood SECONDS`, `until-nxdomain NAME TIMEOUT`, `gap SECONDS`.
 /// Prints one JSON object.
 const PROBE: &str = r#"
@@ -50,10 +55,11 @@ def rcode(resp):
 mode = sys.argv[1]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 if mode == "latency":
-    name, n = sys.argv[2], int(sys.argv[3])
+    name, n, pause = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]) / 1000
     s.settimeout(1.0)
     rtts, lost = [], 0
     for i in range(n):
+        time.sleep(pause)
         t = time.perf_counter()
         s.sendto(query(name, i & 0xffff), A)
         try:
@@ -104,11 +110,11 @@ elif mode == "until-nxdomain":
         s.sendto(query(name, 7), A)
         try:
             if rcode(s.recv(4096)) == 3:
-                print(json.dumps({"after_s": time.time() - start})); sys.exit(0)
+                print(json.dumps({"at": time.time()})); sys.exit(0)
         except socket.timeout:
             pass
         time.sleep(0.005)
-    print(json.dumps({"after_s": None}))
+    print(json.dumps({"at": None}))
 elif mode == "gap":
     name, secs = sys.argv[2], float(sys.argv[3])
     s.settimeout(0.05)
@@ -142,26 +148,29 @@ pub fn run(quick: bool) -> Result<()> {
     let mut rows: Vec<(String, String)> = Vec::new();
 
     {
-        // Default limits: what a user gets.
+        // Probes paced at 1000/s under a 2000/s limit.
         let lab = Lab::new("benchdns")?;
         let upstream = UPSTREAM.to_string();
-        let env = [("OVL_DNS_UPSTREAM", upstream.as_str())];
+        let env = [
+            ("OVL_DNS_UPSTREAM", upstream.as_str()),
+            ("OVL_DNS_RATE_LIMIT", RATE_LIMIT),
+        ];
         let mut w = World::start(&lab, &env)?;
         let _dnsmasq = dnsmasq(&lab, &w.cluster.router)?;
-        let own = probe(&w.client, &["latency", "web", &n.to_string()])?;
+        let own = probe(&w.client, &["latency", "web", &n.to_string(), PAUSE_MS])?;
         rows.push((
             "ovl's name (endpoint on the other host), p50 / p99".into(),
             latency(&own)?,
         ));
-        let fwd = probe(&w.client, &["latency", OUTSIDE, &n.to_string()])?;
+        let fwd = probe(&w.client, &["latency", OUTSIDE, &n.to_string(), PAUSE_MS])?;
         rows.push((
             "forwarded name (dnsmasq on the router), p50 / p99".into(),
             latency(&fwd)?,
         ));
-        let idle = probe(&w.neighbour, &["latency", "web", &n.to_string()])?;
+        let idle = probe(&w.neighbour, &["latency", "web", &n.to_string(), PAUSE_MS])?;
         let flood = spawn_probe(&lab, &w.client, &["flood", &(secs + 2.0).to_string()])?;
         std::thread::sleep(Duration::from_millis(500));
-        let busy = probe(&w.neighbour, &["latency", "web", &n.to_string()])?;
+        let busy = probe(&w.neighbour, &["latency", "web", &n.to_string(), PAUSE_MS])?;
         flood
             .wait_timeout(Duration::from_secs_f64(secs + 30.0))
             .context("flood did not end")?;
@@ -170,19 +179,19 @@ pub fn run(quick: bool) -> Result<()> {
         rows.push(("neighbour, idle, p50 / p99".into(), latency(&idle)?));
         rows.push((
             format!(
-                "neighbour while another container floods ({:.0} q/s, limit 500/s), p50 / p99",
+                "neighbour while another container floods ({:.0} q/s, limit {RATE_LIMIT}/s), p50 / p99",
                 flooded["sent_per_s"].as_f64().unwrap_or(0.0)
             ),
             latency(&busy)?,
         ));
         let mut removals = Vec::new();
         for _ in 0..if quick { 2 } else { 5 } {
-            removals.push(removal(&w)?);
+            removals.push(removal(&lab, &w)?);
         }
         removals.sort_by(f64::total_cmp);
         rows.push((
             "disconnect → NXDOMAIN on the other host, median (file store)".into(),
-            format!("{:.0} ms", removals[removals.len() / 2] * 1e3),
+            format!("{:.1} ms", removals[removals.len() / 2] * 1e3),
         ));
         let gap = restart_gap(&lab, &mut w, &env)?;
         rows.push((
@@ -245,7 +254,7 @@ impl World {
             web,
         };
         wait_until(Duration::from_secs(5), || {
-            Ok(probe(&w.client, &["latency", "web", "1"])?["lost"] == 0)
+            Ok(probe(&w.client, &["latency", "web", "1", "0"])?["lost"] == 0)
         })
         .context("the resolver never answered")?;
         Ok(w)
@@ -313,12 +322,19 @@ fn dnsmasq(lab: &Lab, router: &Netns) -> Result<ChildHandle> {
 }
 
 /// Seconds from `ovl disconnect` of web returning to the client's first
-/// NXDOMAIN for it; web is connected again afterwards.
-fn removal(w: &World) -> Result<f64> {
+/// NXDOMAIN for it (0 when it came first); web is connected again after.
+fn removal(lab: &Lab, w: &World) -> Result<f64> {
     let c = &w.cluster;
+    let watcher = spawn_probe(lab, &w.client, &["until-nxdomain", "web", "5"])?;
+    std::thread::sleep(Duration::from_millis(500));
     c.run(1, &["disconnect", NETWORK, w.web.name()])?;
-    let v = probe(&w.client, &["until-nxdomain", "web", "5"])?;
-    let after = v["after_s"].as_f64().context("web never became NXDOMAIN")?;
+    let returned = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    watcher.wait_timeout(Duration::from_secs(10))?;
+    let v: Value =
+        serde_json::from_str(watcher.stdout()?.trim()).with_context(|| watcher.output_report())?;
+    let at = v["at"].as_f64().context("web never became NXDOMAIN")?;
     c.ovl.connect(
         &c.hosts[1],
         TwoHosts::NODES[1],
@@ -327,9 +343,9 @@ fn removal(w: &World) -> Result<f64> {
         &["--name", "web"],
     )?;
     wait_until(Duration::from_secs(5), || {
-        Ok(probe(&w.client, &["latency", "web", "1"])?["lost"] == 0)
+        Ok(probe(&w.client, &["latency", "web", "1", "0"])?["lost"] == 0)
     })?;
-    Ok(after)
+    Ok((at - returned).max(0.0))
 }
 
 /// The longest time the client's questions go unanswered while host A's
