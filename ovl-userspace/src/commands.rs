@@ -264,12 +264,13 @@ pub async fn node_ls(store: &Store, pin_root: &Path, json: bool) -> Result<Strin
 /// file store, which does not track liveness).
 pub async fn node_rm(store: &Store, pin_root: &Path, name: &str) -> Result<String> {
     let dir = bpffs::node_dir(pin_root, name)?;
-    if matches!(store, Store::File(_)) && dir.exists() {
-        if let Err(bpffs::LockError::Held { holder, .. }) = bpffs::NodeLock::acquire(&dir) {
-            bail!(
-                "node {name:?} has a running agent on this machine{holder}; stop it first (SIGTERM), then remove the node"
-            );
-        }
+    if matches!(store, Store::File(_))
+        && dir.exists()
+        && let Err(bpffs::LockError::Held { holder, .. }) = bpffs::NodeLock::acquire(&dir)
+    {
+        bail!(
+            "node {name:?} has a running agent on this machine{holder}; stop it first (SIGTERM), then remove the node"
+        );
     }
     let freed = store.remove_node(name).await?;
     Ok(format!(

@@ -188,17 +188,17 @@ impl EtcdStore {
             return Ok(());
         }
         for r in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = r {
-                if let Some(kv) = g.kvs().first() {
-                    let found: u32 = kv.value_str().unwrap_or("0").trim().parse().unwrap_or(0);
-                    if found > SCHEMA_VERSION {
-                        return Err(StoreError::EtcdValue {
-                            key: SCHEMA_KEY.into(),
-                            detail: format!(
-                                "layout version {found} is newer than this ovl's {SCHEMA_VERSION}; upgrade ovl"
-                            ),
-                        });
-                    }
+            if let TxnOpResponse::Get(g) = r
+                && let Some(kv) = g.kvs().first()
+            {
+                let found: u32 = kv.value_str().unwrap_or("0").trim().parse().unwrap_or(0);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::EtcdValue {
+                        key: SCHEMA_KEY.into(),
+                        detail: format!(
+                            "layout version {found} is newer than this ovl's {SCHEMA_VERSION}; upgrade ovl"
+                        ),
+                    });
                 }
             }
         }
@@ -504,12 +504,18 @@ mod tests {
     }
 
     #[test]
-    fn a_connect_is_one_put_guarded_by_its_key_network_and_release_record() {
+    fn a_connect_is_one_put_guarded_by_its_key_network_names_and_release_record() {
         let before = network();
         let mut after = before.clone();
         connect(&mut after, "c1");
         let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
-        assert_eq!((plan.ops.len(), plan.compares.len()), (1, 3));
+        // The key is new, the network unchanged, no endpoint of the network
+        // written since the read (names), the address not released since.
+        assert_eq!((plan.ops.len(), plan.compares.len()), (1, 4));
+        // Two endpoints of one network: one guard of its names.
+        connect(&mut after, "c2");
+        let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
+        assert_eq!((plan.ops.len(), plan.compares.len()), (2, 6));
     }
 
     #[test]
