@@ -20,13 +20,31 @@ pub enum DropReason {
     /// A frame ovl does not switch (IPv6, other EtherTypes, non-request ARP,
     /// IPv4 fragments of VXLAN).
     Unsupported = 5,
-    /// The kernel has no route to the destination VTEP.
+    /// No way to the destination: the kernel has no route to the VTEP, or
+    /// the address is outside an `--internal` network's subnets.
     NoRoute = 6,
+    /// A container sent with a source MAC or IPv4 address (or an ARP
+    /// sender) that is not the one ovl assigned to its interface.
+    SpoofedSource = 7,
+    /// Routed through the gateway with a TTL of 1 or less; the sender got
+    /// ICMP time exceeded from the gateway.
+    TtlExceeded = 8,
+    /// Larger than the path MTU to the remote VTEP that the underlay
+    /// reported (ICMP fragmentation needed); the sender got ICMP
+    /// fragmentation needed with that MTU less VXLAN's overhead.
+    PathMtu = 9,
+    /// A frame of an encrypted network that cannot be encrypted: the
+    /// node's encrypting path is down (no agent, so no crypto device), or
+    /// the peer's key is unknown. Never sent in clear.
+    NoKey = 10,
+    /// Clear VXLAN for an encrypted network from the underlay: encrypted
+    /// networks are only accepted decrypted, from the crypto device.
+    Unencrypted = 11,
 }
 
 impl DropReason {
     /// Number of reasons; the length of [`VniCounters::drops`].
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 12;
     /// Every reason, in index order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::NoEndpoint,
@@ -36,6 +54,11 @@ impl DropReason {
         DropReason::TooBig,
         DropReason::Unsupported,
         DropReason::NoRoute,
+        DropReason::SpoofedSource,
+        DropReason::TtlExceeded,
+        DropReason::PathMtu,
+        DropReason::NoKey,
+        DropReason::Unencrypted,
     ];
 
     /// The snake_case name used in `ovl stats` output.
@@ -48,6 +71,11 @@ impl DropReason {
             DropReason::TooBig => "too_big",
             DropReason::Unsupported => "unsupported",
             DropReason::NoRoute => "no_route",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::PathMtu => "path_mtu",
+            DropReason::NoKey => "no_key",
+            DropReason::Unencrypted => "unencrypted",
         }
     }
 }
@@ -74,10 +102,13 @@ pub struct VniCounters {
     pub local_packets: u64,
     /// ARP requests answered by proxy.
     pub arp_replies: u64,
+    /// Frames handed to the host's stack for an address outside the
+    /// network's subnets (external egress, masqueraded by the host).
+    pub egress_packets: u64,
     /// Drops, indexed by [`DropReason`].
     pub drops: [u64; DropReason::COUNT],
 }
-const _: () = assert!(core::mem::size_of::<VniCounters>() == 8 * (6 + DropReason::COUNT));
+const _: () = assert!(core::mem::size_of::<VniCounters>() == 8 * (7 + DropReason::COUNT));
 
 impl VniCounters {
     /// Adds another CPU's copy into this one.
@@ -88,6 +119,7 @@ impl VniCounters {
         self.rx_bytes += other.rx_bytes;
         self.local_packets += other.local_packets;
         self.arp_replies += other.arp_replies;
+        self.egress_packets += other.egress_packets;
         for (sum, add) in self.drops.iter_mut().zip(other.drops.iter()) {
             *sum += *add;
         }
@@ -108,14 +140,18 @@ pub struct UnderlayCounters {
     pub packets: u64,
     /// Frames that were not ovl's VXLAN and went on to the host stack.
     pub passed: u64,
+    /// ICMP fragmentation-needed reports about ovl's own VXLAN that set a
+    /// remote VTEP's path MTU.
+    pub path_mtu_reports: u64,
 }
-const _: () = assert!(core::mem::size_of::<UnderlayCounters>() == 16);
+const _: () = assert!(core::mem::size_of::<UnderlayCounters>() == 24);
 
 impl UnderlayCounters {
     /// Adds another CPU's copy into this one.
     pub fn accumulate(&mut self, other: &UnderlayCounters) {
         self.packets += other.packets;
         self.passed += other.passed;
+        self.path_mtu_reports += other.path_mtu_reports;
     }
 }
 

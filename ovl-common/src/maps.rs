@@ -23,10 +23,17 @@ pub mod names {
     pub const NETWORKS: &str = "OVL_NETWORKS";
     /// `HashMap<VniAddr, Endpoint>`: every endpoint of every network.
     pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
-    /// `HashMap<VniAddr, u32>`: (VNI, remote VTEP) pairs allowed to send.
+    /// `HashMap<VniAddr, u32>`: (VNI, remote VTEP) pairs allowed to send;
+    /// the value holds [`vtep_flags`](super::vtep_flags).
     pub const VTEPS: &str = "OVL_VTEPS";
-    /// `HashMap<u32 ifindex, u32 VNI>`: host ends of local container veths.
+    /// `HashMap<u32 ifindex, Iface>`: host ends of local container veths.
     pub const IFACES: &str = "OVL_IFACES";
+    /// `LpmTrie<VniAddr, SubnetInfo>`: every subnet of every network,
+    /// keyed by (VNI, subnet address) with prefix length 32 + the subnet's.
+    pub const SUBNETS: &str = "OVL_SUBNETS";
+    /// `LruHashMap<[u8; 4] VTEP, PathMtu>`: path MTUs to remote VTEPs that
+    /// the underlay reported smaller than the link's.
+    pub const PATH_MTU: &str = "OVL_PATH_MTU";
     /// `PerCpuHashMap<u32 VNI, VniCounters>`.
     pub const STATS: &str = "OVL_STATS";
     /// `PerCpuArray<UnderlayCounters>` with one entry.
@@ -35,9 +42,15 @@ pub mod names {
     /// of the build that filled the maps pinned beside it (no program reads
     /// it; an agent compares it before reusing pinned maps).
     pub const ABI: &str = "OVL_ABI";
+    /// `DevMap` with one entry ([`CRYPTO_DEVICE`](super::CRYPTO_DEVICE)):
+    /// the agent's crypto device, where frames of encrypted networks go to
+    /// be encrypted and come back decrypted. The kernel deletes the entry
+    /// when the device goes (the agent exited): encrypted networks then
+    /// fail closed.
+    pub const CRYPTO: &str = "OVL_CRYPTO";
     /// Every map name ovl defines.
-    pub const ALL: [&str; 8] = [
-        CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, STATS, GLOBAL, ABI,
+    pub const ALL: [&str; 11] = [
+        CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, SUBNETS, PATH_MTU, STATS, GLOBAL, ABI, CRYPTO,
     ];
 }
 
@@ -45,7 +58,10 @@ pub mod names {
 /// key or value changes meaning without changing size (a flag bit, a field
 /// reused): an agent then refills fresh maps instead of reusing the pinned
 /// ones. Size changes are detected without it.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
+
+/// Index of the crypto device in `OVL_CRYPTO`.
+pub const CRYPTO_DEVICE: u32 = 0;
 
 /// Capacities of the hash maps.
 pub mod capacity {
@@ -57,6 +73,10 @@ pub mod capacity {
     pub const VTEPS: u32 = 65536;
     /// Local container interfaces.
     pub const IFACES: u32 = 4096;
+    /// Subnets across all networks.
+    pub const SUBNETS: u32 = 16384;
+    /// Remote VTEPs with a reported path MTU (least recently used go).
+    pub const PATH_MTU: u32 = 16384;
 }
 
 /// What the kernel programs know of a network; the value of `OVL_NETWORKS`.
@@ -76,6 +96,28 @@ pub mod network_flags {
     pub const INTERNAL: u32 = 1 << 0;
     /// Traffic between hosts must leave only encrypted.
     pub const ENCRYPTED: u32 = 1 << 1;
+}
+
+/// The mark ovl's egress program gives a packet of network `vni` that it
+/// hands to the host's stack (external egress); the host's NAT and policy
+/// routing recognise ovl's packets and their network by it.
+pub const fn egress_mark(vni: u32) -> u32 {
+    EGRESS_MARK_BASE | (vni & EGRESS_VNI_MASK)
+}
+/// High byte of every [`egress_mark`] (0x6f, "o").
+pub const EGRESS_MARK_BASE: u32 = 0x6f00_0000;
+/// The bits of a mark that say it is ovl's.
+pub const EGRESS_MARK_MASK: u32 = 0xff00_0000;
+/// The bits of a mark that carry the VNI.
+pub const EGRESS_VNI_MASK: u32 = 0x00ff_ffff;
+
+/// Bits of the `OVL_VTEPS` values.
+pub mod vtep_flags {
+    /// The VTEP may send VXLAN for the VNI (every entry has it).
+    pub const ALLOWED: u32 = 1 << 0;
+    /// The VTEP's node published a WireGuard key: frames of an encrypted
+    /// network may go to it (through the crypto device).
+    pub const KEYED: u32 = 1 << 1;
 }
 
 /// A (VNI, IPv4 address) pair: the key of endpoints and of allowed VTEPs.
@@ -114,6 +156,57 @@ impl Endpoint {
     }
 }
 
+/// A local container's interface as ovl configured it; the value of
+/// `OVL_IFACES`, keyed by the host end's ifindex. Frames the container
+/// sends must carry exactly this MAC and IPv4 address as their source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Iface {
+    /// The network.
+    pub vni: u32,
+    /// The container's IPv4 address, network order.
+    pub addr: [u8; 4],
+    /// The gateway of the container's subnet, network order: the source of
+    /// the ICMP errors ovl answers it with.
+    pub gateway: [u8; 4],
+    /// The container's MAC address.
+    pub mac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Iface>() == 20);
+
+/// A subnet of a network; the value of `OVL_SUBNETS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SubnetInfo {
+    /// The subnet's gateway address, network order (answered in the data
+    /// path: ARP, ICMP echo).
+    pub gateway: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<SubnetInfo>() == 4);
+
+/// Prefix length of an `OVL_SUBNETS` key for a subnet of `prefix` bits:
+/// the key's data is a [`VniAddr`] whose whole VNI must match.
+pub const fn subnet_key_bits(prefix: u8) -> u32 {
+    32 + prefix as u32
+}
+
+/// A path MTU the underlay reported for a remote VTEP; the value of
+/// `OVL_PATH_MTU`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct PathMtu {
+    /// Largest underlay packet (L3 bytes) that reaches the VTEP.
+    pub mtu: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// When it was reported (`bpf_ktime_get_ns`); older than
+    /// [`PATH_MTU_EXPIRY_NS`](crate::wire::PATH_MTU_EXPIRY_NS) it is ignored.
+    pub learned_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<PathMtu>() == 16);
+
 /// This node's underlay identity; the single entry of `OVL_CONFIG`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -125,10 +218,25 @@ pub struct NodeConfig {
     pub underlay_ifindex: u32,
     /// Underlay L3 MTU: an encapsulated packet may be at most this long.
     pub underlay_mtu: u32,
+    /// The cluster's VXLAN UDP port, host order; 0 (as written by agents
+    /// before the port was configurable) means the IANA port 4789.
+    pub udp_port: u16,
     /// Explicit padding; always zero.
-    pub _pad: u32,
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+
+impl NodeConfig {
+    /// The UDP destination port of ovl's VXLAN.
+    #[inline(always)]
+    pub const fn vxlan_port(&self) -> u16 {
+        if self.udp_port == 0 {
+            crate::wire::VXLAN_PORT
+        } else {
+            self.udp_port
+        }
+    }
+}
 
 #[cfg(feature = "user")]
 mod user {
@@ -136,6 +244,9 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::NetworkInfo {}
+    unsafe impl aya::Pod for super::Iface {}
+    unsafe impl aya::Pod for super::SubnetInfo {}
+    unsafe impl aya::Pod for super::PathMtu {}
 }
 
 #[cfg(test)]
@@ -147,5 +258,23 @@ mod tests {
         for n in names::ALL.iter().chain(programs::ALL.iter()) {
             assert!(n.len() <= 15, "{n} is longer than 15 characters");
         }
+    }
+
+    #[test]
+    fn egress_marks_carry_the_vni_under_ovls_byte() {
+        assert_eq!(egress_mark(4096), 0x6f00_1000);
+        assert_eq!(
+            egress_mark(0x00ff_ffff) & EGRESS_MARK_MASK,
+            EGRESS_MARK_BASE
+        );
+        assert_eq!(egress_mark(4096) & EGRESS_VNI_MASK, 4096);
+    }
+
+    #[test]
+    fn a_zero_port_is_the_iana_vxlan_port() {
+        let mut cfg = NodeConfig::default();
+        assert_eq!(cfg.vxlan_port(), 4789);
+        cfg.udp_port = 8472;
+        assert_eq!(cfg.vxlan_port(), 8472);
     }
 }

@@ -27,6 +27,45 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const IPPROTO_UDP: u8 = 17;
 /// IPv4 protocol number of TCP.
 pub const IPPROTO_TCP: u8 = 6;
+/// IPv4 protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
+
+/// ICMP echo reply (RFC 792).
+pub const ICMP_ECHO_REPLY: u8 = 0;
+/// ICMP destination unreachable (RFC 792).
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// Code of "fragmentation needed and DF set" (RFC 792, RFC 1191 §4).
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMP echo request (RFC 792).
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMP time exceeded (RFC 792).
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Code of "time to live exceeded in transit" (RFC 792).
+pub const ICMP_EXC_TTL: u8 = 0;
+/// ICMP header: type, code, checksum and the 4-byte rest of header.
+pub const ICMP_HDR_LEN: usize = 8;
+/// What an ICMP error quotes of the packet it answers: its IPv4 header
+/// (without options) and the first 64 bits of its payload (RFC 792).
+pub const ICMP_QUOTE_LEN: usize = IPV4_HDR_LEN + 8;
+/// Length of the ICMP errors ovl sends, Ethernet header included.
+pub const ICMP_ERROR_FRAME_LEN: usize = ETH_HDR_LEN + IPV4_HDR_LEN + ICMP_HDR_LEN + ICMP_QUOTE_LEN;
+/// TTL of the IPv4 packets ovl originates (ICMP errors and echo replies).
+pub const ORIGIN_TTL: u8 = 64;
+/// Type of service of ICMP errors: internetwork control (RFC 1812 §4.3.2.5).
+pub const ICMP_ERROR_TOS: u8 = 0xc0;
+
+/// The MAC every network's gateway answers with ("anycast gateway": the
+/// same on every node, so a container's gateway is wherever it runs).
+/// Outside the 02:42 range of container MACs, so it is never an endpoint's.
+pub const ANYCAST_GATEWAY_MAC: [u8; 6] = [0x02, 0x6f, 0x76, 0x6c, 0x67, 0x77];
+
+/// Smallest path MTU ovl accepts from the underlay, as Linux's
+/// `net.ipv4.route.min_pmtu`: smaller reports are raised to it, so forged
+/// ICMP cannot shrink the overlay to nothing.
+pub const MIN_PATH_MTU: u32 = 552;
+/// How long a reported path MTU holds before larger packets are tried
+/// again, as Linux's `net.ipv4.route.mtu_expires` (600 s).
+pub const PATH_MTU_EXPIRY_NS: u64 = 600 * 1_000_000_000;
 /// ARP opcode: request.
 pub const ARP_OP_REQUEST: u16 = 1;
 /// ARP opcode: reply.
@@ -44,6 +83,16 @@ pub const ENCAP_INSERT_LEN: usize = IPV4_HDR_LEN + UDP_HDR_LEN + VXLAN_HDR_LEN +
 pub const ENCAP_OVERHEAD: u32 = ENCAP_INSERT_LEN as u32;
 /// Offset of the inner Ethernet header in an encapsulated frame.
 pub const INNER_ETH_OFFSET: usize = ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN + VXLAN_HDR_LEN;
+
+/// Default UDP port of WireGuard (the encrypted networks' transport).
+pub const WIREGUARD_PORT: u16 = 51820;
+/// WireGuard transport data message overhead: type, receiver index and
+/// counter (16 bytes) plus the Poly1305 tag (16 bytes).
+pub const WIREGUARD_DATA_OVERHEAD: u32 = 32;
+/// What carrying a VXLAN packet in WireGuard adds on the underlay: outer
+/// IPv4 + UDP + the data message overhead. An encrypted network's
+/// container MTU is the underlay MTU less this and [`ENCAP_OVERHEAD`].
+pub const WIREGUARD_OVERHEAD: u32 = (IPV4_HDR_LEN + UDP_HDR_LEN) as u32 + WIREGUARD_DATA_OVERHEAD;
 
 /// Range of UDP source ports used for flow entropy (RFC 7348 §5: dynamic
 /// port range 49152-65535).
@@ -84,9 +133,78 @@ pub const fn ipv4_checksum(words: &[u16; 10]) -> u16 {
     !(sum as u16)
 }
 
+/// A one's-complement checksum after one 16-bit word it covers changed
+/// from `old` to `new` (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')).
+#[inline(always)]
+pub const fn checksum_replace16(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The one's-complement checksum of `N` bytes (RFC 1071); `N` is even.
+#[inline(always)]
+pub const fn internet_checksum<const N: usize>(bytes: &[u8; N]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i + 1 < N {
+        sum += ((bytes[i] as u32) << 8) | bytes[i + 1] as u32;
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checksum_replace_matches_a_full_recompute() {
+        // The RFC 1071 example header, TTL 64 -> 63.
+        let mut h = [
+            0x45u8, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        let check = u16::from_be_bytes([h[10], h[11]]);
+        let new = checksum_replace16(check, 0x4011, 0x3f11);
+        h[8] = 0x3f;
+        h[10..12].copy_from_slice(&new.to_be_bytes());
+        assert_eq!(internet_checksum(&h), 0);
+        // Every TTL, and a word that wraps the sum.
+        for ttl in 1..=255u16 {
+            let mut h2 = h;
+            h2[8] = ttl as u8;
+            h2[10..12].copy_from_slice(&[0, 0]);
+            let c = internet_checksum(&h2);
+            let d = checksum_replace16(c, ttl << 8 | 0x11, (ttl - 1) << 8 | 0x11);
+            h2[8] = (ttl - 1) as u8;
+            h2[10..12].copy_from_slice(&d.to_be_bytes());
+            assert_eq!(internet_checksum(&h2), 0, "ttl {ttl}");
+        }
+    }
+
+    #[test]
+    fn internet_checksum_verifies_to_zero_over_a_checksummed_header() {
+        let h = [
+            0x45u8, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(internet_checksum(&h), 0);
+    }
+
+    #[test]
+    fn icmp_error_frame_is_70_bytes_and_gateway_mac_is_no_container_mac() {
+        assert_eq!(ICMP_ERROR_FRAME_LEN, 70);
+        assert_ne!(ANYCAST_GATEWAY_MAC[..2], mac_for_ipv4([0; 4])[..2]);
+        assert_eq!(
+            ANYCAST_GATEWAY_MAC[0] & 0x03,
+            0x02,
+            "unicast, locally administered"
+        );
+    }
 
     #[test]
     fn ipv4_checksum_matches_rfc1071_example_header() {
@@ -115,5 +233,13 @@ mod tests {
     fn overhead_is_fifty_bytes() {
         assert_eq!(ENCAP_OVERHEAD, 50);
         assert_eq!(INNER_ETH_OFFSET, 50);
+    }
+
+    #[test]
+    fn encrypted_networks_fit_1390_in_a_1500_underlay() {
+        // 1500 - 60 (IPv4, UDP, WireGuard) = 1440, a multiple of WireGuard's
+        // 16-byte padding block; less VXLAN's 50 leaves 1390.
+        assert_eq!(1500 - WIREGUARD_OVERHEAD - ENCAP_OVERHEAD, 1390);
+        assert_eq!((1500 - WIREGUARD_OVERHEAD) % 16, 0);
     }
 }

@@ -1,31 +1,40 @@
 //! Proxy ARP (RFC 826): a container's request for an address of its own
-//! network is answered in place from the endpoint map; nothing is flooded.
+//! network — an endpoint, or a subnet's gateway — is answered in place from
+//! the maps; nothing is flooded.
 
 use network_types::{arp::ArpHdr, eth::EthHdr};
 use ovl_common::{
-    DropReason,
-    wire::{ARP_HTYPE_ETHER, ARP_OP_REPLY, ARP_OP_REQUEST, ETH_HDR_LEN, ETH_P_IP},
+    DropReason, Iface,
+    wire::{
+        ANYCAST_GATEWAY_MAC, ARP_HTYPE_ETHER, ARP_OP_REPLY, ARP_OP_REQUEST, ETH_HDR_LEN, ETH_P_IP,
+    },
 };
 
 use crate::{maps, packet::Frame};
 
-/// Turns the ARP request in `frame` into the reply the target would send.
-/// On success the frame is ready to be sent back to the requester.
+/// Turns the ARP request in `frame`, sent by the container of `iface`,
+/// into the reply the target would send. On success the frame is ready to
+/// be sent back to the requester.
 #[inline(always)]
-pub fn answer_request(frame: &Frame, vni: u32) -> Result<(), DropReason> {
+pub fn answer_request(frame: &Frame, iface: &Iface) -> Result<(), DropReason> {
     let arp: ArpHdr = frame.read(ETH_HDR_LEN)?;
     if arp.htype() != ARP_HTYPE_ETHER || arp.ptype() != ETH_P_IP || arp.hlen != 6 || arp.plen != 4 {
         return Err(DropReason::Unsupported);
+    }
+    // A sender claiming another MAC or address would poison the caches of
+    // whoever learns from it.
+    if arp.sha != iface.mac || arp.spa != iface.addr {
+        return Err(DropReason::SpoofedSource);
     }
     // Replies and gratuitous announcements have no answer to give.
     if arp.oper() != ARP_OP_REQUEST || arp.tpa == arp.spa {
         return Err(DropReason::Unsupported);
     }
-    let target = maps::endpoint(vni, arp.tpa).ok_or(DropReason::NoEndpoint)?;
+    let target_mac = target_mac(iface.vni, arp.tpa)?;
 
     let mut reply = arp;
     reply.set_oper(ARP_OP_REPLY);
-    reply.sha = target.mac;
+    reply.sha = target_mac;
     reply.spa = arp.tpa;
     reply.tha = arp.sha;
     reply.tpa = arp.spa;
@@ -33,6 +42,19 @@ pub fn answer_request(frame: &Frame, vni: u32) -> Result<(), DropReason> {
 
     let mut eth: EthHdr = frame.read(0)?;
     eth.dst_addr = arp.sha;
-    eth.src_addr = target.mac;
+    eth.src_addr = target_mac;
     frame.write(0, eth)
+}
+
+/// The MAC that answers for `addr` on network `vni`: an endpoint's own, or
+/// the anycast gateway MAC for a subnet's gateway.
+#[inline(always)]
+fn target_mac(vni: u32, addr: [u8; 4]) -> Result<[u8; 6], DropReason> {
+    if let Some(ep) = maps::endpoint(vni, addr) {
+        return Ok(ep.mac);
+    }
+    match maps::subnet_of(vni, addr) {
+        Some(subnet) if subnet.gateway == addr => Ok(ANYCAST_GATEWAY_MAC),
+        _ => Err(DropReason::NoEndpoint),
+    }
 }

@@ -8,16 +8,17 @@ use aya_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 use ovl_common::{
-    DropReason,
+    DropReason, NodeConfig,
+    maps::network_flags,
     wire::{
-        ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I, VXLAN_PORT,
+        ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I,
     },
 };
 
 use crate::{
     maps,
     packet::Frame,
-    stats,
+    pmtu, stats,
     verdict::{Dropped, OnVni},
 };
 
@@ -43,10 +44,19 @@ pub struct Delivery {
 }
 
 /// Decides what to do with an underlay frame: `Ok(None)` when it is not
-/// VXLAN addressed to this VTEP (the host stack gets it), a `Delivery`
-/// when it is valid VXLAN for a local endpoint, a drop otherwise.
+/// VXLAN addressed to this VTEP (the host stack gets it; an ICMP report of
+/// a smaller path MTU is read on the way), a `Delivery` when it is valid
+/// VXLAN for a local endpoint, a drop otherwise. `decrypted` says the frame
+/// comes from the agent's crypto device (it arrived encrypted and
+/// authenticated); an encrypted network's frames are accepted from there
+/// only.
 #[inline(always)]
-pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped> {
+pub fn inspect(
+    frame: &Frame,
+    node: &NodeConfig,
+    decrypted: bool,
+) -> Result<Option<Delivery>, Dropped> {
+    let vtep = node.vtep;
     let Ok(eth) = frame.read::<EthHdr>(0) else {
         return Ok(None);
     };
@@ -56,7 +66,7 @@ pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped
     let Ok(ip) = frame.read::<Ipv4Hdr>(ETH_HDR_LEN) else {
         return Ok(None);
     };
-    if ip.proto != IPPROTO_UDP || ip.dst_addr != vtep || ip.vihl >> 4 != 4 {
+    if ip.dst_addr != vtep || ip.vihl >> 4 != 4 {
         return Ok(None);
     }
     let ihl = usize::from(ip.vihl & 0x0f) * 4;
@@ -66,10 +76,19 @@ pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped
         return Ok(None);
     }
     let udp_off = ETH_HDR_LEN + ihl;
+    if ip.proto == IPPROTO_ICMP {
+        if pmtu::learn(frame, udp_off, node) {
+            stats::path_mtu_report();
+        }
+        return Ok(None);
+    }
+    if ip.proto != IPPROTO_UDP {
+        return Ok(None);
+    }
     let Ok(udp) = frame.read::<UdpHdr>(udp_off) else {
         return Ok(None);
     };
-    if udp.dst_port() != VXLAN_PORT {
+    if udp.dst_port() != node.vxlan_port() {
         return Ok(None);
     }
 
@@ -90,6 +109,9 @@ pub fn inspect(frame: &Frame, vtep: [u8; 4]) -> Result<Option<Delivery>, Dropped
     let Some(network) = maps::network(vni) else {
         return Err(Dropped::unattributed(DropReason::UnknownVni));
     };
+    if network.flags & network_flags::ENCRYPTED != 0 && !decrypted {
+        return Err(Dropped::on(vni, DropReason::Unencrypted));
+    }
     if !maps::vtep_allowed(vni, ip.src_addr) {
         return Err(Dropped::on(vni, DropReason::UnknownVtep));
     }

@@ -16,15 +16,16 @@ use aya_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 use ovl_common::{
-    DropReason, Endpoint, NodeConfig,
+    DropReason, Endpoint, Iface, NodeConfig,
+    maps::{network_flags, vtep_flags},
     wire::{
         ENCAP_INSERT_LEN, ENCAP_OVERHEAD, ETH_HDR_LEN, ETH_P_IP, INNER_ETH_OFFSET, IPPROTO_TCP,
-        IPPROTO_UDP, IPV4_HDR_LEN, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I, VXLAN_PORT, ipv4_checksum,
-        vxlan_src_port,
+        IPPROTO_UDP, IPV4_HDR_LEN, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I, WIREGUARD_OVERHEAD,
+        ipv4_checksum, vxlan_src_port,
     },
 };
 
-use crate::{packet::Frame, stats};
+use crate::{icmp, maps, packet::Frame, stats};
 
 const AF_INET: u8 = 2;
 /// IPv4 "don't fragment" (RFC 791): RFC 7348 §4.3 forbids VTEPs from
@@ -41,23 +42,85 @@ const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
     | ADJ_ROOM_ENCAP_L2_ETH_LEN;
 
-/// Wraps the container's IPv4 frame for the VTEP of `dst` and redirects it
-/// to the underlay. `inner_ip` is the frame's IPv4 header (at `ETH_HDR_LEN`).
+/// Where an encapsulated frame leaves the node.
+#[derive(Clone, Copy)]
+enum Exit {
+    /// Straight out of the underlay, routed by the kernel FIB.
+    Underlay,
+    /// To the agent's crypto device (this ifindex), which sends it on
+    /// encrypted: the VXLAN packet becomes the payload of a WireGuard
+    /// message to the VTEP's node.
+    Crypto(u32),
+}
+
+/// The exit of network `vni`'s frames to `dst`: an encrypted network's go
+/// to the crypto device or nowhere (fail closed: no agent, or a VTEP whose
+/// node published no key, is `no_key` — never the underlay in clear).
+#[inline(always)]
+fn exit_of(vni: u32, dst: &Endpoint) -> Result<Exit, DropReason> {
+    let encrypted = maps::network(vni).is_some_and(|n| n.flags & network_flags::ENCRYPTED != 0);
+    if !encrypted {
+        return Ok(Exit::Underlay);
+    }
+    let device = maps::crypto_device().ok_or(DropReason::NoKey)?;
+    if maps::vtep_flags(vni, dst.vtep) & vtep_flags::KEYED == 0 {
+        return Err(DropReason::NoKey);
+    }
+    Ok(Exit::Crypto(device))
+}
+
+/// Wraps the IPv4 frame the container of `iface` (host end `ifindex`)
+/// sent for the VTEP of `dst` and redirects it to the underlay, or to the
+/// crypto device for an encrypted network.
+/// `inner_ip` is the frame's IPv4 header (at `ETH_HDR_LEN`).
 #[inline(always)]
 pub fn to_remote(
     ctx: &TcContext,
-    vni: u32,
+    ifindex: u32,
+    iface: &Iface,
     node: &NodeConfig,
     dst: &Endpoint,
     inner_ip: &Ipv4Hdr,
 ) -> Result<i32, DropReason> {
+    let vni = iface.vni;
     let skb = ctx.skb.skb;
     let inner_frame_len = ctx.len();
     // SAFETY: reading fields of the context the program was handed.
     let (gso_size, gso_segs) = unsafe { ((*skb).gso_size, (*skb).gso_segs) };
 
     let outer_len = largest_outer_len(ctx, inner_ip, inner_frame_len, gso_size)?;
-    let route = route_to(ctx, node, dst.vtep, outer_len)?;
+    let route = match exit_of(vni, dst)? {
+        Exit::Crypto(device) => {
+            // The WireGuard message around it must fit the underlay too.
+            // (Path MTU reports quote the WireGuard packet, not ovl's
+            // VXLAN: they are the host stack's, like any UDP socket's.)
+            if outer_len + WIREGUARD_OVERHEAD > node.underlay_mtu {
+                return Err(DropReason::TooBig);
+            }
+            Route::device(device)
+        }
+        Exit::Underlay => {
+            // The underlay link's MTU bounds every path (the network's MTU
+            // is chosen to fit it: a frame beyond it is a container ignoring
+            // its MTU).
+            if outer_len > node.underlay_mtu {
+                return Err(DropReason::TooBig);
+            }
+            // A router on the way reported a smaller path MTU (RFC 1191):
+            // tell the sender, as a router on its path would, unless it
+            // allows fragmenting.
+            if let Some(path_mtu) = maps::path_mtu(dst.vtep) {
+                if outer_len > path_mtu {
+                    if u16::from_be_bytes(inner_ip.frags) & IPV4_DF == 0 {
+                        return Err(DropReason::TooBig);
+                    }
+                    let inner_mtu = path_mtu.saturating_sub(ENCAP_OVERHEAD) as u16;
+                    return icmp::frag_needed(ctx, ifindex, iface, inner_mtu);
+                }
+            }
+            route_to(ctx, node, dst.vtep, outer_len)?
+        }
+    };
 
     // Flow entropy from the inner flow (RFC 7348 §5, source port): taken
     // before the headers change.
@@ -85,7 +148,7 @@ pub fn to_remote(
     )?;
     frame.write(
         ETH_HDR_LEN + IPV4_HDR_LEN,
-        outer_udp(outer_l3_len as u16, flow_hash),
+        outer_udp(outer_l3_len as u16, flow_hash, node.vxlan_port()),
     )?;
     frame.write(ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN, vxlan(vni))?;
     frame.write(
@@ -155,6 +218,18 @@ enum Via {
 }
 
 impl Route {
+    /// Straight to a local device that takes any MAC (the crypto device).
+    #[inline(always)]
+    fn device(ifindex: u32) -> Route {
+        Route {
+            how: Via::Resolved,
+            ifindex,
+            smac: [0; 6],
+            dmac: [0; 6],
+            next_hop: 0,
+        }
+    }
+
     #[inline(always)]
     fn redirect(&self) -> i32 {
         // SAFETY (all arms): helper calls with valid arguments; the action
@@ -188,11 +263,8 @@ fn route_to(
     vtep: [u8; 4],
     outer_len: u32,
 ) -> Result<Route, DropReason> {
-    // The underlay link's MTU bounds every path; the FIB below also checks
-    // the route's (it skips that check where forwarding is off).
-    if outer_len > node.underlay_mtu {
-        return Err(DropReason::TooBig);
-    }
+    // The FIB checks the route's MTU too (it skips that check where
+    // forwarding is off).
     // SAFETY: an all-zero bpf_fib_lookup is a valid request skeleton.
     let mut fib: bpf_fib_lookup = unsafe { mem::zeroed() };
     fib.family = AF_INET;
@@ -216,7 +288,14 @@ fn route_to(
         r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Via::Resolved,
         r if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 => Via::Unresolved,
         r if r == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 => Via::KernelRouted,
-        r if r == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 => return Err(DropReason::TooBig),
+        r if r == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 => {
+            // The route (or the kernel's own path MTU cache) is smaller:
+            // remembered, so the next packet's sender is told.
+            // SAFETY: on FRAG_NEEDED the kernel wrote the MTU in the union.
+            let mtu = u32::from(unsafe { fib.__bindgen_anon_1.mtu_result });
+            maps::set_path_mtu(vtep, mtu);
+            return Err(DropReason::TooBig);
+        }
         _ => return Err(DropReason::NoRoute),
     };
     let resolved = how == Via::Resolved;
@@ -268,7 +347,7 @@ fn outer_ipv4(tot_len: u16, tos: u8, src: [u8; 4], dst: [u8; 4]) -> Ipv4Hdr {
 }
 
 #[inline(always)]
-fn outer_udp(outer_l3_len: u16, flow_hash: u32) -> UdpHdr {
+fn outer_udp(outer_l3_len: u16, flow_hash: u32, port: u16) -> UdpHdr {
     let mut udp: UdpHdr = UdpHdr {
         src: [0; 2],
         dst: [0; 2],
@@ -276,7 +355,7 @@ fn outer_udp(outer_l3_len: u16, flow_hash: u32) -> UdpHdr {
         check: [0; 2],
     };
     udp.set_src_port(vxlan_src_port(flow_hash));
-    udp.set_dst_port(VXLAN_PORT);
+    udp.set_dst_port(port);
     udp.set_len(outer_l3_len - IPV4_HDR_LEN as u16);
     // A zero UDP checksum is allowed for VXLAN over IPv4 (RFC 7348 §5).
     udp

@@ -8,8 +8,11 @@ mod arp;
 mod decap;
 mod egress;
 mod encap;
+mod gateway;
+mod icmp;
 mod maps;
 mod packet;
+mod pmtu;
 mod stats;
 mod verdict;
 
@@ -33,7 +36,8 @@ pub fn ovl_xdp_decap(ctx: XdpContext) -> u32 {
         return decap::XDP_PASS;
     };
     let frame = Frame::of_xdp(&ctx);
-    let outcome = match decap::inspect(&frame, node.vtep) {
+    // XDP runs on the underlay only: nothing here was decrypted.
+    let outcome = match decap::inspect(&frame, node, false) {
         Ok(None) => {
             stats::underlay(true);
             return decap::XDP_PASS;
@@ -54,7 +58,9 @@ pub fn ovl_xdp_decap(ctx: XdpContext) -> u32 {
 }
 
 /// Underlay ingress at TC: the same decisions as `ovl_xdp_decap`, for
-/// underlays where XDP would cost offloads.
+/// underlays where XDP would cost offloads. Also the ingress of the
+/// agent's crypto device, where decrypted VXLAN of encrypted networks
+/// comes in.
 #[classifier]
 pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
     let Some(node) = maps::node_config() else {
@@ -64,7 +70,12 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
     // Headers must be in the linear area for direct access.
     let _ = ctx.pull_data(ctx.len().min(decap::MAX_HDR_LEN));
     let frame = Frame::of_skb(&ctx);
-    let outcome = match decap::inspect(&frame, node.vtep) {
+    // The same program runs on the crypto device, where the agent writes
+    // what it decrypted.
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let decrypted = maps::crypto_device() == Some(ifindex);
+    let outcome = match decap::inspect(&frame, node, decrypted) {
         Ok(None) => {
             stats::underlay(true);
             return TC_ACT_OK;
@@ -91,12 +102,12 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
 pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(vni) = maps::iface_vni(ifindex) else {
+    let Some(iface) = maps::iface(ifindex) else {
         stats::drop(UNATTRIBUTED_VNI, DropReason::NoEndpoint);
         return TC_ACT_SHOT;
     };
-    egress::switch(&ctx, vni, ifindex).unwrap_or_else(|reason| {
-        stats::drop(vni, reason);
+    egress::switch(&ctx, ifindex, &iface).unwrap_or_else(|reason| {
+        stats::drop(iface.vni, reason);
         TC_ACT_SHOT
     })
 }

@@ -3,11 +3,17 @@
 //! and `ovl stats` find them under the node's pin directory.
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{
+        Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+    },
 };
 use ovl_common::{
-    Endpoint, NetworkInfo, NodeConfig, UnderlayCounters, VniAddr, VniCounters, maps::capacity,
+    Endpoint, Iface, NetworkInfo, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters, VniAddr,
+    VniCounters,
+    maps::{CRYPTO_DEVICE, capacity, subnet_key_bits},
+    wire::{MIN_PATH_MTU, PATH_MTU_EXPIRY_NS},
 };
 
 /// This node's underlay identity (one entry).
@@ -26,9 +32,18 @@ pub static ENDPOINTS: HashMap<VniAddr, Endpoint> = HashMap::pinned(capacity::END
 #[map(name = "OVL_VTEPS")]
 pub static VTEPS: HashMap<VniAddr, u32> = HashMap::pinned(capacity::VTEPS, 0);
 
-/// Host-side ifindex of a local container veth → its VNI.
+/// Host-side ifindex of a local container veth → its network, address,
+/// MAC and gateway.
 #[map(name = "OVL_IFACES")]
-pub static IFACES: HashMap<u32, u32> = HashMap::pinned(capacity::IFACES, 0);
+pub static IFACES: HashMap<u32, Iface> = HashMap::pinned(capacity::IFACES, 0);
+
+/// (VNI, subnet) → the subnet's gateway; longest-prefix matched.
+#[map(name = "OVL_SUBNETS")]
+pub static SUBNETS: LpmTrie<VniAddr, SubnetInfo> = LpmTrie::pinned(capacity::SUBNETS, 0);
+
+/// Remote VTEP → the path MTU the underlay reported for it.
+#[map(name = "OVL_PATH_MTU")]
+pub static PATH_MTU: LruHashMap<[u8; 4], PathMtu> = LruHashMap::pinned(capacity::PATH_MTU, 0);
 
 /// Per-VNI, per-CPU counters. Entries are created by the agent.
 #[map(name = "OVL_STATS")]
@@ -42,6 +57,12 @@ pub static GLOBAL: PerCpuArray<UnderlayCounters> = PerCpuArray::pinned(1, 0);
 /// ABI version of the build that filled these maps (read by the agent only).
 #[map(name = "OVL_ABI")]
 pub static ABI: Array<u32> = Array::pinned(1, 0);
+
+/// The agent's crypto device (one entry). The kernel deletes the entry
+/// when the device is unregistered, so an agent that died takes its
+/// encrypted path with it instead of leaving a hole to send in clear.
+#[map(name = "OVL_CRYPTO")]
+pub static CRYPTO: DevMap = DevMap::pinned(1, 0);
 
 /// This node's configuration; `None` until the agent has written it.
 #[inline(always)]
@@ -74,9 +95,56 @@ pub fn vtep_allowed(vni: u32, vtep: [u8; 4]) -> bool {
     VTEPS.get_ptr(VniAddr { vni, addr: vtep }).is_some()
 }
 
-/// The VNI of the container veth whose host end is `ifindex`.
+/// The `vtep_flags` of (`vni`, `vtep`); 0 when it is not a VTEP of it.
 #[inline(always)]
-pub fn iface_vni(ifindex: u32) -> Option<u32> {
+pub fn vtep_flags(vni: u32, vtep: [u8; 4]) -> u32 {
+    // SAFETY: the value is copied out immediately.
+    unsafe { VTEPS.get(VniAddr { vni, addr: vtep }).copied() }.unwrap_or(0)
+}
+
+/// The container interface whose host end is `ifindex`.
+#[inline(always)]
+pub fn iface(ifindex: u32) -> Option<Iface> {
     // SAFETY: the value is copied out immediately.
     unsafe { IFACES.get(ifindex).copied() }
+}
+
+/// The subnet of network `vni` that holds `addr`, if any.
+#[inline(always)]
+pub fn subnet_of(vni: u32, addr: [u8; 4]) -> Option<SubnetInfo> {
+    let key = Key::new(subnet_key_bits(32), VniAddr { vni, addr });
+    SUBNETS.get(&key).copied()
+}
+
+/// The path MTU to `vtep` the underlay reported, while it holds.
+#[inline(always)]
+pub fn path_mtu(vtep: [u8; 4]) -> Option<u32> {
+    // SAFETY: the value is copied out immediately.
+    let reported = unsafe { PATH_MTU.get(vtep).copied() }?;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    (now.wrapping_sub(reported.learned_ns) < PATH_MTU_EXPIRY_NS).then_some(reported.mtu)
+}
+
+/// Records a path MTU to `vtep` (raised to the floor ovl accepts).
+#[inline(always)]
+pub fn set_path_mtu(vtep: [u8; 4], mtu: u32) {
+    let entry = PathMtu {
+        mtu: if mtu < MIN_PATH_MTU {
+            MIN_PATH_MTU
+        } else {
+            mtu
+        },
+        _pad: 0,
+        // SAFETY: helper without arguments.
+        learned_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // A full LRU map evicts the oldest entry; an error only loses a report.
+    let _ = PATH_MTU.insert(vtep, entry, 0);
+}
+
+/// Interface index of the crypto device, while there is one.
+#[inline(always)]
+pub fn crypto_device() -> Option<u32> {
+    CRYPTO.get_ifindex(CRYPTO_DEVICE).filter(|i| *i != 0)
 }

@@ -51,6 +51,21 @@ pub fn local(vni: u32, packets: u64) {
     with_counters(vni, |c| c.local_packets += packets);
 }
 
+/// Counts frames handed to the host's stack for external egress.
+#[inline(always)]
+pub fn egress(vni: u32, packets: u64) {
+    with_counters(vni, |c| c.egress_packets += packets);
+}
+
+/// Counts an underlay report of a smaller path MTU to a remote VTEP.
+#[inline(always)]
+pub fn path_mtu_report() {
+    if let Some(c) = GLOBAL.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe { (*c).path_mtu_reports += 1 };
+    }
+}
+
 /// Counts an ARP request answered by proxy.
 #[inline(always)]
 pub fn arp_reply(vni: u32) {

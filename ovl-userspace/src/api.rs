@@ -8,6 +8,8 @@
 //! | `GET /v1/stats[?network=NAME]` | `[NetworkStats]`, as `ovl stats --json` |
 //! | `GET /v1/stats/underlay` | [`UnderlayStats`], as `ovl stats --underlay --json` |
 //! | `GET /v1/endpoints/ready?network=NAME&ip=IP[&timeout_ms=N]` | `{"ready": bool}`: in the maps and hooked, waiting up to N ms (≤ 10 s) |
+//! | `GET /v1/crypto` | [`CryptoReport`]: WireGuard identity, peers and counters, as `ovl stats --crypto --json` |
+//! | `POST /v1/crypto/rotate` | [`Rotated`]: a new node key, as `ovl node rotate-key` |
 
 use std::{
     collections::BTreeMap,
@@ -25,13 +27,14 @@ use axum::{
     extract::{Query, State, rejection::QueryRejection},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::{
     agent::view::View,
+    crypto::{CryptoHandle, stats::CryptoReport},
     datapath,
     metrics::{NetworkStats, UnderlayStats},
 };
@@ -79,12 +82,19 @@ pub struct StoreHealth {
 #[derive(Clone)]
 pub struct AgentApi {
     view: Arc<View>,
+    crypto: Option<CryptoHandle>,
 }
 
 impl AgentApi {
     /// The API of the agent whose view is `view`.
     pub fn new(view: Arc<View>) -> AgentApi {
-        AgentApi { view }
+        AgentApi { view, crypto: None }
+    }
+
+    /// Serves the encrypting path's report and key rotation too.
+    pub fn with_crypto(mut self, crypto: Option<CryptoHandle>) -> AgentApi {
+        self.crypto = crypto;
+        self
     }
 
     fn router(self) -> Router {
@@ -93,6 +103,8 @@ impl AgentApi {
             .route("/v1/stats", get(stats))
             .route("/v1/stats/underlay", get(underlay))
             .route("/v1/endpoints/ready", get(ready))
+            .route("/v1/crypto", get(crypto_report))
+            .route("/v1/crypto/rotate", post(crypto_rotate))
             .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
             .with_state(self)
     }
@@ -227,6 +239,36 @@ async fn underlay(State(api): State<AgentApi>) -> Result<Json<UnderlayStats>, Ap
     Ok(Json(underlay_of(&api.view)?))
 }
 
+fn crypto_of(api: &AgentApi) -> Result<&CryptoHandle, ApiError> {
+    api.crypto.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this agent has no encrypting path (see its log for why); encrypted networks drop their packets (no_key) on this node",
+        )
+    })
+}
+
+async fn crypto_report(State(api): State<AgentApi>) -> Result<Json<CryptoReport>, ApiError> {
+    Ok(Json(crypto_of(&api)?.report()))
+}
+
+/// The answer to a key rotation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rotated {
+    /// The node's new public key.
+    pub public_key: String,
+}
+
+async fn crypto_rotate(State(api): State<AgentApi>) -> Result<Json<Rotated>, ApiError> {
+    let crypto = crypto_of(&api)?.clone();
+    let key = tokio::task::spawn_blocking(move || crypto.rotate())
+        .await
+        .map_err(|e| anyhow::anyhow!("rotation task: {e}"))??;
+    Ok(Json(Rotated {
+        public_key: key.to_string(),
+    }))
+}
+
 #[derive(Deserialize)]
 struct ReadyQuery {
     network: String,
@@ -350,6 +392,19 @@ impl Client {
 
     /// `GET path_and_query`, decoded from JSON.
     pub async fn get<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, ClientError> {
+        self.send(hyper::Method::GET, path_and_query).await
+    }
+
+    /// `POST path_and_query` without a body, the answer decoded from JSON.
+    pub async fn post<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, ClientError> {
+        self.send(hyper::Method::POST, path_and_query).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: hyper::Method,
+        path_and_query: &str,
+    ) -> Result<T, ClientError> {
         use http_body_util::{BodyExt, Empty};
         use hyper::{Request, body::Bytes};
 
@@ -371,7 +426,9 @@ impl Client {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = Request::get(path_and_query)
+        let req = Request::builder()
+            .method(method)
+            .uri(path_and_query)
             .header(hyper::header::HOST, "ovl")
             .body(Empty::<Bytes>::new())
             .map_err(|e| fail(e.to_string()))?;

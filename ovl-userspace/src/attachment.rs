@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     api, dns,
+    ipam::Subnet,
     model::{ContainerSpec, Endpoint, Location, Network},
     netlink, netns,
     store::{Scope, Store},
@@ -36,8 +37,24 @@ pub struct Request {
     pub aliases: Vec<String>,
     /// Address to use instead of the next free one.
     pub ip: Option<Ipv4Addr>,
+    /// The network's subnet to take the address from [default: the first
+    /// with a free address].
+    pub subnet: Option<Subnet>,
     /// The front end's identity for the attachment ([`Endpoint::owner`]).
     pub owner: Option<String>,
+}
+
+/// Where the container's end of the veth goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Into [`Request::netns`], named [`Request::ifname`] (or the first free
+    /// `ethN`), addressed and up: `ovl connect`, CNI.
+    IntoNamespace,
+    /// Left in the host's namespace with its MAC and MTU set, for a runtime
+    /// that moves, renames and addresses it itself (Docker's Join answers
+    /// with its name, [`Attachment::ifname`]). [`Request::netns`] only
+    /// identifies the container; it is never opened.
+    HostSide,
 }
 
 /// A container attached to a network.
@@ -45,12 +62,14 @@ pub struct Request {
 pub struct Attachment {
     pub endpoint: Endpoint,
     pub network: Network,
-    /// The interface's name inside the container (`eth0`, ...).
+    /// The interface's name inside the container (`eth0`, ...), or in the
+    /// host's namespace for [`Placement::HostSide`].
     pub ifname: String,
     /// The host end of the veth.
     pub host_ifname: String,
     /// The IPv4 routes through the interface in the container (at least
-    /// the subnet's), as the kernel holds them after the attachment.
+    /// the subnet's), as the kernel holds them after the attachment; none
+    /// for [`Placement::HostSide`] (the runtime addresses the interface).
     pub routes: Vec<netlink::Route4>,
     /// The resolv.conf written for the namespace (`ip netns` names only).
     pub resolv_conf: Option<PathBuf>,
@@ -59,15 +78,43 @@ pub struct Attachment {
 /// Registers the endpoint (IPAM), then builds its veth into the container.
 /// On any failure the registration is rolled back and no link is left.
 pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
-    netns::open(&req.netns)?;
-    let (endpoint, network) = store
+    attach_placed(store, req, Placement::IntoNamespace).await
+}
+
+/// [`attach`], with the container end of the veth where `placement` says.
+/// An address `req.owner` reserved on this node ([`State::reserve`]) is
+/// taken over, and reserved again if the attachment fails.
+///
+/// [`State::reserve`]: crate::model::State::reserve
+pub async fn attach_placed(
+    store: &Store,
+    req: &Request,
+    placement: Placement,
+) -> Result<Attachment> {
+    if placement == Placement::IntoNamespace {
+        netns::open(&req.netns)?;
+    }
+    let (endpoint, network, reservation) = store
         .update_with(Scope::Network(&req.network), |s| {
+            let reservation = req.ip.and_then(|ip| {
+                s.endpoints
+                    .iter()
+                    .find(|e| {
+                        e.network == req.network
+                            && e.ip == ip
+                            && e.owner.is_some()
+                            && e.owner == req.owner
+                            && matches!(&e.location, Location::Reserved { node } if *node == req.node)
+                    })
+                    .cloned()
+            });
             let ep = s.add_container(ContainerSpec {
                 network: req.network.clone(),
                 node: req.node.clone(),
                 netns: req.netns.clone(),
                 name: req.name.clone(),
                 ip: req.ip,
+                subnet: req.subnet,
                 owner: req.owner.clone(),
             })?;
             let ep = if req.aliases.is_empty() {
@@ -75,29 +122,43 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
             } else {
                 s.set_names(&req.network, ep.ip, None, req.aliases.clone())?
             };
-            Ok((ep, s.network(&req.network)?.clone()))
+            Ok((ep, s.network(&req.network)?.clone(), reservation))
         })
         .await?;
     let Location::Container { host_ifname, .. } = &endpoint.location else {
         unreachable!("add_container makes container endpoints")
     };
     let host_ifname = host_ifname.clone();
+    let peer = format!("{host_ifname}c");
     let built = async {
+        let routes = network
+            .container_routes(endpoint.ip)
+            .context("IPAM gave an address outside the network's subnets")?;
         let handle = netlink::connect()?;
         let ifname = netlink::create_container_link(
             &handle,
             &netlink::ContainerLink {
                 host_ifname: &host_ifname,
-                netns: &req.netns,
-                ifname: req.ifname.as_deref(),
-
+                placement: match placement {
+                    Placement::IntoNamespace => netlink::Placement::Namespace {
+                        netns: &req.netns,
+                        ifname: req.ifname.as_deref(),
+                    },
+                    Placement::HostSide => netlink::Placement::HostSide { peer: &peer },
+                },
                 ip: endpoint.ip,
-                prefix: network.subnet.prefix(),
+                prefix: routes.prefix,
                 mac: endpoint.mac,
                 mtu: network.mtu,
+                gateway: routes.gateway,
+                via_gateway: &routes.via_gateway,
             },
         )
         .await?;
+        if placement == Placement::HostSide {
+            // Not in the container yet: the runtime moves and addresses it.
+            return Ok((ifname, Vec::new()));
+        }
         match container_routes(&req.netns, &ifname).await {
             Ok(routes) => Ok((ifname, routes)),
             Err(e) => {
@@ -117,21 +178,27 @@ pub async fn attach(store: &Store, req: &Request) -> Result<Attachment> {
             routes,
         }),
         Err(e) => {
-            if let Err(undo) = store
+            let undo = store
                 .update_with(Scope::Network(&req.network), |s| {
-                    s.remove_container(&req.network, &req.node, &req.netns)
+                    s.remove_container(&req.network, &req.node, &req.netns)?;
+                    if let Some(r) = &reservation {
+                        s.endpoints.push(r.clone());
+                    }
+                    Ok(())
                 })
-                .await
-            {
+                .await;
+            if let Err(undo) = undo {
                 log::error!(
                     "could not roll back the registration of {}: {undo}",
                     req.netns
                 );
             }
-            Err(e.context(format!(
-                "connect {} to {}; nothing was registered",
-                req.netns, req.network
-            )))
+            let kept = if reservation.is_some() {
+                "its address stays reserved"
+            } else {
+                "nothing was registered"
+            };
+            Err(e.context(format!("connect {} to {}; {kept}", req.netns, req.network)))
         }
     }
 }
@@ -241,15 +308,7 @@ pub async fn find(
 
 /// Removes the veth of `netns` on `node` (if still there) and its endpoint.
 pub async fn detach(store: &Store, node: &str, network: &str, netns: &str) -> Result<Endpoint> {
-    if let Some(Endpoint {
-        location: Location::Container { host_ifname, .. },
-        ..
-    }) = find(store, node, network, netns).await?
-        && netlink::ifindex(&host_ifname).is_some()
-    {
-        let handle = netlink::connect()?;
-        netlink::delete_link(&handle, &host_ifname).await?;
-    }
+    remove_link(store, node, network, netns).await?;
     let endpoint = store
         .update_with(Scope::Network(network), |s| {
             s.remove_container(network, node, netns)
@@ -278,6 +337,44 @@ async fn release_resolv_conf(store: &Store, node: &str, netns: &str) {
     if !still_attached && let Err(e) = dns::resolv_conf::remove(netns) {
         log::warn!("{e:#}");
     }
+}
+
+/// Removes the veth of `netns` on `node` (if still there) and turns its
+/// endpoint back into a reservation of the address by the same owner, for
+/// a runtime whose IPAM releases addresses on its own (Docker's Leave
+/// comes before its ReleaseAddress).
+pub async fn detach_keeping_address(
+    store: &Store,
+    node: &str,
+    network: &str,
+    netns: &str,
+) -> Result<Endpoint> {
+    remove_link(store, node, network, netns).await?;
+    Ok(store
+        .update_with(Scope::Network(network), |s| {
+            s.release_to_reservation(network, node, netns)
+        })
+        .await?)
+}
+
+async fn remove_link(store: &Store, node: &str, network: &str, netns: &str) -> Result<()> {
+    if let Some(Endpoint {
+        location: Location::Container { host_ifname, .. },
+        ..
+    }) = find(store, node, network, netns).await?
+    {
+        remove_host_link(&host_ifname).await?;
+    }
+    Ok(())
+}
+
+/// Deletes the host end of a container veth (and so the pair), if present.
+pub async fn remove_host_link(host_ifname: &str) -> Result<()> {
+    if netlink::ifindex(host_ifname).is_some() {
+        let handle = netlink::connect()?;
+        netlink::delete_link(&handle, host_ifname).await?;
+    }
+    Ok(())
 }
 
 /// Whether the node's agent forwards for an endpoint.

@@ -3,12 +3,12 @@
 
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::{
-    api, attachment, bpffs, datapath,
-    ipam::Subnet,
+    api, attachment, bpffs, datapath, egress_nat,
+    ipam::Pool,
     metrics::{self, NetworkStats},
     model::{Endpoint, Location, MacAddr, NetworkSpec},
     netlink,
@@ -17,27 +17,27 @@ use crate::{
 };
 
 /// `ovl network create`.
-pub async fn network_create(
-    store: &Store,
-    name: &str,
-    subnet: Subnet,
-    vni: Option<u32>,
-    mtu: Option<u32>,
-) -> Result<String> {
+pub async fn network_create(store: &Store, spec: NetworkSpec) -> Result<String> {
     let net = store
-        .update_with(Scope::Networks, |s| {
-            s.create_network(NetworkSpec {
-                name: name.to_owned(),
-                subnet,
-                vni,
-                mtu,
-            })
-            .cloned()
-        })
+        .update_with(Scope::Networks, |s| s.create_network(spec.clone()).cloned())
         .await?;
+    let subnets: Vec<String> = net
+        .subnets
+        .iter()
+        .map(|p| format!("{} gateway {}", p.subnet, p.gateway))
+        .collect();
     Ok(format!(
-        "created network {} (VNI {}, subnet {}, MTU {})",
-        net.name, net.vni, net.subnet, net.mtu
+        "created network {} (VNI {}, subnet {}, MTU {}{})",
+        net.name,
+        net.vni,
+        subnets.join(", subnet "),
+        net.mtu,
+        match (net.internal, net.encrypted) {
+            (true, true) => ", internal, encrypted",
+            (true, false) => ", internal",
+            (false, true) => ", encrypted",
+            (false, false) => "",
+        }
     ))
 }
 
@@ -46,9 +46,11 @@ pub async fn network_create(
 struct NetworkRow<'a> {
     name: &'a str,
     vni: u32,
-    subnet: String,
+    subnets: Vec<String>,
     mtu: u32,
     endpoints: usize,
+    internal: bool,
+    encrypted: bool,
 }
 
 /// `ovl network ls`.
@@ -60,22 +62,30 @@ pub async fn network_ls(store: &Store, json: bool) -> Result<String> {
         .map(|n| NetworkRow {
             name: &n.name,
             vni: n.vni.get(),
-            subnet: n.subnet.to_string(),
+            subnets: n.subnets.iter().map(|p| p.subnet.to_string()).collect(),
             mtu: n.mtu,
             endpoints: state.endpoints_of(&n.name).count(),
+            internal: n.internal,
+            encrypted: n.encrypted,
         })
         .collect();
     if json {
         return Ok(serde_json::to_string_pretty(&rows).expect("rows serialise"));
     }
     let mut out = format!(
-        "{:<20} {:>8} {:<18} {:>5} {:>9}\n",
-        "NAME", "VNI", "SUBNET", "MTU", "ENDPOINTS"
+        "{:<20} {:>8} {:<18} {:>5} {:>9}  {:<8}  {}\n",
+        "NAME", "VNI", "SUBNETS", "MTU", "ENDPOINTS", "INTERNAL", "ENCRYPTED"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<20} {:>8} {:<18} {:>5} {:>9}\n",
-            r.name, r.vni, r.subnet, r.mtu, r.endpoints
+            "{:<20} {:>8} {:<18} {:>5} {:>9}  {:<8}  {}\n",
+            r.name,
+            r.vni,
+            r.subnets.join(","),
+            r.mtu,
+            r.endpoints,
+            if r.internal { "yes" } else { "no" },
+            if r.encrypted { "yes" } else { "no" }
         ));
     }
     Ok(out)
@@ -85,8 +95,11 @@ pub async fn network_ls(store: &Store, json: bool) -> Result<String> {
 struct Inspect<'a> {
     name: &'a str,
     vni: u32,
-    subnet: String,
+    subnets: &'a [Pool],
     mtu: u32,
+    internal: bool,
+    /// Traffic between nodes is encrypted (WireGuard).
+    encrypted: bool,
     endpoints: Vec<&'a Endpoint>,
 }
 
@@ -97,8 +110,10 @@ pub async fn network_inspect(store: &Store, name: &str) -> Result<String> {
     let view = Inspect {
         name: &n.name,
         vni: n.vni.get(),
-        subnet: n.subnet.to_string(),
+        subnets: &n.subnets,
         mtu: n.mtu,
+        internal: n.internal,
+        encrypted: n.encrypted,
         endpoints: state.endpoints_of(name).collect(),
     };
     Ok(serde_json::to_string_pretty(&view).expect("inspect view serialises"))
@@ -125,7 +140,11 @@ pub async fn connect(
     req: &attachment::Request,
 ) -> Result<String> {
     let a = attachment::attach(store, req).await?;
-    let prefix = a.network.subnet.prefix();
+    let (prefix, gateway) = a
+        .network
+        .pool_of(a.endpoint.ip)
+        .map(|p| (p.subnet.prefix(), p.gateway))
+        .context("IPAM gave an address outside the network's subnets")?;
     match attachment::wait_forwarding(api_socket, &req.network, a.endpoint.ip, READY_WAIT).await {
         Ok(attachment::Readiness::Forwarding) => {}
         Ok(attachment::Readiness::NoAgent) => eprintln!(
@@ -145,7 +164,7 @@ pub async fn connect(
         None => crate::dns::RESOLVER_ADDR.to_string(),
     };
     Ok(format!(
-        "connected {} to {}: {} {}/{prefix} mac {} mtu {} (host side {})\nnames: {}; resolver {resolver}",
+        "connected {} to {}: {} {}/{prefix} gateway {gateway} mac {} mtu {} (host side {})\nnames: {}; resolver {resolver}",
         req.netns,
         req.network,
         a.ifname,
@@ -199,6 +218,26 @@ pub async fn endpoint_rm(store: &Store, network: &str, ip: Ipv4Addr) -> Result<S
     Ok(format!("removed {ip} from {network}"))
 }
 
+/// `ovl cluster show`: the settings every node shares.
+pub async fn cluster_show(store: &Store) -> Result<String> {
+    let state = store.load().await?;
+    Ok(format!("vxlan port: {}", state.cluster.vxlan_port))
+}
+
+/// `ovl cluster set`: changes settings every node shares; each agent
+/// applies them as it sees the change.
+pub async fn cluster_set(store: &Store, vxlan_port: Option<u16>) -> Result<String> {
+    let Some(port) = vxlan_port else {
+        bail!("nothing to set; give --vxlan-port PORT");
+    };
+    store
+        .update_with(Scope::Networks, |s| s.set_vxlan_port(port))
+        .await?;
+    Ok(format!(
+        "VXLAN port set to {port}: every agent sends to it and accepts only it from now on (allow UDP {port} between the nodes)"
+    ))
+}
+
 /// One row of `ovl node ls --json`.
 #[derive(Serialize)]
 struct NodeRow<'a> {
@@ -211,6 +250,8 @@ struct NodeRow<'a> {
     pinned_here: bool,
     /// Addresses it found taken when it last put back its endpoints.
     conflicts: &'a [AddressConflict],
+    /// The WireGuard key and port it published (encrypted networks).
+    wireguard: Option<crate::crypto::NodeKey>,
 }
 
 /// `ovl node ls`: nodes, their VTEPs, whether their agent is alive (known
@@ -228,14 +269,15 @@ pub async fn node_ls(store: &Store, pin_root: &Path, json: bool) -> Result<Strin
             pinned_here: bpffs::node_dir(pin_root, &n.name)
                 .is_ok_and(|d| d.join(ovl_common::maps::names::STATS).exists()),
             conflicts: state.conflicts.get(&n.name).map_or(&[], Vec::as_slice),
+            wireguard: n.wireguard,
         })
         .collect();
     if json {
         return Ok(serde_json::to_string_pretty(&rows).expect("rows serialise"));
     }
     let mut out = format!(
-        "{:<20} {:<16} {:>9} {}\n",
-        "NODE", "VTEP", "CONFLICTS", "ALIVE"
+        "{:<20} {:<16} {:>9} {:<18} {:<44} {}\n",
+        "NODE", "VTEP", "CONFLICTS", "ALIVE", "WIREGUARD KEY", "PORT"
     );
     for r in &rows {
         let alive = match (r.alive, r.pinned_here) {
@@ -244,8 +286,11 @@ pub async fn node_ls(store: &Store, pin_root: &Path, json: bool) -> Result<Strin
             (None, true) => "yes (pinned here)",
             (None, false) => "unknown",
         };
+        let (key, port) = r.wireguard.map_or(("-".to_owned(), "-".to_owned()), |k| {
+            (k.public_key.to_string(), k.port.to_string())
+        });
         out.push_str(&format!(
-            "{:<20} {:<16} {:>9} {alive}\n",
+            "{:<20} {:<16} {:>9} {alive:<18} {key:<44} {port}\n",
             r.name,
             r.vtep.to_string(),
             r.conflicts.len(),
@@ -322,6 +367,7 @@ pub async fn endpoint_ls(store: &Store, network: Option<&str>, json: bool) -> Re
         let place = match &e.location {
             Location::Container { node, netns, .. } => format!("{netns} on {node}"),
             Location::Static { vtep } => format!("behind VTEP {vtep}"),
+            Location::Reserved { node } => format!("reserved on {node} (Docker's IPAM)"),
         };
         out.push_str(&format!(
             "{:<20} {:<15} {:<17} {:<20} {place}\n",
@@ -544,6 +590,7 @@ pub async fn detach(iface: &str, node: &str, pin_root: &Path, api_socket: &Path)
     } else {
         done.push(format!("interface {iface} does not exist here"));
     }
+    done.extend(egress_nat::remove(iface).context("remove the host's external egress setup")?);
     if api_socket.exists() {
         let _ = std::fs::remove_file(api_socket);
     }

@@ -6,7 +6,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ovl_common::{Endpoint as MapEndpoint, NetworkInfo};
+use ovl_common::{Endpoint as MapEndpoint, Iface, NetworkInfo, SubnetInfo, maps::network_flags};
 
 use crate::model::{Location, State};
 
@@ -15,16 +15,38 @@ use crate::model::{Location, State};
 pub struct Desired {
     /// VNI → what the kernel programs know of the network.
     pub networks: BTreeMap<u32, NetworkInfo>,
+    /// (VNI, subnet address, prefix length) → the subnet's gateway.
+    pub subnets: BTreeMap<(u32, [u8; 4], u8), SubnetInfo>,
     /// (VNI, address) → endpoint.
     pub endpoints: BTreeMap<(u32, [u8; 4]), MapEndpoint>,
     /// (VNI, remote VTEP) pairs allowed to send.
     pub vteps: BTreeSet<(u32, [u8; 4])>,
-    /// Host-side ifindex → VNI, for local containers.
-    pub ifaces: BTreeMap<u32, u32>,
+    /// Those of `vteps` on encrypted networks whose node published a
+    /// WireGuard key: the only ones an encrypted network sends to.
+    pub keyed_vteps: BTreeSet<(u32, [u8; 4])>,
+    /// Host-side ifindex → the local container interface behind it.
+    pub ifaces: BTreeMap<u32, Iface>,
     /// Host-side interface names of local containers, by ifindex.
     pub iface_names: BTreeMap<u32, String>,
     /// Local endpoints whose veth does not exist (yet).
     pub missing_links: Vec<String>,
+    /// Local containers of networks that lead out of the overlay: the
+    /// host's return path for their external egress.
+    pub egress: Vec<EgressEndpoint>,
+    /// The cluster's VXLAN UDP port.
+    pub vxlan_port: u16,
+}
+
+/// A local container whose traffic to the world outside its network goes
+/// through the host (masqueraded) and comes back to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressEndpoint {
+    pub vni: u32,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// Host end of its veth.
+    pub ifindex: u32,
+    pub ifname: String,
 }
 
 /// Computes what node `node` (VTEP `vtep`) must hold. `ifindex_of`
@@ -40,7 +62,10 @@ pub fn desired(
     vtep: Ipv4Addr,
     ifindex_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Desired {
-    let mut d = Desired::default();
+    let mut d = Desired {
+        vxlan_port: state.cluster.vxlan_port,
+        ..Desired::default()
+    };
     let here: std::collections::BTreeSet<&str> = state
         .endpoints
         .iter()
@@ -52,13 +77,30 @@ pub fn desired(
         .values()
         .filter(|n| here.contains(n.name.as_str()))
     {
+        let vni = net.vni.get();
         d.networks.insert(
-            net.vni.get(),
+            vni,
             NetworkInfo {
                 mtu: net.mtu,
-                flags: 0,
+                flags: if net.internal {
+                    network_flags::INTERNAL
+                } else {
+                    0
+                } | if net.encrypted {
+                    network_flags::ENCRYPTED
+                } else {
+                    0
+                },
             },
         );
+        for pool in &net.subnets {
+            d.subnets.insert(
+                (vni, pool.subnet.network().octets(), pool.subnet.prefix()),
+                SubnetInfo {
+                    gateway: pool.gateway.octets(),
+                },
+            );
+        }
     }
     for ep in state
         .endpoints
@@ -89,8 +131,29 @@ pub fn desired(
                         vtep: [0; 4],
                     },
                 );
-                d.ifaces.insert(ifindex, vni);
+                let gateway = net.pool_of(ep.ip).map(|p| p.gateway.octets());
+                d.ifaces.insert(
+                    ifindex,
+                    Iface {
+                        vni,
+                        addr: ep.ip.octets(),
+                        // An address outside every subnet has no gateway to
+                        // answer from; its container still switches.
+                        gateway: gateway.unwrap_or([0; 4]),
+                        mac: ep.mac.0,
+                        _pad: [0; 2],
+                    },
+                );
                 d.iface_names.insert(ifindex, host_ifname.clone());
+                if !net.internal {
+                    d.egress.push(EgressEndpoint {
+                        vni,
+                        ip: ep.ip,
+                        mac: ep.mac.0,
+                        ifindex,
+                        ifname: host_ifname.clone(),
+                    });
+                }
             }
             _ => {
                 // A remote endpoint needs a known VTEP that is not us.
@@ -110,6 +173,13 @@ pub fn desired(
                     },
                 );
                 d.vteps.insert((vni, remote.octets()));
+                let keyed = ep
+                    .node()
+                    .and_then(|n| state.nodes.get(n))
+                    .is_some_and(|n| n.wireguard.is_some());
+                if net.encrypted && keyed {
+                    d.keyed_vteps.insert((vni, remote.octets()));
+                }
             }
         }
     }
@@ -125,23 +195,20 @@ mod tests {
         let mut s = State::default();
         for (name, vni) in [("blue", 100), ("red", 200)] {
             s.create_network(NetworkSpec {
-                name: name.into(),
-                subnet: "198.18.0.0/24".parse().unwrap(),
                 vni: Some(vni),
-                mtu: None,
+                internal: name == "red",
+                ..NetworkSpec::new(name, "198.18.0.0/24".parse().unwrap())
             })
             .unwrap();
         }
-        s.register_node("a", Ipv4Addr::new(192, 0, 2, 10));
-        s.register_node("b", Ipv4Addr::new(198, 51, 100, 10));
+        s.register_node("a", Ipv4Addr::new(192, 0, 2, 10), None);
+        s.register_node("b", Ipv4Addr::new(198, 51, 100, 10), None);
         for (net, node, ns) in [("blue", "a", "c1"), ("blue", "b", "c2"), ("red", "b", "c3")] {
             s.add_container(ContainerSpec {
                 network: net.into(),
                 node: node.into(),
                 netns: ns.into(),
-                name: None,
-                ip: None,
-                owner: None,
+                ..ContainerSpec::default()
             })
             .unwrap();
         }
@@ -157,7 +224,19 @@ mod tests {
         let c2 = d.endpoints[&(100, [198, 18, 0, 3])];
         assert_eq!((c2.ifindex, c2.vtep), (0, [198, 51, 100, 10]));
         assert_eq!(c2.mac, [0x02, 0x42, 198, 18, 0, 3]);
-        assert_eq!(d.ifaces, BTreeMap::from([(7, 100)]));
+        assert_eq!(
+            d.ifaces,
+            BTreeMap::from([(
+                7,
+                Iface {
+                    vni: 100,
+                    addr: [198, 18, 0, 2],
+                    gateway: [198, 18, 0, 1],
+                    mac: [0x02, 0x42, 198, 18, 0, 2],
+                    _pad: [0; 2],
+                }
+            )])
+        );
         // Red has no endpoint on a: a holds nothing of it.
         assert_eq!(d.networks.keys().copied().collect::<Vec<_>>(), vec![100]);
         assert!(!d.endpoints.keys().any(|(vni, _)| *vni == 200));
@@ -181,13 +260,75 @@ mod tests {
     }
 
     #[test]
+    fn reserved_addresses_are_in_no_map() {
+        let mut s = state();
+        let r = s.reserve("blue", "b", None, None, "docker-ipam").unwrap();
+        for (node, vtep) in [("a", [192, 0, 2, 10]), ("b", [198, 51, 100, 10])] {
+            let d = desired(&s, node, Ipv4Addr::from(vtep), &|_| Some(7));
+            assert!(
+                !d.endpoints.contains_key(&(100, r.ip.octets())),
+                "{node} maps a reservation"
+            );
+        }
+    }
+
+    #[test]
+    fn subnets_internal_flags_and_egress_follow_the_networks() {
+        let s = state();
+        let d = desired(&s, "b", Ipv4Addr::new(198, 51, 100, 10), &|_| Some(9));
+        assert_eq!(d.networks[&100].flags, 0);
+        assert_eq!(d.networks[&200].flags, network_flags::INTERNAL);
+        assert_eq!(
+            d.subnets[&(200, [198, 18, 0, 0], 24)].gateway,
+            [198, 18, 0, 1]
+        );
+        // c2 (blue) leads out; c3 (red, internal) does not.
+        let egress: Vec<_> = d.egress.iter().map(|e| (e.vni, e.ip)).collect();
+        assert_eq!(egress, vec![(100, Ipv4Addr::new(198, 18, 0, 3))]);
+        assert_eq!(d.vxlan_port, 4789);
+    }
+
+    #[test]
     fn endpoints_of_unknown_nodes_and_missing_veths_are_left_out() {
         let mut s = state();
         s.nodes.remove("b");
         let d = desired(&s, "a", Ipv4Addr::new(192, 0, 2, 10), &|_| None);
         assert!(d.endpoints.is_empty());
         assert!(d.vteps.is_empty());
+        assert!(d.egress.is_empty());
         assert_eq!(d.missing_links.len(), 1);
         assert_eq!(d.networks.len(), 1);
+    }
+
+    #[test]
+    fn encrypted_networks_are_flagged_and_send_only_to_keyed_vteps() {
+        let mut s = state();
+        s.create_network(NetworkSpec {
+            vni: Some(300),
+            encrypted: true,
+            ..NetworkSpec::new("secret", "198.18.1.0/24".parse().unwrap())
+        })
+        .unwrap();
+        s.register_node("c", Ipv4Addr::new(203, 0, 113, 10), None);
+        for (node, ns) in [("a", "s1"), ("b", "s2"), ("c", "s3")] {
+            s.add_container(ContainerSpec {
+                network: "secret".into(),
+                node: node.into(),
+                netns: ns.into(),
+                ..ContainerSpec::default()
+            })
+            .unwrap();
+        }
+        let key = crate::crypto::NodeKey {
+            public_key: crate::crypto::keys::PublicKey([1; 32]),
+            port: 51820,
+        };
+        assert!(s.publish_node_key("b", key));
+        let d = desired(&s, "a", Ipv4Addr::new(192, 0, 2, 10), &|_| Some(7));
+        assert_eq!(d.networks[&300].flags, network_flags::ENCRYPTED);
+        assert_eq!(d.networks[&100].flags, 0);
+        // c has published no key yet: allowed as a VTEP, but not keyed.
+        assert!(d.vteps.contains(&(300, [203, 0, 113, 10])));
+        assert_eq!(d.keyed_vteps, BTreeSet::from([(300, [198, 51, 100, 10])]));
     }
 }

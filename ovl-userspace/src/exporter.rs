@@ -103,6 +103,12 @@ pub fn render(view: &View) -> Result<String> {
         "ARP requests answered by proxy.",
         &net,
     )?;
+    let egress = counter(
+        &reg,
+        "ovl_network_egress_packets_total",
+        "Frames handed to the host's stack for an address outside the network (external egress).",
+        &net,
+    )?;
     let drops = counter(
         &reg,
         "ovl_network_drops_total",
@@ -140,6 +146,13 @@ pub fn render(view: &View) -> Result<String> {
         IntCounter::new(
             "ovl_underlay_passed_total",
             "Underlay frames that were not ovl's VXLAN and went on to the host stack.",
+        )?,
+    )?;
+    let u_pmtu = register(
+        &reg,
+        IntCounter::new(
+            "ovl_underlay_path_mtu_reports_total",
+            "ICMP fragmentation-needed reports about ovl's VXLAN that set a remote VTEP's path MTU.",
         )?,
     )?;
     let u_drops = counter(
@@ -192,6 +205,7 @@ pub fn render(view: &View) -> Result<String> {
         rx_b.with_label_values(&l).inc_by(row.rx_bytes);
         local.with_label_values(&l).inc_by(row.local_packets);
         arp.with_label_values(&l).inc_by(row.arp_replies);
+        egress.with_label_values(&l).inc_by(row.egress_packets);
         for reason in DropReason::ALL {
             let n = row.drops.get(reason.name()).copied().unwrap_or(0);
             drops
@@ -223,6 +237,7 @@ pub fn render(view: &View) -> Result<String> {
     let underlay = underlay_of(view)?;
     u_pkts.inc_by(underlay.underlay_packets);
     u_pass.inc_by(underlay.underlay_passed);
+    u_pmtu.inc_by(underlay.path_mtu_reports);
     for reason in DropReason::ALL {
         let n = underlay.drops.get(reason.name()).copied().unwrap_or(0);
         u_drops.with_label_values(&[reason.name()]).inc_by(n);
@@ -242,6 +257,8 @@ pub fn render(view: &View) -> Result<String> {
         live.mode.as_str(),
     ])
     .set(1);
+
+    crate::crypto::metrics::export(&reg)?;
 
     let mut out = Vec::new();
     TextEncoder::new()

@@ -1,5 +1,7 @@
-//! IPv4 subnets and address allocation inside them. Like Docker, the first
-//! host address is kept for a gateway and never handed to a container.
+//! IPv4 subnets, the address pools a network is made of (a subnet and its
+//! gateway), and address allocation across them. Like Docker, a subnet's
+//! gateway is its first host address unless given, and never handed to a
+//! container.
 
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr};
 
@@ -19,17 +21,19 @@ pub enum IpamError {
         prefix: u8,
     },
     #[error(
-        "{ip} is not a usable address of {subnet} (outside it, or its network, gateway or broadcast address)"
+        "{ip} is not a usable address of {subnets} (outside them, or a network, gateway or broadcast address)"
     )]
-    OutsideSubnet { ip: Ipv4Addr, subnet: Subnet },
+    NotAssignable { ip: Ipv4Addr, subnets: String },
     #[error("{0} is already in use on this network")]
     InUse(Ipv4Addr),
     #[error("no free address left in {0}")]
-    Exhausted(Subnet),
+    Exhausted(String),
+    #[error("{subnet} is not a subnet of this network (it has {subnets})")]
+    NoSuchSubnet { subnet: Subnet, subnets: String },
 }
 
 /// An IPv4 subnet in CIDR form.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Subnet {
     network: Ipv4Addr,
@@ -40,6 +44,43 @@ impl Subnet {
     /// Prefix length.
     pub const fn prefix(&self) -> u8 {
         self.prefix
+    }
+
+    /// The network address.
+    pub const fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// True when `ip` is inside the subnet (any of its addresses).
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == self.base()
+    }
+
+    /// True when the two subnets share an address.
+    pub fn overlaps(&self, other: &Subnet) -> bool {
+        self.contains(other.network) || other.contains(self.network)
+    }
+
+    /// True when `ip` is a host address of the subnet: inside it, neither
+    /// its network nor its broadcast address.
+    pub fn is_host(&self, ip: Ipv4Addr) -> bool {
+        let ip = u32::from(ip);
+        ip > self.base() && ip < self.broadcast() && ip & self.mask() == self.base()
+    }
+
+    /// The subnet's first address (its network address).
+    pub fn first(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    /// The subnet's last address (its broadcast address).
+    pub fn last(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.broadcast())
+    }
+
+    /// The first host address: the default gateway.
+    pub fn first_host(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base() + 1)
     }
 
     fn mask(&self) -> u32 {
@@ -54,31 +95,41 @@ impl Subnet {
         self.base() | !self.mask()
     }
 
-    /// The range containers may get: after network and gateway, before
-    /// broadcast.
-    fn assignable(&self) -> std::ops::RangeInclusive<u32> {
-        self.base() + 2..=self.broadcast() - 1
+    fn hosts(&self) -> std::ops::RangeInclusive<u32> {
+        self.base() + 1..=self.broadcast() - 1
     }
+}
 
-    /// The subnet's first address (its network address).
-    pub fn first(&self) -> Ipv4Addr {
-        self.network
-    }
+/// One subnet of a network and its gateway: the addresses its endpoints
+/// get and the router they use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub subnet: Subnet,
+    pub gateway: Ipv4Addr,
+}
 
-    /// The subnet's last address (its broadcast address).
-    pub fn last(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.broadcast())
-    }
-
-    /// True when `ip` lies in the subnet.
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        (self.base()..=self.broadcast()).contains(&u32::from(ip))
-    }
-
-    /// True when `ip` may be given to an endpoint.
+impl Pool {
+    /// True when `ip` may be given to an endpoint: a host address of the
+    /// subnet that is not its gateway.
     pub fn is_assignable(&self, ip: Ipv4Addr) -> bool {
-        self.assignable().contains(&u32::from(ip))
+        self.subnet.is_host(ip) && ip != self.gateway
     }
+
+    fn assignable(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.subnet
+            .hosts()
+            .map(Ipv4Addr::from)
+            .filter(|ip| *ip != self.gateway)
+    }
+}
+
+/// The subnets of `pools`, for messages: "198.18.0.0/24, 198.18.1.0/24".
+pub fn describe(pools: &[Pool]) -> String {
+    pools
+        .iter()
+        .map(|p| p.subnet.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl fmt::Display for Subnet {
@@ -126,18 +177,34 @@ impl From<Subnet> for String {
     }
 }
 
-/// Picks an address of `subnet` not in `used`: `requested` if it is free
-/// and assignable, else the lowest free one.
+/// Picks an address of a network made of `pools` that is not in `used`:
+/// `requested` if it is free and assignable in one of them; else the
+/// lowest free one of subnet `within`, if given, or of the first pool with
+/// room.
 pub fn allocate(
-    subnet: &Subnet,
+    pools: &[Pool],
     used: &BTreeSet<Ipv4Addr>,
     requested: Option<Ipv4Addr>,
+    within: Option<Subnet>,
 ) -> Result<Ipv4Addr, IpamError> {
+    let candidates: Vec<&Pool> = match within {
+        Some(subnet) => {
+            let pool = pools.iter().find(|p| p.subnet == subnet).ok_or_else(|| {
+                IpamError::NoSuchSubnet {
+                    subnet,
+                    subnets: describe(pools),
+                }
+            })?;
+            vec![pool]
+        }
+        None => pools.iter().collect(),
+    };
     if let Some(ip) = requested {
-        if !subnet.is_assignable(ip) {
-            return Err(IpamError::OutsideSubnet {
+        if !candidates.iter().any(|p| p.is_assignable(ip)) {
+            let pools: Vec<Pool> = candidates.iter().map(|p| **p).collect();
+            return Err(IpamError::NotAssignable {
                 ip,
-                subnet: *subnet,
+                subnets: describe(&pools),
             });
         }
         if used.contains(&ip) {
@@ -145,11 +212,13 @@ pub fn allocate(
         }
         return Ok(ip);
     }
-    subnet
-        .assignable()
-        .map(Ipv4Addr::from)
-        .find(|ip| !used.contains(ip))
-        .ok_or(IpamError::Exhausted(*subnet))
+    candidates
+        .iter()
+        .find_map(|p| p.assignable().find(|ip| !used.contains(ip)))
+        .ok_or_else(|| {
+            let pools: Vec<Pool> = candidates.iter().map(|p| **p).collect();
+            IpamError::Exhausted(describe(&pools))
+        })
 }
 
 #[cfg(test)]
@@ -158,6 +227,14 @@ mod tests {
 
     fn net(s: &str) -> Subnet {
         s.parse().unwrap()
+    }
+
+    fn pool(s: &str) -> Pool {
+        let subnet = net(s);
+        Pool {
+            subnet,
+            gateway: subnet.first_host(),
+        }
     }
 
     #[test]
@@ -180,36 +257,121 @@ mod tests {
 
     #[test]
     fn allocates_lowest_free_skipping_network_gateway_broadcast() {
-        let s = net("198.18.0.0/29");
+        let p = [pool("198.18.0.0/29")];
         let mut used = BTreeSet::new();
         let mut got = vec![];
-        while let Ok(ip) = allocate(&s, &used, None) {
+        while let Ok(ip) = allocate(&p, &used, None, None) {
             used.insert(ip);
             got.push(ip.octets()[3]);
         }
         assert_eq!(got, vec![2, 3, 4, 5, 6]);
-        assert_eq!(allocate(&s, &used, None), Err(IpamError::Exhausted(s)));
+        assert_eq!(
+            allocate(&p, &used, None, None),
+            Err(IpamError::Exhausted("198.18.0.0/29".into()))
+        );
+    }
+
+    #[test]
+    fn a_gateway_elsewhere_frees_the_first_address() {
+        let p = [Pool {
+            subnet: net("198.18.0.0/29"),
+            gateway: Ipv4Addr::new(198, 18, 0, 6),
+        }];
+        let mut used = BTreeSet::new();
+        let mut got = vec![];
+        while let Ok(ip) = allocate(&p, &used, None, None) {
+            used.insert(ip);
+            got.push(ip.octets()[3]);
+        }
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn fills_the_first_subnet_with_room_unless_one_is_named() {
+        let p = [pool("198.18.0.0/29"), pool("198.18.1.0/29")];
+        let mut used: BTreeSet<_> = (2..=6).map(|d| Ipv4Addr::new(198, 18, 0, d)).collect();
+        assert_eq!(
+            allocate(&p, &used, None, None),
+            Ok(Ipv4Addr::new(198, 18, 1, 2))
+        );
+        used.remove(&Ipv4Addr::new(198, 18, 0, 4));
+        assert_eq!(
+            allocate(&p, &used, None, None),
+            Ok(Ipv4Addr::new(198, 18, 0, 4))
+        );
+        assert_eq!(
+            allocate(&p, &used, None, Some(net("198.18.1.0/29"))),
+            Ok(Ipv4Addr::new(198, 18, 1, 2))
+        );
+        assert!(matches!(
+            allocate(&p, &used, None, Some(net("198.18.2.0/29"))),
+            Err(IpamError::NoSuchSubnet { .. })
+        ));
+        // An address of the second subnet, asked for within the first.
+        assert!(matches!(
+            allocate(
+                &p,
+                &used,
+                Some(Ipv4Addr::new(198, 18, 1, 3)),
+                Some(net("198.18.0.0/29"))
+            ),
+            Err(IpamError::NotAssignable { .. })
+        ));
+    }
+
+    #[test]
+    fn gateway_containment_and_overlap() {
+        let s = net("198.18.0.0/24");
+        assert_eq!(s.first_host(), Ipv4Addr::new(198, 18, 0, 1));
+        assert!(s.contains(Ipv4Addr::new(198, 18, 0, 255)));
+        assert!(!s.contains(Ipv4Addr::new(198, 18, 1, 0)));
+        assert!(s.overlaps(&net("198.18.0.0/16")));
+        assert!(net("198.18.0.0/16").overlaps(&s));
+        assert!(s.overlaps(&net("198.18.0.128/25")));
+        assert!(!s.overlaps(&net("198.18.1.0/24")));
     }
 
     #[test]
     fn requested_address_must_be_free_and_inside() {
-        let s = net("198.18.0.0/24");
+        let p = [pool("198.18.0.0/24"), pool("198.18.4.0/24")];
         let used: BTreeSet<_> = [Ipv4Addr::new(198, 18, 0, 7)].into();
         assert_eq!(
-            allocate(&s, &used, Some(Ipv4Addr::new(198, 18, 0, 8))),
+            allocate(&p, &used, Some(Ipv4Addr::new(198, 18, 0, 8)), None),
             Ok(Ipv4Addr::new(198, 18, 0, 8))
         );
         assert_eq!(
-            allocate(&s, &used, Some(Ipv4Addr::new(198, 18, 0, 7))),
+            allocate(&p, &used, Some(Ipv4Addr::new(198, 18, 4, 9)), None),
+            Ok(Ipv4Addr::new(198, 18, 4, 9))
+        );
+        assert_eq!(
+            allocate(&p, &used, Some(Ipv4Addr::new(198, 18, 0, 7)), None),
             Err(IpamError::InUse(Ipv4Addr::new(198, 18, 0, 7)))
         );
         for bad in [
             [198, 18, 0, 0],
             [198, 18, 0, 1],
             [198, 18, 0, 255],
+            [198, 18, 4, 1],
             [198, 19, 0, 5],
         ] {
-            assert!(allocate(&s, &used, Some(Ipv4Addr::from(bad))).is_err());
+            let err = allocate(&p, &used, Some(Ipv4Addr::from(bad)), None).unwrap_err();
+            assert!(
+                err.to_string().contains("198.18.0.0/24, 198.18.4.0/24"),
+                "{err}"
+            );
         }
+    }
+
+    #[test]
+    fn overlap_and_membership() {
+        let a = net("198.18.0.0/16");
+        assert!(a.overlaps(&net("198.18.4.0/24")));
+        assert!(net("198.18.4.0/24").overlaps(&a));
+        assert!(!net("198.18.0.0/24").overlaps(&net("198.18.1.0/24")));
+        assert!(a.contains(Ipv4Addr::new(198, 18, 255, 255)));
+        assert!(!a.is_host(Ipv4Addr::new(198, 18, 255, 255)));
+        assert!(!a.is_host(Ipv4Addr::new(198, 18, 0, 0)));
+        assert!(a.is_host(Ipv4Addr::new(198, 18, 0, 1)));
+        assert!(!a.is_host(Ipv4Addr::new(198, 19, 0, 1)));
     }
 }

@@ -11,7 +11,7 @@ use ovl_userspace::{
     commands,
     datapath::DecapMode,
     ipam::Subnet,
-    model::MacAddr,
+    model::{MacAddr, NetworkSpec},
     store::{EtcdAccess, Store, StoreOptions},
 };
 
@@ -80,6 +80,10 @@ enum Command {
         /// Address to use instead of the next free one.
         #[arg(long)]
         ip: Option<Ipv4Addr>,
+        /// Take the address from this subnet of the network [default: the
+        /// first with a free address].
+        #[arg(long)]
+        subnet: Option<Subnet>,
         /// Endpoint name [default: the namespace name]: what the network's
         /// other containers resolve to its address.
         #[arg(long)]
@@ -110,6 +114,22 @@ enum Command {
         gc_grace: u64,
         #[command(flatten)]
         dns: DnsArgs,
+        /// Be Docker's `ovl` network and IPAM driver for the dockerd at this
+        /// URL (unix:///var/run/docker.sock), mirroring ovl networks into it.
+        #[arg(long, env = "OVL_DOCKER_HOST")]
+        docker_host: Option<String>,
+        /// The Docker plugin's socket (needs --docker-host).
+        #[arg(long, env = "OVL_DOCKER_PLUGIN_SOCKET", requires = "docker_host",
+              default_value = ovl_userspace::docker::DEFAULT_PLUGIN_SOCKET)]
+        docker_plugin_socket: PathBuf,
+        /// UDP port of WireGuard, which carries encrypted networks between
+        /// nodes (at this node's VTEP address).
+        #[arg(long, env = "OVL_WIREGUARD_PORT", default_value_t = ovl_common::wire::WIREGUARD_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+        wireguard_port: u16,
+        /// Seconds between automatic rotations of this node's WireGuard key
+        /// (12 h, as Docker's overlay).
+        #[arg(long, env = "OVL_KEY_ROTATION", default_value_t = 43200, value_parser = clap::value_parser!(u64).range(10..=31_536_000))]
+        key_rotation: u64,
     },
     /// Remove this node's data path from IFACE: programs, links, maps, pins.
     Detach { iface: String },
@@ -131,6 +151,10 @@ enum Command {
         /// drops no network can be charged with.
         #[arg(long, conflicts_with = "network")]
         underlay: bool,
+        /// The encrypting path instead: WireGuard key, peers, packets
+        /// sealed and opened, drops (authentication, replays, unknown keys).
+        #[arg(long, conflicts_with_all = ["network", "underlay"])]
+        crypto: bool,
     },
     /// Endpoints behind VTEPs that run no ovl agent (e.g. a kernel vxlan).
     #[command(subcommand)]
@@ -141,6 +165,22 @@ enum Command {
     /// ovl as a CNI plugin (podman, containerd, CRI-O, Kubernetes).
     #[command(subcommand)]
     Cni(CniCmd),
+    /// Settings every node of the cluster shares.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Show the cluster's settings.
+    Show,
+    /// Change the cluster's settings (every agent follows).
+    Set {
+        /// UDP port of the overlay's VXLAN [default: 4789, IANA's; 8472 is
+        /// Linux's and Flannel's].
+        #[arg(long)]
+        vxlan_port: Option<u16>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -181,14 +221,30 @@ enum NetworkCmd {
     /// Create a network.
     Create {
         name: String,
+        /// A subnet of the network; repeat for several (routed to each
+        /// other by their gateways). IPAM fills them in this order.
+        #[arg(long, required = true)]
+        subnet: Vec<Subnet>,
+        /// A subnet's gateway, matched to the subnet that holds it; repeat
+        /// for several [default: each subnet's first address].
         #[arg(long)]
-        subnet: Subnet,
+        gateway: Vec<Ipv4Addr>,
+        /// No way out of the overlay: containers get no default route and
+        /// no external egress (Docker's --internal).
+        #[arg(long)]
+        internal: bool,
         /// VXLAN network identifier [default: next free from 4096].
         #[arg(long)]
         vni: Option<u32>,
-        /// Container MTU [default: 1450, a 1500 underlay minus 50].
+        /// Container MTU [default: the smallest underlay MTU of the known
+        /// nodes minus 50 (110 when encrypted); 1450 (1390) when none is
+        /// known].
         #[arg(long)]
         mtu: Option<u32>,
+        /// Traffic between nodes leaves only encrypted and authenticated
+        /// (WireGuard), as Docker's `--opt encrypted`.
+        #[arg(long)]
+        encrypted: bool,
     },
     /// List networks.
     Ls {
@@ -241,6 +297,9 @@ enum NodeCmd {
     /// addresses are held back for the address grace). Refused while the
     /// node's agent is alive.
     Rm { node: String },
+    /// Give this node a new WireGuard key now (the agent also rotates on
+    /// its own, every --key-rotation seconds); no packet is lost.
+    RotateKey,
 }
 
 /// This node's name: `--node`, else the host name. Checked before any
@@ -284,6 +343,7 @@ fn uses_node(command: &Command) -> bool {
             | Command::Connect { .. }
             | Command::Disconnect { .. }
             | Command::Stats { .. }
+            | Command::Node(NodeCmd::RotateKey)
     )
 }
 
@@ -306,6 +366,10 @@ async fn run(cli: Cli) -> Result<()> {
         metrics,
         gc_grace,
         dns,
+        docker_host,
+        docker_plugin_socket,
+        wireguard_port,
+        key_rotation,
     } = cli.command
     {
         let state_dir = cli
@@ -327,11 +391,26 @@ async fn run(cli: Cli) -> Result<()> {
                 upstreams: dns.upstreams,
                 rate_limit: dns.dns_rate_limit,
             },
+            docker: docker_host.map(|host| ovl_userspace::docker::DockerOptions {
+                host,
+                plugin_socket: docker_plugin_socket,
+            }),
+            wireguard_port,
+            key_rotation: std::time::Duration::from_secs(key_rotation),
         })
         .await;
     }
     if let Command::Status { json } = cli.command {
         return print(commands::status(&api_socket, &node, &cli.pin_root, json).await?);
+    }
+    if let Command::Node(NodeCmd::RotateKey) = &cli.command {
+        return print(ovl_userspace::crypto::cli::rotate_key(&api_socket, &node).await?);
+    }
+    if let Command::Stats {
+        crypto: true, json, ..
+    } = &cli.command
+    {
+        return print(ovl_userspace::crypto::cli::stats(&api_socket, &node, *json).await?);
     }
     if let Command::Cni(cmd) = &cli.command {
         return print(cni_command(cmd, &cli, &node, &api_socket)?);
@@ -346,9 +425,23 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Network(NetworkCmd::Create {
             name,
             subnet,
+            gateway,
+            internal,
             vni,
             mtu,
-        }) => commands::network_create(store, &name, subnet, vni, mtu).await?,
+            encrypted,
+        }) => {
+            let spec = NetworkSpec {
+                name,
+                subnets: subnet,
+                gateways: gateway,
+                vni,
+                mtu,
+                internal,
+                encrypted,
+            };
+            commands::network_create(store, spec).await?
+        }
         Command::Network(NetworkCmd::Ls { json }) => commands::network_ls(store, json).await?,
         Command::Network(NetworkCmd::Inspect { name }) => {
             commands::network_inspect(store, &name).await?
@@ -358,6 +451,7 @@ async fn run(cli: Cli) -> Result<()> {
             network,
             netns,
             ip,
+            subnet,
             name,
             aliases,
         } => {
@@ -369,6 +463,7 @@ async fn run(cli: Cli) -> Result<()> {
                 name,
                 aliases,
                 ip,
+                subnet,
                 owner: None,
             };
             commands::connect(store, &api_socket, &req).await?
@@ -416,6 +511,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Node(NodeCmd::Rm { node }) => {
             commands::node_rm(store, &cli.pin_root, &node).await?
+        }
+        Command::Node(NodeCmd::RotateKey) => unreachable!("dispatched above"),
+        Command::Cluster(ClusterCmd::Show) => commands::cluster_show(store).await?,
+        Command::Cluster(ClusterCmd::Set { vxlan_port }) => {
+            commands::cluster_set(store, vxlan_port).await?
         }
     };
     print(out)

@@ -19,6 +19,8 @@ pub struct NetworkStats {
     pub rx_bytes: u64,
     pub local_packets: u64,
     pub arp_replies: u64,
+    /// Frames handed to the host for external egress.
+    pub egress_packets: u64,
     /// Drops keyed by reason name, every reason present.
     pub drops: BTreeMap<String, u64>,
     /// The network's containers' DNS questions, by outcome (zero when no
@@ -39,6 +41,7 @@ impl NetworkStats {
             rx_bytes: c.rx_bytes,
             local_packets: c.local_packets,
             arp_replies: c.arp_replies,
+            egress_packets: c.egress_packets,
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name().to_owned(), c.drops_for(*r)))
@@ -54,6 +57,8 @@ impl NetworkStats {
 pub struct UnderlayStats {
     pub underlay_packets: u64,
     pub underlay_passed: u64,
+    /// ICMP reports of a smaller path MTU to a remote VTEP.
+    pub path_mtu_reports: u64,
     pub drops: BTreeMap<String, u64>,
 }
 
@@ -64,6 +69,7 @@ impl UnderlayStats {
         UnderlayStats {
             underlay_packets: underlay.packets,
             underlay_passed: underlay.passed,
+            path_mtu_reports: underlay.path_mtu_reports,
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name().to_owned(), unattributed.drops_for(*r)))
@@ -82,9 +88,10 @@ impl std::fmt::Display for UnderlayStats {
             .collect();
         write!(
             f,
-            "underlay frames seen: {}\npassed to the host:   {}\nunattributed drops:   {}",
+            "underlay frames seen: {}\npassed to the host:   {}\npath MTU reports:     {}\nunattributed drops:   {}",
             self.underlay_packets,
             self.underlay_passed,
+            self.path_mtu_reports,
             if drops.is_empty() {
                 "-".to_owned()
             } else {
@@ -97,7 +104,7 @@ impl std::fmt::Display for UnderlayStats {
 /// Renders rows as an aligned table; drops list only non-zero reasons.
 pub fn table(rows: &[NetworkStats]) -> String {
     let mut out = format!(
-        "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>20}  {}\n",
+        "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>8} {:>20}  {}\n",
         "NETWORK",
         "VNI",
         "TX_PKTS",
@@ -106,6 +113,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
         "RX_BYTES",
         "LOCAL",
         "ARP",
+        "EGRESS",
         "DNS ANS/FWD/FAIL",
         "DROPS"
     );
@@ -117,7 +125,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         out.push_str(&format!(
-            "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>20}  {}\n",
+            "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>8} {:>20}  {}\n",
             r.network,
             r.vni,
             r.tx_packets,
@@ -126,6 +134,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
             r.rx_bytes,
             r.local_packets,
             r.arp_replies,
+            r.egress_packets,
             format!("{}/{}/{}", r.dns.answered, r.dns.forwarded, r.dns.failed),
             if drops.is_empty() {
                 "-".to_owned()

@@ -4,11 +4,13 @@
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, str::FromStr};
 
-use ovl_common::wire::{ENCAP_OVERHEAD, VNI_MAX, mac_for_ipv4};
+use ovl_common::wire::{
+    ANYCAST_GATEWAY_MAC, ENCAP_OVERHEAD, VNI_MAX, VXLAN_PORT, WIREGUARD_OVERHEAD, mac_for_ipv4,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    ipam::{self, Subnet},
+    ipam::{self, Pool, Subnet},
     release::{AddressConflict, GraceClock, Released, RestoreOutcome, Verdict},
     validate::{self, InvalidInput},
 };
@@ -17,8 +19,12 @@ use crate::{
 pub const SCHEMA_VERSION: u32 = 1;
 /// First VNI handed out automatically (Docker's overlay starts there too).
 pub const FIRST_AUTO_VNI: u32 = 4096;
-/// Underlay MTU assumed when a network is created without `--mtu`.
+/// Underlay MTU assumed when a network is created without `--mtu` and no
+/// node has said what its underlay carries.
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+/// Largest network MTU: a 9000-byte jumbo underlay less VXLAN's overhead
+/// leaves 8950, and this bound leaves room for 9216-byte fabrics.
+pub const MAX_MTU: u32 = 9000;
 
 /// Why a change to the state was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,6 +47,38 @@ pub enum ModelError {
     InvalidVni(u64),
     #[error("invalid MTU {0}: must be 576..=9000 bytes (the underlay needs {ENCAP_OVERHEAD} more)")]
     InvalidMtu(u32),
+    #[error(
+        "MTU {mtu} does not fit node {node:?}: its underlay MTU {underlay_mtu} carries at most {} after VXLAN's {ENCAP_OVERHEAD} bytes; pass --mtu {} or less, or omit it",
+        underlay_mtu.saturating_sub(ENCAP_OVERHEAD),
+        underlay_mtu.saturating_sub(ENCAP_OVERHEAD)
+    )]
+    MtuTooBig {
+        mtu: u32,
+        node: String,
+        underlay_mtu: u32,
+    },
+    #[error("a network needs at least one --subnet")]
+    NoSubnet,
+    #[error("subnets {0} and {1} overlap; the subnets of one network must be disjoint")]
+    OverlappingSubnets(Subnet, Subnet),
+    #[error(
+        "gateway {gateway} is in none of the network's subnets ({subnets}); each --gateway must be a host address of one of them"
+    )]
+    GatewayOutsideSubnets { gateway: Ipv4Addr, subnets: String },
+    #[error(
+        "gateway {gateway} is the network or broadcast address of {subnet}; pick a host address"
+    )]
+    GatewayNotHost { gateway: Ipv4Addr, subnet: Subnet },
+    #[error("subnet {subnet} got two gateways, {first} and {second}; give at most one per subnet")]
+    TwoGateways {
+        subnet: Subnet,
+        first: Ipv4Addr,
+        second: Ipv4Addr,
+    },
+    #[error("{0} is the MAC of ovl's gateways; give the endpoint another --mac")]
+    GatewayMac(MacAddr),
+    #[error("invalid VXLAN port 0: use 1..=65535 (4789 is IANA's, 8472 Linux's and Flannel's)")]
+    InvalidVxlanPort,
     #[error("invalid network name {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
     InvalidName(String),
     #[error("namespace {netns:?} is already connected to network {network:?}")]
@@ -65,6 +103,20 @@ pub enum ModelError {
         network: String,
         holder: String,
         ip: Ipv4Addr,
+    },
+    #[error(
+        "{ip} on network {network:?} is not a reservation of node {node:?}; nothing was changed"
+    )]
+    NotReserved {
+        network: String,
+        ip: Ipv4Addr,
+        node: String,
+    },
+    #[error("subnet {subnet} overlaps network {network:?} ({existing}); pick another subnet")]
+    SubnetClash {
+        subnet: Subnet,
+        network: String,
+        existing: Subnet,
     },
     #[error(transparent)]
     Ipam(#[from] ipam::IpamError),
@@ -92,11 +144,11 @@ pub enum ModelError {
         left_s: u64,
     },
     #[error(
-        "no free address in {subnet} of network {network:?}: {held} freed address(es) are held back (--address-grace); wait for the grace to pass or disconnect stale endpoints"
+        "no free address in {subnets} of network {network:?}: {held} freed address(es) are held back (--address-grace); wait for the grace to pass or disconnect stale endpoints"
     )]
     AllFreeAddressesHeld {
         network: String,
-        subnet: Subnet,
+        subnets: String,
         held: usize,
     },
     #[error("no node named {0:?}; list nodes with `ovl node ls`")]
@@ -194,14 +246,163 @@ impl From<MacAddr> for String {
     }
 }
 
-/// An overlay network: one VNI, one subnet.
+/// An overlay network: one VNI, one or more subnets routed to each other
+/// by their gateways.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "NetworkRecord", into = "NetworkRecord")]
 pub struct Network {
     pub name: String,
     pub vni: Vni,
-    pub subnet: Subnet,
+    /// Its subnets and their gateways, in the order IPAM fills them;
+    /// never empty, never overlapping.
+    pub subnets: Vec<Pool>,
     /// MTU of container interfaces on this network.
     pub mtu: u32,
+    /// No way out of the overlay (Docker's `--internal`): no default route,
+    /// no external egress.
+    pub internal: bool,
+    /// Traffic between nodes leaves only encrypted (WireGuard).
+    pub encrypted: bool,
+    /// Set while a network made through Docker's plugin waits for the name
+    /// Docker gave it (Docker's calls carry only its ID); the network then
+    /// takes that name. Front ends do not show such a network to users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_pending: Option<DockerPending>,
+}
+
+/// A network Docker is creating on one node, named provisionally.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerPending {
+    /// The node whose dockerd creates it.
+    pub node: String,
+    /// Docker's network ID on that node, once its CreateNetwork came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_id: Option<String>,
+}
+
+/// How a network is stored. `subnets` holds every subnet; `subnet`, the
+/// only field of networks stored before there could be several (and then
+/// with the first address as gateway), is still written with the first
+/// subnet so that ovl versions from before can use the network.
+#[derive(Serialize, Deserialize)]
+struct NetworkRecord {
+    name: String,
+    vni: Vni,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subnet: Option<Subnet>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    subnets: Vec<Pool>,
+    mtu: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    internal: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    encrypted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    docker_pending: Option<DockerPending>,
+}
+
+impl TryFrom<NetworkRecord> for Network {
+    type Error = String;
+    fn try_from(r: NetworkRecord) -> Result<Self, String> {
+        let subnets = if !r.subnets.is_empty() {
+            r.subnets
+        } else if let Some(subnet) = r.subnet {
+            vec![Pool {
+                subnet,
+                gateway: subnet.first_host(),
+            }]
+        } else {
+            return Err(format!("network {:?} has no subnet", r.name));
+        };
+        Ok(Network {
+            name: r.name,
+            vni: r.vni,
+            subnets,
+            mtu: r.mtu,
+            internal: r.internal,
+            encrypted: r.encrypted,
+            docker_pending: r.docker_pending,
+        })
+    }
+}
+
+impl From<Network> for NetworkRecord {
+    fn from(n: Network) -> Self {
+        NetworkRecord {
+            name: n.name,
+            vni: n.vni,
+            subnet: n.subnets.first().map(|p| p.subnet),
+            subnets: n.subnets,
+            mtu: n.mtu,
+            internal: n.internal,
+            encrypted: n.encrypted,
+            docker_pending: n.docker_pending,
+        }
+    }
+}
+
+/// What a container's side of its veth gets besides its address: its
+/// subnet's prefix and gateway, and the routes through that gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerRoutes {
+    /// Prefix length of the container's subnet (its on-link route).
+    pub prefix: u8,
+    /// The gateway of the container's subnet.
+    pub gateway: Ipv4Addr,
+    /// Destinations reached through the gateway: the default route (0/0)
+    /// when the network leads out, else the network's other subnets.
+    pub via_gateway: Vec<(Ipv4Addr, u8)>,
+}
+
+impl Network {
+    /// The pool whose subnet holds `ip`.
+    pub fn pool_of(&self, ip: Ipv4Addr) -> Option<&Pool> {
+        self.subnets.iter().find(|p| p.subnet.contains(ip))
+    }
+
+    /// The subnets, for people: "198.18.0.0/24,198.18.1.0/24".
+    pub fn subnets_text(&self) -> String {
+        self.subnets
+            .iter()
+            .map(|p| p.subnet.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The routes a container with address `ip` gets; `None` when `ip` is
+    /// in none of the subnets.
+    pub fn container_routes(&self, ip: Ipv4Addr) -> Option<ContainerRoutes> {
+        let own = self.pool_of(ip)?;
+        let via_gateway = if self.internal {
+            self.subnets
+                .iter()
+                .filter(|p| p.subnet != own.subnet)
+                .map(|p| (p.subnet.network(), p.subnet.prefix()))
+                .collect()
+        } else {
+            vec![(Ipv4Addr::UNSPECIFIED, 0)]
+        };
+        Some(ContainerRoutes {
+            prefix: own.subnet.prefix(),
+            gateway: own.gateway,
+            via_gateway,
+        })
+    }
+}
+
+/// Settings every node of the cluster shares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// UDP destination port of the overlay's VXLAN.
+    pub vxlan_port: u16,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            vxlan_port: VXLAN_PORT,
+        }
+    }
 }
 
 /// Where an endpoint's frames are sent.
@@ -219,6 +420,10 @@ pub enum Location {
     /// An endpoint behind a VTEP that runs no ovl agent (a kernel vxlan
     /// device, say), registered with `ovl endpoint add`.
     Static { vtep: Ipv4Addr },
+    /// An address a runtime's IPAM handed out on `node` for a container
+    /// that is not attached yet (Docker's RequestAddress comes before its
+    /// Join). It holds the address and forwards nothing.
+    Reserved { node: String },
 }
 
 /// An address on a network.
@@ -246,7 +451,7 @@ impl Endpoint {
     /// The node hosting a container endpoint.
     pub fn node(&self) -> Option<&str> {
         match &self.location {
-            Location::Container { node, .. } => Some(node),
+            Location::Container { node, .. } | Location::Reserved { node } => Some(node),
             Location::Static { .. } => None,
         }
     }
@@ -262,6 +467,14 @@ impl Endpoint {
 pub struct Node {
     pub name: String,
     pub vtep: Ipv4Addr,
+    /// MTU of its underlay interface, as its agent last reported it
+    /// (unknown for nodes registered by ovl versions from before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_mtu: Option<u32>,
+    /// The node's WireGuard public key and port, once its agent published
+    /// them (encrypted networks reach it only then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<crate::crypto::NodeKey>,
 }
 
 /// Everything a store holds.
@@ -273,6 +486,9 @@ pub struct State {
     pub networks: BTreeMap<String, Network>,
     pub endpoints: Vec<Endpoint>,
     pub nodes: BTreeMap<String, Node>,
+    /// Settings of the whole cluster (the defaults where never set).
+    #[serde(default)]
+    pub cluster: ClusterSettings,
     /// Nodes whose agent is alive, where the store tracks liveness (etcd
     /// leases); `None` where it does not (the file store).
     #[serde(skip)]
@@ -298,6 +514,7 @@ impl Default for State {
             networks: BTreeMap::new(),
             endpoints: Vec::new(),
             nodes: BTreeMap::new(),
+            cluster: ClusterSettings::default(),
             alive: None,
             released: Vec::new(),
             conflicts: BTreeMap::new(),
@@ -307,16 +524,34 @@ impl Default for State {
 }
 
 /// What `ovl network create` asks for.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct NetworkSpec {
     pub name: String,
-    pub subnet: Subnet,
+    /// One or more subnets, in the order IPAM fills them.
+    pub subnets: Vec<Subnet>,
+    /// Gateways, each matched to the subnet that holds it; a subnet
+    /// without one gets its first host address.
+    pub gateways: Vec<Ipv4Addr>,
     pub vni: Option<u32>,
     pub mtu: Option<u32>,
+    pub internal: bool,
+    /// Encrypt traffic between nodes (WireGuard; 60 bytes less MTU).
+    pub encrypted: bool,
+}
+
+impl NetworkSpec {
+    /// A spec of one subnet and every default.
+    pub fn new(name: &str, subnet: Subnet) -> Self {
+        NetworkSpec {
+            name: name.to_owned(),
+            subnets: vec![subnet],
+            ..NetworkSpec::default()
+        }
+    }
 }
 
 /// What `ovl connect` asks for.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ContainerSpec {
     pub network: String,
     pub node: String,
@@ -325,6 +560,8 @@ pub struct ContainerSpec {
     pub ip: Option<Ipv4Addr>,
     /// See [`Endpoint::owner`].
     pub owner: Option<String>,
+    /// Allocate from this subnet of the network.
+    pub subnet: Option<Subnet>,
 }
 
 impl State {
@@ -343,15 +580,15 @@ impl State {
     /// Creates a network, allocating a VNI when none is asked for.
     pub fn create_network(&mut self, spec: NetworkSpec) -> Result<&Network, ModelError> {
         validate_name(&spec.name)?;
-        validate::subnet(&spec.subnet)?;
-        self.check_clear_of_vteps(&spec.subnet)?;
+        for subnet in &spec.subnets {
+            validate::subnet(subnet)?;
+            self.check_clear_of_vteps(subnet)?;
+        }
         if self.networks.contains_key(&spec.name) {
             return Err(ModelError::NetworkExists(spec.name));
         }
-        let mtu = spec.mtu.unwrap_or(DEFAULT_UNDERLAY_MTU - ENCAP_OVERHEAD);
-        if !(576..=9000).contains(&mtu) {
-            return Err(ModelError::InvalidMtu(mtu));
-        }
+        let subnets = pools(&spec.subnets, &spec.gateways)?;
+        let mtu = self.network_mtu(spec.mtu, spec.encrypted)?;
         let vni = match spec.vni {
             Some(v) => {
                 let vni = Vni::try_from(v)?;
@@ -368,10 +605,74 @@ impl State {
         let network = Network {
             name: spec.name.clone(),
             vni,
-            subnet: spec.subnet,
+            subnets,
             mtu,
+            docker_pending: None,
+            internal: spec.internal,
+            encrypted: spec.encrypted,
         };
         Ok(self.networks.entry(spec.name).or_insert(network))
+    }
+
+    /// Refuses `subnet` if it shares an address with any subnet of any
+    /// network (for front ends that name networks by subnet, as Docker's
+    /// plugin does while Docker creates one).
+    pub fn check_subnet_free(&self, subnet: &Subnet) -> Result<(), ModelError> {
+        let clash = self.networks.values().find_map(|n| {
+            n.subnets
+                .iter()
+                .find(|p| p.subnet.overlaps(subnet))
+                .map(|p| (n, p.subnet))
+        });
+        match clash {
+            Some((n, existing)) => Err(ModelError::SubnetClash {
+                subnet: *subnet,
+                network: n.name.clone(),
+                existing,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The MTU a new network gets: `asked` if every node's underlay carries
+    /// it, else refused; without one, the smallest node underlay MTU less
+    /// VXLAN's overhead (a network spans the cluster, so its narrowest
+    /// node bounds it), or 1450 when no node has reported one yet. An
+    /// encrypted network carries VXLAN inside WireGuard: 60 bytes more.
+    pub fn network_mtu(&self, asked: Option<u32>, encrypted: bool) -> Result<u32, ModelError> {
+        let overhead = ENCAP_OVERHEAD + if encrypted { WIREGUARD_OVERHEAD } else { 0 };
+        let narrowest = self
+            .nodes
+            .values()
+            .filter_map(|n| n.underlay_mtu.map(|m| (m, n.name.as_str())))
+            .min();
+        let mtu = match (asked, narrowest) {
+            (Some(mtu), _) => mtu,
+            (None, Some((underlay, _))) => underlay.saturating_sub(overhead).min(MAX_MTU),
+            (None, None) => DEFAULT_UNDERLAY_MTU - overhead,
+        };
+        if !(576..=MAX_MTU).contains(&mtu) {
+            return Err(ModelError::InvalidMtu(mtu));
+        }
+        if let Some((underlay_mtu, node)) = narrowest
+            && mtu + overhead > underlay_mtu
+        {
+            return Err(ModelError::MtuTooBig {
+                mtu,
+                node: node.to_owned(),
+                underlay_mtu,
+            });
+        }
+        Ok(mtu)
+    }
+
+    /// Sets the cluster's VXLAN UDP port.
+    pub fn set_vxlan_port(&mut self, port: u16) -> Result<(), ModelError> {
+        if port == 0 {
+            return Err(ModelError::InvalidVxlanPort);
+        }
+        self.cluster.vxlan_port = port;
+        Ok(())
     }
 
     fn free_vni(&self) -> Result<Vni, ModelError> {
@@ -399,7 +700,9 @@ impl State {
 
     /// Registers a container endpoint, allocating its address (IPAM) unless
     /// one is given. The host interface name is derived from network and
-    /// address so it is stable and unique on the node.
+    /// address so it is stable and unique on the node. An address the same
+    /// owner reserved on the same node ([`State::reserve`]) is taken over:
+    /// the reservation becomes the endpoint.
     pub fn add_container(&mut self, spec: ContainerSpec) -> Result<Endpoint, ModelError> {
         validate::node_name(&spec.node)?;
         let network = self.network(&spec.network)?.clone();
@@ -416,9 +719,22 @@ impl State {
         if let Some(name) = &spec.name {
             validate_endpoint_name(name)?;
         }
+        let reserved = spec.ip.and_then(|ip| {
+            self.endpoints.iter().position(|e| {
+                e.network == spec.network
+                    && e.ip == ip
+                    && e.owner.is_some()
+                    && e.owner == spec.owner
+                    && matches!(&e.location, Location::Reserved { node } if *node == spec.node)
+            })
+        });
         let name = spec.name.unwrap_or_else(|| spec.netns.clone());
-        self.check_names_free(&spec.network, None, [name.as_str()])?;
-        let ip = self.allocate(&network, spec.ip)?;
+        let reservation = reserved.map(|pos| self.endpoints.remove(pos));
+        if let Err(e) = self.check_names_free(&spec.network, None, [name.as_str()]) {
+            self.endpoints.extend(reservation);
+            return Err(e);
+        }
+        let ip = self.allocate(&network, spec.ip, spec.subnet)?;
         let endpoint = Endpoint {
             network: spec.network,
             name,
@@ -504,6 +820,73 @@ impl State {
         Ok(())
     }
 
+    /// Reserves an address of `network` on `node` for `owner` (the next free
+    /// one unless `ip` is given), for a runtime whose IPAM hands addresses
+    /// out before it attaches the container. The address is as taken as an
+    /// endpoint's until [`State::add_container`] with the same owner takes
+    /// it over, or [`State::remove_endpoint`] frees it.
+    pub fn reserve(
+        &mut self,
+        network: &str,
+        node: &str,
+        ip: Option<Ipv4Addr>,
+        within: Option<Subnet>,
+        owner: &str,
+    ) -> Result<Endpoint, ModelError> {
+        let net = self.network(network)?.clone();
+        let ip = self.allocate(&net, ip, within)?;
+        let endpoint = Endpoint {
+            network: network.to_owned(),
+            name: owner.to_owned(),
+            ip,
+            mac: MacAddr::for_ipv4(ip),
+            location: Location::Reserved {
+                node: node.to_owned(),
+            },
+            owner: Some(owner.to_owned()),
+            aliases: Vec::new(),
+        };
+        self.endpoints.push(endpoint.clone());
+        Ok(endpoint)
+    }
+
+    /// Turns the container endpoint of `netns` on `node` back into a
+    /// reservation of its address by the same owner (the container left,
+    /// but the runtime's IPAM releases the address separately).
+    pub fn release_to_reservation(
+        &mut self,
+        network: &str,
+        node: &str,
+        netns: &str,
+    ) -> Result<Endpoint, ModelError> {
+        let ep = self.remove_container(network, node, netns)?;
+        let reserved = Endpoint {
+            location: Location::Reserved {
+                node: node.to_owned(),
+            },
+            ..ep
+        };
+        self.endpoints.push(reserved.clone());
+        Ok(reserved)
+    }
+
+    /// Gives network `from` the name `to`, with its endpoints, and clears
+    /// its pending Docker creation. VNI, subnet and addresses stay.
+    pub fn rename_network(&mut self, from: &str, to: &str) -> Result<&Network, ModelError> {
+        validate_name(to)?;
+        self.network(from)?;
+        if self.networks.contains_key(to) {
+            return Err(ModelError::NetworkExists(to.to_owned()));
+        }
+        let mut net = self.networks.remove(from).expect("presence checked above");
+        net.name = to.to_owned();
+        net.docker_pending = None;
+        for e in self.endpoints.iter_mut().filter(|e| e.network == from) {
+            e.network = to.to_owned();
+        }
+        Ok(self.networks.entry(to.to_owned()).or_insert(net))
+    }
+
     /// Registers an endpoint behind a VTEP that runs no ovl agent.
     pub fn add_static(
         &mut self,
@@ -524,10 +907,13 @@ impl State {
         if let Some(mac) = mac {
             validate::mac(mac)?;
         }
+        if mac == Some(MacAddr(ANYCAST_GATEWAY_MAC)) {
+            return Err(ModelError::GatewayMac(MacAddr(ANYCAST_GATEWAY_MAC)));
+        }
         if let Some(name) = &name {
             validate_endpoint_name(name)?;
         }
-        let ip = self.allocate(&net, Some(ip))?;
+        let ip = self.allocate(&net, Some(ip), None)?;
         let name = name.unwrap_or_else(|| format!("static-{ip}"));
         self.check_names_free(network, None, [name.as_str()])?;
         let endpoint = Endpoint {
@@ -539,7 +925,6 @@ impl State {
             owner: None,
             aliases: Vec::new(),
         };
-
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
     }
@@ -680,6 +1065,7 @@ impl State {
         &mut self,
         network: &Network,
         requested: Option<Ipv4Addr>,
+        within: Option<Subnet>,
     ) -> Result<Ipv4Addr, ModelError> {
         let mut used: std::collections::BTreeSet<Ipv4Addr> =
             self.endpoints_of(&network.name).map(|e| e.ip).collect();
@@ -698,11 +1084,11 @@ impl State {
             }
             held += usize::from(used.insert(r.ip));
         }
-        let ip = match ipam::allocate(&network.subnet, &used, requested) {
-            Err(ipam::IpamError::Exhausted(subnet)) if held > 0 => {
+        let ip = match ipam::allocate(&network.subnets, &used, requested, within) {
+            Err(ipam::IpamError::Exhausted(subnets)) if held > 0 => {
                 return Err(ModelError::AllFreeAddressesHeld {
                     network: network.name.clone(),
-                    subnet,
+                    subnets,
                     held,
                 });
             }
@@ -724,15 +1110,31 @@ impl State {
         }
     }
 
-    /// Records (or updates) a node and its VTEP address.
-    pub fn register_node(&mut self, name: &str, vtep: Ipv4Addr) {
+    /// Records (or updates) a node, its VTEP address and its underlay MTU.
+    pub fn register_node(&mut self, name: &str, vtep: Ipv4Addr, underlay_mtu: Option<u32>) {
+        // The key the node published survives its registering again.
+        let wireguard = self.nodes.get(name).and_then(|n| n.wireguard);
         self.nodes.insert(
             name.to_owned(),
             Node {
                 name: name.to_owned(),
                 vtep,
+                underlay_mtu,
+                wireguard,
             },
         );
+    }
+
+    /// Records the WireGuard key node `name` publishes; false when the node
+    /// is not registered.
+    pub fn publish_node_key(&mut self, name: &str, key: crate::crypto::NodeKey) -> bool {
+        match self.nodes.get_mut(name) {
+            Some(n) => {
+                n.wireguard = Some(key);
+                true
+            }
+            None => false,
+        }
     }
 
     /// False when the store tracks liveness and `node`'s agent is gone.
@@ -746,9 +1148,18 @@ impl State {
             Location::Container { node, .. } if self.is_alive(node) => {
                 self.nodes.get(node).map(|n| n.vtep)
             }
-            Location::Container { .. } => None,
+            Location::Container { .. } | Location::Reserved { .. } => None,
             Location::Static { vtep } => Some(*vtep),
         }
+    }
+}
+
+/// Checks a container MTU: 576..=9000 bytes.
+pub fn check_mtu(mtu: u32) -> Result<u32, ModelError> {
+    if (576..=9000).contains(&mtu) {
+        Ok(mtu)
+    } else {
+        Err(ModelError::InvalidMtu(mtu))
     }
 }
 
@@ -804,6 +1215,52 @@ pub fn validate_endpoint_name(name: &str) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// The pools of a new network: `subnets` in order, disjoint, each with the
+/// gateway of `gateways` it holds, or its first host address.
+fn pools(subnets: &[Subnet], gateways: &[Ipv4Addr]) -> Result<Vec<Pool>, ModelError> {
+    if subnets.is_empty() {
+        return Err(ModelError::NoSubnet);
+    }
+    for (i, a) in subnets.iter().enumerate() {
+        if let Some(b) = subnets[i + 1..].iter().find(|b| a.overlaps(b)) {
+            return Err(ModelError::OverlappingSubnets(*a, *b));
+        }
+    }
+    let mut pools: Vec<Pool> = subnets
+        .iter()
+        .map(|s| Pool {
+            subnet: *s,
+            gateway: s.first_host(),
+        })
+        .collect();
+    let mut given: Vec<Option<Ipv4Addr>> = vec![None; pools.len()];
+    for gw in gateways {
+        let Some(i) = pools.iter().position(|p| p.subnet.contains(*gw)) else {
+            return Err(ModelError::GatewayOutsideSubnets {
+                gateway: *gw,
+                subnets: ipam::describe(&pools),
+            });
+        };
+        let subnet = pools[i].subnet;
+        if !subnet.is_host(*gw) {
+            return Err(ModelError::GatewayNotHost {
+                gateway: *gw,
+                subnet,
+            });
+        }
+        if let Some(first) = given[i] {
+            return Err(ModelError::TwoGateways {
+                subnet,
+                first,
+                second: *gw,
+            });
+        }
+        given[i] = Some(*gw);
+        pools[i].gateway = *gw;
+    }
+    Ok(pools)
+}
+
 fn validate_name(name: &str) -> Result<(), ModelError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -823,10 +1280,8 @@ mod tests {
 
     fn spec(name: &str, vni: Option<u32>) -> NetworkSpec {
         NetworkSpec {
-            name: name.into(),
-            subnet: "198.18.0.0/24".parse().unwrap(),
             vni,
-            mtu: None,
+            ..NetworkSpec::new(name, "198.18.0.0/24".parse().unwrap())
         }
     }
 
@@ -835,10 +1290,12 @@ mod tests {
             network: net.into(),
             node: node.into(),
             netns: ns.into(),
-            name: None,
-            ip: None,
-            owner: None,
+            ..ContainerSpec::default()
         }
+    }
+
+    fn subnets(list: &[&str]) -> Vec<Subnet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
     }
 
     #[test]
@@ -879,6 +1336,223 @@ mod tests {
     fn default_mtu_is_underlay_minus_vxlan_overhead() {
         let mut s = State::default();
         assert_eq!(s.create_network(spec("a", None)).unwrap().mtu, 1450);
+        // Nodes that reported their underlay: the narrowest one decides.
+        s.register_node("jumbo", Ipv4Addr::new(192, 0, 2, 10), Some(9000));
+        assert_eq!(s.create_network(spec("b", None)).unwrap().mtu, 8950);
+        s.register_node("old", Ipv4Addr::new(192, 0, 2, 11), None);
+        s.register_node("thin", Ipv4Addr::new(192, 0, 2, 12), Some(1400));
+        assert_eq!(s.create_network(spec("c", None)).unwrap().mtu, 1350);
+    }
+
+    #[test]
+    fn encrypted_networks_leave_room_for_wireguard_and_say_so_in_json() {
+        let mut s = State::default();
+        let secret = |name: &str| NetworkSpec {
+            encrypted: true,
+            ..spec(name, None)
+        };
+        let net = s.create_network(secret("e")).unwrap().clone();
+        assert_eq!((net.mtu, net.encrypted), (1390, true));
+        assert_eq!(serde_json::to_value(&net).unwrap()["encrypted"], true);
+        s.register_node("thin", Ipv4Addr::new(192, 0, 2, 12), Some(1400));
+        assert_eq!(s.create_network(secret("f")).unwrap().mtu, 1290);
+        // Plain networks keep their old JSON (no field) and read back plain.
+        let plain = s.create_network(spec("p", None)).unwrap().clone();
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("encrypted").is_none());
+        assert!(!serde_json::from_value::<Network>(json).unwrap().encrypted);
+    }
+
+    #[test]
+    fn re_registering_a_node_keeps_its_published_key() {
+        let mut s = State::default();
+        let key = crate::crypto::NodeKey {
+            public_key: crate::crypto::keys::PublicKey([7; 32]),
+            port: 51820,
+        };
+        assert!(!s.publish_node_key("n1", key));
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10), Some(1500));
+        assert!(s.publish_node_key("n1", key));
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 11), Some(1500));
+        assert_eq!(s.nodes["n1"].wireguard, Some(key));
+        assert_eq!(s.nodes["n1"].vtep, Ipv4Addr::new(192, 0, 2, 11));
+    }
+
+    #[test]
+    fn an_mtu_the_underlay_cannot_carry_is_refused_naming_the_node() {
+        let mut s = State::default();
+        s.register_node("thin", Ipv4Addr::new(192, 0, 2, 12), Some(1500));
+        let before = s.clone();
+        let err = s
+            .create_network(NetworkSpec {
+                mtu: Some(1451),
+                ..spec("a", None)
+            })
+            .unwrap_err();
+        assert!(matches!(err, ModelError::MtuTooBig { mtu: 1451, .. }));
+        assert!(err.to_string().contains("\"thin\""), "{err}");
+        assert!(err.to_string().contains("--mtu 1450"), "{err}");
+        assert_eq!(s, before);
+        let ok = s.create_network(NetworkSpec {
+            mtu: Some(1450),
+            ..spec("a", None)
+        });
+        assert_eq!(ok.unwrap().mtu, 1450);
+    }
+
+    #[test]
+    fn several_subnets_get_gateways_by_containment_and_default_first_hosts() {
+        let mut s = State::default();
+        let n = s
+            .create_network(NetworkSpec {
+                subnets: subnets(&["198.18.0.0/24", "198.18.1.0/24", "198.18.2.0/24"]),
+                gateways: vec![Ipv4Addr::new(198, 18, 1, 254)],
+                ..spec("a", None)
+            })
+            .unwrap()
+            .clone();
+        let gws: Vec<_> = n.subnets.iter().map(|p| p.gateway.to_string()).collect();
+        assert_eq!(gws, ["198.18.0.1", "198.18.1.254", "198.18.2.1"]);
+        // Allocation fills the first subnet; --subnet picks another.
+        let e = s.add_container(container("a", "n", "c1")).unwrap();
+        assert_eq!(e.ip, Ipv4Addr::new(198, 18, 0, 2));
+        let e = s
+            .add_container(ContainerSpec {
+                subnet: Some("198.18.1.0/24".parse().unwrap()),
+                ..container("a", "n", "c2")
+            })
+            .unwrap();
+        assert_eq!(e.ip, Ipv4Addr::new(198, 18, 1, 1));
+        let e = s
+            .add_container(ContainerSpec {
+                ip: Some(Ipv4Addr::new(198, 18, 2, 9)),
+                ..container("a", "n", "c3")
+            })
+            .unwrap();
+        assert_eq!(e.ip, Ipv4Addr::new(198, 18, 2, 9));
+    }
+
+    #[test]
+    fn bad_subnets_and_gateways_are_refused_and_change_nothing() {
+        let mut s = State::default();
+        s.create_network(spec("ok", None)).unwrap();
+        let before = s.clone();
+        let cases = [
+            (subnets(&[]), vec![], "at least one --subnet"),
+            (
+                subnets(&["198.18.0.0/16", "198.18.4.0/24"]),
+                vec![],
+                "overlap",
+            ),
+            (
+                subnets(&["198.18.0.0/24"]),
+                vec![Ipv4Addr::new(198, 18, 1, 1)],
+                "in none of",
+            ),
+            (
+                subnets(&["198.18.0.0/24"]),
+                vec![Ipv4Addr::new(198, 18, 0, 255)],
+                "broadcast",
+            ),
+            (
+                subnets(&["198.18.0.0/24"]),
+                vec![Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2)],
+                "two gateways",
+            ),
+        ];
+        for (subnets, gateways, needle) in cases {
+            let err = s
+                .create_network(NetworkSpec {
+                    subnets,
+                    gateways,
+                    ..spec("x", None)
+                })
+                .unwrap_err();
+            assert!(err.to_string().contains(needle), "{err} lacks {needle:?}");
+        }
+        let err = s
+            .add_container(ContainerSpec {
+                ip: Some(Ipv4Addr::new(198, 19, 0, 2)),
+                ..container("ok", "n", "c")
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("not a usable address"), "{err}");
+        let err = s
+            .add_static(
+                "ok",
+                Ipv4Addr::new(198, 18, 0, 9),
+                Some(MacAddr(ANYCAST_GATEWAY_MAC)),
+                Ipv4Addr::new(192, 0, 2, 5),
+                None,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("gateways"), "{err}");
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn containers_get_a_default_route_or_on_internal_networks_the_other_subnets() {
+        let mut s = State::default();
+        for (name, internal) in [("out", false), ("in", true)] {
+            s.create_network(NetworkSpec {
+                subnets: subnets(&["198.18.0.0/24", "198.18.1.0/24", "198.18.2.0/25"]),
+                internal,
+                ..spec(name, None)
+            })
+            .unwrap();
+        }
+        let ip = Ipv4Addr::new(198, 18, 1, 7);
+        let out = s.network("out").unwrap().container_routes(ip).unwrap();
+        assert_eq!(out.prefix, 24);
+        assert_eq!(out.gateway, Ipv4Addr::new(198, 18, 1, 1));
+        assert_eq!(out.via_gateway, vec![(Ipv4Addr::UNSPECIFIED, 0)]);
+        let inside = s.network("in").unwrap().container_routes(ip).unwrap();
+        assert_eq!(
+            inside.via_gateway,
+            vec![
+                (Ipv4Addr::new(198, 18, 0, 0), 24),
+                (Ipv4Addr::new(198, 18, 2, 0), 25)
+            ]
+        );
+        assert!(
+            s.network("in")
+                .unwrap()
+                .container_routes(Ipv4Addr::new(203, 0, 113, 1))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn networks_stored_before_several_subnets_still_load() {
+        // A state.json written by ovl before this change: one `subnet`.
+        let old = r#"{"schema":1,"revision":7,"networks":{"uber-net":{"name":"uber-net","vni":4096,"subnet":"198.18.0.0/24","mtu":1450}},"endpoints":[],"nodes":{"host-a":{"name":"host-a","vtep":"192.0.2.10"}}}"#;
+        let s: State = serde_json::from_str(old).unwrap();
+        let n = s.network("uber-net").unwrap();
+        assert_eq!(n.subnets_text(), "198.18.0.0/24");
+        assert_eq!(n.subnets[0].gateway, Ipv4Addr::new(198, 18, 0, 1));
+        assert!(!n.internal);
+        assert_eq!(s.cluster.vxlan_port, 4789);
+        assert_eq!(s.nodes["host-a"].underlay_mtu, None);
+        // Written back, it keeps `subnet` for the ovl versions from before.
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["networks"]["uber-net"]["subnet"], "198.18.0.0/24");
+        assert_eq!(
+            v["networks"]["uber-net"]["subnets"][0]["gateway"],
+            "198.18.0.1"
+        );
+        let again: State = serde_json::from_value(v).unwrap();
+        assert_eq!(again, s);
+        // A record with neither field is refused, not invented.
+        let bad = r#"{"name":"x","vni":5,"mtu":1450}"#;
+        assert!(serde_json::from_str::<Network>(bad).is_err());
+    }
+
+    #[test]
+    fn vxlan_port_zero_is_refused() {
+        let mut s = State::default();
+        assert_eq!(s.set_vxlan_port(0), Err(ModelError::InvalidVxlanPort));
+        s.set_vxlan_port(8472).unwrap();
+        assert_eq!(s.cluster.vxlan_port, 8472);
     }
 
     #[test]
@@ -921,6 +1595,81 @@ mod tests {
         let taken = s.add_container(container("a", "n2", "c9")).unwrap();
         assert_eq!(taken.ip, ep.ip);
         assert!(!s.restore_endpoint(&ep), "address was taken meanwhile");
+    }
+
+    #[test]
+    fn a_reservation_holds_its_address_until_its_owner_takes_it_over() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        let r = s.reserve("a", "n1", None, None, "docker:e1").unwrap();
+        assert_eq!(r.ip, Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(r.node(), Some("n1"));
+        assert_eq!(s.vtep_of(&r), None, "a reservation forwards nothing");
+        // Nobody else gets the address, nor may anyone else claim it.
+        let other = s.add_container(container("a", "n2", "c2")).unwrap();
+        assert_eq!(other.ip, Ipv4Addr::new(198, 18, 0, 3));
+        let mut thief = container("a", "n2", "c3");
+        thief.ip = Some(r.ip);
+        thief.owner = Some("docker:e1".into());
+        assert_eq!(
+            s.add_container(thief),
+            Err(ModelError::Ipam(ipam::IpamError::InUse(r.ip)))
+        );
+        // Its owner on its node takes it over.
+        let mut mine = container("a", "n1", "/run/docker/netns/x");
+        mine.ip = Some(r.ip);
+        mine.owner = Some("docker:e1".into());
+        let ep = s.add_container(mine).unwrap();
+        assert_eq!(ep.ip, r.ip);
+        assert!(matches!(ep.location, Location::Container { .. }));
+        assert_eq!(s.endpoints_of("a").count(), 2);
+        // Leaving the container keeps the address reserved.
+        let back = s
+            .release_to_reservation("a", "n1", "/run/docker/netns/x")
+            .unwrap();
+        assert_eq!(back.location, Location::Reserved { node: "n1".into() });
+        assert_eq!(back.owner.as_deref(), Some("docker:e1"));
+        s.remove_endpoint("a", r.ip).unwrap();
+        assert_eq!(s.endpoints_of("a").count(), 1);
+    }
+
+    #[test]
+    fn renaming_a_network_moves_its_endpoints_and_keeps_vni_and_addresses() {
+        let mut s = State::default();
+        s.create_network(spec("docker-pending", None)).unwrap();
+        s.networks.get_mut("docker-pending").unwrap().docker_pending = Some(DockerPending {
+            node: "n1".into(),
+            network_id: Some("abc".into()),
+        });
+        s.create_network(spec("taken", None)).unwrap();
+        let ep = s
+            .add_container(container("docker-pending", "n1", "c1"))
+            .unwrap();
+        let before = s.clone();
+        assert!(matches!(
+            s.rename_network("docker-pending", "taken"),
+            Err(ModelError::NetworkExists(_))
+        ));
+        assert!(s.rename_network("docker-pending", "bad name").is_err());
+        assert_eq!(s, before);
+        let net = s
+            .rename_network("docker-pending", "uber-net")
+            .unwrap()
+            .clone();
+        assert_eq!(net.vni, before.networks["docker-pending"].vni);
+        assert_eq!(net.docker_pending, None);
+        let moved: Vec<_> = s.endpoints_of("uber-net").collect();
+        assert_eq!(moved.len(), 1);
+        assert_eq!((moved[0].ip, moved[0].mac), (ep.ip, ep.mac));
+        assert!(!s.networks.contains_key("docker-pending"));
+    }
+
+    #[test]
+    fn networks_of_older_stores_load_without_the_docker_field() {
+        let old = r#"{"name":"a","vni":4096,"subnet":"198.18.0.0/24","mtu":1450}"#;
+        let net: Network = serde_json::from_str(old).unwrap();
+        assert_eq!(net.docker_pending, None);
+        assert!(!serde_json::to_string(&net).unwrap().contains("docker"));
     }
 
     #[test]
@@ -1045,7 +1794,8 @@ mod tests {
             None,
         )
         .unwrap();
-        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10));
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10), Some(1500));
+        s.set_vxlan_port(8472).unwrap();
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<State>(&json).unwrap(), s);
     }
@@ -1094,10 +1844,9 @@ mod tests {
     fn a_full_subnet_with_held_addresses_says_so() {
         let mut s = State::default();
         s.create_network(NetworkSpec {
-            name: "small".into(),
-            subnet: "198.18.0.0/29".parse().unwrap(),
             vni: None,
             mtu: None,
+            ..NetworkSpec::new("small", "198.18.0.0/29".parse().unwrap())
         })
         .unwrap();
         s.clock = at(5);
@@ -1150,7 +1899,7 @@ mod tests {
     fn removing_a_node_frees_its_endpoints_and_holds_their_addresses() {
         let mut s = State::default();
         s.create_network(spec("a", None)).unwrap();
-        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10));
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10), None);
         s.add_container(container("a", "n1", "c1")).unwrap();
         s.add_container(container("a", "n2", "c2")).unwrap();
         assert_eq!(s.remove_node("n1").unwrap().len(), 1);
@@ -1166,9 +1915,9 @@ mod tests {
     #[test]
     fn bad_nodes_vteps_macs_and_subnets_are_refused_before_any_change() {
         let mut s = State::default();
-        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10));
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10), None);
         let covering = NetworkSpec {
-            subnet: "192.0.2.0/24".parse().unwrap(),
+            subnets: vec!["192.0.2.0/24".parse().unwrap()],
             ..spec("x", None)
         };
         assert!(matches!(
@@ -1176,7 +1925,7 @@ mod tests {
             Err(ModelError::SubnetCoversVtep { .. })
         ));
         let multicast = NetworkSpec {
-            subnet: "224.1.0.0/16".parse().unwrap(),
+            subnets: vec!["224.1.0.0/16".parse().unwrap()],
             ..spec("x", None)
         };
         assert!(matches!(

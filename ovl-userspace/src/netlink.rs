@@ -7,7 +7,7 @@ use std::{ffi::CString, fs, net::Ipv4Addr, os::fd::AsRawFd};
 use anyhow::{Context, Result, bail};
 use futures_util::TryStreamExt;
 use rtnetlink::{
-    Handle, LinkUnspec, LinkVeth,
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{address::AddressAttribute, link::LinkAttribute},
 };
 
@@ -139,25 +139,47 @@ async fn link_by_index(
         .with_context(|| format!("interface {ifindex} vanished"))
 }
 
+/// Where the container end of a new veth pair goes.
+#[derive(Clone, Copy, Debug)]
+pub enum Placement<'a> {
+    /// Into namespace `netns`, renamed `ifname` (default: the first free
+    /// `ethN`; a name the container already uses is refused), with its
+    /// address, and up.
+    Namespace {
+        netns: &'a str,
+        ifname: Option<&'a str>,
+    },
+    /// Left in this namespace as `peer`, with MAC and MTU set and no
+    /// address, for a runtime that moves, renames and addresses it itself
+    /// (Docker's Join answers with its name).
+    HostSide { peer: &'a str },
+}
+
 /// The container end of a new veth pair, before it is configured.
 pub struct ContainerLink<'a> {
     pub host_ifname: &'a str,
-    pub netns: &'a str,
-    /// The interface's name in the container [default: the first free
-    /// `ethN`]; a name the container already uses is refused.
-    pub ifname: Option<&'a str>,
+    pub placement: Placement<'a>,
     pub ip: Ipv4Addr,
     pub prefix: u8,
     pub mac: MacAddr,
     pub mtu: u32,
+    /// The gateway of the container's subnet.
+    pub gateway: Ipv4Addr,
+    /// Destinations (address, prefix length) routed through `gateway`:
+    /// `0.0.0.0/0` for the default route.
+    pub via_gateway: &'a [(Ipv4Addr, u8)],
 }
 
 /// Makes the veth pair of a container endpoint: the host end stays here
-/// (named `host_ifname`), the other end becomes `eth0` (or the next free
-/// `ethN`) in the container's namespace with its address, MAC and MTU.
+/// (named `host_ifname`), the other end goes where `spec.placement` says
+/// (into the container's namespace with its address, MAC, MTU and routes
+/// through its gateway, or left here for a runtime that moves it itself).
 /// Returns the container-side interface name. On failure nothing is left.
 pub async fn create_container_link(handle: &Handle, spec: &ContainerLink<'_>) -> Result<String> {
-    let peer_tmp = format!("{}c", spec.host_ifname);
+    let peer_tmp = match spec.placement {
+        Placement::Namespace { .. } => format!("{}c", spec.host_ifname),
+        Placement::HostSide { peer } => peer.to_owned(),
+    };
     handle
         .link()
         .add(
@@ -198,7 +220,31 @@ async fn configure_container_link(
         .execute()
         .await
         .context("set container MAC and MTU")?;
-    let ns = netns::open(spec.netns)?;
+    let name = match spec.placement {
+        Placement::Namespace { netns, ifname } => {
+            move_into_namespace(handle, spec, peer, peer_tmp, netns, ifname).await?
+        }
+        Placement::HostSide { peer } => peer.to_owned(),
+    };
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(host).up().build())
+        .execute()
+        .await
+        .context("bring host veth up")?;
+    Ok(name)
+}
+
+/// Moves the container end into `netns`, names, addresses and raises it.
+async fn move_into_namespace(
+    handle: &Handle,
+    spec: &ContainerLink<'_>,
+    peer: u32,
+    peer_tmp: &str,
+    netns: &str,
+    ifname: Option<&str>,
+) -> Result<String> {
+    let ns = netns::open(netns)?;
     handle
         .link()
         .set(
@@ -208,12 +254,12 @@ async fn configure_container_link(
         )
         .execute()
         .await
-        .with_context(|| format!("move veth end into namespace {:?}", spec.netns))?;
+        .with_context(|| format!("move veth end into namespace {netns:?}"))?;
 
-    let inner = connect_in(spec.netns)?;
-    let name = container_ifname(&inner, spec.ifname, spec.netns).await?;
+    let inner = connect_in(netns)?;
+    let name = container_ifname(&inner, ifname, netns).await?;
     {
-        let _inside = netns::enter(spec.netns)?;
+        let _inside = netns::enter(netns)?;
         disable_ipv6(peer_tmp)?;
     }
     let idx = container_ifindex(&inner, peer_tmp).await?;
@@ -228,19 +274,27 @@ async fn configure_container_link(
         .add(idx, spec.ip.into(), spec.prefix)
         .execute()
         .await
-        .with_context(|| format!("add {}/{} in {:?}", spec.ip, spec.prefix, spec.netns))?;
+        .with_context(|| format!("add {}/{} in {netns:?}", spec.ip, spec.prefix))?;
     inner
         .link()
         .set(LinkUnspec::new_with_index(idx).up().build())
         .execute()
         .await
         .context("bring container interface up")?;
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(host).up().build())
-        .execute()
-        .await
-        .context("bring host veth up")?;
+    for (dst, len) in spec.via_gateway {
+        inner
+            .route()
+            .add(
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(*dst, *len)
+                    .gateway(spec.gateway)
+                    .output_interface(idx)
+                    .build(),
+            )
+            .execute()
+            .await
+            .with_context(|| format!("route {dst}/{len} via {} in {netns:?}", spec.gateway))?;
+    }
     Ok(name)
 }
 

@@ -95,6 +95,9 @@ impl std::fmt::Display for AddressConflict {
                 format!("{} ({netns} on {node})", self.holder_name)
             }
             Location::Static { vtep } => format!("{} (behind VTEP {vtep})", self.holder_name),
+            Location::Reserved { node } => {
+                format!("{} (reserved by Docker on {node})", self.holder_name)
+            }
         };
         write!(
             f,
@@ -137,7 +140,7 @@ pub fn judge(
             name: wanted.name.clone(),
             netns: match &wanted.location {
                 Location::Container { netns, .. } => netns.clone(),
-                Location::Static { .. } => String::new(),
+                Location::Static { .. } | Location::Reserved { .. } => String::new(),
             },
             holder_name: h.name.clone(),
             holder: h.location.clone(),

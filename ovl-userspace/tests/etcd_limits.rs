@@ -42,12 +42,10 @@ fn inside<T: Send>(ns: &Netns, f: impl AsyncFnOnce() -> Result<T> + Send) -> Res
 async fn create_network(store: &Store, name: &str, subnet: &str) -> Result<()> {
     store
         .update_with(Scope::Networks, |s| {
-            s.create_network(NetworkSpec {
-                name: name.into(),
-                subnet: subnet.parse().expect("test subnets are valid"),
-                vni: None,
-                mtu: None,
-            })
+            s.create_network(NetworkSpec::new(
+                name,
+                subnet.parse().expect("test subnets are valid"),
+            ))
             .map(|_| ())
         })
         .await?;
@@ -62,6 +60,7 @@ fn container(network: &str, node: &str, netns: &str, ip: Option<Ipv4Addr>) -> Co
         name: None,
         ip,
         owner: None,
+        subnet: None,
     }
 }
 
@@ -100,12 +99,18 @@ fn a_dead_node_with_300_endpoints_is_freed_and_its_addresses_held_back() -> Resu
         let store = Store::open(&url).await?;
         create_network(&store, "n", "198.18.0.0/22").await?;
         let gone = store
-            .register_node("gone", Ipv4Addr::new(192, 0, 2, 20), Duration::from_secs(1))
+            .register_node(
+                "gone",
+                Ipv4Addr::new(192, 0, 2, 20),
+                1500,
+                Duration::from_secs(1),
+            )
             .await?;
         let _live = store
             .register_node(
                 "live",
                 Ipv4Addr::new(192, 0, 2, 21),
+                1500,
                 Duration::from_secs(30),
             )
             .await?;
@@ -208,7 +213,12 @@ fn a_returning_node_gets_300_endpoints_back_and_learns_which_address_was_taken()
         let store = Store::open(&url).await?;
         create_network(&store, "n", "198.18.0.0/22").await?;
         let reg = store
-            .register_node("back", Ipv4Addr::new(192, 0, 2, 20), Duration::from_secs(1))
+            .register_node(
+                "back",
+                Ipv4Addr::new(192, 0, 2, 20),
+                1500,
+                Duration::from_secs(1),
+            )
             .await?;
         let mut eps = populate(&store, "n", "back", MANY).await?;
         drop(reg);

@@ -11,22 +11,24 @@ mod testbed;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
-use ovl_common::wire::{ETH_P_IP, IPPROTO_UDP};
+use ovl_common::wire::{ANYCAST_GATEWAY_MAC as GW_MAC, ETH_P_IP, IPPROTO_UDP};
 use ovl_common::{
-    DropReason, VniCounters,
+    DropReason, NetworkInfo, VniCounters,
     counters::UNATTRIBUTED_VNI,
-    maps::{names, programs},
+    maps::{names, network_flags, programs},
 };
 use ovl_userspace::datapath;
 use testbed::{
-    action::{TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT},
+    action::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT},
     fixture::{
-        Fixture, GATEWAY_MAC, LOCAL_CONTAINER as C1, LOCAL_VTEP, NEIGHBOUR_CONTAINER as C3,
-        REMOTE_CONTAINER as C2, REMOTE_VTEP, TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
+        Fixture, GATEWAY, GATEWAY_MAC, LOCAL_CONTAINER as C1, LOCAL_VTEP,
+        NEIGHBOUR_CONTAINER as C3, OTHER_GATEWAY, OTHER_SUBNET_CONTAINER as D1,
+        OTHER_SUBNET_REMOTE as D2, OVERLAY_MTU, REMOTE_CONTAINER as C2, REMOTE_VTEP,
+        TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
     },
     frames::{
         IPPROTO_ICMP, arp_reply, arp_request, container_mac as mac_of, ethernet as eth, hex,
-        icmp_echo, internet_checksum as checksum, ipv4, udp, vxlan_frame,
+        icmp_echo, internet_checksum as checksum, ipv4, ipv4_ttl, udp, vxlan_frame,
         vxlan_header as vxlan_hdr,
     },
 };
@@ -399,5 +401,347 @@ fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
         .with_context(|| what)?;
         ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
     }
+    Ok(())
+}
+
+/// An echo request from `src` to `dst` with TTL `ttl`, in a frame to `dst_mac`.
+fn echo_ttl(src: Ipv4Addr, dst: Ipv4Addr, dst_mac: [u8; 6], ttl: u8, len: usize) -> Vec<u8> {
+    eth(
+        dst_mac,
+        mac_of(src),
+        ETH_P_IP,
+        &ipv4_ttl(src, dst, IPPROTO_ICMP, ttl, &icmp_echo(7, 1, len)),
+    )
+}
+
+/// The ICMP error (type, code, 4 bytes of rest) the gateway `from` sends
+/// to container `to` about `offending` (an Ethernet frame): RFC 792 quote
+/// of its IPv4 header and 8 bytes, TOS 0xc0, TTL 64, checksums valid.
+fn icmp_error(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    kind: [u8; 2],
+    rest: [u8; 4],
+    offending: &[u8],
+) -> Vec<u8> {
+    let mut message = vec![kind[0], kind[1], 0, 0];
+    message.extend_from_slice(&rest);
+    message.extend_from_slice(&offending[14..14 + 28]);
+    let c = checksum(&message);
+    message[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = ipv4_ttl(from, to, IPPROTO_ICMP, 64, &message);
+    // ovl's errors: TOS internetwork control, no DF.
+    ip[1] = 0xc0;
+    ip[6] = 0;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    eth(mac_of(to), GW_MAC, ETH_P_IP, &ip)
+}
+
+/// Runs the egress program on `input` as sent by the container on the
+/// test-run device (C1).
+fn egress(
+    f: &Fixture,
+    input: &[u8],
+    expect: impl FnOnce(&mut VniCounters),
+) -> Result<(u32, Vec<u8>)> {
+    run(
+        f,
+        programs::TC_EGRESS,
+        input,
+        Some(&skb_ctx(TEST_RUN_IFINDEX)),
+        VNI,
+        expect,
+    )
+}
+
+#[test]
+fn egress_routes_to_another_subnet_rewriting_macs_and_decrementing_ttl() -> Result<()> {
+    let f = fixture("gold-route")?;
+    // C1 (198.18.0.2) to D1 (198.18.1.5, local) through its gateway.
+    let input = echo(C1, D1, GW_MAC);
+    let (action, out) = egress(&f, &input, |c| c.local_packets += 1)?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    let mut want = echo_ttl(C1, D1, mac_of(D1), 63, 56);
+    want[6..12].copy_from_slice(&GW_MAC);
+    ensure!(out == want, "routed\n{}\nwant\n{}", hex(&out), hex(&want));
+    ensure!(checksum(&out[14..34]) == 0, "IPv4 checksum does not verify");
+
+    // D2 is behind the remote VTEP: routed, then encapsulated.
+    let input = echo(C1, D2, GW_MAC);
+    let (action, out) = egress(&f, &input, |c| {
+        c.tx_packets += 1;
+        c.tx_bytes += input.len() as u64;
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    let mut inner = echo_ttl(C1, D2, mac_of(D2), 63, 56);
+    inner[6..12].copy_from_slice(&GW_MAC);
+    ensure!(
+        out.len() == inner.len() + 50 && out[50..] == inner[..],
+        "encapsulated routed frame\n{}\nwant inner\n{}",
+        hex(&out),
+        hex(&inner)
+    );
+    ensure!(
+        out[16 + 14..20 + 14] == REMOTE_VTEP.octets(),
+        "outer destination"
+    );
+    Ok(())
+}
+
+#[test]
+fn egress_answers_ttl_1_at_the_gateway_with_time_exceeded() -> Result<()> {
+    let f = fixture("gold-ttl")?;
+    let input = echo_ttl(C1, D1, GW_MAC, 1, 56);
+    let (action, out) = egress(&f, &input, |c| {
+        c.drops[DropReason::TtlExceeded as usize] += 1
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    let want = icmp_error(GATEWAY, C1, [11, 0], [0; 4], &input);
+    ensure!(
+        out == want,
+        "time exceeded\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
+    ensure!(checksum(&out[34..]) == 0, "ICMP checksum does not verify");
+    Ok(())
+}
+
+#[test]
+fn egress_answers_arp_and_echo_for_the_gateway() -> Result<()> {
+    let f = fixture("gold-gw")?;
+    let (action, out) = egress(&f, &arp_request(mac_of(C1), C1, GATEWAY), |c| {
+        c.arp_replies += 1
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    let want = arp_reply(GW_MAC, GATEWAY, mac_of(C1), C1);
+    ensure!(out == want, "reply\n{}\nwant\n{}", hex(&out), hex(&want));
+
+    // The other subnet's gateway answers too (routing to it is routing).
+    let (_, out) = egress(&f, &arp_request(mac_of(C1), C1, OTHER_GATEWAY), |c| {
+        c.arp_replies += 1
+    })?;
+    ensure!(out[6..12] == GW_MAC, "other gateway's MAC");
+
+    let (action, out) = egress(&f, &echo(C1, GATEWAY, GW_MAC), |c| c.local_packets += 1)?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    let mut reply_icmp = icmp_echo(7, 1, 56);
+    reply_icmp[0] = 0;
+    reply_icmp[2..4].copy_from_slice(&[0, 0]);
+    let c = checksum(&reply_icmp);
+    reply_icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = ipv4(GATEWAY, C1, IPPROTO_ICMP, &reply_icmp);
+    ip[6] = 0;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let want = eth(mac_of(C1), GW_MAC, ETH_P_IP, &ip);
+    ensure!(
+        out == want,
+        "echo reply\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
+    Ok(())
+}
+
+#[test]
+fn egress_drops_spoofed_sources_and_counts_them() -> Result<()> {
+    let f = fixture("gold-spoofed")?;
+    let other_ip = echo(C3, C2, mac_of(C2)); // C1's veth, C3's address and MAC
+    let mut forged_mac = echo(C1, C2, mac_of(C2));
+    forged_mac[6..12].copy_from_slice(&[0x02, 0x42, 0, 0, 0, 0x66]);
+    let mut ip_only = echo(C1, C2, mac_of(C2));
+    ip_only[14 + 12..14 + 16].copy_from_slice(&C3.octets());
+    let arp_forged_ip = arp_request(mac_of(C1), C3, C2);
+    let mut arp_forged_sha = arp_request(mac_of(C1), C1, C2);
+    arp_forged_sha[22..28].copy_from_slice(&mac_of(C3));
+    let routed_forged = echo(C3, D1, GW_MAC);
+    for (what, input) in [
+        ("another container's address and MAC", other_ip),
+        ("a forged MAC", forged_mac),
+        ("a forged address", ip_only),
+        ("ARP with another sender address", arp_forged_ip),
+        ("ARP with another sender MAC", arp_forged_sha),
+        ("routed with a forged address", routed_forged),
+    ] {
+        let (action, _) = egress(&f, &input, |c| {
+            c.drops[DropReason::SpoofedSource as usize] += 1
+        })
+        .with_context(|| what)?;
+        ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
+    }
+    Ok(())
+}
+
+#[test]
+fn egress_hands_external_destinations_to_the_host_unless_internal() -> Result<()> {
+    let mut f = fixture("gold-out")?;
+    let outside = Ipv4Addr::new(203, 0, 113, 1);
+    let input = echo(C1, outside, GW_MAC);
+    let (action, out) = egress(&f, &input, |c| c.egress_packets += 1)?;
+    ensure!(action == TC_ACT_OK, "action {action}");
+    ensure!(out == input, "the frame changed on its way to the host");
+    // Inside a subnet but no endpoint: no way to it.
+    let (action, _) = egress(&f, &echo(C1, Ipv4Addr::new(198, 18, 1, 99), GW_MAC), |c| {
+        c.drops[DropReason::NoEndpoint as usize] += 1
+    })?;
+    ensure!(action == TC_ACT_SHOT, "action {action}");
+
+    f.datapath
+        .sync_networks(&std::collections::BTreeMap::from([(
+            VNI,
+            NetworkInfo {
+                mtu: OVERLAY_MTU,
+                flags: network_flags::INTERNAL,
+            },
+        )]))?;
+    let (action, _) = egress(&f, &input, |c| c.drops[DropReason::NoRoute as usize] += 1)?;
+    ensure!(action == TC_ACT_SHOT, "internal: action {action}");
+    // Subnets still route to each other on an internal network.
+    let (action, _) = egress(&f, &echo(C1, D1, GW_MAC), |c| c.local_packets += 1)?;
+    ensure!(
+        action == TC_ACT_REDIRECT,
+        "internal, routed: action {action}"
+    );
+    Ok(())
+}
+
+/// An ICMP "fragmentation needed" (next-hop MTU `mtu`) from the underlay
+/// router to this VTEP, quoting an encapsulated packet this VTEP sent to
+/// `to_vtep` on UDP `port`.
+fn frag_needed_report(to_vtep: Ipv4Addr, port: u16, mtu: u16) -> Vec<u8> {
+    let sent = ipv4(
+        LOCAL_VTEP,
+        to_vtep,
+        IPPROTO_UDP,
+        &udp(51000, port, &vxlan_hdr(VNI)),
+    );
+    let mut quoted = sent[..28].to_vec();
+    // The packet that did not fit was 1500 bytes long.
+    quoted[2..4].copy_from_slice(&1500u16.to_be_bytes());
+    let mut message = vec![3, 4, 0, 0, 0, 0];
+    message.extend_from_slice(&mtu.to_be_bytes());
+    message.extend_from_slice(&quoted);
+    let c = checksum(&message);
+    message[2..4].copy_from_slice(&c.to_be_bytes());
+    eth(
+        ARRIVAL_MAC,
+        GATEWAY_MAC,
+        ETH_P_IP,
+        &ipv4(
+            Ipv4Addr::new(192, 0, 2, 1),
+            LOCAL_VTEP,
+            IPPROTO_ICMP,
+            &message,
+        ),
+    )
+}
+
+#[test]
+fn decap_learns_the_path_mtu_and_encap_answers_larger_packets_with_frag_needed() -> Result<()> {
+    let f = fixture("gold-pmtu")?;
+    // A report about another port, or with a bogus MTU, teaches nothing.
+    for (what, report) in [
+        ("other port", frag_needed_report(REMOTE_VTEP, 8472, 1400)),
+        (
+            "MTU above the refused size",
+            frag_needed_report(REMOTE_VTEP, 4789, 1600),
+        ),
+    ] {
+        let (action, _) = run(&f, programs::XDP_DECAP, &report, None, VNI, |_| {})?;
+        ensure!(action == XDP_PASS, "{what}: action {action}");
+        ensure!(
+            datapath::read_path_mtus(f.pin_dir())?.is_empty(),
+            "{what}: a path MTU was learned"
+        );
+    }
+    let g0 = datapath::read_global(f.pin_dir())?;
+    for program in [programs::XDP_DECAP, programs::TC_DECAP] {
+        let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(TEST_RUN_IFINDEX));
+        let report = frag_needed_report(REMOTE_VTEP, 4789, 1400);
+        let (action, out) = run(&f, program, &report, ctx.as_deref(), VNI, |_| {})?;
+        ensure!(
+            out == report,
+            "{program}: the report changed on its way to the host"
+        );
+        ensure!(
+            action == XDP_PASS || action == testbed::action::TC_ACT_OK,
+            "{program}: action {action}"
+        );
+    }
+    let g1 = datapath::read_global(f.pin_dir())?;
+    ensure!(
+        g1.path_mtu_reports - g0.path_mtu_reports == 2,
+        "path_mtu_reports {g0:?} -> {g1:?}"
+    );
+    let learned = datapath::read_path_mtus(f.pin_dir())?;
+    ensure!(
+        learned.len() == 1 && learned[0].0 == REMOTE_VTEP.octets() && learned[0].1.mtu == 1400,
+        "learned {learned:?}"
+    );
+
+    // 1350 bytes of IPv4 fit the path (1400 with VXLAN); 1351 do not.
+    let fits = echo_ttl(C1, C2, mac_of(C2), 64, 1350 - 28);
+    let (action, _) = egress(&f, &fits, |c| {
+        c.tx_packets += 1;
+        c.tx_bytes += fits.len() as u64;
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "fitting packet: action {action}");
+    let big = echo_ttl(C1, C2, mac_of(C2), 64, 1351 - 28);
+    let (action, out) = egress(&f, &big, |c| c.drops[DropReason::PathMtu as usize] += 1)?;
+    ensure!(action == TC_ACT_REDIRECT, "oversize: action {action}");
+    let want = icmp_error(GATEWAY, C1, [3, 4], [0, 0, 0x05, 0x46], &big);
+    ensure!(
+        out == want,
+        "frag needed\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
+    // Without DF the sender asked for fragments ovl cannot make: dropped.
+    let mut no_df = big.clone();
+    no_df[14 + 6] = 0;
+    let c = checksum(&{
+        let mut h = no_df[14..34].to_vec();
+        h[10..12].copy_from_slice(&[0, 0]);
+        h
+    });
+    no_df[24..26].copy_from_slice(&c.to_be_bytes());
+    let (action, _) = egress(&f, &no_df, |c| c.drops[DropReason::TooBig as usize] += 1)?;
+    ensure!(action == TC_ACT_SHOT, "no DF: action {action}");
+    Ok(())
+}
+
+#[test]
+fn the_cluster_vxlan_port_is_what_encap_sends_and_decap_accepts() -> Result<()> {
+    let mut f = fixture("gold-port")?;
+    f.datapath.set_vxlan_port(8472)?;
+    let inner = echo(C1, C2, mac_of(C2));
+    let (_, out) = egress(&f, &inner, |c| {
+        c.tx_packets += 1;
+        c.tx_bytes += inner.len() as u64;
+    })?;
+    ensure!(
+        out[36..38] == 8472u16.to_be_bytes(),
+        "destination port\n{}",
+        hex(&out[..50])
+    );
+
+    let from_c2 = echo(C2, C1, mac_of(C1));
+    let on_4789 = vxlan_from(REMOTE_VTEP, VNI, &from_c2);
+    let (action, out) = run(&f, programs::XDP_DECAP, &on_4789, None, VNI, |_| {})?;
+    ensure!(
+        action == XDP_PASS && out == on_4789,
+        "4789 is not ovl's now: {action}"
+    );
+    let mut on_8472 = on_4789.clone();
+    on_8472[36..38].copy_from_slice(&8472u16.to_be_bytes());
+    let (action, _) = run(&f, programs::XDP_DECAP, &on_8472, None, VNI, |c| {
+        c.rx_packets += 1;
+        c.rx_bytes += from_c2.len() as u64;
+    })?;
+    ensure!(action == XDP_REDIRECT, "8472: action {action}");
     Ok(())
 }

@@ -51,7 +51,7 @@ impl Cluster {
     }
 
     /// [`start`](Self::start) with extra environment for every agent
-    /// (such as `OVL_DNS_UPSTREAM`).
+    /// (`OVL_KEY_ROTATION` or `OVL_DNS_UPSTREAM`, say).
     pub fn start_with_env(lab: &Lab, mode: &str, env: &[(&str, &str)]) -> Result<Cluster> {
         let (router, hosts) = lab.routed_hosts(2)?;
         Self::with_agents(lab, Ovl::new(lab)?, router, hosts, mode, env)
@@ -170,6 +170,26 @@ impl Cluster {
             .attach_with_env(lab, &self.hosts[i], Self::NODES[i], "auto", env)?;
         self.agents.insert(i, agent);
         Ok(())
+    }
+
+    /// `ovl node ls` run on host `i`: each node's published WireGuard
+    /// public key, if any.
+    pub fn node_keys(
+        &self,
+        i: usize,
+    ) -> Result<std::collections::BTreeMap<String, Option<String>>> {
+        let out = self.run(i, &["node", "ls", "--json"])?;
+        let rows: Value =
+            serde_json::from_str(&out).with_context(|| format!("node ls is not JSON: {out}"))?;
+        rows.as_array()
+            .with_context(|| format!("node ls is not a list: {out}"))?
+            .iter()
+            .map(|r| {
+                let name = r["name"].as_str().context("name")?.to_owned();
+                let key = r["wireguard"]["public_key"].as_str().map(str::to_owned);
+                Ok((name, key))
+            })
+            .collect()
     }
 
     /// Stops every agent still in [`agents`](Self::agents), checking that

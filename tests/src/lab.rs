@@ -49,6 +49,19 @@ static STALE_SWEEP: Once = Once::new();
 /// shared `/run/netns` mount on first use, and parallel first uses race.
 static NETNS_ADMIN: Mutex<()> = Mutex::new(());
 
+/// When a cleanup registered with [`Lab::on_cleanup`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CleanupStage {
+    /// While every process still runs (e.g. ask a daemon to remove what
+    /// it made).
+    BeforeProcesses,
+    /// After the lab's processes were stopped (e.g. kill what they left
+    /// outside their process groups and namespaces).
+    AfterProcesses,
+}
+
+type Cleanup = Box<dyn FnOnce() + Send>;
+
 /// A test's private world: the namespaces, background processes, bpffs
 /// mounts and temp dir it created. Dropping the lab — including during a
 /// panic's unwinding — stops the processes (SIGTERM, then SIGKILL), unmounts
@@ -63,6 +76,7 @@ pub struct Lab {
     namespaces: Mutex<Vec<Netns>>,
     processes: Mutex<Vec<Arc<SpawnedProcess>>>,
     mounts: Mutex<Vec<PathBuf>>,
+    cleanups: Mutex<Vec<(CleanupStage, Cleanup)>>,
     next_item: AtomicU32,
 }
 
@@ -101,6 +115,7 @@ impl Lab {
             namespaces: Mutex::new(Vec::new()),
             processes: Mutex::new(Vec::new()),
             mounts: Mutex::new(Vec::new()),
+            cleanups: Mutex::new(Vec::new()),
             next_item: AtomicU32::new(0),
         })
     }
@@ -166,6 +181,43 @@ impl Lab {
         Ok(netns)
     }
 
+    /// Gives the network namespace of process `pid` (a container some
+    /// runtime made) the name `<prefix>-<role>`, so probes can run in it
+    /// with `ip netns exec`. The lab removes the name when it drops, and
+    /// kills what still runs in that namespace then.
+    pub fn attach_netns(&self, role: &str, pid: u32) -> Result<Netns> {
+        let name = format!("{}-{role}", self.prefix);
+        let _admin = netns_admin();
+        cmd::run(&["ip", "netns", "attach", &name, &pid.to_string()])?;
+        let netns = Netns::from_name(name);
+        lock(&self.namespaces).push(netns.clone());
+        Ok(netns)
+    }
+
+    /// Runs `cleanup` when the lab drops, at `stage`; cleanups of a stage
+    /// run newest first.
+    pub fn on_cleanup(&self, stage: CleanupStage, cleanup: impl FnOnce() + Send + 'static) {
+        lock(&self.cleanups).push((stage, Box::new(cleanup)));
+    }
+
+    fn run_cleanups(&self, stage: CleanupStage) {
+        let mut all = lock(&self.cleanups);
+        let mut keep = Vec::new();
+        let mut now = Vec::new();
+        for (s, c) in all.drain(..) {
+            if s == stage {
+                now.push(c)
+            } else {
+                keep.push((s, c))
+            }
+        }
+        *all = keep;
+        drop(all);
+        for cleanup in now.into_iter().rev() {
+            cleanup();
+        }
+    }
+
     /// Starts `argv` in the background inside `netns` with extra environment
     /// `envs`; stdout and stderr go to files in the lab's temp dir. The lab
     /// stops the process (and any children it leaves in its process group)
@@ -176,16 +228,35 @@ impl Lab {
         argv: &[&str],
         envs: &[(&str, &str)],
     ) -> Result<ChildHandle> {
-        let program = argv.first().context("cannot spawn an empty command line")?;
-        let program_name = Path::new(program)
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "process".to_string());
         let role = netns
             .name()
             .strip_prefix(&self.prefix)
             .unwrap_or(netns.name())
-            .trim_start_matches('-');
+            .trim_start_matches('-')
+            .to_owned();
+        let program = argv.first().context("cannot spawn an empty command line")?;
+        self.spawn_logged(&role, program, &netns.exec_argv(argv), envs)
+    }
+
+    /// Starts `argv` in the background in the test's own namespaces (for
+    /// tools that enter namespaces themselves, like `nsenter`); otherwise
+    /// as [`spawn`](Self::spawn).
+    pub fn spawn_here(&self, argv: &[&str], envs: &[(&str, &str)]) -> Result<ChildHandle> {
+        let program = argv.first().context("cannot spawn an empty command line")?;
+        self.spawn_logged("root", program, argv, envs)
+    }
+
+    fn spawn_logged(
+        &self,
+        role: &str,
+        program: &str,
+        full_argv: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<ChildHandle> {
+        let program_name = Path::new(program)
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "process".to_string());
         let log_stem = format!("{:02}-{role}-{program_name}", self.next_item());
         let stdout_path = self.tempdir.join(format!("{log_stem}.stdout"));
         let stderr_path = self.tempdir.join(format!("{log_stem}.stderr"));
@@ -194,8 +265,7 @@ impl Lab {
         let stderr = File::create(&stderr_path)
             .with_context(|| format!("cannot create {}", stderr_path.display()))?;
 
-        let full_argv = netns.exec_argv(argv);
-        let command_line = cmd::command_line(&full_argv);
+        let command_line = cmd::command_line(full_argv);
         let child = Command::new(full_argv[0])
             .args(&full_argv[1..])
             .envs(envs.iter().copied())
@@ -332,8 +402,10 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // Processes first: they may hold pins in the bpffs and keep the
         // namespaces alive.
+        self.run_cleanups(CleanupStage::BeforeProcesses);
         self.stop_processes();
         self.kill_stragglers();
+        self.run_cleanups(CleanupStage::AfterProcesses);
         self.unmount_all();
         self.delete_namespaces();
         self.remove_tempdir();

@@ -10,6 +10,8 @@ mod binary;
 mod cluster;
 mod cmd;
 mod cni;
+pub mod command;
+mod docker;
 mod etcd;
 mod hooks;
 mod lab;
@@ -28,9 +30,13 @@ pub use binary::{OVL_BIN_ENV, UPGRADE_OBJECT_ENV, ovl_binary, upgrade_object, wo
 pub use cluster::{Cluster, Pair, ThreeHosts, TwoHosts};
 pub use cmd::{run, run_unchecked};
 pub use cni::{CniOutput, CniPlugin};
+pub use docker::{
+    BUSYBOX_IMAGE, Container as DockerContainer, DOCKER_CLI, DockerCluster, Dockerd,
+    DockerdOptions, StoreKind, plugin_call,
+};
 pub use etcd::{ETCD_CLIENT_PORT, Etcd, EtcdTls};
 pub use hooks::{HookedProgram, hooked_programs};
-pub use lab::{LAB_NAME_PREFIX, Lab};
+pub use lab::{CleanupStage, LAB_NAME_PREFIX, Lab};
 pub use maps::{ENDPOINTS_MAP, MapEndpoint, dump_endpoints};
 pub use netns::Netns;
 pub use ovl::{Agent, NetCounters, Ovl};
@@ -42,5 +48,5 @@ pub use reference::{
     CONTAINER_IFACE, MacAddr, OVERLAY_MTU, REF_BRIDGE, REF_VXLAN, RefOverlayNode, VXLAN_OVERHEAD,
     VXLAN_PORT, mac_for,
 };
-pub use stale::remove_stale_labs;
+pub use stale::{remove_cgroup_tree, remove_stale_labs};
 pub use topology::{HOST_IFACE, Host, UNDERLAY_MTU, UNDERLAY_PREFIX_LEN, cidr, create_veth};

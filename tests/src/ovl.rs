@@ -40,6 +40,7 @@ pub struct NetCounters {
     pub rx_bytes: u64,
     pub local_packets: u64,
     pub arp_replies: u64,
+    pub egress_packets: u64,
     pub no_endpoint: u64,
     pub unknown_vni: u64,
     pub unknown_vtep: u64,
@@ -47,6 +48,11 @@ pub struct NetCounters {
     pub too_big: u64,
     pub unsupported: u64,
     pub no_route: u64,
+    pub spoofed_source: u64,
+    pub ttl_exceeded: u64,
+    pub path_mtu: u64,
+    pub no_key: u64,
+    pub unencrypted: u64,
 }
 
 impl NetCounters {
@@ -64,6 +70,7 @@ impl NetCounters {
             rx_bytes: n("rx_bytes")?,
             local_packets: n("local_packets")?,
             arp_replies: n("arp_replies")?,
+            egress_packets: n("egress_packets")?,
             no_endpoint: d("no_endpoint")?,
             unknown_vni: d("unknown_vni")?,
             unknown_vtep: d("unknown_vtep")?,
@@ -71,6 +78,11 @@ impl NetCounters {
             too_big: d("too_big")?,
             unsupported: d("unsupported")?,
             no_route: d("no_route")?,
+            spoofed_source: d("spoofed_source")?,
+            ttl_exceeded: d("ttl_exceeded")?,
+            path_mtu: d("path_mtu")?,
+            no_key: d("no_key")?,
+            unencrypted: d("unencrypted")?,
         })
     }
 
@@ -83,6 +95,11 @@ impl NetCounters {
             + self.too_big
             + self.unsupported
             + self.no_route
+            + self.spoofed_source
+            + self.ttl_exceeded
+            + self.path_mtu
+            + self.no_key
+            + self.unencrypted
     }
 }
 
@@ -235,6 +252,34 @@ impl Ovl {
         Ok(agent)
     }
 
+    /// The Docker plugin socket of node `node`'s agent.
+    pub fn docker_plugin_socket(&self, node: &str) -> PathBuf {
+        self.run_dir.join(format!("plugin-{node}.sock"))
+    }
+
+    /// Starts `ovl attach eth0` on `host` as `node`, serving the Docker
+    /// plugin on [`docker_plugin_socket`](Self::docker_plugin_socket) for
+    /// the dockerd at `docker_url`, and waits until it is attached.
+    pub fn attach_docker(
+        &self,
+        lab: &Lab,
+        host: &Host,
+        node: &str,
+        docker_url: &str,
+    ) -> Result<Agent> {
+        let socket = self.docker_plugin_socket(node).display().to_string();
+        self.attach_with_env(
+            lab,
+            host,
+            node,
+            "auto",
+            &[
+                ("OVL_DOCKER_HOST", docker_url),
+                ("OVL_DOCKER_PLUGIN_SOCKET", &socket),
+            ],
+        )
+    }
+
     /// Starts `ovl attach eth0 --mode MODE` on `host` as `node` without
     /// waiting for it to attach (for agents expected to fail).
     pub fn spawn_agent(
@@ -321,6 +366,23 @@ impl Ovl {
 }
 
 impl Agent {
+    /// Waits until the agent has registered its node and read the store
+    /// (it attaches first and reaches the store in the background): what
+    /// the store derives from the node's record, such as a new network's
+    /// default MTU, holds from then on.
+    pub fn wait_in_step(&self) -> Result<()> {
+        wait_until(Duration::from_secs(10), || {
+            Ok(self.child.stderr()?.contains(" in step with "))
+        })
+        .with_context(|| {
+            format!(
+                "agent {} did not reach its store:\n{}",
+                self.node,
+                self.child.output_report()
+            )
+        })
+    }
+
     /// Stops the agent with SIGTERM and checks that it exits cleanly (its
     /// data path stays pinned and keeps forwarding).
     pub fn terminate(self) -> Result<()> {

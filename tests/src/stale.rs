@@ -39,6 +39,12 @@ pub fn remove_stale_labs() -> Result<usize> {
         }
     }
 
+    for name in lab_cgroups()? {
+        if is_stale(&name) {
+            remove_cgroup_tree(&name)?;
+        }
+    }
+
     let temp_root = std::env::temp_dir();
     for mount in mount_points_under(&temp_root)? {
         if lab_dir_of(&temp_root, &mount).is_some_and(is_stale) {
@@ -82,6 +88,103 @@ pub(crate) fn kill_processes_in(netns_name: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where cgroup hierarchies are mounted: `/sys/fs/cgroup` itself (cgroup
+/// v2) or one directory per v1 controller below it.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The roots of every cgroup hierarchy of this machine.
+fn cgroup_hierarchies() -> Result<Vec<PathBuf>> {
+    let root = Path::new(CGROUP_ROOT);
+    if root.join("cgroup.procs").exists() {
+        return Ok(vec![root.to_owned()]);
+    }
+    let mut out = Vec::new();
+    let entries = fs::read_dir(root).with_context(|| format!("cannot list {CGROUP_ROOT}"))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.join("cgroup.procs").exists() {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+/// Names of top-level cgroups a lab made (container runtimes' parents).
+fn lab_cgroups() -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for hierarchy in cgroup_hierarchies()? {
+        let Ok(entries) = fs::read_dir(&hierarchy) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(LAB_NAME_PREFIX) && entry.path().is_dir() && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// Kills every process in the top-level cgroup `name` and its children,
+/// in every hierarchy, and removes the cgroups (a container runtime's
+/// `--cgroup-parent`, whose containers live outside the lab's namespaces
+/// and process groups).
+pub fn remove_cgroup_tree(name: &str) -> Result<()> {
+    let mut dirs = Vec::new();
+    for hierarchy in cgroup_hierarchies()? {
+        let top = hierarchy.join(name);
+        if top.is_dir() {
+            collect_dirs(&top, &mut dirs);
+        }
+    }
+    let own_pid = std::process::id() as libc::pid_t;
+    for _ in 0..50 {
+        let mut alive = false;
+        for dir in &dirs {
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs
+                .lines()
+                .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+            {
+                if pid != own_pid {
+                    alive = true;
+                    let _ = process::send(pid, Signal::Kill);
+                }
+            }
+        }
+        // Deepest first: a cgroup with children cannot go.
+        let mut left = false;
+        for dir in dirs.iter().rev() {
+            if dir.exists() && fs::remove_dir(dir).is_err() {
+                left = true;
+            }
+        }
+        if !left {
+            return Ok(());
+        }
+        if alive {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+    anyhow::bail!("cgroups still in use after killing their processes: {left:?}")
+}
+
+fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.to_owned());
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_dirs(&entry.path(), out);
+            }
+        }
+    }
 }
 
 /// Mount points at or below `dir` in this process's mount namespace.

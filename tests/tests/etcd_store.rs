@@ -633,6 +633,48 @@ fn endpoint_disconnected_on_b_leaves_every_map_and_its_traffic_counts_as_no_endp
     world.stop()
 }
 
+/// `network rm` on etcd: refused while an endpoint is left, then done
+/// (its VNI key goes with it, so the VNI can be taken again). It once gave
+/// up after 64 "conflicting" attempts: the VNI key was outside what the
+/// change read.
+#[test]
+fn an_emptied_network_is_removed_and_its_vni_can_be_taken_again() -> Result<()> {
+    let lab = Lab::new("etcd-netrm")?;
+    let world = cluster_with_network(&lab)?;
+    let vni = vni_of(&world, A)?;
+    let (cb, _) = world.container(&lab, B, NETWORK, "cb")?;
+    let refused =
+        world
+            .ovl
+            .run_unchecked(&world.hosts[C].netns, "host-c", &["network", "rm", NETWORK])?;
+    ensure!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("still has 1 endpoint"),
+        "network rm with an endpoint left: {refused:?}"
+    );
+    world.run(B, &["disconnect", NETWORK, cb.name()])?;
+    world.run(C, &["network", "rm", NETWORK])?;
+    let listed = world.run(A, &["network", "ls"])?;
+    ensure!(!listed.contains(NETWORK), "still listed: {listed}");
+    world.run(
+        A,
+        &[
+            "network",
+            "create",
+            "again",
+            "--subnet",
+            SUBNET,
+            "--vni",
+            &vni.to_string(),
+        ],
+    )?;
+    ensure!(
+        world.inspect(B, "again")?["vni"] == vni,
+        "VNI {vni} not reused"
+    );
+    world.stop()
+}
+
 #[test]
 fn agent_with_a_bad_etcd_url_fails_naming_it_and_leaves_nothing_attached() -> Result<()> {
     let lab = Lab::new("etcd-bad")?;

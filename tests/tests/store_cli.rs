@@ -160,7 +160,7 @@ fn vteps_macs_and_subnets_that_cannot_work_are_refused_and_listings_come_as_json
             && networks[0]["endpoints"] == 1
             && networks[1]["name"] == "uber-net"
             && networks[1]["endpoints"] == 1
-            && networks[1]["subnet"] == "198.18.0.0/24",
+            && networks[1]["subnets"][0] == "198.18.0.0/24",
         "network ls --json: {networks}"
     );
     let all = json(&["endpoint", "ls", "--json"])?;

@@ -68,8 +68,7 @@ fn lint_steps() -> Vec<String> {
     );
 
     let mut clippy = workspace::cargo();
-    // --all-features reaches xtask's micro-benchmark binary too (behind a
-    // feature so that xtask builds before setup has run).
+    // --all-features: every optional part of every crate is linted.
     clippy
         .args([
             "clippy",

@@ -5,11 +5,10 @@
 //! machine: `setup` installs what is missing, the build tasks compile the
 //! kernel programs and the `ovl` binary that embeds them, `test`/`lint` are
 //! the CI gate, `demo` is the README's walk-through and `bench` measures
-//! ovl against the bare underlay and Docker's kernel vxlan overlay.
+//! ovl against the bare underlay and Docker's kernel vxlan overlay (the
+//! harness itself is the `ovl-bench` crate).
 
-mod bench;
 mod check;
-mod command;
 mod demo;
 mod ebpf;
 mod setup;
@@ -22,6 +21,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::workspace::Profile;
+// The one helper that runs commands for xtask, the tests and the benchmark.
+use ovl_tests::command;
 
 /// Build, test and demo ovl.
 #[derive(Debug, Parser)]
@@ -159,16 +160,12 @@ fn run(task: Task) -> Result<()> {
         } => {
             setup::toolchain()?;
             setup::packages()?;
-            bench::run(bench::Options {
-                quick,
-                runs,
-                seconds,
-            })
+            workspace::bench(quick, runs, seconds)
         }
         Task::BenchDns { quick } => {
             setup::toolchain()?;
             setup::packages()?;
-            bench::dns::run(quick)
+            workspace::bench_dns(quick)
         }
     }
 }

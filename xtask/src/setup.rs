@@ -38,10 +38,14 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// probes, captures, load generators, scapy for crafted packets, bpftool,
 /// etcd for the etcd store backend, Prometheus (server and promtool) that
 /// scrapes the agent, curl, the font the benchmark chart's text is drawn
-/// with, podman with the reference CNI plugins and busybox-static (the
-/// offline container image) for the CNI plugin's scenarios, and for the
-/// DNS scenarios dnsmasq (the lab's upstream resolver), dig and Docker.
-const DEBIAN_PACKAGES: [&str; 21] = [
+/// with, podman with the reference CNI plugins for the CNI plugin's
+/// scenarios, Docker 20.10 (docker.io) for the Docker plugin's,
+/// busybox-static for their offline container image, what the
+/// agent runs for external egress (nftables for the masquerade, conntrack
+/// to forget a leaving container's translations) with netcat to open
+/// connections through it, and for the DNS scenarios dnsmasq (the lab's
+/// upstream resolver) and dig.
+const DEBIAN_PACKAGES: [&str; 24] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -63,6 +67,9 @@ const DEBIAN_PACKAGES: [&str; 21] = [
     "dnsutils",
     "docker.io",
     "busybox-static",
+    "nftables",
+    "conntrack",
+    "netcat-openbsd",
 ];
 
 /// Debian packages the build itself needs: protoc and protobuf's

@@ -88,3 +88,40 @@ pub fn build_ovl(profile: Profile) -> Result<PathBuf> {
     );
     Ok(binary)
 }
+
+/// `cargo xtask bench`: the release `ovl`, then the `ovl-bench` crate's
+/// binaries (the harness and its micro-benchmark), run with it.
+pub fn bench(quick: bool, runs: Option<u32>, seconds: Option<u32>) -> Result<()> {
+    let ovl = build_ovl(Profile::Release)?;
+    let mut cargo = cargo();
+    cargo.args(["build", "--release", "--package", "ovl-bench"]);
+    crate::command::run_step("build the benchmark", &mut cargo)?;
+    let harness = target_dir()?.join("release").join("ovl-bench");
+    let mut run = Command::new(&harness);
+    run.arg("--ovl").arg(&ovl);
+    if quick {
+        run.arg("--quick");
+    }
+    if let Some(n) = runs {
+        run.args(["--runs", &n.to_string()]);
+    }
+    if let Some(s) = seconds {
+        run.args(["--seconds", &s.to_string()]);
+    }
+    crate::command::run_step("benchmark", &mut run)
+}
+
+/// Release build, then `ovl-bench --dns`: the containers' resolver.
+pub fn bench_dns(quick: bool) -> Result<()> {
+    let ovl = build_ovl(Profile::Release)?;
+    let mut cargo = cargo();
+    cargo.args(["build", "--release", "--package", "ovl-bench"]);
+    crate::command::run_step("build the benchmark", &mut cargo)?;
+    let harness = target_dir()?.join("release").join("ovl-bench");
+    let mut run = Command::new(&harness);
+    run.arg("--ovl").arg(&ovl).arg("--dns");
+    if quick {
+        run.arg("--quick");
+    }
+    crate::command::run_step("DNS benchmark", &mut run)
+}

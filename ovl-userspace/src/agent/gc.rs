@@ -71,7 +71,7 @@ fn is_abandoned(e: &Endpoint) -> bool {
         Location::Container {
             netns, host_ifname, ..
         } => !netns::path_of(netns).exists() && netlink::ifindex(host_ifname).is_none(),
-        Location::Static { .. } => false,
+        Location::Static { .. } | Location::Reserved { .. } => false,
     }
 }
 
@@ -83,20 +83,13 @@ mod tests {
     #[test]
     fn an_endpoint_is_collected_only_after_its_grace_and_only_while_abandoned() {
         let mut s = State::default();
-        s.create_network(NetworkSpec {
-            name: "blue".into(),
-            subnet: "198.18.0.0/24".parse().unwrap(),
-            vni: None,
-            mtu: None,
-        })
-        .unwrap();
+        s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
+            .unwrap();
         s.add_container(ContainerSpec {
             network: "blue".into(),
             node: "a".into(),
             netns: "/nonexistent/ovl-gc-test".into(),
-            name: None,
-            ip: None,
-            owner: None,
+            ..ContainerSpec::default()
         })
         .unwrap();
         let mut docker = s.endpoints[0].clone();

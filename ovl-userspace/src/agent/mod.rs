@@ -31,9 +31,9 @@ use self::{
     view::{Identity, View},
 };
 use crate::{
-    api, bpffs,
+    api, bpffs, crypto,
     datapath::{Datapath, DecapMode, LinkPin, LinkPins, Maps},
-    exporter,
+    docker, exporter,
     model::{Location, State},
     netlink::{self, Underlay},
     store::{Registration, Store, StoreError},
@@ -66,6 +66,12 @@ pub struct AgentOptions {
     pub gc_grace: Duration,
     /// The containers' resolver.
     pub dns: crate::dns::Options,
+    /// Docker's plugin socket and Engine API, if Docker is to use ovl.
+    pub docker: Option<docker::DockerOptions>,
+    /// WireGuard UDP port of encrypted networks.
+    pub wireguard_port: u16,
+    /// Period of automatic WireGuard key rotation.
+    pub key_rotation: Duration,
 }
 
 /// The store as the agent holds it once reachable.
@@ -95,6 +101,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         journal,
         memory,
         store,
+        docker_listener,
     } = match prelude {
         Ok(p) => p,
         Err(e) => {
@@ -129,6 +136,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         state: None,
         collector: gc::Collector::new(opts.gc_grace),
         next_gc: None,
+        crypto: None,
     };
     let started = agent.take_over(&opts, &driver, store.as_deref()).await;
     if let Err(e) = started {
@@ -142,14 +150,26 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         return Err(e);
     }
 
-    let api = api::serve(api_listener, api::AgentApi::new(agent.view.clone()));
+    agent.crypto = crypto::start_for_agent(&opts, agent.underlay.addr, &mut agent.dp);
+    let api = api::AgentApi::new(agent.view.clone())
+        .with_crypto(agent.crypto.as_ref().map(|c| c.handle()));
+    let api = api::serve(api_listener, api);
     let api_task = tokio::spawn(api);
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(exporter::serve(l, agent.view.clone())));
+    let docker_task = docker_listener.map(|l| {
+        let store = docker::StoreHandle::new(&opts.store_url, store.clone());
+        tokio::spawn(docker::serve(
+            l,
+            opts.node.clone(),
+            store,
+            agent.view.clone(),
+        ))
+    });
 
     let result = agent.serve(&opts, store, kicks).await;
     api_task.abort();
-    if let Some(t) = metrics_task {
+    for t in metrics_task.into_iter().chain(docker_task) {
         t.abort();
     }
     let _ = std::fs::remove_file(&opts.api_socket);
@@ -170,6 +190,7 @@ struct Prelude {
     journal: Journal,
     memory: Memory,
     store: Option<Arc<Store>>,
+    docker_listener: Option<docker::Listener>,
 }
 
 /// Everything that can refuse to start without changing the kernel: the
@@ -179,7 +200,7 @@ async fn prelude(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Prelu
     let lock = bpffs::NodeLock::acquire(pin_dir)?;
     let api_listener = api::bind(&opts.api_socket)?;
     let rest = after_bind(opts, pin_dir).await;
-    let (metrics_listener, journal, memory, store) = match rest {
+    let (metrics_listener, journal, memory, store, docker_listener) = match rest {
         Ok(r) => r,
         Err(e) => {
             let _ = std::fs::remove_file(&opts.api_socket);
@@ -193,6 +214,7 @@ async fn prelude(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Prelu
         journal,
         memory,
         store,
+        docker_listener,
     })
 }
 
@@ -201,6 +223,7 @@ type AfterBind = (
     Journal,
     Memory,
     Option<Arc<Store>>,
+    Option<docker::Listener>,
 );
 
 async fn after_bind(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<AfterBind> {
@@ -211,6 +234,11 @@ async fn after_bind(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Af
         None => None,
     };
     let (journal, memory) = Journal::open(&opts.state_dir)?;
+    let docker_listener = opts
+        .docker
+        .as_ref()
+        .map(docker::Listener::bind)
+        .transpose()?;
 
     let pinned_decap = LinkPins::of(pin_dir)
         .list()?
@@ -232,7 +260,7 @@ async fn after_bind(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Af
             );
         }
     };
-    Ok((metrics_listener, journal, memory, store))
+    Ok((metrics_listener, journal, memory, store, docker_listener))
 }
 
 fn node_flag(node: &str) -> String {
@@ -263,6 +291,9 @@ struct Agent {
     /// When an abandoned endpoint is next due for collection.
     next_gc: Option<Instant>,
     dns: crate::dns::Service,
+    /// The encrypting path of encrypted networks (none if it could not
+    /// start: those networks then drop, counted `no_key`).
+    crypto: Option<crypto::Crypto>,
 }
 
 impl Agent {
@@ -275,10 +306,13 @@ impl Agent {
         driver: &str,
         store: Option<&Store>,
     ) -> Result<()> {
+        // Kept: the store's VXLAN port, applied by an earlier agent.
+        let udp_port = self.dp.config()?.udp_port;
         self.dp.set_config(NodeConfig {
             vtep: self.underlay.addr.octets(),
             underlay_ifindex: self.underlay.ifindex,
             underlay_mtu: self.underlay.mtu,
+            udp_port,
             _pad: 0,
         })?;
         if let Maps::Replacing(mismatches) = self.dp.maps().clone() {
@@ -361,6 +395,9 @@ impl Agent {
         self.dns.update(state, &self.node);
         reconcile::reconcile(&mut self.dp, state, &self.node, &self.underlay, &self.view)?;
         reconcile::remember(&mut self.memory, state, &self.node);
+        if let Some(c) = &self.crypto {
+            c.set_peers(&crypto::peers_of(state, &self.node));
+        }
         if let Err(e) = self.journal.save(&self.memory) {
             log::warn!("{e:#}");
         }
@@ -400,6 +437,7 @@ impl Agent {
             opts.store_url.clone(),
             opts.node.clone(),
             self.underlay.addr,
+            self.underlay.mtu,
             opts.lease_ttl,
         )));
         let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -512,6 +550,9 @@ impl Agent {
     /// it): catch up with everything that changed meanwhile.
     async fn on_connected(&mut self, c: &Connected) {
         let state = c.updates.borrow().clone();
+        if let Some(crypto) = &self.crypto {
+            crypto.publish_to(c.store.clone(), &self.node);
+        }
         self.view.update(|l| {
             l.store_reachable = true;
             l.last_sync = Some(Instant::now());
@@ -540,6 +581,7 @@ async fn connect(
     url: String,
     node: String,
     vtep: std::net::Ipv4Addr,
+    underlay_mtu: u32,
     ttl: Duration,
 ) -> Connected {
     let mut store = store;
@@ -553,7 +595,7 @@ async fn connect(
                 None => Arc::new(open_store(&url).await?),
             };
             let registration = store
-                .register_node(&node, vtep, ttl)
+                .register_node(&node, vtep, underlay_mtu, ttl)
                 .await
                 .map_err(|e| anyhow!(e).context(format!("register node {node}")))?;
             let updates = store.subscribe().await?;

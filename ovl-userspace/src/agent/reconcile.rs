@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Result;
-use ovl_common::{maps::names, wire::ENCAP_OVERHEAD};
+use ovl_common::wire::ENCAP_OVERHEAD;
 
 use super::{
     journal::Memory,
@@ -17,6 +17,7 @@ use super::{
 use crate::{
     datapath::Datapath,
     desired::desired,
+    egress_nat,
     model::{Endpoint, Location, State},
     netlink::{self, Underlay},
     store::Store,
@@ -46,8 +47,12 @@ pub fn reconcile(
     // endpoint whose network has no counters.
     dp.sync_stats(want.networks.keys().copied())?;
     dp.sync_networks(&want.networks)?;
-    dp.sync_vteps(&want.vteps)?;
-    dp.sync_u32_map(names::IFACES, &want.ifaces)?;
+    dp.sync_vteps(&want.vteps, &want.keyed_vteps)?;
+    dp.sync_subnets(&want.subnets)?;
+    dp.sync_ifaces(&want.ifaces)?;
+    if dp.set_vxlan_port(want.vxlan_port)? {
+        log::info!("VXLAN now on UDP port {}", want.vxlan_port);
+    }
     let changed = dp.sync_endpoints(&want.endpoints)?;
     if changed.written + changed.removed > 0 {
         log::info!(
@@ -74,6 +79,9 @@ pub fn reconcile(
     }
 
     publish(state, &want, view);
+    // Last: the host's side of external egress runs nft and ip, slower than
+    // the map writes the containers' traffic waits for.
+    egress_nat::ensure_logged(&underlay.name, &want.egress);
     Ok(())
 }
 
@@ -140,7 +148,7 @@ pub fn remember(memory: &mut Memory, state: &State, node: &str) {
 fn host_link_exists(e: &Endpoint) -> bool {
     match &e.location {
         Location::Container { host_ifname, .. } => netlink::ifindex(host_ifname).is_some(),
-        Location::Static { .. } => false,
+        Location::Static { .. } | Location::Reserved { .. } => false,
     }
 }
 

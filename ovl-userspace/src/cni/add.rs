@@ -70,6 +70,7 @@ pub async fn add(
         name: Some(name),
         aliases: Vec::new(),
         ip,
+        subnet: None,
         owner: Some(owner),
     };
     let a = attachment::attach(&store, &req).await.map_err(|e| {

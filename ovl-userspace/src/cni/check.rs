@@ -92,7 +92,11 @@ pub async fn check(inv: &Invocation, conf: &NetConf, s: &Settings) -> Result<(),
             "the host end {host_ifname} of the veth is gone"
         )));
     }
-    let want = (ep.ip, network.subnet.prefix());
+    let prefix = network
+        .pool_of(ep.ip)
+        .map(|p| p.subnet.prefix())
+        .ok_or_else(|| failed(format!("{} is in none of the network's subnets", ep.ip)))?;
+    let want = (ep.ip, prefix);
     let addrs = netlink::ipv4_addresses(&inner, link.index)
         .await
         .map_err(|e| CniError::from_failure(&e))?;

@@ -179,7 +179,7 @@ fn ipam_code(e: &IpamError) -> Code {
     match e {
         IpamError::Exhausted(_) => Code::AddressesExhausted,
         IpamError::InUse(_) => Code::AddressInUse,
-        IpamError::OutsideSubnet { .. } => Code::InvalidConfig,
+        IpamError::NotAssignable { .. } | IpamError::NoSuchSubnet { .. } => Code::InvalidConfig,
         _ => Code::Internal,
     }
 }

@@ -22,6 +22,7 @@ pub fn of_attachment(
     host_mac: Option<MacAddr>,
     dns: Option<&Dns>,
 ) -> AddResult {
+    let pool = a.network.pool_of(a.endpoint.ip);
     let host = Interface {
         name: a.host_ifname.clone(),
         mac: host_mac.map(|m| m.to_string()),
@@ -38,8 +39,12 @@ pub fn of_attachment(
     AddResult {
         interfaces: vec![host, container],
         ips: vec![IpConfig {
-            address: format!("{}/{}", a.endpoint.ip, a.network.subnet.prefix()),
-            gateway: None,
+            address: format!(
+                "{}/{}",
+                a.endpoint.ip,
+                pool.map(|p| p.subnet.prefix()).unwrap_or(32)
+            ),
+            gateway: pool.map(|p| p.gateway.to_string()),
             interface: Some(1),
             version: None,
         }],

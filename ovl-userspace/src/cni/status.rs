@@ -23,7 +23,7 @@ pub async fn status(s: &Settings) -> Result<(), CniError> {
         .network(&s.network)
         .map_err(|e| unavailable(e.to_string()))?;
     let used = state.endpoints_of(&s.network).map(|e| e.ip).collect();
-    if let Err(e) = ipam::allocate(&network.subnet, &used, None) {
+    if let Err(e) = ipam::allocate(&network.subnets, &used, None, None) {
         return Err(unavailable(format!("network {}: {e}", s.network)));
     }
     match api::Client::new(&s.api_socket)

@@ -18,16 +18,17 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::LpmTrie},
     programs::XdpMode,
     util::nr_cpus,
 };
 pub use compat::Mismatch;
 pub use links::{DecapKind, LinkPin, LinkPins};
 use ovl_common::{
-    Endpoint, NetworkInfo, NodeConfig, UnderlayCounters, VniAddr, VniCounters,
+    Endpoint, Iface, NetworkInfo, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters, VniAddr,
+    VniCounters,
     counters::UNATTRIBUTED_VNI,
-    maps::{ABI_VERSION, names, programs},
+    maps::{ABI_VERSION, names, programs, subnet_key_bits, vtep_flags},
 };
 
 /// The kernel programs, built by build.rs and embedded in `ovl`.
@@ -386,6 +387,22 @@ impl Datapath {
         self.links.remove(LinkPin::Egress { ifindex })
     }
 
+    /// Makes `ifindex` (the agent's crypto device, named `ifname`) the way
+    /// out and in for encrypted networks: the decap program on its TC
+    /// ingress, then its entry in `OVL_CRYPTO`. Neither is pinned: both go
+    /// with the device, which goes with the agent, so encrypted networks
+    /// fail closed when it exits.
+    pub fn hook_crypto(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        let prog: &mut aya::programs::SchedClassifier = self.program(programs::TC_DECAP)?;
+        prog.attach(ifname, aya::programs::TcAttachType::Ingress)
+            .with_context(|| {
+                format!("hook {} on the crypto device {ifname}", programs::TC_DECAP)
+            })?;
+        let mut map: aya::maps::DevMap<_> = aya::maps::DevMap::try_from(self.map(names::CRYPTO)?)?;
+        map.set(ovl_common::maps::CRYPTO_DEVICE, ifindex, None, 0)
+            .context("write OVL_CRYPTO")
+    }
+
     /// Runs program `name` once (or `repeat` times) on `packet` with
     /// BPF_PROG_TEST_RUN, without any interface: the golden-packet tests
     /// and the micro-benchmark use it. `ctx` is a raw `__sk_buff` for TC
@@ -450,9 +467,54 @@ impl Datapath {
         arr.set(0, cfg, 0).context("write OVL_CONFIG")
     }
 
-    /// Makes map `name` hold exactly `want` (u32 → u32 maps).
-    pub fn sync_u32_map(&mut self, name: &str, want: &BTreeMap<u32, u32>) -> Result<SyncCount> {
-        self.sync_map(name, want.iter().map(|(k, v)| (*k, *v)))
+    /// This node's underlay identity as the programs see it (all zero
+    /// before the first [`set_config`](Self::set_config)).
+    pub fn config(&mut self) -> Result<NodeConfig> {
+        let arr: Array<_, NodeConfig> = Array::try_from(self.map(names::CONFIG)?)?;
+        arr.get(&0, 0).context("read OVL_CONFIG")
+    }
+
+    /// Sets the VXLAN UDP port encapsulation sends to and decapsulation
+    /// accepts; returns whether it was another before.
+    pub fn set_vxlan_port(&mut self, port: u16) -> Result<bool> {
+        let mut cfg = self.config()?;
+        if cfg.udp_port == port {
+            return Ok(false);
+        }
+        let changed = cfg.vxlan_port() != port;
+        cfg.udp_port = port;
+        self.set_config(cfg)?;
+        Ok(changed)
+    }
+
+    /// Makes OVL_IFACES hold exactly `want` (host ifindex → interface).
+    pub fn sync_ifaces(&mut self, want: &BTreeMap<u32, Iface>) -> Result<SyncCount> {
+        self.sync_map(names::IFACES, want.iter().map(|(k, v)| (*k, *v)))
+    }
+
+    /// Makes OVL_SUBNETS hold exactly `want`: (VNI, subnet address,
+    /// prefix length) → subnet.
+    pub fn sync_subnets(
+        &mut self,
+        want: &BTreeMap<(u32, [u8; 4], u8), SubnetInfo>,
+    ) -> Result<SyncCount> {
+        let name = names::SUBNETS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the object"))?;
+        let mut map: LpmTrie<_, VniAddr, SubnetInfo> = LpmTrie::try_from(map)?;
+        let want = want.iter().map(|((vni, addr, prefix), v)| {
+            (
+                subnet_key_bits(*prefix),
+                VniAddr {
+                    vni: *vni,
+                    addr: *addr,
+                },
+                *v,
+            )
+        });
+        self.shadow.sync_trie(name, &mut map, want)
     }
 
     /// Makes OVL_NETWORKS hold exactly `want` (VNI → network).
@@ -479,17 +541,26 @@ impl Datapath {
         )
     }
 
-    /// Makes OVL_VTEPS hold exactly `want`.
-    pub fn sync_vteps(&mut self, want: &BTreeSet<(u32, [u8; 4])>) -> Result<SyncCount> {
+    /// Makes OVL_VTEPS hold exactly `want`, those in `keyed` marked as
+    /// reachable by encrypted networks.
+    pub fn sync_vteps(
+        &mut self,
+        want: &BTreeSet<(u32, [u8; 4])>,
+        keyed: &BTreeSet<(u32, [u8; 4])>,
+    ) -> Result<SyncCount> {
         self.sync_map(
             names::VTEPS,
             want.iter().map(|(vni, addr)| {
+                let mut flags = vtep_flags::ALLOWED;
+                if keyed.contains(&(*vni, *addr)) {
+                    flags |= vtep_flags::KEYED;
+                }
                 (
                     VniAddr {
                         vni: *vni,
                         addr: *addr,
                     },
-                    1u32,
+                    flags,
                 )
             }),
         )
@@ -575,6 +646,15 @@ pub fn read_global(pin_dir: &Path) -> Result<UnderlayCounters> {
         sum.accumulate(c);
     }
     Ok(sum)
+}
+
+/// Path MTUs to remote VTEPs the underlay reported, from a node's pins.
+pub fn read_path_mtus(pin_dir: &Path) -> Result<Vec<([u8; 4], PathMtu)>> {
+    let map = open_pinned(pin_dir, names::PATH_MTU)?;
+    let map: HashMap<_, [u8; 4], PathMtu> = HashMap::try_from(map)?;
+    map.iter()
+        .collect::<Result<_, _>>()
+        .context("read OVL_PATH_MTU")
 }
 
 /// Endpoint entries of a node's pinned map, for inspection and tests.

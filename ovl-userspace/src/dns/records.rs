@@ -31,7 +31,8 @@ pub const RECORD_TTL: u32 = 1;
 /// Names and addresses of one network.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct NetworkRecords {
-    subnet: Option<Subnet>,
+    /// The network's subnets (reverse names of their addresses are ours).
+    subnets: Vec<Subnet>,
     /// Lower-case name or alias → addresses (more than one only when a
     /// store written before names were unique holds a name twice).
     by_name: HashMap<String, Vec<Ipv4Addr>>,
@@ -90,7 +91,7 @@ impl Records {
                 Some((
                     name.clone(),
                     NetworkRecords {
-                        subnet: Some(net.subnet),
+                        subnets: net.subnets.iter().map(|p| p.subnet).collect(),
                         ..NetworkRecords::default()
                     },
                 ))
@@ -189,7 +190,7 @@ impl Records {
         ip: Ipv4Addr,
     ) -> Resolution {
         let Some((network, records)) =
-            scope.find(|(_, r)| r.subnet.is_some_and(|s| s.contains(ip)))
+            scope.find(|(_, r)| r.subnets.iter().any(|s| s.contains(ip)))
         else {
             return Resolution::Forward;
         };
@@ -271,13 +272,8 @@ mod tests {
     fn world() -> State {
         let mut s = State::default();
         for (name, subnet) in [("blue", "198.18.0.0/24"), ("red", "198.18.1.0/24")] {
-            s.create_network(NetworkSpec {
-                name: name.into(),
-                subnet: subnet.parse().unwrap(),
-                vni: None,
-                mtu: None,
-            })
-            .unwrap();
+            s.create_network(NetworkSpec::new(name, subnet.parse().unwrap()))
+                .unwrap();
         }
         let mut add = |net: &str, node: &str, ns: &str, name: &str| {
             s.add_container(ContainerSpec {
@@ -287,6 +283,7 @@ mod tests {
                 name: Some(name.into()),
                 ip: None,
                 owner: None,
+                subnet: None,
             })
             .unwrap()
         };
@@ -296,8 +293,8 @@ mod tests {
         add("red", ME, "c-other", "other");
         s.set_names("blue", web.ip, None, vec!["www".into()])
             .unwrap();
-        s.register_node(ME, Ipv4Addr::new(192, 0, 2, 10));
-        s.register_node("host-b", Ipv4Addr::new(198, 51, 100, 10));
+        s.register_node(ME, Ipv4Addr::new(192, 0, 2, 10), None);
+        s.register_node("host-b", Ipv4Addr::new(198, 51, 100, 10), None);
         s
     }
 

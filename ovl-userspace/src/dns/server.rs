@@ -391,13 +391,8 @@ mod tests {
 
     fn records() -> Records {
         let mut s = State::default();
-        s.create_network(NetworkSpec {
-            name: "blue".into(),
-            subnet: "198.18.0.0/24".parse().unwrap(),
-            vni: None,
-            mtu: None,
-        })
-        .unwrap();
+        s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
+            .unwrap();
         for (ns, name) in [("c-client", "client"), ("c-web", "web")] {
             s.add_container(ContainerSpec {
                 network: "blue".into(),
@@ -406,6 +401,7 @@ mod tests {
                 name: Some(name.into()),
                 ip: None,
                 owner: None,
+                subnet: None,
             })
             .unwrap();
         }

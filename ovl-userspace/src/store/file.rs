@@ -193,7 +193,7 @@ impl FileStore {
     /// Applies `change` under the lock and commits it atomically.
     pub fn update(
         &self,
-        change: &mut dyn FnMut(&mut State) -> Result<(), ModelError>,
+        change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
         let _lock = self.lock()?;
         let mut state = self.read()?;
@@ -271,9 +271,9 @@ mod tests {
         d
     }
 
-    fn update_with<T>(
+    fn update_with<T: Send>(
         store: &FileStore,
-        mut change: impl FnMut(&mut State) -> Result<T, ModelError>,
+        mut change: impl FnMut(&mut State) -> Result<T, ModelError> + Send,
     ) -> Result<T, StoreError> {
         let mut out = None;
         store.update(&mut |s| {
@@ -286,10 +286,8 @@ mod tests {
     fn create(store: &FileStore, name: &str) -> Result<State, StoreError> {
         store.update(&mut |s| {
             s.create_network(NetworkSpec {
-                name: name.into(),
-                subnet: "198.18.0.0/24".parse().unwrap(),
                 vni: None,
-                mtu: None,
+                ..NetworkSpec::new(name, "198.18.0.0/24".parse().unwrap())
             })
             .map(|_| ())
         })
@@ -348,8 +346,7 @@ mod tests {
                                     // Distinct names: names are unique per network.
                                     netns: format!("c{i}-{j}"),
                                     name: None,
-                                    ip: None,
-                                    owner: None,
+                                    ..ContainerSpec::default()
                                 })
                             })
                             .unwrap()

@@ -160,11 +160,12 @@ impl Store {
 
     /// Applies `change` to the part of the state `scope` covers and commits
     /// the result as one atomic step; concurrent writers never both win a
-    /// conflicting change. When `change` fails nothing is written.
+    /// conflicting change. When `change` fails nothing is written. (`Send`,
+    /// so that servers running requests on any thread can change the state.)
     pub async fn update(
         &self,
         scope: Scope<'_>,
-        change: &mut dyn FnMut(&mut State) -> Result<(), ModelError>,
+        change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
         match self {
             Store::File(f) => f.update(change),
@@ -173,10 +174,10 @@ impl Store {
     }
 
     /// Applies a change that produces a value, returning the value.
-    pub async fn update_with<T>(
+    pub async fn update_with<T: Send>(
         &self,
         scope: Scope<'_>,
-        mut change: impl FnMut(&mut State) -> Result<T, ModelError>,
+        mut change: impl FnMut(&mut State) -> Result<T, ModelError> + Send,
     ) -> Result<T, StoreError> {
         let mut out = None;
         self.update(scope, &mut |s| {
@@ -241,24 +242,54 @@ impl Store {
         }
     }
 
-    /// Registers node `name` with VTEP `vtep`; with etcd, also as alive
-    /// under a lease of `ttl` that the returned registration keeps alive.
+    /// Registers node `name` with VTEP `vtep` and its underlay's MTU; with
+    /// etcd, also as alive under a lease of `ttl` that the returned
+    /// registration keeps alive.
     pub async fn register_node(
         &self,
         name: &str,
         vtep: Ipv4Addr,
+        underlay_mtu: u32,
         ttl: Duration,
     ) -> Result<Registration, StoreError> {
         match self {
             Store::File(f) => {
                 f.update(&mut |s| {
                     crate::validate::node_name(name)?;
-                    s.register_node(name, vtep);
+                    s.register_node(name, vtep, Some(underlay_mtu));
                     Ok(())
                 })?;
                 Ok(Registration::File)
             }
-            Store::Etcd(e) => Ok(Registration::Etcd(e.register_node(name, vtep, ttl).await?)),
+            Store::Etcd(e) => Ok(Registration::Etcd(
+                e.register_node(name, vtep, underlay_mtu, ttl).await?,
+            )),
+        }
+    }
+
+    /// Publishes node `name`'s WireGuard public key and port in its node
+    /// record, for peers to reach it on encrypted networks.
+    pub async fn publish_node_key(
+        &self,
+        name: &str,
+        key: crate::crypto::NodeKey,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::File(f) => {
+                let mut found = false;
+                f.update(&mut |s| {
+                    found = s.publish_node_key(name, key);
+                    Ok(())
+                })?;
+                if found {
+                    Ok(())
+                } else {
+                    Err(StoreError::Rejected(crate::model::ModelError::NoSuchNode(
+                        name.to_owned(),
+                    )))
+                }
+            }
+            Store::Etcd(e) => e.publish_node_key(name, key).await,
         }
     }
 

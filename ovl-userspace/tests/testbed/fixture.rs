@@ -6,8 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ovl_common::maps::names;
-use ovl_common::{Endpoint, NetworkInfo, NodeConfig};
+use ovl_common::{Endpoint, Iface, NetworkInfo, NodeConfig, SubnetInfo};
 use ovl_tests::{Lab, Netns};
 use ovl_userspace::datapath::Datapath;
 use ovl_userspace::{netlink, netns};
@@ -34,6 +33,22 @@ pub const REMOTE_CONTAINER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 pub const NEIGHBOUR_CONTAINER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 4);
 /// The made-up host-side ifindex of [`NEIGHBOUR_CONTAINER`].
 const NEIGHBOUR_IFINDEX: u32 = 77;
+/// The network's first subnet (of [`LOCAL_CONTAINER`] and the others
+/// above) and its gateway.
+pub const SUBNET: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+/// Its gateway.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The network's second subnet.
+pub const OTHER_SUBNET: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 0);
+/// Its gateway.
+pub const OTHER_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// Prefix length of both subnets.
+const SUBNET_PREFIX: u8 = 24;
+/// A local container in the second subnet (behind the made-up ifindex
+/// too: the tests only look at where frames are redirected).
+pub const OTHER_SUBNET_CONTAINER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 5);
+/// A container in the second subnet behind [`REMOTE_VTEP`].
+pub const OTHER_SUBNET_REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 6);
 /// The device BPF_PROG_TEST_RUN runs TC programs on: `lo`.
 pub const TEST_RUN_IFINDEX: u32 = 1;
 /// The stand-in underlay device.
@@ -98,6 +113,7 @@ impl Fixture {
             vtep: LOCAL_VTEP.octets(),
             underlay_ifindex,
             underlay_mtu: 1500,
+            udp_port: 0,
             _pad: 0,
         })?;
         datapath.sync_stats([VNI].into_iter())?;
@@ -108,11 +124,25 @@ impl Fixture {
                 flags: 0,
             },
         )]))?;
-        datapath.sync_u32_map(
-            names::IFACES,
-            &BTreeMap::from([(TEST_RUN_IFINDEX, VNI), (NEIGHBOUR_IFINDEX, VNI)]),
-        )?;
-        datapath.sync_vteps(&[(VNI, REMOTE_VTEP.octets())].into())?;
+        datapath.sync_subnets(&BTreeMap::from([
+            (
+                (VNI, SUBNET.octets(), SUBNET_PREFIX),
+                SubnetInfo {
+                    gateway: GATEWAY.octets(),
+                },
+            ),
+            (
+                (VNI, OTHER_SUBNET.octets(), SUBNET_PREFIX),
+                SubnetInfo {
+                    gateway: OTHER_GATEWAY.octets(),
+                },
+            ),
+        ]))?;
+        datapath.sync_ifaces(&BTreeMap::from([
+            (TEST_RUN_IFINDEX, iface(LOCAL_CONTAINER)),
+            (NEIGHBOUR_IFINDEX, iface(NEIGHBOUR_CONTAINER)),
+        ]))?;
+        datapath.sync_vteps(&[(VNI, REMOTE_VTEP.octets())].into(), &Default::default())?;
         let local = |ip: Ipv4Addr, ifindex| Endpoint {
             mac: container_mac(ip),
             _pad: [0; 2],
@@ -127,6 +157,19 @@ impl Fixture {
             (
                 (VNI, NEIGHBOUR_CONTAINER.octets()),
                 local(NEIGHBOUR_CONTAINER, NEIGHBOUR_IFINDEX),
+            ),
+            (
+                (VNI, OTHER_SUBNET_CONTAINER.octets()),
+                local(OTHER_SUBNET_CONTAINER, NEIGHBOUR_IFINDEX),
+            ),
+            (
+                (VNI, OTHER_SUBNET_REMOTE.octets()),
+                Endpoint {
+                    mac: container_mac(OTHER_SUBNET_REMOTE),
+                    _pad: [0; 2],
+                    ifindex: 0,
+                    vtep: REMOTE_VTEP.octets(),
+                },
             ),
             (
                 (VNI, REMOTE_CONTAINER.octets()),
@@ -162,6 +205,17 @@ impl Fixture {
         self.netns.sysctl("net.ipv4.conf.all.forwarding", value)?;
         self.netns
             .sysctl(&format!("net.ipv4.conf.{UNDERLAY_IFACE}.forwarding"), value)
+    }
+}
+
+/// The interface entry of a local container in the first subnet.
+fn iface(ip: Ipv4Addr) -> Iface {
+    Iface {
+        vni: VNI,
+        addr: ip.octets(),
+        gateway: GATEWAY.octets(),
+        mac: container_mac(ip),
+        _pad: [0; 2],
     }
 }
 

@@ -37,11 +37,16 @@ pub fn internet_checksum(bytes: &[u8]) -> u16 {
 
 /// An IPv4 packet (IHL 5, DF, TTL 64) with a valid header checksum.
 pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, payload: &[u8]) -> Vec<u8> {
+    ipv4_ttl(src, dst, protocol, 64, payload)
+}
+
+/// An IPv4 packet (IHL 5, DF) with TTL `ttl` and a valid header checksum.
+pub fn ipv4_ttl(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, ttl: u8, payload: &[u8]) -> Vec<u8> {
     let total_len = u16::try_from(IPV4_HDR_LEN + payload.len())
         .expect("benchmark packets are far below 64 KiB");
     let mut packet = vec![0x45, 0];
     packet.extend_from_slice(&total_len.to_be_bytes());
-    packet.extend_from_slice(&[0, 0, 0x40, 0, 64, protocol, 0, 0]);
+    packet.extend_from_slice(&[0, 0, 0x40, 0, ttl, protocol, 0, 0]);
     packet.extend_from_slice(&src.octets());
     packet.extend_from_slice(&dst.octets());
     let checksum = internet_checksum(&packet);

@@ -9,7 +9,7 @@
 //! | `/ovl/vnis/<vni>` | `{"network": name}`: the VNI's owner, so two networks never share one |
 //! | `/ovl/endpoints/<network>/<ipv4>` | the endpoint: name, ip, mac, location; the key makes an address unique |
 //! | `/ovl/released/<network>/<ipv4>` | when the address was freed and by whom: held back for the grace |
-//! | `/ovl/nodes/<name>` | the node and its VTEP address (kept after it dies) |
+//! | `/ovl/nodes/<name>` | the node, its VTEP address and WireGuard key and port (kept after it dies) |
 //! | `/ovl/alive/<name>` | present while the node's agent holds its lease |
 //! | `/ovl/conflicts/<name>` | addresses the node found taken when it put back its endpoints |
 
@@ -18,7 +18,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
-    model::{Endpoint, Network, Node, SCHEMA_VERSION, State},
+    model::{ClusterSettings, Endpoint, Network, Node, SCHEMA_VERSION, State},
     release::{AddressConflict, Released},
     store::StoreError,
 };
@@ -33,6 +33,8 @@ pub const RELEASED: &str = "/ovl/released/";
 pub const NODES: &str = "/ovl/nodes/";
 pub const ALIVE: &str = "/ovl/alive/";
 pub const CONFLICTS: &str = "/ovl/conflicts/";
+/// Settings of the whole cluster (the VXLAN port); absent while default.
+pub const CLUSTER_KEY: &str = "/ovl/cluster";
 
 #[derive(Serialize, Deserialize)]
 struct Versioned<T> {
@@ -129,7 +131,7 @@ fn network_and_ip(rest: &str) -> Option<(&str, Ipv4Addr)> {
 }
 
 /// The keys and values `update` may write: networks, their VNIs,
-/// endpoints and released addresses (nodes, liveness and conflicts have
+/// endpoints, released addresses and the cluster's settings (nodes, liveness and conflicts have
 /// writers of their own).
 pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -147,6 +149,9 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
     }
     for r in &state.released {
         out.insert(released_key(&r.network, r.ip), json(r));
+    }
+    if state.cluster != ClusterSettings::default() {
+        out.insert(CLUSTER_KEY.to_owned(), json(state.cluster));
     }
     out
 }
@@ -228,6 +233,11 @@ fn try_apply(state: &mut State, key: &str, value: Option<&[u8]>) -> Result<(), S
         } else {
             alive.remove(name);
         }
+    } else if key == CLUSTER_KEY {
+        state.cluster = match value {
+            Some(v) => parse(key, v)?,
+            None => ClusterSettings::default(),
+        };
     } else if let Some(name) = key.strip_prefix(CONFLICTS) {
         state.conflicts.remove(name);
         if let Some(v) = value {
@@ -248,10 +258,9 @@ mod tests {
     fn sample() -> State {
         let mut s = State::default();
         s.create_network(NetworkSpec {
-            name: "blue".into(),
-            subnet: "198.18.0.0/24".parse().unwrap(),
             vni: Some(4242),
             mtu: None,
+            ..NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap())
         })
         .unwrap();
         for (node, ns) in [("a", "c1"), ("b", "c2")] {
@@ -262,6 +271,7 @@ mod tests {
                 name: None,
                 ip: None,
                 owner: None,
+                subnet: None,
             })
             .unwrap();
         }
@@ -315,6 +325,7 @@ mod tests {
                 name: None,
                 ip: None,
                 owner: None,
+                subnet: None,
             })
             .unwrap();
         changed.remove_container("blue", "b", "c2").unwrap();
@@ -355,6 +366,39 @@ mod tests {
         assert!(s.networks.is_empty());
         assert!(s.endpoints.is_empty());
         assert!(s.alive.unwrap().contains("a"));
+    }
+
+    #[test]
+    fn values_written_before_several_subnets_still_decode() {
+        // A network and a node as ovl stored them before this layout.
+        let mut m = BTreeMap::new();
+        m.insert(
+            "/ovl/networks/uber-net".to_owned(),
+            br#"{"schema":1,"name":"uber-net","vni":4096,"subnet":"198.18.0.0/24","mtu":1450}"#
+                .to_vec(),
+        );
+        m.insert(
+            "/ovl/nodes/host-a".to_owned(),
+            br#"{"schema":1,"name":"host-a","vtep":"192.0.2.10"}"#.to_vec(),
+        );
+        let s = decode_map(&m);
+        let n = &s.networks["uber-net"];
+        assert_eq!(n.subnets_text(), "198.18.0.0/24");
+        assert_eq!(n.subnets[0].gateway, Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(s.nodes["host-a"].underlay_mtu, None);
+        assert_eq!(s.cluster, ClusterSettings::default());
+    }
+
+    #[test]
+    fn cluster_settings_live_under_one_key_only_when_set() {
+        let mut s = State::default();
+        assert!(!encode(&s).contains_key(CLUSTER_KEY));
+        s.set_vxlan_port(8472).unwrap();
+        let keys = encode(&s);
+        let v: serde_json::Value = serde_json::from_slice(&keys[CLUSTER_KEY]).unwrap();
+        assert_eq!(v["vxlan_port"], 8472);
+        assert_eq!(v["schema"], 1);
+        assert_eq!(decode_map(&keys).cluster.vxlan_port, 8472);
     }
 
     #[test]

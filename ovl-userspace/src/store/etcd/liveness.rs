@@ -56,13 +56,19 @@ impl EtcdStore {
         &self,
         name: &str,
         vtep: Ipv4Addr,
+        underlay_mtu: u32,
         ttl: Duration,
     ) -> Result<Liveness, StoreError> {
         crate::validate::node_name(name).map_err(crate::model::ModelError::from)?;
         let mut c = self.client.clone();
+        // The key the node published survives re-registration (its agent
+        // restarting, say): peers keep reaching it meanwhile.
+        let wireguard = self.node_record(name).await?.and_then(|n| n.wireguard);
         let node = Node {
             name: name.to_owned(),
             vtep,
+            underlay_mtu: Some(underlay_mtu),
+            wireguard,
         };
         self.call("register node", c.put(node_key(name), json(&node), None))
             .await?;

@@ -9,13 +9,14 @@ mod codec;
 mod follow;
 mod liveness;
 mod nodes;
+mod wireguard;
 
 use std::{collections::BTreeMap, future::Future, time::Duration};
 
 pub use codec::KEY_PREFIX;
 use codec::{
-    ENDPOINTS, NETWORKS, NODES, RELEASED, SCHEMA_KEY, decode, encode, endpoint_key, network_key,
-    prefix_end, released_key,
+    CLUSTER_KEY, ENDPOINTS, NETWORKS, NODES, RELEASED, SCHEMA_KEY, VNIS, decode, encode,
+    endpoint_key, network_key, prefix_end, released_key,
 };
 use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
 pub use liveness::Liveness;
@@ -83,9 +84,17 @@ impl Range {
     /// What `scope` reads.
     fn of(scope: Scope<'_>) -> Vec<Range> {
         match scope {
-            Scope::Networks => vec![Range::Prefix(NETWORKS.into()), Range::Prefix(NODES.into())],
+            Scope::Networks => vec![
+                Range::Prefix(NETWORKS.into()),
+                Range::Prefix(NODES.into()),
+                Range::Key(CLUSTER_KEY.into()),
+            ],
+            // The VNI keys too: removing the network deletes its VNI's,
+            // which must have been read to be guarded (one small key per
+            // network).
             Scope::Network(n) => vec![
                 Range::Key(network_key(n)),
+                Range::Prefix(VNIS.into()),
                 Range::Prefix(format!("{ENDPOINTS}{n}/")),
                 Range::Prefix(format!("{RELEASED}{n}/")),
                 Range::Prefix(NODES.into()),
@@ -278,7 +287,7 @@ impl EtcdStore {
     pub async fn update(
         &self,
         scope: Scope<'_>,
-        change: &mut dyn FnMut(&mut State) -> Result<(), ModelError>,
+        change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
         let ranges = Range::of(scope);
         for attempt in 0..MAX_ATTEMPTS {
@@ -482,10 +491,9 @@ mod tests {
     fn network() -> State {
         let mut s = State::default();
         s.create_network(NetworkSpec {
-            name: "blue".into(),
-            subnet: "198.18.0.0/24".parse().unwrap(),
             vni: None,
             mtu: None,
+            ..NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap())
         })
         .unwrap();
         s
@@ -499,6 +507,7 @@ mod tests {
             name: None,
             ip: None,
             owner: None,
+            subnet: None,
         })
         .unwrap();
     }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use ovl_tests::{Lab, Netns, wait_until};
 use serde_json::Value;
 
-use crate::command;
+use ovl_tests::command;
 
 /// The core every client (sender) runs on.
 pub const CLIENT_CPU: usize = 0;

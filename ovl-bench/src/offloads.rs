@@ -3,8 +3,8 @@
 
 use anyhow::{Context, Result};
 
-use crate::bench::report::{OffloadRow, PathId, Underlay};
-use crate::bench::topology::{Topology, UnderlayLink};
+use crate::report::{OffloadRow, PathId, Underlay};
+use crate::topology::{Topology, UnderlayLink};
 
 /// `ethtool -K` features turned off for a wire-like underlay: no TSO, no
 /// GSO (frames leave at MTU size), no GRO (they are handled one by one on

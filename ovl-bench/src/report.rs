@@ -51,17 +51,20 @@ pub enum PathId {
     OvlNative,
     /// ovl, decap in generic (skb) XDP.
     OvlGeneric,
+    /// ovl on an encrypted network (WireGuard in the agent), decap on TC.
+    OvlEncrypted,
 }
 
 impl PathId {
     /// Every path, in table order.
-    pub const ALL: [PathId; 6] = [
+    pub const ALL: [PathId; 7] = [
         PathId::Bare,
         PathId::KernelVxlan,
         PathId::OvlTc,
         PathId::OvlTcForwarding,
         PathId::OvlNative,
         PathId::OvlGeneric,
+        PathId::OvlEncrypted,
     ];
 
     /// Column heading.
@@ -73,6 +76,7 @@ impl PathId {
             PathId::OvlTcForwarding => "ovl tc +fwd",
             PathId::OvlNative => "ovl native XDP",
             PathId::OvlGeneric => "ovl generic XDP",
+            PathId::OvlEncrypted => "ovl encrypted",
         }
     }
 }
@@ -285,7 +289,7 @@ pub struct Comparison {
 impl Comparison {
     /// ovl's default on veth (TC decap, hosts as configured: forwarding
     /// off) against the two baselines, then the other ovl variants.
-    pub const ALL: [Comparison; 8] = [
+    pub const ALL: [Comparison; 10] = [
         Comparison::new(PathId::OvlTc, PathId::KernelVxlan),
         Comparison::new(PathId::OvlTc, PathId::Bare),
         Comparison::new(PathId::OvlTcForwarding, PathId::KernelVxlan),
@@ -294,6 +298,8 @@ impl Comparison {
         Comparison::new(PathId::OvlNative, PathId::Bare),
         Comparison::new(PathId::OvlGeneric, PathId::KernelVxlan),
         Comparison::new(PathId::OvlGeneric, PathId::Bare),
+        Comparison::new(PathId::OvlEncrypted, PathId::OvlTc),
+        Comparison::new(PathId::OvlEncrypted, PathId::KernelVxlan),
     ];
 
     const fn new(path: PathId, reference: PathId) -> Self {

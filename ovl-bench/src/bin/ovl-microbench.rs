@@ -1,5 +1,5 @@
 // `ovl-microbench`: ovl's kernel programs alone, timed per packet with
-// BPF_PROG_TEST_RUN; `cargo xtask bench` runs it and reads its JSON.
+// BPF_PROG_TEST_RUN; `ovl-bench` runs it and reads its JSON.
 
 //! Times every kernel program on representative frames (encapsulation of a
 //! 64- and a 1400-byte frame, decapsulation of the same in XDP and TC, the
@@ -14,12 +14,12 @@
 //! unchanged, with the action the last run returned as evidence otherwise.
 //!
 //! Usage: `ovl-microbench [--samples N] [--repeat N]` (root; built with
-//! `cargo build -p xtask --features microbench`).
+//! `cargo build --release -p ovl-bench`).
 
 // The golden tests' testbed: one fixture and one set of frame builders for
 // both, so the benchmark times exactly what the tests check.
 #[allow(dead_code, reason = "shared with the golden tests; each uses part")]
-#[path = "../../../../ovl-userspace/tests/testbed/mod.rs"]
+#[path = "../../../ovl-userspace/tests/testbed/mod.rs"]
 mod testbed;
 
 use std::process::ExitCode;

@@ -5,7 +5,7 @@ use std::fs;
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::{command, workspace};
+use ovl_tests::command;
 
 /// `(what, value)` rows: date, kernel, CPU model, cores, memory, tool
 /// versions and the ovl commit. Unreadable facts say so instead of failing
@@ -84,7 +84,7 @@ fn commit() -> String {
         command::stdout_of(
             Command::new("git")
                 .arg("-C")
-                .arg(workspace::root())
+                .arg(ovl_tests::workspace_root())
                 .args(args),
         )
     };

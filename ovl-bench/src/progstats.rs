@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::command;
+use ovl_tests::command;
 
 /// `enum bpf_cmd`: BPF_ENABLE_STATS.
 const BPF_ENABLE_STATS: libc::c_long = 32;

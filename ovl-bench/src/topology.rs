@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use ovl_tests::{Agent, Host, Lab, Netns, RefOverlayNode, TwoHosts, mac_for, ping, wait_until};
 
-use crate::bench::measure::Endpoints;
-use crate::bench::report::PathId;
+use crate::measure::Endpoints;
+use crate::report::PathId;
 
 /// The overlay network of the ovl paths.
 const NETWORK: &str = "bench-net";
@@ -68,10 +68,11 @@ impl Topology {
                 OvlAgents::default(),
             ),
             PathId::KernelVxlan => (kernel_vxlan(&lab, &host_a, &host_b)?, OvlAgents::default()),
-            PathId::OvlTc => ovl(&lab, &host_a, &host_b, "tc", false)?,
-            PathId::OvlTcForwarding => ovl(&lab, &host_a, &host_b, "tc", true)?,
-            PathId::OvlNative => ovl(&lab, &host_a, &host_b, "native", false)?,
-            PathId::OvlGeneric => ovl(&lab, &host_a, &host_b, "generic", false)?,
+            PathId::OvlTc => ovl(&lab, &host_a, &host_b, "tc", false, false)?,
+            PathId::OvlTcForwarding => ovl(&lab, &host_a, &host_b, "tc", true, false)?,
+            PathId::OvlNative => ovl(&lab, &host_a, &host_b, "native", false, false)?,
+            PathId::OvlGeneric => ovl(&lab, &host_a, &host_b, "generic", false, false)?,
+            PathId::OvlEncrypted => ovl(&lab, &host_a, &host_b, "tc", false, true)?,
         };
         wait_for_ping(&endpoints).with_context(|| format!("{} does not deliver", path.label()))?;
         endpoints.start_servers(&lab)?;
@@ -106,6 +107,7 @@ fn tag(path: PathId) -> &'static str {
         PathId::OvlTcForwarding => "tcfw",
         PathId::OvlNative => "nat",
         PathId::OvlGeneric => "gen",
+        PathId::OvlEncrypted => "enc",
     }
 }
 
@@ -157,13 +159,16 @@ struct OvlAgents {
 
 /// ovl with an agent per host in decap `mode`; `forwarding` turns IPv4
 /// forwarding on in both hosts (encapsulation then resolves next hops with
-/// `bpf_fib_lookup` instead of handing packets to the kernel's routing).
+/// `bpf_fib_lookup` instead of handing packets to the kernel's routing);
+/// `encrypted` makes the network an encrypted one (WireGuard between the
+/// hosts, in the agents).
 fn ovl(
     lab: &Lab,
     host_a: &Host,
     host_b: &Host,
     mode: &str,
     forwarding: bool,
+    encrypted: bool,
 ) -> Result<(Endpoints, OvlAgents)> {
     if forwarding {
         for host in [host_a, host_b] {
@@ -171,7 +176,15 @@ fn ovl(
         }
     }
     let ovl = ovl_tests::Ovl::new(lab)?;
-    ovl.create_network(&host_a.netns, NETWORK, SUBNET, &[])?;
+    // Internal: the benchmark's containers talk only to each other, and an
+    // agent switches forwarding on the underlay on for external egress,
+    // which would take "forwarding off" away from the measurement.
+    let extra: &[&str] = if encrypted {
+        &["--internal", "--encrypted"]
+    } else {
+        &["--internal"]
+    };
+    ovl.create_network(&host_a.netns, NETWORK, SUBNET, extra)?;
     let nodes = TwoHosts::NODES;
     let mut agents = Vec::new();
     for (host, node) in [host_a, host_b].into_iter().zip(nodes) {

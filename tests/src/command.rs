@@ -1,5 +1,5 @@
-// Running the tools xtask drives (cargo, rustup, apt-get, ip, ovl): echoing
-// what runs, and failing with the command line and the step it belonged to.
+// Running the tools that xtask and the benchmark drive (cargo, rustup,
+// apt-get, ip, ovl, iperf3): echoing what runs, failing with its command line.
 
 use std::ffi::OsStr;
 use std::path::Path;

@@ -12,16 +12,6 @@
 //! Writes `bench/results/<date>[-quick].{md,json,png}` and prints the
 //! markdown on stdout.
 
-pub mod chart;
-pub mod dns;
-mod machine;
-mod measure;
-mod micro;
-mod offloads;
-mod progstats;
-pub mod report;
-mod topology;
-
 use std::fs;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,14 +19,16 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use crate::bench::measure::{CLIENT_CPU, SERVER_CPU, TCP_MULTI_STREAMS};
-use crate::bench::report::{Failure, InSituRow, Metric, PathId, Report, Samples, Underlay};
-use crate::bench::topology::Topology;
-use crate::workspace::{self, Profile};
+use crate::measure::{CLIENT_CPU, SERVER_CPU, TCP_MULTI_STREAMS};
+use crate::report::{Failure, InSituRow, Metric, PathId, Report, Samples, Underlay};
+use crate::topology::Topology;
+use crate::{chart, machine, micro, offloads, progstats, report};
 
 /// What `cargo xtask bench` was asked for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Options {
+    /// The (release) `ovl` binary to measure.
+    pub ovl: PathBuf,
     /// Fewer, shorter runs: a smoke test of the whole benchmark.
     pub quick: bool,
     /// Runs per figure, overriding the mode's default.
@@ -78,7 +70,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(options: Options) -> Result<Plan> {
+    fn new(options: &Options) -> Result<Plan> {
         let (runs, seconds, micro_samples) = if options.quick {
             (3, 1, 5_000)
         } else {
@@ -113,6 +105,8 @@ impl Plan {
         }
         match (path, self.quick) {
             (PathId::Bare | PathId::KernelVxlan | PathId::OvlTc, _) => &Test::ALL,
+            (PathId::OvlEncrypted, false) => &Test::ALL,
+            (PathId::OvlEncrypted, true) => &[Test::Tcp1],
             (PathId::OvlTcForwarding, false) => &Test::ALL,
             (PathId::OvlNative | PathId::OvlGeneric, false) => &[Test::Tcp1, Test::Udp64],
             (PathId::OvlTcForwarding | PathId::OvlNative | PathId::OvlGeneric, true) => {
@@ -145,14 +139,14 @@ impl Plan {
 /// Runs the benchmark and writes its report.
 pub fn run(options: Options) -> Result<()> {
     let started = Instant::now();
-    let plan = Plan::new(options)?;
+    let plan = Plan::new(&options)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark builds network namespaces and loads BPF programs: run it as root");
     }
-    let ovl = workspace::build_ovl(Profile::Release)?;
-    let micro_binary = micro::build()?;
-    // SAFETY: xtask is single-threaded (it has only started child
+    let ovl = options.ovl.clone();
+    let micro_binary = micro::binary()?;
+    // SAFETY: the benchmark is single-threaded (it has only started child
     // processes so far), so nothing can read the environment concurrently.
     unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, &ovl) };
     let build_time = started.elapsed();
@@ -493,7 +487,14 @@ fn notes(
         "Topology per path: two hosts on different /24s behind a router namespace \
          (`routed_hosts(2)`), MTU 1500. Bare underlay = host netns to host netns \
          (198.51.100.10), no container veth. Overlays = container to container, \
-         MTU 1450, one VNI."
+         MTU 1450, one VNI (1390 on the encrypted network, which carries VXLAN inside \
+         WireGuard)."
+            .to_string(),
+        "`ovl encrypted`: an encrypted network (decap on TC): the egress program sends the \
+         VXLAN frame to the agent's crypto device (a TAP), the agent seals it with boringtun \
+         (ChaCha20-Poly1305) and sends it over UDP; the peer's agent opens it and writes it to \
+         its crypto device, whose TC ingress decapsulates. The agents are not pinned to a core: \
+         they share both with client and server."
             .to_string(),
         "IPv4 forwarding in the hosts is off (the namespace default) for every path \
          except `ovl tc +fwd`, where it is on and ovl's encapsulation resolves the next \
@@ -553,7 +554,7 @@ fn notes(
 /// Writes the markdown, the raw runs as JSON and the chart under
 /// `bench/results/`, and prints the markdown.
 fn write_outputs(report: &Report, date: &str, plan: &Plan) -> Result<()> {
-    let dir = workspace::root().join("bench/results");
+    let dir = ovl_tests::workspace_root().join("bench/results");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let stem = if plan.quick {
         format!("{date}-quick")

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::bench::report::{Better, Comparison, Metric, PathId, Report, Underlay};
+use crate::report::{Better, Comparison, Metric, PathId, Report, Underlay};
 
 /// Where Debian's fonts-dejavu-core puts its sans face. Text is rasterised
 /// from it with ab_glyph, so no fontconfig is involved.
@@ -311,7 +311,7 @@ fn capitalised(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::Samples;
+    use crate::report::Samples;
 
     #[test]
     fn chart_renders_a_png_with_the_system_font() {

@@ -1,37 +1,26 @@
-// The kernel-program micro-benchmark: builds `ovl-microbench` (it links
-// ovl's loader, hence its own feature), runs it and reads its JSON rows.
+// The kernel-program micro-benchmark: `ovl-microbench`, this crate's other
+// binary (it links ovl's loader), run as a child; its JSON rows read back.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, ensure};
+use ovl_tests::command;
 use serde_json::Value;
 
-use crate::bench::report::MicroRow;
-use crate::{command, workspace};
+use crate::report::MicroRow;
 
-/// The binary and the feature that builds it.
+/// The micro-benchmark binary, built beside this one.
 const BINARY: &str = "ovl-microbench";
-const FEATURE: &str = "microbench";
 
-/// Builds the micro-benchmark in release mode and returns its path.
-pub fn build() -> Result<PathBuf> {
-    let mut cargo = workspace::cargo();
-    cargo.args([
-        "build",
-        "--release",
-        "--package",
-        "xtask",
-        "--features",
-        FEATURE,
-        "--bin",
-        BINARY,
-    ]);
-    command::run_step("build the micro-benchmark", &mut cargo)?;
-    let binary = workspace::target_dir()?.join("release").join(BINARY);
+/// The micro-benchmark's path: next to the running benchmark (cargo builds
+/// both binaries of the crate together).
+pub fn binary() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locate the running benchmark")?;
+    let binary = me.with_file_name(BINARY);
     ensure!(
         binary.is_file(),
-        "cargo built {BINARY} but {} does not exist",
+        "{} does not exist; build the crate's binaries together (`cargo build --release -p ovl-bench`)",
         binary.display()
     );
     Ok(binary)

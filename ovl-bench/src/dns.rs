@@ -22,10 +22,7 @@ use anyhow::{Context, Result, bail, ensure};
 use ovl_tests::{ChildHandle, Lab, Netns, TwoHosts, wait_until};
 use serde_json::Value;
 
-use crate::{
-    bench::machine,
-    workspace::{self, Profile},
-};
+use crate::machine;
 
 const NETWORK: &str = "bench-dns";
 const SUBNET: &str = "198.18.0.0/24";
@@ -135,15 +132,14 @@ elif mode == "gap":
 "#;
 
 /// Runs the DNS benchmark; `quick` shortens every measurement.
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(ovl: &std::path::Path, quick: bool) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark builds network namespaces: run it as root");
     }
-    let ovl = workspace::build_ovl(Profile::Release)?;
     // SAFETY: xtask is single-threaded here; nothing reads the
     // environment concurrently.
-    unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, &ovl) };
+    unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, ovl) };
     let (n, secs) = if quick { (300, 1.0) } else { (3000, 5.0) };
     let mut rows: Vec<(String, String)> = Vec::new();
 
@@ -218,7 +214,7 @@ pub fn run(quick: bool) -> Result<()> {
     for (what, value) in &rows {
         md.push_str(&format!("| {what} | {value} |\n"));
     }
-    let dir = workspace::root().join("bench/results");
+    let dir = ovl_tests::workspace_root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
     let file = dir.join(format!(
         "{date}-dns{}.md",

@@ -1,0 +1,74 @@
+// `ovl-bench`: measures ovl against the bare underlay and Docker's kernel
+// vxlan overlay, and its kernel programs alone. `cargo xtask bench` builds
+// the release `ovl` and runs this with it.
+
+//! The benchmark harness of ovl, a crate of its own so xtask stays build
+//! orchestration: the data-path comparison (`bench.rs` with its topology,
+//! measurement, report and chart units) and the BPF_PROG_TEST_RUN
+//! micro-benchmark (`bin/ovl-microbench.rs`). Speed targets live here,
+//! never in timed tests.
+
+mod bench;
+mod chart;
+mod dns;
+mod machine;
+mod measure;
+mod micro;
+mod offloads;
+mod progstats;
+mod report;
+mod topology;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Measure ovl's data path side by side with the bare underlay and the
+/// kernel vxlan overlay (root).
+#[derive(Debug, Parser)]
+#[command(name = "ovl-bench")]
+struct Cli {
+    /// The release `ovl` binary to measure.
+    #[arg(long)]
+    ovl: PathBuf,
+    /// Fewer, shorter runs (3 runs of 1 s): a check that the whole
+    /// benchmark works, not figures to quote.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per figure (at least 3; default 3).
+    #[arg(long)]
+    runs: Option<u32>,
+    /// Seconds per measurement (default 3, or 1 with --quick).
+    #[arg(long)]
+    seconds: Option<u32>,
+    /// Measure the containers' resolver instead (bench/results/<date>-dns.md).
+    #[arg(long, conflicts_with_all = ["runs", "seconds"])]
+    dns: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.dns {
+        return match dns::run(&cli.ovl, cli.quick) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ovl-bench: error: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let options = bench::Options {
+        ovl: cli.ovl,
+        quick: cli.quick,
+        runs: cli.runs,
+        seconds: cli.seconds,
+    };
+    match bench::run(options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ovl-bench: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

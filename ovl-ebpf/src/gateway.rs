@@ -1,0 +1,103 @@
+//! Every subnet's gateway, in the data path: a frame a container sends to
+//! the anycast gateway MAC is routed to an endpoint of any subnet of its
+//! network (TTL − 1, MACs rewritten — never through the host stack), handed
+//! to the host's stack when its destination is outside the network
+//! (external egress), or answered (echo to the gateway, ICMP errors).
+
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use ovl_common::{
+    DropReason, Iface,
+    maps::{egress_mark, network_flags},
+    wire::{ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, checksum_replace16},
+};
+
+use crate::{
+    egress::{gso_segs, to_container},
+    encap, icmp, maps,
+    packet::Frame,
+    stats,
+};
+
+/// `PACKET_HOST` (uapi if_packet.h): the frame is for this host.
+const PACKET_HOST: u32 = 0;
+
+/// Routes the IPv4 packet `ip` that the container of `iface` (host end
+/// `ifindex`) sent to its gateway.
+#[inline(always)]
+pub fn forward(
+    ctx: &TcContext,
+    ifindex: u32,
+    iface: &Iface,
+    ip: &Ipv4Hdr,
+) -> Result<i32, DropReason> {
+    let vni = iface.vni;
+    if let Some(dst) = maps::endpoint(vni, ip.dst_addr) {
+        if dst.ifindex == ifindex {
+            // Its own address goes through its loopback, never here.
+            return Err(DropReason::NoEndpoint);
+        }
+        if ip.ttl <= 1 {
+            return icmp::time_exceeded(ctx, ifindex, iface);
+        }
+        let frame = Frame::of_skb(ctx);
+        let routed = decrement_ttl(&frame, ip)?;
+        let mut eth: EthHdr = frame.read(0)?;
+        eth.src_addr = ANYCAST_GATEWAY_MAC;
+        eth.dst_addr = dst.mac;
+        frame.write(0, eth)?;
+        if dst.is_local() {
+            stats::local(vni, gso_segs(ctx));
+            return Ok(to_container(dst.ifindex));
+        }
+        let node = maps::node_config().ok_or(DropReason::NoRoute)?;
+        return encap::to_remote(ctx, ifindex, iface, node, &dst, &routed);
+    }
+    match maps::subnet_of(vni, ip.dst_addr) {
+        Some(subnet) if subnet.gateway == ip.dst_addr => icmp::echo_reply(ctx, ifindex, iface, ip),
+        Some(_) => Err(DropReason::NoEndpoint),
+        None => to_host(ctx, ifindex, iface, ip),
+    }
+}
+
+/// External egress (Docker's gwbridge role): the packet goes on to the
+/// host's stack, marked with its network, where the host routes it and
+/// masquerades it behind its own address; replies come back by the mark
+/// conntrack keeps. The host's forwarding decrements the TTL.
+#[inline(always)]
+fn to_host(ctx: &TcContext, ifindex: u32, iface: &Iface, ip: &Ipv4Hdr) -> Result<i32, DropReason> {
+    let vni = iface.vni;
+    let network = maps::network(vni).ok_or(DropReason::NoEndpoint)?;
+    if network.flags & network_flags::INTERNAL != 0 {
+        return Err(DropReason::NoRoute);
+    }
+    if ip.ttl <= 1 {
+        // The host would drop it and answer to an address it cannot route
+        // back: the gateway answers instead, as the hop it is.
+        return icmp::time_exceeded(ctx, ifindex, iface);
+    }
+    ctx.set_mark(egress_mark(vni));
+    // Sent to the gateway's MAC, the frame is "for another host" to the
+    // stack, which would drop it.
+    ctx.change_type(PACKET_HOST)
+        .map_err(|_| DropReason::Malformed)?;
+    stats::egress(vni, gso_segs(ctx));
+    Ok(TC_ACT_OK)
+}
+
+/// Decrements the TTL of the IPv4 header at `ETH_HDR_LEN` (RFC 1812
+/// §5.3.1), updating its checksum incrementally (RFC 1624); returns the
+/// new header.
+#[inline(always)]
+fn decrement_ttl(frame: &Frame, ip: &Ipv4Hdr) -> Result<Ipv4Hdr, DropReason> {
+    let mut routed = *ip;
+    routed.ttl = ip.ttl - 1;
+    let check = checksum_replace16(
+        u16::from_be_bytes(ip.check),
+        u16::from_be_bytes([ip.ttl, ip.proto]),
+        u16::from_be_bytes([routed.ttl, ip.proto]),
+    );
+    routed.check = check.to_be_bytes();
+    frame.write(ETH_HDR_LEN, routed)?;
+    Ok(routed)
+}

@@ -1,0 +1,432 @@
+//! Batches of UDP datagrams: many sealed messages leave in one
+//! `sendmmsg`, many received ones come in with one `recvmmsg`. A system
+//! call per packet is what a userspace data path pays most for.
+
+use std::{
+    io,
+    mem::{self, MaybeUninit},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    os::fd::AsRawFd,
+};
+
+/// Datagrams per batch.
+pub const SLOTS: usize = 64;
+/// Room per datagram: any underlay MTU ovl is used with (and every
+/// WireGuard message built from a frame the crypto device hands over).
+pub const SLOT: usize = 9216 + 64;
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Sets both socket buffers to `bytes`, beyond the sysctl limits (the
+/// agent runs as root); falls back to what the limits allow.
+pub fn enlarge_buffers(socket: &UdpSocket, bytes: usize) {
+    let value = bytes as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        for opt in [force, plain] {
+            // SAFETY: setsockopt with a c_int value of the right size.
+            let r = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&value as *const libc::c_int).cast(),
+                    mem::size_of::<libc::c_int>() as u32,
+                )
+            };
+            if r == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// `UDP_SEGMENT` and `UDP_GRO` (linux/udp.h), not in every libc.
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+/// Most segments one `UDP_SEGMENT` send may carry, and most bytes.
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 65000;
+/// Room for one received (possibly GRO-coalesced) datagram.
+const RX_SLOT: usize = 65536;
+
+/// Asks the kernel to hand over coalesced runs of datagrams (one receive
+/// for many, with their segment size); false where it cannot.
+pub fn enable_gro(socket: &UdpSocket) -> bool {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a c_int value of the right size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            (&one as *const libc::c_int).cast(),
+            mem::size_of::<libc::c_int>() as u32,
+        ) == 0
+    }
+}
+
+/// Datagrams waiting to be sent. Runs of equal-size datagrams to one
+/// destination leave as one `UDP_SEGMENT` (GSO) send: one trip through the
+/// UDP/IP stack for up to 64 of them, where the route can offload checksums.
+pub struct Outgoing {
+    arena: Vec<u8>,
+    lens: Vec<usize>,
+    dests: Vec<libc::sockaddr_in>,
+    /// Cleared when the kernel refuses segmentation offload (a route
+    /// without checksum offload answers EIO): plain sends from then on.
+    gso: bool,
+}
+
+impl Default for Outgoing {
+    fn default() -> Self {
+        Outgoing {
+            arena: vec![0; SLOTS * SLOT],
+            lens: Vec::with_capacity(SLOTS),
+            dests: Vec::with_capacity(SLOTS),
+            gso: true,
+        }
+    }
+}
+
+/// `CMSG_SPACE(sizeof(u16))` rounded for every platform ovl runs on.
+const CMSG_ROOM: usize = 32;
+
+impl Outgoing {
+    /// The buffer of the next datagram.
+    pub fn slot(&mut self) -> &mut [u8] {
+        let i = self.lens.len();
+        &mut self.arena[i * SLOT..(i + 1) * SLOT]
+    }
+
+    /// Queues the first `len` bytes of [`slot`](Self::slot) for `to`.
+    pub fn commit(&mut self, len: usize, to: SocketAddr) {
+        let SocketAddr::V4(to) = to else { return };
+        self.lens.push(len);
+        self.dests.push(sockaddr(to));
+    }
+
+    /// True when no slot is left.
+    pub fn is_full(&self) -> bool {
+        self.lens.len() == SLOTS
+    }
+
+    /// Runs `[start, end)` of queued datagrams that can share one send:
+    /// one destination, every datagram as long as the first but the last
+    /// (which may be shorter), within the GSO limits.
+    fn runs(&self) -> Vec<(usize, usize)> {
+        let n = self.lens.len();
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let size = self.lens[i];
+            let mut end = i + 1;
+            let mut bytes = size;
+            if self.gso {
+                while end < n
+                    && end - i < GSO_MAX_SEGMENTS
+                    && self.dests[end].sin_addr.s_addr == self.dests[i].sin_addr.s_addr
+                    && self.dests[end].sin_port == self.dests[i].sin_port
+                    && self.lens[end] <= size
+                    && bytes + self.lens[end] <= GSO_MAX_BYTES
+                {
+                    bytes += self.lens[end];
+                    end += 1;
+                    if self.lens[end - 1] < size {
+                        break;
+                    }
+                }
+            }
+            runs.push((i, end));
+            i = end;
+        }
+        runs
+    }
+
+    /// Sends everything queued; returns how many datagrams the kernel
+    /// refused.
+    pub fn flush(&mut self, socket: &UdpSocket) -> usize {
+        let refused = match self.send_runs(socket) {
+            Ok(r) => r,
+            Err(()) => {
+                // Segmentation offload refused: once more, one by one.
+                self.gso = false;
+                self.send_runs(socket).unwrap_or(self.lens.len())
+            }
+        };
+        self.lens.clear();
+        self.dests.clear();
+        refused
+    }
+
+    fn send_runs(&mut self, socket: &UdpSocket) -> Result<usize, ()> {
+        let runs = self.runs();
+        let n = self.lens.len();
+        let mut iovs: Vec<libc::iovec> = (0..n)
+            .map(|i| libc::iovec {
+                iov_base: self.arena[i * SLOT..].as_mut_ptr().cast(),
+                iov_len: self.lens[i],
+            })
+            .collect();
+        let mut control = vec![0u8; runs.len() * CMSG_ROOM];
+        // SAFETY: an all-zero mmsghdr is a valid "empty" header.
+        let mut msgs: Vec<libc::mmsghdr> =
+            (0..runs.len()).map(|_| unsafe { mem::zeroed() }).collect();
+        for (k, (m, &(start, end))) in msgs.iter_mut().zip(&runs).enumerate() {
+            m.msg_hdr.msg_name = (&mut self.dests[start] as *mut libc::sockaddr_in).cast();
+            m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as u32;
+            m.msg_hdr.msg_iov = &mut iovs[start];
+            m.msg_hdr.msg_iovlen = end - start;
+            if end - start > 1 {
+                let buf = &mut control[k * CMSG_ROOM..(k + 1) * CMSG_ROOM];
+                m.msg_hdr.msg_control = buf.as_mut_ptr().cast();
+                // SAFETY: CMSG_* on a control buffer of CMSG_ROOM bytes,
+                // which holds one u16 option.
+                unsafe {
+                    m.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as usize;
+                    let c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                    let size = self.lens[start] as u16;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+                }
+            }
+        }
+        let mut done = 0;
+        let mut refused = 0;
+        while done < runs.len() {
+            // SAFETY: `msgs[done..]` point into buffers alive until return.
+            let r = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    msgs[done..].as_mut_ptr(),
+                    (runs.len() - done) as u32,
+                    0,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                let (start, end) = runs[done];
+                if end - start > 1 && e.raw_os_error() == Some(libc::EIO) && done == 0 {
+                    return Err(());
+                }
+                // This send failed: drop its datagrams, go on.
+                log::debug!("sendmmsg: {e}");
+                refused += end - start;
+                done += 1;
+            } else {
+                done += r as usize;
+            }
+        }
+        Ok(refused)
+    }
+}
+
+/// Received datagrams, coalesced runs split back into their segments.
+pub struct Incoming {
+    arena: Vec<u8>,
+    control: Vec<u8>,
+    srcs: [libc::sockaddr_in; SLOTS],
+    /// (offset in arena, length, source index) of every datagram.
+    segments: Vec<(usize, usize, usize)>,
+    truncated: usize,
+}
+
+impl Default for Incoming {
+    fn default() -> Self {
+        Incoming {
+            arena: vec![0; SLOTS * RX_SLOT],
+            control: vec![0; SLOTS * CMSG_ROOM],
+            // SAFETY: all-zero sockaddr_in values are valid.
+            srcs: unsafe { MaybeUninit::zeroed().assume_init() },
+            segments: Vec::with_capacity(SLOTS * 4),
+            truncated: 0,
+        }
+    }
+}
+
+impl Incoming {
+    /// Receives what is queued on `socket` (without waiting), up to a
+    /// batch; returns how many datagrams came.
+    pub fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        self.segments.clear();
+        self.truncated = 0;
+        let mut iovs: Vec<libc::iovec> = (0..SLOTS)
+            .map(|i| libc::iovec {
+                iov_base: self.arena[i * RX_SLOT..].as_mut_ptr().cast(),
+                iov_len: RX_SLOT,
+            })
+            .collect();
+        // SAFETY: an all-zero mmsghdr is a valid "empty" header.
+        let mut msgs: Vec<libc::mmsghdr> = (0..SLOTS).map(|_| unsafe { mem::zeroed() }).collect();
+        for (i, m) in msgs.iter_mut().enumerate() {
+            m.msg_hdr.msg_name = (&mut self.srcs[i] as *mut libc::sockaddr_in).cast();
+            m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as u32;
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = self.control[i * CMSG_ROOM..].as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = CMSG_ROOM;
+        }
+        // SAFETY: every header points into buffers alive until return.
+        let r = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                SLOTS as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for (i, m) in msgs.iter().take(r as usize).enumerate() {
+            let len = m.msg_len as usize;
+            if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                self.truncated += 1;
+                continue;
+            }
+            let mut size = len;
+            // SAFETY: walking the control messages the kernel wrote into
+            // this message's control buffer.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                        let s = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                        if s > 0 {
+                            size = s as usize;
+                        }
+                    }
+                    c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
+                }
+            }
+            let base = i * RX_SLOT;
+            let mut off = 0;
+            while off < len {
+                let seg = size.min(len - off);
+                self.segments.push((base + off, seg, i));
+                off += seg;
+            }
+        }
+        Ok(self.segments.len() + self.truncated)
+    }
+
+    /// Datagrams that did not fit a slot in the last batch.
+    pub fn truncated(&self) -> usize {
+        self.truncated
+    }
+
+    /// How many datagrams the last batch held (after splitting).
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Datagram `k` of the last batch and its source.
+    pub fn get(&self, k: usize) -> (&[u8], SocketAddr) {
+        let (off, len, i) = self.segments[k];
+        let s = &self.srcs[i];
+        let ip = Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr));
+        let from = SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(s.sin_port)));
+        (&self.arena[off..off + len], from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_group_equal_sizes_to_one_destination_ending_at_a_shorter_one() {
+        let a: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        let mut out = Outgoing::default();
+        for (len, to) in [(100, a), (100, a), (60, a), (100, a), (100, b), (120, b)] {
+            out.commit(len, to);
+        }
+        assert_eq!(out.runs(), vec![(0, 3), (3, 4), (4, 5), (5, 6)]);
+        out.gso = false;
+        assert_eq!(out.runs().len(), 6);
+    }
+
+    #[test]
+    fn coalesced_sends_arrive_as_their_datagrams_with_or_without_gro() {
+        for gro in [false, true] {
+            let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            if gro {
+                assert!(enable_gro(&rx));
+            }
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = rx.local_addr().unwrap();
+            let mut out = Outgoing::default();
+            let lens = [300usize, 300, 300, 120];
+            for (i, len) in lens.iter().enumerate() {
+                out.slot()[..*len].fill(i as u8);
+                out.commit(*len, to);
+            }
+            assert_eq!(out.flush(&tx), 0);
+            let mut inc = Incoming::default();
+            let mut got = Vec::new();
+            for _ in 0..200 {
+                if inc.receive(&rx).is_ok() {
+                    (0..inc.len()).for_each(|i| got.push(inc.get(i).0.to_vec()));
+                }
+                if got.len() == lens.len() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let want: Vec<Vec<u8>> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, len)| vec![i as u8; *len])
+                .collect();
+            assert_eq!(got, want, "gro {gro}");
+        }
+    }
+
+    #[test]
+    fn a_batch_sent_is_the_batch_received_with_sources() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut out = Outgoing::default();
+        for i in 0..5u8 {
+            let slot = out.slot();
+            slot[..3].copy_from_slice(&[i, i, i]);
+            out.commit(3, to);
+        }
+        assert_eq!(out.flush(&tx), 0);
+        let mut inc = Incoming::default();
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            match inc.receive(&rx) {
+                Ok(_) => (0..inc.len()).for_each(|i| {
+                    let (d, from) = inc.get(i);
+                    assert_eq!(from, tx.local_addr().unwrap());
+                    got.push(d.to_vec());
+                }),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, (0..5u8).map(|i| vec![i, i, i]).collect::<Vec<_>>());
+    }
+}

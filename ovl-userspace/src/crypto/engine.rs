@@ -1,0 +1,637 @@
+//! The encrypting path's threads: frames from the crypto device are sealed
+//! into WireGuard messages to their VTEP's node; messages from the UDP
+//! socket are opened, checked and written back to the device; a timer
+//! thread drives handshakes, keep-alives, rotation and retirement.
+
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use boringtun::noise::{
+    Packet, Tunn, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon,
+};
+use ovl_common::wire::{ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP};
+use tokio::sync::watch;
+
+use super::{
+    batch::{Incoming, Outgoing, SLOT},
+    keys::{Identity, KeyFile, PublicKey},
+    peers::{Peer, PeerInfo, Table},
+    stats::{Counters, CryptoDrop},
+    tap::Tap,
+};
+
+/// How often timers run.
+const TICK: Duration = Duration::from_millis(100);
+/// How long blocking reads wait before looking at the stop flag.
+const POLL_MS: i32 = 200;
+/// Room for any frame the device hands over (it has no offloads: at most
+/// its MTU) plus WireGuard's overhead.
+const BUF: usize = 65536 + 64;
+/// After a rotation, peers get this long to read the new key from the
+/// store and start the handshake themselves before this node does.
+pub const PUBLISH_GRACE: Duration = Duration::from_secs(5);
+/// An identity retired by a rotation still answers handshakes this long.
+pub const RETIRE_AFTER: Duration = Duration::from_secs(600);
+
+/// This node's identities: the current one, and those a rotation retired
+/// that still answer peers that have not switched yet.
+pub struct Identities {
+    pub current: Identity,
+    pub retiring: Vec<(Identity, Instant)>,
+}
+
+impl Identities {
+    /// Public keys of every identity held.
+    pub fn held(&self) -> Vec<PublicKey> {
+        std::iter::once(self.current.public_key())
+            .chain(self.retiring.iter().map(|(i, _)| i.public_key()))
+            .collect()
+    }
+}
+
+/// What the node publishes for its peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub key: PublicKey,
+    pub port: u16,
+}
+
+/// State shared by the threads and the control side.
+pub struct Engine {
+    pub stop: AtomicBool,
+    pub identities: RwLock<Identities>,
+    pub table: RwLock<Table>,
+    pub counters: Counters,
+    pub socket: UdpSocket,
+    pub tap: Tap,
+    pub vtep: Ipv4Addr,
+    pub port: u16,
+    pub key_file: KeyFile,
+    pub published: watch::Sender<Published>,
+    pub rotate_every: Duration,
+    pub next_rotation: Mutex<Instant>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits until `fd` is readable or `POLL_MS` passed.
+fn wait_readable(fd: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, POLL_MS) > 0 }
+}
+
+/// Where the VXLAN packet in a frame from the crypto device goes: the IPv4
+/// packet (outer header onwards) and its destination VTEP.
+fn vxlan_of(frame: &[u8]) -> Option<(&[u8], Ipv4Addr)> {
+    let ip = frame.get(ETH_HDR_LEN..)?;
+    if frame.get(12..14)? != ETH_P_IP.to_be_bytes() || ip.len() < 20 || ip[0] >> 4 != 4 {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let ip = ip.get(..len)?;
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    Some((ip, dst))
+}
+
+/// Checks a decrypted packet: UDP from `peer_vtep` to `vtep` (the decap
+/// program behind the crypto device checks the rest: the cluster's VXLAN
+/// port, the VNI, the sender as a VTEP of it).
+fn is_vxlan_between(packet: &[u8], peer_vtep: Ipv4Addr, vtep: Ipv4Addr) -> bool {
+    if packet.len() < 28 || packet[0] >> 4 != 4 || packet[9] != IPPROTO_UDP {
+        return false;
+    }
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    if packet.get(ihl..ihl + 8).is_none() {
+        return false;
+    }
+    packet[12..16] == peer_vtep.octets() && packet[16..20] == vtep.octets()
+}
+
+/// The drop a boringtun error stands for.
+fn classify(e: &WireGuardError) -> CryptoDrop {
+    match e {
+        WireGuardError::InvalidAeadTag | WireGuardError::InvalidMac => CryptoDrop::AuthFailed,
+        WireGuardError::DuplicateCounter
+        | WireGuardError::InvalidCounter
+        | WireGuardError::WrongTai64nTimestamp => CryptoDrop::Replayed,
+        WireGuardError::WrongKey => CryptoDrop::UnknownKey,
+        WireGuardError::WrongIndex
+        | WireGuardError::NoCurrentSession
+        | WireGuardError::UnexpectedPacket
+        | WireGuardError::ConnectionExpired => CryptoDrop::UnknownSession,
+        _ => CryptoDrop::Malformed,
+    }
+}
+
+/// WireGuard message type of an outgoing message.
+fn is_data(msg: &[u8]) -> bool {
+    msg.first() == Some(&4)
+}
+
+impl Engine {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, msg: &[u8], to: SocketAddr) {
+        if let Err(e) = self.socket.send_to(msg, to) {
+            log::debug!("send to {to}: {e}");
+            self.counters.drop(CryptoDrop::IoError);
+        }
+    }
+
+    /// Sends what a tunnel asked to send, counting it.
+    fn emit(&self, msg: &[u8], to: SocketAddr, payload: usize) {
+        self.count_out(msg, payload);
+        self.send(msg, to);
+    }
+
+    /// Counts a message a tunnel produced.
+    fn count_out(&self, msg: &[u8], payload: usize) {
+        if is_data(msg) {
+            if payload > 0 {
+                Counters::add(&self.counters.tx_packets, 1);
+                Counters::add(&self.counters.tx_bytes, payload as u64);
+            }
+        } else {
+            Counters::add(&self.counters.handshakes_sent, 1);
+        }
+    }
+
+    fn flush(&self, out: &mut Outgoing) {
+        for _ in 0..out.flush(&self.socket) {
+            self.counters.drop(CryptoDrop::IoError);
+        }
+    }
+
+    /// The transmit thread: device → seal → UDP. Reads every frame that
+    /// is ready, then sends the batch with one system call.
+    pub fn run_tx(&self) {
+        let mut frame = vec![0u8; BUF];
+        let mut scratch = vec![0u8; BUF];
+        let mut out = Outgoing::default();
+        let fd = self.tap.file().as_raw_fd();
+        // SAFETY: fcntl on a descriptor this engine owns.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+        let mut file = self.tap.file();
+        while !self.stopped() {
+            if !wait_readable(fd) {
+                continue;
+            }
+            loop {
+                match file.read(&mut frame) {
+                    Ok(n) => self.seal(&frame[..n], &mut out, &mut scratch),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        if !self.stopped() {
+                            log::error!("crypto device {}: {e}", self.tap.name());
+                        }
+                        return;
+                    }
+                }
+                if out.is_full() {
+                    self.flush(&mut out);
+                }
+            }
+            self.flush(&mut out);
+        }
+    }
+
+    /// Seals one frame from the device for its VTEP's node, into the
+    /// outgoing batch.
+    fn seal(&self, frame: &[u8], out: &mut Outgoing, scratch: &mut [u8]) {
+        let Some((packet, vtep)) = vxlan_of(frame) else {
+            self.counters.drop(CryptoDrop::NoKey);
+            return;
+        };
+        let peer = self
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_vtep(vtep);
+        let Some(peer) = peer else {
+            self.counters.drop(CryptoDrop::NoKey);
+            return;
+        };
+        let mine = self
+            .identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .public_key();
+        let mut p = lock(&peer);
+        let to = p.endpoint();
+        let Some(sender) = p.sender(&mine, Instant::now()) else {
+            self.counters.drop(CryptoDrop::NoKey);
+            return;
+        };
+        let tunn = &mut p.gens[sender.index].tunn;
+        if packet.len() + 32 <= SLOT {
+            let slot = out.slot();
+            match tunn.encapsulate(packet, slot) {
+                TunnResult::WriteToNetwork(msg) => {
+                    let len = msg.len();
+                    self.count_out(msg, packet.len());
+                    out.commit(len, to);
+                }
+                TunnResult::Err(e) => {
+                    log::debug!("seal for {vtep}: {e:?}");
+                    self.counters.drop(CryptoDrop::IoError);
+                }
+                _ => {}
+            }
+        } else {
+            match tunn.encapsulate(packet, scratch) {
+                TunnResult::WriteToNetwork(msg) => self.emit(msg, to, packet.len()),
+                TunnResult::Err(e) => {
+                    log::debug!("seal for {vtep}: {e:?}");
+                    self.counters.drop(CryptoDrop::IoError);
+                }
+                _ => {}
+            }
+        }
+        if sender.handshake_newest
+            && let Some(n) = p.newest(&mine)
+        {
+            self.initiate(&mut p, n, to, scratch);
+        }
+    }
+
+    /// Starts (or keeps going) the handshake of tunnel `index` of `p`.
+    fn initiate(&self, p: &mut Peer, index: usize, to: SocketAddr, out: &mut [u8]) {
+        if let TunnResult::WriteToNetwork(msg) =
+            p.gens[index].tunn.format_handshake_initiation(out, false)
+        {
+            Counters::add(&self.counters.handshakes_sent, 1);
+            self.send(msg, to);
+        }
+    }
+
+    /// The receive thread: UDP → open → check → device.
+    pub fn run_rx(&self) {
+        // Decrypted packets land after room for the Ethernet header the
+        // device needs.
+        let mut out = vec![0u8; BUF];
+        let mut header = [0u8; ETH_HDR_LEN];
+        header[..6].copy_from_slice(&self.tap.mac());
+        header[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        header[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        out[..ETH_HDR_LEN].copy_from_slice(&header);
+        let fd = self.socket.as_raw_fd();
+        let mut incoming = Incoming::default();
+        while !self.stopped() {
+            if !wait_readable(fd) {
+                continue;
+            }
+            loop {
+                match incoming.receive(&self.socket) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::warn!("WireGuard socket: {e}");
+                        break;
+                    }
+                }
+                for _ in 0..incoming.truncated() {
+                    self.counters.drop(CryptoDrop::Malformed);
+                }
+                for i in 0..incoming.len() {
+                    let (msg, from) = incoming.get(i);
+                    self.open(msg, from, &mut out);
+                }
+            }
+        }
+    }
+
+    /// Handles one received message.
+    fn open(&self, msg: &[u8], from: SocketAddr, out: &mut [u8]) {
+        let index = match Tunn::parse_incoming_packet(msg) {
+            Err(_) => {
+                self.counters.drop(CryptoDrop::Malformed);
+                return;
+            }
+            Ok(Packet::HandshakeInit(init)) => {
+                self.on_initiation(&init, msg, from, out);
+                return;
+            }
+            Ok(Packet::HandshakeResponse(r)) => r.receiver_idx,
+            Ok(Packet::PacketCookieReply(c)) => c.receiver_idx,
+            Ok(Packet::PacketData(d)) => d.receiver_idx,
+        };
+        let found = self
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_index(index);
+        let Some((peer, id)) = found else {
+            self.counters.drop(CryptoDrop::UnknownSession);
+            return;
+        };
+        let mut p = lock(&peer);
+        let Some(g) = p.by_id(id) else {
+            self.counters.drop(CryptoDrop::UnknownSession);
+            return;
+        };
+        self.decapsulate(&mut p, g, msg, from, out);
+    }
+
+    /// A handshake initiation: find which of this node's identities it is
+    /// for and which peer sent it, then let that pair's tunnel answer.
+    fn on_initiation(
+        &self,
+        init: &boringtun::noise::HandshakeInit,
+        msg: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+    ) {
+        let ids: Vec<Identity> = {
+            let ids = self.identities.read().unwrap_or_else(|e| e.into_inner());
+            std::iter::once(ids.current.clone())
+                .chain(ids.retiring.iter().map(|(i, _)| i.clone()))
+                .collect()
+        };
+        let Some((mine, theirs)) = ids.iter().find_map(|id| {
+            parse_handshake_anon(id.secret(), id.public(), init)
+                .ok()
+                .map(|h| (id, PublicKey(h.peer_static_public)))
+        }) else {
+            self.counters.drop(CryptoDrop::AuthFailed);
+            return;
+        };
+        let peer = self
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_key(&theirs);
+        let Some(peer) = peer else {
+            self.counters.drop(CryptoDrop::UnknownKey);
+            return;
+        };
+        let index = {
+            let existing = lock(&peer).by_keys(&mine.public_key(), &theirs);
+            match existing {
+                Some(i) => i,
+                None => self
+                    .table
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ensure_generation(&peer, mine, theirs, Instant::now()),
+            }
+        };
+        let mut p = lock(&peer);
+        self.decapsulate(&mut p, index, msg, from, out);
+    }
+
+    /// Runs a received message through tunnel `g` of `p` and acts on the
+    /// outcome.
+    fn decapsulate(&self, p: &mut Peer, g: usize, msg: &[u8], from: SocketAddr, out: &mut [u8]) {
+        let to = p.endpoint();
+        let vtep = p.info.vtep;
+        let tunn = &mut p.gens[g].tunn;
+        // The Ethernet header run_rx wrote stays in front of what opens.
+        let body = &mut out[ETH_HDR_LEN..];
+        match tunn.decapsulate(Some(from.ip()), msg, body) {
+            TunnResult::WriteToNetwork(reply) => {
+                if !is_data(msg) {
+                    Counters::add(&self.counters.handshakes_received, 1);
+                }
+                // Handshake answers go where the initiation came from.
+                let dest = if msg.first() == Some(&1) { from } else { to };
+                self.emit(reply, dest, 0);
+                // Packets queued while the handshake ran go now.
+                while let TunnResult::WriteToNetwork(m) = tunn.decapsulate(None, &[], body) {
+                    let len = m.len().saturating_sub(32);
+                    self.emit(m, to, len)
+                }
+            }
+            TunnResult::WriteToTunnelV4(packet, _) => {
+                let len = packet.len();
+                if !is_vxlan_between(packet, vtep, self.vtep) {
+                    self.counters.drop(CryptoDrop::Spoofed);
+                    return;
+                }
+                let frame = &out[..ETH_HDR_LEN + len];
+                // A TAP takes a frame per write, whole or not at all.
+                match self.tap.file().write_all(frame) {
+                    Ok(_) => {
+                        Counters::add(&self.counters.rx_packets, 1);
+                        Counters::add(&self.counters.rx_bytes, len as u64);
+                    }
+                    Err(e) => {
+                        log::debug!("write to {}: {e}", self.tap.name());
+                        self.counters.drop(CryptoDrop::IoError);
+                    }
+                }
+            }
+            TunnResult::WriteToTunnelV6(..) => self.counters.drop(CryptoDrop::Spoofed),
+            TunnResult::Done => {
+                if !is_data(msg) {
+                    Counters::add(&self.counters.handshakes_received, 1);
+                }
+            }
+            TunnResult::Err(e) => {
+                log::debug!("message from {from}: {e:?}");
+                self.counters.drop(classify(&e));
+            }
+        }
+    }
+
+    /// The timer thread: handshake retries, keep-alives, moving traffic to
+    /// the newest tunnels, retiring old ones, and rotating on schedule.
+    pub fn run_timers(self: &Arc<Self>) {
+        let mut out = vec![0u8; BUF];
+        while !self.stopped() {
+            std::thread::sleep(TICK);
+            let now = Instant::now();
+            if now >= *lock(&self.next_rotation) {
+                match self.rotate() {
+                    Ok(k) => log::info!("rotated this node's WireGuard key on schedule: {k}"),
+                    Err(e) => log::error!("scheduled key rotation: {e:#}"),
+                }
+            }
+            let (mine, held) = {
+                let mut ids = self.identities.write().unwrap_or_else(|e| e.into_inner());
+                ids.retiring.retain(|(_, until)| now < *until);
+                (ids.current.public_key(), ids.held())
+            };
+            let peers: Vec<Arc<Mutex<Peer>>> = self
+                .table
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .peers()
+                .cloned()
+                .collect();
+            let mut retired = Vec::new();
+            for peer in peers {
+                let mut p = lock(&peer);
+                let to = p.endpoint();
+                for g in &mut p.gens {
+                    if let TunnResult::WriteToNetwork(msg) = g.tunn.update_timers(&mut out) {
+                        let len = msg.len();
+                        self.emit(msg, to, len.saturating_sub(32));
+                    }
+                }
+                if let Some(s) = p.sender(&mine, now)
+                    && s.handshake_newest
+                    && let Some(n) = p.newest(&mine)
+                {
+                    self.initiate(&mut p, n, to, &mut out);
+                }
+                retired.extend(p.retire(&mine, &held, now));
+            }
+            if !retired.is_empty() {
+                self.table
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .forget(&retired);
+            }
+        }
+    }
+
+    /// Makes a new identity current (stored first), keeps the old one
+    /// answering for [`RETIRE_AFTER`], adds tunnels for the new one (which
+    /// wait [`PUBLISH_GRACE`] for peers to start the handshake) and
+    /// publishes the new key.
+    pub fn rotate(&self) -> anyhow::Result<PublicKey> {
+        let new = Identity::generate()?;
+        self.key_file.store(&new)?;
+        let now = Instant::now();
+        {
+            let mut ids = self.identities.write().unwrap_or_else(|e| e.into_inner());
+            let old = std::mem::replace(&mut ids.current, new.clone());
+            ids.retiring.push((old, now + RETIRE_AFTER));
+        }
+        {
+            let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let peers: Vec<(Arc<Mutex<Peer>>, PublicKey)> = table
+                .peers()
+                .map(|p| (p.clone(), lock(p).info.key))
+                .collect();
+            for (peer, theirs) in peers {
+                table.ensure_generation(&peer, &new, theirs, now + PUBLISH_GRACE);
+            }
+        }
+        *lock(&self.next_rotation) = now + self.rotate_every;
+        Counters::add(&self.counters.rotations, 1);
+        let key = new.public_key();
+        self.published.send_replace(Published {
+            key,
+            port: self.port,
+        });
+        Ok(key)
+    }
+
+    /// Makes the tunnel table hold `peers`; peers whose key changed under a
+    /// live session handshake on their new tunnel at once.
+    pub fn set_peers(&self, peers: &[PeerInfo]) {
+        let me = self
+            .identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .clone();
+        let rekey = self
+            .table
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_peers(peers, &me, Instant::now());
+        let mut out = vec![0u8; 256];
+        for peer in rekey {
+            let mut p = lock(&peer);
+            let to = p.endpoint();
+            if let Some(n) = p.newest(&me.public_key()) {
+                self.initiate(&mut p, n, to, &mut out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ovl_common::wire::VXLAN_PORT;
+
+    use super::*;
+
+    #[test]
+    fn only_vxlan_between_the_authenticated_peer_and_this_node_passes() {
+        let peer = Ipv4Addr::new(198, 51, 100, 10);
+        let me = Ipv4Addr::new(192, 0, 2, 10);
+        let mut p = vec![0u8; 60];
+        p[0] = 0x45;
+        p[9] = IPPROTO_UDP;
+        p[12..16].copy_from_slice(&peer.octets());
+        p[16..20].copy_from_slice(&me.octets());
+        p[22..24].copy_from_slice(&VXLAN_PORT.to_be_bytes());
+        assert!(is_vxlan_between(&p, peer, me));
+        // Another node's VTEP as source: a peer speaking for someone else.
+        assert!(!is_vxlan_between(&p, Ipv4Addr::new(203, 0, 113, 10), me));
+        let mut to_other = p.clone();
+        to_other[16..20].copy_from_slice(&[192, 0, 2, 99]);
+        assert!(!is_vxlan_between(&to_other, peer, me));
+        let mut tcp = p.clone();
+        tcp[9] = 6;
+        assert!(!is_vxlan_between(&tcp, peer, me));
+        assert!(!is_vxlan_between(&p[..20], peer, me));
+    }
+
+    #[test]
+    fn frames_from_the_device_name_their_vtep() {
+        let mut f = vec![0u8; 14 + 60];
+        f[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&60u16.to_be_bytes());
+        f[30..34].copy_from_slice(&[198, 51, 100, 10]);
+        let (ip, vtep) = vxlan_of(&f).unwrap();
+        assert_eq!((ip.len(), vtep), (60, Ipv4Addr::new(198, 51, 100, 10)));
+        let mut arp = f.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(vxlan_of(&arp).is_none());
+        assert!(vxlan_of(&f[..20]).is_none());
+    }
+
+    #[test]
+    fn boringtun_errors_map_to_drop_reasons() {
+        assert_eq!(
+            classify(&WireGuardError::InvalidAeadTag),
+            CryptoDrop::AuthFailed
+        );
+        assert_eq!(
+            classify(&WireGuardError::DuplicateCounter),
+            CryptoDrop::Replayed
+        );
+        assert_eq!(
+            classify(&WireGuardError::WrongTai64nTimestamp),
+            CryptoDrop::Replayed
+        );
+        assert_eq!(classify(&WireGuardError::WrongKey), CryptoDrop::UnknownKey);
+        assert_eq!(
+            classify(&WireGuardError::NoCurrentSession),
+            CryptoDrop::UnknownSession
+        );
+        assert_eq!(
+            classify(&WireGuardError::InvalidPacket),
+            CryptoDrop::Malformed
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! The crypto device: a TAP interface the agent owns. Encrypted networks'
+//! VXLAN frames are redirected into it by the egress program and read here;
+//! decrypted frames are written to it and meet the decap program at its TC
+//! ingress. It exists only while the agent holds its descriptor.
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::OpenOptionsExt,
+    },
+};
+
+/// `TUNSETIFF` (`_IOW('T', 202, int)`).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+
+/// `struct ifreq`: a name and a 24-byte union.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn named(name: &str) -> io::Result<IfReq> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("interface name {name:?} is not 1-15 bytes"),
+            ));
+        }
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(req)
+    }
+
+    fn set_short(&mut self, v: libc::c_short) {
+        self.data[..2].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn short(&self) -> libc::c_short {
+        libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn set_int(&mut self, v: libc::c_int) {
+        self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    fn int(&self) -> libc::c_int {
+        libc::c_int::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
+}
+
+fn ioctl(fd: libc::c_int, request: libc::c_ulong, req: &mut IfReq, what: &str) -> io::Result<()> {
+    // SAFETY: `req` is a properly sized `struct ifreq` the kernel may write.
+    if unsafe { libc::ioctl(fd, request as _, req as *mut IfReq) } < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(())
+}
+
+/// An open TAP device, up, without IPv6 (nothing but ovl's frames in it).
+pub struct Tap {
+    file: File,
+    name: String,
+    ifindex: u32,
+    mac: [u8; 6],
+}
+
+impl Tap {
+    /// Creates TAP `name` with `mtu` and brings it up. It goes away when
+    /// the returned value (its only descriptor) is dropped or the process
+    /// dies.
+    pub fn create(name: &str, mtu: u32) -> io::Result<Tap> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| io::Error::new(e.kind(), format!("open /dev/net/tun: {e}")))?;
+        let mut req = IfReq::named(name)?;
+        req.set_short(IFF_TAP | IFF_NO_PI);
+        ioctl(
+            file.as_raw_fd(),
+            TUNSETIFF,
+            &mut req,
+            "create the TAP device",
+        )?;
+
+        // Router solicitations and the like would only be noise here.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+
+        // SAFETY: plain socket(2) call; the descriptor is owned below.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = sock.as_raw_fd();
+
+        let mut req = IfReq::named(name)?;
+        req.set_int(mtu as libc::c_int);
+        ioctl(fd, libc::SIOCSIFMTU, &mut req, "set the TAP MTU")?;
+
+        let mut req = IfReq::named(name)?;
+        ioctl(fd, libc::SIOCGIFFLAGS, &mut req, "read the TAP flags")?;
+        let flags = req.short() | libc::IFF_UP as libc::c_short;
+        req.set_short(flags);
+        ioctl(fd, libc::SIOCSIFFLAGS, &mut req, "bring the TAP up")?;
+
+        let mut req = IfReq::named(name)?;
+        ioctl(fd, libc::SIOCGIFINDEX, &mut req, "read the TAP ifindex")?;
+        let ifindex = req.int() as u32;
+
+        let mut req = IfReq::named(name)?;
+        ioctl(fd, libc::SIOCGIFHWADDR, &mut req, "read the TAP MAC")?;
+        // struct sockaddr: family (2 bytes), then the address.
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&req.data[2..8]);
+
+        Ok(Tap {
+            file,
+            name: name.to_owned(),
+            ifindex,
+            mac,
+        })
+    }
+
+    /// Interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Interface index.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// Its MAC: the destination of the frames written to it.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The descriptor frames are read from and written to.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}

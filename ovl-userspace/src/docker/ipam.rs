@@ -1,0 +1,410 @@
+//! Docker's IPAM driver calls, served from ovl's store so that addresses
+//! are unique across hosts: a pool is an ovl network's subnet (a new one is
+//! created, provisionally named, by RequestPool), an address is reserved in
+//! the store by RequestAddress and freed by ReleaseAddress.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use axum::{body::Bytes, extract::State, response::Response};
+
+use super::{
+    Context, Ctx, answer,
+    networks::{self, by_vni, pending_name},
+    options::{self, ADDRESS_SPACE},
+    protocol::{self, Refusal, parse},
+};
+use crate::{
+    ipam::Subnet,
+    model::{DockerPending, Location, ModelError, Network, NetworkSpec},
+    store::{Scope, Store},
+};
+
+/// Owner of an address Docker's IPAM reserved, before its CreateEndpoint.
+pub const OWNER_IPAM: &str = "docker-ipam";
+
+/// Owner of the address of Docker endpoint `endpoint_id`.
+pub fn owner_of(endpoint_id: &str) -> String {
+    format!("docker:{endpoint_id}")
+}
+
+/// True for owners the Docker plugin gives.
+pub fn is_docker_owner(owner: &str) -> bool {
+    owner == OWNER_IPAM || owner.starts_with("docker:")
+}
+
+/// A pool as Docker names it: `<vni>:<subnet>`. The VNI identifies the
+/// network through renames; the subnet catches a VNI reused by another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolId {
+    pub vni: u32,
+    pub subnet: Subnet,
+}
+
+impl fmt::Display for PoolId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.vni, self.subnet)
+    }
+}
+
+impl FromStr for PoolId {
+    type Err = Refusal;
+    fn from_str(s: &str) -> Result<PoolId, Refusal> {
+        let bad = || Refusal::new(format!("pool {s:?} is not one of ovl's IPAM"));
+        let (vni, subnet) = s.split_once(':').ok_or_else(bad)?;
+        Ok(PoolId {
+            vni: vni.parse().map_err(|_| bad())?,
+            subnet: subnet.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+pub async fn capabilities(_: Ctx, _: Bytes) -> Response {
+    protocol::reply(&protocol::IpamCapabilities {
+        requires_mac_address: false,
+        // The store keeps pools and addresses across dockerd restarts.
+        requires_request_replay: false,
+    })
+}
+
+pub async fn address_spaces(_: Ctx, _: Bytes) -> Response {
+    protocol::reply(&protocol::AddressSpaces {
+        local: ADDRESS_SPACE,
+        global: ADDRESS_SPACE,
+    })
+}
+
+const REQUEST_POOL: &str = "IpamDriver.RequestPool";
+
+pub async fn request_pool(State(ctx): Ctx, body: Bytes) -> Response {
+    answer(REQUEST_POOL, do_request_pool(&ctx, &body).await)
+}
+
+async fn do_request_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
+    let req: protocol::RequestPool = parse(REQUEST_POOL, body)?;
+    if req.address_space != ADDRESS_SPACE {
+        return Err(Refusal::new(format!(
+            "address space {:?} is not ovl's ({ADDRESS_SPACE})",
+            req.address_space
+        )));
+    }
+    if req.v6 {
+        return Err(Refusal::new(
+            "ovl networks are IPv4 only: create the network without --ipv6",
+        ));
+    }
+    if req.pool.is_empty() {
+        return Err(Refusal::new(
+            "ovl's IPAM needs a --subnet (e.g. --subnet 198.18.0.0/24)",
+        ));
+    }
+    if !req.sub_pool.is_empty() {
+        return Err(Refusal::new(format!(
+            "ovl does not support --ip-range {} yet; addresses come from the whole --subnet",
+            req.sub_pool
+        )));
+    }
+    let subnet: Subnet = req.pool.parse()?;
+    let mirror_of = options::pool_options(&req.options)?;
+    let store = ctx.store.get().await?;
+    let network = match mirror_of {
+        Some(name) => {
+            let state = store.load_in(Scope::Network(&name)).await?;
+            let n = state.network(&name)?;
+            if !has_subnet(n, &subnet) {
+                return Err(Refusal::new(format!(
+                    "ovl network {name} has subnets {}, not {subnet}",
+                    n.subnets_text()
+                )));
+            }
+            n.clone()
+        }
+        None => {
+            let node = ctx.node.clone();
+            store
+                .update_with(Scope::All, |s| {
+                    s.check_subnet_free(&subnet)?;
+                    let name = pending_name(&subnet);
+                    s.create_network(NetworkSpec::new(&name, subnet))?;
+                    let n = s.networks.get_mut(&name).expect("created just above");
+                    n.docker_pending = Some(DockerPending {
+                        node: node.clone(),
+                        network_id: None,
+                    });
+                    Ok(n.clone())
+                })
+                .await?
+        }
+    };
+    let pool = PoolId {
+        vni: network.vni.get(),
+        subnet,
+    };
+    log::info!("pool {pool} for network {}", network.name);
+    Ok(protocol::reply(&protocol::PoolReply {
+        pool_id: pool.to_string(),
+        pool: subnet.to_string(),
+        data: Default::default(),
+    }))
+}
+
+const RELEASE_POOL: &str = "IpamDriver.ReleasePool";
+
+pub async fn release_pool(State(ctx): Ctx, body: Bytes) -> Response {
+    answer(RELEASE_POOL, do_release_pool(&ctx, &body).await)
+}
+
+/// Removes a network whose creation Docker gave up before CreateNetwork;
+/// any other pool belongs to a network DeleteNetwork removes.
+async fn do_release_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
+    let req: protocol::ReleasePool = parse(RELEASE_POOL, body)?;
+    let pool: PoolId = req.pool_id.parse()?;
+    let store = ctx.store.get().await?;
+    let node = ctx.node.clone();
+    let abandoned = DockerPending {
+        node,
+        network_id: None,
+    };
+    let removed = store
+        .update_with(Scope::All, |s| {
+            let Some(n) = by_vni(s, pool.vni).filter(|n| {
+                has_subnet(n, &pool.subnet) && n.docker_pending.as_ref() == Some(&abandoned)
+            }) else {
+                return Ok(None);
+            };
+            let name = n.name.clone();
+            s.remove_network(&name).map(Some)
+        })
+        .await?;
+    if let Some(n) = removed {
+        log::info!("removed {} (Docker gave up creating it)", n.name);
+    }
+    Ok(protocol::ok())
+}
+
+const REQUEST_ADDRESS: &str = "IpamDriver.RequestAddress";
+
+pub async fn request_address(State(ctx): Ctx, body: Bytes) -> Response {
+    answer(REQUEST_ADDRESS, do_request_address(&ctx, &body).await)
+}
+
+async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
+    let req: protocol::RequestAddress = parse(REQUEST_ADDRESS, body)?;
+    let pool: PoolId = req.pool_id.parse()?;
+    let wanted = match req.address.as_str() {
+        "" => None,
+        a => Some(
+            a.parse::<Ipv4Addr>()
+                .map_err(|_| Refusal::new(format!("{a:?} is not an IPv4 address")))?,
+        ),
+    };
+    let prefix = pool.subnet.prefix();
+    let store = ctx.store.get().await?;
+    let state = store.load_in(Scope::All).await?;
+    let network = served(&state, &pool)?.clone();
+    if req
+        .options
+        .get(protocol::REQUEST_ADDRESS_TYPE)
+        .map(String::as_str)
+        == Some(protocol::GATEWAY_ADDRESS)
+    {
+        let gateway = gateway_for(ctx, &store, &network, &pool, wanted).await?;
+        return Ok(address_reply(gateway, prefix));
+    }
+    match &network.docker_pending {
+        Some(DockerPending {
+            network_id: None, ..
+        }) => {
+            return Err(Refusal::new(
+                "ovl does not support --aux-address yet; create the network without it",
+            ));
+        }
+        Some(DockerPending {
+            network_id: Some(id),
+            ..
+        }) => {
+            // Docker lists the network by now: take its name first.
+            if let Err(why) = networks::name(ctx, &store, &network, id).await {
+                log::warn!("{why}");
+            }
+        }
+        None => {}
+    }
+    let node = ctx.node.clone();
+    let reserved = store
+        .update_with(Scope::Network(&network.name), |s| {
+            let name = served(s, &pool)
+                .map_err(|_| ModelError::NoSuchNetwork(network.name.clone()))?
+                .name
+                .clone();
+            s.reserve(&name, &node, wanted, Some(pool.subnet), OWNER_IPAM)
+        })
+        .await?;
+    log::info!("reserved {} on {}", reserved.ip, reserved.network);
+    Ok(address_reply(reserved.ip, prefix))
+}
+
+/// The gateway of `pool`'s subnet. `--gateway` (`wanted`) sets it while
+/// this node's Docker is still creating the network (Docker asks for the
+/// gateway between RequestPool and CreateNetwork); on a network that
+/// exists already it must be the one it has.
+async fn gateway_for(
+    ctx: &Context,
+    store: &Store,
+    network: &Network,
+    pool: &PoolId,
+    wanted: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, Refusal> {
+    let current = network
+        .subnets
+        .iter()
+        .find(|p| p.subnet == pool.subnet)
+        .map(|p| p.gateway)
+        .expect("served networks have the pool's subnet");
+    let Some(wanted) = wanted.filter(|w| *w != current) else {
+        return Ok(current);
+    };
+    let creating_here = network
+        .docker_pending
+        .as_ref()
+        .is_some_and(|p| p.node == ctx.node && p.network_id.is_none());
+    if !creating_here {
+        options::gateway(wanted, current)?;
+    }
+    if !pool.subnet.is_host(wanted) {
+        return Err(Refusal::new(format!(
+            "--gateway {wanted} is not a host address of {}",
+            pool.subnet
+        )));
+    }
+    let name = network.name.clone();
+    let subnet = pool.subnet;
+    store
+        .update_with(Scope::Network(&name), |s| {
+            if s.endpoints_of(&name).any(|e| e.ip == wanted) {
+                return Err(crate::ipam::IpamError::InUse(wanted).into());
+            }
+            let n = s
+                .networks
+                .get_mut(&name)
+                .ok_or_else(|| ModelError::NoSuchNetwork(name.clone()))?;
+            if let Some(p) = n.subnets.iter_mut().find(|p| p.subnet == subnet) {
+                p.gateway = wanted;
+            }
+            Ok(())
+        })
+        .await?;
+    log::info!("gateway {wanted} for {subnet} of {name}");
+    Ok(wanted)
+}
+
+fn address_reply(ip: Ipv4Addr, prefix: u8) -> Response {
+    protocol::reply(&protocol::AddressReply {
+        address: format!("{ip}/{prefix}"),
+        data: Default::default(),
+    })
+}
+
+/// True when `subnet` is one of `n`'s.
+fn has_subnet(n: &Network, subnet: &Subnet) -> bool {
+    n.subnets.iter().any(|p| p.subnet == *subnet)
+}
+
+/// The network behind `pool`, or why there is none.
+fn served<'a>(
+    state: &'a crate::model::State,
+    pool: &PoolId,
+) -> Result<&'a crate::model::Network, Refusal> {
+    by_vni(state, pool.vni)
+        .filter(|n| has_subnet(n, &pool.subnet))
+        .ok_or_else(|| {
+            Refusal::new(format!(
+                "pool {pool} is not served by ovl: no ovl network has VNI {} and subnet {} (removed meanwhile?)",
+                pool.vni, pool.subnet
+            ))
+        })
+}
+
+const RELEASE_ADDRESS: &str = "IpamDriver.ReleaseAddress";
+
+pub async fn release_address(State(ctx): Ctx, body: Bytes) -> Response {
+    answer(RELEASE_ADDRESS, do_release_address(&ctx, &body).await)
+}
+
+async fn do_release_address(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
+    let req: protocol::ReleaseAddress = parse(RELEASE_ADDRESS, body)?;
+    let pool: PoolId = req.pool_id.parse()?;
+    let ip: Ipv4Addr = req
+        .address
+        .parse()
+        .map_err(|_| Refusal::new(format!("{:?} is not an IPv4 address", req.address)))?;
+    let store = ctx.store.get().await?;
+    let node = ctx.node.clone();
+    let outcome = store
+        .update_with(Scope::All, |s| {
+            let Some(network) = by_vni(s, pool.vni).filter(|n| has_subnet(n, &pool.subnet)) else {
+                return Ok(Released::NoNetwork);
+            };
+            if network.subnets.iter().any(|p| p.gateway == ip) {
+                // The gateway is the network's, not an endpoint's.
+                return Ok(Released::Gateway);
+            }
+            let network = network.name.clone();
+            let Some(e) = s
+                .endpoints
+                .iter()
+                .find(|e| e.network == network && e.ip == ip)
+            else {
+                return Ok(Released::NotHeld);
+            };
+            let ours = matches!(&e.location, Location::Reserved { node: n } if *n == node)
+                && e.owner.as_deref().is_some_and(is_docker_owner);
+            if !ours {
+                return Ok(Released::Other(format!("{:?}", e.location)));
+            }
+            s.remove_endpoint(&network, ip)?;
+            Ok(Released::Freed(network))
+        })
+        .await?;
+    match outcome {
+        Released::Freed(network) => log::info!("released {ip} on {network}"),
+        Released::Other(what) => log::warn!(
+            "Docker released {ip} of pool {pool}, which is not a reservation of this node ({what}); kept"
+        ),
+        Released::NoNetwork | Released::Gateway | Released::NotHeld => {}
+    }
+    Ok(protocol::ok())
+}
+
+enum Released {
+    Freed(String),
+    NoNetwork,
+    Gateway,
+    NotHeld,
+    Other(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_ids_round_trip_and_foreign_ones_are_refused() {
+        let p = PoolId {
+            vni: 4096,
+            subnet: "198.18.0.0/24".parse().unwrap(),
+        };
+        assert_eq!(p.to_string(), "4096:198.18.0.0/24");
+        assert_eq!(p.to_string().parse::<PoolId>().unwrap(), p);
+        for bad in ["LocalDefault/172.17.0.0/16", "x:198.18.0.0/24", "4096"] {
+            let e = bad.parse::<PoolId>().unwrap_err();
+            assert!(e.message.contains("not one of ovl's"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn docker_owners_are_recognised() {
+        assert!(is_docker_owner(OWNER_IPAM));
+        assert!(is_docker_owner(&owner_of("abc")));
+        assert!(!is_docker_owner("cni:abc/eth0"));
+    }
+}

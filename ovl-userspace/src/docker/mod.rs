@@ -1,0 +1,260 @@
+//! ovl as a Docker network driver and IPAM driver: libnetwork's remote
+//! plugin protocol on a Unix socket served by the node agent, and the
+//! agent's duties towards its dockerd (mirroring ovl networks, naming the
+//! networks Docker creates, releasing what Docker no longer has).
+//!
+//! How Docker's objects map to ovl's:
+//!
+//! | Docker | ovl |
+//! |---|---|
+//! | a network of driver `ovl` (any host) | the ovl network of the same name; Docker's network IDs differ per host and are never stored |
+//! | its IPAM pool (PoolID `<vni>:<subnet>`) | the network's subnet |
+//! | a network being created (Docker gives no name) | a network named `docker-pending-<subnet>` with [`DockerPending`](crate::model::DockerPending), renamed as soon as dockerd lists it |
+//! | RequestAddress | a [`Location::Reserved`](crate::model::Location::Reserved) endpoint (owner `docker-ipam`) |
+//! | CreateEndpoint | the reservation's owner becomes `docker:<endpoint ID>` |
+//! | Join / Leave | the reservation becomes a container endpoint (veth left in the host namespace for Docker to move) and back |
+//! | ReleaseAddress | the reservation is freed |
+
+mod driver;
+mod engine;
+mod ipam;
+mod networks;
+mod options;
+mod protocol;
+mod sync;
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Result;
+use axum::{Router, body::Bytes, extract::State, response::Response, routing::post};
+use tokio::{net::UnixListener, sync::OnceCell};
+
+pub use self::engine::{Engine, EngineError};
+use self::protocol::Refusal;
+use crate::{agent::view::View, api, model::Network, store::Store};
+
+/// Where dockerd looks for plugin sockets; `ovl.sock` there registers the
+/// driver `ovl` without a spec file.
+pub const DEFAULT_PLUGIN_SOCKET: &str = "/run/docker/plugins/ovl.sock";
+/// The name Docker knows the driver and the IPAM driver by (`-d ovl`,
+/// `--ipam-driver ovl`): the plugin's socket or spec file must be called
+/// `ovl.sock` / `ovl.spec`.
+pub const DRIVER: &str = "ovl";
+/// Bound on opening the store for a plugin call.
+const STORE_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `ovl attach --docker-host` asks for.
+#[derive(Clone, Debug)]
+pub struct DockerOptions {
+    /// dockerd's Engine API (`unix:///var/run/docker.sock`).
+    pub host: String,
+    /// Where the plugin listens.
+    pub plugin_socket: PathBuf,
+}
+
+/// The plugin's bound socket; the socket file goes when it is dropped.
+pub struct Listener {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+    engine: Engine,
+}
+
+impl Listener {
+    /// Checks the Docker host URL and binds the plugin socket (mode 0600; a
+    /// stale socket is replaced, a live one or any other file refused).
+    pub fn bind(opts: &DockerOptions) -> Result<Listener> {
+        let engine = Engine::from_url(&opts.host)?;
+        let listener = api::bind(&opts.plugin_socket)?;
+        Ok(Listener {
+            listener: Some(listener),
+            path: opts.plugin_socket.clone(),
+            engine,
+        })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The store, opened on first use when the agent started without it.
+pub struct StoreHandle {
+    url: String,
+    store: OnceCell<Arc<Store>>,
+}
+
+impl StoreHandle {
+    /// The agent's store if it has one, else one opened from `url` on use.
+    pub fn new(url: &str, store: Option<Arc<Store>>) -> StoreHandle {
+        StoreHandle {
+            url: url.to_owned(),
+            store: match store {
+                Some(s) => OnceCell::new_with(Some(s)),
+                None => OnceCell::new(),
+            },
+        }
+    }
+
+    /// The store, or a refusal saying it cannot be reached.
+    pub async fn get(&self) -> Result<Arc<Store>, Refusal> {
+        self.store
+            .get_or_try_init(|| async {
+                match tokio::time::timeout(STORE_OPEN_TIMEOUT, Store::open(&self.url)).await {
+                    Ok(Ok(s)) => Ok(Arc::new(s)),
+                    Ok(Err(e)) => Err(Refusal::new(e.to_string())),
+                    Err(_) => Err(Refusal::new(format!(
+                        "the store {} does not answer; check that it runs",
+                        self.url
+                    ))),
+                }
+            })
+            .await
+            .cloned()
+    }
+}
+
+/// What every plugin call and the reconcile loop share.
+pub struct Context {
+    /// This node.
+    pub node: String,
+    pub store: StoreHandle,
+    pub view: Arc<View>,
+    pub engine: Engine,
+    /// Docker network ID on this node → the ovl network, as learnt.
+    networks: Mutex<HashMap<String, Known>>,
+    /// Wakes the reconcile loop (a network was created or named).
+    nudge: tokio::sync::Notify,
+}
+
+/// An ovl network a Docker network ID was found to be: name and VNI (a
+/// network of that name with another VNI is another network).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Known {
+    name: String,
+    vni: u32,
+}
+
+impl Known {
+    fn of(n: &Network) -> Known {
+        Known {
+            name: n.name.clone(),
+            vni: n.vni.get(),
+        }
+    }
+}
+
+impl Context {
+    fn remember(&self, docker_id: &str, known: Known) {
+        self.lock().insert(docker_id.to_owned(), known);
+    }
+
+    fn known(&self, docker_id: &str) -> Option<Known> {
+        self.lock().get(docker_id).cloned()
+    }
+
+    fn forget(&self, docker_id: &str) {
+        self.lock().remove(docker_id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+        self.networks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Serves the plugin on `listener` and keeps dockerd and the store in step,
+/// until the task is dropped.
+pub async fn serve(mut listener: Listener, node: String, store: StoreHandle, view: Arc<View>) {
+    let ctx = Arc::new(Context {
+        node,
+        store,
+        view,
+        engine: listener.engine.clone(),
+        networks: Mutex::new(HashMap::new()),
+        nudge: tokio::sync::Notify::new(),
+    });
+    log::info!(
+        "Docker plugin `{DRIVER}` on {}; dockerd at {}",
+        listener.path.display(),
+        ctx.engine.socket().display()
+    );
+    let socket = listener.listener.take().expect("taken once, here");
+    let reconcile = tokio::spawn(sync::run(ctx.clone()));
+    api::serve_router(socket, router(ctx)).await;
+    reconcile.abort();
+    drop(listener);
+}
+
+type Ctx = State<Arc<Context>>;
+
+fn router(ctx: Arc<Context>) -> Router {
+    Router::new()
+        .route("/Plugin.Activate", post(activate))
+        .route("/NetworkDriver.GetCapabilities", post(driver::capabilities))
+        .route("/NetworkDriver.CreateNetwork", post(driver::create_network))
+        .route("/NetworkDriver.DeleteNetwork", post(driver::delete_network))
+        .route(
+            "/NetworkDriver.CreateEndpoint",
+            post(driver::create_endpoint),
+        )
+        .route(
+            "/NetworkDriver.DeleteEndpoint",
+            post(driver::delete_endpoint),
+        )
+        .route("/NetworkDriver.EndpointOperInfo", post(driver::oper_info))
+        .route("/NetworkDriver.Join", post(driver::join))
+        .route("/NetworkDriver.Leave", post(driver::leave))
+        .route(
+            "/NetworkDriver.ProgramExternalConnectivity",
+            post(driver::external_connectivity),
+        )
+        .route(
+            "/NetworkDriver.RevokeExternalConnectivity",
+            post(driver::external_connectivity),
+        )
+        .route("/NetworkDriver.DiscoverNew", post(driver::discovery))
+        .route("/NetworkDriver.DiscoverDelete", post(driver::discovery))
+        .route("/IpamDriver.GetCapabilities", post(ipam::capabilities))
+        .route(
+            "/IpamDriver.GetDefaultAddressSpaces",
+            post(ipam::address_spaces),
+        )
+        .route("/IpamDriver.RequestPool", post(ipam::request_pool))
+        .route("/IpamDriver.ReleasePool", post(ipam::release_pool))
+        .route("/IpamDriver.RequestAddress", post(ipam::request_address))
+        .route("/IpamDriver.ReleaseAddress", post(ipam::release_address))
+        .fallback(|uri: axum::http::Uri| async move {
+            protocol::not_implemented(uri.path().trim_start_matches('/'))
+        })
+        .with_state(ctx)
+}
+
+async fn activate(_: Ctx, _: Bytes) -> Response {
+    protocol::reply(&protocol::Activation {
+        implements: ["NetworkDriver", "IpamDriver"],
+    })
+}
+
+/// Answers a call: its result, or its refusal (logged: Docker shows only
+/// part of it to its user).
+fn answer(method: &str, result: Result<Response, Refusal>) -> Response {
+    use axum::response::IntoResponse;
+    match result {
+        Ok(r) => r,
+        Err(refusal) => {
+            log::warn!("Docker {method} refused: {}", refusal.message);
+            refusal.into_response()
+        }
+    }
+}

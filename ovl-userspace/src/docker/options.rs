@@ -1,0 +1,290 @@
+//! Docker's network options mapped to ovl's, in one place: what ovl takes
+//! from `docker network create` / `docker run`, and what it refuses — each
+//! refusal names the option — until ovl has the feature. Switching one on
+//! is setting its flag in [`FEATURES`] and mapping it where it is refused.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde_json::Value;
+
+use super::protocol::{IpamData, Refusal};
+
+/// `--opt com.docker.network.driver.mtu=N`: the containers' MTU.
+pub const MTU: &str = "com.docker.network.driver.mtu";
+/// Set by ovl agents on the Docker networks they mirror (as a driver and an
+/// IPAM option): the name of the ovl network it is.
+pub const MIRROR_OF: &str = "ovl.network";
+/// Docker's overlay option for an encrypted network (`--opt encrypted`).
+pub const ENCRYPTED: &str = "encrypted";
+/// Top-level CreateNetwork options Docker itself sets.
+const GENERIC: &str = "com.docker.network.generic";
+const ENABLE_IPV6: &str = "com.docker.network.enable_ipv6";
+const INTERNAL: &str = "com.docker.network.internal";
+/// CreateEndpoint option carrying `-p` port mappings.
+const PORT_MAP: &str = "com.docker.network.portmap";
+/// Address spaces of Docker's own IPAM: ovl's IPAM uses its own.
+const DOCKER_ADDRESS_SPACES: [&str; 2] = ["LocalDefault", "GlobalDefault"];
+/// The address space ovl's IPAM serves.
+pub const ADDRESS_SPACE: &str = "ovl";
+
+/// Which Docker features ovl maps on networks Docker creates.
+pub struct Features {
+    pub internal: bool,
+    pub encrypted: bool,
+    pub several_subnets: bool,
+    pub custom_gateway: bool,
+}
+
+/// What ovl supports now. Several subnets only on networks made with
+/// `ovl network create` (mirrored into Docker): Docker asks ovl's IPAM for
+/// one pool per subnet before it says which network they belong to.
+pub const FEATURES: Features = Features {
+    internal: true,
+    encrypted: true,
+    several_subnets: false,
+    custom_gateway: true,
+};
+
+/// What a CreateNetwork asks of ovl, once its options are understood.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct NetworkOptions {
+    /// `com.docker.network.driver.mtu`.
+    pub mtu: Option<u32>,
+    /// The ovl network a mirror stands for.
+    pub mirror_of: Option<String>,
+    /// `--internal`: no way out of the overlay.
+    pub internal: bool,
+    /// `--opt encrypted`: traffic between hosts only in WireGuard.
+    pub encrypted: bool,
+}
+
+fn unsupported(what: &str, later: &str) -> Refusal {
+    Refusal::new(format!(
+        "ovl does not support {what} yet ({later}); create the network without it"
+    ))
+}
+
+/// Reads CreateNetwork's options and pools, refusing what ovl cannot do.
+pub fn network_options(
+    options: &BTreeMap<String, Value>,
+    ipv4: &[IpamData],
+    ipv6: &[IpamData],
+) -> Result<NetworkOptions, Refusal> {
+    if let Some(first) = ipv4.first()
+        && DOCKER_ADDRESS_SPACES.contains(&first.address_space.as_str())
+    {
+        return Err(Refusal::new(
+            "-d ovl needs ovl's IPAM: add --ipam-driver ovl (Docker's default IPAM allocates per host and would hand out the same address on two hosts)",
+        ));
+    }
+    if ipv4.is_empty() {
+        return Err(Refusal::new(
+            "no IPv4 pool: ovl networks need one --subnet (with --ipam-driver ovl)",
+        ));
+    }
+    if !ipv6.is_empty() || options.get(ENABLE_IPV6).and_then(Value::as_bool) == Some(true) {
+        return Err(Refusal::new(
+            "ovl networks are IPv4 only: create the network without --ipv6",
+        ));
+    }
+    let internal = options.get(INTERNAL).and_then(Value::as_bool) == Some(true);
+    if internal && !FEATURES.internal {
+        return Err(unsupported("--internal", "internal networks are coming"));
+    }
+    for pool in ipv4 {
+        if !pool.aux_addresses.is_empty() {
+            return Err(unsupported("--aux-address", "no auxiliary addresses"));
+        }
+    }
+    let generic: BTreeMap<String, Value> = match options.get(GENERIC) {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m.clone().into_iter().collect(),
+        Some(other) => {
+            return Err(Refusal::malformed(format!(
+                "{GENERIC} must be an object of options, not {other}"
+            )));
+        }
+    };
+    let mut out = NetworkOptions {
+        internal,
+        ..NetworkOptions::default()
+    };
+    for (key, value) in &generic {
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        match key.as_str() {
+            MTU => {
+                let mtu = text.parse::<u32>().map_err(|_| {
+                    Refusal::new(format!(
+                        "--opt {MTU}={text}: the MTU must be a number of bytes, e.g. 1450"
+                    ))
+                })?;
+                out.mtu = Some(mtu);
+            }
+            MIRROR_OF => out.mirror_of = Some(text),
+            ENCRYPTED if !FEATURES.encrypted => {
+                return Err(unsupported("--opt encrypted", "encryption is coming"));
+            }
+            ENCRYPTED => match text.as_str() {
+                "" | "true" => out.encrypted = true,
+                "false" => {}
+                _ => {
+                    return Err(Refusal::new(format!(
+                        "--opt {ENCRYPTED}={text}: give it without a value (or true/false)"
+                    )));
+                }
+            },
+            other => {
+                return Err(Refusal::new(format!(
+                    "unknown option --opt {other}={text}: ovl understands {MTU} and {ENCRYPTED}"
+                )));
+            }
+        }
+    }
+    // Mirrors of ovl networks carry every subnet of theirs.
+    if ipv4.len() > 1 && out.mirror_of.is_none() && !FEATURES.several_subnets {
+        return Err(unsupported(
+            &format!(
+                "several --subnet ({} were given) on a network Docker creates",
+                ipv4.len()
+            ),
+            "make it with `ovl network create NAME --subnet A --subnet B`: it appears in Docker with every subnet",
+        ));
+    }
+    Ok(out)
+}
+
+/// Reads RequestPool's options (`--ipam-opt`): only the mirror marker.
+pub fn pool_options(options: &BTreeMap<String, String>) -> Result<Option<String>, Refusal> {
+    let mut mirror_of = None;
+    for (key, value) in options {
+        match key.as_str() {
+            MIRROR_OF => mirror_of = Some(value.clone()),
+            other => {
+                return Err(Refusal::new(format!(
+                    "unknown IPAM option --ipam-opt {other}={value}: ovl's IPAM takes none"
+                )));
+            }
+        }
+    }
+    Ok(mirror_of)
+}
+
+/// Checks a requested gateway against the one ovl serves (for a network
+/// that exists already, whose gateway cannot change).
+pub fn gateway(requested: Ipv4Addr, served: Ipv4Addr) -> Result<(), Refusal> {
+    if requested == served {
+        return Ok(());
+    }
+    if FEATURES.custom_gateway {
+        return Err(Refusal::new(format!(
+            "--gateway {requested}: the ovl network's gateway is {served}; give that one or none"
+        )));
+    }
+    Err(unsupported(
+        &format!("--gateway {requested}"),
+        &format!("the gateway is the subnet's first address, {served}"),
+    ))
+}
+
+/// Checks CreateEndpoint's options: ovl publishes no ports.
+pub fn endpoint_options(options: &BTreeMap<String, Value>) -> Result<(), Refusal> {
+    match options.get(PORT_MAP) {
+        Some(Value::Array(ports)) if !ports.is_empty() => Err(Refusal::new(
+            "ovl networks publish no ports (-p/--publish): run the container without them, or publish on another network",
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pool(space: &str) -> IpamData {
+        serde_json::from_value(json!({"AddressSpace": space, "Pool": "198.18.0.0/24",
+            "Gateway": "198.18.0.1/24"}))
+        .unwrap()
+    }
+
+    fn opts(v: Value) -> BTreeMap<String, Value> {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn mtu_and_mirror_marker_are_mapped() {
+        let o = opts(json!({"com.docker.network.enable_ipv6": false,
+            "com.docker.network.generic": {MTU: "1400", MIRROR_OF: "uber-net"}}));
+        let got = network_options(&o, &[pool("ovl")], &[]).unwrap();
+        assert_eq!(
+            got,
+            NetworkOptions {
+                mtu: Some(1400),
+                mirror_of: Some("uber-net".into()),
+                internal: false,
+                encrypted: false,
+            }
+        );
+    }
+
+    #[test]
+    fn internal_and_encrypted_are_mapped() {
+        let o = opts(json!({INTERNAL: true, GENERIC: {"encrypted": ""}}));
+        let got = network_options(&o, &[pool("ovl")], &[]).unwrap();
+        assert!(got.internal && got.encrypted);
+        let o = opts(json!({GENERIC: {"encrypted": "false"}}));
+        let got = network_options(&o, &[pool("ovl")], &[]).unwrap();
+        assert!(!got.internal && !got.encrypted);
+        let o = opts(json!({GENERIC: {"encrypted": "maybe"}}));
+        assert!(network_options(&o, &[pool("ovl")], &[]).is_err());
+    }
+
+    #[test]
+    fn every_unsupported_option_is_refused_by_name() {
+        let cases = [
+            (json!({GENERIC: {"foo": "bar"}}), "foo=bar"),
+            (json!({GENERIC: {MTU: "big"}}), "MTU must be a number"),
+            (json!({ENABLE_IPV6: true, GENERIC: {}}), "--ipv6"),
+        ];
+        for (o, needle) in cases {
+            let e = network_options(&opts(o.clone()), &[pool("ovl")], &[]).unwrap_err();
+            assert!(e.message.contains(needle), "{o}: {}", e.message);
+        }
+        let e = network_options(&BTreeMap::new(), &[pool("ovl"), pool("ovl")], &[]).unwrap_err();
+        assert!(e.message.contains("several --subnet"), "{}", e.message);
+        let e = network_options(&BTreeMap::new(), &[pool("LocalDefault")], &[]).unwrap_err();
+        assert!(e.message.contains("--ipam-driver ovl"), "{}", e.message);
+    }
+
+    #[test]
+    fn an_existing_networks_gateway_cannot_change() {
+        let g = Ipv4Addr::new(198, 18, 0, 1);
+        assert!(gateway(g, g).is_ok());
+        let e = gateway(Ipv4Addr::new(198, 18, 0, 254), g).unwrap_err();
+        assert!(
+            e.message.contains("--gateway 198.18.0.254") && e.message.contains("198.18.0.1"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn published_ports_are_refused_exposed_ones_ignored() {
+        assert!(
+            endpoint_options(&opts(
+                json!({"com.docker.network.endpoint.exposedports": [{"Proto":6,"Port":80}]})
+            ))
+            .is_ok()
+        );
+        assert!(endpoint_options(&opts(json!({PORT_MAP: []}))).is_ok());
+        assert!(
+            endpoint_options(&opts(
+                json!({PORT_MAP: [{"Proto":6,"Port":80,"HostPort":8080}]})
+            ))
+            .is_err()
+        );
+    }
+}

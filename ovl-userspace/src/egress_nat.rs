@@ -1,0 +1,559 @@
+//! The host's side of external egress (Docker's gwbridge role): packets
+//! the egress program hands to the host's stack carry their network in the
+//! mark ([`egress_mark`]); here the host is set up to masquerade them behind
+//! its own address and to route the replies back to their container.
+//!
+//! What it installs, all kernel state that outlives the agent:
+//! - nftables table `ip ovl`: the mark saved in and restored from conntrack
+//!   (so replies carry their network's mark), masquerade of registered
+//!   containers (set `endpoints` of address . mark), and — only when ovl had
+//!   to switch IPv4 forwarding on for the underlay — a guard that forwards
+//!   nothing from the underlay but replies to ovl's connections;
+//! - per network, a routing table numbered as its mark, holding a route to
+//!   each local container through its veth (with a permanent neighbour, so
+//!   the host never ARPs into a container), and a rule `fwmark → table`.
+//!   Tables per network keep networks whose subnets overlap apart;
+//! - IPv4 forwarding on the container veths and the underlay.
+//!
+//! [`ensure`] is idempotent and cheap when nothing changed; [`remove`]
+//! (`ovl detach`) takes everything away again and restores the underlay's
+//! forwarding. When a container goes, its conntrack entries (its address
+//! translations) go with it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    sync::Mutex,
+};
+
+use anyhow::{Context, Result, bail};
+use ovl_common::maps::{EGRESS_MARK_BASE, EGRESS_MARK_MASK, egress_mark};
+use serde_json::Value;
+
+use crate::desired::EgressEndpoint;
+
+/// nftables table (family ip) holding ovl's NAT.
+pub const TABLE: &str = "ovl";
+/// Priority of the `fwmark → table` rules: before the main table (32766),
+/// so a reply reaches its container even where main routes the address.
+pub const RULE_PRIORITY: u32 = 1000;
+/// Chain present only when ovl switched the underlay's forwarding on.
+const GUARD_CHAIN: &str = "underlay_guard";
+/// The chains a complete table has (the guard aside).
+const CHAINS: [&str; 3] = ["prerouting", "output", "postrouting"];
+
+/// What this agent process installed, so that an unchanged state costs
+/// one `nft` call. Empty after a start: everything is installed again
+/// (every step replaces), which also repairs what changed meanwhile.
+static INSTALLED: Mutex<Option<Installed>> = Mutex::new(None);
+
+#[derive(Default)]
+struct Installed {
+    /// (VNI, address) → (host ifindex, MAC) with route and neighbour.
+    endpoints: BTreeMap<(u32, Ipv4Addr), (u32, [u8; 6])>,
+    /// Networks with a rule, once the rules were brought in line.
+    vnis: Option<BTreeSet<u32>>,
+}
+
+/// The table as the kernel has it.
+struct Table {
+    chains: BTreeSet<String>,
+    elements: BTreeSet<(Ipv4Addr, u32)>,
+}
+
+/// Makes the host masquerade and route back the external traffic of
+/// `endpoints` (the local containers of networks that lead out) through
+/// `underlay`, and forgets containers that are gone (translations
+/// included).
+pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
+    let mut installed = INSTALLED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let table = if endpoints.is_empty() && installed.is_none() {
+        // Nothing leads out here: touch the kernel only to clean up what an
+        // earlier agent left, and need no nft on hosts that never egress.
+        match read_table() {
+            Ok(None) | Err(_) => return Ok(()),
+            Ok(Some(t)) => Some(t),
+        }
+    } else {
+        read_table()?
+    };
+    let memory = installed.get_or_insert_with(Installed::default);
+    let want: BTreeSet<(Ipv4Addr, u32)> = endpoints
+        .iter()
+        .map(|e| (e.ip, egress_mark(e.vni)))
+        .collect();
+
+    // Containers that left: their translations, route and element go.
+    let had = table
+        .as_ref()
+        .map(|t| t.elements.clone())
+        .unwrap_or_default();
+    for (addr, mark) in had.difference(&want) {
+        forget_translations(*addr, *mark)?;
+        // Gone with the veth, usually: nothing to delete then.
+        let _ = ip(&[
+            "route",
+            "del",
+            &format!("{addr}/32"),
+            "table",
+            &mark.to_string(),
+        ]);
+    }
+
+    let guard = if endpoints.is_empty() {
+        table
+            .as_ref()
+            .is_some_and(|t| t.chains.contains(GUARD_CHAIN))
+    } else {
+        enable_forwarding(underlay)?
+            || table
+                .as_ref()
+                .is_some_and(|t| t.chains.contains(GUARD_CHAIN))
+    };
+    let complete = table.as_ref().is_some_and(|t| {
+        CHAINS.iter().all(|c| t.chains.contains(*c)) && t.chains.contains(GUARD_CHAIN) == guard
+    });
+    if !complete {
+        if table.is_some() || !endpoints.is_empty() {
+            nft(&table_script(table.is_some(), underlay, guard, &want))?;
+        }
+    } else {
+        let add: Vec<_> = want.difference(&had).copied().collect();
+        let del: Vec<_> = had.difference(&want).copied().collect();
+        if !add.is_empty() || !del.is_empty() {
+            nft(&element_script(&add, &del))?;
+        }
+    }
+
+    // Return routes, neighbours and forwarding on the veths.
+    let mut batch = String::new();
+    for e in endpoints {
+        if memory.endpoints.get(&(e.vni, e.ip)) == Some(&(e.ifindex, e.mac)) {
+            continue;
+        }
+        set_sysctl(&e.ifname, "forwarding", "1")?;
+        // Marked packets from the container are checked against the
+        // container's table by rp_filter, where it is on.
+        set_sysctl(&e.ifname, "src_valid_mark", "1")?;
+        let table = egress_mark(e.vni);
+        batch.push_str(&format!(
+            "route replace {}/32 dev {} table {table}\n\
+             neigh replace {} lladdr {} dev {} nud permanent\n",
+            e.ip,
+            e.ifname,
+            e.ip,
+            mac_text(e.mac),
+            e.ifname
+        ));
+    }
+    if !batch.is_empty() {
+        ip_batch(&batch)?;
+    }
+    memory.endpoints = endpoints
+        .iter()
+        .map(|e| ((e.vni, e.ip), (e.ifindex, e.mac)))
+        .collect();
+
+    let vnis: BTreeSet<u32> = endpoints.iter().map(|e| e.vni).collect();
+    if memory.vnis.as_ref() != Some(&vnis) {
+        sync_rules(&vnis)?;
+        memory.vnis = Some(vnis);
+    }
+    Ok(())
+}
+
+/// [`ensure`], logging a failure once rather than at every resync (the
+/// overlay itself forwards whatever happens here).
+pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint]) {
+    static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
+    let outcome = ensure(underlay, endpoints).map_err(|e| format!("{e:#}"));
+    let mut last = LAST_ERROR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match outcome {
+        Ok(()) => {
+            if last.take().is_some() {
+                log::info!("external egress is set up again");
+            }
+        }
+        Err(e) => {
+            if last.as_deref() != Some(e.as_str()) {
+                log::warn!("external egress cannot be set up: {e}");
+            }
+            *last = Some(e);
+        }
+    }
+}
+
+/// Removes everything [`ensure`] installed (for `ovl detach`): the table,
+/// the rules and routes, every translation of ovl's containers, and the
+/// underlay's forwarding where ovl had switched it on. Returns what it did.
+pub fn remove(underlay: &str) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    *INSTALLED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    let table = match read_table() {
+        Ok(t) => t,
+        // No nft here: ovl cannot have installed a table either.
+        Err(e) if e.to_string().contains("cannot run nft") => None,
+        Err(e) => return Err(e),
+    };
+    if let Some(table) = &table {
+        if table.chains.contains(GUARD_CHAIN) {
+            set_sysctl(underlay, "forwarding", "0")?;
+            done.push(format!("switched IPv4 forwarding on {underlay} off again"));
+        }
+        nft(&format!("delete table ip {TABLE}\n"))?;
+        done.push(format!(
+            "removed the nftables table ip {TABLE} ({} masqueraded container(s))",
+            table.elements.len()
+        ));
+    }
+    let rules = ovl_rules()?;
+    let prio = RULE_PRIORITY.to_string();
+    for (mark, table) in &rules {
+        let (mark, table) = (mark.to_string(), table.to_string());
+        ip(&[
+            "rule", "del", "priority", &prio, "fwmark", &mark, "table", &table,
+        ])?;
+        let _ = ip(&["route", "flush", "table", &table]);
+    }
+    if !rules.is_empty() {
+        done.push(format!("removed {} egress routing table(s)", rules.len()));
+    }
+    if table.is_some() || !rules.is_empty() {
+        let mark = format!("{EGRESS_MARK_BASE:#x}/{EGRESS_MARK_MASK:#x}");
+        conntrack_delete(&["-m", &mark])?;
+    }
+    Ok(done)
+}
+
+/// Deletes the conntrack entries (address translations included) of the
+/// container `ip` of the network marked `mark`.
+fn forget_translations(ip: Ipv4Addr, mark: u32) -> Result<()> {
+    conntrack_delete(&["-s", &ip.to_string(), "-m", &mark.to_string()])
+}
+
+fn conntrack_delete(filter: &[&str]) -> Result<()> {
+    let out = Command::new("conntrack")
+        .arg("-D")
+        .args(filter)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run conntrack (install conntrack-tools: `apt-get install conntrack`)")?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    // Exit 1 with "0 flow entries have been deleted" is nothing to delete.
+    if out.status.success() || text.contains("0 flow entries") {
+        return Ok(());
+    }
+    bail!("conntrack -D {}: {}", filter.join(" "), text.trim())
+}
+
+/// Switches IPv4 forwarding on for `underlay` (replies to translated
+/// packets arrive there and are forwarded to containers); returns whether
+/// it was off, i.e. ovl switched it on.
+fn enable_forwarding(underlay: &str) -> Result<bool> {
+    let path = format!("/proc/sys/net/ipv4/conf/{underlay}/forwarding");
+    let now = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    if now.trim() == "1" {
+        return Ok(false);
+    }
+    set_sysctl(underlay, "forwarding", "1")?;
+    log::info!(
+        "switched IPv4 forwarding on for {underlay} (replies of external egress are forwarded to containers; nothing else is)"
+    );
+    Ok(true)
+}
+
+fn set_sysctl(ifname: &str, key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/{key}");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(&path, value).with_context(|| format!("write {value} to {path}"))
+}
+
+/// The rules `fwmark M → table M` for `vnis`, and no other of ovl's.
+fn sync_rules(vnis: &BTreeSet<u32>) -> Result<()> {
+    let want: BTreeSet<u32> = vnis.iter().map(|v| egress_mark(*v)).collect();
+    let have = ovl_rules()?;
+    let prio = RULE_PRIORITY.to_string();
+    for (mark, table) in &have {
+        if !want.contains(mark) || mark != table {
+            let (m, t) = (mark.to_string(), table.to_string());
+            ip(&["rule", "del", "priority", &prio, "fwmark", &m, "table", &t])?;
+        }
+    }
+    for mark in &want {
+        if have.get(mark) == Some(mark) {
+            continue;
+        }
+        let m = mark.to_string();
+        ip(&["rule", "add", "priority", &prio, "fwmark", &m, "table", &m])?;
+    }
+    Ok(())
+}
+
+/// ovl's rules: mark → table, from `ip -j rule show`.
+fn ovl_rules() -> Result<BTreeMap<u32, u32>> {
+    let out = ip(&["-j", "-4", "rule", "show"])?;
+    let rules: Value = serde_json::from_str(&out).context("parse `ip -j rule show`")?;
+    Ok(parse_rules(&rules))
+}
+
+fn parse_rules(rules: &Value) -> BTreeMap<u32, u32> {
+    let number = |v: &Value| -> Option<u32> {
+        match v {
+            Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+            Value::String(s) => match s.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => s.parse().ok(),
+            },
+            _ => None,
+        }
+    };
+    rules
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["priority"].as_u64() == Some(u64::from(RULE_PRIORITY)))
+        .filter_map(|r| Some((number(&r["fwmark"])?, number(&r["table"])?)))
+        .filter(|(mark, _)| mark & EGRESS_MARK_MASK == EGRESS_MARK_BASE)
+        .collect()
+}
+
+/// The table, or `None` when there is none.
+fn read_table() -> Result<Option<Table>> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", "ip", TABLE])
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run nft (install nftables: `apt-get install nftables`)")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("No such file or directory") {
+            return Ok(None);
+        }
+        bail!("nft list table ip {TABLE}: {}", err.trim());
+    }
+    let json: Value =
+        serde_json::from_slice(&out.stdout).context("parse `nft -j list table` output")?;
+    Ok(Some(parse_table(&json)))
+}
+
+fn parse_table(json: &Value) -> Table {
+    let mut table = Table {
+        chains: BTreeSet::new(),
+        elements: BTreeSet::new(),
+    };
+    for item in json["nftables"].as_array().into_iter().flatten() {
+        if let Some(name) = item["chain"]["name"].as_str() {
+            table.chains.insert(name.to_owned());
+        }
+        if item["set"]["name"].as_str() == Some("endpoints") {
+            for e in item["set"]["elem"].as_array().into_iter().flatten() {
+                let parts = &e["concat"];
+                let ip = parts[0].as_str().and_then(|s| s.parse().ok());
+                let mark = parts[1].as_u64().and_then(|m| u32::try_from(m).ok());
+                if let (Some(ip), Some(mark)) = (ip, mark) {
+                    table.elements.insert((ip, mark));
+                }
+            }
+        }
+    }
+    table
+}
+
+/// The whole table, replacing any there is, in one transaction.
+fn table_script(
+    exists: bool,
+    underlay: &str,
+    guard: bool,
+    elements: &BTreeSet<(Ipv4Addr, u32)>,
+) -> String {
+    let ours = format!("meta mark & {EGRESS_MARK_MASK:#x} == {EGRESS_MARK_BASE:#x}");
+    let ct_ours = format!("ct mark & {EGRESS_MARK_MASK:#x} == {EGRESS_MARK_BASE:#x}");
+    let ct_theirs = format!("ct mark & {EGRESS_MARK_MASK:#x} != {EGRESS_MARK_BASE:#x}");
+    let mut s = String::new();
+    if exists {
+        s.push_str(&format!("delete table ip {TABLE}\n"));
+    }
+    s.push_str(&format!(
+        "table ip {TABLE} {{\n\
+         \tset endpoints {{ type ipv4_addr . mark; }}\n\
+         \tchain prerouting {{\n\
+         \t\ttype filter hook prerouting priority mangle; policy accept;\n\
+         \t\t{ours} ct direction original ct mark set meta mark\n\
+         \t\tct direction reply {ct_ours} meta mark set ct mark\n\
+         \t}}\n\
+         \tchain output {{\n\
+         \t\ttype route hook output priority mangle; policy accept;\n\
+         \t\tct direction reply {ct_ours} meta mark set ct mark\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr . meta mark @endpoints masquerade\n\
+         \t}}\n"
+    ));
+    if guard {
+        s.push_str(&format!(
+            "\tchain {GUARD_CHAIN} {{\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname \"{underlay}\" {ct_theirs} drop\n\
+             \t}}\n"
+        ));
+    }
+    s.push_str("}\n");
+    let add: Vec<_> = elements.iter().copied().collect();
+    s.push_str(&element_script(&add, &[]));
+    s
+}
+
+fn element_script(add: &[(Ipv4Addr, u32)], del: &[(Ipv4Addr, u32)]) -> String {
+    let list = |els: &[(Ipv4Addr, u32)]| {
+        els.iter()
+            .map(|(ip, mark)| format!("{ip} . {mark:#x}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut s = String::new();
+    if !del.is_empty() {
+        s.push_str(&format!(
+            "delete element ip {TABLE} endpoints {{ {} }}\n",
+            list(del)
+        ));
+    }
+    if !add.is_empty() {
+        s.push_str(&format!(
+            "add element ip {TABLE} endpoints {{ {} }}\n",
+            list(add)
+        ));
+    }
+    s
+}
+
+fn nft(script: &str) -> Result<()> {
+    run_with_stdin("nft", &["-f", "-"], script)
+        .with_context(|| format!("nft -f - with:\n{script}"))
+        .map(|_| ())
+}
+
+fn ip_batch(batch: &str) -> Result<()> {
+    run_with_stdin("ip", &["-batch", "-"], batch)
+        .with_context(|| format!("ip -batch - with:\n{batch}"))
+        .map(|_| ())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run ip (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_with_stdin(program: &str, args: &[&str], input: &str) -> Result<String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {program}"))?;
+    child
+        .stdin
+        .take()
+        .context("child stdin")?
+        .write_all(input.as_bytes())
+        .with_context(|| format!("write to {program}"))?;
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("wait for {program}"))?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ovls_rules_are_recognised_by_priority_and_mark() {
+        let rules: Value = serde_json::from_str(
+            r#"[{"priority":0,"src":"all","table":"local"},
+                {"priority":1000,"src":"all","fwmark":"0x6f001000","table":"1862275072"},
+                {"priority":1000,"src":"all","fwmark":"0x10","table":"7"},
+                {"priority":2000,"src":"all","fwmark":"0x6f001001","table":"1862275073"},
+                {"priority":32766,"src":"all","table":"main"}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            parse_rules(&rules),
+            BTreeMap::from([(0x6f00_1000, 0x6f00_1000)])
+        );
+    }
+
+    #[test]
+    fn table_listing_yields_chains_and_endpoints() {
+        let json: Value = serde_json::from_str(
+            r#"{"nftables":[{"metainfo":{"version":"1.0.6"}},
+              {"table":{"family":"ip","name":"ovl","handle":1}},
+              {"set":{"family":"ip","name":"endpoints","table":"ovl","type":["ipv4_addr","mark"],
+                "elem":[{"concat":["198.18.0.2",1862275072]},{"concat":["198.18.1.2",1862275073]}]}},
+              {"chain":{"family":"ip","table":"ovl","name":"prerouting"}},
+              {"chain":{"family":"ip","table":"ovl","name":"underlay_guard"}}]}"#,
+        )
+        .unwrap();
+        let t = parse_table(&json);
+        assert_eq!(
+            t.chains,
+            BTreeSet::from(["prerouting".to_owned(), "underlay_guard".to_owned()])
+        );
+        assert_eq!(
+            t.elements,
+            BTreeSet::from([
+                (Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1000),
+                (Ipv4Addr::new(198, 18, 1, 2), 0x6f00_1001)
+            ])
+        );
+    }
+
+    #[test]
+    fn scripts_name_ovls_mark_and_elements() {
+        let els = BTreeSet::from([(Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1000)]);
+        let s = table_script(true, "eth0", true, &els);
+        assert!(s.starts_with("delete table ip ovl\n"), "{s}");
+        assert!(
+            s.contains("iifname \"eth0\" ct mark & 0xff000000 != 0x6f000000 drop"),
+            "{s}"
+        );
+        assert!(
+            s.contains("add element ip ovl endpoints { 198.18.0.2 . 0x6f001000 }"),
+            "{s}"
+        );
+        let s = table_script(false, "eth0", false, &BTreeSet::new());
+        assert!(!s.contains("delete") && !s.contains(GUARD_CHAIN), "{s}");
+    }
+}

@@ -1,0 +1,667 @@
+//! Encrypted networks (`ovl network create --encrypted`): between hosts an
+//! encrypted network's traffic exists on the wire only as WireGuard, which
+//! a third-party dissector decodes as such and nothing more; forged and
+//! replayed messages are dropped and counted; keys rotate without loss; a
+//! node joining later is reached; a dead agent fails closed.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use ovl_tests::{BackgroundPing, Cluster, Lab, Netns, TwoHosts, ping, wait_until};
+use serde_json::Value;
+
+/// The encrypted network and the plain one beside it.
+const SECRET: &str = "secret";
+const SECRET_SUBNET: &str = "198.18.0.0/24";
+const OPEN: &str = "open";
+const OPEN_SUBNET: &str = "198.18.1.0/24";
+
+/// WireGuard's port (ovl's default) and VXLAN's.
+const WG_PORT: u16 = 51820;
+const VXLAN_PORT: u16 = 4789;
+
+/// `ovl stats --crypto --json` of host `i`.
+fn crypto(world: &Cluster, i: usize) -> Result<Value> {
+    let out = world.run(i, &["stats", "--crypto", "--json"])?;
+    serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))
+}
+
+/// Waits until every host of `world` sees every other's published key.
+fn wait_for_keys(world: &Cluster) -> Result<()> {
+    wait_until(Duration::from_secs(15), || {
+        for i in 0..world.hosts.len() {
+            let keys = world.node_keys(i)?;
+            if keys.len() < world.hosts.len() || keys.values().any(Option::is_none) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .context("nodes did not publish their WireGuard keys")
+}
+
+/// Both networks and a container on each host on each; returns the
+/// containers (host A's, host B's) of each network and their addresses.
+struct TwoNetworks {
+    secret: [(Netns, Ipv4Addr); 2],
+    open: [(Netns, Ipv4Addr); 2],
+}
+
+fn two_networks(lab: &Lab, world: &Cluster) -> Result<TwoNetworks> {
+    let ns = &world.hosts[0].netns;
+    world
+        .ovl
+        .create_network(ns, SECRET, SECRET_SUBNET, &["--encrypted"])?;
+    world.ovl.create_network(ns, OPEN, OPEN_SUBNET, &[])?;
+    let s0 = world.container(lab, 0, SECRET, "s0")?;
+    let s1 = world.container(lab, 1, SECRET, "s1")?;
+    let o0 = world.container(lab, 0, OPEN, "o0")?;
+    let o1 = world.container(lab, 1, OPEN, "o1")?;
+    wait_for_keys(world)?;
+    Ok(TwoNetworks {
+        secret: [s0, s1],
+        open: [o0, o1],
+    })
+}
+
+fn vni_of(world: &Cluster, network: &str) -> Result<u64> {
+    world.inspect(0, network)?["vni"]
+        .as_u64()
+        .context("inspect has no vni")
+}
+
+/// A capture running in `ns` on `iface` into a pcap in the lab.
+struct Capture {
+    child: ovl_tests::ChildHandle,
+    pcap: String,
+}
+
+impl Capture {
+    /// Starts `tshark` on `iface` for UDP, stopping by itself after
+    /// `seconds` (not by a signal: an interrupted capture loses what is
+    /// still in the kernel's ring). Headers only: 200 bytes a frame.
+    fn start(lab: &Lab, ns: &Netns, iface: &str, name: &str, seconds: u32) -> Result<Capture> {
+        let pcap = lab.tempdir().join(format!("{name}.pcap"));
+        let pcap = pcap.to_string_lossy().into_owned();
+        let duration = format!("duration:{seconds}");
+        let child = lab.spawn(
+            ns,
+            &[
+                "tshark", "-i", iface, "-f", "udp", "-s", "200", "-a", &duration, "-w", &pcap,
+            ],
+            &[],
+        )?;
+        wait_until(Duration::from_secs(15), || {
+            Ok(child.stderr()?.contains("Capture started"))
+        })
+        .with_context(|| format!("tshark did not start:\n{}", child.output_report()))?;
+        Ok(Capture { child, pcap })
+    }
+
+    /// Waits for the capture to end and decodes it.
+    fn finish(self, ns: &Netns, timeout: Duration) -> Result<Vec<Frame>> {
+        let status = self.child.wait_timeout(timeout)?;
+        ensure!(
+            status.success(),
+            "tshark exited with {status}:\n{}",
+            self.child.output_report()
+        );
+        decode(ns, &self.pcap)
+    }
+}
+
+/// One captured frame as tshark decodes it.
+#[derive(Debug)]
+struct Frame {
+    /// `eth:ethertype:ip:udp:wg`, `...:udp:vxlan:eth:ethertype:ip:icmp`...
+    protocols: String,
+    udp_dst: String,
+    /// WireGuard message type (1 initiation, 2 response, 4 transport).
+    wg_type: String,
+    vni: String,
+    /// Every IPv4 address tshark found, outer and inner.
+    addrs: Vec<String>,
+}
+
+/// Reads `pcap` back: WireGuard decoded on its port, VXLAN on its.
+fn decode(ns: &Netns, pcap: &str) -> Result<Vec<Frame>> {
+    let wg = format!("udp.port=={WG_PORT},wg");
+    let vxlan = format!("udp.port=={VXLAN_PORT},vxlan");
+    let out = ns.exec(&[
+        "tshark",
+        "-r",
+        pcap,
+        "-d",
+        &wg,
+        "-d",
+        &vxlan,
+        "-T",
+        "fields",
+        "-E",
+        "separator=/t",
+        "-E",
+        "aggregator=,",
+        "-e",
+        "frame.protocols",
+        "-e",
+        "udp.dstport",
+        "-e",
+        "wg.type",
+        "-e",
+        "vxlan.vni",
+        "-e",
+        "ip.addr",
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            ensure!(f.len() == 5, "unexpected tshark row {line:?}");
+            Ok(Frame {
+                protocols: f[0].to_owned(),
+                udp_dst: f[1].to_owned(),
+                wg_type: f[2].to_owned(),
+                vni: f[3].to_owned(),
+                addrs: f[4].split(',').map(str::to_owned).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Pings `dst` from `from` until one answer comes back.
+fn wait_for_ping(from: &Netns, dst: Ipv4Addr) -> Result<()> {
+    wait_until(Duration::from_secs(15), || {
+        Ok(ping(from, dst, 1, &["-W", "1"])?.all_received())
+    })
+    .with_context(|| format!("no ping answer from {dst}"))
+}
+
+/// Runs iperf3 for `seconds` from `client` to `server` at `server_ip`;
+/// returns the bytes the server received.
+fn iperf(
+    lab: &Lab,
+    client: &Netns,
+    server: &Netns,
+    server_ip: Ipv4Addr,
+    args: &[&str],
+) -> Result<f64> {
+    let srv = lab.spawn(server, &["iperf3", "-s", "-1"], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        let out = server.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
+        Ok(!out.stdout.is_empty())
+    })
+    .with_context(|| format!("iperf3 server did not start:\n{}", srv.output_report()))?;
+    let ip = server_ip.to_string();
+    let mut argv = vec!["iperf3", "-c", &ip, "-J"];
+    argv.extend_from_slice(args);
+    let out = client.exec(&argv)?;
+    let report: Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+    srv.wait_timeout(Duration::from_secs(10))
+        .context("iperf3 server did not exit after its one test")?;
+    report["end"]["sum_received"]["bytes"]
+        .as_f64()
+        .with_context(|| format!("no received bytes in {report}"))
+}
+
+#[test]
+fn encrypted_network_is_only_wireguard_on_the_wire_and_the_plain_one_stays_vxlan() -> Result<()> {
+    let lab = Lab::new("crypt-wire")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let secret_vni = vni_of(&world, SECRET)?;
+    let open_vni = vni_of(&world, OPEN)?;
+    let inspect = world.inspect(0, SECRET)?;
+    ensure!(inspect["encrypted"] == true, "inspect: {inspect}");
+    ensure!(inspect["mtu"] == 1390, "inspect: {inspect}");
+    ensure!(world.inspect(0, OPEN)?["encrypted"] == false);
+
+    // Capture from before the first packet, so the handshake is in it.
+    let capture = Capture::start(&lab, &world.router, "h0", "wire", 12)?;
+    let [(s0, _), (s1, s1_ip)] = &nets.secret;
+    let [(o0, _), (o1, o1_ip)] = &nets.open;
+    wait_for_ping(s0, *s1_ip)?;
+    wait_for_ping(o0, *o1_ip)?;
+    for (from, to) in [(s0, *s1_ip), (o0, *o1_ip)] {
+        let r = ping(from, to, 5, &["-i", "0.2", "-W", "2"])?;
+        ensure!(r.all_received(), "ping lost packets:\n{}", r.output);
+    }
+    // Some TCP of each network on the wire too (slow: the capture stays small).
+    for (c, s, ip) in [(s0, s1, *s1_ip), (o0, o1, *o1_ip)] {
+        let bytes = iperf(&lab, c, s, ip, &["-t", "1", "-b", "5M"])?;
+        ensure!(bytes > 0.0, "no TCP bytes arrived at {ip}");
+    }
+    let frames = capture.finish(&world.router, Duration::from_secs(40))?;
+
+    let wireguard: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.udp_dst == WG_PORT.to_string() || f.protocols.ends_with(":wg"))
+        .collect();
+    let vxlan: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.protocols.contains(":vxlan"))
+        .collect();
+    // The encrypted network: WireGuard, decoded as nothing but WireGuard.
+    for t in ["1", "2", "4"] {
+        ensure!(
+            wireguard.iter().any(|f| f.wg_type == t),
+            "no WireGuard message of type {t} captured: {wireguard:#?}"
+        );
+    }
+    for f in &wireguard {
+        ensure!(
+            f.protocols == "eth:ethertype:ip:udp:wg",
+            "WireGuard frame decoded further than WireGuard: {f:?}"
+        );
+    }
+    // Not one VXLAN frame, nor one inner address, of the encrypted network.
+    let secret_prefix = "198.18.0.";
+    for f in &frames {
+        ensure!(
+            f.vni != secret_vni.to_string(),
+            "VXLAN of the encrypted network on the wire: {f:?}"
+        );
+        ensure!(
+            !f.addrs.iter().any(|a| a.starts_with(secret_prefix)),
+            "an address of the encrypted network on the wire: {f:?}"
+        );
+    }
+    // The plain network: plain VXLAN with its VNI, ICMP and TCP inside.
+    ensure!(
+        vxlan.iter().all(|f| f.vni == open_vni.to_string()),
+        "VXLAN of another VNI: {vxlan:#?}"
+    );
+    ensure!(
+        vxlan.iter().any(|f| f.protocols.contains(":icmp")),
+        "no ICMP in VXLAN"
+    );
+    ensure!(
+        vxlan.iter().any(|f| f.protocols.contains(":tcp")),
+        "no TCP in VXLAN"
+    );
+    ensure!(
+        wireguard.len() + vxlan.len() == frames.len(),
+        "frames that are neither: {:#?}",
+        frames
+            .iter()
+            .filter(|f| !f.protocols.contains(":vxlan") && !f.protocols.ends_with(":wg"))
+            .collect::<Vec<_>>()
+    );
+
+    // Full-speed TCP works on both (5 s each), and the encrypting path
+    // counted what it carried.
+    let secret_bytes = iperf(&lab, s0, s1, *s1_ip, &["-t", "5"])?;
+    let open_bytes = iperf(&lab, o0, o1, *o1_ip, &["-t", "5"])?;
+    println!(
+        "iperf3 5 s: encrypted {:.2} Gbit/s, plain {:.2} Gbit/s",
+        secret_bytes * 8.0 / 5e9,
+        open_bytes * 8.0 / 5e9
+    );
+    ensure!(secret_bytes > 1e6 && open_bytes > 1e6);
+    let a = crypto(&world, 0)?;
+    ensure!(a["counters"]["tx_packets"].as_u64() > Some(1000), "{a}");
+    ensure!(a["counters"]["rx_packets"].as_u64() > Some(100), "{a}");
+    ensure!(a["counters"]["drops"]["auth_failed"] == 0, "{a}");
+    let secret_counters = world.counters(0, SECRET)?;
+    ensure!(
+        secret_counters.drops() == 0,
+        "drops on the encrypted network: {secret_counters:?}"
+    );
+    world.stop()
+}
+
+/// Crafted messages of each kind.
+const N: u64 = 5;
+
+/// Where the agents serve Prometheus metrics (each in its host's namespace).
+const METRICS: &str = "127.0.0.1:9474";
+
+/// Sends, from the router on host A's link, messages that claim to come
+/// from host B's WireGuard: `N` replays of a captured transport message,
+/// `N` with a live session's header but random ciphertext, `N` random
+/// handshake initiations and `N` transport messages for a session no one
+/// has. Built with scapy from the capture, sent on the raw link; UDP
+/// checksums are computed afresh (the capture holds the sender's partial
+/// checksum of an offloading veth), the WireGuard bytes are the captured
+/// ones.
+fn send_forgeries(world: &Cluster, pcap: &str) -> Result<()> {
+    let script = format!(
+        "import os, struct\n\
+         from scapy.all import rdpcap, sendp, Raw, UDP, IP\n\
+         def transport(p):\n\
+         \x20   b = bytes(p[UDP].payload) if UDP in p else b''\n\
+         \x20   return b[:1] == b'\\x04' and len(b) > 32\n\
+         pkts = [p for p in rdpcap('{pcap}') if transport(p)]\n\
+         assert pkts, 'no transport message captured'\n\
+         tmpl = pkts[0]\n\
+         def with_payload(data):\n\
+         \x20   f = tmpl.copy()\n\
+         \x20   f[UDP].remove_payload()\n\
+         \x20   f = f / Raw(data)\n\
+         \x20   del f[IP].len, f[IP].chksum, f[UDP].len, f[UDP].chksum\n\
+         \x20   return f\n\
+         head = bytes(tmpl[UDP].payload)\n\
+         sendp(with_payload(head), iface='h0', count={N}, verbose=False)\n\
+         for i in range({N}):\n\
+         \x20   counter = struct.pack('<Q', (1 << 40) + i)\n\
+         \x20   sendp(with_payload(head[:8] + counter + os.urandom(len(head) - 16)), iface='h0', verbose=False)\n\
+         for i in range({N}):\n\
+         \x20   sendp(with_payload(b'\\x01\\x00\\x00\\x00' + os.urandom(144)), iface='h0', verbose=False)\n\
+         for i in range({N}):\n\
+         \x20   sendp(with_payload(b'\\x04\\x00\\x00\\x00\\xff\\xff\\xff\\xff' + os.urandom(72)), iface='h0', verbose=False)\n"
+    );
+    // Debian's python3-scapy lives in the system interpreter.
+    world.router.exec(&["/usr/bin/python3", "-c", &script])?;
+    Ok(())
+}
+
+#[test]
+fn forged_and_replayed_messages_are_dropped_counted_and_reach_no_container() -> Result<()> {
+    let lab = Lab::new("crypt-forge")?;
+    let world = Cluster::start_with_env(&lab, "tc", &[("OVL_METRICS", METRICS)])?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, s0_ip), (s1, _)] = &nets.secret;
+    wait_for_ping(s1, *s0_ip)?;
+
+    // A few transport messages from B to A, for the forger to work from.
+    let pcap = lab.tempdir().join("b-to-a.pcap");
+    let pcap = pcap.to_string_lossy().into_owned();
+    let filter = format!(
+        "udp dst port {WG_PORT} and dst host {}",
+        world.hosts[0].addr
+    );
+    let tshark = lab.spawn(
+        &world.router,
+        &[
+            "tshark",
+            "-i",
+            "h0",
+            "-f",
+            &filter,
+            "-c",
+            "3",
+            "-a",
+            "duration:20",
+            "-w",
+            &pcap,
+        ],
+        &[],
+    )?;
+    wait_until(Duration::from_secs(15), || {
+        Ok(tshark.stderr()?.contains("Capture started"))
+    })?;
+    let r = ping(s1, *s0_ip, 3, &["-i", "0.2", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    tshark.wait_timeout(Duration::from_secs(30))?;
+
+    // Quiet now: nothing legitimate reaches host A's containers meanwhile.
+    let before = crypto(&world, 0)?["counters"].clone();
+    let delivered_before = world.counters(0, SECRET)?;
+    send_forgeries(&world, &pcap)?;
+    let drops = |c: &Value, r: &str| c["drops"][r].as_u64().unwrap_or(0);
+    wait_until(Duration::from_secs(5), || {
+        let now = crypto(&world, 0)?["counters"].clone();
+        Ok(drops(&now, "unknown_session") >= drops(&before, "unknown_session") + N)
+    })?;
+    let after = crypto(&world, 0)?["counters"].clone();
+    for (reason, want) in [
+        ("replayed", N),
+        ("auth_failed", 2 * N),
+        ("unknown_session", N),
+        ("unknown_key", 0),
+        ("spoofed", 0),
+    ] {
+        let got = drops(&after, reason) - drops(&before, reason);
+        ensure!(
+            got == want,
+            "{reason}: counted {got}, sent {want}\nbefore {before}\nafter {after}"
+        );
+    }
+    ensure!(
+        after["rx_packets"] == before["rx_packets"],
+        "forged messages were opened: before {before}, after {after}"
+    );
+    let delivered_after = world.counters(0, SECRET)?;
+    ensure!(
+        delivered_after.rx_packets == delivered_before.rx_packets,
+        "something reached a container: {delivered_before:?} -> {delivered_after:?}"
+    );
+    // The same counts in the Prometheus metrics, which promtool accepts.
+    let text = String::from_utf8_lossy(
+        &world.hosts[0]
+            .netns
+            .exec(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://{METRICS}/metrics"),
+            ])?
+            .stdout,
+    )
+    .into_owned();
+    let file = lab.tempdir().join("metrics.txt");
+    std::fs::write(&file, &text)?;
+    let check = ovl_tests::run_unchecked(&[
+        "sh",
+        "-c",
+        &format!("promtool check metrics < {}", file.display()),
+    ])?;
+    ensure!(
+        check.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    for (reason, n) in [
+        ("replayed", drops(&after, "replayed")),
+        ("auth_failed", drops(&after, "auth_failed")),
+        ("unknown_session", drops(&after, "unknown_session")),
+    ] {
+        let line = format!("ovl_crypto_drops_total{{reason=\"{reason}\"}} {n}");
+        ensure!(text.contains(&line), "no `{line}` in the metrics:\n{text}");
+    }
+    ensure!(
+        text.contains("ovl_crypto_packets_total{direction=\"rx\"}"),
+        "{text}"
+    );
+
+    // The real session is unharmed.
+    let r = ping(s0, nets.secret[1].1, 3, &["-i", "0.2", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    world.stop()
+}
+
+#[test]
+fn key_rotation_manual_and_scheduled_loses_no_packet_of_a_100_per_second_ping() -> Result<()> {
+    let lab = Lab::new("crypt-rotate")?;
+    // Scheduled rotation every 10 s on both nodes, on top of a manual one.
+    let world = Cluster::start_with_env(&lab, "tc", &[("OVL_KEY_ROTATION", "10")])?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, _), (_, s1_ip)] = &nets.secret;
+    wait_for_ping(s0, *s1_ip)?;
+    let keys_before = world.node_keys(0)?;
+
+    let pinger = BackgroundPing::start(&lab, s0, *s1_ip, 1500, Duration::from_millis(10))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let out = world.run(0, &["node", "rotate-key"])?;
+    ensure!(out.contains("now has WireGuard key"), "{out}");
+    let r = pinger.finish()?;
+    ensure!(
+        r.transmitted >= 1400 && r.all_received(),
+        "lost packets during rotations: {} sent, {} received\n{}",
+        r.transmitted,
+        r.received,
+        r.output
+    );
+    let a = crypto(&world, 0)?;
+    let b = crypto(&world, 1)?;
+    ensure!(a["counters"]["rotations"].as_u64() >= Some(2), "{a}");
+    ensure!(b["counters"]["rotations"].as_u64() >= Some(1), "{b}");
+    let keys_after = world.node_keys(0)?;
+    for node in Cluster::NODES.iter().take(2) {
+        ensure!(
+            keys_before[*node] != keys_after[*node],
+            "{node} still publishes its first key"
+        );
+    }
+    ensure!(
+        keys_after["host-a"].as_deref() == a["public_key"].as_str(),
+        "published {:?}, agent holds {}",
+        keys_after["host-a"],
+        a["public_key"]
+    );
+    world.stop()
+}
+
+#[test]
+fn a_host_joining_later_reaches_the_first_two_on_the_encrypted_network() -> Result<()> {
+    let lab = Lab::new("crypt-join")?;
+    let (router, hosts) = lab.routed_hosts(3)?;
+    let ovl = ovl_tests::Ovl::new(&lab)?;
+    let mut agents = Vec::new();
+    for (host, node) in hosts.iter().zip(Cluster::NODES).take(2) {
+        agents.push(ovl.attach(&lab, host, node, "tc")?);
+    }
+    let mut world = Cluster {
+        ovl,
+        router,
+        hosts,
+        agents,
+    };
+    world.ovl.create_network(
+        &world.hosts[0].netns,
+        SECRET,
+        SECRET_SUBNET,
+        &["--encrypted"],
+    )?;
+    let (a, _) = world.container(&lab, 0, SECRET, "s0")?;
+    let (b, b_ip) = world.container(&lab, 1, SECRET, "s1")?;
+    wait_for_ping(&a, b_ip)?;
+
+    let late = world
+        .ovl
+        .attach(&lab, &world.hosts[2], Cluster::NODES[2], "tc")?;
+    world.agents.push(late);
+    let (c, c_ip) = world.container(&lab, 2, SECRET, "s2")?;
+    wait_for_keys(&world)?;
+    let a_ip = world.inspect(0, SECRET)?["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .find(|e| e["location"]["node"] == "host-a")
+        .and_then(|e| e["ip"].as_str()?.parse::<Ipv4Addr>().ok())
+        .context("host-a's endpoint")?;
+    wait_for_ping(&c, a_ip)?;
+    wait_for_ping(&c, b_ip)?;
+    wait_for_ping(&a, c_ip)?;
+    wait_for_ping(&b, c_ip)?;
+    // A and B were not restarted: they learnt C from the store.
+    for i in 0..2 {
+        let r = crypto(&world, i)?;
+        let peers: Vec<&str> = r["peers"]
+            .as_array()
+            .context("peers")?
+            .iter()
+            .filter_map(|p| p["node"].as_str())
+            .collect();
+        ensure!(peers.contains(&"host-c"), "host {i} peers: {peers:?}");
+    }
+    world.stop()
+}
+
+#[test]
+fn killed_agent_fails_closed_dropping_and_counting_and_sending_nothing_in_clear() -> Result<()> {
+    let lab = Lab::new("crypt-kill")?;
+    let mut world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let secret_vni = vni_of(&world, SECRET)?;
+    let [(s0, _), (_, s1_ip)] = &nets.secret;
+    let [(o0, _), (_, o1_ip)] = &nets.open;
+    wait_for_ping(s0, *s1_ip)?;
+    wait_for_ping(o0, *o1_ip)?;
+
+    let agent = world.agents.remove(0);
+    agent.kill()?;
+    agent.wait_exit(Duration::from_secs(10))?;
+    // The crypto device went with the agent.
+    wait_until(Duration::from_secs(5), || {
+        let out = world.hosts[0].netns.exec(&["ip", "-o", "link", "show"])?;
+        Ok(!String::from_utf8_lossy(&out.stdout).contains("ovlwg"))
+    })
+    .context("the crypto device outlived its agent")?;
+
+    let before = world.counters(0, SECRET)?;
+    let capture = Capture::start(&lab, &world.router, "h0", "dead", 6)?;
+    let r = ping(s0, *s1_ip, N as u32, &["-i", "0.2", "-W", "1"])?;
+    ensure!(
+        r.received == 0,
+        "encrypted network answered without an agent:\n{}",
+        r.output
+    );
+    // The plain network's data path outlives the agent, as always.
+    let r = ping(o0, *o1_ip, 3, &["-i", "0.2", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    let frames = capture.finish(&world.router, Duration::from_secs(30))?;
+    let after = world.counters(0, SECRET)?;
+    let no_key = after.no_key - before.no_key;
+    ensure!(
+        no_key == N,
+        "no_key counted {no_key}, {N} echo requests sent"
+    );
+    for f in &frames {
+        ensure!(
+            f.vni != secret_vni.to_string() && !f.addrs.iter().any(|a| a.starts_with("198.18.0.")),
+            "encrypted network's traffic in clear: {f:?}"
+        );
+        ensure!(
+            !(f.protocols.ends_with(":wg")
+                && f.addrs.first().map(String::as_str) == Some("192.0.2.10")),
+            "host A sent WireGuard without an agent: {f:?}"
+        );
+    }
+
+    // A new agent takes over, with the same key: traffic flows again.
+    let key_before = world.node_keys(1)?["host-a"].clone();
+    let agent = world
+        .ovl
+        .attach(&lab, &world.hosts[0], Cluster::NODES[0], "tc")?;
+    world.agents.insert(0, agent);
+    wait_for_ping(s0, *s1_ip)?;
+    ensure!(
+        world.node_keys(1)?["host-a"] == key_before,
+        "key changed across a restart"
+    );
+    world.stop()
+}
+
+#[test]
+fn bad_cli_input_for_encryption_is_refused_clearly() -> Result<()> {
+    let lab = Lab::new("crypt-cli")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    // No agent for this node: rotation names what to do.
+    let out = world
+        .ovl
+        .run_unchecked(&world.hosts[0].netns, "nobody", &["node", "rotate-key"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("ovl attach"), "{err}");
+    let out = world.ovl.run_unchecked(
+        &world.hosts[0].netns,
+        "host-a",
+        &["stats", "--crypto", "--underlay"],
+    )?;
+    ensure!(!out.status.success(), "conflicting flags accepted");
+    // A network cannot be both given a too-small MTU and encrypted quietly:
+    // the MTU is the user's, the warning the agent's; but the flag is kept.
+    world.ovl.create_network(
+        &world.hosts[0].netns,
+        SECRET,
+        SECRET_SUBNET,
+        &["--encrypted", "--mtu", "1300"],
+    )?;
+    let net = world.inspect(0, SECRET)?;
+    ensure!(net["encrypted"] == true && net["mtu"] == 1300, "{net}");
+    if net["vni"].is_null() {
+        bail!("no VNI: {net}");
+    }
+    world.stop()
+}
