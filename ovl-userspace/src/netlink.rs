@@ -282,7 +282,7 @@ async fn move_into_namespace(
         .await
         .context("bring container interface up")?;
     for (dst, len) in spec.via_gateway {
-        inner
+        let added = inner
             .route()
             .add(
                 RouteMessageBuilder::<Ipv4Addr>::new()
@@ -292,10 +292,28 @@ async fn move_into_namespace(
                     .build(),
             )
             .execute()
-            .await
-            .with_context(|| format!("route {dst}/{len} via {} in {netns:?}", spec.gateway))?;
+            .await;
+        match added {
+            Ok(()) => {}
+            // The container has that route already, through its first
+            // network (a default route, say): it keeps it, as a Docker
+            // container keeps one gateway whatever networks it joins.
+            Err(e) if is_exists(&e) => log::info!(
+                "{netns:?} keeps its route to {dst}/{len}; {name} adds none via {}",
+                spec.gateway
+            ),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("route {dst}/{len} via {} in {netns:?}", spec.gateway)));
+            }
+        }
     }
     Ok(name)
+}
+
+/// True when the kernel refused because the object exists (EEXIST).
+fn is_exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == libc::EEXIST)
 }
 
 /// Brings up the loopback interface of namespace `netns` (ovl's resolver
