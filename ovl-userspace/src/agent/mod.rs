@@ -87,6 +87,13 @@ type Connecting = Pin<Box<dyn Future<Output = Connected> + Send>>;
 /// Runs the agent until SIGINT/SIGTERM. On any exit the data path keeps
 /// forwarding with the last state; `ovl detach` removes it.
 pub async fn run(opts: AgentOptions) -> Result<()> {
+    // First of all: a stop asked for while the agent starts (key
+    // generation, the resolver, the crypto device take a while) waits for
+    // the loop and ends it cleanly instead of killing the process midway.
+    let signals = Signals {
+        interrupt: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        terminate: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+    };
     let handle = netlink::connect()?;
     let underlay = netlink::underlay(&handle, &opts.iface).await?;
     let driver = netlink::driver(&opts.iface).unwrap_or_default();
@@ -167,7 +174,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         ))
     });
 
-    let result = agent.serve(&opts, store, kicks).await;
+    let result = agent.serve(&opts, store, kicks, signals).await;
     api_task.abort();
     for t in metrics_task.into_iter().chain(docker_task) {
         t.abort();
@@ -180,6 +187,12 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         node_flag(&opts.node)
     );
     result
+}
+
+/// The signals that stop the agent, caught from its first instant.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
 }
 
 /// What the agent holds before it touches the kernel.
@@ -422,6 +435,7 @@ impl Agent {
         opts: &AgentOptions,
         store: Option<Arc<Store>>,
         mut kicks: tokio::sync::mpsc::Receiver<()>,
+        signals: Signals,
     ) -> Result<()> {
         // SAFETY: the logger owns the ring's descriptor and lives as long as
         // the AsyncFd that wraps it (the contract register_with_interest asks).
@@ -440,8 +454,10 @@ impl Agent {
             self.underlay.mtu,
             opts.lease_ttl,
         )));
-        let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let Signals {
+            interrupt: mut sigint,
+            terminate: mut sigterm,
+        } = signals;
         // Container veths come and go under the agent (`ovl connect` makes
         // one just after registering it; a deleted namespace takes its own
         // along): the kernel says when, nothing is polled.
