@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use crate::{
     api, dns,
     ipam::Subnet,
-    model::{ContainerSpec, Endpoint, Location, Network},
+    model::{ContainerSpec, Endpoint, Location, ModelError, Network},
     netlink, netns,
     store::{Scope, Store},
 };
@@ -277,16 +277,28 @@ async fn resolver_setup(netns: &str) -> Option<PathBuf> {
 /// unique in the network); for a front end that learns a container's
 /// names after attaching it (the Docker plugin, once Docker reports the
 /// container's name and `--network-alias`es). Refused, changing nothing,
-/// when a name is invalid or taken.
+/// when a name is invalid or taken, or when the endpoint at `ip` is not
+/// `owner`'s any more (it left, and its address may be another
+/// container's by now).
 pub async fn set_names(
     store: &Store,
     network: &str,
     ip: Ipv4Addr,
+    owner: &str,
     name: Option<String>,
     aliases: Vec<String>,
 ) -> Result<Endpoint> {
     Ok(store
         .update_with(Scope::Network(network), |s| {
+            let held = s
+                .endpoints_of(network)
+                .any(|e| e.ip == ip && e.owner.as_deref() == Some(owner));
+            if !held {
+                return Err(ModelError::NoSuchEndpoint {
+                    network: network.to_owned(),
+                    ip,
+                });
+            }
             s.set_names(network, ip, name.clone(), aliases.clone())
         })
         .await?)

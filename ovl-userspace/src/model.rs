@@ -852,7 +852,9 @@ impl State {
 
     /// Turns the container endpoint of `netns` on `node` back into a
     /// reservation of its address by the same owner (the container left,
-    /// but the runtime's IPAM releases the address separately).
+    /// but the runtime's IPAM releases the address separately). Like every
+    /// reservation it carries no names: the container's are free at once
+    /// for whoever asks next.
     pub fn release_to_reservation(
         &mut self,
         network: &str,
@@ -864,6 +866,8 @@ impl State {
             location: Location::Reserved {
                 node: node.to_owned(),
             },
+            name: ep.owner.clone().unwrap_or(ep.name),
+            aliases: Vec::new(),
             ..ep
         };
         self.endpoints.push(reserved.clone());
@@ -1619,7 +1623,9 @@ mod tests {
         let mut mine = container("a", "n1", "/run/docker/netns/x");
         mine.ip = Some(r.ip);
         mine.owner = Some("docker:e1".into());
+        mine.name = Some("web".into());
         let ep = s.add_container(mine).unwrap();
+        s.set_names("a", ep.ip, None, vec!["www".into()]).unwrap();
         assert_eq!(ep.ip, r.ip);
         assert!(matches!(ep.location, Location::Container { .. }));
         assert_eq!(s.endpoints_of("a").count(), 2);
@@ -1629,6 +1635,12 @@ mod tests {
             .unwrap();
         assert_eq!(back.location, Location::Reserved { node: "n1".into() });
         assert_eq!(back.owner.as_deref(), Some("docker:e1"));
+        assert!(
+            back.aliases.is_empty() && back.name == "docker:e1",
+            "a reservation holds no names: {back:?}"
+        );
+        s.set_names("a", other.ip, Some("web".into()), vec!["www".into()])
+            .unwrap();
         s.remove_endpoint("a", r.ip).unwrap();
         assert_eq!(s.endpoints_of("a").count(), 1);
     }

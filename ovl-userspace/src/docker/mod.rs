@@ -13,11 +13,13 @@
 //! | RequestAddress | a [`Location::Reserved`](crate::model::Location::Reserved) endpoint (owner `docker-ipam`) |
 //! | CreateEndpoint | the reservation's owner becomes `docker:<endpoint ID>` |
 //! | Join / Leave | the reservation becomes a container endpoint (veth left in the host namespace for Docker to move) and back |
+//! | the container's name and `--network-alias`es (learnt from dockerd after Join) | the endpoint's name and aliases in ovl's DNS |
 //! | ReleaseAddress | the reservation is freed |
 
 mod driver;
 mod engine;
 mod ipam;
+mod names;
 mod networks;
 mod options;
 mod protocol;
@@ -136,6 +138,8 @@ pub struct Context {
     networks: Mutex<HashMap<String, Known>>,
     /// Wakes the reconcile loop (a network was created or named).
     nudge: tokio::sync::Notify,
+    /// Containers' names as learnt from dockerd.
+    names: names::Memory,
 }
 
 /// An ovl network a Docker network ID was found to be: name and VNI (a
@@ -183,6 +187,7 @@ pub async fn serve(mut listener: Listener, node: String, store: StoreHandle, vie
         engine: listener.engine.clone(),
         networks: Mutex::new(HashMap::new()),
         nudge: tokio::sync::Notify::new(),
+        names: names::Memory::default(),
     });
     log::info!(
         "Docker plugin `{DRIVER}` on {}; dockerd at {}",
