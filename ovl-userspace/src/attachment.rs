@@ -170,7 +170,13 @@ pub async fn attach_placed(
     .await;
     match built {
         Ok((ifname, routes)) => Ok(Attachment {
-            resolv_conf: resolver_setup(&req.netns).await,
+            // A runtime that places the interface itself owns the
+            // namespace, which may not even exist yet (Docker makes it
+            // after Join): its loopback and resolv.conf are the runtime's.
+            resolv_conf: match placement {
+                Placement::IntoNamespace => resolver_setup(&req.netns).await,
+                Placement::HostSide => None,
+            },
             endpoint,
             network,
             ifname,

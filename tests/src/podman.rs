@@ -27,8 +27,9 @@ pub const REFERENCE_PLUGIN_DIR: &str = "/usr/lib/cni";
 const CNI_STATE_DIR: &str = "/var/lib/cni";
 
 /// The applets the busybox image links to.
-const BUSYBOX_APPLETS: [&str; 12] = [
+const BUSYBOX_APPLETS: [&str; 13] = [
     "sh", "ping", "ip", "sleep", "nc", "cat", "echo", "ls", "sysctl", "ifconfig", "wc", "timeout",
+    "nslookup",
 ];
 
 /// A container podman started.
