@@ -938,11 +938,27 @@ fn docker_containers_resolve_each_other_by_name_across_hosts() -> Result<()> {
         "{out}"
     );
 
+    // docker rename: the endpoint follows at the agent's next pass.
+    world.docker(0, &["rename", "client", "client2"])?;
+    let took = wait_lookup(
+        &world,
+        (1, "web"),
+        "client2",
+        None,
+        &Lookup::Addresses(vec![client_ip]),
+        Duration::from_secs(5),
+    )?;
+    eprintln!("client2 resolves on B {took:?} after `docker rename` on A");
+    ensure!(
+        lookup(&world, 1, "web", "client", None)? == Lookup::NxDomain,
+        "the old name stayed"
+    );
+
     // docker rm -f web: its names go with its endpoint.
     world.docker(1, &["rm", "-f", "web"])?;
     let gone = wait_lookup(
         &world,
-        (0, "client"),
+        (0, "client2"),
         "web",
         None,
         &Lookup::NxDomain,
@@ -950,7 +966,7 @@ fn docker_containers_resolve_each_other_by_name_across_hosts() -> Result<()> {
     )?;
     eprintln!("web NXDOMAIN on A {gone:?} after `docker rm -f web` returned on B");
     ensure!(
-        lookup(&world, 0, "client", "www", None)? == Lookup::NxDomain,
+        lookup(&world, 0, "client2", "www", None)? == Lookup::NxDomain,
         "www outlived web"
     );
     world.stop()
