@@ -303,8 +303,10 @@ async fn move_into_namespace(
                 spec.gateway
             ),
             Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context(format!("route {dst}/{len} via {} in {netns:?}", spec.gateway)));
+                return Err(anyhow::Error::new(e).context(format!(
+                    "route {dst}/{len} via {} in {netns:?}",
+                    spec.gateway
+                )));
             }
         }
     }
