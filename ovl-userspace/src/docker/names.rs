@@ -176,13 +176,19 @@ impl Memory {
             .map(|l| l.wanted.clone())
     }
 
+    /// Learns (again) what endpoint `id` wants. What was said about it is
+    /// kept: a Join's look and a reconcile pass may learn at the same time,
+    /// and a problem is still said once (a rename changes the problem's
+    /// text, which makes it news).
     fn learn(&self, id: &str, container: &str, wanted: Wanted) {
-        self.lock().insert(
+        let mut all = self.lock();
+        let said = all.remove(id).and_then(|l| l.said);
+        all.insert(
             id.to_owned(),
             Learnt {
                 container: container.to_owned(),
                 wanted,
-                said: None,
+                said,
             },
         );
     }
@@ -501,6 +507,19 @@ mod tests {
         );
         assert!(m.news("e1", Some("web is held")));
         assert!(!m.news("e1", Some("web is held")), "said once");
+        // A Join's look and a reconcile pass learning at the same time.
+        m.learn(
+            "e1",
+            "web",
+            Wanted {
+                name: "web".into(),
+                aliases: vec![],
+            },
+        );
+        assert!(
+            !m.news("e1", Some("web is held")),
+            "learning again: still said once"
+        );
         assert!(m.news("e1", None), "then that it is solved");
         assert!(!m.news("e1", None));
         assert!(m.wanted("e1", "web").is_some());
