@@ -115,11 +115,13 @@ enum Command {
         #[command(flatten)]
         dns: DnsArgs,
         /// Be Docker's `ovl` network and IPAM driver for the dockerd at this
-        /// URL (unix:///var/run/docker.sock), mirroring ovl networks into it.
-        #[arg(long, env = "OVL_DOCKER_HOST")]
-        docker_host: Option<String>,
-        /// The Docker plugin's socket (needs --docker-host).
-        #[arg(long, env = "OVL_DOCKER_PLUGIN_SOCKET", requires = "docker_host",
+        /// URL (unix:///var/run/docker.sock), mirroring ovl networks into it;
+        /// `auto`: the dockerd at /var/run/docker.sock if it runs as the
+        /// agent starts; `off`: never.
+        #[arg(long, env = "OVL_DOCKER_HOST", default_value = "auto")]
+        docker_host: String,
+        /// The Docker plugin's socket.
+        #[arg(long, env = "OVL_DOCKER_PLUGIN_SOCKET",
               default_value = ovl_userspace::docker::DEFAULT_PLUGIN_SOCKET)]
         docker_plugin_socket: PathBuf,
         /// UDP port of WireGuard, which carries encrypted networks between
@@ -391,10 +393,11 @@ async fn run(cli: Cli) -> Result<()> {
                 upstreams: dns.upstreams,
                 rate_limit: dns.dns_rate_limit,
             },
-            docker: docker_host.map(|host| ovl_userspace::docker::DockerOptions {
-                host,
-                plugin_socket: docker_plugin_socket,
-            }),
+            docker: ovl_userspace::docker::DockerOptions::resolve(
+                &docker_host,
+                std::path::Path::new(ovl_userspace::docker::DEFAULT_DOCKER_SOCKET),
+                docker_plugin_socket,
+            ),
             wireguard_port,
             key_rotation: std::time::Duration::from_secs(key_rotation),
         })

@@ -148,6 +148,9 @@ impl Ovl {
             ("OVL_STORE".into(), self.store.clone()),
             ("OVL_PIN_ROOT".into(), self.pin_root.display().to_string()),
             ("OVL_NODE".into(), node.into()),
+            // Lab agents serve Docker only where a test starts a dockerd
+            // for them, never the machine's own.
+            ("OVL_DOCKER_HOST".into(), "off".into()),
             (
                 "OVL_API_SOCKET".into(),
                 self.api_socket(node).display().to_string(),
