@@ -69,6 +69,12 @@ impl Cluster {
         for (host, node) in hosts.iter().zip(Self::NODES) {
             agents.push(ovl.attach_with_env(lab, host, node, mode, env)?);
         }
+        // Each agent writes to the store as it starts (its node, its
+        // WireGuard key): a test begins once they are done, so what it
+        // sees change in the store is its own doing.
+        for agent in &agents {
+            agent.wait_in_step()?;
+        }
         Ok(Cluster {
             ovl,
             router,
