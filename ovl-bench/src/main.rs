@@ -11,6 +11,7 @@
 
 mod bench;
 mod chart;
+mod dns;
 mod machine;
 mod measure;
 mod micro;
@@ -45,18 +46,27 @@ struct Cli {
     seconds: Option<u32>,
     /// The control plane at scale instead: 20 agents on one etcd, 1k, 5k
     /// and 10k endpoints, then churn (with --quick: 5 agents, up to 1k).
-    #[arg(long, conflicts_with_all = ["runs", "seconds"])]
+    #[arg(long, conflicts_with_all = ["runs", "seconds", "dns"])]
     scale: bool,
+    /// Measure the containers' resolver instead (bench/results/<date>-dns.md).
+    #[arg(long, conflicts_with_all = ["runs", "seconds"])]
+    dns: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if cli.scale {
-        let options = scale::Options {
-            ovl: cli.ovl,
+    let other = if cli.scale {
+        Some(scale::run(scale::Options {
+            ovl: cli.ovl.clone(),
             quick: cli.quick,
-        };
-        return match scale::run(options) {
+        }))
+    } else if cli.dns {
+        Some(dns::run(&cli.ovl, cli.quick))
+    } else {
+        None
+    };
+    if let Some(result) = other {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("ovl-bench: error: {error:#}");

@@ -109,14 +109,14 @@ pub fn to_remote(
             // A router on the way reported a smaller path MTU (RFC 1191):
             // tell the sender, as a router on its path would, unless it
             // allows fragmenting.
-            if let Some(path_mtu) = maps::path_mtu(dst.vtep) {
-                if outer_len > path_mtu {
-                    if u16::from_be_bytes(inner_ip.frags) & IPV4_DF == 0 {
-                        return Err(DropReason::TooBig);
-                    }
-                    let inner_mtu = path_mtu.saturating_sub(ENCAP_OVERHEAD) as u16;
-                    return icmp::frag_needed(ctx, ifindex, iface, inner_mtu);
+            if let Some(path_mtu) = maps::path_mtu(dst.vtep)
+                && outer_len > path_mtu
+            {
+                if u16::from_be_bytes(inner_ip.frags) & IPV4_DF == 0 {
+                    return Err(DropReason::TooBig);
                 }
+                let inner_mtu = path_mtu.saturating_sub(ENCAP_OVERHEAD) as u16;
+                return icmp::frag_needed(ctx, ifindex, iface, inner_mtu);
             }
             route_to(ctx, node, dst.vtep, outer_len)?
         }

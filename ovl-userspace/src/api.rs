@@ -190,15 +190,13 @@ struct StatsQuery {
 /// Counter rows of every network the agent serves, by VNI order.
 pub fn network_rows(view: &View, network: Option<&str>) -> Result<Vec<NetworkStats>, ApiError> {
     let live = view.live();
-    if let Some(want) = network {
-        if !live.networks.values().any(|n| n.name == want) {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no network named {want:?} on this node; list networks with `ovl network ls`"
-                ),
-            ));
-        }
+    if let Some(want) = network
+        && !live.networks.values().any(|n| n.name == want)
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no network named {want:?} on this node; list networks with `ovl network ls`"),
+        ));
     }
     let counters = datapath::read_counters(&view.identity.pin_dir)?;
     let mut rows: Vec<NetworkStats> = live
@@ -207,7 +205,10 @@ pub fn network_rows(view: &View, network: Option<&str>) -> Result<Vec<NetworkSta
         .filter(|n| network.is_none_or(|want| want == n.name))
         .map(|n| {
             let c = counters.get(&n.vni).copied().unwrap_or_default();
-            NetworkStats::new(&n.name, n.vni, &c)
+            NetworkStats {
+                dns: view.dns.of(&n.name),
+                ..NetworkStats::new(&n.name, n.vni, &c)
+            }
         })
         .collect();
     rows.sort_by(|a, b| a.network.cmp(&b.network));

@@ -1,16 +1,22 @@
 //! The one code path that gives a container an interface on a network and
 //! takes it away again, for every front end: `ovl connect`, the CNI plugin
-//! and the Docker plugin. Registration in the store, the veth, rollback on
-//! failure, and waiting until the node's agent forwards for it.
+//! and the Docker plugin. Registration in the store (with the names the
+//! endpoint resolves as), the veth, the container's loopback and resolver
+//! configuration, rollback on failure, and waiting until the node's agent
+//! forwards for it.
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 
 use crate::{
-    api,
+    api, dns,
     ipam::Subnet,
-    model::{ContainerSpec, Endpoint, Location, Network},
+    model::{ContainerSpec, Endpoint, Location, ModelError, Network},
     netlink, netns,
     store::{Scope, Store},
 };
@@ -27,6 +33,8 @@ pub struct Request {
     pub ifname: Option<String>,
     /// Endpoint name [default: the namespace name].
     pub name: Option<String>,
+    /// More names the endpoint resolves as in the network's DNS.
+    pub aliases: Vec<String>,
     /// Address to use instead of the next free one.
     pub ip: Option<Ipv4Addr>,
     /// The network's subnet to take the address from [default: the first
@@ -63,6 +71,8 @@ pub struct Attachment {
     /// the subnet's), as the kernel holds them after the attachment; none
     /// for [`Placement::HostSide`] (the runtime addresses the interface).
     pub routes: Vec<netlink::Route4>,
+    /// The resolv.conf written for the namespace (`ip netns` names only).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// Registers the endpoint (IPAM), then builds its veth into the container.
@@ -107,7 +117,11 @@ pub async fn attach_placed(
                 subnet: req.subnet,
                 owner: req.owner.clone(),
             })?;
-
+            let ep = if req.aliases.is_empty() {
+                ep
+            } else {
+                s.set_names(&req.network, ep.ip, None, req.aliases.clone())?
+            };
             Ok((ep, s.network(&req.network)?.clone(), reservation))
         })
         .await?;
@@ -156,6 +170,13 @@ pub async fn attach_placed(
     .await;
     match built {
         Ok((ifname, routes)) => Ok(Attachment {
+            // A runtime that places the interface itself owns the
+            // namespace, which may not even exist yet (Docker makes it
+            // after Join): its loopback and resolv.conf are the runtime's.
+            resolv_conf: match placement {
+                Placement::IntoNamespace => resolver_setup(&req.netns).await,
+                Placement::HostSide => None,
+            },
             endpoint,
             network,
             ifname,
@@ -232,6 +253,63 @@ pub async fn find_owned(
         .find(|e| e.owner.as_deref() == Some(owner)))
 }
 
+/// Points the container at ovl's resolver: its loopback up (the resolver
+/// listens on 127.0.0.11) and, for an `ip netns` name, the resolv.conf
+/// `ip netns exec` mounts. Neither is needed to forward: a failure is a
+/// warning, not a failed attachment.
+async fn resolver_setup(netns: &str) -> Option<PathBuf> {
+    if let Err(e) = netlink::loopback_up(netns).await {
+        log::warn!("{e:#}; names will not resolve in {netns}");
+    }
+    match dns::resolv_conf::install(netns, &dns::container_dns()) {
+        Ok(dns::resolv_conf::Change::Written(path)) => Some(path),
+        Ok(dns::resolv_conf::Change::NotOurs(path)) => {
+            log::warn!(
+                "{} exists and was not written by ovl: left as is; point it at nameserver {} for names to resolve",
+                path.display(),
+                dns::RESOLVER_ADDR
+            );
+            None
+        }
+        Ok(_) => None,
+        Err(e) => {
+            log::warn!("{e:#}; names will not resolve in {netns}");
+            None
+        }
+    }
+}
+
+/// Renames endpoint `ip` of `network` and replaces its aliases (each
+/// unique in the network); for a front end that learns a container's
+/// names after attaching it (the Docker plugin, once Docker reports the
+/// container's name and `--network-alias`es). Refused, changing nothing,
+/// when a name is invalid or taken, or when the endpoint at `ip` is not
+/// `owner`'s any more (it left, and its address may be another
+/// container's by now).
+pub async fn set_names(
+    store: &Store,
+    network: &str,
+    ip: Ipv4Addr,
+    owner: &str,
+    name: Option<String>,
+    aliases: Vec<String>,
+) -> Result<Endpoint> {
+    Ok(store
+        .update_with(Scope::Network(network), |s| {
+            let held = s
+                .endpoints_of(network)
+                .any(|e| e.ip == ip && e.owner.as_deref() == Some(owner));
+            if !held {
+                return Err(ModelError::NoSuchEndpoint {
+                    network: network.to_owned(),
+                    ip,
+                });
+            }
+            s.set_names(network, ip, name.clone(), aliases.clone())
+        })
+        .await?)
+}
+
 /// The endpoint of namespace `netns` on `node` in `network`, if any.
 pub async fn find(
     store: &Store,
@@ -249,11 +327,34 @@ pub async fn find(
 /// Removes the veth of `netns` on `node` (if still there) and its endpoint.
 pub async fn detach(store: &Store, node: &str, network: &str, netns: &str) -> Result<Endpoint> {
     remove_link(store, node, network, netns).await?;
-    Ok(store
+    let endpoint = store
         .update_with(Scope::Network(network), |s| {
             s.remove_container(network, node, netns)
         })
-        .await?)
+        .await?;
+    release_resolv_conf(store, node, netns).await;
+    Ok(endpoint)
+}
+
+/// Removes the resolv.conf ovl wrote for namespace `netns` once it has no
+/// endpoint left on `node` (in any network: the only read of the whole
+/// state, and only for `ip netns` names with ovl's file).
+async fn release_resolv_conf(store: &Store, node: &str, netns: &str) {
+    if !dns::resolv_conf::is_ours(netns) {
+        return;
+    }
+    let still_attached = match store.load().await {
+        Ok(state) => state.endpoints.iter().any(|e| {
+            matches!(&e.location, Location::Container { node: n, netns: ns, .. } if n == node && ns == netns)
+        }),
+        Err(e) => {
+            log::warn!("{e}; keeping the resolv.conf of {netns}");
+            return;
+        }
+    };
+    if !still_attached && let Err(e) = dns::resolv_conf::remove(netns) {
+        log::warn!("{e:#}");
+    }
 }
 
 /// Removes the veth of `netns` on `node` (if still there) and turns its

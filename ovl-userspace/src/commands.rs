@@ -159,15 +159,20 @@ pub async fn connect(
         ),
         Err(e) => eprintln!("ovl: warning: {e:#}"),
     }
+    let resolver = match &a.resolv_conf {
+        Some(path) => format!("{} ({})", crate::dns::RESOLVER_ADDR, path.display()),
+        None => crate::dns::RESOLVER_ADDR.to_string(),
+    };
     Ok(format!(
-        "connected {} to {}: {} {}/{prefix} gateway {gateway} mac {} mtu {} (host side {})",
+        "connected {} to {}: {} {}/{prefix} gateway {gateway} mac {} mtu {} (host side {})\nnames: {}; resolver {resolver}",
         req.netns,
         req.network,
         a.ifname,
         a.endpoint.ip,
         a.endpoint.mac,
         a.network.mtu,
-        a.host_ifname
+        a.host_ifname,
+        a.endpoint.names().collect::<Vec<_>>().join(", ")
     ))
 }
 
@@ -304,12 +309,13 @@ pub async fn node_ls(store: &Store, pin_root: &Path, json: bool) -> Result<Strin
 /// file store, which does not track liveness).
 pub async fn node_rm(store: &Store, pin_root: &Path, name: &str) -> Result<String> {
     let dir = bpffs::node_dir(pin_root, name)?;
-    if matches!(store, Store::File(_)) && dir.exists() {
-        if let Err(bpffs::LockError::Held { holder, .. }) = bpffs::NodeLock::acquire(&dir) {
-            bail!(
-                "node {name:?} has a running agent on this machine{holder}; stop it first (SIGTERM), then remove the node"
-            );
-        }
+    if matches!(store, Store::File(_))
+        && dir.exists()
+        && let Err(bpffs::LockError::Held { holder, .. }) = bpffs::NodeLock::acquire(&dir)
+    {
+        bail!(
+            "node {name:?} has a running agent on this machine{holder}; stop it first (SIGTERM), then remove the node"
+        );
     }
     let freed = store.remove_node(name).await?;
     Ok(format!(

@@ -121,6 +121,19 @@ pub fn render(view: &View) -> Result<String> {
         "Endpoints of the network in this node's maps, by location (local: a container on this node; remote: behind another VTEP).",
         &["network", "vni", "location"],
     )?;
+    let dns_q = counter(
+        &reg,
+        "ovl_dns_queries_total",
+        "DNS questions of the network's containers to ovl's resolver, by outcome (answered from ovl's names, forwarded upstream, failed with SERVFAIL/NOTIMP, rate_limited and dropped, malformed).",
+        &["network", "vni", "outcome"],
+    )?;
+    let dns_ns = register(
+        &reg,
+        IntGauge::new(
+            "ovl_dns_namespaces",
+            "Container namespaces ovl's resolver listens in on this node.",
+        )?,
+    )?;
     let u_pkts = register(
         &reg,
         IntCounter::new(
@@ -199,7 +212,20 @@ pub fn render(view: &View) -> Result<String> {
                 .with_label_values(&[row.network.as_str(), vni.as_str(), reason.name()])
                 .inc_by(n);
         }
+        let d = &row.dns;
+        for (outcome, n) in [
+            ("answered", d.answered),
+            ("forwarded", d.forwarded),
+            ("failed", d.failed),
+            ("rate_limited", d.rate_limited),
+            ("malformed", d.malformed),
+        ] {
+            dns_q
+                .with_label_values(&[row.network.as_str(), vni.as_str(), outcome])
+                .inc_by(n);
+        }
     }
+    dns_ns.set(view.dns.namespaces() as i64);
     let live = view.live();
     for n in live.networks.values() {
         let vni = n.vni.to_string();

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod crypto;
 pub mod datapath;
 pub mod desired;
+pub mod dns;
 pub mod docker;
 pub mod egress_nat;
 pub mod exporter;

@@ -84,9 +84,13 @@ enum Command {
         /// first with a free address].
         #[arg(long)]
         subnet: Option<Subnet>,
-        /// Endpoint name [default: the namespace name].
+        /// Endpoint name [default: the namespace name]: what the network's
+        /// other containers resolve to its address.
         #[arg(long)]
         name: Option<String>,
+        /// Another name the endpoint resolves as (repeatable).
+        #[arg(long = "alias", value_name = "NAME")]
+        aliases: Vec<String>,
     },
     /// Remove a container namespace's interface from a network.
     Disconnect { network: String, netns: String },
@@ -108,12 +112,16 @@ enum Command {
         /// (deleted without a disconnect) before its endpoint is freed.
         #[arg(long, env = "OVL_GC_GRACE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
         gc_grace: u64,
+        #[command(flatten)]
+        dns: DnsArgs,
         /// Be Docker's `ovl` network and IPAM driver for the dockerd at this
-        /// URL (unix:///var/run/docker.sock), mirroring ovl networks into it.
-        #[arg(long, env = "OVL_DOCKER_HOST")]
-        docker_host: Option<String>,
-        /// The Docker plugin's socket (needs --docker-host).
-        #[arg(long, env = "OVL_DOCKER_PLUGIN_SOCKET", requires = "docker_host",
+        /// URL (unix:///var/run/docker.sock), mirroring ovl networks into it;
+        /// `auto`: the dockerd at /var/run/docker.sock if it runs as the
+        /// agent starts; `off`: never.
+        #[arg(long, env = "OVL_DOCKER_HOST", default_value = "auto")]
+        docker_host: String,
+        /// The Docker plugin's socket.
+        #[arg(long, env = "OVL_DOCKER_PLUGIN_SOCKET",
               default_value = ovl_userspace::docker::DEFAULT_PLUGIN_SOCKET)]
         docker_plugin_socket: PathBuf,
         /// UDP port of WireGuard, which carries encrypted networks between
@@ -192,6 +200,22 @@ enum CniCmd {
         #[arg(long)]
         name: Option<String>,
     },
+}
+
+/// The containers' resolver (`ovl attach`).
+#[derive(clap::Args)]
+struct DnsArgs {
+    /// No resolver in the containers of this node.
+    #[arg(long, env = "OVL_NO_DNS")]
+    no_dns: bool,
+    /// Resolver for names that are not ovl's, IP[:PORT] (repeatable,
+    /// tried in order) [default: the nameservers of /etc/resolv.conf].
+    #[arg(long = "dns-upstream", env = "OVL_DNS_UPSTREAM", value_delimiter = ',', value_name = "IP[:PORT]", value_parser = ovl_userspace::dns::parse_upstream)]
+    upstreams: Vec<std::net::SocketAddr>,
+    /// Questions per second each container may ask (bursts of twice
+    /// that); more are dropped. 0: no limit.
+    #[arg(long, env = "OVL_DNS_RATE_LIMIT", default_value_t = ovl_userspace::dns::DEFAULT_RATE_LIMIT)]
+    dns_rate_limit: u32,
 }
 
 #[derive(Subcommand)]
@@ -343,6 +367,7 @@ async fn run(cli: Cli) -> Result<()> {
         lease_ttl,
         metrics,
         gc_grace,
+        dns,
         docker_host,
         docker_plugin_socket,
         wireguard_port,
@@ -363,10 +388,16 @@ async fn run(cli: Cli) -> Result<()> {
             metrics,
             state_dir,
             gc_grace: std::time::Duration::from_secs(gc_grace),
-            docker: docker_host.map(|host| ovl_userspace::docker::DockerOptions {
-                host,
-                plugin_socket: docker_plugin_socket,
-            }),
+            dns: ovl_userspace::dns::Options {
+                enabled: !dns.no_dns,
+                upstreams: dns.upstreams,
+                rate_limit: dns.dns_rate_limit,
+            },
+            docker: ovl_userspace::docker::DockerOptions::resolve(
+                &docker_host,
+                std::path::Path::new(ovl_userspace::docker::DEFAULT_DOCKER_SOCKET),
+                docker_plugin_socket,
+            ),
             wireguard_port,
             key_rotation: std::time::Duration::from_secs(key_rotation),
         })
@@ -425,6 +456,7 @@ async fn run(cli: Cli) -> Result<()> {
             ip,
             subnet,
             name,
+            aliases,
         } => {
             let req = ovl_userspace::attachment::Request {
                 network,
@@ -432,6 +464,7 @@ async fn run(cli: Cli) -> Result<()> {
                 netns,
                 ifname: None,
                 name,
+                aliases,
                 ip,
                 subnet,
                 owner: None,

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 
 use ovl_common::{DropReason, UnderlayCounters, VniCounters};
+
+use crate::dns::DnsCounters;
 use serde::{Deserialize, Serialize};
 
 /// Counters of one network.
@@ -21,6 +23,10 @@ pub struct NetworkStats {
     pub egress_packets: u64,
     /// Drops keyed by reason name, every reason present.
     pub drops: BTreeMap<String, u64>,
+    /// The network's containers' DNS questions, by outcome (zero when no
+    /// agent runs: they live in the agent).
+    #[serde(default)]
+    pub dns: DnsCounters,
 }
 
 impl NetworkStats {
@@ -40,6 +46,7 @@ impl NetworkStats {
                 .iter()
                 .map(|r| (r.name().to_owned(), c.drops_for(*r)))
                 .collect(),
+            dns: DnsCounters::default(),
         }
     }
 }
@@ -97,7 +104,7 @@ impl std::fmt::Display for UnderlayStats {
 /// Renders rows as an aligned table; drops list only non-zero reasons.
 pub fn table(rows: &[NetworkStats]) -> String {
     let mut out = format!(
-        "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>8}  {}\n",
+        "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>8} {:>20}  {}\n",
         "NETWORK",
         "VNI",
         "TX_PKTS",
@@ -107,6 +114,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
         "LOCAL",
         "ARP",
         "EGRESS",
+        "DNS ANS/FWD/FAIL",
         "DROPS"
     );
     for r in rows {
@@ -117,7 +125,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         out.push_str(&format!(
-            "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>8}  {}\n",
+            "{:<16} {:>8} {:>10} {:>12} {:>10} {:>12} {:>8} {:>6} {:>8} {:>20}  {}\n",
             r.network,
             r.vni,
             r.tx_packets,
@@ -127,6 +135,7 @@ pub fn table(rows: &[NetworkStats]) -> String {
             r.local_packets,
             r.arp_replies,
             r.egress_packets,
+            format!("{}/{}/{}", r.dns.answered, r.dns.forwarded, r.dns.failed),
             if drops.is_empty() {
                 "-".to_owned()
             } else {

@@ -93,6 +93,19 @@ pub enum ModelError {
     #[error("no endpoint {ip} on network {network:?}")]
     NoSuchEndpoint { network: String, ip: Ipv4Addr },
     #[error(
+        "invalid endpoint name or alias {name:?}: {why}; use DNS labels (letters, digits, '-', '_'; 1-63 characters each, not starting or ending with '-') joined by dots, at most 253 characters"
+    )]
+    InvalidEndpointName { name: String, why: &'static str },
+    #[error(
+        "name {name:?} is already taken on network {network:?} by {holder} ({ip}); names and aliases are unique per network (ignoring case): pick another --name or --alias"
+    )]
+    NameTaken {
+        name: String,
+        network: String,
+        holder: String,
+        ip: Ipv4Addr,
+    },
+    #[error(
         "{ip} on network {network:?} is not a reservation of node {node:?}; nothing was changed"
     )]
     NotReserved {
@@ -439,6 +452,11 @@ pub struct Endpoint {
     /// garbage-collect its own attachments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// More names the endpoint answers to in its network's DNS; with the
+    /// name, unique per network (ignoring case). Absent in stores written
+    /// before aliases existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 impl Endpoint {
@@ -448,6 +466,11 @@ impl Endpoint {
             Location::Container { node, .. } | Location::Reserved { node } => Some(node),
             Location::Static { .. } => None,
         }
+    }
+
+    /// The endpoint's name and aliases.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.name.as_str()).chain(self.aliases.iter().map(String::as_str))
     }
 }
 
@@ -650,14 +673,14 @@ impl State {
         if !(576..=MAX_MTU).contains(&mtu) {
             return Err(ModelError::InvalidMtu(mtu));
         }
-        if let Some((underlay_mtu, node)) = narrowest {
-            if mtu + overhead > underlay_mtu {
-                return Err(ModelError::MtuTooBig {
-                    mtu,
-                    node: node.to_owned(),
-                    underlay_mtu,
-                });
-            }
+        if let Some((underlay_mtu, node)) = narrowest
+            && mtu + overhead > underlay_mtu
+        {
+            return Err(ModelError::MtuTooBig {
+                mtu,
+                node: node.to_owned(),
+                underlay_mtu,
+            });
         }
         Ok(mtu)
     }
@@ -712,6 +735,9 @@ impl State {
                 netns: spec.netns,
             });
         }
+        if let Some(name) = &spec.name {
+            validate_endpoint_name(name)?;
+        }
         let reserved = spec.ip.and_then(|ip| {
             self.endpoints.iter().position(|e| {
                 e.network == spec.network
@@ -725,13 +751,16 @@ impl State {
             // Taking a reservation over adds no endpoint.
             capacity::endpoints(self, 1)?;
         }
-        if let Some(pos) = reserved {
-            self.endpoints.remove(pos);
+        let name = spec.name.unwrap_or_else(|| spec.netns.clone());
+        let reservation = reserved.map(|pos| self.endpoints.remove(pos));
+        if let Err(e) = self.check_names_free(&spec.network, None, [name.as_str()]) {
+            self.endpoints.extend(reservation);
+            return Err(e);
         }
         let ip = self.allocate(&network, spec.ip, spec.subnet)?;
         let endpoint = Endpoint {
             network: spec.network,
-            name: spec.name.unwrap_or_else(|| spec.netns.clone()),
+            name,
             ip,
             mac: MacAddr::for_ipv4(ip),
             location: Location::Container {
@@ -740,9 +769,78 @@ impl State {
                 host_ifname: host_ifname(network.vni, ip),
             },
             owner: spec.owner,
+            aliases: Vec::new(),
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
+    }
+
+    /// Gives endpoint `ip` of `network` a new name (if `name` is given) and
+    /// these aliases (replacing its aliases), each a DNS name unique in the
+    /// network. Refused, changing nothing, when one is invalid or taken.
+    pub fn set_names(
+        &mut self,
+        network: &str,
+        ip: Ipv4Addr,
+        name: Option<String>,
+        aliases: Vec<String>,
+    ) -> Result<Endpoint, ModelError> {
+        self.network(network)?;
+        let pos = self
+            .endpoints
+            .iter()
+            .position(|e| e.network == network && e.ip == ip)
+            .ok_or_else(|| ModelError::NoSuchEndpoint {
+                network: network.to_owned(),
+                ip,
+            })?;
+        if let Some(name) = &name {
+            validate_endpoint_name(name)?;
+        }
+        for alias in &aliases {
+            validate_endpoint_name(alias)?;
+        }
+        let name = name.unwrap_or_else(|| self.endpoints[pos].name.clone());
+        // An alias repeating the name or another alias adds nothing.
+        let mut seen = std::collections::BTreeSet::from([name.to_ascii_lowercase()]);
+        let aliases: Vec<String> = aliases
+            .into_iter()
+            .filter(|a| seen.insert(a.to_ascii_lowercase()))
+            .collect();
+        self.check_names_free(
+            network,
+            Some(ip),
+            std::iter::once(name.as_str()).chain(aliases.iter().map(String::as_str)),
+        )?;
+        let ep = &mut self.endpoints[pos];
+        ep.name = name;
+        ep.aliases = aliases;
+        Ok(ep.clone())
+    }
+
+    /// Fails when any of `names` is a name or alias of another endpoint of
+    /// `network` than the one at `except`.
+    fn check_names_free<'a>(
+        &self,
+        network: &str,
+        except: Option<Ipv4Addr>,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ModelError> {
+        for wanted in names {
+            let holder = self
+                .endpoints_of(network)
+                .filter(|e| Some(e.ip) != except)
+                .find(|e| e.names().any(|n| n.eq_ignore_ascii_case(wanted)));
+            if let Some(e) = holder {
+                return Err(ModelError::NameTaken {
+                    name: wanted.to_owned(),
+                    network: network.to_owned(),
+                    holder: e.name.clone(),
+                    ip: e.ip,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reserves an address of `network` on `node` for `owner` (the next free
@@ -770,6 +868,7 @@ impl State {
                 node: node.to_owned(),
             },
             owner: Some(owner.to_owned()),
+            aliases: Vec::new(),
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
@@ -777,7 +876,9 @@ impl State {
 
     /// Turns the container endpoint of `netns` on `node` back into a
     /// reservation of its address by the same owner (the container left,
-    /// but the runtime's IPAM releases the address separately).
+    /// but the runtime's IPAM releases the address separately). Like every
+    /// reservation it carries no names: the container's are free at once
+    /// for whoever asks next.
     pub fn release_to_reservation(
         &mut self,
         network: &str,
@@ -789,6 +890,8 @@ impl State {
             location: Location::Reserved {
                 node: node.to_owned(),
             },
+            name: ep.owner.clone().unwrap_or(ep.name),
+            aliases: Vec::new(),
             ..ep
         };
         self.endpoints.push(reserved.clone());
@@ -836,14 +939,20 @@ impl State {
             return Err(ModelError::GatewayMac(MacAddr(ANYCAST_GATEWAY_MAC)));
         }
         capacity::endpoints(self, 1)?;
+        if let Some(name) = &name {
+            validate_endpoint_name(name)?;
+        }
         let ip = self.allocate(&net, Some(ip), None)?;
+        let name = name.unwrap_or_else(|| format!("static-{ip}"));
+        self.check_names_free(network, None, [name.as_str()])?;
         let endpoint = Endpoint {
             network: network.to_owned(),
-            name: name.unwrap_or_else(|| format!("static-{ip}")),
+            name,
             ip,
             mac: mac.unwrap_or(MacAddr::for_ipv4(ip)),
             location: Location::Static { vtep },
             owner: None,
+            aliases: Vec::new(),
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
@@ -1093,6 +1202,46 @@ pub fn host_ifname(vni: Vni, ip: Ipv4Addr) -> String {
         h = h.wrapping_mul(0x0100_0193);
     }
     format!("ovl{h:08x}")
+}
+
+/// Checks that `name` can be asked for in DNS (RFC 1123 host names, plus
+/// '_' as Docker allows in container names): labels of 1-63 characters
+/// from [A-Za-z0-9_-], not starting or ending with '-', joined by dots,
+/// at most 253 characters, and not an IPv4 address.
+pub fn validate_endpoint_name(name: &str) -> Result<(), ModelError> {
+    let bad = |why| {
+        Err(ModelError::InvalidEndpointName {
+            name: name.to_owned(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > 253 {
+        return bad("it is longer than 253 characters");
+    }
+    if name.parse::<Ipv4Addr>().is_ok() {
+        return bad("it is an IPv4 address");
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return bad("it has an empty label (two dots in a row, or a dot at an end)");
+        }
+        if label.len() > 63 {
+            return bad("a label is longer than 63 characters");
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad("it has a character other than letters, digits, '-', '_' and '.'");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a label starts or ends with '-'");
+        }
+    }
+    Ok(())
 }
 
 /// The pools of a new network: `subnets` in order, disjoint, each with the
@@ -1499,7 +1648,9 @@ mod tests {
         let mut mine = container("a", "n1", "/run/docker/netns/x");
         mine.ip = Some(r.ip);
         mine.owner = Some("docker:e1".into());
+        mine.name = Some("web".into());
         let ep = s.add_container(mine).unwrap();
+        s.set_names("a", ep.ip, None, vec!["www".into()]).unwrap();
         assert_eq!(ep.ip, r.ip);
         assert!(matches!(ep.location, Location::Container { .. }));
         assert_eq!(s.endpoints_of("a").count(), 2);
@@ -1509,6 +1660,12 @@ mod tests {
             .unwrap();
         assert_eq!(back.location, Location::Reserved { node: "n1".into() });
         assert_eq!(back.owner.as_deref(), Some("docker:e1"));
+        assert!(
+            back.aliases.is_empty() && back.name == "docker:e1",
+            "a reservation holds no names: {back:?}"
+        );
+        s.set_names("a", other.ip, Some("web".into()), vec!["www".into()])
+            .unwrap();
         s.remove_endpoint("a", r.ip).unwrap();
         assert_eq!(s.endpoints_of("a").count(), 1);
     }
@@ -1568,11 +1725,104 @@ mod tests {
         assert!("02:42:c6:12:00:zz".parse::<MacAddr>().is_err());
     }
 
+    fn named(net: &str, node: &str, ns: &str, name: &str) -> ContainerSpec {
+        ContainerSpec {
+            name: Some(name.into()),
+            ..container(net, node, ns)
+        }
+    }
+
+    #[test]
+    fn names_and_aliases_are_unique_per_network_ignoring_case() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.create_network(spec("b", Some(7))).unwrap();
+        let web = s.add_container(named("a", "n1", "c1", "web")).unwrap();
+        s.set_names(
+            "a",
+            web.ip,
+            None,
+            vec!["www".into(), "WWW".into(), "web".into()],
+        )
+        .unwrap();
+        assert_eq!(s.endpoints[0].aliases, vec!["www".to_string()]);
+        let before = s.clone();
+        for clash in ["web", "Web", "WWW"] {
+            let err = s
+                .add_container(named("a", "n2", "c2", clash))
+                .expect_err("a taken name must be refused");
+            assert!(
+                matches!(&err, ModelError::NameTaken { holder, ip, .. } if holder == "web" && *ip == web.ip),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("--name"), "{err}");
+        }
+        let other = s.add_container(named("a", "n2", "c2", "db")).unwrap();
+        assert!(matches!(
+            s.set_names("a", other.ip, None, vec!["www".into()]),
+            Err(ModelError::NameTaken { .. })
+        ));
+        s.remove_container("a", "n2", "c2").unwrap();
+        assert_eq!(s, before, "refusals changed nothing");
+        // Another network has names of its own.
+        s.add_container(named("b", "n2", "c3", "web")).unwrap();
+    }
+
+    #[test]
+    fn endpoint_names_must_be_dns_names() {
+        for good in [
+            "web",
+            "web-1",
+            "my_app",
+            "db.internal",
+            "a1",
+            "x".repeat(63).as_str(),
+        ] {
+            validate_endpoint_name(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "",
+            "-web",
+            "web-",
+            "we b",
+            "web.",
+            "a..b",
+            "/run/netns/x",
+            "198.18.0.2",
+            "x".repeat(64).as_str(),
+        ] {
+            assert!(
+                matches!(
+                    validate_endpoint_name(bad),
+                    Err(ModelError::InvalidEndpointName { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        assert!(s.add_container(named("a", "n1", "c1", "bad name")).is_err());
+        assert!(s.endpoints.is_empty());
+        // A default name (the namespace) need not be a DNS name.
+        s.add_container(container("a", "n1", "/proc/42/ns/net"))
+            .unwrap();
+    }
+
+    #[test]
+    fn endpoints_stored_before_aliases_load_without_them() {
+        let old = r#"{"network":"a","name":"web","ip":"198.18.0.2","mac":"02:42:c6:12:00:02","location":{"kind":"static","vtep":"192.0.2.5"}}"#;
+        let ep: Endpoint = serde_json::from_str(old).unwrap();
+        assert!(ep.aliases.is_empty());
+        assert!(!serde_json::to_string(&ep).unwrap().contains("aliases"));
+    }
+
     #[test]
     fn state_round_trips_through_json() {
         let mut s = State::default();
         s.create_network(spec("a", None)).unwrap();
-        s.add_container(container("a", "n1", "c1")).unwrap();
+        let c1 = s.add_container(container("a", "n1", "c1")).unwrap();
+        s.set_names("a", c1.ip, Some("web".into()), vec!["www".into()])
+            .unwrap();
         s.add_static(
             "a",
             Ipv4Addr::new(198, 18, 0, 9),

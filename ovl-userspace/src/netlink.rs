@@ -282,7 +282,7 @@ async fn move_into_namespace(
         .await
         .context("bring container interface up")?;
     for (dst, len) in spec.via_gateway {
-        inner
+        let added = inner
             .route()
             .add(
                 RouteMessageBuilder::<Ipv4Addr>::new()
@@ -292,10 +292,45 @@ async fn move_into_namespace(
                     .build(),
             )
             .execute()
-            .await
-            .with_context(|| format!("route {dst}/{len} via {} in {netns:?}", spec.gateway))?;
+            .await;
+        match added {
+            Ok(()) => {}
+            // The container has that route already, through its first
+            // network (a default route, say): it keeps it, as a Docker
+            // container keeps one gateway whatever networks it joins.
+            Err(e) if is_exists(&e) => log::info!(
+                "{netns:?} keeps its route to {dst}/{len}; {name} adds none via {}",
+                spec.gateway
+            ),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "route {dst}/{len} via {} in {netns:?}",
+                    spec.gateway
+                )));
+            }
+        }
     }
     Ok(name)
+}
+
+/// True when the kernel refused because the object exists (EEXIST).
+fn is_exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code().abs() == libc::EEXIST)
+}
+
+/// Brings up the loopback interface of namespace `netns` (ovl's resolver
+/// listens on 127.0.0.11 there; a new `ip netns add` namespace has it down).
+pub async fn loopback_up(netns: &str) -> Result<()> {
+    let inner = connect_in(netns)?;
+    let lo = container_ifindex(&inner, "lo")
+        .await
+        .with_context(|| format!("find the loopback of {netns:?}"))?;
+    inner
+        .link()
+        .set(LinkUnspec::new_with_index(lo).up().build())
+        .execute()
+        .await
+        .with_context(|| format!("bring up the loopback of {netns:?}"))
 }
 
 async fn container_ifindex(handle: &Handle, name: &str) -> Result<u32> {

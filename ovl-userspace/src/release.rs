@@ -180,6 +180,7 @@ mod tests {
                 host_ifname: "ovl1".into(),
             },
             owner: None,
+            aliases: Vec::new(),
         }
     }
 

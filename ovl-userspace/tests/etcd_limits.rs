@@ -323,6 +323,7 @@ async fn bulk_endpoints(etcd: &Etcd, network: &str, base: Ipv4Addr, n: u32) -> R
                         vtep: Ipv4Addr::new(203, 0, 113, 50),
                     },
                     owner: None,
+                    aliases: Vec::new(),
                 };
                 let mut v = serde_json::to_value(&ep).expect("endpoints serialise");
                 v["schema"] = 1.into();

@@ -51,7 +51,7 @@ impl Cluster {
     }
 
     /// [`start`](Self::start) with extra environment for every agent
-    /// (`OVL_KEY_ROTATION`, say).
+    /// (`OVL_KEY_ROTATION` or `OVL_DNS_UPSTREAM`, say).
     pub fn start_with_env(lab: &Lab, mode: &str, env: &[(&str, &str)]) -> Result<Cluster> {
         let (router, hosts) = lab.routed_hosts(2)?;
         Self::with_agents(lab, Ovl::new(lab)?, router, hosts, mode, env)
@@ -68,6 +68,12 @@ impl Cluster {
         let mut agents = Vec::new();
         for (host, node) in hosts.iter().zip(Self::NODES) {
             agents.push(ovl.attach_with_env(lab, host, node, mode, env)?);
+        }
+        // Each agent writes to the store as it starts (its node, its
+        // WireGuard key): a test begins once they are done, so what it
+        // sees change in the store is its own doing.
+        for agent in &agents {
+            agent.wait_in_step()?;
         }
         Ok(Cluster {
             ovl,

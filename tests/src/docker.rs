@@ -32,9 +32,9 @@ pub const BUSYBOX_IMAGE: &str = "ovlt/busybox:1";
 /// Where busybox-static installs its binary.
 const BUSYBOX: &str = "/bin/busybox";
 /// Applets the image offers as commands.
-const APPLETS: [&str; 18] = [
+const APPLETS: [&str; 19] = [
     "sh", "ping", "sleep", "httpd", "wget", "ip", "cat", "dd", "md5sum", "wc", "hostname", "head",
-    "ls", "echo", "sysctl", "timeout", "ps", "kill",
+    "ls", "echo", "sysctl", "timeout", "ps", "kill", "nslookup",
 ];
 /// Mount targets the private mount namespace binds over; they must exist.
 const SPEC_DIR: &str = "/etc/docker/plugins";
@@ -47,6 +47,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct DockerdOptions {
     /// `--live-restore`: containers keep running while dockerd is down.
     pub live_restore: bool,
+    /// `--dns`: the daemon's default DNS servers for its containers
+    /// (daemon.json's `dns`).
+    pub dns: Option<&'static str>,
 }
 
 /// A dockerd running in one lab host's network namespace.
@@ -115,6 +118,12 @@ impl Dockerd {
         format!("unix://{}", self.socket.display())
     }
 
+    /// The mount namespace dockerd runs in (`/proc/PID/ns/mnt`), where its
+    /// containers' network namespaces are mounted.
+    pub fn mount_namespace(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/mnt", self.mounts.pid()))
+    }
+
     /// dockerd's own log so far.
     pub fn log(&self) -> String {
         self.process
@@ -138,6 +147,9 @@ impl Dockerd {
         );
         if self.options.live_restore {
             dockerd.push_str(" --live-restore");
+        }
+        if let Some(dns) = self.options.dns {
+            dockerd.push_str(&format!(" --dns {dns}"));
         }
         // `ip netns exec` would mount a /sys without the cgroup hierarchies
         // ("Devices cgroup isn't mounted"): enter the network namespace and
@@ -351,7 +363,13 @@ impl DockerCluster {
         for (host, node) in hosts.iter().zip(Self::NODES) {
             let dockerd =
                 Dockerd::start(lab, host, node, &ovl.docker_plugin_socket(node), options)?;
-            agents.push(Some(ovl.attach_docker(lab, host, node, &dockerd.url())?));
+            agents.push(Some(ovl.attach_docker(
+                lab,
+                host,
+                node,
+                &dockerd.url(),
+                &dockerd.mount_namespace(),
+            )?));
             dockerds.push(dockerd);
         }
         Ok(DockerCluster {
@@ -391,11 +409,14 @@ impl DockerCluster {
     pub fn start_agent(&mut self, lab: &Lab, i: usize) -> Result<()> {
         ensure!(self.agents[i].is_none(), "the agent still runs");
         let node = Self::NODES[i];
-        self.agents[i] =
-            Some(
-                self.ovl
-                    .attach_docker(lab, &self.hosts[i], node, &self.dockerds[i].url())?,
-            );
+        let d = &self.dockerds[i];
+        self.agents[i] = Some(self.ovl.attach_docker(
+            lab,
+            &self.hosts[i],
+            node,
+            &d.url(),
+            &d.mount_namespace(),
+        )?);
         Ok(())
     }
 
@@ -529,13 +550,13 @@ fn remove_all_containers(socket: &Path) {
     }
     let mut argv = vec![DOCKER_CLI, "-H", &host, "rm", "-f"];
     argv.extend(ids.iter().map(String::as_str));
-    if let Ok(out) = cmd::run_unchecked(&argv) {
-        if !out.status.success() {
-            eprintln!(
-                "ovl-tests: docker rm -f: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+    if let Ok(out) = cmd::run_unchecked(&argv)
+        && !out.status.success()
+    {
+        eprintln!(
+            "ovl-tests: docker rm -f: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

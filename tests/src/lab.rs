@@ -379,6 +379,7 @@ impl Lab {
         let mut namespaces = lock(&self.namespaces);
         let _admin = netns_admin();
         cmd::run(&["ip", "netns", "del", netns.name()])?;
+        remove_netns_etc(netns.name());
         namespaces.retain(|n| n.name() != netns.name());
         Ok(())
     }
@@ -390,6 +391,7 @@ impl Lab {
             if let Err(error) = cmd::run(&["ip", "netns", "del", netns.name()]) {
                 eprintln!("ovl-tests: cannot delete namespace {netns}: {error:#}");
             }
+            remove_netns_etc(netns.name());
         }
     }
 
@@ -437,6 +439,18 @@ impl std::fmt::Debug for Lab {
             .field("prefix", &self.prefix)
             .field("tempdir", &self.tempdir)
             .finish_non_exhaustive()
+    }
+}
+
+/// Removes `/etc/netns/NAME` (the per-namespace /etc files `ip netns
+/// exec` mounts, such as the resolv.conf `ovl connect` writes), which a
+/// namespace deleted without a disconnect leaves behind.
+pub(crate) fn remove_netns_etc(name: &str) {
+    let dir = Path::new("/etc/netns").join(name);
+    if dir.exists()
+        && let Err(error) = fs::remove_dir_all(&dir)
+    {
+        eprintln!("ovl-tests: cannot remove {}: {error}", dir.display());
     }
 }
 

@@ -6,7 +6,12 @@
 //! The store is a file in the lab's temp dir ([`Ovl::new`]) or any store
 //! URL, such as an etcd the lab runs ([`Ovl::with_store`]).
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitStatus, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::ExitStatus,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
@@ -143,6 +148,9 @@ impl Ovl {
             ("OVL_STORE".into(), self.store.clone()),
             ("OVL_PIN_ROOT".into(), self.pin_root.display().to_string()),
             ("OVL_NODE".into(), node.into()),
+            // Lab agents serve Docker only where a test starts a dockerd
+            // for them, never the machine's own.
+            ("OVL_DOCKER_HOST".into(), "off".into()),
             (
                 "OVL_API_SOCKET".into(),
                 self.api_socket(node).display().to_string(),
@@ -234,6 +242,10 @@ impl Ovl {
         extra_env: &[(&str, &str)],
     ) -> Result<Agent> {
         let agent = self.spawn_agent(lab, host, node, mode, extra_env)?;
+        Self::wait_attached(agent)
+    }
+
+    fn wait_attached(agent: Agent) -> Result<Agent> {
         wait_until(Duration::from_secs(15), || {
             if let Some(status) = agent.child.try_status()? {
                 bail!(
@@ -245,7 +257,8 @@ impl Ovl {
         })
         .with_context(|| {
             format!(
-                "agent {node} did not come up:\n{}",
+                "agent {} did not come up:\n{}",
+                agent.node,
                 agent.child.output_report()
             )
         })?;
@@ -259,25 +272,38 @@ impl Ovl {
 
     /// Starts `ovl attach eth0` on `host` as `node`, serving the Docker
     /// plugin on [`docker_plugin_socket`](Self::docker_plugin_socket) for
-    /// the dockerd at `docker_url`, and waits until it is attached.
+    /// the dockerd at `docker_url`, and waits until it is attached. It runs
+    /// in the host's network namespace and in the mount namespace
+    /// `mount_ns` (`/proc/PID/ns/mnt`) dockerd runs in, as on a real host
+    /// where both share one: there it can open the containers' network
+    /// namespaces (Docker's `SandboxKey` mounts) to serve their resolver.
     pub fn attach_docker(
         &self,
         lab: &Lab,
         host: &Host,
         node: &str,
         docker_url: &str,
+        mount_ns: &Path,
     ) -> Result<Agent> {
         let socket = self.docker_plugin_socket(node).display().to_string();
-        self.attach_with_env(
-            lab,
-            host,
+        let argv = self.argv_with_env(
             node,
-            "auto",
             &[
                 ("OVL_DOCKER_HOST", docker_url),
                 ("OVL_DOCKER_PLUGIN_SOCKET", &socket),
+                ("RUST_LOG", "info"),
             ],
-        )
+            &["attach", &host.iface, "--mode", "auto"],
+        );
+        let net = format!("--net=/run/netns/{}", host.netns.name());
+        let mnt = format!("--mount={}", mount_ns.display());
+        let mut full = vec!["nsenter", &net, &mnt];
+        full.extend(argv.iter().map(String::as_str));
+        let child = lab.spawn_here(&full, &[])?;
+        Self::wait_attached(Agent {
+            child,
+            node: node.to_owned(),
+        })
     }
 
     /// Starts `ovl attach eth0 --mode MODE` on `host` as `node` without

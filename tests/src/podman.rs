@@ -27,8 +27,9 @@ pub const REFERENCE_PLUGIN_DIR: &str = "/usr/lib/cni";
 const CNI_STATE_DIR: &str = "/var/lib/cni";
 
 /// The applets the busybox image links to.
-const BUSYBOX_APPLETS: [&str; 12] = [
+const BUSYBOX_APPLETS: [&str; 13] = [
     "sh", "ping", "ip", "sleep", "nc", "cat", "echo", "ls", "sysctl", "ifconfig", "wc", "timeout",
+    "nslookup",
 ];
 
 /// A container podman started.
@@ -228,10 +229,10 @@ impl Podman {
             // What `podman rm` could not stop: processes in the container's
             // namespace, then the namespace itself.
             if c.netns.exists() {
-                if let Some(name) = c.netns.file_name().and_then(|n| n.to_str()) {
-                    if let Err(e) = stale::kill_processes_in(name) {
-                        eprintln!("ovl-tests: {e:#}");
-                    }
+                if let Some(name) = c.netns.file_name().and_then(|n| n.to_str())
+                    && let Err(e) = stale::kill_processes_in(name)
+                {
+                    eprintln!("ovl-tests: {e:#}");
                 }
                 let path = c.netns.to_string_lossy().into_owned();
                 let _ = cmd::run_unchecked(&["umount", "-l", &path]);

@@ -34,6 +34,7 @@ pub fn remove_stale_labs() -> Result<usize> {
         for name in names {
             kill_processes_in(&name)?;
             cmd::run(&["ip", "netns", "del", &name])?;
+            crate::lab::remove_netns_etc(&name);
             removed += 1;
         }
     }

@@ -187,7 +187,7 @@ fn add_check_del_gc_status_and_version_follow_the_spec() -> Result<()> {
     );
 
     // ADD: a result of the spec's shape describing what now exists; the
-    // configuration's dns is passed through.
+    // configuration's dns, when it has one, is the result's.
     let conf = with(
         &w.conf("1.1.0"),
         "dns",
@@ -275,6 +275,12 @@ fn add_check_del_gc_status_and_version_follow_the_spec() -> Result<()> {
         .ok()?;
     assert_spec_result(&legacy, "0.4.0", &s2, "net1")?;
     ensure!(legacy["ips"][0]["address"] == "198.18.0.50/24", "{legacy}");
+    // A configuration without dns gets ovl's resolver in the result.
+    ensure!(
+        legacy["dns"]["nameservers"] == json!(["127.0.0.11"])
+            && legacy["dns"]["options"] == json!(["ndots:0"]),
+        "{legacy}"
+    );
 
     // GC releases the attachment the runtime no longer lists, and only it.
     let c3 = lab.container("c3")?;
@@ -685,6 +691,21 @@ fn podman_containers_on_two_hosts_talk_through_ovl() -> Result<()> {
         &["sysctl", "-n", "net.ipv4.conf.eth0.log_martians"],
     )?;
     ensure!(sysctl.trim() == "1", "tuning did not run after ovl");
+    // The result named ovl's resolver: podman wrote it into the
+    // container's resolv.conf, and containers find each other by name
+    // across hosts.
+    let resolv = pa.exec("web-a", &["cat", "/etc/resolv.conf"])?;
+    ensure!(
+        resolv.lines().next() == Some("nameserver 127.0.0.11"),
+        "web-a's resolv.conf:\n{resolv}"
+    );
+    let mut answer = String::new();
+    wait_until(Duration::from_secs(5), || {
+        let out = pa.run_unchecked(&["exec", "web-a", "nslookup", "web-b"])?;
+        answer = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(answer.contains(&format!("Address: {ip_b}")))
+    })
+    .with_context(|| format!("web-b never resolved in web-a:\n{answer}"))?;
 
     let before = [cluster.counters(0, NETWORK)?, cluster.counters(1, NETWORK)?];
     for (p, name, dst) in [(pa, "web-a", ip_b), (pb, "web-b", ip_a)] {

@@ -479,7 +479,10 @@ fn restarts_keep_traffic_and_leave_docker_and_ovl_agreeing() -> Result<()> {
         &lab,
         StoreKind::File,
         2,
-        DockerdOptions { live_restore: true },
+        DockerdOptions {
+            live_restore: true,
+            ..DockerdOptions::default()
+        },
     )?;
     create_network(&world, 0, NET, SUBNET)?;
     wait_listed(&world, 1, NET, true)?;
@@ -759,6 +762,311 @@ fn plugin_refuses_bad_requests_and_changes_nothing() -> Result<()> {
         c1.ip()? == Ipv4Addr::new(198, 18, 0, 2),
         "c1 got {}",
         c1.ip()?
+    );
+    world.stop()
+}
+
+/// What Docker containers are given as `--dns`: ovl's resolver's second
+/// address (in a Docker container 127.0.0.11 is Docker's own resolver,
+/// which forwards the names it does not know there).
+const OVL_DNS: &str = "127.0.0.12";
+
+/// What `nslookup` in a container got for a name.
+#[derive(Debug, PartialEq, Eq)]
+enum Lookup {
+    Addresses(Vec<Ipv4Addr>),
+    NxDomain,
+    /// Anything else: the output.
+    Failed(String),
+}
+
+/// `nslookup NAME [SERVER]` in container `container` of host `i` (through
+/// its resolv.conf, Docker's resolver, unless `server` is given).
+fn lookup(
+    world: &DockerCluster,
+    i: usize,
+    container: &str,
+    name: &str,
+    server: Option<&str>,
+) -> Result<Lookup> {
+    let mut argv = vec!["exec", container, "nslookup", name];
+    argv.extend(server);
+    let out = world.dockerds[i].docker_unchecked(&argv)?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if text.contains("NXDOMAIN") {
+        return Ok(Lookup::NxDomain);
+    }
+    // Answers follow the `Name:` line; the server's own `Address:` line
+    // above it carries a port.
+    let addrs: Vec<Ipv4Addr> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Name:"))
+        .filter_map(|l| l.strip_prefix("Address:"))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    Ok(if addrs.is_empty() {
+        Lookup::Failed(text)
+    } else {
+        Lookup::Addresses(addrs)
+    })
+}
+
+/// Waits until `nslookup` in `container` on host `i` gets `want`; returns
+/// how long that took.
+fn wait_lookup(
+    world: &DockerCluster,
+    (i, container): (usize, &str),
+    name: &str,
+    server: Option<&str>,
+    want: &Lookup,
+    within: Duration,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    let mut last = Lookup::Failed(String::new());
+    wait_until(within, || {
+        last = lookup(world, i, container, name, server)?;
+        Ok(last == *want)
+    })
+    .with_context(|| {
+        format!(
+            "{name} in {container} on host {i}: wanted {want:?} within {within:?}, got {last:?}"
+        )
+    })?;
+    Ok(t0.elapsed())
+}
+
+/// The endpoint of `network` at `ip` in the store.
+fn ovl_endpoint(world: &DockerCluster, network: &str, ip: Ipv4Addr) -> Result<Value> {
+    let net = world.ovl.inspect(&world.hosts[0].netns, network)?;
+    net["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .find(|e| e["ip"] == ip.to_string())
+        .cloned()
+        .with_context(|| format!("no endpoint {ip} in {net}"))
+}
+
+/// Issue 9's name resolution: a container's Docker name and
+/// `--network-alias`es are its names in ovl's DNS, so containers on
+/// different hosts find each other by name (through Docker's resolver,
+/// which forwards to ovl's at `--dns 127.0.0.12`); a removed container's
+/// names go with it.
+#[test]
+fn docker_containers_resolve_each_other_by_name_across_hosts() -> Result<()> {
+    let lab = Lab::new("dk-names")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 2, DockerdOptions::default())?;
+    create_network(&world, 0, NET, SUBNET)?;
+    wait_listed(&world, 1, NET, true)?;
+
+    let web = world.dockerds[1].run(
+        &lab,
+        "web",
+        NET,
+        &["--network-alias", "www", "--dns", OVL_DNS],
+    )?;
+    let named_from = Instant::now();
+    let client = world.dockerds[0].run(&lab, "client", NET, &["--dns", OVL_DNS])?;
+    let (web_ip, client_ip) = (web.ip()?, client.ip()?);
+
+    // From A, web (on B) resolves by name and alias.
+    wait_lookup(
+        &world,
+        (0, "client"),
+        "web",
+        None,
+        &Lookup::Addresses(vec![web_ip]),
+        Duration::from_secs(5),
+    )?;
+    eprintln!(
+        "web resolves on A {:?} after `docker run` on B returned (client started meanwhile)",
+        named_from.elapsed()
+    );
+    for name in ["www", "web.uber-net"] {
+        ensure!(
+            lookup(&world, 0, "client", name, None)? == Lookup::Addresses(vec![web_ip]),
+            "{name}: {:?}",
+            lookup(&world, 0, "client", name, None)?
+        );
+    }
+    let id = world.docker(1, &["inspect", "-f", "{{.Id}}", "web"])?;
+    let ep = ovl_endpoint(&world, NET, web_ip)?;
+    ensure!(
+        ep["name"] == "web" && ep["aliases"] == serde_json::json!(["www", &id[..12]]),
+        "web's endpoint: {ep}"
+    );
+    // And the other way round.
+    wait_lookup(
+        &world,
+        (1, "web"),
+        "client",
+        None,
+        &Lookup::Addresses(vec![client_ip]),
+        Duration::from_secs(5),
+    )?;
+
+    // Ping by name, from a running container and from a new one.
+    let out = world.docker(0, &["exec", "client", "ping", "-c", "1", "-W", "2", "web"])?;
+    ensure!(
+        out.contains(&format!("({web_ip})")) && out.contains("1 packets received"),
+        "{out}"
+    );
+    let out = world.docker(
+        0,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            NET,
+            "--dns",
+            OVL_DNS,
+            ovl_tests::BUSYBOX_IMAGE,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "www",
+        ],
+    )?;
+    ensure!(
+        out.contains(&format!("({web_ip})")) && out.contains("1 packets received"),
+        "{out}"
+    );
+
+    // docker rename: the endpoint follows at the agent's next pass.
+    world.docker(0, &["rename", "client", "client2"])?;
+    let took = wait_lookup(
+        &world,
+        (1, "web"),
+        "client2",
+        None,
+        &Lookup::Addresses(vec![client_ip]),
+        Duration::from_secs(5),
+    )?;
+    eprintln!("client2 resolves on B {took:?} after `docker rename` on A");
+    ensure!(
+        lookup(&world, 1, "web", "client", None)? == Lookup::NxDomain,
+        "the old name stayed"
+    );
+
+    // docker rm -f web: its names go with its endpoint.
+    world.docker(1, &["rm", "-f", "web"])?;
+    let gone = wait_lookup(
+        &world,
+        (0, "client2"),
+        "web",
+        None,
+        &Lookup::NxDomain,
+        Duration::from_secs(2),
+    )?;
+    eprintln!("web NXDOMAIN on A {gone:?} after `docker rm -f web` returned on B");
+    ensure!(
+        lookup(&world, 0, "client2", "www", None)? == Lookup::NxDomain,
+        "www outlived web"
+    );
+    world.stop()
+}
+
+/// Docker's names are unique per daemon, ovl's per network across hosts:
+/// a container named like one on another host keeps the names it can have,
+/// the clash is said once (not at every reconcile pass), and the name is
+/// its own as soon as the other container is gone.
+#[test]
+fn a_docker_name_another_host_holds_is_said_once_and_taken_when_freed() -> Result<()> {
+    let lab = Lab::new("dk-clash")?;
+    // The daemons point every container at ovl's resolver (daemon.json's
+    // "dns"), rather than each container with --dns.
+    let daemon_dns = DockerdOptions {
+        dns: Some(OVL_DNS),
+        ..DockerdOptions::default()
+    };
+    let world = DockerCluster::start(&lab, StoreKind::File, 2, daemon_dns)?;
+    create_network(&world, 0, NET, SUBNET)?;
+    wait_listed(&world, 1, NET, true)?;
+    let b_web = world.dockerds[1].run(&lab, "web", NET, &[])?;
+    let b_ip = b_web.ip()?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(ovl_endpoint(&world, NET, b_ip)?["name"] == "web")
+    })
+    .context("B's web never got its name")?;
+
+    // A second `web`, on A, also known as web-a.
+    let a_web = world.dockerds[0].run(&lab, "web", NET, &["--network-alias", "web-a"])?;
+    let a_ip = a_web.ip()?;
+    // ovl's resolver (asked directly: Docker's would answer A's own web)
+    // keeps web for B's and knows A's by its other names.
+    wait_lookup(
+        &world,
+        (0, "web"),
+        "web-a",
+        Some(OVL_DNS),
+        &Lookup::Addresses(vec![a_ip]),
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        lookup(&world, 0, "web", "web", Some(OVL_DNS))? == Lookup::Addresses(vec![b_ip]),
+        "web should stay B's"
+    );
+    let a_ep = ovl_endpoint(&world, NET, a_ip)?;
+    let short_endpoint = world.dockerds[0].endpoints(NET)?[&a_ip][..12].to_owned();
+    ensure!(a_ep["name"] == short_endpoint, "A's web: {a_ep}");
+
+    // Said once, however many passes run (every 2 s, and on every store
+    // change: another container comes and goes meanwhile).
+    let other = world.dockerds[1].run(&lab, "other", NET, &[])?;
+    // (Through Docker's resolver, which forwards what it does not know to
+    // the daemon's --dns.)
+    wait_lookup(
+        &world,
+        (0, "web"),
+        "other",
+        None,
+        &Lookup::Addresses(vec![other.ip()?]),
+        Duration::from_secs(5),
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    world.docker(1, &["rm", "-f", &other.name])?;
+    std::thread::sleep(Duration::from_secs(3));
+    let log = world.agents[0].as_ref().context("agent A")?.log()?;
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("does not get every name"))
+        .collect();
+    ensure!(
+        said.len() == 1
+            && said[0].contains(&format!(
+                "web is held by endpoint web ({b_ip} on node host-b)"
+            )),
+        "the clash should be said once, clearly:\n{log}"
+    );
+    let written = log
+        .lines()
+        .filter(|l| l.contains(&format!("container web on {NET} ({a_ip}) resolves as")))
+        .count();
+    ensure!(written == 1, "names written {written} times:\n{log}");
+
+    // B's web goes: A's takes the name.
+    world.docker(1, &["rm", "-f", "web"])?;
+    let took = wait_lookup(
+        &world,
+        (0, "web"),
+        "web",
+        Some(OVL_DNS),
+        &Lookup::Addresses(vec![a_ip]),
+        Duration::from_secs(5),
+    )?;
+    eprintln!("A's web took the name {took:?} after B's was removed");
+    let log = world.agents[0].as_ref().context("agent A")?.log()?;
+    ensure!(
+        log.contains(&format!(
+            "container web on {NET} has every name it has in Docker now"
+        )),
+        "{log}"
     );
     world.stop()
 }

@@ -35,7 +35,15 @@ pub fn test(cargo_test_args: &[String]) -> Result<()> {
 
     let mut cargo_test = workspace::cargo();
     cargo_test
-        .args(["test", "--workspace", "--exclude", EBPF_PACKAGE])
+        // Every test binary runs even after one fails: one CI run shows
+        // every failure.
+        .args([
+            "test",
+            "--no-fail-fast",
+            "--workspace",
+            "--exclude",
+            EBPF_PACKAGE,
+        ])
         .args(cargo_test_args)
         .env(ovl_tests::OVL_BIN_ENV, &ovl)
         .env(ovl_tests::UPGRADE_OBJECT_ENV, &variant);

@@ -92,6 +92,15 @@ enum Task {
         #[arg(long, conflicts_with_all = ["runs", "seconds"])]
         scale: bool,
     },
+    /// Release build, then the containers' resolver on two hosts: answer
+    /// and forwarding latency, throughput, a flooding neighbour's cost,
+    /// removal after disconnect, the gap across an agent restart; writes
+    /// bench/results/<date>-dns.md.
+    BenchDns {
+        /// Shorter runs: a check that it works, not figures to quote.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -158,6 +167,11 @@ fn run(task: Task) -> Result<()> {
             setup::toolchain()?;
             setup::packages()?;
             workspace::bench(quick, runs, seconds, scale)
+        }
+        Task::BenchDns { quick } => {
+            setup::toolchain()?;
+            setup::packages()?;
+            workspace::bench_dns(quick)
         }
     }
 }

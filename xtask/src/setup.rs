@@ -40,11 +40,12 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// scrapes the agent, curl, the font the benchmark chart's text is drawn
 /// with, podman with the reference CNI plugins for the CNI plugin's
 /// scenarios, Docker 20.10 (docker.io) for the Docker plugin's,
-/// busybox-static for their offline container image, and what the
+/// busybox-static for their offline container image, what the
 /// agent runs for external egress (nftables for the masquerade, conntrack
 /// to forget a leaving container's translations) with netcat to open
-/// connections through it.
-const DEBIAN_PACKAGES: [&str; 22] = [
+/// connections through it, and for the DNS scenarios dnsmasq (the lab's
+/// upstream resolver) and dig.
+const DEBIAN_PACKAGES: [&str; 24] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -62,6 +63,8 @@ const DEBIAN_PACKAGES: [&str; 22] = [
     "fonts-dejavu-core",
     "podman",
     "containernetworking-plugins",
+    "dnsmasq-base",
+    "dnsutils",
     "docker.io",
     "busybox-static",
     "nftables",

@@ -114,3 +114,18 @@ pub fn bench(quick: bool, runs: Option<u32>, seconds: Option<u32>, scale: bool) 
     }
     crate::command::run_step("benchmark", &mut run)
 }
+
+/// Release build, then `ovl-bench --dns`: the containers' resolver.
+pub fn bench_dns(quick: bool) -> Result<()> {
+    let ovl = build_ovl(Profile::Release)?;
+    let mut cargo = cargo();
+    cargo.args(["build", "--release", "--package", "ovl-bench"]);
+    crate::command::run_step("build the benchmark", &mut cargo)?;
+    let harness = target_dir()?.join("release").join("ovl-bench");
+    let mut run = Command::new(&harness);
+    run.arg("--ovl").arg(&ovl).arg("--dns");
+    if quick {
+        run.arg("--quick");
+    }
+    crate::command::run_step("DNS benchmark", &mut run)
+}

@@ -120,6 +120,7 @@ mod tests {
                     host_ifname: "ovl1".into(),
                 },
                 owner: None,
+                aliases: vec!["www".into()],
             },
         );
         j.save(&m).unwrap();

@@ -65,6 +65,8 @@ pub struct AgentOptions {
     /// How long a local endpoint's namespace must be gone before the
     /// endpoint is collected.
     pub gc_grace: Duration,
+    /// The containers' resolver.
+    pub dns: crate::dns::Options,
     /// Docker's plugin socket and Engine API, if Docker is to use ovl.
     pub docker: Option<docker::DockerOptions>,
     /// WireGuard UDP port of encrypted networks.
@@ -86,6 +88,13 @@ type Connecting = Pin<Box<dyn Future<Output = Connected> + Send>>;
 /// Runs the agent until SIGINT/SIGTERM. On any exit the data path keeps
 /// forwarding with the last state; `ovl detach` removes it.
 pub async fn run(opts: AgentOptions) -> Result<()> {
+    // First of all: a stop asked for while the agent starts (key
+    // generation, the resolver, the crypto device take a while) waits for
+    // the loop and ends it cleanly instead of killing the process midway.
+    let signals = Signals {
+        interrupt: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        terminate: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+    };
     let handle = netlink::connect()?;
     let underlay = netlink::underlay(&handle, &opts.iface).await?;
     let driver = netlink::driver(&opts.iface).unwrap_or_default();
@@ -123,7 +132,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         pin_dir: pin_dir.clone(),
         store: opts.store_url.clone(),
     });
+    let dns = crate::dns::Service::start(&opts.dns, view.dns.clone())?;
     let mut agent = Agent {
+        dns,
         node: opts.node.clone(),
         underlay,
         dp,
@@ -165,7 +176,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         ))
     });
 
-    let result = agent.serve(&opts, store, kicks).await;
+    let result = agent.serve(&opts, store, kicks, signals).await;
     api_task.abort();
     for t in metrics_task.into_iter().chain(docker_task) {
         t.abort();
@@ -178,6 +189,12 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         node_flag(&opts.node)
     );
     result
+}
+
+/// The signals that stop the agent, caught from its first instant.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
 }
 
 /// What the agent holds before it touches the kernel.
@@ -288,6 +305,7 @@ struct Agent {
     collector: gc::Collector,
     /// When an abandoned endpoint is next due for collection.
     next_gc: Option<Instant>,
+    dns: crate::dns::Service,
     /// The encrypting path of encrypted networks (none if it could not
     /// start: those networks then drop, counted `no_key`).
     crypto: Option<crypto::Crypto>,
@@ -393,6 +411,9 @@ impl Agent {
     /// is measurable.
     fn apply(&mut self, state: State) -> Result<()> {
         let state = &*self.state.insert(state);
+        // Names first: a container's resolver is listening by the time its
+        // endpoint is reported forwarding.
+        self.dns.update(state, &self.node);
         let ifindexes = &self.ifindexes;
         reconcile::reconcile(
             &mut self.dp,
@@ -429,6 +450,7 @@ impl Agent {
         opts: &AgentOptions,
         store: Option<Arc<Store>>,
         mut kicks: tokio::sync::mpsc::Receiver<()>,
+        signals: Signals,
     ) -> Result<()> {
         // SAFETY: the logger owns the ring's descriptor and lives as long as
         // the AsyncFd that wraps it (the contract register_with_interest asks).
@@ -447,8 +469,10 @@ impl Agent {
             self.underlay.mtu,
             opts.lease_ttl,
         )));
-        let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let Signals {
+            interrupt: mut sigint,
+            terminate: mut sigterm,
+        } = signals;
         // Container veths come and go under the agent (`ovl connect` makes
         // one just after registering it; a deleted namespace takes its own
         // along): the kernel says when, nothing is polled.
@@ -552,6 +576,7 @@ impl Agent {
                         ep.network
                     );
                     self.view.update(|l| l.collected_endpoints += 1);
+                    let _ = crate::dns::resolv_conf::remove(netns);
                 }
                 Err(e) => log::warn!("collecting endpoint {} of {}: {e}", ep.ip, ep.network),
             }

@@ -66,6 +66,8 @@ pub struct View {
     ready: watch::Sender<BTreeSet<(u32, Ipv4Addr)>>,
     /// Asks the loop to re-read the store and reconcile now.
     kick: mpsc::Sender<()>,
+    /// The containers' resolver's counters.
+    pub dns: crate::dns::Stats,
 }
 
 impl View {
@@ -79,6 +81,7 @@ impl View {
             live: RwLock::new(Live::default()),
             ready: watch::channel(BTreeSet::new()).0,
             kick,
+            dns: crate::dns::Stats::default(),
         };
         (Arc::new(view), kicks)
     }

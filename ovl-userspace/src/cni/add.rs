@@ -1,6 +1,7 @@
 //! ADD: the container gets an interface on the ovl network exactly as
 //! `ovl connect` gives it one (same IPAM, MAC, MTU, veth), named
-//! CNI_IFNAME and owned by `cni:<container id>/<ifname>`.
+//! CNI_IFNAME and owned by `cni:<container id>/<ifname>`; the result
+//! points the runtime at ovl's resolver.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -12,7 +13,7 @@ use super::{
     types::NetConf,
     version::SpecVersion,
 };
-use crate::{attachment, netlink};
+use crate::{attachment, dns, netlink};
 
 /// How long ADD waits for the node's agent to forward for the container
 /// (as `ovl connect` does): the container starts right after ADD.
@@ -68,6 +69,7 @@ pub async fn add(
         netns: netns.to_owned(),
         ifname: Some(inv.ifname.clone()),
         name: Some(name),
+        aliases: Vec::new(),
         ip,
         subnet: None,
         owner: Some(owner),
@@ -88,7 +90,8 @@ pub async fn add(
             .and_then(|l| l.mac),
         Err(_) => None,
     };
-    let ours = result::of_attachment(&a, netns, host_mac, conf.dns.as_ref());
+    let dns = result::dns(conf.dns.as_ref(), &dns::container_dns());
+    let ours = result::of_attachment(&a, netns, host_mac, dns);
     let full = result::chain(conf.prev_result.as_ref(), ours)?;
     Ok(result::render(version, full))
 }

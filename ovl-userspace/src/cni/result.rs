@@ -1,5 +1,5 @@
 //! The ADD result: what an attachment made (host veth, container
-//! interface, address, routes, DNS), appended to a previous plugin's result
+//! interface, address, routes, the resolver to use), appended to a previous plugin's result
 //! in a chain, and laid out for the negotiated spec version.
 
 use serde_json::Value;
@@ -9,18 +9,15 @@ use super::{
     types::{AddResult, Dns, Interface, IpConfig, Route},
     version::SpecVersion,
 };
-use crate::{attachment::Attachment, model::MacAddr, netlink::Route4};
+use crate::{attachment::Attachment, dns::ContainerDns, model::MacAddr, netlink::Route4};
 
 /// The result of `attachment`, whose container side lives in `sandbox`
-/// (CNI_NETNS as given). `dns` is the configuration's, passed through.
-///
-/// DNS: ovl's own resolver will fill `nameservers` here once it exists;
-/// until then only what the configuration says is returned.
+/// (CNI_NETNS as given), with `dns` (see [`dns`]).
 pub fn of_attachment(
     a: &Attachment,
     sandbox: &str,
     host_mac: Option<MacAddr>,
-    dns: Option<&Dns>,
+    dns: Dns,
 ) -> AddResult {
     let pool = a.network.pool_of(a.endpoint.ip);
     let host = Interface {
@@ -49,7 +46,25 @@ pub fn of_attachment(
             version: None,
         }],
         routes: a.routes.iter().map(route).collect(),
-        dns: dns.cloned().unwrap_or_default(),
+        dns,
+    }
+}
+
+/// The result's `dns`: the configuration's when it says anything, else
+/// ovl's resolver (`ovl`: [`dns::container_dns`], which the node's agent
+/// serves in every container it forwards for), for the runtime to write
+/// into the container's resolv.conf.
+///
+/// [`dns::container_dns`]: crate::dns::container_dns
+pub fn dns(conf: Option<&Dns>, ovl: &ContainerDns) -> Dns {
+    match conf {
+        Some(d) if !d.is_empty() => d.clone(),
+        _ => Dns {
+            nameservers: ovl.nameservers.iter().map(ToString::to_string).collect(),
+            domain: None,
+            search: ovl.search.clone(),
+            options: ovl.options.clone(),
+        },
     }
 }
 
@@ -174,6 +189,38 @@ mod tests {
         assert!(doc["interfaces"][1].get("mtu").is_none());
         let doc: Value = serde_json::from_str(&render(v("0.4.0"), ours())).unwrap();
         assert_eq!(doc["ips"][0]["version"], "4");
+    }
+
+    #[test]
+    fn dns_is_ovls_resolver_unless_the_configuration_names_one() {
+        let ovl = ContainerDns {
+            nameservers: vec![crate::dns::RESOLVER_ADDR],
+            search: vec!["lab.example".into()],
+            options: vec!["ndots:0".into()],
+        };
+        let d = dns(None, &ovl);
+        assert_eq!(d.nameservers, ["127.0.0.11"]);
+        assert_eq!(d.search, ["lab.example"]);
+        assert_eq!(d.options, ["ndots:0"]);
+        assert_eq!(
+            dns(Some(&Dns::default()), &ovl),
+            d,
+            "an empty one says nothing"
+        );
+        let own = Dns {
+            nameservers: vec!["198.18.0.1".into()],
+            ..Dns::default()
+        };
+        assert_eq!(dns(Some(&own), &ovl), own, "the configuration's wins");
+        let doc: Value = serde_json::from_str(&render(
+            "1.0.0".parse().unwrap(),
+            AddResult { dns: d, ..ours() },
+        ))
+        .unwrap();
+        assert_eq!(
+            doc["dns"],
+            serde_json::json!({"nameservers": ["127.0.0.11"], "search": ["lab.example"], "options": ["ndots:0"]})
+        );
     }
 
     #[test]

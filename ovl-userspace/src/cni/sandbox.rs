@@ -38,12 +38,13 @@ pub fn check(netns: &str) -> Result<(), CniError> {
     }
     let ours = std::fs::metadata("/proc/self/ns/net");
     let theirs = file.metadata();
-    if let (Ok(a), Ok(b)) = (ours, theirs) {
-        if a.dev() == b.dev() && a.ino() == b.ino() {
-            return Err(CniError::env(format!(
-                "CNI_NETNS {netns} is the plugin's own network namespace, not a container's"
-            )));
-        }
+    if let (Ok(a), Ok(b)) = (ours, theirs)
+        && a.dev() == b.dev()
+        && a.ino() == b.ino()
+    {
+        return Err(CniError::env(format!(
+            "CNI_NETNS {netns} is the plugin's own network namespace, not a container's"
+        )));
     }
     Ok(())
 }

@@ -269,10 +269,10 @@ impl Engine {
                 _ => {}
             }
         }
-        if sender.handshake_newest {
-            if let Some(n) = p.newest(&mine) {
-                self.initiate(&mut p, n, to, scratch);
-            }
+        if sender.handshake_newest
+            && let Some(n) = p.newest(&mine)
+        {
+            self.initiate(&mut p, n, to, scratch);
         }
     }
 
@@ -492,12 +492,11 @@ impl Engine {
                         self.emit(msg, to, len.saturating_sub(32));
                     }
                 }
-                if let Some(s) = p.sender(&mine, now) {
-                    if s.handshake_newest {
-                        if let Some(n) = p.newest(&mine) {
-                            self.initiate(&mut p, n, to, &mut out);
-                        }
-                    }
+                if let Some(s) = p.sender(&mine, now)
+                    && s.handshake_newest
+                    && let Some(n) = p.newest(&mine)
+                {
+                    self.initiate(&mut p, n, to, &mut out);
                 }
                 retired.extend(p.retire(&mine, &held, now));
             }

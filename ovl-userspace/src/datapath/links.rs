@@ -137,10 +137,10 @@ impl LinkPins {
         let pins = self.list()?;
         let mut ids = Vec::new();
         for pin in &pins {
-            if let Ok(link) = self.open(*pin) {
-                if let Ok(info) = link.info() {
-                    ids.push(info.id());
-                }
+            if let Ok(link) = self.open(*pin)
+                && let Ok(info) = link.info()
+            {
+                ids.push(info.id());
             }
             self.remove(*pin)?;
         }

@@ -10,6 +10,7 @@ use axum::{body::Bytes, extract::State, response::Response};
 use super::{
     Context, Ctx, Known, answer,
     ipam::{OWNER_IPAM, owner_of},
+    names,
     networks::{self, resolve, short},
     options,
     protocol::{self, Refusal, parse},
@@ -346,7 +347,7 @@ pub async fn join(State(ctx): Ctx, body: Bytes) -> Response {
     answer(JOIN, do_join(&ctx, &body).await)
 }
 
-async fn do_join(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
+async fn do_join(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, Refusal> {
     let req: protocol::Join = parse(JOIN, body)?;
     if req.sandbox_key.is_empty() {
         return Err(Refusal::malformed("Join without a SandboxKey"));
@@ -381,6 +382,7 @@ async fn do_join(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
                     ip: Some(ep.ip),
                     owner: Some(owner_of(&req.endpoint_id)),
                     subnet: None,
+                    aliases: Vec::new(),
                 },
                 Placement::HostSide,
             )
@@ -409,6 +411,15 @@ async fn do_join(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
         ep.ip,
         attached
     );
+    // Docker tells the container's name only once it has started, after
+    // this answer (asking now would wait on the container Docker is
+    // starting): learn it in the background.
+    tokio::spawn(names::after_join(
+        ctx.clone(),
+        req.network_id.clone(),
+        net.name.clone(),
+        req.endpoint_id.clone(),
+    ));
     let (gateway, static_routes) = join_routes(&net, ep.ip);
     Ok(protocol::reply(&protocol::JoinReply {
         interface_name: protocol::InterfaceName {

@@ -1,6 +1,7 @@
 //! The part of Docker's Engine API the agent uses, over dockerd's Unix
 //! socket: list, inspect, create and remove networks (the Docker side of
-//! mirroring ovl networks, and what Docker still has when reconciling).
+//! mirroring ovl networks, and what Docker still has when reconciling),
+//! and inspect containers (their names and network aliases).
 
 use std::{
     collections::BTreeMap,
@@ -93,6 +94,56 @@ pub struct DockerEndpoint {
     pub ipv4_address: String,
 }
 
+/// A container as `GET /containers/ID/json` describes it (the parts ovl
+/// reads).
+#[derive(Clone, Debug, Deserialize)]
+pub struct DockerContainer {
+    #[serde(rename = "Id", default)]
+    pub id: String,
+    /// As Docker keeps it, with a leading `/` (see [`Self::name`]).
+    #[serde(rename = "Name", default)]
+    pub name: String,
+    #[serde(rename = "NetworkSettings", default)]
+    pub network_settings: Option<ContainerNetworkSettings>,
+}
+
+impl DockerContainer {
+    /// The name `docker ps` shows (`web`).
+    pub fn name(&self) -> &str {
+        self.name.trim_start_matches('/')
+    }
+
+    /// The container's settings on the network its endpoint `endpoint_id`
+    /// is on, if it is still there.
+    pub fn endpoint(&self, endpoint_id: &str) -> Option<&ContainerEndpoint> {
+        self.network_settings
+            .as_ref()?
+            .networks
+            .as_ref()?
+            .values()
+            .find(|e| e.endpoint_id == endpoint_id)
+    }
+}
+
+/// A container's `NetworkSettings`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ContainerNetworkSettings {
+    /// By network name.
+    #[serde(rename = "Networks", default)]
+    pub networks: Option<BTreeMap<String, ContainerEndpoint>>,
+}
+
+/// A container's settings on one network.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ContainerEndpoint {
+    /// `--network-alias`es (Docker adds the short container ID on
+    /// user-defined networks); `null` when none.
+    #[serde(rename = "Aliases", default)]
+    pub aliases: Option<Vec<String>>,
+    #[serde(rename = "EndpointID", default)]
+    pub endpoint_id: String,
+}
+
 /// What `POST /networks/create` takes.
 #[derive(Debug, Serialize)]
 pub struct NetworkCreate<'a> {
@@ -168,6 +219,22 @@ impl Engine {
         let what = format!("inspect network {id}");
         match self
             .call(Method::GET, &format!("/networks/{id}"), None, &what)
+            .await
+        {
+            Ok((_, body)) => Ok(Some(self.decode(&body, &what)?)),
+            Err(EngineError::Refused { message, .. }) if message.starts_with("404") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The container with ID (or name) `id`; `None` if Docker has no such
+    /// container. Docker answers only once a container being started or
+    /// connected is done (the request waits on the container's lock):
+    /// never ask from inside a call Docker makes while starting it (Join).
+    pub async fn container(&self, id: &str) -> Result<Option<DockerContainer>, EngineError> {
+        let what = format!("inspect container {id}");
+        match self
+            .call(Method::GET, &format!("/containers/{id}/json"), None, &what)
             .await
         {
             Ok((_, body)) => Ok(Some(self.decode(&body, &what)?)),
@@ -320,5 +387,30 @@ mod tests {
         let list = r#"[{"Name":"none","Id":"1","Driver":"null","IPAM":{"Driver":"default","Options":null,"Config":[]},"Containers":{},"Options":{}}]"#;
         let l: Vec<DockerNetwork> = serde_json::from_str(list).unwrap();
         assert_eq!(l[0].subnet(), None);
+    }
+
+    #[test]
+    fn container_inspect_of_docker_20_10_parses() {
+        let json = r#"{"Id":"9c1d2e3f4a5b6c7d","Created":"2026-12-03T10:00:00Z","Path":"sleep",
+            "State":{"Status":"running","Running":true,"Pid":4242},"Name":"/web",
+            "HostConfig":{"Dns":["127.0.0.12"]},
+            "NetworkSettings":{"Bridge":"","SandboxID":"5e6f","SandboxKey":"/run/docker/netns/5e6f",
+            "Networks":{"uber-net":{"IPAMConfig":null,"Links":null,"Aliases":["www","9c1d2e3f4a5b"],
+            "NetworkID":"5d1f","EndpointID":"e1","Gateway":"","IPAddress":"198.18.0.3","IPPrefixLen":24,
+            "MacAddress":"02:42:c6:12:00:03","DriverOpts":null},
+            "other":{"Aliases":null,"NetworkID":"77","EndpointID":"e2"}}}}"#;
+        let c: DockerContainer = serde_json::from_str(json).unwrap();
+        assert_eq!(c.name(), "web");
+        let on = c.endpoint("e1").unwrap();
+        assert_eq!(
+            on.aliases.as_deref(),
+            Some(&["www".to_owned(), "9c1d2e3f4a5b".to_owned()][..])
+        );
+        assert_eq!(c.endpoint("e2").unwrap().aliases, None);
+        assert!(c.endpoint("e3").is_none());
+        let bare: DockerContainer =
+            serde_json::from_str(r#"{"Id":"1","Name":"/x","NetworkSettings":{"Networks":null}}"#)
+                .unwrap();
+        assert!(bare.endpoint("e1").is_none());
     }
 }

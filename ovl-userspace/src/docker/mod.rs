@@ -13,11 +13,13 @@
 //! | RequestAddress | a [`Location::Reserved`](crate::model::Location::Reserved) endpoint (owner `docker-ipam`) |
 //! | CreateEndpoint | the reservation's owner becomes `docker:<endpoint ID>` |
 //! | Join / Leave | the reservation becomes a container endpoint (veth left in the host namespace for Docker to move) and back |
+//! | the container's name and `--network-alias`es (learnt from dockerd after Join) | the endpoint's name and aliases in ovl's DNS |
 //! | ReleaseAddress | the reservation is freed |
 
 mod driver;
 mod engine;
 mod ipam;
+mod names;
 mod networks;
 mod options;
 mod protocol;
@@ -48,13 +50,50 @@ pub const DRIVER: &str = "ovl";
 /// Bound on opening the store for a plugin call.
 const STORE_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// dockerd's Engine API where a host's dockerd serves it by default.
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
 /// What `ovl attach --docker-host` asks for.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DockerOptions {
     /// dockerd's Engine API (`unix:///var/run/docker.sock`).
     pub host: String,
     /// Where the plugin listens.
     pub plugin_socket: PathBuf,
+}
+
+impl DockerOptions {
+    /// The Docker integration `--docker-host HOST` asks for: `auto` (the
+    /// default) is dockerd at `default_socket` when that socket exists as
+    /// the agent starts (a host running Docker gets the plugin without a
+    /// flag), `off` is none, anything else is dockerd's URL.
+    pub fn resolve(
+        host: &str,
+        default_socket: &Path,
+        plugin_socket: PathBuf,
+    ) -> Option<DockerOptions> {
+        let host = match host {
+            "off" => return None,
+            "auto" => {
+                use std::os::unix::fs::FileTypeExt;
+                let socket =
+                    std::fs::metadata(default_socket).is_ok_and(|m| m.file_type().is_socket());
+                if !socket {
+                    log::info!(
+                        "docker: no dockerd socket at {}: the Docker plugin is off (--docker-host URL turns it on)",
+                        default_socket.display()
+                    );
+                    return None;
+                }
+                format!("unix://{}", default_socket.display())
+            }
+            url => url.to_owned(),
+        };
+        Some(DockerOptions {
+            host,
+            plugin_socket,
+        })
+    }
 }
 
 /// The plugin's bound socket; the socket file goes when it is dropped.
@@ -136,6 +175,8 @@ pub struct Context {
     networks: Mutex<HashMap<String, Known>>,
     /// Wakes the reconcile loop (a network was created or named).
     nudge: tokio::sync::Notify,
+    /// Containers' names as learnt from dockerd.
+    names: names::Memory,
 }
 
 /// An ovl network a Docker network ID was found to be: name and VNI (a
@@ -183,6 +224,7 @@ pub async fn serve(mut listener: Listener, node: String, store: StoreHandle, vie
         engine: listener.engine.clone(),
         networks: Mutex::new(HashMap::new()),
         nudge: tokio::sync::Notify::new(),
+        names: names::Memory::default(),
     });
     log::info!(
         "Docker plugin `{DRIVER}` on {}; dockerd at {}",
@@ -256,5 +298,44 @@ fn answer(method: &str, result: Result<Response, Refusal>) -> Response {
             log::warn!("Docker {method} refused: {}", refusal.message);
             refusal.into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_host_auto_serves_docker_only_where_its_socket_is() {
+        let dir = std::env::temp_dir().join(format!("ovl-docker-auto-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("docker.sock");
+        let plugin = PathBuf::from("/run/x/ovl.sock");
+        assert_eq!(
+            DockerOptions::resolve("auto", &socket, plugin.clone()),
+            None,
+            "no dockerd"
+        );
+        std::fs::write(&socket, "").unwrap();
+        assert_eq!(
+            DockerOptions::resolve("auto", &socket, plugin.clone()),
+            None,
+            "a file that is no socket is no dockerd"
+        );
+        std::fs::remove_file(&socket).unwrap();
+        let _live = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert_eq!(
+            DockerOptions::resolve("auto", &socket, plugin.clone()),
+            Some(DockerOptions {
+                host: format!("unix://{}", socket.display()),
+                plugin_socket: plugin.clone(),
+            })
+        );
+        assert_eq!(DockerOptions::resolve("off", &socket, plugin.clone()), None);
+        assert_eq!(
+            DockerOptions::resolve("unix:///run/d.sock", &socket, plugin.clone()).map(|o| o.host),
+            Some("unix:///run/d.sock".to_owned())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -48,10 +48,10 @@ pub async fn resolve(
     docker_id: &str,
 ) -> Result<Option<Network>, Refusal> {
     let state = store.load().await?;
-    if let Some(k) = ctx.known(docker_id) {
-        if let Some(n) = state.networks.get(&k.name).filter(|n| n.vni.get() == k.vni) {
-            return Ok(Some(n.clone()));
-        }
+    if let Some(k) = ctx.known(docker_id)
+        && let Some(n) = state.networks.get(&k.name).filter(|n| n.vni.get() == k.vni)
+    {
+        return Ok(Some(n.clone()));
     }
     if let Some(pending) = pending_of(&state, &ctx.node, docker_id) {
         let pending = pending.clone();

@@ -70,12 +70,12 @@ pub fn network_options(
     ipv4: &[IpamData],
     ipv6: &[IpamData],
 ) -> Result<NetworkOptions, Refusal> {
-    if let Some(first) = ipv4.first() {
-        if DOCKER_ADDRESS_SPACES.contains(&first.address_space.as_str()) {
-            return Err(Refusal::new(
-                "-d ovl needs ovl's IPAM: add --ipam-driver ovl (Docker's default IPAM allocates per host and would hand out the same address on two hosts)",
-            ));
-        }
+    if let Some(first) = ipv4.first()
+        && DOCKER_ADDRESS_SPACES.contains(&first.address_space.as_str())
+    {
+        return Err(Refusal::new(
+            "-d ovl needs ovl's IPAM: add --ipam-driver ovl (Docker's default IPAM allocates per host and would hand out the same address on two hosts)",
+        ));
     }
     if ipv4.is_empty() {
         return Err(Refusal::new(

@@ -1,6 +1,7 @@
 //! Keeping this node's dockerd and ovl's store in step, on every store
 //! change and every few seconds: ovl networks appear in (and vanish from)
-//! `docker network ls`; networks Docker created get their names; and what
+//! `docker network ls`; networks Docker created get their names, and
+//! containers' endpoints theirs (see [`names`]); and what
 //! Docker no longer has — addresses reserved by a dockerd that died
 //! mid-`docker run`, endpoints of containers it forgot — is released.
 //! Nothing is released on first sight: only after [`GRACE`] of absence,
@@ -20,6 +21,7 @@ use super::{
     Context, DRIVER, Known,
     engine::{DockerNetwork, IpamCreate, NetworkCreate},
     ipam::{OWNER_IPAM, is_docker_owner},
+    names::{self, Seen},
     networks::{self, short},
     options::{ENCRYPTED, MIRROR_OF, MTU},
 };
@@ -282,22 +284,29 @@ async fn pass(
     }
     suspects.keep(&missing);
     warn_unattached(&state, &ctx.node, &endpoints, complaints);
+    for seen in endpoints.values() {
+        let topic = format!("names {}", seen.endpoint_id);
+        match names::settle(ctx, store, &state, seen).await {
+            Ok(()) => complaints.clear(&topic),
+            Err(e) => complaints.once(&topic, &e),
+        }
+    }
+    ctx.names.keep(&ids);
     Ok(())
 }
 
-/// Docker's endpoints on this node's ovl networks: endpoint ID → (network
-/// name, container name).
+/// Docker's endpoints on this node's ovl networks, by endpoint ID.
 async fn docker_endpoints(
     ctx: &Context,
     docker: &[DockerNetwork],
-) -> Result<BTreeMap<String, (String, String)>, String> {
+) -> Result<BTreeMap<String, Seen>, String> {
     let mut out = BTreeMap::new();
     for d in docker {
         let Some(full) = ctx.engine.network(&d.id).await.map_err(|e| e.to_string())? else {
             continue;
         };
-        for ep in full.containers.unwrap_or_default().into_values() {
-            out.insert(ep.endpoint_id, (d.name.clone(), ep.name));
+        for seen in names::seen_in(&full, &d.name) {
+            out.insert(seen.endpoint_id.clone(), seen);
         }
     }
     Ok(out)
@@ -308,10 +317,10 @@ async fn docker_endpoints(
 fn warn_unattached(
     state: &State,
     node: &str,
-    endpoints: &BTreeMap<String, (String, String)>,
+    endpoints: &BTreeMap<String, Seen>,
     complaints: &mut Complaints,
 ) {
-    for (id, (network, container)) in endpoints {
+    for (id, seen) in endpoints {
         let owner = super::ipam::owner_of(id);
         let held = state
             .endpoints
@@ -323,7 +332,9 @@ fn warn_unattached(
             complaints.once(
                 &format!("ep {id}"),
                 &format!(
-                    "container {container} on {network} (endpoint {}) has no ovl endpoint: restart it to attach it again",
+                    "container {} on {} (endpoint {}) has no ovl endpoint: restart it to attach it again",
+                    seen.container_name,
+                    seen.network,
                     short(id)
                 ),
             );
@@ -391,11 +402,11 @@ async fn remove_orphan(store: &Store, n: &Network) {
 /// Releases an endpoint or reservation Docker no longer has, if it is still
 /// what was seen: its veth (if any), then its address.
 async fn release(store: &Store, e: &Endpoint) {
-    if let Location::Container { host_ifname, .. } = &e.location {
-        if let Err(err) = attachment::remove_host_link(host_ifname).await {
-            log::warn!("releasing {} on {}: {err:#}", e.ip, e.network);
-            return;
-        }
+    if let Location::Container { host_ifname, .. } = &e.location
+        && let Err(err) = attachment::remove_host_link(host_ifname).await
+    {
+        log::warn!("releasing {} on {}: {err:#}", e.ip, e.network);
+        return;
     }
     let freed = store
         .update_with(Scope::Network(&e.network), |s| {

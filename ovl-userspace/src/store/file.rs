@@ -343,7 +343,8 @@ mod tests {
                                 s.add_container(ContainerSpec {
                                     network: "a".into(),
                                     node: format!("n{i}"),
-                                    netns: format!("c{j}"),
+                                    // Distinct names: names are unique per network.
+                                    netns: format!("c{i}-{j}"),
                                     name: None,
                                     ..ContainerSpec::default()
                                 })

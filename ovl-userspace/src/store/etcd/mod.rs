@@ -214,17 +214,17 @@ impl EtcdStore {
             return Ok(());
         }
         for r in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = r {
-                if let Some(kv) = g.kvs().first() {
-                    let found: u32 = kv.value_str().unwrap_or("0").trim().parse().unwrap_or(0);
-                    if found > SCHEMA_VERSION {
-                        return Err(StoreError::EtcdValue {
-                            key: SCHEMA_KEY.into(),
-                            detail: format!(
-                                "layout version {found} is newer than this ovl's {SCHEMA_VERSION}; upgrade ovl"
-                            ),
-                        });
-                    }
+            if let TxnOpResponse::Get(g) = r
+                && let Some(kv) = g.kvs().first()
+            {
+                let found: u32 = kv.value_str().unwrap_or("0").trim().parse().unwrap_or(0);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::EtcdValue {
+                        key: SCHEMA_KEY.into(),
+                        detail: format!(
+                            "layout version {found} is newer than this ovl's {SCHEMA_VERSION}; upgrade ovl"
+                        ),
+                    });
                 }
             }
         }
@@ -402,6 +402,16 @@ fn commit_plan(
         else {
             continue;
         };
+        // Names are unique per network, and each endpoint is a key of its
+        // own: no endpoint of the network may have been written since the
+        // read, or two writers could both take one name.
+        let endpoints = format!("{ENDPOINTS}{network}/");
+        guard(
+            &mut plan,
+            &endpoints,
+            Compare::mod_revision(endpoints.as_str(), CompareOp::Less, snap.revision + 1)
+                .with_prefix(),
+        );
         // The network it joins is the one it was read with.
         let net_key = network_key(network);
         if old.contains_key(&net_key) && new.get(&net_key) == old.get(&net_key) {
@@ -530,12 +540,18 @@ mod tests {
     }
 
     #[test]
-    fn a_connect_is_one_put_guarded_by_its_key_network_and_release_record() {
+    fn a_connect_is_one_put_guarded_by_its_key_network_names_and_release_record() {
         let before = network();
         let mut after = before.clone();
         connect(&mut after, "c1");
         let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
-        assert_eq!((plan.ops.len(), plan.compares.len()), (1, 3));
+        // The key is new, the network unchanged, no endpoint of the network
+        // written since the read (names), the address not released since.
+        assert_eq!((plan.ops.len(), plan.compares.len()), (1, 4));
+        // Two endpoints of one network: one guard of its names.
+        connect(&mut after, "c2");
+        let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
+        assert_eq!((plan.ops.len(), plan.compares.len()), (2, 6));
     }
 
     #[test]

@@ -1,0 +1,445 @@
+//! What the resolver knows, as one immutable value built from the store's
+//! state: the names and addresses of the reachable endpoints of every
+//! network with a container on this node, and which networks each local
+//! container namespace may ask about. Answering a question is a pure
+//! function of it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+use hickory_proto::{
+    op::ResponseCode,
+    rr::{
+        Name, RData, Record, RecordType,
+        rdata::{A, PTR},
+    },
+};
+
+use crate::{
+    ipam::Subnet,
+    model::{Location, State, validate_endpoint_name},
+    netns,
+};
+
+/// TTL of every record answered from ovl's own names: short, so that a
+/// client that caches still forgets an endpoint within about the second
+/// it takes ovl to stop answering for it.
+pub const RECORD_TTL: u32 = 1;
+
+/// Names and addresses of one network.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct NetworkRecords {
+    /// The network's subnets (reverse names of their addresses are ours).
+    subnets: Vec<Subnet>,
+    /// Lower-case name or alias → addresses (more than one only when a
+    /// store written before names were unique holds a name twice).
+    by_name: HashMap<String, Vec<Ipv4Addr>>,
+    /// Address → the endpoint's name as registered.
+    by_ip: HashMap<Ipv4Addr, String>,
+}
+
+/// Everything the resolver answers from.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Records {
+    networks: BTreeMap<String, NetworkRecords>,
+    /// Local container namespace (its path) → the networks it is on, by
+    /// name order.
+    scopes: BTreeMap<String, Vec<String>>,
+}
+
+/// How a question is answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// From ovl's records, charged to `network`: `code` with `answers`
+    /// (NOERROR with no answers is "the name exists, without that type").
+    Local {
+        network: String,
+        code: ResponseCode,
+        answers: Vec<Record>,
+    },
+    /// Not ovl's to answer: ask the upstream resolvers.
+    Forward,
+}
+
+impl Records {
+    /// The records node `node` serves in `state`. A remote endpoint counts
+    /// while its VTEP is known and its node alive (as in the maps); a local
+    /// one once `link_exists` says its host veth is there.
+    pub fn build(state: &State, node: &str, link_exists: &dyn Fn(&str) -> bool) -> Records {
+        let mut records = Records::default();
+        for ep in &state.endpoints {
+            if let Location::Container {
+                node: n, netns: ns, ..
+            } = &ep.location
+                && n == node
+            {
+                let scope = records.scopes.entry(namespace_key(ns)).or_default();
+                if !scope.contains(&ep.network) {
+                    scope.push(ep.network.clone());
+                    scope.sort();
+                }
+            }
+        }
+        let served: std::collections::BTreeSet<&String> =
+            records.scopes.values().flatten().collect();
+        let mut networks: BTreeMap<String, NetworkRecords> = served
+            .into_iter()
+            .filter_map(|name| {
+                let net = state.networks.get(name)?;
+                Some((
+                    name.clone(),
+                    NetworkRecords {
+                        subnets: net.subnets.iter().map(|p| p.subnet).collect(),
+                        ..NetworkRecords::default()
+                    },
+                ))
+            })
+            .collect();
+        for ep in &state.endpoints {
+            let Some(net) = networks.get_mut(&ep.network) else {
+                continue;
+            };
+            let reachable = match &ep.location {
+                Location::Container {
+                    node: n,
+                    host_ifname,
+                    ..
+                } if n == node => link_exists(host_ifname),
+                _ => state.vtep_of(ep).is_some(),
+            };
+            if !reachable {
+                continue;
+            }
+            // Default names are namespace names or paths: only those that
+            // can be asked for are answered.
+            for name in ep.names().filter(|n| validate_endpoint_name(n).is_ok()) {
+                let ips = net.by_name.entry(name.to_ascii_lowercase()).or_default();
+                if !ips.contains(&ep.ip) {
+                    ips.push(ep.ip);
+                }
+            }
+            if let Some(name) = ep.names().find(|n| validate_endpoint_name(n).is_ok()) {
+                net.by_ip.insert(ep.ip, name.to_owned());
+            }
+        }
+        records.networks = networks;
+        records
+    }
+
+    /// The namespaces (paths) of this node's containers.
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.scopes.keys().map(String::as_str)
+    }
+
+    /// The network charged with what namespace `ns` asks that no network
+    /// answers: the first of its networks by name.
+    pub fn home(&self, ns: &str) -> Option<&str> {
+        self.scopes.get(ns)?.first().map(String::as_str)
+    }
+
+    /// How to answer `qtype` for `name` asked from namespace `ns`; `None`
+    /// when `ns` is no container of this node (any more).
+    ///
+    /// A name of an endpoint on one of the asker's networks (or
+    /// `NAME.NETWORK`) is answered from the records; so is the reverse
+    /// name of an address in one of their subnets. Any other single-label
+    /// name gets NXDOMAIN (no other network's names leak, and no resolver
+    /// outside knows single labels); everything else is forwarded.
+    pub fn resolve(&self, ns: &str, name: &Name, qtype: RecordType) -> Option<Resolution> {
+        let scope = self.scopes.get(ns)?;
+        let in_scope = || {
+            scope
+                .iter()
+                .filter_map(|n| Some((n.as_str(), self.networks.get(n)?)))
+        };
+        if let Some(ip) = reverse_ipv4(name) {
+            return Some(self.resolve_reverse(in_scope(), name, qtype, ip));
+        }
+        let wanted = name.to_ascii().to_ascii_lowercase();
+        let wanted = wanted.strip_suffix('.').unwrap_or(&wanted);
+        if wanted.is_empty() {
+            return Some(Resolution::Forward);
+        }
+        for (network, records) in in_scope() {
+            if let Some(ips) = records.by_name.get(wanted) {
+                return Some(address_answer(network, name, qtype, ips));
+            }
+        }
+        for (network, records) in in_scope() {
+            let suffix = format!(".{}", network.to_ascii_lowercase());
+            if let Some(host) = wanted.strip_suffix(&suffix) {
+                return Some(match records.by_name.get(host) {
+                    Some(ips) => address_answer(network, name, qtype, ips),
+                    None => nxdomain(network),
+                });
+            }
+        }
+        if !wanted.contains('.') {
+            return Some(nxdomain(scope.first().map_or("", String::as_str)));
+        }
+        Some(Resolution::Forward)
+    }
+
+    fn resolve_reverse<'a>(
+        &self,
+        mut scope: impl Iterator<Item = (&'a str, &'a NetworkRecords)>,
+        name: &Name,
+        qtype: RecordType,
+        ip: Ipv4Addr,
+    ) -> Resolution {
+        let Some((network, records)) =
+            scope.find(|(_, r)| r.subnets.iter().any(|s| s.contains(ip)))
+        else {
+            return Resolution::Forward;
+        };
+        let Some(host) = records.by_ip.get(&ip) else {
+            return nxdomain(network);
+        };
+        let answers = match (qtype, Name::from_ascii(format!("{host}."))) {
+            (RecordType::PTR | RecordType::ANY, Ok(target)) => vec![Record::from_rdata(
+                name.clone(),
+                RECORD_TTL,
+                RData::PTR(PTR(target)),
+            )],
+            _ => Vec::new(),
+        };
+        Resolution::Local {
+            network: network.to_owned(),
+            code: ResponseCode::NoError,
+            answers,
+        }
+    }
+}
+
+/// The key of a container namespace: its path, as `ovl connect` and the
+/// front ends name it (a name under /run/netns, or a path).
+pub fn namespace_key(netns: &str) -> String {
+    netns::path_of(netns).display().to_string()
+}
+
+fn address_answer(network: &str, name: &Name, qtype: RecordType, ips: &[Ipv4Addr]) -> Resolution {
+    let answers = match qtype {
+        RecordType::A | RecordType::ANY => ips
+            .iter()
+            .map(|ip| Record::from_rdata(name.clone(), RECORD_TTL, RData::A(A(*ip))))
+            .collect(),
+        // The name exists, without records of that type (NODATA): ovl's
+        // networks are IPv4 only.
+        _ => Vec::new(),
+    };
+    Resolution::Local {
+        network: network.to_owned(),
+        code: ResponseCode::NoError,
+        answers,
+    }
+}
+
+fn nxdomain(network: &str) -> Resolution {
+    Resolution::Local {
+        network: network.to_owned(),
+        code: ResponseCode::NXDomain,
+        answers: Vec::new(),
+    }
+}
+
+/// The address of a full `d.c.b.a.in-addr.arpa.` name.
+fn reverse_ipv4(name: &Name) -> Option<Ipv4Addr> {
+    let mut fqdn = name.clone();
+    fqdn.set_fqdn(true);
+    match fqdn.parse_arpa_name().ok()? {
+        ipnet::IpNet::V4(net) if net.prefix_len() == 32 => Some(net.addr()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::model::{ContainerSpec, NetworkSpec};
+
+    const ME: &str = "host-a";
+
+    fn n(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    /// Two networks; `client` (host-a) on blue only, `web` (host-b) on
+    /// blue with alias `www`, `db` (host-b) on red, `other` (host-a) on red.
+    fn world() -> State {
+        let mut s = State::default();
+        for (name, subnet) in [("blue", "198.18.0.0/24"), ("red", "198.18.1.0/24")] {
+            s.create_network(NetworkSpec::new(name, subnet.parse().unwrap()))
+                .unwrap();
+        }
+        let mut add = |net: &str, node: &str, ns: &str, name: &str| {
+            s.add_container(ContainerSpec {
+                network: net.into(),
+                node: node.into(),
+                netns: ns.into(),
+                name: Some(name.into()),
+                ip: None,
+                owner: None,
+                subnet: None,
+            })
+            .unwrap()
+        };
+        add("blue", ME, "c-client", "client");
+        let web = add("blue", "host-b", "c-web", "web");
+        add("red", "host-b", "c-db", "db");
+        add("red", ME, "c-other", "other");
+        s.set_names("blue", web.ip, None, vec!["www".into()])
+            .unwrap();
+        s.register_node(ME, Ipv4Addr::new(192, 0, 2, 10), None);
+        s.register_node("host-b", Ipv4Addr::new(198, 51, 100, 10), None);
+        s
+    }
+
+    fn records(s: &State) -> Records {
+        Records::build(s, ME, &|_| true)
+    }
+
+    fn client() -> String {
+        namespace_key("c-client")
+    }
+
+    fn ips(r: &Resolution) -> Vec<Ipv4Addr> {
+        match r {
+            Resolution::Local { answers, .. } => answers
+                .iter()
+                .filter_map(|a| match a.data {
+                    RData::A(A(ip)) => Some(ip),
+                    _ => None,
+                })
+                .collect(),
+            Resolution::Forward => panic!("forwarded"),
+        }
+    }
+
+    fn code(r: &Resolution) -> ResponseCode {
+        match r {
+            Resolution::Local { code, .. } => *code,
+            Resolution::Forward => panic!("forwarded"),
+        }
+    }
+
+    #[test]
+    fn names_and_aliases_of_the_askers_networks_resolve_on_any_host() {
+        let r = records(&world());
+        let web = Ipv4Addr::new(198, 18, 0, 3);
+        for q in ["web.", "WEB", "www.", "web.blue.", "Www.Blue"] {
+            let got = r.resolve(&client(), &n(q), RecordType::A).unwrap();
+            assert_eq!(ips(&got), vec![web], "{q}");
+            assert!(matches!(&got, Resolution::Local { network, .. } if network == "blue"));
+        }
+        let aaaa = r.resolve(&client(), &n("web."), RecordType::AAAA).unwrap();
+        assert_eq!(code(&aaaa), ResponseCode::NoError);
+        assert!(ips(&aaaa).is_empty(), "NODATA for AAAA");
+    }
+
+    #[test]
+    fn names_of_other_networks_are_nxdomain_and_never_forwarded() {
+        let r = records(&world());
+        for q in ["db.", "other.", "nosuch.", "db.blue."] {
+            let got = r.resolve(&client(), &n(q), RecordType::A).unwrap();
+            assert_eq!(code(&got), ResponseCode::NXDomain, "{q}");
+        }
+        // From red, db resolves and web does not.
+        let other = namespace_key("c-other");
+        assert_eq!(
+            ips(&r.resolve(&other, &n("db."), RecordType::A).unwrap()),
+            vec![Ipv4Addr::new(198, 18, 1, 2)]
+        );
+        assert_eq!(
+            code(&r.resolve(&other, &n("web."), RecordType::A).unwrap()),
+            ResponseCode::NXDomain
+        );
+    }
+
+    #[test]
+    fn other_dotted_names_are_forwarded() {
+        let r = records(&world());
+        for q in ["example.com.", "db.red.", "."] {
+            assert_eq!(
+                r.resolve(&client(), &n(q), RecordType::A),
+                Some(Resolution::Forward),
+                "{q}"
+            );
+        }
+    }
+
+    #[test]
+    fn reverse_names_of_the_askers_subnets_are_answered() {
+        let r = records(&world());
+        let ptr = r
+            .resolve(&client(), &n("3.0.18.198.in-addr.arpa."), RecordType::PTR)
+            .unwrap();
+        let Resolution::Local { answers, code, .. } = &ptr else {
+            panic!("{ptr:?}")
+        };
+        assert_eq!(*code, ResponseCode::NoError);
+        assert_eq!(answers[0].data, RData::PTR(PTR(n("web."))));
+        assert_eq!(
+            code_of(&r, "99.0.18.198.in-addr.arpa."),
+            ResponseCode::NXDomain,
+            "a free address of the subnet"
+        );
+        // Another network's subnet and the world outside are forwarded.
+        for q in ["2.1.18.198.in-addr.arpa.", "1.2.0.192.in-addr.arpa."] {
+            assert_eq!(
+                r.resolve(&client(), &n(q), RecordType::PTR),
+                Some(Resolution::Forward),
+                "{q}"
+            );
+        }
+    }
+
+    fn code_of(r: &Records, q: &str) -> ResponseCode {
+        code(&r.resolve(&client(), &n(q), RecordType::PTR).unwrap())
+    }
+
+    #[test]
+    fn unreachable_endpoints_are_not_answered() {
+        let mut s = world();
+        // host-b's agent is gone (etcd lease expired).
+        s.alive = Some(BTreeSet::from([ME.to_owned()]));
+        let r = records(&s);
+        assert_eq!(
+            code(&r.resolve(&client(), &n("web."), RecordType::A).unwrap()),
+            ResponseCode::NXDomain
+        );
+        // A local endpoint answers once its veth exists.
+        let s = world();
+        let none = Records::build(&s, ME, &|_| false);
+        assert_eq!(
+            code(
+                &none
+                    .resolve(&client(), &n("client."), RecordType::A)
+                    .unwrap()
+            ),
+            ResponseCode::NXDomain
+        );
+        assert_eq!(
+            ips(&records(&s)
+                .resolve(&client(), &n("client."), RecordType::A)
+                .unwrap()),
+            vec![Ipv4Addr::new(198, 18, 0, 2)]
+        );
+    }
+
+    #[test]
+    fn only_local_containers_are_served_each_with_its_networks() {
+        let r = records(&world());
+        let mut ns: Vec<&str> = r.namespaces().collect();
+        ns.sort();
+        assert_eq!(ns, vec![client(), namespace_key("c-other")]);
+        assert_eq!(r.home(&client()), Some("blue"));
+        assert!(
+            r.resolve(&namespace_key("c-web"), &n("web."), RecordType::A)
+                .is_none()
+        );
+    }
+}
