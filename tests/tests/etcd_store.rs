@@ -1,8 +1,10 @@
 //! ovl over a real etcd: three routed hosts share one store on the router.
 //! Networks made on one host serve containers on the others, racing
 //! connects get distinct addresses, a dead node's endpoints leave every map
-//! and the store, an etcd outage costs no packet, a disconnected endpoint
-//! is gone everywhere, and a bad store URL leaves nothing attached.
+//! and the store, a node returning to an address taken meanwhile reports
+//! the conflict and leaves the newer owner alone, an etcd outage costs no
+//! packet, a disconnected endpoint is gone everywhere, and a bad store URL
+//! leaves nothing attached.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -472,6 +474,136 @@ fn node_cut_off_from_etcd_beyond_its_lease_is_alive_and_reachable_once_the_cut_h
             world.inspect(A, NETWORK).map(|v| listed_endpoints(&v))
         )
     })?;
+    world.stop()
+}
+
+/// The conflicts `ovl node ls --json` on host `i` lists for `node`:
+/// (network, address, holder's name).
+fn conflicts_of(
+    world: &ThreeHosts,
+    i: usize,
+    node: &str,
+) -> Result<Vec<(String, Ipv4Addr, String)>> {
+    let out = world.run(i, &["node", "ls", "--json"])?;
+    let rows: Value = serde_json::from_str(&out).with_context(|| format!("node ls: {out}"))?;
+    let row = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == node))
+        .with_context(|| format!("{node} not in node ls: {out}"))?;
+    row["conflicts"]
+        .as_array()
+        .with_context(|| format!("no conflicts list in {row}"))?
+        .iter()
+        .map(|c| {
+            Ok((
+                c["network"].as_str().context("network")?.to_owned(),
+                c["ip"].as_str().context("ip")?.parse()?,
+                c["holder_name"].as_str().context("holder_name")?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn a_node_returning_to_an_address_taken_meanwhile_reports_the_conflict_and_the_new_owner_keeps_it()
+-> Result<()> {
+    let lab = Lab::new("etcd-taken")?;
+    let world = cluster_with_network(&lab)?;
+    let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
+    let (_cc, ip_c) = world.container(&lab, C, NETWORK, "cc")?;
+    let vni = vni_of(&world, A)?;
+    wait_for_maps(&world, vni, &[(ip_a, A), (ip_c, C)])?;
+    expect_reachable(&ca, ip_c, 1)?;
+
+    // C is cut off past its lease: dead to the others, its endpoint freed.
+    let etcd_addr = world.hosts[A]
+        .gateway
+        .context("routed hosts have a gateway")?;
+    let c = ThreeHosts::NODES[C];
+    cut_off_from_etcd(&world, C, etcd_addr, true)?;
+    wait_until(Duration::from_secs(LEASE_TTL + 10), || {
+        let listed = listed_endpoints(&world.inspect(A, NETWORK)?)?;
+        Ok(node_is(&world, A, c, "no")? && !listed.contains_key(&ip_c))
+    })
+    .context("C's endpoint was never freed while C was cut off")?;
+
+    // An operator without grace gives C's address to a new container on B.
+    let cb = lab.container("cb")?;
+    let ip = ip_c.to_string();
+    let taken = world.ovl.run_with_env_unchecked(
+        &world.hosts[B].netns,
+        ThreeHosts::NODES[B],
+        &[("OVL_ADDRESS_GRACE", "0")],
+        &[
+            "connect",
+            NETWORK,
+            cb.name(),
+            "--ip",
+            &ip,
+            "--name",
+            "newer",
+        ],
+    )?;
+    ensure!(
+        taken.status.success(),
+        "connect --ip {ip} on B failed: {}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+    let to_b = Via::Vtep(world.hosts[B].addr);
+    wait_until(PROPAGATION, || {
+        Ok(map_of(&world, A, vni)?.get(&ip_c) == Some(&to_b))
+    })
+    .context("A never sent C's old address to B")?;
+    expect_reachable(&ca, ip_c, 3)?;
+
+    // The cut heals: C comes back, finds its address taken, and says so
+    // loudly (its log, `ovl node ls`, the conflict count of its agent).
+    cut_off_from_etcd(&world, C, etcd_addr, false)?;
+    let mut seen = Vec::new();
+    wait_until(Duration::from_secs(LEASE_TTL + 15), || {
+        seen = conflicts_of(&world, A, c)?;
+        Ok(node_is(&world, A, c, "yes")? && !seen.is_empty())
+    })
+    .with_context(|| format!("C came back without reporting a conflict; node ls: {seen:?}"))?;
+    ensure!(
+        seen == vec![(NETWORK.to_owned(), ip_c, "newer".to_owned())],
+        "C reported {seen:?}, expected {ip_c} of {NETWORK} held by newer"
+    );
+    let log = world.agents[C].log()?;
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("address conflict") && l.contains(&ip)),
+        "C's agent never logged the conflict over {ip}:\n{log}"
+    );
+    let table = world.run(A, &["node", "ls"])?;
+    ensure!(
+        table.contains(&format!("conflict on node {c}")) && table.contains(&ip),
+        "node ls does not show the conflict:\n{table}"
+    );
+
+    // The newer owner is left alone: the store keeps it on B, A's map
+    // sends the address to B, C's no longer claims it (C, with no endpoint
+    // of the network left, serves it no more), and its traffic flows on.
+    let listed = listed_endpoints(&world.inspect(A, NETWORK)?)?;
+    ensure!(
+        listed.get(&ip_c).map(|(node, _)| node.as_str()) == Some(ThreeHosts::NODES[B]),
+        "{ip_c} is listed as {:?} after C came back",
+        listed.get(&ip_c)
+    );
+    wait_until(PROPAGATION, || {
+        Ok(map_of(&world, C, vni)?.get(&ip_c) != Some(&Via::Local))
+    })
+    .with_context(|| {
+        format!(
+            "C's map still holds its old {ip_c}: {:?}",
+            map_of(&world, C, vni)
+        )
+    })?;
+    ensure!(
+        map_of(&world, A, vni)?.get(&ip_c) == Some(&to_b),
+        "A's map no longer sends {ip_c} to B"
+    );
+    expect_reachable(&ca, ip_c, 3)?;
     world.stop()
 }
 

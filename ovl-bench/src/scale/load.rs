@@ -242,10 +242,11 @@ pub async fn grow(store: &Arc<Store>, fleet: &Arc<Mutex<Fleet>>, total: usize) -
 /// Makes `rate` changes per second for `duration`, half connects, half
 /// disconnects: tick t connects a new endpoint to network t mod N on a
 /// node that turns with t, and disconnects that network's oldest
-/// churnable endpoint. Each change goes to the prober, which says when
-/// every other node shows it.
+/// churnable endpoint, each through the store connection of the node it
+/// is made for (`stores[i]` for node i). Each change goes to the prober,
+/// which says when every other node shows it.
 pub async fn churn(
-    store: &Arc<Store>,
+    stores: &[Arc<Store>],
     fleet: &Arc<Mutex<Fleet>>,
     probes: &mpsc::Sender<Probe>,
     outcomes: &mut UnboundedReceiver<Outcome>,
@@ -256,6 +257,9 @@ pub async fn churn(
         let f = lock(fleet);
         (f.networks.len(), f.nodes.len())
     };
+    if stores.len() != n_nodes {
+        bail!("churn needs one store connection per node");
+    }
     if n_nets == 0 {
         bail!("churn needs networks");
     }
@@ -326,7 +330,7 @@ pub async fn churn(
             nodes: others,
         };
         let ctx = OpContext {
-            store: store.clone(),
+            store: stores[node].clone(),
             probes: probes.clone(),
             commits: commits.clone(),
             errors: errors.clone(),
@@ -366,7 +370,7 @@ pub async fn churn(
                 nodes[vnode].name.clone(),
             );
             let ctx = OpContext {
-                store: store.clone(),
+                store: stores[vnode].clone(),
                 probes: probes.clone(),
                 commits: commits.clone(),
                 errors: errors.clone(),

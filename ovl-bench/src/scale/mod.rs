@@ -150,6 +150,13 @@ pub fn run(options: Options) -> Result<()> {
 
 async fn measure(world: &World, plan: &Plan) -> Result<Vec<Step>> {
     let store = Arc::new(Store::open(&world.etcd.url()).await?);
+    // Churn speaks for each node through a connection of its own, as the
+    // nodes' own commands would: one process's changes to a network take
+    // turns, different nodes' race in etcd.
+    let mut node_stores = Vec::new();
+    for _ in &world.nodes {
+        node_stores.push(Arc::new(Store::open(&world.etcd.url()).await?));
+    }
     let nodes: Vec<NodeSlot> = world
         .nodes
         .iter()
@@ -234,7 +241,7 @@ async fn measure(world: &World, plan: &Plan) -> Result<Vec<Step>> {
             step.busy = window(&pids, &world.etcd_ns, &endpoint, async {
                 churned = Some(
                     load::churn(
-                        &store,
+                        &node_stores,
                         &fleet,
                         &probes,
                         &mut outcomes,

@@ -193,7 +193,7 @@ pub fn markdown(r: &ScaleReport) -> String {
     }
     let _ = writeln!(
         md,
-        "\n{} nodes (one `ovl attach` each, decap on TC) on one switched underlay segment with one etcd 3.4 on it; networks of {} endpoints (/22, `--internal`), each node holding an equal share of every network; steps of {:?} endpoints; at each step {} s idle, {} real `ovl connect` runs, then {} s of churn at {} changes per second (half connects, half disconnects){}. Maps polled every {} ms. {:.0} s in all.\n",
+        "\n{} nodes (one `ovl attach` each, decap on TC) on one switched underlay segment with one etcd 3.4 on it; networks of {} endpoints (/22, `--internal`), each node holding an equal share of every network; steps of {:?} endpoints; at each step {} s idle, {} real `ovl connect` runs, then {} s of churn at {} changes per second (half connects, half disconnects, each through its node's own store connection){}. Maps polled every {} ms. {:.0} s in all.\n",
         p.nodes,
         p.per_network,
         p.steps,

@@ -413,8 +413,9 @@ impl Agent {
         let state = &*self.state.insert(state);
         // Names first: a container's resolver is listening by the time its
         // endpoint is reported forwarding.
-        self.dns.update(state, &self.node);
         let ifindexes = &self.ifindexes;
+        self.dns
+            .update(state, &self.node, &|name| ifindexes.get(name).is_some());
         reconcile::reconcile(
             &mut self.dp,
             state,
@@ -533,6 +534,7 @@ impl Agent {
                     // One look for a burst of notifications.
                     while links.try_recv().is_ok() {}
                     self.ifindexes.invalidate();
+                    self.dns.links_changed();
                     self.reapply();
                     self.collect_abandoned(connected.as_ref()).await;
                 }

@@ -40,7 +40,7 @@ pub use self::{
     stats::{DnsCounters, Stats},
     upstream::{HOST_RESOLV_CONF, parse_upstream},
 };
-use crate::{model::State, netlink};
+use crate::model::State;
 
 /// Where containers find ovl's resolver, as Docker's embedded DNS sits at
 /// the same address in its containers.
@@ -203,12 +203,16 @@ impl Service {
     }
 
     /// Answers from `state` from now on (node `node`'s view), and listens
-    /// in exactly the namespaces of its local containers.
-    pub fn update(&mut self, state: &State, node: &str) {
+    /// in exactly the namespaces of its local containers. `link_exists`
+    /// says whether a host interface exists (the agent's cache: asking the
+    /// kernel for every local endpoint at every change costs more than the
+    /// rest of the update). A namespace that could not be opened is tried
+    /// again only after [`links_changed`](Self::links_changed).
+    pub fn update(&mut self, state: &State, node: &str, link_exists: &dyn Fn(&str) -> bool) {
         let Some(r) = &mut self.running else {
             return;
         };
-        let records = Records::build(state, node, &|ifname| netlink::ifindex(ifname).is_some());
+        let records = Records::build(state, node, link_exists);
         let wanted: BTreeSet<String> = records.namespaces().map(str::to_owned).collect();
         *r.shared.records.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(records);
         let mut served = r.served.lock().unwrap_or_else(|p| p.into_inner());
@@ -216,7 +220,7 @@ impl Service {
         r.unservable.retain(|ns| wanted.contains(ns));
         let missing: Vec<&String> = wanted
             .iter()
-            .filter(|ns| !served.contains_key(*ns))
+            .filter(|ns| !served.contains_key(*ns) && !r.unservable.contains(*ns))
             .collect();
         for ns in missing {
             match r.open(ns) {
@@ -238,6 +242,17 @@ impl Service {
             }
         }
         r.shared.stats.set_namespaces(served.len());
+    }
+}
+
+impl Service {
+    /// A host link came, went or moved (a container's veth with it): the
+    /// namespaces that could not be opened are tried again at the next
+    /// update.
+    pub fn links_changed(&mut self) {
+        if let Some(r) = &mut self.running {
+            r.unservable.clear();
+        }
     }
 }
 

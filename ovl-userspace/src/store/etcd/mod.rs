@@ -10,6 +10,7 @@ mod follow;
 mod limits;
 mod liveness;
 mod nodes;
+mod turns;
 mod wireguard;
 
 use std::{collections::BTreeMap, future::Future, time::Duration};
@@ -33,6 +34,8 @@ use crate::{
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Conflicting concurrent transactions are retried this often.
 const MAX_ATTEMPTS: u32 = 64;
+/// Longest pause between two attempts of a contended transaction.
+const CONFLICT_MAX_PAUSE: Duration = Duration::from_millis(100);
 /// Pause before the liveness thread tries etcd again.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// etcd's default `--max-txn-ops`: the most compares, and the most
@@ -142,6 +145,8 @@ pub struct EtcdStore {
     url: StoreUrl,
     /// How long freed addresses are held back.
     address_grace: Duration,
+    /// This process's changes to one scope, one at a time.
+    turns: turns::Turns,
 }
 
 impl EtcdStore {
@@ -179,6 +184,7 @@ impl EtcdStore {
             client,
             url: url.clone(),
             address_grace: url.options.address_grace.unwrap_or(DEFAULT_ADDRESS_GRACE),
+            turns: turns::Turns::default(),
         };
         store.ensure_schema().await?;
         Ok(store)
@@ -312,8 +318,10 @@ impl EtcdStore {
         scope: Scope<'_>,
         change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
+        let _turn = self.turns.take(scope).await;
         let ranges = Range::of(scope);
-        for attempt in 0..MAX_ATTEMPTS {
+        let mut pauses = conflict_pauses();
+        for _ in 0..MAX_ATTEMPTS {
             let snap = self.read(&ranges).await?;
             let mut before = snap.state();
             before.clock = GraceClock::now(self.address_grace);
@@ -344,13 +352,27 @@ impl EtcdStore {
                 after.revision = resp.header().map_or(0, |h| h.revision()).max(0) as u64;
                 return Ok(after);
             }
-            // Lost a race: back off a little (more with every retry) and
-            // redo the change against what the winner wrote.
-            let pause = 2 + u64::from(attempt) * 3 + u64::from(std::process::id() % 7);
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+            // Lost a race: back off and redo the change against what the
+            // winner wrote. The pause is random, so racers that lost
+            // together (tasks of one process most of all) come back one by
+            // one instead of re-reading and colliding again in lockstep.
+            let pause = pauses.next().unwrap_or(CONFLICT_MAX_PAUSE);
+            tokio::time::sleep(pause).await;
         }
         Err(StoreError::Contended(MAX_ATTEMPTS))
     }
+}
+
+/// Pauses between the attempts of a contended transaction: from 2 ms,
+/// doubling up to [`CONFLICT_MAX_PAUSE`], each with random jitter.
+fn conflict_pauses() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(2))
+        .with_max_delay(CONFLICT_MAX_PAUSE)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// The compares and operations of one `update` commit.
@@ -482,6 +504,23 @@ fn is_host_port(s: &str) -> bool {
 mod tests {
     use super::*;
     use crate::model::{ContainerSpec, NetworkSpec};
+
+    #[test]
+    fn racers_that_lost_together_retry_at_different_times_within_bounds() {
+        let runs: Vec<Vec<Duration>> = (0..8)
+            .map(|_| conflict_pauses().take(MAX_ATTEMPTS as usize).collect())
+            .collect();
+        for pauses in &runs {
+            assert!(pauses.iter().all(|p| *p >= Duration::from_millis(2)));
+            assert!(pauses.iter().all(|p| *p <= 2 * CONFLICT_MAX_PAUSE));
+            // Growing: the late attempts wait longer than the first.
+            assert!(pauses[MAX_ATTEMPTS as usize - 1] >= CONFLICT_MAX_PAUSE);
+            assert!(pauses[0] < Duration::from_millis(5));
+        }
+        // Eight tasks that lost the same race do not come back together.
+        let fourth: std::collections::BTreeSet<_> = runs.iter().map(|r| r[3]).collect();
+        assert!(fourth.len() > 1, "no jitter: {runs:?}");
+    }
 
     #[test]
     fn endpoints_must_be_host_and_port() {
