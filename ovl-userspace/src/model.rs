@@ -785,15 +785,7 @@ impl State {
         name: Option<String>,
         aliases: Vec<String>,
     ) -> Result<Endpoint, ModelError> {
-        self.network(network)?;
-        let pos = self
-            .endpoints
-            .iter()
-            .position(|e| e.network == network && e.ip == ip)
-            .ok_or_else(|| ModelError::NoSuchEndpoint {
-                network: network.to_owned(),
-                ip,
-            })?;
+        let pos = self.endpoint_position(network, ip)?;
         if let Some(name) = &name {
             validate_endpoint_name(name)?;
         }
@@ -982,17 +974,22 @@ impl State {
         Ok(self.endpoints.remove(pos))
     }
 
-    /// Removes the endpoint with address `ip` from `network`.
-    pub fn remove_endpoint(&mut self, network: &str, ip: Ipv4Addr) -> Result<Endpoint, ModelError> {
+    /// Where the endpoint with address `ip` of `network` is in
+    /// `endpoints`; an unknown network or endpoint is an error.
+    fn endpoint_position(&self, network: &str, ip: Ipv4Addr) -> Result<usize, ModelError> {
         self.network(network)?;
-        let pos = self
-            .endpoints
+        self.endpoints
             .iter()
             .position(|e| e.network == network && e.ip == ip)
             .ok_or_else(|| ModelError::NoSuchEndpoint {
                 network: network.to_owned(),
                 ip,
-            })?;
+            })
+    }
+
+    /// Removes the endpoint with address `ip` from `network`.
+    pub fn remove_endpoint(&mut self, network: &str, ip: Ipv4Addr) -> Result<Endpoint, ModelError> {
+        let pos = self.endpoint_position(network, ip)?;
         Ok(self.endpoints.remove(pos))
     }
 
