@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ovl_userspace::{
-    model::{ContainerSpec, NetworkSpec},
+    model::{ContainerSpec, Location, NetworkSpec, State},
     store::{Scope, Store},
 };
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -136,11 +136,9 @@ impl Fleet {
         (self.networks[k].vni, &self.networks[k].name)
     }
 
-    /// What node `i`'s endpoint map holds once in step: every endpoint of
-    /// every network but its own (they have no veth, so it maps none of
-    /// them; they make it serve every network).
-    pub fn expected_on(&self, i: usize) -> usize {
-        self.total() - self.per_node[i]
+    /// The nodes' names, in order.
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
     }
 
     /// Takes a free address of network `k` for a change made outside the
@@ -338,10 +336,14 @@ pub async fn churn(
         let fleet_c = fleet.clone();
         tasks.spawn(async move {
             let name_c = name.clone();
+            let (node_name, netns) = (spec.node.clone(), spec.netns.clone());
             let ok = ctx
-                .run(probe, &name_c, move |s| {
-                    s.add_container(spec.clone()).map(|_| ())
-                })
+                .run(
+                    probe,
+                    &name_c,
+                    move |s| s.add_container(spec.clone()).map(|_| ()),
+                    move |s| holds(s, &node_name, &netns),
+                )
                 .await;
             let mut f = lock(&fleet_c);
             if ok {
@@ -379,10 +381,14 @@ pub async fn churn(
             tasks.spawn(async move {
                 let netns = victim.netns.clone();
                 let net_c = net.clone();
+                let (node_c, netns_c) = (node_name.clone(), netns.clone());
                 let ok = ctx
-                    .run(probe, &net, move |s| {
-                        s.remove_container(&net_c, &node_name, &netns).map(|_| ())
-                    })
+                    .run(
+                        probe,
+                        &net,
+                        move |s| s.remove_container(&net_c, &node_name, &netns).map(|_| ()),
+                        move |s| !holds(s, &node_c, &netns_c),
+                    )
                     .await;
                 let mut f = lock(&fleet_c);
                 if ok {
@@ -469,19 +475,21 @@ struct OpContext {
 
 impl OpContext {
     /// Commits `change` to `network`, then hands `probe` to the prober.
-    /// Returns whether the change was committed.
+    /// Returns whether the change was committed. A commit that failed on
+    /// the client's side (a timeout, a lost connection) may still have
+    /// been applied by etcd: then the network is read again and `landed`
+    /// says whether it was, so that the fleet follows the store and not
+    /// the client's view of it.
     async fn run(
         &self,
         mut probe: Probe,
         network: &str,
-        mut change: impl FnMut(
-            &mut ovl_userspace::model::State,
-        ) -> Result<(), ovl_userspace::model::ModelError>
-        + Send,
+        mut change: impl FnMut(&mut State) -> Result<(), ovl_userspace::model::ModelError> + Send,
+        landed: impl Fn(&State) -> bool,
     ) -> bool {
         let started = Instant::now();
         probe.started = started;
-        match self
+        let error = match self
             .store
             .update_with(Scope::Network(network), |s| change(s))
             .await
@@ -490,14 +498,39 @@ impl OpContext {
                 lock(&self.commits).push((probe.tag, started.elapsed()));
                 // The prober only stops once every sender is gone.
                 let _ = self.probes.send(probe);
+                return true;
+            }
+            Err(e) => e,
+        };
+        match self.store.load_in(Scope::Network(network)).await {
+            Ok(state) if landed(&state) => {
+                // Applied though the client saw it fail: its propagation
+                // is not timed (its start is unknown), but the fleet
+                // counts it.
+                lock(&self.errors).push(format!(
+                    "{network}: applied although the client saw: {error}"
+                ));
                 true
             }
-            Err(e) => {
-                lock(&self.errors).push(format!("{network}: {e}"));
+            Ok(_) => {
+                lock(&self.errors).push(format!("{network}: {error}"));
+                false
+            }
+            Err(again) => {
+                lock(&self.errors).push(format!(
+                    "{network}: {error}; and whether it was applied could not be read: {again}"
+                ));
                 false
             }
         }
     }
+}
+
+/// Whether `state` holds the endpoint of container `netns` on `node`.
+fn holds(state: &State, node: &str, netns: &str) -> bool {
+    state
+        .endpoints_of_node(node)
+        .any(|e| matches!(&e.location, Location::Container { netns: n, .. } if n == netns))
 }
 
 /// What `ovl connect` registers for a container `netns` on `node`.

@@ -189,7 +189,7 @@ async fn measure(world: &World, plan: &Plan) -> Result<Vec<Step>> {
         let fill_started = Instant::now();
         load::grow(&store, &fleet, target).await?;
         let fill_seconds = fill_started.elapsed().as_secs_f64();
-        let converge_seconds = converge(&counting, &fleet, CONVERGE).await? + fill_seconds;
+        let converge_seconds = converge(&counting, &store, &fleet, CONVERGE).await? + fill_seconds;
         world.check_agents()?;
         eprintln!(
             "ovl-bench: scale: {target} endpoints written in {fill_seconds:.1} s, in every map after {converge_seconds:.1} s"
@@ -259,7 +259,7 @@ async fn measure(world: &World, plan: &Plan) -> Result<Vec<Step>> {
             step.hwm_kib = rss_churn.iter().map(|m| m.1).collect();
             step.etcd_rss_churn_kib = usage::memory_kib(etcd_pid)?.0;
             // Nothing lost: every map holds exactly what the store says.
-            step.after_churn_seconds = converge(&counting, &fleet, CONVERGE).await?;
+            step.after_churn_seconds = converge(&counting, &store, &fleet, CONVERGE).await?;
             world.check_agents()?;
             step.etcd = EtcdCounters::scrape(&world.etcd_ns, &endpoint)?;
             eprintln!("ovl-bench: scale: {}", report::one_line(&step));
@@ -271,15 +271,35 @@ async fn measure(world: &World, plan: &Plan) -> Result<Vec<Step>> {
     Ok(steps)
 }
 
-/// Waits until every node's map holds exactly what the fleet says it
-/// should; returns how long that took.
-async fn converge(maps: &[NodeMap], fleet: &Arc<Mutex<Fleet>>, timeout: Duration) -> Result<f64> {
+/// Waits until every node's map holds exactly what the store says it
+/// should: every endpoint but the node's own (they have no veth, so it
+/// maps none of them). The store, not the fleet, is the truth here: a
+/// change whose commit the client saw fail may still have been applied.
+/// Says so when the two differ. Returns how long it took.
+async fn converge(
+    maps: &[NodeMap],
+    store: &Store,
+    fleet: &Arc<Mutex<Fleet>>,
+    timeout: Duration,
+) -> Result<f64> {
     let started = Instant::now();
+    let state = store
+        .load()
+        .await
+        .context("read the store to check the maps against")?;
+    let nodes: Vec<String> = lock(fleet).node_names();
+    let fleet_total = lock(fleet).total();
+    if fleet_total != state.endpoints.len() {
+        eprintln!(
+            "ovl-bench: scale: the store holds {} endpoints, the load generator counted {fleet_total}",
+            state.endpoints.len()
+        );
+    }
     loop {
         let mut behind = Vec::new();
         for (i, map) in maps.iter().enumerate() {
             let have: usize = map.count_by_vni()?.values().sum();
-            let want = lock(fleet).expected_on(i);
+            let want = state.endpoints.len() - state.endpoints_of_node(&nodes[i]).count();
             if have != want {
                 behind.push(format!("node {i}: {have} of {want}"));
             }

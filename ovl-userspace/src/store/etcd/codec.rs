@@ -18,7 +18,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
-    model::{ClusterSettings, Endpoint, Network, Node, SCHEMA_VERSION, State},
+    model::{ClusterSettings, Endpoint, Location, Network, Node, SCHEMA_VERSION, State},
     release::{AddressConflict, Released},
     store::StoreError,
 };
@@ -33,6 +33,14 @@ pub const RELEASED: &str = "/ovl/released/";
 pub const NODES: &str = "/ovl/nodes/";
 pub const ALIVE: &str = "/ovl/alive/";
 pub const CONFLICTS: &str = "/ovl/conflicts/";
+/// Claims of a network's endpoint names, one key per name: what makes names
+/// unique across racing writers without every change of a network
+/// colliding with every other (derived from the endpoints, never decoded).
+pub const NAMES: &str = "/ovl/names/";
+/// Claims of a container's attachment to a network, one key per (node,
+/// namespace): a container connects to a network once (derived, like
+/// [`NAMES`]).
+pub const ATTACHMENTS: &str = "/ovl/attachments/";
 /// Settings of the whole cluster (the VXLAN port); absent while default.
 pub const CLUSTER_KEY: &str = "/ovl/cluster";
 
@@ -46,6 +54,13 @@ struct Versioned<T> {
 #[derive(Serialize, Deserialize)]
 struct VniOwner {
     network: String,
+}
+
+/// The value of an index key: the address of the endpoint that holds the
+/// name or attachment.
+#[derive(Serialize, Deserialize)]
+struct IndexOwner {
+    ip: Ipv4Addr,
 }
 
 /// The value of `/ovl/alive/<node>`.
@@ -99,6 +114,21 @@ pub fn released_key(network: &str, ip: Ipv4Addr) -> String {
     format!("{RELEASED}{network}/{ip}")
 }
 
+/// The claim of `name` (any case) in `network`.
+pub fn name_key(network: &str, name: &str) -> String {
+    format!("{NAMES}{network}/{}", name.to_ascii_lowercase())
+}
+
+/// The claim of a container's attachment to `network`.
+pub fn attachment_key(network: &str, node: &str, netns: &str) -> String {
+    format!("{ATTACHMENTS}{network}/{node}/{netns}")
+}
+
+/// Whether `key` is one of the derived claims ([`NAMES`], [`ATTACHMENTS`]).
+pub fn is_index_key(key: &str) -> bool {
+    key.starts_with(NAMES) || key.starts_with(ATTACHMENTS)
+}
+
 pub fn alive_key(node: &str) -> String {
     format!("{ALIVE}{node}")
 }
@@ -131,7 +161,8 @@ fn network_and_ip(rest: &str) -> Option<(&str, Ipv4Addr)> {
 }
 
 /// The keys and values `update` may write: networks, their VNIs,
-/// endpoints, released addresses and the cluster's settings (nodes, liveness and conflicts have
+/// endpoints with their name and attachment claims, released addresses
+/// and the cluster's settings (nodes, liveness and conflicts have
 /// writers of their own).
 pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -146,6 +177,16 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
     }
     for e in &state.endpoints {
         out.insert(endpoint_key(&e.network, e.ip), json(e));
+        // A name two endpoints hold (written before names were checked)
+        // stays claimed by the first.
+        for name in e.names() {
+            out.entry(name_key(&e.network, name))
+                .or_insert_with(|| json(IndexOwner { ip: e.ip }));
+        }
+        if let Location::Container { node, netns, .. } = &e.location {
+            out.entry(attachment_key(&e.network, node, netns))
+                .or_insert_with(|| json(IndexOwner { ip: e.ip }));
+        }
     }
     for r in &state.released {
         out.insert(released_key(&r.network, r.ip), json(r));
@@ -238,6 +279,8 @@ fn try_apply(state: &mut State, key: &str, value: Option<&[u8]>) -> Result<(), S
             Some(v) => parse(key, v)?,
             None => ClusterSettings::default(),
         };
+    } else if is_index_key(key) {
+        // Derived from the endpoints: nothing to decode.
     } else if let Some(name) = key.strip_prefix(CONFLICTS) {
         state.conflicts.remove(name);
         if let Some(v) = value {
@@ -299,7 +342,9 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "/ovl/attachments/blue/b/c2",
                 "/ovl/endpoints/blue/198.18.0.3",
+                "/ovl/names/blue/c2",
                 "/ovl/networks/blue",
                 "/ovl/released/blue/198.18.0.2",
                 "/ovl/vnis/4242"

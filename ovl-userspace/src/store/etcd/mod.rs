@@ -17,8 +17,8 @@ use std::{collections::BTreeMap, future::Future, time::Duration};
 
 pub use codec::KEY_PREFIX;
 use codec::{
-    CLUSTER_KEY, ENDPOINTS, NETWORKS, NODES, RELEASED, SCHEMA_KEY, VNIS, decode, encode,
-    endpoint_key, network_key, prefix_end, released_key,
+    ATTACHMENTS, CLUSTER_KEY, ENDPOINTS, NAMES, NETWORKS, NODES, RELEASED, SCHEMA_KEY, VNIS,
+    decode, encode, endpoint_key, is_index_key, network_key, prefix_end, released_key,
 };
 use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
 pub use liveness::Liveness;
@@ -113,6 +113,8 @@ impl Range {
                 Range::Prefix(VNIS.into()),
                 Range::Prefix(format!("{ENDPOINTS}{n}/")),
                 Range::Prefix(format!("{RELEASED}{n}/")),
+                Range::Prefix(format!("{NAMES}{n}/")),
+                Range::Prefix(format!("{ATTACHMENTS}{n}/")),
                 Range::Prefix(NODES.into()),
                 Range::Count(ENDPOINTS.into()),
             ],
@@ -380,18 +382,31 @@ fn conflict_pauses() -> impl Iterator<Item = Duration> {
 struct CommitPlan {
     compares: Vec<Compare>,
     ops: Vec<TxnOp>,
+    /// The keys (or prefixes) `compares` look at, in order.
+    guarded: Vec<String>,
 }
 
+/// Claims a commit writes that an older ovl left out (at most this many
+/// per commit, so that a commit stays far inside etcd's operation limit).
+const BACKFILL_PER_COMMIT: usize = 16;
+
 /// What to compare and write to turn `old` (read in `snap`) into `new`.
+///
+/// Each key written is guarded on its own: an existing one must be as it
+/// was read, a new endpoint's must not exist. Names and attachments are
+/// unique through keys of their own (their claims, [`codec::NAMES`] and
+/// [`codec::ATTACHMENTS`]), so two changes to one network collide only when
+/// they touch the same endpoint, name, attachment or held-back address —
+/// not, as a guard on the whole network would make them, always.
 fn commit_plan(
     snap: &Snapshot,
     old: &BTreeMap<String, Vec<u8>>,
     new: &BTreeMap<String, Vec<u8>>,
 ) -> CommitPlan {
     let mut plan = CommitPlan::default();
-    let mut guarded = std::collections::BTreeSet::new();
-    let mut guard = |plan: &mut CommitPlan, key: &str, compare: Compare| {
-        if guarded.insert(key.to_owned()) {
+    let guard = |plan: &mut CommitPlan, key: &str, compare: Compare| {
+        if !plan.guarded.iter().any(|k| k == key) {
+            plan.guarded.push(key.to_owned());
             plan.compares.push(compare);
         }
     };
@@ -400,10 +415,32 @@ fn commit_plan(
         .filter(|k| !new.contains_key(*k))
         .filter_map(|k| k.strip_prefix(NETWORKS))
         .collect();
+    let mut backfill = BACKFILL_PER_COMMIT;
     for (key, value) in new {
         match old.get(key) {
-            Some(v) if v == value => continue,
+            // A claim the store lacks although the state implies it (the
+            // endpoint was written by an older ovl, or restored): written
+            // now, a few per commit, as if new.
+            Some(v) if v == value => {
+                if !(is_index_key(key) && !snap.kvs.contains_key(key) && backfill > 0) {
+                    continue;
+                }
+                backfill -= 1;
+                guard(
+                    &mut plan,
+                    key,
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, 0),
+                );
+            }
             Some(_) => guard(
+                &mut plan,
+                key,
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, snap.mod_rev(key)),
+            ),
+            // A claim may be left over from an endpoint freed without one
+            // (a dead node's): taken over if still as read, else a racer
+            // claimed it since.
+            None if is_index_key(key) => guard(
                 &mut plan,
                 key,
                 Compare::mod_revision(key.as_str(), CompareOp::Equal, snap.mod_rev(key)),
@@ -424,16 +461,6 @@ fn commit_plan(
         else {
             continue;
         };
-        // Names are unique per network, and each endpoint is a key of its
-        // own: no endpoint of the network may have been written since the
-        // read, or two writers could both take one name.
-        let endpoints = format!("{ENDPOINTS}{network}/");
-        guard(
-            &mut plan,
-            &endpoints,
-            Compare::mod_revision(endpoints.as_str(), CompareOp::Less, snap.revision + 1)
-                .with_prefix(),
-        );
         // The network it joins is the one it was read with.
         let net_key = network_key(network);
         if old.contains_key(&net_key) && new.get(&net_key) == old.get(&net_key) {
@@ -457,11 +484,16 @@ fn commit_plan(
         }
     }
     for key in old.keys().filter(|k| !new.contains_key(*k)) {
-        let of_removed_network = key
-            .strip_prefix(RELEASED)
-            .and_then(|rest| rest.rsplit_once('/'))
-            .is_some_and(|(n, _)| removed_networks.contains(&n));
+        let of_removed_network = [RELEASED, NAMES, ATTACHMENTS].iter().any(|prefix| {
+            key.strip_prefix(prefix)
+                .and_then(|rest| rest.split_once('/'))
+                .is_some_and(|(n, _)| removed_networks.contains(&n))
+        });
         if of_removed_network {
+            continue;
+        }
+        // A claim the store never had needs no deleting.
+        if is_index_key(key) && !snap.kvs.contains_key(key) {
             continue;
         }
         guard(
@@ -473,17 +505,21 @@ fn commit_plan(
     }
     for network in removed_networks {
         // No endpoint may have joined since we saw it empty; its held-back
-        // addresses go with it, in one operation however many.
+        // addresses and any claims left over go with it, in one operation
+        // each however many.
         let endpoints = format!("{ENDPOINTS}{network}/");
         plan.compares.push(
             Compare::create_revision(endpoints.as_str(), CompareOp::Less, snap.revision + 1)
                 .with_prefix(),
         );
-        let released = format!("{RELEASED}{network}/");
-        plan.ops.push(TxnOp::delete(
-            released.as_str(),
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        ));
+        plan.guarded.push(endpoints);
+        for prefix in [RELEASED, NAMES, ATTACHMENTS] {
+            let under = format!("{prefix}{network}/");
+            plan.ops.push(TxnOp::delete(
+                under.as_str(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            ));
+        }
     }
     plan
 }
@@ -578,19 +614,104 @@ mod tests {
         .unwrap();
     }
 
-    #[test]
-    fn a_connect_is_one_put_guarded_by_its_key_network_names_and_release_record() {
-        let before = network();
+    fn connect_named(s: &mut State, ns: &str, name: &str) {
+        s.add_container(ContainerSpec {
+            network: "blue".into(),
+            node: "a".into(),
+            netns: ns.into(),
+            name: Some(name.into()),
+            ip: None,
+            owner: None,
+            subnet: None,
+        })
+        .unwrap();
+    }
+
+    fn plan_of(before: &State, change: impl FnOnce(&mut State)) -> CommitPlan {
         let mut after = before.clone();
-        connect(&mut after, "c1");
-        let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
-        // The key is new, the network unchanged, no endpoint of the network
-        // written since the read (names), the address not released since.
-        assert_eq!((plan.ops.len(), plan.compares.len()), (1, 4));
-        // Two endpoints of one network: one guard of its names.
-        connect(&mut after, "c2");
-        let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
-        assert_eq!((plan.ops.len(), plan.compares.len()), (2, 6));
+        change(&mut after);
+        commit_plan(&snapshot_of(before), &encode(before), &encode(&after))
+    }
+
+    #[test]
+    fn a_connect_is_guarded_by_its_own_keys_network_and_release_record() {
+        let before = network();
+        let plan = plan_of(&before, |s| connect(s, "c1"));
+        // Endpoint, name claim and attachment claim are new; the network
+        // unchanged; the address not released since the read.
+        assert_eq!(plan.ops.len(), 3);
+        assert_eq!(
+            plan.guarded,
+            [
+                "/ovl/attachments/blue/a/c1",
+                "/ovl/endpoints/blue/198.18.0.2",
+                "/ovl/networks/blue",
+                "/ovl/released/blue/198.18.0.2",
+                "/ovl/names/blue/c1",
+            ]
+        );
+        // Two endpoints of one network: the network guarded once.
+        let plan = plan_of(&before, |s| {
+            connect(s, "c1");
+            connect(s, "c2");
+        });
+        assert_eq!((plan.ops.len(), plan.compares.len()), (6, 9));
+    }
+
+    #[test]
+    fn connects_of_different_containers_to_one_network_do_not_collide() {
+        let before = network();
+        let one = plan_of(&before, |s| connect_named(s, "c1", "web"));
+        let other = plan_of(&before, |s| {
+            // Another address (as a racer that read later would pick).
+            s.add_container(ContainerSpec {
+                network: "blue".into(),
+                node: "b".into(),
+                netns: "c2".into(),
+                name: Some("db".into()),
+                ip: Some("198.18.0.9".parse().unwrap()),
+                owner: None,
+                subnet: None,
+            })
+            .unwrap();
+        });
+        let shared: Vec<&String> = one
+            .guarded
+            .iter()
+            .filter(|k| other.guarded.contains(k))
+            .collect();
+        // Only the network record, which neither writes: both commit.
+        assert_eq!(shared, ["/ovl/networks/blue"]);
+    }
+
+    #[test]
+    fn racing_claims_of_one_name_in_any_case_collide() {
+        let before = network();
+        let one = plan_of(&before, |s| connect_named(s, "c1", "Web"));
+        let other = plan_of(&before, |s| connect_named(s, "c2", "wEB"));
+        assert!(one.guarded.contains(&"/ovl/names/blue/web".to_owned()));
+        assert!(other.guarded.contains(&"/ovl/names/blue/web".to_owned()));
+    }
+
+    #[test]
+    fn claims_an_older_ovl_left_out_are_written_a_few_per_commit() {
+        let mut before = network();
+        for i in 0..40 {
+            connect(&mut before, &format!("c{i}"));
+        }
+        // The store as an older ovl wrote it: no claims.
+        let mut snap = snapshot_of(&before);
+        snap.kvs.retain(|k, _| !is_index_key(k));
+        let mut after = before.clone();
+        connect(&mut after, "new");
+        let plan = commit_plan(&snap, &encode(&before), &encode(&after));
+        let backfilled = plan
+            .guarded
+            .iter()
+            .filter(|k| is_index_key(k) && !k.ends_with("/new"))
+            .count();
+        assert_eq!(backfilled, BACKFILL_PER_COMMIT);
+        assert_eq!(plan.ops.len(), 3 + BACKFILL_PER_COMMIT);
     }
 
     #[test]
@@ -604,8 +725,9 @@ mod tests {
         let mut after = before.clone();
         after.remove_network("blue").unwrap();
         let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
-        // network and VNI deletes, one prefix delete of the records
-        assert_eq!(plan.ops.len(), 3);
+        // network and VNI deletes, one prefix delete each of the held-back
+        // addresses, name claims and attachment claims
+        assert_eq!(plan.ops.len(), 5);
         assert_eq!(plan.compares.len(), 3);
     }
 }
