@@ -303,6 +303,86 @@ fn sixty_concurrent_connects_on_three_hosts_get_distinct_reachable_addresses() -
     world.stop()
 }
 
+/// Names are unique through their claims, not by making every change of
+/// a network collide: of twelve `connect`s on three hosts racing for one
+/// name (in different cases), exactly one gets it, the others are refused
+/// naming it and leave nothing behind; the name is free again once its
+/// holder disconnects.
+#[test]
+fn racing_connects_for_one_name_on_three_hosts_leave_exactly_one_holder() -> Result<()> {
+    const PER_HOST: usize = 4;
+    let lab = Lab::new("etcd-names")?;
+    let world = cluster_with_network(&lab)?;
+    let mut racers: Vec<(usize, Netns, &str)> = Vec::new();
+    for host in [A, B, C] {
+        for k in 0..PER_HOST {
+            let name = ["shared", "Shared", "SHARED", "sHaReD"][k];
+            racers.push((host, lab.container(&format!("n{host}-{k}"))?, name));
+        }
+    }
+    let outcomes: Vec<(String, Result<String>)> = thread::scope(|s| {
+        let handles: Vec<_> = racers
+            .iter()
+            .map(|(host, c, name)| {
+                let world = &world;
+                s.spawn(move || {
+                    let r = world.run(*host, &["connect", NETWORK, c.name(), "--name", name]);
+                    (c.name().to_owned(), r)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a connect thread panicked"))
+            .collect()
+    });
+    let winners: Vec<&String> = outcomes
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(n, _)| n)
+        .collect();
+    ensure!(
+        winners.len() == 1,
+        "{} of {} racers got the name: {outcomes:#?}",
+        winners.len(),
+        outcomes.len()
+    );
+    for (netns, r) in &outcomes {
+        if let Err(e) = r {
+            let e = format!("{e:#}");
+            ensure!(
+                e.contains("is already taken on network"),
+                "{netns} failed for another reason than the name: {e}"
+            );
+        }
+    }
+    // Only the winner is registered.
+    let listed = listed_endpoints(&world.inspect(B, NETWORK)?)?;
+    let holders: Vec<&str> = listed.values().map(|(_, netns)| netns.as_str()).collect();
+    ensure!(
+        holders == [winners[0].as_str()],
+        "the store should hold the winner {} alone: {listed:?}",
+        winners[0]
+    );
+    // Its disconnect frees the name (its claim goes with it).
+    let (host, winner, _) = racers
+        .iter()
+        .find(|(_, c, _)| c.name() == winners[0])
+        .context("the winner is a racer")?;
+    world.run(*host, &["disconnect", NETWORK, winner.name()])?;
+    let (host, next, _) = racers
+        .iter()
+        .find(|(_, c, _)| c.name() != winners[0])
+        .context("a loser")?;
+    world
+        .run(
+            *host,
+            &["connect", NETWORK, next.name(), "--name", "SHARED"],
+        )
+        .with_context(|| format!("{next} should take the name its holder gave up"))?;
+    world.stop()
+}
+
 #[test]
 fn killed_agents_endpoints_leave_every_map_and_the_store_within_the_lease_ttl() -> Result<()> {
     let lab = Lab::new("etcd-kill")?;
