@@ -17,10 +17,11 @@ use tokio::task::JoinSet;
 
 use super::prober::{Expect, GIVE_UP, Outcome, Probe};
 
-/// Endpoints per store change while filling: each new endpoint costs a
-/// put and two compares (its key, its address's release record) and the
-/// change one more (the network), so 40 stay within etcd's 128.
-const FILL_BATCH: usize = 40;
+/// Endpoints per store change while filling: each new endpoint costs
+/// three puts (its key, its name's and its attachment's claims) and four
+/// compares (those and its address's release record), the change one
+/// more (the network), so 30 stay within etcd's 128.
+const FILL_BATCH: usize = 30;
 
 /// Fill changes in flight at once.
 const FILL_PARALLEL: usize = 4;
