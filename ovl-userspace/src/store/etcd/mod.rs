@@ -601,12 +601,14 @@ mod tests {
         s
     }
 
-    fn connect(s: &mut State, ns: &str) {
+    /// Connects namespace `ns` of node a to network blue, named after
+    /// the namespace unless `name` is given.
+    fn connect_as(s: &mut State, ns: &str, name: Option<&str>) {
         s.add_container(ContainerSpec {
             network: "blue".into(),
             node: "a".into(),
             netns: ns.into(),
-            name: None,
+            name: name.map(str::to_owned),
             ip: None,
             owner: None,
             subnet: None,
@@ -614,17 +616,12 @@ mod tests {
         .unwrap();
     }
 
+    fn connect(s: &mut State, ns: &str) {
+        connect_as(s, ns, None);
+    }
+
     fn connect_named(s: &mut State, ns: &str, name: &str) {
-        s.add_container(ContainerSpec {
-            network: "blue".into(),
-            node: "a".into(),
-            netns: ns.into(),
-            name: Some(name.into()),
-            ip: None,
-            owner: None,
-            subnet: None,
-        })
-        .unwrap();
+        connect_as(s, ns, Some(name));
     }
 
     fn plan_of(before: &State, change: impl FnOnce(&mut State)) -> CommitPlan {
