@@ -566,13 +566,16 @@ pub fn plugin_call(socket: &Path, method: &str, body: &str) -> Result<(u16, Stri
     let mut stream = UnixStream::connect(socket)
         .with_context(|| format!("connect to the plugin socket {}", socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        stream,
+    // One write of the whole request: `write!` on the stream writes piece
+    // by piece, and a plugin that answers without reading the body (a 404)
+    // may close the connection before the body's piece is written (EPIPE).
+    let request = format!(
         "POST /{method} HTTP/1.1\r\nHost: plugin\r\n\
          Content-Type: application/vnd.docker.plugins.v1+json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    stream.write_all(request.as_bytes())?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw)?;
     let (head, rest) = raw

@@ -108,6 +108,12 @@ impl Podman {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.host.name()))
             .arg("podman")
+            // runc, not podman's first choice crun: crun refuses a hybrid
+            // cgroup layout whose v2 hierarchy holds any controller (here
+            // hugetlb, on some machines of this kind: "cgroups in hybrid
+            // mode not supported"), runc runs in it as dockerd's does.
+            .arg("--runtime")
+            .arg("runc")
             .arg("--root")
             .arg(&self.root)
             .arg("--runroot")

@@ -45,7 +45,7 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// to forget a leaving container's translations) with netcat to open
 /// connections through it, and for the DNS scenarios dnsmasq (the lab's
 /// upstream resolver) and dig.
-const DEBIAN_PACKAGES: [&str; 24] = [
+const DEBIAN_PACKAGES: [&str; 25] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -62,6 +62,7 @@ const DEBIAN_PACKAGES: [&str; 24] = [
     "curl",
     "fonts-dejavu-core",
     "podman",
+    "runc",
     "containernetworking-plugins",
     "dnsmasq-base",
     "dnsutils",
