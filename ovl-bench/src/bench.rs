@@ -35,6 +35,12 @@ pub struct Options {
     pub runs: Option<u32>,
     /// Seconds per measurement, overriding the mode's default.
     pub seconds: Option<u32>,
+    /// Only TCP throughput, for the reference paths and ovl's decap
+    /// hooks on veth: a receive-path experiment's loop, not the published
+    /// benchmark.
+    pub tcp_only: bool,
+    /// Only this underlay mode (default: every mode).
+    pub underlay: Option<Underlay>,
 }
 
 /// One traffic test; several metrics come out of each.
@@ -63,6 +69,8 @@ impl Test {
 #[derive(Clone, Copy, Debug)]
 struct Plan {
     quick: bool,
+    tcp_only: bool,
+    underlay: Option<Underlay>,
     runs: u32,
     seconds: u32,
     micro_samples: u32,
@@ -78,6 +86,8 @@ impl Plan {
         };
         let plan = Plan {
             quick: options.quick,
+            tcp_only: options.tcp_only,
+            underlay: options.underlay,
             runs: options.runs.unwrap_or(runs),
             seconds: options.seconds.unwrap_or(seconds),
             micro_samples,
@@ -100,6 +110,20 @@ impl Plan {
     /// GRO, and ovl refuses (as `too_big`) the super-packets it cannot
     /// redirect, so TCP cannot work there by design (README, decap hook).
     fn tests(self, path: PathId, underlay: Underlay) -> &'static [Test] {
+        if self.underlay.is_some_and(|only| only != underlay) {
+            return &[];
+        }
+        if self.tcp_only {
+            let measured = matches!(
+                path,
+                PathId::Bare | PathId::KernelVxlan | PathId::OvlTc | PathId::OvlNative
+            );
+            return if measured {
+                &[Test::Tcp1, Test::Tcp4]
+            } else {
+                &[]
+            };
+        }
         if path == PathId::OvlGeneric && underlay == Underlay::Offloads {
             return &[];
         }
@@ -119,7 +143,9 @@ impl Plan {
     /// programs (which costs every program run a little: these runs are
     /// not part of the figures).
     fn in_situ_tests(self) -> &'static [Test] {
-        if self.quick {
+        if self.tcp_only {
+            &[]
+        } else if self.quick {
             &[Test::Udp64]
         } else {
             &[Test::Tcp1, Test::Udp64]
@@ -132,7 +158,29 @@ impl Plan {
     }
 
     fn name(self) -> &'static str {
-        if self.quick { "quick" } else { "full" }
+        if self.tcp_only {
+            "tcp"
+        } else if self.quick {
+            "quick"
+        } else {
+            "full"
+        }
+    }
+
+    /// The underlay modes that have any test.
+    fn underlays(self) -> Vec<Underlay> {
+        Underlay::ALL
+            .into_iter()
+            .filter(|u| PathId::ALL.iter().any(|p| !self.tests(*p, *u).is_empty()))
+            .collect()
+    }
+
+    /// Whether `path` has any test in any underlay mode (else its
+    /// topology is not built).
+    fn measures(self, path: PathId) -> bool {
+        Underlay::ALL
+            .iter()
+            .any(|u| !self.tests(path, *u).is_empty())
     }
 }
 
@@ -145,7 +193,11 @@ pub fn run(options: Options) -> Result<()> {
         bail!("the benchmark builds network namespaces and loads BPF programs: run it as root");
     }
     let ovl = options.ovl.clone();
-    let micro_binary = micro::binary()?;
+    let micro_binary = if plan.tcp_only {
+        None
+    } else {
+        Some(micro::binary()?)
+    };
     // SAFETY: the benchmark is single-threaded (it has only started child
     // processes so far), so nothing can read the environment concurrently.
     unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, &ovl) };
@@ -153,8 +205,13 @@ pub fn run(options: Options) -> Result<()> {
 
     let machine = machine::describe();
     let date = machine::utc_date();
-    eprintln!("xtask: bench: kernel programs alone (BPF_PROG_TEST_RUN)");
-    let micro = micro::run(&micro_binary, plan.micro_samples, plan.micro_repeat)?;
+    let micro = match &micro_binary {
+        None => Vec::new(),
+        Some(binary) => {
+            eprintln!("xtask: bench: kernel programs alone (BPF_PROG_TEST_RUN)");
+            micro::run(binary, plan.micro_samples, plan.micro_repeat)?
+        }
+    };
 
     let measuring = Instant::now();
     let mut samples = Samples::default();
@@ -163,7 +220,7 @@ pub fn run(options: Options) -> Result<()> {
     let mut in_situ = Vec::new();
     {
         let mut topologies = Vec::new();
-        for path in PathId::ALL {
+        for path in PathId::ALL.into_iter().filter(|p| plan.measures(*p)) {
             eprintln!("xtask: bench: building {}", path.label());
             let topology =
                 Topology::build(path).with_context(|| format!("building {}", path.label()))?;
@@ -174,7 +231,7 @@ pub fn run(options: Options) -> Result<()> {
             );
             topologies.push(topology);
         }
-        for underlay in Underlay::ALL {
+        for underlay in plan.underlays() {
             for topology in &topologies {
                 offloads::apply(topology, underlay)?;
                 offload_rows.extend(offloads::read(topology, underlay)?);
@@ -220,7 +277,10 @@ pub fn run(options: Options) -> Result<()> {
                 let failed = failures
                     .iter()
                     .any(|f| f.underlay == underlay && f.path == path);
-                if failed || topology.agent_pins.is_empty() || plan.tests(path, underlay).is_empty()
+                if failed
+                    || topology.agent_pins.is_empty()
+                    || plan.tests(path, underlay).is_empty()
+                    || plan.in_situ_tests().is_empty()
                 {
                     continue;
                 }
@@ -417,16 +477,17 @@ fn settings(plan: &Plan) -> Vec<(String, String)> {
                 .iter()
                 .map(|t| t.label())
                 .collect();
-            let offloads = if plan.tests(*path, Underlay::Offloads).is_empty() {
-                " (wire-like only: generic XDP cannot carry GRO super-packets)"
-            } else {
-                ""
-            };
+            let offloads =
+                if plan.tests(*path, Underlay::Offloads).is_empty() && plan.underlay.is_none() {
+                    " (wire-like only: generic XDP cannot carry GRO super-packets)"
+                } else {
+                    ""
+                };
             format!("{}: {}{offloads}", path.label(), tests.join(", "))
         })
         .collect();
     vec![
-        ("mode".to_string(), format!("{} (`cargo xtask bench{}`)", plan.name(), if plan.quick { " --quick" } else { "" })),
+        ("mode".to_string(), format!("{} (`cargo xtask bench{}`)", plan.name(), if plan.tcp_only { " --tcp-only" } else if plan.quick { " --quick" } else { "" })),
         (
             "runs per figure".to_string(),
             format!("{}, interleaved across paths (A B C A B C …); figures are medians", plan.runs),
@@ -556,8 +617,8 @@ fn notes(
 fn write_outputs(report: &Report, date: &str, plan: &Plan) -> Result<()> {
     let dir = ovl_tests::workspace_root().join("bench/results");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stem = if plan.quick {
-        format!("{date}-quick")
+    let stem = if plan.tcp_only || plan.quick {
+        format!("{date}-{}", plan.name())
     } else {
         date.to_string()
     };

@@ -26,6 +26,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use crate::report::Underlay;
+
 /// Measure ovl's data path side by side with the bare underlay and the
 /// kernel vxlan overlay (root).
 #[derive(Debug, Parser)]
@@ -44,12 +46,21 @@ struct Cli {
     /// Seconds per measurement (default 3, or 1 with --quick).
     #[arg(long)]
     seconds: Option<u32>,
+    /// Only TCP throughput (1 and 4 streams, CPU per GB) of the bare
+    /// underlay, kernel vxlan, ovl tc and ovl native XDP, interleaved as
+    /// ever; no micro-benchmark, no in-situ runs
+    /// (bench/results/<date>-tcp.md).
+    #[arg(long, conflicts_with = "quick")]
+    tcp_only: bool,
+    /// Only one underlay mode: `offloads` or `wire-like`.
+    #[arg(long, value_parser = parse_underlay)]
+    underlay: Option<Underlay>,
     /// The control plane at scale instead: 20 agents on one etcd, 1k, 5k
     /// and 10k endpoints, then churn (with --quick: 5 agents, up to 1k).
-    #[arg(long, conflicts_with_all = ["runs", "seconds", "dns"])]
+    #[arg(long, conflicts_with_all = ["runs", "seconds", "dns", "tcp_only"])]
     scale: bool,
     /// Measure the containers' resolver instead (bench/results/<date>-dns.md).
-    #[arg(long, conflicts_with_all = ["runs", "seconds"])]
+    #[arg(long, conflicts_with_all = ["runs", "seconds", "tcp_only"])]
     dns: bool,
 }
 
@@ -79,6 +90,8 @@ fn main() -> ExitCode {
         quick: cli.quick,
         runs: cli.runs,
         seconds: cli.seconds,
+        tcp_only: cli.tcp_only,
+        underlay: cli.underlay,
     };
     match bench::run(options) {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,4 +100,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_underlay(name: &str) -> Result<Underlay, String> {
+    Underlay::ALL
+        .into_iter()
+        .find(|u| u.short() == name)
+        .ok_or_else(|| format!("unknown underlay mode {name:?} (offloads, wire-like)"))
 }

@@ -91,6 +91,13 @@ enum Task {
         /// 1k endpoints); writes bench/results/<date>-scale.{md,json}.
         #[arg(long, conflicts_with_all = ["runs", "seconds"])]
         scale: bool,
+        /// Only TCP throughput (bare, kernel vxlan, ovl tc, ovl native
+        /// XDP); writes <date>-tcp.md.
+        #[arg(long, conflicts_with_all = ["quick", "scale"])]
+        tcp_only: bool,
+        /// Only one underlay mode: `offloads` or `wire-like`.
+        #[arg(long, conflicts_with = "scale")]
+        underlay: Option<String>,
     },
     /// Release build, then the containers' resolver on two hosts: answer
     /// and forwarding latency, throughput, a flooding neighbour's cost,
@@ -163,10 +170,12 @@ fn run(task: Task) -> Result<()> {
             runs,
             seconds,
             scale,
+            tcp_only,
+            underlay,
         } => {
             setup::toolchain()?;
             setup::packages()?;
-            workspace::bench(quick, runs, seconds, scale)
+            workspace::bench(quick, runs, seconds, scale, tcp_only, underlay)
         }
         Task::BenchDns { quick } => {
             setup::toolchain()?;

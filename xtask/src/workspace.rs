@@ -92,7 +92,14 @@ pub fn build_ovl(profile: Profile) -> Result<PathBuf> {
 /// `cargo xtask bench`: the release `ovl`, then the `ovl-bench` crate's
 /// binaries (the harness and its micro-benchmark), run with it; `--scale`
 /// runs the harness's control-plane benchmark instead.
-pub fn bench(quick: bool, runs: Option<u32>, seconds: Option<u32>, scale: bool) -> Result<()> {
+pub fn bench(
+    quick: bool,
+    runs: Option<u32>,
+    seconds: Option<u32>,
+    scale: bool,
+    tcp_only: bool,
+    underlay: Option<String>,
+) -> Result<()> {
     let ovl = build_ovl(Profile::Release)?;
     let mut cargo = cargo();
     cargo.args(["build", "--release", "--package", "ovl-bench"]);
@@ -105,6 +112,12 @@ pub fn bench(quick: bool, runs: Option<u32>, seconds: Option<u32>, scale: bool) 
     }
     if scale {
         run.arg("--scale");
+    }
+    if tcp_only {
+        run.arg("--tcp-only");
+    }
+    if let Some(mode) = underlay {
+        run.args(["--underlay", &mode]);
     }
     if let Some(n) = runs {
         run.args(["--runs", &n.to_string()]);
