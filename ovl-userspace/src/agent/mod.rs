@@ -51,6 +51,9 @@ const STORE_PROBE: Duration = Duration::from_secs(2);
 /// applying every change as it came made twenty agents on two cores starve
 /// etcd itself (bench --scale).
 const APPLY_DUTY_FACTOR: u32 = 25;
+/// How long a state read for a waiting `connect` takes precedence over
+/// older states the follower still delivers.
+const KICK_PRECEDENCE: Duration = Duration::from_secs(2);
 /// Longest pause between two applies of store changes.
 const APPLY_MAX_PAUSE: Duration = Duration::from_millis(500);
 /// How long opening the store may take before the agent starts without it
@@ -492,6 +495,9 @@ impl Agent {
         let mut probe = tokio::time::interval(STORE_PROBE);
         // When the next store change may be applied (see APPLY_DUTY_FACTOR).
         let mut hold: Option<Instant> = None;
+        // The revision of a state read directly for a waiting `connect`,
+        // and when.
+        let mut kicked: Option<(u64, Instant)> = None;
         loop {
             tokio::select! {
                 _ = sigint.recv() => { log::info!("SIGINT: stopping"); return Ok(()); }
@@ -510,7 +516,17 @@ impl Agent {
                 event = next_store_event(connected.as_mut()), if connected.is_some() && hold.is_none() => {
                     let c = connected.as_ref().expect("guarded");
                     match event? {
+                        // A state older than one read directly for a
+                        // waiting `connect` meanwhile would take away what
+                        // that one added; for a short while it is skipped
+                        // (after that the follower is trusted again, even
+                        // if the store's revisions started over).
+                        StoreEvent::Changed(fresh)
+                            if kicked.is_some_and(|(rev, at)| {
+                                fresh.revision < rev && at.elapsed() < KICK_PRECEDENCE
+                            }) => {}
                         StoreEvent::Changed(fresh) => {
+                            kicked = None;
                             if let Some(before) = &self.state {
                                 reconcile::free_dead_nodes(&c.store, &self.node, before, &fresh).await;
                             }
@@ -530,7 +546,10 @@ impl Agent {
                     // than at the follower's next event.
                     match &connected {
                         Some(c) => match c.store.load().await {
-                            Ok(state) => self.apply_logged(state),
+                            Ok(state) => {
+                                kicked = Some((state.revision, Instant::now()));
+                                self.apply_logged(state);
+                            }
                             Err(e) => log::warn!("{e}"),
                         },
                         None => self.reapply(),
