@@ -471,9 +471,13 @@ fn program_costs(
 fn settings(plan: &Plan) -> Vec<(String, String)> {
     let per_path: Vec<String> = PathId::ALL
         .iter()
+        .filter(|path| plan.measures(**path))
         .map(|path| {
-            let tests: Vec<&str> = plan
-                .tests(*path, Underlay::WireLike)
+            let tests: Vec<&str> = Underlay::ALL
+                .iter()
+                .map(|u| plan.tests(*path, *u))
+                .max_by_key(|tests| tests.len())
+                .unwrap_or(&[])
                 .iter()
                 .map(|t| t.label())
                 .collect();

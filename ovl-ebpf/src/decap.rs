@@ -183,8 +183,22 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
         )
         .on_vni(d.vni)?;
     stats::rx(d.vni, u64::from(ctx.len()));
-    // SAFETY: helper call; the action it returns is the program's verdict.
-    Ok(unsafe { bpf_redirect_peer(d.ifindex, 0) } as i32)
+    // A frame of wire size leaves through the host end of the veth, so the
+    // container end's NAPI merges it with its neighbours (GRO) before the
+    // container's stack sees it: the host end has TSO off for that
+    // (veth_skb_is_eligible_for_gro). A GSO super-packet (an underlay with
+    // offloads) is merged already, and that TSO-less egress would split
+    // it: it goes straight into the container end's ingress.
+    // SAFETY: reading a field of the program's own context.
+    let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    // SAFETY: helper calls; the action they return is the program's verdict.
+    Ok(unsafe {
+        if merged {
+            bpf_redirect_peer(d.ifindex, 0)
+        } else {
+            bpf_redirect(d.ifindex, 0)
+        }
+    } as i32)
 }
 
 /// The XDP action for a drop.

@@ -208,6 +208,10 @@ async fn configure_container_link(
     // XDP frames redirected into a veth need NAPI on the receiving end,
     // which GRO turns on.
     set_gro(peer_tmp, true)?;
+    // Decapsulated frames of wire size leave through the host end; the
+    // veth merges them in the container end's GRO only while the sending
+    // end has TSO off (veth_skb_is_eligible_for_gro in drivers/net/veth.c).
+    set_tso(spec.host_ifname, false)?;
     disable_ipv6(spec.host_ifname)?;
     handle
         .link()
@@ -512,6 +516,7 @@ pub fn disable_ipv6(ifname: &str) -> Result<()> {
 
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 const ETHTOOL_GDRVINFO: u32 = 0x3;
+const ETHTOOL_STSO: u32 = 0x1f;
 const ETHTOOL_SGRO: u32 = 0x2c;
 
 #[repr(C)]
@@ -566,6 +571,16 @@ pub fn set_gro(ifname: &str, on: bool) -> Result<()> {
         data: u32::from(on),
     };
     ethtool(ifname, (&raw mut v).cast()).with_context(|| format!("set GRO on {ifname}"))
+}
+
+/// Switches TCP segmentation offload (every TSO feature) of `ifname` on
+/// or off.
+pub fn set_tso(ifname: &str, on: bool) -> Result<()> {
+    let mut v = EthtoolValue {
+        cmd: ETHTOOL_STSO,
+        data: u32::from(on),
+    };
+    ethtool(ifname, (&raw mut v).cast()).with_context(|| format!("set TSO on {ifname}"))
 }
 
 /// Kernel driver behind `ifname` ("veth", "virtio_net", ...).
