@@ -287,8 +287,10 @@ async fn converge(
         .load()
         .await
         .context("read the store to check the maps against")?;
-    let nodes: Vec<String> = lock(fleet).node_names();
-    let fleet_total = lock(fleet).total();
+    let (nodes, fleet_total) = {
+        let f = lock(fleet);
+        (f.node_names(), f.total())
+    };
     if fleet_total != state.endpoints.len() {
         eprintln!(
             "ovl-bench: scale: the store holds {} endpoints, the load generator counted {fleet_total}",

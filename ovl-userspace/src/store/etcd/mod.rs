@@ -421,10 +421,12 @@ fn commit_plan(
             // A claim the store lacks although the state implies it (the
             // endpoint was written by an older ovl, or restored): written
             // now, a few per commit, as if new.
-            Some(v) if v == value => {
-                if !(is_index_key(key) && !snap.kvs.contains_key(key) && backfill > 0) {
-                    continue;
-                }
+            Some(v)
+                if v == value
+                    && is_index_key(key)
+                    && !snap.kvs.contains_key(key)
+                    && backfill > 0 =>
+            {
                 backfill -= 1;
                 guard(
                     &mut plan,
@@ -432,6 +434,7 @@ fn commit_plan(
                     Compare::mod_revision(key.as_str(), CompareOp::Equal, 0),
                 );
             }
+            Some(v) if v == value => continue,
             Some(_) => guard(
                 &mut plan,
                 key,
