@@ -18,7 +18,7 @@ use crate::{
     ipam::Subnet,
     model::{ContainerSpec, Endpoint, Location, ModelError, Network},
     netlink, netns,
-    store::{Scope, Store},
+    store::{Around, Scope, Store, StoreError},
 };
 
 /// What a front end asks for.
@@ -94,37 +94,7 @@ pub async fn attach_placed(
     if placement == Placement::IntoNamespace {
         netns::open(&req.netns)?;
     }
-    let (endpoint, network, reservation) = store
-        .update_with(Scope::Network(&req.network), |s| {
-            let reservation = req.ip.and_then(|ip| {
-                s.endpoints
-                    .iter()
-                    .find(|e| {
-                        e.network == req.network
-                            && e.ip == ip
-                            && e.owner.is_some()
-                            && e.owner == req.owner
-                            && matches!(&e.location, Location::Reserved { node } if *node == req.node)
-                    })
-                    .cloned()
-            });
-            let ep = s.add_container(ContainerSpec {
-                network: req.network.clone(),
-                node: req.node.clone(),
-                netns: req.netns.clone(),
-                name: req.name.clone(),
-                ip: req.ip,
-                subnet: req.subnet,
-                owner: req.owner.clone(),
-            })?;
-            let ep = if req.aliases.is_empty() {
-                ep
-            } else {
-                s.set_names(&req.network, ep.ip, None, req.aliases.clone())?
-            };
-            Ok((ep, s.network(&req.network)?.clone(), reservation))
-        })
-        .await?;
+    let (endpoint, network, reservation) = register(store, req).await?;
     let Location::Container { host_ifname, .. } = &endpoint.location else {
         unreachable!("add_container makes container endpoints")
     };
@@ -207,6 +177,74 @@ pub async fn attach_placed(
             Err(e.context(format!("connect {} to {}; {kept}", req.netns, req.network)))
         }
     }
+}
+
+/// The store's half of [`attach`]: registers the container's endpoint
+/// (IPAM, names), returning it, its network, and the reservation of its
+/// address it took over, if any. Reads a few keys, not the network: the
+/// cost of a connect does not grow with the network's size.
+pub async fn register(
+    store: &Store,
+    req: &Request,
+) -> Result<(Endpoint, Network, Option<Endpoint>), StoreError> {
+    let names: Vec<String> = std::iter::once(req.name.as_ref().unwrap_or(&req.netns))
+        .chain(&req.aliases)
+        .cloned()
+        .collect();
+    let around = Around {
+        network: &req.network,
+        attachment: Some((&req.node, &req.netns)),
+        ip: req.ip,
+        names: &names,
+        allocates: req.ip.is_none(),
+    };
+    store
+        .update_with(Scope::Endpoint(around), |s| {
+            let reservation = req.ip.and_then(|ip| {
+                s.endpoints
+                    .iter()
+                    .find(|e| {
+                        e.network == req.network
+                            && e.ip == ip
+                            && e.owner.is_some()
+                            && e.owner == req.owner
+                            && matches!(&e.location, Location::Reserved { node } if *node == req.node)
+                    })
+                    .cloned()
+            });
+            let ep = s.add_container(ContainerSpec {
+                network: req.network.clone(),
+                node: req.node.clone(),
+                netns: req.netns.clone(),
+                name: req.name.clone(),
+                ip: req.ip,
+                subnet: req.subnet,
+                owner: req.owner.clone(),
+            })?;
+            let ep = if req.aliases.is_empty() {
+                ep
+            } else {
+                s.set_names(&req.network, ep.ip, None, req.aliases.clone())?
+            };
+            Ok((ep, s.network(&req.network)?.clone(), reservation))
+        })
+        .await
+}
+
+/// The store's half of [`detach`]: removes the endpoint of `netns` on
+/// `node` from `network`, reading only it and its claims.
+pub async fn unregister(
+    store: &Store,
+    node: &str,
+    network: &str,
+    netns: &str,
+) -> Result<Endpoint, StoreError> {
+    store
+        .update_with(
+            Scope::Endpoint(Around::container(network, node, netns)),
+            |s| s.remove_container(network, node, netns),
+        )
+        .await
 }
 
 /// The IPv4 routes through interface `ifname` of namespace `netns`.
@@ -317,7 +355,9 @@ pub async fn find(
     network: &str,
     netns: &str,
 ) -> Result<Option<Endpoint>> {
-    let state = store.load_in(Scope::Network(network)).await?;
+    let state = store
+        .load_in(Scope::Endpoint(Around::container(network, node, netns)))
+        .await?;
     Ok(state
         .endpoints_of(network)
         .find(|e| matches!(&e.location, Location::Container { node: n, netns: ns, .. } if n == node && ns == netns))
@@ -327,11 +367,7 @@ pub async fn find(
 /// Removes the veth of `netns` on `node` (if still there) and its endpoint.
 pub async fn detach(store: &Store, node: &str, network: &str, netns: &str) -> Result<Endpoint> {
     remove_link(store, node, network, netns).await?;
-    let endpoint = store
-        .update_with(Scope::Network(network), |s| {
-            s.remove_container(network, node, netns)
-        })
-        .await?;
+    let endpoint = unregister(store, node, network, netns).await?;
     release_resolv_conf(store, node, netns).await;
     Ok(endpoint)
 }

@@ -521,6 +521,11 @@ pub struct State {
     /// capacity checks count them too.
     #[serde(skip)]
     pub endpoints_elsewhere: usize,
+    /// Addresses the store holds for endpoints this state was read without
+    /// (a read of one endpoint lists its network's taken addresses as bare
+    /// keys): never handed out, never counted as free.
+    #[serde(skip)]
+    pub addresses_elsewhere: BTreeMap<String, std::collections::BTreeSet<Ipv4Addr>>,
 }
 
 impl Default for State {
@@ -537,6 +542,7 @@ impl Default for State {
             conflicts: BTreeMap::new(),
             clock: GraceClock::default(),
             endpoints_elsewhere: 0,
+            addresses_elsewhere: BTreeMap::new(),
         }
     }
 }
@@ -706,7 +712,8 @@ impl State {
     /// Removes a network that has no endpoints left.
     pub fn remove_network(&mut self, name: &str) -> Result<Network, ModelError> {
         self.network(name)?;
-        let count = self.endpoints_of(name).count();
+        let count = self.endpoints_of(name).count()
+            + self.addresses_elsewhere.get(name).map_or(0, |a| a.len());
         if count > 0 {
             return Err(ModelError::NetworkInUse {
                 name: name.to_owned(),
@@ -1095,6 +1102,12 @@ impl State {
     ) -> Result<Ipv4Addr, ModelError> {
         let mut used: std::collections::BTreeSet<Ipv4Addr> =
             self.endpoints_of(&network.name).map(|e| e.ip).collect();
+        used.extend(
+            self.addresses_elsewhere
+                .get(&network.name)
+                .into_iter()
+                .flatten(),
+        );
         let mut held = 0;
         for r in self.released.iter().filter(|r| r.network == network.name) {
             let Some(left) = self.clock.remaining(r) else {

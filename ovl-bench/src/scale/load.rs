@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ovl_userspace::{
+    attachment::{self, Request},
     model::{ContainerSpec, Location, NetworkSpec, State},
-    store::{Scope, Store},
+    store::{Around, Scope, Store},
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
@@ -318,7 +319,17 @@ pub async fn churn(
             netns: format!("churn-{}", tags.0 / 2),
         };
         kinds.insert(tags.0, true);
-        let spec = container(&name, &nodes[node].name, &member.netns, ip);
+        let request = Request {
+            network: name.clone(),
+            node: nodes[node].name.clone(),
+            netns: member.netns.clone(),
+            ifname: None,
+            name: None,
+            aliases: Vec::new(),
+            ip: Some(ip),
+            subnet: None,
+            owner: None,
+        };
         let others: Vec<usize> = (0..n_nodes).filter(|i| *i != node).collect();
         let probe = Probe {
             tag: tags.0,
@@ -336,16 +347,7 @@ pub async fn churn(
         };
         let fleet_c = fleet.clone();
         tasks.spawn(async move {
-            let name_c = name.clone();
-            let (node_name, netns) = (spec.node.clone(), spec.netns.clone());
-            let ok = ctx
-                .run(
-                    probe,
-                    &name_c,
-                    move |s| s.add_container(spec.clone()).map(|_| ()),
-                    move |s| holds(s, &node_name, &netns),
-                )
-                .await;
+            let ok = ctx.run(probe, Op::Connect(request)).await;
             let mut f = lock(&fleet_c);
             if ok {
                 f.networks[k].churnable.push_back(member);
@@ -379,18 +381,13 @@ pub async fn churn(
                 errors: errors.clone(),
             };
             let fleet_c = fleet.clone();
+            let op = Op::Disconnect {
+                network: net,
+                node: node_name,
+                netns: victim.netns.clone(),
+            };
             tasks.spawn(async move {
-                let netns = victim.netns.clone();
-                let net_c = net.clone();
-                let (node_c, netns_c) = (node_name.clone(), netns.clone());
-                let ok = ctx
-                    .run(
-                        probe,
-                        &net,
-                        move |s| s.remove_container(&net_c, &node_name, &netns).map(|_| ()),
-                        move |s| !holds(s, &node_c, &netns_c),
-                    )
-                    .await;
+                let ok = ctx.run(probe, op).await;
                 let mut f = lock(&fleet_c);
                 if ok {
                     f.networks[k].count -= 1;
@@ -474,27 +471,49 @@ struct OpContext {
     errors: Arc<Mutex<Vec<String>>>,
 }
 
+/// One change of the churn: the store's half of `ovl connect` or `ovl
+/// disconnect` (no veth: the nodes are agents without containers).
+enum Op {
+    Connect(Request),
+    Disconnect {
+        network: String,
+        node: String,
+        netns: String,
+    },
+}
+
+impl Op {
+    /// The network, node and namespace it changes.
+    fn target(&self) -> (&str, &str, &str) {
+        match self {
+            Op::Connect(r) => (&r.network, &r.node, &r.netns),
+            Op::Disconnect {
+                network,
+                node,
+                netns,
+            } => (network, node, netns),
+        }
+    }
+}
+
 impl OpContext {
-    /// Commits `change` to `network`, then hands `probe` to the prober.
-    /// Returns whether the change was committed. A commit that failed on
-    /// the client's side (a timeout, a lost connection) may still have
-    /// been applied by etcd: then the network is read again and `landed`
-    /// says whether it was, so that the fleet follows the store and not
-    /// the client's view of it.
-    async fn run(
-        &self,
-        mut probe: Probe,
-        network: &str,
-        mut change: impl FnMut(&mut State) -> Result<(), ovl_userspace::model::ModelError> + Send,
-        landed: impl Fn(&State) -> bool,
-    ) -> bool {
+    /// Commits `op` through the code path `ovl connect` and `ovl
+    /// disconnect` take, then hands `probe` to the prober. Returns whether
+    /// the change was committed. A commit that failed on the client's side
+    /// (a timeout, a lost connection) may still have been applied by etcd:
+    /// then the endpoint is read again, so that the fleet follows the
+    /// store and not the client's view of it.
+    async fn run(&self, mut probe: Probe, op: Op) -> bool {
         let started = Instant::now();
         probe.started = started;
-        let error = match self
-            .store
-            .update_with(Scope::Network(network), |s| change(s))
-            .await
-        {
+        let (network, node, netns) = op.target();
+        let done = match &op {
+            Op::Connect(req) => attachment::register(&self.store, req).await.map(|_| ()),
+            Op::Disconnect { .. } => attachment::unregister(&self.store, node, network, netns)
+                .await
+                .map(|_| ()),
+        };
+        let error = match done {
             Ok(()) => {
                 lock(&self.commits).push((probe.tag, started.elapsed()));
                 // The prober only stops once every sender is gone.
@@ -503,8 +522,10 @@ impl OpContext {
             }
             Err(e) => e,
         };
-        match self.store.load_in(Scope::Network(network)).await {
-            Ok(state) if landed(&state) => {
+        let wanted = matches!(op, Op::Connect(_));
+        let around = Around::container(network, node, netns);
+        match self.store.load_in(Scope::Endpoint(around)).await {
+            Ok(state) if holds(&state, node, netns) == wanted => {
                 // Applied though the client saw it fail: its propagation
                 // is not timed (its start is unknown), but the fleet
                 // counts it.

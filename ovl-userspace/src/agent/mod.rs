@@ -532,7 +532,7 @@ impl Agent {
                             }
                             self.view.update(|l| l.last_sync = Some(Instant::now()));
                             let started = Instant::now();
-                            self.apply_logged(fresh);
+                            self.apply_logged(*fresh);
                             hold = Some(Instant::now() + apply_pause(started.elapsed()));
                             self.collect_abandoned(connected.as_ref()).await;
                         }
@@ -600,9 +600,14 @@ impl Agent {
             };
             match c
                 .store
-                .update_with(crate::store::Scope::Network(&ep.network), |s| {
-                    s.remove_container(&ep.network, &self.node, netns)
-                })
+                .update_with(
+                    crate::store::Scope::Endpoint(crate::store::Around::container(
+                        &ep.network,
+                        &self.node,
+                        netns,
+                    )),
+                    |s| s.remove_container(&ep.network, &self.node, netns),
+                )
                 .await
             {
                 Ok(_) => {
@@ -701,8 +706,8 @@ fn apply_pause(took: Duration) -> Duration {
 
 /// What the store told the agent.
 enum StoreEvent {
-    /// A new state.
-    Changed(State),
+    /// A new state (boxed: a state is large next to the other variant).
+    Changed(Box<State>),
     /// The node registered again after losing its liveness: peers may have
     /// freed its endpoints meanwhile.
     Reregistered,
@@ -714,7 +719,7 @@ async fn next_store_event(c: Option<&mut Connected>) -> Result<StoreEvent> {
     tokio::select! {
         changed = c.updates.changed() => {
             changed.context("store follower stopped")?;
-            Ok(StoreEvent::Changed(c.updates.borrow_and_update().clone()))
+            Ok(StoreEvent::Changed(Box::new(c.updates.borrow_and_update().clone())))
         }
         () = next_reregistration(&mut c.reregistrations) => Ok(StoreEvent::Reregistered),
     }

@@ -30,8 +30,45 @@ pub enum Scope<'a> {
     Networks,
     /// One network, its endpoints and held-back addresses, and every node.
     Network(&'a str),
+    /// One endpoint of a network and the keys that decide whether a change
+    /// to it may commit: connecting or disconnecting a container. What it
+    /// reads does not grow with the network (but for which addresses are
+    /// taken, as bare keys, when it hands out an address).
+    Endpoint(Around<'a>),
     /// Everything.
     All,
+}
+
+/// What [`Scope::Endpoint`] reads of network `network`: its record and
+/// held-back addresses; the claim of `attachment` and of each of `names`;
+/// the endpoint at `ip`; with `allocates`, which addresses are taken; and
+/// every endpoint those claims point at, with their own claims. A change
+/// that writes a name or claim not read here fails to commit (it is
+/// guarded as absent), it never overwrites one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Around<'a> {
+    pub network: &'a str,
+    /// The container's attachment: (node, namespace).
+    pub attachment: Option<(&'a str, &'a str)>,
+    /// An address the change asks for or looks at.
+    pub ip: Option<Ipv4Addr>,
+    /// The names the endpoint will hold.
+    pub names: &'a [String],
+    /// Whether the change picks a free address.
+    pub allocates: bool,
+}
+
+impl<'a> Around<'a> {
+    /// An existing container endpoint, found by its attachment.
+    pub fn container(network: &'a str, node: &'a str, netns: &'a str) -> Around<'a> {
+        Around {
+            network,
+            attachment: Some((node, netns)),
+            ip: None,
+            names: &[],
+            allocates: false,
+        }
+    }
 }
 
 /// Store failures. Each message says what is wrong and what to do.

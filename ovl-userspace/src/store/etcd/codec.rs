@@ -124,6 +124,26 @@ pub fn attachment_key(network: &str, node: &str, netns: &str) -> String {
     format!("{ATTACHMENTS}{network}/{node}/{netns}")
 }
 
+/// The claims endpoint `e` holds (when it is the first to hold them): one
+/// per name, and its attachment if it is a container's.
+pub fn claims_of(e: &Endpoint) -> Vec<String> {
+    let mut out: Vec<String> = e.names().map(|n| name_key(&e.network, n)).collect();
+    if let Location::Container { node, netns, .. } = &e.location {
+        out.push(attachment_key(&e.network, node, netns));
+    }
+    out
+}
+
+/// The endpoint a claim (`key`, holding `value`) points at, as its key.
+pub fn holder_of(key: &str, value: &[u8]) -> Option<String> {
+    let rest = key
+        .strip_prefix(NAMES)
+        .or_else(|| key.strip_prefix(ATTACHMENTS))?;
+    let (network, _) = rest.split_once('/')?;
+    let owner: IndexOwner = parse(key, value).ok()?;
+    Some(endpoint_key(network, owner.ip))
+}
+
 /// Whether `key` is one of the derived claims ([`NAMES`], [`ATTACHMENTS`]).
 pub fn is_index_key(key: &str) -> bool {
     key.starts_with(NAMES) || key.starts_with(ATTACHMENTS)
@@ -155,7 +175,7 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
 }
 
 /// The network and address in `/ovl/<kind>/<network>/<ipv4>`.
-fn network_and_ip(rest: &str) -> Option<(&str, Ipv4Addr)> {
+pub fn network_and_ip(rest: &str) -> Option<(&str, Ipv4Addr)> {
     let (network, ip) = rest.rsplit_once('/')?;
     Some((network, ip.parse().ok()?))
 }

@@ -5,6 +5,7 @@
 //! changes that must be split to fit etcd's limits (`nodes`).
 
 mod access;
+mod around;
 mod codec;
 mod follow;
 mod limits;
@@ -13,12 +14,17 @@ mod nodes;
 mod turns;
 mod wireguard;
 
-use std::{collections::BTreeMap, future::Future, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    time::Duration,
+};
 
 pub use codec::KEY_PREFIX;
 use codec::{
     ATTACHMENTS, CLUSTER_KEY, ENDPOINTS, NAMES, NETWORKS, NODES, RELEASED, SCHEMA_KEY, VNIS,
-    decode, encode, endpoint_key, is_index_key, network_key, prefix_end, released_key,
+    decode, encode, endpoint_key, is_index_key, network_and_ip, network_key, prefix_end,
+    released_key,
 };
 use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
 pub use liveness::Liveness;
@@ -50,8 +56,13 @@ const PAGE: i64 = 512;
 struct Snapshot {
     revision: i64,
     kvs: BTreeMap<String, (Vec<u8>, i64)>,
-    /// Endpoint keys in the whole store, when the read counted them.
-    endpoints_total: Option<i64>,
+    /// Keys read without their values ([`Range::Keys`]).
+    bare: BTreeSet<String>,
+    /// Single keys read, present or not ([`Range::Key`]).
+    looked: BTreeSet<String>,
+    /// How many keys each counted prefix holds ([`Range::Count`],
+    /// [`Range::Keys`]).
+    counts: BTreeMap<String, i64>,
 }
 
 impl Snapshot {
@@ -62,9 +73,18 @@ impl Snapshot {
                 .iter()
                 .map(|(k, (v, _))| (k.as_str(), v.as_slice())),
         );
-        if let Some(total) = self.endpoints_total {
+        if let Some(total) = self.counts.get(ENDPOINTS) {
             let read = self.kvs.keys().filter(|k| k.starts_with(ENDPOINTS)).count();
-            state.endpoints_elsewhere = usize::try_from(total).unwrap_or(0).saturating_sub(read);
+            state.endpoints_elsewhere = usize::try_from(*total).unwrap_or(0).saturating_sub(read);
+        }
+        for key in self.bare.iter().filter(|k| !self.kvs.contains_key(*k)) {
+            if let Some((network, ip)) = key.strip_prefix(ENDPOINTS).and_then(network_and_ip) {
+                state
+                    .addresses_elsewhere
+                    .entry(network.to_owned())
+                    .or_default()
+                    .insert(ip);
+            }
         }
         state
     }
@@ -74,22 +94,28 @@ impl Snapshot {
         self.kvs.get(key).map_or(0, |(_, r)| *r)
     }
 
-    fn add(&mut self, resp: &GetResponse) {
+    /// The keys (and values) of one page `resp` of `range`.
+    fn add(&mut self, range: &Range, resp: &GetResponse) {
         for kv in resp.kvs() {
-            self.kvs.insert(
-                String::from_utf8_lossy(kv.key()).into_owned(),
-                (kv.value().to_vec(), kv.mod_revision()),
-            );
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if matches!(range, Range::Keys(_)) {
+                self.bare.insert(key);
+            } else {
+                self.kvs
+                    .insert(key, (kv.value().to_vec(), kv.mod_revision()));
+            }
         }
     }
 }
 
-/// A key, every key under a prefix, or how many keys there are under a
-/// prefix (etcd answers the count alone).
+/// A key, every key under a prefix (with or without their values), or
+/// how many keys there are under a prefix (etcd answers the count alone).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Range {
     Key(String),
     Prefix(String),
+    /// The keys under a prefix, without values (and counted).
+    Keys(String),
     Count(String),
 }
 
@@ -118,23 +144,33 @@ impl Range {
                 Range::Prefix(NODES.into()),
                 Range::Count(ENDPOINTS.into()),
             ],
+            Scope::Endpoint(a) => around::first(&a),
             Scope::All => vec![Range::Prefix(KEY_PREFIX.into())],
         }
     }
 
-    fn options(&self) -> GetOptions {
-        match self {
+    /// The request's options, reading at revision `at` if given.
+    fn options(&self, at: Option<i64>) -> GetOptions {
+        let o = match self {
             Range::Key(_) => GetOptions::new(),
             Range::Prefix(p) => GetOptions::new().with_range(prefix_end(p)).with_limit(PAGE),
+            Range::Keys(p) => GetOptions::new()
+                .with_range(prefix_end(p))
+                .with_limit(PAGE)
+                .with_keys_only(),
             Range::Count(p) => GetOptions::new()
                 .with_range(prefix_end(p))
                 .with_count_only(),
+        };
+        match at {
+            Some(revision) => o.with_revision(revision),
+            None => o,
         }
     }
 
     fn start(&self) -> &str {
         match self {
-            Range::Key(k) | Range::Prefix(k) | Range::Count(k) => k,
+            Range::Key(k) | Range::Prefix(k) | Range::Keys(k) | Range::Count(k) => k,
         }
     }
 }
@@ -239,55 +275,88 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Reads `ranges` as of one revision: one transaction of range reads,
-    /// then further pages of any range longer than a page, at the same
-    /// revision.
-    async fn read(&self, ranges: &[Range]) -> Result<Snapshot, StoreError> {
-        let mut c = self.client.clone();
-        let ops: Vec<TxnOp> = ranges
-            .iter()
-            .map(|r| TxnOp::get(r.start(), Some(r.options())))
-            .collect();
-        let resp = self.call("read", c.txn(Txn::new().and_then(ops))).await?;
-        let mut snap = Snapshot {
-            revision: resp.header().map_or(0, |h| h.revision()),
-            ..Snapshot::default()
+    /// What `scope` covers, as of one revision. An endpoint's scope is
+    /// read in rounds at the revision of the first ([`around`]).
+    async fn read_scope(&self, scope: Scope<'_>) -> Result<Snapshot, StoreError> {
+        let mut snap = self.read(&Range::of(scope)).await?;
+        let Scope::Endpoint(a) = scope else {
+            return Ok(snap);
         };
-        for (range, r) in ranges.iter().zip(resp.op_responses()) {
-            let TxnOpResponse::Get(page) = r else {
-                continue;
-            };
-            if let Range::Count(prefix) = range {
-                if prefix == ENDPOINTS {
-                    snap.endpoints_total = Some(page.count());
-                }
-                continue;
+        if !around::claims_complete(&snap, a.network) {
+            // Written by an ovl that kept no claims: read whole (its
+            // commits backfill them).
+            return self.read(&Range::of(Scope::Network(a.network))).await;
+        }
+        for _ in 1..around::MAX_ROUNDS {
+            let more = around::unread(&snap);
+            if more.is_empty() {
+                break;
             }
-            snap.add(&page);
-            if let (Range::Prefix(prefix), true) = (range, page.more()) {
-                let last = page.kvs().last().map(|kv| kv.key().to_vec());
-                self.read_rest(prefix, last, &mut snap).await?;
-            }
+            self.read_into(&more, &mut snap).await?;
         }
         Ok(snap)
     }
 
-    /// Reads the pages of `prefix` after key `after`, at `snap`'s revision.
+    /// Reads `ranges` as of one revision.
+    async fn read(&self, ranges: &[Range]) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot::default();
+        self.read_into(ranges, &mut snap).await?;
+        Ok(snap)
+    }
+
+    /// Adds `ranges` to `snap` as of one revision, `snap`'s if it has one
+    /// (else the current one, which it then takes): one transaction of
+    /// range reads, then further pages of any range longer than a page.
+    async fn read_into(&self, ranges: &[Range], snap: &mut Snapshot) -> Result<(), StoreError> {
+        let at = (snap.revision > 0).then_some(snap.revision);
+        let mut c = self.client.clone();
+        let ops: Vec<TxnOp> = ranges
+            .iter()
+            .map(|r| TxnOp::get(r.start(), Some(r.options(at))))
+            .collect();
+        let resp = self.call("read", c.txn(Txn::new().and_then(ops))).await?;
+        if at.is_none() {
+            snap.revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for (range, r) in ranges.iter().zip(resp.op_responses()) {
+            let TxnOpResponse::Get(page) = r else {
+                continue;
+            };
+            match range {
+                Range::Count(prefix) => {
+                    snap.counts.insert(prefix.clone(), page.count());
+                    continue;
+                }
+                Range::Keys(prefix) => {
+                    snap.counts.insert(prefix.clone(), page.count());
+                }
+                Range::Key(key) => {
+                    snap.looked.insert(key.clone());
+                }
+                Range::Prefix(_) => {}
+            }
+            snap.add(range, &page);
+            if page.more() {
+                let last = page.kvs().last().map(|kv| kv.key().to_vec());
+                self.read_rest(range, last, snap).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the pages of `range` after key `after`, at `snap`'s revision.
     async fn read_rest(
         &self,
-        prefix: &str,
+        range: &Range,
         mut after: Option<Vec<u8>>,
         snap: &mut Snapshot,
     ) -> Result<(), StoreError> {
         let mut c = self.client.clone();
         while let Some(mut start) = after.take() {
             start.push(0);
-            let opts = GetOptions::new()
-                .with_range(prefix_end(prefix))
-                .with_limit(PAGE)
-                .with_revision(snap.revision);
+            let opts = range.options(Some(snap.revision));
             let page = self.call("read a page", c.get(start, Some(opts))).await?;
-            snap.add(&page);
+            snap.add(range, &page);
             if page.more() {
                 after = page.kvs().last().map(|kv| kv.key().to_vec());
             }
@@ -305,7 +374,7 @@ impl EtcdStore {
 
     /// The part of the state `scope` covers.
     pub async fn load(&self, scope: Scope<'_>) -> Result<State, StoreError> {
-        Ok(self.read(&Range::of(scope)).await?.state())
+        Ok(self.read_scope(scope).await?.state())
     }
 
     /// Optimistic concurrency: read what `scope` covers at revision R,
@@ -321,10 +390,9 @@ impl EtcdStore {
         change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
         let _turn = self.turns.take(scope).await;
-        let ranges = Range::of(scope);
         let mut pauses = conflict_pauses();
         for _ in 0..MAX_ATTEMPTS {
-            let snap = self.read(&ranges).await?;
+            let snap = self.read_scope(scope).await?;
             let mut before = snap.state();
             before.clock = GraceClock::now(self.address_grace);
             let mut after = before.clone();
@@ -589,7 +657,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k, (v, 5)))
                 .collect(),
-            endpoints_total: None,
+            ..Snapshot::default()
         }
     }
 

@@ -24,7 +24,9 @@ impl Turns {
     pub async fn take(&self, scope: Scope<'_>) -> OwnedMutexGuard<()> {
         let key = match scope {
             Scope::Networks => "networks".to_owned(),
-            Scope::Network(name) => format!("network/{name}"),
+            Scope::Network(name) | Scope::Endpoint(crate::store::Around { network: name, .. }) => {
+                format!("network/{name}")
+            }
             Scope::All => "all".to_owned(),
         };
         let turn = {
