@@ -1,8 +1,9 @@
 //! The etcd store at cluster scale, on a real etcd: a dead node with 300
 //! endpoints is freed and 300 endpoints are put back although etcd takes
 //! at most 128 operations per transaction; addresses freed from a dead node
-//! are held back; a change to one network reads only that network; the
-//! follower's state, built from watch deltas, equals a fresh read.
+//! are held back, and their claims deleted; a change to one network reads
+//! only that network; a connect reads a few keys however big its network;
+//! the follower's state, built from watch deltas, equals a fresh read.
 //!
 //! The test process talks to an etcd that a lab runs in a namespace of its
 //! own, from a thread that entered that namespace.
@@ -13,6 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use ovl_tests::{Etcd, Lab, Netns};
 use ovl_userspace::{
+    attachment::{self, Request},
     model::{ContainerSpec, Endpoint, Location, MacAddr, ModelError, NetworkSpec, State},
     store::{Scope, Store, StoreError},
 };
@@ -174,6 +176,18 @@ fn a_dead_node_with_300_endpoints_is_freed_and_its_addresses_held_back() -> Resu
             "{} released",
             state.released.len()
         );
+        // Their name and attachment claims went with them: only mine's
+        // are left.
+        for prefix in ["/ovl/names/n/", "/ovl/attachments/n/"] {
+            let left = raw
+                .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                .await?;
+            ensure!(
+                left.kvs().len() == 1,
+                "{} claims left under {prefix}",
+                left.kvs().len()
+            );
+        }
 
         // Held back: the next container gets none of them, and asking for
         // one names the grace.
@@ -302,18 +316,24 @@ fn a_returning_node_gets_300_endpoints_back_and_learns_which_address_was_taken()
     })
 }
 
-/// `n` static endpoints on `network` written straight to etcd, 100 per
-/// transaction, as the store encodes them.
+/// `n` static endpoints on `network` written straight to etcd, 50 per
+/// transaction, as the store encodes them (without their name claims,
+/// as an older ovl did).
 async fn bulk_endpoints(etcd: &Etcd, network: &str, base: Ipv4Addr, n: u32) -> Result<()> {
+    bulk(etcd, network, base, n, false).await
+}
+
+/// [`bulk_endpoints`], with each endpoint's name claim if `claims`.
+async fn bulk(etcd: &Etcd, network: &str, base: Ipv4Addr, n: u32, claims: bool) -> Result<()> {
     let mut raw =
         etcd_client::Client::connect([format!("http://{}", etcd.endpoint())], None).await?;
     let ips: Vec<Ipv4Addr> = (2..2 + n)
         .map(|i| Ipv4Addr::from(u32::from(base) + i))
         .collect();
-    for chunk in ips.chunks(100) {
+    for chunk in ips.chunks(50) {
         let ops: Vec<TxnOp> = chunk
             .iter()
-            .map(|ip| {
+            .flat_map(|ip| {
                 let ep = Endpoint {
                     network: network.into(),
                     name: format!("s-{ip}"),
@@ -327,11 +347,19 @@ async fn bulk_endpoints(etcd: &Etcd, network: &str, base: Ipv4Addr, n: u32) -> R
                 };
                 let mut v = serde_json::to_value(&ep).expect("endpoints serialise");
                 v["schema"] = 1.into();
-                TxnOp::put(
+                let mut ops = vec![TxnOp::put(
                     format!("/ovl/endpoints/{network}/{ip}"),
                     v.to_string(),
                     None,
-                )
+                )];
+                if claims {
+                    ops.push(TxnOp::put(
+                        format!("/ovl/names/{network}/s-{ip}"),
+                        format!(r#"{{"schema":1,"ip":"{ip}"}}"#),
+                        None,
+                    ));
+                }
+                ops
             })
             .collect();
         raw.txn(Txn::new().and_then(ops)).await?;
@@ -427,6 +455,119 @@ fn a_change_to_one_network_reads_only_that_network_and_followers_apply_deltas() 
                 && followed.released == fresh.released
                 && followed.alive == fresh.alive,
             "the follower's state differs from a fresh read"
+        );
+        Ok(())
+    })
+}
+
+/// What `ovl connect` registers for namespace `netns` of node a.
+fn request(network: &str, netns: &str, name: Option<&str>, ip: Option<Ipv4Addr>) -> Request {
+    Request {
+        network: network.into(),
+        node: "a".into(),
+        netns: netns.into(),
+        ifname: None,
+        name: name.map(str::to_owned),
+        aliases: Vec::new(),
+        ip,
+        subnet: None,
+        owner: None,
+    }
+}
+
+#[test]
+fn a_connect_reads_a_few_keys_however_big_its_network() -> Result<()> {
+    let (_lab, ns, etcd) = etcd("st-around")?;
+    let url = etcd.url();
+    let etcd = &etcd;
+    inside(&ns, async || {
+        let store = Store::open(&url).await?;
+        create_network(&store, "big", "198.18.0.0/20").await?;
+        create_network(&store, "old", "198.19.0.0/24").await?;
+        let base = Ipv4Addr::new(198, 18, 0, 0);
+        bulk(etcd, "big", base, BIG, true).await?;
+        bulk_endpoints(etcd, "old", Ipv4Addr::new(198, 19, 0, 0), 20).await?;
+        let at = |i: u32| Ipv4Addr::from(u32::from(base) + i);
+
+        // The finding: reading the network, a connect pays for each of its
+        // endpoints.
+        let before = sent_bytes(etcd)?;
+        connect(&store, container("big", "a", "whole", Some(at(3000)))).await?;
+        let whole = sent_bytes(etcd)? - before;
+
+        // The connect every front end makes, asking for an address and
+        // not: a few keys, and the bare keys of the taken addresses.
+        let before = sent_bytes(etcd)?;
+        for i in 0..CHANGES {
+            attachment::register(
+                &store,
+                &request("big", &format!("p{i}"), None, Some(at(3001 + i))),
+            )
+            .await?;
+        }
+        let asked = (sent_bytes(etcd)? - before) / f64::from(CHANGES);
+        let before = sent_bytes(etcd)?;
+        let (picked, _, _) = attachment::register(&store, &request("big", "q", None, None)).await?;
+        let allocating = sent_bytes(etcd)? - before;
+        eprintln!(
+            "bytes etcd sent per connect to a network of {BIG}: {whole:.0} reading it whole, {asked:.0} with an address asked for, {allocating:.0} picking one"
+        );
+        ensure!(whole > 300_000.0, "a whole read sent only {whole:.0} bytes");
+        ensure!(asked < 8_192.0, "a connect sent {asked:.0} bytes");
+        ensure!(
+            allocating < whole / 3.0,
+            "picking an address sent {allocating:.0} bytes"
+        );
+        // The lowest free address, past every taken one it read as a key.
+        ensure!(picked.ip == at(2 + BIG), "picked {}", picked.ip);
+
+        // Checks still see what they did not read whole: a taken name (in
+        // any case) names its holder; a second attachment is refused.
+        let taken = attachment::register(&store, &request("big", "r", Some("S-198.18.0.9"), None))
+            .await
+            .unwrap_err();
+        ensure!(
+            matches!(&taken, StoreError::Rejected(ModelError::NameTaken { ip, .. }) if *ip == at(9)),
+            "{taken}"
+        );
+        let twice = attachment::register(&store, &request("big", "q", Some("other"), None))
+            .await
+            .unwrap_err();
+        ensure!(
+            matches!(
+                twice,
+                StoreError::Rejected(ModelError::AlreadyConnected { .. })
+            ),
+            "{twice}"
+        );
+        // A disconnect takes the endpoint and both its claims.
+        attachment::unregister(&store, "a", "big", "q").await?;
+        let mut raw =
+            etcd_client::Client::connect([format!("http://{}", etcd.endpoint())], None).await?;
+        for key in ["/ovl/names/big/q", "/ovl/attachments/big/a/q"] {
+            ensure!(
+                raw.get(key, None).await?.kvs().is_empty(),
+                "{key} left behind"
+            );
+        }
+        ensure!(
+            !store
+                .load()
+                .await?
+                .endpoints
+                .iter()
+                .any(|e| e.ip == picked.ip),
+            "endpoint left behind"
+        );
+
+        // A network an older ovl wrote without claims is read whole: its
+        // names are still unique.
+        let old = attachment::register(&store, &request("old", "o", Some("s-198.19.0.5"), None))
+            .await
+            .unwrap_err();
+        ensure!(
+            matches!(old, StoreError::Rejected(ModelError::NameTaken { .. })),
+            "{old}"
         );
         Ok(())
     })

@@ -144,6 +144,11 @@ pub fn holder_of(key: &str, value: &[u8]) -> Option<String> {
     Some(endpoint_key(network, owner.ip))
 }
 
+/// The value of a claim held by the endpoint at `ip`.
+pub fn claim_value(ip: Ipv4Addr) -> Vec<u8> {
+    json(IndexOwner { ip })
+}
+
 /// Whether `key` is one of the derived claims ([`NAMES`], [`ATTACHMENTS`]).
 pub fn is_index_key(key: &str) -> bool {
     key.starts_with(NAMES) || key.starts_with(ATTACHMENTS)
@@ -201,11 +206,11 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
         // stays claimed by the first.
         for name in e.names() {
             out.entry(name_key(&e.network, name))
-                .or_insert_with(|| json(IndexOwner { ip: e.ip }));
+                .or_insert_with(|| claim_value(e.ip));
         }
         if let Location::Container { node, netns, .. } = &e.location {
             out.entry(attachment_key(&e.network, node, netns))
-                .or_insert_with(|| json(IndexOwner { ip: e.ip }));
+                .or_insert_with(|| claim_value(e.ip));
         }
     }
     for r in &state.released {

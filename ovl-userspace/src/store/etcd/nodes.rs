@@ -11,8 +11,8 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use super::{
     ENDPOINTS, EtcdStore, MAX_ATTEMPTS, MAX_TXN_OPS, Range, Snapshot,
     codec::{
-        ALIVE, ConflictsRecord, NODES, alive_key, conflicts_key, endpoint_key, json, network_key,
-        node_key, parse, released_key,
+        ALIVE, ConflictsRecord, NODES, alive_key, claim_value, claims_of, conflicts_key,
+        endpoint_key, json, network_key, node_key, parse, released_key,
     },
 };
 use crate::{
@@ -21,9 +21,6 @@ use crate::{
     store::StoreError,
 };
 
-/// Endpoints freed per transaction: a compare and two operations (delete,
-/// release record) each, plus the node-is-dead compare.
-const FREE_BATCH: usize = (MAX_TXN_OPS - 1) / 2;
 /// Endpoints put back per transaction: each reads its key and release
 /// record (plus its network once) and then compares both.
 const RESTORE_BATCH: usize = (MAX_TXN_OPS - 8) / 3;
@@ -79,7 +76,7 @@ impl EtcdStore {
             .collect();
         let mut freed = 0;
         while !theirs.is_empty() {
-            let rest = theirs.split_off(theirs.len().min(FREE_BATCH));
+            let rest = theirs.split_off(free_batch(&theirs));
             let mut batch = std::mem::replace(&mut theirs, rest);
             let mut attempts = 0;
             while !batch.is_empty() {
@@ -96,12 +93,7 @@ impl EtcdStore {
                 let mut ops = Vec::new();
                 for (key, rev, e) in &batch {
                     compares.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev));
-                    ops.push(TxnOp::delete(key.as_str(), None));
-                    ops.push(TxnOp::put(
-                        released_key(&e.network, e.ip),
-                        json(Released::of(e, now)),
-                        None,
-                    ));
+                    ops.extend(free_ops(key, e, now));
                 }
                 let mut c = self.client.clone();
                 let resp = self
@@ -281,6 +273,57 @@ impl EtcdStore {
     }
 }
 
+/// What freeing endpoint `e` (at `key`) at `now_ms` writes: its key
+/// deleted, its address held back, and each of its claims deleted if it
+/// still names `e` (a name two endpoints hold, which only an older ovl
+/// wrote, stays the other's) — a nested transaction each, one operation
+/// of the outer one.
+fn free_ops(key: &str, e: &Endpoint, now_ms: u64) -> Vec<TxnOp> {
+    let mut ops = vec![
+        TxnOp::delete(key, None),
+        TxnOp::put(
+            released_key(&e.network, e.ip),
+            json(Released::of(e, now_ms)),
+            None,
+        ),
+    ];
+    for claim in claims_of(e) {
+        ops.push(TxnOp::txn(
+            Txn::new()
+                .when([Compare::value(
+                    claim.as_str(),
+                    CompareOp::Equal,
+                    claim_value(e.ip),
+                )])
+                .and_then([TxnOp::delete(claim.as_str(), None)]),
+        ));
+    }
+    ops
+}
+
+/// Operations of the outer transaction freeing endpoints at most: etcd
+/// lets each nested transaction have only what the outer one leaves of
+/// the limit, and each claim's needs one.
+const FREE_OPS: usize = MAX_TXN_OPS - 1;
+
+/// How many of `theirs`, from the first, one transaction frees: as many
+/// as fit [`FREE_OPS`], with the node-is-dead compare and one compare per
+/// endpoint (at least one: an endpoint whose claims did not fit one
+/// transaction could not have been written).
+fn free_batch(theirs: &[(String, i64, Endpoint)]) -> usize {
+    let mut ops = 0;
+    let mut n = 0;
+    for (_, _, e) in theirs {
+        let need = 2 + claims_of(e).len();
+        if n > 0 && (ops + need > FREE_OPS || n + 2 > FREE_OPS) {
+            break;
+        }
+        ops += need;
+        n += 1;
+    }
+    n
+}
+
 /// The endpoint at `key` in `snap`, if any; an error (logged) when the
 /// key holds something unreadable.
 fn holder_in(snap: &Snapshot, key: &str) -> Result<Option<Endpoint>, ()> {
@@ -293,5 +336,61 @@ fn holder_in(snap: &Snapshot, key: &str) -> Result<Option<Endpoint>, ()> {
 }
 
 // Transaction sizes are fixed by the batch sizes above.
-const _: () = assert!(FREE_BATCH < MAX_TXN_OPS && 2 * FREE_BATCH <= MAX_TXN_OPS);
 const _: () = assert!(3 * RESTORE_BATCH + 8 <= MAX_TXN_OPS);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ContainerSpec, NetworkSpec, State};
+
+    #[test]
+    fn a_dead_nodes_endpoints_are_freed_with_their_claims_within_the_operation_limit() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec::new("blue", "198.18.0.0/22".parse().unwrap()))
+            .unwrap();
+        let mut theirs = Vec::new();
+        for i in 0..300 {
+            let e = s
+                .add_container(ContainerSpec {
+                    network: "blue".into(),
+                    node: "dead".into(),
+                    netns: format!("c{i}"),
+                    name: None,
+                    ip: None,
+                    owner: None,
+                    subnet: None,
+                })
+                .unwrap();
+            let e = if i % 7 == 0 {
+                s.set_names(
+                    "blue",
+                    e.ip,
+                    None,
+                    vec![format!("alias{i}"), format!("x{i}")],
+                )
+                .unwrap()
+            } else {
+                e
+            };
+            theirs.push((endpoint_key("blue", e.ip), 1, e));
+        }
+        let mut freed = 0;
+        let mut batches = 0;
+        while !theirs.is_empty() {
+            let rest = theirs.split_off(free_batch(&theirs));
+            let ops: usize = theirs.iter().map(|(k, _, e)| free_ops(k, e, 0).len()).sum();
+            assert!(ops <= FREE_OPS, "{ops} operations");
+            assert!(theirs.len() < FREE_OPS);
+            // Each endpoint: delete, hold back, a claim per name and its
+            // attachment.
+            for (k, _, e) in &theirs {
+                assert_eq!(free_ops(k, e, 0).len(), 2 + 1 + e.aliases.len() + 1);
+            }
+            freed += theirs.len();
+            batches += 1;
+            theirs = rest;
+        }
+        assert_eq!(freed, 300);
+        assert!(batches <= 11, "{batches} transactions for 300 endpoints");
+    }
+}
