@@ -43,9 +43,12 @@ use crate::{
 /// How often it checks that the store answers.
 const STORE_PROBE: Duration = Duration::from_secs(2);
 /// Applying store changes takes at most this share of a core: after an
-/// apply that took t, the next store change is looked at no sooner than
-/// t × this factor later, and whatever changed meanwhile is applied at once
-/// (the follower keeps only the newest state). Below a thousand endpoints
+/// apply that took t of CPU time, the next store change is looked at no
+/// sooner than t × this factor later, and whatever changed meanwhile is
+/// applied at once (the follower keeps only the newest state). CPU time,
+/// not wall time: waiting for the disk (the journal's fsync) or for a busy
+/// machine's CPU is not work to pause for, and counting it stretched the
+/// pauses on exactly the machines that were already slow. Below a thousand endpoints
 /// an apply takes well under a millisecond and nothing waits; with ten
 /// thousand under heavy churn the pause stays a fraction of a second, where
 /// applying every change as it came made twenty agents on two cores starve
@@ -531,9 +534,12 @@ impl Agent {
                                 reconcile::free_dead_nodes(&c.store, &self.node, before, &fresh).await;
                             }
                             self.view.update(|l| l.last_sync = Some(Instant::now()));
-                            let started = Instant::now();
+                            // No await in an apply: it runs on this thread
+                            // from start to end.
+                            let started = thread_cpu_time();
                             self.apply_logged(*fresh);
-                            hold = Some(Instant::now() + apply_pause(started.elapsed()));
+                            let took = thread_cpu_time().saturating_sub(started);
+                            hold = Some(Instant::now() + apply_pause(took));
                             self.collect_abandoned(connected.as_ref()).await;
                         }
                         StoreEvent::Reregistered => {
@@ -725,6 +731,23 @@ async fn next_store_event(c: Option<&mut Connected>) -> Result<StoreEvent> {
     }
 }
 
+/// CPU time the calling thread has used.
+fn thread_cpu_time() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `t` is.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
 /// Resolves at `at` (never when there is no `at`).
 async fn sleep_until(at: Option<Instant>) {
     match at {
@@ -761,5 +784,21 @@ mod tests {
         assert!(took.as_secs_f64() / (took + pause).as_secs_f64() < 0.04);
         // Never more than half a second, however slow the apply.
         assert_eq!(apply_pause(Duration::from_secs(1)), APPLY_MAX_PAUSE);
+    }
+
+    #[test]
+    fn an_apply_is_measured_in_cpu_time_not_in_time_spent_waiting() {
+        let before = thread_cpu_time();
+        std::thread::sleep(Duration::from_millis(50));
+        let slept = thread_cpu_time().saturating_sub(before);
+        assert!(slept < Duration::from_millis(10), "sleeping cost {slept:?}");
+        let before = thread_cpu_time();
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(30) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let busy = thread_cpu_time().saturating_sub(before);
+        assert!(busy > Duration::ZERO && busy <= start.elapsed(), "{busy:?}");
     }
 }

@@ -50,6 +50,10 @@ pub fn first(a: &Around<'_>) -> Vec<Range> {
     ];
     if let Some((node, netns)) = a.attachment {
         out.push(Range::Key(attachment_key(net, node, netns)));
+        // The name a container holds unless given one: a disconnect then
+        // finds every claim of a default-named endpoint in its second
+        // round, not its third.
+        out.push(Range::Key(name_key(net, netns)));
     }
     out.extend(a.names.iter().map(|n| Range::Key(name_key(net, n))));
     if let Some(ip) = a.ip {
@@ -238,6 +242,14 @@ mod tests {
             snap.kvs.keys().filter(|k| k.starts_with(ENDPOINTS)).count(),
             1
         );
+    }
+
+    #[test]
+    fn a_default_named_container_is_disconnected_after_two_rounds_of_reads() {
+        let store = blue(50);
+        let (snap, rounds) = read(&store, &Around::container("blue", "a", "c7"));
+        assert_eq!(rounds, 2, "its claims, then its endpoint");
+        assert_eq!(snap.state().endpoints.len(), 1);
     }
 
     #[test]
