@@ -97,6 +97,14 @@ impl Records {
                 ))
             })
             .collect();
+        // Which nodes' endpoints are reachable (known and alive), looked up
+        // once per node rather than once per endpoint: this loop runs over
+        // every endpoint of the served networks at every apply.
+        let live_nodes: HashMap<&str, bool> = state
+            .nodes
+            .keys()
+            .map(|n| (n.as_str(), state.is_alive(n)))
+            .collect();
         for ep in &state.endpoints {
             let Some(net) = networks.get_mut(&ep.network) else {
                 continue;
@@ -107,20 +115,27 @@ impl Records {
                     host_ifname,
                     ..
                 } if n == node => link_exists(host_ifname),
-                _ => state.vtep_of(ep).is_some(),
+                // As `State::vtep_of`: a known node that is alive.
+                Location::Container { node: n, .. } => {
+                    live_nodes.get(n.as_str()).copied().unwrap_or(false)
+                }
+                Location::Reserved { .. } => false,
+                Location::Static { .. } => true,
             };
             if !reachable {
                 continue;
             }
             // Default names are namespace names or paths: only those that
             // can be asked for are answered.
+            let mut first = None;
             for name in ep.names().filter(|n| validate_endpoint_name(n).is_ok()) {
+                first.get_or_insert(name);
                 let ips = net.by_name.entry(name.to_ascii_lowercase()).or_default();
                 if !ips.contains(&ep.ip) {
                     ips.push(ep.ip);
                 }
             }
-            if let Some(name) = ep.names().find(|n| validate_endpoint_name(n).is_ok()) {
+            if let Some(name) = first {
                 net.by_ip.insert(ep.ip, name.to_owned());
             }
         }
