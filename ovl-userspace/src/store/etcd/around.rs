@@ -25,13 +25,54 @@ use super::{
         is_index_key, name_key, network_key, parse,
     },
 };
-use crate::{model::Endpoint, store::Around};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::{capacity, model::Endpoint, store::Around};
 
 /// Rounds of the closure at most: a claim, its endpoint, that endpoint's
 /// other claims (and the endpoints of names held twice, which only an old
 /// ovl wrote). Whatever a last round still misses is guarded as absent, so
 /// the commit fails rather than overwrite it.
 pub const MAX_ROUNDS: usize = 4;
+
+/// How long a count of the store's endpoints stands in for a fresh one.
+const TOTAL_FRESH: Duration = Duration::from_secs(1);
+
+/// How far below the endpoint limit a count must be to stand in for a
+/// fresh one: the cluster would have to add this many endpoints within
+/// [`TOTAL_FRESH`] to cross into the guard band (`capacity::GUARD_MARGIN`)
+/// unseen.
+const TOTAL_HEADROOM: usize = 4 * capacity::GUARD_MARGIN;
+
+/// The store's endpoint count as a process last read it. Counting a
+/// prefix costs etcd a walk of every key under it (3.4 keeps no counts):
+/// at 10k endpoints about 2 ms of its CPU, which at 100 connects a second
+/// was a fifth of it, and growing with the cluster. A long-lived front end
+/// (the Docker plugin in the agent, bench --scale's nodes) reuses a recent
+/// count while the cluster is far from the limit; near it, every change
+/// counts afresh.
+#[derive(Clone, Default)]
+pub struct Total(Arc<Mutex<Option<(i64, Instant)>>>);
+
+impl Total {
+    /// The last count, if recent and far from the limit.
+    pub fn recent(&self) -> Option<i64> {
+        let last = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (count, at) = last?;
+        let far = usize::try_from(count).is_ok_and(|c| c + TOTAL_HEADROOM <= capacity::ENDPOINTS);
+        (far && at.elapsed() < TOTAL_FRESH).then_some(count)
+    }
+
+    /// Records a count just read (`None`: the read had none).
+    pub fn set(&self, count: Option<i64>) {
+        if let Some(c) = count {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((c, Instant::now()));
+        }
+    }
+}
 
 /// What the first read of `a` takes.
 pub fn first(a: &Around<'_>) -> Vec<Range> {
@@ -242,6 +283,18 @@ mod tests {
             snap.kvs.keys().filter(|k| k.starts_with(ENDPOINTS)).count(),
             1
         );
+    }
+
+    #[test]
+    fn a_count_stands_in_for_a_second_and_only_far_from_the_limit() {
+        let total = Total::default();
+        assert_eq!(total.recent(), None, "nothing counted yet");
+        total.set(Some(10_000));
+        assert_eq!(total.recent(), Some(10_000));
+        total.set(Some((capacity::ENDPOINTS - TOTAL_HEADROOM + 1) as i64));
+        assert_eq!(total.recent(), None, "near the limit: count afresh");
+        *total.0.lock().unwrap() = Some((10, Instant::now() - TOTAL_FRESH));
+        assert_eq!(total.recent(), None, "too old");
     }
 
     #[test]

@@ -185,6 +185,8 @@ pub struct EtcdStore {
     address_grace: Duration,
     /// This process's changes to one scope, one at a time.
     turns: turns::Turns,
+    /// The store's endpoint count as last read, and when.
+    endpoints_total: around::Total,
 }
 
 impl EtcdStore {
@@ -223,6 +225,7 @@ impl EtcdStore {
             url: url.clone(),
             address_grace: url.options.address_grace.unwrap_or(DEFAULT_ADDRESS_GRACE),
             turns: turns::Turns::default(),
+            endpoints_total: around::Total::default(),
         };
         store.ensure_schema().await?;
         Ok(store)
@@ -278,10 +281,23 @@ impl EtcdStore {
     /// What `scope` covers, as of one revision. An endpoint's scope is
     /// read in rounds at the revision of the first ([`around`]).
     async fn read_scope(&self, scope: Scope<'_>) -> Result<Snapshot, StoreError> {
-        let mut snap = self.read(&Range::of(scope)).await?;
         let Scope::Endpoint(a) = scope else {
-            return Ok(snap);
+            return self.read(&Range::of(scope)).await;
         };
+        let mut first = Range::of(scope);
+        let known = self.endpoints_total.recent();
+        if known.is_some() {
+            first.retain(|r| *r != Range::Count(ENDPOINTS.into()));
+        }
+        let mut snap = self.read(&first).await?;
+        match known {
+            Some(total) => {
+                snap.counts.insert(ENDPOINTS.into(), total);
+            }
+            None => self
+                .endpoints_total
+                .set(snap.counts.get(ENDPOINTS).copied()),
+        }
         if !around::claims_complete(&snap, a.network) {
             // Written by an ovl that kept no claims: read whole (its
             // commits backfill them).
