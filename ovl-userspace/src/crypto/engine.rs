@@ -259,7 +259,7 @@ impl Engine {
             .current
             .public_key();
         // The whole train fits the batch: no send under the peer's lock.
-        let segments = offload::segment_count(frame.len(), &hdr);
+        let segments = offload::segment_count(frame, &hdr);
         if segments > SLOTS - out.len() && segments <= SLOTS {
             self.flush(out);
         }

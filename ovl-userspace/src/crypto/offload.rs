@@ -254,15 +254,19 @@ impl Layout {
     }
 }
 
-/// How many frames [`split`] makes of a frame with header `hdr`: one for
-/// a frame without GSO.
-pub fn segment_count(frame_len: usize, hdr: &VnetHdr) -> usize {
+/// How many frames [`split`] makes of `frame` with header `hdr`: one for
+/// a frame without GSO (or one it cannot cut). The header's `hdr_len` is
+/// no help: the kernel puts the length of the socket buffer's linear part
+/// there, which may hold payload too.
+pub fn segment_count(frame: &[u8], hdr: &VnetHdr) -> usize {
     let mss = usize::from(hdr.gso_size);
-    let headers = usize::from(hdr.hdr_len);
-    if hdr.gso() == GSO_NONE || mss == 0 || frame_len <= headers {
+    if hdr.gso() == GSO_NONE || mss == 0 {
         return 1;
     }
-    (frame_len - headers).div_ceil(mss)
+    match Layout::of(frame, hdr) {
+        Ok(l) => (frame.len() - l.payload).div_ceil(mss).max(1),
+        Err(_) => 1,
+    }
 }
 
 /// Cuts `frame` (a TCP-in-VXLAN GSO frame from the device, header `hdr`)
@@ -725,8 +729,11 @@ mod tests {
     fn a_tcp_in_vxlan_super_packet_splits_into_the_frames_the_kernel_would_send() {
         let data = payload(3 * 1000 + 345);
         let seq = 0xffff_fc00; // wraps inside the run
-        let (f, h) = super_packet(&data, seq, TCP_ACK | TCP_PSH | TCP_CWR, 1000);
-        assert_eq!(segment_count(f.len(), &h), 4);
+        let (f, mut h) = super_packet(&data, seq, TCP_ACK | TCP_PSH | TCP_CWR, 1000);
+        assert_eq!(segment_count(&f, &h), 4);
+        // The kernel's hdr_len is the linear part, here the whole frame.
+        h.hdr_len = f.len() as u16;
+        assert_eq!(segment_count(&f, &h), 4);
         let mut buf = vec![0u8; 65536];
         let mut got = Vec::new();
         let n = split(&f, &h, &mut buf, |s| got.push(s.to_vec())).unwrap();
