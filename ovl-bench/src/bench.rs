@@ -39,6 +39,9 @@ pub struct Options {
     /// hooks on veth: a receive-path experiment's loop, not the published
     /// benchmark.
     pub tcp_only: bool,
+    /// Only TCP 1 stream of ovl tc and ovl encrypted: the encrypting
+    /// path's experiment loop, not the published benchmark.
+    pub encrypted_only: bool,
     /// Only this underlay mode (default: every mode).
     pub underlay: Option<Underlay>,
 }
@@ -70,6 +73,7 @@ impl Test {
 struct Plan {
     quick: bool,
     tcp_only: bool,
+    encrypted_only: bool,
     underlay: Option<Underlay>,
     runs: u32,
     seconds: u32,
@@ -87,6 +91,7 @@ impl Plan {
         let plan = Plan {
             quick: options.quick,
             tcp_only: options.tcp_only,
+            encrypted_only: options.encrypted_only,
             underlay: options.underlay,
             runs: options.runs.unwrap_or(runs),
             seconds: options.seconds.unwrap_or(seconds),
@@ -112,6 +117,13 @@ impl Plan {
     fn tests(self, path: PathId, underlay: Underlay) -> &'static [Test] {
         if self.underlay.is_some_and(|only| only != underlay) {
             return &[];
+        }
+        if self.encrypted_only {
+            return if matches!(path, PathId::OvlTc | PathId::OvlEncrypted) {
+                &[Test::Tcp1]
+            } else {
+                &[]
+            };
         }
         if self.tcp_only {
             let measured = matches!(
@@ -143,7 +155,7 @@ impl Plan {
     /// programs (which costs every program run a little: these runs are
     /// not part of the figures).
     fn in_situ_tests(self) -> &'static [Test] {
-        if self.tcp_only {
+        if self.focused() {
             &[]
         } else if self.quick {
             &[Test::Udp64]
@@ -157,8 +169,29 @@ impl Plan {
         self.seconds.min(2)
     }
 
-    fn name(self) -> &'static str {
+    /// A focused loop (`--tcp-only`, `--encrypted-only`): no
+    /// micro-benchmark, no in-situ runs.
+    fn focused(self) -> bool {
+        self.tcp_only || self.encrypted_only
+    }
+
+    /// The flag that selected this plan, as `cargo xtask bench` takes it.
+    fn flag(self) -> &'static str {
         if self.tcp_only {
+            " --tcp-only"
+        } else if self.encrypted_only {
+            " --encrypted-only"
+        } else if self.quick {
+            " --quick"
+        } else {
+            ""
+        }
+    }
+
+    fn name(self) -> &'static str {
+        if self.encrypted_only {
+            "encrypted"
+        } else if self.tcp_only {
             "tcp"
         } else if self.quick {
             "quick"
@@ -193,7 +226,7 @@ pub fn run(options: Options) -> Result<()> {
         bail!("the benchmark builds network namespaces and loads BPF programs: run it as root");
     }
     let ovl = options.ovl.clone();
-    let micro_binary = if plan.tcp_only {
+    let micro_binary = if plan.focused() {
         None
     } else {
         Some(micro::binary()?)
@@ -491,7 +524,7 @@ fn settings(plan: &Plan) -> Vec<(String, String)> {
         })
         .collect();
     vec![
-        ("mode".to_string(), format!("{} (`cargo xtask bench{}`)", plan.name(), if plan.tcp_only { " --tcp-only" } else if plan.quick { " --quick" } else { "" })),
+        ("mode".to_string(), format!("{} (`cargo xtask bench{}`)", plan.name(), plan.flag())),
         (
             "runs per figure".to_string(),
             format!("{}, interleaved across paths (A B C A B C …); figures are medians", plan.runs),
@@ -621,15 +654,19 @@ fn notes(
 fn write_outputs(report: &Report, date: &str, plan: &Plan) -> Result<()> {
     let dir = ovl_tests::workspace_root().join("bench/results");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stem = if plan.tcp_only || plan.quick {
+    let stem = if plan.focused() || plan.quick {
         format!("{date}-{}", plan.name())
     } else {
         date.to_string()
     };
     let path = |ext: &str| -> PathBuf { dir.join(format!("{stem}.{ext}")) };
-    let chart_path = path("png");
+    // The chart draws ovl against the reference paths, which the
+    // encrypted loop does not measure: its ratio is in the tables.
+    let chart_path = (!plan.encrypted_only).then(|| path("png"));
     let mut markdown = report.markdown();
-    markdown.push_str(&format!("\n## Chart\n\n![ovl ratios]({stem}.png)\n"));
+    if chart_path.is_some() {
+        markdown.push_str(&format!("\n## Chart\n\n![ovl ratios]({stem}.png)\n"));
+    }
     let raw = json!({
         "title": report.title,
         "machine": report.machine.iter().map(|(k, v)| json!({"what": k, "value": v})).collect::<Vec<_>>(),
@@ -668,17 +705,21 @@ fn write_outputs(report: &Report, date: &str, plan: &Plan) -> Result<()> {
             "repeat_same_path": row.repeat_same_path,
         })).collect::<Vec<_>>(),
     });
-    chart::render(report, &chart_path)?;
+    if let Some(chart_path) = &chart_path {
+        chart::render(report, chart_path)?;
+    }
     fs::write(path("md"), &markdown)
         .with_context(|| format!("cannot write {}", path("md").display()))?;
     fs::write(path("json"), serde_json::to_string_pretty(&raw)?)
         .with_context(|| format!("cannot write {}", path("json").display()))?;
     println!("{markdown}");
     eprintln!(
-        "xtask: bench: wrote {}, {} and {}",
+        "xtask: bench: wrote {}, {}{}",
         path("md").display(),
         path("json").display(),
-        chart_path.display()
+        chart_path
+            .map(|p| format!(" and {}", p.display()))
+            .unwrap_or_default()
     );
     Ok(())
 }

@@ -52,15 +52,20 @@ struct Cli {
     /// (bench/results/<date>-tcp.md).
     #[arg(long, conflicts_with = "quick")]
     tcp_only: bool,
+    /// Only TCP 1 stream (and its CPU per GB) of ovl tc and ovl
+    /// encrypted, interleaved as ever; no micro-benchmark, no in-situ runs
+    /// (bench/results/<date>-encrypted.md).
+    #[arg(long, conflicts_with_all = ["quick", "tcp_only"])]
+    encrypted_only: bool,
     /// Only one underlay mode: `offloads` or `wire-like`.
     #[arg(long, value_parser = parse_underlay)]
     underlay: Option<Underlay>,
     /// The control plane at scale instead: 20 agents on one etcd, 1k, 5k
     /// and 10k endpoints, then churn (with --quick: 5 agents, up to 1k).
-    #[arg(long, conflicts_with_all = ["runs", "seconds", "dns", "tcp_only"])]
+    #[arg(long, conflicts_with_all = ["runs", "seconds", "dns", "tcp_only", "encrypted_only"])]
     scale: bool,
     /// Measure the containers' resolver instead (bench/results/<date>-dns.md).
-    #[arg(long, conflicts_with_all = ["runs", "seconds", "tcp_only"])]
+    #[arg(long, conflicts_with_all = ["runs", "seconds", "tcp_only", "encrypted_only"])]
     dns: bool,
 }
 
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         runs: cli.runs,
         seconds: cli.seconds,
         tcp_only: cli.tcp_only,
+        encrypted_only: cli.encrypted_only,
         underlay: cli.underlay,
     };
     match bench::run(options) {

@@ -95,6 +95,10 @@ enum Task {
         /// XDP); writes <date>-tcp.md.
         #[arg(long, conflicts_with_all = ["quick", "scale"])]
         tcp_only: bool,
+        /// Only TCP 1 stream of ovl tc and ovl encrypted; writes
+        /// <date>-encrypted.md.
+        #[arg(long, conflicts_with_all = ["quick", "scale", "tcp_only"])]
+        encrypted_only: bool,
         /// Only one underlay mode: `offloads` or `wire-like`.
         #[arg(long, conflicts_with = "scale")]
         underlay: Option<String>,
@@ -171,11 +175,19 @@ fn run(task: Task) -> Result<()> {
             seconds,
             scale,
             tcp_only,
+            encrypted_only,
             underlay,
         } => {
             setup::toolchain()?;
             setup::packages()?;
-            workspace::bench(quick, runs, seconds, scale, tcp_only, underlay)
+            let focus = if tcp_only {
+                Some("--tcp-only")
+            } else if encrypted_only {
+                Some("--encrypted-only")
+            } else {
+                None
+            };
+            workspace::bench(quick, runs, seconds, scale, focus, underlay)
         }
         Task::BenchDns { quick } => {
             setup::toolchain()?;

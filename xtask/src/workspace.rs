@@ -91,13 +91,14 @@ pub fn build_ovl(profile: Profile) -> Result<PathBuf> {
 
 /// `cargo xtask bench`: the release `ovl`, then the `ovl-bench` crate's
 /// binaries (the harness and its micro-benchmark), run with it; `--scale`
-/// runs the harness's control-plane benchmark instead.
+/// runs the harness's control-plane benchmark instead; `focus` is one of
+/// the harness's focused loops (`--tcp-only`, `--encrypted-only`).
 pub fn bench(
     quick: bool,
     runs: Option<u32>,
     seconds: Option<u32>,
     scale: bool,
-    tcp_only: bool,
+    focus: Option<&str>,
     underlay: Option<String>,
 ) -> Result<()> {
     let ovl = build_ovl(Profile::Release)?;
@@ -113,8 +114,8 @@ pub fn bench(
     if scale {
         run.arg("--scale");
     }
-    if tcp_only {
-        run.arg("--tcp-only");
+    if let Some(flag) = focus {
+        run.arg(flag);
     }
     if let Some(mode) = underlay {
         run.args(["--underlay", &mode]);

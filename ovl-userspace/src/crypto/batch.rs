@@ -117,6 +117,11 @@ impl Outgoing {
         self.dests.push(sockaddr(to));
     }
 
+    /// Datagrams queued.
+    pub fn len(&self) -> usize {
+        self.lens.len()
+    }
+
     /// True when no slot is left.
     pub fn is_full(&self) -> bool {
         self.lens.len() == SLOTS

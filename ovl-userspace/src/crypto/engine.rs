@@ -21,8 +21,9 @@ use ovl_common::wire::{ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP};
 use tokio::sync::watch;
 
 use super::{
-    batch::{Incoming, Outgoing, SLOT},
+    batch::{Incoming, Outgoing, SLOT, SLOTS},
     keys::{Identity, KeyFile, PublicKey},
+    offload::{self, Coalescer, F_NEEDS_CSUM, GSO_NONE, MAX_FRAME, VNET_HDR_LEN, VnetHdr},
     peers::{Peer, PeerInfo, Table},
     stats::{Counters, CryptoDrop},
     tap::Tap,
@@ -32,9 +33,9 @@ use super::{
 const TICK: Duration = Duration::from_millis(100);
 /// How long blocking reads wait before looking at the stop flag.
 const POLL_MS: i32 = 200;
-/// Room for any frame the device hands over (it has no offloads: at most
-/// its MTU) plus WireGuard's overhead.
-const BUF: usize = 65536 + 64;
+/// Room for any frame the device hands over (a GSO super-packet with its
+/// virtio-net header) plus WireGuard's overhead.
+const BUF: usize = VNET_HDR_LEN + MAX_FRAME + 64;
 /// After a rotation, peers get this long to read the new key from the
 /// store and start the handshake themselves before this node does.
 pub const PUBLISH_GRACE: Duration = Duration::from_secs(5);
@@ -93,6 +94,17 @@ fn wait_readable(fd: i32) -> bool {
     };
     // SAFETY: one valid pollfd.
     unsafe { libc::poll(&mut p, 1, POLL_MS) > 0 }
+}
+
+/// The destination VTEP of a frame from the crypto device (its outer
+/// IPv4 destination), without reading lengths: a GSO frame's outer length
+/// is not the packet's.
+fn vtep_of(frame: &[u8]) -> Option<Ipv4Addr> {
+    let ip = frame.get(ETH_HDR_LEN..ETH_HDR_LEN + 20)?;
+    if frame[12..14] != ETH_P_IP.to_be_bytes() || ip[0] >> 4 != 4 {
+        return None;
+    }
+    Some(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]))
 }
 
 /// Where the VXLAN packet in a frame from the crypto device goes: the IPv4
@@ -184,6 +196,7 @@ impl Engine {
     pub fn run_tx(&self) {
         let mut frame = vec![0u8; BUF];
         let mut scratch = vec![0u8; BUF];
+        let mut segment = vec![0u8; BUF];
         let mut out = Outgoing::default();
         let fd = self.tap.file().as_raw_fd();
         // SAFETY: fcntl on a descriptor this engine owns.
@@ -198,7 +211,7 @@ impl Engine {
             }
             loop {
                 match file.read(&mut frame) {
-                    Ok(n) => self.seal(&frame[..n], &mut out, &mut scratch),
+                    Ok(n) => self.seal(&mut frame[..n], &mut out, &mut scratch, &mut segment),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -216,10 +229,17 @@ impl Engine {
         }
     }
 
-    /// Seals one frame from the device for its VTEP's node, into the
-    /// outgoing batch.
-    fn seal(&self, frame: &[u8], out: &mut Outgoing, scratch: &mut [u8]) {
-        let Some((packet, vtep)) = vxlan_of(frame) else {
+    /// Seals one frame from the device (virtio-net header first) for its
+    /// VTEP's node, into the outgoing batch: a GSO super-packet as the
+    /// train of wire-size frames it stands for, each its own message.
+    fn seal(&self, frame: &mut [u8], out: &mut Outgoing, scratch: &mut [u8], segment: &mut [u8]) {
+        if frame.len() < VNET_HDR_LEN {
+            self.counters.drop(CryptoDrop::Malformed);
+            return;
+        }
+        let (hdr, frame) = frame.split_at_mut(VNET_HDR_LEN);
+        let hdr = VnetHdr::parse(hdr);
+        let Some(vtep) = vtep_of(frame) else {
             self.counters.drop(CryptoDrop::NoKey);
             return;
         };
@@ -238,13 +258,60 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .current
             .public_key();
+        // The whole train fits the batch: no send under the peer's lock.
+        let segments = offload::segment_count(frame, &hdr);
+        if segments > SLOTS - out.len() && segments <= SLOTS {
+            self.flush(out);
+        }
         let mut p = lock(&peer);
         let to = p.endpoint();
         let Some(sender) = p.sender(&mine, Instant::now()) else {
-            self.counters.drop(CryptoDrop::NoKey);
+            for _ in 0..segments {
+                self.counters.drop(CryptoDrop::NoKey);
+            }
             return;
         };
         let tunn = &mut p.gens[sender.index].tunn;
+        let mut seal_one = |wire_frame: &[u8]| {
+            let Some((packet, _)) = vxlan_of(wire_frame) else {
+                self.counters.drop(CryptoDrop::Malformed);
+                return;
+            };
+            if out.is_full() {
+                self.flush(out);
+            }
+            self.seal_packet(tunn, packet, vtep, to, out, scratch);
+        };
+        if hdr.gso_type == GSO_NONE {
+            if hdr.flags & F_NEEDS_CSUM != 0 && offload::complete_checksum(frame, &hdr).is_err() {
+                self.counters.drop(CryptoDrop::Malformed);
+            } else {
+                seal_one(frame);
+            }
+        } else if offload::split(frame, &hdr, segment, &mut seal_one).is_err() {
+            log::debug!("cannot cut a GSO frame for {vtep}: {hdr:?}");
+            for _ in 0..segments {
+                self.counters.drop(CryptoDrop::Malformed);
+            }
+        }
+        if sender.handshake_newest
+            && let Some(n) = p.newest(&mine)
+        {
+            self.initiate(&mut p, n, to, scratch);
+        }
+    }
+
+    /// Seals one VXLAN packet with `tunn` into the outgoing batch (or, too
+    /// large for a slot, sends it at once).
+    fn seal_packet(
+        &self,
+        tunn: &mut Tunn,
+        packet: &[u8],
+        vtep: Ipv4Addr,
+        to: SocketAddr,
+        out: &mut Outgoing,
+        scratch: &mut [u8],
+    ) {
         if packet.len() + 32 <= SLOT {
             let slot = out.slot();
             match tunn.encapsulate(packet, slot) {
@@ -269,11 +336,6 @@ impl Engine {
                 _ => {}
             }
         }
-        if sender.handshake_newest
-            && let Some(n) = p.newest(&mine)
-        {
-            self.initiate(&mut p, n, to, scratch);
-        }
     }
 
     /// Starts (or keeps going) the handshake of tunnel `index` of `p`.
@@ -288,16 +350,17 @@ impl Engine {
 
     /// The receive thread: UDP → open → check → device.
     pub fn run_rx(&self) {
-        // Decrypted packets land after room for the Ethernet header the
-        // device needs.
+        // Decrypted packets land after room for the virtio-net header and
+        // the Ethernet header the device needs.
         let mut out = vec![0u8; BUF];
         let mut header = [0u8; ETH_HDR_LEN];
         header[..6].copy_from_slice(&self.tap.mac());
         header[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
         header[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-        out[..ETH_HDR_LEN].copy_from_slice(&header);
+        out[VNET_HDR_LEN..VNET_HDR_LEN + ETH_HDR_LEN].copy_from_slice(&header);
         let fd = self.socket.as_raw_fd();
         let mut incoming = Incoming::default();
+        let mut merger = Coalescer::new(self.tap.tunnel_gso());
         while !self.stopped() {
             if !wait_readable(fd) {
                 continue;
@@ -318,21 +381,24 @@ impl Engine {
                 }
                 for i in 0..incoming.len() {
                     let (msg, from) = incoming.get(i);
-                    self.open(msg, from, &mut out);
+                    self.open(msg, from, &mut out, &mut merger);
                 }
+                // What this batch merged goes to the device now.
+                let refused = merger.flush(&mut |f| self.write_frame(f));
+                self.refused(refused);
             }
         }
     }
 
     /// Handles one received message.
-    fn open(&self, msg: &[u8], from: SocketAddr, out: &mut [u8]) {
+    fn open(&self, msg: &[u8], from: SocketAddr, out: &mut [u8], merger: &mut Coalescer) {
         let index = match Tunn::parse_incoming_packet(msg) {
             Err(_) => {
                 self.counters.drop(CryptoDrop::Malformed);
                 return;
             }
             Ok(Packet::HandshakeInit(init)) => {
-                self.on_initiation(&init, msg, from, out);
+                self.on_initiation(&init, msg, from, out, merger);
                 return;
             }
             Ok(Packet::HandshakeResponse(r)) => r.receiver_idx,
@@ -353,7 +419,7 @@ impl Engine {
             self.counters.drop(CryptoDrop::UnknownSession);
             return;
         };
-        self.decapsulate(&mut p, g, msg, from, out);
+        self.decapsulate(&mut p, g, msg, from, out, merger);
     }
 
     /// A handshake initiation: find which of this node's identities it is
@@ -364,6 +430,7 @@ impl Engine {
         msg: &[u8],
         from: SocketAddr,
         out: &mut [u8],
+        merger: &mut Coalescer,
     ) {
         let ids: Vec<Identity> = {
             let ids = self.identities.read().unwrap_or_else(|e| e.into_inner());
@@ -400,17 +467,25 @@ impl Engine {
             }
         };
         let mut p = lock(&peer);
-        self.decapsulate(&mut p, index, msg, from, out);
+        self.decapsulate(&mut p, index, msg, from, out, merger);
     }
 
     /// Runs a received message through tunnel `g` of `p` and acts on the
     /// outcome.
-    fn decapsulate(&self, p: &mut Peer, g: usize, msg: &[u8], from: SocketAddr, out: &mut [u8]) {
+    fn decapsulate(
+        &self,
+        p: &mut Peer,
+        g: usize,
+        msg: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+        merger: &mut Coalescer,
+    ) {
         let to = p.endpoint();
         let vtep = p.info.vtep;
         let tunn = &mut p.gens[g].tunn;
         // The Ethernet header run_rx wrote stays in front of what opens.
-        let body = &mut out[ETH_HDR_LEN..];
+        let body = &mut out[VNET_HDR_LEN + ETH_HDR_LEN..];
         match tunn.decapsulate(Some(from.ip()), msg, body) {
             TunnResult::WriteToNetwork(reply) => {
                 if !is_data(msg) {
@@ -431,18 +506,11 @@ impl Engine {
                     self.counters.drop(CryptoDrop::Spoofed);
                     return;
                 }
-                let frame = &out[..ETH_HDR_LEN + len];
-                // A TAP takes a frame per write, whole or not at all.
-                match self.tap.file().write_all(frame) {
-                    Ok(_) => {
-                        Counters::add(&self.counters.rx_packets, 1);
-                        Counters::add(&self.counters.rx_bytes, len as u64);
-                    }
-                    Err(e) => {
-                        log::debug!("write to {}: {e}", self.tap.name());
-                        self.counters.drop(CryptoDrop::IoError);
-                    }
-                }
+                Counters::add(&self.counters.rx_packets, 1);
+                Counters::add(&self.counters.rx_bytes, len as u64);
+                let frame = &mut out[..VNET_HDR_LEN + ETH_HDR_LEN + len];
+                let refused = merger.push(frame, &mut |f| self.write_frame(f));
+                self.refused(refused);
             }
             TunnResult::WriteToTunnelV6(..) => self.counters.drop(CryptoDrop::Spoofed),
             TunnResult::Done => {
@@ -454,6 +522,26 @@ impl Engine {
                 log::debug!("message from {from}: {e:?}");
                 self.counters.drop(classify(&e));
             }
+        }
+    }
+
+    /// Writes one frame (virtio-net header first) to the device; false if
+    /// it refused it.
+    fn write_frame(&self, frame: &[u8]) -> bool {
+        // A TAP takes a frame per write, whole or not at all.
+        match self.tap.file().write_all(frame) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("write to {}: {e}", self.tap.name());
+                false
+            }
+        }
+    }
+
+    /// Counts decrypted packets the device refused.
+    fn refused(&self, packets: usize) {
+        for _ in 0..packets {
+            self.counters.drop(CryptoDrop::IoError);
         }
     }
 

@@ -15,6 +15,7 @@ pub mod cli;
 mod engine;
 pub mod keys;
 pub mod metrics;
+mod offload;
 mod peers;
 pub mod stats;
 mod tap;
@@ -148,8 +149,8 @@ impl Crypto {
             log::info!("UDP GRO unavailable: WireGuard messages are received one by one");
         }
         let name = device_name(&opts.node);
-        // Frames never exceed what the underlay carries; leave room anyway
-        // so nothing the kernel hands over is cut.
+        // Wire frames fit the underlay, GSO super-packets reach 64 KiB: the
+        // largest MTU leaves room for both.
         let tap = Tap::create(&name, 65521)
             .with_context(|| format!("create the crypto device {name}"))?;
         let published = watch::channel(Published {
