@@ -140,22 +140,27 @@ mod tests {
     use crate::model::{ContainerSpec, NetworkSpec, State};
     use crate::store::etcd::codec::encode;
 
-    /// Network blue with endpoints c0..c{n} on node a, c0 also named "web".
+    /// Container `netns` of `node` on network blue, named `name` if given.
+    fn spec(node: &str, netns: &str, name: Option<&str>) -> ContainerSpec {
+        ContainerSpec {
+            network: "blue".into(),
+            node: node.into(),
+            netns: netns.into(),
+            name: name.map(str::to_owned),
+            ip: None,
+            owner: None,
+            subnet: None,
+        }
+    }
+
+    /// Network blue with endpoints c0..c{n} on node a, c0 named "web".
     fn blue(n: usize) -> State {
         let mut s = State::default();
         s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
             .unwrap();
         for i in 0..n {
-            s.add_container(ContainerSpec {
-                network: "blue".into(),
-                node: "a".into(),
-                netns: format!("c{i}"),
-                name: (i == 0).then(|| "web".to_owned()),
-                ip: None,
-                owner: None,
-                subnet: None,
-            })
-            .unwrap();
+            s.add_container(spec("a", &format!("c{i}"), (i == 0).then_some("web")))
+                .unwrap();
         }
         s
     }
@@ -224,17 +229,7 @@ mod tests {
         assert_eq!(state.addresses_elsewhere["blue"].len(), 50);
         // The model hands out the next free address, not a taken one.
         let mut after = state.clone();
-        let ep = after
-            .add_container(ContainerSpec {
-                network: "blue".into(),
-                node: "a".into(),
-                netns: "c50".into(),
-                name: None,
-                ip: None,
-                owner: None,
-                subnet: None,
-            })
-            .unwrap();
+        let ep = after.add_container(spec("a", "c50", None)).unwrap();
         assert_eq!(ep.ip, "198.18.0.52".parse::<std::net::Ipv4Addr>().unwrap());
     }
 
@@ -255,15 +250,7 @@ mod tests {
         let mut state = snap.state();
         assert_eq!(state.endpoints.len(), 1);
         let err = state
-            .add_container(ContainerSpec {
-                network: "blue".into(),
-                node: "b".into(),
-                netns: "x".into(),
-                name: Some("WEB".into()),
-                ip: None,
-                owner: None,
-                subnet: None,
-            })
+            .add_container(spec("b", "x", Some("WEB")))
             .unwrap_err();
         assert!(err.to_string().contains("web"), "{err}");
     }
