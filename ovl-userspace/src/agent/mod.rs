@@ -4,6 +4,7 @@
 //! and maps stay pinned when it exits, however it exits.
 
 mod gc;
+mod host_ends;
 mod ifindex;
 mod journal;
 mod reconcile;
@@ -160,6 +161,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         next_gc: None,
         crypto: None,
         ifindexes: ifindex::IfindexCache::default(),
+        host_ends: host_ends::HostEnds::default(),
     };
     let started = agent.take_over(&opts, &driver, store.as_deref()).await;
     if let Err(e) = started {
@@ -325,6 +327,8 @@ struct Agent {
     crypto: Option<crypto::Crypto>,
     /// Local veths' indexes, forgotten at every link notification.
     ifindexes: ifindex::IfindexCache,
+    /// Host ends of local veths whose offloads were checked.
+    host_ends: host_ends::HostEnds,
 }
 
 impl Agent {
@@ -436,6 +440,7 @@ impl Agent {
             &self.node,
             &self.underlay,
             &self.view,
+            &mut self.host_ends,
             &|name| ifindexes.get(name),
         )?;
         reconcile::remember(&mut self.memory, state, &self.node);
