@@ -41,6 +41,39 @@ pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     Ok(rx)
 }
 
+/// Notifications of what may change how this node reaches other VTEPs:
+/// IPv4 routes added or removed, and neighbour entries of the underlay
+/// device `underlay` (a new MAC, a new state, an entry gone). The agent's
+/// cue to empty the data path's next-hop cache.
+pub fn underlay_path_events(underlay: u32) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    use futures_util::StreamExt;
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        rtnetlink::MulticastGroup::Neigh,
+        rtnetlink::MulticastGroup::Ipv4Route,
+    ])
+    .context("subscribe to route and neighbour notifications")?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            let relevant = match &message.payload {
+                NetlinkPayload::InnerMessage(M::NewNeighbour(n) | M::DelNeighbour(n)) => {
+                    n.header.ifindex == underlay
+                }
+                NetlinkPayload::InnerMessage(M::NewRoute(_) | M::DelRoute(_)) => true,
+                // Anything else (an overrun included): look again to be safe.
+                _ => true,
+            };
+            if relevant && tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
 /// An rtnetlink handle bound to namespace `name`.
 pub fn connect_in(name: &str) -> Result<Handle> {
     let _inside = netns::enter(name)?;

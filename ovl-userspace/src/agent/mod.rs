@@ -387,6 +387,8 @@ impl Agent {
                 Err(e) => log::warn!("{e}; applying the store's state once it answers"),
             }
         }
+        // Routes and neighbours may have changed while no agent watched.
+        self.forget_next_hops("agent start");
         let adopted = self.dp.adopt_links()?;
         if !adopted.replaced.is_empty() {
             log::info!(
@@ -497,6 +499,9 @@ impl Agent {
         // one just after registering it; a deleted namespace takes its own
         // along): the kernel says when, nothing is polled.
         let mut links = netlink::link_events()?;
+        // The data path caches next hops to other VTEPs for at most a
+        // second; a changed route or neighbour empties the cache at once.
+        let mut paths = netlink::underlay_path_events(self.underlay.ifindex)?;
         let mut probe = tokio::time::interval(STORE_PROBE);
         // When the next store change may be applied (see APPLY_DUTY_FACTOR).
         let mut hold: Option<Instant> = None;
@@ -578,11 +583,26 @@ impl Agent {
                     self.reapply();
                     self.collect_abandoned(connected.as_ref()).await;
                 }
+                Some(()) = paths.recv() => {
+                    while paths.try_recv().is_ok() {}
+                    self.forget_next_hops("a route or underlay neighbour changed");
+                }
                 () = sleep_until(self.next_gc), if self.next_gc.is_some() => {
                     self.next_gc = None;
                     self.collect_abandoned(connected.as_ref()).await;
                 }
             }
+        }
+    }
+
+    /// Empties the data path's next-hop cache (`why` says what changed).
+    fn forget_next_hops(&mut self, why: &str) {
+        match self.dp.clear_next_hops() {
+            Ok(0) => {}
+            Ok(n) => log::debug!("{why}: forgot {n} cached next hop(s)"),
+            Err(e) => log::warn!(
+                "{why}, but the next-hop cache could not be emptied (entries expire within a second): {e:#}"
+            ),
         }
     }
 
