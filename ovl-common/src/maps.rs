@@ -234,7 +234,7 @@ pub struct NextHop {
     pub via: u32,
     /// The route's MTU (L3 bytes); larger packets take the FIB again.
     pub mtu: u32,
-    /// When the FIB answered (`bpf_ktime_get_ns`); older than
+    /// When the FIB answered (`bpf_ktime_get_coarse_ns`); older than
     /// [`NEXT_HOP_TTL_NS`](crate::wire::NEXT_HOP_TTL_NS) it is asked again.
     pub learned_ns: u64,
 }

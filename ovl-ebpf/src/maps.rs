@@ -151,7 +151,7 @@ pub fn set_path_mtu(vtep: [u8; 4], mtu: u32) {
 }
 
 /// The cached next hop to `vtep`, while it is fresh; `now` is
-/// `bpf_ktime_get_ns`.
+/// `bpf_ktime_get_coarse_ns`.
 #[inline(always)]
 pub fn next_hop(vtep: [u8; 4], now: u64) -> Option<NextHop> {
     // SAFETY: the value is copied out immediately.
