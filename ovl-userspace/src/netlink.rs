@@ -42,8 +42,8 @@ pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
 }
 
 /// Notifications of what may change how this node reaches other VTEPs:
-/// IPv4 routes added or removed, and neighbour entries of the underlay
-/// device `underlay` (a new MAC, a new state, an entry gone). The agent's
+/// IPv4 routes added or removed, and neighbours of the underlay device
+/// `underlay` that got another MAC, became unusable or went. The agent's
 /// cue to empty the data path's next-hop cache.
 pub fn underlay_path_events(underlay: u32) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     use futures_util::StreamExt;
@@ -57,10 +57,14 @@ pub fn underlay_path_events(underlay: u32) -> Result<tokio::sync::mpsc::Unbounde
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
+        let mut macs = NeighbourMacs::default();
         while let Some((message, _)) = messages.next().await {
             let relevant = match &message.payload {
-                NetlinkPayload::InnerMessage(M::NewNeighbour(n) | M::DelNeighbour(n)) => {
-                    n.header.ifindex == underlay
+                NetlinkPayload::InnerMessage(M::NewNeighbour(n)) => {
+                    n.header.ifindex == underlay && macs.moves_next_hop(n, false)
+                }
+                NetlinkPayload::InnerMessage(M::DelNeighbour(n)) => {
+                    n.header.ifindex == underlay && macs.moves_next_hop(n, true)
                 }
                 NetlinkPayload::InnerMessage(M::NewRoute(_) | M::DelRoute(_)) => true,
                 // Anything else (an overrun included): look again to be safe.
@@ -72,6 +76,53 @@ pub fn underlay_path_events(underlay: u32) -> Result<tokio::sync::mpsc::Unbounde
         }
     });
     Ok(rx)
+}
+
+/// The MAC each IPv4 neighbour of the underlay had at its last
+/// notification. Most notifications only move an entry between states
+/// (reachable, stale, delay, probe: every neighbour does so every few
+/// tens of seconds) and leave every next hop as it was.
+#[derive(Default)]
+struct NeighbourMacs(std::collections::HashMap<Ipv4Addr, Vec<u8>>);
+
+impl NeighbourMacs {
+    /// Whether the notification of `n` (`deleted` for RTM_DELNEIGH) may
+    /// change a next hop: an IPv4 neighbour gone, unusable, or with a MAC
+    /// other than the one last seen.
+    fn moves_next_hop(
+        &mut self,
+        n: &rtnetlink::packet_route::neighbour::NeighbourMessage,
+        deleted: bool,
+    ) -> bool {
+        use rtnetlink::packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute as A, NeighbourState as S,
+        };
+        let mut addr = None;
+        let mut mac = None;
+        for a in &n.attributes {
+            match a {
+                A::Destination(NeighbourAddress::Inet(ip)) => addr = Some(*ip),
+                A::LinkLayerAddress(m) => mac = Some(m),
+                _ => {}
+            }
+        }
+        let Some(addr) = addr else {
+            return false;
+        };
+        let usable = matches!(
+            n.header.state,
+            S::Reachable | S::Stale | S::Delay | S::Probe | S::Permanent | S::Noarp
+        );
+        match mac {
+            Some(mac) if usable && !deleted => {
+                self.0.insert(addr, mac.clone()).as_ref() != Some(mac)
+            }
+            _ => {
+                self.0.remove(&addr);
+                true
+            }
+        }
+    }
 }
 
 /// An rtnetlink handle bound to namespace `name`.
@@ -738,6 +789,41 @@ pub async fn clear_xdp(handle: &Handle, ifindex: u32) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn neighbour(
+        addr: Ipv4Addr,
+        mac: &[u8],
+        state: rtnetlink::packet_route::neighbour::NeighbourState,
+    ) -> rtnetlink::packet_route::neighbour::NeighbourMessage {
+        use rtnetlink::packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourMessage,
+        };
+        let mut n = NeighbourMessage::default();
+        n.header.state = state;
+        n.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)),
+            NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+        ];
+        n
+    }
+
+    #[test]
+    fn only_a_new_mac_or_a_lost_neighbour_moves_a_next_hop() {
+        use rtnetlink::packet_route::neighbour::NeighbourState as S;
+        let router = Ipv4Addr::new(192, 0, 2, 1);
+        let (old, new) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let mut macs = NeighbourMacs::default();
+        assert!(macs.moves_next_hop(&neighbour(router, &old, S::Reachable), false));
+        assert!(!macs.moves_next_hop(&neighbour(router, &old, S::Stale), false));
+        assert!(!macs.moves_next_hop(&neighbour(router, &old, S::Delay), false));
+        assert!(macs.moves_next_hop(&neighbour(router, &new, S::Reachable), false));
+        assert!(macs.moves_next_hop(&neighbour(router, &new, S::Failed), false));
+        assert!(macs.moves_next_hop(&neighbour(router, &new, S::Reachable), false));
+        assert!(macs.moves_next_hop(&neighbour(router, &new, S::Reachable), true));
+        let mut v6 = neighbour(router, &old, S::Reachable);
+        v6.attributes.remove(0);
+        assert!(!macs.moves_next_hop(&v6, false));
+    }
 
     #[test]
     fn tso_covers_every_tcp_segmentation_feature_the_kernel_names() {
