@@ -134,6 +134,53 @@ fn decap_delivers_vxlan_for_a_local_endpoint() -> Result<()> {
 }
 
 #[test]
+fn tc_decap_on_the_underlay_delivers_and_refuses_clear_vxlan_of_an_encrypted_network() -> Result<()>
+{
+    let mut f = fixture("gold-decap-ul")?;
+    // Frames arriving on the underlay itself (not the test-run device):
+    // the program knows they were not decrypted without asking the device
+    // map for the crypto device.
+    let on_underlay = skb_ctx(f.underlay_ifindex()?);
+    let input = vxlan_from(REMOTE_VTEP, VNI, &echo(C2, C1, mac_of(C1)));
+    let expected = echo(C2, C1, mac_of(C1));
+    let (action, out) = run(
+        &f,
+        programs::TC_DECAP,
+        &input,
+        Some(&on_underlay),
+        VNI,
+        |c| {
+            c.rx_packets += 1;
+            c.rx_bytes += expected.len() as u64;
+        },
+    )?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    ensure!(out == expected, "output\n{}", hex(&out));
+
+    f.datapath
+        .sync_networks(&std::collections::BTreeMap::from([(
+            VNI,
+            NetworkInfo {
+                mtu: OVERLAY_MTU,
+                flags: network_flags::ENCRYPTED,
+            },
+        )]))?;
+    let (action, _) = run(
+        &f,
+        programs::TC_DECAP,
+        &input,
+        Some(&on_underlay),
+        VNI,
+        |c| c.drops[DropReason::Unencrypted as usize] += 1,
+    )?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "clear VXLAN of an encrypted network: action {action}"
+    );
+    Ok(())
+}
+
+#[test]
 fn decap_drops_vxlan_from_unknown_vtep() -> Result<()> {
     let f = fixture("gold-spoof")?;
     let input = vxlan_from(Ipv4Addr::new(192, 0, 2, 66), VNI, &echo(C2, C1, mac_of(C1)));
