@@ -34,6 +34,12 @@ pub mod names {
     /// `LruHashMap<[u8; 4] VTEP, PathMtu>`: path MTUs to remote VTEPs that
     /// the underlay reported smaller than the link's.
     pub const PATH_MTU: &str = "OVL_PATH_MTU";
+    /// `LruHashMap<[u8; 4] VTEP, NextHop>`: how encapsulated packets to a
+    /// remote VTEP leave — device, our MAC, the next hop's MAC — as the
+    /// FIB said at most [`NEXT_HOP_TTL_NS`](crate::wire::NEXT_HOP_TTL_NS)
+    /// ago. Filled by the encapsulation program; the agent empties it when
+    /// the underlay's routes or neighbours change.
+    pub const NEXT_HOPS: &str = "OVL_NEXT_HOPS";
     /// `PerCpuHashMap<u32 VNI, VniCounters>`.
     pub const STATS: &str = "OVL_STATS";
     /// `PerCpuArray<UnderlayCounters>` with one entry.
@@ -49,8 +55,9 @@ pub mod names {
     /// fail closed.
     pub const CRYPTO: &str = "OVL_CRYPTO";
     /// Every map name ovl defines.
-    pub const ALL: [&str; 11] = [
-        CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, SUBNETS, PATH_MTU, STATS, GLOBAL, ABI, CRYPTO,
+    pub const ALL: [&str; 12] = [
+        CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, SUBNETS, PATH_MTU, NEXT_HOPS, STATS, GLOBAL,
+        ABI, CRYPTO,
     ];
 }
 
@@ -80,6 +87,8 @@ pub mod capacity {
     pub const SUBNETS: u32 = 16384;
     /// Remote VTEPs with a reported path MTU (least recently used go).
     pub const PATH_MTU: u32 = 16384;
+    /// Remote VTEPs with a cached next hop (least recently used go).
+    pub const NEXT_HOPS: u32 = 16384;
 }
 
 /// What the kernel programs know of a network; the value of `OVL_NETWORKS`.
@@ -210,6 +219,36 @@ pub struct PathMtu {
 }
 const _: () = assert!(core::mem::size_of::<PathMtu>() == 16);
 
+/// How encapsulated packets to one remote VTEP leave this node; the value
+/// of `OVL_NEXT_HOPS`, a cache of the FIB and neighbour tables.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NextHop {
+    /// The next hop's MAC (the VTEP's, or its router's).
+    pub dmac: [u8; 6],
+    /// This node's MAC on `ifindex`.
+    pub smac: [u8; 6],
+    /// The device packets leave by.
+    pub ifindex: u32,
+    /// A `next_hop_via` value.
+    pub via: u32,
+    /// The route's MTU (L3 bytes); larger packets take the FIB again.
+    pub mtu: u32,
+    /// When the FIB answered (`bpf_ktime_get_coarse_ns`); older than
+    /// [`NEXT_HOP_TTL_NS`](crate::wire::NEXT_HOP_TTL_NS) it is asked again.
+    pub learned_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 32);
+
+/// Values of [`NextHop::via`].
+pub mod next_hop_via {
+    /// Next hop and MACs known: straight out of `ifindex`.
+    pub const RESOLVED: u32 = 1;
+    /// The FIB helper refuses to work without IPv4 forwarding on the
+    /// underlay: the kernel routes and resolves each packet itself.
+    pub const KERNEL_ROUTED: u32 = 2;
+}
+
 /// This node's underlay identity; the single entry of `OVL_CONFIG`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -250,6 +289,7 @@ mod user {
     unsafe impl aya::Pod for super::Iface {}
     unsafe impl aya::Pod for super::SubnetInfo {}
     unsafe impl aya::Pod for super::PathMtu {}
+    unsafe impl aya::Pod for super::NextHop {}
 }
 
 #[cfg(test)]

@@ -66,6 +66,10 @@ pub const MIN_PATH_MTU: u32 = 552;
 /// How long a reported path MTU holds before larger packets are tried
 /// again, as Linux's `net.ipv4.route.mtu_expires` (600 s).
 pub const PATH_MTU_EXPIRY_NS: u64 = 600 * 1_000_000_000;
+/// How long encapsulation trusts a cached next hop (`OVL_NEXT_HOPS`)
+/// before it asks the FIB again: the bound on following a changed route or
+/// neighbour MAC when no agent runs to empty the cache at once.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 /// ARP opcode: request.
 pub const ARP_OP_REQUEST: u16 = 1;
 /// ARP opcode: reply.

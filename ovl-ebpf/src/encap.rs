@@ -1,6 +1,6 @@
 //! VXLAN encapsulation at TC (RFC 7348 §5): outer Ethernet / IPv4 / UDP
 //! (destination 4789) / VXLAN around the container's frame, next hop taken
-//! from the kernel's FIB and neighbour tables.
+//! from the kernel's FIB and neighbour tables through a per-VTEP cache.
 
 use core::mem;
 
@@ -11,17 +11,20 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, bpf_redir_neigh,
     },
-    helpers::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup, bpf_get_hash_recalc, bpf_ktime_get_coarse_ns, bpf_redirect,
+        bpf_redirect_neigh,
+    },
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 use ovl_common::{
-    DropReason, Endpoint, Iface, NodeConfig,
-    maps::{network_flags, vtep_flags},
+    DropReason, Endpoint, Iface, NextHop, NodeConfig,
+    maps::{network_flags, next_hop_via, vtep_flags},
     wire::{
         ENCAP_INSERT_LEN, ENCAP_OVERHEAD, ETH_HDR_LEN, ETH_P_IP, INNER_ETH_OFFSET, IPPROTO_TCP,
-        IPPROTO_UDP, IPV4_HDR_LEN, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I, WIREGUARD_OVERHEAD,
-        ipv4_checksum, vxlan_src_port,
+        IPPROTO_UDP, IPV4_HDR_LEN, MIN_PATH_MTU, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I,
+        WIREGUARD_OVERHEAD, ipv4_checksum, vxlan_src_port,
     },
 };
 
@@ -109,7 +112,11 @@ pub fn to_remote(
             // A router on the way reported a smaller path MTU (RFC 1191):
             // tell the sender, as a router on its path would, unless it
             // allows fragmenting.
-            if let Some(path_mtu) = maps::path_mtu(dst.vtep)
+            // Every recorded path MTU is at least MIN_PATH_MTU
+            // (set_path_mtu raises smaller reports), so small packets
+            // skip the lookup.
+            if outer_len > MIN_PATH_MTU
+                && let Some(path_mtu) = maps::path_mtu(dst.vtep)
                 && outer_len > path_mtu
             {
                 if u16::from_be_bytes(inner_ip.frags) & IPV4_DF == 0 {
@@ -218,6 +225,22 @@ enum Via {
 }
 
 impl Route {
+    /// The way a cached (or just learned) next hop says.
+    #[inline(always)]
+    fn cached(hop: &NextHop) -> Route {
+        Route {
+            how: if hop.via == next_hop_via::RESOLVED {
+                Via::Resolved
+            } else {
+                Via::KernelRouted
+            },
+            ifindex: hop.ifindex,
+            smac: hop.smac,
+            dmac: hop.dmac,
+            next_hop: 0,
+        }
+    }
+
     /// Straight to a local device that takes any MAC (the crypto device).
     #[inline(always)]
     fn device(ifindex: u32) -> Route {
@@ -254,14 +277,38 @@ impl Route {
     }
 }
 
-/// Routes an underlay packet of `outer_len` bytes from this VTEP to `vtep`
-/// through the kernel FIB, which also checks the route's MTU.
+/// Routes an underlay packet of `outer_len` bytes from this VTEP to `vtep`:
+/// from the next-hop cache while its entry is fresh and the packet fits
+/// the route's MTU, else through the kernel FIB (which fills the cache).
 #[inline(always)]
 fn route_to(
     ctx: &TcContext,
     node: &NodeConfig,
     vtep: [u8; 4],
     outer_len: u32,
+) -> Result<Route, DropReason> {
+    // The coarse clock (the last tick's time) is plenty for a one-second
+    // lifetime, and reads no clock source: bpf_ktime_get_ns cost ~9 % of
+    // the program's time in a VM (read_tsc).
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if let Some(hop) = maps::next_hop(vtep, now)
+        && outer_len <= hop.mtu
+    {
+        return Ok(Route::cached(&hop));
+    }
+    fib_route(ctx, node, vtep, outer_len, now)
+}
+
+/// Asks the kernel FIB (and neighbour table) for the route to `vtep`, which
+/// also checks the route's MTU, and caches what it learned at `now`.
+#[inline(always)]
+fn fib_route(
+    ctx: &TcContext,
+    node: &NodeConfig,
+    vtep: [u8; 4],
+    outer_len: u32,
+    now: u64,
 ) -> Result<Route, DropReason> {
     // The FIB checks the route's MTU too (it skips that check where
     // forwarding is off).
@@ -284,34 +331,55 @@ fn route_to(
     };
     // SAFETY: the kernel wrote the union members it documents for IPv4.
     let next_hop = unsafe { fib.__bindgen_anon_4.ipv4_dst };
-    let how = match rc {
-        r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Via::Resolved,
-        r if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 => Via::Unresolved,
-        r if r == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 => Via::KernelRouted,
+    match rc {
+        r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => {
+            let hop = NextHop {
+                dmac: fib.dmac,
+                smac: fib.smac,
+                ifindex: fib.ifindex,
+                via: next_hop_via::RESOLVED,
+                // SAFETY: on success the kernel writes the route's MTU
+                // over tot_len (bpf_fib_set_fwd_params).
+                mtu: u32::from(unsafe { fib.__bindgen_anon_1.mtu_result }),
+                learned_ns: now,
+            };
+            maps::set_next_hop(vtep, &hop);
+            Ok(Route::cached(&hop))
+        }
+        r if r == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 => {
+            let hop = NextHop {
+                dmac: [0; 6],
+                smac: [0; 6],
+                ifindex: node.underlay_ifindex,
+                via: next_hop_via::KERNEL_ROUTED,
+                // The kernel's routing checks the MTU after the program.
+                mtu: u32::MAX,
+                learned_ns: now,
+            };
+            maps::set_next_hop(vtep, &hop);
+            Ok(Route::cached(&hop))
+        }
+        // Not cached: the neighbour subsystem resolves it meanwhile.
+        r if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 => Ok(Route {
+            how: Via::Unresolved,
+            ifindex: fib.ifindex,
+            // Unresolved routes get their MACs from the neighbour
+            // subsystem; zeros are fine meanwhile (only a multicast
+            // destination is refused).
+            smac: [0; 6],
+            dmac: [0; 6],
+            next_hop,
+        }),
         r if r == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 => {
             // The route (or the kernel's own path MTU cache) is smaller:
             // remembered, so the next packet's sender is told.
             // SAFETY: on FRAG_NEEDED the kernel wrote the MTU in the union.
             let mtu = u32::from(unsafe { fib.__bindgen_anon_1.mtu_result });
             maps::set_path_mtu(vtep, mtu);
-            return Err(DropReason::TooBig);
+            Err(DropReason::TooBig)
         }
-        _ => return Err(DropReason::NoRoute),
-    };
-    let resolved = how == Via::Resolved;
-    Ok(Route {
-        how,
-        ifindex: if how == Via::KernelRouted {
-            node.underlay_ifindex
-        } else {
-            fib.ifindex
-        },
-        // Unresolved routes get their MACs from the neighbour subsystem;
-        // zeros are fine meanwhile (only a multicast destination is refused).
-        smac: if resolved { fib.smac } else { [0; 6] },
-        dmac: if resolved { fib.dmac } else { [0; 6] },
-        next_hop,
-    })
+        _ => Err(DropReason::NoRoute),
+    }
 }
 
 #[inline(always)]

@@ -11,10 +11,10 @@ use aya_ebpf::{
     },
 };
 use ovl_common::{
-    Endpoint, Iface, NetworkInfo, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters, VniAddr,
-    VniCounters,
+    Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters,
+    VniAddr, VniCounters,
     maps::{CRYPTO_DEVICE, capacity, subnet_key_bits},
-    wire::{MIN_PATH_MTU, PATH_MTU_EXPIRY_NS},
+    wire::{MIN_PATH_MTU, NEXT_HOP_TTL_NS, PATH_MTU_EXPIRY_NS},
 };
 
 /// This node's underlay identity (one entry).
@@ -47,6 +47,10 @@ pub static SUBNETS: LpmTrie<VniAddr, SubnetInfo> = LpmTrie::pinned(capacity::SUB
 /// Remote VTEP → the path MTU the underlay reported for it.
 #[map(name = "OVL_PATH_MTU")]
 pub static PATH_MTU: LruHashMap<[u8; 4], PathMtu> = LruHashMap::pinned(capacity::PATH_MTU, 0);
+
+/// Remote VTEP → how packets to it leave, as the FIB last said.
+#[map(name = "OVL_NEXT_HOPS")]
+pub static NEXT_HOPS: LruHashMap<[u8; 4], NextHop> = LruHashMap::pinned(capacity::NEXT_HOPS, 0);
 
 /// Per-VNI, per-CPU counters. Entries are created by the agent.
 #[map(name = "OVL_STATS")]
@@ -144,6 +148,23 @@ pub fn set_path_mtu(vtep: [u8; 4], mtu: u32) {
     };
     // A full LRU map evicts the oldest entry; an error only loses a report.
     let _ = PATH_MTU.insert(vtep, entry, 0);
+}
+
+/// The cached next hop to `vtep`, while it is fresh; `now` is
+/// `bpf_ktime_get_coarse_ns`.
+#[inline(always)]
+pub fn next_hop(vtep: [u8; 4], now: u64) -> Option<NextHop> {
+    // SAFETY: the value is copied out immediately.
+    let hop = unsafe { NEXT_HOPS.get(vtep).copied() }?;
+    (now.wrapping_sub(hop.learned_ns) < NEXT_HOP_TTL_NS).then_some(hop)
+}
+
+/// Caches the next hop to `vtep`.
+#[inline(always)]
+pub fn set_next_hop(vtep: [u8; 4], hop: &NextHop) {
+    // A full LRU map evicts the oldest entry; an error only costs the next
+    // packet another FIB lookup.
+    let _ = NEXT_HOPS.insert(vtep, hop, 0);
 }
 
 /// Interface index of the crypto device, while there is one.

@@ -41,6 +41,90 @@ pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     Ok(rx)
 }
 
+/// Notifications of what may change how this node reaches other VTEPs:
+/// IPv4 routes added or removed, and neighbours of the underlay device
+/// `underlay` that got another MAC, became unusable or went. The agent's
+/// cue to empty the data path's next-hop cache.
+pub fn underlay_path_events(underlay: u32) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+    use futures_util::StreamExt;
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::RouteNetlinkMessage as M;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        rtnetlink::MulticastGroup::Neigh,
+        rtnetlink::MulticastGroup::Ipv4Route,
+    ])
+    .context("subscribe to route and neighbour notifications")?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut macs = NeighbourMacs::default();
+        while let Some((message, _)) = messages.next().await {
+            let relevant = match &message.payload {
+                NetlinkPayload::InnerMessage(M::NewNeighbour(n)) => {
+                    n.header.ifindex == underlay && macs.moves_next_hop(n, false)
+                }
+                NetlinkPayload::InnerMessage(M::DelNeighbour(n)) => {
+                    n.header.ifindex == underlay && macs.moves_next_hop(n, true)
+                }
+                NetlinkPayload::InnerMessage(M::NewRoute(_) | M::DelRoute(_)) => true,
+                // Anything else (an overrun included): look again to be safe.
+                _ => true,
+            };
+            if relevant && tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The MAC each IPv4 neighbour of the underlay had at its last
+/// notification. Most notifications only move an entry between states
+/// (reachable, stale, delay, probe: every neighbour does so every few
+/// tens of seconds) and leave every next hop as it was.
+#[derive(Default)]
+struct NeighbourMacs(std::collections::HashMap<Ipv4Addr, Vec<u8>>);
+
+impl NeighbourMacs {
+    /// Whether the notification of `n` (`deleted` for RTM_DELNEIGH) may
+    /// change a next hop: an IPv4 neighbour gone, unusable, or with a MAC
+    /// other than the one last seen.
+    fn moves_next_hop(
+        &mut self,
+        n: &rtnetlink::packet_route::neighbour::NeighbourMessage,
+        deleted: bool,
+    ) -> bool {
+        use rtnetlink::packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute as A, NeighbourState as S,
+        };
+        let mut addr = None;
+        let mut mac = None;
+        for a in &n.attributes {
+            match a {
+                A::Destination(NeighbourAddress::Inet(ip)) => addr = Some(*ip),
+                A::LinkLayerAddress(m) => mac = Some(m),
+                _ => {}
+            }
+        }
+        let Some(addr) = addr else {
+            return false;
+        };
+        let usable = matches!(
+            n.header.state,
+            S::Reachable | S::Stale | S::Delay | S::Probe | S::Permanent | S::Noarp
+        );
+        match mac {
+            Some(mac) if usable && !deleted => {
+                self.0.insert(addr, mac.clone()).as_ref() != Some(mac)
+            }
+            _ => {
+                self.0.remove(&addr);
+                true
+            }
+        }
+    }
+}
+
 /// An rtnetlink handle bound to namespace `name`.
 pub fn connect_in(name: &str) -> Result<Handle> {
     let _inside = netns::enter(name)?;
@@ -516,8 +600,14 @@ pub fn disable_ipv6(ifname: &str) -> Result<()> {
 
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 const ETHTOOL_GDRVINFO: u32 = 0x3;
-const ETHTOOL_STSO: u32 = 0x1f;
+const ETHTOOL_GSTRINGS: u32 = 0x1b;
 const ETHTOOL_SGRO: u32 = 0x2c;
+const ETHTOOL_GSSET_INFO: u32 = 0x37;
+const ETHTOOL_GFEATURES: u32 = 0x3a;
+const ETHTOOL_SFEATURES: u32 = 0x3b;
+/// The string set of netdev feature names.
+const ETH_SS_FEATURES: u32 = 4;
+const ETH_GSTRING_LEN: usize = 32;
 
 #[repr(C)]
 struct EthtoolValue {
@@ -573,14 +663,89 @@ pub fn set_gro(ifname: &str, on: bool) -> Result<()> {
     ethtool(ifname, (&raw mut v).cast()).with_context(|| format!("set GRO on {ifname}"))
 }
 
-/// Switches TCP segmentation offload (every TSO feature) of `ifname` on
-/// or off.
+/// Switches TCP segmentation offload of `ifname` on or off: every
+/// `tx-tcp*-segmentation` feature, as `ethtool -K IFACE tso on|off` does.
+/// (`ETHTOOL_STSO` leaves `tx-tcp-accecn-segmentation` alone, and
+/// `ethtool -k` then still reads "tcp-segmentation-offload: on".)
 pub fn set_tso(ifname: &str, on: bool) -> Result<()> {
-    let mut v = EthtoolValue {
-        cmd: ETHTOOL_STSO,
-        data: u32::from(on),
-    };
-    ethtool(ifname, (&raw mut v).cast()).with_context(|| format!("set TSO on {ifname}"))
+    let tso = tso_feature_bits(ifname)?;
+    set_features(ifname, &tso, on).with_context(|| format!("set TSO on {ifname}"))
+}
+
+/// Whether any TCP segmentation offload feature of `ifname` is on.
+pub fn tso(ifname: &str) -> Result<bool> {
+    let tso = tso_feature_bits(ifname)?;
+    let active = active_features(ifname, tso.len())
+        .with_context(|| format!("read the features of {ifname}"))?;
+    Ok(tso.iter().zip(&active).any(|(want, on)| want & on != 0))
+}
+
+/// The feature bitmap (32-bit words) with a bit for every
+/// `tx-tcp*-segmentation` feature of `ifname`'s kernel.
+fn tso_feature_bits(ifname: &str) -> Result<Vec<u32>> {
+    let names = feature_names(ifname).with_context(|| format!("list the features of {ifname}"))?;
+    let mut bits = vec![0u32; names.len().div_ceil(32)];
+    for (i, name) in names.iter().enumerate() {
+        if name.starts_with("tx-tcp") && name.ends_with("-segmentation") {
+            bits[i / 32] |= 1 << (i % 32);
+        }
+    }
+    if bits.iter().all(|w| *w == 0) {
+        bail!("{ifname}'s kernel names no tx-tcp*-segmentation feature");
+    }
+    Ok(bits)
+}
+
+/// The names of the kernel's netdev features, in bit order
+/// (`ETH_SS_FEATURES`).
+fn feature_names(ifname: &str) -> std::io::Result<Vec<String>> {
+    // struct ethtool_sset_info with one data word.
+    let mut info = [0u32; 5];
+    info[0] = ETHTOOL_GSSET_INFO;
+    // sset_mask: a u64 at offset 8.
+    let mask = (1u64 << ETH_SS_FEATURES).to_ne_bytes();
+    info[2] = u32::from_ne_bytes([mask[0], mask[1], mask[2], mask[3]]);
+    info[3] = u32::from_ne_bytes([mask[4], mask[5], mask[6], mask[7]]);
+    ethtool(ifname, info.as_mut_ptr().cast())?;
+    let count = info[4] as usize;
+    // struct ethtool_gstrings: cmd, string_set, len, then len strings.
+    let mut buf = vec![0u32; 3 + count * ETH_GSTRING_LEN / 4];
+    buf[0] = ETHTOOL_GSTRINGS;
+    buf[1] = ETH_SS_FEATURES;
+    buf[2] = count as u32;
+    ethtool(ifname, buf.as_mut_ptr().cast())?;
+    let bytes: Vec<u8> = buf[3..].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    Ok(bytes
+        .chunks(ETH_GSTRING_LEN)
+        .map(|s| {
+            let end = s.iter().position(|b| *b == 0).unwrap_or(s.len());
+            String::from_utf8_lossy(&s[..end]).into_owned()
+        })
+        .collect())
+}
+
+/// `ifname`'s active features, `words` 32-bit words of them.
+fn active_features(ifname: &str, words: usize) -> std::io::Result<Vec<u32>> {
+    // struct ethtool_gfeatures: cmd, size, then per word {available,
+    // requested, active, never_changed}.
+    let mut buf = vec![0u32; 2 + 4 * words];
+    buf[0] = ETHTOOL_GFEATURES;
+    buf[1] = words as u32;
+    ethtool(ifname, buf.as_mut_ptr().cast())?;
+    Ok(buf[2..].chunks(4).map(|b| b[2]).collect())
+}
+
+/// Requests the features in `mask` on or off.
+fn set_features(ifname: &str, mask: &[u32], on: bool) -> std::io::Result<()> {
+    // struct ethtool_sfeatures: cmd, size, then per word {valid, requested}.
+    let mut buf = vec![0u32; 2 + 2 * mask.len()];
+    buf[0] = ETHTOOL_SFEATURES;
+    buf[1] = mask.len() as u32;
+    for (i, word) in mask.iter().enumerate() {
+        buf[2 + 2 * i] = *word;
+        buf[3 + 2 * i] = if on { *word } else { 0 };
+    }
+    ethtool(ifname, buf.as_mut_ptr().cast())
 }
 
 /// Kernel driver behind `ifname` ("veth", "virtio_net", ...).
@@ -619,4 +784,60 @@ pub async fn clear_xdp(handle: &Handle, ifindex: u32) -> Result<bool> {
         .await
         .context("detach XDP")?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn neighbour(
+        addr: Ipv4Addr,
+        mac: &[u8],
+        state: rtnetlink::packet_route::neighbour::NeighbourState,
+    ) -> rtnetlink::packet_route::neighbour::NeighbourMessage {
+        use rtnetlink::packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourMessage,
+        };
+        let mut n = NeighbourMessage::default();
+        n.header.state = state;
+        n.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)),
+            NeighbourAttribute::LinkLayerAddress(mac.to_vec()),
+        ];
+        n
+    }
+
+    #[test]
+    fn only_a_new_mac_or_a_lost_neighbour_moves_a_next_hop() {
+        use rtnetlink::packet_route::neighbour::NeighbourState as S;
+        let router = Ipv4Addr::new(192, 0, 2, 1);
+        let (old, new) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let mut macs = NeighbourMacs::default();
+        assert!(macs.moves_next_hop(&neighbour(router, &old, S::Reachable), false));
+        assert!(!macs.moves_next_hop(&neighbour(router, &old, S::Stale), false));
+        assert!(!macs.moves_next_hop(&neighbour(router, &old, S::Delay), false));
+        assert!(macs.moves_next_hop(&neighbour(router, &new, S::Reachable), false));
+        assert!(macs.moves_next_hop(&neighbour(router, &new, S::Failed), false));
+        assert!(macs.moves_next_hop(&neighbour(router, &new, S::Reachable), false));
+        assert!(macs.moves_next_hop(&neighbour(router, &new, S::Reachable), true));
+        let mut v6 = neighbour(router, &old, S::Reachable);
+        v6.attributes.remove(0);
+        assert!(!macs.moves_next_hop(&v6, false));
+    }
+
+    #[test]
+    fn tso_covers_every_tcp_segmentation_feature_the_kernel_names() {
+        let names = feature_names("lo").expect("every namespace has lo");
+        let bits = tso_feature_bits("lo").expect("lo has TSO features");
+        let covered: Vec<&str> = names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| bits[i / 32] & (1 << (i % 32)) != 0)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert!(covered.contains(&"tx-tcp-segmentation"), "{covered:?}");
+        assert!(covered.contains(&"tx-tcp6-segmentation"), "{covered:?}");
+        assert!(covered.iter().all(|n| n.ends_with("-segmentation")));
+        assert!(!covered.contains(&"tx-udp-segmentation"), "{covered:?}");
+    }
 }

@@ -13,9 +13,10 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result, ensure};
 use ovl_common::wire::{ANYCAST_GATEWAY_MAC as GW_MAC, ETH_P_IP, IPPROTO_UDP};
 use ovl_common::{
-    DropReason, NetworkInfo, VniCounters,
+    DropReason, NetworkInfo, NextHop, VniCounters,
     counters::UNATTRIBUTED_VNI,
-    maps::{names, network_flags, programs},
+    maps::{names, network_flags, next_hop_via, programs},
+    wire::NEXT_HOP_TTL_NS,
 };
 use ovl_userspace::datapath;
 use testbed::{
@@ -129,6 +130,53 @@ fn decap_delivers_vxlan_for_a_local_endpoint() -> Result<()> {
             hex(&expected)
         );
     }
+    Ok(())
+}
+
+#[test]
+fn tc_decap_on_the_underlay_delivers_and_refuses_clear_vxlan_of_an_encrypted_network() -> Result<()>
+{
+    let mut f = fixture("gold-decap-ul")?;
+    // Frames arriving on the underlay itself (not the test-run device):
+    // the program knows they were not decrypted without asking the device
+    // map for the crypto device.
+    let on_underlay = skb_ctx(f.underlay_ifindex()?);
+    let input = vxlan_from(REMOTE_VTEP, VNI, &echo(C2, C1, mac_of(C1)));
+    let expected = echo(C2, C1, mac_of(C1));
+    let (action, out) = run(
+        &f,
+        programs::TC_DECAP,
+        &input,
+        Some(&on_underlay),
+        VNI,
+        |c| {
+            c.rx_packets += 1;
+            c.rx_bytes += expected.len() as u64;
+        },
+    )?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    ensure!(out == expected, "output\n{}", hex(&out));
+
+    f.datapath
+        .sync_networks(&std::collections::BTreeMap::from([(
+            VNI,
+            NetworkInfo {
+                mtu: OVERLAY_MTU,
+                flags: network_flags::ENCRYPTED,
+            },
+        )]))?;
+    let (action, _) = run(
+        &f,
+        programs::TC_DECAP,
+        &input,
+        Some(&on_underlay),
+        VNI,
+        |c| c.drops[DropReason::Unencrypted as usize] += 1,
+    )?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "clear VXLAN of an encrypted network: action {action}"
+    );
     Ok(())
 }
 
@@ -711,6 +759,134 @@ fn decap_learns_the_path_mtu_and_encap_answers_larger_packets_with_frag_needed()
     no_df[24..26].copy_from_slice(&c.to_be_bytes());
     let (action, _) = egress(&f, &no_df, |c| c.drops[DropReason::TooBig as usize] += 1)?;
     ensure!(action == TC_ACT_SHOT, "no DF: action {action}");
+    Ok(())
+}
+
+/// Encapsulates `inner` (from C1) and returns the output frame, checking
+/// it was redirected and counted.
+fn encap(f: &Fixture, inner: &[u8]) -> Result<Vec<u8>> {
+    let (action, out) = egress(f, inner, |c| {
+        c.tx_packets += 1;
+        c.tx_bytes += inner.len() as u64;
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "action {action}");
+    Ok(out)
+}
+
+/// The next-hop cache's entry for the remote VTEP, if any.
+fn cached_hop(f: &Fixture) -> Result<Option<NextHop>> {
+    Ok(datapath::read_next_hops(f.pin_dir())?
+        .into_iter()
+        .find(|(vtep, _)| *vtep == REMOTE_VTEP.octets())
+        .map(|(_, hop)| hop))
+}
+
+#[test]
+fn encap_caches_the_next_hop_and_sends_the_same_frame_from_the_cache() -> Result<()> {
+    let f = fixture("gold-hop-cache")?;
+    ensure!(
+        cached_hop(&f)?.is_none(),
+        "a next hop cached before any packet"
+    );
+    let inner = echo(C1, C2, mac_of(C2));
+    let from_fib = encap(&f, &inner)?;
+    let hop = cached_hop(&f)?.context("the FIB's answer was not cached")?;
+    ensure!(
+        hop.dmac == GATEWAY_MAC
+            && hop.smac == UNDERLAY_MAC
+            && hop.ifindex == f.underlay_ifindex()?
+            && hop.via == next_hop_via::RESOLVED
+            && hop.mtu == 1500
+            && hop.learned_ns != 0,
+        "cached {hop:?}"
+    );
+    let from_cache = encap(&f, &inner)?;
+    ensure!(
+        from_cache == from_fib,
+        "from the cache\n{}\nfrom the FIB\n{}",
+        hex(&from_cache),
+        hex(&from_fib)
+    );
+    ensure!(
+        cached_hop(&f)? == Some(hop),
+        "a fresh entry was looked up again"
+    );
+    Ok(())
+}
+
+#[test]
+fn encap_without_forwarding_caches_that_the_kernel_routes() -> Result<()> {
+    let f = Fixture::new("gold-hop-kernel")?;
+    f.set_forwarding(false)?;
+    let inner = echo(C1, C2, mac_of(C2));
+    let out = encap(&f, &inner)?;
+    let hop = cached_hop(&f)?.context("nothing cached")?;
+    ensure!(
+        hop.via == next_hop_via::KERNEL_ROUTED && hop.ifindex == f.underlay_ifindex()?,
+        "cached {hop:?}"
+    );
+    // The kernel writes the MACs as it routes the packet after the program.
+    ensure!(out[0..12] == [0; 12], "outer MACs\n{}", hex(&out[..14]));
+    ensure!(out[50..] == inner[..], "inner frame changed");
+    let again = encap(&f, &inner)?;
+    ensure!(again == out, "from the cache\n{}", hex(&again));
+    Ok(())
+}
+
+#[test]
+fn encap_follows_a_changed_neighbour_mac_once_the_cache_is_emptied_or_expires() -> Result<()> {
+    let mut f = fixture("gold-hop-neigh")?;
+    let inner = echo(C1, C2, mac_of(C2));
+    ensure!(encap(&f, &inner)?[0..6] == GATEWAY_MAC, "first frame");
+    let moved = [0x02, 0, 0, 0, 0, 0x99];
+    f.set_gateway_mac(moved)?;
+    // The agent empties the cache when the kernel reports the change.
+    ensure!(f.datapath.clear_next_hops()? == 1, "one entry cached");
+    let out = encap(&f, &inner)?;
+    ensure!(out[0..6] == moved, "after emptying\n{}", hex(&out[..14]));
+
+    // Without an agent the entry expires: after at most NEXT_HOP_TTL_NS the
+    // FIB is asked again.
+    f.set_gateway_mac(GATEWAY_MAC)?;
+    let changed = std::time::Instant::now();
+    let limit = std::time::Duration::from_nanos(NEXT_HOP_TTL_NS) * 3;
+    loop {
+        let out = encap(&f, &inner)?;
+        if out[0..6] == GATEWAY_MAC {
+            break;
+        }
+        ensure!(out[0..6] == moved, "neither MAC\n{}", hex(&out[..14]));
+        ensure!(
+            changed.elapsed() < limit,
+            "still the old MAC {:?} after the change",
+            changed.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn encap_asks_the_fib_for_a_packet_larger_than_the_cached_route_mtu() -> Result<()> {
+    let f = fixture("gold-hop-mtu")?;
+    f.set_route_mtu(1400)?;
+    let small = echo_ttl(C1, C2, mac_of(C2), 64, 100);
+    encap(&f, &small)?;
+    let hop = cached_hop(&f)?.context("nothing cached")?;
+    ensure!(hop.mtu == 1400, "cached {hop:?}");
+    // 1351 bytes of IPv4 are 1401 with VXLAN: the FIB refuses it and the
+    // route's MTU becomes the VTEP's path MTU.
+    let big = echo_ttl(C1, C2, mac_of(C2), 64, 1351 - 28);
+    let (action, _) = egress(&f, &big, |c| c.drops[DropReason::TooBig as usize] += 1)?;
+    ensure!(action == TC_ACT_SHOT, "oversize: action {action}");
+    let learned = datapath::read_path_mtus(f.pin_dir())?;
+    ensure!(
+        learned.len() == 1 && learned[0].1.mtu == 1400,
+        "learned {learned:?}"
+    );
+    // One that fits still leaves from the cache.
+    let fits = echo_ttl(C1, C2, mac_of(C2), 64, 1350 - 28);
+    encap(&f, &fits)?;
     Ok(())
 }
 

@@ -74,6 +74,40 @@ pub fn dump_endpoints(pin_dir: &Path) -> Result<BTreeMap<(u32, Ipv4Addr), MapEnd
     Ok(map)
 }
 
+/// The next-hop cache's pin name (`ovl_common::maps::names::NEXT_HOPS`).
+pub const NEXT_HOPS_MAP: &str = "OVL_NEXT_HOPS";
+
+/// The MAC of the next hop each remote VTEP's packets go to, from the
+/// next-hop cache pinned in `pin_dir` (layout of `ovl_common::NextHop`:
+/// `dmac` is its first six bytes). An entry the kernel routes itself has
+/// an all-zero MAC.
+pub fn dump_next_hops(pin_dir: &Path) -> Result<BTreeMap<Ipv4Addr, MacAddr>> {
+    let pin = pin_dir.join(NEXT_HOPS_MAP);
+    let pin_text = pin.to_string_lossy().into_owned();
+    let out = cmd::run(&["bpftool", "-j", "map", "dump", "pinned", &pin_text])?;
+    let dump: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("bpftool dump of {pin_text} is not JSON"))?;
+    let entries = dump
+        .as_array()
+        .with_context(|| format!("bpftool dump of {pin_text} is not a list: {dump}"))?;
+    let mut map = BTreeMap::new();
+    for entry in entries {
+        let key = bytes(&entry["key"]).with_context(|| format!("key of {entry}"))?;
+        let value = bytes(&entry["value"]).with_context(|| format!("value of {entry}"))?;
+        ensure!(
+            key.len() == 4 && value.len() == 32,
+            "unexpected sizes (key {}, value {}) in {entry}",
+            key.len(),
+            value.len()
+        );
+        map.insert(
+            Ipv4Addr::new(key[0], key[1], key[2], key[3]),
+            MacAddr([value[0], value[1], value[2], value[3], value[4], value[5]]),
+        );
+    }
+    Ok(map)
+}
+
 /// `["0x1f", "0x00", ...]` as bytes.
 fn bytes(v: &Value) -> Result<Vec<u8>> {
     let Some(items) = v.as_array() else {

@@ -2,7 +2,8 @@
 //! while the agent is killed, kept down, restarted, stopped and upgraded
 //! to different programs; a TCP stream never stalls across a restart; what
 //! changed in the store meanwhile is applied within a second of its
-//! return; a second agent for the node is refused without harm.
+//! return; a second agent for the node is refused without harm; veths an
+//! older agent made get the offload settings of this one.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -189,6 +190,64 @@ fn containers_that_came_and_went_while_the_agent_was_down_are_forwarded_within_a
         Ok(!a.keys().chain(b.keys()).any(|(_, ip)| *ip == ip1))
     })
     .context("c1 still in a map 1 s after A's agent returned")?;
+    world.stop()
+}
+
+/// Whether `ethtool -k` reads TCP segmentation offload on for `iface`.
+fn tso_on(ns: &ovl_tests::Netns, iface: &str) -> Result<bool> {
+    let out = ns.exec(&["ethtool", "-k", iface])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("tcp-segmentation-offload:"))
+        .with_context(|| format!("no TSO line in ethtool -k {iface}:\n{text}"))?;
+    Ok(line.contains(": on"))
+}
+
+#[test]
+fn a_container_veth_left_with_tso_on_by_an_older_agent_gets_it_off_when_the_agent_starts()
+-> Result<()> {
+    let lab = Lab::new("lc-tso")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].netns.clone();
+    let Pair { c1, c2, ip1, .. } = world.connected_pair(&lab, "uber-net")?;
+    let net = world.inspect(0, "uber-net")?;
+    let end = net["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .find(|e| e["location"]["netns"] == c1.name())
+        .and_then(|e| e["location"]["host_ifname"].as_str())
+        .with_context(|| format!("no host end for {} in {net}", c1.name()))?
+        .to_owned();
+    ensure!(!tso_on(&host_a, &end)?, "{end} was made with TSO on");
+
+    // What an agent before the GRO change left: the host end with TSO on.
+    world.terminate_agent(0)?;
+    host_a.exec(&["ethtool", "-K", &end, "tso", "on"])?;
+    ensure!(tso_on(&host_a, &end)?, "ethtool did not turn TSO on");
+    world.restart_agent(&lab, 0, &[])?;
+    world.agents[0].wait_in_step()?;
+    wait_until(Duration::from_secs(5), || Ok(!tso_on(&host_a, &end)?))
+        .with_context(|| format!("{end} keeps TSO on:\n{}", world.agents[0].output_report()))?;
+    let log = world.agents[0].log()?;
+    ensure!(
+        log.contains(&format!("turned TSO off on {end}")),
+        "the agent did not say it changed {end}:\n{log}"
+    );
+    let r = ping(&c2, ip1, 3, &["-i", "0.1", "-W", "1"])?;
+    ensure!(r.all_received(), "B to A after the change:\n{}", r.output);
+
+    // Idempotent: a veth already in line is left alone, and said nothing of.
+    world.terminate_agent(0)?;
+    world.restart_agent(&lab, 0, &[])?;
+    world.agents[0].wait_in_step()?;
+    ensure!(!tso_on(&host_a, &end)?, "{end} has TSO on again");
+    let log = world.agents[0].log()?;
+    ensure!(
+        !log.contains("turned TSO off"),
+        "a restart with nothing to change changed something:\n{log}"
+    );
     world.stop()
 }
 

@@ -26,7 +26,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use ovl_common::maps::programs;
+use aya::maps::{HashMap, Map, MapData};
+use ovl_common::NextHop;
+use ovl_common::maps::{names, programs};
 use ovl_common::wire::{ENCAP_OVERHEAD, ETH_P_IP, IPPROTO_UDP};
 use serde_json::{Value, json};
 
@@ -55,6 +57,9 @@ struct Case {
     length_change: isize,
     /// IPv4 forwarding in the fixture namespace during this case.
     forwarding: bool,
+    /// Empty the next-hop cache before every run, so each one asks the FIB
+    /// (the first packet to a VTEP, or one a second after the last lookup).
+    cold_next_hop: bool,
 }
 
 fn cases() -> Vec<Case> {
@@ -71,7 +76,7 @@ fn cases() -> Vec<Case> {
             &container_udp_frame(REMOTE_CONTAINER, LOCAL_CONTAINER, len),
         )
     };
-    let encap = |name, len, forwarding| Case {
+    let encap = |name, len, forwarding, cold_next_hop| Case {
         name,
         program: programs::TC_EGRESS,
         hook: "TC (container veth)",
@@ -80,6 +85,7 @@ fn cases() -> Vec<Case> {
         expected_action: TC_ACT_REDIRECT,
         length_change: encap_overhead,
         forwarding,
+        cold_next_hop,
     };
     let decap = |name, len, program, hook, ctx, expected_action| Case {
         name,
@@ -90,6 +96,7 @@ fn cases() -> Vec<Case> {
         expected_action,
         length_change: -encap_overhead,
         forwarding: true,
+        cold_next_hop: false,
     };
     // Plain UDP to the host itself: what every non-overlay packet of the
     // underlay pays for the decap hook.
@@ -105,13 +112,41 @@ fn cases() -> Vec<Case> {
         ),
     );
     vec![
-        encap("encap 64 B, forwarding on (bpf_fib_lookup)", 64, true),
-        encap("encap 1400 B, forwarding on (bpf_fib_lookup)", 1400, true),
-        encap("encap 64 B, forwarding off (bpf_redirect_neigh)", 64, false),
         encap(
-            "encap 1400 B, forwarding off (bpf_redirect_neigh)",
+            "encap 64 B, forwarding on, next hop cached",
+            64,
+            true,
+            false,
+        ),
+        encap(
+            "encap 1400 B, forwarding on, next hop cached",
+            1400,
+            true,
+            false,
+        ),
+        encap(
+            "encap 64 B, forwarding on, cache miss (bpf_fib_lookup)",
+            64,
+            true,
+            true,
+        ),
+        encap(
+            "encap 64 B, forwarding off, next hop cached (bpf_redirect_neigh)",
+            64,
+            false,
+            false,
+        ),
+        encap(
+            "encap 1400 B, forwarding off, next hop cached (bpf_redirect_neigh)",
             1400,
             false,
+            false,
+        ),
+        encap(
+            "encap 64 B, forwarding off, cache miss (bpf_redirect_neigh)",
+            64,
+            false,
+            true,
         ),
         decap(
             "decap 64 B",
@@ -154,6 +189,7 @@ fn cases() -> Vec<Case> {
             expected_action: XDP_PASS,
             length_change: 0,
             forwarding: true,
+            cold_next_hop: false,
         },
         Case {
             name: "pass-through, non-VXLAN UDP 64 B",
@@ -164,6 +200,7 @@ fn cases() -> Vec<Case> {
             expected_action: TC_ACT_OK,
             length_change: 0,
             forwarding: true,
+            cold_next_hop: false,
         },
         Case {
             name: "same-host switch 64 B",
@@ -174,6 +211,7 @@ fn cases() -> Vec<Case> {
             expected_action: TC_ACT_REDIRECT,
             length_change: 0,
             forwarding: true,
+            cold_next_hop: false,
         },
     ]
 }
@@ -217,9 +255,13 @@ fn run() -> Result<()> {
     let options = parse_args()?;
     let fixture = Fixture::new("micro")?;
     let mut rows = Vec::new();
+    let mut next_hops = NextHops::open(&fixture)?;
     for case in cases() {
         fixture.set_forwarding(case.forwarding)?;
-        let row = measure(&fixture, &case, &options)
+        // What a case before it cached (with forwarding switched) is not
+        // this case's path.
+        next_hops.clear()?;
+        let row = measure(&fixture, &mut next_hops, &case, &options)
             .with_context(|| format!("{} ({})", case.name, case.program))?;
         rows.push(row);
     }
@@ -228,7 +270,12 @@ fn run() -> Result<()> {
 }
 
 /// Checks the case takes the path it names, then times it.
-fn measure(fixture: &Fixture, case: &Case, options: &Options) -> Result<Value> {
+fn measure(
+    fixture: &Fixture,
+    next_hops: &mut NextHops,
+    case: &Case,
+    options: &Options,
+) -> Result<Value> {
     let datapath = &fixture.datapath;
     let ctx = case.ctx.as_deref();
     let first = datapath.test_run(case.program, &case.frame, ctx, 1)?;
@@ -247,6 +294,9 @@ fn measure(fixture: &Fixture, case: &Case, options: &Options) -> Result<Value> {
 
     let mut single_ns = Vec::with_capacity(options.samples);
     for _ in 0..options.samples {
+        if case.cold_next_hop {
+            next_hops.clear()?;
+        }
         let outcome = datapath.test_run(case.program, &case.frame, ctx, 1)?;
         ensure!(
             outcome.action == case.expected_action,
@@ -277,6 +327,37 @@ fn measure(fixture: &Fixture, case: &Case, options: &Options) -> Result<Value> {
         "repeat_same_path": repeat_same_path,
         "repeat_last_action": repeated.action,
     }))
+}
+
+/// The fixture's next-hop cache (`OVL_NEXT_HOPS`), opened from its pin;
+/// none in an object from before the cache (`OVL_EBPF_OBJECT`, to time
+/// an older build beside this one).
+struct NextHops(Option<HashMap<MapData, [u8; 4], NextHop>>);
+
+impl NextHops {
+    fn open(fixture: &Fixture) -> Result<NextHops> {
+        let path = fixture.pin_dir().join(names::NEXT_HOPS);
+        if !path.exists() {
+            eprintln!("ovl-microbench: no {} in this object", names::NEXT_HOPS);
+            return Ok(NextHops(None));
+        }
+        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        Ok(NextHops(Some(HashMap::try_from(Map::from_map_data(
+            data,
+        )?)?)))
+    }
+
+    /// Empties it: the next encapsulation asks the FIB.
+    fn clear(&mut self) -> Result<()> {
+        let Some(map) = &mut self.0 else {
+            return Ok(());
+        };
+        let vteps: Vec<[u8; 4]> = map.keys().collect::<Result<_, _>>()?;
+        for vtep in vteps {
+            map.remove(&vtep)?;
+        }
+        Ok(())
+    }
 }
 
 fn nanos(duration: Duration) -> u64 {

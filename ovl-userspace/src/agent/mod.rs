@@ -4,6 +4,7 @@
 //! and maps stay pinned when it exits, however it exits.
 
 mod gc;
+mod host_ends;
 mod ifindex;
 mod journal;
 mod reconcile;
@@ -163,6 +164,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         next_gc: None,
         crypto: None,
         ifindexes: ifindex::IfindexCache::default(),
+        host_ends: host_ends::HostEnds::default(),
     };
     let started = agent.take_over(&opts, &driver, store.as_deref()).await;
     if let Err(e) = started {
@@ -328,6 +330,8 @@ struct Agent {
     crypto: Option<crypto::Crypto>,
     /// Local veths' indexes, forgotten at every link notification.
     ifindexes: ifindex::IfindexCache,
+    /// Host ends of local veths whose offloads were checked.
+    host_ends: host_ends::HostEnds,
 }
 
 impl Agent {
@@ -386,6 +390,8 @@ impl Agent {
                 Err(e) => log::warn!("{e}; applying the store's state once it answers"),
             }
         }
+        // Routes and neighbours may have changed while no agent watched.
+        self.forget_next_hops("agent start");
         let adopted = self.dp.adopt_links()?;
         if !adopted.replaced.is_empty() {
             log::info!(
@@ -439,6 +445,7 @@ impl Agent {
             &self.node,
             &self.underlay,
             &self.view,
+            &mut self.host_ends,
             &|name| ifindexes.get(name),
         )?;
         reconcile::remember(&mut self.memory, state, &self.node);
@@ -495,6 +502,9 @@ impl Agent {
         // one just after registering it; a deleted namespace takes its own
         // along): the kernel says when, nothing is polled.
         let mut links = netlink::link_events()?;
+        // The data path caches next hops to other VTEPs for at most a
+        // second; a changed route or neighbour empties the cache at once.
+        let mut paths = netlink::underlay_path_events(self.underlay.ifindex)?;
         let mut probe = tokio::time::interval(STORE_PROBE);
         // When the next store change may be applied (see APPLY_DUTY_FACTOR).
         let mut hold: Option<Instant> = None;
@@ -579,11 +589,26 @@ impl Agent {
                     self.reapply();
                     self.collect_abandoned(connected.as_ref()).await;
                 }
+                Some(()) = paths.recv() => {
+                    while paths.try_recv().is_ok() {}
+                    self.forget_next_hops("a route or underlay neighbour changed");
+                }
                 () = sleep_until(self.next_gc), if self.next_gc.is_some() => {
                     self.next_gc = None;
                     self.collect_abandoned(connected.as_ref()).await;
                 }
             }
+        }
+    }
+
+    /// Empties the data path's next-hop cache (`why` says what changed).
+    fn forget_next_hops(&mut self, why: &str) {
+        match self.dp.clear_next_hops() {
+            Ok(0) => {}
+            Ok(n) => log::debug!("{why}: forgot {n} cached next hop(s)"),
+            Err(e) => log::warn!(
+                "{why}, but the next-hop cache could not be emptied (entries expire within a second): {e:#}"
+            ),
         }
     }
 

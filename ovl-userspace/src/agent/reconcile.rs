@@ -11,6 +11,7 @@ use anyhow::Result;
 use ovl_common::wire::ENCAP_OVERHEAD;
 
 use super::{
+    host_ends::HostEnds,
     journal::Memory,
     view::{NetworkView, View},
 };
@@ -23,14 +24,16 @@ use crate::{
     store::Store,
 };
 
-/// Brings maps and egress hooks in line with `state`, and publishes the
-/// result in `view`. `ifindex_of` resolves a host interface name.
+/// Brings maps, egress hooks and the host ends' offloads in line with
+/// `state`, and publishes the result in `view`. `ifindex_of` resolves a
+/// host interface name.
 pub fn reconcile(
     dp: &mut Datapath,
     state: &State,
     node: &str,
     underlay: &Underlay,
     view: &View,
+    host_ends: &mut HostEnds,
     ifindex_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<()> {
     let want = desired(state, node, underlay.addr, ifindex_of);
@@ -75,6 +78,7 @@ pub fn reconcile(
             log::info!("container egress hooked on {name}");
         }
     }
+    host_ends.ensure_tso_off(&want.iface_names);
     for name in &want.missing_links {
         log::debug!("local endpoint interface {name} does not exist yet");
     }

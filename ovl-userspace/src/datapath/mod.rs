@@ -25,8 +25,8 @@ use aya::{
 pub use compat::Mismatch;
 pub use links::{DecapKind, LinkPin, LinkPins};
 use ovl_common::{
-    Endpoint, Iface, NetworkInfo, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters, VniAddr,
-    VniCounters,
+    Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters,
+    VniAddr, VniCounters,
     counters::UNATTRIBUTED_VNI,
     maps::{ABI_VERSION, names, programs, subnet_key_bits, vtep_flags},
 };
@@ -474,6 +474,18 @@ impl Datapath {
         arr.get(&0, 0).context("read OVL_CONFIG")
     }
 
+    /// Empties the next-hop cache (`OVL_NEXT_HOPS`): the next packet to each
+    /// VTEP asks the FIB again. Returns how many entries there were.
+    pub fn clear_next_hops(&mut self) -> Result<usize> {
+        let mut map: HashMap<_, [u8; 4], NextHop> = HashMap::try_from(self.map(names::NEXT_HOPS)?)?;
+        let vteps: Vec<[u8; 4]> = map.keys().filter_map(|k| k.ok()).collect();
+        for vtep in &vteps {
+            // Gone already (evicted, or emptied by another clear): fine.
+            let _ = map.remove(vtep);
+        }
+        Ok(vteps.len())
+    }
+
     /// Sets the VXLAN UDP port encapsulation sends to and decapsulation
     /// accepts; returns whether it was another before.
     pub fn set_vxlan_port(&mut self, port: u16) -> Result<bool> {
@@ -655,6 +667,15 @@ pub fn read_path_mtus(pin_dir: &Path) -> Result<Vec<([u8; 4], PathMtu)>> {
     map.iter()
         .collect::<Result<_, _>>()
         .context("read OVL_PATH_MTU")
+}
+
+/// The next-hop cache of a node's pins, for inspection and tests.
+pub fn read_next_hops(pin_dir: &Path) -> Result<Vec<([u8; 4], NextHop)>> {
+    let map = open_pinned(pin_dir, names::NEXT_HOPS)?;
+    let map: HashMap<_, [u8; 4], NextHop> = HashMap::try_from(map)?;
+    map.iter()
+        .collect::<Result<_, _>>()
+        .context("read OVL_NEXT_HOPS")
 }
 
 /// Endpoint entries of a node's pinned map, for inspection and tests.

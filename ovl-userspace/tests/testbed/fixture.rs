@@ -190,10 +190,50 @@ impl Fixture {
         })
     }
 
-    /// Where the maps are pinned (for reading counters).
-    #[allow(dead_code, reason = "the micro-benchmark reads no counters")]
+    /// Where the maps are pinned (for reading counters and caches).
     pub fn pin_dir(&self) -> &std::path::Path {
         &self.pin_dir
+    }
+
+    /// Gives the underlay gateway's neighbour entry a new MAC, as its
+    /// gratuitous ARP would.
+    #[allow(dead_code, reason = "the micro-benchmark changes no neighbour")]
+    pub fn set_gateway_mac(&self, mac: [u8; 6]) -> Result<()> {
+        self.netns.ip(&[
+            "neigh",
+            "replace",
+            "192.0.2.1",
+            "lladdr",
+            &mac_text(mac),
+            "dev",
+            UNDERLAY_IFACE,
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
+    }
+
+    /// Sets the MTU of the route to the remote VTEP's subnet, locked (the
+    /// FIB applies a route's MTU to forwarded packets only when locked).
+    #[allow(dead_code, reason = "the micro-benchmark changes no route")]
+    pub fn set_route_mtu(&self, mtu: u32) -> Result<()> {
+        self.netns.ip(&[
+            "route",
+            "replace",
+            "198.51.100.0/24",
+            "via",
+            "192.0.2.1",
+            "mtu",
+            "lock",
+            &mtu.to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// Index of the stand-in underlay device.
+    #[allow(dead_code, reason = "the micro-benchmark does not look")]
+    pub fn underlay_ifindex(&self) -> Result<u32> {
+        netlink::ifindex(UNDERLAY_IFACE).with_context(|| format!("ifindex of {UNDERLAY_IFACE}"))
     }
 
     /// Turns IPv4 forwarding on or off in the namespace: with it on,
