@@ -44,24 +44,8 @@ impl MapEndpoint {
 /// `{mac: [u8; 6], _pad: [u8; 2], ifindex: u32 host order, vtep: [u8; 4]}`
 /// (the layouts of `ovl_common::{VniAddr, Endpoint}`).
 pub fn dump_endpoints(pin_dir: &Path) -> Result<BTreeMap<(u32, Ipv4Addr), MapEndpoint>> {
-    let pin = pin_dir.join(ENDPOINTS_MAP);
-    let pin_text = pin.to_string_lossy().into_owned();
-    let out = cmd::run(&["bpftool", "-j", "map", "dump", "pinned", &pin_text])?;
-    let dump: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("bpftool dump of {pin_text} is not JSON"))?;
-    let entries = dump
-        .as_array()
-        .with_context(|| format!("bpftool dump of {pin_text} is not a list: {dump}"))?;
     let mut map = BTreeMap::new();
-    for entry in entries {
-        let key = bytes(&entry["key"]).with_context(|| format!("key of {entry}"))?;
-        let value = bytes(&entry["value"]).with_context(|| format!("value of {entry}"))?;
-        ensure!(
-            key.len() == 8 && value.len() == 16,
-            "unexpected sizes (key {}, value {}) in {entry}",
-            key.len(),
-            value.len()
-        );
+    for (key, value) in dump_pinned(pin_dir, ENDPOINTS_MAP, 8, 16)? {
         let endpoint = MapEndpoint {
             vni: u32::from_ne_bytes([key[0], key[1], key[2], key[3]]),
             addr: Ipv4Addr::new(key[4], key[5], key[6], key[7]),
@@ -82,7 +66,26 @@ pub const NEXT_HOPS_MAP: &str = "OVL_NEXT_HOPS";
 /// `dmac` is its first six bytes). An entry the kernel routes itself has
 /// an all-zero MAC.
 pub fn dump_next_hops(pin_dir: &Path) -> Result<BTreeMap<Ipv4Addr, MacAddr>> {
-    let pin = pin_dir.join(NEXT_HOPS_MAP);
+    Ok(dump_pinned(pin_dir, NEXT_HOPS_MAP, 4, 32)?
+        .into_iter()
+        .map(|(key, value)| {
+            (
+                Ipv4Addr::new(key[0], key[1], key[2], key[3]),
+                MacAddr([value[0], value[1], value[2], value[3], value[4], value[5]]),
+            )
+        })
+        .collect())
+}
+
+/// The entries of map `name` pinned in `pin_dir` as (key, value) bytes,
+/// each checked to be `key_len` and `value_len` long.
+fn dump_pinned(
+    pin_dir: &Path,
+    name: &str,
+    key_len: usize,
+    value_len: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let pin = pin_dir.join(name);
     let pin_text = pin.to_string_lossy().into_owned();
     let out = cmd::run(&["bpftool", "-j", "map", "dump", "pinned", &pin_text])?;
     let dump: Value = serde_json::from_slice(&out.stdout)
@@ -90,22 +93,20 @@ pub fn dump_next_hops(pin_dir: &Path) -> Result<BTreeMap<Ipv4Addr, MacAddr>> {
     let entries = dump
         .as_array()
         .with_context(|| format!("bpftool dump of {pin_text} is not a list: {dump}"))?;
-    let mut map = BTreeMap::new();
-    for entry in entries {
-        let key = bytes(&entry["key"]).with_context(|| format!("key of {entry}"))?;
-        let value = bytes(&entry["value"]).with_context(|| format!("value of {entry}"))?;
-        ensure!(
-            key.len() == 4 && value.len() == 32,
-            "unexpected sizes (key {}, value {}) in {entry}",
-            key.len(),
-            value.len()
-        );
-        map.insert(
-            Ipv4Addr::new(key[0], key[1], key[2], key[3]),
-            MacAddr([value[0], value[1], value[2], value[3], value[4], value[5]]),
-        );
-    }
-    Ok(map)
+    entries
+        .iter()
+        .map(|entry| {
+            let key = bytes(&entry["key"]).with_context(|| format!("key of {entry}"))?;
+            let value = bytes(&entry["value"]).with_context(|| format!("value of {entry}"))?;
+            ensure!(
+                key.len() == key_len && value.len() == value_len,
+                "unexpected sizes (key {}, value {}) in {entry} of {pin_text}",
+                key.len(),
+                value.len()
+            );
+            Ok((key, value))
+        })
+        .collect()
 }
 
 /// `["0x1f", "0x00", ...]` as bytes.
