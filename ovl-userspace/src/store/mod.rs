@@ -42,9 +42,9 @@ pub enum Scope<'a> {
 /// What [`Scope::Endpoint`] reads of network `network`: its record and
 /// held-back addresses; the claim of `attachment` and of each of `names`;
 /// the endpoint at `ip`; with `allocates`, which addresses are taken; and
-/// every endpoint those claims point at, with their own claims. A change
-/// that writes a name or claim not read here fails to commit (it is
-/// guarded as absent), it never overwrites one.
+/// every endpoint those claims point at, with their own claims. A claim a
+/// change writes that this scope did not read is guarded as absent: if it
+/// exists after all, the commit fails rather than overwrite it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Around<'a> {
     pub network: &'a str,
