@@ -646,12 +646,7 @@ mod tests {
         f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0xaa]);
         f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0xbb]);
         f[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-        f[OUTER_IP] = 0x45;
-        f[OUTER_IP + IP_FRAG] = 0x40;
-        f[OUTER_IP + 8] = 64;
-        f[OUTER_IP + IP_PROTO] = IPPROTO_UDP;
-        f[OUTER_IP + 12..OUTER_IP + 16].copy_from_slice(&OUTER_SRC);
-        f[OUTER_IP + 16..OUTER_IP + 20].copy_from_slice(&OUTER_DST);
+        ipv4_header(&mut f, OUTER_IP, IPPROTO_UDP, OUTER_SRC, OUTER_DST);
         put16(&mut f, OUTER_UDP, 50000);
         put16(&mut f, OUTER_UDP + 2, 4789);
         f[OUTER_UDP + 8] = 0x08;
@@ -660,13 +655,8 @@ mod tests {
         f[ieth..ieth + 6].copy_from_slice(&[0x02, 0x42, 10, 1, 0, 3]);
         f[ieth + 6..ieth + 12].copy_from_slice(&[0x02, 0x42, 10, 1, 0, 2]);
         f[ieth + 12..ieth + 14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-        f[INNER_IP] = 0x45;
+        ipv4_header(&mut f, INNER_IP, IPPROTO_TCP, INNER_SRC, INNER_DST);
         put16(&mut f, INNER_IP + IP_ID, id);
-        f[INNER_IP + IP_FRAG] = 0x40;
-        f[INNER_IP + 8] = 64;
-        f[INNER_IP + IP_PROTO] = IPPROTO_TCP;
-        f[INNER_IP + 12..INNER_IP + 16].copy_from_slice(&INNER_SRC);
-        f[INNER_IP + 16..INNER_IP + 20].copy_from_slice(&INNER_DST);
         put16(&mut f, INNER_TCP, 40000);
         put16(&mut f, INNER_TCP + 2, 5201);
         f[INNER_TCP + 4..INNER_TCP + 8].copy_from_slice(&seq.to_be_bytes());
@@ -688,6 +678,17 @@ mod tests {
         );
         put16(&mut f, INNER_TCP + TCP_CHECK, !sum);
         f
+    }
+
+    /// An IPv4 header without options at `at` of `f`: DF, TTL 64,
+    /// `proto`, `src` to `dst` (lengths, ID and checksum are the caller's).
+    fn ipv4_header(f: &mut [u8], at: usize, proto: u8, src: [u8; 4], dst: [u8; 4]) {
+        f[at] = 0x45;
+        f[at + IP_FRAG] = 0x40;
+        f[at + 8] = 64;
+        f[at + IP_PROTO] = proto;
+        f[at + 12..at + 16].copy_from_slice(&src);
+        f[at + 16..at + 20].copy_from_slice(&dst);
     }
 
     fn payload(n: usize) -> Vec<u8> {
