@@ -8,7 +8,10 @@ use std::{
 
 use ovl_common::{Endpoint as MapEndpoint, Iface, NetworkInfo, SubnetInfo, maps::network_flags};
 
-use crate::model::{Endpoint, Location, Network, State};
+use crate::{
+    model::{Endpoint, Location, Network, State},
+    store::Dirty,
+};
 
 /// The map contents one node's state calls for.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -62,83 +65,229 @@ pub fn desired(
     vtep: Ipv4Addr,
     ifindex_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Desired {
-    let mut d = Desired {
-        vxlan_port: state.cluster.vxlan_port,
-        ..Desired::default()
+    let mut plans = Plans::default();
+    plans.update(state, node, vtep, ifindex_of, &Dirty::All);
+    plans.merged(state.cluster.vxlan_port)
+}
+
+/// What one network a node serves puts in its maps.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct NetworkPlan {
+    pub vni: u32,
+    pub info: NetworkInfo,
+    /// (VNI, subnet address, prefix length) → the subnet's gateway.
+    pub subnets: BTreeMap<(u32, [u8; 4], u8), SubnetInfo>,
+    /// Address → endpoint, local and remote.
+    pub endpoints: BTreeMap<[u8; 4], MapEndpoint>,
+    /// Remote VTEPs allowed to send, and those of them an encrypted
+    /// network sends to.
+    pub vteps: BTreeSet<[u8; 4]>,
+    pub keyed_vteps: BTreeSet<[u8; 4]>,
+    /// Local containers: host-side ifindex → interface, and names.
+    pub ifaces: BTreeMap<u32, Iface>,
+    pub iface_names: BTreeMap<u32, String>,
+    pub missing_links: Vec<String>,
+    pub egress: Vec<EgressEndpoint>,
+}
+
+impl NetworkPlan {
+    /// Endpoints on this node (forwarding through a local veth).
+    pub fn local_endpoints(&self) -> impl Iterator<Item = [u8; 4]> + '_ {
+        self.endpoints
+            .iter()
+            .filter(|(_, e)| e.is_local())
+            .map(|(ip, _)| *ip)
+    }
+}
+
+/// The plans of the networks a node serves, kept between applies: an
+/// apply recomputes only the networks that changed (with ten thousand
+/// endpoints in twenty networks, a twentieth of the work).
+#[derive(Debug, Default)]
+pub struct Plans {
+    by_network: BTreeMap<String, NetworkPlan>,
+}
+
+/// Node-wide facts every network's plan reads.
+struct Context<'a> {
+    node: &'a str,
+    vtep: Ipv4Addr,
+    /// Node name → its VTEP while alive, and whether it published a
+    /// WireGuard key. One hash lookup per endpoint instead of searches of
+    /// the ordered maps by name: with tens of thousands of endpoints this
+    /// is most of a plan.
+    nodes: HashMap<&'a str, (Option<Ipv4Addr>, bool)>,
+    ifindex_of: &'a dyn Fn(&str) -> Option<u32>,
+}
+
+impl Plans {
+    /// Recomputes the plans of the networks `dirty` covers from `state`
+    /// (see [`desired`]). Returns the VNIs whose endpoint entries may have
+    /// changed: a changed network's, and the old one of a network that
+    /// went or took another VNI.
+    pub fn update(
+        &mut self,
+        state: &State,
+        node: &str,
+        vtep: Ipv4Addr,
+        ifindex_of: &dyn Fn(&str) -> Option<u32>,
+        dirty: &Dirty,
+    ) -> BTreeSet<u32> {
+        let mut touched = BTreeSet::new();
+        if dirty.is_empty() {
+            return touched;
+        }
+        let ctx = Context {
+            node,
+            vtep,
+            nodes: state
+                .nodes
+                .iter()
+                .map(|(name, n)| {
+                    (
+                        name.as_str(),
+                        (
+                            state.is_alive(name).then_some(n.vtep),
+                            n.wireguard.is_some(),
+                        ),
+                    )
+                })
+                .collect(),
+            ifindex_of,
+        };
+        // The changed networks' endpoints, in one pass, and which of them
+        // have one here.
+        let mut members: HashMap<&str, Vec<&Endpoint>> = HashMap::new();
+        let mut here: BTreeSet<&str> = BTreeSet::new();
+        for ep in &state.endpoints {
+            if !dirty.covers(&ep.network) {
+                continue;
+            }
+            members.entry(ep.network.as_str()).or_default().push(ep);
+            if ep.node() == Some(node) {
+                here.insert(ep.network.as_str());
+            }
+        }
+        let names: BTreeSet<String> = match dirty {
+            Dirty::All => self
+                .by_network
+                .keys()
+                .chain(state.networks.keys())
+                .cloned()
+                .collect(),
+            Dirty::Networks(n) => n.clone(),
+        };
+        for name in names {
+            if let Some(old) = self.by_network.remove(&name) {
+                touched.insert(old.vni);
+            }
+            let Some(net) = state.networks.get(&name) else {
+                continue;
+            };
+            if !here.contains(name.as_str()) {
+                continue;
+            }
+            let eps = members.get(name.as_str()).map_or(&[][..], Vec::as_slice);
+            let plan = plan(&ctx, net, eps);
+            touched.insert(plan.vni);
+            self.by_network.insert(name, plan);
+        }
+        touched
+    }
+
+    /// The served networks' plans, by network name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &NetworkPlan)> {
+        self.by_network.iter().map(|(n, p)| (n.as_str(), p))
+    }
+
+    /// The plan of the network with VNI `vni`, if served.
+    pub fn of_vni(&self, vni: u32) -> Option<&NetworkPlan> {
+        self.by_network.values().find(|p| p.vni == vni)
+    }
+
+    /// Every plan in one [`Desired`] (tests, tools; the agent writes the
+    /// plans themselves).
+    pub fn merged(&self, vxlan_port: u16) -> Desired {
+        let mut d = Desired {
+            vxlan_port,
+            ..Desired::default()
+        };
+        self.merge_small_into(&mut d);
+        for p in self.by_network.values() {
+            d.endpoints
+                .extend(p.endpoints.iter().map(|(ip, e)| ((p.vni, *ip), *e)));
+        }
+        d
+    }
+
+    /// Everything but the endpoints (whose map the agent writes per
+    /// network): a few entries per network and per local container.
+    pub fn merge_small_into(&self, d: &mut Desired) {
+        for p in self.by_network.values() {
+            let vni = p.vni;
+            d.networks.insert(vni, p.info);
+            d.subnets.extend(p.subnets.iter().map(|(k, v)| (*k, *v)));
+            d.vteps.extend(p.vteps.iter().map(|v| (vni, *v)));
+            d.keyed_vteps
+                .extend(p.keyed_vteps.iter().map(|v| (vni, *v)));
+            d.ifaces.extend(p.ifaces.iter().map(|(k, v)| (*k, *v)));
+            d.iface_names
+                .extend(p.iface_names.iter().map(|(k, v)| (*k, v.clone())));
+            d.missing_links.extend(p.missing_links.iter().cloned());
+            d.egress.extend(p.egress.iter().cloned());
+        }
+        d.egress.sort_by_key(|e| (e.vni, e.ip));
+    }
+}
+
+/// What network `net`, with endpoints `eps`, puts in the maps of the node
+/// `ctx` describes.
+fn plan(ctx: &Context<'_>, net: &Network, eps: &[&Endpoint]) -> NetworkPlan {
+    let vni = net.vni.get();
+    let mut p = NetworkPlan {
+        vni,
+        info: NetworkInfo {
+            mtu: net.mtu,
+            flags: if net.internal {
+                network_flags::INTERNAL
+            } else {
+                0
+            } | if net.encrypted {
+                network_flags::ENCRYPTED
+            } else {
+                0
+            },
+        },
+        ..NetworkPlan::default()
     };
-    let here: std::collections::BTreeSet<&str> = state
-        .endpoints
-        .iter()
-        .filter(|e| e.node() == Some(node))
-        .map(|e| e.network.as_str())
-        .collect();
-    for net in state
-        .networks
-        .values()
-        .filter(|n| here.contains(n.name.as_str()))
-    {
-        let vni = net.vni.get();
-        d.networks.insert(
-            vni,
-            NetworkInfo {
-                mtu: net.mtu,
-                flags: if net.internal {
-                    network_flags::INTERNAL
-                } else {
-                    0
-                } | if net.encrypted {
-                    network_flags::ENCRYPTED
-                } else {
-                    0
-                },
+    for pool in &net.subnets {
+        p.subnets.insert(
+            (vni, pool.subnet.network().octets(), pool.subnet.prefix()),
+            SubnetInfo {
+                gateway: pool.gateway.octets(),
             },
         );
-        for pool in &net.subnets {
-            d.subnets.insert(
-                (vni, pool.subnet.network().octets(), pool.subnet.prefix()),
-                SubnetInfo {
-                    gateway: pool.gateway.octets(),
-                },
-            );
-        }
     }
-    // One hash lookup per endpoint instead of searches of the ordered
-    // maps by name: with tens of thousands of endpoints this loop is most
-    // of an apply.
-    let served: HashMap<&str, &Network> = state
-        .networks
-        .iter()
-        .filter(|(name, _)| here.contains(name.as_str()))
-        .map(|(name, net)| (name.as_str(), net))
-        .collect();
-    let node_vteps: HashMap<&str, Option<Ipv4Addr>> = state
-        .nodes
-        .iter()
-        .map(|(name, n)| (name.as_str(), state.is_alive(name).then_some(n.vtep)))
-        .collect();
-    let vtep_of = |ep: &Endpoint| match &ep.location {
-        Location::Container { node, .. } => node_vteps.get(node.as_str()).copied().flatten(),
+    // As `State::vtep_of`: a known node that is alive, or a static VTEP.
+    let remote_of = |ep: &Endpoint| match &ep.location {
+        Location::Container { node, .. } => ctx.nodes.get(node.as_str()).copied(),
         Location::Reserved { .. } => None,
-        Location::Static { vtep } => Some(*vtep),
+        Location::Static { vtep } => Some((Some(*vtep), false)),
     };
-    for ep in &state.endpoints {
-        let Some(net) = served.get(ep.network.as_str()) else {
-            continue;
-        };
-        let vni = net.vni.get();
-        let key = (vni, ep.ip.octets());
+    for ep in eps {
+        let ip = ep.ip.octets();
         match &ep.location {
             Location::Container {
                 node: n,
                 host_ifname,
                 ..
-            } if n == node => {
-                let Some(ifindex) = ifindex_of(host_ifname) else {
-                    d.missing_links.push(host_ifname.clone());
+            } if n == ctx.node => {
+                let Some(ifindex) = (ctx.ifindex_of)(host_ifname) else {
+                    p.missing_links.push(host_ifname.clone());
                     continue;
                 };
-                d.endpoints.insert(
-                    key,
+                p.endpoints.insert(
+                    ip,
                     MapEndpoint {
                         mac: ep.mac.0,
                         _pad: [0; 2],
@@ -147,11 +296,11 @@ pub fn desired(
                     },
                 );
                 let gateway = net.pool_of(ep.ip).map(|p| p.gateway.octets());
-                d.ifaces.insert(
+                p.ifaces.insert(
                     ifindex,
                     Iface {
                         vni,
-                        addr: ep.ip.octets(),
+                        addr: ip,
                         // An address outside every subnet has no gateway to
                         // answer from; its container still switches.
                         gateway: gateway.unwrap_or([0; 4]),
@@ -159,9 +308,9 @@ pub fn desired(
                         _pad: [0; 2],
                     },
                 );
-                d.iface_names.insert(ifindex, host_ifname.clone());
+                p.iface_names.insert(ifindex, host_ifname.clone());
                 if !net.internal {
-                    d.egress.push(EgressEndpoint {
+                    p.egress.push(EgressEndpoint {
                         vni,
                         ip: ep.ip,
                         mac: ep.mac.0,
@@ -171,36 +320,31 @@ pub fn desired(
                 }
             }
             _ => {
-                // A remote endpoint needs a known VTEP that is not us
-                // (`State::vtep_of`, from the tables above).
-                let Some(remote) = vtep_of(ep) else {
+                // A remote endpoint needs a known VTEP that is not us.
+                let Some((Some(remote), keyed)) = remote_of(ep) else {
                     continue;
                 };
-                if remote == vtep {
+                if remote == ctx.vtep {
                     continue;
                 }
-                d.endpoints.insert(
-                    key,
+                let remote = remote.octets();
+                p.endpoints.insert(
+                    ip,
                     MapEndpoint {
                         mac: ep.mac.0,
                         _pad: [0; 2],
                         ifindex: 0,
-                        vtep: remote.octets(),
+                        vtep: remote,
                     },
                 );
-                d.vteps.insert((vni, remote.octets()));
-                let keyed = || {
-                    ep.node()
-                        .and_then(|n| state.nodes.get(n))
-                        .is_some_and(|n| n.wireguard.is_some())
-                };
-                if net.encrypted && keyed() {
-                    d.keyed_vteps.insert((vni, remote.octets()));
+                p.vteps.insert(remote);
+                if net.encrypted && keyed {
+                    p.keyed_vteps.insert(remote);
                 }
             }
         }
     }
-    d
+    p
 }
 
 #[cfg(test)]
@@ -347,5 +491,99 @@ mod tests {
         // c has published no key yet: allowed as a VTEP, but not keyed.
         assert!(d.vteps.contains(&(300, [203, 0, 113, 10])));
         assert_eq!(d.keyed_vteps, BTreeSet::from([(300, [198, 51, 100, 10])]));
+    }
+
+    #[test]
+    fn plans_kept_between_changes_equal_plans_made_afresh() {
+        let mut s = state();
+        let vtep = Ipv4Addr::new(198, 51, 100, 10);
+        let ifindex_of = |_: &str| Some(9);
+        let mut plans = Plans::default();
+        plans.update(&s, "b", vtep, &ifindex_of, &Dirty::All);
+        type Change = fn(&mut State);
+        let changes: [(Change, &[&str], &[u32]); 4] = [
+            // A remote endpoint joins blue.
+            (
+                |s| {
+                    s.add_container(ContainerSpec {
+                        network: "blue".into(),
+                        node: "a".into(),
+                        netns: "c4".into(),
+                        ..ContainerSpec::default()
+                    })
+                    .map(drop)
+                    .unwrap()
+                },
+                &["blue"],
+                &[100],
+            ),
+            // b's last container on red leaves: b stops serving red.
+            (
+                |s| s.remove_container("red", "b", "c3").map(drop).unwrap(),
+                &["red"],
+                &[200],
+            ),
+            // A network b has no container on: nothing to plan.
+            (
+                |s| {
+                    s.create_network(NetworkSpec {
+                        vni: Some(300),
+                        ..NetworkSpec::new("green", "198.18.2.0/24".parse().unwrap())
+                    })
+                    .map(drop)
+                    .unwrap()
+                },
+                &["green"],
+                &[],
+            ),
+            // Blue goes, endpoints and all.
+            (
+                |s| {
+                    s.endpoints.retain(|e| e.network != "blue");
+                    s.networks.remove("blue");
+                },
+                &["blue"],
+                &[100],
+            ),
+        ];
+        for (change, names, vnis) in changes {
+            change(&mut s);
+            let dirty = Dirty::Networks(names.iter().map(|n| (*n).to_owned()).collect());
+            let touched = plans.update(&s, "b", vtep, &ifindex_of, &dirty);
+            assert_eq!(touched.into_iter().collect::<Vec<_>>(), vnis, "{names:?}");
+            assert_eq!(
+                plans.merged(s.cluster.vxlan_port),
+                desired(&s, "b", vtep, &ifindex_of),
+                "after a change of {names:?}"
+            );
+        }
+        assert_eq!(plans.iter().count(), 0);
+    }
+
+    #[test]
+    fn a_plan_not_looked_at_again_keeps_what_it_had() {
+        // What a dirty set leaves out is not recomputed: the set must name
+        // every network that changed (the follower's change log does).
+        let mut s = state();
+        let vtep = Ipv4Addr::new(198, 51, 100, 10);
+        let mut plans = Plans::default();
+        plans.update(&s, "b", vtep, &|_| Some(9), &Dirty::All);
+        s.remove_container("blue", "a", "c1").unwrap();
+        plans.update(
+            &s,
+            "b",
+            vtep,
+            &|_| Some(9),
+            &Dirty::Networks(["red".to_owned()].into()),
+        );
+        assert_eq!(plans.of_vni(100).unwrap().endpoints.len(), 2);
+        plans.update(
+            &s,
+            "b",
+            vtep,
+            &|_| Some(9),
+            &Dirty::Networks(["blue".to_owned()].into()),
+        );
+        assert_eq!(plans.of_vni(100).unwrap().endpoints.len(), 1);
     }
 }

@@ -16,7 +16,7 @@ use ovl_tests::{Etcd, Lab, Netns};
 use ovl_userspace::{
     attachment::{self, Request},
     model::{ContainerSpec, Endpoint, Location, MacAddr, ModelError, NetworkSpec, State},
-    store::{Scope, Store, StoreError},
+    store::{Dirty, Followed, Scope, Store, StoreError, catch_up},
 };
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -376,6 +376,21 @@ fn sorted(mut s: State) -> State {
     s
 }
 
+/// Waits until `follower` has seen revision `revision`.
+async fn caught_up(
+    follower: &mut tokio::sync::watch::Receiver<Followed>,
+    revision: u64,
+) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while follower.borrow_and_update().state.revision < revision {
+            follower.changed().await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .context("the follower never caught up")?
+}
+
 /// Bytes etcd sent to clients so far.
 fn sent_bytes(etcd: &Etcd) -> Result<f64> {
     etcd.metric("etcd_network_client_grpc_sent_bytes_total")
@@ -427,7 +442,11 @@ fn a_change_to_one_network_reads_only_that_network_and_followers_apply_deltas() 
         ensure!(scoped < 16_384.0, "a scoped change sent {scoped:.0} bytes");
 
         // Removals, a network change and a held-back address arrive as
-        // deltas; the follower's state equals a fresh read.
+        // deltas; the follower's state equals a fresh read, and a copy
+        // taken before catches up by copying the two networks changed.
+        let before = store.load().await?;
+        caught_up(&mut follower, before.revision).await?;
+        let mut copy = Some(follower.borrow().state.clone());
         store
             .update_with(Scope::Network("small"), |s| {
                 s.remove_container("small", "a", "w3")
@@ -439,23 +458,24 @@ fn a_change_to_one_network_reads_only_that_network_and_followers_apply_deltas() 
             })
             .await?;
         let fresh = store.load().await?;
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while follower.borrow_and_update().revision < fresh.revision {
-                follower.changed().await?;
-            }
-            Ok::<_, anyhow::Error>(())
-        })
-        .await
-        .context("the follower never caught up")??;
-        let followed = follower.borrow().clone();
-        let (followed, fresh) = (sorted(followed), sorted(fresh));
+        caught_up(&mut follower, fresh.revision).await?;
+        let followed = follower.borrow().state.clone();
+        let dirty = catch_up(&mut copy, &follower.borrow());
         ensure!(
-            followed.networks == fresh.networks
-                && followed.endpoints == fresh.endpoints
-                && followed.released == fresh.released
-                && followed.alive == fresh.alive,
-            "the follower's state differs from a fresh read"
+            dirty == Dirty::Networks(["big".to_owned(), "small".to_owned()].into()),
+            "the copy caught up with {dirty:?}"
         );
+        let copy = sorted(copy.expect("caught up"));
+        let (followed, fresh) = (sorted(followed), sorted(fresh));
+        for (what, s) in [("follower's", &followed), ("caught-up copy's", &copy)] {
+            ensure!(
+                s.networks == fresh.networks
+                    && s.endpoints == fresh.endpoints
+                    && s.released == fresh.released
+                    && s.alive == fresh.alive,
+                "the {what} state differs from a fresh read"
+            );
+        }
         Ok(())
     })
 }

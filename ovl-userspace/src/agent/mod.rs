@@ -35,10 +35,11 @@ use self::{
 use crate::{
     api, bpffs, crypto,
     datapath::{Datapath, DecapMode, LinkPin, LinkPins, Maps},
+    desired::Plans,
     docker, exporter,
     model::{Location, State},
     netlink::{self, Underlay},
-    store::{Registration, Store, StoreError},
+    store::{Dirty, Followed, Registration, Store, StoreError, catch_up},
 };
 
 /// How often it checks that the store answers.
@@ -97,7 +98,7 @@ pub struct AgentOptions {
 struct Connected {
     store: Arc<Store>,
     _registration: Registration,
-    updates: watch::Receiver<State>,
+    updates: watch::Receiver<Followed>,
     reregistrations: watch::Receiver<u64>,
 }
 
@@ -160,6 +161,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         journal,
         memory,
         state: None,
+        plans: Plans::default(),
+        needs_whole: false,
         collector: gc::Collector::new(opts.gc_grace),
         next_gc: None,
         crypto: None,
@@ -321,6 +324,10 @@ struct Agent {
     memory: Memory,
     /// The last state applied to the maps.
     state: Option<State>,
+    /// What the maps hold for each network, as last applied.
+    plans: Plans,
+    /// The last apply failed part way: the next one looks at everything.
+    needs_whole: bool,
     collector: gc::Collector,
     /// When an abandoned endpoint is next due for collection.
     next_gc: Option<Instant>,
@@ -428,26 +435,48 @@ impl Agent {
         }
     }
 
-    /// Applies `state` to the kernel and keeps it as the last state (also
-    /// when applying failed: a later reapply retries it, not an older one).
-    /// Taken by value: a copy of tens of thousands of endpoints per change
-    /// is measurable.
+    /// Applies `state`, read whole, to the kernel and keeps it as the last
+    /// state (also when applying failed: a later reapply retries it, not
+    /// an older one). Taken by value: a copy of tens of thousands of
+    /// endpoints per change is measurable.
     fn apply(&mut self, state: State) -> Result<()> {
-        let state = &*self.state.insert(state);
+        self.state = Some(state);
+        self.apply_changes(&Dirty::All)
+    }
+
+    /// Applies the last state to the kernel, looking again at what `dirty`
+    /// covers (what changed since the last apply).
+    fn apply_changes(&mut self, dirty: &Dirty) -> Result<()> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let dirty = if self.needs_whole { &Dirty::All } else { dirty };
         // Names first: a container's resolver is listening by the time its
         // endpoint is reported forwarding.
         let ifindexes = &self.ifindexes;
-        self.dns
-            .update(state, &self.node, &|name| ifindexes.get(name).is_some());
-        reconcile::reconcile(
+        self.dns.update(
+            state,
+            &self.node,
+            &|name| ifindexes.get(name).is_some(),
+            dirty,
+        );
+        let applied = reconcile::reconcile(
             &mut self.dp,
             state,
+            &mut self.plans,
+            dirty,
             &self.node,
             &self.underlay,
             &self.view,
             &mut self.host_ends,
             &|name| ifindexes.get(name),
-        )?;
+        );
+        // Half written: the maps may differ from the plans anywhere.
+        self.needs_whole = applied.is_err();
+        applied?;
+        if dirty.is_empty() {
+            return Ok(());
+        }
         reconcile::remember(&mut self.memory, state, &self.node);
         if let Some(c) = &self.crypto {
             c.set_peers(&crypto::peers_of(state, &self.node));
@@ -464,10 +493,32 @@ impl Agent {
         }
     }
 
+    /// Applies the last state again, all of it (the local links changed,
+    /// or an earlier apply failed).
     fn reapply(&mut self) {
-        if let Some(state) = self.state.take() {
-            self.apply_logged(state);
+        if let Err(e) = self.apply_changes(&Dirty::All) {
+            log::error!("reconcile: {e:#}");
         }
+    }
+
+    /// Catches up with the follower's state and applies what changed.
+    /// Returns the CPU time it took.
+    async fn follow(&mut self, c: &Connected) -> Duration {
+        let alive_before = self.state.as_ref().and_then(|s| s.alive.clone());
+        let started = thread_cpu_time();
+        let dirty = catch_up(&mut self.state, &c.updates.borrow());
+        let mut took = thread_cpu_time().saturating_sub(started);
+        if let Some(now) = &self.state {
+            reconcile::free_dead_nodes(&c.store, &self.node, alive_before.as_ref(), now).await;
+        }
+        self.view.update(|l| l.last_sync = Some(Instant::now()));
+        // No await in an apply: it runs on this thread from start to end.
+        let started = thread_cpu_time();
+        if let Err(e) = self.apply_changes(&dirty) {
+            log::error!("reconcile: {e:#}");
+        }
+        took += thread_cpu_time().saturating_sub(started);
+        took
     }
 
     async fn serve(
@@ -534,21 +585,13 @@ impl Agent {
                         // that one added; for a short while it is skipped
                         // (after that the follower is trusted again, even
                         // if the store's revisions started over).
-                        StoreEvent::Changed(fresh)
+                        StoreEvent::Changed(revision)
                             if kicked.is_some_and(|(rev, at)| {
-                                fresh.revision < rev && at.elapsed() < KICK_PRECEDENCE
+                                revision < rev && at.elapsed() < KICK_PRECEDENCE
                             }) => {}
-                        StoreEvent::Changed(fresh) => {
+                        StoreEvent::Changed(_) => {
                             kicked = None;
-                            if let Some(before) = &self.state {
-                                reconcile::free_dead_nodes(&c.store, &self.node, before, &fresh).await;
-                            }
-                            self.view.update(|l| l.last_sync = Some(Instant::now()));
-                            // No await in an apply: it runs on this thread
-                            // from start to end.
-                            let started = thread_cpu_time();
-                            self.apply_logged(*fresh);
-                            let took = thread_cpu_time().saturating_sub(started);
+                            let took = self.follow(c).await;
                             hold = Some(Instant::now() + apply_pause(took));
                             self.collect_abandoned(connected.as_ref()).await;
                         }
@@ -659,7 +702,7 @@ impl Agent {
     /// First contact with the store (at start, or after starting without
     /// it): catch up with everything that changed meanwhile.
     async fn on_connected(&mut self, c: &Connected) {
-        let state = c.updates.borrow().clone();
+        let state = c.updates.borrow().state.clone();
         if let Some(crypto) = &self.crypto {
             crypto.publish_to(c.store.clone(), &self.node);
         }
@@ -737,8 +780,8 @@ fn apply_pause(took: Duration) -> Duration {
 
 /// What the store told the agent.
 enum StoreEvent {
-    /// A new state (boxed: a state is large next to the other variant).
-    Changed(Box<State>),
+    /// The followed state changed; it is at this revision now.
+    Changed(u64),
     /// The node registered again after losing its liveness: peers may have
     /// freed its endpoints meanwhile.
     Reregistered,
@@ -750,7 +793,7 @@ async fn next_store_event(c: Option<&mut Connected>) -> Result<StoreEvent> {
     tokio::select! {
         changed = c.updates.changed() => {
             changed.context("store follower stopped")?;
-            Ok(StoreEvent::Changed(Box::new(c.updates.borrow_and_update().clone())))
+            Ok(StoreEvent::Changed(c.updates.borrow_and_update().state.revision))
         }
         () = next_reregistration(&mut c.reregistrations) => Ok(StoreEvent::Reregistered),
     }

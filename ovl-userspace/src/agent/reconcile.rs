@@ -16,28 +16,42 @@ use super::{
     view::{NetworkView, View},
 };
 use crate::{
-    datapath::Datapath,
-    desired::desired,
+    datapath::{Datapath, SyncCount},
+    desired::{Desired, Plans},
     egress_nat,
     model::{Endpoint, Location, State},
     netlink::{self, Underlay},
-    store::Store,
+    store::{Dirty, Store},
 };
 
 /// Brings maps, egress hooks and the host ends' offloads in line with
-/// `state`, and publishes the result in `view`. `ifindex_of` resolves a
-/// host interface name.
+/// `state`, and publishes the result in `view`. Only the networks `dirty`
+/// covers are planned again (`plans` keeps the others'), and only their
+/// endpoint entries compared with the map. `ifindex_of` resolves a host
+/// interface name.
+#[allow(clippy::too_many_arguments)]
 pub fn reconcile(
     dp: &mut Datapath,
     state: &State,
+    plans: &mut Plans,
+    dirty: &Dirty,
     node: &str,
     underlay: &Underlay,
     view: &View,
     host_ends: &mut HostEnds,
     ifindex_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<()> {
-    let want = desired(state, node, underlay.addr, ifindex_of);
-    for (vni, net) in &want.networks {
+    let touched = plans.update(state, node, underlay.addr, ifindex_of, dirty);
+    if dirty.is_empty() {
+        view.update(|live| live.revision = state.revision);
+        return Ok(());
+    }
+    let mut want = Desired {
+        vxlan_port: state.cluster.vxlan_port,
+        ..Desired::default()
+    };
+    plans.merge_small_into(&mut want);
+    for (vni, net) in want.networks.iter().filter(|(v, _)| touched.contains(v)) {
         if net.mtu + ENCAP_OVERHEAD > underlay.mtu {
             log::warn!(
                 "network with VNI {vni} has MTU {}; with VXLAN's {ENCAP_OVERHEAD} bytes that exceeds {}'s MTU {} — large packets will be dropped as too_big",
@@ -57,13 +71,34 @@ pub fn reconcile(
     if dp.set_vxlan_port(want.vxlan_port)? {
         log::info!("VXLAN now on UDP port {}", want.vxlan_port);
     }
-    let changed = dp.sync_endpoints(&want.endpoints)?;
+    let mut changed = SyncCount::default();
+    let mut total = 0;
+    for (_, plan) in plans.iter() {
+        total += plan.endpoints.len();
+    }
+    // A whole apply also removes what no network of this node holds (an
+    // earlier agent's entries); otherwise only the touched networks'
+    // entries are compared.
+    let vnis: BTreeSet<u32> = match dirty {
+        Dirty::All => {
+            let served: BTreeSet<u32> = plans.iter().map(|(_, p)| p.vni).collect();
+            changed += dp.keep_network_endpoints(&served)?;
+            served
+        }
+        Dirty::Networks(_) => touched,
+    };
+    for vni in vnis {
+        let entries = plans
+            .of_vni(vni)
+            .into_iter()
+            .flat_map(|p| p.endpoints.iter().map(|(ip, e)| (*ip, *e)));
+        changed += dp.sync_network_endpoints(vni, entries)?;
+    }
     if changed.written + changed.removed > 0 {
         log::info!(
-            "endpoints: {} written, {} removed ({} total)",
+            "endpoints: {} written, {} removed ({total} total)",
             changed.written,
             changed.removed,
-            want.endpoints.len()
         );
     }
 
@@ -83,7 +118,7 @@ pub fn reconcile(
         log::debug!("local endpoint interface {name} does not exist yet");
     }
 
-    publish(state, &want, view);
+    publish(state, plans, view);
     // Last: the host's side of external egress runs nft and ip, slower than
     // the map writes the containers' traffic waits for.
     egress_nat::ensure_logged(&underlay.name, &want.egress);
@@ -92,7 +127,7 @@ pub fn reconcile(
 
 /// Publishes what the maps now hold: network endpoint counts and which
 /// local endpoints forward.
-fn publish(state: &State, want: &crate::desired::Desired, view: &View) {
+fn publish(state: &State, plans: &Plans, view: &View) {
     let mut networks: BTreeMap<u32, NetworkView> = state
         .networks
         .values()
@@ -109,16 +144,13 @@ fn publish(state: &State, want: &crate::desired::Desired, view: &View) {
         })
         .collect();
     let mut ready = BTreeSet::new();
-    for ((vni, ip), ep) in &want.endpoints {
-        let Some(net) = networks.get_mut(vni) else {
-            continue;
-        };
-        if ep.is_local() {
-            net.local_endpoints += 1;
-            ready.insert((*vni, Ipv4Addr::from(*ip)));
-        } else {
-            net.remote_endpoints += 1;
+    for (_, plan) in plans.iter() {
+        let local: Vec<[u8; 4]> = plan.local_endpoints().collect();
+        if let Some(net) = networks.get_mut(&plan.vni) {
+            net.local_endpoints = local.len() as u64;
+            net.remote_endpoints = (plan.endpoints.len() - local.len()) as u64;
         }
+        ready.extend(local.into_iter().map(|ip| (plan.vni, Ipv4Addr::from(ip))));
     }
     view.update(|live| {
         live.networks = networks;
@@ -228,10 +260,11 @@ pub async fn free_nodes_found_dead(store: &Store, me: &str, state: &State) {
     }
 }
 
-/// Nodes that just died still own endpoints in the store; free them (every
-/// agent may try: the store only deletes while the node stays dead).
-pub async fn free_dead_nodes(store: &Store, me: &str, before: &State, after: &State) {
-    let (Some(was), Some(now)) = (&before.alive, &after.alive) else {
+/// Nodes that just died (alive in `was`, not in `now`'s liveness) still
+/// own endpoints in the store; free them (every agent may try: the store
+/// only deletes while the node stays dead).
+pub async fn free_dead_nodes(store: &Store, me: &str, was: Option<&BTreeSet<String>>, now: &State) {
+    let (Some(was), Some(now)) = (was, &now.alive) else {
         return;
     };
     // Our own liveness lapsing is the liveness thread's to repair.

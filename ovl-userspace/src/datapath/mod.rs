@@ -539,18 +539,54 @@ impl Datapath {
         &mut self,
         want: &BTreeMap<(u32, [u8; 4]), Endpoint>,
     ) -> Result<SyncCount> {
-        self.sync_map(
+        let mut by_vni: BTreeMap<u32, Vec<([u8; 4], Endpoint)>> = BTreeMap::new();
+        for ((vni, addr), ep) in want {
+            by_vni.entry(*vni).or_default().push((*addr, *ep));
+        }
+        let mut count = SyncCount::default();
+        for (vni, entries) in &by_vni {
+            count += self.sync_network_endpoints(*vni, entries.iter().copied())?;
+        }
+        count += self.keep_network_endpoints(&by_vni.keys().copied().collect())?;
+        Ok(count)
+    }
+
+    /// Makes OVL_ENDPOINTS hold exactly `want` (address → endpoint) for
+    /// network `vni`, leaving other networks' entries alone.
+    pub fn sync_network_endpoints(
+        &mut self,
+        vni: u32,
+        want: impl IntoIterator<Item = ([u8; 4], Endpoint)>,
+    ) -> Result<SyncCount> {
+        let (shadow, mut map) = self.endpoints_map()?;
+        shadow.sync_part(
             names::ENDPOINTS,
-            want.iter().map(|((vni, addr), ep)| {
-                (
-                    VniAddr {
-                        vni: *vni,
-                        addr: *addr,
-                    },
-                    *ep,
-                )
-            }),
+            &mut map,
+            vni_of,
+            vni,
+            want.into_iter()
+                .map(|(addr, ep)| (VniAddr { vni, addr }, ep)),
         )
+    }
+
+    /// Removes OVL_ENDPOINTS entries of every network but `vnis`.
+    pub fn keep_network_endpoints(&mut self, vnis: &BTreeSet<u32>) -> Result<SyncCount> {
+        let (shadow, mut map) = self.endpoints_map()?;
+        shadow.keep_parts(names::ENDPOINTS, &mut map, vni_of, vnis)
+    }
+
+    fn endpoints_map(
+        &mut self,
+    ) -> Result<(
+        &mut shadow::Shadow,
+        HashMap<&mut MapData, VniAddr, Endpoint>,
+    )> {
+        let name = names::ENDPOINTS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing from the object"))?;
+        Ok((&mut self.shadow, HashMap::try_from(map)?))
     }
 
     /// Makes OVL_VTEPS hold exactly `want`, those in `keyed` marked as
@@ -625,11 +661,24 @@ pub struct TestRunOutcome {
     pub duration: std::time::Duration,
 }
 
+/// The network of an OVL_ENDPOINTS key: the partition its entries are
+/// synced in.
+fn vni_of(key: &VniAddr) -> u32 {
+    key.vni
+}
+
 /// Entries added or changed, and removed, by one map sync.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncCount {
     pub written: usize,
     pub removed: usize,
+}
+
+impl std::ops::AddAssign for SyncCount {
+    fn add_assign(&mut self, other: SyncCount) {
+        self.written += other.written;
+        self.removed += other.removed;
+    }
 }
 
 /// Per-VNI counters summed over CPUs, read from a node's pinned maps.

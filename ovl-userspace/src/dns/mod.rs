@@ -40,7 +40,7 @@ pub use self::{
     stats::{DnsCounters, Stats},
     upstream::{HOST_RESOLV_CONF, parse_upstream},
 };
-use crate::model::State;
+use crate::{model::State, store::Dirty};
 
 /// Where containers find ovl's resolver, as Docker's embedded DNS sits at
 /// the same address in its containers.
@@ -207,12 +207,29 @@ impl Service {
     /// says whether a host interface exists (the agent's cache: asking the
     /// kernel for every local endpoint at every change costs more than the
     /// rest of the update). A namespace that could not be opened is tried
-    /// again only after [`links_changed`](Self::links_changed).
-    pub fn update(&mut self, state: &State, node: &str, link_exists: &dyn Fn(&str) -> bool) {
+    /// again only after [`links_changed`](Self::links_changed). Only the
+    /// networks `dirty` covers are built again; the others' records are
+    /// those of the last update.
+    pub fn update(
+        &mut self,
+        state: &State,
+        node: &str,
+        link_exists: &dyn Fn(&str) -> bool,
+        dirty: &Dirty,
+    ) {
         let Some(r) = &mut self.running else {
             return;
         };
-        let records = Records::build(state, node, link_exists);
+        if dirty.is_empty() {
+            return;
+        }
+        let prev = r
+            .shared
+            .records
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let records = Records::rebuild(&prev, state, node, link_exists, dirty);
         let wanted: BTreeSet<String> = records.namespaces().map(str::to_owned).collect();
         *r.shared.records.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(records);
         let mut served = r.served.lock().unwrap_or_else(|p| p.into_inner());

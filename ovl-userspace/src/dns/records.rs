@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use hickory_proto::{
@@ -21,6 +22,7 @@ use crate::{
     ipam::Subnet,
     model::{Location, State, validate_endpoint_name},
     netns,
+    store::Dirty,
 };
 
 /// TTL of every record answered from ovl's own names: short, so that a
@@ -43,7 +45,9 @@ struct NetworkRecords {
 /// Everything the resolver answers from.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Records {
-    networks: BTreeMap<String, NetworkRecords>,
+    /// Shared with the records built before: a rebuild after a change of
+    /// one network builds only that network's.
+    networks: BTreeMap<String, Arc<NetworkRecords>>,
     /// Local container namespace (its path) → the networks it is on, by
     /// name order.
     scopes: BTreeMap<String, Vec<String>>,
@@ -68,6 +72,18 @@ impl Records {
     /// while its VTEP is known and its node alive (as in the maps); a local
     /// one once `link_exists` says its host veth is there.
     pub fn build(state: &State, node: &str, link_exists: &dyn Fn(&str) -> bool) -> Records {
+        Records::rebuild(&Records::default(), state, node, link_exists, &Dirty::All)
+    }
+
+    /// As [`Records::build`], taking from `prev` (built from an earlier
+    /// state) the networks `dirty` does not cover.
+    pub fn rebuild(
+        prev: &Records,
+        state: &State,
+        node: &str,
+        link_exists: &dyn Fn(&str) -> bool,
+        dirty: &Dirty,
+    ) -> Records {
         let mut records = Records::default();
         for ep in &state.endpoints {
             if let Location::Container {
@@ -84,29 +100,39 @@ impl Records {
         }
         let served: std::collections::BTreeSet<&String> =
             records.scopes.values().flatten().collect();
-        let mut networks: BTreeMap<String, NetworkRecords> = served
-            .into_iter()
-            .filter_map(|name| {
-                let net = state.networks.get(name)?;
-                Some((
-                    name.clone(),
-                    NetworkRecords {
-                        subnets: net.subnets.iter().map(|p| p.subnet).collect(),
-                        ..NetworkRecords::default()
-                    },
-                ))
-            })
-            .collect();
+        let mut fresh: BTreeMap<&str, NetworkRecords> = BTreeMap::new();
+        for name in served {
+            let Some(net) = state.networks.get(name) else {
+                continue;
+            };
+            match prev.networks.get(name) {
+                Some(kept) if !dirty.covers(name) => {
+                    records.networks.insert(name.clone(), kept.clone());
+                }
+                _ => {
+                    fresh.insert(
+                        name,
+                        NetworkRecords {
+                            subnets: net.subnets.iter().map(|p| p.subnet).collect(),
+                            ..NetworkRecords::default()
+                        },
+                    );
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return records;
+        }
         // Which nodes' endpoints are reachable (known and alive), looked up
         // once per node rather than once per endpoint: this loop runs over
-        // every endpoint of the served networks at every apply.
+        // every endpoint of the changed networks.
         let live_nodes: HashMap<&str, bool> = state
             .nodes
             .keys()
             .map(|n| (n.as_str(), state.is_alive(n)))
             .collect();
         for ep in &state.endpoints {
-            let Some(net) = networks.get_mut(&ep.network) else {
+            let Some(net) = fresh.get_mut(ep.network.as_str()) else {
                 continue;
             };
             let reachable = match &ep.location {
@@ -139,7 +165,15 @@ impl Records {
                 net.by_ip.insert(ep.ip, name.to_owned());
             }
         }
-        records.networks = networks;
+        for (name, net) in fresh {
+            // One name held twice (a store from before names were unique):
+            // its addresses in a fixed order, whatever the endpoints' order.
+            let mut net = net;
+            for ips in net.by_name.values_mut().filter(|ips| ips.len() > 1) {
+                ips.sort();
+            }
+            records.networks.insert(name.to_owned(), Arc::new(net));
+        }
         records
     }
 
@@ -167,7 +201,7 @@ impl Records {
         let in_scope = || {
             scope
                 .iter()
-                .filter_map(|n| Some((n.as_str(), self.networks.get(n)?)))
+                .filter_map(|n| Some((n.as_str(), &**self.networks.get(n)?)))
         };
         if let Some(ip) = reverse_ipv4(name) {
             return Some(self.resolve_reverse(in_scope(), name, qtype, ip));
@@ -456,5 +490,35 @@ mod tests {
             r.resolve(&namespace_key("c-web"), &n("web."), RecordType::A)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_rebuild_makes_only_the_changed_networks_and_equals_a_build() {
+        let mut s = world();
+        let before = records(&s);
+        s.set_names("red", s.endpoints[2].ip, None, vec!["database".into()])
+            .unwrap();
+        let red = Dirty::Networks(["red".to_owned()].into());
+        let after = Records::rebuild(&before, &s, ME, &|_| true, &red);
+        assert_eq!(after, records(&s));
+        // Blue's records are the very same, red's are new.
+        assert!(Arc::ptr_eq(
+            &before.networks["blue"],
+            &after.networks["blue"]
+        ));
+        assert!(!Arc::ptr_eq(
+            &before.networks["red"],
+            &after.networks["red"]
+        ));
+        let other = namespace_key("c-other");
+        let asked = after
+            .resolve(&other, &n("database"), RecordType::A)
+            .unwrap();
+        assert_eq!(ips(&asked), vec![s.endpoints[2].ip]);
+        // The last local container leaves red: red is no longer served.
+        s.remove_container("red", ME, "c-other").unwrap();
+        let gone = Records::rebuild(&after, &s, ME, &|_| true, &red);
+        assert_eq!(gone, records(&s));
+        assert!(!gone.networks.contains_key("red"));
     }
 }

@@ -28,7 +28,7 @@ use super::{
 use crate::{
     attachment,
     model::{Endpoint, Location, Network, State},
-    store::{Scope, Store},
+    store::{Followed, Scope, Store},
 };
 
 /// How often a pass runs without store changes.
@@ -151,7 +151,7 @@ impl Suspects {
 /// The loop: a pass on every store change, nudge, and [`PERIOD`].
 pub async fn run(ctx: Arc<Context>) {
     let mut suspects = Suspects::default();
-    let mut updates: Option<watch::Receiver<State>> = None;
+    let mut updates: Option<watch::Receiver<Followed>> = None;
     let mut complaints = Complaints::default();
     let mut tick = tokio::time::interval(PERIOD);
     loop {
@@ -182,7 +182,7 @@ pub async fn run(ctx: Arc<Context>) {
 }
 
 async fn next_change(
-    rx: Option<&mut watch::Receiver<State>>,
+    rx: Option<&mut watch::Receiver<Followed>>,
 ) -> Result<(), watch::error::RecvError> {
     rx.expect("only polled with a receiver").changed().await
 }

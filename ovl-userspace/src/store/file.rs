@@ -16,7 +16,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::StoreError;
+use super::{Followed, StoreError};
 use crate::{
     model::{ModelError, SCHEMA_VERSION, State},
     release::{DEFAULT_ADDRESS_GRACE, GraceClock},
@@ -211,17 +211,18 @@ impl FileStore {
     }
 
     /// Polls the file and publishes each new revision.
-    pub fn subscribe(&self) -> Result<watch::Receiver<State>, StoreError> {
+    /// Each revision is read whole, and published so.
+    pub fn subscribe(&self) -> Result<watch::Receiver<Followed>, StoreError> {
         let first = self.load()?;
-        let (tx, rx) = watch::channel(first);
+        let (tx, rx) = watch::channel(Followed::whole(first));
         let store = FileStore::new(self.dir.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(POLL);
             loop {
                 tick.tick().await;
                 match store.load() {
-                    Ok(s) if s.revision != tx.borrow().revision => {
-                        if tx.send(s).is_err() {
+                    Ok(s) if s.revision != tx.borrow().state.revision => {
+                        if tx.send(Followed::whole(s)).is_err() {
                             return;
                         }
                     }

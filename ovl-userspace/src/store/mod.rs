@@ -7,12 +7,14 @@
 
 mod etcd;
 mod file;
+mod followed;
 pub mod options;
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 pub use etcd::{EtcdStore, KEY_PREFIX};
 pub use file::FileStore;
+pub use followed::{ChangeLog, Changed, Dirty, Followed, Part, catch_up};
 pub use options::{EtcdAccess, StoreOptions, StoreUrl};
 use tokio::sync::watch;
 
@@ -341,10 +343,11 @@ impl Store {
         }
     }
 
-    /// Follows the state: the receiver always holds the latest state seen.
-    /// The first state is loaded before this returns. Read errors later on
-    /// keep the last state (the data path keeps forwarding) and retry.
-    pub async fn subscribe(&self) -> Result<watch::Receiver<State>, StoreError> {
+    /// Follows the state: the receiver always holds the latest state seen,
+    /// with what changed in it since (see [`ChangeLog`]). The first state
+    /// is loaded before this returns. Read errors later on keep the last
+    /// state (the data path keeps forwarding) and retry.
+    pub async fn subscribe(&self) -> Result<watch::Receiver<Followed>, StoreError> {
         match self {
             Store::File(f) => f.subscribe(),
             Store::Etcd(e) => e.subscribe().await,

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::{
     model::{ClusterSettings, Endpoint, Location, Network, Node, SCHEMA_VERSION, State},
     release::{AddressConflict, Released},
-    store::StoreError,
+    store::{Part, StoreError},
 };
 
 /// Every ovl key starts with this.
@@ -237,10 +237,30 @@ pub fn decode<'a>(revision: i64, kvs: impl IntoIterator<Item = (&'a str, &'a [u8
 
 /// Applies one key's new value (`None`: deleted) to a decoded state. A
 /// value that cannot be read is logged and skipped: one bad key must not
-/// take a node's data path down.
-pub fn apply(state: &mut State, key: &str, value: Option<&[u8]>) {
+/// take a node's data path down. Returns the part of the state the key
+/// belongs to (changed, or emptied by the bad value).
+pub fn apply<'k>(state: &mut State, key: &'k str, value: Option<&[u8]>) -> Part<'k> {
     if let Err(e) = try_apply(state, key, value) {
         log::error!("{e}");
+    }
+    part_of(key)
+}
+
+/// The part of the decoded state `key` belongs to.
+pub fn part_of(key: &str) -> Part<'_> {
+    if let Some(name) = key.strip_prefix(NETWORKS) {
+        Part::Network(name)
+    } else if let Some(rest) = key.strip_prefix(ENDPOINTS) {
+        match network_and_ip(rest) {
+            Some((network, _)) => Part::Network(network),
+            None => Part::Nothing,
+        }
+    } else if key.starts_with(NODES) || key.starts_with(ALIVE) || key == CLUSTER_KEY {
+        Part::Nodes
+    } else if key.starts_with(RELEASED) || key.starts_with(CONFLICTS) {
+        Part::Other
+    } else {
+        Part::Nothing
     }
 }
 

@@ -10,19 +10,23 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::sync::watch;
 
 use super::{EtcdStore, KEY_PREFIX, Range, codec::apply};
-use crate::{model::State, store::StoreError};
+use crate::{
+    model::State,
+    store::{Followed, StoreError},
+};
 
 impl EtcdStore {
     /// Lists, then watches from the listed revision, publishing every
-    /// change; re-lists after a compaction, a cancelled watch or an etcd
-    /// outage (keeping the last state meanwhile).
-    pub async fn subscribe(&self) -> Result<watch::Receiver<State>, StoreError> {
+    /// change with the part it touched; re-lists after a compaction, a
+    /// cancelled watch or an etcd outage (keeping the last state
+    /// meanwhile), and publishes a re-listed state as whole.
+    pub async fn subscribe(&self) -> Result<watch::Receiver<Followed>, StoreError> {
         let first = self.list_all().await?;
-        let (tx, rx) = watch::channel(first);
+        let (tx, rx) = watch::channel(Followed::whole(first));
         let store = self.clone();
         tokio::spawn(async move {
             loop {
-                let from = tx.borrow().revision;
+                let from = tx.borrow().state.revision;
                 match store.follow(from, &tx).await {
                     Ok(()) => return, // every receiver is gone
                     Err(e) => log::warn!("{e}; keeping the last known state and re-listing"),
@@ -44,7 +48,7 @@ impl EtcdStore {
                             store.describe(),
                             state.revision
                         );
-                        if tx.send(state).is_err() {
+                        if tx.send(Followed::whole(state)).is_err() {
                             return;
                         }
                     }
@@ -65,7 +69,7 @@ impl EtcdStore {
 
     /// Applies watch events from revision `from + 1` on to the published
     /// state until the watch fails or every receiver is gone.
-    async fn follow(&self, from: u64, tx: &watch::Sender<State>) -> Result<(), StoreError> {
+    async fn follow(&self, from: u64, tx: &watch::Sender<Followed>) -> Result<(), StoreError> {
         let mut c = self.client.clone();
         let opts = WatchOptions::new()
             .with_prefix()
@@ -102,15 +106,20 @@ impl EtcdStore {
                 continue;
             }
             let revision = resp.header().map_or(0, |h| h.revision()).max(0) as u64;
-            tx.send_modify(|state| {
+            tx.send_modify(|Followed { state, changes }| {
                 for ev in resp.events() {
                     let Some(kv) = ev.kv() else { continue };
                     let key = String::from_utf8_lossy(kv.key());
-                    match ev.event_type() {
+                    let part = match ev.event_type() {
                         EventType::Put => apply(state, &key, Some(kv.value())),
                         EventType::Delete => apply(state, &key, None),
-                    }
-                    state.revision = state.revision.max(kv.mod_revision().max(0) as u64);
+                    };
+                    let at = kv.mod_revision().max(0) as u64;
+                    // Marked at the response's revision, never before the
+                    // event's: a reader in between copies the part once
+                    // more, none misses it.
+                    changes.touch(part, at.max(revision));
+                    state.revision = state.revision.max(at);
                 }
                 state.revision = state.revision.max(revision);
             });
