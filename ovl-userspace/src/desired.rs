@@ -79,15 +79,19 @@ pub struct NetworkPlan {
     pub subnets: BTreeMap<(u32, [u8; 4], u8), SubnetInfo>,
     /// Address → endpoint, local and remote.
     pub endpoints: BTreeMap<[u8; 4], MapEndpoint>,
-    /// Remote VTEPs allowed to send, and those of them an encrypted
-    /// network sends to.
-    pub vteps: BTreeSet<[u8; 4]>,
+    /// Remote VTEPs allowed to send → how many endpoints are behind each.
+    pub vteps: BTreeMap<[u8; 4], usize>,
+    /// Those of `vteps` an encrypted network sends to (their node
+    /// published a WireGuard key).
     pub keyed_vteps: BTreeSet<[u8; 4]>,
     /// Local containers: host-side ifindex → interface, and names.
     pub ifaces: BTreeMap<u32, Iface>,
     pub iface_names: BTreeMap<u32, String>,
     pub missing_links: Vec<String>,
     pub egress: Vec<EgressEndpoint>,
+    /// Endpoints of the network on this node (forwarding or not): the
+    /// node serves the network while there is one.
+    here: usize,
 }
 
 impl NetworkPlan {
@@ -98,11 +102,148 @@ impl NetworkPlan {
             .filter(|(_, e)| e.is_local())
             .map(|(ip, _)| *ip)
     }
+
+    /// A plan of `net` without endpoints.
+    fn new(net: &Network) -> NetworkPlan {
+        let vni = net.vni.get();
+        let mut p = NetworkPlan {
+            vni,
+            info: NetworkInfo {
+                mtu: net.mtu,
+                flags: if net.internal {
+                    network_flags::INTERNAL
+                } else {
+                    0
+                } | if net.encrypted {
+                    network_flags::ENCRYPTED
+                } else {
+                    0
+                },
+            },
+            ..NetworkPlan::default()
+        };
+        for pool in &net.subnets {
+            p.subnets.insert(
+                (vni, pool.subnet.network().octets(), pool.subnet.prefix()),
+                SubnetInfo {
+                    gateway: pool.gateway.octets(),
+                },
+            );
+        }
+        p
+    }
+
+    /// Adds what endpoint `ep` of `net` puts in the maps of the node `ctx`
+    /// describes.
+    fn add(&mut self, ctx: &Context<'_>, net: &Network, ep: &Endpoint) {
+        let vni = self.vni;
+        let ip = ep.ip.octets();
+        if ep.node() == Some(ctx.node) {
+            self.here += 1;
+        }
+        match &ep.location {
+            Location::Container {
+                node: n,
+                host_ifname,
+                ..
+            } if n == ctx.node => {
+                let Some(ifindex) = (ctx.ifindex_of)(host_ifname) else {
+                    self.missing_links.push(host_ifname.clone());
+                    return;
+                };
+                self.endpoints.insert(
+                    ip,
+                    MapEndpoint {
+                        mac: ep.mac.0,
+                        _pad: [0; 2],
+                        ifindex,
+                        vtep: [0; 4],
+                    },
+                );
+                let gateway = net.pool_of(ep.ip).map(|p| p.gateway.octets());
+                self.ifaces.insert(
+                    ifindex,
+                    Iface {
+                        vni,
+                        addr: ip,
+                        // An address outside every subnet has no gateway to
+                        // answer from; its container still switches.
+                        gateway: gateway.unwrap_or([0; 4]),
+                        mac: ep.mac.0,
+                        _pad: [0; 2],
+                    },
+                );
+                self.iface_names.insert(ifindex, host_ifname.clone());
+                if !net.internal {
+                    self.egress.push(EgressEndpoint {
+                        vni,
+                        ip: ep.ip,
+                        mac: ep.mac.0,
+                        ifindex,
+                        ifname: host_ifname.clone(),
+                    });
+                }
+            }
+            _ => {
+                // A remote endpoint needs a known VTEP that is not us.
+                let Some((Some(remote), keyed)) = ctx.remote_of(ep) else {
+                    return;
+                };
+                if remote == ctx.vtep {
+                    return;
+                }
+                let remote = remote.octets();
+                self.endpoints.insert(
+                    ip,
+                    MapEndpoint {
+                        mac: ep.mac.0,
+                        _pad: [0; 2],
+                        ifindex: 0,
+                        vtep: remote,
+                    },
+                );
+                *self.vteps.entry(remote).or_default() += 1;
+                if net.encrypted && keyed {
+                    self.keyed_vteps.insert(remote);
+                }
+            }
+        }
+    }
+
+    /// Takes back what [`NetworkPlan::add`] added for `ep`.
+    fn remove(&mut self, ctx: &Context<'_>, ep: &Endpoint) {
+        if ep.node() == Some(ctx.node) {
+            self.here = self.here.saturating_sub(1);
+        }
+        let Some(entry) = self.endpoints.remove(&ep.ip.octets()) else {
+            // In no map: a local one without its veth, or nothing at all.
+            if let Location::Container {
+                node, host_ifname, ..
+            } = &ep.location
+                && node == ctx.node
+                && let Some(at) = self.missing_links.iter().position(|n| n == host_ifname)
+            {
+                self.missing_links.swap_remove(at);
+            }
+            return;
+        };
+        if entry.is_local() {
+            self.ifaces.remove(&entry.ifindex);
+            self.iface_names.remove(&entry.ifindex);
+            self.egress.retain(|e| e.ip != ep.ip);
+        } else if let Some(n) = self.vteps.get_mut(&entry.vtep) {
+            *n -= 1;
+            if *n == 0 {
+                self.vteps.remove(&entry.vtep);
+                self.keyed_vteps.remove(&entry.vtep);
+            }
+        }
+    }
 }
 
 /// The plans of the networks a node serves, kept between applies: an
-/// apply recomputes only the networks that changed (with ten thousand
-/// endpoints in twenty networks, a twentieth of the work).
+/// apply recomputes only what changed (an endpoint's entries, or a
+/// network whose record changed), not ten thousand endpoints.
 #[derive(Debug, Default)]
 pub struct Plans {
     by_network: BTreeMap<String, NetworkPlan>,
@@ -114,17 +255,30 @@ struct Context<'a> {
     vtep: Ipv4Addr,
     /// Node name → its VTEP while alive, and whether it published a
     /// WireGuard key. One hash lookup per endpoint instead of searches of
-    /// the ordered maps by name: with tens of thousands of endpoints this
-    /// is most of a plan.
+    /// the ordered maps by name.
     nodes: HashMap<&'a str, (Option<Ipv4Addr>, bool)>,
     ifindex_of: &'a dyn Fn(&str) -> Option<u32>,
 }
 
+impl Context<'_> {
+    /// As `State::vtep_of`: a known node that is alive, or a static VTEP;
+    /// with whether it is keyed.
+    fn remote_of(&self, ep: &Endpoint) -> Option<(Option<Ipv4Addr>, bool)> {
+        match &ep.location {
+            Location::Container { node, .. } => self.nodes.get(node.as_str()).copied(),
+            Location::Reserved { .. } => None,
+            Location::Static { vtep } => Some((Some(*vtep), false)),
+        }
+    }
+}
+
 impl Plans {
-    /// Recomputes the plans of the networks `dirty` covers from `state`
-    /// (see [`desired`]). Returns the VNIs whose endpoint entries may have
-    /// changed: a changed network's, and the old one of a network that
-    /// went or took another VNI.
+    /// Brings the plans in line with `state` where `dirty` says it changed
+    /// (see [`desired`]): a network covered whole is planned again from
+    /// its endpoints, a changed endpoint's entries are taken back and
+    /// added anew. Returns the VNIs whose endpoint entries may have
+    /// changed (a network's, and the old one of a network that went or
+    /// took another VNI).
     pub fn update(
         &mut self,
         state: &State,
@@ -155,42 +309,83 @@ impl Plans {
                 .collect(),
             ifindex_of,
         };
-        // The changed networks' endpoints, in one pass, and which of them
-        // have one here.
-        let mut members: HashMap<&str, Vec<&Endpoint>> = HashMap::new();
-        let mut here: BTreeSet<&str> = BTreeSet::new();
-        for ep in &state.endpoints {
-            if !dirty.covers(&ep.network) {
-                continue;
-            }
-            members.entry(ep.network.as_str()).or_default().push(ep);
-            if ep.node() == Some(node) {
-                here.insert(ep.network.as_str());
-            }
-        }
-        let names: BTreeSet<String> = match dirty {
+        // Planned anew: networks covered whole, and networks not served
+        // until now that one of the changes brings to this node.
+        let mut whole: BTreeSet<String> = match dirty {
             Dirty::All => self
                 .by_network
                 .keys()
                 .chain(state.networks.keys())
                 .cloned()
                 .collect(),
-            Dirty::Networks(n) => n.clone(),
+            Dirty::Some { networks, .. } => networks.clone(),
         };
-        for name in names {
-            if let Some(old) = self.by_network.remove(&name) {
-                touched.insert(old.vni);
+        for name in dirty.networks_with_endpoint_changes() {
+            let arrives = || {
+                dirty
+                    .endpoints_of(name)
+                    .iter()
+                    .any(|c| c.after.as_ref().is_some_and(|e| e.node() == Some(node)))
+            };
+            if !self.by_network.contains_key(name) && arrives() {
+                whole.insert(name.to_owned());
             }
-            let Some(net) = state.networks.get(&name) else {
+        }
+        for name in dirty.networks_with_endpoint_changes() {
+            if whole.contains(name) {
+                continue;
+            }
+            let (Some(plan), Some(net)) = (self.by_network.get_mut(name), state.networks.get(name))
+            else {
                 continue;
             };
-            if !here.contains(name.as_str()) {
+            for change in dirty.endpoints_of(name) {
+                if let Some(before) = &change.before {
+                    plan.remove(&ctx, before);
+                }
+                if let Some(after) = &change.after {
+                    plan.add(&ctx, net, after);
+                }
+            }
+            touched.insert(plan.vni);
+            if plan.here == 0 {
+                self.by_network.remove(name);
+            }
+        }
+        if whole.is_empty() {
+            return touched;
+        }
+        for name in &whole {
+            if let Some(old) = self.by_network.remove(name) {
+                touched.insert(old.vni);
+            }
+            if let Some(net) = state.networks.get(name) {
+                self.by_network.insert(name.clone(), NetworkPlan::new(net));
+            }
+        }
+        for ep in &state.endpoints {
+            if !whole.contains(&ep.network) {
                 continue;
             }
-            let eps = members.get(name.as_str()).map_or(&[][..], Vec::as_slice);
-            let plan = plan(&ctx, net, eps);
-            touched.insert(plan.vni);
-            self.by_network.insert(name, plan);
+            let (Some(plan), Some(net)) = (
+                self.by_network.get_mut(&ep.network),
+                state.networks.get(&ep.network),
+            ) else {
+                continue;
+            };
+            plan.add(&ctx, net, ep);
+        }
+        // Networks with no endpoint here are not served.
+        for name in &whole {
+            match self.by_network.get(name) {
+                Some(p) if p.here == 0 => {
+                    self.by_network.remove(name);
+                }
+                Some(p) => {
+                    touched.insert(p.vni);
+                }
+                None => {}
+            }
         }
         touched
     }
@@ -227,7 +422,7 @@ impl Plans {
             let vni = p.vni;
             d.networks.insert(vni, p.info);
             d.subnets.extend(p.subnets.iter().map(|(k, v)| (*k, *v)));
-            d.vteps.extend(p.vteps.iter().map(|v| (vni, *v)));
+            d.vteps.extend(p.vteps.keys().map(|v| (vni, *v)));
             d.keyed_vteps
                 .extend(p.keyed_vteps.iter().map(|v| (vni, *v)));
             d.ifaces.extend(p.ifaces.iter().map(|(k, v)| (*k, *v)));
@@ -236,115 +431,9 @@ impl Plans {
             d.missing_links.extend(p.missing_links.iter().cloned());
             d.egress.extend(p.egress.iter().cloned());
         }
+        d.missing_links.sort();
         d.egress.sort_by_key(|e| (e.vni, e.ip));
     }
-}
-
-/// What network `net`, with endpoints `eps`, puts in the maps of the node
-/// `ctx` describes.
-fn plan(ctx: &Context<'_>, net: &Network, eps: &[&Endpoint]) -> NetworkPlan {
-    let vni = net.vni.get();
-    let mut p = NetworkPlan {
-        vni,
-        info: NetworkInfo {
-            mtu: net.mtu,
-            flags: if net.internal {
-                network_flags::INTERNAL
-            } else {
-                0
-            } | if net.encrypted {
-                network_flags::ENCRYPTED
-            } else {
-                0
-            },
-        },
-        ..NetworkPlan::default()
-    };
-    for pool in &net.subnets {
-        p.subnets.insert(
-            (vni, pool.subnet.network().octets(), pool.subnet.prefix()),
-            SubnetInfo {
-                gateway: pool.gateway.octets(),
-            },
-        );
-    }
-    // As `State::vtep_of`: a known node that is alive, or a static VTEP.
-    let remote_of = |ep: &Endpoint| match &ep.location {
-        Location::Container { node, .. } => ctx.nodes.get(node.as_str()).copied(),
-        Location::Reserved { .. } => None,
-        Location::Static { vtep } => Some((Some(*vtep), false)),
-    };
-    for ep in eps {
-        let ip = ep.ip.octets();
-        match &ep.location {
-            Location::Container {
-                node: n,
-                host_ifname,
-                ..
-            } if n == ctx.node => {
-                let Some(ifindex) = (ctx.ifindex_of)(host_ifname) else {
-                    p.missing_links.push(host_ifname.clone());
-                    continue;
-                };
-                p.endpoints.insert(
-                    ip,
-                    MapEndpoint {
-                        mac: ep.mac.0,
-                        _pad: [0; 2],
-                        ifindex,
-                        vtep: [0; 4],
-                    },
-                );
-                let gateway = net.pool_of(ep.ip).map(|p| p.gateway.octets());
-                p.ifaces.insert(
-                    ifindex,
-                    Iface {
-                        vni,
-                        addr: ip,
-                        // An address outside every subnet has no gateway to
-                        // answer from; its container still switches.
-                        gateway: gateway.unwrap_or([0; 4]),
-                        mac: ep.mac.0,
-                        _pad: [0; 2],
-                    },
-                );
-                p.iface_names.insert(ifindex, host_ifname.clone());
-                if !net.internal {
-                    p.egress.push(EgressEndpoint {
-                        vni,
-                        ip: ep.ip,
-                        mac: ep.mac.0,
-                        ifindex,
-                        ifname: host_ifname.clone(),
-                    });
-                }
-            }
-            _ => {
-                // A remote endpoint needs a known VTEP that is not us.
-                let Some((Some(remote), keyed)) = remote_of(ep) else {
-                    continue;
-                };
-                if remote == ctx.vtep {
-                    continue;
-                }
-                let remote = remote.octets();
-                p.endpoints.insert(
-                    ip,
-                    MapEndpoint {
-                        mac: ep.mac.0,
-                        _pad: [0; 2],
-                        ifindex: 0,
-                        vtep: remote,
-                    },
-                );
-                p.vteps.insert(remote);
-                if net.encrypted && keyed {
-                    p.keyed_vteps.insert(remote);
-                }
-            }
-        }
-    }
-    p
 }
 
 #[cfg(test)]
@@ -495,69 +584,150 @@ mod tests {
 
     #[test]
     fn plans_kept_between_changes_equal_plans_made_afresh() {
-        let mut s = state();
+        use crate::store::{Followed, Part, catch_up};
         let vtep = Ipv4Addr::new(198, 51, 100, 10);
-        let ifindex_of = |_: &str| Some(9);
+        // Every veth but c6's (blue's fifth address) exists, each with its
+        // own index.
+        let no_veth = crate::model::host_ifname(
+            crate::model::Vni::try_from(100).unwrap(),
+            Ipv4Addr::new(198, 18, 0, 5),
+        );
+        let ifindex_of =
+            move |name: &str| (name != no_veth).then(|| name.bytes().map(u32::from).sum::<u32>());
+        let mut theirs = Followed::whole(state());
+        theirs.state.alive = Some(["a".to_owned(), "b".to_owned()].into());
+        // Blue is encrypted and a keyed: a's VTEP is one blue sends to.
+        theirs.state.networks.get_mut("blue").unwrap().encrypted = true;
+        let key = crate::crypto::NodeKey {
+            public_key: crate::crypto::keys::PublicKey([1; 32]),
+            port: 51820,
+        };
+        assert!(theirs.state.publish_node_key("a", key));
+        let mut mine = None;
         let mut plans = Plans::default();
-        plans.update(&s, "b", vtep, &ifindex_of, &Dirty::All);
-        type Change = fn(&mut State);
-        let changes: [(Change, &[&str], &[u32]); 4] = [
-            // A remote endpoint joins blue.
+        let dirty = catch_up(&mut mine, &theirs);
+        plans.update(mine.as_ref().unwrap(), "b", vtep, &ifindex_of, &dirty);
+        let d = plans.merged(4789);
+        assert_eq!(d.keyed_vteps, BTreeSet::from([(100, [192, 0, 2, 10])]));
+        assert_eq!(d.egress.len(), 1, "c2 leads out");
+        let add = |s: &mut State, net: &str, node: &str, ns: &str| {
+            s.add_container(ContainerSpec {
+                network: net.into(),
+                node: node.into(),
+                netns: ns.into(),
+                ..ContainerSpec::default()
+            })
+            .unwrap()
+        };
+        type Change = Box<dyn Fn(&mut State) -> Vec<(String, Option<Ipv4Addr>)>>;
+        let changes: Vec<(&str, Change)> = vec![
             (
-                |s| {
-                    s.add_container(ContainerSpec {
-                        network: "blue".into(),
-                        node: "a".into(),
-                        netns: "c4".into(),
-                        ..ContainerSpec::default()
-                    })
-                    .map(drop)
-                    .unwrap()
-                },
-                &["blue"],
-                &[100],
+                "a remote endpoint joins blue",
+                Box::new(move |s| vec![("blue".into(), Some(add(s, "blue", "a", "c4").ip))]),
             ),
-            // b's last container on red leaves: b stops serving red.
             (
-                |s| s.remove_container("red", "b", "c3").map(drop).unwrap(),
-                &["red"],
-                &[200],
+                "a local one without its veth yet, and one more remote",
+                Box::new(move |s| {
+                    let local = add(s, "blue", "b", "c6").ip;
+                    assert_eq!(local, Ipv4Addr::new(198, 18, 0, 5));
+                    let remote = add(s, "blue", "a", "c7").ip;
+                    vec![("blue".into(), Some(local)), ("blue".into(), Some(remote))]
+                }),
             ),
-            // A network b has no container on: nothing to plan.
             (
-                |s| {
-                    s.create_network(NetworkSpec {
-                        vni: Some(300),
-                        ..NetworkSpec::new("green", "198.18.2.0/24".parse().unwrap())
-                    })
-                    .map(drop)
-                    .unwrap()
-                },
-                &["green"],
-                &[],
+                "a remote endpoint leaves blue",
+                Box::new(|s| {
+                    let e = s.remove_container("blue", "a", "c1").unwrap();
+                    vec![("blue".into(), Some(e.ip))]
+                }),
             ),
-            // Blue goes, endpoints and all.
             (
-                |s| {
+                "b's last container on red leaves: b stops serving red",
+                Box::new(|s| {
+                    let e = s.remove_container("red", "b", "c3").unwrap();
+                    vec![("red".into(), Some(e.ip))]
+                }),
+            ),
+            (
+                "a remote endpoint joins red, which b does not serve",
+                Box::new(move |s| vec![("red".into(), Some(add(s, "red", "a", "c8").ip))]),
+            ),
+            (
+                "b's first container on red: b serves red again",
+                Box::new(move |s| vec![("red".into(), Some(add(s, "red", "b", "c9").ip))]),
+            ),
+            (
+                "a's last endpoints leave blue: its VTEP goes, keyed and all",
+                Box::new(|s| {
+                    ["c4", "c7"]
+                        .into_iter()
+                        .map(|ns| {
+                            let e = s.remove_container("blue", "a", ns).unwrap();
+                            ("blue".into(), Some(e.ip))
+                        })
+                        .collect()
+                }),
+            ),
+            (
+                "b's container without its veth leaves blue (c2 keeps it served)",
+                Box::new(|s| {
+                    let e = s.remove_container("blue", "b", "c6").unwrap();
+                    vec![("blue".into(), Some(e.ip))]
+                }),
+            ),
+            (
+                "blue's record changes",
+                Box::new(|s| {
+                    s.networks.get_mut("blue").unwrap().encrypted = false;
+                    vec![("blue".into(), None)]
+                }),
+            ),
+            (
+                "b's last container on blue, with its veth, leaves",
+                Box::new(|s| {
+                    let e = s.remove_container("blue", "b", "c2").unwrap();
+                    vec![("blue".into(), Some(e.ip))]
+                }),
+            ),
+            (
+                "blue goes, endpoints and all",
+                Box::new(|s| {
+                    let mut parts: Vec<(String, Option<Ipv4Addr>)> = s
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.network == "blue")
+                        .map(|e| ("blue".into(), Some(e.ip)))
+                        .collect();
                     s.endpoints.retain(|e| e.network != "blue");
                     s.networks.remove("blue");
-                },
-                &["blue"],
-                &[100],
+                    parts.push(("blue".into(), None));
+                    parts
+                }),
             ),
         ];
-        for (change, names, vnis) in changes {
-            change(&mut s);
-            let dirty = Dirty::Networks(names.iter().map(|n| (*n).to_owned()).collect());
-            let touched = plans.update(&s, "b", vtep, &ifindex_of, &dirty);
-            assert_eq!(touched.into_iter().collect::<Vec<_>>(), vnis, "{names:?}");
+        for (rev, (what, change)) in (11..).zip(changes) {
+            for (network, ip) in change(&mut theirs.state) {
+                let part = match ip {
+                    Some(ip) => Part::Endpoint(&network, ip),
+                    None => Part::Network(&network),
+                };
+                theirs.changes.touch(part, rev);
+            }
+            theirs.state.revision = rev;
+            let dirty = catch_up(&mut mine, &theirs);
+            assert!(!matches!(dirty, Dirty::All), "{what}: {dirty:?}");
+            let copy = mine.as_ref().unwrap();
+            plans.update(copy, "b", vtep, &ifindex_of, &dirty);
             assert_eq!(
-                plans.merged(s.cluster.vxlan_port),
-                desired(&s, "b", vtep, &ifindex_of),
-                "after a change of {names:?}"
+                plans.merged(copy.cluster.vxlan_port),
+                desired(copy, "b", vtep, &ifindex_of),
+                "after: {what}"
             );
         }
-        assert_eq!(plans.iter().count(), 0);
+        assert_eq!(
+            plans.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            vec!["red"]
+        );
     }
 
     #[test]
@@ -569,21 +739,9 @@ mod tests {
         let mut plans = Plans::default();
         plans.update(&s, "b", vtep, &|_| Some(9), &Dirty::All);
         s.remove_container("blue", "a", "c1").unwrap();
-        plans.update(
-            &s,
-            "b",
-            vtep,
-            &|_| Some(9),
-            &Dirty::Networks(["red".to_owned()].into()),
-        );
+        plans.update(&s, "b", vtep, &|_| Some(9), &Dirty::networks(["red"]));
         assert_eq!(plans.of_vni(100).unwrap().endpoints.len(), 2);
-        plans.update(
-            &s,
-            "b",
-            vtep,
-            &|_| Some(9),
-            &Dirty::Networks(["blue".to_owned()].into()),
-        );
+        plans.update(&s, "b", vtep, &|_| Some(9), &Dirty::networks(["blue"]));
         assert_eq!(plans.of_vni(100).unwrap().endpoints.len(), 1);
     }
 }

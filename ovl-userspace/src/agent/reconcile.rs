@@ -85,7 +85,7 @@ pub fn reconcile(
             changed += dp.keep_network_endpoints(&served)?;
             served
         }
-        Dirty::Networks(_) => touched,
+        Dirty::Some { .. } => touched,
     };
     for vni in vnis {
         let entries = plans

@@ -31,7 +31,7 @@ use crate::{
 pub const RECORD_TTL: u32 = 1;
 
 /// Names and addresses of one network.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct NetworkRecords {
     /// The network's subnets (reverse names of their addresses are ours).
     subnets: Vec<Subnet>,
@@ -42,15 +42,52 @@ struct NetworkRecords {
     by_ip: HashMap<Ipv4Addr, String>,
 }
 
+impl NetworkRecords {
+    /// Adds the names of reachable endpoint `ep`. Default names are
+    /// namespace names or paths: only those that can be asked for are
+    /// answered.
+    fn add(&mut self, ep: &crate::model::Endpoint) {
+        let mut first = None;
+        for name in ep.names().filter(|n| validate_endpoint_name(n).is_ok()) {
+            first.get_or_insert(name);
+            let ips = self.by_name.entry(name.to_ascii_lowercase()).or_default();
+            if !ips.contains(&ep.ip) {
+                ips.push(ep.ip);
+                // One name held twice (a store from before names were
+                // unique): its addresses in a fixed order.
+                ips.sort();
+            }
+        }
+        if let Some(name) = first {
+            self.by_ip.insert(ep.ip, name.to_owned());
+        }
+    }
+
+    /// Takes back what [`NetworkRecords::add`] added for `ep` (nothing if
+    /// it was not reachable).
+    fn remove(&mut self, ep: &crate::model::Endpoint) {
+        for name in ep.names().filter(|n| validate_endpoint_name(n).is_ok()) {
+            let key = name.to_ascii_lowercase();
+            if let Some(ips) = self.by_name.get_mut(&key) {
+                ips.retain(|ip| *ip != ep.ip);
+                if ips.is_empty() {
+                    self.by_name.remove(&key);
+                }
+            }
+        }
+        self.by_ip.remove(&ep.ip);
+    }
+}
+
 /// Everything the resolver answers from.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Records {
-    /// Shared with the records built before: a rebuild after a change of
-    /// one network builds only that network's.
+    /// Shared with the records built before: a rebuild copies and patches
+    /// only the networks whose endpoints changed.
     networks: BTreeMap<String, Arc<NetworkRecords>>,
     /// Local container namespace (its path) → the networks it is on, by
-    /// name order.
-    scopes: BTreeMap<String, Vec<String>>,
+    /// name order (shared too: it changes only with local endpoints).
+    scopes: Arc<BTreeMap<String, Vec<String>>>,
 }
 
 /// How a question is answered.
@@ -75,8 +112,10 @@ impl Records {
         Records::rebuild(&Records::default(), state, node, link_exists, &Dirty::All)
     }
 
-    /// As [`Records::build`], taking from `prev` (built from an earlier
-    /// state) the networks `dirty` does not cover.
+    /// As [`Records::build`], starting from `prev` (built from the state
+    /// before the changes `dirty` names): networks covered whole are built
+    /// again, a changed endpoint's names are taken back and added anew,
+    /// the other networks' records are shared with `prev`.
     pub fn rebuild(
         prev: &Records,
         state: &State,
@@ -85,21 +124,67 @@ impl Records {
         dirty: &Dirty,
     ) -> Records {
         let mut records = Records::default();
-        for ep in &state.endpoints {
-            if let Location::Container {
-                node: n, netns: ns, ..
-            } = &ep.location
-                && n == node
-            {
-                let scope = records.scopes.entry(namespace_key(ns)).or_default();
-                if !scope.contains(&ep.network) {
-                    scope.push(ep.network.clone());
-                    scope.sort();
+        // Which containers here are on which networks changes only with
+        // this node's endpoints.
+        let local = |e: &Option<crate::model::Endpoint>| {
+            e.as_ref().is_some_and(
+                |e| matches!(&e.location, Location::Container { node: n, .. } if n == node),
+            )
+        };
+        let scopes_changed = match dirty {
+            Dirty::All => true,
+            Dirty::Some {
+                networks,
+                endpoints,
+            } => {
+                !networks.is_empty()
+                    || endpoints
+                        .values()
+                        .flatten()
+                        .any(|c| local(&c.before) || local(&c.after))
+            }
+        };
+        if scopes_changed {
+            let mut scopes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for ep in &state.endpoints {
+                if let Location::Container {
+                    node: n, netns: ns, ..
+                } = &ep.location
+                    && n == node
+                {
+                    let scope = scopes.entry(namespace_key(ns)).or_default();
+                    if !scope.contains(&ep.network) {
+                        scope.push(ep.network.clone());
+                        scope.sort();
+                    }
                 }
             }
+            records.scopes = Arc::new(scopes);
+        } else {
+            records.scopes = prev.scopes.clone();
         }
         let served: std::collections::BTreeSet<&String> =
             records.scopes.values().flatten().collect();
+        // Which nodes' endpoints are reachable (known and alive), looked up
+        // once per node rather than once per endpoint.
+        let live_nodes: HashMap<&str, bool> = state
+            .nodes
+            .keys()
+            .map(|n| (n.as_str(), state.is_alive(n)))
+            .collect();
+        let reachable = |ep: &crate::model::Endpoint| match &ep.location {
+            Location::Container {
+                node: n,
+                host_ifname,
+                ..
+            } if n == node => link_exists(host_ifname),
+            // As `State::vtep_of`: a known node that is alive.
+            Location::Container { node: n, .. } => {
+                live_nodes.get(n.as_str()).copied().unwrap_or(false)
+            }
+            Location::Reserved { .. } => false,
+            Location::Static { .. } => true,
+        };
         let mut fresh: BTreeMap<&str, NetworkRecords> = BTreeMap::new();
         for name in served {
             let Some(net) = state.networks.get(name) else {
@@ -107,7 +192,21 @@ impl Records {
             };
             match prev.networks.get(name) {
                 Some(kept) if !dirty.covers(name) => {
-                    records.networks.insert(name.clone(), kept.clone());
+                    let mut kept = kept.clone();
+                    let changes = dirty.endpoints_of(name);
+                    if !changes.is_empty() {
+                        // Copied only if the resolver still holds it.
+                        let net = Arc::make_mut(&mut kept);
+                        for c in changes {
+                            if let Some(before) = &c.before {
+                                net.remove(before);
+                            }
+                            if let Some(after) = c.after.as_ref().filter(|e| reachable(e)) {
+                                net.add(after);
+                            }
+                        }
+                    }
+                    records.networks.insert(name.clone(), kept);
                 }
                 _ => {
                     fresh.insert(
@@ -123,55 +222,15 @@ impl Records {
         if fresh.is_empty() {
             return records;
         }
-        // Which nodes' endpoints are reachable (known and alive), looked up
-        // once per node rather than once per endpoint: this loop runs over
-        // every endpoint of the changed networks.
-        let live_nodes: HashMap<&str, bool> = state
-            .nodes
-            .keys()
-            .map(|n| (n.as_str(), state.is_alive(n)))
-            .collect();
         for ep in &state.endpoints {
             let Some(net) = fresh.get_mut(ep.network.as_str()) else {
                 continue;
             };
-            let reachable = match &ep.location {
-                Location::Container {
-                    node: n,
-                    host_ifname,
-                    ..
-                } if n == node => link_exists(host_ifname),
-                // As `State::vtep_of`: a known node that is alive.
-                Location::Container { node: n, .. } => {
-                    live_nodes.get(n.as_str()).copied().unwrap_or(false)
-                }
-                Location::Reserved { .. } => false,
-                Location::Static { .. } => true,
-            };
-            if !reachable {
-                continue;
-            }
-            // Default names are namespace names or paths: only those that
-            // can be asked for are answered.
-            let mut first = None;
-            for name in ep.names().filter(|n| validate_endpoint_name(n).is_ok()) {
-                first.get_or_insert(name);
-                let ips = net.by_name.entry(name.to_ascii_lowercase()).or_default();
-                if !ips.contains(&ep.ip) {
-                    ips.push(ep.ip);
-                }
-            }
-            if let Some(name) = first {
-                net.by_ip.insert(ep.ip, name.to_owned());
+            if reachable(ep) {
+                net.add(ep);
             }
         }
         for (name, net) in fresh {
-            // One name held twice (a store from before names were unique):
-            // its addresses in a fixed order, whatever the endpoints' order.
-            let mut net = net;
-            for ips in net.by_name.values_mut().filter(|ips| ips.len() > 1) {
-                ips.sort();
-            }
             records.networks.insert(name.to_owned(), Arc::new(net));
         }
         records
@@ -498,7 +557,7 @@ mod tests {
         let before = records(&s);
         s.set_names("red", s.endpoints[2].ip, None, vec!["database".into()])
             .unwrap();
-        let red = Dirty::Networks(["red".to_owned()].into());
+        let red = Dirty::networks(["red"]);
         let after = Records::rebuild(&before, &s, ME, &|_| true, &red);
         assert_eq!(after, records(&s));
         // Blue's records are the very same, red's are new.
@@ -520,5 +579,88 @@ mod tests {
         let gone = Records::rebuild(&after, &s, ME, &|_| true, &red);
         assert_eq!(gone, records(&s));
         assert!(!gone.networks.contains_key("red"));
+    }
+
+    /// The dirty set of endpoint changes from `before` to `after` (what
+    /// the follower's change log gives the agent).
+    fn endpoint_changes(before: &State, after: &State) -> Dirty {
+        let mut endpoints: BTreeMap<String, Vec<crate::store::EndpointChange>> = BTreeMap::new();
+        let key = |e: &crate::model::Endpoint| (e.network.clone(), e.ip);
+        let keys: BTreeSet<(String, Ipv4Addr)> = before
+            .endpoints
+            .iter()
+            .chain(&after.endpoints)
+            .map(key)
+            .collect();
+        for (network, ip) in keys {
+            let find = |s: &State| {
+                s.endpoints
+                    .iter()
+                    .find(|e| e.network == network && e.ip == ip)
+                    .cloned()
+            };
+            let (b, a) = (find(before), find(after));
+            if b != a {
+                endpoints
+                    .entry(network.clone())
+                    .or_default()
+                    .push(crate::store::EndpointChange {
+                        ip,
+                        before: b,
+                        after: a,
+                    });
+            }
+        }
+        Dirty::Some {
+            networks: BTreeSet::new(),
+            endpoints,
+        }
+    }
+
+    #[test]
+    fn records_follow_endpoint_changes_as_a_build_would() {
+        let mut s = world();
+        let mut r = records(&s);
+        type Step = (&'static str, fn(&mut State));
+        let steps: [Step; 4] = [
+            ("db renamed", |s| {
+                let db = s.endpoints[2].ip;
+                s.set_names("red", db, Some("database".into()), vec!["pg".into()])
+                    .unwrap();
+            }),
+            ("a remote endpoint joins blue", |s| {
+                s.add_container(ContainerSpec {
+                    network: "blue".into(),
+                    node: "host-b".into(),
+                    netns: "c-cache".into(),
+                    name: Some("cache".into()),
+                    ip: None,
+                    owner: None,
+                    subnet: None,
+                })
+                .map(drop)
+                .unwrap();
+            }),
+            ("web leaves", |s| {
+                s.remove_container("blue", "host-b", "c-web")
+                    .map(drop)
+                    .unwrap();
+            }),
+            ("the last local container on red leaves", |s| {
+                s.remove_container("red", ME, "c-other").map(drop).unwrap();
+            }),
+        ];
+        for (what, step) in steps {
+            let before = s.clone();
+            step(&mut s);
+            let dirty = endpoint_changes(&before, &s);
+            let next = Records::rebuild(&r, &s, ME, &|_| true, &dirty);
+            assert_eq!(next, records(&s), "after: {what}");
+            r = next;
+        }
+        assert!(!r.networks.contains_key("red"));
+        let asked = r.resolve(&client(), &n("cache"), RecordType::A).unwrap();
+        assert_eq!(ips(&asked).len(), 1);
+        assert_eq!(code_of(&r, "web"), ResponseCode::NXDomain);
     }
 }

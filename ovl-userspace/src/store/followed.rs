@@ -1,11 +1,18 @@
 //! A followed state and what changed in it: a reader that last looked at
-//! revision R copies only the parts changed after R (the agent's apply at
-//! ten thousand endpoints would otherwise copy and recompute all of them
-//! for every connect).
+//! revision R copies only what changed after R, and learns which endpoints
+//! and networks those were (the agent's apply at ten thousand endpoints
+//! would otherwise copy and recompute all of them for every connect).
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
-use crate::model::State;
+use crate::model::{Endpoint, State};
+
+/// Endpoint keys a log remembers at most; past that its older half is
+/// forgotten (a reader that far behind takes the whole state).
+const MAX_LOGGED_ENDPOINTS: usize = 16_384;
 
 /// The latest state a subscription saw, with its change log.
 #[derive(Clone, Debug, Default)]
@@ -28,8 +35,10 @@ impl Followed {
 /// Which part of the state a key's change touched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part<'a> {
-    /// A network's record or one of its endpoints.
+    /// A network's record.
     Network(&'a str),
+    /// One endpoint of a network.
+    Endpoint(&'a str, Ipv4Addr),
     /// Nodes, their liveness or the cluster's settings: what every
     /// network's view depends on.
     Nodes,
@@ -46,8 +55,11 @@ pub struct ChangeLog {
     /// Changes after this revision are all recorded; a reader at an older
     /// revision must take the whole state.
     pub since: u64,
-    /// Network name → revision of its last change (also when deleted).
+    /// Network name → revision of its record's last change (also when
+    /// deleted).
     pub networks: HashMap<String, u64>,
+    /// (network, address) → revision of the endpoint's last change.
+    pub endpoints: HashMap<(String, Ipv4Addr), u64>,
     /// Revision of the last change to a [`Part::Nodes`] key.
     pub nodes: u64,
     /// Revision of the last change to a [`Part::Other`] key.
@@ -72,10 +84,31 @@ impl ChangeLog {
                     self.networks.insert(name.to_owned(), revision);
                 }
             },
+            Part::Endpoint(network, ip) => {
+                let r = self
+                    .endpoints
+                    .entry((network.to_owned(), ip))
+                    .or_insert(revision);
+                *r = (*r).max(revision);
+                if self.endpoints.len() > MAX_LOGGED_ENDPOINTS {
+                    self.forget_older_half();
+                }
+            }
             Part::Nodes => self.nodes = self.nodes.max(revision),
             Part::Other => self.other = self.other.max(revision),
             Part::Nothing => {}
         }
+    }
+
+    /// Forgets the older half of the endpoint entries; the log is then
+    /// complete only after the newest revision forgotten.
+    fn forget_older_half(&mut self) {
+        let mut revisions: Vec<u64> = self.endpoints.values().copied().collect();
+        let middle = revisions.len() / 2;
+        let (_, cut, _) = revisions.select_nth_unstable(middle);
+        let cut = *cut;
+        self.endpoints.retain(|_, r| *r > cut);
+        self.since = self.since.max(cut);
     }
 
     /// What a reader whose copy is at `revision` must take to reach `to`
@@ -93,6 +126,12 @@ impl ChangeLog {
                 .filter(|(_, r)| **r > revision)
                 .map(|(n, _)| n.as_str())
                 .collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .filter(|(_, r)| **r > revision)
+                .map(|((n, ip), _)| (n.as_str(), *ip))
+                .collect(),
             nodes: self.nodes > revision,
             other: self.other > revision,
         }
@@ -105,9 +144,18 @@ pub enum Changed<'a> {
     Whole,
     Parts {
         networks: Vec<&'a str>,
+        endpoints: Vec<(&'a str, Ipv4Addr)>,
         nodes: bool,
         other: bool,
     },
+}
+
+/// One endpoint as a reader's copy had it and has it now (`None`: absent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointChange {
+    pub ip: Ipv4Addr,
+    pub before: Option<Endpoint>,
+    pub after: Option<Endpoint>,
 }
 
 /// What changed in a reader's copy: what it must look at again.
@@ -116,29 +164,65 @@ pub enum Dirty {
     /// Anything: a whole new state, nodes or their liveness (or, for the
     /// agent, its local links).
     All,
-    /// Only these networks (their records or endpoints).
-    Networks(BTreeSet<String>),
+    /// Some networks and endpoints.
+    Some {
+        /// Networks to look at whole: their records changed, or they went.
+        networks: BTreeSet<String>,
+        /// Endpoints that changed in other networks, by network.
+        endpoints: BTreeMap<String, Vec<EndpointChange>>,
+    },
 }
 
 impl Dirty {
-    /// Whether network `name` must be looked at again.
+    /// Nothing but networks `names`, whole.
+    pub fn networks<S: Into<String>>(names: impl IntoIterator<Item = S>) -> Dirty {
+        Dirty::Some {
+            networks: names.into_iter().map(Into::into).collect(),
+            endpoints: BTreeMap::new(),
+        }
+    }
+
+    /// Whether network `name` must be looked at whole.
     pub fn covers(&self, name: &str) -> bool {
         match self {
             Dirty::All => true,
-            Dirty::Networks(n) => n.contains(name),
+            Dirty::Some { networks, .. } => networks.contains(name),
         }
+    }
+
+    /// The endpoints of network `name` that changed (none when the network
+    /// is covered whole).
+    pub fn endpoints_of(&self, name: &str) -> &[EndpointChange] {
+        match self {
+            Dirty::All => &[],
+            Dirty::Some { endpoints, .. } => endpoints.get(name).map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// Whether anything of network `name` changed.
+    pub fn touches(&self, name: &str) -> bool {
+        self.covers(name) || !self.endpoints_of(name).is_empty()
+    }
+
+    /// Names of the networks with changed endpoints.
+    pub fn networks_with_endpoint_changes(&self) -> impl Iterator<Item = &str> {
+        let names = match self {
+            Dirty::All => None,
+            Dirty::Some { endpoints, .. } => Some(endpoints.keys().map(String::as_str)),
+        };
+        names.into_iter().flatten()
     }
 
     /// Nothing changed that an apply would see.
     pub fn is_empty(&self) -> bool {
-        matches!(self, Dirty::Networks(n) if n.is_empty())
+        matches!(self, Dirty::Some { networks, endpoints } if networks.is_empty() && endpoints.is_empty())
     }
 }
 
 /// Brings `mine` to the followed state, copying what changed after its
 /// revision (all of it when there is no copy or the log does not reach
-/// back to it). Endpoints of a changed network move to the end of the
-/// list: their order carries no meaning.
+/// back to it), and says what that was. Endpoints copied move to the end
+/// of the list: their order carries no meaning.
 pub fn catch_up(mine: &mut Option<State>, theirs: &Followed) -> Dirty {
     let to = &theirs.state;
     let Some(copy) = mine.as_mut() else {
@@ -147,6 +231,7 @@ pub fn catch_up(mine: &mut Option<State>, theirs: &Followed) -> Dirty {
     };
     let Changed::Parts {
         networks,
+        endpoints,
         nodes,
         other,
     } = theirs.changes.after(copy.revision, to.revision)
@@ -154,26 +239,57 @@ pub fn catch_up(mine: &mut Option<State>, theirs: &Followed) -> Dirty {
         *copy = to.clone();
         return Dirty::All;
     };
-    let networks: BTreeSet<&str> = networks.into_iter().collect();
-    if !networks.is_empty() {
-        for name in &networks {
-            match to.networks.get(*name) {
-                Some(n) => {
-                    copy.networks.insert((*name).to_owned(), n.clone());
-                }
-                None => {
-                    copy.networks.remove(*name);
-                }
+    let whole: BTreeSet<&str> = networks.into_iter().collect();
+    let keys: HashSet<(&str, Ipv4Addr)> = endpoints
+        .into_iter()
+        .filter(|(n, _)| !whole.contains(n))
+        .collect();
+    // Addresses first, by binary search: this runs over every endpoint
+    // (twice), and most are passed over on a number.
+    let mut ips: Vec<Ipv4Addr> = keys.iter().map(|(_, ip)| *ip).collect();
+    ips.sort_unstable();
+    ips.dedup();
+    let changed = |e: &Endpoint| {
+        (!whole.is_empty() && whole.contains(e.network.as_str()))
+            || (ips.binary_search(&e.ip).is_ok() && keys.contains(&(e.network.as_str(), e.ip)))
+    };
+    for name in &whole {
+        match to.networks.get(*name) {
+            Some(n) => {
+                copy.networks.insert((*name).to_owned(), n.clone());
+            }
+            None => {
+                copy.networks.remove(*name);
             }
         }
-        copy.endpoints
-            .retain(|e| !networks.contains(e.network.as_str()));
-        copy.endpoints.extend(
-            to.endpoints
-                .iter()
-                .filter(|e| networks.contains(e.network.as_str()))
-                .cloned(),
-        );
+    }
+    let mut changes: HashMap<(String, Ipv4Addr), EndpointChange> = HashMap::new();
+    if !whole.is_empty() || !keys.is_empty() {
+        for before in copy.endpoints.extract_if(.., |e| changed(e)) {
+            if !whole.contains(before.network.as_str()) {
+                changes.insert(
+                    (before.network.clone(), before.ip),
+                    EndpointChange {
+                        ip: before.ip,
+                        before: Some(before),
+                        after: None,
+                    },
+                );
+            }
+        }
+        for after in to.endpoints.iter().filter(|e| changed(e)) {
+            copy.endpoints.push(after.clone());
+            if !whole.contains(after.network.as_str()) {
+                changes
+                    .entry((after.network.clone(), after.ip))
+                    .or_insert_with(|| EndpointChange {
+                        ip: after.ip,
+                        before: None,
+                        after: None,
+                    })
+                    .after = Some(after.clone());
+            }
+        }
     }
     if nodes {
         copy.schema = to.schema;
@@ -187,41 +303,53 @@ pub fn catch_up(mine: &mut Option<State>, theirs: &Followed) -> Dirty {
     }
     copy.revision = to.revision;
     if nodes {
-        Dirty::All
-    } else {
-        Dirty::Networks(networks.into_iter().map(str::to_owned).collect())
+        return Dirty::All;
+    }
+    let mut endpoints: BTreeMap<String, Vec<EndpointChange>> = BTreeMap::new();
+    for ((network, _), change) in changes {
+        // Logged but the same before and after (a key written with its
+        // own value): nothing to look at.
+        if change.before != change.after {
+            endpoints.entry(network).or_default().push(change);
+        }
+    }
+    Dirty::Some {
+        networks: whole.into_iter().map(str::to_owned).collect(),
+        endpoints,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
     use crate::model::{ContainerSpec, NetworkSpec};
+
+    const IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 7);
 
     #[test]
     fn a_reader_takes_what_changed_after_its_revision() {
         let mut log = ChangeLog::since(10);
         log.touch(Part::Network("blue"), 11);
         log.touch(Part::Network("red"), 13);
+        log.touch(Part::Endpoint("blue", IP), 12);
+        log.touch(Part::Endpoint("red", IP), 14);
         log.touch(Part::Other, 12);
         log.touch(Part::Nothing, 14);
-        let Changed::Parts {
-            mut networks,
-            nodes,
-            other,
-        } = log.after(11, 14)
-        else {
-            panic!("within the log");
-        };
-        networks.sort();
-        assert_eq!((networks, nodes, other), (vec!["red"], false, true));
+        assert_eq!(
+            log.after(11, 14).sorted(),
+            Changed::Parts {
+                networks: vec!["red"],
+                endpoints: vec![("blue", IP), ("red", IP)],
+                nodes: false,
+                other: true
+            }
+        );
         log.touch(Part::Nodes, 15);
         assert_eq!(
             log.after(14, 15),
             Changed::Parts {
                 networks: vec![],
+                endpoints: vec![],
                 nodes: true,
                 other: false
             }
@@ -230,10 +358,34 @@ mod tests {
             log.after(15, 15),
             Changed::Parts {
                 networks: vec![],
+                endpoints: vec![],
                 nodes: false,
                 other: false
             }
         );
+    }
+
+    impl Changed<'_> {
+        fn sorted(self) -> Self {
+            match self {
+                Changed::Whole => Changed::Whole,
+                Changed::Parts {
+                    mut networks,
+                    mut endpoints,
+                    nodes,
+                    other,
+                } => {
+                    networks.sort();
+                    endpoints.sort();
+                    Changed::Parts {
+                        networks,
+                        endpoints,
+                        nodes,
+                        other,
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -242,6 +394,22 @@ mod tests {
         assert_eq!(log.after(9, 12), Changed::Whole);
         assert_eq!(log.after(13, 12), Changed::Whole);
         assert_ne!(log.after(10, 12), Changed::Whole);
+    }
+
+    #[test]
+    fn a_long_log_forgets_its_older_half_and_says_so() {
+        let mut log = ChangeLog::since(0);
+        for i in 0..=MAX_LOGGED_ENDPOINTS as u32 {
+            log.touch(Part::Endpoint("blue", Ipv4Addr::from(i)), u64::from(i) + 1);
+        }
+        assert!(log.endpoints.len() <= MAX_LOGGED_ENDPOINTS / 2 + 1);
+        let since = log.since;
+        assert!(since > 0);
+        // Whatever it forgot is older than `since`: a reader at or after
+        // it misses nothing, one before it takes the whole state.
+        assert!(log.endpoints.values().all(|r| *r > since));
+        assert_eq!(log.after(since - 1, u64::MAX), Changed::Whole);
+        assert_ne!(log.after(since, u64::MAX), Changed::Whole);
     }
 
     fn world() -> State {
@@ -266,24 +434,23 @@ mod tests {
         s
     }
 
-    fn connect(s: &mut State, network: &str, node: &str, netns: &str) {
+    fn connect(s: &mut State, network: &str, node: &str, netns: &str) -> Endpoint {
         s.add_container(ContainerSpec {
             network: network.into(),
             node: node.into(),
             netns: netns.into(),
             ..ContainerSpec::default()
         })
-        .unwrap();
+        .unwrap()
     }
 
     /// The follower's state after `change` at revision `rev`, logged as
-    /// touching `parts`.
-    fn follow(f: &mut Followed, rev: u64, parts: &[Part<'_>], change: impl FnOnce(&mut State)) {
-        change(&mut f.state);
-        f.state.revision = rev;
-        for p in parts {
-            f.changes.touch(*p, rev);
+    /// touching what `change` returns.
+    fn follow(f: &mut Followed, rev: u64, change: impl FnOnce(&mut State) -> Vec<Part<'static>>) {
+        for p in change(&mut f.state) {
+            f.changes.touch(p, rev);
         }
+        f.state.revision = rev;
     }
 
     fn sorted(s: &State) -> State {
@@ -293,37 +460,69 @@ mod tests {
         s
     }
 
+    /// Network → (address, before, after) of a dirty set's changes.
+    fn changes(d: &Dirty) -> Vec<(String, Ipv4Addr, bool, bool)> {
+        let Dirty::Some { endpoints, .. } = d else {
+            panic!("{d:?} is all");
+        };
+        let mut out: Vec<_> = endpoints
+            .iter()
+            .flat_map(|(n, cs)| {
+                cs.iter()
+                    .map(|c| (n.clone(), c.ip, c.before.is_some(), c.after.is_some()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     #[test]
-    fn a_copy_takes_the_changed_networks_and_says_which() {
+    fn a_copy_takes_the_changed_endpoints_and_says_which_before_and_after() {
         let mut theirs = Followed::whole(world());
         let mut mine = None;
         assert_eq!(catch_up(&mut mine, &theirs), Dirty::All);
 
-        follow(&mut theirs, 11, &[Part::Network("red")], |s| {
-            connect(s, "red", "a", "c4")
+        let joined = {
+            let mut s = theirs.state.clone();
+            connect(&mut s, "red", "a", "c4").ip
+        };
+        follow(&mut theirs, 11, |s| {
+            let e = connect(s, "red", "a", "c4");
+            vec![Part::Endpoint("red", e.ip)]
         });
-        follow(&mut theirs, 12, &[Part::Network("blue")], |s| {
+        let left = theirs
+            .state
+            .endpoints
+            .iter()
+            .find(|e| e.network == "blue" && e.node() == Some("b"))
+            .unwrap()
+            .ip;
+        follow(&mut theirs, 12, move |s| {
             s.remove_container("blue", "b", "c2").unwrap();
+            vec![Part::Endpoint("blue", left)]
         });
         let dirty = catch_up(&mut mine, &theirs);
         assert_eq!(
-            dirty,
-            Dirty::Networks(["blue".to_owned(), "red".to_owned()].into())
+            changes(&dirty),
+            vec![
+                ("blue".to_owned(), left, true, false),
+                ("red".to_owned(), joined, false, true),
+            ]
         );
+        assert!(!dirty.covers("blue") && dirty.touches("blue"));
         assert_eq!(sorted(mine.as_ref().unwrap()), sorted(&theirs.state));
 
         // Nothing new: nothing to look at.
         assert!(catch_up(&mut mine, &theirs).is_empty());
 
-        // A network deleted goes with its endpoints.
-        follow(&mut theirs, 13, &[Part::Network("red")], |s| {
+        // A network deleted goes with its endpoints, looked at whole.
+        follow(&mut theirs, 13, move |s| {
             s.endpoints.retain(|e| e.network != "red");
             s.networks.remove("red");
+            vec![Part::Network("red"), Part::Endpoint("red", joined)]
         });
-        assert_eq!(
-            catch_up(&mut mine, &theirs),
-            Dirty::Networks(["red".to_owned()].into())
-        );
+        let dirty = catch_up(&mut mine, &theirs);
+        assert_eq!(dirty, Dirty::networks(["red"]));
         assert_eq!(sorted(mine.as_ref().unwrap()), sorted(&theirs.state));
     }
 
@@ -332,15 +531,17 @@ mod tests {
         let mut theirs = Followed::whole(world());
         let mut mine = None;
         catch_up(&mut mine, &theirs);
-        follow(&mut theirs, 11, &[Part::Nodes], |s| {
+        follow(&mut theirs, 11, |s| {
             s.alive.as_mut().unwrap().remove("b");
+            vec![Part::Nodes]
         });
         assert_eq!(catch_up(&mut mine, &theirs), Dirty::All);
         assert_eq!(mine.as_ref().unwrap().alive, theirs.state.alive);
 
-        // Held back addresses are copied, and dirty nothing.
-        follow(&mut theirs, 12, &[Part::Other], |s| {
+        // Held back addresses and conflicts are copied, and dirty nothing.
+        follow(&mut theirs, 12, |s| {
             s.conflicts.insert("b".into(), Vec::new());
+            vec![Part::Other]
         });
         assert!(catch_up(&mut mine, &theirs).is_empty());
         assert_eq!(mine.as_ref().unwrap().conflicts, theirs.state.conflicts);

@@ -14,7 +14,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 pub use etcd::{EtcdStore, KEY_PREFIX};
 pub use file::FileStore;
-pub use followed::{ChangeLog, Changed, Dirty, Followed, Part, catch_up};
+pub use followed::{ChangeLog, Changed, Dirty, EndpointChange, Followed, Part, catch_up};
 pub use options::{EtcdAccess, StoreOptions, StoreUrl};
 use tokio::sync::watch;
 

@@ -252,7 +252,7 @@ pub fn part_of(key: &str) -> Part<'_> {
         Part::Network(name)
     } else if let Some(rest) = key.strip_prefix(ENDPOINTS) {
         match network_and_ip(rest) {
-            Some((network, _)) => Part::Network(network),
+            Some((network, ip)) => Part::Endpoint(network, ip),
             None => Part::Nothing,
         }
     } else if key.starts_with(NODES) || key.starts_with(ALIVE) || key == CLUSTER_KEY {
