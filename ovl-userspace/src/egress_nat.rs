@@ -49,6 +49,9 @@ const CHAINS: [&str; 3] = ["prerouting", "output", "postrouting"];
 /// (every step replaces), which also repairs what changed meanwhile.
 static INSTALLED: Mutex<Option<Installed>> = Mutex::new(None);
 
+/// The last request [`ensure_logged`] saw succeed: (underlay, endpoints).
+static LAST_DONE: Mutex<Option<(String, Vec<EgressEndpoint>)>> = Mutex::new(None);
+
 #[derive(Default)]
 struct Installed {
     /// (VNI, address) → (host ifindex, MAC) with route and neighbour.
@@ -167,10 +170,26 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
 }
 
 /// [`ensure`], logging a failure once rather than at every resync (the
-/// overlay itself forwards whatever happens here).
-pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint]) {
+/// overlay itself forwards whatever happens here). Unless `recheck`, the
+/// kernel is left alone when `endpoints` are those of the last success:
+/// reading the table forks `nft`, which costs more than the rest of an
+/// apply of one changed endpoint (a whole apply rechecks, and repairs).
+pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) {
     static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
+    let mut done = LAST_DONE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !recheck
+        && done
+            .as_ref()
+            .is_some_and(|(u, e)| u == underlay && e.as_slice() == endpoints)
+    {
+        return;
+    }
     let outcome = ensure(underlay, endpoints).map_err(|e| format!("{e:#}"));
+    *done = outcome
+        .is_ok()
+        .then(|| (underlay.to_owned(), endpoints.to_vec()));
     let mut last = LAST_ERROR
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -194,6 +213,9 @@ pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint]) {
 /// underlay's forwarding where ovl had switched it on. Returns what it did.
 pub fn remove(underlay: &str) -> Result<Vec<String>> {
     let mut done = Vec::new();
+    *LAST_DONE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     *INSTALLED
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
