@@ -23,8 +23,9 @@ pub mod names {
     pub const NETWORKS: &str = "OVL_NETWORKS";
     /// `HashMap<VniAddr, Endpoint>`: every endpoint of every network.
     pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
-    /// `HashMap<VniAddr, u32>`: (VNI, remote VTEP) pairs allowed to send;
-    /// the value holds [`vtep_flags`](super::vtep_flags).
+    /// `HashMap<VniAddr, VtepInfo>`: (VNI, remote VTEP) pairs allowed to
+    /// send, with [`vtep_flags`](super::vtep_flags) and a copy of the
+    /// network's entry.
     pub const VTEPS: &str = "OVL_VTEPS";
     /// `HashMap<u32 ifindex, Iface>`: host ends of local container veths.
     pub const IFACES: &str = "OVL_IFACES";
@@ -123,7 +124,22 @@ pub const EGRESS_MARK_MASK: u32 = 0xff00_0000;
 /// The bits of a mark that carry the VNI.
 pub const EGRESS_VNI_MASK: u32 = 0x00ff_ffff;
 
-/// Bits of the `OVL_VTEPS` values.
+/// A (VNI, remote VTEP) pair allowed to send VXLAN; the value of
+/// `OVL_VTEPS`. It carries a copy of the network's `OVL_NETWORKS` entry so
+/// that decapsulation reads one hash map per packet instead of two: the
+/// agent derives both from the same network, and rewrites every VTEP
+/// entry of a network whose entry changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VtepInfo {
+    /// `vtep_flags::*` bits.
+    pub flags: u32,
+    /// The network, as its `OVL_NETWORKS` entry holds it.
+    pub network: NetworkInfo,
+}
+const _: () = assert!(core::mem::size_of::<VtepInfo>() == 12);
+
+/// Bits of [`VtepInfo::flags`].
 pub mod vtep_flags {
     /// The VTEP may send VXLAN for the VNI (every entry has it).
     pub const ALLOWED: u32 = 1 << 0;
@@ -286,6 +302,7 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::NetworkInfo {}
+    unsafe impl aya::Pod for super::VtepInfo {}
     unsafe impl aya::Pod for super::Iface {}
     unsafe impl aya::Pod for super::SubnetInfo {}
     unsafe impl aya::Pod for super::PathMtu {}

@@ -106,14 +106,12 @@ pub fn inspect(
         return Err(Dropped::unattributed(DropReason::Malformed));
     }
     let vni = vx.vni();
-    let Some(network) = maps::network(vni) else {
-        return Err(Dropped::unattributed(DropReason::UnknownVni));
+    // The sender's VTEP entry carries its network: one lookup for both.
+    let Some(network) = maps::vtep(vni, ip.src_addr).map(|v| v.network) else {
+        return Err(unknown_sender(vni, decrypted));
     };
     if network.flags & network_flags::ENCRYPTED != 0 && !decrypted {
         return Err(Dropped::on(vni, DropReason::Unencrypted));
-    }
-    if !maps::vtep_allowed(vni, ip.src_addr) {
-        return Err(Dropped::on(vni, DropReason::UnknownVtep));
     }
 
     let inner_eth: EthHdr = frame.read(inner_offset).on_vni(vni)?;
@@ -130,6 +128,21 @@ pub fn inspect(
             mtu: network.mtu,
         })),
         _ => Err(Dropped::on(vni, DropReason::NoEndpoint)),
+    }
+}
+
+/// Why VXLAN from a sender that is no VTEP of network `vni` is refused.
+/// Off the fast path, the network's own entry tells a network this node
+/// does not serve from an unknown sender, and clear VXLAN of an encrypted
+/// network is refused as such, whoever sent it.
+#[inline(always)]
+fn unknown_sender(vni: u32, decrypted: bool) -> Dropped {
+    match maps::network(vni) {
+        None => Dropped::unattributed(DropReason::UnknownVni),
+        Some(n) if n.flags & network_flags::ENCRYPTED != 0 && !decrypted => {
+            Dropped::on(vni, DropReason::Unencrypted)
+        }
+        Some(_) => Dropped::on(vni, DropReason::UnknownVtep),
     }
 }
 

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use ovl_common::{
     Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters,
-    VniAddr, VniCounters,
+    VniAddr, VniCounters, VtepInfo,
     maps::{CRYPTO_DEVICE, capacity, subnet_key_bits},
     wire::{MIN_PATH_MTU, NEXT_HOP_TTL_NS, PATH_MTU_EXPIRY_NS},
 };
@@ -29,9 +29,10 @@ pub static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(capacity::NETWO
 #[map(name = "OVL_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<VniAddr, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
-/// (VNI, remote VTEP address) pairs allowed to send VXLAN for that VNI.
+/// (VNI, remote VTEP address) pairs allowed to send VXLAN for that VNI,
+/// with their network.
 #[map(name = "OVL_VTEPS")]
-pub static VTEPS: HashMap<VniAddr, u32> = HashMap::pinned(capacity::VTEPS, 0);
+pub static VTEPS: HashMap<VniAddr, VtepInfo> = HashMap::pinned(capacity::VTEPS, 0);
 
 /// Host-side ifindex of a local container veth → its network, address,
 /// MAC and gateway. Written only by the agent: entries are allocated as it
@@ -96,17 +97,18 @@ pub fn network(vni: u32) -> Option<NetworkInfo> {
     unsafe { NETWORKS.get(vni).copied() }
 }
 
-/// True when `vtep` may send VXLAN for `vni`.
+/// `vtep` as a VTEP of network `vni`, with the network; `None` when it
+/// may not send VXLAN for `vni`.
 #[inline(always)]
-pub fn vtep_allowed(vni: u32, vtep: [u8; 4]) -> bool {
-    VTEPS.get_ptr(VniAddr { vni, addr: vtep }).is_some()
+pub fn vtep(vni: u32, vtep: [u8; 4]) -> Option<VtepInfo> {
+    // SAFETY: the value is copied out immediately.
+    unsafe { VTEPS.get(VniAddr { vni, addr: vtep }).copied() }
 }
 
 /// The `vtep_flags` of (`vni`, `vtep`); 0 when it is not a VTEP of it.
 #[inline(always)]
-pub fn vtep_flags(vni: u32, vtep: [u8; 4]) -> u32 {
-    // SAFETY: the value is copied out immediately.
-    unsafe { VTEPS.get(VniAddr { vni, addr: vtep }).copied() }.unwrap_or(0)
+pub fn vtep_flags(vni: u32, addr: [u8; 4]) -> u32 {
+    vtep(vni, addr).map_or(0, |v| v.flags)
 }
 
 /// The container interface whose host end is `ifindex`.

@@ -6,7 +6,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ovl_common::{Endpoint as MapEndpoint, Iface, NetworkInfo, SubnetInfo, maps::network_flags};
+use ovl_common::{
+    Endpoint as MapEndpoint, Iface, NetworkInfo, SubnetInfo, VtepInfo,
+    maps::{network_flags, vtep_flags},
+};
 
 use crate::model::{Endpoint, Location, Network, State};
 
@@ -19,11 +22,10 @@ pub struct Desired {
     pub subnets: BTreeMap<(u32, [u8; 4], u8), SubnetInfo>,
     /// (VNI, address) → endpoint.
     pub endpoints: BTreeMap<(u32, [u8; 4]), MapEndpoint>,
-    /// (VNI, remote VTEP) pairs allowed to send.
-    pub vteps: BTreeSet<(u32, [u8; 4])>,
-    /// Those of `vteps` on encrypted networks whose node published a
-    /// WireGuard key: the only ones an encrypted network sends to.
-    pub keyed_vteps: BTreeSet<(u32, [u8; 4])>,
+    /// (VNI, remote VTEP) pairs allowed to send, each with its network's
+    /// entry; those of encrypted networks whose node published a WireGuard
+    /// key are `KEYED` (the only ones an encrypted network sends to).
+    pub vteps: BTreeMap<(u32, [u8; 4]), VtepInfo>,
     /// Host-side ifindex → the local container interface behind it.
     pub ifaces: BTreeMap<u32, Iface>,
     /// Host-side interface names of local containers, by ifindex.
@@ -66,7 +68,7 @@ pub fn desired(
         vxlan_port: state.cluster.vxlan_port,
         ..Desired::default()
     };
-    let here: std::collections::BTreeSet<&str> = state
+    let here: BTreeSet<&str> = state
         .endpoints
         .iter()
         .filter(|e| e.node() == Some(node))
@@ -78,21 +80,7 @@ pub fn desired(
         .filter(|n| here.contains(n.name.as_str()))
     {
         let vni = net.vni.get();
-        d.networks.insert(
-            vni,
-            NetworkInfo {
-                mtu: net.mtu,
-                flags: if net.internal {
-                    network_flags::INTERNAL
-                } else {
-                    0
-                } | if net.encrypted {
-                    network_flags::ENCRYPTED
-                } else {
-                    0
-                },
-            },
-        );
+        d.networks.insert(vni, network_info(net));
         for pool in &net.subnets {
             d.subnets.insert(
                 (vni, pool.subnet.network().octets(), pool.subnet.prefix()),
@@ -188,19 +176,39 @@ pub fn desired(
                         vtep: remote.octets(),
                     },
                 );
-                d.vteps.insert((vni, remote.octets()));
+                let entry = d.vteps.entry((vni, remote.octets())).or_insert(VtepInfo {
+                    flags: vtep_flags::ALLOWED,
+                    network: network_info(net),
+                });
                 let keyed = || {
                     ep.node()
                         .and_then(|n| state.nodes.get(n))
                         .is_some_and(|n| n.wireguard.is_some())
                 };
                 if net.encrypted && keyed() {
-                    d.keyed_vteps.insert((vni, remote.octets()));
+                    entry.flags |= vtep_flags::KEYED;
                 }
             }
         }
     }
     d
+}
+
+/// What the kernel programs know of `net`: its `OVL_NETWORKS` entry, and
+/// the copy of it in every entry derived from the network (VTEPs), so a
+/// change of the network rewrites all of them.
+fn network_info(net: &Network) -> NetworkInfo {
+    let mut flags = 0;
+    if net.internal {
+        flags |= network_flags::INTERNAL;
+    }
+    if net.encrypted {
+        flags |= network_flags::ENCRYPTED;
+    }
+    NetworkInfo {
+        mtu: net.mtu,
+        flags,
+    }
 }
 
 #[cfg(test)]
@@ -257,7 +265,15 @@ mod tests {
         // Red has no endpoint on a: a holds nothing of it.
         assert_eq!(d.networks.keys().copied().collect::<Vec<_>>(), vec![100]);
         assert!(!d.endpoints.keys().any(|(vni, _)| *vni == 200));
-        assert_eq!(d.vteps, BTreeSet::from([(100, [198, 51, 100, 10])]));
+        assert_eq!(
+            d.vteps.keys().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([(100, [198, 51, 100, 10])])
+        );
+        // Each VTEP entry carries its network's entry, for decapsulation.
+        assert_eq!(
+            d.vteps[&(100, [198, 51, 100, 10])].network,
+            d.networks[&100]
+        );
     }
 
     #[test]
@@ -273,7 +289,10 @@ mod tests {
         let c3 = d.endpoints[&(200, [198, 18, 0, 2])];
         assert_eq!((c1.ifindex, c1.vtep), (0, [192, 0, 2, 10]));
         assert_eq!((c3.ifindex, c3.vtep), (9, [0; 4]));
-        assert_eq!(d.vteps, BTreeSet::from([(100, [192, 0, 2, 10])]));
+        assert_eq!(
+            d.vteps.keys().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([(100, [192, 0, 2, 10])])
+        );
     }
 
     #[test]
@@ -345,7 +364,21 @@ mod tests {
         assert_eq!(d.networks[&300].flags, network_flags::ENCRYPTED);
         assert_eq!(d.networks[&100].flags, 0);
         // c has published no key yet: allowed as a VTEP, but not keyed.
-        assert!(d.vteps.contains(&(300, [203, 0, 113, 10])));
-        assert_eq!(d.keyed_vteps, BTreeSet::from([(300, [198, 51, 100, 10])]));
+        assert_eq!(
+            d.vteps[&(300, [203, 0, 113, 10])].flags,
+            vtep_flags::ALLOWED
+        );
+        let keyed: BTreeSet<_> = d
+            .vteps
+            .iter()
+            .filter(|(_, v)| v.flags & vtep_flags::KEYED != 0)
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(keyed, BTreeSet::from([(300, [198, 51, 100, 10])]));
+        // The VTEP entries of the encrypted network say so to decapsulation.
+        assert_eq!(
+            d.vteps[&(300, [203, 0, 113, 10])].network.flags,
+            network_flags::ENCRYPTED
+        );
     }
 }

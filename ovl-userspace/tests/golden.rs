@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result, ensure};
 use ovl_common::wire::{ANYCAST_GATEWAY_MAC as GW_MAC, ETH_P_IP, IPPROTO_UDP};
 use ovl_common::{
-    DropReason, NetworkInfo, NextHop, VniCounters,
+    DropReason, NextHop, VniCounters,
     counters::UNATTRIBUTED_VNI,
     maps::{names, network_flags, next_hop_via, programs},
     wire::NEXT_HOP_TTL_NS,
@@ -24,8 +24,8 @@ use testbed::{
     fixture::{
         Fixture, GATEWAY, GATEWAY_MAC, LOCAL_CONTAINER as C1, LOCAL_VTEP,
         NEIGHBOUR_CONTAINER as C3, OTHER_GATEWAY, OTHER_SUBNET_CONTAINER as D1,
-        OTHER_SUBNET_REMOTE as D2, OVERLAY_MTU, REMOTE_CONTAINER as C2, REMOTE_VTEP,
-        TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
+        OTHER_SUBNET_REMOTE as D2, REMOTE_CONTAINER as C2, REMOTE_VTEP, TEST_RUN_IFINDEX,
+        UNDERLAY_MAC, VNI, skb_ctx,
     },
     frames::{
         IPPROTO_ICMP, arp_reply, arp_request, container_mac as mac_of, ethernet as eth, hex,
@@ -157,14 +157,7 @@ fn tc_decap_on_the_underlay_delivers_and_refuses_clear_vxlan_of_an_encrypted_net
     ensure!(action == TC_ACT_REDIRECT, "action {action}");
     ensure!(out == expected, "output\n{}", hex(&out));
 
-    f.datapath
-        .sync_networks(&std::collections::BTreeMap::from([(
-            VNI,
-            NetworkInfo {
-                mtu: OVERLAY_MTU,
-                flags: network_flags::ENCRYPTED,
-            },
-        )]))?;
+    f.set_network_flags(network_flags::ENCRYPTED)?;
     let (action, _) = run(
         &f,
         programs::TC_DECAP,
@@ -176,6 +169,22 @@ fn tc_decap_on_the_underlay_delivers_and_refuses_clear_vxlan_of_an_encrypted_net
     ensure!(
         action == TC_ACT_SHOT,
         "clear VXLAN of an encrypted network: action {action}"
+    );
+    // From a sender that is no VTEP of it, clear VXLAN of an encrypted
+    // network is still refused as clear (the network is read off the fast
+    // path, the VTEP entry that carries it being missing).
+    let stranger = vxlan_from(Ipv4Addr::new(192, 0, 2, 66), VNI, &echo(C2, C1, mac_of(C1)));
+    let (action, _) = run(
+        &f,
+        programs::TC_DECAP,
+        &stranger,
+        Some(&on_underlay),
+        VNI,
+        |c| c.drops[DropReason::Unencrypted as usize] += 1,
+    )?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "clear VXLAN of an encrypted network from a stranger: action {action}"
     );
     Ok(())
 }
@@ -638,14 +647,7 @@ fn egress_hands_external_destinations_to_the_host_unless_internal() -> Result<()
     })?;
     ensure!(action == TC_ACT_SHOT, "action {action}");
 
-    f.datapath
-        .sync_networks(&std::collections::BTreeMap::from([(
-            VNI,
-            NetworkInfo {
-                mtu: OVERLAY_MTU,
-                flags: network_flags::INTERNAL,
-            },
-        )]))?;
+    f.set_network_flags(network_flags::INTERNAL)?;
     let (action, _) = egress(&f, &input, |c| c.drops[DropReason::NoRoute as usize] += 1)?;
     ensure!(action == TC_ACT_SHOT, "internal: action {action}");
     // Subnets still route to each other on an internal network.

@@ -51,7 +51,7 @@ pub fn reconcile(
     // endpoint whose network has no counters.
     dp.sync_stats(want.networks.keys().copied())?;
     dp.sync_networks(&want.networks)?;
-    dp.sync_vteps(&want.vteps, &want.keyed_vteps)?;
+    dp.sync_vteps(&want.vteps)?;
     dp.sync_subnets(&want.subnets)?;
     dp.sync_ifaces(&want.ifaces)?;
     if dp.set_vxlan_port(want.vxlan_port)? {

@@ -26,9 +26,9 @@ pub use compat::Mismatch;
 pub use links::{DecapKind, LinkPin, LinkPins};
 use ovl_common::{
     Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters,
-    VniAddr, VniCounters,
+    VniAddr, VniCounters, VtepInfo,
     counters::UNATTRIBUTED_VNI,
-    maps::{ABI_VERSION, names, programs, subnet_key_bits, vtep_flags},
+    maps::{ABI_VERSION, names, programs, subnet_key_bits},
 };
 
 /// The kernel programs, built by build.rs and embedded in `ovl`.
@@ -553,26 +553,18 @@ impl Datapath {
         )
     }
 
-    /// Makes OVL_VTEPS hold exactly `want`, those in `keyed` marked as
-    /// reachable by encrypted networks.
-    pub fn sync_vteps(
-        &mut self,
-        want: &BTreeSet<(u32, [u8; 4])>,
-        keyed: &BTreeSet<(u32, [u8; 4])>,
-    ) -> Result<SyncCount> {
+    /// Makes OVL_VTEPS hold exactly `want`: (VNI, remote VTEP) → its flags
+    /// and its network's entry.
+    pub fn sync_vteps(&mut self, want: &BTreeMap<(u32, [u8; 4]), VtepInfo>) -> Result<SyncCount> {
         self.sync_map(
             names::VTEPS,
-            want.iter().map(|(vni, addr)| {
-                let mut flags = vtep_flags::ALLOWED;
-                if keyed.contains(&(*vni, *addr)) {
-                    flags |= vtep_flags::KEYED;
-                }
+            want.iter().map(|((vni, addr), v)| {
                 (
                     VniAddr {
                         vni: *vni,
                         addr: *addr,
                     },
-                    flags,
+                    *v,
                 )
             }),
         )
