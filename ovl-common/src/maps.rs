@@ -201,8 +201,14 @@ pub struct Iface {
     pub mac: [u8; 6],
     /// Explicit padding; always zero.
     pub _pad: [u8; 2],
+    /// The network's `network_flags`, a copy of its `OVL_NETWORKS` entry's:
+    /// container egress (encapsulation's encrypted check, external
+    /// egress's internal check) reads them here instead of looking the
+    /// network up per packet. The agent rewrites the interfaces of a
+    /// network whose entry changes.
+    pub network_flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<Iface>() == 20);
+const _: () = assert!(core::mem::size_of::<Iface>() == 24);
 
 /// A subnet of a network; the value of `OVL_SUBNETS`.
 #[repr(C)]

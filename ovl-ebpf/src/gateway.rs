@@ -67,8 +67,7 @@ pub fn forward(
 #[inline(always)]
 fn to_host(ctx: &TcContext, ifindex: u32, iface: &Iface, ip: &Ipv4Hdr) -> Result<i32, DropReason> {
     let vni = iface.vni;
-    let network = maps::network(vni).ok_or(DropReason::NoEndpoint)?;
-    if network.flags & network_flags::INTERNAL != 0 {
+    if iface.network_flags & network_flags::INTERNAL != 0 {
         return Err(DropReason::NoRoute);
     }
     if ip.ttl <= 1 {

@@ -145,6 +145,7 @@ pub fn desired(
                         gateway: gateway.unwrap_or([0; 4]),
                         mac: ep.mac.0,
                         _pad: [0; 2],
+                        network_flags: network_info(net).flags,
                     },
                 );
                 d.iface_names.insert(ifindex, host_ifname.clone());
@@ -195,8 +196,8 @@ pub fn desired(
 }
 
 /// What the kernel programs know of `net`: its `OVL_NETWORKS` entry, and
-/// the copy of it in every entry derived from the network (VTEPs), so a
-/// change of the network rewrites all of them.
+/// the copy of it in every entry derived from the network (VTEPs, local
+/// interfaces), so a change of the network rewrites all of them.
 fn network_info(net: &Network) -> NetworkInfo {
     let mut flags = 0;
     if net.internal {
@@ -259,6 +260,7 @@ mod tests {
                     gateway: [198, 18, 0, 1],
                     mac: [0x02, 0x42, 198, 18, 0, 2],
                     _pad: [0; 2],
+                    network_flags: 0,
                 }
             )])
         );
@@ -363,6 +365,11 @@ mod tests {
         let d = desired(&s, "a", Ipv4Addr::new(192, 0, 2, 10), &|_| Some(7));
         assert_eq!(d.networks[&300].flags, network_flags::ENCRYPTED);
         assert_eq!(d.networks[&100].flags, 0);
+        // The local interfaces carry their network's flags, for egress.
+        for iface in d.ifaces.values() {
+            assert_eq!(iface.network_flags, d.networks[&iface.vni].flags);
+        }
+        assert!(d.ifaces.values().any(|i| i.vni == 300));
         // c has published no key yet: allowed as a VTEP, but not keyed.
         assert_eq!(
             d.vteps[&(300, [203, 0, 113, 10])].flags,

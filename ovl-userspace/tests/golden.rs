@@ -421,6 +421,35 @@ fn egress_encapsulates_to_the_remote_vtep_per_rfc7348() -> Result<()> {
 }
 
 #[test]
+fn egress_of_an_encrypted_network_never_leaves_in_clear_without_a_crypto_device() -> Result<()> {
+    let mut f = fixture("gold-encap-enc")?;
+    f.set_network_flags(network_flags::ENCRYPTED)?;
+    // The interface entry says the network is encrypted; the fixture has
+    // no crypto device (no agent): fail closed.
+    let inner = echo(C1, C2, mac_of(C2));
+    let (action, _) = egress(&f, &inner, |c| c.drops[DropReason::NoKey as usize] += 1)?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "encrypted, no device: action {action}"
+    );
+    // Local switching is not encryption's business.
+    let (action, _) = egress(&f, &echo(C1, C3, mac_of(C3)), |c| c.local_packets += 1)?;
+    ensure!(
+        action == TC_ACT_REDIRECT,
+        "encrypted, local: action {action}"
+    );
+    // Back to clear: encapsulated again.
+    f.set_network_flags(0)?;
+    let (action, out) = egress(&f, &inner, |c| {
+        c.tx_packets += 1;
+        c.tx_bytes += inner.len() as u64;
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "clear again: action {action}");
+    ensure!(out[50..] == inner[..], "inner frame changed");
+    Ok(())
+}
+
+#[test]
 fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
     let f = fixture("gold-egress-drops")?;
     let ipv6 = eth(mac_of(C2), mac_of(C1), 0x86dd, &[0x60; 40]);

@@ -134,10 +134,6 @@ impl Fixture {
                 },
             ),
         ]))?;
-        datapath.sync_ifaces(&BTreeMap::from([
-            (TEST_RUN_IFINDEX, iface(LOCAL_CONTAINER)),
-            (NEIGHBOUR_IFINDEX, iface(NEIGHBOUR_CONTAINER)),
-        ]))?;
         let local = |ip: Ipv4Addr, ifindex| Endpoint {
             mac: container_mac(ip),
             _pad: [0; 2],
@@ -251,7 +247,8 @@ impl Fixture {
 }
 
 /// Writes the network (MTU [`OVERLAY_MTU`], `flags`) and the entries
-/// derived from it: the remote VTEP's (allowed, not keyed).
+/// derived from it: the remote VTEP's (allowed, not keyed) and the two
+/// local containers' interfaces.
 fn write_network(datapath: &mut Datapath, flags: u32) -> Result<()> {
     let network = NetworkInfo {
         mtu: OVERLAY_MTU,
@@ -265,17 +262,23 @@ fn write_network(datapath: &mut Datapath, flags: u32) -> Result<()> {
             network,
         },
     )]))?;
+    datapath.sync_ifaces(&BTreeMap::from([
+        (TEST_RUN_IFINDEX, iface(LOCAL_CONTAINER, flags)),
+        (NEIGHBOUR_IFINDEX, iface(NEIGHBOUR_CONTAINER, flags)),
+    ]))?;
     Ok(())
 }
 
-/// The interface entry of a local container in the first subnet.
-fn iface(ip: Ipv4Addr) -> Iface {
+/// The interface entry of a local container in the first subnet of the
+/// network with `network_flags` `flags`.
+fn iface(ip: Ipv4Addr, flags: u32) -> Iface {
     Iface {
         vni: VNI,
         addr: ip.octets(),
         gateway: GATEWAY.octets(),
         mac: container_mac(ip),
         _pad: [0; 2],
+        network_flags: flags,
     }
 }
 
