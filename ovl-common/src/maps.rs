@@ -41,7 +41,11 @@ pub mod names {
     /// ago. Filled by the encapsulation program; the agent empties it when
     /// the underlay's routes or neighbours change.
     pub const NEXT_HOPS: &str = "OVL_NEXT_HOPS";
-    /// `PerCpuHashMap<u32 VNI, VniCounters>`.
+    /// `PerCpuArray<VniCounters>` of [`capacity::STATS`](super::capacity::STATS)
+    /// slots: slot [`UNATTRIBUTED_SLOT`](crate::counters::UNATTRIBUTED_SLOT)
+    /// and one per network, which the agent assigns and records in the
+    /// network's [`NetworkInfo::stats_slot`](super::NetworkInfo) (readers
+    /// find a network's counters through `OVL_NETWORKS`).
     pub const STATS: &str = "OVL_STATS";
     /// `PerCpuArray<UnderlayCounters>` with one entry.
     pub const GLOBAL: &str = "OVL_GLOBAL";
@@ -90,6 +94,8 @@ pub mod capacity {
     pub const PATH_MTU: u32 = 16384;
     /// Remote VTEPs with a cached next hop (least recently used go).
     pub const NEXT_HOPS: u32 = 16384;
+    /// Counter slots: one per network, and the unattributed one.
+    pub const STATS: u32 = NETWORKS + 1;
 }
 
 /// What the kernel programs know of a network; the value of `OVL_NETWORKS`.
@@ -100,8 +106,11 @@ pub struct NetworkInfo {
     pub mtu: u32,
     /// `network_flags::*` bits.
     pub flags: u32,
+    /// The network's slot of `OVL_STATS` (1..[`capacity::STATS`]): the
+    /// programs count its packets there, with no lookup by VNI.
+    pub stats_slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<NetworkInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<NetworkInfo>() == 12);
 
 /// Bits of [`NetworkInfo::flags`].
 pub mod network_flags {
@@ -137,7 +146,7 @@ pub struct VtepInfo {
     /// The network, as its `OVL_NETWORKS` entry holds it.
     pub network: NetworkInfo,
 }
-const _: () = assert!(core::mem::size_of::<VtepInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<VtepInfo>() == 16);
 
 /// Bits of [`VtepInfo::flags`].
 pub mod vtep_flags {
@@ -207,8 +216,11 @@ pub struct Iface {
     /// network up per packet. The agent rewrites the interfaces of a
     /// network whose entry changes.
     pub network_flags: u32,
+    /// The network's `stats_slot`, copied the same way: egress counts in
+    /// it.
+    pub stats_slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<Iface>() == 24);
+const _: () = assert!(core::mem::size_of::<Iface>() == 28);
 
 /// A subnet of a network; the value of `OVL_SUBNETS`.
 #[repr(C)]

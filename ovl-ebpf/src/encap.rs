@@ -168,7 +168,11 @@ pub fn to_remote(
         },
     )?;
 
-    stats::tx(vni, u64::from(gso_segs.max(1)), u64::from(inner_frame_len));
+    stats::tx(
+        iface.stats_slot,
+        u64::from(gso_segs.max(1)),
+        u64::from(inner_frame_len),
+    );
     Ok(route.redirect())
 }
 

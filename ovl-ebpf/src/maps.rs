@@ -6,9 +6,7 @@ use aya_ebpf::{
     bindings,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{
-        Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
-    },
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use ovl_common::{
     Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters,
@@ -53,10 +51,11 @@ pub static PATH_MTU: LruHashMap<[u8; 4], PathMtu> = LruHashMap::pinned(capacity:
 #[map(name = "OVL_NEXT_HOPS")]
 pub static NEXT_HOPS: LruHashMap<[u8; 4], NextHop> = LruHashMap::pinned(capacity::NEXT_HOPS, 0);
 
-/// Per-VNI, per-CPU counters. Entries are created by the agent.
+/// Per-network, per-CPU counters, in the slot the agent gave the network.
+/// An array, not a hash by VNI: the slot comes with the entry a program
+/// already read, and an array lookup costs no hashing.
 #[map(name = "OVL_STATS")]
-pub static STATS: PerCpuHashMap<u32, VniCounters> =
-    PerCpuHashMap::pinned(capacity::NETWORKS + 1, 0);
+pub static STATS: PerCpuArray<VniCounters> = PerCpuArray::pinned(capacity::STATS, 0);
 
 /// Node-wide per-CPU counters of the underlay hook (one entry).
 #[map(name = "OVL_GLOBAL")]

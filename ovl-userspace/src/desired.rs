@@ -8,6 +8,7 @@ use std::{
 
 use ovl_common::{
     Endpoint as MapEndpoint, Iface, NetworkInfo, SubnetInfo, VtepInfo,
+    counters::UNATTRIBUTED_SLOT,
     maps::{network_flags, vtep_flags},
 };
 
@@ -37,6 +38,24 @@ pub struct Desired {
     pub egress: Vec<EgressEndpoint>,
     /// The cluster's VXLAN UDP port.
     pub vxlan_port: u16,
+}
+
+impl Desired {
+    /// Puts each network's slot of `OVL_STATS` (VNI → slot, as the map
+    /// writer assigned them: they persist in the maps, not in the store)
+    /// into the network's entry and every entry that copies it.
+    pub fn set_stats_slots(&mut self, slots: &BTreeMap<u32, u32>) {
+        let slot = |vni: &u32| slots.get(vni).copied().unwrap_or(UNATTRIBUTED_SLOT);
+        for (vni, net) in self.networks.iter_mut() {
+            net.stats_slot = slot(vni);
+        }
+        for ((vni, _), vtep) in self.vteps.iter_mut() {
+            vtep.network.stats_slot = slot(vni);
+        }
+        for iface in self.ifaces.values_mut() {
+            iface.stats_slot = slot(&iface.vni);
+        }
+    }
 }
 
 /// A local container whose traffic to the world outside its network goes
@@ -146,6 +165,8 @@ pub fn desired(
                         mac: ep.mac.0,
                         _pad: [0; 2],
                         network_flags: network_info(net).flags,
+                        // Filled in by `set_stats_slots`.
+                        stats_slot: UNATTRIBUTED_SLOT,
                     },
                 );
                 d.iface_names.insert(ifindex, host_ifname.clone());
@@ -209,6 +230,8 @@ fn network_info(net: &Network) -> NetworkInfo {
     NetworkInfo {
         mtu: net.mtu,
         flags,
+        // Filled in by `Desired::set_stats_slots`.
+        stats_slot: UNATTRIBUTED_SLOT,
     }
 }
 
@@ -261,6 +284,7 @@ mod tests {
                     mac: [0x02, 0x42, 198, 18, 0, 2],
                     _pad: [0; 2],
                     network_flags: 0,
+                    stats_slot: UNATTRIBUTED_SLOT,
                 }
             )])
         );
@@ -294,6 +318,26 @@ mod tests {
         assert_eq!(
             d.vteps.keys().copied().collect::<BTreeSet<_>>(),
             BTreeSet::from([(100, [192, 0, 2, 10])])
+        );
+    }
+
+    #[test]
+    fn stats_slots_reach_every_entry_that_copies_the_network() {
+        let s = state();
+        let mut d = desired(&s, "b", Ipv4Addr::new(198, 51, 100, 10), &|_| Some(9));
+        d.set_stats_slots(&BTreeMap::from([(100, 7), (200, 3)]));
+        assert_eq!(d.networks[&100].stats_slot, 7);
+        assert_eq!(d.networks[&200].stats_slot, 3);
+        assert!(
+            d.vteps
+                .iter()
+                .all(|((vni, _), v)| v.network == d.networks[vni])
+        );
+        assert!(!d.vteps.is_empty());
+        assert!(
+            d.ifaces
+                .values()
+                .all(|i| i.stats_slot == d.networks[&i.vni].stats_slot)
         );
     }
 

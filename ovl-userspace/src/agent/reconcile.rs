@@ -36,7 +36,7 @@ pub fn reconcile(
     host_ends: &mut HostEnds,
     ifindex_of: &dyn Fn(&str) -> Option<u32>,
 ) -> Result<()> {
-    let want = desired(state, node, underlay.addr, ifindex_of);
+    let mut want = desired(state, node, underlay.addr, ifindex_of);
     for (vni, net) in &want.networks {
         if net.mtu + ENCAP_OVERHEAD > underlay.mtu {
             log::warn!(
@@ -49,7 +49,8 @@ pub fn reconcile(
     }
     // Counters and networks first, endpoints last: a packet never finds an
     // endpoint whose network has no counters.
-    dp.sync_stats(want.networks.keys().copied())?;
+    let slots = dp.sync_stats(want.networks.keys().copied())?;
+    want.set_stats_slots(&slots);
     dp.sync_networks(&want.networks)?;
     dp.sync_vteps(&want.vteps)?;
     dp.sync_subnets(&want.subnets)?;

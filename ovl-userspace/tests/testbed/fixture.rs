@@ -118,7 +118,6 @@ impl Fixture {
             udp_port: 0,
             _pad: 0,
         })?;
-        datapath.sync_stats([VNI].into_iter())?;
         write_network(&mut datapath, 0)?;
         datapath.sync_subnets(&BTreeMap::from([
             (
@@ -250,9 +249,11 @@ impl Fixture {
 /// derived from it: the remote VTEP's (allowed, not keyed) and the two
 /// local containers' interfaces.
 fn write_network(datapath: &mut Datapath, flags: u32) -> Result<()> {
+    let stats_slot = datapath.sync_stats([VNI].into_iter())?[&VNI];
     let network = NetworkInfo {
         mtu: OVERLAY_MTU,
         flags,
+        stats_slot,
     };
     datapath.sync_networks(&BTreeMap::from([(VNI, network)]))?;
     datapath.sync_vteps(&BTreeMap::from([(
@@ -263,22 +264,23 @@ fn write_network(datapath: &mut Datapath, flags: u32) -> Result<()> {
         },
     )]))?;
     datapath.sync_ifaces(&BTreeMap::from([
-        (TEST_RUN_IFINDEX, iface(LOCAL_CONTAINER, flags)),
-        (NEIGHBOUR_IFINDEX, iface(NEIGHBOUR_CONTAINER, flags)),
+        (TEST_RUN_IFINDEX, iface(LOCAL_CONTAINER, &network)),
+        (NEIGHBOUR_IFINDEX, iface(NEIGHBOUR_CONTAINER, &network)),
     ]))?;
     Ok(())
 }
 
-/// The interface entry of a local container in the first subnet of the
-/// network with `network_flags` `flags`.
-fn iface(ip: Ipv4Addr, flags: u32) -> Iface {
+/// The interface entry of a local container in the first subnet of
+/// `network`.
+fn iface(ip: Ipv4Addr, network: &NetworkInfo) -> Iface {
     Iface {
         vni: VNI,
         addr: ip.octets(),
         gateway: GATEWAY.octets(),
         mac: container_mac(ip),
         _pad: [0; 2],
-        network_flags: flags,
+        network_flags: network.flags,
+        stats_slot: network.stats_slot,
     }
 }
 
