@@ -29,7 +29,7 @@ use ovl_common::{
     Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters,
     VniAddr, VniCounters, VtepInfo,
     counters::{UNATTRIBUTED_SLOT, UNATTRIBUTED_VNI},
-    maps::{ABI_VERSION, names, programs, subnet_key_bits},
+    maps::{ABI_VERSION, capacity, names, programs, subnet_key_bits},
 };
 
 /// The kernel programs, built by build.rs and embedded in `ovl`.
@@ -605,8 +605,13 @@ impl Datapath {
             None => self.held_stats_slots()?,
         };
         let want: BTreeSet<u32> = vnis.collect();
-        let (slots, fresh) = slots::assign(&held, &want)
-            .with_context(|| format!("{} networks, {} counter slots", want.len(), names::STATS))?;
+        let (slots, fresh) = slots::assign(&held, &want).with_context(|| {
+            format!(
+                "{} networks on this node, more than the {} counter slots of OVL_STATS",
+                want.len(),
+                capacity::STATS - 1
+            )
+        })?;
         let ncpus = nr_cpus().map_err(|(_, e)| e).context("count CPUs")?;
         let mut map: PerCpuArray<_, VniCounters> = PerCpuArray::try_from(self.map(names::STATS)?)?;
         for slot in fresh {
@@ -626,9 +631,7 @@ impl Datapath {
         let mut held = BTreeMap::new();
         for entry in map.iter() {
             let (vni, info) = entry.context("read OVL_NETWORKS")?;
-            if info.stats_slot != UNATTRIBUTED_SLOT
-                && info.stats_slot < ovl_common::maps::capacity::STATS
-            {
+            if info.stats_slot != UNATTRIBUTED_SLOT && info.stats_slot < capacity::STATS {
                 held.insert(vni, info.stats_slot);
             }
         }
