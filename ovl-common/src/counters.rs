@@ -85,6 +85,11 @@ impl DropReason {
 /// never given to a network.
 pub const UNATTRIBUTED_VNI: u32 = 0;
 
+/// Slot of `OVL_STATS` holding the counters of [`UNATTRIBUTED_VNI`]; the
+/// agent gives each network one of the slots after it
+/// (`NetworkInfo::stats_slot`).
+pub const UNATTRIBUTED_SLOT: u32 = 0;
+
 /// Per-VNI counters, one copy per CPU (summed by the agent).
 /// Byte counters count inner Ethernet frames, as the containers see them.
 #[repr(C)]

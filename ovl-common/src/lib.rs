@@ -12,4 +12,6 @@ pub mod maps;
 pub mod wire;
 
 pub use counters::{DropReason, UnderlayCounters, VniCounters};
-pub use maps::{Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, VniAddr};
+pub use maps::{
+    Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, VniAddr, VtepInfo,
+};

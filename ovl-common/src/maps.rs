@@ -23,8 +23,9 @@ pub mod names {
     pub const NETWORKS: &str = "OVL_NETWORKS";
     /// `HashMap<VniAddr, Endpoint>`: every endpoint of every network.
     pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
-    /// `HashMap<VniAddr, u32>`: (VNI, remote VTEP) pairs allowed to send;
-    /// the value holds [`vtep_flags`](super::vtep_flags).
+    /// `HashMap<VniAddr, VtepInfo>`: (VNI, remote VTEP) pairs allowed to
+    /// send, with [`vtep_flags`](super::vtep_flags) and a copy of the
+    /// network's entry.
     pub const VTEPS: &str = "OVL_VTEPS";
     /// `HashMap<u32 ifindex, Iface>`: host ends of local container veths.
     pub const IFACES: &str = "OVL_IFACES";
@@ -40,7 +41,11 @@ pub mod names {
     /// ago. Filled by the encapsulation program; the agent empties it when
     /// the underlay's routes or neighbours change.
     pub const NEXT_HOPS: &str = "OVL_NEXT_HOPS";
-    /// `PerCpuHashMap<u32 VNI, VniCounters>`.
+    /// `PerCpuArray<VniCounters>` of [`capacity::STATS`](super::capacity::STATS)
+    /// slots: slot [`UNATTRIBUTED_SLOT`](crate::counters::UNATTRIBUTED_SLOT)
+    /// and one per network, which the agent assigns and records in the
+    /// network's [`NetworkInfo::stats_slot`](super::NetworkInfo) (readers
+    /// find a network's counters through `OVL_NETWORKS`).
     pub const STATS: &str = "OVL_STATS";
     /// `PerCpuArray<UnderlayCounters>` with one entry.
     pub const GLOBAL: &str = "OVL_GLOBAL";
@@ -89,6 +94,8 @@ pub mod capacity {
     pub const PATH_MTU: u32 = 16384;
     /// Remote VTEPs with a cached next hop (least recently used go).
     pub const NEXT_HOPS: u32 = 16384;
+    /// Counter slots: one per network, and the unattributed one.
+    pub const STATS: u32 = NETWORKS + 1;
 }
 
 /// What the kernel programs know of a network; the value of `OVL_NETWORKS`.
@@ -99,8 +106,11 @@ pub struct NetworkInfo {
     pub mtu: u32,
     /// `network_flags::*` bits.
     pub flags: u32,
+    /// The network's slot of `OVL_STATS` (1..[`capacity::STATS`]): the
+    /// programs count its packets there, with no lookup by VNI.
+    pub stats_slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<NetworkInfo>() == 8);
+const _: () = assert!(core::mem::size_of::<NetworkInfo>() == 12);
 
 /// Bits of [`NetworkInfo::flags`].
 pub mod network_flags {
@@ -123,7 +133,22 @@ pub const EGRESS_MARK_MASK: u32 = 0xff00_0000;
 /// The bits of a mark that carry the VNI.
 pub const EGRESS_VNI_MASK: u32 = 0x00ff_ffff;
 
-/// Bits of the `OVL_VTEPS` values.
+/// A (VNI, remote VTEP) pair allowed to send VXLAN; the value of
+/// `OVL_VTEPS`. It carries a copy of the network's `OVL_NETWORKS` entry so
+/// that decapsulation reads one hash map per packet instead of two: the
+/// agent derives both from the same network, and rewrites every VTEP
+/// entry of a network whose entry changes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VtepInfo {
+    /// `vtep_flags::*` bits.
+    pub flags: u32,
+    /// The network, as its `OVL_NETWORKS` entry holds it.
+    pub network: NetworkInfo,
+}
+const _: () = assert!(core::mem::size_of::<VtepInfo>() == 16);
+
+/// Bits of [`VtepInfo::flags`].
 pub mod vtep_flags {
     /// The VTEP may send VXLAN for the VNI (every entry has it).
     pub const ALLOWED: u32 = 1 << 0;
@@ -185,8 +210,17 @@ pub struct Iface {
     pub mac: [u8; 6],
     /// Explicit padding; always zero.
     pub _pad: [u8; 2],
+    /// The network's `network_flags`, a copy of its `OVL_NETWORKS` entry's:
+    /// container egress (encapsulation's encrypted check, external
+    /// egress's internal check) reads them here instead of looking the
+    /// network up per packet. The agent rewrites the interfaces of a
+    /// network whose entry changes.
+    pub network_flags: u32,
+    /// The network's `stats_slot`, copied the same way: egress counts in
+    /// it.
+    pub stats_slot: u32,
 }
-const _: () = assert!(core::mem::size_of::<Iface>() == 20);
+const _: () = assert!(core::mem::size_of::<Iface>() == 28);
 
 /// A subnet of a network; the value of `OVL_SUBNETS`.
 #[repr(C)]
@@ -286,6 +320,7 @@ mod user {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::NodeConfig {}
     unsafe impl aya::Pod for super::NetworkInfo {}
+    unsafe impl aya::Pod for super::VtepInfo {}
     unsafe impl aya::Pod for super::Iface {}
     unsafe impl aya::Pod for super::SubnetInfo {}
     unsafe impl aya::Pod for super::PathMtu {}

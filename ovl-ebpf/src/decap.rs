@@ -41,6 +41,8 @@ pub struct Delivery {
     pub inner_offset: usize,
     /// The network's MTU.
     pub mtu: u32,
+    /// The network's counters.
+    pub slot: u32,
 }
 
 /// Decides what to do with an underlay frame: `Ok(None)` when it is not
@@ -106,21 +108,20 @@ pub fn inspect(
         return Err(Dropped::unattributed(DropReason::Malformed));
     }
     let vni = vx.vni();
-    let Some(network) = maps::network(vni) else {
-        return Err(Dropped::unattributed(DropReason::UnknownVni));
+    // The sender's VTEP entry carries its network: one lookup for both.
+    let Some(network) = maps::vtep(vni, ip.src_addr).map(|v| v.network) else {
+        return Err(unknown_sender(vni, decrypted));
     };
+    let slot = network.stats_slot;
     if network.flags & network_flags::ENCRYPTED != 0 && !decrypted {
-        return Err(Dropped::on(vni, DropReason::Unencrypted));
-    }
-    if !maps::vtep_allowed(vni, ip.src_addr) {
-        return Err(Dropped::on(vni, DropReason::UnknownVtep));
+        return Err(Dropped::on(vni, slot, DropReason::Unencrypted));
     }
 
-    let inner_eth: EthHdr = frame.read(inner_offset).on_vni(vni)?;
+    let inner_eth: EthHdr = frame.read(inner_offset).on_vni(vni, slot)?;
     if inner_eth.ether_type != ETH_P_IP.to_be() {
-        return Err(Dropped::on(vni, DropReason::Unsupported));
+        return Err(Dropped::on(vni, slot, DropReason::Unsupported));
     }
-    let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).on_vni(vni)?;
+    let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).on_vni(vni, slot)?;
     match maps::endpoint(vni, inner_ip.dst_addr) {
         Some(ep) if ep.is_local() => Ok(Some(Delivery {
             vni,
@@ -128,8 +129,24 @@ pub fn inspect(
             mac: ep.mac,
             inner_offset,
             mtu: network.mtu,
+            slot,
         })),
-        _ => Err(Dropped::on(vni, DropReason::NoEndpoint)),
+        _ => Err(Dropped::on(vni, slot, DropReason::NoEndpoint)),
+    }
+}
+
+/// Why VXLAN from a sender that is no VTEP of network `vni` is refused.
+/// Off the fast path, the network's own entry tells a network this node
+/// does not serve from an unknown sender, and clear VXLAN of an encrypted
+/// network is refused as such, whoever sent it.
+#[inline(always)]
+fn unknown_sender(vni: u32, decrypted: bool) -> Dropped {
+    match maps::network(vni) {
+        None => Dropped::unattributed(DropReason::UnknownVni),
+        Some(n) if n.flags & network_flags::ENCRYPTED != 0 && !decrypted => {
+            Dropped::on(vni, n.stats_slot, DropReason::Unencrypted)
+        }
+        Some(n) => Dropped::on(vni, n.stats_slot, DropReason::UnknownVtep),
     }
 }
 
@@ -138,21 +155,23 @@ pub fn inspect(
 #[inline(always)]
 pub fn deliver_xdp(ctx: &XdpContext, frame: &Frame, d: &Delivery) -> Result<u32, Dropped> {
     // The destination MAC is the endpoint's own, whatever the sender wrote.
-    let mut inner_eth: EthHdr = frame.read(d.inner_offset).on_vni(d.vni)?;
+    let mut inner_eth: EthHdr = frame.read(d.inner_offset).on_vni(d.vni, d.slot)?;
     inner_eth.dst_addr = d.mac;
-    frame.write(d.inner_offset, inner_eth).on_vni(d.vni)?;
+    frame
+        .write(d.inner_offset, inner_eth)
+        .on_vni(d.vni, d.slot)?;
     // SAFETY: helper call on the program's own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, d.inner_offset as i32) } != 0 {
-        return Err(Dropped::on(d.vni, DropReason::Malformed));
+        return Err(Dropped::on(d.vni, d.slot, DropReason::Malformed));
     }
     // A frame beyond the container's MTU (a GRO super-packet under generic
     // XDP, say) would be refused by the redirect after this program counted
     // it delivered: refuse it here, counted.
     let inner_len = (ctx.data_end() - ctx.data()) as u64;
     if inner_len > u64::from(d.mtu) + ETH_HDR_LEN as u64 {
-        return Err(Dropped::on(d.vni, DropReason::TooBig));
+        return Err(Dropped::on(d.vni, d.slot, DropReason::TooBig));
     }
-    stats::rx(d.vni, inner_len);
+    stats::rx(d.slot, inner_len);
     // SAFETY: helper call; the action it returns is the program's verdict.
     Ok(unsafe { bpf_redirect(d.ifindex, 0) } as u32)
 }
@@ -161,7 +180,7 @@ pub fn deliver_xdp(ctx: &XdpContext, frame: &Frame, d: &Delivery) -> Result<u32,
 /// valid) and hand the frame to the container side of its veth.
 #[inline(always)]
 pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, Dropped> {
-    let inner_eth: EthHdr = frame.read(d.inner_offset).on_vni(d.vni)?;
+    let inner_eth: EthHdr = frame.read(d.inner_offset).on_vni(d.vni, d.slot)?;
     // Everything between the outer Ethernet header (kept, rewritten below)
     // and the inner IPv4 header goes: outer IPv4, UDP, VXLAN, inner Ethernet.
     let strip = d.inner_offset as i32;
@@ -170,7 +189,7 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
         BPF_ADJ_ROOM_MAC,
         u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
     )
-    .map_err(|_| Dropped::on(d.vni, DropReason::Malformed))?;
+    .map_err(|_| Dropped::on(d.vni, d.slot, DropReason::Malformed))?;
     let frame = Frame::of_skb(ctx);
     frame
         .write(
@@ -181,8 +200,8 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
                 ether_type: ETH_P_IP.to_be(),
             },
         )
-        .on_vni(d.vni)?;
-    stats::rx(d.vni, u64::from(ctx.len()));
+        .on_vni(d.vni, d.slot)?;
+    stats::rx(d.slot, u64::from(ctx.len()));
     // A frame of wire size leaves through the host end of the veth, so the
     // container end's NAPI merges it with its neighbours (GRO) before the
     // container's stack sees it: the host end has TSO off for that

@@ -30,7 +30,7 @@ pub fn switch(ctx: &TcContext, ifindex: u32, iface: &Iface) -> Result<i32, DropR
 
     if eth.ether_type == ETH_P_ARP.to_be() {
         arp::answer_request(&frame, iface)?;
-        stats::arp_reply(vni);
+        stats::arp_reply(iface.stats_slot);
         return Ok(to_container(ifindex));
     }
     if eth.ether_type != ETH_P_IP.to_be() {
@@ -55,7 +55,7 @@ pub fn switch(ctx: &TcContext, ifindex: u32, iface: &Iface) -> Result<i32, DropR
         let mut eth = eth;
         eth.dst_addr = dst.mac;
         frame.write(0, eth)?;
-        stats::local(vni, gso_segs(ctx));
+        stats::local(iface.stats_slot, gso_segs(ctx));
         return Ok(to_container(dst.ifindex));
     }
     let node = maps::node_config().ok_or(DropReason::NoRoute)?;

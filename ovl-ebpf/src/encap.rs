@@ -56,13 +56,14 @@ enum Exit {
     Crypto(u32),
 }
 
-/// The exit of network `vni`'s frames to `dst`: an encrypted network's go
-/// to the crypto device or nowhere (fail closed: no agent, or a VTEP whose
-/// node published no key, is `no_key` — never the underlay in clear).
+/// The exit of the frames of `iface`'s network to `dst`: an encrypted
+/// network's go to the crypto device or nowhere (fail closed: no agent, or
+/// a VTEP whose node published no key, is `no_key` — never the underlay in
+/// clear).
 #[inline(always)]
-fn exit_of(vni: u32, dst: &Endpoint) -> Result<Exit, DropReason> {
-    let encrypted = maps::network(vni).is_some_and(|n| n.flags & network_flags::ENCRYPTED != 0);
-    if !encrypted {
+fn exit_of(iface: &Iface, dst: &Endpoint) -> Result<Exit, DropReason> {
+    let vni = iface.vni;
+    if iface.network_flags & network_flags::ENCRYPTED == 0 {
         return Ok(Exit::Underlay);
     }
     let device = maps::crypto_device().ok_or(DropReason::NoKey)?;
@@ -92,7 +93,7 @@ pub fn to_remote(
     let (gso_size, gso_segs) = unsafe { ((*skb).gso_size, (*skb).gso_segs) };
 
     let outer_len = largest_outer_len(ctx, inner_ip, inner_frame_len, gso_size)?;
-    let route = match exit_of(vni, dst)? {
+    let route = match exit_of(iface, dst)? {
         Exit::Crypto(device) => {
             // The WireGuard message around it must fit the underlay too.
             // (Path MTU reports quote the WireGuard packet, not ovl's
@@ -167,7 +168,11 @@ pub fn to_remote(
         },
     )?;
 
-    stats::tx(vni, u64::from(gso_segs.max(1)), u64::from(inner_frame_len));
+    stats::tx(
+        iface.stats_slot,
+        u64::from(gso_segs.max(1)),
+        u64::from(inner_frame_len),
+    );
     Ok(route.redirect())
 }
 

@@ -47,7 +47,7 @@ pub fn forward(
         eth.dst_addr = dst.mac;
         frame.write(0, eth)?;
         if dst.is_local() {
-            stats::local(vni, gso_segs(ctx));
+            stats::local(iface.stats_slot, gso_segs(ctx));
             return Ok(to_container(dst.ifindex));
         }
         let node = maps::node_config().ok_or(DropReason::NoRoute)?;
@@ -67,8 +67,7 @@ pub fn forward(
 #[inline(always)]
 fn to_host(ctx: &TcContext, ifindex: u32, iface: &Iface, ip: &Ipv4Hdr) -> Result<i32, DropReason> {
     let vni = iface.vni;
-    let network = maps::network(vni).ok_or(DropReason::NoEndpoint)?;
-    if network.flags & network_flags::INTERNAL != 0 {
+    if iface.network_flags & network_flags::INTERNAL != 0 {
         return Err(DropReason::NoRoute);
     }
     if ip.ttl <= 1 {
@@ -81,7 +80,7 @@ fn to_host(ctx: &TcContext, ifindex: u32, iface: &Iface, ip: &Ipv4Hdr) -> Result
     // stack, which would drop it.
     ctx.change_type(PACKET_HOST)
         .map_err(|_| DropReason::Malformed)?;
-    stats::egress(vni, gso_segs(ctx));
+    stats::egress(iface.stats_slot, gso_segs(ctx));
     Ok(TC_ACT_OK)
 }
 

@@ -113,7 +113,7 @@ fn send_error(
         ),
     )?;
     frame.write(ETH_HDR_LEN + IPV4_HDR_LEN, message)?;
-    stats::drop(iface.vni, reason);
+    stats::drop(iface.stats_slot, reason);
     Ok(to_container(ifindex))
 }
 
@@ -166,7 +166,7 @@ pub fn echo_reply(
             ether_type: ETH_P_IP.to_be(),
         },
     )?;
-    stats::local(iface.vni, 1);
+    stats::local(iface.stats_slot, 1);
     Ok(to_container(ifindex))
 }
 

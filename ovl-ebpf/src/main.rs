@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use ovl_common::{DropReason, counters::UNATTRIBUTED_VNI};
+use ovl_common::{DropReason, counters::UNATTRIBUTED_SLOT};
 
 use crate::{packet::Frame, verdict::Dropped};
 
@@ -105,11 +105,11 @@ pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(iface) = maps::iface(ifindex) else {
-        stats::drop(UNATTRIBUTED_VNI, DropReason::NoEndpoint);
+        stats::drop(UNATTRIBUTED_SLOT, DropReason::NoEndpoint);
         return TC_ACT_SHOT;
     };
     egress::switch(&ctx, ifindex, &iface).unwrap_or_else(|reason| {
-        stats::drop(iface.vni, reason);
+        stats::drop(iface.stats_slot, reason);
         TC_ACT_SHOT
     })
 }
@@ -119,7 +119,7 @@ pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
 /// either a misconfiguration or spoofing.
 #[inline(always)]
 fn count_decap_drop<C: EbpfContext>(ctx: &C, d: Dropped) {
-    stats::drop(d.vni, d.reason);
+    stats::drop(d.slot, d.reason);
     if d.reason == DropReason::UnknownVtep {
         debug!(
             ctx,

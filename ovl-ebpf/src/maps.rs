@@ -6,13 +6,11 @@ use aya_ebpf::{
     bindings,
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{
-        Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
-    },
+    maps::{Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use ovl_common::{
     Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters,
-    VniAddr, VniCounters,
+    VniAddr, VniCounters, VtepInfo,
     maps::{CRYPTO_DEVICE, capacity, subnet_key_bits},
     wire::{MIN_PATH_MTU, NEXT_HOP_TTL_NS, PATH_MTU_EXPIRY_NS},
 };
@@ -29,9 +27,10 @@ pub static NETWORKS: HashMap<u32, NetworkInfo> = HashMap::pinned(capacity::NETWO
 #[map(name = "OVL_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<VniAddr, Endpoint> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
-/// (VNI, remote VTEP address) pairs allowed to send VXLAN for that VNI.
+/// (VNI, remote VTEP address) pairs allowed to send VXLAN for that VNI,
+/// with their network.
 #[map(name = "OVL_VTEPS")]
-pub static VTEPS: HashMap<VniAddr, u32> = HashMap::pinned(capacity::VTEPS, 0);
+pub static VTEPS: HashMap<VniAddr, VtepInfo> = HashMap::pinned(capacity::VTEPS, 0);
 
 /// Host-side ifindex of a local container veth → its network, address,
 /// MAC and gateway. Written only by the agent: entries are allocated as it
@@ -52,10 +51,11 @@ pub static PATH_MTU: LruHashMap<[u8; 4], PathMtu> = LruHashMap::pinned(capacity:
 #[map(name = "OVL_NEXT_HOPS")]
 pub static NEXT_HOPS: LruHashMap<[u8; 4], NextHop> = LruHashMap::pinned(capacity::NEXT_HOPS, 0);
 
-/// Per-VNI, per-CPU counters. Entries are created by the agent.
+/// Per-network, per-CPU counters, in the slot the agent gave the network.
+/// An array, not a hash by VNI: the slot comes with the entry a program
+/// already read, and an array lookup costs no hashing.
 #[map(name = "OVL_STATS")]
-pub static STATS: PerCpuHashMap<u32, VniCounters> =
-    PerCpuHashMap::pinned(capacity::NETWORKS + 1, 0);
+pub static STATS: PerCpuArray<VniCounters> = PerCpuArray::pinned(capacity::STATS, 0);
 
 /// Node-wide per-CPU counters of the underlay hook (one entry).
 #[map(name = "OVL_GLOBAL")]
@@ -96,17 +96,18 @@ pub fn network(vni: u32) -> Option<NetworkInfo> {
     unsafe { NETWORKS.get(vni).copied() }
 }
 
-/// True when `vtep` may send VXLAN for `vni`.
+/// `vtep` as a VTEP of network `vni`, with the network; `None` when it
+/// may not send VXLAN for `vni`.
 #[inline(always)]
-pub fn vtep_allowed(vni: u32, vtep: [u8; 4]) -> bool {
-    VTEPS.get_ptr(VniAddr { vni, addr: vtep }).is_some()
+pub fn vtep(vni: u32, vtep: [u8; 4]) -> Option<VtepInfo> {
+    // SAFETY: the value is copied out immediately.
+    unsafe { VTEPS.get(VniAddr { vni, addr: vtep }).copied() }
 }
 
 /// The `vtep_flags` of (`vni`, `vtep`); 0 when it is not a VTEP of it.
 #[inline(always)]
-pub fn vtep_flags(vni: u32, vtep: [u8; 4]) -> u32 {
-    // SAFETY: the value is copied out immediately.
-    unsafe { VTEPS.get(VniAddr { vni, addr: vtep }).copied() }.unwrap_or(0)
+pub fn vtep_flags(vni: u32, addr: [u8; 4]) -> u32 {
+    vtep(vni, addr).map_or(0, |v| v.flags)
 }
 
 /// The container interface whose host end is `ifindex`.

@@ -1,16 +1,15 @@
-//! Counting: every outcome of every program lands in the per-VNI per-CPU
-//! counters (drops by reason) or in the node-wide counters.
+//! Counting: every outcome of every program lands in the per-network
+//! per-CPU counters (drops by reason) or in the node-wide counters.
 
 use ovl_common::{DropReason, VniCounters};
 
 use crate::maps::{GLOBAL, STATS};
 
-/// Adds to the counters of `vni`. The agent creates an entry for every
-/// network (and for `UNATTRIBUTED_VNI`), so a missing entry means the VNI
-/// is being removed and the count is let go.
+/// Adds to the counters in `slot` (a network's `stats_slot`, or
+/// `UNATTRIBUTED_SLOT`). Only a slot beyond the array is missing.
 #[inline(always)]
-fn with_counters(vni: u32, f: impl FnOnce(&mut VniCounters)) {
-    if let Some(c) = STATS.get_ptr_mut(vni) {
+fn with_counters(slot: u32, f: impl FnOnce(&mut VniCounters)) {
+    if let Some(c) = STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         f(unsafe { &mut *c });
     }
@@ -18,9 +17,9 @@ fn with_counters(vni: u32, f: impl FnOnce(&mut VniCounters)) {
 
 /// Counts a drop.
 #[inline(always)]
-pub fn drop(vni: u32, reason: DropReason) {
+pub fn drop(slot: u32, reason: DropReason) {
     let idx = reason as usize;
-    with_counters(vni, |c| {
+    with_counters(slot, |c| {
         if let Some(d) = c.drops.get_mut(idx) {
             *d += 1;
         }
@@ -29,8 +28,8 @@ pub fn drop(vni: u32, reason: DropReason) {
 
 /// Counts frames encapsulated towards a remote VTEP.
 #[inline(always)]
-pub fn tx(vni: u32, packets: u64, bytes: u64) {
-    with_counters(vni, |c| {
+pub fn tx(slot: u32, packets: u64, bytes: u64) {
+    with_counters(slot, |c| {
         c.tx_packets += packets;
         c.tx_bytes += bytes;
     });
@@ -38,8 +37,8 @@ pub fn tx(vni: u32, packets: u64, bytes: u64) {
 
 /// Counts a frame decapsulated and delivered.
 #[inline(always)]
-pub fn rx(vni: u32, bytes: u64) {
-    with_counters(vni, |c| {
+pub fn rx(slot: u32, bytes: u64) {
+    with_counters(slot, |c| {
         c.rx_packets += 1;
         c.rx_bytes += bytes;
     });
@@ -47,14 +46,14 @@ pub fn rx(vni: u32, bytes: u64) {
 
 /// Counts frames switched between two local containers.
 #[inline(always)]
-pub fn local(vni: u32, packets: u64) {
-    with_counters(vni, |c| c.local_packets += packets);
+pub fn local(slot: u32, packets: u64) {
+    with_counters(slot, |c| c.local_packets += packets);
 }
 
 /// Counts frames handed to the host's stack for external egress.
 #[inline(always)]
-pub fn egress(vni: u32, packets: u64) {
-    with_counters(vni, |c| c.egress_packets += packets);
+pub fn egress(slot: u32, packets: u64) {
+    with_counters(slot, |c| c.egress_packets += packets);
 }
 
 /// Counts an underlay report of a smaller path MTU to a remote VTEP.
@@ -68,8 +67,8 @@ pub fn path_mtu_report() {
 
 /// Counts an ARP request answered by proxy.
 #[inline(always)]
-pub fn arp_reply(vni: u32) {
-    with_counters(vni, |c| c.arp_replies += 1);
+pub fn arp_reply(slot: u32) {
+    with_counters(slot, |c| c.arp_replies += 1);
 }
 
 /// Counts one underlay frame, and whether it went on to the host stack.

@@ -1,22 +1,27 @@
 //! The outcome type every handler returns: an action for the hook, or a
-//! drop with the VNI it is charged to. One exit per program counts drops.
+//! drop with the network it is charged to. One exit per program counts drops.
 
-use ovl_common::{DropReason, counters::UNATTRIBUTED_VNI};
+use ovl_common::{
+    DropReason,
+    counters::{UNATTRIBUTED_SLOT, UNATTRIBUTED_VNI},
+};
 
 /// A packet ovl decided to drop, and the network whose counters say so.
 #[derive(Clone, Copy)]
 pub struct Dropped {
-    /// VNI whose counters get the drop (`UNATTRIBUTED_VNI` when unknown).
+    /// VNI of that network (`UNATTRIBUTED_VNI` when unknown).
     pub vni: u32,
+    /// Its counters' slot (`UNATTRIBUTED_SLOT` when unknown).
+    pub slot: u32,
     /// Why.
     pub reason: DropReason,
 }
 
 impl Dropped {
-    /// A drop charged to network `vni`.
+    /// A drop charged to network `vni`, counted in `slot`.
     #[inline(always)]
-    pub const fn on(vni: u32, reason: DropReason) -> Self {
-        Self { vni, reason }
+    pub const fn on(vni: u32, slot: u32, reason: DropReason) -> Self {
+        Self { vni, slot, reason }
     }
 
     /// A drop that belongs to no known network.
@@ -24,20 +29,21 @@ impl Dropped {
     pub const fn unattributed(reason: DropReason) -> Self {
         Self {
             vni: UNATTRIBUTED_VNI,
+            slot: UNATTRIBUTED_SLOT,
             reason,
         }
     }
 }
 
-/// Attaches a VNI to a bare `DropReason` from the parsing helpers.
+/// Attaches a network to a bare `DropReason` from the parsing helpers.
 pub trait OnVni<T> {
-    /// Charges an error to network `vni`.
-    fn on_vni(self, vni: u32) -> Result<T, Dropped>;
+    /// Charges an error to network `vni`, counted in `slot`.
+    fn on_vni(self, vni: u32, slot: u32) -> Result<T, Dropped>;
 }
 
 impl<T> OnVni<T> for Result<T, DropReason> {
     #[inline(always)]
-    fn on_vni(self, vni: u32) -> Result<T, Dropped> {
-        self.map_err(|reason| Dropped::on(vni, reason))
+    fn on_vni(self, vni: u32, slot: u32) -> Result<T, Dropped> {
+        self.map_err(|reason| Dropped::on(vni, slot, reason))
     }
 }

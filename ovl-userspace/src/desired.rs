@@ -6,7 +6,11 @@ use std::{
     net::Ipv4Addr,
 };
 
-use ovl_common::{Endpoint as MapEndpoint, Iface, NetworkInfo, SubnetInfo, maps::network_flags};
+use ovl_common::{
+    Endpoint as MapEndpoint, Iface, NetworkInfo, SubnetInfo, VtepInfo,
+    counters::UNATTRIBUTED_SLOT,
+    maps::{network_flags, vtep_flags},
+};
 
 use crate::{
     model::{Endpoint, Location, Network, State},
@@ -22,11 +26,10 @@ pub struct Desired {
     pub subnets: BTreeMap<(u32, [u8; 4], u8), SubnetInfo>,
     /// (VNI, address) → endpoint.
     pub endpoints: BTreeMap<(u32, [u8; 4]), MapEndpoint>,
-    /// (VNI, remote VTEP) pairs allowed to send.
-    pub vteps: BTreeSet<(u32, [u8; 4])>,
-    /// Those of `vteps` on encrypted networks whose node published a
-    /// WireGuard key: the only ones an encrypted network sends to.
-    pub keyed_vteps: BTreeSet<(u32, [u8; 4])>,
+    /// (VNI, remote VTEP) pairs allowed to send, each with its network's
+    /// entry; those of encrypted networks whose node published a WireGuard
+    /// key are `KEYED` (the only ones an encrypted network sends to).
+    pub vteps: BTreeMap<(u32, [u8; 4]), VtepInfo>,
     /// Host-side ifindex → the local container interface behind it.
     pub ifaces: BTreeMap<u32, Iface>,
     /// Host-side interface names of local containers, by ifindex.
@@ -38,6 +41,24 @@ pub struct Desired {
     pub egress: Vec<EgressEndpoint>,
     /// The cluster's VXLAN UDP port.
     pub vxlan_port: u16,
+}
+
+impl Desired {
+    /// Puts each network's slot of `OVL_STATS` (VNI → slot, as the map
+    /// writer assigned them: they persist in the maps, not in the store)
+    /// into the network's entry and every entry that copies it.
+    pub fn set_stats_slots(&mut self, slots: &BTreeMap<u32, u32>) {
+        let slot = |vni: &u32| slots.get(vni).copied().unwrap_or(UNATTRIBUTED_SLOT);
+        for (vni, net) in self.networks.iter_mut() {
+            net.stats_slot = slot(vni);
+        }
+        for ((vni, _), vtep) in self.vteps.iter_mut() {
+            vtep.network.stats_slot = slot(vni);
+        }
+        for iface in self.ifaces.values_mut() {
+            iface.stats_slot = slot(&iface.vni);
+        }
+    }
 }
 
 /// A local container whose traffic to the world outside its network goes
@@ -108,18 +129,7 @@ impl NetworkPlan {
         let vni = net.vni.get();
         let mut p = NetworkPlan {
             vni,
-            info: NetworkInfo {
-                mtu: net.mtu,
-                flags: if net.internal {
-                    network_flags::INTERNAL
-                } else {
-                    0
-                } | if net.encrypted {
-                    network_flags::ENCRYPTED
-                } else {
-                    0
-                },
-            },
+            info: network_info(net),
             ..NetworkPlan::default()
         };
         for pool in &net.subnets {
@@ -171,6 +181,9 @@ impl NetworkPlan {
                         gateway: gateway.unwrap_or([0; 4]),
                         mac: ep.mac.0,
                         _pad: [0; 2],
+                        network_flags: self.info.flags,
+                        // Filled in by `Desired::set_stats_slots`.
+                        stats_slot: UNATTRIBUTED_SLOT,
                     },
                 );
                 self.iface_names.insert(ifindex, host_ifname.clone());
@@ -422,9 +435,19 @@ impl Plans {
             let vni = p.vni;
             d.networks.insert(vni, p.info);
             d.subnets.extend(p.subnets.iter().map(|(k, v)| (*k, *v)));
-            d.vteps.extend(p.vteps.keys().map(|v| (vni, *v)));
-            d.keyed_vteps
-                .extend(p.keyed_vteps.iter().map(|v| (vni, *v)));
+            d.vteps.extend(p.vteps.keys().map(|v| {
+                let mut flags = vtep_flags::ALLOWED;
+                if p.keyed_vteps.contains(v) {
+                    flags |= vtep_flags::KEYED;
+                }
+                (
+                    (vni, *v),
+                    VtepInfo {
+                        flags,
+                        network: p.info,
+                    },
+                )
+            }));
             d.ifaces.extend(p.ifaces.iter().map(|(k, v)| (*k, *v)));
             d.iface_names
                 .extend(p.iface_names.iter().map(|(k, v)| (*k, v.clone())));
@@ -433,6 +456,25 @@ impl Plans {
         }
         d.missing_links.sort();
         d.egress.sort_by_key(|e| (e.vni, e.ip));
+    }
+}
+
+/// What the kernel programs know of `net`: its `OVL_NETWORKS` entry, and
+/// the copy of it in every entry derived from the network (VTEPs, local
+/// interfaces), so a change of the network rewrites all of them.
+fn network_info(net: &Network) -> NetworkInfo {
+    let mut flags = 0;
+    if net.internal {
+        flags |= network_flags::INTERNAL;
+    }
+    if net.encrypted {
+        flags |= network_flags::ENCRYPTED;
+    }
+    NetworkInfo {
+        mtu: net.mtu,
+        flags,
+        // Filled in by `Desired::set_stats_slots`.
+        stats_slot: UNATTRIBUTED_SLOT,
     }
 }
 
@@ -484,13 +526,23 @@ mod tests {
                     gateway: [198, 18, 0, 1],
                     mac: [0x02, 0x42, 198, 18, 0, 2],
                     _pad: [0; 2],
+                    network_flags: 0,
+                    stats_slot: UNATTRIBUTED_SLOT,
                 }
             )])
         );
         // Red has no endpoint on a: a holds nothing of it.
         assert_eq!(d.networks.keys().copied().collect::<Vec<_>>(), vec![100]);
         assert!(!d.endpoints.keys().any(|(vni, _)| *vni == 200));
-        assert_eq!(d.vteps, BTreeSet::from([(100, [198, 51, 100, 10])]));
+        assert_eq!(
+            d.vteps.keys().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([(100, [198, 51, 100, 10])])
+        );
+        // Each VTEP entry carries its network's entry, for decapsulation.
+        assert_eq!(
+            d.vteps[&(100, [198, 51, 100, 10])].network,
+            d.networks[&100]
+        );
     }
 
     #[test]
@@ -506,7 +558,30 @@ mod tests {
         let c3 = d.endpoints[&(200, [198, 18, 0, 2])];
         assert_eq!((c1.ifindex, c1.vtep), (0, [192, 0, 2, 10]));
         assert_eq!((c3.ifindex, c3.vtep), (9, [0; 4]));
-        assert_eq!(d.vteps, BTreeSet::from([(100, [192, 0, 2, 10])]));
+        assert_eq!(
+            d.vteps.keys().copied().collect::<BTreeSet<_>>(),
+            BTreeSet::from([(100, [192, 0, 2, 10])])
+        );
+    }
+
+    #[test]
+    fn stats_slots_reach_every_entry_that_copies_the_network() {
+        let s = state();
+        let mut d = desired(&s, "b", Ipv4Addr::new(198, 51, 100, 10), &|_| Some(9));
+        d.set_stats_slots(&BTreeMap::from([(100, 7), (200, 3)]));
+        assert_eq!(d.networks[&100].stats_slot, 7);
+        assert_eq!(d.networks[&200].stats_slot, 3);
+        assert!(
+            d.vteps
+                .iter()
+                .all(|((vni, _), v)| v.network == d.networks[vni])
+        );
+        assert!(!d.vteps.is_empty());
+        assert!(
+            d.ifaces
+                .values()
+                .all(|i| i.stats_slot == d.networks[&i.vni].stats_slot)
+        );
     }
 
     #[test]
@@ -577,9 +652,28 @@ mod tests {
         let d = desired(&s, "a", Ipv4Addr::new(192, 0, 2, 10), &|_| Some(7));
         assert_eq!(d.networks[&300].flags, network_flags::ENCRYPTED);
         assert_eq!(d.networks[&100].flags, 0);
+        // The local interfaces carry their network's flags, for egress.
+        for iface in d.ifaces.values() {
+            assert_eq!(iface.network_flags, d.networks[&iface.vni].flags);
+        }
+        assert!(d.ifaces.values().any(|i| i.vni == 300));
         // c has published no key yet: allowed as a VTEP, but not keyed.
-        assert!(d.vteps.contains(&(300, [203, 0, 113, 10])));
-        assert_eq!(d.keyed_vteps, BTreeSet::from([(300, [198, 51, 100, 10])]));
+        assert_eq!(
+            d.vteps[&(300, [203, 0, 113, 10])].flags,
+            vtep_flags::ALLOWED
+        );
+        let keyed: BTreeSet<_> = d
+            .vteps
+            .iter()
+            .filter(|(_, v)| v.flags & vtep_flags::KEYED != 0)
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(keyed, BTreeSet::from([(300, [198, 51, 100, 10])]));
+        // The VTEP entries of the encrypted network say so to decapsulation.
+        assert_eq!(
+            d.vteps[&(300, [203, 0, 113, 10])].network.flags,
+            network_flags::ENCRYPTED
+        );
     }
 
     #[test]
@@ -608,7 +702,10 @@ mod tests {
         let dirty = catch_up(&mut mine, &theirs);
         plans.update(mine.as_ref().unwrap(), "b", vtep, &ifindex_of, &dirty);
         let d = plans.merged(4789);
-        assert_eq!(d.keyed_vteps, BTreeSet::from([(100, [192, 0, 2, 10])]));
+        assert_eq!(
+            d.vteps[&(100, [192, 0, 2, 10])].flags,
+            vtep_flags::ALLOWED | vtep_flags::KEYED
+        );
         assert_eq!(d.egress.len(), 1, "c2 leads out");
         let add = |s: &mut State, net: &str, node: &str, ns: &str| {
             s.add_container(ContainerSpec {

@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result, ensure};
 use ovl_common::wire::{ANYCAST_GATEWAY_MAC as GW_MAC, ETH_P_IP, IPPROTO_UDP};
 use ovl_common::{
-    DropReason, NetworkInfo, NextHop, VniCounters,
+    DropReason, NextHop, VniCounters,
     counters::UNATTRIBUTED_VNI,
     maps::{names, network_flags, next_hop_via, programs},
     wire::NEXT_HOP_TTL_NS,
@@ -24,8 +24,8 @@ use testbed::{
     fixture::{
         Fixture, GATEWAY, GATEWAY_MAC, LOCAL_CONTAINER as C1, LOCAL_VTEP,
         NEIGHBOUR_CONTAINER as C3, OTHER_GATEWAY, OTHER_SUBNET_CONTAINER as D1,
-        OTHER_SUBNET_REMOTE as D2, OVERLAY_MTU, REMOTE_CONTAINER as C2, REMOTE_VTEP,
-        TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
+        OTHER_SUBNET_REMOTE as D2, REMOTE_CONTAINER as C2, REMOTE_VTEP, TEST_RUN_IFINDEX,
+        UNDERLAY_MAC, VNI, skb_ctx,
     },
     frames::{
         IPPROTO_ICMP, arp_reply, arp_request, container_mac as mac_of, ethernet as eth, hex,
@@ -157,14 +157,7 @@ fn tc_decap_on_the_underlay_delivers_and_refuses_clear_vxlan_of_an_encrypted_net
     ensure!(action == TC_ACT_REDIRECT, "action {action}");
     ensure!(out == expected, "output\n{}", hex(&out));
 
-    f.datapath
-        .sync_networks(&std::collections::BTreeMap::from([(
-            VNI,
-            NetworkInfo {
-                mtu: OVERLAY_MTU,
-                flags: network_flags::ENCRYPTED,
-            },
-        )]))?;
+    f.set_network_flags(network_flags::ENCRYPTED)?;
     let (action, _) = run(
         &f,
         programs::TC_DECAP,
@@ -176,6 +169,22 @@ fn tc_decap_on_the_underlay_delivers_and_refuses_clear_vxlan_of_an_encrypted_net
     ensure!(
         action == TC_ACT_SHOT,
         "clear VXLAN of an encrypted network: action {action}"
+    );
+    // From a sender that is no VTEP of it, clear VXLAN of an encrypted
+    // network is still refused as clear (the network is read off the fast
+    // path, the VTEP entry that carries it being missing).
+    let stranger = vxlan_from(Ipv4Addr::new(192, 0, 2, 66), VNI, &echo(C2, C1, mac_of(C1)));
+    let (action, _) = run(
+        &f,
+        programs::TC_DECAP,
+        &stranger,
+        Some(&on_underlay),
+        VNI,
+        |c| c.drops[DropReason::Unencrypted as usize] += 1,
+    )?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "clear VXLAN of an encrypted network from a stranger: action {action}"
     );
     Ok(())
 }
@@ -412,6 +421,35 @@ fn egress_encapsulates_to_the_remote_vtep_per_rfc7348() -> Result<()> {
 }
 
 #[test]
+fn egress_of_an_encrypted_network_never_leaves_in_clear_without_a_crypto_device() -> Result<()> {
+    let mut f = fixture("gold-encap-enc")?;
+    f.set_network_flags(network_flags::ENCRYPTED)?;
+    // The interface entry says the network is encrypted; the fixture has
+    // no crypto device (no agent): fail closed.
+    let inner = echo(C1, C2, mac_of(C2));
+    let (action, _) = egress(&f, &inner, |c| c.drops[DropReason::NoKey as usize] += 1)?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "encrypted, no device: action {action}"
+    );
+    // Local switching is not encryption's business.
+    let (action, _) = egress(&f, &echo(C1, C3, mac_of(C3)), |c| c.local_packets += 1)?;
+    ensure!(
+        action == TC_ACT_REDIRECT,
+        "encrypted, local: action {action}"
+    );
+    // Back to clear: encapsulated again.
+    f.set_network_flags(0)?;
+    let (action, out) = egress(&f, &inner, |c| {
+        c.tx_packets += 1;
+        c.tx_bytes += inner.len() as u64;
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "clear again: action {action}");
+    ensure!(out[50..] == inner[..], "inner frame changed");
+    Ok(())
+}
+
+#[test]
 fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
     let f = fixture("gold-egress-drops")?;
     let ipv6 = eth(mac_of(C2), mac_of(C1), 0x86dd, &[0x60; 40]);
@@ -638,14 +676,7 @@ fn egress_hands_external_destinations_to_the_host_unless_internal() -> Result<()
     })?;
     ensure!(action == TC_ACT_SHOT, "action {action}");
 
-    f.datapath
-        .sync_networks(&std::collections::BTreeMap::from([(
-            VNI,
-            NetworkInfo {
-                mtu: OVERLAY_MTU,
-                flags: network_flags::INTERNAL,
-            },
-        )]))?;
+    f.set_network_flags(network_flags::INTERNAL)?;
     let (action, _) = egress(&f, &input, |c| c.drops[DropReason::NoRoute as usize] += 1)?;
     ensure!(action == TC_ACT_SHOT, "internal: action {action}");
     // Subnets still route to each other on an internal network.

@@ -273,7 +273,7 @@ fn pins_of_an_incompatible_build_are_replaced_without_a_gap_or_refused_when_they
     let log = refused.log()?;
     ensure!(!status.success(), "started over unfillable maps:\n{log}");
     for needle in [
-        "OVL_IFACES: value size 8, this build expects 20",
+        "OVL_IFACES: value size 8, this build expects 28",
         "ovl detach eth0 --node host-a",
     ] {
         ensure!(log.contains(needle), "the refusal lacks {needle:?}:\n{log}");
@@ -304,8 +304,9 @@ fn pins_of_an_incompatible_build_are_replaced_without_a_gap_or_refused_when_they
         world.agents[0].log()?
     );
     let info = map_info(&ifaces)?;
-    // 20 bytes: ovl_common::Iface (VNI, address, gateway, MAC).
-    ensure!(info["bytes_value"] == 20, "OVL_IFACES still {info}");
+    // 28 bytes: ovl_common::Iface (VNI, address, gateway, MAC, network
+    // flags, counter slot).
+    ensure!(info["bytes_value"] == 28, "OVL_IFACES still {info}");
     ensure!(!pin_dir.join("next").exists(), "staging maps left behind");
     world.stop()
 }

@@ -63,9 +63,10 @@ pub fn reconcile(
     }
     // Counters and networks first, endpoints last: a packet never finds an
     // endpoint whose network has no counters.
-    dp.sync_stats(want.networks.keys().copied())?;
+    let slots = dp.sync_stats(want.networks.keys().copied())?;
+    want.set_stats_slots(&slots);
     dp.sync_networks(&want.networks)?;
-    dp.sync_vteps(&want.vteps, &want.keyed_vteps)?;
+    dp.sync_vteps(&want.vteps)?;
     dp.sync_subnets(&want.subnets)?;
     dp.sync_ifaces(&want.ifaces)?;
     if dp.set_vxlan_port(want.vxlan_port)? {

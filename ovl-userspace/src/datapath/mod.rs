@@ -6,6 +6,7 @@
 mod compat;
 mod links;
 mod shadow;
+mod slots;
 
 use std::{
     borrow::Cow,
@@ -18,7 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::LpmTrie},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, lpm_trie::LpmTrie},
     programs::XdpMode,
     util::nr_cpus,
 };
@@ -26,9 +27,9 @@ pub use compat::Mismatch;
 pub use links::{DecapKind, LinkPin, LinkPins};
 use ovl_common::{
     Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters,
-    VniAddr, VniCounters,
-    counters::UNATTRIBUTED_VNI,
-    maps::{ABI_VERSION, names, programs, subnet_key_bits, vtep_flags},
+    VniAddr, VniCounters, VtepInfo,
+    counters::{UNATTRIBUTED_SLOT, UNATTRIBUTED_VNI},
+    maps::{ABI_VERSION, capacity, names, programs, subnet_key_bits},
 };
 
 /// The kernel programs, built by build.rs and embedded in `ovl`.
@@ -144,6 +145,9 @@ pub struct Datapath {
     map_names: Vec<String>,
     /// What the maps hold, so syncs write only what changed.
     shadow: shadow::Shadow,
+    /// VNI → slot of `OVL_STATS`, as the last [`sync_stats`](Self::sync_stats)
+    /// assigned them; read from `OVL_NETWORKS` on the first.
+    stats_slots: Option<BTreeMap<u32, u32>>,
 }
 
 impl Datapath {
@@ -191,6 +195,7 @@ impl Datapath {
             maps,
             map_names: compat::pinned_map_names(&object)?,
             shadow: shadow::Shadow::default(),
+            stats_slots: None,
         })
     }
 
@@ -589,26 +594,18 @@ impl Datapath {
         Ok((&mut self.shadow, HashMap::try_from(map)?))
     }
 
-    /// Makes OVL_VTEPS hold exactly `want`, those in `keyed` marked as
-    /// reachable by encrypted networks.
-    pub fn sync_vteps(
-        &mut self,
-        want: &BTreeSet<(u32, [u8; 4])>,
-        keyed: &BTreeSet<(u32, [u8; 4])>,
-    ) -> Result<SyncCount> {
+    /// Makes OVL_VTEPS hold exactly `want`: (VNI, remote VTEP) → its flags
+    /// and its network's entry.
+    pub fn sync_vteps(&mut self, want: &BTreeMap<(u32, [u8; 4]), VtepInfo>) -> Result<SyncCount> {
         self.sync_map(
             names::VTEPS,
-            want.iter().map(|(vni, addr)| {
-                let mut flags = vtep_flags::ALLOWED;
-                if keyed.contains(&(*vni, *addr)) {
-                    flags |= vtep_flags::KEYED;
-                }
+            want.iter().map(|((vni, addr), v)| {
                 (
                     VniAddr {
                         vni: *vni,
                         addr: *addr,
                     },
-                    flags,
+                    *v,
                 )
             }),
         )
@@ -633,20 +630,48 @@ impl Datapath {
         self.shadow.sync(name, &mut map, want)
     }
 
-    /// Gives every VNI in `vnis` (and the unattributed bucket) a counter
-    /// entry, keeping existing counts, and removes the others.
-    pub fn sync_stats(&mut self, vnis: impl Iterator<Item = u32>) -> Result<()> {
-        let map = self
-            .ebpf
-            .map_mut(names::STATS)
-            .context("map OVL_STATS missing from the object")?;
-        let mut map: PerCpuHashMap<_, u32, VniCounters> = PerCpuHashMap::try_from(map)?;
-        let want: BTreeSet<u32> = vnis.chain(std::iter::once(UNATTRIBUTED_VNI)).collect();
+    /// Gives every VNI in `vnis` a slot of `OVL_STATS`: a network this
+    /// node served already keeps its slot and counts (also across agent
+    /// restarts: the slots are read back from `OVL_NETWORKS`), a new one
+    /// gets a free slot, zeroed. Returns VNI → slot, for the entries that
+    /// carry it (networks, VTEPs, interfaces); write those after this.
+    pub fn sync_stats(&mut self, vnis: impl Iterator<Item = u32>) -> Result<BTreeMap<u32, u32>> {
+        let held = match self.stats_slots.take() {
+            Some(held) => held,
+            None => self.held_stats_slots()?,
+        };
+        let want: BTreeSet<u32> = vnis.collect();
+        let (slots, fresh) = slots::assign(&held, &want).with_context(|| {
+            format!(
+                "{} networks on this node, more than the {} counter slots of OVL_STATS",
+                want.len(),
+                capacity::STATS - 1
+            )
+        })?;
         let ncpus = nr_cpus().map_err(|(_, e)| e).context("count CPUs")?;
-        self.shadow.sync_keys(names::STATS, &mut map, &want, || {
-            PerCpuValues::try_from(vec![VniCounters::default(); ncpus])
-                .context("per-CPU zero counters")
-        })
+        let mut map: PerCpuArray<_, VniCounters> = PerCpuArray::try_from(self.map(names::STATS)?)?;
+        for slot in fresh {
+            let zero = PerCpuValues::try_from(vec![VniCounters::default(); ncpus])
+                .context("per-CPU zero counters")?;
+            map.set(slot, zero, 0)
+                .with_context(|| format!("zero slot {slot} of OVL_STATS"))?;
+        }
+        self.stats_slots = Some(slots.clone());
+        Ok(slots)
+    }
+
+    /// The slots the networks in `OVL_NETWORKS` hold (a previous agent's,
+    /// when the maps were reused).
+    fn held_stats_slots(&mut self) -> Result<BTreeMap<u32, u32>> {
+        let map: HashMap<_, u32, NetworkInfo> = HashMap::try_from(self.map(names::NETWORKS)?)?;
+        let mut held = BTreeMap::new();
+        for entry in map.iter() {
+            let (vni, info) = entry.context("read OVL_NETWORKS")?;
+            if info.stats_slot != UNATTRIBUTED_SLOT && info.stats_slot < capacity::STATS {
+                held.insert(vni, info.stats_slot);
+            }
+        }
+        Ok(held)
     }
 }
 
@@ -681,18 +706,28 @@ impl std::ops::AddAssign for SyncCount {
     }
 }
 
-/// Per-VNI counters summed over CPUs, read from a node's pinned maps.
+/// Per-VNI counters summed over CPUs, read from a node's pinned maps: each
+/// network's from the slot its `OVL_NETWORKS` entry names, and
+/// [`UNATTRIBUTED_VNI`]'s.
 pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<u32, VniCounters>> {
-    let map = open_pinned(pin_dir, names::STATS)?;
-    let map: PerCpuHashMap<_, u32, VniCounters> = PerCpuHashMap::try_from(map)?;
-    let mut out = BTreeMap::new();
-    for entry in map.iter() {
-        let (vni, per_cpu) = entry.context("read OVL_STATS")?;
+    let stats = open_pinned(pin_dir, names::STATS)?;
+    let stats: PerCpuArray<_, VniCounters> = PerCpuArray::try_from(stats)?;
+    let networks = open_pinned(pin_dir, names::NETWORKS)?;
+    let networks: HashMap<_, u32, NetworkInfo> = HashMap::try_from(networks)?;
+    let sum = |slot: u32| -> Result<VniCounters> {
+        let per_cpu = stats
+            .get(&slot, 0)
+            .with_context(|| format!("read slot {slot} of OVL_STATS"))?;
         let mut sum = VniCounters::default();
         for c in per_cpu.iter() {
             sum.accumulate(c);
         }
-        out.insert(vni, sum);
+        Ok(sum)
+    };
+    let mut out = BTreeMap::from([(UNATTRIBUTED_VNI, sum(UNATTRIBUTED_SLOT)?)]);
+    for entry in networks.iter() {
+        let (vni, info) = entry.context("read OVL_NETWORKS")?;
+        out.insert(vni, sum(info.stats_slot)?);
     }
     Ok(out)
 }

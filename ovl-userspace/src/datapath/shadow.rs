@@ -7,18 +7,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap as StdHashMap, HashSet};
 
 use anyhow::{Context, Result};
 use aya::maps::{
-    HashMap, MapData, PerCpuHashMap, PerCpuValues,
+    HashMap, MapData,
     lpm_trie::{Key as LpmKey, LpmTrie},
 };
 
 use super::SyncCount;
 
-/// Map name → (key bytes → value bytes), and per-CPU maps' key sets.
-/// Hashed, not ordered: a sync looks up every wanted key.
+/// Map name → (key bytes → value bytes). Hashed, not ordered: a sync
+/// looks up every wanted key.
 #[derive(Default)]
 pub struct Shadow {
     maps: StdHashMap<String, StdHashMap<Vec<u8>, Vec<u8>>>,
-    keys: StdHashMap<String, BTreeSet<u32>>,
     parts: StdHashMap<String, Parts>,
 }
 
@@ -179,39 +178,6 @@ impl Shadow {
             count.written += 1;
         }
         Ok(count)
-    }
-
-    /// Makes per-CPU `map` (called `name`) have exactly the keys `want`,
-    /// new ones with the value `zero` makes; values are never rewritten.
-    pub fn sync_keys<V: aya::Pod>(
-        &mut self,
-        name: &str,
-        map: &mut PerCpuHashMap<&mut MapData, u32, V>,
-        want: &BTreeSet<u32>,
-        zero: impl Fn() -> Result<PerCpuValues<V>>,
-    ) -> Result<()> {
-        if !self.keys.contains_key(name) {
-            let have: BTreeSet<u32> = map
-                .keys()
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("list {name}"))?;
-            self.keys.insert(name.to_owned(), have);
-        }
-        let have = self.keys.get_mut(name).expect("inserted above");
-        let gone: Vec<u32> = have.difference(want).copied().collect();
-        for k in gone {
-            match map.remove(&k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).with_context(|| format!("remove key {k} from {name}")),
-            }
-            have.remove(&k);
-        }
-        for k in want.difference(&have.clone()) {
-            map.insert(k, zero()?, 0)
-                .with_context(|| format!("create key {k} in {name}"))?;
-            have.insert(*k);
-        }
-        Ok(())
     }
 }
 

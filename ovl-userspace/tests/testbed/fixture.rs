@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use ovl_common::{Endpoint, Iface, NetworkInfo, NodeConfig, SubnetInfo};
+use ovl_common::{
+    Endpoint, Iface, NetworkInfo, NodeConfig, SubnetInfo, VtepInfo, maps::vtep_flags,
+};
 use ovl_tests::{Lab, Netns};
 use ovl_userspace::datapath::Datapath;
 use ovl_userspace::{netlink, netns};
@@ -116,14 +118,7 @@ impl Fixture {
             udp_port: 0,
             _pad: 0,
         })?;
-        datapath.sync_stats([VNI].into_iter())?;
-        datapath.sync_networks(&BTreeMap::from([(
-            VNI,
-            NetworkInfo {
-                mtu: OVERLAY_MTU,
-                flags: 0,
-            },
-        )]))?;
+        write_network(&mut datapath, 0)?;
         datapath.sync_subnets(&BTreeMap::from([
             (
                 (VNI, SUBNET.octets(), SUBNET_PREFIX),
@@ -138,11 +133,6 @@ impl Fixture {
                 },
             ),
         ]))?;
-        datapath.sync_ifaces(&BTreeMap::from([
-            (TEST_RUN_IFINDEX, iface(LOCAL_CONTAINER)),
-            (NEIGHBOUR_IFINDEX, iface(NEIGHBOUR_CONTAINER)),
-        ]))?;
-        datapath.sync_vteps(&[(VNI, REMOTE_VTEP.octets())].into(), &Default::default())?;
         let local = |ip: Ipv4Addr, ifindex| Endpoint {
             mac: container_mac(ip),
             _pad: [0; 2],
@@ -188,6 +178,13 @@ impl Fixture {
             pin_dir,
             _lab: lab,
         })
+    }
+
+    /// Gives the network the `network_flags` `flags`, rewriting every map
+    /// entry that carries them, as the agent does.
+    #[allow(dead_code, reason = "the micro-benchmark keeps the network as it is")]
+    pub fn set_network_flags(&mut self, flags: u32) -> Result<()> {
+        write_network(&mut self.datapath, flags)
     }
 
     /// Where the maps are pinned (for reading counters and caches).
@@ -248,14 +245,42 @@ impl Fixture {
     }
 }
 
-/// The interface entry of a local container in the first subnet.
-fn iface(ip: Ipv4Addr) -> Iface {
+/// Writes the network (MTU [`OVERLAY_MTU`], `flags`) and the entries
+/// derived from it: the remote VTEP's (allowed, not keyed) and the two
+/// local containers' interfaces.
+fn write_network(datapath: &mut Datapath, flags: u32) -> Result<()> {
+    let stats_slot = datapath.sync_stats([VNI].into_iter())?[&VNI];
+    let network = NetworkInfo {
+        mtu: OVERLAY_MTU,
+        flags,
+        stats_slot,
+    };
+    datapath.sync_networks(&BTreeMap::from([(VNI, network)]))?;
+    datapath.sync_vteps(&BTreeMap::from([(
+        (VNI, REMOTE_VTEP.octets()),
+        VtepInfo {
+            flags: vtep_flags::ALLOWED,
+            network,
+        },
+    )]))?;
+    datapath.sync_ifaces(&BTreeMap::from([
+        (TEST_RUN_IFINDEX, iface(LOCAL_CONTAINER, &network)),
+        (NEIGHBOUR_IFINDEX, iface(NEIGHBOUR_CONTAINER, &network)),
+    ]))?;
+    Ok(())
+}
+
+/// The interface entry of a local container in the first subnet of
+/// `network`.
+fn iface(ip: Ipv4Addr, network: &NetworkInfo) -> Iface {
     Iface {
         vni: VNI,
         addr: ip.octets(),
         gateway: GATEWAY.octets(),
         mac: container_mac(ip),
         _pad: [0; 2],
+        network_flags: network.flags,
+        stats_slot: network.stats_slot,
     }
 }
 
