@@ -716,6 +716,11 @@ mod tests {
             })
             .unwrap()
         };
+        // A container leaves; the key its change touched.
+        let leave = |s: &mut State, net: &str, node: &str, ns: &str| {
+            let e = s.remove_container(net, node, ns).unwrap();
+            (net.to_owned(), Some(e.ip))
+        };
         type Change = Box<dyn Fn(&mut State) -> Vec<(String, Option<Ipv4Addr>)>>;
         let changes: Vec<(&str, Change)> = vec![
             (
@@ -733,17 +738,11 @@ mod tests {
             ),
             (
                 "a remote endpoint leaves blue",
-                Box::new(|s| {
-                    let e = s.remove_container("blue", "a", "c1").unwrap();
-                    vec![("blue".into(), Some(e.ip))]
-                }),
+                Box::new(move |s| vec![leave(s, "blue", "a", "c1")]),
             ),
             (
                 "b's last container on red leaves: b stops serving red",
-                Box::new(|s| {
-                    let e = s.remove_container("red", "b", "c3").unwrap();
-                    vec![("red".into(), Some(e.ip))]
-                }),
+                Box::new(move |s| vec![leave(s, "red", "b", "c3")]),
             ),
             (
                 "a remote endpoint joins red, which b does not serve",
@@ -755,22 +754,11 @@ mod tests {
             ),
             (
                 "a's last endpoints leave blue: its VTEP goes, keyed and all",
-                Box::new(|s| {
-                    ["c4", "c7"]
-                        .into_iter()
-                        .map(|ns| {
-                            let e = s.remove_container("blue", "a", ns).unwrap();
-                            ("blue".into(), Some(e.ip))
-                        })
-                        .collect()
-                }),
+                Box::new(move |s| vec![leave(s, "blue", "a", "c4"), leave(s, "blue", "a", "c7")]),
             ),
             (
                 "b's container without its veth leaves blue (c2 keeps it served)",
-                Box::new(|s| {
-                    let e = s.remove_container("blue", "b", "c6").unwrap();
-                    vec![("blue".into(), Some(e.ip))]
-                }),
+                Box::new(move |s| vec![leave(s, "blue", "b", "c6")]),
             ),
             (
                 "blue's record changes",
@@ -781,10 +769,7 @@ mod tests {
             ),
             (
                 "b's last container on blue, with its veth, leaves",
-                Box::new(|s| {
-                    let e = s.remove_container("blue", "b", "c2").unwrap();
-                    vec![("blue".into(), Some(e.ip))]
-                }),
+                Box::new(move |s| vec![leave(s, "blue", "b", "c2")]),
             ),
             (
                 "blue goes, endpoints and all",
