@@ -122,7 +122,7 @@ pub fn reconcile(
     publish(state, plans, view);
     // Last: the host's side of external egress runs nft and ip, slower than
     // the map writes the containers' traffic waits for.
-    egress_nat::ensure_logged(&underlay.name, &want.egress, *dirty == Dirty::All);
+    egress_nat::ensure_logged(&underlay.name, &want.egress, matches!(dirty, Dirty::All));
     Ok(())
 }
 

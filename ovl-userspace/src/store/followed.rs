@@ -100,14 +100,16 @@ impl ChangeLog {
         }
     }
 
-    /// Forgets the older half of the endpoint entries; the log is then
-    /// complete only after the newest revision forgotten.
+    /// Forgets the older half of the endpoint entries (and network entries
+    /// as old); the log is then complete only after the newest revision
+    /// forgotten.
     fn forget_older_half(&mut self) {
         let mut revisions: Vec<u64> = self.endpoints.values().copied().collect();
         let middle = revisions.len() / 2;
         let (_, cut, _) = revisions.select_nth_unstable(middle);
         let cut = *cut;
         self.endpoints.retain(|_, r| *r > cut);
+        self.networks.retain(|_, r| *r > cut);
         self.since = self.since.max(cut);
     }
 
