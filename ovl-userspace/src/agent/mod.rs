@@ -47,14 +47,15 @@ const STORE_PROBE: Duration = Duration::from_secs(2);
 /// Applying store changes takes at most this share of a core: after an
 /// apply that took t of CPU time, the next store change is looked at no
 /// sooner than t × this factor later, and whatever changed meanwhile is
-/// applied at once (the follower keeps only the newest state). CPU time,
-/// not wall time: waiting for the disk (the journal's fsync) or for a busy
-/// machine's CPU is not work to pause for, and counting it stretched the
-/// pauses on exactly the machines that were already slow. Below a thousand endpoints
-/// an apply takes well under a millisecond and nothing waits; with ten
-/// thousand under heavy churn the pause stays a fraction of a second, where
-/// applying every change as it came made twenty agents on two cores starve
-/// etcd itself (bench --scale).
+/// applied at once (the follower keeps the newest state and a log of what
+/// changed). CPU time, not wall time: waiting for the disk (the journal's
+/// fsync) or for a busy machine's CPU is not work to pause for, and
+/// counting it stretched the pauses on exactly the machines that were
+/// already slow. An apply of a few changed endpoints takes a fraction of a
+/// millisecond at ten thousand endpoints (the scans of the state left in
+/// it grow with its size), so the pause stays some milliseconds; applying
+/// every change as it came, each recomputing everything, made twenty
+/// agents on two cores starve etcd itself (bench --scale).
 const APPLY_DUTY_FACTOR: u32 = 25;
 /// How long a state read for a waiting `connect` takes precedence over
 /// older states the follower still delivers.
