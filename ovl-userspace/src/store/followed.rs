@@ -201,11 +201,6 @@ impl Dirty {
         }
     }
 
-    /// Whether anything of network `name` changed.
-    pub fn touches(&self, name: &str) -> bool {
-        self.covers(name) || !self.endpoints_of(name).is_empty()
-    }
-
     /// Names of the networks with changed endpoints.
     pub fn networks_with_endpoint_changes(&self) -> impl Iterator<Item = &str> {
         let names = match self {
@@ -511,7 +506,7 @@ mod tests {
                 ("red".to_owned(), joined, false, true),
             ]
         );
-        assert!(!dirty.covers("blue") && dirty.touches("blue"));
+        assert!(!dirty.covers("blue") && !dirty.endpoints_of("blue").is_empty());
         assert_eq!(sorted(mine.as_ref().unwrap()), sorted(&theirs.state));
 
         // Nothing new: nothing to look at.
