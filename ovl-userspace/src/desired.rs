@@ -1,5 +1,7 @@
 //! What a node's kernel maps must hold, computed from the store's state:
-//! a pure function from `State` to `Desired`, which the agent writes.
+//! per served network a plan ([`Plans`]) the agent keeps between applies
+//! and updates by what changed; `desired` (tests) computes everything
+//! afresh, the reference the kept plans are held to.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -24,7 +26,8 @@ pub struct Desired {
     pub networks: BTreeMap<u32, NetworkInfo>,
     /// (VNI, subnet address, prefix length) → the subnet's gateway.
     pub subnets: BTreeMap<(u32, [u8; 4], u8), SubnetInfo>,
-    /// (VNI, address) → endpoint.
+    /// (VNI, address) → endpoint; filled only by `desired` (the agent
+    /// writes endpoints per network, from the plans).
     pub endpoints: BTreeMap<(u32, [u8; 4]), MapEndpoint>,
     /// (VNI, remote VTEP) pairs allowed to send, each with its network's
     /// entry; those of encrypted networks whose node published a WireGuard
@@ -80,6 +83,7 @@ pub struct EgressEndpoint {
 /// programs only the overlays present on a host): a network's remote
 /// endpoints and VTEPs cost a node nothing until one of its containers
 /// joins it.
+#[cfg(test)]
 pub fn desired(
     state: &State,
     node: &str,
@@ -413,8 +417,9 @@ impl Plans {
         self.by_network.values().find(|p| p.vni == vni)
     }
 
-    /// Every plan in one [`Desired`] (tests, tools; the agent writes the
-    /// plans themselves).
+    /// Every plan in one [`Desired`], endpoints included (tests; the agent
+    /// writes the plans themselves).
+    #[cfg(test)]
     pub fn merged(&self, vxlan_port: u16) -> Desired {
         let mut d = Desired {
             vxlan_port,

@@ -73,10 +73,7 @@ pub fn reconcile(
         log::info!("VXLAN now on UDP port {}", want.vxlan_port);
     }
     let mut changed = SyncCount::default();
-    let mut total = 0;
-    for (_, plan) in plans.iter() {
-        total += plan.endpoints.len();
-    }
+    let total: usize = plans.iter().map(|(_, p)| p.endpoints.len()).sum();
     // A whole apply also removes what no network of this node holds (an
     // earlier agent's entries); otherwise only the touched networks'
     // entries are compared.
