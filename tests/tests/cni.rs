@@ -615,7 +615,11 @@ fn tcp_exchange(
         "nc -l -p 7000 > /tmp/got",
     ])?;
     let (client, client_name) = from;
-    let send = format!("echo {text} | nc -w 3 {to_ip} 7000");
+    // The listener's stdin is at EOF, so it half-closes at once; busybox nc
+    // exits 0 on the server's FIN if that comes before a pipe's data (a
+    // delayed `echo` under load sent nothing). A file is always readable,
+    // so the text goes out in nc's first poll round.
+    let send = format!("echo {text} > /tmp/said && nc -w 3 {to_ip} 7000 < /tmp/said");
     // The listener starts asynchronously: retry while it is not there yet.
     let mut said = String::new();
     wait_until(Duration::from_secs(20), || {
