@@ -14,7 +14,7 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
@@ -22,7 +22,11 @@ use serde_json::json;
 use crate::measure::{CLIENT_CPU, SERVER_CPU, TCP_MULTI_STREAMS};
 use crate::report::{Failure, InSituRow, Metric, PathId, Report, Samples, Underlay};
 use crate::topology::Topology;
-use crate::{chart, machine, micro, offloads, progstats, report};
+use crate::{chart, cipher, machine, micro, offloads, progstats, report};
+
+/// How long the cipher is measured alone before each round of runs that
+/// measures ovl encrypted.
+const CIPHER_SECONDS: Duration = Duration::from_secs(1);
 
 /// What `cargo xtask bench` was asked for.
 #[derive(Clone, Debug)]
@@ -251,6 +255,7 @@ pub fn run(options: Options) -> Result<()> {
     let mut failures: Vec<Failure> = Vec::new();
     let mut offload_rows = Vec::new();
     let mut in_situ = Vec::new();
+    let mut cipher = Vec::new();
     {
         let mut topologies = Vec::new();
         for path in PathId::ALL.into_iter().filter(|p| plan.measures(*p)) {
@@ -280,6 +285,11 @@ pub fn run(options: Options) -> Result<()> {
                 }
             }
             for run in 1..=plan.runs {
+                if !plan.tests(PathId::OvlEncrypted, underlay).is_empty() {
+                    cipher.push(
+                        cipher::measure(CIPHER_SECONDS).context("measuring the cipher alone")?,
+                    );
+                }
                 for test in Test::ALL {
                     for topology in &topologies {
                         let path = topology.path;
@@ -342,6 +352,8 @@ pub fn run(options: Options) -> Result<()> {
         micro,
         in_situ,
         offloads: offload_rows,
+        cipher,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         notes: Vec::new(),
     };
     report.notes = notes(&report, &plan, build_time, measure_time, started.elapsed());
@@ -693,6 +705,12 @@ fn write_outputs(report: &Report, date: &str, plan: &Plan) -> Result<()> {
             "runs": row.runs,
             "ns_per_run": row.ns_per_run,
         })).collect::<Vec<_>>(),
+        "cipher": report.cipher.iter().map(|rate| json!({
+            "packet_bytes": cipher::PACKET_BYTES,
+            "seal_bytes_per_s": rate.seal_bytes_per_s,
+            "open_bytes_per_s": rate.open_bytes_per_s,
+        })).collect::<Vec<_>>(),
+        "cores": report.cores,
         "micro": report.micro.iter().map(|row| json!({
             "hook": row.hook,
             "program": row.program,

@@ -11,6 +11,7 @@
 
 mod bench;
 mod chart;
+mod cipher;
 mod dns;
 mod machine;
 mod measure;

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::cipher::CipherRate;
+
 /// How the underlay veths are configured while a round of runs measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Underlay {
@@ -377,6 +379,11 @@ pub struct Report {
     pub micro: Vec<MicroRow>,
     pub in_situ: Vec<InSituRow>,
     pub offloads: Vec<OffloadRow>,
+    /// The cipher's own rate, once per round of runs that measured ovl
+    /// encrypted.
+    pub cipher: Vec<CipherRate>,
+    /// The machine's cores (the cipher's ceiling shares them).
+    pub cores: usize,
     pub notes: Vec<String>,
 }
 
@@ -458,6 +465,10 @@ impl Report {
             md.push_str(&self.values_table(underlay));
             md.push('\n');
             md.push_str(&self.ratios_table(underlay));
+        }
+        if !self.cipher.is_empty() {
+            md.push_str("\n## The cipher's bound (ovl encrypted)\n\n");
+            md.push_str(&self.cipher_table());
         }
         if !self.micro.is_empty() {
             md.push_str("\n## Kernel programs alone (BPF_PROG_TEST_RUN)\n\n");
@@ -547,6 +558,58 @@ impl Report {
                 let _ = write!(md, " {cell} |");
             }
             md.push('\n');
+        }
+        md
+    }
+
+    /// The cipher's medians, its ceiling on this machine, and that ceiling
+    /// beside ovl tc and ovl encrypted's TCP 1 stream in each underlay.
+    fn cipher_table(&self) -> String {
+        let gbytes = |pick: fn(&CipherRate) -> f64| {
+            let values: Vec<f64> = self.cipher.iter().map(pick).collect();
+            median(&values).unwrap_or(0.0) / 1e9
+        };
+        let (seal, open) = (
+            gbytes(|r| r.seal_bytes_per_s),
+            gbytes(|r| r.open_bytes_per_s),
+        );
+        let ceiling = CipherRate {
+            seal_bytes_per_s: seal * 1e9,
+            open_bytes_per_s: open * 1e9,
+        }
+        .ceiling_bytes_per_s(self.cores)
+            * 8.0
+            / 1e9;
+        let mut md = format!(
+            "boringtun sealing and opening {} B packets (the crypto device's full-size \
+             frame) on one thread, 1 s before each round of runs, median of {}: \
+             **seal {seal:.2} GB/s, open {open:.2} GB/s per core**. Every byte of an \
+             encrypted network is sealed on one host and opened on the other, and both \
+             hosts share this machine's {} cores: with the cipher alone on every core \
+             (no TCP, no device, no socket) at most **{ceiling:.2} Gbit/s** of packets \
+             could cross. That ceiling is an upper bound on ovl encrypted in this run.\n\n\
+             | underlay | ovl tc, TCP 1 stream | ovl encrypted | encrypted / ovl tc | \
+             cipher ceiling / ovl tc |\n|---|---:|---:|---:|---:|\n",
+            crate::cipher::PACKET_BYTES,
+            self.cipher.len(),
+            self.cores,
+        );
+        let metric = Metric::Tcp1Throughput;
+        for underlay in self.underlays() {
+            let plain = self.samples.median(underlay, PathId::OvlTc, metric);
+            let encrypted = self.samples.median(underlay, PathId::OvlEncrypted, metric);
+            let show = |v: Option<f64>, f: fn(f64) -> String| {
+                v.map_or_else(|| NOT_MEASURED.to_string(), f)
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                underlay.short(),
+                show(plain, |v| format!("{v:.2}")),
+                show(encrypted, |v| format!("{v:.2}")),
+                show(ratio(encrypted, plain), |v| format!("{v:.2}")),
+                show(ratio(Some(ceiling), plain), |v| format!("{v:.2}")),
+            );
         }
         md
     }
@@ -765,6 +828,42 @@ mod tests {
         assert!(md.contains(
             "| offloads | ovl tc | TCP throughput, 1 stream (Gbit/s) | 6.00, 6.50, 5.50, 7.00 | 6.25 |"
         ));
+    }
+
+    #[test]
+    fn the_cipher_section_puts_its_ceiling_beside_ovl_tc() {
+        let mut report = sample_report();
+        assert!(
+            !report.markdown().contains("cipher's bound"),
+            "no cipher runs, no section"
+        );
+        for value in [2.0, 3.0, 2.5] {
+            report.samples.add(
+                Underlay::Offloads,
+                PathId::OvlEncrypted,
+                Metric::Tcp1Throughput,
+                value,
+            );
+        }
+        // Medians 1 and 1 GB/s on 2 cores: 1 GB/s sealed and opened, 8 Gbit/s.
+        for (seal, open) in [(1.0e9, 1.2e9), (0.9e9, 1.0e9), (1.1e9, 0.8e9)] {
+            report.cipher.push(CipherRate {
+                seal_bytes_per_s: seal,
+                open_bytes_per_s: open,
+            });
+        }
+        report.cores = 2;
+        let md = report.markdown();
+        assert!(
+            md.contains("**seal 1.00 GB/s, open 1.00 GB/s per core**"),
+            "{md}"
+        );
+        assert!(md.contains("at most **8.00 Gbit/s**"), "{md}");
+        // ovl tc's median is 6.25, ovl encrypted's 2.5.
+        assert!(
+            md.contains("| offloads | 6.25 | 2.50 | 0.40 | 1.28 |"),
+            "{md}"
+        );
     }
 
     #[test]
