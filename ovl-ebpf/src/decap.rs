@@ -11,7 +11,8 @@ use ovl_common::{
     DropReason, NodeConfig,
     maps::network_flags,
     wire::{
-        ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I,
+        ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN,
+        VXLAN_FLAG_I,
     },
 };
 
@@ -43,6 +44,8 @@ pub struct Delivery {
     pub mtu: u32,
     /// The network's counters.
     pub slot: u32,
+    /// The inner IPv4 protocol (TCP frames are the ones GRO merges).
+    pub inner_proto: u8,
 }
 
 /// Decides what to do with an underlay frame: `Ok(None)` when it is not
@@ -130,6 +133,7 @@ pub fn inspect(
             inner_offset,
             mtu: network.mtu,
             slot,
+            inner_proto: inner_ip.proto,
         })),
         _ => Err(Dropped::on(vni, slot, DropReason::NoEndpoint)),
     }
@@ -202,20 +206,28 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
         )
         .on_vni(d.vni, d.slot)?;
     stats::rx(d.slot, u64::from(ctx.len()));
-    // A frame of wire size leaves through the host end of the veth, so the
-    // container end's NAPI merges it with its neighbours (GRO) before the
-    // container's stack sees it: the host end has TSO off for that
+    // A TCP frame of wire size leaves through the host end of the veth, so
+    // the container end's NAPI merges it with its neighbours (GRO) before
+    // the container's stack sees it: the host end has TSO off for that
     // (veth_skb_is_eligible_for_gro). A GSO super-packet (an underlay with
     // offloads) is merged already, and that TSO-less egress would split
-    // it: it goes straight into the container end's ingress.
+    // it; anything but TCP (UDP, ICMP) has nothing for GRO to merge, and
+    // the queue and NAPI hop would only cost it: both go straight into the
+    // container end's ingress. A UDP or ICMP flow takes one way only, so
+    // the two cannot reorder it. (A TCP flow on an underlay with offloads
+    // can mix super-packets and single segments, which take different
+    // ways: a single segment queued at the host end can be overtaken by
+    // the super-packet after it — rare, and TCP's reordering handling
+    // absorbs it.)
     // SAFETY: reading a field of the program's own context.
     let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    let mergeable = !merged && d.inner_proto == IPPROTO_TCP;
     // SAFETY: helper calls; the action they return is the program's verdict.
     Ok(unsafe {
-        if merged {
-            bpf_redirect_peer(d.ifindex, 0)
-        } else {
+        if mergeable {
             bpf_redirect(d.ifindex, 0)
+        } else {
+            bpf_redirect_peer(d.ifindex, 0)
         }
     } as i32)
 }

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
-use ovl_tests::{Lab, TwoHosts, ping, wait_until};
+use anyhow::{Context, Result, bail, ensure};
+use ovl_tests::{Lab, Netns, TwoHosts, ping, wait_until};
+use serde_json::Value;
 
 #[test]
 fn containers_on_two_subnets_ping_both_ways_in_one_overlay_hop() -> Result<()> {
@@ -135,6 +136,109 @@ fn containers_on_one_host_are_switched_locally() -> Result<()> {
     ensure!(
         after.tx_packets == before.tx_packets,
         "local traffic was encapsulated"
+    );
+    world.stop()
+}
+
+/// The host end of `container`'s veth on host `i`, as the agent lists it.
+fn host_end(world: &TwoHosts, i: usize, network: &str, container: &Netns) -> Result<String> {
+    let net = world.inspect(i, network)?;
+    net["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .find(|e| e["location"]["netns"] == container.name())
+        .and_then(|e| e["location"]["host_ifname"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no host end for {} in {net}", container.name()))
+}
+
+/// Packets `ifname` in `ns` has transmitted.
+fn tx_packets(ns: &Netns, ifname: &str) -> Result<u64> {
+    let out = ns.exec(&["ip", "-s", "-j", "link", "show", "dev", ifname])?;
+    let links: Value = serde_json::from_slice(&out.stdout).context("ip -j link")?;
+    links[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .with_context(|| format!("no tx packets for {ifname}: {links}"))
+}
+
+/// A counter of `/proc/net/<file>` in `ns` (`table` is the line's prefix,
+/// such as `Ip` or `IpExt`).
+fn snmp(ns: &Netns, file: &str, table: &str, field: &str) -> Result<u64> {
+    let out = ns.exec(&["cat", &format!("/proc/net/{file}")])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("{table}:");
+    let mut rows = text.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (rows.next(), rows.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        bail!("no {table} table in /proc/net/{file}:\n{text}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == field)
+        .and_then(|(_, value)| value.parse().ok())
+        .with_context(|| format!("no {table} {field} in /proc/net/{file}:\n{text}"))
+}
+
+#[test]
+fn decapsulated_tcp_frames_are_merged_at_the_host_end_and_the_rest_goes_straight_in() -> Result<()>
+{
+    let lab = Lab::new("fp-gro")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
+    let (c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })?;
+    let host_b = &world.hosts[1].netns;
+    let end = host_end(&world, 1, "uber-net", &c2)?;
+
+    // Pings into c2 skip the host end: it transmits none of them (a
+    // neighbour probe answered by proxy ARP may cross it).
+    const N: u64 = 20;
+    let before = tx_packets(host_b, &end)?;
+    let r = ping(&c1, ip2, N as u32, &["-i", "0.05", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    let crossed = tx_packets(host_b, &end)? - before;
+    ensure!(
+        crossed <= 2,
+        "{crossed} of {N} decapsulated pings crossed the host end {end}"
+    );
+
+    // TCP of wire size (host A segments before sending: TSO and GSO off
+    // on its underlay) crosses the host end, and c2's GRO merges it.
+    world.hosts[0]
+        .netns
+        .exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"])?;
+    let server = lab.spawn(&c2, &["iperf3", "-s", "-1"], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        let out = c2.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
+        Ok(!out.stdout.is_empty())
+    })
+    .with_context(|| format!("iperf3 server did not start:\n{}", server.output_report()))?;
+    let before = tx_packets(host_b, &end)?;
+    let (skbs, segments) = (
+        snmp(&c2, "snmp", "Ip", "InReceives")?,
+        snmp(&c2, "netstat", "IpExt", "InNoECTPkts")?,
+    );
+    const BYTES: u64 = 4 << 20;
+    c1.exec(&["iperf3", "-c", &ip2.to_string(), "-n", &BYTES.to_string()])?;
+    let crossed = tx_packets(host_b, &end)? - before;
+    let skbs = snmp(&c2, "snmp", "Ip", "InReceives")? - skbs;
+    let segments = snmp(&c2, "netstat", "IpExt", "InNoECTPkts")? - segments;
+    // At most 1398 bytes of payload per 1450-byte frame.
+    let frames = BYTES / 1398;
+    ensure!(
+        crossed >= frames,
+        "only {crossed} frames crossed the host end {end} for {frames} segments of data"
+    );
+    ensure!(
+        segments >= frames && skbs * 2 < segments,
+        "c2's stack saw {skbs} packets for {segments} segments: GRO merged too little"
     );
     world.stop()
 }
