@@ -153,6 +153,20 @@ impl Cluster {
         Ok(Pair { c1, ip1, c2, ip2 })
     }
 
+    /// The host end of `container`'s veth on host `i`, as the agent lists
+    /// it in `network inspect`.
+    pub fn host_end(&self, i: usize, network: &str, container: &Netns) -> Result<String> {
+        let net = self.inspect(i, network)?;
+        net["endpoints"]
+            .as_array()
+            .context("endpoints")?
+            .iter()
+            .find(|e| e["location"]["netns"] == container.name())
+            .and_then(|e| e["location"]["host_ifname"].as_str())
+            .map(str::to_owned)
+            .with_context(|| format!("no host end for {} in {net}", container.name()))
+    }
+
     /// SIGKILLs host `i`'s agent and waits until it is gone; its data path
     /// stays pinned. [`restart_agent`](Self::restart_agent) brings one back.
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {

@@ -157,6 +157,19 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> Result<bool>
     }
 }
 
+/// Starts `iperf3 -s -1` (one test, then it exits) in `ns` and waits until
+/// it listens on 5201. iperf3 buffers its stdout when it is not a terminal,
+/// so the kernel's socket table says when it is ready.
+pub fn iperf3_server(lab: &Lab, ns: &Netns) -> Result<ChildHandle> {
+    let server = lab.spawn(ns, &["iperf3", "-s", "-1"], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        let out = ns.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
+        Ok(!out.stdout.is_empty())
+    })
+    .with_context(|| format!("iperf3 server did not start:\n{}", server.output_report()))?;
+    Ok(server)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use ovl_tests::{BackgroundPing, Cluster, Lab, Netns, TwoHosts, ping, wait_until};
+use ovl_tests::{BackgroundPing, Cluster, Lab, Netns, TwoHosts, iperf3_server, ping, wait_until};
 use serde_json::Value;
 
 /// The encrypted network and the plain one beside it.
@@ -185,12 +185,7 @@ fn iperf(
     server_ip: Ipv4Addr,
     args: &[&str],
 ) -> Result<f64> {
-    let srv = lab.spawn(server, &["iperf3", "-s", "-1"], &[])?;
-    wait_until(Duration::from_secs(10), || {
-        let out = server.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
-        Ok(!out.stdout.is_empty())
-    })
-    .with_context(|| format!("iperf3 server did not start:\n{}", srv.output_report()))?;
+    let srv = iperf3_server(lab, server)?;
     let ip = server_ip.to_string();
     let mut argv = vec!["iperf3", "-c", &ip, "-J"];
     argv.extend_from_slice(args);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use ovl_tests::{Lab, Netns, TwoHosts, ping, wait_until};
+use ovl_tests::{Lab, Netns, Pair, TwoHosts, iperf3_server, ping, wait_until};
 use serde_json::Value;
 
 #[test]
@@ -140,19 +140,6 @@ fn containers_on_one_host_are_switched_locally() -> Result<()> {
     world.stop()
 }
 
-/// The host end of `container`'s veth on host `i`, as the agent lists it.
-fn host_end(world: &TwoHosts, i: usize, network: &str, container: &Netns) -> Result<String> {
-    let net = world.inspect(i, network)?;
-    net["endpoints"]
-        .as_array()
-        .context("endpoints")?
-        .iter()
-        .find(|e| e["location"]["netns"] == container.name())
-        .and_then(|e| e["location"]["host_ifname"].as_str())
-        .map(str::to_owned)
-        .with_context(|| format!("no host end for {} in {net}", container.name()))
-}
-
 /// Packets `ifname` in `ns` has transmitted.
 fn tx_packets(ns: &Netns, ifname: &str) -> Result<u64> {
     let out = ns.exec(&["ip", "-s", "-j", "link", "show", "dev", ifname])?;
@@ -186,16 +173,9 @@ fn decapsulated_tcp_frames_are_merged_at_the_host_end_and_the_rest_goes_straight
 {
     let lab = Lab::new("fp-gro")?;
     let world = TwoHosts::start(&lab, "auto")?;
-    world
-        .ovl
-        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (c1, _) = world.container(&lab, 0, "uber-net", "c1")?;
-    let (c2, ip2) = world.container(&lab, 1, "uber-net", "c2")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })?;
+    let Pair { c1, c2, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
     let host_b = &world.hosts[1].netns;
-    let end = host_end(&world, 1, "uber-net", &c2)?;
+    let end = world.host_end(1, "uber-net", &c2)?;
 
     // Pings into c2 skip the host end: it transmits none of them (a
     // neighbour probe answered by proxy ARP may cross it).
@@ -214,12 +194,7 @@ fn decapsulated_tcp_frames_are_merged_at_the_host_end_and_the_rest_goes_straight
     world.hosts[0]
         .netns
         .exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"])?;
-    let server = lab.spawn(&c2, &["iperf3", "-s", "-1"], &[])?;
-    wait_until(Duration::from_secs(10), || {
-        let out = c2.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
-        Ok(!out.stdout.is_empty())
-    })
-    .with_context(|| format!("iperf3 server did not start:\n{}", server.output_report()))?;
+    iperf3_server(&lab, &c2)?;
     let before = tx_packets(host_b, &end)?;
     let (skbs, segments) = (
         snmp(&c2, "snmp", "Ip", "InReceives")?,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{Lab, TwoHosts, ping, wait_until};
+use ovl_tests::{Lab, TwoHosts, iperf3_server, ping, wait_until};
 use serde_json::Value;
 
 /// Seconds the client sends for.
@@ -29,14 +29,7 @@ fn iperf3_tcp_crosses_the_overlay_without_a_retransmission_storm() -> Result<()>
     })?;
 
     // One test, then the server exits by itself.
-    let server = lab.spawn(&c2, &["iperf3", "-s", "-1"], &[])?;
-    // iperf3 buffers its stdout when it is not a terminal: ask the kernel
-    // whether the port is open instead.
-    wait_until(Duration::from_secs(10), || {
-        let out = c2.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
-        Ok(!out.stdout.is_empty())
-    })
-    .with_context(|| format!("iperf3 server did not start:\n{}", server.output_report()))?;
+    let server = iperf3_server(&lab, &c2)?;
 
     let ip2_text = ip2.to_string();
     let out = c1.exec(&["iperf3", "-c", &ip2_text, "-t", SECONDS, "-J"])?;

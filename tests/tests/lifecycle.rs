@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    BackgroundPing, Lab, Pair, TwoHosts, dump_endpoints, ping, upgrade_object, wait_until,
+    BackgroundPing, Lab, Pair, TwoHosts, dump_endpoints, iperf3_server, ping, upgrade_object,
+    wait_until,
 };
 use serde_json::Value;
 
@@ -134,8 +135,7 @@ fn tcp_stream_across_an_agent_restart_never_stalls() -> Result<()> {
     let lab = Lab::new("lc-tcp")?;
     let mut world = TwoHosts::start(&lab, "auto")?;
     let Pair { c1, c2, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
-    lab.spawn(&c2, &["iperf3", "-s", "-1"], &[])?;
-    std::thread::sleep(Duration::from_millis(300));
+    iperf3_server(&lab, &c2)?;
     let ip2s = ip2.to_string();
     let client = lab.spawn(
         &c1,
@@ -211,15 +211,7 @@ fn a_container_veth_left_with_tso_on_by_an_older_agent_gets_it_off_when_the_agen
     let mut world = TwoHosts::start(&lab, "auto")?;
     let host_a = world.hosts[0].netns.clone();
     let Pair { c1, c2, ip1, .. } = world.connected_pair(&lab, "uber-net")?;
-    let net = world.inspect(0, "uber-net")?;
-    let end = net["endpoints"]
-        .as_array()
-        .context("endpoints")?
-        .iter()
-        .find(|e| e["location"]["netns"] == c1.name())
-        .and_then(|e| e["location"]["host_ifname"].as_str())
-        .with_context(|| format!("no host end for {} in {net}", c1.name()))?
-        .to_owned();
+    let end = world.host_end(0, "uber-net", &c1)?;
     ensure!(!tso_on(&host_a, &end)?, "{end} was made with TSO on");
 
     // What an agent before the GRO change left: the host end with TSO on.
