@@ -16,7 +16,7 @@ use super::{
 use crate::{
     ipam::Subnet,
     model::{DockerPending, Location, ModelError, Network, NetworkSpec},
-    store::{Scope, Store},
+    store::{Scope, Store, StoreError},
 };
 
 /// Owner of an address Docker's IPAM reserved, before its CreateEndpoint.
@@ -183,6 +183,9 @@ async fn do_release_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
 
 const REQUEST_ADDRESS: &str = "IpamDriver.RequestAddress";
 
+/// Renames of its network one address request follows before it gives up.
+const MAX_RENAMES: u32 = 2;
+
 pub async fn request_address(State(ctx): Ctx, body: Bytes) -> Response {
     answer(REQUEST_ADDRESS, do_request_address(&ctx, &body).await)
 }
@@ -210,6 +213,7 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
         let gateway = gateway_for(ctx, &store, &network, &pool, wanted).await?;
         return Ok(address_reply(gateway, prefix));
     }
+    let mut name = network.name.clone();
     match &network.docker_pending {
         Some(DockerPending {
             network_id: None, ..
@@ -223,22 +227,40 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
             ..
         }) => {
             // Docker lists the network by now: take its name first.
-            if let Err(why) = networks::name(ctx, &store, &network, id).await {
-                log::warn!("{why}");
+            match networks::name(ctx, &store, &network, id).await {
+                Ok(Some(named)) => name = named.name,
+                Ok(None) => {}
+                Err(why) => log::warn!("{why}"),
             }
         }
         None => {}
     }
     let node = ctx.node.clone();
-    let reserved = store
-        .update_with(Scope::Network(&network.name), |s| {
-            let name = served(s, &pool)
-                .map_err(|_| ModelError::NoSuchNetwork(network.name.clone()))?
-                .name
-                .clone();
-            s.reserve(&name, &node, wanted, Some(pool.subnet), OWNER_IPAM)
-        })
-        .await?;
+    // The network can still be renamed under us (the naming task after
+    // CreateNetwork runs beside this call): a read under the old name
+    // finds nothing, so look the pool's network up again and retry.
+    let mut renames = 0;
+    let reserved = loop {
+        let reserving = store
+            .update_with(Scope::Network(&name), |s| {
+                let current = served(s, &pool)
+                    .map_err(|_| ModelError::NoSuchNetwork(name.clone()))?
+                    .name
+                    .clone();
+                s.reserve(&current, &node, wanted, Some(pool.subnet), OWNER_IPAM)
+            })
+            .await;
+        match reserving {
+            Err(StoreError::Rejected(ModelError::NoSuchNetwork(_))) if renames < MAX_RENAMES => {
+                renames += 1;
+                let networks = store.load_in(Scope::Networks).await?;
+                let now = served(&networks, &pool)?.name.clone();
+                log::debug!("pool {pool}: network {name} is {now} now");
+                name = now;
+            }
+            other => break other?,
+        }
+    };
     log::info!("reserved {} on {}", reserved.ip, reserved.network);
     Ok(address_reply(reserved.ip, prefix))
 }
