@@ -217,8 +217,8 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
     // the two cannot reorder it. (A TCP flow on an underlay with offloads
     // can mix super-packets and single segments, which take different
     // ways: a single segment queued at the host end can be overtaken by
-    // the super-packet after it — rare, and TCP's reordering handling
-    // absorbs it.)
+    // the super-packet after it. TCP's reordering detection takes that;
+    // how often it happens was not measured.)
     // SAFETY: reading a field of the program's own context.
     let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
     let mergeable = !merged && d.inner_proto == IPPROTO_TCP;
