@@ -13,6 +13,7 @@ mod bench;
 mod chart;
 mod cipher;
 mod dns;
+mod hold;
 mod machine;
 mod measure;
 mod micro;
@@ -27,7 +28,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::report::Underlay;
+use crate::report::{PathId, Underlay};
 
 /// Measure ovl's data path side by side with the bare underlay and the
 /// kernel vxlan overlay (root).
@@ -68,11 +69,24 @@ struct Cli {
     /// Measure the containers' resolver instead (bench/results/<date>-dns.md).
     #[arg(long, conflicts_with_all = ["runs", "seconds", "tcp_only", "encrypted_only"])]
     dns: bool,
+    /// Build one path's lab as the benchmark does (with --underlay, default
+    /// offloads), print how to drive it and keep it until Enter: for
+    /// profiling by hand. PATH: bare, kernel-vxlan, tc, tc-fwd, native,
+    /// generic, encrypted.
+    #[arg(long, value_name = "PATH", value_parser = parse_path,
+          conflicts_with_all = ["quick", "runs", "seconds", "tcp_only", "encrypted_only", "scale", "dns"])]
+    hold: Option<PathId>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let other = if cli.scale {
+    let other = if let Some(path) = cli.hold {
+        Some(hold::run(
+            &cli.ovl,
+            path,
+            cli.underlay.unwrap_or(Underlay::Offloads),
+        ))
+    } else if cli.scale {
         Some(scale::run(scale::Options {
             ovl: cli.ovl.clone(),
             quick: cli.quick,
@@ -114,4 +128,14 @@ fn parse_underlay(name: &str) -> Result<Underlay, String> {
         .into_iter()
         .find(|u| u.short() == name)
         .ok_or_else(|| format!("unknown underlay mode {name:?} (offloads, wire-like)"))
+}
+
+fn parse_path(name: &str) -> Result<PathId, String> {
+    PathId::ALL
+        .into_iter()
+        .find(|p| p.short() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = PathId::ALL.iter().map(|p| p.short()).collect();
+            format!("unknown path {name:?} ({})", names.join(", "))
+        })
 }

@@ -16,7 +16,7 @@ pub const CLIENT_CPU: usize = 0;
 /// The core every server (receiver) runs on.
 pub const SERVER_CPU: usize = 1;
 /// iperf3's control and data port.
-const IPERF_PORT: u16 = 5201;
+pub const IPERF_PORT: u16 = 5201;
 /// sockperf's server port.
 const SOCKPERF_PORT: u16 = 11111;
 /// sockperf message size: a small request/response, as an RPC would send.

@@ -81,6 +81,19 @@ impl PathId {
             PathId::OvlEncrypted => "ovl encrypted",
         }
     }
+
+    /// Name on the command line (`--hold`).
+    pub fn short(self) -> &'static str {
+        match self {
+            PathId::Bare => "bare",
+            PathId::KernelVxlan => "kernel-vxlan",
+            PathId::OvlTc => "tc",
+            PathId::OvlTcForwarding => "tc-fwd",
+            PathId::OvlNative => "native",
+            PathId::OvlGeneric => "generic",
+            PathId::OvlEncrypted => "encrypted",
+        }
+    }
 }
 
 /// Which way a metric improves.
