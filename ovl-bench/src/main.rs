@@ -139,3 +139,38 @@ fn parse_path(name: &str) -> Result<PathId, String> {
             format!("unknown path {name:?} ({})", names.join(", "))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_is_named_on_the_command_line_by_its_short_name() {
+        for path in PathId::ALL {
+            assert_eq!(parse_path(path.short()), Ok(path));
+        }
+        let error = parse_path("vxlan").unwrap_err();
+        assert!(error.contains("unknown path \"vxlan\""), "{error}");
+        assert!(error.contains("kernel-vxlan"), "{error}");
+    }
+
+    #[test]
+    fn hold_goes_with_an_underlay_and_nothing_that_measures() {
+        let cli = Cli::try_parse_from([
+            "ovl-bench",
+            "--ovl",
+            "o",
+            "--hold",
+            "tc",
+            "--underlay",
+            "wire-like",
+        ])
+        .expect("--hold with --underlay parses");
+        assert_eq!(cli.hold, Some(PathId::OvlTc));
+        assert_eq!(cli.underlay, Some(Underlay::WireLike));
+        assert!(
+            Cli::try_parse_from(["ovl-bench", "--ovl", "o", "--hold", "tc", "--runs", "5"])
+                .is_err()
+        );
+    }
+}
