@@ -140,6 +140,101 @@ fn containers_on_one_host_are_switched_locally() -> Result<()> {
     world.stop()
 }
 
+/// Decapsulated TCP enters the container end's queue of the CPU that
+/// decapsulated it: the agent gives a container's veth a queue per CPU and
+/// has the host end pick its transmit queue by CPU (XPS), so each CPU's
+/// segments are merged (GRO) by their own NAPI before the two CPUs'
+/// streams meet. Host A sends from one CPU at a time (the whole path runs
+/// on the sender's CPU, veth to veth); most of what c2 receives must come
+/// in on that CPU's queue.
+#[test]
+fn decapsulated_tcp_takes_the_container_queue_of_the_cpu_that_decapsulated_it() -> Result<()> {
+    let cpus = std::thread::available_parallelism()
+        .context("count the CPUs")?
+        .get();
+    let lab = Lab::new("fp-xps")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let Pair { c1, c2, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
+    let queues = rx_queue_packets(&c2)?;
+    ensure!(
+        queues.len() == cpus,
+        "c2's eth0 has {} receive queues on a machine of {cpus} CPUs",
+        queues.len()
+    );
+    world.hosts[0]
+        .netns
+        .exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"])?;
+    for cpu in 0..cpus.min(2) {
+        // One-off servers: the last run's must be gone before the next.
+        wait_until(Duration::from_secs(5), || {
+            let out = c2.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
+            Ok(out.stdout.is_empty())
+        })
+        .context("the last iperf3 server did not exit")?;
+        iperf3_server(&lab, &c2)?;
+        let before = rx_queue_packets(&c2)?;
+        c1.exec(&[
+            "taskset",
+            "-c",
+            &cpu.to_string(),
+            "iperf3",
+            "-c",
+            &ip2.to_string(),
+            "-n",
+            "4M",
+        ])?;
+        std::thread::sleep(Duration::from_millis(200));
+        let moved: Vec<u64> = rx_queue_packets(&c2)?
+            .iter()
+            .zip(&before)
+            .map(|(after, before)| after - before)
+            .collect();
+        let total: u64 = moved.iter().sum();
+        ensure!(
+            total > 1000 && moved[cpu] * 2 > total,
+            "sending from CPU {cpu}, c2's receive queues took {moved:?} frames"
+        );
+    }
+    world.stop()
+}
+
+/// Frames each receive queue of `ns`'s eth0 (a veth end) has polled, in
+/// queue order (`ethtool -S`: `rx_queue_N_xdp_packets`, which counts every
+/// frame the queue's NAPI takes, XDP or not).
+fn rx_queue_packets(ns: &Netns) -> Result<Vec<u64>> {
+    let out = ns.exec(&["ethtool", "-S", "eth0"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut queues = Vec::new();
+    for line in text.lines() {
+        let Some((name, value)) = line.trim().split_once(": ") else {
+            continue;
+        };
+        let Some(queue) = name
+            .strip_prefix("rx_queue_")
+            .and_then(|rest| rest.strip_suffix("_xdp_packets"))
+        else {
+            continue;
+        };
+        let queue: usize = queue
+            .parse()
+            .with_context(|| format!("queue in {line:?}"))?;
+        ensure!(
+            queue == queues.len(),
+            "ethtool -S lists queue {queue} out of order:\n{text}"
+        );
+        queues.push(
+            value
+                .parse()
+                .with_context(|| format!("count in {line:?}"))?,
+        );
+    }
+    ensure!(
+        !queues.is_empty(),
+        "no receive queue counters in ethtool -S:\n{text}"
+    );
+    Ok(queues)
+}
+
 /// Packets `ifname` in `ns` has transmitted.
 fn tx_packets(ns: &Netns, ifname: &str) -> Result<u64> {
     let out = ns.exec(&["ip", "-s", "-j", "link", "show", "dev", ifname])?;
