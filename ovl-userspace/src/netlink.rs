@@ -337,10 +337,10 @@ async fn configure_container_link(
 /// per CPU each CPU's run is merged before the two meet, as the kernel
 /// vxlan device's per-CPU gro_cells do.
 fn spread_over_cpus(host_ifname: &str, peer: &str) -> Result<()> {
-    let cpus = u32::try_from(online_cpus()?.len()).unwrap_or(u32::MAX);
-    let queues = set_queues(host_ifname, cpus)?;
+    let cpus = online_cpus()?;
+    let queues = set_queues(host_ifname, u32::try_from(cpus.len()).unwrap_or(u32::MAX))?;
     set_queues(peer, queues)?;
-    set_xps_by_cpu(host_ifname, queues)
+    set_xps_by_cpu(host_ifname, queues, &cpus)
 }
 
 /// Moves the container end into `netns`, names, addresses and raises it.
@@ -721,21 +721,32 @@ fn set_queues(ifname: &str, queues: u32) -> Result<u32> {
     Ok(count)
 }
 
-/// Transmit queue `i` of `ifname` sends what CPU `c` transmits for every
-/// online CPU `c` with `c % queues == i` (XPS, `queues/tx-i/xps_cpus`), so
-/// each CPU's frames keep to one queue.
-fn set_xps_by_cpu(ifname: &str, queues: u32) -> Result<()> {
-    let cpus = online_cpus()?;
-    for queue in 0..queues {
-        let mine: Vec<u32> = cpus
-            .iter()
-            .copied()
-            .filter(|c| c % queues == queue)
-            .collect();
+/// Transmit queue `i` of `ifname` sends what the `k`-th of `cpus`
+/// transmits for every `k` with `k % queues == i` (XPS,
+/// `queues/tx-i/xps_cpus`), so each CPU's frames keep to one queue and the
+/// CPUs share the queues evenly.
+fn set_xps_by_cpu(ifname: &str, queues: u32, cpus: &[u32]) -> Result<()> {
+    for (queue, mask) in xps_masks(queues, cpus).iter().enumerate() {
         let path = format!("/sys/class/net/{ifname}/queues/tx-{queue}/xps_cpus");
-        std::fs::write(&path, cpu_mask(&mine)).with_context(|| format!("write {path}"))?;
+        fs::write(&path, mask).with_context(|| format!("write {path}"))?;
     }
     Ok(())
+}
+
+/// The XPS mask of each of `queues` transmit queues: the `k`-th of `cpus`
+/// goes to queue `k % queues`.
+fn xps_masks(queues: u32, cpus: &[u32]) -> Vec<String> {
+    (0..queues)
+        .map(|queue| {
+            let mine: Vec<u32> = cpus
+                .iter()
+                .zip((0..queues).cycle())
+                .filter(|(_, q)| *q == queue)
+                .map(|(cpu, _)| *cpu)
+                .collect();
+            cpu_mask(&mine)
+        })
+        .collect()
 }
 
 /// The online CPUs (`/sys/devices/system/cpu/online`: "0-3,6").
@@ -913,6 +924,14 @@ mod tests {
         assert_eq!(parse_cpu_list("0-3,6").unwrap(), vec![0, 1, 2, 3, 6]);
         assert!(parse_cpu_list("3-1").is_err());
         assert!(parse_cpu_list("x").is_err());
+    }
+
+    #[test]
+    fn each_online_cpu_sends_on_one_queue_and_the_queues_share_them() {
+        assert_eq!(xps_masks(2, &[0, 1]), ["1", "2"]);
+        // Offline CPUs in between do not pile the rest onto one queue.
+        assert_eq!(xps_masks(2, &[0, 2, 4, 6]), ["11", "44"]);
+        assert_eq!(xps_masks(1, &[0, 1, 2]), ["7"]);
     }
 
     #[test]
