@@ -31,8 +31,6 @@ const CIPHER_SECONDS: Duration = Duration::from_secs(1);
 /// What `cargo xtask bench` was asked for.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The (release) `ovl` binary to measure.
-    pub ovl: PathBuf,
     /// Fewer, shorter runs: a smoke test of the whole benchmark.
     pub quick: bool,
     /// Runs per figure, overriding the mode's default.
@@ -225,19 +223,11 @@ impl Plan {
 pub fn run(options: Options) -> Result<()> {
     let started = Instant::now();
     let plan = Plan::new(&options)?;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmark builds network namespaces and loads BPF programs: run it as root");
-    }
-    let ovl = options.ovl.clone();
     let micro_binary = if plan.focused() {
         None
     } else {
         Some(micro::binary()?)
     };
-    // SAFETY: the benchmark is single-threaded (it has only started child
-    // processes so far), so nothing can read the environment concurrently.
-    unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, &ovl) };
     let build_time = started.elapsed();
 
     let machine = machine::describe();

@@ -2,9 +2,8 @@
 // builds it, kept up until Enter, for profiling by hand (perf, bpftool).
 
 use std::io::BufRead;
-use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::measure::{CLIENT_CPU, IPERF_PORT, SERVER_CPU};
 use crate::offloads;
@@ -13,13 +12,7 @@ use crate::topology::Topology;
 
 /// Builds `path` on `underlay`, prints how to drive it and waits for a line
 /// on standard input; the lab is torn down when this returns.
-pub fn run(ovl: &Path, path: PathId, underlay: Underlay) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("--hold builds network namespaces and loads BPF programs: run it as root");
-    }
-    // SAFETY: single-threaded so far (no child process or thread yet).
-    unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, ovl) };
+pub fn run(path: PathId, underlay: Underlay) -> Result<()> {
     let topology = Topology::build(path).with_context(|| format!("building {}", path.label()))?;
     offloads::apply(&topology, underlay)?;
     topology.check_delivers()?;

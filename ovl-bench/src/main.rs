@@ -23,7 +23,7 @@ mod report;
 mod scale;
 mod topology;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -80,19 +80,16 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(error) = as_root_with(&cli.ovl) {
+        eprintln!("ovl-bench: error: {error:#}");
+        return ExitCode::FAILURE;
+    }
     let other = if let Some(path) = cli.hold {
-        Some(hold::run(
-            &cli.ovl,
-            path,
-            cli.underlay.unwrap_or(Underlay::Offloads),
-        ))
+        Some(hold::run(path, cli.underlay.unwrap_or(Underlay::Offloads)))
     } else if cli.scale {
-        Some(scale::run(scale::Options {
-            ovl: cli.ovl.clone(),
-            quick: cli.quick,
-        }))
+        Some(scale::run(scale::Options { quick: cli.quick }))
     } else if cli.dns {
-        Some(dns::run(&cli.ovl, cli.quick))
+        Some(dns::run(cli.quick))
     } else {
         None
     };
@@ -106,7 +103,6 @@ fn main() -> ExitCode {
         };
     }
     let options = bench::Options {
-        ovl: cli.ovl,
         quick: cli.quick,
         runs: cli.runs,
         seconds: cli.seconds,
@@ -121,6 +117,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Every mode builds network namespaces, loads BPF programs and runs
+/// agents: it needs root, and the lab helpers find `ovl` through the
+/// environment.
+fn as_root_with(ovl: &Path) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "ovl-bench builds network namespaces, loads BPF programs and runs agents: run it as root"
+        );
+    }
+    // SAFETY: nothing else runs yet (no thread, no child), so nothing reads
+    // the environment concurrently.
+    unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, ovl) };
+    Ok(())
 }
 
 fn parse_underlay(name: &str) -> Result<Underlay, String> {

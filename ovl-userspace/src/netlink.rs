@@ -4,7 +4,7 @@
 
 use std::{ffi::CString, fs, net::Ipv4Addr, os::fd::AsRawFd};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use futures_util::TryStreamExt;
 use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
@@ -749,24 +749,10 @@ fn xps_masks(queues: u32, cpus: &[u32]) -> Vec<String> {
         .collect()
 }
 
-/// The online CPUs (`/sys/devices/system/cpu/online`: "0-3,6").
+/// The online CPUs (aya reads `/sys/devices/system/cpu/online`).
 fn online_cpus() -> Result<Vec<u32>> {
-    let path = "/sys/devices/system/cpu/online";
-    let text = fs::read_to_string(path).with_context(|| format!("read {path}"))?;
-    parse_cpu_list(text.trim()).with_context(|| format!("parse {path}: {text:?}"))
-}
-
-fn parse_cpu_list(text: &str) -> Result<Vec<u32>> {
-    let mut cpus = Vec::new();
-    for part in text.split(',').filter(|p| !p.is_empty()) {
-        let (first, last) = match part.split_once('-') {
-            Some((a, b)) => (a.parse::<u32>()?, b.parse::<u32>()?),
-            None => (part.parse::<u32>()?, part.parse::<u32>()?),
-        };
-        ensure!(first <= last, "range {part} runs backwards");
-        cpus.extend(first..=last);
-    }
-    Ok(cpus)
+    aya::util::online_cpus()
+        .map_err(|(path, e)| anyhow::Error::new(e).context(format!("read {path}")))
 }
 
 /// A CPU set as sysfs writes it: hex, 32 CPUs per comma-separated word,
@@ -917,14 +903,6 @@ pub async fn clear_xdp(handle: &Handle, ifindex: u32) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn online_cpu_lists_parse_as_sysfs_writes_them() {
-        assert_eq!(parse_cpu_list("0").unwrap(), vec![0]);
-        assert_eq!(parse_cpu_list("0-3,6").unwrap(), vec![0, 1, 2, 3, 6]);
-        assert!(parse_cpu_list("3-1").is_err());
-        assert!(parse_cpu_list("x").is_err());
-    }
 
     #[test]
     fn each_online_cpu_sends_on_one_queue_and_the_queues_share_them() {

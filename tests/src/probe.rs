@@ -159,14 +159,18 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> Result<bool>
 
 /// Starts `iperf3 -s -1` (one test, then it exits) in `ns` and waits until
 /// it listens on 5201. iperf3 buffers its stdout when it is not a terminal,
-/// so the kernel's socket table says when it is ready.
+/// so the kernel's socket table says when it is ready. A one-off server
+/// started before must have exited first (it leaves after its test).
 pub fn iperf3_server(lab: &Lab, ns: &Netns) -> Result<ChildHandle> {
-    let server = lab.spawn(ns, &["iperf3", "-s", "-1"], &[])?;
-    wait_until(Duration::from_secs(10), || {
+    let listening = || -> Result<bool> {
         let out = ns.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
         Ok(!out.stdout.is_empty())
-    })
-    .with_context(|| format!("iperf3 server did not start:\n{}", server.output_report()))?;
+    };
+    wait_until(Duration::from_secs(5), || Ok(!listening()?))
+        .context("the last iperf3 server did not exit")?;
+    let server = lab.spawn(ns, &["iperf3", "-s", "-1"], &[])?;
+    wait_until(Duration::from_secs(10), listening)
+        .with_context(|| format!("iperf3 server did not start:\n{}", server.output_report()))?;
     Ok(server)
 }
 

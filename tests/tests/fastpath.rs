@@ -165,12 +165,6 @@ fn decapsulated_tcp_takes_the_container_queue_of_the_cpu_that_decapsulated_it() 
         .netns
         .exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"])?;
     for cpu in 0..cpus.min(2) {
-        // One-off servers: the last run's must be gone before the next.
-        wait_until(Duration::from_secs(5), || {
-            let out = c2.exec(&["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"])?;
-            Ok(out.stdout.is_empty())
-        })
-        .context("the last iperf3 server did not exit")?;
         iperf3_server(&lab, &c2)?;
         let before = rx_queue_packets(&c2)?;
         c1.exec(&[
