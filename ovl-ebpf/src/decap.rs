@@ -23,10 +23,25 @@ use crate::{
     verdict::{Dropped, OnVni},
 };
 
-/// Most bytes of headers decap reads: outer Ethernet, IPv4 with the
-/// largest options, UDP, VXLAN, inner Ethernet and IPv4.
-pub const MAX_HDR_LEN: u32 =
-    (ETH_HDR_LEN + 60 + UDP_HDR_LEN + 8 + ETH_HDR_LEN + IPV4_HDR_LEN) as u32;
+/// The headers decap reads when the outer IPv4 header has no options:
+/// outer Ethernet, IPv4, UDP, VXLAN, inner Ethernet and IPv4. TC decap
+/// pulls no more than that into the linear area (plus the options, when
+/// there are any), so the payload of a TCP segment stays in the page
+/// fragments it came in and GRO merges those into its neighbour's instead
+/// of chaining whole segments (see BENCHMARKS.md, "Wire-like TCP 1
+/// stream").
+pub const HDR_LEN: u32 =
+    (ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN + 8 + ETH_HDR_LEN + IPV4_HDR_LEN) as u32;
+
+/// Bytes of options in the outer IPv4 header of `frame`: 0 when it has
+/// none, or when the frame is no IPv4 (`inspect` leaves that to the host).
+#[inline(always)]
+pub fn outer_options_len(frame: &Frame) -> u32 {
+    match frame.read::<Ipv4Hdr>(ETH_HDR_LEN) {
+        Ok(ip) => u32::from(ip.vihl & 0x0f).saturating_sub(5) * 4,
+        Err(_) => 0,
+    }
+}
 /// IPv4 "more fragments" flag and fragment offset.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
 

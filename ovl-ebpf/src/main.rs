@@ -67,9 +67,15 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
         stats::underlay(true);
         return TC_ACT_OK;
     };
-    // Headers must be in the linear area for direct access.
-    let _ = ctx.pull_data(ctx.len().min(decap::MAX_HDR_LEN));
-    let frame = Frame::of_skb(&ctx);
+    // Headers must be in the linear area for direct access; the payload
+    // is better left where it is (`decap::HDR_LEN`).
+    let _ = ctx.pull_data(ctx.len().min(decap::HDR_LEN));
+    let mut frame = Frame::of_skb(&ctx);
+    let options = decap::outer_options_len(&frame);
+    if options != 0 {
+        let _ = ctx.pull_data(ctx.len().min(decap::HDR_LEN + options));
+        frame = Frame::of_skb(&ctx);
+    }
     // The same program runs on the crypto device, where the agent writes
     // what it decrypted.
     // SAFETY: reading a field of the program's own context.
