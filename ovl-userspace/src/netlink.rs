@@ -327,20 +327,36 @@ async fn configure_container_link(
     Ok(name)
 }
 
-/// A queue per online CPU on both ends of a container's veth, and the
-/// host end's transmit queue chosen by the sending CPU (XPS). The host end
-/// carries decapsulated TCP to the container end's GRO; a flow's segments
-/// can arrive on two CPUs at once (its sender transmits from the CPU its
-/// ACKs come in on too). With one queue, both CPUs' segments meet in one
-/// ring and alternate there, GRO cannot merge them, and every one reaches
-/// the container's TCP out of order; with a queue (and a NAPI, and GRO)
-/// per CPU each CPU's run is merged before the two meet, as the kernel
-/// vxlan device's per-CPU gro_cells do.
+/// A queue per online CPU (up to [`MAX_CONTAINER_QUEUES`]) on both ends of
+/// a container's veth, and the host end's transmit queue chosen by the
+/// sending CPU (XPS). The host end carries decapsulated TCP to the
+/// container end's GRO; a flow's segments can arrive on two CPUs at once
+/// (its sender transmits from the CPU its ACKs come in on too). With one
+/// queue, both CPUs' segments meet in one ring and alternate there, GRO
+/// cannot merge them, and every one reaches the container's TCP out of
+/// order; with a queue (and a NAPI, and GRO) per CPU each CPU's run is
+/// merged before the two meet, as the kernel vxlan device's per-CPU
+/// gro_cells do.
 fn spread_over_cpus(host_ifname: &str, peer: &str) -> Result<()> {
     let cpus = online_cpus()?;
-    let queues = set_queues(host_ifname, u32::try_from(cpus.len()).unwrap_or(u32::MAX))?;
+    let queues = set_queues(host_ifname, container_queues(cpus.len()))?;
     set_queues(peer, queues)?;
     set_xps_by_cpu(host_ifname, queues, &cpus)
+}
+
+/// Most queues a container veth gets. Each queue of the end that merges
+/// (GRO) has its own NAPI, a 256-entry ring and a page pool (a few KiB):
+/// a queue per CPU on a host of 128 CPUs would cost every container more
+/// than half a MiB. Beyond this many, CPUs share queues (XPS deals them
+/// out in turn); two CPUs' segments of one flow then meet in one ring only
+/// when both CPUs drew the same queue.
+const MAX_CONTAINER_QUEUES: u32 = 16;
+
+/// The queue count for a container veth on a host with `cpus` online CPUs.
+fn container_queues(cpus: usize) -> u32 {
+    u32::try_from(cpus)
+        .unwrap_or(u32::MAX)
+        .clamp(1, MAX_CONTAINER_QUEUES)
 }
 
 /// Moves the container end into `netns`, names, addresses and raises it.
@@ -910,6 +926,22 @@ mod tests {
         // Offline CPUs in between do not pile the rest onto one queue.
         assert_eq!(xps_masks(2, &[0, 2, 4, 6]), ["11", "44"]);
         assert_eq!(xps_masks(1, &[0, 1, 2]), ["7"]);
+    }
+
+    #[test]
+    fn a_container_veth_gets_a_queue_per_cpu_up_to_a_cap() {
+        assert_eq!(container_queues(0), 1);
+        assert_eq!(container_queues(1), 1);
+        assert_eq!(container_queues(2), 2);
+        assert_eq!(container_queues(16), 16);
+        assert_eq!(container_queues(128), MAX_CONTAINER_QUEUES);
+        // 128 CPUs on 16 queues: eight CPUs a queue (queue 0: CPUs 0,
+        // 16, 32, …, 112), each CPU on one.
+        let cpus: Vec<u32> = (0..128).collect();
+        let masks = xps_masks(container_queues(cpus.len()), &cpus);
+        assert_eq!(masks.len(), 16);
+        assert_eq!(masks[0], "10001,00010001,00010001,00010001");
+        assert_eq!(masks[15], "80008000,80008000,80008000,80008000");
     }
 
     #[test]
