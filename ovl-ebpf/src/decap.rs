@@ -37,11 +37,17 @@ pub const HDR_LEN: u32 =
 /// none, or when the frame is no IPv4 (`inspect` leaves that to the host).
 #[inline(always)]
 pub fn outer_options_len(frame: &Frame) -> u32 {
+    let Ok(eth) = frame.read::<EthHdr>(0) else {
+        return 0;
+    };
     match frame.read::<Ipv4Hdr>(ETH_HDR_LEN) {
-        Ok(ip) => u32::from(ip.vihl & 0x0f).saturating_sub(5) * 4,
-        Err(_) => 0,
+        Ok(ip) if eth.ether_type == ETH_P_IP.to_be() && ip.vihl >> 4 == 4 => {
+            u32::from(ip.vihl & 0x0f).saturating_sub(5) * 4
+        }
+        _ => 0,
     }
 }
+
 /// IPv4 "more fragments" flag and fragment offset.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
 
