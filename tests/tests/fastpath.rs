@@ -156,8 +156,10 @@ fn decapsulated_tcp_takes_the_container_queue_of_the_cpu_that_decapsulated_it() 
     let world = TwoHosts::start(&lab, "auto")?;
     let Pair { c1, c2, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
     let queues = rx_queue_packets(&c2)?;
+    // A queue per CPU, up to the agent's cap (MAX_CONTAINER_QUEUES in
+    // ovl-userspace's netlink.rs).
     ensure!(
-        queues.len() == cpus,
+        queues.len() == cpus.min(16),
         "c2's eth0 has {} receive queues on a machine of {cpus} CPUs",
         queues.len()
     );
