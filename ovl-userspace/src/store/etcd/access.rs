@@ -137,9 +137,17 @@ fn access_hint(detail: &str) -> Option<&'static str> {
 /// missing or refused client certificate; in plain text, a TLS port.
 fn closed_hint(detail: &str, tls: bool) -> Option<&'static str> {
     let d = detail.to_ascii_lowercase();
-    let closed = ["connection closed", "broken pipe", "connection reset"]
-        .iter()
-        .any(|n| d.contains(n));
+    // hyper spells an io::ErrorKind in Debug form ("Kind(ConnectionReset)"),
+    // so both spellings are looked for.
+    let closed = [
+        "connection closed",
+        "broken pipe",
+        "connection reset",
+        "connectionreset",
+        "connectionaborted",
+    ]
+    .iter()
+    .any(|n| d.contains(n));
     match (closed, tls) {
         (false, _) => None,
         (true, true) => Some(
@@ -200,6 +208,14 @@ mod tests {
         assert!(
             closed_hint("stream closed because of a broken pipe", false)
                 .is_some_and(|h| h.contains("etcds://"))
+        );
+        // What a plain-text client reads when a TLS port resets it (seen in CI).
+        assert!(
+            closed_hint(
+                "transport error: hyper::Error(Io, Kind(ConnectionReset))",
+                false
+            )
+            .is_some_and(|h| h.contains("etcds://"))
         );
     }
 }
