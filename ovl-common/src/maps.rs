@@ -268,7 +268,8 @@ pub struct NextHop {
     pub via: u32,
     /// The route's MTU (L3 bytes); larger packets take the FIB again.
     pub mtu: u32,
-    /// When the FIB answered (`bpf_ktime_get_coarse_ns`); older than
+    /// When the FIB (or the agent) answered (`bpf_ktime_get_coarse_ns`,
+    /// CLOCK_MONOTONIC_COARSE); older than
     /// [`NEXT_HOP_TTL_NS`](crate::wire::NEXT_HOP_TTL_NS) it is asked again.
     pub learned_ns: u64,
 }
@@ -281,6 +282,12 @@ pub mod next_hop_via {
     /// The FIB helper refuses to work without IPv4 forwarding on the
     /// underlay: the kernel routes and resolves each packet itself.
     pub const KERNEL_ROUTED: u32 = 2;
+    /// Resolved by the agent from the kernel's route and neighbour tables
+    /// where the FIB helper refuses (forwarding off): straight out of
+    /// `ifindex`, like [`RESOLVED`]. The agent rewrites such entries while
+    /// it runs; without it they expire like any other and the kernel
+    /// routes again.
+    pub const AGENT_RESOLVED: u32 = 3;
 }
 
 /// This node's underlay identity; the single entry of `OVL_CONFIG`.

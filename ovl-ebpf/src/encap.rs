@@ -225,7 +225,7 @@ enum Via {
     Unresolved,
     /// The FIB helper refuses to work on a device without IPv4 forwarding;
     /// the kernel then routes (and resolves) the packet itself, out of the
-    /// underlay device.
+    /// underlay device, until the agent resolves the next hop for it.
     KernelRouted,
 }
 
@@ -234,10 +234,12 @@ impl Route {
     #[inline(always)]
     fn cached(hop: &NextHop) -> Route {
         Route {
-            how: if hop.via == next_hop_via::RESOLVED {
-                Via::Resolved
-            } else {
+            // RESOLVED (by the FIB) or AGENT_RESOLVED (by the agent, where
+            // forwarding is off): the MACs are known either way.
+            how: if hop.via == next_hop_via::KERNEL_ROUTED {
                 Via::KernelRouted
+            } else {
+                Via::Resolved
             },
             ifindex: hop.ifindex,
             smac: hop.smac,

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod netns;
+pub mod next_hops;
 pub mod release;
 pub mod store;
 pub mod validate;

@@ -209,7 +209,7 @@ pub async fn underlay(handle: &Handle, name: &str) -> Result<Underlay> {
 }
 
 /// The link message of interface `ifindex`.
-async fn link_by_index(
+pub(crate) async fn link_by_index(
     handle: &Handle,
     ifindex: u32,
 ) -> Result<rtnetlink::packet_route::link::LinkMessage> {

@@ -20,7 +20,7 @@ use ovl_common::{
     maps::{names, network_flags, next_hop_via, programs},
     wire::NEXT_HOP_TTL_NS,
 };
-use ovl_userspace::datapath;
+use ovl_userspace::{datapath, next_hops};
 use testbed::{
     action::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_REDIRECT},
     fixture::{
@@ -891,6 +891,80 @@ fn encap_without_forwarding_caches_that_the_kernel_routes() -> Result<()> {
     ensure!(out[50..] == inner[..], "inner frame changed");
     let again = encap(&f, &inner)?;
     ensure!(again == out, "from the cache\n{}", hex(&again));
+    Ok(())
+}
+
+/// Forwarding off: the agent's resolver upgrades the entry the program
+/// made for the kernel's routing to the gateway's MACs, and the program
+/// sends the next frame straight out with them; a stale agent entry
+/// expires back to the kernel's routing like any other.
+#[test]
+fn encap_without_forwarding_sends_straight_out_once_the_agent_resolved_the_next_hop() -> Result<()>
+{
+    let mut f = Fixture::new("gold-hop-agent")?;
+    f.set_forwarding(false)?;
+    let inner = echo(C1, C2, mac_of(C2));
+    let routed = encap(&f, &inner)?;
+    ensure!(
+        cached_hop(&f)?.is_some_and(|h| h.via == next_hop_via::KERNEL_ROUTED),
+        "the program did not mark the VTEP kernel-routed: {:?}",
+        cached_hop(&f)?
+    );
+
+    let underlay = ovl_userspace::netlink::Underlay {
+        name: testbed::fixture::UNDERLAY_IFACE.to_owned(),
+        ifindex: f.underlay_ifindex()?,
+        addr: LOCAL_VTEP,
+        mtu: 1500,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let done = runtime.block_on(async {
+        let mut resolver = next_hops::Resolver::new(&underlay)?;
+        resolver.refresh(&mut f.datapath).await
+    })?;
+    ensure!(done.written == 1, "refresh: {done:?}");
+    let hop = cached_hop(&f)?.context("the refresh removed the entry")?;
+    ensure!(
+        hop.via == next_hop_via::AGENT_RESOLVED
+            && hop.dmac == GATEWAY_MAC
+            && hop.smac == UNDERLAY_MAC
+            && hop.ifindex == f.underlay_ifindex()?
+            && hop.mtu == 1500,
+        "agent entry {hop:?}"
+    );
+    let direct = encap(&f, &inner)?;
+    ensure!(
+        direct[0..6] == GATEWAY_MAC && direct[6..12] == UNDERLAY_MAC,
+        "outer MACs\n{}",
+        hex(&direct[..14])
+    );
+    ensure!(
+        direct[12..] == routed[12..],
+        "only the MACs may differ from the kernel-routed frame\n{}\n{}",
+        hex(&direct),
+        hex(&routed)
+    );
+    ensure!(
+        cached_hop(&f)? == Some(hop),
+        "the program rewrote the entry"
+    );
+
+    // An entry nobody refreshes expires: the FIB helper is asked again,
+    // refuses, and the kernel routes.
+    let stale = NextHop {
+        learned_ns: hop.learned_ns.saturating_sub(2 * NEXT_HOP_TTL_NS),
+        ..hop
+    };
+    f.datapath.set_next_hop(REMOTE_VTEP.octets(), stale)?;
+    let again = encap(&f, &inner)?;
+    ensure!(again[0..12] == [0; 12], "outer MACs\n{}", hex(&again[..14]));
+    ensure!(
+        cached_hop(&f)?.is_some_and(|h| h.via == next_hop_via::KERNEL_ROUTED),
+        "after expiry {:?}",
+        cached_hop(&f)?
+    );
     Ok(())
 }
 

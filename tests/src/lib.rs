@@ -37,7 +37,10 @@ pub use docker::{
 pub use etcd::{ETCD_CLIENT_PORT, Etcd, EtcdTls};
 pub use hooks::{HookedProgram, hooked_programs};
 pub use lab::{CleanupStage, LAB_NAME_PREFIX, Lab};
-pub use maps::{ENDPOINTS_MAP, MapEndpoint, NEXT_HOPS_MAP, dump_endpoints, dump_next_hops};
+pub use maps::{
+    ENDPOINTS_MAP, MapEndpoint, MapNextHop, NEXT_HOPS_MAP, dump_endpoints, dump_next_hop_entries,
+    dump_next_hops,
+};
 pub use netns::Netns;
 pub use ovl::{Agent, NetCounters, Ovl};
 pub use pki::{Ca, CertFiles};

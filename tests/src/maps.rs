@@ -62,17 +62,40 @@ pub fn dump_endpoints(pin_dir: &Path) -> Result<BTreeMap<(u32, Ipv4Addr), MapEnd
 pub const NEXT_HOPS_MAP: &str = "OVL_NEXT_HOPS";
 
 /// The MAC of the next hop each remote VTEP's packets go to, from the
-/// next-hop cache pinned in `pin_dir` (layout of `ovl_common::NextHop`:
-/// `dmac` is its first six bytes). An entry the kernel routes itself has
-/// an all-zero MAC.
+/// next-hop cache pinned in `pin_dir`. An entry the kernel routes itself
+/// has an all-zero MAC.
 pub fn dump_next_hops(pin_dir: &Path) -> Result<BTreeMap<Ipv4Addr, MacAddr>> {
+    Ok(dump_next_hop_entries(pin_dir)?
+        .into_iter()
+        .map(|(vtep, hop)| (vtep, hop.mac))
+        .collect())
+}
+
+/// One entry of the next-hop cache, as the tests read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapNextHop {
+    /// The next hop's MAC (all zero while the kernel routes).
+    pub mac: MacAddr,
+    /// `ovl_common::maps::next_hop_via`: 1 the FIB's answer, 2 kernel-routed,
+    /// 3 resolved by the agent.
+    pub via: u32,
+    /// When it was written (CLOCK_MONOTONIC_COARSE, ns).
+    pub learned_ns: u64,
+}
+
+/// The next-hop cache pinned in `pin_dir`, keyed by remote VTEP (layout of
+/// `ovl_common::NextHop`: dmac 0..6, smac 6..12, ifindex 12..16, via
+/// 16..20, mtu 20..24, learned_ns 24..32, little-endian).
+pub fn dump_next_hop_entries(pin_dir: &Path) -> Result<BTreeMap<Ipv4Addr, MapNextHop>> {
     Ok(dump_pinned(pin_dir, NEXT_HOPS_MAP, 4, 32)?
         .into_iter()
-        .map(|(key, value)| {
-            (
-                Ipv4Addr::new(key[0], key[1], key[2], key[3]),
-                MacAddr([value[0], value[1], value[2], value[3], value[4], value[5]]),
-            )
+        .map(|(key, v)| {
+            let hop = MapNextHop {
+                mac: MacAddr([v[0], v[1], v[2], v[3], v[4], v[5]]),
+                via: u32::from_le_bytes([v[16], v[17], v[18], v[19]]),
+                learned_ns: u64::from_le_bytes(v[24..32].try_into().expect("8 bytes")),
+            };
+            (Ipv4Addr::new(key[0], key[1], key[2], key[3]), hop)
         })
         .collect())
 }

@@ -5,12 +5,20 @@
 //! agent empties the cache on the neighbour notification) and within the
 //! cache's one-second lifetime while no agent runs. No packet keeps going
 //! to the old MAC for longer.
+//!
+//! Where forwarding is off (an `--internal` network only) the FIB helper
+//! refuses and the kernel routes every encapsulated packet; the agent then
+//! resolves the next hop itself and keeps it fresh, and without the agent
+//! the kernel routes again within the cache's lifetime.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{MacAddr, Netns, Pair, TwoHosts, dump_next_hops, ping, wait_until};
+use ovl_tests::{
+    MacAddr, MapNextHop, Netns, Pair, TwoHosts, dump_next_hop_entries, dump_next_hops, ping,
+    wait_until,
+};
 
 /// Host A's router port and its address (see `routed_hosts`).
 const ROUTER_PORT: &str = "h0";
@@ -34,6 +42,15 @@ fn move_router(router: &Netns, host_a: &Netns, mac: &str) -> Result<()> {
         "reachable",
     ])?;
     Ok(())
+}
+
+/// `ovl_common::maps::next_hop_via` values.
+const KERNEL_ROUTED: u32 = 2;
+const AGENT_RESOLVED: u32 = 3;
+
+/// A's cache entry for B's VTEP.
+fn entry(pins: &std::path::Path) -> Result<Option<MapNextHop>> {
+    Ok(dump_next_hop_entries(pins)?.get(&VTEP_B).copied())
 }
 
 /// The MAC A's encapsulation sends B's packets to, as text.
@@ -94,5 +111,91 @@ fn a_new_router_mac_is_followed_at_once_with_the_agent_and_within_a_second_witho
         "A's cache without an agent: {cached:?}"
     );
     world.restart_agent(&lab, 0, &[])?;
+    world.stop()
+}
+
+#[test]
+fn without_forwarding_the_agent_resolves_the_next_hop_and_without_the_agent_the_kernel_routes()
+-> Result<()> {
+    let lab = ovl_tests::Lab::new("nexthop-int")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].netns.clone();
+    let router = world.router.clone();
+    // Only an --internal network: the agent leaves forwarding off, so the
+    // FIB helper refuses on A's underlay.
+    world
+        .ovl
+        .create_network(&host_a, "int-net", "198.18.0.0/24", &["--internal"])?;
+    let (c1, _) = world.container(&lab, 0, "int-net", "c1")?;
+    let (_c2, ip2) = world.container(&lab, 1, "int-net", "c2")?;
+    let forwarding = host_a.exec(&["cat", "/proc/sys/net/ipv4/conf/eth0/forwarding"])?;
+    ensure!(
+        String::from_utf8_lossy(&forwarding.stdout).trim() == "0",
+        "forwarding is on in host A: the test needs it off"
+    );
+    let pins = world.ovl.pin_dir("host-a");
+    let old = router.link_mac(ROUTER_PORT)?;
+    let resolved = |mac: &str| -> Result<Option<MapNextHop>> {
+        Ok(entry(&pins)?.filter(|h| h.via == AGENT_RESOLVED && h.mac.to_string() == mac))
+    };
+    wait_until(Duration::from_secs(5), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received() && resolved(&old)?.is_some())
+    })
+    .with_context(|| {
+        format!(
+            "the agent never resolved B's next hop to the router {old}: {:?}",
+            entry(&pins)
+        )
+    })?;
+
+    // Kept fresh while the agent runs: two seconds on (twice the cache's
+    // lifetime) it is still the agent's entry, written again meanwhile.
+    let first = resolved(&old)?.context("gone")?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        ping(&c1, ip2, 1, &["-W", "1"])?.all_received(),
+        "ping after 2 s"
+    );
+    let later = resolved(&old)?.with_context(|| format!("not the agent's: {:?}", entry(&pins)))?;
+    ensure!(
+        later.learned_ns >= first.learned_ns + 1_000_000_000,
+        "not rewritten: {first:?} then {later:?}"
+    );
+
+    // A new router MAC: forgotten at once, resolved again with the new MAC.
+    let second = "02:00:5e:00:01:02";
+    move_router(&router, &host_a, second)?;
+    wait_until(Duration::from_secs(2), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received() && resolved(second)?.is_some())
+    })
+    .with_context(|| format!("after the router moved: {:?}", entry(&pins)))?;
+
+    // Without the agent nobody rewrites the entry: within about a second
+    // the program asks again and the kernel routes (all-zero MAC), and
+    // packets keep crossing, to the router's new MAC too.
+    world.kill_agent(0)?;
+    let killed = Instant::now();
+    wait_until(Duration::from_secs(3), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received()
+            && entry(&pins)?.is_some_and(|h| h.via == KERNEL_ROUTED && h.mac == MacAddr([0; 6])))
+    })
+    .with_context(|| format!("no agent: still {:?} 3 s on", entry(&pins)))?;
+    eprintln!(
+        "no agent: kernel-routed {:?} after the kill",
+        killed.elapsed()
+    );
+    let third = "02:00:5e:00:01:03";
+    move_router(&router, &host_a, third)?;
+    ensure!(
+        ping(&c1, ip2, 1, &["-W", "1"])?.all_received(),
+        "no agent: the kernel's routing did not follow the router's new MAC"
+    );
+
+    // A new agent takes over the resolving.
+    world.restart_agent(&lab, 0, &[])?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received() && resolved(third)?.is_some())
+    })
+    .with_context(|| format!("the new agent did not resolve: {:?}", entry(&pins)))?;
     world.stop()
 }

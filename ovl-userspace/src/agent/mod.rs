@@ -156,6 +156,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let mut agent = Agent {
         dns,
         node: opts.node.clone(),
+        next_hops: crate::next_hops::Resolver::new(&underlay)?,
         underlay,
         dp,
         view,
@@ -169,6 +170,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         crypto: None,
         ifindexes: ifindex::IfindexCache::default(),
         host_ends: host_ends::HostEnds::default(),
+        next_hops_failing: false,
     };
     let started = agent.take_over(&opts, &driver, store.as_deref()).await;
     if let Err(e) = started {
@@ -340,6 +342,10 @@ struct Agent {
     ifindexes: ifindex::IfindexCache,
     /// Host ends of local veths whose offloads were checked.
     host_ends: host_ends::HostEnds,
+    /// Next hops the FIB helper cannot give (forwarding off).
+    next_hops: crate::next_hops::Resolver,
+    /// The last next-hop refresh failed (its error is logged once).
+    next_hops_failing: bool,
 }
 
 impl Agent {
@@ -557,6 +563,9 @@ impl Agent {
         // The data path caches next hops to other VTEPs for at most a
         // second; a changed route or neighbour empties the cache at once.
         let mut paths = netlink::underlay_path_events(self.underlay.ifindex)?;
+        // Where forwarding is off the agent resolves them for the data path.
+        let mut next_hop_refresh = tokio::time::interval(crate::next_hops::REFRESH);
+        next_hop_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe = tokio::time::interval(STORE_PROBE);
         // When the next store change may be applied (see APPLY_DUTY_FACTOR).
         let mut hold: Option<Instant> = None;
@@ -629,6 +638,8 @@ impl Agent {
                     // One look for a burst of notifications.
                     while links.try_recv().is_ok() {}
                     self.ifindexes.invalidate();
+                    // The underlay's MAC or MTU may have changed.
+                    self.next_hops.forget();
                     self.dns.links_changed();
                     self.reapply();
                     self.collect_abandoned(connected.as_ref()).await;
@@ -637,6 +648,7 @@ impl Agent {
                     while paths.try_recv().is_ok() {}
                     self.forget_next_hops("a route or underlay neighbour changed");
                 }
+                _ = next_hop_refresh.tick() => self.refresh_next_hops().await,
                 () = sleep_until(self.next_gc), if self.next_gc.is_some() => {
                     self.next_gc = None;
                     self.collect_abandoned(connected.as_ref()).await;
@@ -647,12 +659,39 @@ impl Agent {
 
     /// Empties the data path's next-hop cache (`why` says what changed).
     fn forget_next_hops(&mut self, why: &str) {
+        self.next_hops.forget();
         match self.dp.clear_next_hops() {
             Ok(0) => {}
             Ok(n) => log::debug!("{why}: forgot {n} cached next hop(s)"),
             Err(e) => log::warn!(
                 "{why}, but the next-hop cache could not be emptied (entries expire within a second): {e:#}"
             ),
+        }
+    }
+
+    /// Resolves the next hops the kernel routes for the data path, and
+    /// keeps those it resolved fresh.
+    async fn refresh_next_hops(&mut self) {
+        match self.next_hops.refresh(&mut self.dp).await {
+            Ok(done) => {
+                if self.next_hops_failing {
+                    log::info!("next-hop refresh works again");
+                }
+                self.next_hops_failing = false;
+                if done.dropped > 0 {
+                    log::debug!(
+                        "{} next hop(s) no longer resolved: the kernel routes them",
+                        done.dropped
+                    );
+                }
+            }
+            Err(e) if !self.next_hops_failing => {
+                self.next_hops_failing = true;
+                log::warn!(
+                    "next-hop refresh failed: {e:#}; the kernel routes encapsulated packets meanwhile (slower, not lost)"
+                );
+            }
+            Err(_) => {}
         }
     }
 

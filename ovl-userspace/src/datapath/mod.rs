@@ -491,6 +491,33 @@ impl Datapath {
         Ok(vteps.len())
     }
 
+    /// The next-hop cache's entries (`OVL_NEXT_HOPS`), keyed by remote VTEP.
+    pub fn next_hops(&mut self) -> Result<Vec<([u8; 4], NextHop)>> {
+        let map: HashMap<_, [u8; 4], NextHop> = HashMap::try_from(self.map(names::NEXT_HOPS)?)?;
+        // An entry evicted between listing and reading is skipped.
+        Ok(map
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter_map(|vtep| map.get(&vtep, 0).ok().map(|hop| (vtep, hop)))
+            .collect())
+    }
+
+    /// Writes the next hop to `vtep` into the cache.
+    pub fn set_next_hop(&mut self, vtep: [u8; 4], hop: NextHop) -> Result<()> {
+        let mut map: HashMap<_, [u8; 4], NextHop> = HashMap::try_from(self.map(names::NEXT_HOPS)?)?;
+        map.insert(vtep, hop, 0).context("write OVL_NEXT_HOPS")
+    }
+
+    /// Drops the cached next hop to `vtep` (gone already is fine).
+    pub fn forget_next_hop(&mut self, vtep: [u8; 4]) {
+        if let Ok(mut map) = self
+            .map(names::NEXT_HOPS)
+            .and_then(|m| Ok(HashMap::<_, [u8; 4], NextHop>::try_from(m)?))
+        {
+            let _ = map.remove(&vtep);
+        }
+    }
+
     /// Sets the VXLAN UDP port encapsulation sends to and decapsulation
     /// accepts; returns whether it was another before.
     pub fn set_vxlan_port(&mut self, port: u16) -> Result<bool> {

@@ -54,7 +54,7 @@ pub const OTHER_SUBNET_REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 6);
 /// The device BPF_PROG_TEST_RUN runs TC programs on: `lo`.
 pub const TEST_RUN_IFINDEX: u32 = 1;
 /// The stand-in underlay device.
-const UNDERLAY_IFACE: &str = "ul0";
+pub const UNDERLAY_IFACE: &str = "ul0";
 
 /// Loaded programs with one network (VNI [`VNI`]) whose endpoints are two
 /// local containers and one remote, inside a namespace with a routed
