@@ -13,8 +13,24 @@
 //! neighbour or link notification, when the agent also empties the cache.
 //! Without an agent the entries expire within `NEXT_HOP_TTL_NS` and the
 //! kernel routes again.
+//!
+//! A next hop the agent resolved is sent to straight, past the kernel's
+//! neighbour layer, so nothing would check it again: a router that
+//! changed its MAC without announcing it would be sent to at the old one
+//! for as long as the entry stays stale. The agent marks the neighbours
+//! its entries send to as used (`NTF_USE`, what a packet through the
+//! kernel's routing does), about once a second while one is stale; the
+//! kernel then probes it, and a failed or changed neighbour reaches the
+//! agent as a notification that empties the cache. (With forwarding on
+//! and the FIB's answers, the kernel was seen using the neighbour on its
+//! own, once a second; `tests/tests/next_hop.rs` follows an unannounced
+//! MAC in both cases, and fails without this where forwarding is off.)
 
-use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::Ipv4Addr,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use futures_util::TryStreamExt;
@@ -35,6 +51,9 @@ use crate::{datapath::Datapath, netlink::Underlay};
 /// lifetime (1 s), so a late tick or two never lets one expire.
 pub const REFRESH: Duration = Duration::from_millis(250);
 
+/// Stale neighbours in use are marked used every this many refreshes.
+const KEEPALIVE_EVERY: u32 = 4;
+
 /// Subtracted from the clock an entry is stamped with: the program reads
 /// the coarse clock before it looks the entry up, so a stamp a tick
 /// newer than its reading would look expired (and send one packet back
@@ -50,6 +69,8 @@ pub struct Hop {
     /// The route's MTU (a path MTU the kernel learned included), else the
     /// device's.
     pub mtu: u32,
+    /// The neighbour whose MAC `dmac` is (the router, or the VTEP itself).
+    pub neighbour: Ipv4Addr,
 }
 
 impl Hop {
@@ -73,6 +94,8 @@ pub struct Refreshed {
     pub written: usize,
     /// Agent entries dropped because their next hop is no longer known.
     pub dropped: usize,
+    /// Stale neighbours in use marked used, so the kernel checks them.
+    pub nudged: usize,
 }
 
 /// Resolves and refreshes next hops the FIB helper cannot give.
@@ -84,6 +107,9 @@ pub struct Resolver {
     /// while its neighbour is unresolved — resolving it is a neighbour
     /// change, which clears this).
     known: HashMap<Ipv4Addr, Option<Hop>>,
+    /// Refreshes so far (the neighbour keep-alive runs every
+    /// [`KEEPALIVE_EVERY`]th).
+    refreshes: u32,
 }
 
 impl Resolver {
@@ -92,6 +118,7 @@ impl Resolver {
             handle: crate::netlink::connect()?,
             underlay: underlay.clone(),
             known: HashMap::new(),
+            refreshes: 0,
         })
     }
 
@@ -101,61 +128,130 @@ impl Resolver {
     }
 
     /// Upgrades the cache's kernel-routed entries whose next hop the
-    /// tables resolve, and rewrites its own entries with a fresh stamp.
-    /// Nothing to do while the underlay forwards: the FIB helper answers.
+    /// tables resolve, rewrites its own with a fresh stamp, and keeps
+    /// their neighbours checked. Nothing to do while the underlay forwards:
+    /// the FIB helper answers then.
     pub async fn refresh(&mut self, dp: &mut Datapath) -> Result<Refreshed> {
         let mut done = Refreshed::default();
         if forwarding(&self.underlay.name) {
             return Ok(done);
         }
-        let now = coarse_now().saturating_sub(STAMP_MARGIN_NS);
-        for (vtep, hop) in dp.next_hops()? {
-            if hop.via != next_hop_via::KERNEL_ROUTED && hop.via != next_hop_via::AGENT_RESOLVED {
-                continue;
-            }
-            let addr = Ipv4Addr::from(vtep);
-            let resolved = match self.known.get(&addr) {
-                Some(known) => *known,
-                None => {
-                    let r = self.resolve(addr).await;
-                    self.known.insert(addr, r);
-                    r
-                }
-            };
-            match resolved {
+        let stamp = coarse_now().saturating_sub(STAMP_MARGIN_NS);
+        let wanted: Vec<([u8; 4], u32)> = dp
+            .next_hops()?
+            .into_iter()
+            .filter(|(_, hop)| {
+                hop.via == next_hop_via::KERNEL_ROUTED || hop.via == next_hop_via::AGENT_RESOLVED
+            })
+            .map(|(vtep, hop)| (vtep, hop.via))
+            .collect();
+        self.learn(wanted.iter().map(|(vtep, _)| Ipv4Addr::from(*vtep)))
+            .await;
+        let mut in_use = BTreeSet::new();
+        for (vtep, via) in wanted {
+            match self.known.get(&Ipv4Addr::from(vtep)).copied().flatten() {
                 Some(h) => {
-                    dp.set_next_hop(vtep, h.entry(now))?;
+                    dp.set_next_hop(vtep, h.entry(stamp))?;
                     done.written += 1;
+                    in_use.insert(h.neighbour);
                 }
-                None if hop.via == next_hop_via::AGENT_RESOLVED => {
+                None if via == next_hop_via::AGENT_RESOLVED => {
                     dp.forget_next_hop(vtep);
                     done.dropped += 1;
                 }
                 None => {}
             }
         }
+        self.refreshes = self.refreshes.wrapping_add(1);
+        if !in_use.is_empty() && self.refreshes.is_multiple_of(KEEPALIVE_EVERY) {
+            done.nudged = keep_alive(&self.handle, self.underlay.ifindex, &in_use).await?;
+        }
         Ok(done)
     }
 
-    /// The next hop to `vtep` out of the underlay, or `None` when the
-    /// kernel should keep routing it (no route out of the underlay, a
-    /// neighbour not resolved yet, a device without MACs).
-    async fn resolve(&self, vtep: Ipv4Addr) -> Option<Hop> {
-        match resolve(&self.handle, &self.underlay, vtep).await {
-            Ok(hop) => hop,
+    /// Resolves the VTEPs among `vteps` not resolved since the last
+    /// change, reading the underlay's link and neighbours once for all.
+    /// A VTEP whose route the kernel will not give is left to the kernel
+    /// (until the next change); tables that cannot be read are tried
+    /// again at the next refresh.
+    async fn learn(&mut self, vteps: impl Iterator<Item = Ipv4Addr>) {
+        let missing: Vec<Ipv4Addr> = vteps.filter(|v| !self.known.contains_key(v)).collect();
+        if missing.is_empty() {
+            return;
+        }
+        let tables = match Tables::read(&self.handle, self.underlay.ifindex).await {
+            Ok(t) => t,
             Err(e) => {
-                log::debug!("next hop to VTEP {vtep}: {e:#}; the kernel keeps routing it");
-                None
+                log::debug!("next hops: {e:#}; trying again at the next refresh");
+                return;
+            }
+        };
+        for vtep in missing {
+            let hop = match route_to(&self.handle, &self.underlay, vtep).await {
+                Ok(path) => path.and_then(|p| tables.hop(self.underlay.ifindex, &p)),
+                Err(e) => {
+                    log::debug!("next hop to VTEP {vtep}: {e:#}; the kernel keeps routing it");
+                    None
+                }
+            };
+            self.known.insert(vtep, hop);
+        }
+    }
+}
+
+/// The underlay's MAC and MTU, and the MACs of its usable neighbours.
+struct Tables {
+    /// `None` on a device without a MAC: nothing to resolve.
+    smac: Option<[u8; 6]>,
+    mtu: u32,
+    neighbours: HashMap<Ipv4Addr, [u8; 6]>,
+}
+
+impl Tables {
+    async fn read(handle: &Handle, ifindex: u32) -> Result<Tables> {
+        let link = crate::netlink::link_by_index(handle, ifindex).await?;
+        let mut tables = Tables {
+            smac: link_mac(&link.attributes),
+            mtu: link_mtu(&link.attributes).unwrap_or(1500),
+            neighbours: HashMap::new(),
+        };
+        let mut neighbours = handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
+        while let Some(n) = neighbours.try_next().await.context("list neighbours")? {
+            if n.header.ifindex != ifindex {
+                continue;
+            }
+            if let Some((addr, mac)) = neighbour_addr(&n).and_then(|a| Some((a, usable_mac(&n)?))) {
+                tables.neighbours.insert(addr, mac);
             }
         }
+        Ok(tables)
+    }
+
+    /// The hop along `path`, if its neighbour is usable.
+    fn hop(&self, ifindex: u32, path: &RoutePath) -> Option<Hop> {
+        Some(Hop {
+            ifindex,
+            smac: self.smac?,
+            dmac: *self.neighbours.get(&path.next_hop)?,
+            mtu: path.mtu.unwrap_or(self.mtu),
+            neighbour: path.next_hop,
+        })
     }
 }
 
 /// Asks the kernel how this node's VTEP address reaches `vtep` out of the
 /// underlay (the flow the program's kernel routing uses: UDP from the
-/// VTEP address, out of the underlay device), then the neighbour table
-/// for the next hop's MAC.
-pub async fn resolve(handle: &Handle, underlay: &Underlay, vtep: Ipv4Addr) -> Result<Option<Hop>> {
+/// VTEP address, out of the underlay device). `None`: not a unicast route
+/// out of the underlay.
+async fn route_to(
+    handle: &Handle,
+    underlay: &Underlay,
+    vtep: Ipv4Addr,
+) -> Result<Option<RoutePath>> {
     let request = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(vtep, 32)
         .source_prefix(underlay.addr, 32)
@@ -170,33 +266,65 @@ pub async fn resolve(handle: &Handle, underlay: &Underlay, vtep: Ipv4Addr) -> Re
         .await
         .with_context(|| format!("ip route get {vtep}"))?
         .with_context(|| format!("ip route get {vtep}: no answer"))?;
-    let Some(path) = route_path(&route, vtep, underlay.ifindex) else {
-        return Ok(None);
+    Ok(route_path(&route, vtep, underlay.ifindex))
+}
+
+/// Marks the stale neighbours among `addrs` on device `ifindex` used
+/// (`NTF_USE`), as a packet through the kernel's routing would: the kernel
+/// confirms each (delay, then a unicast probe) and reports it failed or
+/// changed if it is. Entries an administrator set (permanent, noarp) are
+/// left alone: marking them used would take their state away. Returns
+/// how many were marked.
+async fn keep_alive(handle: &Handle, ifindex: u32, addrs: &BTreeSet<Ipv4Addr>) -> Result<usize> {
+    use futures_util::StreamExt;
+    use rtnetlink::{
+        packet_core::{NLM_F_ACK, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
+        packet_route::{RouteNetlinkMessage, neighbour::NeighbourFlags},
     };
-    let link = crate::netlink::link_by_index(handle, underlay.ifindex).await?;
-    let (Some(smac), Some(device_mtu)) = (link_mac(&link.attributes), link_mtu(&link.attributes))
-    else {
-        return Ok(None);
-    };
+    let mut stale = Vec::new();
     let mut neighbours = handle
         .neighbours()
         .get()
         .set_address_family(AddressFamily::Inet)
         .execute();
     while let Some(n) = neighbours.try_next().await.context("list neighbours")? {
-        if n.header.ifindex != underlay.ifindex {
-            continue;
-        }
-        if let Some(dmac) = usable_mac(&n, path.next_hop) {
-            return Ok(Some(Hop {
-                ifindex: underlay.ifindex,
-                smac,
-                dmac,
-                mtu: path.mtu.unwrap_or(device_mtu),
-            }));
+        if n.header.ifindex == ifindex && n.header.state == NeighbourState::Stale {
+            stale.extend(neighbour_addr(&n).filter(|a| addrs.contains(a)));
         }
     }
-    Ok(None)
+    for addr in &stale {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = ifindex;
+        msg.header.flags = NeighbourFlags::Use;
+        msg.attributes = vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            *addr,
+        ))];
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(msg));
+        // No NLM_F_CREATE: a neighbour gone meanwhile is not made again.
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_REPLACE;
+        let mut response = handle
+            .clone()
+            .request(req)
+            .context("mark a neighbour used")?;
+        while let Some(m) = response.next().await {
+            if let NetlinkPayload::Error(e) = m.payload
+                && e.code.is_some()
+            {
+                // Gone or changed meanwhile: its notification follows.
+                log::debug!("mark neighbour {addr} used: {e}");
+            }
+        }
+    }
+    Ok(stale.len())
+}
+
+/// The IPv4 address a neighbour message is about.
+fn neighbour_addr(n: &NeighbourMessage) -> Option<Ipv4Addr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        _ => None,
+    })
 }
 
 /// What a route-get answer says about reaching `vtep` out of `underlay`.
@@ -238,10 +366,10 @@ fn route_path(route: &RouteMessage, vtep: Ipv4Addr, underlay: u32) -> Option<Rou
     (oif == Some(underlay)).then_some(path)
 }
 
-/// The MAC of neighbour `n` if it is `addr` and usable as the FIB helper
-/// would use it (any valid state: reachable, stale, delay, probe,
-/// permanent, noarp with an address).
-fn usable_mac(n: &NeighbourMessage, addr: Ipv4Addr) -> Option<[u8; 6]> {
+/// The MAC of neighbour `n` if it is usable as the FIB helper would use
+/// it (any valid state: reachable, stale, delay, probe, permanent, noarp
+/// with an address).
+fn usable_mac(n: &NeighbourMessage) -> Option<[u8; 6]> {
     let valid = matches!(
         n.header.state,
         NeighbourState::Reachable
@@ -254,17 +382,12 @@ fn usable_mac(n: &NeighbourMessage, addr: Ipv4Addr) -> Option<[u8; 6]> {
     if !valid {
         return None;
     }
-    let mut dst = None;
-    let mut mac = None;
-    for a in &n.attributes {
-        match a {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
-            NeighbourAttribute::LinkLayerAddress(m) => mac = <[u8; 6]>::try_from(m.as_slice()).ok(),
-            _ => {}
-        }
-    }
+    let mac = n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+        _ => None,
+    });
     // An all-zero MAC is not a neighbour's (a NOARP device reports one).
-    mac.filter(|m| dst == Some(addr) && *m != [0; 6])
+    mac.filter(|m| *m != [0; 6])
 }
 
 fn link_mac(attributes: &[LinkAttribute]) -> Option<[u8; 6]> {
@@ -386,7 +509,7 @@ mod tests {
             NeighbourState::Permanent,
         ] {
             assert_eq!(
-                usable_mac(&neighbour(ROUTER, &MAC, state), ROUTER),
+                usable_mac(&neighbour(ROUTER, &MAC, state)),
                 Some(MAC),
                 "{state:?}"
             );
@@ -397,26 +520,58 @@ mod tests {
             NeighbourState::None,
         ] {
             assert_eq!(
-                usable_mac(&neighbour(ROUTER, &MAC, state), ROUTER),
+                usable_mac(&neighbour(ROUTER, &MAC, state)),
                 None,
                 "{state:?}"
             );
         }
         assert_eq!(
-            usable_mac(&neighbour(VTEP, &MAC, NeighbourState::Reachable), ROUTER),
+            neighbour_addr(&neighbour(VTEP, &MAC, NeighbourState::Reachable)),
+            Some(VTEP)
+        );
+        assert_eq!(
+            usable_mac(&neighbour(ROUTER, &[0; 6], NeighbourState::Noarp)),
             None
         );
         assert_eq!(
-            usable_mac(&neighbour(ROUTER, &[0; 6], NeighbourState::Noarp), ROUTER),
+            usable_mac(&neighbour(ROUTER, &MAC[..4], NeighbourState::Reachable)),
             None
         );
+    }
+
+    #[test]
+    fn a_hop_needs_a_usable_neighbour_and_a_device_mac() {
+        let mut tables = Tables {
+            smac: Some([2, 0, 0, 0, 0, 1]),
+            mtu: 1500,
+            neighbours: HashMap::from([(ROUTER, MAC)]),
+        };
+        let via_router = RoutePath {
+            next_hop: ROUTER,
+            mtu: None,
+        };
         assert_eq!(
-            usable_mac(
-                &neighbour(ROUTER, &MAC[..4], NeighbourState::Reachable),
-                ROUTER
-            ),
-            None
+            tables.hop(7, &via_router),
+            Some(Hop {
+                ifindex: 7,
+                smac: [2, 0, 0, 0, 0, 1],
+                dmac: MAC,
+                mtu: 1500,
+                neighbour: ROUTER
+            })
         );
+        let learned = RoutePath {
+            next_hop: ROUTER,
+            mtu: Some(1400),
+        };
+        assert_eq!(tables.hop(7, &learned).map(|h| h.mtu), Some(1400));
+        let direct = RoutePath {
+            next_hop: VTEP,
+            mtu: None,
+        };
+        assert_eq!(tables.hop(7, &direct), None, "VTEP not resolved");
+        tables.smac = None;
+        assert_eq!(tables.hop(7, &via_router), None, "no MAC of our own");
     }
 
     #[test]
@@ -426,6 +581,7 @@ mod tests {
             smac: [2, 0, 0, 0, 0, 1],
             dmac: MAC,
             mtu: 1500,
+            neighbour: ROUTER,
         };
         let e = hop.entry(42);
         assert_eq!(
