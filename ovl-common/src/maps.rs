@@ -286,7 +286,9 @@ pub mod next_hop_via {
     /// where the FIB helper refuses (forwarding off): straight out of
     /// `ifindex`, like [`RESOLVED`]. The agent rewrites such entries while
     /// it runs; without it they expire like any other and the kernel
-    /// routes again.
+    /// routes again. (A new value, not a new meaning: programs older than
+    /// it take it for `KERNEL_ROUTED`, which is safe, so `ABI_VERSION`
+    /// stays; every agent empties the cache when it starts anyway.)
     pub const AGENT_RESOLVED: u32 = 3;
 }
 
