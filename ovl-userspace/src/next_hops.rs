@@ -215,15 +215,7 @@ impl Tables {
             mtu: link_mtu(&link.attributes).unwrap_or(1500),
             neighbours: HashMap::new(),
         };
-        let mut neighbours = handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute();
-        while let Some(n) = neighbours.try_next().await.context("list neighbours")? {
-            if n.header.ifindex != ifindex {
-                continue;
-            }
+        for n in neighbours_of(handle, ifindex).await? {
             if let Some((addr, mac)) = neighbour_addr(&n).and_then(|a| Some((a, usable_mac(&n)?))) {
                 tables.neighbours.insert(addr, mac);
             }
@@ -282,13 +274,8 @@ async fn keep_alive(handle: &Handle, ifindex: u32, addrs: &BTreeSet<Ipv4Addr>) -
         packet_route::{RouteNetlinkMessage, neighbour::NeighbourFlags},
     };
     let mut stale = Vec::new();
-    let mut neighbours = handle
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet)
-        .execute();
-    while let Some(n) = neighbours.try_next().await.context("list neighbours")? {
-        if n.header.ifindex == ifindex && n.header.state == NeighbourState::Stale {
+    for n in neighbours_of(handle, ifindex).await? {
+        if n.header.state == NeighbourState::Stale {
             stale.extend(neighbour_addr(&n).filter(|a| addrs.contains(a)));
         }
     }
@@ -317,6 +304,22 @@ async fn keep_alive(handle: &Handle, ifindex: u32, addrs: &BTreeSet<Ipv4Addr>) -
         }
     }
     Ok(stale.len())
+}
+
+/// The IPv4 neighbours of device `ifindex`.
+async fn neighbours_of(handle: &Handle, ifindex: u32) -> Result<Vec<NeighbourMessage>> {
+    let mut out = Vec::new();
+    let mut neighbours = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet)
+        .execute();
+    while let Some(n) = neighbours.try_next().await.context("list neighbours")? {
+        if n.header.ifindex == ifindex {
+            out.push(n);
+        }
+    }
+    Ok(out)
 }
 
 /// The IPv4 address a neighbour message is about.
