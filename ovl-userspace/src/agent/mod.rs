@@ -684,6 +684,12 @@ impl Agent {
                         done.dropped
                     );
                 }
+                if done.nudged > 0 {
+                    log::debug!(
+                        "{} stale underlay neighbour(s) in use marked used: the kernel checks them",
+                        done.nudged
+                    );
+                }
             }
             Err(e) if !self.next_hops_failing => {
                 self.next_hops_failing = true;
