@@ -5,8 +5,8 @@
 //! agent empties the cache on the neighbour notification) and within the
 //! cache's one-second lifetime while no agent runs. No packet keeps going
 //! to the old MAC for longer. A router that changes its MAC without
-//! announcing it is found out too: the agent marks the neighbours in use
-//! as used, so the kernel probes them as it would for its own traffic.
+//! announcing it is found out too: the kernel probes A's entry for it
+//! (where forwarding is off because the agent marks it used).
 //!
 //! Where forwarding is off (an `--internal` network only) the FIB helper
 //! refuses and the kernel routes every encapsulated packet; the agent then
@@ -75,9 +75,9 @@ fn fast_neighbour_checks(host_a: &Netns) -> Result<()> {
 /// its own requests would carry the new MAC to A). A's neighbour entry
 /// for the router must be used for the kernel to probe it: with
 /// forwarding on the kernel was seen using it once a second on its own;
-/// with it off the agent's entries send past the neighbour layer, and only
-/// the agent marking the neighbour used does (without that this fails). The probe
-/// fails, and the router's new MAC is found and used.
+/// with it off the agent's entries send past the neighbour layer, and
+/// only the agent marking the neighbour used does (without that this
+/// fails). The probe fails, and the router's new MAC is found and used.
 fn silent_router_move_is_followed(
     world: &TwoHosts,
     c1: &Netns,
