@@ -280,9 +280,7 @@ fn conntrack_delete(filter: &[&str]) -> Result<()> {
 /// packets arrive there and are forwarded to containers); returns whether
 /// it was off, i.e. ovl switched it on.
 fn enable_forwarding(underlay: &str) -> Result<bool> {
-    let path = format!("/proc/sys/net/ipv4/conf/{underlay}/forwarding");
-    let now = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    if now.trim() == "1" {
+    if ipv4_forwarding(underlay)? {
         return Ok(false);
     }
     set_sysctl(underlay, "forwarding", "1")?;
@@ -290,6 +288,13 @@ fn enable_forwarding(underlay: &str) -> Result<bool> {
         "switched IPv4 forwarding on for {underlay} (replies of external egress are forwarded to containers; nothing else is)"
     );
     Ok(true)
+}
+
+/// Whether IPv4 forwarding is on for device `ifname` (in this namespace).
+pub fn ipv4_forwarding(ifname: &str) -> Result<bool> {
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding");
+    let now = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    Ok(now.trim() == "1")
 }
 
 fn set_sysctl(ifname: &str, key: &str, value: &str) -> Result<()> {

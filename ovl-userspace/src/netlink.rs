@@ -168,19 +168,10 @@ pub async fn underlay(handle: &Handle, name: &str) -> Result<Underlay> {
             "interface {name:?} does not exist in this network namespace; list them with `ip link`"
         );
     };
-    let link = link_by_index(handle, ifindex)
+    let mtu = link_state_by_index(handle, ifindex)
         .await
-        .with_context(|| format!("read link {name}"))?;
-    let mtu = link
-        .attributes
-        .iter()
-        .find_map(|a| {
-            if let LinkAttribute::Mtu(m) = a {
-                Some(*m)
-            } else {
-                None
-            }
-        })
+        .with_context(|| format!("read link {name}"))?
+        .mtu
         .unwrap_or(1500);
     let mut addrs = handle
         .address()
@@ -209,7 +200,7 @@ pub async fn underlay(handle: &Handle, name: &str) -> Result<Underlay> {
 }
 
 /// The link message of interface `ifindex`.
-pub(crate) async fn link_by_index(
+async fn link_by_index(
     handle: &Handle,
     ifindex: u32,
 ) -> Result<rtnetlink::packet_route::link::LinkMessage> {
@@ -507,36 +498,44 @@ pub struct LinkState {
 
 /// The link called `name` in the handle's namespace, if there is one.
 pub async fn link_state(handle: &Handle, name: &str) -> Result<Option<LinkState>> {
-    use rtnetlink::packet_route::link::LinkFlags;
     let mut links = handle.link().get().execute();
     while let Some(l) = links.try_next().await.context("list links")? {
         let named = l
             .attributes
             .iter()
             .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name));
-        if !named {
-            continue;
+        if named {
+            return Ok(Some(state_of(&l)));
         }
-        let mut state = LinkState {
-            index: l.header.index,
-            mac: None,
-            mtu: None,
-            up: l.header.flags.contains(LinkFlags::Up),
-        };
-        for a in &l.attributes {
-            match a {
-                LinkAttribute::Address(b) if b.len() == 6 => {
-                    let mut m = [0u8; 6];
-                    m.copy_from_slice(b);
-                    state.mac = Some(MacAddr(m));
-                }
-                LinkAttribute::Mtu(m) => state.mtu = Some(*m),
-                _ => {}
-            }
-        }
-        return Ok(Some(state));
     }
     Ok(None)
+}
+
+/// The state of interface `ifindex` in the handle's namespace.
+pub async fn link_state_by_index(handle: &Handle, ifindex: u32) -> Result<LinkState> {
+    Ok(state_of(&link_by_index(handle, ifindex).await?))
+}
+
+fn state_of(l: &rtnetlink::packet_route::link::LinkMessage) -> LinkState {
+    use rtnetlink::packet_route::link::LinkFlags;
+    let mut state = LinkState {
+        index: l.header.index,
+        mac: None,
+        mtu: None,
+        up: l.header.flags.contains(LinkFlags::Up),
+    };
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::Address(b) if b.len() == 6 => {
+                let mut m = [0u8; 6];
+                m.copy_from_slice(b);
+                state.mac = Some(MacAddr(m));
+            }
+            LinkAttribute::Mtu(m) => state.mtu = Some(*m),
+            _ => {}
+        }
+    }
+    state
 }
 
 /// IPv4 addresses (address, prefix length) of link `index`.

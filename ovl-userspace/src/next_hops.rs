@@ -14,17 +14,16 @@
 //! Without an agent the entries expire within `NEXT_HOP_TTL_NS` and the
 //! kernel routes again.
 //!
-//! A next hop the agent resolved is sent to straight, past the kernel's
-//! neighbour layer, so nothing would check it again: a router that
+//! A next hop sent to straight (the agent's or the FIB's answer) passes
+//! no neighbour layer, so nothing would check it again: a router that
 //! changed its MAC without announcing it would be sent to at the old one
 //! for as long as the entry stays stale. The agent marks the neighbours
-//! its entries send to as used (`NTF_USE`, what a packet through the
+//! of the entries in use as used (`NTF_USE`, what a packet through the
 //! kernel's routing does), about once a second while one is stale; the
 //! kernel then probes it, and a failed or changed neighbour reaches the
-//! agent as a notification that empties the cache. (With forwarding on
-//! and the FIB's answers, the kernel was seen using the neighbour on its
-//! own, once a second; `tests/tests/next_hop.rs` follows an unannounced
-//! MAC in both cases, and fails without this where forwarding is off.)
+//! agent as a notification that empties the cache
+//! (`tests/tests/next_hop.rs` follows an unannounced MAC with forwarding
+//! on and off).
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -34,12 +33,11 @@ use std::{
 
 use anyhow::{Context, Result};
 use futures_util::TryStreamExt;
-use ovl_common::{NextHop, maps::next_hop_via};
+use ovl_common::{NextHop, maps::next_hop_via, wire::NEXT_HOP_TTL_NS};
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
-        link::LinkAttribute,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType},
     },
@@ -128,34 +126,43 @@ impl Resolver {
     }
 
     /// Upgrades the cache's kernel-routed entries whose next hop the
-    /// tables resolve, rewrites its own with a fresh stamp, and keeps
-    /// their neighbours checked. Nothing to do while the underlay forwards:
-    /// the FIB helper answers then.
+    /// tables resolve and rewrites its own with a fresh stamp (only where
+    /// the underlay does not forward: elsewhere the FIB helper answers),
+    /// and keeps the neighbours of every entry sent straight out checked
+    /// (the FIB's answers pass no neighbour layer either).
     pub async fn refresh(&mut self, dp: &mut Datapath) -> Result<Refreshed> {
         let mut done = Refreshed::default();
-        if forwarding(&self.underlay.name) {
-            return Ok(done);
+        // Unreadable counts as off: only entries the program marked
+        // kernel-routed are upgraded anyway.
+        let forwarding = crate::egress_nat::ipv4_forwarding(&self.underlay.name).unwrap_or(false);
+        let now = coarse_now();
+        let stamp = now.saturating_sub(STAMP_MARGIN_NS);
+        let mut wanted = Vec::new();
+        for (vtep, hop) in dp.next_hops()? {
+            let ours = !forwarding
+                && (hop.via == next_hop_via::KERNEL_ROUTED
+                    || hop.via == next_hop_via::AGENT_RESOLVED);
+            // A fresh FIB answer in use: only its neighbour is kept checked.
+            let direct = hop.via == next_hop_via::RESOLVED
+                && now.wrapping_sub(hop.learned_ns) < NEXT_HOP_TTL_NS;
+            if ours || direct {
+                wanted.push((vtep, hop.via, ours));
+            }
         }
-        let stamp = coarse_now().saturating_sub(STAMP_MARGIN_NS);
-        let wanted: Vec<([u8; 4], u32)> = dp
-            .next_hops()?
-            .into_iter()
-            .filter(|(_, hop)| {
-                hop.via == next_hop_via::KERNEL_ROUTED || hop.via == next_hop_via::AGENT_RESOLVED
-            })
-            .map(|(vtep, hop)| (vtep, hop.via))
-            .collect();
-        self.learn(wanted.iter().map(|(vtep, _)| Ipv4Addr::from(*vtep)))
+        self.learn(wanted.iter().map(|(vtep, ..)| Ipv4Addr::from(*vtep)))
             .await;
         let mut in_use = BTreeSet::new();
-        for (vtep, via) in wanted {
+        for (vtep, via, ours) in wanted {
             match self.known.get(&Ipv4Addr::from(vtep)).copied().flatten() {
-                Some(h) => {
+                Some(h) if ours => {
                     dp.set_next_hop(vtep, h.entry(stamp))?;
                     done.written += 1;
                     in_use.insert(h.neighbour);
                 }
-                None if via == next_hop_via::AGENT_RESOLVED => {
+                Some(h) => {
+                    in_use.insert(h.neighbour);
+                }
+                None if ours && via == next_hop_via::AGENT_RESOLVED => {
                     dp.forget_next_hop(vtep);
                     done.dropped += 1;
                 }
@@ -209,10 +216,10 @@ struct Tables {
 
 impl Tables {
     async fn read(handle: &Handle, ifindex: u32) -> Result<Tables> {
-        let link = crate::netlink::link_by_index(handle, ifindex).await?;
+        let link = crate::netlink::link_state_by_index(handle, ifindex).await?;
         let mut tables = Tables {
-            smac: link_mac(&link.attributes),
-            mtu: link_mtu(&link.attributes).unwrap_or(1500),
+            smac: link.mac.map(|m| m.0),
+            mtu: link.mtu.unwrap_or(1500),
             neighbours: HashMap::new(),
         };
         for n in neighbours_of(handle, ifindex).await? {
@@ -391,28 +398,6 @@ fn usable_mac(n: &NeighbourMessage) -> Option<[u8; 6]> {
     });
     // An all-zero MAC is not a neighbour's (a NOARP device reports one).
     mac.filter(|m| *m != [0; 6])
-}
-
-fn link_mac(attributes: &[LinkAttribute]) -> Option<[u8; 6]> {
-    attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
-        _ => None,
-    })
-}
-
-fn link_mtu(attributes: &[LinkAttribute]) -> Option<u32> {
-    attributes.iter().find_map(|a| match a {
-        LinkAttribute::Mtu(m) => Some(*m),
-        _ => None,
-    })
-}
-
-/// Whether IPv4 forwarding is on for device `name` (then the FIB helper
-/// resolves next hops itself). Unreadable counts as off: the refresh only
-/// touches entries the program marked kernel-routed anyway.
-fn forwarding(name: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/forwarding"))
-        .is_ok_and(|v| v.trim() == "1")
 }
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock the program stamps

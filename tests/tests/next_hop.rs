@@ -6,7 +6,7 @@
 //! cache's one-second lifetime while no agent runs. No packet keeps going
 //! to the old MAC for longer. A router that changes its MAC without
 //! announcing it is found out too: the kernel probes A's entry for it
-//! (where forwarding is off because the agent marks it used).
+//! because the agent marks it used.
 //!
 //! Where forwarding is off (an `--internal` network only) the FIB helper
 //! refuses and the kernel routes every encapsulated packet; the agent then
@@ -73,11 +73,11 @@ fn fast_neighbour_checks(host_a: &Netns) -> Result<()> {
 /// The router takes `mac` without a word: no gratuitous ARP, and no ARP
 /// request to host A either (it keeps A's MAC as a permanent entry, else
 /// its own requests would carry the new MAC to A). A's neighbour entry
-/// for the router must be used for the kernel to probe it: with
-/// forwarding on the kernel was seen using it once a second on its own;
-/// with it off the agent's entries send past the neighbour layer, and
-/// only the agent marking the neighbour used does (without that this
-/// fails). The probe fails, and the router's new MAC is found and used.
+/// for the router must be used for the kernel to probe it, and cached
+/// next hops (the FIB's or the agent's) send past the neighbour layer:
+/// only the agent marking the neighbour used makes it probe (without
+/// that this fails, with forwarding on and off). The probe fails, and the
+/// router's new MAC is found and used.
 fn silent_router_move_is_followed(
     world: &TwoHosts,
     c1: &Netns,

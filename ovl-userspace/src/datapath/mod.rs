@@ -482,7 +482,7 @@ impl Datapath {
     /// Empties the next-hop cache (`OVL_NEXT_HOPS`): the next packet to each
     /// VTEP asks the FIB again. Returns how many entries there were.
     pub fn clear_next_hops(&mut self) -> Result<usize> {
-        let mut map: HashMap<_, [u8; 4], NextHop> = HashMap::try_from(self.map(names::NEXT_HOPS)?)?;
+        let mut map = self.next_hop_map()?;
         let vteps: Vec<[u8; 4]> = map.keys().filter_map(|k| k.ok()).collect();
         for vtep in &vteps {
             // Gone already (evicted, or emptied by another clear): fine.
@@ -493,29 +493,26 @@ impl Datapath {
 
     /// The next-hop cache's entries (`OVL_NEXT_HOPS`), keyed by remote VTEP.
     pub fn next_hops(&mut self) -> Result<Vec<([u8; 4], NextHop)>> {
-        let map: HashMap<_, [u8; 4], NextHop> = HashMap::try_from(self.map(names::NEXT_HOPS)?)?;
         // An entry evicted between listing and reading is skipped.
-        Ok(map
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter_map(|vtep| map.get(&vtep, 0).ok().map(|hop| (vtep, hop)))
-            .collect())
+        Ok(self.next_hop_map()?.iter().filter_map(|e| e.ok()).collect())
     }
 
     /// Writes the next hop to `vtep` into the cache.
     pub fn set_next_hop(&mut self, vtep: [u8; 4], hop: NextHop) -> Result<()> {
-        let mut map: HashMap<_, [u8; 4], NextHop> = HashMap::try_from(self.map(names::NEXT_HOPS)?)?;
-        map.insert(vtep, hop, 0).context("write OVL_NEXT_HOPS")
+        self.next_hop_map()?
+            .insert(vtep, hop, 0)
+            .context("write OVL_NEXT_HOPS")
     }
 
     /// Drops the cached next hop to `vtep` (gone already is fine).
     pub fn forget_next_hop(&mut self, vtep: [u8; 4]) {
-        if let Ok(mut map) = self
-            .map(names::NEXT_HOPS)
-            .and_then(|m| Ok(HashMap::<_, [u8; 4], NextHop>::try_from(m)?))
-        {
+        if let Ok(mut map) = self.next_hop_map() {
             let _ = map.remove(&vtep);
         }
+    }
+
+    fn next_hop_map(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], NextHop>> {
+        Ok(HashMap::try_from(self.map(names::NEXT_HOPS)?)?)
     }
 
     /// Sets the VXLAN UDP port encapsulation sends to and decapsulation
