@@ -20,8 +20,7 @@ const MAX_HDR_LEN: u32 = (ETH_HDR_LEN + 60 + 20) as u32;
 pub fn switch(ctx: &TcContext, ifindex: u32, iface: &Iface) -> Result<i32, DropReason> {
     // Make the headers readable with direct packet access; frames shorter
     // than that fail the bounds checks below and count as malformed.
-    let _ = ctx.pull_data(ctx.len().min(MAX_HDR_LEN));
-    let frame = Frame::of_skb(ctx);
+    let frame = Frame::of_skb_headers(ctx, MAX_HDR_LEN);
     let eth: EthHdr = frame.read(0)?;
     let vni = iface.vni;
     if eth.src_addr != iface.mac {

@@ -69,12 +69,10 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
     };
     // Headers must be in the linear area for direct access; the payload
     // is better left where it is (`decap::HDR_LEN`).
-    let _ = ctx.pull_data(ctx.len().min(decap::HDR_LEN));
-    let mut frame = Frame::of_skb(&ctx);
+    let mut frame = Frame::of_skb_headers(&ctx, decap::HDR_LEN);
     let options = decap::outer_options_len(&frame);
     if options != 0 {
-        let _ = ctx.pull_data(ctx.len().min(decap::HDR_LEN + options));
-        frame = Frame::of_skb(&ctx);
+        frame = Frame::of_skb_headers(&ctx, decap::HDR_LEN + options);
     }
     // The same program runs on the crypto device, where the agent writes
     // what it decrypted.

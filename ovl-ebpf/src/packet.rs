@@ -34,6 +34,18 @@ impl Frame {
         }
     }
 
+    /// The linear part of a socket buffer whose first `hdr_len` bytes (or
+    /// all of them, when it is shorter) are in it: pulled there only when
+    /// they are not yet, so most frames skip the helper call.
+    #[inline(always)]
+    pub fn of_skb_headers(ctx: &TcContext, hdr_len: u32) -> Self {
+        let want = ctx.len().min(hdr_len) as usize;
+        if ctx.data_end() - ctx.data() < want {
+            let _ = ctx.pull_data(want as u32);
+        }
+        Self::of_skb(ctx)
+    }
+
     /// A pointer to a `T` at `offset`, if all of it lies inside the frame.
     /// The check is written as the verifier wants it: pointer + size
     /// compared against the end.
