@@ -7,12 +7,21 @@
 //! writes them into the program's cache as `AGENT_RESOLVED`, which the
 //! program sends straight out like the FIB's own answers.
 //!
-//! The agent only upgrades entries the program made (so only VTEPs that
-//! carry traffic), rewrites them every [`REFRESH`] to keep them inside the
-//! cache's lifetime, and forgets what it resolved at every route,
-//! neighbour or link notification, when the agent also empties the cache.
-//! Without an agent the entries expire within `NEXT_HOP_TTL_NS` and the
-//! kernel routes again.
+//! The agent only upgrades entries the program made within the cache's
+//! lifetime (VTEPs that carry traffic now), rewrites them every
+//! [`REFRESH`] to keep them inside it, and forgets what it resolved at
+//! every route, neighbour or link notification, when the agent also
+//! empties the cache. Without an agent the entries expire within
+//! `NEXT_HOP_TTL_NS` and the kernel routes again.
+//!
+//! A packet sent straight out leaves no trace the agent could read, so it
+//! cannot tell a VTEP still in use from one whose traffic stopped. Each
+//! entry is therefore rewritten for a [`LEASE`] only, then left to
+//! expire: if traffic still flows, the program's next packet finds it
+//! expired, marks it kernel-routed again and the agent upgrades it within
+//! a refresh (those packets take the kernel's routing meanwhile, about
+//! [`REFRESH`] in every [`LEASE`]); if not, the expired entry is removed
+//! and its neighbour no longer kept checked.
 //!
 //! A next hop sent to straight (the agent's or the FIB's answer) passes
 //! no neighbour layer, so nothing would check it again: a router that
@@ -48,6 +57,10 @@ use crate::{datapath::Datapath, netlink::Underlay};
 /// How often the agent rewrites its entries: four times per cache
 /// lifetime (1 s), so a late tick or two never lets one expire.
 pub const REFRESH: Duration = Duration::from_millis(250);
+
+/// How long the agent keeps rewriting an entry before it lets it expire
+/// once, to find out whether its VTEP still carries traffic.
+pub const LEASE: Duration = Duration::from_secs(10);
 
 /// Stale neighbours in use are marked used every this many refreshes.
 const KEEPALIVE_EVERY: u32 = 4;
@@ -92,6 +105,9 @@ pub struct Refreshed {
     pub written: usize,
     /// Agent entries dropped because their next hop is no longer known.
     pub dropped: usize,
+    /// Agent entries removed because they expired: their VTEP's traffic
+    /// stopped during the lease's last second.
+    pub retired: usize,
     /// Stale neighbours in use marked used, so the kernel checks them.
     pub nudged: usize,
 }
@@ -108,6 +124,46 @@ pub struct Resolver {
     /// Refreshes so far (the neighbour keep-alive runs every
     /// [`KEEPALIVE_EVERY`]th).
     refreshes: u32,
+    /// When the agent began rewriting each of its entries (coarse clock).
+    leases: HashMap<[u8; 4], u64>,
+}
+
+/// What a refresh does with one entry of the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Not the agent's business (expired, or the FIB's where forwarding
+    /// is off, say): the program asks again at its next packet.
+    Skip,
+    /// A fresh FIB answer in use: only its neighbour is kept checked.
+    Watch,
+    /// The agent's to write (an entry the program just marked
+    /// kernel-routed, or the agent's own within its lease).
+    Own,
+    /// The agent's, its lease over: left to expire, its neighbour still
+    /// kept checked meanwhile.
+    Lapse,
+    /// The agent's and expired: its VTEP's traffic stopped.
+    Retire,
+}
+
+/// The role of `hop` at `now` (coarse clock), on an underlay that does or
+/// does not forward, for an entry whose lease (if the agent holds one)
+/// began at `lease`.
+fn role(hop: &NextHop, now: u64, forwarding: bool, lease: Option<u64>) -> Role {
+    let fresh = now.wrapping_sub(hop.learned_ns) < NEXT_HOP_TTL_NS;
+    match hop.via {
+        next_hop_via::RESOLVED if fresh => Role::Watch,
+        // Where the underlay forwards, the FIB helper answers: the agent's
+        // old entries expire and the program asks it.
+        _ if forwarding => Role::Skip,
+        next_hop_via::KERNEL_ROUTED if fresh => Role::Own,
+        next_hop_via::AGENT_RESOLVED if !fresh => Role::Retire,
+        next_hop_via::AGENT_RESOLVED => match lease {
+            Some(start) if now.saturating_sub(start) >= LEASE.as_nanos() as u64 => Role::Lapse,
+            _ => Role::Own,
+        },
+        _ => Role::Skip,
+    }
 }
 
 impl Resolver {
@@ -117,6 +173,7 @@ impl Resolver {
             underlay: underlay.clone(),
             known: HashMap::new(),
             refreshes: 0,
+            leases: HashMap::new(),
         })
     }
 
@@ -125,11 +182,12 @@ impl Resolver {
         self.known.clear();
     }
 
-    /// Upgrades the cache's kernel-routed entries whose next hop the
-    /// tables resolve and rewrites its own with a fresh stamp (only where
-    /// the underlay does not forward: elsewhere the FIB helper answers),
-    /// and keeps the neighbours of every entry sent straight out checked
-    /// (the FIB's answers pass no neighbour layer either).
+    /// Upgrades the cache's kernel-routed entries in use whose next hop
+    /// the tables resolve and rewrites its own with a fresh stamp for
+    /// their lease (only where the underlay does not forward: elsewhere
+    /// the FIB helper answers), removes its expired ones, and keeps the
+    /// neighbours of every entry sent straight out checked (the FIB's
+    /// answers pass no neighbour layer either).
     pub async fn refresh(&mut self, dp: &mut Datapath) -> Result<Refreshed> {
         let mut done = Refreshed::default();
         // Unreadable counts as off: only entries the program marked
@@ -139,31 +197,45 @@ impl Resolver {
         let stamp = now.saturating_sub(STAMP_MARGIN_NS);
         let mut wanted = Vec::new();
         for (vtep, hop) in dp.next_hops()? {
-            let ours = !forwarding
-                && (hop.via == next_hop_via::KERNEL_ROUTED
-                    || hop.via == next_hop_via::AGENT_RESOLVED);
-            // A fresh FIB answer in use: only its neighbour is kept checked.
-            let direct = hop.via == next_hop_via::RESOLVED
-                && now.wrapping_sub(hop.learned_ns) < NEXT_HOP_TTL_NS;
-            if ours || direct {
-                wanted.push((vtep, hop.via, ours));
+            let lease = self.leases.get(&vtep).copied();
+            match role(&hop, now, forwarding, lease) {
+                Role::Skip => {}
+                Role::Retire => {
+                    dp.forget_next_hop(vtep);
+                    done.retired += 1;
+                }
+                role => wanted.push((vtep, hop.via, role)),
             }
         }
+        // Leases of entries gone or retired end here.
+        self.leases.retain(|vtep, _| {
+            wanted
+                .iter()
+                .any(|(v, _, r)| v == vtep && matches!(r, Role::Own | Role::Lapse))
+        });
         self.learn(wanted.iter().map(|(vtep, ..)| Ipv4Addr::from(*vtep)))
             .await;
         let mut in_use = BTreeSet::new();
-        for (vtep, via, ours) in wanted {
+        for (vtep, via, role) in wanted {
             match self.known.get(&Ipv4Addr::from(vtep)).copied().flatten() {
-                Some(h) if ours => {
+                Some(h) if role == Role::Own => {
                     dp.set_next_hop(vtep, h.entry(stamp))?;
+                    // The program marked it kernel-routed: traffic, so a
+                    // new lease (after a lapse too).
+                    if via == next_hop_via::KERNEL_ROUTED {
+                        self.leases.insert(vtep, now);
+                    } else {
+                        self.leases.entry(vtep).or_insert(now);
+                    }
                     done.written += 1;
                     in_use.insert(h.neighbour);
                 }
                 Some(h) => {
                     in_use.insert(h.neighbour);
                 }
-                None if ours && via == next_hop_via::AGENT_RESOLVED => {
+                None if via == next_hop_via::AGENT_RESOLVED => {
                     dp.forget_next_hop(vtep);
+                    self.leases.remove(&vtep);
                     done.dropped += 1;
                 }
                 None => {}
@@ -560,6 +632,51 @@ mod tests {
         assert_eq!(tables.hop(7, &direct), None, "VTEP not resolved");
         tables.smac = None;
         assert_eq!(tables.hop(7, &via_router), None, "no MAC of our own");
+    }
+
+    #[test]
+    fn the_agent_owns_entries_in_use_for_a_lease_then_lets_them_expire() {
+        const SEC: u64 = 1_000_000_000;
+        let now = 100 * SEC;
+        let lease = LEASE.as_nanos() as u64;
+        let hop = |via, age: u64| NextHop {
+            via,
+            learned_ns: now - age,
+            ..NextHop::default()
+        };
+        let (kernel, agent, fib) = (
+            next_hop_via::KERNEL_ROUTED,
+            next_hop_via::AGENT_RESOLVED,
+            next_hop_via::RESOLVED,
+        );
+        // Forwarding off: what the program marked kernel-routed just now
+        // is in use, what it marked long ago is not.
+        assert_eq!(role(&hop(kernel, 0), now, false, None), Role::Own);
+        assert_eq!(role(&hop(kernel, 2 * SEC), now, false, None), Role::Skip);
+        // The agent's own: rewritten within the lease (or with none known),
+        // left to expire after it, removed once expired.
+        assert_eq!(
+            role(&hop(agent, 0), now, false, Some(now - lease + 1)),
+            Role::Own
+        );
+        assert_eq!(role(&hop(agent, 0), now, false, None), Role::Own);
+        assert_eq!(
+            role(&hop(agent, 0), now, false, Some(now - lease)),
+            Role::Lapse
+        );
+        assert_eq!(
+            role(&hop(agent, SEC), now, false, Some(now - lease)),
+            Role::Retire
+        );
+        assert_eq!(role(&hop(agent, SEC), now, false, None), Role::Retire);
+        // A fresh FIB answer is watched, whether the underlay forwards or
+        // not; an expired one is the program's to ask again.
+        assert_eq!(role(&hop(fib, 0), now, true, None), Role::Watch);
+        assert_eq!(role(&hop(fib, 0), now, false, None), Role::Watch);
+        assert_eq!(role(&hop(fib, SEC), now, true, None), Role::Skip);
+        // Forwarding on: the agent writes nothing; its old entries expire.
+        assert_eq!(role(&hop(kernel, 0), now, true, None), Role::Skip);
+        assert_eq!(role(&hop(agent, 0), now, true, Some(now)), Role::Skip);
     }
 
     #[test]

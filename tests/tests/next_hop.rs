@@ -10,8 +10,9 @@
 //!
 //! Where forwarding is off (an `--internal` network only) the FIB helper
 //! refuses and the kernel routes every encapsulated packet; the agent then
-//! resolves the next hop itself and keeps it fresh, and without the agent
-//! the kernel routes again within the cache's lifetime.
+//! resolves the next hop itself and keeps it fresh while it carries
+//! traffic (and removes it once it does not), and without the agent the
+//! kernel routes again within the cache's lifetime.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -246,6 +247,37 @@ fn without_forwarding_the_agent_resolves_the_next_hop_and_without_the_agent_the_
         Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received() && resolved(second)?.is_some())
     })
     .with_context(|| format!("after the router moved: {:?}", entry(&pins)))?;
+
+    // Steady traffic across the end of the entry's lease (10 s from the
+    // upgrade just above): the agent lets it expire once, the program
+    // marks it kernel-routed again at the next packet, and the agent
+    // takes it over with a new lease; not a packet is lost.
+    let steady = ping(&c1, ip2, 280, &["-i", "0.05", "-W", "1"])?;
+    ensure!(
+        steady.all_received(),
+        "packets lost across the end of a lease: {steady:?}"
+    );
+    ensure!(
+        resolved(second)?.is_some(),
+        "not the agent's after 14 s of traffic: {:?}",
+        entry(&pins)
+    );
+
+    // Traffic stops: the agent keeps the entry for the rest of its lease,
+    // then lets it expire and removes it: an idle VTEP's next hop (and
+    // its neighbour) is not kept alive.
+    let idle = Instant::now();
+    wait_until(Duration::from_secs(14), || Ok(entry(&pins)?.is_none())).with_context(|| {
+        format!(
+            "an idle VTEP's next hop is still kept 14 s on: {:?}",
+            entry(&pins)
+        )
+    })?;
+    eprintln!("idle next hop removed after {:?}", idle.elapsed());
+    ensure!(
+        ping(&c1, ip2, 1, &["-W", "1"])?.all_received(),
+        "ping after the idle next hop was removed"
+    );
 
     // Without the agent nobody rewrites the entry: within about a second
     // the program asks again and the kernel routes (all-zero MAC), and

@@ -684,6 +684,12 @@ impl Agent {
                         done.dropped
                     );
                 }
+                if done.retired > 0 {
+                    log::debug!(
+                        "{} next hop(s) expired unused: their VTEPs' traffic stopped",
+                        done.retired
+                    );
+                }
                 if done.nudged > 0 {
                     log::debug!(
                         "{} stale underlay neighbour(s) in use marked used: the kernel checks them",
