@@ -105,8 +105,8 @@ pub struct Refreshed {
     pub written: usize,
     /// Agent entries dropped because their next hop is no longer known.
     pub dropped: usize,
-    /// Agent entries removed because they expired: their VTEP's traffic
-    /// stopped during the lease's last second.
+    /// Agent entries removed because they expired after their lease with
+    /// no packet since: their VTEP's traffic stopped.
     pub retired: usize,
     /// Stale neighbours in use marked used, so the kernel checks them.
     pub nudged: usize,
@@ -131,8 +131,10 @@ pub struct Resolver {
 /// What a refresh does with one entry of the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
-    /// Not the agent's business (expired, or the FIB's where forwarding
-    /// is off, say): the program asks again at its next packet.
+    /// Not the agent's business (an expired FIB answer, a kernel-routed
+    /// entry no packet used within the cache's lifetime, anything but a
+    /// fresh FIB answer where the underlay forwards): the program asks
+    /// again at its next packet.
     Skip,
     /// A fresh FIB answer in use: only its neighbour is kept checked.
     Watch,
