@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
-    helpers::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
@@ -67,6 +67,8 @@ pub struct Delivery {
     pub slot: u32,
     /// The inner IPv4 protocol (TCP frames are the ones GRO merges).
     pub inner_proto: u8,
+    /// The inner IPv4 packet's length (its header's total length).
+    pub inner_len: u32,
 }
 
 /// Decides what to do with an underlay frame: `Ok(None)` when it is not
@@ -155,6 +157,7 @@ pub fn inspect(
             mtu: network.mtu,
             slot,
             inner_proto: inner_ip.proto,
+            inner_len: u32::from(u16::from_be_bytes(inner_ip.tot_len)),
         })),
         _ => Err(Dropped::on(vni, slot, DropReason::NoEndpoint)),
     }
@@ -235,14 +238,16 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
     // it; anything but TCP (UDP, ICMP) has nothing for GRO to merge, and
     // the queue and NAPI hop would only cost it: both go straight into the
     // container end's ingress. A UDP or ICMP flow takes one way only, so
-    // the two cannot reorder it. (A TCP flow on an underlay with offloads
-    // can mix super-packets and single segments, which take different
-    // ways: a single segment queued at the host end can be overtaken by
-    // the super-packet after it. TCP's reordering detection takes that;
-    // how often it happens was not measured.)
+    // the two cannot reorder it. A lone small TCP segment (request and
+    // response traffic) goes straight in as well when nothing can still be
+    // queued at the host end (`through_host_end`). (A TCP flow on
+    // an underlay with offloads can mix super-packets and single segments,
+    // which take different ways: a single segment queued at the host end
+    // can be overtaken by the super-packet after it. TCP's reordering
+    // detection takes that; how often it happens was not measured.)
     // SAFETY: reading a field of the program's own context.
     let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    let mergeable = !merged && d.inner_proto == IPPROTO_TCP;
+    let mergeable = !merged && d.inner_proto == IPPROTO_TCP && through_host_end(d.inner_len, d.mtu);
     // SAFETY: helper calls; the action they return is the program's verdict.
     Ok(unsafe {
         if mergeable {
@@ -251,6 +256,67 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
             bpf_redirect_peer(d.ifindex, 0)
         }
     } as i32)
+}
+
+/// How long this CPU must have handed nothing to a container veth's host
+/// end before a TCP segment with a little data may skip it. A frame queued
+/// there waits for the container end's NAPI poll, which runs in the same
+/// softirq pass once the underlay's poll in progress (at most 64 frames, a
+/// few tens of microseconds) has ended; a frame sent straight in after
+/// that cannot overtake it. Request and response traffic, a small segment
+/// per message, leaves gaps of ~60 µs and more at this machine's rates.
+const HOST_END_IDLE_NS: u64 = 50_000;
+
+/// The longest IPv4 and TCP headers (no IPv4 options, 40 bytes of TCP
+/// options): a TCP packet no longer carries no data, or hardly any.
+const MAX_TCP_HEADERS: u32 = 20 + 60;
+
+/// Whether a decapsulated TCP frame that is no super-packet goes through
+/// the host end of its container veth, where GRO merges it with the
+/// frames around it, rather than straight into the container. `len` is
+/// its IPv4 length, `mtu` its network's.
+///
+/// - A full-size segment (bulk data): through the host end.
+/// - A bare acknowledgement (no longer than the longest headers): through
+///   the host end, because a bulk sender's TCP transmits from the core
+///   that handles its acknowledgements: handled at once on the
+///   decapsulating core, they move more of its transmissions there, and
+///   its two cores' segments interleave on the wire (measured: 1.4× the
+///   receiver's out-of-order segments and 2 % less throughput on the
+///   wire-like underlay; BENCHMARKS.md).
+/// - Any other (a request's or a response's segment, the short tail of a
+///   burst): straight in when this CPU has handed nothing to a host end
+///   for [`HOST_END_IDLE_NS`], else through the host end, so it never
+///   overtakes segments of its flow still queued there (TCP would take
+///   that for loss).
+///
+/// Per CPU, not per flow: a frame this CPU queued for any container keeps
+/// every flow on the host end, which costs no lookup and errs towards the
+/// queue. Bulk data costs no clock read: the next other frame counts it
+/// as sent just before itself. (A CPU stalled for longer than the idle
+/// time between two such frames, the first still queued, would let the
+/// second overtake it: one reordered segment.)
+#[inline(always)]
+fn through_host_end(len: u32, mtu: u32) -> bool {
+    let Some(handoff) = maps::HANDOFF.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+    let handoff = unsafe { &mut *handoff };
+    if len >= mtu {
+        handoff.bulk_since = 1;
+        return true;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let idle = handoff.bulk_since == 0
+        && now.wrapping_sub(handoff.latest_ns) >= HOST_END_IDLE_NS
+        && len > MAX_TCP_HEADERS;
+    if !idle {
+        handoff.bulk_since = 0;
+        handoff.latest_ns = now;
+    }
+    !idle
 }
 
 /// The XDP action for a drop.

@@ -61,6 +61,25 @@ pub static STATS: PerCpuArray<VniCounters> = PerCpuArray::pinned(capacity::STATS
 #[map(name = "OVL_GLOBAL")]
 pub static GLOBAL: PerCpuArray<UnderlayCounters> = PerCpuArray::pinned(1, 0);
 
+/// Per CPU, what TC decap last handed to the host end of a container veth
+/// (`decap::through_host_end`). The programs' own scratch: never pinned,
+/// never read by the agent, empty after every load.
+#[map(name = "OVL_HANDOFF")]
+pub static HANDOFF: PerCpuArray<HostEndHandoff> = PerCpuArray::with_max_entries(1, 0);
+
+/// The value of [`HANDOFF`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HostEndHandoff {
+    /// Non-zero when full-size segments went to the host end since
+    /// `latest_ns` was last brought up to date.
+    pub bulk_since: u64,
+    /// When a frame last went to the host end, as far as is known
+    /// (`bpf_ktime_get_ns`): the last frame other than a full-size segment
+    /// sent there, which also stands for the full-size ones before it.
+    pub latest_ns: u64,
+}
+
 /// ABI version of the build that filled these maps (read by the agent only).
 #[map(name = "OVL_ABI")]
 pub static ABI: Array<u32> = Array::pinned(1, 0);
