@@ -282,8 +282,9 @@ const MAX_TCP_HEADERS: u32 = 20 + 60;
 ///   that handles its acknowledgements: handled at once on the
 ///   decapsulating core, they move more of its transmissions there, and
 ///   its two cores' segments interleave on the wire (measured: 1.4× the
-///   receiver's out-of-order segments and 2 % less throughput on the
-///   wire-like underlay; BENCHMARKS.md).
+///   receiver's out-of-order segments and 2–4 % less throughput on the
+///   wire-like underlay; BENCHMARKS.md, "Small TCP segments straight
+///   in").
 /// - Any other (a request's or a response's segment, the short tail of a
 ///   burst): straight in when this CPU has handed nothing to a host end
 ///   for [`HOST_END_IDLE_NS`], else through the host end, so it never
