@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
+use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -236,6 +237,35 @@ impl Lab {
             .to_owned();
         let program = argv.first().context("cannot spawn an empty command line")?;
         self.spawn_logged(&role, program, &netns.exec_argv(argv), envs)
+    }
+
+    /// Starts a Python TCP server in `netns` on `ip`:`port` that accepts
+    /// one connection and runs `serve` (top-level Python, with the
+    /// connection as `c` and the peer's address as `peer`); returns once
+    /// it listens.
+    pub fn python_tcp_server(
+        &self,
+        netns: &Netns,
+        ip: Ipv4Addr,
+        port: u16,
+        serve: &str,
+    ) -> Result<ChildHandle> {
+        let script = format!(
+            "import socket\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('{ip}', {port}))\n\
+             s.listen(1)\n\
+             print('listening', flush=True)\n\
+             c, peer = s.accept()\n\
+             {serve}\n"
+        );
+        let server = self.spawn(netns, &["/usr/bin/python3", "-c", &script], &[])?;
+        crate::wait_until(Duration::from_secs(10), || {
+            Ok(server.stdout()?.contains("listening"))
+        })
+        .with_context(|| format!("TCP server did not start:\n{}", server.output_report()))?;
+        Ok(server)
     }
 
     /// Starts `argv` in the background in the test's own namespaces (for

@@ -13,7 +13,7 @@ const NETWORK: &str = "web";
 /// The router's address on host B's subnet: outside every overlay, one
 /// routed hop beyond host A's underlay.
 const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const SERVER_PORT: &str = "8080";
+const SERVER_PORT: u16 = 8080;
 /// Host A's underlay address, which the outside world must see.
 const HOST_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const GREETING: &str = "hello from outside";
@@ -31,29 +31,23 @@ fn world(lab: &Lab, extra: &[&str]) -> Result<(TwoHosts, Netns, Ipv4Addr)> {
 /// A TCP server on the router that accepts one connection, prints the
 /// peer's address and greets it.
 fn start_server(lab: &Lab, world: &TwoHosts) -> Result<ovl_tests::ChildHandle> {
-    let script = format!(
-        "import socket\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('{SERVER}', {SERVER_PORT}))\n\
-         s.listen(1)\n\
-         print('listening', flush=True)\n\
-         c, peer = s.accept()\n\
-         print('peer', peer[0], flush=True)\n\
+    let serve = format!(
+        "print('peer', peer[0], flush=True)\n\
          c.sendall(b'{GREETING}\\n')\n\
-         c.close()\n"
+         c.close()"
     );
-    let server = lab.spawn(&world.router, &["/usr/bin/python3", "-c", &script], &[])?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(server.stdout()?.contains("listening"))
-    })
-    .with_context(|| format!("server did not start:\n{}", server.output_report()))?;
-    Ok(server)
+    lab.python_tcp_server(&world.router, SERVER, SERVER_PORT, &serve)
 }
 
 /// `nc` from `c` to the server: what it received (empty when it failed).
 fn fetch(c: &Netns) -> Result<String> {
-    let out = c.exec_unchecked(&["nc", "-w", "3", &SERVER.to_string(), SERVER_PORT])?;
+    let out = c.exec_unchecked(&[
+        "nc",
+        "-w",
+        "3",
+        &SERVER.to_string(),
+        &SERVER_PORT.to_string(),
+    ])?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

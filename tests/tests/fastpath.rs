@@ -284,11 +284,7 @@ fn decapsulated_bulk_tcp_is_merged_at_the_host_end_and_the_rest_goes_straight_in
     // would have nothing to merge it with); only what carries no data
     // (handshake, bare acknowledgements) crosses the host end.
     const MESSAGES: u64 = 50;
-    let echo = lab.spawn(&c2, &["/usr/bin/python3", "-c", &echo_server(ip2)], &[])?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(echo.stdout()?.contains("listening"))
-    })
-    .with_context(|| format!("echo server did not start:\n{}", echo.output_report()))?;
+    let _echo = lab.python_tcp_server(&c2, ip2, ECHO_PORT, ECHO)?;
     let (before, segments) = (
         tx_packets(host_b, &end)?,
         snmp(&c2, "snmp", "Tcp", "InSegs")?,
@@ -346,23 +342,13 @@ fn decapsulated_bulk_tcp_is_merged_at_the_host_end_and_the_rest_goes_straight_in
 /// Port of the request/response test's echo server.
 const ECHO_PORT: u16 = 7007;
 
-/// A Python TCP server on `ip` that echoes one connection.
-fn echo_server(ip: std::net::Ipv4Addr) -> String {
-    format!(
-        "import socket\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('{ip}', {ECHO_PORT}))\n\
-         s.listen(1)\n\
-         print('listening', flush=True)\n\
-         c, _ = s.accept()\n\
-         while True:\n    \
-             d = c.recv(4096)\n    \
-             if not d:\n        \
-                 break\n    \
-             c.sendall(d)\n"
-    )
-}
+/// What the request/response test's server does with its connection:
+/// echo it until the client closes it.
+const ECHO: &str = "while True:\n    \
+                        d = c.recv(4096)\n    \
+                        if not d:\n        \
+                            break\n    \
+                        c.sendall(d)";
 
 /// A Python client sending `messages` 64-byte requests to the echo server
 /// on `ip`, 20 ms apart, each answered before the next; fails on a short
