@@ -222,6 +222,7 @@ impl Plan {
 /// Runs the benchmark and writes its report.
 pub fn run(options: Options) -> Result<()> {
     let started = Instant::now();
+    crate::progstats::ensure_global_off()?;
     let plan = Plan::new(&options)?;
     let micro_binary = if plan.focused() {
         None

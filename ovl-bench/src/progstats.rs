@@ -56,6 +56,31 @@ pub fn enable() -> Result<StatsEnabled> {
     })
 }
 
+/// The global switch of the same accounting.
+const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Refuses to measure while the global BPF statistics are on: every run
+/// of a BPF program would then also read the scheduler clock twice, a
+/// cost only ovl's paths pay (the bare underlay and kernel vxlan run no
+/// programs), which skews every ratio against ovl.
+pub fn ensure_global_off() -> Result<()> {
+    let value =
+        std::fs::read_to_string(STATS_SYSCTL).with_context(|| format!("read {STATS_SYSCTL}"))?;
+    if global_stats_on(&value) {
+        bail!(
+            "kernel.bpf_stats_enabled is 1: every BPF program run is timed, which only ovl's \
+             paths would pay. Turn it off (`sysctl -w kernel.bpf_stats_enabled=0`) and run \
+             the benchmark again; it times ovl's programs itself where it reports them"
+        );
+    }
+    Ok(())
+}
+
+/// Whether the sysctl's text says the accounting is on.
+fn global_stats_on(value: &str) -> bool {
+    value.trim() != "0"
+}
+
 /// One program's counters at one moment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgramCounters {
@@ -145,6 +170,13 @@ pub fn delta(before: &[ProgramCounters], after: &[ProgramCounters]) -> Vec<Progr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_zero_sysctl_counts_as_off() {
+        assert!(!global_stats_on("0\n"));
+        assert!(global_stats_on("1\n"));
+        assert!(global_stats_on("1"));
+    }
 
     fn counters(id: u64, run_cnt: u64, run_time_ns: u64) -> ProgramCounters {
         ProgramCounters {
