@@ -247,10 +247,11 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
     // detection takes that; how often it happens was not measured.)
     // SAFETY: reading a field of the program's own context.
     let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    let mergeable = !merged && d.inner_proto == IPPROTO_TCP && through_host_end(d.inner_len, d.mtu);
+    let via_host_end =
+        !merged && d.inner_proto == IPPROTO_TCP && through_host_end(d.inner_len, d.mtu);
     // SAFETY: helper calls; the action they return is the program's verdict.
     Ok(unsafe {
-        if mergeable {
+        if via_host_end {
             bpf_redirect(d.ifindex, 0)
         } else {
             bpf_redirect_peer(d.ifindex, 0)
@@ -273,7 +274,7 @@ const HOST_END_IDLE_NS: u64 = 50_000;
 
 /// The longest IPv4 and TCP headers (no IPv4 options, 40 bytes of TCP
 /// options): a TCP packet no longer carries no data, or hardly any.
-const MAX_TCP_HEADERS: u32 = 20 + 60;
+const MAX_TCP_HEADERS: u32 = IPV4_HDR_LEN as u32 + 60;
 
 /// Whether a decapsulated TCP frame that is no super-packet goes through
 /// the host end of its container veth, where GRO merges it with the
