@@ -26,7 +26,14 @@ fn main() {
     for dir in ["ovl-ebpf/src", "ovl-common/src"] {
         rerun_if_tree_changed(&workspace.join(dir));
     }
-    for file in ["ovl-ebpf/Cargo.toml", "ovl-common/Cargo.toml", "Cargo.lock"] {
+    // The eBPF rustflags live in ovl-ebpf/.cargo/config.toml, which the
+    // nightly cargo below reads (run in that directory, RUSTFLAGS removed).
+    for file in [
+        "ovl-ebpf/Cargo.toml",
+        "ovl-ebpf/.cargo/config.toml",
+        "ovl-common/Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(file).display());
     }
 
@@ -61,10 +68,6 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    cmd.env(
-        "CARGO_ENCODED_RUSTFLAGS",
-        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-    );
     // `cargo install` puts bpf-linker in $CARGO_HOME/bin, which need not be
     // on PATH (e.g. under sudo or in CI shells).
     if let Some(cargo_home) = env::var_os("CARGO_HOME")

@@ -17,11 +17,6 @@ const PACKAGE: &str = "ovl-ebpf";
 /// Object name cargo gives the crate's `[[bin]]`.
 const OBJECT_NAME: &str = "ovl";
 
-/// Rustflags of the eBPF build, encoded as cargo's 0x1f-separated list: BTF
-/// is what lets the loader relocate and the verifier explain. Must equal
-/// the build script's, or each side would rebuild the other's outputs.
-const ENCODED_RUSTFLAGS: &str = "-Cdebuginfo=2\x1f-Clink-arg=--btf";
-
 /// Variables an outer cargo (the one running xtask, or the one running a
 /// build script) sets for the host target; none may reach the nightly
 /// cargo, which builds for BPF with its own toolchain.
@@ -44,8 +39,9 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// `rustup run nightly cargo SUBCOMMAND ...` for the eBPF crate: started in
-/// its directory, with host-build variables removed, the eBPF rustflags set
-/// and bpf-linker findable.
+/// its directory (whose `.cargo/config.toml` holds the eBPF rustflags, shared
+/// with the build script), with host-build variables removed and bpf-linker
+/// findable.
 fn nightly_cargo(subcommand: &str) -> Result<Command> {
     nightly_cargo_in(subcommand, &target_dir())
 }
@@ -54,7 +50,6 @@ fn nightly_cargo(subcommand: &str) -> Result<Command> {
 fn nightly_cargo_in(subcommand: &str, target_dir: &std::path::Path) -> Result<Command> {
     let mut cmd = setup::nightly_command("cargo")?;
     cmd.current_dir(workspace::root().join(PACKAGE))
-        .env("CARGO_ENCODED_RUSTFLAGS", ENCODED_RUSTFLAGS)
         .arg(subcommand)
         .args(["--release", "--package", PACKAGE])
         .args(["--target", TARGET, "-Z", "build-std=core"])
