@@ -59,10 +59,16 @@ pub mod names {
     /// when the device goes (the agent exited): encrypted networks then
     /// fail closed.
     pub const CRYPTO: &str = "OVL_CRYPTO";
+    /// `Array<u64>` with one entry: the epoch of the maps the programs'
+    /// flow caches copy from (`OVL_VTEPS`, `OVL_ENDPOINTS`, `OVL_NETWORKS`,
+    /// `OVL_IFACES`). The agent writes a fresh random value after every
+    /// change to any of them, and once when it loads; a cached verdict of
+    /// another epoch is not used. 0 (never written) turns the caches off.
+    pub const EPOCH: &str = "OVL_EPOCH";
     /// Every map name ovl defines.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         CONFIG, NETWORKS, ENDPOINTS, VTEPS, IFACES, SUBNETS, PATH_MTU, NEXT_HOPS, STATS, GLOBAL,
-        ABI, CRYPTO,
+        ABI, CRYPTO, EPOCH,
     ];
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 use ovl_common::{
-    DropReason, NodeConfig,
+    DropReason, Endpoint, NodeConfig,
     maps::network_flags,
     wire::{
         ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN,
@@ -17,7 +17,7 @@ use ovl_common::{
 };
 
 use crate::{
-    maps,
+    maps::{self, DecapFlow},
     packet::Frame,
     pmtu, stats,
     verdict::{Dropped, OnVni},
@@ -134,6 +134,9 @@ pub fn inspect(
         return Err(Dropped::unattributed(DropReason::Malformed));
     }
     let vni = vx.vni();
+    if let Some(delivery) = cached_delivery(frame, vni, ip.src_addr, inner_offset, decrypted) {
+        return Ok(Some(delivery));
+    }
     // The sender's VTEP entry carries its network: one lookup for both.
     let Some(network) = maps::vtep(vni, ip.src_addr).map(|v| v.network) else {
         return Err(unknown_sender(vni, decrypted));
@@ -149,18 +152,102 @@ pub fn inspect(
     }
     let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).on_vni(vni, slot)?;
     match maps::endpoint(vni, inner_ip.dst_addr) {
-        Some(ep) if ep.is_local() => Ok(Some(Delivery {
-            vni,
-            ifindex: ep.ifindex,
-            mac: ep.mac,
-            inner_offset,
-            mtu: network.mtu,
-            slot,
-            inner_proto: inner_ip.proto,
-            inner_len: u32::from(u16::from_be_bytes(inner_ip.tot_len)),
-        })),
+        Some(ep) if ep.is_local() => {
+            remember(vni, ip.src_addr, inner_ip.dst_addr);
+            Ok(Some(Delivery {
+                vni,
+                ifindex: ep.ifindex,
+                mac: ep.mac,
+                inner_offset,
+                mtu: network.mtu,
+                slot,
+                inner_proto: inner_ip.proto,
+                inner_len: u32::from(u16::from_be_bytes(inner_ip.tot_len)),
+            }))
+        }
         _ => Err(Dropped::on(vni, slot, DropReason::NoEndpoint)),
     }
+}
+
+/// The delivery this CPU cached for the flow of this frame (VXLAN of
+/// network `vni` from `src_vtep`, inner headers at `inner_offset`), if the
+/// maps have not changed since: the two hash lookups of `inspect` (sender
+/// VTEP, endpoint) made once per flow, CPU and epoch instead of per frame.
+/// `None` sends the frame the whole way, which also decides every drop.
+#[inline(always)]
+fn cached_delivery(
+    frame: &Frame,
+    vni: u32,
+    src_vtep: [u8; 4],
+    inner_offset: usize,
+    decrypted: bool,
+) -> Option<Delivery> {
+    let inner_eth: EthHdr = frame.read(inner_offset).ok()?;
+    if inner_eth.ether_type != ETH_P_IP.to_be() {
+        return None;
+    }
+    let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).ok()?;
+    let flow = maps::DECAP_FLOWS.get(flow_slot(vni, src_vtep, inner_ip.dst_addr))?;
+    let hit = flow.epoch != 0
+        && flow.epoch == maps::epoch()
+        && flow.vni == vni
+        && flow.src_vtep == src_vtep
+        && flow.dst_addr == inner_ip.dst_addr
+        // Clear VXLAN of an encrypted network is refused the whole way.
+        && (flow.network_flags & network_flags::ENCRYPTED == 0 || decrypted);
+    hit.then(|| Delivery {
+        vni,
+        ifindex: flow.ifindex,
+        mac: flow.mac,
+        inner_offset,
+        mtu: flow.mtu,
+        slot: flow.stats_slot,
+        inner_proto: inner_ip.proto,
+        inner_len: u32::from(u16::from_be_bytes(inner_ip.tot_len)),
+    })
+}
+
+/// Caches the delivery of VXLAN of network `vni` from `src_vtep` for
+/// `dst_addr`, which `inspect` has just decided, as the maps say it in the
+/// current epoch: read after the epoch (`maps::epoch_fenced`), the entries
+/// can be no older than it, whatever the frame itself was decided on.
+#[inline(always)]
+fn remember(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) {
+    let epoch = maps::epoch_fenced();
+    if epoch == 0 {
+        return;
+    }
+    let Some(network) = maps::vtep(vni, src_vtep).map(|v| v.network) else {
+        return;
+    };
+    let Some(ep) = maps::endpoint(vni, dst_addr).filter(Endpoint::is_local) else {
+        return;
+    };
+    let Some(flow) = maps::DECAP_FLOWS.get_ptr_mut(flow_slot(vni, src_vtep, dst_addr)) else {
+        return;
+    };
+    // SAFETY: per-CPU value, no concurrent writer on this CPU.
+    unsafe {
+        *flow = DecapFlow {
+            epoch,
+            vni,
+            src_vtep,
+            dst_addr,
+            ifindex: ep.ifindex,
+            mac: ep.mac,
+            _pad: [0; 2],
+            mtu: network.mtu,
+            network_flags: network.flags,
+            stats_slot: network.stats_slot,
+        };
+    }
+}
+
+/// The slot of [`maps::DECAP_FLOWS`] for a flow (multiplicative hashing).
+#[inline(always)]
+fn flow_slot(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) -> u32 {
+    let key = vni ^ u32::from_ne_bytes(src_vtep) ^ u32::from_ne_bytes(dst_addr).rotate_left(16);
+    key.wrapping_mul(0x9e37_79b1) >> (32 - maps::DECAP_FLOW_SLOT_BITS)
 }
 
 /// Why VXLAN from a sender that is no VTEP of network `vni` is refused.

@@ -3,6 +3,10 @@
 //! counts drops.
 #![no_std]
 #![no_main]
+// The atomic fetching add of `maps::epoch_fenced` (BPF's target offers no
+// `AtomicU64::fetch_add`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod arp;
 mod decap;

@@ -2,6 +2,8 @@
 //! layouts come from ovl-common; all maps are pinned by name so the agent
 //! and `ovl stats` find them under the node's pin directory.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings,
     helpers::bpf_ktime_get_ns,
@@ -78,6 +80,44 @@ pub struct HostEndHandoff {
     /// (`bpf_ktime_get_ns`): the last frame other than a full-size segment
     /// sent there, which also stands for the full-size ones before it.
     pub latest_ns: u64,
+}
+
+/// The epoch of the maps the flow caches copy from (see
+/// `ovl_common::maps::names::EPOCH`): written by the agent only.
+#[map(name = "OVL_EPOCH")]
+pub static EPOCH: Array<u64> = Array::pinned(1, 0);
+
+/// Per CPU, the verdicts of recent decapsulated flows
+/// (`decap::cached_delivery`), in [`DECAP_FLOW_SLOTS`] slots indexed by a
+/// hash of the flow. The programs' own scratch, like [`HANDOFF`].
+#[map(name = "OVL_DECAP_FLOWS")]
+pub static DECAP_FLOWS: PerCpuArray<DecapFlow> = PerCpuArray::with_max_entries(DECAP_FLOW_SLOTS, 0);
+
+/// Slots of [`DECAP_FLOWS`] per CPU (a power of two): flows whose hashes
+/// meet share one and take turns.
+pub const DECAP_FLOW_SLOTS: u32 = 1 << DECAP_FLOW_SLOT_BITS;
+/// log2 of [`DECAP_FLOW_SLOTS`].
+pub const DECAP_FLOW_SLOT_BITS: u32 = 8;
+
+/// A decapsulation verdict: VXLAN of network `vni` from `src_vtep` for
+/// `dst_addr` goes to the local endpoint behind `ifindex`, as the maps said
+/// in `epoch`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DecapFlow {
+    /// The epoch the maps were in when they were read; 0: an empty slot.
+    pub epoch: u64,
+    pub vni: u32,
+    pub src_vtep: [u8; 4],
+    pub dst_addr: [u8; 4],
+    /// The endpoint's host-end ifindex and MAC.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The network's MTU, `network_flags` and counter slot.
+    pub mtu: u32,
+    pub network_flags: u32,
+    pub stats_slot: u32,
 }
 
 /// ABI version of the build that filled these maps (read by the agent only).
@@ -185,6 +225,33 @@ pub fn set_next_hop(vtep: [u8; 4], hop: &NextHop) {
     // A full LRU map evicts the oldest entry; an error only costs the next
     // packet another FIB lookup.
     let _ = NEXT_HOPS.insert(vtep, hop, 0);
+}
+
+/// The maps' epoch as last written, for checking a cached verdict: a plain
+/// load (a verdict checked against an epoch an instant old is as good as
+/// a lookup an instant old).
+#[inline(always)]
+pub fn epoch() -> u64 {
+    EPOCH.get(0).copied().unwrap_or(0)
+}
+
+/// The maps' epoch, read so that no map lookup after it can see the maps
+/// as they were before it: an atomic read-modify-write, a full barrier on
+/// every architecture (on x86 loads are ordered anyway; on arm64 a lookup
+/// could otherwise read an entry older than the epoch it is cached with,
+/// and keep it until the next change). For filling a cache only, which
+/// happens once per flow and epoch.
+#[inline(always)]
+pub fn epoch_fenced() -> u64 {
+    match EPOCH.get_ptr_mut(0) {
+        // SAFETY: the map value is 8-byte aligned, lives as long as the
+        // program, and is only ever accessed atomically or by the agent's
+        // whole-value writes.
+        // (`AtomicU64::fetch_add` is not offered on BPF, whose target has
+        // no compare-and-swap; the fetching add itself is BPF v3's.)
+        Some(ptr) => unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(ptr, 0) },
+        None => 0,
+    }
 }
 
 /// Interface index of the crypto device, while there is one.

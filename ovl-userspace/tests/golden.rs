@@ -8,14 +8,15 @@
 #[allow(dead_code, reason = "shared with the micro-benchmark; each uses part")]
 mod testbed;
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context, Result, ensure};
+use aya::maps::{HashMap, Map, MapData};
 use ovl_common::wire::{
     ANYCAST_GATEWAY_MAC as GW_MAC, ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP, IPV4_HDR_LEN,
 };
 use ovl_common::{
-    DropReason, NextHop, VniCounters,
+    DropReason, Endpoint, NextHop, VniAddr, VniCounters,
     counters::UNATTRIBUTED_VNI,
     maps::{names, network_flags, next_hop_via, programs},
     wire::NEXT_HOP_TTL_NS,
@@ -216,6 +217,118 @@ fn tc_decap_on_the_underlay_delivers_and_refuses_clear_vxlan_of_an_encrypted_net
             "clear VXLAN of an encrypted network from {from}: action {action}"
         );
     }
+    Ok(())
+}
+
+/// Writes `endpoint` for `addr` straight into the pinned map, as no agent
+/// would: without a new epoch.
+fn write_endpoint_behind_the_agents_back(
+    f: &Fixture,
+    addr: Ipv4Addr,
+    endpoint: Endpoint,
+) -> Result<()> {
+    let data = MapData::from_pin(f.pin_dir().join(names::ENDPOINTS))?;
+    let mut map: HashMap<_, VniAddr, Endpoint> = HashMap::try_from(Map::HashMap(data))?;
+    let key = VniAddr {
+        vni: VNI,
+        addr: addr.octets(),
+    };
+    map.insert(key, endpoint, 0).context("write OVL_ENDPOINTS")
+}
+
+/// Decap decides a flow's delivery once per CPU and epoch, and serves the
+/// frames after it from its cache: shown by a change written behind the
+/// agent's back, which the cache does not see. Every change the agent
+/// makes to the maps it copies from (endpoint, VTEP, network) is followed
+/// by the very next frame.
+#[test]
+fn decap_serves_a_flow_from_its_cache_until_the_agent_changes_a_map() -> Result<()> {
+    let mut f = fixture("gold-flow-cache")?;
+    testbed::stay_on_one_cpu()?;
+    let input = vxlan_from(REMOTE_VTEP, VNI, &echo(C2, C1, mac_of(C1)));
+    let delivered_to = |f: &Fixture, program: &str, mac: [u8; 6]| -> Result<()> {
+        let expected = echo(C2, C1, mac);
+        let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(TEST_RUN_IFINDEX));
+        let (action, out) = run(f, program, &input, ctx.as_deref(), VNI, |c| {
+            c.rx_packets += 1;
+            c.rx_bytes += expected.len() as u64;
+        })?;
+        ensure!(
+            action == XDP_REDIRECT || action == TC_ACT_REDIRECT,
+            "{program}: action {action}"
+        );
+        ensure!(
+            out == expected,
+            "{program}: output\n{}\nwant\n{}",
+            hex(&out),
+            hex(&expected)
+        );
+        Ok(())
+    };
+    let local = |mac| Endpoint {
+        mac,
+        _pad: [0; 2],
+        ifindex: TEST_RUN_IFINDEX,
+        vtep: [0; 4],
+    };
+    let (behind, by_agent) = ([0x02, 0x42, 0, 0, 0, 0xbb], [0x02, 0x42, 0, 0, 0, 0xaa]);
+    for program in [programs::XDP_DECAP, programs::TC_DECAP] {
+        // The first frame goes the whole way and is cached...
+        delivered_to(&f, program, mac_of(C1))?;
+        // ...so a change no agent made is not seen by the next one.
+        write_endpoint_behind_the_agents_back(&f, C1, local(behind))?;
+        delivered_to(&f, program, mac_of(C1))?;
+        // The agent's write of the endpoint is followed at once.
+        let mut endpoints: Vec<([u8; 4], Endpoint)> = datapath::read_endpoints(f.pin_dir())?
+            .into_iter()
+            .filter(|(k, _)| k.vni == VNI)
+            .map(|(k, e)| (k.addr, e))
+            .collect();
+        for (addr, e) in &mut endpoints {
+            if *addr == C1.octets() {
+                *e = local(by_agent);
+            }
+        }
+        f.datapath
+            .sync_network_endpoints(VNI, endpoints.iter().copied())?;
+        delivered_to(&f, program, by_agent)?;
+        for (addr, e) in &mut endpoints {
+            if *addr == C1.octets() {
+                *e = local(mac_of(C1));
+            }
+        }
+        f.datapath
+            .sync_network_endpoints(VNI, endpoints.iter().copied())?;
+        delivered_to(&f, program, mac_of(C1))?;
+    }
+
+    // The network turned encrypted: its clear VXLAN is refused at once.
+    f.set_network_flags(network_flags::ENCRYPTED)?;
+    let on_underlay = skb_ctx(f.underlay_ifindex()?);
+    let (action, _) = run(
+        &f,
+        programs::TC_DECAP,
+        &input,
+        Some(&on_underlay),
+        VNI,
+        |c| c.drops[DropReason::Unencrypted as usize] += 1,
+    )?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "clear VXLAN of an encrypted network: action {action}"
+    );
+    f.set_network_flags(0)?;
+    delivered_to(&f, programs::XDP_DECAP, mac_of(C1))?;
+
+    // The sender is no longer a VTEP of the network: refused at once.
+    f.datapath.sync_vteps(&BTreeMap::new())?;
+    let (action, _) = run(&f, programs::XDP_DECAP, &input, None, VNI, |c| {
+        c.drops[DropReason::UnknownVtep as usize] += 1
+    })?;
+    ensure!(
+        action == XDP_DROP,
+        "VXLAN from a VTEP taken out of the network: action {action}"
+    );
     Ok(())
 }
 

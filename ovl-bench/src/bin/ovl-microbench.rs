@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use ovl_common::NextHop;
 use ovl_common::maps::{names, programs};
 use ovl_common::wire::{ENCAP_OVERHEAD, ETH_P_IP, IPPROTO_UDP};
@@ -60,6 +60,10 @@ struct Case {
     /// Empty the next-hop cache before every run, so each one asks the FIB
     /// (the first packet to a VTEP, or one a second after the last lookup).
     cold_next_hop: bool,
+    /// Start a new epoch of the maps before every run, so decap finds no
+    /// cached verdict (the first frame of a flow, or the first after the
+    /// agent changed a map).
+    cold_flow_cache: bool,
 }
 
 fn cases() -> Vec<Case> {
@@ -86,8 +90,9 @@ fn cases() -> Vec<Case> {
         length_change: encap_overhead,
         forwarding,
         cold_next_hop,
+        cold_flow_cache: false,
     };
-    let decap = |name, len, program, hook, ctx, expected_action| Case {
+    let decap = |name, len, program, hook, ctx, expected_action, cold_flow_cache| Case {
         name,
         program,
         hook,
@@ -97,6 +102,7 @@ fn cases() -> Vec<Case> {
         length_change: -encap_overhead,
         forwarding: true,
         cold_next_hop: false,
+        cold_flow_cache,
     };
     // Plain UDP to the host itself: what every non-overlay packet of the
     // underlay pays for the decap hook.
@@ -155,6 +161,7 @@ fn cases() -> Vec<Case> {
             "XDP (underlay)",
             None,
             XDP_REDIRECT,
+            false,
         ),
         decap(
             "decap 1400 B",
@@ -163,6 +170,7 @@ fn cases() -> Vec<Case> {
             "XDP (underlay)",
             None,
             XDP_REDIRECT,
+            false,
         ),
         decap(
             "decap 64 B",
@@ -171,6 +179,7 @@ fn cases() -> Vec<Case> {
             "TC ingress (underlay)",
             tc_ctx(),
             TC_ACT_REDIRECT,
+            false,
         ),
         decap(
             "decap 1400 B",
@@ -179,6 +188,25 @@ fn cases() -> Vec<Case> {
             "TC ingress (underlay)",
             tc_ctx(),
             TC_ACT_REDIRECT,
+            false,
+        ),
+        decap(
+            "decap 64 B, flow cache miss",
+            64,
+            programs::XDP_DECAP,
+            "XDP (underlay)",
+            None,
+            XDP_REDIRECT,
+            true,
+        ),
+        decap(
+            "decap 64 B, flow cache miss",
+            64,
+            programs::TC_DECAP,
+            "TC ingress (underlay)",
+            tc_ctx(),
+            TC_ACT_REDIRECT,
+            true,
         ),
         Case {
             name: "pass-through, non-VXLAN UDP 64 B",
@@ -190,6 +218,7 @@ fn cases() -> Vec<Case> {
             length_change: 0,
             forwarding: true,
             cold_next_hop: false,
+            cold_flow_cache: false,
         },
         Case {
             name: "pass-through, non-VXLAN UDP 64 B",
@@ -201,6 +230,7 @@ fn cases() -> Vec<Case> {
             length_change: 0,
             forwarding: true,
             cold_next_hop: false,
+            cold_flow_cache: false,
         },
         Case {
             name: "same-host switch 64 B",
@@ -212,6 +242,7 @@ fn cases() -> Vec<Case> {
             length_change: 0,
             forwarding: true,
             cold_next_hop: false,
+            cold_flow_cache: false,
         },
     ]
 }
@@ -253,15 +284,19 @@ fn main() -> ExitCode {
 
 fn run() -> Result<()> {
     let options = parse_args()?;
+    // One CPU throughout: a case's runs then find what the runs before
+    // them cached per CPU (decap's flow cache), as a flow's frames do.
+    testbed::stay_on_one_cpu()?;
     let fixture = Fixture::new("micro")?;
     let mut rows = Vec::new();
     let mut next_hops = NextHops::open(&fixture)?;
+    let mut epoch = Epoch::open(&fixture)?;
     for case in cases() {
         fixture.set_forwarding(case.forwarding)?;
         // What a case before it cached (with forwarding switched) is not
         // this case's path.
         next_hops.clear()?;
-        let row = measure(&fixture, &mut next_hops, &case, &options)
+        let row = measure(&fixture, &mut next_hops, &mut epoch, &case, &options)
             .with_context(|| format!("{} ({})", case.name, case.program))?;
         rows.push(row);
     }
@@ -273,6 +308,7 @@ fn run() -> Result<()> {
 fn measure(
     fixture: &Fixture,
     next_hops: &mut NextHops,
+    epoch: &mut Epoch,
     case: &Case,
     options: &Options,
 ) -> Result<Value> {
@@ -296,6 +332,9 @@ fn measure(
     for _ in 0..options.samples {
         if case.cold_next_hop {
             next_hops.clear()?;
+        }
+        if case.cold_flow_cache {
+            epoch.advance()?;
         }
         let outcome = datapath.test_run(case.program, &case.frame, ctx, 1)?;
         ensure!(
@@ -327,6 +366,33 @@ fn measure(
         "repeat_same_path": repeat_same_path,
         "repeat_last_action": repeated.action,
     }))
+}
+
+/// The fixture's maps' epoch (`OVL_EPOCH`), opened from its pin; none in
+/// an object from before the decap flow cache.
+struct Epoch(Option<Array<MapData, u64>>);
+
+impl Epoch {
+    fn open(fixture: &Fixture) -> Result<Epoch> {
+        let path = fixture.pin_dir().join(names::EPOCH);
+        if !path.exists() {
+            eprintln!("ovl-microbench: no {} in this object", names::EPOCH);
+            return Ok(Epoch(None));
+        }
+        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+        Ok(Epoch(Some(Array::try_from(Map::from_map_data(data)?)?)))
+    }
+
+    /// Moves it on (to a value it never had), as the agent does after a
+    /// change: every cached verdict is stale.
+    fn advance(&mut self) -> Result<()> {
+        let Some(map) = &mut self.0 else {
+            return Ok(());
+        };
+        let next = map.get(&0, 0)?.wrapping_add(1).max(1);
+        map.set(0, next, 0)?;
+        Ok(())
+    }
 }
 
 /// The fixture's next-hop cache (`OVL_NEXT_HOPS`), opened from its pin;

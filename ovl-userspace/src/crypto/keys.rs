@@ -103,20 +103,7 @@ impl Identity {
     /// A new key pair from the kernel's randomness.
     pub fn generate() -> Result<Identity, KeyError> {
         let mut bytes = [0u8; 32];
-        let mut filled = 0;
-        while filled < bytes.len() {
-            let rest = &mut bytes[filled..];
-            // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
-            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(KeyError::Random(e));
-            }
-            filled += n as usize;
-        }
+        crate::random::fill(&mut bytes).map_err(KeyError::Random)?;
         Ok(Identity::from_secret(bytes))
     }
 

@@ -188,7 +188,7 @@ impl Datapath {
             }
             .with_context(|| format!("verify and load {name}"))?;
         }
-        Ok(Datapath {
+        let mut datapath = Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             links: LinkPins::of(pin_dir),
@@ -196,7 +196,40 @@ impl Datapath {
             map_names: compat::pinned_map_names(&object)?,
             shadow: shadow::Shadow::default(),
             stats_slots: None,
-        })
+        };
+        // Reused maps may be in an epoch whose verdicts programs of another
+        // build cached; a fresh map's 0 would keep the caches off.
+        datapath.new_epoch()?;
+        Ok(datapath)
+    }
+
+    /// Gives `OVL_EPOCH` a fresh random value: the programs' flow caches
+    /// stop using every verdict they cached from the maps before. Random,
+    /// not counted, so that a read racing the write (whose bytes the
+    /// kernel copies without atomicity) finds an epoch no verdict was
+    /// cached in, rather than a past one.
+    fn new_epoch(&mut self) -> Result<()> {
+        let mut bytes = [0u8; 8];
+        crate::random::fill(&mut bytes).context("draw a new epoch for OVL_EPOCH")?;
+        // 0 means "no epoch": caches off.
+        let epoch = u64::from_ne_bytes(bytes).max(1);
+        let mut arr: Array<_, u64> = Array::try_from(self.map(names::EPOCH)?)?;
+        arr.set(0, epoch, 0).context("write OVL_EPOCH")
+    }
+
+    /// Ends the maps' epoch when a sync of `name` changed it and the flow
+    /// caches copy from it (`names::EPOCH`); passes the count on.
+    fn synced(&mut self, name: &str, count: SyncCount) -> Result<SyncCount> {
+        let cached = [
+            names::VTEPS,
+            names::ENDPOINTS,
+            names::NETWORKS,
+            names::IFACES,
+        ];
+        if count != SyncCount::default() && cached.contains(&name) {
+            self.new_epoch()?;
+        }
+        Ok(count)
     }
 
     /// How this load's maps relate to the pins it found.
@@ -588,20 +621,22 @@ impl Datapath {
         want: impl IntoIterator<Item = ([u8; 4], Endpoint)>,
     ) -> Result<SyncCount> {
         let (shadow, mut map) = self.endpoints_map()?;
-        shadow.sync_part(
+        let count = shadow.sync_part(
             names::ENDPOINTS,
             &mut map,
             vni_of,
             vni,
             want.into_iter()
                 .map(|(addr, ep)| (VniAddr { vni, addr }, ep)),
-        )
+        )?;
+        self.synced(names::ENDPOINTS, count)
     }
 
     /// Removes OVL_ENDPOINTS entries of every network but `vnis`.
     pub fn keep_network_endpoints(&mut self, vnis: &BTreeSet<u32>) -> Result<SyncCount> {
         let (shadow, mut map) = self.endpoints_map()?;
-        shadow.keep_parts(names::ENDPOINTS, &mut map, vni_of, vnis)
+        let count = shadow.keep_parts(names::ENDPOINTS, &mut map, vni_of, vnis)?;
+        self.synced(names::ENDPOINTS, count)
     }
 
     fn endpoints_map(
@@ -651,7 +686,8 @@ impl Datapath {
             .map_mut(name)
             .with_context(|| format!("map {name} missing from the object"))?;
         let mut map: HashMap<_, K, V> = HashMap::try_from(map)?;
-        self.shadow.sync(name, &mut map, want)
+        let count = self.shadow.sync(name, &mut map, want)?;
+        self.synced(name, count)
     }
 
     /// Gives every VNI in `vnis` a slot of `OVL_STATS`: a network this

@@ -19,3 +19,20 @@ pub mod action {
     pub const TC_ACT_SHOT: u32 = 2;
     pub const TC_ACT_REDIRECT: u32 = 7;
 }
+
+/// Keeps the calling thread on CPU 0. A test run runs where its caller
+/// does, and decap's flow cache is per CPU: a thread that moved between
+/// two runs would find the second one's cache empty.
+pub fn stay_on_one_cpu() -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
+    // sched_setaffinity only read and write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(anyhow::Error::from(std::io::Error::last_os_error())
+                .context("pin the thread to CPU 0"));
+        }
+    }
+    Ok(())
+}
