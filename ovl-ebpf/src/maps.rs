@@ -248,7 +248,8 @@ pub fn epoch_fenced() -> u64 {
         // program, and is only ever accessed atomically or by the agent's
         // whole-value writes.
         // (`AtomicU64::fetch_add` is not offered on BPF, whose target has
-        // no compare-and-swap; the fetching add itself is BPF v3's.)
+        // no compare-and-swap; LLVM emits this as BPF's atomic fetch-or
+        // of 0.)
         Some(ptr) => unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(ptr, 0) },
         None => 0,
     }

@@ -218,18 +218,27 @@ impl Datapath {
     }
 
     /// Ends the maps' epoch when a sync of `name` changed it and the flow
-    /// caches copy from it (`names::EPOCH`); passes the count on.
-    fn synced(&mut self, name: &str, count: SyncCount) -> Result<SyncCount> {
+    /// caches copy from it (`names::EPOCH`); passes the outcome on. A sync
+    /// that failed may have written part of what it had to: it ends the
+    /// epoch too.
+    fn synced(&mut self, name: &str, outcome: Result<SyncCount>) -> Result<SyncCount> {
         let cached = [
             names::VTEPS,
             names::ENDPOINTS,
             names::NETWORKS,
             names::IFACES,
         ];
-        if count != SyncCount::default() && cached.contains(&name) {
-            self.new_epoch()?;
+        if cached.contains(&name)
+            && outcome
+                .as_ref()
+                .map_or(true, |c| *c != SyncCount::default())
+        {
+            let renewed = self.new_epoch();
+            let count = outcome?;
+            renewed?;
+            return Ok(count);
         }
-        Ok(count)
+        outcome
     }
 
     /// How this load's maps relate to the pins it found.
@@ -621,22 +630,22 @@ impl Datapath {
         want: impl IntoIterator<Item = ([u8; 4], Endpoint)>,
     ) -> Result<SyncCount> {
         let (shadow, mut map) = self.endpoints_map()?;
-        let count = shadow.sync_part(
+        let outcome = shadow.sync_part(
             names::ENDPOINTS,
             &mut map,
             vni_of,
             vni,
             want.into_iter()
                 .map(|(addr, ep)| (VniAddr { vni, addr }, ep)),
-        )?;
-        self.synced(names::ENDPOINTS, count)
+        );
+        self.synced(names::ENDPOINTS, outcome)
     }
 
     /// Removes OVL_ENDPOINTS entries of every network but `vnis`.
     pub fn keep_network_endpoints(&mut self, vnis: &BTreeSet<u32>) -> Result<SyncCount> {
         let (shadow, mut map) = self.endpoints_map()?;
-        let count = shadow.keep_parts(names::ENDPOINTS, &mut map, vni_of, vnis)?;
-        self.synced(names::ENDPOINTS, count)
+        let outcome = shadow.keep_parts(names::ENDPOINTS, &mut map, vni_of, vnis);
+        self.synced(names::ENDPOINTS, outcome)
     }
 
     fn endpoints_map(
@@ -686,8 +695,8 @@ impl Datapath {
             .map_mut(name)
             .with_context(|| format!("map {name} missing from the object"))?;
         let mut map: HashMap<_, K, V> = HashMap::try_from(map)?;
-        let count = self.shadow.sync(name, &mut map, want)?;
-        self.synced(name, count)
+        let outcome = self.shadow.sync(name, &mut map, want);
+        self.synced(name, outcome)
     }
 
     /// Gives every VNI in `vnis` a slot of `OVL_STATS`: a network this
