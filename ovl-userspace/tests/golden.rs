@@ -253,10 +253,12 @@ fn decap_serves_a_flow_from_its_cache_until_the_agent_changes_a_map() -> Result<
             c.rx_packets += 1;
             c.rx_bytes += expected.len() as u64;
         })?;
-        ensure!(
-            action == XDP_REDIRECT || action == TC_ACT_REDIRECT,
-            "{program}: action {action}"
-        );
+        let want = if program == programs::XDP_DECAP {
+            XDP_REDIRECT
+        } else {
+            TC_ACT_REDIRECT
+        };
+        ensure!(action == want, "{program}: action {action}");
         ensure!(
             out == expected,
             "{program}: output\n{}\nwant\n{}",
