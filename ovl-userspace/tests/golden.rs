@@ -121,24 +121,31 @@ fn decap_delivers_vxlan_for_a_local_endpoint() -> Result<()> {
 /// `expected`, counted once each on `VNI`.
 fn both_hooks_deliver(f: &Fixture, input: &[u8], expected: &[u8]) -> Result<()> {
     for program in [programs::XDP_DECAP, programs::TC_DECAP] {
-        let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(TEST_RUN_IFINDEX));
-        let (action, out) = run(f, program, input, ctx.as_deref(), VNI, |c| {
-            c.rx_packets += 1;
-            c.rx_bytes += expected.len() as u64;
-        })?;
-        let want_action = if program == programs::XDP_DECAP {
-            XDP_REDIRECT
-        } else {
-            TC_ACT_REDIRECT
-        };
-        ensure!(action == want_action, "{program}: action {action}");
-        ensure!(
-            out == expected,
-            "{program}: output\n{}\nwant\n{}",
-            hex(&out),
-            hex(expected)
-        );
+        delivers(f, program, input, expected)?;
     }
+    Ok(())
+}
+
+/// Decap hook `program` delivers `input` to the local endpoint as
+/// `expected`, counted once on `VNI`.
+fn delivers(f: &Fixture, program: &str, input: &[u8], expected: &[u8]) -> Result<()> {
+    let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(TEST_RUN_IFINDEX));
+    let (action, out) = run(f, program, input, ctx.as_deref(), VNI, |c| {
+        c.rx_packets += 1;
+        c.rx_bytes += expected.len() as u64;
+    })?;
+    let want_action = if program == programs::XDP_DECAP {
+        XDP_REDIRECT
+    } else {
+        TC_ACT_REDIRECT
+    };
+    ensure!(action == want_action, "{program}: action {action}");
+    ensure!(
+        out == expected,
+        "{program}: output\n{}\nwant\n{}",
+        hex(&out),
+        hex(expected)
+    );
     Ok(())
 }
 
@@ -246,27 +253,8 @@ fn decap_serves_a_flow_from_its_cache_until_the_agent_changes_a_map() -> Result<
     let mut f = fixture("gold-flow-cache")?;
     testbed::stay_on_one_cpu()?;
     let input = vxlan_from(REMOTE_VTEP, VNI, &echo(C2, C1, mac_of(C1)));
-    let delivered_to = |f: &Fixture, program: &str, mac: [u8; 6]| -> Result<()> {
-        let expected = echo(C2, C1, mac);
-        let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(TEST_RUN_IFINDEX));
-        let (action, out) = run(f, program, &input, ctx.as_deref(), VNI, |c| {
-            c.rx_packets += 1;
-            c.rx_bytes += expected.len() as u64;
-        })?;
-        let want = if program == programs::XDP_DECAP {
-            XDP_REDIRECT
-        } else {
-            TC_ACT_REDIRECT
-        };
-        ensure!(action == want, "{program}: action {action}");
-        ensure!(
-            out == expected,
-            "{program}: output\n{}\nwant\n{}",
-            hex(&out),
-            hex(&expected)
-        );
-        Ok(())
-    };
+    let delivered_to =
+        |f: &Fixture, program: &str, mac| delivers(f, program, &input, &echo(C2, C1, mac));
     let local = |mac| Endpoint {
         mac,
         _pad: [0; 2],

@@ -368,19 +368,27 @@ fn measure(
     }))
 }
 
+/// The fixture's map `name`, opened from its pin; none (said on stderr)
+/// when the object has no such map: an older build's, timed beside this
+/// one through `OVL_EBPF_OBJECT`.
+fn open_pinned(fixture: &Fixture, name: &str) -> Result<Option<Map>> {
+    let path = fixture.pin_dir().join(name);
+    if !path.exists() {
+        eprintln!("ovl-microbench: no {name} in this object");
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
+    Ok(Some(Map::from_map_data(data)?))
+}
+
 /// The fixture's maps' epoch (`OVL_EPOCH`), opened from its pin; none in
 /// an object from before the decap flow cache.
 struct Epoch(Option<Array<MapData, u64>>);
 
 impl Epoch {
     fn open(fixture: &Fixture) -> Result<Epoch> {
-        let path = fixture.pin_dir().join(names::EPOCH);
-        if !path.exists() {
-            eprintln!("ovl-microbench: no {} in this object", names::EPOCH);
-            return Ok(Epoch(None));
-        }
-        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-        Ok(Epoch(Some(Array::try_from(Map::from_map_data(data)?)?)))
+        let map = open_pinned(fixture, names::EPOCH)?;
+        Ok(Epoch(map.map(Array::try_from).transpose()?))
     }
 
     /// Moves it on (to a value it never had), as the agent does after a
@@ -402,15 +410,8 @@ struct NextHops(Option<HashMap<MapData, [u8; 4], NextHop>>);
 
 impl NextHops {
     fn open(fixture: &Fixture) -> Result<NextHops> {
-        let path = fixture.pin_dir().join(names::NEXT_HOPS);
-        if !path.exists() {
-            eprintln!("ovl-microbench: no {} in this object", names::NEXT_HOPS);
-            return Ok(NextHops(None));
-        }
-        let data = MapData::from_pin(&path).with_context(|| format!("open {}", path.display()))?;
-        Ok(NextHops(Some(HashMap::try_from(Map::from_map_data(
-            data,
-        )?)?)))
+        let map = open_pinned(fixture, names::NEXT_HOPS)?;
+        Ok(NextHops(map.map(HashMap::try_from).transpose()?))
     }
 
     /// Empties it: the next encapsulation asks the FIB.
