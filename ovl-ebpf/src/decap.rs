@@ -243,11 +243,12 @@ fn remember(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) {
     }
 }
 
-/// The slot of [`maps::DECAP_FLOWS`] for a flow (multiplicative hashing).
+/// The slot of [`maps::DECAP_FLOWS`] for a flow.
 #[inline(always)]
 fn flow_slot(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) -> u32 {
-    let key = vni ^ u32::from_ne_bytes(src_vtep) ^ u32::from_ne_bytes(dst_addr).rotate_left(16);
-    key.wrapping_mul(0x9e37_79b1) >> (32 - maps::DECAP_FLOW_SLOT_BITS)
+    maps::flow_slot(
+        vni ^ u32::from_ne_bytes(src_vtep) ^ u32::from_ne_bytes(dst_addr).rotate_left(16),
+    )
 }
 
 /// Why VXLAN from a sender that is no VTEP of network `vni` is refused.

@@ -7,13 +7,13 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use ovl_common::{
-    DropReason, Iface,
+    DropReason, Endpoint, Iface,
     maps::{egress_mark, network_flags},
     wire::{ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, checksum_replace16},
 };
 
 use crate::{
-    egress::{gso_segs, to_container},
+    egress::{self, gso_segs, to_container},
     encap, icmp, maps,
     packet::Frame,
     stats,
@@ -23,16 +23,18 @@ use crate::{
 const PACKET_HOST: u32 = 0;
 
 /// Routes the IPv4 packet `ip` that the container of `iface` (host end
-/// `ifindex`) sent to its gateway.
+/// `ifindex`) sent to its gateway; `cached` is the flow cache's endpoint
+/// for its destination, if any.
 #[inline(always)]
 pub fn forward(
     ctx: &TcContext,
     ifindex: u32,
     iface: &Iface,
     ip: &Ipv4Hdr,
+    cached: Option<Endpoint>,
 ) -> Result<i32, DropReason> {
     let vni = iface.vni;
-    if let Some(dst) = maps::endpoint(vni, ip.dst_addr) {
+    if let Some(dst) = egress::destination(ifindex, vni, ip.dst_addr, cached) {
         if dst.ifindex == ifindex {
             // Its own address goes through its loopback, never here.
             return Err(DropReason::NoEndpoint);

@@ -112,11 +112,14 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
 pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(iface) = maps::iface(ifindex) else {
+    let frame = Frame::of_skb_headers(&ctx, egress::MAX_HDR_LEN);
+    let cached = egress::cached_flow(&frame, ifindex);
+    let Some(iface) = cached.map(|f| f.iface).or_else(|| maps::iface(ifindex)) else {
         stats::drop(UNATTRIBUTED_SLOT, DropReason::NoEndpoint);
         return TC_ACT_SHOT;
     };
-    egress::switch(&ctx, ifindex, &iface).unwrap_or_else(|reason| {
+    let dst = cached.map(|f| f.dst);
+    egress::switch(&ctx, &frame, ifindex, &iface, dst).unwrap_or_else(|reason| {
         stats::drop(iface.stats_slot, reason);
         TC_ACT_SHOT
     })

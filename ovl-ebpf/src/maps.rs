@@ -88,16 +88,29 @@ pub struct HostEndHandoff {
 pub static EPOCH: Array<u64> = Array::pinned(1, 0);
 
 /// Per CPU, the verdicts of recent decapsulated flows
-/// (`decap::cached_delivery`), in [`DECAP_FLOW_SLOTS`] slots indexed by a
-/// hash of the flow. The programs' own scratch, like [`HANDOFF`].
+/// (`decap::cached_delivery`), in [`FLOW_SLOTS`] slots indexed by a hash
+/// of the flow ([`flow_slot`]). The programs' own scratch, like
+/// [`HANDOFF`].
 #[map(name = "OVL_DECAP_FLOWS")]
-pub static DECAP_FLOWS: PerCpuArray<DecapFlow> = PerCpuArray::with_max_entries(DECAP_FLOW_SLOTS, 0);
+pub static DECAP_FLOWS: PerCpuArray<DecapFlow> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
 
-/// Slots of [`DECAP_FLOWS`] per CPU (a power of two): flows whose hashes
+/// Per CPU, what container egress looked up for recent flows
+/// (`egress::cached_flow`), slotted like [`DECAP_FLOWS`]; scratch too.
+#[map(name = "OVL_EGRESS_FLOWS")]
+pub static EGRESS_FLOWS: PerCpuArray<EgressFlow> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
+
+/// Slots of each flow cache per CPU (a power of two): flows whose hashes
 /// meet share one and take turns.
-pub const DECAP_FLOW_SLOTS: u32 = 1 << DECAP_FLOW_SLOT_BITS;
-/// log2 of [`DECAP_FLOW_SLOTS`].
-pub const DECAP_FLOW_SLOT_BITS: u32 = 8;
+pub const FLOW_SLOTS: u32 = 1 << FLOW_SLOT_BITS;
+/// log2 of [`FLOW_SLOTS`].
+const FLOW_SLOT_BITS: u32 = 8;
+
+/// The slot of a flow cache for a flow whose key folds into `key`
+/// (multiplicative hashing: the top bits of the product mix all of it).
+#[inline(always)]
+pub fn flow_slot(key: u32) -> u32 {
+    key.wrapping_mul(0x9e37_79b1) >> (32 - FLOW_SLOT_BITS)
+}
 
 /// A decapsulation verdict: VXLAN of network `vni` from `src_vtep` for
 /// `dst_addr` goes to the local endpoint behind `ifindex`, as the maps said
@@ -118,6 +131,24 @@ pub struct DecapFlow {
     pub mtu: u32,
     pub network_flags: u32,
     pub stats_slot: u32,
+}
+
+/// What container egress looks up for frames from the container veth
+/// whose host end is `ifindex` to `dst_addr`: the interface and the
+/// endpoint, as the maps said in `epoch`. Lookups only: every check on
+/// the frame itself (sources, sizes, TTL) is made on every frame.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EgressFlow {
+    /// The epoch the maps were in when they were read; 0: an empty slot.
+    pub epoch: u64,
+    pub ifindex: u32,
+    pub dst_addr: [u8; 4],
+    /// `OVL_IFACES`' entry for `ifindex`.
+    pub iface: Iface,
+    /// `OVL_ENDPOINTS`' entry for (`iface.vni`, `dst_addr`).
+    pub dst: Endpoint,
+    pub _pad: u32,
 }
 
 /// ABI version of the build that filled these maps (read by the agent only).

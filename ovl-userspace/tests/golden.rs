@@ -243,6 +243,17 @@ fn write_endpoint_behind_the_agents_back(
     map.insert(key, endpoint, 0).context("write OVL_ENDPOINTS")
 }
 
+/// Writes `endpoint` for `addr` as the agent does: a sync of the
+/// network's endpoints, which ends the maps' epoch.
+fn write_endpoint_as_the_agent(f: &mut Fixture, addr: Ipv4Addr, endpoint: Endpoint) -> Result<()> {
+    let endpoints = datapath::read_endpoints(f.pin_dir())?
+        .into_iter()
+        .filter(|(k, _)| k.vni == VNI)
+        .map(|(k, e)| (k.addr, if k.addr == addr.octets() { endpoint } else { e }));
+    f.datapath.sync_network_endpoints(VNI, endpoints)?;
+    Ok(())
+}
+
 /// Decap decides a flow's delivery once per CPU and epoch, and serves the
 /// frames after it from its cache: shown by a change written behind the
 /// agent's back, which the cache does not see. Every change the agent
@@ -270,11 +281,7 @@ fn decap_serves_a_flow_from_its_cache_until_the_agent_changes_a_map() -> Result<
         delivered_to(&f, program, mac_of(C1))?;
         // The agent's writes of the endpoint are followed at once.
         for mac in [by_agent, mac_of(C1)] {
-            let endpoints = datapath::read_endpoints(f.pin_dir())?
-                .into_iter()
-                .filter(|(k, _)| k.vni == VNI)
-                .map(|(k, e)| (k.addr, if k.addr == C1.octets() { local(mac) } else { e }));
-            f.datapath.sync_network_endpoints(VNI, endpoints)?;
+            write_endpoint_as_the_agent(&mut f, C1, local(mac))?;
             delivered_to(&f, program, mac)?;
         }
     }
@@ -946,6 +953,65 @@ fn encap_caches_the_next_hop_and_sends_the_same_frame_from_the_cache() -> Result
     ensure!(
         cached_hop(&f)? == Some(hop),
         "a fresh entry was looked up again"
+    );
+    Ok(())
+}
+
+/// Egress looks a flow's interface and destination up once per CPU and
+/// epoch and serves the frames after it from its cache (a change written
+/// behind the agent's back is not seen), but checks every frame's sources;
+/// every change the agent makes to the interface or the endpoint is
+/// followed by the very next frame.
+#[test]
+fn egress_serves_a_flow_from_its_cache_until_the_agent_changes_a_map() -> Result<()> {
+    let mut f = fixture("gold-egress-cache")?;
+    testbed::stay_on_one_cpu()?;
+    let inner = echo(C1, C2, mac_of(C2));
+    let remote = |mac| Endpoint {
+        mac,
+        _pad: [0; 2],
+        ifindex: 0,
+        vtep: REMOTE_VTEP.octets(),
+    };
+    // The inner destination MAC encapsulation writes: the endpoint's.
+    let sent_to = |f: &Fixture| -> Result<[u8; 6]> {
+        let out = encap(f, &inner)?;
+        Ok(out[50..56].try_into()?)
+    };
+    // The first frame looks both up and caches them...
+    ensure!(sent_to(&f)? == mac_of(C2), "first frame");
+    // ...so a change no agent made is not seen by the next one.
+    let (behind, by_agent) = ([0x02, 0x42, 0, 0, 0, 0xbb], [0x02, 0x42, 0, 0, 0, 0xaa]);
+    write_endpoint_behind_the_agents_back(&f, C2, remote(behind))?;
+    ensure!(sent_to(&f)? == mac_of(C2), "the cache did not serve");
+    // A cached flow's frames are still checked one by one.
+    let mut forged = inner.clone();
+    forged[6..12].copy_from_slice(&[0x02, 0x42, 0, 0, 0, 0x66]);
+    let (action, _) = egress(&f, &forged, |c| {
+        c.drops[DropReason::SpoofedSource as usize] += 1
+    })?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "forged source of a cached flow: action {action}"
+    );
+    // The agent's writes of the endpoint are followed at once.
+    for mac in [by_agent, mac_of(C2)] {
+        write_endpoint_as_the_agent(&mut f, C2, remote(mac))?;
+        ensure!(sent_to(&f)? == mac, "the agent's endpoint not followed");
+    }
+    // So is the interface, taken away by the agent.
+    f.datapath.sync_ifaces(&BTreeMap::new())?;
+    let (action, _) = run(
+        &f,
+        programs::TC_EGRESS,
+        &inner,
+        Some(&skb_ctx(TEST_RUN_IFINDEX)),
+        UNATTRIBUTED_VNI,
+        |c| c.drops[DropReason::NoEndpoint as usize] += 1,
+    )?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "from an interface taken away: action {action}"
     );
     Ok(())
 }

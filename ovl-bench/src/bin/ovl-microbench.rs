@@ -60,9 +60,9 @@ struct Case {
     /// Empty the next-hop cache before every run, so each one asks the FIB
     /// (the first packet to a VTEP, or one a second after the last lookup).
     cold_next_hop: bool,
-    /// Start a new epoch of the maps before every run, so decap finds no
-    /// cached verdict (the first frame of a flow, or the first after the
-    /// agent changed a map).
+    /// Start a new epoch of the maps before every run, so the flow caches
+    /// of decap and egress hold nothing the run can use (the first frame
+    /// of a flow, or the first after the agent changed a map).
     cold_flow_cache: bool,
 }
 
@@ -80,7 +80,7 @@ fn cases() -> Vec<Case> {
             &container_udp_frame(REMOTE_CONTAINER, LOCAL_CONTAINER, len),
         )
     };
-    let encap = |name, len, forwarding, cold_next_hop| Case {
+    let encap = |name, len, forwarding, cold_next_hop, cold_flow_cache| Case {
         name,
         program: programs::TC_EGRESS,
         hook: "TC (container veth)",
@@ -90,7 +90,7 @@ fn cases() -> Vec<Case> {
         length_change: encap_overhead,
         forwarding,
         cold_next_hop,
-        cold_flow_cache: false,
+        cold_flow_cache,
     };
     let decap = |name, len, program, hook, ctx, expected_action, cold_flow_cache| Case {
         name,
@@ -123,22 +123,33 @@ fn cases() -> Vec<Case> {
             64,
             true,
             false,
+            false,
         ),
         encap(
             "encap 1400 B, forwarding on, next hop cached",
             1400,
             true,
             false,
+            false,
+        ),
+        encap(
+            "encap 64 B, forwarding on, next hop cached, flow cache miss",
+            64,
+            true,
+            false,
+            true,
         ),
         encap(
             "encap 64 B, forwarding on, cache miss (bpf_fib_lookup)",
             64,
             true,
             true,
+            false,
         ),
         encap(
             "encap 64 B, forwarding off, next hop cached (bpf_redirect_neigh)",
             64,
+            false,
             false,
             false,
         ),
@@ -147,12 +158,14 @@ fn cases() -> Vec<Case> {
             1400,
             false,
             false,
+            false,
         ),
         encap(
             "encap 64 B, forwarding off, cache miss (bpf_redirect_neigh)",
             64,
             false,
             true,
+            false,
         ),
         decap(
             "decap 64 B",
