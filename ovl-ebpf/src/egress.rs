@@ -5,7 +5,7 @@
 use aya_ebpf::{helpers::bpf_redirect_peer, programs::TcContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use ovl_common::{
-    DropReason, Endpoint, Iface,
+    DropReason, Endpoint, Iface, NextHop,
     wire::{ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, ETH_P_ARP, ETH_P_IP},
 };
 
@@ -22,19 +22,17 @@ use crate::{
 pub const MAX_HDR_LEN: u32 = (ETH_HDR_LEN + 60 + 20) as u32;
 
 /// Switches one frame (headers in `frame`) the container of `iface` sent
-/// from the veth whose host end is `ifindex`. `cached` is the endpoint
-/// this CPU's flow cache holds for the frame's IPv4 destination, if any
-/// ([`cached_flow`]).
+/// from the veth whose host end is `ifindex`; `flow` is the frame's flow
+/// in this CPU's flow cache ([`Flow::of`]).
 #[inline(always)]
 pub fn switch(
     ctx: &TcContext,
     frame: &Frame,
     ifindex: u32,
     iface: &Iface,
-    cached: Option<Endpoint>,
+    flow: &Flow,
 ) -> Result<i32, DropReason> {
     let eth: EthHdr = frame.read(0)?;
-    let vni = iface.vni;
     if eth.src_addr != iface.mac {
         return Err(DropReason::SpoofedSource);
     }
@@ -56,9 +54,9 @@ pub fn switch(
         return Err(DropReason::SpoofedSource);
     }
     if eth.dst_addr == ANYCAST_GATEWAY_MAC {
-        return gateway::forward(ctx, ifindex, iface, &ip, cached);
+        return gateway::forward(ctx, ifindex, iface, &ip, flow);
     }
-    let dst = destination(ifindex, vni, ip.dst_addr, cached).ok_or(DropReason::NoEndpoint)?;
+    let dst = flow.destination(iface.vni).ok_or(DropReason::NoEndpoint)?;
     if dst.is_local() {
         if dst.ifindex == ifindex {
             return Err(DropReason::NoEndpoint);
@@ -70,76 +68,144 @@ pub fn switch(
         return Ok(to_container(dst.ifindex));
     }
     let node = maps::node_config().ok_or(DropReason::NoRoute)?;
-    encap::to_remote(ctx, ifindex, iface, node, &dst, &ip)
+    encap::to_remote(ctx, ifindex, iface, node, &dst, &ip, flow)
 }
 
-/// The interface and destination endpoint this CPU cached for the flow of
-/// `frame` (an IPv4 frame from the veth whose host end is `ifindex`), if
-/// the maps have not changed since: the two hash lookups of egress
-/// (`OVL_IFACES`, `OVL_ENDPOINTS`) made once per flow, CPU and epoch
-/// instead of per frame. `None` looks them up.
+/// A frame's flow in this CPU's egress flow cache: frames from the
+/// container veth whose host end is `ifindex` to the IPv4 address
+/// `dst_addr`, and what the cache held for them when the frame came, if
+/// the maps have not changed since. The hash lookups of egress
+/// (`OVL_IFACES`, `OVL_ENDPOINTS`, `OVL_NEXT_HOPS`) are made once per flow,
+/// CPU and epoch (and next hop lifetime) instead of per frame.
+pub struct Flow {
+    ifindex: u32,
+    dst_addr: [u8; 4],
+    cached: Option<EgressFlow>,
+}
+
+impl Flow {
+    /// The flow of `frame`, from the host end `ifindex`. A frame that is no
+    /// IPv4 has none (nothing cached, nothing to cache).
+    #[inline(always)]
+    pub fn of(frame: &Frame, ifindex: u32) -> Flow {
+        let Some(dst_addr) = ipv4_destination(frame) else {
+            return Flow {
+                ifindex,
+                dst_addr: [0; 4],
+                cached: None,
+            };
+        };
+        let cached = maps::EGRESS_FLOWS
+            .get(flow_slot(ifindex, dst_addr))
+            .filter(|f| f.holds(ifindex, dst_addr))
+            .copied();
+        Flow {
+            ifindex,
+            dst_addr,
+            cached,
+        }
+    }
+
+    /// The interface the cache holds (`OVL_IFACES`' entry for `ifindex`).
+    #[inline(always)]
+    pub fn iface(&self) -> Option<Iface> {
+        self.cached.map(|f| f.iface)
+    }
+
+    /// The endpoint of network `vni` the frame is for (`vni` is the
+    /// interface's): the cache's, else looked up, and then cached.
+    #[inline(always)]
+    pub fn destination(&self, vni: u32) -> Option<Endpoint> {
+        if let Some(f) = self.cached {
+            return Some(f.dst);
+        }
+        let dst = maps::endpoint(vni, self.dst_addr)?;
+        self.remember();
+        Some(dst)
+    }
+
+    /// The next hop the cache holds for the destination's VTEP; check it
+    /// with `maps::is_fresh` (`learned_ns` 0: none).
+    #[inline(always)]
+    pub fn hop(&self) -> NextHop {
+        self.cached.map_or(NextHop::default(), |f| f.hop)
+    }
+
+    /// Caches the interface behind `ifindex` and its network's endpoint
+    /// `dst_addr` as the maps say them in the current epoch: read after
+    /// the epoch (`maps::epoch_fenced`), the entries can be no older than
+    /// it, whatever the frame itself was switched on. The next hop follows
+    /// ([`remember_hop`](Self::remember_hop)).
+    #[inline(always)]
+    fn remember(&self) {
+        let epoch = maps::epoch_fenced();
+        if epoch == 0 {
+            return;
+        }
+        let Some(iface) = maps::iface(self.ifindex) else {
+            return;
+        };
+        let Some(dst) = maps::endpoint(iface.vni, self.dst_addr) else {
+            return;
+        };
+        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(flow_slot(self.ifindex, self.dst_addr))
+        else {
+            return;
+        };
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe {
+            *slot = EgressFlow {
+                epoch,
+                ifindex: self.ifindex,
+                dst_addr: self.dst_addr,
+                iface,
+                dst,
+                _pad: 0,
+                hop: NextHop::default(),
+            };
+        }
+    }
+
+    /// Caches `hop`, which a frame of this flow to `vtep` just found fresh
+    /// in `OVL_NEXT_HOPS` or learned from the FIB, if the flow's slot holds
+    /// the flow in the current epoch with `vtep` as its destination's. A
+    /// copy is no older than the entry it copies, which the agent renews
+    /// the epoch after changing, so it is used no longer than the entry
+    /// would have been.
+    #[inline(always)]
+    pub fn remember_hop(&self, vtep: [u8; 4], hop: &NextHop) {
+        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(flow_slot(self.ifindex, self.dst_addr))
+        else {
+            return;
+        };
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        let slot = unsafe { &mut *slot };
+        if slot.holds(self.ifindex, self.dst_addr) && slot.dst.vtep == vtep {
+            slot.hop = *hop;
+        }
+    }
+}
+
+/// The IPv4 destination of `frame`, if it is IPv4.
 #[inline(always)]
-pub fn cached_flow(frame: &Frame, ifindex: u32) -> Option<EgressFlow> {
+fn ipv4_destination(frame: &Frame) -> Option<[u8; 4]> {
     let eth: EthHdr = frame.read(0).ok()?;
     if eth.ether_type != ETH_P_IP.to_be() {
         return None;
     }
     let ip: Ipv4Hdr = frame.read(ETH_HDR_LEN).ok()?;
-    let flow = maps::EGRESS_FLOWS.get(flow_slot(ifindex, ip.dst_addr))?;
-    let hit = flow.epoch != 0
-        && flow.epoch == maps::epoch()
-        && flow.ifindex == ifindex
-        && flow.dst_addr == ip.dst_addr;
-    hit.then_some(*flow)
+    Some(ip.dst_addr)
 }
 
-/// The endpoint `dst_addr` of network `vni`, for a frame from the host end
-/// `ifindex`: `cached` when the flow cache had it, else looked up, and
-/// then cached.
-#[inline(always)]
-pub fn destination(
-    ifindex: u32,
-    vni: u32,
-    dst_addr: [u8; 4],
-    cached: Option<Endpoint>,
-) -> Option<Endpoint> {
-    if cached.is_some() {
-        return cached;
-    }
-    let dst = maps::endpoint(vni, dst_addr)?;
-    remember(ifindex, dst_addr);
-    Some(dst)
-}
-
-/// Caches the interface behind `ifindex` and its network's endpoint
-/// `dst_addr` as the maps say them in the current epoch: read after the
-/// epoch (`maps::epoch_fenced`), the entries can be no older than it,
-/// whatever the frame itself was switched on.
-#[inline(always)]
-fn remember(ifindex: u32, dst_addr: [u8; 4]) {
-    let epoch = maps::epoch_fenced();
-    if epoch == 0 {
-        return;
-    }
-    let Some(iface) = maps::iface(ifindex) else {
-        return;
-    };
-    let Some(dst) = maps::endpoint(iface.vni, dst_addr) else {
-        return;
-    };
-    let Some(flow) = maps::EGRESS_FLOWS.get_ptr_mut(flow_slot(ifindex, dst_addr)) else {
-        return;
-    };
-    // SAFETY: per-CPU value, no concurrent writer on this CPU.
-    unsafe {
-        *flow = EgressFlow {
-            epoch,
-            ifindex,
-            dst_addr,
-            iface,
-            dst,
-            _pad: 0,
-        };
+impl EgressFlow {
+    /// Whether this slot holds the flow from `ifindex` to `dst_addr` in the
+    /// maps' current epoch.
+    #[inline(always)]
+    fn holds(&self, ifindex: u32, dst_addr: [u8; 4]) -> bool {
+        self.epoch != 0
+            && self.epoch == maps::epoch()
+            && self.ifindex == ifindex
+            && self.dst_addr == dst_addr
     }
 }
 

@@ -28,7 +28,7 @@ use ovl_common::{
     },
 };
 
-use crate::{icmp, maps, packet::Frame, stats};
+use crate::{egress::Flow, icmp, maps, packet::Frame, stats};
 
 const AF_INET: u8 = 2;
 /// IPv4 "don't fragment" (RFC 791): RFC 7348 §4.3 forbids VTEPs from
@@ -76,7 +76,8 @@ fn exit_of(iface: &Iface, dst: &Endpoint) -> Result<Exit, DropReason> {
 /// Wraps the IPv4 frame the container of `iface` (host end `ifindex`)
 /// sent for the VTEP of `dst` and redirects it to the underlay, or to the
 /// crypto device for an encrypted network.
-/// `inner_ip` is the frame's IPv4 header (at `ETH_HDR_LEN`).
+/// `inner_ip` is the frame's IPv4 header (at `ETH_HDR_LEN`), `flow` its
+/// flow in the flow cache.
 #[inline(always)]
 pub fn to_remote(
     ctx: &TcContext,
@@ -85,6 +86,7 @@ pub fn to_remote(
     node: &NodeConfig,
     dst: &Endpoint,
     inner_ip: &Ipv4Hdr,
+    flow: &Flow,
 ) -> Result<i32, DropReason> {
     let vni = iface.vni;
     let skb = ctx.skb.skb;
@@ -126,7 +128,7 @@ pub fn to_remote(
                 let inner_mtu = path_mtu.saturating_sub(ENCAP_OVERHEAD) as u16;
                 return icmp::frag_needed(ctx, ifindex, iface, inner_mtu);
             }
-            route_to(ctx, node, dst.vtep, outer_len)?
+            route_to(ctx, node, dst.vtep, outer_len, flow)?
         }
     };
 
@@ -284,31 +286,39 @@ impl Route {
     }
 }
 
-/// Routes an underlay packet of `outer_len` bytes from this VTEP to `vtep`:
-/// from the next-hop cache while its entry is fresh and the packet fits
-/// the route's MTU, else through the kernel FIB (which fills the cache).
+/// Routes an underlay packet of `outer_len` bytes of `flow` from this
+/// VTEP to `vtep`: from the next-hop cache while its entry is fresh and
+/// the packet fits the route's MTU (the flow's copy of it first), else
+/// through the kernel FIB (which fills the cache).
 #[inline(always)]
 fn route_to(
     ctx: &TcContext,
     node: &NodeConfig,
     vtep: [u8; 4],
     outer_len: u32,
+    flow: &Flow,
 ) -> Result<Route, DropReason> {
     // The coarse clock (the last tick's time) is plenty for a one-second
     // lifetime, and reads no clock source: bpf_ktime_get_ns cost ~9 % of
     // the program's time in a VM (read_tsc).
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let hop = flow.hop();
+    if maps::is_fresh(&hop, now) && outer_len <= hop.mtu {
+        return Ok(Route::cached(&hop));
+    }
     if let Some(hop) = maps::next_hop(vtep, now)
         && outer_len <= hop.mtu
     {
+        flow.remember_hop(vtep, &hop);
         return Ok(Route::cached(&hop));
     }
-    fib_route(ctx, node, vtep, outer_len, now)
+    fib_route(ctx, node, vtep, outer_len, now, flow)
 }
 
 /// Asks the kernel FIB (and neighbour table) for the route to `vtep`, which
-/// also checks the route's MTU, and caches what it learned at `now`.
+/// also checks the route's MTU, and caches what it learned at `now` (for
+/// every flow to `vtep`, and in `flow`'s slot).
 #[inline(always)]
 fn fib_route(
     ctx: &TcContext,
@@ -316,6 +326,7 @@ fn fib_route(
     vtep: [u8; 4],
     outer_len: u32,
     now: u64,
+    flow: &Flow,
 ) -> Result<Route, DropReason> {
     // The FIB checks the route's MTU too (it skips that check where
     // forwarding is off).
@@ -350,7 +361,7 @@ fn fib_route(
                 mtu: u32::from(unsafe { fib.__bindgen_anon_1.mtu_result }),
                 learned_ns: now,
             };
-            maps::set_next_hop(vtep, &hop);
+            cache_next_hop(vtep, &hop, flow);
             Ok(Route::cached(&hop))
         }
         r if r == BPF_FIB_LKUP_RET_FWD_DISABLED as i64 => {
@@ -363,7 +374,7 @@ fn fib_route(
                 mtu: u32::MAX,
                 learned_ns: now,
             };
-            maps::set_next_hop(vtep, &hop);
+            cache_next_hop(vtep, &hop, flow);
             Ok(Route::cached(&hop))
         }
         // Not cached: the neighbour subsystem resolves it meanwhile.
@@ -387,6 +398,14 @@ fn fib_route(
         }
         _ => Err(DropReason::NoRoute),
     }
+}
+
+/// Caches the next hop to `vtep` the FIB just gave, for every flow and in
+/// `flow`'s slot.
+#[inline(always)]
+fn cache_next_hop(vtep: [u8; 4], hop: &NextHop, flow: &Flow) {
+    maps::set_next_hop(vtep, hop);
+    flow.remember_hop(vtep, hop);
 }
 
 #[inline(always)]

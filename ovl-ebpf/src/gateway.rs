@@ -7,13 +7,13 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use ovl_common::{
-    DropReason, Endpoint, Iface,
+    DropReason, Iface,
     maps::{egress_mark, network_flags},
     wire::{ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, checksum_replace16},
 };
 
 use crate::{
-    egress::{self, gso_segs, to_container},
+    egress::{Flow, gso_segs, to_container},
     encap, icmp, maps,
     packet::Frame,
     stats,
@@ -23,18 +23,17 @@ use crate::{
 const PACKET_HOST: u32 = 0;
 
 /// Routes the IPv4 packet `ip` that the container of `iface` (host end
-/// `ifindex`) sent to its gateway; `cached` is the flow cache's endpoint
-/// for its destination, if any.
+/// `ifindex`) sent to its gateway; `flow` is its flow in the flow cache.
 #[inline(always)]
 pub fn forward(
     ctx: &TcContext,
     ifindex: u32,
     iface: &Iface,
     ip: &Ipv4Hdr,
-    cached: Option<Endpoint>,
+    flow: &Flow,
 ) -> Result<i32, DropReason> {
     let vni = iface.vni;
-    if let Some(dst) = egress::destination(ifindex, vni, ip.dst_addr, cached) {
+    if let Some(dst) = flow.destination(vni) {
         if dst.ifindex == ifindex {
             // Its own address goes through its loopback, never here.
             return Err(DropReason::NoEndpoint);
@@ -53,7 +52,7 @@ pub fn forward(
             return Ok(to_container(dst.ifindex));
         }
         let node = maps::node_config().ok_or(DropReason::NoRoute)?;
-        return encap::to_remote(ctx, ifindex, iface, node, &dst, &routed);
+        return encap::to_remote(ctx, ifindex, iface, node, &dst, &routed, flow);
     }
     match maps::subnet_of(vni, ip.dst_addr) {
         Some(subnet) if subnet.gateway == ip.dst_addr => icmp::echo_reply(ctx, ifindex, iface, ip),

@@ -113,13 +113,12 @@ pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let frame = Frame::of_skb_headers(&ctx, egress::MAX_HDR_LEN);
-    let cached = egress::cached_flow(&frame, ifindex);
-    let Some(iface) = cached.map(|f| f.iface).or_else(|| maps::iface(ifindex)) else {
+    let flow = egress::Flow::of(&frame, ifindex);
+    let Some(iface) = flow.iface().or_else(|| maps::iface(ifindex)) else {
         stats::drop(UNATTRIBUTED_SLOT, DropReason::NoEndpoint);
         return TC_ACT_SHOT;
     };
-    let dst = cached.map(|f| f.dst);
-    egress::switch(&ctx, &frame, ifindex, &iface, dst).unwrap_or_else(|reason| {
+    egress::switch(&ctx, &frame, ifindex, &iface, &flow).unwrap_or_else(|reason| {
         stats::drop(iface.stats_slot, reason);
         TC_ACT_SHOT
     })

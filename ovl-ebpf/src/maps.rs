@@ -134,9 +134,10 @@ pub struct DecapFlow {
 }
 
 /// What container egress looks up for frames from the container veth
-/// whose host end is `ifindex` to `dst_addr`: the interface and the
-/// endpoint, as the maps said in `epoch`. Lookups only: every check on
-/// the frame itself (sources, sizes, TTL) is made on every frame.
+/// whose host end is `ifindex` to `dst_addr`: the interface, the endpoint
+/// and (for a remote one) the next hop to its VTEP, as the maps said in
+/// `epoch`. Lookups only: every check on the frame itself (sources, sizes,
+/// TTL) is made on every frame.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct EgressFlow {
@@ -149,6 +150,10 @@ pub struct EgressFlow {
     /// `OVL_ENDPOINTS`' entry for (`iface.vni`, `dst_addr`).
     pub dst: Endpoint,
     pub _pad: u32,
+    /// `OVL_NEXT_HOPS`' entry for `dst.vtep` as a frame of the flow last
+    /// found it (fresh then) or learned it; `learned_ns` 0 when none yet.
+    /// It expires like the entry it copies.
+    pub hop: NextHop,
 }
 
 /// ABI version of the build that filled these maps (read by the agent only).
@@ -247,7 +252,15 @@ pub fn set_path_mtu(vtep: [u8; 4], mtu: u32) {
 pub fn next_hop(vtep: [u8; 4], now: u64) -> Option<NextHop> {
     // SAFETY: the value is copied out immediately.
     let hop = unsafe { NEXT_HOPS.get(vtep).copied() }?;
-    (now.wrapping_sub(hop.learned_ns) < NEXT_HOP_TTL_NS).then_some(hop)
+    is_fresh(&hop, now).then_some(hop)
+}
+
+/// Whether a next hop (an entry of [`NEXT_HOPS`] or a copy of one) may
+/// still be used at `now` (`bpf_ktime_get_coarse_ns`); one never learned
+/// (`learned_ns` 0) may not.
+#[inline(always)]
+pub fn is_fresh(hop: &NextHop, now: u64) -> bool {
+    hop.learned_ns != 0 && now.wrapping_sub(hop.learned_ns) < NEXT_HOP_TTL_NS
 }
 
 /// Caches the next hop to `vtep`.

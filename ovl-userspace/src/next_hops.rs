@@ -12,7 +12,10 @@
 //! [`REFRESH`] to keep them inside it, and forgets what it resolved at
 //! every route, neighbour or link notification, when the agent also
 //! empties the cache. Without an agent the entries expire within
-//! `NEXT_HOP_TTL_NS` and the kernel routes again.
+//! `NEXT_HOP_TTL_NS` and the kernel routes again. Each of these writes
+//! ends the maps' epoch (`Datapath::clear_next_hops`): egress's flow
+//! cache keeps copies of next hops, which the next packet then reads
+//! afresh.
 //!
 //! A packet sent straight out leaves no trace the agent could read, so it
 //! cannot tell a VTEP still in use from one whose traffic stopped. Each
@@ -203,7 +206,7 @@ impl Resolver {
             match role(&hop, now, forwarding, lease) {
                 Role::Skip => {}
                 Role::Retire => {
-                    dp.forget_next_hop(vtep);
+                    dp.forget_next_hop(vtep)?;
                     done.retired += 1;
                 }
                 role => wanted.push((vtep, hop.via, role)),
@@ -236,7 +239,7 @@ impl Resolver {
                     in_use.insert(h.neighbour);
                 }
                 None if via == next_hop_via::AGENT_RESOLVED => {
-                    dp.forget_next_hop(vtep);
+                    dp.forget_next_hop(vtep)?;
                     self.leases.remove(&vtep);
                     done.dropped += 1;
                 }

@@ -957,11 +957,11 @@ fn encap_caches_the_next_hop_and_sends_the_same_frame_from_the_cache() -> Result
     Ok(())
 }
 
-/// Egress looks a flow's interface and destination up once per CPU and
-/// epoch and serves the frames after it from its cache (a change written
-/// behind the agent's back is not seen), but checks every frame's sources;
-/// every change the agent makes to the interface or the endpoint is
-/// followed by the very next frame.
+/// Egress looks a flow's interface, destination and next hop up once per
+/// CPU and epoch and serves the frames after it from its cache (a change
+/// written behind the agent's back is not seen), but checks every frame's
+/// sources; every change the agent makes to the interface, the endpoint
+/// or the next hops is followed by the very next frame.
 #[test]
 fn egress_serves_a_flow_from_its_cache_until_the_agent_changes_a_map() -> Result<()> {
     let mut f = fixture("gold-egress-cache")?;
@@ -999,6 +999,20 @@ fn egress_serves_a_flow_from_its_cache_until_the_agent_changes_a_map() -> Result
         write_endpoint_as_the_agent(&mut f, C2, remote(mac))?;
         ensure!(sent_to(&f)? == mac, "the agent's endpoint not followed");
     }
+    // The next hop rides in the flow's slot too: with the next-hop cache
+    // emptied behind the agent's back, the FIB is not asked again.
+    let data = MapData::from_pin(f.pin_dir().join(names::NEXT_HOPS))?;
+    let mut hops: HashMap<_, [u8; 4], NextHop> = HashMap::try_from(Map::LruHashMap(data))?;
+    hops.remove(&REMOTE_VTEP.octets())?;
+    ensure!(sent_to(&f)? == mac_of(C2), "the cache did not serve");
+    ensure!(
+        cached_hop(&f)?.is_none(),
+        "the next hop was looked up, not served from the flow's slot"
+    );
+    // An agent's emptying is followed at once.
+    f.datapath.clear_next_hops()?;
+    ensure!(sent_to(&f)? == mac_of(C2), "after emptying");
+    ensure!(cached_hop(&f)?.is_some(), "the FIB was not asked again");
     // So is the interface, taken away by the agent.
     f.datapath.sync_ifaces(&BTreeMap::new())?;
     let (action, _) = run(

@@ -523,6 +523,11 @@ impl Datapath {
 
     /// Empties the next-hop cache (`OVL_NEXT_HOPS`): the next packet to each
     /// VTEP asks the FIB again. Returns how many entries there were.
+    ///
+    /// Egress's flow cache copies next hops, so every change the agent
+    /// makes to `OVL_NEXT_HOPS` (here, [`set_next_hop`](Self::set_next_hop),
+    /// [`forget_next_hop`](Self::forget_next_hop)) ends the maps' epoch:
+    /// the next packet of every flow reads the map again.
     pub fn clear_next_hops(&mut self) -> Result<usize> {
         let mut map = self.next_hop_map()?;
         let vteps: Vec<[u8; 4]> = map.keys().filter_map(|k| k.ok()).collect();
@@ -530,6 +535,7 @@ impl Datapath {
             // Gone already (evicted, or emptied by another clear): fine.
             let _ = map.remove(vtep);
         }
+        self.new_epoch()?;
         Ok(vteps.len())
     }
 
@@ -539,18 +545,22 @@ impl Datapath {
         Ok(self.next_hop_map()?.iter().filter_map(|e| e.ok()).collect())
     }
 
-    /// Writes the next hop to `vtep` into the cache.
+    /// Writes the next hop to `vtep` into the cache (a new epoch, see
+    /// [`clear_next_hops`](Self::clear_next_hops)).
     pub fn set_next_hop(&mut self, vtep: [u8; 4], hop: NextHop) -> Result<()> {
-        self.next_hop_map()?
+        let written = self
+            .next_hop_map()?
             .insert(vtep, hop, 0)
-            .context("write OVL_NEXT_HOPS")
+            .context("write OVL_NEXT_HOPS");
+        self.new_epoch()?;
+        written
     }
 
-    /// Drops the cached next hop to `vtep` (gone already is fine).
-    pub fn forget_next_hop(&mut self, vtep: [u8; 4]) {
-        if let Ok(mut map) = self.next_hop_map() {
-            let _ = map.remove(&vtep);
-        }
+    /// Drops the cached next hop to `vtep` (gone already is fine; a new
+    /// epoch, see [`clear_next_hops`](Self::clear_next_hops)).
+    pub fn forget_next_hop(&mut self, vtep: [u8; 4]) -> Result<()> {
+        let _ = self.next_hop_map()?.remove(&vtep);
+        self.new_epoch()
     }
 
     fn next_hop_map(&mut self) -> Result<HashMap<&mut MapData, [u8; 4], NextHop>> {
