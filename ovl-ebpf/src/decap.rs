@@ -247,7 +247,8 @@ fn remember(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) {
 #[inline(always)]
 fn flow_slot(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) -> u32 {
     maps::flow_slot(
-        vni ^ u32::from_ne_bytes(src_vtep) ^ u32::from_ne_bytes(dst_addr).rotate_left(16),
+        dst_addr,
+        vni.wrapping_mul(0x9e37_79b1) ^ u32::from_be_bytes(src_vtep),
     )
 }
 

@@ -212,7 +212,7 @@ impl EgressFlow {
 /// The slot of [`maps::EGRESS_FLOWS`] for a flow.
 #[inline(always)]
 fn flow_slot(ifindex: u32, dst_addr: [u8; 4]) -> u32 {
-    maps::flow_slot(ifindex ^ u32::from_ne_bytes(dst_addr).rotate_left(16))
+    maps::flow_slot(dst_addr, ifindex)
 }
 
 /// Segments the frame stands for (a GSO super-packet counts as many).

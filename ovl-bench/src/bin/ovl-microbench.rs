@@ -22,14 +22,16 @@
 #[path = "../../../ovl-userspace/tests/testbed/mod.rs"]
 mod testbed;
 
+use std::net::Ipv4Addr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::maps::{Array, HashMap, Map, MapData};
-use ovl_common::NextHop;
 use ovl_common::maps::{names, programs};
 use ovl_common::wire::{ENCAP_OVERHEAD, ETH_P_IP, IPPROTO_UDP};
+use ovl_common::{Endpoint, NextHop};
+use ovl_userspace::datapath;
 use serde_json::{Value, json};
 
 use crate::testbed::action::{TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS, XDP_REDIRECT};
@@ -37,7 +39,9 @@ use crate::testbed::fixture::{
     Fixture, GATEWAY_MAC, LOCAL_CONTAINER, LOCAL_VTEP, NEIGHBOUR_CONTAINER, REMOTE_CONTAINER,
     REMOTE_VTEP, TEST_RUN_IFINDEX, UNDERLAY_MAC, VNI, skb_ctx,
 };
-use crate::testbed::frames::{container_udp_frame, ethernet, ipv4, udp, vxlan_frame};
+use crate::testbed::frames::{
+    container_mac, container_udp_frame, ethernet, ipv4, udp, vxlan_frame,
+};
 
 /// Single runs per case unless `--samples` says otherwise.
 const DEFAULT_SAMPLES: usize = 20_000;
@@ -49,7 +53,9 @@ struct Case {
     name: &'static str,
     program: &'static str,
     hook: &'static str,
-    frame: Vec<u8>,
+    /// The frames, one per flow: single runs take them in turn (one flow
+    /// each when there is one).
+    frames: Vec<Vec<u8>>,
     /// `__sk_buff` context for TC programs; XDP runs without one.
     ctx: Option<Vec<u8>>,
     expected_action: u32,
@@ -86,7 +92,7 @@ fn cases() -> Vec<Case> {
         name,
         program: programs::TC_EGRESS,
         hook: "TC (container veth)",
-        frame: outbound(len),
+        frames: vec![outbound(len)],
         ctx: tc_ctx(),
         expected_action: TC_ACT_REDIRECT,
         length_change: encap_overhead,
@@ -98,13 +104,44 @@ fn cases() -> Vec<Case> {
         name,
         program,
         hook,
-        frame: inbound(len),
+        frames: vec![inbound(len)],
         ctx,
         expected_action,
         length_change: -encap_overhead,
         forwarding: true,
         cold_next_hop: false,
         cold_flow_cache,
+    };
+    // Many flows in turn, each to its own container: what a flow cache
+    // holds of them decides what a frame costs.
+    let encap_flows = |name, flows| Case {
+        frames: (0..flows)
+            .map(|i| container_udp_frame(LOCAL_CONTAINER, many_remote(i), 64))
+            .collect(),
+        ..encap(name, 64, true, false, false)
+    };
+    let decap_flows = |name, flows| Case {
+        frames: (0..flows)
+            .map(|i| {
+                vxlan_frame(
+                    REMOTE_VTEP,
+                    LOCAL_VTEP,
+                    UNDERLAY_MAC,
+                    GATEWAY_MAC,
+                    VNI,
+                    &container_udp_frame(REMOTE_CONTAINER, many_local(i), 64),
+                )
+            })
+            .collect(),
+        ..decap(
+            name,
+            64,
+            programs::TC_DECAP,
+            "TC ingress (underlay)",
+            tc_ctx(),
+            TC_ACT_REDIRECT,
+            false,
+        )
     };
     // Plain UDP to the host itself: what every non-overlay packet of the
     // underlay pays for the decap hook.
@@ -169,6 +206,14 @@ fn cases() -> Vec<Case> {
             true,
             true,
         ),
+        encap_flows(
+            "encap 64 B, forwarding on, next hop cached, 64 flows in turn",
+            64,
+        ),
+        encap_flows(
+            "encap 64 B, forwarding on, next hop cached, 1024 flows in turn",
+            MANY_FLOWS,
+        ),
         decap(
             "decap 64 B",
             64,
@@ -223,11 +268,13 @@ fn cases() -> Vec<Case> {
             TC_ACT_REDIRECT,
             true,
         ),
+        decap_flows("decap 64 B, 64 flows in turn", 64),
+        decap_flows("decap 64 B, 1024 flows in turn", MANY_FLOWS),
         Case {
             name: "pass-through, non-VXLAN UDP 64 B",
             program: programs::XDP_DECAP,
             hook: "XDP (underlay)",
-            frame: host_udp.clone(),
+            frames: vec![host_udp.clone()],
             ctx: None,
             expected_action: XDP_PASS,
             length_change: 0,
@@ -239,7 +286,7 @@ fn cases() -> Vec<Case> {
             name: "pass-through, non-VXLAN UDP 64 B",
             program: programs::TC_DECAP,
             hook: "TC ingress (underlay)",
-            frame: host_udp,
+            frames: vec![host_udp],
             ctx: tc_ctx(),
             expected_action: TC_ACT_OK,
             length_change: 0,
@@ -251,7 +298,11 @@ fn cases() -> Vec<Case> {
             name: "same-host switch 64 B",
             program: programs::TC_EGRESS,
             hook: "TC (container veth)",
-            frame: container_udp_frame(LOCAL_CONTAINER, NEIGHBOUR_CONTAINER, 64),
+            frames: vec![container_udp_frame(
+                LOCAL_CONTAINER,
+                NEIGHBOUR_CONTAINER,
+                64,
+            )],
             ctx: tc_ctx(),
             expected_action: TC_ACT_REDIRECT,
             length_change: 0,
@@ -260,6 +311,51 @@ fn cases() -> Vec<Case> {
             cold_flow_cache: false,
         },
     ]
+}
+
+/// Flows of the largest many-flows case: remote containers
+/// ([`many_remote`]) and local ones ([`many_local`]) the fixture gains.
+const MANY_FLOWS: u32 = 1024;
+
+/// The `i`th of [`MANY_FLOWS`] containers behind [`REMOTE_VTEP`].
+fn many_remote(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 16, 0)) + 1 + i)
+}
+
+/// The `i`th of [`MANY_FLOWS`] containers on this host (behind the test
+/// run's interface, like [`LOCAL_CONTAINER`]).
+fn many_local(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 32, 0)) + 1 + i)
+}
+
+/// Adds the many-flows cases' containers to the fixture's network, as
+/// the agent would write them.
+fn add_many_flows(fixture: &mut Fixture) -> Result<()> {
+    let mut endpoints: Vec<([u8; 4], Endpoint)> = datapath::read_endpoints(fixture.pin_dir())?
+        .into_iter()
+        .filter(|(key, _)| key.vni == VNI)
+        .map(|(key, endpoint)| (key.addr, endpoint))
+        .collect();
+    let endpoint = |addr: Ipv4Addr, ifindex, vtep: [u8; 4]| {
+        (
+            addr.octets(),
+            Endpoint {
+                mac: container_mac(addr),
+                _pad: [0; 2],
+                ifindex,
+                vtep,
+            },
+        )
+    };
+    for i in 0..MANY_FLOWS {
+        endpoints.push(endpoint(many_remote(i), 0, REMOTE_VTEP.octets()));
+        endpoints.push(endpoint(many_local(i), TEST_RUN_IFINDEX, [0; 4]));
+    }
+    fixture
+        .datapath
+        .sync_network_endpoints(VNI, endpoints)
+        .context("add the many-flows containers")?;
+    Ok(())
 }
 
 struct Options {
@@ -302,7 +398,8 @@ fn run() -> Result<()> {
     // One CPU throughout: a case's runs then find what the runs before
     // them cached per CPU (decap's flow cache), as a flow's frames do.
     testbed::stay_on_one_cpu()?;
-    let fixture = Fixture::new("micro")?;
+    let mut fixture = Fixture::new("micro")?;
+    add_many_flows(&mut fixture)?;
     let mut rows = Vec::new();
     let mut next_hops = NextHops::open(&fixture)?;
     let mut epoch = Epoch::open(&fixture)?;
@@ -331,29 +428,36 @@ fn measure(
 ) -> Result<Value> {
     let datapath = &fixture.datapath;
     let ctx = case.ctx.as_deref();
-    let first = datapath.test_run(case.program, &case.frame, ctx, 1)?;
-    ensure!(
-        first.action == case.expected_action,
-        "returned action {} instead of {}: the fixture does not exercise this path",
-        first.action,
-        case.expected_action
-    );
-    let expected_len = case.frame.len() as isize + case.length_change;
-    ensure!(
-        first.output.len() as isize == expected_len,
-        "output frame is {} bytes, expected {expected_len}",
-        first.output.len()
-    );
+    // Every flow once: each takes the path named, and is then in the
+    // caches as far as they hold it.
+    let mut first = None;
+    for frame in &case.frames {
+        let outcome = datapath.test_run(case.program, frame, ctx, 1)?;
+        ensure!(
+            outcome.action == case.expected_action,
+            "returned action {} instead of {}: the fixture does not exercise this path",
+            outcome.action,
+            case.expected_action
+        );
+        let expected_len = frame.len() as isize + case.length_change;
+        ensure!(
+            outcome.output.len() as isize == expected_len,
+            "output frame is {} bytes, expected {expected_len}",
+            outcome.output.len()
+        );
+        first.get_or_insert(outcome);
+    }
+    let first = first.context("a case without frames")?;
 
     let mut single_ns = Vec::with_capacity(options.samples);
-    for _ in 0..options.samples {
+    for frame in case.frames.iter().cycle().take(options.samples) {
         if case.cold_next_hop {
             next_hops.clear()?;
         }
         if case.cold_flow_cache {
             epoch.advance()?;
         }
-        let outcome = datapath.test_run(case.program, &case.frame, ctx, 1)?;
+        let outcome = datapath.test_run(case.program, frame, ctx, 1)?;
         ensure!(
             outcome.action == case.expected_action,
             "a single run returned action {}",
@@ -363,7 +467,8 @@ fn measure(
     }
     single_ns.sort_unstable();
 
-    let repeated = datapath.test_run(case.program, &case.frame, ctx, options.repeat)?;
+    let frame = &case.frames[0];
+    let repeated = datapath.test_run(case.program, frame, ctx, options.repeat)?;
     // Only a program that leaves its input as it found it reruns the same
     // path: the last run's action and output say whether it did.
     let repeat_same_path = case.length_change == 0
@@ -373,7 +478,7 @@ fn measure(
         "case": case.name,
         "program": case.program,
         "hook": case.hook,
-        "frame_bytes": case.frame.len(),
+        "frame_bytes": frame.len(),
         "expected_action": case.expected_action,
         "samples": options.samples,
         "single_median_ns": percentile(&single_ns, 50),
