@@ -77,22 +77,22 @@ struct Case {
 fn cases() -> Vec<Case> {
     let tc_ctx = || Some(skb_ctx(TEST_RUN_IFINDEX));
     let encap_overhead = ENCAP_OVERHEAD as isize;
-    let outbound = |len| container_udp_frame(LOCAL_CONTAINER, REMOTE_CONTAINER, len);
-    let inbound = |len| {
+    let outbound = |to, len| container_udp_frame(LOCAL_CONTAINER, to, len);
+    let inbound = |to, len| {
         vxlan_frame(
             REMOTE_VTEP,
             LOCAL_VTEP,
             UNDERLAY_MAC,
             GATEWAY_MAC,
             VNI,
-            &container_udp_frame(REMOTE_CONTAINER, LOCAL_CONTAINER, len),
+            &container_udp_frame(REMOTE_CONTAINER, to, len),
         )
     };
     let encap = |name, len, forwarding, cold_next_hop, cold_flow_cache| Case {
         name,
         program: programs::TC_EGRESS,
         hook: "TC (container veth)",
-        frames: vec![outbound(len)],
+        frames: vec![outbound(REMOTE_CONTAINER, len)],
         ctx: tc_ctx(),
         expected_action: TC_ACT_REDIRECT,
         length_change: encap_overhead,
@@ -104,7 +104,7 @@ fn cases() -> Vec<Case> {
         name,
         program,
         hook,
-        frames: vec![inbound(len)],
+        frames: vec![inbound(LOCAL_CONTAINER, len)],
         ctx,
         expected_action,
         length_change: -encap_overhead,
@@ -115,24 +115,11 @@ fn cases() -> Vec<Case> {
     // Many flows in turn, each to its own container: what a flow cache
     // holds of them decides what a frame costs.
     let encap_flows = |name, flows| Case {
-        frames: (0..flows)
-            .map(|i| container_udp_frame(LOCAL_CONTAINER, many_remote(i), 64))
-            .collect(),
+        frames: (0..flows).map(|i| outbound(many_remote(i), 64)).collect(),
         ..encap(name, 64, true, false, false)
     };
     let decap_flows = |name, flows| Case {
-        frames: (0..flows)
-            .map(|i| {
-                vxlan_frame(
-                    REMOTE_VTEP,
-                    LOCAL_VTEP,
-                    UNDERLAY_MAC,
-                    GATEWAY_MAC,
-                    VNI,
-                    &container_udp_frame(REMOTE_CONTAINER, many_local(i), 64),
-                )
-            })
-            .collect(),
+        frames: (0..flows).map(|i| inbound(many_local(i), 64)).collect(),
         ..decap(
             name,
             64,
