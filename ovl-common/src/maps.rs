@@ -81,6 +81,85 @@ pub const ABI_VERSION: u32 = 2;
 /// Index of the crypto device in `OVL_CRYPTO`.
 pub const CRYPTO_DEVICE: u32 = 0;
 
+/// Where the per-CPU flow caches (`OVL_DECAP_FLOWS`, `OVL_EGRESS_FLOWS`,
+/// unpinned) keep a flow: computed by the programs, and by tests that
+/// need two flows in one slot.
+pub mod flow_cache {
+    /// log2 of [`SLOTS`].
+    const SLOT_BITS: u32 = 10;
+    /// Slots of each flow cache per CPU (a power of two): flows whose
+    /// hashes meet share one and take turns. 1024 keep a thousand flows
+    /// per CPU mostly apart (`ovl-microbench`'s many-flows cases) at 96 KiB
+    /// (egress) and 48 KiB (decap) per CPU.
+    pub const SLOTS: u32 = 1 << SLOT_BITS;
+
+    /// The decap cache's slot for VXLAN of network `vni` from `src_vtep`
+    /// to the inner IPv4 destination `dst_addr`.
+    #[inline(always)]
+    pub fn decap_slot(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) -> u32 {
+        slot(
+            dst_addr,
+            vni.wrapping_mul(0x9e37_79b1) ^ u32::from_be_bytes(src_vtep),
+        )
+    }
+
+    /// The egress cache's slot for frames from the container veth whose
+    /// host end is `ifindex` to the IPv4 destination `dst_addr`.
+    #[inline(always)]
+    pub fn egress_slot(ifindex: u32, dst_addr: [u8; 4]) -> u32 {
+        slot(dst_addr, ifindex)
+    }
+
+    /// The slot for a flow to `dst_addr` from whatever `source` folds.
+    ///
+    /// Fibonacci hashing of the destination as a number, offset by a full
+    /// mix of the source: the addresses IPAM hands out one after another
+    /// then land in distinct slots for as long as there are slots, where a
+    /// random hash would pile a third of them up (birthday collisions);
+    /// different sources start at unrelated offsets.
+    #[inline(always)]
+    fn slot(dst_addr: [u8; 4], source: u32) -> u32 {
+        u32::from_be_bytes(dst_addr)
+            .wrapping_add(mix(source))
+            .wrapping_mul(0x9e37_79b1)
+            >> (32 - SLOT_BITS)
+    }
+
+    /// MurmurHash3's 32-bit finaliser: every input bit moves about half
+    /// the output bits.
+    #[inline(always)]
+    fn mix(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        extern crate std;
+        use std::collections::BTreeSet;
+
+        use super::*;
+
+        #[test]
+        fn addresses_in_order_take_distinct_slots_while_there_are_enough() {
+            let slots: BTreeSet<u32> = (0..SLOTS)
+                .map(|i| egress_slot(7, (0xc612_1000 + i).to_be_bytes()))
+                .collect();
+            // Fibonacci hashing spreads a run of keys evenly, not
+            // perfectly: most of them, where a random hash keeps 63 %.
+            assert!(slots.len() as u32 > SLOTS * 4 / 5, "{} slots", slots.len());
+            let quarter: BTreeSet<u32> = (0..SLOTS / 4)
+                .map(|i| decap_slot(4096, [198, 51, 100, 10], (0xc612_2000 + i).to_be_bytes()))
+                .collect();
+            assert_eq!(quarter.len() as u32, SLOTS / 4);
+            assert!(slots.iter().all(|s| *s < SLOTS));
+        }
+    }
+}
+
 /// Capacities of the hash maps.
 pub mod capacity {
     /// Networks per node.

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr, vxlan::VxlanHdr};
 use ovl_common::{
     DropReason, Endpoint, NodeConfig,
-    maps::network_flags,
+    maps::{flow_cache::decap_slot, network_flags},
     wire::{
         ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN,
         VXLAN_FLAG_I,
@@ -187,7 +187,7 @@ fn cached_delivery(
         return None;
     }
     let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).ok()?;
-    let flow = maps::DECAP_FLOWS.get(flow_slot(vni, src_vtep, inner_ip.dst_addr))?;
+    let flow = maps::DECAP_FLOWS.get(decap_slot(vni, src_vtep, inner_ip.dst_addr))?;
     let hit = flow.epoch != 0
         && flow.epoch == maps::epoch()
         && flow.vni == vni
@@ -223,7 +223,7 @@ fn remember(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) {
     let Some(ep) = maps::endpoint(vni, dst_addr).filter(Endpoint::is_local) else {
         return;
     };
-    let Some(flow) = maps::DECAP_FLOWS.get_ptr_mut(flow_slot(vni, src_vtep, dst_addr)) else {
+    let Some(flow) = maps::DECAP_FLOWS.get_ptr_mut(decap_slot(vni, src_vtep, dst_addr)) else {
         return;
     };
     // SAFETY: per-CPU value, no concurrent writer on this CPU.
@@ -241,15 +241,6 @@ fn remember(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) {
             stats_slot: network.stats_slot,
         };
     }
-}
-
-/// The slot of [`maps::DECAP_FLOWS`] for a flow.
-#[inline(always)]
-fn flow_slot(vni: u32, src_vtep: [u8; 4], dst_addr: [u8; 4]) -> u32 {
-    maps::flow_slot(
-        dst_addr,
-        vni.wrapping_mul(0x9e37_79b1) ^ u32::from_be_bytes(src_vtep),
-    )
 }
 
 /// Why VXLAN from a sender that is no VTEP of network `vni` is refused.

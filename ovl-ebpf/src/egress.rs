@@ -6,6 +6,7 @@ use aya_ebpf::{helpers::bpf_redirect_peer, programs::TcContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use ovl_common::{
     DropReason, Endpoint, Iface, NextHop,
+    maps::flow_cache::egress_slot,
     wire::{ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, ETH_P_ARP, ETH_P_IP},
 };
 
@@ -96,7 +97,7 @@ impl Flow {
             };
         };
         let cached = maps::EGRESS_FLOWS
-            .get(flow_slot(ifindex, dst_addr))
+            .get(egress_slot(ifindex, dst_addr))
             .filter(|f| f.holds(ifindex, dst_addr))
             .copied();
         Flow {
@@ -148,7 +149,7 @@ impl Flow {
         let Some(dst) = maps::endpoint(iface.vni, self.dst_addr) else {
             return;
         };
-        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(flow_slot(self.ifindex, self.dst_addr))
+        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(egress_slot(self.ifindex, self.dst_addr))
         else {
             return;
         };
@@ -174,7 +175,7 @@ impl Flow {
     /// would have been.
     #[inline(always)]
     pub fn remember_hop(&self, vtep: [u8; 4], hop: &NextHop) {
-        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(flow_slot(self.ifindex, self.dst_addr))
+        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(egress_slot(self.ifindex, self.dst_addr))
         else {
             return;
         };
@@ -207,12 +208,6 @@ impl EgressFlow {
             && self.ifindex == ifindex
             && self.dst_addr == dst_addr
     }
-}
-
-/// The slot of [`maps::EGRESS_FLOWS`] for a flow.
-#[inline(always)]
-fn flow_slot(ifindex: u32, dst_addr: [u8; 4]) -> u32 {
-    maps::flow_slot(dst_addr, ifindex)
 }
 
 /// Segments the frame stands for (a GSO super-packet counts as many).

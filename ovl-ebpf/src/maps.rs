@@ -13,7 +13,7 @@ use aya_ebpf::{
 use ovl_common::{
     Endpoint, Iface, NetworkInfo, NextHop, NodeConfig, PathMtu, SubnetInfo, UnderlayCounters,
     VniAddr, VniCounters, VtepInfo,
-    maps::{CRYPTO_DEVICE, capacity, subnet_key_bits},
+    maps::{CRYPTO_DEVICE, capacity, flow_cache, subnet_key_bits},
     wire::{MIN_PATH_MTU, NEXT_HOP_TTL_NS, PATH_MTU_EXPIRY_NS},
 };
 
@@ -89,7 +89,7 @@ pub static EPOCH: Array<u64> = Array::pinned(1, 0);
 
 /// Per CPU, the verdicts of recent decapsulated flows
 /// (`decap::cached_delivery`), in [`FLOW_SLOTS`] slots indexed by a hash
-/// of the flow ([`flow_slot`]). The programs' own scratch, like
+/// of the flow (`ovl_common::maps::flow_cache`). The programs' own scratch, like
 /// [`HANDOFF`].
 #[map(name = "OVL_DECAP_FLOWS")]
 pub static DECAP_FLOWS: PerCpuArray<DecapFlow> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
@@ -99,40 +99,8 @@ pub static DECAP_FLOWS: PerCpuArray<DecapFlow> = PerCpuArray::with_max_entries(F
 #[map(name = "OVL_EGRESS_FLOWS")]
 pub static EGRESS_FLOWS: PerCpuArray<EgressFlow> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
 
-/// Slots of each flow cache per CPU (a power of two): flows whose hashes
-/// meet share one and take turns. 1024 keep a thousand flows per CPU
-/// mostly apart (`ovl-microbench`'s many-flows cases) at 96 KiB (egress)
-/// and 48 KiB (decap) per CPU.
-pub const FLOW_SLOTS: u32 = 1 << FLOW_SLOT_BITS;
-/// log2 of [`FLOW_SLOTS`].
-const FLOW_SLOT_BITS: u32 = 10;
-
-/// The slot of a flow cache for a flow to the IPv4 address `dst_addr`
-/// from whatever `source` folds (interface, network, VTEP).
-///
-/// Fibonacci hashing of the destination as a number, offset by a full
-/// mix of the source: the addresses IPAM hands out one after another then
-/// land in distinct slots for as long as there are slots, where a random
-/// hash would pile a third of them up (birthday collisions); different
-/// sources start at unrelated offsets.
-#[inline(always)]
-pub fn flow_slot(dst_addr: [u8; 4], source: u32) -> u32 {
-    u32::from_be_bytes(dst_addr)
-        .wrapping_add(mix(source))
-        .wrapping_mul(0x9e37_79b1)
-        >> (32 - FLOW_SLOT_BITS)
-}
-
-/// MurmurHash3's 32-bit finaliser: every input bit moves about half the
-/// output bits.
-#[inline(always)]
-fn mix(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
+/// Slots of each flow cache per CPU (see `ovl_common::maps::flow_cache`).
+pub const FLOW_SLOTS: u32 = flow_cache::SLOTS;
 
 /// A decapsulation verdict: VXLAN of network `vni` from `src_vtep` for
 /// `dst_addr` goes to the local endpoint behind `ifindex`, as the maps said

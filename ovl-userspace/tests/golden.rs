@@ -18,7 +18,7 @@ use ovl_common::wire::{
 use ovl_common::{
     DropReason, Endpoint, NextHop, VniAddr, VniCounters,
     counters::UNATTRIBUTED_VNI,
-    maps::{names, network_flags, next_hop_via, programs},
+    maps::{flow_cache, names, network_flags, next_hop_via, programs},
     wire::NEXT_HOP_TTL_NS,
 };
 use ovl_userspace::{datapath, next_hops};
@@ -243,14 +243,77 @@ fn write_endpoint_behind_the_agents_back(
     map.insert(key, endpoint, 0).context("write OVL_ENDPOINTS")
 }
 
-/// Writes `endpoint` for `addr` as the agent does: a sync of the
-/// network's endpoints, which ends the maps' epoch.
+/// Writes (adds or replaces) `endpoint` for `addr` as the agent does: a
+/// sync of the network's endpoints, which ends the maps' epoch.
 fn write_endpoint_as_the_agent(f: &mut Fixture, addr: Ipv4Addr, endpoint: Endpoint) -> Result<()> {
-    let endpoints = datapath::read_endpoints(f.pin_dir())?
+    let mut endpoints: BTreeMap<[u8; 4], Endpoint> = datapath::read_endpoints(f.pin_dir())?
         .into_iter()
         .filter(|(k, _)| k.vni == VNI)
-        .map(|(k, e)| (k.addr, if k.addr == addr.octets() { endpoint } else { e }));
+        .map(|(k, e)| (k.addr, e))
+        .collect();
+    endpoints.insert(addr.octets(), endpoint);
     f.datapath.sync_network_endpoints(VNI, endpoints)?;
+    Ok(())
+}
+
+/// Two container addresses (from 198.18.64.1 on) whose flows `slot` puts
+/// in one slot of a flow cache.
+fn sharing_a_slot(slot: impl Fn([u8; 4]) -> u32) -> Result<[Ipv4Addr; 2]> {
+    let mut first_in = BTreeMap::new();
+    for i in 1..=2 * flow_cache::SLOTS {
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + i);
+        if let Some(other) = first_in.insert(slot(addr.octets()), addr) {
+            return Ok([other, addr]);
+        }
+    }
+    anyhow::bail!("no two addresses share a slot")
+}
+
+/// Flows that share a slot of a flow cache take turns in it: each frame
+/// goes to its own flow's endpoint, never to the one the slot held.
+#[test]
+fn flows_sharing_a_cache_slot_each_reach_their_own_endpoint() -> Result<()> {
+    let mut f = fixture("gold-flow-slot")?;
+    testbed::stay_on_one_cpu()?;
+    let remote = sharing_a_slot(|addr| flow_cache::egress_slot(TEST_RUN_IFINDEX, addr))?;
+    let local = sharing_a_slot(|addr| flow_cache::decap_slot(VNI, REMOTE_VTEP.octets(), addr))?;
+    let endpoint = |addr, ifindex, vtep: Ipv4Addr| Endpoint {
+        mac: mac_of(addr),
+        _pad: [0; 2],
+        ifindex,
+        vtep: vtep.octets(),
+    };
+    for addr in remote {
+        write_endpoint_as_the_agent(&mut f, addr, endpoint(addr, 0, REMOTE_VTEP))?;
+    }
+    for addr in local {
+        write_endpoint_as_the_agent(
+            &mut f,
+            addr,
+            endpoint(addr, TEST_RUN_IFINDEX, Ipv4Addr::UNSPECIFIED),
+        )?;
+    }
+    // Frames addressed to no container's MAC: encapsulation and
+    // decapsulation write the endpoint's.
+    let unknown_mac = [0x02, 0x42, 0, 0, 0, 0x77];
+    for round in 0..3 {
+        for addr in remote {
+            let out = encap(&f, &echo(C1, addr, unknown_mac))?;
+            ensure!(
+                out[50..56] == mac_of(addr),
+                "round {round}: the frame to {addr} was sent to {}",
+                hex(&out[50..56])
+            );
+        }
+    }
+    for program in [programs::XDP_DECAP, programs::TC_DECAP] {
+        for _ in 0..3 {
+            for addr in local {
+                let input = vxlan_from(REMOTE_VTEP, VNI, &echo(C2, addr, unknown_mac));
+                delivers(&f, program, &input, &echo(C2, addr, mac_of(addr)))?;
+            }
+        }
+    }
     Ok(())
 }
 
