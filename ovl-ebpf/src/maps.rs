@@ -89,8 +89,8 @@ pub static EPOCH: Array<u64> = Array::pinned(1, 0);
 
 /// Per CPU, the verdicts of recent decapsulated flows
 /// (`decap::cached_delivery`), in [`FLOW_SLOTS`] slots indexed by a hash
-/// of the flow (`ovl_common::maps::flow_cache`). The programs' own scratch, like
-/// [`HANDOFF`].
+/// of the flow (`ovl_common::maps::flow_cache`). The programs' own
+/// scratch, like [`HANDOFF`].
 #[map(name = "OVL_DECAP_FLOWS")]
 pub static DECAP_FLOWS: PerCpuArray<DecapFlow> = PerCpuArray::with_max_entries(FLOW_SLOTS, 0);
 
