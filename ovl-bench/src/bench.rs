@@ -420,14 +420,15 @@ fn measure(
             };
             let (tcp, cpu) = endpoints.tcp_throughput(seconds, streams)?;
             if test == Test::Tcp1 {
-                record(
+                let sender = record(
                     Metric::Tcp1SenderCpu,
                     tcp.cpu_seconds_per_gb(cpu.busy_seconds(CLIENT_CPU)),
                 );
-                record(
+                let receiver = record(
                     Metric::Tcp1ReceiverCpu,
                     tcp.cpu_seconds_per_gb(cpu.busy_seconds(SERVER_CPU)),
                 );
+                record(Metric::Tcp1BothCpu, sender + receiver);
                 format!(
                     "{:.2} Gbit/s",
                     record(Metric::Tcp1Throughput, tcp.gbit_per_s())
@@ -603,7 +604,10 @@ fn notes(
             .to_string(),
         "On veth, a receiver's softirq work (IP, TCP, and the decap hook) runs on the \
          core that transmitted: the 'sender core' CPU figures include most of the \
-         receive path, the 'receiver core' mostly the copy to the application and ACKs."
+         receive path, the 'receiver core' mostly the copy to the application and ACKs. \
+         The sender's TCP also transmits from the core its ACKs arrive on, the receiver's: \
+         a path whose receiver sends more ACKs moves sender work onto that core. \
+         'Both cores' is the sum, which no such move changes."
             .to_string(),
         "CPU figures are machine-wide per core: other work on the machine during a run \
          is included. Interleaving and medians spread such noise over every path."
