@@ -3,8 +3,9 @@
 
 //! Times every kernel program on representative frames (encapsulation of a
 //! 64- and a 1400-byte frame, decapsulation of the same in XDP and TC, the
-//! pass-through every other underlay packet pays, same-host switching) and
-//! prints one JSON array on stdout.
+//! pass-through every other underlay packet pays, same-host switching,
+//! cold caches, and 64 or 1024 flows taken in turn, which time what the
+//! flow caches keep of many flows) and prints one JSON array on stdout.
 //!
 //! BPF_PROG_TEST_RUN with `repeat` reruns the program on the packet *as the
 //! previous run left it*: after one encapsulation the next run sees an
