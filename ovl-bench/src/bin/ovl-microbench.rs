@@ -113,6 +113,28 @@ fn cases() -> Vec<Case> {
         cold_next_hop: false,
         cold_flow_cache,
     };
+    let xdp_decap = |name, len, cold_flow_cache| {
+        decap(
+            name,
+            len,
+            programs::XDP_DECAP,
+            "XDP (underlay)",
+            None,
+            XDP_REDIRECT,
+            cold_flow_cache,
+        )
+    };
+    let tc_decap = |name, len, cold_flow_cache| {
+        decap(
+            name,
+            len,
+            programs::TC_DECAP,
+            "TC ingress (underlay)",
+            tc_ctx(),
+            TC_ACT_REDIRECT,
+            cold_flow_cache,
+        )
+    };
     // Many flows in turn, each to its own container: what a flow cache
     // holds of them decides what a frame costs.
     let encap_flows = |name, flows| Case {
@@ -121,15 +143,7 @@ fn cases() -> Vec<Case> {
     };
     let decap_flows = |name, flows| Case {
         frames: (0..flows).map(|i| inbound(many_local(i), 64)).collect(),
-        ..decap(
-            name,
-            64,
-            programs::TC_DECAP,
-            "TC ingress (underlay)",
-            tc_ctx(),
-            TC_ACT_REDIRECT,
-            false,
-        )
+        ..tc_decap(name, 64, false)
     };
     // Plain UDP to the host itself: what every non-overlay packet of the
     // underlay pays for the decap hook.
@@ -202,60 +216,12 @@ fn cases() -> Vec<Case> {
             "encap 64 B, forwarding on, next hop cached, 1024 flows in turn",
             MANY_FLOWS,
         ),
-        decap(
-            "decap 64 B",
-            64,
-            programs::XDP_DECAP,
-            "XDP (underlay)",
-            None,
-            XDP_REDIRECT,
-            false,
-        ),
-        decap(
-            "decap 1400 B",
-            1400,
-            programs::XDP_DECAP,
-            "XDP (underlay)",
-            None,
-            XDP_REDIRECT,
-            false,
-        ),
-        decap(
-            "decap 64 B",
-            64,
-            programs::TC_DECAP,
-            "TC ingress (underlay)",
-            tc_ctx(),
-            TC_ACT_REDIRECT,
-            false,
-        ),
-        decap(
-            "decap 1400 B",
-            1400,
-            programs::TC_DECAP,
-            "TC ingress (underlay)",
-            tc_ctx(),
-            TC_ACT_REDIRECT,
-            false,
-        ),
-        decap(
-            "decap 64 B, flow cache miss",
-            64,
-            programs::XDP_DECAP,
-            "XDP (underlay)",
-            None,
-            XDP_REDIRECT,
-            true,
-        ),
-        decap(
-            "decap 64 B, flow cache miss",
-            64,
-            programs::TC_DECAP,
-            "TC ingress (underlay)",
-            tc_ctx(),
-            TC_ACT_REDIRECT,
-            true,
-        ),
+        xdp_decap("decap 64 B", 64, false),
+        xdp_decap("decap 1400 B", 1400, false),
+        tc_decap("decap 64 B", 64, false),
+        tc_decap("decap 1400 B", 1400, false),
+        xdp_decap("decap 64 B, flow cache miss", 64, true),
+        tc_decap("decap 64 B, flow cache miss", 64, true),
         decap_flows("decap 64 B, 64 flows in turn", 64),
         decap_flows("decap 64 B, 1024 flows in turn", MANY_FLOWS),
         Case {
@@ -286,11 +252,7 @@ fn cases() -> Vec<Case> {
             name: "same-host switch 64 B",
             program: programs::TC_EGRESS,
             hook: "TC (container veth)",
-            frames: vec![container_udp_frame(
-                LOCAL_CONTAINER,
-                NEIGHBOUR_CONTAINER,
-                64,
-            )],
+            frames: vec![outbound(NEIGHBOUR_CONTAINER, 64)],
             ctx: tc_ctx(),
             expected_action: TC_ACT_REDIRECT,
             length_change: 0,
