@@ -81,6 +81,8 @@ pub fn switch(
 pub struct Flow {
     ifindex: u32,
     dst_addr: [u8; 4],
+    /// Its slot in [`maps::EGRESS_FLOWS`].
+    slot: u32,
     cached: Option<EgressFlow>,
 }
 
@@ -93,16 +95,19 @@ impl Flow {
             return Flow {
                 ifindex,
                 dst_addr: [0; 4],
+                slot: egress_slot(ifindex, [0; 4]),
                 cached: None,
             };
         };
+        let slot = egress_slot(ifindex, dst_addr);
         let cached = maps::EGRESS_FLOWS
-            .get(egress_slot(ifindex, dst_addr))
+            .get(slot)
             .filter(|f| f.holds(ifindex, dst_addr))
             .copied();
         Flow {
             ifindex,
             dst_addr,
+            slot,
             cached,
         }
     }
@@ -149,8 +154,7 @@ impl Flow {
         let Some(dst) = maps::endpoint(iface.vni, self.dst_addr) else {
             return;
         };
-        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(egress_slot(self.ifindex, self.dst_addr))
-        else {
+        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(self.slot) else {
             return;
         };
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
@@ -175,8 +179,7 @@ impl Flow {
     /// would have been.
     #[inline(always)]
     pub fn remember_hop(&self, vtep: [u8; 4], hop: &NextHop) {
-        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(egress_slot(self.ifindex, self.dst_addr))
-        else {
+        let Some(slot) = maps::EGRESS_FLOWS.get_ptr_mut(self.slot) else {
             return;
         };
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
