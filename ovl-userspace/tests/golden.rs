@@ -18,7 +18,7 @@ use ovl_common::wire::{
 use ovl_common::{
     DropReason, Endpoint, NextHop, VniAddr, VniCounters,
     counters::UNATTRIBUTED_VNI,
-    maps::{flow_cache, names, network_flags, next_hop_via, programs},
+    maps::{flow_cache, names, network_flags, next_hop_via, programs, vtep_flags},
     wire::NEXT_HOP_TTL_NS,
 };
 use ovl_userspace::{datapath, next_hops};
@@ -621,6 +621,93 @@ fn egress_of_an_encrypted_network_never_leaves_in_clear_without_a_crypto_device(
     })?;
     ensure!(action == TC_ACT_REDIRECT, "clear again: action {action}");
     ensure!(out[50..] == inner[..], "inner frame changed");
+    Ok(())
+}
+
+#[test]
+fn egress_of_an_encrypted_network_goes_to_the_crypto_device_only_for_a_keyed_vtep() -> Result<()> {
+    let mut f = fixture("gold-encap-key")?;
+    f.set_network_flags(network_flags::ENCRYPTED)?;
+    f.add_crypto_device()?;
+    let inner = echo(C1, C2, mac_of(C2));
+    // The device is up, but the VTEP's node has published no key yet:
+    // dropped as `no_key`, neither sent in clear nor to the device.
+    let (action, _) = egress(&f, &inner, |c| c.drops[DropReason::NoKey as usize] += 1)?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "encrypted, VTEP not keyed: action {action}"
+    );
+    ensure!(
+        cached_hop(&f)?.is_none(),
+        "the FIB was asked for an unkeyed VTEP"
+    );
+
+    // Keyed: the VXLAN packet goes to the crypto device (which takes any
+    // MAC, so none is resolved), not to the underlay's next hop.
+    f.set_remote_vtep_flags(vtep_flags::ALLOWED | vtep_flags::KEYED)?;
+    let (action, out) = egress(&f, &inner, |c| {
+        c.tx_packets += 1;
+        c.tx_bytes += inner.len() as u64;
+    })?;
+    ensure!(
+        action == TC_ACT_REDIRECT,
+        "encrypted, keyed: action {action}"
+    );
+    ensure!(
+        out[0..12] == [0; 12] && out[12..14] == [0x08, 0x00],
+        "outer eth of a frame for the crypto device\n{}",
+        hex(&out[..14])
+    );
+    ensure!(
+        out[26..30] == LOCAL_VTEP.octets() && out[30..34] == REMOTE_VTEP.octets(),
+        "outer ip addrs\n{}",
+        hex(&out[14..34])
+    );
+    ensure!(
+        out[42..50] == vxlan_hdr(VNI)[..],
+        "vxlan\n{}",
+        hex(&out[42..50])
+    );
+    ensure!(out[50..] == inner[..], "inner frame changed");
+    ensure!(
+        cached_hop(&f)?.is_none(),
+        "the FIB was asked for a frame the crypto device takes"
+    );
+    Ok(())
+}
+
+#[test]
+fn egress_drops_frames_for_a_vtep_the_underlay_has_no_route_to() -> Result<()> {
+    let mut f = fixture("gold-encap-noroute")?;
+    // The fixture's underlay routes 192.0.2.0/24 and 198.51.100.0/24 only.
+    let unroutable_vtep = Ipv4Addr::new(203, 0, 113, 50);
+    let far = Ipv4Addr::new(198, 18, 0, 9);
+    write_endpoint_as_the_agent(
+        &mut f,
+        far,
+        Endpoint {
+            mac: mac_of(far),
+            _pad: [0; 2],
+            ifindex: 0,
+            vtep: unroutable_vtep.octets(),
+        },
+    )?;
+    let inner = echo(C1, far, mac_of(far));
+    for attempt in 0..2 {
+        let (action, _) = egress(&f, &inner, |c| c.drops[DropReason::NoRoute as usize] += 1)
+            .with_context(|| format!("attempt {attempt}"))?;
+        ensure!(action == TC_ACT_SHOT, "attempt {attempt}: action {action}");
+    }
+    ensure!(
+        datapath::read_next_hops(f.pin_dir())?.is_empty(),
+        "a failed FIB lookup left a next hop"
+    );
+    // The VTEP that has a route is still reached.
+    let (action, _) = egress(&f, &echo(C1, C2, mac_of(C2)), |c| {
+        c.tx_packets += 1;
+        c.tx_bytes += inner.len() as u64;
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "routable VTEP: action {action}");
     Ok(())
 }
 

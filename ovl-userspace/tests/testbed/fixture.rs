@@ -55,6 +55,8 @@ pub const OTHER_SUBNET_REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 6);
 pub const TEST_RUN_IFINDEX: u32 = 1;
 /// The stand-in underlay device.
 pub const UNDERLAY_IFACE: &str = "ul0";
+/// The stand-in for the agent's crypto device ([`Fixture::add_crypto_device`]).
+pub const CRYPTO_IFACE: &str = "cr0";
 
 /// Loaded programs with one network (VNI [`VNI`]) whose endpoints are two
 /// local containers and one remote, inside a namespace with a routed
@@ -65,6 +67,10 @@ pub struct Fixture {
     _inside: netns::Entered,
     netns: Netns,
     pin_dir: PathBuf,
+    /// The network's `network_flags` and the remote VTEP's `vtep_flags`,
+    /// as last written.
+    network_flags: u32,
+    remote_vtep_flags: u32,
     _lab: Lab,
 }
 
@@ -118,7 +124,7 @@ impl Fixture {
             udp_port: 0,
             _pad: 0,
         })?;
-        write_network(&mut datapath, 0)?;
+        write_network(&mut datapath, 0, vtep_flags::ALLOWED)?;
         datapath.sync_subnets(&BTreeMap::from([
             (
                 (VNI, SUBNET.octets(), SUBNET_PREFIX),
@@ -176,6 +182,8 @@ impl Fixture {
             _inside: inside,
             netns: ns,
             pin_dir,
+            network_flags: 0,
+            remote_vtep_flags: vtep_flags::ALLOWED,
             _lab: lab,
         })
     }
@@ -184,7 +192,38 @@ impl Fixture {
     /// entry that carries them, as the agent does.
     #[allow(dead_code, reason = "the micro-benchmark keeps the network as it is")]
     pub fn set_network_flags(&mut self, flags: u32) -> Result<()> {
-        write_network(&mut self.datapath, flags)
+        self.network_flags = flags;
+        write_network(&mut self.datapath, flags, self.remote_vtep_flags)
+    }
+
+    /// Gives the remote VTEP the `vtep_flags` `flags` (e.g. KEYED once its
+    /// node published a key), as the agent's sync of `OVL_VTEPS` does.
+    #[allow(dead_code, reason = "the micro-benchmark keeps the VTEP as it is")]
+    pub fn set_remote_vtep_flags(&mut self, flags: u32) -> Result<()> {
+        self.remote_vtep_flags = flags;
+        write_network(&mut self.datapath, self.network_flags, flags)
+    }
+
+    /// Adds a device standing in for the agent's crypto device (one end
+    /// of a veth pair) and hooks it as the agent does; returns its ifindex.
+    #[allow(dead_code, reason = "the micro-benchmark encrypts nothing")]
+    pub fn add_crypto_device(&mut self) -> Result<u32> {
+        self.netns.ip(&[
+            "link",
+            "add",
+            CRYPTO_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "cr0p",
+        ])?;
+        self.netns.ip(&["link", "set", "cr0p", "up"])?;
+        self.netns.ip(&["link", "set", CRYPTO_IFACE, "up"])?;
+        let ifindex =
+            netlink::ifindex(CRYPTO_IFACE).with_context(|| format!("ifindex of {CRYPTO_IFACE}"))?;
+        self.datapath.hook_crypto(CRYPTO_IFACE, ifindex)?;
+        Ok(ifindex)
     }
 
     /// Where the maps are pinned (for reading counters and caches).
@@ -246,9 +285,9 @@ impl Fixture {
 }
 
 /// Writes the network (MTU [`OVERLAY_MTU`], `flags`) and the entries
-/// derived from it: the remote VTEP's (allowed, not keyed) and the two
+/// derived from it: the remote VTEP's (with `remote_vtep_flags`) and the two
 /// local containers' interfaces.
-fn write_network(datapath: &mut Datapath, flags: u32) -> Result<()> {
+fn write_network(datapath: &mut Datapath, flags: u32, remote_vtep_flags: u32) -> Result<()> {
     let stats_slot = datapath.sync_stats([VNI].into_iter())?[&VNI];
     let network = NetworkInfo {
         mtu: OVERLAY_MTU,
@@ -259,7 +298,7 @@ fn write_network(datapath: &mut Datapath, flags: u32) -> Result<()> {
     datapath.sync_vteps(&BTreeMap::from([(
         (VNI, REMOTE_VTEP.octets()),
         VtepInfo {
-            flags: vtep_flags::ALLOWED,
+            flags: remote_vtep_flags,
             network,
         },
     )]))?;
