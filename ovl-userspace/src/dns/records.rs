@@ -85,9 +85,23 @@ pub struct Records {
     /// Shared with the records built before: a rebuild copies and patches
     /// only the networks whose endpoints changed.
     networks: BTreeMap<String, Arc<NetworkRecords>>,
-    /// Local container namespace (its path) → the networks it is on, by
-    /// name order (shared too: it changes only with local endpoints).
-    scopes: Arc<BTreeMap<String, Vec<String>>>,
+    /// Local container namespace (its path) → what it may ask about
+    /// (shared too: it changes only with local endpoints and networks).
+    scopes: Arc<BTreeMap<String, Scope>>,
+}
+
+/// What one local container namespace may ask about.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Scope {
+    /// The networks it is on, by name order.
+    networks: Vec<String>,
+    /// Whether names that are not ovl's are forwarded upstream: only when
+    /// one of its networks leads out of the overlay. A container on
+    /// `--internal` networks only has no way out, and its resolver must
+    /// not be one (a question forwarded for it carries data out, and the
+    /// answer brings data in: Docker's CVE-2024-29018); such questions
+    /// are REFUSED.
+    forwards: bool,
 }
 
 /// How a question is answered.
@@ -102,6 +116,9 @@ pub enum Resolution {
     },
     /// Not ovl's to answer: ask the upstream resolvers.
     Forward,
+    /// Not ovl's to answer, and the asker may not reach the world
+    /// ([`Scope::forwards`]): REFUSED, charged to `network`.
+    Refused { network: String },
 }
 
 impl Records {
@@ -145,7 +162,7 @@ impl Records {
             }
         };
         if scopes_changed {
-            let mut scopes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut scopes: BTreeMap<String, Scope> = BTreeMap::new();
             for ep in &state.endpoints {
                 if let Location::Container {
                     node: n, netns: ns, ..
@@ -153,18 +170,26 @@ impl Records {
                     && n == node
                 {
                     let scope = scopes.entry(namespace_key(ns)).or_default();
-                    if !scope.contains(&ep.network) {
-                        scope.push(ep.network.clone());
-                        scope.sort();
+                    if !scope.networks.contains(&ep.network) {
+                        scope.networks.push(ep.network.clone());
+                        scope.networks.sort();
                     }
+                    // A network the state does not hold leads nowhere.
+                    scope.forwards |= state
+                        .networks
+                        .get(&ep.network)
+                        .is_some_and(|net| !net.internal);
                 }
             }
             records.scopes = Arc::new(scopes);
         } else {
             records.scopes = prev.scopes.clone();
         }
-        let served: std::collections::BTreeSet<&String> =
-            records.scopes.values().flatten().collect();
+        let served: std::collections::BTreeSet<&String> = records
+            .scopes
+            .values()
+            .flat_map(|s| s.networks.iter())
+            .collect();
         // Which nodes' endpoints are reachable (known and alive), looked up
         // once per node rather than once per endpoint.
         let live_nodes: HashMap<&str, bool> = state
@@ -244,7 +269,22 @@ impl Records {
     /// The network charged with what namespace `ns` asks that no network
     /// answers: the first of its networks by name.
     pub fn home(&self, ns: &str) -> Option<&str> {
-        self.scopes.get(ns)?.first().map(String::as_str)
+        self.scopes.get(ns)?.networks.first().map(String::as_str)
+    }
+
+    /// How a question from namespace `ns` that is not ovl's to answer is
+    /// answered: forwarded upstream, or REFUSED when none of its networks
+    /// leads out of the overlay; `None` when `ns` is no container of this
+    /// node (any more).
+    pub fn not_ours(&self, ns: &str) -> Option<Resolution> {
+        let scope = self.scopes.get(ns)?;
+        Some(if scope.forwards {
+            Resolution::Forward
+        } else {
+            Resolution::Refused {
+                network: scope.networks.first().cloned().unwrap_or_default(),
+            }
+        })
     }
 
     /// How to answer `qtype` for `name` asked from namespace `ns`; `None`
@@ -252,23 +292,29 @@ impl Records {
     ///
     /// A name of an endpoint on one of the asker's networks (or
     /// `NAME.NETWORK`) is answered from the records; so is the reverse
-    /// name of an address in one of their subnets. Any other single-label
-    /// name gets NXDOMAIN (no other network's names leak, and no resolver
-    /// outside knows single labels); everything else is forwarded.
+    /// name of an address in one of their subnets. An address question
+    /// (A, AAAA, ANY) for any other single-label name gets NXDOMAIN (no
+    /// other network's names leak, and no resolver outside has hosts of
+    /// one label); everything else is not ovl's ([`Records::not_ours`]):
+    /// `NAME.NETWORK` with a NAME the network lacks too, so a network
+    /// named like a domain (`dev`, `example.com`) hides none of its names.
     pub fn resolve(&self, ns: &str, name: &Name, qtype: RecordType) -> Option<Resolution> {
         let scope = self.scopes.get(ns)?;
         let in_scope = || {
             scope
+                .networks
                 .iter()
                 .filter_map(|n| Some((n.as_str(), &**self.networks.get(n)?)))
         };
-        if let Some(ip) = reverse_ipv4(name) {
-            return Some(self.resolve_reverse(in_scope(), name, qtype, ip));
+        if let Some(ip) = reverse_ipv4(name)
+            && let Some(answer) = self.resolve_reverse(in_scope(), name, qtype, ip)
+        {
+            return Some(answer);
         }
         let wanted = name.to_ascii().to_ascii_lowercase();
         let wanted = wanted.strip_suffix('.').unwrap_or(&wanted);
         if wanted.is_empty() {
-            return Some(Resolution::Forward);
+            return self.not_ours(ns);
         }
         for (network, records) in in_scope() {
             if let Some(ips) = records.by_name.get(wanted) {
@@ -277,17 +323,19 @@ impl Records {
         }
         for (network, records) in in_scope() {
             let suffix = format!(".{}", network.to_ascii_lowercase());
-            if let Some(host) = wanted.strip_suffix(&suffix) {
-                return Some(match records.by_name.get(host) {
-                    Some(ips) => address_answer(network, name, qtype, ips),
-                    None => nxdomain(network),
-                });
+            if let Some(ips) = wanted
+                .strip_suffix(&suffix)
+                .and_then(|host| records.by_name.get(host))
+            {
+                return Some(address_answer(network, name, qtype, ips));
             }
         }
-        if !wanted.contains('.') {
-            return Some(nxdomain(scope.first().map_or("", String::as_str)));
+        if !wanted.contains('.')
+            && matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY)
+        {
+            return Some(nxdomain(self.home(ns).unwrap_or_default()));
         }
-        Some(Resolution::Forward)
+        self.not_ours(ns)
     }
 
     fn resolve_reverse<'a>(
@@ -296,14 +344,10 @@ impl Records {
         name: &Name,
         qtype: RecordType,
         ip: Ipv4Addr,
-    ) -> Resolution {
-        let Some((network, records)) =
-            scope.find(|(_, r)| r.subnets.iter().any(|s| s.contains(ip)))
-        else {
-            return Resolution::Forward;
-        };
+    ) -> Option<Resolution> {
+        let (network, records) = scope.find(|(_, r)| r.subnets.iter().any(|s| s.contains(ip)))?;
         let Some(host) = records.by_ip.get(&ip) else {
-            return nxdomain(network);
+            return Some(nxdomain(network));
         };
         let answers = match (qtype, Name::from_ascii(format!("{host}."))) {
             (RecordType::PTR | RecordType::ANY, Ok(target)) => vec![Record::from_rdata(
@@ -313,11 +357,11 @@ impl Records {
             )],
             _ => Vec::new(),
         };
-        Resolution::Local {
+        Some(Resolution::Local {
             network: network.to_owned(),
             code: ResponseCode::NoError,
             answers,
-        }
+        })
     }
 }
 
@@ -423,14 +467,14 @@ mod tests {
                     _ => None,
                 })
                 .collect(),
-            Resolution::Forward => panic!("forwarded"),
+            other => panic!("not answered: {other:?}"),
         }
     }
 
     fn code(r: &Resolution) -> ResponseCode {
         match r {
             Resolution::Local { code, .. } => *code,
-            Resolution::Forward => panic!("forwarded"),
+            other => panic!("not answered: {other:?}"),
         }
     }
 
@@ -451,10 +495,16 @@ mod tests {
     #[test]
     fn names_of_other_networks_are_nxdomain_and_never_forwarded() {
         let r = records(&world());
-        for q in ["db.", "other.", "nosuch.", "db.blue."] {
+        for q in ["db.", "other.", "nosuch."] {
             let got = r.resolve(&client(), &n(q), RecordType::A).unwrap();
             assert_eq!(code(&got), ResponseCode::NXDomain, "{q}");
         }
+        // NAME.NETWORK with a NAME the network lacks is any dotted name:
+        // upstream's to answer, and nothing of red's.
+        assert_eq!(
+            r.resolve(&client(), &n("db.blue."), RecordType::A),
+            Some(Resolution::Forward)
+        );
         // From red, db resolves and web does not.
         let other = namespace_key("c-other");
         assert_eq!(
@@ -477,6 +527,116 @@ mod tests {
                 "{q}"
             );
         }
+    }
+
+    #[test]
+    fn single_labels_get_nxdomain_for_addresses_only() {
+        let r = records(&world());
+        for t in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
+            let got = r.resolve(&client(), &n("nosuch."), t).unwrap();
+            assert_eq!(code(&got), ResponseCode::NXDomain, "{t}");
+        }
+        // A top-level domain's own records are the world's.
+        for (q, t) in [("com.", RecordType::NS), ("dev.", RecordType::DS)] {
+            assert_eq!(
+                r.resolve(&client(), &n(q), t),
+                Some(Resolution::Forward),
+                "{q} {t}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_network_named_like_a_domain_hides_none_of_its_names() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec::new("dev", "198.18.2.0/24".parse().unwrap()))
+            .unwrap();
+        s.add_container(ContainerSpec {
+            network: "dev".into(),
+            node: ME.into(),
+            netns: "c-dev".into(),
+            name: Some("api".into()),
+            ip: None,
+            owner: None,
+            subnet: None,
+        })
+        .unwrap();
+        s.register_node(ME, Ipv4Addr::new(192, 0, 2, 10), None);
+        let r = records(&s);
+        let ns = namespace_key("c-dev");
+        assert_eq!(
+            ips(&r.resolve(&ns, &n("api.dev."), RecordType::A).unwrap()),
+            vec![Ipv4Addr::new(198, 18, 2, 2)]
+        );
+        assert_eq!(
+            r.resolve(&ns, &n("pkg.go.dev."), RecordType::A),
+            Some(Resolution::Forward)
+        );
+    }
+
+    /// `world()` with a third network, `sealed` (`--internal`), and two
+    /// containers of host-a on it: `alone` on it only, `both` on it and
+    /// on blue.
+    fn with_internal_network() -> State {
+        let mut s = world();
+        let mut spec = NetworkSpec::new("sealed", "198.18.3.0/24".parse().unwrap());
+        spec.internal = true;
+        s.create_network(spec).unwrap();
+        for (net, ns, name) in [
+            ("sealed", "c-alone", "alone"),
+            ("sealed", "c-both", "both"),
+            ("blue", "c-both", "both-blue"),
+        ] {
+            s.add_container(ContainerSpec {
+                network: net.into(),
+                node: ME.into(),
+                netns: ns.into(),
+                name: Some(name.into()),
+                ip: None,
+                owner: None,
+                subnet: None,
+            })
+            .unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn containers_on_internal_networks_only_get_nothing_forwarded() {
+        let r = records(&with_internal_network());
+        let alone = namespace_key("c-alone");
+        let refused = Some(Resolution::Refused {
+            network: "sealed".into(),
+        });
+        // Whatever would go upstream: a dotted name, the root, a reverse
+        // name outside its subnets, another name of another type.
+        for (q, t) in [
+            ("data.exfil.example.", RecordType::TXT),
+            ("example.com.", RecordType::A),
+            (".", RecordType::NS),
+            ("1.2.0.192.in-addr.arpa.", RecordType::PTR),
+            ("com.", RecordType::NS),
+        ] {
+            assert_eq!(r.resolve(&alone, &n(q), t), refused, "{q} {t}");
+        }
+        assert_eq!(r.not_ours(&alone), refused, "another class");
+        // Its own network's names still resolve; unknown ones are NXDOMAIN.
+        assert_eq!(
+            ips(&r.resolve(&alone, &n("both."), RecordType::A).unwrap()),
+            vec![Ipv4Addr::new(198, 18, 3, 3)]
+        );
+        assert_eq!(
+            code(&r.resolve(&alone, &n("nosuch."), RecordType::A).unwrap()),
+            ResponseCode::NXDomain
+        );
+        // A container that is on a network with a way out as well is
+        // forwarded for, as Docker does.
+        let both = namespace_key("c-both");
+        assert_eq!(
+            r.resolve(&both, &n("example.com."), RecordType::A),
+            Some(Resolution::Forward)
+        );
+        assert_eq!(r.not_ours(&both), Some(Resolution::Forward));
     }
 
     #[test]
@@ -661,6 +821,9 @@ mod tests {
         assert!(!r.networks.contains_key("red"));
         let asked = r.resolve(&client(), &n("cache"), RecordType::A).unwrap();
         assert_eq!(ips(&asked).len(), 1);
-        assert_eq!(code_of(&r, "web"), ResponseCode::NXDomain);
+        assert_eq!(
+            code(&r.resolve(&client(), &n("web"), RecordType::A).unwrap()),
+            ResponseCode::NXDomain
+        );
     }
 }

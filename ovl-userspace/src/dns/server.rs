@@ -249,7 +249,7 @@ async fn take(
         let name = Name::from(query.name().clone());
         records.resolve(&ns.key, &name, query.query_type())
     } else {
-        records.home(&ns.key).map(|_| Resolution::Forward)
+        records.not_ours(&ns.key)
     };
     match resolution {
         // The namespace left while its question was on the way.
@@ -268,6 +268,11 @@ async fn take(
             metadata.recursion_available = true;
             send(&request, metadata, &answers, &[], &[], reply).await;
             shared.stats.count(&network, Outcome::Answered);
+            None
+        }
+        Some(Resolution::Refused { network }) => {
+            send_error(&request, ResponseCode::Refused, reply).await;
+            shared.stats.count(&network, Outcome::Failed);
             None
         }
         Some(Resolution::Forward) => Some(Pending {

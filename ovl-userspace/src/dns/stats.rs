@@ -22,7 +22,9 @@ pub struct DnsCounters {
     pub forwarded: u64,
     /// Answered with an error of ovl's own: SERVFAIL when no upstream
     /// answered in time (or too many were pending), FORMERR for a
-    /// malformed question, NOTIMP for other operations.
+    /// malformed question, NOTIMP for other operations, REFUSED for a
+    /// name that is not ovl's asked from a container whose networks are
+    /// all `--internal` (no way out, so nothing is forwarded for it).
     pub failed: u64,
     /// Dropped unanswered by the per-container rate limit.
     pub rate_limited: u64,
