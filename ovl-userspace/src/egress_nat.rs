@@ -107,16 +107,16 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
         ]);
     }
 
-    let guard = if endpoints.is_empty() {
-        table
+    // Forwarding is switched on only after the table holds the guard that
+    // records ovl did it (and forwards nothing but replies): were it
+    // switched on first, a failed `nft` or an agent killed in between would
+    // leave the host forwarding with no guard and no record, and `ovl
+    // detach` would not switch it off.
+    let switch_forwarding_on = !endpoints.is_empty() && !ipv4_forwarding(underlay)?;
+    let guard = switch_forwarding_on
+        || table
             .as_ref()
-            .is_some_and(|t| t.chains.contains(GUARD_CHAIN))
-    } else {
-        enable_forwarding(underlay)?
-            || table
-                .as_ref()
-                .is_some_and(|t| t.chains.contains(GUARD_CHAIN))
-    };
+            .is_some_and(|t| t.chains.contains(GUARD_CHAIN));
     let complete = table.as_ref().is_some_and(|t| {
         CHAINS.iter().all(|c| t.chains.contains(*c)) && t.chains.contains(GUARD_CHAIN) == guard
     });
@@ -130,6 +130,9 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
         if !add.is_empty() || !del.is_empty() {
             nft(&element_script(&add, &del))?;
         }
+    }
+    if switch_forwarding_on {
+        enable_forwarding(underlay)?;
     }
 
     // Return routes, neighbours and forwarding on the veths.
@@ -277,17 +280,14 @@ fn conntrack_delete(filter: &[&str]) -> Result<()> {
 }
 
 /// Switches IPv4 forwarding on for `underlay` (replies to translated
-/// packets arrive there and are forwarded to containers); returns whether
-/// it was off, i.e. ovl switched it on.
-fn enable_forwarding(underlay: &str) -> Result<bool> {
-    if ipv4_forwarding(underlay)? {
-        return Ok(false);
-    }
+/// packets arrive there and are forwarded to containers), once the table's
+/// guard chain is in place.
+fn enable_forwarding(underlay: &str) -> Result<()> {
     set_sysctl(underlay, "forwarding", "1")?;
     log::info!(
         "switched IPv4 forwarding on for {underlay} (replies of external egress are forwarded to containers; nothing else is)"
     );
-    Ok(true)
+    Ok(())
 }
 
 /// Whether IPv4 forwarding is on for device `ifname` (in this namespace).

@@ -265,3 +265,73 @@ fn egress_survives_the_agent_and_ovl_detach_removes_it() -> Result<()> {
     );
     world.stop()
 }
+
+#[test]
+fn forwarding_is_switched_on_only_once_its_guard_is_in_place() -> Result<()> {
+    let lab = Lab::new("egress-fw")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].netns.clone();
+    let forwarding = || -> Result<String> {
+        let out = host_a.exec(&["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    ensure!(
+        forwarding()? == "0",
+        "forwarding on before anything led out"
+    );
+
+    // A's agent finds an `nft` that lists tables but fails to load a
+    // ruleset (as on a kernel without NAT).
+    let real_nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("nft is not installed")?;
+    let bin = lab.tempdir().join("failing-nft");
+    std::fs::create_dir_all(&bin)?;
+    let nft = bin.join("nft");
+    std::fs::write(
+        &nft,
+        format!(
+            "#!/bin/sh\n\
+             case \" $* \" in *' -f '*) echo 'nft: NAT not supported here' >&2; exit 1;; esac\n\
+             exec {real_nft} \"$@\"\n"
+        ),
+    )?;
+    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    world.terminate_agent(0)?;
+    world.restart_agent(&lab, 0, &[("PATH", &path)])?;
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, NETWORK, "198.18.0.0/24", &[])?;
+    let (_c1, _) = world.container(&lab, 0, NETWORK, "c1")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(world.agents[0]
+            .log()?
+            .contains("external egress cannot be set up"))
+    })
+    .with_context(|| format!("no egress failure:\n{}", world.agents[0].output_report()))?;
+    ensure!(
+        forwarding()? == "0",
+        "nft failed, yet forwarding on eth0 was switched on (with no guard)"
+    );
+
+    // With nft back, the guard goes in, then forwarding on; detach undoes it.
+    world.terminate_agent(0)?;
+    world.restart_agent(&lab, 0, &[])?;
+    wait_until(Duration::from_secs(10), || Ok(forwarding()? == "1"))
+        .context("the agent did not switch forwarding on once nft worked")?;
+    let table = host_a.exec(&["nft", "list", "table", "ip", "ovl"])?;
+    ensure!(
+        String::from_utf8_lossy(&table.stdout).contains("underlay_guard"),
+        "forwarding on without the guard chain"
+    );
+    world.terminate_agent(0)?;
+    world.run(0, &["detach", "eth0"])?;
+    ensure!(forwarding()? == "0", "detach left forwarding on");
+    world.stop()
+}
