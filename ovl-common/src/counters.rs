@@ -13,7 +13,10 @@ pub enum DropReason {
     UnknownVni = 1,
     /// VXLAN from a source address that is not a VTEP of that network.
     UnknownVtep = 2,
-    /// Truncated or malformed headers.
+    /// Truncated or malformed headers; VXLAN whose lengths disagree (a
+    /// frame cut short, datagrams merged by UDP GRO on the underlay); an
+    /// outer congestion mark (CE) on an inner packet that is not
+    /// ECN-capable, which RFC 6040 §4.2 has dropped.
     Malformed = 3,
     /// Would not fit the underlay MTU after encapsulation.
     TooBig = 4,

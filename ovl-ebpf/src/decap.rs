@@ -12,7 +12,7 @@ use ovl_common::{
     maps::{flow_cache::decap_slot, network_flags},
     wire::{
         ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN,
-        VXLAN_FLAG_I,
+        VXLAN_FLAG_I, checksum_replace16,
     },
 };
 
@@ -51,6 +51,15 @@ pub fn outer_options_len(frame: &Frame) -> u32 {
 /// IPv4 "more fragments" flag and fragment offset.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
 
+/// The ECN field of the IPv4 TOS byte (RFC 3168 §5) and its code points.
+const ECN_MASK: u8 = 0x03;
+const ECN_NOT_ECT: u8 = 0x00;
+const ECN_CE: u8 = 0x03;
+
+/// Padding a sender may add after a short inner IPv4 packet, to fill its
+/// Ethernet frame to the 60-byte minimum (14 + 20 + 26).
+const MAX_INNER_PADDING: usize = 26;
+
 /// A validated VXLAN frame for a local container.
 pub struct Delivery {
     /// The network.
@@ -71,16 +80,18 @@ pub struct Delivery {
     pub inner_len: u32,
 }
 
-/// Decides what to do with an underlay frame: `Ok(None)` when it is not
-/// VXLAN addressed to this VTEP (the host stack gets it; an ICMP report of
-/// a smaller path MTU is read on the way), a `Delivery` when it is valid
-/// VXLAN for a local endpoint, a drop otherwise. `decrypted` says the frame
-/// comes from the agent's crypto device (it arrived encrypted and
-/// authenticated); an encrypted network's frames are accepted from there
-/// only.
+/// Decides what to do with an underlay frame of `frame_len` bytes (linear
+/// or not): `Ok(None)` when it is not VXLAN addressed to this VTEP (the
+/// host stack gets it; an ICMP report of a smaller path MTU is read on the
+/// way), a `Delivery` when it is valid VXLAN for a local endpoint, a drop
+/// otherwise. `decrypted` says the frame comes from the agent's crypto
+/// device (it arrived encrypted and authenticated); an encrypted network's
+/// frames are accepted from there only. A delivery's inner packet carries
+/// the congestion mark of the outer header (RFC 6040).
 #[inline(always)]
 pub fn inspect(
     frame: &Frame,
+    frame_len: u32,
     node: &NodeConfig,
     decrypted: bool,
 ) -> Result<Option<Delivery>, Dropped> {
@@ -121,11 +132,16 @@ pub fn inspect(
     }
 
     // VXLAN addressed to this VTEP: from here on every failure is a drop.
+    // The outer lengths must agree with each other and with the frame, as
+    // the host's IPv4 and UDP would check: a frame shorter than its IPv4
+    // header says is cut, and a UDP length other than the IPv4 payload's
+    // was not written by a VTEP.
     let vxlan_off = udp_off + UDP_HDR_LEN;
     let inner_offset = vxlan_off + 8;
     let claimed = usize::from(u16::from_be_bytes(ip.tot_len));
-    if claimed < inner_offset - ETH_HDR_LEN + ETH_HDR_LEN + IPV4_HDR_LEN
-        || usize::from(udp.len()) < UDP_HDR_LEN + 8 + ETH_HDR_LEN + IPV4_HDR_LEN
+    if claimed < inner_offset + IPV4_HDR_LEN
+        || usize::from(udp.len()) != claimed - ihl
+        || claimed + ETH_HDR_LEN > frame_len as usize
     {
         return Err(Dropped::unattributed(DropReason::Malformed));
     }
@@ -134,7 +150,15 @@ pub fn inspect(
         return Err(Dropped::unattributed(DropReason::Malformed));
     }
     let vni = vx.vni();
-    if let Some(delivery) = cached_delivery(frame, vni, ip.src_addr, inner_offset, decrypted) {
+    // The inner frame's room: from its Ethernet header to the outer
+    // packet's end.
+    let inner_room = claimed + ETH_HDR_LEN - inner_offset;
+    let outer = Outer {
+        src_vtep: ip.src_addr,
+        tos: ip.tos,
+        inner_room,
+    };
+    if let Some(delivery) = cached_delivery(frame, vni, &outer, inner_offset, decrypted) {
         return Ok(Some(delivery));
     }
     // The sender's VTEP entry carries its network: one lookup for both.
@@ -151,8 +175,16 @@ pub fn inspect(
         return Err(Dropped::on(vni, slot, DropReason::Unsupported));
     }
     let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).on_vni(vni, slot)?;
+    if !fills(&inner_ip, inner_room) {
+        return Err(Dropped::on(vni, slot, DropReason::Malformed));
+    }
     match maps::endpoint(vni, inner_ip.dst_addr) {
         Some(ep) if ep.is_local() => {
+            carry_congestion_mark(frame, ip.tos, inner_offset, &inner_ip).ok_or(Dropped::on(
+                vni,
+                slot,
+                DropReason::Malformed,
+            ))?;
             remember(vni, ip.src_addr, inner_ip.dst_addr);
             Ok(Some(Delivery {
                 vni,
@@ -169,24 +201,83 @@ pub fn inspect(
     }
 }
 
+/// What decap reads of the outer headers beyond the VNI.
+struct Outer {
+    /// The sending VTEP.
+    src_vtep: [u8; 4],
+    /// The outer TOS byte, with its ECN field.
+    tos: u8,
+    /// Bytes from the inner Ethernet header to the outer packet's end.
+    inner_room: usize,
+}
+
+/// Whether the inner packet `inner_ip` fills the `inner_room` bytes its
+/// outer headers leave it (with its Ethernet header), but for a short
+/// frame's padding. More is a batch of datagrams that UDP GRO on the
+/// underlay merged (`rx-udp-gro-forwarding`), rewriting the outer lengths
+/// only: delivered, all but the first would be lost while counted
+/// received. Less is a cut packet.
+#[inline(always)]
+fn fills(inner_ip: &Ipv4Hdr, inner_room: usize) -> bool {
+    let inner_frame = ETH_HDR_LEN + usize::from(u16::from_be_bytes(inner_ip.tot_len));
+    inner_frame <= inner_room && inner_room - inner_frame <= MAX_INNER_PADDING
+}
+
+/// Carries a congestion mark of the outer header (its TOS `outer_tos`)
+/// onto the inner packet `inner` (at `inner_offset` + Ethernet), RFC 6040
+/// §4.2, normal mode: encapsulation copied the inner ECN field out, so a
+/// router on the underlay marked the outer header instead of dropping.
+/// `None` for an outer CE over an inner packet that is not ECN-capable,
+/// which the RFC has dropped (its sender would never hear of the
+/// congestion).
+#[inline(always)]
+fn carry_congestion_mark(
+    frame: &Frame,
+    outer_tos: u8,
+    inner_offset: usize,
+    inner: &Ipv4Hdr,
+) -> Option<()> {
+    if outer_tos & ECN_MASK != ECN_CE {
+        return Some(());
+    }
+    match inner.tos & ECN_MASK {
+        ECN_CE => Some(()),
+        ECN_NOT_ECT => None,
+        _ => {
+            let mut marked = *inner;
+            marked.tos |= ECN_CE;
+            let old = u16::from_be_bytes([inner.vihl, inner.tos]);
+            let new = u16::from_be_bytes([marked.vihl, marked.tos]);
+            marked.check =
+                checksum_replace16(u16::from_be_bytes(inner.check), old, new).to_be_bytes();
+            frame.write(inner_offset + ETH_HDR_LEN, marked).ok()
+        }
+    }
+}
+
 /// The delivery this CPU cached for the flow of this frame (VXLAN of
-/// network `vni` from `src_vtep`, inner headers at `inner_offset`), if the
-/// maps have not changed since: the two hash lookups of `inspect` (sender
-/// VTEP, endpoint) made once per flow, CPU and epoch instead of per frame.
-/// `None` sends the frame the whole way, which also decides every drop.
+/// network `vni` with outer headers `outer`, inner headers at
+/// `inner_offset`), if the maps have not changed since: the two hash
+/// lookups of `inspect` (sender VTEP, endpoint) made once per flow, CPU and
+/// epoch instead of per frame. `None` sends the frame the whole way, which
+/// also decides every drop (and marks congestion: rare, off the cache).
 #[inline(always)]
 fn cached_delivery(
     frame: &Frame,
     vni: u32,
-    src_vtep: [u8; 4],
+    outer: &Outer,
     inner_offset: usize,
     decrypted: bool,
 ) -> Option<Delivery> {
+    let src_vtep = outer.src_vtep;
     let inner_eth: EthHdr = frame.read(inner_offset).ok()?;
-    if inner_eth.ether_type != ETH_P_IP.to_be() {
+    if inner_eth.ether_type != ETH_P_IP.to_be() || outer.tos & ECN_MASK == ECN_CE {
         return None;
     }
     let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).ok()?;
+    if !fills(&inner_ip, outer.inner_room) {
+        return None;
+    }
     let flow = maps::DECAP_FLOWS.get(decap_slot(vni, src_vtep, inner_ip.dst_addr))?;
     let hit = flow.epoch != 0
         && flow.epoch == maps::epoch()

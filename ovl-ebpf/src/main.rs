@@ -40,8 +40,9 @@ pub fn ovl_xdp_decap(ctx: XdpContext) -> u32 {
         return decap::XDP_PASS;
     };
     let frame = Frame::of_xdp(&ctx);
+    let frame_len = (ctx.data_end() - ctx.data()) as u32;
     // XDP runs on the underlay only: nothing here was decrypted.
-    let outcome = match decap::inspect(&frame, node, false) {
+    let outcome = match decap::inspect(&frame, frame_len, node, false) {
         Ok(None) => {
             stats::underlay(true);
             return decap::XDP_PASS;
@@ -85,7 +86,7 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
     // The underlay is never the crypto device: its frames skip the device
     // map's lookup (~8 % of the program's time under traffic).
     let decrypted = ifindex != node.underlay_ifindex && maps::crypto_device() == Some(ifindex);
-    let outcome = match decap::inspect(&frame, node, decrypted) {
+    let outcome = match decap::inspect(&frame, ctx.len(), node, decrypted) {
         Ok(None) => {
             stats::underlay(true);
             return TC_ACT_OK;

@@ -425,6 +425,160 @@ fn decap_drops_unknown_vni_malformed_and_misaddressed_vxlan() -> Result<()> {
     Ok(())
 }
 
+/// `frame` with the IPv4 header at `ip` (no options) rewritten by `edit`,
+/// its checksum made valid again.
+fn with_ipv4_header(frame: &[u8], ip: usize, edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    edit(&mut out[ip..ip + IPV4_HDR_LEN]);
+    out[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    let check = checksum(&out[ip..ip + IPV4_HDR_LEN]);
+    out[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
+    out
+}
+
+/// Where the inner IPv4 header of a frame from `vxlan_from` starts.
+const INNER_IP: usize = 50 + ETH_HDR_LEN;
+
+/// VXLAN from the remote VTEP with outer TOS `outer_tos` around the echo
+/// from C2 to C1 with inner TOS `inner_tos`; the echo as delivered.
+fn ecn_case(outer_tos: u8, inner_tos: u8) -> (Vec<u8>, Vec<u8>) {
+    let inner = with_ipv4_header(&echo(C2, C1, mac_of(C1)), ETH_HDR_LEN, |ip| {
+        ip[1] = inner_tos
+    });
+    let input = with_ipv4_header(&vxlan_from(REMOTE_VTEP, VNI, &inner), ETH_HDR_LEN, |ip| {
+        ip[1] = outer_tos
+    });
+    (input, inner)
+}
+
+/// Both decap hooks drop `input`, counted once on `vni` as `reason`.
+fn both_hooks_drop(
+    f: &Fixture,
+    what: &str,
+    input: &[u8],
+    vni: u32,
+    reason: DropReason,
+) -> Result<()> {
+    for program in [programs::XDP_DECAP, programs::TC_DECAP] {
+        let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(TEST_RUN_IFINDEX));
+        let (action, _) = run(f, program, input, ctx.as_deref(), vni, |c| {
+            c.drops[reason as usize] += 1
+        })
+        .with_context(|| format!("{what}, {program}"))?;
+        let want = if program == programs::XDP_DECAP {
+            XDP_DROP
+        } else {
+            TC_ACT_SHOT
+        };
+        ensure!(action == want, "{what}, {program}: action {action}");
+    }
+    Ok(())
+}
+
+#[test]
+fn decap_carries_the_outer_congestion_mark_onto_the_inner_packet_per_rfc6040() -> Result<()> {
+    let f = fixture("gold-ecn")?;
+    const NOT_ECT: u8 = 0b00;
+    const ECT1: u8 = 0b01;
+    const ECT0: u8 = 0b10;
+    const CE: u8 = 0b11;
+    // Unmarked: the inner packet as it was (and its flow now cached).
+    for (outer, inner) in [(ECT0, ECT0), (NOT_ECT, NOT_ECT), (0xb8 | ECT0, 0xb8 | ECT0)] {
+        let (input, expected) = ecn_case(outer, inner);
+        both_hooks_deliver(&f, &input, &expected)
+            .with_context(|| format!("outer {outer:#04x}, inner {inner:#04x}"))?;
+    }
+    // Marked on the way: CE on the inner packet, DSCP kept, checksum valid.
+    for inner in [ECT0, ECT1, CE, 0xb8 | ECT0] {
+        let (input, _) = ecn_case(0xb8 | CE, inner);
+        let (_, expected) = ecn_case(0, inner | CE);
+        ensure!(checksum(&expected[ETH_HDR_LEN..ETH_HDR_LEN + IPV4_HDR_LEN]) == 0);
+        both_hooks_deliver(&f, &input, &expected)
+            .with_context(|| format!("CE over inner {inner:#04x}"))?;
+        ensure!(
+            checksum(&input[INNER_IP..INNER_IP + IPV4_HDR_LEN]) == 0,
+            "the test's input changed"
+        );
+    }
+    // CE over a packet whose sender does not do ECN: dropped (RFC 6040
+    // §4.2), as its sender would never hear of the congestion.
+    let (input, _) = ecn_case(CE, NOT_ECT);
+    both_hooks_drop(&f, "CE over Not-ECT", &input, VNI, DropReason::Malformed)
+}
+
+#[test]
+fn decap_drops_vxlan_whose_lengths_disagree() -> Result<()> {
+    let f = fixture("gold-lengths")?;
+    let inner = echo(C2, C1, mac_of(C1));
+    let good = vxlan_from(REMOTE_VTEP, VNI, &inner);
+    let outer_len = |frame: &[u8]| u16::from_be_bytes([frame[16], frame[17]]);
+
+    // Two datagrams that UDP GRO on the underlay merged: the outer lengths
+    // cover both, the first inner packet says its own length.
+    let mut merged = good.clone();
+    merged.extend_from_slice(&good[42..]);
+    let total = (merged.len() - ETH_HDR_LEN) as u16;
+    let mut merged = with_ipv4_header(&merged, ETH_HDR_LEN, |ip| {
+        ip[2..4].copy_from_slice(&total.to_be_bytes())
+    });
+    merged[38..40].copy_from_slice(&(total - IPV4_HDR_LEN as u16).to_be_bytes());
+    both_hooks_drop(&f, "a UDP GRO batch", &merged, VNI, DropReason::Malformed)?;
+
+    // An inner packet longer than what carries it.
+    let long_inner = with_ipv4_header(&good, INNER_IP, |ip| {
+        let len = u16::from_be_bytes([ip[2], ip[3]]) + 1;
+        ip[2..4].copy_from_slice(&len.to_be_bytes());
+    });
+    both_hooks_drop(
+        &f,
+        "inner longer than its room",
+        &long_inner,
+        VNI,
+        DropReason::Malformed,
+    )?;
+
+    // Outer headers that disagree with each other or with the frame: no
+    // network is read from them.
+    let mut udp_len = good.clone();
+    udp_len[38..40].copy_from_slice(&(outer_len(&good) - 20 + 4).to_be_bytes());
+    both_hooks_drop(
+        &f,
+        "UDP length",
+        &udp_len,
+        UNATTRIBUTED_VNI,
+        DropReason::Malformed,
+    )?;
+    let cut = with_ipv4_header(&good, ETH_HDR_LEN, |ip| {
+        let len = u16::from_be_bytes([ip[2], ip[3]]) + 8;
+        ip[2..4].copy_from_slice(&len.to_be_bytes());
+    });
+    let mut cut = cut;
+    let udp_len = outer_len(&cut) - IPV4_HDR_LEN as u16;
+    cut[38..40].copy_from_slice(&udp_len.to_be_bytes());
+    both_hooks_drop(
+        &f,
+        "outer length beyond the frame",
+        &cut,
+        UNATTRIBUTED_VNI,
+        DropReason::Malformed,
+    )?;
+
+    // A short inner frame padded to Ethernet's 60 bytes by its sender (a
+    // hardware VTEP) is whole: delivered, padding and all.
+    let short = eth(
+        mac_of(C1),
+        mac_of(C2),
+        ETH_P_IP,
+        &ipv4(C2, C1, IPPROTO_ICMP, &icmp_echo(7, 1, 0)),
+    );
+    let mut padded = short.clone();
+    padded.resize(60, 0);
+    ensure!(padded.len() - short.len() == 18);
+    both_hooks_deliver(&f, &vxlan_from(REMOTE_VTEP, VNI, &padded), &padded)?;
+    // And the unchanged frame still goes through.
+    both_hooks_deliver(&f, &good, &inner)
+}
+
 #[test]
 fn xdp_decap_refuses_frames_beyond_the_network_mtu_instead_of_counting_them_delivered() -> Result<()>
 {
