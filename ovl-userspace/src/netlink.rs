@@ -814,16 +814,51 @@ pub fn tso(ifname: &str) -> Result<bool> {
 /// `tx-tcp*-segmentation` feature of `ifname`'s kernel.
 fn tso_feature_bits(ifname: &str) -> Result<Vec<u32>> {
     let names = feature_names(ifname).with_context(|| format!("list the features of {ifname}"))?;
-    let mut bits = vec![0u32; names.len().div_ceil(32)];
-    for (i, name) in names.iter().enumerate() {
-        if name.starts_with("tx-tcp") && name.ends_with("-segmentation") {
-            bits[i / 32] |= 1 << (i % 32);
-        }
-    }
+    let bits = feature_bits(&names, |name| {
+        name.starts_with("tx-tcp") && name.ends_with("-segmentation")
+    });
     if bits.iter().all(|w| *w == 0) {
         bail!("{ifname}'s kernel names no tx-tcp*-segmentation feature");
     }
     Ok(bits)
+}
+
+/// The feature bitmap (32-bit words) with a bit for every feature of
+/// `names` (in bit order) that `wanted` picks.
+fn feature_bits(names: &[String], wanted: impl Fn(&str) -> bool) -> Vec<u32> {
+    let mut bits = vec![0u32; names.len().div_ceil(32)];
+    for (i, name) in names.iter().enumerate() {
+        if wanted(name) {
+            bits[i / 32] |= 1 << (i % 32);
+        }
+    }
+    bits
+}
+
+/// The receive features that make GRO merge UDP datagrams no socket asked
+/// to have merged: on an underlay they merge a VTEP's VXLAN datagrams into
+/// batches that only a tunnel socket could split again, which decap drops.
+const UDP_FORWARDING_GRO: [&str; 2] = ["rx-udp-gro-forwarding", "rx-gro-list"];
+
+/// Switches off the features of [`UDP_FORWARDING_GRO`] that are on for
+/// `ifname`; returns their names (none: nothing changed).
+pub fn disable_udp_forwarding_gro(ifname: &str) -> Result<Vec<String>> {
+    let names = feature_names(ifname).with_context(|| format!("list the features of {ifname}"))?;
+    let wanted = feature_bits(&names, |name| UDP_FORWARDING_GRO.contains(&name));
+    let active = active_features(ifname, wanted.len())
+        .with_context(|| format!("read the features of {ifname}"))?;
+    let on: Vec<u32> = wanted.iter().zip(&active).map(|(w, a)| w & a).collect();
+    let switched: Vec<String> = names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| on[i / 32] & (1 << (i % 32)) != 0)
+        .map(|(_, name)| name.clone())
+        .collect();
+    if !switched.is_empty() {
+        set_features(ifname, &on, false)
+            .with_context(|| format!("switch {} off on {ifname}", switched.join(", ")))?;
+    }
+    Ok(switched)
 }
 
 /// The names of the kernel's netdev features, in bit order

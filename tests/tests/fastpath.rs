@@ -371,3 +371,48 @@ fn echo_client(ip: std::net::Ipv4Addr, messages: u64) -> String {
          c.close()\n"
     )
 }
+
+#[test]
+fn the_agent_switches_off_udp_gro_forwarding_on_the_underlay() -> Result<()> {
+    let lab = Lab::new("fp-udpgro")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].netns.clone();
+    let features = || -> Result<String> {
+        let out = host_a.exec(&["ethtool", "-k", "eth0"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("rx-udp-gro-forwarding:") || l.starts_with("rx-gro-list:"))
+            .collect::<Vec<_>>()
+            .join(", "))
+    };
+    world.terminate_agent(0)?;
+    host_a.exec(&[
+        "ethtool",
+        "-K",
+        "eth0",
+        "rx-udp-gro-forwarding",
+        "on",
+        "rx-gro-list",
+        "on",
+    ])?;
+    ensure!(
+        features()? == "rx-gro-list: on, rx-udp-gro-forwarding: on",
+        "the test could not switch them on: {}",
+        features()?
+    );
+    // They would merge VXLAN datagrams into batches decap drops.
+    world.restart_agent(&lab, 0, &[])?;
+    world.agents[0].wait_in_step()?;
+    ensure!(
+        features()? == "rx-gro-list: off, rx-udp-gro-forwarding: off",
+        "after attach: {}",
+        features()?
+    );
+    let log = world.agents[0].log()?;
+    ensure!(
+        log.contains("switched rx-udp-gro-forwarding, rx-gro-list off on eth0")
+            || log.contains("switched rx-gro-list, rx-udp-gro-forwarding off on eth0"),
+        "the agent did not say so:\n{log}"
+    );
+    world.stop()
+}

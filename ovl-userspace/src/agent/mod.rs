@@ -422,6 +422,21 @@ impl Agent {
             .dp
             .hook_decap(&opts.iface, self.underlay.ifindex, opts.mode, driver)?;
         self.view.update(|l| l.mode = mode.to_string());
+        // UDP GRO forwarding on the underlay would merge VXLAN datagrams
+        // into batches decap cannot split (and drops as malformed).
+        match netlink::disable_udp_forwarding_gro(&opts.iface) {
+            Ok(off) if !off.is_empty() => log::info!(
+                "switched {} off on {}: it merges VXLAN datagrams into batches ovl cannot deliver (switch it back with `ethtool -K {} ... on` after `ovl detach`)",
+                off.join(", "),
+                opts.iface,
+                opts.iface
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!(
+                "cannot check UDP GRO forwarding on {}: {e:#}; if it is on, VXLAN batches it merges are dropped as malformed",
+                opts.iface
+            ),
+        }
         log::info!(
             "node {} attached to {} ({driver}, VTEP {}, MTU {}) in {mode} mode; store {}",
             self.node,
