@@ -61,6 +61,17 @@ fn translations_of(host: &Netns, ip: Ipv4Addr) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Conntrack entries in `host` carrying ovl's egress mark (any network's:
+/// ovl-common's `EGRESS_MARK_BASE` under `EGRESS_MARK_MASK`).
+fn marked_translations(host: &Netns) -> Result<Vec<String>> {
+    let out = host.exec(&["conntrack", "-L", "-m", "0x6f000000/0xff000000"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
 /// Source and destination addresses of the ICMP packets tshark sees on
 /// the router's link toward host B while `c` pings the server 3 times.
 fn icmp_on_the_far_link(lab: &Lab, world: &TwoHosts, c: &Netns) -> Result<Vec<(String, String)>> {
@@ -245,6 +256,12 @@ fn egress_survives_the_agent_and_ovl_detach_removes_it() -> Result<()> {
         "no external egress without the agent"
     );
 
+    // The fetch above left translations carrying ovl's mark: the check
+    // after detach has something to find gone.
+    ensure!(
+        !marked_translations(&host_a)?.is_empty(),
+        "no conntrack entry with ovl's mark before detach: the check below would prove nothing"
+    );
     let out = world.run(0, &["detach", "eth0"])?;
     ensure!(out.contains("nftables table ip ovl"), "detach said:\n{out}");
     let tables = host_a.exec(&["nft", "list", "tables"])?;
@@ -257,12 +274,8 @@ fn egress_survives_the_agent_and_ovl_detach_removes_it() -> Result<()> {
         forwarding()? == "0",
         "forwarding on eth0 was not switched back off"
     );
-    let tracked = host_a.exec_unchecked(&["conntrack", "-L", "-m", "0x6f000000/0xff000000"])?;
-    let tracked = String::from_utf8_lossy(&tracked.stdout).into_owned();
-    ensure!(
-        tracked.trim().is_empty(),
-        "ovl's translations left:\n{tracked}"
-    );
+    let tracked = marked_translations(&host_a)?;
+    ensure!(tracked.is_empty(), "ovl's translations left:\n{tracked:#?}");
     world.stop()
 }
 
