@@ -570,8 +570,9 @@ fn killed_agent_fails_closed_dropping_and_counting_and_sending_nothing_in_clear(
     let mut world = TwoHosts::start(&lab, "tc")?;
     let nets = two_networks(&lab, &world)?;
     let secret_vni = vni_of(&world, SECRET)?;
+    let open_vni = vni_of(&world, OPEN)?;
     let [(s0, _), (_, s1_ip)] = &nets.secret;
-    let [(o0, _), (_, o1_ip)] = &nets.open;
+    let [(o0, o0_ip), (_, o1_ip)] = &nets.open;
     wait_for_ping(s0, *s1_ip)?;
     wait_for_ping(o0, *o1_ip)?;
 
@@ -602,6 +603,27 @@ fn killed_agent_fails_closed_dropping_and_counting_and_sending_nothing_in_clear(
     ensure!(
         no_key == N,
         "no_key counted {no_key}, {N} echo requests sent"
+    );
+    // The capture saw the plain network's 3 echo requests and 3 replies,
+    // as VXLAN with its VNI: it held what crossed the wire, so finding
+    // nothing of the encrypted network in it below means something.
+    let open_icmp = |src: Ipv4Addr, dst: Ipv4Addr| {
+        let inner = [src.to_string(), dst.to_string()];
+        frames
+            .iter()
+            .filter(|f| {
+                f.protocols.contains(":vxlan:")
+                    && f.protocols.contains(":icmp")
+                    && f.vni == open_vni.to_string()
+                    && f.addrs.get(2..) == Some(&inner[..])
+            })
+            .count()
+    };
+    let (requests, replies) = (open_icmp(*o0_ip, *o1_ip), open_icmp(*o1_ip, *o0_ip));
+    ensure!(
+        requests == 3 && replies == 3,
+        "captured {requests} echo requests and {replies} replies of the plain network \
+         (3 each sent) in VXLAN {open_vni}: {frames:#?}"
     );
     for f in &frames {
         ensure!(
