@@ -208,20 +208,21 @@ pub(crate) fn lock_holder(file: &File) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::TestDir;
 
     #[test]
     fn a_second_lock_on_a_node_directory_is_refused_naming_the_holder() {
-        let dir = std::env::temp_dir().join(format!("ovl-lock-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let first = NodeLock::acquire(&dir).unwrap();
-        let err = NodeLock::acquire(&dir).unwrap_err().to_string();
+        let tmp = TestDir::new("lock-test");
+        let dir = tmp.path();
+        fs::create_dir_all(dir).unwrap();
+        let first = NodeLock::acquire(dir).unwrap();
+        let err = NodeLock::acquire(dir).unwrap_err().to_string();
         assert!(
             err.contains("already runs") && err.contains(&format!("pid {}", std::process::id())),
             "{err}"
         );
         drop(first);
-        NodeLock::acquire(&dir).unwrap();
-        fs::remove_dir_all(&dir).unwrap();
+        NodeLock::acquire(dir).unwrap();
     }
 
     #[test]

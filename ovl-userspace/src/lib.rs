@@ -24,4 +24,6 @@ pub mod next_hops;
 pub mod random;
 pub mod release;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod validate;

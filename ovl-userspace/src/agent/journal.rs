@@ -97,12 +97,16 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Location, MacAddr};
+    use crate::{
+        model::{Location, MacAddr},
+        testutil::TestDir,
+    };
 
     #[test]
     fn journal_round_trips_and_survives_garbage() {
-        let dir = std::env::temp_dir().join(format!("ovl-journal-{}", std::process::id()));
-        let (mut j, m) = Journal::open(&dir).unwrap();
+        let tmp = TestDir::new("journal");
+        let dir = tmp.path();
+        let (mut j, m) = Journal::open(dir).unwrap();
         assert_eq!(m, Memory::default());
         let ip = Ipv4Addr::new(198, 18, 0, 2);
         let mut m = Memory::default();
@@ -124,9 +128,8 @@ mod tests {
             },
         );
         j.save(&m).unwrap();
-        assert_eq!(Journal::open(&dir).unwrap().1, m);
+        assert_eq!(Journal::open(dir).unwrap().1, m);
         fs::write(dir.join(FILE), b"{not json").unwrap();
-        assert_eq!(Journal::open(&dir).unwrap().1, Memory::default());
-        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(Journal::open(dir).unwrap().1, Memory::default());
     }
 }

@@ -226,33 +226,28 @@ impl KeyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn temp_dir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("ovl-keys-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
-    }
+    use crate::testutil::TestDir;
 
     #[test]
     fn first_start_makes_a_root_only_key_and_later_starts_reuse_it() {
-        let dir = temp_dir("create");
-        let file = KeyFile::in_dir(&dir);
+        let tmp = TestDir::new("keys-create");
+        let dir = tmp.path();
+        let file = KeyFile::in_dir(dir);
         let (a, made) = file.load_or_create().unwrap();
         assert!(made);
         let mode = fs::metadata(file.path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dir_mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        let dir_mode = fs::metadata(dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(dir_mode, 0o700);
         let (b, made) = file.load_or_create().unwrap();
         assert!(!made);
         assert_eq!(a.public_key(), b.public_key());
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_key_others_can_read_or_a_bad_file_is_refused() {
-        let dir = temp_dir("refuse");
-        let file = KeyFile::in_dir(&dir);
+        let tmp = TestDir::new("keys-refuse");
+        let file = KeyFile::in_dir(tmp.path());
         file.load_or_create().unwrap();
         fs::set_permissions(file.path(), fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(
@@ -263,7 +258,6 @@ mod tests {
         fs::write(file.path(), "not a key\n").unwrap();
         let err = file.load_or_create().unwrap_err();
         assert!(err.to_string().contains("move it aside"), "{err}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

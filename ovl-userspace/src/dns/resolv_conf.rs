@@ -128,6 +128,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+    use crate::testutil::TestDir;
 
     fn dns() -> ContainerDns {
         ContainerDns {
@@ -137,18 +138,13 @@ mod tests {
         }
     }
 
-    fn root(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("ovl-netns-etc-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
-    }
-
     #[test]
     fn written_for_named_namespaces_and_removed_again() {
-        let root = root("named");
+        let tmp = TestDir::new("netns-etc-named");
+        let root = tmp.path();
         let path = root.join("c1/resolv.conf");
         assert_eq!(
-            install_under(&root, "c1", &dns()).unwrap(),
+            install_under(root, "c1", &dns()).unwrap(),
             Change::Written(path.clone())
         );
         let text = std::fs::read_to_string(&path).unwrap();
@@ -157,11 +153,10 @@ mod tests {
         assert!(text.contains("\nsearch example.com\n"), "{text}");
         assert!(text.contains("\noptions ndots:0\n"), "{text}");
         // Again (a second network): same file.
-        install_under(&root, "c1", &dns()).unwrap();
-        assert_eq!(remove_under(&root, "c1").unwrap(), Change::Removed(path));
+        install_under(root, "c1", &dns()).unwrap();
+        assert_eq!(remove_under(root, "c1").unwrap(), Change::Removed(path));
         assert!(!root.join("c1").exists(), "empty directory removed");
-        assert_eq!(remove_under(&root, "c1").unwrap(), Change::Absent);
-        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(remove_under(root, "c1").unwrap(), Change::Absent);
     }
 
     #[test]
@@ -175,25 +170,25 @@ mod tests {
 
     #[test]
     fn paths_and_foreign_files_are_left_alone() {
-        let root = root("foreign");
+        let tmp = TestDir::new("netns-etc-foreign");
+        let root = tmp.path();
         for ns in ["/var/run/docker/netns/abc", "..", ""] {
-            assert_eq!(install_under(&root, ns, &dns()).unwrap(), Change::NotNamed);
+            assert_eq!(install_under(root, ns, &dns()).unwrap(), Change::NotNamed);
         }
         std::fs::create_dir_all(root.join("mine")).unwrap();
         let path = root.join("mine/resolv.conf");
         std::fs::write(&path, "nameserver 192.0.2.53\n").unwrap();
         assert_eq!(
-            install_under(&root, "mine", &dns()).unwrap(),
+            install_under(root, "mine", &dns()).unwrap(),
             Change::NotOurs(path.clone())
         );
         assert_eq!(
-            remove_under(&root, "mine").unwrap(),
+            remove_under(root, "mine").unwrap(),
             Change::NotOurs(path.clone())
         );
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
             "nameserver 192.0.2.53\n"
         );
-        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -304,11 +304,13 @@ fn answer(method: &str, result: Result<Response, Refusal>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::TestDir;
 
     #[test]
     fn docker_host_auto_serves_docker_only_where_its_socket_is() {
-        let dir = std::env::temp_dir().join(format!("ovl-docker-auto-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = TestDir::new("docker-auto");
+        let dir = tmp.path();
+        std::fs::create_dir_all(dir).unwrap();
         let socket = dir.join("docker.sock");
         let plugin = PathBuf::from("/run/x/ovl.sock");
         assert_eq!(
@@ -336,6 +338,5 @@ mod tests {
             DockerOptions::resolve("unix:///run/d.sock", &socket, plugin.clone()).map(|o| o.host),
             Some("unix:///run/d.sock".to_owned())
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

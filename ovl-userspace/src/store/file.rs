@@ -264,13 +264,10 @@ mod tests {
     use std::{net::Ipv4Addr, sync::Arc};
 
     use super::*;
-    use crate::model::{ContainerSpec, NetworkSpec};
-
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("ovl-store-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
-    }
+    use crate::{
+        model::{ContainerSpec, NetworkSpec},
+        testutil::TestDir,
+    };
 
     fn update_with<T: Send>(
         store: &FileStore,
@@ -296,43 +293,44 @@ mod tests {
 
     #[test]
     fn committed_changes_persist_and_bump_revision() {
-        let dir = tmpdir("persist");
-        let store = FileStore::new(&dir);
+        let tmp = TestDir::new("store-persist");
+        let dir = tmp.path();
+        let store = FileStore::new(dir);
         assert_eq!(store.load().unwrap().revision, 0);
         create(&store, "a").unwrap();
-        let again = FileStore::new(&dir).load().unwrap();
+        let again = FileStore::new(dir).load().unwrap();
         assert_eq!(again.revision, 1);
         assert!(again.networks.contains_key("a"));
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn rejected_change_leaves_file_untouched() {
-        let dir = tmpdir("reject");
-        let store = FileStore::new(&dir);
+        let tmp = TestDir::new("store-reject");
+        let dir = tmp.path();
+        let store = FileStore::new(dir);
         create(&store, "a").unwrap();
         let before = fs::read(dir.join(STATE_FILE)).unwrap();
         assert!(matches!(create(&store, "a"), Err(StoreError::Rejected(_))));
         assert_eq!(fs::read(dir.join(STATE_FILE)).unwrap(), before);
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn corrupt_file_is_reported_and_never_overwritten() {
-        let dir = tmpdir("corrupt");
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = TestDir::new("store-corrupt");
+        let dir = tmp.path();
+        fs::create_dir_all(dir).unwrap();
         fs::write(dir.join(STATE_FILE), b"{not json").unwrap();
-        let store = FileStore::new(&dir);
+        let store = FileStore::new(dir);
         let err = create(&store, "a").unwrap_err().to_string();
         assert!(err.contains("not valid ovl state"), "{err}");
         assert_eq!(fs::read(dir.join(STATE_FILE)).unwrap(), b"{not json");
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn concurrent_writers_never_hand_out_the_same_address() {
-        let dir = tmpdir("concurrent");
-        let store = Arc::new(FileStore::new(&dir));
+        let tmp = TestDir::new("store-concurrent");
+        let dir = tmp.path();
+        let store = Arc::new(FileStore::new(dir));
         create(&store, "a").unwrap();
         let threads: Vec<_> = (0..8)
             .map(|i| {
@@ -365,29 +363,29 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 40);
         assert_eq!(store.load().unwrap().endpoints.len(), 40);
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn state_and_lock_files_are_private_even_if_they_were_not() {
-        let dir = tmpdir("mode");
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = TestDir::new("store-mode");
+        let dir = tmp.path();
+        fs::create_dir_all(dir).unwrap();
         // An older ovl left a world-readable lock file.
         fs::write(dir.join(LOCK_FILE), b"").unwrap();
         fs::set_permissions(dir.join(LOCK_FILE), Permissions::from_mode(0o644)).unwrap();
-        let store = FileStore::new(&dir);
+        let store = FileStore::new(dir);
         create(&store, "a").unwrap();
         for f in [LOCK_FILE, STATE_FILE] {
             let mode = fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{f} has mode {mode:o}");
         }
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_held_lock_times_out_naming_its_holder_and_changes_nothing() {
-        let dir = tmpdir("locktimeout");
-        let store = FileStore::new(&dir).with_lock_timeout(Duration::from_millis(300));
+        let tmp = TestDir::new("store-locktimeout");
+        let dir = tmp.path();
+        let store = FileStore::new(dir).with_lock_timeout(Duration::from_millis(300));
         create(&store, "a").unwrap();
         // Another process holds the lock (as any user who could open the
         // file could, before it was private).
@@ -413,6 +411,5 @@ mod tests {
         assert!(matches!(err, StoreError::LockTimeout { .. }), "{msg}");
         assert!(msg.contains("pid ") && msg.contains("flock"), "{msg}");
         assert_eq!(fs::read(dir.join(STATE_FILE)).unwrap(), before);
-        fs::remove_dir_all(dir).unwrap();
     }
 }
