@@ -381,6 +381,37 @@ mod tests {
         }
     }
 
+    /// `flock FILE sleep 30` in a process group of its own. flock(1) takes
+    /// the lock and forks `sleep`, which inherits it: killing flock alone
+    /// would leave the lock held for 30 s. Dropping kills the whole group
+    /// and reaps flock, passed or panicked.
+    struct LockHolder {
+        flock: std::process::Child,
+    }
+
+    impl LockHolder {
+        fn spawn(file: &Path) -> LockHolder {
+            use std::os::unix::process::CommandExt;
+            let flock = std::process::Command::new("flock")
+                .arg(file)
+                .args(["sleep", "30"])
+                .process_group(0)
+                .spawn()
+                .expect("run flock(1)");
+            LockHolder { flock }
+        }
+    }
+
+    impl Drop for LockHolder {
+        fn drop(&mut self) {
+            // process_group(0): the group's id is flock's pid.
+            let group = libc::pid_t::try_from(self.flock.id()).expect("pids fit pid_t");
+            // SAFETY: kill(2) on a process group we created; no memory involved.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+            let _ = self.flock.wait();
+        }
+    }
+
     #[test]
     fn a_held_lock_times_out_naming_its_holder_and_changes_nothing() {
         let tmp = TestDir::new("store-locktimeout");
@@ -388,12 +419,9 @@ mod tests {
         let store = FileStore::new(dir).with_lock_timeout(Duration::from_millis(300));
         create(&store, "a").unwrap();
         // Another process holds the lock (as any user who could open the
-        // file could, before it was private).
-        let mut holder = std::process::Command::new("flock")
-            .arg(dir.join(LOCK_FILE))
-            .args(["sleep", "30"])
-            .spawn()
-            .expect("run flock(1)");
+        // file could, before it was private). Declared after `tmp`, so
+        // dropped before it: the holders are dead before the dir goes.
+        let holder = LockHolder::spawn(&dir.join(LOCK_FILE));
         let lock = File::open(dir.join(LOCK_FILE)).unwrap();
         let t0 = Instant::now();
         while crate::bpffs::lock_holder(&lock).is_none() {
@@ -405,8 +433,7 @@ mod tests {
         }
         let before = fs::read(dir.join(STATE_FILE)).unwrap();
         let err = create(&store, "b").unwrap_err();
-        let _ = holder.kill();
-        let _ = holder.wait();
+        drop(holder);
         let msg = err.to_string();
         assert!(matches!(err, StoreError::LockTimeout { .. }), "{msg}");
         assert!(msg.contains("pid ") && msg.contains("flock"), "{msg}");
