@@ -379,6 +379,15 @@ pub fn deliver_xdp(ctx: &XdpContext, frame: &Frame, d: &Delivery) -> Result<u32,
 /// valid) and hand the frame to the container side of its veth.
 #[inline(always)]
 pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, Dropped> {
+    // SAFETY: reading a field of the program's own context.
+    let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    // A single packet beyond the network's MTU (a sender ignoring it) would
+    // be dropped by the veth after this program counted it delivered, as
+    // in XDP: refuse it here, counted. (A super-packet's segments were
+    // sized by its sender's MTU.)
+    if !merged && d.inner_len > d.mtu {
+        return Err(Dropped::on(d.vni, d.slot, DropReason::TooBig));
+    }
     let inner_eth: EthHdr = frame.read(d.inner_offset).on_vni(d.vni, d.slot)?;
     // Everything between the outer Ethernet header (kept, rewritten below)
     // and the inner IPv4 header goes: outer IPv4, UDP, VXLAN, inner Ethernet.
@@ -416,8 +425,6 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
     // which take different ways: a single segment queued at the host end
     // can be overtaken by the super-packet after it. TCP's reordering
     // detection takes that; how often it happens was not measured.)
-    // SAFETY: reading a field of the program's own context.
-    let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
     let via_host_end =
         !merged && d.inner_proto == IPPROTO_TCP && through_host_end(d.inner_len, d.mtu);
     // SAFETY: helper calls; the action they return is the program's verdict.

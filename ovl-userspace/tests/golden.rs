@@ -580,23 +580,33 @@ fn decap_drops_vxlan_whose_lengths_disagree() -> Result<()> {
 }
 
 #[test]
-fn xdp_decap_refuses_frames_beyond_the_network_mtu_instead_of_counting_them_delivered() -> Result<()>
-{
-    let f = fixture("gold-xdp-big")?;
-    // A 1500-byte inner packet on a network with MTU 1450: what generic XDP
-    // sees of a GRO super-packet. The redirect would fail after the fact.
+fn decap_refuses_frames_beyond_the_network_mtu_instead_of_counting_them_delivered() -> Result<()> {
+    let f = fixture("gold-decap-big")?;
+    // A 1451-byte inner packet on a network with MTU 1450: what generic XDP
+    // sees of a GRO super-packet, or a sender ignoring its MTU. The veth
+    // would refuse it after the fact.
     let big = eth(
         mac_of(C1),
         mac_of(C2),
         ETH_P_IP,
-        &ipv4(C2, C1, IPPROTO_ICMP, &icmp_echo(7, 1, 1472)),
+        &ipv4(C2, C1, IPPROTO_ICMP, &icmp_echo(7, 1, 1451 - 28)),
     );
     let input = vxlan_from(REMOTE_VTEP, VNI, &big);
-    let (action, _) = run(&f, programs::XDP_DECAP, &input, None, VNI, |c| {
-        c.drops[DropReason::TooBig as usize] += 1
-    })?;
-    ensure!(action == XDP_DROP, "action {action}");
-    Ok(())
+    both_hooks_drop(
+        &f,
+        "one byte beyond the MTU",
+        &input,
+        VNI,
+        DropReason::TooBig,
+    )?;
+    // At the MTU: delivered.
+    let full = eth(
+        mac_of(C1),
+        mac_of(C2),
+        ETH_P_IP,
+        &ipv4(C2, C1, IPPROTO_ICMP, &icmp_echo(7, 1, 1450 - 28)),
+    );
+    both_hooks_deliver(&f, &vxlan_from(REMOTE_VTEP, VNI, &full), &full)
 }
 
 #[test]
