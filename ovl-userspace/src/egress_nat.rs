@@ -4,7 +4,9 @@
 //! its own address and to route the replies back to their container.
 //!
 //! What it installs, all kernel state that outlives the agent:
-//! - nftables table `ip ovl`: the mark saved in and restored from conntrack
+//! - nftables table `ip ovl`: a conntrack zone per network for the
+//!   original direction (map `zones`, so networks sharing a subnet never
+//!   share an entry), the mark saved in and restored from conntrack
 //!   (so replies carry their network's mark), masquerade of registered
 //!   containers (set `endpoints` of address . mark), and — only when ovl had
 //!   to switch IPv4 forwarding on for the underlay — a guard that forwards
@@ -42,7 +44,19 @@ pub const RULE_PRIORITY: u32 = 1000;
 /// Chain present only when ovl switched the underlay's forwarding on.
 const GUARD_CHAIN: &str = "underlay_guard";
 /// The chains a complete table has (the guard aside).
-const CHAINS: [&str; 3] = ["prerouting", "output", "postrouting"];
+const CHAINS: [&str; 4] = ["zone", "prerouting", "output", "postrouting"];
+
+/// The conntrack zone of the original direction of network `mark`'s
+/// connections (map `zones`). Networks may share a subnet, and two of
+/// their containers with one address sending from one port to one
+/// destination would otherwise share a conntrack entry, whose mark (and so
+/// whose replies) the last sender takes. Replies need no zone:
+/// masquerading gives every entry a reply tuple of its own. The zone is
+/// the VNI's low 16 bits (networks whose VNIs differ by a multiple of
+/// 65536 share one), never 0, the host's own.
+fn zone_of(mark: u32) -> u16 {
+    (mark as u16).max(1)
+}
 
 /// What this agent process installed, so that an unchanged state costs
 /// one `nft` call. Empty after a start: everything is installed again
@@ -125,10 +139,8 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
             nft(&table_script(table.is_some(), underlay, guard, &want))?;
         }
     } else {
-        let add: Vec<_> = want.difference(&had).copied().collect();
-        let del: Vec<_> = had.difference(&want).copied().collect();
-        if !add.is_empty() || !del.is_empty() {
-            nft(&element_script(&add, &del))?;
+        if had != want {
+            nft(&element_script(&had, &want))?;
         }
     }
     if switch_forwarding_on {
@@ -413,6 +425,11 @@ fn table_script(
     s.push_str(&format!(
         "table ip {TABLE} {{\n\
          \tset endpoints {{ type ipv4_addr . mark; }}\n\
+         \tmap zones {{ typeof meta mark : ct zone; }}\n\
+         \tchain zone {{\n\
+         \t\ttype filter hook prerouting priority raw; policy accept;\n\
+         \t\tct original zone set meta mark map @zones\n\
+         \t}}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority mangle; policy accept;\n\
          \t\t{ours} ct direction original ct mark set meta mark\n\
@@ -436,29 +453,51 @@ fn table_script(
         ));
     }
     s.push_str("}\n");
-    let add: Vec<_> = elements.iter().copied().collect();
-    s.push_str(&element_script(&add, &[]));
+    s.push_str(&element_script(&BTreeSet::new(), elements));
     s
 }
 
-fn element_script(add: &[(Ipv4Addr, u32)], del: &[(Ipv4Addr, u32)]) -> String {
-    let list = |els: &[(Ipv4Addr, u32)]| {
-        els.iter()
-            .map(|(ip, mark)| format!("{ip} . {mark:#x}"))
+/// The changes to sets `endpoints` and `zones` that take the table from
+/// containers `had` to containers `want` ((address, mark) pairs).
+fn element_script(had: &BTreeSet<(Ipv4Addr, u32)>, want: &BTreeSet<(Ipv4Addr, u32)>) -> String {
+    let list = |els: &mut dyn Iterator<Item = &(Ipv4Addr, u32)>| {
+        els.map(|(ip, mark)| format!("{ip} . {mark:#x}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let marks = |els: &BTreeSet<(Ipv4Addr, u32)>| -> BTreeSet<u32> {
+        els.iter().map(|(_, mark)| *mark).collect()
+    };
+    let zones = |marks: &mut dyn Iterator<Item = &u32>| {
+        marks
+            .map(|mark| format!("{mark:#x} : {}", zone_of(*mark)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (had_marks, want_marks) = (marks(had), marks(want));
     let mut s = String::new();
-    if !del.is_empty() {
+    if had.difference(want).next().is_some() {
         s.push_str(&format!(
             "delete element ip {TABLE} endpoints {{ {} }}\n",
-            list(del)
+            list(&mut had.difference(want))
         ));
     }
-    if !add.is_empty() {
+    if had_marks.difference(&want_marks).next().is_some() {
+        s.push_str(&format!(
+            "delete element ip {TABLE} zones {{ {} }}\n",
+            zones(&mut had_marks.difference(&want_marks))
+        ));
+    }
+    if want_marks.difference(&had_marks).next().is_some() {
+        s.push_str(&format!(
+            "add element ip {TABLE} zones {{ {} }}\n",
+            zones(&mut want_marks.difference(&had_marks))
+        ));
+    }
+    if want.difference(had).next().is_some() {
         s.push_str(&format!(
             "add element ip {TABLE} endpoints {{ {} }}\n",
-            list(add)
+            list(&mut want.difference(had))
         ));
     }
     s
@@ -580,6 +619,33 @@ mod tests {
             s.contains("add element ip ovl endpoints { 198.18.0.2 . 0x6f001000 }"),
             "{s}"
         );
+        assert!(
+            s.contains("add element ip ovl zones { 0x6f001000 : 4096 }")
+                && s.contains("ct original zone set meta mark map @zones"),
+            "{s}"
+        );
+        // A network's zone comes with its first container, goes with its last.
+        let a = (Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1000);
+        let b = (Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1001);
+        let c = (Ipv4Addr::new(198, 18, 0, 3), 0x6f00_1001);
+        let s = element_script(&BTreeSet::from([a]), &BTreeSet::from([a, b, c]));
+        assert_eq!(
+            s,
+            "add element ip ovl zones { 0x6f001001 : 4097 }\n\
+             add element ip ovl endpoints { 198.18.0.2 . 0x6f001001, 198.18.0.3 . 0x6f001001 }\n"
+        );
+        let s = element_script(&BTreeSet::from([a, b, c]), &BTreeSet::from([a, c]));
+        assert_eq!(
+            s,
+            "delete element ip ovl endpoints { 198.18.0.2 . 0x6f001001 }\n"
+        );
+        let s = element_script(&BTreeSet::from([a, c]), &BTreeSet::from([c]));
+        assert_eq!(
+            s,
+            "delete element ip ovl endpoints { 198.18.0.2 . 0x6f001000 }\n\
+             delete element ip ovl zones { 0x6f001000 : 4096 }\n"
+        );
+        assert_eq!(zone_of(0x6f01_0000), 1, "never the host's zone 0");
         let s = table_script(false, "eth0", false, &BTreeSet::new());
         assert!(!s.contains("delete") && !s.contains(GUARD_CHAIN), "{s}");
     }

@@ -358,3 +358,89 @@ fn forwarding_is_switched_on_only_once_its_guard_is_in_place() -> Result<()> {
     ensure!(forwarding()? == "0", "detach left forwarding on");
     world.stop()
 }
+
+/// A UDP server on the router that waits for two datagrams, then answers
+/// each sender with `echo:` and what it sent, and prints the peers.
+const UDP_PAIR_SERVER: &str = "import socket\n\
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+s.bind(('198.51.100.1', 9000))\n\
+print('listening', flush=True)\n\
+got = [s.recvfrom(100) for _ in range(2)]\n\
+for data, peer in got:\n\
+\x20   print('peer', peer[0], peer[1], data.decode(), flush=True)\n\
+\x20   s.sendto(b'echo:' + data, peer)\n";
+
+/// A UDP client that sends `text` from port 5000 to the pair server and
+/// prints what comes back within 10 s.
+fn udp_client(text: &str) -> String {
+    format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', 5000))\n\
+         s.settimeout(10)\n\
+         s.sendto(b'{text}', ('198.51.100.1', 9000))\n\
+         print('sent', flush=True)\n\
+         try:\n\
+         \x20   print('got', s.recv(100).decode(), flush=True)\n\
+         except socket.timeout:\n\
+         \x20   print('nothing', flush=True)\n"
+    )
+}
+
+#[test]
+fn networks_sharing_a_subnet_keep_their_translations_apart() -> Result<()> {
+    let lab = Lab::new("egress-zone")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    for net in ["blue", "red"] {
+        world
+            .ovl
+            .create_network(&world.hosts[0].netns, net, "198.18.0.0/24", &[])?;
+    }
+    let (blue, blue_ip) = world.container(&lab, 0, "blue", "cb")?;
+    let (red, red_ip) = world.container(&lab, 0, "red", "cr")?;
+    ensure!(
+        blue_ip == red_ip,
+        "{blue_ip} and {red_ip}: the test needs one address"
+    );
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&blue, SERVER, 1, &["-W", "1"])?.all_received()
+            && ping(&red, SERVER, 1, &["-W", "1"])?.all_received())
+    })
+    .with_context(|| format!("no egress for both:\n{}", world.agents[0].output_report()))?;
+
+    // Same address, same port, same destination, one after the other; the
+    // server answers both once it has both.
+    let server = lab.spawn(
+        &world.router,
+        &["/usr/bin/python3", "-c", UDP_PAIR_SERVER],
+        &[],
+    )?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(server.stdout()?.contains("listening"))
+    })?;
+    let from_blue = lab.spawn(&blue, &["/usr/bin/python3", "-c", &udp_client("blue")], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(from_blue.stdout()?.contains("sent"))
+    })?;
+    let from_red = lab.spawn(&red, &["/usr/bin/python3", "-c", &udp_client("red")], &[])?;
+    for c in [&from_blue, &from_red] {
+        c.wait_timeout(Duration::from_secs(20))?;
+    }
+    ensure!(
+        from_blue.stdout()?.contains("got echo:blue")
+            && from_red.stdout()?.contains("got echo:red"),
+        "each container must get its own answer:\nblue: {}\nred: {}\nserver: {}",
+        from_blue.stdout()?,
+        from_red.stdout()?,
+        server.stdout()?
+    );
+    // Two translations, so two source ports at the server.
+    let ports: std::collections::BTreeSet<String> = server
+        .stdout()?
+        .lines()
+        .filter_map(|l| l.strip_prefix("peer 192.0.2.10 "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    ensure!(ports.len() == 2, "source ports at the server: {ports:?}");
+    world.stop()
+}
