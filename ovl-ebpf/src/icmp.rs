@@ -19,6 +19,8 @@ use crate::{egress::to_container, packet::Frame, stats};
 
 /// IPv4 "more fragments" flag and fragment offset.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
+/// IPv4 fragment offset.
+const IPV4_FRAG_OFFSET: u16 = 0x1fff;
 /// Bytes of an ICMP error message: header and quote.
 const ICMP_ERROR_LEN: usize = ICMP_HDR_LEN + ICMP_QUOTE_LEN;
 
@@ -58,6 +60,23 @@ pub fn frag_needed(
     )
 }
 
+/// Whether an ICMP error may be sent about the packet whose IPv4 header
+/// (no options) and first 8 bytes are `quote` (RFC 1812 §4.3.2.7, RFC 1122
+/// §3.2.2): not about an ICMP error, a packet to a broadcast or multicast
+/// address, or a fragment other than the first (the container's source
+/// address was checked on the way in).
+#[inline(always)]
+fn may_answer(quote: &[u8; ICMP_QUOTE_LEN]) -> bool {
+    let dst_first_octet = quote[16];
+    let broadcast = quote[16..20] == [0xff; 4];
+    let multicast = dst_first_octet >= 224;
+    let later_fragment = u16::from_be_bytes([quote[6], quote[7]]) & IPV4_FRAG_OFFSET != 0;
+    // The ICMP error types (RFC 792, 1812): destination unreachable, source
+    // quench, redirect, time exceeded, parameter problem.
+    let icmp_error = quote[9] == IPPROTO_ICMP && matches!(quote[IPV4_HDR_LEN], 3 | 4 | 5 | 11 | 12);
+    !(broadcast || multicast || later_fragment || icmp_error)
+}
+
 /// Rewrites the frame into an ICMP error from the container's gateway
 /// that quotes it, and sends it back to the container. The offending
 /// packet is counted dropped for `reason`; when no error can be built (IP
@@ -74,7 +93,7 @@ fn send_error(
     let frame = Frame::of_skb(ctx);
     let quote: [u8; ICMP_QUOTE_LEN] = frame.read(ETH_HDR_LEN).map_err(|_| reason)?;
     // Only headers without options: the quote is then exactly header + 8.
-    if quote[0] != 0x45 {
+    if quote[0] != 0x45 || !may_answer(&quote) {
         return Err(reason);
     }
     // Trims (or pads) the frame to the error's size; also drops GSO state.

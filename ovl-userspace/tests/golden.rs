@@ -1022,6 +1022,44 @@ fn egress_answers_ttl_1_at_the_gateway_with_time_exceeded() -> Result<()> {
 }
 
 #[test]
+fn the_gateway_sends_no_icmp_error_about_errors_broadcasts_or_later_fragments() -> Result<()> {
+    let f = fixture("gold-ttl-quiet")?;
+    // TTL 1 through the gateway, each of which RFC 1812 §4.3.2.7 forbids
+    // answering: dropped as ttl_exceeded, and nothing sent back.
+    let to_broadcast = echo_ttl(C1, Ipv4Addr::BROADCAST, GW_MAC, 1, 56);
+    let to_multicast = echo_ttl(C1, Ipv4Addr::new(239, 1, 2, 3), GW_MAC, 1, 56);
+    let later_fragment = with_ipv4_header(&echo_ttl(C1, D1, GW_MAC, 1, 56), ETH_HDR_LEN, |ip| {
+        ip[6..8].copy_from_slice(&0x00b9u16.to_be_bytes())
+    });
+    let an_error = {
+        // A time exceeded of C1's own, quoting something.
+        let mut message = vec![11, 0, 0, 0, 0, 0, 0, 0];
+        message.extend_from_slice(&ipv4(D1, C1, IPPROTO_UDP, &[0; 8]));
+        let check = checksum(&message);
+        message[2..4].copy_from_slice(&check.to_be_bytes());
+        eth(
+            GW_MAC,
+            mac_of(C1),
+            ETH_P_IP,
+            &ipv4_ttl(C1, D1, IPPROTO_ICMP, 1, &message),
+        )
+    };
+    for (what, input) in [
+        ("to 255.255.255.255", to_broadcast),
+        ("to a multicast group", to_multicast),
+        ("a later fragment", later_fragment),
+        ("an ICMP error", an_error),
+    ] {
+        let (action, _) = egress(&f, &input, |c| {
+            c.drops[DropReason::TtlExceeded as usize] += 1
+        })
+        .with_context(|| what)?;
+        ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
+    }
+    Ok(())
+}
+
+#[test]
 fn egress_answers_arp_and_echo_for_the_gateway() -> Result<()> {
     let f = fixture("gold-gw")?;
     let (action, out) = egress(&f, &arp_request(mac_of(C1), C1, GATEWAY), |c| {
