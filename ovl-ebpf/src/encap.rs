@@ -139,8 +139,23 @@ pub fn to_remote(
     let frame = Frame::of_skb(ctx);
     let inner_eth: EthHdr = frame.read(0)?;
 
-    ctx.adjust_room(ENCAP_INSERT_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
-        .map_err(|_| DropReason::Malformed)?;
+    if ctx
+        .adjust_room(ENCAP_INSERT_LEN as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .is_err()
+    {
+        // A container's own tunnel (kind, Docker in Docker) leaves its
+        // packets marked encapsulated (for the inner checksum's offload),
+        // and the kernel will not mark one twice. A single packet needs no
+        // marks (they steer segmentation): the room alone keeps its
+        // checksum offsets valid. A super-packet does need them; the agent
+        // has such super-packets segmented in the container
+        // (`UNWRAPPABLE_GSO`), so one arriving here is counted.
+        if gso_size != 0 {
+            return Err(DropReason::Unsupported);
+        }
+        ctx.adjust_room(ENCAP_INSERT_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
+            .map_err(|_| DropReason::Malformed)?;
+    }
 
     let frame = Frame::of_skb(ctx);
     let outer_l3_len = ctx.len() - ETH_HDR_LEN as u32;

@@ -287,6 +287,9 @@ async fn configure_container_link(
     // veth merges them in the container end's GRO only while the sending
     // end has TSO off (veth_skb_is_eligible_for_gro in drivers/net/veth.c).
     set_tso(spec.host_ifname, false)?;
+    // Super-packets encapsulation could not wrap: the container's stack
+    // segments them itself.
+    set_features_off(peer_tmp, &UNWRAPPABLE_GSO)?;
     // A performance setting: a veth without it still carries everything.
     if let Err(e) = spread_over_cpus(spec.host_ifname, peer_tmp) {
         log::warn!("{e:#}; decapsulated TCP to this container is merged on one queue");
@@ -833,6 +836,32 @@ fn feature_bits(names: &[String], wanted: impl Fn(&str) -> bool) -> Vec<u32> {
         }
     }
     bits
+}
+
+/// The segmentation offloads of a container end whose super-packets
+/// ovl's encapsulation cannot wrap: the container's own tunnels (GRE,
+/// IP-in-IP, VXLAN/Geneve: the kernel refuses to mark a packet
+/// encapsulated twice), SCTP (segmented by chunks, not by size) and
+/// fraglist GSO. Off, the container's stack segments them before its
+/// veth; TCP and UDP segmentation stay on.
+pub const UNWRAPPABLE_GSO: [&str; 8] = [
+    "tx-gre-segmentation",
+    "tx-gre-csum-segmentation",
+    "tx-ipxip4-segmentation",
+    "tx-ipxip6-segmentation",
+    "tx-udp_tnl-segmentation",
+    "tx-udp_tnl-csum-segmentation",
+    "tx-sctp-segmentation",
+    "tx-gso-list",
+];
+
+/// Switches the features named `off` off on `ifname` (those its kernel
+/// does not name are skipped).
+pub fn set_features_off(ifname: &str, off: &[&str]) -> Result<()> {
+    let names = feature_names(ifname).with_context(|| format!("list the features of {ifname}"))?;
+    let bits = feature_bits(&names, |name| off.contains(&name));
+    set_features(ifname, &bits, false)
+        .with_context(|| format!("switch {} off on {ifname}", off.join(", ")))
 }
 
 /// The receive features that make GRO merge UDP datagrams no socket asked

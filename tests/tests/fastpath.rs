@@ -422,3 +422,71 @@ fn the_agent_switches_off_udp_gro_forwarding_on_the_underlay() -> Result<()> {
     );
     world.stop()
 }
+
+#[test]
+fn a_containers_own_vxlan_tunnel_carries_tcp_across_ovl() -> Result<()> {
+    let lab = Lab::new("fp-nested")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let Pair { c1, ip1, c2, ip2 } = world.connected_pair(&lab, "uber-net")?;
+    // Each container runs a VXLAN tunnel of its own to the other (as kind
+    // or Docker in Docker would), over ovl's network.
+    for (c, local, remote, inner) in [
+        (&c1, ip1, ip2, "198.19.255.1/30"),
+        (&c2, ip2, ip1, "198.19.255.2/30"),
+    ] {
+        c.ip(&[
+            "link",
+            "add",
+            "in0",
+            "type",
+            "vxlan",
+            "id",
+            "42",
+            "local",
+            &local.to_string(),
+            "remote",
+            &remote.to_string(),
+            "dstport",
+            "4790",
+            "dev",
+            "eth0",
+        ])?;
+        c.ip(&["addr", "add", inner, "dev", "in0"])?;
+        c.ip(&["link", "set", "in0", "up"])?;
+    }
+    let inner_b = std::net::Ipv4Addr::new(198, 19, 255, 2);
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, inner_b, 1, &["-W", "1"])?.all_received())
+    })
+    .context("no ping through the containers' own tunnel")?;
+
+    // TCP through it: checksum offload and segmentation of a packet that
+    // is encapsulated already when ovl encapsulates it.
+    let before = world.counters(0, "uber-net")?;
+    iperf3_server(&lab, &c2)?;
+    let out = c1.exec(&[
+        "iperf3",
+        "-c",
+        "198.19.255.2",
+        "-t",
+        "2",
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ])?;
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3: {}", String::from_utf8_lossy(&out.stdout)))?;
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    ensure!(
+        received >= 1 << 20,
+        "{received} bytes crossed the containers' own tunnel in 2 s"
+    );
+    let after = world.counters(0, "uber-net")?;
+    ensure!(
+        after.drops() == before.drops(),
+        "host A dropped frames of the tunnel: {:?} -> {:?}",
+        before.drops(),
+        after.drops()
+    );
+    world.stop()
+}
