@@ -50,6 +50,8 @@ pub fn outer_options_len(frame: &Frame) -> u32 {
 
 /// IPv4 "more fragments" flag and fragment offset.
 const IPV4_FRAG_MASK: u16 = 0x3fff;
+/// IPv4 fragment offset.
+const IPV4_FRAG_OFFSET: u16 = 0x1fff;
 
 /// The ECN field of the IPv4 TOS byte (RFC 3168 §5) and its code points.
 const ECN_MASK: u8 = 0x03;
@@ -109,12 +111,24 @@ pub fn inspect(
         return Ok(None);
     }
     let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    // Fragments are the host stack's to reassemble; ovl switches whole
-    // packets only (and sends with DF).
-    if ihl < IPV4_HDR_LEN || u16::from_be_bytes(ip.frags) & IPV4_FRAG_MASK != 0 {
+    if ihl < IPV4_HDR_LEN {
         return Ok(None);
     }
     let udp_off = ETH_HDR_LEN + ihl;
+    // ovl switches whole packets only (and sends with DF, as RFC 7348
+    // §4.3 asks). A first fragment that is VXLAN to this VTEP is refused,
+    // counted (the host has no socket to reassemble it for); the later
+    // ones carry no port to tell, and are the host's to time out.
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & IPV4_FRAG_MASK != 0 {
+        let first = frags & IPV4_FRAG_OFFSET == 0;
+        return match frame.read::<UdpHdr>(udp_off) {
+            Ok(udp) if first && ip.proto == IPPROTO_UDP && udp.dst_port() == node.vxlan_port() => {
+                Err(Dropped::unattributed(DropReason::Unsupported))
+            }
+            _ => Ok(None),
+        };
+    }
     if ip.proto == IPPROTO_ICMP {
         if pmtu::learn(frame, udp_off, node) {
             stats::path_mtu_report();

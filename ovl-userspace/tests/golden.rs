@@ -610,6 +610,46 @@ fn decap_refuses_frames_beyond_the_network_mtu_instead_of_counting_them_delivere
 }
 
 #[test]
+fn decap_refuses_a_first_fragment_of_vxlan_and_passes_later_ones() -> Result<()> {
+    let f = fixture("gold-frag")?;
+    let good = vxlan_from(REMOTE_VTEP, VNI, &echo(C2, C1, mac_of(C1)));
+    // More fragments, offset 0: the VXLAN header is in it, the rest is not.
+    let first = with_ipv4_header(&good, ETH_HDR_LEN, |ip| {
+        ip[6..8].copy_from_slice(&0x2000u16.to_be_bytes())
+    });
+    both_hooks_drop(
+        &f,
+        "first fragment",
+        &first,
+        UNATTRIBUTED_VNI,
+        DropReason::Unsupported,
+    )?;
+    // A later fragment has no UDP header to tell: the host's.
+    let later = with_ipv4_header(&good, ETH_HDR_LEN, |ip| {
+        ip[6..8].copy_from_slice(&0x00b9u16.to_be_bytes())
+    });
+    for program in [programs::XDP_DECAP, programs::TC_DECAP] {
+        let ctx = (program == programs::TC_DECAP).then(|| skb_ctx(TEST_RUN_IFINDEX));
+        let before = datapath::read_global(f.pin_dir())?;
+        let (action, _) = run(&f, program, &later, ctx.as_deref(), VNI, |_| {})?;
+        let want = if program == programs::XDP_DECAP {
+            XDP_PASS
+        } else {
+            TC_ACT_OK
+        };
+        ensure!(action == want, "later fragment, {program}: action {action}");
+        let after = datapath::read_global(f.pin_dir())?;
+        ensure!(
+            after.passed == before.passed + 1,
+            "later fragment, {program}: passed {} -> {}",
+            before.passed,
+            after.passed
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
     let f = fixture("gold-pass")?;
     let other_udp = eth(
