@@ -192,7 +192,7 @@ impl Store {
     /// The part of the state `scope` covers (the file store reads it all).
     pub async fn load_in(&self, scope: Scope<'_>) -> Result<State, StoreError> {
         match self {
-            Store::File(f) => f.load(),
+            Store::File(f) => blocking(|| f.load()),
             Store::Etcd(e) => e.load(scope).await,
         }
     }
@@ -207,7 +207,7 @@ impl Store {
         change: &mut (dyn FnMut(&mut State) -> Result<(), ModelError> + Send),
     ) -> Result<State, StoreError> {
         match self {
-            Store::File(f) => f.update(change),
+            Store::File(f) => blocking(|| f.update(change)),
             Store::Etcd(e) => e.update(scope, change).await,
         }
     }
@@ -241,9 +241,11 @@ impl Store {
         match self {
             Store::File(f) => {
                 let mut out = RestoreOutcome::default();
-                f.update(&mut |s| {
-                    out = s.restore_endpoints(node, wanted);
-                    Ok(())
+                blocking(|| {
+                    f.update(&mut |s| {
+                        out = s.restore_endpoints(node, wanted);
+                        Ok(())
+                    })
                 })?;
                 Ok(out)
             }
@@ -271,9 +273,11 @@ impl Store {
         match self {
             Store::File(f) => {
                 let mut n = 0;
-                f.update(&mut |s| {
-                    n = s.remove_node(name)?.len();
-                    Ok(())
+                blocking(|| {
+                    f.update(&mut |s| {
+                        n = s.remove_node(name)?.len();
+                        Ok(())
+                    })
                 })?;
                 Ok(n)
             }
@@ -293,10 +297,12 @@ impl Store {
     ) -> Result<Registration, StoreError> {
         match self {
             Store::File(f) => {
-                f.update(&mut |s| {
-                    crate::validate::node_name(name)?;
-                    s.register_node(name, vtep, Some(underlay_mtu));
-                    Ok(())
+                blocking(|| {
+                    f.update(&mut |s| {
+                        crate::validate::node_name(name)?;
+                        s.register_node(name, vtep, Some(underlay_mtu));
+                        Ok(())
+                    })
                 })?;
                 Ok(Registration::File)
             }
@@ -316,9 +322,11 @@ impl Store {
         match self {
             Store::File(f) => {
                 let mut found = false;
-                f.update(&mut |s| {
-                    found = s.publish_node_key(name, key);
-                    Ok(())
+                blocking(|| {
+                    f.update(&mut |s| {
+                        found = s.publish_node_key(name, key);
+                        Ok(())
+                    })
                 })?;
                 if found {
                     Ok(())
@@ -357,7 +365,7 @@ impl Store {
     /// Checks that the store answers (health probes).
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
-            Store::File(f) => f.load().map(|_| ()),
+            Store::File(f) => blocking(|| f.load()).map(|_| ()),
             Store::Etcd(e) => e.ping().await,
         }
     }
@@ -371,9 +379,79 @@ impl Store {
     }
 }
 
+/// Runs `work`, which may block (the file store waits for its lock, up to
+/// its lock timeout, by sleeping), without holding up the runtime's other
+/// tasks: on a multi-threaded runtime (the agent's) the worker hands its
+/// tasks to another thread meanwhile. A current-thread runtime (one CLI
+/// command) has no other task to hold up.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_waiting_for_the_file_stores_lock_hold_up_no_other_task() {
+        use std::{
+            os::fd::AsRawFd,
+            sync::{
+                Arc,
+                atomic::{AtomicUsize, Ordering},
+                mpsc,
+            },
+        };
+        let dir = crate::testutil::TestDir::new("store-wait");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = format!("file://{}?lock-timeout=30", dir.path().display());
+        let store = Arc::new(rt.block_on(Store::open(&url)).unwrap());
+        rt.block_on(store.update(Scope::All, &mut |_| Ok(())))
+            .unwrap();
+        // Another process's change holds the lock.
+        let held = std::fs::File::open(dir.path().join("state.lock")).unwrap();
+        // SAFETY: flock on a descriptor this test owns.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+
+        // As many changes as the runtime has workers wait for it...
+        let started = Arc::new(AtomicUsize::new(0));
+        let waiting: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, started) = (store.clone(), started.clone());
+                rt.spawn(async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    store.update(Scope::All, &mut |_| Ok(())).await
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while started.load(Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the changes never ran"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // ...and another task still runs meanwhile.
+        let (tx, rx) = mpsc::channel();
+        rt.spawn(async move { tx.send(()) });
+        let ran = rx.recv_timeout(Duration::from_secs(10)).is_ok();
+        drop(held);
+        for w in waiting {
+            rt.block_on(w).unwrap().unwrap();
+        }
+        assert!(ran, "every worker was asleep waiting for the file lock");
+    }
 
     #[tokio::test]
     async fn urls_select_backends_or_fail_clearly() {
