@@ -427,27 +427,29 @@ mod tests {
             s.create_network(NetworkSpec::new(name, subnet.parse().unwrap()))
                 .unwrap();
         }
-        let mut add = |net: &str, node: &str, ns: &str, name: &str| {
-            s.add_container(ContainerSpec {
-                network: net.into(),
-                node: node.into(),
-                netns: ns.into(),
-                name: Some(name.into()),
-                ip: None,
-                owner: None,
-                subnet: None,
-            })
-            .unwrap()
-        };
-        add("blue", ME, "c-client", "client");
-        let web = add("blue", "host-b", "c-web", "web");
-        add("red", "host-b", "c-db", "db");
-        add("red", ME, "c-other", "other");
+        add(&mut s, "blue", ME, "c-client", "client");
+        let web = add(&mut s, "blue", "host-b", "c-web", "web");
+        add(&mut s, "red", "host-b", "c-db", "db");
+        add(&mut s, "red", ME, "c-other", "other");
         s.set_names("blue", web.ip, None, vec!["www".into()])
             .unwrap();
         s.register_node(ME, Ipv4Addr::new(192, 0, 2, 10), None);
         s.register_node("host-b", Ipv4Addr::new(198, 51, 100, 10), None);
         s
+    }
+
+    /// Connects container `name` (namespace `ns`, on `node`) to `net`.
+    fn add(s: &mut State, net: &str, node: &str, ns: &str, name: &str) -> crate::model::Endpoint {
+        s.add_container(ContainerSpec {
+            network: net.into(),
+            node: node.into(),
+            netns: ns.into(),
+            name: Some(name.into()),
+            ip: None,
+            owner: None,
+            subnet: None,
+        })
+        .unwrap()
     }
 
     fn records(s: &State) -> Records {
@@ -551,16 +553,7 @@ mod tests {
         let mut s = State::default();
         s.create_network(NetworkSpec::new("dev", "198.18.2.0/24".parse().unwrap()))
             .unwrap();
-        s.add_container(ContainerSpec {
-            network: "dev".into(),
-            node: ME.into(),
-            netns: "c-dev".into(),
-            name: Some("api".into()),
-            ip: None,
-            owner: None,
-            subnet: None,
-        })
-        .unwrap();
+        add(&mut s, "dev", ME, "c-dev", "api");
         s.register_node(ME, Ipv4Addr::new(192, 0, 2, 10), None);
         let r = records(&s);
         let ns = namespace_key("c-dev");
@@ -587,16 +580,7 @@ mod tests {
             ("sealed", "c-both", "both"),
             ("blue", "c-both", "both-blue"),
         ] {
-            s.add_container(ContainerSpec {
-                network: net.into(),
-                node: ME.into(),
-                netns: ns.into(),
-                name: Some(name.into()),
-                ip: None,
-                owner: None,
-                subnet: None,
-            })
-            .unwrap();
+            add(&mut s, net, ME, ns, name);
         }
         s
     }
@@ -789,17 +773,7 @@ mod tests {
                     .unwrap();
             }),
             ("a remote endpoint joins blue", |s| {
-                s.add_container(ContainerSpec {
-                    network: "blue".into(),
-                    node: "host-b".into(),
-                    netns: "c-cache".into(),
-                    name: Some("cache".into()),
-                    ip: None,
-                    owner: None,
-                    subnet: None,
-                })
-                .map(drop)
-                .unwrap();
+                add(s, "blue", "host-b", "c-cache", "cache");
             }),
             ("web leaves", |s| {
                 s.remove_container("blue", "host-b", "c-web")
