@@ -28,6 +28,12 @@ fn world(lab: &Lab, extra: &[&str]) -> Result<(TwoHosts, Netns, Ipv4Addr)> {
     Ok((world, c1, ip1))
 }
 
+/// IPv4 forwarding on the underlay of host `host`: "1" or "0".
+fn underlay_forwarding(host: &Netns) -> Result<String> {
+    let out = host.exec(&["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// A TCP server on the router that accepts one connection, prints the
 /// peer's address and greets it.
 fn start_server(lab: &Lab, world: &TwoHosts) -> Result<ovl_tests::ChildHandle> {
@@ -247,10 +253,7 @@ fn egress_survives_the_agent_and_ovl_detach_removes_it() -> Result<()> {
     wait_until(Duration::from_secs(10), || {
         Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
     })?;
-    let forwarding = || -> Result<String> {
-        let out = host_a.exec(&["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"])?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
+    let forwarding = || underlay_forwarding(&host_a);
     ensure!(
         forwarding()? == "1",
         "the agent did not switch forwarding on"
@@ -294,10 +297,7 @@ fn forwarding_is_switched_on_only_once_its_guard_is_in_place() -> Result<()> {
     let lab = Lab::new("egress-fw")?;
     let mut world = TwoHosts::start(&lab, "auto")?;
     let host_a = world.hosts[0].netns.clone();
-    let forwarding = || -> Result<String> {
-        let out = host_a.exec(&["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"])?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
+    let forwarding = || underlay_forwarding(&host_a);
     ensure!(
         forwarding()? == "0",
         "forwarding on before anything led out"
