@@ -5,6 +5,8 @@
 //! configuration, rollback on failure, and waiting until the node's agent
 //! forwards for it.
 
+pub mod naming;
+
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -33,6 +35,12 @@ pub struct Request {
     pub ifname: Option<String>,
     /// Endpoint name [default: the namespace name].
     pub name: Option<String>,
+    /// The name the endpoint takes when its name is invalid or another
+    /// endpoint of the network holds it (a short container ID), with the
+    /// aliases it can have ([`naming::choose`]); the clash is logged and
+    /// the attachment goes ahead. Without one, such a name (or alias)
+    /// refuses the attachment (`ovl connect --name`).
+    pub fallback_name: Option<String>,
     /// More names the endpoint resolves as in the network's DNS.
     pub aliases: Vec<String>,
     /// Address to use instead of the next free one.
@@ -187,8 +195,15 @@ pub async fn register(
     store: &Store,
     req: &Request,
 ) -> Result<(Endpoint, Network, Option<Endpoint>), StoreError> {
-    let names: Vec<String> = std::iter::once(req.name.as_ref().unwrap_or(&req.netns))
-        .chain(&req.aliases)
+    let wanted = naming::Wanted {
+        name: req.name.clone().unwrap_or_else(|| req.netns.clone()),
+        aliases: req.aliases.clone(),
+    };
+    // The fallback's claim is read too: the choice between the names is
+    // made on what the store holds, in the same change.
+    let names: Vec<String> = std::iter::once(&wanted.name)
+        .chain(&req.fallback_name)
+        .chain(&wanted.aliases)
         .cloned()
         .collect();
     let around = Around {
@@ -198,7 +213,7 @@ pub async fn register(
         names: &names,
         allocates: req.ip.is_none(),
     };
-    store
+    let (endpoint, network, reservation, naming) = store
         .update_with(Scope::Endpoint(around), |s| {
             let reservation = req.ip.and_then(|ip| {
                 s.endpoints
@@ -212,23 +227,41 @@ pub async fn register(
                     })
                     .cloned()
             });
+            let naming = req.fallback_name.as_deref().map(|fallback| {
+                naming::choose(s, &req.network, reservation.as_ref(), &wanted, fallback)
+            });
+            let (name, aliases) = match &naming {
+                Some(n) => (Some(n.name.clone()), n.aliases.clone()),
+                None => (req.name.clone(), req.aliases.clone()),
+            };
             let ep = s.add_container(ContainerSpec {
                 network: req.network.clone(),
                 node: req.node.clone(),
                 netns: req.netns.clone(),
-                name: req.name.clone(),
+                name,
                 ip: req.ip,
                 subnet: req.subnet,
                 owner: req.owner.clone(),
             })?;
-            let ep = if req.aliases.is_empty() {
+            let ep = if aliases.is_empty() {
                 ep
             } else {
-                s.set_names(&req.network, ep.ip, None, req.aliases.clone())?
+                s.set_names(&req.network, ep.ip, None, aliases)?
             };
-            Ok((ep, s.network(&req.network)?.clone(), reservation))
+            Ok((ep, s.network(&req.network)?.clone(), reservation, naming))
         })
-        .await
+        .await?;
+    if let Some(n) = naming.filter(|n| !n.refused.is_empty()) {
+        log::warn!(
+            "{} on {} ({}) does not get every name it asked for: {}; names are unique per ovl network, across hosts. It resolves as {}",
+            req.owner.as_deref().unwrap_or(&req.netns),
+            req.network,
+            endpoint.ip,
+            n.refused.join("; "),
+            n.names_text()
+        );
+    }
+    Ok((endpoint, network, reservation))
 }
 
 /// The store's half of [`detach`]: removes the endpoint of `netns` on

@@ -464,6 +464,7 @@ async fn run(cli: Cli) -> Result<()> {
                 netns,
                 ifname: None,
                 name,
+                fallback_name: None,
                 aliases,
                 ip,
                 subnet,

@@ -491,6 +491,7 @@ fn request(network: &str, netns: &str, name: Option<&str>, ip: Option<Ipv4Addr>)
         node: "a".into(),
         netns: netns.into(),
         ifname: None,
+        fallback_name: None,
         name: name.map(str::to_owned),
         aliases: Vec::new(),
         ip,
@@ -554,6 +555,19 @@ fn a_connect_reads_a_few_keys_however_big_its_network() -> Result<()> {
             matches!(&taken, StoreError::Rejected(ModelError::NameTaken { ip, .. }) if *ip == at(9)),
             "{taken}"
         );
+        // With a fallback (as CNI gives the short container ID) the clash
+        // is no failure: the fallback's claim is read in the same change,
+        // so it is taken only when free and a held one names its holder.
+        let mut fell_back = request("big", "r", Some("S-198.18.0.9"), None);
+        fell_back.fallback_name = Some("s-198.18.0.10".into());
+        let held = attachment::register(&store, &fell_back).await.unwrap_err();
+        ensure!(
+            matches!(&held, StoreError::Rejected(ModelError::NameTaken { ip, .. }) if *ip == at(10)),
+            "{held}"
+        );
+        fell_back.fallback_name = Some("r-short-id".into());
+        let (r, _, _) = attachment::register(&store, &fell_back).await?;
+        ensure!(r.name == "r-short-id", "{r:?}");
         let twice = attachment::register(&store, &request("big", "q", Some("other"), None))
             .await
             .unwrap_err();

@@ -264,11 +264,15 @@ fn add_check_del_gc_status_and_version_follow_the_spec() -> Result<()> {
     ensure!(!w.host_links()?.contains(&host_if.to_owned()), "veth left");
 
     // An older spec version gets its own layout; an address asked for in
-    // CNI_ARGS (the `IP=` convention) is the one given.
+    // CNI_ARGS (the `IP=` convention) is the one given, and the endpoint is
+    // named after the pod.
     let c2 = lab.container("c2")?;
     let s2 = netns_path(&c2);
     let mut env2 = CniPlugin::attachment_env("ctr-2", &s2, "net1");
-    env2.push(("CNI_ARGS", "IgnoreUnknown=1;IP=198.18.0.50"));
+    env2.push((
+        "CNI_ARGS",
+        "IgnoreUnknown=1;IP=198.18.0.50;K8S_POD_NAME=postgres-0",
+    ));
     let legacy = w
         .plugin
         .call("ADD", &env2, &w.conf("0.4.0").to_string())?
@@ -282,17 +286,27 @@ fn add_check_del_gc_status_and_version_follow_the_spec() -> Result<()> {
         "{legacy}"
     );
 
-    // GC releases the attachment the runtime no longer lists, and only it.
+    // A pod of the same name (`postgres-0` of another Kubernetes namespace,
+    // another host's podman `db`) is attached all the same, named by its
+    // short container ID: names are unique per ovl network.
     let c3 = lab.container("c3")?;
     let s3 = netns_path(&c3);
-    let leaked = w
-        .plugin
-        .call(
-            "ADD",
-            &CniPlugin::attachment_env("ctr-leak", &s3, "eth0"),
-            &conf.to_string(),
-        )?
-        .ok()?;
+    let mut env3 = CniPlugin::attachment_env("ctr-leak", &s3, "eth0");
+    env3.push(("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=postgres-0"));
+    let leaked = w.plugin.call("ADD", &env3, &conf.to_string())?.ok()?;
+    let eps = w.endpoints(NETWORK)?;
+    let name_of = |owner: &str| {
+        eps.iter()
+            .find(|e| e["owner"] == owner)
+            .map(|e| e["name"].clone())
+    };
+    ensure!(
+        name_of("cni:ctr-2/net1") == Some(json!("postgres-0"))
+            && name_of("cni:ctr-leak/eth0") == Some(json!("ctr-leak")),
+        "{eps:?}"
+    );
+
+    // GC releases the attachment the runtime no longer lists, and only it.
     let leaked_if = leaked["interfaces"][0]["name"]
         .as_str()
         .context("if")?

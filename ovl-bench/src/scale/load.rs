@@ -325,6 +325,7 @@ pub async fn churn(
             netns: member.netns.clone(),
             ifname: None,
             name: None,
+            fallback_name: None,
             aliases: Vec::new(),
             ip: Some(ip),
             subnet: None,

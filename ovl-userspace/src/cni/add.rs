@@ -1,7 +1,9 @@
 //! ADD: the container gets an interface on the ovl network exactly as
 //! `ovl connect` gives it one (same IPAM, MAC, MTU, veth), named
-//! CNI_IFNAME and owned by `cni:<container id>/<ifname>`; the result
-//! points the runtime at ovl's resolver.
+//! CNI_IFNAME, owned by `cni:<container id>/<ifname>` and named after the
+//! pod, or its short container ID when that name is taken on the network
+//! ([`attachment::naming`]); the result points the runtime at ovl's
+//! resolver.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -20,7 +22,8 @@ use crate::{attachment, dns, netlink};
 const READY_WAIT: Duration = Duration::from_secs(2);
 
 /// Longest prefix of the container ID used as the endpoint name when the
-/// runtime gives no pod name (as `podman ps` shortens IDs).
+/// runtime gives no pod name, or when another endpoint holds that name
+/// (as `podman ps` shortens IDs).
 const SHORT_ID_LEN: usize = 12;
 
 /// ADD; returns the result JSON.
@@ -58,17 +61,21 @@ pub async fn add(
             ),
         ));
     }
+    let short_id: String = inv.container_id.chars().take(SHORT_ID_LEN).collect();
     let name = inv
         .args
         .get("K8S_POD_NAME")
         .cloned()
-        .unwrap_or_else(|| inv.container_id.chars().take(SHORT_ID_LEN).collect());
+        .unwrap_or_else(|| short_id.clone());
     let req = attachment::Request {
         network: s.network.clone(),
         node: s.node.clone(),
         netns: netns.to_owned(),
         ifname: Some(inv.ifname.clone()),
         name: Some(name),
+        // Pod and container names are unique per namespace or per host,
+        // not per ovl network: a clash is no reason to fail the pod.
+        fallback_name: Some(short_id),
         aliases: Vec::new(),
         ip,
         subnet: None,

@@ -379,6 +379,7 @@ async fn do_join(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, Refusal> {
                     netns: req.sandbox_key.clone(),
                     ifname: None,
                     name: Some(short(&req.endpoint_id).to_owned()),
+                    fallback_name: None,
                     ip: Some(ep.ip),
                     owner: Some(owner_of(&req.endpoint_id)),
                     subnet: None,

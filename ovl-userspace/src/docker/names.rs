@@ -3,10 +3,10 @@
 //! aliases. Docker's Join carries neither, so they are learnt from dockerd
 //! once the container has started (after Join) and on every reconcile pass.
 //!
-//! Names are unique per ovl network across hosts, while Docker's are unique
-//! per daemon only: a container whose name another endpoint holds keeps
-//! what it can have (its other names; its short endpoint ID as its name),
-//! the clash is said once, and the name is taken as soon as it is free.
+//! Which names it gets is the policy every front end shares
+//! ([`attachment::naming`]), its fallback being its short endpoint ID (the
+//! name Join gave it); a clash is said once, and the name is taken as soon
+//! as it is free.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -21,8 +21,11 @@ use super::{
     networks::short,
 };
 use crate::{
-    attachment,
-    model::{Endpoint, Location, State, validate_endpoint_name},
+    attachment::{
+        self,
+        naming::{self, Wanted},
+    },
+    model::{Endpoint, Location, State},
     store::{Scope, Store},
 };
 
@@ -59,13 +62,6 @@ pub fn seen_in(d: &DockerNetwork, network: &str) -> Vec<Seen> {
         .collect()
 }
 
-/// The names Docker gives a container on one network.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Wanted {
-    pub name: String,
-    pub aliases: Vec<String>,
-}
-
 /// What container `c` is called on the network of its endpoint
 /// `endpoint_id`: its name, and its aliases there in Docker's order
 /// without repeats (Docker adds the short container ID to them).
@@ -80,69 +76,6 @@ pub fn wanted(c: &DockerContainer, endpoint_id: &str) -> Wanted {
         .filter(|a| seen.insert(a.to_ascii_lowercase()))
         .collect();
     Wanted { name, aliases }
-}
-
-/// The names an endpoint gets: those of [`Wanted`] it can have.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Naming {
-    pub name: String,
-    pub aliases: Vec<String>,
-    /// Why each name it cannot have is refused.
-    pub refused: Vec<String>,
-}
-
-/// The names endpoint `ep` gets of `wanted`, by `state`: every one that is
-/// a valid DNS name and no other endpoint of its network holds. When its
-/// name is refused it is called `fallback` (its short endpoint ID, as
-/// Join named it), or keeps its name if another holds even that.
-pub fn naming(state: &State, ep: &Endpoint, wanted: &Wanted, fallback: &str) -> Naming {
-    let mut refused = Vec::new();
-    let mut usable = |name: &str, say: bool| -> bool {
-        if let Err(e) = validate_endpoint_name(name) {
-            if say {
-                refused.push(e.to_string());
-            }
-            return false;
-        }
-        let holder = state
-            .endpoints_of(&ep.network)
-            .filter(|e| e.ip != ep.ip)
-            .find(|e| e.names().any(|n| n.eq_ignore_ascii_case(name)));
-        match holder {
-            Some(h) => {
-                if say {
-                    refused.push(format!(
-                        "{name} is held by endpoint {} ({}{})",
-                        h.name,
-                        h.ip,
-                        h.node()
-                            .map(|n| format!(" on node {n}"))
-                            .unwrap_or_default()
-                    ));
-                }
-                false
-            }
-            None => true,
-        }
-    };
-    let name = if usable(&wanted.name, true) {
-        wanted.name.clone()
-    } else if usable(fallback, false) {
-        fallback.to_owned()
-    } else {
-        ep.name.clone()
-    };
-    let aliases = wanted
-        .aliases
-        .iter()
-        .filter(|a| !a.eq_ignore_ascii_case(&name) && usable(a, true))
-        .cloned()
-        .collect();
-    Naming {
-        name,
-        aliases,
-        refused,
-    }
 }
 
 /// What was learnt of each Docker endpoint's names, by endpoint ID, and
@@ -244,7 +177,7 @@ pub async fn settle(
         }
     };
     let fallback = short(&seen.endpoint_id);
-    let mut n = naming(state, ep, &wanted, fallback);
+    let mut n = naming::choose(state, &seen.network, Some(ep), &wanted, fallback);
     let mut failed = None;
     if n.name != ep.name || n.aliases != ep.aliases {
         // One writer at a time (the reconcile pass and a Join's look may
@@ -258,7 +191,7 @@ pub async fn settle(
         let Some(ep) = attached(&fresh, &ctx.node, &seen.network, &owner) else {
             return Ok(());
         };
-        n = naming(&fresh, ep, &wanted, fallback);
+        n = naming::choose(&fresh, &seen.network, Some(ep), &wanted, fallback);
         if n.name != ep.name || n.aliases != ep.aliases {
             match attachment::set_names(
                 store,
@@ -275,7 +208,7 @@ pub async fn settle(
                     seen.container_name,
                     seen.network,
                     ep.ip,
-                    names_text(&n)
+                    n.names_text()
                 ),
                 // Taken meanwhile (another host named its container at
                 // the same moment): the next pass reads who holds it.
@@ -297,7 +230,7 @@ pub async fn settle(
                 seen.network,
                 short(&seen.endpoint_id),
                 n.refused.join("; "),
-                names_text(&n)
+                n.names_text()
             )
         }),
     };
@@ -326,13 +259,6 @@ fn attached<'a>(
             && e.node() == Some(node)
             && matches!(e.location, Location::Container { .. })
     })
-}
-
-fn names_text(n: &Naming) -> String {
-    std::iter::once(n.name.as_str())
-        .chain(n.aliases.iter().map(String::as_str))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// After Join: the container's names as soon as dockerd tells them (it
@@ -398,7 +324,6 @@ async fn look(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ContainerSpec, NetworkSpec};
 
     fn container(json: serde_json::Value) -> DockerContainer {
         serde_json::from_value(json).unwrap()
@@ -438,60 +363,6 @@ mod tests {
         assert_eq!(seen[0].container_id.as_deref(), Some("9c1d"));
         assert_eq!(seen[1].container_id, None);
         assert_eq!(seen[1].container_name, "half");
-    }
-
-    fn attach(s: &mut State, node: &str, ns: &str, name: &str) -> Endpoint {
-        s.add_container(ContainerSpec {
-            network: "uber-net".into(),
-            node: node.into(),
-            netns: ns.into(),
-            name: Some(name.into()),
-            ..ContainerSpec::default()
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn an_endpoint_gets_every_name_no_other_holds() {
-        let mut s = State::default();
-        s.create_network(NetworkSpec::new(
-            "uber-net",
-            "198.18.0.0/24".parse().unwrap(),
-        ))
-        .unwrap();
-        let mine = attach(&mut s, "a", "/run/docker/netns/1", "e1aaaaaaaaaa");
-        let want = Wanted {
-            name: "web".into(),
-            aliases: vec!["www".into(), "api".into(), "bad name".into()],
-        };
-        let n = naming(&s, &mine, &want, "e1aaaaaaaaaa");
-        assert_eq!(n.name, "web");
-        assert_eq!(n.aliases, ["www", "api"]);
-        assert_eq!(n.refused.len(), 1, "{n:?}");
-        assert!(n.refused[0].contains("bad name"), "{n:?}");
-
-        // `web` and `api` belong to a container on node b: what is left.
-        let theirs = attach(&mut s, "b", "/run/docker/netns/2", "WEB");
-        s.set_names("uber-net", theirs.ip, None, vec!["api".into()])
-            .unwrap();
-        let n = naming(&s, &mine, &want, "e1aaaaaaaaaa");
-        assert_eq!(n.name, "e1aaaaaaaaaa", "its short endpoint ID");
-        assert_eq!(n.aliases, ["www"]);
-        assert_eq!(n.refused.len(), 3, "{n:?}");
-        assert!(
-            n.refused[0].contains("web is held by endpoint WEB (198.18.0.3 on node b)"),
-            "{n:?}"
-        );
-        // Its own names are not a clash with itself.
-        let named = s
-            .set_names(
-                "uber-net",
-                mine.ip,
-                Some("e1aaaaaaaaaa".into()),
-                vec!["www".into()],
-            )
-            .unwrap();
-        assert_eq!(naming(&s, &named, &want, "e1aaaaaaaaaa").aliases, ["www"]);
     }
 
     #[test]
