@@ -517,6 +517,13 @@ fn bad_input_gets_spec_errors_and_leaves_nothing_behind() -> Result<()> {
             1,
         ),
         ("GC before 1.1.0", "GC", vec![], conf.to_string(), 1),
+        (
+            "malformed prevResult",
+            "ADD",
+            env.clone(),
+            with(&conf, "prevResult", json!({"ips": 3})).to_string(),
+            6,
+        ),
     ];
     for (what, command, vars, stdin, code) in &cases {
         let out = w.plugin.call(command, vars, stdin)?;

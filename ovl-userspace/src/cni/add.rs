@@ -36,6 +36,9 @@ pub async fn add(
     let netns = inv.netns.as_deref().expect("ADD requires CNI_NETNS");
     sandbox::check(netns)?;
     let ip = requested_ip(inv, conf)?;
+    // Read before anything is made: a prevResult that is no CNI result
+    // found only after attaching would leave the attachment behind.
+    let prev = conf.prev_result.as_ref().map(result::parse).transpose()?;
     // Refused before anything is registered: the spec requires an error
     // when the container already has an interface by this name.
     if container_has(netns, &inv.ifname).await? {
@@ -99,8 +102,7 @@ pub async fn add(
     };
     let dns = result::dns(conf.dns.as_ref(), &dns::container_dns());
     let ours = result::of_attachment(&a, netns, host_mac, dns);
-    let full = result::chain(conf.prev_result.as_ref(), ours)?;
-    Ok(result::render(version, full))
+    Ok(result::render(version, result::chain(prev, ours)))
 }
 
 /// An address the runtime asks for: the `ips` capability or `IP=` in

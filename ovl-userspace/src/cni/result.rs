@@ -84,14 +84,13 @@ pub fn parse(prev: &Value) -> Result<AddResult, CniError> {
         .map_err(|e| CniError::decode(format!("prevResult is not a CNI result: {e}")))
 }
 
-/// `ours` appended to a previous plugin's result: interfaces after its
-/// interfaces (our IP entries' indices shifted to match), IPs and routes
-/// after its own, DNS filled in where it has none.
-pub fn chain(prev: Option<&Value>, ours: AddResult) -> Result<AddResult, CniError> {
-    let Some(prev) = prev else {
-        return Ok(ours);
+/// `ours` appended to a previous plugin's result ([`parse`]d): interfaces
+/// after its interfaces (our IP entries' indices shifted to match), IPs and
+/// routes after its own, DNS filled in where it has none.
+pub fn chain(prev: Option<AddResult>, ours: AddResult) -> AddResult {
+    let Some(mut out) = prev else {
+        return ours;
     };
-    let mut out = parse(prev)?;
     let shift = out.interfaces.len();
     out.interfaces.extend(ours.interfaces);
     out.ips.extend(ours.ips.into_iter().map(|mut ip| {
@@ -102,7 +101,7 @@ pub fn chain(prev: Option<&Value>, ours: AddResult) -> Result<AddResult, CniErro
     if out.dns.is_empty() {
         out.dns = ours.dns;
     }
-    Ok(out)
+    out
 }
 
 /// The result JSON for `version`: `cniVersion` first; IP entries carry
@@ -142,6 +141,7 @@ fn ip_version(cidr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cni::error::Code;
 
     fn ours() -> AddResult {
         AddResult {
@@ -231,12 +231,14 @@ mod tests {
             "ips": [{"address": "127.0.0.1/8", "interface": 0}],
             "dns": {"nameservers": ["198.18.0.1"]}
         });
-        let r = chain(Some(&prev), ours()).unwrap();
+        let r = chain(Some(parse(&prev).unwrap()), ours());
         assert_eq!(r.interfaces.len(), 3);
         assert_eq!(r.ips[0].interface, Some(0));
         assert_eq!(r.ips[1].interface, Some(2));
         assert_eq!(r.interfaces[2].name, "eth0");
         assert_eq!(r.dns.nameservers, ["198.18.0.1"]);
-        assert!(chain(Some(&serde_json::json!({"ips": 3})), ours()).is_err());
+        assert_eq!(chain(None, ours()), ours());
+        let e = parse(&serde_json::json!({"ips": 3})).unwrap_err();
+        assert_eq!(e.code, Code::Decode, "{e}");
     }
 }
