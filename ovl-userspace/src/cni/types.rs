@@ -47,13 +47,29 @@ pub struct NetConf {
     /// JSON so it can be passed on unchanged.
     #[serde(default)]
     pub prev_result: Option<Value>,
-    /// GC's list of attachments that are still valid.
-    #[serde(default, rename = "cni.dev/valid-attachments")]
+    /// GC's list of attachments that are still valid: `None` only when
+    /// the key is absent; `null` (libcni's encoding of a nil Go slice, when
+    /// no sandbox is live) is an empty list.
+    #[serde(
+        default,
+        rename = "cni.dev/valid-attachments",
+        deserialize_with = "null_as_empty"
+    )]
     pub valid_attachments: Option<Vec<GcAttachment>>,
 
     /// Every other key, checked by [`NetConf::unsupported_key`].
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
+}
+
+/// A present key's list, `null` read as an empty one (serde calls this only
+/// for a present key; `default` makes an absent one `None`).
+fn null_as_empty<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Some(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default()))
 }
 
 /// Keys the spec defines or runtimes insert that ovl reads nothing from.
