@@ -19,9 +19,11 @@ pub enum Code {
     Io,
     /// 6: stdin is not the JSON the spec describes.
     Decode,
-    /// 7: the configuration is invalid (bad store URL, no such network).
+    /// 7: the configuration is invalid (bad store URL or store option, no
+    /// such network).
     InvalidConfig,
-    /// 11: a transient condition (store unreachable or contended).
+    /// 11: a transient condition (store unreachable or contended, its lock
+    /// held too long).
     TryAgainLater,
     /// 50 (STATUS): ovl cannot serve ADD now.
     NotAvailable,
@@ -158,8 +160,12 @@ impl From<StoreError> for CniError {
 
 fn store_code(e: &StoreError) -> Code {
     match e {
-        StoreError::UnsupportedUrl(_) => Code::InvalidConfig,
-        StoreError::Etcd { .. } | StoreError::Contended(_) => Code::TryAgainLater,
+        StoreError::UnsupportedUrl(_) | StoreError::BadOption(_) => Code::InvalidConfig,
+        // Another process holds the file store's lock: contention, as
+        // etcd's conflicting changes are.
+        StoreError::Etcd { .. } | StoreError::Contended(_) | StoreError::LockTimeout { .. } => {
+            Code::TryAgainLater
+        }
         StoreError::Io { .. } => Code::Io,
         StoreError::Rejected(m) => model_code(m),
         _ => Code::Internal,
@@ -211,5 +217,22 @@ mod tests {
             CniError::from_failure(&netlink.unwrap_err()).code,
             Code::Internal
         );
+    }
+
+    #[test]
+    fn a_held_store_lock_is_try_again_and_a_bad_store_option_invalid_config() {
+        let held = || StoreError::LockTimeout {
+            path: "/var/lib/ovl/state.lock".into(),
+            waited: std::time::Duration::from_secs(10),
+            holder: "pid 7 (ovl)".into(),
+        };
+        assert_eq!(CniError::from(held()).code, Code::TryAgainLater);
+        let deep = anyhow::Error::from(held()).context("connect x to y");
+        assert_eq!(CniError::from_failure(&deep).code, Code::TryAgainLater);
+
+        let bad = || StoreError::BadOption("lock-timeout \"soon\" is not a number".into());
+        assert_eq!(CniError::from(bad()).code, Code::InvalidConfig);
+        let deep = anyhow::Error::from(bad()).context("open the store");
+        assert_eq!(CniError::from_failure(&deep).code, Code::InvalidConfig);
     }
 }
