@@ -43,6 +43,10 @@ use crate::{
 pub const DEFAULT_SOCKET_DIR: &str = "/run/ovl";
 /// Longest wait a ready query may ask for.
 const MAX_READY_WAIT: Duration = Duration::from_secs(10);
+/// How long a client gives the agent to answer, beyond the wait it asked
+/// for: a stopped (SIGSTOP) or hung agent's socket still accepts
+/// connections, and a CNI plugin or `ovl connect` must not wait forever.
+const ANSWER_MARGIN: Duration = Duration::from_secs(5);
 
 /// The default API socket of `node`.
 pub fn default_socket(node: &str) -> PathBuf {
@@ -377,6 +381,12 @@ pub enum ClientError {
     NoAgent(PathBuf),
     #[error("ask the agent on {socket}: {detail}")]
     Failed { socket: PathBuf, detail: String },
+    /// Something accepted the connection but did not answer in time.
+    #[error(
+        "the ovl agent on {} accepted the connection but did not answer within {waited:?}: it is stopped, hung or overloaded; see its log",
+        .socket.display()
+    )]
+    Unresponsive { socket: PathBuf, waited: Duration },
     /// The agent answered with an error.
     #[error("{0}")]
     Refused(String),
@@ -390,17 +400,49 @@ impl Client {
         }
     }
 
-    /// `GET path_and_query`, decoded from JSON.
+    /// `GET path_and_query`, decoded from JSON; [`ClientError::Unresponsive`]
+    /// unless answered within a few seconds.
     pub async fn get<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, ClientError> {
-        self.send(hyper::Method::GET, path_and_query).await
+        self.get_waiting(path_and_query, Duration::ZERO).await
     }
 
-    /// `POST path_and_query` without a body, the answer decoded from JSON.
+    /// `GET path_and_query` of a request that asks the agent to wait up to
+    /// `wait` before answering (`timeout_ms`): given that much more time.
+    pub async fn get_waiting<T: DeserializeOwned>(
+        &self,
+        path_and_query: &str,
+        wait: Duration,
+    ) -> Result<T, ClientError> {
+        self.send(hyper::Method::GET, path_and_query, wait).await
+    }
+
+    /// `POST path_and_query` without a body, the answer decoded from JSON;
+    /// [`ClientError::Unresponsive`] unless answered within a few seconds.
     pub async fn post<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, ClientError> {
-        self.send(hyper::Method::POST, path_and_query).await
+        self.send(hyper::Method::POST, path_and_query, Duration::ZERO)
+            .await
     }
 
+    /// One exchange, connecting to reading the whole body, bounded by the
+    /// agent's wait (as it caps it) plus [`ANSWER_MARGIN`].
     async fn send<T: DeserializeOwned>(
+        &self,
+        method: hyper::Method,
+        path_and_query: &str,
+        wait: Duration,
+    ) -> Result<T, ClientError> {
+        let waited = wait.min(MAX_READY_WAIT) + ANSWER_MARGIN;
+        tokio::time::timeout(waited, self.exchange(method, path_and_query))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Unresponsive {
+                    socket: self.socket.clone(),
+                    waited,
+                })
+            })
+    }
+
+    async fn exchange<T: DeserializeOwned>(
         &self,
         method: hyper::Method,
         path_and_query: &str,
@@ -423,9 +465,10 @@ impl Client {
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-        tokio::spawn(async move {
+        // Ends with the exchange, also when it is abandoned mid-way.
+        let _conn = AbortOnDrop(tokio::spawn(async move {
             let _ = conn.await;
-        });
+        }));
         let req = Request::builder()
             .method(method)
             .uri(path_and_query)
@@ -451,5 +494,73 @@ impl Client {
             return Err(ClientError::Refused(msg));
         }
         serde_json::from_slice(&body).map_err(|e| fail(format!("bad answer: {e}")))
+    }
+}
+
+/// A task that does not outlive its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A socket whose owner accepts every connection (as the kernel does
+    /// for a stopped agent) and then holds it: after reading the request,
+    /// it writes `answer` (possibly nothing) and never more.
+    fn stalled_agent(tag: &str, answer: &'static [u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("ovl-api-{tag}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind a socket in the temp dir");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut request = [0u8; 1024];
+                let _ = s.read(&mut request).await;
+                let _ = s.write_all(answer).await;
+                held.push(s);
+            }
+        });
+        path
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_accepts_and_never_answers_is_reported_not_waited_for() {
+        let silent = stalled_agent("silent", b"");
+        let half = stalled_agent(
+            "half",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"node\"",
+        );
+        let (to_silent, to_half) = (Client::new(&silent), Client::new(&half));
+        let (health, body, ready) = tokio::join!(
+            to_silent.get::<Health>("/v1/health"),
+            to_half.get::<Health>("/v1/health"),
+            crate::attachment::wait_forwarding(
+                &silent,
+                "uber-net",
+                Ipv4Addr::new(198, 18, 0, 2),
+                Duration::from_millis(10),
+            ),
+        );
+        for (what, answer) in [("no answer", health), ("half a body", body)] {
+            let e = answer.expect_err(what).to_string();
+            assert!(
+                e.contains("did not answer within") && e.contains("ovl-api-"),
+                "{what}: {e}"
+            );
+        }
+        // The readiness question: not forwarding yet, as for a slow agent.
+        assert_eq!(
+            ready.expect("an unresponsive agent is no error"),
+            crate::attachment::Readiness::NotYet
+        );
+        let _ = std::fs::remove_file(silent);
+        let _ = std::fs::remove_file(half);
     }
 }

@@ -469,7 +469,8 @@ pub async fn remove_host_link(host_ifname: &str) -> Result<()> {
 pub enum Readiness {
     /// In the agent's maps, its veth hooked.
     Forwarding,
-    /// The agent runs but did not get there within the wait.
+    /// The agent runs but did not get there within the wait, or did not
+    /// answer at all (stopped or hung: the reason is logged).
     NotYet,
     /// No agent answers on the node's API socket: the endpoint forwards
     /// once one runs.
@@ -488,10 +489,17 @@ pub async fn wait_forwarding(
         "/v1/endpoints/ready?network={network}&ip={ip}&timeout_ms={}",
         timeout.as_millis()
     );
-    match api::Client::new(api_socket).get::<api::Ready>(&query).await {
+    match api::Client::new(api_socket)
+        .get_waiting::<api::Ready>(&query, timeout)
+        .await
+    {
         Ok(r) if r.ready => Ok(Readiness::Forwarding),
         Ok(_) => Ok(Readiness::NotYet),
         Err(api::ClientError::NoAgent(_)) => Ok(Readiness::NoAgent),
+        Err(e @ api::ClientError::Unresponsive { .. }) => {
+            log::warn!("{e}");
+            Ok(Readiness::NotYet)
+        }
         Err(e) => Err(e).context("ask the node's agent whether the endpoint forwards"),
     }
 }
