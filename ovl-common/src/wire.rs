@@ -36,6 +36,12 @@ pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 /// Code of "fragmentation needed and DF set" (RFC 792, RFC 1191 §4).
 pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// IPv4 "don't fragment" flag (RFC 791), in the flags/offset field.
+pub const IPV4_DF: u16 = 0x4000;
+/// IPv4 "more fragments" flag and fragment offset: non-zero in any fragment.
+pub const IPV4_FRAG_MASK: u16 = 0x3fff;
+/// IPv4 fragment offset: non-zero in any fragment but the first.
+pub const IPV4_FRAG_OFFSET: u16 = 0x1fff;
 /// ICMP echo request (RFC 792).
 pub const ICMP_ECHO_REQUEST: u8 = 8;
 /// ICMP time exceeded (RFC 792).

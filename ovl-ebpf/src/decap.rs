@@ -11,8 +11,8 @@ use ovl_common::{
     DropReason, Endpoint, NodeConfig,
     maps::{flow_cache::decap_slot, network_flags},
     wire::{
-        ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HDR_LEN, UDP_HDR_LEN,
-        VXLAN_FLAG_I, checksum_replace16,
+        ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_FRAG_MASK,
+        IPV4_FRAG_OFFSET, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I, checksum_replace16,
     },
 };
 
@@ -47,11 +47,6 @@ pub fn outer_options_len(frame: &Frame) -> u32 {
         _ => 0,
     }
 }
-
-/// IPv4 "more fragments" flag and fragment offset.
-const IPV4_FRAG_MASK: u16 = 0x3fff;
-/// IPv4 fragment offset.
-const IPV4_FRAG_OFFSET: u16 = 0x1fff;
 
 /// The ECN field of the IPv4 TOS byte (RFC 3168 §5) and its code points.
 const ECN_MASK: u8 = 0x03;

@@ -23,7 +23,7 @@ use ovl_common::{
     maps::{network_flags, next_hop_via, vtep_flags},
     wire::{
         ENCAP_INSERT_LEN, ENCAP_OVERHEAD, ETH_HDR_LEN, ETH_P_IP, INNER_ETH_OFFSET, IPPROTO_TCP,
-        IPPROTO_UDP, IPV4_HDR_LEN, MIN_PATH_MTU, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I,
+        IPPROTO_UDP, IPV4_DF, IPV4_HDR_LEN, MIN_PATH_MTU, OUTER_TTL, UDP_HDR_LEN, VXLAN_FLAG_I,
         WIREGUARD_OVERHEAD, ipv4_checksum, vxlan_src_port,
     },
 };
@@ -31,9 +31,6 @@ use ovl_common::{
 use crate::{egress::Flow, icmp, maps, packet::Frame, stats};
 
 const AF_INET: u8 = 2;
-/// IPv4 "don't fragment" (RFC 791): RFC 7348 §4.3 forbids VTEPs from
-/// fragmenting, so the underlay must not either; the MTU is checked here.
-const IPV4_DF: u16 = 0x4000;
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: length of the inner L2 header.
 const ADJ_ROOM_ENCAP_L2_ETH_LEN: u64 = (ETH_HDR_LEN as u64 & 0xff) << 56;
 /// The kernel keeps GSO valid for a UDP tunnel carrying Ethernet; FIXED_GSO
@@ -432,6 +429,8 @@ fn outer_ipv4(tot_len: u16, tos: u8, src: [u8; 4], dst: [u8; 4]) -> Ipv4Hdr {
         tos,
         tot_len: tot_len.to_be_bytes(),
         id: [0; 2],
+        // RFC 7348 §4.3 forbids VTEPs from fragmenting, so the underlay
+        // must not either: DF, and the MTU is checked before.
         frags: IPV4_DF.to_be_bytes(),
         ttl: OUTER_TTL,
         proto: IPPROTO_UDP,

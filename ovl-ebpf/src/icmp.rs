@@ -10,17 +10,13 @@ use ovl_common::{
     wire::{
         ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, ETH_P_IP, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
         ICMP_ECHO_REQUEST, ICMP_ERROR_FRAME_LEN, ICMP_ERROR_TOS, ICMP_EXC_TTL, ICMP_FRAG_NEEDED,
-        ICMP_HDR_LEN, ICMP_QUOTE_LEN, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPV4_HDR_LEN, ORIGIN_TTL,
-        checksum_replace16, internet_checksum,
+        ICMP_HDR_LEN, ICMP_QUOTE_LEN, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPV4_FRAG_MASK,
+        IPV4_FRAG_OFFSET, IPV4_HDR_LEN, ORIGIN_TTL, checksum_replace16, internet_checksum,
     },
 };
 
 use crate::{egress::to_container, packet::Frame, stats};
 
-/// IPv4 "more fragments" flag and fragment offset.
-const IPV4_FRAG_MASK: u16 = 0x3fff;
-/// IPv4 fragment offset.
-const IPV4_FRAG_OFFSET: u16 = 0x1fff;
 /// Bytes of an ICMP error message: header and quote.
 const ICMP_ERROR_LEN: usize = ICMP_HDR_LEN + ICMP_QUOTE_LEN;
 

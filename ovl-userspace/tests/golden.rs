@@ -836,11 +836,7 @@ fn egress_of_an_encrypted_network_goes_to_the_crypto_device_only_for_a_keyed_vte
     let inner = echo(C1, C2, mac_of(C2));
     // The device is up, but the VTEP's node has published no key yet:
     // dropped as `no_key`, neither sent in clear nor to the device.
-    let (action, _) = egress(&f, &inner, |c| c.drops[DropReason::NoKey as usize] += 1)?;
-    ensure!(
-        action == TC_ACT_SHOT,
-        "encrypted, VTEP not keyed: action {action}"
-    );
+    egress_drops(&f, "encrypted, VTEP not keyed", &inner, DropReason::NoKey)?;
     ensure!(
         cached_hop(&f)?.is_none(),
         "the FIB was asked for an unkeyed VTEP"
@@ -897,10 +893,8 @@ fn egress_drops_frames_for_a_vtep_the_underlay_has_no_route_to() -> Result<()> {
         },
     )?;
     let inner = echo(C1, far, mac_of(far));
-    for attempt in 0..2 {
-        let (action, _) = egress(&f, &inner, |c| c.drops[DropReason::NoRoute as usize] += 1)
-            .with_context(|| format!("attempt {attempt}"))?;
-        ensure!(action == TC_ACT_SHOT, "attempt {attempt}: action {action}");
+    for attempt in ["first frame", "second frame"] {
+        egress_drops(&f, attempt, &inner, DropReason::NoRoute)?;
     }
     ensure!(
         datapath::read_next_hops(f.pin_dir())?.is_empty(),
@@ -989,6 +983,15 @@ fn icmp_error(
     let c = checksum(&ip[..20]);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     eth(mac_of(to), GW_MAC, ETH_P_IP, &ip)
+}
+
+/// The egress program drops `input` (`what`, for messages), counted once
+/// on `VNI` as `reason`.
+fn egress_drops(f: &Fixture, what: &str, input: &[u8], reason: DropReason) -> Result<()> {
+    let (action, _) =
+        egress(f, input, |c| c.drops[reason as usize] += 1).with_context(|| what.to_owned())?;
+    ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
+    Ok(())
 }
 
 /// Runs the egress program on `input` as sent by the container on the
@@ -1090,11 +1093,7 @@ fn the_gateway_sends_no_icmp_error_about_errors_broadcasts_or_later_fragments() 
         ("a later fragment", later_fragment),
         ("an ICMP error", an_error),
     ] {
-        let (action, _) = egress(&f, &input, |c| {
-            c.drops[DropReason::TtlExceeded as usize] += 1
-        })
-        .with_context(|| what)?;
-        ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
+        egress_drops(&f, what, &input, DropReason::TtlExceeded)?;
     }
     Ok(())
 }
@@ -1157,11 +1156,7 @@ fn egress_drops_spoofed_sources_and_counts_them() -> Result<()> {
         ("ARP with another sender MAC", arp_forged_sha),
         ("routed with a forged address", routed_forged),
     ] {
-        let (action, _) = egress(&f, &input, |c| {
-            c.drops[DropReason::SpoofedSource as usize] += 1
-        })
-        .with_context(|| what)?;
-        ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
+        egress_drops(&f, what, &input, DropReason::SpoofedSource)?;
     }
     Ok(())
 }

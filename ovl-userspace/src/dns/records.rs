@@ -282,7 +282,7 @@ impl Records {
             Resolution::Forward
         } else {
             Resolution::Refused {
-                network: scope.networks.first().cloned().unwrap_or_default(),
+                network: self.home(ns).unwrap_or_default().to_owned(),
             }
         })
     }
