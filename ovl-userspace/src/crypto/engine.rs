@@ -50,11 +50,23 @@ pub struct Identities {
 }
 
 impl Identities {
+    /// Every identity held, the current one first.
+    pub fn all(&self) -> impl Iterator<Item = &Identity> {
+        std::iter::once(&self.current).chain(self.retiring.iter().map(|(i, _)| i))
+    }
+
     /// Public keys of every identity held.
     pub fn held(&self) -> Vec<PublicKey> {
-        std::iter::once(self.current.public_key())
-            .chain(self.retiring.iter().map(|(i, _)| i.public_key()))
-            .collect()
+        self.all().map(Identity::public_key).collect()
+    }
+
+    /// Gives every identity held a new second's worth of handshakes. Each
+    /// limiter starts a new second at most once a second, so calling this
+    /// more often is harmless (boringtun's device calls it every second).
+    pub fn reset_handshake_limits(&self) {
+        for id in self.all() {
+            id.limiter().reset_count();
+        }
     }
 }
 
@@ -561,6 +573,9 @@ impl Engine {
             let (mine, held) = {
                 let mut ids = self.identities.write().unwrap_or_else(|e| e.into_inner());
                 ids.retiring.retain(|(_, until)| now < *until);
+                // Nothing else resets the limiters: the tunnels share them
+                // and leave that to their owner.
+                ids.reset_handshake_limits();
                 (ids.current.public_key(), ids.held())
             };
             let peers: Vec<Arc<Mutex<Peer>>> = self

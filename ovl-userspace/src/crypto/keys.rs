@@ -1,5 +1,6 @@
 //! This node's WireGuard identity: a Curve25519 key pair made on the first
-//! start and kept in one root-only file that never leaves the node.
+//! start and kept in one root-only file that never leaves the node, and the
+//! limit on the handshakes it answers.
 
 use std::{
     fmt,
@@ -8,10 +9,11 @@ use std::{
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     str::FromStr,
+    sync::Arc,
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use boringtun::x25519;
+use boringtun::{noise::rate_limiter::RateLimiter, x25519};
 use serde::{Deserialize, Serialize};
 
 /// Key material failures. Each says what is wrong and what to do.
@@ -86,11 +88,26 @@ impl From<PublicKey> for String {
     }
 }
 
-/// A key pair. The private half is never printed, serialised or sent.
+/// Handshake messages an identity checks per second before it asks their
+/// senders to prove their address with a cookie first (WireGuard §5.4.7);
+/// boringtun's own device allows as many. An initiation that gets answered
+/// is checked twice (by the engine before its Diffie-Hellman, then by the
+/// tunnel that answers it), so about half as many initiations a second go
+/// through without a cookie.
+pub const HANDSHAKES_PER_SECOND: u64 = 100;
+
+/// A key pair, and the limiter of the handshakes sent to it. The private
+/// half is never printed, serialised or sent.
 #[derive(Clone)]
 pub struct Identity {
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
+    /// Checks mac1 (keyed by this public key) and mac2 of handshake
+    /// messages before any Diffie-Hellman is spent on them, and answers
+    /// with cookies under load. One per key, shared by the engine and
+    /// every tunnel of this key (clones share it); the engine's timer
+    /// thread resets its count each second.
+    limiter: Arc<RateLimiter>,
 }
 
 impl fmt::Debug for Identity {
@@ -111,7 +128,12 @@ impl Identity {
     pub fn from_secret(bytes: [u8; 32]) -> Identity {
         let secret = x25519::StaticSecret::from(bytes);
         let public = x25519::PublicKey::from(&secret);
-        Identity { secret, public }
+        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND));
+        Identity {
+            secret,
+            public,
+            limiter,
+        }
     }
 
     /// The public half.
@@ -127,6 +149,12 @@ impl Identity {
     /// The public half, for the protocol engine.
     pub fn public(&self) -> &x25519::PublicKey {
         &self.public
+    }
+
+    /// The handshake limiter of this key, for the protocol engine and this
+    /// key's tunnels.
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
+        &self.limiter
     }
 }
 

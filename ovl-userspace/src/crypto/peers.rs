@@ -240,7 +240,17 @@ impl Table {
             return i;
         }
         let id = self.allocate_id();
-        let tunn = Tunn::new(mine.secret().clone(), theirs.x25519(), None, None, id, None);
+        // The tunnel checks handshakes with its identity's limiter, the one
+        // the engine checks initiations with before knowing the tunnel:
+        // one budget per key, reset by the engine's timer thread.
+        let tunn = Tunn::new(
+            mine.secret().clone(),
+            theirs.x25519(),
+            None,
+            None,
+            id,
+            Some(mine.limiter().clone()),
+        );
         p.gens.push(Generation {
             id,
             mine: mine.public_key(),
