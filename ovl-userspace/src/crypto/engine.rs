@@ -5,7 +5,7 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex, RwLock,
@@ -15,7 +15,8 @@ use std::{
 };
 
 use boringtun::noise::{
-    Packet, Tunn, TunnResult, errors::WireGuardError, handshake::parse_handshake_anon,
+    HandshakeInit, Packet, Tunn, TunnResult, errors::WireGuardError,
+    handshake::parse_handshake_anon,
 };
 use ovl_common::wire::{ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP};
 use tokio::sync::watch;
@@ -41,6 +42,15 @@ const BUF: usize = VNET_HDR_LEN + MAX_FRAME + 64;
 pub const PUBLISH_GRACE: Duration = Duration::from_secs(5);
 /// An identity retired by a rotation still answers handshakes this long.
 pub const RETIRE_AFTER: Duration = Duration::from_secs(600);
+
+/// WireGuard message types (the first byte of a message; three zero bytes
+/// follow).
+const MSG_INITIATION: u8 = 1;
+const MSG_COOKIE_REPLY: u8 = 3;
+const MSG_DATA: u8 = 4;
+/// Size of a cookie reply: type, receiver index, 24-byte nonce, sealed
+/// 16-byte cookie.
+const COOKIE_REPLY_LEN: usize = 64;
 
 /// This node's identities: the current one, and those a rotation retired
 /// that still answer peers that have not switched yet.
@@ -164,7 +174,57 @@ fn classify(e: &WireGuardError) -> CryptoDrop {
 
 /// WireGuard message type of an outgoing message.
 fn is_data(msg: &[u8]) -> bool {
-    msg.first() == Some(&4)
+    msg.first() == Some(&MSG_DATA)
+}
+
+/// What the MAC and load checks make of a handshake initiation, before any
+/// Diffie-Hellman is spent on it.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    /// Its mac1 is for identity `n` of those checked, and that key's load
+    /// allows answering it.
+    For(usize),
+    /// Its key is over its limit and the message carries no valid cookie
+    /// (mac2): the first `len` bytes of the cookie buffer are the cookie
+    /// reply to send back.
+    Cookie(usize),
+    /// Dropped, for this reason.
+    Refused(CryptoDrop),
+}
+
+/// Checks initiation `msg` from `from` against each of `ids`' limiters, as
+/// boringtun's device does before `parse_handshake_anon`: mac1 (keyed by
+/// the receiver's public key) says which identity it is for at the cost of
+/// a hash per identity, and that identity's limiter counts it and, under
+/// load, wants proof of `from` (a cookie) first. A cookie reply is written
+/// to `cookie`.
+fn admit(
+    ids: &[Identity],
+    msg: &[u8],
+    from: IpAddr,
+    cookie: &mut [u8; COOKIE_REPLY_LEN],
+) -> Admission {
+    for (n, id) in ids.iter().enumerate() {
+        match id.limiter().verify_packet(Some(from), msg, cookie) {
+            Ok(_) => return Admission::For(n),
+            Err(TunnResult::WriteToNetwork(reply)) => return Admission::Cookie(reply.len()),
+            // Another identity's mac1, or none of them.
+            Err(TunnResult::Err(WireGuardError::InvalidMac)) => {}
+            Err(TunnResult::Err(e)) => return Admission::Refused(classify(&e)),
+            Err(_) => return Admission::Refused(CryptoDrop::Malformed),
+        }
+    }
+    Admission::Refused(CryptoDrop::AuthFailed)
+}
+
+/// The static key of the node that sent `init` to identity `mine`: the
+/// Diffie-Hellman that [`admit`] guards.
+fn initiator_of(mine: &Identity, init: &HandshakeInit) -> Option<PublicKey> {
+    #[cfg(test)]
+    tests::DIFFIE_HELLMANS.with(|n| n.set(n.get() + 1));
+    parse_handshake_anon(mine.secret(), mine.public(), init)
+        .ok()
+        .map(|h| PublicKey(h.peer_static_public))
 }
 
 impl Engine {
@@ -435,26 +495,40 @@ impl Engine {
     }
 
     /// A handshake initiation: find which of this node's identities it is
-    /// for and which peer sent it, then let that pair's tunnel answer.
+    /// for (its mac1) and whether that key may answer now (its load, or a
+    /// cookie), then which peer sent it (a Diffie-Hellman), then let that
+    /// pair's tunnel answer.
     fn on_initiation(
         &self,
-        init: &boringtun::noise::HandshakeInit,
+        init: &HandshakeInit,
         msg: &[u8],
         from: SocketAddr,
         out: &mut [u8],
         merger: &mut Coalescer,
     ) {
-        let ids: Vec<Identity> = {
-            let ids = self.identities.read().unwrap_or_else(|e| e.into_inner());
-            std::iter::once(ids.current.clone())
-                .chain(ids.retiring.iter().map(|(i, _)| i.clone()))
-                .collect()
+        let ids: Vec<Identity> = self
+            .identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .all()
+            .cloned()
+            .collect();
+        // Not written into `out`: the Ethernet header run_rx put in front
+        // of every decrypted packet must stay.
+        let mut cookie = [0u8; COOKIE_REPLY_LEN];
+        let mine = match admit(&ids, msg, from.ip(), &mut cookie) {
+            Admission::For(n) => &ids[n],
+            Admission::Cookie(len) => {
+                self.counters.drop(CryptoDrop::UnderLoad);
+                self.send(&cookie[..len], from);
+                return;
+            }
+            Admission::Refused(why) => {
+                self.counters.drop(why);
+                return;
+            }
         };
-        let Some((mine, theirs)) = ids.iter().find_map(|id| {
-            parse_handshake_anon(id.secret(), id.public(), init)
-                .ok()
-                .map(|h| (id, PublicKey(h.peer_static_public)))
-        }) else {
+        let Some(theirs) = initiator_of(mine, init) else {
             self.counters.drop(CryptoDrop::AuthFailed);
             return;
         };
@@ -499,12 +573,23 @@ impl Engine {
         // The Ethernet header run_rx wrote stays in front of what opens.
         let body = &mut out[VNET_HDR_LEN + ETH_HDR_LEN..];
         match tunn.decapsulate(Some(from.ip()), msg, body) {
+            // The tunnel checked the handshake against its identity's
+            // limiter too, found it over its limit since (or a response
+            // under load) and wants a cookie from the sender first.
+            TunnResult::WriteToNetwork(reply) if reply.first() == Some(&MSG_COOKIE_REPLY) => {
+                self.counters.drop(CryptoDrop::UnderLoad);
+                self.send(reply, from);
+            }
             TunnResult::WriteToNetwork(reply) => {
                 if !is_data(msg) {
                     Counters::add(&self.counters.handshakes_received, 1);
                 }
                 // Handshake answers go where the initiation came from.
-                let dest = if msg.first() == Some(&1) { from } else { to };
+                let dest = if msg.first() == Some(&MSG_INITIATION) {
+                    from
+                } else {
+                    to
+                };
                 self.emit(reply, dest, 0);
                 // Packets queued while the handshake ran go now.
                 while let TunnResult::WriteToNetwork(m) = tunn.decapsulate(None, &[], body) {
@@ -672,9 +757,309 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        cell::Cell,
+        sync::atomic::{AtomicU32, Ordering},
+    };
+
     use ovl_common::wire::VXLAN_PORT;
 
     use super::*;
+    use crate::{
+        crypto::{
+            keys::{HANDSHAKES_PER_SECOND, KeyFile},
+            peers::PeerInfo,
+        },
+        testutil::TestDir,
+    };
+
+    thread_local! {
+        /// Diffie-Hellmans [`initiator_of`] ran on this thread.
+        pub(super) static DIFFIE_HELLMANS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn diffie_hellmans() -> u64 {
+        DIFFIE_HELLMANS.with(Cell::get)
+    }
+
+    const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+    /// A UDP socket on the loopback that never blocks.
+    fn socket() -> UdpSocket {
+        let s = UdpSocket::bind((LOOPBACK, 0)).expect("bind a loopback UDP socket");
+        s.set_nonblocking(true).expect("make it non-blocking");
+        s
+    }
+
+    /// Every datagram waiting on `s` (loopback delivers before send
+    /// returns).
+    fn received(s: &UdpSocket) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = s.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    /// A handshake initiation from `tunn` (again, with `again`).
+    fn initiation(tunn: &mut Tunn, again: bool) -> Vec<u8> {
+        let mut buf = [0u8; 256];
+        match tunn.format_handshake_initiation(&mut buf, again) {
+            TunnResult::WriteToNetwork(m) => m.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        }
+    }
+
+    /// A node's engine on the loopback with a crypto device of its own,
+    /// its threads not started: the tests hand it messages as its receive
+    /// thread would. A TAP needs CAP_NET_ADMIN: the test suite runs as
+    /// root.
+    struct Node {
+        engine: Engine,
+        out: Vec<u8>,
+        merger: Coalescer,
+        _keys: TestDir,
+    }
+
+    impl Node {
+        fn new() -> Node {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let name = format!("ovlt{}-{n}", std::process::id());
+            let tap = Tap::create(&name, 1500)
+                .unwrap_or_else(|e| panic!("create TAP {name} (root only): {e}"));
+            let identity = Identity::generate().expect("kernel randomness");
+            let keys = TestDir::new("engine-keys");
+            let engine = Engine {
+                stop: Default::default(),
+                published: watch::channel(Published {
+                    key: identity.public_key(),
+                    port: 0,
+                })
+                .0,
+                identities: RwLock::new(Identities {
+                    current: identity,
+                    retiring: Vec::new(),
+                }),
+                table: Default::default(),
+                counters: Default::default(),
+                socket: UdpSocket::bind((LOOPBACK, 0)).expect("bind the engine's socket"),
+                tap,
+                vtep: LOOPBACK,
+                port: 0,
+                key_file: KeyFile::in_dir(keys.path()),
+                rotate_every: Duration::from_secs(3600),
+                next_rotation: Mutex::new(Instant::now() + Duration::from_secs(3600)),
+            };
+            Node {
+                engine,
+                out: vec![0u8; BUF],
+                merger: Coalescer::new(false),
+                _keys: keys,
+            }
+        }
+
+        /// This node's current identity.
+        fn identity(&self) -> Identity {
+            self.engine.identities.read().unwrap().current.clone()
+        }
+
+        /// Makes `peer` (key and socket) this node's only peer.
+        fn add_peer(&self, peer: &Remote) {
+            self.engine.set_peers(&[PeerInfo {
+                node: "b".into(),
+                vtep: LOOPBACK,
+                key: peer.id.public_key(),
+                port: peer.socket.local_addr().unwrap().port(),
+            }]);
+        }
+
+        /// `msg` arrives from `from`'s address.
+        fn receive(&mut self, msg: &[u8], from: &UdpSocket) {
+            let from = from.local_addr().unwrap();
+            self.engine.open(msg, from, &mut self.out, &mut self.merger);
+        }
+
+        fn drops(&self, why: CryptoDrop) -> u64 {
+            self.engine.counters.snapshot().drops[why.name()]
+        }
+
+        fn handshakes(&self) -> (u64, u64) {
+            let c = self.engine.counters.snapshot();
+            (c.handshakes_received, c.handshakes_sent)
+        }
+    }
+
+    /// Another node: its key, the socket it speaks from, and its tunnel
+    /// to a node's key (plain boringtun, as any WireGuard peer).
+    struct Remote {
+        id: Identity,
+        socket: UdpSocket,
+        tunn: Tunn,
+    }
+
+    impl Remote {
+        fn new(to: &Identity) -> Remote {
+            let id = Identity::generate().expect("kernel randomness");
+            let tunn = Tunn::new(id.secret().clone(), *to.public(), None, None, 1, None);
+            Remote {
+                id,
+                socket: socket(),
+                tunn,
+            }
+        }
+
+        /// Opens `msg` from the node; what its tunnel makes of it.
+        fn open(&mut self, msg: &[u8]) -> Result<Vec<u8>, String> {
+            let mut buf = vec![0u8; 2048];
+            match self.tunn.decapsulate(Some(LOOPBACK.into()), msg, &mut buf) {
+                TunnResult::WriteToNetwork(m) => Ok(m.to_vec()),
+                TunnResult::Done => Ok(Vec::new()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    }
+
+    #[test]
+    fn random_initiations_cost_no_diffie_hellman_and_a_real_one_is_still_answered() {
+        let mut node = Node::new();
+        let attacker = socket();
+        // Type 1 and the size of an initiation, random otherwise: mac1
+        // does not verify for any key of the node.
+        const N: u64 = 1000;
+        let mut junk = [0u8; 148];
+        for _ in 0..N {
+            crate::random::fill(&mut junk).expect("kernel randomness");
+            junk[..4].copy_from_slice(&[MSG_INITIATION, 0, 0, 0]);
+            node.receive(&junk, &attacker);
+        }
+        assert_eq!(diffie_hellmans(), 0);
+        assert_eq!(node.drops(CryptoDrop::AuthFailed), N);
+        assert_eq!(node.drops(CryptoDrop::UnderLoad), 0);
+        assert_eq!(node.handshakes(), (0, 0));
+        assert!(received(&attacker).is_empty());
+
+        // They used none of the key's budget either: a real peer's
+        // initiation costs one Diffie-Hellman and is answered with a
+        // response that completes its handshake.
+        let mut peer = Remote::new(&node.identity());
+        node.add_peer(&peer);
+        let init = initiation(&mut peer.tunn, false);
+        node.receive(&init, &peer.socket);
+        assert_eq!(diffie_hellmans(), 1);
+        assert_eq!(node.handshakes(), (1, 1));
+        let replies = received(&peer.socket);
+        assert_eq!(replies.len(), 1);
+        assert_eq!((replies[0][0], replies[0].len()), (2, 92));
+        let keepalive = peer.open(&replies[0]).expect("the response completes");
+        assert_eq!(keepalive[0], MSG_DATA);
+        assert_eq!(node.drops(CryptoDrop::AuthFailed), N);
+    }
+
+    #[test]
+    fn initiations_over_the_limit_get_cookie_replies_which_let_a_real_peer_through() {
+        let mut node = Node::new();
+        let me = node.identity();
+        let mut peer = Remote::new(&me);
+        node.add_peer(&peer);
+        let attacker = socket();
+
+        // Initiations with a valid mac1, from keys no node publishes: each
+        // would cost a Diffie-Hellman.
+        const OVER: u64 = 20;
+        let mut senders = Vec::new();
+        for _ in 0..HANDSHAKES_PER_SECOND + OVER {
+            let stranger = Identity::generate().expect("kernel randomness");
+            let mut t = Tunn::new(stranger.secret().clone(), *me.public(), None, None, 1, None);
+            let init = initiation(&mut t, false);
+            senders.push(init[4..8].to_vec());
+            node.receive(&init, &attacker);
+        }
+        // Within the limit: one each, which finds a key nobody publishes.
+        assert_eq!(diffie_hellmans(), HANDSHAKES_PER_SECOND);
+        assert_eq!(node.drops(CryptoDrop::UnknownKey), HANDSHAKES_PER_SECOND);
+        // Over it: none, but a cookie reply to each initiation's sender.
+        assert_eq!(node.drops(CryptoDrop::UnderLoad), OVER);
+        let cookies = received(&attacker);
+        assert_eq!(cookies.len() as u64, OVER);
+        for (c, sender) in cookies
+            .iter()
+            .zip(&senders[HANDSHAKES_PER_SECOND as usize..])
+        {
+            assert_eq!((c[0], c.len()), (MSG_COOKIE_REPLY, COOKIE_REPLY_LEN));
+            assert_eq!(c[4..8], sender[..]);
+        }
+        assert_eq!(node.handshakes(), (0, 0));
+
+        // A real peer's initiation now gets a cookie too, not a response.
+        let init = initiation(&mut peer.tunn, false);
+        node.receive(&init, &peer.socket);
+        let replies = received(&peer.socket);
+        assert_eq!(replies.len(), 1);
+        assert_eq!(
+            (replies[0][0], replies[0].len()),
+            (MSG_COOKIE_REPLY, COOKIE_REPLY_LEN)
+        );
+        assert_eq!(diffie_hellmans(), HANDSHAKES_PER_SECOND);
+        assert_eq!(node.drops(CryptoDrop::UnderLoad), OVER + 1);
+        assert_eq!(node.handshakes(), (0, 0));
+
+        // The cookie proves its address: its next initiation carries it
+        // (mac2) and is answered, load or not.
+        assert_eq!(peer.open(&replies[0]), Ok(Vec::new()));
+        let init = initiation(&mut peer.tunn, true);
+        node.receive(&init, &peer.socket);
+        assert_eq!(diffie_hellmans(), HANDSHAKES_PER_SECOND + 1);
+        let replies = received(&peer.socket);
+        assert_eq!(replies.len(), 1);
+        assert_eq!((replies[0][0], replies[0].len()), (2, 92));
+        assert_eq!(node.handshakes(), (1, 1));
+        assert_eq!(node.drops(CryptoDrop::UnderLoad), OVER + 1);
+        let keepalive = peer.open(&replies[0]).expect("the response completes");
+        assert_eq!(keepalive[0], MSG_DATA);
+
+        // A second on, the timer thread's reset gives the key a new
+        // budget: a stranger's initiation is looked at again.
+        std::thread::sleep(Duration::from_secs(1));
+        node.engine
+            .identities
+            .read()
+            .unwrap()
+            .reset_handshake_limits();
+        let stranger = Identity::generate().expect("kernel randomness");
+        let mut t = Tunn::new(stranger.secret().clone(), *me.public(), None, None, 1, None);
+        node.receive(&initiation(&mut t, false), &attacker);
+        assert_eq!(diffie_hellmans(), HANDSHAKES_PER_SECOND + 2);
+        assert_eq!(
+            node.drops(CryptoDrop::UnknownKey),
+            HANDSHAKES_PER_SECOND + 1
+        );
+        assert_eq!(node.drops(CryptoDrop::UnderLoad), OVER + 1);
+        assert!(received(&attacker).is_empty());
+    }
+
+    #[test]
+    fn an_initiation_to_a_retiring_key_costs_one_diffie_hellman_and_is_answered() {
+        let mut node = Node::new();
+        let old = node.identity();
+        let mut peer = Remote::new(&old);
+        node.add_peer(&peer);
+        node.engine.rotate().expect("rotate the node's key");
+        assert_ne!(node.identity().public_key(), old.public_key());
+
+        // The peer has not read the new key yet: its mac1 names the old
+        // one, whose limiter admits it, and only that key's
+        // Diffie-Hellman is tried.
+        let init = initiation(&mut peer.tunn, false);
+        node.receive(&init, &peer.socket);
+        assert_eq!(diffie_hellmans(), 1);
+        let replies = received(&peer.socket);
+        assert_eq!(replies.len(), 1);
+        assert_eq!((replies[0][0], replies[0].len()), (2, 92));
+        assert_eq!(node.handshakes(), (1, 1));
+        assert_eq!(peer.open(&replies[0]).map(|k| k[0]), Ok(MSG_DATA));
+    }
 
     #[test]
     fn only_vxlan_between_the_authenticated_peer_and_this_node_passes() {

@@ -31,11 +31,16 @@ pub enum CryptoDrop {
     NoKey,
     /// The crypto device or the UDP socket refused a packet.
     IoError,
+    /// A handshake message that came while its key was over its limit of
+    /// handshakes a second, without a cookie proving its sender's address:
+    /// answered with a cookie reply instead (WireGuard §5.4.7), with which
+    /// a real peer sends it again.
+    UnderLoad,
 }
 
 impl CryptoDrop {
     /// Every reason, in report order.
-    pub const ALL: [CryptoDrop; 8] = [
+    pub const ALL: [CryptoDrop; 9] = [
         CryptoDrop::AuthFailed,
         CryptoDrop::Replayed,
         CryptoDrop::UnknownKey,
@@ -44,6 +49,7 @@ impl CryptoDrop {
         CryptoDrop::Spoofed,
         CryptoDrop::NoKey,
         CryptoDrop::IoError,
+        CryptoDrop::UnderLoad,
     ];
 
     /// The snake_case name in `ovl stats --crypto`.
@@ -57,6 +63,7 @@ impl CryptoDrop {
             CryptoDrop::Spoofed => "spoofed",
             CryptoDrop::NoKey => "no_key",
             CryptoDrop::IoError => "io_error",
+            CryptoDrop::UnderLoad => "under_load",
         }
     }
 }
