@@ -1,8 +1,10 @@
 //! Encrypted networks (`ovl network create --encrypted`): between hosts an
 //! encrypted network's traffic exists on the wire only as WireGuard, which
 //! a third-party dissector decodes as such and nothing more; forged and
-//! replayed messages are dropped and counted; keys rotate without loss; a
-//! node joining later is reached; a dead agent fails closed.
+//! replayed messages are dropped and counted; a flood of handshake
+//! initiations is answered with cookies while the network carries on; keys
+//! rotate without loss; a node joining later is reached; a dead agent fails
+//! closed.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -462,6 +464,125 @@ fn forged_and_replayed_messages_are_dropped_counted_and_reach_no_container() -> 
 
     // The real session is unharmed.
     let r = ping(s0, nets.secret[1].1, 3, &["-i", "0.2", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    world.stop()
+}
+
+/// Handshake messages a node's key checks per second before it wants
+/// cookies (ovl's `HANDSHAKES_PER_SECOND`).
+const HANDSHAKES_PER_SECOND: u64 = 100;
+
+/// A script that sends `count` handshake initiations to `to`'s WireGuard
+/// from one UDP socket, random but for a mac1 valid for the responder's
+/// public key `key` (base64): only a Diffie-Hellman could tell them false.
+/// It then prints how many cookie replies (type 3, 64 bytes) came back
+/// within 3 s.
+fn initiation_flood(to: Ipv4Addr, key: &str, count: u64) -> String {
+    format!(
+        "import base64, hashlib, os, socket, struct, time\n\
+         key = base64.b64decode('{key}')\n\
+         mac1_key = hashlib.blake2s(b'mac1----' + key).digest()\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for _ in range({count}):\n\
+         \x20   body = struct.pack('<I', 1) + os.urandom(112)\n\
+         \x20   mac1 = hashlib.blake2s(body, key=mac1_key, digest_size=16).digest()\n\
+         \x20   s.sendto(body + mac1 + bytes(16), ('{to}', {WG_PORT}))\n\
+         s.settimeout(0.2)\n\
+         cookies = 0\n\
+         end = time.time() + 3\n\
+         while time.time() < end:\n\
+         \x20   try:\n\
+         \x20       m = s.recv(2048)\n\
+         \x20   except socket.timeout:\n\
+         \x20       continue\n\
+         \x20   if m[0] == 3 and len(m) == 64:\n\
+         \x20       cookies += 1\n\
+         print('cookies', cookies, flush=True)\n"
+    )
+}
+
+#[test]
+fn a_flood_of_handshake_initiations_gets_cookies_and_the_encrypted_network_carries_on() -> Result<()>
+{
+    let lab = Lab::new("crypt-flood")?;
+    let world = Cluster::start_with_env(&lab, "tc", &[("OVL_METRICS", METRICS)])?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, s0_ip), (s1, s1_ip)] = &nets.secret;
+    wait_for_ping(s1, *s0_ip)?;
+    let key = world.node_keys(0)?[Cluster::NODES[0]]
+        .clone()
+        .context("host A published no key")?;
+
+    // Far more than a second's budget, sent within well under a second
+    // (so at most one reset of the budget falls inside).
+    const FLOOD: u64 = 400;
+    let drops = |c: &Value, r: &str| c["drops"][r].as_u64().unwrap_or(0);
+    let before = crypto(&world, 0)?["counters"].clone();
+    let out = world.router.exec(&[
+        "/usr/bin/python3",
+        "-c",
+        &initiation_flood(world.hosts[0].addr, &key, FLOOD),
+    ])?;
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let cookies: u64 = out
+        .trim()
+        .strip_prefix("cookies ")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("the flood printed: {out}"))?;
+    let after = crypto(&world, 0)?["counters"].clone();
+    let under_load = drops(&after, "under_load") - drops(&before, "under_load");
+    let auth_failed = drops(&after, "auth_failed") - drops(&before, "auth_failed");
+    // Each initiation either went on to a Diffie-Hellman, which found it
+    // false, or was answered with a cookie, and every cookie arrived.
+    ensure!(
+        auth_failed + under_load == FLOOD && cookies == under_load,
+        "{FLOOD} initiations: {auth_failed} auth_failed, {under_load} under_load, \
+         {cookies} cookie replies received\nbefore {before}\nafter {after}"
+    );
+    eprintln!(
+        "{FLOOD} initiations: {auth_failed} reached a Diffie-Hellman, {under_load} got a cookie"
+    );
+    ensure!(
+        auth_failed <= 2 * HANDSHAKES_PER_SECOND,
+        "{auth_failed} initiations reached a Diffie-Hellman, more than two seconds' budget"
+    );
+    ensure!(
+        after["rx_packets"] == before["rx_packets"],
+        "flood messages were opened: before {before}, after {after}"
+    );
+    // The same count in the Prometheus metrics.
+    let text = String::from_utf8_lossy(
+        &world.hosts[0]
+            .netns
+            .exec(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://{METRICS}/metrics"),
+            ])?
+            .stdout,
+    )
+    .into_owned();
+    let line = format!(
+        "ovl_crypto_drops_total{{reason=\"under_load\"}} {}",
+        drops(&after, "under_load")
+    );
+    ensure!(text.contains(&line), "no `{line}` in the metrics:\n{text}");
+
+    // The live session carries on at once...
+    let r = ping(s0, *s1_ip, 3, &["-i", "0.2", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    // ...and handshakes are answered again once the second is over: a
+    // rotation on host A makes host B handshake with its new key.
+    let handshakes = after["handshakes_received"].as_u64().unwrap_or(0);
+    let out = world.run(0, &["node", "rotate-key"])?;
+    ensure!(out.contains("now has WireGuard key"), "{out}");
+    wait_until(Duration::from_secs(15), || {
+        Ok(crypto(&world, 0)?["counters"]["handshakes_received"].as_u64() > Some(handshakes))
+    })
+    .context("host A answered no handshake after the flood")?;
+    let r = ping(s0, *s1_ip, 3, &["-i", "0.2", "-W", "2"])?;
     ensure!(r.all_received(), "{}", r.output);
     world.stop()
 }
