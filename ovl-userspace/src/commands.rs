@@ -1,7 +1,7 @@
 //! What each `ovl` subcommand does, on top of the store, netlink and the
 //! datapath. Each returns what it would print, so main stays a dispatcher.
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+use std::{net::Ipv4Addr, os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -531,6 +531,50 @@ pub async fn status(api_socket: &Path, node: &str, pin_root: &Path, json: bool) 
     ))
 }
 
+/// Removes ovl's XDP decap program from `iface` (index `idx`) where an
+/// older ovl attached it the netlink way, without a link to pin; any other
+/// program there is left alone and named. The kernel releases a link
+/// unpinned a moment ago with deferred work: until then the program is
+/// still seen, and netlink refuses with EBUSY, so that is retried briefly.
+async fn clear_legacy_xdp(iface: &str, idx: u32) -> Result<Vec<String>> {
+    let handle = netlink::connect()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut done = Vec::new();
+    'attachments: for attached in netlink::xdp_attachments(&handle, idx).await? {
+        let Some(prog) = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == attached.prog_id)
+        else {
+            continue; // unloaded since: gone with its link
+        };
+        let name = prog.name_as_str().unwrap_or_default().to_owned();
+        if name != ovl_common::maps::programs::XDP_DECAP {
+            done.push(format!(
+                "left XDP program {name:?} (id {}) on {iface}: not ovl's",
+                attached.prog_id
+            ));
+            continue;
+        }
+        let fd = prog
+            .fd()
+            .with_context(|| format!("open XDP program {} on {iface}", attached.prog_id))?;
+        loop {
+            match netlink::clear_xdp(&handle, idx, attached, fd.as_fd()).await {
+                Ok(()) => {
+                    done.push(format!("removed XDP program from {iface}"));
+                    continue 'attachments;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    log::debug!("XDP on {iface} still held ({e:#}); retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e.context(format!("remove the XDP program from {iface}"))),
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// Percent-encodes a query value (network names are [A-Za-z0-9_.-]; the
 /// rest is escaped defensively).
 fn url_escape(s: &str) -> String {
@@ -543,8 +587,10 @@ fn url_escape(s: &str) -> String {
 }
 
 /// `ovl detach`: removes this node's data path — every pinned link (which
-/// unhooks the programs), the maps and their pins — and any XDP program
-/// left on `iface` the legacy netlink way. Refused while an agent runs.
+/// unhooks the programs), the maps and their pins — any ovl XDP program
+/// left on `iface` the legacy netlink way, and the host's external egress
+/// setup. Refused while an agent runs, and when the node's data path is
+/// hooked to another interface than `iface` (nothing is changed then).
 pub async fn detach(iface: &str, node: &str, pin_root: &Path, api_socket: &Path) -> Result<String> {
     let mut done = Vec::new();
     let dir = bpffs::node_dir(pin_root, node)?;
@@ -558,39 +604,41 @@ pub async fn detach(iface: &str, node: &str, pin_root: &Path, api_socket: &Path)
     } else {
         None
     };
+    let given = netlink::ifindex(iface);
+    let links = datapath::LinkPins::of(&dir);
+    let hooked = links.list()?.into_iter().find_map(|pin| match pin {
+        datapath::LinkPin::Decap { ifindex, .. } => Some(ifindex),
+        datapath::LinkPin::Egress { .. } => None,
+    });
+    match (hooked, given) {
+        (Some(h), Some(g)) if h == g => {}
+        // The hooked interface is gone: its pins are all that is left.
+        (Some(h), _) if netlink::ifname(h).is_none() => {}
+        (Some(h), _) => bail!(
+            "node {node}'s data path is hooked to {}, not {iface}; nothing was changed. Run \
+             `ovl detach {0}` to remove it",
+            netlink::ifname(h).unwrap_or_default()
+        ),
+        (None, None) if !dir.exists() => bail!(
+            "there is no interface {iface} here (list them with `ip link`) and node {node} has \
+             no data path pinned under {}; nothing was changed",
+            dir.display()
+        ),
+        (None, _) => {}
+    }
     if dir.exists() {
-        let links = datapath::LinkPins::of(&dir).remove_all_and_wait(Duration::from_secs(5))?;
+        let links = links.remove_all_and_wait(Duration::from_secs(5))?;
         bpffs::remove_node_dir(&dir)?;
         done.push(format!(
             "removed {links} link(s) and the pins under {}",
             dir.display()
         ));
     }
-    // A program attached the legacy netlink way (by an older ovl) has no
-    // pin; once the links are gone, whatever XDP remains is that. The
-    // kernel releases an unpinned link a moment later (deferred work):
-    // until then netlink refuses with EBUSY, so that is retried briefly.
-    if let Some(idx) = netlink::ifindex(iface) {
-        let handle = netlink::connect()?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        loop {
-            match netlink::clear_xdp(&handle, idx).await {
-                Ok(true) => {
-                    done.push(format!("removed XDP program from {iface}"));
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    log::debug!("XDP on {iface} still held ({e:#}); retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(e.context(format!("remove the XDP program from {iface}"))),
-            }
-        }
-    } else {
-        done.push(format!("interface {iface} does not exist here"));
+    match given {
+        Some(idx) => done.extend(clear_legacy_xdp(iface, idx).await?),
+        None => done.push(format!("interface {iface} does not exist here")),
     }
-    done.extend(egress_nat::remove(iface).context("remove the host's external egress setup")?);
+    done.extend(egress_nat::remove().context("remove the host's external egress setup")?);
     if api_socket.exists() {
         let _ = std::fs::remove_file(api_socket);
     }

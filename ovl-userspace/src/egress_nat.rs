@@ -78,6 +78,9 @@ struct Installed {
 struct Table {
     chains: BTreeSet<String>,
     elements: BTreeSet<(Ipv4Addr, u32)>,
+    /// The device whose forwarding ovl switched on: its guard rule's
+    /// `iifname`.
+    guarded: Option<String>,
 }
 
 /// Makes the host masquerade and route back the external traffic of
@@ -225,8 +228,9 @@ pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool
 
 /// Removes everything [`ensure`] installed (for `ovl detach`): the table,
 /// the rules and routes, every translation of ovl's containers, and the
-/// underlay's forwarding where ovl had switched it on. Returns what it did.
-pub fn remove(underlay: &str) -> Result<Vec<String>> {
+/// underlay's forwarding where ovl had switched it on (the device its
+/// guard names). Returns what it did.
+pub fn remove() -> Result<Vec<String>> {
     let mut done = Vec::new();
     *LAST_DONE
         .lock()
@@ -241,9 +245,18 @@ pub fn remove(underlay: &str) -> Result<Vec<String>> {
         Err(e) => return Err(e),
     };
     if let Some(table) = &table {
-        if table.chains.contains(GUARD_CHAIN) {
-            set_sysctl(underlay, "forwarding", "0")?;
-            done.push(format!("switched IPv4 forwarding on {underlay} off again"));
+        match (&table.guarded, table.chains.contains(GUARD_CHAIN)) {
+            (Some(underlay), _) => {
+                set_sysctl(underlay, "forwarding", "0")?;
+                done.push(format!("switched IPv4 forwarding on {underlay} off again"));
+            }
+            (None, true) => bail!(
+                "the nftables chain ip {TABLE} {GUARD_CHAIN} names no interface, so ovl cannot \
+                 tell whose IPv4 forwarding it switched on; inspect it with \
+                 `nft list table ip {TABLE}`, switch that forwarding off by hand and delete \
+                 the table"
+            ),
+            (None, false) => {}
         }
         nft(&format!("delete table ip {TABLE}\n"))?;
         done.push(format!(
@@ -389,10 +402,21 @@ fn parse_table(json: &Value) -> Table {
     let mut table = Table {
         chains: BTreeSet::new(),
         elements: BTreeSet::new(),
+        guarded: None,
     };
     for item in json["nftables"].as_array().into_iter().flatten() {
         if let Some(name) = item["chain"]["name"].as_str() {
             table.chains.insert(name.to_owned());
+        }
+        if item["rule"]["chain"].as_str() == Some(GUARD_CHAIN) {
+            table.guarded = item["rule"]["expr"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| &e["match"])
+                .find(|m| m["left"]["meta"]["key"].as_str() == Some("iifname"))
+                .and_then(|m| m["right"].as_str())
+                .map(str::to_owned);
         }
         if item["set"]["name"].as_str() == Some("endpoints") {
             for e in item["set"]["elem"].as_array().into_iter().flatten() {
@@ -589,7 +613,12 @@ mod tests {
               {"set":{"family":"ip","name":"endpoints","table":"ovl","type":["ipv4_addr","mark"],
                 "elem":[{"concat":["198.18.0.2",1862275072]},{"concat":["198.18.1.2",1862275073]}]}},
               {"chain":{"family":"ip","table":"ovl","name":"prerouting"}},
-              {"chain":{"family":"ip","table":"ovl","name":"underlay_guard"}}]}"#,
+              {"chain":{"family":"ip","table":"ovl","name":"underlay_guard"}},
+              {"rule":{"family":"ip","table":"ovl","chain":"underlay_guard","handle":2,"expr":[
+                {"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"eth0"}},
+                {"match":{"op":"!=","left":{"ct":{"key":"mark"}},
+                  "right":{"prefix":{"addr":1862270976,"len":16}}}},
+                {"drop":null}]}}]}"#,
         )
         .unwrap();
         let t = parse_table(&json);
@@ -604,6 +633,7 @@ mod tests {
                 (Ipv4Addr::new(198, 18, 1, 2), 0x6f00_1001)
             ])
         );
+        assert_eq!(t.guarded.as_deref(), Some("eth0"));
     }
 
     #[test]

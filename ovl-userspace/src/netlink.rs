@@ -956,28 +956,89 @@ pub fn driver(ifname: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
-/// Removes whatever XDP program is attached to `ifindex` via netlink;
-/// returns whether one was there.
-pub async fn clear_xdp(handle: &Handle, ifindex: u32) -> Result<bool> {
+/// An XDP program attached to an interface: its id and the mode flag
+/// (`XDP_FLAGS_*_MODE`) it was attached in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XdpAttachment {
+    pub prog_id: u32,
+    mode: u32,
+}
+
+/// `XDP_FLAGS_*` of the kernel's if_link.h.
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+const XDP_FLAGS_HW_MODE: u32 = 1 << 3;
+const XDP_FLAGS_REPLACE: u32 = 1 << 4;
+
+/// The XDP programs attached to `ifindex`, one per mode (at most three).
+pub async fn xdp_attachments(handle: &Handle, ifindex: u32) -> Result<Vec<XdpAttachment>> {
     use rtnetlink::packet_route::link::{LinkXdp, XdpAttached};
     let link = link_by_index(handle, ifindex).await?;
-    let attached = link.attributes.iter().any(|a| {
-        matches!(a, LinkAttribute::Xdp(x) if x.iter().any(|x| matches!(x, LinkXdp::Attached(m) if *m != XdpAttached::None)))
-    });
-    if !attached {
-        return Ok(false);
+    let Some(xdp) = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(x) => Some(x),
+        _ => None,
+    }) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    for attr in xdp {
+        let (prog_id, mode) = match *attr {
+            LinkXdp::DrvProgId(id) => (id, XDP_FLAGS_DRV_MODE),
+            LinkXdp::SkbProgId(id) => (id, XDP_FLAGS_SKB_MODE),
+            LinkXdp::HwProgId(id) => (id, XDP_FLAGS_HW_MODE),
+            _ => continue,
+        };
+        found.push(XdpAttachment { prog_id, mode });
     }
+    // One mode only: the kernel may name it in `attached` and give the
+    // plain program id alone.
+    if found.is_empty() {
+        let mode = xdp.iter().find_map(|a| match a {
+            LinkXdp::Attached(XdpAttached::Driver) => Some(XDP_FLAGS_DRV_MODE),
+            LinkXdp::Attached(XdpAttached::SocketBuffer) => Some(XDP_FLAGS_SKB_MODE),
+            LinkXdp::Attached(XdpAttached::Hardware) => Some(XDP_FLAGS_HW_MODE),
+            _ => None,
+        });
+        let id = xdp.iter().find_map(|a| match a {
+            LinkXdp::ProgId(id) => Some(*id),
+            _ => None,
+        });
+        if let (Some(mode), Some(prog_id)) = (mode, id) {
+            found.push(XdpAttachment { prog_id, mode });
+        }
+    }
+    Ok(found)
+}
+
+/// Detaches `attached` (attached the netlink way, without a link) from
+/// `ifindex` if it is still the program there: `prog` is its fd, which the
+/// kernel compares (XDP_FLAGS_REPLACE), so a program attached in between
+/// by someone else stays.
+pub async fn clear_xdp(
+    handle: &Handle,
+    ifindex: u32,
+    attached: XdpAttachment,
+    prog: std::os::fd::BorrowedFd<'_>,
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+
+    use rtnetlink::packet_route::link::LinkXdp;
+    let expected = u32::try_from(prog.as_raw_fd()).context("a negative file descriptor")?;
     handle
         .link()
         .set(
             LinkUnspec::new_with_index(ifindex)
-                .append_extra_attribute(LinkAttribute::Xdp(vec![LinkXdp::Fd(-1)]))
+                .append_extra_attribute(LinkAttribute::Xdp(vec![
+                    LinkXdp::Fd(-1),
+                    LinkXdp::ExpectedFd(expected),
+                    LinkXdp::Flags(attached.mode | XDP_FLAGS_REPLACE),
+                ]))
                 .build(),
         )
         .execute()
         .await
         .context("detach XDP")?;
-    Ok(true)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -168,6 +168,31 @@ fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()
         r.output
     );
 
+    // A detach naming another interface (a typo, or the wrong one) is
+    // refused and changes nothing: the data path stays hooked to eth0.
+    host_a.netns.ip(&[
+        "link", "add", "eht0", "type", "veth", "peer", "name", "eht1",
+    ])?;
+    for wrong in ["eht0", "nosuch0"] {
+        let out = world
+            .ovl
+            .run_unchecked(&host_a.netns, "host-a", &["detach", wrong])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success()
+                && stderr.contains("hooked to eth0")
+                && stderr.contains("ovl detach eth0"),
+            "`ovl detach {wrong}`: {stderr}"
+        );
+        ensure!(pins.exists(), "`ovl detach {wrong}` removed the pins");
+        let r = ping(&c1, ip2, 2, &["-i", "0.2", "-W", "1"])?;
+        ensure!(
+            r.all_received(),
+            "traffic stopped after `ovl detach {wrong}`:\n{}",
+            r.output
+        );
+    }
+
     let out = world
         .ovl
         .run(&host_a.netns, "host-a", &["detach", "eth0"])?;
@@ -180,6 +205,33 @@ fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()
     let link = String::from_utf8_lossy(&host_a.netns.ip(&["-d", "link", "show", "eth0"])?.stdout)
         .into_owned();
     ensure!(!link.contains("xdp"), "XDP left on eth0:\n{link}");
+    // Another tool's XDP program on the interface is not ovl's to remove.
+    let pinned = foreign_xdp_program(&lab)?;
+    host_a.netns.ip(&[
+        "link",
+        "set",
+        "dev",
+        "eth0",
+        "xdpgeneric",
+        "pinned",
+        &pinned.display().to_string(),
+    ])?;
+    let out = world
+        .ovl
+        .run(&host_a.netns, "host-a", &["detach", "eth0"])?;
+    ensure!(
+        out.contains("left XDP program \"not_ovl\""),
+        "detach said:\n{out}"
+    );
+    let link = String::from_utf8_lossy(&host_a.netns.ip(&["-d", "link", "show", "eth0"])?.stdout)
+        .into_owned();
+    ensure!(
+        link.contains("name not_ovl"),
+        "detach removed another program's XDP from eth0:\n{link}"
+    );
+    host_a
+        .netns
+        .ip(&["link", "set", "dev", "eth0", "xdpgeneric", "off"])?;
     let stats = world
         .ovl
         .run_unchecked(&host_a.netns, "host-a", &["stats"])?;
@@ -196,6 +248,33 @@ fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()
         Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
     })?;
     world.stop()
+}
+
+/// Loads an XDP program named `not_ovl` (it passes every packet), as
+/// another tool would, and pins it in a bpffs of the lab's: its pin's path.
+fn foreign_xdp_program(lab: &Lab) -> Result<std::path::PathBuf> {
+    let pin = lab.bpffs()?.join("not_ovl");
+    // bpf(BPF_PROG_LOAD) of `r0 = XDP_PASS; exit`, then bpf(BPF_OBJ_PIN).
+    let script = format!(
+        "import ctypes, struct\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         SYS_BPF = 321\n\
+         insns = bytes.fromhex('b700000002000000' '9500000000000000')\n\
+         code = ctypes.create_string_buffer(insns, len(insns))\n\
+         lic = ctypes.create_string_buffer(b'GPL')\n\
+         attr = ctypes.create_string_buffer(128)\n\
+         struct.pack_into('<IIQQ', attr, 0, 6, 2, ctypes.addressof(code), ctypes.addressof(lic))\n\
+         attr[48:56] = b'not_ovl\\0'\n\
+         fd = libc.syscall(SYS_BPF, 5, attr, 128)\n\
+         assert fd >= 0, 'BPF_PROG_LOAD: errno %d' % ctypes.get_errno()\n\
+         path = ctypes.create_string_buffer(b'{}')\n\
+         attr = ctypes.create_string_buffer(128)\n\
+         struct.pack_into('<QI', attr, 0, ctypes.addressof(path), fd)\n\
+         assert libc.syscall(SYS_BPF, 6, attr, 128) == 0, 'BPF_OBJ_PIN: errno %d' % ctypes.get_errno()\n",
+        pin.display()
+    );
+    ovl_tests::run(&["python3", "-c", &script]).context("load an XDP program of another tool")?;
+    Ok(pin)
 }
 
 #[test]
