@@ -512,7 +512,20 @@ fn node_is(world: &ThreeHosts, i: usize, node: &str, alive: &str) -> Result<bool
 #[test]
 fn node_cut_off_from_etcd_beyond_its_lease_is_alive_and_reachable_once_the_cut_heals() -> Result<()>
 {
-    let lab = Lab::new("etcd-cut")?;
+    cut_off_beyond_the_lease("etcd-cut", false)
+}
+
+#[test]
+fn node_removed_while_cut_off_registers_again_and_is_reachable_once_the_cut_heals() -> Result<()> {
+    cut_off_beyond_the_lease("etcd-cut-rm", true)
+}
+
+/// Host C is cut off from etcd past its lease, declared dead, and (with
+/// `remove`) removed by `ovl node rm` on A; once the cut heals, C's agent
+/// must hold a lease again, be listed with its VTEP, and its container
+/// must be reachable from A's.
+fn cut_off_beyond_the_lease(lab: &str, remove: bool) -> Result<()> {
+    let lab = Lab::new(lab)?;
     let world = cluster_with_network(&lab)?;
     let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
     let (_cc, ip_c) = world.container(&lab, C, NETWORK, "cc")?;
@@ -530,13 +543,25 @@ fn node_cut_off_from_etcd_beyond_its_lease_is_alive_and_reachable_once_the_cut_h
         node_is(&world, A, c, "no")
     })
     .context("C was never declared dead while cut off")?;
+    if remove {
+        let out = world.run(A, &["node", "rm", c])?;
+        ensure!(out.contains(c), "node rm said: {out}");
+        let nodes = world.nodes(A)?;
+        ensure!(
+            nodes.iter().all(|(n, _, _)| n != c),
+            "{c} still listed after `ovl node rm`: {nodes:?}"
+        );
+    }
     cut_off_from_etcd(&world, C, etcd_addr, false)?;
     let healed = Instant::now();
 
     // C's agent still runs: once it reaches etcd again it must hold a
     // lease again, and its container must be reachable again.
     wait_until(Duration::from_secs(LEASE_TTL + 10), || {
-        node_is(&world, A, c, "yes")
+        Ok(world
+            .nodes(A)?
+            .iter()
+            .any(|(n, vtep, alive)| n == c && *vtep == world.hosts[C].addr && alive == "yes"))
     })
     .with_context(|| {
         format!(

@@ -621,6 +621,11 @@ impl Agent {
                             self.collect_abandoned(connected.as_ref()).await;
                         }
                         StoreEvent::Reregistered => {
+                            // `ovl node rm` may have removed the node's
+                            // record, key and all, while it was cut off.
+                            if let Some(crypto) = &self.crypto {
+                                crypto.publish_to(c.store.clone(), &self.node);
+                            }
                             self.restore(&c.store).await;
                         }
                     }

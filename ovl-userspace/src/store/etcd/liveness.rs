@@ -4,7 +4,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use backon::{ExponentialBuilder, Retryable};
-use etcd_client::PutOptions;
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::sync::{oneshot, watch};
 
 use super::{
@@ -73,7 +73,13 @@ impl EtcdStore {
         self.call("register node", c.put(node_key(name), json(&node), None))
             .await?;
         let ttl_secs = ttl.as_secs().max(1) as i64;
-        let lease = self.grant_alive(name, vtep, ttl_secs).await?;
+        let lease = self.grant_alive(&node, ttl_secs).await?;
+        // What a re-registration puts back if `ovl node rm` removed the
+        // record meanwhile; the agent publishes its key again itself.
+        let node = Node {
+            wireguard: None,
+            ..node
+        };
         let (tx, epochs) = watch::channel(0);
         let (stop, stopped) = oneshot::channel::<()>();
         let url = self.url.clone();
@@ -94,7 +100,7 @@ impl EtcdStore {
                 rt.block_on(async move {
                     tokio::select! {
                         _ = stopped => {}
-                        () = Self::keep_alive(&url, &name, vtep, ttl_secs, lease, tx) => {}
+                        () = Self::keep_alive(&url, &node, ttl_secs, lease, tx) => {}
                     }
                 });
             })
@@ -109,23 +115,39 @@ impl EtcdStore {
         })
     }
 
-    async fn grant_alive(
-        &self,
-        name: &str,
-        vtep: Ipv4Addr,
-        ttl_secs: i64,
-    ) -> Result<i64, StoreError> {
+    /// Grants a lease and puts `node`'s alive key under it, and its record
+    /// unless there is one: after the node's lease lapsed, `ovl node rm`
+    /// may have removed it, and peers find a node's VTEP there.
+    async fn grant_alive(&self, node: &Node, ttl_secs: i64) -> Result<i64, StoreError> {
         let mut c = self.client.clone();
         let lease = self
             .call("grant lease", c.lease_grant(ttl_secs, None))
             .await?
             .id();
-        let put = c.put(
-            alive_key(name),
-            json(AliveRecord { vtep }),
+        let alive = TxnOp::put(
+            alive_key(&node.name),
+            json(AliveRecord { vtep: node.vtep }),
             Some(PutOptions::new().with_lease(lease)),
         );
-        self.call("mark node alive", put).await?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                node_key(&node.name),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([
+                TxnOp::put(node_key(&node.name), json(node), None),
+                alive.clone(),
+            ])
+            .or_else([alive]);
+        let resp = self.call("mark node alive", c.txn(txn)).await?;
+        if resp.succeeded() {
+            log::warn!(
+                "node {} had been removed from the store (`ovl node rm`) while its lease \
+                 had lapsed; registered it again",
+                node.name
+            );
+        }
         Ok(lease)
     }
 
@@ -134,12 +156,12 @@ impl EtcdStore {
     /// lease (and telling the agent) if the old one expired meanwhile.
     async fn keep_alive(
         url: &StoreUrl,
-        name: &str,
-        vtep: Ipv4Addr,
+        node: &Node,
         ttl_secs: i64,
         mut lease: i64,
         epochs: watch::Sender<u64>,
     ) {
+        let name = &node.name;
         let store = (|| EtcdStore::connect(url))
             .retry(
                 ExponentialBuilder::default()
@@ -160,7 +182,7 @@ impl EtcdStore {
             // while we were cut off). Only the second needs a new lease.
             if store.lease_expired(lease).await {
                 log::warn!("lease of node {name} expired; registering the node again");
-                match store.grant_alive(name, vtep, ttl_secs).await {
+                match store.grant_alive(node, ttl_secs).await {
                     Ok(l) => {
                         lease = l;
                         epochs.send_modify(|e| *e += 1);
