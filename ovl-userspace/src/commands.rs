@@ -210,10 +210,10 @@ pub async fn endpoint_add(
     ))
 }
 
-/// `ovl endpoint rm`.
+/// `ovl endpoint rm`: removes a static endpoint (containers' are refused).
 pub async fn endpoint_rm(store: &Store, network: &str, ip: Ipv4Addr) -> Result<String> {
     store
-        .update_with(Scope::Network(network), |s| s.remove_endpoint(network, ip))
+        .update_with(Scope::Network(network), |s| s.remove_static(network, ip))
         .await?;
     Ok(format!("removed {ip} from {network}"))
 }

@@ -133,7 +133,8 @@ enum Command {
         #[arg(long, env = "OVL_KEY_ROTATION", default_value_t = 43200, value_parser = clap::value_parser!(u64).range(10..=31_536_000))]
         key_rotation: u64,
     },
-    /// Remove this node's data path from IFACE: programs, links, maps, pins.
+    /// Remove this node's data path from IFACE (the underlay it was
+    /// attached to; any other is refused): programs, links, maps, pins.
     Detach { iface: String },
     /// The node agent's health in one screen.
     Status {
@@ -274,7 +275,8 @@ enum EndpointCmd {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Remove an endpoint.
+    /// Remove a static endpoint (`endpoint add`); containers leave with
+    /// `ovl disconnect` or their runtime.
     Rm { network: String, ip: Ipv4Addr },
     /// List endpoints (containers and static ones).
     Ls {

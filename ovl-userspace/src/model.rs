@@ -93,6 +93,15 @@ pub enum ModelError {
     #[error("no endpoint {ip} on network {network:?}")]
     NoSuchEndpoint { network: String, ip: Ipv4Addr },
     #[error(
+        "{ip} on network {network:?} is not a static endpoint (`ovl endpoint add`) but {holder}; nothing was changed"
+    )]
+    NotStatic {
+        network: String,
+        ip: Ipv4Addr,
+        /// What holds it, and how to free it.
+        holder: String,
+    },
+    #[error(
         "invalid endpoint name or alias {name:?}: {why}; use DNS labels (letters, digits, '-', '_'; 1-63 characters each, not starting or ending with '-') joined by dots, at most 253 characters"
     )]
     InvalidEndpointName { name: String, why: &'static str },
@@ -994,6 +1003,40 @@ impl State {
             })
     }
 
+    /// Removes the static endpoint (`ovl endpoint add`) with address `ip`
+    /// from `network`; a container's address or a runtime's reservation is
+    /// refused: its node's agent would keep the container's interface and
+    /// put the endpoint back.
+    pub fn remove_static(&mut self, network: &str, ip: Ipv4Addr) -> Result<Endpoint, ModelError> {
+        let pos = self.endpoint_position(network, ip)?;
+        let e = &self.endpoints[pos];
+        let holder = match &e.location {
+            Location::Static { .. } => return Ok(self.endpoints.remove(pos)),
+            Location::Container { node, netns, .. } => match &e.owner {
+                Some(owner) => format!(
+                    "container {} on node {node:?}, attached by a runtime ({owner}): detach it \
+                     through that runtime (`docker network disconnect`, or its CNI DEL)",
+                    e.name
+                ),
+                None => format!(
+                    "container {} on node {node:?}: run `ovl disconnect {network} {netns}` on \
+                     that node (or `ovl node rm {node}` if the node is gone)",
+                    e.name
+                ),
+            },
+            Location::Reserved { node } => format!(
+                "an address a runtime's IPAM reserved on node {node:?} for a container not \
+                 attached yet: that runtime releases it (or `ovl node rm {node}` if the node is \
+                 gone)"
+            ),
+        };
+        Err(ModelError::NotStatic {
+            network: network.to_owned(),
+            ip,
+            holder,
+        })
+    }
+
     /// Removes the endpoint with address `ip` from `network`.
     pub fn remove_endpoint(&mut self, network: &str, ip: Ipv4Addr) -> Result<Endpoint, ModelError> {
         let pos = self.endpoint_position(network, ip)?;
@@ -1678,6 +1721,38 @@ mod tests {
             .unwrap();
         s.remove_endpoint("a", r.ip).unwrap();
         assert_eq!(s.endpoints_of("a").count(), 1);
+    }
+
+    #[test]
+    fn endpoint_rm_removes_static_endpoints_only() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        let vtep = Ipv4Addr::new(192, 0, 2, 50);
+        let st = s
+            .add_static("a", Ipv4Addr::new(198, 18, 0, 9), None, vtep, None)
+            .unwrap();
+        let c = s
+            .add_container(container("a", "n1", "/run/netns/c1"))
+            .unwrap();
+        let r = s.reserve("a", "n1", None, None, "docker:e1").unwrap();
+        let before = s.clone();
+        for (ip, says) in [
+            (c.ip, "ovl disconnect a /run/netns/c1"),
+            (r.ip, "reserved on node \"n1\""),
+        ] {
+            let e = s.remove_static("a", ip).unwrap_err();
+            assert!(
+                matches!(&e, ModelError::NotStatic { holder, .. } if e.to_string().contains(says)
+                    && !holder.is_empty()),
+                "{e}"
+            );
+        }
+        assert_eq!(s, before, "a refused endpoint rm changed the state");
+        assert_eq!(s.remove_static("a", st.ip).unwrap(), st);
+        assert!(matches!(
+            s.remove_static("a", st.ip),
+            Err(ModelError::NoSuchEndpoint { .. })
+        ));
     }
 
     #[test]

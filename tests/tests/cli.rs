@@ -22,13 +22,18 @@ fn one_host_with_container(lab: &Lab, ovl: &Ovl) -> Result<(Host, Netns, Ipv4Add
 fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() -> Result<()> {
     let lab = Lab::new("cli-bad")?;
     let ovl = Ovl::new(&lab)?;
-    let (host, c1, _) = one_host_with_container(&lab, &ovl)?;
+    let (host, c1, c1_ip) = one_host_with_container(&lab, &ovl)?;
     let ns = &host.netns;
+    let c1_ip = c1_ip.to_string();
+    let disconnect_c1 = format!("ovl disconnect uber-net {}", c1.name());
     let state_file = lab.tempdir().join("store/state.json");
     let before = std::fs::read(&state_file).context("state.json")?;
 
     // (arguments, a piece of the message that must name the problem)
     let cases: &[(&[&str], &str)] = &[
+        // A container's address is not `ovl endpoint rm`'s: its agent
+        // would keep the veth and put the endpoint back.
+        (&["endpoint", "rm", "uber-net", &c1_ip], &disconnect_c1),
         (
             &["network", "create", "x", "--subnet", "198.18.0.1/24"],
             "host bits",
