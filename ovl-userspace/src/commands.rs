@@ -559,6 +559,11 @@ async fn clear_legacy_xdp(iface: &str, idx: u32) -> Result<Vec<String>> {
             .fd()
             .with_context(|| format!("open XDP program {} on {iface}", attached.prog_id))?;
         loop {
+            // Gone with its link meanwhile (or replaced: not ours then).
+            let still = netlink::xdp_attachments(&handle, idx).await?;
+            if !still.contains(&attached) {
+                continue 'attachments;
+            }
             match netlink::clear_xdp(&handle, idx, attached, fd.as_fd()).await {
                 Ok(()) => {
                     done.push(format!("removed XDP program from {iface}"));

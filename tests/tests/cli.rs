@@ -210,33 +210,41 @@ fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()
     let link = String::from_utf8_lossy(&host_a.netns.ip(&["-d", "link", "show", "eth0"])?.stdout)
         .into_owned();
     ensure!(!link.contains("xdp"), "XDP left on eth0:\n{link}");
-    // Another tool's XDP program on the interface is not ovl's to remove.
-    let pinned = foreign_xdp_program(&lab)?;
-    host_a.netns.ip(&[
-        "link",
-        "set",
-        "dev",
-        "eth0",
-        "xdpgeneric",
-        "pinned",
-        &pinned.display().to_string(),
-    ])?;
-    let out = world
-        .ovl
-        .run(&host_a.netns, "host-a", &["detach", "eth0"])?;
-    ensure!(
-        out.contains("left XDP program \"not_ovl\""),
-        "detach said:\n{out}"
-    );
-    let link = String::from_utf8_lossy(&host_a.netns.ip(&["-d", "link", "show", "eth0"])?.stdout)
-        .into_owned();
-    ensure!(
-        link.contains("name not_ovl"),
-        "detach removed another program's XDP from eth0:\n{link}"
-    );
-    host_a
-        .netns
-        .ip(&["link", "set", "dev", "eth0", "xdpgeneric", "off"])?;
+    // Another tool's XDP program on the interface is not ovl's to remove;
+    // one of an older ovl, attached the netlink way (no link), is.
+    for (name, ours) in [("not_ovl", false), ("ovl_xdp_decap", true)] {
+        let pinned = xdp_pass_program(&lab, name)?;
+        host_a.netns.ip(&[
+            "link",
+            "set",
+            "dev",
+            "eth0",
+            "xdpgeneric",
+            "pinned",
+            &pinned.display().to_string(),
+        ])?;
+        let out = world
+            .ovl
+            .run(&host_a.netns, "host-a", &["detach", "eth0"])?;
+        let said = if ours {
+            "removed XDP program from eth0".to_owned()
+        } else {
+            format!("left XDP program {name:?}")
+        };
+        ensure!(out.contains(&said), "detach with {name} said:\n{out}");
+        let link =
+            String::from_utf8_lossy(&host_a.netns.ip(&["-d", "link", "show", "eth0"])?.stdout)
+                .into_owned();
+        ensure!(
+            link.contains(&format!("name {name} ")) != ours,
+            "detach with {name} on eth0 left:\n{link}"
+        );
+        if !ours {
+            host_a
+                .netns
+                .ip(&["link", "set", "dev", "eth0", "xdpgeneric", "off"])?;
+        }
+    }
     let stats = world
         .ovl
         .run_unchecked(&host_a.netns, "host-a", &["stats"])?;
@@ -255,10 +263,11 @@ fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()
     world.stop()
 }
 
-/// Loads an XDP program named `not_ovl` (it passes every packet), as
-/// another tool would, and pins it in a bpffs of the lab's: its pin's path.
-fn foreign_xdp_program(lab: &Lab) -> Result<std::path::PathBuf> {
-    let pin = lab.bpffs()?.join("not_ovl");
+/// Loads an XDP program called `name` that passes every packet, as another
+/// tool (or an older ovl) would, and pins it in a bpffs of the lab's: its
+/// pin's path.
+fn xdp_pass_program(lab: &Lab, name: &str) -> Result<std::path::PathBuf> {
+    let pin = lab.bpffs()?.join(name);
     // bpf(BPF_PROG_LOAD) of `r0 = XDP_PASS; exit`, then bpf(BPF_OBJ_PIN).
     let script = format!(
         "import ctypes, struct\n\
@@ -269,7 +278,8 @@ fn foreign_xdp_program(lab: &Lab) -> Result<std::path::PathBuf> {
          lic = ctypes.create_string_buffer(b'GPL')\n\
          attr = ctypes.create_string_buffer(128)\n\
          struct.pack_into('<IIQQ', attr, 0, 6, 2, ctypes.addressof(code), ctypes.addressof(lic))\n\
-         attr[48:56] = b'not_ovl\\0'\n\
+         name = b'{name}'[:15] + b'\\0'\n\
+         attr[48:48 + len(name)] = name\n\
          fd = libc.syscall(SYS_BPF, 5, attr, 128)\n\
          assert fd >= 0, 'BPF_PROG_LOAD: errno %d' % ctypes.get_errno()\n\
          path = ctypes.create_string_buffer(b'{}')\n\
@@ -278,7 +288,8 @@ fn foreign_xdp_program(lab: &Lab) -> Result<std::path::PathBuf> {
          assert libc.syscall(SYS_BPF, 6, attr, 128) == 0, 'BPF_OBJ_PIN: errno %d' % ctypes.get_errno()\n",
         pin.display()
     );
-    ovl_tests::run(&["python3", "-c", &script]).context("load an XDP program of another tool")?;
+    ovl_tests::run(&["python3", "-c", &script])
+        .with_context(|| format!("load an XDP program called {name}"))?;
     Ok(pin)
 }
 
