@@ -463,7 +463,7 @@ async fn run(cli: Cli) -> Result<()> {
             let req = ovl_userspace::attachment::Request {
                 network,
                 node: node.clone(),
-                netns,
+                netns: ovl_userspace::netns::normalise(&netns)?,
                 ifname: None,
                 name,
                 fallback_name: None,
@@ -475,6 +475,7 @@ async fn run(cli: Cli) -> Result<()> {
             commands::connect(store, &api_socket, &req).await?
         }
         Command::Disconnect { network, netns } => {
+            let netns = ovl_userspace::netns::normalise(&netns)?;
             commands::disconnect(store, &node, &network, &netns).await?
         }
         Command::Attach { .. }

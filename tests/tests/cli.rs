@@ -34,6 +34,11 @@ fn bad_input_is_refused_with_a_clear_message_and_changes_nothing() -> Result<()>
         // A container's address is not `ovl endpoint rm`'s: its agent
         // would keep the veth and put the endpoint back.
         (&["endpoint", "rm", "uber-net", &c1_ip], &disconnect_c1),
+        // Any file that opens is not a namespace.
+        (
+            &["connect", "uber-net", "/tmp"],
+            "/tmp is not a network namespace",
+        ),
         (
             &["network", "create", "x", "--subnet", "198.18.0.1/24"],
             "host bits",

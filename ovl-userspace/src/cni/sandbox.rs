@@ -1,12 +1,9 @@
 //! The container's isolation domain as CNI_NETNS names it: it must exist,
 //! be a network namespace, and not be the one the plugin runs in.
 
-use std::{fs::File, os::fd::AsRawFd, os::unix::fs::MetadataExt, path::Path};
+use std::{fs::File, os::unix::fs::MetadataExt, path::Path};
 
 use super::error::{CniError, Code};
-
-/// `statfs` magic of nsfs, the filesystem behind namespace files.
-const NSFS_MAGIC: libc::c_long = 0x6e73_6673;
 
 /// Checks CNI_NETNS before anything is registered: missing is an unknown
 /// container (3), anything else wrong an invalid variable (4).
@@ -29,9 +26,7 @@ pub fn check(netns: &str) -> Result<(), CniError> {
         }
         Err(e) => return Err(CniError::env(format!("cannot open CNI_NETNS {netns}: {e}"))),
     };
-    // SAFETY: fstatfs fills the zeroed struct for a descriptor we own.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 || fs.f_type != NSFS_MAGIC {
+    if !crate::netns::is_network_namespace(&file) {
         return Err(CniError::env(format!(
             "CNI_NETNS {netns} is not a network namespace file"
         )));
