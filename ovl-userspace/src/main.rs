@@ -323,7 +323,12 @@ fn node_name(cli: &Option<String>) -> Result<String> {
 /// The store URL with the store flags folded into its options, so every
 /// consumer (the agent too) gets one self-contained string.
 fn store_url(cli: &Cli) -> String {
-    let options = StoreOptions {
+    ovl_userspace::store::options::with_options(&cli.store, &store_options(cli))
+}
+
+/// The store flags as options of the store URL.
+fn store_options(cli: &Cli) -> StoreOptions {
+    StoreOptions {
         etcd: EtcdAccess {
             cacert: cli.etcd_cacert.clone(),
             cert: cli.etcd_cert.clone(),
@@ -333,8 +338,7 @@ fn store_url(cli: &Cli) -> String {
         },
         address_grace: cli.address_grace.map(std::time::Duration::from_secs),
         lock_timeout: None,
-    };
-    ovl_userspace::store::options::with_options(&cli.store, &options)
+    }
 }
 
 /// Commands that act as this node (and so build paths from its name).
@@ -348,6 +352,7 @@ fn uses_node(command: &Command) -> bool {
             | Command::Disconnect { .. }
             | Command::Stats { .. }
             | Command::Node(NodeCmd::RotateKey)
+            | Command::Cni(CniCmd::Conflist { .. })
     )
 }
 
@@ -543,14 +548,35 @@ fn cni_command(
                 path.display()
             ))
         }
-        CniCmd::Conflist { network, name } => Ok(install::conflist(&install::ConflistSpec {
-            name: name.as_deref().unwrap_or(network),
-            network,
-            store: &cli.store,
-            node,
-            api_socket,
-            pin_root: &cli.pin_root,
-        })),
+        CniCmd::Conflist { network, name } => {
+            // The plugin runs in the runtime's working directory: every
+            // path it is given must be absolute.
+            let absolute = |p: &std::path::Path| {
+                std::path::absolute(p).with_context(|| format!("make {} absolute", p.display()))
+            };
+            let mut options = store_options(cli);
+            let etcd = &mut options.etcd;
+            for path in [
+                &mut etcd.cacert,
+                &mut etcd.cert,
+                &mut etcd.key,
+                &mut etcd.password_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *path = absolute(path)?;
+            }
+            let store = ovl_userspace::store::options::with_options(&cli.store, &options);
+            Ok(install::conflist(&install::ConflistSpec {
+                name: name.as_deref().unwrap_or(network),
+                network,
+                store: &store,
+                node,
+                api_socket: &absolute(api_socket)?,
+                pin_root: &absolute(&cli.pin_root)?,
+            }))
+        }
     }
 }
 

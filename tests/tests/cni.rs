@@ -782,3 +782,77 @@ fn podman_containers_on_two_hosts_talk_through_ovl() -> Result<()> {
     drop(podmans);
     cluster.stop()
 }
+
+#[test]
+fn a_conflist_written_without_node_flags_names_this_host_and_keeps_the_store_options() -> Result<()>
+{
+    let ovl = ovl_tests::ovl_binary()?;
+    let ovl = ovl.display().to_string();
+    let out = ovl_tests::run_unchecked(&[
+        "env",
+        "-u",
+        "OVL_NODE",
+        "-u",
+        "OVL_API_SOCKET",
+        "-u",
+        "OVL_PIN_ROOT",
+        "-u",
+        "OVL_STORE",
+        &ovl,
+        "--store",
+        "etcd://192.0.2.1:2379",
+        "--etcd-cacert",
+        "ca.pem",
+        "--etcd-user",
+        "bob",
+        "--etcd-password-file",
+        "pw",
+        "--pin-root",
+        "bpf/ovl",
+        "cni",
+        "conflist",
+        NETWORK,
+    ])?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    let hostname = hostname.trim();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        // A host name that is no valid node name must be refused, not
+        // written into the conflist.
+        ensure!(
+            stderr.contains("node name") && stderr.contains(hostname),
+            "conflist failed: {stderr}"
+        );
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let list: Value = serde_json::from_str(&text).with_context(|| format!("conflist: {text}"))?;
+    let plugin = &list["plugins"][0];
+    ensure!(plugin["node"] == hostname, "node of {plugin}");
+    let socket = plugin["apiSocket"].as_str().unwrap_or_default();
+    ensure!(
+        socket.starts_with('/') && socket.contains(hostname),
+        "apiSocket of {plugin}"
+    );
+    // The plugin runs in the runtime's directory: every path is absolute,
+    // and the etcd options travel in the store URL.
+    let cwd = std::env::current_dir()?;
+    let pin_root = cwd.join("bpf/ovl").display().to_string();
+    ensure!(
+        plugin["pinRoot"] == pin_root.as_str(),
+        "pinRoot of {plugin}"
+    );
+    let store = plugin["store"].as_str().unwrap_or_default();
+    let encoded = |p: &str| cwd.join(p).display().to_string().replace('/', "%2F");
+    for option in [
+        format!("cacert={}", encoded("ca.pem")),
+        "user=bob".to_owned(),
+        format!("password-file={}", encoded("pw")),
+    ] {
+        ensure!(
+            store.starts_with("etcd://192.0.2.1:2379?") && store.contains(&option),
+            "no {option} in the conflist's store {store}"
+        );
+    }
+    Ok(())
+}
