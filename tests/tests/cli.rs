@@ -299,6 +299,32 @@ fn xdp_pass_program(lab: &Lab, name: &str) -> Result<std::path::PathBuf> {
 }
 
 #[test]
+fn an_agent_that_fails_to_load_its_programs_leaves_no_pins_and_no_socket() -> Result<()> {
+    let lab = Lab::new("cli-badload")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, mut hosts) = lab.routed_hosts(1)?;
+    let host = hosts.remove(0);
+    // Not a BPF object: the start fails loading the kernel programs, after
+    // the node's directory and the API socket were made.
+    let out = ovl.run_with_env_unchecked(
+        &host.netns,
+        "host-a",
+        &[("OVL_EBPF_OBJECT", "/etc/hostname")],
+        &["attach", "eth0"],
+    )?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("kernel programs"),
+        "attach with a bad object: {stderr}"
+    );
+    let pins = ovl.pin_dir("host-a");
+    ensure!(!pins.exists(), "a failed start left {}", pins.display());
+    let socket = ovl.api_socket("host-a");
+    ensure!(!socket.exists(), "a failed start left {}", socket.display());
+    Ok(())
+}
+
+#[test]
 fn disconnect_removes_the_interface_and_the_endpoint() -> Result<()> {
     let lab = Lab::new("cli-disc")?;
     let ovl = Ovl::new(&lab)?;

@@ -141,7 +141,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         }
     };
 
-    let dp = Datapath::load(&pin_dir)?;
+    let mut dp = match Datapath::load(&pin_dir) {
+        Ok(dp) => dp,
+        Err(e) => {
+            abandon_start(&pin_dir, &opts.api_socket, None, created);
+            return Err(e);
+        }
+    };
     let fresh = *dp.maps() == Maps::Created;
     let (view, kicks) = View::new(Identity {
         node: opts.node.clone(),
@@ -152,11 +158,19 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         pin_dir: pin_dir.clone(),
         store: opts.store_url.clone(),
     });
-    let dns = crate::dns::Service::start(&opts.dns, view.dns.clone())?;
+    let started = crate::dns::Service::start(&opts.dns, view.dns.clone())
+        .and_then(|dns| Ok((dns, crate::next_hops::Resolver::new(&underlay)?)));
+    let (dns, next_hops) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            abandon_start(&pin_dir, &opts.api_socket, Some(&mut dp), fresh);
+            return Err(e);
+        }
+    };
     let mut agent = Agent {
         dns,
         node: opts.node.clone(),
-        next_hops: crate::next_hops::Resolver::new(&underlay)?,
+        next_hops,
         underlay,
         dp,
         view,
@@ -174,13 +188,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let started = agent.take_over(&opts, &driver, store.as_deref()).await;
     if let Err(e) = started {
-        if fresh {
-            // Nothing forwarded with these pins yet: leave no trace.
-            let _ = bpffs::remove_node_dir(&pin_dir);
-        } else {
-            agent.dp.discard_staged();
-        }
-        let _ = std::fs::remove_file(&opts.api_socket);
+        abandon_start(&pin_dir, &opts.api_socket, Some(&mut agent.dp), fresh);
         return Err(e);
     }
 
@@ -214,6 +222,25 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         node_flag(&opts.node)
     );
     result
+}
+
+/// Undoes what a start that failed once the kernel was involved made: the
+/// node's pins if nothing forwarded with them yet (`fresh`), or else the
+/// maps staged to replace the pinned ones, and the API socket.
+fn abandon_start(
+    pin_dir: &std::path::Path,
+    api_socket: &std::path::Path,
+    dp: Option<&mut Datapath>,
+    fresh: bool,
+) {
+    if fresh {
+        if let Err(e) = bpffs::remove_node_dir(pin_dir) {
+            log::warn!("{e:#}");
+        }
+    } else if let Some(dp) = dp {
+        dp.discard_staged();
+    }
+    let _ = std::fs::remove_file(api_socket);
 }
 
 /// The signals that stop the agent, caught from its first instant.
