@@ -171,16 +171,20 @@ pub async fn attach_placed(
                     Ok(())
                 })
                 .await;
-            if let Err(undo) = undo {
-                log::error!(
-                    "could not roll back the registration of {}: {undo}",
-                    req.netns
-                );
-            }
-            let kept = if reservation.is_some() {
-                "its address stays reserved"
-            } else {
-                "nothing was registered"
+            let kept = match (&undo, &reservation) {
+                (Err(undo), _) => {
+                    log::error!(
+                        "could not roll back the registration of {}: {undo}",
+                        req.netns
+                    );
+                    format!(
+                        "its endpoint {} stays registered, as the store could not be changed \
+                         back ({undo}); remove it with `ovl disconnect {} {}` on node {}",
+                        endpoint.ip, req.network, req.netns, req.node
+                    )
+                }
+                (Ok(()), Some(_)) => "its address stays reserved".to_owned(),
+                (Ok(()), None) => "nothing was registered".to_owned(),
             };
             Err(e.context(format!("connect {} to {}; {kept}", req.netns, req.network)))
         }
