@@ -24,11 +24,15 @@ pub enum IpamError {
         "{ip} is not a usable address of {subnets} (outside them, or a network, gateway or broadcast address)"
     )]
     NotAssignable { ip: Ipv4Addr, subnets: String },
-    #[error("{0} is already in use on this network")]
+    #[error(
+        "{0} is already in use on this network; pick another address or let ovl choose one (`ovl endpoint ls` lists who holds which)"
+    )]
     InUse(Ipv4Addr),
-    #[error("no free address left in {0}")]
+    #[error(
+        "no free address left in {0}; free some (`ovl disconnect`, `ovl endpoint rm`) or use a network with a larger subnet"
+    )]
     Exhausted(String),
-    #[error("{subnet} is not a subnet of this network (it has {subnets})")]
+    #[error("{subnet} is not a subnet of this network (it has {subnets}); give one of those")]
     NoSuchSubnet { subnet: Subnet, subnets: String },
 }
 

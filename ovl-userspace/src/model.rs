@@ -82,7 +82,9 @@ pub enum ModelError {
     InvalidVxlanPort,
     #[error("invalid network name {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
     InvalidName(String),
-    #[error("namespace {netns:?} is already connected to network {network:?}")]
+    #[error(
+        "namespace {netns:?} is already connected to network {network:?}; disconnect it first (`ovl disconnect {network} {netns}`) to connect it again"
+    )]
     AlreadyConnected { network: String, netns: String },
     #[error("namespace {netns:?} on node {node:?} is not connected to network {network:?}")]
     NotConnected {
@@ -1164,7 +1166,11 @@ impl State {
                     left_s: left.as_secs_f64().ceil() as u64,
                 });
             }
-            held += usize::from(used.insert(r.ip));
+            // Counted only where an address was asked for: a full
+            // --subnet is full, whatever other subnets hold back.
+            if used.insert(r.ip) && within.is_none_or(|w| w.contains(r.ip)) {
+                held += 1;
+            }
         }
         let ip = match ipam::allocate(&network.subnets, &used, requested, within) {
             Err(ipam::IpamError::Exhausted(subnets)) if held > 0 => {
@@ -1960,6 +1966,34 @@ mod tests {
         s.clock = at(1060);
         assert_eq!(s.add_container(asked).unwrap().ip, first.ip);
         assert!(s.released.is_empty());
+    }
+
+    #[test]
+    fn a_full_subnet_asked_for_is_full_whatever_other_subnets_hold_back() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec {
+            subnets: subnets(&["198.18.0.0/29", "198.18.0.8/29"]),
+            ..NetworkSpec::new("two", "198.18.0.0/29".parse().unwrap())
+        })
+        .unwrap();
+        s.clock = at(5);
+        // An address of the second subnet held back after its node left.
+        let mut gone = container("two", "gone", "g");
+        gone.subnet = Some("198.18.0.8/29".parse().unwrap());
+        s.add_container(gone).unwrap();
+        s.remove_node("gone").unwrap();
+        // The first subnet full (.2 to .6; .1 is its gateway).
+        for i in 0..5 {
+            s.add_container(container("two", "n", &format!("c{i}")))
+                .unwrap();
+        }
+        let mut asked = container("two", "n", "x");
+        asked.subnet = Some("198.18.0.0/29".parse().unwrap());
+        let err = s.add_container(asked).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::Ipam(ipam::IpamError::Exhausted(s)) if s == "198.18.0.0/29"),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -76,11 +76,11 @@ impl FileStore {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
-            Err(source) => {
+            Err(cause) => {
                 return Err(StoreError::Io {
                     action: "read",
                     path,
-                    source,
+                    cause,
                 });
             }
         };
@@ -104,10 +104,10 @@ impl FileStore {
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
         let io = |action, path: &Path| {
             let path = path.to_owned();
-            move |source| StoreError::Io {
+            move |cause| StoreError::Io {
                 action,
                 path,
-                source,
+                cause,
             }
         };
         let json = serde_json::to_vec_pretty(state).expect("State always serialises");
@@ -131,18 +131,18 @@ impl FileStore {
     }
 
     fn lock(&self) -> Result<File, StoreError> {
-        fs::create_dir_all(&self.dir).map_err(|source| StoreError::Io {
+        fs::create_dir_all(&self.dir).map_err(|cause| StoreError::Io {
             action: "create store directory",
             path: self.dir.clone(),
-            source,
+            cause,
         })?;
         let path = self.dir.join(LOCK_FILE);
         let io = |action| {
             let path = path.clone();
-            move |source| StoreError::Io {
+            move |cause| StoreError::Io {
                 action,
                 path,
-                source,
+                cause,
             }
         };
         // Writable, so only who may write the store may lock it; the mode

@@ -95,12 +95,12 @@ pub enum StoreError {
         "node {0:?} is alive (its agent holds its lease); stop its agent first, or wait until its lease lapses"
     )]
     NodeAlive(String),
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {cause}{}", io_hint(cause))]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        /// Shown in the message, not as a source: it would be said twice.
+        cause: std::io::Error,
     },
     #[error(
         "store file {path} is not valid ovl state ({source}); fix or move it aside — ovl will not overwrite it"
@@ -138,6 +138,20 @@ pub enum StoreError {
     /// The change broke a rule of the model; nothing was written.
     #[error(transparent)]
     Rejected(#[from] ModelError),
+}
+
+/// What to do about a file store's I/O error, where that is clear.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            "; the file store is changed as root (or as a user who may write its directory): run ovl with sudo, or give --store file:///a/directory/you/own"
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => {
+            "; the store's file system is read-only: give --store a writable directory"
+        }
+        std::io::ErrorKind::StorageFull => "; the store's file system is full: free space",
+        _ => "",
+    }
 }
 
 /// A backend holding the `State`.
@@ -396,6 +410,18 @@ fn blocking<T>(work: impl FnOnce() -> T) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_denied_file_store_says_so_once_and_what_to_do() {
+        let e = anyhow::Error::from(StoreError::Io {
+            action: "create store directory",
+            path: "/var/lib/ovl".into(),
+            cause: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
+        let text = format!("{e:#}");
+        assert_eq!(text.matches("permission denied").count(), 1, "{text}");
+        assert!(text.contains("sudo") && text.contains("--store"), "{text}");
+    }
 
     #[test]
     fn changes_waiting_for_the_file_stores_lock_hold_up_no_other_task() {
