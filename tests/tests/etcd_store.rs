@@ -994,3 +994,39 @@ fn expect_nothing_attached(host: &Host, pin_dir: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_stored_value_ovl_cannot_read_is_named_at_once_not_retried() -> Result<()> {
+    let lab = Lab::new("etcd-corrupt")?;
+    let (router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+    let gateway = host.gateway.context("routed host has a gateway")?;
+    let etcd = ovl_tests::Etcd::start(&lab, &router, gateway)?;
+    let ovl = Ovl::with_store(&lab, &etcd.url())?;
+    // Written by hand (or a broken tool) over a network's record.
+    etcd.etcdctl(&["put", "/ovl/networks/blue", "not json"])?;
+
+    let t0 = Instant::now();
+    let out = ovl.run_unchecked(
+        &host.netns,
+        "host-a",
+        &["network", "create", "blue", "--subnet", "198.18.5.0/24"],
+    )?;
+    let took = t0.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success()
+            && stderr.contains("etcd key /ovl/networks/blue holds a value ovl cannot read")
+            && !stderr.contains("conflicting"),
+        "create over an unreadable record ({took:?}): {stderr}"
+    );
+    ensure!(
+        etcd.etcdctl(&["get", "/ovl/networks/blue", "--print-value-only"])?
+            .trim()
+            == "not json",
+        "the unreadable record was changed"
+    );
+    // Other networks are unaffected by the bad key.
+    ovl.create_network(&host.netns, "green", "198.18.6.0/24", &[])?;
+    Ok(())
+}

@@ -246,6 +246,11 @@ pub fn apply<'k>(state: &mut State, key: &'k str, value: Option<&[u8]>) -> Part<
     part_of(key)
 }
 
+/// Whether `value` of `key` decodes, as [`apply`] would take it.
+pub fn check(key: &str, value: &[u8]) -> Result<(), StoreError> {
+    try_apply(&mut State::default(), key, Some(value))
+}
+
 /// The part of the decoded state `key` belongs to.
 pub fn part_of(key: &str) -> Part<'_> {
     if let Some(name) = key.strip_prefix(NETWORKS) {

@@ -418,6 +418,12 @@ impl EtcdStore {
             if txn.ops.is_empty() {
                 return Ok(after);
             }
+            // A key the change writes whose stored value cannot be read
+            // was left out of `before`: every attempt would find it
+            // changed. Name it instead of retrying in vain.
+            if let Some(e) = unreadable_guarded(&snap, &old, &txn.guarded) {
+                return Err(e);
+            }
             txn.compares
                 .extend(limits::guards(snap.revision, &old, &new, &after));
             let size = txn.ops.len().max(txn.compares.len());
@@ -468,6 +474,20 @@ struct CommitPlan {
     ops: Vec<TxnOp>,
     /// The keys (or prefixes) `compares` look at, in order.
     guarded: Vec<String>,
+}
+
+/// The error of the first key of `guarded` that `snap` holds with a value
+/// decoding skipped (it is not in `old`, the state's encoding), if any.
+fn unreadable_guarded(
+    snap: &Snapshot,
+    old: &BTreeMap<String, Vec<u8>>,
+    guarded: &[String],
+) -> Option<StoreError> {
+    guarded
+        .iter()
+        .filter(|k| !old.contains_key(*k))
+        .filter_map(|k| Some((k, &snap.kvs.get(k)?.0)))
+        .find_map(|(k, v)| codec::check(k, v).err())
 }
 
 /// Claims a commit writes that an older ovl left out (at most this many
