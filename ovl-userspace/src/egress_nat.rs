@@ -150,6 +150,38 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
         enable_forwarding(underlay)?;
     }
 
+    // An address whose holder changed — a container left and another took
+    // its address, in one batch or while no agent ran — keeps the leaver's
+    // translations under the same (address, mark), and replies to them
+    // would reach the newcomer. The holder is the veth its return route
+    // leads to: remembered while the agent runs, read back from the
+    // kernel's routes after a start. Before the routes are replaced below.
+    let mut routes: BTreeMap<u32, BTreeMap<Ipv4Addr, String>> = BTreeMap::new();
+    for e in endpoints {
+        let mark = egress_mark(e.vni);
+        if !had.contains(&(e.ip, mark)) {
+            continue; // nobody held it with a way out: nothing to inherit
+        }
+        let same_holder = match memory.endpoints.get(&(e.vni, e.ip)) {
+            Some((ifindex, _)) => *ifindex == e.ifindex,
+            None => {
+                let table = match routes.entry(mark) {
+                    std::collections::btree_map::Entry::Occupied(t) => t.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(v) => v.insert(return_routes(mark)?),
+                };
+                table.get(&e.ip) == Some(&e.ifname)
+            }
+        };
+        if !same_holder {
+            log::info!(
+                "{} changed hands on VNI {}: forgetting its previous holder's translations",
+                e.ip,
+                e.vni
+            );
+            forget_translations(e.ip, mark)?;
+        }
+    }
+
     // Return routes, neighbours and forwarding on the veths.
     let mut batch = String::new();
     for e in endpoints {
@@ -281,6 +313,31 @@ pub fn remove() -> Result<Vec<String>> {
         conntrack_delete(&["-m", &mark])?;
     }
     Ok(done)
+}
+
+/// The return routes of table `mark`: address → device.
+fn return_routes(mark: u32) -> Result<BTreeMap<Ipv4Addr, String>> {
+    let out = match ip(&["-j", "-4", "route", "show", "table", &mark.to_string()]) {
+        Ok(out) => out,
+        Err(e) if format!("{e}").contains("table does not exist") => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e),
+    };
+    let routes: Value = serde_json::from_str(&out).context("parse `ip -j route show`")?;
+    Ok(parse_routes(&routes))
+}
+
+fn parse_routes(routes: &Value) -> BTreeMap<Ipv4Addr, String> {
+    routes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            Some((
+                r["dst"].as_str()?.parse().ok()?,
+                r["dev"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// Deletes the conntrack entries (address translations included) of the
@@ -602,6 +659,23 @@ mod tests {
         assert_eq!(
             parse_rules(&rules),
             BTreeMap::from([(0x6f00_1000, 0x6f00_1000)])
+        );
+    }
+
+    #[test]
+    fn return_routes_map_addresses_to_their_veths() {
+        let json: Value = serde_json::from_str(
+            r#"[{"dst":"198.18.0.2","dev":"ovl0a1b2c3d","scope":"link","flags":[]},
+               {"dst":"198.18.0.3","dev":"ovl4e5f6a7b","scope":"link","flags":["linkdown"]},
+               {"dst":"default","dev":"eth0","flags":[]}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            parse_routes(&json),
+            BTreeMap::from([
+                (Ipv4Addr::new(198, 18, 0, 2), "ovl0a1b2c3d".to_owned()),
+                (Ipv4Addr::new(198, 18, 0, 3), "ovl4e5f6a7b".to_owned()),
+            ])
         );
     }
 

@@ -444,3 +444,58 @@ fn networks_sharing_a_subnet_keep_their_translations_apart() -> Result<()> {
     ensure!(ports.len() == 2, "source ports at the server: {ports:?}");
     world.stop()
 }
+
+/// Conntrack entries in `host` of TCP connections from `ip` to the server.
+fn connections_to_the_server(host: &Netns, ip: Ipv4Addr) -> Result<Vec<String>> {
+    Ok(translations_of(host, ip)?
+        .into_iter()
+        .filter(|l| l.starts_with("tcp") && l.contains(&format!("dport={SERVER_PORT} ")))
+        .collect())
+}
+
+#[test]
+fn an_address_taken_over_while_no_agent_ran_does_not_inherit_translations() -> Result<()> {
+    let lab = Lab::new("egress-reuse")?;
+    let (mut world, c1, ip1) = world(&lab, &[])?;
+    let host_a = world.hosts[0].clone();
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
+    })?;
+    let server = start_server(&lab, &world)?;
+    ensure!(
+        fetch(&c1)?.contains(GREETING),
+        "nc failed:\n{}",
+        server.output_report()
+    );
+    // The closed connection stays tracked (TIME_WAIT, 2 minutes).
+    ensure!(
+        !connections_to_the_server(&host_a.netns, ip1)?.is_empty(),
+        "no conntrack entry of c1's connection: the check below would prove nothing"
+    );
+
+    // With the agent down, c1 leaves and c2 takes its address.
+    let agent = world.agents.remove(0);
+    agent.kill()?;
+    agent.wait_exit(Duration::from_secs(5))?;
+    world.run(0, &["disconnect", NETWORK, c1.name()])?;
+    let (c2, ip2) = world.container(&lab, 0, NETWORK, "c2")?;
+    ensure!(ip2 == ip1, "c2 got {ip2}, not c1's {ip1}");
+    ensure!(
+        !connections_to_the_server(&host_a.netns, ip1)?.is_empty(),
+        "c1's translations went without an agent: the check below would prove nothing"
+    );
+
+    world
+        .agents
+        .insert(0, world.ovl.attach(&lab, &host_a, "host-a", "auto")?);
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c2, SERVER, 1, &["-W", "1"])?.all_received())
+    })
+    .context("c2 never reached the router")?;
+    let left = connections_to_the_server(&host_a.netns, ip1)?;
+    ensure!(
+        left.is_empty(),
+        "c2 holds {ip1} with c1's translations:\n{left:#?}"
+    );
+    world.stop()
+}
