@@ -66,6 +66,7 @@ pub struct Health {
     pub mode: String,
     pub pin_dir: PathBuf,
     pub store: StoreHealth,
+    /// Networks this node serves: those with an endpoint on it.
     pub networks: usize,
     pub local_endpoints: u64,
     pub remote_endpoints: u64,
@@ -199,7 +200,9 @@ pub fn network_rows(view: &View, network: Option<&str>) -> Result<Vec<NetworkSta
     {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("no network named {want:?} on this node; list networks with `ovl network ls`"),
+            format!(
+                "no network named {want:?} on this node (a network has counters only where it has an endpoint); list networks with `ovl network ls`"
+            ),
         ));
     }
     let counters = datapath::read_counters(&view.identity.pin_dir)?;
@@ -273,6 +276,9 @@ async fn crypto_rotate(State(api): State<AgentApi>) -> Result<Json<Rotated>, Api
     }))
 }
 
+/// Least time between two kicks of one readiness wait.
+const KICK_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Deserialize)]
 struct ReadyQuery {
     network: String,
@@ -294,15 +300,22 @@ async fn ready(
     let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(0)).min(MAX_READY_WAIT);
     let deadline = tokio::time::Instant::now() + timeout;
     // The network may be new to the agent: look it up again after a kick.
+    // A kick makes the agent read the whole store: at most one a second
+    // (a misspelled network must not keep it reading for the whole wait).
+    let mut next_kick = tokio::time::Instant::now();
     let vni = loop {
         let live = api.view.live();
         if let Some(n) = live.networks.values().find(|n| n.name == q.network) {
             break Some(n.vni);
         }
-        if tokio::time::Instant::now() >= deadline {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
             break None;
         }
-        api.view.kick();
+        if now >= next_kick {
+            api.view.kick();
+            next_kick = now + KICK_INTERVAL;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let Some(vni) = vni else {
@@ -528,6 +541,38 @@ mod tests {
             }
         });
         path
+    }
+
+    #[tokio::test]
+    async fn waiting_for_an_unknown_network_kicks_the_agent_once_a_second() {
+        let (view, mut kicks) = View::new(crate::agent::view::Identity {
+            node: "n1".into(),
+            version: "test".into(),
+            pid: 1,
+            iface: "eth0".into(),
+            vtep: Ipv4Addr::new(192, 0, 2, 10),
+            pin_dir: "/nonexistent".into(),
+            store: "file:///nonexistent".into(),
+        });
+        let counted = tokio::spawn(async move {
+            let mut n = 0;
+            while kicks.recv().await.is_some() {
+                n += 1;
+            }
+            n
+        });
+        let q = ReadyQuery {
+            network: "nope".into(),
+            ip: Ipv4Addr::new(198, 18, 0, 2),
+            timeout_ms: Some(1500),
+        };
+        let Json(r) = ready(State(AgentApi::new(view)), Ok(Query(q)))
+            .await
+            .expect("an unknown network is no error");
+        assert!(!r.ready);
+        // The view (and its sender) went with the handler.
+        let n = counted.await.unwrap();
+        assert_eq!(n, 2, "kicks in 1.5 s");
     }
 
     #[tokio::test]

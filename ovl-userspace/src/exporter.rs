@@ -2,7 +2,7 @@
 //! `GET /metrics`, text format 0.0.4): the kernel's per-VNI and node-wide
 //! counters read at scrape time, endpoint counts, store health, agent info.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
@@ -21,13 +21,48 @@ use crate::{
 /// default exporter ports).
 pub const DEFAULT_PORT: u16 = 9474;
 
-/// Serves `/metrics` on `listener` until the task is dropped.
+/// Connections served at once; more are closed at once. Prometheus opens
+/// one per scraping server.
+const MAX_CONNECTIONS: usize = 32;
+/// A client must have sent its request headers within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection is kept (keep-alive between scrapes included).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Serves `/metrics` on `listener` until the task is dropped. The port is
+/// often reachable from the network: a client that sends nothing, or
+/// opens connections without end, must not hold the agent's descriptors
+/// (shared with its DNS sockets and store connections).
 pub async fn serve(listener: tokio::net::TcpListener, view: Arc<View>) {
     let router = Router::new()
         .route("/metrics", get(metrics))
         .with_state(view);
-    if let Err(e) = axum::serve(listener, router).await {
-        log::error!("metrics server stopped: {e}");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                log::warn!("metrics server: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            log::debug!("metrics server: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                log::debug!("metrics connection: {e}");
+            }
+        });
     }
 }
 
@@ -168,13 +203,6 @@ pub fn render(view: &View) -> Result<String> {
             "Whether the last request to the store succeeded (1) or not (0).",
         )?,
     )?;
-    let sync_age = register(
-        &reg,
-        Gauge::new(
-            "ovl_store_last_sync_age_seconds",
-            "Seconds since the agent last knew its view of the store current.",
-        )?,
-    )?;
     let collected = register(
         &reg,
         IntCounter::new(
@@ -246,8 +274,18 @@ pub fn render(view: &View) -> Result<String> {
     conflicts.set(live.address_conflicts as i64);
     collected.inc_by(live.collected_endpoints);
 
+    // Absent until the agent has synced once: 0 would read "just synced"
+    // through a whole outage that began before the agent started (alert
+    // on `absent(ovl_store_last_sync_age_seconds)` too).
     if let Some(age) = view.sync_age() {
-        sync_age.set(age);
+        register(
+            &reg,
+            Gauge::new(
+                "ovl_store_last_sync_age_seconds",
+                "Seconds since the agent last knew its view of the store current; absent until it has been once.",
+            )?,
+        )?
+        .set(age);
     }
     let id = &view.identity;
     info.with_label_values(&[
@@ -265,4 +303,87 @@ pub fn render(view: &View) -> Result<String> {
         .encode(&reg.gather(), &mut out)
         .context("encode metrics")?;
     String::from_utf8(out).context("metrics are UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::agent::view::Identity;
+
+    async fn server() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (view, _kicks) = View::new(Identity {
+            node: "n1".into(),
+            version: "test".into(),
+            pid: 1,
+            iface: "eth0".into(),
+            vtep: std::net::Ipv4Addr::new(192, 0, 2, 10),
+            pin_dir: "/nonexistent".into(),
+            store: "file:///nonexistent".into(),
+        });
+        tokio::spawn(serve(listener, view));
+        addr
+    }
+
+    /// Reads until the server closes the connection; what it sent.
+    async fn until_closed(c: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), c.read_to_end(&mut got)).await;
+        got
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_request_is_disconnected() {
+        let addr = server().await;
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        let t0 = Instant::now();
+        until_closed(&mut slow).await;
+        let took = t0.elapsed();
+        assert!(
+            took >= HEADER_TIMEOUT - Duration::from_millis(500)
+                && took < HEADER_TIMEOUT + Duration::from_secs(3),
+            "closed after {took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_the_rest_served() {
+        let addr = server().await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Accepted in order: the server has taken every slot once the
+        // next connection is closed without an answer.
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t0 = Instant::now();
+        assert!(until_closed(&mut extra).await.is_empty());
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        // A slot freed is served again: a request gets an HTTP answer (500
+        // here: there are no pinned maps to read).
+        drop(held.pop());
+        let mut c = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut first = [0u8; 12];
+                if c.read_exact(&mut first).await.is_ok() {
+                    break (c, first);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("no slot came free");
+        assert_eq!(&c.1, b"HTTP/1.1 500");
+        drop(c.0.shutdown().await);
+    }
 }

@@ -352,6 +352,12 @@ fn prometheus_scrapes_the_agent_and_counts_exactly_the_pings_sent() -> Result<()
         ip2,
     } = two_hosts_with_env(&lab, &[("OVL_METRICS", METRICS)], "host-a")?;
     let ns = &hosts[0].netns;
+    // A network with no endpoint on host A: A has no counters of it and
+    // exports none. The connect after it returns once A's agent forwards
+    // for c3, so A has read the store with idle-net in it.
+    ovl.create_network(ns, "idle-net", "198.18.9.0/24", &[])?;
+    let c3 = lab.container("c3")?;
+    ovl.connect(&hosts[0], "host-a", "uber-net", &c3, &[])?;
 
     // promtool accepts the exposition as it is.
     let text = curl(ns, &format!("http://{METRICS}/metrics"))?;
@@ -371,12 +377,17 @@ fn prometheus_scrapes_the_agent_and_counts_exactly_the_pings_sent() -> Result<()
     for line in [
         "# TYPE ovl_network_tx_packets_total counter",
         "ovl_network_drops_total{network=\"uber-net\",reason=\"no_endpoint\",vni=\"4096\"}",
-        "ovl_network_endpoints{location=\"local\",network=\"uber-net\",vni=\"4096\"} 1",
+        "ovl_network_endpoints{location=\"local\",network=\"uber-net\",vni=\"4096\"} 2",
         "ovl_store_up 1",
+        "ovl_store_last_sync_age_seconds ",
         "ovl_agent_info{decap_mode=\"tc\",node=\"host-a\",underlay=\"eth0\"",
     ] {
         ensure!(text.contains(line), "no {line:?} in\n{text}");
     }
+    ensure!(
+        !text.contains("idle-net"),
+        "host A exports a network it does not serve:\n{text}"
+    );
 
     // The dashboard shipped in docs/ refers only to metrics that exist.
     let dashboard = std::fs::read_to_string(workspace_root().join("docs/grafana-dashboard.json"))?;
