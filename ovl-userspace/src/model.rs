@@ -1072,8 +1072,8 @@ impl State {
                 .endpoints
                 .iter()
                 .find(|e| e.network == ep.network && e.ip == ep.ip);
-            let exists = self.networks.contains_key(&ep.network);
-            match crate::release::judge(ep, holder, exists, self.clock.now_ms) {
+            let network = self.networks.get(&ep.network);
+            match crate::release::judge(ep, holder, network, self.clock.now_ms) {
                 Verdict::Present => out.present += 1,
                 Verdict::Restore => {
                     self.forget_release(&ep.network, ep.ip);

@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Endpoint, Location};
+use crate::model::{Endpoint, Location, Network, host_ifname as host_ifname_for};
 
 /// How long a freed address is held back by default: longer than any
 /// sensible liveness lease (default 10 s), so a node that was cut off for
@@ -107,6 +107,20 @@ impl std::fmt::Display for AddressConflict {
     }
 }
 
+/// Whether `wanted` fits `network` as it is now: its address lies in one
+/// of the subnets, and a container's veth is named for the network's VNI.
+/// A network removed and created again under the same name may have other
+/// subnets and another VNI: the endpoint is not its.
+fn fits(wanted: &Endpoint, network: &Network) -> bool {
+    network.pool_of(wanted.ip).is_some()
+        && match &wanted.location {
+            Location::Container { host_ifname, .. } => {
+                *host_ifname == host_ifname_for(network.vni, wanted.ip)
+            }
+            Location::Static { .. } | Location::Reserved { .. } => true,
+        }
+}
+
 /// What to do with one endpoint a node wants back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -114,21 +128,22 @@ pub enum Verdict {
     Present,
     /// Its address is free: put it back.
     Restore,
-    /// Its network was removed meanwhile.
+    /// Its network was removed meanwhile (or removed and created again
+    /// under its name, with subnets or a VNI it does not fit).
     NetworkGone,
     /// Another endpoint holds its address.
     Conflict(AddressConflict),
 }
 
-/// Judges `wanted` against what holds its address now (`holder`) and
-/// whether its network still exists.
+/// Judges `wanted` against what holds its address now (`holder`) and its
+/// network as it is now (`network`, none if removed).
 pub fn judge(
     wanted: &Endpoint,
     holder: Option<&Endpoint>,
-    network_exists: bool,
+    network: Option<&Network>,
     now_ms: u64,
 ) -> Verdict {
-    if !network_exists {
+    if !network.is_some_and(|n| fits(wanted, n)) {
         return Verdict::NetworkGone;
     }
     match holder {
@@ -167,6 +182,17 @@ mod tests {
     use super::*;
     use crate::model::MacAddr;
 
+    /// Network "n" as created with `vni` and `subnet`.
+    fn network(vni: u32, subnet: &str) -> Network {
+        let mut s = crate::model::State::default();
+        s.create_network(crate::model::NetworkSpec {
+            vni: Some(vni),
+            ..crate::model::NetworkSpec::new("n", subnet.parse().unwrap())
+        })
+        .unwrap()
+        .clone()
+    }
+
     fn ep(node: &str, netns: &str) -> Endpoint {
         let ip = Ipv4Addr::new(198, 18, 0, 5);
         Endpoint {
@@ -177,7 +203,7 @@ mod tests {
             location: Location::Container {
                 node: node.into(),
                 netns: netns.into(),
-                host_ifname: "ovl1".into(),
+                host_ifname: crate::model::host_ifname(4096.try_into().unwrap(), ip),
             },
             owner: None,
             aliases: Vec::new(),
@@ -200,10 +226,24 @@ mod tests {
     #[test]
     fn a_returning_endpoint_is_restored_kept_or_reported_in_conflict() {
         let mine = ep("a", "c1");
-        assert_eq!(judge(&mine, None, true, 1), Verdict::Restore);
-        assert_eq!(judge(&mine, Some(&mine), true, 1), Verdict::Present);
-        assert_eq!(judge(&mine, None, false, 1), Verdict::NetworkGone);
-        let Verdict::Conflict(c) = judge(&mine, Some(&ep("b", "c9")), true, 7) else {
+        let net = network(4096, "198.18.0.0/24");
+        let net = Some(&net);
+        assert_eq!(judge(&mine, None, net, 1), Verdict::Restore);
+        assert_eq!(judge(&mine, Some(&mine), net, 1), Verdict::Present);
+        assert_eq!(judge(&mine, None, None, 1), Verdict::NetworkGone);
+        // Removed and created again under its name: another subnet, or
+        // another VNI (its veth named for the old one) is another network.
+        for again in [
+            network(4096, "198.18.7.0/24"),
+            network(4097, "198.18.0.0/24"),
+        ] {
+            assert_eq!(
+                judge(&mine, None, Some(&again), 1),
+                Verdict::NetworkGone,
+                "{again:?}"
+            );
+        }
+        let Verdict::Conflict(c) = judge(&mine, Some(&ep("b", "c9")), net, 7) else {
             panic!("a foreign holder is a conflict");
         };
         assert_eq!(

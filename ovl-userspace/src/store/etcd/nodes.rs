@@ -16,7 +16,7 @@ use super::{
     },
 };
 use crate::{
-    model::{Endpoint, ModelError},
+    model::{Endpoint, ModelError, Network},
     release::{GraceClock, Released, RestoreOutcome, Verdict, judge},
     store::StoreError,
 };
@@ -226,7 +226,12 @@ impl EtcdStore {
                     continue;
                 };
                 let net = network_key(&e.network);
-                let verdict = judge(e, holder.as_ref(), snap.kvs.contains_key(&net), now);
+                let network = snap.kvs.get(&net).and_then(|(v, _)| {
+                    parse::<Network>(&net, v)
+                        .map_err(|e| log::error!("{e}"))
+                        .ok()
+                });
+                let verdict = judge(e, holder.as_ref(), network.as_ref(), now);
                 if verdict == Verdict::Restore {
                     compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
                     let rel = released_key(&e.network, e.ip);
