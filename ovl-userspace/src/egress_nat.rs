@@ -224,12 +224,15 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
 /// kernel is left alone when `endpoints` are those of the last success:
 /// reading the table forks `nft`, which costs more than the rest of an
 /// apply of one changed endpoint (a whole apply rechecks, and repairs).
+/// Where nothing leads out and nothing did at the last success, there is
+/// nothing to recheck: a node without external egress forks no `nft` on
+/// the whole applies that every burst of link events brings.
 pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) {
     static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
     let mut done = LAST_DONE
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !recheck
+    if (!recheck || endpoints.is_empty())
         && done
             .as_ref()
             .is_some_and(|(u, e)| u == underlay && e.as_slice() == endpoints)

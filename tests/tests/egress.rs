@@ -499,3 +499,64 @@ fn an_address_taken_over_while_no_agent_ran_does_not_inherit_translations() -> R
     );
     world.stop()
 }
+
+#[test]
+fn a_node_without_external_egress_runs_no_nft_on_link_events() -> Result<()> {
+    let lab = Lab::new("egress-quiet")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].netns.clone();
+    // An `nft` that notes each run before it does it.
+    let real_nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("nft is not installed")?;
+    let bin = lab.tempdir().join("counting-nft");
+    std::fs::create_dir_all(&bin)?;
+    let runs = lab.tempdir().join("nft-runs");
+    let nft = bin.join("nft");
+    std::fs::write(
+        &nft,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}\nexec {real_nft} \"$@\"\n",
+            runs.display()
+        ),
+    )?;
+    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    world.terminate_agent(0)?;
+    world.restart_agent(&lab, 0, &[("PATH", &path)])?;
+    // Only an internal network here: nothing leads out of host A.
+    world
+        .ovl
+        .create_network(&host_a, NETWORK, "198.18.0.0/24", &["--internal"])?;
+    let (_c1, _) = world.container(&lab, 0, NETWORK, "c1")?;
+    let count = || -> Result<usize> {
+        Ok(std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .count())
+    };
+    // Settled: the start's own check (and any after the connect) done.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = count()?;
+    // Other tools' links come and go (container runtimes' veths).
+    for i in 0..10 {
+        let (a, b) = (format!("qa{i}"), format!("qb{i}"));
+        host_a.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        host_a.ip(&["link", "del", &a])?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let after = count()?;
+    ensure!(
+        after == before,
+        "{} nft runs on link events of other links:\n{}",
+        after - before,
+        std::fs::read_to_string(&runs).unwrap_or_default()
+    );
+    world.stop()
+}
