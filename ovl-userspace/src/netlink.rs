@@ -21,14 +21,17 @@ pub fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
-/// Notifications of link changes (created, deleted, renamed, up/down) in
-/// the current namespace: the agent's cue to look at container veths again
-/// instead of polling for them.
+/// Notifications of link changes (created, deleted, renamed, up/down, MTU)
+/// and of IPv4 addresses added or removed in the current namespace: the
+/// agent's cue to look at container veths and the underlay again instead
+/// of polling for them.
 pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     use futures_util::StreamExt;
-    let (conn, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])
-            .context("subscribe to link notifications")?;
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        rtnetlink::MulticastGroup::Link,
+        rtnetlink::MulticastGroup::Ipv4Ifaddr,
+    ])
+    .context("subscribe to link and address notifications")?;
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -99,6 +99,9 @@ pub struct AgentOptions {
 struct Connected {
     store: Arc<Store>,
     _registration: Registration,
+    /// What the node is registered with.
+    vtep: std::net::Ipv4Addr,
+    underlay_mtu: u32,
     updates: watch::Receiver<Followed>,
     reregistrations: watch::Receiver<u64>,
 }
@@ -185,6 +188,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         ifindexes: ifindex::IfindexCache::default(),
         host_ends: host_ends::HostEnds::default(),
         next_hops_failing: false,
+        netlink: handle,
+        underlay_lost: false,
     };
     let started = agent.take_over(&opts, &driver, store.as_deref()).await;
     if let Err(e) = started {
@@ -373,6 +378,10 @@ struct Agent {
     next_hops: crate::next_hops::Resolver,
     /// The last next-hop refresh failed (its error is logged once).
     next_hops_failing: bool,
+    /// rtnetlink, to read the underlay again when it changes.
+    netlink: rtnetlink::Handle,
+    /// The underlay is gone or unreadable (reported once).
+    underlay_lost: bool,
 }
 
 impl Agent {
@@ -385,15 +394,7 @@ impl Agent {
         driver: &str,
         store: Option<&Store>,
     ) -> Result<()> {
-        // Kept: the store's VXLAN port, applied by an earlier agent.
-        let udp_port = self.dp.config()?.udp_port;
-        self.dp.set_config(NodeConfig {
-            vtep: self.underlay.addr.octets(),
-            underlay_ifindex: self.underlay.ifindex,
-            underlay_mtu: self.underlay.mtu,
-            udp_port,
-            _pad: 0,
-        })?;
+        self.write_node_config()?;
         if let Maps::Replacing(mismatches) = self.dp.maps().clone() {
             let list = mismatches
                 .iter()
@@ -473,6 +474,127 @@ impl Agent {
             opts.store_url
         );
         Ok(())
+    }
+
+    /// Writes the underlay as the agent knows it into the programs'
+    /// config (`OVL_CONFIG`), keeping the store's VXLAN port an earlier
+    /// agent applied.
+    fn write_node_config(&mut self) -> Result<()> {
+        let udp_port = self.dp.config()?.udp_port;
+        self.dp.set_config(NodeConfig {
+            vtep: self.underlay.addr.octets(),
+            underlay_ifindex: self.underlay.ifindex,
+            underlay_mtu: self.underlay.mtu,
+            udp_port,
+            _pad: 0,
+        })
+    }
+
+    /// Reads the underlay again after a link or address notification. A
+    /// new address or MTU (same interface) goes into the programs' config
+    /// and the next-hop resolver at once; the node's store record follows
+    /// in [`register_underlay`](Self::register_underlay), the maps at the
+    /// reapply that follows every link notification. An interface that
+    /// went or was made again is only reported: its hooks went with it.
+    async fn follow_underlay(&mut self, iface: &str) {
+        let ifindex = netlink::ifindex(iface);
+        if ifindex != Some(self.underlay.ifindex) {
+            if !self.underlay_lost {
+                self.underlay_lost = true;
+                log::error!(
+                    "underlay {iface} (index {}) is gone{}: ovl's programs on it went with it and nothing is decapsulated; restart the agent (`ovl attach {iface}{}`) to hook it again",
+                    self.underlay.ifindex,
+                    ifindex.map_or(String::new(), |i| format!(
+                        " (an interface of that name is back as index {i})"
+                    )),
+                    node_flag(&self.node)
+                );
+            }
+            return;
+        }
+        let now = match netlink::underlay(&self.netlink, iface).await {
+            Ok(now) => now,
+            Err(e) => {
+                if !self.underlay_lost {
+                    self.underlay_lost = true;
+                    log::warn!(
+                        "cannot read underlay {iface} again: {e:#}; the data path keeps VTEP {} and MTU {} until it can",
+                        self.underlay.addr,
+                        self.underlay.mtu
+                    );
+                }
+                return;
+            }
+        };
+        self.underlay_lost = false;
+        if (now.addr, now.mtu) == (self.underlay.addr, self.underlay.mtu) {
+            return;
+        }
+        let was = std::mem::replace(&mut self.underlay, now);
+        let moved = self.write_node_config().and_then(|()| {
+            if was.addr != self.underlay.addr {
+                self.next_hops = crate::next_hops::Resolver::new(&self.underlay)
+                    .context("restart the next-hop resolver on the new address")?;
+            }
+            Ok(())
+        });
+        match moved {
+            Ok(()) => log::info!(
+                "underlay {iface} changed: VTEP {} -> {}, MTU {} -> {}; the data path uses the new values",
+                was.addr,
+                self.underlay.addr,
+                was.mtu,
+                self.underlay.mtu
+            ),
+            Err(e) => log::error!(
+                "underlay {iface} changed (VTEP {} -> {}, MTU {} -> {}) but the data path could not follow: {e:#}; restart the agent (`ovl attach {iface}{}`)",
+                was.addr,
+                self.underlay.addr,
+                was.mtu,
+                self.underlay.mtu,
+                node_flag(&self.node)
+            ),
+        }
+        if was.addr != self.underlay.addr {
+            log::warn!(
+                "`ovl status` and encrypted networks keep VTEP {} until the agent restarts (`ovl attach {iface}{}`)",
+                was.addr,
+                node_flag(&self.node)
+            );
+        }
+    }
+
+    /// Registers the node again when its VTEP or underlay MTU is not what
+    /// it registered with (the underlay changed, or changed while the
+    /// store was being reached); a failure is retried at the next store
+    /// probe.
+    async fn register_underlay(&self, c: &mut Connected, ttl: Duration) {
+        let (vtep, mtu) = (self.underlay.addr, self.underlay.mtu);
+        if (c.vtep, c.underlay_mtu) == (vtep, mtu) {
+            return;
+        }
+        match c.store.register_node(&self.node, vtep, mtu, ttl).await {
+            Ok(registration) => {
+                log::info!(
+                    "node {} registered again in {} with VTEP {vtep} and underlay MTU {mtu} (was {}, {})",
+                    self.node,
+                    c.store.describe(),
+                    c.vtep,
+                    c.underlay_mtu
+                );
+                c.reregistrations = registration.reregistrations();
+                // The former registration's lease, if any, is left to
+                // expire: the alive key is under the new one already.
+                c._registration = registration;
+                (c.vtep, c.underlay_mtu) = (vtep, mtu);
+            }
+            Err(e) => log::warn!(
+                "node {} keeps VTEP {} and underlay MTU {} in the store for now: {e}; retrying in {STORE_PROBE:?}",
+                self.node,
+                c.vtep,
+                c.underlay_mtu
+            ),
+        }
     }
 
     /// Puts back lost local endpoints and publishes how many addresses
@@ -672,7 +794,8 @@ impl Agent {
                     }
                 }
                 _ = probe.tick(), if connected.is_some() => {
-                    let c = connected.as_ref().expect("guarded");
+                    let c = connected.as_mut().expect("guarded");
+                    self.register_underlay(c, opts.lease_ttl).await;
                     let ok = c.store.ping().await.is_ok();
                     self.view.update(|l| {
                         l.store_reachable = ok;
@@ -685,7 +808,11 @@ impl Agent {
                     // One look for a burst of notifications.
                     while links.try_recv().is_ok() {}
                     self.ifindexes.invalidate();
-                    // The underlay's MAC or MTU may have changed.
+                    // The underlay's address, MAC or MTU may have changed.
+                    self.follow_underlay(&opts.iface).await;
+                    if let Some(c) = connected.as_mut() {
+                        self.register_underlay(c, opts.lease_ttl).await;
+                    }
                     self.next_hops.forget();
                     self.dns.links_changed();
                     self.reapply();
@@ -855,6 +982,8 @@ async fn connect(
             Ok::<_, anyhow::Error>(Connected {
                 reregistrations: registration.reregistrations(),
                 _registration: registration,
+                vtep,
+                underlay_mtu,
                 updates,
                 store,
             })
