@@ -38,8 +38,8 @@ pub use etcd::{ETCD_CLIENT_PORT, Etcd, EtcdTls};
 pub use hooks::{HookedProgram, hooked_programs};
 pub use lab::{CleanupStage, LAB_NAME_PREFIX, Lab};
 pub use maps::{
-    ENDPOINTS_MAP, MapEndpoint, MapNextHop, NEXT_HOPS_MAP, dump_endpoints, dump_next_hop_entries,
-    dump_next_hops,
+    CONFIG_MAP, ENDPOINTS_MAP, MapEndpoint, MapNextHop, MapNodeConfig, NEXT_HOPS_MAP,
+    dump_endpoints, dump_next_hop_entries, dump_next_hops, dump_node_config,
 };
 pub use netns::Netns;
 pub use ovl::{Agent, NetCounters, Ovl};

@@ -100,6 +100,35 @@ pub fn dump_next_hop_entries(pin_dir: &Path) -> Result<BTreeMap<Ipv4Addr, MapNex
         .collect())
 }
 
+/// The node config map's pin name (`ovl_common::maps::names::CONFIG`).
+pub const CONFIG_MAP: &str = "OVL_CONFIG";
+
+/// The node's underlay as its programs see it: the single entry of
+/// `OVL_CONFIG`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapNodeConfig {
+    pub vtep: Ipv4Addr,
+    pub underlay_ifindex: u32,
+    pub underlay_mtu: u32,
+    pub udp_port: u16,
+}
+
+/// The node config pinned in `pin_dir` (layout of `ovl_common::NodeConfig`:
+/// vtep 0..4, underlay_ifindex 4..8, underlay_mtu 8..12, udp_port 12..14,
+/// host order).
+pub fn dump_node_config(pin_dir: &Path) -> Result<MapNodeConfig> {
+    let entries = dump_pinned(pin_dir, CONFIG_MAP, 4, 16)?;
+    let [(_, v)] = entries.as_slice() else {
+        bail!("{CONFIG_MAP} has {} entries, expected 1", entries.len());
+    };
+    Ok(MapNodeConfig {
+        vtep: Ipv4Addr::new(v[0], v[1], v[2], v[3]),
+        underlay_ifindex: u32::from_ne_bytes([v[4], v[5], v[6], v[7]]),
+        underlay_mtu: u32::from_ne_bytes([v[8], v[9], v[10], v[11]]),
+        udp_port: u16::from_ne_bytes([v[12], v[13]]),
+    })
+}
+
 /// The entries of map `name` pinned in `pin_dir` as (key, value) bytes,
 /// each checked to be `key_len` and `value_len` long.
 fn dump_pinned(

@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{CONTAINER_IFACE, Lab, Netns, OVERLAY_MTU, TwoHosts, ping, wait_until};
+use ovl_tests::{
+    CONTAINER_IFACE, HOST_IFACE, Lab, Netns, OVERLAY_MTU, TwoHosts, UNDERLAY_MTU, dump_node_config,
+    ping, wait_until,
+};
 
 /// IPv4 (20) + ICMP (8) header bytes in front of a ping payload.
 const ICMP_HEADERS: u32 = 28;
@@ -111,6 +114,91 @@ fn oversized_frame_is_dropped_as_too_big() -> Result<()> {
     ensure!(
         after.tx_packets == before.tx_packets,
         "oversized frames were encapsulated: {before:?} -> {after:?}"
+    );
+    world.stop()
+}
+
+#[test]
+fn underlay_mtu_lowered_under_a_running_agent_reaches_store_and_data_path() -> Result<()> {
+    let lab = Lab::new("mtu-moved")?;
+    let (world, c1, _c2, ip2) = connected(&lab)?;
+    let pins = world.ovl.pin_dir(TwoHosts::NODES[0]);
+    let before = dump_node_config(&pins)?;
+    ensure!(
+        before.underlay_mtu == UNDERLAY_MTU,
+        "OVL_CONFIG starts with {before:?}, expected MTU {UNDERLAY_MTU}"
+    );
+
+    // Host A's underlay shrinks while its agent runs (the router's end
+    // too, so replies of the new size still come back).
+    const LOWER: u32 = 1400;
+    let lower = LOWER.to_string();
+    world.hosts[0]
+        .netns
+        .ip(&["link", "set", HOST_IFACE, "mtu", &lower])?;
+    world.router.ip(&["link", "set", "h0", "mtu", &lower])?;
+
+    // (a) The node's record in the store says so.
+    let state_file = lab.tempdir().join("store/state.json");
+    let stored_mtu = || -> Result<Option<u64>> {
+        let text = std::fs::read_to_string(&state_file)
+            .with_context(|| format!("read {}", state_file.display()))?;
+        let state: serde_json::Value = serde_json::from_str(&text)?;
+        Ok(state["nodes"][TwoHosts::NODES[0]]["underlay_mtu"].as_u64())
+    };
+    wait_until(Duration::from_secs(5), || {
+        Ok(stored_mtu()? == Some(u64::from(LOWER)))
+    })
+    .with_context(|| {
+        format!(
+            "the store kept underlay MTU {:?} for host-a; agent log:\n{}",
+            stored_mtu(),
+            world.agents[0].log().unwrap_or_default()
+        )
+    })?;
+
+    // (b) The programs' config says so, the rest of it unchanged.
+    wait_until(Duration::from_secs(5), || {
+        Ok(dump_node_config(&pins)?.underlay_mtu == LOWER)
+    })
+    .with_context(|| format!("OVL_CONFIG kept {:?}", dump_node_config(&pins)))?;
+    let after = dump_node_config(&pins)?;
+    ensure!(
+        after.vtep == before.vtep
+            && after.underlay_ifindex == before.underlay_ifindex
+            && after.udp_port == before.udp_port,
+        "OVL_CONFIG changed beyond the MTU: {before:?} -> {after:?}"
+    );
+
+    // And the programs act on it: what filled 1500 bytes on the wire no
+    // longer fits and is dropped as too big; what fits 1400 crosses.
+    const N: u64 = 3;
+    let largest = LARGEST_PAYLOAD.to_string();
+    let counted = world.counters(0, "uber-net")?;
+    let r = ping(
+        &c1,
+        ip2,
+        N as u32,
+        &["-M", "do", "-s", &largest, "-i", "0.2", "-W", "1"],
+    )?;
+    ensure!(r.received == 0, "a 1500-byte frame crossed:\n{}", r.output);
+    let now = world.counters(0, "uber-net")?;
+    ensure!(
+        now.too_big - counted.too_big == N,
+        "too_big moved by {}, expected {N}: {counted:?} -> {now:?}",
+        now.too_big - counted.too_big
+    );
+    let fitting = (LOWER - (UNDERLAY_MTU - OVERLAY_MTU) - ICMP_HEADERS).to_string();
+    let r = ping(
+        &c1,
+        ip2,
+        N as u32,
+        &["-M", "do", "-s", &fitting, "-i", "0.2", "-W", "2"],
+    )?;
+    ensure!(
+        r.all_received(),
+        "{fitting}-byte pings lost on the 1400-byte underlay:\n{}",
+        r.output
     );
     world.stop()
 }
