@@ -57,6 +57,28 @@ fn fetch(c: &Netns) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A PATH whose `nft` runs shell line `first`, then the real nft: a
+/// directory `name` of the lab's holds the wrapper.
+fn wrapped_nft(lab: &Lab, name: &str, first: &str) -> Result<String> {
+    let real_nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("nft is not installed")?;
+    let bin = lab.tempdir().join(name);
+    std::fs::create_dir_all(&bin)?;
+    let nft = bin.join("nft");
+    std::fs::write(
+        &nft,
+        format!("#!/bin/sh\n{first}\nexec {real_nft} \"$@\"\n"),
+    )?;
+    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    ))
+}
+
 /// Conntrack entries in `host` whose original source is `ip`.
 fn translations_of(host: &Netns, ip: Ipv4Addr) -> Result<Vec<String>> {
     let out = host.exec_unchecked(&["conntrack", "-L", "-s", &ip.to_string()])?;
@@ -305,27 +327,11 @@ fn forwarding_is_switched_on_only_once_its_guard_is_in_place() -> Result<()> {
 
     // A's agent finds an `nft` that lists tables but fails to load a
     // ruleset (as on a kernel without NAT).
-    let real_nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .context("nft is not installed")?;
-    let bin = lab.tempdir().join("failing-nft");
-    std::fs::create_dir_all(&bin)?;
-    let nft = bin.join("nft");
-    std::fs::write(
-        &nft,
-        format!(
-            "#!/bin/sh\n\
-             case \" $* \" in *' -f '*) echo 'nft: NAT not supported here' >&2; exit 1;; esac\n\
-             exec {real_nft} \"$@\"\n"
-        ),
+    let path = wrapped_nft(
+        &lab,
+        "failing-nft",
+        "case \" $* \" in *' -f '*) echo 'nft: NAT not supported here' >&2; exit 1;; esac",
     )?;
-    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     world.terminate_agent(0)?;
     world.restart_agent(&lab, 0, &[("PATH", &path)])?;
     world
@@ -506,27 +512,12 @@ fn a_node_without_external_egress_runs_no_nft_on_link_events() -> Result<()> {
     let mut world = TwoHosts::start(&lab, "auto")?;
     let host_a = world.hosts[0].netns.clone();
     // An `nft` that notes each run before it does it.
-    let real_nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .context("nft is not installed")?;
-    let bin = lab.tempdir().join("counting-nft");
-    std::fs::create_dir_all(&bin)?;
     let runs = lab.tempdir().join("nft-runs");
-    let nft = bin.join("nft");
-    std::fs::write(
-        &nft,
-        format!(
-            "#!/bin/sh\necho \"$*\" >> {}\nexec {real_nft} \"$@\"\n",
-            runs.display()
-        ),
+    let path = wrapped_nft(
+        &lab,
+        "counting-nft",
+        &format!("echo \"$*\" >> {}", runs.display()),
     )?;
-    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     world.terminate_agent(0)?;
     world.restart_agent(&lab, 0, &[("PATH", &path)])?;
     // Only an internal network here: nothing leads out of host A.

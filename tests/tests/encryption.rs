@@ -200,6 +200,18 @@ fn iperf(
         .with_context(|| format!("no received bytes in {report}"))
 }
 
+/// Host `i`'s agent's metrics, as Prometheus would scrape them.
+fn scrape(world: &Cluster, i: usize) -> Result<String> {
+    let out = world.hosts[i].netns.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        &format!("http://{METRICS}/metrics"),
+    ])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
 fn encrypted_network_is_only_wireguard_on_the_wire_and_the_plain_one_stays_vxlan() -> Result<()> {
     let lab = Lab::new("crypt-wire")?;
@@ -423,19 +435,7 @@ fn forged_and_replayed_messages_are_dropped_counted_and_reach_no_container() -> 
         "something reached a container: {delivered_before:?} -> {delivered_after:?}"
     );
     // The same counts in the Prometheus metrics, which promtool accepts.
-    let text = String::from_utf8_lossy(
-        &world.hosts[0]
-            .netns
-            .exec(&[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                &format!("http://{METRICS}/metrics"),
-            ])?
-            .stdout,
-    )
-    .into_owned();
+    let text = scrape(&world, 0)?;
     let file = lab.tempdir().join("metrics.txt");
     std::fs::write(&file, &text)?;
     let check = ovl_tests::run_unchecked(&[
@@ -551,19 +551,7 @@ fn a_flood_of_handshake_initiations_gets_cookies_and_the_encrypted_network_carri
         "flood messages were opened: before {before}, after {after}"
     );
     // The same count in the Prometheus metrics.
-    let text = String::from_utf8_lossy(
-        &world.hosts[0]
-            .netns
-            .exec(&[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                &format!("http://{METRICS}/metrics"),
-            ])?
-            .stdout,
-    )
-    .into_owned();
+    let text = scrape(&world, 0)?;
     let line = format!(
         "ovl_crypto_drops_total{{reason=\"under_load\"}} {}",
         drops(&after, "under_load")
