@@ -992,6 +992,18 @@ impl State {
         Ok(self.endpoints.remove(pos))
     }
 
+    /// Removes `ep` if the store still holds it as it is: same network,
+    /// address and location (node, namespace and host interface of a
+    /// container). Returns whether it did; an endpoint that took its
+    /// address or its namespace since is left alone.
+    pub fn remove_exact(&mut self, ep: &Endpoint) -> bool {
+        let pos = self
+            .endpoints
+            .iter()
+            .position(|e| e.network == ep.network && e.ip == ep.ip && e.location == ep.location);
+        pos.map(|p| self.endpoints.remove(p)).is_some()
+    }
+
     /// Where the endpoint with address `ip` of `network` is in
     /// `endpoints`; an unknown network or endpoint is an error.
     fn endpoint_position(&self, network: &str, ip: Ipv4Addr) -> Result<usize, ModelError> {
@@ -1683,6 +1695,28 @@ mod tests {
         let taken = s.add_container(container("a", "n2", "c9")).unwrap();
         assert_eq!(taken.ip, ep.ip);
         assert!(!s.restore_endpoint(&ep), "address was taken meanwhile");
+    }
+
+    #[test]
+    fn only_the_very_endpoint_is_removed_exactly() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        let old = s.add_container(container("a", "n1", "c1")).unwrap();
+        s.remove_container("a", "n1", "c1").unwrap();
+        // The namespace's new endpoint, at another address.
+        let new = s
+            .add_container(ContainerSpec {
+                ip: Some(Ipv4Addr::new(198, 18, 0, 3)),
+                ..container("a", "n1", "c1")
+            })
+            .unwrap();
+        assert!(!s.remove_exact(&old));
+        // Another container at the old address.
+        let other = s.add_container(container("a", "n1", "c2")).unwrap();
+        assert_eq!(other.ip, old.ip);
+        assert!(!s.remove_exact(&old));
+        assert!(s.remove_exact(&new));
+        assert_eq!(s.endpoints, vec![other]);
     }
 
     #[test]

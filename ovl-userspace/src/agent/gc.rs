@@ -102,6 +102,14 @@ impl Collector {
     }
 }
 
+/// The store change that collects `ep`, found abandoned by a scan of a
+/// state that may be older than the store's: only that very endpoint
+/// goes, not a newer one of the same namespace. Returns whether it was
+/// there to remove.
+pub fn collect(state: &mut State, ep: &Endpoint) -> bool {
+    state.remove_exact(ep)
+}
+
 /// A container endpoint (not Docker's: its plugin reconciles those with
 /// dockerd) whose host veth does not exist.
 fn lacks_veth(e: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>) -> bool {
@@ -165,6 +173,37 @@ mod tests {
         );
         // Another node's view: nothing of ours.
         assert!(gc.scan(&s, "b", t0, &no_veth).0.is_empty());
+    }
+
+    #[test]
+    fn a_newer_endpoint_of_the_same_namespace_is_not_collected() {
+        // Namespace c1 went away without a disconnect; its endpoint A is
+        // found abandoned past its grace.
+        let netns = "/nonexistent/ovl-gc-reused";
+        let mut s = State::default();
+        s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
+            .unwrap();
+        let spec = ContainerSpec {
+            network: "blue".into(),
+            node: "a".into(),
+            netns: netns.into(),
+            ..ContainerSpec::default()
+        };
+        let a = s.add_container(spec.clone()).unwrap();
+        let mut gc = Collector::new(Duration::ZERO);
+        let (due, _) = gc.scan(&s, "a", Instant::now(), &|_| None);
+        assert_eq!(due, vec![a.clone()]);
+        // Meanwhile the operator recreated c1, disconnected and connected
+        // it again: B, at another address, is what the store holds now.
+        s.remove_container("blue", "a", netns).unwrap();
+        let b = s
+            .add_container(ContainerSpec {
+                ip: Some(Ipv4Addr::new(198, 18, 0, 3)),
+                ..spec
+            })
+            .unwrap();
+        assert!(!collect(&mut s, &a), "A is gone already");
+        assert!(s.endpoints.contains(&b), "B was collected in A's place");
     }
 
     #[test]

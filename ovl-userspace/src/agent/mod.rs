@@ -898,19 +898,18 @@ impl Agent {
             let Location::Container { netns, .. } = &ep.location else {
                 continue;
             };
+            let around = crate::store::Around {
+                ip: Some(ep.ip),
+                ..crate::store::Around::container(&ep.network, &self.node, netns)
+            };
             match c
                 .store
-                .update_with(
-                    crate::store::Scope::Endpoint(crate::store::Around::container(
-                        &ep.network,
-                        &self.node,
-                        netns,
-                    )),
-                    |s| s.remove_container(&ep.network, &self.node, netns),
-                )
+                .update_with(crate::store::Scope::Endpoint(around), |s| {
+                    Ok(gc::collect(s, &ep))
+                })
                 .await
             {
-                Ok(_) => {
+                Ok(true) => {
                     log::warn!(
                         "collected endpoint {} ({}) of {}: its namespace {netns} is gone without a disconnect",
                         ep.ip,
@@ -920,6 +919,11 @@ impl Agent {
                     self.view.update(|l| l.collected_endpoints += 1);
                     let _ = crate::dns::resolv_conf::remove(netns);
                 }
+                Ok(false) => log::debug!(
+                    "not collecting endpoint {} of {}: the store no longer holds it as found (disconnected, or {netns} connected anew)",
+                    ep.ip,
+                    ep.network
+                ),
                 Err(e) => log::warn!("collecting endpoint {} of {}: {e}", ep.ip, ep.network),
             }
         }
