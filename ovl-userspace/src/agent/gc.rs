@@ -20,11 +20,17 @@ use crate::{
 /// without a veth sends no notification; one with a veth does, and is
 /// looked at at once).
 const RECHECK: Duration = Duration::from_secs(1);
+/// An endpoint handed out for collection is handed out again this long
+/// after, while the state still holds it: its deletion may have failed (a
+/// store error), or the store has not yet said that it succeeded.
+const RETRY: Duration = Duration::from_secs(5);
 
 /// Tracks how long each local endpoint has looked abandoned.
 pub struct Collector {
     grace: Duration,
     gone_since: BTreeMap<(String, Ipv4Addr), Instant>,
+    /// Endpoints handed out for collection, and when they are due again.
+    retry_at: BTreeMap<(String, Ipv4Addr), Instant>,
     /// Local endpoints without a veth at the last look, when it was, and
     /// when one of them will be due.
     last_candidates: BTreeSet<(String, Ipv4Addr)>,
@@ -38,6 +44,7 @@ impl Collector {
         Collector {
             grace,
             gone_since: BTreeMap::new(),
+            retry_at: BTreeMap::new(),
             last_candidates: BTreeSet::new(),
             last_look: None,
             next: None,
@@ -47,7 +54,8 @@ impl Collector {
     /// Looks at `node`'s endpoints in `state` at `now` (`ifindex_of`
     /// resolves a host interface): returns those abandoned for longer than
     /// the grace, and when to look again (the earliest moment another one
-    /// will be due), if any is pending. Only endpoints without a veth can
+    /// will be due), if any is pending. Those returned are due again
+    /// [`RETRY`] later while `state` still holds them. Only endpoints without a veth can
     /// be abandoned; their namespaces are looked at when that set changed,
     /// when one is due, or [`RECHECK`] after the last look.
     pub fn scan(
@@ -86,16 +94,22 @@ impl Collector {
             .map(|((n, ip), e)| ((n.to_owned(), ip), e))
             .collect();
         self.gone_since.retain(|k, _| abandoned.contains_key(k));
+        self.retry_at.retain(|k, _| abandoned.contains_key(k));
         let mut due = Vec::new();
         let mut next = None::<Instant>;
         for (key, ep) in abandoned {
-            let since = *self.gone_since.entry(key).or_insert(now);
-            let at = since + self.grace;
+            let since = *self.gone_since.entry(key.clone()).or_insert(now);
+            let mut at = self
+                .retry_at
+                .get(&key)
+                .copied()
+                .unwrap_or(since + self.grace);
             if at <= now {
                 due.push(ep.clone());
-            } else {
-                next = Some(next.map_or(at, |n| n.min(at)));
+                at = now + RETRY;
+                self.retry_at.insert(key, at);
             }
+            next = Some(next.map_or(at, |n| n.min(at)));
         }
         self.next = next;
         (due, next)
@@ -204,6 +218,38 @@ mod tests {
             .unwrap();
         assert!(!collect(&mut s, &a), "A is gone already");
         assert!(s.endpoints.contains(&b), "B was collected in A's place");
+    }
+
+    #[test]
+    fn an_endpoint_handed_out_is_due_again_after_a_while_until_it_is_gone() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
+            .unwrap();
+        s.add_container(ContainerSpec {
+            network: "blue".into(),
+            node: "a".into(),
+            netns: "/nonexistent/ovl-gc-retry".into(),
+            ..ContainerSpec::default()
+        })
+        .unwrap();
+        let mut gc = Collector::new(Duration::from_secs(10));
+        let no_veth = |_: &str| None;
+        let t0 = Instant::now();
+        gc.scan(&s, "a", t0, &no_veth);
+        let t1 = t0 + Duration::from_secs(10);
+        let (due, next) = gc.scan(&s, "a", t1, &no_veth);
+        assert_eq!(due.len(), 1);
+        // Its deletion may fail: a look stays planned.
+        assert_eq!(next, Some(t1 + RETRY));
+        // Not handed out again meanwhile (the store may just not have said
+        // yet that it is gone), then again while the state still holds it.
+        assert!(gc.scan(&s, "a", t1 + RECHECK, &no_veth).0.is_empty());
+        let (due, next) = gc.scan(&s, "a", t1 + RETRY, &no_veth);
+        assert_eq!(due.len(), 1);
+        assert_eq!(next, Some(t1 + RETRY + RETRY));
+        // Gone from the state: nothing more planned.
+        s.endpoints.clear();
+        assert_eq!(gc.scan(&s, "a", t1 + RETRY, &no_veth), (Vec::new(), None));
     }
 
     #[test]
