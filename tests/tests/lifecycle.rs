@@ -5,6 +5,8 @@
 //! return; a second agent for the node is refused without harm; veths an
 //! older agent made get the offload settings of this one.
 
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -190,6 +192,94 @@ fn containers_that_came_and_went_while_the_agent_was_down_are_forwarded_within_a
         Ok(!a.keys().chain(b.keys()).any(|(_, ip)| *ip == ip1))
     })
     .context("c1 still in a map 1 s after A's agent returned")?;
+    world.stop()
+}
+
+/// Fills TC ingress of `ifname` in `ns` with the most TCX programs the
+/// kernel takes (63, each passing packets on), so that no further one can
+/// be attached: a hook that fails, as one on a veth deleted between its
+/// lookup and its attach does, but every time. The links last as long as
+/// the descriptors returned.
+fn fill_tcx_ingress(ns: &ovl_tests::Netns, ifname: &str) -> Result<Vec<OwnedFd>> {
+    // Raw bpf(2) attribute layouts (union bpf_attr).
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_TCX_INGRESS: u32 = 46;
+    const MAX_PROGS: usize = 63;
+    fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
+        // SAFETY: `attr` is a zeroed bpf_attr of the size passed, the
+        // pointers in it live until the call returns.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new descriptor we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+    // r0 = -1 (TCX_NEXT); exit.
+    let insns: [u8; 16] = [
+        0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x95, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let license = c"GPL";
+    let name = CString::new(ifname)?;
+    ns.run_inside(|| {
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        ensure!(ifindex != 0, "no {ifname} in {ns}");
+        let mut links = Vec::new();
+        for _ in 0..MAX_PROGS {
+            let mut load = [0u8; 128];
+            load[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+            load[4..8].copy_from_slice(&2u32.to_ne_bytes());
+            load[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+            load[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+            let prog = bpf(BPF_PROG_LOAD, &mut load).context("load a TC program")?;
+            let mut link = [0u8; 128];
+            link[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+            link[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+            link[8..12].copy_from_slice(&BPF_TCX_INGRESS.to_ne_bytes());
+            links.push(bpf(BPF_LINK_CREATE, &mut link).context("attach to TCX ingress")?);
+        }
+        Ok(links)
+    })?
+}
+
+#[test]
+fn a_veth_that_cannot_be_hooked_when_the_agent_starts_does_not_stop_it() -> Result<()> {
+    let lab = Lab::new("lc-unhook")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].netns.clone();
+    let Pair { c2, ip1, .. } = world.connected_pair(&lab, "uber-net")?;
+
+    // While A's agent is down, c3 and c4 are connected on A, and c3's veth
+    // (hooked first: its index is lower) cannot take the egress hook.
+    world.kill_agent(0)?;
+    let (c3, _) = world.container(&lab, 0, "uber-net", "c3")?;
+    let (_c4, ip4) = world.container(&lab, 0, "uber-net", "c4")?;
+    let end = world.host_end(0, "uber-net", &c3)?;
+    let _full = fill_tcx_ingress(&host_a, &end)?;
+
+    world.restart_agent(&lab, 0, &[])?;
+    let r = ping(&c2, ip1, 3, &["-i", "0.1", "-W", "1"])?;
+    ensure!(
+        r.all_received(),
+        "B to A's c1 after the restart:\n{}\n{}",
+        r.output,
+        world.agents[0].output_report()
+    );
+    let r = ping(&c2, ip4, 3, &["-i", "0.1", "-W", "1"])?;
+    ensure!(
+        r.all_received(),
+        "B to A's c4, hooked after c3 failed:\n{}\n{}",
+        r.output,
+        world.agents[0].output_report()
+    );
+    let log = world.agents[0].log()?;
+    ensure!(
+        log.contains(&format!("on {end}")),
+        "the agent did not say which veth it could not hook:\n{log}"
+    );
     world.stop()
 }
 

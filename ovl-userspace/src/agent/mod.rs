@@ -423,7 +423,10 @@ impl Agent {
             self.restore(store).await;
             match store.load().await {
                 Ok(state) => {
-                    self.apply(state)?;
+                    // The pinned maps forward already: what this apply
+                    // fails to do (a veth gone between its lookup and its
+                    // hook, say) the loop's next apply does again, whole.
+                    self.apply_logged(state);
                     self.view.update(|l| {
                         l.store_reachable = true;
                         l.last_sync = Some(Instant::now());

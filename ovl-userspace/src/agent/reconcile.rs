@@ -105,10 +105,18 @@ pub fn reconcile(
         dp.unhook_egress(*gone)?;
         log::info!("container egress unhooked from ifindex {gone}");
     }
+    // One veth that cannot be hooked (gone since its lookup) leaves the
+    // others hooked; the first failure is returned at the end, so the
+    // caller applies whole again.
+    let mut unhooked: Option<anyhow::Error> = None;
     for (ifindex, name) in &want.iface_names {
-        if !hooked.contains(ifindex) {
-            dp.hook_egress(name, *ifindex)?;
-            log::info!("container egress hooked on {name}");
+        if hooked.contains(ifindex) {
+            continue;
+        }
+        match dp.hook_egress(name, *ifindex) {
+            Ok(()) => log::info!("container egress hooked on {name}"),
+            Err(e) if unhooked.is_none() => unhooked = Some(e),
+            Err(e) => log::warn!("{e:#}; retried at the next apply"),
         }
     }
     host_ends.ensure_tso_off(&want.iface_names);
@@ -120,7 +128,7 @@ pub fn reconcile(
     // Last: the host's side of external egress runs nft and ip, slower than
     // the map writes the containers' traffic waits for.
     egress_nat::ensure_logged(&underlay.name, &want.egress, matches!(dirty, Dirty::All));
-    Ok(())
+    unhooked.map_or(Ok(()), Err)
 }
 
 /// Publishes what the maps now hold: the networks this node serves (those
