@@ -1030,3 +1030,33 @@ fn a_stored_value_ovl_cannot_read_is_named_at_once_not_retried() -> Result<()> {
     ovl.create_network(&host.netns, "green", "198.18.6.0/24", &[])?;
     Ok(())
 }
+
+#[test]
+fn an_agent_restarted_while_etcd_is_down_shows_what_its_pinned_maps_serve() -> Result<()> {
+    let lab = Lab::new("etcd-down-view")?;
+    let mut world = cluster_with_network(&lab)?;
+    let (_cb, ip_b) = world.container(&lab, B, NETWORK, "cb")?;
+    let (_cc, ip_c) = world.container(&lab, C, NETWORK, "cc")?;
+    let vni = vni_of(&world, A)?;
+    wait_for_maps(&world, vni, &[(ip_b, B), (ip_c, C)])?;
+
+    // B's agent restarts while etcd is down: it forwards with its pinned
+    // maps, and its status and metrics show what they serve, not nothing.
+    world.etcd.stop()?;
+    world.cluster.terminate_agent(B)?;
+    let ttl = LEASE_TTL.to_string();
+    world
+        .cluster
+        .restart_agent(&lab, B, &[("OVL_LEASE_TTL", &ttl)])?;
+    let out = world.run(B, &["status", "--json"])?;
+    let status: Value = serde_json::from_str(&out).with_context(|| format!("status: {out}"))?;
+    ensure!(
+        status["store"]["reachable"] == false
+            && status["networks"] == 1
+            && status["local_endpoints"] == 1
+            && status["remote_endpoints"] == 1,
+        "B's status with etcd down: {status}"
+    );
+    world.etcd.restart(&lab)?;
+    world.stop()
+}

@@ -435,6 +435,16 @@ impl Agent {
                 Err(e) => log::warn!("{e}; applying the store's state once it answers"),
             }
         }
+        if self.state.is_none() {
+            // No state from the store yet: the pinned maps forward on, and
+            // the view (metrics, status) shows what they hold meanwhile.
+            match reconcile::publish_pinned(&self.view.identity.pin_dir, &self.memory, &self.view) {
+                Ok(n) => log::info!(
+                    "forwarding with the pinned state of {n} network(s) until the store answers"
+                ),
+                Err(e) => log::warn!("cannot read the pinned networks for the view: {e:#}"),
+            }
+        }
         // Routes and neighbours may have changed while no agent watched.
         self.forget_next_hops("agent start");
         let adopted = self.dp.adopt_links()?;

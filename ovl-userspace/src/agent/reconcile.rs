@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::Path,
 };
 
 use anyhow::Result;
@@ -16,7 +17,7 @@ use super::{
     view::{NetworkView, View},
 };
 use crate::{
-    datapath::{Datapath, SyncCount},
+    datapath::{self, Datapath, SyncCount},
     desired::{Desired, Plans},
     egress_nat,
     model::{Endpoint, Location, State},
@@ -167,6 +168,44 @@ fn publish(state: &State, plans: &Plans, view: &View) {
         live.revision = state.revision;
     });
     view.set_ready(ready);
+}
+
+/// Publishes the networks the pinned maps serve, before any state came
+/// from the store (an agent started while the store is unreachable): their
+/// names from the journal (`vni-N` for one it does not know), their
+/// endpoint counts from the endpoint map. Returns how many.
+pub fn publish_pinned(pin_dir: &Path, memory: &Memory, view: &View) -> Result<usize> {
+    let mut networks: BTreeMap<u32, NetworkView> = datapath::read_counters(pin_dir)?
+        .into_keys()
+        .filter(|vni| *vni != ovl_common::counters::UNATTRIBUTED_VNI)
+        .map(|vni| {
+            let name = memory
+                .networks
+                .get(&vni)
+                .cloned()
+                .unwrap_or_else(|| format!("vni-{vni}"));
+            (
+                vni,
+                NetworkView {
+                    name,
+                    vni,
+                    ..NetworkView::default()
+                },
+            )
+        })
+        .collect();
+    for (key, ep) in datapath::read_endpoints(pin_dir)? {
+        if let Some(n) = networks.get_mut(&key.vni) {
+            if ep.is_local() {
+                n.local_endpoints += 1;
+            } else {
+                n.remote_endpoints += 1;
+            }
+        }
+    }
+    let count = networks.len();
+    view.update(|live| live.networks = networks);
+    Ok(count)
 }
 
 /// Adds `node`'s endpoints in `state` to `memory` and forgets those whose
