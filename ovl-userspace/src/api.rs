@@ -66,7 +66,6 @@ pub struct Health {
     pub mode: String,
     pub pin_dir: PathBuf,
     pub store: StoreHealth,
-    /// Networks this node serves: those with an endpoint on it.
     pub networks: usize,
     pub local_endpoints: u64,
     pub remote_endpoints: u64,
@@ -192,17 +191,20 @@ struct StatsQuery {
     network: Option<String>,
 }
 
-/// Counter rows of every network the agent serves, by VNI order.
-pub fn network_rows(view: &View, network: Option<&str>) -> Result<Vec<NetworkStats>, ApiError> {
+/// Counter rows of every network the agent knows (`served_only`: of those
+/// with counters on this node, i.e. an endpoint here), by name.
+pub fn network_rows(
+    view: &View,
+    network: Option<&str>,
+    served_only: bool,
+) -> Result<Vec<NetworkStats>, ApiError> {
     let live = view.live();
     if let Some(want) = network
         && !live.networks.values().any(|n| n.name == want)
     {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!(
-                "no network named {want:?} on this node (a network has counters only where it has an endpoint); list networks with `ovl network ls`"
-            ),
+            format!("no network named {want:?} on this node; list networks with `ovl network ls`"),
         ));
     }
     let counters = datapath::read_counters(&view.identity.pin_dir)?;
@@ -210,6 +212,7 @@ pub fn network_rows(view: &View, network: Option<&str>) -> Result<Vec<NetworkSta
         .networks
         .values()
         .filter(|n| network.is_none_or(|want| want == n.name))
+        .filter(|n| !served_only || counters.contains_key(&n.vni))
         .map(|n| {
             let c = counters.get(&n.vni).copied().unwrap_or_default();
             NetworkStats {
@@ -227,7 +230,7 @@ async fn stats(
     q: Result<Query<StatsQuery>, QueryRejection>,
 ) -> Result<Json<Vec<NetworkStats>>, ApiError> {
     let Query(q) = q.map_err(bad_query)?;
-    Ok(Json(network_rows(&api.view, q.network.as_deref())?))
+    Ok(Json(network_rows(&api.view, q.network.as_deref(), false)?))
 }
 
 /// The node-wide counters of the agent behind `view`.

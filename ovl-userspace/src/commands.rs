@@ -508,7 +508,7 @@ pub async fn status(api_socket: &Path, node: &str, pin_root: &Path, json: bool) 
          underlay:   {} VTEP {}, decap {}\n\
          pins:       {}\n\
          store:      {} ({}, last sync {age}, revision {})\n\
-         networks:   {} served here (with an endpoint on this node)\n\
+         networks:   {}\n\
          endpoints:  {} local, {} remote",
         h.node,
         h.version,

@@ -224,7 +224,12 @@ pub fn render(view: &View) -> Result<String> {
         &["version", "node", "underlay", "decap_mode"],
     )?;
 
-    for row in network_rows(view, None).map_err(|e| anyhow::anyhow!("{e:?}"))? {
+    // Only the networks served here (with an endpoint, so counters, on
+    // this node): every network of the cluster on every node would be a
+    // series per network and node, nearly all zero.
+    let rows = network_rows(view, None, true).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let served: std::collections::BTreeSet<u32> = rows.iter().map(|r| r.vni).collect();
+    for row in &rows {
         let vni = row.vni.to_string();
         let l = [row.network.as_str(), vni.as_str()];
         tx_p.with_label_values(&l).inc_by(row.tx_packets);
@@ -255,7 +260,7 @@ pub fn render(view: &View) -> Result<String> {
     }
     dns_ns.set(view.dns.namespaces() as i64);
     let live = view.live();
-    for n in live.networks.values() {
+    for n in live.networks.values().filter(|n| served.contains(&n.vni)) {
         let vni = n.vni.to_string();
         eps.with_label_values(&[n.name.as_str(), vni.as_str(), "local"])
             .set(n.local_endpoints as i64);

@@ -132,16 +132,12 @@ pub fn reconcile(
     unhooked.map_or(Ok(()), Err)
 }
 
-/// Publishes what the maps now hold: the networks this node serves (those
-/// with an endpoint here: the others have no counters on this node, and
-/// exporting them would give every node a series per network of the
-/// cluster), their endpoint counts, and which local endpoints forward.
+/// Publishes what the maps now hold: network endpoint counts and which
+/// local endpoints forward.
 fn publish(state: &State, plans: &Plans, view: &View) {
-    let served: BTreeSet<u32> = plans.iter().map(|(_, plan)| plan.vni).collect();
     let mut networks: BTreeMap<u32, NetworkView> = state
         .networks
         .values()
-        .filter(|n| served.contains(&n.vni.get()))
         .map(|n| {
             let vni = n.vni.get();
             (
