@@ -167,7 +167,7 @@ pub fn health_of(view: &View) -> Health {
         pid: id.pid,
         uptime_seconds: view.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
         iface: id.iface.clone(),
-        vtep: id.vtep,
+        vtep: live.vtep.unwrap_or(id.vtep),
         mode: live.mode.clone(),
         pin_dir: id.pin_dir.clone(),
         store: StoreHealth {

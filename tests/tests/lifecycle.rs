@@ -498,3 +498,48 @@ fn an_endpoint_whose_namespace_was_deleted_without_disconnect_is_freed_after_the
     ensure!(ip2 == ip1, "address {ip1} not reused (got {ip2})");
     agent.stop()
 }
+
+#[test]
+fn a_new_underlay_address_under_a_running_agent_is_followed_by_every_node() -> Result<()> {
+    let lab = Lab::new("lc-readdr")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let Pair { c2, ip1, .. } = world.connected_pair(&lab, "uber-net")?;
+    let host_a = &world.hosts[0];
+    let old = host_a.addr;
+    let new = std::net::Ipv4Addr::new(192, 0, 2, 20);
+    ensure!(old != new, "host A already has {new}");
+
+    // Host A's address moves (DHCP, say): the new one first, then the old
+    // one goes, its subnet's routes kept.
+    let ns = &host_a.netns;
+    ns.exec(&["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])?;
+    ns.ip(&["addr", "add", &format!("{new}/24"), "dev", "eth0"])?;
+    ns.ip(&["addr", "del", &format!("{old}/24"), "dev", "eth0"])?;
+    let gateway = host_a.gateway.context("routed hosts have a gateway")?;
+    ns.ip(&["route", "replace", "default", "via", &gateway.to_string()])?;
+
+    // Every node learns A's new VTEP from the store, A's status shows it,
+    // and B's container reaches A's again.
+    wait_until(Duration::from_secs(10), || {
+        Ok(world
+            .nodes(1)?
+            .iter()
+            .any(|(n, vtep, _)| n == TwoHosts::NODES[0] && *vtep == new))
+    })
+    .with_context(|| format!("B never saw host-a at {new}: {:?}", world.nodes(1)))?;
+    let status: Value = serde_json::from_str(&world.run(0, &["status", "--json"])?)?;
+    ensure!(
+        status["vtep"] == new.to_string(),
+        "A's status after the move: {status}"
+    );
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c2, ip1, 1, &["-W", "1"])?.all_received())
+    })
+    .with_context(|| {
+        format!(
+            "B's container never reached A's again:\n{}",
+            world.agents[0].output_report()
+        )
+    })?;
+    world.stop()
+}

@@ -544,6 +544,8 @@ impl Agent {
             return;
         }
         let was = std::mem::replace(&mut self.underlay, now);
+        let vtep = self.underlay.addr;
+        self.view.update(|l| l.vtep = Some(vtep));
         let moved = self.write_node_config().and_then(|()| {
             if was.addr != self.underlay.addr {
                 self.next_hops = crate::next_hops::Resolver::new(&self.underlay)
@@ -570,7 +572,7 @@ impl Agent {
         }
         if was.addr != self.underlay.addr {
             log::warn!(
-                "`ovl status` and encrypted networks keep VTEP {} until the agent restarts (`ovl attach {iface}{}`)",
+                "encrypted networks keep VTEP {} until the agent restarts (`ovl attach {iface}{}`)",
                 was.addr,
                 node_flag(&self.node)
             );

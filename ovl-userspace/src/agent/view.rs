@@ -43,6 +43,9 @@ pub struct Live {
     /// Local endpoints whose address another endpoint took while this node
     /// was away (as of the last restore).
     pub address_conflicts: u64,
+    /// The underlay's address since it changed under the running agent
+    /// (none: still [`Identity::vtep`]).
+    pub vtep: Option<Ipv4Addr>,
 }
 
 /// Identity of the running agent, fixed at start.
