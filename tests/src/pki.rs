@@ -85,6 +85,11 @@ impl Ca {
         };
         std::fs::write(&files.cert, cert.pem())?;
         std::fs::write(&files.key, key.serialize_pem())?;
+        // Private keys are private: ovl refuses one others may read.
+        std::fs::set_permissions(
+            &files.key,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
         Ok(files)
     }
 }

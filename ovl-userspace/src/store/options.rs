@@ -82,9 +82,32 @@ impl EtcdAccess {
 }
 
 /// Reads a file named by option `option`, naming both on failure.
-pub fn read_secret(path: &Path, option: &str) -> Result<String, StoreError> {
+pub fn read_file(path: &Path, option: &str) -> Result<String, StoreError> {
     std::fs::read_to_string(path)
         .map_err(|e| StoreError::BadOption(format!("cannot read {option} {}: {e}", path.display())))
+}
+
+/// Reads a secret (a password file, a private key) named by option
+/// `option`, refusing one that others than its owner may read or that
+/// belongs to another user than this one or root: whoever reads it may
+/// change the cluster's state.
+pub fn read_secret(path: &Path, option: &str) -> Result<String, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        StoreError::BadOption(format!("cannot read {option} {}: {e}", path.display()))
+    })?;
+    let mode = meta.mode() & 0o777;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if mode & 0o077 != 0 || (meta.uid() != me && meta.uid() != 0) {
+        return Err(StoreError::BadOption(format!(
+            "{option} {} may be read by others (mode {mode:o}, owner uid {}): it holds a secret; \
+             `chown` it to this user and `chmod 600` it",
+            path.display(),
+            meta.uid()
+        )));
+    }
+    read_file(path, option)
 }
 
 impl StoreUrl {
@@ -100,6 +123,13 @@ impl StoreUrl {
         };
         if !ok {
             return Err(unsupported());
+        }
+        if scheme != "file" && location.contains('@') {
+            // Not repeated: `user:password@host` would show the password.
+            return Err(StoreError::BadOption(format!(
+                "credentials never go in the store URL (they would show in process lists, logs \
+                 and errors): pass --etcd-user and set {PASSWORD_ENV} or pass --etcd-password-file FILE"
+            )));
         }
         let mut options = StoreOptions::default();
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -207,6 +237,39 @@ pub fn with_options(url: &str, options: &StoreOptions) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_the_url_are_refused_without_repeating_them() {
+        for url in [
+            "etcd://ovl:hunter2@192.0.2.1:2379",
+            "etcds://ovl:hunter2@h:2379",
+        ] {
+            let e = StoreUrl::parse(url).unwrap_err().to_string();
+            assert!(
+                !e.contains("hunter2") && e.contains(PASSWORD_ENV),
+                "{url}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_secret_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::testutil::TestDir::new("secret-mode");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let access = EtcdAccess {
+            user: Some("u".into()),
+            password_file: Some(pw.clone()),
+            ..EtcdAccess::default()
+        };
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = access.password().unwrap_err().to_string();
+        assert!(e.contains("chmod 600") && !e.contains("s3cret"), "{e}");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(access.password().unwrap(), "s3cret");
+    }
 
     #[test]
     fn options_from_flags_travel_in_the_url_and_parse_back() {

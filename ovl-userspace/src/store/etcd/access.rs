@@ -8,7 +8,7 @@ use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
 use crate::store::{
     StoreError, StoreUrl,
-    options::{EtcdAccess, read_secret},
+    options::{EtcdAccess, read_file, read_secret},
 };
 
 /// The client's connection options for `url`: keep-alives, a leader
@@ -35,15 +35,13 @@ pub fn connect_options(url: &StoreUrl) -> Result<ConnectOptions, StoreError> {
 fn tls(access: &EtcdAccess) -> Result<TlsOptions, StoreError> {
     let mut tls = TlsOptions::new();
     tls = match &access.cacert {
-        Some(path) => {
-            tls.ca_certificate(Certificate::from_pem(read_secret(path, "--etcd-cacert")?))
-        }
+        Some(path) => tls.ca_certificate(Certificate::from_pem(read_file(path, "--etcd-cacert")?)),
         // No CA given: the system's trusted roots.
         None => tls.with_native_roots(),
     };
     if let (Some(cert), Some(key)) = (&access.cert, &access.key) {
         tls = tls.identity(Identity::from_pem(
-            read_secret(cert, "--etcd-cert")?,
+            read_file(cert, "--etcd-cert")?,
             read_secret(key, "--etcd-key")?,
         ));
     }
