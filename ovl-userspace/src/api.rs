@@ -15,7 +15,7 @@ use std::{
     collections::BTreeMap,
     io::ErrorKind,
     net::Ipv4Addr,
-    os::unix::fs::{FileTypeExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -364,11 +364,40 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("inspect {}", path.display())),
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("listen on the API socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restrict {} to its owner", path.display()))?;
-    Ok(listener)
+    // Made in a directory only this user may enter, restricted there, then
+    // moved into place: under its name the socket never has a looser mode
+    // (whatever the umask), and no symlink swapped in between bind and
+    // chmod can turn the chmod onto another file.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no socket file", path.display()))?;
+    let staging = dir.join(format!(
+        ".{}.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    // Left by a killed start of this same pid (a reused pid): ours to go.
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .with_context(|| format!("create {}", staging.display()))?;
+    let tmp = staging.join("socket");
+    let bound = (|| {
+        let listener = UnixListener::bind(&tmp)
+            .with_context(|| format!("listen on the API socket {}", path.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restrict {} to its owner", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("move the API socket into place at {}", path.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
 }
 
 /// Serves `api` on `listener` until the task is dropped.
@@ -544,6 +573,27 @@ mod tests {
             }
         });
         path
+    }
+
+    #[tokio::test]
+    async fn the_socket_appears_only_private_and_leaves_nothing_beside_it() {
+        let dir = crate::testutil::TestDir::new("api-bind");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = bind(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let beside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(beside, vec![std::ffi::OsString::from("agent.sock")]);
+        // It answers under its final name.
+        let (accepted, connected) =
+            tokio::join!(listener.accept(), tokio::net::UnixStream::connect(&path));
+        accepted.unwrap();
+        connected.unwrap();
     }
 
     #[tokio::test]
