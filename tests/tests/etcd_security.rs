@@ -224,41 +224,20 @@ fn etcd_with_authentication_needs_the_right_user_and_password() -> Result<()> {
     ensure!(ok, "network create with a login: {stderr}");
     let file = lab.tempdir().join("etcd-password");
     std::fs::write(&file, "s3cret\n")?;
+    let shown = file.display().to_string();
+    let with_password_file = |command: &[&str]| {
+        let mut args = vec!["--etcd-user", "ovl", "--etcd-password-file", &shown];
+        args.extend_from_slice(command);
+        attempt(&ovl, host, &[], &args)
+    };
     // Readable by others, it is refused, saying so.
-    let shown = &*file.display().to_string();
-    let (ok, stderr) = attempt(
-        &ovl,
-        host,
-        &[],
-        &[
-            "--etcd-user",
-            "ovl",
-            "--etcd-password-file",
-            shown,
-            "network",
-            "ls",
-        ],
-    )?;
+    let (ok, stderr) = with_password_file(&["network", "ls"])?;
     ensure!(
         !ok && stderr.contains("chmod 600") && !stderr.contains("s3cret"),
         "a password file of mode 644: {stderr}"
     );
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let file = &*file.display().to_string();
-    let (ok, stderr) = attempt(
-        &ovl,
-        host,
-        &[],
-        &[
-            "--etcd-user",
-            "ovl",
-            "--etcd-password-file",
-            file,
-            "network",
-            "inspect",
-            "blue",
-        ],
-    )?;
+    let (ok, stderr) = with_password_file(&["network", "inspect", "blue"])?;
     ensure!(ok, "inspect with a password file: {stderr}");
 
     agent_stays_alive(&lab, &ovl, host, &login)

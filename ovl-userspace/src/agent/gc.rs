@@ -150,18 +150,25 @@ mod tests {
     use super::*;
     use crate::model::{ContainerSpec, NetworkSpec};
 
-    #[test]
-    fn an_endpoint_is_collected_only_after_its_grace_and_only_while_abandoned() {
+    /// Network blue with node a's container in namespace `netns`: the state
+    /// and what connected it.
+    fn one_container(netns: &str) -> (State, ContainerSpec) {
         let mut s = State::default();
         s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
             .unwrap();
-        s.add_container(ContainerSpec {
+        let spec = ContainerSpec {
             network: "blue".into(),
             node: "a".into(),
-            netns: "/nonexistent/ovl-gc-test".into(),
+            netns: netns.into(),
             ..ContainerSpec::default()
-        })
-        .unwrap();
+        };
+        s.add_container(spec.clone()).unwrap();
+        (s, spec)
+    }
+
+    #[test]
+    fn an_endpoint_is_collected_only_after_its_grace_and_only_while_abandoned() {
+        let (mut s, _) = one_container("/nonexistent/ovl-gc-test");
         let mut docker = s.endpoints[0].clone();
         docker.ip = Ipv4Addr::new(198, 18, 0, 9);
         docker.owner = Some("docker:abc".into());
@@ -194,16 +201,8 @@ mod tests {
         // Namespace c1 went away without a disconnect; its endpoint A is
         // found abandoned past its grace.
         let netns = "/nonexistent/ovl-gc-reused";
-        let mut s = State::default();
-        s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
-            .unwrap();
-        let spec = ContainerSpec {
-            network: "blue".into(),
-            node: "a".into(),
-            netns: netns.into(),
-            ..ContainerSpec::default()
-        };
-        let a = s.add_container(spec.clone()).unwrap();
+        let (mut s, spec) = one_container(netns);
+        let a = s.endpoints[0].clone();
         let mut gc = Collector::new(Duration::ZERO);
         let (due, _) = gc.scan(&s, "a", Instant::now(), &|_| None);
         assert_eq!(due, vec![a.clone()]);
@@ -222,16 +221,7 @@ mod tests {
 
     #[test]
     fn an_endpoint_handed_out_is_due_again_after_a_while_until_it_is_gone() {
-        let mut s = State::default();
-        s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
-            .unwrap();
-        s.add_container(ContainerSpec {
-            network: "blue".into(),
-            node: "a".into(),
-            netns: "/nonexistent/ovl-gc-retry".into(),
-            ..ContainerSpec::default()
-        })
-        .unwrap();
+        let (mut s, _) = one_container("/nonexistent/ovl-gc-retry");
         let mut gc = Collector::new(Duration::from_secs(10));
         let no_veth = |_: &str| None;
         let t0 = Instant::now();
@@ -254,17 +244,8 @@ mod tests {
 
     #[test]
     fn unchanged_candidates_are_looked_at_again_only_after_a_while() {
-        let mut s = State::default();
-        s.create_network(NetworkSpec::new("blue", "198.18.0.0/24".parse().unwrap()))
-            .unwrap();
         // A namespace that exists: not abandoned, only a candidate.
-        s.add_container(ContainerSpec {
-            network: "blue".into(),
-            node: "a".into(),
-            netns: "/proc/self/ns/net".into(),
-            ..ContainerSpec::default()
-        })
-        .unwrap();
+        let (s, _) = one_container("/proc/self/ns/net");
         let mut gc = Collector::new(Duration::from_secs(10));
         let t0 = Instant::now();
         gc.scan(&s, "a", t0, &|_| None);
