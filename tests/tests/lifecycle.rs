@@ -543,3 +543,40 @@ fn a_new_underlay_address_under_a_running_agent_is_followed_by_every_node() -> R
     })?;
     world.stop()
 }
+
+#[test]
+fn a_network_made_on_a_freed_vni_while_the_agent_was_down_counts_from_zero() -> Result<()> {
+    let lab = Lab::new("lc-vnireuse")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let Pair { c1, c2, ip2, .. } = world.connected_pair(&lab, "blue")?;
+    let r = ping(&c1, ip2, 5, &["-i", "0.1", "-W", "1"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    let blue = world.counters(0, "blue")?;
+    ensure!(blue.tx_packets >= 5, "blue counted nothing on A: {blue:?}");
+    let vni = world.inspect(0, "blue")?["vni"]
+        .as_u64()
+        .context("blue's VNI")?
+        .to_string();
+
+    // While A's agent is down, blue goes and green is made on its VNI.
+    world.kill_agent(0)?;
+    world.run(0, &["disconnect", "blue", c1.name()])?;
+    world.run(1, &["disconnect", "blue", c2.name()])?;
+    world.run(0, &["network", "rm", "blue"])?;
+    world.ovl.create_network(
+        &world.hosts[0].netns,
+        "green",
+        "198.18.1.0/24",
+        &["--vni", &vni],
+    )?;
+    let (_c3, _) = world.container(&lab, 0, "green", "c3")?;
+    world.restart_agent(&lab, 0, &[])?;
+
+    // Green's counters are its own, not blue's.
+    let green = world.counters(0, "green")?;
+    ensure!(
+        green.tx_packets == 0 && green.rx_packets == 0,
+        "green on VNI {vni} starts with blue's counts: {green:?} (blue had {blue:?})"
+    );
+    world.stop()
+}

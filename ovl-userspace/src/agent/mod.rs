@@ -656,6 +656,7 @@ impl Agent {
             &self.view,
             &mut self.host_ends,
             &|name| ifindexes.get(name),
+            &self.memory.networks,
         );
         // Half written: the maps may differ from the plans anywhere.
         self.needs_whole = applied.is_err();

@@ -29,7 +29,9 @@ use crate::{
 /// `state`, and publishes the result in `view`. Only the networks `dirty`
 /// covers are planned again (`plans` keeps the others'), and only their
 /// endpoint entries compared with the map. `ifindex_of` resolves a host
-/// interface name.
+/// interface name; `known_names` are the networks' names by VNI as the
+/// journal last recorded them (a VNI now another network's gets its
+/// counters anew).
 #[allow(clippy::too_many_arguments)]
 pub fn reconcile(
     dp: &mut Datapath,
@@ -41,6 +43,7 @@ pub fn reconcile(
     view: &View,
     host_ends: &mut HostEnds,
     ifindex_of: &dyn Fn(&str) -> Option<u32>,
+    known_names: &BTreeMap<u32, String>,
 ) -> Result<()> {
     let touched = plans.update(state, node, underlay.addr, ifindex_of, dirty);
     if dirty.is_empty() {
@@ -64,7 +67,13 @@ pub fn reconcile(
     }
     // Counters and networks first, endpoints last: a packet never finds an
     // endpoint whose network has no counters.
-    let slots = dp.sync_stats(want.networks.keys().copied())?;
+    let names: BTreeMap<u32, String> = state
+        .networks
+        .values()
+        .filter(|n| want.networks.contains_key(&n.vni.get()))
+        .map(|n| (n.vni.get(), n.name.clone()))
+        .collect();
+    let slots = dp.sync_stats(&names, known_names)?;
     want.set_stats_slots(&slots);
     dp.sync_networks(&want.networks)?;
     dp.sync_vteps(&want.vteps)?;

@@ -148,6 +148,10 @@ pub struct Datapath {
     /// VNI → slot of `OVL_STATS`, as the last [`sync_stats`](Self::sync_stats)
     /// assigned them; read from `OVL_NETWORKS` on the first.
     stats_slots: Option<BTreeMap<u32, u32>>,
+    /// VNI → name of the network each slot counts, as the last
+    /// [`sync_stats`](Self::sync_stats) left them; on the first, what the
+    /// caller knows of the previous agent's.
+    slot_networks: Option<BTreeMap<u32, String>>,
 }
 
 impl Datapath {
@@ -196,6 +200,7 @@ impl Datapath {
             map_names: compat::pinned_map_names(&object)?,
             shadow: shadow::Shadow::default(),
             stats_slots: None,
+            slot_networks: None,
         };
         // Reused maps may be in an epoch whose verdicts programs of another
         // build cached; a fresh map's 0 would keep the caches off.
@@ -709,17 +714,34 @@ impl Datapath {
         self.synced(name, outcome)
     }
 
-    /// Gives every VNI in `vnis` a slot of `OVL_STATS`: a network this
-    /// node served already keeps its slot and counts (also across agent
-    /// restarts: the slots are read back from `OVL_NETWORKS`), a new one
-    /// gets a free slot, zeroed. Returns VNI → slot, for the entries that
-    /// carry it (networks, VTEPs, interfaces); write those after this.
-    pub fn sync_stats(&mut self, vnis: impl Iterator<Item = u32>) -> Result<BTreeMap<u32, u32>> {
-        let held = match self.stats_slots.take() {
+    /// Gives every network of `networks` (VNI → name) a slot of
+    /// `OVL_STATS`: a network this node served already keeps its slot and
+    /// counts (also across agent restarts: the slots are read back from
+    /// `OVL_NETWORKS`), a new one gets a free slot, zeroed — and so does a
+    /// VNI that now belongs to another network than its slot counted
+    /// (`before`: VNI → name as the previous agent knew them, used on the
+    /// first call). Returns VNI → slot, for the entries that carry it
+    /// (networks, VTEPs, interfaces); write those after this.
+    pub fn sync_stats(
+        &mut self,
+        networks: &BTreeMap<u32, String>,
+        before: &BTreeMap<u32, String>,
+    ) -> Result<BTreeMap<u32, u32>> {
+        let mut held = match self.stats_slots.take() {
             Some(held) => held,
             None => self.held_stats_slots()?,
         };
-        let want: BTreeSet<u32> = vnis.collect();
+        let counted = self.slot_networks.take().unwrap_or_else(|| before.clone());
+        for vni in slots::renewed(&counted, networks) {
+            log::info!(
+                "VNI {vni} now belongs to network {}, not {}: its counters start again",
+                networks[&vni],
+                counted[&vni]
+            );
+            held.remove(&vni);
+        }
+        self.slot_networks = Some(networks.clone());
+        let want: BTreeSet<u32> = networks.keys().copied().collect();
         let (slots, fresh) = slots::assign(&held, &want).with_context(|| {
             format!(
                 "{} networks on this node, more than the {} counter slots of OVL_STATS",

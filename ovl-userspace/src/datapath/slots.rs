@@ -39,9 +39,33 @@ pub fn assign(
     Some((slots, fresh))
 }
 
+/// The networks of `want` (VNI → name) whose VNI's slot counted another
+/// network (`counted`: VNI → name of what it counted): a network removed
+/// and another made on its VNI while no agent ran, or within one apply.
+/// Their slots are given anew, zeroed, as for a new network. A VNI whose
+/// former network is unknown keeps its slot.
+pub fn renewed(counted: &BTreeMap<u32, String>, want: &BTreeMap<u32, String>) -> BTreeSet<u32> {
+    want.iter()
+        .filter(|(vni, name)| counted.get(vni).is_some_and(|was| was != *name))
+        .map(|(vni, _)| *vni)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vni_that_now_belongs_to_another_network_is_renewed() {
+        let counted = BTreeMap::from([(100, "blue".to_owned()), (200, "red".to_owned())]);
+        let want = BTreeMap::from([
+            (100, "green".to_owned()),
+            (200, "red".to_owned()),
+            (300, "new".to_owned()),
+        ]);
+        assert_eq!(renewed(&counted, &want), BTreeSet::from([100]));
+        assert!(renewed(&BTreeMap::new(), &want).is_empty());
+    }
 
     #[test]
     fn networks_keep_their_slots_and_new_ones_take_slots_nobody_held() {

@@ -288,7 +288,8 @@ impl Fixture {
 /// derived from it: the remote VTEP's (with `remote_vtep_flags`) and the two
 /// local containers' interfaces.
 fn write_network(datapath: &mut Datapath, flags: u32, remote_vtep_flags: u32) -> Result<()> {
-    let stats_slot = datapath.sync_stats([VNI].into_iter())?[&VNI];
+    let networks = std::collections::BTreeMap::from([(VNI, "golden".to_owned())]);
+    let stats_slot = datapath.sync_stats(&networks, &networks)?[&VNI];
     let network = NetworkInfo {
         mtu: OVERLAY_MTU,
         flags,
