@@ -317,20 +317,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::agent::view::Identity;
 
     async fn server() -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (view, _kicks) = View::new(Identity {
-            node: "n1".into(),
-            version: "test".into(),
-            pid: 1,
-            iface: "eth0".into(),
-            vtep: std::net::Ipv4Addr::new(192, 0, 2, 10),
-            pin_dir: "/nonexistent".into(),
-            store: "file:///nonexistent".into(),
-        });
+        let (view, _kicks) = View::unattached();
         tokio::spawn(serve(listener, view));
         addr
     }

@@ -7,6 +7,7 @@
 //! and traffic only between namespaces the lab made. Requires root.
 
 mod binary;
+pub mod bpf;
 mod cluster;
 mod cmd;
 mod cni;

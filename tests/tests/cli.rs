@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{Host, Lab, Netns, Ovl, Pair, TwoHosts, ping, wait_until};
+use ovl_tests::{Host, Lab, Netns, Ovl, Pair, TwoHosts, bpf, ping, wait_until};
 
 /// One host ("host-a") with network uber-net and container c1 connected
 /// to it; returns the host, the container and its address.
@@ -272,29 +272,11 @@ fn detach_cleans_up_after_a_killed_agent_and_a_new_one_takes_over() -> Result<()
 /// tool (or an older ovl) would, and pins it in a bpffs of the lab's: its
 /// pin's path.
 fn xdp_pass_program(lab: &Lab, name: &str) -> Result<std::path::PathBuf> {
+    const XDP_PASS: i32 = 2;
     let pin = lab.bpffs()?.join(name);
-    // bpf(BPF_PROG_LOAD) of `r0 = XDP_PASS; exit`, then bpf(BPF_OBJ_PIN).
-    let script = format!(
-        "import ctypes, struct\n\
-         libc = ctypes.CDLL(None, use_errno=True)\n\
-         SYS_BPF = 321\n\
-         insns = bytes.fromhex('b700000002000000' '9500000000000000')\n\
-         code = ctypes.create_string_buffer(insns, len(insns))\n\
-         lic = ctypes.create_string_buffer(b'GPL')\n\
-         attr = ctypes.create_string_buffer(128)\n\
-         struct.pack_into('<IIQQ', attr, 0, 6, 2, ctypes.addressof(code), ctypes.addressof(lic))\n\
-         name = b'{name}'[:15] + b'\\0'\n\
-         attr[48:48 + len(name)] = name\n\
-         fd = libc.syscall(SYS_BPF, 5, attr, 128)\n\
-         assert fd >= 0, 'BPF_PROG_LOAD: errno %d' % ctypes.get_errno()\n\
-         path = ctypes.create_string_buffer(b'{}')\n\
-         attr = ctypes.create_string_buffer(128)\n\
-         struct.pack_into('<QI', attr, 0, ctypes.addressof(path), fd)\n\
-         assert libc.syscall(SYS_BPF, 6, attr, 128) == 0, 'BPF_OBJ_PIN: errno %d' % ctypes.get_errno()\n",
-        pin.display()
-    );
-    ovl_tests::run(&["python3", "-c", &script])
+    let prog = bpf::load_trivial(bpf::ProgramKind::Xdp, name, XDP_PASS)
         .with_context(|| format!("load an XDP program called {name}"))?;
+    bpf::pin(&prog, &pin)?;
     Ok(pin)
 }
 

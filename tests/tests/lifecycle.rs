@@ -6,13 +6,13 @@
 //! older agent made get the offload settings of this one.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    BackgroundPing, Lab, Pair, TwoHosts, dump_endpoints, iperf3_server, ping, upgrade_object,
+    BackgroundPing, Lab, Pair, TwoHosts, bpf, dump_endpoints, iperf3_server, ping, upgrade_object,
     wait_until,
 };
 use serde_json::Value;
@@ -201,27 +201,8 @@ fn containers_that_came_and_went_while_the_agent_was_down_are_forwarded_within_a
 /// lookup and its attach does, but every time. The links last as long as
 /// the descriptors returned.
 fn fill_tcx_ingress(ns: &ovl_tests::Netns, ifname: &str) -> Result<Vec<OwnedFd>> {
-    // Raw bpf(2) attribute layouts (union bpf_attr).
-    const BPF_PROG_LOAD: libc::c_long = 5;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-    const BPF_TCX_INGRESS: u32 = 46;
     const MAX_PROGS: usize = 63;
-    fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
-        // SAFETY: `attr` is a zeroed bpf_attr of the size passed, the
-        // pointers in it live until the call returns.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: the kernel returned a new descriptor we now own.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-    // r0 = -1 (TCX_NEXT); exit.
-    let insns: [u8; 16] = [
-        0xb7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x95, 0, 0, 0, 0, 0, 0, 0,
-    ];
-    let license = c"GPL";
+    const TCX_NEXT: i32 = -1;
     let name = CString::new(ifname)?;
     ns.run_inside(|| {
         // SAFETY: a NUL-terminated name.
@@ -229,17 +210,8 @@ fn fill_tcx_ingress(ns: &ovl_tests::Netns, ifname: &str) -> Result<Vec<OwnedFd>>
         ensure!(ifindex != 0, "no {ifname} in {ns}");
         let mut links = Vec::new();
         for _ in 0..MAX_PROGS {
-            let mut load = [0u8; 128];
-            load[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
-            load[4..8].copy_from_slice(&2u32.to_ne_bytes());
-            load[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-            load[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-            let prog = bpf(BPF_PROG_LOAD, &mut load).context("load a TC program")?;
-            let mut link = [0u8; 128];
-            link[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
-            link[4..8].copy_from_slice(&ifindex.to_ne_bytes());
-            link[8..12].copy_from_slice(&BPF_TCX_INGRESS.to_ne_bytes());
-            links.push(bpf(BPF_LINK_CREATE, &mut link).context("attach to TCX ingress")?);
+            let prog = bpf::load_trivial(bpf::ProgramKind::SchedCls, "next", TCX_NEXT)?;
+            links.push(bpf::link_tcx_ingress(&prog, ifindex)?);
         }
         Ok(links)
     })?

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    CONTAINER_IFACE, HOST_IFACE, Lab, Netns, OVERLAY_MTU, TwoHosts, UNDERLAY_MTU, dump_node_config,
-    ping, wait_until,
+    CONTAINER_IFACE, HOST_IFACE, Lab, NetCounters, Netns, OVERLAY_MTU, TwoHosts, UNDERLAY_MTU,
+    dump_node_config, ping, wait_until,
 };
 
 /// IPv4 (20) + ICMP (8) header bytes in front of a ping payload.
@@ -95,22 +95,8 @@ fn oversized_frame_is_dropped_as_too_big() -> Result<()> {
         .ip(&["link", "set", &host_end, "mtu", "1500"])?;
     c1.ip(&["link", "set", CONTAINER_IFACE, "mtu", "1500"])?;
 
-    const N: u64 = 5;
     // 1450 bytes of payload: a 1478-byte packet, 1528 once encapsulated.
-    let before = world.counters(0, "uber-net")?;
-    let r = ping(
-        &c1,
-        ip2,
-        N as u32,
-        &["-M", "do", "-s", "1450", "-i", "0.05", "-W", "1"],
-    )?;
-    ensure!(r.received == 0, "an oversized frame crossed:\n{}", r.output);
-    let after = world.counters(0, "uber-net")?;
-    ensure!(
-        after.too_big - before.too_big == N,
-        "too_big moved by {}, expected {N}: {before:?} -> {after:?}",
-        after.too_big - before.too_big
-    );
+    let (before, after) = dropped_as_too_big(&world, &c1, ip2, 5, 1450)?;
     ensure!(
         after.tx_packets == before.tx_packets,
         "oversized frames were encapsulated: {before:?} -> {after:?}"
@@ -173,21 +159,7 @@ fn underlay_mtu_lowered_under_a_running_agent_reaches_store_and_data_path() -> R
     // And the programs act on it: what filled 1500 bytes on the wire no
     // longer fits and is dropped as too big; what fits 1400 crosses.
     const N: u64 = 3;
-    let largest = LARGEST_PAYLOAD.to_string();
-    let counted = world.counters(0, "uber-net")?;
-    let r = ping(
-        &c1,
-        ip2,
-        N as u32,
-        &["-M", "do", "-s", &largest, "-i", "0.2", "-W", "1"],
-    )?;
-    ensure!(r.received == 0, "a 1500-byte frame crossed:\n{}", r.output);
-    let now = world.counters(0, "uber-net")?;
-    ensure!(
-        now.too_big - counted.too_big == N,
-        "too_big moved by {}, expected {N}: {counted:?} -> {now:?}",
-        now.too_big - counted.too_big
-    );
+    dropped_as_too_big(&world, &c1, ip2, N, LARGEST_PAYLOAD)?;
     let fitting = (LOWER - (UNDERLAY_MTU - OVERLAY_MTU) - ICMP_HEADERS).to_string();
     let r = ping(
         &c1,
@@ -201,6 +173,37 @@ fn underlay_mtu_lowered_under_a_running_agent_reaches_store_and_data_path() -> R
         r.output
     );
     world.stop()
+}
+
+/// `n` DF pings of `payload` bytes from `c1` to `ip2`, none of which may
+/// cross: each counted `too_big` on host A. The counters before and after.
+fn dropped_as_too_big(
+    world: &TwoHosts,
+    c1: &Netns,
+    ip2: std::net::Ipv4Addr,
+    n: u64,
+    payload: u32,
+) -> Result<(NetCounters, NetCounters)> {
+    let before = world.counters(0, "uber-net")?;
+    let size = payload.to_string();
+    let r = ping(
+        c1,
+        ip2,
+        n as u32,
+        &["-M", "do", "-s", &size, "-i", "0.05", "-W", "1"],
+    )?;
+    ensure!(
+        r.received == 0,
+        "a {payload}-byte payload crossed:\n{}",
+        r.output
+    );
+    let after = world.counters(0, "uber-net")?;
+    ensure!(
+        after.too_big - before.too_big == n,
+        "too_big moved by {}, expected {n}: {before:?} -> {after:?}",
+        after.too_big - before.too_big
+    );
+    Ok((before, after))
 }
 
 /// The name, in `host`, of the host end of `container`'s eth0 veth.

@@ -89,6 +89,21 @@ impl View {
         (Arc::new(view), kicks)
     }
 
+    /// The view of an agent that runs nowhere (node n1 on eth0, no pins,
+    /// no store), for unit tests of what reads a view.
+    #[cfg(test)]
+    pub fn unattached() -> (Arc<View>, mpsc::Receiver<()>) {
+        View::new(Identity {
+            node: "n1".into(),
+            version: "test".into(),
+            pid: 1,
+            iface: "eth0".into(),
+            vtep: Ipv4Addr::new(192, 0, 2, 10),
+            pin_dir: "/nonexistent".into(),
+            store: "file:///nonexistent".into(),
+        })
+    }
+
     /// A copy of the live part.
     pub fn live(&self) -> Live {
         self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
