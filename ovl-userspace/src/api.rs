@@ -86,19 +86,12 @@ pub struct StoreHealth {
 #[derive(Clone)]
 pub struct AgentApi {
     view: Arc<View>,
-    crypto: Option<CryptoHandle>,
 }
 
 impl AgentApi {
     /// The API of the agent whose view is `view`.
     pub fn new(view: Arc<View>) -> AgentApi {
-        AgentApi { view, crypto: None }
-    }
-
-    /// Serves the encrypting path's report and key rotation too.
-    pub fn with_crypto(mut self, crypto: Option<CryptoHandle>) -> AgentApi {
-        self.crypto = crypto;
-        self
+        AgentApi { view }
     }
 
     fn router(self) -> Router {
@@ -249,8 +242,8 @@ async fn underlay(State(api): State<AgentApi>) -> Result<Json<UnderlayStats>, Ap
     Ok(Json(underlay_of(&api.view)?))
 }
 
-fn crypto_of(api: &AgentApi) -> Result<&CryptoHandle, ApiError> {
-    api.crypto.as_ref().ok_or_else(|| {
+fn crypto_of(api: &AgentApi) -> Result<CryptoHandle, ApiError> {
+    api.view.crypto().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "this agent has no encrypting path (see its log for why); encrypted networks drop their packets (no_key) on this node",
@@ -270,7 +263,7 @@ pub struct Rotated {
 }
 
 async fn crypto_rotate(State(api): State<AgentApi>) -> Result<Json<Rotated>, ApiError> {
-    let crypto = crypto_of(&api)?.clone();
+    let crypto = crypto_of(&api)?;
     let key = tokio::task::spawn_blocking(move || crypto.rotate())
         .await
         .map_err(|e| anyhow::anyhow!("rotation task: {e}"))??;

@@ -156,7 +156,7 @@ pub fn ifname(ifindex: u32) -> Option<String> {
 }
 
 /// What the agent needs to know of the underlay interface.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Underlay {
     pub name: String,
     pub ifindex: u32,

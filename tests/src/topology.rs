@@ -57,6 +57,39 @@ pub struct Host {
     pub gateway: Option<Ipv4Addr>,
 }
 
+impl Host {
+    /// Moves the host's underlay address to `new` in its subnet (DHCP,
+    /// say): the new one first, then the old one goes, the default route
+    /// kept. Returns a host whose `addr` is the new one.
+    pub fn move_address(&self, new: Ipv4Addr) -> Result<Host> {
+        ensure!(new != self.addr, "{} has {new} already", self.netns);
+        let ns = &self.netns;
+        let iface = format!("net.ipv4.conf.{}.promote_secondaries", self.iface);
+        ns.sysctl(&iface, "1")?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &cidr(new, self.prefix_len),
+            "dev",
+            &self.iface,
+        ])?;
+        ns.ip(&[
+            "addr",
+            "del",
+            &cidr(self.addr, self.prefix_len),
+            "dev",
+            &self.iface,
+        ])?;
+        if let Some(gateway) = self.gateway {
+            ns.ip(&["route", "replace", "default", "via", &gateway.to_string()])?;
+        }
+        Ok(Host {
+            addr: new,
+            ..self.clone()
+        })
+    }
+}
+
 impl Lab {
     /// Builds `n` (1..=3) hosts, each on its own /24 behind one forwarding
     /// router namespace: host 0 is 192.0.2.10 (router .1), host 1

@@ -674,6 +674,56 @@ fn a_host_joining_later_reaches_the_first_two_on_the_encrypted_network() -> Resu
 }
 
 #[test]
+fn an_encrypted_network_follows_its_host_to_a_new_underlay_address() -> Result<()> {
+    let lab = Lab::new("crypt-move")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let ([(a, a_ip), (b, b_ip)], [(_, open_a), (open_b, _)]) = (nets.secret, nets.open);
+    wait_for_ping(&b, a_ip)?;
+
+    // Host A's address moves under its running agent.
+    let new = Ipv4Addr::new(192, 0, 2, 20);
+    world.hosts[0].move_address(new)?;
+
+    // The encrypted network carries on between the new address and B, as
+    // WireGuard: B's peer for host-a is at the new address, with a
+    // handshake since the move, and A's agent reports its restarted path.
+    wait_for_ping(&open_b, open_a)?;
+    wait_for_ping(&b, a_ip)
+        .and_then(|()| wait_for_ping(&a, b_ip))
+        .with_context(|| {
+            format!(
+                "the encrypted network did not carry on after the move:\n{}",
+                world.agents[0].output_report()
+            )
+        })?;
+    let peer_a = crypto(&world, 1)?["peers"]
+        .as_array()
+        .context("B's peers")?
+        .iter()
+        .find(|p| p["node"] == "host-a")
+        .cloned()
+        .context("B has no peer host-a")?;
+    ensure!(
+        peer_a["endpoint"] == format!("{new}:{WG_PORT}")
+            && peer_a["last_handshake_seconds"].as_f64().is_some(),
+        "B's peer host-a after the move: {peer_a}"
+    );
+    let peer_b = crypto(&world, 0)?["peers"]
+        .as_array()
+        .context("A's peers")?
+        .iter()
+        .find(|p| p["node"] == "host-b")
+        .cloned()
+        .context("A's restarted path has no peer host-b")?;
+    ensure!(
+        peer_b["last_handshake_seconds"].as_f64().is_some(),
+        "A's peer host-b after the move: {peer_b}"
+    );
+    world.stop()
+}
+
+#[test]
 fn killed_agent_fails_closed_dropping_and_counting_and_sending_nothing_in_clear() -> Result<()> {
     let lab = Lab::new("crypt-kill")?;
     let mut world = TwoHosts::start(&lab, "tc")?;

@@ -476,19 +476,9 @@ fn a_new_underlay_address_under_a_running_agent_is_followed_by_every_node() -> R
     let lab = Lab::new("lc-readdr")?;
     let world = TwoHosts::start(&lab, "auto")?;
     let Pair { c2, ip1, .. } = world.connected_pair(&lab, "uber-net")?;
-    let host_a = &world.hosts[0];
-    let old = host_a.addr;
+    // Host A's address moves (DHCP, say).
     let new = std::net::Ipv4Addr::new(192, 0, 2, 20);
-    ensure!(old != new, "host A already has {new}");
-
-    // Host A's address moves (DHCP, say): the new one first, then the old
-    // one goes, its subnet's routes kept.
-    let ns = &host_a.netns;
-    ns.exec(&["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])?;
-    ns.ip(&["addr", "add", &format!("{new}/24"), "dev", "eth0"])?;
-    ns.ip(&["addr", "del", &format!("{old}/24"), "dev", "eth0"])?;
-    let gateway = host_a.gateway.context("routed hosts have a gateway")?;
-    ns.ip(&["route", "replace", "default", "via", &gateway.to_string()])?;
+    world.hosts[0].move_address(new)?;
 
     // Every node learns A's new VTEP from the store, A's status shows it,
     // and B's container reaches A's again.
@@ -513,6 +503,69 @@ fn a_new_underlay_address_under_a_running_agent_is_followed_by_every_node() -> R
             world.agents[0].output_report()
         )
     })?;
+    world.stop()
+}
+
+#[test]
+fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
+    let lab = Lab::new("lc-remade")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let Pair { c1, ip1, c2, ip2 } = world.connected_pair(&lab, "uber-net")?;
+    let r = ping(&c2, ip1, 3, &["-i", "0.2", "-W", "1"])?;
+    ensure!(r.all_received(), "before: {}", r.output);
+    let host_a = &world.hosts[0];
+    let ns = &host_a.netns;
+    let gateway = host_a.gateway.context("routed hosts have a gateway")?;
+    let index_of = |ns: &ovl_tests::Netns| -> Result<u64> {
+        let link: Value = serde_json::from_slice(&ns.ip(&["-j", "link", "show", "eth0"])?.stdout)?;
+        link[0]["ifindex"].as_u64().context("eth0's index")
+    };
+    let before = index_of(ns)?;
+
+    // Host A's underlay goes (a NIC reset, a driver reload: the device and
+    // everything hooked on it) and an interface of that name comes back
+    // with the same address, under a new index.
+    ns.ip(&["link", "del", "eth0"])?;
+    std::thread::sleep(Duration::from_millis(300));
+    ovl_tests::create_veth(ns, "eth0", &world.router, "h0")?;
+    world
+        .router
+        .ip(&["addr", "add", &format!("{gateway}/24"), "dev", "h0"])?;
+    world.router.ip(&["link", "set", "h0", "up"])?;
+    ns.ip(&["addr", "add", &format!("{}/24", host_a.addr), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "replace", "default", "via", &gateway.to_string()])?;
+    let after = index_of(ns)?;
+    ensure!(
+        after != before,
+        "eth0 came back under its old index {before}"
+    );
+
+    // The agent hooks it again: both directions cross, and the new device
+    // carries exactly one decap program.
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c2, ip1, 1, &["-W", "1"])?.all_received()
+            && ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })
+    .with_context(|| {
+        format!(
+            "the containers never reached each other again over the new eth0:\n{}",
+            world.agents[0].output_report()
+        )
+    })?;
+    let hooked = ovl_tests::hooked_programs(ns, "eth0")?;
+    ensure!(
+        hooked.len() == 1 && hooked[0].name == "ovl_tc_decap",
+        "the new eth0 carries {hooked:?}"
+    );
+    let pins: Vec<String> = std::fs::read_dir(world.ovl.pin_dir(TwoHosts::NODES[0]).join("links"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    let decap: Vec<&String> = pins.iter().filter(|p| p.starts_with("decap")).collect();
+    ensure!(
+        decap.len() == 1 && decap[0].ends_with(&format!("-{after}")),
+        "decap pins after the new eth0 (index {after}): {pins:?}"
+    );
     world.stop()
 }
 

@@ -120,7 +120,6 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let handle = netlink::connect()?;
     let underlay = netlink::underlay(&handle, &opts.iface).await?;
-    let driver = netlink::driver(&opts.iface).unwrap_or_default();
     let pin_dir = bpffs::node_dir(&opts.pin_root, &opts.node)?;
     let created = !pin_dir.exists();
     bpffs::prepare(&pin_dir)?;
@@ -190,17 +189,16 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         next_hops_failing: false,
         netlink: handle,
         underlay_lost: false,
+        hooked_on: None,
     };
-    let started = agent.take_over(&opts, &driver, store.as_deref()).await;
+    let started = agent.take_over(&opts, store.as_deref()).await;
     if let Err(e) = started {
         abandon_start(&pin_dir, &opts.api_socket, Some(&mut agent.dp), fresh);
         return Err(e);
     }
 
-    agent.crypto = crypto::start_for_agent(&opts, agent.underlay.addr, &mut agent.dp);
-    let api = api::AgentApi::new(agent.view.clone())
-        .with_crypto(agent.crypto.as_ref().map(|c| c.handle()));
-    let api = api::serve(api_listener, api);
+    agent.start_crypto(&opts);
+    let api = api::serve(api_listener, api::AgentApi::new(agent.view.clone()));
     let api_task = tokio::spawn(api);
     let metrics_task =
         metrics_listener.map(|l| tokio::spawn(exporter::serve(l, agent.view.clone())));
@@ -382,18 +380,15 @@ struct Agent {
     netlink: rtnetlink::Handle,
     /// The underlay is gone or unreadable (reported once).
     underlay_lost: bool,
+    /// The underlay device (index) decapsulation is hooked on.
+    hooked_on: Option<u32>,
 }
 
 impl Agent {
     /// Makes this build's programs the ones forwarding: fills replacement
     /// maps first when the pinned ones do not fit, then swaps the programs
     /// into the pinned links, then hooks the underlay if it is not yet.
-    async fn take_over(
-        &mut self,
-        opts: &AgentOptions,
-        driver: &str,
-        store: Option<&Store>,
-    ) -> Result<()> {
+    async fn take_over(&mut self, opts: &AgentOptions, store: Option<&Store>) -> Result<()> {
         self.write_node_config()?;
         if let Maps::Replacing(mismatches) = self.dp.maps().clone() {
             let list = mismatches
@@ -459,25 +454,7 @@ impl Agent {
         }
         self.dp.promote()?;
         self.dp.record_abi()?;
-        let mode = self
-            .dp
-            .hook_decap(&opts.iface, self.underlay.ifindex, opts.mode, driver)?;
-        self.view.update(|l| l.mode = mode.to_string());
-        // UDP GRO forwarding on the underlay would merge VXLAN datagrams
-        // into batches decap cannot split (and drops as malformed).
-        match netlink::disable_udp_forwarding_gro(&opts.iface) {
-            Ok(off) if !off.is_empty() => log::info!(
-                "switched {} off on {}: it merges VXLAN datagrams into batches ovl cannot deliver (switch it back with `ethtool -K {} ... on` after `ovl detach`)",
-                off.join(", "),
-                opts.iface,
-                opts.iface
-            ),
-            Ok(_) => {}
-            Err(e) => log::warn!(
-                "cannot check UDP GRO forwarding on {}: {e:#}; if it is on, VXLAN batches it merges are dropped as malformed",
-                opts.iface
-            ),
-        }
+        let (mode, driver) = self.hook_underlay(opts)?;
         log::info!(
             "node {} attached to {} ({driver}, VTEP {}, MTU {}) in {mode} mode; store {}",
             self.node,
@@ -487,6 +464,52 @@ impl Agent {
             opts.store_url
         );
         Ok(())
+    }
+
+    /// Hooks decapsulation on the underlay device the agent knows (at
+    /// start, and again when an interface of its name is made anew) and
+    /// switches UDP GRO forwarding off on it. Returns the mode hooked and
+    /// the device's driver.
+    fn hook_underlay(&mut self, opts: &AgentOptions) -> Result<(DecapMode, String)> {
+        let iface = &opts.iface;
+        let driver = netlink::driver(iface).unwrap_or_default();
+        let mode = self
+            .dp
+            .hook_decap(iface, self.underlay.ifindex, opts.mode, &driver)?;
+        self.hooked_on = Some(self.underlay.ifindex);
+        self.view.update(|l| l.mode = mode.to_string());
+        // UDP GRO forwarding on the underlay would merge VXLAN datagrams
+        // into batches decap cannot split (and drops as malformed).
+        match netlink::disable_udp_forwarding_gro(iface) {
+            Ok(off) if !off.is_empty() => log::info!(
+                "switched {} off on {iface}: it merges VXLAN datagrams into batches ovl cannot deliver (switch it back with `ethtool -K {iface} ... on` after `ovl detach`)",
+                off.join(", "),
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!(
+                "cannot check UDP GRO forwarding on {iface}: {e:#}; if it is on, VXLAN batches it merges are dropped as malformed",
+            ),
+        }
+        Ok((mode, driver))
+    }
+
+    /// Starts the encrypting path on the underlay's address (its socket is
+    /// bound to the VTEP), after stopping the one that ran, if any: both
+    /// own the crypto device's name. Peers are the last state's; the
+    /// node's key is published once the store is reached (or now, given
+    /// `store`).
+    fn start_crypto(&mut self, opts: &AgentOptions) {
+        // The API's handle holds the engine, and the engine the device.
+        self.view.set_crypto(None);
+        self.crypto = None;
+        self.crypto = crypto::start_for_agent(opts, self.underlay.addr, &mut self.dp);
+        let Some(c) = &self.crypto else {
+            return;
+        };
+        if let Some(state) = &self.state {
+            c.set_peers(&crypto::peers_of(state, &self.node));
+        }
+        self.view.set_crypto(Some(c.handle()));
     }
 
     /// Writes the underlay as the agent knows it into the programs'
@@ -504,78 +527,109 @@ impl Agent {
     }
 
     /// Reads the underlay again after a link or address notification. A
-    /// new address or MTU (same interface) goes into the programs' config
-    /// and the next-hop resolver at once; the node's store record follows
-    /// in [`register_underlay`](Self::register_underlay), the maps at the
-    /// reapply that follows every link notification. An interface that
-    /// went or was made again is only reported: its hooks went with it.
-    async fn follow_underlay(&mut self, iface: &str) {
-        let ifindex = netlink::ifindex(iface);
-        if ifindex != Some(self.underlay.ifindex) {
-            if !self.underlay_lost {
-                self.underlay_lost = true;
-                log::error!(
-                    "underlay {iface} (index {}) is gone{}: ovl's programs on it went with it and nothing is decapsulated; restart the agent (`ovl attach {iface}{}`) to hook it again",
-                    self.underlay.ifindex,
-                    ifindex.map_or(String::new(), |i| format!(
-                        " (an interface of that name is back as index {i})"
-                    )),
-                    node_flag(&self.node)
-                );
+    /// new address or MTU goes into the programs' config and the next-hop
+    /// resolver at once; the node's store record follows in
+    /// [`register_underlay`](Self::register_underlay), the maps at the
+    /// reapply that follows every link notification. An interface of the
+    /// underlay's name made anew (deleted and added again, a NIC reset)
+    /// is hooked again; a new address restarts the encrypting path, whose
+    /// socket is bound to the old one. (The whole reapply after it puts
+    /// back what else a new device lost: egress's forwarding, say.)
+    async fn follow_underlay(&mut self, opts: &AgentOptions, store: Option<&Arc<Store>>) {
+        let iface = opts.iface.as_str();
+        let now = if netlink::ifindex(iface).is_none() {
+            // Its hooks went with it: unpinned, so that an interface made
+            // anew under any index is hooked again.
+            if self.hooked_on.take().is_some()
+                && let Err(e) = self.dp.forget_gone_decap()
+            {
+                log::warn!("cannot unpin the decap hook of the gone {iface}: {e:#}");
             }
-            return;
-        }
-        let now = match netlink::underlay(&self.netlink, iface).await {
+            Err(anyhow!(
+                "underlay {iface} (index {}) is gone: ovl's programs on it went with it and nothing is decapsulated or sent; the agent hooks an interface of that name when one is back",
+                self.underlay.ifindex
+            ))
+        } else {
+            netlink::underlay(&self.netlink, iface).await.map_err(|e| {
+                anyhow!(
+                    "cannot read underlay {iface} again: {e:#}; the data path keeps VTEP {} and MTU {} until it can",
+                    self.underlay.addr,
+                    self.underlay.mtu
+                )
+            })
+        };
+        let now = match now {
             Ok(now) => now,
             Err(e) => {
                 if !self.underlay_lost {
                     self.underlay_lost = true;
-                    log::warn!(
-                        "cannot read underlay {iface} again: {e:#}; the data path keeps VTEP {} and MTU {} until it can",
-                        self.underlay.addr,
-                        self.underlay.mtu
-                    );
+                    log::error!("{e:#}");
                 }
                 return;
             }
         };
-        self.underlay_lost = false;
-        if (now.addr, now.mtu) == (self.underlay.addr, self.underlay.mtu) {
-            return;
+        if std::mem::take(&mut self.underlay_lost) {
+            log::info!("underlay {iface} is back (index {})", now.ifindex);
         }
         let was = std::mem::replace(&mut self.underlay, now);
-        let vtep = self.underlay.addr;
-        self.view.update(|l| l.vtep = Some(vtep));
-        let moved = self.write_node_config().and_then(|()| {
-            if was.addr != self.underlay.addr {
-                self.next_hops = crate::next_hops::Resolver::new(&self.underlay)
-                    .context("restart the next-hop resolver on the new address")?;
+        if was != self.underlay {
+            let vtep = self.underlay.addr;
+            self.view.update(|l| l.vtep = Some(vtep));
+            let moved = self.write_node_config().and_then(|()| {
+                if (was.addr, was.ifindex) != (self.underlay.addr, self.underlay.ifindex) {
+                    self.next_hops = crate::next_hops::Resolver::new(&self.underlay)
+                        .context("restart the next-hop resolver on the new underlay")?;
+                }
+                Ok(())
+            });
+            match moved {
+                Ok(()) => log::info!(
+                    "underlay {iface} changed: index {} -> {}, VTEP {} -> {}, MTU {} -> {}; the data path uses the new values",
+                    was.ifindex,
+                    self.underlay.ifindex,
+                    was.addr,
+                    self.underlay.addr,
+                    was.mtu,
+                    self.underlay.mtu
+                ),
+                Err(e) => log::error!(
+                    "underlay {iface} changed (index {} -> {}, VTEP {} -> {}, MTU {} -> {}) but the data path could not follow: {e:#}; restart the agent (`ovl attach {iface}{}`)",
+                    was.ifindex,
+                    self.underlay.ifindex,
+                    was.addr,
+                    self.underlay.addr,
+                    was.mtu,
+                    self.underlay.mtu,
+                    node_flag(&self.node)
+                ),
             }
-            Ok(())
-        });
-        match moved {
-            Ok(()) => log::info!(
-                "underlay {iface} changed: VTEP {} -> {}, MTU {} -> {}; the data path uses the new values",
-                was.addr,
-                self.underlay.addr,
-                was.mtu,
-                self.underlay.mtu
-            ),
-            Err(e) => log::error!(
-                "underlay {iface} changed (VTEP {} -> {}, MTU {} -> {}) but the data path could not follow: {e:#}; restart the agent (`ovl attach {iface}{}`)",
-                was.addr,
-                self.underlay.addr,
-                was.mtu,
-                self.underlay.mtu,
-                node_flag(&self.node)
-            ),
+            self.forget_next_hops("the underlay changed");
+        }
+        if self.hooked_on != Some(self.underlay.ifindex) {
+            match self.hook_underlay(opts) {
+                Ok((mode, driver)) => {
+                    log::info!(
+                        "underlay {iface} made anew (index {}, {driver}): decapsulation hooked again in {mode} mode",
+                        self.underlay.ifindex
+                    );
+                }
+                Err(e) => log::error!(
+                    "underlay {iface} made anew (index {}) cannot be hooked: {e:#}; nothing is decapsulated on it. Tried again at its next change, or restart the agent (`ovl attach {iface}{}`)",
+                    self.underlay.ifindex,
+                    node_flag(&self.node)
+                ),
+            }
         }
         if was.addr != self.underlay.addr {
-            log::warn!(
-                "encrypted networks keep VTEP {} until the agent restarts (`ovl attach {iface}{}`)",
-                was.addr,
-                node_flag(&self.node)
+            log::info!(
+                "starting the encrypting path again on {} (its socket was bound to {})",
+                self.underlay.addr,
+                was.addr
             );
+            self.start_crypto(opts);
+            if let (Some(c), Some(store)) = (&self.crypto, store) {
+                c.publish_to(store.clone(), &self.node);
+            }
         }
     }
 
@@ -824,8 +878,10 @@ impl Agent {
                     // One look for a burst of notifications.
                     while links.try_recv().is_ok() {}
                     self.ifindexes.invalidate();
-                    // The underlay's address, MAC or MTU may have changed.
-                    self.follow_underlay(&opts.iface).await;
+                    // The underlay's address, MAC or MTU may have changed,
+                    // or the device itself.
+                    let store = connected.as_ref().map(|c| c.store.clone());
+                    self.follow_underlay(opts, store.as_ref()).await;
                     if let Some(c) = connected.as_mut() {
                         self.register_underlay(c, opts.lease_ttl).await;
                     }

@@ -71,6 +71,9 @@ pub struct View {
     kick: mpsc::Sender<()>,
     /// The containers' resolver's counters.
     pub dns: crate::dns::Stats,
+    /// The encrypting path, while one runs (it starts again when the
+    /// underlay's address changes).
+    crypto: RwLock<Option<crate::crypto::CryptoHandle>>,
 }
 
 impl View {
@@ -85,6 +88,7 @@ impl View {
             ready: watch::channel(BTreeSet::new()).0,
             kick,
             dns: crate::dns::Stats::default(),
+            crypto: RwLock::new(None),
         };
         (Arc::new(view), kicks)
     }
@@ -121,6 +125,19 @@ impl View {
             *r = ready;
             changed
         });
+    }
+
+    /// The encrypting path the API reports on, if one runs.
+    pub fn crypto(&self) -> Option<crate::crypto::CryptoHandle> {
+        self.crypto
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Names the encrypting path that runs now (`None`: none).
+    pub fn set_crypto(&self, crypto: Option<crate::crypto::CryptoHandle>) {
+        *self.crypto.write().unwrap_or_else(|p| p.into_inner()) = crypto;
     }
 
     /// Asks the loop to reconcile now (a pending request is enough).

@@ -152,6 +152,8 @@ pub struct Datapath {
     /// [`sync_stats`](Self::sync_stats) left them; on the first, what the
     /// caller knows of the previous agent's.
     slot_networks: Option<BTreeMap<u32, String>>,
+    /// The decap program's link on the crypto device, while one is hooked.
+    crypto_link: Option<aya::programs::tc::SchedClassifierLinkId>,
 }
 
 impl Datapath {
@@ -201,6 +203,7 @@ impl Datapath {
             shadow: shadow::Shadow::default(),
             stats_slots: None,
             slot_networks: None,
+            crypto_link: None,
         };
         // Reused maps may be in an epoch whose verdicts programs of another
         // build cached; a fresh map's 0 would keep the caches off.
@@ -326,6 +329,22 @@ impl Datapath {
         Ok(done)
     }
 
+    /// Unpins the decap hooks whose interface is gone (their links went
+    /// with it), so an interface made anew, under any index, is hooked
+    /// again. Returns how many.
+    pub fn forget_gone_decap(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for pin in self.links.list()? {
+            if matches!(pin, LinkPin::Decap { .. })
+                && crate::netlink::ifname(pin.ifindex()).is_none()
+            {
+                self.links.remove(pin)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// The decap hook currently pinned, if any.
     pub fn decap_hook(&self) -> Result<Option<(DecapMode, u32)>> {
         Ok(self.links.list()?.into_iter().find_map(|p| match p {
@@ -443,13 +462,21 @@ impl Datapath {
     /// out and in for encrypted networks: the decap program on its TC
     /// ingress, then its entry in `OVL_CRYPTO`. Neither is pinned: both go
     /// with the device, which goes with the agent, so encrypted networks
-    /// fail closed when it exits.
+    /// fail closed when it exits. A device hooked before (the encrypting
+    /// path started again) is let go first.
     pub fn hook_crypto(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        let before = self.crypto_link.take();
         let prog: &mut aya::programs::SchedClassifier = self.program(programs::TC_DECAP)?;
-        prog.attach(ifname, aya::programs::TcAttachType::Ingress)
+        if let Some(link) = before {
+            // Gone with its device already, usually.
+            let _ = prog.detach(link);
+        }
+        let link = prog
+            .attach(ifname, aya::programs::TcAttachType::Ingress)
             .with_context(|| {
                 format!("hook {} on the crypto device {ifname}", programs::TC_DECAP)
             })?;
+        self.crypto_link = Some(link);
         let mut map: aya::maps::DevMap<_> = aya::maps::DevMap::try_from(self.map(names::CRYPTO)?)?;
         map.set(ovl_common::maps::CRYPTO_DEVICE, ifindex, None, 0)
             .context("write OVL_CRYPTO")
