@@ -521,6 +521,16 @@ fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
         link[0]["ifindex"].as_u64().context("eth0's index")
     };
     let before = index_of(ns)?;
+    // External egress had the agent switch forwarding on for eth0.
+    let forwarding = || -> Result<String> {
+        Ok(String::from_utf8(
+            ns.exec(&["cat", "/proc/sys/net/ipv4/conf/eth0/forwarding"])?
+                .stdout,
+        )?
+        .trim()
+        .to_owned())
+    };
+    ensure!(forwarding()? == "1", "eth0 does not forward before");
 
     // Host A's underlay goes (a NIC reset, a driver reload: the device and
     // everything hooked on it) and an interface of that name comes back
@@ -566,6 +576,9 @@ fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
         decap.len() == 1 && decap[0].ends_with(&format!("-{after}")),
         "decap pins after the new eth0 (index {after}): {pins:?}"
     );
+    // A new device starts with forwarding off: egress's is put back.
+    wait_until(Duration::from_secs(5), || Ok(forwarding()? == "1"))
+        .context("forwarding not switched on again for the new eth0")?;
     world.stop()
 }
 
