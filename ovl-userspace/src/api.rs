@@ -64,6 +64,10 @@ pub struct Health {
     pub vtep: Ipv4Addr,
     /// Decap mode in use.
     pub mode: String,
+    /// Why the underlay carries nothing now (gone, unreadable, not
+    /// hooked); absent while it is hooked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_problem: Option<String>,
     pub pin_dir: PathBuf,
     pub store: StoreHealth,
     pub networks: usize,
@@ -162,6 +166,7 @@ pub fn health_of(view: &View) -> Health {
         iface: id.iface.clone(),
         vtep: live.vtep.unwrap_or(id.vtep),
         mode: live.mode.clone(),
+        underlay_problem: live.underlay_problem.clone(),
         pin_dir: id.pin_dir.clone(),
         store: StoreHealth {
             url: id.store.clone(),

@@ -503,9 +503,13 @@ pub async fn status(api_socket: &Path, node: &str, pin_root: &Path, json: bool) 
         .last_sync_age_seconds
         .map(|a| format!("{a:.1} s ago"))
         .unwrap_or_else(|| "never".into());
+    let underlay = match &h.underlay_problem {
+        None => format!("{} VTEP {}, decap {}", h.iface, h.vtep, h.mode),
+        Some(why) => format!("{} DOWN: {why}", h.iface),
+    };
     Ok(format!(
         "node:       {} (agent {} pid {}, up {} s)\n\
-         underlay:   {} VTEP {}, decap {}\n\
+         underlay:   {underlay}\n\
          pins:       {}\n\
          store:      {} ({}, last sync {age}, revision {})\n\
          networks:   {}\n\
@@ -514,9 +518,6 @@ pub async fn status(api_socket: &Path, node: &str, pin_root: &Path, json: bool) 
         h.version,
         h.pid,
         h.uptime_seconds,
-        h.iface,
-        h.vtep,
-        h.mode,
         h.pin_dir.display(),
         h.store.url,
         if h.store.reachable {

@@ -196,6 +196,13 @@ pub fn render(view: &View) -> Result<String> {
         "Underlay frames dropped that belong to no network (malformed VXLAN, unknown VNI), by reason.",
         &["reason"],
     )?;
+    let underlay_up = register(
+        &reg,
+        IntGauge::new(
+            "ovl_underlay_up",
+            "Whether decapsulation is hooked on the underlay interface (1), or the interface is gone, unreadable or could not be hooked (0): then nothing crosses between this node and the others.",
+        )?,
+    )?;
     let store_up = register(
         &reg,
         IntGauge::new(
@@ -275,6 +282,7 @@ pub fn render(view: &View) -> Result<String> {
         let n = underlay.drops.get(reason.name()).copied().unwrap_or(0);
         u_drops.with_label_values(&[reason.name()]).inc_by(n);
     }
+    underlay_up.set(i64::from(live.underlay_problem.is_none()));
     store_up.set(i64::from(live.store_reachable));
     conflicts.set(live.address_conflicts as i64);
     collected.inc_by(live.collected_endpoints);

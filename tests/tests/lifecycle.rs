@@ -509,7 +509,7 @@ fn a_new_underlay_address_under_a_running_agent_is_followed_by_every_node() -> R
 #[test]
 fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
     let lab = Lab::new("lc-remade")?;
-    let world = TwoHosts::start(&lab, "auto")?;
+    let world = TwoHosts::start_with_env(&lab, "auto", &[("OVL_METRICS", "127.0.0.1:9474")])?;
     let Pair { c1, ip1, c2, ip2 } = world.connected_pair(&lab, "uber-net")?;
     let r = ping(&c2, ip1, 3, &["-i", "0.2", "-W", "1"])?;
     ensure!(r.all_received(), "before: {}", r.output);
@@ -536,7 +536,30 @@ fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
     // everything hooked on it) and an interface of that name comes back
     // with the same address, under a new index.
     ns.ip(&["link", "del", "eth0"])?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile the agent says so: in its status and to Prometheus.
+    let underlay_up = || -> Result<Option<String>> {
+        let out = ns.exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9474/metrics",
+        ])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("ovl_underlay_up ").map(str::to_owned)))
+    };
+    wait_until(Duration::from_secs(5), || {
+        Ok(underlay_up()?.as_deref() == Some("0"))
+    })
+    .with_context(|| format!("ovl_underlay_up while eth0 is gone: {:?}", underlay_up()))?;
+    let status: Value = serde_json::from_str(&world.run(0, &["status", "--json"])?)?;
+    ensure!(
+        status["underlay_problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("gone")),
+        "A's status while eth0 is gone: {status}"
+    );
     ovl_tests::create_veth(ns, "eth0", &world.router, "h0")?;
     world
         .router
@@ -579,6 +602,11 @@ fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
     // A new device starts with forwarding off: egress's is put back.
     wait_until(Duration::from_secs(5), || Ok(forwarding()? == "1"))
         .context("forwarding not switched on again for the new eth0")?;
+    let status: Value = serde_json::from_str(&world.run(0, &["status", "--json"])?)?;
+    ensure!(
+        status.get("underlay_problem").is_none() && underlay_up()?.as_deref() == Some("1"),
+        "A's status with the new eth0 hooked: {status}"
+    );
     world.stop()
 }
 

@@ -477,7 +477,10 @@ impl Agent {
             .dp
             .hook_decap(iface, self.underlay.ifindex, opts.mode, &driver)?;
         self.hooked_on = Some(self.underlay.ifindex);
-        self.view.update(|l| l.mode = mode.to_string());
+        self.view.update(|l| {
+            l.mode = mode.to_string();
+            l.underlay_problem = None;
+        });
         // UDP GRO forwarding on the underlay would merge VXLAN datagrams
         // into batches decap cannot split (and drops as malformed).
         match netlink::disable_udp_forwarding_gro(iface) {
@@ -564,12 +567,17 @@ impl Agent {
                 if !self.underlay_lost {
                     self.underlay_lost = true;
                     log::error!("{e:#}");
+                    let why = format!("{e:#}");
+                    self.view.update(|l| l.underlay_problem = Some(why));
                 }
                 return;
             }
         };
         if std::mem::take(&mut self.underlay_lost) {
             log::info!("underlay {iface} is back (index {})", now.ifindex);
+            if self.hooked_on == Some(now.ifindex) {
+                self.view.update(|l| l.underlay_problem = None);
+            }
         }
         let was = std::mem::replace(&mut self.underlay, now);
         if was != self.underlay {
@@ -613,11 +621,18 @@ impl Agent {
                         self.underlay.ifindex
                     );
                 }
-                Err(e) => log::error!(
-                    "underlay {iface} made anew (index {}) cannot be hooked: {e:#}; nothing is decapsulated on it. Tried again at its next change, or restart the agent (`ovl attach {iface}{}`)",
-                    self.underlay.ifindex,
-                    node_flag(&self.node)
-                ),
+                Err(e) => {
+                    let why = format!(
+                        "underlay {iface} made anew (index {}) cannot be hooked: {e:#}; nothing is decapsulated on it. Tried again at its next change, or restart the agent (`ovl attach {iface}{}`)",
+                        self.underlay.ifindex,
+                        node_flag(&self.node)
+                    );
+                    // Retried at every link notification: said once.
+                    if self.view.live().underlay_problem.as_ref() != Some(&why) {
+                        log::error!("{why}");
+                        self.view.update(|l| l.underlay_problem = Some(why));
+                    }
+                }
             }
         }
         if was.addr != self.underlay.addr {

@@ -46,6 +46,9 @@ pub struct Live {
     /// The underlay's address since it changed under the running agent
     /// (none: still [`Identity::vtep`]).
     pub vtep: Option<Ipv4Addr>,
+    /// Why nothing is decapsulated on the underlay now (gone, unreadable,
+    /// or not hooked); none while it is hooked.
+    pub underlay_problem: Option<String>,
 }
 
 /// Identity of the running agent, fixed at start.
