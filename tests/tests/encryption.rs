@@ -28,6 +28,17 @@ fn crypto(world: &Cluster, i: usize) -> Result<Value> {
     serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))
 }
 
+/// Host `i`'s WireGuard peer for node `node`, as `ovl stats --crypto` has it.
+fn peer(world: &Cluster, i: usize, node: &str) -> Result<Value> {
+    crypto(world, i)?["peers"]
+        .as_array()
+        .context("no peers in the crypto report")?
+        .iter()
+        .find(|p| p["node"] == node)
+        .cloned()
+        .with_context(|| format!("host {i} has no peer {node}"))
+}
+
 /// Waits until every host of `world` sees every other's published key.
 fn wait_for_keys(world: &Cluster) -> Result<()> {
     wait_until(Duration::from_secs(15), || {
@@ -697,25 +708,13 @@ fn an_encrypted_network_follows_its_host_to_a_new_underlay_address() -> Result<(
                 world.agents[0].output_report()
             )
         })?;
-    let peer_a = crypto(&world, 1)?["peers"]
-        .as_array()
-        .context("B's peers")?
-        .iter()
-        .find(|p| p["node"] == "host-a")
-        .cloned()
-        .context("B has no peer host-a")?;
+    let peer_a = peer(&world, 1, "host-a")?;
     ensure!(
         peer_a["endpoint"] == format!("{new}:{WG_PORT}")
             && peer_a["last_handshake_seconds"].as_f64().is_some(),
         "B's peer host-a after the move: {peer_a}"
     );
-    let peer_b = crypto(&world, 0)?["peers"]
-        .as_array()
-        .context("A's peers")?
-        .iter()
-        .find(|p| p["node"] == "host-b")
-        .cloned()
-        .context("A's restarted path has no peer host-b")?;
+    let peer_b = peer(&world, 0, "host-b")?;
     ensure!(
         peer_b["last_handshake_seconds"].as_f64().is_some(),
         "A's peer host-b after the move: {peer_b}"
