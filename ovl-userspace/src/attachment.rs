@@ -20,6 +20,7 @@ use crate::{
     ipam::Subnet,
     model::{ContainerSpec, Endpoint, Location, ModelError, Network},
     netlink, netns,
+    ports::PublishedPort,
     store::{Around, Scope, Store, StoreError},
 };
 
@@ -50,6 +51,8 @@ pub struct Request {
     pub subnet: Option<Subnet>,
     /// The front end's identity for the attachment ([`Endpoint::owner`]).
     pub owner: Option<String>,
+    /// Ports to publish on the node ([`Endpoint::ports`]).
+    pub ports: Vec<PublishedPort>,
 }
 
 /// Where the container's end of the veth goes.
@@ -216,6 +219,7 @@ pub async fn register(
         ip: req.ip,
         names: &names,
         allocates: req.ip.is_none(),
+        ports: &req.ports,
     };
     let (endpoint, network, reservation, naming) = store
         .update_with(Scope::Endpoint(around), |s| {
@@ -246,6 +250,7 @@ pub async fn register(
                 ip: req.ip,
                 subnet: req.subnet,
                 owner: req.owner.clone(),
+                ports: req.ports.clone(),
             })?;
             let ep = if aliases.is_empty() {
                 ep

@@ -163,8 +163,12 @@ pub async fn connect(
         Some(path) => format!("{} ({})", crate::dns::RESOLVER_ADDR, path.display()),
         None => crate::dns::RESOLVER_ADDR.to_string(),
     };
+    let published = match published_text(&a.endpoint.ports) {
+        Some(ports) => format!("\npublishes: {ports}"),
+        None => String::new(),
+    };
     Ok(format!(
-        "connected {} to {}: {} {}/{prefix} gateway {gateway} mac {} mtu {} (host side {})\nnames: {}; resolver {resolver}",
+        "connected {} to {}: {} {}/{prefix} gateway {gateway} mac {} mtu {} (host side {})\nnames: {}; resolver {resolver}{published}",
         req.netns,
         req.network,
         a.ifname,
@@ -369,6 +373,10 @@ pub async fn endpoint_ls(store: &Store, network: Option<&str>, json: bool) -> Re
             Location::Static { vtep } => format!("behind VTEP {vtep}"),
             Location::Reserved { node } => format!("reserved on {node} (Docker's IPAM)"),
         };
+        let place = match published_text(&e.ports) {
+            Some(ports) => format!("{place}; publishes {ports}"),
+            None => place,
+        };
         out.push_str(&format!(
             "{:<20} {:<15} {:<17} {:<20} {place}\n",
             e.network,
@@ -378,6 +386,18 @@ pub async fn endpoint_ls(store: &Store, network: Option<&str>, json: bool) -> Re
         ));
     }
     Ok(out)
+}
+
+/// Published ports as `docker port` shows them, `0.0.0.0:8080->80/tcp`
+/// comma-separated; `None` when there is none.
+fn published_text(ports: &[crate::ports::PublishedPort]) -> Option<String> {
+    (!ports.is_empty()).then(|| {
+        ports
+            .iter()
+            .map(|p| p.mapping())
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 /// `ovl stats`: counters of this node's data path, per network. Asked of

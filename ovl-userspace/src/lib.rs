@@ -21,6 +21,7 @@ pub mod model;
 pub mod netlink;
 pub mod netns;
 pub mod next_hops;
+pub mod ports;
 pub mod random;
 pub mod release;
 pub mod store;

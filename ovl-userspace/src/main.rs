@@ -91,6 +91,14 @@ enum Command {
         /// Another name the endpoint resolves as (repeatable).
         #[arg(long = "alias", value_name = "NAME")]
         aliases: Vec<String>,
+        /// Publish a container port on this node's addresses, as `docker
+        /// run -p` (repeatable): [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp].
+        #[arg(
+            long = "publish",
+            short = 'p',
+            value_name = "[HOSTIP:]HOSTPORT:CPORT[/PROTO]"
+        )]
+        ports: Vec<ovl_userspace::ports::PublishedPort>,
     },
     /// Remove a container namespace's interface from a network.
     Disconnect { network: String, netns: String },
@@ -464,6 +472,7 @@ async fn run(cli: Cli) -> Result<()> {
             subnet,
             name,
             aliases,
+            ports,
         } => {
             let req = ovl_userspace::attachment::Request {
                 network,
@@ -476,6 +485,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ip,
                 subnet,
                 owner: None,
+                ports,
             };
             commands::connect(store, &api_socket, &req).await?
         }

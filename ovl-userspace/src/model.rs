@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     capacity,
     ipam::{self, Pool, Subnet},
+    ports::{self, PortError, PublishedPort},
     release::{AddressConflict, GraceClock, Released, RestoreOutcome, Verdict},
     validate::{self, InvalidInput},
 };
@@ -165,6 +166,22 @@ pub enum ModelError {
     },
     #[error("no node named {0:?}; list nodes with `ovl node ls`")]
     NoSuchNode(String),
+    #[error(transparent)]
+    Port(#[from] PortError),
+    #[error(
+        "network {0:?} is internal: its containers have no way out of it, so none of their ports can be published; connect the container to a network that is not --internal to publish"
+    )]
+    PublishOnInternal(String),
+    #[error(
+        "{port} is already published on node {node:?} by {holder} ({ip} on network {network:?}); pick another host port, or disconnect that endpoint first"
+    )]
+    PortTaken {
+        port: PublishedPort,
+        node: String,
+        holder: String,
+        network: String,
+        ip: Ipv4Addr,
+    },
     #[error(
         "the cluster would hold {wanted} {what}, more than the {max} a node's {map} map holds (any node may serve every network); nothing was changed: {hint}",
         what = limit.what(),
@@ -468,6 +485,10 @@ pub struct Endpoint {
     /// before aliases existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// Ports of a container published on its node's addresses (Docker's
+    /// `-p`); absent in stores written before ports could be published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PublishedPort>,
 }
 
 impl Endpoint {
@@ -597,6 +618,8 @@ pub struct ContainerSpec {
     pub owner: Option<String>,
     /// Allocate from this subnet of the network.
     pub subnet: Option<Subnet>,
+    /// Ports to publish on the node ([`Endpoint::ports`]).
+    pub ports: Vec<PublishedPort>,
 }
 
 impl State {
@@ -756,6 +779,7 @@ impl State {
         if let Some(name) = &spec.name {
             validate_endpoint_name(name)?;
         }
+        self.check_ports_free(&network, &spec.node, &spec.ports)?;
         let reserved = spec.ip.and_then(|ip| {
             self.endpoints.iter().position(|e| {
                 e.network == spec.network
@@ -788,9 +812,44 @@ impl State {
             },
             owner: spec.owner,
             aliases: Vec::new(),
+            ports: spec.ports,
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
+    }
+
+    /// Whether a container of `network` on `node` may publish `ports`: the
+    /// network leads out, the ports are well-formed, and no other
+    /// container on the node publishes one of them (on the same address,
+    /// or on every address).
+    pub fn check_ports_free(
+        &self,
+        network: &Network,
+        node: &str,
+        ports: &[PublishedPort],
+    ) -> Result<(), ModelError> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        if network.internal {
+            return Err(ModelError::PublishOnInternal(network.name.clone()));
+        }
+        ports::validate(ports)?;
+        for e in &self.endpoints {
+            if !matches!(&e.location, Location::Container { node: n, .. } if n == node) {
+                continue;
+            }
+            if let Some(p) = ports.iter().find(|p| e.ports.iter().any(|q| q.overlaps(p))) {
+                return Err(ModelError::PortTaken {
+                    port: *p,
+                    node: node.to_owned(),
+                    holder: e.name.clone(),
+                    network: e.network.clone(),
+                    ip: e.ip,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Gives endpoint `ip` of `network` a new name (if `name` is given) and
@@ -879,6 +938,7 @@ impl State {
             },
             owner: Some(owner.to_owned()),
             aliases: Vec::new(),
+            ports: Vec::new(),
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
@@ -902,6 +962,7 @@ impl State {
             },
             name: ep.owner.clone().unwrap_or(ep.name),
             aliases: Vec::new(),
+            ports: Vec::new(),
             ..ep
         };
         self.endpoints.push(reserved.clone());
@@ -963,6 +1024,7 @@ impl State {
             location: Location::Static { vtep },
             owner: None,
             aliases: Vec::new(),
+            ports: Vec::new(),
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
@@ -1396,6 +1458,86 @@ mod tests {
 
     fn subnets(list: &[&str]) -> Vec<Subnet> {
         list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn publishing(net: &str, node: &str, ns: &str, ports: &[&str]) -> ContainerSpec {
+        ContainerSpec {
+            ports: ports.iter().map(|p| p.parse().unwrap()).collect(),
+            ..container(net, node, ns)
+        }
+    }
+
+    #[test]
+    fn a_host_port_is_published_once_per_node_across_networks() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.create_network(spec("b", None)).unwrap();
+        let web = s
+            .add_container(publishing("a", "n1", "web", &["8080:80", "5353:53/udp"]))
+            .unwrap();
+        assert_eq!(web.ports.len(), 2);
+        let before = s.clone();
+        // Same port, another network with the same subnet, same node.
+        let err = s
+            .add_container(publishing("b", "n1", "web2", &["192.0.2.10:8080:80"]))
+            .unwrap_err();
+        assert!(
+            matches!(&err, ModelError::PortTaken { holder, network, .. } if holder == "web" && network == "a"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("web") && err.to_string().contains("n1"),
+            "{err}"
+        );
+        assert_eq!(s, before, "nothing changed");
+        // Another protocol, another port, another node: free.
+        s.add_container(publishing("b", "n1", "dns", &["8080:80/udp"]))
+            .unwrap();
+        s.add_container(publishing("b", "n2", "web3", &["8080:80"]))
+            .unwrap();
+        // Freed with its endpoint.
+        s.remove_container("a", "n1", "web").unwrap();
+        s.add_container(publishing("b", "n1", "web4", &["8080:80"]))
+            .unwrap();
+    }
+
+    #[test]
+    fn an_internal_network_publishes_nothing() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec {
+            internal: true,
+            ..spec("closed", None)
+        })
+        .unwrap();
+        let err = s
+            .add_container(publishing("closed", "n1", "c1", &["8080:80"]))
+            .unwrap_err();
+        assert_eq!(err, ModelError::PublishOnInternal("closed".into()));
+        assert!(err.to_string().contains("--internal"), "{err}");
+        assert!(s.endpoints.is_empty());
+    }
+
+    #[test]
+    fn one_endpoint_cannot_publish_a_host_port_twice() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        let err = s
+            .add_container(publishing("a", "n1", "c1", &["8080:80", "8080:81"]))
+            .unwrap_err();
+        assert!(
+            matches!(err, ModelError::Port(PortError::Duplicate(..))),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn endpoints_stored_before_published_ports_still_load() {
+        let old = r#"{"network":"a","name":"c1","ip":"198.18.0.2","mac":"02:42:c6:12:00:02",
+            "location":{"kind":"container","node":"n1","netns":"c1","host_ifname":"ovl1"}}"#;
+        let e: Endpoint = serde_json::from_str(old).unwrap();
+        assert!(e.ports.is_empty());
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(!json.contains("ports"), "{json}");
     }
 
     #[test]

@@ -196,6 +196,7 @@ mod tests {
     fn ep(node: &str, netns: &str) -> Endpoint {
         let ip = Ipv4Addr::new(198, 18, 0, 5);
         Endpoint {
+            ports: Vec::new(),
             network: "n".into(),
             name: netns.into(),
             ip,

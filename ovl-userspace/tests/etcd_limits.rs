@@ -56,6 +56,7 @@ async fn create_network(store: &Store, name: &str, subnet: &str) -> Result<()> {
 
 fn container(network: &str, node: &str, netns: &str, ip: Option<Ipv4Addr>) -> ContainerSpec {
     ContainerSpec {
+        ports: Vec::new(),
         network: network.into(),
         node: node.into(),
         netns: netns.into(),
@@ -335,6 +336,7 @@ async fn bulk(etcd: &Etcd, network: &str, base: Ipv4Addr, n: u32, claims: bool) 
             .iter()
             .flat_map(|ip| {
                 let ep = Endpoint {
+                    ports: Vec::new(),
                     network: network.into(),
                     name: format!("s-{ip}"),
                     ip: *ip,
@@ -487,6 +489,7 @@ fn a_change_to_one_network_reads_only_that_network_and_followers_apply_deltas() 
 /// What `ovl connect` registers for namespace `netns` of node a.
 fn request(network: &str, netns: &str, name: Option<&str>, ip: Option<Ipv4Addr>) -> Request {
     Request {
+        ports: Vec::new(),
         network: network.into(),
         node: "a".into(),
         netns: netns.into(),

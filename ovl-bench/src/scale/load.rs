@@ -320,6 +320,7 @@ pub async fn churn(
         };
         kinds.insert(tags.0, true);
         let request = Request {
+            ports: Vec::new(),
             network: name.clone(),
             node: nodes[node].name.clone(),
             netns: member.netns.clone(),
@@ -559,6 +560,7 @@ fn holds(state: &State, node: &str, netns: &str) -> bool {
 /// What `ovl connect` registers for a container `netns` on `node`.
 fn container(network: &str, node: &str, netns: &str, ip: Ipv4Addr) -> ContainerSpec {
     ContainerSpec {
+        ports: Vec::new(),
         network: network.into(),
         node: node.into(),
         netns: netns.into(),

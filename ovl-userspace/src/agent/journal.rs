@@ -114,6 +114,7 @@ mod tests {
         m.endpoints.insert(
             Memory::key("blue", ip),
             Endpoint {
+                ports: Vec::new(),
                 network: "blue".into(),
                 name: "c1".into(),
                 ip,

@@ -83,6 +83,7 @@ pub async fn add(
         ip,
         subnet: None,
         owner: Some(owner),
+        ports: Vec::new(),
     };
     let a = attachment::attach(&store, &req).await.map_err(|e| {
         let e = e.context(format!(

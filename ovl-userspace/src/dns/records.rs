@@ -441,6 +441,7 @@ mod tests {
     /// Connects container `name` (namespace `ns`, on `node`) to `net`.
     fn add(s: &mut State, net: &str, node: &str, ns: &str, name: &str) -> crate::model::Endpoint {
         s.add_container(ContainerSpec {
+            ports: Vec::new(),
             network: net.into(),
             node: node.into(),
             netns: ns.into(),

@@ -400,6 +400,7 @@ mod tests {
             .unwrap();
         for (ns, name) in [("c-client", "client"), ("c-web", "web")] {
             s.add_container(ContainerSpec {
+                ports: Vec::new(),
                 network: "blue".into(),
                 node: "me".into(),
                 netns: ns.into(),

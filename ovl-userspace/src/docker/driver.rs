@@ -250,7 +250,7 @@ pub async fn create_endpoint(State(ctx): Ctx, body: Bytes) -> Response {
 
 async fn do_create_endpoint(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
     let req: protocol::CreateEndpoint = parse(CREATE_ENDPOINT, body)?;
-    options::endpoint_options(&req.options)?;
+    let ports = options::endpoint_options(&req.options)?;
     if !req.interface.address_ipv6.is_empty() {
         return Err(Refusal::new(
             "ovl networks are IPv4 only: run the container without an IPv6 address",
@@ -293,7 +293,12 @@ async fn do_create_endpoint(ctx: &Context, body: &[u8]) -> Result<Response, Refu
             }
             e.owner = Some(owner.clone());
             e.name = short(&req.endpoint_id).to_owned();
-            Ok(())
+            // Published at Join, which attaches the container (and
+            // checks the node's other containers); kept until then.
+            e.ports = ports.clone();
+            let e = e.clone();
+            // Refused early where the state at hand shows the clash.
+            s.check_ports_free(&net, &node, &e.ports)
         })
         .await?;
     log::info!(
@@ -330,15 +335,29 @@ async fn do_delete_endpoint(ctx: &Context, body: &[u8]) -> Result<Response, Refu
     Ok(protocol::ok())
 }
 
-pub async fn oper_info(_: Ctx, body: Bytes) -> Response {
-    answer(
-        "NetworkDriver.EndpointOperInfo",
-        parse::<protocol::EndpointRef>("NetworkDriver.EndpointOperInfo", &body).map(|_| {
-            protocol::reply(&protocol::OperInfo {
-                value: Default::default(),
-            })
-        }),
-    )
+const OPER_INFO: &str = "NetworkDriver.EndpointOperInfo";
+
+pub async fn oper_info(State(ctx): Ctx, body: Bytes) -> Response {
+    answer(OPER_INFO, do_oper_info(&ctx, &body).await)
+}
+
+/// The endpoint's published ports, as Docker's bridge driver reports its.
+async fn do_oper_info(ctx: &Context, body: &[u8]) -> Result<Response, Refusal> {
+    let req: protocol::EndpointRef = parse(OPER_INFO, body)?;
+    let store = ctx.store.get().await?;
+    let mut value = std::collections::BTreeMap::new();
+    if let Some(net) = resolve(ctx, &store, &req.network_id).await? {
+        let state = store.load_in(Scope::Network(&net.name)).await?;
+        if let Some(ep) = endpoint_of(&state, &ctx.node, &net.name, &req.endpoint_id)
+            && !ep.ports.is_empty()
+        {
+            value.insert(
+                options::PORT_MAP_KEY.to_owned(),
+                options::port_map_info(&ep.ports),
+            );
+        }
+    }
+    Ok(protocol::reply(&protocol::OperInfo { value }))
 }
 
 const JOIN: &str = "NetworkDriver.Join";
@@ -384,6 +403,7 @@ async fn do_join(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, Refusal> {
                     owner: Some(owner_of(&req.endpoint_id)),
                     subnet: None,
                     aliases: Vec::new(),
+                    ports: ep.ports.clone(),
                 },
                 Placement::HostSide,
             )

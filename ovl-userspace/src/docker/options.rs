@@ -5,9 +5,11 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::protocol::{IpamData, Refusal};
+use crate::ports::{Protocol, PublishedPort};
 
 /// `--opt com.docker.network.driver.mtu=N`: the containers' MTU.
 pub const MTU: &str = "com.docker.network.driver.mtu";
@@ -189,15 +191,97 @@ pub fn gateway(requested: Ipv4Addr, served: Ipv4Addr) -> Result<(), Refusal> {
     ))
 }
 
-/// Checks CreateEndpoint's options: ovl publishes no ports.
-pub fn endpoint_options(options: &BTreeMap<String, Value>) -> Result<(), Refusal> {
-    match options.get(PORT_MAP) {
-        Some(Value::Array(ports)) if !ports.is_empty() => Err(Refusal::new(
-            "ovl networks publish no ports (-p/--publish): run the container without them, or publish on another network",
-        )),
-        _ => Ok(()),
-    }
+/// One of libnetwork's `types.PortBinding`s, as CreateEndpoint's
+/// [`PORT_MAP`] carries `-p`: `IP`/`Port` the container's side, `HostIP`/
+/// `HostPort`(`..HostPortEnd`) the host's.
+#[derive(Debug, Deserialize)]
+struct PortBinding {
+    #[serde(rename = "Proto")]
+    proto: u64,
+    #[serde(rename = "Port")]
+    port: u16,
+    #[serde(rename = "HostIP", default)]
+    host_ip: String,
+    #[serde(rename = "HostPort", default)]
+    host_port: u16,
+    #[serde(rename = "HostPortEnd", default)]
+    host_port_end: u16,
 }
+
+/// Reads CreateEndpoint's options: the ports `-p` publishes (exposed ports
+/// need nothing: every port of an overlay address is reachable in it).
+pub fn endpoint_options(options: &BTreeMap<String, Value>) -> Result<Vec<PublishedPort>, Refusal> {
+    let bindings: Vec<PortBinding> = match options.get(PORT_MAP) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+            Refusal::malformed(format!("{PORT_MAP} is not a list of port bindings: {e}"))
+        })?,
+    };
+    bindings
+        .iter()
+        .map(|b| {
+            let protocol = Protocol::from_number(b.proto).ok_or_else(|| {
+                Refusal::new(format!(
+                    "-p ...:{}/{}: ovl publishes tcp and udp ports only",
+                    b.port, b.proto
+                ))
+            })?;
+            if b.host_port == 0 {
+                return Err(Refusal::new(format!(
+                    "-p {}/{protocol} without a host port: ovl publishes only on the host port given; write -p HOSTPORT:{}",
+                    b.port, b.port
+                )));
+            }
+            if b.host_port_end != 0 && b.host_port_end != b.host_port {
+                return Err(Refusal::new(format!(
+                    "-p {}-{}:{}/{protocol}: ovl publishes one host port per container port, not a range",
+                    b.host_port, b.host_port_end, b.port
+                )));
+            }
+            if b.port == 0 {
+                return Err(Refusal::malformed("a port binding without a container port"));
+            }
+            let host_ip = match b.host_ip.as_str() {
+                "" => None,
+                text => Some(text.parse::<Ipv4Addr>().map_err(|_| {
+                    Refusal::new(format!(
+                        "-p {text}:{}:{}: ovl publishes on IPv4 host addresses only",
+                        b.host_port, b.port
+                    ))
+                })?),
+            };
+            Ok(PublishedPort {
+                protocol,
+                host_ip: host_ip.filter(|ip| !ip.is_unspecified()),
+                host_port: b.host_port,
+                container_port: b.port,
+            })
+        })
+        .collect()
+}
+
+/// What EndpointOperInfo tells Docker of the ports: libnetwork's port
+/// bindings under [`PORT_MAP`], as its bridge driver reports them.
+pub fn port_map_info(ports: &[PublishedPort]) -> Value {
+    Value::Array(
+        ports
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "Proto": p.protocol.number(),
+                    "IP": "",
+                    "Port": p.container_port,
+                    "HostIP": p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).to_string(),
+                    "HostPort": p.host_port,
+                    "HostPortEnd": p.host_port,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The option key of [`port_map_info`].
+pub const PORT_MAP_KEY: &str = PORT_MAP;
 
 #[cfg(test)]
 mod tests {
@@ -272,19 +356,56 @@ mod tests {
     }
 
     #[test]
-    fn published_ports_are_refused_exposed_ones_ignored() {
+    fn published_ports_are_read_exposed_ones_ignored() {
+        let none = endpoint_options(&opts(
+            json!({"com.docker.network.endpoint.exposedports": [{"Proto":6,"Port":80}]}),
+        ))
+        .unwrap();
+        assert!(none.is_empty());
         assert!(
-            endpoint_options(&opts(
-                json!({"com.docker.network.endpoint.exposedports": [{"Proto":6,"Port":80}]})
-            ))
-            .is_ok()
+            endpoint_options(&opts(json!({PORT_MAP: []})))
+                .unwrap()
+                .is_empty()
         );
-        assert!(endpoint_options(&opts(json!({PORT_MAP: []}))).is_ok());
-        assert!(
-            endpoint_options(&opts(
-                json!({PORT_MAP: [{"Proto":6,"Port":80,"HostPort":8080}]})
-            ))
-            .is_err()
+        let got = endpoint_options(&opts(json!({PORT_MAP: [
+            {"Proto":6,"IP":"","Port":80,"HostIP":"","HostPort":8080,"HostPortEnd":8080},
+            {"Proto":17,"IP":"","Port":53,"HostIP":"192.0.2.10","HostPort":5353,"HostPortEnd":5353}
+        ]})))
+        .unwrap();
+        let want: Vec<PublishedPort> = vec![
+            "8080:80/tcp".parse().unwrap(),
+            "192.0.2.10:5353:53/udp".parse().unwrap(),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(
+            port_map_info(&want)[1],
+            json!({"Proto":17,"IP":"","Port":53,"HostIP":"192.0.2.10","HostPort":5353,"HostPortEnd":5353})
         );
+    }
+
+    #[test]
+    fn ports_ovl_cannot_publish_are_refused_saying_why() {
+        let cases = [
+            (
+                json!({"Proto":6,"Port":80,"HostPort":0}),
+                "without a host port",
+            ),
+            (
+                json!({"Proto":6,"Port":80,"HostPort":8080,"HostPortEnd":8090}),
+                "not a range",
+            ),
+            (
+                json!({"Proto":132,"Port":80,"HostPort":8080}),
+                "tcp and udp",
+            ),
+            (
+                json!({"Proto":6,"Port":80,"HostIP":"::","HostPort":8080}),
+                "IPv4",
+            ),
+        ];
+        for (binding, needle) in cases {
+            let e = endpoint_options(&opts(json!({PORT_MAP: [binding]}))).unwrap_err();
+            assert!(e.message.contains(needle), "{binding}: {}", e.message);
+        }
     }
 }

@@ -530,6 +530,7 @@ mod tests {
         s.reserve("blue", "b", None, None, OWNER_IPAM).unwrap();
         s.reserve("blue", "a", None, None, "docker:live").unwrap();
         let mut dead = ContainerSpec {
+            ports: Vec::new(),
             network: "blue".into(),
             node: "a".into(),
             netns: "/run/docker/netns/1".into(),

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::{
     model::{Endpoint, ModelError, State},
+    ports::PublishedPort,
     release::{DEFAULT_ADDRESS_GRACE, RestoreOutcome},
 };
 
@@ -42,7 +43,9 @@ pub enum Scope<'a> {
 }
 
 /// What [`Scope::Endpoint`] reads of network `network`: its record and
-/// held-back addresses; the claim of `attachment` and of each of `names`;
+/// held-back addresses; the claim of `attachment` and of each of `names`
+/// and, on the attachment's node, every claim of each of `ports`' host
+/// ports;
 /// the endpoint at `ip`; with `allocates`, which addresses are taken; and
 /// every endpoint those claims point at, with their own claims. A claim a
 /// change writes that this scope did not read is guarded as absent: if it
@@ -58,6 +61,9 @@ pub struct Around<'a> {
     pub names: &'a [String],
     /// Whether the change picks a free address.
     pub allocates: bool,
+    /// The ports the container publishes: the claims of each (on any
+    /// address of the node) are read.
+    pub ports: &'a [PublishedPort],
 }
 
 impl<'a> Around<'a> {
@@ -69,6 +75,7 @@ impl<'a> Around<'a> {
             ip: None,
             names: &[],
             allocates: false,
+            ports: &[],
         }
     }
 }

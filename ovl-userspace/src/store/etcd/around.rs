@@ -22,7 +22,7 @@ use super::{
     Range, Snapshot,
     codec::{
         ENDPOINTS, NAMES, RELEASED, attachment_key, claims_of, endpoint_key, holder_of,
-        is_index_key, name_key, network_key, parse,
+        is_index_key, name_key, network_key, parse, ports_prefix,
     },
 };
 use std::{
@@ -91,6 +91,9 @@ pub fn first(a: &Around<'_>) -> Vec<Range> {
     ];
     if let Some((node, netns)) = a.attachment {
         out.push(Range::Key(attachment_key(net, node, netns)));
+        // Every address's claim of each host port: one on every address
+        // clashes with one on a single address.
+        out.extend(a.ports.iter().map(|p| Range::Prefix(ports_prefix(node, p))));
         // The name a container holds unless given one: a disconnect then
         // finds every claim of a default-named endpoint in its second
         // round, not its third.
@@ -143,6 +146,7 @@ mod tests {
     /// Container `netns` of `node` on network blue, named `name` if given.
     fn spec(node: &str, netns: &str, name: Option<&str>) -> ContainerSpec {
         ContainerSpec {
+            ports: Vec::new(),
             network: "blue".into(),
             node: node.into(),
             netns: netns.into(),
@@ -220,6 +224,7 @@ mod tests {
             ip: None,
             names: &names,
             allocates: true,
+            ports: &[],
         };
         let (snap, rounds) = read(&store, &a);
         assert_eq!(rounds, 1, "nothing points further");
@@ -243,6 +248,7 @@ mod tests {
             ip: None,
             names: &names,
             allocates: true,
+            ports: &[],
         };
         let (snap, rounds) = read(&store, &a);
         // The claim, then its endpoint (c0), then c0's other claims.
@@ -269,6 +275,48 @@ mod tests {
         assert_eq!(
             snap.kvs.keys().filter(|k| k.starts_with(ENDPOINTS)).count(),
             1
+        );
+    }
+
+    #[test]
+    fn a_port_published_on_the_node_brings_its_holder_from_another_network() {
+        let mut store = blue(3);
+        store
+            .create_network(crate::model::NetworkSpec::new(
+                "red",
+                "198.18.0.0/24".parse().unwrap(),
+            ))
+            .unwrap();
+        store
+            .add_container(ContainerSpec {
+                network: "red".into(),
+                node: "a".into(),
+                netns: "web".into(),
+                ports: vec!["8080:80".parse().unwrap()],
+                ..ContainerSpec::default()
+            })
+            .unwrap();
+        let names = ["c9".to_owned()];
+        let ports = ["192.0.2.10:8080:80".parse().unwrap()];
+        let a = Around {
+            network: "blue",
+            attachment: Some(("a", "c9")),
+            ip: None,
+            names: &names,
+            allocates: true,
+            ports: &ports,
+        };
+        let (snap, _) = read(&store, &a);
+        let mut state = snap.state();
+        let err = state
+            .add_container(ContainerSpec {
+                ports: ports.to_vec(),
+                ..spec("a", "c9", None)
+            })
+            .unwrap_err();
+        assert!(
+            matches!(&err, crate::model::ModelError::PortTaken { network, .. } if network == "red"),
+            "{err}"
         );
     }
 

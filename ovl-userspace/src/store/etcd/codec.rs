@@ -12,6 +12,7 @@
 //! | `/ovl/nodes/<name>` | the node, its VTEP address and WireGuard key and port (kept after it dies) |
 //! | `/ovl/alive/<name>` | present while the node's agent holds its lease |
 //! | `/ovl/conflicts/<name>` | addresses the node found taken when it put back its endpoints |
+//! | `/ovl/ports/<node>/<proto>/<port>/<host ip>` | the claim of a published port: the network and address of its endpoint |
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
     model::{ClusterSettings, Endpoint, Location, Network, Node, SCHEMA_VERSION, State},
+    ports::PublishedPort,
     release::{AddressConflict, Released},
     store::{Part, StoreError},
 };
@@ -41,6 +43,10 @@ pub const NAMES: &str = "/ovl/names/";
 /// namespace): a container connects to a network once (derived, like
 /// [`NAMES`]).
 pub const ATTACHMENTS: &str = "/ovl/attachments/";
+/// Claims of published ports, one key per (node, protocol, host port,
+/// host address, `0.0.0.0` for every address): a host port is published
+/// once per node, whatever the network (derived, like [`NAMES`]).
+pub const PORTS: &str = "/ovl/ports/";
 /// Settings of the whole cluster (the VXLAN port); absent while default.
 pub const CLUSTER_KEY: &str = "/ovl/cluster";
 
@@ -60,6 +66,14 @@ struct VniOwner {
 /// name or attachment.
 #[derive(Serialize, Deserialize)]
 struct IndexOwner {
+    ip: Ipv4Addr,
+}
+
+/// The value of a port claim: the endpoint that publishes it (of any
+/// network of the node).
+#[derive(Serialize, Deserialize)]
+struct PortOwner {
+    network: String,
     ip: Ipv4Addr,
 }
 
@@ -124,18 +138,50 @@ pub fn attachment_key(network: &str, node: &str, netns: &str) -> String {
     format!("{ATTACHMENTS}{network}/{node}/{netns}")
 }
 
+/// The claim of published port `p` on `node`.
+pub fn port_key(node: &str, p: &PublishedPort) -> String {
+    format!(
+        "{}{}",
+        ports_prefix(node, p),
+        p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)
+    )
+}
+
+/// The claims of `p`'s protocol and host port on `node`, on any address.
+pub fn ports_prefix(node: &str, p: &PublishedPort) -> String {
+    format!("{PORTS}{node}/{}/{}/", p.protocol, p.host_port)
+}
+
 /// The claims endpoint `e` holds (when it is the first to hold them): one
-/// per name, and its attachment if it is a container's.
+/// per name, its attachment if it is a container's, and its published
+/// ports.
 pub fn claims_of(e: &Endpoint) -> Vec<String> {
     let mut out: Vec<String> = e.names().map(|n| name_key(&e.network, n)).collect();
     if let Location::Container { node, netns, .. } = &e.location {
         out.push(attachment_key(&e.network, node, netns));
+        out.extend(e.ports.iter().map(|p| port_key(node, p)));
     }
     out
 }
 
+/// The value claim `key` of endpoint `e` holds.
+pub fn claim_value_of(key: &str, e: &Endpoint) -> Vec<u8> {
+    if key.starts_with(PORTS) {
+        json(PortOwner {
+            network: e.network.clone(),
+            ip: e.ip,
+        })
+    } else {
+        claim_value(e.ip)
+    }
+}
+
 /// The endpoint a claim (`key`, holding `value`) points at, as its key.
 pub fn holder_of(key: &str, value: &[u8]) -> Option<String> {
+    if key.starts_with(PORTS) {
+        let owner: PortOwner = parse(key, value).ok()?;
+        return Some(endpoint_key(&owner.network, owner.ip));
+    }
     let rest = key
         .strip_prefix(NAMES)
         .or_else(|| key.strip_prefix(ATTACHMENTS))?;
@@ -149,9 +195,10 @@ pub fn claim_value(ip: Ipv4Addr) -> Vec<u8> {
     json(IndexOwner { ip })
 }
 
-/// Whether `key` is one of the derived claims ([`NAMES`], [`ATTACHMENTS`]).
+/// Whether `key` is one of the derived claims ([`NAMES`], [`ATTACHMENTS`],
+/// [`PORTS`]).
 pub fn is_index_key(key: &str) -> bool {
-    key.starts_with(NAMES) || key.starts_with(ATTACHMENTS)
+    key.starts_with(NAMES) || key.starts_with(ATTACHMENTS) || key.starts_with(PORTS)
 }
 
 pub fn alive_key(node: &str) -> String {
@@ -211,6 +258,11 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
         if let Location::Container { node, netns, .. } = &e.location {
             out.entry(attachment_key(&e.network, node, netns))
                 .or_insert_with(|| claim_value(e.ip));
+            for p in &e.ports {
+                let key = port_key(node, p);
+                let value = claim_value_of(&key, e);
+                out.entry(key).or_insert(value);
+            }
         }
     }
     for r in &state.released {
@@ -358,6 +410,7 @@ mod tests {
         .unwrap();
         for (node, ns) in [("a", "c1"), ("b", "c2")] {
             s.add_container(ContainerSpec {
+                ports: Vec::new(),
                 network: "blue".into(),
                 node: node.into(),
                 netns: ns.into(),
@@ -414,6 +467,7 @@ mod tests {
         let mut changed = sample();
         changed
             .add_container(ContainerSpec {
+                ports: Vec::new(),
                 network: "blue".into(),
                 node: "b".into(),
                 netns: "c9".into(),

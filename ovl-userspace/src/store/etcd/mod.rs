@@ -22,7 +22,7 @@ use std::{
 
 pub use codec::KEY_PREFIX;
 use codec::{
-    ATTACHMENTS, CLUSTER_KEY, ENDPOINTS, NAMES, NETWORKS, NODES, RELEASED, SCHEMA_KEY, VNIS,
+    ATTACHMENTS, CLUSTER_KEY, ENDPOINTS, NAMES, NETWORKS, NODES, PORTS, RELEASED, SCHEMA_KEY, VNIS,
     decode, encode, endpoint_key, is_index_key, network_and_ip, network_key, prefix_end,
     released_key,
 };
@@ -559,6 +559,21 @@ fn commit_plan(
             ),
         }
         plan.ops.push(TxnOp::put(key.as_str(), value.clone(), None));
+        // A port claimed on every address clashes with the same port
+        // claimed on one, under another key: no claim of the port may have
+        // been created since the read (which read them all).
+        if key.starts_with(PORTS)
+            && let Some((port, _)) = key.rsplit_once('/')
+        {
+            let port = format!("{port}/");
+            if !plan.guarded.contains(&port) {
+                plan.compares.push(
+                    Compare::create_revision(port.as_str(), CompareOp::Less, snap.revision + 1)
+                        .with_prefix(),
+                );
+                plan.guarded.push(port);
+            }
+        }
         let Some(rest) = key.strip_prefix(ENDPOINTS) else {
             continue;
         };
@@ -712,6 +727,7 @@ mod tests {
     /// the namespace unless `name` is given.
     fn connect_as(s: &mut State, ns: &str, name: Option<&str>) {
         s.add_container(ContainerSpec {
+            ports: Vec::new(),
             network: "blue".into(),
             node: "a".into(),
             netns: ns.into(),
@@ -769,6 +785,7 @@ mod tests {
         let other = plan_of(&before, |s| {
             // Another address (as a racer that read later would pick).
             s.add_container(ContainerSpec {
+                ports: Vec::new(),
                 network: "blue".into(),
                 node: "b".into(),
                 netns: "c2".into(),
@@ -795,6 +812,42 @@ mod tests {
         let other = plan_of(&before, |s| connect_named(s, "c2", "wEB"));
         assert!(one.guarded.contains(&"/ovl/names/blue/web".to_owned()));
         assert!(other.guarded.contains(&"/ovl/names/blue/web".to_owned()));
+    }
+
+    #[test]
+    fn racing_publishers_of_one_host_port_on_one_node_collide() {
+        let mut before = network();
+        before
+            .create_network(NetworkSpec::new("red", "198.18.0.0/24".parse().unwrap()))
+            .unwrap();
+        let publish = |net: &str, ns: &str, port: &str| {
+            let (net, ns, port) = (net.to_owned(), ns.to_owned(), port.to_owned());
+            move |s: &mut State| {
+                s.add_container(ContainerSpec {
+                    network: net,
+                    node: "a".into(),
+                    netns: ns,
+                    ports: vec![port.parse().unwrap()],
+                    ..ContainerSpec::default()
+                })
+                .unwrap();
+            }
+        };
+        let one = plan_of(&before, publish("blue", "c1", "8080:80"));
+        let other = plan_of(&before, publish("red", "c2", "192.0.2.10:8080:81"));
+        // Different claims (every address, one address) under one guard
+        // on the claims of tcp port 8080 of node a.
+        assert!(
+            one.guarded
+                .contains(&"/ovl/ports/a/tcp/8080/0.0.0.0".to_owned())
+        );
+        assert!(
+            other
+                .guarded
+                .contains(&"/ovl/ports/a/tcp/8080/192.0.2.10".to_owned())
+        );
+        let prefix = "/ovl/ports/a/tcp/8080/".to_owned();
+        assert!(one.guarded.contains(&prefix) && other.guarded.contains(&prefix));
     }
 
     #[test]

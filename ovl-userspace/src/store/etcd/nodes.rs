@@ -11,7 +11,7 @@ use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use super::{
     ENDPOINTS, EtcdStore, MAX_ATTEMPTS, MAX_TXN_OPS, Range, Snapshot,
     codec::{
-        ALIVE, ConflictsRecord, NODES, alive_key, claim_value, claims_of, conflicts_key,
+        ALIVE, ConflictsRecord, NODES, alive_key, claim_value_of, claims_of, conflicts_key,
         endpoint_key, json, network_key, node_key, parse, released_key,
     },
 };
@@ -298,7 +298,7 @@ fn free_ops(key: &str, e: &Endpoint, now_ms: u64) -> Vec<TxnOp> {
                 .when([Compare::value(
                     claim.as_str(),
                     CompareOp::Equal,
-                    claim_value(e.ip),
+                    claim_value_of(&claim, e),
                 )])
                 .and_then([TxnOp::delete(claim.as_str(), None)]),
         ));
@@ -357,6 +357,7 @@ mod tests {
         for i in 0..300 {
             let e = s
                 .add_container(ContainerSpec {
+                    ports: Vec::new(),
                     network: "blue".into(),
                     node: "dead".into(),
                     netns: format!("c{i}"),

@@ -1,0 +1,284 @@
+//! Published ports (Docker's `-p`): a container port reachable on its
+//! node's addresses. The type, its `[HOSTIP:]HOSTPORT:CPORT[/PROTO]` text
+//! form, and the rules a set of them obeys; `egress_nat` installs them.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use serde::{Deserialize, Serialize};
+
+/// The transport protocol of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The name nftables, conntrack and Docker use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// The IANA protocol number (Docker's portmap option carries it).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// The protocol of IANA number `n`, if ovl publishes it.
+    pub fn from_number(n: u64) -> Option<Protocol> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = PortError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(PortError::Protocol(s.to_owned())),
+        }
+    }
+}
+
+/// A container port published on its node: connections to `host_port`
+/// on `host_ip` (every local address of the node when `None`) reach the
+/// container's `container_port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub protocol: Protocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+impl PublishedPort {
+    /// Whether `self` and `other` would take the same connections: one
+    /// protocol and host port, on one address or on every address.
+    pub fn overlaps(&self, other: &PublishedPort) -> bool {
+        self.protocol == other.protocol
+            && self.host_port == other.host_port
+            && (self.host_ip.is_none() || other.host_ip.is_none() || self.host_ip == other.host_ip)
+    }
+
+    /// As `docker port` shows it: `0.0.0.0:8080->80/tcp` (`0.0.0.0` for
+    /// every address).
+    pub fn mapping(&self) -> String {
+        format!(
+            "{}:{}->{}/{}",
+            self.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            self.host_port,
+            self.container_port,
+            self.protocol
+        )
+    }
+}
+
+/// `[HOSTIP:]HOSTPORT:CPORT/PROTO`, as `docker run -p` takes it.
+impl fmt::Display for PublishedPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(ip) = self.host_ip {
+            write!(f, "{ip}:")?;
+        }
+        write!(
+            f,
+            "{}:{}/{}",
+            self.host_port, self.container_port, self.protocol
+        )
+    }
+}
+
+impl FromStr for PublishedPort {
+    type Err = PortError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || PortError::Syntax(s.to_owned());
+        let (ports, protocol) = match s.rsplit_once('/') {
+            Some((ports, proto)) => (ports, proto.parse()?),
+            None => (s, Protocol::Tcp),
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (host_ip, host_port, container_port) = match parts.as_slice() {
+            [host, container] => (None, *host, *container),
+            [ip, host, container] => (
+                Some(ip.parse::<Ipv4Addr>().map_err(|_| bad())?),
+                *host,
+                *container,
+            ),
+            _ => return Err(bad()),
+        };
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(PortError::Port(p.to_owned())),
+            Ok(n) => Ok(n),
+        };
+        Ok(PublishedPort {
+            protocol,
+            // 0.0.0.0 is Docker's way to say every address.
+            host_ip: host_ip.filter(|ip| !ip.is_unspecified()),
+            host_port: port(host_port)?,
+            container_port: port(container_port)?,
+        })
+    }
+}
+
+/// A published port that is not well-formed, or a set that contradicts
+/// itself.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PortError {
+    #[error(
+        "invalid published port {0:?}: write [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp], e.g. 8080:80 or 192.0.2.10:5353:53/udp"
+    )]
+    Syntax(String),
+    #[error("invalid port {0:?}: ports are 1..=65535")]
+    Port(String),
+    #[error("invalid protocol {0:?}: ovl publishes tcp and udp ports")]
+    Protocol(String),
+    #[error(
+        "{0} cannot be published: the host's loopback addresses do not forward to containers (route_localnet is off); publish on another address or on every address"
+    )]
+    Loopback(PublishedPort),
+    #[error(
+        "{0} is a multicast or broadcast address, not an address of the host; publish on one of the host's addresses or on every address"
+    )]
+    NotUnicast(Ipv4Addr),
+    #[error("{0} and {1} take the same host port; publish each host port once")]
+    Duplicate(PublishedPort, PublishedPort),
+}
+
+/// Checks one endpoint's published ports: host addresses that can take
+/// connections, and no host port twice.
+pub fn validate(ports: &[PublishedPort]) -> Result<(), PortError> {
+    for (i, p) in ports.iter().enumerate() {
+        if let Some(ip) = p.host_ip {
+            if ip.is_loopback() {
+                return Err(PortError::Loopback(*p));
+            }
+            if ip.is_multicast() || ip.is_broadcast() {
+                return Err(PortError::NotUnicast(ip));
+            }
+        }
+        if let Some(q) = ports[..i].iter().find(|q| q.overlaps(p)) {
+            return Err(PortError::Duplicate(*q, *p));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(s: &str) -> PublishedPort {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn docker_style_port_specs_parse() {
+        assert_eq!(
+            port("8080:80"),
+            PublishedPort {
+                protocol: Protocol::Tcp,
+                host_ip: None,
+                host_port: 8080,
+                container_port: 80
+            }
+        );
+        assert_eq!(
+            port("192.0.2.10:5353:53/UDP"),
+            PublishedPort {
+                protocol: Protocol::Udp,
+                host_ip: Some(Ipv4Addr::new(192, 0, 2, 10)),
+                host_port: 5353,
+                container_port: 53
+            }
+        );
+        assert_eq!(port("0.0.0.0:1:65535/tcp").host_ip, None);
+        assert_eq!(
+            port("192.0.2.10:5353:53/udp").to_string(),
+            "192.0.2.10:5353:53/udp"
+        );
+        assert_eq!(port("8080:80").mapping(), "0.0.0.0:8080->80/tcp");
+    }
+
+    #[test]
+    fn malformed_port_specs_are_refused_saying_the_form() {
+        for bad in [
+            "80",
+            "a:b:c:d",
+            "x.y:80:80",
+            "8080:80/sctp",
+            "0:80",
+            "8080:65536",
+            ":80",
+        ] {
+            let err = bad.parse::<PublishedPort>().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PortError::Syntax(_) | PortError::Port(_) | PortError::Protocol(_)
+                ),
+                "{bad}: {err}"
+            );
+        }
+        assert!(
+            "80".parse::<PublishedPort>()
+                .unwrap_err()
+                .to_string()
+                .contains("HOSTPORT:CONTAINERPORT")
+        );
+    }
+
+    #[test]
+    fn one_host_port_is_published_once_per_address_and_protocol() {
+        assert!(validate(&[port("8080:80"), port("8080:80/udp"), port("8081:80")]).is_ok());
+        assert!(validate(&[port("192.0.2.10:80:80"), port("198.51.100.10:80:81")]).is_ok());
+        assert!(matches!(
+            validate(&[port("8080:80"), port("192.0.2.10:8080:81")]),
+            Err(PortError::Duplicate(..))
+        ));
+        assert!(matches!(
+            validate(&[port("8080:80"), port("8080:81")]),
+            Err(PortError::Duplicate(..))
+        ));
+        assert!(matches!(
+            validate(&[port("127.0.0.1:8080:80")]),
+            Err(PortError::Loopback(_))
+        ));
+        assert!(matches!(
+            validate(&[port("224.0.0.1:8080:80")]),
+            Err(PortError::NotUnicast(_))
+        ));
+    }
+
+    #[test]
+    fn records_without_a_host_address_omit_it() {
+        let json = serde_json::to_string(&port("8080:80")).unwrap();
+        assert_eq!(
+            json,
+            r#"{"protocol":"tcp","host_port":8080,"container_port":80}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<PublishedPort>(&json).unwrap(),
+            port("8080:80")
+        );
+    }
+}
