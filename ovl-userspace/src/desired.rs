@@ -74,6 +74,8 @@ pub struct EgressEndpoint {
     /// Host end of its veth.
     pub ifindex: u32,
     pub ifname: String,
+    /// Its ports published on this node.
+    pub ports: Vec<crate::ports::PublishedPort>,
 }
 
 /// Computes what node `node` (VTEP `vtep`) must hold. `ifindex_of`
@@ -198,6 +200,7 @@ impl NetworkPlan {
                         mac: ep.mac.0,
                         ifindex,
                         ifname: host_ifname.clone(),
+                        ports: ep.ports.clone(),
                     });
                 }
             }

@@ -15,7 +15,15 @@
 //!   each local container through its veth (with a permanent neighbour, so
 //!   the host never ARPs into a container), and a rule `fwmark → table`.
 //!   Tables per network keep networks whose subnets overlap apart;
-//! - IPv4 forwarding on the container veths and the underlay.
+//! - IPv4 forwarding on the container veths and the underlay;
+//! - published ports (Docker's `-p`): per port a DNAT rule in chain
+//!   `published` of the same table, reached from prerouting for packets to
+//!   a local address (not from containers) and from output for the host's
+//!   own connections to its non-loopback addresses. It marks the
+//!   connection with the container's network, so the packet is routed by
+//!   that network's table and the forward guard lets it through; the
+//!   container's replies come back marked by the egress program and
+//!   conntrack undoes the DNAT. The client's address is kept.
 //!
 //! [`ensure`] is idempotent and cheap when nothing changed; [`remove`]
 //! (`ovl detach`) takes everything away again and restores the underlay's
@@ -34,7 +42,7 @@ use anyhow::{Context, Result, bail};
 use ovl_common::maps::{EGRESS_MARK_BASE, EGRESS_MARK_MASK, egress_mark};
 use serde_json::Value;
 
-use crate::desired::EgressEndpoint;
+use crate::{desired::EgressEndpoint, ports::PublishedPort};
 
 /// nftables table (family ip) holding ovl's NAT.
 pub const TABLE: &str = "ovl";
@@ -44,7 +52,17 @@ pub const RULE_PRIORITY: u32 = 1000;
 /// Chain present only when ovl switched the underlay's forwarding on.
 const GUARD_CHAIN: &str = "underlay_guard";
 /// The chains a complete table has (the guard aside).
-const CHAINS: [&str; 4] = ["zone", "prerouting", "output", "postrouting"];
+const CHAINS: [&str; 7] = [
+    "zone",
+    "prerouting",
+    "output",
+    "postrouting",
+    "publish",
+    "publish_local",
+    PUBLISHED_CHAIN,
+];
+/// The chain of published ports' DNAT rules, one per port.
+const PUBLISHED_CHAIN: &str = "published";
 
 /// The conntrack zone of the original direction of network `mark`'s
 /// connections (map `zones`). Networks may share a subnet, and two of
@@ -81,6 +99,69 @@ struct Table {
     /// The device whose forwarding ovl switched on: its guard rule's
     /// `iifname`.
     guarded: Option<String>,
+    /// The comments of the rules in chain `published`: which ports they
+    /// publish ([`PortRule::comment`]).
+    published: BTreeSet<String>,
+}
+
+/// A published port of a local container, as one DNAT rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct PortRule {
+    mark: u32,
+    ip: Ipv4Addr,
+    port: PublishedPort,
+}
+
+impl PortRule {
+    /// What the rule is, in its comment: how the table tells it has the
+    /// rules it should.
+    fn comment(&self) -> String {
+        format!("{:#x} {} {}", self.mark, self.ip, self.port.mapping())
+    }
+
+    /// The rule, for chain `published`.
+    fn nft(&self) -> String {
+        let p = &self.port;
+        let daddr = p
+            .host_ip
+            .map(|ip| format!("ip daddr {ip} "))
+            .unwrap_or_default();
+        format!(
+            "{daddr}{proto} dport {host} meta mark set {mark:#x} ct mark set {mark:#x} dnat to {ip}:{container} comment \"{comment}\"",
+            proto = p.protocol,
+            host = p.host_port,
+            mark = self.mark,
+            ip = self.ip,
+            container = p.container_port,
+            comment = self.comment()
+        )
+    }
+}
+
+/// The DNAT rules `endpoints` publish.
+fn port_rules(endpoints: &[EgressEndpoint]) -> BTreeSet<PortRule> {
+    endpoints
+        .iter()
+        .flat_map(|e| {
+            e.ports.iter().map(|p| PortRule {
+                mark: egress_mark(e.vni),
+                ip: e.ip,
+                port: *p,
+            })
+        })
+        .collect()
+}
+
+/// Replaces chain `published`'s rules with `rules`.
+fn published_script(rules: &BTreeSet<PortRule>) -> String {
+    let mut s = format!("flush chain ip {TABLE} {PUBLISHED_CHAIN}\n");
+    for r in rules {
+        s.push_str(&format!(
+            "add rule ip {TABLE} {PUBLISHED_CHAIN} {}\n",
+            r.nft()
+        ));
+    }
+    s
 }
 
 /// Makes the host masquerade and route back the external traffic of
@@ -106,6 +187,7 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
         .iter()
         .map(|e| (e.ip, egress_mark(e.vni)))
         .collect();
+    let rules = port_rules(endpoints);
 
     // Containers that left: their translations, route and element go.
     let had = table
@@ -139,11 +221,25 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     });
     if !complete {
         if table.is_some() || !endpoints.is_empty() {
-            nft(&table_script(table.is_some(), underlay, guard, &want))?;
+            nft(&table_script(
+                table.is_some(),
+                underlay,
+                guard,
+                &want,
+                &rules,
+            ))?;
         }
     } else {
+        let mut script = String::new();
         if had != want {
-            nft(&element_script(&had, &want))?;
+            script.push_str(&element_script(&had, &want));
+        }
+        let comments: BTreeSet<String> = rules.iter().map(PortRule::comment).collect();
+        if table.as_ref().is_some_and(|t| t.published != comments) {
+            script.push_str(&published_script(&rules));
+        }
+        if !script.is_empty() {
+            nft(&script)?;
         }
     }
     if switch_forwarding_on {
@@ -344,9 +440,12 @@ fn parse_routes(routes: &Value) -> BTreeMap<Ipv4Addr, String> {
 }
 
 /// Deletes the conntrack entries (address translations included) of the
-/// container `ip` of the network marked `mark`.
+/// container `ip` of the network marked `mark`: those it opened, and
+/// those its published ports took (their replies come from it).
 fn forget_translations(ip: Ipv4Addr, mark: u32) -> Result<()> {
-    conntrack_delete(&["-s", &ip.to_string(), "-m", &mark.to_string()])
+    let (ip, mark) = (ip.to_string(), mark.to_string());
+    conntrack_delete(&["-s", &ip, "-m", &mark])?;
+    conntrack_delete(&["-r", &ip, "-m", &mark])
 }
 
 fn conntrack_delete(filter: &[&str]) -> Result<()> {
@@ -463,6 +562,7 @@ fn parse_table(json: &Value) -> Table {
         chains: BTreeSet::new(),
         elements: BTreeSet::new(),
         guarded: None,
+        published: BTreeSet::new(),
     };
     for item in json["nftables"].as_array().into_iter().flatten() {
         if let Some(name) = item["chain"]["name"].as_str() {
@@ -477,6 +577,11 @@ fn parse_table(json: &Value) -> Table {
                 .find(|m| m["left"]["meta"]["key"].as_str() == Some("iifname"))
                 .and_then(|m| m["right"].as_str())
                 .map(str::to_owned);
+        }
+        if item["rule"]["chain"].as_str() == Some(PUBLISHED_CHAIN)
+            && let Some(comment) = item["rule"]["comment"].as_str()
+        {
+            table.published.insert(comment.to_owned());
         }
         if item["set"]["name"].as_str() == Some("endpoints") {
             for e in item["set"]["elem"].as_array().into_iter().flatten() {
@@ -498,10 +603,12 @@ fn table_script(
     underlay: &str,
     guard: bool,
     elements: &BTreeSet<(Ipv4Addr, u32)>,
+    rules: &BTreeSet<PortRule>,
 ) -> String {
     let ours = format!("meta mark & {EGRESS_MARK_MASK:#x} == {EGRESS_MARK_BASE:#x}");
     let ct_ours = format!("ct mark & {EGRESS_MARK_MASK:#x} == {EGRESS_MARK_BASE:#x}");
     let ct_theirs = format!("ct mark & {EGRESS_MARK_MASK:#x} != {EGRESS_MARK_BASE:#x}");
+    let theirs = format!("meta mark & {EGRESS_MARK_MASK:#x} != {EGRESS_MARK_BASE:#x}");
     let mut s = String::new();
     if exists {
         s.push_str(&format!("delete table ip {TABLE}\n"));
@@ -517,15 +624,27 @@ fn table_script(
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority mangle; policy accept;\n\
          \t\t{ours} ct direction original ct mark set meta mark\n\
+         \t\tct direction original {ct_ours} meta mark set ct mark\n\
          \t\tct direction reply {ct_ours} meta mark set ct mark\n\
          \t}}\n\
          \tchain output {{\n\
          \t\ttype route hook output priority mangle; policy accept;\n\
+         \t\tct direction original {ct_ours} meta mark set ct mark\n\
          \t\tct direction reply {ct_ours} meta mark set ct mark\n\
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tip saddr . meta mark @endpoints masquerade\n\
+         \t}}\n\
+         \tchain {PUBLISHED_CHAIN} {{\n\
+         \t}}\n\
+         \tchain publish {{\n\
+         \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         \t\t{theirs} fib daddr type local jump {PUBLISHED_CHAIN}\n\
+         \t}}\n\
+         \tchain publish_local {{\n\
+         \t\ttype nat hook output priority -100; policy accept;\n\
+         \t\tip daddr != 127.0.0.0/8 fib daddr type local jump {PUBLISHED_CHAIN}\n\
          \t}}\n"
     ));
     if guard {
@@ -538,6 +657,9 @@ fn table_script(
     }
     s.push_str("}\n");
     s.push_str(&element_script(&BTreeSet::new(), elements));
+    if !rules.is_empty() {
+        s.push_str(&published_script(rules));
+    }
     s
 }
 
@@ -714,9 +836,43 @@ mod tests {
     }
 
     #[test]
+    fn published_ports_are_dnat_rules_that_mark_their_network() {
+        let rule = |ip: [u8; 4], port: &str| PortRule {
+            mark: 0x6f00_1000,
+            ip: Ipv4Addr::from(ip),
+            port: port.parse().unwrap(),
+        };
+        let rules = BTreeSet::from([
+            rule([198, 18, 0, 2], "8080:80"),
+            rule([198, 18, 0, 2], "192.0.2.10:5353:53/udp"),
+        ]);
+        let s = published_script(&rules);
+        assert_eq!(
+            s,
+            "flush chain ip ovl published\n\
+             add rule ip ovl published tcp dport 8080 meta mark set 0x6f001000 ct mark set 0x6f001000 dnat to 198.18.0.2:80 comment \"0x6f001000 198.18.0.2 0.0.0.0:8080->80/tcp\"\n\
+             add rule ip ovl published ip daddr 192.0.2.10 udp dport 5353 meta mark set 0x6f001000 ct mark set 0x6f001000 dnat to 198.18.0.2:53 comment \"0x6f001000 198.18.0.2 192.0.2.10:5353->53/udp\"\n"
+        );
+        let t = table_script(false, "eth0", false, &BTreeSet::new(), &rules);
+        assert!(t.contains("fib daddr type local jump published"), "{t}");
+        assert!(t.ends_with(&s), "{t}");
+        // What the table lists is what tells the rules are there.
+        let json: Value = serde_json::from_str(
+            r#"{"nftables":[{"chain":{"family":"ip","table":"ovl","name":"published"}},
+              {"rule":{"family":"ip","table":"ovl","chain":"published","handle":9,
+                "comment":"0x6f001000 198.18.0.2 0.0.0.0:8080->80/tcp","expr":[]}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            parse_table(&json).published,
+            BTreeSet::from([rule([198, 18, 0, 2], "8080:80").comment()])
+        );
+    }
+
+    #[test]
     fn scripts_name_ovls_mark_and_elements() {
         let els = BTreeSet::from([(Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1000)]);
-        let s = table_script(true, "eth0", true, &els);
+        let s = table_script(true, "eth0", true, &els, &BTreeSet::new());
         assert!(s.starts_with("delete table ip ovl\n"), "{s}");
         assert!(
             s.contains("iifname \"eth0\" ct mark & 0xff000000 != 0x6f000000 drop"),
@@ -753,7 +909,7 @@ mod tests {
              delete element ip ovl zones { 0x6f001000 : 4096 }\n"
         );
         assert_eq!(zone_of(0x6f01_0000), 1, "never the host's zone 0");
-        let s = table_script(false, "eth0", false, &BTreeSet::new());
+        let s = table_script(false, "eth0", false, &BTreeSet::new(), &BTreeSet::new());
         assert!(!s.contains("delete") && !s.contains(GUARD_CHAIN), "{s}");
     }
 }

@@ -1,0 +1,334 @@
+//! Published ports, Docker's `-p` through docker_gwbridge: a client
+//! anywhere reaching host A's address and port reaches the container's
+//! port, which sees the client's own address; a host port is published
+//! once per host; a container that leaves takes its rule and connections
+//! along; an internal network publishes nothing.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use ovl_tests::{ChildHandle, Lab, Netns, TwoHosts, wait_until};
+
+const NETWORK: &str = "web";
+/// Host A's underlay address: where the ports are published.
+const HOST_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// Host B's underlay address: the client, one routed hop away.
+const HOST_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+
+/// A TCP server in `c` on every address, port `port`, that greets every
+/// connection with `greeting` and prints the peer's address.
+fn tcp_server(lab: &Lab, c: &Netns, port: u16, greeting: &str) -> Result<ChildHandle> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port}))\n\
+         s.listen(8)\n\
+         print('listening', flush=True)\n\
+         while True:\n\
+         \x20   conn, peer = s.accept()\n\
+         \x20   print('peer', peer[0], flush=True)\n\
+         \x20   conn.sendall(b'{greeting}\\n')\n\
+         \x20   conn.close()\n"
+    );
+    let server = lab.spawn(c, &["/usr/bin/python3", "-c", &script], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(server.stdout()?.contains("listening"))
+    })
+    .with_context(|| format!("TCP server did not start:\n{}", server.output_report()))?;
+    Ok(server)
+}
+
+/// A UDP server in `c` on `ip`:`port` that answers each datagram with
+/// `pong ` and the datagram, and prints the peer's address. (Port 53 on
+/// every address is not free: ovl's resolver has 127.0.0.11:53.)
+fn udp_server(lab: &Lab, c: &Netns, ip: Ipv4Addr, port: u16) -> Result<ChildHandle> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{ip}', {port}))\n\
+         print('listening', flush=True)\n\
+         while True:\n\
+         \x20   data, peer = s.recvfrom(512)\n\
+         \x20   print('peer', peer[0], flush=True)\n\
+         \x20   s.sendto(b'pong ' + data, peer)\n"
+    );
+    let server = lab.spawn(c, &["/usr/bin/python3", "-c", &script], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(server.stdout()?.contains("listening"))
+    })
+    .with_context(|| format!("UDP server did not start:\n{}", server.output_report()))?;
+    Ok(server)
+}
+
+/// What a TCP connection from `from` to `addr`:`port` receives (empty
+/// when it failed).
+fn fetch(from: &Netns, addr: Ipv4Addr, port: u16) -> Result<String> {
+    let out = from.exec_unchecked(&["nc", "-w", "3", &addr.to_string(), &port.to_string()])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The answer to one UDP datagram `ping` from `from` to `addr`:`port`
+/// (empty when none came within 3 s).
+fn udp_exchange(from: &Netns, addr: Ipv4Addr, port: u16) -> Result<String> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.settimeout(3)\n\
+         s.sendto(b'ping', ('{addr}', {port}))\n\
+         try:\n\
+         \x20   print(s.recv(512).decode())\n\
+         except socket.timeout:\n\
+         \x20   pass\n"
+    );
+    let out = from.exec(&["/usr/bin/python3", "-c", &script])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `nft list table ip ovl` on `host`.
+fn ovl_table(host: &Netns) -> Result<String> {
+    let out = host.exec(&["nft", "list", "table", "ip", "ovl"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The DNAT rules of chain `published` on `host`.
+fn published_rules(host: &Netns) -> Result<Vec<String>> {
+    let out = host.exec(&["nft", "list", "chain", "ip", "ovl", "published"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("dnat to"))
+        .map(|l| l.trim().to_owned())
+        .collect())
+}
+
+/// Conntrack entries on `host` whose replies come from `ip`.
+fn connections_to(host: &Netns, ip: Ipv4Addr) -> Result<Vec<String>> {
+    let out = host.exec_unchecked(&["conntrack", "-L", "-r", &ip.to_string()])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("src={ip} ")))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Waits until `server` has printed `peer ADDR` `n` times.
+fn wait_peers(server: &ChildHandle, addr: Ipv4Addr, n: usize) -> Result<()> {
+    let line = format!("peer {addr}\n");
+    wait_until(Duration::from_secs(5), || {
+        Ok(server.stdout()?.matches(&line).count() >= n)
+    })
+    .with_context(|| {
+        format!(
+            "the server did not see {addr} {n} time(s):\n{}",
+            server.output_report()
+        )
+    })
+}
+
+#[test]
+fn a_published_port_reaches_the_container_with_the_clients_address_until_it_leaves() -> Result<()> {
+    let lab = Lab::new("published")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
+    world
+        .ovl
+        .create_network(host_a, NETWORK, "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let out = world.run(
+        0,
+        &[
+            "connect",
+            NETWORK,
+            c1.name(),
+            "--publish",
+            "8080:80",
+            "--publish",
+            "5353:53/udp",
+        ],
+    )?;
+    ensure!(
+        out.contains("publishes: 0.0.0.0:8080->80/tcp, 0.0.0.0:5353->53/udp"),
+        "connect did not say what it publishes:\n{out}"
+    );
+    let ip1: Ipv4Addr = "198.18.0.2".parse()?;
+    let web = tcp_server(&lab, &c1, 80, "hello from c1")?;
+    let dns = udp_server(&lab, &c1, ip1, 53)?;
+
+    // From host B, across the router: the container answers and sees
+    // host B's own address (no SNAT).
+    let mut got = String::new();
+    wait_until(Duration::from_secs(10), || {
+        got = fetch(host_b, HOST_A, 8080)?;
+        Ok(got.contains("hello from c1"))
+    })
+    .with_context(|| format!("host B got {got:?} from {HOST_A}:8080"))?;
+    wait_peers(&web, HOST_B, 1)?;
+    let answer = udp_exchange(host_b, HOST_A, 5353)?;
+    ensure!(
+        answer.contains("pong ping"),
+        "UDP to {HOST_A}:5353 got {answer:?}:\n{}",
+        dns.output_report()
+    );
+    wait_peers(&dns, HOST_B, 1)?;
+    // From host A itself, to its own underlay address.
+    let got = fetch(host_a, HOST_A, 8080)?;
+    ensure!(got.contains("hello from c1"), "host A got {got:?}");
+    wait_peers(&web, HOST_A, 1)?;
+    let listing = world.run(0, &["endpoint", "ls"])?;
+    ensure!(
+        listing.contains("publishes 0.0.0.0:8080->80/tcp, 0.0.0.0:5353->53/udp"),
+        "endpoint ls does not show the ports:\n{listing}"
+    );
+
+    // Another container on host A may not take the port (on any address
+    // of the host): refused, naming the holder, changing nothing.
+    let table = ovl_table(host_a)?;
+    let endpoints = world.run(0, &["endpoint", "ls", "--json"])?;
+    let c2 = lab.container("c2")?;
+    let refused = world.ovl.run_unchecked(
+        host_a,
+        "host-a",
+        &[
+            "connect",
+            NETWORK,
+            c2.name(),
+            "--publish",
+            &format!("{HOST_A}:8080:8080"),
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    ensure!(
+        !refused.status.success() && err.contains("already published") && err.contains("c1"),
+        "a second publisher of 8080 was not refused naming c1: {err}"
+    );
+    ensure!(
+        world.run(0, &["endpoint", "ls", "--json"])? == endpoints,
+        "the refused connect changed the store"
+    );
+    ensure!(
+        ovl_table(host_a)? == table,
+        "the refused connect changed nft"
+    );
+
+    // The agent restarts: the port keeps working; a rule lost meanwhile
+    // comes back, once.
+    world.terminate_agent(0)?;
+    ensure!(
+        fetch(host_b, HOST_A, 8080)?.contains("hello from c1"),
+        "the port stopped working with the agent"
+    );
+    host_a.exec(&["nft", "flush", "chain", "ip", "ovl", "published"])?;
+    world.restart_agent(&lab, 0, &[])?;
+    world.agents[0].wait_in_step()?;
+    let mut rules = Vec::new();
+    wait_until(Duration::from_secs(10), || {
+        rules = published_rules(host_a)?;
+        Ok(rules.len() == 2)
+    })
+    .with_context(|| format!("after the restart the rules are {rules:#?}"))?;
+    ensure!(
+        fetch(host_b, HOST_A, 8080)?.contains("hello from c1"),
+        "the port does not work after the agent's restart"
+    );
+    ensure!(
+        !connections_to(host_a, ip1)?.is_empty(),
+        "no conntrack entry of the published port: the check below would prove nothing"
+    );
+
+    // Leaving takes the rules and the connections along; the port is shut.
+    world.run(0, &["disconnect", NETWORK, c1.name()])?;
+    let mut left = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        left = published_rules(host_a)?;
+        Ok(left.is_empty())
+    })
+    .with_context(|| format!("rules left after disconnect: {left:#?}"))?;
+    wait_until(Duration::from_secs(5), || {
+        left = connections_to(host_a, ip1)?;
+        Ok(left.is_empty())
+    })
+    .with_context(|| format!("connections of {ip1} left after disconnect: {left:#?}"))?;
+    let got = fetch(host_b, HOST_A, 8080)?;
+    ensure!(got.is_empty(), "{HOST_A}:8080 still answers: {got:?}");
+    // The port is free for another container now.
+    world.run(0, &["connect", NETWORK, c2.name(), "--publish", "8080:80"])?;
+    world.stop()
+}
+
+#[test]
+fn networks_sharing_a_subnet_each_publish_to_their_own_container() -> Result<()> {
+    let lab = Lab::new("publishedtwo")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
+    let mut servers = Vec::new();
+    for (net, port) in [("red", 8081u16), ("blue", 8082)] {
+        world
+            .ovl
+            .create_network(host_a, net, "198.18.0.0/24", &[])?;
+        let c = lab.container(net)?;
+        let publish = format!("{port}:80");
+        world.run(0, &["connect", net, c.name(), "--publish", &publish])?;
+        servers.push(tcp_server(&lab, &c, 80, &format!("hello from {net}"))?);
+    }
+    // Both containers are 198.18.0.2, each in its network's table.
+    for (net, port) in [("red", 8081u16), ("blue", 8082)] {
+        let mut got = String::new();
+        wait_until(Duration::from_secs(10), || {
+            got = fetch(host_b, HOST_A, port)?;
+            Ok(!got.is_empty())
+        })
+        .with_context(|| format!("nothing answered on {HOST_A}:{port}"))?;
+        ensure!(
+            got.contains(&format!("hello from {net}")),
+            "{HOST_A}:{port} reached another container than {net}'s: {got:?}"
+        );
+    }
+    for server in &servers {
+        wait_peers(server, HOST_B, 1)?;
+    }
+
+    // `ovl detach` takes the published ports away with the rest.
+    ensure!(
+        !connections_to(host_a, "198.18.0.2".parse()?)?.is_empty(),
+        "no conntrack entry of a published port: the check below would prove nothing"
+    );
+    world.terminate_agent(0)?;
+    let out = world.run(0, &["detach", "eth0"])?;
+    ensure!(out.contains("nftables table ip ovl"), "detach said:\n{out}");
+    let left = connections_to(host_a, "198.18.0.2".parse()?)?;
+    ensure!(left.is_empty(), "connections left after detach: {left:#?}");
+    let got = fetch(host_b, HOST_A, 8081)?;
+    ensure!(
+        got.is_empty(),
+        "{HOST_A}:8081 answers after detach: {got:?}"
+    );
+    world.stop()
+}
+
+#[test]
+fn an_internal_network_publishes_nothing() -> Result<()> {
+    let lab = Lab::new("publishedint")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let host_a = &world.hosts[0].netns;
+    world
+        .ovl
+        .create_network(host_a, NETWORK, "198.18.0.0/24", &["--internal"])?;
+    let c1 = lab.container("c1")?;
+    let refused = world.ovl.run_unchecked(
+        host_a,
+        "host-a",
+        &["connect", NETWORK, c1.name(), "--publish", "8080:80"],
+    )?;
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    ensure!(
+        !refused.status.success() && err.contains("internal") && err.contains("published"),
+        "an internal network published a port: {err}"
+    );
+    let listing = world.run(0, &["endpoint", "ls", "--json"])?;
+    ensure!(
+        !listing.contains(c1.name()),
+        "the refused connect left an endpoint:\n{listing}"
+    );
+    world.stop()
+}
