@@ -1070,3 +1070,66 @@ fn a_docker_name_another_host_holds_is_said_once_and_taken_when_freed() -> Resul
     );
     world.stop()
 }
+
+#[test]
+fn a_port_published_with_docker_run_p_is_reached_from_outside_the_host() -> Result<()> {
+    let lab = Lab::new("dk-ports")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
+    create_network(&world, 0, NET, SUBNET)?;
+    let web = world.dockerds[0].run(&lab, "web", NET, &["-p", "8080:80"])?;
+    world.docker(
+        0,
+        &[
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello from web > /www/index.html && httpd -p 80 -h /www",
+        ],
+    )?;
+    // The router is outside host A: it reaches host A's address.
+    let host_a = "192.0.2.10";
+    let fetch = format!(
+        "import urllib.request\n\
+         print(urllib.request.urlopen('http://{host_a}:8080/index.html', timeout=3).read().decode())"
+    );
+    let mut got = String::new();
+    wait_until(Duration::from_secs(10), || {
+        let out = world
+            .router
+            .exec_unchecked(&["/usr/bin/python3", "-c", &fetch])?;
+        got = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(got.contains("hello from web"))
+    })
+    .with_context(|| format!("{host_a}:8080 answered {got:?}"))?;
+
+    let ep = ovl_endpoint(&world, NET, web.ip()?)?;
+    ensure!(
+        ep["ports"]
+            == serde_json::json!([{"protocol": "tcp", "host_port": 8080, "container_port": 80}]),
+        "ovl's endpoint of web: {ep}"
+    );
+    // `docker port` shows nothing: Docker 20.10 drops a remote driver's
+    // port map (README, "With Docker"); ovl lists it.
+    let listing = world.ovl(0, &["endpoint", "ls", "--network", NET])?;
+    ensure!(
+        listing.contains("publishes 0.0.0.0:8080->80/tcp"),
+        "ovl endpoint ls: {listing}"
+    );
+
+    // Removing the container unpublishes the port.
+    world.docker(0, &["rm", "-f", "web"])?;
+    let table = world.hosts[0]
+        .netns
+        .exec(&["nft", "list", "chain", "ip", "ovl", "published"])?;
+    let mut rules = String::from_utf8_lossy(&table.stdout).into_owned();
+    wait_until(Duration::from_secs(5), || {
+        let out = world.hosts[0]
+            .netns
+            .exec(&["nft", "list", "chain", "ip", "ovl", "published"])?;
+        rules = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(!rules.contains("dport 8080"))
+    })
+    .with_context(|| format!("the rule outlived the container:\n{rules}"))?;
+    world.stop()
+}

@@ -260,29 +260,6 @@ pub fn endpoint_options(options: &BTreeMap<String, Value>) -> Result<Vec<Publish
         .collect()
 }
 
-/// What EndpointOperInfo tells Docker of the ports: libnetwork's port
-/// bindings under [`PORT_MAP`], as its bridge driver reports them.
-pub fn port_map_info(ports: &[PublishedPort]) -> Value {
-    Value::Array(
-        ports
-            .iter()
-            .map(|p| {
-                serde_json::json!({
-                    "Proto": p.protocol.number(),
-                    "IP": "",
-                    "Port": p.container_port,
-                    "HostIP": p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).to_string(),
-                    "HostPort": p.host_port,
-                    "HostPortEnd": p.host_port,
-                })
-            })
-            .collect(),
-    )
-}
-
-/// The option key of [`port_map_info`].
-pub const PORT_MAP_KEY: &str = PORT_MAP;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,10 +354,6 @@ mod tests {
             "192.0.2.10:5353:53/udp".parse().unwrap(),
         ];
         assert_eq!(got, want);
-        assert_eq!(
-            port_map_info(&want)[1],
-            json!({"Proto":17,"IP":"","Port":53,"HostIP":"192.0.2.10","HostPort":5353,"HostPortEnd":5353})
-        );
     }
 
     #[test]
