@@ -856,3 +856,68 @@ fn a_conflist_written_without_node_flags_names_this_host_and_keeps_the_store_opt
     }
     Ok(())
 }
+
+#[test]
+fn podman_run_p_publishes_through_the_port_mappings_capability() -> Result<()> {
+    let lab = Lab::new("cni-ports")?;
+    let cluster = TwoHosts::start(&lab, "auto")?;
+    cluster.run(0, &["network", "create", NETWORK, "--subnet", SUBNET])?;
+    let host_a = &cluster.hosts[0].netns;
+    let plugin_dir = install_plugin(&lab, &cluster.ovl, host_a)?
+        .parent()
+        .context("plugin dir")?
+        .to_owned();
+    let podman = Podman::new(&lab, host_a, &plugin_dir)?;
+    // The conflist as `ovl cni conflist` writes it: it declares the
+    // capability, so podman passes `-p` on (at a spec version podman 4.3
+    // speaks).
+    let mut list = conflist(&cluster.ovl, host_a, TwoHosts::NODES[0])?;
+    list["cniVersion"] = json!("1.0.0");
+    podman.add_network(NETWORK, &list.to_string())?;
+    podman.import_busybox(IMAGE)?;
+    podman.podman(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        NETWORK,
+        "-p",
+        "8080:80",
+        IMAGE,
+        "sleep",
+        "600",
+    ])?;
+    podman.exec(
+        "web",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello from podman > /www/index.html && httpd -p 80 -h /www",
+        ],
+    )?;
+    // From host B, at host A's address.
+    let fetch = "import urllib.request\n\
+                 print(urllib.request.urlopen('http://192.0.2.10:8080/index.html', timeout=3).read().decode())";
+    let mut got = String::new();
+    wait_until(Duration::from_secs(10), || {
+        let out = cluster.hosts[1]
+            .netns
+            .exec_unchecked(&["/usr/bin/python3", "-c", fetch])?;
+        got = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(got.contains("hello from podman"))
+    })
+    .with_context(|| format!("192.0.2.10:8080 answered {got:?}"))?;
+
+    // podman rm takes the port away with the endpoint.
+    podman.rm("web")?;
+    let mut rules = String::new();
+    wait_until(Duration::from_secs(5), || {
+        let out = host_a.exec(&["nft", "list", "chain", "ip", "ovl", "published"])?;
+        rules = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(!rules.contains("dport 8080"))
+    })
+    .with_context(|| format!("the rule outlived the container:\n{rules}"))?;
+    drop(podman);
+    cluster.stop()
+}

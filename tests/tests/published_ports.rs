@@ -332,3 +332,51 @@ fn an_internal_network_publishes_nothing() -> Result<()> {
     );
     world.stop()
 }
+
+#[test]
+fn with_etcd_a_host_port_is_claimed_once_per_node_across_networks() -> Result<()> {
+    let lab = Lab::new("publishedetcd")?;
+    let world = ovl_tests::ThreeHosts::start(&lab, 10)?;
+    let host_a = world.hosts[0].netns.clone();
+    for net in ["red", "blue"] {
+        world
+            .ovl
+            .create_network(&host_a, net, "198.18.0.0/24", &[])?;
+    }
+    let c1 = lab.container("c1")?;
+    world.run(0, &["connect", "red", c1.name(), "--publish", "8080:80"])?;
+    let claims = world.etcd.keys("/ovl/ports/")?;
+    ensure!(
+        claims == ["/ovl/ports/host-a/tcp/8080/0.0.0.0"],
+        "the published port's claim: {claims:?}"
+    );
+    let c2 = lab.container("c2")?;
+    let refused = world.ovl.run_unchecked(
+        &host_a,
+        "host-a",
+        &[
+            "connect",
+            "blue",
+            c2.name(),
+            "--publish",
+            &format!("{HOST_A}:8080:80"),
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    ensure!(
+        !refused.status.success() && err.contains("already published") && err.contains("\"red\""),
+        "blue's container took red's host port on host A: {err}"
+    );
+    // Another node publishes the same port freely.
+    let c3 = lab.container("c3")?;
+    world.run(1, &["connect", "blue", c3.name(), "--publish", "8080:80"])?;
+    // Freed with the endpoint: now blue's container on host A may take it.
+    world.run(0, &["disconnect", "red", c1.name()])?;
+    let claims = world.etcd.keys("/ovl/ports/")?;
+    ensure!(
+        claims == ["/ovl/ports/host-b/tcp/8080/0.0.0.0"],
+        "the disconnect left claims: {claims:?}"
+    );
+    world.run(0, &["connect", "blue", c2.name(), "--publish", "8080:80"])?;
+    world.stop()
+}

@@ -15,7 +15,7 @@ use super::{
     types::NetConf,
     version::SpecVersion,
 };
-use crate::{attachment, dns, netlink};
+use crate::{attachment, dns, netlink, ports::PublishedPort};
 
 /// How long ADD waits for the node's agent to forward for the container
 /// (as `ovl connect` does): the container starts right after ADD.
@@ -36,6 +36,7 @@ pub async fn add(
     let netns = inv.netns.as_deref().expect("ADD requires CNI_NETNS");
     sandbox::check(netns)?;
     let ip = requested_ip(inv, conf)?;
+    let ports = requested_ports(conf)?;
     // Read before anything is made: a prevResult that is no CNI result
     // found only after attaching would leave the attachment behind.
     let prev = conf.prev_result.as_ref().map(result::parse).transpose()?;
@@ -83,7 +84,7 @@ pub async fn add(
         ip,
         subnet: None,
         owner: Some(owner),
-        ports: Vec::new(),
+        ports,
     };
     let a = attachment::attach(&store, &req).await.map_err(|e| {
         let e = e.context(format!(
@@ -136,6 +137,36 @@ fn requested_ip(inv: &Invocation, conf: &NetConf) -> Result<Option<Ipv4Addr>, Cn
     }
 }
 
+/// The ports the runtime publishes: the `portMappings` capability.
+fn requested_ports(conf: &NetConf) -> Result<Vec<PublishedPort>, CniError> {
+    let mappings = conf
+        .runtime_config
+        .as_ref()
+        .map(|r| r.port_mappings.as_slice())
+        .unwrap_or_default();
+    mappings
+        .iter()
+        .map(|m| {
+            let text = format!(
+                "{}{}:{}/{}",
+                match m.host_ip.as_str() {
+                    "" => String::new(),
+                    ip => format!("{ip}:"),
+                },
+                m.host_port,
+                m.container_port,
+                if m.protocol.is_empty() {
+                    "tcp"
+                } else {
+                    m.protocol.as_str()
+                }
+            );
+            text.parse::<PublishedPort>()
+                .map_err(|e| CniError::config(format!("portMappings: {e}")))
+        })
+        .collect()
+}
+
 /// Whether namespace `netns` has an interface called `ifname`.
 async fn container_has(netns: &str, ifname: &str) -> Result<bool, CniError> {
     let inner = netlink::connect_in(netns).map_err(|e| CniError::from_failure(&e))?;
@@ -161,5 +192,33 @@ async fn warn_unless_forwarding(s: &Settings, a: &attachment::Attachment) {
             s.node
         ),
         Err(e) => log::warn!("{e:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_mappings_become_published_ports() {
+        let conf: NetConf = serde_json::from_str(
+            r#"{"name":"n","runtimeConfig":{"portMappings":[
+                {"hostPort":8080,"containerPort":80,"protocol":"tcp"},
+                {"hostPort":5353,"containerPort":53,"protocol":"udp","hostIP":"192.0.2.10"},
+                {"hostPort":9090,"containerPort":90,"hostIP":""}]}}"#,
+        )
+        .unwrap();
+        let want: Vec<PublishedPort> = ["8080:80", "192.0.2.10:5353:53/udp", "9090:90"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(requested_ports(&conf).unwrap(), want);
+        let conf: NetConf = serde_json::from_str(
+            r#"{"name":"n","runtimeConfig":{"portMappings":[
+                {"hostPort":8080,"containerPort":80,"protocol":"sctp"}]}}"#,
+        )
+        .unwrap();
+        let err = requested_ports(&conf).unwrap_err();
+        assert!(format!("{err:?}").contains("sctp"), "{err:?}");
     }
 }

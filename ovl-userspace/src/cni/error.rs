@@ -177,6 +177,8 @@ fn model_code(e: &ModelError) -> Code {
         ModelError::NoSuchNetwork(_) => Code::InvalidConfig,
         ModelError::AlreadyConnected { .. } => Code::AlreadyOnNetwork,
         ModelError::Ipam(i) => ipam_code(i),
+        ModelError::PortTaken { .. } => Code::AddressInUse,
+        ModelError::Port(_) | ModelError::PublishOnInternal(_) => Code::InvalidConfig,
         _ => Code::Internal,
     }
 }

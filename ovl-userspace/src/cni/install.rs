@@ -71,6 +71,14 @@ pub fn conflist(spec: &ConflistSpec<'_>) -> String {
         node: &'a str,
         api_socket: &'a Path,
         pin_root: &'a Path,
+        /// The runtime passes `-p` as `runtimeConfig.portMappings` only
+        /// to a plugin that declares it.
+        capabilities: Capabilities,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Capabilities {
+        port_mappings: bool,
     }
     let list = List {
         cni_version: SpecVersion::NEWEST.to_string(),
@@ -82,6 +90,9 @@ pub fn conflist(spec: &ConflistSpec<'_>) -> String {
             node: spec.node,
             api_socket: spec.api_socket,
             pin_root: spec.pin_root,
+            capabilities: Capabilities {
+                port_mappings: true,
+            },
         }],
     };
     let mut out = serde_json::to_string_pretty(&list).expect("a conflist serialises");
@@ -108,5 +119,6 @@ mod tests {
         assert_eq!(v["plugins"][0]["type"], "ovl");
         assert_eq!(v["plugins"][0]["store"], "etcd://192.0.2.1:2379");
         assert_eq!(v["plugins"][0]["node"], "host-a");
+        assert_eq!(v["plugins"][0]["capabilities"]["portMappings"], true);
     }
 }

@@ -40,7 +40,7 @@ pub struct NetConf {
     /// Well-known: ovl does no masquerading, so only `false` is accepted.
     #[serde(default)]
     pub ip_masq: Option<bool>,
-    /// Capability arguments the runtime filled in (only `ips` is used).
+    /// Capability arguments the runtime filled in (`ips`, `portMappings`).
     #[serde(default)]
     pub runtime_config: Option<RuntimeConfig>,
     /// The previous plugin's result (ADD in a chain, CHECK, DEL), kept as
@@ -91,10 +91,29 @@ impl NetConf {
 
 /// `runtimeConfig`: capability arguments.
 #[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct RuntimeConfig {
     /// The `ips` capability: addresses the runtime asks for, in CIDR form.
     #[serde(default)]
     pub ips: Vec<String>,
+    /// The `portMappings` capability (CNI conventions): ports to publish.
+    #[serde(default)]
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// One entry of the `portMappings` capability, as the conventions (and
+/// the reference `portmap` plugin) read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    pub host_port: u32,
+    pub container_port: u32,
+    /// `tcp` or `udp` [default: tcp].
+    #[serde(default)]
+    pub protocol: String,
+    /// The host address to publish on [default: every address].
+    #[serde(default, rename = "hostIP")]
+    pub host_ip: String,
 }
 
 /// One entry of `cni.dev/valid-attachments`.
