@@ -1074,7 +1074,8 @@ fn a_docker_name_another_host_holds_is_said_once_and_taken_when_freed() -> Resul
 #[test]
 fn a_port_published_with_docker_run_p_is_reached_from_outside_the_host() -> Result<()> {
     let lab = Lab::new("dk-ports")?;
-    let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
+    let world = DockerCluster::start(&lab, StoreKind::Etcd, 1, DockerdOptions::default())?;
+    let etcd = world.etcd.as_ref().context("an etcd store")?;
     create_network(&world, 0, NET, SUBNET)?;
     let web = world.dockerds[0].run(&lab, "web", NET, &["-p", "8080:80"])?;
     world.docker(
@@ -1117,8 +1118,20 @@ fn a_port_published_with_docker_run_p_is_reached_from_outside_the_host() -> Resu
         "ovl endpoint ls: {listing}"
     );
 
-    // Removing the container unpublishes the port.
+    ensure!(
+        etcd.keys("/ovl/ports/")? == ["/ovl/ports/host-a/tcp/8080/0.0.0.0"],
+        "the port's claim: {:?}",
+        etcd.keys("/ovl/ports/")?
+    );
+
+    // Removing the container unpublishes the port, and frees its claim
+    // (Leave turns the endpoint back into a reservation).
     world.docker(0, &["rm", "-f", "web"])?;
+    ensure!(
+        etcd.keys("/ovl/ports/")?.is_empty(),
+        "claims left: {:?}",
+        etcd.keys("/ovl/ports/")?
+    );
     let table = world.hosts[0]
         .netns
         .exec(&["nft", "list", "chain", "ip", "ovl", "published"])?;

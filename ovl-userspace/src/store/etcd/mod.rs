@@ -134,6 +134,9 @@ impl Range {
             // The VNI keys too: removing the network deletes its VNI's,
             // which must have been read to be guarded (one small key per
             // network).
+            // Every published port's claim too (they are few, and named
+            // by node, not network): an endpoint the change removes, or
+            // turns back into a reservation, takes its claims along.
             Scope::Network(n) => vec![
                 Range::Key(network_key(n)),
                 Range::Prefix(VNIS.into()),
@@ -141,6 +144,7 @@ impl Range {
                 Range::Prefix(format!("{RELEASED}{n}/")),
                 Range::Prefix(format!("{NAMES}{n}/")),
                 Range::Prefix(format!("{ATTACHMENTS}{n}/")),
+                Range::Prefix(PORTS.into()),
                 Range::Prefix(NODES.into()),
                 Range::Count(ENDPOINTS.into()),
             ],
