@@ -105,6 +105,7 @@ pub async fn attach_placed(
     if placement == Placement::IntoNamespace {
         netns::open(&req.netns)?;
     }
+    check_host_addresses(req)?;
     let (endpoint, network, reservation) = register(store, req).await?;
     let Location::Container { host_ifname, .. } = &endpoint.location else {
         unreachable!("add_container makes container endpoints")
@@ -192,6 +193,26 @@ pub async fn attach_placed(
             Err(e.context(format!("connect {} to {}; {kept}", req.netns, req.network)))
         }
     }
+}
+
+/// Refuses a port published on an address this host does not have (its
+/// rule would never match): binding a socket to an address succeeds only
+/// on a local one. Front ends run in the node's own namespace.
+fn check_host_addresses(req: &Request) -> Result<()> {
+    for p in &req.ports {
+        if let Some(ip) = p.host_ip
+            && std::net::UdpSocket::bind((ip, 0)).is_err()
+        {
+            anyhow::bail!(
+                "{p} publishes on {ip}, which is not an address of this host (node {}); publish on one of its addresses, or on every address ({}:{}/{})",
+                req.node,
+                p.host_port,
+                p.container_port,
+                p.protocol
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The store's half of [`attach`]: registers the container's endpoint
