@@ -14,9 +14,7 @@ pub enum DropReason {
     /// VXLAN from a source address that is not a VTEP of that network.
     UnknownVtep = 2,
     /// Truncated or malformed headers; VXLAN whose lengths disagree (a
-    /// frame cut short, datagrams merged by UDP GRO on the underlay); an
-    /// outer congestion mark (CE) on an inner packet that is not
-    /// ECN-capable, which RFC 6040 §4.2 has dropped.
+    /// frame cut short, datagrams merged by UDP GRO on the underlay).
     Malformed = 3,
     /// Would not fit the underlay MTU after encapsulation.
     TooBig = 4,
@@ -43,11 +41,16 @@ pub enum DropReason {
     /// Clear VXLAN for an encrypted network from the underlay: encrypted
     /// networks are only accepted decrypted, from the crypto device.
     Unencrypted = 11,
+    /// VXLAN that the underlay marked congested (outer ECN CE) around an
+    /// inner packet that is not ECN-capable: RFC 6040 §4.2 drops it, as
+    /// the congested router would have, since its sender would never hear
+    /// of the mark. Underlay congestion, not a broken sender.
+    Congestion = 12,
 }
 
 impl DropReason {
     /// Number of reasons; the length of [`VniCounters::drops`].
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
     /// Every reason, in index order.
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::NoEndpoint,
@@ -62,9 +65,11 @@ impl DropReason {
         DropReason::PathMtu,
         DropReason::NoKey,
         DropReason::Unencrypted,
+        DropReason::Congestion,
     ];
 
-    /// The snake_case name used in `ovl stats` output.
+    /// The snake_case name used in `ovl stats` output and as the `reason`
+    /// label of the drop metrics.
     pub const fn name(self) -> &'static str {
         match self {
             DropReason::NoEndpoint => "no_endpoint",
@@ -79,6 +84,7 @@ impl DropReason {
             DropReason::PathMtu => "path_mtu",
             DropReason::NoKey => "no_key",
             DropReason::Unencrypted => "unencrypted",
+            DropReason::Congestion => "congestion",
         }
     }
 }
@@ -177,6 +183,21 @@ mod tests {
     fn drop_reasons_index_in_order() {
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i);
+        }
+    }
+
+    #[test]
+    fn drop_reason_names_are_distinct_snake_case_labels() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            let name = r.name();
+            assert!(
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{name:?}"
+            );
+            assert!(
+                DropReason::ALL[..i].iter().all(|o| o.name() != name),
+                "{name} twice"
+            );
         }
     }
 

@@ -189,11 +189,7 @@ pub fn inspect(
     }
     match maps::endpoint(vni, inner_ip.dst_addr) {
         Some(ep) if ep.is_local() => {
-            carry_congestion_mark(frame, ip.tos, inner_offset, &inner_ip).ok_or(Dropped::on(
-                vni,
-                slot,
-                DropReason::Malformed,
-            ))?;
+            carry_congestion_mark(frame, ip.tos, inner_offset, &inner_ip).on_vni(vni, slot)?;
             remember(vni, ip.src_addr, inner_ip.dst_addr);
             Ok(Some(Delivery {
                 vni,
@@ -236,22 +232,22 @@ fn fills(inner_ip: &Ipv4Hdr, inner_room: usize) -> bool {
 /// onto the inner packet `inner` (at `inner_offset` + Ethernet), RFC 6040
 /// §4.2, normal mode: encapsulation copied the inner ECN field out, so a
 /// router on the underlay marked the outer header instead of dropping.
-/// `None` for an outer CE over an inner packet that is not ECN-capable,
-/// which the RFC has dropped (its sender would never hear of the
-/// congestion).
+/// An outer CE over an inner packet that is not ECN-capable is dropped as
+/// the RFC says, counted as `Congestion` (its sender would never hear of
+/// the mark; an operator should look at the underlay, not at senders).
 #[inline(always)]
 fn carry_congestion_mark(
     frame: &Frame,
     outer_tos: u8,
     inner_offset: usize,
     inner: &Ipv4Hdr,
-) -> Option<()> {
+) -> Result<(), DropReason> {
     if outer_tos & ECN_MASK != ECN_CE {
-        return Some(());
+        return Ok(());
     }
     match inner.tos & ECN_MASK {
-        ECN_CE => Some(()),
-        ECN_NOT_ECT => None,
+        ECN_CE => Ok(()),
+        ECN_NOT_ECT => Err(DropReason::Congestion),
         _ => {
             let mut marked = *inner;
             marked.tos |= ECN_CE;
@@ -259,7 +255,7 @@ fn carry_congestion_mark(
             let new = u16::from_be_bytes([marked.vihl, marked.tos]);
             marked.check =
                 checksum_replace16(u16::from_be_bytes(inner.check), old, new).to_be_bytes();
-            frame.write(inner_offset + ETH_HDR_LEN, marked).ok()
+            frame.write(inner_offset + ETH_HDR_LEN, marked)
         }
     }
 }

@@ -475,13 +475,15 @@ fn both_hooks_drop(
     Ok(())
 }
 
+/// The ECN code points of the IPv4 TOS byte (RFC 3168 §5).
+const NOT_ECT: u8 = 0b00;
+const ECT1: u8 = 0b01;
+const ECT0: u8 = 0b10;
+const CE: u8 = 0b11;
+
 #[test]
 fn decap_carries_the_outer_congestion_mark_onto_the_inner_packet_per_rfc6040() -> Result<()> {
     let f = fixture("gold-ecn")?;
-    const NOT_ECT: u8 = 0b00;
-    const ECT1: u8 = 0b01;
-    const ECT0: u8 = 0b10;
-    const CE: u8 = 0b11;
     // Unmarked: the inner packet as it was (and its flow now cached).
     for (outer, inner) in [(ECT0, ECT0), (NOT_ECT, NOT_ECT), (0xb8 | ECT0, 0xb8 | ECT0)] {
         let (input, expected) = ecn_case(outer, inner);
@@ -500,10 +502,46 @@ fn decap_carries_the_outer_congestion_mark_onto_the_inner_packet_per_rfc6040() -
             "the test's input changed"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn decap_drops_ce_over_not_ect_as_congestion_not_malformed() -> Result<()> {
+    let mut f = fixture("gold-ecn-drop")?;
     // CE over a packet whose sender does not do ECN: dropped (RFC 6040
-    // §4.2), as its sender would never hear of the congestion.
-    let (input, _) = ecn_case(CE, NOT_ECT);
-    both_hooks_drop(&f, "CE over Not-ECT", &input, VNI, DropReason::Malformed)
+    // §4.2), as its sender would never hear of the congestion. Counted
+    // once as `congestion` and nothing else (`run` compares every
+    // counter): not `malformed`, which sends operators after senders.
+    let (input, _) = ecn_case(0xb8 | CE, 0xb8 | NOT_ECT);
+    both_hooks_drop(&f, "CE over Not-ECT", &input, VNI, DropReason::Congestion)?;
+    // An ECN-capable packet under the same mark is delivered, marked.
+    let (marked, _) = ecn_case(CE, ECT0);
+    let (_, expected) = ecn_case(0, ECT0 | CE);
+    both_hooks_deliver(&f, &marked, &expected)?;
+
+    // Decrypted VXLAN of an encrypted network, written to the crypto
+    // device, runs through the same decap: the same reason there.
+    f.set_network_flags(network_flags::ENCRYPTED)?;
+    let crypto = skb_ctx(f.add_crypto_device()?);
+    let (action, _) = run(&f, programs::TC_DECAP, &input, Some(&crypto), VNI, |c| {
+        c.drops[DropReason::Congestion as usize] += 1
+    })
+    .context("CE over Not-ECT from the crypto device")?;
+    ensure!(
+        action == TC_ACT_SHOT,
+        "from the crypto device: action {action}"
+    );
+    let (action, out) = run(&f, programs::TC_DECAP, &marked, Some(&crypto), VNI, |c| {
+        c.rx_packets += 1;
+        c.rx_bytes += expected.len() as u64;
+    })
+    .context("CE over ECT(0) from the crypto device")?;
+    ensure!(
+        action == TC_ACT_REDIRECT && out == expected,
+        "CE over ECT(0) from the crypto device: action {action}, output\n{}",
+        hex(&out)
+    );
+    Ok(())
 }
 
 #[test]

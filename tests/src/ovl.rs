@@ -58,6 +58,7 @@ pub struct NetCounters {
     pub path_mtu: u64,
     pub no_key: u64,
     pub unencrypted: u64,
+    pub congestion: u64,
 }
 
 impl NetCounters {
@@ -88,6 +89,7 @@ impl NetCounters {
             path_mtu: d("path_mtu")?,
             no_key: d("no_key")?,
             unencrypted: d("unencrypted")?,
+            congestion: d("congestion")?,
         })
     }
 
@@ -105,6 +107,7 @@ impl NetCounters {
             + self.path_mtu
             + self.no_key
             + self.unencrypted
+            + self.congestion
     }
 }
 
