@@ -311,6 +311,103 @@ fn pins_of_an_incompatible_build_are_replaced_without_a_gap_or_refused_when_they
     world.stop()
 }
 
+#[test]
+fn counters_pinned_by_a_build_with_one_drop_reason_fewer_are_explained_then_replaced() -> Result<()>
+{
+    let lab = Lab::new("api-counters")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].clone();
+    let Pair { c1, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
+    world.terminate_agent(0)?;
+
+    // What a build before the last drop reason pinned: per-network
+    // counters one u64 shorter. The running programs keep the map they
+    // hold; only the pin changes.
+    let pin_dir = world.ovl.pin_dir("host-a");
+    let stats = pin_dir.join("OVL_STATS");
+    let info = map_info(&stats)?;
+    let (new_size, slots) = match (info["bytes_value"].as_u64(), info["max_entries"].as_u64()) {
+        (Some(v), Some(n)) => (v, n),
+        _ => bail!("OVL_STATS: {info}"),
+    };
+    let old_size = new_size - 8;
+    std::fs::remove_file(&stats)?;
+    let (stats_s, old_s, slots_s) = (
+        stats.display().to_string(),
+        old_size.to_string(),
+        slots.to_string(),
+    );
+    ovl_tests::run(&[
+        "bpftool",
+        "map",
+        "create",
+        &stats_s,
+        "type",
+        "percpu_array",
+        "key",
+        "4",
+        "value",
+        &old_s,
+        "entries",
+        &slots_s,
+        "name",
+        "OVL_STATS",
+    ])?;
+
+    // With no agent, `ovl stats` reads the pins: it says why it cannot.
+    let out = world
+        .ovl
+        .run_unchecked(&host_a.netns, "host-a", &["stats"])?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        format!("value size {old_size}, this build reads {new_size}"),
+        "drop reasons".to_owned(),
+        "An agent of this build replaces it".to_owned(),
+    ] {
+        ensure!(
+            !out.status.success() && said.contains(&needle),
+            "`ovl stats` over older counters lacks {needle:?}: {said}"
+        );
+    }
+
+    // The new agent fills new maps, switches under a running ping, and
+    // says why the counters start again.
+    let bg = BackgroundPing::start(&lab, &c1, ip2, 300, Duration::from_millis(10))?;
+    std::thread::sleep(Duration::from_millis(300));
+    world.restart_agent(&lab, 0, &[])?;
+    let r = bg.finish()?;
+    ensure!(
+        r.all_received(),
+        "the switch to new counters lost packets:\n{}",
+        r.output
+    );
+    let log = world.agents[0].log()?;
+    let needle =
+        format!("OVL_STATS: value size {old_size}, this build expects {new_size} (counters of");
+    ensure!(
+        log.contains(&needle),
+        "the agent's log lacks {needle:?}:\n{log}"
+    );
+    ensure!(
+        map_info(&stats)?["bytes_value"] == new_size,
+        "OVL_STATS still {}",
+        map_info(&stats)?
+    );
+    // Counting again, from zero (no more than the ping's frames since the
+    // switch), every reason listed (`congestion` too).
+    let before = world.counters(0, "uber-net")?;
+    let r = ping(&c1, ip2, 10, &["-i", "0.05", "-W", "1"])?;
+    ensure!(r.all_received(), "after the switch:\n{}", r.output);
+    let after = world.counters(0, "uber-net")?;
+    ensure!(
+        before.tx_packets <= 300
+            && after.tx_packets >= before.tx_packets + 10
+            && after.drops() == before.drops(),
+        "counters after the switch: {before:?} -> {after:?}"
+    );
+    world.stop()
+}
+
 /// `curl -s URL` inside `ns`.
 fn curl(ns: &Netns, url: &str) -> Result<String> {
     let out = ns.exec(&["curl", "-sS", "--max-time", "5", url])?;

@@ -7,7 +7,10 @@ use std::{fmt, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{Array, Map, MapData, MapInfo};
 use aya_obj::{Object, maps::PinningType};
-use ovl_common::maps::{ABI_VERSION, names};
+use ovl_common::{
+    DropReason, VniCounters,
+    maps::{ABI_VERSION, names},
+};
 
 /// One way a pinned map differs from what this build expects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +73,15 @@ pub fn check(pin_dir: &Path, object: &[u8]) -> Result<Vec<Mismatch>> {
         push("key size", info.key_size(), def.key_size());
         push("value size", info.value_size(), def.value_size());
         push("capacity", info.max_entries(), def.max_entries());
+        // Counters of another layout: say what they count, and what happens
+        // to them.
+        if name == names::STATS
+            && info.value_size() != def.value_size()
+            && let Some(last) = out.last_mut()
+        {
+            last.detail
+                .push_str(&format!(" ({})", counters_layout(info.value_size())));
+        }
     }
     if any_pinned && out.is_empty() {
         match pinned_abi(pin_dir)? {
@@ -104,4 +116,41 @@ fn pinned_abi(pin_dir: &Path) -> Result<Option<u32>> {
     // A zero is a record that was created but never written: a load that
     // was interrupted before the agent filled its maps.
     Ok((v != 0).then_some(v))
+}
+
+/// Says what per-network counters (`OVL_STATS`) of `value_size`-byte
+/// values count, against this build's: builds differ there by their number
+/// of drop reasons (appended, never renumbered), and new maps start every
+/// counter from zero.
+pub fn counters_layout(value_size: u32) -> String {
+    let ours = core::mem::size_of::<VniCounters>();
+    let fixed = ours - 8 * DropReason::COUNT;
+    let theirs = value_size as usize;
+    let reasons = match theirs.checked_sub(fixed) {
+        Some(rest) if rest % 8 == 0 => format!("{} drop reasons", rest / 8),
+        _ => "another layout".to_owned(),
+    };
+    format!(
+        "counters of {reasons}, this build counts {}: new maps restart them at zero",
+        DropReason::COUNT
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_of_fewer_drop_reasons_are_named_as_such() {
+        let ours = core::mem::size_of::<VniCounters>() as u32;
+        assert_eq!(
+            counters_layout(ours - 8),
+            format!(
+                "counters of {} drop reasons, this build counts {}: new maps restart them at zero",
+                DropReason::COUNT - 1,
+                DropReason::COUNT
+            )
+        );
+        assert!(counters_layout(4).starts_with("counters of another layout"));
+    }
 }

@@ -839,7 +839,15 @@ impl std::ops::AddAssign for SyncCount {
 /// [`UNATTRIBUTED_VNI`]'s.
 pub fn read_counters(pin_dir: &Path) -> Result<BTreeMap<u32, VniCounters>> {
     let stats = open_pinned(pin_dir, names::STATS)?;
-    let stats: PerCpuArray<_, VniCounters> = PerCpuArray::try_from(stats)?;
+    let stats: PerCpuArray<_, VniCounters> = PerCpuArray::try_from(stats).map_err(|e| match e {
+        // Pinned by a build with other counters (an agent not upgraded yet).
+        aya::maps::MapError::InvalidValueSize { size, expected } => anyhow::anyhow!(
+            "{} was pinned by another ovl build: value size {expected}, this build reads {size} ({}). An agent of this build replaces it when it starts (`ovl attach`); until then, read it with the ovl that pinned it",
+            pin_dir.join(names::STATS).display(),
+            compat::counters_layout(expected as u32)
+        ),
+        e => e.into(),
+    })?;
     let networks = open_pinned(pin_dir, names::NETWORKS)?;
     let networks: HashMap<_, u32, NetworkInfo> = HashMap::try_from(networks)?;
     let sum = |slot: u32| -> Result<VniCounters> {
