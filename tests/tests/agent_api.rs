@@ -474,6 +474,8 @@ fn prometheus_scrapes_the_agent_and_counts_exactly_the_pings_sent() -> Result<()
     for line in [
         "# TYPE ovl_network_tx_packets_total counter",
         "ovl_network_drops_total{network=\"uber-net\",reason=\"no_endpoint\",vni=\"4096\"}",
+        "ovl_network_drops_total{network=\"uber-net\",reason=\"congestion\",vni=\"4096\"} 0",
+        "ovl_underlay_drops_total{reason=\"congestion\"} 0",
         "ovl_network_endpoints{location=\"local\",network=\"uber-net\",vni=\"4096\"} 2",
         "ovl_store_up 1",
         "ovl_underlay_up 1",
