@@ -383,7 +383,7 @@ fn counters_pinned_by_a_build_with_one_drop_reason_fewer_are_explained_then_repl
     );
     let log = world.agents[0].log()?;
     let needle =
-        format!("OVL_STATS: value size {old_size}, this build expects {new_size} (counters of");
+        format!("OVL_STATS: value size {old_size}, this build expects {new_size} — counters of");
     ensure!(
         log.contains(&needle),
         "the agent's log lacks {needle:?}:\n{log}"

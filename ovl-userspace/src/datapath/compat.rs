@@ -80,7 +80,7 @@ pub fn check(pin_dir: &Path, object: &[u8]) -> Result<Vec<Mismatch>> {
             && let Some(last) = out.last_mut()
         {
             last.detail
-                .push_str(&format!(" ({})", counters_layout(info.value_size())));
+                .push_str(&format!(" — {}", counters_layout(info.value_size())));
         }
     }
     if any_pinned && out.is_empty() {
