@@ -1151,8 +1151,21 @@ impl State {
                 Verdict::Present => out.present += 1,
                 Verdict::Restore => {
                     self.forget_release(&ep.network, ep.ip);
+                    let mut ep = ep.clone();
+                    let taken: Vec<PublishedPort> = ep
+                        .ports
+                        .iter()
+                        .filter(|p| {
+                            self.endpoints_of_node(node)
+                                .any(|o| o.ports.iter().any(|q| q.overlaps(p)))
+                        })
+                        .copied()
+                        .collect();
+                    ep.ports.retain(|p| !taken.contains(p));
+                    out.unpublished
+                        .extend(taken.into_iter().map(|p| (ep.clone(), p)));
                     self.endpoints.push(ep.clone());
-                    out.restored.push(ep.clone());
+                    out.restored.push(ep);
                 }
                 Verdict::NetworkGone => out.networks_gone.push(ep.clone()),
                 Verdict::Conflict(c) => out.conflicts.push(c),
@@ -1499,6 +1512,29 @@ mod tests {
         s.remove_container("a", "n1", "web").unwrap();
         s.add_container(publishing("b", "n1", "web4", &["8080:80"]))
             .unwrap();
+    }
+
+    #[test]
+    fn a_restored_endpoint_comes_back_without_the_ports_another_took_meanwhile() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        let web = s
+            .add_container(publishing("a", "n1", "web", &["8080:80", "9090:90"]))
+            .unwrap();
+        s.remove_container("a", "n1", "web").unwrap();
+        // Another container of the node, at another address, takes a port.
+        s.add_container(ContainerSpec {
+            ip: Some(Ipv4Addr::new(198, 18, 0, 200)),
+            ..publishing("a", "n1", "other", &["8080:81"])
+        })
+        .unwrap();
+        let out = s.restore_endpoints("n1", std::slice::from_ref(&web));
+        assert_eq!(out.restored.len(), 1);
+        assert_eq!(out.restored[0].ports, vec!["9090:90".parse().unwrap()]);
+        assert_eq!(out.unpublished.len(), 1);
+        assert_eq!(out.unpublished[0].1, "8080:80".parse().unwrap());
+        let back = s.endpoints.iter().find(|e| e.ip == web.ip).unwrap();
+        assert_eq!(back.ports, out.restored[0].ports);
     }
 
     #[test]

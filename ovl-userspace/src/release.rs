@@ -175,6 +175,9 @@ pub struct RestoreOutcome {
     pub conflicts: Vec<AddressConflict>,
     /// Their network was removed meanwhile.
     pub networks_gone: Vec<Endpoint>,
+    /// Published ports of endpoints put back that another endpoint of
+    /// their node publishes now: each endpoint came back without them.
+    pub unpublished: Vec<(Endpoint, crate::ports::PublishedPort)>,
 }
 
 #[cfg(test)]

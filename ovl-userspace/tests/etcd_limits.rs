@@ -317,6 +317,77 @@ fn a_returning_node_gets_300_endpoints_back_and_learns_which_address_was_taken()
     })
 }
 
+#[test]
+fn a_returning_node_gets_its_published_ports_back_unless_another_container_took_them() -> Result<()>
+{
+    let (_lab, ns, etcd) = etcd("st-ports")?;
+    let url = etcd.url();
+    inside(&ns, async || {
+        let store = Store::open(&url).await?;
+        create_network(&store, "n", "198.18.0.0/24").await?;
+        let reg = store
+            .register_node(
+                "back",
+                Ipv4Addr::new(192, 0, 2, 20),
+                1500,
+                Duration::from_secs(1),
+            )
+            .await?;
+        let publishing = |netns: &str, port: &str| ContainerSpec {
+            ports: vec![port.parse().expect("test ports are valid")],
+            ..container("n", "back", netns, None)
+        };
+        let web = connect(&store, publishing("web", "8080:80")).await?;
+        let api = connect(&store, publishing("api", "9090:90")).await?;
+        drop(reg);
+        wait_dead(&store, "back").await?;
+        ensure!(store.forget_dead_node("back").await? == 2);
+        // Meanwhile another container of the node publishes web's port.
+        let other = connect(&store, publishing("other", "8080:81")).await?;
+
+        let out = store
+            .restore_endpoints("back", &[web.clone(), api.clone()])
+            .await?;
+        ensure!(out.restored.len() == 2, "{out:?}");
+        ensure!(
+            out.unpublished.len() == 1
+                && out.unpublished[0].0.ip == web.ip
+                && out.unpublished[0].1 == web.ports[0],
+            "{:?}",
+            out.unpublished
+        );
+        let state = store.load().await?;
+        let ports_of = |ip| {
+            state
+                .endpoints
+                .iter()
+                .find(|e| e.network == "n" && e.ip == ip)
+                .map(|e| e.ports.clone())
+        };
+        ensure!(
+            ports_of(web.ip) == Some(vec![]),
+            "web: {:?}",
+            ports_of(web.ip)
+        );
+        ensure!(
+            ports_of(api.ip) == Some(api.ports.clone()),
+            "api: {:?}",
+            ports_of(api.ip)
+        );
+        ensure!(ports_of(other.ip) == Some(other.ports.clone()));
+        // api's port is claimed again: nobody else on the node takes it.
+        let taken = connect(&store, publishing("late", "9090:91")).await;
+        ensure!(
+            matches!(
+                taken,
+                Err(StoreError::Rejected(ModelError::PortTaken { .. }))
+            ),
+            "{taken:?}"
+        );
+        Ok(())
+    })
+}
+
 /// `n` static endpoints on `network` written straight to etcd, 50 per
 /// transaction, as the store encodes them (without their name claims,
 /// as an older ovl did).

@@ -277,6 +277,14 @@ pub async fn restore_endpoints(store: &Store, node: &str, memory: &Memory) -> Op
                     "address conflict: {c}; this node's container keeps its interface but cannot be reached until it is reconnected (the newer owner is left alone)"
                 );
             }
+            for (e, port) in &out.unpublished {
+                log::warn!(
+                    "endpoint {} ({}) of {} is back without publishing {port}: another container of this node publishes it now; reconnect it to publish",
+                    e.ip,
+                    e.name,
+                    e.network
+                );
+            }
             for e in &out.networks_gone {
                 log::warn!(
                     "endpoint {} ({}) not restored: network {} was removed meanwhile",

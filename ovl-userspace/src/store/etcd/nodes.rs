@@ -12,18 +12,37 @@ use super::{
     ENDPOINTS, EtcdStore, MAX_ATTEMPTS, MAX_TXN_OPS, Range, Snapshot,
     codec::{
         ALIVE, ConflictsRecord, NODES, alive_key, claim_value_of, claims_of, conflicts_key,
-        endpoint_key, json, network_key, node_key, parse, released_key,
+        endpoint_key, holder_of, json, network_key, node_key, parse, port_key, ports_prefix,
+        released_key,
     },
 };
 use crate::{
-    model::{Endpoint, ModelError, Network},
+    model::{Endpoint, Location, ModelError, Network},
     release::{GraceClock, Released, RestoreOutcome, Verdict, judge},
     store::StoreError,
 };
 
-/// Endpoints put back per transaction: each reads its key and release
-/// record (plus its network once) and then compares both.
-const RESTORE_BATCH: usize = (MAX_TXN_OPS - 8) / 3;
+/// Compares of one transaction putting endpoints back at most: each
+/// endpoint compares its key and release record (plus its network once)
+/// and one prefix per published port.
+const RESTORE_COMPARES: usize = MAX_TXN_OPS - 8;
+
+/// How many of `mine`, from the first, one transaction puts back (at
+/// least one). Its operations (the key, the release record's delete,
+/// one claim per port) are fewer than its compares.
+fn restore_batch_len(mine: &[&Endpoint]) -> usize {
+    let mut compares = 0;
+    let mut n = 0;
+    for e in mine {
+        let need = 3 + e.ports.len();
+        if n > 0 && compares + need > RESTORE_COMPARES {
+            break;
+        }
+        compares += need;
+        n += 1;
+    }
+    n
+}
 
 impl EtcdStore {
     /// Registered nodes without a live agent.
@@ -181,8 +200,11 @@ impl EtcdStore {
     ) -> Result<RestoreOutcome, StoreError> {
         let mine: Vec<&Endpoint> = wanted.iter().filter(|e| e.node() == Some(node)).collect();
         let mut out = RestoreOutcome::default();
-        for batch in mine.chunks(RESTORE_BATCH) {
+        let mut rest = mine.as_slice();
+        while !rest.is_empty() {
+            let (batch, after) = rest.split_at(restore_batch_len(rest));
             self.restore_batch(batch, &mut out).await?;
+            rest = after;
         }
         let mut c = self.client.clone();
         if out.conflicts.is_empty() {
@@ -212,6 +234,9 @@ impl EtcdStore {
             for e in batch {
                 ranges.push(Range::Key(endpoint_key(&e.network, e.ip)));
                 ranges.push(Range::Key(released_key(&e.network, e.ip)));
+                if let Location::Container { node, .. } = &e.location {
+                    ranges.extend(e.ports.iter().map(|p| Range::Prefix(ports_prefix(node, p))));
+                }
             }
             let snap = self.read(&ranges).await?;
             let now = GraceClock::now(self.address_grace).now_ms;
@@ -219,6 +244,7 @@ impl EtcdStore {
             let mut compares = Vec::new();
             let mut ops = Vec::new();
             let mut guarded_networks = BTreeMap::new();
+            let mut unpublished = Vec::new();
             for e in batch {
                 let key = endpoint_key(&e.network, e.ip);
                 let Ok(holder) = holder_in(&snap, &key) else {
@@ -232,7 +258,35 @@ impl EtcdStore {
                         .ok()
                 });
                 let verdict = judge(e, holder.as_ref(), network.as_ref(), now);
+                let mut e = (*e).clone();
                 if verdict == Verdict::Restore {
+                    // Its published ports, unless another endpoint of the
+                    // node publishes one now: claimed again, guarded like a
+                    // connect's.
+                    let taken = taken_ports(&snap, &key, &e);
+                    e.ports.retain(|p| !taken.contains(p));
+                    unpublished.extend(taken.into_iter().map(|p| (e.clone(), p)));
+                    if let Location::Container { node, .. } = &e.location {
+                        for p in &e.ports {
+                            let prefix = ports_prefix(node, p);
+                            compares.push(
+                                Compare::create_revision(
+                                    prefix.as_str(),
+                                    CompareOp::Less,
+                                    snap.revision + 1,
+                                )
+                                .with_prefix(),
+                            );
+                            let claim = port_key(node, p);
+                            if !snap.kvs.contains_key(&claim) {
+                                ops.push(TxnOp::put(
+                                    claim.as_str(),
+                                    claim_value_of(&claim, &e),
+                                    None,
+                                ));
+                            }
+                        }
+                    }
                     compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
                     let rel = released_key(&e.network, e.ip);
                     compares.push(Compare::mod_revision(
@@ -243,12 +297,12 @@ impl EtcdStore {
                     guarded_networks.entry(net.clone()).or_insert_with(|| {
                         Compare::mod_revision(net.as_str(), CompareOp::Equal, snap.mod_rev(&net))
                     });
-                    ops.push(TxnOp::put(key.as_str(), json(*e), None));
+                    ops.push(TxnOp::put(key.as_str(), json(&e), None));
                     if snap.kvs.contains_key(&rel) {
                         ops.push(TxnOp::delete(rel.as_str(), None));
                     }
                 }
-                verdicts.push((*e, verdict));
+                verdicts.push((e, verdict));
             }
             compares.extend(guarded_networks.into_values());
             if !ops.is_empty() {
@@ -267,11 +321,12 @@ impl EtcdStore {
             for (e, verdict) in verdicts {
                 match verdict {
                     Verdict::Present => out.present += 1,
-                    Verdict::Restore => out.restored.push(e.clone()),
-                    Verdict::NetworkGone => out.networks_gone.push(e.clone()),
+                    Verdict::Restore => out.restored.push(e),
+                    Verdict::NetworkGone => out.networks_gone.push(e),
                     Verdict::Conflict(c) => out.conflicts.push(c),
                 }
             }
+            out.unpublished.extend(unpublished);
             return Ok(());
         }
         Err(StoreError::Contended(MAX_ATTEMPTS))
@@ -329,6 +384,32 @@ fn free_batch(theirs: &[(String, i64, Endpoint)]) -> usize {
     n
 }
 
+/// The published ports of endpoint `e` (at `key`) that a claim in `snap`
+/// gives another endpoint: the same protocol and host port, on the same
+/// address or on every address.
+fn taken_ports(snap: &Snapshot, key: &str, e: &Endpoint) -> Vec<crate::ports::PublishedPort> {
+    let Location::Container { node, .. } = &e.location else {
+        return Vec::new();
+    };
+    e.ports
+        .iter()
+        .filter(|p| {
+            let prefix = ports_prefix(node, p);
+            snap.kvs
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .any(|(k, (v, _))| {
+                    let on = &k[prefix.len()..];
+                    let overlaps = p.host_ip.is_none()
+                        || on == "0.0.0.0"
+                        || p.host_ip.is_some_and(|ip| ip.to_string() == on);
+                    overlaps && holder_of(k, v).as_deref() != Some(key)
+                })
+        })
+        .copied()
+        .collect()
+}
+
 /// The endpoint at `key` in `snap`, if any; an error (logged) when the
 /// key holds something unreadable.
 fn holder_in(snap: &Snapshot, key: &str) -> Result<Option<Endpoint>, ()> {
@@ -339,9 +420,6 @@ fn holder_in(snap: &Snapshot, key: &str) -> Result<Option<Endpoint>, ()> {
         .map(Some)
         .map_err(|e| log::error!("{e}"))
 }
-
-// Transaction sizes are fixed by the batch sizes above.
-const _: () = assert!(3 * RESTORE_BATCH + 8 <= MAX_TXN_OPS);
 
 #[cfg(test)]
 mod tests {
