@@ -189,22 +189,10 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
         .collect();
     let rules = port_rules(endpoints);
 
-    // Containers that left: their translations, route and element go.
     let had = table
         .as_ref()
         .map(|t| t.elements.clone())
         .unwrap_or_default();
-    for (addr, mark) in had.difference(&want) {
-        forget_translations(*addr, *mark)?;
-        // Gone with the veth, usually: nothing to delete then.
-        let _ = ip(&[
-            "route",
-            "del",
-            &format!("{addr}/32"),
-            "table",
-            &mark.to_string(),
-        ]);
-    }
 
     // Forwarding is switched on only after the table holds the guard that
     // records ovl did it (and forwards nothing but replies): were it
@@ -244,6 +232,23 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     }
     if switch_forwarding_on {
         enable_forwarding(underlay)?;
+    }
+
+    // Containers that left: their translations and route go, once their
+    // element and DNAT rules are gone (above). Deleted first, a client
+    // still sending to a published port would have its next packet
+    // translated again by the rule still there, and that entry would
+    // outlive the container — and reach whoever takes its address next.
+    for (addr, mark) in had.difference(&want) {
+        forget_translations(*addr, *mark)?;
+        // Gone with the veth, usually: nothing to delete then.
+        let _ = ip(&[
+            "route",
+            "del",
+            &format!("{addr}/32"),
+            "table",
+            &mark.to_string(),
+        ]);
     }
 
     // An address whose holder changed — a container left and another took

@@ -273,6 +273,75 @@ fn a_published_port_reaches_the_container_with_the_clients_address_until_it_leav
     world.stop()
 }
 
+/// A UDP client in `from` sending `ping` from port `sport` to `addr`:`port`
+/// every half millisecond until stopped: a flow that never pauses.
+fn udp_flood(
+    lab: &Lab,
+    from: &Netns,
+    sport: u16,
+    addr: Ipv4Addr,
+    port: u16,
+) -> Result<ChildHandle> {
+    let script = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', {sport}))\n\
+         while True:\n\
+         \x20   s.sendto(b'ping', ('{addr}', {port}))\n\
+         \x20   time.sleep(0.0005)\n"
+    );
+    lab.spawn(from, &["/usr/bin/python3", "-c", &script], &[])
+}
+
+#[test]
+fn a_udp_flow_arriving_while_its_container_leaves_does_not_follow_its_address() -> Result<()> {
+    let lab = Lab::new("publishedflow")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
+    world
+        .ovl
+        .create_network(host_a, NETWORK, "198.18.0.0/24", &[])?;
+    let ip1: Ipv4Addr = "198.18.0.2".parse()?;
+    let c1 = lab.container("c1")?;
+    world.run(
+        0,
+        &["connect", NETWORK, c1.name(), "--publish", "5353:53/udp"],
+    )?;
+    let dns = udp_server(&lab, &c1, ip1, 53)?;
+    let flood = udp_flood(&lab, host_b, 40000, HOST_A, 5353)?;
+    wait_peers(&dns, HOST_B, 1)?;
+
+    // The container leaves while the flow goes on: its rule goes, and no
+    // translation of the flow stays behind.
+    world.run(0, &["disconnect", NETWORK, c1.name()])?;
+    let mut left = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        left = published_rules(host_a)?;
+        Ok(left.is_empty())
+    })
+    .with_context(|| format!("rules left after disconnect: {left:#?}"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let stale = connections_to(host_a, ip1)?;
+
+    // A container that takes the address and publishes nothing gets none
+    // of the flow.
+    let c2 = lab.container("c2")?;
+    world.run(0, &["connect", NETWORK, c2.name(), "--ip", "198.18.0.2"])?;
+    let other = udp_server(&lab, &c2, ip1, 53)?;
+    std::thread::sleep(Duration::from_secs(2));
+    flood.signal(ovl_tests::Signal::Kill)?;
+    ensure!(
+        stale.is_empty(),
+        "translations of the flow outlived their container: {stale:#?}"
+    );
+    ensure!(
+        !other.stdout()?.contains("peer"),
+        "the container that took {ip1} receives the flow it never published:\n{}",
+        other.output_report()
+    );
+    world.stop()
+}
+
 #[test]
 fn networks_sharing_a_subnet_each_publish_to_their_own_container() -> Result<()> {
     let lab = Lab::new("publishedtwo")?;
