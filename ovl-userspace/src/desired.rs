@@ -76,6 +76,9 @@ pub struct EgressEndpoint {
     pub ifname: String,
     /// Its ports published on this node.
     pub ports: Vec<crate::ports::PublishedPort>,
+    /// Its network's subnets: no client from outside the host has an
+    /// address in them, so a published port takes no packet from one.
+    pub subnets: Vec<crate::ipam::Subnet>,
 }
 
 /// Computes what node `node` (VTEP `vtep`) must hold. `ifindex_of`
@@ -201,6 +204,7 @@ impl NetworkPlan {
                         ifindex,
                         ifname: host_ifname.clone(),
                         ports: ep.ports.clone(),
+                        subnets: net.subnets.iter().map(|p| p.subnet).collect(),
                     });
                 }
             }

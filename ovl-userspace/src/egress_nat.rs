@@ -23,7 +23,8 @@
 //!   connection with the container's network, so the packet is routed by
 //!   that network's table and the forward guard lets it through; the
 //!   container's replies come back marked by the egress program and
-//!   conntrack undoes the DNAT. The client's address is kept.
+//!   conntrack undoes the DNAT. The client's address is kept; a client
+//!   claiming an address of the container's network is not translated.
 //!
 //! [`ensure`] is idempotent and cheap when nothing changed; [`remove`]
 //! (`ovl detach`) takes everything away again and restores the underlay's
@@ -42,7 +43,7 @@ use anyhow::{Context, Result, bail};
 use ovl_common::maps::{EGRESS_MARK_BASE, EGRESS_MARK_MASK, egress_mark};
 use serde_json::Value;
 
-use crate::{desired::EgressEndpoint, ports::PublishedPort};
+use crate::{desired::EgressEndpoint, ipam::Subnet, ports::PublishedPort};
 
 /// nftables table (family ip) holding ovl's NAT.
 pub const TABLE: &str = "ovl";
@@ -110,13 +111,31 @@ struct PortRule {
     mark: u32,
     ip: Ipv4Addr,
     port: PublishedPort,
+    /// The container's network's subnets: a packet from one of their
+    /// addresses arriving from outside is spoofed (the overlay's own
+    /// traffic never comes this way), and translating it would let a
+    /// client anywhere pass as the container's peer — and have the
+    /// container's answer sent to that peer, across the overlay.
+    subnets: Vec<Subnet>,
 }
+
+/// The longest comment nftables keeps on a rule.
+const MAX_COMMENT: usize = 128;
 
 impl PortRule {
     /// What the rule is, in its comment: how the table tells it has the
-    /// rules it should.
+    /// rules it should. The subnets are named while they fit (a
+    /// network's subnets are fixed for its life, so their count stands
+    /// in for them beyond).
     fn comment(&self) -> String {
-        format!("{:#x} {} {}", self.mark, self.ip, self.port.mapping())
+        let head = format!("{:#x} {} {}", self.mark, self.ip, self.port.mapping());
+        let subnets: Vec<String> = self.subnets.iter().map(Subnet::to_string).collect();
+        let named = format!("{head} not from {}", subnets.join(","));
+        if named.len() <= MAX_COMMENT {
+            named
+        } else {
+            format!("{head} not from its {} subnets", subnets.len())
+        }
     }
 
     /// The rule, for chain `published`.
@@ -126,8 +145,14 @@ impl PortRule {
             .host_ip
             .map(|ip| format!("ip daddr {ip} "))
             .unwrap_or_default();
+        let saddr = if self.subnets.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = self.subnets.iter().map(Subnet::to_string).collect();
+            format!("ip saddr != {{ {} }} ", list.join(", "))
+        };
         format!(
-            "{daddr}{proto} dport {host} meta mark set {mark:#x} ct mark set {mark:#x} dnat to {ip}:{container} comment \"{comment}\"",
+            "{saddr}{daddr}{proto} dport {host} meta mark set {mark:#x} ct mark set {mark:#x} dnat to {ip}:{container} comment \"{comment}\"",
             proto = p.protocol,
             host = p.host_port,
             mark = self.mark,
@@ -147,6 +172,7 @@ fn port_rules(endpoints: &[EgressEndpoint]) -> BTreeSet<PortRule> {
                 mark: egress_mark(e.vni),
                 ip: e.ip,
                 port: *p,
+                subnets: e.subnets.clone(),
             })
         })
         .collect()
@@ -846,6 +872,10 @@ mod tests {
             mark: 0x6f00_1000,
             ip: Ipv4Addr::from(ip),
             port: port.parse().unwrap(),
+            subnets: vec![
+                "198.18.0.0/24".parse().unwrap(),
+                "198.18.1.0/24".parse().unwrap(),
+            ],
         };
         let rules = BTreeSet::from([
             rule([198, 18, 0, 2], "8080:80"),
@@ -855,9 +885,23 @@ mod tests {
         assert_eq!(
             s,
             "flush chain ip ovl published\n\
-             add rule ip ovl published tcp dport 8080 meta mark set 0x6f001000 ct mark set 0x6f001000 dnat to 198.18.0.2:80 comment \"0x6f001000 198.18.0.2 0.0.0.0:8080->80/tcp\"\n\
-             add rule ip ovl published ip daddr 192.0.2.10 udp dport 5353 meta mark set 0x6f001000 ct mark set 0x6f001000 dnat to 198.18.0.2:53 comment \"0x6f001000 198.18.0.2 192.0.2.10:5353->53/udp\"\n"
+             add rule ip ovl published ip saddr != { 198.18.0.0/24, 198.18.1.0/24 } tcp dport 8080 meta mark set 0x6f001000 ct mark set 0x6f001000 dnat to 198.18.0.2:80 comment \"0x6f001000 198.18.0.2 0.0.0.0:8080->80/tcp not from 198.18.0.0/24,198.18.1.0/24\"\n\
+             add rule ip ovl published ip saddr != { 198.18.0.0/24, 198.18.1.0/24 } ip daddr 192.0.2.10 udp dport 5353 meta mark set 0x6f001000 ct mark set 0x6f001000 dnat to 198.18.0.2:53 comment \"0x6f001000 198.18.0.2 192.0.2.10:5353->53/udp not from 198.18.0.0/24,198.18.1.0/24\"\n"
         );
+        // Many subnets: the comment stays within nftables' limit, and
+        // differs from the rule's before ovl excluded their sources (an
+        // upgraded agent rewrites such rules).
+        let many = PortRule {
+            subnets: (0..40)
+                .map(|i| format!("10.{i}.0.0/16").parse().unwrap())
+                .collect(),
+            ..rule([198, 18, 0, 2], "8080:80")
+        };
+        assert_eq!(
+            many.comment(),
+            "0x6f001000 198.18.0.2 0.0.0.0:8080->80/tcp not from its 40 subnets"
+        );
+        assert!(many.nft().contains("10.39.0.0/16 }"), "{}", many.nft());
         let t = table_script(false, "eth0", false, &BTreeSet::new(), &rules);
         assert!(t.contains("fib daddr type local jump published"), "{t}");
         assert!(t.ends_with(&s), "{t}");
@@ -865,12 +909,19 @@ mod tests {
         let json: Value = serde_json::from_str(
             r#"{"nftables":[{"chain":{"family":"ip","table":"ovl","name":"published"}},
               {"rule":{"family":"ip","table":"ovl","chain":"published","handle":9,
-                "comment":"0x6f001000 198.18.0.2 0.0.0.0:8080->80/tcp","expr":[]}}]}"#,
+                "comment":"0x6f001000 198.18.0.2 0.0.0.0:8080->80/tcp not from 198.18.0.0/24,198.18.1.0/24","expr":[]}},
+              {"rule":{"family":"ip","table":"ovl","chain":"published","handle":10,
+                "comment":"0x6f001000 198.18.0.2 0.0.0.0:8081->80/tcp","expr":[]}}]}"#,
         )
         .unwrap();
-        assert_eq!(
-            parse_table(&json).published,
-            BTreeSet::from([rule([198, 18, 0, 2], "8080:80").comment()])
+        let listed = parse_table(&json).published;
+        assert!(
+            listed.contains(&rule([198, 18, 0, 2], "8080:80").comment()),
+            "{listed:?}"
+        );
+        assert!(
+            !listed.contains(&rule([198, 18, 0, 2], "8081:80").comment()),
+            "a rule of an older agent, without the source check, passes for current"
         );
     }
 

@@ -343,6 +343,56 @@ fn a_udp_flow_arriving_while_its_container_leaves_does_not_follow_its_address() 
 }
 
 #[test]
+fn a_published_port_takes_nothing_from_outside_in_an_overlay_peers_name() -> Result<()> {
+    let lab = Lab::new("publishedspoof")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
+    world
+        .ovl
+        .create_network(host_a, NETWORK, "198.18.0.0/24", &[])?;
+    let (ip1, ip2): (Ipv4Addr, Ipv4Addr) = ("198.18.0.2".parse()?, "198.18.0.3".parse()?);
+    let c1 = lab.container("c1")?;
+    world.run(
+        0,
+        &["connect", NETWORK, c1.name(), "--publish", "5353:53/udp"],
+    )?;
+    let c2 = lab.container("c2")?;
+    world.run(
+        1,
+        &["connect", NETWORK, c2.name(), "--ip", &ip2.to_string()],
+    )?;
+    let dns = udp_server(&lab, &c1, ip1, 53)?;
+    // An unpublished port of c2, on host B: where c1's answers to a
+    // datagram in c2's name would go, across the overlay.
+    let peer = udp_server(&lab, &c2, ip2, 4444)?;
+    let mut answer = String::new();
+    wait_until(Duration::from_secs(10), || {
+        answer = udp_exchange(host_b, HOST_A, 5353)?;
+        Ok(answer.contains("pong ping"))
+    })
+    .with_context(|| format!("UDP to {HOST_A}:5353 got {answer:?}"))?;
+
+    // The router (any machine of the underlay) sends in c2's name.
+    let spoof = format!(
+        "from scapy.all import IP, UDP, send\n\
+         send(IP(src='{ip2}', dst='{HOST_A}') / UDP(sport=4444, dport=5353) / b'spoofed', count=3, verbose=0)\n"
+    );
+    world.router.exec(&["/usr/bin/python3", "-c", &spoof])?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(
+        !dns.stdout()?.contains(&format!("peer {ip2}")),
+        "c1 took datagrams from outside as c2's:\n{}",
+        dns.output_report()
+    );
+    ensure!(
+        !peer.stdout()?.contains("peer"),
+        "c1's answers to the spoofed datagrams reached c2's unpublished port:\n{}",
+        peer.output_report()
+    );
+    world.stop()
+}
+
+#[test]
 fn networks_sharing_a_subnet_each_publish_to_their_own_container() -> Result<()> {
     let lab = Lab::new("publishedtwo")?;
     let mut world = TwoHosts::start(&lab, "auto")?;
