@@ -2,7 +2,11 @@
 //! node's addresses. The type, its `[HOSTIP:]HOSTPORT:CPORT[/PROTO]` text
 //! form, and the rules a set of them obeys; `egress_nat` installs them.
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -116,19 +120,28 @@ impl FromStr for PublishedPort {
             Some((ports, proto)) => (ports, proto.parse()?),
             None => (s, Protocol::Tcp),
         };
-        let parts: Vec<&str> = ports.split(':').collect();
-        let (host_ip, host_port, container_port) = match parts.as_slice() {
-            [host, container] => (None, *host, *container),
-            [ip, host, container] => (
-                Some(ip.parse::<Ipv4Addr>().map_err(|_| bad())?),
-                *host,
-                *container,
-            ),
+        // The ports are the last two fields: an IPv6 host address has
+        // colons of its own.
+        let mut fields = ports.rsplitn(3, ':');
+        let (container_port, host_port, host_ip) = match (fields.next(), fields.next()) {
+            (Some(container), Some(host)) => (container, host, fields.next()),
             _ => return Err(bad()),
         };
+        let host_ip = match host_ip {
+            None => None,
+            Some(ip) => match ip.parse::<Ipv4Addr>() {
+                Ok(ip) => Some(ip),
+                Err(_) if ip.trim_matches(['[', ']']).parse::<Ipv6Addr>().is_ok() => {
+                    return Err(PortError::Ipv6(ip.to_owned()));
+                }
+                Err(_) => return Err(bad()),
+            },
+        };
         let port = |p: &str| match p.parse::<u16>() {
-            Ok(0) | Err(_) => Err(PortError::Port(p.to_owned())),
+            Ok(0) => Err(PortError::Port(p.to_owned())),
             Ok(n) => Ok(n),
+            Err(_) if p.contains('-') => Err(PortError::Range(s.to_owned())),
+            Err(_) => Err(PortError::Port(p.to_owned())),
         };
         Ok(PublishedPort {
             protocol,
@@ -150,6 +163,14 @@ pub enum PortError {
     Syntax(String),
     #[error("invalid port {0:?}: ports are 1..=65535")]
     Port(String),
+    #[error(
+        "{0} is an IPv6 address: ovl publishes on IPv4 host addresses only; give an IPv4 address of the host, or none for every address"
+    )]
+    Ipv6(String),
+    #[error(
+        "{0:?} publishes a range of ports: ovl publishes one host port per container port; give each port its own --publish"
+    )]
+    Range(String),
     #[error("invalid protocol {0:?}: ovl publishes tcp and udp ports")]
     Protocol(String),
     #[error(
@@ -245,6 +266,23 @@ mod tests {
                 .to_string()
                 .contains("HOSTPORT:CONTAINERPORT")
         );
+    }
+
+    #[test]
+    fn ipv6_host_addresses_and_ranges_are_refused_saying_so() {
+        for v6 in ["[::]:8080:80", ":::8080:80/udp", "2001:db8::1:8080:80"] {
+            let err = v6.parse::<PublishedPort>().unwrap_err();
+            assert!(matches!(err, PortError::Ipv6(_)), "{v6}: {err}");
+            assert!(
+                err.to_string().contains("IPv4 host addresses only"),
+                "{err}"
+            );
+        }
+        for range in ["8080-8081:80-81", "8080:80-81", "192.0.2.10:1-2:1-2/udp"] {
+            let err = range.parse::<PublishedPort>().unwrap_err();
+            assert!(matches!(err, PortError::Range(_)), "{range}: {err}");
+            assert!(err.to_string().contains("its own --publish"), "{err}");
+        }
     }
 
     #[test]

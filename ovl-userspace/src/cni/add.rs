@@ -220,5 +220,16 @@ mod tests {
         .unwrap();
         let err = requested_ports(&conf).unwrap_err();
         assert!(format!("{err:?}").contains("sctp"), "{err:?}");
+        // An IPv6 hostIP is refused as such, not as a malformed mapping.
+        let conf: NetConf = serde_json::from_str(
+            r#"{"name":"n","runtimeConfig":{"portMappings":[
+                {"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"::"}]}}"#,
+        )
+        .unwrap();
+        let err = requested_ports(&conf).unwrap_err();
+        assert!(
+            format!("{err:?}").contains("IPv4 host addresses only"),
+            "{err:?}"
+        );
     }
 }
