@@ -280,7 +280,19 @@ pub async fn register(
             };
             Ok((ep, s.network(&req.network)?.clone(), reservation, naming))
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            // Each port is a claim and a guard: their number is what
+            // outgrew the transaction.
+            StoreError::TooLarge { ops, limit } if !req.ports.is_empty() => {
+                StoreError::TooManyPorts {
+                    ports: req.ports.len(),
+                    ops,
+                    limit,
+                }
+            }
+            e => e,
+        })?;
     if let Some(n) = naming.filter(|n| !n.refused.is_empty()) {
         log::warn!(
             "{} on {} ({}) does not get every name it asked for: {}; names are unique per ovl network, across hosts. It resolves as {}",

@@ -514,5 +514,27 @@ fn with_etcd_a_host_port_is_claimed_once_per_node_across_networks() -> Result<()
         "the disconnect left claims: {claims:?}"
     );
     world.run(0, &["connect", "blue", c2.name(), "--publish", "8080:80"])?;
+
+    // More ports than one etcd transaction holds (`-p 9000-9069:...`):
+    // refused saying how many fit, with nothing stored.
+    let c4 = lab.container("c4")?;
+    let mut args = vec!["connect".to_owned(), "red".to_owned(), c4.name().to_owned()];
+    for port in 9000..9070 {
+        args.extend(["--publish".to_owned(), format!("{port}:{port}")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let before = world.etcd.keys("/ovl/")?;
+    let refused = world.ovl.run_unchecked(&host_a, "host-a", &args)?;
+    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    ensure!(
+        !refused.status.success()
+            && err.contains("publishing 70 ports")
+            && err.contains("at most about 60 ports"),
+        "70 ports on etcd were not refused saying how many fit: {err}"
+    );
+    ensure!(
+        world.etcd.keys("/ovl/")? == before,
+        "the refused connect changed the store"
+    );
     world.stop()
 }

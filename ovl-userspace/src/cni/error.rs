@@ -168,6 +168,7 @@ fn store_code(e: &StoreError) -> Code {
         }
         StoreError::Io { .. } => Code::Io,
         StoreError::Rejected(m) => model_code(m),
+        StoreError::TooManyPorts { .. } => Code::InvalidConfig,
         _ => Code::Internal,
     }
 }

@@ -136,6 +136,17 @@ pub enum StoreError {
         "the change needs {ops} operations in one etcd transaction, more than etcd's limit of {limit}; make it in smaller steps"
     )]
     TooLarge { ops: usize, limit: usize },
+    /// A connect publishing too many ports for one transaction: unlike
+    /// other changes, it cannot be made in steps.
+    #[error(
+        "publishing {ports} ports needs {ops} operations in one etcd transaction, more than etcd's limit of {limit}: with the etcd store a container publishes at most about {max} ports; publish fewer (a smaller -p range) or spread them over several containers",
+        max = (limit - 8) / 2
+    )]
+    TooManyPorts {
+        ports: usize,
+        ops: usize,
+        limit: usize,
+    },
     #[error(
         "etcd key {key} holds a value ovl cannot read ({detail}); fix or delete it with etcdctl"
     )]
