@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     capacity,
     ipam::{self, Pool, Subnet},
-    ports::{self, PortError, PublishedPort},
+    ports::{self, PortError, Protocol, PublishedPort},
     release::{AddressConflict, GraceClock, Released, RestoreOutcome, Verdict},
     validate::{self, InvalidInput},
 };
@@ -172,6 +172,15 @@ pub enum ModelError {
         "network {0:?} is internal: its containers have no way out of it, so none of their ports can be published; connect the container to a network that is not --internal to publish"
     )]
     PublishOnInternal(String),
+    #[error(
+        "{port} would take the overlay's own traffic to node {node:?} ({what} on UDP port {}) to the container; pick another host port",
+        port.host_port
+    )]
+    PortOfOverlay {
+        port: PublishedPort,
+        node: String,
+        what: &'static str,
+    },
     #[error(
         "{port} is already published on node {node:?} by {holder} ({ip} on network {network:?}); pick another host port, or disconnect that endpoint first"
     )]
@@ -835,6 +844,27 @@ impl State {
             return Err(ModelError::PublishOnInternal(network.name.clone()));
         }
         ports::validate(ports)?;
+        // The overlay's own UDP ports on the node: a DNAT rule for one
+        // would hand peers' VXLAN or WireGuard packets to the container.
+        let wireguard = self
+            .nodes
+            .get(node)
+            .and_then(|n| n.wireguard.as_ref())
+            .map(|k| k.port);
+        for p in ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+            let what = if p.host_port == self.cluster.vxlan_port {
+                "its VXLAN"
+            } else if Some(p.host_port) == wireguard {
+                "its WireGuard, for encrypted networks"
+            } else {
+                continue;
+            };
+            return Err(ModelError::PortOfOverlay {
+                port: *p,
+                node: node.to_owned(),
+                what,
+            });
+        }
         for e in &self.endpoints {
             if !matches!(&e.location, Location::Container { node: n, .. } if n == node) {
                 continue;
@@ -1535,6 +1565,37 @@ mod tests {
         assert_eq!(out.unpublished[0].1, "8080:80".parse().unwrap());
         let back = s.endpoints.iter().find(|e| e.ip == web.ip).unwrap();
         assert_eq!(back.ports, out.restored[0].ports);
+    }
+
+    #[test]
+    fn the_overlays_own_udp_ports_are_not_published() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10), Some(1500));
+        s.publish_node_key(
+            "n1",
+            crate::crypto::NodeKey {
+                public_key: crate::crypto::keys::PublicKey([7; 32]),
+                port: 51821,
+            },
+        );
+        let before = s.clone();
+        for (port, what) in [("51821:1/udp", "WireGuard"), ("4789:1/udp", "VXLAN")] {
+            let err = s
+                .add_container(publishing("a", "n1", "c1", &[port]))
+                .unwrap_err();
+            assert!(
+                matches!(&err, ModelError::PortOfOverlay { node, .. } if node == "n1"),
+                "{port}: {err}"
+            );
+            assert!(err.to_string().contains(what), "{err}");
+        }
+        assert_eq!(s, before, "nothing changed");
+        // The same numbers over TCP, and on another node, are anyone's.
+        s.add_container(publishing("a", "n1", "c1", &["51821:1", "4789:1"]))
+            .unwrap();
+        s.add_container(publishing("a", "n2", "c2", &["51821:1/udp"]))
+            .unwrap();
     }
 
     #[test]

@@ -393,6 +393,65 @@ fn a_published_port_takes_nothing_from_outside_in_an_overlay_peers_name() -> Res
 }
 
 #[test]
+fn the_overlays_own_udp_ports_are_not_published() -> Result<()> {
+    let lab = Lab::new("publishedwg")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].netns.clone();
+    world
+        .ovl
+        .create_network(&host_a, NETWORK, "198.18.0.0/24", &[])?;
+    world
+        .ovl
+        .create_network(&host_a, "sealed", "198.18.4.0/24", &["--encrypted"])?;
+    // A container on the encrypted network has host A publish its
+    // WireGuard port.
+    let sealed = lab.container("sealed")?;
+    world.run(0, &["connect", "sealed", sealed.name()])?;
+    let mut wireguard = None;
+    wait_until(Duration::from_secs(15), || {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&world.run(0, &["node", "ls", "--json"])?)?;
+        wireguard = nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == "host-a")
+            .and_then(|n| n["wireguard"]["port"].as_u64());
+        Ok(wireguard.is_some())
+    })
+    .context("host A did not publish its WireGuard port")?;
+    let wireguard = wireguard.context("checked above")?;
+
+    let c1 = lab.container("c1")?;
+    let table = ovl_table(&host_a)?;
+    let endpoints = world.run(0, &["endpoint", "ls", "--json"])?;
+    for (port, what) in [
+        (format!("{wireguard}:{wireguard}/udp"), "WireGuard"),
+        ("4789:4789/udp".to_owned(), "VXLAN"),
+    ] {
+        let refused = world.ovl.run_unchecked(
+            &host_a,
+            "host-a",
+            &["connect", NETWORK, c1.name(), "--publish", &port],
+        )?;
+        let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+        ensure!(
+            !refused.status.success() && err.contains(what) && err.contains("another host port"),
+            "--publish {port} was not refused as the overlay's {what}: {err}"
+        );
+    }
+    ensure!(
+        world.run(0, &["endpoint", "ls", "--json"])? == endpoints,
+        "a refused connect changed the store"
+    );
+    ensure!(
+        ovl_table(&host_a)? == table,
+        "a refused connect changed nft"
+    );
+    world.stop()
+}
+
+#[test]
 fn networks_sharing_a_subnet_each_publish_to_their_own_container() -> Result<()> {
     let lab = Lab::new("publishedtwo")?;
     let mut world = TwoHosts::start(&lab, "auto")?;

@@ -178,7 +178,7 @@ fn model_code(e: &ModelError) -> Code {
         ModelError::NoSuchNetwork(_) => Code::InvalidConfig,
         ModelError::AlreadyConnected { .. } => Code::AlreadyOnNetwork,
         ModelError::Ipam(i) => ipam_code(i),
-        ModelError::PortTaken { .. } => Code::AddressInUse,
+        ModelError::PortTaken { .. } | ModelError::PortOfOverlay { .. } => Code::AddressInUse,
         ModelError::Port(_) | ModelError::PublishOnInternal(_) => Code::InvalidConfig,
         _ => Code::Internal,
     }

@@ -21,8 +21,8 @@
 use super::{
     Range, Snapshot,
     codec::{
-        ENDPOINTS, NAMES, RELEASED, attachment_key, claims_of, endpoint_key, holder_of,
-        is_index_key, name_key, network_key, parse, ports_prefix,
+        CLUSTER_KEY, ENDPOINTS, NAMES, RELEASED, attachment_key, claims_of, endpoint_key,
+        holder_of, is_index_key, name_key, network_key, node_key, parse, ports_prefix,
     },
 };
 use std::{
@@ -94,6 +94,12 @@ pub fn first(a: &Around<'_>) -> Vec<Range> {
         // Every address's claim of each host port: one on every address
         // clashes with one on a single address.
         out.extend(a.ports.iter().map(|p| Range::Prefix(ports_prefix(node, p))));
+        // The node's WireGuard port and the cluster's VXLAN port, which
+        // no container may publish there.
+        if !a.ports.is_empty() {
+            out.push(Range::Key(node_key(node)));
+            out.push(Range::Key(CLUSTER_KEY.into()));
+        }
         // The name a container holds unless given one: a disconnect then
         // finds every claim of a default-named endpoint in its second
         // round, not its third.
@@ -275,6 +281,31 @@ mod tests {
         assert_eq!(
             snap.kvs.keys().filter(|k| k.starts_with(ENDPOINTS)).count(),
             1
+        );
+    }
+
+    #[test]
+    fn a_publishing_connect_reads_its_nodes_record_and_the_cluster_settings() {
+        let names = ["c9".to_owned()];
+        let ports = ["4789:1/udp".parse().unwrap()];
+        let mut a = Around {
+            network: "blue",
+            attachment: Some(("a", "c9")),
+            ip: None,
+            names: &names,
+            allocates: true,
+            ports: &ports,
+        };
+        let reads = |a: &Around<'_>, key: &str| {
+            first(a)
+                .iter()
+                .any(|r| matches!(r, Range::Key(k) if k == key))
+        };
+        assert!(reads(&a, "/ovl/nodes/a") && reads(&a, CLUSTER_KEY));
+        a.ports = &[];
+        assert!(
+            !reads(&a, "/ovl/nodes/a"),
+            "a connect without ports reads no more"
         );
     }
 
