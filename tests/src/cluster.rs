@@ -153,6 +153,41 @@ impl Cluster {
         Ok(Pair { c1, ip1, c2, ip2 })
     }
 
+    /// Sends `count` VXLAN frames (VNI `vni`) from the router straight onto
+    /// host A's underlay link, outer IPv4 from `outer_src` with TOS
+    /// `outer_tos` to host A's address, around the inner frame `inner`
+    /// (scapy, from `Ether` on). Built with scapy and sent on the raw
+    /// link, both MACs given, so the router's own stack adds nothing.
+    pub fn send_vxlan_to_host_a(
+        &self,
+        outer_src: Ipv4Addr,
+        outer_tos: u8,
+        vni: u64,
+        inner: &str,
+        count: u64,
+    ) -> Result<()> {
+        let host_a = &self.hosts[0];
+        let gateway = host_a.gateway.context("routed host has a gateway")?;
+        let router_iface = self.router.iface_with_addr(gateway)?;
+        let router_mac = self.router.link_mac(&router_iface)?;
+        let host_mac = host_a.netns.link_mac(crate::HOST_IFACE)?;
+        let script = format!(
+            "from scapy.all import Ether, IP, UDP, ICMP, sendp\n\
+             from scapy.layers.vxlan import VXLAN\n\
+             frame = (Ether(src='{router_mac}', dst='{host_mac}')\n\
+                 / IP(src='{outer_src}', dst='{vtep}', tos={outer_tos})\n\
+                 / UDP(sport=40000, dport=4789)\n\
+                 / VXLAN(vni={vni}, flags=0x08)\n\
+                 / {inner})\n\
+             sendp(frame, iface='{router_iface}', count={count}, verbose=False)\n",
+            vtep = host_a.addr,
+        );
+        // Debian's python3-scapy lives in the system interpreter, which a
+        // user-level python3 (pyenv, venv) earlier in PATH would not see.
+        self.router.exec(&["/usr/bin/python3", "-c", &script])?;
+        Ok(())
+    }
+
     /// The host end of `container`'s veth on host `i`, as the agent lists
     /// it in `network inspect`.
     pub fn host_end(&self, i: usize, network: &str, container: &Netns) -> Result<String> {

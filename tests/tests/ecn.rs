@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{CONTAINER_IFACE, HOST_IFACE, Lab, Netns, TwoHosts, mac_for, ping, wait_until};
+use ovl_tests::{CONTAINER_IFACE, Lab, Netns, Pair, TwoHosts, mac_for, wait_until};
 
 /// Marked frames per case.
 const N: u64 = 5;
@@ -17,55 +17,20 @@ const NOT_ECT: u8 = 0b00;
 const ECT0: u8 = 0b10;
 const CE: u8 = 0b11;
 
-/// Two hosts with a container each on one network, proven to work: host
-/// A's container and address, host B's container's address.
-fn world_with_traffic(lab: &Lab) -> Result<(TwoHosts, Netns, Ipv4Addr, Ipv4Addr)> {
-    let world = TwoHosts::start(lab, "auto")?;
-    world
-        .ovl
-        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
-    let (c1, ip1) = world.container(lab, 0, "uber-net", "c1")?;
-    let (_c2, ip2) = world.container(lab, 1, "uber-net", "c2")?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })?;
-    Ok((world, c1, ip1, ip2))
-}
-
 /// Sends `N` VXLAN frames from host B's VTEP to host A, as a router on
 /// the way that marked them congested would pass them on: outer TOS CE,
 /// each carrying an ICMP echo request from `from` (host B's container) to
-/// `to` (host A's) with inner ECN field `inner_ecn`. Built with scapy on
-/// the router (where a congested queue would be), both MACs given.
+/// `to` (host A's) with inner ECN field `inner_ecn`.
 fn send_marked_vxlan(world: &TwoHosts, from: Ipv4Addr, to: Ipv4Addr, inner_ecn: u8) -> Result<()> {
-    let (host_a, host_b) = (&world.hosts[0], &world.hosts[1]);
-    let gateway = host_a.gateway.context("routed host has a gateway")?;
-    let router_iface = world.router.iface_with_addr(gateway)?;
-    let router_mac = world.router.link_mac(&router_iface)?;
-    let host_mac = host_a.netns.link_mac(HOST_IFACE)?;
-    let script = format!(
-        "from scapy.all import Ether, IP, UDP, ICMP, sendp\n\
-         from scapy.layers.vxlan import VXLAN\n\
-         frame = (Ether(src='{router_mac}', dst='{host_mac}')\n\
-             / IP(src='{vtep_b}', dst='{vtep_a}', tos={CE})\n\
-             / UDP(sport=40000, dport=4789)\n\
-             / VXLAN(vni={vni}, flags=0x08)\n\
-             / Ether(src='{from_mac}', dst='{to_mac}')\n\
-             / IP(src='{from}', dst='{to}', tos={inner_ecn})\n\
-             / ICMP())\n\
-         sendp(frame, iface='{router_iface}', count={N}, verbose=False)\n",
-        vtep_a = host_a.addr,
-        vtep_b = host_b.addr,
-        vni = world.ovl.inspect(&host_a.netns, "uber-net")?["vni"]
-            .as_u64()
-            .context("inspect has no vni")?,
-        from_mac = mac_for(from),
-        to_mac = mac_for(to),
+    let vni = world.inspect(0, "uber-net")?["vni"]
+        .as_u64()
+        .context("inspect has no vni")?;
+    let inner = format!(
+        "Ether(src='{}', dst='{}') / IP(src='{from}', dst='{to}', tos={inner_ecn}) / ICMP()",
+        mac_for(from),
+        mac_for(to)
     );
-    // Debian's python3-scapy lives in the system interpreter, which a
-    // user-level python3 (pyenv, venv) earlier in PATH would not see.
-    world.router.exec(&["/usr/bin/python3", "-c", &script])?;
-    Ok(())
+    world.send_vxlan_to_host_a(world.hosts[1].addr, CE, vni, &inner, N)
 }
 
 /// IPv4 packets with a CE mark that `ns`'s stack received
@@ -93,7 +58,8 @@ fn ce_received(ns: &Netns) -> Result<u64> {
 #[test]
 fn underlay_congestion_marks_ecn_capable_packets_and_drops_the_rest_as_congestion() -> Result<()> {
     let lab = Lab::new("ecn-ce")?;
-    let (world, c1, ip1, ip2) = world_with_traffic(&lab)?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let Pair { c1, ip1, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
 
     // Not ECN-capable: dropped, counted `congestion` and nothing else.
     let before = world.counters(0, "uber-net")?;

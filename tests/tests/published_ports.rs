@@ -293,21 +293,36 @@ fn udp_flood(
     lab.spawn(from, &["/usr/bin/python3", "-c", &script], &[])
 }
 
+/// The network on host A and its container c1 at 198.18.0.2 publishing
+/// 5353→53/udp, where a UDP server answers: (c1, its address, the server).
+fn publishing_udp(lab: &Lab, world: &TwoHosts) -> Result<(Netns, Ipv4Addr, ChildHandle)> {
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, NETWORK, "198.18.0.0/24", &[])?;
+    let ip1: Ipv4Addr = "198.18.0.2".parse()?;
+    let c1 = lab.container("c1")?;
+    world.run(
+        0,
+        &[
+            "connect",
+            NETWORK,
+            c1.name(),
+            "--ip",
+            &ip1.to_string(),
+            "--publish",
+            "5353:53/udp",
+        ],
+    )?;
+    let server = udp_server(lab, &c1, ip1, 53)?;
+    Ok((c1, ip1, server))
+}
+
 #[test]
 fn a_udp_flow_arriving_while_its_container_leaves_does_not_follow_its_address() -> Result<()> {
     let lab = Lab::new("publishedflow")?;
     let world = TwoHosts::start(&lab, "auto")?;
     let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
-    world
-        .ovl
-        .create_network(host_a, NETWORK, "198.18.0.0/24", &[])?;
-    let ip1: Ipv4Addr = "198.18.0.2".parse()?;
-    let c1 = lab.container("c1")?;
-    world.run(
-        0,
-        &["connect", NETWORK, c1.name(), "--publish", "5353:53/udp"],
-    )?;
-    let dns = udp_server(&lab, &c1, ip1, 53)?;
+    let (c1, ip1, dns) = publishing_udp(&lab, &world)?;
     let flood = udp_flood(&lab, host_b, 40000, HOST_A, 5353)?;
     wait_peers(&dns, HOST_B, 1)?;
 
@@ -346,22 +361,14 @@ fn a_udp_flow_arriving_while_its_container_leaves_does_not_follow_its_address() 
 fn a_published_port_takes_nothing_from_outside_in_an_overlay_peers_name() -> Result<()> {
     let lab = Lab::new("publishedspoof")?;
     let world = TwoHosts::start(&lab, "auto")?;
-    let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
-    world
-        .ovl
-        .create_network(host_a, NETWORK, "198.18.0.0/24", &[])?;
-    let (ip1, ip2): (Ipv4Addr, Ipv4Addr) = ("198.18.0.2".parse()?, "198.18.0.3".parse()?);
-    let c1 = lab.container("c1")?;
-    world.run(
-        0,
-        &["connect", NETWORK, c1.name(), "--publish", "5353:53/udp"],
-    )?;
+    let host_b = &world.hosts[1].netns.clone();
+    let (_c1, _, dns) = publishing_udp(&lab, &world)?;
+    let ip2: Ipv4Addr = "198.18.0.3".parse()?;
     let c2 = lab.container("c2")?;
     world.run(
         1,
         &["connect", NETWORK, c2.name(), "--ip", &ip2.to_string()],
     )?;
-    let dns = udp_server(&lab, &c1, ip1, 53)?;
     // An unpublished port of c2, on host B: where c1's answers to a
     // datagram in c2's name would go, across the overlay.
     let peer = udp_server(&lab, &c2, ip2, 4444)?;

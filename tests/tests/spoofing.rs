@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{CONTAINER_IFACE, HOST_IFACE, Lab, Netns, TwoHosts, mac_for, ping, wait_until};
+use ovl_tests::{CONTAINER_IFACE, Lab, Netns, TwoHosts, mac_for, ping, wait_until};
 use serde_json::Value;
 
 /// Crafted frames per test.
@@ -41,30 +41,15 @@ fn world_with_traffic(lab: &Lab) -> Result<(TwoHosts, u32, Netns, Ipv4Addr)> {
 /// request for `victim`. Built with scapy and sent on the raw link, so the
 /// router's own stack adds nothing (no ARP: both MACs are given).
 fn send_forged_vxlan(world: &TwoHosts, vni: u32, victim: Ipv4Addr) -> Result<()> {
-    let host_a = &world.hosts[0];
-    let gateway = host_a.gateway.context("routed host has a gateway")?;
-    let router_iface = world.router.iface_with_addr(gateway)?;
-    let router_mac = world.router.link_mac(&router_iface)?;
-    let host_mac = host_a.netns.link_mac(HOST_IFACE)?;
-    let script = format!(
-        "from scapy.all import Ether, IP, UDP, ICMP, sendp\n\
-         from scapy.layers.vxlan import VXLAN\n\
-         frame = (Ether(src='{router_mac}', dst='{host_mac}')\n\
-             / IP(src='{gateway}', dst='{vtep}')\n\
-             / UDP(sport=40000, dport=4789)\n\
-             / VXLAN(vni={vni}, flags=0x08)\n\
-             / Ether(src='{forged_mac}', dst='{victim_mac}')\n\
-             / IP(src='{FORGED_SOURCE}', dst='{victim}')\n\
-             / ICMP())\n\
-         sendp(frame, iface='{router_iface}', count={N}, verbose=False)\n",
-        vtep = host_a.addr,
-        forged_mac = mac_for(FORGED_SOURCE),
-        victim_mac = mac_for(victim),
+    let gateway = world.hosts[0]
+        .gateway
+        .context("routed host has a gateway")?;
+    let inner = format!(
+        "Ether(src='{}', dst='{}') / IP(src='{FORGED_SOURCE}', dst='{victim}') / ICMP()",
+        mac_for(FORGED_SOURCE),
+        mac_for(victim)
     );
-    // Debian's python3-scapy lives in the system interpreter, which a
-    // user-level python3 (pyenv, venv) earlier in PATH would not see.
-    world.router.exec(&["/usr/bin/python3", "-c", &script])?;
-    Ok(())
+    world.send_vxlan_to_host_a(gateway, 0, u64::from(vni), &inner, N)
 }
 
 #[test]
