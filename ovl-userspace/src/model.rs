@@ -865,21 +865,29 @@ impl State {
                 what,
             });
         }
-        for e in &self.endpoints {
-            if !matches!(&e.location, Location::Container { node: n, .. } if n == node) {
-                continue;
-            }
-            if let Some(p) = ports.iter().find(|p| e.ports.iter().any(|q| q.overlaps(p))) {
-                return Err(ModelError::PortTaken {
-                    port: *p,
-                    node: node.to_owned(),
-                    holder: e.name.clone(),
-                    network: e.network.clone(),
-                    ip: e.ip,
-                });
-            }
+        if let Some((p, e)) = ports
+            .iter()
+            .find_map(|p| self.port_holder(node, p).map(|e| (p, e)))
+        {
+            return Err(ModelError::PortTaken {
+                port: *p,
+                node: node.to_owned(),
+                holder: e.name.clone(),
+                network: e.network.clone(),
+                ip: e.ip,
+            });
         }
         Ok(())
+    }
+
+    /// The container of `node` that publishes a port taking `p`'s
+    /// connections (same protocol and host port, on the same address or
+    /// on every address), if any.
+    fn port_holder(&self, node: &str, p: &PublishedPort) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| {
+            matches!(&e.location, Location::Container { node: n, .. } if n == node)
+                && e.ports.iter().any(|q| q.overlaps(p))
+        })
     }
 
     /// Gives endpoint `ip` of `network` a new name (if `name` is given) and
@@ -1185,10 +1193,7 @@ impl State {
                     let taken: Vec<PublishedPort> = ep
                         .ports
                         .iter()
-                        .filter(|p| {
-                            self.endpoints_of_node(node)
-                                .any(|o| o.ports.iter().any(|q| q.overlaps(p)))
-                        })
+                        .filter(|p| self.port_holder(node, p).is_some())
                         .copied()
                         .collect();
                     ep.ports.retain(|p| !taken.contains(p));

@@ -20,6 +20,10 @@ pub struct Cluster {
     pub agents: Vec<Agent>,
 }
 
+/// Where a test's agents serve Prometheus metrics (`OVL_METRICS`), each
+/// inside its host's namespace.
+pub const AGENT_METRICS: &str = "127.0.0.1:9474";
+
 /// Two hosts on the embedded file store: the fast path's starting point.
 pub type TwoHosts = Cluster;
 
@@ -151,6 +155,19 @@ impl Cluster {
         })
         .context("c1 never reached c2")?;
         Ok(Pair { c1, ip1, c2, ip2 })
+    }
+
+    /// Host `i`'s agent's metrics, as Prometheus would scrape them (the
+    /// agents started with `OVL_METRICS` = [`AGENT_METRICS`]).
+    pub fn scrape(&self, i: usize) -> Result<String> {
+        let out = self.hosts[i].netns.exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{AGENT_METRICS}/metrics"),
+        ])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Sends `count` VXLAN frames (VNI `vni`) from the router straight onto

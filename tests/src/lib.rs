@@ -28,7 +28,7 @@ mod stale;
 mod topology;
 
 pub use binary::{OVL_BIN_ENV, UPGRADE_OBJECT_ENV, ovl_binary, upgrade_object, workspace_root};
-pub use cluster::{Cluster, Pair, ThreeHosts, TwoHosts};
+pub use cluster::{AGENT_METRICS, Cluster, Pair, ThreeHosts, TwoHosts};
 pub use cmd::{run, run_unchecked};
 pub use cni::{CniOutput, CniPlugin};
 pub use docker::{

@@ -14,7 +14,7 @@ use ovl_tests::{
 use serde_json::Value;
 
 /// Where a test's agent serves metrics, inside its host namespace.
-const METRICS: &str = "127.0.0.1:9474";
+const METRICS: &str = ovl_tests::AGENT_METRICS;
 
 /// Two hosts with an agent each, a network and a container on each.
 struct World {
@@ -227,14 +227,22 @@ fn map_info(path: &std::path::Path) -> Result<Value> {
     )?)
 }
 
+/// Two hosts forwarding between c1 (host A) and c2 (host B), then host
+/// A's agent stopped (its data path forwards on): the world, host A, the
+/// pair.
+fn pair_with_a_stopped(lab: &Lab) -> Result<(TwoHosts, Host, Pair)> {
+    let mut world = TwoHosts::start(lab, "auto")?;
+    let host_a = world.hosts[0].clone();
+    let pair = world.connected_pair(lab, "uber-net")?;
+    world.terminate_agent(0)?;
+    Ok((world, host_a, pair))
+}
+
 #[test]
 fn pins_of_an_incompatible_build_are_replaced_without_a_gap_or_refused_when_they_cannot_be()
 -> Result<()> {
     let lab = Lab::new("api-compat")?;
-    let mut world = TwoHosts::start(&lab, "auto")?;
-    let host_a = world.hosts[0].clone();
-    let Pair { c1, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
-    world.terminate_agent(0)?;
+    let (mut world, host_a, Pair { c1, ip2, .. }) = pair_with_a_stopped(&lab)?;
 
     // What an older build with another layout would have pinned: an
     // interface map with 8-byte values. The running programs keep the map
@@ -315,10 +323,7 @@ fn pins_of_an_incompatible_build_are_replaced_without_a_gap_or_refused_when_they
 fn counters_pinned_by_a_build_with_one_drop_reason_fewer_are_explained_then_replaced() -> Result<()>
 {
     let lab = Lab::new("api-counters")?;
-    let mut world = TwoHosts::start(&lab, "auto")?;
-    let host_a = world.hosts[0].clone();
-    let Pair { c1, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
-    world.terminate_agent(0)?;
+    let (mut world, host_a, Pair { c1, ip2, .. }) = pair_with_a_stopped(&lab)?;
 
     // What a build before the last drop reason pinned: per-network
     // counters one u64 shorter. The running programs keep the map they

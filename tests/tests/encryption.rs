@@ -9,7 +9,9 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use ovl_tests::{BackgroundPing, Cluster, Lab, Netns, TwoHosts, iperf3_server, ping, wait_until};
+use ovl_tests::{
+    AGENT_METRICS, BackgroundPing, Cluster, Lab, Netns, TwoHosts, iperf3_server, ping, wait_until,
+};
 use serde_json::Value;
 
 /// The encrypted network and the plain one beside it.
@@ -211,18 +213,6 @@ fn iperf(
         .with_context(|| format!("no received bytes in {report}"))
 }
 
-/// Host `i`'s agent's metrics, as Prometheus would scrape them.
-fn scrape(world: &Cluster, i: usize) -> Result<String> {
-    let out = world.hosts[i].netns.exec(&[
-        "curl",
-        "-sS",
-        "--max-time",
-        "5",
-        &format!("http://{METRICS}/metrics"),
-    ])?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 #[test]
 fn encrypted_network_is_only_wireguard_on_the_wire_and_the_plain_one_stays_vxlan() -> Result<()> {
     let lab = Lab::new("crypt-wire")?;
@@ -332,9 +322,6 @@ fn encrypted_network_is_only_wireguard_on_the_wire_and_the_plain_one_stays_vxlan
 /// Crafted messages of each kind.
 const N: u64 = 5;
 
-/// Where the agents serve Prometheus metrics (each in its host's namespace).
-const METRICS: &str = "127.0.0.1:9474";
-
 /// Sends, from the router on host A's link, messages that claim to come
 /// from host B's WireGuard: `N` replays of a captured transport message,
 /// `N` with a live session's header but random ciphertext, `N` random
@@ -377,7 +364,7 @@ fn send_forgeries(world: &Cluster, pcap: &str) -> Result<()> {
 #[test]
 fn forged_and_replayed_messages_are_dropped_counted_and_reach_no_container() -> Result<()> {
     let lab = Lab::new("crypt-forge")?;
-    let world = Cluster::start_with_env(&lab, "tc", &[("OVL_METRICS", METRICS)])?;
+    let world = Cluster::start_with_env(&lab, "tc", &[("OVL_METRICS", AGENT_METRICS)])?;
     let nets = two_networks(&lab, &world)?;
     let [(s0, s0_ip), (s1, _)] = &nets.secret;
     wait_for_ping(s1, *s0_ip)?;
@@ -446,7 +433,7 @@ fn forged_and_replayed_messages_are_dropped_counted_and_reach_no_container() -> 
         "something reached a container: {delivered_before:?} -> {delivered_after:?}"
     );
     // The same counts in the Prometheus metrics, which promtool accepts.
-    let text = scrape(&world, 0)?;
+    let text = world.scrape(0)?;
     let file = lab.tempdir().join("metrics.txt");
     std::fs::write(&file, &text)?;
     let check = ovl_tests::run_unchecked(&[
@@ -516,7 +503,7 @@ fn initiation_flood(to: Ipv4Addr, key: &str, count: u64) -> String {
 fn a_flood_of_handshake_initiations_gets_cookies_and_the_encrypted_network_carries_on() -> Result<()>
 {
     let lab = Lab::new("crypt-flood")?;
-    let world = Cluster::start_with_env(&lab, "tc", &[("OVL_METRICS", METRICS)])?;
+    let world = Cluster::start_with_env(&lab, "tc", &[("OVL_METRICS", AGENT_METRICS)])?;
     let nets = two_networks(&lab, &world)?;
     let [(s0, s0_ip), (s1, s1_ip)] = &nets.secret;
     wait_for_ping(s1, *s0_ip)?;
@@ -562,7 +549,7 @@ fn a_flood_of_handshake_initiations_gets_cookies_and_the_encrypted_network_carri
         "flood messages were opened: before {before}, after {after}"
     );
     // The same count in the Prometheus metrics.
-    let text = scrape(&world, 0)?;
+    let text = world.scrape(0)?;
     let line = format!(
         "ovl_crypto_drops_total{{reason=\"under_load\"}} {}",
         drops(&after, "under_load")

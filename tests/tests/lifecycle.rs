@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    BackgroundPing, Lab, Pair, TwoHosts, bpf, dump_endpoints, iperf3_server, ping, upgrade_object,
-    wait_until,
+    AGENT_METRICS, BackgroundPing, Lab, Pair, TwoHosts, bpf, dump_endpoints, iperf3_server, ping,
+    upgrade_object, wait_until,
 };
 use serde_json::Value;
 
@@ -509,7 +509,7 @@ fn a_new_underlay_address_under_a_running_agent_is_followed_by_every_node() -> R
 #[test]
 fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
     let lab = Lab::new("lc-remade")?;
-    let world = TwoHosts::start_with_env(&lab, "auto", &[("OVL_METRICS", "127.0.0.1:9474")])?;
+    let world = TwoHosts::start_with_env(&lab, "auto", &[("OVL_METRICS", AGENT_METRICS)])?;
     let Pair { c1, ip1, c2, ip2 } = world.connected_pair(&lab, "uber-net")?;
     let r = ping(&c2, ip1, 3, &["-i", "0.2", "-W", "1"])?;
     ensure!(r.all_received(), "before: {}", r.output);
@@ -538,14 +538,8 @@ fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
     ns.ip(&["link", "del", "eth0"])?;
     // Meanwhile the agent says so: in its status and to Prometheus.
     let underlay_up = || -> Result<Option<String>> {
-        let out = ns.exec(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://127.0.0.1:9474/metrics",
-        ])?;
-        Ok(String::from_utf8_lossy(&out.stdout)
+        Ok(world
+            .scrape(0)?
             .lines()
             .find_map(|l| l.strip_prefix("ovl_underlay_up ").map(str::to_owned)))
     };

@@ -189,7 +189,6 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         next_hops_failing: false,
         netlink: handle,
         underlay_lost: false,
-        hooked_on: None,
     };
     let started = agent.take_over(&opts, store.as_deref()).await;
     if let Err(e) = started {
@@ -380,8 +379,6 @@ struct Agent {
     netlink: rtnetlink::Handle,
     /// The underlay is gone or unreadable (reported once).
     underlay_lost: bool,
-    /// The underlay device (index) decapsulation is hooked on.
-    hooked_on: Option<u32>,
 }
 
 impl Agent {
@@ -476,7 +473,6 @@ impl Agent {
         let mode = self
             .dp
             .hook_decap(iface, self.underlay.ifindex, opts.mode, &driver)?;
-        self.hooked_on = Some(self.underlay.ifindex);
         self.view.update(|l| {
             l.mode = mode.to_string();
             l.underlay_problem = None;
@@ -494,6 +490,18 @@ impl Agent {
             ),
         }
         Ok((mode, driver))
+    }
+
+    /// The underlay device (index) decapsulation is hooked on, as its
+    /// pinned link says (none: unreadable, or no hook).
+    fn hooked_on(&self) -> Option<u32> {
+        match self.dp.decap_hook() {
+            Ok(hook) => hook.map(|(_, ifindex)| ifindex),
+            Err(e) => {
+                log::warn!("cannot read the pinned decap hook: {e:#}");
+                None
+            }
+        }
     }
 
     /// Starts the encrypting path on the underlay's address (its socket is
@@ -543,9 +551,7 @@ impl Agent {
         let now = if netlink::ifindex(iface).is_none() {
             // Its hooks went with it: unpinned, so that an interface made
             // anew under any index is hooked again.
-            if self.hooked_on.take().is_some()
-                && let Err(e) = self.dp.forget_gone_decap()
-            {
+            if let Err(e) = self.dp.forget_gone_decap() {
                 log::warn!("cannot unpin the decap hook of the gone {iface}: {e:#}");
             }
             Err(anyhow!(
@@ -575,7 +581,7 @@ impl Agent {
         };
         if std::mem::take(&mut self.underlay_lost) {
             log::info!("underlay {iface} is back (index {})", now.ifindex);
-            if self.hooked_on == Some(now.ifindex) {
+            if self.hooked_on() == Some(now.ifindex) {
                 self.view.update(|l| l.underlay_problem = None);
             }
         }
@@ -613,7 +619,7 @@ impl Agent {
             }
             self.forget_next_hops("the underlay changed");
         }
-        if self.hooked_on != Some(self.underlay.ifindex) {
+        if self.hooked_on() != Some(self.underlay.ifindex) {
             match self.hook_underlay(opts) {
                 Ok((mode, driver)) => {
                     log::info!(
