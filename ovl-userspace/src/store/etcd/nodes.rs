@@ -399,11 +399,14 @@ fn taken_ports(snap: &Snapshot, key: &str, e: &Endpoint) -> Vec<crate::ports::Pu
                 .range(prefix.clone()..)
                 .take_while(|(k, _)| k.starts_with(&prefix))
                 .any(|(k, (v, _))| {
-                    let on = &k[prefix.len()..];
-                    let overlaps = p.host_ip.is_none()
-                        || on == "0.0.0.0"
-                        || p.host_ip.is_some_and(|ip| ip.to_string() == on);
-                    overlaps && holder_of(k, v).as_deref() != Some(key)
+                    // The claim's port: `p`'s, on the address its key names.
+                    let claimed = k[prefix.len()..].parse::<std::net::Ipv4Addr>().map(|ip| {
+                        crate::ports::PublishedPort {
+                            host_ip: Some(ip).filter(|ip| !ip.is_unspecified()),
+                            ..**p
+                        }
+                    });
+                    claimed.is_ok_and(|c| c.overlaps(p)) && holder_of(k, v).as_deref() != Some(key)
                 })
         })
         .copied()
