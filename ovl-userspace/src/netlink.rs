@@ -26,22 +26,12 @@ pub fn connect() -> Result<Handle> {
 /// agent's cue to look at container veths and the underlay again instead
 /// of polling for them.
 pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
-    use futures_util::StreamExt;
-    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+    let (conn, _handle, messages) = rtnetlink::new_multicast_connection(&[
         rtnetlink::MulticastGroup::Link,
         rtnetlink::MulticastGroup::Ipv4Ifaddr,
     ])
     .context("subscribe to link and address notifications")?;
-    tokio::spawn(conn);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while messages.next().await.is_some() {
-            if tx.send(()).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
+    Ok(forward_notifications(conn, messages, |_| true))
 }
 
 /// Notifications of what may change how this node reaches other VTEPs:
@@ -49,36 +39,81 @@ pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
 /// `underlay` that got another MAC, became unusable or went. The agent's
 /// cue to empty the data path's next-hop cache.
 pub fn underlay_path_events(underlay: u32) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
-    use futures_util::StreamExt;
     use rtnetlink::packet_core::NetlinkPayload;
     use rtnetlink::packet_route::RouteNetlinkMessage as M;
-    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+    let (conn, _handle, messages) = rtnetlink::new_multicast_connection(&[
         rtnetlink::MulticastGroup::Neigh,
         rtnetlink::MulticastGroup::Ipv4Route,
     ])
     .context("subscribe to route and neighbour notifications")?;
-    tokio::spawn(conn);
+    let mut macs = NeighbourMacs::default();
+    Ok(forward_notifications(conn, messages, move |message| {
+        match &message.payload {
+            NetlinkPayload::InnerMessage(M::NewNeighbour(n)) => {
+                n.header.ifindex == underlay && macs.moves_next_hop(n, false)
+            }
+            NetlinkPayload::InnerMessage(M::DelNeighbour(n)) => {
+                n.header.ifindex == underlay && macs.moves_next_hop(n, true)
+            }
+            NetlinkPayload::InnerMessage(M::NewRoute(_) | M::DelRoute(_)) => true,
+            // Anything else (an overrun included): look again to be safe.
+            _ => true,
+        }
+    }))
+}
+
+/// Runs the rtnetlink connection `conn` of a multicast subscription and
+/// sends `()` for each of its notifications `relevant` keeps, until the
+/// receiver is dropped. The connection is stopped before its stream of
+/// notifications is dropped: the other way round it would warn of a
+/// closed channel at each notification still arriving (the agent's own
+/// crypto device going away as it stops, say).
+fn forward_notifications<C, S, F>(
+    conn: C,
+    mut messages: S,
+    mut relevant: F,
+) -> tokio::sync::mpsc::UnboundedReceiver<()>
+where
+    C: std::future::Future<Output = ()> + Send + 'static,
+    S: futures_util::Stream<
+            Item = (
+                rtnetlink::packet_core::NetlinkMessage<
+                    rtnetlink::packet_route::RouteNetlinkMessage,
+                >,
+                rtnetlink::sys::SocketAddr,
+            ),
+        > + Send
+        + Unpin
+        + 'static,
+    F: FnMut(
+            &rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+        ) -> bool
+        + Send
+        + 'static,
+{
+    use futures_util::StreamExt;
+    let conn = tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut macs = NeighbourMacs::default();
-        while let Some((message, _)) = messages.next().await {
-            let relevant = match &message.payload {
-                NetlinkPayload::InnerMessage(M::NewNeighbour(n)) => {
-                    n.header.ifindex == underlay && macs.moves_next_hop(n, false)
-                }
-                NetlinkPayload::InnerMessage(M::DelNeighbour(n)) => {
-                    n.header.ifindex == underlay && macs.moves_next_hop(n, true)
-                }
-                NetlinkPayload::InnerMessage(M::NewRoute(_) | M::DelRoute(_)) => true,
-                // Anything else (an overrun included): look again to be safe.
-                _ => true,
-            };
-            if relevant && tx.send(()).is_err() {
-                return;
+        loop {
+            tokio::select! {
+                () = tx.closed() => break,
+                message = messages.next() => match message {
+                    Some((message, _)) => {
+                        if relevant(&message) && tx.send(()).is_err() {
+                            break;
+                        }
+                    }
+                    None => break,
+                },
             }
         }
+        conn.abort();
+        // Cancelled (or ended) before the stream goes.
+        let _ = conn.await;
+        drop(messages);
     });
-    Ok(rx)
+    rx
 }
 
 /// The MAC each IPv4 neighbour of the underlay had at its last

@@ -434,6 +434,17 @@ impl Agent {
                 self.child.output_report()
             );
         }
+        // A clean stop logs nothing alarming on its way out.
+        let log = self.child.stderr()?;
+        let alarms = shutdown_alarms(&log);
+        if !alarms.is_empty() {
+            bail!(
+                "agent {} warned while stopping:\n{}\n{}",
+                self.node,
+                alarms.join("\n"),
+                self.child.output_report()
+            );
+        }
         Ok(())
     }
 
@@ -465,5 +476,40 @@ impl Agent {
     /// Both output streams, labelled, for assertion messages.
     pub fn output_report(&self) -> String {
         self.child.output_report()
+    }
+}
+
+/// The warnings and errors an agent logged after it was told to stop
+/// (`log` is its stderr).
+fn shutdown_alarms(log: &str) -> Vec<&str> {
+    let lines: Vec<&str> = log.lines().collect();
+    let stopping = lines
+        .iter()
+        .rposition(|l| l.ends_with("SIGINT: stopping") || l.ends_with("SIGTERM: stopping"));
+    let Some(stopping) = stopping else {
+        return Vec::new();
+    };
+    lines[stopping + 1..]
+        .iter()
+        .copied()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shutdown_alarms;
+
+    #[test]
+    fn shutdown_alarms_are_the_warnings_after_the_stop() {
+        let log = "[t WARN  ovl_userspace::agent] before\n\
+                   [t INFO  ovl_userspace::agent] SIGINT: stopping\n\
+                   [t INFO  ovl_userspace::agent] agent stopped\n\
+                   [t WARN  netlink_proto::connection] failed to forward message\n";
+        assert_eq!(
+            shutdown_alarms(log),
+            ["[t WARN  netlink_proto::connection] failed to forward message"]
+        );
+        assert!(shutdown_alarms("[t WARN  x] no stop yet\n").is_empty());
     }
 }
