@@ -105,7 +105,7 @@ pub async fn attach_placed(
     if placement == Placement::IntoNamespace {
         netns::open(&req.netns)?;
     }
-    check_host_addresses(req)?;
+    check_host_addresses(req).await?;
     let (endpoint, network, reservation) = register(store, req).await?;
     let Location::Container { host_ifname, .. } = &endpoint.location else {
         unreachable!("add_container makes container endpoints")
@@ -196,12 +196,20 @@ pub async fn attach_placed(
 }
 
 /// Refuses a port published on an address this host does not have (its
-/// rule would never match): binding a socket to an address succeeds only
-/// on a local one. Front ends run in the node's own namespace.
-fn check_host_addresses(req: &Request) -> Result<()> {
-    for p in &req.ports {
+/// rule, which takes packets to the host's own addresses, would never
+/// match): one of the addresses its interfaces carry, not a broadcast or
+/// multicast address a socket could bind to. Front ends run in the node's
+/// own namespace.
+async fn check_host_addresses(req: &Request) -> Result<()> {
+    let wanted: Vec<_> = req.ports.iter().filter(|p| p.host_ip.is_some()).collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let handle = netlink::connect()?;
+    let own = netlink::host_ipv4_addresses(&handle).await?;
+    for p in wanted {
         if let Some(ip) = p.host_ip
-            && std::net::UdpSocket::bind((ip, 0)).is_err()
+            && !own.contains(&ip)
         {
             anyhow::bail!(
                 "{p} publishes on {ip}, which is not an address of this host (node {}); publish on one of its addresses, or on every address ({}:{}/{})",

@@ -597,6 +597,25 @@ pub async fn ipv4_addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr
     Ok(out)
 }
 
+/// The IPv4 addresses of every interface in the handle's namespace: each
+/// one's local address (on a point-to-point link the peer's is
+/// `IFA_ADDRESS`).
+pub async fn host_ipv4_addresses(handle: &Handle) -> Result<Vec<Ipv4Addr>> {
+    let mut out = Vec::new();
+    let mut addrs = handle.address().get().execute();
+    while let Some(msg) = addrs.try_next().await.context("list addresses")? {
+        let v4 = |a: &AddressAttribute| match a {
+            AddressAttribute::Local(std::net::IpAddr::V4(v4)) => Some((true, *v4)),
+            AddressAttribute::Address(std::net::IpAddr::V4(v4)) => Some((false, *v4)),
+            _ => None,
+        };
+        let found: Vec<(bool, Ipv4Addr)> = msg.attributes.iter().filter_map(v4).collect();
+        let local = found.iter().find(|(local, _)| *local).or(found.first());
+        out.extend(local.map(|(_, ip)| *ip));
+    }
+    Ok(out)
+}
+
 /// An IPv4 route of the main table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route4 {

@@ -186,23 +186,27 @@ fn a_published_port_reaches_the_container_with_the_clients_address_until_it_leav
     let table = ovl_table(host_a)?;
     let endpoints = world.run(0, &["endpoint", "ls", "--json"])?;
     let c2 = lab.container("c2")?;
-    // An address host A does not have: its rule would never match.
-    let refused = world.ovl.run_unchecked(
-        host_a,
-        "host-a",
-        &[
-            "connect",
-            NETWORK,
-            c2.name(),
-            "--publish",
-            "203.0.113.99:8081:80",
-        ],
-    )?;
-    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
-    ensure!(
-        !refused.status.success() && err.contains("not an address of this host"),
-        "a port on a foreign address was published: {err}"
-    );
+    // An address host A does not have, its subnet's broadcast address or
+    // a multicast one (a socket may bind to either): its rule would never
+    // match.
+    for foreign in ["203.0.113.99", "192.0.2.255", "224.0.0.251"] {
+        let refused = world.ovl.run_unchecked(
+            host_a,
+            "host-a",
+            &[
+                "connect",
+                NETWORK,
+                c2.name(),
+                "--publish",
+                &format!("{foreign}:8081:80"),
+            ],
+        )?;
+        let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+        ensure!(
+            !refused.status.success() && err.contains("not an address of this host"),
+            "a port on {foreign} was published: {err}"
+        );
+    }
     let refused = world.ovl.run_unchecked(
         host_a,
         "host-a",
