@@ -61,29 +61,46 @@ const GSO_MAX_BYTES: usize = 65000;
 /// Room for one received (possibly GRO-coalesced) datagram.
 const RX_SLOT: usize = 65536;
 
-/// Asks the kernel to hand over coalesced runs of datagrams (one receive
-/// for many, with their segment size); false where it cannot.
-pub fn enable_gro(socket: &UdpSocket) -> bool {
+/// Sets integer socket option `opt` at `level` to 1; false if refused.
+fn turn_on(socket: &UdpSocket, level: libc::c_int, opt: libc::c_int) -> bool {
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a c_int value of the right size.
     unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_GRO,
+            level,
+            opt,
             (&one as *const libc::c_int).cast(),
             mem::size_of::<libc::c_int>() as u32,
         ) == 0
     }
 }
 
-/// Datagrams waiting to be sent. Runs of equal-size datagrams to one
-/// destination leave as one `UDP_SEGMENT` (GSO) send: one trip through the
-/// UDP/IP stack for up to 64 of them, where the route can offload checksums.
+/// Asks the kernel to hand over coalesced runs of datagrams (one receive
+/// for many, with their segment size); false where it cannot.
+pub fn enable_gro(socket: &UdpSocket) -> bool {
+    turn_on(socket, libc::SOL_UDP, UDP_GRO)
+}
+
+/// Asks the kernel for each received datagram's IPv4 TOS byte (an
+/// `IP_TOS` control message), for its ECN field. A coalesced run has one
+/// TOS: GRO merges only datagrams whose IPv4 headers match but for
+/// length, identifier and checksum (`inet_gro_flush` in
+/// include/net/gro.h, called for UDP by `udp_gro_receive_segment`).
+pub fn enable_tos(socket: &UdpSocket) -> bool {
+    turn_on(socket, libc::IPPROTO_IP, libc::IP_RECVTOS)
+}
+
+/// Datagrams waiting to be sent, each with the TOS byte of its IPv4
+/// header. Runs of equal-size datagrams to one destination with one TOS
+/// leave as one `UDP_SEGMENT` (GSO) send: one trip through the UDP/IP
+/// stack for up to 64 of them, where the route can offload checksums (its
+/// segments all get the one header's TOS).
 pub struct Outgoing {
     arena: Vec<u8>,
     lens: Vec<usize>,
     dests: Vec<libc::sockaddr_in>,
+    tos: Vec<u8>,
     /// Cleared when the kernel refuses segmentation offload (a route
     /// without checksum offload answers EIO): plain sends from then on.
     gso: bool,
@@ -95,13 +112,41 @@ impl Default for Outgoing {
             arena: vec![0; SLOTS * SLOT],
             lens: Vec::with_capacity(SLOTS),
             dests: Vec::with_capacity(SLOTS),
+            tos: Vec::with_capacity(SLOTS),
             gso: true,
         }
     }
 }
 
-/// `CMSG_SPACE(sizeof(u16))` rounded for every platform ovl runs on.
-const CMSG_ROOM: usize = 32;
+/// Room for the control messages of one datagram or run: `UDP_SEGMENT`
+/// (a u16) or `UDP_GRO` (an int) and `IP_TOS` (an int, or a byte as the
+/// kernel writes it), each `CMSG_SPACE` at most 24 bytes on every platform
+/// ovl runs on.
+const CMSG_ROOM: usize = 64;
+
+/// Appends one control message (`level`, `ty`, `value`) to `m`'s control
+/// buffer, whose `msg_controllen` says how much of it is in use.
+///
+/// # Safety
+/// `m.msg_hdr.msg_control` points to at least [`CMSG_ROOM`] writable bytes
+/// and what is in use plus this message fits them.
+unsafe fn push_cmsg<T: Copy>(m: &mut libc::mmsghdr, level: libc::c_int, ty: libc::c_int, value: T) {
+    let size = mem::size_of::<T>() as u32;
+    // SAFETY: the caller's promise: the next header lies inside the buffer.
+    unsafe {
+        let c = m
+            .msg_hdr
+            .msg_control
+            .cast::<u8>()
+            .add(m.msg_hdr.msg_controllen)
+            .cast::<libc::cmsghdr>();
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = ty;
+        (*c).cmsg_len = libc::CMSG_LEN(size) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<T>(), value);
+        m.msg_hdr.msg_controllen += libc::CMSG_SPACE(size) as usize;
+    }
+}
 
 impl Outgoing {
     /// The buffer of the next datagram.
@@ -110,11 +155,13 @@ impl Outgoing {
         &mut self.arena[i * SLOT..(i + 1) * SLOT]
     }
 
-    /// Queues the first `len` bytes of [`slot`](Self::slot) for `to`.
-    pub fn commit(&mut self, len: usize, to: SocketAddr) {
+    /// Queues the first `len` bytes of [`slot`](Self::slot) for `to`, to
+    /// leave with IPv4 TOS byte `tos`.
+    pub fn commit(&mut self, len: usize, to: SocketAddr, tos: u8) {
         let SocketAddr::V4(to) = to else { return };
         self.lens.push(len);
         self.dests.push(sockaddr(to));
+        self.tos.push(tos);
     }
 
     /// Datagrams queued.
@@ -128,8 +175,8 @@ impl Outgoing {
     }
 
     /// Runs `[start, end)` of queued datagrams that can share one send:
-    /// one destination, every datagram as long as the first but the last
-    /// (which may be shorter), within the GSO limits.
+    /// one destination and TOS, every datagram as long as the first but
+    /// the last (which may be shorter), within the GSO limits.
     fn runs(&self) -> Vec<(usize, usize)> {
         let n = self.lens.len();
         let mut runs = Vec::new();
@@ -143,6 +190,7 @@ impl Outgoing {
                     && end - i < GSO_MAX_SEGMENTS
                     && self.dests[end].sin_addr.s_addr == self.dests[i].sin_addr.s_addr
                     && self.dests[end].sin_port == self.dests[i].sin_port
+                    && self.tos[end] == self.tos[i]
                     && self.lens[end] <= size
                     && bytes + self.lens[end] <= GSO_MAX_BYTES
                 {
@@ -172,6 +220,7 @@ impl Outgoing {
         };
         self.lens.clear();
         self.dests.clear();
+        self.tos.clear();
         refused
     }
 
@@ -193,19 +242,21 @@ impl Outgoing {
             m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as u32;
             m.msg_hdr.msg_iov = &mut iovs[start];
             m.msg_hdr.msg_iovlen = end - start;
-            if end - start > 1 {
-                let buf = &mut control[k * CMSG_ROOM..(k + 1) * CMSG_ROOM];
-                m.msg_hdr.msg_control = buf.as_mut_ptr().cast();
-                // SAFETY: CMSG_* on a control buffer of CMSG_ROOM bytes,
-                // which holds one u16 option.
-                unsafe {
-                    m.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as usize;
-                    let c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
-                    (*c).cmsg_level = libc::SOL_UDP;
-                    (*c).cmsg_type = UDP_SEGMENT;
-                    (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
-                    let size = self.lens[start] as u16;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+            m.msg_hdr.msg_control = control[k * CMSG_ROOM..].as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = 0;
+            // SAFETY: the control buffer has CMSG_ROOM bytes for this
+            // message, room for both options.
+            unsafe {
+                // Always said, so the header's DSCP is 0 whatever the
+                // socket's own TOS.
+                push_cmsg(
+                    m,
+                    libc::IPPROTO_IP,
+                    libc::IP_TOS,
+                    libc::c_int::from(self.tos[start]),
+                );
+                if end - start > 1 {
+                    push_cmsg(m, libc::SOL_UDP, UDP_SEGMENT, self.lens[start] as u16);
                 }
             }
         }
@@ -242,11 +293,50 @@ impl Outgoing {
     }
 }
 
+/// Sends one datagram `msg` to `to` with IPv4 TOS byte `tos`, outside a
+/// batch.
+pub fn send_one(socket: &UdpSocket, msg: &[u8], to: SocketAddr, tos: u8) -> io::Result<()> {
+    let SocketAddr::V4(to) = to else {
+        return Err(io::Error::from(io::ErrorKind::Unsupported));
+    };
+    let mut dest = sockaddr(to);
+    let mut iov = libc::iovec {
+        iov_base: msg.as_ptr().cast_mut().cast(),
+        iov_len: msg.len(),
+    };
+    let mut control = [0u8; CMSG_ROOM];
+    // SAFETY: an all-zero mmsghdr is a valid "empty" header.
+    let mut m: libc::mmsghdr = unsafe { mem::zeroed() };
+    m.msg_hdr.msg_name = (&mut dest as *mut libc::sockaddr_in).cast();
+    m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as u32;
+    m.msg_hdr.msg_iov = &mut iov;
+    m.msg_hdr.msg_iovlen = 1;
+    m.msg_hdr.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: one option in a control buffer of CMSG_ROOM bytes; the
+    // kernel only reads the datagram through the iovec.
+    let r = unsafe {
+        push_cmsg(
+            &mut m,
+            libc::IPPROTO_IP,
+            libc::IP_TOS,
+            libc::c_int::from(tos),
+        );
+        libc::sendmsg(socket.as_raw_fd(), &m.msg_hdr, 0)
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Received datagrams, coalesced runs split back into their segments.
 pub struct Incoming {
     arena: Vec<u8>,
     control: Vec<u8>,
     srcs: [libc::sockaddr_in; SLOTS],
+    /// The IPv4 TOS byte each message came with (0 without `IP_RECVTOS`).
+    tos: [u8; SLOTS],
     /// (offset in arena, length, source index) of every datagram.
     segments: Vec<(usize, usize, usize)>,
     truncated: usize,
@@ -259,6 +349,7 @@ impl Default for Incoming {
             control: vec![0; SLOTS * CMSG_ROOM],
             // SAFETY: all-zero sockaddr_in values are valid.
             srcs: unsafe { MaybeUninit::zeroed().assume_init() },
+            tos: [0; SLOTS],
             segments: Vec::with_capacity(SLOTS * 4),
             truncated: 0,
         }
@@ -307,16 +398,23 @@ impl Incoming {
                 continue;
             }
             let mut size = len;
+            self.tos[i] = 0;
             // SAFETY: walking the control messages the kernel wrote into
             // this message's control buffer.
             unsafe {
                 let mut c = libc::CMSG_FIRSTHDR(&m.msg_hdr);
                 while !c.is_null() {
-                    if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
-                        let s = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
-                        if s > 0 {
-                            size = s as usize;
+                    let data = libc::CMSG_DATA(c);
+                    match ((*c).cmsg_level, (*c).cmsg_type) {
+                        (libc::SOL_UDP, UDP_GRO) => {
+                            let s = std::ptr::read_unaligned(data.cast::<libc::c_int>());
+                            if s > 0 {
+                                size = s as usize;
+                            }
                         }
+                        // One byte (ip_cmsg_recv_tos).
+                        (libc::IPPROTO_IP, libc::IP_TOS) => self.tos[i] = *data,
+                        _ => {}
                     }
                     c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
                 }
@@ -342,13 +440,14 @@ impl Incoming {
         self.segments.len()
     }
 
-    /// Datagram `k` of the last batch and its source.
-    pub fn get(&self, k: usize) -> (&[u8], SocketAddr) {
+    /// Datagram `k` of the last batch, its source and the TOS byte of
+    /// its IPv4 header.
+    pub fn get(&self, k: usize) -> (&[u8], SocketAddr, u8) {
         let (off, len, i) = self.segments[k];
         let s = &self.srcs[i];
         let ip = Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr));
         let from = SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(s.sin_port)));
-        (&self.arena[off..off + len], from)
+        (&self.arena[off..off + len], from, self.tos[i])
     }
 }
 
@@ -362,11 +461,65 @@ mod tests {
         let b: SocketAddr = "192.0.2.2:51820".parse().unwrap();
         let mut out = Outgoing::default();
         for (len, to) in [(100, a), (100, a), (60, a), (100, a), (100, b), (120, b)] {
-            out.commit(len, to);
+            out.commit(len, to, 0);
         }
         assert_eq!(out.runs(), vec![(0, 3), (3, 4), (4, 5), (5, 6)]);
         out.gso = false;
         assert_eq!(out.runs().len(), 6);
+    }
+
+    #[test]
+    fn runs_end_where_the_tos_changes() {
+        let a: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let mut out = Outgoing::default();
+        for tos in [2, 2, 0, 0, 3, 2, 2] {
+            out.commit(100, a, tos);
+        }
+        assert_eq!(out.runs(), vec![(0, 2), (2, 4), (4, 5), (5, 7)]);
+    }
+
+    #[test]
+    fn each_datagram_arrives_with_the_tos_it_was_sent_with_with_or_without_gro() {
+        for gro in [false, true] {
+            let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            assert!(enable_tos(&rx));
+            if gro {
+                assert!(enable_gro(&rx));
+            }
+            let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let to = rx.local_addr().unwrap();
+            // Equal sizes: only the TOS keeps them apart. The DSCP bits
+            // go as given (the engine gives ECN bits only).
+            let sent: Vec<(u8, u8)> = [2u8, 2, 2, 0, 0, 3, 1, 1, 0xb8]
+                .iter()
+                .enumerate()
+                .map(|(i, tos)| (i as u8, *tos))
+                .collect();
+            let mut out = Outgoing::default();
+            for (i, tos) in &sent {
+                out.slot()[..200].fill(*i);
+                out.commit(200, to, *tos);
+            }
+            assert_eq!(out.flush(&tx), 0);
+            send_one(&tx, &[0xee; 10], to, 3).unwrap();
+            let mut inc = Incoming::default();
+            let mut got = Vec::new();
+            for _ in 0..200 {
+                if inc.receive(&rx).is_ok() {
+                    (0..inc.len()).for_each(|i| {
+                        let (d, _, tos) = inc.get(i);
+                        got.push((d[0], tos));
+                    });
+                }
+                if got.len() == sent.len() + 1 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let mut want = sent.clone();
+            want.push((0xee, 3));
+            assert_eq!(got, want, "gro {gro}");
+        }
     }
 
     #[test]
@@ -382,7 +535,7 @@ mod tests {
             let lens = [300usize, 300, 300, 120];
             for (i, len) in lens.iter().enumerate() {
                 out.slot()[..*len].fill(i as u8);
-                out.commit(*len, to);
+                out.commit(*len, to, 0);
             }
             assert_eq!(out.flush(&tx), 0);
             let mut inc = Incoming::default();
@@ -414,7 +567,7 @@ mod tests {
         for i in 0..5u8 {
             let slot = out.slot();
             slot[..3].copy_from_slice(&[i, i, i]);
-            out.commit(3, to);
+            out.commit(3, to, 0);
         }
         assert_eq!(out.flush(&tx), 0);
         let mut inc = Incoming::default();
@@ -422,7 +575,7 @@ mod tests {
         while got.len() < 5 {
             match inc.receive(&rx) {
                 Ok(_) => (0..inc.len()).for_each(|i| {
-                    let (d, from) = inc.get(i);
+                    let (d, from, _) = inc.get(i);
                     assert_eq!(from, tx.local_addr().unwrap());
                     got.push(d.to_vec());
                 }),

@@ -22,7 +22,8 @@ use ovl_common::wire::{ETH_HDR_LEN, ETH_P_IP, IPPROTO_UDP};
 use tokio::sync::watch;
 
 use super::{
-    batch::{Incoming, Outgoing, SLOT, SLOTS},
+    batch::{self, Incoming, Outgoing, SLOT, SLOTS},
+    ecn::{self, Ecn},
     keys::{Identity, KeyFile, PublicKey},
     offload::{self, Coalescer, F_NEEDS_CSUM, GSO_NONE, MAX_FRAME, VNET_HDR_LEN, VnetHdr},
     peers::{Peer, PeerInfo, Table},
@@ -374,7 +375,8 @@ impl Engine {
     }
 
     /// Seals one VXLAN packet with `tunn` into the outgoing batch (or, too
-    /// large for a slot, sends it at once).
+    /// large for a slot, sends it at once), its ECN field copied to the
+    /// message's outer header (RFC 6040 §4.1, as kernel WireGuard).
     fn seal_packet(
         &self,
         tunn: &mut Tunn,
@@ -384,13 +386,14 @@ impl Engine {
         out: &mut Outgoing,
         scratch: &mut [u8],
     ) {
+        let tos = ecn::sealed_tos(packet);
         if packet.len() + 32 <= SLOT {
             let slot = out.slot();
             match tunn.encapsulate(packet, slot) {
                 TunnResult::WriteToNetwork(msg) => {
                     let len = msg.len();
                     self.count_out(msg, packet.len());
-                    out.commit(len, to);
+                    out.commit(len, to, tos);
                 }
                 TunnResult::Err(e) => {
                     log::debug!("seal for {vtep}: {e:?}");
@@ -400,7 +403,13 @@ impl Engine {
             }
         } else {
             match tunn.encapsulate(packet, scratch) {
-                TunnResult::WriteToNetwork(msg) => self.emit(msg, to, packet.len()),
+                TunnResult::WriteToNetwork(msg) => {
+                    self.count_out(msg, packet.len());
+                    if let Err(e) = batch::send_one(&self.socket, msg, to, tos) {
+                        log::debug!("send to {to}: {e}");
+                        self.counters.drop(CryptoDrop::IoError);
+                    }
+                }
                 TunnResult::Err(e) => {
                     log::debug!("seal for {vtep}: {e:?}");
                     self.counters.drop(CryptoDrop::IoError);
@@ -452,8 +461,8 @@ impl Engine {
                     self.counters.drop(CryptoDrop::Malformed);
                 }
                 for i in 0..incoming.len() {
-                    let (msg, from) = incoming.get(i);
-                    self.open(msg, from, &mut out, &mut merger);
+                    let (msg, from, tos) = incoming.get(i);
+                    self.open(msg, from, Ecn::of_tos(tos), &mut out, &mut merger);
                 }
                 // What this batch merged goes to the device now.
                 let refused = merger.flush(&mut |f| self.write_frame(f));
@@ -462,8 +471,15 @@ impl Engine {
         }
     }
 
-    /// Handles one received message.
-    fn open(&self, msg: &[u8], from: SocketAddr, out: &mut [u8], merger: &mut Coalescer) {
+    /// Handles one received message, which came with ECN field `outer`.
+    fn open(
+        &self,
+        msg: &[u8],
+        from: SocketAddr,
+        outer: Ecn,
+        out: &mut [u8],
+        merger: &mut Coalescer,
+    ) {
         let index = match Tunn::parse_incoming_packet(msg) {
             Err(_) => {
                 self.counters.drop(CryptoDrop::Malformed);
@@ -491,7 +507,7 @@ impl Engine {
             self.counters.drop(CryptoDrop::UnknownSession);
             return;
         };
-        self.decapsulate(&mut p, g, msg, from, out, merger);
+        self.decapsulate(&mut p, g, msg, from, outer, out, merger);
     }
 
     /// A handshake initiation: find which of this node's identities it is
@@ -553,17 +569,20 @@ impl Engine {
             }
         };
         let mut p = lock(&peer);
-        self.decapsulate(&mut p, index, msg, from, out, merger);
+        // A handshake opens to no packet: its ECN field means nothing.
+        self.decapsulate(&mut p, index, msg, from, Ecn::NotEct, out, merger);
     }
 
-    /// Runs a received message through tunnel `g` of `p` and acts on the
-    /// outcome.
+    /// Runs a received message (outer ECN field `outer`) through tunnel
+    /// `g` of `p` and acts on the outcome.
+    #[allow(clippy::too_many_arguments)]
     fn decapsulate(
         &self,
         p: &mut Peer,
         g: usize,
         msg: &[u8],
         from: SocketAddr,
+        outer: Ecn,
         out: &mut [u8],
         merger: &mut Coalescer,
     ) {
@@ -591,7 +610,9 @@ impl Engine {
                     to
                 };
                 self.emit(reply, dest, 0);
-                // Packets queued while the handshake ran go now.
+                // Packets queued while the handshake ran go now, Not-ECT:
+                // boringtun sealed them, out of sight of their ECN field
+                // (safe: a congested router drops them rather than marks).
                 while let TunnResult::WriteToNetwork(m) = tunn.decapsulate(None, &[], body) {
                     let len = m.len().saturating_sub(32);
                     self.emit(m, to, len)
@@ -601,6 +622,12 @@ impl Engine {
                 let len = packet.len();
                 if !is_vxlan_between(packet, vtep, self.vtep) {
                     self.counters.drop(CryptoDrop::Spoofed);
+                    return;
+                }
+                // The decap program behind the device carries the mark on
+                // to the container's packet (its own RFC 6040 step).
+                if ecn::carry_outer_mark(outer, packet).is_err() {
+                    self.counters.drop(CryptoDrop::Congestion);
                     return;
                 }
                 Counters::add(&self.counters.rx_packets, 1);
@@ -878,7 +905,8 @@ mod tests {
         /// `msg` arrives from `from`'s address.
         fn receive(&mut self, msg: &[u8], from: &UdpSocket) {
             let from = from.local_addr().unwrap();
-            self.engine.open(msg, from, &mut self.out, &mut self.merger);
+            self.engine
+                .open(msg, from, Ecn::NotEct, &mut self.out, &mut self.merger);
         }
 
         fn drops(&self, why: CryptoDrop) -> u64 {

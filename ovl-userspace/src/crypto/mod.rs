@@ -12,6 +12,7 @@
 
 mod batch;
 pub mod cli;
+mod ecn;
 mod engine;
 pub mod keys;
 pub mod metrics;
@@ -147,6 +148,11 @@ impl Crypto {
         batch::enlarge_buffers(&socket, SOCKET_BUFFER);
         if !batch::enable_gro(&socket) {
             log::info!("UDP GRO unavailable: WireGuard messages are received one by one");
+        }
+        if !batch::enable_tos(&socket) {
+            log::warn!(
+                "IP_RECVTOS refused: congestion marks (ECN) on WireGuard messages are not carried"
+            );
         }
         let name = device_name(&opts.node);
         // Wire frames fit the underlay, GSO super-packets reach 64 KiB: the

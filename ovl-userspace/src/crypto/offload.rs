@@ -850,6 +850,34 @@ mod tests {
     }
 
     #[test]
+    fn segments_merge_only_with_segments_of_the_same_congestion_mark() {
+        use crate::crypto::ecn::{Ecn, carry_outer_mark};
+        // ECT(0) VXLAN, as encapsulation copies an ECT(0) inner packet's
+        // field out; the middle two came with CE on the WireGuard message.
+        let segments: Vec<Vec<u8>> = (0..5u32)
+            .map(|i| {
+                let mut f = vxlan_tcp(&payload(1000), 100 + i * 1000, TCP_ACK, i as u16);
+                f[OUTER_IP + 1] = Ecn::Ect0.bits();
+                ipv4_recheck(&mut f, OUTER_IP, 20);
+                if i == 2 || i == 3 {
+                    carry_outer_mark(Ecn::Ce, &mut f[OUTER_IP..]).unwrap();
+                }
+                f
+            })
+            .collect();
+        let written = coalesce(&segments);
+        let tos: Vec<(u16, u8)> = written
+            .iter()
+            .map(|w| (VnetHdr::parse(w).gso_size, w[VNET_HDR_LEN + OUTER_IP + 1]))
+            .collect();
+        assert_eq!(tos, vec![(1000, 0b10), (1000, 0b11), (0, 0b10)]);
+        for w in &written {
+            let f = &w[VNET_HDR_LEN..];
+            assert_eq!(ones_sum(&f[OUTER_IP..OUTER_IP + 20]), 0xffff);
+        }
+    }
+
+    #[test]
     fn what_gro_would_not_merge_passes_through_in_flow_order() {
         let a = vxlan_tcp(&payload(1000), 100, TCP_ACK, 1);
         let gap = vxlan_tcp(&payload(1000), 3100, TCP_ACK, 2); // not 1100

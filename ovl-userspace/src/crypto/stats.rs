@@ -36,11 +36,17 @@ pub enum CryptoDrop {
     /// answered with a cookie reply instead (WireGuard §5.4.7), with which
     /// a real peer sends it again.
     UnderLoad,
+    /// A message the underlay marked congested (ECN CE on its outer
+    /// header) around a VXLAN packet that is not ECN-capable: RFC 6040
+    /// §4.2 drops it, as the congested router would have (the data path's
+    /// `congestion`, one tunnel further out). Underlay congestion, not a
+    /// broken sender.
+    Congestion,
 }
 
 impl CryptoDrop {
     /// Every reason, in report order.
-    pub const ALL: [CryptoDrop; 9] = [
+    pub const ALL: [CryptoDrop; 10] = [
         CryptoDrop::AuthFailed,
         CryptoDrop::Replayed,
         CryptoDrop::UnknownKey,
@@ -50,6 +56,7 @@ impl CryptoDrop {
         CryptoDrop::NoKey,
         CryptoDrop::IoError,
         CryptoDrop::UnderLoad,
+        CryptoDrop::Congestion,
     ];
 
     /// The snake_case name in `ovl stats --crypto`.
@@ -64,6 +71,7 @@ impl CryptoDrop {
             CryptoDrop::NoKey => "no_key",
             CryptoDrop::IoError => "io_error",
             CryptoDrop::UnderLoad => "under_load",
+            CryptoDrop::Congestion => "congestion",
         }
     }
 }
