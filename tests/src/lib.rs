@@ -13,6 +13,7 @@ mod cmd;
 mod cni;
 pub mod command;
 mod docker;
+mod ecn;
 mod etcd;
 mod hooks;
 mod lab;
@@ -34,6 +35,10 @@ pub use cni::{CniOutput, CniPlugin};
 pub use docker::{
     BUSYBOX_IMAGE, Container as DockerContainer, DOCKER_CLI, DockerCluster, Dockerd,
     DockerdOptions, StoreKind, plugin_call,
+};
+pub use ecn::{
+    CE, ECN_MASK, ECT0, ECT1, NOT_ECT, Received, TosReceiver, clear_congestion, mark_congestion,
+    send_udp_with_tos,
 };
 pub use etcd::{ETCD_CLIENT_PORT, Etcd, EtcdTls};
 pub use hooks::{HookedProgram, hooked_programs};

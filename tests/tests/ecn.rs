@@ -7,15 +7,12 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{CONTAINER_IFACE, Lab, Netns, Pair, TwoHosts, mac_for, wait_until};
+use ovl_tests::{
+    CE, CONTAINER_IFACE, ECT0, Lab, NOT_ECT, Netns, Pair, TwoHosts, mac_for, wait_until,
+};
 
 /// Marked frames per case.
 const N: u64 = 5;
-
-/// The ECN code points of the IPv4 TOS byte (RFC 3168 §5).
-const NOT_ECT: u8 = 0b00;
-const ECT0: u8 = 0b10;
-const CE: u8 = 0b11;
 
 /// Sends `N` VXLAN frames from host B's VTEP to host A, as a router on
 /// the way that marked them congested would pass them on: outer TOS CE,

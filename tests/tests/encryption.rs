@@ -4,13 +4,15 @@
 //! replayed messages are dropped and counted; a flood of handshake
 //! initiations is answered with cookies while the network carries on; keys
 //! rotate without loss; a node joining later is reached; a dead agent fails
-//! closed.
+//! closed; ECN crosses the tunnel as RFC 6040 says.
 
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use ovl_tests::{
-    AGENT_METRICS, BackgroundPing, Cluster, Lab, Netns, TwoHosts, iperf3_server, ping, wait_until,
+    AGENT_METRICS, BackgroundPing, CE, Cluster, ECN_MASK, ECT0, ECT1, Lab, NOT_ECT, Netns,
+    TosReceiver, TwoHosts, clear_congestion, iperf3_server, mark_congestion, ping,
+    send_udp_with_tos, wait_until,
 };
 use serde_json::Value;
 
@@ -136,6 +138,9 @@ struct Frame {
     vni: String,
     /// Every IPv4 address tshark found, outer and inner.
     addrs: Vec<String>,
+    /// The outermost IPv4 header's TOS byte and total length.
+    tos: u8,
+    ip_len: usize,
 }
 
 /// Reads `pcap` back: WireGuard decoded on its port, VXLAN on its.
@@ -166,18 +171,29 @@ fn decode(ns: &Netns, pcap: &str) -> Result<Vec<Frame>> {
         "vxlan.vni",
         "-e",
         "ip.addr",
+        "-e",
+        "ip.dsfield",
+        "-e",
+        "ip.len",
     ])?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.lines()
         .map(|line| {
             let f: Vec<&str> = line.split('\t').collect();
-            ensure!(f.len() == 5, "unexpected tshark row {line:?}");
+            ensure!(f.len() == 7, "unexpected tshark row {line:?}");
+            let outermost = |field: &str| field.split(',').next().unwrap_or_default().to_owned();
+            let tos = outermost(f[5]);
             Ok(Frame {
                 protocols: f[0].to_owned(),
                 udp_dst: f[1].to_owned(),
                 wg_type: f[2].to_owned(),
                 vni: f[3].to_owned(),
                 addrs: f[4].split(',').map(str::to_owned).collect(),
+                tos: u8::from_str_radix(tos.trim_start_matches("0x"), 16)
+                    .with_context(|| format!("TOS {tos:?} in {line:?}"))?,
+                ip_len: outermost(f[6])
+                    .parse()
+                    .with_context(|| format!("IPv4 length in {line:?}"))?,
             })
         })
         .collect()
@@ -793,6 +809,169 @@ fn killed_agent_fails_closed_dropping_and_counting_and_sending_nothing_in_clear(
         world.node_keys(1)?["host-a"] == key_before,
         "key changed across a restart"
     );
+    world.stop()
+}
+
+/// Datagrams per ECN case, and the containers' UDP port for them.
+const ECN_N: u64 = 20;
+const ECN_PORT: u16 = 9000;
+
+/// Length of the IPv4 packet of the WireGuard message that carries the
+/// VXLAN of a container's UDP datagram of `payload` bytes: outer IPv4 and
+/// UDP, WireGuard's 16-byte header and 16-byte tag around the VXLAN
+/// packet (IPv4, UDP, VXLAN, Ethernet, IPv4, UDP, payload), which
+/// boringtun does not pad (kernel WireGuard pads it to 16 bytes).
+fn wireguard_ip_len(payload: usize) -> usize {
+    let vxlan = 20 + 8 + 8 + 14 + 20 + 8 + payload;
+    20 + 8 + 16 + vxlan + 16
+}
+
+#[test]
+fn wireguard_messages_carry_their_packets_ecn_field_and_never_their_dscp() -> Result<()> {
+    let lab = Lab::new("crypt-ecn")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, _), (s1, s1_ip)] = &nets.secret;
+    wait_for_ping(s0, *s1_ip)?;
+    let receiver = TosReceiver::start(&lab, s1, *s1_ip, ECN_PORT)?;
+
+    // Expedited Forwarding (DSCP 46) on every flow: the containers keep
+    // it, the wire never shows it. A size per flow tells their messages
+    // apart on the wire.
+    const EF: u8 = 46 << 2;
+    let flows = [
+        ("ect0", EF | ECT0, 100),
+        ("notect", EF | NOT_ECT, 300),
+        ("ect1", EF | ECT1, 500),
+    ];
+    let capture = Capture::start(&lab, &world.router, "h0", "ecn", 8)?;
+    for (tag, tos, size) in flows {
+        send_udp_with_tos(s0, *s1_ip, ECN_PORT, tos, tag, ECN_N, size)?;
+    }
+    let frames = capture.finish(&world.router, Duration::from_secs(30))?;
+
+    let host_a = world.hosts[0].addr.to_string();
+    let sealed: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.wg_type == "4" && f.addrs.first() == Some(&host_a))
+        .collect();
+    for f in frames.iter().filter(|f| f.protocols.ends_with(":wg")) {
+        ensure!(
+            f.tos & !ECN_MASK == 0,
+            "a WireGuard message shows a DSCP: {f:?}"
+        );
+    }
+    for (tag, tos, size) in flows {
+        let len = wireguard_ip_len(size);
+        let ecn: Vec<u8> = sealed
+            .iter()
+            .filter(|f| f.ip_len == len)
+            .map(|f| f.tos)
+            .collect();
+        ensure!(
+            ecn.len() as u64 == ECN_N && ecn.iter().all(|t| *t == tos & ECN_MASK),
+            "{tag}: {ECN_N} datagrams with TOS {tos:#04x} sent; their WireGuard messages \
+             ({len} bytes) had TOS {ecn:?}; host A sent (length, TOS) {:?}",
+            sealed.iter().map(|f| (f.ip_len, f.tos)).collect::<Vec<_>>()
+        );
+    }
+    // The containers' own packets arrive as they were sent, DSCP and all.
+    wait_until(Duration::from_secs(5), || {
+        Ok(receiver.received()?.len() as u64 >= 3 * ECN_N)
+    })
+    .with_context(|| format!("received {:?}", receiver.received()))?;
+    for (tag, tos, _) in flows {
+        let got = receiver.tagged(tag)?;
+        ensure!(
+            got.len() as u64 == ECN_N && got.iter().all(|r| r.tos == tos),
+            "{tag}: sent {ECN_N} with TOS {tos:#04x}, received {got:?}"
+        );
+    }
+    world.stop()
+}
+
+#[test]
+fn a_congestion_mark_on_wireguard_reaches_the_container_or_drops_what_cannot_carry_it() -> Result<()>
+{
+    let lab = Lab::new("crypt-ce")?;
+    let world = Cluster::start_with_env(&lab, "tc", &[("OVL_METRICS", AGENT_METRICS)])?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, s0_ip), (s1, s1_ip)] = &nets.secret;
+    wait_for_ping(s1, *s0_ip)?;
+    wait_for_ping(s0, *s1_ip)?;
+    let receiver = TosReceiver::start(&lab, s0, *s0_ip, ECN_PORT)?;
+    let congestion = |c: &Value| c["drops"]["congestion"].as_u64().unwrap_or(0);
+    let counters = |i| -> Result<Value> { Ok(crypto(&world, i)?["counters"].clone()) };
+
+    // The router between the hosts is congested on the way from B to A:
+    // it marks B's WireGuard messages CE.
+    let (a, b) = (world.hosts[0].addr, world.hosts[1].addr);
+    mark_congestion(&world.router, b, a, WG_PORT)?;
+    let before = counters(0)?;
+    let network_before = world.counters(0, SECRET)?;
+
+    // ECN-capable packets reach the container marked.
+    for (tag, tos) in [("ect0", ECT0), ("ect1", ECT1)] {
+        send_udp_with_tos(s1, *s0_ip, ECN_PORT, tos, tag, ECN_N, 200)?;
+    }
+    wait_until(Duration::from_secs(5), || {
+        Ok(receiver.received()?.len() as u64 >= 2 * ECN_N)
+    })
+    .with_context(|| format!("received {:?}", receiver.received()))?;
+    for tag in ["ect0", "ect1"] {
+        let got = receiver.tagged(tag)?;
+        ensure!(
+            got.len() as u64 == ECN_N && got.iter().all(|r| r.tos == CE),
+            "{tag}: sent {ECN_N} across a congested underlay, received {got:?}"
+        );
+    }
+    ensure!(
+        congestion(&counters(0)?) == congestion(&before),
+        "ECN-capable packets counted as congestion drops: {}",
+        counters(0)?
+    );
+
+    // Packets that are not ECN-capable cannot carry the mark: dropped,
+    // each counted once as `congestion` by host A's agent, none delivered.
+    send_udp_with_tos(s1, *s0_ip, ECN_PORT, NOT_ECT, "notect", ECN_N, 200)?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(congestion(&counters(0)?) >= congestion(&before) + ECN_N)
+    })
+    .with_context(|| format!("congestion drops: before {before}, now {:?}", counters(0)))?;
+    let after = counters(0)?;
+    ensure!(
+        congestion(&after) - congestion(&before) == ECN_N,
+        "{ECN_N} sent: before {before}, after {after}"
+    );
+    let delivered = receiver.tagged("notect")?;
+    ensure!(delivered.is_empty(), "delivered {delivered:?}");
+    // The agent dropped them before the data path saw them; what it
+    // passed on (the marked ECN-capable packets) the data path delivered.
+    let network_after = world.counters(0, SECRET)?;
+    ensure!(
+        network_after.drops() == network_before.drops(),
+        "the data path dropped: {network_before:?} -> {network_after:?}"
+    );
+    let text = world.scrape(0)?;
+    let line = format!(
+        "ovl_crypto_drops_total{{reason=\"congestion\"}} {}",
+        congestion(&after)
+    );
+    ensure!(text.contains(&line), "no `{line}` in the metrics:\n{text}");
+
+    // Once the underlay is no longer congested they pass again, unmarked.
+    clear_congestion(&world.router)?;
+    send_udp_with_tos(s1, *s0_ip, ECN_PORT, NOT_ECT, "clear", ECN_N, 200)?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(receiver.tagged("clear")?.len() as u64 >= ECN_N)
+    })
+    .with_context(|| format!("received {:?}", receiver.received()))?;
+    ensure!(
+        receiver.tagged("clear")?.iter().all(|r| r.tos == NOT_ECT),
+        "{:?}",
+        receiver.tagged("clear")
+    );
+    ensure!(congestion(&counters(0)?) == congestion(&after));
     world.stop()
 }
 
