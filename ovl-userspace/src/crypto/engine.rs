@@ -904,9 +904,14 @@ mod tests {
 
         /// `msg` arrives from `from`'s address.
         fn receive(&mut self, msg: &[u8], from: &UdpSocket) {
+            self.receive_marked(msg, from, Ecn::NotEct);
+        }
+
+        /// `msg` arrives from `from`'s address with ECN field `outer`.
+        fn receive_marked(&mut self, msg: &[u8], from: &UdpSocket, outer: Ecn) {
             let from = from.local_addr().unwrap();
             self.engine
-                .open(msg, from, Ecn::NotEct, &mut self.out, &mut self.merger);
+                .open(msg, from, outer, &mut self.out, &mut self.merger);
         }
 
         fn drops(&self, why: CryptoDrop) -> u64 {
@@ -1087,6 +1092,63 @@ mod tests {
         assert_eq!((replies[0][0], replies[0].len()), (2, 92));
         assert_eq!(node.handshakes(), (1, 1));
         assert_eq!(peer.open(&replies[0]).map(|k| k[0]), Ok(MSG_DATA));
+    }
+
+    /// A VXLAN packet from the loopback to itself (the test nodes' VTEP)
+    /// whose IPv4 header has ECN field `ecn`.
+    fn vxlan_packet(ecn: Ecn) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + 8 + 8 + 14 + 28];
+        let len = p.len() as u16;
+        p[0] = 0x45;
+        p[1] = ecn.bits();
+        p[2..4].copy_from_slice(&len.to_be_bytes());
+        p[8] = 64;
+        p[9] = IPPROTO_UDP;
+        p[12..16].copy_from_slice(&LOOPBACK.octets());
+        p[16..20].copy_from_slice(&LOOPBACK.octets());
+        let sum = offload::ones_sum(&p[..20]);
+        p[10..12].copy_from_slice(&(!sum).to_be_bytes());
+        p[22..24].copy_from_slice(&VXLAN_PORT.to_be_bytes());
+        p[24..26].copy_from_slice(&(len - 20).to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn a_congestion_mark_on_a_message_drops_only_a_packet_that_cannot_carry_it() {
+        let mut node = Node::new();
+        let mut peer = Remote::new(&node.identity());
+        node.add_peer(&peer);
+        let init = initiation(&mut peer.tunn, false);
+        node.receive(&init, &peer.socket);
+        let replies = received(&peer.socket);
+        peer.open(&replies[0]).expect("the response completes");
+        let mut seal = |packet: &[u8]| {
+            let mut buf = vec![0u8; 2048];
+            match peer.tunn.encapsulate(packet, &mut buf) {
+                TunnResult::WriteToNetwork(m) => m.to_vec(),
+                other => panic!("no transport message: {other:?}"),
+            }
+        };
+        let rx = |node: &Node| node.engine.counters.snapshot().rx_packets;
+        for (inner, outer, dropped) in [
+            (Ecn::Ect0, Ecn::Ce, false),
+            (Ecn::Ect1, Ecn::Ce, false),
+            (Ecn::NotEct, Ecn::Ect0, false),
+            (Ecn::NotEct, Ecn::Ce, true),
+            (Ecn::NotEct, Ecn::NotEct, false),
+        ] {
+            let msg = seal(&vxlan_packet(inner));
+            let (before, congestion) = (rx(&node), node.drops(CryptoDrop::Congestion));
+            node.receive_marked(&msg, &peer.socket, outer);
+            assert_eq!(
+                (
+                    rx(&node) - before,
+                    node.drops(CryptoDrop::Congestion) - congestion
+                ),
+                if dropped { (0, 1) } else { (1, 0) },
+                "{inner:?} inside {outer:?}"
+            );
+        }
     }
 
     #[test]
