@@ -124,6 +124,17 @@ impl Default for Outgoing {
 /// ovl runs on.
 const CMSG_ROOM: usize = 64;
 
+/// The control buffer of one message, aligned as a `cmsghdr` must be.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; CMSG_ROOM]);
+
+impl Default for Control {
+    fn default() -> Self {
+        Control([0; CMSG_ROOM])
+    }
+}
+
 /// Appends one control message (`level`, `ty`, `value`) to `m`'s control
 /// buffer, whose `msg_controllen` says how much of it is in use.
 ///
@@ -233,7 +244,7 @@ impl Outgoing {
                 iov_len: self.lens[i],
             })
             .collect();
-        let mut control = vec![0u8; runs.len() * CMSG_ROOM];
+        let mut control = vec![Control::default(); runs.len()];
         // SAFETY: an all-zero mmsghdr is a valid "empty" header.
         let mut msgs: Vec<libc::mmsghdr> =
             (0..runs.len()).map(|_| unsafe { mem::zeroed() }).collect();
@@ -242,7 +253,7 @@ impl Outgoing {
             m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as u32;
             m.msg_hdr.msg_iov = &mut iovs[start];
             m.msg_hdr.msg_iovlen = end - start;
-            m.msg_hdr.msg_control = control[k * CMSG_ROOM..].as_mut_ptr().cast();
+            m.msg_hdr.msg_control = control[k].0.as_mut_ptr().cast();
             m.msg_hdr.msg_controllen = 0;
             // SAFETY: the control buffer has CMSG_ROOM bytes for this
             // message, room for both options.
@@ -304,14 +315,14 @@ pub fn send_one(socket: &UdpSocket, msg: &[u8], to: SocketAddr, tos: u8) -> io::
         iov_base: msg.as_ptr().cast_mut().cast(),
         iov_len: msg.len(),
     };
-    let mut control = [0u8; CMSG_ROOM];
+    let mut control = Control::default();
     // SAFETY: an all-zero mmsghdr is a valid "empty" header.
     let mut m: libc::mmsghdr = unsafe { mem::zeroed() };
     m.msg_hdr.msg_name = (&mut dest as *mut libc::sockaddr_in).cast();
     m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as u32;
     m.msg_hdr.msg_iov = &mut iov;
     m.msg_hdr.msg_iovlen = 1;
-    m.msg_hdr.msg_control = control.as_mut_ptr().cast();
+    m.msg_hdr.msg_control = control.0.as_mut_ptr().cast();
     // SAFETY: one option in a control buffer of CMSG_ROOM bytes; the
     // kernel only reads the datagram through the iovec.
     let r = unsafe {
@@ -333,7 +344,7 @@ pub fn send_one(socket: &UdpSocket, msg: &[u8], to: SocketAddr, tos: u8) -> io::
 /// Received datagrams, coalesced runs split back into their segments.
 pub struct Incoming {
     arena: Vec<u8>,
-    control: Vec<u8>,
+    control: Vec<Control>,
     srcs: [libc::sockaddr_in; SLOTS],
     /// The IPv4 TOS byte each message came with (0 without `IP_RECVTOS`).
     tos: [u8; SLOTS],
@@ -346,7 +357,7 @@ impl Default for Incoming {
     fn default() -> Self {
         Incoming {
             arena: vec![0; SLOTS * RX_SLOT],
-            control: vec![0; SLOTS * CMSG_ROOM],
+            control: vec![Control::default(); SLOTS],
             // SAFETY: all-zero sockaddr_in values are valid.
             srcs: unsafe { MaybeUninit::zeroed().assume_init() },
             tos: [0; SLOTS],
@@ -375,7 +386,7 @@ impl Incoming {
             m.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as u32;
             m.msg_hdr.msg_iov = &mut iovs[i];
             m.msg_hdr.msg_iovlen = 1;
-            m.msg_hdr.msg_control = self.control[i * CMSG_ROOM..].as_mut_ptr().cast();
+            m.msg_hdr.msg_control = self.control[i].0.as_mut_ptr().cast();
             m.msg_hdr.msg_controllen = CMSG_ROOM;
         }
         // SAFETY: every header points into buffers alive until return.
