@@ -11,6 +11,8 @@
 //! would have; the data path's decap then carries the mark on to the
 //! container's packet.
 
+use ovl_common::wire::checksum_replace16;
+
 /// The ECN field of an IPv4 TOS byte (RFC 3168 §5).
 pub const ECN_MASK: u8 = 0b11;
 
@@ -99,16 +101,6 @@ pub fn carry_outer_mark(outer: Ecn, packet: &mut [u8]) -> Result<(), Congestion>
             .copy_from_slice(&checksum_replace16(check, old_word, new_word).to_be_bytes());
     }
     Ok(())
-}
-
-/// The Internet checksum `check` after one 16-bit word of what it covers
-/// changed from `old` to `new` (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')).
-fn checksum_replace16(check: u16, old: u16, new: u16) -> u16 {
-    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 #[cfg(test)]
