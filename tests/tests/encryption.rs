@@ -819,15 +819,16 @@ const ECN_PORT: u16 = 9000;
 /// Length of the IPv4 packet of the WireGuard message that carries the
 /// VXLAN of a container's UDP datagram of `payload` bytes: outer IPv4 and
 /// UDP, WireGuard's 16-byte header and 16-byte tag around the VXLAN
-/// packet (IPv4, UDP, VXLAN, Ethernet, IPv4, UDP, payload), which
-/// boringtun does not pad (kernel WireGuard pads it to 16 bytes).
+/// packet (IPv4, UDP, VXLAN, Ethernet, IPv4, UDP, payload), padded to a
+/// multiple of 16 bytes as WireGuard pads (payloads far below the MTU).
 fn wireguard_ip_len(payload: usize) -> usize {
     let vxlan = 20 + 8 + 8 + 14 + 20 + 8 + payload;
-    20 + 8 + 16 + vxlan + 16
+    20 + 8 + 16 + vxlan.next_multiple_of(16) + 16
 }
 
 #[test]
-fn wireguard_messages_carry_their_packets_ecn_field_and_never_their_dscp() -> Result<()> {
+fn wireguard_messages_show_their_packets_ecn_field_no_dscp_and_lengths_in_16_byte_steps()
+-> Result<()> {
     let lab = Lab::new("crypt-ecn")?;
     let world = TwoHosts::start(&lab, "tc")?;
     let nets = two_networks(&lab, &world)?;
@@ -837,7 +838,8 @@ fn wireguard_messages_carry_their_packets_ecn_field_and_never_their_dscp() -> Re
 
     // Expedited Forwarding (DSCP 46) on every flow: the containers keep
     // it, the wire never shows it. A size per flow tells their messages
-    // apart on the wire.
+    // apart on the wire; none makes a VXLAN packet of a multiple of 16
+    // bytes, which WireGuard's padding rounds up to.
     const EF: u8 = 46 << 2;
     let flows = [
         ("ect0", EF | ECT0, 100),
@@ -859,6 +861,13 @@ fn wireguard_messages_carry_their_packets_ecn_field_and_never_their_dscp() -> Re
         ensure!(
             f.tos & !ECN_MASK == 0,
             "a WireGuard message shows a DSCP: {f:?}"
+        );
+    }
+    // Every packet sealed padded: the wire tells lengths in 16-byte steps.
+    for f in &sealed {
+        ensure!(
+            (f.ip_len - 20 - 8 - 32) % 16 == 0,
+            "a WireGuard message carries a packet of a length that is no multiple of 16: {f:?}"
         );
     }
     for (tag, tos, size) in flows {

@@ -513,7 +513,7 @@ impl Agent {
         // The API's handle holds the engine, and the engine the device.
         self.view.set_crypto(None);
         self.crypto = None;
-        self.crypto = crypto::start_for_agent(opts, self.underlay.addr, &mut self.dp);
+        self.crypto = crypto::start_for_agent(opts, &self.underlay, &mut self.dp);
         let Some(c) = &self.crypto else {
             return;
         };
@@ -640,6 +640,11 @@ impl Agent {
                     }
                 }
             }
+        }
+        if let Some(c) = &self.crypto
+            && was.mtu != self.underlay.mtu
+        {
+            c.set_underlay_mtu(self.underlay.mtu);
         }
         if was.addr != self.underlay.addr {
             log::info!(

@@ -9,7 +9,7 @@ use std::{
     os::fd::AsRawFd,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -102,10 +102,28 @@ pub struct Engine {
     pub published: watch::Sender<Published>,
     pub rotate_every: Duration,
     pub next_rotation: Mutex<Instant>,
+    /// The longest packet a message may carry, padding included: the
+    /// underlay's MTU less WireGuard's overhead (0: no padding).
+    pub pad_limit: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// WireGuard pads every packet it seals with zeros to a multiple of this
+/// many bytes, as far as the MTU allows (whitepaper §5.4.6; kernel
+/// WireGuard's `MESSAGE_PADDING_MULTIPLE`), so the wire tells packet
+/// lengths only in 16-byte steps. boringtun does not pad; the engine does,
+/// and receivers (boringtun and the kernel alike) trim a packet to its
+/// IPv4 length.
+const PADDING_MULTIPLE: usize = 16;
+
+/// The length a packet of `len` bytes is sealed at: rounded up to
+/// [`PADDING_MULTIPLE`], but not beyond `limit` (the longest packet whose
+/// message fits the underlay), and never shorter than itself.
+fn padded_len(len: usize, limit: usize) -> usize {
+    len.next_multiple_of(PADDING_MULTIPLE).min(limit).max(len)
 }
 
 /// Waits until `fd` is readable or `POLL_MS` passed.
@@ -376,7 +394,10 @@ impl Engine {
 
     /// Seals one VXLAN packet with `tunn` into the outgoing batch (or, too
     /// large for a slot, sends it at once), its ECN field copied to the
-    /// message's outer header (RFC 6040 §4.1, as kernel WireGuard).
+    /// message's outer header (RFC 6040 §4.1, as kernel WireGuard), padded
+    /// as WireGuard pads ([`PADDING_MULTIPLE`]; `scratch` holds the padded
+    /// copy). A packet too large for a slot goes unpadded: only networks
+    /// with an MTU beyond 9 KiB have them.
     fn seal_packet(
         &self,
         tunn: &mut Tunn,
@@ -387,12 +408,21 @@ impl Engine {
         scratch: &mut [u8],
     ) {
         let tos = ecn::sealed_tos(packet);
-        if packet.len() + 32 <= SLOT {
+        let payload = packet.len();
+        let padded = padded_len(payload, self.pad_limit.load(Ordering::Relaxed));
+        if padded + 32 <= SLOT {
+            let sealed = if padded > payload {
+                scratch[..payload].copy_from_slice(packet);
+                scratch[payload..padded].fill(0);
+                &scratch[..padded]
+            } else {
+                packet
+            };
             let slot = out.slot();
-            match tunn.encapsulate(packet, slot) {
+            match tunn.encapsulate(sealed, slot) {
                 TunnResult::WriteToNetwork(msg) => {
                     let len = msg.len();
-                    self.count_out(msg, packet.len());
+                    self.count_out(msg, payload);
                     out.commit(len, to, tos);
                 }
                 TunnResult::Err(e) => {
@@ -404,7 +434,7 @@ impl Engine {
         } else {
             match tunn.encapsulate(packet, scratch) {
                 TunnResult::WriteToNetwork(msg) => {
-                    self.count_out(msg, packet.len());
+                    self.count_out(msg, payload);
                     if let Err(e) = batch::send_one(&self.socket, msg, to, tos) {
                         log::debug!("send to {to}: {e}");
                         self.counters.drop(CryptoDrop::IoError);
@@ -878,6 +908,7 @@ mod tests {
                 key_file: KeyFile::in_dir(keys.path()),
                 rotate_every: Duration::from_secs(3600),
                 next_rotation: Mutex::new(Instant::now() + Duration::from_secs(3600)),
+                pad_limit: AtomicUsize::new(1440),
             };
             Node {
                 engine,
@@ -1171,6 +1202,24 @@ mod tests {
         tcp[9] = 6;
         assert!(!is_vxlan_between(&tcp, peer, me));
         assert!(!is_vxlan_between(&p[..20], peer, me));
+    }
+
+    #[test]
+    fn packets_are_padded_to_16_bytes_as_far_as_the_underlay_allows() {
+        for (len, limit, want) in [
+            (178, 1440, 192),
+            (192, 1440, 192),
+            (1, 1440, 16),
+            (1440, 1440, 1440),
+            // A 1445-byte underlay MTU leaves 1385 bytes: the last step
+            // stops there.
+            (1380, 1385, 1385),
+            (1385, 1385, 1385),
+            // Without a limit (not known yet) nothing is padded.
+            (178, 0, 178),
+        ] {
+            assert_eq!(padded_len(len, limit), want, "{len} bytes, limit {limit}");
+        }
     }
 
     #[test]

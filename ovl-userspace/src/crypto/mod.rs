@@ -24,7 +24,10 @@ mod tap;
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock, atomic::Ordering},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -74,6 +77,8 @@ pub struct CryptoOptions {
     pub key_dir: PathBuf,
     /// Period of automatic key rotation.
     pub rotate_every: Duration,
+    /// The underlay's MTU: messages are padded up to it, never beyond.
+    pub underlay_mtu: u32,
 }
 
 impl CryptoOptions {
@@ -85,6 +90,7 @@ impl CryptoOptions {
             port: WIREGUARD_PORT,
             key_dir,
             rotate_every: DEFAULT_ROTATION,
+            underlay_mtu: 1500,
         }
     }
 }
@@ -180,6 +186,7 @@ impl Crypto {
             published,
             rotate_every: opts.rotate_every,
             next_rotation: Mutex::new(Instant::now() + opts.rotate_every),
+            pad_limit: AtomicUsize::new(pad_limit(opts.underlay_mtu)),
         });
         metrics::set_current(&engine);
         let mut threads = Vec::new();
@@ -226,6 +233,13 @@ impl Crypto {
         CryptoHandle {
             engine: self.engine.clone(),
         }
+    }
+
+    /// Follows a new underlay MTU: messages are padded up to it.
+    pub fn set_underlay_mtu(&self, mtu: u32) {
+        self.engine
+            .pad_limit
+            .store(pad_limit(mtu), Ordering::Relaxed);
     }
 
     /// Makes the engine talk to exactly `peers`.
@@ -290,15 +304,22 @@ impl Drop for Crypto {
     }
 }
 
+/// The longest packet a message may carry, padding included, on an
+/// underlay of MTU `mtu`.
+fn pad_limit(mtu: u32) -> usize {
+    mtu.saturating_sub(ovl_common::wire::WIREGUARD_OVERHEAD) as usize
+}
+
 /// Starts the encrypting path for the agent and hooks its device into the
 /// data path. A failure is logged, not fatal: plain networks keep working,
 /// encrypted ones drop their packets (`no_key`) on this node.
 pub fn start_for_agent(
     opts: &crate::agent::AgentOptions,
-    vtep: Ipv4Addr,
+    underlay: &crate::netlink::Underlay,
     dp: &mut crate::datapath::Datapath,
 ) -> Option<Crypto> {
-    let mut c = CryptoOptions::new(&opts.node, vtep, opts.state_dir.join("keys"));
+    let mut c = CryptoOptions::new(&opts.node, underlay.addr, opts.state_dir.join("keys"));
+    c.underlay_mtu = underlay.mtu;
     c.port = opts.wireguard_port;
     c.rotate_every = opts.key_rotation;
     let started = Crypto::start(&c).and_then(|crypto| {
