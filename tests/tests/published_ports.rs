@@ -1,8 +1,10 @@
 //! Published ports, Docker's `-p` through docker_gwbridge: a client
 //! anywhere reaching host A's address and port reaches the container's
-//! port, which sees the client's own address; a host port is published
-//! once per host; a container that leaves takes its rule and connections
-//! along; an internal network publishes nothing.
+//! port, which sees the client's own address; a container reaching it
+//! through its host's address (hairpin) does too, from any network, and is
+//! seen as the host; a host port is published once per host; a container
+//! that leaves takes its rule and connections along; an internal network
+//! publishes nothing.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -319,6 +321,148 @@ fn publishing_udp(lab: &Lab, world: &TwoHosts) -> Result<(Netns, Ipv4Addr, Child
     )?;
     let server = udp_server(lab, &c1, ip1, 53)?;
     Ok((c1, ip1, server))
+}
+
+/// The network on host A with two subnets, its container c1 at 198.18.0.2
+/// publishing 8080→80 and 5353→53/udp, where a TCP and a UDP server
+/// answer: (c1, the TCP server, the UDP server).
+fn publishing_both(lab: &Lab, world: &TwoHosts) -> Result<(Netns, ChildHandle, ChildHandle)> {
+    world.ovl.create_network(
+        &world.hosts[0].netns,
+        NETWORK,
+        "198.18.0.0/24",
+        &["--subnet", "198.18.1.0/24"],
+    )?;
+    let c1 = lab.container("c1")?;
+    world.run(
+        0,
+        &[
+            "connect",
+            NETWORK,
+            c1.name(),
+            "--ip",
+            "198.18.0.2",
+            "--publish",
+            "8080:80",
+            "--publish",
+            "5353:53/udp",
+        ],
+    )?;
+    let web = tcp_server(lab, &c1, 80, "hello from c1")?;
+    let dns = udp_server(lab, &c1, "198.18.0.2".parse()?, 53)?;
+    Ok((c1, web, dns))
+}
+
+#[test]
+fn containers_reach_a_published_port_through_their_hosts_address() -> Result<()> {
+    let lab = Lab::new("publishedhairpin")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let host_a = &world.hosts[0].netns.clone();
+    let (c1, web, dns) = publishing_both(&lab, &world)?;
+    // Another network, and one sharing the publisher's subnet: its client
+    // has the server's own address, so only the client's network tells
+    // where the replies go.
+    world
+        .ovl
+        .create_network(host_a, "other", "198.18.4.0/24", &[])?;
+    world
+        .ovl
+        .create_network(host_a, "twin", "198.18.0.0/24", &[])?;
+    let mut clients = Vec::new();
+    for (network, ip, what) in [
+        (NETWORK, "198.18.0.3", "in the server's subnet"),
+        (NETWORK, "198.18.1.5", "in the network's other subnet"),
+        ("other", "198.18.4.2", "in another network"),
+        (
+            "twin",
+            "198.18.0.2",
+            "at the server's address in another network",
+        ),
+    ] {
+        let c = lab.container(network)?;
+        world.run(0, &["connect", network, c.name(), "--ip", ip])?;
+        clients.push((c, ip, what));
+    }
+
+    // Each reaches c1 through host A's address, TCP and UDP, with real
+    // data both ways; c1 sees host A's address (the connection is
+    // translated both ways, so its replies go back through the host).
+    for (n, (c, ip, what)) in clients.iter().enumerate() {
+        let mut got = String::new();
+        wait_until(Duration::from_secs(10), || {
+            got = fetch(c, HOST_A, 8080)?;
+            Ok(got.contains("hello from c1"))
+        })
+        .with_context(|| format!("a container {what} ({ip}) got {got:?} from {HOST_A}:8080"))?;
+        wait_peers(&web, HOST_A, n + 1)?;
+        let answer = udp_exchange(c, HOST_A, 5353)?;
+        ensure!(
+            answer.contains("pong ping"),
+            "UDP from a container {what} ({ip}) to {HOST_A}:5353 got {answer:?}:\n{}",
+            dns.output_report()
+        );
+        wait_peers(&dns, HOST_A, n + 1)?;
+    }
+    for server in [&web, &dns] {
+        ensure!(
+            !server.stdout()?.contains("peer 198.18."),
+            "the server saw a container's own address, so its replies bypass the host:\n{}",
+            server.output_report()
+        );
+    }
+
+    // Publishing opens the published port, nothing else: the other
+    // network's container reaches neither c1 itself nor a port c1 did
+    // not publish, and an internal network's container nothing.
+    let unpublished = tcp_server(&lab, &c1, 81, "unpublished")?;
+    let (other, _, _) = &clients[2];
+    ensure!(
+        fetch(other, "198.18.0.2".parse()?, 80)?.is_empty(),
+        "another network's container reached c1 on the overlay"
+    );
+    ensure!(
+        fetch(other, HOST_A, 81)?.is_empty(),
+        "another network's container reached c1's unpublished port"
+    );
+    world
+        .ovl
+        .create_network(host_a, "sealed", "198.18.6.0/24", &["--internal"])?;
+    let sealed = lab.container("sealed")?;
+    world.run(0, &["connect", "sealed", sealed.name()])?;
+    ensure!(
+        fetch(&sealed, HOST_A, 8080)?.is_empty(),
+        "an internal network's container reached a published port"
+    );
+    ensure!(
+        !unpublished.stdout()?.contains("peer"),
+        "c1's unpublished port was reached:\n{}",
+        unpublished.output_report()
+    );
+    world.stop()
+}
+
+#[test]
+fn a_container_on_another_host_reaches_a_published_port_as_its_host() -> Result<()> {
+    let lab = Lab::new("publishedremote")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let (_c1, web, dns) = publishing_both(&lab, &world)?;
+    let c2 = lab.container("c2")?;
+    world.run(1, &["connect", NETWORK, c2.name(), "--ip", "198.18.0.3"])?;
+    let mut got = String::new();
+    wait_until(Duration::from_secs(10), || {
+        got = fetch(&c2, HOST_A, 8080)?;
+        Ok(got.contains("hello from c1"))
+    })
+    .with_context(|| format!("c2 on host B got {got:?} from {HOST_A}:8080"))?;
+    wait_peers(&web, HOST_B, 1)?;
+    let answer = udp_exchange(&c2, HOST_A, 5353)?;
+    ensure!(
+        answer.contains("pong ping"),
+        "UDP from c2 on host B to {HOST_A}:5353 got {answer:?}:\n{}",
+        dns.output_report()
+    );
+    wait_peers(&dns, HOST_B, 1)?;
+    world.stop()
 }
 
 #[test]
