@@ -410,6 +410,19 @@ fn containers_reach_a_published_port_through_their_hosts_address() -> Result<()>
             server.output_report()
         );
     }
+    // With reverse-path filtering on, a container of the server's network
+    // still reaches it: both directions are routed by that network's
+    // table, which has both containers' routes. (Other networks' clients
+    // do not: the host veths have no address, and a source the packet's
+    // table routes elsewhere fails even loose filtering.)
+    host_a.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"])?;
+    let (same, ip, _) = &clients[0];
+    let got = fetch(same, HOST_A, 8080)?;
+    ensure!(
+        got.contains("hello from c1"),
+        "with rp_filter on, {ip} got {got:?} from {HOST_A}:8080"
+    );
+    host_a.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])?;
 
     // Publishing opens the published port, nothing else: the other
     // network's container reaches neither c1 itself nor a port c1 did
