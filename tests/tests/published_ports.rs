@@ -455,6 +455,49 @@ fn containers_reach_a_published_port_through_their_hosts_address() -> Result<()>
 }
 
 #[test]
+fn a_hairpin_clients_connections_leave_with_it() -> Result<()> {
+    let lab = Lab::new("publishedhpgone")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let host_a = &world.hosts[0].netns.clone();
+    let (_c1, _web, dns) = publishing_both(&lab, &world)?;
+    world
+        .ovl
+        .create_network(host_a, "other", "198.18.4.0/24", &[])?;
+    let ip: Ipv4Addr = "198.18.4.2".parse()?;
+    let client = lab.container("client")?;
+    world.run(
+        0,
+        &["connect", "other", client.name(), "--ip", &ip.to_string()],
+    )?;
+    let flood = udp_flood(&lab, &client, 40000, HOST_A, 5353)?;
+    wait_peers(&dns, HOST_A, 1)?;
+    let opened = |ip: Ipv4Addr| -> Result<Vec<String>> {
+        let out = host_a.exec_unchecked(&["conntrack", "-L", "-s", &ip.to_string()])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("dport=5353"))
+            .map(str::to_owned)
+            .collect())
+    };
+    ensure!(
+        !opened(ip)?.is_empty(),
+        "no conntrack entry of the hairpin flow: the check below would prove nothing"
+    );
+
+    // Its translations, which carry the server's mark, go with it: a
+    // container that takes its address later inherits none.
+    flood.signal(ovl_tests::Signal::Kill)?;
+    world.run(0, &["disconnect", "other", client.name()])?;
+    let mut left = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        left = opened(ip)?;
+        Ok(left.is_empty())
+    })
+    .with_context(|| format!("connections of {ip} left after disconnect: {left:#?}"))?;
+    world.stop()
+}
+
+#[test]
 fn a_container_on_another_host_reaches_a_published_port_as_its_host() -> Result<()> {
     let lab = Lab::new("publishedremote")?;
     let world = TwoHosts::start(&lab, "auto")?;
