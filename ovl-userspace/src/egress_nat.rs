@@ -504,15 +504,18 @@ fn parse_routes(routes: &Value) -> BTreeMap<Ipv4Addr, String> {
 }
 
 /// Deletes the conntrack entries (address translations included) of the
-/// container `ip` of the network marked `mark`: those it opened, and
-/// those its published ports took (their replies come from it).
+/// container `ip` of the network marked `mark`: those it opened (to the
+/// outside and to published ports), and those its published ports took
+/// (their replies come from it).
 fn forget_translations(ip: Ipv4Addr, mark: u32) -> Result<()> {
     let zone = zone_of(mark).to_string();
     let (ip, mark) = (ip.to_string(), mark.to_string());
     conntrack_delete(&["-s", &ip, "-m", &mark])?;
     conntrack_delete(&["-r", &ip, "-m", &mark])?;
     // Those it opened to published ports through a host address (hairpin)
-    // carry the server's mark, and its network's zone.
+    // carry the server's mark, and its network's zone (which networks
+    // whose VNIs differ by a multiple of 65536 share: their container of
+    // the same address loses its hairpin connections too).
     conntrack_delete(&["-s", &ip, "--orig-zone", &zone])
 }
 
@@ -717,7 +720,7 @@ fn table_script(
          \t}}\n\
          \tchain {HAIRPIN_CHAIN} {{\n\
          \t\ttype nat hook postrouting priority srcnat - 1; policy accept;\n\
-         \t\tct status dnat ct original zone != 0 snat to ct original ip daddr\n\
+         \t\tct status dnat ct original zone != 0 ip daddr . meta mark @endpoints snat to ct original ip daddr\n\
          \t}}\n"
     ));
     if guard {
@@ -1019,13 +1022,14 @@ mod tests {
         // Containers' packets to a host address reach the published ports;
         // a translated connection keeps the server's mark in its original
         // direction, takes the client's zone's network in its replies, and
-        // has its source translated when a container opened it.
+        // has its source translated when a container opened it to a
+        // container (not where another DNAT of the host's sent it).
         for line in [
             "\t\tfib daddr type local jump published\n",
             "meta mark & 0xff000000 == 0x6f000000 ct direction original ct status ! dnat ct mark set meta mark\n",
             "ct direction reply ct status dnat meta mark set ct original zone map @zone_networks\n",
             "chain hairpin {\n\t\ttype nat hook postrouting priority srcnat - 1; policy accept;\n\
-             \t\tct status dnat ct original zone != 0 snat to ct original ip daddr\n",
+             \t\tct status dnat ct original zone != 0 ip daddr . meta mark @endpoints snat to ct original ip daddr\n",
         ] {
             assert!(t.contains(line), "no {line:?} in {t}");
         }

@@ -455,6 +455,48 @@ fn containers_reach_a_published_port_through_their_hosts_address() -> Result<()>
 }
 
 #[test]
+fn a_containers_connection_another_dnat_sends_away_is_masqueraded_as_before() -> Result<()> {
+    let lab = Lab::new("publishedhpdnat")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let host_a = &world.hosts[0].netns.clone();
+    let (_c1, _web, _dns) = publishing_both(&lab, &world)?;
+    // The host's own DNAT (a service address, as kube-proxy makes) sends
+    // a container's connection to the router: that connection is no
+    // hairpin, and goes out masqueraded behind host A.
+    let router: Ipv4Addr = "198.51.100.1".parse()?;
+    let server = lab.python_tcp_server(
+        &world.router,
+        router,
+        8080,
+        "print('peer', peer[0], flush=True)\nc.sendall(b'hello from the router\\n')\nc.close()",
+    )?;
+    let service: Ipv4Addr = "203.0.113.80".parse()?;
+    host_a.exec(&[
+        "nft",
+        &format!(
+            "add table ip service; \
+             add chain ip service nat {{ type nat hook prerouting priority dstnat - 10; }}; \
+             add rule ip service nat ip daddr {service} tcp dport 80 dnat to {router}:8080"
+        ),
+    ])?;
+    let c2 = lab.container("c2")?;
+    world.run(0, &["connect", NETWORK, c2.name(), "--ip", "198.18.0.3"])?;
+    let mut got = String::new();
+    wait_until(Duration::from_secs(10), || {
+        got = fetch(&c2, service, 80)?;
+        Ok(got.contains("hello from the router"))
+    })
+    .with_context(|| {
+        format!(
+            "c2 got {got:?} from {service}:80:\n{}",
+            server.output_report()
+        )
+    })?;
+    wait_peers(&server, HOST_A, 1)?;
+    world.stop()
+}
+
+#[test]
 fn a_hairpin_clients_connections_leave_with_it() -> Result<()> {
     let lab = Lab::new("publishedhpgone")?;
     let world = TwoHosts::start(&lab, "auto")?;
