@@ -21,17 +21,40 @@ pub fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
+/// A link or IPv4 address notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkEvent {
+    /// The index of the link it says was deleted, if it says that.
+    pub deleted: Option<u32>,
+}
+
 /// Notifications of link changes (created, deleted, renamed, up/down, MTU)
 /// and of IPv4 addresses added or removed in the current namespace: the
 /// agent's cue to look at container veths and the underlay again instead
-/// of polling for them.
-pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
+/// of polling for them. A deletion names its link: a device deleted and
+/// made anew under the same index between two looks is otherwise the same
+/// device to whoever looks.
+pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>> {
+    use rtnetlink::packet_core::NetlinkPayload;
+    use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage as M};
     let (conn, _handle, messages) = rtnetlink::new_multicast_connection(&[
         rtnetlink::MulticastGroup::Link,
         rtnetlink::MulticastGroup::Ipv4Ifaddr,
     ])
     .context("subscribe to link and address notifications")?;
-    Ok(forward_notifications(conn, messages, |_| true))
+    Ok(forward_notifications(conn, messages, |message| {
+        let deleted = match &message.payload {
+            // A bridge port's leaving its bridge is an AF_BRIDGE
+            // RTM_DELLINK of a device that stays.
+            NetlinkPayload::InnerMessage(M::DelLink(l))
+                if l.header.interface_family == AddressFamily::Unspec =>
+            {
+                Some(l.header.index)
+            }
+            _ => None,
+        };
+        Some(LinkEvent { deleted })
+    }))
 }
 
 /// Notifications of what may change how this node reaches other VTEPs:
@@ -48,7 +71,7 @@ pub fn underlay_path_events(underlay: u32) -> Result<tokio::sync::mpsc::Unbounde
     .context("subscribe to route and neighbour notifications")?;
     let mut macs = NeighbourMacs::default();
     Ok(forward_notifications(conn, messages, move |message| {
-        match &message.payload {
+        let relevant = match &message.payload {
             NetlinkPayload::InnerMessage(M::NewNeighbour(n)) => {
                 n.header.ifindex == underlay && macs.moves_next_hop(n, false)
             }
@@ -58,22 +81,24 @@ pub fn underlay_path_events(underlay: u32) -> Result<tokio::sync::mpsc::Unbounde
             NetlinkPayload::InnerMessage(M::NewRoute(_) | M::DelRoute(_)) => true,
             // Anything else (an overrun included): look again to be safe.
             _ => true,
-        }
+        };
+        relevant.then_some(())
     }))
 }
 
 /// Runs the rtnetlink connection `conn` of a multicast subscription and
-/// sends `()` for each of its notifications `relevant` keeps, until the
-/// receiver is dropped. The connection is stopped before its stream of
+/// sends what `event` makes of each of its notifications (nothing for
+/// `None`), until the receiver is dropped. The connection is stopped before its stream of
 /// notifications is dropped: the other way round it would warn of a
 /// closed channel at each notification still arriving (the agent's own
 /// crypto device going away as it stops, say).
-fn forward_notifications<C, S, F>(
+fn forward_notifications<C, S, F, T>(
     conn: C,
     mut messages: S,
-    mut relevant: F,
-) -> tokio::sync::mpsc::UnboundedReceiver<()>
+    mut event: F,
+) -> tokio::sync::mpsc::UnboundedReceiver<T>
 where
+    T: Send + 'static,
     C: std::future::Future<Output = ()> + Send + 'static,
     S: futures_util::Stream<
             Item = (
@@ -87,7 +112,7 @@ where
         + 'static,
     F: FnMut(
             &rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
-        ) -> bool
+        ) -> Option<T>
         + Send
         + 'static,
 {
@@ -100,7 +125,9 @@ where
                 () = tx.closed() => break,
                 message = messages.next() => match message {
                     Some((message, _)) => {
-                        if relevant(&message) && tx.send(()).is_err() {
+                        if let Some(e) = event(&message)
+                            && tx.send(e).is_err()
+                        {
                             break;
                         }
                     }

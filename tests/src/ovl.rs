@@ -463,6 +463,16 @@ impl Agent {
         self.child.signal(Signal::Kill)
     }
 
+    /// Runs `f` with the agent frozen (SIGSTOP): whatever happens meanwhile
+    /// reaches it in one burst when it goes on (SIGCONT, also when `f`
+    /// fails).
+    pub fn frozen<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.child.signal(Signal::Stop)?;
+        let result = f();
+        self.child.signal(Signal::Continue)?;
+        result
+    }
+
     /// Waits up to `timeout` for the agent to exit; fails if it still runs.
     pub fn wait_exit(&self, timeout: Duration) -> Result<ExitStatus> {
         self.child.wait_timeout(timeout)

@@ -23,6 +23,10 @@ pub enum Signal {
     Terminate,
     /// SIGKILL: cannot be caught; the last resort on cleanup.
     Kill,
+    /// SIGSTOP: freezes the process (what it is told meanwhile queues up).
+    Stop,
+    /// SIGCONT: lets a stopped process go on.
+    Continue,
 }
 
 impl Signal {
@@ -31,6 +35,8 @@ impl Signal {
             Signal::Interrupt => libc::SIGINT,
             Signal::Terminate => libc::SIGTERM,
             Signal::Kill => libc::SIGKILL,
+            Signal::Stop => libc::SIGSTOP,
+            Signal::Continue => libc::SIGCONT,
         }
     }
 }

@@ -605,6 +605,77 @@ fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
 }
 
 #[test]
+fn an_underlay_deleted_and_made_anew_under_its_old_index_in_one_burst_is_hooked_again() -> Result<()>
+{
+    let lab = Lab::new("lc-sameindex")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let Pair { c1, ip1, c2, ip2 } = world.connected_pair(&lab, "uber-net")?;
+    let r = ping(&c2, ip1, 3, &["-i", "0.2", "-W", "1"])?;
+    ensure!(r.all_received(), "before: {}", r.output);
+    let host_a = &world.hosts[0];
+    let ns = &host_a.netns;
+    let gateway = host_a.gateway.context("routed hosts have a gateway")?;
+    let index_of = |ns: &ovl_tests::Netns| -> Result<u64> {
+        let link: Value = serde_json::from_slice(&ns.ip(&["-j", "link", "show", "eth0"])?.stdout)?;
+        link[0]["ifindex"].as_u64().context("eth0's index")
+    };
+    let before = index_of(ns)?;
+
+    // While the agent looks away, eth0 goes and comes back under its old
+    // index (as a tool that restores devices by index makes it): to a
+    // look at the device it is the same, but it carries none of the old
+    // one's hooks.
+    world.agents[0].frozen(|| {
+        ns.ip(&["link", "del", "eth0"])?;
+        ns.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "index",
+            &before.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "h0",
+            "netns",
+            world.router.name(),
+        ])?;
+        world
+            .router
+            .ip(&["addr", "add", &format!("{gateway}/24"), "dev", "h0"])?;
+        world.router.ip(&["link", "set", "h0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{}/24", host_a.addr), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "replace", "default", "via", &gateway.to_string()])
+    })?;
+    ensure!(
+        index_of(ns)? == before,
+        "eth0 came back under another index than {before}"
+    );
+
+    // The agent hooks it again: both directions cross, and the device
+    // carries exactly one decap program.
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c2, ip1, 1, &["-W", "1"])?.all_received()
+            && ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })
+    .with_context(|| {
+        format!(
+            "the containers never reached each other again over the remade eth0 (hooked: {:?}):\n{}",
+            ovl_tests::hooked_programs(ns, "eth0"),
+            world.agents[0].output_report()
+        )
+    })?;
+    let hooked = ovl_tests::hooked_programs(ns, "eth0")?;
+    ensure!(
+        hooked.len() == 1 && hooked[0].name == "ovl_tc_decap",
+        "the remade eth0 carries {hooked:?}"
+    );
+    world.stop()
+}
+
+#[test]
 fn a_network_made_on_a_freed_vni_while_the_agent_was_down_counts_from_zero() -> Result<()> {
     let lab = Lab::new("lc-vnireuse")?;
     let mut world = TwoHosts::start(&lab, "auto")?;

@@ -542,12 +542,27 @@ impl Agent {
     /// resolver at once; the node's store record follows in
     /// [`register_underlay`](Self::register_underlay), the maps at the
     /// reapply that follows every link notification. An interface of the
-    /// underlay's name made anew (deleted and added again, a NIC reset)
-    /// is hooked again; a new address restarts the encrypting path, whose
+    /// underlay's name made anew (deleted and added again, a NIC reset;
+    /// `deleted`: the notifications since the last look say the underlay's
+    /// index was deleted) is hooked again; a new address restarts the encrypting path, whose
     /// socket is bound to the old one. (The whole reapply after it puts
     /// back what else a new device lost: egress's forwarding, say.)
-    async fn follow_underlay(&mut self, opts: &AgentOptions, store: Option<&Arc<Store>>) {
+    async fn follow_underlay(
+        &mut self,
+        opts: &AgentOptions,
+        store: Option<&Arc<Store>>,
+        deleted: bool,
+    ) {
         let iface = opts.iface.as_str();
+        if deleted && netlink::ifindex(iface).is_some() {
+            // Deleted and made anew since the last look, perhaps under its
+            // old index, which the pinned hook still names: the hooks went
+            // with the old device.
+            log::info!("underlay {iface} was deleted and made anew");
+            if let Err(e) = self.dp.forget_deleted_decap(self.underlay.ifindex) {
+                log::warn!("cannot unpin the decap hook of the deleted {iface}: {e:#}");
+            }
+        }
         let now = if netlink::ifindex(iface).is_none() {
             // Its hooks went with it: unpinned, so that an interface made
             // anew under any index is hooked again.
@@ -900,14 +915,18 @@ impl Agent {
                         }
                     });
                 }
-                Some(()) = links.recv() => {
+                Some(event) = links.recv() => {
                     // One look for a burst of notifications.
-                    while links.try_recv().is_ok() {}
+                    let underlay = Some(self.underlay.ifindex);
+                    let mut underlay_deleted = event.deleted == underlay;
+                    while let Ok(event) = links.try_recv() {
+                        underlay_deleted |= event.deleted == underlay;
+                    }
                     self.ifindexes.invalidate();
                     // The underlay's address, MAC or MTU may have changed,
                     // or the device itself.
                     let store = connected.as_ref().map(|c| c.store.clone());
-                    self.follow_underlay(opts, store.as_ref()).await;
+                    self.follow_underlay(opts, store.as_ref(), underlay_deleted).await;
                     if let Some(c) = connected.as_mut() {
                         self.register_underlay(c, opts.lease_ttl).await;
                     }

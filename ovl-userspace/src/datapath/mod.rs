@@ -333,11 +333,21 @@ impl Datapath {
     /// with it), so an interface made anew, under any index, is hooked
     /// again. Returns how many.
     pub fn forget_gone_decap(&mut self) -> Result<usize> {
+        self.forget_decap_where(|ifindex| crate::netlink::ifname(ifindex).is_none())
+    }
+
+    /// Unpins the decap hook of the device that had index `ifindex` and was
+    /// deleted, whatever holds the index now (a device made anew under
+    /// it has none of the old one's hooks).
+    pub fn forget_deleted_decap(&mut self, ifindex: u32) -> Result<usize> {
+        self.forget_decap_where(|i| i == ifindex)
+    }
+
+    /// Unpins the decap hooks on the devices `gone` says are gone.
+    fn forget_decap_where(&mut self, gone: impl Fn(u32) -> bool) -> Result<usize> {
         let mut n = 0;
         for pin in self.links.list()? {
-            if matches!(pin, LinkPin::Decap { .. })
-                && crate::netlink::ifname(pin.ifindex()).is_none()
-            {
+            if matches!(pin, LinkPin::Decap { .. }) && gone(pin.ifindex()) {
                 self.links.remove(pin)?;
                 n += 1;
             }
