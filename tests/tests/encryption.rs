@@ -10,8 +10,8 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use ovl_tests::{
-    AGENT_METRICS, BackgroundPing, CE, Cluster, ECN_MASK, ECT0, ECT1, Lab, NOT_ECT, Netns,
-    TosReceiver, TwoHosts, clear_congestion, iperf3_server, mark_congestion, ping,
+    AGENT_METRICS, BackgroundPing, CE, Cluster, ECN_MASK, ECT0, ECT1, HOST_IFACE, Lab, NOT_ECT,
+    Netns, TosReceiver, TwoHosts, clear_congestion, iperf3_server, mark_congestion, ping,
     send_udp_with_tos, wait_until,
 };
 use serde_json::Value;
@@ -896,6 +896,73 @@ fn wireguard_messages_show_their_packets_ecn_field_no_dscp_and_lengths_in_16_byt
             "{tag}: sent {ECN_N} with TOS {tos:#04x}, received {got:?}"
         );
     }
+    world.stop()
+}
+
+#[test]
+fn padding_never_makes_a_message_larger_than_the_receiving_hosts_underlay_takes() -> Result<()> {
+    let lab = Lab::new("crypt-pad-mtu")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    // Host A on a jumbo underlay, host B on a 1450-byte one (a common
+    // cloud MTU), the router's ends matching: an encrypted network gets
+    // MTU 1450 - 110 = 1340, its largest VXLAN packet is 1390 bytes, no
+    // multiple of 16, and its message fills B's underlay exactly.
+    const JUMBO: u32 = 9000;
+    const NARROW: u32 = 1450;
+    for (i, mtu) in [(0, JUMBO), (1, NARROW)] {
+        let mtu = mtu.to_string();
+        world.hosts[i]
+            .netns
+            .ip(&["link", "set", HOST_IFACE, "mtu", &mtu])?;
+        world
+            .router
+            .ip(&["link", "set", &format!("h{i}"), "mtu", &mtu])?;
+    }
+    let state_file = lab.tempdir().join("store/state.json");
+    let stored_mtus = || -> Result<Vec<Option<u64>>> {
+        let text = std::fs::read_to_string(&state_file)
+            .with_context(|| format!("read {}", state_file.display()))?;
+        let state: Value = serde_json::from_str(&text)?;
+        Ok((0..2)
+            .map(|i| state["nodes"][TwoHosts::NODES[i]]["underlay_mtu"].as_u64())
+            .collect())
+    };
+    wait_until(Duration::from_secs(10), || {
+        Ok(stored_mtus()? == [Some(JUMBO.into()), Some(NARROW.into())])
+    })
+    .with_context(|| format!("the store has underlay MTUs {:?}", stored_mtus()))?;
+    let nets = two_networks(&lab, &world)?;
+    let mtu = world.inspect(0, SECRET)?["mtu"].clone();
+    ensure!(mtu == NARROW - 110, "the encrypted network has MTU {mtu}");
+    let [(s0, _), (_, s1_ip)] = &nets.secret;
+    wait_for_ping(s0, *s1_ip)?;
+
+    // Full-size pings from A to B: every one answered, each request one
+    // WireGuard message of exactly B's MTU on the wire (padded no further
+    // than B takes, so never dropped nor fragmented on the way).
+    const PINGS: usize = 5;
+    let capture = Capture::start(&lab, &world.router, "h0", "pad-mtu", 6)?;
+    let size = (NARROW - 110 - 28).to_string();
+    let r = ping(
+        s0,
+        *s1_ip,
+        PINGS as u32,
+        &["-M", "do", "-s", &size, "-i", "0.2", "-W", "2"],
+    )?;
+    let frames = capture.finish(&world.router, Duration::from_secs(30))?;
+    ensure!(r.all_received(), "full-size pings lost:\n{}", r.output);
+    let host_a = world.hosts[0].addr.to_string();
+    let sealed: Vec<usize> = frames
+        .iter()
+        .filter(|f| f.wg_type == "4" && f.addrs.first() == Some(&host_a))
+        .map(|f| f.ip_len)
+        .collect();
+    ensure!(
+        sealed.iter().all(|len| *len <= NARROW as usize)
+            && sealed.iter().filter(|len| **len == NARROW as usize).count() == PINGS,
+        "{PINGS} full-size pings to a host on a {NARROW}-byte underlay left host A as \
+         messages of IPv4 lengths {sealed:?}"
+    );
     world.stop()
 }
 

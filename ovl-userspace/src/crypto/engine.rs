@@ -102,8 +102,9 @@ pub struct Engine {
     pub published: watch::Sender<Published>,
     pub rotate_every: Duration,
     pub next_rotation: Mutex<Instant>,
-    /// The longest packet a message may carry, padding included: the
-    /// underlay's MTU less WireGuard's overhead (0: no padding).
+    /// The longest packet a message may carry, padding included: this
+    /// node's underlay MTU less WireGuard's overhead (0: no padding). A
+    /// peer on a narrower underlay lowers it for itself.
     pub pad_limit: AtomicUsize,
 }
 
@@ -118,6 +119,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// and receivers (boringtun and the kernel alike) trim a packet to its
 /// IPv4 length.
 const PADDING_MULTIPLE: usize = 16;
+
+/// The longest packet a message may carry, padding included, on an
+/// underlay of MTU `mtu`.
+pub fn pad_limit(mtu: u32) -> usize {
+    mtu.saturating_sub(ovl_common::wire::WIREGUARD_OVERHEAD) as usize
+}
 
 /// The length a packet of `len` bytes is sealed at: rounded up to
 /// [`PADDING_MULTIPLE`], but not beyond `limit` (the longest packet whose
@@ -356,6 +363,15 @@ impl Engine {
         }
         let mut p = lock(&peer);
         let to = p.endpoint();
+        // Padding must not make a message its receiver's underlay cannot
+        // take: a network's MTU fits the narrowest node, which need not
+        // be a multiple of 16 bytes away from it.
+        let limit = p
+            .info
+            .underlay_mtu
+            .map(pad_limit)
+            .into_iter()
+            .fold(self.pad_limit.load(Ordering::Relaxed), usize::min);
         let Some(sender) = p.sender(&mine, Instant::now()) else {
             for _ in 0..segments {
                 self.counters.drop(CryptoDrop::NoKey);
@@ -371,7 +387,7 @@ impl Engine {
             if out.is_full() {
                 self.flush(out);
             }
-            self.seal_packet(tunn, packet, vtep, to, out, scratch);
+            self.seal_packet(tunn, packet, vtep, to, limit, out, scratch);
         };
         if hdr.gso_type == GSO_NONE {
             if hdr.flags & F_NEEDS_CSUM != 0 && offload::complete_checksum(frame, &hdr).is_err() {
@@ -396,20 +412,22 @@ impl Engine {
     /// large for a slot, sends it at once), its ECN field copied to the
     /// message's outer header (RFC 6040 §4.1, as kernel WireGuard), padded
     /// as WireGuard pads ([`PADDING_MULTIPLE`]; `scratch` holds the padded
-    /// copy). A packet too large for a slot goes unpadded: only networks
-    /// with an MTU beyond 9 KiB have them.
+    /// copy), up to `limit` bytes. A packet too large for a slot goes
+    /// unpadded: only networks with an MTU beyond 9 KiB have them.
+    #[allow(clippy::too_many_arguments)]
     fn seal_packet(
         &self,
         tunn: &mut Tunn,
         packet: &[u8],
         vtep: Ipv4Addr,
         to: SocketAddr,
+        limit: usize,
         out: &mut Outgoing,
         scratch: &mut [u8],
     ) {
         let tos = ecn::sealed_tos(packet);
         let payload = packet.len();
-        let padded = padded_len(payload, self.pad_limit.load(Ordering::Relaxed));
+        let padded = padded_len(payload, limit);
         if padded + 32 <= SLOT {
             let sealed = if padded > payload {
                 scratch[..payload].copy_from_slice(packet);
@@ -925,12 +943,43 @@ mod tests {
 
         /// Makes `peer` (key and socket) this node's only peer.
         fn add_peer(&self, peer: &Remote) {
+            self.add_peer_on(peer, None);
+        }
+
+        /// Makes `peer` this node's only peer, on an underlay of MTU
+        /// `underlay_mtu` (None: not reported).
+        fn add_peer_on(&self, peer: &Remote, underlay_mtu: Option<u32>) {
             self.engine.set_peers(&[PeerInfo {
                 node: "b".into(),
                 vtep: LOOPBACK,
                 key: peer.id.public_key(),
                 port: peer.socket.local_addr().unwrap().port(),
+                underlay_mtu,
             }]);
+        }
+
+        /// Completes a handshake `peer` starts, and the keep-alive after
+        /// it: the node has a session to send with.
+        fn connect(&mut self, peer: &mut Remote) {
+            let init = initiation(&mut peer.tunn, false);
+            self.receive(&init, &peer.socket);
+            let replies = received(&peer.socket);
+            assert_eq!(replies.len(), 1, "one handshake response");
+            let keepalive = peer.open(&replies[0]).expect("the response completes");
+            self.receive(&keepalive, &peer.socket);
+        }
+
+        /// Seals `packet` as the transmit thread would a frame the crypto
+        /// device handed over (no offload), and sends it.
+        fn seal(&self, packet: &[u8]) {
+            let mut frame = vec![0u8; VNET_HDR_LEN + ETH_HDR_LEN];
+            frame[VNET_HDR_LEN + 12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+            frame.extend_from_slice(packet);
+            let (mut scratch, mut segment) = (vec![0u8; BUF], vec![0u8; BUF]);
+            let mut out = Outgoing::default();
+            self.engine
+                .seal(&mut frame, &mut out, &mut scratch, &mut segment);
+            self.engine.flush(&mut out);
         }
 
         /// `msg` arrives from `from`'s address.
@@ -1128,7 +1177,12 @@ mod tests {
     /// A VXLAN packet from the loopback to itself (the test nodes' VTEP)
     /// whose IPv4 header has ECN field `ecn`.
     fn vxlan_packet(ecn: Ecn) -> Vec<u8> {
-        let mut p = vec![0u8; 20 + 8 + 8 + 14 + 28];
+        vxlan_packet_of(ecn, 20 + 8 + 8 + 14 + 28)
+    }
+
+    /// [`vxlan_packet`] of `len` bytes.
+    fn vxlan_packet_of(ecn: Ecn, len: usize) -> Vec<u8> {
+        let mut p = vec![0u8; len];
         let len = p.len() as u16;
         p[0] = 0x45;
         p[1] = ecn.bits();
@@ -1179,6 +1233,41 @@ mod tests {
                 if dropped { (0, 1) } else { (1, 0) },
                 "{inner:?} inside {outer:?}"
             );
+        }
+    }
+
+    #[test]
+    fn padding_stops_at_the_underlay_mtu_of_the_peer_it_is_sealed_for() {
+        // This node on a 1500-byte underlay pads up to 1440 bytes. A
+        // network spanning a 1450-byte node has MTU 1340: its largest
+        // VXLAN packet is 1390 bytes, which 16-byte steps would make 1392,
+        // a 1452-byte datagram that node's underlay cannot take.
+        for (peer_mtu, sealed) in [
+            (Some(1450), 1390),
+            (Some(9000), 1392),
+            (None, 1392),
+            (Some(1445), 1390),
+        ] {
+            let mut node = Node::new();
+            let mut peer = Remote::new(&node.identity());
+            node.add_peer_on(&peer, peer_mtu);
+            node.connect(&mut peer);
+            let packet = vxlan_packet_of(Ecn::NotEct, 1390);
+            node.seal(&packet);
+            let msgs = received(&peer.socket);
+            assert_eq!(msgs.len(), 1, "peer MTU {peer_mtu:?}");
+            assert_eq!(
+                msgs[0].len(),
+                sealed + 32,
+                "a 1390-byte packet for a peer on MTU {peer_mtu:?}"
+            );
+            let mut buf = vec![0u8; 2048];
+            match peer.tunn.decapsulate(None, &msgs[0], &mut buf) {
+                TunnResult::WriteToTunnelV4(opened, _) => assert_eq!(opened, &packet[..]),
+                other => panic!("not opened: {other:?}"),
+            }
+            let c = node.engine.counters.snapshot();
+            assert_eq!((c.tx_packets, c.tx_bytes), (1, 1390));
         }
     }
 

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 
 pub use self::peers::PeerInfo;
 use self::{
-    engine::{Engine, Identities, Published},
+    engine::{Engine, Identities, Published, pad_limit},
     keys::{KeyFile, PublicKey},
     stats::{CryptoReport, PeerReport},
     tap::Tap,
@@ -304,12 +304,6 @@ impl Drop for Crypto {
     }
 }
 
-/// The longest packet a message may carry, padding included, on an
-/// underlay of MTU `mtu`.
-fn pad_limit(mtu: u32) -> usize {
-    mtu.saturating_sub(ovl_common::wire::WIREGUARD_OVERHEAD) as usize
-}
-
 /// Starts the encrypting path for the agent and hooks its device into the
 /// data path. A failure is logged, not fatal: plain networks keep working,
 /// encrypted ones drop their packets (`no_key`) on this node.
@@ -352,6 +346,7 @@ pub fn peers_of(state: &State, me: &str) -> Vec<PeerInfo> {
                 vtep: n.vtep,
                 key: key.public_key,
                 port: key.port,
+                underlay_mtu: n.underlay_mtu,
             })
         })
         .collect()

@@ -39,6 +39,9 @@ pub struct PeerInfo {
     pub key: PublicKey,
     /// Its WireGuard UDP port.
     pub port: u16,
+    /// Its underlay's MTU as its agent reported it (None: not reported):
+    /// what it receives bounds what is padded for it.
+    pub underlay_mtu: Option<u32>,
 }
 
 /// One tunnel: one pair of static keys.
@@ -337,6 +340,7 @@ mod tests {
             vtep: Ipv4Addr::new(198, 51, 100, 10),
             key,
             port: 51820,
+            underlay_mtu: Some(1500),
         }
     }
 
