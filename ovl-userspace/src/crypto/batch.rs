@@ -221,21 +221,27 @@ impl Outgoing {
     /// Sends everything queued; returns how many datagrams the kernel
     /// refused.
     pub fn flush(&mut self, socket: &UdpSocket) -> usize {
-        let refused = match self.send_runs(socket) {
-            Ok(r) => r,
-            Err(()) => {
-                // Segmentation offload refused: once more, one by one.
-                self.gso = false;
-                self.send_runs(socket).unwrap_or(self.lens.len())
-            }
-        };
+        let refused = self.send_runs(socket);
         self.lens.clear();
         self.dests.clear();
         self.tos.clear();
         refused
     }
 
-    fn send_runs(&mut self, socket: &UdpSocket) -> Result<usize, ()> {
+    /// Sends datagrams `[start, end)` one system call each; returns how
+    /// many the kernel refused.
+    fn send_singly(&self, socket: &UdpSocket, start: usize, end: usize) -> usize {
+        (start..end)
+            .filter(|&i| {
+                let msg = &self.arena[i * SLOT..i * SLOT + self.lens[i]];
+                send_datagram(socket, msg, self.dests[i], self.tos[i])
+                    .inspect_err(|e| log::debug!("sendmsg: {e}"))
+                    .is_err()
+            })
+            .count()
+    }
+
+    fn send_runs(&mut self, socket: &UdpSocket) -> usize {
         let runs = self.runs();
         let n = self.lens.len();
         let mut iovs: Vec<libc::iovec> = (0..n)
@@ -289,18 +295,33 @@ impl Outgoing {
                     continue;
                 }
                 let (start, end) = runs[done];
-                if end - start > 1 && e.raw_os_error() == Some(libc::EIO) && done == 0 {
-                    return Err(());
+                match e.raw_os_error() {
+                    // Segmentation refused on this route (one without
+                    // checksum offload before Linux 6.11, or IPsec):
+                    // this run and every later one go one by one, even
+                    // after a datagram this batch already sent.
+                    Some(libc::EIO) if end - start > 1 => {
+                        self.gso = false;
+                        refused += self.send_singly(socket, start, end);
+                    }
+                    // A segment is beyond the path MTU (a router reported
+                    // a smaller one): segmentation never fragments, a
+                    // plain send does.
+                    Some(libc::EMSGSIZE) if end - start > 1 => {
+                        refused += self.send_singly(socket, start, end);
+                    }
+                    // This send failed: drop its datagrams, go on.
+                    _ => {
+                        log::debug!("sendmmsg: {e}");
+                        refused += end - start;
+                    }
                 }
-                // This send failed: drop its datagrams, go on.
-                log::debug!("sendmmsg: {e}");
-                refused += end - start;
                 done += 1;
             } else {
                 done += r as usize;
             }
         }
-        Ok(refused)
+        refused
     }
 }
 
@@ -310,7 +331,16 @@ pub fn send_one(socket: &UdpSocket, msg: &[u8], to: SocketAddr, tos: u8) -> io::
     let SocketAddr::V4(to) = to else {
         return Err(io::Error::from(io::ErrorKind::Unsupported));
     };
-    let mut dest = sockaddr(to);
+    send_datagram(socket, msg, sockaddr(to), tos)
+}
+
+/// Sends datagram `msg` to `dest` with IPv4 TOS byte `tos`.
+fn send_datagram(
+    socket: &UdpSocket,
+    msg: &[u8],
+    mut dest: libc::sockaddr_in,
+    tos: u8,
+) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: msg.as_ptr().cast_mut().cast(),
         iov_len: msg.len(),
@@ -567,6 +597,80 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "gro {gro}");
         }
+    }
+
+    /// Runs `f` on a thread of its own in a network namespace of its own
+    /// (gone with the thread, and all it holds) after each command of
+    /// `setup` there: for routes unlike the host's. Root only, as the
+    /// suite runs.
+    fn in_own_netns<R: Send + 'static>(
+        setup: &[&[&str]],
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> R {
+        let setup: Vec<Vec<String>> = setup
+            .iter()
+            .map(|a| a.iter().map(|s| s.to_string()).collect())
+            .collect();
+        std::thread::spawn(move || {
+            // SAFETY: unshare(2) moves only this thread.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "unshare: {}", io::Error::last_os_error());
+            for args in &setup {
+                // A child starts in its parent thread's namespace.
+                let status = std::process::Command::new(&args[0])
+                    .args(&args[1..])
+                    .status()
+                    .unwrap_or_else(|e| panic!("run {args:?}: {e}"));
+                assert!(status.success(), "{args:?}: {status}");
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Every datagram that reaches `rx` within a second, up to `n`.
+    fn receive_all(rx: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut inc = Incoming::default();
+        let mut got = Vec::new();
+        for _ in 0..200 {
+            if inc.receive(rx).is_ok() {
+                (0..inc.len()).for_each(|i| got.push(inc.get(i).0.to_vec()));
+            }
+            if got.len() >= n {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        got
+    }
+
+    #[test]
+    fn a_run_beyond_the_path_mtu_leaves_one_datagram_at_a_time_fragmented() {
+        // A 1200-byte path: a segmentation-offload send of 1400-byte
+        // datagrams is refused (EMSGSIZE), a plain one fragmented.
+        let (refused, got, gso) =
+            in_own_netns(&[&["ip", "link", "set", "lo", "up", "mtu", "1200"]], || {
+                let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+                let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+                let to = rx.local_addr().unwrap();
+                let mut out = Outgoing::default();
+                for (i, len) in [(0u8, 1400), (1, 1400), (2, 1400), (3, 100), (4, 100)] {
+                    out.slot()[..len].fill(i);
+                    out.commit(len, to, 0);
+                }
+                assert_eq!(out.runs(), vec![(0, 4), (4, 5)]);
+                let refused = out.flush(&tx);
+                (refused, receive_all(&rx, 5), out.gso)
+            });
+        assert_eq!(refused, 0);
+        let want: Vec<Vec<u8>> = [(0u8, 1400), (1, 1400), (2, 1400), (3, 100), (4, 100)]
+            .iter()
+            .map(|&(i, len)| vec![i; len])
+            .collect();
+        assert_eq!(got, want);
+        // Other paths still take segmentation offload.
+        assert!(gso);
     }
 
     #[test]
