@@ -203,6 +203,14 @@ fn is_data(msg: &[u8]) -> bool {
     msg.first() == Some(&MSG_DATA)
 }
 
+/// The TOS byte of message `msg`, sealed from a packet whose ECN field
+/// gave `tos`: a handshake the tunnel started in the packet's place (it
+/// queued the packet) carries no packet, so it is not ECN-capable — its
+/// receiver would ignore a congestion mark (RFC 3168 §6.1.1).
+fn outer_tos(msg: &[u8], tos: u8) -> u8 {
+    if is_data(msg) { tos } else { 0 }
+}
+
 /// What the MAC and load checks make of a handshake initiation, before any
 /// Diffie-Hellman is spent on it.
 #[derive(Debug, PartialEq, Eq)]
@@ -439,7 +447,7 @@ impl Engine {
             let slot = out.slot();
             match tunn.encapsulate(sealed, slot) {
                 TunnResult::WriteToNetwork(msg) => {
-                    let len = msg.len();
+                    let (len, tos) = (msg.len(), outer_tos(msg, tos));
                     self.count_out(msg, payload);
                     out.commit(len, to, tos);
                 }
@@ -453,7 +461,7 @@ impl Engine {
             match tunn.encapsulate(packet, scratch) {
                 TunnResult::WriteToNetwork(msg) => {
                     self.count_out(msg, payload);
-                    if let Err(e) = batch::send_one(&self.socket, msg, to, tos) {
+                    if let Err(e) = batch::send_one(&self.socket, msg, to, outer_tos(msg, tos)) {
                         log::debug!("send to {to}: {e}");
                         self.counters.drop(CryptoDrop::IoError);
                     }
@@ -1269,6 +1277,38 @@ mod tests {
             let c = node.engine.counters.snapshot();
             assert_eq!((c.tx_packets, c.tx_bytes), (1, 1390));
         }
+    }
+
+    #[test]
+    fn a_handshake_started_for_a_marked_packet_is_not_ecn_capable_on_the_wire() {
+        let mut node = Node::new();
+        let mut peer = Remote::new(&node.identity());
+        assert!(batch::enable_tos(&peer.socket));
+        node.add_peer(&peer);
+        // No session yet: the tunnel queues the packet and sends an
+        // initiation in its place.
+        node.seal(&vxlan_packet(Ecn::Ce));
+        let mut incoming = Incoming::default();
+        let n = incoming.receive(&peer.socket).expect("the initiation");
+        assert_eq!(n, 1);
+        let (init, _, tos) = incoming.get(0);
+        assert_eq!((init[0], init.len()), (MSG_INITIATION, 148));
+        assert_eq!(tos, 0, "TOS of the initiation");
+        let c = node.engine.counters.snapshot();
+        assert_eq!((c.handshakes_sent, c.tx_packets), (1, 0));
+        // With a session, the packet's ECN field is the message's.
+        let init = init.to_vec();
+        let mut buf = vec![0u8; 2048];
+        let response = match peer.tunn.decapsulate(None, &init, &mut buf) {
+            TunnResult::WriteToNetwork(m) => m.to_vec(),
+            other => panic!("no response: {other:?}"),
+        };
+        node.receive(&response, &peer.socket);
+        let _ = received(&peer.socket);
+        node.seal(&vxlan_packet(Ecn::Ect0));
+        incoming.receive(&peer.socket).expect("the sealed packet");
+        let (msg, _, tos) = incoming.get(0);
+        assert_eq!((msg[0], tos), (MSG_DATA, Ecn::Ect0.bits()));
     }
 
     #[test]
