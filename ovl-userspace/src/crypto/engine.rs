@@ -163,7 +163,9 @@ fn vxlan_of(frame: &[u8]) -> Option<(&[u8], Ipv4Addr)> {
         return None;
     }
     let len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    let ip = ip.get(..len)?;
+    // A length shorter than the header is no packet (and the header's
+    // fields would lie beyond it).
+    let ip = ip.get(..len).filter(|ip| ip.len() >= 20)?;
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     Some((ip, dst))
 }
@@ -1312,6 +1314,24 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_claiming_an_ipv4_length_below_its_header_is_dropped_not_a_crash() {
+        let node = Node::new();
+        let peer = Remote::new(&node.identity());
+        node.add_peer(&peer);
+        let mut packet = vxlan_packet(Ecn::NotEct);
+        packet[2..4].copy_from_slice(&12u16.to_be_bytes());
+        // What the transmit thread does with it (a panic would end it).
+        node.seal(&packet);
+        assert_eq!(node.drops(CryptoDrop::Malformed), 1);
+        assert!(received(&peer.socket).is_empty());
+        // The next frame goes as ever.
+        node.seal(&vxlan_packet(Ecn::NotEct));
+        let c = node.engine.counters.snapshot();
+        assert_eq!(c.handshakes_sent, 1);
+        assert_eq!(received(&peer.socket).len(), 1);
+    }
+
+    #[test]
     fn only_vxlan_between_the_authenticated_peer_and_this_node_passes() {
         let peer = Ipv4Addr::new(198, 51, 100, 10);
         let me = Ipv4Addr::new(192, 0, 2, 10);
@@ -1364,6 +1384,12 @@ mod tests {
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
         assert!(vxlan_of(&arp).is_none());
         assert!(vxlan_of(&f[..20]).is_none());
+        // An IPv4 length shorter than its header names nothing.
+        for len in [0u16, 19] {
+            let mut short = f.clone();
+            short[16..18].copy_from_slice(&len.to_be_bytes());
+            assert!(vxlan_of(&short).is_none(), "IPv4 length {len}");
+        }
     }
 
     #[test]
