@@ -26,7 +26,7 @@ use super::{
     ecn::{self, Ecn},
     keys::{Identity, KeyFile, PublicKey},
     offload::{self, Coalescer, F_NEEDS_CSUM, GSO_NONE, MAX_FRAME, VNET_HDR_LEN, VnetHdr},
-    peers::{Peer, PeerInfo, Table},
+    peers::{Generation, Peer, PeerInfo, Table},
     stats::{Counters, CryptoDrop},
     tap::Tap,
 };
@@ -43,6 +43,9 @@ const BUF: usize = VNET_HDR_LEN + MAX_FRAME + 64;
 pub const PUBLISH_GRACE: Duration = Duration::from_secs(5);
 /// An identity retired by a rotation still answers handshakes this long.
 pub const RETIRE_AFTER: Duration = Duration::from_secs(600);
+/// Packets wait this long for a handshake (WireGuard's Rekey-Attempt-Time,
+/// after which it gives up).
+const STAGED_FOR: Duration = Duration::from_secs(90);
 
 /// WireGuard message types (the first byte of a message; three zero bytes
 /// follow).
@@ -268,6 +271,17 @@ impl Engine {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// The longest packet a message to `peer` may carry, padding included.
+    /// Padding must not make a message its receiver's underlay cannot
+    /// take: a network's MTU fits the narrowest node, which need not be a
+    /// multiple of 16 bytes away from it.
+    fn pad_limit_for(&self, peer: &PeerInfo) -> usize {
+        peer.underlay_mtu
+            .map(pad_limit)
+            .into_iter()
+            .fold(self.pad_limit.load(Ordering::Relaxed), usize::min)
+    }
+
     fn send(&self, msg: &[u8], to: SocketAddr) {
         if let Err(e) = self.socket.send_to(msg, to) {
             log::debug!("send to {to}: {e}");
@@ -373,22 +387,14 @@ impl Engine {
         }
         let mut p = lock(&peer);
         let to = p.endpoint();
-        // Padding must not make a message its receiver's underlay cannot
-        // take: a network's MTU fits the narrowest node, which need not
-        // be a multiple of 16 bytes away from it.
-        let limit = p
-            .info
-            .underlay_mtu
-            .map(pad_limit)
-            .into_iter()
-            .fold(self.pad_limit.load(Ordering::Relaxed), usize::min);
+        let limit = self.pad_limit_for(&p.info);
         let Some(sender) = p.sender(&mine, Instant::now()) else {
             for _ in 0..segments {
                 self.counters.drop(CryptoDrop::NoKey);
             }
             return;
         };
-        let tunn = &mut p.gens[sender.index].tunn;
+        let generation = &mut p.gens[sender.index];
         let mut seal_one = |wire_frame: &[u8]| {
             let Some((packet, _)) = vxlan_of(wire_frame) else {
                 self.counters.drop(CryptoDrop::Malformed);
@@ -397,7 +403,11 @@ impl Engine {
             if out.is_full() {
                 self.flush(out);
             }
-            self.seal_packet(tunn, packet, vtep, to, limit, out, scratch);
+            if generation.tunn.time_since_last_handshake().is_none() {
+                self.stage(generation, packet, to, out);
+            } else {
+                self.seal_packet(&mut generation.tunn, packet, vtep, to, limit, out, scratch);
+            }
         };
         if hdr.gso_type == GSO_NONE {
             if hdr.flags & F_NEEDS_CSUM != 0 && offload::complete_checksum(frame, &hdr).is_err() {
@@ -475,6 +485,53 @@ impl Engine {
                 _ => {}
             }
         }
+    }
+
+    /// Keeps `packet` until tunnel `g` has a session, and starts its
+    /// handshake unless one is under way (what boringtun would do with
+    /// it, but the engine seals it later, as every other packet).
+    fn stage(&self, g: &mut Generation, packet: &[u8], to: SocketAddr, out: &mut Outgoing) {
+        for _ in 0..g.staged.push(packet, Instant::now()) {
+            self.counters.drop(CryptoDrop::NoKey);
+        }
+        if let TunnResult::WriteToNetwork(msg) =
+            g.tunn.format_handshake_initiation(out.slot(), false)
+        {
+            let len = msg.len();
+            Counters::add(&self.counters.handshakes_sent, 1);
+            // A handshake carries no packet: not ECN-capable.
+            out.commit(len, to, 0);
+        }
+    }
+
+    /// Seals and sends what waited for tunnel `index` of `p`, once it has
+    /// a session: each packet padded and with its ECN field on the wire,
+    /// as if it had just come.
+    fn send_staged(&self, p: &mut Peer, index: usize) {
+        let Some(g) = p.gens.get(index) else { return };
+        if g.staged.packets.is_empty() || g.tunn.time_since_last_handshake().is_none() {
+            return;
+        }
+        let (to, limit) = (p.endpoint(), self.pad_limit_for(&p.info));
+        let vtep = p.info.vtep;
+        let g = &mut p.gens[index];
+        let mut out = Outgoing::default();
+        let mut scratch = vec![0u8; BUF];
+        for packet in g.staged.take() {
+            if out.is_full() {
+                self.flush(&mut out);
+            }
+            self.seal_packet(
+                &mut g.tunn,
+                &packet,
+                vtep,
+                to,
+                limit,
+                &mut out,
+                &mut scratch,
+            );
+        }
+        self.flush(&mut out);
     }
 
     /// Starts (or keeps going) the handshake of tunnel `index` of `p`.
@@ -566,6 +623,7 @@ impl Engine {
             return;
         };
         self.decapsulate(&mut p, g, msg, from, outer, out, merger);
+        self.send_staged(&mut p, g);
     }
 
     /// A handshake initiation: find which of this node's identities it is
@@ -629,6 +687,7 @@ impl Engine {
         let mut p = lock(&peer);
         // A handshake opens to no packet: its ECN field means nothing.
         self.decapsulate(&mut p, index, msg, from, Ecn::NotEct, out, merger);
+        self.send_staged(&mut p, index);
     }
 
     /// Runs a received message (outer ECN field `outer`) through tunnel
@@ -668,9 +727,8 @@ impl Engine {
                     to
                 };
                 self.emit(reply, dest, 0);
-                // Packets queued while the handshake ran go now, Not-ECT:
-                // boringtun sealed them, out of sight of their ECN field
-                // (safe: a congested router drops them rather than marks).
+                // Packets boringtun queued itself (none: the engine stages
+                // them) would go now.
                 while let TunnResult::WriteToNetwork(m) = tunn.decapsulate(None, &[], body) {
                     let len = m.len().saturating_sub(32);
                     self.emit(m, to, len)
@@ -763,6 +821,17 @@ impl Engine {
                     if let TunnResult::WriteToNetwork(msg) = g.tunn.update_timers(&mut out) {
                         let len = msg.len();
                         self.emit(msg, to, len.saturating_sub(32));
+                    }
+                    // Given up with the handshake, as boringtun gives up
+                    // its own queue.
+                    if g.tunn.time_since_last_handshake().is_none()
+                        && g.staged
+                            .since
+                            .is_some_and(|t| now.duration_since(t) >= STAGED_FOR)
+                    {
+                        for _ in g.staged.take() {
+                            self.counters.drop(CryptoDrop::NoKey);
+                        }
                     }
                 }
                 if let Some(s) = p.sender(&mine, now)
@@ -1282,7 +1351,8 @@ mod tests {
     }
 
     #[test]
-    fn a_handshake_started_for_a_marked_packet_is_not_ecn_capable_on_the_wire() {
+    fn a_packet_that_waited_for_the_handshake_keeps_its_ecn_field_and_its_length()
+     {
         let mut node = Node::new();
         let mut peer = Remote::new(&node.identity());
         assert!(batch::enable_tos(&peer.socket));
@@ -1306,7 +1376,23 @@ mod tests {
             other => panic!("no response: {other:?}"),
         };
         node.receive(&response, &peer.socket);
-        let _ = received(&peer.socket);
+        // The keep-alive that completes it, then the packet that waited,
+        // padded, its own ECN field on the wire and its own length counted.
+        assert_eq!(incoming.receive(&peer.socket).ok(), Some(2));
+        let (keepalive, _, tos) = incoming.get(0);
+        assert_eq!((keepalive[0], keepalive.len(), tos), (MSG_DATA, 32, 0));
+        let (msg, _, tos) = incoming.get(1);
+        assert_eq!(
+            (msg[0], msg.len(), tos),
+            (MSG_DATA, 80 + 32, Ecn::Ce.bits())
+        );
+        let mut buf = vec![0u8; 2048];
+        match peer.tunn.decapsulate(None, msg, &mut buf) {
+            TunnResult::WriteToTunnelV4(p, _) => assert_eq!(p, &vxlan_packet(Ecn::Ce)[..]),
+            other => panic!("not opened: {other:?}"),
+        }
+        let c = node.engine.counters.snapshot();
+        assert_eq!((c.tx_packets, c.tx_bytes), (1, 78));
         node.seal(&vxlan_packet(Ecn::Ect0));
         incoming.receive(&peer.socket).expect("the sealed packet");
         let (msg, _, tos) = incoming.get(0);

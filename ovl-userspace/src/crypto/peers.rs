@@ -6,7 +6,7 @@
 //! out. That is how a rotation loses no packet.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -60,6 +60,43 @@ pub struct Generation {
     pub created: Instant,
     /// Since when the tunnel has been the one sending.
     pub sending_since: Option<Instant>,
+    /// Packets waiting for its handshake.
+    pub staged: Staged,
+}
+
+/// Packets to send on a tunnel whose handshake has not completed, kept by
+/// the engine rather than boringtun, which would seal them out of its
+/// sight (no ECN field on the wire, no count of their own length).
+#[derive(Default)]
+pub struct Staged {
+    /// Oldest first, as they came.
+    pub packets: VecDeque<Vec<u8>>,
+    /// When the oldest of them came.
+    pub since: Option<Instant>,
+}
+
+/// Most packets staged per tunnel (boringtun's queue depth): beyond, the
+/// oldest goes.
+pub const MAX_STAGED: usize = 256;
+
+impl Staged {
+    /// Adds `packet`; returns how many older ones made room for it.
+    pub fn push(&mut self, packet: &[u8], now: Instant) -> usize {
+        let mut dropped = 0;
+        while self.packets.len() >= MAX_STAGED {
+            self.packets.pop_front();
+            dropped += 1;
+        }
+        self.packets.push_back(packet.to_vec());
+        self.since.get_or_insert(now);
+        dropped
+    }
+
+    /// Takes every packet staged, oldest first.
+    pub fn take(&mut self) -> VecDeque<Vec<u8>> {
+        self.since = None;
+        std::mem::take(&mut self.packets)
+    }
 }
 
 impl Generation {
@@ -262,6 +299,7 @@ impl Table {
             initiate_after,
             created: Instant::now(),
             sending_since: None,
+            staged: Staged::default(),
         });
         self.by_tunnel.insert(id, peer.clone());
         p.gens.len() - 1
@@ -385,6 +423,7 @@ mod tests {
             initiate_after: now,
             created: now,
             sending_since: None,
+            staged: Staged::default(),
         };
         {
             let mut p = peer.lock().unwrap();
@@ -414,6 +453,7 @@ mod tests {
             initiate_after: now,
             created: now,
             sending_since: None,
+            staged: Staged::default(),
         };
         handshake(&mut b_new, &mut p.gens[1]);
         // The responder sends once the initiator's first message came.
@@ -452,6 +492,7 @@ mod tests {
             initiate_after: now,
             created: now,
             sending_since: None,
+            staged: Staged::default(),
         };
         handshake(&mut peer.lock().unwrap().gens[0], &mut b_side);
         let rekey = table.set_peers(&[info(b2.public_key())], &a, now);
