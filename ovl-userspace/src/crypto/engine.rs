@@ -1351,8 +1351,7 @@ mod tests {
     }
 
     #[test]
-    fn a_packet_that_waited_for_the_handshake_keeps_its_ecn_field_and_its_length()
-     {
+    fn a_packet_that_waited_for_the_handshake_keeps_its_ecn_field_and_its_length() {
         let mut node = Node::new();
         let mut peer = Remote::new(&node.identity());
         assert!(batch::enable_tos(&peer.socket));
