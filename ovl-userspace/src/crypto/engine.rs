@@ -677,18 +677,20 @@ impl Engine {
             self.counters.drop(CryptoDrop::UnknownKey);
             return;
         };
-        let index = {
-            let existing = lock(&peer).by_keys(&mine.public_key(), &theirs);
-            match existing {
-                Some(i) => i,
-                None => self
-                    .table
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .ensure_generation(&peer, mine, theirs, Instant::now()),
-            }
-        };
+        let known = lock(&peer).by_keys(&mine.public_key(), &theirs).is_some();
+        if !known {
+            self.table
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .ensure_generation(&peer, mine, theirs, Instant::now());
+        }
+        // Found again under the lock it is used under: the timer thread
+        // may have retired a tunnel in between, moving the others.
         let mut p = lock(&peer);
+        let Some(index) = p.by_keys(&mine.public_key(), &theirs) else {
+            self.counters.drop(CryptoDrop::UnknownSession);
+            return;
+        };
         // A handshake opens to no packet: its ECN field means nothing.
         self.decapsulate(&mut p, index, msg, from, Ecn::NotEct, out, merger);
         self.send_staged(&mut p, index);
