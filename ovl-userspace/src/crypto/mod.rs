@@ -301,6 +301,10 @@ impl Drop for Crypto {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // The device goes with the engine's threads, not with the last
+        // holder of the engine (an API request, a metrics scrape): a new
+        // engine may want its name at once.
+        self.engine.tap.release();
     }
 }
 
@@ -391,6 +395,28 @@ pub(crate) fn report(engine: &Engine) -> CryptoReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopped_engine_frees_its_device_name_while_a_handle_still_holds_it() {
+        // The agent starts the engine anew when its underlay address
+        // changes, under the same device name, while an API request or a
+        // metrics scrape may still hold the old engine for a moment.
+        let keys = crate::testutil::TestDir::new("crypto-restart");
+        let node = format!("restart-{}", std::process::id());
+        let mut opts = CryptoOptions::new(&node, Ipv4Addr::LOCALHOST, keys.path().to_owned());
+        opts.port = 0;
+        let first = Crypto::start(&opts).expect("start the engine (root only)");
+        let held = first.handle();
+        drop(first);
+        let second = Crypto::start(&opts).expect("start it again under the same name");
+        let (name, ifindex) = second.device();
+        assert_eq!(name, device_name(&node));
+        assert_ne!(ifindex, 0);
+        // The old engine's report still answers.
+        assert_eq!(held.report().device, device_name(&node));
+        drop(second);
+        drop(held);
+    }
 
     #[test]
     fn device_names_fit_and_differ_per_node() {

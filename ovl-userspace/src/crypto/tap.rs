@@ -200,4 +200,19 @@ impl Tap {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Removes the device now, though this value lives on (others may
+    /// still hold what owns it): its descriptor is made to name /dev/null
+    /// instead, and the kernel removes a TAP whose last descriptor went.
+    /// Nothing may read or write frames after this.
+    pub fn release(&self) {
+        match File::open("/dev/null") {
+            // SAFETY: dup3 atomically makes our descriptor name another
+            // open file; it stays ours and valid (closed when dropped).
+            Ok(null) => unsafe {
+                libc::dup3(null.as_raw_fd(), self.file.as_raw_fd(), libc::O_CLOEXEC);
+            },
+            Err(e) => log::debug!("crypto device {}: open /dev/null: {e}", self.name),
+        }
+    }
 }
