@@ -7,7 +7,10 @@
 //! - nftables table `ip ovl`: a conntrack zone per network for the
 //!   original direction (map `zones`, so networks sharing a subnet never
 //!   share an entry), the mark saved in and restored from conntrack
-//!   (so replies carry their network's mark), masquerade of registered
+//!   (so replies carry their network's mark), a container's packet that
+//!   conntrack takes for the reply of another network's connection
+//!   dropped (set `own_replies`: a network sharing a subnet has the
+//!   server's address too), masquerade of registered
 //!   containers (set `endpoints` of address . mark), and — only when ovl had
 //!   to switch IPv4 forwarding on for the underlay — a guard that forwards
 //!   nothing from the underlay but replies to ovl's connections;
@@ -61,8 +64,9 @@ pub const RULE_PRIORITY: u32 = 1000;
 /// Chain present only when ovl switched the underlay's forwarding on.
 const GUARD_CHAIN: &str = "underlay_guard";
 /// The chains a complete table has (the guard aside).
-const CHAINS: [&str; 8] = [
+const CHAINS: [&str; 9] = [
     "zone",
+    FOREIGN_REPLIES_CHAIN,
     "prerouting",
     "output",
     "postrouting",
@@ -76,6 +80,9 @@ const PUBLISHED_CHAIN: &str = "published";
 /// The chain translating the source of containers' connections to
 /// published ports (hairpin).
 const HAIRPIN_CHAIN: &str = "hairpin";
+/// The chain dropping what a container sends as the reply of another
+/// network's connection (set `own_replies`).
+const FOREIGN_REPLIES_CHAIN: &str = "foreign_replies";
 
 /// The conntrack zone of the original direction of network `mark`'s
 /// connections (map `zones`). Networks may share a subnet, and two of
@@ -688,9 +695,14 @@ fn table_script(
          \tset endpoints {{ type ipv4_addr . mark; }}\n\
          \tmap zones {{ typeof meta mark : ct zone; }}\n\
          \tmap zone_networks {{ typeof ct zone : meta mark; }}\n\
+         \tset own_replies {{ type mark . mark; }}\n\
          \tchain zone {{\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
          \t\tct original zone set meta mark map @zones\n\
+         \t}}\n\
+         \tchain {FOREIGN_REPLIES_CHAIN} {{\n\
+         \t\ttype filter hook prerouting priority mangle - 1; policy accept;\n\
+         \t\t{ours} ct direction reply meta mark . ct mark != @own_replies counter drop\n\
          \t}}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority mangle; policy accept;\n\
@@ -757,9 +769,9 @@ fn zone_networks(marks: &BTreeSet<u32>) -> BTreeMap<u16, u32> {
         .collect()
 }
 
-/// The changes to sets `endpoints`, `zones` and `zone_networks` that take
-/// the table from containers `had` to containers `want` ((address, mark)
-/// pairs).
+/// The changes to sets `endpoints`, `zones`, `own_replies` and
+/// `zone_networks` that take the table from containers `had` to
+/// containers `want` ((address, mark) pairs).
 fn element_script(had: &BTreeSet<(Ipv4Addr, u32)>, want: &BTreeSet<(Ipv4Addr, u32)>) -> String {
     let list = |els: &mut dyn Iterator<Item = &(Ipv4Addr, u32)>| {
         els.map(|(ip, mark)| format!("{ip} . {mark:#x}"))
@@ -772,6 +784,12 @@ fn element_script(had: &BTreeSet<(Ipv4Addr, u32)>, want: &BTreeSet<(Ipv4Addr, u3
     let zones = |marks: &mut dyn Iterator<Item = &u32>| {
         marks
             .map(|mark| format!("{mark:#x} : {}", zone_of(*mark)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let own = |marks: &mut dyn Iterator<Item = &u32>| {
+        marks
+            .map(|mark| format!("{mark:#x} . {mark:#x}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -789,10 +807,20 @@ fn element_script(had: &BTreeSet<(Ipv4Addr, u32)>, want: &BTreeSet<(Ipv4Addr, u3
             zones(&mut had_marks.difference(&want_marks))
         ));
     }
+    if had_marks.difference(&want_marks).next().is_some() {
+        s.push_str(&format!(
+            "delete element ip {TABLE} own_replies {{ {} }}\n",
+            own(&mut had_marks.difference(&want_marks))
+        ));
+    }
     if want_marks.difference(&had_marks).next().is_some() {
         s.push_str(&format!(
             "add element ip {TABLE} zones {{ {} }}\n",
             zones(&mut want_marks.difference(&had_marks))
+        ));
+        s.push_str(&format!(
+            "add element ip {TABLE} own_replies {{ {} }}\n",
+            own(&mut want_marks.difference(&had_marks))
         ));
     }
     if want.difference(had).next().is_some() {
@@ -1028,6 +1056,9 @@ mod tests {
             "\t\tfib daddr type local jump published\n",
             "meta mark & 0xff000000 == 0x6f000000 ct direction original ct status ! dnat ct mark set meta mark\n",
             "ct direction reply ct status dnat meta mark set ct original zone map @zone_networks\n",
+            // A container's packet conntrack takes for the reply of another
+            // network's connection (its address is shared) is dropped.
+            "meta mark & 0xff000000 == 0x6f000000 ct direction reply meta mark . ct mark != @own_replies counter drop\n",
             "chain hairpin {\n\t\ttype nat hook postrouting priority srcnat - 1; policy accept;\n\
              \t\tct status dnat ct original zone != 0 ip daddr . meta mark @endpoints snat to ct original ip daddr\n",
         ] {
@@ -1040,12 +1071,14 @@ mod tests {
         assert_eq!(
             element_script(&BTreeSet::new(), &BTreeSet::from([a, c])),
             "add element ip ovl zones { 0x6f001000 : 4096, 0x6f001001 : 4097 }\n\
+             add element ip ovl own_replies { 0x6f001000 . 0x6f001000, 0x6f001001 . 0x6f001001 }\n\
              add element ip ovl endpoints { 198.18.0.2 . 0x6f001000, 198.18.0.4 . 0x6f001001 }\n\
              add element ip ovl zone_networks { 4096 : 0x6f001000, 4097 : 0x6f001001 }\n"
         );
         assert_eq!(
             element_script(&BTreeSet::from([a, c]), &BTreeSet::from([a, b, c])),
             "add element ip ovl zones { 0x6f011000 : 4096 }\n\
+             add element ip ovl own_replies { 0x6f011000 . 0x6f011000 }\n\
              add element ip ovl endpoints { 198.18.0.3 . 0x6f011000 }\n\
              delete element ip ovl zone_networks { 4096 }\n"
         );
@@ -1053,6 +1086,7 @@ mod tests {
             element_script(&BTreeSet::from([a, b, c]), &BTreeSet::from([b])),
             "delete element ip ovl endpoints { 198.18.0.2 . 0x6f001000, 198.18.0.4 . 0x6f001001 }\n\
              delete element ip ovl zones { 0x6f001000 : 4096, 0x6f001001 : 4097 }\n\
+             delete element ip ovl own_replies { 0x6f001000 . 0x6f001000, 0x6f001001 . 0x6f001001 }\n\
              delete element ip ovl zone_networks { 4097 }\n\
              add element ip ovl zone_networks { 4096 : 0x6f011000 }\n"
         );
@@ -1084,6 +1118,7 @@ mod tests {
         assert_eq!(
             s,
             "add element ip ovl zones { 0x6f001001 : 4097 }\n\
+             add element ip ovl own_replies { 0x6f001001 . 0x6f001001 }\n\
              add element ip ovl endpoints { 198.18.0.2 . 0x6f001001, 198.18.0.3 . 0x6f001001 }\n\
              add element ip ovl zone_networks { 4097 : 0x6f001001 }\n"
         );
@@ -1097,6 +1132,7 @@ mod tests {
             s,
             "delete element ip ovl endpoints { 198.18.0.2 . 0x6f001000 }\n\
              delete element ip ovl zones { 0x6f001000 : 4096 }\n\
+             delete element ip ovl own_replies { 0x6f001000 . 0x6f001000 }\n\
              delete element ip ovl zone_networks { 4096 }\n"
         );
         assert_eq!(zone_of(0x6f01_0000), 1, "never the host's zone 0");

@@ -850,3 +850,68 @@ fn with_etcd_a_host_port_is_claimed_once_per_node_across_networks() -> Result<()
     );
     world.stop()
 }
+
+#[test]
+fn a_container_of_another_network_cannot_answer_in_a_published_ports_name() -> Result<()> {
+    let lab = Lab::new("publishedforge")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
+    let (_c1, ip1, dns) = publishing_udp(&lab, &world)?;
+    // A network sharing the subnet, whose container has c1's very address:
+    // it can send from c1's address and published port, as c1 answers.
+    world
+        .ovl
+        .create_network(host_a, "twin", "198.18.0.0/24", &[])?;
+    let twin = lab.container("twin")?;
+    world.run(
+        0,
+        &["connect", "twin", twin.name(), "--ip", &ip1.to_string()],
+    )?;
+
+    // A client on host B asks c1 once and then prints whatever reaches its
+    // port, with where it came from.
+    let client_port = 40001;
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('0.0.0.0', {client_port}))\n\
+         s.settimeout(1)\n\
+         while True:\n\
+         \x20   s.sendto(b'ping', ('{HOST_A}', 5353))\n\
+         \x20   try:\n\
+         \x20       data, peer = s.recvfrom(512)\n\
+         \x20       print('from', peer[0], peer[1], data.decode(), flush=True)\n\
+         \x20       break\n\
+         \x20   except socket.timeout:\n\
+         \x20       pass\n\
+         s.settimeout(None)\n\
+         while True:\n\
+         \x20   data, peer = s.recvfrom(512)\n\
+         \x20   print('from', peer[0], peer[1], data.decode(), flush=True)\n"
+    );
+    let client = lab.spawn(host_b, &["/usr/bin/python3", "-c", &script], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(client.stdout()?.contains("pong ping"))
+    })
+    .with_context(|| format!("c1 did not answer:\n{}", client.output_report()))?;
+    wait_peers(&dns, HOST_B, 1)?;
+
+    // The twin sends what c1's answer would look like: from c1's address
+    // and port to the client.
+    let forge = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{ip1}', 53))\n\
+         for _ in range(3):\n\
+         \x20   s.sendto(b'forged', ('{HOST_B}', {client_port}))\n"
+    );
+    twin.exec(&["/usr/bin/python3", "-c", &forge])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let got = client.stdout()?;
+    client.signal(ovl_tests::Signal::Kill)?;
+    ensure!(
+        !got.contains(&format!("from {HOST_A} 5353 forged")),
+        "another network's container answered in the name of {HOST_A}:5353:\n{got}"
+    );
+    world.stop()
+}
