@@ -122,6 +122,9 @@ struct Table {
     /// The comments of the rules in chain `published`: which ports they
     /// publish ([`PortRule::comment`]).
     published: BTreeSet<String>,
+    /// The version its fixed part carries ([`version`]); `None` from an
+    /// agent that marked none.
+    version: Option<String>,
 }
 
 /// A published port of a local container, as a DNAT rule and the rule
@@ -270,8 +273,13 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
         || table
             .as_ref()
             .is_some_and(|t| t.chains.contains(GUARD_CHAIN));
+    // A table of another version (an agent before or after this one: other
+    // rules, maybe in the same chains) is replaced whole, as is one that
+    // lacks a chain.
     let complete = table.as_ref().is_some_and(|t| {
-        CHAINS.iter().all(|c| t.chains.contains(*c)) && t.chains.contains(GUARD_CHAIN) == guard
+        CHAINS.iter().all(|c| t.chains.contains(*c))
+            && t.chains.contains(GUARD_CHAIN) == guard
+            && t.version.as_deref() == Some(version().as_str())
     });
     if !complete {
         if table.is_some() || !endpoints.is_empty() {
@@ -641,6 +649,7 @@ fn parse_table(json: &Value) -> Table {
         elements: BTreeSet::new(),
         guarded: None,
         published: BTreeSet::new(),
+        version: None,
     };
     for item in json["nftables"].as_array().into_iter().flatten() {
         if let Some(name) = item["chain"]["name"].as_str() {
@@ -661,6 +670,12 @@ fn parse_table(json: &Value) -> Table {
         {
             table.published.insert(comment.to_owned());
         }
+        if item["rule"]["chain"].as_str() == Some("zone")
+            && let Some(comment) = item["rule"]["comment"].as_str()
+            && comment.starts_with(VERSION_PREFIX)
+        {
+            table.version = Some(comment.to_owned());
+        }
         if item["set"]["name"].as_str() == Some("endpoints") {
             for e in item["set"]["elem"].as_array().into_iter().flatten() {
                 let parts = &e["concat"];
@@ -675,6 +690,23 @@ fn parse_table(json: &Value) -> Table {
     table
 }
 
+/// How the comment of the rule of chain `zone` starts, which names the
+/// version of the table's fixed part.
+const VERSION_PREFIX: &str = "ovl table ";
+
+/// The version of the table's fixed part ([`fixed_part`]): a digest of
+/// its text (FNV-1a, stable across builds), so that any change to a set,
+/// chain or rule makes another version, with nobody to remember bumping
+/// it.
+fn version() -> String {
+    let digest = fixed_part(VERSION_PREFIX)
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("{VERSION_PREFIX}{digest:016x}")
+}
+
 /// The whole table, replacing any there is, in one transaction.
 fn table_script(
     exists: bool,
@@ -683,14 +715,35 @@ fn table_script(
     elements: &BTreeSet<(Ipv4Addr, u32)>,
     rules: &BTreeSet<PortRule>,
 ) -> String {
-    let ours = format!("meta mark & {EGRESS_MARK_MASK:#x} == {EGRESS_MARK_BASE:#x}");
-    let ct_ours = format!("ct mark & {EGRESS_MARK_MASK:#x} == {EGRESS_MARK_BASE:#x}");
-    let ct_theirs = format!("ct mark & {EGRESS_MARK_MASK:#x} != {EGRESS_MARK_BASE:#x}");
     let mut s = String::new();
     if exists {
         s.push_str(&format!("delete table ip {TABLE}\n"));
     }
-    s.push_str(&format!(
+    s.push_str(&fixed_part(&version()));
+    if guard {
+        let ct_theirs = format!("ct mark & {EGRESS_MARK_MASK:#x} != {EGRESS_MARK_BASE:#x}");
+        s.push_str(&format!(
+            "\tchain {GUARD_CHAIN} {{\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname \"{underlay}\" {ct_theirs} drop\n\
+             \t}}\n"
+        ));
+    }
+    s.push_str("}\n");
+    s.push_str(&element_script(&BTreeSet::new(), elements));
+    if !rules.is_empty() {
+        s.push_str(&published_script(rules));
+    }
+    s
+}
+
+/// The table's sets and chains but the guard, unclosed, with `version` as
+/// the comment of chain `zone`'s rule. (The guard is left out of the
+/// version: its presence and device are checked on their own.)
+fn fixed_part(version: &str) -> String {
+    let ours = format!("meta mark & {EGRESS_MARK_MASK:#x} == {EGRESS_MARK_BASE:#x}");
+    let ct_ours = format!("ct mark & {EGRESS_MARK_MASK:#x} == {EGRESS_MARK_BASE:#x}");
+    format!(
         "table ip {TABLE} {{\n\
          \tset endpoints {{ type ipv4_addr . mark; }}\n\
          \tmap zones {{ typeof meta mark : ct zone; }}\n\
@@ -698,7 +751,7 @@ fn table_script(
          \tset own_replies {{ type mark . mark; }}\n\
          \tchain zone {{\n\
          \t\ttype filter hook prerouting priority raw; policy accept;\n\
-         \t\tct original zone set meta mark map @zones\n\
+         \t\tct original zone set meta mark map @zones comment \"{version}\"\n\
          \t}}\n\
          \tchain {FOREIGN_REPLIES_CHAIN} {{\n\
          \t\ttype filter hook prerouting priority mangle - 1; policy accept;\n\
@@ -734,21 +787,7 @@ fn table_script(
          \t\ttype nat hook postrouting priority srcnat - 1; policy accept;\n\
          \t\tct status dnat ct original zone != 0 ip daddr . meta mark @endpoints snat to ct original ip daddr\n\
          \t}}\n"
-    ));
-    if guard {
-        s.push_str(&format!(
-            "\tchain {GUARD_CHAIN} {{\n\
-             \t\ttype filter hook forward priority filter; policy accept;\n\
-             \t\tiifname \"{underlay}\" {ct_theirs} drop\n\
-             \t}}\n"
-        ));
-    }
-    s.push_str("}\n");
-    s.push_str(&element_script(&BTreeSet::new(), elements));
-    if !rules.is_empty() {
-        s.push_str(&published_script(rules));
-    }
-    s
+    )
 }
 
 /// Map `zone_networks`: the network of each zone that is one network's
@@ -1090,6 +1129,31 @@ mod tests {
              delete element ip ovl zone_networks { 4097 }\n\
              add element ip ovl zone_networks { 4096 : 0x6f011000 }\n"
         );
+    }
+
+    #[test]
+    fn a_table_carries_the_version_of_its_fixed_part() {
+        let v = version();
+        assert_eq!(v.len(), VERSION_PREFIX.len() + 16, "{v}");
+        let t = table_script(false, "eth0", true, &BTreeSet::new(), &BTreeSet::new());
+        assert!(
+            t.contains(&format!(
+                "ct original zone set meta mark map @zones comment \"{v}\"\n"
+            )),
+            "{t}"
+        );
+        // The guard's device is checked on its own, not versioned.
+        assert!(!fixed_part(&v).contains(GUARD_CHAIN));
+        let listing = |comment: &str| -> Table {
+            let json = serde_json::json!({"nftables": [
+                {"chain": {"family": "ip", "table": "ovl", "name": "zone"}},
+                {"rule": {"family": "ip", "table": "ovl", "chain": "zone", "handle": 3,
+                    "comment": comment, "expr": []}},
+            ]});
+            parse_table(&json)
+        };
+        assert_eq!(listing(&v).version.as_deref(), Some(v.as_str()));
+        assert_eq!(listing("something else").version, None);
     }
 
     #[test]

@@ -915,3 +915,50 @@ fn a_container_of_another_network_cannot_answer_in_a_published_ports_name() -> R
     );
     world.stop()
 }
+
+#[test]
+fn an_agent_replaces_the_table_an_agent_of_another_version_left() -> Result<()> {
+    let lab = Lab::new("publishedupgrade")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = &world.hosts[0].netns.clone();
+    let (_c1, _web, _dns) = publishing_both(&lab, &world)?;
+    let current = "ct status dnat ct original zone != 0 ip daddr . meta mark @endpoints snat to";
+    let table = ovl_table(host_a)?;
+    ensure!(
+        table.contains(current),
+        "no hairpin rule to replace:\n{table}"
+    );
+
+    // The agent stops and one of the first hairpin's version left its
+    // table: the same chains, but a hairpin rule that translated every
+    // DNAT'd connection of a container (another DNAT's too), and no mark
+    // of which version wrote it.
+    world.terminate_agent(0)?;
+    let old: String = ovl_table(host_a)?
+        .replace(current, "ct status dnat ct original zone != 0 snat to")
+        .lines()
+        .map(|l| match l.find(" comment \"ovl table ") {
+            Some(at) => l[..at].to_owned(),
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let file = lab.tempdir().join("old-table.nft");
+    std::fs::write(&file, format!("{old}\n"))?;
+    host_a.exec(&["nft", "delete", "table", "ip", "ovl"])?;
+    host_a.exec(&["nft", "-f", &file.to_string_lossy()])?;
+    ensure!(
+        !ovl_table(host_a)?.contains(current),
+        "the older table was not loaded"
+    );
+
+    // The agent that starts replaces it.
+    world.restart_agent(&lab, 0, &[])?;
+    let mut now = String::new();
+    wait_until(Duration::from_secs(10), || {
+        now = ovl_table(host_a)?;
+        Ok(now.contains(current))
+    })
+    .with_context(|| format!("the older table's rules stayed:\n{now}"))?;
+    world.stop()
+}
