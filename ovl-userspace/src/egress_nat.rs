@@ -84,16 +84,79 @@ const HAIRPIN_CHAIN: &str = "hairpin";
 /// network's connection (set `own_replies`).
 const FOREIGN_REPLIES_CHAIN: &str = "foreign_replies";
 
-/// The conntrack zone of the original direction of network `mark`'s
-/// connections (map `zones`). Networks may share a subnet, and two of
-/// their containers with one address sending from one port to one
-/// destination would otherwise share a conntrack entry, whose mark (and so
-/// whose replies) the last sender takes. Replies need no zone:
-/// masquerading gives every entry a reply tuple of its own. The zone is
-/// the VNI's low 16 bits (networks whose VNIs differ by a multiple of
-/// 65536 share one), never 0, the host's own.
+/// The conntrack zone network `mark` would rather have for the original
+/// direction of its connections (map `zones`): the VNI's low 16 bits,
+/// never 0, the host's own. Networks may share a subnet, and two of their
+/// containers with one address sending from one port to one destination
+/// would otherwise share a conntrack entry, whose mark (and so whose
+/// replies) the last sender takes. Replies need no zone: masquerading
+/// gives every entry a reply tuple of its own. Networks whose VNIs differ
+/// by a multiple of 65536 would rather have the same zone: the later one
+/// gets another ([`assign_zones`]).
 fn zone_of(mark: u32) -> u16 {
     (mark as u16).max(1)
+}
+
+/// The zone of each network of `marks`, one network's alone: what `had`
+/// (the table's map `zones`) gave a network stays (its connections are
+/// in that zone), a network new here gets its own [`zone_of`] if free,
+/// else the lowest free zone.
+fn assign_zones(had: &BTreeMap<u32, u16>, marks: &BTreeSet<u32>) -> BTreeMap<u32, u16> {
+    let mut zones = BTreeMap::new();
+    let mut used = BTreeSet::new();
+    // A zone two networks share (a table of an agent before zones were
+    // one network's) stays the first's.
+    for (mark, zone) in had {
+        if marks.contains(mark) && used.insert(*zone) {
+            zones.insert(*mark, *zone);
+        }
+    }
+    for mark in marks {
+        if zones.contains_key(mark) {
+            continue;
+        }
+        let zone = Some(zone_of(*mark))
+            .filter(|z| !used.contains(z))
+            .or_else(|| (1..=u16::MAX).find(|z| !used.contains(z)))
+            // 65535 local networks: no zone is free, share one.
+            .unwrap_or_else(|| zone_of(*mark));
+        used.insert(zone);
+        zones.insert(*mark, zone);
+    }
+    zones
+}
+
+/// What the table's sets and maps hold: set `endpoints` (address . mark),
+/// map `zones` (mark → zone; set `own_replies` follows its marks) and
+/// map `zone_networks` (zone → mark).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Elements {
+    endpoints: BTreeSet<(Ipv4Addr, u32)>,
+    zones: BTreeMap<u32, u16>,
+    zone_networks: BTreeMap<u16, u32>,
+}
+
+impl Elements {
+    /// The elements for containers `endpoints`, keeping the zones `had`
+    /// gave their networks.
+    fn wanted(endpoints: BTreeSet<(Ipv4Addr, u32)>, had: &Elements) -> Elements {
+        let marks = endpoints.iter().map(|(_, mark)| *mark).collect();
+        let zones = assign_zones(&had.zones, &marks);
+        let zone_networks = zones.iter().map(|(mark, zone)| (*zone, *mark)).collect();
+        Elements {
+            endpoints,
+            zones,
+            zone_networks,
+        }
+    }
+
+    /// The zone of network `mark`'s connections.
+    fn zone(&self, mark: u32) -> u16 {
+        self.zones
+            .get(&mark)
+            .copied()
+            .unwrap_or_else(|| zone_of(mark))
+    }
 }
 
 /// What this agent process installed, so that an unchanged state costs
@@ -115,7 +178,7 @@ struct Installed {
 /// The table as the kernel has it.
 struct Table {
     chains: BTreeSet<String>,
-    elements: BTreeSet<(Ipv4Addr, u32)>,
+    elements: Elements,
     /// The device whose forwarding ovl switched on: its guard rule's
     /// `iifname`.
     guarded: Option<String>,
@@ -252,16 +315,18 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
         read_table()?
     };
     let memory = installed.get_or_insert_with(Installed::default);
-    let want: BTreeSet<(Ipv4Addr, u32)> = endpoints
-        .iter()
-        .map(|e| (e.ip, egress_mark(e.vni)))
-        .collect();
-    let rules = port_rules(endpoints);
-
     let had = table
         .as_ref()
         .map(|t| t.elements.clone())
         .unwrap_or_default();
+    let want = Elements::wanted(
+        endpoints
+            .iter()
+            .map(|e| (e.ip, egress_mark(e.vni)))
+            .collect(),
+        &had,
+    );
+    let rules = port_rules(endpoints);
 
     // Forwarding is switched on only after the table holds the guard that
     // records ovl did it (and forwards nothing but replies): were it
@@ -313,8 +378,8 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     // still sending to a published port would have its next packet
     // translated again by the rule still there, and that entry would
     // outlive the container — and reach whoever takes its address next.
-    for (addr, mark) in had.difference(&want) {
-        forget_translations(*addr, *mark)?;
+    for (addr, mark) in had.endpoints.difference(&want.endpoints) {
+        forget_translations(*addr, *mark, had.zone(*mark))?;
         // Gone with the veth, usually: nothing to delete then.
         let _ = ip(&[
             "route",
@@ -334,7 +399,7 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     let mut routes: BTreeMap<u32, BTreeMap<Ipv4Addr, String>> = BTreeMap::new();
     for e in endpoints {
         let mark = egress_mark(e.vni);
-        if !had.contains(&(e.ip, mark)) {
+        if !had.endpoints.contains(&(e.ip, mark)) {
             continue; // nobody held it with a way out: nothing to inherit
         }
         let same_holder = match memory.endpoints.get(&(e.vni, e.ip)) {
@@ -353,7 +418,7 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
                 e.ip,
                 e.vni
             );
-            forget_translations(e.ip, mark)?;
+            forget_translations(e.ip, mark, had.zone(mark))?;
         }
     }
 
@@ -471,7 +536,7 @@ pub fn remove() -> Result<Vec<String>> {
         nft(&format!("delete table ip {TABLE}\n"))?;
         done.push(format!(
             "removed the nftables table ip {TABLE} ({} masqueraded container(s))",
-            table.elements.len()
+            table.elements.endpoints.len()
         ));
     }
     let rules = ovl_rules()?;
@@ -522,15 +587,13 @@ fn parse_routes(routes: &Value) -> BTreeMap<Ipv4Addr, String> {
 /// container `ip` of the network marked `mark`: those it opened (to the
 /// outside and to published ports), and those its published ports took
 /// (their replies come from it).
-fn forget_translations(ip: Ipv4Addr, mark: u32) -> Result<()> {
-    let zone = zone_of(mark).to_string();
+fn forget_translations(ip: Ipv4Addr, mark: u32, zone: u16) -> Result<()> {
+    let zone = zone.to_string();
     let (ip, mark) = (ip.to_string(), mark.to_string());
     conntrack_delete(&["-s", &ip, "-m", &mark])?;
     conntrack_delete(&["-r", &ip, "-m", &mark])?;
     // Those it opened to published ports through a host address (hairpin)
-    // carry the server's mark, and its network's zone (which networks
-    // whose VNIs differ by a multiple of 65536 share: their container of
-    // the same address loses its hairpin connections too).
+    // carry the server's mark, and its network's zone.
     conntrack_delete(&["-s", &ip, "--orig-zone", &zone])
 }
 
@@ -646,7 +709,7 @@ fn read_table() -> Result<Option<Table>> {
 fn parse_table(json: &Value) -> Table {
     let mut table = Table {
         chains: BTreeSet::new(),
-        elements: BTreeSet::new(),
+        elements: Elements::default(),
         guarded: None,
         published: BTreeSet::new(),
         version: None,
@@ -682,8 +745,29 @@ fn parse_table(json: &Value) -> Table {
                 let ip = parts[0].as_str().and_then(|s| s.parse().ok());
                 let mark = parts[1].as_u64().and_then(|m| u32::try_from(m).ok());
                 if let (Some(ip), Some(mark)) = (ip, mark) {
-                    table.elements.insert((ip, mark));
+                    table.elements.endpoints.insert((ip, mark));
                 }
+            }
+        }
+        let pairs = |name: &str| -> Vec<(u64, u64)> {
+            if item["map"]["name"].as_str() != Some(name) {
+                return Vec::new();
+            }
+            item["map"]["elem"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| Some((e[0].as_u64()?, e[1].as_u64()?)))
+                .collect()
+        };
+        for (mark, zone) in pairs("zones") {
+            if let (Ok(mark), Ok(zone)) = (u32::try_from(mark), u16::try_from(zone)) {
+                table.elements.zones.insert(mark, zone);
+            }
+        }
+        for (zone, mark) in pairs("zone_networks") {
+            if let (Ok(zone), Ok(mark)) = (u16::try_from(zone), u32::try_from(mark)) {
+                table.elements.zone_networks.insert(zone, mark);
             }
         }
     }
@@ -712,7 +796,7 @@ fn table_script(
     exists: bool,
     underlay: &str,
     guard: bool,
-    elements: &BTreeSet<(Ipv4Addr, u32)>,
+    elements: &Elements,
     rules: &BTreeSet<PortRule>,
 ) -> String {
     let mut s = String::new();
@@ -730,7 +814,7 @@ fn table_script(
         ));
     }
     s.push_str("}\n");
-    s.push_str(&element_script(&BTreeSet::new(), elements));
+    s.push_str(&element_script(&Elements::default(), elements));
     if !rules.is_empty() {
         s.push_str(&published_script(rules));
     }
@@ -790,107 +874,68 @@ fn fixed_part(version: &str) -> String {
     )
 }
 
-/// Map `zone_networks`: the network of each zone that is one network's
-/// alone, for marks `marks`. Networks sharing a zone ([`zone_of`]) have
-/// none: their hairpin replies go by the server's network, which reaches
-/// a client of the server's network only.
-fn zone_networks(marks: &BTreeSet<u32>) -> BTreeMap<u16, u32> {
-    let mut by_zone: BTreeMap<u16, Vec<u32>> = BTreeMap::new();
-    for mark in marks {
-        by_zone.entry(zone_of(*mark)).or_default().push(*mark);
-    }
-    by_zone
-        .into_iter()
-        .filter_map(|(zone, marks)| match marks[..] {
-            [mark] => Some((zone, mark)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The changes to sets `endpoints`, `zones`, `own_replies` and
-/// `zone_networks` that take the table from containers `had` to
-/// containers `want` ((address, mark) pairs).
-fn element_script(had: &BTreeSet<(Ipv4Addr, u32)>, want: &BTreeSet<(Ipv4Addr, u32)>) -> String {
-    let list = |els: &mut dyn Iterator<Item = &(Ipv4Addr, u32)>| {
-        els.map(|(ip, mark)| format!("{ip} . {mark:#x}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let marks = |els: &BTreeSet<(Ipv4Addr, u32)>| -> BTreeSet<u32> {
-        els.iter().map(|(_, mark)| *mark).collect()
-    };
-    let zones = |marks: &mut dyn Iterator<Item = &u32>| {
-        marks
-            .map(|mark| format!("{mark:#x} : {}", zone_of(*mark)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let own = |marks: &mut dyn Iterator<Item = &u32>| {
-        marks
-            .map(|mark| format!("{mark:#x} . {mark:#x}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let (had_marks, want_marks) = (marks(had), marks(want));
+/// The changes to sets `endpoints` and `own_replies` and maps `zones` and
+/// `zone_networks` that take the table from `had` to `want`.
+fn element_script(had: &Elements, want: &Elements) -> String {
     let mut s = String::new();
-    if had.difference(want).next().is_some() {
-        s.push_str(&format!(
-            "delete element ip {TABLE} endpoints {{ {} }}\n",
-            list(&mut had.difference(want))
-        ));
+    let mut statement = |verb: &str, name: &str, items: Vec<String>| {
+        if !items.is_empty() {
+            s.push_str(&format!(
+                "{verb} element ip {TABLE} {name} {{ {} }}\n",
+                items.join(", ")
+            ));
+        }
+    };
+    // Map entries whose key is gone or whose value changes go before the
+    // new ones are added (a key cannot be added twice).
+    fn changed<K: Ord + Copy, V: PartialEq + Copy>(
+        from: &BTreeMap<K, V>,
+        to: &BTreeMap<K, V>,
+    ) -> Vec<(K, V)> {
+        from.iter()
+            .filter(|(k, v)| to.get(k) != Some(v))
+            .map(|(k, v)| (*k, *v))
+            .collect()
     }
-    if had_marks.difference(&want_marks).next().is_some() {
-        s.push_str(&format!(
-            "delete element ip {TABLE} zones {{ {} }}\n",
-            zones(&mut had_marks.difference(&want_marks))
-        ));
-    }
-    if had_marks.difference(&want_marks).next().is_some() {
-        s.push_str(&format!(
-            "delete element ip {TABLE} own_replies {{ {} }}\n",
-            own(&mut had_marks.difference(&want_marks))
-        ));
-    }
-    if want_marks.difference(&had_marks).next().is_some() {
-        s.push_str(&format!(
-            "add element ip {TABLE} zones {{ {} }}\n",
-            zones(&mut want_marks.difference(&had_marks))
-        ));
-        s.push_str(&format!(
-            "add element ip {TABLE} own_replies {{ {} }}\n",
-            own(&mut want_marks.difference(&had_marks))
-        ));
-    }
-    if want.difference(had).next().is_some() {
-        s.push_str(&format!(
-            "add element ip {TABLE} endpoints {{ {} }}\n",
-            list(&mut want.difference(had))
-        ));
-    }
-    let (had_networks, want_networks) = (zone_networks(&had_marks), zone_networks(&want_marks));
-    let gone: Vec<String> = had_networks
-        .iter()
-        .filter(|(zone, mark)| want_networks.get(zone) != Some(mark))
-        .map(|(zone, _)| zone.to_string())
-        .collect();
-    if !gone.is_empty() {
-        s.push_str(&format!(
-            "delete element ip {TABLE} zone_networks {{ {} }}\n",
-            gone.join(", ")
-        ));
-    }
-    let new: Vec<String> = want_networks
-        .iter()
-        .filter(|(zone, mark)| had_networks.get(zone) != Some(mark))
-        .map(|(zone, mark)| format!("{zone} : {mark:#x}"))
-        .collect();
-    if !new.is_empty() {
-        s.push_str(&format!(
-            "add element ip {TABLE} zone_networks {{ {} }}\n",
-            new.join(", ")
-        ));
-    }
+    let endpoints = |a: &Elements, b: &Elements| -> Vec<String> {
+        a.endpoints
+            .difference(&b.endpoints)
+            .map(|(ip, mark)| format!("{ip} . {mark:#x}"))
+            .collect()
+    };
+    let marks = |a: &Elements, b: &Elements| -> Vec<String> {
+        a.zones
+            .keys()
+            .filter(|mark| !b.zones.contains_key(mark))
+            .map(|mark| format!("{mark:#x} . {mark:#x}"))
+            .collect()
+    };
+    let zones = |from: &Elements, to: &Elements| -> Vec<String> {
+        changed(&from.zones, &to.zones)
+            .into_iter()
+            .map(|(mark, zone)| format!("{mark:#x} : {zone}"))
+            .collect()
+    };
+    let networks = |from: &Elements, to: &Elements, with_value: bool| -> Vec<String> {
+        changed(&from.zone_networks, &to.zone_networks)
+            .into_iter()
+            .map(|(zone, mark)| {
+                if with_value {
+                    format!("{zone} : {mark:#x}")
+                } else {
+                    zone.to_string()
+                }
+            })
+            .collect()
+    };
+    statement("delete", "endpoints", endpoints(had, want));
+    statement("delete", "zones", zones(had, want));
+    statement("delete", "own_replies", marks(had, want));
+    statement("add", "zones", zones(want, had));
+    statement("add", "own_replies", marks(want, had));
+    statement("add", "endpoints", endpoints(want, had));
+    statement("delete", "zone_networks", networks(had, want, false));
+    statement("add", "zone_networks", networks(want, had, true));
     s
 }
 
@@ -996,6 +1041,10 @@ mod tests {
               {"table":{"family":"ip","name":"ovl","handle":1}},
               {"set":{"family":"ip","name":"endpoints","table":"ovl","type":["ipv4_addr","mark"],
                 "elem":[{"concat":["198.18.0.2",1862275072]},{"concat":["198.18.1.2",1862275073]}]}},
+              {"map":{"family":"ip","name":"zones","table":"ovl","type":"mark","map":"integer",
+                "elem":[[1862275072,4096],[1862340608,1]]}},
+              {"map":{"family":"ip","name":"zone_networks","table":"ovl","type":"integer","map":"mark",
+                "elem":[[4096,1862275072]]}},
               {"chain":{"family":"ip","table":"ovl","name":"prerouting"}},
               {"chain":{"family":"ip","table":"ovl","name":"underlay_guard"}},
               {"rule":{"family":"ip","table":"ovl","chain":"underlay_guard","handle":2,"expr":[
@@ -1011,11 +1060,19 @@ mod tests {
             BTreeSet::from(["prerouting".to_owned(), "underlay_guard".to_owned()])
         );
         assert_eq!(
-            t.elements,
+            t.elements.endpoints,
             BTreeSet::from([
                 (Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1000),
                 (Ipv4Addr::new(198, 18, 1, 2), 0x6f00_1001)
             ])
+        );
+        assert_eq!(
+            t.elements.zones,
+            BTreeMap::from([(0x6f00_1000, 4096), (0x6f01_1000, 1)])
+        );
+        assert_eq!(
+            t.elements.zone_networks,
+            BTreeMap::from([(4096, 0x6f00_1000)])
         );
         assert_eq!(t.guarded.as_deref(), Some("eth0"));
     }
@@ -1056,7 +1113,7 @@ mod tests {
             "0x6f001000 198.18.0.2 0.0.0.0:8080->80/tcp untranslated from outside as its 40 subnets"
         );
         assert!(many.nft()[0].contains("10.39.0.0/16 }"), "{:?}", many.nft());
-        let t = table_script(false, "eth0", false, &BTreeSet::new(), &rules);
+        let t = table_script(false, "eth0", false, &Elements::default(), &rules);
         assert!(t.contains("\t\tfib daddr type local jump published"), "{t}");
         assert!(t.ends_with(&s), "{t}");
         // What the table lists is what tells the rules are there: both of
@@ -1085,7 +1142,7 @@ mod tests {
 
     #[test]
     fn hairpin_connections_are_translated_both_ways_and_answered_by_the_clients_network() {
-        let t = table_script(false, "eth0", false, &BTreeSet::new(), &BTreeSet::new());
+        let t = table_script(false, "eth0", false, &Elements::default(), &BTreeSet::new());
         // Containers' packets to a host address reach the published ports;
         // a translated connection keeps the server's mark in its original
         // direction, takes the client's zone's network in its replies, and
@@ -1103,39 +1160,58 @@ mod tests {
         ] {
             assert!(t.contains(line), "no {line:?} in {t}");
         }
-        // A zone names a network only while no other network shares it.
+        // A zone is one network's: a network whose VNI differs by 65536
+        // from another's gets the lowest free one, and keeps it.
         let a = (Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1000);
         let b = (Ipv4Addr::new(198, 18, 0, 3), 0x6f01_1000);
         let c = (Ipv4Addr::new(198, 18, 0, 4), 0x6f00_1001);
+        let none = Elements::default();
+        let ac = Elements::wanted(BTreeSet::from([a, c]), &none);
+        let abc = Elements::wanted(BTreeSet::from([a, b, c]), &ac);
+        let b_only = Elements::wanted(BTreeSet::from([b]), &abc);
         assert_eq!(
-            element_script(&BTreeSet::new(), &BTreeSet::from([a, c])),
+            element_script(&none, &ac),
             "add element ip ovl zones { 0x6f001000 : 4096, 0x6f001001 : 4097 }\n\
              add element ip ovl own_replies { 0x6f001000 . 0x6f001000, 0x6f001001 . 0x6f001001 }\n\
              add element ip ovl endpoints { 198.18.0.2 . 0x6f001000, 198.18.0.4 . 0x6f001001 }\n\
              add element ip ovl zone_networks { 4096 : 0x6f001000, 4097 : 0x6f001001 }\n"
         );
         assert_eq!(
-            element_script(&BTreeSet::from([a, c]), &BTreeSet::from([a, b, c])),
-            "add element ip ovl zones { 0x6f011000 : 4096 }\n\
+            element_script(&ac, &abc),
+            "add element ip ovl zones { 0x6f011000 : 1 }\n\
              add element ip ovl own_replies { 0x6f011000 . 0x6f011000 }\n\
              add element ip ovl endpoints { 198.18.0.3 . 0x6f011000 }\n\
-             delete element ip ovl zone_networks { 4096 }\n"
+             add element ip ovl zone_networks { 1 : 0x6f011000 }\n"
         );
         assert_eq!(
-            element_script(&BTreeSet::from([a, b, c]), &BTreeSet::from([b])),
+            element_script(&abc, &b_only),
             "delete element ip ovl endpoints { 198.18.0.2 . 0x6f001000, 198.18.0.4 . 0x6f001001 }\n\
              delete element ip ovl zones { 0x6f001000 : 4096, 0x6f001001 : 4097 }\n\
              delete element ip ovl own_replies { 0x6f001000 . 0x6f001000, 0x6f001001 . 0x6f001001 }\n\
-             delete element ip ovl zone_networks { 4097 }\n\
-             add element ip ovl zone_networks { 4096 : 0x6f011000 }\n"
+             delete element ip ovl zone_networks { 4096, 4097 }\n"
         );
+        // A table of an agent that let two networks share a zone: the
+        // first keeps it, the other gets its own.
+        let shared = Elements {
+            endpoints: BTreeSet::from([a, b]),
+            zones: BTreeMap::from([(a.1, 4096), (b.1, 4096)]),
+            zone_networks: BTreeMap::new(),
+        };
+        let apart = Elements::wanted(shared.endpoints.clone(), &shared);
+        assert_eq!(
+            element_script(&shared, &apart),
+            "delete element ip ovl zones { 0x6f011000 : 4096 }\n\
+             add element ip ovl zones { 0x6f011000 : 1 }\n\
+             add element ip ovl zone_networks { 1 : 0x6f011000, 4096 : 0x6f001000 }\n"
+        );
+        assert_eq!(apart.zone(b.1), 1);
     }
 
     #[test]
     fn a_table_carries_the_version_of_its_fixed_part() {
         let v = version();
         assert_eq!(v.len(), VERSION_PREFIX.len() + 16, "{v}");
-        let t = table_script(false, "eth0", true, &BTreeSet::new(), &BTreeSet::new());
+        let t = table_script(false, "eth0", true, &Elements::default(), &BTreeSet::new());
         assert!(
             t.contains(&format!(
                 "ct original zone set meta mark map @zones comment \"{v}\"\n"
@@ -1158,7 +1234,10 @@ mod tests {
 
     #[test]
     fn scripts_name_ovls_mark_and_elements() {
-        let els = BTreeSet::from([(Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1000)]);
+        let els = Elements::wanted(
+            BTreeSet::from([(Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1000)]),
+            &Elements::default(),
+        );
         let s = table_script(true, "eth0", true, &els, &BTreeSet::new());
         assert!(s.starts_with("delete table ip ovl\n"), "{s}");
         assert!(
@@ -1178,7 +1257,11 @@ mod tests {
         let a = (Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1000);
         let b = (Ipv4Addr::new(198, 18, 0, 2), 0x6f00_1001);
         let c = (Ipv4Addr::new(198, 18, 0, 3), 0x6f00_1001);
-        let s = element_script(&BTreeSet::from([a]), &BTreeSet::from([a, b, c]));
+        let only_a = Elements::wanted(BTreeSet::from([a]), &Elements::default());
+        let abc = Elements::wanted(BTreeSet::from([a, b, c]), &only_a);
+        let ac = Elements::wanted(BTreeSet::from([a, c]), &abc);
+        let only_c = Elements::wanted(BTreeSet::from([c]), &ac);
+        let s = element_script(&only_a, &abc);
         assert_eq!(
             s,
             "add element ip ovl zones { 0x6f001001 : 4097 }\n\
@@ -1186,12 +1269,12 @@ mod tests {
              add element ip ovl endpoints { 198.18.0.2 . 0x6f001001, 198.18.0.3 . 0x6f001001 }\n\
              add element ip ovl zone_networks { 4097 : 0x6f001001 }\n"
         );
-        let s = element_script(&BTreeSet::from([a, b, c]), &BTreeSet::from([a, c]));
+        let s = element_script(&abc, &ac);
         assert_eq!(
             s,
             "delete element ip ovl endpoints { 198.18.0.2 . 0x6f001001 }\n"
         );
-        let s = element_script(&BTreeSet::from([a, c]), &BTreeSet::from([c]));
+        let s = element_script(&ac, &only_c);
         assert_eq!(
             s,
             "delete element ip ovl endpoints { 198.18.0.2 . 0x6f001000 }\n\
@@ -1200,7 +1283,7 @@ mod tests {
              delete element ip ovl zone_networks { 4096 }\n"
         );
         assert_eq!(zone_of(0x6f01_0000), 1, "never the host's zone 0");
-        let s = table_script(false, "eth0", false, &BTreeSet::new(), &BTreeSet::new());
+        let s = table_script(false, "eth0", false, &Elements::default(), &BTreeSet::new());
         assert!(!s.contains("delete") && !s.contains(GUARD_CHAIN), "{s}");
     }
 }

@@ -962,3 +962,81 @@ fn an_agent_replaces_the_table_an_agent_of_another_version_left() -> Result<()> 
     .with_context(|| format!("the older table's rules stayed:\n{now}"))?;
     world.stop()
 }
+
+#[test]
+fn networks_whose_vnis_differ_by_65536_keep_their_connections_apart() -> Result<()> {
+    let lab = Lab::new("publishedzones")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
+    let (c1, ip1, _dns) = publishing_udp(&lab, &world)?;
+    let vni: u32 = world.inspect(0, NETWORK)?["vni"]
+        .as_u64()
+        .context("no VNI")?
+        .try_into()?;
+    // Another network with the same subnet, whose VNI has the same low 16
+    // bits, and a container at c1's address.
+    let far_vni = (vni + 65536).to_string();
+    world
+        .ovl
+        .create_network(host_a, "far", "198.18.0.0/24", &["--vni", &far_vni])?;
+    let far = lab.container("far")?;
+    world.run(0, &["connect", "far", far.name(), "--ip", &ip1.to_string()])?;
+
+    // Both send from one address and port to one server on host B, which
+    // answers once it has heard both: each must get its own answer.
+    let server = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{HOST_B}', 7000))\n\
+         print('listening', flush=True)\n\
+         got = []\n\
+         while len(got) < 2:\n\
+         \x20   data, peer = s.recvfrom(512)\n\
+         \x20   print('peer', peer, data, flush=True)\n\
+         \x20   got.append((data, peer))\n\
+         for data, peer in got:\n\
+         \x20   s.sendto(b'pong ' + data, peer)\n"
+    );
+    let server = lab.spawn(host_b, &["/usr/bin/python3", "-c", &server], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(server.stdout()?.contains("listening"))
+    })?;
+    let client = |c: &Netns, name: &str| {
+        let script = format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('{ip1}', 40000))\n\
+             s.settimeout(4)\n\
+             s.sendto(b'{name}', ('{HOST_B}', 7000))\n\
+             try:\n\
+             \x20   while True:\n\
+             \x20       print(s.recv(512).decode(), flush=True)\n\
+             except socket.timeout:\n\
+             \x20   pass\n"
+        );
+        lab.spawn(c, &["/usr/bin/python3", "-c", &script], &[])
+    };
+    let web = client(&c1, NETWORK)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let other = client(&far, "far")?;
+    for c in [&web, &other] {
+        c.wait_timeout(Duration::from_secs(10))?;
+    }
+    for (c, own, foreign) in [(&web, NETWORK, "far"), (&other, "far", NETWORK)] {
+        let got = c.stdout()?;
+        ensure!(
+            got.contains(&format!("pong {own}")) && !got.contains(&format!("pong {foreign}\n")),
+            "{own}'s container got {got:?} (the server saw {:?})",
+            server.stdout()?
+        );
+    }
+
+    // The far network's container reaches c1's published port through
+    // host A's address (hairpin): the replies go by its own network.
+    let answer = udp_exchange(&far, HOST_A, 5353)?;
+    ensure!(
+        answer.contains("pong ping"),
+        "a container of network far got {answer:?} from {HOST_A}:5353"
+    );
+    world.stop()
+}
