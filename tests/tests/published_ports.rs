@@ -913,6 +913,13 @@ fn a_container_of_another_network_cannot_answer_in_a_published_ports_name() -> R
         !got.contains(&format!("from {HOST_A} 5353 forged")),
         "another network's container answered in the name of {HOST_A}:5353:\n{got}"
     );
+    // They were dropped as such, and counted.
+    let out = host_a.exec(&["nft", "list", "chain", "ip", "ovl", "foreign_replies"])?;
+    let chain = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        chain.contains("counter packets 3 "),
+        "the forged answers were not counted as foreign replies:\n{chain}"
+    );
     world.stop()
 }
 
