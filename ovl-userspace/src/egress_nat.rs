@@ -874,6 +874,19 @@ fn fixed_part(version: &str) -> String {
     )
 }
 
+/// The entries of map `from` that `to` lacks or holds with another value.
+/// A map's changed entries are deleted before its new ones are added (a
+/// key cannot be added twice).
+fn changed<K: Ord + Copy, V: PartialEq + Copy>(
+    from: &BTreeMap<K, V>,
+    to: &BTreeMap<K, V>,
+) -> Vec<(K, V)> {
+    from.iter()
+        .filter(|(k, v)| to.get(k) != Some(v))
+        .map(|(k, v)| (*k, *v))
+        .collect()
+}
+
 /// The changes to sets `endpoints` and `own_replies` and maps `zones` and
 /// `zone_networks` that take the table from `had` to `want`.
 fn element_script(had: &Elements, want: &Elements) -> String {
@@ -886,17 +899,6 @@ fn element_script(had: &Elements, want: &Elements) -> String {
             ));
         }
     };
-    // Map entries whose key is gone or whose value changes go before the
-    // new ones are added (a key cannot be added twice).
-    fn changed<K: Ord + Copy, V: PartialEq + Copy>(
-        from: &BTreeMap<K, V>,
-        to: &BTreeMap<K, V>,
-    ) -> Vec<(K, V)> {
-        from.iter()
-            .filter(|(k, v)| to.get(k) != Some(v))
-            .map(|(k, v)| (*k, *v))
-            .collect()
-    }
     let endpoints = |a: &Elements, b: &Elements| -> Vec<String> {
         a.endpoints
             .difference(&b.endpoints)
