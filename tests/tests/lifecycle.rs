@@ -506,21 +506,80 @@ fn a_new_underlay_address_under_a_running_agent_is_followed_by_every_node() -> R
     world.stop()
 }
 
+/// The index of `ns`'s eth0.
+fn eth0_index(ns: &ovl_tests::Netns) -> Result<u64> {
+    let link: Value = serde_json::from_slice(&ns.ip(&["-j", "link", "show", "eth0"])?.stdout)?;
+    link[0]["ifindex"].as_u64().context("eth0's index")
+}
+
+/// Makes host A's underlay eth0 (just deleted) again, under `index` if
+/// given, with its address, gateway and default route as before.
+fn remake_underlay(world: &TwoHosts, index: Option<u64>) -> Result<()> {
+    let host_a = &world.hosts[0];
+    let ns = &host_a.netns;
+    let gateway = host_a.gateway.context("routed hosts have a gateway")?;
+    match index {
+        None => ovl_tests::create_veth(ns, "eth0", &world.router, "h0")?,
+        Some(index) => {
+            ns.ip(&[
+                "link",
+                "add",
+                "eth0",
+                "index",
+                &index.to_string(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "h0",
+                "netns",
+                world.router.name(),
+            ])?;
+        }
+    }
+    world
+        .router
+        .ip(&["addr", "add", &format!("{gateway}/24"), "dev", "h0"])?;
+    world.router.ip(&["link", "set", "h0", "up"])?;
+    ns.ip(&["addr", "add", &format!("{}/24", host_a.addr), "dev", "eth0"])?;
+    ns.ip(&["link", "set", "eth0", "up"])?;
+    ns.ip(&["route", "replace", "default", "via", &gateway.to_string()])?;
+    Ok(())
+}
+
+/// Waits until the pair's containers reach each other both ways again
+/// over host A's remade eth0, and checks it carries exactly one decap
+/// program.
+fn crossing_again(world: &TwoHosts, pair: &Pair) -> Result<()> {
+    let ns = &world.hosts[0].netns;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&pair.c2, pair.ip1, 1, &["-W", "1"])?.all_received()
+            && ping(&pair.c1, pair.ip2, 1, &["-W", "1"])?.all_received())
+    })
+    .with_context(|| {
+        format!(
+            "the containers never reached each other again over the remade eth0 (hooked: {:?}):\n{}",
+            ovl_tests::hooked_programs(ns, "eth0"),
+            world.agents[0].output_report()
+        )
+    })?;
+    let hooked = ovl_tests::hooked_programs(ns, "eth0")?;
+    ensure!(
+        hooked.len() == 1 && hooked[0].name == "ovl_tc_decap",
+        "the remade eth0 carries {hooked:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
     let lab = Lab::new("lc-remade")?;
     let world = TwoHosts::start_with_env(&lab, "auto", &[("OVL_METRICS", AGENT_METRICS)])?;
-    let Pair { c1, ip1, c2, ip2 } = world.connected_pair(&lab, "uber-net")?;
-    let r = ping(&c2, ip1, 3, &["-i", "0.2", "-W", "1"])?;
+    let pair = world.connected_pair(&lab, "uber-net")?;
+    let r = ping(&pair.c2, pair.ip1, 3, &["-i", "0.2", "-W", "1"])?;
     ensure!(r.all_received(), "before: {}", r.output);
-    let host_a = &world.hosts[0];
-    let ns = &host_a.netns;
-    let gateway = host_a.gateway.context("routed hosts have a gateway")?;
-    let index_of = |ns: &ovl_tests::Netns| -> Result<u64> {
-        let link: Value = serde_json::from_slice(&ns.ip(&["-j", "link", "show", "eth0"])?.stdout)?;
-        link[0]["ifindex"].as_u64().context("eth0's index")
-    };
-    let before = index_of(ns)?;
+    let ns = &world.hosts[0].netns;
+    let before = eth0_index(ns)?;
     // External egress had the agent switch forwarding on for eth0.
     let forwarding = || -> Result<String> {
         Ok(String::from_utf8(
@@ -554,15 +613,8 @@ fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
             .is_some_and(|p| p.contains("gone")),
         "A's status while eth0 is gone: {status}"
     );
-    ovl_tests::create_veth(ns, "eth0", &world.router, "h0")?;
-    world
-        .router
-        .ip(&["addr", "add", &format!("{gateway}/24"), "dev", "h0"])?;
-    world.router.ip(&["link", "set", "h0", "up"])?;
-    ns.ip(&["addr", "add", &format!("{}/24", host_a.addr), "dev", "eth0"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    ns.ip(&["route", "replace", "default", "via", &gateway.to_string()])?;
-    let after = index_of(ns)?;
+    remake_underlay(&world, None)?;
+    let after = eth0_index(ns)?;
     ensure!(
         after != before,
         "eth0 came back under its old index {before}"
@@ -570,21 +622,7 @@ fn an_underlay_made_anew_under_a_running_agent_is_hooked_again() -> Result<()> {
 
     // The agent hooks it again: both directions cross, and the new device
     // carries exactly one decap program.
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c2, ip1, 1, &["-W", "1"])?.all_received()
-            && ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })
-    .with_context(|| {
-        format!(
-            "the containers never reached each other again over the new eth0:\n{}",
-            world.agents[0].output_report()
-        )
-    })?;
-    let hooked = ovl_tests::hooked_programs(ns, "eth0")?;
-    ensure!(
-        hooked.len() == 1 && hooked[0].name == "ovl_tc_decap",
-        "the new eth0 carries {hooked:?}"
-    );
+    crossing_again(&world, &pair)?;
     let pins: Vec<String> = std::fs::read_dir(world.ovl.pin_dir(TwoHosts::NODES[0]).join("links"))?
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<Result<_>>()?;
@@ -609,17 +647,11 @@ fn an_underlay_deleted_and_made_anew_under_its_old_index_in_one_burst_is_hooked_
 {
     let lab = Lab::new("lc-sameindex")?;
     let world = TwoHosts::start(&lab, "auto")?;
-    let Pair { c1, ip1, c2, ip2 } = world.connected_pair(&lab, "uber-net")?;
-    let r = ping(&c2, ip1, 3, &["-i", "0.2", "-W", "1"])?;
+    let pair = world.connected_pair(&lab, "uber-net")?;
+    let r = ping(&pair.c2, pair.ip1, 3, &["-i", "0.2", "-W", "1"])?;
     ensure!(r.all_received(), "before: {}", r.output);
-    let host_a = &world.hosts[0];
-    let ns = &host_a.netns;
-    let gateway = host_a.gateway.context("routed hosts have a gateway")?;
-    let index_of = |ns: &ovl_tests::Netns| -> Result<u64> {
-        let link: Value = serde_json::from_slice(&ns.ip(&["-j", "link", "show", "eth0"])?.stdout)?;
-        link[0]["ifindex"].as_u64().context("eth0's index")
-    };
-    let before = index_of(ns)?;
+    let ns = &world.hosts[0].netns;
+    let before = eth0_index(ns)?;
 
     // While the agent looks away, eth0 goes and comes back under its old
     // index (as a tool that restores devices by index makes it): to a
@@ -627,51 +659,16 @@ fn an_underlay_deleted_and_made_anew_under_its_old_index_in_one_burst_is_hooked_
     // one's hooks.
     world.agents[0].frozen(|| {
         ns.ip(&["link", "del", "eth0"])?;
-        ns.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "index",
-            &before.to_string(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "h0",
-            "netns",
-            world.router.name(),
-        ])?;
-        world
-            .router
-            .ip(&["addr", "add", &format!("{gateway}/24"), "dev", "h0"])?;
-        world.router.ip(&["link", "set", "h0", "up"])?;
-        ns.ip(&["addr", "add", &format!("{}/24", host_a.addr), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "replace", "default", "via", &gateway.to_string()])
+        remake_underlay(&world, Some(before))
     })?;
     ensure!(
-        index_of(ns)? == before,
+        eth0_index(ns)? == before,
         "eth0 came back under another index than {before}"
     );
 
     // The agent hooks it again: both directions cross, and the device
     // carries exactly one decap program.
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c2, ip1, 1, &["-W", "1"])?.all_received()
-            && ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
-    })
-    .with_context(|| {
-        format!(
-            "the containers never reached each other again over the remade eth0 (hooked: {:?}):\n{}",
-            ovl_tests::hooked_programs(ns, "eth0"),
-            world.agents[0].output_report()
-        )
-    })?;
-    let hooked = ovl_tests::hooked_programs(ns, "eth0")?;
-    ensure!(
-        hooked.len() == 1 && hooked[0].name == "ovl_tc_decap",
-        "the remade eth0 carries {hooked:?}"
-    );
+    crossing_again(&world, &pair)?;
     world.stop()
 }
 
