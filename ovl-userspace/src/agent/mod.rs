@@ -543,9 +543,9 @@ impl Agent {
     /// [`register_underlay`](Self::register_underlay), the maps at the
     /// reapply that follows every link notification. An interface of the
     /// underlay's name made anew (deleted and added again, a NIC reset;
-    /// `deleted`: the notifications since the last look say the underlay's
-    /// index was deleted) is hooked again; a new address restarts the encrypting path, whose
-    /// socket is bound to the old one. (The whole reapply after it puts
+    /// `deleted`: the notifications since the last look say the
+    /// underlay's index was deleted) is hooked again; a new address
+    /// restarts the encrypting path, whose socket is bound to the old one. (The whole reapply after it puts
     /// back what else a new device lost: egress's forwarding, say.)
     async fn follow_underlay(
         &mut self,
