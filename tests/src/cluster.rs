@@ -92,6 +92,23 @@ impl Cluster {
         self.ovl.run(&self.hosts[i].netns, Self::NODES[i], args)
     }
 
+    /// Runs `ovl args...` on host `i` as its node, which must refuse it:
+    /// returns what it said on stderr.
+    pub fn refused(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = self
+            .ovl
+            .run_unchecked(&self.hosts[i].netns, Self::NODES[i], args)?;
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        anyhow::ensure!(
+            !out.status.success(),
+            "`ovl {}` on {} was not refused:\n{}{err}",
+            args.join(" "),
+            Self::NODES[i],
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(err)
+    }
+
     /// Connects a new container on host `i` to `network`; returns it and
     /// its address.
     pub fn container(

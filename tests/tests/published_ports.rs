@@ -192,9 +192,8 @@ fn a_published_port_reaches_the_container_with_the_clients_address_until_it_leav
     // a multicast one (a socket may bind to either): its rule would never
     // match.
     for foreign in ["203.0.113.99", "192.0.2.255", "224.0.0.251"] {
-        let refused = world.ovl.run_unchecked(
-            host_a,
-            "host-a",
+        let err = world.refused(
+            0,
             &[
                 "connect",
                 NETWORK,
@@ -203,15 +202,13 @@ fn a_published_port_reaches_the_container_with_the_clients_address_until_it_leav
                 &format!("{foreign}:8081:80"),
             ],
         )?;
-        let err = String::from_utf8_lossy(&refused.stderr).into_owned();
         ensure!(
-            !refused.status.success() && err.contains("not an address of this host"),
+            err.contains("not an address of this host"),
             "a port on {foreign} was published: {err}"
         );
     }
-    let refused = world.ovl.run_unchecked(
-        host_a,
-        "host-a",
+    let err = world.refused(
+        0,
         &[
             "connect",
             NETWORK,
@@ -220,9 +217,8 @@ fn a_published_port_reaches_the_container_with_the_clients_address_until_it_leav
             &format!("{HOST_A}:8080:8080"),
         ],
     )?;
-    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
     ensure!(
-        !refused.status.success() && err.contains("already published") && err.contains("c1"),
+        err.contains("already published") && err.contains("c1"),
         "a second publisher of 8080 was not refused naming c1: {err}"
     );
     ensure!(
@@ -682,14 +678,9 @@ fn the_overlays_own_udp_ports_are_not_published() -> Result<()> {
         (format!("{wireguard}:{wireguard}/udp"), "WireGuard"),
         ("4789:4789/udp".to_owned(), "VXLAN"),
     ] {
-        let refused = world.ovl.run_unchecked(
-            &host_a,
-            "host-a",
-            &["connect", NETWORK, c1.name(), "--publish", &port],
-        )?;
-        let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+        let err = world.refused(0, &["connect", NETWORK, c1.name(), "--publish", &port])?;
         ensure!(
-            !refused.status.success() && err.contains(what) && err.contains("another host port"),
+            err.contains(what) && err.contains("another host port"),
             "--publish {port} was not refused as the overlay's {what}: {err}"
         );
     }
@@ -763,14 +754,9 @@ fn an_internal_network_publishes_nothing() -> Result<()> {
         .ovl
         .create_network(host_a, NETWORK, "198.18.0.0/24", &["--internal"])?;
     let c1 = lab.container("c1")?;
-    let refused = world.ovl.run_unchecked(
-        host_a,
-        "host-a",
-        &["connect", NETWORK, c1.name(), "--publish", "8080:80"],
-    )?;
-    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let err = world.refused(0, &["connect", NETWORK, c1.name(), "--publish", "8080:80"])?;
     ensure!(
-        !refused.status.success() && err.contains("internal") && err.contains("published"),
+        err.contains("internal") && err.contains("published"),
         "an internal network published a port: {err}"
     );
     let listing = world.run(0, &["endpoint", "ls", "--json"])?;
@@ -799,9 +785,8 @@ fn with_etcd_a_host_port_is_claimed_once_per_node_across_networks() -> Result<()
         "the published port's claim: {claims:?}"
     );
     let c2 = lab.container("c2")?;
-    let refused = world.ovl.run_unchecked(
-        &host_a,
-        "host-a",
+    let err = world.refused(
+        0,
         &[
             "connect",
             "blue",
@@ -810,9 +795,8 @@ fn with_etcd_a_host_port_is_claimed_once_per_node_across_networks() -> Result<()
             &format!("{HOST_A}:8080:80"),
         ],
     )?;
-    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
     ensure!(
-        !refused.status.success() && err.contains("already published") && err.contains("\"red\""),
+        err.contains("already published") && err.contains("\"red\""),
         "blue's container took red's host port on host A: {err}"
     );
     // Another node publishes the same port freely.
@@ -836,12 +820,9 @@ fn with_etcd_a_host_port_is_claimed_once_per_node_across_networks() -> Result<()
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let before = world.etcd.keys("/ovl/")?;
-    let refused = world.ovl.run_unchecked(&host_a, "host-a", &args)?;
-    let err = String::from_utf8_lossy(&refused.stderr).into_owned();
+    let err = world.refused(0, &args)?;
     ensure!(
-        !refused.status.success()
-            && err.contains("publishing 70 ports")
-            && err.contains("at most about 60 ports"),
+        err.contains("publishing 70 ports") && err.contains("at most about 60 ports"),
         "70 ports on etcd were not refused saying how many fit: {err}"
     );
     ensure!(
