@@ -36,6 +36,12 @@ pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_DEST_UNREACH: u8 = 3;
 /// Code of "fragmentation needed and DF set" (RFC 792, RFC 1191 §4).
 pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// The ECN field of the IPv4 TOS byte (RFC 3168 §5) and its code points.
+pub const ECN_MASK: u8 = 0b11;
+pub const ECN_NOT_ECT: u8 = 0b00;
+pub const ECN_ECT1: u8 = 0b01;
+pub const ECN_ECT0: u8 = 0b10;
+pub const ECN_CE: u8 = 0b11;
 /// IPv4 "don't fragment" flag (RFC 791), in the flags/offset field.
 pub const IPV4_DF: u16 = 0x4000;
 /// IPv4 "more fragments" flag and fragment offset: non-zero in any fragment.

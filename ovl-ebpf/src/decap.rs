@@ -11,8 +11,9 @@ use ovl_common::{
     DropReason, Endpoint, NodeConfig,
     maps::{flow_cache::decap_slot, network_flags},
     wire::{
-        ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPV4_FRAG_MASK,
-        IPV4_FRAG_OFFSET, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I, checksum_replace16,
+        ECN_CE, ECN_MASK, ECN_NOT_ECT, ETH_HDR_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_FRAG_MASK, IPV4_FRAG_OFFSET, IPV4_HDR_LEN, UDP_HDR_LEN, VXLAN_FLAG_I,
+        checksum_replace16,
     },
 };
 
@@ -47,11 +48,6 @@ pub fn outer_options_len(frame: &Frame) -> u32 {
         _ => 0,
     }
 }
-
-/// The ECN field of the IPv4 TOS byte (RFC 3168 §5) and its code points.
-const ECN_MASK: u8 = 0x03;
-const ECN_NOT_ECT: u8 = 0x00;
-const ECN_CE: u8 = 0x03;
 
 /// Padding a sender may add after a short inner IPv4 packet, to fill its
 /// Ethernet frame to the 60-byte minimum (14 + 20 + 26).

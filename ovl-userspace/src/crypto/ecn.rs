@@ -11,27 +11,24 @@
 //! would have; the data path's decap then carries the mark on to the
 //! container's packet.
 
-use ovl_common::wire::checksum_replace16;
-
-/// The ECN field of an IPv4 TOS byte (RFC 3168 §5).
-pub const ECN_MASK: u8 = 0b11;
+use ovl_common::wire::{ECN_CE, ECN_ECT0, ECN_ECT1, ECN_MASK, ECN_NOT_ECT, checksum_replace16};
 
 /// An ECN codepoint (RFC 3168 §5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ecn {
-    NotEct = 0b00,
-    Ect1 = 0b01,
-    Ect0 = 0b10,
-    Ce = 0b11,
+    NotEct = ECN_NOT_ECT as isize,
+    Ect1 = ECN_ECT1 as isize,
+    Ect0 = ECN_ECT0 as isize,
+    Ce = ECN_CE as isize,
 }
 
 impl Ecn {
     /// The ECN field of TOS byte `tos`.
     pub const fn of_tos(tos: u8) -> Ecn {
         match tos & ECN_MASK {
-            0b00 => Ecn::NotEct,
-            0b01 => Ecn::Ect1,
-            0b10 => Ecn::Ect0,
+            ECN_NOT_ECT => Ecn::NotEct,
+            ECN_ECT1 => Ecn::Ect1,
+            ECN_ECT0 => Ecn::Ect0,
             _ => Ecn::Ce,
         }
     }
