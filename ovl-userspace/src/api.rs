@@ -34,7 +34,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::{
     agent::view::View,
-    crypto::{CryptoHandle, stats::CryptoReport},
+    crypto::{NodeCrypto, stats::CryptoReport},
     datapath,
     metrics::{NetworkStats, UnderlayStats},
 };
@@ -247,11 +247,11 @@ async fn underlay(State(api): State<AgentApi>) -> Result<Json<UnderlayStats>, Ap
     Ok(Json(underlay_of(&api.view)?))
 }
 
-fn crypto_of(api: &AgentApi) -> Result<CryptoHandle, ApiError> {
+fn crypto_of(api: &AgentApi) -> Result<Arc<NodeCrypto>, ApiError> {
     api.view.crypto().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "this agent has no encrypting path (see its log for why); encrypted networks drop their packets (no_key) on this node",
+            "this agent has no WireGuard key (see its log for why); encrypted networks drop their packets (no_key) on this node",
         )
     })
 }

@@ -4,7 +4,8 @@
 //! replayed messages are dropped and counted; a flood of handshake
 //! initiations is answered with cookies while the network carries on; keys
 //! rotate without loss; a node joining later is reached; a dead agent fails
-//! closed; ECN crosses the tunnel as RFC 6040 says.
+//! closed; ECN crosses the tunnel as RFC 6040 says; WireGuard listens only
+//! while the cluster has an encrypted network.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -808,6 +809,106 @@ fn killed_agent_fails_closed_dropping_and_counting_and_sending_nothing_in_clear(
     ensure!(
         world.node_keys(1)?["host-a"] == key_before,
         "key changed across a restart"
+    );
+    world.stop()
+}
+
+/// Host `i`'s WireGuard engine as the kernel shows it: (a UDP socket
+/// listens on the WireGuard port, the crypto device exists).
+fn wireguard_on_host(world: &Cluster, i: usize) -> Result<(bool, bool)> {
+    let ns = &world.hosts[i].netns;
+    let port = format!("sport = :{WG_PORT}");
+    let sockets = ns.exec(&["ss", "-Hnul", &port])?;
+    let links = ns.exec(&["ip", "-o", "link", "show"])?;
+    Ok((
+        !String::from_utf8_lossy(&sockets.stdout).trim().is_empty(),
+        String::from_utf8_lossy(&links.stdout).contains("ovlwg"),
+    ))
+}
+
+/// Waits until both hosts' engines are `running` (socket and device) or
+/// stopped (neither).
+fn wait_for_wireguard(world: &Cluster, running: bool) -> Result<()> {
+    wait_until(Duration::from_secs(10), || {
+        for i in 0..world.hosts.len() {
+            if wireguard_on_host(world, i)? != (running, running) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .with_context(|| {
+        let seen: Vec<_> = (0..world.hosts.len())
+            .map(|i| wireguard_on_host(world, i))
+            .collect();
+        format!("WireGuard should be running: {running}; (socket, device) per host: {seen:?}")
+    })
+}
+
+#[test]
+fn wireguard_listens_only_while_the_cluster_has_an_encrypted_network() -> Result<()> {
+    let lab = Lab::new("crypt-demand")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let ns = &world.hosts[0].netns;
+    world.ovl.create_network(ns, OPEN, OPEN_SUBNET, &[])?;
+    let (o0, _) = world.container(&lab, 0, OPEN, "o0")?;
+    let (_, o1_ip) = world.container(&lab, 1, OPEN, "o1")?;
+    wait_for_ping(&o0, o1_ip)?;
+    // Keys are published from the start, so peers know them before the
+    // first encrypted network; nothing listens yet.
+    wait_for_keys(&world)?;
+    let key = world.node_keys(1)?["host-a"].clone();
+    wait_for_wireguard(&world, false)?;
+    let report = crypto(&world, 0)?;
+    ensure!(report["device"].is_null(), "{report}");
+    ensure!(
+        report["public_key"].as_str() == key.as_deref(),
+        "the report's key is not the published one: {report}"
+    );
+    let text = world.run(0, &["stats", "--crypto"])?;
+    ensure!(
+        text.contains("device:      none (no encrypted network"),
+        "{text}"
+    );
+
+    // The first encrypted network starts it on every host.
+    world
+        .ovl
+        .create_network(ns, SECRET, SECRET_SUBNET, &["--encrypted"])?;
+    wait_for_wireguard(&world, true)?;
+    let (s0, _) = world.container(&lab, 0, SECRET, "s0")?;
+    let (s1, s1_ip) = world.container(&lab, 1, SECRET, "s1")?;
+    wait_for_ping(&s0, s1_ip)?;
+    let sealed = crypto(&world, 0)?["counters"]["tx_packets"]
+        .as_u64()
+        .context("no tx_packets")?;
+    ensure!(sealed > 0, "the encrypted network's pings were not sealed");
+
+    // The last one's removal stops it on every host; the plain network
+    // carries on, the counters stay.
+    world.run(0, &["disconnect", SECRET, s0.name()])?;
+    world.run(1, &["disconnect", SECRET, s1.name()])?;
+    world.run(0, &["network", "rm", SECRET])?;
+    wait_for_wireguard(&world, false)?;
+    let report = crypto(&world, 0)?;
+    ensure!(report["device"].is_null(), "{report}");
+    ensure!(
+        report["counters"]["tx_packets"].as_u64() == Some(sealed),
+        "counters did not outlive the engine: {report}"
+    );
+    wait_for_ping(&o0, o1_ip)?;
+
+    // And the next one starts it again, with the same key.
+    world
+        .ovl
+        .create_network(ns, SECRET, SECRET_SUBNET, &["--encrypted"])?;
+    let (s0, _) = world.container(&lab, 0, SECRET, "s0b")?;
+    let (_, s1_ip) = world.container(&lab, 1, SECRET, "s1b")?;
+    wait_for_ping(&s0, s1_ip)?;
+    wait_for_wireguard(&world, true)?;
+    ensure!(
+        world.node_keys(1)?["host-a"] == key,
+        "the key changed across the engine's runs"
     );
     world.stop()
 }

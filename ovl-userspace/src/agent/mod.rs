@@ -66,6 +66,10 @@ const APPLY_MAX_PAUSE: Duration = Duration::from_millis(500);
 /// (when it has a pinned data path to forward with).
 const STORE_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Least time between two failed starts of the WireGuard engine (its port
+/// taken by another program, say).
+const CRYPTO_RETRY: Duration = Duration::from_secs(30);
+
 /// What `ovl attach` was asked to do.
 pub struct AgentOptions {
     pub iface: String,
@@ -184,6 +188,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         collector: gc::Collector::new(opts.gc_grace),
         next_gc: None,
         crypto: None,
+        crypto_retry: None,
         ifindexes: ifindex::IfindexCache::default(),
         host_ends: host_ends::HostEnds::default(),
         next_hops_failing: false,
@@ -196,7 +201,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         return Err(e);
     }
 
-    agent.start_crypto(&opts);
+    agent.load_crypto(&opts);
     let api = api::serve(api_listener, api::AgentApi::new(agent.view.clone()));
     let api_task = tokio::spawn(api);
     let metrics_task =
@@ -364,9 +369,11 @@ struct Agent {
     /// When an abandoned endpoint is next due for collection.
     next_gc: Option<Instant>,
     dns: crate::dns::Service,
-    /// The encrypting path of encrypted networks (none if it could not
-    /// start: those networks then drop, counted `no_key`).
-    crypto: Option<crypto::Crypto>,
+    /// The encrypting path of encrypted networks (none if the node's key
+    /// could not be loaded: those networks then drop, counted `no_key`).
+    crypto: Option<Arc<crypto::NodeCrypto>>,
+    /// After a failed start of the engine: not tried again before then.
+    crypto_retry: Option<Instant>,
     /// Local veths' indexes, forgotten at every link notification.
     ifindexes: ifindex::IfindexCache,
     /// Host ends of local veths whose offloads were checked.
@@ -504,23 +511,69 @@ impl Agent {
         }
     }
 
-    /// Starts the encrypting path on the underlay's address (its socket is
-    /// bound to the VTEP), after stopping the one that ran, if any: both
-    /// own the crypto device's name. Peers are the last state's; the
-    /// node's key is published once the store is reached (or now, given
-    /// `store`).
-    fn start_crypto(&mut self, opts: &AgentOptions) {
-        // The API's handle holds the engine, and the engine the device.
-        self.view.set_crypto(None);
-        self.crypto = None;
-        self.crypto = crypto::start_for_agent(opts, &self.underlay, &mut self.dp);
-        let Some(c) = &self.crypto else {
+    /// Loads the node's WireGuard key for the encrypting path (its engine
+    /// starts with the first encrypted network: [`Agent::sync_crypto`]).
+    /// The key is published once the store is reached.
+    fn load_crypto(&mut self, opts: &AgentOptions) {
+        let mut c =
+            crypto::CryptoOptions::new(&opts.node, self.underlay.addr, opts.state_dir.join("keys"));
+        c.underlay_mtu = self.underlay.mtu;
+        c.port = opts.wireguard_port;
+        c.rotate_every = opts.key_rotation;
+        match crypto::NodeCrypto::load(c) {
+            Ok(crypto) => {
+                self.view.set_crypto(Some(crypto.clone()));
+                self.crypto = Some(crypto);
+            }
+            Err(e) => log::error!(
+                "encrypted networks cannot be served on this node: {e:#}; their packets are dropped (no_key)"
+            ),
+        }
+    }
+
+    /// Runs the encrypting path's engine (UDP socket, crypto device,
+    /// threads) exactly while the last state has an encrypted network,
+    /// and hooks its device into the data path. A failed start is logged
+    /// and tried again at the first apply or store probe after
+    /// [`CRYPTO_RETRY`].
+    fn sync_crypto(&mut self) {
+        let Some(c) = self.crypto.clone() else {
             return;
         };
-        if let Some(state) = &self.state {
-            c.set_peers(&crypto::peers_of(state, &self.node));
+        let wanted = self
+            .state
+            .as_ref()
+            .is_some_and(|s| s.networks.values().any(|n| n.encrypted));
+        if !wanted {
+            if c.stop() {
+                log::info!(
+                    "no encrypted network left: WireGuard stopped (socket closed, crypto device removed)"
+                );
+            }
+            return;
         }
-        self.view.set_crypto(Some(c.handle()));
+        if c.running() || self.crypto_retry.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let started = c
+            .start()
+            .and_then(|(name, ifindex)| self.dp.hook_crypto(&name, ifindex));
+        match started {
+            Ok(()) => {
+                self.crypto_retry = None;
+                if let Some(state) = &self.state {
+                    c.set_peers(&crypto::peers_of(state, &self.node));
+                }
+            }
+            Err(e) => {
+                c.stop();
+                self.crypto_retry = Some(Instant::now() + CRYPTO_RETRY);
+                log::error!(
+                    "encrypted networks cannot be served on this node: {e:#}; their packets are dropped (no_key). Tried again in {} s",
+                    CRYPTO_RETRY.as_secs()
+                );
+            }
+        }
     }
 
     /// Writes the underlay as the agent knows it into the programs'
@@ -545,14 +598,10 @@ impl Agent {
     /// underlay's name made anew (deleted and added again, a NIC reset;
     /// `deleted`: the notifications since the last look say the
     /// underlay's index was deleted) is hooked again; a new address
-    /// restarts the encrypting path, whose socket is bound to the old one. (The whole reapply after it puts
-    /// back what else a new device lost: egress's forwarding, say.)
-    async fn follow_underlay(
-        &mut self,
-        opts: &AgentOptions,
-        store: Option<&Arc<Store>>,
-        deleted: bool,
-    ) {
+    /// restarts WireGuard, whose socket is bound to the old one. (The
+    /// whole reapply after it puts back what else a new device lost:
+    /// egress's forwarding, say.)
+    async fn follow_underlay(&mut self, opts: &AgentOptions, deleted: bool) {
         let iface = opts.iface.as_str();
         if deleted && netlink::ifindex(iface).is_some() {
             // Deleted and made anew since the last look, perhaps under its
@@ -657,20 +706,15 @@ impl Agent {
             }
         }
         if let Some(c) = &self.crypto
-            && was.mtu != self.underlay.mtu
+            && c.set_underlay(self.underlay.addr, self.underlay.mtu)
         {
-            c.set_underlay_mtu(self.underlay.mtu);
-        }
-        if was.addr != self.underlay.addr {
             log::info!(
-                "starting the encrypting path again on {} (its socket was bound to {})",
+                "starting WireGuard again on {} (its socket was bound to {})",
                 self.underlay.addr,
                 was.addr
             );
-            self.start_crypto(opts);
-            if let (Some(c), Some(store)) = (&self.crypto, store) {
-                c.publish_to(store.clone(), &self.node);
-            }
+            self.crypto_retry = None;
+            self.sync_crypto();
         }
     }
 
@@ -755,10 +799,14 @@ impl Agent {
         );
         // Half written: the maps may differ from the plans anywhere.
         self.needs_whole = applied.is_err();
+        self.sync_crypto();
         applied?;
         if dirty.is_empty() {
             return Ok(());
         }
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
         reconcile::remember(&mut self.memory, state, &self.node);
         if let Some(c) = &self.crypto {
             c.set_peers(&crypto::peers_of(state, &self.node));
@@ -905,6 +953,7 @@ impl Agent {
                     }
                 }
                 _ = probe.tick(), if connected.is_some() => {
+                    self.sync_crypto();
                     let c = connected.as_mut().expect("guarded");
                     self.register_underlay(c, opts.lease_ttl).await;
                     let ok = c.store.ping().await.is_ok();
@@ -925,8 +974,7 @@ impl Agent {
                     self.ifindexes.invalidate();
                     // The underlay's address, MAC or MTU may have changed,
                     // or the device itself.
-                    let store = connected.as_ref().map(|c| c.store.clone());
-                    self.follow_underlay(opts, store.as_ref(), underlay_deleted).await;
+                    self.follow_underlay(opts, underlay_deleted).await;
                     if let Some(c) = connected.as_mut() {
                         self.register_underlay(c, opts.lease_ttl).await;
                     }

@@ -74,9 +74,8 @@ pub struct View {
     kick: mpsc::Sender<()>,
     /// The containers' resolver's counters.
     pub dns: crate::dns::Stats,
-    /// The encrypting path, while one runs (it starts again when the
-    /// underlay's address changes).
-    crypto: RwLock<Option<crate::crypto::CryptoHandle>>,
+    /// The encrypting path (none if the node's key could not be loaded).
+    crypto: RwLock<Option<Arc<crate::crypto::NodeCrypto>>>,
 }
 
 impl View {
@@ -130,16 +129,16 @@ impl View {
         });
     }
 
-    /// The encrypting path the API reports on, if one runs.
-    pub fn crypto(&self) -> Option<crate::crypto::CryptoHandle> {
+    /// The encrypting path the API reports on.
+    pub fn crypto(&self) -> Option<Arc<crate::crypto::NodeCrypto>> {
         self.crypto
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Names the encrypting path that runs now (`None`: none).
-    pub fn set_crypto(&self, crypto: Option<crate::crypto::CryptoHandle>) {
+    /// Names the encrypting path (`None`: none).
+    pub fn set_crypto(&self, crypto: Option<Arc<crate::crypto::NodeCrypto>>) {
         *self.crypto.write().unwrap_or_else(|p| p.into_inner()) = crypto;
     }
 

@@ -96,15 +96,16 @@ pub struct Engine {
     pub stop: AtomicBool,
     pub identities: RwLock<Identities>,
     pub table: RwLock<Table>,
-    pub counters: Counters,
+    /// Shared with the engines before and after this one.
+    pub counters: Arc<Counters>,
     pub socket: UdpSocket,
     pub tap: Tap,
     pub vtep: Ipv4Addr,
     pub port: u16,
     pub key_file: KeyFile,
-    pub published: watch::Sender<Published>,
+    pub published: Arc<watch::Sender<Published>>,
     pub rotate_every: Duration,
-    pub next_rotation: Mutex<Instant>,
+    pub next_rotation: Arc<Mutex<Instant>>,
     /// The longest packet a message may carry, padding included: this
     /// node's underlay MTU less WireGuard's overhead (0: no padding). A
     /// peer on a narrower underlay lowers it for itself.
@@ -285,7 +286,7 @@ impl Engine {
     fn send(&self, msg: &[u8], to: SocketAddr) {
         if let Err(e) = self.socket.send_to(msg, to) {
             log::debug!("send to {to}: {e}");
-            self.counters.drop(CryptoDrop::IoError);
+            self.counters.dropped(CryptoDrop::IoError);
         }
     }
 
@@ -309,7 +310,7 @@ impl Engine {
 
     fn flush(&self, out: &mut Outgoing) {
         for _ in 0..out.flush(&self.socket) {
-            self.counters.drop(CryptoDrop::IoError);
+            self.counters.dropped(CryptoDrop::IoError);
         }
     }
 
@@ -358,13 +359,13 @@ impl Engine {
     /// train of wire-size frames it stands for, each its own message.
     fn seal(&self, frame: &mut [u8], out: &mut Outgoing, scratch: &mut [u8], segment: &mut [u8]) {
         if frame.len() < VNET_HDR_LEN {
-            self.counters.drop(CryptoDrop::Malformed);
+            self.counters.dropped(CryptoDrop::Malformed);
             return;
         }
         let (hdr, frame) = frame.split_at_mut(VNET_HDR_LEN);
         let hdr = VnetHdr::parse(hdr);
         let Some(vtep) = vtep_of(frame) else {
-            self.counters.drop(CryptoDrop::NoKey);
+            self.counters.dropped(CryptoDrop::NoKey);
             return;
         };
         let peer = self
@@ -373,7 +374,7 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .by_vtep(vtep);
         let Some(peer) = peer else {
-            self.counters.drop(CryptoDrop::NoKey);
+            self.counters.dropped(CryptoDrop::NoKey);
             return;
         };
         let mine = self
@@ -392,14 +393,14 @@ impl Engine {
         let limit = self.pad_limit_for(&p.info);
         let Some(sender) = p.sender(&mine, Instant::now()) else {
             for _ in 0..segments {
-                self.counters.drop(CryptoDrop::NoKey);
+                self.counters.dropped(CryptoDrop::NoKey);
             }
             return;
         };
         let generation = &mut p.gens[sender.index];
         let mut seal_one = |wire_frame: &[u8]| {
             let Some((packet, _)) = vxlan_of(wire_frame) else {
-                self.counters.drop(CryptoDrop::Malformed);
+                self.counters.dropped(CryptoDrop::Malformed);
                 return;
             };
             if out.is_full() {
@@ -413,14 +414,14 @@ impl Engine {
         };
         if hdr.gso_type == GSO_NONE {
             if hdr.flags & F_NEEDS_CSUM != 0 && offload::complete_checksum(frame, &hdr).is_err() {
-                self.counters.drop(CryptoDrop::Malformed);
+                self.counters.dropped(CryptoDrop::Malformed);
             } else {
                 seal_one(frame);
             }
         } else if offload::split(frame, &hdr, segment, &mut seal_one).is_err() {
             log::debug!("cannot cut a GSO frame for {vtep}: {hdr:?}");
             for _ in 0..segments {
-                self.counters.drop(CryptoDrop::Malformed);
+                self.counters.dropped(CryptoDrop::Malformed);
             }
         }
         if sender.handshake_newest
@@ -467,7 +468,7 @@ impl Engine {
                 }
                 TunnResult::Err(e) => {
                     log::debug!("seal for {vtep}: {e:?}");
-                    self.counters.drop(CryptoDrop::IoError);
+                    self.counters.dropped(CryptoDrop::IoError);
                 }
                 _ => {}
             }
@@ -477,12 +478,12 @@ impl Engine {
                     self.count_out(msg, payload);
                     if let Err(e) = batch::send_one(&self.socket, msg, to, outer_tos(msg, tos)) {
                         log::debug!("send to {to}: {e}");
-                        self.counters.drop(CryptoDrop::IoError);
+                        self.counters.dropped(CryptoDrop::IoError);
                     }
                 }
                 TunnResult::Err(e) => {
                     log::debug!("seal for {vtep}: {e:?}");
-                    self.counters.drop(CryptoDrop::IoError);
+                    self.counters.dropped(CryptoDrop::IoError);
                 }
                 _ => {}
             }
@@ -494,7 +495,7 @@ impl Engine {
     /// it, but the engine seals it later, as every other packet).
     fn stage(&self, g: &mut Generation, packet: &[u8], to: SocketAddr, out: &mut Outgoing) {
         for _ in 0..g.staged.push(packet, Instant::now()) {
-            self.counters.drop(CryptoDrop::NoKey);
+            self.counters.dropped(CryptoDrop::NoKey);
         }
         if let TunnResult::WriteToNetwork(msg) =
             g.tunn.format_handshake_initiation(out.slot(), false)
@@ -577,7 +578,7 @@ impl Engine {
                     }
                 }
                 for _ in 0..incoming.truncated() {
-                    self.counters.drop(CryptoDrop::Malformed);
+                    self.counters.dropped(CryptoDrop::Malformed);
                 }
                 for i in 0..incoming.len() {
                     let (msg, from, tos) = incoming.get(i);
@@ -601,7 +602,7 @@ impl Engine {
     ) {
         let index = match Tunn::parse_incoming_packet(msg) {
             Err(_) => {
-                self.counters.drop(CryptoDrop::Malformed);
+                self.counters.dropped(CryptoDrop::Malformed);
                 return;
             }
             Ok(Packet::HandshakeInit(init)) => {
@@ -618,12 +619,12 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .by_index(index);
         let Some((peer, id)) = found else {
-            self.counters.drop(CryptoDrop::UnknownSession);
+            self.counters.dropped(CryptoDrop::UnknownSession);
             return;
         };
         let mut p = lock(&peer);
         let Some(g) = p.by_id(id) else {
-            self.counters.drop(CryptoDrop::UnknownSession);
+            self.counters.dropped(CryptoDrop::UnknownSession);
             return;
         };
         self.decapsulate(&mut p, g, msg, from, outer, out, merger);
@@ -655,17 +656,17 @@ impl Engine {
         let mine = match admit(&ids, msg, from.ip(), &mut cookie) {
             Admission::For(n) => &ids[n],
             Admission::Cookie(len) => {
-                self.counters.drop(CryptoDrop::UnderLoad);
+                self.counters.dropped(CryptoDrop::UnderLoad);
                 self.send(&cookie[..len], from);
                 return;
             }
             Admission::Refused(why) => {
-                self.counters.drop(why);
+                self.counters.dropped(why);
                 return;
             }
         };
         let Some(theirs) = initiator_of(mine, init) else {
-            self.counters.drop(CryptoDrop::AuthFailed);
+            self.counters.dropped(CryptoDrop::AuthFailed);
             return;
         };
         let peer = self
@@ -674,7 +675,7 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .by_key(&theirs);
         let Some(peer) = peer else {
-            self.counters.drop(CryptoDrop::UnknownKey);
+            self.counters.dropped(CryptoDrop::UnknownKey);
             return;
         };
         let known = lock(&peer).by_keys(&mine.public_key(), &theirs).is_some();
@@ -688,7 +689,7 @@ impl Engine {
         // may have retired a tunnel in between, moving the others.
         let mut p = lock(&peer);
         let Some(index) = p.by_keys(&mine.public_key(), &theirs) else {
-            self.counters.drop(CryptoDrop::UnknownSession);
+            self.counters.dropped(CryptoDrop::UnknownSession);
             return;
         };
         // A handshake opens to no packet: its ECN field means nothing.
@@ -719,7 +720,7 @@ impl Engine {
             // limiter too, found it over its limit since (or a response
             // under load) and wants a cookie from the sender first.
             TunnResult::WriteToNetwork(reply) if reply.first() == Some(&MSG_COOKIE_REPLY) => {
-                self.counters.drop(CryptoDrop::UnderLoad);
+                self.counters.dropped(CryptoDrop::UnderLoad);
                 self.send(reply, from);
             }
             TunnResult::WriteToNetwork(reply) => {
@@ -743,13 +744,13 @@ impl Engine {
             TunnResult::WriteToTunnelV4(packet, _) => {
                 let len = packet.len();
                 if !is_vxlan_between(packet, vtep, self.vtep) {
-                    self.counters.drop(CryptoDrop::Spoofed);
+                    self.counters.dropped(CryptoDrop::Spoofed);
                     return;
                 }
                 // The decap program behind the device carries the mark on
                 // to the container's packet (its own RFC 6040 step).
                 if ecn::carry_outer_mark(outer, packet).is_err() {
-                    self.counters.drop(CryptoDrop::Congestion);
+                    self.counters.dropped(CryptoDrop::Congestion);
                     return;
                 }
                 Counters::add(&self.counters.rx_packets, 1);
@@ -758,7 +759,7 @@ impl Engine {
                 let refused = merger.push(frame, &mut |f| self.write_frame(f));
                 self.refused(refused);
             }
-            TunnResult::WriteToTunnelV6(..) => self.counters.drop(CryptoDrop::Spoofed),
+            TunnResult::WriteToTunnelV6(..) => self.counters.dropped(CryptoDrop::Spoofed),
             TunnResult::Done => {
                 if !is_data(msg) {
                     Counters::add(&self.counters.handshakes_received, 1);
@@ -766,7 +767,7 @@ impl Engine {
             }
             TunnResult::Err(e) => {
                 log::debug!("message from {from}: {e:?}");
-                self.counters.drop(classify(&e));
+                self.counters.dropped(classify(&e));
             }
         }
     }
@@ -787,7 +788,7 @@ impl Engine {
     /// Counts decrypted packets the device refused.
     fn refused(&self, packets: usize) {
         for _ in 0..packets {
-            self.counters.drop(CryptoDrop::IoError);
+            self.counters.dropped(CryptoDrop::IoError);
         }
     }
 
@@ -836,7 +837,7 @@ impl Engine {
                             .is_some_and(|t| now.duration_since(t) >= STAGED_FOR)
                     {
                         for _ in g.staged.take() {
-                            self.counters.drop(CryptoDrop::NoKey);
+                            self.counters.dropped(CryptoDrop::NoKey);
                         }
                     }
                 }
@@ -993,11 +994,13 @@ mod tests {
             let keys = TestDir::new("engine-keys");
             let engine = Engine {
                 stop: Default::default(),
-                published: watch::channel(Published {
-                    key: identity.public_key(),
-                    port: 0,
-                })
-                .0,
+                published: Arc::new(
+                    watch::channel(Published {
+                        key: identity.public_key(),
+                        port: 0,
+                    })
+                    .0,
+                ),
                 identities: RwLock::new(Identities {
                     current: identity,
                     retiring: Vec::new(),
@@ -1010,7 +1013,7 @@ mod tests {
                 port: 0,
                 key_file: KeyFile::in_dir(keys.path()),
                 rotate_every: Duration::from_secs(3600),
-                next_rotation: Mutex::new(Instant::now() + Duration::from_secs(3600)),
+                next_rotation: Arc::new(Mutex::new(Instant::now() + Duration::from_secs(3600))),
                 pad_limit: AtomicUsize::new(1440),
             };
             Node {

@@ -1,23 +1,24 @@
 //! The encrypting path's counters in the agent's Prometheus metrics:
-//! `ovl_crypto_*`, from the engine this process runs (none: no series).
+//! `ovl_crypto_*`, of this process's encrypting path (none: no series),
+//! counted across the runs of its engine.
 
 use std::sync::{Arc, RwLock, Weak};
 
 use anyhow::Result;
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 
-use super::{engine::Engine, report};
+use super::NodeCrypto;
 
-/// The engine of this process, for the exporter (which is handed only the
-/// agent's view): set when it starts, gone when it stops.
-static CURRENT: RwLock<Option<Weak<Engine>>> = RwLock::new(None);
+/// The encrypting path of this process, for the exporter (which is handed
+/// only the agent's view): set when the agent loads its key, gone with it.
+static CURRENT: RwLock<Option<Weak<NodeCrypto>>> = RwLock::new(None);
 
-/// Records `engine` as this process's.
-pub(super) fn set_current(engine: &Arc<Engine>) {
-    *CURRENT.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(engine));
+/// Records `crypto` as this process's.
+pub(super) fn set_current(crypto: &Arc<NodeCrypto>) {
+    *CURRENT.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::downgrade(crypto));
 }
 
-fn current() -> Option<Arc<Engine>> {
+fn current() -> Option<Arc<NodeCrypto>> {
     CURRENT
         .read()
         .unwrap_or_else(|e| e.into_inner())
@@ -25,12 +26,12 @@ fn current() -> Option<Arc<Engine>> {
         .and_then(Weak::upgrade)
 }
 
-/// Adds the `ovl_crypto_*` series to `reg`, when an engine runs.
+/// Adds the `ovl_crypto_*` series to `reg`, when the agent has its key.
 pub fn export(reg: &Registry) -> Result<()> {
-    let Some(engine) = current() else {
+    let Some(crypto) = current() else {
         return Ok(());
     };
-    let c = report(&engine).counters;
+    let c = crypto.counters.snapshot();
     let vec = |name: &str, help: &str, label: &str| -> Result<IntCounterVec> {
         let v = IntCounterVec::new(Opts::new(name, help), &[label])?;
         reg.register(Box::new(v.clone()))?;

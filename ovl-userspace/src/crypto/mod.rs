@@ -5,10 +5,12 @@
 //! decap program. The kernel only accepts an encrypted network's VXLAN
 //! from that device, and drops (`no_key`) what it cannot hand to it.
 //!
-//! The agent calls a narrow API: [`Crypto::start`], [`Crypto::device`],
-//! [`Crypto::set_peers`] from each store state, [`Crypto::publish_to`] once
-//! the store answers, [`Crypto::handle`] for the local API; dropping it
-//! stops the engine and removes the device.
+//! The agent calls a narrow API on [`NodeCrypto`]: [`NodeCrypto::load`]
+//! at its start, [`NodeCrypto::publish_to`] once the store answers (peers
+//! learn the key before any encrypted network exists),
+//! [`NodeCrypto::start`] and [`NodeCrypto::stop`] as the cluster gains its
+//! first encrypted network and loses its last, [`NodeCrypto::set_peers`]
+//! from each store state; the local API reports and rotates through it.
 
 mod batch;
 pub mod cli;
@@ -41,7 +43,7 @@ pub use self::peers::PeerInfo;
 use self::{
     engine::{Engine, Identities, Published, pad_limit},
     keys::{KeyFile, PublicKey},
-    stats::{CryptoReport, PeerReport},
+    stats::{Counters, CryptoReport, PeerReport},
     tap::Tap,
 };
 use crate::{model::State, store::Store};
@@ -106,35 +108,40 @@ pub fn device_name(node: &str) -> String {
     format!("ovlwg{h:08x}")
 }
 
-/// The running engine.
-pub struct Crypto {
-    engine: Arc<Engine>,
-    threads: Vec<JoinHandle<()>>,
+/// The node's encrypting path. The key lives as long as the agent: it is
+/// published in the store from the start, so peers know it before the
+/// first encrypted network exists. The engine (UDP socket, crypto device,
+/// three threads) runs only while the cluster has an encrypted network:
+/// [`NodeCrypto::start`] and [`NodeCrypto::stop`]. Counters and the
+/// rotation schedule outlive any one run of the engine.
+pub struct NodeCrypto {
+    opts: Mutex<CryptoOptions>,
+    key_file: KeyFile,
+    published: Arc<watch::Sender<Published>>,
+    counters: Arc<Counters>,
+    next_rotation: Arc<Mutex<Instant>>,
+    /// The running engine. Starts, stops and rotations hold this lock, so
+    /// a rotation never stores a key that an engine starting beside it
+    /// does not use.
+    engine: Mutex<Option<Crypto>>,
     publisher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// What the local API may do with the engine.
-#[derive(Clone)]
-pub struct CryptoHandle {
+/// A running engine; dropping it stops the threads and removes the
+/// device.
+struct Crypto {
     engine: Arc<Engine>,
+    threads: Vec<JoinHandle<()>>,
 }
 
-impl CryptoHandle {
-    /// Identity, peers and counters.
-    pub fn report(&self) -> CryptoReport {
-        report(&self.engine)
-    }
-
-    /// Rotates this node's key now; returns the new public key.
-    pub fn rotate(&self) -> Result<PublicKey> {
-        self.engine.rotate()
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Crypto {
-    /// Loads (or makes, on first start) the node's key, creates the crypto
-    /// device and the UDP socket, and starts the threads.
-    pub fn start(opts: &CryptoOptions) -> Result<Crypto> {
+impl NodeCrypto {
+    /// Loads (or makes, on first start) the node's key. Nothing listens
+    /// yet.
+    pub fn load(opts: CryptoOptions) -> Result<Arc<NodeCrypto>> {
         let key_file = KeyFile::in_dir(&opts.key_dir);
         let (identity, made) = key_file.load_or_create()?;
         if made {
@@ -144,113 +151,122 @@ impl Crypto {
                 key_file.path().display()
             );
         }
-        let socket =
-            UdpSocket::bind(SocketAddrV4::new(opts.vtep, opts.port)).with_context(|| {
-                format!(
-                    "listen for WireGuard on {}:{} (in use? pick another with --wireguard-port)",
-                    opts.vtep, opts.port
-                )
-            })?;
-        batch::enlarge_buffers(&socket, SOCKET_BUFFER);
-        if !batch::enable_gro(&socket) {
-            log::info!("UDP GRO unavailable: WireGuard messages are received one by one");
-        }
-        if !batch::enable_tos(&socket) {
-            log::warn!(
-                "IP_RECVTOS refused: congestion marks (ECN) on WireGuard messages are not carried"
-            );
-        }
-        let name = device_name(&opts.node);
-        // Wire frames fit the underlay, GSO super-packets reach 64 KiB: the
-        // largest MTU leaves room for both.
-        let tap = Tap::create(&name, 65521)
-            .with_context(|| format!("create the crypto device {name}"))?;
         let published = watch::channel(Published {
             key: identity.public_key(),
             port: opts.port,
         })
         .0;
-        let engine = Arc::new(Engine {
-            stop: Default::default(),
-            identities: RwLock::new(Identities {
-                current: identity,
-                retiring: Vec::new(),
-            }),
-            table: Default::default(),
-            counters: Default::default(),
-            socket,
-            tap,
-            vtep: opts.vtep,
-            port: opts.port,
+        let node = Arc::new(NodeCrypto {
+            next_rotation: Arc::new(Mutex::new(Instant::now() + opts.rotate_every)),
+            opts: Mutex::new(opts),
             key_file,
-            published,
-            rotate_every: opts.rotate_every,
-            next_rotation: Mutex::new(Instant::now() + opts.rotate_every),
-            pad_limit: AtomicUsize::new(pad_limit(opts.underlay_mtu)),
-        });
-        metrics::set_current(&engine);
-        let mut threads = Vec::new();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
-                .with_context(|| format!("start thread {name}"))
-        };
-        let e = engine.clone();
-        threads.push(spawn("ovl-crypto-tx", Box::new(move || e.run_tx()))?);
-        let e = engine.clone();
-        threads.push(spawn("ovl-crypto-rx", Box::new(move || e.run_rx()))?);
-        let e = engine.clone();
-        threads.push(spawn("ovl-crypto-timer", Box::new(move || e.run_timers()))?);
-        log::info!(
-            "encrypted networks: WireGuard on {}:{}, crypto device {name}",
-            opts.vtep,
-            opts.port
-        );
-        Ok(Crypto {
-            engine,
-            threads,
+            published: Arc::new(published),
+            counters: Default::default(),
+            engine: Mutex::new(None),
             publisher: Mutex::new(None),
-        })
+        });
+        metrics::set_current(&node);
+        Ok(node)
     }
 
-    /// The crypto device: name and ifindex.
-    pub fn device(&self) -> (&str, u32) {
-        (self.engine.tap.name(), self.engine.tap.ifindex())
+    /// Whether the engine runs.
+    pub fn running(&self) -> bool {
+        lock(&self.engine).is_some()
+    }
+
+    /// Starts the engine unless it runs: creates the crypto device and the
+    /// UDP socket and starts the threads. Returns the device's name and
+    /// index.
+    pub fn start(&self) -> Result<(String, u32)> {
+        let mut slot = lock(&self.engine);
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.device());
+        }
+        let opts = lock(&self.opts).clone();
+        let crypto = Crypto::start(&opts, self)?;
+        let device = crypto.device();
+        *slot = Some(crypto);
+        Ok(device)
+    }
+
+    /// Stops the engine, if it runs: its socket closes and its device goes.
+    /// Returns whether it ran.
+    pub fn stop(&self) -> bool {
+        // Dropped outside the lock: joining the threads takes a moment.
+        let stopped = lock(&self.engine).take();
+        stopped.is_some()
+    }
+
+    /// Follows a new underlay: messages are padded up to its MTU, and the
+    /// socket is bound to its address. Returns whether the engine must be
+    /// started again (it ran, bound to the old address: it is stopped).
+    pub fn set_underlay(&self, vtep: Ipv4Addr, mtu: u32) -> bool {
+        let moved = {
+            let mut opts = lock(&self.opts);
+            let moved = opts.vtep != vtep;
+            opts.vtep = vtep;
+            opts.underlay_mtu = mtu;
+            moved
+        };
+        if let Some(c) = lock(&self.engine).as_ref() {
+            c.engine.pad_limit.store(pad_limit(mtu), Ordering::Relaxed);
+        }
+        moved && self.stop()
+    }
+
+    /// Makes the engine, if it runs, talk to exactly `peers`.
+    pub fn set_peers(&self, peers: &[PeerInfo]) {
+        if let Some(c) = lock(&self.engine).as_ref() {
+            c.engine.set_peers(peers);
+        }
     }
 
     /// What to publish for peers now.
     pub fn node_key(&self) -> NodeKey {
-        let p = self.engine.published.borrow();
+        let p = self.published.borrow();
         NodeKey {
             public_key: p.key,
             port: p.port,
         }
     }
 
-    /// Handle for the local API.
-    pub fn handle(&self) -> CryptoHandle {
-        CryptoHandle {
-            engine: self.engine.clone(),
+    /// Identity, peers and counters.
+    pub fn report(&self) -> CryptoReport {
+        if let Some(c) = lock(&self.engine).as_ref() {
+            return report(&c.engine);
+        }
+        let key = self.node_key();
+        CryptoReport {
+            public_key: key.public_key.to_string(),
+            port: key.port,
+            device: None,
+            retiring_keys: Vec::new(),
+            peers: Vec::new(),
+            counters: self.counters.snapshot(),
         }
     }
 
-    /// Follows a new underlay MTU: messages are padded up to it.
-    pub fn set_underlay_mtu(&self, mtu: u32) {
-        self.engine
-            .pad_limit
-            .store(pad_limit(mtu), Ordering::Relaxed);
-    }
-
-    /// Makes the engine talk to exactly `peers`.
-    pub fn set_peers(&self, peers: &[PeerInfo]) {
-        self.engine.set_peers(peers);
+    /// Rotates this node's key now; returns the new public key. With the
+    /// engine stopped the new key is stored and published, and the engine
+    /// starts with it.
+    pub fn rotate(&self) -> Result<PublicKey> {
+        let slot = lock(&self.engine);
+        if let Some(c) = slot.as_ref() {
+            return c.engine.rotate();
+        }
+        let new = keys::Identity::generate()?;
+        self.key_file.store(&new)?;
+        *lock(&self.next_rotation) = Instant::now() + lock(&self.opts).rotate_every;
+        Counters::add(&self.counters.rotations, 1);
+        let key = new.public_key();
+        self.published.send_modify(|p| p.key = key);
+        Ok(key)
     }
 
     /// Publishes the node's key in `store` now and after every rotation,
     /// retrying until it is written (replaces an earlier publisher).
     pub fn publish_to(&self, store: Arc<Store>, node: &str) {
-        let mut rx = self.engine.published.subscribe();
+        let mut rx = self.published.subscribe();
         let node = node.to_owned();
         let task = tokio::spawn(async move {
             loop {
@@ -276,63 +292,115 @@ impl Crypto {
                 }
             }
         });
-        if let Some(old) = self
-            .publisher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(task)
-        {
+        if let Some(old) = lock(&self.publisher).replace(task) {
             old.abort();
         }
+    }
+}
+
+impl Drop for NodeCrypto {
+    fn drop(&mut self) {
+        if let Some(t) = lock(&self.publisher).take() {
+            t.abort();
+        }
+    }
+}
+
+impl Crypto {
+    /// Creates the crypto device and the UDP socket of `node`'s engine
+    /// with the key its key file holds now, and starts the threads.
+    fn start(opts: &CryptoOptions, node: &NodeCrypto) -> Result<Crypto> {
+        let (identity, _) = node.key_file.load_or_create()?;
+        // The file is the truth (replaced by hand, say): peers learn it.
+        node.published.send_if_modified(|p| {
+            let changed = p.key != identity.public_key();
+            p.key = identity.public_key();
+            changed
+        });
+        let socket =
+            UdpSocket::bind(SocketAddrV4::new(opts.vtep, opts.port)).with_context(|| {
+                format!(
+                    "listen for WireGuard on {}:{} (in use? pick another with --wireguard-port)",
+                    opts.vtep, opts.port
+                )
+            })?;
+        batch::enlarge_buffers(&socket, SOCKET_BUFFER);
+        if !batch::enable_gro(&socket) {
+            log::info!("UDP GRO unavailable: WireGuard messages are received one by one");
+        }
+        if !batch::enable_tos(&socket) {
+            log::warn!(
+                "IP_RECVTOS refused: congestion marks (ECN) on WireGuard messages are not carried"
+            );
+        }
+        let name = device_name(&opts.node);
+        // Wire frames fit the underlay, GSO super-packets reach 64 KiB: the
+        // largest MTU leaves room for both.
+        let tap = Tap::create(&name, 65521)
+            .with_context(|| format!("create the crypto device {name}"))?;
+        let engine = Arc::new(Engine {
+            stop: Default::default(),
+            identities: RwLock::new(Identities {
+                current: identity,
+                retiring: Vec::new(),
+            }),
+            table: Default::default(),
+            counters: node.counters.clone(),
+            socket,
+            tap,
+            vtep: opts.vtep,
+            port: opts.port,
+            key_file: KeyFile::in_dir(&opts.key_dir),
+            published: node.published.clone(),
+            rotate_every: opts.rotate_every,
+            next_rotation: node.next_rotation.clone(),
+            pad_limit: AtomicUsize::new(pad_limit(opts.underlay_mtu)),
+        });
+        // Made first, so that a thread that cannot start stops the others.
+        let mut crypto = Crypto {
+            engine: engine.clone(),
+            threads: Vec::new(),
+        };
+        let e = engine.clone();
+        let tx: Box<dyn FnOnce() + Send> = Box::new(move || e.run_tx());
+        let e = engine.clone();
+        let rx: Box<dyn FnOnce() + Send> = Box::new(move || e.run_rx());
+        let timers: Box<dyn FnOnce() + Send> = Box::new(move || engine.run_timers());
+        for (name, f) in [
+            ("ovl-crypto-tx", tx),
+            ("ovl-crypto-rx", rx),
+            ("ovl-crypto-timer", timers),
+        ] {
+            let thread = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .with_context(|| format!("start thread {name}"))?;
+            crypto.threads.push(thread);
+        }
+        log::info!(
+            "encrypted networks: WireGuard on {}:{}, crypto device {name}",
+            opts.vtep,
+            opts.port
+        );
+        Ok(crypto)
+    }
+
+    /// The crypto device: name and ifindex.
+    fn device(&self) -> (String, u32) {
+        (self.engine.tap.name().to_owned(), self.engine.tap.ifindex())
     }
 }
 
 impl Drop for Crypto {
     fn drop(&mut self) {
         self.engine.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self
-            .publisher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            t.abort();
-        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
         // The device goes with the engine's threads, not with the last
-        // holder of the engine (an API request, a metrics scrape): a new
-        // engine may want its name at once.
+        // holder of the engine (a report being made): a new engine may
+        // want its name at once.
         self.engine.tap.release();
-    }
-}
-
-/// Starts the encrypting path for the agent and hooks its device into the
-/// data path. A failure is logged, not fatal: plain networks keep working,
-/// encrypted ones drop their packets (`no_key`) on this node.
-pub fn start_for_agent(
-    opts: &crate::agent::AgentOptions,
-    underlay: &crate::netlink::Underlay,
-    dp: &mut crate::datapath::Datapath,
-) -> Option<Crypto> {
-    let mut c = CryptoOptions::new(&opts.node, underlay.addr, opts.state_dir.join("keys"));
-    c.underlay_mtu = underlay.mtu;
-    c.port = opts.wireguard_port;
-    c.rotate_every = opts.key_rotation;
-    let started = Crypto::start(&c).and_then(|crypto| {
-        let (name, ifindex) = crypto.device();
-        dp.hook_crypto(name, ifindex)?;
-        Ok(crypto)
-    });
-    match started {
-        Ok(crypto) => Some(crypto),
-        Err(e) => {
-            log::error!(
-                "encrypted networks cannot be served on this node: {e:#}; their packets are dropped (no_key)"
-            );
-            None
-        }
     }
 }
 
@@ -381,7 +449,7 @@ pub(crate) fn report(engine: &Engine) -> CryptoReport {
     CryptoReport {
         public_key: ids.current.public_key().to_string(),
         port: engine.port,
-        device: engine.tap.name().to_owned(),
+        device: Some(engine.tap.name().to_owned()),
         retiring_keys: ids
             .retiring
             .iter()
@@ -397,25 +465,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stopped_engine_frees_its_device_name_while_a_handle_still_holds_it() {
-        // The agent starts the engine anew when its underlay address
-        // changes, under the same device name, while an API request or a
-        // metrics scrape may still hold the old engine for a moment.
+    fn the_engine_stops_and_starts_again_under_its_name_with_its_key_and_counters() {
+        // The agent stops the engine when the last encrypted network goes,
+        // and starts it again for the next one, or when the underlay's
+        // address changes.
         let keys = crate::testutil::TestDir::new("crypto-restart");
         let node = format!("restart-{}", std::process::id());
         let mut opts = CryptoOptions::new(&node, Ipv4Addr::LOCALHOST, keys.path().to_owned());
         opts.port = 0;
-        let first = Crypto::start(&opts).expect("start the engine (root only)");
-        let held = first.handle();
-        drop(first);
-        let second = Crypto::start(&opts).expect("start it again under the same name");
-        let (name, ifindex) = second.device();
+        let crypto = NodeCrypto::load(opts).expect("make the key");
+        let key = crypto.node_key();
+        assert!(!crypto.running());
+        assert_eq!(crypto.report().device, None);
+        let (name, ifindex) = crypto.start().expect("start the engine (root only)");
         assert_eq!(name, device_name(&node));
-        assert_ne!(ifindex, 0);
-        // The old engine's report still answers.
-        assert_eq!(held.report().device, device_name(&node));
-        drop(second);
-        drop(held);
+        assert_eq!(crate::netlink::ifindex(&name), Some(ifindex));
+        assert_eq!(crypto.start().expect("running already").1, ifindex);
+        assert!(crypto.stop());
+        assert!(!crypto.stop(), "stopped twice");
+        assert_eq!(
+            crate::netlink::ifindex(&name),
+            None,
+            "the device outlived its engine"
+        );
+        // Rotated while stopped: stored, published, and the next engine's.
+        let rotated = crypto.rotate().expect("rotate while stopped");
+        assert_ne!(rotated, key.public_key);
+        assert_eq!(crypto.node_key().public_key, rotated);
+        let (again, _) = crypto.start().expect("start it again under the same name");
+        assert_eq!(again, name);
+        let report = crypto.report();
+        assert_eq!(report.public_key, rotated.to_string());
+        assert_eq!(report.device, Some(name));
+        assert_eq!(report.counters.rotations, 1, "counters outlive the engine");
+        assert!(crypto.stop());
     }
 
     #[test]

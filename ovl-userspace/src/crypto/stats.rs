@@ -91,7 +91,7 @@ pub struct Counters {
 
 impl Counters {
     /// Counts one drop.
-    pub fn drop(&self, why: CryptoDrop) {
+    pub fn dropped(&self, why: CryptoDrop) {
         self.drops[why as usize].fetch_add(1, Relaxed);
     }
 
@@ -147,8 +147,9 @@ pub struct CryptoReport {
     pub public_key: String,
     /// UDP port WireGuard listens on.
     pub port: u16,
-    /// Name of the crypto device.
-    pub device: String,
+    /// Name of the crypto device; none while no encrypted network exists
+    /// (the engine is stopped).
+    pub device: Option<String>,
     /// Older identities still answered until peers switch.
     pub retiring_keys: Vec<String>,
     /// Peers, by node name.
@@ -172,7 +173,13 @@ impl std::fmt::Display for CryptoReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let c = &self.counters;
         writeln!(f, "public key:  {} (UDP {})", self.public_key, self.port)?;
-        writeln!(f, "device:      {}", self.device)?;
+        match &self.device {
+            Some(device) => writeln!(f, "device:      {device}")?,
+            None => writeln!(
+                f,
+                "device:      none (no encrypted network: WireGuard starts with the first)"
+            )?,
+        }
         for k in &self.retiring_keys {
             writeln!(f, "retiring:    {k}")?;
         }
@@ -230,9 +237,9 @@ mod tests {
     #[test]
     fn snapshot_names_every_drop_reason() {
         let c = Counters::default();
-        c.drop(CryptoDrop::Replayed);
-        c.drop(CryptoDrop::Replayed);
-        c.drop(CryptoDrop::AuthFailed);
+        c.dropped(CryptoDrop::Replayed);
+        c.dropped(CryptoDrop::Replayed);
+        c.dropped(CryptoDrop::AuthFailed);
         let s = c.snapshot();
         assert_eq!(s.drops.len(), CryptoDrop::ALL.len());
         assert_eq!(s.drops["replayed"], 2);
