@@ -498,6 +498,28 @@ for i in range(100):
     u.sendto(b"junk!", ("127.0.0.11", 53)); time.sleep(0.01)
 "#;
 
+/// Binds each resolver address's UDP port 53 as a program in a container
+/// may (SO_REUSEADDR), and says per address whether the bind failed (the
+/// errno), or which socket a question to the address then reached.
+const TAKE_OVER: &str = r#"
+import errno, socket, struct
+q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"\x03web\x00" + struct.pack(">HH", 1, 1)
+for addr in ["127.0.0.11", "127.0.0.12"]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((addr, 53))
+    except OSError as e:
+        print(addr, errno.errorcode[e.errno]); continue
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.sendto(q, (addr, 53))
+    s.settimeout(1)
+    try:
+        s.recv(512); print(addr, "taken")
+    except socket.timeout:
+        print(addr, "shared")
+"#;
+
 #[test]
 fn malformed_questions_and_floods_never_stop_the_resolver() -> Result<()> {
     let lab = Lab::new("dns-fuzz")?;
@@ -562,6 +584,16 @@ fn malformed_questions_and_floods_never_stop_the_resolver() -> Result<()> {
         counter(&after, "rate_limited")? >= counter(&before, "rate_limited")? + 1000,
         "the flood was not limited: {before} -> {after}"
     );
+
+    // A program in the container cannot take the resolver's addresses
+    // over: its bind fails, and the questions still reach ovl.
+    let out = client.exec(&["python3", "-c", TAKE_OVER])?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        said == "127.0.0.11 EADDRINUSE\n127.0.0.12 EADDRINUSE\n",
+        "binding the resolver's addresses in the container:\n{said}"
+    );
+    expect_answer(client, "web", &[], &[&web])?;
     u.world.stop()
 }
 
