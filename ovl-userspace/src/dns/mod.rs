@@ -95,15 +95,23 @@ pub struct ContainerDns {
 }
 
 /// The resolver configuration of a container attached by ovl (not a
-/// Docker container, whose resolv.conf is Docker's): ovl's resolver, the
-/// host's search domains, and `ndots:0` (as Docker sets it) so a bare
-/// name is asked as is before any search domain is tried.
+/// Docker container, whose resolv.conf is Docker's): ovl's resolver, and
+/// the host's search domains and options, as Docker keeps them, but
+/// `ndots:0` (as Docker sets it) so a bare name is asked as is before any
+/// search domain is tried.
 pub fn container_dns() -> ContainerDns {
     let host = std::fs::read_to_string(HOST_RESOLV_CONF).unwrap_or_default();
+    container_dns_from(&host)
+}
+
+/// [`container_dns`] for a host whose resolv.conf says `host`.
+fn container_dns_from(host: &str) -> ContainerDns {
+    let mut options = resolv_conf::options_but_ndots(host);
+    options.push("ndots:0".into());
     ContainerDns {
         nameservers: vec![RESOLVER_ADDR],
-        search: resolv_conf::search_domains(&host),
-        options: vec!["ndots:0".into()],
+        search: resolv_conf::search_domains(host),
+        options,
     }
 }
 
@@ -364,5 +372,25 @@ fn raise_fd_limit() {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_keep_the_hosts_search_domains_and_options_with_ndots_0() {
+        // systemd-resolved's stub file, with a DHCP search domain and an
+        // ndots of its own.
+        let host = "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch corp.example\noptions ndots:2 single-request-reopen\n";
+        let dns = container_dns_from(host);
+        assert_eq!(dns.nameservers, vec![RESOLVER_ADDR]);
+        assert_eq!(dns.search, vec!["corp.example"]);
+        assert_eq!(
+            dns.options,
+            vec!["edns0", "trust-ad", "single-request-reopen", "ndots:0"]
+        );
+        assert_eq!(container_dns_from("").options, vec!["ndots:0"]);
     }
 }

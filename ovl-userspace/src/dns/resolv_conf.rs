@@ -61,6 +61,25 @@ pub fn search_domains(text: &str) -> Vec<String> {
     search
 }
 
+/// The `options` a resolv.conf text sets (all its `options` lines, as
+/// the resolver reads them), but `ndots`: a container attached by ovl
+/// asks bare names as they are ([`container_dns`](super::container_dns)).
+pub fn options_but_ndots(text: &str) -> Vec<String> {
+    let mut options = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() == Some("options") {
+            options.extend(
+                words
+                    .take_while(|w| !w.starts_with(['#', ';']))
+                    .filter(|w| !w.starts_with("ndots:"))
+                    .map(str::to_owned),
+            );
+        }
+    }
+    options
+}
+
 /// Writes the resolv.conf of namespace `netns` (if it is an `ip netns`
 /// name and no foreign file is there).
 pub fn install(netns: &str, dns: &ContainerDns) -> Result<Change> {
@@ -166,6 +185,16 @@ mod tests {
             vec!["b.example", "c.example"]
         );
         assert!(search_domains("nameserver 1.2.3.4\n").is_empty());
+    }
+
+    #[test]
+    fn options_are_the_hosts_but_ndots() {
+        let host = "options edns0 trust-ad\nnameserver 127.0.0.53\noptions ndots:5 timeout:1 # from DHCP\n";
+        assert_eq!(
+            options_but_ndots(host),
+            vec!["edns0", "trust-ad", "timeout:1"]
+        );
+        assert!(options_but_ndots("nameserver 192.0.2.53\n").is_empty());
     }
 
     #[test]
