@@ -222,6 +222,14 @@ fn containers_resolve_each_other_by_name_alias_and_address_across_hosts() -> Res
         "answered did not count the questions: {before} -> {after}"
     );
     ensure!(counter(&after, "failed")? == counter(&before, "failed")?);
+    // An EDNS version the resolver does not implement: BADVERS (RFC 6891),
+    // never an answer as if it were version 0.
+    let d = dig(client, "web", &["+edns=1", "+noednsnegotiation"])?;
+    ensure!(
+        d.status == "BADVERS" && d.answers.is_empty(),
+        "EDNS version 1:\n{}",
+        d.output
+    );
     u.world.stop()
 }
 

@@ -239,6 +239,14 @@ async fn take(
         send_error(&request, ResponseCode::NotImp, reply).await;
         return None;
     }
+    if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+        // RFC 6891 6.1.3: a version of EDNS this resolver does not
+        // implement is answered BADVERS (with its own, 0), never as if
+        // it were version 0.
+        shared.count_home(&ns.key, Outcome::Failed);
+        send_error(&request, ResponseCode::BADVERS, reply).await;
+        return None;
+    }
     let [query] = request.queries.queries() else {
         shared.count_home(&ns.key, Outcome::Malformed);
         send_error(&request, ResponseCode::FormErr, reply).await;
@@ -561,6 +569,34 @@ mod tests {
         assert!(ask(&c, server, &answer.to_vec().unwrap()).is_none());
         let s = stats.of("blue");
         assert_eq!((s.failed, s.malformed, s.answered), (1, 4, 0), "{s:?}");
+    }
+
+    #[test]
+    fn an_edns_version_other_than_0_is_badvers_and_not_forwarded() {
+        let rt = runtime();
+        let (server, stats) = serve(&rt, fake_upstream(1), 0);
+        let c = client();
+        for name in ["web.", "outside.example."] {
+            let mut q = question(name, RecordType::A);
+            q.set_edns(Edns::new().set_version(1).clone());
+            let r = ask(&c, server, &q.to_vec().unwrap()).unwrap();
+            // 16 is BADVERS in a response's header and OPT (BADSIG in a TSIG).
+            assert_eq!(
+                u16::from(r.metadata.response_code),
+                u16::from(ResponseCode::BADVERS),
+                "{name}"
+            );
+            assert!(r.answers.is_empty(), "{name}: {:?}", r.answers);
+            let edns = r.edns.expect("BADVERS comes with the resolver's EDNS");
+            assert_eq!(edns.version(), 0, "{name}");
+        }
+        let s = stats.of("blue");
+        assert_eq!((s.failed, s.answered, s.forwarded), (2, 0, 0), "{s:?}");
+        // Version 0 is answered as before.
+        let mut q = question("web.", RecordType::A);
+        q.set_edns(Edns::new());
+        let r = ask(&c, server, &q.to_vec().unwrap()).unwrap();
+        assert_eq!(r.answers.len(), 1);
     }
 
     #[test]
