@@ -288,6 +288,8 @@ async fn take(
                 query: query.original().clone(),
                 recursion_desired: request.metadata.recursion_desired,
                 dnssec_ok: request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
+                checking_disabled: request.metadata.checking_disabled,
+                authentic_data: request.metadata.authentic_data,
             },
             request,
         }),
@@ -502,6 +504,55 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// An upstream that answers every question with one address and
+    /// hands each question it got to the returned receiver.
+    fn recording_upstream() -> (SocketAddr, std::sync::mpsc::Receiver<Message>) {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = s.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Message::response(q.metadata.id, OpCode::Query);
+                r.add_queries(q.queries.clone());
+                r.add_answer(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    60,
+                    RData::A(A(Ipv4Addr::new(203, 0, 113, 1))),
+                ));
+                let _ = s.send_to(&r.to_vec().unwrap(), from);
+                if tx.send(q).is_err() {
+                    break;
+                }
+            }
+        });
+        (addr, rx)
+    }
+
+    #[test]
+    fn the_askers_dnssec_flags_go_upstream() {
+        let rt = runtime();
+        let (upstream, asked) = recording_upstream();
+        let (server, _) = serve(&rt, upstream, 0);
+        let c = client();
+        for (cd, ad) in [(true, true), (false, false), (true, false), (false, true)] {
+            let mut q = question("signed.example.", RecordType::A);
+            q.metadata.checking_disabled = cd;
+            q.metadata.authentic_data = ad;
+            let r = ask(&c, server, &q.to_vec().unwrap()).unwrap();
+            assert_eq!(r.answers.len(), 1);
+            let got = asked.recv_timeout(Duration::from_secs(2)).unwrap();
+            assert_eq!(
+                (got.metadata.checking_disabled, got.metadata.authentic_data),
+                (cd, ad),
+                "asked with CD {cd}, AD {ad}"
+            );
+        }
     }
 
     fn nowhere() -> SocketAddr {

@@ -27,6 +27,12 @@ pub struct Question {
     pub query: Query,
     pub recursion_desired: bool,
     pub dnssec_ok: bool,
+    /// CD: the asker validates DNSSEC itself and wants the data even if
+    /// the upstream's validation fails.
+    pub checking_disabled: bool,
+    /// AD in a question: the asker understands AD in the answer (RFC 6840
+    /// 5.7; glibc's `trust-ad`), which a validating upstream then sets.
+    pub authentic_data: bool,
 }
 
 /// Why no upstream answer came.
@@ -119,7 +125,9 @@ impl Upstreams {
         options.use_edns = true;
         options.edns_payload_len = EDNS_PAYLOAD;
         options.edns_set_dnssec_ok = q.dnssec_ok;
-        let request = DnsRequest::from_query(q.query.clone(), options);
+        let mut request = DnsRequest::from_query(q.query.clone(), options);
+        request.metadata.checking_disabled = q.checking_disabled;
+        request.metadata.authentic_data = q.authentic_data;
         let response = if tcp {
             let exchange =
                 TcpClientStream::exchange(addr, None, timeout, None, self.provider.clone()).await?;
