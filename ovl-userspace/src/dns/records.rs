@@ -396,12 +396,16 @@ fn nxdomain(network: &str) -> Resolution {
     }
 }
 
-/// The address of a full `d.c.b.a.in-addr.arpa.` name.
+/// The address of a full `d.c.b.a.in-addr.arpa.` name, written as the
+/// address's own reverse name is (no leading zeros: `03.0.18.198` is
+/// another name, not ovl's to answer).
 fn reverse_ipv4(name: &Name) -> Option<Ipv4Addr> {
     let mut fqdn = name.clone();
     fqdn.set_fqdn(true);
     match fqdn.parse_arpa_name().ok()? {
-        ipnet::IpNet::V4(net) if net.prefix_len() == 32 => Some(net.addr()),
+        ipnet::IpNet::V4(net) if net.prefix_len() == 32 && Name::from(net.addr()) == fqdn => {
+            Some(net.addr())
+        }
         _ => None,
     }
 }
@@ -636,12 +640,23 @@ mod tests {
         assert_eq!(*code, ResponseCode::NoError);
         assert_eq!(answers[0].data, RData::PTR(PTR(n("web."))));
         assert_eq!(
+            code_of(&r, "3.0.18.198.IN-ADDR.ARPA."),
+            ResponseCode::NoError,
+            "names are case-insensitive"
+        );
+        assert_eq!(
             code_of(&r, "99.0.18.198.in-addr.arpa."),
             ResponseCode::NXDomain,
             "a free address of the subnet"
         );
-        // Another network's subnet and the world outside are forwarded.
-        for q in ["2.1.18.198.in-addr.arpa.", "1.2.0.192.in-addr.arpa."] {
+        // Another network's subnet, the world outside, and names that
+        // only read as one of the subnet's addresses are forwarded.
+        for q in [
+            "2.1.18.198.in-addr.arpa.",
+            "1.2.0.192.in-addr.arpa.",
+            "03.0.18.198.in-addr.arpa.",
+            "3.00.18.198.in-addr.arpa.",
+        ] {
             assert_eq!(
                 r.resolve(&client(), &n(q), RecordType::PTR),
                 Some(Resolution::Forward),
