@@ -1060,3 +1060,57 @@ fn an_agent_restarted_while_etcd_is_down_shows_what_its_pinned_maps_serve() -> R
     world.etcd.restart(&lab)?;
     world.stop()
 }
+
+/// Connects a container on B and one on C to network `marker` and waits
+/// until both are in every map: B's and C's agents have then looked at
+/// every store change made before.
+fn seen_by_b_and_c(lab: &Lab, world: &ThreeHosts, marker: &str) -> Result<()> {
+    let (_b, ip_b) = world.container(lab, B, marker, "mb")?;
+    let (_c, ip_c) = world.container(lab, C, marker, "mc")?;
+    let vni = u32::try_from(
+        world.inspect(A, marker)?["vni"]
+            .as_u64()
+            .context("inspect has no vni")?,
+    )?;
+    wait_for_maps(world, vni, &[(ip_b, B), (ip_c, C)])
+}
+
+/// A network's and a node's record overwritten by hand (or by a broken
+/// tool) with values ovl cannot read are reported and skipped: every agent
+/// keeps what it read of them before, also when it lost its watch and
+/// listed the store again. They once took the network, and the node's
+/// endpoints, out of every map.
+#[test]
+fn unreadable_values_over_a_network_and_a_node_leave_every_map_and_the_traffic_alone() -> Result<()>
+{
+    let lab = Lab::new("etcd-handwritten")?;
+    let mut world = cluster_with_network(&lab)?;
+    let (cb, ip_b) = world.container(&lab, B, NETWORK, "cb")?;
+    let (_cc, ip_c) = world.container(&lab, C, NETWORK, "cc")?;
+    let vni = vni_of(&world, A)?;
+    let served = [(ip_b, B), (ip_c, C)];
+    wait_for_maps(&world, vni, &served)?;
+    for (i, marker) in ["seen-1", "seen-2"].into_iter().enumerate() {
+        let subnet = format!("198.19.{i}.0/24");
+        world
+            .ovl
+            .create_network(&world.hosts[A].netns, marker, &subnet, &[])?;
+    }
+
+    let network_key = format!("/ovl/networks/{NETWORK}");
+    world.etcd.etcdctl(&["put", &network_key, "not json"])?;
+    world
+        .etcd
+        .etcdctl(&["put", "/ovl/nodes/host-c", r#"{"schema":1}"#])?;
+    seen_by_b_and_c(&lab, &world, "seen-1")?;
+    wait_for_maps(&world, vni, &served)?;
+    expect_reachable(&cb, ip_c, 3)?;
+
+    // etcd restarts: every agent lists the store again.
+    world.etcd.stop()?;
+    world.etcd.restart(&lab)?;
+    seen_by_b_and_c(&lab, &world, "seen-2")?;
+    wait_for_maps(&world, vni, &served)?;
+    expect_reachable(&cb, ip_c, 3)?;
+    world.stop()
+}

@@ -942,7 +942,7 @@ impl Agent {
                     // Someone waits for an endpoint: read the store now rather
                     // than at the follower's next event.
                     match &connected {
-                        Some(c) => match c.store.load().await {
+                        Some(c) => match c.store.load_keeping(self.state.as_ref()).await {
                             Ok(state) => {
                                 kicked = Some((state.revision, Instant::now()));
                                 self.apply_logged(state);
@@ -1111,7 +1111,11 @@ impl Agent {
         // Nodes that died while no agent watched (this one included, before
         // it started) still hold endpoints: free them now.
         reconcile::free_nodes_found_dead(&c.store, &self.node, &state).await;
-        let state = c.store.load().await.unwrap_or(state);
+        let state = c
+            .store
+            .load_keeping(self.state.as_ref())
+            .await
+            .unwrap_or(state);
 
         let revision = state.revision;
         self.apply_logged(state);

@@ -221,6 +221,17 @@ impl Store {
         self.load_in(Scope::All).await
     }
 
+    /// The current state, all of it, for a reader that held `last`: a
+    /// value that cannot be read keeps what `last` held for it, as it
+    /// does for a follower ([`subscribe`](Self::subscribe)). (The file
+    /// store is read whole or not at all.)
+    pub async fn load_keeping(&self, last: Option<&State>) -> Result<State, StoreError> {
+        match (self, last) {
+            (Store::Etcd(e), Some(last)) => e.list_keeping(last).await,
+            _ => self.load().await,
+        }
+    }
+
     /// The part of the state `scope` covers (the file store reads it all).
     pub async fn load_in(&self, scope: Scope<'_>) -> Result<State, StoreError> {
         match self {

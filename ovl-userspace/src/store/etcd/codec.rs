@@ -276,24 +276,76 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
 
 /// Rebuilds the state from keys and values read at `revision`.
 pub fn decode<'a>(revision: i64, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> State {
-    let mut state = State {
-        revision: revision.max(0) as u64,
-        alive: Some(Default::default()),
-        ..State::default()
-    };
+    let mut state = empty(revision);
     for (key, value) in kvs {
         apply(&mut state, key, Some(value));
     }
     state
 }
 
+/// [`decode`], for a reader that held `last` before: a key whose value
+/// cannot be read keeps what `last` held for it, as it would have had the
+/// reader followed the change (see [`apply`]).
+pub fn decode_keeping<'a>(
+    revision: i64,
+    kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    last: &State,
+) -> State {
+    let mut state = empty(revision);
+    for (key, value) in kvs {
+        if let Err(e) = try_apply(&mut state, key, Some(value)) {
+            log::error!("{e}; keeping what was read of it before");
+            keep(&mut state, key, last);
+        }
+    }
+    state
+}
+
+fn empty(revision: i64) -> State {
+    State {
+        revision: revision.max(0) as u64,
+        alive: Some(Default::default()),
+        ..State::default()
+    }
+}
+
+/// Copies what `last` holds for `key` into `state`.
+fn keep(state: &mut State, key: &str, last: &State) {
+    if let Some(name) = key.strip_prefix(NETWORKS) {
+        if let Some(n) = last.networks.get(name) {
+            state.networks.insert(name.to_owned(), n.clone());
+        }
+    } else if let Some((network, ip)) = key.strip_prefix(ENDPOINTS).and_then(network_and_ip) {
+        let held = last.endpoints.iter();
+        state
+            .endpoints
+            .extend(held.filter(|e| e.network == network && e.ip == ip).cloned());
+    } else if let Some((network, ip)) = key.strip_prefix(RELEASED).and_then(network_and_ip) {
+        let held = last.released.iter();
+        state
+            .released
+            .extend(held.filter(|r| r.network == network && r.ip == ip).cloned());
+    } else if let Some(name) = key.strip_prefix(NODES) {
+        if let Some(n) = last.nodes.get(name) {
+            state.nodes.insert(name.to_owned(), n.clone());
+        }
+    } else if key == CLUSTER_KEY {
+        state.cluster = last.cluster;
+    } else if let Some(name) = key.strip_prefix(CONFLICTS)
+        && let Some(c) = last.conflicts.get(name)
+    {
+        state.conflicts.insert(name.to_owned(), c.clone());
+    }
+}
+
 /// Applies one key's new value (`None`: deleted) to a decoded state. A
-/// value that cannot be read is logged and skipped: one bad key must not
-/// take a node's data path down. Returns the part of the state the key
-/// belongs to (changed, or emptied by the bad value).
+/// value that cannot be read is logged and skipped: the state keeps what
+/// it held for the key (one bad key, written by hand or a broken tool,
+/// must not take a network or a node off every data path). Returns the
+/// part of the state the key belongs to.
 pub fn apply<'k>(state: &mut State, key: &'k str, value: Option<&[u8]>) -> Part<'k> {
     if let Err(e) = try_apply(state, key, value) {
-        log::error!("{e}");
+        log::error!("{e}; keeping what was read of it before");
     }
     part_of(key)
 }
@@ -321,52 +373,56 @@ pub fn part_of(key: &str) -> Part<'_> {
     }
 }
 
+/// Applies `key`'s new value to `state`; a value that cannot be read
+/// changes nothing and is returned as the error.
 fn try_apply(state: &mut State, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
     let mismatch = |what: &str| StoreError::EtcdValue {
         key: key.to_owned(),
         detail: format!("its value names another {what} than its key"),
     };
     if let Some(name) = key.strip_prefix(NETWORKS) {
+        let new: Option<Network> = value.map(|v| parse(key, v)).transpose()?;
+        if new.as_ref().is_some_and(|n| n.name != name) {
+            return Err(mismatch("network"));
+        }
         state.networks.remove(name);
-        if let Some(v) = value {
-            let n: Network = parse(key, v)?;
-            if n.name != name {
-                return Err(mismatch("network"));
-            }
+        if let Some(n) = new {
             state.networks.insert(n.name.clone(), n);
         }
     } else if let Some(rest) = key.strip_prefix(ENDPOINTS) {
         let Some((network, ip)) = network_and_ip(rest) else {
             return Ok(());
         };
+        let new: Option<Endpoint> = value.map(|v| parse(key, v)).transpose()?;
+        if new
+            .as_ref()
+            .is_some_and(|e| e.network != network || e.ip != ip)
+        {
+            return Err(mismatch("endpoint"));
+        }
         state
             .endpoints
             .retain(|e| !(e.ip == ip && e.network == network));
-        if let Some(v) = value {
-            let e: Endpoint = parse(key, v)?;
-            if e.network != network || e.ip != ip {
-                return Err(mismatch("endpoint"));
-            }
-            state.endpoints.push(e);
-        }
+        state.endpoints.extend(new);
     } else if let Some(rest) = key.strip_prefix(RELEASED) {
         let Some((network, ip)) = network_and_ip(rest) else {
             return Ok(());
         };
+        let new: Option<Released> = value.map(|v| parse(key, v)).transpose()?;
+        if new
+            .as_ref()
+            .is_some_and(|r| r.network != network || r.ip != ip)
+        {
+            return Err(mismatch("address"));
+        }
         state
             .released
             .retain(|r| !(r.ip == ip && r.network == network));
-        if let Some(v) = value {
-            let r: Released = parse(key, v)?;
-            if r.network != network || r.ip != ip {
-                return Err(mismatch("address"));
-            }
-            state.released.push(r);
-        }
+        state.released.extend(new);
     } else if let Some(name) = key.strip_prefix(NODES) {
+        let new: Option<Node> = value.map(|v| parse(key, v)).transpose()?;
         state.nodes.remove(name);
-        if let Some(v) = value {
-            let n: Node = parse(key, v)?;
+        if let Some(n) = new {
             state.nodes.insert(name.to_owned(), n);
         }
     } else if let Some(name) = key.strip_prefix(ALIVE) {
@@ -384,12 +440,10 @@ fn try_apply(state: &mut State, key: &str, value: Option<&[u8]>) -> Result<(), S
     } else if is_index_key(key) {
         // Derived from the endpoints: nothing to decode.
     } else if let Some(name) = key.strip_prefix(CONFLICTS) {
+        let new: Option<ConflictsRecord> = value.map(|v| parse(key, v)).transpose()?;
         state.conflicts.remove(name);
-        if let Some(v) = value {
-            let c: ConflictsRecord = parse(key, v)?;
-            if !c.conflicts.is_empty() {
-                state.conflicts.insert(name.to_owned(), c.conflicts);
-            }
+        if let Some(c) = new.filter(|c| !c.conflicts.is_empty()) {
+            state.conflicts.insert(name.to_owned(), c.conflicts);
         }
     }
     Ok(())
@@ -515,6 +569,48 @@ mod tests {
         assert!(s.networks.is_empty());
         assert!(s.endpoints.is_empty());
         assert!(s.alive.unwrap().contains("a"));
+    }
+
+    #[test]
+    fn an_unreadable_value_over_a_good_one_keeps_the_good_one_followed_or_listed_again() {
+        let mut kvs = encode(&sample());
+        kvs.insert(
+            "/ovl/nodes/b".into(),
+            br#"{"schema":1,"name":"b","vtep":"198.51.100.10"}"#.to_vec(),
+        );
+        kvs.insert(
+            CLUSTER_KEY.into(),
+            br#"{"schema":1,"vxlan_port":8472}"#.to_vec(),
+        );
+        let good = decode_map(&kvs);
+        let ep = "/ovl/endpoints/blue/198.18.0.3";
+        let bad: [(&str, &[u8]); 5] = [
+            ("/ovl/networks/blue", b"garbage"),
+            ("/ovl/nodes/b", br#"{"schema":1}"#),
+            (ep, br#"{"schema":1,"name":"x"}"#),
+            ("/ovl/released/blue/198.18.0.3", b"[]"),
+            (CLUSTER_KEY, b"{"),
+        ];
+        // Followed: each bad put leaves the state as it was.
+        let mut followed = good.clone();
+        for (k, v) in bad {
+            apply(&mut followed, k, Some(v));
+        }
+        assert_eq!(followed, good);
+        // Listed again (after a lost watch): the same.
+        let mut listed = kvs.clone();
+        for (k, v) in bad {
+            listed.insert(k.into(), v.to_vec());
+        }
+        let pairs = || listed.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        let mut again = decode_keeping(1, pairs(), &good);
+        again.endpoints.sort_by_key(|e| e.ip);
+        let mut want = good.clone();
+        want.endpoints.sort_by_key(|e| e.ip);
+        assert_eq!(again, want);
+        // A deletion still deletes.
+        apply(&mut followed, "/ovl/networks/blue", None);
+        assert!(followed.networks.is_empty());
     }
 
     #[test]

@@ -9,7 +9,10 @@ use backon::{ExponentialBuilder, Retryable};
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::watch;
 
-use super::{EtcdStore, KEY_PREFIX, Range, codec::apply};
+use super::{
+    EtcdStore, KEY_PREFIX, Range,
+    codec::{apply, decode_keeping},
+};
 use crate::{
     model::State,
     store::{Followed, StoreError},
@@ -31,7 +34,10 @@ impl EtcdStore {
                     Ok(()) => return, // every receiver is gone
                     Err(e) => log::warn!("{e}; keeping the last known state and re-listing"),
                 }
-                let relist = (|| store.list_all())
+                // A value that cannot be read keeps what it was read as
+                // before, as it would have, had the watch delivered it.
+                let last = tx.borrow().state.clone();
+                let relist = (|| store.list_keeping(&last))
                     .retry(
                         ExponentialBuilder::default()
                             .with_min_delay(Duration::from_millis(200))
@@ -65,6 +71,17 @@ impl EtcdStore {
             .read(&[Range::Prefix(KEY_PREFIX.into())])
             .await?
             .state())
+    }
+
+    /// Everything under `/ovl/`, decoded for a reader that held `last`
+    /// (see [`decode_keeping`]).
+    pub async fn list_keeping(&self, last: &State) -> Result<State, StoreError> {
+        let snap = self.read(&[Range::Prefix(KEY_PREFIX.into())]).await?;
+        let kvs = snap
+            .kvs
+            .iter()
+            .map(|(k, (v, _))| (k.as_str(), v.as_slice()));
+        Ok(decode_keeping(snap.revision, kvs, last))
     }
 
     /// Applies watch events from revision `from + 1` on to the published
