@@ -84,19 +84,14 @@ impl FileStore {
                 });
             }
         };
-        let state: State =
-            serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
-                path: path.clone(),
-                source,
-            })?;
-        if state.schema > SCHEMA_VERSION {
+        if let Some(found) = super::newer_schema(&bytes) {
             return Err(StoreError::SchemaTooNew {
                 path,
-                found: state.schema,
+                found,
                 supported: SCHEMA_VERSION,
             });
         }
-        Ok(state)
+        serde_json::from_slice(&bytes).map_err(|cause| StoreError::Corrupt { path, cause })
     }
 
     fn write(&self, state: &State) -> Result<(), StoreError> {

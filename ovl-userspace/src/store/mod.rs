@@ -110,12 +110,12 @@ pub enum StoreError {
         cause: std::io::Error,
     },
     #[error(
-        "store file {path} is not valid ovl state ({source}); fix or move it aside — ovl will not overwrite it"
+        "store file {path} is not valid ovl state ({cause}); fix or move it aside — ovl will not overwrite it"
     )]
     Corrupt {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        /// Shown in the message, not as a source: it would be said twice.
+        cause: serde_json::Error,
     },
     #[error(
         "store file {path} has schema version {found}, this ovl understands {supported}; upgrade ovl"
@@ -151,11 +151,33 @@ pub enum StoreError {
         "etcd key {key} holds a value ovl cannot read ({detail}); fix or delete it with etcdctl"
     )]
     EtcdValue { key: String, detail: String },
+    #[error(
+        "etcd key {key} holds a value of schema {found}, newer than this ovl's {supported}: a newer ovl wrote it; upgrade ovl (and leave the key alone)"
+    )]
+    EtcdNewer {
+        key: String,
+        found: u32,
+        supported: u32,
+    },
     #[error("gave up after {0} conflicting concurrent changes; try again")]
     Contended(u32),
     /// The change broke a rule of the model; nothing was written.
     #[error(transparent)]
     Rejected(#[from] ModelError),
+}
+
+/// The schema version a stored JSON object names, when it is newer than
+/// this ovl's: a newer ovl may have changed more than this one can read,
+/// and such a value is to be read by upgrading, never fixed or deleted.
+pub(crate) fn newer_schema(bytes: &[u8]) -> Option<u32> {
+    #[derive(serde::Deserialize)]
+    struct Schema {
+        schema: u32,
+    }
+    serde_json::from_slice::<Schema>(bytes)
+        .ok()
+        .map(|s| s.schema)
+        .filter(|v| *v > crate::model::SCHEMA_VERSION)
 }
 
 /// What to do about a file store's I/O error, where that is clear.
@@ -506,6 +528,26 @@ mod tests {
             rt.block_on(w).unwrap().unwrap();
         }
         assert!(ran, "every worker was asleep waiting for the file lock");
+    }
+
+    #[test]
+    fn an_unreadable_store_file_says_why_once_and_a_newer_one_asks_for_an_upgrade() {
+        let dir = crate::testutil::TestDir::new("store-unreadable");
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let store = FileStore::new(dir.path());
+        let file = dir.path().join("state.json");
+        std::fs::write(&file, b"{\"schema\": 1, \"revision\"").unwrap();
+        let text = format!("{:#}", anyhow::Error::from(store.load().unwrap_err()));
+        assert_eq!(text.matches("EOF while parsing").count(), 1, "{text}");
+        assert!(text.contains("fix or move it aside"), "{text}");
+        // A newer ovl's file, whatever else it changed: upgrade, do not
+        // move it aside.
+        std::fs::write(&file, b"{\"schema\": 2, \"networks\": []}").unwrap();
+        let text = store.load().unwrap_err().to_string();
+        assert!(
+            text.contains("schema version 2") && text.contains("upgrade ovl"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

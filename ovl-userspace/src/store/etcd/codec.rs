@@ -100,19 +100,17 @@ pub fn json<T: Serialize>(value: T) -> Vec<u8> {
 
 /// The value of `key`, refusing a newer schema.
 pub fn parse<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    if let Some(found) = crate::store::newer_schema(bytes) {
+        return Err(StoreError::EtcdNewer {
+            key: key.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
     let v: Versioned<T> = serde_json::from_slice(bytes).map_err(|e| StoreError::EtcdValue {
         key: key.to_owned(),
         detail: e.to_string(),
     })?;
-    if v.schema > SCHEMA_VERSION {
-        return Err(StoreError::EtcdValue {
-            key: key.to_owned(),
-            detail: format!(
-                "schema {} is newer than this ovl's {SCHEMA_VERSION}; upgrade ovl",
-                v.schema
-            ),
-        });
-    }
     Ok(v.value)
 }
 
@@ -611,6 +609,22 @@ mod tests {
         // A deletion still deletes.
         apply(&mut followed, "/ovl/networks/blue", None);
         assert!(followed.networks.is_empty());
+    }
+
+    #[test]
+    fn a_value_a_newer_ovl_wrote_asks_for_an_upgrade_not_a_deletion() {
+        // Schema 2 may have changed anything: here, the VNI's type.
+        let err = parse::<Network>(
+            "/ovl/networks/blue",
+            br#"{"schema":2,"name":"blue","vni":"4096"}"#,
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            err.contains("schema 2") && err.contains("upgrade ovl"),
+            "{err}"
+        );
+        assert!(!err.contains("delete it"), "{err}");
     }
 
     #[test]

@@ -270,11 +270,10 @@ impl EtcdStore {
             {
                 let found: u32 = kv.value_str().unwrap_or("0").trim().parse().unwrap_or(0);
                 if found > SCHEMA_VERSION {
-                    return Err(StoreError::EtcdValue {
+                    return Err(StoreError::EtcdNewer {
                         key: SCHEMA_KEY.into(),
-                        detail: format!(
-                            "layout version {found} is newer than this ovl's {SCHEMA_VERSION}; upgrade ovl"
-                        ),
+                        found,
+                        supported: SCHEMA_VERSION,
                     });
                 }
             }
