@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{Host, Lab, Ovl, TwoHosts, wait_until};
+use ovl_tests::{Host, Lab, Ovl, TwoHosts, ping, wait_until};
 use serde_json::Value;
 
 /// Runs `ovl args...` on `host` as `node`; returns (success, stderr).
@@ -436,4 +436,57 @@ fn a_network_or_endpoint_beyond_the_kernel_maps_is_refused_by_name_and_writes_no
         ],
     )?;
     Ok(())
+}
+
+/// The file store's `state.json` moved aside (or deleted) by hand under
+/// running agents: they keep forwarding with the last state, and follow
+/// the store the next change writes anew. It once took every network off
+/// every node's maps at once.
+#[test]
+fn a_store_file_moved_aside_keeps_the_data_path_until_a_change_writes_it_anew() -> Result<()> {
+    let lab = Lab::new("store-moved")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let pair = world.connected_pair(&lab, "blue")?;
+    let vni = world.inspect(0, "blue")?["vni"]
+        .as_u64()
+        .context("inspect has no vni")?;
+    let entries = |node: &str| -> Result<usize> {
+        Ok(world
+            .ovl
+            .endpoint_map(node)?
+            .keys()
+            .filter(|(v, _)| u64::from(*v) == vni)
+            .count())
+    };
+    let dir = Path::new(
+        world
+            .ovl
+            .store_url()
+            .strip_prefix("file://")
+            .context("a file store")?,
+    )
+    .to_owned();
+    std::fs::rename(dir.join("state.json"), dir.join("moved-aside.json"))?;
+
+    // Several of the agents' looks at the file later (one each 200 ms).
+    std::thread::sleep(Duration::from_secs(2));
+    let r = ping(&pair.c1, pair.ip2, 3, &["-i", "0.2", "-W", "1"])?;
+    ensure!(
+        r.all_received(),
+        "c1 -> c2 with the store file gone:\n{}",
+        r.output
+    );
+    for node in TwoHosts::NODES.iter().take(2) {
+        ensure!(entries(node)? == 2, "{node}'s map lost blue's endpoints");
+    }
+
+    // The next change writes the store anew, without blue: followed.
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "green", "198.18.1.0/24", &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(entries(TwoHosts::NODES[0])? == 0 && entries(TwoHosts::NODES[1])? == 0)
+    })
+    .context("the agents never followed the store written anew")?;
+    world.stop()
 }

@@ -72,10 +72,15 @@ impl FileStore {
     }
 
     fn read(&self) -> Result<State, StoreError> {
+        Ok(self.read_file()?.unwrap_or_default())
+    }
+
+    /// The state in the file, `None` when there is no file.
+    fn read_file(&self) -> Result<Option<State>, StoreError> {
         let path = self.state_path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(cause) => {
                 return Err(StoreError::Io {
                     action: "read",
@@ -91,7 +96,9 @@ impl FileStore {
                 supported: SCHEMA_VERSION,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|cause| StoreError::Corrupt { path, cause })
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|cause| StoreError::Corrupt { path, cause })
     }
 
     fn write(&self, state: &State) -> Result<(), StoreError> {
@@ -213,15 +220,40 @@ impl FileStore {
         let store = FileStore::new(self.dir.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(POLL);
+            let mut missing = false;
             loop {
                 tick.tick().await;
-                match store.load() {
-                    Ok(s) if s.revision != tx.borrow().state.revision => {
-                        if tx.send(Followed::whole(s)).is_err() {
+                match store.read_file() {
+                    Ok(Some(s)) if missing || s.revision != tx.borrow().state.revision => {
+                        // A file written anew after one went counts its
+                        // revisions from 1 again: any may be the last's.
+                        let followed = if missing {
+                            Followed::replacing(s)
+                        } else {
+                            Followed::whole(s)
+                        };
+                        missing = false;
+                        if tx.send(followed).is_err() {
                             return;
                         }
                     }
-                    Ok(_) => {}
+                    Ok(Some(_)) => missing = false,
+                    // ovl never removes the file (every change renames a
+                    // new one over it): one gone was moved aside or
+                    // deleted by hand, and is no reason to take every
+                    // network off the data path. The next change writes
+                    // a new one, which is followed.
+                    Ok(None) if tx.borrow().state.revision > 0 => {
+                        if !missing {
+                            log::warn!(
+                                "{} is gone; keeping the last state (revision {}) until a change writes it anew",
+                                store.state_path().display(),
+                                tx.borrow().state.revision
+                            );
+                        }
+                        missing = true;
+                    }
+                    Ok(None) => {}
                     Err(e) => log::warn!(
                         "cannot read {}: {e}; keeping the last state",
                         store.describe()
@@ -261,6 +293,7 @@ mod tests {
     use super::*;
     use crate::{
         model::{ContainerSpec, NetworkSpec},
+        store::{Dirty, catch_up},
         testutil::TestDir,
     };
 
@@ -358,6 +391,32 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 40);
         assert_eq!(store.load().unwrap().endpoints.len(), 40);
+    }
+
+    #[tokio::test]
+    async fn a_store_file_moved_aside_keeps_the_followed_state_until_the_next_change() {
+        let tmp = TestDir::new("store-moved");
+        let dir = tmp.path();
+        let store = FileStore::new(dir);
+        create(&store, "a").unwrap();
+        let mut rx = store.subscribe().unwrap();
+        let mut mine = Some(rx.borrow().state.clone());
+        assert_eq!(mine.as_ref().unwrap().revision, 1);
+        fs::rename(dir.join(STATE_FILE), dir.join("moved-aside.json")).unwrap();
+        // Several polls later, the state is what it was.
+        tokio::time::sleep(POLL * 4).await;
+        assert!(!rx.has_changed().unwrap(), "{:?}", rx.borrow().state);
+        // A change writes the file anew (the store as it now is): followed.
+        create(&store, "b").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("the new file is followed")
+            .unwrap();
+        // At the revision the reader's copy has: taken whole all the same.
+        assert_eq!(rx.borrow().state.revision, 1);
+        assert_eq!(catch_up(&mut mine, &rx.borrow()), Dirty::All);
+        let names: Vec<String> = mine.unwrap().networks.into_keys().collect();
+        assert_eq!(names, ["b"]);
     }
 
     #[test]

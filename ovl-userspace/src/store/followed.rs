@@ -32,6 +32,18 @@ impl Followed {
     }
 }
 
+impl Followed {
+    /// A state read whole that replaced one of its own revision or a
+    /// later one (the store started its revisions over): every reader
+    /// takes it whole, whatever its revision.
+    pub fn replacing(state: State) -> Followed {
+        Followed {
+            changes: ChangeLog::since(state.revision + 1),
+            state,
+        }
+    }
+}
+
 /// Which part of the state a key's change touched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part<'a> {
