@@ -276,7 +276,9 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
 pub fn decode<'a>(revision: i64, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> State {
     let mut state = empty(revision);
     for (key, value) in kvs {
-        apply(&mut state, key, Some(value));
+        if let Err(e) = try_apply(&mut state, key, Some(value)) {
+            log::error!("{e}");
+        }
     }
     state
 }

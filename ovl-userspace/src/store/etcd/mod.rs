@@ -479,8 +479,10 @@ struct CommitPlan {
     guarded: Vec<String>,
 }
 
-/// The error of the first key of `guarded` that `snap` holds with a value
-/// decoding skipped (it is not in `old`, the state's encoding), if any.
+/// The error of the first key of `guarded` (or under a guarded prefix,
+/// ending in `/`: the endpoints of a network the change removes) that
+/// `snap` holds with a value decoding skipped (it is not in `old`, the
+/// state's encoding), if any.
 fn unreadable_guarded(
     snap: &Snapshot,
     old: &BTreeMap<String, Vec<u8>>,
@@ -488,9 +490,17 @@ fn unreadable_guarded(
 ) -> Option<StoreError> {
     guarded
         .iter()
-        .filter(|k| !old.contains_key(*k))
-        .filter_map(|k| Some((k, &snap.kvs.get(k)?.0)))
-        .find_map(|(k, v)| codec::check(k, v).err())
+        .flat_map(|g| {
+            let under = g.ends_with('/').then(|| {
+                snap.kvs
+                    .range::<String, _>(g..)
+                    .take_while(move |(k, _)| k.starts_with(g.as_str()))
+            });
+            let at = snap.kvs.get_key_value(g).filter(|_| under.is_none());
+            under.into_iter().flatten().chain(at)
+        })
+        .filter(|(k, _)| !old.contains_key(*k))
+        .find_map(|(k, (v, _))| codec::check(k, v).err())
 }
 
 /// Claims a commit writes that an older ovl left out (at most this many
@@ -872,6 +882,29 @@ mod tests {
             .count();
         assert_eq!(backfilled, BACKFILL_PER_COMMIT);
         assert_eq!(plan.ops.len(), 3 + BACKFILL_PER_COMMIT);
+    }
+
+    #[test]
+    fn a_network_whose_endpoint_cannot_be_read_is_not_removed_but_named() {
+        let before = network();
+        let mut snap = snapshot_of(&before);
+        let bad = "/ovl/endpoints/blue/198.18.0.7".to_owned();
+        snap.kvs
+            .insert(bad.clone(), (br#"{"schema":1}"#.to_vec(), 6));
+        let old = encode(&snap.state());
+        let mut after = snap.state();
+        after.remove_network("blue").unwrap();
+        let plan = commit_plan(&snap, &old, &encode(&after));
+        let err = unreadable_guarded(&snap, &old, &plan.guarded)
+            .expect("the unreadable endpoint is named")
+            .to_string();
+        assert!(err.contains(&bad), "{err}");
+        // A network with only readable endpoints (none) is removed.
+        let old = encode(&before);
+        let mut after = before.clone();
+        after.remove_network("blue").unwrap();
+        let plan = commit_plan(&snapshot_of(&before), &old, &encode(&after));
+        assert!(unreadable_guarded(&snapshot_of(&before), &old, &plan.guarded).is_none());
     }
 
     #[test]
