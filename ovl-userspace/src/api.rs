@@ -36,6 +36,7 @@ use crate::{
     agent::view::View,
     crypto::{NodeCrypto, stats::CryptoReport},
     datapath,
+    http_server::{self, Bounds, OverLimit},
     metrics::{NetworkStats, UnderlayStats},
 };
 
@@ -400,15 +401,25 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 
 /// Serves `api` on `listener` until the task is dropped.
 pub async fn serve(listener: UnixListener, api: AgentApi) {
-    serve_router(listener, api.router()).await
+    serve_router(listener, api.router(), "API server").await
 }
 
-/// Serves `router` on a Unix `listener` until the task is dropped; errors
-/// of single connections are the peer's and only logged.
-pub async fn serve_router(listener: UnixListener, router: Router) {
-    if let Err(e) = axum::serve(listener, router).await {
-        log::error!("API server stopped: {e}");
-    }
+/// What a client of a local socket (ovl's commands, the CNI plugin,
+/// Docker) may hold: connections beyond the limit wait in the backlog for
+/// one to end, and one that sends no request (or stops half-way through
+/// its headers) for 30 s, hyper's default, is closed.
+const LOCAL_BOUNDS: Bounds = Bounds {
+    max_connections: 128,
+    over_limit: OverLimit::Queue,
+    header_timeout: Duration::from_secs(30),
+    lifetime: Duration::from_secs(300),
+};
+
+/// Serves `router` on a Unix `listener` until the task is dropped, within
+/// [`LOCAL_BOUNDS`]; errors of single connections are the peer's and only
+/// logged.
+pub async fn serve_router(listener: UnixListener, router: Router, what: &'static str) {
+    http_server::serve(listener, router, LOCAL_BOUNDS, what).await
 }
 
 /// A client of an agent's API socket.

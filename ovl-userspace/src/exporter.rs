@@ -15,19 +15,21 @@ use prometheus::{
 use crate::{
     agent::view::View,
     api::{network_rows, underlay_of},
+    http_server::{self, Bounds, OverLimit},
 };
 
 /// Conventional port of ovl's metrics (unassigned in Prometheus's list of
 /// default exporter ports).
 pub const DEFAULT_PORT: u16 = 9474;
 
-/// Connections served at once; more are closed at once. Prometheus opens
-/// one per scraping server.
-const MAX_CONNECTIONS: usize = 32;
-/// A client must have sent its request headers within this.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest a connection is kept (keep-alive between scrapes included).
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+/// Prometheus opens one connection per scraping server; more are closed
+/// at once. Headers within 5 s; keep-alive between scrapes for 5 minutes.
+const BOUNDS: Bounds = Bounds {
+    max_connections: 32,
+    over_limit: OverLimit::Close,
+    header_timeout: Duration::from_secs(5),
+    lifetime: Duration::from_secs(300),
+};
 
 /// Serves `/metrics` on `listener` until the task is dropped. The port is
 /// often reachable from the network: a client that sends nothing, or
@@ -37,33 +39,7 @@ pub async fn serve(listener: tokio::net::TcpListener, view: Arc<View>) {
     let router = Router::new()
         .route("/metrics", get(metrics))
         .with_state(view);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of descriptors, say: wait rather than spin.
-                log::warn!("metrics server: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            log::debug!("metrics server: {MAX_CONNECTIONS} connections open; closing a new one");
-            continue;
-        };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                log::debug!("metrics connection: {e}");
-            }
-        });
-    }
+    http_server::serve(listener, router, BOUNDS, "metrics server").await
 }
 
 async fn metrics(State(view): State<Arc<View>>) -> impl IntoResponse {
@@ -350,8 +326,8 @@ mod tests {
         until_closed(&mut slow).await;
         let took = t0.elapsed();
         assert!(
-            took >= HEADER_TIMEOUT - Duration::from_millis(500)
-                && took < HEADER_TIMEOUT + Duration::from_secs(3),
+            took >= BOUNDS.header_timeout - Duration::from_millis(500)
+                && took < BOUNDS.header_timeout + Duration::from_secs(3),
             "closed after {took:?}"
         );
     }
@@ -360,7 +336,7 @@ mod tests {
     async fn connections_beyond_the_limit_are_closed_and_the_rest_served() {
         let addr = server().await;
         let mut held = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
+        for _ in 0..BOUNDS.max_connections {
             held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
         // Accepted in order: the server has taken every slot once the

@@ -616,3 +616,48 @@ fn the_api_answers_bad_requests_with_a_json_error_and_keeps_serving() -> Result<
     ensure!(got == "200" && body["node"] == "host-a", "{got} {body}");
     agent.stop()
 }
+
+/// Connections to the API socket that send nothing (a hung or leaking
+/// client) must not take the agent's descriptors, which its store reads,
+/// netlink and DNS share: with its open-file limit lowered to 256 and 400
+/// silent connections held, host A's agent still applies a container that
+/// joins on host B (c1 reaches it), logs no descriptor shortage, and
+/// answers `ovl status` once they are gone.
+#[test]
+fn silent_api_connections_do_not_starve_the_agent_of_descriptors() -> Result<()> {
+    let lab = Lab::new("api-fds")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(2)?;
+    let a = ovl.attach(&lab, &hosts[0], "host-a", "auto")?;
+    let b = ovl.attach(&lab, &hosts[1], "host-b", "auto")?;
+    ovl.create_network(&hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    ovl.connect(&hosts[0], "host-a", "uber-net", &c1, &[])?;
+    ovl_tests::run(&["prlimit", "--pid", &a.pid().to_string(), "--nofile=256:256"])?;
+    let socket = ovl.api_socket("host-a");
+    let held = (0..400)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("connect to the API socket")?;
+    let c2 = lab.container("c2")?;
+    let ip2 = ovl.connect(&hosts[1], "host-b", "uber-net", &c2, &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, ip2, 1, &["-W", "1"])?.all_received())
+    })
+    .with_context(|| {
+        format!(
+            "host A's agent did not apply c2 while 400 silent connections were held:\n{}",
+            a.log().unwrap_or_default()
+        )
+    })?;
+    let log = a.log()?;
+    ensure!(
+        !log.contains("Too many open files"),
+        "the agent ran out of descriptors:\n{log}"
+    );
+    drop(held);
+    let status = ovl.run(&hosts[0].netns, "host-a", &["status"])?;
+    ensure!(status.contains("host-a"), "{status}");
+    a.stop()?;
+    b.stop()
+}

@@ -233,7 +233,7 @@ pub async fn serve(mut listener: Listener, node: String, store: StoreHandle, vie
     );
     let socket = listener.listener.take().expect("taken once, here");
     let reconcile = tokio::spawn(sync::run(ctx.clone()));
-    api::serve_router(socket, router(ctx)).await;
+    api::serve_router(socket, router(ctx), "Docker plugin").await;
     reconcile.abort();
     drop(listener);
 }

@@ -1,0 +1,174 @@
+//! The one accept loop of the agent's HTTP servers (local API, Docker
+//! plugin, metrics), bounding what clients can hold of the agent.
+//!
+//! Every connection costs the agent a descriptor, shared with its store,
+//! netlink and DNS sockets: a client that connects and sends nothing, or
+//! stops half-way through a request, or keeps connections open without
+//! end, must neither hold them forever nor use them all up. So connections
+//! are bounded in number, must send their request headers (also the next
+//! request's, on a kept-alive connection) within a time, and live at
+//! most a time before they are asked to close.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{Router, serve::Listener};
+use tokio::sync::Semaphore;
+
+/// What a server does with a connection beyond its limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverLimit {
+    /// Accept and close it at once (a server reachable from the network).
+    Close,
+    /// Leave it in the kernel's backlog until a connection ends (a local
+    /// socket whose clients, Docker and ovl's own, should wait, not fail).
+    Queue,
+}
+
+/// The bounds of one server.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// Connections served at once.
+    pub max_connections: usize,
+    pub over_limit: OverLimit,
+    /// A client must have sent a request's headers within this, the first
+    /// request's from connecting, a later one's from the previous answer.
+    pub header_timeout: Duration,
+    /// After this a connection is closed once its request in flight is
+    /// answered; [`Bounds::header_timeout`] later it is closed anyway.
+    pub lifetime: Duration,
+}
+
+/// Serves `router` on `listener` within `bounds` until the task is dropped.
+/// `what` names the server in log lines.
+pub async fn serve<L: Listener>(
+    mut listener: L,
+    router: Router,
+    bounds: Bounds,
+    what: &'static str,
+) {
+    let slots = Arc::new(Semaphore::new(bounds.max_connections));
+    loop {
+        let queued = match bounds.over_limit {
+            OverLimit::Queue => Some(
+                slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
+            OverLimit::Close => None,
+        };
+        // Errors (out of descriptors, say) are logged and retried by the
+        // listener after a pause.
+        let (io, _) = listener.accept().await;
+        let slot = match queued {
+            Some(slot) => slot,
+            None => match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    log::debug!(
+                        "{what}: {} connections open; closing a new one",
+                        bounds.max_connections
+                    );
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(bounds.header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            tokio::pin!(conn);
+            let served = match tokio::time::timeout(bounds.lifetime, conn.as_mut()).await {
+                Ok(served) => served,
+                Err(_) => {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(bounds.header_timeout, conn).await {
+                        Ok(served) => served,
+                        Err(_) => return,
+                    }
+                }
+            };
+            if let Err(e) = served {
+                log::debug!("{what} connection: {e}");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::routing::get;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{UnixListener, UnixStream},
+    };
+
+    use super::*;
+
+    const BOUNDS: Bounds = Bounds {
+        max_connections: 2,
+        over_limit: OverLimit::Queue,
+        header_timeout: Duration::from_millis(300),
+        lifetime: Duration::from_secs(60),
+    };
+
+    fn server(tag: &str, bounds: Bounds) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("ovl-http-{tag}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind a socket in the temp dir");
+        let router = Router::new().route("/", get(|| async { "hello" }));
+        tokio::spawn(serve(listener, router, bounds, "test server"));
+        path
+    }
+
+    /// Reads until the server closes the connection; what it sent.
+    async fn until_closed(c: &mut UnixStream) -> Vec<u8> {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
+        got
+    }
+
+    async fn ask(path: &std::path::Path) -> Vec<u8> {
+        let mut c = UnixStream::connect(path).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        until_closed(&mut c).await
+    }
+
+    #[tokio::test]
+    async fn silent_and_stalled_clients_are_disconnected_and_queued_ones_then_served() {
+        let path = server("bounds", BOUNDS);
+        // Both slots taken: one client sends nothing, one half its headers.
+        let mut silent = UnixStream::connect(&path).await.unwrap();
+        let mut stalled = UnixStream::connect(&path).await.unwrap();
+        stalled.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        // A third waits in the backlog, then gets its answer.
+        let answer = ask(&path).await;
+        assert!(
+            String::from_utf8_lossy(&answer).ends_with("hello"),
+            "{answer:?}"
+        );
+        // The two that held the slots were closed without an answer.
+        assert!(until_closed(&mut silent).await.is_empty());
+        let partial = until_closed(&mut stalled).await;
+        assert!(!partial.starts_with(b"HTTP/1.1 200"), "{partial:?}");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_left_idle_is_closed() {
+        let path = server("idle", BOUNDS);
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = until_closed(&mut c).await;
+        assert!(String::from_utf8_lossy(&got).ends_with("hello"), "{got:?}");
+        let _ = std::fs::remove_file(path);
+    }
+}
