@@ -50,14 +50,18 @@ pub enum ModelError {
     #[error("invalid MTU {0}: must be 576..=9000 bytes (the underlay needs {ENCAP_OVERHEAD} more)")]
     InvalidMtu(u32),
     #[error(
-        "MTU {mtu} does not fit node {node:?}: its underlay MTU {underlay_mtu} carries at most {} after VXLAN's {ENCAP_OVERHEAD} bytes; pass --mtu {} or less, or omit it",
-        underlay_mtu.saturating_sub(ENCAP_OVERHEAD),
-        underlay_mtu.saturating_sub(ENCAP_OVERHEAD)
+        "MTU {mtu} does not fit node {node:?}: its underlay MTU {underlay_mtu} carries at most {} after {encapsulation}'s {overhead} bytes; pass --mtu {} or less, or omit it",
+        underlay_mtu.saturating_sub(*overhead),
+        underlay_mtu.saturating_sub(*overhead)
     )]
     MtuTooBig {
         mtu: u32,
         node: String,
         underlay_mtu: u32,
+        /// What the underlay carries around a container's packet, and
+        /// its bytes: an encrypted network's is VXLAN in WireGuard.
+        encapsulation: &'static str,
+        overhead: u32,
     },
     #[error("a network needs at least one --subnet")]
     NoSubnet,
@@ -729,6 +733,12 @@ impl State {
                 mtu,
                 node: node.to_owned(),
                 underlay_mtu,
+                encapsulation: if encrypted {
+                    "VXLAN in WireGuard"
+                } else {
+                    "VXLAN"
+                },
+                overhead,
             });
         }
         Ok(mtu)
@@ -1736,6 +1746,22 @@ mod tests {
         assert!(matches!(err, ModelError::MtuTooBig { mtu: 1451, .. }));
         assert!(err.to_string().contains("\"thin\""), "{err}");
         assert!(err.to_string().contains("--mtu 1450"), "{err}");
+        assert_eq!(s, before);
+        // An encrypted network's packets carry WireGuard's 60 bytes more:
+        // the MTU to pass is 1390, not the 1450 that was refused.
+        let err = s
+            .create_network(NetworkSpec {
+                mtu: Some(1450),
+                encrypted: true,
+                ..spec("a", None)
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("at most 1390 after VXLAN in WireGuard's 110 bytes")
+                && err.to_string().contains("--mtu 1390"),
+            "{err}"
+        );
         assert_eq!(s, before);
         let ok = s.create_network(NetworkSpec {
             mtu: Some(1450),
