@@ -108,7 +108,8 @@ pub async fn add(
 }
 
 /// An address the runtime asks for: the `ips` capability or `IP=` in
-/// CNI_ARGS (the CNI conventions); one IPv4 address at most.
+/// CNI_ARGS (the CNI conventions); one IPv4 address at most, which both
+/// may name (in CIDR form or not).
 fn requested_ip(inv: &Invocation, conf: &NetConf) -> Result<Option<Ipv4Addr>, CniError> {
     let mut asked: Vec<&str> = conf
         .runtime_config
@@ -118,21 +119,26 @@ fn requested_ip(inv: &Invocation, conf: &NetConf) -> Result<Option<Ipv4Addr>, Cn
     if let Some(ip) = inv.args.get("IP") {
         asked.push(ip);
     }
-    asked.dedup();
-    match asked.as_slice() {
-        [] => Ok(None),
-        [one] => {
+    let mut addresses: Vec<Ipv4Addr> = asked
+        .iter()
+        .map(|one| {
             let addr = one.split_once('/').map_or(*one, |(a, _)| a);
-            addr.parse().map(Some).map_err(|_| {
+            addr.parse().map_err(|_| {
                 CniError::config(format!(
                     "requested address {one:?} is not an IPv4 address; ovl networks are IPv4"
                 ))
             })
-        }
+        })
+        .collect::<Result<_, _>>()?;
+    addresses.sort_unstable();
+    addresses.dedup();
+    match addresses.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
         many => Err(CniError::config(format!(
             "{} addresses requested ({}); ovl gives a container one address per network",
             many.len(),
-            many.join(", ")
+            asked.join(", ")
         ))),
     }
 }
@@ -198,6 +204,36 @@ async fn warn_unless_forwarding(s: &Settings, a: &attachment::Attachment) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_address_asked_for_through_ips_and_cni_args_is_one_address() {
+        let conf: NetConf =
+            serde_json::from_str(r#"{"name":"n","runtimeConfig":{"ips":["198.18.0.9/24"]}}"#)
+                .unwrap();
+        let inv = |args: &[(&str, &str)]| Invocation {
+            args: args
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Invocation::default()
+        };
+        let same = inv(&[("IP", "198.18.0.9")]);
+        assert_eq!(
+            requested_ip(&same, &conf).unwrap(),
+            Some(Ipv4Addr::new(198, 18, 0, 9))
+        );
+        let other = inv(&[("IP", "198.18.0.10")]);
+        let e = requested_ip(&other, &conf).unwrap_err();
+        assert_eq!(e.code, Code::InvalidConfig);
+        assert!(e.details.contains("2 addresses requested"), "{e}");
+        let bad = inv(&[("IP", "198.18.0.300")]);
+        assert!(
+            requested_ip(&bad, &conf)
+                .unwrap_err()
+                .details
+                .contains("300")
+        );
+    }
 
     #[test]
     fn port_mappings_become_published_ports() {
