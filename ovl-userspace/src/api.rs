@@ -108,6 +108,14 @@ impl AgentApi {
             .route("/v1/crypto", get(crypto_report))
             .route("/v1/crypto/rotate", post(crypto_rotate))
             .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+            .method_not_allowed_fallback(|method: axum::http::Method| async move {
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!(
+                        "{method} is not served here: POST /v1/crypto/rotate, GET every other route"
+                    ),
+                )
+            })
             .with_state(self)
     }
 }

@@ -609,6 +609,25 @@ fn the_api_answers_bad_requests_with_a_json_error_and_keeps_serving() -> Result<
             "{path}: error {body} lacks {needle:?}"
         );
     }
+    // A route asked with the wrong method: 405, with a JSON error too.
+    let out = host.netns.exec(&[
+        "curl",
+        "-sS",
+        "-X",
+        "POST",
+        "--unix-socket",
+        &socket,
+        "-w",
+        "\n%{http_code}",
+        "http://ovl/v1/health",
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').context("no status line")?;
+    let body: Value = serde_json::from_str(body).with_context(|| format!("not JSON: {body:?}"))?;
+    ensure!(
+        code == "405" && body["error"].as_str().is_some_and(|e| e.contains("POST")),
+        "POST /v1/health: HTTP {code} {body}"
+    );
     // An endpoint of an unknown network is simply not ready, after the wait.
     let (got, body) = ask("/v1/endpoints/ready?network=nope&ip=198.18.0.9&timeout_ms=200")?;
     ensure!(got == "200" && body["ready"] == false, "{got} {body}");

@@ -279,6 +279,14 @@ fn router(ctx: Arc<Context>) -> Router {
         .fallback(|uri: axum::http::Uri| async move {
             protocol::not_implemented(uri.path().trim_start_matches('/'))
         })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            use axum::response::IntoResponse;
+            Refusal {
+                status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                message: format!("{method}: plugin calls are POSTs"),
+            }
+            .into_response()
+        })
         .with_state(ctx)
 }
 
@@ -305,6 +313,46 @@ fn answer(method: &str, result: Result<Response, Refusal>) -> Response {
 mod tests {
     use super::*;
     use crate::testutil::TestDir;
+
+    /// What the plugin answers to the raw HTTP `request`.
+    async fn exchange(request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tmp = TestDir::new("docker-router");
+        std::fs::create_dir_all(tmp.path()).unwrap();
+        let path = tmp.path().join("plugin.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (view, _kicks) = View::unattached();
+        let ctx = Arc::new(Context {
+            node: "n1".into(),
+            store: StoreHandle::new("file:///nonexistent", None),
+            view,
+            engine: Engine::from_url("unix:///nonexistent.sock").unwrap(),
+            networks: Mutex::new(HashMap::new()),
+            nudge: tokio::sync::Notify::new(),
+            names: names::Memory::default(),
+        });
+        let server = tokio::spawn(api::serve_router(listener, router(ctx), "test plugin"));
+        let mut c = tokio::net::UnixStream::connect(&path).await.unwrap();
+        c.write_all(request).await.unwrap();
+        let mut got = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut got)).await;
+        server.abort();
+        got
+    }
+
+    #[tokio::test]
+    async fn a_call_with_the_wrong_method_is_refused_in_the_protocol() {
+        let got =
+            exchange(b"GET /Plugin.Activate HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await;
+        assert!(got.starts_with("HTTP/1.1 405"), "{got}");
+        let body = got.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let err: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert!(
+            err["Err"].as_str().is_some_and(|e| e.contains("POST")),
+            "{got}"
+        );
+    }
 
     #[test]
     fn docker_host_auto_serves_docker_only_where_its_socket_is() {
