@@ -58,6 +58,9 @@ pub fn conflist(spec: &ConflistSpec<'_>) -> String {
     #[serde(rename_all = "camelCase")]
     struct List<'a> {
         cni_version: String,
+        /// The spec's (1.1.0) list of versions the configuration works
+        /// with: a runtime that reads it takes the newest it speaks.
+        cni_versions: [String; 2],
         name: &'a str,
         plugins: [Plugin<'a>; 1],
     }
@@ -81,7 +84,8 @@ pub fn conflist(spec: &ConflistSpec<'_>) -> String {
         port_mappings: bool,
     }
     let list = List {
-        cni_version: SpecVersion::NEWEST.to_string(),
+        cni_version: SpecVersion::CONFLIST.to_string(),
+        cni_versions: [SpecVersion::CONFLIST, SpecVersion::NEWEST].map(|v| v.to_string()),
         name: spec.name,
         plugins: [Plugin {
             plugin_type: PLUGIN_NAME,
@@ -120,5 +124,9 @@ mod tests {
         assert_eq!(v["plugins"][0]["store"], "etcd://192.0.2.1:2379");
         assert_eq!(v["plugins"][0]["node"], "host-a");
         assert_eq!(v["plugins"][0]["capabilities"]["portMappings"], true);
+        // Readable by a libcni that stops at 1.0.0 (podman 4.3), with 1.1.0
+        // offered to one that reads `cniVersions`.
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert_eq!(v["cniVersions"], serde_json::json!(["1.0.0", "1.1.0"]));
     }
 }

@@ -12,6 +12,11 @@ pub struct SpecVersion(u32, u32, u32);
 impl SpecVersion {
     /// The newest version ovl speaks; used when the input names none usable.
     pub const NEWEST: SpecVersion = SpecVersion(1, 1, 0);
+    /// The `cniVersion` a conflist ovl writes declares: runtimes whose
+    /// libcni predates 1.1.0 (podman 4.3, containerd 1.7) refuse a 1.1.0
+    /// result ("unsupported CNI result version"), and read no
+    /// `cniVersions`, which offers newer ones 1.1.0 (GC, STATUS).
+    pub const CONFLIST: SpecVersion = SpecVersion(1, 0, 0);
     /// What an undeclared `cniVersion` means (the key came with 0.2.0).
     const UNDECLARED: SpecVersion = SpecVersion(0, 1, 0);
     /// The first version with CHECK.
