@@ -1146,3 +1146,54 @@ fn a_port_published_with_docker_run_p_is_reached_from_outside_the_host() -> Resu
     .with_context(|| format!("the rule outlived the container:\n{rules}"))?;
     world.stop()
 }
+
+/// `--ipam-driver ovl` on a network of another driver: Docker asks for the
+/// pool before it says which driver the network is for, so the network is
+/// made; but a container on it is refused saying that ovl's IPAM serves
+/// only `-d ovl` networks (at once, and after the agent removed the pool's
+/// unused provisional network), and nothing is left in ovl's store.
+#[test]
+fn a_network_of_another_driver_on_ovls_ipam_is_told_to_use_the_ovl_driver() -> Result<()> {
+    let lab = Lab::new("dk-ipam")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
+    world.docker(
+        0,
+        &[
+            "network",
+            "create",
+            "-d",
+            "bridge",
+            "--ipam-driver",
+            "ovl",
+            "--subnet",
+            "198.18.7.0/24",
+            "bridged",
+        ],
+    )?;
+    let refused = || -> Result<String> {
+        let out = world.dockerds[0].docker_unchecked(&[
+            "run",
+            "--rm",
+            "--network",
+            "bridged",
+            ovl_tests::BUSYBOX_IMAGE,
+            "true",
+        ])?;
+        ensure!(!out.status.success(), "a container ran on bridged");
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let first = refused()?;
+    ensure!(first.contains("create it with -d ovl"), "at once: {first}");
+    wait_until(RECONCILE_WITHIN, || {
+        Ok(!ovl_networks(&world)?
+            .iter()
+            .any(|n| n.starts_with("docker-pending-")))
+    })
+    .context("the pool's provisional network stayed")?;
+    let later = refused()?;
+    ensure!(
+        later.contains("create it with -d ovl"),
+        "after the provisional network went: {later}"
+    );
+    world.stop()
+}

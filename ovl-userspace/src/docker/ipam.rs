@@ -19,6 +19,12 @@ use crate::{
     store::{Scope, Store, StoreError},
 };
 
+/// Why a pool of a network of another driver (`-d bridge --ipam-driver
+/// ovl`) has no addresses: Docker asks an IPAM driver for a pool before
+/// it says which network driver it is for, so ovl cannot refuse it then,
+/// and the pool's provisional ovl network is removed unused.
+const OTHER_DRIVER: &str = "ovl's IPAM serves only networks of driver ovl: remove the network and create it with -d ovl --ipam-driver ovl";
+
 /// Owner of an address Docker's IPAM reserved, before its CreateEndpoint.
 pub const OWNER_IPAM: &str = "docker-ipam";
 
@@ -218,9 +224,11 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
         Some(DockerPending {
             network_id: None, ..
         }) => {
-            return Err(Refusal::new(
-                "ovl does not support --aux-address yet; create the network without it",
-            ));
+            return Err(Refusal::new(format!(
+                "pool {pool} has no Docker network of driver ovl: either it is being created with \
+                 --aux-address, which ovl does not support yet (create it without), or its network \
+                 has another driver ({OTHER_DRIVER})"
+            )));
         }
         Some(DockerPending {
             network_id: Some(id),
@@ -340,7 +348,7 @@ fn served<'a>(
         .filter(|n| has_subnet(n, &pool.subnet))
         .ok_or_else(|| {
             Refusal::new(format!(
-                "pool {pool} is not served by ovl: no ovl network has VNI {} and subnet {} (removed meanwhile?)",
+                "pool {pool} is not served by ovl: no ovl network has VNI {} and subnet {} (removed meanwhile? or {OTHER_DRIVER})",
                 pool.vni, pool.subnet
             ))
         })
