@@ -30,9 +30,7 @@ impl Followed {
             state,
         }
     }
-}
 
-impl Followed {
     /// A state read whole that replaced one of its own revision or a
     /// later one (the store started its revisions over): every reader
     /// takes it whole, whatever its revision.
