@@ -217,6 +217,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     });
 
     let result = agent.serve(&opts, store, kicks, signals).await;
+    // Now, not when the last holder of the view lets it go: WireGuard's
+    // socket closes and its device goes with the agent.
+    if let Some(c) = &agent.crypto {
+        c.stop();
+    }
     api_task.abort();
     for t in metrics_task.into_iter().chain(docker_task) {
         t.abort();
