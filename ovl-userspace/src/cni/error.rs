@@ -180,6 +180,11 @@ fn model_code(e: &ModelError) -> Code {
         ModelError::Ipam(i) => ipam_code(i),
         ModelError::PortTaken { .. } | ModelError::PortOfOverlay { .. } => Code::AddressInUse,
         ModelError::Port(_) | ModelError::PublishOnInternal(_) => Code::InvalidConfig,
+        // Freed addresses held back for --address-grace: they clear up
+        // by themselves, which is what 11 tells a runtime.
+        ModelError::AddressHeld { .. } | ModelError::AllFreeAddressesHeld { .. } => {
+            Code::TryAgainLater
+        }
         _ => Code::Internal,
     }
 }
@@ -220,6 +225,26 @@ mod tests {
             CniError::from_failure(&netlink.unwrap_err()).code,
             Code::Internal
         );
+    }
+
+    #[test]
+    fn addresses_held_back_for_their_grace_are_try_again_later() {
+        let held = StoreError::Rejected(ModelError::AddressHeld {
+            network: "net1".into(),
+            ip: std::net::Ipv4Addr::new(198, 18, 0, 9),
+            ago_s: 3,
+            left_s: 57,
+        });
+        assert_eq!(CniError::from(held).code, Code::TryAgainLater);
+        let all = anyhow::Error::from(StoreError::Rejected(ModelError::AllFreeAddressesHeld {
+            network: "net1".into(),
+            subnets: "198.18.0.0/29".into(),
+            held: 5,
+        }))
+        .context("connect x to net1");
+        let e = CniError::from_failure(&all);
+        assert_eq!(e.code, Code::TryAgainLater);
+        assert!(e.details.contains("--address-grace"), "{}", e.details);
     }
 
     #[test]
