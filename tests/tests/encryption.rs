@@ -947,7 +947,9 @@ fn wireguard_messages_show_their_packets_ecn_field_no_dscp_and_lengths_in_16_byt
         ("notect", EF | NOT_ECT, 300),
         ("ect1", EF | ECT1, 500),
     ];
-    let capture = Capture::start(&lab, &world.router, "h0", "ecn", 8)?;
+    // Long enough for three python senders on a loaded machine (8 s once
+    // ended before the last flow's last two datagrams).
+    let capture = Capture::start(&lab, &world.router, "h0", "ecn", 15)?;
     for (tag, tos, size) in flows {
         send_udp_with_tos(s0, *s1_ip, ECN_PORT, tos, tag, ECN_N, size)?;
     }
