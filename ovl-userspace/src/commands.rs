@@ -235,7 +235,8 @@ pub async fn cluster_set(store: &Store, vxlan_port: Option<u16>) -> Result<Strin
         bail!("nothing to set; give --vxlan-port PORT");
     };
     store
-        .update_with(Scope::Networks, |s| s.set_vxlan_port(port))
+        // All: the port is checked against every published port.
+        .update_with(Scope::All, |s| s.set_vxlan_port(port))
         .await?;
     Ok(format!(
         "VXLAN port set to {port}: every agent sends to it and accepts only it from now on (allow UDP {port} between the nodes)"

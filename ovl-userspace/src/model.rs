@@ -27,6 +27,10 @@ pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 /// Largest network MTU: a 9000-byte jumbo underlay less VXLAN's overhead
 /// leaves 8950, and this bound leaves room for 9216-byte fabrics.
 pub const MAX_MTU: u32 = 9000;
+/// The VXLAN ports `ovl cluster set` takes, Docker's for its data path
+/// (`--data-path-port`): above the well-known ports the hosts' own
+/// services use, below the ephemeral ones their sockets are given.
+pub const VXLAN_PORTS: std::ops::RangeInclusive<u16> = 1024..=49151;
 
 /// Why a change to the state was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -83,8 +87,14 @@ pub enum ModelError {
     },
     #[error("{0} is the MAC of ovl's gateways; give the endpoint another --mac")]
     GatewayMac(MacAddr),
-    #[error("invalid VXLAN port 0: use 1..=65535 (4789 is IANA's, 8472 Linux's and Flannel's)")]
-    InvalidVxlanPort,
+    #[error(
+        "invalid VXLAN port {0}: use {first}..={last} (4789 is IANA's, 8472 Linux's and Flannel's); lower ports are the hosts' well-known services', higher ones their sockets' ephemeral ports, whose traffic decapsulation would take",
+        first = VXLAN_PORTS.start(),
+        last = VXLAN_PORTS.end()
+    )]
+    InvalidVxlanPort(u16),
+    #[error("VXLAN port {port} is taken: {holder}; pick another")]
+    VxlanPortTaken { port: u16, holder: String },
     #[error("invalid network name {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
     InvalidName(String),
     #[error(
@@ -744,10 +754,35 @@ impl State {
         Ok(mtu)
     }
 
-    /// Sets the cluster's VXLAN UDP port.
+    /// Sets the cluster's VXLAN UDP port: one in [`VXLAN_PORTS`] that no
+    /// node's WireGuard listens on and no container publishes (each would
+    /// take the other's packets).
     pub fn set_vxlan_port(&mut self, port: u16) -> Result<(), ModelError> {
-        if port == 0 {
-            return Err(ModelError::InvalidVxlanPort);
+        if !VXLAN_PORTS.contains(&port) {
+            return Err(ModelError::InvalidVxlanPort(port));
+        }
+        let taken = |holder: String| ModelError::VxlanPortTaken { port, holder };
+        if let Some(n) = self
+            .nodes
+            .values()
+            .find(|n| n.wireguard.is_some_and(|k| k.port == port))
+        {
+            return Err(taken(format!(
+                "node {:?}'s WireGuard listens on it (encrypted networks)",
+                n.name
+            )));
+        }
+        let udp = |p: &PublishedPort| p.protocol == Protocol::Udp && p.host_port == port;
+        if let Some(e) = self.endpoints.iter().find(|e| e.ports.iter().any(udp)) {
+            return Err(taken(format!(
+                "{} ({} on network {:?}) publishes it{}",
+                e.name,
+                e.ip,
+                e.network,
+                e.node()
+                    .map(|n| format!(" on node {n:?}"))
+                    .unwrap_or_default()
+            )));
         }
         self.cluster.vxlan_port = port;
         Ok(())
@@ -1614,6 +1649,34 @@ mod tests {
     }
 
     #[test]
+    fn the_vxlan_port_is_none_a_wireguard_listens_on_or_a_container_publishes() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10), Some(1500));
+        s.publish_node_key(
+            "n1",
+            crate::crypto::NodeKey {
+                public_key: crate::crypto::keys::PublicKey([7; 32]),
+                port: 40000,
+            },
+        );
+        s.add_container(publishing("a", "n2", "c2", &["8472:53/udp", "6081:80"]))
+            .unwrap();
+        let before = s.clone();
+        for (port, holder) in [(40000, "node \"n1\"'s WireGuard"), (8472, "c2 (")] {
+            let err = s.set_vxlan_port(port).unwrap_err();
+            assert!(
+                matches!(&err, ModelError::VxlanPortTaken { port: p, .. } if *p == port),
+                "{port}: {err}"
+            );
+            assert!(err.to_string().contains(holder), "{err}");
+        }
+        assert_eq!(s, before, "nothing changed");
+        // A TCP port of the same number is no VXLAN's.
+        s.set_vxlan_port(6081).unwrap();
+    }
+
+    #[test]
     fn an_internal_network_publishes_nothing() {
         let mut s = State::default();
         s.create_network(NetworkSpec {
@@ -1918,11 +1981,19 @@ mod tests {
     }
 
     #[test]
-    fn vxlan_port_zero_is_refused() {
+    fn vxlan_ports_outside_dockers_data_path_range_are_refused() {
         let mut s = State::default();
-        assert_eq!(s.set_vxlan_port(0), Err(ModelError::InvalidVxlanPort));
+        for port in [0, 53, 1023, 49152, 51820, 65535] {
+            assert_eq!(
+                s.set_vxlan_port(port),
+                Err(ModelError::InvalidVxlanPort(port))
+            );
+        }
+        assert_eq!(s.cluster.vxlan_port, 4789, "a refusal changes nothing");
         s.set_vxlan_port(8472).unwrap();
         assert_eq!(s.cluster.vxlan_port, 8472);
+        s.set_vxlan_port(1024).unwrap();
+        s.set_vxlan_port(49151).unwrap();
     }
 
     #[test]

@@ -16,6 +16,20 @@ fn a_cluster_on_port_8472_carries_its_overlay_there_and_nothing_on_4789() -> Res
     let lab = Lab::new("vxlanport")?;
     // TC decap: the capture on eth0 sees the received frames too.
     let world = TwoHosts::start(&lab, "tc")?;
+    // A well-known port, and ephemeral ones (WireGuard's default among
+    // them) are refused, saying why, and change nothing.
+    for port in ["53", "51820", "49152"] {
+        let err = world.refused(0, &["cluster", "set", "--vxlan-port", port])?;
+        ensure!(
+            err.contains("use 1024..=49151"),
+            "cluster set --vxlan-port {port}: {err}"
+        );
+    }
+    ensure!(
+        world
+            .run(1, &["cluster", "show"])?
+            .contains("vxlan port: 4789")
+    );
     let out = world.run(0, &["cluster", "set", "--vxlan-port", &PORT.to_string()])?;
     ensure!(out.contains("8472"), "cluster set said {out:?}");
     let shown = world.run(1, &["cluster", "show"])?;
