@@ -1248,6 +1248,7 @@ impl State {
                     out.restored.push(ep);
                 }
                 Verdict::NetworkGone => out.networks_gone.push(ep.clone()),
+                Verdict::Superseded => {}
                 Verdict::Conflict(c) => out.conflicts.push(c),
             }
         }
@@ -2424,6 +2425,23 @@ mod tests {
         let healed = s.restore_endpoints("n1", &mine);
         assert_eq!(healed.restored, vec![mine[1].clone()]);
         assert!(!s.conflicts.contains_key("n1"));
+    }
+
+    #[test]
+    fn an_address_its_node_handed_on_while_no_agent_watched_is_no_conflict() {
+        // c1 disconnected while the agent was down, and c3 of the same
+        // node connected at its address (and veth name); the agent comes
+        // back remembering c1.
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        let c1 = s.add_container(container("a", "n1", "c1")).unwrap();
+        s.remove_container("a", "n1", "c1").unwrap();
+        let c3 = s.add_container(container("a", "n1", "c3")).unwrap();
+        assert_eq!(c3.ip, c1.ip);
+        let out = s.restore_endpoints("n1", &[c1]);
+        assert_eq!(out, crate::release::RestoreOutcome::default());
+        assert!(!s.conflicts.contains_key("n1"));
+        assert_eq!(s.endpoints, vec![c3]);
     }
 
     #[test]

@@ -121,6 +121,26 @@ fn fits(wanted: &Endpoint, network: &Network) -> bool {
         }
 }
 
+/// Both are containers of one node with one host veth name: a node has
+/// one interface of that name, so it is `holder`'s now.
+fn same_veth(holder: &Endpoint, wanted: &Endpoint) -> bool {
+    match (&holder.location, &wanted.location) {
+        (
+            Location::Container {
+                node: a,
+                host_ifname: x,
+                ..
+            },
+            Location::Container {
+                node: b,
+                host_ifname: y,
+                ..
+            },
+        ) => a == b && x == y,
+        _ => false,
+    }
+}
+
 /// What to do with one endpoint a node wants back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -131,6 +151,11 @@ pub enum Verdict {
     /// Its network was removed meanwhile (or removed and created again
     /// under its name, with subnets or a VNI it does not fit).
     NetworkGone,
+    /// A newer container of the same node holds its address, and with it
+    /// the veth both are named for: the wanted one was disconnected (or
+    /// its namespace deleted) and the address handed on while no agent
+    /// watched. Nothing to put back, and nobody lost anything.
+    Superseded,
     /// Another endpoint holds its address.
     Conflict(AddressConflict),
 }
@@ -149,6 +174,7 @@ pub fn judge(
     match holder {
         None => Verdict::Restore,
         Some(h) if h.location == wanted.location => Verdict::Present,
+        Some(h) if same_veth(h, wanted) => Verdict::Superseded,
         Some(h) => Verdict::Conflict(AddressConflict {
             network: wanted.network.clone(),
             ip: wanted.ip,
@@ -247,6 +273,12 @@ mod tests {
                 "{again:?}"
             );
         }
+        // A newer container of the same node at that address has the
+        // veth now: the wanted one was disconnected, nothing is lost.
+        assert_eq!(
+            judge(&mine, Some(&ep("a", "c2")), net, 1),
+            Verdict::Superseded
+        );
         let Verdict::Conflict(c) = judge(&mine, Some(&ep("b", "c9")), net, 7) else {
             panic!("a foreign holder is a conflict");
         };

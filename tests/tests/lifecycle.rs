@@ -708,3 +708,33 @@ fn a_network_made_on_a_freed_vni_while_the_agent_was_down_counts_from_zero() -> 
     );
     world.stop()
 }
+
+#[test]
+fn an_address_handed_on_while_the_agent_was_down_is_no_conflict() -> Result<()> {
+    let lab = Lab::new("lc-handon")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let Pair { c1, ip1, c2, .. } = world.connected_pair(&lab, "uber-net")?;
+    // While A's agent is down, c1 leaves and c3 of the same node gets its
+    // address (and with it the veth name c1 had).
+    world.kill_agent(0)?;
+    world.run(0, &["disconnect", "uber-net", c1.name()])?;
+    let (_c3, ip3) = world.container(&lab, 0, "uber-net", "c3")?;
+    ensure!(ip3 == ip1, "c3 got {ip3}, not c1's {ip1}");
+    world.restart_agent(&lab, 0, &[])?;
+    world.agents[0].wait_in_step()?;
+    let r = ping(&c2, ip3, 3, &["-i", "0.2", "-W", "1"])?;
+    ensure!(r.all_received(), "c3 unreachable:\n{}", r.output);
+    let log = world.agents[0].log()?;
+    ensure!(
+        !log.contains("address conflict"),
+        "the agent reported c1, cleanly disconnected, in conflict:\n{log}"
+    );
+    let nodes: Value = serde_json::from_str(&world.run(0, &["node", "ls", "--json"])?)?;
+    ensure!(
+        nodes.as_array().is_some_and(|n| n
+            .iter()
+            .all(|r| r["conflicts"].as_array().is_none_or(Vec::is_empty))),
+        "conflicts recorded: {nodes}"
+    );
+    world.stop()
+}

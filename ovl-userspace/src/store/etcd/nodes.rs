@@ -323,6 +323,7 @@ impl EtcdStore {
                     Verdict::Present => out.present += 1,
                     Verdict::Restore => out.restored.push(e),
                     Verdict::NetworkGone => out.networks_gone.push(e),
+                    Verdict::Superseded => {}
                     Verdict::Conflict(c) => out.conflicts.push(c),
                 }
             }
