@@ -738,3 +738,39 @@ fn an_address_handed_on_while_the_agent_was_down_is_no_conflict() -> Result<()> 
     );
     world.stop()
 }
+
+#[test]
+fn a_state_dir_that_cannot_be_written_is_reported_once_with_what_it_costs() -> Result<()> {
+    let lab = Lab::new("lc-rostate")?;
+    let ovl = ovl_tests::Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+    let state = lab.tmpfs()?.display().to_string();
+    ovl_tests::run(&["mount", "-o", "remount,ro", &state])?;
+    let agent = ovl.attach_with_env(&lab, host, "host-a", "auto", &[("OVL_STATE_DIR", &state)])?;
+    ovl.create_network(&host.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let pin_dir = ovl.pin_dir("host-a");
+    for (n, hint) in ["c1", "c2", "c3"].into_iter().enumerate() {
+        let c = lab.container(hint)?;
+        ovl.connect(host, "host-a", "uber-net", &c, &[])?;
+        // Each connect applied before the next: an apply, a save, each.
+        wait_until(Duration::from_secs(5), || {
+            Ok(dump_endpoints(&pin_dir)?.len() == n + 1)
+        })
+        .with_context(|| {
+            format!(
+                "{hint} never reached the maps:\n{}",
+                agent.log().unwrap_or_default()
+            )
+        })?;
+    }
+    let log = agent.log()?;
+    let said: Vec<&str> = log.lines().filter(|l| l.contains("agent.json")).collect();
+    ensure!(
+        said.len() == 1 && said[0].contains("not remembered") && said[0].contains("writable"),
+        "the unwritable journal was reported {} time(s), not once with its cost:\n{}",
+        said.len(),
+        said.join("\n")
+    );
+    agent.stop()
+}

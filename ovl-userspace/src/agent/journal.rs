@@ -39,6 +39,9 @@ impl Memory {
 pub struct Journal {
     path: PathBuf,
     last: Memory,
+    /// The last save failed (and said so): failures are reported once,
+    /// not at every apply, until one succeeds again.
+    failing: bool,
 }
 
 impl Journal {
@@ -61,9 +64,30 @@ impl Journal {
             Journal {
                 path,
                 last: memory.clone(),
+                failing: false,
             },
             memory,
         ))
+    }
+
+    /// [`save`](Self::save)s `memory`, saying once when the journal cannot
+    /// be written (and what that costs) and once when it can again.
+    pub fn save_logged(&mut self, memory: &Memory) {
+        match self.save(memory) {
+            Ok(()) => {
+                if std::mem::take(&mut self.failing) {
+                    log::info!("{} is written again", self.path.display());
+                }
+            }
+            Err(e) if !self.failing => {
+                self.failing = true;
+                log::warn!(
+                    "{e:#}; this node's endpoints are not remembered until it can be written, so those the store loses while the node is cut off or its agent down are not put back. Make {} writable (or pass another --state-dir)",
+                    self.path.parent().unwrap_or(&self.path).display()
+                );
+            }
+            Err(_) => {}
+        }
     }
 
     /// Writes `memory` if it differs from what was written last.

@@ -816,9 +816,7 @@ impl Agent {
         if let Some(c) = &self.crypto {
             c.set_peers(&crypto::peers_of(state, &self.node));
         }
-        if let Err(e) = self.journal.save(&self.memory) {
-            log::warn!("{e:#}");
-        }
+        self.journal.save_logged(&self.memory);
         Ok(())
     }
 
