@@ -46,6 +46,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write,
     net::Ipv4Addr,
+    path::Path,
     process::{Command, Stdio},
     sync::Mutex,
 };
@@ -328,6 +329,22 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     );
     let rules = port_rules(endpoints);
 
+    // A guard naming another device was left by an agent on a former
+    // underlay: ovl switched that device's forwarding on, so it goes off
+    // again, and the guard is written anew for this underlay if needed.
+    // (Left as it was, the former device would forward with a guard and
+    // this one without, and `ovl detach` would switch off the wrong one.)
+    let former = table
+        .as_ref()
+        .and_then(|t| t.guarded.clone())
+        .filter(|g| g != underlay);
+    if let Some(former) = &former
+        && Path::new(&format!("/proc/sys/net/ipv4/conf/{former}")).exists()
+    {
+        set_sysctl(former, "forwarding", "0")?;
+        log::info!("switched IPv4 forwarding on {former} (a former underlay) off again");
+    }
+
     // Forwarding is switched on only after the table holds the guard that
     // records ovl did it (and forwards nothing but replies): were it
     // switched on first, a failed `nft` or an agent killed in between would
@@ -335,17 +352,19 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     // detach` would not switch it off.
     let switch_forwarding_on = !endpoints.is_empty() && !ipv4_forwarding(underlay)?;
     let guard = switch_forwarding_on
-        || table
-            .as_ref()
-            .is_some_and(|t| t.chains.contains(GUARD_CHAIN));
+        || (former.is_none()
+            && table
+                .as_ref()
+                .is_some_and(|t| t.chains.contains(GUARD_CHAIN)));
     // A table of another version (an agent before or after this one: other
     // rules, maybe in the same chains) is replaced whole, as is one that
     // lacks a chain.
-    let complete = table.as_ref().is_some_and(|t| {
-        CHAINS.iter().all(|c| t.chains.contains(*c))
-            && t.chains.contains(GUARD_CHAIN) == guard
-            && t.version.as_deref() == Some(version().as_str())
-    });
+    let complete = former.is_none()
+        && table.as_ref().is_some_and(|t| {
+            CHAINS.iter().all(|c| t.chains.contains(*c))
+                && t.chains.contains(GUARD_CHAIN) == guard
+                && t.version.as_deref() == Some(version().as_str())
+        });
     if !complete {
         if table.is_some() || !endpoints.is_empty() {
             nft(&table_script(

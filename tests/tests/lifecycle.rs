@@ -774,3 +774,66 @@ fn a_state_dir_that_cannot_be_written_is_reported_once_with_what_it_costs() -> R
     );
     agent.stop()
 }
+
+/// IPv4 forwarding of `ifname` in `ns`.
+fn forwarding(ns: &ovl_tests::Netns, ifname: &str) -> Result<String> {
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding");
+    Ok(String::from_utf8_lossy(&ns.exec(&["cat", &path])?.stdout)
+        .trim()
+        .to_owned())
+}
+
+#[test]
+fn an_agent_moved_to_another_underlay_moves_the_forwarding_it_switched_on() -> Result<()> {
+    let lab = Lab::new("lc-moveul")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    world.connected_pair(&lab, "uber-net")?;
+    let host_a = world.hosts[0].clone();
+    let ns = host_a.netns.clone();
+    ensure!(
+        forwarding(&ns, "eth0")? == "1",
+        "the agent did not switch eth0's forwarding on for external egress"
+    );
+    // Host A's node moves to another interface (eth1, its forwarding off).
+    ns.ip(&[
+        "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p",
+    ])?;
+    ns.ip(&["addr", "add", "203.0.113.77/32", "dev", "eth1"])?;
+    ns.ip(&["link", "set", "eth1", "up"])?;
+    ns.ip(&["link", "set", "eth1p", "up"])?;
+    world.terminate_agent(0)?;
+    let moved = ovl_tests::Host {
+        iface: "eth1".into(),
+        ..host_a.clone()
+    };
+    let agent = world.ovl.attach(&lab, &moved, "host-a", "auto")?;
+    agent.wait_in_step()?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(forwarding(&ns, "eth1")? == "1")
+    })
+    .with_context(|| {
+        format!(
+            "eth1's forwarding never went on:\n{}",
+            agent.log().unwrap_or_default()
+        )
+    })?;
+    let guard = String::from_utf8_lossy(
+        &ns.exec(&["nft", "list", "chain", "ip", "ovl", "underlay_guard"])?
+            .stdout,
+    )
+    .into_owned();
+    ensure!(
+        forwarding(&ns, "eth0")? == "0"
+            && guard.contains("\"eth1\"")
+            && !guard.contains("\"eth0\""),
+        "after the move eth0 forwards ({}) and the guard is:\n{guard}",
+        forwarding(&ns, "eth0")?
+    );
+    agent.terminate()?;
+    world.run(0, &["detach", "eth1"])?;
+    ensure!(
+        forwarding(&ns, "eth1")? == "0",
+        "`ovl detach eth1` left eth1 forwarding"
+    );
+    world.stop()
+}
