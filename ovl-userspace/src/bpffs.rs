@@ -136,6 +136,21 @@ pub fn remove_node_dir(dir: &Path) -> Result<()> {
     fs::remove_dir(dir).with_context(|| format!("remove {}", dir.display()))
 }
 
+/// Whether `dir` holds a pin, in it or below it (an unreadable directory
+/// counts as holding one: never removed by a guess).
+pub fn holds_pins(dir: &Path) -> bool {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries.into_iter().any(|e| match e {
+            Ok(e) => {
+                let path = e.path();
+                !path.is_dir() || holds_pins(&path)
+            }
+            Err(_) => true,
+        }),
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    }
+}
+
 /// Exclusive ownership of a node's pin directory: one agent (or `ovl
 /// detach`) per node at a time. Released when dropped or when the process
 /// dies, however it dies.
@@ -209,6 +224,17 @@ pub(crate) fn lock_holder(file: &File) -> Option<u32> {
 mod tests {
     use super::*;
     use crate::testutil::TestDir;
+
+    #[test]
+    fn a_directory_holds_pins_when_a_file_is_in_it_or_below() {
+        let tmp = TestDir::new("holds-pins");
+        let dir = tmp.path().join("node");
+        assert!(!holds_pins(&dir), "missing");
+        fs::create_dir_all(dir.join(LINKS_DIR)).unwrap();
+        assert!(!holds_pins(&dir), "as prepare leaves it");
+        fs::write(dir.join(LINKS_DIR).join("decap"), b"").unwrap();
+        assert!(holds_pins(&dir), "a link pinned");
+    }
 
     #[test]
     fn a_second_lock_on_a_node_directory_is_refused_naming_the_holder() {

@@ -125,27 +125,17 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let handle = netlink::connect()?;
     let underlay = netlink::underlay(&handle, &opts.iface).await?;
     let pin_dir = bpffs::node_dir(&opts.pin_root, &opts.node)?;
-    let created = !pin_dir.exists();
     bpffs::prepare(&pin_dir)?;
-    let prelude = prelude(&opts, &pin_dir).await;
     let Prelude {
         lock: _lock,
+        created,
         api_listener,
         metrics_listener,
         journal,
         memory,
         store,
         docker_listener,
-    } = match prelude {
-        Ok(p) => p,
-        Err(e) => {
-            if created {
-                // Nothing was pinned yet: leave no directory behind either.
-                let _ = bpffs::remove_node_dir(&pin_dir);
-            }
-            return Err(e);
-        }
-    };
+    } = prelude(&opts, &pin_dir).await?;
 
     let mut dp = match Datapath::load(&pin_dir) {
         Ok(dp) => dp,
@@ -264,6 +254,9 @@ struct Signals {
 /// What the agent holds before it touches the kernel.
 struct Prelude {
     lock: bpffs::NodeLock,
+    /// The node's pin directory held no pins when the lock was taken:
+    /// this start's to remove if it fails before anything forwards.
+    created: bool,
     api_listener: tokio::net::UnixListener,
     metrics_listener: Option<tokio::net::TcpListener>,
     journal: Journal,
@@ -275,19 +268,35 @@ struct Prelude {
 /// Everything that can refuse to start without changing the kernel: the
 /// node lock, the API and metrics listeners, the journal, the store.
 async fn prelude(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Prelude> {
-    // Before anything else that could touch another agent's world.
+    // Before anything else that could touch another agent's world: a
+    // start refused here leaves the directory to the agent that holds it.
     let lock = bpffs::NodeLock::acquire(pin_dir)?;
-    let api_listener = api::bind(&opts.api_socket)?;
-    let rest = after_bind(opts, pin_dir).await;
-    let (metrics_listener, journal, memory, store, docker_listener) = match rest {
+    // Decided under the lock: an agent starting beside this one on a new
+    // node may have pinned its maps since this one made the directory.
+    let created = !bpffs::holds_pins(pin_dir);
+    let rest = match api::bind(&opts.api_socket) {
+        Ok(api_listener) => match after_bind(opts, pin_dir).await {
+            Ok(rest) => Ok((api_listener, rest)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&opts.api_socket);
+                Err(e)
+            }
+        },
+        Err(e) => Err(e),
+    };
+    let (api_listener, (metrics_listener, journal, memory, store, docker_listener)) = match rest {
         Ok(r) => r,
         Err(e) => {
-            let _ = std::fs::remove_file(&opts.api_socket);
+            if created {
+                // Nothing was pinned yet: leave no directory behind either.
+                let _ = bpffs::remove_node_dir(pin_dir);
+            }
             return Err(e);
         }
     };
     Ok(Prelude {
         lock,
+        created,
         api_listener,
         metrics_listener,
         journal,
