@@ -9,7 +9,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use ovl_common::{
     DropReason, Iface,
     maps::{egress_mark, network_flags},
-    wire::{ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, checksum_replace16},
+    wire::{ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, IPPROTO_UDP, IPV4_FRAG_OFFSET, checksum_replace16},
 };
 
 use crate::{
@@ -76,6 +76,9 @@ fn to_host(ctx: &TcContext, ifindex: u32, iface: &Iface, ip: &Ipv4Hdr) -> Result
         // back: the gateway answers instead, as the hop it is.
         return icmp::time_exceeded(ctx, ifindex, iface);
     }
+    if is_vxlan(ctx, ip)? {
+        return Err(DropReason::SpoofedSource);
+    }
     ctx.set_mark(egress_mark(vni));
     // Sent to the gateway's MAC, the frame is "for another host" to the
     // stack, which would drop it.
@@ -83,6 +86,26 @@ fn to_host(ctx: &TcContext, ifindex: u32, iface: &Iface, ip: &Ipv4Hdr) -> Result
         .map_err(|_| DropReason::Malformed)?;
     stats::egress(iface.stats_slot, gso_segs(ctx));
     Ok(TC_ACT_OK)
+}
+
+/// Whether `ip` is UDP to the overlay's VXLAN port. Masqueraded behind
+/// this node's address, it would reach another node as VXLAN from this
+/// node's VTEP, which that node trusts for every network this one serves:
+/// a container could forge frames of any of them, from any source. Only
+/// the first fragment carries the port (a later one cannot overlap it:
+/// its offset is 8 bytes at least); the later ones, alone, never
+/// reassemble.
+#[inline(always)]
+fn is_vxlan(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<bool, DropReason> {
+    if ip.proto != IPPROTO_UDP || u16::from_be_bytes(ip.frags) & IPV4_FRAG_OFFSET != 0 {
+        return Ok(false);
+    }
+    let node = maps::node_config().ok_or(DropReason::NoRoute)?;
+    let ihl = usize::from(ip.vihl & 0x0f) * 4;
+    // Source and destination port; a first fragment too short to hold
+    // them is malformed (the host would drop it too).
+    let ports: [u8; 4] = Frame::of_skb(ctx).read(ETH_HDR_LEN + ihl)?;
+    Ok(u16::from_be_bytes([ports[2], ports[3]]) == node.vxlan_port())
 }
 
 /// Decrements the TTL of the IPv4 header at `ETH_HDR_LEN` (RFC 1812

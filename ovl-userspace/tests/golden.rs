@@ -1225,6 +1225,60 @@ fn egress_hands_external_destinations_to_the_host_unless_internal() -> Result<()
     Ok(())
 }
 
+/// UDP from C1 through its gateway to `dst`, port `port`, carrying a
+/// VXLAN header (of the test's network) and an echo between containers.
+fn udp_out(dst: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut payload = vxlan_hdr(VNI).to_vec();
+    payload.extend_from_slice(&echo(C3, C2, mac_of(C2)));
+    eth(
+        GW_MAC,
+        mac_of(C1),
+        ETH_P_IP,
+        &ipv4(C1, dst, IPPROTO_UDP, &udp(40000, port, &payload)),
+    )
+}
+
+#[test]
+fn egress_drops_vxlan_a_container_sends_out_through_its_gateway() -> Result<()> {
+    let f = fixture("gold-outvx")?;
+    // Another node: the host would masquerade it behind this node's VTEP.
+    let node = Ipv4Addr::new(203, 0, 113, 7);
+    let vxlan = udp_out(node, 4789);
+    let first = with_ipv4_header(&vxlan, ETH_HDR_LEN, |ip| {
+        ip[6..8].copy_from_slice(&0x2000u16.to_be_bytes())
+    });
+    // An IPv4 option (NOP, NOP, NOP, end) moves the port.
+    let options = with_ipv4_options(&vxlan, &[1, 1, 1, 0]);
+    for (what, input) in [
+        ("VXLAN", vxlan),
+        ("its first fragment", first),
+        ("VXLAN behind IPv4 options", options),
+    ] {
+        egress_drops(&f, what, &input, DropReason::SpoofedSource)?;
+    }
+    // A header cut short of the ports is malformed.
+    let mut runt = udp_out(node, 4789);
+    runt.truncate(ETH_HDR_LEN + IPV4_HDR_LEN + 2);
+    egress_drops(&f, "a runt", &runt, DropReason::Malformed)?;
+    // Other ports, and a later fragment (its first, refused, holds the
+    // port), go to the host as any egress.
+    let later = with_ipv4_header(&udp_out(node, 4789), ETH_HDR_LEN, |ip| {
+        ip[6..8].copy_from_slice(&0x00b9u16.to_be_bytes())
+    });
+    for (what, input) in [
+        ("another port", udp_out(node, 4790)),
+        ("a later fragment", later),
+    ] {
+        let (action, out) = egress(&f, &input, |c| c.egress_packets += 1).context(what)?;
+        ensure!(action == TC_ACT_OK, "{what}: action {action}");
+        ensure!(
+            out == input,
+            "{what}: the frame changed on its way to the host"
+        );
+    }
+    Ok(())
+}
+
 /// An ICMP "fragmentation needed" (next-hop MTU `mtu`) from the underlay
 /// router to this VTEP, quoting an encapsulated packet this VTEP sent to
 /// `to_vtep` on UDP `port`.

@@ -1,6 +1,8 @@
 //! Decap trusts only VTEPs of the frame's own network: crafted VXLAN from a
 //! machine on the underlay that is not one, or for a VNI this node does not
-//! serve, is dropped and counted under its reason.
+//! serve, is dropped and counted under its reason. Nor can a container
+//! borrow its node's VTEP: VXLAN it sends out through its gateway is
+//! dropped before the host would masquerade it behind the VTEP's address.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -124,6 +126,81 @@ fn vxlan_for_an_unknown_vni_is_dropped_unattributed() -> Result<()> {
     ensure!(
         world.counters(0, "uber-net")? == network_before,
         "the forged frames were charged to a network"
+    );
+    world.stop()
+}
+
+/// A container's own UDP socket, sending to another node's VXLAN port
+/// through its gateway: the host's masquerade would give the datagrams its
+/// VTEP's address, and the other node would take them for its VXLAN. The
+/// attacker, on network "a", forges frames of network "b" (which its node
+/// serves for a bystander) for a container of "b" on the other node.
+#[test]
+fn vxlan_a_container_sends_through_its_gateway_is_dropped_as_spoofed() -> Result<()> {
+    let lab = Lab::new("spoof-egress")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let host_a = &world.hosts[0].netns;
+    world
+        .ovl
+        .create_network(host_a, "a", "198.18.0.0/24", &[])?;
+    world
+        .ovl
+        .create_network(host_a, "b", "198.18.1.0/24", &[])?;
+    let vni_b = world.ovl.inspect(host_a, "b")?["vni"]
+        .as_u64()
+        .context("inspect has no vni")?;
+    let (attacker, _) = world.container(&lab, 0, "a", "attacker")?;
+    // Its gateway answers (and is in its ARP cache before the count).
+    ensure!(
+        ping(&attacker, Ipv4Addr::new(198, 18, 0, 1), 1, &["-W", "1"])?.all_received(),
+        "the attacker's gateway does not answer"
+    );
+    let (bystander, ip_bystander) = world.container(&lab, 0, "b", "bystander")?;
+    let (victim, ip_victim) = world.container(&lab, 1, "b", "victim")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&bystander, ip_victim, 1, &["-W", "1"])?.all_received())
+    })?;
+    let before = world.counters(0, "a")?;
+    let rx_before = victim.link_counter(CONTAINER_IFACE, "rx_packets")?;
+
+    let script = format!(
+        "import socket\n\
+         from scapy.all import Ether, IP, ICMP\n\
+         from scapy.layers.vxlan import VXLAN\n\
+         inner = Ether(src='{}', dst='{}') / IP(src='{ip_bystander}', dst='{ip_victim}') / ICMP()\n\
+         payload = bytes(VXLAN(vni={vni_b}, flags=0x08) / inner)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for _ in range({N}):\n    s.sendto(payload, ('{}', 4789))\n",
+        mac_for(ip_bystander),
+        mac_for(ip_victim),
+        world.hosts[1].addr,
+    );
+    attacker.exec(&["/usr/bin/python3", "-c", &script])?;
+
+    let mut after = before.clone();
+    wait_until(Duration::from_secs(5), || {
+        after = world.counters(0, "a")?;
+        Ok(after.spoofed_source - before.spoofed_source >= N)
+    })
+    .with_context(|| {
+        let delivered = victim
+            .link_counter(CONTAINER_IFACE, "rx_packets")
+            .map(|rx| rx - rx_before);
+        format!(
+            "spoofed_source did not reach +{N} (the victim received {delivered:?} frames): \
+             {before:?} -> {after:?}"
+        )
+    })?;
+    let mut expected = before.clone();
+    expected.spoofed_source += N;
+    ensure!(
+        after == expected,
+        "more than spoofed_source moved by {N} (a datagram went out): {before:?} -> {after:?}"
+    );
+    let delivered = victim.link_counter(CONTAINER_IFACE, "rx_packets")? - rx_before;
+    ensure!(
+        delivered == 0,
+        "the victim on network b received {delivered} frames a container of network a forged"
     );
     world.stop()
 }
