@@ -26,8 +26,8 @@ pub enum DropReason {
     NoRoute = 6,
     /// A container sent with a source MAC or IPv4 address (or an ARP
     /// sender) that is not the one ovl assigned to its interface; or sent
-    /// UDP to the VXLAN port out through its gateway, which would reach
-    /// another node as its own node's VXLAN.
+    /// UDP to the VXLAN port (or a path MTU report about it) out through
+    /// its gateway, which would reach another node as its own node's.
     SpoofedSource = 7,
     /// Routed through the gateway with a TTL of 1 or less; the sender got
     /// ICMP time exceeded from the gateway.

@@ -9,7 +9,10 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use ovl_common::{
     DropReason, Iface,
     maps::{egress_mark, network_flags},
-    wire::{ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, IPPROTO_UDP, IPV4_FRAG_OFFSET, checksum_replace16},
+    wire::{
+        ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_HDR_LEN,
+        IPPROTO_ICMP, IPPROTO_UDP, IPV4_FRAG_OFFSET, IPV4_HDR_LEN, checksum_replace16,
+    },
 };
 
 use crate::{
@@ -76,7 +79,7 @@ fn to_host(ctx: &TcContext, ifindex: u32, iface: &Iface, ip: &Ipv4Hdr) -> Result
         // back: the gateway answers instead, as the hop it is.
         return icmp::time_exceeded(ctx, ifindex, iface);
     }
-    if is_vxlan(ctx, ip)? {
+    if claims_the_node(ctx, ip)? {
         return Err(DropReason::SpoofedSource);
     }
     ctx.set_mark(egress_mark(vni));
@@ -88,25 +91,52 @@ fn to_host(ctx: &TcContext, ifindex: u32, iface: &Iface, ip: &Ipv4Hdr) -> Result
     Ok(TC_ACT_OK)
 }
 
-/// Whether `ip` is UDP to the overlay's VXLAN port. Masqueraded behind
-/// this node's address, it would reach another node as VXLAN from this
-/// node's VTEP, which that node trusts for every network this one serves:
-/// a container could forge frames of any of them, from any source. Only
-/// the first fragment carries the port (a later one cannot overlap it:
-/// its offset is 8 bytes at least); the later ones, alone, never
+/// Whether `ip` would reach another node as its own node's VXLAN, or as
+/// a report about it: UDP to the overlay's VXLAN port, or an ICMP
+/// "fragmentation needed" quoting such UDP. Masqueraded behind this
+/// node's address, the first would come from this node's VTEP, which the
+/// other node trusts for every network this one serves: a container could
+/// forge frames of any of them, from any source. The second (which
+/// conntrack finds related to nothing and so leaves untranslated) would
+/// teach the other node a path MTU no router reported (`pmtu::learn`).
+/// Only the first fragment carries the port (a later one cannot overlap
+/// it: its offset is 8 bytes at least); the later ones, alone, never
 /// reassemble.
 #[inline(always)]
-fn is_vxlan(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<bool, DropReason> {
-    if ip.proto != IPPROTO_UDP || u16::from_be_bytes(ip.frags) & IPV4_FRAG_OFFSET != 0 {
+fn claims_the_node(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<bool, DropReason> {
+    if u16::from_be_bytes(ip.frags) & IPV4_FRAG_OFFSET != 0 {
         return Ok(false);
     }
     let node = maps::node_config().ok_or(DropReason::NoRoute)?;
-    let ihl = usize::from(ip.vihl & 0x0f) * 4;
-    // Source and destination port; a first fragment too short to hold
-    // them is malformed (the host would drop it too).
-    let ports: [u8; 4] = Frame::of_skb(ctx).read(ETH_HDR_LEN + ihl)?;
-    Ok(u16::from_be_bytes([ports[2], ports[3]]) == node.vxlan_port())
+    let l4 = ETH_HDR_LEN + usize::from(ip.vihl & 0x0f) * 4;
+    let frame = Frame::of_skb(ctx);
+    match ip.proto {
+        IPPROTO_UDP => {
+            // Source and destination port; a first fragment too short to
+            // hold them is malformed (the host would drop it too).
+            let ports: [u8; 4] = frame.read(l4)?;
+            Ok(u16::from_be_bytes([ports[2], ports[3]]) == node.vxlan_port())
+        }
+        IPPROTO_ICMP => {
+            // ICMP header, the quoted IPv4 header (without options, as
+            // decap reads it) and the quoted UDP ports; shorter is no
+            // report decap would read.
+            let Ok(report) = frame.read::<[u8; REPORT_LEN]>(l4) else {
+                return Ok(false);
+            };
+            let quoted_port = u16::from_be_bytes([report[REPORT_LEN - 2], report[REPORT_LEN - 1]]);
+            Ok(report[0] == ICMP_DEST_UNREACH
+                && report[1] == ICMP_FRAG_NEEDED
+                && report[ICMP_HDR_LEN + 9] == IPPROTO_UDP
+                && quoted_port == node.vxlan_port())
+        }
+        _ => Ok(false),
+    }
 }
+
+/// Bytes of an ICMP report decap reads: header, quoted IPv4 header, UDP
+/// ports.
+const REPORT_LEN: usize = ICMP_HDR_LEN + IPV4_HDR_LEN + 4;
 
 /// Decrements the TTL of the IPv4 header at `ETH_HDR_LEN` (RFC 1812
 /// §5.3.1), updating its checksum incrementally (RFC 1624); returns the

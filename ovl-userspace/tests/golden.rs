@@ -1265,9 +1265,26 @@ fn egress_drops_vxlan_a_container_sends_out_through_its_gateway() -> Result<()> 
     let later = with_ipv4_header(&udp_out(node, 4789), ETH_HDR_LEN, |ip| {
         ip[6..8].copy_from_slice(&0x00b9u16.to_be_bytes())
     });
+    // A path MTU report quoting VXLAN would teach the node a path MTU.
+    let report = |port| {
+        let message = &frag_needed_report(REMOTE_VTEP, port, 1300)[ETH_HDR_LEN + IPV4_HDR_LEN..];
+        eth(
+            GW_MAC,
+            mac_of(C1),
+            ETH_P_IP,
+            &ipv4(C1, node, IPPROTO_ICMP, message),
+        )
+    };
+    egress_drops(
+        &f,
+        "a path MTU report",
+        &report(4789),
+        DropReason::SpoofedSource,
+    )?;
     for (what, input) in [
         ("another port", udp_out(node, 4790)),
         ("a later fragment", later),
+        ("a report about another port", report(4790)),
     ] {
         let (action, out) = egress(&f, &input, |c| c.egress_packets += 1).context(what)?;
         ensure!(action == TC_ACT_OK, "{what}: action {action}");

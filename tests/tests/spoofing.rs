@@ -193,6 +193,8 @@ fn vxlan_a_container_sends_through_its_gateway_is_dropped_as_spoofed() -> Result
     })?;
     let mut expected = before.clone();
     expected.spoofed_source += N;
+    // Its ARP for the gateway, should the entry have gone stale, is honest.
+    expected.arp_replies = after.arp_replies;
     ensure!(
         after == expected,
         "more than spoofed_source moved by {N} (a datagram went out): {before:?} -> {after:?}"
@@ -201,6 +203,67 @@ fn vxlan_a_container_sends_through_its_gateway_is_dropped_as_spoofed() -> Result
     ensure!(
         delivered == 0,
         "the victim on network b received {delivered} frames a container of network a forged"
+    );
+    world.stop()
+}
+
+/// Nor a report about the node's VXLAN: an ICMP "fragmentation needed" a
+/// container sends out through its gateway, quoting VXLAN from another
+/// node, would teach that node a path MTU no router reported (and its
+/// containers' larger packets without DF would be dropped).
+#[test]
+fn a_path_mtu_report_a_container_forges_is_dropped_as_spoofed() -> Result<()> {
+    let lab = Lab::new("spoof-pmtu")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let host_a = &world.hosts[0].netns;
+    world
+        .ovl
+        .create_network(host_a, "a", "198.18.0.0/24", &[])?;
+    let (attacker, _) = world.container(&lab, 0, "a", "attacker")?;
+    ensure!(
+        ping(&attacker, Ipv4Addr::new(198, 18, 0, 1), 1, &["-W", "1"])?.all_received(),
+        "the attacker's gateway does not answer"
+    );
+    let (node_b, host_b) = (TwoHosts::NODES[1], &world.hosts[1]);
+    let reports = |v: &Value| v["path_mtu_reports"].as_u64().unwrap_or(0);
+    let reports_before = reports(&world.ovl.underlay(&host_b.netns, node_b)?);
+    let before = world.counters(0, "a")?;
+
+    let script = format!(
+        "from scapy.all import IP, ICMP, UDP, send\n\
+         quoted = IP(src='{}', dst='{}', len=1500) / UDP(sport=51000, dport=4789)\n\
+         send(IP(dst='{}') / ICMP(type=3, code=4, nexthopmtu=1300) / quoted, count={N}, verbose=False)\n",
+        host_b.addr, world.hosts[0].addr, host_b.addr,
+    );
+    attacker.exec(&["/usr/bin/python3", "-c", &script])?;
+
+    let mut after = before.clone();
+    wait_until(Duration::from_secs(5), || {
+        after = world.counters(0, "a")?;
+        Ok(after.spoofed_source - before.spoofed_source >= N)
+    })
+    .with_context(|| {
+        let learned = world
+            .ovl
+            .underlay(&host_b.netns, node_b)
+            .map(|v| reports(&v) - reports_before);
+        format!(
+            "spoofed_source did not reach +{N} (host B learned {learned:?} reports): \
+             {before:?} -> {after:?}"
+        )
+    })?;
+    let mut expected = before.clone();
+    expected.spoofed_source += N;
+    // Its ARP for the gateway, should the entry have gone stale, is honest.
+    expected.arp_replies = after.arp_replies;
+    ensure!(
+        after == expected,
+        "more than spoofed_source moved: {before:?} -> {after:?}"
+    );
+    let learned = reports(&world.ovl.underlay(&host_b.netns, node_b)?) - reports_before;
+    ensure!(
+        learned == 0,
+        "host B learned {learned} path MTU reports a container forged"
     );
     world.stop()
 }
