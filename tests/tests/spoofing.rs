@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{CONTAINER_IFACE, Lab, Netns, TwoHosts, mac_for, ping, wait_until};
+use ovl_tests::{CONTAINER_IFACE, Lab, NetCounters, Netns, TwoHosts, mac_for, ping, wait_until};
 use serde_json::Value;
 
 /// Crafted frames per test.
@@ -130,6 +130,50 @@ fn vxlan_for_an_unknown_vni_is_dropped_unattributed() -> Result<()> {
     world.stop()
 }
 
+/// Network "a" on host A and its container "attacker", whose gateway
+/// answers (and is in its ARP cache before anything is counted).
+fn attacker_on_host_a(lab: &Lab, world: &TwoHosts) -> Result<Netns> {
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "a", "198.18.0.0/24", &[])?;
+    let (attacker, _) = world.container(lab, 0, "a", "attacker")?;
+    ensure!(
+        ping(&attacker, Ipv4Addr::new(198, 18, 0, 1), 1, &["-W", "1"])?.all_received(),
+        "the attacker's gateway does not answer"
+    );
+    Ok(attacker)
+}
+
+/// Waits until network "a"'s `spoofed_source` on host A has moved by `N`
+/// from `before`, and checks that nothing else moved (a datagram went
+/// out); `harm` says what the forgeries did, for the failure message.
+fn only_spoofed_source_moved(
+    world: &TwoHosts,
+    before: &NetCounters,
+    harm: impl Fn() -> String,
+) -> Result<()> {
+    let mut after = before.clone();
+    wait_until(Duration::from_secs(5), || {
+        after = world.counters(0, "a")?;
+        Ok(after.spoofed_source - before.spoofed_source >= N)
+    })
+    .with_context(|| {
+        format!(
+            "spoofed_source did not reach +{N} ({}): {before:?} -> {after:?}",
+            harm()
+        )
+    })?;
+    let mut expected = before.clone();
+    expected.spoofed_source += N;
+    // Its ARP for the gateway, should the entry have gone stale, is honest.
+    expected.arp_replies = after.arp_replies;
+    ensure!(
+        after == expected,
+        "more than spoofed_source moved by {N} (a datagram went out): {before:?} -> {after:?}"
+    );
+    Ok(())
+}
+
 /// A container's own UDP socket, sending to another node's VXLAN port
 /// through its gateway: the host's masquerade would give the datagrams its
 /// VTEP's address, and the other node would take them for its VXLAN. The
@@ -140,21 +184,13 @@ fn vxlan_a_container_sends_through_its_gateway_is_dropped_as_spoofed() -> Result
     let lab = Lab::new("spoof-egress")?;
     let world = TwoHosts::start(&lab, "auto")?;
     let host_a = &world.hosts[0].netns;
-    world
-        .ovl
-        .create_network(host_a, "a", "198.18.0.0/24", &[])?;
+    let attacker = attacker_on_host_a(&lab, &world)?;
     world
         .ovl
         .create_network(host_a, "b", "198.18.1.0/24", &[])?;
     let vni_b = world.ovl.inspect(host_a, "b")?["vni"]
         .as_u64()
         .context("inspect has no vni")?;
-    let (attacker, _) = world.container(&lab, 0, "a", "attacker")?;
-    // Its gateway answers (and is in its ARP cache before the count).
-    ensure!(
-        ping(&attacker, Ipv4Addr::new(198, 18, 0, 1), 1, &["-W", "1"])?.all_received(),
-        "the attacker's gateway does not answer"
-    );
     let (bystander, ip_bystander) = world.container(&lab, 0, "b", "bystander")?;
     let (victim, ip_victim) = world.container(&lab, 1, "b", "victim")?;
     wait_until(Duration::from_secs(10), || {
@@ -176,29 +212,12 @@ fn vxlan_a_container_sends_through_its_gateway_is_dropped_as_spoofed() -> Result
         world.hosts[1].addr,
     );
     attacker.exec(&["/usr/bin/python3", "-c", &script])?;
-
-    let mut after = before.clone();
-    wait_until(Duration::from_secs(5), || {
-        after = world.counters(0, "a")?;
-        Ok(after.spoofed_source - before.spoofed_source >= N)
-    })
-    .with_context(|| {
+    only_spoofed_source_moved(&world, &before, || {
         let delivered = victim
             .link_counter(CONTAINER_IFACE, "rx_packets")
             .map(|rx| rx - rx_before);
-        format!(
-            "spoofed_source did not reach +{N} (the victim received {delivered:?} frames): \
-             {before:?} -> {after:?}"
-        )
+        format!("the victim received {delivered:?} frames")
     })?;
-    let mut expected = before.clone();
-    expected.spoofed_source += N;
-    // Its ARP for the gateway, should the entry have gone stale, is honest.
-    expected.arp_replies = after.arp_replies;
-    ensure!(
-        after == expected,
-        "more than spoofed_source moved by {N} (a datagram went out): {before:?} -> {after:?}"
-    );
     let delivered = victim.link_counter(CONTAINER_IFACE, "rx_packets")? - rx_before;
     ensure!(
         delivered == 0,
@@ -215,15 +234,7 @@ fn vxlan_a_container_sends_through_its_gateway_is_dropped_as_spoofed() -> Result
 fn a_path_mtu_report_a_container_forges_is_dropped_as_spoofed() -> Result<()> {
     let lab = Lab::new("spoof-pmtu")?;
     let world = TwoHosts::start(&lab, "auto")?;
-    let host_a = &world.hosts[0].netns;
-    world
-        .ovl
-        .create_network(host_a, "a", "198.18.0.0/24", &[])?;
-    let (attacker, _) = world.container(&lab, 0, "a", "attacker")?;
-    ensure!(
-        ping(&attacker, Ipv4Addr::new(198, 18, 0, 1), 1, &["-W", "1"])?.all_received(),
-        "the attacker's gateway does not answer"
-    );
+    let attacker = attacker_on_host_a(&lab, &world)?;
     let (node_b, host_b) = (TwoHosts::NODES[1], &world.hosts[1]);
     let reports = |v: &Value| v["path_mtu_reports"].as_u64().unwrap_or(0);
     let reports_before = reports(&world.ovl.underlay(&host_b.netns, node_b)?);
@@ -236,30 +247,13 @@ fn a_path_mtu_report_a_container_forges_is_dropped_as_spoofed() -> Result<()> {
         host_b.addr, world.hosts[0].addr, host_b.addr,
     );
     attacker.exec(&["/usr/bin/python3", "-c", &script])?;
-
-    let mut after = before.clone();
-    wait_until(Duration::from_secs(5), || {
-        after = world.counters(0, "a")?;
-        Ok(after.spoofed_source - before.spoofed_source >= N)
-    })
-    .with_context(|| {
+    only_spoofed_source_moved(&world, &before, || {
         let learned = world
             .ovl
             .underlay(&host_b.netns, node_b)
             .map(|v| reports(&v) - reports_before);
-        format!(
-            "spoofed_source did not reach +{N} (host B learned {learned:?} reports): \
-             {before:?} -> {after:?}"
-        )
+        format!("host B learned {learned:?} reports")
     })?;
-    let mut expected = before.clone();
-    expected.spoofed_source += N;
-    // Its ARP for the gateway, should the entry have gone stale, is honest.
-    expected.arp_replies = after.arp_replies;
-    ensure!(
-        after == expected,
-        "more than spoofed_source moved: {before:?} -> {after:?}"
-    );
     let learned = reports(&world.ovl.underlay(&host_b.netns, node_b)?) - reports_before;
     ensure!(
         learned == 0,
