@@ -1618,8 +1618,8 @@ mod tests {
         assert_eq!(back.ports, out.restored[0].ports);
     }
 
-    #[test]
-    fn the_overlays_own_udp_ports_are_not_published() {
+    /// Network "a", and node "n1" whose WireGuard listens on `port`.
+    fn network_a_and_node_n1_with_wireguard_on(port: u16) -> State {
         let mut s = State::default();
         s.create_network(spec("a", None)).unwrap();
         s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10), Some(1500));
@@ -1627,9 +1627,15 @@ mod tests {
             "n1",
             crate::crypto::NodeKey {
                 public_key: crate::crypto::keys::PublicKey([7; 32]),
-                port: 51821,
+                port,
             },
         );
+        s
+    }
+
+    #[test]
+    fn the_overlays_own_udp_ports_are_not_published() {
+        let mut s = network_a_and_node_n1_with_wireguard_on(51821);
         let before = s.clone();
         for (port, what) in [("51821:1/udp", "WireGuard"), ("4789:1/udp", "VXLAN")] {
             let err = s
@@ -1651,16 +1657,7 @@ mod tests {
 
     #[test]
     fn the_vxlan_port_is_none_a_wireguard_listens_on_or_a_container_publishes() {
-        let mut s = State::default();
-        s.create_network(spec("a", None)).unwrap();
-        s.register_node("n1", Ipv4Addr::new(192, 0, 2, 10), Some(1500));
-        s.publish_node_key(
-            "n1",
-            crate::crypto::NodeKey {
-                public_key: crate::crypto::keys::PublicKey([7; 32]),
-                port: 40000,
-            },
-        );
+        let mut s = network_a_and_node_n1_with_wireguard_on(40000);
         s.add_container(publishing("a", "n2", "c2", &["8472:53/udp", "6081:80"]))
             .unwrap();
         let before = s.clone();
