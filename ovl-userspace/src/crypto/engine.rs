@@ -91,6 +91,20 @@ pub struct Published {
     pub port: u16,
 }
 
+/// What ends every rotation, the engine running or not: the next one due
+/// at `next`, one more counted, and `key` published.
+pub fn rotated(
+    next_rotation: &Mutex<Instant>,
+    next: Instant,
+    counters: &Counters,
+    published: &watch::Sender<Published>,
+    key: PublicKey,
+) {
+    *lock(next_rotation) = next;
+    Counters::add(&counters.rotations, 1);
+    published.send_modify(|p| p.key = key);
+}
+
 /// State shared by the threads and the control side.
 pub struct Engine {
     pub stop: AtomicBool,
@@ -881,13 +895,14 @@ impl Engine {
                 table.ensure_generation(&peer, &new, theirs, now + PUBLISH_GRACE);
             }
         }
-        *lock(&self.next_rotation) = now + self.rotate_every;
-        Counters::add(&self.counters.rotations, 1);
         let key = new.public_key();
-        self.published.send_replace(Published {
+        rotated(
+            &self.next_rotation,
+            now + self.rotate_every,
+            &self.counters,
+            &self.published,
             key,
-            port: self.port,
-        });
+        );
         Ok(key)
     }
 

@@ -256,10 +256,14 @@ impl NodeCrypto {
         }
         let new = keys::Identity::generate()?;
         self.key_file.store(&new)?;
-        *lock(&self.next_rotation) = Instant::now() + lock(&self.opts).rotate_every;
-        Counters::add(&self.counters.rotations, 1);
         let key = new.public_key();
-        self.published.send_modify(|p| p.key = key);
+        engine::rotated(
+            &self.next_rotation,
+            Instant::now() + lock(&self.opts).rotate_every,
+            &self.counters,
+            &self.published,
+            key,
+        );
         Ok(key)
     }
 
