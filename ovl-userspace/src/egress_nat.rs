@@ -10,7 +10,9 @@
 //!   (so replies carry their network's mark), a container's packet that
 //!   conntrack takes for the reply of another network's connection
 //!   dropped (set `own_replies`: a network sharing a subnet has the
-//!   server's address too), masquerade of registered
+//!   server's address too), a container's forwarded packet that
+//!   conntrack takes for invalid dropped (it has no translation and would
+//!   leave with its overlay address), masquerade of registered
 //!   containers (set `endpoints` of address . mark), and — only when ovl had
 //!   to switch IPv4 forwarding on for the underlay — a guard that forwards
 //!   nothing from the underlay but replies to ovl's connections;
@@ -65,9 +67,10 @@ pub const RULE_PRIORITY: u32 = 1000;
 /// Chain present only when ovl switched the underlay's forwarding on.
 const GUARD_CHAIN: &str = "underlay_guard";
 /// The chains a complete table has (the guard aside).
-const CHAINS: [&str; 9] = [
+const CHAINS: [&str; 10] = [
     "zone",
     FOREIGN_REPLIES_CHAIN,
+    INVALID_CHAIN,
     "prerouting",
     "output",
     "postrouting",
@@ -84,6 +87,10 @@ const HAIRPIN_CHAIN: &str = "hairpin";
 /// The chain dropping what a container sends as the reply of another
 /// network's connection (set `own_replies`).
 const FOREIGN_REPLIES_CHAIN: &str = "foreign_replies";
+/// The chain dropping the containers' forwarded packets that conntrack
+/// takes for invalid: they have no translation and would leave with their
+/// overlay source.
+const INVALID_CHAIN: &str = "invalid";
 
 /// The conntrack zone network `mark` would rather have for the original
 /// direction of its connections (map `zones`): the VNI's low 16 bits,
@@ -859,6 +866,10 @@ fn fixed_part(version: &str) -> String {
          \tchain {FOREIGN_REPLIES_CHAIN} {{\n\
          \t\ttype filter hook prerouting priority mangle - 1; policy accept;\n\
          \t\t{ours} ct direction reply meta mark . ct mark != @own_replies counter drop\n\
+         \t}}\n\
+         \tchain {INVALID_CHAIN} {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\t{ours} ct state invalid counter drop\n\
          \t}}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority mangle; policy accept;\n\

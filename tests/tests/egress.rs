@@ -16,6 +16,8 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const SERVER_PORT: u16 = 8080;
 /// Host A's underlay address, which the outside world must see.
 const HOST_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// Host B's underlay address: beyond the router, on its far link.
+const HOST_B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const GREETING: &str = "hello from outside";
 
 /// Two hosts, the network (`extra` flags), a container on host A.
@@ -100,10 +102,19 @@ fn marked_translations(host: &Netns) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Source and destination addresses of the ICMP packets tshark sees on
-/// the router's link toward host B while `c` pings the server 3 times.
-fn icmp_on_the_far_link(lab: &Lab, world: &TwoHosts, c: &Netns) -> Result<Vec<(String, String)>> {
-    let pcap = lab.tempdir().join("far.pcap");
+/// Source and destination addresses of the first `count` packets
+/// matching capture filter `filter` that tshark sees on the router's link
+/// toward host B while `send` runs (once the capture has started).
+fn on_the_far_link(
+    lab: &Lab,
+    world: &TwoHosts,
+    filter: &str,
+    count: usize,
+    send: impl FnOnce() -> Result<()>,
+) -> Result<Vec<(String, String)>> {
+    let pcap = lab
+        .tempdir()
+        .join(format!("far-{}.pcap", filter.replace(' ', "-")));
     let pcap_text = pcap.to_string_lossy().into_owned();
     let far_link = world.router.iface_with_addr(SERVER)?;
     let tshark = lab.spawn(
@@ -113,9 +124,9 @@ fn icmp_on_the_far_link(lab: &Lab, world: &TwoHosts, c: &Netns) -> Result<Vec<(S
             "-i",
             &far_link,
             "-f",
-            "icmp",
+            filter,
             "-c",
-            "6",
+            &count.to_string(),
             "-a",
             "duration:20",
             "-w",
@@ -127,15 +138,7 @@ fn icmp_on_the_far_link(lab: &Lab, world: &TwoHosts, c: &Netns) -> Result<Vec<(S
         Ok(tshark.stderr()?.contains("Capture started"))
     })
     .with_context(|| format!("tshark did not start:\n{}", tshark.output_report()))?;
-    // The server is the router itself: its own replies leave on no link,
-    // so ping a host behind it instead — host B's underlay address.
-    let r = ping(
-        c,
-        Ipv4Addr::new(198, 51, 100, 10),
-        3,
-        &["-i", "0.2", "-W", "2"],
-    )?;
-    ensure!(r.all_received(), "pings to host B were lost:\n{}", r.output);
+    send()?;
     tshark.wait_timeout(Duration::from_secs(25))?;
     let out = ovl_tests::run(&[
         "tshark", "-r", &pcap_text, "-T", "fields", "-e", "ip.src", "-e", "ip.dst",
@@ -147,6 +150,19 @@ fn icmp_on_the_far_link(lab: &Lab, world: &TwoHosts, c: &Netns) -> Result<Vec<(S
             Some((s.to_owned(), d.to_owned()))
         })
         .collect())
+}
+
+/// Source and destination addresses of the ICMP packets tshark sees on
+/// the router's link toward host B while `c` pings the server 3 times.
+fn icmp_on_the_far_link(lab: &Lab, world: &TwoHosts, c: &Netns) -> Result<Vec<(String, String)>> {
+    on_the_far_link(lab, world, "icmp", 6, || {
+        // The server is the router itself: its own replies leave on no
+        // link, so ping a host behind it instead — host B's underlay
+        // address.
+        let r = ping(c, HOST_B, 3, &["-i", "0.2", "-W", "2"])?;
+        ensure!(r.all_received(), "pings to host B were lost:\n{}", r.output);
+        Ok(())
+    })
 }
 
 #[test]
@@ -220,6 +236,60 @@ fn a_container_reaches_the_underlay_masqueraded_and_leaves_no_translation_behind
     ensure!(
         !routes.contains(&ip1.to_string()),
         "a route to {ip1} is left:\n{routes}"
+    );
+    world.stop()
+}
+
+/// Packets of ovl's egress that conntrack took for invalid, as nft counts
+/// them in the chain that drops them.
+fn invalid_dropped(host: &Netns) -> Result<u64> {
+    let out = host.exec(&["nft", "list", "chain", "ip", "ovl", "invalid"])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_once("counter packets ")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no counter in chain invalid:\n{text}"))
+}
+
+/// A container's packet that conntrack cannot place (here a TCP segment
+/// with both SYN and FIN) gets no translation: forwarded as it is, it would
+/// carry the container's overlay address onto the underlay. The host drops
+/// it, and the container's next, valid packet leaves masqueraded.
+#[test]
+fn a_packet_conntrack_takes_for_invalid_never_leaves_untranslated() -> Result<()> {
+    let lab = Lab::new("egress-inv")?;
+    let (world, c1, _ip1) = world(&lab, &[])?;
+    let host_a = &world.hosts[0].netns;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
+    })
+    .context("the container never reached the router")?;
+    let dropped_before = invalid_dropped(host_a)?;
+    let before = world.counters(0, NETWORK)?;
+    // In order on one path: had the invalid segment left, it would be the
+    // first packet to port 9 on the far link.
+    let script = format!(
+        "from scapy.all import IP, TCP, send\n\
+         send(IP(dst='{HOST_B}') / TCP(sport=40002, dport=9, flags='SF'), verbose=False)\n\
+         send(IP(dst='{HOST_B}') / TCP(sport=40001, dport=9, flags='S'), verbose=False)\n"
+    );
+    let first = on_the_far_link(&lab, &world, "tcp dst port 9", 1, || {
+        c1.exec(&["/usr/bin/python3", "-c", &script])?;
+        Ok(())
+    })?;
+    ensure!(
+        first == [(HOST_A.to_string(), HOST_B.to_string())],
+        "the first segment to port 9 beyond host A was {first:?}, not the valid SYN from \
+         {HOST_A}: an overlay source means the invalid segment left untranslated"
+    );
+    let after = world.counters(0, NETWORK)?;
+    ensure!(
+        after.egress_packets - before.egress_packets == 2,
+        "both segments should have been handed to the host: {before:?} -> {after:?}"
+    );
+    let dropped = invalid_dropped(host_a)? - dropped_before;
+    ensure!(
+        dropped == 1,
+        "the host dropped {dropped} invalid packets of ovl's egress, not 1"
     );
     world.stop()
 }
