@@ -443,6 +443,63 @@ fn other_names_are_forwarded_upstream_and_servfail_when_it_is_down() -> Result<(
     u.world.stop()
 }
 
+/// Without `--dns-upstream` the resolver forwards to the nameservers of the
+/// host's resolv.conf and follows the file as it changes (a DHCP client or
+/// NetworkManager rewrites it while the agent runs); a file listing none,
+/// as while it is rewritten, keeps the last ones.
+#[test]
+fn the_hosts_resolv_conf_is_followed_as_it_changes() -> Result<()> {
+    let lab = Lab::new("dns-follow")?;
+    let mut u = Uber::start(&lab, &[])?;
+    let host_a = u.world.hosts[0].netns.clone();
+    let _upstream = start_upstream(&lab, &u.world.router, &host_a)?;
+    // Host A's own resolv.conf, which `ip netns exec` mounts over
+    // /etc/resolv.conf for the agent started after it exists (the lab
+    // removes /etc/netns/NAME with the namespace). It lists host B, where
+    // no resolver listens.
+    let conf = std::path::Path::new("/etc/netns")
+        .join(host_a.name())
+        .join("resolv.conf");
+    std::fs::create_dir_all(conf.parent().context("a parent")?)?;
+    std::fs::write(&conf, "nameserver 198.51.100.10\n")?;
+    u.world.kill_agent(0)?;
+    u.world.restart_agent(&lab, 0, &[])?;
+    let client = &u.client.0;
+    let web = u.web.1.to_string();
+    wait_until(Duration::from_secs(10), || {
+        Ok(dig(client, "web", &[]).is_ok_and(|d| d.answers == [web.as_str()]))
+    })
+    .context("the restarted agent's resolver never answered")?;
+    let d = dig(client, OUTSIDE_NAME, &[])?;
+    ensure!(
+        d.status == "SERVFAIL",
+        "{OUTSIDE_NAME} with no resolver upstream:\n{}",
+        d.output
+    );
+
+    // Rewritten in place (the file is bind-mounted: a new file renamed
+    // over it would not show through).
+    std::fs::write(&conf, format!("nameserver {UPSTREAM}\n"))?;
+    let outside = OUTSIDE_ADDR.to_string();
+    wait_until(Duration::from_secs(10), || {
+        Ok(dig(client, OUTSIDE_NAME, &[]).is_ok_and(|d| d.answers == [outside.as_str()]))
+    })
+    .with_context(|| {
+        format!(
+            "the resolver never followed resolv.conf to {UPSTREAM}:\n{}",
+            u.world.agents[0].output_report()
+        )
+    })?;
+
+    std::fs::write(&conf, "# being rewritten\n")?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(u.world.agents[0].log()?.contains("lists no nameserver now"))
+    })
+    .context("the agent never read the emptied resolv.conf")?;
+    expect_answer(client, OUTSIDE_NAME, &[], &[&outside])?;
+    u.world.stop()
+}
+
 /// Sends everything but a good question to the resolver: random bytes,
 /// every truncation of a good question, bad counts, answers instead of
 /// questions, 64 KiB TCP messages, stalled and excess TCP connections,

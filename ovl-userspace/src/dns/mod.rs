@@ -2,7 +2,8 @@
 //! container's network namespace (127.0.0.11:53 and 127.0.0.12:53, UDP and
 //! TCP) that answers the names, aliases and reverse names of the endpoints
 //! on the asker's networks from the store's state, and forwards every
-//! other name to the host's resolvers.
+//! other name to the host's resolvers (those /etc/resolv.conf lists,
+//! followed as it changes, unless `--dns-upstream` names them).
 //!
 //! The agent drives it: [`Service::start`], then [`Service::update`] with
 //! every state it applies. Front ends ask [`container_dns`] what to put in
@@ -61,6 +62,9 @@ const FORWARD_BUDGET: Duration = Duration::from_secs(2);
 /// How often served namespaces are checked for having been deleted (our
 /// sockets would otherwise keep a deleted namespace, and its veth, alive).
 const NAMESPACE_CHECK: Duration = Duration::from_millis(500);
+/// How often the host's resolv.conf is read again for its nameservers
+/// (a DHCP client or NetworkManager rewrites it while the agent runs).
+const RESOLV_CONF_CHECK: Duration = Duration::from_secs(2);
 
 /// How the agent's resolver is set up (`ovl attach` options).
 #[derive(Clone, Debug)]
@@ -68,7 +72,7 @@ pub struct Options {
     /// Off: no sockets in containers, nothing else changes.
     pub enabled: bool,
     /// Upstream resolvers; empty: the nameservers of the host's
-    /// /etc/resolv.conf, read at start.
+    /// /etc/resolv.conf, followed as it changes.
     pub upstreams: Vec<SocketAddr>,
     /// Questions per second per container (bursts of twice that); 0: none.
     pub rate_limit: u32,
@@ -188,7 +192,7 @@ impl Service {
         );
         let shared = Arc::new(Shared {
             records: RwLock::new(Arc::new(Records::default())),
-            upstreams,
+            upstreams: RwLock::new(Arc::new(upstreams)),
             stats,
             limits: Limits {
                 rate: opts.rate_limit,
@@ -200,6 +204,12 @@ impl Service {
         });
         let served = Arc::new(Mutex::new(HashMap::new()));
         rt.spawn(forget_deleted_namespaces(served.clone(), shared.clone()));
+        if opts.upstreams.is_empty() {
+            rt.spawn(follow_resolv_conf(
+                Path::new(HOST_RESOLV_CONF).to_owned(),
+                shared.clone(),
+            ));
+        }
         Ok(Service {
             running: Some(Running {
                 rt: Some(rt),
@@ -340,6 +350,41 @@ async fn forget_deleted_namespaces(
             same
         });
         shared.stats.set_namespaces(served.len());
+    }
+}
+
+/// Reads `path` every [`RESOLV_CONF_CHECK`] and forwards to the
+/// nameservers it lists from then on. A file that lists none (being
+/// rewritten, or broken) keeps the last ones: a host without resolvers
+/// is not a state worth following into SERVFAIL for every name.
+async fn follow_resolv_conf(path: std::path::PathBuf, shared: Arc<Shared>) {
+    let mut warned_empty = false;
+    loop {
+        tokio::time::sleep(RESOLV_CONF_CHECK).await;
+        let now = upstream::from_resolv_conf(&path);
+        let had = shared.upstreams().servers();
+        if now.is_empty() {
+            if !had.is_empty() && !warned_empty {
+                log::warn!(
+                    "DNS: {} lists no nameserver now; still forwarding to {}",
+                    path.display(),
+                    describe(&had)
+                );
+                warned_empty = true;
+            }
+            continue;
+        }
+        warned_empty = false;
+        if now != had {
+            log::info!(
+                "DNS: {} changed; other names go to {} (were {})",
+                path.display(),
+                describe(&now),
+                describe(&had)
+            );
+            let upstreams = Upstreams::new(&now, FORWARD_BUDGET);
+            *shared.upstreams.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(upstreams);
+        }
     }
 }
 

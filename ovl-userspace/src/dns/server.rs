@@ -55,7 +55,8 @@ pub struct Limits {
 /// What every namespace's tasks share.
 pub struct Shared {
     pub records: RwLock<Arc<Records>>,
-    pub upstreams: Upstreams,
+    /// Replaced whole when the host's resolv.conf changes.
+    pub upstreams: RwLock<Arc<Upstreams>>,
     pub stats: Stats,
     pub limits: Limits,
 }
@@ -63,6 +64,13 @@ pub struct Shared {
 impl Shared {
     fn records(&self) -> Arc<Records> {
         self.records
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        self.upstreams
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
@@ -307,7 +315,7 @@ async fn forward(
     let Pending { request, question } = pending;
     let budget = shared.limits.forward_budget;
     match shared
-        .upstreams
+        .upstreams()
         .ask(&question, protocol == Protocol::Tcp, budget)
         .await
     {
@@ -438,7 +446,7 @@ mod tests {
         };
         let shared = Arc::new(Shared {
             records: RwLock::new(Arc::new(records())),
-            upstreams: Upstreams::new(&[upstream], limits.forward_budget),
+            upstreams: RwLock::new(Arc::new(Upstreams::new(&[upstream], limits.forward_budget))),
             stats: stats.clone(),
             limits,
         });

@@ -69,6 +69,11 @@ impl Upstreams {
         Upstreams { servers, provider }
     }
 
+    /// The servers, in the order they are asked.
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        self.servers.iter().map(|(addr, _)| *addr).collect()
+    }
+
     /// Asks the servers in order, over TCP if `tcp`, within `budget`. A
     /// SERVFAIL or REFUSED moves on to the next server (and is returned if
     /// it was the last word); any other answer is returned as it came.
