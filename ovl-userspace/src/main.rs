@@ -218,7 +218,8 @@ struct DnsArgs {
     #[arg(long, env = "OVL_NO_DNS")]
     no_dns: bool,
     /// Resolver for names that are not ovl's, IP[:PORT] (repeatable,
-    /// tried in order) [default: the nameservers of /etc/resolv.conf, followed as it changes].
+    /// tried in order) [default: the nameservers of /etc/resolv.conf,
+    /// followed as it changes].
     #[arg(long = "dns-upstream", env = "OVL_DNS_UPSTREAM", value_delimiter = ',', value_name = "IP[:PORT]", value_parser = ovl_userspace::dns::parse_upstream)]
     upstreams: Vec<std::net::SocketAddr>,
     /// Questions per second each container may ask (bursts of twice
