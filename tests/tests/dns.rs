@@ -500,6 +500,77 @@ fn the_hosts_resolv_conf_is_followed_as_it_changes() -> Result<()> {
     u.world.stop()
 }
 
+/// Questions pipelined on one TCP connection are answered as their answers
+/// come (RFC 7766 6.2.1.1), not in turn: a name of the overlay asked after
+/// one that goes upstream is not held up by it. An asker that closes its
+/// side after asking still gets every answer.
+#[test]
+fn pipelined_tcp_questions_are_answered_as_their_answers_come() -> Result<()> {
+    let lab = Lab::new("dns-pipe")?;
+    // The upstream drops every question: a forward ends in SERVFAIL when
+    // its budget (2 s) runs out, long after a local answer.
+    let upstream = UPSTREAM.to_string();
+    let u = Uber::start(&lab, &[("OVL_DNS_UPSTREAM", &upstream)])?;
+    let router = &u.world.router;
+    router.exec(&["nft", "add", "table", "ip", "dnsdrop"])?;
+    router.exec(&[
+        "nft",
+        "add",
+        "chain",
+        "ip",
+        "dnsdrop",
+        "in",
+        "{ type filter hook input priority 0; }",
+    ])?;
+    // TCP too: a question asked over TCP is forwarded over TCP.
+    router.exec(&[
+        "nft",
+        "add",
+        "rule",
+        "ip",
+        "dnsdrop",
+        "in",
+        "meta",
+        "l4proto",
+        "{ tcp, udp }",
+        "th",
+        "dport",
+        "53",
+        "drop",
+    ])?;
+    let script = format!(
+        "import socket, struct\n\
+         from scapy.all import DNS, DNSQR\n\
+         s = socket.create_connection(('127.0.0.11', 53), timeout=10)\n\
+         for i, name in ((1, '{OUTSIDE_NAME}'), (2, 'web')):\n\
+         \x20   q = bytes(DNS(id=i, rd=1, qd=DNSQR(qname=name)))\n\
+         \x20   s.sendall(struct.pack('!H', len(q)) + q)\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         buf = b''\n\
+         while True:\n\
+         \x20   d = s.recv(4096)\n\
+         \x20   if not d:\n\
+         \x20       break\n\
+         \x20   buf += d\n\
+         while len(buf) >= 2:\n\
+         \x20   n = struct.unpack('!H', buf[:2])[0]\n\
+         \x20   m = DNS(buf[2:2 + n])\n\
+         \x20   buf = buf[2 + n:]\n\
+         \x20   print(m.id, m.rcode, m.ancount, flush=True)\n"
+    );
+    let out = u.client.0.exec(&["/usr/bin/python3", "-c", &script])?;
+    let got = String::from_utf8_lossy(&out.stdout).into_owned();
+    // id rcode answers: web's answer (NOERROR, 1) first, then the
+    // forward's SERVFAIL (2, none).
+    ensure!(
+        got == "2 0 1\n1 2 0\n",
+        "answers in the order they came (id rcode answers):\n{got}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        u.world.agents[0].output_report()
+    );
+    u.world.stop()
+}
+
 /// Sends everything but a good question to the resolver: random bytes,
 /// every truncation of a good question, bad counts, answers instead of
 /// questions, 64 KiB TCP messages, stalled and excess TCP connections,

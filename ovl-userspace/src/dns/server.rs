@@ -140,25 +140,41 @@ pub async fn serve_udp(socket: tokio::net::UdpSocket, ns: Arc<Namespace>, shared
         else {
             continue;
         };
-        match ns.forwards.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let (ns, shared) = (ns.clone(), shared.clone());
-                forwards.spawn(async move {
-                    forward(&ns, &shared, pending, Protocol::Udp, reply).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                shared.count_home(&ns.key, Outcome::Failed);
-                send_error(&pending.request, ResponseCode::ServFail, reply).await;
-            }
+        forward_in(&mut forwards, &ns, &shared, pending, Protocol::Udp, reply).await;
+    }
+}
+
+/// Forwards `pending` as a task of `forwards` if the namespace has a
+/// forward free (at most `Limits::forwards` over its UDP socket and TCP
+/// connections), or answers SERVFAIL.
+async fn forward_in(
+    forwards: &mut JoinSet<()>,
+    ns: &Arc<Namespace>,
+    shared: &Arc<Shared>,
+    pending: Pending,
+    protocol: Protocol,
+    reply: ResponseHandle,
+) {
+    match ns.forwards.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let (ns, shared) = (ns.clone(), shared.clone());
+            forwards.spawn(async move {
+                forward(&ns, &shared, pending, protocol, reply).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            shared.count_home(&ns.key, Outcome::Failed);
+            send_error(&pending.request, ResponseCode::ServFail, reply).await;
         }
     }
 }
 
 /// Serves the TCP listener of `ns` until the task is dropped; each
-/// connection (at most `Limits::connections` at once) answers its
-/// questions in order and closes after `Limits::tcp_idle` without one.
+/// connection (at most `Limits::connections` at once) closes after
+/// `Limits::tcp_idle` without a question. Pipelined questions are
+/// answered as their answers come (RFC 7766 6.2.1.1: a name of the
+/// overlay is not held up by a slow upstream answer asked before it).
 pub async fn serve_tcp(listener: tokio::net::TcpListener, ns: Arc<Namespace>, shared: Arc<Shared>) {
     let mut connections = JoinSet::new();
     loop {
@@ -187,20 +203,30 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, ns: Arc<Namespace>, sh
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     src: SocketAddr,
-    ns: &Namespace,
-    shared: &Shared,
+    ns: &Arc<Namespace>,
+    shared: &Arc<Shared>,
 ) {
     let (framed, handle): (_, BufDnsStreamHandle) =
         TcpStream::from_stream(AsyncIoTokioAsStd(stream), src);
     let mut messages = TimeoutStream::new(framed, shared.limits.tcp_idle);
+    // Answers are sent as the stream is polled: the forwards' too, while
+    // the loop waits for the next question.
+    let mut forwards = JoinSet::new();
     while let Some(Ok(message)) = messages.next().await {
+        while forwards.try_join_next().is_some() {}
         let (bytes, _) = message.into_parts();
         let reply = ResponseHandle::new(src, handle.clone(), Protocol::Tcp);
         if let Some(pending) = take(ns, shared, bytes, src, Protocol::Tcp, reply.clone()).await {
-            // One question at a time per connection: the connection limit
-            // bounds this namespace's pending TCP forwards.
-            forward(ns, shared, pending, Protocol::Tcp, reply).await;
+            forward_in(&mut forwards, ns, shared, pending, Protocol::Tcp, reply).await;
         }
+    }
+    // An asker that closed its side may still wait for its answers: the
+    // forwards end within their budget, and one more poll writes what
+    // they sent (then reads the end again). An idle connection has
+    // none pending: `tcp_idle` is longer than a forward's budget.
+    if !forwards.is_empty() {
+        while forwards.join_next().await.is_some() {}
+        let _ = tokio::time::timeout(shared.limits.tcp_idle, messages.next()).await;
     }
 }
 
