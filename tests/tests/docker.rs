@@ -1197,3 +1197,64 @@ fn a_network_of_another_driver_on_ovls_ipam_is_told_to_use_the_ovl_driver() -> R
     );
     world.stop()
 }
+
+/// A network ovl made with two subnets appears in Docker with both pools.
+/// Docker asks the first pool for every address and moves on only on its
+/// own IPAM's "no addresses left", never on a remote IPAM's error: once the
+/// first subnet is full, `docker run` still gets an address — from the
+/// second subnet, routed to the first by ovl's gateways — and `docker rm`
+/// frees it.
+#[test]
+fn docker_run_takes_the_next_subnet_once_the_first_is_full() -> Result<()> {
+    let lab = Lab::new("dk-2sub")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
+    let net = "dk2-net";
+    world.ovl(
+        0,
+        &[
+            "network",
+            "create",
+            net,
+            "--subnet",
+            "198.18.20.0/29",
+            "--subnet",
+            "198.18.21.0/29",
+        ],
+    )?;
+    wait_listed(&world, 0, net, true)?;
+    let first = world.dockerds[0].run(&lab, "dk2-first", net, &[])?;
+    let first_ip = Ipv4Addr::new(198, 18, 20, 2);
+    ensure!(first.ip()? == first_ip, "dk2-first got {}", first.ip()?);
+    // The rest of the first subnet: endpoints behind a VTEP without ovl.
+    for last in 3..=6 {
+        let ip = format!("198.18.20.{last}");
+        world.ovl(0, &["endpoint", "add", net, &ip, "--vtep", "192.0.2.99"])?;
+    }
+    let second = world.dockerds[0].run(&lab, "dk2-second", net, &[])?;
+    let second_ip = Ipv4Addr::new(198, 18, 21, 2);
+    ensure!(second.ip()? == second_ip, "dk2-second got {}", second.ip()?);
+    let addr = second
+        .netns
+        .ip(&["-o", "-4", "addr", "show", "dev", "eth0"])?;
+    let addr = String::from_utf8_lossy(&addr.stdout).into_owned();
+    ensure!(addr.contains("198.18.21.2/29"), "dk2-second eth0: {addr}");
+    let routes = second.netns.ip(&["-4", "route", "show", "default"])?;
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    ensure!(
+        routes.contains("default via 198.18.21.1 dev eth0"),
+        "dk2-second routes: {routes}"
+    );
+    ensure!(
+        ping(&second.netns, first_ip, 1, &["-W", "2"])?.all_received(),
+        "dk2-second does not reach dk2-first across the subnets"
+    );
+    world.agree(0, net)?;
+    world.docker(0, &["rm", "-f", "dk2-second"])?;
+    let held = world.ovl_endpoints(0, net)?;
+    ensure!(
+        !held.contains_key(&second_ip),
+        "docker rm left {second_ip} held: {held:?}"
+    );
+    world.agree(0, net)?;
+    world.stop()
+}

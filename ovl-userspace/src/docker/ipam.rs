@@ -14,8 +14,10 @@ use super::{
     protocol::{self, Refusal, parse},
 };
 use crate::{
-    ipam::Subnet,
-    model::{DockerPending, Location, ModelError, Network, NetworkSpec},
+    ipam::{IpamError, Subnet},
+    model::{
+        DockerPending, Endpoint, Location, ModelError, Network, NetworkSpec, State as OvlState,
+    },
     store::{Scope, Store, StoreError},
 };
 
@@ -206,7 +208,6 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
                 .map_err(|_| Refusal::new(format!("{a:?} is not an IPv4 address")))?,
         ),
     };
-    let prefix = pool.subnet.prefix();
     let store = ctx.store.get().await?;
     let state = store.load_in(Scope::All).await?;
     let network = served(&state, &pool)?.clone();
@@ -217,7 +218,7 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
         == Some(protocol::GATEWAY_ADDRESS)
     {
         let gateway = gateway_for(ctx, &store, &network, &pool, wanted).await?;
-        return Ok(address_reply(gateway, prefix));
+        return Ok(address_reply(gateway, pool.subnet.prefix()));
     }
     let mut name = network.name.clone();
     match &network.docker_pending {
@@ -248,14 +249,14 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
     // CreateNetwork runs beside this call): a read under the old name
     // finds nothing, so look the pool's network up again and retry.
     let mut renames = 0;
-    let reserved = loop {
+    let (reserved, prefix) = loop {
         let reserving = store
             .update_with(Scope::Network(&name), |s| {
                 let current = served(s, &pool)
                     .map_err(|_| ModelError::NoSuchNetwork(name.clone()))?
                     .name
                     .clone();
-                s.reserve(&current, &node, wanted, Some(pool.subnet), OWNER_IPAM)
+                reserve(s, &current, &node, wanted, &pool)
             })
             .await;
         match reserving {
@@ -271,6 +272,32 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
     };
     log::info!("reserved {} on {}", reserved.ip, reserved.network);
     Ok(address_reply(reserved.ip, prefix))
+}
+
+/// Reserves `wanted`, or a free address, of `pool` in `network` for
+/// Docker; returns it and its subnet's prefix. Docker asks a network's
+/// first pool for every address, and goes on to the next pool only on its
+/// own IPAM's "no addresses left", never on a remote IPAM's error: so when
+/// the pool has no free address, one of the network's other subnets gives
+/// it, as `ovl connect` would.
+fn reserve(
+    s: &mut OvlState,
+    network: &str,
+    node: &str,
+    wanted: Option<Ipv4Addr>,
+    pool: &PoolId,
+) -> Result<(Endpoint, u8), ModelError> {
+    let reserved = match s.reserve(network, node, wanted, Some(pool.subnet), OWNER_IPAM) {
+        Err(
+            ModelError::Ipam(IpamError::Exhausted(_)) | ModelError::AllFreeAddressesHeld { .. },
+        ) if wanted.is_none() => s.reserve(network, node, None, None, OWNER_IPAM)?,
+        other => other?,
+    };
+    let prefix = s
+        .network(network)?
+        .pool_of(reserved.ip)
+        .map_or(pool.subnet.prefix(), |p| p.subnet.prefix());
+    Ok((reserved, prefix))
 }
 
 /// The gateway of `pool`'s subnet. `--gateway` (`wanted`) sets it while
@@ -311,7 +338,7 @@ async fn gateway_for(
     store
         .update_with(Scope::Network(&name), |s| {
             if s.endpoints_of(&name).any(|e| e.ip == wanted) {
-                return Err(crate::ipam::IpamError::InUse(wanted).into());
+                return Err(IpamError::InUse(wanted).into());
             }
             let n = s
                 .networks
@@ -340,10 +367,7 @@ fn has_subnet(n: &Network, subnet: &Subnet) -> bool {
 }
 
 /// The network behind `pool`, or why there is none.
-fn served<'a>(
-    state: &'a crate::model::State,
-    pool: &PoolId,
-) -> Result<&'a crate::model::Network, Refusal> {
+fn served<'a>(state: &'a OvlState, pool: &PoolId) -> Result<&'a Network, Refusal> {
     by_vni(state, pool.vni)
         .filter(|n| has_subnet(n, &pool.subnet))
         .ok_or_else(|| {
@@ -429,6 +453,44 @@ mod tests {
             let e = bad.parse::<PoolId>().unwrap_err();
             assert!(e.message.contains("not one of ovl's"), "{}", e.message);
         }
+    }
+
+    #[test]
+    fn a_full_pool_lends_an_address_of_the_networks_other_subnets() {
+        let mut s = OvlState::default();
+        s.create_network(NetworkSpec {
+            subnets: vec![
+                "198.18.0.0/29".parse().unwrap(),
+                "198.18.1.0/28".parse().unwrap(),
+            ],
+            ..NetworkSpec::new("two", "198.18.0.0/29".parse().unwrap())
+        })
+        .unwrap();
+        let pool = PoolId {
+            vni: s.networks["two"].vni.get(),
+            subnet: "198.18.0.0/29".parse().unwrap(),
+        };
+        let got: Vec<(Ipv4Addr, u8)> = (0..6)
+            .map(|_| {
+                let (e, prefix) = reserve(&mut s, "two", "a", None, &pool).unwrap();
+                (e.ip, prefix)
+            })
+            .collect();
+        assert_eq!(got[4], (Ipv4Addr::new(198, 18, 0, 6), 29));
+        assert_eq!(got[5], (Ipv4Addr::new(198, 18, 1, 2), 28));
+        // An address asked for stays the pool's business.
+        let err = reserve(
+            &mut s,
+            "two",
+            "a",
+            Some(Ipv4Addr::new(198, 18, 0, 2)),
+            &pool,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            ModelError::Ipam(IpamError::InUse(Ipv4Addr::new(198, 18, 0, 2)))
+        );
     }
 
     #[test]
