@@ -1303,12 +1303,32 @@ impl State {
             .retain(|r| !(r.network == network && r.ip == ip));
     }
 
-    /// Picks an address of `network` for a new endpoint (`requested`, or
-    /// the lowest free one), skipping addresses still held back after
-    /// their release; an expired hold is dropped when its address is
-    /// handed out again.
+    /// The address a new endpoint of `network` would get now, or why it
+    /// would get none: what [`State::add_container`] allocates, for a
+    /// front end that only asks whether it could (CNI STATUS). Addresses
+    /// held back count as taken, as there.
+    pub fn free_address(&self, network: &str) -> Result<Ipv4Addr, ModelError> {
+        self.pick(self.network(network)?, None, None)
+    }
+
+    /// Picks an address of `network` for a new endpoint ([`State::pick`]);
+    /// an expired hold is dropped when its address is handed out again.
     fn allocate(
         &mut self,
+        network: &Network,
+        requested: Option<Ipv4Addr>,
+        within: Option<Subnet>,
+    ) -> Result<Ipv4Addr, ModelError> {
+        let ip = self.pick(network, requested, within)?;
+        self.forget_release(&network.name, ip);
+        Ok(ip)
+    }
+
+    /// An address of `network` for a new endpoint (`requested`, or the
+    /// lowest free one), skipping addresses still held back after their
+    /// release.
+    fn pick(
+        &self,
         network: &Network,
         requested: Option<Ipv4Addr>,
         within: Option<Subnet>,
@@ -1340,18 +1360,16 @@ impl State {
                 held += 1;
             }
         }
-        let ip = match ipam::allocate(&network.subnets, &used, requested, within) {
+        match ipam::allocate(&network.subnets, &used, requested, within) {
             Err(ipam::IpamError::Exhausted(subnets)) if held > 0 => {
-                return Err(ModelError::AllFreeAddressesHeld {
+                Err(ModelError::AllFreeAddressesHeld {
                     network: network.name.clone(),
                     subnets,
                     held,
-                });
+                })
             }
-            other => other?,
-        };
-        self.forget_release(&network.name, ip);
-        Ok(ip)
+            other => Ok(other?),
+        }
     }
 
     /// Refuses `subnet` if it contains a registered node's VTEP.
@@ -2390,6 +2408,11 @@ mod tests {
             matches!(err, ModelError::AllFreeAddressesHeld { held: 1, .. }),
             "{err:?}"
         );
+        // Asked without allocating (CNI STATUS), the answer is the same.
+        assert_eq!(s.free_address("small"), Err(err));
+        s.clock = at(70);
+        assert_eq!(s.free_address("small"), Ok(Ipv4Addr::new(198, 18, 0, 2)));
+        assert!(!s.released.is_empty(), "asking frees no hold");
     }
 
     #[test]

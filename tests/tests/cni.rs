@@ -930,3 +930,41 @@ fn podman_run_p_publishes_through_the_port_mappings_capability() -> Result<()> {
     drop(podman);
     cluster.stop()
 }
+
+/// STATUS asks what ADD would: when every free address of the network is
+/// held back (`--address-grace`; here the addresses of a node removed with
+/// `ovl node rm`), STATUS says 50 as ADD answers 11 — it does not promise
+/// an address ADD then refuses. A network with room stays ready.
+#[test]
+fn status_counts_held_back_addresses_as_add_does() -> Result<()> {
+    let lab = Lab::new("cni-held")?;
+    let mut w = OneHost::start(&lab, true)?;
+    let net = "cni-held-net";
+    w.ovl
+        .create_network(&w.host.netns, net, "198.18.12.0/29", &[])?;
+    // A node with no agent takes all five addresses and is removed.
+    for i in 0..5 {
+        let c = lab.container(&format!("gone{i}"))?;
+        w.ovl
+            .run(&w.host.netns, "host-gone", &["connect", net, c.name()])?;
+    }
+    let removed = w
+        .ovl
+        .run(&w.host.netns, "-", &["node", "rm", "host-gone"])?;
+    ensure!(removed.contains("held back"), "{removed}");
+
+    let conf = with(&w.conf("1.1.0"), "network", json!(net)).to_string();
+    let status = w.plugin.call("STATUS", &[], &conf)?;
+    ensure!(status.error_code()? == 50, "STATUS: {status:?}");
+    let details = status.json()?["details"].as_str().unwrap_or("").to_owned();
+    ensure!(details.contains("held back"), "STATUS: {details}");
+    let c = lab.container("late")?;
+    let sandbox = netns_path(&c);
+    let env = CniPlugin::attachment_env("ctr-late", &sandbox, "eth0");
+    let add = w.plugin.call("ADD", &env, &conf)?;
+    ensure!(add.error_code()? == 11, "ADD: {add:?}");
+    w.plugin
+        .call("STATUS", &[], &w.conf("1.1.0").to_string())?
+        .ok()?;
+    w.agent.take().context("agent")?.stop()
+}

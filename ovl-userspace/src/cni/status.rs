@@ -6,7 +6,7 @@ use super::{
     error::{CniError, Code},
     settings::Settings,
 };
-use crate::{api, bpffs, ipam};
+use crate::{api, bpffs, model::ModelError};
 
 /// STATUS: `Ok` when ADD can be served.
 pub async fn status(s: &Settings) -> Result<(), CniError> {
@@ -15,16 +15,16 @@ pub async fn status(s: &Settings) -> Result<(), CniError> {
         Code::InvalidConfig => e,
         _ => unavailable(format!("the store is unusable: {}", e.details)),
     })?;
-    let state = store
+    let mut state = store
         .load()
         .await
         .map_err(|e| unavailable(format!("the store is unreadable: {e}")))?;
-    let network = state
-        .network(&s.network)
-        .map_err(|e| unavailable(e.to_string()))?;
-    let used = state.endpoints_of(&s.network).map(|e| e.ip).collect();
-    if let Err(e) = ipam::allocate(&network.subnets, &used, None, None) {
-        return Err(unavailable(format!("network {}: {e}", s.network)));
+    // ADD's own question, held-back addresses and all.
+    state.clock = store.grace_clock();
+    match state.free_address(&s.network) {
+        Ok(_) => {}
+        Err(e @ ModelError::NoSuchNetwork(_)) => return Err(unavailable(e.to_string())),
+        Err(e) => return Err(unavailable(format!("network {}: {e}", s.network))),
     }
     match api::Client::new(&s.api_socket)
         .get::<api::Health>("/v1/health")

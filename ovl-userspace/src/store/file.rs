@@ -67,6 +67,11 @@ impl FileStore {
         self
     }
 
+    /// How long a freed address is held back.
+    pub fn address_grace(&self) -> Duration {
+        self.address_grace
+    }
+
     fn state_path(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::{
     model::{Endpoint, ModelError, State},
     ports::PublishedPort,
-    release::{DEFAULT_ADDRESS_GRACE, RestoreOutcome},
+    release::{DEFAULT_ADDRESS_GRACE, GraceClock, RestoreOutcome},
 };
 
 /// What a change reads, and so the only part of the store it may change
@@ -236,6 +236,15 @@ impl Store {
             }
             _ => Ok(Store::Etcd(Box::new(EtcdStore::connect(&url).await?))),
         }
+    }
+
+    /// The clock a change made now judges held-back addresses by: the
+    /// wall clock and this store's `--address-grace`.
+    pub fn grace_clock(&self) -> GraceClock {
+        GraceClock::now(match self {
+            Store::File(f) => f.address_grace(),
+            Store::Etcd(e) => e.address_grace(),
+        })
     }
 
     /// The current state, all of it.

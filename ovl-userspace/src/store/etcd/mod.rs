@@ -194,6 +194,11 @@ pub struct EtcdStore {
 }
 
 impl EtcdStore {
+    /// How long a freed address is held back.
+    pub fn address_grace(&self) -> Duration {
+        self.address_grace
+    }
+
     /// Connects to the cluster `url` names and checks that etcd answers
     /// (and accepts ovl's certificate and login).
     pub async fn connect(url: &StoreUrl) -> Result<EtcdStore, StoreError> {
