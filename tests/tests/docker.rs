@@ -1258,3 +1258,113 @@ fn docker_run_takes_the_next_subnet_once_the_first_is_full() -> Result<()> {
     world.agree(0, net)?;
     world.stop()
 }
+
+/// `ovl connect` and Docker's RequestAddress racing on the etcd store for
+/// a network's last free addresses go through one allocation: each
+/// address is handed out once, exactly as many requests win as there were
+/// addresses, and the rest are refused as exhausted. Round after round,
+/// once everything is given back, nothing is left held.
+#[test]
+fn connect_and_docker_ipam_racing_for_the_last_addresses_never_share_one() -> Result<()> {
+    let lab = Lab::new("dk-race")?;
+    let world = DockerCluster::start(&lab, StoreKind::Etcd, 1, DockerdOptions::default())?;
+    let net = "dkrace-net";
+    world.ovl(0, &["network", "create", net, "--subnet", "198.18.22.0/29"])?;
+    let pool = format!("{}:198.18.22.0/29", vni_of(&world, net)?);
+    let request = format!(r#"{{"PoolID":"{pool}","Address":"","Options":{{}}}}"#);
+    let containers = (0..4)
+        .map(|i| lab.container(&format!("race{i}")))
+        .collect::<Result<Vec<_>>>()?;
+    let all: Vec<Ipv4Addr> = (2..=6).map(|d| Ipv4Addr::new(198, 18, 22, d)).collect();
+    for round in 0..3 {
+        // (won, what) per contender: four connects, four Docker requests.
+        let outcomes: Vec<Result<(bool, String)>> = std::thread::scope(|s| {
+            let connects = containers.iter().map(|c| {
+                let world = &world;
+                s.spawn(move || -> Result<(bool, String)> {
+                    let out = world.ovl.run_unchecked(
+                        &world.hosts[0].netns,
+                        DockerCluster::NODES[0],
+                        &["connect", net, c.name()],
+                    )?;
+                    Ok((
+                        out.status.success(),
+                        String::from_utf8_lossy(&out.stderr).into_owned(),
+                    ))
+                })
+            });
+            let requests = (0..4).map(|_| {
+                let (world, request) = (&world, &request);
+                s.spawn(move || -> Result<(bool, String)> {
+                    let (status, reply) = plugin_call(
+                        &world.plugin_socket(0),
+                        "IpamDriver.RequestAddress",
+                        request,
+                    )?;
+                    Ok((status == 200, reply))
+                })
+            });
+            let handles: Vec<_> = connects.chain(requests).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a contender panicked"))
+                .collect()
+        });
+        let outcomes = outcomes.into_iter().collect::<Result<Vec<_>>>()?;
+        let won = outcomes.iter().filter(|(w, _)| *w).count();
+        ensure!(
+            won == all.len(),
+            "round {round}: {won} of 8 won five addresses: {outcomes:?}"
+        );
+        for (_, what) in outcomes.iter().filter(|(w, _)| !*w) {
+            ensure!(
+                what.contains("no free address left in 198.18.22.0/29"),
+                "round {round}: a loser was refused otherwise: {what}"
+            );
+        }
+        // Docker's replies and the connected namespaces name each address
+        // once, and the store holds exactly those.
+        let mut given: Vec<Ipv4Addr> = Vec::new();
+        for (_, reply) in outcomes[4..].iter().filter(|(w, _)| *w) {
+            let v: Value = serde_json::from_str(reply)?;
+            let cidr = v["Address"].as_str().context("Address")?;
+            given.push(cidr.trim_end_matches("/29").parse()?);
+        }
+        let inspect = world.ovl.inspect(&world.hosts[0].netns, net)?;
+        let endpoints = inspect["endpoints"].as_array().context("endpoints")?;
+        for c in &containers {
+            if let Some(e) = endpoints
+                .iter()
+                .find(|e| e["location"]["netns"] == c.name())
+            {
+                given.push(e["ip"].as_str().context("ip")?.parse()?);
+            }
+        }
+        given.sort();
+        ensure!(given == all, "round {round}: handed out {given:?}");
+        let mut held: Vec<Ipv4Addr> = endpoints
+            .iter()
+            .map(|e| e["ip"].as_str().unwrap_or_default().parse())
+            .collect::<Result<_, _>>()?;
+        held.sort();
+        ensure!(held == all, "round {round}: the store holds {held:?}");
+        // Everything given back: disconnects and Docker's releases.
+        for c in &containers {
+            let _ = world.ovl.run_unchecked(
+                &world.hosts[0].netns,
+                DockerCluster::NODES[0],
+                &["disconnect", net, c.name()],
+            )?;
+        }
+        for ip in &all {
+            let body = format!(r#"{{"PoolID":"{pool}","Address":"{ip}"}}"#);
+            plugin_call(&world.plugin_socket(0), "IpamDriver.ReleaseAddress", &body)?;
+        }
+        let left = world.ovl.inspect(&world.hosts[0].netns, net)?["endpoints"].clone();
+        ensure!(
+            left.as_array().is_none_or(Vec::is_empty),
+            "round {round}: left held: {left}"
+        );
+    }
+    world.stop()
+}
