@@ -1368,3 +1368,69 @@ fn connect_and_docker_ipam_racing_for_the_last_addresses_never_share_one() -> Re
     }
     world.stop()
 }
+
+/// A Docker network's addresses as Docker's users meet them: a /29 with
+/// `--gateway` on its last host gives exactly five containers .1 to .5 and
+/// refuses the sixth naming the subnet; `--ip` of the gateway, the network
+/// or broadcast address or a taken one is refused saying why; an address
+/// `docker rm` freed can be asked for at once. Docker and ovl agree after.
+#[test]
+fn docker_addresses_stop_at_the_subnets_usable_ones() -> Result<()> {
+    let lab = Lab::new("dk-full")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
+    let net = "dkfull-net";
+    world.docker(
+        0,
+        &[
+            "network",
+            "create",
+            "-d",
+            "ovl",
+            "--ipam-driver",
+            "ovl",
+            "--subnet",
+            "198.18.23.0/29",
+            "--gateway",
+            "198.18.23.6",
+            net,
+        ],
+    )?;
+    wait_until(VISIBLE_WITHIN, || {
+        Ok(ovl_networks(&world)?.contains(&net.to_owned()))
+    })?;
+    for last in 1..=5 {
+        let c = world.dockerds[0].run(&lab, &format!("dkfull-{last}"), net, &[])?;
+        ensure!(
+            c.ip()? == Ipv4Addr::new(198, 18, 23, last),
+            "dkfull-{last} got {}",
+            c.ip()?
+        );
+    }
+    let refused = |name: &str, extra: &[&str], needle: &str| -> Result<()> {
+        let mut argv = vec!["run", "-d", "--name", name, "--network", net];
+        argv.extend_from_slice(extra);
+        argv.extend_from_slice(&[ovl_tests::BUSYBOX_IMAGE, "sleep", "600"]);
+        let out = world.dockerds[0].docker_unchecked(&argv)?;
+        let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(
+            !out.status.success() && msg.contains(needle),
+            "{argv:?}: {msg}"
+        );
+        world.docker(0, &["rm", "-f", name])?;
+        Ok(())
+    };
+    refused("dkfull-6", &[], "no free address left in 198.18.23.0/29")?;
+    for ip in ["198.18.23.6", "198.18.23.0", "198.18.23.7"] {
+        refused("dkfull-x", &["--ip", ip], "is not a usable address of")?;
+    }
+    refused("dkfull-x", &["--ip", "198.18.23.2"], "already in use")?;
+    world.docker(0, &["rm", "-f", "dkfull-3"])?;
+    let again = world.dockerds[0].run(&lab, "dkfull-again", net, &["--ip", "198.18.23.3"])?;
+    ensure!(
+        again.ip()? == Ipv4Addr::new(198, 18, 23, 3),
+        "{}",
+        again.ip()?
+    );
+    world.agree(0, net)?;
+    world.stop()
+}
