@@ -680,3 +680,67 @@ fn silent_api_connections_do_not_starve_the_agent_of_descriptors() -> Result<()>
     a.stop()?;
     b.stop()
 }
+
+/// Whether `dig NAME` inside `ns` (one try, its resolv.conf's resolver)
+/// got an answer with status NOERROR.
+fn resolves(ns: &Netns, name: &str) -> Result<bool> {
+    let out = ns.exec_unchecked(&["dig", "+tries=1", "+time=3", name])?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("status: NOERROR"))
+}
+
+/// Host A's agent's metrics (served on [`METRICS`] in its namespace).
+fn scrape(ns: &Netns) -> Result<String> {
+    curl(ns, &format!("http://{METRICS}/metrics"))
+}
+
+#[test]
+fn a_network_made_again_under_its_name_counts_dns_questions_from_zero() -> Result<()> {
+    let lab = Lab::new("api-dnsre")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+    let ns = &host.netns;
+    let agent = ovl.attach_with_env(&lab, host, "host-a", "auto", &[("OVL_METRICS", METRICS)])?;
+    let c1 = lab.container("c1")?;
+    // web made three times: on VNI 5000, again on another VNI, and again
+    // on that same VNI.
+    for (round, vni) in ["5000", "5001", "5001"].into_iter().enumerate() {
+        ovl.create_network(ns, "web", "198.18.0.0/24", &["--vni", vni])?;
+        ovl.connect(host, "host-a", "web", &c1, &["--name", "c1"])?;
+        // Nothing was asked on this network yet: zero in `ovl stats` and
+        // in the metrics, as its traffic counters.
+        let stats: Value = serde_json::from_str(&ovl.run(
+            ns,
+            "host-a",
+            &["stats", "--json", "--network", "web"],
+        )?)?;
+        ensure!(
+            stats[0]["dns"]["answered"] == 0 && stats[0]["tx_packets"] == 0,
+            "round {round}: web (VNI {vni}) starts with counts:\n{stats:#}"
+        );
+        let series =
+            format!("ovl_dns_queries_total{{network=\"web\",outcome=\"answered\",vni=\"{vni}\"}}");
+        let text = scrape(ns)?;
+        ensure!(
+            text.contains(&format!("{series} 0\n")),
+            "round {round}: no `{series} 0` in\n{text}"
+        );
+        // One question answered from ovl's names (asked until the resolver
+        // listens: unanswered ones are not counted) counts one.
+        wait_until(Duration::from_secs(10), || resolves(&c1, "c1"))
+            .with_context(|| format!("round {round}: c1 never resolved"))?;
+        let text = scrape(ns)?;
+        ensure!(
+            text.contains(&format!("{series} 1\n")),
+            "round {round}: no `{series} 1` in\n{text}"
+        );
+        ovl.run(ns, "host-a", &["disconnect", "web", c1.name()])?;
+        ovl.run(ns, "-", &["network", "rm", "web"])?;
+        // Host A no longer serves web once it exports none of it.
+        wait_until(Duration::from_secs(10), || {
+            Ok(!scrape(ns)?.contains("network=\"web\""))
+        })
+        .with_context(|| format!("round {round}: host A still exports web"))?;
+    }
+    agent.stop()
+}

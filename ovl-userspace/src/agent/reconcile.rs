@@ -74,6 +74,7 @@ pub fn reconcile(
         .map(|n| (n.vni.get(), n.name.clone()))
         .collect();
     let slots = dp.sync_stats(&names, known_names)?;
+    view.dns.keep_served(&names);
     want.set_stats_slots(&slots);
     dp.sync_networks(&want.networks)?;
     dp.sync_vteps(&want.vteps)?;
