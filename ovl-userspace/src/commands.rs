@@ -445,11 +445,12 @@ async fn pinned_stats(
     }
     let pin_dir = bpffs::node_dir(pin_root, node)?;
     let counters = datapath::read_counters(&pin_dir)?;
+    // Every network, as the agent answers: one this node does not serve
+    // has no counters, so zero.
     Ok(state
         .networks
         .values()
         .filter(|n| network.is_none_or(|want| want == n.name))
-        .filter(|n| counters.contains_key(&n.vni.get()))
         .map(|n| {
             let c = counters.get(&n.vni.get()).copied().unwrap_or_default();
             NetworkStats::new(&n.name, n.vni.get(), &c)

@@ -744,3 +744,66 @@ fn a_network_made_again_under_its_name_counts_dns_questions_from_zero() -> Resul
     }
     agent.stop()
 }
+
+#[test]
+fn stats_without_an_agent_list_the_networks_the_agent_listed() -> Result<()> {
+    let lab = Lab::new("api-pinrows")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+    let ns = &host.netns;
+    let agent = ovl.attach(&lab, host, "host-a", "auto")?;
+    // uber-net is served here (two containers that talk), idle-net not.
+    ovl.create_network(ns, "uber-net", "198.18.0.0/24", &[])?;
+    ovl.create_network(ns, "idle-net", "198.18.9.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let c2 = lab.container("c2")?;
+    ovl.connect(host, "host-a", "uber-net", &c1, &[])?;
+    let ip2 = ovl.connect(host, "host-a", "uber-net", &c2, &[])?;
+    let r = ping(&c1, ip2, 5, &["-i", "0.05", "-W", "1"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    // (network, VNI, local frames) of each row of `ovl stats --json`.
+    let rows = |args: &[&str]| -> Result<Vec<(String, u64, u64)>> {
+        let mut argv = vec!["stats", "--json"];
+        argv.extend_from_slice(args);
+        let out = ovl.run(ns, "host-a", &argv)?;
+        let v: Value = serde_json::from_str(&out).with_context(|| format!("not JSON: {out}"))?;
+        v.as_array()
+            .with_context(|| format!("not an array: {v}"))?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r["network"].as_str().context("network")?.to_owned(),
+                    r["vni"].as_u64().context("vni")?,
+                    r["local_packets"].as_u64().context("local_packets")?,
+                ))
+            })
+            .collect()
+    };
+    let asked = rows(&[])?;
+    let idle_asked = rows(&["--network", "idle-net"])?;
+    ensure!(
+        asked.len() == 2 && asked[1].0 == "uber-net" && asked[1].2 >= 10,
+        "the agent's rows: {asked:?}"
+    );
+    agent.stop()?;
+    // Read from the pins: the same networks, counted on (a neighbour's
+    // ARP refresh may have crossed since).
+    let same = |a: &[(String, u64, u64)], b: &[(String, u64, u64)]| {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(a, b)| a.0 == b.0 && a.1 == b.1 && b.2 >= a.2)
+    };
+    let pinned = rows(&[])?;
+    ensure!(
+        same(&asked, &pinned),
+        "with the agent: {asked:?}\nfrom the pins: {pinned:?}"
+    );
+    let idle_pinned = rows(&["--network", "idle-net"])?;
+    ensure!(
+        idle_asked.len() == 1 && same(&idle_asked, &idle_pinned),
+        "`--network idle-net` with the agent: {idle_asked:?}\nfrom the pins: {idle_pinned:?}"
+    );
+    Ok(())
+}
