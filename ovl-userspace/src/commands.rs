@@ -147,17 +147,17 @@ pub async fn connect(
         .context("IPAM gave an address outside the network's subnets")?;
     match attachment::wait_forwarding(api_socket, &req.network, a.endpoint.ip, READY_WAIT).await {
         Ok(attachment::Readiness::Forwarding) => {}
-        Ok(attachment::Readiness::NoAgent) => eprintln!(
-            "ovl: warning: no ovl agent runs for node {} (nothing answers on {}): {} is registered, but nothing forwards for it until `ovl attach` runs on this node",
+        Ok(attachment::Readiness::NoAgent) => say(format_args!(
+            "warning: no ovl agent runs for node {} (nothing answers on {}): {} is registered, but nothing forwards for it until `ovl attach` runs on this node",
             req.node,
             api_socket.display(),
             a.endpoint.ip
-        ),
-        Ok(attachment::Readiness::NotYet) => eprintln!(
-            "ovl: warning: the agent of node {} did not report {} forwarding within {READY_WAIT:?}; see its log",
+        )),
+        Ok(attachment::Readiness::NotYet) => say(format_args!(
+            "warning: the agent of node {} did not report {} forwarding within {READY_WAIT:?}; see its log",
             req.node, a.endpoint.ip
-        ),
-        Err(e) => eprintln!("ovl: warning: {e:#}"),
+        )),
+        Err(e) => say(format_args!("warning: {e:#}")),
     }
     let resolver = match &a.resolv_conf {
         Some(path) => format!("{} ({})", crate::dns::RESOLVER_ADDR, path.display()),
@@ -401,6 +401,21 @@ fn published_text(ports: &[crate::ports::PublishedPort]) -> Option<String> {
     })
 }
 
+/// Says `line` on stderr after `ovl: `. A stderr nobody reads any more
+/// (`ovl stats 2>&1 | head -1`, a full disk) loses the line; unlike
+/// `eprintln!`, it never turns the command's outcome into a panic.
+pub fn say(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "ovl: {line}");
+}
+
+/// Says that no agent answered and the counters come from the pins.
+fn say_read_from_pins(node: &str) {
+    say(format_args!(
+        "no agent runs for node {node}; counters read from its pinned maps (the data path still forwards)"
+    ));
+}
+
 /// `ovl stats`: counters of this node's data path, per network. Asked of
 /// the agent (which works from any mount namespace); with no agent
 /// running, read from the pinned maps, which still forward and count.
@@ -420,9 +435,7 @@ pub async fn stats(
         Ok(rows) => rows,
         Err(api::ClientError::NoAgent(_)) => {
             let rows = pinned_stats(store, node, pin_root, network).await?;
-            eprintln!(
-                "ovl: no agent runs for node {node}; counters read from its pinned maps (the data path still forwards)"
-            );
+            say_read_from_pins(node);
             rows
         }
         Err(e) => return Err(e.into()),
@@ -465,26 +478,22 @@ pub async fn underlay_stats(
     pin_root: &Path,
     json: bool,
 ) -> Result<String> {
-    let report: metrics::UnderlayStats = match api::Client::new(api_socket)
-        .get("/v1/stats/underlay")
-        .await
-    {
-        Ok(r) => r,
-        Err(api::ClientError::NoAgent(_)) => {
-            let pin_dir = bpffs::node_dir(pin_root, node)?;
-            let counters = datapath::read_counters(&pin_dir)?;
-            let global = datapath::read_global(&pin_dir)?;
-            let orphan = counters
-                .get(&ovl_common::counters::UNATTRIBUTED_VNI)
-                .copied()
-                .unwrap_or_default();
-            eprintln!(
-                "ovl: no agent runs for node {node}; counters read from its pinned maps (the data path still forwards)"
-            );
-            metrics::UnderlayStats::new(&global, &orphan)
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let report: metrics::UnderlayStats =
+        match api::Client::new(api_socket).get("/v1/stats/underlay").await {
+            Ok(r) => r,
+            Err(api::ClientError::NoAgent(_)) => {
+                let pin_dir = bpffs::node_dir(pin_root, node)?;
+                let counters = datapath::read_counters(&pin_dir)?;
+                let global = datapath::read_global(&pin_dir)?;
+                let orphan = counters
+                    .get(&ovl_common::counters::UNATTRIBUTED_VNI)
+                    .copied()
+                    .unwrap_or_default();
+                say_read_from_pins(node);
+                metrics::UnderlayStats::new(&global, &orphan)
+            }
+            Err(e) => return Err(e.into()),
+        };
     if json {
         return Ok(serde_json::to_string_pretty(&report).expect("stats serialise"));
     }

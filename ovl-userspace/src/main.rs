@@ -622,14 +622,14 @@ fn main() -> ExitCode {
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ovl: cannot start the runtime: {e}");
+            commands::say(format_args!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ovl: {e:#}");
+            commands::say(format_args!("{e:#}"));
             ExitCode::FAILURE
         }
     }

@@ -374,3 +374,45 @@ fn connect_returns_once_the_endpoint_forwards_and_warns_when_no_agent_runs() -> 
     );
     world.stop()
 }
+
+/// Runs `ovl args...` in `ns` as host-a with its stderr a pipe whose
+/// reader is gone, as in `ovl stats 2>&1 | head -1` once head has its line.
+fn run_with_stderr_unread(ovl: &Ovl, ns: &Netns, args: &[&str]) -> Result<std::process::Output> {
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(ovl_tests::ovl_binary()?)
+        .args(args)
+        .envs(ovl.env("host-a"))
+        .stderr(writer)
+        .output()
+        .context("run ovl")
+}
+
+#[test]
+fn a_stderr_nobody_reads_changes_no_outcome() -> Result<()> {
+    let lab = Lab::new("cli-epipe")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let ns = &hosts[0].netns;
+    let agent = ovl.attach(&lab, &hosts[0], "host-a", "auto")?;
+    ovl.create_network(ns, "uber-net", "198.18.0.0/24", &[])?;
+    agent.stop()?;
+    // A warning on stderr (no agent), the counters on stdout: success.
+    let out = run_with_stderr_unread(&ovl, ns, &["stats"])?;
+    ensure!(
+        out.status.code() == Some(0) && String::from_utf8_lossy(&out.stdout).contains("uber-net"),
+        "`ovl stats` with an unread stderr: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A refusal on stderr: failure (1), not a panic (101).
+    let out = run_with_stderr_unread(&ovl, ns, &["network", "inspect", "nope"])?;
+    ensure!(
+        out.status.code() == Some(1),
+        "`ovl network inspect nope` with an unread stderr: {}",
+        out.status
+    );
+    Ok(())
+}
