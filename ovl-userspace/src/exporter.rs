@@ -36,6 +36,12 @@ const BOUNDS: Bounds = Bounds {
 /// opens connections without end, must not hold the agent's descriptors
 /// (shared with its DNS sockets and store connections).
 pub async fn serve(listener: tokio::net::TcpListener, view: Arc<View>) {
+    // The bound address, not the one asked for: port 0 takes any free one,
+    // which only this line tells.
+    match listener.local_addr() {
+        Ok(addr) => log::info!("Prometheus metrics on http://{addr}/metrics"),
+        Err(e) => log::warn!("metrics server: its address is unknown: {e}"),
+    }
     let router = Router::new()
         .route("/metrics", get(metrics))
         .with_state(view);

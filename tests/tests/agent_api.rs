@@ -807,3 +807,42 @@ fn stats_without_an_agent_list_the_networks_the_agent_listed() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_agent_says_where_it_serves_metrics_when_it_chose_the_port() -> Result<()> {
+    let lab = Lab::new("api-mport")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let ns = &hosts[0].netns;
+    let agent = ovl.attach_with_env(
+        &lab,
+        &hosts[0],
+        "host-a",
+        "auto",
+        &[("OVL_METRICS", "127.0.0.1:0")],
+    )?;
+    // Said as its metrics server starts, just after it attached.
+    let mut url = None;
+    wait_until(Duration::from_secs(5), || {
+        url = agent
+            .log()?
+            .split_whitespace()
+            .find(|w| w.starts_with("http://127.0.0.1:") && w.ends_with("/metrics"))
+            .map(str::to_owned);
+        Ok(url.is_some())
+    })
+    .with_context(|| {
+        format!(
+            "the agent does not say where its metrics are:\n{}",
+            agent.log().unwrap_or_default()
+        )
+    })?;
+    let url = url.context("waited for")?;
+    ensure!(
+        !url.contains(":0/"),
+        "the port asked for, not the one bound: {url}"
+    );
+    let text = curl(ns, &url)?;
+    ensure!(text.contains("ovl_agent_info{"), "{url} answered:\n{text}");
+    agent.stop()
+}
