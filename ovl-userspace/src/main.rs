@@ -579,14 +579,14 @@ fn cni_command(
                 *path = absolute(path)?;
             }
             let store = ovl_userspace::store::options::with_options(&cli.store, &options);
-            Ok(install::conflist(&install::ConflistSpec {
+            install::conflist(&install::ConflistSpec {
                 name: name.as_deref().unwrap_or(network),
                 network,
                 store: &store,
                 node,
                 api_socket: &absolute(api_socket)?,
                 pin_root: &absolute(&cli.pin_root)?,
-            }))
+            })
         }
     }
 }

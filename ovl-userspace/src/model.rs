@@ -1535,7 +1535,8 @@ fn pools(subnets: &[Subnet], gateways: &[Ipv4Addr]) -> Result<Vec<Pool>, ModelEr
     Ok(pools)
 }
 
-fn validate_name(name: &str) -> Result<(), ModelError> {
+/// Checks a network name: 1-64 characters from `[A-Za-z0-9_.-]`.
+pub fn validate_name(name: &str) -> Result<(), ModelError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

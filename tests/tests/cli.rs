@@ -416,3 +416,43 @@ fn a_stderr_nobody_reads_changes_no_outcome() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn cni_conflist_refuses_names_no_network_or_runtime_takes() -> Result<()> {
+    let lab = Lab::new("cli-conf")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let ns = &hosts[0].netns;
+    // (arguments, a piece of the message that must name the problem)
+    let cases: &[(&[&str], &str)] = &[
+        (&["cni", "conflist", ""], "invalid network name \"\""),
+        (&["cni", "conflist", "a b"], "invalid network name \"a b\""),
+        (
+            &["cni", "conflist", "uber-net", "--name", ""],
+            "invalid CNI network name \"\"",
+        ),
+        // A name ovl takes, runtimes do not: the CNI name must differ.
+        (&["cni", "conflist", "--", "-net"], "pass --name NAME"),
+    ];
+    for (args, needle) in cases {
+        let out = ovl.run_unchecked(ns, "host-a", args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(1) && out.stdout.is_empty() && err.contains(needle),
+            "`ovl {}`: {}, stdout {:?}, stderr lacks {needle:?}: {err}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let list: serde_json::Value = serde_json::from_str(&ovl.run(
+        ns,
+        "host-a",
+        &["cni", "conflist", "--name", "net", "--", "-net"],
+    )?)?;
+    ensure!(
+        list["name"] == "net" && list["plugins"][0]["network"] == "-net",
+        "{list}"
+    );
+    Ok(())
+}

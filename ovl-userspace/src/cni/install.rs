@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 
 use super::version::SpecVersion;
@@ -52,8 +52,24 @@ pub struct ConflistSpec<'a> {
     pub pin_root: &'a Path,
 }
 
-/// A `.conflist` with ovl as its only plugin.
-pub fn conflist(spec: &ConflistSpec<'_>) -> String {
+/// Whether `name` is a CNI network name as runtimes take it
+/// (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`, the spec's); ovl network names may
+/// also start with `_`, `.` or `-`.
+fn is_cni_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// A `.conflist` with ovl as its only plugin; refused (nothing printed)
+/// for a network name ovl never has, or a CNI name runtimes refuse.
+pub fn conflist(spec: &ConflistSpec<'_>) -> Result<String> {
+    crate::model::validate_name(spec.network)?;
+    ensure!(
+        is_cni_name(spec.name),
+        "invalid CNI network name {:?}: runtimes take a letter or digit, then letters, digits, '_', '.' or '-'; pass --name NAME",
+        spec.name
+    );
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     struct List<'a> {
@@ -101,7 +117,7 @@ pub fn conflist(spec: &ConflistSpec<'_>) -> String {
     };
     let mut out = serde_json::to_string_pretty(&list).expect("a conflist serialises");
     out.push('\n');
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -117,7 +133,8 @@ mod tests {
             node: "host-a",
             api_socket: Path::new("/run/ovl/host-a.sock"),
             pin_root: Path::new("/sys/fs/bpf/ovl"),
-        });
+        })
+        .unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["name"], "uber-net");
         assert_eq!(v["plugins"][0]["type"], "ovl");
