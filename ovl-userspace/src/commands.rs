@@ -418,9 +418,10 @@ fn say_read_from_pins(node: &str) {
 
 /// `ovl stats`: counters of this node's data path, per network. Asked of
 /// the agent (which works from any mount namespace); with no agent
-/// running, read from the pinned maps, which still forward and count.
+/// running, read from the pinned maps, which still forward and count, and
+/// named from the store at `store_url` (opened only then).
 pub async fn stats(
-    store: &Store,
+    store_url: &str,
     api_socket: &Path,
     node: &str,
     pin_root: &Path,
@@ -434,7 +435,8 @@ pub async fn stats(
     let rows: Vec<NetworkStats> = match api::Client::new(api_socket).get(&query).await {
         Ok(rows) => rows,
         Err(api::ClientError::NoAgent(_)) => {
-            let rows = pinned_stats(store, node, pin_root, network).await?;
+            let store = Store::open(store_url).await?;
+            let rows = pinned_stats(&store, node, pin_root, network).await?;
             say_read_from_pins(node);
             rows
         }

@@ -437,6 +437,30 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Detach { iface } = &cli.command {
         return print(commands::detach(iface, &node, &cli.pin_root, &api_socket).await?);
     }
+    // Counters are the agent's: asked of it without the store, which only
+    // names the pinned counters when no agent runs (an unreachable store
+    // must not hide what a running agent answers).
+    if let Command::Stats {
+        underlay: true,
+        json,
+        ..
+    } = &cli.command
+    {
+        return print(commands::underlay_stats(&api_socket, &node, &cli.pin_root, *json).await?);
+    }
+    if let Command::Stats { network, json, .. } = &cli.command {
+        return print(
+            commands::stats(
+                &store_url,
+                &api_socket,
+                &node,
+                &cli.pin_root,
+                network.as_deref(),
+                *json,
+            )
+            .await?,
+        );
+    }
     // Opened before anything else: a bad URL fails before any change.
     let store = Store::open(&store_url).await?;
     let store = &store;
@@ -497,24 +521,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Attach { .. }
         | Command::Status { .. }
         | Command::Detach { .. }
+        | Command::Stats { .. }
         | Command::Cni(_) => {
             unreachable!("dispatched above")
-        }
-        Command::Stats {
-            underlay: true,
-            json,
-            ..
-        } => commands::underlay_stats(&api_socket, &node, &cli.pin_root, json).await?,
-        Command::Stats { network, json, .. } => {
-            commands::stats(
-                store,
-                &api_socket,
-                &node,
-                &cli.pin_root,
-                network.as_deref(),
-                json,
-            )
-            .await?
         }
         Command::Endpoint(EndpointCmd::Add {
             network,

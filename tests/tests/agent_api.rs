@@ -846,3 +846,46 @@ fn the_agent_says_where_it_serves_metrics_when_it_chose_the_port() -> Result<()>
     ensure!(text.contains("ovl_agent_info{"), "{url} answered:\n{text}");
     agent.stop()
 }
+
+#[test]
+fn stats_of_a_running_agent_do_not_need_the_store() -> Result<()> {
+    let lab = Lab::new("api-nostore")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+    let ns = &host.netns;
+    let agent = ovl.attach(&lab, host, "host-a", "auto")?;
+    ovl.create_network(ns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    ovl.connect(host, "host-a", "uber-net", &c1, &[])?;
+    // The store out of reach of this command (nothing listens there), as
+    // in an etcd outage: the agent still answers for its counters.
+    let unreachable = [("OVL_STORE", "etcd://127.0.0.1:1")];
+    for (args, needle) in [
+        (&["stats", "--json"][..], "\"network\": \"uber-net\""),
+        (
+            &["stats", "--underlay", "--json"][..],
+            "\"underlay_packets\"",
+        ),
+    ] {
+        let out = ovl.run_with_env_unchecked(ns, "host-a", &unreachable, args)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && stdout.contains(needle),
+            "`ovl {}` with the store unreachable: {}\n{stdout}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Without the agent, naming the pinned counters needs the store: said.
+    agent.stop()?;
+    let out = ovl.run_with_env_unchecked(ns, "host-a", &unreachable, &["stats"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("etcd://127.0.0.1:1"),
+        "`ovl stats` with neither agent nor store: {}\n{err}",
+        out.status
+    );
+    Ok(())
+}
