@@ -1185,3 +1185,87 @@ fn bad_cli_input_for_encryption_is_refused_clearly() -> Result<()> {
     }
     world.stop()
 }
+
+/// Datagrams to a node's WireGuard port that are no WireGuard message it
+/// can use, each named after what it is, and the drop reason it counts
+/// as: too short for any message, an unknown type, a handshake message of
+/// the wrong size, messages for a session index no one gave out, one far
+/// beyond any underlay (IPv4 fragments), and an empty datagram.
+const GARBAGE: [(&str, &str, &str); 10] = [
+    ("one byte", "b'\\x04'", "malformed"),
+    ("data header only", "b'\\x04\\x00\\x00\\x00'", "malformed"),
+    ("unknown type", "b'\\x05' + bytes(63)", "malformed"),
+    (
+        "short initiation",
+        "b'\\x01\\x00\\x00\\x00' + os.urandom(96)",
+        "malformed",
+    ),
+    (
+        "jumbo initiation",
+        "b'\\x01\\x00\\x00\\x00' + os.urandom(8996)",
+        "malformed",
+    ),
+    (
+        "response, no session",
+        "b'\\x02\\x00\\x00\\x00' + os.urandom(4) + b'\\xff' * 4 + os.urandom(80)",
+        "unknown_session",
+    ),
+    (
+        "cookie reply, no session",
+        "b'\\x03\\x00\\x00\\x00' + b'\\xff' * 4 + os.urandom(56)",
+        "unknown_session",
+    ),
+    (
+        "data, no session",
+        "b'\\x04\\x00\\x00\\x00' + b'\\xff' * 4 + os.urandom(64)",
+        "unknown_session",
+    ),
+    (
+        "data of 65000 bytes",
+        "b'\\x04\\x00\\x00\\x00' + b'\\xff' * 4 + os.urandom(64992)",
+        "unknown_session",
+    ),
+    ("empty", "b''", "malformed"),
+];
+
+#[test]
+fn garbage_datagrams_to_the_wireguard_port_are_dropped_and_counted_each() -> Result<()> {
+    let lab = Lab::new("crypt-garbage")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, _), (_, s1_ip)] = &nets.secret;
+    wait_for_ping(s0, *s1_ip)?;
+    let drops = |c: &Value, r: &str| c["drops"][r].as_u64().unwrap_or(0);
+    let to = world.hosts[0].addr;
+    for (what, payload, reason) in GARBAGE {
+        let before = crypto(&world, 0)?["counters"].clone();
+        let script = format!(
+            "import os, socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.sendto({payload}, ('{to}', {WG_PORT}))\n"
+        );
+        world.router.exec(&["/usr/bin/python3", "-c", &script])?;
+        let counted = wait_until(Duration::from_secs(3), || {
+            let now = crypto(&world, 0)?["counters"].clone();
+            Ok(drops(&now, reason) > drops(&before, reason))
+        });
+        let after = crypto(&world, 0)?["counters"].clone();
+        ensure!(
+            counted.is_ok()
+                && after["drops"]
+                    .as_object()
+                    .context("drops")?
+                    .iter()
+                    .all(|(r, n)| n.as_u64() == Some(drops(&before, r) + u64::from(r == reason))),
+            "{what}: one {reason} drop expected\nbefore {before}\nafter {after}"
+        );
+        ensure!(
+            after["rx_packets"] == before["rx_packets"],
+            "{what} was opened"
+        );
+    }
+    // The engine carries on.
+    let r = ping(s0, *s1_ip, 3, &["-i", "0.2", "-W", "2"])?;
+    ensure!(r.all_received(), "{}", r.output);
+    world.stop()
+}

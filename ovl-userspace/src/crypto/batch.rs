@@ -461,6 +461,11 @@ impl Incoming {
                 }
             }
             let base = i * RX_SLOT;
+            // An empty datagram is one datagram too (no message: the
+            // engine counts it malformed), not nothing.
+            if len == 0 {
+                self.segments.push((base, 0, i));
+            }
             let mut off = 0;
             while off < len {
                 let seg = size.min(len - off);
@@ -671,6 +676,15 @@ mod tests {
         assert_eq!(got, want);
         // Other paths still take segmentation offload.
         assert!(gso);
+    }
+
+    #[test]
+    fn an_empty_datagram_is_received_as_one_empty_datagram() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(&[], rx.local_addr().unwrap()).unwrap();
+        let got = receive_all(&rx, 1);
+        assert_eq!(got, vec![Vec::<u8>::new()]);
     }
 
     #[test]
