@@ -19,7 +19,8 @@ pub enum DropReason {
     /// Would not fit the underlay MTU after encapsulation.
     TooBig = 4,
     /// A frame ovl does not switch (IPv6, other EtherTypes, non-request ARP,
-    /// IPv4 fragments of VXLAN).
+    /// IPv4 fragments of VXLAN), or a packet the crypto device opened that
+    /// is no VXLAN for this node (the host's stack never sees those).
     Unsupported = 5,
     /// No way to the destination: the kernel has no route to the VTEP, or
     /// the address is outside an `--internal` network's subnets.

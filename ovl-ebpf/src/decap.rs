@@ -79,10 +79,30 @@ pub struct Delivery {
 /// way), a `Delivery` when it is valid VXLAN for a local endpoint, a drop
 /// otherwise. `decrypted` says the frame comes from the agent's crypto
 /// device (it arrived encrypted and authenticated); an encrypted network's
-/// frames are accepted from there only. A delivery's inner packet carries
-/// the congestion mark of the outer header (RFC 6040).
+/// frames are accepted from there only, and nothing from there goes to
+/// the host stack. A delivery's inner packet carries the congestion mark
+/// of the outer header (RFC 6040).
 #[inline(always)]
 pub fn inspect(
+    frame: &Frame,
+    frame_len: u32,
+    node: &NodeConfig,
+    decrypted: bool,
+) -> Result<Option<Delivery>, Dropped> {
+    match inspect_vxlan(frame, frame_len, node, decrypted)? {
+        // What the agent opened is VXLAN for a container here or nothing:
+        // the host's stack would answer anything else outside the tunnel,
+        // in clear (an ICMP error quoting it: VXLAN for the cluster's
+        // previous port from a peer that has not switched yet, say).
+        None if decrypted => Err(Dropped::unattributed(DropReason::Unsupported)),
+        other => Ok(other),
+    }
+}
+
+/// [`inspect`], but what is no VXLAN for this VTEP goes to the host
+/// (`Ok(None)`) wherever it came from.
+#[inline(always)]
+fn inspect_vxlan(
     frame: &Frame,
     frame_len: u32,
     node: &NodeConfig,

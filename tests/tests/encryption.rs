@@ -99,13 +99,26 @@ impl Capture {
     /// `seconds` (not by a signal: an interrupted capture loses what is
     /// still in the kernel's ring). Headers only: 200 bytes a frame.
     fn start(lab: &Lab, ns: &Netns, iface: &str, name: &str, seconds: u32) -> Result<Capture> {
+        Self::start_filtered(lab, ns, iface, name, seconds, "udp")
+    }
+
+    /// [`start`](Self::start) with capture filter `filter` (pcap syntax;
+    /// `ip`: every IPv4 frame).
+    fn start_filtered(
+        lab: &Lab,
+        ns: &Netns,
+        iface: &str,
+        name: &str,
+        seconds: u32,
+        filter: &str,
+    ) -> Result<Capture> {
         let pcap = lab.tempdir().join(format!("{name}.pcap"));
         let pcap = pcap.to_string_lossy().into_owned();
         let duration = format!("duration:{seconds}");
         let child = lab.spawn(
             ns,
             &[
-                "tshark", "-i", iface, "-f", "udp", "-s", "200", "-a", &duration, "-w", &pcap,
+                "tshark", "-i", iface, "-f", filter, "-s", "200", "-a", &duration, "-w", &pcap,
             ],
             &[],
         )?;
@@ -1267,5 +1280,61 @@ fn garbage_datagrams_to_the_wireguard_port_are_dropped_and_counted_each() -> Res
     // The engine carries on.
     let r = ping(s0, *s1_ip, 3, &["-i", "0.2", "-W", "2"])?;
     ensure!(r.all_received(), "{}", r.output);
+    world.stop()
+}
+
+#[test]
+fn opened_vxlan_the_data_path_does_not_take_never_reaches_the_hosts_stack() -> Result<()> {
+    let lab = Lab::new("crypt-stack")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(_, s0_ip), (s1, _)] = &nets.secret;
+    wait_for_ping(s1, *s0_ip)?;
+    let pin_a = world.ovl.pin_dir("host-a");
+
+    // Everything on host A's link: an ICMP error about an opened packet
+    // would quote it in clear.
+    let capture = Capture::start_filtered(&lab, &world.router, "h0", "stack", 12, "ip")?;
+
+    // The cluster moves to another VXLAN port while host B's agent is
+    // frozen: B's data path still encapsulates for the old port, and
+    // its pings wait in its crypto device until the agent seals them —
+    // then host A, on the new port already, opens them.
+    const PINGS: u32 = 5;
+    world.agents[1].frozen(|| {
+        let r = ping(s1, *s0_ip, PINGS, &["-i", "0.2", "-W", "1"])?;
+        ensure!(
+            r.received == 0,
+            "answered while B's agent was frozen: {}",
+            r.output
+        );
+        world.run(0, &["cluster", "set", "--vxlan-port", "8472"])?;
+        wait_until(Duration::from_secs(10), || {
+            Ok(ovl_tests::dump_node_config(&pin_a)?.udp_port == 8472)
+        })
+    })?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ovl_tests::dump_node_config(&world.ovl.pin_dir("host-b"))?.udp_port == 8472)
+    })?;
+    wait_for_ping(s1, *s0_ip)?;
+    let frames = capture.finish(&world.router, Duration::from_secs(30))?;
+    ensure!(
+        frames.iter().any(|f| f.protocols.ends_with(":wg")),
+        "the capture holds no WireGuard: {frames:#?}"
+    );
+    let leaked: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.addrs.iter().any(|a| a.starts_with("198.18.0.")))
+        .collect();
+    ensure!(
+        leaked.is_empty(),
+        "host A sent the encrypted network's packets in clear: {leaked:#?}"
+    );
+    // Dropped and counted by host A's data path instead, each of them.
+    let underlay = world.ovl.underlay(&world.hosts[0].netns, "host-a")?;
+    ensure!(
+        underlay["drops"]["unsupported"] == PINGS,
+        "host A's underlay counters: {underlay}"
+    );
     world.stop()
 }
