@@ -5,7 +5,9 @@
 //! initiations is answered with cookies while the network carries on; keys
 //! rotate without loss; a node joining later is reached; a dead agent fails
 //! closed; ECN crosses the tunnel as RFC 6040 says; WireGuard listens only
-//! while the cluster has an encrypted network.
+//! while the cluster has an encrypted network. Garbage to the WireGuard
+//! port, routed subnets, static endpoints, broadcasts and a smaller path
+//! MTU never make it leak or stall, and counters count every packet once.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -1335,6 +1337,304 @@ fn opened_vxlan_the_data_path_does_not_take_never_reaches_the_hosts_stack() -> R
     ensure!(
         underlay["drops"]["unsupported"] == PINGS,
         "host A's underlay counters: {underlay}"
+    );
+    world.stop()
+}
+
+/// The VXLAN packet of a default ping (56 bytes of data): outer IPv4, UDP,
+/// VXLAN, inner Ethernet, IPv4 and ICMP header.
+const PING_VXLAN_LEN: u64 = 20 + 8 + 8 + 14 + 20 + 8 + 56;
+
+#[test]
+fn every_packet_is_counted_once_each_way_through_rotations_on_both_nodes() -> Result<()> {
+    let lab = Lab::new("crypt-count")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, _), (_, s1_ip)] = &nets.secret;
+    wait_for_ping(s0, *s1_ip)?;
+    let counters = |i| -> Result<Value> { Ok(crypto(&world, i)?["counters"].clone()) };
+    let (a0, b0) = (counters(0)?, counters(1)?);
+
+    let pinger = BackgroundPing::start(&lab, s0, *s1_ip, 400, Duration::from_millis(10))?;
+    std::thread::sleep(Duration::from_secs(1));
+    world.run(0, &["node", "rotate-key"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    world.run(1, &["node", "rotate-key"])?;
+    let r = pinger.finish()?;
+    ensure!(r.all_received(), "lost pings: {}", r.output);
+    let n = u64::from(r.transmitted);
+    let (a1, b1) = (counters(0)?, counters(1)?);
+    let delta = |after: &Value, before: &Value, k: &str| {
+        after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0)
+    };
+    for (what, got, want) in [
+        ("A sealed", delta(&a1, &a0, "tx_packets"), n),
+        ("B opened", delta(&b1, &b0, "rx_packets"), n),
+        ("B sealed", delta(&b1, &b0, "tx_packets"), n),
+        ("A opened", delta(&a1, &a0, "rx_packets"), n),
+        (
+            "A sealed bytes",
+            delta(&a1, &a0, "tx_bytes"),
+            n * PING_VXLAN_LEN,
+        ),
+        (
+            "B opened bytes",
+            delta(&b1, &b0, "rx_bytes"),
+            n * PING_VXLAN_LEN,
+        ),
+    ] {
+        ensure!(
+            got == want,
+            "{what}: {got}, {n} pings each way\nA before {a0}\nA after {a1}\nB before {b0}\nB after {b1}"
+        );
+    }
+    for c in [&a1, &b1] {
+        let dropped: u64 = c["drops"]
+            .as_object()
+            .context("drops")?
+            .values()
+            .filter_map(Value::as_u64)
+            .sum();
+        ensure!(dropped == 0, "drops: {c}");
+    }
+    world.stop()
+}
+
+#[test]
+fn a_peer_back_with_a_new_key_at_a_new_address_is_reached_and_its_old_one_forgotten() -> Result<()>
+{
+    let lab = Lab::new("crypt-reborn")?;
+    let mut world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, s0_ip), (s1, s1_ip)] = &nets.secret;
+    wait_for_ping(s0, *s1_ip)?;
+    let old_key = world.node_keys(0)?["host-b"].clone();
+
+    // Host B's agent dies, its key with its state; it comes back at
+    // another address with a new key pair.
+    world.kill_agent(1)?;
+    std::fs::remove_dir_all(lab.tempdir().join("state-host-b/keys"))?;
+    let new = Ipv4Addr::new(198, 51, 100, 20);
+    world.hosts[1] = world.hosts[1].move_address(new)?;
+    world.restart_agent(&lab, 1, &[])?;
+    wait_until(Duration::from_secs(15), || {
+        let keys = world.node_keys(0)?;
+        Ok(keys["host-b"].is_some() && keys["host-b"] != old_key)
+    })
+    .context("host B published no new key")?;
+    wait_for_ping(s0, *s1_ip)
+        .and_then(|()| wait_for_ping(s1, *s0_ip))
+        .with_context(|| format!("A: {:?}\nB: {:?}", crypto(&world, 0), crypto(&world, 1)))?;
+    let new_key = world.node_keys(0)?["host-b"].clone();
+    let p = peer(&world, 0, "host-b")?;
+    ensure!(
+        p["endpoint"] == format!("{new}:{WG_PORT}")
+            && p["public_key"].as_str() == new_key.as_deref()
+            && p["last_handshake_seconds"].as_f64().is_some(),
+        "A's peer host-b: {p}"
+    );
+    let peers = crypto(&world, 0)?["peers"].clone();
+    ensure!(
+        peers.as_array().map(Vec::len) == Some(1),
+        "A's peers: {peers}"
+    );
+    world.stop()
+}
+
+/// The names of `pid`'s threads.
+fn thread_names(pid: u32) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let comm = task?.path().join("comm");
+        if let Ok(name) = std::fs::read_to_string(comm) {
+            names.push(name.trim().to_owned());
+        }
+    }
+    Ok(names)
+}
+
+#[test]
+fn a_stopped_engine_leaves_no_thread_socket_or_device_and_a_stopped_agent_nothing() -> Result<()> {
+    let lab = Lab::new("crypt-leftover")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, _), (s1, s1_ip)] = &nets.secret;
+    wait_for_ping(s0, *s1_ip)?;
+    let pid = world.agents[0].pid();
+    let crypto_threads = || -> Result<Vec<String>> {
+        Ok(thread_names(pid)?
+            .into_iter()
+            .filter(|t| t.starts_with("ovl-crypto"))
+            .collect())
+    };
+    ensure!(crypto_threads()?.len() == 3, "{:?}", thread_names(pid));
+    // Stopped by the last encrypted network's removal and started by the
+    // next one, a few times over: each run's threads go with it.
+    for _ in 0..3 {
+        world.run(0, &["disconnect", SECRET, s0.name()])?;
+        world.run(1, &["disconnect", SECRET, s1.name()])?;
+        world.run(0, &["network", "rm", SECRET])?;
+        wait_for_wireguard(&world, false)?;
+        ensure!(crypto_threads()?.is_empty(), "{:?}", thread_names(pid));
+        world.ovl.create_network(
+            &world.hosts[0].netns,
+            SECRET,
+            SECRET_SUBNET,
+            &["--encrypted"],
+        )?;
+        wait_for_wireguard(&world, true)?;
+        world
+            .ovl
+            .connect(&world.hosts[0], "host-a", SECRET, s0, &[])?;
+        let s1_ip = world
+            .ovl
+            .connect(&world.hosts[1], "host-b", SECRET, s1, &[])?;
+        wait_for_ping(s0, s1_ip)?;
+        ensure!(crypto_threads()?.len() == 3, "{:?}", thread_names(pid));
+    }
+    // The agent's end takes the engine with it.
+    let host = world.hosts[0].netns.clone();
+    world.stop()?;
+    let links = host.exec(&["ip", "-o", "link", "show"])?;
+    let sockets = host.exec(&["ss", "-Hanu"])?;
+    let (links, sockets) = (
+        String::from_utf8_lossy(&links.stdout),
+        String::from_utf8_lossy(&sockets.stdout),
+    );
+    ensure!(
+        !links.contains("ovlwg"),
+        "a crypto device outlived its agent:\n{links}"
+    );
+    ensure!(
+        !sockets.contains(&format!(":{WG_PORT} ")),
+        "a WireGuard socket outlived its agent:\n{sockets}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_router_reporting_a_smaller_path_mtu_fragments_wireguard_and_full_size_packets_cross()
+-> Result<()> {
+    let lab = Lab::new("crypt-pmtu")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, _), (s1, s1_ip)] = &nets.secret;
+    wait_for_ping(s0, *s1_ip)?;
+    // The router's way to host B takes 1400 bytes at most and says so
+    // (ICMP fragmentation needed) to senders that set DF.
+    world.router.ip(&[
+        "route",
+        "change",
+        "198.51.100.0/24",
+        "dev",
+        "h1",
+        "proto",
+        "kernel",
+        "scope",
+        "link",
+        "src",
+        "198.51.100.1",
+        "mtu",
+        "lock",
+        "1400",
+    ])?;
+    let size = (1390 - 28).to_string();
+    wait_until(Duration::from_secs(15), || {
+        Ok(ping(s0, *s1_ip, 1, &["-M", "do", "-s", &size, "-W", "1"])?.all_received())
+    })
+    .context("no full-size ping crossed")?;
+    let r = ping(
+        s0,
+        *s1_ip,
+        5,
+        &["-M", "do", "-s", &size, "-i", "0.2", "-W", "2"],
+    )?;
+    ensure!(r.all_received(), "{}", r.output);
+    let bytes = iperf(&lab, s0, s1, *s1_ip, &["-t", "2"])?;
+    ensure!(bytes > 1e6, "TCP across the smaller path: {bytes} bytes");
+    // Host A's stack learnt the path MTU from the router's report (its
+    // WireGuard socket's), and fragments what exceeds it.
+    let route =
+        world.hosts[0]
+            .netns
+            .exec(&["ip", "route", "get", &world.hosts[1].addr.to_string()])?;
+    let route = String::from_utf8_lossy(&route.stdout);
+    ensure!(route.contains("mtu 1400"), "host A's route to B: {route}");
+    let a = crypto(&world, 0)?;
+    ensure!(a["counters"]["drops"]["io_error"] == 0, "{a}");
+    world.stop()
+}
+
+#[test]
+fn routed_subnets_and_static_endpoints_of_an_encrypted_network_never_go_out_in_clear() -> Result<()>
+{
+    let lab = Lab::new("crypt-routed")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let ns = &world.hosts[0].netns;
+    world.ovl.create_network(
+        ns,
+        SECRET,
+        SECRET_SUBNET,
+        &["--subnet", "198.18.2.0/24", "--encrypted"],
+    )?;
+    let c0 = lab.container("r0")?;
+    let c0_ip = world
+        .ovl
+        .connect(&world.hosts[0], "host-a", SECRET, &c0, &[])?;
+    let c1 = lab.container("r1")?;
+    let c1_ip = world.ovl.connect(
+        &world.hosts[1],
+        "host-b",
+        SECRET,
+        &c1,
+        &["--subnet", "198.18.2.0/24"],
+    )?;
+    world.run(
+        0,
+        &[
+            "endpoint",
+            "add",
+            SECRET,
+            "198.18.0.50",
+            "--vtep",
+            "203.0.113.10",
+        ],
+    )?;
+    wait_for_keys(&world)?;
+    // From before the first packet: the handshake's too.
+    let capture = Capture::start_filtered(&lab, &world.router, "h0", "routed", 10, "ip")?;
+    // Between the network's two subnets, routed by the gateways.
+    wait_for_ping(&c0, c1_ip)?;
+    wait_for_ping(&c1, c0_ip)?;
+    let before = world.counters(0, SECRET)?;
+    // A static endpoint's VTEP runs no ovl and publishes no key.
+    let r = ping(&c0, "198.18.0.50".parse()?, 3, &["-i", "0.2", "-W", "1"])?;
+    ensure!(r.received == 0, "{}", r.output);
+    let r = ping(
+        &c0,
+        "198.18.0.255".parse()?,
+        3,
+        &["-b", "-i", "0.2", "-W", "1"],
+    )?;
+    // A broadcast goes nowhere (proxy ARP, nothing flooded).
+    ensure!(r.received == 0, "{}", r.output);
+    let frames = capture.finish(&world.router, Duration::from_secs(30))?;
+    let after = world.counters(0, SECRET)?;
+    for f in &frames {
+        ensure!(
+            !f.addrs.iter().any(|a| a.starts_with("198.18.")),
+            "in clear: {f:?}"
+        );
+    }
+    // Dropped and counted: the static endpoint's pings no_key, the
+    // broadcasts no_endpoint.
+    ensure!(
+        after.no_key - before.no_key == 3 && after.no_endpoint - before.no_endpoint == 3,
+        "{before:?}\n{after:?}"
+    );
+    ensure!(
+        frames.iter().any(|f| f.protocols.ends_with(":wg")),
+        "the capture holds no WireGuard: {frames:#?}"
     );
     world.stop()
 }
