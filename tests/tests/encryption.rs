@@ -1638,3 +1638,37 @@ fn routed_subnets_and_static_endpoints_of_an_encrypted_network_never_go_out_in_c
     );
     world.stop()
 }
+
+#[test]
+fn packets_waiting_for_a_peer_that_is_removed_are_counted_dropped() -> Result<()> {
+    let lab = Lab::new("crypt-unsent")?;
+    let mut world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, _), (_, s1_ip)] = &nets.secret;
+    // Host B dies before any packet crossed: host A has no session with
+    // it, and what its containers send waits for a handshake that never
+    // completes.
+    world.kill_agent(1)?;
+    let before = crypto(&world, 0)?["counters"].clone();
+    let r = ping(s0, *s1_ip, N as u32, &["-i", "0.2", "-W", "1"])?;
+    ensure!(r.received == 0, "{}", r.output);
+    // The dead node is removed: what waited for it is given up.
+    world.run(0, &["node", "rm", "host-b"])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(crypto(&world, 0)?["peers"]
+            .as_array()
+            .is_some_and(Vec::is_empty))
+    })
+    .context("host A kept its peer host-b")?;
+    let after = crypto(&world, 0)?["counters"].clone();
+    let delta = |k: &str| after[k].as_u64().unwrap_or(0) - before[k].as_u64().unwrap_or(0);
+    let no_key = after["drops"]["no_key"].as_u64().unwrap_or(0)
+        - before["drops"]["no_key"].as_u64().unwrap_or(0);
+    ensure!(
+        delta("tx_packets") == 0 && no_key == N,
+        "{N} pings waited for host B, then it was removed: sealed {}, dropped no_key {no_key}\n\
+         before {before}\nafter {after}",
+        delta("tx_packets")
+    );
+    world.stop()
+}

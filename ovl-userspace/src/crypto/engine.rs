@@ -799,6 +799,15 @@ impl Engine {
         }
     }
 
+    /// Counts `packets` that waited for a handshake and will never leave
+    /// (given up after [`STAGED_FOR`], or their tunnel, peer or engine
+    /// went): dropped `no_key`, as packets with no session to seal them.
+    pub fn give_up(&self, packets: usize) {
+        for _ in 0..packets {
+            self.counters.dropped(CryptoDrop::NoKey);
+        }
+    }
+
     /// Counts decrypted packets the device refused.
     fn refused(&self, packets: usize) {
         for _ in 0..packets {
@@ -850,9 +859,7 @@ impl Engine {
                             .since
                             .is_some_and(|t| now.duration_since(t) >= STAGED_FOR)
                     {
-                        for _ in g.staged.take() {
-                            self.counters.dropped(CryptoDrop::NoKey);
-                        }
+                        self.give_up(g.staged.take().len());
                     }
                 }
                 if let Some(s) = p.sender(&mine, now)
@@ -861,7 +868,10 @@ impl Engine {
                 {
                     self.initiate(&mut p, n, to, &mut out);
                 }
-                retired.extend(p.retire(&mine, &held, now));
+                for g in p.retire(&mine, &held, now) {
+                    self.give_up(g.staged.len());
+                    retired.push(g.id);
+                }
             }
             if !retired.is_empty() {
                 self.table
@@ -915,13 +925,14 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .current
             .clone();
-        let rekey = self
+        let set = self
             .table
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .set_peers(peers, &me, Instant::now());
+        self.give_up(set.unsent);
         let mut out = vec![0u8; 256];
-        for peer in rekey {
+        for peer in set.rekey {
             let mut p = lock(&peer);
             let to = p.endpoint();
             if let Some(n) = p.newest(&me.public_key()) {

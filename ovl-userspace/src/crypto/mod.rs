@@ -401,6 +401,14 @@ impl Drop for Crypto {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // What still waited for a handshake goes with the engine.
+        let unsent = self
+            .engine
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .unsent();
+        self.engine.give_up(unsent);
         // The device goes with the engine's threads, not with the last
         // holder of the engine (a report being made): a new engine may
         // want its name at once.
@@ -503,6 +511,42 @@ mod tests {
         assert_eq!(report.device, Some(name));
         assert_eq!(report.counters.rotations, 1, "counters outlive the engine");
         assert!(crypto.stop());
+    }
+
+    #[test]
+    fn packets_waiting_for_a_handshake_when_the_engine_stops_are_counted_dropped() {
+        let keys = crate::testutil::TestDir::new("crypto-stop-staged");
+        let node = format!("staged-{}", std::process::id());
+        let mut opts = CryptoOptions::new(&node, Ipv4Addr::LOCALHOST, keys.path().to_owned());
+        opts.port = 0;
+        let crypto = NodeCrypto::load(opts).expect("make the key");
+        crypto.start().expect("start the engine (root only)");
+        let peer = keys::Identity::generate().expect("a peer's key");
+        let vtep = Ipv4Addr::new(198, 51, 100, 10);
+        crypto.set_peers(&[PeerInfo {
+            node: "b".into(),
+            vtep,
+            key: peer.public_key(),
+            port: 51820,
+            underlay_mtu: None,
+        }]);
+        {
+            let engine = lock(&crypto.engine);
+            let table = engine
+                .as_ref()
+                .expect("running")
+                .engine
+                .table
+                .read()
+                .unwrap();
+            let p = table.by_vtep(vtep).expect("the peer");
+            let mut p = lock(&p);
+            for _ in 0..4 {
+                p.gens[0].staged.push(&[0u8; 100], Instant::now());
+            }
+        }
+        assert!(crypto.stop());
+        assert_eq!(crypto.report().counters.drops["no_key"], 4);
     }
 
     #[test]

@@ -92,6 +92,11 @@ impl Staged {
         dropped
     }
 
+    /// Packets staged.
+    pub fn len(&self) -> usize {
+        self.packets.len()
+    }
+
     /// Takes every packet staged, oldest first.
     pub fn take(&mut self) -> VecDeque<Vec<u8>> {
         self.since = None;
@@ -189,8 +194,14 @@ impl Peer {
     /// Removes tunnels that are done: older ones once the newest has sent
     /// for [`DRAIN`] (or their session expired), any without a session
     /// after [`ABANDON`], and those of identities this node no longer
-    /// holds. Returns the ids removed.
-    pub fn retire(&mut self, mine: &PublicKey, held: &[PublicKey], now: Instant) -> Vec<u32> {
+    /// holds. Returns the tunnels removed (with what they still staged:
+    /// packets that will never leave).
+    pub fn retire(
+        &mut self,
+        mine: &PublicKey,
+        held: &[PublicKey],
+        now: Instant,
+    ) -> Vec<Generation> {
         let newest = self.newest(mine);
         if let Some(n) = newest {
             let g = &mut self.gens[n];
@@ -202,20 +213,19 @@ impl Peer {
             .and_then(|n| self.gens[n].sending_since)
             .is_some_and(|t| now.duration_since(t) >= DRAIN);
         let newest_id = newest.map(|n| self.gens[n].id);
-        let mut gone = Vec::new();
-        self.gens.retain(|g| {
-            if Some(g.id) == newest_id {
-                return true;
-            }
-            let keep = held.contains(&g.mine)
-                && !drained
-                && (g.live() || now.duration_since(g.created) < ABANDON);
-            if !keep {
-                gone.push(g.id);
-            }
-            keep
+        let (kept, gone) = std::mem::take(&mut self.gens).into_iter().partition(|g| {
+            Some(g.id) == newest_id
+                || (held.contains(&g.mine)
+                    && !drained
+                    && (g.live() || now.duration_since(g.created) < ABANDON))
         });
+        self.gens = kept;
         gone
+    }
+
+    /// Packets its tunnels still stage.
+    pub fn unsent(&self) -> usize {
+        self.gens.iter().map(|g| g.staged.len()).sum()
     }
 }
 
@@ -225,6 +235,16 @@ pub struct Table {
     by_vtep: HashMap<Ipv4Addr, Arc<Mutex<Peer>>>,
     by_tunnel: HashMap<u32, Arc<Mutex<Peer>>>,
     next_id: u32,
+}
+
+/// What [`Table::set_peers`] changed.
+pub struct PeersSet {
+    /// Peers whose key changed while an older tunnel had a session: they
+    /// should handshake on the new tunnel right away, so traffic moves to
+    /// it.
+    pub rekey: Vec<Arc<Mutex<Peer>>>,
+    /// Packets the peers that left still staged: they will never leave.
+    pub unsent: usize,
 }
 
 /// Tunnel ids are 24 bits (boringtun keeps the low 8 bits of a session
@@ -306,15 +326,8 @@ impl Table {
     }
 
     /// Makes the table hold exactly `peers`, each with a tunnel for this
-    /// node's current identity and its current key. Returns the peers whose
-    /// key changed while an older tunnel had a session: they should
-    /// handshake on the new tunnel right away, so traffic moves to it.
-    pub fn set_peers(
-        &mut self,
-        peers: &[PeerInfo],
-        me: &Identity,
-        now: Instant,
-    ) -> Vec<Arc<Mutex<Peer>>> {
+    /// node's current identity and its current key.
+    pub fn set_peers(&mut self, peers: &[PeerInfo], me: &Identity, now: Instant) -> PeersSet {
         let wanted: std::collections::BTreeSet<Ipv4Addr> = peers.iter().map(|p| p.vtep).collect();
         let gone: Vec<Ipv4Addr> = self
             .by_vtep
@@ -322,9 +335,11 @@ impl Table {
             .filter(|v| !wanted.contains(v))
             .copied()
             .collect();
+        let mut unsent = 0;
         for vtep in gone {
             if let Some(p) = self.by_vtep.remove(&vtep) {
                 let p = p.lock().unwrap_or_else(|e| e.into_inner());
+                unsent += p.unsent();
                 for g in &p.gens {
                     self.by_tunnel.remove(&g.id);
                 }
@@ -355,7 +370,14 @@ impl Table {
             };
             self.ensure_generation(&peer, me, info.key, now);
         }
-        rekey
+        PeersSet { rekey, unsent }
+    }
+
+    /// Packets every tunnel still stages.
+    pub fn unsent(&self) -> usize {
+        self.peers()
+            .map(|p| p.lock().unwrap_or_else(|e| e.into_inner()).unsent())
+            .sum()
     }
 
     /// Forgets tunnel ids whose tunnels were retired.
@@ -472,6 +494,36 @@ mod tests {
     }
 
     #[test]
+    fn packets_staged_on_a_tunnel_or_peer_that_goes_are_handed_back_to_be_counted() {
+        let a = Identity::generate().unwrap();
+        let (b1, b2) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let mut table = Table::default();
+        let now = Instant::now();
+        table.set_peers(&[info(b1.public_key())], &a, now);
+        let peer = table.by_vtep(Ipv4Addr::new(198, 51, 100, 10)).unwrap();
+        // Packets wait for b1's handshake, which never comes: b1 is gone,
+        // its node now publishes b2.
+        for _ in 0..3 {
+            peer.lock().unwrap().gens[0].staged.push(&[0u8; 100], now);
+        }
+        let set = table.set_peers(&[info(b2.public_key())], &a, now);
+        assert_eq!(set.unsent, 0, "the peer stays");
+        assert_eq!(table.unsent(), 3);
+        // The tunnel for b1 is abandoned: its packets come back with it.
+        let gone =
+            peer.lock()
+                .unwrap()
+                .retire(&a.public_key(), &[a.public_key()], now + ABANDON * 2);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].theirs, b1.public_key());
+        assert_eq!(gone[0].staged.len(), 3);
+        // Packets waiting for b2 when the peer leaves the cluster.
+        peer.lock().unwrap().gens[0].staged.push(&[0u8; 100], now);
+        assert_eq!(table.set_peers(&[], &a, now).unsent, 1);
+        assert_eq!(table.unsent(), 0);
+    }
+
+    #[test]
     fn a_peer_whose_key_changed_with_a_live_session_is_asked_to_rekey() {
         let a = Identity::generate().unwrap();
         let b1 = Identity::generate().unwrap();
@@ -481,6 +533,7 @@ mod tests {
         assert!(
             table
                 .set_peers(&[info(b1.public_key())], &a, now)
+                .rekey
                 .is_empty()
         );
         let peer = table.by_vtep(Ipv4Addr::new(198, 51, 100, 10)).unwrap();
@@ -495,7 +548,7 @@ mod tests {
             staged: Staged::default(),
         };
         handshake(&mut peer.lock().unwrap().gens[0], &mut b_side);
-        let rekey = table.set_peers(&[info(b2.public_key())], &a, now);
+        let rekey = table.set_peers(&[info(b2.public_key())], &a, now).rekey;
         assert_eq!(rekey.len(), 1);
         let p = peer.lock().unwrap();
         assert_eq!(p.gens.len(), 2);
