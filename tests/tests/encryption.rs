@@ -1672,3 +1672,66 @@ fn packets_waiting_for_a_peer_that_is_removed_are_counted_dropped() -> Result<()
     );
     world.stop()
 }
+
+#[test]
+fn a_wireguard_port_taken_on_a_node_is_what_its_crypto_report_says() -> Result<()> {
+    let lab = Lab::new("crypt-taken")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    // Something else holds host B's WireGuard port.
+    let b = world.hosts[1].addr;
+    let squatter = lab.spawn(
+        &world.hosts[1].netns,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            &format!(
+                "import socket, time\n\
+                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                 s.bind(('{b}', {WG_PORT}))\n\
+                 print('bound', flush=True)\n\
+                 time.sleep(120)\n"
+            ),
+        ],
+        &[],
+    )?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(squatter.stdout()?.contains("bound"))
+    })?;
+    world.ovl.create_network(
+        &world.hosts[0].netns,
+        SECRET,
+        SECRET_SUBNET,
+        &["--encrypted"],
+    )?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(world.agents[1]
+            .log()?
+            .contains("encrypted networks cannot be served"))
+    })
+    .context("host B's agent did not try to start WireGuard")?;
+    // The report says why there is no device, and what to do; not that
+    // there is no encrypted network.
+    let text = world.run(1, &["stats", "--crypto"])?;
+    ensure!(
+        !text.contains("no encrypted network")
+            && text.contains(&format!("{b}:{WG_PORT}"))
+            && text.contains("--wireguard-port"),
+        "host B's crypto report while its port is taken:\n{text}"
+    );
+    let report = crypto(&world, 1)?;
+    ensure!(
+        report["device"].is_null()
+            && report["problem"]
+                .as_str()
+                .is_some_and(|p| p.contains("--wireguard-port")),
+        "{report}"
+    );
+    // Host A's engine, whose port is free, runs, and says nothing of a
+    // problem.
+    wait_until(Duration::from_secs(10), || {
+        Ok(crypto(&world, 0)?["device"].is_string())
+    })?;
+    let a = crypto(&world, 0)?;
+    ensure!(a.get("problem").is_none(), "{a}");
+    world.stop()
+}

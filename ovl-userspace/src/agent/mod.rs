@@ -559,6 +559,7 @@ impl Agent {
             .as_ref()
             .is_some_and(|s| s.networks.values().any(|n| n.encrypted));
         if !wanted {
+            c.set_problem(None);
             if c.stop() {
                 log::info!(
                     "no encrypted network left: WireGuard stopped (socket closed, crypto device removed)"
@@ -575,12 +576,14 @@ impl Agent {
         match started {
             Ok(()) => {
                 self.crypto_retry = None;
+                c.set_problem(None);
                 if let Some(state) = &self.state {
                     c.set_peers(&crypto::peers_of(state, &self.node));
                 }
             }
             Err(e) => {
                 c.stop();
+                c.set_problem(Some(format!("{e:#}")));
                 self.crypto_retry = Some(Instant::now() + CRYPTO_RETRY);
                 log::error!(
                     "encrypted networks cannot be served on this node: {e:#}; their packets are dropped (no_key). Tried again in {} s",

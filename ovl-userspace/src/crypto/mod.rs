@@ -125,6 +125,8 @@ pub struct NodeCrypto {
     /// does not use.
     engine: Mutex<Option<Crypto>>,
     publisher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Why the engine the cluster wants cannot start (the agent retries).
+    problem: Mutex<Option<String>>,
 }
 
 /// A running engine; dropping it stops the threads and removes the
@@ -164,6 +166,7 @@ impl NodeCrypto {
             counters: Default::default(),
             engine: Mutex::new(None),
             publisher: Mutex::new(None),
+            problem: Mutex::new(None),
         });
         metrics::set_current(&node);
         Ok(node)
@@ -214,6 +217,12 @@ impl NodeCrypto {
         moved && self.stop()
     }
 
+    /// Records why the engine the cluster wants cannot start (`None`:
+    /// nothing stands in its way), for the report.
+    pub fn set_problem(&self, problem: Option<String>) {
+        *lock(&self.problem) = problem;
+    }
+
     /// Makes the engine, if it runs, talk to exactly `peers`.
     pub fn set_peers(&self, peers: &[PeerInfo]) {
         if let Some(c) = lock(&self.engine).as_ref() {
@@ -240,6 +249,7 @@ impl NodeCrypto {
             public_key: key.public_key.to_string(),
             port: key.port,
             device: None,
+            problem: lock(&self.problem).clone(),
             retiring_keys: Vec::new(),
             peers: Vec::new(),
             counters: self.counters.snapshot(),
@@ -462,6 +472,7 @@ pub(crate) fn report(engine: &Engine) -> CryptoReport {
         public_key: ids.current.public_key().to_string(),
         port: engine.port,
         device: Some(engine.tap.name().to_owned()),
+        problem: None,
         retiring_keys: ids
             .retiring
             .iter()

@@ -148,8 +148,12 @@ pub struct CryptoReport {
     /// UDP port WireGuard listens on.
     pub port: u16,
     /// Name of the crypto device; none while no encrypted network exists
-    /// (the engine is stopped).
+    /// (the engine is stopped), or while the engine cannot start.
     pub device: Option<String>,
+    /// Why the engine cannot start, while the cluster has an encrypted
+    /// network and it is tried again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
     /// Older identities still answered until peers switch.
     pub retiring_keys: Vec<String>,
     /// Peers, by node name.
@@ -173,9 +177,14 @@ impl std::fmt::Display for CryptoReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let c = &self.counters;
         writeln!(f, "public key:  {} (UDP {})", self.public_key, self.port)?;
-        match &self.device {
-            Some(device) => writeln!(f, "device:      {device}")?,
-            None => writeln!(
+        match (&self.device, &self.problem) {
+            (Some(device), _) => writeln!(f, "device:      {device}")?,
+            (None, Some(problem)) => writeln!(
+                f,
+                "device:      none: WireGuard cannot start ({problem}); the agent tries again, \
+                 encrypted networks' packets are dropped (no_key) meanwhile"
+            )?,
+            (None, None) => writeln!(
                 f,
                 "device:      none (no encrypted network: WireGuard starts with the first)"
             )?,
