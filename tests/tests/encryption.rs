@@ -1735,3 +1735,46 @@ fn a_wireguard_port_taken_on_a_node_is_what_its_crypto_report_says() -> Result<(
     ensure!(a.get("problem").is_none(), "{a}");
     world.stop()
 }
+
+#[test]
+fn clear_vxlan_of_the_encrypted_network_from_a_real_vtep_is_dropped_unencrypted() -> Result<()> {
+    let lab = Lab::new("crypt-clear")?;
+    let world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, s0_ip), (_, s1_ip)] = &nets.secret;
+    let [(o0, o0_ip), (_, o1_ip)] = &nets.open;
+    wait_for_ping(s0, *s1_ip)?;
+    wait_for_ping(o0, *o1_ip)?;
+    let secret_vni = vni_of(&world, SECRET)?;
+    let before = world.counters(0, SECRET)?;
+    let open_before = world.counters(0, OPEN)?;
+    // Host B's own VTEP address, a VTEP of the encrypted network: echo
+    // requests to host A's container in clear VXLAN, as anyone on the
+    // path could forge them.
+    let inner = format!(
+        "Ether(src='{}', dst='{}') / IP(src='{s1_ip}', dst='{s0_ip}') / ICMP()",
+        ovl_tests::mac_for(*s1_ip),
+        ovl_tests::mac_for(*s0_ip)
+    );
+    world.send_vxlan_to_host_a(world.hosts[1].addr, 0, secret_vni, &inner, N)?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(world.counters(0, SECRET)?.unencrypted >= before.unencrypted + N)
+    })?;
+    let after = world.counters(0, SECRET)?;
+    ensure!(
+        after.unencrypted - before.unencrypted == N && after.rx_packets == before.rx_packets,
+        "{N} clear frames: before {before:?}, after {after:?}"
+    );
+    // The plain network beside it takes the same from the same VTEP.
+    let inner = format!(
+        "Ether(src='{}', dst='{}') / IP(src='{o1_ip}', dst='{o0_ip}') / ICMP()",
+        ovl_tests::mac_for(*o1_ip),
+        ovl_tests::mac_for(*o0_ip)
+    );
+    world.send_vxlan_to_host_a(world.hosts[1].addr, 0, vni_of(&world, OPEN)?, &inner, N)?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(world.counters(0, OPEN)?.rx_packets >= open_before.rx_packets + N)
+    })?;
+    ensure!(world.counters(0, OPEN)?.drops() == open_before.drops());
+    world.stop()
+}
