@@ -249,6 +249,9 @@ fn iperf(
 fn encrypted_network_is_only_wireguard_on_the_wire_and_the_plain_one_stays_vxlan() -> Result<()> {
     let lab = Lab::new("crypt-wire")?;
     let world = TwoHosts::start(&lab, "tc")?;
+    // Capture from before the engines start (they handshake at once), so
+    // the handshake is in it.
+    let capture = Capture::start(&lab, &world.router, "h0", "wire", 16)?;
     let nets = two_networks(&lab, &world)?;
     let secret_vni = vni_of(&world, SECRET)?;
     let open_vni = vni_of(&world, OPEN)?;
@@ -257,8 +260,6 @@ fn encrypted_network_is_only_wireguard_on_the_wire_and_the_plain_one_stays_vxlan
     ensure!(inspect["mtu"] == 1390, "inspect: {inspect}");
     ensure!(world.inspect(0, OPEN)?["encrypted"] == false);
 
-    // Capture from before the first packet, so the handshake is in it.
-    let capture = Capture::start(&lab, &world.router, "h0", "wire", 12)?;
     let [(s0, _), (s1, s1_ip)] = &nets.secret;
     let [(o0, _), (o1, o1_ip)] = &nets.open;
     wait_for_ping(s0, *s1_ip)?;
@@ -1645,10 +1646,15 @@ fn packets_waiting_for_a_peer_that_is_removed_are_counted_dropped() -> Result<()
     let mut world = TwoHosts::start(&lab, "tc")?;
     let nets = two_networks(&lab, &world)?;
     let [(s0, _), (_, s1_ip)] = &nets.secret;
-    // Host B dies before any packet crossed: host A has no session with
-    // it, and what its containers send waits for a handshake that never
-    // completes.
+    // Host B dies, and host A's agent restarts after it: A's new engine
+    // has no session with B, and what its containers send waits for a
+    // handshake that never completes.
     world.kill_agent(1)?;
+    world.terminate_agent(0)?;
+    world.restart_agent(&lab, 0, &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(crypto(&world, 0)?["device"].is_string())
+    })?;
     let before = crypto(&world, 0)?["counters"].clone();
     let r = ping(s0, *s1_ip, N as u32, &["-i", "0.2", "-W", "1"])?;
     ensure!(r.received == 0, "{}", r.output);
@@ -1776,5 +1782,35 @@ fn clear_vxlan_of_the_encrypted_network_from_a_real_vtep_is_dropped_unencrypted(
         Ok(world.counters(0, OPEN)?.rx_packets >= open_before.rx_packets + N)
     })?;
     ensure!(world.counters(0, OPEN)?.drops() == open_before.drops());
+    world.stop()
+}
+
+#[test]
+fn a_restarted_agent_handshakes_with_its_peers_at_once_so_their_traffic_does_not_stall()
+-> Result<()> {
+    let lab = Lab::new("crypt-restart")?;
+    let mut world = TwoHosts::start(&lab, "tc")?;
+    let nets = two_networks(&lab, &world)?;
+    let [(s0, _), (_, s1_ip)] = &nets.secret;
+    wait_for_ping(s0, *s1_ip)?;
+    // Host B's agent restarts (an upgrade, say): same key, same address.
+    // Host A still holds a live session with B's earlier engine, which B
+    // no longer has: what A seals with it B cannot open.
+    world.terminate_agent(1)?;
+    world.restart_agent(&lab, 1, &[])?;
+    // B handshakes with A by itself, without any traffic of its own...
+    wait_until(Duration::from_secs(10), || {
+        Ok(peer(&world, 1, "host-a")?["last_handshake_seconds"].is_f64())
+    })
+    .with_context(|| format!("B: {:?}", crypto(&world, 1)))?;
+    // ...so A's next packet goes on the new session and is answered.
+    let r = ping(s0, *s1_ip, 1, &["-W", "2"])?;
+    ensure!(
+        r.all_received(),
+        "{}\nA: {}\nB: {}",
+        r.output,
+        crypto(&world, 0)?,
+        crypto(&world, 1)?
+    );
     world.stop()
 }

@@ -931,11 +931,40 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .set_peers(peers, &me, Instant::now());
         self.give_up(set.unsent);
+        self.handshake_newest(set.rekey, &me.public_key());
+    }
+
+    /// Starts the handshake of every peer this engine has no session
+    /// with (it just started, or the peer just joined), unless one is
+    /// under way: a peer that still holds a session with an earlier run of
+    /// this node's engine would otherwise send into it, unheard, until its
+    /// own timers gave up on it (15 s).
+    pub fn handshake_sessionless(&self) {
+        let mine = self
+            .identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .public_key();
+        let sessionless: Vec<Arc<Mutex<Peer>>> = self
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .peers()
+            .filter(|p| lock(p).gens.iter().all(|g| !g.live()))
+            .cloned()
+            .collect();
+        self.handshake_newest(sessionless, &mine);
+    }
+
+    /// Starts (or, under way, leaves to its timers) the handshake of the
+    /// newest tunnel of each of `peers` for this node's key `mine`.
+    fn handshake_newest(&self, peers: Vec<Arc<Mutex<Peer>>>, mine: &PublicKey) {
         let mut out = vec![0u8; 256];
-        for peer in set.rekey {
+        for peer in peers {
             let mut p = lock(&peer);
             let to = p.endpoint();
-            if let Some(n) = p.newest(&me.public_key()) {
+            if let Some(n) = p.newest(mine) {
                 self.initiate(&mut p, n, to, &mut out);
             }
         }

@@ -223,10 +223,12 @@ impl NodeCrypto {
         *lock(&self.problem) = problem;
     }
 
-    /// Makes the engine, if it runs, talk to exactly `peers`.
+    /// Makes the engine, if it runs, talk to exactly `peers`, and
+    /// handshake at once with those it has no session with.
     pub fn set_peers(&self, peers: &[PeerInfo]) {
         if let Some(c) = lock(&self.engine).as_ref() {
             c.engine.set_peers(peers);
+            c.engine.handshake_sessionless();
         }
     }
 
