@@ -95,7 +95,9 @@ pub enum ModelError {
     InvalidVxlanPort(u16),
     #[error("VXLAN port {port} is taken: {holder}; pick another")]
     VxlanPortTaken { port: u16, holder: String },
-    #[error("invalid network name {0:?}: use 1-64 characters from [A-Za-z0-9_.-]")]
+    #[error(
+        "invalid network name {0:?}: use 1-64 characters from [A-Za-z0-9_.-], the first a letter or digit"
+    )]
     InvalidName(String),
     #[error(
         "namespace {netns:?} is already connected to network {network:?}; disconnect it first (`ovl disconnect {network} {netns}`) to connect it again"
@@ -1537,8 +1539,11 @@ fn pools(subnets: &[Subnet], gateways: &[Ipv4Addr]) -> Result<Vec<Pool>, ModelEr
 
 /// Checks a network name: 1-64 characters from `[A-Za-z0-9_.-]`.
 pub fn validate_name(name: &str) -> Result<(), ModelError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
+    // Docker's rule, with a length: a name starting with `-` reads as an
+    // option on every command line, and `.` or `..` as a path or an empty
+    // DNS label.
+    let ok = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
@@ -1558,6 +1563,30 @@ mod tests {
             vni,
             ..NetworkSpec::new(name, "198.18.0.0/24".parse().unwrap())
         }
+    }
+
+    #[test]
+    fn network_names_start_with_a_letter_or_digit() {
+        for good in ["a", "9", "uber-net", "web_1.prod", &"n".repeat(64)] {
+            assert!(validate_name(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-net",
+            "_x",
+            ".hidden",
+            "a b",
+            "a/b",
+            &"n".repeat(65),
+        ] {
+            let e = validate_name(bad).unwrap_err().to_string();
+            assert!(e.contains("the first a letter or digit"), "{bad:?}: {e}");
+        }
+        let mut s = State::default();
+        assert!(s.create_network(spec("..", None)).is_err());
+        assert!(s.networks.is_empty());
     }
 
     fn container(net: &str, node: &str, ns: &str) -> ContainerSpec {
