@@ -343,6 +343,55 @@ fn a_second_agent_for_the_node_is_refused_and_the_first_keeps_forwarding() -> Re
     world.stop()
 }
 
+/// An agent started on a node whose data path forwards containers, with a
+/// store that holds nothing at all (a mistyped path, a store wiped or moved
+/// aside), stops with the reason instead of taking every network off the
+/// data path, and writes nothing into that store; the data path forwards
+/// on, and the agent starts again with the store it came from.
+#[test]
+fn an_agent_given_a_blank_store_refuses_to_start_and_the_data_path_forwards_on() -> Result<()> {
+    let lab = Lab::new("lc-blank")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host_a = world.hosts[0].clone();
+    let Pair { c1, ip2, .. } = world.connected_pair(&lab, "uber-net")?;
+    world.terminate_agent(0)?;
+
+    let blank = lab.tempdir().join("blank-store");
+    let url = format!("file://{}", blank.display());
+    let bg = BackgroundPing::start(&lab, &c1, ip2, 200, PING_INTERVAL)?;
+    let refused = world
+        .ovl
+        .spawn_agent(&lab, &host_a, "host-a", "auto", &[("OVL_STORE", &url)])?;
+    let status = refused.wait_exit(Duration::from_secs(15))?;
+    let log = refused.log()?;
+    ensure!(!status.success(), "the agent ran on a blank store:\n{log}");
+    ensure!(
+        log.contains("holds no network and no node")
+            && log.contains("uber-net")
+            && log.contains("ovl detach eth0 --node host-a"),
+        "the refusal does not say why or what to do:\n{log}"
+    );
+    ensure!(
+        !blank.join("state.json").exists(),
+        "the refused agent wrote into the blank store"
+    );
+    let r = bg.finish()?;
+    ensure!(
+        r.all_received(),
+        "the data path stopped forwarding:\n{}",
+        r.output
+    );
+
+    world.restart_agent(&lab, 0, &[])?;
+    let r = ping(&c1, ip2, 3, &["-i", "0.2", "-W", "1"])?;
+    ensure!(
+        r.all_received(),
+        "no forwarding after the start with the right store:\n{}",
+        r.output
+    );
+    world.stop()
+}
+
 /// The endpoints `network` lists, as address → node.
 fn listed(world: &ovl_tests::Cluster, i: usize, network: &str) -> Result<Vec<(String, String)>> {
     let net = world.inspect(i, network)?;

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use backon::{ExponentialBuilder, Retryable};
 use ovl_common::NodeConfig;
 use tokio::{
@@ -275,7 +275,7 @@ async fn prelude(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Prelu
     // node may have pinned its maps since this one made the directory.
     let created = !bpffs::holds_pins(pin_dir);
     let rest = match api::bind(&opts.api_socket) {
-        Ok(api_listener) => match after_bind(opts, pin_dir).await {
+        Ok(api_listener) => match after_bind(opts, pin_dir, !created).await {
             Ok(rest) => Ok((api_listener, rest)),
             Err(e) => {
                 let _ = std::fs::remove_file(&opts.api_socket);
@@ -314,7 +314,13 @@ type AfterBind = (
     Option<docker::Listener>,
 );
 
-async fn after_bind(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<AfterBind> {
+/// Binds and opens what the agent serves and follows; `forwarding`: the
+/// node has a pinned data path.
+async fn after_bind(
+    opts: &AgentOptions,
+    pin_dir: &std::path::Path,
+    forwarding: bool,
+) -> Result<AfterBind> {
     let metrics_listener = match opts.metrics {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("serve metrics on {addr}: address in use or not local; pick another --metrics ADDR:PORT")
@@ -348,7 +354,44 @@ async fn after_bind(opts: &AgentOptions, pin_dir: &std::path::Path) -> Result<Af
             );
         }
     };
+    if let Some(store) = &store
+        && forwarding
+    {
+        refuse_a_blank_store(opts, store, &memory).await?;
+    }
     Ok((metrics_listener, journal, memory, store, docker_listener))
+}
+
+/// Refuses a store that holds nothing at all (no network, no node) while
+/// the node's data path forwards local containers the journal remembers:
+/// a mistyped `--store`, or a store wiped or moved aside. Its empty state
+/// would take every network off the data path; the agent stops instead,
+/// and the data path forwards on. A store that cannot be read is left to
+/// the start to report.
+async fn refuse_a_blank_store(opts: &AgentOptions, store: &Store, memory: &Memory) -> Result<()> {
+    if memory.endpoints.is_empty() {
+        return Ok(());
+    }
+    let Ok(state) = store.load().await else {
+        return Ok(());
+    };
+    if !state.networks.is_empty() || !state.nodes.is_empty() {
+        return Ok(());
+    }
+    let networks: std::collections::BTreeSet<&str> = memory
+        .endpoints
+        .values()
+        .map(|e| e.network.as_str())
+        .collect();
+    bail!(
+        "cannot start: the store {} holds no network and no node, while the data path of node {} forwards {} local container endpoint(s) of network(s) {}. A mistyped --store (OVL_STORE), or a store wiped or moved aside? Start with the store they came from; the data path forwards meanwhile. To start afresh with this store, remove the data path first: `ovl detach {}{}`",
+        opts.store_url,
+        opts.node,
+        memory.endpoints.len(),
+        networks.into_iter().collect::<Vec<_>>().join(", "),
+        opts.iface,
+        node_flag(&opts.node)
+    )
 }
 
 fn node_flag(node: &str) -> String {
