@@ -282,6 +282,24 @@ fn initiator_of(mine: &Identity, init: &HandshakeInit) -> Option<PublicKey> {
 }
 
 impl Engine {
+    /// This node's current identity (a copy: no lock held after).
+    fn current_identity(&self) -> Identity {
+        self.identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .clone()
+    }
+
+    /// This node's current public key.
+    fn current_key(&self) -> PublicKey {
+        self.identities
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .current
+            .public_key()
+    }
+
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
@@ -391,12 +409,7 @@ impl Engine {
             self.counters.dropped(CryptoDrop::NoKey);
             return;
         };
-        let mine = self
-            .identities
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .current
-            .public_key();
+        let mine = self.current_key();
         // The whole train fits the batch: no send under the peer's lock.
         let segments = offload::segment_count(frame, &hdr);
         if segments > SLOTS - out.len() && segments <= SLOTS {
@@ -919,12 +932,7 @@ impl Engine {
     /// Makes the tunnel table hold `peers`; peers whose key changed under a
     /// live session handshake on their new tunnel at once.
     pub fn set_peers(&self, peers: &[PeerInfo]) {
-        let me = self
-            .identities
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .current
-            .clone();
+        let me = self.current_identity();
         let set = self
             .table
             .write()
@@ -940,12 +948,7 @@ impl Engine {
     /// this node's engine would otherwise send into it, unheard, until its
     /// own timers gave up on it (15 s).
     pub fn handshake_sessionless(&self) {
-        let mine = self
-            .identities
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .current
-            .public_key();
+        let mine = self.current_key();
         let sessionless: Vec<Arc<Mutex<Peer>>> = self
             .table
             .read()
