@@ -431,8 +431,15 @@ fn cni_conflist_refuses_names_no_network_or_runtime_takes() -> Result<()> {
             &["cni", "conflist", "uber-net", "--name", ""],
             "invalid CNI network name \"\"",
         ),
-        // A name ovl takes, runtimes do not: the CNI name must differ.
-        (&["cni", "conflist", "--", "-net"], "pass --name NAME"),
+        // A name runtimes refuse is no network name either.
+        (
+            &["cni", "conflist", "--", "-net"],
+            "the first a letter or digit",
+        ),
+        (
+            &["cni", "conflist", "uber-net", "--name=-net"],
+            "pass --name NAME",
+        ),
     ];
     for (args, needle) in cases {
         let out = ovl.run_unchecked(ns, "host-a", args)?;
@@ -448,10 +455,10 @@ fn cni_conflist_refuses_names_no_network_or_runtime_takes() -> Result<()> {
     let list: serde_json::Value = serde_json::from_str(&ovl.run(
         ns,
         "host-a",
-        &["cni", "conflist", "--name", "net", "--", "-net"],
+        &["cni", "conflist", "--name", "net", "uber-net"],
     )?)?;
     ensure!(
-        list["name"] == "net" && list["plugins"][0]["network"] == "-net",
+        list["name"] == "net" && list["plugins"][0]["network"] == "uber-net",
         "{list}"
     );
     Ok(())
