@@ -1542,16 +1542,19 @@ pub fn validate_name(name: &str) -> Result<(), ModelError> {
     // Docker's rule, with a length: a name starting with `-` reads as an
     // option on every command line, and `.` or `..` as a path or an empty
     // DNS label.
-    let ok = name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if ok {
+    if name.len() <= 64 && is_docker_name(name) {
         Ok(())
     } else {
         Err(ModelError::InvalidName(name.to_owned()))
     }
+}
+
+/// Whether `name` is a letter or digit, then letters, digits, `_`, `.` or
+/// `-` (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`): Docker's network names, and CNI's.
+pub fn is_docker_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 #[cfg(test)]

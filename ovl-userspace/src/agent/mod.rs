@@ -372,7 +372,8 @@ async fn refuse_a_blank_store(opts: &AgentOptions, store: &Store, memory: &Memor
     if memory.endpoints.is_empty() {
         return Ok(());
     }
-    let Ok(state) = store.load().await else {
+    // Network records and nodes only: no endpoint is read twice at start.
+    let Ok(state) = store.load_in(crate::store::Scope::Networks).await else {
         return Ok(());
     };
     if !state.networks.is_empty() || !state.nodes.is_empty() {

@@ -52,21 +52,13 @@ pub struct ConflistSpec<'a> {
     pub pin_root: &'a Path,
 }
 
-/// Whether `name` is a CNI network name as runtimes take it
-/// (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`, the spec's); ovl network names may
-/// also start with `_`, `.` or `-`.
-fn is_cni_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-}
-
 /// A `.conflist` with ovl as its only plugin; refused (nothing printed)
 /// for a network name ovl never has, or a CNI name runtimes refuse.
 pub fn conflist(spec: &ConflistSpec<'_>) -> Result<String> {
     crate::model::validate_name(spec.network)?;
     ensure!(
-        is_cni_name(spec.name),
+        // The spec's rule, which has no length limit (ovl's names have).
+        crate::model::is_docker_name(spec.name),
         "invalid CNI network name {:?}: runtimes take a letter or digit, then letters, digits, '_', '.' or '-'; pass --name NAME",
         spec.name
     );

@@ -816,9 +816,7 @@ impl Engine {
     /// (given up after [`STAGED_FOR`], or their tunnel, peer or engine
     /// went): dropped `no_key`, as packets with no session to seal them.
     pub fn give_up(&self, packets: usize) {
-        for _ in 0..packets {
-            self.counters.dropped(CryptoDrop::NoKey);
-        }
+        self.counters.dropped_n(CryptoDrop::NoKey, packets as u64);
     }
 
     /// Counts decrypted packets the device refused.

@@ -92,7 +92,12 @@ pub struct Counters {
 impl Counters {
     /// Counts one drop.
     pub fn dropped(&self, why: CryptoDrop) {
-        self.drops[why as usize].fetch_add(1, Relaxed);
+        self.dropped_n(why, 1);
+    }
+
+    /// Counts `n` packets dropped for `why`.
+    pub fn dropped_n(&self, why: CryptoDrop, n: u64) {
+        self.drops[why as usize].fetch_add(n, Relaxed);
     }
 
     /// Adds `n` to `counter`.

@@ -272,30 +272,25 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-/// Rebuilds the state from keys and values read at `revision`.
-pub fn decode<'a>(revision: i64, kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> State {
-    let mut state = empty(revision);
-    for (key, value) in kvs {
-        if let Err(e) = try_apply(&mut state, key, Some(value)) {
-            log::error!("{e}");
-        }
-    }
-    state
-}
-
-/// [`decode`], for a reader that held `last` before: a key whose value
-/// cannot be read keeps what `last` held for it, as it would have had the
-/// reader followed the change (see [`apply`]).
-pub fn decode_keeping<'a>(
+/// Rebuilds the state from keys and values read at `revision`. A value
+/// that cannot be read is logged and skipped, or, for a reader that held
+/// `last` before, keeps what `last` held for its key, as it would have had
+/// the reader followed the change (see [`apply`]).
+pub fn decode<'a>(
     revision: i64,
     kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-    last: &State,
+    last: Option<&State>,
 ) -> State {
     let mut state = empty(revision);
     for (key, value) in kvs {
         if let Err(e) = try_apply(&mut state, key, Some(value)) {
-            log::error!("{e}; keeping what was read of it before");
-            keep(&mut state, key, last);
+            match last {
+                Some(last) => {
+                    log::error!("{e}; keeping what was read of it before");
+                    keep(&mut state, key, last);
+                }
+                None => log::error!("{e}"),
+            }
         }
     }
     state
@@ -480,7 +475,7 @@ mod tests {
     }
 
     fn decode_map(m: &BTreeMap<String, Vec<u8>>) -> State {
-        decode(1, m.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        decode(1, m.iter().map(|(k, v)| (k.as_str(), v.as_slice())), None)
     }
 
     #[test]
@@ -565,6 +560,7 @@ mod tests {
                 ("/ovl/endpoints/blue/198.18.0.99", ep.as_slice()),
                 ("/ovl/alive/a", b"{}".as_slice()),
             ],
+            None,
         );
         assert!(s.networks.is_empty());
         assert!(s.endpoints.is_empty());
@@ -603,7 +599,7 @@ mod tests {
             listed.insert(k.into(), v.to_vec());
         }
         let pairs = || listed.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-        let mut again = decode_keeping(1, pairs(), &good);
+        let mut again = decode(1, pairs(), Some(&good));
         again.endpoints.sort_by_key(|e| e.ip);
         let mut want = good.clone();
         want.endpoints.sort_by_key(|e| e.ip);

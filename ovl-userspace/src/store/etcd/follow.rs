@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{
     EtcdStore, KEY_PREFIX, Range,
-    codec::{apply, decode_keeping},
+    codec::{apply, decode},
 };
 use crate::{
     model::State,
@@ -74,14 +74,14 @@ impl EtcdStore {
     }
 
     /// Everything under `/ovl/`, decoded for a reader that held `last`
-    /// (see [`decode_keeping`]).
+    /// (see [`decode`]).
     pub async fn list_keeping(&self, last: &State) -> Result<State, StoreError> {
         let snap = self.read(&[Range::Prefix(KEY_PREFIX.into())]).await?;
         let kvs = snap
             .kvs
             .iter()
             .map(|(k, (v, _))| (k.as_str(), v.as_slice()));
-        Ok(decode_keeping(snap.revision, kvs, last))
+        Ok(decode(snap.revision, kvs, Some(last)))
     }
 
     /// Applies watch events from revision `from + 1` on to the published

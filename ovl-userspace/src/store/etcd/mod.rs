@@ -72,6 +72,7 @@ impl Snapshot {
             self.kvs
                 .iter()
                 .map(|(k, (v, _))| (k.as_str(), v.as_slice())),
+            None,
         );
         if let Some(total) = self.counts.get(ENDPOINTS) {
             let read = self.kvs.keys().filter(|k| k.starts_with(ENDPOINTS)).count();
