@@ -210,10 +210,7 @@ mod tests {
             let subnets = (0..4095u32)
                 .map(|i| {
                     let base = u32::from(Ipv4Addr::new(10, 0, 0, 0)) + ((n * 4096 + i) << 4);
-                    Pool {
-                        subnet: format!("{}/28", Ipv4Addr::from(base)).parse().unwrap(),
-                        gateway: Ipv4Addr::from(base + 1),
-                    }
+                    Pool::of(format!("{}/28", Ipv4Addr::from(base)).parse().unwrap())
                 })
                 .collect();
             let name = format!("big{n}");
@@ -226,6 +223,7 @@ mod tests {
                     mtu: 1450,
                     internal: false,
                     encrypted: false,
+                    aux_addresses: Default::default(),
                     docker_pending: None,
                 },
             );

@@ -1,7 +1,7 @@
 //! What each `ovl` subcommand does, on top of the store, netlink and the
 //! datapath. Each returns what it would print, so main stays a dispatcher.
 
-use std::{net::Ipv4Addr, os::fd::AsFd, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd, path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -24,13 +24,22 @@ pub async fn network_create(store: &Store, spec: NetworkSpec) -> Result<String> 
     let subnets: Vec<String> = net
         .subnets
         .iter()
-        .map(|p| format!("{} gateway {}", p.subnet, p.gateway))
+        .map(|p| match p.range {
+            Some(range) => format!("{} gateway {} range {range}", p.subnet, p.gateway),
+            None => format!("{} gateway {}", p.subnet, p.gateway),
+        })
+        .collect();
+    let aux: Vec<String> = net
+        .aux_addresses
+        .iter()
+        .map(|(name, ip)| format!(", auxiliary address {name}={ip}"))
         .collect();
     Ok(format!(
-        "created network {} (VNI {}, subnet {}, MTU {}{})",
+        "created network {} (VNI {}, subnet {}{}, MTU {}{})",
         net.name,
         net.vni,
         subnets.join(", subnet "),
+        aux.concat(),
         net.mtu,
         match (net.internal, net.encrypted) {
             (true, true) => ", internal, encrypted",
@@ -96,6 +105,9 @@ struct Inspect<'a> {
     name: &'a str,
     vni: u32,
     subnets: &'a [Pool],
+    /// Addresses never given to an endpoint, by name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    aux_addresses: &'a BTreeMap<String, Ipv4Addr>,
     mtu: u32,
     internal: bool,
     /// Traffic between nodes is encrypted (WireGuard).
@@ -111,6 +123,7 @@ pub async fn network_inspect(store: &Store, name: &str) -> Result<String> {
         name: &n.name,
         vni: n.vni.get(),
         subnets: &n.subnets,
+        aux_addresses: &n.aux_addresses,
         mtu: n.mtu,
         internal: n.internal,
         encrypted: n.encrypted,

@@ -1,7 +1,9 @@
-//! IPv4 subnets, the address pools a network is made of (a subnet and its
-//! gateway), and address allocation across them. Like Docker, a subnet's
-//! gateway is its first host address unless given, and never handed to a
-//! container.
+//! IPv4 subnets, the address pools a network is made of (a subnet, its
+//! gateway and the range addresses are given from), and address allocation
+//! across them. Like Docker, a subnet's gateway is its first host address
+//! unless given, and never handed to a container; with an IP range
+//! (`--ip-range`) only addresses inside it are given unless one is asked
+//! for.
 
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr};
 
@@ -34,6 +36,10 @@ pub enum IpamError {
     Exhausted(String),
     #[error("{subnet} is not a subnet of this network (it has {subnets}); give one of those")]
     NoSuchSubnet { subnet: Subnet, subnets: String },
+    #[error(
+        "invalid IP range {0:?}: expected an IPv4 CIDR such as 198.18.0.128/25 with a prefix of /8 to /32"
+    )]
+    BadRange(String),
 }
 
 /// An IPv4 subnet in CIDR form.
@@ -110,20 +116,43 @@ impl Subnet {
 pub struct Pool {
     pub subnet: Subnet,
     pub gateway: Ipv4Addr,
+    /// Where in the subnet addresses are given from unless one is asked
+    /// for; the whole subnet when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub range: Option<IpRange>,
 }
 
 impl Pool {
-    /// True when `ip` may be given to an endpoint: a host address of the
-    /// subnet that is not its gateway.
+    /// The pool of `subnet` with its first host address as gateway and no
+    /// range.
+    pub fn of(subnet: Subnet) -> Pool {
+        Pool {
+            subnet,
+            gateway: subnet.first_host(),
+            range: None,
+        }
+    }
+
+    /// True when `ip` may be given to an endpoint that asks for it: a host
+    /// address of the subnet that is not its gateway (inside the range or
+    /// not, as with Docker).
     pub fn is_assignable(&self, ip: Ipv4Addr) -> bool {
         self.subnet.is_host(ip) && ip != self.gateway
     }
 
+    /// The addresses given to endpoints that ask for none, lowest first:
+    /// those assignable inside the range.
     fn assignable(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         self.subnet
             .hosts()
             .map(Ipv4Addr::from)
-            .filter(|ip| *ip != self.gateway)
+            .filter(|ip| *ip != self.gateway && self.range.is_none_or(|r| r.contains(*ip)))
+    }
+
+    /// Whether the range leaves an endpoint an address (always, without
+    /// one: subnets are /29 or larger).
+    pub fn range_has_room(&self) -> bool {
+        self.assignable().next().is_some()
     }
 }
 
@@ -132,6 +161,19 @@ pub fn describe(pools: &[Pool]) -> String {
     pools
         .iter()
         .map(|p| p.subnet.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Where addresses of `pools` are given from, for "none left" messages:
+/// "198.18.0.0/24 (range 198.18.0.128/25), 198.18.1.0/24".
+fn describe_ranges(pools: &[Pool]) -> String {
+    pools
+        .iter()
+        .map(|p| match p.range {
+            Some(r) => format!("{} (range {r})", p.subnet),
+            None => p.subnet.to_string(),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -145,26 +187,81 @@ impl fmt::Display for Subnet {
 impl FromStr for Subnet {
     type Err = IpamError;
     fn from_str(s: &str) -> Result<Self, IpamError> {
-        let bad = || IpamError::BadSubnet(s.to_owned());
-        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
-        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
-        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
-        if !(8..=29).contains(&prefix) {
-            return Err(bad());
-        }
-        let subnet = Subnet {
-            network: addr,
+        parse_cidr(s, 8..=29, IpamError::BadSubnet)
+    }
+}
+
+/// `s` as a CIDR block whose prefix is one of `prefixes` and whose address
+/// has no host bits; `bad` says what is wrong with its form.
+fn parse_cidr(
+    s: &str,
+    prefixes: std::ops::RangeInclusive<u8>,
+    bad: fn(String) -> IpamError,
+) -> Result<Subnet, IpamError> {
+    let bad = || bad(s.to_owned());
+    let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if !prefixes.contains(&prefix) {
+        return Err(bad());
+    }
+    let block = Subnet {
+        network: addr,
+        prefix,
+    };
+    let network = Ipv4Addr::from(u32::from(addr) & block.mask());
+    if network != addr {
+        return Err(IpamError::HostBitsSet {
+            subnet: s.to_owned(),
+            network,
             prefix,
-        };
-        let network = Ipv4Addr::from(u32::from(addr) & subnet.mask());
-        if network != addr {
-            return Err(IpamError::HostBitsSet {
-                subnet: s.to_owned(),
-                network,
-                prefix,
-            });
-        }
-        Ok(subnet)
+        });
+    }
+    Ok(block)
+}
+
+/// The part of a subnet its endpoints are given addresses from unless
+/// they ask for one (Docker's `--ip-range`): a CIDR block inside the
+/// subnet, as small as one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IpRange(Subnet);
+
+impl IpRange {
+    /// True when `ip` is inside the range.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.0.contains(ip)
+    }
+
+    /// True when the whole range lies inside `subnet`.
+    pub fn is_within(&self, subnet: &Subnet) -> bool {
+        self.0.prefix >= subnet.prefix && subnet.contains(self.0.network)
+    }
+}
+
+impl fmt::Display for IpRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for IpRange {
+    type Err = IpamError;
+    fn from_str(s: &str) -> Result<Self, IpamError> {
+        parse_cidr(s, 8..=32, IpamError::BadRange).map(IpRange)
+    }
+}
+
+impl TryFrom<String> for IpRange {
+    type Error = IpamError;
+    fn try_from(s: String) -> Result<Self, IpamError> {
+        s.parse()
+    }
+}
+
+impl From<IpRange> for String {
+    fn from(r: IpRange) -> String {
+        r.to_string()
     }
 }
 
@@ -183,8 +280,8 @@ impl From<Subnet> for String {
 
 /// Picks an address of a network made of `pools` that is not in `used`:
 /// `requested` if it is free and assignable in one of them; else the
-/// lowest free one of subnet `within`, if given, or of the first pool with
-/// room.
+/// lowest free one in the range of subnet `within`, if given, or of the
+/// first pool with room.
 pub fn allocate(
     pools: &[Pool],
     used: &BTreeSet<Ipv4Addr>,
@@ -221,7 +318,7 @@ pub fn allocate(
         .find_map(|p| p.assignable().find(|ip| !used.contains(ip)))
         .ok_or_else(|| {
             let pools: Vec<Pool> = candidates.iter().map(|p| **p).collect();
-            IpamError::Exhausted(describe(&pools))
+            IpamError::Exhausted(describe_ranges(&pools))
         })
 }
 
@@ -234,11 +331,7 @@ mod tests {
     }
 
     fn pool(s: &str) -> Pool {
-        let subnet = net(s);
-        Pool {
-            subnet,
-            gateway: subnet.first_host(),
-        }
+        Pool::of(net(s))
     }
 
     #[test]
@@ -256,6 +349,31 @@ mod tests {
             "198.18.0.0/-1",
         ] {
             assert!(bad.parse::<Subnet>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ip_ranges_are_cidr_blocks_down_to_one_address() {
+        let r: IpRange = "198.18.0.128/25".parse().unwrap();
+        assert!(r.contains(Ipv4Addr::new(198, 18, 0, 200)));
+        assert!(!r.contains(Ipv4Addr::new(198, 18, 0, 100)));
+        assert!(r.is_within(&net("198.18.0.0/24")));
+        assert!(!r.is_within(&net("198.18.0.0/25")));
+        assert!(
+            !"198.18.0.0/16"
+                .parse::<IpRange>()
+                .unwrap()
+                .is_within(&net("198.18.0.0/24"))
+        );
+        let one: IpRange = "198.18.0.9/32".parse().unwrap();
+        assert_eq!(one.to_string(), "198.18.0.9/32");
+        assert!(matches!(
+            "198.18.0.9/24".parse::<IpRange>(),
+            Err(IpamError::HostBitsSet { .. })
+        ));
+        for bad in ["198.18.0.0", "198.18.0.0/33", "198.18.0.0/7", "x/25"] {
+            let err = bad.parse::<IpRange>().unwrap_err();
+            assert!(err.to_string().contains("invalid IP range"), "{bad}: {err}");
         }
     }
 
@@ -278,8 +396,8 @@ mod tests {
     #[test]
     fn a_gateway_elsewhere_frees_the_first_address() {
         let p = [Pool {
-            subnet: net("198.18.0.0/29"),
             gateway: Ipv4Addr::new(198, 18, 0, 6),
+            ..pool("198.18.0.0/29")
         }];
         let mut used = BTreeSet::new();
         let mut got = vec![];

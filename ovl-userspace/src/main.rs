@@ -10,7 +10,7 @@ use ovl_userspace::{
     bpffs::DEFAULT_PIN_ROOT,
     commands,
     datapath::DecapMode,
-    ipam::Subnet,
+    ipam::{IpRange, Subnet},
     model::{MacAddr, NetworkSpec},
     store::{EtcdAccess, Store, StoreOptions},
 };
@@ -241,6 +241,15 @@ enum NetworkCmd {
         /// for several [default: each subnet's first address].
         #[arg(long)]
         gateway: Vec<Ipv4Addr>,
+        /// Give endpoints that ask for no address one from this CIDR block
+        /// of the subnet that holds it (Docker's --ip-range); repeat for
+        /// several subnets [default: the whole subnet].
+        #[arg(long, value_name = "CIDR")]
+        ip_range: Vec<IpRange>,
+        /// An address never given to an endpoint (a router or host outside
+        /// ovl that uses it), as Docker's --aux-address; repeatable.
+        #[arg(long, value_name = "NAME=IP", value_parser = ovl_userspace::model::parse_aux_address)]
+        aux_address: Vec<(String, Ipv4Addr)>,
         /// No way out of the overlay: containers get no default route and
         /// no external egress (Docker's --internal).
         #[arg(long)]
@@ -469,6 +478,8 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             subnet,
             gateway,
+            ip_range,
+            aux_address,
             internal,
             vni,
             mtu,
@@ -478,6 +489,8 @@ async fn run(cli: Cli) -> Result<()> {
                 name,
                 subnets: subnet,
                 gateways: gateway,
+                ranges: ip_range,
+                aux_addresses: aux_address,
                 vni,
                 mtu,
                 internal,

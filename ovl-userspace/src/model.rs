@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     capacity,
-    ipam::{self, Pool, Subnet},
+    ipam::{self, IpRange, Pool, Subnet},
     ports::{self, PortError, Protocol, PublishedPort},
     release::{AddressConflict, GraceClock, Released, RestoreOutcome, Verdict},
     validate::{self, InvalidInput},
@@ -84,6 +84,48 @@ pub enum ModelError {
         subnet: Subnet,
         first: Ipv4Addr,
         second: Ipv4Addr,
+    },
+    #[error(
+        "IP range {range} lies in none of the network's subnets ({subnets}); each --ip-range must be inside one of them"
+    )]
+    RangeOutsideSubnets { range: IpRange, subnets: String },
+    #[error("subnet {subnet} got two IP ranges, {first} and {second}; give at most one per subnet")]
+    TwoRanges {
+        subnet: Subnet,
+        first: IpRange,
+        second: IpRange,
+    },
+    #[error(
+        "IP range {range} of subnet {subnet} holds no address an endpoint could get (only the subnet's network, broadcast or gateway address); give a larger range"
+    )]
+    RangeWithoutRoom { range: IpRange, subnet: Subnet },
+    #[error(
+        "auxiliary address {name}={ip} is not a host address of the network's subnets ({subnets}) other than a gateway; give one that is"
+    )]
+    AuxNotAssignable {
+        name: String,
+        ip: Ipv4Addr,
+        subnets: String,
+    },
+    #[error(
+        "invalid auxiliary address name {0:?}: use 1-64 characters from [A-Za-z0-9_.-], the first a letter or digit"
+    )]
+    InvalidAuxName(String),
+    #[error("auxiliary addresses {first} and {second} are both {ip}; give each address once")]
+    AuxTwice {
+        ip: Ipv4Addr,
+        first: String,
+        second: String,
+    },
+    #[error("auxiliary address name {0:?} is given twice; give each name once")]
+    AuxNameTwice(String),
+    #[error(
+        "{ip} on network {network:?} is reserved as auxiliary address {name:?} (--aux-address) and is never given to an endpoint; pick another address"
+    )]
+    AuxAddress {
+        network: String,
+        ip: Ipv4Addr,
+        name: String,
     },
     #[error("{0} is the MAC of ovl's gateways; give the endpoint another --mac")]
     GatewayMac(MacAddr),
@@ -328,6 +370,10 @@ pub struct Network {
     pub internal: bool,
     /// Traffic between nodes leaves only encrypted (WireGuard).
     pub encrypted: bool,
+    /// Addresses of the subnets never given to an endpoint, by name
+    /// (Docker's `--aux-address`: a router or a host outside ovl that
+    /// uses them).
+    pub aux_addresses: BTreeMap<String, Ipv4Addr>,
     /// Set while a network made through Docker's plugin waits for the name
     /// Docker gave it (Docker's calls carry only its ID); the network then
     /// takes that name. Front ends do not show such a network to users.
@@ -362,6 +408,8 @@ struct NetworkRecord {
     internal: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     encrypted: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    aux_addresses: BTreeMap<String, Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     docker_pending: Option<DockerPending>,
 }
@@ -372,10 +420,7 @@ impl TryFrom<NetworkRecord> for Network {
         let subnets = if !r.subnets.is_empty() {
             r.subnets
         } else if let Some(subnet) = r.subnet {
-            vec![Pool {
-                subnet,
-                gateway: subnet.first_host(),
-            }]
+            vec![Pool::of(subnet)]
         } else {
             return Err(format!("network {:?} has no subnet", r.name));
         };
@@ -386,6 +431,7 @@ impl TryFrom<NetworkRecord> for Network {
             mtu: r.mtu,
             internal: r.internal,
             encrypted: r.encrypted,
+            aux_addresses: r.aux_addresses,
             docker_pending: r.docker_pending,
         })
     }
@@ -401,6 +447,7 @@ impl From<Network> for NetworkRecord {
             mtu: n.mtu,
             internal: n.internal,
             encrypted: n.encrypted,
+            aux_addresses: n.aux_addresses,
             docker_pending: n.docker_pending,
         }
     }
@@ -420,6 +467,14 @@ pub struct ContainerRoutes {
 }
 
 impl Network {
+    /// The name of auxiliary address `ip`, if it is one.
+    pub fn aux_name(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.aux_addresses
+            .iter()
+            .find(|(_, a)| **a == ip)
+            .map(|(name, _)| name.as_str())
+    }
+
     /// The pool whose subnet holds `ip`.
     pub fn pool_of(&self, ip: Ipv4Addr) -> Option<&Pool> {
         self.subnets.iter().find(|p| p.subnet.contains(ip))
@@ -613,6 +668,11 @@ pub struct NetworkSpec {
     /// Gateways, each matched to the subnet that holds it; a subnet
     /// without one gets its first host address.
     pub gateways: Vec<Ipv4Addr>,
+    /// IP ranges, each matched to the subnet that holds it; a subnet
+    /// without one gives addresses from all of it.
+    pub ranges: Vec<IpRange>,
+    /// Addresses never given to an endpoint, by name.
+    pub aux_addresses: Vec<(String, Ipv4Addr)>,
     pub vni: Option<u32>,
     pub mtu: Option<u32>,
     pub internal: bool,
@@ -671,7 +731,8 @@ impl State {
             return Err(ModelError::NetworkExists(spec.name));
         }
         capacity::network(self, spec.subnets.len())?;
-        let subnets = pools(&spec.subnets, &spec.gateways)?;
+        let subnets = pools(&spec.subnets, &spec.gateways, &spec.ranges)?;
+        let aux_addresses = aux_addresses(&subnets, &spec.aux_addresses)?;
         let mtu = self.network_mtu(spec.mtu, spec.encrypted)?;
         let vni = match spec.vni {
             Some(v) => {
@@ -694,6 +755,7 @@ impl State {
             docker_pending: None,
             internal: spec.internal,
             encrypted: spec.encrypted,
+            aux_addresses,
         };
         Ok(self.networks.entry(spec.name).or_insert(network))
     }
@@ -1335,8 +1397,16 @@ impl State {
         requested: Option<Ipv4Addr>,
         within: Option<Subnet>,
     ) -> Result<Ipv4Addr, ModelError> {
+        if let Some((ip, name)) = requested.and_then(|ip| Some((ip, network.aux_name(ip)?))) {
+            return Err(ModelError::AuxAddress {
+                network: network.name.clone(),
+                ip,
+                name: name.to_owned(),
+            });
+        }
         let mut used: std::collections::BTreeSet<Ipv4Addr> =
             self.endpoints_of(&network.name).map(|e| e.ip).collect();
+        used.extend(network.aux_addresses.values());
         used.extend(
             self.addresses_elsewhere
                 .get(&network.name)
@@ -1493,7 +1563,11 @@ pub fn validate_endpoint_name(name: &str) -> Result<(), ModelError> {
 
 /// The pools of a new network: `subnets` in order, disjoint, each with the
 /// gateway of `gateways` it holds, or its first host address.
-fn pools(subnets: &[Subnet], gateways: &[Ipv4Addr]) -> Result<Vec<Pool>, ModelError> {
+fn pools(
+    subnets: &[Subnet],
+    gateways: &[Ipv4Addr],
+    ranges: &[IpRange],
+) -> Result<Vec<Pool>, ModelError> {
     if subnets.is_empty() {
         return Err(ModelError::NoSubnet);
     }
@@ -1502,13 +1576,7 @@ fn pools(subnets: &[Subnet], gateways: &[Ipv4Addr]) -> Result<Vec<Pool>, ModelEr
             return Err(ModelError::OverlappingSubnets(*a, *b));
         }
     }
-    let mut pools: Vec<Pool> = subnets
-        .iter()
-        .map(|s| Pool {
-            subnet: *s,
-            gateway: s.first_host(),
-        })
-        .collect();
+    let mut pools: Vec<Pool> = subnets.iter().map(|s| Pool::of(*s)).collect();
     let mut given: Vec<Option<Ipv4Addr>> = vec![None; pools.len()];
     for gw in gateways {
         let Some(i) = pools.iter().position(|p| p.subnet.contains(*gw)) else {
@@ -1534,7 +1602,86 @@ fn pools(subnets: &[Subnet], gateways: &[Ipv4Addr]) -> Result<Vec<Pool>, ModelEr
         given[i] = Some(*gw);
         pools[i].gateway = *gw;
     }
+    for range in ranges {
+        let Some(pool) = pools.iter_mut().find(|p| range.is_within(&p.subnet)) else {
+            return Err(ModelError::RangeOutsideSubnets {
+                range: *range,
+                subnets: ipam::describe(&pools),
+            });
+        };
+        if let Some(first) = pool.range {
+            return Err(ModelError::TwoRanges {
+                subnet: pool.subnet,
+                first,
+                second: *range,
+            });
+        }
+        pool.range = Some(*range);
+        if !pool.range_has_room() {
+            return Err(ModelError::RangeWithoutRoom {
+                range: *range,
+                subnet: pool.subnet,
+            });
+        }
+    }
     Ok(pools)
+}
+
+/// `NAME=IP`, an auxiliary address on the command line (Docker's form).
+pub fn parse_aux_address(s: &str) -> Result<(String, Ipv4Addr), String> {
+    let (name, ip) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=IP (e.g. router=198.18.0.254)"))?;
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("{ip:?} in {s:?} is not an IPv4 address"))?;
+    Ok((name.to_owned(), ip))
+}
+
+/// The auxiliary addresses `given` (name, address) of a network made of
+/// `pools`, checked ([`check_aux`]).
+fn aux_addresses(
+    pools: &[Pool],
+    given: &[(String, Ipv4Addr)],
+) -> Result<BTreeMap<String, Ipv4Addr>, ModelError> {
+    let mut out = BTreeMap::new();
+    for (name, ip) in given {
+        check_aux(pools, &out, name, *ip)?;
+        out.insert(name.clone(), *ip);
+    }
+    Ok(out)
+}
+
+/// Whether auxiliary address `name` = `ip` may join those of a network
+/// made of `pools` that has `aux` already: a name like a network's, each
+/// name and address once, an address an endpoint could otherwise get.
+pub fn check_aux(
+    pools: &[Pool],
+    aux: &BTreeMap<String, Ipv4Addr>,
+    name: &str,
+    ip: Ipv4Addr,
+) -> Result<(), ModelError> {
+    if name.len() > 64 || !is_docker_name(name) {
+        return Err(ModelError::InvalidAuxName(name.to_owned()));
+    }
+    if aux.contains_key(name) {
+        return Err(ModelError::AuxNameTwice(name.to_owned()));
+    }
+    if let Some((first, _)) = aux.iter().find(|(_, a)| **a == ip) {
+        return Err(ModelError::AuxTwice {
+            ip,
+            first: first.clone(),
+            second: name.to_owned(),
+        });
+    }
+    if !pools.iter().any(|p| p.is_assignable(ip)) {
+        return Err(ModelError::AuxNotAssignable {
+            name: name.to_owned(),
+            ip,
+            subnets: ipam::describe(pools),
+        });
+    }
+    Ok(())
 }
 
 /// Checks a network name: 1-64 characters from `[A-Za-z0-9_.-]`.
@@ -1970,6 +2117,132 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("gateways"), "{err}");
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn ip_ranges_and_aux_addresses_shape_what_endpoints_get() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec {
+            subnets: subnets(&["198.18.0.0/24", "198.18.1.0/24"]),
+            ranges: vec!["198.18.0.128/30".parse().unwrap()],
+            aux_addresses: vec![
+                ("router".into(), Ipv4Addr::new(198, 18, 0, 129)),
+                ("printer".into(), Ipv4Addr::new(198, 18, 0, 7)),
+            ],
+            ..spec("a", None)
+        })
+        .unwrap();
+        let n = s.network("a").unwrap().clone();
+        assert_eq!(n.aux_name(Ipv4Addr::new(198, 18, 0, 7)), Some("printer"));
+        // The range's four addresses less the auxiliary one, then the
+        // second subnet, which has no range.
+        let got: Vec<Ipv4Addr> = (0..4)
+            .map(|i| {
+                s.add_container(container("a", "n", &format!("c{i}")))
+                    .unwrap()
+                    .ip
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                Ipv4Addr::new(198, 18, 0, 128),
+                Ipv4Addr::new(198, 18, 0, 130),
+                Ipv4Addr::new(198, 18, 0, 131),
+                Ipv4Addr::new(198, 18, 1, 2),
+            ]
+        );
+        // Asked for, an address outside the range is given (Docker's
+        // rule); an auxiliary one never is, nor reserved or made static.
+        let e = s
+            .add_container(ContainerSpec {
+                ip: Some(Ipv4Addr::new(198, 18, 0, 9)),
+                ..container("a", "n", "asked")
+            })
+            .unwrap();
+        assert_eq!(e.ip, Ipv4Addr::new(198, 18, 0, 9));
+        let before = s.clone();
+        let aux = Ipv4Addr::new(198, 18, 0, 129);
+        let err = s
+            .add_container(ContainerSpec {
+                ip: Some(aux),
+                ..container("a", "n", "aux")
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("auxiliary address \"router\""),
+            "{err}"
+        );
+        assert!(s.reserve("a", "n", Some(aux), None, "o").is_err());
+        assert!(
+            s.add_static("a", aux, None, Ipv4Addr::new(192, 0, 2, 9), None)
+                .is_err()
+        );
+        assert_eq!(s, before);
+        // A full range within a named subnet says which range is full.
+        let err = s
+            .add_container(ContainerSpec {
+                subnet: Some("198.18.0.0/24".parse().unwrap()),
+                ..container("a", "n", "more")
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("198.18.0.0/24 (range 198.18.0.128/30)"),
+            "{err}"
+        );
+        // Stored and read back, both stay; older records have neither.
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["networks"]["a"]["subnets"][0]["range"], "198.18.0.128/30");
+        assert_eq!(
+            v["networks"]["a"]["aux_addresses"]["router"],
+            "198.18.0.129"
+        );
+        assert!(v["networks"]["a"]["subnets"][1].get("range").is_none());
+        let again: State = serde_json::from_value(v).unwrap();
+        assert_eq!(again, s);
+    }
+
+    #[test]
+    fn bad_ip_ranges_and_aux_addresses_are_refused_and_change_nothing() {
+        let mut s = State::default();
+        s.create_network(spec("ok", None)).unwrap();
+        let before = s.clone();
+        let ip = |d| Ipv4Addr::new(198, 18, 0, d);
+        let cases: [(&[&str], Vec<(&str, Ipv4Addr)>, &str); 9] = [
+            (&["198.18.1.0/25"], vec![], "in none of"),
+            (&["198.18.0.0/23"], vec![], "in none of"),
+            (
+                &["198.18.0.0/25", "198.18.0.128/25"],
+                vec![],
+                "two IP ranges",
+            ),
+            // Only the gateway: nothing left to give.
+            (&["198.18.0.1/32"], vec![], "holds no address"),
+            (&["198.18.0.255/32"], vec![], "holds no address"),
+            (&[], vec![("r", ip(1))], "other than a gateway"),
+            (&[], vec![("r", ip(255))], "not a host address"),
+            (&[], vec![("r", ip(9)), ("s", ip(9))], "both 198.18.0.9"),
+            (&[], vec![("-r", ip(9))], "invalid auxiliary address name"),
+        ];
+        for (ranges, aux, needle) in cases {
+            let err = s
+                .create_network(NetworkSpec {
+                    ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
+                    aux_addresses: aux.into_iter().map(|(n, ip)| (n.into(), ip)).collect(),
+                    ..spec("x", None)
+                })
+                .unwrap_err();
+            assert!(err.to_string().contains(needle), "{err} lacks {needle:?}");
+        }
+        assert_eq!(s, before);
+        for bad in ["router", "r=198.18.0", "r=x"] {
+            assert!(parse_aux_address(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_aux_address("r=198.18.0.9"),
+            Ok(("r".to_owned(), ip(9)))
+        );
     }
 
     #[test]

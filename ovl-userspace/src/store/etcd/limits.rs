@@ -84,6 +84,7 @@ mod tests {
             mtu: 1450,
             internal: false,
             encrypted: false,
+            aux_addresses: Default::default(),
             docker_pending: None,
         }
     }
