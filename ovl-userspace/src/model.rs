@@ -2209,7 +2209,8 @@ mod tests {
         s.create_network(spec("ok", None)).unwrap();
         let before = s.clone();
         let ip = |d| Ipv4Addr::new(198, 18, 0, d);
-        let cases: [(&[&str], Vec<(&str, Ipv4Addr)>, &str); 9] = [
+        type Case<'a> = (&'a [&'a str], Vec<(&'a str, Ipv4Addr)>, &'a str);
+        let cases: [Case; 9] = [
             (&["198.18.1.0/25"], vec![], "in none of"),
             (&["198.18.0.0/23"], vec![], "in none of"),
             (

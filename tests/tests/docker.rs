@@ -1434,3 +1434,150 @@ fn docker_addresses_stop_at_the_subnets_usable_ones() -> Result<()> {
     world.agree(0, net)?;
     world.stop()
 }
+
+/// `--ip-range` and `--aux-address` of `docker network create` (Docker
+/// asks ovl's IPAM for the gateway and the auxiliary addresses before
+/// CreateNetwork names them): containers get addresses from the range
+/// only, never an auxiliary one, and a full range says so. A creation
+/// Docker gives up leaves no network and no address behind. A network
+/// made by `ovl network create` with a range shows it in Docker and gives
+/// Docker's containers addresses from it.
+#[test]
+fn ip_ranges_and_aux_addresses_of_docker_networks_are_kept() -> Result<()> {
+    let lab = Lab::new("dk-range")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
+    let net = "dkr-net";
+    let create = |extra: &[&str]| {
+        let mut argv = vec![
+            "network",
+            "create",
+            "-d",
+            "ovl",
+            "--ipam-driver",
+            "ovl",
+            "--subnet",
+            "198.18.30.0/24",
+            "--ip-range",
+            "198.18.30.128/30",
+            "--gateway",
+            "198.18.30.254",
+            "--aux-address",
+            "router=198.18.30.129",
+            "--aux-address",
+            "nas=198.18.30.7",
+        ];
+        argv.extend_from_slice(extra);
+        world.dockerds[0].docker_unchecked(&argv)
+    };
+    // Refused after the IPAM calls: nothing of it stays in ovl's store.
+    let out = create(&["--opt", "color=blue", "dkr-bad"])?;
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(!out.status.success() && msg.contains("color=blue"), "{msg}");
+    let ls = world.ovl(0, &["network", "ls", "--json"])?;
+    ensure!(!ls.contains("198.18.30.0/24"), "left behind: {ls}");
+
+    let out = create(&[net])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(VISIBLE_WITHIN, || {
+        Ok(ovl_networks(&world)?.contains(&net.to_owned()))
+    })?;
+    let inspect: Value = serde_json::from_str(&world.ovl(0, &["network", "inspect", net])?)?;
+    let pool = &inspect["subnets"][0];
+    ensure!(
+        pool["range"] == "198.18.30.128/30" && pool["gateway"] == "198.18.30.254",
+        "{inspect}"
+    );
+    ensure!(
+        inspect["aux_addresses"]
+            == serde_json::json!({"router": "198.18.30.129", "nas": "198.18.30.7"}),
+        "{inspect}"
+    );
+    let mut got = Vec::new();
+    for name in ["dkr-1", "dkr-2", "dkr-3"] {
+        got.push(world.dockerds[0].run(&lab, name, net, &[])?.ip()?);
+    }
+    ensure!(
+        got == [
+            Ipv4Addr::new(198, 18, 30, 128),
+            Ipv4Addr::new(198, 18, 30, 130),
+            Ipv4Addr::new(198, 18, 30, 131)
+        ],
+        "{got:?}"
+    );
+    let refused = |name: &str, extra: &[&str], needle: &str| -> Result<()> {
+        let mut argv = vec!["run", "-d", "--name", name, "--network", net];
+        argv.extend_from_slice(extra);
+        argv.extend_from_slice(&[ovl_tests::BUSYBOX_IMAGE, "sleep", "600"]);
+        let out = world.dockerds[0].docker_unchecked(&argv)?;
+        let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(
+            !out.status.success() && msg.contains(needle),
+            "{argv:?}: {msg}"
+        );
+        world.docker(0, &["rm", "-f", name])?;
+        Ok(())
+    };
+    refused(
+        "dkr-4",
+        &[],
+        "no free address left in 198.18.30.0/24 (range 198.18.30.128/30)",
+    )?;
+    refused(
+        "dkr-x",
+        &["--ip", "198.18.30.7"],
+        "reserved as auxiliary address \"nas\"",
+    )?;
+    world.agree(0, net)?;
+    for name in ["dkr-1", "dkr-2", "dkr-3"] {
+        world.docker(0, &["rm", "-f", name])?;
+    }
+    world.docker(0, &["network", "rm", net])?;
+    wait_until(VISIBLE_WITHIN, || {
+        Ok(!ovl_networks(&world)?.contains(&net.to_owned()))
+    })?;
+
+    // Made by ovl: Docker's mirror shows the range and takes addresses
+    // from it.
+    let mirror = "dkr-mirror";
+    world.ovl(
+        0,
+        &[
+            "network",
+            "create",
+            mirror,
+            "--subnet",
+            "198.18.31.0/24",
+            "--ip-range",
+            "198.18.31.64/26",
+            "--aux-address",
+            "gw2=198.18.31.64",
+        ],
+    )?;
+    wait_listed(&world, 0, mirror, true)?;
+    let range = world.docker(
+        0,
+        &[
+            "network",
+            "inspect",
+            "-f",
+            "{{range .IPAM.Config}}{{.IPRange}}{{end}}",
+            mirror,
+        ],
+    )?;
+    ensure!(
+        range == "198.18.31.64/26",
+        "Docker shows IP range {range:?}"
+    );
+    let c = world.dockerds[0].run(&lab, "dkr-m", mirror, &[])?;
+    ensure!(
+        c.ip()? == Ipv4Addr::new(198, 18, 31, 65),
+        "dkr-m got {}",
+        c.ip()?
+    );
+    world.agree(0, mirror)?;
+    world.stop()
+}

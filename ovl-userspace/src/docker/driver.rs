@@ -9,7 +9,7 @@ use axum::{body::Bytes, extract::State, response::Response};
 
 use super::{
     Context, Ctx, Known, answer,
-    ipam::{OWNER_IPAM, owner_of},
+    ipam::{self, OWNER_IPAM, owner_of},
     names,
     networks::{self, resolve, short},
     options,
@@ -47,6 +47,7 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
     let req: protocol::CreateNetwork = parse(CREATE_NETWORK, body)?;
     let opts = options::network_options(&req.options, &req.ipv4_data, &req.ipv6_data)?;
     let mut pools = Vec::new();
+    let mut aux = Vec::new();
     for pool in &req.ipv4_data {
         if pool.address_space != options::ADDRESS_SPACE {
             return Err(Refusal::new(format!(
@@ -56,6 +57,12 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
         }
         let subnet: Subnet = pool.pool.parse()?;
         pools.push((subnet, cidr_address(&pool.gateway)?));
+        for (name, cidr) in &pool.aux_addresses {
+            let ip = cidr_address(cidr)?.ok_or_else(|| {
+                Refusal::malformed(format!("auxiliary address {name} has no address"))
+            })?;
+            aux.push((name.clone(), ip));
+        }
     }
     if let Some(mtu) = opts.mtu {
         check_mtu(mtu).map_err(StoreError::from)?;
@@ -64,6 +71,11 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
     if let Some(name) = opts.mirror_of {
         let state = store.load_in(Scope::Network(&name)).await?;
         let n = state.network(&name).map_err(StoreError::from)?;
+        if !aux.is_empty() {
+            return Err(Refusal::new(format!(
+                "ovl network {name} takes auxiliary addresses from `ovl network create --aux-address` only; create the Docker network without --aux-address"
+            )));
+        }
         let same_pools = pools.len() == n.subnets.len()
             && pools.iter().all(|(subnet, gw)| {
                 n.subnets
@@ -117,6 +129,7 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
                     });
                 }
             }
+            ipam::name_aux_addresses(pending, &aux)?;
             networks::bind(pending, &node, &id);
             pending.mtu = mtu;
             pending.internal = opts.internal;

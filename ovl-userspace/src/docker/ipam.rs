@@ -1,7 +1,10 @@
 //! Docker's IPAM driver calls, served from ovl's store so that addresses
 //! are unique across hosts: a pool is an ovl network's subnet (a new one is
-//! created, provisionally named, by RequestPool), an address is reserved in
-//! the store by RequestAddress and freed by ReleaseAddress.
+//! created, provisionally named, by RequestPool, with its `--ip-range`),
+//! an address is reserved in the store by RequestAddress and freed by
+//! ReleaseAddress. Docker asks for a network's gateway and auxiliary
+//! addresses (`--aux-address`) between RequestPool and CreateNetwork; the
+//! latter are kept by the network, named by CreateNetwork.
 
 use std::{fmt, net::Ipv4Addr, str::FromStr};
 
@@ -14,9 +17,10 @@ use super::{
     protocol::{self, Refusal, parse},
 };
 use crate::{
-    ipam::{IpamError, Subnet},
+    ipam::{IpRange, IpamError, Subnet},
     model::{
-        DockerPending, Endpoint, Location, ModelError, Network, NetworkSpec, State as OvlState,
+        self, DockerPending, Endpoint, Location, ModelError, Network, NetworkSpec,
+        State as OvlState,
     },
     store::{Scope, Store, StoreError},
 };
@@ -105,23 +109,35 @@ async fn do_request_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
             "ovl's IPAM needs a --subnet (e.g. --subnet 198.18.0.0/24)",
         ));
     }
-    if !req.sub_pool.is_empty() {
+    let subnet: Subnet = req.pool.parse()?;
+    let range = match req.sub_pool.as_str() {
+        "" => None,
+        r => Some(r.parse::<IpRange>()?),
+    };
+    if let Some(r) = range.filter(|r| !r.is_within(&subnet)) {
         return Err(Refusal::new(format!(
-            "ovl does not support --ip-range {} yet; addresses come from the whole --subnet",
-            req.sub_pool
+            "--ip-range {r} is not inside --subnet {subnet}; give a range of the subnet"
         )));
     }
-    let subnet: Subnet = req.pool.parse()?;
     let mirror_of = options::pool_options(&req.options)?;
     let store = ctx.store.get().await?;
     let network = match mirror_of {
         Some(name) => {
             let state = store.load_in(Scope::Network(&name)).await?;
             let n = state.network(&name)?;
-            if !has_subnet(n, &subnet) {
+            let Some(own) = n.subnets.iter().find(|p| p.subnet == subnet) else {
                 return Err(Refusal::new(format!(
                     "ovl network {name} has subnets {}, not {subnet}",
                     n.subnets_text()
+                )));
+            };
+            // Without --ip-range the mirror takes the network's own.
+            if range.is_some() && range != own.range {
+                return Err(Refusal::new(format!(
+                    "ovl network {name} gives addresses of {subnet} from {}, not from --ip-range {}",
+                    own.range
+                        .map_or("the whole subnet".to_owned(), |r| r.to_string()),
+                    req.sub_pool
                 )));
             }
             n.clone()
@@ -132,7 +148,10 @@ async fn do_request_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
                 .update_with(Scope::All, |s| {
                     s.check_subnet_free(&subnet)?;
                     let name = pending_name(&subnet);
-                    s.create_network(NetworkSpec::new(&name, subnet))?;
+                    s.create_network(NetworkSpec {
+                        ranges: range.into_iter().collect(),
+                        ..NetworkSpec::new(&name, subnet)
+                    })?;
                     let n = s.networks.get_mut(&name).expect("created just above");
                     n.docker_pending = Some(DockerPending {
                         node: node.clone(),
@@ -225,11 +244,15 @@ async fn do_request_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
         Some(DockerPending {
             network_id: None, ..
         }) => {
-            return Err(Refusal::new(format!(
-                "pool {pool} has no Docker network of driver ovl: either it is being created with \
-                 --aux-address, which ovl does not support yet (create it without), or its network \
-                 has another driver ({OTHER_DRIVER})"
-            )));
+            // Before CreateNetwork, Docker asks only for its gateway and
+            // auxiliary addresses; the containers of a network of another
+            // driver (which never gets one) ask for any address.
+            let Some(ip) = wanted else {
+                return Err(Refusal::new(format!(
+                    "pool {pool} has no Docker network of driver ovl: {OTHER_DRIVER}"
+                )));
+            };
+            return aux_address(&store, &network, &pool, ip).await;
         }
         Some(DockerPending {
             network_id: Some(id),
@@ -354,6 +377,54 @@ async fn gateway_for(
     Ok(wanted)
 }
 
+/// Keeps `ip` of `pool` as an auxiliary address of `network`, which
+/// Docker is creating: named after the address until CreateNetwork names
+/// it ([`name_aux_addresses`]).
+async fn aux_address(
+    store: &Store,
+    network: &Network,
+    pool: &PoolId,
+    ip: Ipv4Addr,
+) -> Result<Response, Refusal> {
+    let name = network.name.clone();
+    store
+        .update_with(Scope::Network(&name), |s| {
+            if let Some(e) = s.endpoints_of(&name).find(|e| e.ip == ip) {
+                return Err(IpamError::InUse(e.ip).into());
+            }
+            let n = s
+                .networks
+                .get_mut(&name)
+                .ok_or_else(|| ModelError::NoSuchNetwork(name.clone()))?;
+            if n.aux_name(ip).is_none() {
+                model::check_aux(&n.subnets, &n.aux_addresses, &ip.to_string(), ip)?;
+                n.aux_addresses.insert(ip.to_string(), ip);
+            }
+            Ok(())
+        })
+        .await?;
+    log::info!("auxiliary address {ip} of {name}");
+    Ok(address_reply(ip, pool.subnet.prefix()))
+}
+
+/// Gives the auxiliary addresses Docker asked for while creating
+/// `network` the names CreateNetwork carries (`named`: name, address);
+/// one it did not ask for (outside every pool it asked) is added.
+pub fn name_aux_addresses(
+    network: &mut Network,
+    named: &[(String, Ipv4Addr)],
+) -> Result<(), ModelError> {
+    for (name, ip) in named {
+        if network.aux_addresses.get(name) == Some(ip) {
+            continue;
+        }
+        network.aux_addresses.retain(|_, a| a != ip);
+        model::check_aux(&network.subnets, &network.aux_addresses, name, *ip)?;
+        network.aux_addresses.insert(name.clone(), *ip);
+    }
+    Ok(())
+}
+
 fn address_reply(ip: Ipv4Addr, prefix: u8) -> Response {
     protocol::reply(&protocol::AddressReply {
         address: format!("{ip}/{prefix}"),
@@ -401,6 +472,21 @@ async fn do_release_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
             if network.subnets.iter().any(|p| p.gateway == ip) {
                 // The gateway is the network's, not an endpoint's.
                 return Ok(Released::Gateway);
+            }
+            let creating_here = network
+                .docker_pending
+                .as_ref()
+                .is_some_and(|p| p.node == node && p.network_id.is_none());
+            if let Some(aux) = network.aux_name(ip) {
+                // Docker gave up creating the network (or removes it).
+                if !creating_here {
+                    return Ok(Released::NotHeld);
+                }
+                let (network, aux) = (network.name.clone(), aux.to_owned());
+                if let Some(n) = s.networks.get_mut(&network) {
+                    n.aux_addresses.remove(&aux);
+                }
+                return Ok(Released::Freed(network));
             }
             let network = network.name.clone();
             let Some(e) = s

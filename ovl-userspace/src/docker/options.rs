@@ -93,11 +93,6 @@ pub fn network_options(
     if internal && !FEATURES.internal {
         return Err(unsupported("--internal", "internal networks are coming"));
     }
-    for pool in ipv4 {
-        if !pool.aux_addresses.is_empty() {
-            return Err(unsupported("--aux-address", "no auxiliary addresses"));
-        }
-    }
     let generic: BTreeMap<String, Value> = match options.get(GENERIC) {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(Value::Object(m)) => m.clone().into_iter().collect(),

@@ -354,10 +354,18 @@ async fn mirror(ctx: &Context, n: &Network) -> Result<String, String> {
                 .subnets
                 .iter()
                 .map(|p| {
-                    BTreeMap::from([
+                    let mut config = BTreeMap::from([
                         ("Subnet", p.subnet.to_string()),
                         ("Gateway", p.gateway.to_string()),
-                    ])
+                    ]);
+                    // Shown by `docker network inspect`; ovl's IPAM keeps
+                    // it whatever Docker asks. (Auxiliary addresses are
+                    // not passed: Docker would ask for them as for a
+                    // container's.)
+                    if let Some(range) = p.range {
+                        config.insert("IPRange", range.to_string());
+                    }
+                    config
                 })
                 .collect(),
             options: BTreeMap::from([(MIRROR_OF, n.name.clone())]),
