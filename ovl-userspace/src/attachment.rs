@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use crate::{
     api, dns,
     ipam::Subnet,
-    model::{ContainerSpec, Endpoint, Location, ModelError, Network},
+    model::{ContainerSpec, Endpoint, Location, MacAddr, ModelError, Network},
     netlink, netns,
     ports::PublishedPort,
     store::{Around, Scope, Store, StoreError},
@@ -53,6 +53,9 @@ pub struct Request {
     pub owner: Option<String>,
     /// Ports to publish on the node ([`Endpoint::ports`]).
     pub ports: Vec<PublishedPort>,
+    /// The container's MAC [default: a reservation's taken over, else
+    /// 02:42 + its address].
+    pub mac: Option<MacAddr>,
 }
 
 /// Where the container's end of the veth goes.
@@ -280,6 +283,7 @@ pub async fn register(
                 subnet: req.subnet,
                 owner: req.owner.clone(),
                 ports: req.ports.clone(),
+                mac: req.mac,
             })?;
             let ep = if aliases.is_empty() {
                 ep

@@ -99,6 +99,11 @@ enum Command {
             value_name = "[HOSTIP:]HOSTPORT:CPORT[/PROTO]"
         )]
         ports: Vec<ovl_userspace::ports::PublishedPort>,
+        /// The container's MAC, as `docker run --mac-address` [default:
+        /// 02:42 followed by its address]: unicast, outside 02:42:…,
+        /// unique on the network.
+        #[arg(long)]
+        mac: Option<MacAddr>,
     },
     /// Remove a container namespace's interface from a network.
     Disconnect { network: String, netns: String },
@@ -511,6 +516,7 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             aliases,
             ports,
+            mac,
         } => {
             let req = ovl_userspace::attachment::Request {
                 network,
@@ -524,6 +530,7 @@ async fn run(cli: Cli) -> Result<()> {
                 subnet,
                 owner: None,
                 ports,
+                mac,
             };
             commands::connect(store, &api_socket, &req).await?
         }

@@ -130,6 +130,23 @@ pub enum ModelError {
     #[error("{0} is the MAC of ovl's gateways; give the endpoint another --mac")]
     GatewayMac(MacAddr),
     #[error(
+        "{mac} is in 02:42:…, where ovl gives each container 02:42 + its IPv4 address ({own} for {ip}); give a MAC outside 02:42:… or none"
+    )]
+    MacOfOvl {
+        mac: MacAddr,
+        ip: Ipv4Addr,
+        own: MacAddr,
+    },
+    #[error(
+        "MAC {mac} is already used on network {network:?} by {holder} ({ip}); give another MAC or none"
+    )]
+    MacTaken {
+        mac: MacAddr,
+        network: String,
+        holder: String,
+        ip: Ipv4Addr,
+    },
+    #[error(
         "invalid VXLAN port {0}: use {first}..={last} (4789 is IANA's, 8472 Linux's and Flannel's); lower ports are the hosts' well-known services', higher ones their sockets' ephemeral ports, whose traffic decapsulation would take",
         first = VXLAN_PORTS.start(),
         last = VXLAN_PORTS.end()
@@ -705,6 +722,9 @@ pub struct ContainerSpec {
     pub subnet: Option<Subnet>,
     /// Ports to publish on the node ([`Endpoint::ports`]).
     pub ports: Vec<PublishedPort>,
+    /// The container's MAC [default: a reservation's taken over, else
+    /// 02:42 + its address].
+    pub mac: Option<MacAddr>,
 }
 
 impl State {
@@ -917,12 +937,28 @@ impl State {
             self.endpoints.extend(reservation);
             return Err(e);
         }
-        let ip = self.allocate(&network, spec.ip, spec.subnet)?;
+        let ip = match self.allocate(&network, spec.ip, spec.subnet) {
+            Ok(ip) => ip,
+            Err(e) => {
+                self.endpoints.extend(reservation);
+                return Err(e);
+            }
+        };
+        let mac = match spec.mac {
+            Some(mac) => mac,
+            None => reservation
+                .as_ref()
+                .map_or(MacAddr::for_ipv4(ip), |r| r.mac),
+        };
+        if let Err(e) = self.check_mac(&spec.network, mac, ip) {
+            self.endpoints.extend(reservation);
+            return Err(e);
+        }
         let endpoint = Endpoint {
             network: spec.network,
             name,
             ip,
-            mac: MacAddr::for_ipv4(ip),
+            mac,
             location: Location::Container {
                 node: spec.node,
                 netns: spec.netns,
@@ -934,6 +970,33 @@ impl State {
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
+    }
+
+    /// Whether endpoint `ip` of `network` may have MAC `mac`: a unicast
+    /// address other than the gateways', outside the 02:42:… block ovl
+    /// derives containers' MACs from (but for `ip`'s own), and no other
+    /// endpoint's of the network.
+    pub fn check_mac(&self, network: &str, mac: MacAddr, ip: Ipv4Addr) -> Result<(), ModelError> {
+        validate::mac(mac)?;
+        if mac == MacAddr(ANYCAST_GATEWAY_MAC) {
+            return Err(ModelError::GatewayMac(mac));
+        }
+        let own = MacAddr::for_ipv4(ip);
+        if mac.0[..2] == own.0[..2] && mac != own {
+            return Err(ModelError::MacOfOvl { mac, ip, own });
+        }
+        match self
+            .endpoints_of(network)
+            .find(|e| e.mac == mac && e.ip != ip)
+        {
+            Some(e) => Err(ModelError::MacTaken {
+                mac,
+                network: network.to_owned(),
+                holder: e.name.clone(),
+                ip: e.ip,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Whether a container of `network` on `node` may publish `ports`: the
@@ -2201,6 +2264,58 @@ mod tests {
         assert!(v["networks"]["a"]["subnets"][1].get("range").is_none());
         let again: State = serde_json::from_value(v).unwrap();
         assert_eq!(again, s);
+    }
+
+    #[test]
+    fn a_container_may_bring_its_own_mac_unless_another_has_it_or_it_is_ovls() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        let mine = MacAddr([0x0a, 0, 0, 0, 0, 5]);
+        let e = s
+            .add_container(ContainerSpec {
+                mac: Some(mine),
+                ..container("a", "n", "c1")
+            })
+            .unwrap();
+        assert_eq!((e.ip, e.mac), (Ipv4Addr::new(198, 18, 0, 2), mine));
+        let before = s.clone();
+        let ovls = MacAddr::for_ipv4(Ipv4Addr::new(198, 18, 0, 9));
+        for (mac, needle) in [
+            (mine, "already used on network \"a\" by c1"),
+            (ovls, "where ovl gives each container 02:42"),
+            (MacAddr(ANYCAST_GATEWAY_MAC), "MAC of ovl's gateways"),
+            (MacAddr([1, 0, 0, 0, 0, 1]), "multicast"),
+        ] {
+            let err = s
+                .add_container(ContainerSpec {
+                    mac: Some(mac),
+                    ..container("a", "n", "c2")
+                })
+                .unwrap_err();
+            assert!(err.to_string().contains(needle), "{mac}: {err}");
+        }
+        assert_eq!(s, before);
+        // 02:42 + its own address is what it would get anyway.
+        let e = s
+            .add_container(ContainerSpec {
+                ip: Some(Ipv4Addr::new(198, 18, 0, 9)),
+                mac: Some(ovls),
+                ..container("a", "n", "c3")
+            })
+            .unwrap();
+        assert_eq!(e.mac, ovls);
+        // A reservation's MAC (Docker's CreateEndpoint) is taken over.
+        let r = s.reserve("a", "n", None, None, "docker:e1").unwrap();
+        let theirs = MacAddr([0x0a, 0, 0, 0, 0, 6]);
+        s.endpoints.iter_mut().find(|e| e.ip == r.ip).unwrap().mac = theirs;
+        let e = s
+            .add_container(ContainerSpec {
+                ip: Some(r.ip),
+                owner: Some("docker:e1".into()),
+                ..container("a", "n", "c4")
+            })
+            .unwrap();
+        assert_eq!(e.mac, theirs);
     }
 
     #[test]

@@ -64,6 +64,7 @@ fn container(network: &str, node: &str, netns: &str, ip: Option<Ipv4Addr>) -> Co
         ip,
         owner: None,
         subnet: None,
+        mac: None,
     }
 }
 
@@ -571,6 +572,7 @@ fn request(network: &str, netns: &str, name: Option<&str>, ip: Option<Ipv4Addr>)
         ip,
         subnet: None,
         owner: None,
+        mac: None,
     }
 }
 

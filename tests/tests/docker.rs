@@ -1581,3 +1581,58 @@ fn ip_ranges_and_aux_addresses_of_docker_networks_are_kept() -> Result<()> {
     world.agree(0, mirror)?;
     world.stop()
 }
+
+/// `docker run --mac-address`: the container's interface has that MAC, a
+/// container on the other host reaches it through ovl's data path (its
+/// ARP answered with that MAC, decapsulated frames addressed to it), and
+/// a second container asking for the same MAC on the network is refused,
+/// naming the holder.
+#[test]
+fn a_docker_container_keeps_the_mac_address_it_is_run_with() -> Result<()> {
+    let lab = Lab::new("dk-mac")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 2, DockerdOptions::default())?;
+    let net = "dkmac-net";
+    create_network(&world, 0, net, "198.18.32.0/24")?;
+    wait_listed(&world, 1, net, true)?;
+    let mac = "0a:00:5e:00:00:05";
+    let c1 = world.dockerds[0].run(&lab, "dkmac-1", net, &["--mac-address", mac])?;
+    let link = c1.netns.ip(&["-o", "link", "show", "dev", "eth0"])?;
+    let link = String::from_utf8_lossy(&link.stdout).into_owned();
+    ensure!(link.contains(&format!("link/ether {mac}")), "{link}");
+    let ip1 = c1.ip()?;
+    let c2 = world.dockerds[1].run(&lab, "dkmac-2", net, &[])?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(ping(&c2.netns, ip1, 1, &["-W", "1"])?.all_received())
+    })?;
+    let back = ping(&c1.netns, c2.ip()?, 3, &["-i", "0.2", "-W", "2"])?;
+    ensure!(back.all_received(), "{}", back.output);
+    let neigh = c2.netns.ip(&["neigh", "show", &ip1.to_string()])?;
+    let neigh = String::from_utf8_lossy(&neigh.stdout).into_owned();
+    ensure!(neigh.contains(mac), "dkmac-2 resolved {ip1} as {neigh}");
+    let ep = ovl_endpoint(&world, net, ip1)?;
+    ensure!(ep["mac"] == mac, "{ep}");
+
+    let argv = [
+        "run",
+        "-d",
+        "--name",
+        "dkmac-3",
+        "--network",
+        net,
+        "--mac-address",
+        mac,
+        ovl_tests::BUSYBOX_IMAGE,
+        "sleep",
+        "600",
+    ];
+    let out = world.dockerds[1].docker_unchecked(&argv)?;
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success() && msg.contains(&format!("MAC {mac} is already used")),
+        "{msg}"
+    );
+    world.docker(1, &["rm", "-f", "dkmac-3"])?;
+    world.agree(0, net)?;
+    world.agree(1, net)?;
+    world.stop()
+}

@@ -331,6 +331,7 @@ pub async fn churn(
             ip: Some(ip),
             subnet: None,
             owner: None,
+            mac: None,
         };
         let others: Vec<usize> = (0..n_nodes).filter(|i| *i != node).collect();
         let probe = Probe {
@@ -568,6 +569,7 @@ fn container(network: &str, node: &str, netns: &str, ip: Ipv4Addr) -> ContainerS
         ip: Some(ip),
         owner: None,
         subnet: None,
+        mac: None,
     }
 }
 

@@ -85,6 +85,7 @@ pub async fn add(
         subnet: None,
         owner: Some(owner),
         ports,
+        mac: None,
     };
     let a = attachment::attach(&store, &req).await.map_err(|e| {
         let e = e.context(format!(

@@ -453,6 +453,7 @@ mod tests {
             ip: None,
             owner: None,
             subnet: None,
+            mac: None,
         })
         .unwrap()
     }

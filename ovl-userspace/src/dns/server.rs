@@ -452,6 +452,7 @@ mod tests {
                 ip: None,
                 owner: None,
                 subnet: None,
+                mac: None,
             })
             .unwrap();
         }

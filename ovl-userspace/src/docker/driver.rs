@@ -274,15 +274,13 @@ async fn do_create_endpoint(ctx: &Context, body: &[u8]) -> Result<Response, Refu
             "the endpoint has no IPv4 address: ovl networks need --ipam-driver ovl",
         ));
     };
-    let mac = MacAddr::for_ipv4(ip);
-    if !req.interface.mac_address.is_empty()
-        && req.interface.mac_address.parse::<MacAddr>().ok() != Some(mac)
-    {
-        return Err(Refusal::new(format!(
-            "ovl gives a container the MAC address 02:42 + its IPv4 address ({mac}); run it without --mac-address {}",
-            req.interface.mac_address
-        )));
-    }
+    // `docker run --mac-address`, or 02:42 + the address.
+    let mac = match req.interface.mac_address.as_str() {
+        "" => MacAddr::for_ipv4(ip),
+        text => text
+            .parse::<MacAddr>()
+            .map_err(|e| Refusal::new(format!("--mac-address {text}: {e}")))?,
+    };
     let store = ctx.store.get().await?;
     let net = network_of(ctx, &store, &req.network_id).await?;
     let node = ctx.node.clone();
@@ -306,10 +304,13 @@ async fn do_create_endpoint(ctx: &Context, body: &[u8]) -> Result<Response, Refu
             }
             e.owner = Some(owner.clone());
             e.name = short(&req.endpoint_id).to_owned();
+            // Join's attachment takes the reservation's MAC over.
+            e.mac = mac;
             // Published at Join, which attaches the container (and
             // checks the node's other containers); kept until then.
             e.ports = ports.clone();
             let e = e.clone();
+            s.check_mac(&net.name, mac, ip)?;
             // Refused early where the state at hand shows the clash.
             s.check_ports_free(&net, &node, &e.ports)
         })
@@ -406,6 +407,7 @@ async fn do_join(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, Refusal> {
                     subnet: None,
                     aliases: Vec::new(),
                     ports: ep.ports.clone(),
+                    mac: None,
                 },
                 Placement::HostSide,
             )

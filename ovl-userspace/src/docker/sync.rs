@@ -546,6 +546,7 @@ mod tests {
             ip: None,
             owner: Some("docker:dead".into()),
             subnet: None,
+            mac: None,
         };
         let dead_ep = s.add_container(dead.clone()).unwrap();
         dead.netns = "c9".into();

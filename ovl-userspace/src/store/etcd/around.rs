@@ -160,6 +160,7 @@ mod tests {
             ip: None,
             owner: None,
             subnet: None,
+            mac: None,
         }
     }
 

@@ -467,6 +467,7 @@ mod tests {
                 ip: None,
                 owner: None,
                 subnet: None,
+                mac: None,
             })
             .unwrap();
         }
@@ -524,6 +525,7 @@ mod tests {
                 ip: None,
                 owner: None,
                 subnet: None,
+                mac: None,
             })
             .unwrap();
         changed.remove_container("blue", "b", "c2").unwrap();

@@ -754,6 +754,7 @@ mod tests {
             ip: None,
             owner: None,
             subnet: None,
+            mac: None,
         })
         .unwrap();
     }
@@ -812,6 +813,7 @@ mod tests {
                 ip: Some("198.18.0.9".parse().unwrap()),
                 owner: None,
                 subnet: None,
+                mac: None,
             })
             .unwrap();
         });

@@ -447,6 +447,7 @@ mod tests {
                     ip: None,
                     owner: None,
                     subnet: None,
+                    mac: None,
                 })
                 .unwrap();
             let e = if i % 7 == 0 {
