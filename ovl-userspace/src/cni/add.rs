@@ -15,7 +15,7 @@ use super::{
     types::NetConf,
     version::SpecVersion,
 };
-use crate::{attachment, dns, netlink, ports::PublishedPort};
+use crate::{attachment, dns, model::MacAddr, netlink, ports::PublishedPort};
 
 /// How long ADD waits for the node's agent to forward for the container
 /// (as `ovl connect` does): the container starts right after ADD.
@@ -36,6 +36,7 @@ pub async fn add(
     let netns = inv.netns.as_deref().expect("ADD requires CNI_NETNS");
     sandbox::check(netns)?;
     let ip = requested_ip(inv, conf)?;
+    let mac = requested_mac(inv, conf)?;
     let ports = requested_ports(conf)?;
     // Read before anything is made: a prevResult that is no CNI result
     // found only after attaching would leave the attachment behind.
@@ -85,7 +86,7 @@ pub async fn add(
         subnet: None,
         owner: Some(owner),
         ports,
-        mac: None,
+        mac,
     };
     let a = attachment::attach(&store, &req).await.map_err(|e| {
         let e = e.context(format!(
@@ -141,6 +142,24 @@ fn requested_ip(inv: &Invocation, conf: &NetConf) -> Result<Option<Ipv4Addr>, Cn
             many.len(),
             asked.join(", ")
         ))),
+    }
+}
+
+/// A MAC the runtime asks for: the `mac` capability or `MAC=` in
+/// CNI_ARGS (the CNI conventions); both may name it, but not two.
+fn requested_mac(inv: &Invocation, conf: &NetConf) -> Result<Option<MacAddr>, CniError> {
+    let asked = conf.runtime_config.as_ref().and_then(|r| r.mac.as_deref());
+    let parse = |text: &str| {
+        text.parse::<MacAddr>()
+            .map_err(|e| CniError::config(format!("requested MAC {text:?}: {e}")))
+    };
+    let from_config = asked.map(parse).transpose()?;
+    let from_args = inv.args.get("MAC").map(|m| parse(m)).transpose()?;
+    match (from_config, from_args) {
+        (Some(a), Some(b)) if a != b => Err(CniError::config(format!(
+            "two MACs requested ({a} in runtimeConfig, {b} in CNI_ARGS); give one"
+        ))),
+        (a, b) => Ok(a.or(b)),
     }
 }
 
@@ -234,6 +253,34 @@ mod tests {
                 .details
                 .contains("300")
         );
+    }
+
+    #[test]
+    fn a_mac_asked_for_through_the_capability_or_cni_args_is_one_mac() {
+        let conf: NetConf =
+            serde_json::from_str(r#"{"name":"n","runtimeConfig":{"mac":"0a:00:5e:00:00:05"}}"#)
+                .unwrap();
+        let plain: NetConf = serde_json::from_str(r#"{"name":"n"}"#).unwrap();
+        let inv = |args: &[(&str, &str)]| Invocation {
+            args: args
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Invocation::default()
+        };
+        let mac = MacAddr([0x0a, 0, 0x5e, 0, 0, 5]);
+        assert_eq!(requested_mac(&inv(&[]), &conf).unwrap(), Some(mac));
+        assert_eq!(requested_mac(&inv(&[]), &plain).unwrap(), None);
+        let same = inv(&[("MAC", "0a:00:5e:00:00:05")]);
+        assert_eq!(requested_mac(&same, &conf).unwrap(), Some(mac));
+        assert_eq!(requested_mac(&same, &plain).unwrap(), Some(mac));
+        let other = inv(&[("MAC", "0a:00:5e:00:00:06")]);
+        let e = requested_mac(&other, &conf).unwrap_err();
+        assert_eq!(e.code, Code::InvalidConfig);
+        assert!(e.details.contains("two MACs requested"), "{e}");
+        let bad = inv(&[("MAC", "0a:00:5e")]);
+        let e = requested_mac(&bad, &plain).unwrap_err();
+        assert!(e.details.contains("0a:00:5e"), "{e}");
     }
 
     #[test]

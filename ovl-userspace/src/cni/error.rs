@@ -178,8 +178,15 @@ fn model_code(e: &ModelError) -> Code {
         ModelError::NoSuchNetwork(_) => Code::InvalidConfig,
         ModelError::AlreadyConnected { .. } => Code::AlreadyOnNetwork,
         ModelError::Ipam(i) => ipam_code(i),
-        ModelError::PortTaken { .. } | ModelError::PortOfOverlay { .. } => Code::AddressInUse,
-        ModelError::Port(_) | ModelError::PublishOnInternal(_) => Code::InvalidConfig,
+        ModelError::PortTaken { .. }
+        | ModelError::PortOfOverlay { .. }
+        | ModelError::MacTaken { .. }
+        | ModelError::AuxAddress { .. } => Code::AddressInUse,
+        ModelError::Port(_)
+        | ModelError::PublishOnInternal(_)
+        | ModelError::MacOfOvl { .. }
+        | ModelError::GatewayMac(_)
+        | ModelError::Invalid(_) => Code::InvalidConfig,
         // Freed addresses held back for --address-grace: they clear up
         // by themselves, which is what 11 tells a runtime.
         ModelError::AddressHeld { .. } | ModelError::AllFreeAddressesHeld { .. } => {

@@ -82,14 +82,16 @@ pub fn conflist(spec: &ConflistSpec<'_>) -> Result<String> {
         node: &'a str,
         api_socket: &'a Path,
         pin_root: &'a Path,
-        /// The runtime passes `-p` as `runtimeConfig.portMappings` only
-        /// to a plugin that declares it.
+        /// The runtime passes `-p` as `runtimeConfig.portMappings` (and
+        /// `--mac-address` as `runtimeConfig.mac`) only to a plugin that
+        /// declares it.
         capabilities: Capabilities,
     }
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Capabilities {
         port_mappings: bool,
+        mac: bool,
     }
     let list = List {
         cni_version: SpecVersion::CONFLIST.to_string(),
@@ -104,6 +106,7 @@ pub fn conflist(spec: &ConflistSpec<'_>) -> Result<String> {
             pin_root: spec.pin_root,
             capabilities: Capabilities {
                 port_mappings: true,
+                mac: true,
             },
         }],
     };
@@ -133,6 +136,7 @@ mod tests {
         assert_eq!(v["plugins"][0]["store"], "etcd://192.0.2.1:2379");
         assert_eq!(v["plugins"][0]["node"], "host-a");
         assert_eq!(v["plugins"][0]["capabilities"]["portMappings"], true);
+        assert_eq!(v["plugins"][0]["capabilities"]["mac"], true);
         // Readable by a libcni that stops at 1.0.0 (podman 4.3), with 1.1.0
         // offered to one that reads `cniVersions`.
         assert_eq!(v["cniVersion"], "1.0.0");

@@ -99,6 +99,9 @@ pub struct RuntimeConfig {
     /// The `portMappings` capability (CNI conventions): ports to publish.
     #[serde(default)]
     pub port_mappings: Vec<PortMapping>,
+    /// The `mac` capability (CNI conventions): the container's MAC.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// One entry of the `portMappings` capability, as the conventions (and
