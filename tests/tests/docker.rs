@@ -1374,6 +1374,30 @@ fn connect_and_docker_ipam_racing_for_the_last_addresses_never_share_one() -> Re
 /// refuses the sixth naming the subnet; `--ip` of the gateway, the network
 /// or broadcast address or a taken one is refused saying why; an address
 /// `docker rm` freed can be asked for at once. Docker and ovl agree after.
+/// `docker run` of container `name` on network `net` of host `i` with
+/// `extra` arguments, which must fail saying `needle`; the container
+/// Docker may have left created is removed.
+fn run_refused(
+    world: &DockerCluster,
+    i: usize,
+    net: &str,
+    name: &str,
+    extra: &[&str],
+    needle: &str,
+) -> Result<()> {
+    let mut argv = vec!["run", "-d", "--name", name, "--network", net];
+    argv.extend_from_slice(extra);
+    argv.extend_from_slice(&[ovl_tests::BUSYBOX_IMAGE, "sleep", "600"]);
+    let out = world.dockerds[i].docker_unchecked(&argv)?;
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success() && msg.contains(needle),
+        "{argv:?}: {msg}"
+    );
+    world.docker(i, &["rm", "-f", name])?;
+    Ok(())
+}
+
 #[test]
 fn docker_addresses_stop_at_the_subnets_usable_ones() -> Result<()> {
     let lab = Lab::new("dk-full")?;
@@ -1406,19 +1430,8 @@ fn docker_addresses_stop_at_the_subnets_usable_ones() -> Result<()> {
             c.ip()?
         );
     }
-    let refused = |name: &str, extra: &[&str], needle: &str| -> Result<()> {
-        let mut argv = vec!["run", "-d", "--name", name, "--network", net];
-        argv.extend_from_slice(extra);
-        argv.extend_from_slice(&[ovl_tests::BUSYBOX_IMAGE, "sleep", "600"]);
-        let out = world.dockerds[0].docker_unchecked(&argv)?;
-        let msg = String::from_utf8_lossy(&out.stderr).into_owned();
-        ensure!(
-            !out.status.success() && msg.contains(needle),
-            "{argv:?}: {msg}"
-        );
-        world.docker(0, &["rm", "-f", name])?;
-        Ok(())
-    };
+    let refused =
+        |name: &str, extra: &[&str], needle: &str| run_refused(&world, 0, net, name, extra, needle);
     refused("dkfull-6", &[], "no free address left in 198.18.23.0/29")?;
     for ip in ["198.18.23.6", "198.18.23.0", "198.18.23.7"] {
         refused("dkfull-x", &["--ip", ip], "is not a usable address of")?;
@@ -1508,19 +1521,8 @@ fn ip_ranges_and_aux_addresses_of_docker_networks_are_kept() -> Result<()> {
         ],
         "{got:?}"
     );
-    let refused = |name: &str, extra: &[&str], needle: &str| -> Result<()> {
-        let mut argv = vec!["run", "-d", "--name", name, "--network", net];
-        argv.extend_from_slice(extra);
-        argv.extend_from_slice(&[ovl_tests::BUSYBOX_IMAGE, "sleep", "600"]);
-        let out = world.dockerds[0].docker_unchecked(&argv)?;
-        let msg = String::from_utf8_lossy(&out.stderr).into_owned();
-        ensure!(
-            !out.status.success() && msg.contains(needle),
-            "{argv:?}: {msg}"
-        );
-        world.docker(0, &["rm", "-f", name])?;
-        Ok(())
-    };
+    let refused =
+        |name: &str, extra: &[&str], needle: &str| run_refused(&world, 0, net, name, extra, needle);
     refused(
         "dkr-4",
         &[],
@@ -1612,26 +1614,14 @@ fn a_docker_container_keeps_the_mac_address_it_is_run_with() -> Result<()> {
     let ep = ovl_endpoint(&world, net, ip1)?;
     ensure!(ep["mac"] == mac, "{ep}");
 
-    let argv = [
-        "run",
-        "-d",
-        "--name",
-        "dkmac-3",
-        "--network",
+    run_refused(
+        &world,
+        1,
         net,
-        "--mac-address",
-        mac,
-        ovl_tests::BUSYBOX_IMAGE,
-        "sleep",
-        "600",
-    ];
-    let out = world.dockerds[1].docker_unchecked(&argv)?;
-    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(
-        !out.status.success() && msg.contains(&format!("MAC {mac} is already used")),
-        "{msg}"
-    );
-    world.docker(1, &["rm", "-f", "dkmac-3"])?;
+        "dkmac-3",
+        &["--mac-address", mac],
+        &format!("MAC {mac} is already used"),
+    )?;
     world.agree(0, net)?;
     world.agree(1, net)?;
     world.stop()

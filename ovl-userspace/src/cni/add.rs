@@ -225,18 +225,22 @@ async fn warn_unless_forwarding(s: &Settings, a: &attachment::Attachment) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn one_address_asked_for_through_ips_and_cni_args_is_one_address() {
-        let conf: NetConf =
-            serde_json::from_str(r#"{"name":"n","runtimeConfig":{"ips":["198.18.0.9/24"]}}"#)
-                .unwrap();
-        let inv = |args: &[(&str, &str)]| Invocation {
+    /// An invocation with `args` as CNI_ARGS.
+    fn inv(args: &[(&str, &str)]) -> Invocation {
+        Invocation {
             args: args
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             ..Invocation::default()
-        };
+        }
+    }
+
+    #[test]
+    fn one_address_asked_for_through_ips_and_cni_args_is_one_address() {
+        let conf: NetConf =
+            serde_json::from_str(r#"{"name":"n","runtimeConfig":{"ips":["198.18.0.9/24"]}}"#)
+                .unwrap();
         let same = inv(&[("IP", "198.18.0.9")]);
         assert_eq!(
             requested_ip(&same, &conf).unwrap(),
@@ -261,13 +265,6 @@ mod tests {
             serde_json::from_str(r#"{"name":"n","runtimeConfig":{"mac":"0a:00:5e:00:00:05"}}"#)
                 .unwrap();
         let plain: NetConf = serde_json::from_str(r#"{"name":"n"}"#).unwrap();
-        let inv = |args: &[(&str, &str)]| Invocation {
-            args: args
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            ..Invocation::default()
-        };
         let mac = MacAddr([0x0a, 0, 0x5e, 0, 0, 5]);
         assert_eq!(requested_mac(&inv(&[]), &conf).unwrap(), Some(mac));
         assert_eq!(requested_mac(&inv(&[]), &plain).unwrap(), None);
