@@ -262,8 +262,14 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
             "ovl network create NAME --subnet A --subnet B",
         ),
         (vec!["--gateway", "198.18.1.255"], "not a host address"),
-        (vec!["--ip-range", "198.18.1.128/25"], "--ip-range"),
-        (vec!["--aux-address", "x=198.18.1.9"], "--aux-address"),
+        (
+            vec!["--ip-range", "198.18.1.1/32"],
+            "holds no address an endpoint could get",
+        ),
+        (
+            vec!["--aux-address", "x=198.18.1.255"],
+            "is not a host address of the network's subnets",
+        ),
         (vec!["--ipv6", "--subnet", "2001:db8::/64"], "IPv4 only"),
     ] {
         let mut argv = vec![
@@ -363,7 +369,8 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
     })
     .context("docker network rm left secret-net in ovl")?;
 
-    // --ip picks the address, --mac-address is refused (ovl derives MACs).
+    // --ip picks the address; a --mac-address in the block ovl derives
+    // containers' MACs from is refused.
     let c5 = world.dockerds[1].run(&lab, "c5", NET, &["--ip", "198.18.0.50"])?;
     ensure!(c5.ip()? == Ipv4Addr::new(198, 18, 0, 50), "--ip ignored");
     let out = world.dockerds[1].docker_unchecked(&[
@@ -374,14 +381,14 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
         "--network",
         NET,
         "--mac-address",
-        "02:00:00:00:00:01",
+        "02:42:00:00:00:01",
         ovl_tests::BUSYBOX_IMAGE,
         "sleep",
         "1000",
     ])?;
     let msg = String::from_utf8_lossy(&out.stderr).into_owned();
     ensure!(
-        !out.status.success() && msg.contains("--mac-address"),
+        !out.status.success() && msg.contains("where ovl gives each container 02:42"),
         "--mac-address: {msg}"
     );
     world.docker(1, &["rm", "-f", "c5", "c6"])?;
