@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    CniPlugin, Host, Lab, Netns, Ovl, Podman, REFERENCE_PLUGIN_DIR, TwoHosts, wait_until,
+    CniPlugin, Host, Lab, Netns, Ovl, Podman, REFERENCE_PLUGIN_DIR, TwoHosts, ping, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -967,4 +967,76 @@ fn status_counts_held_back_addresses_as_add_does() -> Result<()> {
         .call("STATUS", &[], &w.conf("1.1.0").to_string())?
         .ok()?;
     w.agent.take().context("agent")?.stop()
+}
+
+/// `podman run --mac-address` reaches ovl through the `mac` capability the
+/// conflist declares: the container's interface has that MAC, ovl's
+/// endpoint records it, a container on the other host reaches it (its ARP
+/// answered with that MAC, decapsulated frames addressed to it), and a
+/// second container asking for the same MAC is refused, naming why.
+#[test]
+fn podman_run_mac_address_goes_through_the_mac_capability() -> Result<()> {
+    let lab = Lab::new("cni-mac")?;
+    let cluster = TwoHosts::start(&lab, "auto")?;
+    cluster.run(0, &["network", "create", NETWORK, "--subnet", SUBNET])?;
+    let host_a = &cluster.hosts[0].netns;
+    let plugin_dir = install_plugin(&lab, &cluster.ovl, host_a)?
+        .parent()
+        .context("plugin dir")?
+        .to_owned();
+    let podman = Podman::new(&lab, host_a, &plugin_dir)?;
+    let mut list = conflist(&cluster.ovl, host_a, TwoHosts::NODES[0])?;
+    list["cniVersion"] = json!("1.0.0");
+    podman.add_network(NETWORK, &list.to_string())?;
+    podman.import_busybox(IMAGE)?;
+    let mac = "0a:00:5e:00:00:07";
+    let run = |name: &str| {
+        podman.run_unchecked(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            NETWORK,
+            "--mac-address",
+            mac,
+            IMAGE,
+            "sleep",
+            "600",
+        ])
+    };
+    let out = run("m1")?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let own = podman.exec("m1", &["cat", "/sys/class/net/eth0/address"])?;
+    ensure!(own.trim() == mac, "m1's eth0 has MAC {own:?}");
+    let ip = podman_ip(&podman, "m1")?;
+    let net: Value = serde_json::from_str(&cluster.run(0, &["network", "inspect", NETWORK])?)?;
+    let recorded = net["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .any(|e| e["ip"] == ip.to_string() && e["mac"] == mac);
+    ensure!(recorded, "ovl does not record {mac} for {ip}: {net}");
+    let (b1, _) = cluster.container(&lab, 1, NETWORK, "b1")?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(ping(&b1, ip, 1, &["-W", "1"])?.all_received())
+    })?;
+    let neigh = b1.ip(&["neigh", "show", &ip.to_string()])?;
+    let neigh = String::from_utf8_lossy(&neigh.stdout).into_owned();
+    ensure!(neigh.contains(mac), "b1 resolved {ip} as {neigh}");
+
+    let out = run("m2")?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success() && err.contains(&format!("MAC {mac} is already used")),
+        "a second container with {mac}: {err}"
+    );
+    let _ = podman.run_unchecked(&["rm", "-f", "m2"]);
+    podman.rm("m1")?;
+    drop(podman);
+    cluster.stop()
 }
