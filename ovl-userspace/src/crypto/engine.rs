@@ -396,8 +396,11 @@ impl Engine {
         }
         let (hdr, frame) = frame.split_at_mut(VNET_HDR_LEN);
         let hdr = VnetHdr::parse(hdr);
+        // Drops count wire-size packets, as the sealed ones do: a
+        // super-packet as the packets it stands for.
+        let segments = offload::segment_count(frame, &hdr);
         let Some(vtep) = vtep_of(frame) else {
-            self.counters.dropped(CryptoDrop::NoKey);
+            self.counters.dropped_n(CryptoDrop::NoKey, segments as u64);
             return;
         };
         let peer = self
@@ -406,12 +409,11 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .by_vtep(vtep);
         let Some(peer) = peer else {
-            self.counters.dropped(CryptoDrop::NoKey);
+            self.counters.dropped_n(CryptoDrop::NoKey, segments as u64);
             return;
         };
         let mine = self.current_key();
         // The whole train fits the batch: no send under the peer's lock.
-        let segments = offload::segment_count(frame, &hdr);
         if segments > SLOTS - out.len() && segments <= SLOTS {
             self.flush(out);
         }
@@ -419,9 +421,7 @@ impl Engine {
         let to = p.endpoint();
         let limit = self.pad_limit_for(&p.info);
         let Some(sender) = p.sender(&mine, Instant::now()) else {
-            for _ in 0..segments {
-                self.counters.dropped(CryptoDrop::NoKey);
-            }
+            self.counters.dropped_n(CryptoDrop::NoKey, segments as u64);
             return;
         };
         let generation = &mut p.gens[sender.index];
@@ -447,9 +447,8 @@ impl Engine {
             }
         } else if offload::split(frame, &hdr, segment, &mut seal_one).is_err() {
             log::debug!("cannot cut a GSO frame for {vtep}: {hdr:?}");
-            for _ in 0..segments {
-                self.counters.dropped(CryptoDrop::Malformed);
-            }
+            self.counters
+                .dropped_n(CryptoDrop::Malformed, segments as u64);
         }
         if sender.handshake_newest
             && let Some(n) = p.newest(&mine)
@@ -1119,10 +1118,16 @@ mod tests {
             let mut frame = vec![0u8; VNET_HDR_LEN + ETH_HDR_LEN];
             frame[VNET_HDR_LEN + 12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
             frame.extend_from_slice(packet);
+            self.seal_frame(&mut frame);
+        }
+
+        /// Seals `frame` (virtio-net header first) as the transmit thread
+        /// would, and sends what it made.
+        fn seal_frame(&self, frame: &mut [u8]) {
             let (mut scratch, mut segment) = (vec![0u8; BUF], vec![0u8; BUF]);
             let mut out = Outgoing::default();
             self.engine
-                .seal(&mut frame, &mut out, &mut scratch, &mut segment);
+                .seal(frame, &mut out, &mut scratch, &mut segment);
             self.engine.flush(&mut out);
         }
 
@@ -1461,6 +1466,20 @@ mod tests {
         incoming.receive(&peer.socket).expect("the sealed packet");
         let (msg, _, tos) = incoming.get(0);
         assert_eq!((msg[0], tos), (MSG_DATA, Ecn::Ect0.bits()));
+    }
+
+    #[test]
+    fn a_super_packet_for_a_vtep_without_a_peer_is_dropped_as_the_packets_it_stands_for() {
+        let node = Node::new();
+        // No node publishes a key for this VTEP (this node has no peer).
+        let mut frame = offload::tests::device_frame([198, 51, 100, 10], 3, 1000);
+        node.seal_frame(&mut frame);
+        assert_eq!(node.drops(CryptoDrop::NoKey), 3);
+        // A frame without offload is one packet.
+        node.seal(&vxlan_packet(Ecn::NotEct));
+        assert_eq!(node.drops(CryptoDrop::NoKey), 4);
+        let c = node.engine.counters.snapshot();
+        assert_eq!((c.tx_packets, c.handshakes_sent), (0, 0));
     }
 
     #[test]

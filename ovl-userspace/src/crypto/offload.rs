@@ -582,7 +582,7 @@ fn same_flow(run: &Run, frame: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// RFC 1071 the slow way: 16-bit big-endian words.
@@ -724,6 +724,20 @@ mod tests {
             inner_nh_offset: INNER_IP as u16,
         };
         (f, h)
+    }
+
+    /// What the crypto device hands over for a TCP super-packet of
+    /// `segments` full segments of `mss` bytes to VTEP `vtep`: its
+    /// virtio-net header, then the frame.
+    pub(crate) fn device_frame(vtep: [u8; 4], segments: usize, mss: u16) -> Vec<u8> {
+        let (mut f, h) = super_packet(&payload(segments * usize::from(mss)), 1, TCP_ACK, mss);
+        // The outer destination address follows the source.
+        f[OUTER_IP + IP_SRC + 4..OUTER_IP + IP_SRC + 8].copy_from_slice(&vtep);
+        ipv4_recheck(&mut f, OUTER_IP, 20);
+        let mut frame = vec![0u8; VNET_HDR_LEN];
+        h.emit(&mut frame);
+        frame.extend_from_slice(&f);
+        frame
     }
 
     #[test]

@@ -140,7 +140,9 @@ pub struct CryptoCounters {
     pub handshakes_received: u64,
     /// Key rotations of this node.
     pub rotations: u64,
-    /// Drops keyed by reason name, every reason present.
+    /// Drops keyed by reason name, every reason present: received
+    /// messages, or packets as `tx_packets` counts them (a super-packet
+    /// from the crypto device as the wire-size packets it stands for).
     pub drops: std::collections::BTreeMap<String, u64>,
 }
 
