@@ -831,64 +831,71 @@ impl Engine {
         let mut out = vec![0u8; BUF];
         while !self.stopped() {
             std::thread::sleep(TICK);
-            let now = Instant::now();
-            if now >= *lock(&self.next_rotation) {
-                match self.rotate() {
-                    Ok(k) => log::info!("rotated this node's WireGuard key on schedule: {k}"),
-                    Err(e) => log::error!("scheduled key rotation: {e:#}"),
-                }
+            self.tick(Instant::now(), &mut out);
+        }
+    }
+
+    /// What the timers do at `now` (`out`: room for a message): every
+    /// deadline of this node's own is measured against it. (boringtun's
+    /// tunnels keep their own clock for handshake retries and
+    /// keep-alives.)
+    fn tick(&self, now: Instant, out: &mut [u8]) {
+        if now >= *lock(&self.next_rotation) {
+            match self.rotate() {
+                Ok(k) => log::info!("rotated this node's WireGuard key on schedule: {k}"),
+                Err(e) => log::error!("scheduled key rotation: {e:#}"),
             }
-            let (mine, held) = {
-                let mut ids = self.identities.write().unwrap_or_else(|e| e.into_inner());
-                ids.retiring.retain(|(_, until)| now < *until);
-                // Nothing else resets the limiters: the tunnels share them
-                // and leave that to their owner.
-                ids.reset_handshake_limits();
-                (ids.current.public_key(), ids.held())
-            };
-            let peers: Vec<Arc<Mutex<Peer>>> = self
-                .table
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .peers()
-                .cloned()
-                .collect();
-            let mut retired = Vec::new();
-            for peer in peers {
-                let mut p = lock(&peer);
-                let to = p.endpoint();
-                for g in &mut p.gens {
-                    if let TunnResult::WriteToNetwork(msg) = g.tunn.update_timers(&mut out) {
-                        let len = msg.len();
-                        self.emit(msg, to, len.saturating_sub(32));
-                    }
-                    // Given up with the handshake, as boringtun gives up
-                    // its own queue.
-                    if g.tunn.time_since_last_handshake().is_none()
-                        && g.staged
-                            .since
-                            .is_some_and(|t| now.duration_since(t) >= STAGED_FOR)
-                    {
-                        self.give_up(g.staged.take().len());
-                    }
+        }
+        let (mine, held) = {
+            let mut ids = self.identities.write().unwrap_or_else(|e| e.into_inner());
+            ids.retiring.retain(|(_, until)| now < *until);
+            // Nothing else resets the limiters: the tunnels share them
+            // and leave that to their owner.
+            ids.reset_handshake_limits();
+            (ids.current.public_key(), ids.held())
+        };
+        let peers: Vec<Arc<Mutex<Peer>>> = self
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .peers()
+            .cloned()
+            .collect();
+        let mut retired = Vec::new();
+        for peer in peers {
+            let mut p = lock(&peer);
+            let to = p.endpoint();
+            for g in &mut p.gens {
+                if let TunnResult::WriteToNetwork(msg) = g.tunn.update_timers(out) {
+                    let len = msg.len();
+                    self.emit(msg, to, len.saturating_sub(32));
                 }
-                if let Some(s) = p.sender(&mine, now)
-                    && s.handshake_newest
-                    && let Some(n) = p.newest(&mine)
+                // Given up with the handshake, as boringtun gives up
+                // its own queue.
+                if g.tunn.time_since_last_handshake().is_none()
+                    && g.staged
+                        .since
+                        .is_some_and(|t| now.duration_since(t) >= STAGED_FOR)
                 {
-                    self.initiate(&mut p, n, to, &mut out);
-                }
-                for g in p.retire(&mine, &held, now) {
-                    self.give_up(g.staged.len());
-                    retired.push(g.id);
+                    self.give_up(g.staged.take().len());
                 }
             }
-            if !retired.is_empty() {
-                self.table
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .forget(&retired);
+            if let Some(s) = p.sender(&mine, now)
+                && s.handshake_newest
+                && let Some(n) = p.newest(&mine)
+            {
+                self.initiate(&mut p, n, to, out);
             }
+            for g in p.retire(&mine, &held, now) {
+                self.give_up(g.staged.len());
+                retired.push(g.id);
+            }
+        }
+        if !retired.is_empty() {
+            self.table
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .forget(&retired);
         }
     }
 
@@ -1129,6 +1136,16 @@ mod tests {
             self.engine
                 .seal(frame, &mut out, &mut scratch, &mut segment);
             self.engine.flush(&mut out);
+        }
+
+        /// The only peer's only tunnel, for a look at what it stages.
+        fn with_tunnel<R>(&self, f: impl FnOnce(&Generation) -> R) -> R {
+            let table = self.engine.table.read().unwrap();
+            let peers: Vec<_> = table.peers().collect();
+            assert_eq!(peers.len(), 1, "one peer");
+            let p = lock(peers[0]);
+            assert_eq!(p.gens.len(), 1, "one tunnel");
+            f(&p.gens[0])
         }
 
         /// `msg` arrives from `from`'s address.
@@ -1480,6 +1497,52 @@ mod tests {
         assert_eq!(node.drops(CryptoDrop::NoKey), 4);
         let c = node.engine.counters.snapshot();
         assert_eq!((c.tx_packets, c.handshakes_sent), (0, 0));
+    }
+
+    #[test]
+    fn packets_staged_for_a_peer_that_never_answers_are_given_up_after_staged_for_and_counted() {
+        let node = Node::new();
+        // The peer's node never answers: no handshake completes.
+        let peer = Remote::new(&node.identity());
+        node.add_peer(&peer);
+        node.seal(&vxlan_packet(Ecn::NotEct));
+        node.seal_frame(&mut offload::tests::device_frame(
+            LOOPBACK.octets(),
+            3,
+            1000,
+        ));
+        node.seal(&vxlan_packet(Ecn::Ect0));
+        // One initiation went for them all; they wait, a super-packet as
+        // its packets.
+        let sent = received(&peer.socket);
+        assert_eq!(sent.len(), 1);
+        assert_eq!((sent[0][0], sent[0].len()), (MSG_INITIATION, 148));
+        let (staged, since) = node.with_tunnel(|g| (g.staged.len(), g.staged.since));
+        assert_eq!(staged, 5);
+        let since = since.expect("staged since the first packet came");
+
+        // Just before STAGED_FOR they still wait.
+        let mut out = vec![0u8; BUF];
+        node.engine
+            .tick(since + STAGED_FOR - Duration::from_millis(1), &mut out);
+        assert_eq!(node.with_tunnel(|g| g.staged.len()), 5);
+        assert_eq!(node.drops(CryptoDrop::NoKey), 0);
+
+        // At STAGED_FOR they are given up, each counted once, and the
+        // queue holds nothing (no memory either).
+        node.engine.tick(since + STAGED_FOR, &mut out);
+        assert_eq!(node.drops(CryptoDrop::NoKey), 5);
+        node.with_tunnel(|g| {
+            assert_eq!(g.staged.len(), 0);
+            assert_eq!(g.staged.packets.capacity(), 0);
+            assert_eq!(g.staged.since, None);
+        });
+        node.engine.tick(since + 2 * STAGED_FOR, &mut out);
+        assert_eq!(node.drops(CryptoDrop::NoKey), 5);
+        // None of them left.
+        let c = node.engine.counters.snapshot();
+        assert_eq!((c.tx_packets, c.tx_bytes), (0, 0));
+        assert!(received(&peer.socket).iter().all(|m| m[0] != MSG_DATA));
     }
 
     #[test]
