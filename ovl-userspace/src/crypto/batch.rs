@@ -298,8 +298,9 @@ impl Outgoing {
                 match e.raw_os_error() {
                     // Segmentation refused on this route (one without
                     // checksum offload before Linux 6.11, or IPsec):
-                    // this run and every later one go one by one, even
-                    // after a datagram this batch already sent.
+                    // this run goes one by one, and so does every later
+                    // one (those of this batch after the same refusal,
+                    // those of later batches at once).
                     Some(libc::EIO) if end - start > 1 => {
                         self.gso = false;
                         refused += self.send_singly(socket, start, end);

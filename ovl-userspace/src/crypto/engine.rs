@@ -1485,6 +1485,18 @@ mod tests {
         assert_eq!((msg[0], tos), (MSG_DATA, Ecn::Ect0.bits()));
     }
 
+    /// The VXLAN packets `frame` (virtio-net header first) goes out as.
+    fn packets_of(frame: &[u8]) -> Vec<Vec<u8>> {
+        let hdr = VnetHdr::parse(frame);
+        let mut buf = vec![0u8; BUF];
+        let mut packets = Vec::new();
+        offload::split(&frame[VNET_HDR_LEN..], &hdr, &mut buf, |f| {
+            packets.push(vxlan_of(f).expect("a VXLAN frame").0.to_vec())
+        })
+        .expect("a super-packet the engine cuts");
+        packets
+    }
+
     #[test]
     fn a_super_packet_for_a_vtep_without_a_peer_is_dropped_as_the_packets_it_stands_for() {
         let node = Node::new();
@@ -1543,6 +1555,105 @@ mod tests {
         let c = node.engine.counters.snapshot();
         assert_eq!((c.tx_packets, c.tx_bytes), (0, 0));
         assert!(received(&peer.socket).iter().all(|m| m[0] != MSG_DATA));
+    }
+
+    #[test]
+    fn a_train_whose_segmentation_send_is_refused_with_eio_goes_one_by_one_each_once() {
+        let mut node = Node::new();
+        let mut peer = Remote::new(&node.identity());
+        node.add_peer(&peer);
+        node.connect(&mut peer);
+        let mut frame = offload::tests::device_frame(LOOPBACK.octets(), 4, 1000);
+        let want = packets_of(&frame);
+        assert_eq!(want.len(), 4);
+        // The four messages are of one size to one peer: one run, one
+        // segmentation-offload message of sendmmsg, which fails with EIO.
+        with_single_sendmmsg_failing_eio(|| node.seal_frame(&mut frame));
+        let msgs = received(&peer.socket);
+        let opened: Vec<Vec<u8>> = msgs
+            .iter()
+            .map(|m| {
+                let mut buf = vec![0u8; 2048];
+                match peer.tunn.decapsulate(None, m, &mut buf) {
+                    TunnResult::WriteToTunnelV4(p, _) => p.to_vec(),
+                    other => panic!("not opened: {other:?}"),
+                }
+            })
+            .collect();
+        // Each packet crossed once, in order, and was counted once.
+        assert_eq!(opened.len(), 4);
+        for (got, want) in opened.iter().zip(&want) {
+            // Opened packets keep the engine's zero padding.
+            assert_eq!(&got[..want.len()], &want[..]);
+        }
+        let c = node.engine.counters.snapshot();
+        assert_eq!(
+            (c.tx_packets, c.tx_bytes),
+            (4, want.iter().map(|p| p.len() as u64).sum::<u64>())
+        );
+        assert_eq!(node.drops(CryptoDrop::IoError), 0);
+    }
+
+    /// Runs `f` on a thread of its own whose `sendmmsg` calls of one
+    /// message fail with EIO — what the kernel answers a UDP GSO send on
+    /// a route it will not segment for (`udp_send_skb`: an IPsec route;
+    /// before Linux 6.11 also a device without checksum offload). This
+    /// kernel has no IPsec transform, and 6.11 segments in software for
+    /// devices without checksum offload, so nothing but a seccomp filter
+    /// makes the kernel answer so here. Plain `sendmsg`, and `sendmmsg` of
+    /// several messages, go as ever. The filter ends with the thread.
+    fn with_single_sendmmsg_failing_eio<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        let stmt = |code: u32, k: u32| libc::sock_filter {
+            code: code as u16,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt,
+            jf,
+            k,
+        };
+        let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+        let ret = libc::BPF_RET | libc::BPF_K;
+        // The low 32 bits of sendmmsg's third argument, vlen.
+        let vlen = std::mem::offset_of!(libc::seccomp_data, args)
+            + 2 * 8
+            + if cfg!(target_endian = "big") { 4 } else { 0 };
+        let mut program = [
+            stmt(load, std::mem::offset_of!(libc::seccomp_data, nr) as u32),
+            jeq(libc::SYS_sendmmsg as u32, 0, 3),
+            stmt(load, vlen as u32),
+            jeq(1, 0, 1),
+            stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EIO as u32),
+            stmt(ret, libc::SECCOMP_RET_ALLOW),
+        ];
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let prog = libc::sock_fprog {
+                    len: program.len() as u16,
+                    filter: program.as_mut_ptr(),
+                };
+                // SAFETY: prctl on this thread only, with a valid program.
+                unsafe {
+                    assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+                    assert_eq!(
+                        libc::prctl(
+                            libc::PR_SET_SECCOMP,
+                            libc::SECCOMP_MODE_FILTER,
+                            &prog as *const libc::sock_fprog
+                        ),
+                        0,
+                        "seccomp: {}",
+                        io::Error::last_os_error()
+                    );
+                }
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
     }
 
     #[test]
