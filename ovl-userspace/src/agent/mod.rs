@@ -614,16 +614,18 @@ impl Agent {
         if c.running() || self.crypto_retry.is_some_and(|at| Instant::now() < at) {
             return;
         }
+        let peers = self
+            .state
+            .as_ref()
+            .map(|s| crypto::peers_of(s, &self.node))
+            .unwrap_or_default();
         let started = c
-            .start()
+            .start(&peers)
             .and_then(|(name, ifindex)| self.dp.hook_crypto(&name, ifindex));
         match started {
             Ok(()) => {
                 self.crypto_retry = None;
                 c.set_problem(None);
-                if let Some(state) = &self.state {
-                    c.set_peers(&crypto::peers_of(state, &self.node));
-                }
             }
             Err(e) => {
                 c.stop();

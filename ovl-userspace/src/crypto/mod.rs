@@ -178,15 +178,16 @@ impl NodeCrypto {
     }
 
     /// Starts the engine unless it runs: creates the crypto device and the
-    /// UDP socket and starts the threads. Returns the device's name and
-    /// index.
-    pub fn start(&self) -> Result<(String, u32)> {
+    /// UDP socket, with a tunnel to each of `peers` before the threads
+    /// start (a peer's handshake can come as soon as the socket listens),
+    /// and handshakes with them. Returns the device's name and index.
+    pub fn start(&self, peers: &[PeerInfo]) -> Result<(String, u32)> {
         let mut slot = lock(&self.engine);
         if let Some(c) = slot.as_ref() {
             return Ok(c.device());
         }
         let opts = lock(&self.opts).clone();
-        let crypto = Crypto::start(&opts, self)?;
+        let crypto = Crypto::start(&opts, self, peers)?;
         let device = crypto.device();
         *slot = Some(crypto);
         Ok(device)
@@ -324,8 +325,9 @@ impl Drop for NodeCrypto {
 
 impl Crypto {
     /// Creates the crypto device and the UDP socket of `node`'s engine
-    /// with the key its key file holds now, and starts the threads.
-    fn start(opts: &CryptoOptions, node: &NodeCrypto) -> Result<Crypto> {
+    /// with the key its key file holds now and tunnels to `peers`, starts
+    /// the threads and handshakes with the peers.
+    fn start(opts: &CryptoOptions, node: &NodeCrypto, peers: &[PeerInfo]) -> Result<Crypto> {
         let (identity, _) = node.key_file.load_or_create()?;
         // The file is the truth (replaced by hand, say): peers learn it.
         node.published.send_if_modified(|p| {
@@ -372,6 +374,10 @@ impl Crypto {
             next_rotation: node.next_rotation.clone(),
             pad_limit: AtomicUsize::new(pad_limit(opts.underlay_mtu)),
         });
+        // Before the receive thread runs: an initiation from a peer that
+        // comes first would otherwise find no tunnel and be dropped as
+        // from a key no node publishes.
+        engine.set_peers(peers);
         // Made first, so that a thread that cannot start stops the others.
         let mut crypto = Crypto {
             engine: engine.clone(),
@@ -393,6 +399,7 @@ impl Crypto {
                 .with_context(|| format!("start thread {name}"))?;
             crypto.threads.push(thread);
         }
+        crypto.engine.handshake_sessionless();
         log::info!(
             "encrypted networks: WireGuard on {}:{}, crypto device {name}",
             opts.vtep,
@@ -502,10 +509,10 @@ mod tests {
         let key = crypto.node_key();
         assert!(!crypto.running());
         assert_eq!(crypto.report().device, None);
-        let (name, ifindex) = crypto.start().expect("start the engine (root only)");
+        let (name, ifindex) = crypto.start(&[]).expect("start the engine (root only)");
         assert_eq!(name, device_name(&node));
         assert_eq!(crate::netlink::ifindex(&name), Some(ifindex));
-        assert_eq!(crypto.start().expect("running already").1, ifindex);
+        assert_eq!(crypto.start(&[]).expect("running already").1, ifindex);
         assert!(crypto.stop());
         assert!(!crypto.stop(), "stopped twice");
         assert_eq!(
@@ -517,7 +524,9 @@ mod tests {
         let rotated = crypto.rotate().expect("rotate while stopped");
         assert_ne!(rotated, key.public_key);
         assert_eq!(crypto.node_key().public_key, rotated);
-        let (again, _) = crypto.start().expect("start it again under the same name");
+        let (again, _) = crypto
+            .start(&[])
+            .expect("start it again under the same name");
         assert_eq!(again, name);
         let report = crypto.report();
         assert_eq!(report.public_key, rotated.to_string());
@@ -533,7 +542,7 @@ mod tests {
         let mut opts = CryptoOptions::new(&node, Ipv4Addr::LOCALHOST, keys.path().to_owned());
         opts.port = 0;
         let crypto = NodeCrypto::load(opts).expect("make the key");
-        crypto.start().expect("start the engine (root only)");
+        crypto.start(&[]).expect("start the engine (root only)");
         let peer = keys::Identity::generate().expect("a peer's key");
         let vtep = Ipv4Addr::new(198, 51, 100, 10);
         crypto.set_peers(&[PeerInfo {
@@ -560,6 +569,65 @@ mod tests {
         }
         assert!(crypto.stop());
         assert_eq!(crypto.report().counters.drops["no_key"], 4);
+    }
+
+    #[test]
+    fn a_peers_handshake_that_comes_as_the_engine_starts_is_answered() {
+        // The peer learned of this node first: its initiation comes as
+        // soon as the socket listens, before anything else the agent does.
+        let keys = crate::testutil::TestDir::new("crypto-first-handshake");
+        let node = format!("first-{}", std::process::id());
+        let mut opts = CryptoOptions::new(&node, Ipv4Addr::LOCALHOST, keys.path().to_owned());
+        opts.port = 0;
+        let crypto = NodeCrypto::load(opts).expect("make the key");
+        let peer = keys::Identity::generate().expect("a peer's key");
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("peer socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("a read timeout");
+        let info = PeerInfo {
+            node: "b".into(),
+            vtep: Ipv4Addr::LOCALHOST,
+            key: peer.public_key(),
+            port: socket.local_addr().unwrap().port(),
+            underlay_mtu: None,
+        };
+        crypto.start(&[info]).expect("start the engine (root only)");
+        let to = lock(&crypto.engine)
+            .as_ref()
+            .expect("running")
+            .engine
+            .socket
+            .local_addr()
+            .unwrap();
+        let mut tunn = boringtun::noise::Tunn::new(
+            peer.secret().clone(),
+            crypto.node_key().public_key.x25519(),
+            None,
+            None,
+            1,
+            None,
+        );
+        let mut buf = vec![0u8; 2048];
+        let init = match tunn.format_handshake_initiation(&mut buf, false) {
+            boringtun::noise::TunnResult::WriteToNetwork(m) => m.to_vec(),
+            other => panic!("no initiation: {other:?}"),
+        };
+        socket.send_to(&init, to).expect("send the initiation");
+        // The engine's own initiation (it starts with this peer) and the
+        // response to the peer's.
+        let mut types = Vec::new();
+        while !types.contains(&2) {
+            let n = socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no response after {types:?}: {e}"));
+            types.push(buf[0]);
+            assert!(n > 0);
+        }
+        let report = crypto.report();
+        assert_eq!(report.counters.drops["unknown_key"], 0);
+        assert_eq!(report.counters.handshakes_received, 1);
+        assert!(crypto.stop());
     }
 
     #[test]
