@@ -468,6 +468,16 @@ impl Agent {
     /// fails).
     pub fn frozen<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.child.signal(Signal::Stop)?;
+        // SIGSTOP takes each thread when it is next scheduled: on a loaded
+        // machine the engine's threads can still handle a packet after
+        // kill() returned. Wait until every thread is stopped.
+        let stopped = wait_until(Duration::from_secs(10), || {
+            all_threads_stopped(self.child.pid())
+        });
+        if let Err(e) = stopped {
+            self.child.signal(Signal::Continue)?;
+            return Err(e.context(format!("agent {} never stopped", self.child.pid())));
+        }
         let result = f();
         self.child.signal(Signal::Continue)?;
         result
@@ -487,6 +497,24 @@ impl Agent {
     pub fn output_report(&self) -> String {
         self.child.output_report()
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in its
+/// `/proc/PID/task/TID/stat`).
+fn all_threads_stopped(pid: u32) -> Result<bool> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("list the threads of {pid}"))?;
+    for task in tasks {
+        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
+        // "TID (comm) STATE ...": the comm may hold spaces and parentheses.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if state != Some('T') {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The warnings and errors an agent logged after it was told to stop
