@@ -391,7 +391,7 @@ pub fn deliver_xdp(ctx: &XdpContext, frame: &Frame, d: &Delivery) -> Result<u32,
     if inner_len > u64::from(d.mtu) + ETH_HDR_LEN as u64 {
         return Err(Dropped::on(d.vni, d.slot, DropReason::TooBig));
     }
-    stats::rx(d.slot, inner_len);
+    stats::rx(d.slot, 1, inner_len);
     // SAFETY: helper call; the action it returns is the program's verdict.
     Ok(unsafe { bpf_redirect(d.ifindex, 0) } as u32)
 }
@@ -402,6 +402,8 @@ pub fn deliver_xdp(ctx: &XdpContext, frame: &Frame, d: &Delivery) -> Result<u32,
 pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, Dropped> {
     // SAFETY: reading a field of the program's own context.
     let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    // Read before the strip, which has the kernel count the segments anew.
+    let packets = crate::egress::gso_segs(ctx);
     // A single packet beyond the network's MTU (a sender ignoring it) would
     // be dropped by the veth after this program counted it delivered, as
     // in XDP: refuse it here, counted. (A super-packet's segments were
@@ -430,7 +432,7 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
             },
         )
         .on_vni(d.vni, d.slot)?;
-    stats::rx(d.slot, u64::from(ctx.len()));
+    stats::rx(d.slot, packets, u64::from(ctx.len()));
     // A TCP frame of wire size leaves through the host end of the veth, so
     // the container end's NAPI merges it with its neighbours (GRO) before
     // the container's stack sees it: the host end has TSO off for that

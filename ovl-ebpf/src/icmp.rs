@@ -86,6 +86,9 @@ fn send_error(
     rest: [u8; 4],
     reason: DropReason,
 ) -> Result<i32, DropReason> {
+    // Counted as the packets it stands for, read before the rewrite drops
+    // its GSO state.
+    let packets = crate::egress::gso_segs(ctx);
     let frame = Frame::of_skb(ctx);
     let quote: [u8; ICMP_QUOTE_LEN] = frame.read(ETH_HDR_LEN).map_err(|_| reason)?;
     // Only headers without options: the quote is then exactly header + 8.
@@ -128,7 +131,7 @@ fn send_error(
         ),
     )?;
     frame.write(ETH_HDR_LEN + IPV4_HDR_LEN, message)?;
-    stats::drop(iface.stats_slot, reason);
+    stats::drop(iface.stats_slot, reason, packets);
     Ok(to_container(ifindex))
 }
 

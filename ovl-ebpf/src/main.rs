@@ -57,7 +57,7 @@ pub fn ovl_xdp_decap(ctx: XdpContext) -> u32 {
         }
     };
     outcome.unwrap_or_else(|d| {
-        count_decap_drop(&ctx, d);
+        count_decap_drop(&ctx, d, 1);
         decap::XDP_DROP
     })
 }
@@ -101,7 +101,7 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
         }
     };
     outcome.unwrap_or_else(|d| {
-        count_decap_drop(&ctx, d);
+        count_decap_drop(&ctx, d, egress::gso_segs(&ctx));
         TC_ACT_SHOT
     })
 }
@@ -116,21 +116,26 @@ pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
     let frame = Frame::of_skb_headers(&ctx, egress::MAX_HDR_LEN);
     let flow = egress::Flow::of(&frame, ifindex);
     let Some(iface) = flow.iface().or_else(|| maps::iface(ifindex)) else {
-        stats::drop(UNATTRIBUTED_SLOT, DropReason::NoEndpoint);
+        stats::drop(
+            UNATTRIBUTED_SLOT,
+            DropReason::NoEndpoint,
+            egress::gso_segs(&ctx),
+        );
         return TC_ACT_SHOT;
     };
     egress::switch(&ctx, &frame, ifindex, &iface, &flow).unwrap_or_else(|reason| {
-        stats::drop(iface.stats_slot, reason);
+        stats::drop(iface.stats_slot, reason, egress::gso_segs(&ctx));
         TC_ACT_SHOT
     })
 }
 
-/// The single drop exit of the decap programs. VXLAN from a source that is
-/// not a VTEP of the network is worth a (debug-level) log line: it is
-/// either a misconfiguration or spoofing.
+/// The single drop exit of the decap programs, for a frame of `packets`
+/// wire-size packets. VXLAN from a source that is not a VTEP of the
+/// network is worth a (debug-level) log line: it is either a
+/// misconfiguration or spoofing.
 #[inline(always)]
-fn count_decap_drop<C: EbpfContext>(ctx: &C, d: Dropped) {
-    stats::drop(d.slot, d.reason);
+fn count_decap_drop<C: EbpfContext>(ctx: &C, d: Dropped, packets: u64) {
+    stats::drop(d.slot, d.reason, packets);
     if d.reason == DropReason::UnknownVtep {
         debug!(
             ctx,

@@ -15,13 +15,14 @@ fn with_counters(slot: u32, f: impl FnOnce(&mut VniCounters)) {
     }
 }
 
-/// Counts a drop.
+/// Counts a drop of `packets` packets: a GSO or GRO super-packet counts
+/// as the wire-size packets it stands for, as every other counter does.
 #[inline(always)]
-pub fn drop(slot: u32, reason: DropReason) {
+pub fn drop(slot: u32, reason: DropReason, packets: u64) {
     let idx = reason as usize;
     with_counters(slot, |c| {
         if let Some(d) = c.drops.get_mut(idx) {
-            *d += 1;
+            *d += packets;
         }
     });
 }
@@ -35,11 +36,12 @@ pub fn tx(slot: u32, packets: u64, bytes: u64) {
     });
 }
 
-/// Counts a frame decapsulated and delivered.
+/// Counts a frame decapsulated and delivered: `packets` wire-size
+/// packets (more than one for a GRO super-packet), `bytes` in all.
 #[inline(always)]
-pub fn rx(slot: u32, bytes: u64) {
+pub fn rx(slot: u32, packets: u64, bytes: u64) {
     with_counters(slot, |c| {
-        c.rx_packets += 1;
+        c.rx_packets += packets;
         c.rx_bytes += bytes;
     });
 }

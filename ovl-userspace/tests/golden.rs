@@ -28,7 +28,7 @@ use testbed::{
         Fixture, GATEWAY, GATEWAY_MAC, LOCAL_CONTAINER as C1, LOCAL_VTEP,
         NEIGHBOUR_CONTAINER as C3, OTHER_GATEWAY, OTHER_SUBNET_CONTAINER as D1,
         OTHER_SUBNET_REMOTE as D2, REMOTE_CONTAINER as C2, REMOTE_VTEP, TEST_RUN_IFINDEX,
-        UNDERLAY_MAC, VNI, skb_ctx,
+        UNDERLAY_MAC, VNI, skb_ctx, skb_ctx_gso,
     },
     frames::{
         IPPROTO_ICMP, arp_reply, arp_request, container_mac as mac_of, ethernet as eth, hex,
@@ -372,6 +372,27 @@ fn decap_drops_vxlan_from_unknown_vtep() -> Result<()> {
         c.drops[DropReason::UnknownVtep as usize] += 1
     })?;
     ensure!(action == XDP_DROP, "action {action}");
+    Ok(())
+}
+
+/// A super-packet dropped at TC counts as the packets it stands for, as
+/// the transmit counters do: decapsulation's (a GRO-merged frame from an
+/// unknown VTEP) and container egress's (to no endpoint).
+#[test]
+fn tc_drops_count_a_super_packet_as_its_segments() -> Result<()> {
+    let f = fixture("gold-gso-drops")?;
+    let input = vxlan_from(Ipv4Addr::new(192, 0, 2, 66), VNI, &echo(C2, C1, mac_of(C1)));
+    let ctx = skb_ctx_gso(TEST_RUN_IFINDEX, 3, 1400);
+    let (action, _) = run(&f, programs::TC_DECAP, &input, Some(&ctx), VNI, |c| {
+        c.drops[DropReason::UnknownVtep as usize] += 3
+    })?;
+    ensure!(action == TC_ACT_SHOT, "decap: action {action}");
+    let unknown = echo(C1, Ipv4Addr::new(198, 18, 0, 99), mac_of(C2));
+    let ctx = skb_ctx_gso(TEST_RUN_IFINDEX, 4, 1400);
+    let (action, _) = run(&f, programs::TC_EGRESS, &unknown, Some(&ctx), VNI, |c| {
+        c.drops[DropReason::NoEndpoint as usize] += 4
+    })?;
+    ensure!(action == TC_ACT_SHOT, "egress: action {action}");
     Ok(())
 }
 

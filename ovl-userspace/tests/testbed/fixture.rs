@@ -338,3 +338,12 @@ pub fn skb_ctx(ifindex: u32) -> Vec<u8> {
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
+
+/// [`skb_ctx`] of a GSO super-packet of `segs` segments of `size` bytes
+/// (`gso_segs` at byte 164, `gso_size` at 176).
+pub fn skb_ctx_gso(ifindex: u32, segs: u32, size: u32) -> Vec<u8> {
+    let mut ctx = skb_ctx(ifindex);
+    ctx[164..168].copy_from_slice(&segs.to_ne_bytes());
+    ctx[176..180].copy_from_slice(&size.to_ne_bytes());
+    ctx
+}
