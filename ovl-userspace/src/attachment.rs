@@ -518,6 +518,85 @@ pub async fn remove_host_link(host_ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes interface `ifname` of namespace `netns` (and so the host end of
+/// its veth) when it is a container interface ovl made for `network` that
+/// no endpoint records any more: the store lost the record (restored from
+/// a backup, edited by hand) while the container kept the interface. A
+/// runtime's release (CNI DEL) then releases the interface all the same,
+/// as the CNI spec asks of DEL. Ovl's, with nothing left to doubt: a veth
+/// whose MAC is ovl's for one of its addresses ([`MacAddr::for_ipv4`]),
+/// peered both ways with a host interface named after the network's VNI
+/// and that address ([`model::host_ifname`]) — or, the network itself
+/// gone from the store, named as ovl names host ends. Anything else (no
+/// such interface, another's, one a record still holds, a namespace that
+/// is gone and took its interfaces along) is left alone: returns the host
+/// end removed, if any.
+///
+/// [`MacAddr::for_ipv4`]: crate::model::MacAddr::for_ipv4
+/// [`model::host_ifname`]: crate::model::host_ifname
+pub async fn remove_unrecorded_link(
+    store: &Store,
+    network: &str,
+    netns: &str,
+    ifname: &str,
+) -> Result<Option<String>> {
+    if !netns::path_of(netns).exists() {
+        return Ok(None);
+    }
+    let inner = netlink::connect_in(netns)?;
+    let Some(link) = netlink::link_state(&inner, ifname).await? else {
+        return Ok(None);
+    };
+    let Some(peer) = link.peer.filter(|_| link.veth) else {
+        log::info!("{ifname} in {netns} is no veth: not ovl's, left alone");
+        return Ok(None);
+    };
+    let host = netlink::connect()?;
+    for (ip, _) in netlink::ipv4_addresses(&inner, link.index).await? {
+        if link.mac != Some(crate::model::MacAddr::for_ipv4(ip)) {
+            continue;
+        }
+        let Some(host_end) = netlink::ifname(peer) else {
+            continue;
+        };
+        let state = store
+            .load_in(Scope::Endpoint(Around {
+                network,
+                attachment: None,
+                ip: Some(ip),
+                names: &[],
+                allocates: false,
+                ports: &[],
+            }))
+            .await?;
+        let named_ours = match state.network(network) {
+            Ok(n) => host_end == crate::model::host_ifname(n.vni, ip),
+            Err(_) => crate::model::is_host_ifname(&host_end),
+        };
+        let peered = netlink::link_state_by_index(&host, peer)
+            .await
+            .is_ok_and(|h| h.veth && h.peer == Some(link.index));
+        if !(named_ours && peered) {
+            continue;
+        }
+        if let Some(holder) = state.endpoints.iter().find(|e| {
+            matches!(&e.location, Location::Container { host_ifname, .. } if *host_ifname == host_end)
+        }) {
+            log::warn!(
+                "{ifname} in {netns} ({ip}) is the veth of endpoint {} ({}) of {}: left to it",
+                holder.name,
+                holder.ip,
+                holder.network
+            );
+            return Ok(None);
+        }
+        netlink::delete_link(&host, &host_end).await?;
+        return Ok(Some(host_end));
+    }
+    log::info!("{ifname} in {netns} is not an ovl interface of network {network}: left alone");
+    Ok(None)
+}
+
 /// Whether the node's agent forwards for an endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Readiness {

@@ -1584,6 +1584,16 @@ pub fn host_ifname(vni: Vni, ip: Ipv4Addr) -> String {
     format!("ovl{h:08x}")
 }
 
+/// Whether `name` is named as [`host_ifname`] names host ends: `ovl` and
+/// 8 lowercase hex digits.
+pub fn is_host_ifname(name: &str) -> bool {
+    name.strip_prefix("ovl").is_some_and(|h| {
+        h.len() == 8
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// Checks that `name` can be asked for in DNS (RFC 1123 host names, plus
 /// '_' as Docker allows in container names): labels of 1-63 characters
 /// from [A-Za-z0-9_-], not starting or ending with '-', joined by dots,
@@ -2617,6 +2627,17 @@ mod tests {
     fn host_ifname_fits_kernel_limit_and_differs_per_endpoint() {
         let a = host_ifname(Vni(4096), Ipv4Addr::new(198, 18, 0, 2));
         let b = host_ifname(Vni(4096), Ipv4Addr::new(198, 18, 0, 3));
+        assert!(is_host_ifname(&a) && is_host_ifname(&b));
+        for other in [
+            "ovl",
+            "ovl1234567",
+            "ovl123456789",
+            "ovlABCDEF12",
+            "eth0",
+            "xovl1234567",
+        ] {
+            assert!(!is_host_ifname(other), "{other}");
+        }
         assert!(a.len() <= 15);
         assert_ne!(a, b);
     }

@@ -8,7 +8,10 @@ use anyhow::{Context, Result, bail};
 use futures_util::TryStreamExt;
 use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
-    packet_route::{address::AddressAttribute, link::LinkAttribute},
+    packet_route::{
+        address::AddressAttribute,
+        link::{InfoKind, LinkAttribute, LinkInfo},
+    },
 };
 
 use crate::{model::MacAddr, netns};
@@ -562,6 +565,11 @@ pub struct LinkState {
     pub mtu: Option<u32>,
     /// Administratively up (IFF_UP).
     pub up: bool,
+    /// A veth (IFLA_INFO_KIND "veth").
+    pub veth: bool,
+    /// The index of its peer (a veth's other end), in the namespace the
+    /// peer is in (IFLA_LINK).
+    pub peer: Option<u32>,
 }
 
 /// The link called `name` in the handle's namespace, if there is one.
@@ -591,9 +599,17 @@ fn state_of(l: &rtnetlink::packet_route::link::LinkMessage) -> LinkState {
         mac: None,
         mtu: None,
         up: l.header.flags.contains(LinkFlags::Up),
+        veth: false,
+        peer: None,
     };
     for a in &l.attributes {
         match a {
+            LinkAttribute::Link(i) => state.peer = Some(*i),
+            LinkAttribute::LinkInfo(infos) => {
+                state.veth = infos
+                    .iter()
+                    .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+            }
             LinkAttribute::Address(b) if b.len() == 6 => {
                 let mut m = [0u8; 6];
                 m.copy_from_slice(b);

@@ -1040,3 +1040,130 @@ fn podman_run_mac_address_goes_through_the_mac_capability() -> Result<()> {
     drop(podman);
     cluster.stop()
 }
+
+/// Removes the endpoints `owner` holds from the file store by hand, as an
+/// operator editing `state.json` (or restoring a backup from before the
+/// attachment) would: under the store's lock, as a new revision.
+fn forget_in_store(lab: &Lab, owner: &str) -> Result<()> {
+    let dir = lab.tempdir().join("store");
+    let edit = "import json, os, sys\n\
+                p = sys.argv[1] + '/state.json'\n\
+                s = json.load(open(p))\n\
+                s['endpoints'] = [e for e in s['endpoints'] if e.get('owner') != sys.argv[2]]\n\
+                s['revision'] += 1\n\
+                json.dump(s, open(p + '.edit', 'w'))\n\
+                os.rename(p + '.edit', p)\n";
+    let dir_text = dir.display().to_string();
+    let lock = dir.join("state.lock").display().to_string();
+    ovl_tests::run(&["flock", &lock, "python3", "-c", edit, &dir_text, owner])?;
+    Ok(())
+}
+
+/// The CNI spec: "Plugins should generally complete a DEL action without
+/// error even if some resources are missing", and release everything they
+/// can. An attachment whose endpoint record the store lost (restored from a
+/// backup, edited by hand) still has its veth; DEL removes both ends — and
+/// only ovl's: a look-alike veth (named as ovl names host ends, with ovl's
+/// MAC scheme) and another attachment's interface are left alone.
+#[test]
+fn del_removes_an_ovl_interface_the_store_lost_and_nothing_else() -> Result<()> {
+    let lab = Lab::new("cni-lost")?;
+    let w = OneHost::start(&lab, true)?;
+    let conf = w.conf("1.0.0");
+
+    // Another attachment, recorded (`ovl connect`), made first: the
+    // address the lost record held is free, and a new attachment would
+    // clash with the veth still named after it.
+    let c3 = lab.container("c3")?;
+    let before = w.host_links()?;
+    w.ovl.connect(&w.host, NODE, NETWORK, &c3, &[])?;
+    let c3_host_if: Vec<String> = w
+        .host_links()?
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    ensure!(c3_host_if.len() == 1, "{c3_host_if:?}");
+
+    let c1 = lab.container("c1")?;
+    let s1 = netns_path(&c1);
+    let env1 = CniPlugin::attachment_env("ctr-lost", &s1, "eth0");
+    let res = w.plugin.call("ADD", &env1, &conf.to_string())?.ok()?;
+    let host_if = res["interfaces"][0]["name"]
+        .as_str()
+        .context("host if")?
+        .to_owned();
+    forget_in_store(&lab, "cni:ctr-lost/eth0")?;
+    ensure!(
+        !w.endpoints(NETWORK)?
+            .iter()
+            .any(|e| e["owner"] == "cni:ctr-lost/eth0"),
+        "the record is still there"
+    );
+    ensure!(
+        w.host_links()?.contains(&host_if),
+        "the veth went too early"
+    );
+
+    // A look-alike: a veth whose host end is named as ovl names them and
+    // whose container end carries an address of the network with ovl's MAC
+    // for it, but is not the network's host end for that address.
+    let c2 = lab.container("c2")?;
+    let fake = "ovl0badc0de";
+    w.host.netns.ip(&[
+        "link",
+        "add",
+        fake,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        c2.name(),
+    ])?;
+    c2.ip(&["link", "set", "eth0", "address", "02:42:c6:12:00:63"])?;
+    c2.ip(&["addr", "add", "198.18.0.99/24", "dev", "eth0"])?;
+
+    let del = |env: &[(&str, &str)]| -> Result<()> {
+        let out = w.plugin.call("DEL", env, &conf.to_string())?;
+        ensure!(
+            out.status.success() && out.stdout.trim().is_empty(),
+            "{out:?}"
+        );
+        Ok(())
+    };
+    del(&env1)?;
+    ensure!(
+        !w.host_links()?.contains(&host_if),
+        "DEL left the host end {host_if} of an attachment the store lost"
+    );
+    ensure!(
+        !link_names(&c1)?.contains(&"eth0".to_owned()),
+        "DEL left eth0 in the container"
+    );
+    // Twice: nothing left to do, still a success.
+    del(&env1)?;
+
+    del(&CniPlugin::attachment_env(
+        "ctr-fake",
+        &netns_path(&c2),
+        "eth0",
+    ))?;
+    ensure!(
+        link_names(&c2)?.contains(&"eth0".to_owned()) && w.host_links()?.contains(&fake.to_owned()),
+        "DEL removed a veth that is not ovl's"
+    );
+    del(&CniPlugin::attachment_env(
+        "ctr-other",
+        &netns_path(&c3),
+        "eth0",
+    ))?;
+    ensure!(
+        link_names(&c3)?.contains(&"eth0".to_owned()) && w.host_links()?.contains(&c3_host_if[0]),
+        "DEL removed another attachment's veth"
+    );
+    // A namespace that is gone took its interface along: success.
+    let gone = format!("/run/netns/{}-gone", lab.prefix());
+    del(&CniPlugin::attachment_env("ctr-gone", &gone, "eth0"))?;
+    Ok(())
+}
