@@ -5,6 +5,7 @@
 //! configuration, rollback on failure, and waiting until the node's agent
 //! forwards for it.
 
+pub mod attacher;
 pub mod naming;
 
 use std::{
@@ -109,12 +110,35 @@ pub async fn attach_placed(
         netns::open(&req.netns)?;
     }
     check_host_addresses(req).await?;
-    let (endpoint, network, reservation) = register(store, req).await?;
+    let registered = match register(store, req).await {
+        Err(e @ StoreError::Rejected(ModelError::AlreadyConnected { .. })) => {
+            let held = find(store, &req.node, &req.network, &req.netns).await?;
+            match held {
+                Some(stale) if abandoned_attach(&stale, &netlink::ifindex) => {
+                    reclaim(store, req, &stale).await
+                }
+                Some(Endpoint {
+                    attacher: Some(a),
+                    location: Location::Container { host_ifname, .. },
+                    ..
+                }) if netlink::ifindex(&host_ifname).is_none() && !attacher::is_gone(&a) => {
+                    // The store's refusal stays the cause: front ends map it.
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "{} is being connected to {} by process {} on this node, which has not finished its veth yet; wait for it (or stop it: its endpoint is then reclaimed)",
+                        req.netns, req.network, a.pid
+                    )));
+                }
+                _ => Err(e),
+            }
+        }
+        r => r,
+    };
+    let (endpoint, network, reservation) = registered?;
     let Location::Container { host_ifname, .. } = &endpoint.location else {
         unreachable!("add_container makes container endpoints")
     };
     let host_ifname = host_ifname.clone();
-    let peer = format!("{host_ifname}c");
+    let peer = crate::model::unmoved_peer_ifname(&host_ifname);
     let built = async {
         let routes = network
             .container_routes(endpoint.ip)
@@ -198,6 +222,56 @@ pub async fn attach_placed(
     }
 }
 
+/// Registers `req` in place of `stale`, the record an attach of the same
+/// container left when it was killed half-way, after removing what it
+/// built of its veth.
+async fn reclaim(
+    store: &Store,
+    req: &Request,
+    stale: &Endpoint,
+) -> Result<(Endpoint, Network, Option<Endpoint>), StoreError> {
+    let Location::Container { host_ifname, .. } = &stale.location else {
+        unreachable!("abandoned_attach holds only for container endpoints")
+    };
+    if let Err(e) = remove_host_link(host_ifname).await {
+        log::warn!("{e:#}");
+    }
+    let attacher = stale
+        .attacher
+        .map_or(String::new(), |a| format!(" (pid {})", a.pid));
+    log::warn!(
+        "{} on {}: reclaiming endpoint {} of an attach that died before finishing its veth{attacher}",
+        req.netns,
+        req.network,
+        stale.ip
+    );
+    register_replacing(store, req, Some(stale)).await
+}
+
+/// Whether `ep` was left by an attach killed half-way: the process that
+/// registered it is dead ([`attacher::is_gone`]) and its veth was never
+/// finished — the host end does not exist, or the pair is still whole in
+/// the host's namespace (the container end never moved). `ifindex_of`
+/// resolves a host interface. An endpoint recorded without an attacher is
+/// never; nor is Docker's: its plugin reconciles those with dockerd, and
+/// their container end waits in the host's namespace for Docker to move.
+pub fn abandoned_attach(ep: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>) -> bool {
+    if ep
+        .owner
+        .as_deref()
+        .is_some_and(|o| o.starts_with("docker:"))
+    {
+        return false;
+    }
+    let (Location::Container { host_ifname, .. }, Some(attacher)) = (&ep.location, &ep.attacher)
+    else {
+        return false;
+    };
+    let unfinished = ifindex_of(host_ifname).is_none()
+        || ifindex_of(&crate::model::unmoved_peer_ifname(host_ifname)).is_some();
+    unfinished && attacher::is_gone(attacher)
+}
+
 /// Refuses a port published on an address this host does not have (its
 /// rule, which takes packets to the host's own addresses, would never
 /// match): one of the addresses its interfaces carry, not a broadcast or
@@ -234,6 +308,18 @@ pub async fn register(
     store: &Store,
     req: &Request,
 ) -> Result<(Endpoint, Network, Option<Endpoint>), StoreError> {
+    register_replacing(store, req, None).await
+}
+
+/// [`register`]; `replacing`, the record an attach of the same container
+/// killed half-way left, goes in the same change if the store still holds
+/// it as it was found.
+async fn register_replacing(
+    store: &Store,
+    req: &Request,
+    replacing: Option<&Endpoint>,
+) -> Result<(Endpoint, Network, Option<Endpoint>), StoreError> {
+    let attacher = attacher::current();
     let wanted = naming::Wanted {
         name: req.name.clone().unwrap_or_else(|| req.netns.clone()),
         aliases: req.aliases.clone(),
@@ -255,6 +341,11 @@ pub async fn register(
     };
     let (endpoint, network, reservation, naming) = store
         .update_with(Scope::Endpoint(around), |s| {
+            if let Some(stale) = replacing {
+                // Changed since it was found: attached anew meanwhile, and
+                // add_container below refuses.
+                s.remove_exact(stale);
+            }
             let reservation = req.ip.and_then(|ip| {
                 s.endpoints
                     .iter()
@@ -284,6 +375,7 @@ pub async fn register(
                 owner: req.owner.clone(),
                 ports: req.ports.clone(),
                 mac: req.mac,
+                attacher,
             })?;
             let ep = if aliases.is_empty() {
                 ep

@@ -586,6 +586,23 @@ pub struct Endpoint {
     /// `-p`); absent in stores written before ports could be published.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PublishedPort>,
+    /// The process on the endpoint's node that registered it and builds
+    /// its veth (absent in stores written before it was recorded, and for
+    /// endpoints no front end attaches). A container endpoint whose veth
+    /// was never finished and whose attacher is dead was left by an attach
+    /// killed half-way: the next attach of its container and its node's
+    /// agent reclaim it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attacher: Option<Attacher>,
+}
+
+/// A process on a node, told apart from a later one given the same pid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attacher {
+    pub pid: u32,
+    /// When it started, in clock ticks since the node booted (the 22nd
+    /// field of `/proc/PID/stat`).
+    pub started: u64,
 }
 
 impl Endpoint {
@@ -725,6 +742,8 @@ pub struct ContainerSpec {
     /// The container's MAC [default: a reservation's taken over, else
     /// 02:42 + its address].
     pub mac: Option<MacAddr>,
+    /// See [`Endpoint::attacher`].
+    pub attacher: Option<Attacher>,
 }
 
 impl State {
@@ -967,6 +986,7 @@ impl State {
             owner: spec.owner,
             aliases: Vec::new(),
             ports: spec.ports,
+            attacher: spec.attacher,
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
@@ -1149,6 +1169,7 @@ impl State {
             owner: Some(owner.to_owned()),
             aliases: Vec::new(),
             ports: Vec::new(),
+            attacher: None,
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
@@ -1173,6 +1194,8 @@ impl State {
             name: ep.owner.clone().unwrap_or(ep.name),
             aliases: Vec::new(),
             ports: Vec::new(),
+            // Nothing is built for a reservation: no attach to reclaim.
+            attacher: None,
             ..ep
         };
         self.endpoints.push(reserved.clone());
@@ -1235,6 +1258,7 @@ impl State {
             owner: None,
             aliases: Vec::new(),
             ports: Vec::new(),
+            attacher: None,
         };
         self.endpoints.push(endpoint.clone());
         Ok(endpoint)
@@ -1265,14 +1289,17 @@ impl State {
     }
 
     /// Removes `ep` if the store still holds it as it is: same network,
-    /// address and location (node, namespace and host interface of a
-    /// container). Returns whether it did; an endpoint that took its
-    /// address or its namespace since is left alone.
+    /// address, location (node, namespace and host interface of a
+    /// container) and attacher. Returns whether it did; an endpoint that
+    /// took its address or its namespace since (attached anew, even at the
+    /// same address) is left alone.
     pub fn remove_exact(&mut self, ep: &Endpoint) -> bool {
-        let pos = self
-            .endpoints
-            .iter()
-            .position(|e| e.network == ep.network && e.ip == ep.ip && e.location == ep.location);
+        let pos = self.endpoints.iter().position(|e| {
+            e.network == ep.network
+                && e.ip == ep.ip
+                && e.location == ep.location
+                && e.attacher == ep.attacher
+        });
         pos.map(|p| self.endpoints.remove(p)).is_some()
     }
 
@@ -1582,6 +1609,14 @@ pub fn host_ifname(vni: Vni, ip: Ipv4Addr) -> String {
         h = h.wrapping_mul(0x0100_0193);
     }
     format!("ovl{h:08x}")
+}
+
+/// The name of the container end of the veth with host end
+/// `host_ifname` while it is still in the host's namespace (an attach
+/// moves it into the container at once; Docker's waits there for Docker
+/// to move).
+pub fn unmoved_peer_ifname(host_ifname: &str) -> String {
+    format!("{host_ifname}c")
 }
 
 /// Whether `name` is named as [`host_ifname`] names host ends: `ovl` and

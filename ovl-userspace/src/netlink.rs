@@ -320,7 +320,7 @@ pub struct ContainerLink<'a> {
 /// Returns the container-side interface name. On failure nothing is left.
 pub async fn create_container_link(handle: &Handle, spec: &ContainerLink<'_>) -> Result<String> {
     let peer_tmp = match spec.placement {
-        Placement::Namespace { .. } => format!("{}c", spec.host_ifname),
+        Placement::Namespace { .. } => crate::model::unmoved_peer_ifname(spec.host_ifname),
         Placement::HostSide { peer } => peer.to_owned(),
     };
     handle

@@ -226,6 +226,7 @@ mod tests {
         let ip = Ipv4Addr::new(198, 18, 0, 5);
         Endpoint {
             ports: Vec::new(),
+            attacher: None,
             network: "n".into(),
             name: netns.into(),
             ip,

@@ -57,6 +57,7 @@ async fn create_network(store: &Store, name: &str, subnet: &str) -> Result<()> {
 fn container(network: &str, node: &str, netns: &str, ip: Option<Ipv4Addr>) -> ContainerSpec {
     ContainerSpec {
         ports: Vec::new(),
+        attacher: None,
         network: network.into(),
         node: node.into(),
         netns: netns.into(),
@@ -409,6 +410,7 @@ async fn bulk(etcd: &Etcd, network: &str, base: Ipv4Addr, n: u32, claims: bool) 
             .flat_map(|ip| {
                 let ep = Endpoint {
                     ports: Vec::new(),
+                    attacher: None,
                     network: network.into(),
                     name: format!("s-{ip}"),
                     ip: *ip,

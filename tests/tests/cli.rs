@@ -463,3 +463,147 @@ fn cni_conflist_refuses_names_no_network_or_runtime_takes() -> Result<()> {
     );
     Ok(())
 }
+
+/// `ovl connect NETWORK NETNS` under strace, which sends it `signal` at
+/// its first `socket()`: the netlink socket it opens to build the veth,
+/// right after the store has registered the endpoint. No hook in ovl: the
+/// moment is the first system call of the veth's making.
+fn connect_interrupted_argv(
+    ovl: &Ovl,
+    node: &str,
+    netns: &Netns,
+    signal: &str,
+) -> Result<Vec<String>> {
+    let mut argv = vec!["env".to_owned()];
+    argv.extend(ovl.env(node).into_iter().map(|(k, v)| format!("{k}={v}")));
+    argv.extend(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            "/dev/null",
+            "-e",
+            "trace=socket",
+            "-e",
+            &format!("inject=socket:signal={signal}:when=1"),
+        ]
+        .map(str::to_owned),
+    );
+    argv.push(ovl_tests::ovl_binary()?.display().to_string());
+    argv.extend(["connect", "uber-net", netns.name()].map(str::to_owned));
+    Ok(argv)
+}
+
+/// The endpoints of namespace `netns` in the file store, with the pid of
+/// the process that registered each (read straight from `state.json`:
+/// `ovl` itself would wait for nothing).
+fn recorded(lab: &Lab, netns: &Netns) -> Result<Vec<(Ipv4Addr, Option<u32>)>> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lab.tempdir().join("store/state.json"))?)?;
+    let mut out = Vec::new();
+    for e in state["endpoints"].as_array().context("endpoints")? {
+        if e["location"]["netns"] == netns.name() {
+            let ip = e["ip"].as_str().context("ip")?.parse()?;
+            let pid = e["attacher"]["pid"].as_u64().map(|p| p as u32);
+            out.push((ip, pid));
+        }
+    }
+    Ok(out)
+}
+
+fn has_eth0(netns: &Netns) -> Result<bool> {
+    let out = ovl_tests::run_unchecked(&["ip", "-n", netns.name(), "link", "show", "eth0"])?;
+    Ok(out.status.success())
+}
+
+/// `ovl connect` killed between registering the endpoint and making its
+/// veth leaves the address held by a record that points at nothing. The
+/// next connect of the same container reclaims it; without one, the
+/// node's agent frees it after its grace (`--gc-grace`). An attach still
+/// in progress (its process alive, here stopped) is never taken: a
+/// second connect is refused naming it, the agent leaves it, and it
+/// finishes once it goes on.
+#[test]
+fn a_connect_killed_before_its_veth_is_reclaimed_and_one_in_progress_is_not() -> Result<()> {
+    let lab = Lab::new("cli-killed")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, mut hosts) = lab.routed_hosts(1)?;
+    let host = hosts.remove(0);
+    ovl.create_network(&host.netns, "uber-net", "198.18.0.0/24", &[])?;
+
+    // No agent yet: nothing but the next connect can reclaim c1's record.
+    let c1 = lab.container("c1")?;
+    let argv = connect_interrupted_argv(&ovl, "host-a", &c1, "SIGKILL")?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let killed = host.netns.exec_unchecked(&argv)?;
+    ensure!(
+        !killed.status.success(),
+        "the connect was not killed: {killed:?}"
+    );
+    let left = recorded(&lab, &c1)?;
+    ensure!(
+        left.len() == 1 && !has_eth0(&c1)?,
+        "the kill left {left:?}, eth0 in c1: {}",
+        has_eth0(&c1)?
+    );
+    let ip = ovl.connect(&host, "host-a", "uber-net", &c1, &[])?;
+    ensure!(
+        recorded(&lab, &c1)?.len() == 1 && has_eth0(&c1)?,
+        "c1 reconnected: {:?}",
+        recorded(&lab, &c1)?
+    );
+    let shown =
+        String::from_utf8_lossy(&c1.ip(&["-o", "addr", "show", "eth0"])?.stdout).into_owned();
+    ensure!(shown.contains(&format!("{ip}/24")), "{shown}");
+
+    // The agent, with a grace of 1 s.
+    let _agent = ovl.attach_with_env(&lab, &host, "host-a", "auto", &[("OVL_GC_GRACE", "1")])?;
+    // c3's connect stopped right after registering: in progress.
+    let c3 = lab.container("c3")?;
+    let argv = connect_interrupted_argv(&ovl, "host-a", &c3, "SIGSTOP")?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let stopped = lab.spawn(&host.netns, &argv, &[])?;
+    let mut attacher = None;
+    wait_until(Duration::from_secs(10), || {
+        attacher = recorded(&lab, &c3)?.first().and_then(|(_, pid)| *pid);
+        Ok(attacher.is_some())
+    })
+    .with_context(|| {
+        format!(
+            "c3's connect registered nothing:\n{}",
+            stopped.output_report()
+        )
+    })?;
+    let attacher = attacher.context("c3's attacher")?;
+    // c2's killed after it: the agent frees its address after the grace
+    // (c3's, registered first, has passed by then as well).
+    let c2 = lab.container("c2")?;
+    let argv = connect_interrupted_argv(&ovl, "host-a", &c2, "SIGKILL")?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    host.netns.exec_unchecked(&argv)?;
+    ensure!(recorded(&lab, &c2)?.len() == 1, "c2 registered nothing");
+    wait_until(Duration::from_secs(20), || {
+        Ok(recorded(&lab, &c2)?.is_empty())
+    })
+    .context("the agent never freed the address of c2's killed connect")?;
+
+    ensure!(
+        recorded(&lab, &c3)?.len() == 1,
+        "the agent took the endpoint of an attach in progress"
+    );
+    let again = ovl.run_unchecked(&host.netns, "host-a", &["connect", "uber-net", c3.name()])?;
+    let err = String::from_utf8_lossy(&again.stderr).into_owned();
+    ensure!(
+        !again.status.success() && err.contains(&format!("by process {attacher}")),
+        "a second connect of c3 during the first: {again:?}"
+    );
+    ovl_tests::run(&["kill", "-CONT", &attacher.to_string()])?;
+    let status = stopped.wait_timeout(Duration::from_secs(20))?;
+    ensure!(
+        status.success() && has_eth0(&c3)?,
+        "c3's connect did not finish once let go:\n{}",
+        stopped.output_report()
+    );
+    Ok(())
+}

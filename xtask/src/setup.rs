@@ -44,8 +44,9 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// agent runs for external egress (nftables for the masquerade, conntrack
 /// to forget a leaving container's translations) with netcat to open
 /// connections through it, and for the DNS scenarios dnsmasq (the lab's
-/// upstream resolver) and dig.
-const DEBIAN_PACKAGES: [&str; 25] = [
+/// upstream resolver) and dig; strace, to stop a command at a chosen
+/// system call (a connect killed half-way).
+const DEBIAN_PACKAGES: [&str; 26] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -71,6 +72,7 @@ const DEBIAN_PACKAGES: [&str; 25] = [
     "nftables",
     "conntrack",
     "netcat-openbsd",
+    "strace",
 ];
 
 /// Debian packages the build itself needs: protoc and protobuf's

@@ -562,6 +562,7 @@ fn holds(state: &State, node: &str, netns: &str) -> bool {
 fn container(network: &str, node: &str, netns: &str, ip: Ipv4Addr) -> ContainerSpec {
     ContainerSpec {
         ports: Vec::new(),
+        attacher: None,
         network: network.into(),
         node: node.into(),
         netns: netns.into(),

@@ -1,8 +1,10 @@
 //! Collecting endpoints whose container went away without a disconnect: a
-//! local endpoint whose network namespace and host veth are both gone for
-//! longer than a grace period is deleted from the store (freeing its
-//! address), logged and counted. Docker's endpoints are left to the Docker
-//! plugin, which reconciles them with dockerd.
+//! local endpoint whose host veth is gone along with its network namespace
+//! — or with the attach that registered it, killed before it made the veth
+//! ([`attachment::abandoned_attach`]) — for longer than a grace period is
+//! deleted from the store (freeing its address), logged and counted.
+//! Docker's endpoints are left to the Docker plugin, which reconciles them
+//! with dockerd.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,6 +13,7 @@ use std::{
 };
 
 use crate::{
+    attachment,
     model::{Endpoint, Location, State},
     netns,
 };
@@ -90,7 +93,7 @@ impl Collector {
         self.last_look = Some(now);
         let abandoned: BTreeMap<(String, Ipv4Addr), &Endpoint> = candidates
             .into_iter()
-            .filter(|(_, e)| namespace_gone(e))
+            .filter(|(_, e)| namespace_gone(e) || attachment::abandoned_attach(e, ifindex_of))
             .map(|((n, ip), e)| ((n.to_owned(), ip), e))
             .collect();
         self.gone_since.retain(|k, _| abandoned.contains_key(k));
@@ -138,7 +141,7 @@ fn lacks_veth(e: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>) -> bool {
 
 /// The container of `e` is gone: its namespace no longer exists (a
 /// namespace deleted takes its veth along).
-fn namespace_gone(e: &Endpoint) -> bool {
+pub fn namespace_gone(e: &Endpoint) -> bool {
     match &e.location {
         Location::Container { netns, .. } => !netns::path_of(netns).exists(),
         Location::Static { .. } | Location::Reserved { .. } => false,
@@ -194,6 +197,35 @@ mod tests {
         );
         // Another node's view: nothing of ours.
         assert!(gc.scan(&s, "b", t0, &no_veth).0.is_empty());
+    }
+
+    #[test]
+    fn an_endpoint_whose_attach_died_before_its_veth_is_collected_after_its_grace() {
+        // The namespace exists: only the attach's death can abandon it.
+        let (mut s, _) = one_container("/proc/self/ns/net");
+        let me = crate::attachment::attacher::current().unwrap();
+        let dead = crate::model::Attacher {
+            started: me.started + 1,
+            ..me
+        };
+        s.endpoints[0].attacher = Some(dead);
+        let mut gc = Collector::new(Duration::from_secs(10));
+        let no_veth = |_: &str| None;
+        let t0 = Instant::now();
+        assert!(gc.scan(&s, "a", t0, &no_veth).0.is_empty(), "in its grace");
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(gc.scan(&s, "a", later, &no_veth).0.len(), 1);
+        // An attach in progress (its attacher alive), one with its veth,
+        // or one recorded without an attacher: never.
+        for (attacher, veth) in [(Some(me), None), (Some(dead), Some(7)), (None, None)] {
+            s.endpoints[0].attacher = attacher;
+            let mut gc = Collector::new(Duration::from_secs(10));
+            gc.scan(&s, "a", t0, &|_| veth);
+            assert!(
+                gc.scan(&s, "a", later, &|_| veth).0.is_empty(),
+                "{attacher:?} {veth:?}"
+            );
+        }
     }
 
     #[test]

@@ -139,6 +139,7 @@ mod tests {
             Memory::key("blue", ip),
             Endpoint {
                 ports: Vec::new(),
+                attacher: None,
                 network: "blue".into(),
                 name: "c1".into(),
                 ip,

@@ -1136,14 +1136,26 @@ impl Agent {
                 .await
             {
                 Ok(true) => {
+                    let namespace_gone = gc::namespace_gone(&ep);
+                    let why = if namespace_gone {
+                        format!("its namespace {netns} is gone without a disconnect")
+                    } else {
+                        format!(
+                            "the attach of {netns} that registered it died before making its veth"
+                        )
+                    };
                     log::warn!(
-                        "collected endpoint {} ({}) of {}: its namespace {netns} is gone without a disconnect",
+                        "collected endpoint {} ({}) of {}: {why}",
                         ep.ip,
                         ep.name,
                         ep.network
                     );
                     self.view.update(|l| l.collected_endpoints += 1);
-                    let _ = crate::dns::resolv_conf::remove(netns);
+                    // A namespace that lives on may have other networks'
+                    // endpoints, which use its resolv.conf.
+                    if namespace_gone {
+                        let _ = crate::dns::resolv_conf::remove(netns);
+                    }
                 }
                 Ok(false) => log::debug!(
                     "not collecting endpoint {} of {}: the store no longer holds it as found (disconnected, or {netns} connected anew)",

@@ -446,6 +446,7 @@ mod tests {
     fn add(s: &mut State, net: &str, node: &str, ns: &str, name: &str) -> crate::model::Endpoint {
         s.add_container(ContainerSpec {
             ports: Vec::new(),
+            attacher: None,
             network: net.into(),
             node: node.into(),
             netns: ns.into(),

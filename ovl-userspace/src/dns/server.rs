@@ -445,6 +445,7 @@ mod tests {
         for (ns, name) in [("c-client", "client"), ("c-web", "web")] {
             s.add_container(ContainerSpec {
                 ports: Vec::new(),
+                attacher: None,
                 network: "blue".into(),
                 node: "me".into(),
                 netns: ns.into(),

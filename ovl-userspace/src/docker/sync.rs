@@ -539,6 +539,7 @@ mod tests {
         s.reserve("blue", "a", None, None, "docker:live").unwrap();
         let mut dead = ContainerSpec {
             ports: Vec::new(),
+            attacher: None,
             network: "blue".into(),
             node: "a".into(),
             netns: "/run/docker/netns/1".into(),

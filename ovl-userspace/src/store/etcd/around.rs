@@ -153,6 +153,7 @@ mod tests {
     fn spec(node: &str, netns: &str, name: Option<&str>) -> ContainerSpec {
         ContainerSpec {
             ports: Vec::new(),
+            attacher: None,
             network: "blue".into(),
             node: node.into(),
             netns: netns.into(),

@@ -460,6 +460,7 @@ mod tests {
         for (node, ns) in [("a", "c1"), ("b", "c2")] {
             s.add_container(ContainerSpec {
                 ports: Vec::new(),
+                attacher: None,
                 network: "blue".into(),
                 node: node.into(),
                 netns: ns.into(),
@@ -518,6 +519,7 @@ mod tests {
         changed
             .add_container(ContainerSpec {
                 ports: Vec::new(),
+                attacher: None,
                 network: "blue".into(),
                 node: "b".into(),
                 netns: "c9".into(),

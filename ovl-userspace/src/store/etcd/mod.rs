@@ -747,6 +747,7 @@ mod tests {
     fn connect_as(s: &mut State, ns: &str, name: Option<&str>) {
         s.add_container(ContainerSpec {
             ports: Vec::new(),
+            attacher: None,
             network: "blue".into(),
             node: "a".into(),
             netns: ns.into(),
@@ -806,6 +807,7 @@ mod tests {
             // Another address (as a racer that read later would pick).
             s.add_container(ContainerSpec {
                 ports: Vec::new(),
+                attacher: None,
                 network: "blue".into(),
                 node: "b".into(),
                 netns: "c2".into(),

@@ -440,6 +440,7 @@ mod tests {
             let e = s
                 .add_container(ContainerSpec {
                     ports: Vec::new(),
+                    attacher: None,
                     network: "blue".into(),
                     node: "dead".into(),
                     netns: format!("c{i}"),
