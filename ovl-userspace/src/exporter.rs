@@ -196,7 +196,7 @@ pub fn render(view: &View) -> Result<String> {
         &reg,
         IntCounter::new(
             "ovl_endpoints_collected_total",
-            "Local endpoints freed because their container's namespace was gone without a disconnect.",
+            "Local endpoints freed because their container's namespace was gone without a disconnect, or the attach that registered them died before making their veth.",
         )?,
     )?;
     let conflicts = register(

@@ -122,7 +122,8 @@ enum Command {
         #[arg(long, env = "OVL_METRICS")]
         metrics: Option<std::net::SocketAddr>,
         /// Seconds a local endpoint's network namespace must be gone
-        /// (deleted without a disconnect) before its endpoint is freed.
+        /// (deleted without a disconnect), or the attach that registered it
+        /// dead before making its veth, before its endpoint is freed.
         #[arg(long, env = "OVL_GC_GRACE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
         gc_grace: u64,
         #[command(flatten)]
