@@ -465,14 +465,17 @@ fn cni_conflist_refuses_names_no_network_or_runtime_takes() -> Result<()> {
 }
 
 /// `ovl connect NETWORK NETNS` under strace, which sends it `signal` at
-/// its first `socket()`: the netlink socket it opens to build the veth,
-/// right after the store has registered the endpoint. No hook in ovl: the
-/// moment is the first system call of the veth's making.
+/// its `nth` `socket()`: the first is the netlink socket it opens to build
+/// the veth, right after the store has registered the endpoint; the
+/// second the one it sets the new pair's offloads through, before it
+/// moves the container end. No hook in ovl: the moments are system calls
+/// of the veth's making.
 fn connect_interrupted_argv(
     ovl: &Ovl,
     node: &str,
     netns: &Netns,
     signal: &str,
+    nth: u32,
 ) -> Result<Vec<String>> {
     let mut argv = vec!["env".to_owned()];
     argv.extend(ovl.env(node).into_iter().map(|(k, v)| format!("{k}={v}")));
@@ -486,7 +489,7 @@ fn connect_interrupted_argv(
             "-e",
             "trace=socket",
             "-e",
-            &format!("inject=socket:signal={signal}:when=1"),
+            &format!("inject=socket:signal={signal}:when={nth}"),
         ]
         .map(str::to_owned),
     );
@@ -512,6 +515,16 @@ fn recorded(lab: &Lab, netns: &Netns) -> Result<Vec<(Ipv4Addr, Option<u32>)>> {
     Ok(out)
 }
 
+/// The names of the links in namespace `ns`.
+fn host_links(ns: &Netns) -> Result<Vec<String>> {
+    let out = ns.ip(&["-o", "link", "show"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .collect())
+}
+
 fn has_eth0(netns: &Netns) -> Result<bool> {
     let out = ovl_tests::run_unchecked(&["ip", "-n", netns.name(), "link", "show", "eth0"])?;
     Ok(out.status.success())
@@ -534,7 +547,7 @@ fn a_connect_killed_before_its_veth_is_reclaimed_and_one_in_progress_is_not() ->
 
     // No agent yet: nothing but the next connect can reclaim c1's record.
     let c1 = lab.container("c1")?;
-    let argv = connect_interrupted_argv(&ovl, "host-a", &c1, "SIGKILL")?;
+    let argv = connect_interrupted_argv(&ovl, "host-a", &c1, "SIGKILL", 1)?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let killed = host.netns.exec_unchecked(&argv)?;
     ensure!(
@@ -557,11 +570,37 @@ fn a_connect_killed_before_its_veth_is_reclaimed_and_one_in_progress_is_not() ->
         String::from_utf8_lossy(&c1.ip(&["-o", "addr", "show", "eth0"])?.stdout).into_owned();
     ensure!(shown.contains(&format!("{ip}/24")), "{shown}");
 
+    // Killed with the pair made, its container end still in the host's
+    // namespace: the next connect removes the pair and attaches anew.
+    let c4 = lab.container("c4")?;
+    let before = host_links(&host.netns)?;
+    let argv = connect_interrupted_argv(&ovl, "host-a", &c4, "SIGKILL", 2)?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    host.netns.exec_unchecked(&argv)?;
+    let made: Vec<String> = host_links(&host.netns)?
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    ensure!(
+        made.len() == 2 && recorded(&lab, &c4)?.len() == 1 && !has_eth0(&c4)?,
+        "the kill left {made:?} in the host, {:?} in the store",
+        recorded(&lab, &c4)?
+    );
+    ovl.connect(&host, "host-a", "uber-net", &c4, &[])?;
+    let now: Vec<String> = host_links(&host.netns)?
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    ensure!(
+        now.len() == 1 && has_eth0(&c4)? && recorded(&lab, &c4)?.len() == 1,
+        "c4 reconnected: {now:?} in the host"
+    );
+
     // The agent, with a grace of 1 s.
     let _agent = ovl.attach_with_env(&lab, &host, "host-a", "auto", &[("OVL_GC_GRACE", "1")])?;
     // c3's connect stopped right after registering: in progress.
     let c3 = lab.container("c3")?;
-    let argv = connect_interrupted_argv(&ovl, "host-a", &c3, "SIGSTOP")?;
+    let argv = connect_interrupted_argv(&ovl, "host-a", &c3, "SIGSTOP", 1)?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let stopped = lab.spawn(&host.netns, &argv, &[])?;
     let mut attacher = None;
@@ -579,7 +618,7 @@ fn a_connect_killed_before_its_veth_is_reclaimed_and_one_in_progress_is_not() ->
     // c2's killed after it: the agent frees its address after the grace
     // (c3's, registered first, has passed by then as well).
     let c2 = lab.container("c2")?;
-    let argv = connect_interrupted_argv(&ovl, "host-a", &c2, "SIGKILL")?;
+    let argv = connect_interrupted_argv(&ovl, "host-a", &c2, "SIGKILL", 1)?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     host.netns.exec_unchecked(&argv)?;
     ensure!(recorded(&lab, &c2)?.len() == 1, "c2 registered nothing");
