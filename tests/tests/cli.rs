@@ -464,48 +464,77 @@ fn cni_conflist_refuses_names_no_network_or_runtime_takes() -> Result<()> {
     Ok(())
 }
 
-/// `ovl connect NETWORK NETNS` under strace, which sends it `signal` at
-/// its `nth` `socket()`: the first is the netlink socket it opens to build
-/// the veth, right after the store has registered the endpoint; the
-/// second the one it sets the new pair's offloads through, before it
-/// moves the container end. No hook in ovl: the moments are system calls
-/// of the veth's making.
-fn connect_interrupted_argv(
+/// `ovl connect uber-net NETNS` under strace, tracing its `socket()`
+/// calls into `output`, with `inject` (strace's `-e inject=` of `socket`).
+fn strace_connect_argv(
     ovl: &Ovl,
-    node: &str,
     netns: &Netns,
-    signal: &str,
-    nth: u32,
+    output: &str,
+    inject: Option<String>,
 ) -> Result<Vec<String>> {
     let mut argv = vec!["env".to_owned()];
-    argv.extend(ovl.env(node).into_iter().map(|(k, v)| format!("{k}={v}")));
     argv.extend(
-        [
-            "strace",
-            "-f",
-            "-qq",
-            "-o",
-            "/dev/null",
-            "-e",
-            "trace=socket",
-            "-e",
-            &format!("inject=socket:signal={signal}:when={nth}"),
-        ]
-        .map(str::to_owned),
+        ovl.env("host-a")
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}")),
     );
+    argv.extend(["strace", "-f", "-qq", "-o", output, "-e", "trace=socket"].map(str::to_owned));
+    if let Some(inject) = inject {
+        argv.extend(["-e".to_owned(), format!("inject=socket:{inject}")]);
+    }
     argv.push(ovl_tests::ovl_binary()?.display().to_string());
     argv.extend(["connect", "uber-net", netns.name()].map(str::to_owned));
     Ok(argv)
 }
 
-/// The endpoints of namespace `netns` in the file store, with the pid of
-/// the process that registered each (read straight from `state.json`:
-/// `ovl` itself would wait for nothing).
-fn recorded(lab: &Lab, netns: &Netns) -> Result<Vec<(Ipv4Addr, Option<u32>)>> {
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(lab.tempdir().join("store/state.json"))?)?;
+/// Which `socket()` call of `ovl connect` (counted from 1) is the netlink
+/// socket it opens to build the veth, right after the store has registered
+/// the endpoint: read from a whole connect of a scratch container, as the
+/// calls before it depend on the store (etcd's connections). The next one
+/// is the socket it sets the new pair's offloads through, before it moves
+/// the container end. No hook in ovl: the moments are its system calls.
+fn veth_socket_call(lab: &Lab, ovl: &Ovl, host: &Host) -> Result<u32> {
+    let scratch = lab.container("scratch")?;
+    let trace = lab.tempdir().join("connect.strace");
+    let trace_text = trace.display().to_string();
+    let argv = strace_connect_argv(ovl, &scratch, &trace_text, None)?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    host.netns.exec(&argv)?;
+    let text = std::fs::read_to_string(&trace)?;
+    let calls: Vec<&str> = text.lines().filter(|l| l.contains("socket(")).collect();
+    let netlink = calls
+        .iter()
+        .position(|l| l.contains("AF_NETLINK"))
+        .with_context(|| format!("no netlink socket in {text}"))?;
+    ovl.run(
+        &host.netns,
+        "host-a",
+        &["disconnect", "uber-net", scratch.name()],
+    )?;
+    Ok(u32::try_from(netlink)? + 1)
+}
+
+/// `ovl connect uber-net NETNS`, sent `signal` at its `nth` `socket()`.
+fn connect_interrupted_argv(
+    ovl: &Ovl,
+    netns: &Netns,
+    signal: &str,
+    nth: u32,
+) -> Result<Vec<String>> {
+    strace_connect_argv(
+        ovl,
+        netns,
+        "/dev/null",
+        Some(format!("signal={signal}:when={nth}")),
+    )
+}
+
+/// The endpoints of namespace `netns` in the store (`ovl network
+/// inspect`), with the pid of the process that registered each.
+fn recorded(ovl: &Ovl, host: &Host, netns: &Netns) -> Result<Vec<(Ipv4Addr, Option<u32>)>> {
+    let net = ovl.inspect(&host.netns, "uber-net")?;
     let mut out = Vec::new();
-    for e in state["endpoints"].as_array().context("endpoints")? {
+    for e in net["endpoints"].as_array().context("endpoints")? {
         if e["location"]["netns"] == netns.name() {
             let ip = e["ip"].as_str().context("ip")?.parse()?;
             let pid = e["attacher"]["pid"].as_u64().map(|p| p as u32);
@@ -542,29 +571,46 @@ fn a_connect_killed_before_its_veth_is_reclaimed_and_one_in_progress_is_not() ->
     let lab = Lab::new("cli-killed")?;
     let ovl = Ovl::new(&lab)?;
     let (_router, mut hosts) = lab.routed_hosts(1)?;
+    killed_connects_are_reclaimed(&lab, &ovl, &hosts.remove(0))
+}
+
+/// The same with the etcd store: the reclaim is one transaction that
+/// removes the old record and its claims and registers anew.
+#[test]
+fn a_connect_killed_before_its_veth_is_reclaimed_with_etcd() -> Result<()> {
+    let lab = Lab::new("cli-killed-etcd")?;
+    let (router, mut hosts) = lab.routed_hosts(1)?;
     let host = hosts.remove(0);
+    let gateway = host.gateway.context("routed host has a gateway")?;
+    let etcd = ovl_tests::Etcd::start(&lab, &router, gateway)?;
+    let ovl = Ovl::with_store(&lab, &etcd.url())?;
+    killed_connects_are_reclaimed(&lab, &ovl, &host)
+}
+
+fn killed_connects_are_reclaimed(lab: &Lab, ovl: &Ovl, host: &Host) -> Result<()> {
     ovl.create_network(&host.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let veth = veth_socket_call(lab, ovl, host)?;
 
     // No agent yet: nothing but the next connect can reclaim c1's record.
     let c1 = lab.container("c1")?;
-    let argv = connect_interrupted_argv(&ovl, "host-a", &c1, "SIGKILL", 1)?;
+    let argv = connect_interrupted_argv(ovl, &c1, "SIGKILL", veth)?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let killed = host.netns.exec_unchecked(&argv)?;
     ensure!(
         !killed.status.success(),
         "the connect was not killed: {killed:?}"
     );
-    let left = recorded(&lab, &c1)?;
+    let left = recorded(ovl, host, &c1)?;
     ensure!(
         left.len() == 1 && !has_eth0(&c1)?,
         "the kill left {left:?}, eth0 in c1: {}",
         has_eth0(&c1)?
     );
-    let ip = ovl.connect(&host, "host-a", "uber-net", &c1, &[])?;
+    let ip = ovl.connect(host, "host-a", "uber-net", &c1, &[])?;
     ensure!(
-        recorded(&lab, &c1)?.len() == 1 && has_eth0(&c1)?,
+        recorded(ovl, host, &c1)?.len() == 1 && has_eth0(&c1)?,
         "c1 reconnected: {:?}",
-        recorded(&lab, &c1)?
+        recorded(ovl, host, &c1)?
     );
     let shown =
         String::from_utf8_lossy(&c1.ip(&["-o", "addr", "show", "eth0"])?.stdout).into_owned();
@@ -574,7 +620,7 @@ fn a_connect_killed_before_its_veth_is_reclaimed_and_one_in_progress_is_not() ->
     // namespace: the next connect removes the pair and attaches anew.
     let c4 = lab.container("c4")?;
     let before = host_links(&host.netns)?;
-    let argv = connect_interrupted_argv(&ovl, "host-a", &c4, "SIGKILL", 2)?;
+    let argv = connect_interrupted_argv(ovl, &c4, "SIGKILL", veth + 1)?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     host.netns.exec_unchecked(&argv)?;
     let made: Vec<String> = host_links(&host.netns)?
@@ -582,30 +628,39 @@ fn a_connect_killed_before_its_veth_is_reclaimed_and_one_in_progress_is_not() ->
         .filter(|l| !before.contains(l))
         .collect();
     ensure!(
-        made.len() == 2 && recorded(&lab, &c4)?.len() == 1 && !has_eth0(&c4)?,
+        made.len() == 2 && recorded(ovl, host, &c4)?.len() == 1 && !has_eth0(&c4)?,
         "the kill left {made:?} in the host, {:?} in the store",
-        recorded(&lab, &c4)?
+        recorded(ovl, host, &c4)?
     );
-    ovl.connect(&host, "host-a", "uber-net", &c4, &[])?;
+    ovl.connect(host, "host-a", "uber-net", &c4, &[])?;
     let now: Vec<String> = host_links(&host.netns)?
         .into_iter()
         .filter(|l| !before.contains(l))
         .collect();
     ensure!(
-        now.len() == 1 && has_eth0(&c4)? && recorded(&lab, &c4)?.len() == 1,
+        now.len() == 1 && has_eth0(&c4)? && recorded(ovl, host, &c4)?.len() == 1,
         "c4 reconnected: {now:?} in the host"
     );
 
     // The agent, with a grace of 1 s.
-    let _agent = ovl.attach_with_env(&lab, &host, "host-a", "auto", &[("OVL_GC_GRACE", "1")])?;
+    let _agent = ovl.attach_with_env(
+        lab,
+        host,
+        "host-a",
+        "auto",
+        &[
+            ("OVL_GC_GRACE", "1"),
+            ("RUST_LOG", "info,ovl_userspace::agent=debug"),
+        ],
+    )?;
     // c3's connect stopped right after registering: in progress.
     let c3 = lab.container("c3")?;
-    let argv = connect_interrupted_argv(&ovl, "host-a", &c3, "SIGSTOP", 1)?;
+    let argv = connect_interrupted_argv(ovl, &c3, "SIGSTOP", veth)?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let stopped = lab.spawn(&host.netns, &argv, &[])?;
     let mut attacher = None;
     wait_until(Duration::from_secs(10), || {
-        attacher = recorded(&lab, &c3)?.first().and_then(|(_, pid)| *pid);
+        attacher = recorded(ovl, host, &c3)?.first().and_then(|(_, pid)| *pid);
         Ok(attacher.is_some())
     })
     .with_context(|| {
@@ -618,17 +673,23 @@ fn a_connect_killed_before_its_veth_is_reclaimed_and_one_in_progress_is_not() ->
     // c2's killed after it: the agent frees its address after the grace
     // (c3's, registered first, has passed by then as well).
     let c2 = lab.container("c2")?;
-    let argv = connect_interrupted_argv(&ovl, "host-a", &c2, "SIGKILL", 1)?;
+    let before = host_links(&host.netns)?;
+    let argv = connect_interrupted_argv(ovl, &c2, "SIGKILL", veth)?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     host.netns.exec_unchecked(&argv)?;
-    ensure!(recorded(&lab, &c2)?.len() == 1, "c2 registered nothing");
+    ensure!(
+        recorded(ovl, host, &c2)?.len() == 1 && host_links(&host.netns)? == before,
+        "c2's connect was not killed between registering and making its veth: {:?}, links {:?}",
+        recorded(ovl, host, &c2)?,
+        host_links(&host.netns)?
+    );
     wait_until(Duration::from_secs(20), || {
-        Ok(recorded(&lab, &c2)?.is_empty())
+        Ok(recorded(ovl, host, &c2)?.is_empty())
     })
     .context("the agent never freed the address of c2's killed connect")?;
 
     ensure!(
-        recorded(&lab, &c3)?.len() == 1,
+        recorded(ovl, host, &c3)?.len() == 1,
         "the agent took the endpoint of an attach in progress"
     );
     let again = ovl.run_unchecked(&host.netns, "host-a", &["connect", "uber-net", c3.name()])?;

@@ -91,9 +91,16 @@ impl Collector {
                 .collect();
         }
         self.last_look = Some(now);
+        // An attach still running when its record came may die without a
+        // notification: such candidates are looked at again after a while.
+        let mut attach_running = false;
         let abandoned: BTreeMap<(String, Ipv4Addr), &Endpoint> = candidates
             .into_iter()
-            .filter(|(_, e)| namespace_gone(e) || attachment::abandoned_attach(e, ifindex_of))
+            .filter(|(_, e)| {
+                let gone = namespace_gone(e) || attachment::abandoned_attach(e, ifindex_of);
+                attach_running |= !gone && e.attacher.is_some();
+                gone
+            })
             .map(|((n, ip), e)| ((n.to_owned(), ip), e))
             .collect();
         self.gone_since.retain(|k, _| abandoned.contains_key(k));
@@ -112,6 +119,10 @@ impl Collector {
                 at = now + RETRY;
                 self.retry_at.insert(key, at);
             }
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+        if attach_running {
+            let at = now + RECHECK;
             next = Some(next.map_or(at, |n| n.min(at)));
         }
         self.next = next;
@@ -212,6 +223,14 @@ mod tests {
         let mut gc = Collector::new(Duration::from_secs(10));
         let no_veth = |_: &str| None;
         let t0 = Instant::now();
+        // Seen first while its attach ran: looked at again without any
+        // notification, and found abandoned once the attach is gone.
+        s.endpoints[0].attacher = Some(me);
+        let (due, next) = gc.scan(&s, "a", t0, &no_veth);
+        assert!(due.is_empty());
+        assert_eq!(next, Some(t0 + RECHECK), "a look planned");
+        s.endpoints[0].attacher = Some(dead);
+        let t0 = t0 + RECHECK;
         assert!(gc.scan(&s, "a", t0, &no_veth).0.is_empty(), "in its grace");
         let later = t0 + Duration::from_secs(11);
         assert_eq!(gc.scan(&s, "a", later, &no_veth).0.len(), 1);
