@@ -121,7 +121,7 @@ pub async fn attach_placed(
                     attacher: Some(a),
                     location: Location::Container { host_ifname, .. },
                     ..
-                }) if netlink::ifindex(&host_ifname).is_none() && !attacher::is_gone(&a) => {
+                }) if unfinished(&host_ifname, &netlink::ifindex) && !attacher::is_gone(&a) => {
                     // The store's refusal stays the cause: front ends map it.
                     return Err(anyhow::Error::new(e).context(format!(
                         "{} is being connected to {} by process {} on this node, which has not finished its veth yet; wait for it (or stop it: its endpoint is then reclaimed)",
@@ -259,7 +259,7 @@ pub fn abandoned_attach(ep: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>)
     if ep
         .owner
         .as_deref()
-        .is_some_and(|o| o.starts_with("docker:"))
+        .is_some_and(crate::docker::is_docker_owner)
     {
         return false;
     }
@@ -267,9 +267,15 @@ pub fn abandoned_attach(ep: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>)
     else {
         return false;
     };
-    let unfinished = ifindex_of(host_ifname).is_none()
-        || ifindex_of(&crate::model::unmoved_peer_ifname(host_ifname)).is_some();
-    unfinished && attacher::is_gone(attacher)
+    unfinished(host_ifname, ifindex_of) && attacher::is_gone(attacher)
+}
+
+/// Whether the veth with host end `host_ifname` was never finished for a
+/// container: the host end does not exist, or the pair is still whole in
+/// the host's namespace.
+fn unfinished(host_ifname: &str, ifindex_of: &dyn Fn(&str) -> Option<u32>) -> bool {
+    ifindex_of(host_ifname).is_none()
+        || ifindex_of(&crate::model::unmoved_peer_ifname(host_ifname)).is_some()
 }
 
 /// Refuses a port published on an address this host does not have (its

@@ -37,6 +37,7 @@ use axum::{Router, body::Bytes, extract::State, response::Response, routing::pos
 use tokio::{net::UnixListener, sync::OnceCell};
 
 pub use self::engine::{Engine, EngineError};
+pub use self::ipam::is_docker_owner;
 use self::protocol::Refusal;
 use crate::{agent::view::View, api, model::Network, store::Store};
 
