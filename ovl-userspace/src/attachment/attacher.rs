@@ -12,23 +12,33 @@ pub fn current() -> Option<Attacher> {
     Some(Attacher { pid, started })
 }
 
-/// Whether `attacher` no longer runs on this node: its pid is gone, or is
-/// another process's now (started at another time). The node's front ends
+/// Whether `attacher` no longer runs on this node: its pid is gone, is
+/// another process's now (started at another time), or is a dead one
+/// whose parent has not reaped it yet (a zombie). The node's front ends
 /// and agent must share one pid namespace for this to tell.
 pub fn is_gone(attacher: &Attacher) -> bool {
     match std::fs::read_to_string(format!("/proc/{}/stat", attacher.pid)) {
-        Ok(stat) => started_of(&stat) != Some(attacher.started),
+        Ok(stat) => {
+            fields_after_name(&stat)
+                .and_then(|mut f| f.next())
+                .is_some_and(|state| state == "Z" || state == "X")
+                || started_of(&stat) != Some(attacher.started)
+        }
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
 
-/// The start time in a `/proc/PID/stat` line: field 22, counted after the
-/// command name (field 2, in parentheses, which may hold spaces and
-/// parentheses itself, so it ends at the last `)`).
+/// The start time in a `/proc/PID/stat` line: field 22.
 fn started_of(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields 3.. follow; the start time is the 20th of them.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    // Fields 3.. follow the name; the start time is the 20th of them.
+    fields_after_name(stat)?.nth(19)?.parse().ok()
+}
+
+/// The fields of a `/proc/PID/stat` line from the 3rd (the state) on,
+/// after the command name (field 2, in parentheses, which may hold spaces
+/// and parentheses itself, so it ends at the last `)`).
+fn fields_after_name(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace())
 }
 
 #[cfg(test)]
@@ -56,5 +66,30 @@ mod tests {
             pid: u32::MAX,
             ..me
         }));
+    }
+
+    #[test]
+    fn a_killed_process_not_yet_reaped_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let it = Attacher {
+            pid,
+            started: started_of(&stat).unwrap(),
+        };
+        assert!(!is_gone(&it));
+        child.kill().unwrap();
+        // A zombie until waited for: its /proc entry stays meanwhile.
+        let zombie = (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| fields_after_name(&s).and_then(|mut f| f.next()) == Some("Z"))
+        });
+        assert!(zombie && is_gone(&it));
+        child.wait().unwrap();
+        assert!(is_gone(&it));
     }
 }
