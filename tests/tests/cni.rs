@@ -1165,5 +1165,30 @@ fn del_removes_an_ovl_interface_the_store_lost_and_nothing_else() -> Result<()> 
     // A namespace that is gone took its interface along: success.
     let gone = format!("/run/netns/{}-gone", lab.prefix());
     del(&CniPlugin::attachment_env("ctr-gone", &gone, "eth0"))?;
+
+    // A store restored from before the network itself: its interface is
+    // still known as ovl's by its host end's name, MAC and peering.
+    let c4 = lab.container("c4")?;
+    let s4 = netns_path(&c4);
+    let env4 = CniPlugin::attachment_env("ctr-netless", &s4, "eth0");
+    let res = w.plugin.call("ADD", &env4, &conf.to_string())?.ok()?;
+    let host_if4 = res["interfaces"][0]["name"]
+        .as_str()
+        .context("host if")?
+        .to_owned();
+    forget_in_store(&lab, "cni:ctr-netless/eth0")?;
+    w.ovl
+        .run(&w.host.netns, NODE, &["disconnect", NETWORK, c3.name()])?;
+    w.ovl
+        .run(&w.host.netns, NODE, &["network", "rm", NETWORK])?;
+    del(&env4)?;
+    ensure!(
+        !w.host_links()?.contains(&host_if4) && !link_names(&c4)?.contains(&"eth0".to_owned()),
+        "DEL left the veth {host_if4} of a network the store lost"
+    );
+    ensure!(
+        w.host_links()?.contains(&fake.to_owned()),
+        "the look-alike went with it"
+    );
     Ok(())
 }
