@@ -112,22 +112,18 @@ pub async fn attach_placed(
     check_host_addresses(req).await?;
     let registered = match register(store, req).await {
         Err(e @ StoreError::Rejected(ModelError::AlreadyConnected { .. })) => {
-            let held = find(store, &req.node, &req.network, &req.netns).await?;
-            match held {
-                Some(stale) if abandoned_attach(&stale, &netlink::ifindex) => {
-                    reclaim(store, req, &stale).await
-                }
-                Some(Endpoint {
-                    attacher: Some(a),
-                    location: Location::Container { host_ifname, .. },
-                    ..
-                }) if unfinished(&host_ifname, &netlink::ifindex) && !attacher::is_gone(&a) => {
-                    // The store's refusal stays the cause: front ends map it.
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "{} is being connected to {} by process {} on this node, which has not finished its veth yet; wait for it (or stop it: its endpoint is then reclaimed)",
-                        req.netns, req.network, a.pid
-                    )));
-                }
+            match find(store, &req.node, &req.network, &req.netns).await? {
+                Some(held) if unfinished_now(&held).await? => match held.attacher {
+                    Some(a) if !attacher::is_gone(&a) => {
+                        // The store's refusal stays the cause: front ends map it.
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "{} is being connected to {} by process {} on this node, which has not finished its veth yet; wait for it (or stop it: its endpoint is then reclaimed)",
+                            req.netns, req.network, a.pid
+                        )));
+                    }
+                    Some(_) => reclaim(store, req, &held).await,
+                    None => Err(e),
+                },
                 _ => Err(e),
             }
         }
@@ -276,6 +272,32 @@ pub fn abandoned_attach(ep: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>)
 fn unfinished(host_ifname: &str, ifindex_of: &dyn Fn(&str) -> Option<u32>) -> bool {
     ifindex_of(host_ifname).is_none()
         || ifindex_of(&crate::model::unmoved_peer_ifname(host_ifname)).is_some()
+}
+
+/// Whether the veth of container endpoint `ep` (not Docker's) is
+/// unfinished as this host sees it now: [`unfinished`], or its host end
+/// still down — an attach raises it last, once the container end is
+/// moved, named and addressed. Only an attach of the same container asks
+/// (the agent looks for [`abandoned_attach`] alone: a host end an operator
+/// set down is no reason for it to take a container's interface away).
+async fn unfinished_now(ep: &Endpoint) -> Result<bool> {
+    let Location::Container { host_ifname, .. } = &ep.location else {
+        return Ok(false);
+    };
+    if ep
+        .owner
+        .as_deref()
+        .is_some_and(crate::docker::is_docker_owner)
+    {
+        return Ok(false);
+    }
+    if unfinished(host_ifname, &netlink::ifindex) {
+        return Ok(true);
+    }
+    let handle = netlink::connect()?;
+    Ok(netlink::link_state(&handle, host_ifname)
+        .await?
+        .is_some_and(|l| !l.up))
 }
 
 /// Refuses a port published on an address this host does not have (its

@@ -464,12 +464,13 @@ fn cni_conflist_refuses_names_no_network_or_runtime_takes() -> Result<()> {
     Ok(())
 }
 
-/// `ovl connect uber-net NETNS` under strace, tracing its `socket()`
-/// calls into `output`, with `inject` (strace's `-e inject=` of `socket`).
+/// `ovl connect uber-net NETNS` under strace, tracing its `syscall`
+/// calls into `output`, with `inject` (strace's `-e inject=` of it).
 fn strace_connect_argv(
     ovl: &Ovl,
     netns: &Netns,
     output: &str,
+    syscall: &str,
     inject: Option<String>,
 ) -> Result<Vec<String>> {
     let mut argv = vec!["env".to_owned()];
@@ -478,9 +479,10 @@ fn strace_connect_argv(
             .into_iter()
             .map(|(k, v)| format!("{k}={v}")),
     );
-    argv.extend(["strace", "-f", "-qq", "-o", output, "-e", "trace=socket"].map(str::to_owned));
+    argv.extend(["strace", "-f", "-qq", "-o", output, "-e"].map(str::to_owned));
+    argv.push(format!("trace={syscall}"));
     if let Some(inject) = inject {
-        argv.extend(["-e".to_owned(), format!("inject=socket:{inject}")]);
+        argv.extend(["-e".to_owned(), format!("inject={syscall}:{inject}")]);
     }
     argv.push(ovl_tests::ovl_binary()?.display().to_string());
     argv.extend(["connect", "uber-net", netns.name()].map(str::to_owned));
@@ -497,7 +499,7 @@ fn veth_socket_call(lab: &Lab, ovl: &Ovl, host: &Host) -> Result<u32> {
     let scratch = lab.container("scratch")?;
     let trace = lab.tempdir().join("connect.strace");
     let trace_text = trace.display().to_string();
-    let argv = strace_connect_argv(ovl, &scratch, &trace_text, None)?;
+    let argv = strace_connect_argv(ovl, &scratch, &trace_text, "socket", None)?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     host.netns.exec(&argv)?;
     let text = std::fs::read_to_string(&trace)?;
@@ -525,6 +527,7 @@ fn connect_interrupted_argv(
         ovl,
         netns,
         "/dev/null",
+        "socket",
         Some(format!("signal={signal}:when={nth}")),
     )
 }
@@ -640,6 +643,39 @@ fn killed_connects_are_reclaimed(lab: &Lab, ovl: &Ovl, host: &Host) -> Result<()
     ensure!(
         now.len() == 1 && has_eth0(&c4)? && recorded(ovl, host, &c4)?.len() == 1,
         "c4 reconnected: {now:?} in the host"
+    );
+
+    // Killed at its first setns(), entering the container to name and
+    // address the end it has just moved there: the host end is still down.
+    // The next connect removes the pair and attaches anew.
+    let c5 = lab.container("c5")?;
+    let before = host_links(&host.netns)?;
+    let argv = strace_connect_argv(
+        ovl,
+        &c5,
+        "/dev/null",
+        "setns",
+        Some("signal=SIGKILL:when=1".to_owned()),
+    )?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    host.netns.exec_unchecked(&argv)?;
+    let made: Vec<String> = host_links(&host.netns)?
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    ensure!(
+        made.len() == 1 && recorded(ovl, host, &c5)?.len() == 1 && !has_eth0(&c5)?,
+        "the kill left {made:?} in the host, {:?} in the store",
+        recorded(ovl, host, &c5)?
+    );
+    ovl.connect(host, "host-a", "uber-net", &c5, &[])?;
+    let now: Vec<String> = host_links(&host.netns)?
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect();
+    ensure!(
+        now.len() == 1 && has_eth0(&c5)? && recorded(ovl, host, &c5)?.len() == 1,
+        "c5 reconnected: {now:?} in the host"
     );
 
     // The agent, with a grace of 1 s.
