@@ -120,8 +120,8 @@ fn main() -> ExitCode {
 }
 
 /// Every mode builds network namespaces, loads BPF programs and runs
-/// agents: it needs root, and the lab helpers find `ovl` through the
-/// environment.
+/// agents: it needs root, the lab helpers find `ovl` through the
+/// environment, and an interrupted run removes its labs.
 fn as_root_with(ovl: &Path) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -132,7 +132,9 @@ fn as_root_with(ovl: &Path) -> anyhow::Result<()> {
     // SAFETY: nothing else runs yet (no thread, no child), so nothing reads
     // the environment concurrently.
     unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, ovl) };
-    Ok(())
+    // Ctrl-C or a `kill` must not leave the labs' agents, servers and
+    // namespaces running.
+    ovl_tests::remove_labs_on_interrupt("ovl-bench")
 }
 
 fn parse_underlay(name: &str) -> Result<Underlay, String> {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::cmd;
 use crate::netns::Netns;
@@ -49,6 +49,26 @@ static STALE_SWEEP: Once = Once::new();
 /// Serialises `ip netns add/del` within the process: iproute2 sets up the
 /// shared `/run/netns` mount on first use, and parallel first uses race.
 static NETNS_ADMIN: Mutex<()> = Mutex::new(());
+
+/// Closed once an interrupt started removing this process's labs (see
+/// [`remove_labs_on_interrupt`](crate::remove_labs_on_interrupt)): from then
+/// on no lab makes a namespace, process, mount or temp dir the sweep could
+/// miss.
+static OPEN: Mutex<bool> = Mutex::new(true);
+
+/// Held while a lab makes something only a sweep by name would find.
+fn gate() -> Result<MutexGuard<'static, bool>> {
+    let open = lock(&OPEN);
+    if !*open {
+        bail!("interrupted: this process's labs are being removed");
+    }
+    Ok(open)
+}
+
+/// Closes the gate once whatever a lab is making right now is made.
+pub(crate) fn close_gate() {
+    *lock(&OPEN) = false;
+}
 
 /// When a cleanup registered with [`Lab::on_cleanup`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,6 +128,7 @@ impl Lab {
             NEXT_LAB.fetch_add(1, Ordering::Relaxed)
         );
         let tempdir = std::env::temp_dir().join(&prefix);
+        let _open = gate()?;
         fs::create_dir(&tempdir)
             .with_context(|| format!("cannot create lab temp dir {}", tempdir.display()))?;
         Ok(Lab {
@@ -162,6 +183,7 @@ impl Lab {
                 suffix += 1;
             }
             {
+                let _open = gate()?;
                 let _admin = netns_admin();
                 cmd::run(&["ip", "netns", "add", &name])?;
             }
@@ -188,6 +210,7 @@ impl Lab {
     /// kills what still runs in that namespace then.
     pub fn attach_netns(&self, role: &str, pid: u32) -> Result<Netns> {
         let name = format!("{}-{role}", self.prefix);
+        let _open = gate()?;
         let _admin = netns_admin();
         cmd::run(&["ip", "netns", "attach", &name, &pid.to_string()])?;
         let netns = Netns::from_name(name);
@@ -296,6 +319,7 @@ impl Lab {
             .with_context(|| format!("cannot create {}", stderr_path.display()))?;
 
         let command_line = cmd::command_line(full_argv);
+        let _open = gate()?;
         let child = Command::new(full_argv[0])
             .args(&full_argv[1..])
             .envs(envs.iter().copied())
@@ -320,6 +344,7 @@ impl Lab {
         let dir = self.tempdir.join(format!("bpffs-{}", self.next_item()));
         fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir_text = dir.to_string_lossy().into_owned();
+        let _open = gate()?;
         cmd::run(&["mount", "-t", "bpf", "bpf", &dir_text])?;
         lock(&self.mounts).push(dir.clone());
         Ok(dir)
@@ -333,6 +358,7 @@ impl Lab {
         let dir = self.tempdir.join(format!("tmpfs-{}", self.next_item()));
         fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let dir_text = dir.to_string_lossy().into_owned();
+        let _open = gate()?;
         cmd::run(&[
             "mount",
             "-t",
@@ -388,7 +414,7 @@ impl Lab {
     /// direct children (e.g. daemons that escaped their process group).
     fn kill_stragglers(&self) {
         for netns in lock(&self.namespaces).iter() {
-            if let Err(error) = stale::kill_processes_in(netns.name()) {
+            if let Err(error) = stale::kill_processes_in(netns.name(), stale::Reap::No) {
                 eprintln!("ovl-tests: cannot empty namespace {netns}: {error:#}");
             }
         }

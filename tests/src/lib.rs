@@ -16,6 +16,7 @@ mod docker;
 mod ecn;
 mod etcd;
 mod hooks;
+mod interrupt;
 mod lab;
 mod maps;
 mod netns;
@@ -42,6 +43,7 @@ pub use ecn::{
 };
 pub use etcd::{ETCD_CLIENT_PORT, Etcd, EtcdTls};
 pub use hooks::{HookedProgram, hooked_programs};
+pub use interrupt::remove_labs_on_interrupt;
 pub use lab::{CleanupStage, LAB_NAME_PREFIX, Lab};
 pub use maps::{
     CONFIG_MAP, ENDPOINTS_MAP, MapEndpoint, MapNextHop, MapNodeConfig, NEXT_HOPS_MAP,

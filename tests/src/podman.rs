@@ -236,7 +236,7 @@ impl Podman {
             // namespace, then the namespace itself.
             if c.netns.exists() {
                 if let Some(name) = c.netns.file_name().and_then(|n| n.to_str())
-                    && let Err(e) = stale::kill_processes_in(name)
+                    && let Err(e) = stale::kill_processes_in(name, stale::Reap::No)
                 {
                     eprintln!("ovl-tests: {e:#}");
                 }

@@ -20,7 +20,28 @@ use crate::process::{self, Signal};
 /// test processes — including parallel test binaries — are left alone.
 /// Names that do not follow the pattern are treated as stale.
 pub fn remove_stale_labs() -> Result<usize> {
+    remove_labs(is_stale, Reap::No)
+}
+
+/// Deletes every lab of this very process the same way, whatever state its
+/// `Lab` guards are in: what an interrupted program does before it exits
+/// (see [`remove_labs_on_interrupt`](crate::remove_labs_on_interrupt)).
+pub(crate) fn remove_own_labs() -> Result<usize> {
+    remove_labs(is_own, Reap::Children)
+}
+
+/// Deletes the namespaces (and the processes in them), cgroups, mounts and
+/// temp dirs whose lab name `belongs`. Goes on past a leftover it cannot
+/// remove (another thread may be removing the same lab) and reports every
+/// such failure at the end.
+fn remove_labs(belongs: fn(&str) -> bool, reap: Reap) -> Result<usize> {
     let mut removed = 0;
+    let mut failures: Vec<String> = Vec::new();
+    let mut note = |result: Result<()>| {
+        if let Err(error) = result {
+            failures.push(format!("{error:#}"));
+        }
+    };
     {
         let _admin = netns_admin();
         let listing = cmd::run(&["ip", "netns", "list"])?;
@@ -28,28 +49,30 @@ pub fn remove_stale_labs() -> Result<usize> {
         let names: Vec<String> = cmd::stdout_text(&listing)
             .lines()
             .filter_map(|line| line.split_whitespace().next())
-            .filter(|name| is_stale(name))
+            .filter(|name| belongs(name))
             .map(str::to_string)
             .collect();
         for name in names {
-            kill_processes_in(&name)?;
-            cmd::run(&["ip", "netns", "del", &name])?;
+            note(kill_processes_in(&name, reap));
+            match cmd::run(&["ip", "netns", "del", &name]) {
+                Ok(_) => removed += 1,
+                Err(error) => note(Err(error)),
+            }
             crate::lab::remove_netns_etc(&name);
-            removed += 1;
         }
     }
 
     for name in lab_cgroups()? {
-        if is_stale(&name) {
-            remove_cgroup_tree(&name)?;
+        if belongs(&name) {
+            note(remove_cgroup_tree(&name));
         }
     }
 
     let temp_root = std::env::temp_dir();
     for mount in mount_points_under(&temp_root)? {
-        if lab_dir_of(&temp_root, &mount).is_some_and(is_stale) {
+        if lab_dir_of(&temp_root, &mount).is_some_and(belongs) {
             let mount_text = mount.to_string_lossy().into_owned();
-            cmd::run(&["umount", "-l", &mount_text])?;
+            note(cmd::run(&["umount", "-l", &mount_text]).map(drop));
         }
     }
 
@@ -58,21 +81,40 @@ pub fn remove_stale_labs() -> Result<usize> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        if !is_stale(&name) || !path.is_dir() {
+        if !belongs(&name) || !path.is_dir() {
             continue;
         }
         // Unmounting above was lazy but immediate for path lookup; a mount
         // that is somehow still there keeps the directory.
         if mount_points_under(&path)?.is_empty() {
-            fs::remove_dir_all(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
+            note(
+                fs::remove_dir_all(&path)
+                    .with_context(|| format!("cannot remove {}", path.display())),
+            );
         }
+    }
+    if !failures.is_empty() {
+        anyhow::bail!(
+            "removed {removed} namespace(s), but: {}",
+            failures.join("; ")
+        );
     }
     Ok(removed)
 }
 
-/// SIGKILLs every process whose network namespace is `netns_name`.
-pub(crate) fn kill_processes_in(netns_name: &str) -> Result<()> {
+/// Whether [`kill_processes_in`] waits for the children it killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reap {
+    /// Leave them to whoever waits for them (a lab's process handles).
+    No,
+    /// Wait for them: nobody else will (the process is about to exit).
+    Children,
+}
+
+/// SIGKILLs every process whose network namespace is `netns_name`; with
+/// `reap`, also waits for those that are this process's children (a lab's
+/// spawned processes), so that none is left when the process exits.
+pub(crate) fn kill_processes_in(netns_name: &str, reap: Reap) -> Result<()> {
     let output = cmd::run(&["ip", "netns", "pids", netns_name])?;
     let own_pid = std::process::id() as libc::pid_t;
     for pid in cmd::stdout_text(&output)
@@ -83,6 +125,11 @@ pub(crate) fn kill_processes_in(netns_name: &str) -> Result<()> {
         match process::send(pid, Signal::Kill) {
             Err(error) if error.raw_os_error() != Some(libc::ESRCH) => {
                 eprintln!("ovl-tests: cannot kill pid {pid} in {netns_name}: {error}")
+            }
+            // SAFETY: waitpid on a pid that is not our child fails with
+            // ECHILD at once; ours dies of the SIGKILL just sent.
+            _ if reap == Reap::Children => {
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
             }
             _ => {}
         }
@@ -198,19 +245,28 @@ pub(crate) fn mount_points_under(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// The pid in a lab name `ovlt-<tag>-<pid>-...`, if it has one.
+fn owner_of(name: &str) -> Option<Option<libc::pid_t>> {
+    let rest = name.strip_prefix(LAB_NAME_PREFIX)?;
+    Some(
+        rest.split('-')
+            .nth(1)
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok()),
+    )
+}
+
 /// Whether a name starting with the lab prefix belongs to a dead process.
 fn is_stale(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix(LAB_NAME_PREFIX) else {
-        return false;
-    };
-    let owner = rest
-        .split('-')
-        .nth(1)
-        .and_then(|pid| pid.parse::<libc::pid_t>().ok());
-    match owner {
-        Some(pid) => pid != std::process::id() as libc::pid_t && !process::is_alive(pid),
-        None => true,
+    match owner_of(name) {
+        None => false,
+        Some(Some(pid)) => pid != std::process::id() as libc::pid_t && !process::is_alive(pid),
+        Some(None) => true,
     }
+}
+
+/// Whether a name is one of this process's labs.
+fn is_own(name: &str) -> bool {
+    owner_of(name) == Some(Some(std::process::id() as libc::pid_t))
 }
 
 /// The first path component below `temp_root` of `path`, e.g. the lab
@@ -264,6 +320,15 @@ mod tests {
     #[test]
     fn names_without_an_owner_pid_are_stale() {
         assert!(is_stale("ovlt-leftover"));
+    }
+
+    #[test]
+    fn own_labs_are_those_named_with_this_pid() {
+        let own = format!("{LAB_NAME_PREFIX}tag-{}-0-router", std::process::id());
+        assert!(is_own(&own));
+        assert!(!is_own("ovlt-tag-1-0-router"));
+        assert!(!is_own("ovlt-leftover"));
+        assert!(!is_own(&format!("other-tag-{}-0", std::process::id())));
     }
 
     #[test]

@@ -85,8 +85,11 @@ struct Agent {
 }
 
 /// Builds `ovl`, then walks through the main job in a lab that removes
-/// every namespace, process and mount when it drops — on failure too.
+/// every namespace, process and mount when it drops — on failure, Ctrl-C
+/// and SIGTERM too.
 pub fn run() -> Result<()> {
+    // Ctrl-C must not leave the agents running in the lab's namespaces.
+    ovl_tests::remove_labs_on_interrupt("xtask demo")?;
     let ovl = workspace::build_ovl(Profile::Debug)?;
     let ovl = ovl.to_str().context("the ovl binary's path is not UTF-8")?;
 
