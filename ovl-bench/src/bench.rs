@@ -9,7 +9,8 @@
 //! does not deliver fails the whole benchmark: no number is ever reported
 //! for a path that did not work.
 //!
-//! Writes `bench/results/<date>[-quick].{md,json,png}` and prints the
+//! Writes `bench/results/<date>[-quick|-tcp|-encrypted][-<underlay>].{md,json,png}`
+//! (a bare date only for a full run of every underlay mode) and prints the
 //! markdown on stdout.
 
 use std::fs;
@@ -177,9 +178,9 @@ impl Plan {
         self.tcp_only || self.encrypted_only
     }
 
-    /// The flag that selected this plan, as `cargo xtask bench` takes it.
-    fn flag(self) -> &'static str {
-        if self.tcp_only {
+    /// The flags that select this plan, as `cargo xtask bench` takes them.
+    fn flags(self) -> String {
+        let mode = if self.tcp_only {
             " --tcp-only"
         } else if self.encrypted_only {
             " --encrypted-only"
@@ -187,6 +188,10 @@ impl Plan {
             " --quick"
         } else {
             ""
+        };
+        match self.underlay {
+            Some(underlay) => format!("{mode} --underlay {}", underlay.short()),
+            None => mode.to_string(),
         }
     }
 
@@ -199,6 +204,32 @@ impl Plan {
             "quick"
         } else {
             "full"
+        }
+    }
+
+    /// The results' file name without extension: `<date>` only for a full
+    /// run of every underlay mode, so that no partial run (one underlay,
+    /// quick, focused) overwrites or passes for one.
+    fn stem(self, date: &str) -> String {
+        let mut stem = date.to_string();
+        if self.name() != "full" {
+            stem = format!("{stem}-{}", self.name());
+        }
+        if let Some(underlay) = self.underlay {
+            stem = format!("{stem}-{}", underlay.short());
+        }
+        stem
+    }
+
+    /// The report's title.
+    fn title(self, date: &str) -> String {
+        match self.underlay {
+            Some(underlay) => format!(
+                "ovl benchmark, {date} ({} run, {} underlay only)",
+                self.name(),
+                underlay.short()
+            ),
+            None => format!("ovl benchmark, {date} ({} run)", self.name()),
         }
     }
 
@@ -335,7 +366,7 @@ pub fn run(options: Options) -> Result<()> {
 
     let settings = settings(&plan);
     let mut report = Report {
-        title: format!("ovl benchmark, {date} ({} run)", plan.name()),
+        title: plan.title(&date),
         machine,
         settings,
         samples,
@@ -528,7 +559,7 @@ fn settings(plan: &Plan) -> Vec<(String, String)> {
         })
         .collect();
     vec![
-        ("mode".to_string(), format!("{} (`cargo xtask bench{}`)", plan.name(), plan.flag())),
+        ("mode".to_string(), format!("{} (`cargo xtask bench{}`)", plan.name(), plan.flags())),
         (
             "runs per figure".to_string(),
             format!("{}, interleaved across paths (A B C A B C …); figures are medians", plan.runs),
@@ -661,11 +692,7 @@ fn notes(
 fn write_outputs(report: &Report, date: &str, plan: &Plan) -> Result<()> {
     let dir = ovl_tests::workspace_root().join("bench/results");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stem = if plan.focused() || plan.quick {
-        format!("{date}-{}", plan.name())
-    } else {
-        date.to_string()
-    };
+    let stem = plan.stem(date);
     let path = |ext: &str| -> PathBuf { dir.join(format!("{stem}.{ext}")) };
     // The chart draws ovl against the reference paths, which the
     // encrypted loop does not measure: its ratio is in the tables.
@@ -735,4 +762,77 @@ fn write_outputs(report: &Report, date: &str, plan: &Plan) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DATE: &str = "2026-12-06";
+
+    fn plan(options: Options) -> Plan {
+        Plan::new(&options).expect("valid options")
+    }
+
+    fn full() -> Options {
+        Options {
+            quick: false,
+            runs: None,
+            seconds: None,
+            tcp_only: false,
+            encrypted_only: false,
+            underlay: None,
+        }
+    }
+
+    #[test]
+    fn a_run_of_one_underlay_never_takes_a_whole_runs_file_name() {
+        assert_eq!(plan(full()).stem(DATE), DATE);
+        assert_eq!(
+            plan(Options {
+                quick: true,
+                ..full()
+            })
+            .stem(DATE),
+            "2026-12-06-quick"
+        );
+        let wire_like = Some(Underlay::WireLike);
+        assert_eq!(
+            plan(Options {
+                underlay: wire_like,
+                ..full()
+            })
+            .stem(DATE),
+            "2026-12-06-wire-like"
+        );
+        assert_eq!(
+            plan(Options {
+                quick: true,
+                underlay: Some(Underlay::Offloads),
+                ..full()
+            })
+            .stem(DATE),
+            "2026-12-06-quick-offloads"
+        );
+        assert_eq!(
+            plan(Options {
+                tcp_only: true,
+                underlay: wire_like,
+                ..full()
+            })
+            .stem(DATE),
+            "2026-12-06-tcp-wire-like"
+        );
+    }
+
+    #[test]
+    fn the_mode_line_gives_the_command_that_reruns_the_plan() {
+        let one_underlay = plan(Options {
+            quick: true,
+            underlay: Some(Underlay::WireLike),
+            ..full()
+        });
+        assert_eq!(one_underlay.flags(), " --quick --underlay wire-like");
+        assert_eq!(plan(full()).flags(), "");
+    }
 }

@@ -59,7 +59,8 @@ struct Cli {
     /// (bench/results/<date>-encrypted.md).
     #[arg(long, conflicts_with_all = ["quick", "tcp_only"])]
     encrypted_only: bool,
-    /// Only one underlay mode: `offloads` or `wire-like`.
+    /// Only one underlay mode: `offloads` or `wire-like` (the results'
+    /// names end in `-<mode>`).
     #[arg(long, value_parser = parse_underlay)]
     underlay: Option<Underlay>,
     /// The control plane at scale instead: 20 agents on one etcd, 1k, 5k

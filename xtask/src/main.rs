@@ -99,7 +99,8 @@ enum Task {
         /// <date>-encrypted.md.
         #[arg(long, conflicts_with_all = ["quick", "scale", "tcp_only"])]
         encrypted_only: bool,
-        /// Only one underlay mode: `offloads` or `wire-like`.
+        /// Only one underlay mode: `offloads` or `wire-like` (the results'
+        /// names end in `-<mode>`).
         #[arg(long, conflicts_with = "scale")]
         underlay: Option<String>,
     },
