@@ -124,12 +124,7 @@ fn main() -> ExitCode {
 /// agents: it needs root, the lab helpers find `ovl` through the
 /// environment, and an interrupted run removes its labs.
 fn as_root_with(ovl: &Path) -> anyhow::Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        anyhow::bail!(
-            "ovl-bench builds network namespaces, loads BPF programs and runs agents: run it as root"
-        );
-    }
+    ovl_tests::require_root("ovl-bench")?;
     // SAFETY: nothing else runs yet (no thread, no child), so nothing reads
     // the environment concurrently.
     unsafe { std::env::set_var(ovl_tests::OVL_BIN_ENV, ovl) };

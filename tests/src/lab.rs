@@ -70,6 +70,26 @@ pub(crate) fn close_gate() {
     *lock(&OPEN) = false;
 }
 
+/// Fails, saying so, unless this process runs as root, as every lab needs:
+/// for programs that build labs (the benchmark, the demo) to check before
+/// anything slow or half-done. `program` is how the user started them.
+pub fn require_root(program: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    match root_refusal(program, unsafe { libc::geteuid() }) {
+        Some(refusal) => bail!("{refusal}"),
+        None => Ok(()),
+    }
+}
+
+fn root_refusal(program: &str, euid: libc::uid_t) -> Option<String> {
+    (euid != 0).then(|| {
+        format!(
+            "{program} builds network namespaces, loads BPF programs and runs agents: \
+             run it as root"
+        )
+    })
+}
+
 /// When a cleanup registered with [`Lab::on_cleanup`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CleanupStage {
@@ -521,4 +541,20 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Takes the process-wide namespace administration lock.
 pub(crate) fn netns_admin() -> MutexGuard<'static, ()> {
     lock(&NETNS_ADMIN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_may_build_labs() {
+        assert_eq!(root_refusal("cargo xtask demo", 0), None);
+        let refusal = root_refusal("cargo xtask demo", 1000).expect("uid 1000 is refused");
+        assert!(
+            refusal.starts_with("cargo xtask demo builds network namespaces"),
+            "{refusal}"
+        );
+        assert!(refusal.ends_with("run it as root"), "{refusal}");
+    }
 }

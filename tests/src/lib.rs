@@ -44,7 +44,7 @@ pub use ecn::{
 pub use etcd::{ETCD_CLIENT_PORT, Etcd, EtcdTls};
 pub use hooks::{HookedProgram, hooked_programs};
 pub use interrupt::remove_labs_on_interrupt;
-pub use lab::{CleanupStage, LAB_NAME_PREFIX, Lab};
+pub use lab::{CleanupStage, LAB_NAME_PREFIX, Lab, require_root};
 pub use maps::{
     CONFIG_MAP, ENDPOINTS_MAP, MapEndpoint, MapNextHop, MapNodeConfig, NEXT_HOPS_MAP,
     dump_endpoints, dump_next_hop_entries, dump_next_hops, dump_node_config,

@@ -166,6 +166,7 @@ fn run(task: Task) -> Result<()> {
             check::lint()
         }
         Task::Demo => {
+            ovl_tests::require_root("cargo xtask demo")?;
             setup::toolchain()?;
             setup::packages()?;
             demo::run()
@@ -179,6 +180,8 @@ fn run(task: Task) -> Result<()> {
             encrypted_only,
             underlay,
         } => {
+            // Before the release build, not after it.
+            ovl_tests::require_root("cargo xtask bench")?;
             setup::toolchain()?;
             setup::packages()?;
             let focus = if tcp_only {
@@ -191,6 +194,7 @@ fn run(task: Task) -> Result<()> {
             workspace::bench(quick, runs, seconds, scale, focus, underlay)
         }
         Task::BenchDns { quick } => {
+            ovl_tests::require_root("cargo xtask bench-dns")?;
             setup::toolchain()?;
             setup::packages()?;
             workspace::bench_dns(quick)
