@@ -53,7 +53,7 @@ pub use netns::Netns;
 pub use ovl::{Agent, NetCounters, Ovl};
 pub use pki::{Ca, CertFiles};
 pub use podman::{Container, Podman, REFERENCE_PLUGIN_DIR};
-pub use probe::{BackgroundPing, PingResult, iperf3_server, ping, wait_until};
+pub use probe::{BackgroundPing, PingResult, iperf3_server, ping, ping_host, wait_until};
 pub use process::{ChildHandle, Signal};
 pub use reference::{
     CONTAINER_IFACE, MacAddr, OVERLAY_MTU, REF_BRIDGE, REF_VXLAN, RefOverlayNode, VXLAN_OVERHEAD,

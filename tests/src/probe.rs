@@ -37,11 +37,16 @@ impl PingResult {
 /// (`-W 2`, `-i 0.2`, `-s 1422 -M do`, ...). Packet loss is a result, not
 /// an error; the call fails only when ping's summary line is missing.
 pub fn ping(from: &Netns, dst: Ipv4Addr, count: u32, extra_args: &[&str]) -> Result<PingResult> {
+    ping_host(from, &dst.to_string(), count, extra_args)
+}
+
+/// [`ping`] with `dst` a name (or an address) `from` resolves, as its
+/// resolv.conf says.
+pub fn ping_host(from: &Netns, dst: &str, count: u32, extra_args: &[&str]) -> Result<PingResult> {
     let count = count.to_string();
-    let dst = dst.to_string();
     let mut argv = vec!["ping", "-n", "-c", count.as_str()];
     argv.extend_from_slice(extra_args);
-    argv.push(dst.as_str());
+    argv.push(dst);
     let output = from.exec_unchecked(&argv)?;
     let text = format!(
         "{}{}",

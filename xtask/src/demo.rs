@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use ovl_tests::{ChildHandle, Host, Lab, Netns, Signal, ping, wait_until};
+use ovl_tests::{ChildHandle, Host, Lab, Netns, Signal, ping, ping_host, wait_until};
 
 use crate::command;
 use crate::workspace::{self, Profile};
@@ -30,6 +30,10 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long an agent may take to detach and exit after SIGINT.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The name and alias c2 is connected with, as in README's walk-through.
+const C2_NAME: &str = "web";
+const C2_ALIAS: &str = "www";
 
 /// Echo requests per direction in the final check.
 const PING_COUNT: u32 = 3;
@@ -159,7 +163,19 @@ fn walk_through(lab: &Lab, ovl: &str) -> Result<()> {
     let c1 = lab.container("c1")?;
     let c2 = lab.container("c2")?;
     ovl_on(node_a, ovl, &["connect", NETWORK, c1.name()])?;
-    ovl_on(node_b, ovl, &["connect", NETWORK, c2.name()])?;
+    ovl_on(
+        node_b,
+        ovl,
+        &[
+            "connect",
+            NETWORK,
+            c2.name(),
+            "--name",
+            C2_NAME,
+            "--alias",
+            C2_ALIAS,
+        ],
+    )?;
     let subnet = Subnet::parse(SUBNET)?;
     let c1_addr = overlay_address(&c1, subnet)?;
     let c2_addr = overlay_address(&c2, subnet)?;
@@ -183,9 +199,11 @@ fn walk_through(lab: &Lab, ovl: &str) -> Result<()> {
         );
     }
 
-    heading("Ping across the overlay, both ways");
-    ping_and_show(&c1, "c1", c2_addr)?;
-    ping_and_show(&c2, "c2", c1_addr)?;
+    heading("Ping across the overlay, both ways, then by name (the agents answer DNS)");
+    ping_and_show(&c1, "c1", &c2_addr.to_string())?;
+    ping_and_show(&c2, "c2", &c1_addr.to_string())?;
+    ping_and_show(&c1, "c1", C2_NAME)?;
+    ping_and_show(&c1, "c1", C2_ALIAS)?;
 
     heading("Per-host datapath counters");
     for node in &nodes {
@@ -322,9 +340,9 @@ fn wait_for_reachability(agents: &[Agent], from: &Netns, to: Ipv4Addr) -> Result
     Ok(unanswered)
 }
 
-fn ping_and_show(from: &Netns, from_label: &str, to: Ipv4Addr) -> Result<()> {
+fn ping_and_show(from: &Netns, from_label: &str, to: &str) -> Result<()> {
     println!("{from_label}$ ping -c {PING_COUNT} {to}");
-    let result = ping(from, to, PING_COUNT, &["-i", "0.2", "-W", "2"])?;
+    let result = ping_host(from, to, PING_COUNT, &["-i", "0.2", "-W", "2"])?;
     print_indented(&result.output);
     ensure!(
         result.all_received(),
