@@ -81,10 +81,11 @@ enum Task {
         #[arg(long)]
         quick: bool,
         /// Runs per figure (at least 3; default 3).
-        #[arg(long)]
+        // Checked here too: a typo must not cost a release build first.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(3..))]
         runs: Option<u32>,
         /// Seconds per measurement (default 3, or 1 with --quick).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         seconds: Option<u32>,
         /// The control plane at scale instead: 20 agents on one etcd, 1k,
         /// 5k and 10k endpoints, then churn (with --quick: 5 agents, up to
@@ -101,7 +102,7 @@ enum Task {
         encrypted_only: bool,
         /// Only one underlay mode: `offloads` or `wire-like` (the results'
         /// names end in `-<mode>`).
-        #[arg(long, conflicts_with = "scale")]
+        #[arg(long, conflicts_with = "scale", value_parser = ["offloads", "wire-like"])]
         underlay: Option<String>,
     },
     /// Release build, then the containers' resolver on two hosts: answer
@@ -199,5 +200,23 @@ fn run(task: Task) -> Result<()> {
             setup::packages()?;
             workspace::bench_dns(quick)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parses(args: &[&str]) -> bool {
+        Cli::try_parse_from(std::iter::once("cargo xtask").chain(args.iter().copied())).is_ok()
+    }
+
+    #[test]
+    fn bench_flags_the_harness_would_refuse_are_refused_before_any_build() {
+        assert!(parses(&["bench", "--runs", "3", "--seconds", "1"]));
+        assert!(parses(&["bench", "--underlay", "wire-like"]));
+        assert!(!parses(&["bench", "--runs", "2"]));
+        assert!(!parses(&["bench", "--seconds", "0"]));
+        assert!(!parses(&["bench", "--underlay", "wirelike"]));
     }
 }
