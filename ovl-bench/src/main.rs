@@ -21,6 +21,7 @@ mod offloads;
 mod progstats;
 mod report;
 mod scale;
+mod tools;
 mod topology;
 
 use std::path::{Path, PathBuf};
@@ -82,6 +83,17 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(error) = as_root_with(&cli.ovl) {
+        eprintln!("ovl-bench: error: {error:#}");
+        return ExitCode::FAILURE;
+    }
+    let tools = if cli.scale {
+        tools::SCALE
+    } else if cli.dns {
+        tools::DNS
+    } else {
+        tools::DATA_PATH
+    };
+    if let Err(error) = tools::require(tools) {
         eprintln!("ovl-bench: error: {error:#}");
         return ExitCode::FAILURE;
     }
