@@ -50,12 +50,35 @@ pub fn root() -> &'static Path {
 }
 
 /// The cargo that runs xtask (so `cargo +toolchain xtask` stays on that
-/// toolchain), started in the workspace root.
+/// toolchain), started in the workspace root, without the variables that
+/// describe xtask's own package.
 pub fn cargo() -> Command {
     let program = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(program);
     cmd.current_dir(root());
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(describes_xtask_package) {
+            cmd.env_remove(name);
+        }
+    }
     cmd
+}
+
+/// Whether `name` is one of the variables `cargo run` sets for the binary
+/// it runs (xtask). Handed on to the cargo xtask starts, they reach build
+/// scripts that track them — ring's build script reruns when
+/// CARGO_MANIFEST_DIR changes — so every build from xtask undid one made
+/// with plain cargo and the other way round: ring, rustls, boringtun,
+/// tonic, etcd-client and ovl-userspace compiled again each time.
+fn describes_xtask_package(name: &str) -> bool {
+    matches!(
+        name,
+        "CARGO_MANIFEST_DIR"
+            | "CARGO_MANIFEST_PATH"
+            | "CARGO_CRATE_NAME"
+            | "CARGO_BIN_NAME"
+            | "CARGO_PRIMARY_PACKAGE"
+    ) || name.starts_with("CARGO_PKG_")
 }
 
 /// The target directory of host builds, as cargo resolves it (honouring
@@ -142,4 +165,35 @@ pub fn bench_dns(quick: bool) -> Result<()> {
         run.arg("--quick");
     }
     crate::command::run_step("DNS benchmark", &mut run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_started_by_xtask_does_not_inherit_xtasks_package_variables() {
+        // `cargo test` sets these for this test binary as `cargo run` does
+        // for xtask.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let cmd = cargo();
+        let removed: Vec<String> = cmd
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .map(|(name, _)| name.to_string_lossy().into_owned())
+            .collect();
+        for name in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_PKG_VERSION"] {
+            assert!(
+                removed.iter().any(|r| r == name),
+                "{name} is handed on: {removed:?}"
+            );
+        }
+        assert!(
+            !removed
+                .iter()
+                .any(|r| r == "CARGO_HOME" || r == "CARGO_TARGET_DIR"),
+            "cargo's own configuration stays: {removed:?}"
+        );
+    }
 }
