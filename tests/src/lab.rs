@@ -65,6 +65,11 @@ fn gate() -> Result<MutexGuard<'static, bool>> {
     Ok(open)
 }
 
+/// Whether an interrupt closed the gate: its thread owns the cleanup.
+fn interrupted() -> bool {
+    !*lock(&OPEN)
+}
+
 /// Closes the gate once whatever a lab is making right now is made.
 pub(crate) fn close_gate() {
     *lock(&OPEN) = false;
@@ -497,6 +502,14 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if interrupted() {
+            // The interrupt thread is removing every lab of this process by
+            // name and then ends it: cleaning up here too would race it,
+            // and returning could let the process exit before it is done.
+            loop {
+                std::thread::park();
+            }
+        }
         // Processes first: they may hold pins in the bpffs and keep the
         // namespaces alive.
         self.run_cleanups(CleanupStage::BeforeProcesses);
