@@ -1,6 +1,7 @@
 // Where the workspace and its build outputs are, and the host cargo that
 // builds the userspace crates (the `ovl` binary embeds the eBPF object).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -149,7 +150,7 @@ pub fn bench(
     if let Some(s) = seconds {
         run.args(["--seconds", &s.to_string()]);
     }
-    crate::command::run_step("benchmark", &mut run)
+    exec_harness(run)
 }
 
 /// Release build, then `ovl-bench --dns`: the containers' resolver.
@@ -164,7 +165,17 @@ pub fn bench_dns(quick: bool) -> Result<()> {
     if quick {
         run.arg("--quick");
     }
-    crate::command::run_step("DNS benchmark", &mut run)
+    exec_harness(run)
+}
+
+/// Replaces xtask with the harness: Ctrl-C then reaches only the harness,
+/// which removes its labs before it exits (xtask waiting as its parent
+/// would die at once and give the shell back mid-cleanup), and its exit
+/// code is the command's.
+fn exec_harness(mut harness: Command) -> Result<()> {
+    eprintln!("xtask: $ {}", command::line(&harness));
+    let error = harness.exec();
+    Err(error).with_context(|| format!("cannot exec `{}`", command::line(&harness)))
 }
 
 #[cfg(test)]
