@@ -49,24 +49,31 @@ def query(name, qid):
     return q + b"\0" + struct.pack(">HH", 1, 1)
 def rcode(resp):
     return resp[3] & 0x0f
+def has_address(resp):
+    # NOERROR with at least one answer record: SERVFAIL (upstream down),
+    # NXDOMAIN (name not known yet) or REFUSED are not the answer timed.
+    return len(resp) >= 12 and rcode(resp) == 0 and struct.unpack(">H", resp[6:8])[0] > 0
 mode = sys.argv[1]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 if mode == "latency":
     name, n, pause = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]) / 1000
     s.settimeout(1.0)
-    rtts, lost = [], 0
+    rtts, lost, failed = [], 0, 0
     for i in range(n):
         time.sleep(pause)
         t = time.perf_counter()
         s.sendto(query(name, i & 0xffff), A)
         try:
-            s.recv(4096)
-            rtts.append((time.perf_counter() - t) * 1e6)
+            resp = s.recv(4096)
+            if has_address(resp):
+                rtts.append((time.perf_counter() - t) * 1e6)
+            else:
+                failed += 1
         except socket.timeout:
             lost += 1
     rtts.sort()
     pick = lambda p: rtts[min(len(rtts) - 1, int(len(rtts) * p))] if rtts else None
-    print(json.dumps({"p50_us": pick(0.5), "p99_us": pick(0.99), "lost": lost, "n": n}))
+    print(json.dumps({"p50_us": pick(0.5), "p99_us": pick(0.99), "lost": lost, "failed": failed, "n": n}))
 elif mode == "throughput":
     name, secs, window = sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     s.setblocking(False)
@@ -243,7 +250,7 @@ impl World {
             web,
         };
         wait_until(Duration::from_secs(5), || {
-            Ok(probe(&w.client, &["latency", "web", "1", "0"])?["lost"] == 0)
+            Ok(probe(&w.client, &["latency", "web", "1", "0"])?["p50_us"].is_f64())
         })
         .context("the resolver never answered")?;
         Ok(w)
@@ -276,14 +283,23 @@ fn spawn_probe(lab: &Lab, ns: &Netns, args: &[&str]) -> Result<ChildHandle> {
     lab.spawn(ns, &argv, &[])
 }
 
+/// p50 / p99 of the answers that carried an address, and how many of the
+/// questions got none (no reply, or SERVFAIL, NXDOMAIN, REFUSED).
 fn latency(v: &Value) -> Result<String> {
     let lost = v["lost"].as_u64().unwrap_or(0);
+    let failed = v["failed"].as_u64().unwrap_or(0);
     let (Some(p50), Some(p99)) = (v["p50_us"].as_f64(), v["p99_us"].as_f64()) else {
-        bail!("no answers: {v}");
+        bail!("no answer with an address: {v}");
     };
     let mut s = format!("{p50:.0} µs / {p99:.0} µs");
     if lost > 0 {
         s.push_str(&format!(" ({lost} of {} unanswered)", v["n"]));
+    }
+    if failed > 0 {
+        s.push_str(&format!(
+            " ({failed} of {} answered without an address)",
+            v["n"]
+        ));
     }
     Ok(s)
 }
@@ -357,4 +373,42 @@ fn restart_gap(lab: &Lab, w: &mut World, env: &[(&str, &str)]) -> Result<f64> {
     let gap = seen["longest_gap_s"].as_f64().context("gap")?;
     ensure!(gap > 0.0, "no gap seen: the restart was not observed");
     Ok(gap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers every question on the resolver's address with SERVFAIL,
+    /// as the agent does when its upstream is down.
+    const SERVFAIL_RESOLVER: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.11", 53))
+print("ready", flush=True)
+while True:
+    q, peer = s.recvfrom(4096)
+    s.sendto(q[:2] + b"\x81\x82" + q[4:6] + b"\0" * 6 + q[12:], peer)
+"#;
+
+    /// Needs root (a namespace of its own) and python3.
+    #[test]
+    fn latency_times_only_answers_with_an_address() -> Result<()> {
+        let lab = Lab::new("dnsprobe")?;
+        let ns = lab.netns("client")?;
+        let resolver = lab.spawn(&ns, &["python3", "-c", SERVFAIL_RESOLVER], &[])?;
+        wait_until(Duration::from_secs(10), || {
+            Ok(resolver.stdout()?.contains("ready"))
+        })
+        .with_context(|| resolver.output_report())?;
+        let v = probe(&ns, &["latency", "web", "5", "0"])?;
+        assert_eq!(v["failed"], 5, "{v}");
+        assert_eq!(v["lost"], 0, "{v}");
+        let error = latency(&v).expect_err("five SERVFAILs are no latency figure");
+        assert!(
+            format!("{error:#}").contains("no answer with an address"),
+            "{error:#}"
+        );
+        Ok(())
+    }
 }
