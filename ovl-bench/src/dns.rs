@@ -322,7 +322,18 @@ fn dnsmasq(lab: &Lab, router: &Netns) -> Result<ChildHandle> {
         ],
         &[],
     )?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Listening, not a guess of how long it takes to start.
+    let socket = format!("{UPSTREAM}:53 ");
+    wait_until(Duration::from_secs(10), || {
+        let out = router.exec(&["ss", "-Hlun"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains(&socket))
+    })
+    .with_context(|| {
+        format!(
+            "dnsmasq never listened on {UPSTREAM}:53\n{}",
+            child.output_report()
+        )
+    })?;
     Ok(child)
 }
 
