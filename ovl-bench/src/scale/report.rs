@@ -422,8 +422,10 @@ fn goals(r: &ScaleReport) -> Vec<String> {
             last.endpoints,
             last.rate,
             p99,
+            // No connect measured is no p99 (Spread's 0): not a goal met.
             verdict(
-                Duration::from_secs_f64(p99 / 1000.0) < GOAL_P99
+                !last.churn.connects.is_empty()
+                    && Duration::from_secs_f64(p99 / 1000.0) < GOAL_P99
                     && last.churn.connects.iter().all(|o| o.all.is_some())
             )
         ),
@@ -545,6 +547,28 @@ pub fn write(r: &ScaleReport, date: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_churn_that_measured_no_connect_misses_the_p99_goal() {
+        let plan = crate::scale::Plan::new(true);
+        let report = ScaleReport {
+            title: "scale".into(),
+            machine: Vec::new(),
+            steps: vec![Step {
+                endpoints: 1000,
+                rate: plan.rate,
+                ..Step::default()
+            }],
+            plan,
+            total_seconds: 1.0,
+        };
+        let goals = goals(&report);
+        assert!(
+            goals[0].starts_with("connect → every other node p99"),
+            "{goals:?}"
+        );
+        assert!(goals[0].ends_with("**missed**"), "{}", goals[0]);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
