@@ -557,6 +557,14 @@ fn host_links(ns: &Netns) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The links of `ns` that are not in `before`.
+fn links_since(ns: &Netns, before: &[String]) -> Result<Vec<String>> {
+    Ok(host_links(ns)?
+        .into_iter()
+        .filter(|l| !before.contains(l))
+        .collect())
+}
+
 fn has_eth0(netns: &Netns) -> Result<bool> {
     let out = ovl_tests::run_unchecked(&["ip", "-n", netns.name(), "link", "show", "eth0"])?;
     Ok(out.status.success())
@@ -626,20 +634,14 @@ fn killed_connects_are_reclaimed(lab: &Lab, ovl: &Ovl, host: &Host) -> Result<()
     let argv = connect_interrupted_argv(ovl, &c4, "SIGKILL", veth + 1)?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     host.netns.exec_unchecked(&argv)?;
-    let made: Vec<String> = host_links(&host.netns)?
-        .into_iter()
-        .filter(|l| !before.contains(l))
-        .collect();
+    let made = links_since(&host.netns, &before)?;
     ensure!(
         made.len() == 2 && recorded(ovl, host, &c4)?.len() == 1 && !has_eth0(&c4)?,
         "the kill left {made:?} in the host, {:?} in the store",
         recorded(ovl, host, &c4)?
     );
     ovl.connect(host, "host-a", "uber-net", &c4, &[])?;
-    let now: Vec<String> = host_links(&host.netns)?
-        .into_iter()
-        .filter(|l| !before.contains(l))
-        .collect();
+    let now = links_since(&host.netns, &before)?;
     ensure!(
         now.len() == 1 && has_eth0(&c4)? && recorded(ovl, host, &c4)?.len() == 1,
         "c4 reconnected: {now:?} in the host"
@@ -659,20 +661,14 @@ fn killed_connects_are_reclaimed(lab: &Lab, ovl: &Ovl, host: &Host) -> Result<()
     )?;
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     host.netns.exec_unchecked(&argv)?;
-    let made: Vec<String> = host_links(&host.netns)?
-        .into_iter()
-        .filter(|l| !before.contains(l))
-        .collect();
+    let made = links_since(&host.netns, &before)?;
     ensure!(
         made.len() == 1 && recorded(ovl, host, &c5)?.len() == 1 && !has_eth0(&c5)?,
         "the kill left {made:?} in the host, {:?} in the store",
         recorded(ovl, host, &c5)?
     );
     ovl.connect(host, "host-a", "uber-net", &c5, &[])?;
-    let now: Vec<String> = host_links(&host.netns)?
-        .into_iter()
-        .filter(|l| !before.contains(l))
-        .collect();
+    let now = links_since(&host.netns, &before)?;
     ensure!(
         now.len() == 1 && has_eth0(&c5)? && recorded(ovl, host, &c5)?.len() == 1,
         "c5 reconnected: {now:?} in the host"

@@ -866,24 +866,31 @@ fn a_conflist_written_without_node_flags_names_this_host_and_keeps_the_store_opt
     Ok(())
 }
 
+/// A podman on host A of `cluster` with ovl installed and the network's
+/// conflist as `ovl cni conflist` writes it (its capabilities declared),
+/// at a spec version podman 4.3 speaks, and busybox imported.
+fn podman_on_host_a(lab: &Lab, cluster: &TwoHosts) -> Result<Podman> {
+    let host_a = &cluster.hosts[0].netns;
+    let plugin_dir = install_plugin(lab, &cluster.ovl, host_a)?
+        .parent()
+        .context("plugin dir")?
+        .to_owned();
+    let podman = Podman::new(lab, host_a, &plugin_dir)?;
+    let mut list = conflist(&cluster.ovl, host_a, TwoHosts::NODES[0])?;
+    list["cniVersion"] = json!("1.0.0");
+    podman.add_network(NETWORK, &list.to_string())?;
+    podman.import_busybox(IMAGE)?;
+    Ok(podman)
+}
+
 #[test]
 fn podman_run_p_publishes_through_the_port_mappings_capability() -> Result<()> {
     let lab = Lab::new("cni-ports")?;
     let cluster = TwoHosts::start(&lab, "auto")?;
     cluster.run(0, &["network", "create", NETWORK, "--subnet", SUBNET])?;
     let host_a = &cluster.hosts[0].netns;
-    let plugin_dir = install_plugin(&lab, &cluster.ovl, host_a)?
-        .parent()
-        .context("plugin dir")?
-        .to_owned();
-    let podman = Podman::new(&lab, host_a, &plugin_dir)?;
-    // The conflist as `ovl cni conflist` writes it: it declares the
-    // capability, so podman passes `-p` on (at a spec version podman 4.3
-    // speaks).
-    let mut list = conflist(&cluster.ovl, host_a, TwoHosts::NODES[0])?;
-    list["cniVersion"] = json!("1.0.0");
-    podman.add_network(NETWORK, &list.to_string())?;
-    podman.import_busybox(IMAGE)?;
+    // The conflist declares the capability, so podman passes `-p` on.
+    let podman = podman_on_host_a(&lab, &cluster)?;
     podman.podman(&[
         "run",
         "-d",
@@ -979,16 +986,7 @@ fn podman_run_mac_address_goes_through_the_mac_capability() -> Result<()> {
     let lab = Lab::new("cni-mac")?;
     let cluster = TwoHosts::start(&lab, "auto")?;
     cluster.run(0, &["network", "create", NETWORK, "--subnet", SUBNET])?;
-    let host_a = &cluster.hosts[0].netns;
-    let plugin_dir = install_plugin(&lab, &cluster.ovl, host_a)?
-        .parent()
-        .context("plugin dir")?
-        .to_owned();
-    let podman = Podman::new(&lab, host_a, &plugin_dir)?;
-    let mut list = conflist(&cluster.ovl, host_a, TwoHosts::NODES[0])?;
-    list["cniVersion"] = json!("1.0.0");
-    podman.add_network(NETWORK, &list.to_string())?;
-    podman.import_busybox(IMAGE)?;
+    let podman = podman_on_host_a(&lab, &cluster)?;
     let mac = "0a:00:5e:00:00:07";
     let run = |name: &str| {
         podman.run_unchecked(&[
