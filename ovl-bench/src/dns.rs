@@ -7,7 +7,8 @@
 //!
 //! - latency of a name ovl answers (a container on the other host) and of
 //!   a forwarded name (dnsmasq on the router), sequential questions;
-//! - answers per second with 32 questions in flight and no rate limit;
+//! - answers per second with 32 questions in flight and no rate limit
+//!   (answers that carry an address; SERVFAIL, NXDOMAIN, REFUSED apart);
 //! - a neighbour's latency while another container floods its resolver
 //!   (the default per-container limit on);
 //! - how long a disconnected endpoint keeps resolving after `ovl
@@ -78,7 +79,7 @@ elif mode == "throughput":
     name, secs, window = sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     s.setblocking(False)
     q = [query(name, i) for i in range(65536)]
-    sent = got = 0
+    sent = got = failed = 0
     end = time.time() + secs
     for _ in range(window):
         s.sendto(q[sent & 0xffff], A); sent += 1
@@ -90,12 +91,15 @@ elif mode == "throughput":
             continue
         while True:
             try:
-                s.recv(4096)
+                resp = s.recv(4096)
             except BlockingIOError:
                 break
-            got += 1
+            if has_address(resp):
+                got += 1
+            else:
+                failed += 1
             s.sendto(q[sent & 0xffff], A); sent += 1
-    print(json.dumps({"answers_per_s": got / secs, "sent": sent}))
+    print(json.dumps({"answers_per_s": got / secs, "failed": failed, "sent": sent}))
 elif mode == "flood":
     secs = float(sys.argv[2])
     q = [query("flood%d" % i, i) for i in range(1000)]
@@ -202,7 +206,7 @@ pub fn run(quick: bool) -> Result<()> {
         let tp = probe(&w.client, &["throughput", "web", &secs.to_string(), "32"])?;
         rows.push((
             "answers/s, one container, 32 in flight, no limit".into(),
-            format!("{:.0}", tp["answers_per_s"].as_f64().unwrap_or(0.0)),
+            throughput(&tp)?,
         ));
     }
 
@@ -299,6 +303,24 @@ fn latency(v: &Value) -> Result<String> {
         s.push_str(&format!(
             " ({failed} of {} answered without an address)",
             v["n"]
+        ));
+    }
+    Ok(s)
+}
+
+/// Answers with an address per second, and how many replies carried none
+/// (SERVFAIL, NXDOMAIN, REFUSED): those are not the resolver's throughput.
+fn throughput(v: &Value) -> Result<String> {
+    let failed = v["failed"].as_u64().unwrap_or(0);
+    let rate = v["answers_per_s"].as_f64().unwrap_or(0.0);
+    if rate <= 0.0 {
+        bail!("no answer with an address: {v}");
+    }
+    let mut s = format!("{rate:.0}");
+    if failed > 0 {
+        s.push_str(&format!(
+            " ({failed} of {} questions answered without an address)",
+            v["sent"]
         ));
     }
     Ok(s)
@@ -402,20 +424,42 @@ while True:
     s.sendto(q[:2] + b"\x81\x82" + q[4:6] + b"\0" * 6 + q[12:], peer)
 "#;
 
+    /// A namespace of `lab` whose 127.0.0.11 answers SERVFAIL to all.
     /// Needs root (a namespace of its own) and python3.
-    #[test]
-    fn latency_times_only_answers_with_an_address() -> Result<()> {
-        let lab = Lab::new("dnsprobe")?;
+    fn servfail_world(lab: &Lab) -> Result<(Netns, ChildHandle)> {
         let ns = lab.netns("client")?;
         let resolver = lab.spawn(&ns, &["python3", "-c", SERVFAIL_RESOLVER], &[])?;
         wait_until(Duration::from_secs(10), || {
             Ok(resolver.stdout()?.contains("ready"))
         })
         .with_context(|| resolver.output_report())?;
+        Ok((ns, resolver))
+    }
+
+    #[test]
+    fn latency_times_only_answers_with_an_address() -> Result<()> {
+        let lab = Lab::new("dnsprobe")?;
+        let (ns, _resolver) = servfail_world(&lab)?;
         let v = probe(&ns, &["latency", "web", "5", "0"])?;
         assert_eq!(v["failed"], 5, "{v}");
         assert_eq!(v["lost"], 0, "{v}");
         let error = latency(&v).expect_err("five SERVFAILs are no latency figure");
+        assert!(
+            format!("{error:#}").contains("no answer with an address"),
+            "{error:#}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn throughput_counts_only_answers_with_an_address() -> Result<()> {
+        let lab = Lab::new("dnstp")?;
+        let (ns, _resolver) = servfail_world(&lab)?;
+        let v = probe(&ns, &["throughput", "web", "0.5", "4"])?;
+        assert_eq!(v["answers_per_s"], 0.0, "{v}");
+        // Each of the window's questions got its SERVFAIL at least once.
+        assert!(v["failed"].as_u64().is_some_and(|f| f >= 4), "{v}");
+        let error = throughput(&v).expect_err("SERVFAILs per second are no throughput");
         assert!(
             format!("{error:#}").contains("no answer with an address"),
             "{error:#}"
