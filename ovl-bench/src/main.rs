@@ -66,10 +66,12 @@ struct Cli {
     underlay: Option<Underlay>,
     /// The control plane at scale instead: 20 agents on one etcd, 1k, 5k
     /// and 10k endpoints, then churn (with --quick: 5 agents, up to 1k).
-    #[arg(long, conflicts_with_all = ["runs", "seconds", "dns", "tcp_only", "encrypted_only"])]
+    /// Its hosts share one switched segment of its own: no --underlay.
+    #[arg(long, conflicts_with_all = ["runs", "seconds", "dns", "tcp_only", "encrypted_only", "underlay"])]
     scale: bool,
     /// Measure the containers' resolver instead (bench/results/<date>-dns.md).
-    #[arg(long, conflicts_with_all = ["runs", "seconds", "tcp_only", "encrypted_only"])]
+    /// Its two routed hosts have one underlay of their own: no --underlay.
+    #[arg(long, conflicts_with_all = ["runs", "seconds", "tcp_only", "encrypted_only", "underlay"])]
     dns: bool,
     /// Build one path's lab as the benchmark does (with --underlay, default
     /// offloads), print how to drive it and keep it until Enter: for
@@ -194,5 +196,17 @@ mod tests {
             Cli::try_parse_from(["ovl-bench", "--ovl", "o", "--hold", "tc", "--runs", "5"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn scale_and_dns_refuse_an_underlay_mode_they_would_ignore() {
+        for mode in ["--scale", "--dns"] {
+            let error =
+                Cli::try_parse_from(["ovl-bench", "--ovl", "o", mode, "--underlay", "wire-like"])
+                    .expect_err("an underlay mode the run would ignore is refused");
+            assert_eq!(error.kind(), clap::error::ErrorKind::ArgumentConflict);
+            let text = error.to_string();
+            assert!(text.contains(mode) && text.contains("--underlay"), "{text}");
+        }
     }
 }
