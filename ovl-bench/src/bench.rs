@@ -104,8 +104,12 @@ impl Plan {
         if plan.runs < 3 {
             bail!("--runs must be at least 3: every figure is a median of at least 3 runs");
         }
-        if plan.seconds == 0 {
-            bail!("--seconds must be at least 1");
+        if !(1..=crate::measure::MAX_SECONDS).contains(&plan.seconds) {
+            bail!(
+                "--seconds {} is out of range: give 1 to {} seconds per measurement",
+                plan.seconds,
+                crate::measure::MAX_SECONDS
+            );
         }
         Ok(plan)
     }
@@ -782,6 +786,31 @@ mod tests {
             tcp_only: false,
             encrypted_only: false,
             underlay: None,
+        }
+    }
+
+    #[test]
+    fn a_plan_takes_one_second_to_an_hour_per_measurement() {
+        for seconds in [1, crate::measure::MAX_SECONDS] {
+            assert_eq!(
+                plan(Options {
+                    seconds: Some(seconds),
+                    ..full()
+                })
+                .seconds,
+                seconds
+            );
+        }
+        for seconds in [0, crate::measure::MAX_SECONDS + 1, u32::MAX] {
+            let error = Plan::new(&Options {
+                seconds: Some(seconds),
+                ..full()
+            })
+            .expect_err("refused");
+            assert!(
+                error.to_string().contains("give 1 to 3600 seconds"),
+                "{error}"
+            );
         }
     }
 

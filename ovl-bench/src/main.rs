@@ -46,8 +46,9 @@ struct Cli {
     /// Runs per figure (at least 3; default 3).
     #[arg(long)]
     runs: Option<u32>,
-    /// Seconds per measurement (default 3, or 1 with --quick).
-    #[arg(long)]
+    /// Seconds per measurement (default 3, or 1 with --quick; at most
+    /// 3600).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(measure::MAX_SECONDS)))]
     seconds: Option<u32>,
     /// Only TCP throughput (1 and 4 streams, CPU per GB) of the bare
     /// underlay, kernel vxlan, ovl tc and ovl native XDP, interleaved as
@@ -207,6 +208,21 @@ mod tests {
             assert_eq!(error.kind(), clap::error::ErrorKind::ArgumentConflict);
             let text = error.to_string();
             assert!(text.contains(mode) && text.contains("--underlay"), "{text}");
+        }
+    }
+
+    #[test]
+    fn seconds_beyond_an_hour_are_refused_when_parsed() {
+        let parse =
+            |seconds: &str| Cli::try_parse_from(["ovl-bench", "--ovl", "o", "--seconds", seconds]);
+        assert_eq!(parse("3600").expect("an hour parses").seconds, Some(3600));
+        for bad in ["0", "3601", "4294967295"] {
+            let text = parse(bad).expect_err(bad).to_string();
+            assert!(
+                text.contains(&format!("invalid value '{bad}' for '--seconds"))
+                    && text.contains("1..=3600"),
+                "{text}"
+            );
         }
     }
 }

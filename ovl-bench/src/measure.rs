@@ -27,7 +27,11 @@ const UDP_PAYLOAD_BYTES: u32 = 64;
 pub const TCP_MULTI_STREAMS: u32 = 4;
 /// Time a client may take beyond its test duration before it is killed:
 /// a path that stops delivering must fail, not hang.
-const CLIENT_GRACE_SECS: u32 = 15;
+const CLIENT_GRACE_SECS: u64 = 15;
+/// The longest measurement the harness takes (`--seconds`): an hour per
+/// run, times runs, paths and tests, is days already; more is a typo, and
+/// iperf3 itself refuses more than a day.
+pub const MAX_SECONDS: u32 = 3600;
 /// Below these a path is broken, not slow: it let a handshake and a few
 /// packets through (e.g. everything but GSO super-packets). Every working
 /// path here moves orders of magnitude more.
@@ -103,7 +107,7 @@ impl Endpoints {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", self.client.name()])
             .args(["timeout", "--kill-after=5"])
-            .arg((seconds + CLIENT_GRACE_SECS).to_string())
+            .arg((u64::from(seconds) + CLIENT_GRACE_SECS).to_string())
             .args(["taskset", "-c", &CLIENT_CPU.to_string()])
             .args(argv);
         cmd
