@@ -20,7 +20,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
-use ovl_tests::{ChildHandle, Lab, Netns, TwoHosts, wait_until};
+use ovl_tests::{ChildHandle, DnsUpstream, Lab, Netns, TwoHosts, wait_until};
 use serde_json::Value;
 
 use crate::machine;
@@ -30,6 +30,7 @@ const SUBNET: &str = "198.18.0.0/24";
 /// dnsmasq on the router (host A's gateway).
 const UPSTREAM: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const OUTSIDE: &str = "outside.example";
+const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 99);
 const CLIENT_CPU: &str = "0";
 /// Pause between a latency probe's questions: 1000/s, under the limit.
 const PAUSE_MS: &str = "1";
@@ -327,36 +328,14 @@ fn throughput(v: &Value) -> Result<String> {
 }
 
 fn dnsmasq(lab: &Lab, router: &Netns) -> Result<ChildHandle> {
-    let listen = format!("--listen-address={UPSTREAM}");
-    let known = format!("--address=/{OUTSIDE}/203.0.113.99");
-    let child = lab.spawn(
-        router,
-        &[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &listen,
-            "--pid-file=",
-            &known,
-        ],
-        &[],
-    )?;
-    // Listening, not a guess of how long it takes to start.
-    let socket = format!("{UPSTREAM}:53 ");
-    wait_until(Duration::from_secs(10), || {
-        let out = router.exec(&["ss", "-Hlun"])?;
-        Ok(String::from_utf8_lossy(&out.stdout).contains(&socket))
-    })
-    .with_context(|| {
-        format!(
-            "dnsmasq never listened on {UPSTREAM}:53\n{}",
-            child.output_report()
-        )
-    })?;
-    Ok(child)
+    DnsUpstream {
+        listen: UPSTREAM,
+        known: &[(OUTSIDE, OUTSIDE_ADDR)],
+        missing: &[],
+        // Logging every question would be part of the forwarded latency.
+        log_queries: false,
+    }
+    .start(lab, router)
 }
 
 /// Seconds from `ovl disconnect` of web returning to the client's first

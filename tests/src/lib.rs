@@ -12,6 +12,7 @@ mod cluster;
 mod cmd;
 mod cni;
 pub mod command;
+mod dns_upstream;
 mod docker;
 mod ecn;
 mod etcd;
@@ -33,6 +34,7 @@ pub use binary::{OVL_BIN_ENV, UPGRADE_OBJECT_ENV, ovl_binary, upgrade_object, wo
 pub use cluster::{AGENT_METRICS, Cluster, Pair, ThreeHosts, TwoHosts};
 pub use cmd::{run, run_unchecked};
 pub use cni::{CniOutput, CniPlugin};
+pub use dns_upstream::DnsUpstream;
 pub use docker::{
     BUSYBOX_IMAGE, Container as DockerContainer, DOCKER_CLI, DockerCluster, Dockerd,
     DockerdOptions, StoreKind, plugin_call,

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{ChildHandle, Lab, Netns, ThreeHosts, TwoHosts, ping, wait_until};
+use ovl_tests::{ChildHandle, DnsUpstream, Lab, Netns, ThreeHosts, TwoHosts, ping, wait_until};
 use serde_json::Value;
 
 const NETWORK: &str = "uber-net";
@@ -316,28 +316,13 @@ fn a_disconnected_endpoint_stops_resolving_within_a_second() -> Result<()> {
 /// dnsmasq on the router at [`UPSTREAM`]: knows [`OUTSIDE_NAME`], says
 /// [`MISSING_NAME`] does not exist, refuses the rest.
 fn start_upstream(lab: &Lab, router: &Netns, from: &Netns) -> Result<ChildHandle> {
-    let listen = format!("--listen-address={UPSTREAM}");
-    let known = format!("--address=/{OUTSIDE_NAME}/{OUTSIDE_ADDR}");
-    let missing = format!("--address=/{MISSING_NAME}/");
-    let child = lab.spawn(
-        router,
-        &[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            &listen,
-            "--port=53",
-            "--pid-file=",
-            "--log-queries",
-            "--log-facility=-",
-            &known,
-            &missing,
-        ],
-        &[],
-    )?;
+    let child = DnsUpstream {
+        listen: UPSTREAM,
+        known: &[(OUTSIDE_NAME, OUTSIDE_ADDR)],
+        missing: &[MISSING_NAME],
+        log_queries: true,
+    }
+    .start(lab, router)?;
     let server = format!("@{UPSTREAM}");
     wait_until(Duration::from_secs(5), || {
         Ok(dig(from, OUTSIDE_NAME, &[&server])?.answers == [OUTSIDE_ADDR.to_string()])
