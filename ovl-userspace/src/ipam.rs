@@ -149,10 +149,12 @@ impl Pool {
             .filter(|ip| *ip != self.gateway && self.range.is_none_or(|r| r.contains(*ip)))
     }
 
-    /// Whether the range leaves an endpoint an address (always, without
-    /// one: subnets are /29 or larger).
-    pub fn range_has_room(&self) -> bool {
-        self.assignable().next().is_some()
+    /// Whether the range leaves an endpoint an address that is none of
+    /// `kept` (auxiliary addresses); always without a range and without
+    /// them, as subnets are /29 or larger.
+    pub fn range_has_room<'a>(&self, kept: impl IntoIterator<Item = &'a Ipv4Addr>) -> bool {
+        let kept: BTreeSet<&Ipv4Addr> = kept.into_iter().collect();
+        self.assignable().any(|ip| !kept.contains(&ip))
     }
 }
 

@@ -100,6 +100,15 @@ pub enum ModelError {
     )]
     RangeWithoutRoom { range: IpRange, subnet: Subnet },
     #[error(
+        "auxiliary address {name}={ip} would leave IP range {range} of subnet {subnet} no address an endpoint could get (the rest are its gateway or auxiliary addresses); give a larger --ip-range or keep an address of it free"
+    )]
+    AuxFillsRange {
+        name: String,
+        ip: Ipv4Addr,
+        range: IpRange,
+        subnet: Subnet,
+    },
+    #[error(
         "auxiliary address {name}={ip} is not a host address of the network's subnets ({subnets}) other than a gateway; give one that is"
     )]
     AuxNotAssignable {
@@ -1725,7 +1734,7 @@ fn pools(
             });
         }
         pool.range = Some(*range);
-        if !pool.range_has_room() {
+        if !pool.range_has_room([]) {
             return Err(ModelError::RangeWithoutRoom {
                 range: *range,
                 subnet: pool.subnet,
@@ -1762,7 +1771,8 @@ fn aux_addresses(
 
 /// Whether auxiliary address `name` = `ip` may join those of a network
 /// made of `pools` that has `aux` already: a name like a network's, each
-/// name and address once, an address an endpoint could otherwise get.
+/// name and address once, an address an endpoint could otherwise get, and
+/// one that leaves its subnet's IP range an address to give.
 pub fn check_aux(
     pools: &[Pool],
     aux: &BTreeMap<String, Ipv4Addr>,
@@ -1782,11 +1792,21 @@ pub fn check_aux(
             second: name.to_owned(),
         });
     }
-    if !pools.iter().any(|p| p.is_assignable(ip)) {
+    let Some(pool) = pools.iter().find(|p| p.is_assignable(ip)) else {
         return Err(ModelError::AuxNotAssignable {
             name: name.to_owned(),
             ip,
             subnets: ipam::describe(pools),
+        });
+    };
+    if let Some(range) = pool.range.filter(|r| r.contains(ip))
+        && !pool.range_has_room(aux.values().chain([&ip]))
+    {
+        return Err(ModelError::AuxFillsRange {
+            name: name.to_owned(),
+            ip,
+            range,
+            subnet: pool.subnet,
         });
     }
     Ok(())
@@ -2370,7 +2390,14 @@ mod tests {
         let before = s.clone();
         let ip = |d| Ipv4Addr::new(198, 18, 0, d);
         type Case<'a> = (&'a [&'a str], Vec<(&'a str, Ipv4Addr)>, &'a str);
-        let cases: [Case; 9] = [
+        let cases: [Case; 10] = [
+            // Auxiliary addresses taking the whole range leave endpoints
+            // nothing, as an empty range would.
+            (
+                &["198.18.0.8/31"],
+                vec![("r", ip(8)), ("s", ip(9))],
+                "would leave IP range 198.18.0.8/31",
+            ),
             (&["198.18.1.0/25"], vec![], "in none of"),
             (&["198.18.0.0/23"], vec![], "in none of"),
             (

@@ -1591,6 +1591,56 @@ fn ip_ranges_and_aux_addresses_of_docker_networks_are_kept() -> Result<()> {
     world.stop()
 }
 
+/// A Docker network whose --ip-range its --gateway or --aux-address
+/// addresses fill would give no container an address: refused at
+/// creation, naming the range, and nothing of it stays in ovl's store.
+#[test]
+fn docker_refuses_an_ip_range_its_gateway_or_aux_addresses_fill() -> Result<()> {
+    let lab = Lab::new("dk-rfull")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
+    let cases: [&[&str]; 2] = [
+        &[
+            "--ip-range",
+            "198.18.33.8/31",
+            "--aux-address",
+            "a=198.18.33.8",
+            "--aux-address",
+            "b=198.18.33.9",
+        ],
+        &["--ip-range", "198.18.33.9/32", "--gateway", "198.18.33.9"],
+    ];
+    for extra in cases {
+        let mut argv = vec![
+            "network",
+            "create",
+            "-d",
+            "ovl",
+            "--ipam-driver",
+            "ovl",
+            "--subnet",
+            "198.18.33.0/24",
+        ];
+        argv.extend_from_slice(extra);
+        argv.push("dkrf-net");
+        let out = world.dockerds[0].docker_unchecked(&argv)?;
+        let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(
+            !out.status.success() && msg.contains("no address an endpoint could get"),
+            "{extra:?}: {msg}"
+        );
+        let ls = world.ovl(0, &["network", "ls", "--json"])?;
+        ensure!(!ls.contains("198.18.33.0/24"), "{extra:?} left: {ls}");
+        ensure!(
+            !world.dockerds[0]
+                .network_names()?
+                .iter()
+                .any(|n| n == "dkrf-net"),
+            "{extra:?}: Docker kept dkrf-net"
+        );
+    }
+    world.stop()
+}
+
 /// `docker run --mac-address`: the container's interface has that MAC, a
 /// container on the other host reaches it through ovl's data path (its
 /// ARP answered with that MAC, decapsulated frames addressed to it), and

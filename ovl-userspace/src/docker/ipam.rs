@@ -369,6 +369,12 @@ async fn gateway_for(
                 .ok_or_else(|| ModelError::NoSuchNetwork(name.clone()))?;
             if let Some(p) = n.subnets.iter_mut().find(|p| p.subnet == subnet) {
                 p.gateway = wanted;
+                // --gateway inside --ip-range takes one of its addresses.
+                if let Some(range) = p.range
+                    && !p.range_has_room(n.aux_addresses.values())
+                {
+                    return Err(ModelError::RangeWithoutRoom { range, subnet });
+                }
             }
             Ok(())
         })
