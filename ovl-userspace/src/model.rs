@@ -1245,17 +1245,15 @@ impl State {
                 node: n.name.clone(),
             });
         }
-        if let Some(mac) = mac {
-            validate::mac(mac)?;
-        }
-        if mac == Some(MacAddr(ANYCAST_GATEWAY_MAC)) {
-            return Err(ModelError::GatewayMac(MacAddr(ANYCAST_GATEWAY_MAC)));
-        }
         capacity::endpoints(self, 1)?;
         if let Some(name) = &name {
             validate_endpoint_name(name)?;
         }
         let ip = self.allocate(&net, Some(ip), None)?;
+        if let Some(mac) = mac {
+            // A container's own MAC (connect --mac) is no static's.
+            self.check_mac(network, mac, ip)?;
+        }
         let name = name.unwrap_or_else(|| format!("static-{ip}"));
         self.check_names_free(network, None, [name.as_str()])?;
         let endpoint = Endpoint {
@@ -2358,6 +2356,17 @@ mod tests {
                 })
                 .unwrap_err();
             assert!(err.to_string().contains(needle), "{mac}: {err}");
+            // Nor may a static endpoint (ovl endpoint add --mac) have it.
+            let err = s
+                .add_static(
+                    "a",
+                    Ipv4Addr::new(198, 18, 0, 20),
+                    Some(mac),
+                    Ipv4Addr::new(192, 0, 2, 5),
+                    None,
+                )
+                .unwrap_err();
+            assert!(err.to_string().contains(needle), "static {mac}: {err}");
         }
         assert_eq!(s, before);
         // 02:42 + its own address is what it would get anyway.
