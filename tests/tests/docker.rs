@@ -1638,6 +1638,42 @@ fn docker_refuses_an_ip_range_its_gateway_or_aux_addresses_fill() -> Result<()> 
             "{extra:?}: Docker kept dkrf-net"
         );
     }
+    // A mirror of an ovl network takes no --aux-address; refused, it
+    // keeps no address Docker asked for on the way.
+    world.ovl(
+        0,
+        &[
+            "network",
+            "create",
+            "dkrf-ovl",
+            "--subnet",
+            "198.18.34.0/24",
+        ],
+    )?;
+    let out = world.dockerds[0].docker_unchecked(&[
+        "network",
+        "create",
+        "-d",
+        "ovl",
+        "--ipam-driver",
+        "ovl",
+        "--subnet",
+        "198.18.34.0/24",
+        "--ipam-opt",
+        "ovl.network=dkrf-ovl",
+        "--opt",
+        "ovl.network=dkrf-ovl",
+        "--aux-address",
+        "a=198.18.34.9",
+        "dkrf-mirror",
+    ])?;
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success() && msg.contains("auxiliary addresses"),
+        "{msg}"
+    );
+    let eps = world.ovl(0, &["endpoint", "ls", "--network", "dkrf-ovl", "--json"])?;
+    ensure!(eps.trim() == "[]", "left behind: {eps}");
     world.stop()
 }
 
