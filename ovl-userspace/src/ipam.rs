@@ -140,13 +140,18 @@ impl Pool {
         self.subnet.is_host(ip) && ip != self.gateway
     }
 
-    /// The addresses given to endpoints that ask for none, lowest first:
-    /// those assignable inside the range.
+    /// True when `ip` may be given to an endpoint that asks for no
+    /// address: assignable and inside the range, if there is one.
+    pub fn gives_unasked(&self, ip: Ipv4Addr) -> bool {
+        self.is_assignable(ip) && self.range.is_none_or(|r| r.contains(ip))
+    }
+
+    /// The addresses given to endpoints that ask for none, lowest first.
     fn assignable(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         self.subnet
             .hosts()
             .map(Ipv4Addr::from)
-            .filter(|ip| *ip != self.gateway && self.range.is_none_or(|r| r.contains(*ip)))
+            .filter(|ip| self.gives_unasked(*ip))
     }
 
     /// Whether the range leaves an endpoint an address that is none of

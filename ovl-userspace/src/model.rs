@@ -1524,8 +1524,12 @@ impl State {
                 });
             }
             // Counted only where an address was asked for: a full
-            // --subnet is full, whatever other subnets hold back.
-            if used.insert(r.ip) && within.is_none_or(|w| w.contains(r.ip)) {
+            // --subnet is full, whatever other subnets hold back; a full
+            // --ip-range, whatever is held outside it.
+            if used.insert(r.ip)
+                && within.is_none_or(|w| w.contains(r.ip))
+                && network.pool_of(r.ip).is_some_and(|p| p.gives_unasked(r.ip))
+            {
                 held += 1;
             }
         }
@@ -2899,6 +2903,34 @@ mod tests {
             matches!(&err, ModelError::Ipam(ipam::IpamError::Exhausted(s)) if s == "198.18.0.0/29"),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn a_full_ip_range_is_full_whatever_is_held_outside_it() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec {
+            ranges: vec!["198.18.0.128/31".parse().unwrap()],
+            ..spec("r", None)
+        })
+        .unwrap();
+        s.clock = at(5);
+        // An address asked for outside the range, held back after its
+        // node left: never one an endpoint asking for none would get.
+        let mut gone = container("r", "gone", "g");
+        gone.ip = Some(Ipv4Addr::new(198, 18, 0, 9));
+        s.add_container(gone).unwrap();
+        s.remove_node("gone").unwrap();
+        for i in 0..2 {
+            s.add_container(container("r", "n", &format!("c{i}")))
+                .unwrap();
+        }
+        let err = s.add_container(container("r", "n", "x")).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::Ipam(ipam::IpamError::Exhausted(t))
+                if t == "198.18.0.0/24 (range 198.18.0.128/31)"),
+            "{err:?}"
+        );
+        assert_eq!(s.free_address("r"), Err(err));
     }
 
     #[test]
