@@ -367,8 +367,14 @@ async fn register_replacing(
         allocates: req.ip.is_none(),
         ports: &req.ports,
     };
+    // A MAC asked for must be no other endpoint's of the network
+    // (State::check_mac): only the whole network's records show their MACs.
+    let scope = match req.mac {
+        Some(_) => Scope::Network(&req.network),
+        None => Scope::Endpoint(around),
+    };
     let (endpoint, network, reservation, naming) = store
-        .update_with(Scope::Endpoint(around), |s| {
+        .update_with(scope, |s| {
             if let Some(stale) = replacing {
                 // Changed since it was found: attached anew meanwhile, and
                 // add_container below refuses.

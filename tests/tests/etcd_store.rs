@@ -174,6 +174,36 @@ fn network_created_on_host_a_carries_traffic_between_containers_on_b_and_c() -> 
     world.stop()
 }
 
+/// `ovl connect --mac` on etcd: the MAC another container of the network
+/// was connected with, on another host, is refused naming the holder,
+/// and the second container is not connected.
+#[test]
+fn a_mac_one_container_has_is_refused_to_another_on_etcd() -> Result<()> {
+    let lab = Lab::new("etcd-mac")?;
+    let world = cluster_with_network(&lab)?;
+    let mac = "0a:00:5e:00:00:07";
+    let cb = lab.container("cb")?;
+    world.ovl.connect(
+        &world.hosts[B],
+        ThreeHosts::NODES[B],
+        NETWORK,
+        &cb,
+        &["--mac", mac],
+    )?;
+    let cc = lab.container("cc")?;
+    let err = world.refused(C, &["connect", NETWORK, cc.name(), "--mac", mac])?;
+    ensure!(
+        err.contains(&format!("{mac} is already used on network")) && err.contains(cb.name()),
+        "{err}"
+    );
+    let eps = world.inspect(A, NETWORK)?["endpoints"].clone();
+    ensure!(
+        eps.as_array().map(Vec::len) == Some(1) && eps[0]["mac"] == mac,
+        "{eps}"
+    );
+    world.stop()
+}
+
 /// Containers per host that connect at the same moment.
 const RACERS_PER_HOST: usize = 20;
 
