@@ -6,10 +6,11 @@
 //! stops half-way through a request, or keeps connections open without
 //! end, must neither hold them forever nor use them all up. So connections
 //! are bounded in number, must send their request headers (also the next
-//! request's, on a kept-alive connection) within a time, must take what
-//! they are sent within that time too (a client that stops reading its
-//! answer, or reads it a byte at a time, is dropped), and live at most a
-//! time before they are asked to close.
+//! request's, on a kept-alive connection) within a time, must make room
+//! for what they are sent within that time too (a client that stops
+//! reading its answer is dropped; one that reads a little now and then
+//! is bounded by the lifetime), and live at most a time before they are
+//! asked to close.
 
 use std::{
     future::Future,
