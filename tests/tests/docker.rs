@@ -28,20 +28,45 @@ const VISIBLE_WITHIN: Duration = Duration::from_secs(5);
 const RECONCILE_WITHIN: Duration = Duration::from_secs(12);
 
 fn create_network(world: &DockerCluster, i: usize, name: &str, subnet: &str) -> Result<String> {
-    world.docker(
-        i,
-        &[
-            "network",
-            "create",
-            "-d",
-            "ovl",
-            "--ipam-driver",
-            "ovl",
-            "--subnet",
-            subnet,
-            name,
-        ],
-    )
+    world.docker(i, &create_argv(name, subnet, &[]))
+}
+
+/// `docker network create -d ovl --ipam-driver ovl --subnet SUBNET
+/// EXTRA... NAME`, as arguments of `docker`.
+fn create_argv<'a>(name: &'a str, subnet: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut argv = vec![
+        "network",
+        "create",
+        "-d",
+        "ovl",
+        "--ipam-driver",
+        "ovl",
+        "--subnet",
+        subnet,
+    ];
+    argv.extend_from_slice(extra);
+    argv.push(name);
+    argv
+}
+
+/// Host `i`'s dockerd must refuse [`create_argv`]'s network, saying
+/// `needle`.
+fn create_refused(
+    world: &DockerCluster,
+    i: usize,
+    name: &str,
+    subnet: &str,
+    extra: &[&str],
+    needle: &str,
+) -> Result<()> {
+    let argv = create_argv(name, subnet, extra);
+    let out = world.dockerds[i].docker_unchecked(&argv)?;
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success() && msg.contains(needle),
+        "{argv:?}: {msg}"
+    );
+    Ok(())
 }
 
 /// Waits until host `i`'s `docker network ls` does (or does not) list
@@ -272,24 +297,7 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
         ),
         (vec!["--ipv6", "--subnet", "2001:db8::/64"], "IPv4 only"),
     ] {
-        let mut argv = vec![
-            "network",
-            "create",
-            "-d",
-            "ovl",
-            "--ipam-driver",
-            "ovl",
-            "--subnet",
-            "198.18.1.0/24",
-        ];
-        argv.extend(args);
-        argv.push("odd-net");
-        let out = world.dockerds[1].docker_unchecked(&argv)?;
-        let msg = String::from_utf8_lossy(&out.stderr).into_owned();
-        ensure!(
-            !out.status.success() && msg.contains(needle),
-            "{argv:?}: {msg}"
-        );
+        create_refused(&world, 1, "odd-net", "198.18.1.0/24", &args, needle)?;
     }
     let out = world.dockerds[1].docker_unchecked(&[
         "network",
@@ -1467,41 +1475,24 @@ fn ip_ranges_and_aux_addresses_of_docker_networks_are_kept() -> Result<()> {
     let lab = Lab::new("dk-range")?;
     let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
     let net = "dkr-net";
-    let create = |extra: &[&str]| {
-        let mut argv = vec![
-            "network",
-            "create",
-            "-d",
-            "ovl",
-            "--ipam-driver",
-            "ovl",
-            "--subnet",
-            "198.18.30.0/24",
-            "--ip-range",
-            "198.18.30.128/30",
-            "--gateway",
-            "198.18.30.254",
-            "--aux-address",
-            "router=198.18.30.129",
-            "--aux-address",
-            "nas=198.18.30.7",
-        ];
-        argv.extend_from_slice(extra);
-        world.dockerds[0].docker_unchecked(&argv)
-    };
+    let options = [
+        "--ip-range",
+        "198.18.30.128/30",
+        "--gateway",
+        "198.18.30.254",
+        "--aux-address",
+        "router=198.18.30.129",
+        "--aux-address",
+        "nas=198.18.30.7",
+    ];
+    let subnet = "198.18.30.0/24";
     // Refused after the IPAM calls: nothing of it stays in ovl's store.
-    let out = create(&["--opt", "color=blue", "dkr-bad"])?;
-    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(!out.status.success() && msg.contains("color=blue"), "{msg}");
+    let bad = [&options[..], &["--opt", "color=blue"]].concat();
+    create_refused(&world, 0, "dkr-bad", subnet, &bad, "color=blue")?;
     let ls = world.ovl(0, &["network", "ls", "--json"])?;
-    ensure!(!ls.contains("198.18.30.0/24"), "left behind: {ls}");
+    ensure!(!ls.contains(subnet), "left behind: {ls}");
 
-    let out = create(&[net])?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    world.docker(0, &create_argv(net, subnet, &options))?;
     wait_until(VISIBLE_WITHIN, || {
         Ok(ovl_networks(&world)?.contains(&net.to_owned()))
     })?;
@@ -1610,24 +1601,8 @@ fn docker_refuses_an_ip_range_its_gateway_or_aux_addresses_fill() -> Result<()> 
         &["--ip-range", "198.18.33.9/32", "--gateway", "198.18.33.9"],
     ];
     for extra in cases {
-        let mut argv = vec![
-            "network",
-            "create",
-            "-d",
-            "ovl",
-            "--ipam-driver",
-            "ovl",
-            "--subnet",
-            "198.18.33.0/24",
-        ];
-        argv.extend_from_slice(extra);
-        argv.push("dkrf-net");
-        let out = world.dockerds[0].docker_unchecked(&argv)?;
-        let msg = String::from_utf8_lossy(&out.stderr).into_owned();
-        ensure!(
-            !out.status.success() && msg.contains("no address an endpoint could get"),
-            "{extra:?}: {msg}"
-        );
+        let needle = "no address an endpoint could get";
+        create_refused(&world, 0, "dkrf-net", "198.18.33.0/24", extra, needle)?;
         let ls = world.ovl(0, &["network", "ls", "--json"])?;
         ensure!(!ls.contains("198.18.33.0/24"), "{extra:?} left: {ls}");
         ensure!(
@@ -1650,28 +1625,16 @@ fn docker_refuses_an_ip_range_its_gateway_or_aux_addresses_fill() -> Result<()> 
             "198.18.34.0/24",
         ],
     )?;
-    let out = world.dockerds[0].docker_unchecked(&[
-        "network",
-        "create",
-        "-d",
-        "ovl",
-        "--ipam-driver",
-        "ovl",
-        "--subnet",
-        "198.18.34.0/24",
+    let mirror = [
         "--ipam-opt",
         "ovl.network=dkrf-ovl",
         "--opt",
         "ovl.network=dkrf-ovl",
         "--aux-address",
         "a=198.18.34.9",
-        "dkrf-mirror",
-    ])?;
-    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
-    ensure!(
-        !out.status.success() && msg.contains("auxiliary addresses"),
-        "{msg}"
-    );
+    ];
+    let needle = "auxiliary addresses";
+    create_refused(&world, 0, "dkrf-mirror", "198.18.34.0/24", &mirror, needle)?;
     let eps = world.ovl(0, &["endpoint", "ls", "--network", "dkrf-ovl", "--json"])?;
     ensure!(eps.trim() == "[]", "left behind: {eps}");
     world.stop()
