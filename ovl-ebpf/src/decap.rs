@@ -403,7 +403,7 @@ pub fn deliver_tc(ctx: &TcContext, frame: &Frame, d: &Delivery) -> Result<i32, D
     // SAFETY: reading a field of the program's own context.
     let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
     // Read before the strip, which has the kernel count the segments anew.
-    let packets = crate::egress::gso_segs(ctx);
+    let packets = stats::gso_segs(ctx);
     // A single packet beyond the network's MTU (a sender ignoring it) would
     // be dropped by the veth after this program counted it delivered, as
     // in XDP: refuse it here, counted. (A super-packet's segments were

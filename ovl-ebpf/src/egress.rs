@@ -65,7 +65,7 @@ pub fn switch(
         let mut eth = eth;
         eth.dst_addr = dst.mac;
         frame.write(0, eth)?;
-        stats::local(iface.stats_slot, gso_segs(ctx));
+        stats::local(iface.stats_slot, stats::gso_segs(ctx));
         return Ok(to_container(dst.ifindex));
     }
     let node = maps::node_config().ok_or(DropReason::NoRoute)?;
@@ -211,13 +211,6 @@ impl EgressFlow {
             && self.ifindex == ifindex
             && self.dst_addr == dst_addr
     }
-}
-
-/// Segments the frame stands for (a GSO super-packet counts as many).
-#[inline(always)]
-pub fn gso_segs(ctx: &TcContext) -> u64 {
-    // SAFETY: reading a field of the program's own context.
-    u64::from(unsafe { (*ctx.skb.skb).gso_segs }.max(1))
 }
 
 /// Hands a frame to the container end of the veth whose host end is

@@ -16,7 +16,7 @@ use ovl_common::{
 };
 
 use crate::{
-    egress::{Flow, gso_segs, to_container},
+    egress::{Flow, to_container},
     encap, icmp, maps,
     packet::Frame,
     stats,
@@ -51,7 +51,7 @@ pub fn forward(
         eth.dst_addr = dst.mac;
         frame.write(0, eth)?;
         if dst.is_local() {
-            stats::local(iface.stats_slot, gso_segs(ctx));
+            stats::local(iface.stats_slot, stats::gso_segs(ctx));
             return Ok(to_container(dst.ifindex));
         }
         let node = maps::node_config().ok_or(DropReason::NoRoute)?;
@@ -87,7 +87,7 @@ fn to_host(ctx: &TcContext, ifindex: u32, iface: &Iface, ip: &Ipv4Hdr) -> Result
     // stack, which would drop it.
     ctx.change_type(PACKET_HOST)
         .map_err(|_| DropReason::Malformed)?;
-    stats::egress(iface.stats_slot, gso_segs(ctx));
+    stats::egress(iface.stats_slot, stats::gso_segs(ctx));
     Ok(TC_ACT_OK)
 }
 

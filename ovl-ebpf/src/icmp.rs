@@ -88,7 +88,7 @@ fn send_error(
 ) -> Result<i32, DropReason> {
     // Counted as the packets it stands for, read before the rewrite drops
     // its GSO state.
-    let packets = crate::egress::gso_segs(ctx);
+    let packets = stats::gso_segs(ctx);
     let frame = Frame::of_skb(ctx);
     let quote: [u8; ICMP_QUOTE_LEN] = frame.read(ETH_HDR_LEN).map_err(|_| reason)?;
     // Only headers without options: the quote is then exactly header + 8.

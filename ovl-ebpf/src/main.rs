@@ -101,7 +101,7 @@ pub fn ovl_tc_decap(ctx: TcContext) -> i32 {
         }
     };
     outcome.unwrap_or_else(|d| {
-        count_decap_drop(&ctx, d, egress::gso_segs(&ctx));
+        count_decap_drop(&ctx, d, stats::gso_segs(&ctx));
         TC_ACT_SHOT
     })
 }
@@ -119,12 +119,12 @@ pub fn ovl_tc_egress(ctx: TcContext) -> i32 {
         stats::drop(
             UNATTRIBUTED_SLOT,
             DropReason::NoEndpoint,
-            egress::gso_segs(&ctx),
+            stats::gso_segs(&ctx),
         );
         return TC_ACT_SHOT;
     };
     egress::switch(&ctx, &frame, ifindex, &iface, &flow).unwrap_or_else(|reason| {
-        stats::drop(iface.stats_slot, reason, egress::gso_segs(&ctx));
+        stats::drop(iface.stats_slot, reason, stats::gso_segs(&ctx));
         TC_ACT_SHOT
     })
 }

@@ -1,9 +1,18 @@
 //! Counting: every outcome of every program lands in the per-network
 //! per-CPU counters (drops by reason) or in the node-wide counters.
 
+use aya_ebpf::programs::TcContext;
 use ovl_common::{DropReason, VniCounters};
 
 use crate::maps::{GLOBAL, STATS};
+
+/// Wire-size packets the frame stands for, as every counter counts it:
+/// its segments for a GSO or GRO super-packet, else one.
+#[inline(always)]
+pub fn gso_segs(ctx: &TcContext) -> u64 {
+    // SAFETY: reading a field of the program's own context.
+    u64::from(unsafe { (*ctx.skb.skb).gso_segs }.max(1))
+}
 
 /// Adds to the counters in `slot` (a network's `stats_slot`, or
 /// `UNATTRIBUTED_SLOT`). Only a slot beyond the array is missing.

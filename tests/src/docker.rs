@@ -298,9 +298,7 @@ impl Dockerd {
             let Ok(stat) = fs::read_to_string(&stat) else {
                 return Ok(true);
             };
-            Ok(stat
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z')))
+            Ok(crate::process::stat_state(&stat) == Some('Z'))
         })
         .context("dockerd's containerd outlived it")?;
         fs::remove_file(&pidfile)?;

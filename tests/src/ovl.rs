@@ -506,11 +506,7 @@ fn all_threads_stopped(pid: u32) -> Result<bool> {
         .with_context(|| format!("list the threads of {pid}"))?;
     for task in tasks {
         let stat = std::fs::read_to_string(task?.path().join("stat"))?;
-        // "TID (comm) STATE ...": the comm may hold spaces and parentheses.
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next());
-        if state != Some('T') {
+        if crate::process::stat_state(&stat) != Some('T') {
             return Ok(false);
         }
     }

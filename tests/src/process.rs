@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// The state letter of a `/proc/PID/stat` (or `/proc/PID/task/TID/stat`)
+/// line: `R`, `S`, `T` (stopped), `Z` (zombie)... The command name before
+/// it may hold spaces and parentheses, so it ends at the last `) `.
+pub(crate) fn stat_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+}
+
 /// How often a wait re-checks whether a process has exited.
 const EXIT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
