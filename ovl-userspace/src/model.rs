@@ -960,28 +960,27 @@ impl State {
             capacity::endpoints(self, 1)?;
         }
         let name = spec.name.unwrap_or_else(|| spec.netns.clone());
+        // Checked with the reservation taken out (its address and MAC are
+        // the endpoint's to take), and put back if refused.
         let reservation = reserved.map(|pos| self.endpoints.remove(pos));
-        if let Err(e) = self.check_names_free(&spec.network, None, [name.as_str()]) {
-            self.endpoints.extend(reservation);
-            return Err(e);
-        }
-        let ip = match self.allocate(&network, spec.ip, spec.subnet) {
-            Ok(ip) => ip,
+        let mut checked = || {
+            self.check_names_free(&spec.network, None, [name.as_str()])?;
+            let ip = self.allocate(&network, spec.ip, spec.subnet)?;
+            let mac = spec.mac.unwrap_or_else(|| {
+                reservation
+                    .as_ref()
+                    .map_or(MacAddr::for_ipv4(ip), |r| r.mac)
+            });
+            self.check_mac(&spec.network, mac, ip)?;
+            Ok((ip, mac))
+        };
+        let (ip, mac) = match checked() {
+            Ok(taken) => taken,
             Err(e) => {
                 self.endpoints.extend(reservation);
                 return Err(e);
             }
         };
-        let mac = match spec.mac {
-            Some(mac) => mac,
-            None => reservation
-                .as_ref()
-                .map_or(MacAddr::for_ipv4(ip), |r| r.mac),
-        };
-        if let Err(e) = self.check_mac(&spec.network, mac, ip) {
-            self.endpoints.extend(reservation);
-            return Err(e);
-        }
         let endpoint = Endpoint {
             network: spec.network,
             name,
