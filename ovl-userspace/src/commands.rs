@@ -10,7 +10,7 @@ use crate::{
     api, attachment, bpffs, datapath, egress_nat,
     ipam::Pool,
     metrics::{self, NetworkStats},
-    model::{Endpoint, Location, MacAddr, NetworkSpec},
+    model::{Endpoint, Location, MacAddr, MergedVni, NetworkSpec},
     netlink,
     release::AddressConflict,
     store::{Scope, Store},
@@ -112,6 +112,10 @@ struct Inspect<'a> {
     internal: bool,
     /// Traffic between nodes is encrypted (WireGuard).
     encrypted: bool,
+    /// VNIs kept for subnets of networks merged into this one (a Docker
+    /// network created with several subnets): no other network gets them.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    merged_vnis: &'a [MergedVni],
     endpoints: Vec<&'a Endpoint>,
 }
 
@@ -127,6 +131,7 @@ pub async fn network_inspect(store: &Store, name: &str) -> Result<String> {
         mtu: n.mtu,
         internal: n.internal,
         encrypted: n.encrypted,
+        merged_vnis: &n.merged_vnis,
         endpoints: state.endpoints_of(name).collect(),
     };
     Ok(serde_json::to_string_pretty(&view).expect("inspect view serialises"))

@@ -405,6 +405,18 @@ pub struct Network {
     /// takes that name. Front ends do not show such a network to users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker_pending: Option<DockerPending>,
+    /// The VNIs of networks merged into this one ([`State::merge_network`])
+    /// with the subnets they brought: a front end named those subnets by
+    /// them before the merge (Docker's pool IDs, `<vni>:<subnet>`), so they
+    /// stay this network's, given to no other, for as long as it exists.
+    pub merged_vnis: Vec<MergedVni>,
+}
+
+/// A VNI a network keeps for one of its subnets ([`Network::merged_vnis`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedVni {
+    pub subnet: Subnet,
+    pub vni: Vni,
 }
 
 /// A network Docker is creating on one node, named provisionally.
@@ -438,6 +450,8 @@ struct NetworkRecord {
     aux_addresses: BTreeMap<String, Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     docker_pending: Option<DockerPending>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    merged_vnis: Vec<MergedVni>,
 }
 
 impl TryFrom<NetworkRecord> for Network {
@@ -459,6 +473,7 @@ impl TryFrom<NetworkRecord> for Network {
             encrypted: r.encrypted,
             aux_addresses: r.aux_addresses,
             docker_pending: r.docker_pending,
+            merged_vnis: r.merged_vnis,
         })
     }
 }
@@ -475,6 +490,7 @@ impl From<Network> for NetworkRecord {
             encrypted: n.encrypted,
             aux_addresses: n.aux_addresses,
             docker_pending: n.docker_pending,
+            merged_vnis: n.merged_vnis,
         }
     }
 }
@@ -785,7 +801,7 @@ impl State {
         let vni = match spec.vni {
             Some(v) => {
                 let vni = Vni::try_from(v)?;
-                if let Some(n) = self.networks.values().find(|n| n.vni == vni) {
+                if let Some(n) = self.vni_holder(vni) {
                     return Err(ModelError::VniInUse {
                         vni,
                         network: n.name.clone(),
@@ -804,6 +820,7 @@ impl State {
             internal: spec.internal,
             encrypted: spec.encrypted,
             aux_addresses,
+            merged_vnis: Vec::new(),
         };
         Ok(self.networks.entry(spec.name).or_insert(network))
     }
@@ -900,9 +917,90 @@ impl State {
         Ok(())
     }
 
+    /// The network that has VNI `vni`, as its own or kept from a network
+    /// merged into it.
+    pub fn vni_holder(&self, vni: Vni) -> Option<&Network> {
+        self.networks
+            .values()
+            .find(|n| n.vni == vni || n.merged_vnis.iter().any(|m| m.vni == vni))
+    }
+
+    /// The network a front end names by VNI `vni` and subnet `subnet`:
+    /// the one with that VNI and subnet, or the one that keeps `vni` for
+    /// `subnet` since the network that had it was merged into it.
+    pub fn network_of_subnet(&self, vni: u32, subnet: &Subnet) -> Option<&Network> {
+        let own = self
+            .networks
+            .values()
+            .find(|n| n.vni.get() == vni && n.subnets.iter().any(|p| p.subnet == *subnet));
+        own.or_else(|| {
+            self.networks.values().find(|n| {
+                n.merged_vnis
+                    .iter()
+                    .any(|m| m.vni.get() == vni && m.subnet == *subnet)
+            })
+        })
+    }
+
+    /// Merges network `from` into network `into`: `into` takes its subnets
+    /// (with their gateways and ranges) and auxiliary addresses, and keeps
+    /// its VNI for those subnets ([`Network::merged_vnis`]); `from` goes.
+    /// For a network a front end assembles from subnets it was given one
+    /// at a time (Docker asks for each pool before saying which network
+    /// they make). `from` must have no endpoints, and the subnets of both
+    /// must not overlap. A network merged into itself stays as it is.
+    pub fn merge_network(&mut self, into: &str, from: &str) -> Result<&Network, ModelError> {
+        if into == from {
+            return self.network(into);
+        }
+        let target = self.network(into)?;
+        let source = self.network(from)?;
+        let count = self.endpoints_of(from).count()
+            + self.addresses_elsewhere.get(from).map_or(0, |a| a.len());
+        if count > 0 {
+            return Err(ModelError::NetworkInUse {
+                name: from.to_owned(),
+                count,
+            });
+        }
+        for p in &source.subnets {
+            if let Some(q) = target.subnets.iter().find(|q| q.subnet.overlaps(&p.subnet)) {
+                return Err(ModelError::SubnetClash {
+                    subnet: p.subnet,
+                    network: into.to_owned(),
+                    existing: q.subnet,
+                });
+            }
+        }
+        if let Some(name) = source
+            .aux_addresses
+            .keys()
+            .find(|name| target.aux_addresses.contains_key(*name))
+        {
+            return Err(ModelError::AuxNameTwice(name.clone()));
+        }
+        let source = self.networks.remove(from).expect("presence checked above");
+        self.released.retain(|r| r.network != from);
+        let target = self.networks.get_mut(into).expect("presence checked above");
+        target
+            .merged_vnis
+            .extend(source.subnets.iter().map(|p| MergedVni {
+                subnet: p.subnet,
+                vni: source.vni,
+            }));
+        target.merged_vnis.extend(source.merged_vnis);
+        target.subnets.extend(source.subnets);
+        target.aux_addresses.extend(source.aux_addresses);
+        Ok(target)
+    }
+
     fn free_vni(&self) -> Result<Vni, ModelError> {
-        let used: std::collections::BTreeSet<u32> =
-            self.networks.values().map(|n| n.vni.get()).collect();
+        let used: std::collections::BTreeSet<u32> = self
+            .networks
+            .values()
+            .flat_map(|n| std::iter::once(n.vni).chain(n.merged_vnis.iter().map(|m| m.vni)))
+            .map(Vni::get)
+            .collect();
         (FIRST_AUTO_VNI..=VNI_MAX)
             .find(|v| !used.contains(v))
             .map(Vni)
@@ -2072,6 +2170,132 @@ mod tests {
         );
         assert!(s.create_network(spec("bad name", None)).is_err());
         assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_merged_network_keeps_the_vni_its_subnets_were_named_by() {
+        let mut s = State::default();
+        let one = |subnet: &str, gateway: &str, aux: &[(&str, &str)]| NetworkSpec {
+            gateways: vec![gateway.parse().unwrap()],
+            aux_addresses: aux
+                .iter()
+                .map(|(n, ip)| (n.to_string(), ip.parse().unwrap()))
+                .collect(),
+            ..NetworkSpec::new(&format!("p-{gateway}"), subnet.parse().unwrap())
+        };
+        s.create_network(one("198.18.1.0/24", "198.18.1.1", &[]))
+            .unwrap();
+        s.create_network(one(
+            "198.18.2.0/24",
+            "198.18.2.254",
+            &[("nas", "198.18.2.9")],
+        ))
+        .unwrap();
+        let (a, b) = ("p-198.18.1.1", "p-198.18.2.254");
+        let sub2: Subnet = "198.18.2.0/24".parse().unwrap();
+        assert_eq!(s.network_of_subnet(4097, &sub2).unwrap().name, b);
+
+        let merged = s.merge_network(a, b).unwrap().clone();
+        assert_eq!(merged.vni.get(), 4096);
+        assert_eq!(merged.subnets_text(), "198.18.1.0/24,198.18.2.0/24");
+        assert_eq!(merged.subnets[1].gateway, Ipv4Addr::new(198, 18, 2, 254));
+        assert_eq!(merged.aux_addresses["nas"], Ipv4Addr::new(198, 18, 2, 9));
+        assert_eq!(
+            merged.merged_vnis,
+            [MergedVni {
+                subnet: sub2,
+                vni: Vni(4097)
+            }]
+        );
+        assert!(!s.networks.contains_key(b));
+        // Named by either VNI, the subnet is the merged network's; its
+        // old VNI is nobody else's while it exists.
+        assert_eq!(s.network_of_subnet(4097, &sub2).unwrap().name, a);
+        assert_eq!(s.network_of_subnet(4096, &sub2).unwrap().name, a);
+        assert!(
+            s.network_of_subnet(4097, &"198.18.1.0/24".parse().unwrap())
+                .is_none()
+        );
+        assert_eq!(s.create_network(spec("c", None)).unwrap().vni.get(), 4098);
+        assert_eq!(
+            s.create_network(spec("d", Some(4097))).unwrap_err(),
+            ModelError::VniInUse {
+                vni: Vni(4097),
+                network: a.to_owned()
+            }
+        );
+        // Its endpoints get addresses of either subnet; it goes whole.
+        let ep = s
+            .add_container(ContainerSpec {
+                ip: Some(Ipv4Addr::new(198, 18, 2, 5)),
+                ..container(a, "n1", "c1")
+            })
+            .unwrap();
+        assert_eq!(ep.mac, MacAddr::for_ipv4(ep.ip));
+        s.remove_endpoint(a, ep.ip).unwrap();
+        s.remove_network(a).unwrap();
+        assert_eq!(s.create_network(spec("e", None)).unwrap().vni.get(), 4096);
+        assert_eq!(s.create_network(spec("f", None)).unwrap().vni.get(), 4097);
+    }
+
+    #[test]
+    fn merging_refuses_endpoints_overlaps_and_twice_named_aux_addresses() {
+        let mut s = State::default();
+        let net = |name: &str, subnet: &str| NetworkSpec::new(name, subnet.parse().unwrap());
+        s.create_network(NetworkSpec {
+            aux_addresses: vec![("r".into(), Ipv4Addr::new(198, 18, 1, 9))],
+            ..net("a", "198.18.1.0/24")
+        })
+        .unwrap();
+        s.create_network(net("busy", "198.18.2.0/24")).unwrap();
+        s.add_container(container("busy", "n1", "c1")).unwrap();
+        s.create_network(net("wide", "198.18.0.0/16")).unwrap();
+        s.create_network(NetworkSpec {
+            aux_addresses: vec![("r".into(), Ipv4Addr::new(198, 18, 3, 9))],
+            ..net("same-aux", "198.18.3.0/24")
+        })
+        .unwrap();
+        let before = s.clone();
+        assert!(matches!(
+            s.merge_network("a", "busy"),
+            Err(ModelError::NetworkInUse { count: 1, .. })
+        ));
+        assert!(matches!(
+            s.merge_network("a", "wide"),
+            Err(ModelError::SubnetClash { .. })
+        ));
+        assert_eq!(
+            s.merge_network("a", "same-aux").unwrap_err(),
+            ModelError::AuxNameTwice("r".into())
+        );
+        assert!(matches!(
+            s.merge_network("a", "gone"),
+            Err(ModelError::NoSuchNetwork(_))
+        ));
+        assert_eq!(s, before);
+        // Into itself: nothing changes.
+        s.merge_network("a", "a").unwrap();
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn merged_vnis_survive_the_stored_form() {
+        let mut s = State::default();
+        s.create_network(NetworkSpec::new("a", "198.18.1.0/24".parse().unwrap()))
+            .unwrap();
+        s.create_network(NetworkSpec::new("b", "198.18.2.0/24".parse().unwrap()))
+            .unwrap();
+        let n = s.merge_network("a", "b").unwrap().clone();
+        let text = serde_json::to_string(&n).unwrap();
+        assert!(
+            text.contains(r#""merged_vnis":[{"subnet":"198.18.2.0/24","vni":4097}]"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Network>(&text).unwrap(), n);
+        // Networks without any are stored as before.
+        let plain = NetworkSpec::new("c", "198.18.3.0/24".parse().unwrap());
+        let c = s.create_network(plain).unwrap();
+        assert!(!serde_json::to_string(c).unwrap().contains("merged_vnis"));
     }
 
     #[test]

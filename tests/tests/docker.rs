@@ -282,10 +282,6 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
     for (args, needle) in [
         (vec!["--opt", "encrypted=maybe"], "--opt encrypted=maybe"),
         (vec!["--opt", "vxlan=42"], "unknown option --opt vxlan=42"),
-        (
-            vec!["--subnet", "198.18.2.0/24"],
-            "ovl network create NAME --subnet A --subnet B",
-        ),
         (vec!["--gateway", "198.18.1.255"], "not a host address"),
         (
             vec!["--ip-range", "198.18.1.1/32"],
@@ -1271,6 +1267,174 @@ fn docker_run_takes_the_next_subnet_once_the_first_is_full() -> Result<()> {
         "docker rm left {second_ip} held: {held:?}"
     );
     world.agree(0, net)?;
+    world.stop()
+}
+
+/// A network Docker creates with several subnets is one ovl network: one
+/// VNI, each subnet with its own gateway, IP range and auxiliary
+/// addresses, and containers in different subnets on different hosts
+/// reach each other through ovl's gateways. Docker asked ovl's IPAM for
+/// each pool before it said which network they make, so the later
+/// subnets' pools are named by the VNIs of the provisional networks they
+/// were asked under: those keep serving `--ip` and `docker rm` on the
+/// creating host, and no other network gets those VNIs until the network
+/// goes. Before: refused ("several --subnet").
+#[test]
+fn a_docker_network_with_several_subnets_is_one_ovl_network() -> Result<()> {
+    let lab = Lab::new("dk-msub")?;
+    let world = DockerCluster::start(&lab, StoreKind::Etcd, 2, DockerdOptions::default())?;
+    let net = "dkm-net";
+    let extra = [
+        "--subnet",
+        "198.18.41.0/24",
+        "--subnet",
+        "198.18.42.0/24",
+        "--gateway",
+        "198.18.41.254",
+        "--ip-range",
+        "198.18.42.64/26",
+        "--aux-address",
+        "router=198.18.42.65",
+    ];
+    world.docker(0, &create_argv(net, "198.18.40.0/24", &extra))?;
+    wait_until(VISIBLE_WITHIN, || {
+        Ok(ovl_networks(&world)?.contains(&net.to_owned()))
+    })?;
+    let networks = ovl_networks(&world)?;
+    ensure!(networks == [net], "ovl has networks {networks:?}");
+    let inspect = world.ovl.inspect(&world.hosts[0].netns, net)?;
+    let pools: Vec<(String, String, String)> = inspect["subnets"]
+        .as_array()
+        .context("subnets")?
+        .iter()
+        .map(|p| {
+            let text = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+            (text("subnet"), text("gateway"), text("range"))
+        })
+        .collect();
+    let pool = |subnet: &str, gateway: &str, range: &str| {
+        (subnet.to_owned(), gateway.to_owned(), range.to_owned())
+    };
+    // Docker's CLI passes the subnets in no fixed order (it gathers them
+    // in a Go map): the first it names is the network's first.
+    let mut sorted = pools.clone();
+    sorted.sort();
+    ensure!(
+        sorted
+            == [
+                pool("198.18.40.0/24", "198.18.40.1", ""),
+                pool("198.18.41.0/24", "198.18.41.254", ""),
+                pool("198.18.42.0/24", "198.18.42.1", "198.18.42.64/26"),
+            ],
+        "{inspect}"
+    );
+    // What a container that asks for no address gets: the first free
+    // address of the first subnet (of its range, in the last one).
+    let first_free: Ipv4Addr = match pools[0].0.as_str() {
+        "198.18.40.0/24" => "198.18.40.2",
+        "198.18.41.0/24" => "198.18.41.1",
+        _ => "198.18.42.64",
+    }
+    .parse()?;
+    ensure!(
+        inspect["aux_addresses"] == serde_json::json!({"router": "198.18.42.65"}),
+        "{inspect}"
+    );
+    let kept: Vec<u64> = inspect["merged_vnis"]
+        .as_array()
+        .context("merged_vnis")?
+        .iter()
+        .filter_map(|m| m["vni"].as_u64())
+        .collect();
+    let vni = inspect["vni"].as_u64().context("vni")?;
+    ensure!(kept.len() == 2 && !kept.contains(&vni), "{inspect}");
+
+    // Host A: the first pool's first free address, then --ip in every
+    // subnet (two of whose pools Docker names by the kept VNIs).
+    let a1 = world.dockerds[0].run(&lab, "dkm-a1", net, &[])?;
+    ensure!(
+        a1.ip()? == first_free,
+        "dkm-a1 got {}, not {first_free}",
+        a1.ip()?
+    );
+    let a2 = world.dockerds[0].run(&lab, "dkm-a2", net, &["--ip", "198.18.42.100"])?;
+    let a3 = world.dockerds[0].run(&lab, "dkm-a3", net, &["--ip", "198.18.41.7"])?;
+    let a4 = world.dockerds[0].run(&lab, "dkm-a4", net, &["--ip", "198.18.40.7"])?;
+    run_refused(
+        &world,
+        0,
+        net,
+        "dkm-x",
+        &["--ip", "198.18.42.65"],
+        "reserved as auxiliary address \"router\"",
+    )?;
+    // Host B, through its mirror of the network.
+    wait_listed(&world, 1, net, true)?;
+    let b1 = world.dockerds[1].run(&lab, "dkm-b1", net, &["--ip", "198.18.41.9"])?;
+    let routes = b1.netns.ip(&["-4", "route", "show", "default"])?;
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    ensure!(
+        routes.contains("default via 198.18.41.254 dev eth0"),
+        "dkm-b1 routes: {routes}"
+    );
+    for (from, to) in [(&b1, &a1), (&b1, &a2), (&b1, &a4), (&a2, &a3), (&a1, &b1)] {
+        ensure!(
+            ping(&from.netns, to.ip()?, 1, &["-W", "2"])?.all_received(),
+            "{} does not reach {} ({})",
+            from.name,
+            to.name,
+            to.ip()?
+        );
+    }
+    world.agree(0, net)?;
+    world.agree(1, net)?;
+    world.docker(0, &["rm", "-f", "dkm-a2"])?;
+    let held = world.ovl_endpoints(0, net)?;
+    ensure!(
+        !held.contains_key(&Ipv4Addr::new(198, 18, 42, 100)),
+        "docker rm left 198.18.42.100 held: {held:?}"
+    );
+
+    // The kept VNIs are the network's as long as it exists.
+    let probe = |vni: u64| {
+        world.ovl.run_unchecked(
+            &world.hosts[0].netns,
+            DockerCluster::NODES[0],
+            &[
+                "network",
+                "create",
+                "dkm-probe",
+                "--subnet",
+                "198.18.43.0/24",
+                "--vni",
+                &vni.to_string(),
+            ],
+        )
+    };
+    let out = probe(kept[0])?;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success() && said.contains(net),
+        "VNI {} of {net} given again: {said}",
+        kept[0]
+    );
+    for name in ["dkm-a1", "dkm-a3", "dkm-a4"] {
+        world.docker(0, &["rm", "-f", name])?;
+    }
+    world.docker(1, &["rm", "-f", "dkm-b1"])?;
+    world.docker(0, &["network", "rm", net])?;
+    wait_until(VISIBLE_WITHIN, || {
+        Ok(!ovl_networks(&world)?.contains(&net.to_owned()))
+    })?;
+    for vni in kept {
+        let out = probe(vni)?;
+        ensure!(
+            out.status.success(),
+            "VNI {vni} still taken after {net} went: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        world.ovl(0, &["network", "rm", "dkm-probe"])?;
+    }
     world.stop()
 }
 

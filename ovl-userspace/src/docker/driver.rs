@@ -102,30 +102,33 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
         );
         return Ok(protocol::ok());
     }
-    let [(subnet, gateway)] = pools[..] else {
-        unreachable!("network_options refuses several subnets on networks Docker creates")
-    };
+    let subnet = pools[0].0;
     let node = ctx.node.clone();
     let id = req.network_id.clone();
     let net = store
         .update_with(Scope::All, |s| {
             let mtu = s.network_mtu(opts.mtu, opts.encrypted)?;
-            let pending = s
-                .networks
-                .values_mut()
-                .find(|n| {
-                    n.subnets.iter().any(|p| p.subnet == subnet)
-                        && n.docker_pending.as_ref().is_some_and(|p| {
-                            p.node == node && p.network_id.is_none()
-                        })
-                })
-                .ok_or_else(|| ModelError::NoSuchNetwork(networks::pending_name(&subnet)))?;
-            if let Some(gw) = gateway {
+            // Docker asked for each pool on its own, before saying which
+            // network they make: the first pool's provisional network
+            // takes the others' subnets (and keeps their VNIs, by which
+            // Docker names their pools).
+            let name = pending_here(s, &node, &subnet)?;
+            for (other, _) in &pools[1..] {
+                let from = pending_here(s, &node, other)?;
+                s.merge_network(&name, &from)?;
+            }
+            let pending = s.networks.get_mut(&name).expect("found just above");
+            for (subnet, gateway) in &pools {
                 // IPAM's RequestAddress for the gateway set it already.
-                if pending.subnets.iter().all(|p| p.gateway != gw) {
+                if let Some(gw) = *gateway
+                    && pending
+                        .subnets
+                        .iter()
+                        .all(|p| p.subnet != *subnet || p.gateway != gw)
+                {
                     return Err(ModelError::GatewayOutsideSubnets {
                         gateway: gw,
-                        subnets: pending.subnets_text(),
+                        subnets: subnet.to_string(),
                     });
                 }
             }
@@ -138,15 +141,17 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
         })
         .await
         .map_err(|e| match e {
-            StoreError::Rejected(ModelError::NoSuchNetwork(_)) => Refusal::new(format!(
-                "no pool of ovl's IPAM for {subnet} on this node: create the network with --ipam-driver ovl"
+            StoreError::Rejected(ModelError::NoSuchNetwork(name)) => Refusal::new(format!(
+                "no pool of ovl's IPAM for {} on this node: create the network with --ipam-driver ovl",
+                networks::pending_subnet(&name).unwrap_or(name)
             )),
             e => Refusal::from(e),
         })?;
     ctx.remember(&req.network_id, Known::of(&net));
     log::info!(
-        "Docker creates network {} on {subnet}: VNI {}, MTU {}{}{}",
+        "Docker creates network {} on {}: VNI {}, MTU {}{}{}",
         short(&req.network_id),
+        net.subnets_text(),
         net.vni,
         net.mtu,
         if net.internal { ", internal" } else { "" },
@@ -154,6 +159,21 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
     );
     tokio::spawn(networks::name_soon(ctx.clone(), req.network_id));
     Ok(protocol::ok())
+}
+
+/// The provisional network this node's dockerd asked ovl's IPAM for with
+/// a pool of `subnet`, not yet bound to a Docker network.
+fn pending_here(s: &OvlState, node: &str, subnet: &Subnet) -> Result<String, ModelError> {
+    s.networks
+        .values()
+        .find(|n| {
+            n.subnets.iter().any(|p| p.subnet == *subnet)
+                && n.docker_pending
+                    .as_ref()
+                    .is_some_and(|p| p.node == node && p.network_id.is_none())
+        })
+        .map(|n| n.name.clone())
+        .ok_or_else(|| ModelError::NoSuchNetwork(networks::pending_name(subnet)))
 }
 
 /// The address of a CIDR string (`198.18.0.1/24`), if not empty.

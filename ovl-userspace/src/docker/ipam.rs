@@ -12,7 +12,7 @@ use axum::{body::Bytes, extract::State, response::Response};
 
 use super::{
     Context, Ctx, answer,
-    networks::{self, by_vni, pending_name},
+    networks::{self, pending_name},
     options::{self, ADDRESS_SPACE},
     protocol::{self, Refusal, parse},
 };
@@ -193,9 +193,10 @@ async fn do_release_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
     };
     let removed = store
         .update_with(Scope::All, |s| {
-            let Some(n) = by_vni(s, pool.vni).filter(|n| {
-                has_subnet(n, &pool.subnet) && n.docker_pending.as_ref() == Some(&abandoned)
-            }) else {
+            let Some(n) = s
+                .network_of_subnet(pool.vni, &pool.subnet)
+                .filter(|n| n.docker_pending.as_ref() == Some(&abandoned))
+            else {
                 return Ok(None);
             };
             let name = n.name.clone();
@@ -438,15 +439,10 @@ fn address_reply(ip: Ipv4Addr, prefix: u8) -> Response {
     })
 }
 
-/// True when `subnet` is one of `n`'s.
-fn has_subnet(n: &Network, subnet: &Subnet) -> bool {
-    n.subnets.iter().any(|p| p.subnet == *subnet)
-}
-
 /// The network behind `pool`, or why there is none.
 fn served<'a>(state: &'a OvlState, pool: &PoolId) -> Result<&'a Network, Refusal> {
-    by_vni(state, pool.vni)
-        .filter(|n| has_subnet(n, &pool.subnet))
+    state
+        .network_of_subnet(pool.vni, &pool.subnet)
         .ok_or_else(|| {
             Refusal::new(format!(
                 "pool {pool} is not served by ovl: no ovl network has VNI {} and subnet {} (removed meanwhile? or {OTHER_DRIVER})",
@@ -472,7 +468,7 @@ async fn do_release_address(ctx: &Context, body: &[u8]) -> Result<Response, Refu
     let node = ctx.node.clone();
     let outcome = store
         .update_with(Scope::All, |s| {
-            let Some(network) = by_vni(s, pool.vni).filter(|n| has_subnet(n, &pool.subnet)) else {
+            let Some(network) = s.network_of_subnet(pool.vni, &pool.subnet) else {
                 return Ok(Released::NoNetwork);
             };
             if network.subnets.iter().any(|p| p.gateway == ip) {

@@ -25,6 +25,13 @@ pub fn pending_name(subnet: &Subnet) -> String {
     format!("{PENDING_PREFIX}{}-{}", subnet.network(), subnet.prefix())
 }
 
+/// The subnet a provisional name stands for, as Docker writes it
+/// (`198.18.0.0/24`).
+pub fn pending_subnet(name: &str) -> Option<String> {
+    let (network, prefix) = name.strip_prefix(PENDING_PREFIX)?.rsplit_once('-')?;
+    Some(format!("{network}/{prefix}"))
+}
+
 /// The network being created by this node's dockerd under `docker_id`.
 pub fn pending_of<'a>(state: &'a State, node: &str, docker_id: &str) -> Option<&'a Network> {
     state.networks.values().find(|n| {
@@ -32,11 +39,6 @@ pub fn pending_of<'a>(state: &'a State, node: &str, docker_id: &str) -> Option<&
             .as_ref()
             .is_some_and(|p| p.node == node && p.network_id.as_deref() == Some(docker_id))
     })
-}
-
-/// The network of VNI `vni`.
-pub fn by_vni(state: &State, vni: u32) -> Option<&Network> {
-    state.networks.values().find(|n| n.vni.get() == vni)
 }
 
 /// The ovl network behind Docker network `docker_id` of this node, if it
@@ -183,6 +185,8 @@ mod tests {
     fn provisional_names_are_valid_ovl_names() {
         let n = pending_name(&"198.18.0.0/24".parse().unwrap());
         assert_eq!(n, "docker-pending-198.18.0.0-24");
+        assert_eq!(pending_subnet(&n).as_deref(), Some("198.18.0.0/24"));
+        assert_eq!(pending_subnet("uber-net"), None);
         let mut s = State::default();
         s.create_network(crate::model::NetworkSpec::new(
             &n,

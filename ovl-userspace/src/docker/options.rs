@@ -33,17 +33,13 @@ pub const ADDRESS_SPACE: &str = "ovl";
 pub struct Features {
     pub internal: bool,
     pub encrypted: bool,
-    pub several_subnets: bool,
     pub custom_gateway: bool,
 }
 
-/// What ovl supports now. Several subnets only on networks made with
-/// `ovl network create` (mirrored into Docker): Docker asks ovl's IPAM for
-/// one pool per subnet before it says which network they belong to.
+/// What ovl supports now.
 pub const FEATURES: Features = Features {
     internal: true,
     encrypted: true,
-    several_subnets: false,
     custom_gateway: true,
 };
 
@@ -81,7 +77,7 @@ pub fn network_options(
     }
     if ipv4.is_empty() {
         return Err(Refusal::new(
-            "no IPv4 pool: ovl networks need one --subnet (with --ipam-driver ovl)",
+            "no IPv4 pool: ovl networks need a --subnet (with --ipam-driver ovl)",
         ));
     }
     if !ipv6.is_empty() || options.get(ENABLE_IPV6).and_then(Value::as_bool) == Some(true) {
@@ -139,16 +135,6 @@ pub fn network_options(
                 )));
             }
         }
-    }
-    // Mirrors of ovl networks carry every subnet of theirs.
-    if ipv4.len() > 1 && out.mirror_of.is_none() && !FEATURES.several_subnets {
-        return Err(unsupported(
-            &format!(
-                "several --subnet ({} were given) on a network Docker creates",
-                ipv4.len()
-            ),
-            "make it with `ovl network create NAME --subnet A --subnet B`: it appears in Docker with every subnet",
-        ));
     }
     Ok(out)
 }
@@ -309,8 +295,7 @@ mod tests {
             let e = network_options(&opts(o.clone()), &[pool("ovl")], &[]).unwrap_err();
             assert!(e.message.contains(needle), "{o}: {}", e.message);
         }
-        let e = network_options(&BTreeMap::new(), &[pool("ovl"), pool("ovl")], &[]).unwrap_err();
-        assert!(e.message.contains("several --subnet"), "{}", e.message);
+        assert!(network_options(&BTreeMap::new(), &[pool("ovl"), pool("ovl")], &[]).is_ok());
         let e = network_options(&BTreeMap::new(), &[pool("LocalDefault")], &[]).unwrap_err();
         assert!(e.message.contains("--ipam-driver ovl"), "{}", e.message);
     }

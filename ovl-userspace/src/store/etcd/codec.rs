@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `/ovl/schema` | `1`, the layout version |
 //! | `/ovl/networks/<name>` | the network: name, vni, subnet, mtu |
-//! | `/ovl/vnis/<vni>` | `{"network": name}`: the VNI's owner, so two networks never share one |
+//! | `/ovl/vnis/<vni>` | `{"network": name}`: the VNI's owner (its own, or one it keeps from a network merged into it), so two networks never share one |
 //! | `/ovl/endpoints/<network>/<ipv4>` | the endpoint: name, ip, mac, location; the key makes an address unique |
 //! | `/ovl/released/<network>/<ipv4>` | when the address was freed and by whom: held back for the grace |
 //! | `/ovl/nodes/<name>` | the node, its VTEP address and WireGuard key and port (kept after it dies) |
@@ -238,12 +238,16 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     for n in state.networks.values() {
         out.insert(network_key(&n.name), json(n));
-        out.insert(
-            format!("{VNIS}{}", n.vni),
-            json(VniOwner {
-                network: n.name.clone(),
-            }),
-        );
+        // The VNIs kept from networks merged into it are its too.
+        let merged = n.merged_vnis.iter().map(|m| m.vni);
+        for vni in std::iter::once(n.vni).chain(merged) {
+            out.insert(
+                format!("{VNIS}{vni}"),
+                json(VniOwner {
+                    network: n.name.clone(),
+                }),
+            );
+        }
     }
     for e in &state.endpoints {
         out.insert(endpoint_key(&e.network, e.ip), json(e));
@@ -508,6 +512,28 @@ mod tests {
             serde_json::from_slice(&encode(&sample())["/ovl/networks/blue"]).unwrap();
         assert_eq!(v["schema"], 1);
         assert_eq!(v["vni"], 4242);
+    }
+
+    #[test]
+    fn a_merged_networks_kept_vni_is_claimed_as_its_own() {
+        let mut s = sample();
+        s.create_network(NetworkSpec {
+            vni: Some(4243),
+            ..NetworkSpec::new("green", "198.18.1.0/24".parse().unwrap())
+        })
+        .unwrap();
+        s.merge_network("blue", "green").unwrap();
+        let kvs = encode(&s);
+        let vnis: Vec<&str> = kvs
+            .keys()
+            .filter(|k| k.starts_with(VNIS))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(vnis, ["/ovl/vnis/4242", "/ovl/vnis/4243"]);
+        let owner: serde_json::Value = serde_json::from_slice(&kvs["/ovl/vnis/4243"]).unwrap();
+        assert_eq!(owner["network"], "blue");
+        assert!(!kvs.contains_key("/ovl/networks/green"));
+        assert_eq!(decode_map(&kvs).networks, s.networks);
     }
 
     #[test]
