@@ -10,7 +10,7 @@ use crate::{
     api, attachment, bpffs, datapath, egress_nat,
     ipam::Pool,
     metrics::{self, NetworkStats},
-    model::{Endpoint, Location, MacAddr, MergedVni, NetworkSpec},
+    model::{Endpoint, KeptVni, Location, MacAddr, NetworkSpec},
     netlink,
     release::AddressConflict,
     store::{Scope, Store},
@@ -115,7 +115,7 @@ struct Inspect<'a> {
     /// VNIs kept for subnets of networks merged into this one (a Docker
     /// network created with several subnets): no other network gets them.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    merged_vnis: &'a [MergedVni],
+    kept_vnis: &'a [KeptVni],
     endpoints: Vec<&'a Endpoint>,
 }
 
@@ -131,7 +131,7 @@ pub async fn network_inspect(store: &Store, name: &str) -> Result<String> {
         mtu: n.mtu,
         internal: n.internal,
         encrypted: n.encrypted,
-        merged_vnis: &n.merged_vnis,
+        kept_vnis: &n.kept_vnis,
         endpoints: state.endpoints_of(name).collect(),
     };
     Ok(serde_json::to_string_pretty(&view).expect("inspect view serialises"))

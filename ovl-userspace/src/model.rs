@@ -405,16 +405,18 @@ pub struct Network {
     /// takes that name. Front ends do not show such a network to users.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker_pending: Option<DockerPending>,
-    /// The VNIs of networks merged into this one ([`State::merge_network`])
-    /// with the subnets they brought: a front end named those subnets by
-    /// them before the merge (Docker's pool IDs, `<vni>:<subnet>`), so they
-    /// stay this network's, given to no other, for as long as it exists.
-    pub merged_vnis: Vec<MergedVni>,
+    /// VNIs its subnets were named by before they were this network's
+    /// under its VNI: those of networks merged into it
+    /// ([`State::merge_network`]) and the one it had before it was
+    /// renumbered ([`State::renumber_network`]). A front end named the
+    /// subnets by them (Docker's pool IDs, `<vni>:<subnet>`), so they stay
+    /// this network's, given to no other, for as long as it exists.
+    pub kept_vnis: Vec<KeptVni>,
 }
 
-/// A VNI a network keeps for one of its subnets ([`Network::merged_vnis`]).
+/// A VNI a network keeps for one of its subnets ([`Network::kept_vnis`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MergedVni {
+pub struct KeptVni {
     pub subnet: Subnet,
     pub vni: Vni,
 }
@@ -451,7 +453,7 @@ struct NetworkRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     docker_pending: Option<DockerPending>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    merged_vnis: Vec<MergedVni>,
+    kept_vnis: Vec<KeptVni>,
 }
 
 impl TryFrom<NetworkRecord> for Network {
@@ -473,7 +475,7 @@ impl TryFrom<NetworkRecord> for Network {
             encrypted: r.encrypted,
             aux_addresses: r.aux_addresses,
             docker_pending: r.docker_pending,
-            merged_vnis: r.merged_vnis,
+            kept_vnis: r.kept_vnis,
         })
     }
 }
@@ -490,7 +492,7 @@ impl From<Network> for NetworkRecord {
             encrypted: n.encrypted,
             aux_addresses: n.aux_addresses,
             docker_pending: n.docker_pending,
-            merged_vnis: n.merged_vnis,
+            kept_vnis: n.kept_vnis,
         }
     }
 }
@@ -820,7 +822,7 @@ impl State {
             internal: spec.internal,
             encrypted: spec.encrypted,
             aux_addresses,
-            merged_vnis: Vec::new(),
+            kept_vnis: Vec::new(),
         };
         Ok(self.networks.entry(spec.name).or_insert(network))
     }
@@ -922,7 +924,7 @@ impl State {
     pub fn vni_holder(&self, vni: Vni) -> Option<&Network> {
         self.networks
             .values()
-            .find(|n| n.vni == vni || n.merged_vnis.iter().any(|m| m.vni == vni))
+            .find(|n| n.vni == vni || n.kept_vnis.iter().any(|m| m.vni == vni))
     }
 
     /// The network a front end names by VNI `vni` and subnet `subnet`:
@@ -935,7 +937,7 @@ impl State {
             .find(|n| n.vni.get() == vni && n.subnets.iter().any(|p| p.subnet == *subnet));
         own.or_else(|| {
             self.networks.values().find(|n| {
-                n.merged_vnis
+                n.kept_vnis
                     .iter()
                     .any(|m| m.vni.get() == vni && m.subnet == *subnet)
             })
@@ -944,7 +946,7 @@ impl State {
 
     /// Merges network `from` into network `into`: `into` takes its subnets
     /// (with their gateways and ranges) and auxiliary addresses, and keeps
-    /// its VNI for those subnets ([`Network::merged_vnis`]); `from` goes.
+    /// its VNI for those subnets ([`Network::kept_vnis`]); `from` goes.
     /// For a network a front end assembles from subnets it was given one
     /// at a time (Docker asks for each pool before saying which network
     /// they make). `from` must have no endpoints, and the subnets of both
@@ -983,22 +985,55 @@ impl State {
         self.released.retain(|r| r.network != from);
         let target = self.networks.get_mut(into).expect("presence checked above");
         target
-            .merged_vnis
-            .extend(source.subnets.iter().map(|p| MergedVni {
+            .kept_vnis
+            .extend(source.subnets.iter().map(|p| KeptVni {
                 subnet: p.subnet,
                 vni: source.vni,
             }));
-        target.merged_vnis.extend(source.merged_vnis);
+        target.kept_vnis.extend(source.kept_vnis);
         target.subnets.extend(source.subnets);
         target.aux_addresses.extend(source.aux_addresses);
         Ok(target)
+    }
+
+    /// Gives network `name` VNI `vni`, keeping the one it had for all of
+    /// its subnets ([`Network::kept_vnis`]), so that whatever named one of
+    /// them by network and VNI before still does: for a front end
+    /// that learns the VNI asked for after it named the subnets by the one
+    /// allocated (Docker's `vxlanid_list` comes with CreateNetwork, after
+    /// the pools). `vni` must be free, or one the network keeps already.
+    pub fn renumber_network(&mut self, name: &str, vni: u32) -> Result<&Network, ModelError> {
+        let vni = Vni::try_from(vni)?;
+        if let Some(holder) = self.vni_holder(vni).filter(|h| h.name != name) {
+            return Err(ModelError::VniInUse {
+                vni,
+                network: holder.name.clone(),
+            });
+        }
+        let n = self
+            .networks
+            .get_mut(name)
+            .ok_or_else(|| ModelError::NoSuchNetwork(name.to_owned()))?;
+        if n.vni != vni {
+            // Every subnet was this network's under its VNI: each keeps it.
+            let old = n.vni;
+            n.kept_vnis.retain(|k| k.vni != vni);
+            let subnets: Vec<Subnet> = n.subnets.iter().map(|p| p.subnet).collect();
+            n.kept_vnis.extend(
+                subnets
+                    .into_iter()
+                    .map(|subnet| KeptVni { subnet, vni: old }),
+            );
+            n.vni = vni;
+        }
+        Ok(n)
     }
 
     fn free_vni(&self) -> Result<Vni, ModelError> {
         let used: std::collections::BTreeSet<u32> = self
             .networks
             .values()
-            .flat_map(|n| std::iter::once(n.vni).chain(n.merged_vnis.iter().map(|m| m.vni)))
+            .flat_map(|n| std::iter::once(n.vni).chain(n.kept_vnis.iter().map(|m| m.vni)))
             .map(Vni::get)
             .collect();
         (FIRST_AUTO_VNI..=VNI_MAX)
@@ -2201,8 +2236,8 @@ mod tests {
         assert_eq!(merged.subnets[1].gateway, Ipv4Addr::new(198, 18, 2, 254));
         assert_eq!(merged.aux_addresses["nas"], Ipv4Addr::new(198, 18, 2, 9));
         assert_eq!(
-            merged.merged_vnis,
-            [MergedVni {
+            merged.kept_vnis,
+            [KeptVni {
                 subnet: sub2,
                 vni: Vni(4097)
             }]
@@ -2236,6 +2271,80 @@ mod tests {
         s.remove_network(a).unwrap();
         assert_eq!(s.create_network(spec("e", None)).unwrap().vni.get(), 4096);
         assert_eq!(s.create_network(spec("f", None)).unwrap().vni.get(), 4097);
+    }
+
+    #[test]
+    fn a_renumbered_network_keeps_its_former_vni_for_its_subnets() {
+        let mut s = State::default();
+        let net = |name: &str, subnet: &str| NetworkSpec::new(name, subnet.parse().unwrap());
+        s.create_network(net("a", "198.18.1.0/24")).unwrap();
+        s.create_network(net("b", "198.18.2.0/24")).unwrap();
+        s.create_network(net("other", "198.18.9.0/24")).unwrap();
+        s.merge_network("a", "b").unwrap();
+        let before = s.clone();
+        for (vni, e) in [
+            (
+                4098,
+                ModelError::VniInUse {
+                    vni: Vni(4098),
+                    network: "other".into(),
+                },
+            ),
+            (0, ModelError::InvalidVni(0)),
+        ] {
+            assert_eq!(s.renumber_network("a", vni).unwrap_err(), e);
+        }
+        assert!(s.renumber_network("gone", 5000).is_err());
+        assert_eq!(s, before);
+        // Its own VNI: nothing changes.
+        s.renumber_network("a", 4096).unwrap();
+        assert_eq!(s, before);
+
+        let (sub1, sub2): (Subnet, Subnet) = (
+            "198.18.1.0/24".parse().unwrap(),
+            "198.18.2.0/24".parse().unwrap(),
+        );
+        let n = s.renumber_network("a", 5000).unwrap().clone();
+        assert_eq!(n.vni, Vni(5000));
+        let kept = |list: &[(Subnet, u32)]| -> Vec<KeptVni> {
+            list.iter()
+                .map(|(subnet, vni)| KeptVni {
+                    subnet: *subnet,
+                    vni: Vni(*vni),
+                })
+                .collect()
+        };
+        assert_eq!(
+            n.kept_vnis,
+            kept(&[(sub2, 4097), (sub1, 4096), (sub2, 4096)])
+        );
+        let pairs = [
+            (4096, &sub1),
+            (4096, &sub2),
+            (4097, &sub2),
+            (5000, &sub1),
+            (5000, &sub2),
+        ];
+        for (vni, subnet) in pairs {
+            assert_eq!(s.network_of_subnet(vni, subnet).unwrap().name, "a");
+        }
+        // To a VNI it keeps: that one is its own again, and every name
+        // it was given still finds it.
+        let n = s.renumber_network("a", 4097).unwrap().clone();
+        assert_eq!(
+            n.kept_vnis,
+            kept(&[(sub1, 4096), (sub2, 4096), (sub1, 5000), (sub2, 5000)])
+        );
+        for (vni, subnet) in pairs {
+            assert_eq!(s.network_of_subnet(vni, subnet).unwrap().name, "a");
+        }
+        assert_eq!(
+            s.create_network(net("c", "198.18.3.0/24"))
+                .unwrap()
+                .vni
+                .get(),
+            4098 + 1
+        );
     }
 
     #[test]
@@ -2279,7 +2388,7 @@ mod tests {
     }
 
     #[test]
-    fn merged_vnis_survive_the_stored_form() {
+    fn kept_vnis_survive_the_stored_form() {
         let mut s = State::default();
         s.create_network(NetworkSpec::new("a", "198.18.1.0/24".parse().unwrap()))
             .unwrap();
@@ -2288,14 +2397,14 @@ mod tests {
         let n = s.merge_network("a", "b").unwrap().clone();
         let text = serde_json::to_string(&n).unwrap();
         assert!(
-            text.contains(r#""merged_vnis":[{"subnet":"198.18.2.0/24","vni":4097}]"#),
+            text.contains(r#""kept_vnis":[{"subnet":"198.18.2.0/24","vni":4097}]"#),
             "{text}"
         );
         assert_eq!(serde_json::from_str::<Network>(&text).unwrap(), n);
         // Networks without any are stored as before.
         let plain = NetworkSpec::new("c", "198.18.3.0/24".parse().unwrap());
         let c = s.create_network(plain).unwrap();
-        assert!(!serde_json::to_string(c).unwrap().contains("merged_vnis"));
+        assert!(!serde_json::to_string(c).unwrap().contains("kept_vnis"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! nothing.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -282,6 +283,13 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
     for (args, needle) in [
         (vec!["--opt", "encrypted=maybe"], "--opt encrypted=maybe"),
         (vec!["--opt", "vxlan=42"], "unknown option --opt vxlan=42"),
+        (
+            vec![
+                "--opt",
+                "com.docker.network.driver.overlay.vxlanid_list=5042,5043",
+            ],
+            "one VNI for all of its subnets",
+        ),
         (vec!["--gateway", "198.18.1.255"], "not a host address"),
         (
             vec!["--ip-range", "198.18.1.1/32"],
@@ -295,6 +303,20 @@ fn two_hosts_story(tag: &str, store: StoreKind) -> Result<()> {
     ] {
         create_refused(&world, 1, "odd-net", "198.18.1.0/24", &args, needle)?;
     }
+    // The VNI another network has.
+    let taken = format!(
+        "com.docker.network.driver.overlay.vxlanid_list={}",
+        vni_of(&world, NET)?
+    );
+    let needle = format!("already used by network \"{NET}\"");
+    create_refused(
+        &world,
+        1,
+        "odd-net",
+        "198.18.1.0/24",
+        &["--opt", &taken],
+        &needle,
+    )?;
     let out = world.dockerds[1].docker_unchecked(&[
         "network",
         "create",
@@ -1278,7 +1300,9 @@ fn docker_run_takes_the_next_subnet_once_the_first_is_full() -> Result<()> {
 /// subnets' pools are named by the VNIs of the provisional networks they
 /// were asked under: those keep serving `--ip` and `docker rm` on the
 /// creating host, and no other network gets those VNIs until the network
-/// goes. Before: refused ("several --subnet").
+/// goes. Docker overlay's `vxlanid_list` option gives it its VNI (then
+/// the first pool's is kept too). Before: refused ("several --subnet",
+/// "unknown option").
 #[test]
 fn a_docker_network_with_several_subnets_is_one_ovl_network() -> Result<()> {
     let lab = Lab::new("dk-msub")?;
@@ -1295,6 +1319,8 @@ fn a_docker_network_with_several_subnets_is_one_ovl_network() -> Result<()> {
         "198.18.42.64/26",
         "--aux-address",
         "router=198.18.42.65",
+        "--opt",
+        "com.docker.network.driver.overlay.vxlanid_list=5042",
     ];
     world.docker(0, &create_argv(net, "198.18.40.0/24", &extra))?;
     wait_until(VISIBLE_WITHIN, || {
@@ -1340,14 +1366,18 @@ fn a_docker_network_with_several_subnets_is_one_ovl_network() -> Result<()> {
         inspect["aux_addresses"] == serde_json::json!({"router": "198.18.42.65"}),
         "{inspect}"
     );
-    let kept: Vec<u64> = inspect["merged_vnis"]
+    // The VNI asked for; the three allocated to the pools are kept.
+    let kept: BTreeSet<u64> = inspect["kept_vnis"]
         .as_array()
-        .context("merged_vnis")?
+        .context("kept_vnis")?
         .iter()
         .filter_map(|m| m["vni"].as_u64())
         .collect();
-    let vni = inspect["vni"].as_u64().context("vni")?;
-    ensure!(kept.len() == 2 && !kept.contains(&vni), "{inspect}");
+    ensure!(
+        inspect["vni"] == 5042 && kept.len() == 3 && !kept.contains(&5042),
+        "{inspect}"
+    );
+    let kept: Vec<u64> = kept.into_iter().collect();
 
     // Host A: the first pool's first free address, then --ip in every
     // subnet (two of whose pools Docker names by the kept VNIs).

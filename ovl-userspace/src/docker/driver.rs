@@ -82,9 +82,14 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
                     .iter()
                     .any(|p| p.subnet == *subnet && gw.is_none_or(|g| g == p.gateway))
             });
-        if !same_pools || opts.mtu.is_some_and(|m| m != n.mtu) || opts.internal != n.internal {
+        if !same_pools
+            || opts.mtu.is_some_and(|m| m != n.mtu)
+            || opts.internal != n.internal
+            || opts.vni.is_some_and(|v| v != n.vni.get())
+        {
             return Err(Refusal::new(format!(
-                "ovl network {name} has subnets {} (gateways {}), MTU {}{}; the Docker network must match",
+                "ovl network {name} has VNI {}, subnets {} (gateways {}), MTU {}{}; the Docker network must match",
+                n.vni,
                 n.subnets_text(),
                 n.subnets
                     .iter()
@@ -116,6 +121,11 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
             for (other, _) in &pools[1..] {
                 let from = pending_here(s, &node, other)?;
                 s.merge_network(&name, &from)?;
+            }
+            // A VNI asked for (vxlanid_list) replaces the one allocated,
+            // which the network keeps: Docker named the pool by it.
+            if let Some(vni) = opts.vni {
+                s.renumber_network(&name, vni)?;
             }
             let pending = s.networks.get_mut(&name).expect("found just above");
             for (subnet, gateway) in &pools {

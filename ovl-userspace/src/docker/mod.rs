@@ -10,7 +10,7 @@
 //! | a network of driver `ovl` (any host) | the ovl network of the same name; Docker's network IDs differ per host and are never stored |
 //! | its IPAM pool (PoolID `<vni>:<subnet>`) | the network's subnet |
 //! | a network being created (Docker gives no name) | a network named `docker-pending-<subnet>` with [`DockerPending`](crate::model::DockerPending), renamed as soon as dockerd lists it |
-//! | the later pools of a network created with several subnets | provisional networks of their own until CreateNetwork merges them into the first pool's, which keeps their VNIs ([`merged_vnis`](crate::model::Network::merged_vnis)): Docker's PoolIDs for them name those VNIs |
+//! | the later pools of a network created with several subnets | provisional networks of their own until CreateNetwork merges them into the first pool's, which keeps their VNIs ([`kept_vnis`](crate::model::Network::kept_vnis)): Docker's PoolIDs for them name those VNIs |
 //! | RequestAddress | a [`Location::Reserved`](crate::model::Location::Reserved) endpoint (owner `docker-ipam`) |
 //! | CreateEndpoint | the reservation's owner becomes `docker:<endpoint ID>` |
 //! | Join / Leave | the reservation becomes a container endpoint (veth left in the host namespace for Docker to move) and back |

@@ -18,6 +18,9 @@ pub const MTU: &str = "com.docker.network.driver.mtu";
 pub const MIRROR_OF: &str = "ovl.network";
 /// Docker's overlay option for an encrypted network (`--opt encrypted`).
 pub const ENCRYPTED: &str = "encrypted";
+/// Docker's overlay option naming the VNIs of a network's subnets
+/// (`--opt com.docker.network.driver.overlay.vxlanid_list=4200`).
+pub const VXLANID_LIST: &str = "com.docker.network.driver.overlay.vxlanid_list";
 /// Top-level CreateNetwork options Docker itself sets.
 const GENERIC: &str = "com.docker.network.generic";
 const ENABLE_IPV6: &str = "com.docker.network.enable_ipv6";
@@ -54,6 +57,8 @@ pub struct NetworkOptions {
     pub internal: bool,
     /// `--opt encrypted`: traffic between hosts only in WireGuard.
     pub encrypted: bool,
+    /// `--opt com.docker.network.driver.overlay.vxlanid_list=N`: the VNI.
+    pub vni: Option<u32>,
 }
 
 fn unsupported(what: &str, later: &str) -> Refusal {
@@ -117,6 +122,7 @@ pub fn network_options(
                 out.mtu = Some(mtu);
             }
             MIRROR_OF => out.mirror_of = Some(text),
+            VXLANID_LIST => out.vni = Some(vxlan_id(&text)?),
             ENCRYPTED if !FEATURES.encrypted => {
                 return Err(unsupported("--opt encrypted", "encryption is coming"));
             }
@@ -131,12 +137,28 @@ pub fn network_options(
             },
             other => {
                 return Err(Refusal::new(format!(
-                    "unknown option --opt {other}={text}: ovl understands {MTU} and {ENCRYPTED}"
+                    "unknown option --opt {other}={text}: ovl understands {MTU}, {VXLANID_LIST} and {ENCRYPTED}"
                 )));
             }
         }
     }
     Ok(out)
+}
+
+/// The one VNI of a `vxlanid_list`. Docker's overlay gives each subnet a
+/// VNI of its own; an ovl network is one VNI for all of its subnets.
+fn vxlan_id(list: &str) -> Result<u32, Refusal> {
+    let ids: Vec<&str> = list.split(',').map(str::trim).collect();
+    let [id] = ids[..] else {
+        return Err(Refusal::new(format!(
+            "--opt {VXLANID_LIST}={list}: an ovl network has one VNI for all of its subnets; give one"
+        )));
+    };
+    id.parse().map_err(|_| {
+        Refusal::new(format!(
+            "--opt {VXLANID_LIST}={list}: {id:?} is not a VNI (a number from 1 to 16777215)"
+        ))
+    })
 }
 
 /// Reads RequestPool's options (`--ipam-opt`): only the mirror marker.
@@ -268,6 +290,7 @@ mod tests {
                 mirror_of: Some("uber-net".into()),
                 internal: false,
                 encrypted: false,
+                vni: None,
             }
         );
     }
@@ -298,6 +321,22 @@ mod tests {
         assert!(network_options(&BTreeMap::new(), &[pool("ovl"), pool("ovl")], &[]).is_ok());
         let e = network_options(&BTreeMap::new(), &[pool("LocalDefault")], &[]).unwrap_err();
         assert!(e.message.contains("--ipam-driver ovl"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_vxlanid_list_names_the_networks_one_vni() {
+        let o = opts(json!({GENERIC: {VXLANID_LIST: "4200"}}));
+        let got = network_options(&o, &[pool("ovl"), pool("ovl")], &[]).unwrap();
+        assert_eq!(got.vni, Some(4200));
+        for (list, needle) in [
+            ("4200,4201", "one VNI for all of its subnets"),
+            ("", "\"\" is not a VNI"),
+            ("x42", "\"x42\" is not a VNI"),
+        ] {
+            let o = opts(json!({GENERIC: {VXLANID_LIST: list}}));
+            let e = network_options(&o, &[pool("ovl")], &[]).unwrap_err();
+            assert!(e.message.contains(needle), "{list:?}: {}", e.message);
+        }
     }
 
     #[test]

@@ -239,7 +239,7 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
     for n in state.networks.values() {
         out.insert(network_key(&n.name), json(n));
         // The VNIs kept from networks merged into it are its too.
-        let merged = n.merged_vnis.iter().map(|m| m.vni);
+        let merged = n.kept_vnis.iter().map(|m| m.vni);
         for vni in std::iter::once(n.vni).chain(merged) {
             out.insert(
                 format!("{VNIS}{vni}"),

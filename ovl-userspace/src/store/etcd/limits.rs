@@ -86,7 +86,7 @@ mod tests {
             encrypted: false,
             aux_addresses: Default::default(),
             docker_pending: None,
-            merged_vnis: Vec::new(),
+            kept_vnis: Vec::new(),
         }
     }
 }
