@@ -353,10 +353,10 @@ async fn register_replacing(
         aliases: req.aliases.clone(),
     };
     // The fallback's claim is read too: the choice between the names is
-    // made on what the store holds, in the same change.
+    // made on what the store holds, in the same change. (Aliases are
+    // shared: nothing to read for them.)
     let names: Vec<String> = std::iter::once(&wanted.name)
         .chain(&req.fallback_name)
-        .chain(&wanted.aliases)
         .cloned()
         .collect();
     let around = Around {

@@ -193,7 +193,7 @@ pub enum ModelError {
     )]
     InvalidEndpointName { name: String, why: &'static str },
     #[error(
-        "name {name:?} is already taken on network {network:?} by {holder} ({ip}); names and aliases are unique per network (ignoring case): pick another --name or --alias"
+        "name {name:?} is already taken on network {network:?} by {holder} ({ip}); names are unique per network (ignoring case; aliases may be shared): pick another --name"
     )]
     NameTaken {
         name: String,
@@ -1097,7 +1097,7 @@ impl State {
         // the endpoint's to take), and put back if refused.
         let reservation = reserved.map(|pos| self.endpoints.remove(pos));
         let mut checked = || {
-            self.check_names_free(&spec.network, None, [name.as_str()])?;
+            self.check_name_free(&spec.network, None, &name)?;
             let ip = self.allocate(&network, spec.ip, spec.subnet)?;
             let mac = spec.mac.unwrap_or_else(|| {
                 reservation
@@ -1224,8 +1224,11 @@ impl State {
     }
 
     /// Gives endpoint `ip` of `network` a new name (if `name` is given) and
-    /// these aliases (replacing its aliases), each a DNS name unique in the
-    /// network. Refused, changing nothing, when one is invalid or taken.
+    /// these aliases (replacing its aliases), each a DNS name: the name one
+    /// no other endpoint of the network is called by, the aliases any
+    /// (several endpoints with one alias share it, as with Docker's
+    /// `--network-alias`: the name resolves to all of them). Refused,
+    /// changing nothing, when one is invalid or the name is taken.
     pub fn set_names(
         &mut self,
         network: &str,
@@ -1247,40 +1250,35 @@ impl State {
             .into_iter()
             .filter(|a| seen.insert(a.to_ascii_lowercase()))
             .collect();
-        self.check_names_free(
-            network,
-            Some(ip),
-            std::iter::once(name.as_str()).chain(aliases.iter().map(String::as_str)),
-        )?;
+        self.check_name_free(network, Some(ip), &name)?;
         let ep = &mut self.endpoints[pos];
         ep.name = name;
         ep.aliases = aliases;
         Ok(ep.clone())
     }
 
-    /// Fails when any of `names` is a name or alias of another endpoint of
-    /// `network` than the one at `except`.
-    fn check_names_free<'a>(
+    /// Fails when `name` is the name of another endpoint of `network` than
+    /// the one at `except` (ignoring case). Names are unique per network;
+    /// aliases are not, and a name may be another endpoint's alias.
+    fn check_name_free(
         &self,
         network: &str,
         except: Option<Ipv4Addr>,
-        names: impl IntoIterator<Item = &'a str>,
+        name: &str,
     ) -> Result<(), ModelError> {
-        for wanted in names {
-            let holder = self
-                .endpoints_of(network)
-                .filter(|e| Some(e.ip) != except)
-                .find(|e| e.names().any(|n| n.eq_ignore_ascii_case(wanted)));
-            if let Some(e) = holder {
-                return Err(ModelError::NameTaken {
-                    name: wanted.to_owned(),
-                    network: network.to_owned(),
-                    holder: e.name.clone(),
-                    ip: e.ip,
-                });
-            }
+        let holder = self
+            .endpoints_of(network)
+            .filter(|e| Some(e.ip) != except)
+            .find(|e| e.name.eq_ignore_ascii_case(name));
+        match holder {
+            Some(e) => Err(ModelError::NameTaken {
+                name: name.to_owned(),
+                network: network.to_owned(),
+                holder: e.name.clone(),
+                ip: e.ip,
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Reserves an address of `network` on `node` for `owner` (the next free
@@ -1387,7 +1385,7 @@ impl State {
             self.check_mac(network, mac, ip)?;
         }
         let name = name.unwrap_or_else(|| format!("static-{ip}"));
-        self.check_names_free(network, None, [name.as_str()])?;
+        self.check_name_free(network, None, &name)?;
         let endpoint = Endpoint {
             network: network.to_owned(),
             name,
@@ -3065,7 +3063,7 @@ mod tests {
     }
 
     #[test]
-    fn names_and_aliases_are_unique_per_network_ignoring_case() {
+    fn names_are_unique_per_network_ignoring_case_and_aliases_are_shared() {
         let mut s = State::default();
         s.create_network(spec("a", None)).unwrap();
         s.create_network(spec("b", Some(7))).unwrap();
@@ -3079,7 +3077,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.endpoints[0].aliases, vec!["www".to_string()]);
         let before = s.clone();
-        for clash in ["web", "Web", "WWW"] {
+        for clash in ["web", "Web"] {
             let err = s
                 .add_container(named("a", "n2", "c2", clash))
                 .expect_err("a taken name must be refused");
@@ -3090,12 +3088,27 @@ mod tests {
             assert!(err.to_string().contains("--name"), "{err}");
         }
         let other = s.add_container(named("a", "n2", "c2", "db")).unwrap();
-        assert!(matches!(
-            s.set_names("a", other.ip, None, vec!["www".into()]),
-            Err(ModelError::NameTaken { .. })
-        ));
+        assert_eq!(
+            s.set_names("a", other.ip, Some("WEB".into()), Vec::new())
+                .unwrap_err(),
+            ModelError::NameTaken {
+                name: "WEB".into(),
+                network: "a".into(),
+                holder: "web".into(),
+                ip: web.ip,
+            }
+        );
         s.remove_container("a", "n2", "c2").unwrap();
         assert_eq!(s, before, "refusals changed nothing");
+        // An alias is shared (Docker's --network-alias), and a name may be
+        // another's alias.
+        let other = s.add_container(named("a", "n2", "c2", "WWW")).unwrap();
+        let third = s.add_container(named("a", "n3", "c3", "db")).unwrap();
+        let third = s
+            .set_names("a", third.ip, None, vec!["www".into(), "Web".into()])
+            .unwrap();
+        assert_eq!(third.aliases, ["www", "Web"]);
+        assert_eq!(other.name, "WWW");
         // Another network has names of its own.
         s.add_container(named("b", "n2", "c3", "web")).unwrap();
     }

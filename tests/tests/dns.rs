@@ -5,6 +5,7 @@
 //! forwards every other name to the host's resolvers.
 
 use std::{
+    collections::BTreeSet,
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -718,6 +719,72 @@ fn malformed_questions_and_floods_never_stop_the_resolver() -> Result<()> {
     u.world.stop()
 }
 
+/// An alias several containers share — Docker's `--network-alias` on
+/// replicas, the service name Compose gives each of them — resolves to
+/// every one of them, across hosts, first in turns (DNS round robin, as
+/// Docker's resolver answers), and a name that is another's alias to both;
+/// each goes with its container. Before: the second `--alias svc` was
+/// refused ("already taken").
+#[test]
+fn an_alias_containers_share_resolves_to_all_of_them_in_turns() -> Result<()> {
+    let lab = Lab::new("dns-rr")?;
+    let u = Uber::start(&lab, &[])?;
+    let world = &u.world;
+    let client = &u.client.0;
+    let (r1, ip1) = named(&lab, world, 0, NETWORK, "replica1", &["--alias", "svc"])?;
+    let (_r2, ip2) = named(
+        &lab,
+        world,
+        1,
+        NETWORK,
+        "replica2",
+        &["--alias", "svc", "--alias", "www"],
+    )?;
+    let (_r3, ip3) = named(&lab, world, 1, NETWORK, "svc", &[])?;
+    let sorted = |ips: &[Ipv4Addr]| -> Vec<String> {
+        let mut v: Vec<Ipv4Addr> = ips.to_vec();
+        v.sort();
+        v.iter().map(Ipv4Addr::to_string).collect()
+    };
+    let answers = |name: &str| -> Result<Vec<String>> {
+        let d = dig(client, name, &[])?;
+        ensure!(d.status == "NOERROR", "{name}: {}", d.output);
+        Ok(d.answers)
+    };
+    let all = sorted(&[ip1, ip2, ip3]);
+    wait_until(Duration::from_secs(10), || {
+        let mut got = answers("svc")?;
+        got.sort();
+        Ok(got == all)
+    })
+    .with_context(|| format!("svc never resolved to {all:?}"))?;
+    let mut firsts = BTreeSet::new();
+    for _ in 0..40 {
+        let got = answers("svc")?;
+        let mut set = got.clone();
+        set.sort();
+        ensure!(set == all, "svc: {got:?}, want {all:?}");
+        firsts.insert(got[0].clone());
+    }
+    ensure!(
+        firsts.len() == 3,
+        "40 answers put only {firsts:?} first, of {all:?}"
+    );
+    let mut www = answers("www")?;
+    www.sort();
+    ensure!(www == sorted(&[u.web.1, ip2]), "www: {www:?}");
+
+    world.run(0, &["disconnect", NETWORK, r1.name()])?;
+    let rest = sorted(&[ip2, ip3]);
+    wait_until(Duration::from_secs(5), || {
+        let mut got = answers("svc")?;
+        got.sort();
+        Ok(got == rest)
+    })
+    .with_context(|| format!("svc did not lose replica1: want {rest:?}"))?;
+    u.world.stop()
+}
+
 #[test]
 fn names_are_unique_per_network_and_clashes_are_refused_clearly() -> Result<()> {
     let lab = Lab::new("dns-clash")?;
@@ -733,7 +800,6 @@ fn names_are_unique_per_network_and_clashes_are_refused_clearly() -> Result<()> 
     let c = lab.container("clash")?;
     for (args, says) in [
         (&["--name", "WEB"][..], "already taken"),
-        (&["--name", "other", "--alias", "www"], "already taken"),
         (&["--name", "bad name"], "invalid endpoint name"),
         (&["--name", "x", "--alias=-x"], "invalid endpoint name"),
     ] {
@@ -769,9 +835,12 @@ fn names_are_unique_per_network_and_clashes_are_refused_clearly() -> Result<()> 
             "web2",
             "--alias",
             "www2",
+            "--alias",
+            "www",
         ],
     )?;
-    ensure!(out.contains("names: web2, www2"), "{out}");
+    // An alias is no clash: web's `www` is shared.
+    ensure!(out.contains("names: web2, www2, www"), "{out}");
     let conf = format!("/etc/netns/{}/resolv.conf", c.name());
     let text = std::fs::read_to_string(&conf).with_context(|| conf.clone())?;
     ensure!(text.contains("nameserver 127.0.0.11"), "{text}");

@@ -5,9 +5,11 @@
 //! Names are unique per ovl network across hosts, while runtimes make them
 //! unique per daemon (Docker, podman) or per namespace (Kubernetes) only:
 //! two `db` containers on two hosts, or `postgres-0` in two namespaces,
-//! ask for one name. The second keeps what it can have — its other names,
-//! and its short container or endpoint ID as its name — rather than not
-//! being attached at all.
+//! ask for one name. The second keeps what it can have — its aliases, and
+//! its short container or endpoint ID as its name — rather than not being
+//! attached at all. Aliases are shared, as Docker's `--network-alias`es
+//! are (Compose gives every replica of a service the service's name as an
+//! alias): an alias several endpoints have resolves to all of them.
 
 use crate::model::{Endpoint, State, validate_endpoint_name};
 
@@ -38,9 +40,10 @@ impl Naming {
 }
 
 /// The names an endpoint of `network` gets of `wanted`, by `state`: every
-/// one that is a valid DNS name and no other endpoint of the network holds
-/// (`own`: the endpoint itself once registered, or the reservation it
-/// takes over; its names are no clash). When its name is refused it is
+/// alias that is a valid DNS name, and its name if valid and no other
+/// endpoint of the network is called so (`own`: the endpoint itself once
+/// registered, or the reservation it takes over, is no clash; another's
+/// alias is none either: the name then resolves to both). When its name is refused it is
 /// called `fallback` (its short container or endpoint ID); when another
 /// holds even that, it keeps `own`'s name, and without `own` it is still
 /// called `fallback`, which the model then refuses naming the holder.
@@ -62,7 +65,7 @@ pub fn choose(
         let holder = state
             .endpoints_of(network)
             .filter(|e| own.is_none_or(|o| e.ip != o.ip))
-            .find(|e| e.names().any(|n| n.eq_ignore_ascii_case(name)));
+            .find(|e| e.name.eq_ignore_ascii_case(name));
         match holder {
             Some(h) => {
                 if say {
@@ -90,7 +93,14 @@ pub fn choose(
     let aliases = wanted
         .aliases
         .iter()
-        .filter(|a| !a.eq_ignore_ascii_case(&name) && usable(a, true))
+        .filter(|a| !a.eq_ignore_ascii_case(&name))
+        .filter(|a| match validate_endpoint_name(a) {
+            Ok(()) => true,
+            Err(e) => {
+                refused.push(e.to_string());
+                false
+            }
+        })
         .cloned()
         .collect();
     Naming {
@@ -133,7 +143,7 @@ mod tests {
     }
 
     #[test]
-    fn an_endpoint_gets_every_name_no_other_holds() {
+    fn an_endpoint_gets_its_aliases_and_the_name_no_other_is_called() {
         let mut s = network();
         let mine = attach(&mut s, "a", "/run/docker/netns/1", "e1aaaaaaaaaa");
         let want = wanted("web", &["www", "api", "bad name"]);
@@ -143,18 +153,23 @@ mod tests {
         assert_eq!(n.refused.len(), 1, "{n:?}");
         assert!(n.refused[0].contains("bad name"), "{n:?}");
 
-        // `web` and `api` belong to a container on node b: what is left.
+        // A container on node b is called `web` and has alias `api`: the
+        // name is its, the alias is shared.
         let theirs = attach(&mut s, "b", "/run/docker/netns/2", "WEB");
         s.set_names(NET, theirs.ip, None, vec!["api".into()])
             .unwrap();
         let n = choose(&s, NET, Some(&mine), &want, "e1aaaaaaaaaa");
         assert_eq!(n.name, "e1aaaaaaaaaa", "its fallback");
-        assert_eq!(n.aliases, ["www"]);
-        assert_eq!(n.refused.len(), 3, "{n:?}");
+        assert_eq!(n.aliases, ["www", "api"]);
+        assert_eq!(n.refused.len(), 2, "{n:?}");
         assert!(
             n.refused[0].contains("web is held by endpoint WEB (198.18.0.3 on node b)"),
             "{n:?}"
         );
+        // Another's alias is no clash for a name either.
+        let n = choose(&s, NET, Some(&mine), &wanted("api", &[]), "e1aaaaaaaaaa");
+        assert_eq!(n.name, "api", "{n:?}");
+        assert!(n.refused.is_empty(), "{n:?}");
         // Its own names are not a clash with itself.
         let named = s
             .set_names(
@@ -166,7 +181,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             choose(&s, NET, Some(&named), &want, "e1aaaaaaaaaa").aliases,
-            ["www"]
+            ["www", "api"]
         );
         // Its fallback held by another as well: it keeps the name it has.
         attach(&mut s, "b", "/run/docker/netns/3", "e9cccccccccc");

@@ -35,8 +35,9 @@ pub const RECORD_TTL: u32 = 1;
 struct NetworkRecords {
     /// The network's subnets (reverse names of their addresses are ours).
     subnets: Vec<Subnet>,
-    /// Lower-case name or alias → addresses (more than one only when a
-    /// store written before names were unique holds a name twice).
+    /// Lower-case name or alias → addresses, in address order: several
+    /// when endpoints share an alias, or one's name is another's alias
+    /// (the server answers them in turns).
     by_name: HashMap<String, Vec<Ipv4Addr>>,
     /// Address → the endpoint's name as registered.
     by_ip: HashMap<Ipv4Addr, String>,
@@ -53,8 +54,7 @@ impl NetworkRecords {
             let ips = self.by_name.entry(name.to_ascii_lowercase()).or_default();
             if !ips.contains(&ep.ip) {
                 ips.push(ep.ip);
-                // One name held twice (a store from before names were
-                // unique): its addresses in a fixed order.
+                // A shared alias: its addresses in a fixed order.
                 ips.sort();
             }
         }

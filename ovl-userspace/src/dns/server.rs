@@ -37,6 +37,22 @@ use super::{
     upstream::{Question, Upstreams},
 };
 
+/// Rotates the addresses of a name several endpoints share (an alias, as
+/// Docker's `--network-alias` on several containers) by a random number
+/// of places: each comes first as often as the others, so clients that
+/// take the first spread over them (DNS round robin, as Docker's resolver
+/// does it).
+fn take_turns(answers: &mut [Record]) {
+    if answers.len() < 2 {
+        return;
+    }
+    let mut bytes = [0u8; 4];
+    if crate::random::fill(&mut bytes).is_ok() {
+        let turn = u32::from_ne_bytes(bytes) as usize % answers.len();
+        answers.rotate_left(turn);
+    }
+}
+
 /// Bounds that keep one container from starving the others.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -302,8 +318,9 @@ async fn take(
         Some(Resolution::Local {
             network,
             code,
-            answers,
+            mut answers,
         }) => {
+            take_turns(&mut answers);
             let mut metadata = Metadata::response_from_request(&request.metadata);
             metadata.response_code = code;
             metadata.authoritative = true;
@@ -437,6 +454,30 @@ mod tests {
     };
 
     const WEB: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+
+    #[test]
+    fn a_shared_names_addresses_take_turns_in_their_order() {
+        let name = Name::from_str("svc.").unwrap();
+        let ips: Vec<Ipv4Addr> = (2..5).map(|d| Ipv4Addr::new(198, 18, 0, d)).collect();
+        let records: Vec<Record> = ips
+            .iter()
+            .map(|ip| Record::from_rdata(name.clone(), 1, RData::A(A(*ip))))
+            .collect();
+        let mut first = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            let mut answers = records.clone();
+            take_turns(&mut answers);
+            let turn = records.iter().position(|r| *r == answers[0]).unwrap();
+            let mut expected = records.clone();
+            expected.rotate_left(turn);
+            assert_eq!(answers, expected, "a rotation, nothing lost");
+            first.insert(turn);
+        }
+        assert_eq!(first.len(), 3, "every address comes first");
+        let mut one = records[..1].to_vec();
+        take_turns(&mut one);
+        assert_eq!(one, records[..1]);
+    }
 
     fn records() -> Records {
         let mut s = State::default();

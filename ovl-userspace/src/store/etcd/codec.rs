@@ -35,8 +35,10 @@ pub const RELEASED: &str = "/ovl/released/";
 pub const NODES: &str = "/ovl/nodes/";
 pub const ALIVE: &str = "/ovl/alive/";
 pub const CONFLICTS: &str = "/ovl/conflicts/";
-/// Claims of a network's endpoint names, one key per name: what makes names
-/// unique across racing writers without every change of a network
+/// Claims of a network's endpoint names, one key per name (aliases are
+/// shared and have none; an older ovl claimed them too, and such a claim
+/// is taken over by the first endpoint called by that name): what makes
+/// names unique across racing writers without every change of a network
 /// colliding with every other (derived from the endpoints, never decoded).
 pub const NAMES: &str = "/ovl/names/";
 /// Claims of a container's attachment to a network, one key per (node,
@@ -150,11 +152,11 @@ pub fn ports_prefix(node: &str, p: &PublishedPort) -> String {
     format!("{PORTS}{node}/{}/{}/", p.protocol, p.host_port)
 }
 
-/// The claims endpoint `e` holds (when it is the first to hold them): one
-/// per name, its attachment if it is a container's, and its published
-/// ports.
+/// The claims endpoint `e` holds (when it is the first to hold them): its
+/// name (aliases are shared, and claimed by none), its attachment if it is
+/// a container's, and its published ports.
 pub fn claims_of(e: &Endpoint) -> Vec<String> {
-    let mut out: Vec<String> = e.names().map(|n| name_key(&e.network, n)).collect();
+    let mut out = vec![name_key(&e.network, &e.name)];
     if let Location::Container { node, netns, .. } = &e.location {
         out.push(attachment_key(&e.network, node, netns));
         out.extend(e.ports.iter().map(|p| port_key(node, p)));
@@ -253,10 +255,8 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
         out.insert(endpoint_key(&e.network, e.ip), json(e));
         // A name two endpoints hold (written before names were checked)
         // stays claimed by the first.
-        for name in e.names() {
-            out.entry(name_key(&e.network, name))
-                .or_insert_with(|| claim_value(e.ip));
-        }
+        out.entry(name_key(&e.network, &e.name))
+            .or_insert_with(|| claim_value(e.ip));
         if let Location::Container { node, netns, .. } = &e.location {
             out.entry(attachment_key(&e.network, node, netns))
                 .or_insert_with(|| claim_value(e.ip));
