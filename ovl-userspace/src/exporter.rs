@@ -203,7 +203,7 @@ pub fn render(view: &View) -> Result<String> {
         &reg,
         IntGauge::new(
             "ovl_address_conflicts",
-            "Local endpoints whose address another endpoint took while this node was away; they cannot be reached until reconnected.",
+            "Local endpoints whose address (or the MAC they were given) another endpoint took while this node was away; they cannot be reached until reconnected.",
         )?,
     )?;
     let info = gauge(

@@ -645,6 +645,14 @@ impl Endpoint {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.name.as_str()).chain(self.aliases.iter().map(String::as_str))
     }
+
+    /// Its MAC, when it was given one (`connect --mac`, `endpoint add
+    /// --mac`) rather than the one ovl derives from its address: only
+    /// such a MAC can be another endpoint's too ([`State::check_mac`]
+    /// keeps given ones out of the derived block).
+    pub fn given_mac(&self) -> Option<MacAddr> {
+        (self.mac != MacAddr::for_ipv4(self.ip)).then_some(self.mac)
+    }
 }
 
 /// An ovl node: a host whose agent is this VTEP.
@@ -1494,14 +1502,15 @@ impl State {
     }
 
     /// Puts back an endpoint that was freed while its node was cut off, if
-    /// its network still exists and its address is still free; returns
-    /// whether it was restored.
+    /// its network still exists and its address and MAC are still free;
+    /// returns whether it was restored.
     pub fn restore_endpoint(&mut self, ep: &Endpoint) -> bool {
         let free = self.networks.contains_key(&ep.network)
             && !self
                 .endpoints
                 .iter()
-                .any(|e| e.network == ep.network && e.ip == ep.ip);
+                .any(|e| e.network == ep.network && e.ip == ep.ip)
+            && self.mac_holder(ep).is_none();
         if free {
             self.forget_release(&ep.network, ep.ip);
             self.endpoints.push(ep.clone());
@@ -1509,9 +1518,18 @@ impl State {
         free
     }
 
+    /// The endpoint of `ep`'s network at another address that has `ep`'s
+    /// MAC, if any.
+    fn mac_holder(&self, ep: &Endpoint) -> Option<&Endpoint> {
+        self.endpoints
+            .iter()
+            .find(|e| e.network == ep.network && e.mac == ep.mac && e.ip != ep.ip)
+    }
+
     /// Puts back `node`'s endpoints `wanted` that the store lost, where
     /// their address is still free (held back or not: the grace exists for
-    /// this), and records the addresses taken meanwhile under the node
+    /// this) and no other endpoint of the network took their MAC, and
+    /// records the addresses and MACs taken meanwhile under the node
     /// (replacing what its previous attempt recorded).
     pub fn restore_endpoints(&mut self, node: &str, wanted: &[Endpoint]) -> RestoreOutcome {
         let mut out = RestoreOutcome::default();
@@ -1520,8 +1538,9 @@ impl State {
                 .endpoints
                 .iter()
                 .find(|e| e.network == ep.network && e.ip == ep.ip);
+            let mac_holder = self.mac_holder(ep);
             let network = self.networks.get(&ep.network);
-            match crate::release::judge(ep, holder, network, self.clock.now_ms) {
+            match crate::release::judge(ep, holder, mac_holder, network, self.clock.now_ms) {
                 Verdict::Present => out.present += 1,
                 Verdict::Restore => {
                     self.forget_release(&ep.network, ep.ip);
@@ -3335,6 +3354,59 @@ mod tests {
         s.clock = at(400);
         let healed = s.restore_endpoints("n1", &mine);
         assert_eq!(healed.restored, vec![mine[1].clone()]);
+        assert!(!s.conflicts.contains_key("n1"));
+    }
+
+    #[test]
+    fn restoring_leaves_out_an_endpoint_whose_own_mac_another_took_and_records_it() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.clock = at(100);
+        let mac: MacAddr = "0a:00:5e:00:00:07".parse().unwrap();
+        let mine = s
+            .add_container(ContainerSpec {
+                mac: Some(mac),
+                ..container("a", "n1", "c1")
+            })
+            .unwrap();
+        let plain = s.add_container(container("a", "n1", "c2")).unwrap();
+        assert_eq!((mine.given_mac(), plain.given_mac()), (Some(mac), None));
+        s.remove_node("n1").unwrap();
+        // While n1 is away, a container of n2 is given its MAC (its
+        // address is held back, the MAC is free).
+        let thief = s
+            .add_container(ContainerSpec {
+                mac: Some(mac),
+                ..container("a", "n2", "thief")
+            })
+            .unwrap();
+        assert_ne!(thief.ip, mine.ip);
+        let out = s.restore_endpoints("n1", &[mine.clone(), plain.clone()]);
+        assert_eq!(out.restored, vec![plain.clone()]);
+        assert_eq!(out.conflicts.len(), 1);
+        let c = &out.conflicts[0];
+        assert_eq!(
+            (
+                c.ip,
+                c.holder_name.as_str(),
+                c.mac.map(|m| (m.mac, m.holder_ip))
+            ),
+            (mine.ip, "thief", Some((mac, thief.ip)))
+        );
+        assert_eq!(s.conflicts["n1"], out.conflicts);
+        let holders: Vec<&str> = s
+            .endpoints
+            .iter()
+            .filter(|e| e.mac == mac)
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(holders, ["thief"], "one endpoint has the MAC");
+        // One at a time, as the etcd store's own writers do, too.
+        assert!(!s.restore_endpoint(&mine));
+        // Once the thief is gone, the endpoint comes back with its MAC.
+        s.remove_container("a", "n2", "thief").unwrap();
+        let healed = s.restore_endpoints("n1", &[mine.clone(), plain]);
+        assert_eq!((healed.restored, healed.present), (vec![mine], 1));
         assert!(!s.conflicts.contains_key("n1"));
     }
 

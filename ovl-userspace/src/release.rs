@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Endpoint, Location, Network, host_ifname as host_ifname_for};
+use crate::model::{Endpoint, Location, MacAddr, Network, host_ifname as host_ifname_for};
 
 /// How long a freed address is held back by default: longer than any
 /// sensible liveness lease (default 10 s), so a node that was cut off for
@@ -71,9 +71,10 @@ impl GraceClock {
     }
 }
 
-/// A node came back and found one of its addresses held by another
-/// endpoint: the newer owner keeps it, the node's container is cut off
-/// until it is reconnected.
+/// A node came back and found one of its addresses — or, with its
+/// address free, the MAC its endpoint was given (`connect --mac`) — held
+/// by another endpoint of the network: the newer owner keeps it, the
+/// node's container is cut off until it is reconnected.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddressConflict {
     pub network: String,
@@ -81,11 +82,33 @@ pub struct AddressConflict {
     /// The returning node's endpoint that lost the address.
     pub name: String,
     pub netns: String,
-    /// Who holds the address now.
+    /// Who holds the address (or the MAC) now.
     pub holder_name: String,
     pub holder: Location,
     /// When the conflict was found (ms since the Unix epoch).
     pub at_ms: u64,
+    /// Set when it is the endpoint's MAC, not its address, that the
+    /// holder has (absent in records of address conflicts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<HeldMac>,
+}
+
+/// The MAC of a [`AddressConflict`] over a MAC, and where its holder is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldMac {
+    pub mac: MacAddr,
+    /// The holder's address (the returning endpoint's is free).
+    pub holder_ip: Ipv4Addr,
+}
+
+impl AddressConflict {
+    /// What the returning endpoint lost: "address" or "MAC".
+    pub fn what(&self) -> &'static str {
+        match self.mac {
+            Some(_) => "MAC",
+            None => "address",
+        }
+    }
 }
 
 impl std::fmt::Display for AddressConflict {
@@ -99,11 +122,18 @@ impl std::fmt::Display for AddressConflict {
                 format!("{} (reserved by Docker on {node})", self.holder_name)
             }
         };
-        write!(
-            f,
-            "{}/{} of {} ({}) is held by {holder}",
-            self.network, self.ip, self.name, self.netns
-        )
+        match &self.mac {
+            None => write!(
+                f,
+                "{}/{} of {} ({}) is held by {holder}",
+                self.network, self.ip, self.name, self.netns
+            ),
+            Some(m) => write!(
+                f,
+                "MAC {} of {}/{} {} ({}) is held by {holder} at {}: {} was not put back; reconnect it with another MAC or none, or free the MAC by disconnecting its holder",
+                m.mac, self.network, self.ip, self.name, self.netns, m.holder_ip, self.name
+            ),
+        }
     }
 }
 
@@ -156,26 +186,28 @@ pub enum Verdict {
     /// its namespace deleted) and the address handed on while no agent
     /// watched. Nothing to put back, and nobody lost anything.
     Superseded,
-    /// Another endpoint holds its address.
+    /// Another endpoint holds its address, or its MAC.
     Conflict(AddressConflict),
 }
 
-/// Judges `wanted` against what holds its address now (`holder`) and its
-/// network as it is now (`network`, none if removed).
+/// Judges `wanted` against what holds its address now (`holder`), the
+/// endpoint of its network at another address that has its MAC now
+/// (`mac_holder`), and its network as it is now (`network`, none if
+/// removed). Two endpoints of one network with one MAC would each take
+/// the other's frames: a MAC taken meanwhile is a conflict like an
+/// address.
 pub fn judge(
     wanted: &Endpoint,
     holder: Option<&Endpoint>,
+    mac_holder: Option<&Endpoint>,
     network: Option<&Network>,
     now_ms: u64,
 ) -> Verdict {
     if !network.is_some_and(|n| fits(wanted, n)) {
         return Verdict::NetworkGone;
     }
-    match holder {
-        None => Verdict::Restore,
-        Some(h) if h.location == wanted.location => Verdict::Present,
-        Some(h) if same_veth(h, wanted) => Verdict::Superseded,
-        Some(h) => Verdict::Conflict(AddressConflict {
+    let conflict = |h: &Endpoint, mac: Option<HeldMac>| {
+        Verdict::Conflict(AddressConflict {
             network: wanted.network.clone(),
             ip: wanted.ip,
             name: wanted.name.clone(),
@@ -186,7 +218,48 @@ pub fn judge(
             holder_name: h.name.clone(),
             holder: h.location.clone(),
             at_ms: now_ms,
-        }),
+            mac,
+        })
+    };
+    match (holder, mac_holder) {
+        (Some(h), _) if h.location == wanted.location => Verdict::Present,
+        (Some(h), _) if same_veth(h, wanted) => Verdict::Superseded,
+        (Some(h), _) => conflict(h, None),
+        (None, Some(h)) if h.mac == wanted.mac && h.ip != wanted.ip => {
+            if same_container(h, wanted) {
+                // The container itself was connected anew at another
+                // address, keeping its MAC, while no agent watched.
+                Verdict::Superseded
+            } else {
+                conflict(
+                    h,
+                    Some(HeldMac {
+                        mac: wanted.mac,
+                        holder_ip: h.ip,
+                    }),
+                )
+            }
+        }
+        (None, _) => Verdict::Restore,
+    }
+}
+
+/// Both are the endpoints of one container namespace on one node.
+fn same_container(a: &Endpoint, b: &Endpoint) -> bool {
+    match (&a.location, &b.location) {
+        (
+            Location::Container {
+                node: n1,
+                netns: s1,
+                ..
+            },
+            Location::Container {
+                node: n2,
+                netns: s2,
+                ..
+            },
+        ) => n1 == n2 && s1 == s2,
+        _ => false,
     }
 }
 
@@ -259,9 +332,9 @@ mod tests {
         let mine = ep("a", "c1");
         let net = network(4096, "198.18.0.0/24");
         let net = Some(&net);
-        assert_eq!(judge(&mine, None, net, 1), Verdict::Restore);
-        assert_eq!(judge(&mine, Some(&mine), net, 1), Verdict::Present);
-        assert_eq!(judge(&mine, None, None, 1), Verdict::NetworkGone);
+        assert_eq!(judge(&mine, None, None, net, 1), Verdict::Restore);
+        assert_eq!(judge(&mine, Some(&mine), None, net, 1), Verdict::Present);
+        assert_eq!(judge(&mine, None, None, None, 1), Verdict::NetworkGone);
         // Removed and created again under its name: another subnet, or
         // another VNI (its veth named for the old one) is another network.
         for again in [
@@ -269,7 +342,7 @@ mod tests {
             network(4097, "198.18.0.0/24"),
         ] {
             assert_eq!(
-                judge(&mine, None, Some(&again), 1),
+                judge(&mine, None, None, Some(&again), 1),
                 Verdict::NetworkGone,
                 "{again:?}"
             );
@@ -277,10 +350,10 @@ mod tests {
         // A newer container of the same node at that address has the
         // veth now: the wanted one was disconnected, nothing is lost.
         assert_eq!(
-            judge(&mine, Some(&ep("a", "c2")), net, 1),
+            judge(&mine, Some(&ep("a", "c2")), None, net, 1),
             Verdict::Superseded
         );
-        let Verdict::Conflict(c) = judge(&mine, Some(&ep("b", "c9")), net, 7) else {
+        let Verdict::Conflict(c) = judge(&mine, Some(&ep("b", "c9")), None, net, 7) else {
             panic!("a foreign holder is a conflict");
         };
         assert_eq!(
@@ -288,5 +361,59 @@ mod tests {
             ("c1", "c9", 7)
         );
         assert!(c.to_string().contains("held by c9 (c9 on b)"), "{c}");
+    }
+
+    #[test]
+    fn a_returning_endpoint_whose_own_mac_another_took_is_a_conflict_naming_the_mac() {
+        let net = network(4096, "198.18.0.0/24");
+        let net = Some(&net);
+        let mac: MacAddr = "0a:00:5e:00:00:07".parse().unwrap();
+        let mine = Endpoint {
+            mac,
+            ..ep("a", "c1")
+        };
+        // Another container of the network, at another address, has it.
+        let mut thief = ep("b", "c9");
+        thief.ip = Ipv4Addr::new(198, 18, 0, 9);
+        thief.mac = mac;
+        let Verdict::Conflict(c) = judge(&mine, None, Some(&thief), net, 7) else {
+            panic!("a MAC another endpoint has is a conflict");
+        };
+        assert_eq!(
+            c.mac,
+            Some(HeldMac {
+                mac,
+                holder_ip: thief.ip
+            })
+        );
+        assert_eq!((c.what(), c.holder_name.as_str()), ("MAC", "c9"));
+        let text = c.to_string();
+        for needle in [
+            "MAC 0a:00:5e:00:00:07 of n/198.18.0.5 c1 (c1)",
+            "held by c9 (c9 on b) at 198.18.0.9",
+            "reconnect it with another MAC or none",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+        }
+        // An address conflict says nothing of MACs.
+        let Verdict::Conflict(c) = judge(&mine, Some(&thief), Some(&thief), net, 7) else {
+            panic!("a held address is a conflict");
+        };
+        assert_eq!((c.mac, c.what()), (None, "address"));
+        // The same container, connected anew at another address with its
+        // MAC while no agent watched, supersedes it.
+        let mut again = mine.clone();
+        again.ip = thief.ip;
+        assert_eq!(
+            judge(&mine, None, Some(&again), net, 7),
+            Verdict::Superseded
+        );
+        // A holder of another MAC (or none) leaves it free.
+        thief.mac = MacAddr::for_ipv4(thief.ip);
+        assert_eq!(judge(&mine, None, Some(&thief), net, 7), Verdict::Restore);
+        // A conflict recorded before MACs were judged still reads.
+        let old = r#"{"network":"n","ip":"198.18.0.5","name":"c1","netns":"c1","holder_name":"c9","holder":{"kind":"static","vtep":"192.0.2.9"},"at_ms":7}"#;
+        let c: AddressConflict = serde_json::from_str(old).unwrap();
+        assert_eq!(c.mac, None);
     }
 }

@@ -253,7 +253,8 @@ fn host_link_exists(e: &Endpoint) -> bool {
 /// freed them while the node was cut off or its agent down), where the
 /// container's veth still exists and the address is still free. The store
 /// decides in batched transactions against what it holds now, and records
-/// addresses taken meanwhile as conflicts under the node (`ovl node ls`);
+/// addresses (and MACs given with `--mac`) taken meanwhile as conflicts
+/// under the node (`ovl node ls`);
 /// they are logged loudly and counted. Returns how many conflicts there are.
 pub async fn restore_endpoints(store: &Store, node: &str, memory: &Memory) -> Option<usize> {
     let candidates: Vec<Endpoint> = memory
@@ -275,7 +276,8 @@ pub async fn restore_endpoints(store: &Store, node: &str, memory: &Memory) -> Op
             }
             for c in &out.conflicts {
                 log::error!(
-                    "address conflict: {c}; this node's container keeps its interface but cannot be reached until it is reconnected (the newer owner is left alone)"
+                    "{} conflict: {c}; this node's container keeps its interface but cannot be reached until it is reconnected (the newer owner is left alone)",
+                    c.what()
                 );
             }
             for (e, port) in &out.unpublished {

@@ -40,8 +40,8 @@ pub struct Live {
     pub mode: String,
     /// Local endpoints collected because their container was gone.
     pub collected_endpoints: u64,
-    /// Local endpoints whose address another endpoint took while this node
-    /// was away (as of the last restore).
+    /// Local endpoints whose address (or given MAC) another endpoint took
+    /// while this node was away (as of the last restore).
     pub address_conflicts: u64,
     /// The underlay's address since it changed under the running agent
     /// (none: still [`Identity::vtep`]).

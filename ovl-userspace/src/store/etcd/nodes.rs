@@ -257,7 +257,8 @@ impl EtcdStore {
                         .map_err(|e| log::error!("{e}"))
                         .ok()
                 });
-                let verdict = judge(e, holder.as_ref(), network.as_ref(), now);
+                // (MACs are judged here once the store claims them.)
+                let verdict = judge(e, holder.as_ref(), None, network.as_ref(), now);
                 let mut e = (*e).clone();
                 if verdict == Verdict::Restore {
                     // Its published ports, unless another endpoint of the
