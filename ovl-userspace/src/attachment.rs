@@ -368,7 +368,9 @@ async fn register_replacing(
         ports: &req.ports,
     };
     // A MAC asked for must be no other endpoint's of the network
-    // (State::check_mac): only the whole network's records show their MACs.
+    // (State::check_mac): only the whole network's records show their MACs
+    // (an older ovl's endpoints hold theirs without a claim). Its claim,
+    // written with the endpoint, makes racers for the MAC collide.
     let scope = match req.mac {
         Some(_) => Scope::Network(&req.network),
         None => Scope::Endpoint(around),

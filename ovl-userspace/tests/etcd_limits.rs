@@ -717,3 +717,294 @@ fn a_read_of_one_network_counts_the_endpoints_of_the_others_for_the_capacity_che
         Ok(())
     })
 }
+
+/// Rounds of the MAC race: each gives one MAC to two containers at once.
+const MAC_RACES: usize = 40;
+
+/// The `i`th MAC a test gives (outside ovl's 02:42 block).
+fn given_mac(i: usize) -> MacAddr {
+    let [_, _, hi, lo] = u32::try_from(i).unwrap_or(u32::MAX).to_be_bytes();
+    MacAddr([0x0a, 0, 0x5e, 0, hi, lo])
+}
+
+/// The endpoints of `network` the store holds with `mac`.
+async fn holders_of(store: &Store, network: &str, mac: MacAddr) -> Result<Vec<Endpoint>> {
+    Ok(store
+        .load()
+        .await?
+        .endpoints
+        .into_iter()
+        .filter(|e| e.network == network && e.mac == mac)
+        .collect())
+}
+
+/// The claim of `mac` on `network` as etcd holds it (its value), if any.
+async fn mac_claim(etcd: &Etcd, network: &str, mac: MacAddr) -> Result<Option<String>> {
+    let mut raw =
+        etcd_client::Client::connect([format!("http://{}", etcd.endpoint())], None).await?;
+    let got = raw.get(format!("/ovl/macs/{network}/{mac}"), None).await?;
+    Ok(got
+        .kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+}
+
+/// Two hosts (two connections to etcd, as two `ovl connect` on two
+/// machines have) connect a container each with one MAC at the same
+/// moment, round after round: both read the network before either
+/// commits. Exactly one gets the MAC; the other is refused naming it and
+/// changes nothing.
+#[test]
+fn of_two_connects_giving_one_mac_at_once_exactly_one_wins_every_time() -> Result<()> {
+    let (_lab, ns, etcd) = etcd("st-mac-race")?;
+    let url = etcd.url();
+    let etcd = &etcd;
+    inside(&ns, async || {
+        let host_a = Store::open(&url).await?;
+        let host_b = Store::open(&url).await?;
+        create_network(&host_a, "n", "198.18.0.0/22").await?;
+        let racer = |node: &str, netns: String, mac| Request {
+            node: node.into(),
+            mac: Some(mac),
+            ..request("n", &netns, None, None)
+        };
+        for round in 0..MAC_RACES {
+            let mac = given_mac(round);
+            // Each at an address of its own (as `--ip` gives, or another
+            // subnet): they collide on nothing but the MAC.
+            let at = |subnet: u8| Some(Ipv4Addr::new(198, 18, subnet, 10 + round as u8));
+            let (a, b) = (
+                Request {
+                    ip: at(1),
+                    ..racer("a", format!("a{round}"), mac)
+                },
+                Request {
+                    ip: at(2),
+                    ..racer("b", format!("b{round}"), mac)
+                },
+            );
+            let (on_a, on_b) = tokio::join!(
+                attachment::register(&host_a, &a),
+                attachment::register(&host_b, &b)
+            );
+            let (won, lost) = match (on_a, on_b) {
+                (Ok((e, _, _)), Err(err)) | (Err(err), Ok((e, _, _))) => (e, err),
+                (Ok((x, _, _)), Ok((y, _, _))) => bail!(
+                    "round {round}: both got {mac}: {} at {} and {} at {}",
+                    x.name,
+                    x.ip,
+                    y.name,
+                    y.ip
+                ),
+                (Err(x), Err(y)) => bail!("round {round}: both refused: {x}; {y}"),
+            };
+            ensure!(
+                matches!(&lost, StoreError::Rejected(ModelError::MacTaken { mac: m, holder, .. })
+                    if *m == mac && *holder == won.name),
+                "round {round}: the loser was refused with {lost}"
+            );
+            let text = lost.to_string();
+            ensure!(
+                text.contains(&mac.to_string()) && text.contains("give another MAC"),
+                "{text}"
+            );
+            let holders = holders_of(&host_a, "n", mac).await?;
+            ensure!(
+                holders.len() == 1 && holders[0].ip == won.ip,
+                "round {round}: {mac} held by {holders:?}"
+            );
+        }
+        // The losers changed nothing: one endpoint per round.
+        let state = host_b.load().await?;
+        ensure!(
+            state.endpoints.len() == MAC_RACES,
+            "{} endpoints",
+            state.endpoints.len()
+        );
+
+        // A claim goes with its endpoint — disconnect, endpoint rm, node
+        // removal, network removal — and the MAC is free again at once.
+        let mac = given_mac(0);
+        let holder = holders_of(&host_a, "n", mac).await?.remove(0);
+        let Location::Container { node, netns, .. } = &holder.location else {
+            bail!("{holder:?} is no container");
+        };
+        attachment::unregister(&host_a, node, "n", netns).await?;
+        ensure!(
+            mac_claim(etcd, "n", mac).await?.is_none(),
+            "disconnect left the claim"
+        );
+        let vtep = Ipv4Addr::new(203, 0, 113, 50);
+        let ip = Ipv4Addr::new(198, 18, 3, 5);
+        host_a
+            .update_with(Scope::Network("n"), |s| {
+                s.add_static("n", ip, Some(mac), vtep, None)
+            })
+            .await?;
+        ensure!(
+            mac_claim(etcd, "n", mac).await?.is_some(),
+            "endpoint add claimed nothing"
+        );
+        let taken = attachment::register(&host_b, &racer("b", "late".into(), mac))
+            .await
+            .unwrap_err();
+        ensure!(
+            matches!(&taken, StoreError::Rejected(ModelError::MacTaken { ip: at, .. }) if *at == ip),
+            "{taken}"
+        );
+        host_a
+            .update_with(Scope::Network("n"), |s| s.remove_static("n", ip))
+            .await?;
+        ensure!(
+            mac_claim(etcd, "n", mac).await?.is_none(),
+            "endpoint rm left the claim"
+        );
+
+        let reg = host_b
+            .register_node(
+                "gone",
+                Ipv4Addr::new(192, 0, 2, 20),
+                1500,
+                Duration::from_secs(1),
+            )
+            .await?;
+        attachment::register(&host_b, &racer("gone", "g".into(), mac)).await?;
+        drop(reg);
+        wait_dead(&host_a, "gone").await?;
+        ensure!(host_a.remove_node("gone").await? == 1);
+        ensure!(
+            mac_claim(etcd, "n", mac).await?.is_none(),
+            "node rm left the claim"
+        );
+
+        // Every endpoint gone, the network goes with any claim left over
+        // (one a node freed without, say).
+        for e in host_a.load().await?.endpoints {
+            if let Location::Container { node, netns, .. } = &e.location {
+                attachment::unregister(&host_a, node, "n", netns).await?;
+            }
+        }
+        let mut raw =
+            etcd_client::Client::connect([format!("http://{}", etcd.endpoint())], None).await?;
+        raw.put(
+            format!("/ovl/macs/n/{mac}"),
+            r#"{"schema":1,"ip":"198.18.0.9"}"#,
+            None,
+        )
+        .await?;
+        host_a
+            .update_with(Scope::Network("n"), |s| s.remove_network("n").map(|_| ()))
+            .await?;
+        let left = raw
+            .get(
+                "/ovl/macs/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await?;
+        ensure!(
+            left.kvs().is_empty(),
+            "{} MAC claims left with the network",
+            left.kvs().len()
+        );
+        Ok(())
+    })
+}
+
+/// A node back after its lease lapsed finds the MAC one of its containers
+/// was given taken by a container of another node (its address is held
+/// back, the MAC was free): the endpoint is not put back, the conflict
+/// names the MAC and the holder, and one endpoint has the MAC. Once the
+/// holder is gone, the next restore puts it back and claims the MAC again.
+#[test]
+fn a_returning_node_leaves_out_an_endpoint_whose_mac_another_container_took() -> Result<()> {
+    let (_lab, ns, etcd) = etcd("st-mac-back")?;
+    let url = etcd.url();
+    let etcd = &etcd;
+    inside(&ns, async || {
+        let store = Store::open(&url).await?;
+        create_network(&store, "n", "198.18.0.0/24").await?;
+        let reg = store
+            .register_node(
+                "back",
+                Ipv4Addr::new(192, 0, 2, 20),
+                1500,
+                Duration::from_secs(1),
+            )
+            .await?;
+        let mac = given_mac(7);
+        let with_mac = |node: &str, netns: &str| ContainerSpec {
+            mac: Some(mac),
+            ..container("n", node, netns, None)
+        };
+        let mine = connect(&store, with_mac("back", "c1")).await?;
+        let plain = connect(&store, container("n", "back", "c2", None)).await?;
+        drop(reg);
+        wait_dead(&store, "back").await?;
+        ensure!(store.forget_dead_node("back").await? == 2);
+        ensure!(
+            mac_claim(etcd, "n", mac).await?.is_none(),
+            "freeing left the claim"
+        );
+        // Meanwhile a container of another node is given the MAC.
+        let thief = connect(&store, with_mac("other", "t1")).await?;
+        ensure!(thief.ip != mine.ip, "{} handed out again", mine.ip);
+
+        let out = store
+            .restore_endpoints("back", &[mine.clone(), plain.clone()])
+            .await?;
+        ensure!(out.restored == [plain.clone()], "{out:?}");
+        ensure!(out.conflicts.len() == 1, "{:?}", out.conflicts);
+        let c = &out.conflicts[0];
+        ensure!(
+            c.ip == mine.ip
+                && c.holder_name == thief.name
+                && c.mac
+                    .is_some_and(|m| m.mac == mac && m.holder_ip == thief.ip),
+            "{c:?}"
+        );
+        let text = c.to_string();
+        ensure!(
+            text.contains(&format!("MAC {mac}")) && text.contains("reconnect it"),
+            "{text}"
+        );
+        let holders = holders_of(&store, "n", mac).await?;
+        ensure!(holders == [thief.clone()], "{mac} held by {holders:?}");
+        ensure!(
+            store.load().await?.conflicts.get("back") == Some(&out.conflicts),
+            "the conflict is not recorded under the node"
+        );
+
+        // The holder goes: the endpoint comes back, its MAC claimed.
+        store
+            .update_with(Scope::Network("n"), |s| {
+                s.remove_container("n", "other", "t1")
+            })
+            .await?;
+        let healed = store
+            .restore_endpoints("back", &[mine.clone(), plain])
+            .await?;
+        ensure!(
+            healed.restored == [mine.clone()] && healed.conflicts.is_empty(),
+            "{healed:?}"
+        );
+        ensure!(!store.load().await?.conflicts.contains_key("back"));
+        ensure!(
+            mac_claim(etcd, "n", mac).await?.is_some(),
+            "restored without its claim"
+        );
+        let late = attachment::register(
+            &store,
+            &Request {
+                mac: Some(mac),
+                ..request("n", "late", None, None)
+            },
+        )
+        .await
+        .unwrap_err();
+        ensure!(
+            matches!(&late, StoreError::Rejected(ModelError::MacTaken { ip, .. }) if *ip == mine.ip),
+            "{late}"
+        );
+        Ok(())
+    })
+}

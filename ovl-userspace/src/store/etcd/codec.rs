@@ -13,13 +13,14 @@
 //! | `/ovl/alive/<name>` | present while the node's agent holds its lease |
 //! | `/ovl/conflicts/<name>` | addresses the node found taken when it put back its endpoints |
 //! | `/ovl/ports/<node>/<proto>/<port>/<host ip>` | the claim of a published port: the network and address of its endpoint |
+//! | `/ovl/macs/<network>/<mac>` | the claim of a MAC an endpoint was given (not derived from its address): the endpoint's address |
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
-    model::{ClusterSettings, Endpoint, Location, Network, Node, SCHEMA_VERSION, State},
+    model::{ClusterSettings, Endpoint, Location, MacAddr, Network, Node, SCHEMA_VERSION, State},
     ports::PublishedPort,
     release::{AddressConflict, Released},
     store::{Part, StoreError},
@@ -49,6 +50,11 @@ pub const ATTACHMENTS: &str = "/ovl/attachments/";
 /// host address, `0.0.0.0` for every address): a host port is published
 /// once per node, whatever the network (derived, like [`NAMES`]).
 pub const PORTS: &str = "/ovl/ports/";
+/// Claims of the MACs endpoints were given (`connect --mac`), one key per
+/// (network, MAC): a MAC is one endpoint's per network across racing
+/// writers (derived, like [`NAMES`]). A MAC derived from an endpoint's
+/// address needs none: its address key is unique already.
+pub const MACS: &str = "/ovl/macs/";
 /// Settings of the whole cluster (the VXLAN port); absent while default.
 pub const CLUSTER_KEY: &str = "/ovl/cluster";
 
@@ -65,7 +71,7 @@ struct VniOwner {
 }
 
 /// The value of an index key: the address of the endpoint that holds the
-/// name or attachment.
+/// name, attachment or MAC.
 #[derive(Serialize, Deserialize)]
 struct IndexOwner {
     ip: Ipv4Addr,
@@ -138,6 +144,11 @@ pub fn attachment_key(network: &str, node: &str, netns: &str) -> String {
     format!("{ATTACHMENTS}{network}/{node}/{netns}")
 }
 
+/// The claim of MAC `mac` in `network`.
+pub fn mac_key(network: &str, mac: MacAddr) -> String {
+    format!("{MACS}{network}/{mac}")
+}
+
 /// The claim of published port `p` on `node`.
 pub fn port_key(node: &str, p: &PublishedPort) -> String {
     format!(
@@ -153,10 +164,11 @@ pub fn ports_prefix(node: &str, p: &PublishedPort) -> String {
 }
 
 /// The claims endpoint `e` holds (when it is the first to hold them): its
-/// name (aliases are shared, and claimed by none), its attachment if it is
-/// a container's, and its published ports.
+/// name (aliases are shared, and claimed by none), its MAC if it was given
+/// one, its attachment if it is a container's, and its published ports.
 pub fn claims_of(e: &Endpoint) -> Vec<String> {
     let mut out = vec![name_key(&e.network, &e.name)];
+    out.extend(e.given_mac().map(|mac| mac_key(&e.network, mac)));
     if let Location::Container { node, netns, .. } = &e.location {
         out.push(attachment_key(&e.network, node, netns));
         out.extend(e.ports.iter().map(|p| port_key(node, p)));
@@ -184,7 +196,8 @@ pub fn holder_of(key: &str, value: &[u8]) -> Option<String> {
     }
     let rest = key
         .strip_prefix(NAMES)
-        .or_else(|| key.strip_prefix(ATTACHMENTS))?;
+        .or_else(|| key.strip_prefix(ATTACHMENTS))
+        .or_else(|| key.strip_prefix(MACS))?;
     let (network, _) = rest.split_once('/')?;
     let owner: IndexOwner = parse(key, value).ok()?;
     Some(endpoint_key(network, owner.ip))
@@ -196,9 +209,12 @@ pub fn claim_value(ip: Ipv4Addr) -> Vec<u8> {
 }
 
 /// Whether `key` is one of the derived claims ([`NAMES`], [`ATTACHMENTS`],
-/// [`PORTS`]).
+/// [`PORTS`], [`MACS`]).
 pub fn is_index_key(key: &str) -> bool {
-    key.starts_with(NAMES) || key.starts_with(ATTACHMENTS) || key.starts_with(PORTS)
+    key.starts_with(NAMES)
+        || key.starts_with(ATTACHMENTS)
+        || key.starts_with(PORTS)
+        || key.starts_with(MACS)
 }
 
 pub fn alive_key(node: &str) -> String {
@@ -233,7 +249,7 @@ pub fn network_and_ip(rest: &str) -> Option<(&str, Ipv4Addr)> {
 }
 
 /// The keys and values `update` may write: networks, their VNIs,
-/// endpoints with their name and attachment claims, released addresses
+/// endpoints with their claims, released addresses
 /// and the cluster's settings (nodes, liveness and conflicts have
 /// writers of their own).
 pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
@@ -257,6 +273,12 @@ pub fn encode(state: &State) -> BTreeMap<String, Vec<u8>> {
         // stays claimed by the first.
         out.entry(name_key(&e.network, &e.name))
             .or_insert_with(|| claim_value(e.ip));
+        // Likewise a MAC two endpoints were given (written before MACs
+        // were claimed).
+        if let Some(mac) = e.given_mac() {
+            out.entry(mac_key(&e.network, mac))
+                .or_insert_with(|| claim_value(e.ip));
+        }
         if let Location::Container { node, netns, .. } = &e.location {
             out.entry(attachment_key(&e.network, node, netns))
                 .or_insert_with(|| claim_value(e.ip));

@@ -22,8 +22,8 @@ use std::{
 
 pub use codec::KEY_PREFIX;
 use codec::{
-    ATTACHMENTS, CLUSTER_KEY, ENDPOINTS, NAMES, NETWORKS, NODES, PORTS, RELEASED, SCHEMA_KEY, VNIS,
-    decode, encode, endpoint_key, is_index_key, network_and_ip, network_key, prefix_end,
+    ATTACHMENTS, CLUSTER_KEY, ENDPOINTS, MACS, NAMES, NETWORKS, NODES, PORTS, RELEASED, SCHEMA_KEY,
+    VNIS, decode, encode, endpoint_key, is_index_key, network_and_ip, network_key, prefix_end,
     released_key,
 };
 use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
@@ -145,6 +145,7 @@ impl Range {
                 Range::Prefix(format!("{RELEASED}{n}/")),
                 Range::Prefix(format!("{NAMES}{n}/")),
                 Range::Prefix(format!("{ATTACHMENTS}{n}/")),
+                Range::Prefix(format!("{MACS}{n}/")),
                 Range::Prefix(PORTS.into()),
                 Range::Prefix(NODES.into()),
                 Range::Count(ENDPOINTS.into()),
@@ -516,11 +517,12 @@ const BACKFILL_PER_COMMIT: usize = 16;
 /// What to compare and write to turn `old` (read in `snap`) into `new`.
 ///
 /// Each key written is guarded on its own: an existing one must be as it
-/// was read, a new endpoint's must not exist. Names and attachments are
-/// unique through keys of their own (their claims, [`codec::NAMES`] and
-/// [`codec::ATTACHMENTS`]), so two changes to one network collide only when
-/// they touch the same endpoint, name, attachment or held-back address —
-/// not, as a guard on the whole network would make them, always.
+/// was read, a new endpoint's must not exist. Names, attachments and given
+/// MACs are unique through keys of their own (their claims,
+/// [`codec::NAMES`], [`codec::ATTACHMENTS`] and [`codec::MACS`]), so two
+/// changes to one network collide only when they touch the same endpoint,
+/// name, attachment, MAC or held-back address — not, as a guard on the
+/// whole network would make them, always.
 fn commit_plan(
     snap: &Snapshot,
     old: &BTreeMap<String, Vec<u8>>,
@@ -625,7 +627,7 @@ fn commit_plan(
         }
     }
     for key in old.keys().filter(|k| !new.contains_key(*k)) {
-        let of_removed_network = [RELEASED, NAMES, ATTACHMENTS].iter().any(|prefix| {
+        let of_removed_network = [RELEASED, NAMES, ATTACHMENTS, MACS].iter().any(|prefix| {
             key.strip_prefix(prefix)
                 .and_then(|rest| rest.split_once('/'))
                 .is_some_and(|(n, _)| removed_networks.contains(&n))
@@ -654,7 +656,7 @@ fn commit_plan(
                 .with_prefix(),
         );
         plan.guarded.push(endpoints);
-        for prefix in [RELEASED, NAMES, ATTACHMENTS] {
+        for prefix in [RELEASED, NAMES, ATTACHMENTS, MACS] {
             let under = format!("{prefix}{network}/");
             plan.ops.push(TxnOp::delete(
                 under.as_str(),
@@ -837,6 +839,44 @@ mod tests {
         assert!(other.guarded.contains(&"/ovl/names/blue/web".to_owned()));
     }
 
+    /// Connects namespace `ns` of node `node` to network blue at `ip` (the
+    /// next free address if none) with MAC `mac`.
+    fn connect_with_mac(s: &mut State, node: &str, ns: &str, ip: Option<&str>, mac: &str) {
+        s.add_container(ContainerSpec {
+            network: "blue".into(),
+            node: node.into(),
+            netns: ns.into(),
+            ip: ip.map(|ip| ip.parse().unwrap()),
+            mac: Some(mac.parse().unwrap()),
+            ..ContainerSpec::default()
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn racing_claims_of_one_given_mac_collide_and_go_with_their_endpoint() {
+        let before = network();
+        let mac = "0a:00:5e:00:00:07";
+        let claim = format!("/ovl/macs/blue/{mac}");
+        let one = plan_of(&before, |s| connect_with_mac(s, "a", "c1", None, mac));
+        // Another container, another address: only the MAC is shared.
+        let other = plan_of(&before, |s| {
+            connect_with_mac(s, "b", "c2", Some("198.18.0.9"), mac)
+        });
+        assert!(one.guarded.contains(&claim), "{:?}", one.guarded);
+        assert!(other.guarded.contains(&claim), "{:?}", other.guarded);
+        // A MAC derived from the address needs no claim.
+        let plain = plan_of(&before, |s| connect(s, "c3"));
+        assert!(!plain.guarded.iter().any(|k| k.starts_with(MACS)));
+        // A disconnect deletes the claim.
+        let mut held = network();
+        connect_with_mac(&mut held, "a", "c1", None, mac);
+        let gone = plan_of(&held, |s| {
+            s.remove_container("blue", "a", "c1").unwrap();
+        });
+        assert!(gone.guarded.contains(&claim), "{:?}", gone.guarded);
+    }
+
     #[test]
     fn racing_publishers_of_one_host_port_on_one_node_collide() {
         let mut before = network();
@@ -929,8 +969,8 @@ mod tests {
         after.remove_network("blue").unwrap();
         let plan = commit_plan(&snapshot_of(&before), &encode(&before), &encode(&after));
         // network and VNI deletes, one prefix delete each of the held-back
-        // addresses, name claims and attachment claims
-        assert_eq!(plan.ops.len(), 5);
+        // addresses, name claims, attachment claims and MAC claims
+        assert_eq!(plan.ops.len(), 6);
         assert_eq!(plan.compares.len(), 3);
     }
 }

@@ -12,8 +12,8 @@ use super::{
     ENDPOINTS, EtcdStore, MAX_ATTEMPTS, MAX_TXN_OPS, Range, Snapshot,
     codec::{
         ALIVE, ConflictsRecord, NODES, alive_key, claim_value_of, claims_of, conflicts_key,
-        endpoint_key, holder_of, json, network_key, node_key, parse, port_key, ports_prefix,
-        released_key,
+        endpoint_key, holder_of, json, mac_key, network_key, node_key, parse, port_key,
+        ports_prefix, released_key,
     },
 };
 use crate::{
@@ -23,18 +23,18 @@ use crate::{
 };
 
 /// Compares of one transaction putting endpoints back at most: each
-/// endpoint compares its key and release record (plus its network once)
-/// and one prefix per published port.
+/// endpoint compares its key and release record (plus its network once),
+/// one prefix per published port and the claim of the MAC it was given.
 const RESTORE_COMPARES: usize = MAX_TXN_OPS - 8;
 
 /// How many of `mine`, from the first, one transaction puts back (at
 /// least one). Its operations (the key, the release record's delete,
-/// one claim per port) are fewer than its compares.
+/// one claim per port, the MAC's claim) are fewer than its compares.
 fn restore_batch_len(mine: &[&Endpoint]) -> usize {
     let mut compares = 0;
     let mut n = 0;
     for e in mine {
-        let need = 3 + e.ports.len();
+        let need = 3 + e.ports.len() + usize::from(e.given_mac().is_some());
         if n > 0 && compares + need > RESTORE_COMPARES {
             break;
         }
@@ -191,8 +191,9 @@ impl EtcdStore {
     }
 
     /// Puts back `node`'s endpoints in `wanted` that the store lost, in
-    /// batches; an address another endpoint holds now is a conflict,
-    /// recorded under the node.
+    /// batches; an address another endpoint holds now, or a given MAC
+    /// another endpoint of the network claims now, is a conflict, recorded
+    /// under the node.
     pub async fn restore_endpoints(
         &self,
         node: &str,
@@ -237,19 +238,43 @@ impl EtcdStore {
                 if let Location::Container { node, .. } = &e.location {
                     ranges.extend(e.ports.iter().map(|p| Range::Prefix(ports_prefix(node, p))));
                 }
+                ranges.extend(e.given_mac().map(|m| Range::Key(mac_key(&e.network, m))));
             }
-            let snap = self.read(&ranges).await?;
+            let mut snap = self.read(&ranges).await?;
+            // The endpoints the MAC claims point at, at the same revision.
+            let holders: Vec<Range> = batch
+                .iter()
+                .filter_map(|e| mac_claim_holder(&snap, e))
+                .filter(|k| !snap.kvs.contains_key(k))
+                .map(Range::Key)
+                .collect();
+            if !holders.is_empty() {
+                self.read_into(&holders, &mut snap).await?;
+            }
             let now = GraceClock::now(self.address_grace).now_ms;
             let mut verdicts = Vec::new();
             let mut compares = Vec::new();
             let mut ops = Vec::new();
             let mut guarded_networks = BTreeMap::new();
             let mut unpublished = Vec::new();
+            // MACs this transaction claims: one claim per key and
+            // transaction (etcd refuses a key put twice in one).
+            let mut claimed: BTreeMap<String, Endpoint> = BTreeMap::new();
             for e in batch {
                 let key = endpoint_key(&e.network, e.ip);
                 let Ok(holder) = holder_in(&snap, &key) else {
                     // Something unreadable holds the address: leave it.
                     continue;
+                };
+                let mac_claim = e.given_mac().map(|m| mac_key(&e.network, m));
+                let mac_holder = match (&mac_claim, mac_claim_holder(&snap, e)) {
+                    (Some(claim), _) if claimed.contains_key(claim) => claimed.get(claim).cloned(),
+                    (_, Some(k)) => match holder_in(&snap, &k) {
+                        Ok(h) => h,
+                        // Unreadable: whose MAC it is cannot be told.
+                        Err(()) => continue,
+                    },
+                    _ => None,
                 };
                 let net = network_key(&e.network);
                 let network = snap.kvs.get(&net).and_then(|(v, _)| {
@@ -257,10 +282,27 @@ impl EtcdStore {
                         .map_err(|e| log::error!("{e}"))
                         .ok()
                 });
-                // (MACs are judged here once the store claims them.)
-                let verdict = judge(e, holder.as_ref(), None, network.as_ref(), now);
+                let verdict = judge(
+                    e,
+                    holder.as_ref(),
+                    mac_holder.as_ref(),
+                    network.as_ref(),
+                    now,
+                );
                 let mut e = (*e).clone();
                 if verdict == Verdict::Restore {
+                    // Its MAC's claim, as read (absent, or left pointing at
+                    // an endpoint without that MAC): a connect giving the
+                    // MAC meanwhile changed it, and this commit fails.
+                    if let Some(claim) = mac_claim {
+                        compares.push(Compare::mod_revision(
+                            claim.as_str(),
+                            CompareOp::Equal,
+                            snap.mod_rev(&claim),
+                        ));
+                        ops.push(TxnOp::put(claim.as_str(), claim_value_of(&claim, &e), None));
+                        claimed.insert(claim, e.clone());
+                    }
                     // Its published ports, unless another endpoint of the
                     // node publishes one now: claimed again, guarded like a
                     // connect's.
@@ -413,6 +455,14 @@ fn taken_ports(snap: &Snapshot, key: &str, e: &Endpoint) -> Vec<crate::ports::Pu
         })
         .copied()
         .collect()
+}
+
+/// The endpoint (its key) that the claim in `snap` of the MAC `e` was
+/// given points at, when it is another than `e`.
+fn mac_claim_holder(snap: &Snapshot, e: &Endpoint) -> Option<String> {
+    let claim = mac_key(&e.network, e.given_mac()?);
+    let (value, _) = snap.kvs.get(&claim)?;
+    holder_of(&claim, value).filter(|k| *k != endpoint_key(&e.network, e.ip))
 }
 
 /// The endpoint at `key` in `snap`, if any; an error (logged) when the
