@@ -1,8 +1,9 @@
 //! ovl over a real etcd: three routed hosts share one store on the router.
 //! Networks made on one host serve containers on the others, racing
-//! connects get distinct addresses, a dead node's endpoints leave every map
-//! and the store, a node returning to an address taken meanwhile reports
-//! the conflict and leaves the newer owner alone, an etcd outage costs no
+//! connects get distinct addresses (and one holder of a name or a MAC), a
+//! dead node's endpoints leave every map and the store, a node returning
+//! to an address (or a MAC) taken meanwhile reports the conflict and
+//! leaves the newer owner alone, an etcd outage costs no
 //! packet, a disconnected endpoint is gone everywhere, and a bad store URL
 //! leaves nothing attached.
 
@@ -201,6 +202,99 @@ fn a_mac_one_container_has_is_refused_to_another_on_etcd() -> Result<()> {
         eps.as_array().map(Vec::len) == Some(1) && eps[0]["mac"] == mac,
         "{eps}"
     );
+    world.stop()
+}
+
+/// The endpoints `ovl network inspect` on host `i` lists with `mac`, as
+/// (address, netns).
+fn holders_of_mac(world: &ThreeHosts, i: usize, mac: &str) -> Result<Vec<(Ipv4Addr, String)>> {
+    let net = world.inspect(i, NETWORK)?;
+    net["endpoints"]
+        .as_array()
+        .with_context(|| format!("no endpoints array in {net}"))?
+        .iter()
+        .filter(|e| e["mac"] == mac)
+        .map(|e| {
+            Ok((
+                e["ip"].as_str().context("ip")?.parse()?,
+                e["location"]["netns"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// Rounds of the MAC race, and the `ovl connect`s of each round (two per
+/// host), each at an address of its own and all giving one MAC.
+const MAC_ROUNDS: usize = 4;
+const MAC_RACERS_PER_HOST: usize = 2;
+
+/// A MAC is one endpoint's through its claim, whatever the moment: of
+/// `ovl connect --mac` run at once on three hosts with one MAC (each at
+/// another address), round after round, exactly one gets it, the others
+/// are refused naming the MAC and leave nothing behind.
+#[test]
+fn racing_connects_giving_one_mac_on_three_hosts_leave_exactly_one_holder() -> Result<()> {
+    let lab = Lab::new("etcd-mac-race")?;
+    let world = cluster_with_network(&lab)?;
+    for round in 0..MAC_ROUNDS {
+        let mac = format!("0a:00:5e:00:01:{round:02x}");
+        let mut racers: Vec<(usize, Netns, String)> = Vec::new();
+        for host in [A, B, C] {
+            for k in 0..MAC_RACERS_PER_HOST {
+                let ip = format!("198.18.0.{}", 10 + 10 * round + 3 * k + host);
+                racers.push((host, lab.container(&format!("m{round}-{host}-{k}"))?, ip));
+            }
+        }
+        let outcomes: Vec<(String, Result<String>)> = thread::scope(|s| {
+            let handles: Vec<_> = racers
+                .iter()
+                .map(|(host, c, ip)| {
+                    let (world, mac) = (&world, &mac);
+                    s.spawn(move || {
+                        let args = ["connect", NETWORK, c.name(), "--ip", ip, "--mac", mac];
+                        (c.name().to_owned(), world.run(*host, &args))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a connect thread panicked"))
+                .collect()
+        });
+        let winners: Vec<&String> = outcomes
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(n, _)| n)
+            .collect();
+        ensure!(
+            winners.len() == 1,
+            "round {round}: {} of {} racers got {mac}: {outcomes:#?}",
+            winners.len(),
+            outcomes.len()
+        );
+        for (netns, r) in &outcomes {
+            if let Err(e) = r {
+                let e = format!("{e:#}");
+                ensure!(
+                    e.contains(&format!("MAC {mac} is already used on network"))
+                        && e.contains(winners[0].as_str()),
+                    "round {round}: {netns} failed for another reason than {mac}: {e}"
+                );
+            }
+        }
+        let holders = holders_of_mac(&world, A, &mac)?;
+        ensure!(
+            holders.len() == 1 && holders[0].1 == *winners[0],
+            "round {round}: {mac} should be {}'s alone: {holders:?}",
+            winners[0]
+        );
+    }
+    // The losers left nothing: one endpoint per round.
+    let listed = listed_endpoints(&world.inspect(B, NETWORK)?)?;
+    ensure!(listed.len() == MAC_ROUNDS, "{listed:?}");
     world.stop()
 }
 
@@ -739,6 +833,105 @@ fn a_node_returning_to_an_address_taken_meanwhile_reports_the_conflict_and_the_n
         "A's map no longer sends {ip_c} to B"
     );
     expect_reachable(&ca, ip_c, 3)?;
+    world.stop()
+}
+
+/// The story of an address taken while a node was away, told of a MAC:
+/// C's container was given its own MAC; while C is cut off past its lease
+/// its endpoint is freed (its address held back, its MAC free at once)
+/// and a new container on B is given that MAC. C comes back, leaves that
+/// endpoint out and says so, naming the MAC and its holder; the network
+/// keeps one endpoint with the MAC, B's, which stays reachable.
+#[test]
+fn a_node_returning_to_a_mac_given_away_meanwhile_reports_the_conflict_and_the_new_owner_keeps_it()
+-> Result<()> {
+    let lab = Lab::new("etcd-mac-taken")?;
+    let world = cluster_with_network(&lab)?;
+    let mac = "0a:00:5e:00:02:01";
+    let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
+    let cc = lab.container("cc")?;
+    let ip_c = world.ovl.connect(
+        &world.hosts[C],
+        ThreeHosts::NODES[C],
+        NETWORK,
+        &cc,
+        &["--mac", mac],
+    )?;
+    let vni = vni_of(&world, A)?;
+    wait_for_maps(&world, vni, &[(ip_a, A), (ip_c, C)])?;
+
+    let etcd_addr = world.hosts[A]
+        .gateway
+        .context("routed hosts have a gateway")?;
+    let c = ThreeHosts::NODES[C];
+    cut_off_from_etcd(&world, C, etcd_addr, true)?;
+    wait_until(Duration::from_secs(LEASE_TTL + 10), || {
+        let listed = listed_endpoints(&world.inspect(A, NETWORK)?)?;
+        Ok(node_is(&world, A, c, "no")? && !listed.contains_key(&ip_c))
+    })
+    .context("C's endpoint was never freed while C was cut off")?;
+
+    // B gives the MAC to a new container (C's address is held back).
+    let cb = lab.container("cb")?;
+    let ip_b = world.ovl.connect(
+        &world.hosts[B],
+        ThreeHosts::NODES[B],
+        NETWORK,
+        &cb,
+        &["--mac", mac, "--name", "newer"],
+    )?;
+    ensure!(ip_b != ip_c, "C's held-back {ip_c} was handed out");
+    expect_reachable(&ca, ip_b, 3)?;
+
+    cut_off_from_etcd(&world, C, etcd_addr, false)?;
+    let mut seen = Vec::new();
+    wait_until(Duration::from_secs(LEASE_TTL + 15), || {
+        seen = conflicts_of(&world, A, c)?;
+        Ok(node_is(&world, A, c, "yes")? && !seen.is_empty())
+    })
+    .with_context(|| format!("C came back without reporting a conflict; node ls: {seen:?}"))?;
+    ensure!(
+        seen == vec![(NETWORK.to_owned(), ip_c, "newer".to_owned())],
+        "C reported {seen:?}, expected the MAC of {ip_c} held by newer"
+    );
+    let rows: Value = serde_json::from_str(&world.run(A, &["node", "ls", "--json"])?)?;
+    let recorded = rows
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == c))
+        .map(|r| r["conflicts"][0]["mac"].clone())
+        .unwrap_or_default();
+    ensure!(
+        recorded["mac"] == mac && recorded["holder_ip"] == ip_b.to_string(),
+        "the conflict does not name the MAC and its holder: {recorded}"
+    );
+    let table = world.run(A, &["node", "ls"])?;
+    ensure!(
+        table.contains(&format!("conflict on node {c}: MAC {mac}"))
+            && table.contains(&format!(
+                "held by newer ({} on host-b) at {ip_b}",
+                cb.name()
+            ))
+            && table.contains("reconnect it with another MAC or none"),
+        "node ls does not show the MAC conflict:\n{table}"
+    );
+    let log = world.agents[C].log()?;
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("MAC conflict") && l.contains(mac)),
+        "C's agent never logged the conflict over {mac}:\n{log}"
+    );
+
+    // One endpoint has the MAC: B's, which keeps its traffic.
+    let holders = holders_of_mac(&world, A, mac)?;
+    ensure!(
+        holders == [(ip_b, cb.name().to_owned())],
+        "{mac} should be newer's alone: {holders:?}"
+    );
+    ensure!(
+        !listed_endpoints(&world.inspect(A, NETWORK)?)?.contains_key(&ip_c),
+        "C's endpoint {ip_c} was put back"
+    );
+    expect_reachable(&ca, ip_b, 3)?;
     world.stop()
 }
 
