@@ -788,6 +788,77 @@ fn an_address_handed_on_while_the_agent_was_down_is_no_conflict() -> Result<()> 
     world.stop()
 }
 
+/// On the file store, a node's endpoints go while its agent is down by
+/// `ovl node rm`; if meanwhile another container is given the MAC one of
+/// them was given, the returning agent leaves that endpoint out and says
+/// so (its log, `ovl node ls`), and the network keeps one endpoint with
+/// the MAC.
+#[test]
+fn a_mac_given_away_while_the_node_was_removed_is_a_conflict_when_its_agent_returns() -> Result<()>
+{
+    let lab = Lab::new("lc-mac")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let mac = "0a:00:5e:00:03:01";
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let ip1 = world.ovl.connect(
+        &world.hosts[0],
+        TwoHosts::NODES[0],
+        "uber-net",
+        &c1,
+        &["--mac", mac],
+    )?;
+    world.kill_agent(0)?;
+    let out = world.run(1, &["node", "rm", TwoHosts::NODES[0]])?;
+    ensure!(out.contains("freed its 1 endpoint"), "{out}");
+    let c3 = lab.container("c3")?;
+    let ip3 = world.ovl.connect(
+        &world.hosts[1],
+        TwoHosts::NODES[1],
+        "uber-net",
+        &c3,
+        &["--mac", mac, "--name", "newer"],
+    )?;
+    ensure!(ip3 != ip1, "c1's held-back {ip1} was handed out");
+    world.restart_agent(&lab, 0, &[])?;
+    world.agents[0].wait_in_step()?;
+
+    let log = world.agents[0].log()?;
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("MAC conflict") && l.contains(mac) && l.contains("newer")),
+        "the agent never reported {mac} held by newer:\n{log}"
+    );
+    let nodes: Value = serde_json::from_str(&world.run(0, &["node", "ls", "--json"])?)?;
+    let conflicts = nodes
+        .as_array()
+        .and_then(|n| n.iter().find(|r| r["name"] == TwoHosts::NODES[0]))
+        .map(|r| r["conflicts"].clone())
+        .unwrap_or_default();
+    ensure!(
+        conflicts.as_array().map(Vec::len) == Some(1)
+            && conflicts[0]["ip"] == ip1.to_string()
+            && conflicts[0]["holder_name"] == "newer"
+            && conflicts[0]["mac"]["mac"] == mac
+            && conflicts[0]["mac"]["holder_ip"] == ip3.to_string(),
+        "conflicts recorded: {nodes}"
+    );
+    let net = world.inspect(1, "uber-net")?;
+    let holders: Vec<&Value> = net["endpoints"]
+        .as_array()
+        .context("endpoints")?
+        .iter()
+        .filter(|e| e["mac"] == mac)
+        .collect();
+    ensure!(
+        holders.len() == 1 && holders[0]["ip"] == ip3.to_string(),
+        "{mac} should be newer's alone: {net}"
+    );
+    world.stop()
+}
+
 #[test]
 fn a_state_dir_that_cannot_be_written_is_reported_once_with_what_it_costs() -> Result<()> {
     let lab = Lab::new("lc-rostate")?;
