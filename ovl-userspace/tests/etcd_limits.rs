@@ -974,12 +974,25 @@ fn a_returning_node_leaves_out_an_endpoint_whose_mac_another_container_took() ->
             "the conflict is not recorded under the node"
         );
 
-        // The holder goes: the endpoint comes back, its MAC claimed.
+        // The holder goes: the endpoint comes back, its MAC claimed (a
+        // claim left over, pointing at no endpoint, taken over).
         store
             .update_with(Scope::Network("n"), |s| {
                 s.remove_container("n", "other", "t1")
             })
             .await?;
+        ensure!(
+            mac_claim(etcd, "n", mac).await?.is_none(),
+            "disconnect left the claim"
+        );
+        let mut raw =
+            etcd_client::Client::connect([format!("http://{}", etcd.endpoint())], None).await?;
+        raw.put(
+            format!("/ovl/macs/n/{mac}"),
+            r#"{"schema":1,"ip":"198.18.0.99"}"#,
+            None,
+        )
+        .await?;
         let healed = store
             .restore_endpoints("back", &[mine.clone(), plain])
             .await?;
@@ -988,9 +1001,12 @@ fn a_returning_node_leaves_out_an_endpoint_whose_mac_another_container_took() ->
             "{healed:?}"
         );
         ensure!(!store.load().await?.conflicts.contains_key("back"));
+        let claim = mac_claim(etcd, "n", mac).await?;
         ensure!(
-            mac_claim(etcd, "n", mac).await?.is_some(),
-            "restored without its claim"
+            claim
+                .as_deref()
+                .is_some_and(|c| c.contains(&format!("\"{}\"", mine.ip))),
+            "restored with the claim {claim:?}"
         );
         let late = attachment::register(
             &store,
