@@ -130,7 +130,7 @@ impl std::fmt::Display for AddressConflict {
             ),
             Some(m) => write!(
                 f,
-                "MAC {} of {}/{} {} ({}) is held by {holder} at {}: {} was not put back; reconnect it with another MAC or none, or free the MAC by disconnecting its holder",
+                "MAC {} of {}/{} {} ({}) is held by {holder} at {}: {} was not put back; reconnect it with another MAC or none (or disconnect the holder first and reconnect it with this one)",
                 m.mac, self.network, self.ip, self.name, self.netns, m.holder_ip, self.name
             ),
         }
