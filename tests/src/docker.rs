@@ -219,6 +219,30 @@ impl Dockerd {
         cmd::run_unchecked(&argv)
     }
 
+    /// `docker-compose -p project -f file args...` against this dockerd;
+    /// fails unless it exits 0. Returns stdout and stderr (Compose reports
+    /// progress on stderr).
+    pub fn compose(&self, project: &str, file: &Path, args: &[&str]) -> Result<String> {
+        let file = file.display().to_string();
+        let mut argv = vec!["docker-compose", "-p", project, "-f", &file];
+        argv.extend_from_slice(args);
+        let out = std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
+            .output()
+            .with_context(|| format!("run {}: is docker-compose installed?", argv.join(" ")))?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            cmd::describe_failure(&argv, &out)
+        );
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
     /// Names of the networks `docker network ls` shows.
     pub fn network_names(&self) -> Result<Vec<String>> {
         let out = self.docker(&["network", "ls", "--format", "{{.Name}}"])?;

@@ -884,6 +884,84 @@ fn ovl_endpoint(world: &DockerCluster, network: &str, ip: Ipv4Addr) -> Result<Va
         .with_context(|| format!("no endpoint {ip} in {net}"))
 }
 
+/// Docker Compose with an ovl network: `docker-compose up --scale web=3`
+/// creates the project's network with driver and IPAM `ovl` (Compose's
+/// labels and all) and gives every replica the service's name as an
+/// alias; a container on another host resolves `web` through ovl's
+/// resolver to all three replicas, each first in turn, and reaches each;
+/// `docker-compose down` removes the network from ovl. Before: only the
+/// first replica held the alias `web` (aliases were unique).
+#[test]
+fn docker_compose_replicas_share_their_service_name_across_hosts() -> Result<()> {
+    let lab = Lab::new("dk-compose")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 2, DockerdOptions::default())?;
+    let file = lab.tempdir().join("compose.yml");
+    let image = ovl_tests::BUSYBOX_IMAGE;
+    std::fs::write(
+        &file,
+        format!(
+            r#"version: "2.4"
+services:
+  web:
+    image: {image}
+    command: ["sleep", "100000"]
+networks:
+  default:
+    driver: ovl
+    ipam:
+      driver: ovl
+      config:
+        - subnet: 198.18.60.0/24
+"#
+        ),
+    )?;
+    let (project, net) = ("ovlcompose", "ovlcompose_default");
+    world.dockerds[0].compose(project, &file, &["up", "-d", "--scale", "web=3"])?;
+    wait_until(VISIBLE_WITHIN, || {
+        Ok(ovl_networks(&world)?.contains(&net.to_owned()))
+    })?;
+    let replicas: Vec<Ipv4Addr> = world.dockerds[0].endpoints(net)?.into_keys().collect();
+    ensure!(replicas.len() == 3, "replicas at {replicas:?}");
+    wait_listed(&world, 1, net, true)?;
+    let client = world.dockerds[1].run(&lab, "dkc-client", net, &["--dns", OVL_DNS])?;
+    // Through Docker's resolver on B, which knows none of them and asks
+    // ovl's.
+    let web = || -> Result<Option<Vec<Ipv4Addr>>> {
+        Ok(match lookup(&world, 1, "dkc-client", "web", None)? {
+            Lookup::Addresses(a) => Some(a),
+            _ => None,
+        })
+    };
+    let sorted = |mut a: Vec<Ipv4Addr>| {
+        a.sort();
+        a
+    };
+    wait_until(Duration::from_secs(10), || {
+        Ok(web()?.map(sorted) == Some(replicas.clone()))
+    })
+    .with_context(|| format!("web never resolved to {replicas:?}"))?;
+    let mut firsts = BTreeSet::new();
+    for _ in 0..30 {
+        let got = web()?.context("web stopped resolving")?;
+        ensure!(sorted(got.clone()) == replicas, "web: {got:?}");
+        firsts.insert(got[0]);
+    }
+    ensure!(firsts.len() == 3, "30 answers put only {firsts:?} first");
+    for ip in &replicas {
+        ensure!(
+            ping(&client.netns, *ip, 1, &["-W", "2"])?.all_received(),
+            "dkc-client does not reach replica {ip}"
+        );
+    }
+    world.docker(1, &["rm", "-f", "dkc-client"])?;
+    world.dockerds[0].compose(project, &file, &["down"])?;
+    wait_until(VISIBLE_WITHIN, || {
+        Ok(!ovl_networks(&world)?.contains(&net.to_owned()))
+    })
+    .context("docker-compose down left the network in ovl")?;
+    world.stop()
+}
+
 /// Issue 9's name resolution: a container's Docker name and
 /// `--network-alias`es are its names in ovl's DNS, so containers on
 /// different hosts find each other by name (through Docker's resolver,

@@ -39,14 +39,14 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// etcd for the etcd store backend, Prometheus (server and promtool) that
 /// scrapes the agent, curl, the font the benchmark chart's text is drawn
 /// with, podman with the reference CNI plugins for the CNI plugin's
-/// scenarios, Docker 20.10 (docker.io) for the Docker plugin's,
-/// busybox-static for their offline container image, what the
+/// scenarios, Docker 20.10 (docker.io) and Docker Compose for the Docker
+/// plugin's, busybox-static for their offline container image, what the
 /// agent runs for external egress (nftables for the masquerade, conntrack
 /// to forget a leaving container's translations) with netcat to open
 /// connections through it, and for the DNS scenarios dnsmasq (the lab's
 /// upstream resolver) and dig; strace, to stop a command at a chosen
 /// system call (a connect killed half-way).
-const DEBIAN_PACKAGES: [&str; 26] = [
+const DEBIAN_PACKAGES: [&str; 27] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -68,6 +68,7 @@ const DEBIAN_PACKAGES: [&str; 26] = [
     "dnsmasq-base",
     "dnsutils",
     "docker.io",
+    "docker-compose",
     "busybox-static",
     "nftables",
     "conntrack",
