@@ -16,7 +16,7 @@ use ovl_tests::{Etcd, Lab, Netns};
 use ovl_userspace::{
     attachment::{self, Request},
     model::{ContainerSpec, Endpoint, Location, MacAddr, ModelError, NetworkSpec, State},
-    store::{Followed, Scope, Store, StoreError, catch_up},
+    store::{Followed, Registration, Scope, Store, StoreError, catch_up},
 };
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -85,6 +85,27 @@ async fn populate(store: &Store, network: &str, node: &str, n: usize) -> Result<
     Ok(eps)
 }
 
+/// Registers node `name` (VTEP 192.0.2.20) with a lease of a second, so
+/// that it dies soon once the registration is dropped.
+async fn short_lived_node(store: &Store, name: &str) -> Result<Registration> {
+    Ok(store
+        .register_node(
+            name,
+            Ipv4Addr::new(192, 0, 2, 20),
+            1500,
+            Duration::from_secs(1),
+        )
+        .await?)
+}
+
+/// Lets node `name` die (its registration `reg` dropped), then frees its
+/// endpoints as an agent that saw it dead would; returns how many went.
+async fn free_when_dead(store: &Store, name: &str, reg: Registration) -> Result<usize> {
+    drop(reg);
+    wait_dead(store, name).await?;
+    Ok(store.forget_dead_node(name).await?)
+}
+
 /// Waits until the store lists `node` as dead (its lease lapsed).
 async fn wait_dead(store: &Store, node: &str) -> Result<()> {
     for _ in 0..100 {
@@ -103,14 +124,7 @@ fn a_dead_node_with_300_endpoints_is_freed_and_its_addresses_held_back() -> Resu
     inside(&ns, async || {
         let store = Store::open(&url).await?;
         create_network(&store, "n", "198.18.0.0/22").await?;
-        let gone = store
-            .register_node(
-                "gone",
-                Ipv4Addr::new(192, 0, 2, 20),
-                1500,
-                Duration::from_secs(1),
-            )
-            .await?;
+        let gone = short_lived_node(&store, "gone").await?;
         let _live = store
             .register_node(
                 "live",
@@ -229,18 +243,9 @@ fn a_returning_node_gets_300_endpoints_back_and_learns_which_address_was_taken()
     inside(&ns, async || {
         let store = Store::open(&url).await?;
         create_network(&store, "n", "198.18.0.0/22").await?;
-        let reg = store
-            .register_node(
-                "back",
-                Ipv4Addr::new(192, 0, 2, 20),
-                1500,
-                Duration::from_secs(1),
-            )
-            .await?;
+        let reg = short_lived_node(&store, "back").await?;
         let mut eps = populate(&store, "n", "back", MANY).await?;
-        drop(reg);
-        wait_dead(&store, "back").await?;
-        ensure!(store.forget_dead_node("back").await? == MANY);
+        ensure!(free_when_dead(&store, "back", reg).await? == MANY);
         // Another host takes one of the addresses (its operator set no grace).
         let ungraced = Store::open(&format!("{url}?address-grace=0")).await?;
         let taken = eps[7].ip;
@@ -327,23 +332,14 @@ fn a_returning_node_gets_its_published_ports_back_unless_another_container_took_
     inside(&ns, async || {
         let store = Store::open(&url).await?;
         create_network(&store, "n", "198.18.0.0/24").await?;
-        let reg = store
-            .register_node(
-                "back",
-                Ipv4Addr::new(192, 0, 2, 20),
-                1500,
-                Duration::from_secs(1),
-            )
-            .await?;
+        let reg = short_lived_node(&store, "back").await?;
         let publishing = |netns: &str, port: &str| ContainerSpec {
             ports: vec![port.parse().expect("test ports are valid")],
             ..container("n", "back", netns, None)
         };
         let web = connect(&store, publishing("web", "8080:80")).await?;
         let api = connect(&store, publishing("api", "9090:90")).await?;
-        drop(reg);
-        wait_dead(&store, "back").await?;
-        ensure!(store.forget_dead_node("back").await? == 2);
+        ensure!(free_when_dead(&store, "back", reg).await? == 2);
         // Meanwhile another container of the node publishes web's port.
         let other = connect(&store, publishing("other", "8080:81")).await?;
 
@@ -860,14 +856,7 @@ fn of_two_connects_giving_one_mac_at_once_exactly_one_wins_every_time() -> Resul
             "endpoint rm left the claim"
         );
 
-        let reg = host_b
-            .register_node(
-                "gone",
-                Ipv4Addr::new(192, 0, 2, 20),
-                1500,
-                Duration::from_secs(1),
-            )
-            .await?;
+        let reg = short_lived_node(&host_b, "gone").await?;
         attachment::register(&host_b, &racer("gone", "g".into(), mac)).await?;
         drop(reg);
         wait_dead(&host_a, "gone").await?;
@@ -923,14 +912,7 @@ fn a_returning_node_leaves_out_an_endpoint_whose_mac_another_container_took() ->
     inside(&ns, async || {
         let store = Store::open(&url).await?;
         create_network(&store, "n", "198.18.0.0/24").await?;
-        let reg = store
-            .register_node(
-                "back",
-                Ipv4Addr::new(192, 0, 2, 20),
-                1500,
-                Duration::from_secs(1),
-            )
-            .await?;
+        let reg = short_lived_node(&store, "back").await?;
         let mac = given_mac(7);
         let with_mac = |node: &str, netns: &str| ContainerSpec {
             mac: Some(mac),
@@ -938,9 +920,7 @@ fn a_returning_node_leaves_out_an_endpoint_whose_mac_another_container_took() ->
         };
         let mine = connect(&store, with_mac("back", "c1")).await?;
         let plain = connect(&store, container("n", "back", "c2", None)).await?;
-        drop(reg);
-        wait_dead(&store, "back").await?;
-        ensure!(store.forget_dead_node("back").await? == 2);
+        ensure!(free_when_dead(&store, "back", reg).await? == 2);
         ensure!(
             mac_claim(etcd, "n", mac).await?.is_none(),
             "freeing left the claim"

@@ -102,6 +102,23 @@ fn wait_for_maps(world: &ThreeHosts, vni: u32, endpoints: &[(Ipv4Addr, usize)]) 
 
 /// The network's VNI, as `ovl network inspect` on host `i` reports it.
 /// Three hosts on etcd with agents, and the network created from host A.
+/// Cuts host C off from etcd (reached through host A's gateway, which it
+/// returns) past its lease, until the others see C dead and its endpoint
+/// at `ip_c` freed.
+fn cut_off_until_freed(world: &ThreeHosts, ip_c: Ipv4Addr) -> Result<Ipv4Addr> {
+    let etcd_addr = world.hosts[A]
+        .gateway
+        .context("routed hosts have a gateway")?;
+    let c = ThreeHosts::NODES[C];
+    cut_off_from_etcd(world, C, etcd_addr, true)?;
+    wait_until(Duration::from_secs(LEASE_TTL + 10), || {
+        let listed = listed_endpoints(&world.inspect(A, NETWORK)?)?;
+        Ok(node_is(world, A, c, "no")? && !listed.contains_key(&ip_c))
+    })
+    .context("C's endpoint was never freed while C was cut off")?;
+    Ok(etcd_addr)
+}
+
 fn cluster_with_network(lab: &Lab) -> Result<ThreeHosts> {
     let world = ThreeHosts::start(lab, LEASE_TTL)?;
     world
@@ -226,6 +243,55 @@ fn holders_of_mac(world: &ThreeHosts, i: usize, mac: &str) -> Result<Vec<(Ipv4Ad
         .collect()
 }
 
+/// Runs every racer's `ovl connect NETWORK <its namespace> <its args>` on
+/// its host at once and checks that exactly one won and every other was
+/// refused saying `refusal` (and naming the winner, with `names_winner`);
+/// returns the winner's namespace name.
+fn exactly_one_connects(
+    world: &ThreeHosts,
+    racers: &[(usize, Netns, Vec<String>)],
+    refusal: &str,
+    names_winner: bool,
+) -> Result<String> {
+    let outcomes: Vec<(String, Result<String>)> = thread::scope(|s| {
+        let handles: Vec<_> = racers
+            .iter()
+            .map(|(host, c, extra)| {
+                s.spawn(move || {
+                    let mut args = vec!["connect", NETWORK, c.name()];
+                    args.extend(extra.iter().map(String::as_str));
+                    (c.name().to_owned(), world.run(*host, &args))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a connect thread panicked"))
+            .collect()
+    });
+    let winners: Vec<&String> = outcomes
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(n, _)| n)
+        .collect();
+    ensure!(
+        winners.len() == 1,
+        "{} of {} racers won: {outcomes:#?}",
+        winners.len(),
+        outcomes.len()
+    );
+    for (netns, r) in &outcomes {
+        if let Err(e) = r {
+            let e = format!("{e:#}");
+            ensure!(
+                e.contains(refusal) && (!names_winner || e.contains(winners[0].as_str())),
+                "{netns} failed for another reason than {refusal:?}: {e}"
+            );
+        }
+    }
+    Ok(winners[0].clone())
+}
+
 /// Rounds of the MAC race, and the `ovl connect`s of each round (two per
 /// host), each at an address of its own and all giving one MAC.
 const MAC_ROUNDS: usize = 4;
@@ -241,55 +307,25 @@ fn racing_connects_giving_one_mac_on_three_hosts_leave_exactly_one_holder() -> R
     let world = cluster_with_network(&lab)?;
     for round in 0..MAC_ROUNDS {
         let mac = format!("0a:00:5e:00:01:{round:02x}");
-        let mut racers: Vec<(usize, Netns, String)> = Vec::new();
+        let mut racers: Vec<(usize, Netns, Vec<String>)> = Vec::new();
         for host in [A, B, C] {
             for k in 0..MAC_RACERS_PER_HOST {
                 let ip = format!("198.18.0.{}", 10 + 10 * round + 3 * k + host);
-                racers.push((host, lab.container(&format!("m{round}-{host}-{k}"))?, ip));
+                let args = vec!["--ip".into(), ip, "--mac".into(), mac.clone()];
+                racers.push((host, lab.container(&format!("m{round}-{host}-{k}"))?, args));
             }
         }
-        let outcomes: Vec<(String, Result<String>)> = thread::scope(|s| {
-            let handles: Vec<_> = racers
-                .iter()
-                .map(|(host, c, ip)| {
-                    let (world, mac) = (&world, &mac);
-                    s.spawn(move || {
-                        let args = ["connect", NETWORK, c.name(), "--ip", ip, "--mac", mac];
-                        (c.name().to_owned(), world.run(*host, &args))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a connect thread panicked"))
-                .collect()
-        });
-        let winners: Vec<&String> = outcomes
-            .iter()
-            .filter(|(_, r)| r.is_ok())
-            .map(|(n, _)| n)
-            .collect();
-        ensure!(
-            winners.len() == 1,
-            "round {round}: {} of {} racers got {mac}: {outcomes:#?}",
-            winners.len(),
-            outcomes.len()
-        );
-        for (netns, r) in &outcomes {
-            if let Err(e) = r {
-                let e = format!("{e:#}");
-                ensure!(
-                    e.contains(&format!("MAC {mac} is already used on network"))
-                        && e.contains(winners[0].as_str()),
-                    "round {round}: {netns} failed for another reason than {mac}: {e}"
-                );
-            }
-        }
+        let winner = exactly_one_connects(
+            &world,
+            &racers,
+            &format!("MAC {mac} is already used on network"),
+            true,
+        )
+        .with_context(|| format!("round {round}, {mac}"))?;
         let holders = holders_of_mac(&world, A, &mac)?;
         ensure!(
-            holders.len() == 1 && holders[0].1 == *winners[0],
-            "round {round}: {mac} should be {}'s alone: {holders:?}",
-            winners[0]
+            holders.len() == 1 && holders[0].1 == winner,
+            "round {round}: {mac} should be {winner}'s alone: {holders:?}"
         );
     }
     // The losers left nothing: one endpoint per round.
@@ -437,66 +473,31 @@ fn racing_connects_for_one_name_on_three_hosts_leave_exactly_one_holder() -> Res
     const PER_HOST: usize = 4;
     let lab = Lab::new("etcd-names")?;
     let world = cluster_with_network(&lab)?;
-    let mut racers: Vec<(usize, Netns, &str)> = Vec::new();
+    let mut racers: Vec<(usize, Netns, Vec<String>)> = Vec::new();
     for host in [A, B, C] {
         for k in 0..PER_HOST {
             let name = ["shared", "Shared", "SHARED", "sHaReD"][k];
-            racers.push((host, lab.container(&format!("n{host}-{k}"))?, name));
+            let args = vec!["--name".into(), name.into()];
+            racers.push((host, lab.container(&format!("n{host}-{k}"))?, args));
         }
     }
-    let outcomes: Vec<(String, Result<String>)> = thread::scope(|s| {
-        let handles: Vec<_> = racers
-            .iter()
-            .map(|(host, c, name)| {
-                let world = &world;
-                s.spawn(move || {
-                    let r = world.run(*host, &["connect", NETWORK, c.name(), "--name", name]);
-                    (c.name().to_owned(), r)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a connect thread panicked"))
-            .collect()
-    });
-    let winners: Vec<&String> = outcomes
-        .iter()
-        .filter(|(_, r)| r.is_ok())
-        .map(|(n, _)| n)
-        .collect();
-    ensure!(
-        winners.len() == 1,
-        "{} of {} racers got the name: {outcomes:#?}",
-        winners.len(),
-        outcomes.len()
-    );
-    for (netns, r) in &outcomes {
-        if let Err(e) = r {
-            let e = format!("{e:#}");
-            ensure!(
-                e.contains("is already taken on network"),
-                "{netns} failed for another reason than the name: {e}"
-            );
-        }
-    }
+    let winner = exactly_one_connects(&world, &racers, "is already taken on network", false)?;
     // Only the winner is registered.
     let listed = listed_endpoints(&world.inspect(B, NETWORK)?)?;
     let holders: Vec<&str> = listed.values().map(|(_, netns)| netns.as_str()).collect();
     ensure!(
-        holders == [winners[0].as_str()],
-        "the store should hold the winner {} alone: {listed:?}",
-        winners[0]
+        holders == [winner.as_str()],
+        "the store should hold the winner {winner} alone: {listed:?}"
     );
     // Its disconnect frees the name (its claim goes with it).
-    let (host, winner, _) = racers
+    let (host, won, _) = racers
         .iter()
-        .find(|(_, c, _)| c.name() == winners[0])
+        .find(|(_, c, _)| c.name() == winner)
         .context("the winner is a racer")?;
-    world.run(*host, &["disconnect", NETWORK, winner.name()])?;
+    world.run(*host, &["disconnect", NETWORK, won.name()])?;
     let (host, next, _) = racers
         .iter()
-        .find(|(_, c, _)| c.name() != winners[0])
+        .find(|(_, c, _)| c.name() != winner)
         .context("a loser")?;
     world
         .run(
@@ -744,17 +745,8 @@ fn a_node_returning_to_an_address_taken_meanwhile_reports_the_conflict_and_the_n
     wait_for_maps(&world, vni, &[(ip_a, A), (ip_c, C)])?;
     expect_reachable(&ca, ip_c, 1)?;
 
-    // C is cut off past its lease: dead to the others, its endpoint freed.
-    let etcd_addr = world.hosts[A]
-        .gateway
-        .context("routed hosts have a gateway")?;
+    let etcd_addr = cut_off_until_freed(&world, ip_c)?;
     let c = ThreeHosts::NODES[C];
-    cut_off_from_etcd(&world, C, etcd_addr, true)?;
-    wait_until(Duration::from_secs(LEASE_TTL + 10), || {
-        let listed = listed_endpoints(&world.inspect(A, NETWORK)?)?;
-        Ok(node_is(&world, A, c, "no")? && !listed.contains_key(&ip_c))
-    })
-    .context("C's endpoint was never freed while C was cut off")?;
 
     // An operator without grace gives C's address to a new container on B.
     let cb = lab.container("cb")?;
@@ -860,16 +852,8 @@ fn a_node_returning_to_a_mac_given_away_meanwhile_reports_the_conflict_and_the_n
     let vni = vni_of(&world, A)?;
     wait_for_maps(&world, vni, &[(ip_a, A), (ip_c, C)])?;
 
-    let etcd_addr = world.hosts[A]
-        .gateway
-        .context("routed hosts have a gateway")?;
+    let etcd_addr = cut_off_until_freed(&world, ip_c)?;
     let c = ThreeHosts::NODES[C];
-    cut_off_from_etcd(&world, C, etcd_addr, true)?;
-    wait_until(Duration::from_secs(LEASE_TTL + 10), || {
-        let listed = listed_endpoints(&world.inspect(A, NETWORK)?)?;
-        Ok(node_is(&world, A, c, "no")? && !listed.contains_key(&ip_c))
-    })
-    .context("C's endpoint was never freed while C was cut off")?;
 
     // B gives the MAC to a new container (C's address is held back).
     let cb = lab.container("cb")?;
