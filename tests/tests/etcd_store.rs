@@ -119,6 +119,23 @@ fn cut_off_until_freed(world: &ThreeHosts, ip_c: Ipv4Addr) -> Result<Ipv4Addr> {
     Ok(etcd_addr)
 }
 
+/// Reconnects host C to etcd (at `etcd_addr`) and waits until the others
+/// see it alive again with the conflicts it found; returns them.
+fn heal_until_conflict(
+    world: &ThreeHosts,
+    etcd_addr: Ipv4Addr,
+) -> Result<Vec<(String, Ipv4Addr, String)>> {
+    let c = ThreeHosts::NODES[C];
+    cut_off_from_etcd(world, C, etcd_addr, false)?;
+    let mut seen = Vec::new();
+    wait_until(Duration::from_secs(LEASE_TTL + 15), || {
+        seen = conflicts_of(world, A, c)?;
+        Ok(node_is(world, A, c, "yes")? && !seen.is_empty())
+    })
+    .with_context(|| format!("C came back without reporting a conflict; node ls: {seen:?}"))?;
+    Ok(seen)
+}
+
 fn cluster_with_network(lab: &Lab) -> Result<ThreeHosts> {
     let world = ThreeHosts::start(lab, LEASE_TTL)?;
     world
@@ -779,13 +796,7 @@ fn a_node_returning_to_an_address_taken_meanwhile_reports_the_conflict_and_the_n
 
     // The cut heals: C comes back, finds its address taken, and says so
     // loudly (its log, `ovl node ls`, the conflict count of its agent).
-    cut_off_from_etcd(&world, C, etcd_addr, false)?;
-    let mut seen = Vec::new();
-    wait_until(Duration::from_secs(LEASE_TTL + 15), || {
-        seen = conflicts_of(&world, A, c)?;
-        Ok(node_is(&world, A, c, "yes")? && !seen.is_empty())
-    })
-    .with_context(|| format!("C came back without reporting a conflict; node ls: {seen:?}"))?;
+    let seen = heal_until_conflict(&world, etcd_addr)?;
     ensure!(
         seen == vec![(NETWORK.to_owned(), ip_c, "newer".to_owned())],
         "C reported {seen:?}, expected {ip_c} of {NETWORK} held by newer"
@@ -867,13 +878,7 @@ fn a_node_returning_to_a_mac_given_away_meanwhile_reports_the_conflict_and_the_n
     ensure!(ip_b != ip_c, "C's held-back {ip_c} was handed out");
     expect_reachable(&ca, ip_b, 3)?;
 
-    cut_off_from_etcd(&world, C, etcd_addr, false)?;
-    let mut seen = Vec::new();
-    wait_until(Duration::from_secs(LEASE_TTL + 15), || {
-        seen = conflicts_of(&world, A, c)?;
-        Ok(node_is(&world, A, c, "yes")? && !seen.is_empty())
-    })
-    .with_context(|| format!("C came back without reporting a conflict; node ls: {seen:?}"))?;
+    let seen = heal_until_conflict(&world, etcd_addr)?;
     ensure!(
         seen == vec![(NETWORK.to_owned(), ip_c, "newer".to_owned())],
         "C reported {seen:?}, expected the MAC of {ip_c} held by newer"
