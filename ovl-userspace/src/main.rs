@@ -85,10 +85,12 @@ enum Command {
         #[arg(long)]
         subnet: Option<Subnet>,
         /// Endpoint name [default: the namespace name]: what the network's
-        /// other containers resolve to its address.
+        /// other containers resolve to its address; unique on the network.
         #[arg(long)]
         name: Option<String>,
-        /// Another name the endpoint resolves as (repeatable).
+        /// Another name the endpoint resolves as (repeatable); shared, as
+        /// `docker run --network-alias`: an alias several endpoints have
+        /// resolves to all of them, in turns.
         #[arg(long = "alias", value_name = "NAME")]
         aliases: Vec<String>,
         /// Publish a container port on this node's addresses, as `docker
