@@ -155,6 +155,10 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
                 "no pool of ovl's IPAM for {} on this node: create the network with --ipam-driver ovl",
                 networks::pending_subnet(&name).unwrap_or(name)
             )),
+            StoreError::Rejected(ModelError::VniInUse { vni, network }) => Refusal::new(format!(
+                "--opt {}={vni}: VNI {vni} is already used by ovl network {network:?}; give another or none",
+                options::VXLANID_LIST
+            )),
             e => Refusal::from(e),
         })?;
     ctx.remember(&req.network_id, Known::of(&net));
