@@ -1549,6 +1549,74 @@ fn a_docker_network_with_several_subnets_is_one_ovl_network() -> Result<()> {
     world.stop()
 }
 
+/// The agent's grace before it gives up pools dockerd asked for without
+/// a CreateNetwork (5 s), and a little more.
+const ABANDONED_AFTER: Duration = Duration::from_secs(7);
+
+/// Docker asks for a network's pools one after the other, each with its
+/// gateway, before CreateNetwork names the network they make: with many
+/// subnets, or a slow store, that takes longer than the grace after which
+/// the agent removes pools a dockerd gave up (a real `docker network
+/// create` with 70 subnets did, here). Pools Docker keeps adding to are
+/// not given up: Docker's calls, sent to the plugin as dockerd sends them,
+/// come a second apart for longer than the grace, and CreateNetwork finds
+/// every pool. Before: the first pools were removed as abandoned ("no
+/// pool of ovl's IPAM for 198.18.45.0/24").
+#[test]
+fn pools_docker_keeps_adding_to_are_not_given_up_before_create_network() -> Result<()> {
+    let lab = Lab::new("dk-slow")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
+    let socket = world.plugin_socket(0);
+    let call = |method: &str, body: Value| -> Result<Value> {
+        let (status, reply) = plugin_call(&socket, method, &body.to_string())?;
+        ensure!(status == 200, "{method} {body}: {status} {reply}");
+        Ok(serde_json::from_str(&reply)?)
+    };
+    let subnets: Vec<String> = (45..53).map(|i| format!("198.18.{i}.0/24")).collect();
+    let step = ABANDONED_AFTER / (subnets.len() as u32 - 1);
+    let mut pools = Vec::new();
+    for (i, subnet) in subnets.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(step);
+        }
+        let pool = call(
+            "IpamDriver.RequestPool",
+            serde_json::json!({"AddressSpace": "ovl", "Pool": subnet, "SubPool": "",
+                "Options": {}, "V6": false}),
+        )?;
+        let gateway = call(
+            "IpamDriver.RequestAddress",
+            serde_json::json!({"PoolID": pool["PoolID"], "Address": "",
+                "Options": {"RequestAddressType": "com.docker.network.gateway"}}),
+        )?;
+        pools.push(serde_json::json!({"AddressSpace": "ovl", "Pool": subnet,
+            "Gateway": gateway["Address"]}));
+    }
+    let id = "5107".repeat(16);
+    call(
+        "NetworkDriver.CreateNetwork",
+        serde_json::json!({"NetworkID": id, "IPv4Data": pools,
+            "Options": {"com.docker.network.generic": {}}}),
+    )?;
+    let net = world
+        .ovl
+        .inspect(&world.hosts[0].netns, "docker-pending-198.18.45.0-24")?;
+    let got: Vec<&str> = net["subnets"]
+        .as_array()
+        .context("subnets")?
+        .iter()
+        .filter_map(|p| p["subnet"].as_str())
+        .collect();
+    ensure!(got == subnets, "{net}");
+    call(
+        "NetworkDriver.DeleteNetwork",
+        serde_json::json!({"NetworkID": id}),
+    )?;
+    let left = ovl_networks(&world)?;
+    ensure!(left.is_empty(), "left in ovl: {left:?}");
+    world.stop()
+}
+
 /// `ovl connect` and Docker's RequestAddress racing on the etcd store for
 /// a network's last free addresses go through one allocation: each
 /// address is handed out once, exactly as many requests win as there were

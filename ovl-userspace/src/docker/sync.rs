@@ -46,8 +46,13 @@ pub struct Plan {
     /// Networks Docker created here, still provisionally named, that dockerd
     /// lists now: (provisional name, Docker ID).
     pub name: Vec<(String, String)>,
-    /// Networks Docker started creating here that dockerd does not list.
+    /// Networks Docker created here (CreateNetwork came) that dockerd
+    /// does not list.
     pub orphans: Vec<Network>,
+    /// Pools this node's dockerd asked for with no CreateNetwork yet: a
+    /// network Docker is still creating, one pool after the other, or one
+    /// it gave up.
+    pub unfinished: Vec<Network>,
 }
 
 /// Decides the network side of a pass on `node`.
@@ -68,7 +73,8 @@ pub fn plan(state: &State, docker: &[DockerNetwork], node: &str) -> Plan {
                     Some(id) if docker_ids.contains(id.as_str()) => {
                         plan.name.push((n.name.clone(), id.clone()))
                     }
-                    _ => plan.orphans.push(n.clone()),
+                    Some(_) => plan.orphans.push(n.clone()),
+                    None => plan.unfinished.push(n.clone()),
                 }
             }
             None => {
@@ -99,8 +105,22 @@ pub fn plan(state: &State, docker: &[DockerNetwork], node: &str) -> Plan {
 pub enum Suspect {
     /// (VNI, address, owner) of an endpoint or reservation.
     Endpoint(u32, Ipv4Addr, String),
-    /// VNI of a network Docker started creating here.
+    /// VNI of a network Docker created here.
     Network(u32),
+    /// The pools this node's dockerd asked for with no CreateNetwork yet,
+    /// as stored ([`unfinished`]).
+    Unfinished(String),
+}
+
+/// What the unfinished pools of a pass are waiting on: Docker asks for a
+/// network's pools one by one (each with its gateway and auxiliary
+/// addresses) and only then calls CreateNetwork, so a creation with many
+/// subnets, or on a slow store, takes longer than [`GRACE`] while every
+/// step is quick. They are abandoned together, once none was added or
+/// changed for [`GRACE`]: any change is a new suspect.
+pub fn unfinished(pools: &[Network]) -> Option<Suspect> {
+    (!pools.is_empty())
+        .then(|| Suspect::Unfinished(serde_json::to_string(pools).expect("networks serialise")))
 }
 
 /// This node's Docker endpoints and reservations that Docker does not
@@ -227,7 +247,7 @@ async fn pass(
     let mut missing = BTreeSet::new();
 
     let first = plan(&state, &docker, &ctx.node);
-    if !first.name.is_empty() || !first.orphans.is_empty() {
+    if !first.name.is_empty() || !first.orphans.is_empty() || !first.unfinished.is_empty() {
         for (pending, id) in &first.name {
             if let Some(n) = state.networks.get(pending).cloned() {
                 match networks::name(ctx, store, &n, id).await {
@@ -238,9 +258,19 @@ async fn pass(
         }
         for n in &first.orphans {
             let s = Suspect::Network(n.vni.get());
-            missing.insert(s.clone());
+            // Removed, it is forgotten: a network made next under its VNI
+            // starts a grace of its own.
+            if !(suspects.overdue(&s, now) && remove_orphan(store, n).await) {
+                missing.insert(s);
+            }
+        }
+        if let Some(s) = unfinished(&first.unfinished) {
             if suspects.overdue(&s, now) {
-                remove_orphan(store, n).await;
+                for n in &first.unfinished {
+                    remove_orphan(store, n).await;
+                }
+            } else {
+                missing.insert(s);
             }
         }
         state = store.load().await.map_err(|e| e.to_string())?;
@@ -385,8 +415,9 @@ async fn mirror(ctx: &Context, n: &Network) -> Result<String, String> {
         .map_err(|e| format!("ovl network {} cannot appear in Docker: {e}", n.name))
 }
 
-/// Removes a network Docker started creating here and never finished.
-async fn remove_orphan(store: &Store, n: &Network) {
+/// Removes a network Docker started creating here and never finished;
+/// true if it did.
+async fn remove_orphan(store: &Store, n: &Network) -> bool {
     let removed = store
         .update_with(Scope::Network(&n.name), |s| {
             let same = s
@@ -401,9 +432,15 @@ async fn remove_orphan(store: &Store, n: &Network) {
         })
         .await;
     match removed {
-        Ok(true) => log::info!("removed {}: dockerd never finished creating it", n.name),
-        Ok(false) => {}
-        Err(e) => log::warn!("removing {}: {e}", n.name),
+        Ok(true) => {
+            log::info!("removed {}: dockerd never finished creating it", n.name);
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            log::warn!("removing {}: {e}", n.name);
+            false
+        }
     }
 }
 
@@ -512,6 +549,20 @@ mod tests {
             "b",
             Some("y"),
         );
+        pend(
+            &mut s,
+            "docker-pending-198.18.5.0-24",
+            "198.18.5.0/24",
+            "a",
+            Some("gone"),
+        );
+        pend(
+            &mut s,
+            "docker-pending-198.18.6.0-24",
+            "198.18.6.0/24",
+            "b",
+            None,
+        );
         let d = [
             docker("blue", "1", "198.18.0.0/24"),
             docker("red", "2", "198.18.1.0/24"),
@@ -522,13 +573,43 @@ mod tests {
             p.name,
             vec![("docker-pending-198.18.2.0-24".into(), "x".into())]
         );
-        let orphans: Vec<_> = p.orphans.iter().map(|n| n.name.as_str()).collect();
+        let names = |v: &[Network]| v.iter().map(|n| n.name.clone()).collect::<Vec<_>>();
         assert_eq!(
-            orphans,
-            ["docker-pending-198.18.3.0-24"],
-            "b's is b's to judge"
+            names(&p.orphans),
+            ["docker-pending-198.18.5.0-24"],
+            "b's are b's to judge"
         );
+        assert_eq!(names(&p.unfinished), ["docker-pending-198.18.3.0-24"]);
         assert!(p.create.is_empty() && p.remove.is_empty(), "{p:?}");
+    }
+
+    /// Docker asks for a network's pools one after the other: while it
+    /// adds pools (or sets a pool's gateway or auxiliary addresses) the
+    /// unfinished pools are a new suspect, whose grace starts again.
+    #[test]
+    fn unfinished_pools_are_one_suspect_that_any_change_renews() {
+        let mut s = State::default();
+        assert_eq!(unfinished(&[]), None);
+        pend(&mut s, "p1", "198.18.2.0/24", "a", None);
+        let one = unfinished(&plan(&s, &[], "a").unfinished);
+        assert!(one.is_some());
+        assert_eq!(unfinished(&plan(&s, &[], "a").unfinished), one, "stable");
+        pend(&mut s, "p2", "198.18.3.0/24", "a", None);
+        let two = unfinished(&plan(&s, &[], "a").unfinished);
+        assert_ne!(two, one, "a pool more");
+        s.networks
+            .get_mut("p2")
+            .unwrap()
+            .aux_addresses
+            .insert("198.18.3.9".into(), "198.18.3.9".parse().unwrap());
+        let aux = unfinished(&plan(&s, &[], "a").unfinished);
+        assert_ne!(aux, two, "an auxiliary address more");
+        pend(&mut s, "elsewhere", "198.18.4.0/24", "b", None);
+        assert_eq!(
+            unfinished(&plan(&s, &[], "a").unfinished),
+            aux,
+            "another node's pools are its own"
+        );
     }
 
     #[test]
