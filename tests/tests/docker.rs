@@ -1617,6 +1617,59 @@ fn pools_docker_keeps_adding_to_are_not_given_up_before_create_network() -> Resu
     world.stop()
 }
 
+/// A network Docker creates with many subnets on the etcd store: each
+/// pool's provisional network is several keys (the network, its VNI
+/// claim, its endpoint, name and release prefixes), so merging them all in
+/// one transaction would pass etcd's 128 operations from some 25 subnets
+/// on. 30 subnets make one ovl network, which keeps the 29 other VNIs, and
+/// `docker network rm` leaves no key of it. Before: refused ("the change
+/// needs 146 operations in one etcd transaction ... make it in smaller
+/// steps", which a Docker user cannot).
+#[test]
+fn a_docker_network_with_thirty_subnets_is_created_on_etcd() -> Result<()> {
+    let lab = Lab::new("dk-many")?;
+    let world = DockerCluster::start(&lab, StoreKind::Etcd, 1, DockerdOptions::default())?;
+    let net = "dkmany-net";
+    let subnets: Vec<String> = (0..30)
+        .map(|i| format!("198.18.{}.{}/28", 56 + i / 16, (i % 16) * 16))
+        .collect();
+    let mut extra = Vec::new();
+    for subnet in &subnets[1..] {
+        extra.extend(["--subnet", subnet.as_str()]);
+    }
+    world.docker(0, &create_argv(net, &subnets[0], &extra))?;
+    wait_until(VISIBLE_WITHIN, || {
+        Ok(ovl_networks(&world)?.contains(&net.to_owned()))
+    })?;
+    let inspect = world.ovl.inspect(&world.hosts[0].netns, net)?;
+    let mut got: Vec<String> = inspect["subnets"]
+        .as_array()
+        .context("subnets")?
+        .iter()
+        .filter_map(|p| p["subnet"].as_str().map(str::to_owned))
+        .collect();
+    got.sort();
+    let mut want = subnets.clone();
+    want.sort();
+    ensure!(got == want, "{inspect}");
+    let kept: BTreeSet<u64> = inspect["kept_vnis"]
+        .as_array()
+        .context("kept_vnis")?
+        .iter()
+        .filter_map(|k| k["vni"].as_u64())
+        .collect();
+    ensure!(kept.len() == 29, "{inspect}");
+    world.docker(0, &["network", "rm", net])?;
+    let etcd = world.etcd.as_ref().context("etcd")?;
+    let left = etcd.keys("/ovl/networks/")?;
+    let claims = etcd.keys("/ovl/vnis/")?;
+    ensure!(
+        left.is_empty() && claims.is_empty(),
+        "left: {left:?} {claims:?}"
+    );
+    world.stop()
+}
+
 /// `ovl connect` and Docker's RequestAddress racing on the etcd store for
 /// a network's last free addresses go through one allocation: each
 /// address is handed out once, exactly as many requests win as there were

@@ -110,57 +110,72 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
     let subnet = pools[0].0;
     let node = ctx.node.clone();
     let id = req.network_id.clone();
-    let net = store
-        .update_with(Scope::All, |s| {
-            let mtu = s.network_mtu(opts.mtu, opts.encrypted)?;
-            // Docker asked for each pool on its own, before saying which
-            // network they make: the first pool's provisional network
-            // takes the others' subnets (and keeps their VNIs, by which
-            // Docker names their pools).
-            let name = pending_here(s, &node, &subnet)?;
-            for (other, _) in &pools[1..] {
+    let create = |s: &mut OvlState| -> Result<Network, ModelError> {
+        let mtu = s.network_mtu(opts.mtu, opts.encrypted)?;
+        // Docker asked for each pool on its own, before saying which
+        // network they make: the first pool's provisional network
+        // takes the others' subnets (and keeps their VNIs, by which
+        // Docker names their pools).
+        let name = pending_here(s, &node, &subnet)?;
+        for (other, _) in &pools[1..] {
+            let from = pending_here(s, &node, other)?;
+            s.merge_network(&name, &from)?;
+        }
+        // A VNI asked for (vxlanid_list) replaces the one allocated,
+        // which the network keeps: Docker named the pool by it.
+        if let Some(vni) = opts.vni {
+            s.renumber_network(&name, vni)?;
+        }
+        let pending = s.networks.get_mut(&name).expect("found just above");
+        for (subnet, gateway) in &pools {
+            // IPAM's RequestAddress for the gateway set it already.
+            if let Some(gw) = *gateway
+                && pending
+                    .subnets
+                    .iter()
+                    .all(|p| p.subnet != *subnet || p.gateway != gw)
+            {
+                return Err(ModelError::GatewayOutsideSubnets {
+                    gateway: gw,
+                    subnets: subnet.to_string(),
+                });
+            }
+        }
+        ipam::name_aux_addresses(pending, &aux)?;
+        networks::bind(pending, &node, &id);
+        pending.mtu = mtu;
+        pending.internal = opts.internal;
+        pending.encrypted = opts.encrypted;
+        Ok(pending.clone())
+    };
+    let refusal = |e: StoreError| match e {
+        StoreError::Rejected(ModelError::NoSuchNetwork(name)) => Refusal::new(format!(
+            "no pool of ovl's IPAM for {} on this node: create the network with --ipam-driver ovl",
+            networks::pending_subnet(&name).unwrap_or(name)
+        )),
+        e => Refusal::from(e),
+    };
+    // Tried on what the store holds first, so that a creation ovl refuses
+    // changes nothing; then each later pool joins the first in a change
+    // of its own: one change merging them all would outgrow an etcd
+    // transaction (each provisional network is several keys) from some
+    // 25 subnets on. The creation then finds them merged.
+    let mut trial = store.load_in(Scope::All).await?;
+    create(&mut trial).map_err(|e| refusal(e.into()))?;
+    for (other, _) in &pools[1..] {
+        store
+            .update_with(Scope::All, |s| {
+                let name = pending_here(s, &node, &subnet)?;
                 let from = pending_here(s, &node, other)?;
-                s.merge_network(&name, &from)?;
-            }
-            // A VNI asked for (vxlanid_list) replaces the one allocated,
-            // which the network keeps: Docker named the pool by it.
-            if let Some(vni) = opts.vni {
-                s.renumber_network(&name, vni)?;
-            }
-            let pending = s.networks.get_mut(&name).expect("found just above");
-            for (subnet, gateway) in &pools {
-                // IPAM's RequestAddress for the gateway set it already.
-                if let Some(gw) = *gateway
-                    && pending
-                        .subnets
-                        .iter()
-                        .all(|p| p.subnet != *subnet || p.gateway != gw)
-                {
-                    return Err(ModelError::GatewayOutsideSubnets {
-                        gateway: gw,
-                        subnets: subnet.to_string(),
-                    });
-                }
-            }
-            ipam::name_aux_addresses(pending, &aux)?;
-            networks::bind(pending, &node, &id);
-            pending.mtu = mtu;
-            pending.internal = opts.internal;
-            pending.encrypted = opts.encrypted;
-            Ok(pending.clone())
-        })
+                s.merge_network(&name, &from).map(|_| ())
+            })
+            .await
+            .map_err(refusal)?;
+    }
+    let net = store
+        .update_with(Scope::All, create)
         .await
-        .map_err(|e| match e {
-            StoreError::Rejected(ModelError::NoSuchNetwork(name)) => Refusal::new(format!(
-                "no pool of ovl's IPAM for {} on this node: create the network with --ipam-driver ovl",
-                networks::pending_subnet(&name).unwrap_or(name)
-            )),
-            StoreError::Rejected(ModelError::VniInUse { vni, network }) => Refusal::new(format!(
-                "--opt {}={vni}: VNI {vni} is already used by ovl network {network:?}; give another or none",
-                options::VXLANID_LIST
-            )),
-            e => Refusal::from(e),
-        })?;
+        .map_err(refusal)?;
     ctx.remember(&req.network_id, Known::of(&net));
     log::info!(
         "Docker creates network {} on {}: VNI {}, MTU {}{}{}",
