@@ -153,6 +153,15 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
             "no pool of ovl's IPAM for {} on this node: create the network with --ipam-driver ovl",
             networks::pending_subnet(&name).unwrap_or(name)
         )),
+        // The model's advice names `ovl network create --vni`.
+        StoreError::Rejected(ModelError::VniInUse { vni, network }) => Refusal::new(format!(
+            "--opt {}={vni}: VNI {vni} is {}; give another VNI or omit the option",
+            options::VXLANID_LIST,
+            match networks::pending_subnet(&network) {
+                Some(subnet) => format!("taken by a network Docker is creating with {subnet}"),
+                None => format!("already used by network {network:?}"),
+            }
+        )),
         e => Refusal::from(e),
     };
     // Tried on what the store holds first, so that a creation ovl refuses
