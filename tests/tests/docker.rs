@@ -1667,6 +1667,36 @@ fn a_docker_network_with_thirty_subnets_is_created_on_etcd() -> Result<()> {
     world.stop()
 }
 
+/// Each subnet of a network Docker creates keeps the VNI its pool was
+/// given, a claim that naming and removing the network rewrite in one
+/// etcd transaction: past 64 subnets the creation is refused, naming
+/// `ovl network create` (whose networks keep no VNI per subnet), and
+/// nothing is left in ovl's store. Before: 65 subnets were taken, and
+/// from about 124 the network could be neither named (never mirrored)
+/// nor removed (`docker network rm` left it in ovl for good).
+#[test]
+fn a_docker_network_with_more_than_64_subnets_is_refused() -> Result<()> {
+    let lab = Lab::new("dk-toomany")?;
+    let world = DockerCluster::start(&lab, StoreKind::Etcd, 1, DockerdOptions::default())?;
+    let subnets: Vec<String> = (0..65)
+        .map(|i| format!("198.18.{}.{}/28", 64 + i / 16, (i % 16) * 16))
+        .collect();
+    let mut extra = Vec::new();
+    for subnet in &subnets[1..] {
+        extra.extend(["--subnet", subnet.as_str()]);
+    }
+    let needle = "65 subnets: a network Docker creates has at most 64 (each keeps the VNI ovl gave its pool); make it with `ovl network create";
+    create_refused(&world, 0, "dktm-net", &subnets[0], &extra, needle)?;
+    let etcd = world.etcd.as_ref().context("etcd")?;
+    let left = etcd.keys("/ovl/networks/")?;
+    let claims = etcd.keys("/ovl/vnis/")?;
+    ensure!(
+        left.is_empty() && claims.is_empty(),
+        "left: {left:?} {claims:?}"
+    );
+    world.stop()
+}
+
 /// `ovl connect` and Docker's RequestAddress racing on the etcd store for
 /// a network's last free addresses go through one allocation: each
 /// address is handed out once, exactly as many requests win as there were

@@ -39,6 +39,13 @@ pub async fn capabilities(_: Ctx, _: Bytes) -> Response {
 
 const CREATE_NETWORK: &str = "NetworkDriver.CreateNetwork";
 
+/// Subnets of a network Docker creates: each keeps the VNI its pool was
+/// asked under ([`Network::kept_vnis`]), a claim on the etcd store that
+/// renaming and removing the network rewrite in one transaction, which
+/// etcd bounds at 128 operations (beyond some 120 subnets the network
+/// could be neither named nor removed).
+const MAX_DOCKER_SUBNETS: usize = 64;
+
 pub async fn create_network(State(ctx): Ctx, body: Bytes) -> Response {
     answer(CREATE_NETWORK, do_create_network(&ctx, &body).await)
 }
@@ -106,6 +113,12 @@ async fn do_create_network(ctx: &Arc<Context>, body: &[u8]) -> Result<Response, 
             short(&req.network_id)
         );
         return Ok(protocol::ok());
+    }
+    if pools.len() > MAX_DOCKER_SUBNETS {
+        return Err(Refusal::new(format!(
+            "{} subnets: a network Docker creates has at most {MAX_DOCKER_SUBNETS} (each keeps the VNI ovl gave its pool); make it with `ovl network create NAME --subnet ...`, which appears in Docker with every subnet",
+            pools.len()
+        )));
     }
     let subnet = pools[0].0;
     let node = ctx.node.clone();
