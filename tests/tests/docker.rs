@@ -1697,6 +1697,39 @@ fn a_docker_network_with_more_than_64_subnets_is_refused() -> Result<()> {
     world.stop()
 }
 
+/// Two creations racing for a subnet: the pool one Docker asked for (sent
+/// to the plugin as dockerd sends it) refuses the other's `docker network
+/// create`, naming the node that is creating a network with it rather
+/// than its provisional ovl name, and saying the subnet is freed if that
+/// creation fails; once Docker gives the pool back, the create goes
+/// through. Before: "overlaps network "docker-pending-198.18.58.0-24"".
+#[test]
+fn a_subnet_another_docker_creation_holds_is_refused_naming_its_node() -> Result<()> {
+    let lab = Lab::new("dk-race2")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
+    let subnet = "198.18.58.0/24";
+    let body = serde_json::json!({"AddressSpace": "ovl", "Pool": subnet, "SubPool": "",
+        "Options": {}, "V6": false});
+    let (status, reply) = plugin_call(
+        &world.plugin_socket(0),
+        "IpamDriver.RequestPool",
+        &body.to_string(),
+    )?;
+    ensure!(status == 200, "RequestPool: {status} {reply}");
+    let needle = "overlaps 198.18.58.0/24, which Docker on node host-a is creating a network with; pick another subnet, or try again once that creation is over (if it fails, its subnets are freed)";
+    create_refused(&world, 0, "dkr2-net", subnet, &[], needle)?;
+    let pool: Value = serde_json::from_str(&reply)?;
+    let body = serde_json::json!({"PoolID": pool["PoolID"]});
+    let (status, reply) = plugin_call(
+        &world.plugin_socket(0),
+        "IpamDriver.ReleasePool",
+        &body.to_string(),
+    )?;
+    ensure!(status == 200, "ReleasePool: {status} {reply}");
+    create_network(&world, 0, "dkr2-net", subnet)?;
+    world.stop()
+}
+
 /// `ovl connect` and Docker's RequestAddress racing on the etcd store for
 /// a network's last free addresses go through one allocation: each
 /// address is handed out once, exactly as many requests win as there were

@@ -144,7 +144,7 @@ async fn do_request_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
         }
         None => {
             let node = ctx.node.clone();
-            store
+            let created = store
                 .update_with(Scope::All, |s| {
                     s.check_subnet_free(&subnet)?;
                     let name = pending_name(&subnet);
@@ -159,7 +159,17 @@ async fn do_request_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
                     });
                     Ok(n.clone())
                 })
-                .await?
+                .await;
+            match created {
+                Err(StoreError::Rejected(ModelError::SubnetClash {
+                    subnet,
+                    network,
+                    existing,
+                })) if networks::pending_subnet(&network).is_some() => {
+                    return Err(clash_with_creation(&store, subnet, &network, existing).await);
+                }
+                other => other?,
+            }
         }
     };
     let pool = PoolId {
@@ -172,6 +182,30 @@ async fn do_request_pool(ctx: &Context, body: &[u8]) -> Result<Response, Refusal
         pool: subnet.to_string(),
         data: Default::default(),
     }))
+}
+
+/// Why `subnet` is refused when it overlaps `existing`, a pool Docker
+/// asked for while creating a network (`pending`, still provisionally
+/// named): the name says nothing to the user; the node does, and that
+/// the pool is freed if that creation fails (two creations racing for
+/// the same subnets, or a dockerd that died creating it, whose pools go
+/// within seconds).
+async fn clash_with_creation(
+    store: &Store,
+    subnet: Subnet,
+    pending: &str,
+    existing: Subnet,
+) -> Refusal {
+    let node = store.load_in(Scope::Networks).await.ok().and_then(|s| {
+        s.networks
+            .get(pending)
+            .and_then(|n| n.docker_pending.as_ref())
+            .map(|p| p.node.clone())
+    });
+    Refusal::new(format!(
+        "subnet {subnet} overlaps {existing}, which Docker on node {} is creating a network with; pick another subnet, or try again once that creation is over (if it fails, its subnets are freed)",
+        node.as_deref().unwrap_or("?")
+    ))
 }
 
 const RELEASE_POOL: &str = "IpamDriver.ReleasePool";
