@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     api, attachment, bpffs, datapath, egress_nat,
-    ipam::Pool,
+    ipam::{Pool, Subnet},
     metrics::{self, NetworkStats},
     model::{Endpoint, KeptVni, Location, MacAddr, NetworkSpec},
     netlink,
@@ -81,20 +81,22 @@ pub async fn network_ls(store: &Store, json: bool) -> Result<String> {
     if json {
         return Ok(serde_json::to_string_pretty(&rows).expect("rows serialise"));
     }
+    // The subnets last: a network may have many, and a column after them
+    // would not line up.
     let mut out = format!(
-        "{:<20} {:>8} {:<18} {:>5} {:>9}  {:<8}  {}\n",
-        "NAME", "VNI", "SUBNETS", "MTU", "ENDPOINTS", "INTERNAL", "ENCRYPTED"
+        "{:<20} {:>8} {:>5} {:>9}  {:<8}  {:<9}  {}\n",
+        "NAME", "VNI", "MTU", "ENDPOINTS", "INTERNAL", "ENCRYPTED", "SUBNETS"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:<20} {:>8} {:<18} {:>5} {:>9}  {:<8}  {}\n",
+            "{:<20} {:>8} {:>5} {:>9}  {:<8}  {:<9}  {}\n",
             r.name,
             r.vni,
-            r.subnets.join(","),
             r.mtu,
             r.endpoints,
             if r.internal { "yes" } else { "no" },
-            if r.encrypted { "yes" } else { "no" }
+            if r.encrypted { "yes" } else { "no" },
+            r.subnets.join(",")
         ));
     }
     Ok(out)
@@ -112,11 +114,34 @@ struct Inspect<'a> {
     internal: bool,
     /// Traffic between nodes is encrypted (WireGuard).
     encrypted: bool,
-    /// VNIs kept for subnets of networks merged into this one (a Docker
-    /// network created with several subnets): no other network gets them.
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    kept_vnis: &'a [KeptVni],
+    /// VNIs its subnets were named by before (a Docker network created
+    /// with several subnets, or a VNI asked for): no other network gets
+    /// them. Each with the subnets it named.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    kept_vnis: Vec<KeptVniView>,
     endpoints: Vec<&'a Endpoint>,
+}
+
+/// One VNI a network keeps, with the subnets it named.
+#[derive(Serialize)]
+struct KeptVniView {
+    vni: u32,
+    subnets: Vec<Subnet>,
+}
+
+/// The VNIs of `kept`, each once, in the order they were first kept.
+fn kept_vni_views(kept: &[KeptVni]) -> Vec<KeptVniView> {
+    let mut views: Vec<KeptVniView> = Vec::new();
+    for k in kept {
+        match views.iter_mut().find(|v| v.vni == k.vni.get()) {
+            Some(v) => v.subnets.push(k.subnet),
+            None => views.push(KeptVniView {
+                vni: k.vni.get(),
+                subnets: vec![k.subnet],
+            }),
+        }
+    }
+    views
 }
 
 /// `ovl network inspect`: the network and its endpoints as JSON.
@@ -131,7 +156,7 @@ pub async fn network_inspect(store: &Store, name: &str) -> Result<String> {
         mtu: n.mtu,
         internal: n.internal,
         encrypted: n.encrypted,
-        kept_vnis: &n.kept_vnis,
+        kept_vnis: kept_vni_views(&n.kept_vnis),
         endpoints: state.endpoints_of(name).collect(),
     };
     Ok(serde_json::to_string_pretty(&view).expect("inspect view serialises"))
@@ -703,4 +728,29 @@ pub async fn detach(iface: &str, node: &str, pin_root: &Path, api_socket: &Path)
         done.push(format!("nothing of node {node} was left on {iface}"));
     }
     Ok(done.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NetworkSpec, State};
+
+    #[test]
+    fn inspect_shows_each_kept_vni_once_with_the_subnets_it_named() {
+        let mut s = State::default();
+        for (name, subnet) in [("a", "198.18.1.0/24"), ("b", "198.18.2.0/24")] {
+            s.create_network(NetworkSpec::new(name, subnet.parse().unwrap()))
+                .unwrap();
+        }
+        s.merge_network("a", "b").unwrap();
+        let n = s.renumber_network("a", 5000).unwrap();
+        let views = serde_json::to_value(kept_vni_views(&n.kept_vnis)).unwrap();
+        assert_eq!(
+            views,
+            serde_json::json!([
+                {"vni": 4097, "subnets": ["198.18.2.0/24"]},
+                {"vni": 4096, "subnets": ["198.18.1.0/24", "198.18.2.0/24"]},
+            ])
+        );
+    }
 }

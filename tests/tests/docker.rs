@@ -1444,18 +1444,22 @@ fn a_docker_network_with_several_subnets_is_one_ovl_network() -> Result<()> {
         inspect["aux_addresses"] == serde_json::json!({"router": "198.18.42.65"}),
         "{inspect}"
     );
-    // The VNI asked for; the three allocated to the pools are kept.
-    let kept: BTreeSet<u64> = inspect["kept_vnis"]
-        .as_array()
-        .context("kept_vnis")?
+    // The VNI asked for; the three allocated to the pools are kept, each
+    // listed once with the subnets it named (the first pool's, all three:
+    // they were its network's when it was renumbered).
+    let kept_list = inspect["kept_vnis"].as_array().context("kept_vnis")?;
+    let kept: Vec<u64> = kept_list.iter().filter_map(|m| m["vni"].as_u64()).collect();
+    let named: Vec<usize> = kept_list
         .iter()
-        .filter_map(|m| m["vni"].as_u64())
+        .map(|m| m["subnets"].as_array().map_or(0, Vec::len))
         .collect();
     ensure!(
-        inspect["vni"] == 5042 && kept.len() == 3 && !kept.contains(&5042),
+        inspect["vni"] == 5042
+            && kept.iter().collect::<BTreeSet<_>>().len() == 3
+            && !kept.contains(&5042)
+            && named == [1, 1, 3],
         "{inspect}"
     );
-    let kept: Vec<u64> = kept.into_iter().collect();
 
     // Host A: the first pool's first free address, then --ip in every
     // subnet (two of whose pools Docker names by the kept VNIs).
