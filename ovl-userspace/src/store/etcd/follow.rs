@@ -32,6 +32,10 @@ impl EtcdStore {
                 let from = tx.borrow().state.revision;
                 match store.follow(from, &tx).await {
                     Ok(()) => return, // every receiver is gone
+                    // Its readers went as the watch broke (a stopping
+                    // agent drops the connection the watch runs on):
+                    // nothing to warn about, nobody to follow for.
+                    Err(_) if tx.is_closed() => return,
                     Err(e) => log::warn!("{e}; keeping the last known state and re-listing"),
                 }
                 // A value that cannot be read keeps what it was read as
@@ -100,8 +104,11 @@ impl EtcdStore {
         };
         loop {
             let msg = tokio::select! {
-                m = stream.message() => m,
+                // Readers gone first: their going may be what breaks the
+                // stream.
+                biased;
                 _ = tx.closed() => return Ok(()),
+                m = stream.message() => m,
             };
             let resp = match msg {
                 Ok(Some(r)) => r,
