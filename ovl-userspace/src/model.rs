@@ -1502,15 +1502,16 @@ impl State {
     }
 
     /// Puts back an endpoint that was freed while its node was cut off, if
-    /// its network still exists and its address and MAC are still free;
-    /// returns whether it was restored.
+    /// its network still exists and its address, MAC and name are still
+    /// free; returns whether it was restored.
     pub fn restore_endpoint(&mut self, ep: &Endpoint) -> bool {
         let free = self.networks.contains_key(&ep.network)
             && !self
                 .endpoints
                 .iter()
                 .any(|e| e.network == ep.network && e.ip == ep.ip)
-            && self.mac_holder(ep).is_none();
+            && self.mac_holder(ep).is_none()
+            && self.check_name_free(&ep.network, None, &ep.name).is_ok();
         if free {
             self.forget_release(&ep.network, ep.ip);
             self.endpoints.push(ep.clone());
@@ -1526,10 +1527,25 @@ impl State {
             .find(|e| e.network == ep.network && e.mac == ep.mac && e.ip != ep.ip)
     }
 
+    /// The endpoints of `ep`'s network called by its name or one of the
+    /// names it could be put back under instead.
+    fn name_holders(&self, ep: &Endpoint) -> Vec<&Endpoint> {
+        let names = crate::release::fallback_names(ep);
+        self.endpoints
+            .iter()
+            .filter(|e| e.network == ep.network)
+            .filter(|e| {
+                e.name.eq_ignore_ascii_case(&ep.name)
+                    || names.iter().any(|n| e.name.eq_ignore_ascii_case(n))
+            })
+            .collect()
+    }
+
     /// Puts back `node`'s endpoints `wanted` that the store lost, where
     /// their address is still free (held back or not: the grace exists for
-    /// this) and no other endpoint of the network took their MAC, and
-    /// records the addresses and MACs taken meanwhile under the node
+    /// this) and no other endpoint of the network took their MAC — under
+    /// a fallback name where another took their name — and records the
+    /// addresses, MACs (and names) taken meanwhile under the node
     /// (replacing what its previous attempt recorded).
     pub fn restore_endpoints(&mut self, node: &str, wanted: &[Endpoint]) -> RestoreOutcome {
         let mut out = RestoreOutcome::default();
@@ -1539,28 +1555,44 @@ impl State {
                 .iter()
                 .find(|e| e.network == ep.network && e.ip == ep.ip);
             let mac_holder = self.mac_holder(ep);
+            let named = self.name_holders(ep);
             let network = self.networks.get(&ep.network);
-            match crate::release::judge(ep, holder, mac_holder, network, self.clock.now_ms) {
-                Verdict::Present => out.present += 1,
-                Verdict::Restore => {
-                    self.forget_release(&ep.network, ep.ip);
-                    let mut ep = ep.clone();
-                    let taken: Vec<PublishedPort> = ep
-                        .ports
-                        .iter()
-                        .filter(|p| self.port_holder(node, p).is_some())
-                        .copied()
-                        .collect();
-                    ep.ports.retain(|p| !taken.contains(p));
-                    out.unpublished
-                        .extend(taken.into_iter().map(|p| (ep.clone(), p)));
-                    self.endpoints.push(ep.clone());
-                    out.restored.push(ep);
+            let verdict =
+                crate::release::judge(ep, holder, mac_holder, &named, network, self.clock.now_ms);
+            let ep = match verdict {
+                Verdict::Restore => ep.clone(),
+                Verdict::Rename(how) => {
+                    let renamed = how.apply(ep);
+                    out.renamed.push(how);
+                    renamed
                 }
-                Verdict::NetworkGone => out.networks_gone.push(ep.clone()),
-                Verdict::Superseded => {}
-                Verdict::Conflict(c) => out.conflicts.push(c),
-            }
+                Verdict::Present => {
+                    out.present += 1;
+                    continue;
+                }
+                Verdict::NetworkGone => {
+                    out.networks_gone.push(ep.clone());
+                    continue;
+                }
+                Verdict::Superseded => continue,
+                Verdict::Conflict(c) => {
+                    out.conflicts.push(c);
+                    continue;
+                }
+            };
+            self.forget_release(&ep.network, ep.ip);
+            let mut ep = ep;
+            let taken: Vec<PublishedPort> = ep
+                .ports
+                .iter()
+                .filter(|p| self.port_holder(node, p).is_some())
+                .copied()
+                .collect();
+            ep.ports.retain(|p| !taken.contains(p));
+            out.unpublished
+                .extend(taken.into_iter().map(|p| (ep.clone(), p)));
+            self.endpoints.push(ep.clone());
+            out.restored.push(ep);
         }
         if out.conflicts.is_empty() {
             self.conflicts.remove(node);
@@ -3408,6 +3440,93 @@ mod tests {
         let healed = s.restore_endpoints("n1", &[mine.clone(), plain]);
         assert_eq!((healed.restored, healed.present), (vec![mine], 1));
         assert!(!s.conflicts.contains_key("n1"));
+    }
+
+    #[test]
+    fn restoring_puts_back_an_endpoint_whose_name_another_took_under_its_fallback() {
+        let mut s = State::default();
+        s.create_network(spec("a", None)).unwrap();
+        s.clock = at(100);
+        let id = "4f9c2d1e7a3b5d6e7f8091a2b3c4d5e6";
+        let mine = s
+            .add_container(ContainerSpec {
+                name: Some("db".into()),
+                owner: Some(format!("docker:{id}")),
+                ..container("a", "n1", "/run/docker/netns/0123")
+            })
+            .unwrap();
+        let mine = s
+            .set_names("a", mine.ip, None, vec!["database".into()])
+            .unwrap();
+        s.remove_node("n1").unwrap();
+        // While n1 is away, a container of n2 is called db (its address
+        // is held back, its MAC is derived from it: both stay free).
+        let holder = s
+            .add_container(ContainerSpec {
+                name: Some("DB".into()),
+                ..container("a", "n2", "t1")
+            })
+            .unwrap();
+        assert_ne!(holder.ip, mine.ip);
+        let out = s.restore_endpoints("n1", std::slice::from_ref(&mine));
+        // Back, under its short endpoint ID, with its aliases (its old
+        // name not among them).
+        let back = Endpoint {
+            name: "4f9c2d1e7a3b".into(),
+            ..mine.clone()
+        };
+        assert_eq!(back.aliases, ["database"]);
+        assert_eq!(out.restored, vec![back.clone()]);
+        assert!(out.conflicts.is_empty(), "{:?}", out.conflicts);
+        assert!(!s.conflicts.contains_key("n1"));
+        let r = &out.renamed[..];
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(
+            (r[0].from.as_str(), r[0].to.as_str(), r[0].holder_ip),
+            ("db", "4f9c2d1e7a3b", holder.ip)
+        );
+        let text = r[0].to_string();
+        for needle in [
+            "a/198.18.0.2 (/run/docker/netns/0123) is back as 4f9c2d1e7a3b",
+            "its name db is held by DB (t1 on n2) at 198.18.0.3",
+            "reconnect it with another --name",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+        }
+        let called: Vec<Ipv4Addr> = s
+            .endpoints
+            .iter()
+            .filter(|e| e.name.eq_ignore_ascii_case("db"))
+            .map(|e| e.ip)
+            .collect();
+        assert_eq!(called, [holder.ip], "one endpoint is called db");
+        assert_eq!(s.endpoints.iter().find(|e| e.ip == mine.ip), Some(&back));
+        // The Docker plugin's naming pass, asked for the container's
+        // names, leaves it as it is.
+        let wanted = crate::attachment::naming::Wanted {
+            name: "db".into(),
+            aliases: vec!["database".into()],
+        };
+        let docker = crate::attachment::naming::choose(
+            &s,
+            "a",
+            Some(&back),
+            &wanted,
+            crate::docker::short(id),
+        );
+        assert_eq!(
+            (docker.name, docker.aliases),
+            (back.name.clone(), back.aliases.clone())
+        );
+        // Next time it is present: the rename is reported once.
+        let again = s.restore_endpoints("n1", std::slice::from_ref(&mine));
+        assert_eq!((again.present, again.renamed.len()), (1, 0));
+        // One at a time, as the etcd store's own writers do, a taken name
+        // is refused.
+        s.remove_container("a", "n1", "/run/docker/netns/0123")
+            .unwrap();
+        assert!(!s.restore_endpoint(&mine));
+        assert!(s.restore_endpoint(&back));
     }
 
     #[test]

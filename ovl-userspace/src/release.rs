@@ -9,7 +9,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Endpoint, Location, MacAddr, Network, host_ifname as host_ifname_for};
+use crate::model::{
+    Endpoint, Location, MacAddr, Network, host_ifname as host_ifname_for, validate_endpoint_name,
+};
 
 /// How long a freed address is held back by default: longer than any
 /// sensible liveness lease (default 10 s), so a node that was cut off for
@@ -72,9 +74,10 @@ impl GraceClock {
 }
 
 /// A node came back and found one of its addresses — or, with its
-/// address free, the MAC its endpoint was given (`connect --mac`) — held
-/// by another endpoint of the network: the newer owner keeps it, the
-/// node's container is cut off until it is reconnected.
+/// address free, the MAC its endpoint was given (`connect --mac`), or its
+/// name and every fallback name ([`fallback_names`]) — held by another
+/// endpoint of the network: the newer owner keeps it, the node's
+/// container is cut off until it is reconnected.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddressConflict {
     pub network: String,
@@ -91,6 +94,10 @@ pub struct AddressConflict {
     /// holder has (absent in records of address conflicts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<HeldMac>,
+    /// Set when its address and MAC are free but its name and every
+    /// fallback name are held (the holder: its name's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub name_held: bool,
 }
 
 /// The MAC of a [`AddressConflict`] over a MAC, and where its holder is.
@@ -102,27 +109,34 @@ pub struct HeldMac {
 }
 
 impl AddressConflict {
-    /// What the returning endpoint lost: "address" or "MAC".
+    /// What the returning endpoint lost: "address", "MAC" or "name".
     pub fn what(&self) -> &'static str {
-        match self.mac {
-            Some(_) => "MAC",
-            None => "address",
+        match (self.mac, self.name_held) {
+            (Some(_), _) => "MAC",
+            (None, true) => "name",
+            (None, false) => "address",
         }
+    }
+}
+
+/// `name` of the endpoint at `location`, said with where it is.
+fn described(name: &str, location: &Location) -> String {
+    match location {
+        Location::Container { node, netns, .. } => format!("{name} ({netns} on {node})"),
+        Location::Static { vtep } => format!("{name} (behind VTEP {vtep})"),
+        Location::Reserved { node } => format!("{name} (reserved by Docker on {node})"),
     }
 }
 
 impl std::fmt::Display for AddressConflict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let holder = match &self.holder {
-            Location::Container { node, netns, .. } => {
-                format!("{} ({netns} on {node})", self.holder_name)
-            }
-            Location::Static { vtep } => format!("{} (behind VTEP {vtep})", self.holder_name),
-            Location::Reserved { node } => {
-                format!("{} (reserved by Docker on {node})", self.holder_name)
-            }
-        };
+        let holder = described(&self.holder_name, &self.holder);
         match &self.mac {
+            None if self.name_held => write!(
+                f,
+                "name {} of {}/{} ({}) is held by {holder}, and so is each name it could be called instead: {} was not put back; reconnect it with another --name (or disconnect the holder first and reconnect it)",
+                self.name, self.network, self.ip, self.netns, self.name
+            ),
             None => write!(
                 f,
                 "{}/{} of {} ({}) is held by {holder}",
@@ -135,6 +149,88 @@ impl std::fmt::Display for AddressConflict {
             ),
         }
     }
+}
+
+/// A node came back and found the name of one of its endpoints (its
+/// address and MAC free) held by another endpoint of the network: the
+/// holder keeps the name, the endpoint is put back under `to`, its first
+/// free [`fallback_names`], with its aliases (its old name is not made one:
+/// it would resolve to both, the clash this avoids).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Renamed {
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    /// The name it had, which the holder has now.
+    pub from: String,
+    /// The name it is put back under.
+    pub to: String,
+    /// The holder of `from` (its name, as it spells it).
+    pub holder_name: String,
+    pub holder_ip: Ipv4Addr,
+    pub holder: Location,
+}
+
+impl Renamed {
+    /// `wanted` as it is put back: under its new name.
+    pub fn apply(&self, wanted: &Endpoint) -> Endpoint {
+        Endpoint {
+            name: self.to.clone(),
+            ..wanted.clone()
+        }
+    }
+}
+
+impl std::fmt::Display for Renamed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "endpoint {}/{} ({}) is back as {}: its name {} is held by {} at {}, which keeps it; to have a name of your choice, reconnect it with another --name (or disconnect the holder first and reconnect it with --name {})",
+            self.network,
+            self.ip,
+            self.netns,
+            self.to,
+            self.from,
+            described(&self.holder_name, &self.holder),
+            self.holder_ip,
+            self.from
+        )
+    }
+}
+
+/// The names, in order, an endpoint whose name another holds may be put
+/// back under: a Docker endpoint's short endpoint ID (what the plugin's
+/// naming falls back to, `docker::names`), a CNI attachment's short
+/// container ID (as `cni::add`'s), any other container its namespace's
+/// base name; then, for all, its address as a name (`ep-198-18-0-5`),
+/// which no other endpoint is given unless asked for. Only valid names
+/// other than its own, once each.
+pub fn fallback_names(e: &Endpoint) -> Vec<String> {
+    let owner = e.owner.as_deref().unwrap_or_default();
+    let first = if let Some(id) = crate::docker::endpoint_of(owner) {
+        Some(crate::docker::short(id).to_owned())
+    } else if let Some(rest) = owner.strip_prefix(crate::cni::env::OWNER_PREFIX) {
+        let container = rest.rsplit_once('/').map_or(rest, |(c, _)| c);
+        Some(crate::cni::env::short_id(container))
+    } else {
+        match &e.location {
+            Location::Container { netns, .. } => std::path::Path::new(netns)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_owned),
+            Location::Static { .. } | Location::Reserved { .. } => None,
+        }
+    };
+    let by_address = format!("ep-{}", e.ip.to_string().replace('.', "-"));
+    let mut out: Vec<String> = Vec::new();
+    for name in first.into_iter().chain([by_address]) {
+        let fresh = !name.eq_ignore_ascii_case(&e.name)
+            && !out.iter().any(|o| o.eq_ignore_ascii_case(&name));
+        if fresh && validate_endpoint_name(&name).is_ok() {
+            out.push(name);
+        }
+    }
+    out
 }
 
 /// Whether `wanted` fits `network` as it is now: its address lies in one
@@ -186,61 +282,104 @@ pub enum Verdict {
     /// its namespace deleted) and the address handed on while no agent
     /// watched. Nothing to put back, and nobody lost anything.
     Superseded,
-    /// Another endpoint holds its address, or its MAC.
+    /// Its address and MAC are free, another endpoint has its name: put
+    /// it back under a fallback name ([`Renamed::apply`]).
+    Rename(Renamed),
+    /// Another endpoint holds its address, or its MAC, or its name and
+    /// every fallback name.
     Conflict(AddressConflict),
 }
 
 /// Judges `wanted` against what holds its address now (`holder`), the
 /// endpoint of its network at another address that has its MAC now
-/// (`mac_holder`), and its network as it is now (`network`, none if
-/// removed). Two endpoints of one network with one MAC would each take
-/// the other's frames: a MAC taken meanwhile is a conflict like an
-/// address.
+/// (`mac_holder`), the endpoints of its network called by its name or
+/// one of its [`fallback_names`] now (`named`; others are ignored), and
+/// its network as it is now (`network`, none if removed). Two endpoints
+/// of one network with one MAC would each take the other's frames: a MAC
+/// taken meanwhile is a conflict like an address. A name is unique per
+/// network but no reason to cut a container off: with its name taken
+/// meanwhile it comes back under a fallback, as a new attachment would
+/// (`attachment::naming`).
 pub fn judge(
     wanted: &Endpoint,
     holder: Option<&Endpoint>,
     mac_holder: Option<&Endpoint>,
+    named: &[&Endpoint],
     network: Option<&Network>,
     now_ms: u64,
 ) -> Verdict {
     if !network.is_some_and(|n| fits(wanted, n)) {
         return Verdict::NetworkGone;
     }
-    let conflict = |h: &Endpoint, mac: Option<HeldMac>| {
-        Verdict::Conflict(AddressConflict {
-            network: wanted.network.clone(),
-            ip: wanted.ip,
-            name: wanted.name.clone(),
-            netns: match &wanted.location {
-                Location::Container { netns, .. } => netns.clone(),
-                Location::Static { .. } | Location::Reserved { .. } => String::new(),
-            },
-            holder_name: h.name.clone(),
-            holder: h.location.clone(),
-            at_ms: now_ms,
-            mac,
-        })
+    let conflict = |h: &Endpoint, mac: Option<HeldMac>| AddressConflict {
+        network: wanted.network.clone(),
+        ip: wanted.ip,
+        name: wanted.name.clone(),
+        netns: netns_of(wanted),
+        holder_name: h.name.clone(),
+        holder: h.location.clone(),
+        at_ms: now_ms,
+        mac,
+        name_held: false,
+    };
+    let holder_of_name = |name: &str| {
+        named
+            .iter()
+            .find(|e| e.ip != wanted.ip && e.name.eq_ignore_ascii_case(name))
+            .copied()
     };
     match (holder, mac_holder) {
         (Some(h), _) if h.location == wanted.location => Verdict::Present,
         (Some(h), _) if same_veth(h, wanted) => Verdict::Superseded,
-        (Some(h), _) => conflict(h, None),
+        (Some(h), _) => Verdict::Conflict(conflict(h, None)),
         (None, Some(h)) if h.mac == wanted.mac && h.ip != wanted.ip => {
             if same_container(h, wanted) {
                 // The container itself was connected anew at another
                 // address, keeping its MAC, while no agent watched.
                 Verdict::Superseded
             } else {
-                conflict(
+                Verdict::Conflict(conflict(
                     h,
                     Some(HeldMac {
                         mac: wanted.mac,
                         holder_ip: h.ip,
                     }),
-                )
+                ))
             }
         }
-        (None, _) => Verdict::Restore,
+        (None, _) => match holder_of_name(&wanted.name) {
+            None => Verdict::Restore,
+            // The container itself was connected anew at another address
+            // under its name while no agent watched.
+            Some(h) if same_container(h, wanted) => Verdict::Superseded,
+            Some(h) => match fallback_names(wanted)
+                .into_iter()
+                .find(|n| holder_of_name(n).is_none())
+            {
+                Some(to) => Verdict::Rename(Renamed {
+                    network: wanted.network.clone(),
+                    ip: wanted.ip,
+                    netns: netns_of(wanted),
+                    from: wanted.name.clone(),
+                    to,
+                    holder_name: h.name.clone(),
+                    holder_ip: h.ip,
+                    holder: h.location.clone(),
+                }),
+                None => Verdict::Conflict(AddressConflict {
+                    name_held: true,
+                    ..conflict(h, None)
+                }),
+            },
+        },
+    }
+}
+
+/// The namespace of a container's endpoint (empty for others).
+fn netns_of(e: &Endpoint) -> String {
+    match &e.location {
+        Location::Container { netns, .. } => netns.clone(),
+        Location::Static { .. } | Location::Reserved { .. } => String::new(),
     }
 }
 
@@ -266,8 +405,10 @@ fn same_container(a: &Endpoint, b: &Endpoint) -> bool {
 /// What putting back a node's endpoints did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoreOutcome {
-    /// Put back.
+    /// Put back (under their new name, those renamed).
     pub restored: Vec<Endpoint>,
+    /// Put back under a fallback name: another endpoint has theirs now.
+    pub renamed: Vec<Renamed>,
     /// Still in the store: nothing done.
     pub present: usize,
     /// Taken by another endpoint meanwhile (recorded under the node).
@@ -332,9 +473,12 @@ mod tests {
         let mine = ep("a", "c1");
         let net = network(4096, "198.18.0.0/24");
         let net = Some(&net);
-        assert_eq!(judge(&mine, None, None, net, 1), Verdict::Restore);
-        assert_eq!(judge(&mine, Some(&mine), None, net, 1), Verdict::Present);
-        assert_eq!(judge(&mine, None, None, None, 1), Verdict::NetworkGone);
+        assert_eq!(judge(&mine, None, None, &[], net, 1), Verdict::Restore);
+        assert_eq!(
+            judge(&mine, Some(&mine), None, &[], net, 1),
+            Verdict::Present
+        );
+        assert_eq!(judge(&mine, None, None, &[], None, 1), Verdict::NetworkGone);
         // Removed and created again under its name: another subnet, or
         // another VNI (its veth named for the old one) is another network.
         for again in [
@@ -342,7 +486,7 @@ mod tests {
             network(4097, "198.18.0.0/24"),
         ] {
             assert_eq!(
-                judge(&mine, None, None, Some(&again), 1),
+                judge(&mine, None, None, &[], Some(&again), 1),
                 Verdict::NetworkGone,
                 "{again:?}"
             );
@@ -350,10 +494,10 @@ mod tests {
         // A newer container of the same node at that address has the
         // veth now: the wanted one was disconnected, nothing is lost.
         assert_eq!(
-            judge(&mine, Some(&ep("a", "c2")), None, net, 1),
+            judge(&mine, Some(&ep("a", "c2")), None, &[], net, 1),
             Verdict::Superseded
         );
-        let Verdict::Conflict(c) = judge(&mine, Some(&ep("b", "c9")), None, net, 7) else {
+        let Verdict::Conflict(c) = judge(&mine, Some(&ep("b", "c9")), None, &[], net, 7) else {
             panic!("a foreign holder is a conflict");
         };
         assert_eq!(
@@ -376,7 +520,7 @@ mod tests {
         let mut thief = ep("b", "c9");
         thief.ip = Ipv4Addr::new(198, 18, 0, 9);
         thief.mac = mac;
-        let Verdict::Conflict(c) = judge(&mine, None, Some(&thief), net, 7) else {
+        let Verdict::Conflict(c) = judge(&mine, None, Some(&thief), &[], net, 7) else {
             panic!("a MAC another endpoint has is a conflict");
         };
         assert_eq!(
@@ -396,7 +540,7 @@ mod tests {
             assert!(text.contains(needle), "{needle:?} not in {text}");
         }
         // An address conflict says nothing of MACs.
-        let Verdict::Conflict(c) = judge(&mine, Some(&thief), Some(&thief), net, 7) else {
+        let Verdict::Conflict(c) = judge(&mine, Some(&thief), Some(&thief), &[], net, 7) else {
             panic!("a held address is a conflict");
         };
         assert_eq!((c.mac, c.what()), (None, "address"));
@@ -405,15 +549,129 @@ mod tests {
         let mut again = mine.clone();
         again.ip = thief.ip;
         assert_eq!(
-            judge(&mine, None, Some(&again), net, 7),
+            judge(&mine, None, Some(&again), &[], net, 7),
             Verdict::Superseded
         );
         // A holder of another MAC (or none) leaves it free.
         thief.mac = MacAddr::for_ipv4(thief.ip);
-        assert_eq!(judge(&mine, None, Some(&thief), net, 7), Verdict::Restore);
+        assert_eq!(
+            judge(&mine, None, Some(&thief), &[], net, 7),
+            Verdict::Restore
+        );
         // A conflict recorded before MACs were judged still reads.
         let old = r#"{"network":"n","ip":"198.18.0.5","name":"c1","netns":"c1","holder_name":"c9","holder":{"kind":"static","vtep":"192.0.2.9"},"at_ms":7}"#;
         let c: AddressConflict = serde_json::from_str(old).unwrap();
         assert_eq!(c.mac, None);
+    }
+
+    #[test]
+    fn a_returning_endpoint_falls_back_to_its_short_id_netns_or_address_as_a_name() {
+        let docker = Endpoint {
+            owner: Some("docker:4f9c2d1e7a3b5d6e7f80".into()),
+            ..ep("a", "/run/docker/netns/0123")
+        };
+        assert_eq!(fallback_names(&docker), ["4f9c2d1e7a3b", "ep-198-18-0-5"]);
+        let cni = Endpoint {
+            owner: Some("cni:9e8d7c6b5a4f3e2d1c0b/eth1".into()),
+            ..ep("a", "/var/run/netns/cni-1234")
+        };
+        assert_eq!(fallback_names(&cni), ["9e8d7c6b5a4f", "ep-198-18-0-5"]);
+        let plain = Endpoint {
+            name: "web".into(),
+            ..ep("a", "/run/netns/blue")
+        };
+        assert_eq!(fallback_names(&plain), ["blue", "ep-198-18-0-5"]);
+        // A namespace whose name is no valid name, or is its own name,
+        // leaves its address.
+        let odd = Endpoint {
+            name: "web".into(),
+            ..ep("a", "/run/netns/my ns")
+        };
+        assert_eq!(fallback_names(&odd), ["ep-198-18-0-5"]);
+        let same = Endpoint {
+            name: "C1".into(),
+            ..ep("a", "/run/netns/c1")
+        };
+        assert_eq!(fallback_names(&same), ["ep-198-18-0-5"]);
+    }
+
+    #[test]
+    fn a_returning_endpoint_whose_name_another_took_is_renamed_or_in_conflict() {
+        let net = network(4096, "198.18.0.0/24");
+        let net = Some(&net);
+        let mine = Endpoint {
+            name: "db".into(),
+            aliases: vec!["database".into()],
+            ..ep("a", "/run/netns/c1")
+        };
+        let mut holder = ep("b", "t1");
+        holder.ip = Ipv4Addr::new(198, 18, 0, 9);
+        holder.name = "DB".into();
+        // Another called otherwise, or only by an alias, is no clash.
+        let other = Endpoint {
+            name: "web".into(),
+            aliases: vec!["db".into()],
+            ..holder.clone()
+        };
+        assert_eq!(
+            judge(&mine, None, None, &[&other], net, 7),
+            Verdict::Restore
+        );
+
+        let Verdict::Rename(how) = judge(&mine, None, None, &[&holder], net, 7) else {
+            panic!("a name another has is a rename");
+        };
+        let back = how.apply(&mine);
+        assert_eq!(
+            back,
+            Endpoint {
+                name: "c1".into(),
+                ..mine.clone()
+            },
+            "its netns's name, its aliases kept"
+        );
+        assert_eq!(
+            (how.from.as_str(), how.to.as_str(), how.holder_ip),
+            ("db", "c1", holder.ip)
+        );
+        assert!(
+            how.to_string()
+                .contains("its name db is held by DB (t1 on b) at 198.18.0.9"),
+            "{how}"
+        );
+        // Its first fallback held as well: its address.
+        let c1 = Endpoint {
+            name: "c1".into(),
+            ..other.clone()
+        };
+        let Verdict::Rename(how) = judge(&mine, None, None, &[&holder, &c1], net, 7) else {
+            panic!("a rename");
+        };
+        assert_eq!(how.apply(&mine).name, "ep-198-18-0-5");
+        // Every fallback held: a name conflict.
+        let by_ip = Endpoint {
+            name: "EP-198-18-0-5".into(),
+            ..other.clone()
+        };
+        let Verdict::Conflict(c) = judge(&mine, None, None, &[&holder, &c1, &by_ip], net, 7) else {
+            panic!("nothing left to call it: a conflict");
+        };
+        assert_eq!((c.what(), c.holder_name.as_str()), ("name", "DB"));
+        assert!(
+            c.to_string().contains("reconnect it with another --name"),
+            "{c}"
+        );
+        // The same container, connected anew under its name at another
+        // address while no agent watched, supersedes it.
+        let again = Endpoint {
+            ip: holder.ip,
+            ..mine.clone()
+        };
+        assert_eq!(
+            judge(&mine, None, None, &[&again], net, 7),
+            Verdict::Superseded
+        );
+        // The endpoint itself (at its address) is no holder of its name.
+        assert_eq!(judge(&mine, None, None, &[&mine], net, 7), Verdict::Restore);
     }
 }

@@ -255,7 +255,9 @@ fn host_link_exists(e: &Endpoint) -> bool {
 /// decides in batched transactions against what it holds now, and records
 /// addresses (and MACs given with `--mac`) taken meanwhile as conflicts
 /// under the node (`ovl node ls`);
-/// they are logged loudly and counted. Returns how many conflicts there are.
+/// they are logged loudly and counted. An endpoint whose name another
+/// took meanwhile is put back under a fallback name, which is logged
+/// once. Returns how many conflicts there are.
 pub async fn restore_endpoints(store: &Store, node: &str, memory: &Memory) -> Option<usize> {
     let candidates: Vec<Endpoint> = memory
         .endpoints
@@ -273,6 +275,9 @@ pub async fn restore_endpoints(store: &Store, node: &str, memory: &Memory) -> Op
                     "restored {} local endpoint(s) the store had lost",
                     out.restored.len()
                 );
+            }
+            for r in &out.renamed {
+                log::warn!("name conflict: {r}");
             }
             for c in &out.conflicts {
                 log::error!(

@@ -21,11 +21,6 @@ use crate::{attachment, dns, model::MacAddr, netlink, ports::PublishedPort};
 /// (as `ovl connect` does): the container starts right after ADD.
 const READY_WAIT: Duration = Duration::from_secs(2);
 
-/// Longest prefix of the container ID used as the endpoint name when the
-/// runtime gives no pod name, or when another endpoint holds that name
-/// (as `podman ps` shortens IDs).
-const SHORT_ID_LEN: usize = 12;
-
 /// ADD; returns the result JSON.
 pub async fn add(
     inv: &Invocation,
@@ -66,7 +61,7 @@ pub async fn add(
             ),
         ));
     }
-    let short_id: String = inv.container_id.chars().take(SHORT_ID_LEN).collect();
+    let short_id = super::env::short_id(&inv.container_id);
     let name = inv
         .args
         .get("K8S_POD_NAME")

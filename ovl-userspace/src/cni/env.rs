@@ -77,6 +77,17 @@ pub fn owner(container_id: &str, ifname: &str) -> String {
 /// What every owner string the CNI plugin writes starts with.
 pub const OWNER_PREFIX: &str = "cni:";
 
+/// Longest prefix of the container ID used as the endpoint name when the
+/// runtime gives no pod name, or when another endpoint holds that name
+/// (as `podman ps` shortens IDs).
+const SHORT_ID_LEN: usize = 12;
+
+/// The short form of `container_id`: an attachment's name when it has no
+/// other, or when another endpoint holds the one it asks for.
+pub fn short_id(container_id: &str) -> String {
+    container_id.chars().take(SHORT_ID_LEN).collect()
+}
+
 /// The spec's rule: an alphanumeric, then alphanumerics, `_`, `.`, `-`.
 fn validate_container_id(id: &str) -> Result<(), CniError> {
     let mut chars = id.chars();

@@ -34,14 +34,22 @@ const OTHER_DRIVER: &str = "ovl's IPAM serves only networks of driver ovl: remov
 /// Owner of an address Docker's IPAM reserved, before its CreateEndpoint.
 pub const OWNER_IPAM: &str = "docker-ipam";
 
+/// What the owner of a Docker endpoint's address starts with.
+const ENDPOINT_OWNER_PREFIX: &str = "docker:";
+
 /// Owner of the address of Docker endpoint `endpoint_id`.
 pub fn owner_of(endpoint_id: &str) -> String {
-    format!("docker:{endpoint_id}")
+    format!("{ENDPOINT_OWNER_PREFIX}{endpoint_id}")
+}
+
+/// The Docker endpoint whose address `owner` ([`owner_of`]) owns.
+pub fn endpoint_of(owner: &str) -> Option<&str> {
+    owner.strip_prefix(ENDPOINT_OWNER_PREFIX)
 }
 
 /// True for owners the Docker plugin gives.
 pub fn is_docker_owner(owner: &str) -> bool {
-    owner == OWNER_IPAM || owner.starts_with("docker:")
+    owner == OWNER_IPAM || endpoint_of(owner).is_some()
 }
 
 /// A pool as Docker names it: `<vni>:<subnet>`. The VNI identifies the

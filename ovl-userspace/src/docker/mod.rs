@@ -38,7 +38,8 @@ use axum::{Router, body::Bytes, extract::State, response::Response, routing::pos
 use tokio::{net::UnixListener, sync::OnceCell};
 
 pub use self::engine::{Engine, EngineError};
-pub use self::ipam::is_docker_owner;
+pub use self::ipam::{endpoint_of, is_docker_owner};
+pub use self::networks::short;
 use self::protocol::Refusal;
 use crate::{agent::view::View, api, model::Network, store::Store};
 

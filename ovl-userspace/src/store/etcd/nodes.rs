@@ -12,29 +12,31 @@ use super::{
     ENDPOINTS, EtcdStore, MAX_ATTEMPTS, MAX_TXN_OPS, Range, Snapshot,
     codec::{
         ALIVE, ConflictsRecord, NODES, alive_key, claim_value_of, claims_of, conflicts_key,
-        endpoint_key, holder_of, json, mac_key, network_key, node_key, parse, port_key,
+        endpoint_key, holder_of, json, mac_key, name_key, network_key, node_key, parse, port_key,
         ports_prefix, released_key,
     },
 };
 use crate::{
     model::{Endpoint, Location, ModelError, Network},
-    release::{GraceClock, Released, RestoreOutcome, Verdict, judge},
+    release::{GraceClock, Released, RestoreOutcome, Verdict, fallback_names, judge},
     store::StoreError,
 };
 
 /// Compares of one transaction putting endpoints back at most: each
 /// endpoint compares its key and release record (plus its network once),
-/// one prefix per published port and the claim of the MAC it was given.
+/// the claim of the name it comes back under, one prefix per published
+/// port and the claim of the MAC it was given.
 const RESTORE_COMPARES: usize = MAX_TXN_OPS - 8;
 
 /// How many of `mine`, from the first, one transaction puts back (at
-/// least one). Its operations (the key, the release record's delete,
-/// one claim per port, the MAC's claim) are fewer than its compares.
+/// least one). Its operations (the key, the release record's delete, the
+/// name's claim, one claim per port, the MAC's claim) are fewer than its
+/// compares.
 fn restore_batch_len(mine: &[&Endpoint]) -> usize {
     let mut compares = 0;
     let mut n = 0;
     for e in mine {
-        let need = 3 + e.ports.len() + usize::from(e.given_mac().is_some());
+        let need = 4 + e.ports.len() + usize::from(e.given_mac().is_some());
         if n > 0 && compares + need > RESTORE_COMPARES {
             break;
         }
@@ -193,7 +195,8 @@ impl EtcdStore {
     /// Puts back `node`'s endpoints in `wanted` that the store lost, in
     /// batches; an address another endpoint holds now, or a given MAC
     /// another endpoint of the network claims now, is a conflict, recorded
-    /// under the node.
+    /// under the node. One whose name another endpoint claims now comes
+    /// back under a fallback name, which it claims.
     pub async fn restore_endpoints(
         &self,
         node: &str,
@@ -239,15 +242,23 @@ impl EtcdStore {
                     ranges.extend(e.ports.iter().map(|p| Range::Prefix(ports_prefix(node, p))));
                 }
                 ranges.extend(e.given_mac().map(|m| Range::Key(mac_key(&e.network, m))));
+                ranges.extend(name_claims(e).into_iter().map(Range::Key));
             }
             let mut snap = self.read(&ranges).await?;
-            // The endpoints the MAC claims point at, at the same revision.
-            let holders: Vec<Range> = batch
+            // The endpoints the MAC and name claims point at, at the same
+            // revision.
+            let holders: BTreeSet<String> = batch
                 .iter()
-                .filter_map(|e| mac_claim_holder(&snap, e))
+                .flat_map(|e| {
+                    let mac = mac_claim_holder(&snap, e);
+                    let names = name_claims(e)
+                        .into_iter()
+                        .filter_map(|claim| claim_holder(&snap, &claim, e));
+                    mac.into_iter().chain(names).collect::<Vec<_>>()
+                })
                 .filter(|k| !snap.kvs.contains_key(k))
-                .map(Range::Key)
                 .collect();
+            let holders: Vec<Range> = holders.into_iter().map(Range::Key).collect();
             if !holders.is_empty() {
                 self.read_into(&holders, &mut snap).await?;
             }
@@ -260,6 +271,8 @@ impl EtcdStore {
             // MACs this transaction claims: one claim per key and
             // transaction (etcd refuses a key put twice in one).
             let mut claimed: BTreeMap<String, Endpoint> = BTreeMap::new();
+            // Likewise the names it claims.
+            let mut named_here: BTreeMap<String, Endpoint> = BTreeMap::new();
             for e in batch {
                 let key = endpoint_key(&e.network, e.ip);
                 let Ok(holder) = holder_in(&snap, &key) else {
@@ -276,6 +289,25 @@ impl EtcdStore {
                     },
                     _ => None,
                 };
+                // Who is called by its name or a fallback: whom each
+                // claim points at, or what this transaction claims.
+                let mut named = Vec::new();
+                let mut unreadable = false;
+                for claim in name_claims(e) {
+                    if let Some(h) = named_here.get(&claim) {
+                        named.push(h.clone());
+                    } else if let Some(k) = claim_holder(&snap, &claim, e) {
+                        match holder_in(&snap, &k) {
+                            Ok(h) => named.extend(h),
+                            Err(()) => unreadable = true,
+                        }
+                    }
+                }
+                if unreadable {
+                    // Whose name it is cannot be told.
+                    continue;
+                }
+                let named: Vec<&Endpoint> = named.iter().collect();
                 let net = network_key(&e.network);
                 let network = snap.kvs.get(&net).and_then(|(v, _)| {
                     parse::<Network>(&net, v)
@@ -286,11 +318,28 @@ impl EtcdStore {
                     e,
                     holder.as_ref(),
                     mac_holder.as_ref(),
+                    &named,
                     network.as_ref(),
                     now,
                 );
-                let mut e = (*e).clone();
-                if verdict == Verdict::Restore {
+                let mut e = match &verdict {
+                    Verdict::Rename(how) => how.apply(e),
+                    _ => (*e).clone(),
+                };
+                if matches!(verdict, Verdict::Restore | Verdict::Rename(..)) {
+                    // The claim of the name it comes back under, as read
+                    // (absent, or left pointing at an endpoint not called
+                    // so): a connect taking the name meanwhile changed it,
+                    // and this commit fails. A name another holds is not
+                    // written: its claim stays the holder's.
+                    let claim = name_key(&e.network, &e.name);
+                    compares.push(Compare::mod_revision(
+                        claim.as_str(),
+                        CompareOp::Equal,
+                        snap.mod_rev(&claim),
+                    ));
+                    ops.push(TxnOp::put(claim.as_str(), claim_value_of(&claim, &e), None));
+                    named_here.insert(claim, e.clone());
                     // Its MAC's claim, as read (absent, or left pointing at
                     // an endpoint without that MAC): a connect giving the
                     // MAC meanwhile changed it, and this commit fails.
@@ -365,6 +414,10 @@ impl EtcdStore {
                 match verdict {
                     Verdict::Present => out.present += 1,
                     Verdict::Restore => out.restored.push(e),
+                    Verdict::Rename(how) => {
+                        out.renamed.push(how);
+                        out.restored.push(e);
+                    }
                     Verdict::NetworkGone => out.networks_gone.push(e),
                     Verdict::Superseded => {}
                     Verdict::Conflict(c) => out.conflicts.push(c),
@@ -460,9 +513,23 @@ fn taken_ports(snap: &Snapshot, key: &str, e: &Endpoint) -> Vec<crate::ports::Pu
 /// The endpoint (its key) that the claim in `snap` of the MAC `e` was
 /// given points at, when it is another than `e`.
 fn mac_claim_holder(snap: &Snapshot, e: &Endpoint) -> Option<String> {
-    let claim = mac_key(&e.network, e.given_mac()?);
-    let (value, _) = snap.kvs.get(&claim)?;
-    holder_of(&claim, value).filter(|k| *k != endpoint_key(&e.network, e.ip))
+    claim_holder(snap, &mac_key(&e.network, e.given_mac()?), e)
+}
+
+/// The key of the endpoint other than `e` that `claim` points at in
+/// `snap`, if any.
+fn claim_holder(snap: &Snapshot, claim: &str, e: &Endpoint) -> Option<String> {
+    let (value, _) = snap.kvs.get(claim)?;
+    holder_of(claim, value).filter(|k| *k != endpoint_key(&e.network, e.ip))
+}
+
+/// The claims of `e`'s name and of each name it could be put back under
+/// instead ([`fallback_names`]).
+fn name_claims(e: &Endpoint) -> Vec<String> {
+    std::iter::once(e.name.clone())
+        .chain(fallback_names(e))
+        .map(|n| name_key(&e.network, &n))
+        .collect()
 }
 
 /// The endpoint at `key` in `snap`, if any; an error (logged) when the
