@@ -736,13 +736,23 @@ async fn holders_of(store: &Store, network: &str, mac: MacAddr) -> Result<Vec<En
 
 /// The claim of `mac` on `network` as etcd holds it (its value), if any.
 async fn mac_claim(etcd: &Etcd, network: &str, mac: MacAddr) -> Result<Option<String>> {
+    claim(etcd, &format!("/ovl/macs/{network}/{mac}")).await
+}
+
+/// The claim at `key` as etcd holds it (its value), if any.
+async fn claim(etcd: &Etcd, key: &str) -> Result<Option<String>> {
     let mut raw =
         etcd_client::Client::connect([format!("http://{}", etcd.endpoint())], None).await?;
-    let got = raw.get(format!("/ovl/macs/{network}/{mac}"), None).await?;
+    let got = raw.get(key, None).await?;
     Ok(got
         .kvs()
         .first()
         .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+}
+
+/// Whether a claim's value (`claim`) points at the endpoint at `ip`.
+fn points_at(claim: Option<&str>, ip: Ipv4Addr) -> bool {
+    claim.is_some_and(|c| c.contains(&format!("\"{ip}\"")))
 }
 
 /// Two hosts (two connections to etcd, as two `ovl connect` on two
@@ -1000,6 +1010,90 @@ fn a_returning_node_leaves_out_an_endpoint_whose_mac_another_container_took() ->
         ensure!(
             matches!(&late, StoreError::Rejected(ModelError::MacTaken { ip, .. }) if *ip == mine.ip),
             "{late}"
+        );
+        Ok(())
+    })
+}
+
+/// A node back after its lease lapsed finds the name of one of its
+/// containers taken by a container of another node (its address is held
+/// back and its MAC derived from it: both free). The endpoint is put back
+/// under its fallback name (its namespace's), which it claims in the
+/// restore; the holder keeps the name and its claim, and exactly one
+/// endpoint is called so.
+#[test]
+fn a_returning_node_puts_back_an_endpoint_whose_name_another_took_under_its_fallback() -> Result<()>
+{
+    let (_lab, ns, etcd) = etcd("st-name-back")?;
+    let url = etcd.url();
+    let etcd = &etcd;
+    inside(&ns, async || {
+        let store = Store::open(&url).await?;
+        create_network(&store, "n", "198.18.0.0/24").await?;
+        let reg = short_lived_node(&store, "back").await?;
+        let named = |node: &str, netns: &str, name: &str| ContainerSpec {
+            name: Some(name.into()),
+            ..container("n", node, netns, None)
+        };
+        let mine = connect(&store, named("back", "/run/netns/c1", "db")).await?;
+        let plain = connect(&store, container("n", "back", "c2", None)).await?;
+        ensure!(free_when_dead(&store, "back", reg).await? == 2);
+        ensure!(
+            claim(etcd, "/ovl/names/n/db").await?.is_none(),
+            "freeing left the claim"
+        );
+        // Meanwhile a container of another node is called DB.
+        let holder = connect(&store, named("other", "t1", "DB")).await?;
+        ensure!(holder.ip != mine.ip, "{} handed out again", mine.ip);
+
+        let out = store
+            .restore_endpoints("back", &[mine.clone(), plain.clone()])
+            .await?;
+        let back = Endpoint {
+            name: "c1".into(),
+            ..mine.clone()
+        };
+        ensure!(
+            out.restored == [back.clone(), plain.clone()] && out.conflicts.is_empty(),
+            "{out:?}"
+        );
+        let r = &out.renamed;
+        ensure!(
+            r.len() == 1
+                && (r[0].from.as_str(), r[0].to.as_str(), r[0].holder_ip)
+                    == ("db", "c1", holder.ip),
+            "{r:?}"
+        );
+        let state = store.load().await?;
+        let called: Vec<Ipv4Addr> = state
+            .endpoints
+            .iter()
+            .filter(|e| e.network == "n" && e.name.eq_ignore_ascii_case("db"))
+            .map(|e| e.ip)
+            .collect();
+        ensure!(called == [holder.ip], "db is the name of {called:?}");
+        ensure!(state.endpoints.contains(&back), "{:?}", state.endpoints);
+        ensure!(!state.conflicts.contains_key("back"));
+        // The claims: the taken name's stays the holder's; the fallback
+        // and the other endpoint's own name are claimed by the restore.
+        let db = claim(etcd, "/ovl/names/n/db").await?;
+        ensure!(points_at(db.as_deref(), holder.ip), "db claimed by {db:?}");
+        let c1 = claim(etcd, "/ovl/names/n/c1").await?;
+        ensure!(points_at(c1.as_deref(), mine.ip), "c1 claimed by {c1:?}");
+        let c2 = claim(etcd, "/ovl/names/n/c2").await?;
+        ensure!(points_at(c2.as_deref(), plain.ip), "c2 claimed by {c2:?}");
+        let late = attachment::register(&store, &request("n", "late", Some("C1"), None))
+            .await
+            .unwrap_err();
+        ensure!(
+            matches!(&late, StoreError::Rejected(ModelError::NameTaken { ip, .. }) if *ip == mine.ip),
+            "{late}"
+        );
+        // Next time both are present: the rename is reported once.
+        let again = store.restore_endpoints("back", &[mine, plain]).await?;
+        ensure!(
+            again.present == 2 && again.restored.is_empty() && again.renamed.is_empty(),
+            "{again:?}"
         );
         Ok(())
     })
