@@ -924,6 +924,97 @@ fn a_node_returning_to_a_mac_given_away_meanwhile_reports_the_conflict_and_the_n
     world.stop()
 }
 
+/// The story told of a name: C's container is called db; while C is cut
+/// off past its lease its endpoint is freed (its address held back, its
+/// name free at once) and a new container on B is called db. C comes
+/// back and puts its endpoint back under its namespace's name (a name is
+/// no reason to cut a container off), saying so once; db stays B's alone,
+/// and A's container reaches C's by its new name and B's by db.
+#[test]
+fn a_node_returning_to_a_name_given_away_meanwhile_puts_its_endpoint_back_under_a_fallback()
+-> Result<()> {
+    let lab = Lab::new("etcd-name-taken")?;
+    let world = cluster_with_network(&lab)?;
+    let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
+    let cc = lab.container("cc")?;
+    let ip_c = world.ovl.connect(
+        &world.hosts[C],
+        ThreeHosts::NODES[C],
+        NETWORK,
+        &cc,
+        &["--name", "db"],
+    )?;
+    let vni = vni_of(&world, A)?;
+    wait_for_maps(&world, vni, &[(ip_a, A), (ip_c, C)])?;
+
+    let etcd_addr = cut_off_until_freed(&world, ip_c)?;
+    let c = ThreeHosts::NODES[C];
+    // B calls a new container db (C's address is held back).
+    let cb = lab.container("cb")?;
+    let ip_b = world.ovl.connect(
+        &world.hosts[B],
+        ThreeHosts::NODES[B],
+        NETWORK,
+        &cb,
+        &["--name", "db"],
+    )?;
+    ensure!(ip_b != ip_c, "C's held-back {ip_c} was handed out");
+
+    cut_off_from_etcd(&world, C, etcd_addr, false)?;
+    let fallback = cc.name();
+    let names = || -> Result<Vec<(Ipv4Addr, String)>> {
+        let net = world.inspect(A, NETWORK)?;
+        net["endpoints"]
+            .as_array()
+            .with_context(|| format!("no endpoints in {net}"))?
+            .iter()
+            .map(|e| {
+                Ok((
+                    e["ip"].as_str().context("ip")?.parse()?,
+                    e["name"].as_str().context("name")?.to_owned(),
+                ))
+            })
+            .collect()
+    };
+    wait_until(Duration::from_secs(LEASE_TTL + 15), || {
+        Ok(node_is(&world, A, c, "yes")? && names()?.contains(&(ip_c, fallback.to_owned())))
+    })
+    .with_context(|| format!("C's endpoint never came back as {fallback}: {:?}", names()))?;
+    let called_db: Vec<Ipv4Addr> = names()?
+        .into_iter()
+        .filter(|(_, n)| n.eq_ignore_ascii_case("db"))
+        .map(|(ip, _)| ip)
+        .collect();
+    ensure!(called_db == [ip_b], "db should be B's alone: {called_db:?}");
+    let conflicts = conflicts_of(&world, A, c)?;
+    ensure!(
+        conflicts.is_empty(),
+        "a rename recorded as a conflict: {conflicts:?}"
+    );
+    let log = world.agents[C].log()?;
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("name conflict"))
+        .collect();
+    ensure!(
+        said.len() == 1
+            && said[0].contains(&format!("is back as {fallback}"))
+            && said[0].contains(&format!("held by db ({} on host-b) at {ip_b}", cb.name())),
+        "C's agent did not say once that db is back as {fallback}:\n{log}"
+    );
+
+    // By name from A: the new name is C's container, db is B's.
+    for (name, ip) in [(fallback, ip_c), ("db", ip_b)] {
+        wait_until(PROPAGATION, || {
+            let out = ca.exec_unchecked(&["ping", "-c", "1", "-W", "1", name])?;
+            Ok(out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains(&format!("({ip})")))
+        })
+        .with_context(|| format!("A's container never reached {name} at {ip}"))?;
+    }
+    world.stop()
+}
+
 /// Echo requests of the outage probe, 50 ms apart: 4 s of traffic.
 const OUTAGE_PINGS: u32 = 80;
 

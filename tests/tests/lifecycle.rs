@@ -859,6 +859,111 @@ fn a_mac_given_away_while_the_node_was_removed_is_a_conflict_when_its_agent_retu
     world.stop()
 }
 
+/// On the file store, a node's endpoints go while its agent is down by
+/// `ovl node rm`; if meanwhile a container of the other node is called by
+/// the name one of them had, the returning agent puts that endpoint back
+/// under its fallback name (its namespace's, keeping its alias) and says so
+/// once; the other keeps the name, and the returning container resolves
+/// and answers under its new name.
+#[test]
+fn a_name_given_away_while_the_node_was_removed_is_a_rename_when_its_agent_returns() -> Result<()> {
+    let lab = Lab::new("lc-name")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let ip1 = world.ovl.connect(
+        &world.hosts[0],
+        TwoHosts::NODES[0],
+        "uber-net",
+        &c1,
+        &["--name", "db", "--alias", "database"],
+    )?;
+    world.kill_agent(0)?;
+    let out = world.run(1, &["node", "rm", TwoHosts::NODES[0]])?;
+    ensure!(out.contains("freed its 1 endpoint"), "{out}");
+    let c3 = lab.container("c3")?;
+    let ip3 = world.ovl.connect(
+        &world.hosts[1],
+        TwoHosts::NODES[1],
+        "uber-net",
+        &c3,
+        &["--name", "DB"],
+    )?;
+    ensure!(ip3 != ip1, "c1's held-back {ip1} was handed out");
+    world.restart_agent(&lab, 0, &[])?;
+    world.agents[0].wait_in_step()?;
+
+    let fallback = c1.name();
+    let log = world.agents[0].log()?;
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("name conflict"))
+        .collect();
+    ensure!(
+        said.len() == 1
+            && said[0].contains(&format!("is back as {fallback}"))
+            && said[0].contains(&format!("its name db is held by DB ({}", c3.name()))
+            && said[0].contains(&format!("at {ip3}")),
+        "the agent did not say once that db is back as {fallback}:\n{log}"
+    );
+    let net = world.inspect(1, "uber-net")?;
+    let endpoints = net["endpoints"].as_array().context("endpoints")?;
+    let called = |name: &str| -> Vec<&Value> {
+        endpoints
+            .iter()
+            .filter(|e| {
+                e["name"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            })
+            .map(|e| &e["ip"])
+            .collect()
+    };
+    ensure!(
+        called("db") == [&Value::from(ip3.to_string())]
+            && called(fallback) == [&Value::from(ip1.to_string())],
+        "db should be DB's alone, c1 back as {fallback}: {net}"
+    );
+    let nodes: Value = serde_json::from_str(&world.run(0, &["node", "ls", "--json"])?)?;
+    ensure!(
+        nodes.as_array().is_some_and(|n| n
+            .iter()
+            .all(|r| r["conflicts"].as_array().is_none_or(Vec::is_empty))),
+        "a rename recorded as a conflict: {nodes}"
+    );
+
+    // By name: c1 answers under its new name and its alias, db is the
+    // holder's alone.
+    let ip1s = ip1.to_string();
+    wait_until(Duration::from_secs(10), || {
+        Ok(addresses(&c3, fallback)? == [ip1s.as_str()])
+    })
+    .with_context(|| format!("{fallback} never resolved to {ip1} alone"))?;
+    ensure!(addresses(&c3, "database")? == [ip1s.as_str()]);
+    ensure!(addresses(&c1, "db")? == [ip3.to_string()]);
+    let out = c3.exec(&["ping", "-c", "1", "-W", "2", fallback])?;
+    let out = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.contains(&format!("({ip1})")), "ping {fallback}: {out}");
+    world.stop()
+}
+
+/// The IPv4 addresses `name` resolves to inside `ns` (`getent ahostsv4`),
+/// each once, in order.
+fn addresses(ns: &ovl_tests::Netns, name: &str) -> Result<Vec<String>> {
+    let out = ns.exec_unchecked(&["getent", "ahostsv4", name])?;
+    let mut seen = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(a) = line.split_whitespace().next()
+            && !seen.iter().any(|s| s == a)
+        {
+            seen.push(a.to_owned());
+        }
+    }
+    Ok(seen)
+}
+
 #[test]
 fn a_state_dir_that_cannot_be_written_is_reported_once_with_what_it_costs() -> Result<()> {
     let lab = Lab::new("lc-rostate")?;
