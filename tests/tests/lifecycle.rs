@@ -810,6 +810,7 @@ fn a_mac_given_away_while_the_node_was_removed_is_a_conflict_when_its_agent_retu
         &c1,
         &["--mac", mac],
     )?;
+    wait_remembered(&world, 0, "uber-net", ip1)?;
     world.kill_agent(0)?;
     let out = world.run(1, &["node", "rm", TwoHosts::NODES[0]])?;
     ensure!(out.contains("freed its 1 endpoint"), "{out}");
@@ -880,6 +881,7 @@ fn a_name_given_away_while_the_node_was_removed_is_a_rename_when_its_agent_retur
         &c1,
         &["--name", "db", "--alias", "database"],
     )?;
+    wait_remembered(&world, 0, "uber-net", ip1)?;
     world.kill_agent(0)?;
     let out = world.run(1, &["node", "rm", TwoHosts::NODES[0]])?;
     ensure!(out.contains("freed its 1 endpoint"), "{out}");
@@ -947,6 +949,29 @@ fn a_name_given_away_while_the_node_was_removed_is_a_rename_when_its_agent_retur
     let out = String::from_utf8_lossy(&out.stdout);
     ensure!(out.contains(&format!("({ip1})")), "ping {fallback}: {out}");
     world.stop()
+}
+
+/// Waits until host `i`'s agent remembers (its journal, `agent.json`)
+/// endpoint `ip` of `network`: `ovl connect` returns once the endpoint
+/// forwards, and the journal is written just after the maps, so an agent
+/// killed right after a connect may not know the endpoint when it returns.
+fn wait_remembered(
+    world: &TwoHosts,
+    i: usize,
+    network: &str,
+    ip: std::net::Ipv4Addr,
+) -> Result<()> {
+    let env = world.ovl.env(TwoHosts::NODES[i]);
+    let dir = env
+        .iter()
+        .find(|(k, _)| k == "OVL_STATE_DIR")
+        .map(|(_, v)| Path::new(v).join("agent.json"))
+        .context("the lab gives every agent OVL_STATE_DIR")?;
+    let key = format!("\"{network}/{ip}\"");
+    wait_until(Duration::from_secs(5), || {
+        Ok(std::fs::read_to_string(&dir).is_ok_and(|j| j.contains(&key)))
+    })
+    .with_context(|| format!("{} never remembered {network}/{ip}", dir.display()))
 }
 
 /// The IPv4 addresses `name` resolves to inside `ns` (`getent ahostsv4`),
