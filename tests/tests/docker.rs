@@ -1631,14 +1631,8 @@ fn a_docker_network_with_thirty_subnets_is_created_on_etcd() -> Result<()> {
     let lab = Lab::new("dk-many")?;
     let world = DockerCluster::start(&lab, StoreKind::Etcd, 1, DockerdOptions::default())?;
     let net = "dkmany-net";
-    let subnets: Vec<String> = (0..30)
-        .map(|i| format!("198.18.{}.{}/28", 56 + i / 16, (i % 16) * 16))
-        .collect();
-    let mut extra = Vec::new();
-    for subnet in &subnets[1..] {
-        extra.extend(["--subnet", subnet.as_str()]);
-    }
-    world.docker(0, &create_argv(net, &subnets[0], &extra))?;
+    let subnets = many_subnets(30, 56);
+    world.docker(0, &create_argv(net, &subnets[0], &more_subnets(&subnets)))?;
     wait_until(VISIBLE_WITHIN, || {
         Ok(ovl_networks(&world)?.contains(&net.to_owned()))
     })?;
@@ -1661,6 +1655,28 @@ fn a_docker_network_with_thirty_subnets_is_created_on_etcd() -> Result<()> {
         .collect();
     ensure!(kept.len() == 29, "{inspect}");
     world.docker(0, &["network", "rm", net])?;
+    no_network_in_etcd(&world)?;
+    world.stop()
+}
+
+/// `n` /28 subnets from 198.18.`third`.0 on.
+fn many_subnets(n: usize, third: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("198.18.{}.{}/28", third + i / 16, (i % 16) * 16))
+        .collect()
+}
+
+/// `--subnet S` for every subnet of `subnets` but the first (which
+/// [`create_argv`] takes).
+fn more_subnets(subnets: &[String]) -> Vec<&str> {
+    subnets[1..]
+        .iter()
+        .flat_map(|s| ["--subnet", s.as_str()])
+        .collect()
+}
+
+/// The etcd store holds no network and no VNI claim.
+fn no_network_in_etcd(world: &DockerCluster) -> Result<()> {
     let etcd = world.etcd.as_ref().context("etcd")?;
     let left = etcd.keys("/ovl/networks/")?;
     let claims = etcd.keys("/ovl/vnis/")?;
@@ -1668,7 +1684,7 @@ fn a_docker_network_with_thirty_subnets_is_created_on_etcd() -> Result<()> {
         left.is_empty() && claims.is_empty(),
         "left: {left:?} {claims:?}"
     );
-    world.stop()
+    Ok(())
 }
 
 /// Each subnet of a network Docker creates keeps the VNI its pool was
@@ -1682,22 +1698,17 @@ fn a_docker_network_with_thirty_subnets_is_created_on_etcd() -> Result<()> {
 fn a_docker_network_with_more_than_64_subnets_is_refused() -> Result<()> {
     let lab = Lab::new("dk-toomany")?;
     let world = DockerCluster::start(&lab, StoreKind::Etcd, 1, DockerdOptions::default())?;
-    let subnets: Vec<String> = (0..65)
-        .map(|i| format!("198.18.{}.{}/28", 64 + i / 16, (i % 16) * 16))
-        .collect();
-    let mut extra = Vec::new();
-    for subnet in &subnets[1..] {
-        extra.extend(["--subnet", subnet.as_str()]);
-    }
+    let subnets = many_subnets(65, 64);
     let needle = "65 subnets: a network Docker creates has at most 64 (each keeps the VNI ovl gave its pool); make it with `ovl network create";
-    create_refused(&world, 0, "dktm-net", &subnets[0], &extra, needle)?;
-    let etcd = world.etcd.as_ref().context("etcd")?;
-    let left = etcd.keys("/ovl/networks/")?;
-    let claims = etcd.keys("/ovl/vnis/")?;
-    ensure!(
-        left.is_empty() && claims.is_empty(),
-        "left: {left:?} {claims:?}"
-    );
+    create_refused(
+        &world,
+        0,
+        "dktm-net",
+        &subnets[0],
+        &more_subnets(&subnets),
+        needle,
+    )?;
+    no_network_in_etcd(&world)?;
     world.stop()
 }
 

@@ -119,6 +119,52 @@ fn cut_off_until_freed(world: &ThreeHosts, ip_c: Ipv4Addr) -> Result<Ipv4Addr> {
     Ok(etcd_addr)
 }
 
+/// What [`given_away_while_cut_off`] made.
+struct Away {
+    /// A container on A, reaching the others.
+    ca: Netns,
+    /// C's container and its address (freed while C was cut off).
+    cc: Netns,
+    ip_c: Ipv4Addr,
+    /// B's container, given what C's had.
+    cb: Netns,
+    ip_b: Ipv4Addr,
+    /// Where C reaches etcd once its cut heals.
+    etcd_addr: Ipv4Addr,
+}
+
+/// Containers on A and on C (connected with `c_args`); C cut off past its
+/// lease until its endpoint is freed; then a container on B connected
+/// with `b_args` (at another address: C's is held back).
+fn given_away_while_cut_off(
+    lab: &Lab,
+    world: &ThreeHosts,
+    c_args: &[&str],
+    b_args: &[&str],
+) -> Result<Away> {
+    let (ca, ip_a) = world.container(lab, A, NETWORK, "ca")?;
+    let cc = lab.container("cc")?;
+    let ip_c = world
+        .ovl
+        .connect(&world.hosts[C], ThreeHosts::NODES[C], NETWORK, &cc, c_args)?;
+    let vni = vni_of(world, A)?;
+    wait_for_maps(world, vni, &[(ip_a, A), (ip_c, C)])?;
+    let etcd_addr = cut_off_until_freed(world, ip_c)?;
+    let cb = lab.container("cb")?;
+    let ip_b = world
+        .ovl
+        .connect(&world.hosts[B], ThreeHosts::NODES[B], NETWORK, &cb, b_args)?;
+    ensure!(ip_b != ip_c, "C's held-back {ip_c} was handed out");
+    Ok(Away {
+        ca,
+        cc,
+        ip_c,
+        cb,
+        ip_b,
+        etcd_addr,
+    })
+}
+
 /// Reconnects host C to etcd (at `etcd_addr`) and waits until the others
 /// see it alive again with the conflicts it found; returns them.
 fn heal_until_conflict(
@@ -851,31 +897,21 @@ fn a_node_returning_to_a_mac_given_away_meanwhile_reports_the_conflict_and_the_n
     let lab = Lab::new("etcd-mac-taken")?;
     let world = cluster_with_network(&lab)?;
     let mac = "0a:00:5e:00:02:01";
-    let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
-    let cc = lab.container("cc")?;
-    let ip_c = world.ovl.connect(
-        &world.hosts[C],
-        ThreeHosts::NODES[C],
-        NETWORK,
-        &cc,
-        &["--mac", mac],
-    )?;
-    let vni = vni_of(&world, A)?;
-    wait_for_maps(&world, vni, &[(ip_a, A), (ip_c, C)])?;
-
-    let etcd_addr = cut_off_until_freed(&world, ip_c)?;
-    let c = ThreeHosts::NODES[C];
-
     // B gives the MAC to a new container (C's address is held back).
-    let cb = lab.container("cb")?;
-    let ip_b = world.ovl.connect(
-        &world.hosts[B],
-        ThreeHosts::NODES[B],
-        NETWORK,
-        &cb,
+    let Away {
+        ca,
+        ip_c,
+        cb,
+        ip_b,
+        etcd_addr,
+        ..
+    } = given_away_while_cut_off(
+        &lab,
+        &world,
+        &["--mac", mac],
         &["--mac", mac, "--name", "newer"],
     )?;
-    ensure!(ip_b != ip_c, "C's held-back {ip_c} was handed out");
+    let c = ThreeHosts::NODES[C];
     expect_reachable(&ca, ip_b, 3)?;
 
     let seen = heal_until_conflict(&world, etcd_addr)?;
@@ -935,30 +971,16 @@ fn a_node_returning_to_a_name_given_away_meanwhile_puts_its_endpoint_back_under_
 -> Result<()> {
     let lab = Lab::new("etcd-name-taken")?;
     let world = cluster_with_network(&lab)?;
-    let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
-    let cc = lab.container("cc")?;
-    let ip_c = world.ovl.connect(
-        &world.hosts[C],
-        ThreeHosts::NODES[C],
-        NETWORK,
-        &cc,
-        &["--name", "db"],
-    )?;
-    let vni = vni_of(&world, A)?;
-    wait_for_maps(&world, vni, &[(ip_a, A), (ip_c, C)])?;
-
-    let etcd_addr = cut_off_until_freed(&world, ip_c)?;
-    let c = ThreeHosts::NODES[C];
     // B calls a new container db (C's address is held back).
-    let cb = lab.container("cb")?;
-    let ip_b = world.ovl.connect(
-        &world.hosts[B],
-        ThreeHosts::NODES[B],
-        NETWORK,
-        &cb,
-        &["--name", "db"],
-    )?;
-    ensure!(ip_b != ip_c, "C's held-back {ip_c} was handed out");
+    let Away {
+        ca,
+        cc,
+        ip_c,
+        cb,
+        ip_b,
+        etcd_addr,
+    } = given_away_while_cut_off(&lab, &world, &["--name", "db"], &["--name", "db"])?;
+    let c = ThreeHosts::NODES[C];
 
     cut_off_from_etcd(&world, C, etcd_addr, false)?;
     let fallback = cc.name();

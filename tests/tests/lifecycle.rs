@@ -6,14 +6,15 @@
 //! older agent made get the offload settings of this one.
 
 use std::ffi::CString;
+use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    AGENT_METRICS, BackgroundPing, Lab, Pair, TwoHosts, bpf, dump_endpoints, iperf3_server, ping,
-    upgrade_object, wait_until,
+    AGENT_METRICS, BackgroundPing, Lab, Netns, Pair, TwoHosts, bpf, dump_endpoints, iperf3_server,
+    ping, upgrade_object, wait_until,
 };
 use serde_json::Value;
 
@@ -797,34 +798,9 @@ fn an_address_handed_on_while_the_agent_was_down_is_no_conflict() -> Result<()> 
 fn a_mac_given_away_while_the_node_was_removed_is_a_conflict_when_its_agent_returns() -> Result<()>
 {
     let lab = Lab::new("lc-mac")?;
-    let mut world = TwoHosts::start(&lab, "auto")?;
     let mac = "0a:00:5e:00:03:01";
-    world
-        .ovl
-        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
-    let c1 = lab.container("c1")?;
-    let ip1 = world.ovl.connect(
-        &world.hosts[0],
-        TwoHosts::NODES[0],
-        "uber-net",
-        &c1,
-        &["--mac", mac],
-    )?;
-    wait_remembered(&world, 0, "uber-net", ip1)?;
-    world.kill_agent(0)?;
-    let out = world.run(1, &["node", "rm", TwoHosts::NODES[0]])?;
-    ensure!(out.contains("freed its 1 endpoint"), "{out}");
-    let c3 = lab.container("c3")?;
-    let ip3 = world.ovl.connect(
-        &world.hosts[1],
-        TwoHosts::NODES[1],
-        "uber-net",
-        &c3,
-        &["--mac", mac, "--name", "newer"],
-    )?;
-    ensure!(ip3 != ip1, "c1's held-back {ip1} was handed out");
-    world.restart_agent(&lab, 0, &[])?;
-    world.agents[0].wait_in_step()?;
+    let (world, _c1, ip1, _c3, ip3) =
+        given_away_while_removed(&lab, &["--mac", mac], &["--mac", mac, "--name", "newer"])?;
 
     let log = world.agents[0].log()?;
     ensure!(
@@ -869,33 +845,11 @@ fn a_mac_given_away_while_the_node_was_removed_is_a_conflict_when_its_agent_retu
 #[test]
 fn a_name_given_away_while_the_node_was_removed_is_a_rename_when_its_agent_returns() -> Result<()> {
     let lab = Lab::new("lc-name")?;
-    let mut world = TwoHosts::start(&lab, "auto")?;
-    world
-        .ovl
-        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
-    let c1 = lab.container("c1")?;
-    let ip1 = world.ovl.connect(
-        &world.hosts[0],
-        TwoHosts::NODES[0],
-        "uber-net",
-        &c1,
+    let (world, c1, ip1, c3, ip3) = given_away_while_removed(
+        &lab,
         &["--name", "db", "--alias", "database"],
-    )?;
-    wait_remembered(&world, 0, "uber-net", ip1)?;
-    world.kill_agent(0)?;
-    let out = world.run(1, &["node", "rm", TwoHosts::NODES[0]])?;
-    ensure!(out.contains("freed its 1 endpoint"), "{out}");
-    let c3 = lab.container("c3")?;
-    let ip3 = world.ovl.connect(
-        &world.hosts[1],
-        TwoHosts::NODES[1],
-        "uber-net",
-        &c3,
         &["--name", "DB"],
     )?;
-    ensure!(ip3 != ip1, "c1's held-back {ip1} was handed out");
-    world.restart_agent(&lab, 0, &[])?;
-    world.agents[0].wait_in_step()?;
 
     let fallback = c1.name();
     let log = world.agents[0].log()?;
@@ -949,6 +903,46 @@ fn a_name_given_away_while_the_node_was_removed_is_a_rename_when_its_agent_retur
     let out = String::from_utf8_lossy(&out.stdout);
     ensure!(out.contains(&format!("({ip1})")), "ping {fallback}: {out}");
     world.stop()
+}
+
+/// Two hosts on the file store: c1 on host A connected to `uber-net` with
+/// `c1_args`; A's agent killed and A removed (`ovl node rm`, which frees
+/// c1's endpoint); c3 on B connected with `c3_args` (at another address:
+/// c1's is held back); A's agent started again and in step. Returns the
+/// world, c1 and c3 with their addresses.
+fn given_away_while_removed(
+    lab: &Lab,
+    c1_args: &[&str],
+    c3_args: &[&str],
+) -> Result<(TwoHosts, Netns, Ipv4Addr, Netns, Ipv4Addr)> {
+    let mut world = TwoHosts::start(lab, "auto")?;
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let ip1 = world.ovl.connect(
+        &world.hosts[0],
+        TwoHosts::NODES[0],
+        "uber-net",
+        &c1,
+        c1_args,
+    )?;
+    wait_remembered(&world, 0, "uber-net", ip1)?;
+    world.kill_agent(0)?;
+    let out = world.run(1, &["node", "rm", TwoHosts::NODES[0]])?;
+    ensure!(out.contains("freed its 1 endpoint"), "{out}");
+    let c3 = lab.container("c3")?;
+    let ip3 = world.ovl.connect(
+        &world.hosts[1],
+        TwoHosts::NODES[1],
+        "uber-net",
+        &c3,
+        c3_args,
+    )?;
+    ensure!(ip3 != ip1, "c1's held-back {ip1} was handed out");
+    world.restart_agent(lab, 0, &[])?;
+    world.agents[0].wait_in_step()?;
+    Ok((world, c1, ip1, c3, ip3))
 }
 
 /// Waits until host `i`'s agent remembers (its journal, `agent.json`)
