@@ -927,8 +927,8 @@ impl State {
         Ok(())
     }
 
-    /// The network that has VNI `vni`, as its own or kept from a network
-    /// merged into it.
+    /// The network that has VNI `vni`, as its own or kept
+    /// ([`Network::kept_vnis`]).
     pub fn vni_holder(&self, vni: Vni) -> Option<&Network> {
         self.networks
             .values()
@@ -937,7 +937,7 @@ impl State {
 
     /// The network a front end names by VNI `vni` and subnet `subnet`:
     /// the one with that VNI and subnet, or the one that keeps `vni` for
-    /// `subnet` since the network that had it was merged into it.
+    /// `subnet` (merged into it, or its own before a renumber).
     pub fn network_of_subnet(&self, vni: u32, subnet: &Subnet) -> Option<&Network> {
         let own = self
             .networks
