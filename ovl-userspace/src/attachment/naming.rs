@@ -43,10 +43,11 @@ impl Naming {
 /// alias that is a valid DNS name, and its name if valid and no other
 /// endpoint of the network is called so (`own`: the endpoint itself once
 /// registered, or the reservation it takes over, is no clash; another's
-/// alias is none either: the name then resolves to both). When its name is refused it is
-/// called `fallback` (its short container or endpoint ID); when another
-/// holds even that, it keeps `own`'s name, and without `own` it is still
-/// called `fallback`, which the model then refuses naming the holder.
+/// alias is none either: the name then resolves to both). When its name
+/// is refused it is called `fallback` (its short container or endpoint
+/// ID); when another holds even that, it keeps `own`'s name, and without
+/// `own` it is still called `fallback`, which the model then refuses
+/// naming the holder.
 pub fn choose(
     state: &State,
     network: &str,
