@@ -565,6 +565,35 @@ fn links_since(ns: &Netns, before: &[String]) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Runs `argv`, an `ovl connect` of `netns` on `host` killed half-way,
+/// which must leave `left` links in the host (the pair, or its host end),
+/// the endpoint recorded and no eth0 in the container; then a plain
+/// connect must attach the container, leaving just its host end.
+fn killed_then_reconnected(
+    ovl: &Ovl,
+    host: &Host,
+    netns: &Netns,
+    argv: &[String],
+    left: usize,
+) -> Result<()> {
+    let before = host_links(&host.netns)?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    host.netns.exec_unchecked(&argv)?;
+    let made = links_since(&host.netns, &before)?;
+    ensure!(
+        made.len() == left && recorded(ovl, host, netns)?.len() == 1 && !has_eth0(netns)?,
+        "the kill left {made:?} in the host, {:?} in the store",
+        recorded(ovl, host, netns)?
+    );
+    ovl.connect(host, "host-a", "uber-net", netns, &[])?;
+    let now = links_since(&host.netns, &before)?;
+    ensure!(
+        now.len() == 1 && has_eth0(netns)? && recorded(ovl, host, netns)?.len() == 1,
+        "{netns} reconnected: {now:?} in the host"
+    );
+    Ok(())
+}
+
 fn has_eth0(netns: &Netns) -> Result<bool> {
     let out = ovl_tests::run_unchecked(&["ip", "-n", netns.name(), "link", "show", "eth0"])?;
     Ok(out.status.success())
@@ -630,28 +659,13 @@ fn killed_connects_are_reclaimed(lab: &Lab, ovl: &Ovl, host: &Host) -> Result<()
     // Killed with the pair made, its container end still in the host's
     // namespace: the next connect removes the pair and attaches anew.
     let c4 = lab.container("c4")?;
-    let before = host_links(&host.netns)?;
     let argv = connect_interrupted_argv(ovl, &c4, "SIGKILL", veth + 1)?;
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    host.netns.exec_unchecked(&argv)?;
-    let made = links_since(&host.netns, &before)?;
-    ensure!(
-        made.len() == 2 && recorded(ovl, host, &c4)?.len() == 1 && !has_eth0(&c4)?,
-        "the kill left {made:?} in the host, {:?} in the store",
-        recorded(ovl, host, &c4)?
-    );
-    ovl.connect(host, "host-a", "uber-net", &c4, &[])?;
-    let now = links_since(&host.netns, &before)?;
-    ensure!(
-        now.len() == 1 && has_eth0(&c4)? && recorded(ovl, host, &c4)?.len() == 1,
-        "c4 reconnected: {now:?} in the host"
-    );
+    killed_then_reconnected(ovl, host, &c4, &argv, 2)?;
 
     // Killed at its first setns(), entering the container to name and
     // address the end it has just moved there: the host end is still down.
     // The next connect removes the pair and attaches anew.
     let c5 = lab.container("c5")?;
-    let before = host_links(&host.netns)?;
     let argv = strace_connect_argv(
         ovl,
         &c5,
@@ -659,20 +673,7 @@ fn killed_connects_are_reclaimed(lab: &Lab, ovl: &Ovl, host: &Host) -> Result<()
         "setns",
         Some("signal=SIGKILL:when=1".to_owned()),
     )?;
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    host.netns.exec_unchecked(&argv)?;
-    let made = links_since(&host.netns, &before)?;
-    ensure!(
-        made.len() == 1 && recorded(ovl, host, &c5)?.len() == 1 && !has_eth0(&c5)?,
-        "the kill left {made:?} in the host, {:?} in the store",
-        recorded(ovl, host, &c5)?
-    );
-    ovl.connect(host, "host-a", "uber-net", &c5, &[])?;
-    let now = links_since(&host.netns, &before)?;
-    ensure!(
-        now.len() == 1 && has_eth0(&c5)? && recorded(ovl, host, &c5)?.len() == 1,
-        "c5 reconnected: {now:?} in the host"
-    );
+    killed_then_reconnected(ovl, host, &c5, &argv, 1)?;
 
     // The agent, with a grace of 1 s.
     let _agent = ovl.attach_with_env(

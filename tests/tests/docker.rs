@@ -562,10 +562,8 @@ fn restarts_keep_traffic_and_leave_docker_and_ovl_agreeing() -> Result<()> {
     // A dockerd that died right after its RequestAddress: the reservation
     // is released by the next reconcile.
     let pool = format!("{}:{SUBNET}", vni_of(&world, NET)?);
-    let body = serde_json::json!({"PoolID": pool, "Address": "", "Options": {}}).to_string();
-    let (status, reply) = plugin_call(&world.plugin_socket(0), "IpamDriver.RequestAddress", &body)?;
-    ensure!(status == 200, "RequestAddress: {status} {reply}");
-    let reply: Value = serde_json::from_str(&reply)?;
+    let body = serde_json::json!({"PoolID": pool, "Address": "", "Options": {}});
+    let reply = answered(&world, 0, "IpamDriver.RequestAddress", &body)?;
     let leaked: Ipv4Addr = reply["Address"]
         .as_str()
         .and_then(|a| a.split('/').next())
@@ -671,6 +669,14 @@ fn snapshot(world: &DockerCluster) -> Result<(String, String)> {
         .collect::<Vec<_>>()
         .join(" ");
     Ok((keys, links))
+}
+
+/// Calls host `i`'s plugin as dockerd does and returns its answer, which
+/// must be a success.
+fn answered(world: &DockerCluster, i: usize, method: &str, body: &Value) -> Result<Value> {
+    let (status, reply) = plugin_call(&world.plugin_socket(i), method, &body.to_string())?;
+    ensure!(status == 200, "{method} {body}: {status} {reply}");
+    serde_json::from_str(&reply).with_context(|| format!("{method}: answer is not JSON: {reply}"))
 }
 
 /// Calls the plugin and checks the answer is an error with `status` whose
@@ -1567,12 +1573,7 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(7);
 fn pools_docker_keeps_adding_to_are_not_given_up_before_create_network() -> Result<()> {
     let lab = Lab::new("dk-slow")?;
     let world = DockerCluster::start(&lab, StoreKind::File, 1, DockerdOptions::default())?;
-    let socket = world.plugin_socket(0);
-    let call = |method: &str, body: Value| -> Result<Value> {
-        let (status, reply) = plugin_call(&socket, method, &body.to_string())?;
-        ensure!(status == 200, "{method} {body}: {status} {reply}");
-        Ok(serde_json::from_str(&reply)?)
-    };
+    let call = |method: &str, body: Value| answered(&world, 0, method, &body);
     let subnets: Vec<String> = (45..53).map(|i| format!("198.18.{i}.0/24")).collect();
     let step = ABANDONED_AFTER / (subnets.len() as u32 - 1);
     let mut pools = Vec::new();
@@ -1602,13 +1603,7 @@ fn pools_docker_keeps_adding_to_are_not_given_up_before_create_network() -> Resu
     let net = world
         .ovl
         .inspect(&world.hosts[0].netns, "docker-pending-198.18.45.0-24")?;
-    let got: Vec<&str> = net["subnets"]
-        .as_array()
-        .context("subnets")?
-        .iter()
-        .filter_map(|p| p["subnet"].as_str())
-        .collect();
-    ensure!(got == subnets, "{net}");
+    ensure!(subnets_of(&net)? == subnets, "{net}");
     call(
         "NetworkDriver.DeleteNetwork",
         serde_json::json!({"NetworkID": id}),
@@ -1637,12 +1632,7 @@ fn a_docker_network_with_thirty_subnets_is_created_on_etcd() -> Result<()> {
         Ok(ovl_networks(&world)?.contains(&net.to_owned()))
     })?;
     let inspect = world.ovl.inspect(&world.hosts[0].netns, net)?;
-    let mut got: Vec<String> = inspect["subnets"]
-        .as_array()
-        .context("subnets")?
-        .iter()
-        .filter_map(|p| p["subnet"].as_str().map(str::to_owned))
-        .collect();
+    let mut got = subnets_of(&inspect)?;
     got.sort();
     let mut want = subnets.clone();
     want.sort();
@@ -1657,6 +1647,17 @@ fn a_docker_network_with_thirty_subnets_is_created_on_etcd() -> Result<()> {
     world.docker(0, &["network", "rm", net])?;
     no_network_in_etcd(&world)?;
     world.stop()
+}
+
+/// The subnets of a network as `ovl network inspect` shows it, in its
+/// order.
+fn subnets_of(inspect: &Value) -> Result<Vec<String>> {
+    Ok(inspect["subnets"]
+        .as_array()
+        .context("subnets")?
+        .iter()
+        .filter_map(|p| p["subnet"].as_str().map(str::to_owned))
+        .collect())
 }
 
 /// `n` /28 subnets from 198.18.`third`.0 on.
@@ -1725,22 +1726,11 @@ fn a_subnet_another_docker_creation_holds_is_refused_naming_its_node() -> Result
     let subnet = "198.18.58.0/24";
     let body = serde_json::json!({"AddressSpace": "ovl", "Pool": subnet, "SubPool": "",
         "Options": {}, "V6": false});
-    let (status, reply) = plugin_call(
-        &world.plugin_socket(0),
-        "IpamDriver.RequestPool",
-        &body.to_string(),
-    )?;
-    ensure!(status == 200, "RequestPool: {status} {reply}");
+    let pool = answered(&world, 0, "IpamDriver.RequestPool", &body)?;
     let needle = "overlaps 198.18.58.0/24, which Docker on node host-a is creating a network with; pick another subnet, or try again once that creation is over (if it fails, its subnets are freed)";
     create_refused(&world, 0, "dkr2-net", subnet, &[], needle)?;
-    let pool: Value = serde_json::from_str(&reply)?;
     let body = serde_json::json!({"PoolID": pool["PoolID"]});
-    let (status, reply) = plugin_call(
-        &world.plugin_socket(0),
-        "IpamDriver.ReleasePool",
-        &body.to_string(),
-    )?;
-    ensure!(status == 200, "ReleasePool: {status} {reply}");
+    answered(&world, 0, "IpamDriver.ReleasePool", &body)?;
     create_network(&world, 0, "dkr2-net", subnet)?;
     world.stop()
 }

@@ -496,16 +496,27 @@ pub(crate) fn report(engine: &Engine) -> CryptoReport {
 mod tests {
     use super::*;
 
+    /// Node `node`-<pid>'s crypto on loopback (and that name), its key made
+    /// in a fresh directory (`tag`, kept while it is held), its engine on a
+    /// port the kernel picks; not started.
+    fn loaded(
+        tag: &str,
+        node: &str,
+    ) -> (crate::testutil::TestDir, String, std::sync::Arc<NodeCrypto>) {
+        let keys = crate::testutil::TestDir::new(tag);
+        let node = format!("{node}-{}", std::process::id());
+        let mut opts = CryptoOptions::new(&node, Ipv4Addr::LOCALHOST, keys.path().to_owned());
+        opts.port = 0;
+        let crypto = NodeCrypto::load(opts).expect("make the key");
+        (keys, node, crypto)
+    }
+
     #[test]
     fn the_engine_stops_and_starts_again_under_its_name_with_its_key_and_counters() {
         // The agent stops the engine when the last encrypted network goes,
         // and starts it again for the next one, or when the underlay's
         // address changes.
-        let keys = crate::testutil::TestDir::new("crypto-restart");
-        let node = format!("restart-{}", std::process::id());
-        let mut opts = CryptoOptions::new(&node, Ipv4Addr::LOCALHOST, keys.path().to_owned());
-        opts.port = 0;
-        let crypto = NodeCrypto::load(opts).expect("make the key");
+        let (_keys, node, crypto) = loaded("crypto-restart", "restart");
         let key = crypto.node_key();
         assert!(!crypto.running());
         assert_eq!(crypto.report().device, None);
@@ -537,11 +548,7 @@ mod tests {
 
     #[test]
     fn packets_waiting_for_a_handshake_when_the_engine_stops_are_counted_dropped() {
-        let keys = crate::testutil::TestDir::new("crypto-stop-staged");
-        let node = format!("staged-{}", std::process::id());
-        let mut opts = CryptoOptions::new(&node, Ipv4Addr::LOCALHOST, keys.path().to_owned());
-        opts.port = 0;
-        let crypto = NodeCrypto::load(opts).expect("make the key");
+        let (_keys, _, crypto) = loaded("crypto-stop-staged", "staged");
         crypto.start(&[]).expect("start the engine (root only)");
         let peer = keys::Identity::generate().expect("a peer's key");
         let vtep = Ipv4Addr::new(198, 51, 100, 10);
@@ -575,11 +582,7 @@ mod tests {
     fn a_peers_handshake_that_comes_as_the_engine_starts_is_answered() {
         // The peer learned of this node first: its initiation comes as
         // soon as the socket listens, before anything else the agent does.
-        let keys = crate::testutil::TestDir::new("crypto-first-handshake");
-        let node = format!("first-{}", std::process::id());
-        let mut opts = CryptoOptions::new(&node, Ipv4Addr::LOCALHOST, keys.path().to_owned());
-        opts.port = 0;
-        let crypto = NodeCrypto::load(opts).expect("make the key");
+        let (_keys, _, crypto) = loaded("crypto-first-handshake", "first");
         let peer = keys::Identity::generate().expect("a peer's key");
         let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("peer socket");
         socket
