@@ -61,7 +61,9 @@ impl Cluster {
         Self::with_agents(lab, Ovl::new(lab)?, router, hosts, mode, env)
     }
 
-    fn with_agents(
+    /// Hosts `hosts` behind `router`, with an agent each on `ovl`'s store
+    /// in decap mode `mode` and extra environment `env`.
+    pub fn with_agents(
         lab: &Lab,
         ovl: Ovl,
         router: Netns,

@@ -1,6 +1,8 @@
-// A single-member etcd server inside a lab namespace, for scenarios that run
-// ovl's etcd store: started, stopped and restarted on one data dir.
+// etcd servers inside a lab namespace, for scenarios that run ovl's etcd
+// store: one member, or a cluster of several; each started, stopped and
+// restarted on its own data dir.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -26,11 +28,14 @@ pub struct EtcdTls {
 /// The client port etcd listens on (its registered default).
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 
-/// The peer URL of the one member: raft between members never leaves the
+/// The peer URL of a lone member: raft between members never leaves the
 /// namespace, so it stays on loopback.
 const PEER_URL: &str = "http://127.0.0.1:2380";
 
-/// The member's name; the data dir remembers it, so a restart reuses it.
+/// The port a cluster's members talk raft on, each on its own address.
+const PEER_PORT: u16 = 2380;
+
+/// A lone member's name; the data dir remembers it, so a restart reuses it.
 const MEMBER_NAME: &str = "ovlt";
 
 /// How long a fresh or restarted etcd gets to elect itself and answer.
@@ -53,6 +58,26 @@ pub struct Etcd {
     tls: Option<EtcdTls>,
     /// `USER:PASSWORD` etcdctl logs in with, once authentication is on.
     etcdctl_user: Option<String>,
+    member: Member,
+}
+
+/// Who a server is in its cluster.
+#[derive(Clone, Debug)]
+struct Member {
+    name: String,
+    peer_url: String,
+    /// Every member, `NAME=PEER_URL,…` (etcd's `--initial-cluster`).
+    initial_cluster: String,
+}
+
+impl Member {
+    fn alone() -> Member {
+        Member {
+            name: MEMBER_NAME.to_owned(),
+            peer_url: PEER_URL.to_owned(),
+            initial_cluster: format!("{MEMBER_NAME}={PEER_URL}"),
+        }
+    }
 }
 
 impl Etcd {
@@ -88,21 +113,32 @@ impl Etcd {
         tls: Option<EtcdTls>,
         data_dir: PathBuf,
     ) -> Result<Etcd> {
+        let mut etcd = Self::unstarted(netns, addr, tls, data_dir, Member::alone())?;
+        etcd.launch(lab)?;
+        Ok(etcd)
+    }
+
+    fn unstarted(
+        netns: &Netns,
+        addr: Ipv4Addr,
+        tls: Option<EtcdTls>,
+        data_dir: PathBuf,
+        member: Member,
+    ) -> Result<Etcd> {
         ensure!(
             !data_dir.exists(),
             "an etcd already uses {} in this lab",
             data_dir.display()
         );
-        let mut etcd = Etcd {
+        Ok(Etcd {
             netns: netns.clone(),
             addr,
             data_dir,
             process: None,
             tls,
             etcdctl_user: None,
-        };
-        etcd.launch(lab)?;
-        Ok(etcd)
+            member,
+        })
     }
 
     /// `HOST:PORT` of the client endpoint, as etcdctl takes it.
@@ -265,9 +301,16 @@ impl Etcd {
     }
 
     fn launch(&mut self, lab: &Lab) -> Result<()> {
+        self.spawn(lab)?;
+        self.wait_healthy(STARTUP_TIMEOUT)
+    }
+
+    /// Starts the server without waiting for it: a cluster's first member
+    /// is healthy only once a quorum runs.
+    fn spawn(&mut self, lab: &Lab) -> Result<()> {
         let client_url = self.client_url();
         let data_dir = self.data_dir.to_string_lossy().into_owned();
-        let initial_cluster = format!("{MEMBER_NAME}={PEER_URL}");
+        let member = &self.member;
         let mut tls_args: Vec<String> = Vec::new();
         if let Some(tls) = &self.tls {
             tls_args.push(format!("--cert-file={}", tls.server.cert.display()));
@@ -280,7 +323,7 @@ impl Etcd {
         let mut argv = vec![
             "etcd",
             "--name",
-            MEMBER_NAME,
+            &member.name,
             "--data-dir",
             &data_dir,
             "--listen-client-urls",
@@ -288,15 +331,29 @@ impl Etcd {
             "--advertise-client-urls",
             &client_url,
             "--listen-peer-urls",
-            PEER_URL,
+            &member.peer_url,
             "--initial-advertise-peer-urls",
-            PEER_URL,
+            &member.peer_url,
             "--initial-cluster",
-            &initial_cluster,
+            &member.initial_cluster,
         ];
         argv.extend(tls_args.iter().map(String::as_str));
         self.process = Some(lab.spawn(&self.netns, &argv, &[])?);
-        self.wait_healthy(STARTUP_TIMEOUT)
+        Ok(())
+    }
+
+    /// The member's raft ID, and the ID of the leader it follows
+    /// (`etcdctl endpoint status`).
+    fn member_and_leader(&self) -> Result<(u64, u64)> {
+        let out = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
+        let status: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("etcdctl endpoint status printed {out}"))?;
+        let status = &status[0]["Status"];
+        let id = |v: &serde_json::Value| {
+            v.as_u64()
+                .with_context(|| format!("no member IDs in endpoint status {out}"))
+        };
+        Ok((id(&status["header"]["member_id"])?, id(&status["leader"])?))
     }
 
     fn halt(&mut self, signal: Signal) -> Result<()> {
@@ -306,6 +363,74 @@ impl Etcd {
         // "killed by signal" too: any exit will do.
         process.wait_timeout(STOP_TIMEOUT)?;
         Ok(())
+    }
+}
+
+/// An etcd cluster of several members in one namespace, each serving
+/// clients on its own address, as operators run etcd: a member may die and
+/// the cluster serves on while a quorum runs.
+pub struct EtcdCluster {
+    pub members: Vec<Etcd>,
+}
+
+impl EtcdCluster {
+    /// Starts a member on each of `addrs` (addresses of `netns`) and waits
+    /// until every one is healthy.
+    pub fn start(lab: &Lab, netns: &Netns, addrs: &[Ipv4Addr]) -> Result<EtcdCluster> {
+        let name = |i: usize| format!("{MEMBER_NAME}{i}");
+        let peer_url = |addr: &Ipv4Addr| format!("http://{addr}:{PEER_PORT}");
+        let initial_cluster = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| format!("{}={}", name(i), peer_url(addr)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::with_capacity(addrs.len());
+        for (i, addr) in addrs.iter().enumerate() {
+            let member = Member {
+                name: name(i),
+                peer_url: peer_url(addr),
+                initial_cluster: initial_cluster.clone(),
+            };
+            let data_dir = lab.tempdir().join(format!("etcd-{}-{i}", netns.name()));
+            let mut etcd = Etcd::unstarted(netns, *addr, None, data_dir, member)?;
+            etcd.spawn(lab)?;
+            members.push(etcd);
+        }
+        for etcd in &members {
+            etcd.wait_healthy(STARTUP_TIMEOUT)?;
+        }
+        Ok(EtcdCluster { members })
+    }
+
+    /// The store URL ovl takes, naming every member:
+    /// `etcd://HOST:PORT,HOST:PORT,…`.
+    pub fn url(&self) -> String {
+        let endpoints: Vec<String> = self.members.iter().map(Etcd::endpoint).collect();
+        format!("etcd://{}", endpoints.join(","))
+    }
+
+    /// The index of the member that leads, as the running members agree.
+    pub fn leader(&self) -> Result<usize> {
+        let mut ids = Vec::new();
+        let mut leaders = BTreeSet::new();
+        for etcd in &self.members {
+            if etcd.is_running() {
+                let (id, leader) = etcd.member_and_leader()?;
+                ids.push(Some(id));
+                leaders.insert(leader);
+            } else {
+                ids.push(None);
+            }
+        }
+        ensure!(
+            leaders.len() == 1,
+            "the running members follow different leaders: {leaders:?}"
+        );
+        let leader = leaders.first().copied();
+        ids.iter().position(|id| *id == leader).with_context(|| {
+            format!("the leader {leader:?} is none of the running members {ids:?}")
+        })
     }
 }
 

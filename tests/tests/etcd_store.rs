@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    CONTAINER_IFACE, HOST_IFACE, Host, Lab, Netns, Ovl, PingResult, ThreeHosts, hooked_programs,
-    mac_for, ping, wait_until,
+    CONTAINER_IFACE, Cluster, EtcdCluster, HOST_IFACE, Host, Lab, Netns, Ovl, PingResult,
+    ThreeHosts, hooked_programs, mac_for, ping, wait_until,
 };
 use serde_json::Value;
 
@@ -49,7 +49,7 @@ enum Via {
 
 /// The endpoints of network `vni` in host `i`'s map (bpftool dump of its
 /// pinned OVL_ENDPOINTS).
-fn map_of(world: &ThreeHosts, i: usize, vni: u32) -> Result<BTreeMap<Ipv4Addr, Via>> {
+fn map_of(world: &Cluster, i: usize, vni: u32) -> Result<BTreeMap<Ipv4Addr, Via>> {
     Ok(world
         .ovl
         .endpoint_map(ThreeHosts::NODES[i])?
@@ -67,7 +67,7 @@ fn map_of(world: &ThreeHosts, i: usize, vni: u32) -> Result<BTreeMap<Ipv4Addr, V
 }
 
 /// Where host `i` must send frames for an endpoint on host `owner`.
-fn via(world: &ThreeHosts, i: usize, owner: usize) -> Via {
+fn via(world: &Cluster, i: usize, owner: usize) -> Via {
     if i == owner {
         Via::Local
     } else {
@@ -79,7 +79,7 @@ fn via(world: &ThreeHosts, i: usize, owner: usize) -> Via {
 /// host) holds exactly them for network `vni`, each pointing the right way,
 /// and every other host holds nothing of the network (a node programs
 /// only the networks it has endpoints of).
-fn wait_for_maps(world: &ThreeHosts, vni: u32, endpoints: &[(Ipv4Addr, usize)]) -> Result<()> {
+fn wait_for_maps(world: &Cluster, vni: u32, endpoints: &[(Ipv4Addr, usize)]) -> Result<()> {
     let mut last = BTreeMap::new();
     wait_until(PROPAGATION, || {
         for i in 0..world.hosts.len() {
@@ -190,7 +190,7 @@ fn cluster_with_network(lab: &Lab) -> Result<ThreeHosts> {
     Ok(world)
 }
 
-fn vni_of(world: &ThreeHosts, i: usize) -> Result<u32> {
+fn vni_of(world: &Cluster, i: usize) -> Result<u32> {
     let vni = world.inspect(i, NETWORK)?["vni"]
         .as_u64()
         .context("inspect has no vni")?;
@@ -690,7 +690,7 @@ fn cut_off_from_etcd(world: &ThreeHosts, i: usize, etcd: Ipv4Addr, add: bool) ->
 }
 
 /// Whether `ovl node ls` on host `i` lists `node` with ALIVE `alive`.
-fn node_is(world: &ThreeHosts, i: usize, node: &str, alive: &str) -> Result<bool> {
+fn node_is(world: &Cluster, i: usize, node: &str, alive: &str) -> Result<bool> {
     Ok(world
         .nodes(i)?
         .iter()
@@ -1127,6 +1127,91 @@ fn etcd_outage_loses_no_packet_and_a_restarted_etcd_serves_new_endpoints() -> Re
         "every node should be alive after the restart: {nodes:?}"
     );
     expect_reachable(&cc, ip_b, 3)?;
+    world.stop()
+}
+
+/// etcd as operators run it: three members, one on each of the router's
+/// addresses, and every agent and `ovl` command given all three. Killing
+/// the leader costs no packet, no node's lease and no endpoint; connects
+/// and commands go on through the other two on every host, and every agent
+/// follows them. The killed member, restarted, catches up: once another
+/// member dies the cluster's quorum needs it.
+#[test]
+fn agents_on_a_three_member_etcd_ride_out_the_loss_of_a_member() -> Result<()> {
+    let lab = Lab::new("etcd-3m")?;
+    let (router, hosts) = lab.routed_hosts(3)?;
+    let addrs = hosts
+        .iter()
+        .map(|h| h.gateway.context("routed hosts have a gateway"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut etcd = EtcdCluster::start(&lab, &router, &addrs)?;
+    let ovl = Ovl::with_store(&lab, &etcd.url())?;
+    let ttl = LEASE_TTL.to_string();
+    let world = Cluster::with_agents(&lab, ovl, router, hosts, "auto", &[("OVL_LEASE_TTL", &ttl)])?;
+    world
+        .ovl
+        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    let (ca, ip_a) = world.container(&lab, A, NETWORK, "ca")?;
+    let (cb, ip_b) = world.container(&lab, B, NETWORK, "cb")?;
+    let vni = vni_of(&world, A)?;
+    wait_for_maps(&world, vni, &[(ip_a, A), (ip_b, B)])?;
+    expect_reachable(&ca, ip_b, 1)?;
+    let before = listed_endpoints(&world.inspect(A, NETWORK)?)?;
+
+    let leader = etcd.leader()?;
+    let pings: Result<PingResult> = thread::scope(|s| {
+        let pinger = s.spawn(|| ping(&ca, ip_b, OUTAGE_PINGS, &["-i", "0.05", "-W", "2"]));
+        thread::sleep(Duration::from_secs(1));
+        let killed = etcd.members[leader].kill();
+        let result = pinger.join().expect("the ping thread panicked");
+        killed.and(result)
+    });
+    let pings = pings?;
+    let killed_at = Instant::now();
+    ensure!(
+        pings.transmitted == OUTAGE_PINGS && pings.all_received(),
+        "packets lost while the etcd leader was killed:\n{}",
+        pings.output
+    );
+
+    // Past every lease: each node kept its own alive through the others,
+    // and each host's `ovl` reads the store with one member dead.
+    let past_leases = Duration::from_secs(LEASE_TTL + 2);
+    if let Some(rest) = past_leases.checked_sub(killed_at.elapsed()) {
+        thread::sleep(rest);
+    }
+    for i in [A, B, C] {
+        let nodes = world.nodes(i)?;
+        ensure!(
+            nodes.len() == 3 && nodes.iter().all(|(_, _, alive)| alive == "yes"),
+            "with etcd member {leader} (the leader) dead, {} lists {nodes:?}",
+            ThreeHosts::NODES[i]
+        );
+    }
+    let after = listed_endpoints(&world.inspect(C, NETWORK)?)?;
+    ensure!(
+        after == before,
+        "endpoints changed when the etcd leader died: {before:?} -> {after:?}"
+    );
+
+    // A connect on the third host reaches every agent.
+    let (cc, ip_c) = world.container(&lab, C, NETWORK, "cc")?;
+    wait_for_maps(&world, vni, &[(ip_a, A), (ip_b, B), (ip_c, C)])?;
+    expect_reachable(&ca, ip_c, 3)?;
+    expect_reachable(&cb, ip_c, 3)?;
+
+    // The killed member comes back; another one dies. The two left are a
+    // quorum only with the returned member, so it must have caught up.
+    etcd.members[leader].restart(&lab)?;
+    let mut victim = etcd.leader()?;
+    if victim == leader {
+        victim = (leader + 1) % etcd.members.len();
+    }
+    etcd.members[victim].kill()?;
+    let (ca2, ip_a2) = world.container(&lab, A, NETWORK, "ca2")?;
+    wait_for_maps(&world, vni, &[(ip_a, A), (ip_b, B), (ip_c, C), (ip_a2, A)])?;
+    expect_reachable(&cc, ip_a2, 3)?;
+    expect_reachable(&ca2, ip_b, 3)?;
     world.stop()
 }
 

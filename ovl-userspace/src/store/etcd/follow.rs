@@ -91,12 +91,12 @@ impl EtcdStore {
     /// Applies watch events from revision `from + 1` on to the published
     /// state until the watch fails or every receiver is gone.
     async fn follow(&self, from: u64, tx: &watch::Sender<Followed>) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from as i64 + 1);
         let mut stream = self
-            .call("watch /ovl/", c.watch(KEY_PREFIX, Some(opts)))
+            .call(c.member, "watch /ovl/", c.watch(KEY_PREFIX, Some(opts)))
             .await?;
         let broken = |detail: String| StoreError::Etcd {
             endpoints: self.describe(),
@@ -112,8 +112,17 @@ impl EtcdStore {
             };
             let resp = match msg {
                 Ok(Some(r)) => r,
-                Ok(None) => return Err(broken("watch stream ended".into())),
-                Err(e) => return Err(broken(format!("watch: {e}"))),
+                // The member went away (or cancelled the stream): the
+                // watch starts again on the next one.
+                Ok(None) => {
+                    self.fail_over(c.member).await;
+                    return Err(broken(self.members.naming(c.member, "watch stream ended")));
+                }
+                Err(e) => {
+                    self.fail_over(c.member).await;
+                    let what = self.members.naming(c.member, "watch");
+                    return Err(broken(format!("{what}: {e}")));
+                }
             };
             if resp.compact_revision() > 0 || resp.canceled() {
                 return Err(broken(format!(

@@ -60,7 +60,7 @@ impl EtcdStore {
         ttl: Duration,
     ) -> Result<Liveness, StoreError> {
         crate::validate::node_name(name).map_err(crate::model::ModelError::from)?;
-        let mut c = self.client.clone();
+        let mut c = self.client();
         // The key the node published survives re-registration (its agent
         // restarting, say): peers keep reaching it meanwhile.
         let wireguard = self.node_record(name).await?.and_then(|n| n.wireguard);
@@ -70,8 +70,12 @@ impl EtcdStore {
             underlay_mtu: Some(underlay_mtu),
             wireguard,
         };
-        self.call("register node", c.put(node_key(name), json(&node), None))
-            .await?;
+        self.call(
+            c.member,
+            "register node",
+            c.put(node_key(name), json(&node), None),
+        )
+        .await?;
         let ttl_secs = ttl.as_secs().max(1) as i64;
         let lease = self.grant_alive(&node, ttl_secs).await?;
         // What a re-registration puts back if `ovl node rm` removed the
@@ -119,9 +123,9 @@ impl EtcdStore {
     /// unless there is one: after the node's lease lapsed, `ovl node rm`
     /// may have removed it, and peers find a node's VTEP there.
     async fn grant_alive(&self, node: &Node, ttl_secs: i64) -> Result<i64, StoreError> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let lease = self
-            .call("grant lease", c.lease_grant(ttl_secs, None))
+            .call(c.member, "grant lease", c.lease_grant(ttl_secs, None))
             .await?
             .id();
         let alive = TxnOp::put(
@@ -140,7 +144,7 @@ impl EtcdStore {
                 alive.clone(),
             ])
             .or_else([alive]);
-        let resp = self.call("mark node alive", c.txn(txn)).await?;
+        let resp = self.call(c.member, "mark node alive", c.txn(txn)).await?;
         if resp.succeeded() {
             log::warn!(
                 "node {} had been removed from the store (`ovl node rm`) while its lease \
@@ -196,12 +200,17 @@ impl EtcdStore {
 
     /// Sends keep-alives for `lease` every `period` until the stream fails.
     async fn hold_lease(&self, lease: i64, period: Duration) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
-        let (mut keeper, mut responses) =
-            self.call("keep-alive", c.lease_keep_alive(lease)).await?;
+        let mut c = self.client();
+        let (mut keeper, mut responses) = self
+            .call(c.member, "keep-alive", c.lease_keep_alive(lease))
+            .await?;
         loop {
-            self.call("keep-alive", keeper.keep_alive()).await?;
-            match self.call("keep-alive reply", responses.message()).await? {
+            self.call(c.member, "keep-alive", keeper.keep_alive())
+                .await?;
+            match self
+                .call(c.member, "keep-alive reply", responses.message())
+                .await?
+            {
                 Some(r) if r.ttl() > 0 => tokio::time::sleep(period).await,
                 _ => return Ok(()),
             }
@@ -211,9 +220,9 @@ impl EtcdStore {
     /// True when etcd says `lease` no longer exists (false when it cannot
     /// be asked: an unreachable etcd is not an expired lease).
     async fn lease_expired(&self, lease: i64) -> bool {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         match self
-            .call("lease TTL", c.lease_time_to_live(lease, None))
+            .call(c.member, "lease TTL", c.lease_time_to_live(lease, None))
             .await
         {
             Ok(r) => r.ttl() <= 0,

@@ -10,6 +10,7 @@ mod codec;
 mod follow;
 mod limits;
 mod liveness;
+mod members;
 mod nodes;
 mod turns;
 mod wireguard;
@@ -17,6 +18,7 @@ mod wireguard;
 use std::{
     collections::{BTreeMap, BTreeSet},
     future::Future,
+    sync::Arc,
     time::Duration,
 };
 
@@ -26,7 +28,7 @@ use codec::{
     VNIS, decode, encode, endpoint_key, is_index_key, network_and_ip, network_key, prefix_end,
     released_key,
 };
-use etcd_client::{Client, Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
 pub use liveness::Liveness;
 
 use super::{Scope, StoreError, StoreUrl};
@@ -184,7 +186,8 @@ impl Range {
 /// A connection to an etcd cluster holding ovl's state.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    /// The cluster's members, shared by the store's clones.
+    members: Arc<members::Members>,
     /// The URL (and options) it was opened with.
     url: StoreUrl,
     /// How long freed addresses are held back.
@@ -223,23 +226,36 @@ impl EtcdStore {
             .map(|h| format!("{scheme}://{}", h.trim()))
             .collect();
         let options = access::connect_options(url)?;
-        let client =
-            tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(&endpoints, Some(options)))
-                .await
-                .map_err(|_| StoreError::Etcd {
-                    endpoints: url.base(),
-                    detail: "connect timed out".into(),
-                })?
-                .map_err(|e| access::store_error(url, "connect", &e))?;
+        let members = members::Members::connect(endpoints, options, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| access::store_error(url, "connect", &e))?;
         let store = EtcdStore {
-            client,
+            members: Arc::new(members),
             url: url.clone(),
             address_grace: url.options.address_grace.unwrap_or(DEFAULT_ADDRESS_GRACE),
             turns: turns::Turns::default(),
             endpoints_total: around::Total::default(),
         };
-        store.ensure_schema().await?;
-        Ok(store)
+        // Each member that cannot answer moves the store on to the next
+        // one: the first that answers serves this process.
+        let mut left = store.members.count();
+        loop {
+            let member = store.client().member;
+            match store.ensure_schema().await {
+                Ok(()) => return Ok(store),
+                Err(e) => {
+                    left -= 1;
+                    if left == 0 || store.client().member == member {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A client of the member this process talks to.
+    fn client(&self) -> members::MemberClient {
+        self.members.client()
     }
 
     /// `etcd://host:port,...` (without options).
@@ -247,27 +263,46 @@ impl EtcdStore {
         self.url.base()
     }
 
-    async fn call<T, F>(&self, what: &str, fut: F) -> Result<T, StoreError>
+    /// Awaits `fut`, a request `what` to member `member`, within the
+    /// request timeout. A member that could not serve it is left for the
+    /// next one (see [`members`]).
+    async fn call<T, F>(&self, member: usize, what: &str, fut: F) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
+        let what = self.members.naming(member, what);
         match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(access::store_error(&self.url, what, &e)),
-            Err(_) => Err(StoreError::Etcd {
-                endpoints: self.describe(),
-                detail: format!("{what}: timed out"),
-            }),
+            Ok(Err(e)) => {
+                if members::unavailable(&e) {
+                    self.members.fail_over(member).await;
+                }
+                Err(access::store_error(&self.url, &what, &e))
+            }
+            Err(_) => {
+                self.members.fail_over(member).await;
+                Err(StoreError::Etcd {
+                    endpoints: self.describe(),
+                    detail: format!("{what}: timed out"),
+                })
+            }
         }
     }
 
+    /// Leaves member `member` for the next one: a stream of it broke.
+    async fn fail_over(&self, member: usize) {
+        self.members.fail_over(member).await;
+    }
+
     async fn ensure_schema(&self) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let txn = Txn::new()
             .when([Compare::create_revision(SCHEMA_KEY, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(SCHEMA_KEY, SCHEMA_VERSION.to_string(), None)])
             .or_else([TxnOp::get(SCHEMA_KEY, None)]);
-        let resp = self.call("check the schema key", c.txn(txn)).await?;
+        let resp = self
+            .call(c.member, "check the schema key", c.txn(txn))
+            .await?;
         if resp.succeeded() {
             return Ok(());
         }
@@ -335,12 +370,14 @@ impl EtcdStore {
     /// range reads, then further pages of any range longer than a page.
     async fn read_into(&self, ranges: &[Range], snap: &mut Snapshot) -> Result<(), StoreError> {
         let at = (snap.revision > 0).then_some(snap.revision);
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let ops: Vec<TxnOp> = ranges
             .iter()
             .map(|r| TxnOp::get(r.start(), Some(r.options(at))))
             .collect();
-        let resp = self.call("read", c.txn(Txn::new().and_then(ops))).await?;
+        let resp = self
+            .call(c.member, "read", c.txn(Txn::new().and_then(ops)))
+            .await?;
         if at.is_none() {
             snap.revision = resp.header().map_or(0, |h| h.revision());
         }
@@ -377,11 +414,13 @@ impl EtcdStore {
         mut after: Option<Vec<u8>>,
         snap: &mut Snapshot,
     ) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         while let Some(mut start) = after.take() {
             start.push(0);
             let opts = range.options(Some(snap.revision));
-            let page = self.call("read a page", c.get(start, Some(opts))).await?;
+            let page = self
+                .call(c.member, "read a page", c.get(start, Some(opts)))
+                .await?;
             snap.add(range, &page);
             if page.more() {
                 after = page.kvs().last().map(|kv| kv.key().to_vec());
@@ -392,8 +431,8 @@ impl EtcdStore {
 
     /// Checks that etcd answers: one read of the schema key.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
-        self.call("read the schema key", c.get(SCHEMA_KEY, None))
+        let mut c = self.client();
+        self.call(c.member, "read the schema key", c.get(SCHEMA_KEY, None))
             .await
             .map(|_| ())
     }
@@ -443,9 +482,10 @@ impl EtcdStore {
                     limit: MAX_TXN_OPS,
                 });
             }
-            let mut c = self.client.clone();
+            let mut c = self.client();
             let resp = self
                 .call(
+                    c.member,
                     "commit",
                     c.txn(Txn::new().when(txn.compares).and_then(txn.ops)),
                 )

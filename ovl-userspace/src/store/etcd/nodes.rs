@@ -67,9 +67,9 @@ impl EtcdStore {
     }
 
     async fn is_alive(&self, name: &str) -> Result<bool, StoreError> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let resp = self
-            .call("read liveness", c.get(alive_key(name), None))
+            .call(c.member, "read liveness", c.get(alive_key(name), None))
             .await?;
         Ok(!resp.kvs().is_empty())
     }
@@ -116,9 +116,10 @@ impl EtcdStore {
                     compares.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev));
                     ops.extend(free_ops(key, e, now));
                 }
-                let mut c = self.client.clone();
+                let mut c = self.client();
                 let resp = self
                     .call(
+                        c.member,
                         "free a dead node's endpoints",
                         c.txn(Txn::new().when(compares).and_then(ops)),
                     )
@@ -163,9 +164,9 @@ impl EtcdStore {
     /// Removes dead node `name`: its endpoints (batched, each batch only
     /// while the node is dead), then its registration and conflicts.
     pub async fn remove_node(&self, name: &str) -> Result<usize, StoreError> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let registered = !self
-            .call("read the node", c.get(node_key(name), None))
+            .call(c.member, "read the node", c.get(node_key(name), None))
             .await?
             .kvs()
             .is_empty();
@@ -185,7 +186,7 @@ impl EtcdStore {
                 TxnOp::delete(node_key(name), None),
                 TxnOp::delete(conflicts_key(name), None),
             ]);
-        let resp = self.call("remove the node", c.txn(txn)).await?;
+        let resp = self.call(c.member, "remove the node", c.txn(txn)).await?;
         if !resp.succeeded() {
             return Err(StoreError::NodeAlive(name.to_owned()));
         }
@@ -210,16 +211,24 @@ impl EtcdStore {
             self.restore_batch(batch, &mut out).await?;
             rest = after;
         }
-        let mut c = self.client.clone();
+        let mut c = self.client();
         if out.conflicts.is_empty() {
-            self.call("clear conflicts", c.delete(conflicts_key(node), None))
-                .await?;
+            self.call(
+                c.member,
+                "clear conflicts",
+                c.delete(conflicts_key(node), None),
+            )
+            .await?;
         } else {
             let record = json(ConflictsRecord {
                 conflicts: out.conflicts.clone(),
             });
-            self.call("record conflicts", c.put(conflicts_key(node), record, None))
-                .await?;
+            self.call(
+                c.member,
+                "record conflicts",
+                c.put(conflicts_key(node), record, None),
+            )
+            .await?;
         }
         Ok(out)
     }
@@ -398,9 +407,10 @@ impl EtcdStore {
             }
             compares.extend(guarded_networks.into_values());
             if !ops.is_empty() {
-                let mut c = self.client.clone();
+                let mut c = self.client();
                 let resp = self
                     .call(
+                        c.member,
                         "restore endpoints",
                         c.txn(Txn::new().when(compares).and_then(ops)),
                     )

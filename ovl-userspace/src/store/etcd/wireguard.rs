@@ -11,9 +11,11 @@ use crate::{crypto::NodeKey, model::Node, store::StoreError};
 impl EtcdStore {
     /// The record of node `name`, if registered.
     pub(super) async fn node_record(&self, name: &str) -> Result<Option<Node>, StoreError> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let key = node_key(name);
-        let resp = self.call("read node", c.get(key.as_str(), None)).await?;
+        let resp = self
+            .call(c.member, "read node", c.get(key.as_str(), None))
+            .await?;
         resp.kvs()
             .first()
             .map(|kv| parse::<Node>(&key, kv.value()))
@@ -28,9 +30,13 @@ impl EtcdStore {
             )));
         };
         node.wireguard = Some(key);
-        let mut c = self.client.clone();
-        self.call("publish node key", c.put(node_key(name), json(&node), None))
-            .await
-            .map(|_| ())
+        let mut c = self.client();
+        self.call(
+            c.member,
+            "publish node key",
+            c.put(node_key(name), json(&node), None),
+        )
+        .await
+        .map(|_| ())
     }
 }

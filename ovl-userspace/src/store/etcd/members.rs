@@ -1,0 +1,229 @@
+//! The members of an etcd cluster a store URL names, spoken to one at a
+//! time, as etcd's own Go client does: a request that finds its member
+//! unreachable, failing or without a leader moves this process on to the
+//! next member, and the request after it goes there.
+//!
+//! etcd-client would balance every request over all the endpoints it is
+//! given and keeps a dead one in the balance (tonic connects lazily and
+//! reports the connect error to the request it picked the endpoint for;
+//! etcdv3/etcd-client#39): with one member of three down, about a third
+//! of every request, watch and keep-alive would fail for as long as it
+//! stays down.
+
+use std::{
+    ops::{Deref, DerefMut},
+    sync::Mutex,
+    time::Duration,
+};
+
+use etcd_client::{Client, ConnectOptions};
+
+use crate::random;
+
+/// The members, and the one this process talks to.
+pub struct Members {
+    /// `http(s)://HOST:PORT` of each member, in the URL's order.
+    endpoints: Vec<String>,
+    options: ConnectOptions,
+    current: Mutex<Current>,
+}
+
+struct Current {
+    index: usize,
+    client: Client,
+}
+
+impl Members {
+    /// Connects to one of `endpoints` (`http(s)://HOST:PORT`), starting at
+    /// a random one so that the nodes of a cluster spread over its
+    /// members, and moving on while a member refuses (a login is the one
+    /// request a connect makes). Each attempt is bounded by `timeout`.
+    pub async fn connect(
+        endpoints: Vec<String>,
+        options: ConnectOptions,
+        timeout: Duration,
+    ) -> Result<Members, etcd_client::Error> {
+        let n = endpoints.len();
+        let mut pick = [0u8; 8];
+        let start = match random::fill(&mut pick) {
+            Ok(()) => (u64::from_ne_bytes(pick) % n as u64) as usize,
+            Err(_) => 0,
+        };
+        let mut last = None;
+        for step in 0..n {
+            let index = (start + step) % n;
+            let connected = tokio::time::timeout(
+                timeout,
+                Client::connect([&endpoints[index]], Some(options.clone())),
+            )
+            .await
+            .unwrap_or_else(|_| Err(etcd_client::Error::Internal("connect timed out".into())));
+            match connected {
+                Ok(client) => {
+                    return Ok(Members {
+                        endpoints,
+                        options,
+                        current: Mutex::new(Current { index, client }),
+                    });
+                }
+                Err(e) if unavailable(&e) || matches!(e, etcd_client::Error::Internal(_)) => {
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no etcd endpoint".into())))
+    }
+
+    /// How many members the URL names.
+    pub fn count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// `what`, naming member `index` when there are several.
+    pub fn naming(&self, index: usize, what: &str) -> String {
+        if self.endpoints.len() > 1 {
+            format!("{what} at {}", self.endpoint(index))
+        } else {
+            what.to_owned()
+        }
+    }
+
+    /// A client of the member in use.
+    pub fn client(&self) -> MemberClient {
+        let current = self.current.lock().expect("members lock");
+        MemberClient {
+            member: current.index,
+            client: current.client.clone(),
+        }
+    }
+
+    /// `HOST:PORT` of member `index`.
+    pub fn endpoint(&self, index: usize) -> &str {
+        let e = &self.endpoints[index];
+        e.split_once("://").map_or(e.as_str(), |(_, hp)| hp)
+    }
+
+    /// Moves on from member `from`, which failed a request: to the next
+    /// member that takes a connection, in the URL's order and round. A
+    /// no-op when another request moved on already, or when the URL names
+    /// one member.
+    pub async fn fail_over(&self, from: usize) {
+        let n = self.endpoints.len();
+        for step in 1..n {
+            let next = (from + step) % n;
+            // Lazy: without a login this makes no connection, and a dead
+            // member is found by the request that goes there next.
+            let Ok(client) =
+                Client::connect([&self.endpoints[next]], Some(self.options.clone())).await
+            else {
+                continue;
+            };
+            let mut current = self.current.lock().expect("members lock");
+            if current.index == from {
+                log::info!(
+                    "etcd member {} failed a request; talking to {} now",
+                    self.endpoint(from),
+                    self.endpoint(next)
+                );
+                *current = Current {
+                    index: next,
+                    client,
+                };
+            }
+            return;
+        }
+    }
+}
+
+/// A client of one member, which a failed request of it names to
+/// [`Members::fail_over`].
+pub struct MemberClient {
+    pub member: usize,
+    client: Client,
+}
+
+impl Deref for MemberClient {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl DerefMut for MemberClient {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+/// Whether `e` says the member could not serve the request — unreachable,
+/// its connection broken, no leader, a leader election under way — rather
+/// than that the request was wrong or not allowed: worth asking another
+/// member.
+pub fn unavailable(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error;
+    use tonic::Code;
+    match e {
+        Error::TransportError(_) | Error::IoError(_) => true,
+        Error::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+        ),
+        // A watch or keep-alive stream closed under its client.
+        Error::WatchError(_) | Error::LeaseKeepAliveError(_) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use etcd_client::Error;
+    use tonic::Status;
+
+    use super::*;
+
+    #[test]
+    fn only_failures_of_the_member_send_a_request_elsewhere() {
+        for e in [
+            Error::GRpcStatus(Status::unavailable("etcdserver: no leader")),
+            Error::GRpcStatus(Status::unavailable("tcp connect error")),
+            Error::GRpcStatus(Status::unknown("h2 protocol error")),
+            Error::GRpcStatus(Status::deadline_exceeded("request timed out")),
+            Error::WatchError("stream closed".into()),
+        ] {
+            assert!(unavailable(&e), "{e}");
+        }
+        for e in [
+            Error::GRpcStatus(Status::permission_denied("etcdserver: permission denied")),
+            Error::GRpcStatus(Status::not_found("etcdserver: requested lease not found")),
+            Error::GRpcStatus(Status::invalid_argument("too many operations in txn")),
+            Error::GRpcStatus(Status::out_of_range("required revision has been compacted")),
+            Error::InvalidArgs("empty endpoints".into()),
+        ] {
+            assert!(!unavailable(&e), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_member_is_left_for_the_next_in_turn_once() {
+        let endpoints: Vec<String> = ["192.0.2.1:2379", "198.51.100.1:2379", "203.0.113.1:2379"]
+            .iter()
+            .map(|e| format!("http://{e}"))
+            .collect();
+        let members = Members::connect(endpoints, ConnectOptions::new(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let first = members.client().member;
+        members.fail_over(first).await;
+        let second = members.client().member;
+        assert_eq!(second, (first + 1) % 3);
+        // A second report of the same failure (another request that went
+        // to the first member) does not skip the second.
+        members.fail_over(first).await;
+        assert_eq!(members.client().member, second);
+        assert_eq!(
+            members.naming(second, "read"),
+            format!("read at {}", members.endpoint(second))
+        );
+    }
+}
