@@ -33,7 +33,7 @@ pub const ETCD_CLIENT_PORT: u16 = 2379;
 const PEER_URL: &str = "http://127.0.0.1:2380";
 
 /// The port a cluster's members talk raft on, each on its own address.
-const PEER_PORT: u16 = 2380;
+pub const ETCD_PEER_PORT: u16 = 2380;
 
 /// A lone member's name; the data dir remembers it, so a restart reuses it.
 const MEMBER_NAME: &str = "ovlt";
@@ -366,27 +366,27 @@ impl Etcd {
     }
 }
 
-/// An etcd cluster of several members in one namespace, each serving
-/// clients on its own address, as operators run etcd: a member may die and
-/// the cluster serves on while a quorum runs.
+/// An etcd cluster of several members, each serving clients and its
+/// peers on its own address, as operators run etcd: a member may die or be
+/// cut off, and the cluster serves on while a quorum runs.
 pub struct EtcdCluster {
     pub members: Vec<Etcd>,
 }
 
 impl EtcdCluster {
-    /// Starts a member on each of `addrs` (addresses of `netns`) and waits
-    /// until every one is healthy.
-    pub fn start(lab: &Lab, netns: &Netns, addrs: &[Ipv4Addr]) -> Result<EtcdCluster> {
+    /// Starts a member at each of `places` (a namespace and an address of
+    /// it) and waits until every one is healthy.
+    pub fn start(lab: &Lab, places: &[(Netns, Ipv4Addr)]) -> Result<EtcdCluster> {
         let name = |i: usize| format!("{MEMBER_NAME}{i}");
-        let peer_url = |addr: &Ipv4Addr| format!("http://{addr}:{PEER_PORT}");
-        let initial_cluster = addrs
+        let peer_url = |addr: &Ipv4Addr| format!("http://{addr}:{ETCD_PEER_PORT}");
+        let initial_cluster = places
             .iter()
             .enumerate()
-            .map(|(i, addr)| format!("{}={}", name(i), peer_url(addr)))
+            .map(|(i, (_, addr))| format!("{}={}", name(i), peer_url(addr)))
             .collect::<Vec<_>>()
             .join(",");
-        let mut members = Vec::with_capacity(addrs.len());
-        for (i, addr) in addrs.iter().enumerate() {
+        let mut members = Vec::with_capacity(places.len());
+        for (i, (netns, addr)) in places.iter().enumerate() {
             let member = Member {
                 name: name(i),
                 peer_url: peer_url(addr),

@@ -43,7 +43,7 @@ pub use ecn::{
     CE, ECN_MASK, ECT0, ECT1, NOT_ECT, Received, TosReceiver, clear_congestion, mark_congestion,
     send_udp_with_tos,
 };
-pub use etcd::{ETCD_CLIENT_PORT, Etcd, EtcdCluster, EtcdTls};
+pub use etcd::{ETCD_CLIENT_PORT, ETCD_PEER_PORT, Etcd, EtcdCluster, EtcdTls};
 pub use hooks::{HookedProgram, hooked_programs};
 pub use interrupt::remove_labs_on_interrupt;
 pub use lab::{CleanupStage, LAB_NAME_PREFIX, Lab, require_root};

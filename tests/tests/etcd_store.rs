@@ -15,14 +15,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    CONTAINER_IFACE, Cluster, EtcdCluster, HOST_IFACE, Host, Lab, Netns, Ovl, PingResult,
-    ThreeHosts, hooked_programs, mac_for, ping, wait_until,
+    CONTAINER_IFACE, Cluster, ETCD_PEER_PORT, EtcdCluster, HOST_IFACE, Host, Lab, Netns, Ovl,
+    PingResult, ThreeHosts, hooked_programs, mac_for, ping, wait_until,
 };
 use serde_json::Value;
 
 /// Liveness lease of every agent, in seconds: short, so node failure is
 /// noticed within seconds.
 const LEASE_TTL: u64 = 3;
+
+/// The agent's liveness lease when not set (`--lease-ttl`), in seconds.
+const DEFAULT_LEASE_TTL: u64 = 10;
 
 /// The network every scenario uses.
 const NETWORK: &str = "uber-net";
@@ -1130,24 +1133,64 @@ fn etcd_outage_loses_no_packet_and_a_restarted_etcd_serves_new_endpoints() -> Re
     world.stop()
 }
 
-/// etcd as operators run it: three members, one on each of the router's
-/// addresses, and every agent and `ovl` command given all three. Killing
-/// the leader costs no packet, no node's lease and no endpoint; connects
-/// and commands go on through the other two on every host, and every agent
-/// follows them. The killed member, restarted, catches up: once another
-/// member dies the cluster's quorum needs it.
+/// Three hosts, each running a member of one etcd cluster beside its
+/// agent, as a small cluster is run; every agent and `ovl` command is
+/// given all three members. Agents keep the default lease.
+fn three_members(lab: &Lab) -> Result<(Cluster, EtcdCluster)> {
+    let (router, hosts) = lab.routed_hosts(3)?;
+    let places: Vec<(Netns, Ipv4Addr)> = hosts.iter().map(|h| (h.netns.clone(), h.addr)).collect();
+    let etcd = EtcdCluster::start(lab, &places)?;
+    let ovl = Ovl::with_store(lab, &etcd.url())?;
+    let world = Cluster::with_agents(lab, ovl, router, hosts, "auto", &[])?;
+    Ok((world, etcd))
+}
+
+/// Every node alive as `ovl node ls` on each host lists them.
+fn all_alive(world: &Cluster, when: &str) -> Result<()> {
+    for i in [A, B, C] {
+        let nodes = world.nodes(i)?;
+        ensure!(
+            nodes.len() == 3 && nodes.iter().all(|(_, _, alive)| alive == "yes"),
+            "{when}, {} lists {nodes:?}",
+            ThreeHosts::NODES[i]
+        );
+    }
+    Ok(())
+}
+
+/// Cuts etcd member `m` (on host `m`) off from the other members, or heals
+/// the cut: the router drops raft traffic to and from host `m`; clients
+/// still reach the member.
+fn cut_off_member(world: &Cluster, m: usize, cut: bool) -> Result<()> {
+    let host = world.hosts[m].addr;
+    let script = if cut {
+        let mut s = "add table ip ovlt_partition\n\
+             add chain ip ovlt_partition forward { type filter hook forward priority 0; }\n"
+            .to_owned();
+        for dir in ["saddr", "daddr"] {
+            for port in ["sport", "dport"] {
+                s.push_str(&format!(
+                    "add rule ip ovlt_partition forward ip {dir} {host} tcp {port} {ETCD_PEER_PORT} drop\n"
+                ));
+            }
+        }
+        s
+    } else {
+        "delete table ip ovlt_partition\n".to_owned()
+    };
+    world.router.exec(&["nft", &script])?;
+    Ok(())
+}
+
+/// etcd as operators run it: three members, every agent and `ovl` command
+/// given all three. Killing the leader costs no packet, no node's lease
+/// and no endpoint; connects and commands go on through the other two on
+/// every host, and every agent follows them. The killed member, restarted,
+/// catches up: once another member dies the cluster's quorum needs it.
 #[test]
 fn agents_on_a_three_member_etcd_ride_out_the_loss_of_a_member() -> Result<()> {
     let lab = Lab::new("etcd-3m")?;
-    let (router, hosts) = lab.routed_hosts(3)?;
-    let addrs = hosts
-        .iter()
-        .map(|h| h.gateway.context("routed hosts have a gateway"))
-        .collect::<Result<Vec<_>>>()?;
-    let mut etcd = EtcdCluster::start(&lab, &router, &addrs)?;
-    let ovl = Ovl::with_store(&lab, &etcd.url())?;
-    let ttl = LEASE_TTL.to_string();
-    let world = Cluster::with_agents(&lab, ovl, router, hosts, "auto", &[("OVL_LEASE_TTL", &ttl)])?;
+    let (world, mut etcd) = three_members(&lab)?;
     world
         .ovl
         .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
@@ -1176,18 +1219,14 @@ fn agents_on_a_three_member_etcd_ride_out_the_loss_of_a_member() -> Result<()> {
 
     // Past every lease: each node kept its own alive through the others,
     // and each host's `ovl` reads the store with one member dead.
-    let past_leases = Duration::from_secs(LEASE_TTL + 2);
+    let past_leases = Duration::from_secs(DEFAULT_LEASE_TTL + 2);
     if let Some(rest) = past_leases.checked_sub(killed_at.elapsed()) {
         thread::sleep(rest);
     }
-    for i in [A, B, C] {
-        let nodes = world.nodes(i)?;
-        ensure!(
-            nodes.len() == 3 && nodes.iter().all(|(_, _, alive)| alive == "yes"),
-            "with etcd member {leader} (the leader) dead, {} lists {nodes:?}",
-            ThreeHosts::NODES[i]
-        );
-    }
+    all_alive(
+        &world,
+        &format!("with etcd member {leader} (the leader) dead"),
+    )?;
     let after = listed_endpoints(&world.inspect(C, NETWORK)?)?;
     ensure!(
         after == before,
@@ -1212,6 +1251,50 @@ fn agents_on_a_three_member_etcd_ride_out_the_loss_of_a_member() -> Result<()> {
     wait_for_maps(&world, vni, &[(ip_a, A), (ip_b, B), (ip_c, C), (ip_a2, A)])?;
     expect_reachable(&cc, ip_a2, 3)?;
     expect_reachable(&ca2, ip_b, 3)?;
+    world.stop()
+}
+
+/// A member cut off from the others (a partition) loses its leader and
+/// stops serving ovl (ovl asks for a leader on every request): whoever
+/// talked to it moves on. Each member in turn is cut off; each time a
+/// connect on every host reaches every agent, and no node's lease lapses.
+#[test]
+fn agents_on_a_three_member_etcd_ride_out_a_member_cut_off_from_the_others() -> Result<()> {
+    let lab = Lab::new("etcd-3p")?;
+    let (world, etcd) = three_members(&lab)?;
+    world
+        .ovl
+        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    let mut endpoints = Vec::new();
+    let mut containers = Vec::new();
+    for i in [A, B, C] {
+        let (c, ip) = world.container(&lab, i, NETWORK, &format!("c{i}"))?;
+        endpoints.push((ip, i));
+        containers.push(c);
+    }
+    let vni = vni_of(&world, A)?;
+    wait_for_maps(&world, vni, &endpoints)?;
+
+    for m in [A, B, C] {
+        cut_off_member(&world, m, true)?;
+        // The member notices: it cannot answer a read needing a quorum.
+        wait_until(Duration::from_secs(15), || {
+            Ok(etcd.members[m].etcdctl(&["endpoint", "health"]).is_err())
+        })
+        .with_context(|| format!("etcd member {m} still healthy when cut off"))?;
+        for i in [A, B, C] {
+            let (c, ip) = world.container(&lab, i, NETWORK, &format!("m{m}c{i}"))?;
+            endpoints.push((ip, i));
+            containers.push(c);
+        }
+        wait_for_maps(&world, vni, &endpoints)
+            .with_context(|| format!("with etcd member {m} cut off"))?;
+        let newest = containers.last().context("containers")?;
+        expect_reachable(newest, endpoints[0].0, 2)?;
+        all_alive(&world, &format!("with etcd member {m} cut off"))?;
+        cut_off_member(&world, m, false)?;
+        etcd.members[m].wait_healthy(Duration::from_secs(20))?;
+    }
     world.stop()
 }
 
