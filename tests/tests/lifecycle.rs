@@ -955,17 +955,50 @@ fn wait_remembered(
     network: &str,
     ip: std::net::Ipv4Addr,
 ) -> Result<()> {
-    let env = world.ovl.env(TwoHosts::NODES[i]);
-    let dir = env
+    let journal = journal_of(world, i)?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(remembers(&journal, network, ip))
+    })
+    .with_context(|| format!("{} never remembered {network}/{ip}", journal.display()))
+}
+
+/// Host `i`'s agent journal, `<state dir>/agent.json`.
+fn journal_of(world: &TwoHosts, i: usize) -> Result<std::path::PathBuf> {
+    world
+        .ovl
+        .env(TwoHosts::NODES[i])
         .iter()
         .find(|(k, _)| k == "OVL_STATE_DIR")
         .map(|(_, v)| Path::new(v).join("agent.json"))
-        .context("the lab gives every agent OVL_STATE_DIR")?;
+        .context("the lab gives every agent OVL_STATE_DIR")
+}
+
+/// Whether `journal` holds the endpoint `network/ip`.
+fn remembers(journal: &Path, network: &str, ip: std::net::Ipv4Addr) -> bool {
     let key = format!("\"{network}/{ip}\"");
-    wait_until(Duration::from_secs(5), || {
-        Ok(std::fs::read_to_string(&dir).is_ok_and(|j| j.contains(&key)))
-    })
-    .with_context(|| format!("{} never remembered {network}/{ip}", dir.display()))
+    std::fs::read_to_string(journal).is_ok_and(|j| j.contains(&key))
+}
+
+/// Containers connected one after another: each is in the agent's journal
+/// by the time `ovl connect` returns (it returns once the agent forwards
+/// for it), so an agent killed at any moment after that — its node then
+/// losing its lease before it returns — puts the endpoint back.
+#[test]
+fn a_connected_container_is_in_the_journal_when_connect_returns() -> Result<()> {
+    let lab = Lab::new("lc-journal")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    world
+        .ovl
+        .create_network(&world.hosts[0].netns, "uber-net", "198.18.0.0/24", &[])?;
+    let journal = journal_of(&world, 0)?;
+    for n in 0..8 {
+        let (_c, ip) = world.container(&lab, 0, "uber-net", &format!("c{n}"))?;
+        ensure!(
+            remembers(&journal, "uber-net", ip),
+            "`ovl connect` returned for {ip} (container {n}) before the agent's journal held it"
+        );
+    }
+    world.stop()
 }
 
 /// The IPv4 addresses `name` resolves to inside `ns` (`getent ahostsv4`),

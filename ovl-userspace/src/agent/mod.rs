@@ -839,6 +839,16 @@ impl Agent {
             return Ok(());
         };
         let dirty = if self.needs_whole { &Dirty::All } else { dirty };
+        // This node's endpoints reach the journal before the maps:
+        // `ovl connect` returns once its endpoint forwards, and an agent
+        // killed after that must still put the endpoint back should the
+        // node lose its lease before an agent runs again. The networks'
+        // names wait for the maps: reconcile compares the new ones with
+        // them (a VNI given to another network).
+        if !dirty.is_empty() {
+            reconcile::remember_endpoints(&mut self.memory, state, &self.node);
+            self.journal.save_logged(&self.memory);
+        }
         // Names first: a container's resolver is listening by the time its
         // endpoint is reported forwarding.
         let ifindexes = &self.ifindexes;
@@ -870,7 +880,7 @@ impl Agent {
         let Some(state) = &self.state else {
             return Ok(());
         };
-        reconcile::remember(&mut self.memory, state, &self.node);
+        reconcile::remember_networks(&mut self.memory, state);
         if let Some(c) = &self.crypto {
             c.set_peers(&crypto::peers_of(state, &self.node));
         }

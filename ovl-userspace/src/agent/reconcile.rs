@@ -215,8 +215,8 @@ pub fn publish_pinned(pin_dir: &Path, memory: &Memory, view: &View) -> Result<us
 }
 
 /// Adds `node`'s endpoints in `state` to `memory` and forgets those whose
-/// veth is gone; records the networks' names.
-pub fn remember(memory: &mut Memory, state: &State, node: &str) {
+/// veth is gone.
+pub fn remember_endpoints(memory: &mut Memory, state: &State, node: &str) {
     let current: BTreeMap<String, &Endpoint> = state
         .endpoints
         .iter()
@@ -235,6 +235,10 @@ pub fn remember(memory: &mut Memory, state: &State, node: &str) {
             memory.endpoints.insert(key, e.clone());
         }
     }
+}
+
+/// Records the networks' names by VNI.
+pub fn remember_networks(memory: &mut Memory, state: &State) {
     memory.networks = state
         .networks
         .values()
