@@ -192,6 +192,13 @@ pub fn render(view: &View) -> Result<String> {
             "Whether the last request to the store succeeded (1) or not (0).",
         )?,
     )?;
+    let fail_overs = register(
+        &reg,
+        IntCounter::new(
+            "ovl_store_failovers_total",
+            "Times the agent left an etcd member that failed a request (unreachable, its connection broken, no leader) for the next member its store URL names.",
+        )?,
+    )?;
     let collected = register(
         &reg,
         IntCounter::new(
@@ -266,6 +273,7 @@ pub fn render(view: &View) -> Result<String> {
     }
     underlay_up.set(i64::from(live.underlay_problem.is_none()));
     store_up.set(i64::from(live.store_reachable));
+    fail_overs.inc_by(crate::store::etcd_fail_overs());
     conflicts.set(live.address_conflicts as i64);
     collected.inc_by(live.collected_endpoints);
 

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    CONTAINER_IFACE, Cluster, ETCD_PEER_PORT, EtcdCluster, HOST_IFACE, Host, Lab, Netns, Ovl,
-    PingResult, ThreeHosts, hooked_programs, mac_for, ping, wait_until,
+    AGENT_METRICS, CONTAINER_IFACE, Cluster, ETCD_PEER_PORT, EtcdCluster, HOST_IFACE, Host, Lab,
+    Netns, Ovl, PingResult, ThreeHosts, hooked_programs, mac_for, ping, wait_until,
 };
 use serde_json::Value;
 
@@ -1141,8 +1141,26 @@ fn three_members(lab: &Lab) -> Result<(Cluster, EtcdCluster)> {
     let places: Vec<(Netns, Ipv4Addr)> = hosts.iter().map(|h| (h.netns.clone(), h.addr)).collect();
     let etcd = EtcdCluster::start(lab, &places)?;
     let ovl = Ovl::with_store(lab, &etcd.url())?;
-    let world = Cluster::with_agents(lab, ovl, router, hosts, "auto", &[])?;
+    let world = Cluster::with_agents(
+        lab,
+        ovl,
+        router,
+        hosts,
+        "auto",
+        &[("OVL_METRICS", AGENT_METRICS)],
+    )?;
     Ok((world, etcd))
+}
+
+/// Host `i`'s agent's `ovl_store_failovers_total`.
+fn fail_overs(world: &Cluster, i: usize) -> Result<u64> {
+    let text = world.scrape(i)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("ovl_store_failovers_total "))
+        .with_context(|| format!("no ovl_store_failovers_total in\n{text}"))?
+        .trim()
+        .parse()
+        .context("ovl_store_failovers_total")
 }
 
 /// Every node alive as `ovl node ls` on each host lists them.
@@ -1274,6 +1292,13 @@ fn agents_on_a_three_member_etcd_ride_out_a_member_cut_off_from_the_others() -> 
     }
     let vni = vni_of(&world, A)?;
     wait_for_maps(&world, vni, &endpoints)?;
+    for i in [A, B, C] {
+        ensure!(
+            fail_overs(&world, i)? == 0,
+            "{} moved between members before any failed",
+            ThreeHosts::NODES[i]
+        );
+    }
 
     for m in [A, B, C] {
         cut_off_member(&world, m, true)?;
@@ -1294,6 +1319,16 @@ fn agents_on_a_three_member_etcd_ride_out_a_member_cut_off_from_the_others() -> 
         all_alive(&world, &format!("with etcd member {m} cut off"))?;
         cut_off_member(&world, m, false)?;
         etcd.members[m].wait_healthy(Duration::from_secs(20))?;
+    }
+    // Each member was cut off in turn, so every agent's connections met a
+    // cut-off member at least once, and moved on.
+    for i in [A, B, C] {
+        let n = fail_overs(&world, i)?;
+        ensure!(
+            n >= 1,
+            "{} counted {n} moves between members",
+            ThreeHosts::NODES[i]
+        );
     }
     world.stop()
 }

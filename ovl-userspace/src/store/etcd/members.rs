@@ -12,13 +12,26 @@
 
 use std::{
     ops::{Deref, DerefMut},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use etcd_client::{Client, ConnectOptions};
 
 use crate::random;
+
+/// Moves from one member to another, by every store of this process (an
+/// agent has two: its follower's and its liveness thread's).
+static FAIL_OVERS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this process moved from a member that failed it to
+/// another (`ovl_store_failovers_total`).
+pub fn fail_overs() -> u64 {
+    FAIL_OVERS.load(Ordering::Relaxed)
+}
 
 /// The members, and the one this process talks to.
 pub struct Members {
@@ -130,6 +143,7 @@ impl Members {
                     index: next,
                     client,
                 };
+                FAIL_OVERS.fetch_add(1, Ordering::Relaxed);
             }
             return;
         }

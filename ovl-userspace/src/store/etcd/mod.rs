@@ -30,6 +30,7 @@ use codec::{
 };
 use etcd_client::{Compare, CompareOp, GetOptions, GetResponse, Txn, TxnOp, TxnOpResponse};
 pub use liveness::Liveness;
+pub use members::fail_overs;
 
 use super::{Scope, StoreError, StoreUrl};
 use crate::{
