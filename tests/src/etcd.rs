@@ -410,27 +410,32 @@ impl EtcdCluster {
         format!("etcd://{}", endpoints.join(","))
     }
 
-    /// The index of the member that leads, as the running members agree.
+    /// The index of the member that leads, once the running members agree
+    /// on one (an election may be under way).
     pub fn leader(&self) -> Result<usize> {
-        let mut ids = Vec::new();
-        let mut leaders = BTreeSet::new();
-        for etcd in &self.members {
-            if etcd.is_running() {
-                let (id, leader) = etcd.member_and_leader()?;
-                ids.push(Some(id));
-                leaders.insert(leader);
-            } else {
-                ids.push(None);
+        let mut last = String::new();
+        let mut found = None;
+        wait_until(STARTUP_TIMEOUT, || {
+            let mut ids = Vec::new();
+            let mut leaders = BTreeSet::new();
+            for etcd in &self.members {
+                if etcd.is_running() {
+                    let (id, leader) = etcd.member_and_leader()?;
+                    ids.push(Some(id));
+                    leaders.insert(leader);
+                } else {
+                    ids.push(None);
+                }
             }
-        }
-        ensure!(
-            leaders.len() == 1,
-            "the running members follow different leaders: {leaders:?}"
-        );
-        let leader = leaders.first().copied();
-        ids.iter().position(|id| *id == leader).with_context(|| {
-            format!("the leader {leader:?} is none of the running members {ids:?}")
+            found = match (leaders.len(), leaders.first()) {
+                (1, Some(&leader)) => ids.iter().position(|id| *id == Some(leader)),
+                _ => None,
+            };
+            last = format!("members {ids:?} follow {leaders:?}");
+            Ok(found.is_some())
         })
+        .with_context(|| format!("the running etcd members never agreed on a leader: {last}"))?;
+        found.context("a leader")
     }
 }
 
