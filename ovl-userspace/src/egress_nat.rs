@@ -57,7 +57,7 @@ use anyhow::{Context, Result, bail};
 use ovl_common::maps::{EGRESS_MARK_BASE, EGRESS_MARK_MASK, egress_mark};
 use serde_json::Value;
 
-use crate::{desired::EgressEndpoint, ipam::Subnet, ports::PublishedPort};
+use crate::{desired::EgressEndpoint, host_firewall, ipam::Subnet, ports::PublishedPort};
 
 /// nftables table (family ip) holding ovl's NAT.
 pub const TABLE: &str = "ovl";
@@ -482,6 +482,11 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
         sync_rules(&vnis)?;
         memory.vnis = Some(vnis);
     }
+    // A FORWARD policy of DROP (dockerd's) must not drop what the host
+    // forwards for ovl.
+    if !endpoints.is_empty() {
+        host_firewall::ensure_logged();
+    }
     Ok(())
 }
 
@@ -581,6 +586,7 @@ pub fn remove() -> Result<Vec<String>> {
         let mark = format!("{EGRESS_MARK_BASE:#x}/{EGRESS_MARK_MASK:#x}");
         conntrack_delete(&["-m", &mark])?;
     }
+    done.extend(host_firewall::remove()?);
     Ok(done)
 }
 

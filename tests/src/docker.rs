@@ -50,6 +50,11 @@ pub struct DockerdOptions {
     /// `--dns`: the daemon's default DNS servers for its containers
     /// (daemon.json's `dns`).
     pub dns: Option<&'static str>,
+    /// dockerd's own defaults for the host's firewall and forwarding
+    /// (`--iptables`, `--ip-forward`): it switches forwarding on and sets
+    /// the policy of iptables' FORWARD chain to DROP. Off, the tests' hosts
+    /// are left alone.
+    pub firewall: bool,
 }
 
 /// A dockerd running in one lab host's network namespace.
@@ -136,7 +141,7 @@ impl Dockerd {
         let d = |p: &str| self.dir.join(p).display().to_string();
         let mut dockerd = format!(
             "exec {DOCKERD} --data-root {} --exec-root {} --pidfile {} -H unix://{} \
-             --iptables=false --bridge=none --ip-forward=false \
+             --iptables={fw} --bridge=none --ip-forward={fw} \
              --exec-opt native.cgroupdriver=cgroupfs --cgroup-parent /{cg} \
              --containerd-namespace {cg} --containerd-plugins-namespace {cg}-plugins",
             d("data"),
@@ -144,6 +149,7 @@ impl Dockerd {
             d("docker.pid"),
             self.socket.display(),
             cg = self.cgroup_parent,
+            fw = self.options.firewall,
         );
         if self.options.live_restore {
             dockerd.push_str(" --live-restore");

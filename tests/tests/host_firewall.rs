@@ -1,0 +1,173 @@
+//! ovl on a host whose firewall forwards nothing by default, as Docker
+//! leaves one: dockerd (with its default `--iptables`) sets the policy of
+//! iptables' FORWARD chain to DROP when it switches forwarding on. A
+//! container's way out and its published ports still work, as Docker's own
+//! overlay works through docker_gwbridge, and `ovl detach` takes ovl's
+//! rules away again.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use ovl_tests::{
+    BUSYBOX_IMAGE, DockerCluster, DockerdOptions, Lab, Netns, StoreKind, TwoHosts, wait_until,
+};
+
+const NETWORK: &str = "web";
+/// The router's address on host B's subnet: outside every overlay.
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+const SERVER_PORT: u16 = 8080;
+/// Host A's underlay address: where the container's port is published.
+const HOST_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+
+/// What a TCP connection from `from` to `addr`:`port` receives (empty
+/// when it failed).
+fn fetch(from: &Netns, addr: Ipv4Addr, port: u16) -> Result<String> {
+    let out = from.exec_unchecked(&["nc", "-w", "3", &addr.to_string(), &port.to_string()])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The rules of iptables' FORWARD chain on `host` (`iptables -S FORWARD`).
+fn forward_rules(host: &Netns) -> Result<String> {
+    let out = host.exec(&["iptables", "-w", "-S", "FORWARD"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn a_forward_policy_of_drop_keeps_egress_and_published_ports_working() -> Result<()> {
+    let lab = Lab::new("fw-drop")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
+    // What dockerd does on a host where it switched forwarding on.
+    host_a.exec(&["iptables", "-w", "-P", "FORWARD", "DROP"])?;
+    world
+        .ovl
+        .create_network(host_a, NETWORK, "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    world.run(0, &["connect", NETWORK, c1.name(), "--publish", "8080:80"])?;
+
+    // Out: the container reaches a server beyond the router.
+    let greeting = "hello from outside";
+    let serve = format!("c.sendall(b'{greeting}\\n')\nc.close()");
+    let _server = lab.python_tcp_server(&world.router, SERVER, SERVER_PORT, &serve)?;
+    let mut got = String::new();
+    wait_until(Duration::from_secs(10), || {
+        got = fetch(&c1, SERVER, SERVER_PORT)?;
+        Ok(got.contains(greeting))
+    })
+    .with_context(|| {
+        format!(
+            "the container got {got:?} from {SERVER}:{SERVER_PORT}; FORWARD:\n{}",
+            forward_rules(host_a).unwrap_or_default()
+        )
+    })?;
+
+    // In: host B reaches the container's published port.
+    let script = "import socket\n\
+                  s = socket.socket()\n\
+                  s.bind(('0.0.0.0', 80))\n\
+                  s.listen(8)\n\
+                  print('listening', flush=True)\n\
+                  while True:\n\
+                  \x20   conn, peer = s.accept()\n\
+                  \x20   conn.sendall(b'hello from c1\\n')\n\
+                  \x20   conn.close()\n";
+    let web = lab.spawn(&c1, &["/usr/bin/python3", "-c", script], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(web.stdout()?.contains("listening"))
+    })
+    .with_context(|| format!("TCP server did not start:\n{}", web.output_report()))?;
+    wait_until(Duration::from_secs(10), || {
+        got = fetch(host_b, HOST_A, 8080)?;
+        Ok(got.contains("hello from c1"))
+    })
+    .with_context(|| {
+        format!(
+            "host B got {got:?} from {HOST_A}:8080; FORWARD:\n{}",
+            forward_rules(host_a).unwrap_or_default()
+        )
+    })?;
+
+    // One rule of ovl's, after the policy's own rules (none here).
+    let rules = forward_rules(host_a)?;
+    let ours: Vec<&str> = rules.lines().filter(|l| l.contains("ovl:")).collect();
+    ensure!(
+        ours.len() == 1 && ours[0].contains("0x6f000000/0xff000000") && ours[0].contains("ACCEPT"),
+        "FORWARD holds {} rule(s) of ovl's:\n{rules}",
+        ours.len()
+    );
+
+    // `ovl detach` takes it away, and leaves the policy as it found it.
+    let agent = world.agents.remove(0);
+    agent.stop()?;
+    let out = world.run(0, &["detach", "eth0"])?;
+    ensure!(out.contains("FORWARD"), "detach said:\n{out}");
+    let rules = forward_rules(host_a)?;
+    ensure!(
+        rules.trim() == "-P FORWARD DROP",
+        "FORWARD after ovl detach:\n{rules}"
+    );
+    world.stop()
+}
+
+/// The same with a real dockerd on its defaults, which sets the policy
+/// itself: a container Docker runs on an ovl network reaches the router.
+#[test]
+fn a_container_docker_runs_on_its_default_firewall_has_its_way_out() -> Result<()> {
+    let lab = Lab::new("fw-docker")?;
+    let world = DockerCluster::start(
+        &lab,
+        StoreKind::File,
+        1,
+        DockerdOptions {
+            firewall: true,
+            ..DockerdOptions::default()
+        },
+    )?;
+    let host = &world.hosts[0].netns;
+    let rules = forward_rules(host)?;
+    ensure!(
+        rules.lines().next() == Some("-P FORWARD DROP"),
+        "dockerd did not set FORWARD's policy to DROP: the test would prove nothing\n{rules}"
+    );
+    world.docker(
+        0,
+        &[
+            "network",
+            "create",
+            "-d",
+            "ovl",
+            "--ipam-driver",
+            "ovl",
+            "--subnet",
+            "198.18.0.0/24",
+            NETWORK,
+        ],
+    )?;
+    let gateway = world.hosts[0]
+        .gateway
+        .context("routed hosts have a gateway")?;
+    let out = world.docker(
+        0,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            NETWORK,
+            BUSYBOX_IMAGE,
+            "ping",
+            "-c",
+            "3",
+            "-W",
+            "2",
+            &gateway.to_string(),
+        ],
+    );
+    ensure!(
+        out.as_ref().is_ok_and(|o| o.contains("3 packets received")),
+        "a container on {NETWORK} could not ping {gateway} through its host: {out:?}; FORWARD:\n{}",
+        forward_rules(host).unwrap_or_default()
+    );
+    world.docker(0, &["network", "rm", NETWORK])?;
+    world.stop()
+}
