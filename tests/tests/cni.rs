@@ -234,6 +234,32 @@ fn add_check_del_gc_status_and_version_follow_the_spec() -> Result<()> {
     let check_conf = with(&conf, "prevResult", res.clone());
     let ok = w.plugin.call("CHECK", &env, &check_conf.to_string())?;
     ensure!(ok.status.success() && ok.stdout.trim().is_empty(), "{ok:?}");
+    // With the host end down the container is cut off (NO-CARRIER), and
+    // CHECK says so; a changed MTU is named as a number.
+    w.host.netns.ip(&["link", "set", host_if, "down"])?;
+    ensure!(
+        !ovl_tests::ping(&c1, peer_ip, 1, &["-W", "1"])?.all_received(),
+        "the container still reaches {peer_ip} with {host_if} down"
+    );
+    let down = w.plugin.call("CHECK", &env, &check_conf.to_string())?;
+    ensure!(down.error_code()? == 110, "{down:?}");
+    let details = down.json()?["details"].as_str().unwrap_or("").to_owned();
+    ensure!(
+        details.contains(host_if) && details.contains("down"),
+        "{down:?}"
+    );
+    w.host.netns.ip(&["link", "set", host_if, "up"])?;
+    c1.ip(&["link", "set", "eth0", "mtu", "1400"])?;
+    let mtu = w.plugin.call("CHECK", &env, &check_conf.to_string())?;
+    ensure!(mtu.error_code()? == 110, "{mtu:?}");
+    let details = mtu.json()?["details"].as_str().unwrap_or("").to_owned();
+    ensure!(
+        details.contains("MTU 1400") && !details.contains("Some("),
+        "{mtu:?}"
+    );
+    c1.ip(&["link", "set", "eth0", "mtu", "1450"])?;
+    let again = w.plugin.call("CHECK", &env, &check_conf.to_string())?;
+    ensure!(again.status.success(), "{again:?}");
     c1.ip(&["link", "del", "eth0"])?;
     let bad = w.plugin.call("CHECK", &env, &check_conf.to_string())?;
     ensure!(bad.error_code()? == 110, "{bad:?}");

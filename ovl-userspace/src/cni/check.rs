@@ -1,6 +1,7 @@
 //! CHECK: the attachment is still as ADD made it — the endpoint in the
-//! store, the host veth, the container interface (up, MAC, MTU, address),
-//! what prevResult lists, and the agent forwarding for it.
+//! store, the host veth (present and up), the container interface (up,
+//! MAC, MTU, address), what prevResult lists, and the agent forwarding for
+//! it.
 
 use std::time::Duration;
 
@@ -79,17 +80,21 @@ pub async fn check(inv: &Invocation, conf: &NetConf, s: &Settings) -> Result<(),
     }
     if link.mtu != Some(network.mtu) {
         return Err(failed(format!(
-            "{ifname} has MTU {:?}, the network {}",
-            link.mtu, network.mtu
+            "{ifname} has MTU {}, the network {}",
+            link.mtu.map_or("none".into(), |m| m.to_string()),
+            network.mtu
         )));
     }
     let host = netlink::connect().map_err(|e| CniError::from_failure(&e))?;
     let host_link = netlink::link_state(&host, host_ifname)
         .await
-        .map_err(|e| CniError::from_failure(&e))?;
-    if host_link.is_none() {
+        .map_err(|e| CniError::from_failure(&e))?
+        .ok_or_else(|| failed(format!("the host end {host_ifname} of the veth is gone")))?;
+    // A veth carries nothing while either end is down: the container's
+    // side shows NO-CARRIER and every packet to or from it is lost.
+    if !host_link.up {
         return Err(failed(format!(
-            "the host end {host_ifname} of the veth is gone"
+            "the host end {host_ifname} of the veth is down: the container has no connectivity; `ip link set {host_ifname} up`"
         )));
     }
     let prefix = network
