@@ -166,6 +166,13 @@ async fn dispatch(
             format!("cannot read the network configuration from stdin: {e}"),
         )
     })?;
+    // Errors answer in the configuration's version, even one whose other
+    // keys do not decode (the spec: output in the input's cniVersion).
+    if let Some(v) = declared_version(&stdin)
+        && SpecVersion::SUPPORTED.contains(&v)
+    {
+        *reported_version = v.to_string();
+    }
     let conf: NetConf = serde_json::from_slice(&stdin).map_err(|e| {
         CniError::decode(format!(
             "the network configuration on stdin is not a JSON object CNI describes: {e}"
@@ -224,18 +231,25 @@ fn check_name(name: Option<&str>) -> Result<(), CniError> {
     }
 }
 
-/// VERSION: the versions ovl speaks, under the version the input names.
-fn version_reply(stdin: &[u8]) -> String {
+/// The `cniVersion` a JSON object on stdin names, whatever else it holds.
+fn declared_version(stdin: &[u8]) -> Option<SpecVersion> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Probe {
         cni_version: Option<String>,
     }
-    let asked = serde_json::from_slice::<Probe>(stdin)
+    serde_json::from_slice::<Probe>(stdin)
+        .ok()?
+        .cni_version?
+        .parse()
         .ok()
-        .and_then(|p| p.cni_version)
-        .filter(|v| v.parse::<SpecVersion>().is_ok())
-        .unwrap_or_else(|| SpecVersion::NEWEST.to_string());
+}
+
+/// VERSION: the versions ovl speaks, under the version the input names.
+fn version_reply(stdin: &[u8]) -> String {
+    let asked = declared_version(stdin)
+        .unwrap_or(SpecVersion::NEWEST)
+        .to_string();
     serde_json::to_string(&VersionResult {
         cni_version: asked,
         supported_versions: SpecVersion::SUPPORTED
@@ -287,6 +301,17 @@ mod tests {
         );
         let (_, v) = call(&[("CNI_COMMAND", "VERSION")], "");
         assert_eq!(v["cniVersion"], "1.1.0");
+    }
+
+    #[test]
+    fn a_configuration_that_does_not_decode_is_answered_in_its_version() {
+        let (ok, v) = call(
+            &ADD,
+            r#"{"cniVersion":"1.0.0","name":"n","dns":5,"runtimeConfig":{"portMappings":"x"}}"#,
+        );
+        assert!(!ok);
+        assert_eq!(v["code"], 6, "{v}");
+        assert_eq!(v["cniVersion"], "1.0.0", "{v}");
     }
 
     #[test]
