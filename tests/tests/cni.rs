@@ -449,7 +449,7 @@ fn tuning_chained_after_ovl_gets_its_result_and_passes_it_on() -> Result<()> {
 #[test]
 fn bad_input_gets_spec_errors_and_leaves_nothing_behind() -> Result<()> {
     let lab = Lab::new("cni-bad")?;
-    let w = OneHost::start(&lab, false)?;
+    let w = OneHost::start(&lab, true)?;
     // A /29 has five addresses for containers: fill them.
     w.ovl
         .create_network(&w.host.netns, "tiny", "198.18.9.0/29", &[])?;
@@ -469,6 +469,9 @@ fn bad_input_gets_spec_errors_and_leaves_nothing_behind() -> Result<()> {
     let container_before = link_names(&c)?;
 
     let conf = w.conf("1.0.0");
+    // A node whose agent does not run: its socket answers nothing.
+    let no_agent_socket = lab.tempdir().join("no-agent.sock");
+    let no_agent = with(&conf, "apiSocket", json!(no_agent_socket));
     let env = CniPlugin::attachment_env("ctr-bad", &sandbox, "eth0");
     let without = |name: &str| -> Vec<(&str, &str)> {
         env.iter().copied().filter(|(k, _)| *k != name).collect()
@@ -558,6 +561,7 @@ fn bad_input_gets_spec_errors_and_leaves_nothing_behind() -> Result<()> {
             with(&conf, "prevResult", json!({"ips": 3})).to_string(),
             6,
         ),
+        ("no agent", "ADD", env.clone(), no_agent.to_string(), 11),
     ];
     for (what, command, vars, stdin, code) in &cases {
         let out = w.plugin.call(command, vars, stdin)?;
@@ -576,6 +580,14 @@ fn bad_input_gets_spec_errors_and_leaves_nothing_behind() -> Result<()> {
                 && err["details"].as_str().is_some_and(|d| !d.is_empty()),
             "{what}: {err}"
         );
+        if *what == "no agent" {
+            let details = err["details"].as_str().unwrap_or("");
+            ensure!(
+                details.contains("`ovl attach")
+                    && details.contains(&no_agent_socket.display().to_string()),
+                "{what}: {err}"
+            );
+        }
     }
     ensure!(
         std::fs::read(&state_file)? == state_before,
@@ -602,7 +614,14 @@ fn bad_input_gets_spec_errors_and_leaves_nothing_behind() -> Result<()> {
     ensure!(w.host_links()? == host_before, "links left on the host");
 
     // No agent and no pinned data path on this node: STATUS says 51.
-    let status = w.plugin.call("STATUS", &[], &w.conf("1.1.0").to_string())?;
+    let empty_pins = lab.tempdir().join("no-pins");
+    std::fs::create_dir_all(&empty_pins)?;
+    let unattached = with(
+        &with(&w.conf("1.1.0"), "apiSocket", json!(no_agent_socket)),
+        "pinRoot",
+        json!(empty_pins),
+    );
+    let status = w.plugin.call("STATUS", &[], &unattached.to_string())?;
     ensure!(status.error_code()? == 51, "{status:?}");
 
     // ADD twice for one attachment: the second is refused, the first stays.

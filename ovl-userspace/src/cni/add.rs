@@ -3,7 +3,7 @@
 //! CNI_IFNAME, owned by `cni:<container id>/<ifname>` and named after the
 //! pod, or its short container ID when that name is taken on the network
 //! ([`attachment::naming`]); the result points the runtime at ovl's
-//! resolver.
+//! resolver. Refused while the node's agent does not run.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -15,7 +15,7 @@ use super::{
     types::NetConf,
     version::SpecVersion,
 };
-use crate::{attachment, dns, model::MacAddr, netlink, ports::PublishedPort};
+use crate::{api, attachment, dns, model::MacAddr, netlink, ports::PublishedPort};
 
 /// How long ADD waits for the node's agent to forward for the container
 /// (as `ovl connect` does): the container starts right after ADD.
@@ -83,6 +83,7 @@ pub async fn add(
         ports,
         mac,
     };
+    require_agent(s).await?;
     let a = attachment::attach(&store, &req).await.map_err(|e| {
         let e = e.context(format!(
             "attach container {} ({}) to network {}",
@@ -195,6 +196,28 @@ async fn container_has(netns: &str, ifname: &str) -> Result<bool, CniError> {
         .await
         .map(|l| l.is_some())
         .map_err(|e| CniError::from_failure(&e))
+}
+
+/// Refuses ADD (11, before anything is registered) while no agent runs on
+/// the node: the container would come up with an interface nothing
+/// forwards for, and runtimes show a plugin's warnings only when it fails
+/// (podman drops a successful plugin's stderr). An agent that runs but is
+/// slow or stopped is waited for after attaching ([`warn_unless_forwarding`]).
+async fn require_agent(s: &Settings) -> Result<(), CniError> {
+    match api::Client::new(&s.api_socket)
+        .get::<api::Health>("/v1/health")
+        .await
+    {
+        Err(api::ClientError::NoAgent(_)) => Err(CniError::new(
+            Code::TryAgainLater,
+            format!(
+                "no ovl agent answers on {} for node {}: a container attached now would have no connectivity; start the agent with `ovl attach <interface>` on this host (or point \"apiSocket\" at its socket), then retry",
+                s.api_socket.display(),
+                s.node
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The attachment is registered either way; the runtime's log says when
