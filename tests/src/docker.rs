@@ -57,6 +57,24 @@ pub struct DockerdOptions {
     pub firewall: bool,
 }
 
+/// `docker network create -d ovl --ipam-driver ovl --subnet SUBNET
+/// EXTRA... NAME`, as arguments of `docker`.
+pub fn ovl_network_argv<'a>(name: &'a str, subnet: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut argv = vec![
+        "network",
+        "create",
+        "-d",
+        "ovl",
+        "--ipam-driver",
+        "ovl",
+        "--subnet",
+        subnet,
+    ];
+    argv.extend_from_slice(extra);
+    argv.push(name);
+    argv
+}
+
 /// A dockerd running in one lab host's network namespace.
 pub struct Dockerd {
     netns: Netns,

@@ -37,7 +37,7 @@ pub use cni::{CniOutput, CniPlugin};
 pub use dns_upstream::DnsUpstream;
 pub use docker::{
     BUSYBOX_IMAGE, Container as DockerContainer, DOCKER_CLI, DockerCluster, Dockerd,
-    DockerdOptions, StoreKind, plugin_call,
+    DockerdOptions, StoreKind, ovl_network_argv, plugin_call,
 };
 pub use ecn::{
     CE, ECN_MASK, ECT0, ECT1, NOT_ECT, Received, TosReceiver, clear_congestion, mark_congestion,

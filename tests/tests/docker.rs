@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
     BackgroundPing, DockerCluster, DockerContainer, DockerdOptions, Lab, NetCounters, StoreKind,
-    dump_endpoints, ping, plugin_call, wait_until,
+    dump_endpoints, ovl_network_argv, ping, plugin_call, wait_until,
 };
 use serde_json::Value;
 
@@ -29,28 +29,10 @@ const VISIBLE_WITHIN: Duration = Duration::from_secs(5);
 const RECONCILE_WITHIN: Duration = Duration::from_secs(12);
 
 fn create_network(world: &DockerCluster, i: usize, name: &str, subnet: &str) -> Result<String> {
-    world.docker(i, &create_argv(name, subnet, &[]))
+    world.docker(i, &ovl_network_argv(name, subnet, &[]))
 }
 
-/// `docker network create -d ovl --ipam-driver ovl --subnet SUBNET
-/// EXTRA... NAME`, as arguments of `docker`.
-fn create_argv<'a>(name: &'a str, subnet: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut argv = vec![
-        "network",
-        "create",
-        "-d",
-        "ovl",
-        "--ipam-driver",
-        "ovl",
-        "--subnet",
-        subnet,
-    ];
-    argv.extend_from_slice(extra);
-    argv.push(name);
-    argv
-}
-
-/// Host `i`'s dockerd must refuse [`create_argv`]'s network, saying
+/// Host `i`'s dockerd must refuse [`ovl_network_argv`]'s network, saying
 /// `needle`.
 fn create_refused(
     world: &DockerCluster,
@@ -60,7 +42,7 @@ fn create_refused(
     extra: &[&str],
     needle: &str,
 ) -> Result<()> {
-    let argv = create_argv(name, subnet, extra);
+    let argv = ovl_network_argv(name, subnet, extra);
     let out = world.dockerds[i].docker_unchecked(&argv)?;
     let msg = String::from_utf8_lossy(&out.stderr).into_owned();
     ensure!(
@@ -1406,7 +1388,7 @@ fn a_docker_network_with_several_subnets_is_one_ovl_network() -> Result<()> {
         "--opt",
         "com.docker.network.driver.overlay.vxlanid_list=5042",
     ];
-    world.docker(0, &create_argv(net, "198.18.40.0/24", &extra))?;
+    world.docker(0, &ovl_network_argv(net, "198.18.40.0/24", &extra))?;
     wait_until(VISIBLE_WITHIN, || {
         Ok(ovl_networks(&world)?.contains(&net.to_owned()))
     })?;
@@ -1627,7 +1609,10 @@ fn a_docker_network_with_thirty_subnets_is_created_on_etcd() -> Result<()> {
     let world = DockerCluster::start(&lab, StoreKind::Etcd, 1, DockerdOptions::default())?;
     let net = "dkmany-net";
     let subnets = many_subnets(30, 56);
-    world.docker(0, &create_argv(net, &subnets[0], &more_subnets(&subnets)))?;
+    world.docker(
+        0,
+        &ovl_network_argv(net, &subnets[0], &more_subnets(&subnets)),
+    )?;
     wait_until(VISIBLE_WITHIN, || {
         Ok(ovl_networks(&world)?.contains(&net.to_owned()))
     })?;
@@ -1668,7 +1653,7 @@ fn many_subnets(n: usize, third: usize) -> Vec<String> {
 }
 
 /// `--subnet S` for every subnet of `subnets` but the first (which
-/// [`create_argv`] takes).
+/// [`ovl_network_argv`] takes).
 fn more_subnets(subnets: &[String]) -> Vec<&str> {
     subnets[1..]
         .iter()
@@ -1953,7 +1938,7 @@ fn ip_ranges_and_aux_addresses_of_docker_networks_are_kept() -> Result<()> {
     let ls = world.ovl(0, &["network", "ls", "--json"])?;
     ensure!(!ls.contains(subnet), "left behind: {ls}");
 
-    world.docker(0, &create_argv(net, subnet, &options))?;
+    world.docker(0, &ovl_network_argv(net, subnet, &options))?;
     wait_until(VISIBLE_WITHIN, || {
         Ok(ovl_networks(&world)?.contains(&net.to_owned()))
     })?;

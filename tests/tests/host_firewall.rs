@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    BUSYBOX_IMAGE, DockerCluster, DockerdOptions, Lab, Netns, StoreKind, TwoHosts, wait_until,
+    BUSYBOX_IMAGE, DockerCluster, DockerdOptions, Lab, Netns, StoreKind, TwoHosts,
+    ovl_network_argv, wait_until,
 };
 
 const NETWORK: &str = "web";
@@ -130,20 +131,7 @@ fn a_container_docker_runs_on_its_default_firewall_has_its_way_out() -> Result<(
         rules.lines().next() == Some("-P FORWARD DROP"),
         "dockerd did not set FORWARD's policy to DROP: the test would prove nothing\n{rules}"
     );
-    world.docker(
-        0,
-        &[
-            "network",
-            "create",
-            "-d",
-            "ovl",
-            "--ipam-driver",
-            "ovl",
-            "--subnet",
-            "198.18.0.0/24",
-            NETWORK,
-        ],
-    )?;
+    world.docker(0, &ovl_network_argv(NETWORK, "198.18.0.0/24", &[]))?;
     let gateway = world.hosts[0]
         .gateway
         .context("routed hosts have a gateway")?;
