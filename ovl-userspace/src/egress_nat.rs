@@ -175,12 +175,27 @@ static INSTALLED: Mutex<Option<Installed>> = Mutex::new(None);
 /// The last request [`ensure_logged`] saw succeed: (underlay, endpoints).
 static LAST_DONE: Mutex<Option<(String, Vec<EgressEndpoint>)>> = Mutex::new(None);
 
+/// The last request [`ensure_logged`] saw, whatever came of it: what
+/// [`recheck`] makes sure of again.
+static LAST_ASKED: Mutex<Option<(String, Vec<EgressEndpoint>)>> = Mutex::new(None);
+
+/// How often the agent looks at the table again ([`recheck`]): nothing
+/// tells it when someone else deletes or changes it.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Default)]
 struct Installed {
     /// (VNI, address) → (host ifindex, MAC) with route and neighbour.
     endpoints: BTreeMap<(u32, Ipv4Addr), (u32, [u8; 6])>,
     /// Networks with a rule, once the rules were brought in line.
     vnis: Option<BTreeSet<u32>>,
+    /// The device whose forwarding ovl switched on, as the table's guard
+    /// named it when this agent last wrote or read it. The table is the
+    /// record, but an operator's `nft flush ruleset` (`systemctl restart
+    /// nftables`) deletes it and leaves the forwarding on: written again
+    /// without its guard, the host would forward everything arriving on
+    /// the underlay, and `ovl detach` would leave that on.
+    guarded: Option<String>,
 }
 
 /// The table as the kernel has it.
@@ -341,10 +356,11 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     // again, and the guard is written anew for this underlay if needed.
     // (Left as it was, the former device would forward with a guard and
     // this one without, and `ovl detach` would switch off the wrong one.)
-    let former = table
-        .as_ref()
-        .and_then(|t| t.guarded.clone())
-        .filter(|g| g != underlay);
+    let recorded = match &table {
+        Some(t) => t.guarded.clone(),
+        None => memory.guarded.clone(),
+    };
+    let former = recorded.clone().filter(|g| g != underlay);
     if let Some(former) = &former
         && Path::new(&format!("/proc/sys/net/ipv4/conf/{former}")).exists()
     {
@@ -360,9 +376,10 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     let switch_forwarding_on = !endpoints.is_empty() && !ipv4_forwarding(underlay)?;
     let guard = switch_forwarding_on
         || (former.is_none()
-            && table
-                .as_ref()
-                .is_some_and(|t| t.chains.contains(GUARD_CHAIN)));
+            && (recorded.is_some()
+                || table
+                    .as_ref()
+                    .is_some_and(|t| t.chains.contains(GUARD_CHAIN))));
     // A table of another version (an agent before or after this one: other
     // rules, maybe in the same chains) is replaced whole, as is one that
     // lacks a chain.
@@ -373,7 +390,7 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
                 && t.version.as_deref() == Some(version().as_str())
         });
     if !complete {
-        if table.is_some() || !endpoints.is_empty() {
+        if table.is_some() || !endpoints.is_empty() || guard {
             nft(&table_script(
                 table.is_some(),
                 underlay,
@@ -395,6 +412,7 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
             nft(&script)?;
         }
     }
+    memory.guarded = guard.then(|| underlay.to_owned());
     if switch_forwarding_on {
         enable_forwarding(underlay)?;
     }
@@ -500,6 +518,17 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
 /// the whole applies that every burst of link events brings.
 pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) {
     static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
+    {
+        let mut asked = LAST_ASKED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if asked
+            .as_ref()
+            .is_none_or(|(u, e)| u != underlay || e.as_slice() != endpoints)
+        {
+            *asked = Some((underlay.to_owned(), endpoints.to_vec()));
+        }
+    }
     let mut done = LAST_DONE
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -532,6 +561,22 @@ pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool
     }
 }
 
+/// [`ensure_logged`] again for the last request, looking at the kernel:
+/// an operator's `nft flush ruleset` (Debian's `/etc/nftables.conf` starts
+/// with one, so `systemctl restart nftables` runs it) deletes the table
+/// with no event the agent hears, and until it is back containers' packets
+/// leave untranslated and published ports take nothing. Costs one `nft`
+/// run where containers lead out, none elsewhere.
+pub fn recheck() {
+    let asked = LAST_ASKED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    if let Some((underlay, endpoints)) = asked {
+        ensure_logged(&underlay, &endpoints, true);
+    }
+}
+
 /// Removes everything [`ensure`] installed (for `ovl detach`): the table,
 /// the rules and routes, every translation of ovl's containers, and the
 /// underlay's forwarding where ovl had switched it on (the device its
@@ -542,6 +587,9 @@ pub fn remove() -> Result<Vec<String>> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     *INSTALLED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    *LAST_ASKED
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     let table = match read_table() {

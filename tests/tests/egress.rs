@@ -435,6 +435,65 @@ fn forwarding_is_switched_on_only_once_its_guard_is_in_place() -> Result<()> {
     world.stop()
 }
 
+/// Whether host `host` has ovl's table with its underlay guard.
+fn guarded_table(host: &Netns) -> Result<bool> {
+    let out = host.exec_unchecked(&["nft", "list", "table", "ip", "ovl"])?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("chain underlay_guard"))
+}
+
+/// An operator's `nft flush ruleset` (what `systemctl restart nftables`
+/// runs on Debian) deletes ovl's table and says nothing to the agent, but
+/// leaves the forwarding ovl switched on: the agent puts the table back,
+/// guard included, without waiting for a container to come or go, and
+/// `ovl detach` still switches that forwarding off.
+#[test]
+fn a_table_an_operator_flushed_comes_back_with_its_guard() -> Result<()> {
+    let lab = Lab::new("egress-flush")?;
+    let (mut world, c1, _ip1) = world(&lab, &[])?;
+    let host_a = world.hosts[0].netns.clone();
+    let reached =
+        |c: &Netns| -> Result<bool> { Ok(ping(c, SERVER, 1, &["-W", "1"])?.all_received()) };
+    wait_until(Duration::from_secs(10), || reached(&c1))?;
+    ensure!(
+        underlay_forwarding(&host_a)? == "1" && guarded_table(&host_a)?,
+        "the agent did not switch forwarding on behind its guard"
+    );
+
+    // Nothing comes or goes: only the agent's own look brings it back.
+    host_a.exec(&["nft", "flush", "ruleset"])?;
+    wait_until(Duration::from_secs(30), || reached(&c1)).with_context(|| {
+        format!(
+            "no way out after the flush:
+{}",
+            world.agents[0].output_report()
+        )
+    })?;
+    let _server = start_server(&lab, &world)?;
+    ensure!(fetch(&c1)?.contains(GREETING), "no TCP out after the flush");
+    ensure!(
+        guarded_table(&host_a)?,
+        "the table came back without its guard: eth0 forwards whatever arrives"
+    );
+
+    // Flushed again, then a container comes: the table it brings back is
+    // guarded too.
+    host_a.exec(&["nft", "flush", "ruleset"])?;
+    let (c2, _) = world.container(&lab, 0, NETWORK, "c2")?;
+    wait_until(Duration::from_secs(10), || reached(&c2))?;
+    ensure!(
+        guarded_table(&host_a)?,
+        "the table a new container brought back has no guard: eth0 forwards whatever arrives"
+    );
+
+    world.terminate_agent(0)?;
+    world.run(0, &["detach", "eth0"])?;
+    ensure!(
+        underlay_forwarding(&host_a)? == "0",
+        "detach left the forwarding ovl switched on"
+    );
+    world.stop()
+}
+
 /// A UDP server on the router that waits for two datagrams, then answers
 /// each sender with `echo:` and what it sent, and prints the peers.
 const UDP_PAIR_SERVER: &str = "import socket\n\

@@ -36,7 +36,7 @@ use crate::{
     api, bpffs, crypto,
     datapath::{Datapath, DecapMode, LinkPin, LinkPins, Maps},
     desired::Plans,
-    docker, exporter,
+    docker, egress_nat, exporter,
     model::{Location, State},
     netlink::{self, Underlay},
     store::{Dirty, Followed, Registration, Store, StoreError, catch_up},
@@ -961,6 +961,10 @@ impl Agent {
         let mut next_hop_refresh = tokio::time::interval(crate::next_hops::REFRESH);
         next_hop_refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe = tokio::time::interval(STORE_PROBE);
+        // Someone else may delete or change ovl's nftables table (an
+        // operator's `nft flush ruleset`), and nothing says so.
+        let mut egress_recheck = tokio::time::interval(egress_nat::RECHECK);
+        egress_recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // When the next store change may be applied (see APPLY_DUTY_FACTOR).
         let mut hold: Option<Instant> = None;
         // The revision of a state read directly for a waiting `connect`,
@@ -1059,6 +1063,7 @@ impl Agent {
                     self.forget_next_hops("a route or underlay neighbour changed");
                 }
                 _ = next_hop_refresh.tick() => self.refresh_next_hops().await,
+                _ = egress_recheck.tick() => egress_nat::recheck(),
                 () = sleep_until(self.next_gc), if self.next_gc.is_some() => {
                     self.next_gc = None;
                     self.collect_abandoned(connected.as_ref()).await;
