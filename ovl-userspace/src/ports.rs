@@ -137,11 +137,12 @@ impl FromStr for PublishedPort {
                 Err(_) => return Err(bad()),
             },
         };
+        // Digits only: `u16::from_str` also takes a leading `+`, which
+        // Docker refuses.
         let port = |p: &str| match p.parse::<u16>() {
-            Ok(0) => Err(PortError::Port(p.to_owned())),
-            Ok(n) => Ok(n),
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
             Err(_) if p.contains('-') => Err(PortError::Range(s.to_owned())),
-            Err(_) => Err(PortError::Port(p.to_owned())),
+            _ => Err(PortError::Port(p.to_owned())),
         };
         Ok(PublishedPort {
             protocol,
@@ -250,6 +251,8 @@ mod tests {
             "0:80",
             "8080:65536",
             ":80",
+            "+8080:80",
+            "8080:+80/udp",
         ] {
             let err = bad.parse::<PublishedPort>().unwrap_err();
             assert!(
