@@ -539,6 +539,19 @@ pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool
     {
         return;
     }
+    if recheck {
+        // The rules too: systemd-networkd removes routing policy rules it
+        // did not make whenever it reconfigures (its
+        // `ManageForeignRoutingPolicyRules=` is on by default), and with
+        // them every reply's way back to its container.
+        if let Some(installed) = INSTALLED
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_mut()
+        {
+            installed.vnis = None;
+        }
+    }
     let outcome = ensure(underlay, endpoints).map_err(|e| format!("{e:#}"));
     *done = outcome
         .is_ok()

@@ -494,6 +494,36 @@ fn a_table_an_operator_flushed_comes_back_with_its_guard() -> Result<()> {
     world.stop()
 }
 
+/// systemd-networkd deletes the routing policy rules it did not make
+/// whenever it reconfigures (`ManageForeignRoutingPolicyRules=`, on by
+/// default), ovl's `fwmark → table` rule among them: replies then find no
+/// way back to their container. The agent puts the rule back by itself.
+#[test]
+fn a_rule_someone_deleted_comes_back() -> Result<()> {
+    let lab = Lab::new("egress-rule")?;
+    let (world, c1, _ip1) = world(&lab, &[])?;
+    let host_a = world.hosts[0].netns.clone();
+    let reached = || -> Result<bool> { Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received()) };
+    wait_until(Duration::from_secs(10), reached)?;
+    let vni = world.inspect(0, NETWORK)?["vni"]
+        .as_u64()
+        .context("no VNI")?;
+    let mark = (0x6f00_0000 | vni).to_string();
+    host_a.ip(&[
+        "rule", "del", "priority", "1000", "fwmark", &mark, "table", &mark,
+    ])?;
+    let rule = format!("fwmark {:#x} lookup {mark}", 0x6f00_0000 | vni);
+    let mut rules = String::new();
+    wait_until(Duration::from_secs(30), || {
+        let out = host_a.ip(&["rule", "show", "priority", "1000"])?;
+        rules = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(rules.contains(&rule))
+    })
+    .with_context(|| format!("the rule did not come back: {rules:?}"))?;
+    ensure!(reached()?, "no way back with the rule back");
+    world.stop()
+}
+
 /// A UDP server on the router that waits for two datagrams, then answers
 /// each sender with `echo:` and what it sent, and prints the peers.
 const UDP_PAIR_SERVER: &str = "import socket\n\
