@@ -638,17 +638,43 @@ pub fn remove() -> Result<Vec<String>> {
         ip(&[
             "rule", "del", "priority", &prio, "fwmark", &mark, "table", &table,
         ])?;
-        let _ = ip(&["route", "flush", "table", &table]);
     }
-    if !rules.is_empty() {
-        done.push(format!("removed {} egress routing table(s)", rules.len()));
+    // Every table numbered as ovl's marks, also one whose rule someone
+    // else deleted (systemd-networkd deletes rules it did not make).
+    let tables: BTreeSet<u32> = rules.values().copied().chain(route_tables()?).collect();
+    for table in &tables {
+        let _ = ip(&["route", "flush", "table", &table.to_string()]);
     }
-    if table.is_some() || !rules.is_empty() {
+    if !tables.is_empty() {
+        done.push(format!("removed {} egress routing table(s)", tables.len()));
+    }
+    if table.is_some() || !tables.is_empty() {
         let mark = format!("{EGRESS_MARK_BASE:#x}/{EGRESS_MARK_MASK:#x}");
         conntrack_delete(&["-m", &mark])?;
     }
     done.extend(host_firewall::remove()?);
     Ok(done)
+}
+
+/// The routing tables holding routes that are numbered as ovl's marks.
+fn route_tables() -> Result<BTreeSet<u32>> {
+    let out = ip(&["-j", "-4", "route", "show", "table", "all"])?;
+    let routes: Value = serde_json::from_str(&out).context("parse `ip -j route show table all`")?;
+    Ok(parse_route_tables(&routes))
+}
+
+fn parse_route_tables(routes: &Value) -> BTreeSet<u32> {
+    routes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| match &r["table"] {
+            Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        })
+        .filter(|table| table & EGRESS_MARK_MASK == EGRESS_MARK_BASE)
+        .collect()
 }
 
 /// The return routes of table `mark`: address → device.
@@ -1113,6 +1139,22 @@ mod tests {
         assert_eq!(
             parse_rules(&rules),
             BTreeMap::from([(0x6f00_1000, 0x6f00_1000)])
+        );
+    }
+
+    #[test]
+    fn route_tables_numbered_as_ovls_marks_are_found() {
+        let json: Value = serde_json::from_str(
+            r#"[{"dst":"default","gateway":"192.0.2.1","dev":"eth0","flags":[]},
+               {"dst":"198.18.0.2","dev":"ovl0a1b2c3d","table":"1862275072","flags":[]},
+               {"dst":"198.18.0.3","dev":"ovl4e5f6a7b","table":1862275073,"flags":[]},
+               {"dst":"198.18.0.4","dev":"eth1","table":"7","flags":[]},
+               {"type":"local","dst":"127.0.0.1","dev":"lo","table":"local","flags":[]}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            parse_route_tables(&json),
+            BTreeSet::from([0x6f00_1000, 0x6f00_1001])
         );
     }
 

@@ -494,6 +494,44 @@ fn a_table_an_operator_flushed_comes_back_with_its_guard() -> Result<()> {
     world.stop()
 }
 
+/// Deletes host A's `fwmark → table` rule of the network, as
+/// systemd-networkd does to rules it did not make; returns the mark.
+fn delete_rule(world: &TwoHosts) -> Result<u64> {
+    let vni = world.inspect(0, NETWORK)?["vni"]
+        .as_u64()
+        .context("no VNI")?;
+    // ovl-common's EGRESS_MARK_BASE: the mark and the table's number.
+    let mark = 0x6f00_0000 | vni;
+    let m = mark.to_string();
+    world.hosts[0]
+        .netns
+        .ip(&["rule", "del", "priority", "1000", "fwmark", &m, "table", &m])?;
+    Ok(mark)
+}
+
+/// A rule deleted while no agent ran leaves its table of return routes:
+/// `ovl detach` removes that table too.
+#[test]
+fn detach_removes_a_return_table_whose_rule_is_gone() -> Result<()> {
+    let lab = Lab::new("egress-dtrt")?;
+    let (mut world, c1, ip1) = world(&lab, &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
+    })?;
+    world.terminate_agent(0)?;
+    delete_rule(&world)?;
+    world.run(0, &["detach", "eth0"])?;
+    let routes = world.hosts[0]
+        .netns
+        .ip(&["route", "show", "table", "all"])?;
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    ensure!(
+        !routes.contains(&ip1.to_string()),
+        "a route to {ip1} is left after detach:\n{routes}"
+    );
+    world.stop()
+}
+
 /// systemd-networkd deletes the routing policy rules it did not make
 /// whenever it reconfigures (`ManageForeignRoutingPolicyRules=`, on by
 /// default), ovl's `fwmark → table` rule among them: replies then find no
@@ -505,14 +543,8 @@ fn a_rule_someone_deleted_comes_back() -> Result<()> {
     let host_a = world.hosts[0].netns.clone();
     let reached = || -> Result<bool> { Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received()) };
     wait_until(Duration::from_secs(10), reached)?;
-    let vni = world.inspect(0, NETWORK)?["vni"]
-        .as_u64()
-        .context("no VNI")?;
-    let mark = (0x6f00_0000 | vni).to_string();
-    host_a.ip(&[
-        "rule", "del", "priority", "1000", "fwmark", &mark, "table", &mark,
-    ])?;
-    let rule = format!("fwmark {:#x} lookup {mark}", 0x6f00_0000 | vni);
+    let mark = delete_rule(&world)?;
+    let rule = format!("fwmark {mark:#x} lookup {mark}");
     let mut rules = String::new();
     wait_until(Duration::from_secs(30), || {
         let out = host_a.ip(&["rule", "show", "priority", "1000"])?;
