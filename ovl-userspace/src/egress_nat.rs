@@ -362,7 +362,7 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     };
     let former = recorded.clone().filter(|g| g != underlay);
     if let Some(former) = &former
-        && Path::new(&format!("/proc/sys/net/ipv4/conf/{former}")).exists()
+        && has_ipv4_conf(former)
     {
         set_sysctl(former, "forwarding", "0")?;
         log::info!("switched IPv4 forwarding on {former} (a former underlay) off again");
@@ -613,6 +613,12 @@ pub fn remove() -> Result<Vec<String>> {
     };
     if let Some(table) = &table {
         match (&table.guarded, table.chains.contains(GUARD_CHAIN)) {
+            // A device unplugged or unloaded took its forwarding along.
+            (Some(underlay), _) if !has_ipv4_conf(underlay) => {
+                done.push(format!(
+                    "{underlay}, whose IPv4 forwarding ovl had switched on, is gone"
+                ));
+            }
             (Some(underlay), _) => {
                 set_sysctl(underlay, "forwarding", "0")?;
                 done.push(format!("switched IPv4 forwarding on {underlay} off again"));
@@ -747,6 +753,11 @@ pub fn ipv4_forwarding(ifname: &str) -> Result<bool> {
     let path = format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding");
     let now = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
     Ok(now.trim() == "1")
+}
+
+/// Whether device `ifname` exists here with IPv4 settings of its own.
+fn has_ipv4_conf(ifname: &str) -> bool {
+    Path::new(&format!("/proc/sys/net/ipv4/conf/{ifname}")).exists()
 }
 
 fn set_sysctl(ifname: &str, key: &str, value: &str) -> Result<()> {

@@ -532,6 +532,35 @@ fn detach_removes_a_return_table_whose_rule_is_gone() -> Result<()> {
     world.stop()
 }
 
+/// The underlay is gone (a NIC unplugged, a driver unloaded) when the
+/// operator detaches: its forwarding went with it, and the rest goes too.
+#[test]
+fn detach_removes_egress_after_the_underlay_is_gone() -> Result<()> {
+    let lab = Lab::new("egress-dtgone")?;
+    let (mut world, c1, ip1) = world(&lab, &[])?;
+    let host_a = world.hosts[0].netns.clone();
+    wait_until(Duration::from_secs(10), || {
+        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
+    })?;
+    world.terminate_agent(0)?;
+    host_a.ip(&["link", "del", "eth0"])?;
+    let out = world.run(0, &["detach", "eth0"])?;
+    ensure!(out.contains("nftables table ip ovl"), "detach said:\n{out}");
+    let tables = host_a.exec(&["nft", "list", "tables"])?;
+    let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
+    ensure!(!tables.contains("ovl"), "nft tables left: {tables}");
+    let rules = host_a.ip(&["rule", "show"])?;
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    ensure!(!rules.contains("1000:"), "ovl's rules left:\n{rules}");
+    let routes = host_a.ip(&["route", "show", "table", "all"])?;
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    ensure!(
+        !routes.contains(&ip1.to_string()),
+        "a route to {ip1} is left after detach:\n{routes}"
+    );
+    world.stop()
+}
+
 /// systemd-networkd deletes the routing policy rules it did not make
 /// whenever it reconfigures (`ManageForeignRoutingPolicyRules=`, on by
 /// default), ovl's `fwmark → table` rule among them: replies then find no
