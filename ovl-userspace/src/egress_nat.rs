@@ -322,11 +322,19 @@ fn published_script(rules: &BTreeSet<PortRule>) -> String {
 /// Makes the host masquerade and route back the external traffic of
 /// `endpoints` (the local containers of networks that lead out) through
 /// `underlay`, and forgets containers that are gone (translations
-/// included).
-pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
+/// included). With `recheck`, what this agent installed is looked at
+/// again too, not only the table: others change it with nothing telling
+/// the agent — systemd-networkd deletes routing policy rules it did not
+/// make whenever it reconfigures (`ManageForeignRoutingPolicyRules=`, on
+/// by default), and `sysctl net.ipv4.ip_forward=0` (a hardening
+/// profile's) switches forwarding off on every device, the veths too.
+pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) -> Result<()> {
     let mut installed = INSTALLED
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if recheck && let Some(installed) = installed.as_mut() {
+        installed.vnis = None;
+    }
     let table = if endpoints.is_empty() && installed.is_none() {
         // Nothing leads out here: touch the kernel only to clean up what an
         // earlier agent left, and need no nft on hosts that never egress.
@@ -469,13 +477,17 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint]) -> Result<()> {
     // Return routes, neighbours and forwarding on the veths.
     let mut batch = String::new();
     for e in endpoints {
-        if memory.endpoints.get(&(e.vni, e.ip)) == Some(&(e.ifindex, e.mac)) {
+        let installed = memory.endpoints.get(&(e.vni, e.ip)) == Some(&(e.ifindex, e.mac));
+        if installed && !recheck {
             continue;
         }
         set_sysctl(&e.ifname, "forwarding", "1")?;
         // Marked packets from the container are checked against the
         // container's table by rp_filter, where it is on.
         set_sysctl(&e.ifname, "src_valid_mark", "1")?;
+        if installed {
+            continue;
+        }
         let table = egress_mark(e.vni);
         batch.push_str(&format!(
             "route replace {}/32 dev {} table {table}\n\
@@ -539,20 +551,7 @@ pub fn ensure_logged(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool
     {
         return;
     }
-    if recheck {
-        // The rules too: systemd-networkd removes routing policy rules it
-        // did not make whenever it reconfigures (its
-        // `ManageForeignRoutingPolicyRules=` is on by default), and with
-        // them every reply's way back to its container.
-        if let Some(installed) = INSTALLED
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .as_mut()
-        {
-            installed.vnis = None;
-        }
-    }
-    let outcome = ensure(underlay, endpoints).map_err(|e| format!("{e:#}"));
+    let outcome = ensure(underlay, endpoints, recheck).map_err(|e| format!("{e:#}"));
     *done = outcome
         .is_ok()
         .then(|| (underlay.to_owned(), endpoints.to_vec()));

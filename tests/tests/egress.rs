@@ -585,6 +585,32 @@ fn a_rule_someone_deleted_comes_back() -> Result<()> {
     world.stop()
 }
 
+/// `sysctl net.ipv4.ip_forward=0` (a hardening profile's, on a host that
+/// forwarded) switches forwarding off on every device, the container
+/// veths too, with nothing telling the agent: it switches theirs on again.
+#[test]
+fn forwarding_switched_off_everywhere_comes_back_on_the_veths() -> Result<()> {
+    let lab = Lab::new("egress-ipfwd")?;
+    let (world, c1, _ip1) = world(&lab, &[])?;
+    let host_a = world.hosts[0].netns.clone();
+    let reached = || -> Result<bool> { Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received()) };
+    wait_until(Duration::from_secs(10), reached)?;
+    let veth = world.host_end(0, NETWORK, &c1)?;
+    let veth_forwarding = || -> Result<String> {
+        let key = format!("net.ipv4.conf.{veth}.forwarding");
+        let out = host_a.exec(&["sysctl", "-n", &key])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    // The host forwarded; then it is told not to (only a change of
+    // `all` reaches the devices).
+    host_a.exec(&["sysctl", "-w", "net.ipv4.ip_forward=1"])?;
+    host_a.exec(&["sysctl", "-w", "net.ipv4.ip_forward=0"])?;
+    wait_until(Duration::from_secs(30), || Ok(veth_forwarding()? == "1"))
+        .context("forwarding on the container's veth stayed off")?;
+    ensure!(reached()?, "no way out with the veth forwarding again");
+    world.stop()
+}
+
 /// A UDP server on the router that waits for two datagrams, then answers
 /// each sender with `echo:` and what it sent, and prints the peers.
 const UDP_PAIR_SERVER: &str = "import socket\n\
