@@ -364,10 +364,10 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) -> Re
     // again, and the guard is written anew for this underlay if needed.
     // (Left as it was, the former device would forward with a guard and
     // this one without, and `ovl detach` would switch off the wrong one.)
-    let recorded = match &table {
-        Some(t) => t.guarded.clone(),
-        None => memory.guarded.clone(),
-    };
+    let recorded = table
+        .as_ref()
+        .and_then(|t| t.guarded.clone())
+        .or_else(|| memory.guarded.clone());
     let former = recorded.clone().filter(|g| g != underlay);
     if let Some(former) = &former
         && has_ipv4_conf(former)

@@ -444,8 +444,9 @@ fn guarded_table(host: &Netns) -> Result<bool> {
 /// An operator's `nft flush ruleset` (what `systemctl restart nftables`
 /// runs on Debian) deletes ovl's table and says nothing to the agent, but
 /// leaves the forwarding ovl switched on: the agent puts the table back,
-/// guard included, without waiting for a container to come or go, and
-/// `ovl detach` still switches that forwarding off.
+/// guard included (also a guard deleted alone), without waiting for a
+/// container to come or go, and `ovl detach` still switches that
+/// forwarding off.
 #[test]
 fn a_table_an_operator_flushed_comes_back_with_its_guard() -> Result<()> {
     let lab = Lab::new("egress-flush")?;
@@ -484,6 +485,11 @@ fn a_table_an_operator_flushed_comes_back_with_its_guard() -> Result<()> {
         guarded_table(&host_a)?,
         "the table a new container brought back has no guard: eth0 forwards whatever arrives"
     );
+
+    // The guard alone deleted comes back too.
+    host_a.exec(&["nft", "delete", "chain", "ip", "ovl", "underlay_guard"])?;
+    wait_until(Duration::from_secs(30), || guarded_table(&host_a))
+        .context("the guard deleted alone did not come back: eth0 forwards whatever arrives")?;
 
     world.terminate_agent(0)?;
     world.run(0, &["detach", "eth0"])?;
