@@ -39,7 +39,9 @@
 //!   replies by the client's, which the connection's conntrack zone names
 //!   (map `zone_networks`).
 //!
-//! [`ensure`] is idempotent and cheap when nothing changed; [`remove`]
+//! [`ensure`] is idempotent and cheap when nothing changed, and the agent
+//! runs it again every [`RECHECK`] ([`recheck`]) to repair what others
+//! changed behind its back; [`remove`]
 //! (`ovl detach`) takes everything away again and restores the underlay's
 //! forwarding. When a container goes, its conntrack entries (its address
 //! translations) go with it.
