@@ -174,27 +174,38 @@ pub enum LockError {
     },
 }
 
+/// How long [`NodeLock::acquire`] waits on a holder /proc/locks no longer
+/// shows.
+const GONE_HOLDER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl NodeLock {
-    /// Takes the lock on `dir` without waiting.
+    /// Takes the lock on `dir` without waiting for a holder that runs. A
+    /// holder that has gone by the time /proc/locks is read (an agent just
+    /// killed: a child it was starting holds its descriptors until that
+    /// child's exec closes them) is given up to [`GONE_HOLDER_WAIT`].
     pub fn acquire(dir: &Path) -> Result<NodeLock, LockError> {
         let io = |source| LockError::Io {
             dir: dir.to_owned(),
             source,
         };
         let file = File::open(dir).map_err(io)?;
+        let deadline = std::time::Instant::now() + GONE_HOLDER_WAIT;
         // SAFETY: flock on a descriptor we own; released when it closes.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let holder = lock_holder(&file)
-                    .map(|pid| format!(" (pid {pid})"))
-                    .unwrap_or_default();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io(err));
+            }
+            let holder = lock_holder(&file);
+            if holder.is_some() || std::time::Instant::now() >= deadline {
                 return Err(LockError::Held {
                     dir: dir.to_owned(),
-                    holder,
+                    holder: holder
+                        .map(|pid| format!(" (pid {pid})"))
+                        .unwrap_or_default(),
                 });
             }
-            return Err(io(err));
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         Ok(NodeLock { _dir: file })
     }

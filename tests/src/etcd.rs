@@ -413,13 +413,19 @@ impl EtcdCluster {
     /// The index of the member that leads, once the running members agree
     /// on one (an election may be under way).
     pub fn leader(&self) -> Result<usize> {
+        self.leader_of_all_but(None)
+    }
+
+    /// [`leader`](Self::leader) as the running members other than `cut`
+    /// (a member cut off from them) agree.
+    pub fn leader_of_all_but(&self, cut: Option<usize>) -> Result<usize> {
         let mut last = String::new();
         let mut found = None;
         wait_until(STARTUP_TIMEOUT, || {
             let mut ids = Vec::new();
             let mut leaders = BTreeSet::new();
-            for etcd in &self.members {
-                if etcd.is_running() {
+            for (i, etcd) in self.members.iter().enumerate() {
+                if etcd.is_running() && Some(i) != cut {
                     let (id, leader) = etcd.member_and_leader()?;
                     ids.push(Some(id));
                     leaders.insert(leader);

@@ -1307,6 +1307,9 @@ fn agents_on_a_three_member_etcd_ride_out_a_member_cut_off_from_the_others() -> 
             Ok(etcd.members[m].etcdctl(&["endpoint", "health"]).is_err())
         })
         .with_context(|| format!("etcd member {m} still healthy when cut off"))?;
+        // And the others have a leader (they elect one if it was cut off).
+        let leader = etcd.leader_of_all_but(Some(m))?;
+        ensure!(leader != m, "the cut-off member {m} leads the others");
         for i in [A, B, C] {
             let (c, ip) = world.container(&lab, i, NETWORK, &format!("m{m}c{i}"))?;
             endpoints.push((ip, i));

@@ -14,7 +14,7 @@ use std::{
     ops::{Deref, DerefMut},
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -39,6 +39,8 @@ pub struct Members {
     endpoints: Vec<String>,
     options: ConnectOptions,
     current: Mutex<Current>,
+    /// A member said it had no leader since [`take_election`](Self::take_election) last looked.
+    election: AtomicBool,
 }
 
 struct Current {
@@ -77,6 +79,7 @@ impl Members {
                         endpoints,
                         options,
                         current: Mutex::new(Current { index, client }),
+                        election: AtomicBool::new(false),
                     });
                 }
                 Err(e) if unavailable(&e) || matches!(e, etcd_client::Error::Internal(_)) => {
@@ -86,6 +89,16 @@ impl Members {
             }
         }
         Err(last.unwrap_or_else(|| etcd_client::Error::InvalidArgs("no etcd endpoint".into())))
+    }
+
+    /// Notes that a member answered it had no leader (see [`electing`]).
+    pub fn note_election(&self) {
+        self.election.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a member answered it had no leader since the last call.
+    pub fn take_election(&self) -> bool {
+        self.election.swap(false, Ordering::Relaxed)
     }
 
     /// How many members the URL names.
@@ -170,6 +183,19 @@ impl DerefMut for MemberClient {
     }
 }
 
+/// Whether `e` says the member has no leader, or lost it while serving
+/// the request: the cluster is electing one (a second or two), or the
+/// member is cut off from the others.
+pub fn electing(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let m = s.message();
+            m.contains("no leader") || m.contains("leader changed")
+        }
+        _ => false,
+    }
+}
+
 /// Whether `e` says the member could not serve the request — unreachable,
 /// its connection broken, no leader, a leader election under way — rather
 /// than that the request was wrong or not allowed: worth asking another
@@ -207,6 +233,15 @@ mod tests {
         ] {
             assert!(unavailable(&e), "{e}");
         }
+        assert!(electing(&Error::GRpcStatus(Status::unavailable(
+            "etcdserver: no leader"
+        ))));
+        assert!(electing(&Error::GRpcStatus(Status::unavailable(
+            "etcdserver: leader changed"
+        ))));
+        assert!(!electing(&Error::GRpcStatus(Status::unavailable(
+            "tcp connect error"
+        ))));
         for e in [
             Error::GRpcStatus(Status::permission_denied("etcdserver: permission denied")),
             Error::GRpcStatus(Status::not_found("etcdserver: requested lease not found")),

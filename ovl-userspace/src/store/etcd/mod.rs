@@ -41,6 +41,8 @@ use crate::{
 /// Bound on every unary request, so an unreachable etcd fails a command
 /// instead of hanging it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before asking the members again while they elect a leader.
+const ELECTION_PAUSE: Duration = Duration::from_millis(250);
 /// Conflicting concurrent transactions are retried this often.
 const MAX_ATTEMPTS: u32 = 64;
 /// Longest pause between two attempts of a contended transaction.
@@ -238,17 +240,29 @@ impl EtcdStore {
             endpoints_total: around::Total::default(),
         };
         // Each member that cannot answer moves the store on to the next
-        // one: the first that answers serves this process.
+        // one: the first that answers serves this process. A round in
+        // which a member had no leader (an election under way, a second
+        // or two) is tried again until the request timeout.
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         let mut left = store.members.count();
+        let mut electing = false;
         loop {
             let member = store.client().member;
             match store.ensure_schema().await {
                 Ok(()) => return Ok(store),
                 Err(e) => {
                     left -= 1;
-                    if left == 0 || store.client().member == member {
+                    electing |= store.members.take_election();
+                    let moved = store.client().member != member;
+                    if left > 0 && moved {
+                        continue;
+                    }
+                    if !electing || tokio::time::Instant::now() >= deadline {
                         return Err(e);
                     }
+                    tokio::time::sleep(ELECTION_PAUSE).await;
+                    left = store.members.count();
+                    electing = false;
                 }
             }
         }
@@ -275,6 +289,9 @@ impl EtcdStore {
         match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
+                if members::electing(&e) {
+                    self.members.note_election();
+                }
                 if members::unavailable(&e) {
                     self.members.fail_over(member).await;
                 }
