@@ -200,7 +200,7 @@ fn inspect_vxlan(
         return Err(Dropped::on(vni, slot, DropReason::Unsupported));
     }
     let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).on_vni(vni, slot)?;
-    if !fills(&inner_ip, inner_room) {
+    if !whole_ipv4(&inner_ip, inner_room) {
         return Err(Dropped::on(vni, slot, DropReason::Malformed));
     }
     match maps::endpoint(vni, inner_ip.dst_addr) {
@@ -232,16 +232,25 @@ struct Outer {
     inner_room: usize,
 }
 
-/// Whether the inner packet `inner_ip` fills the `inner_room` bytes its
-/// outer headers leave it (with its Ethernet header), but for a short
-/// frame's padding. More is a batch of datagrams that UDP GRO on the
-/// underlay merged (`rx-udp-gro-forwarding`), rewriting the outer lengths
-/// only: delivered, all but the first would be lost while counted
-/// received. Less is a cut packet.
+/// Whether the inner packet `inner_ip` is whole: an IPv4 header (version
+/// 4, at least 20 bytes, no longer than the packet it heads, as the
+/// container's stack checks before anything else: what fails that would
+/// be counted delivered and then dropped there) of a packet that fills
+/// the `inner_room` bytes its outer headers leave it (with its Ethernet
+/// header), but for a short frame's padding. More is a batch of datagrams
+/// that UDP GRO on the underlay merged (`rx-udp-gro-forwarding`),
+/// rewriting the outer lengths only: delivered, all but the first would
+/// be lost while counted received. Less is a cut packet.
 #[inline(always)]
-fn fills(inner_ip: &Ipv4Hdr, inner_room: usize) -> bool {
-    let inner_frame = ETH_HDR_LEN + usize::from(u16::from_be_bytes(inner_ip.tot_len));
-    inner_frame <= inner_room && inner_room - inner_frame <= MAX_INNER_PADDING
+fn whole_ipv4(inner_ip: &Ipv4Hdr, inner_room: usize) -> bool {
+    let header_len = usize::from(inner_ip.vihl & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes(inner_ip.tot_len));
+    let inner_frame = ETH_HDR_LEN + total_len;
+    inner_ip.vihl >> 4 == 4
+        && header_len >= IPV4_HDR_LEN
+        && total_len >= header_len
+        && inner_frame <= inner_room
+        && inner_room - inner_frame <= MAX_INNER_PADDING
 }
 
 /// Carries a congestion mark of the outer header (its TOS `outer_tos`)
@@ -296,7 +305,7 @@ fn cached_delivery(
         return None;
     }
     let inner_ip: Ipv4Hdr = frame.read(inner_offset + ETH_HDR_LEN).ok()?;
-    if !fills(&inner_ip, outer.inner_room) {
+    if !whole_ipv4(&inner_ip, outer.inner_room) {
         return None;
     }
     let flow = maps::DECAP_FLOWS.get(decap_slot(vni, src_vtep, inner_ip.dst_addr))?;

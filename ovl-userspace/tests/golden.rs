@@ -638,6 +638,39 @@ fn decap_drops_vxlan_whose_lengths_disagree() -> Result<()> {
     both_hooks_deliver(&f, &good, &inner)
 }
 
+/// An inner IPv4 header the container's stack would refuse first thing
+/// (`ip_rcv_core`) is malformed here, counted on its network, rather than
+/// counted delivered and lost in the container; also once the flow's
+/// deliveries are cached.
+#[test]
+fn decap_drops_inner_ipv4_headers_the_container_would_refuse() -> Result<()> {
+    let f = fixture("gold-inner-hdr")?;
+    let good = vxlan_from(REMOTE_VTEP, VNI, &echo(C2, C1, mac_of(C1)));
+    both_hooks_deliver(&f, &good, &echo(C2, C1, mac_of(C1)))?;
+    let edited = |edit: fn(&mut [u8])| with_ipv4_header(&good, INNER_IP, edit);
+    // A bare 20-byte header whose total length says 10 (padded to fit).
+    let short_total = {
+        let header_only = eth(
+            mac_of(C1),
+            mac_of(C2),
+            ETH_P_IP,
+            &ipv4(C2, C1, IPPROTO_ICMP, &[]),
+        );
+        let header_only = with_ipv4_header(&header_only, ETH_HDR_LEN, |ip| {
+            ip[2..4].copy_from_slice(&10u16.to_be_bytes())
+        });
+        vxlan_from(REMOTE_VTEP, VNI, &header_only)
+    };
+    for (what, input) in [
+        ("IHL 4", edited(|ip| ip[0] = 0x44)),
+        ("version 6 in an IPv4 frame", edited(|ip| ip[0] = 0x65)),
+        ("total length below the header's", short_total),
+    ] {
+        both_hooks_drop(&f, what, &input, VNI, DropReason::Malformed)?;
+    }
+    both_hooks_deliver(&f, &good, &echo(C2, C1, mac_of(C1)))
+}
+
 #[test]
 fn decap_refuses_frames_beyond_the_network_mtu_instead_of_counting_them_delivered() -> Result<()> {
     let f = fixture("gold-decap-big")?;
