@@ -7,7 +7,8 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
     /// No endpoint with that address on the network (or the endpoint is not
-    /// where the packet would have to go, e.g. remote-to-remote).
+    /// where the packet would have to go, e.g. remote-to-remote), for a
+    /// frame to a unicast MAC (broadcast and multicast are `Unsupported`).
     NoEndpoint = 0,
     /// VXLAN for a VNI this node does not serve.
     UnknownVni = 1,
@@ -19,7 +20,7 @@ pub enum DropReason {
     /// Would not fit the underlay MTU after encapsulation.
     TooBig = 4,
     /// A frame ovl does not switch (IPv6, other EtherTypes, non-request ARP,
-    /// IPv4 fragments of VXLAN), or a packet the crypto device opened that
+    /// broadcast and multicast to no endpoint, IPv4 fragments of VXLAN), or a packet the crypto device opened that
     /// is no VXLAN for this node (the host's stack never sees those).
     Unsupported = 5,
     /// No way to the destination: the kernel has no route to the VTEP, or

@@ -21,7 +21,7 @@ use crate::{
     maps::{self, DecapFlow},
     packet::Frame,
     pmtu, stats,
-    verdict::{Dropped, OnVni},
+    verdict::{Dropped, OnVni, no_endpoint_for},
 };
 
 /// The headers decap reads when the outer IPv4 header has no options:
@@ -218,7 +218,7 @@ fn inspect_vxlan(
                 inner_len: u32::from(u16::from_be_bytes(inner_ip.tot_len)),
             }))
         }
-        _ => Err(Dropped::on(vni, slot, DropReason::NoEndpoint)),
+        _ => Err(Dropped::on(vni, slot, no_endpoint_for(inner_eth.dst_addr))),
     }
 }
 

@@ -15,6 +15,7 @@ use crate::{
     maps::{self, EgressFlow},
     packet::Frame,
     stats,
+    verdict::no_endpoint_for,
 };
 
 /// Headers egress reads: Ethernet, IPv4 with options, TCP data offset.
@@ -57,7 +58,9 @@ pub fn switch(
     if eth.dst_addr == ANYCAST_GATEWAY_MAC {
         return gateway::forward(ctx, ifindex, iface, &ip, flow);
     }
-    let dst = flow.destination(iface.vni).ok_or(DropReason::NoEndpoint)?;
+    let dst = flow
+        .destination(iface.vni)
+        .ok_or(no_endpoint_for(eth.dst_addr))?;
     if dst.is_local() {
         if dst.ifindex == ifindex {
             return Err(DropReason::NoEndpoint);

@@ -47,3 +47,20 @@ impl<T> OnVni<T> for Result<T, DropReason> {
         self.map_err(|reason| Dropped::on(vni, slot, reason))
     }
 }
+
+/// Why a frame to Ethernet destination `dst_mac` whose IPv4 destination is
+/// no endpoint it could go to is dropped. One sent to a group address
+/// (broadcast or multicast: a subnet's broadcast, mDNS, SSDP, LLMNR) is
+/// traffic ovl does not carry at all, since it floods nothing: counted
+/// `unsupported`, so that `no_endpoint` keeps meaning a peer that is not
+/// there (which an operator goes looking for).
+#[inline(always)]
+pub const fn no_endpoint_for(dst_mac: [u8; 6]) -> DropReason {
+    // The I/G bit (IEEE 802-2014 §8.2): the first octet's least
+    // significant bit marks a group address.
+    if dst_mac[0] & 1 != 0 {
+        DropReason::Unsupported
+    } else {
+        DropReason::NoEndpoint
+    }
+}

@@ -435,6 +435,16 @@ fn decap_drops_unknown_vni_malformed_and_misaddressed_vxlan() -> Result<()> {
             VNI,
             DropReason::Unsupported,
         ),
+        (
+            "inner broadcast (a kernel VTEP flooding)",
+            vxlan_from(
+                REMOTE_VTEP,
+                VNI,
+                &echo(C2, Ipv4Addr::new(198, 18, 0, 255), [0xff; 6]),
+            ),
+            VNI,
+            DropReason::Unsupported,
+        ),
     ];
     for (what, input, vni, reason) in cases {
         let (action, _) = run(&f, programs::XDP_DECAP, &input, None, vni, |c| {
@@ -1007,6 +1017,18 @@ fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
     let ipv6 = eth(mac_of(C2), mac_of(C1), 0x86dd, &[0x60; 40]);
     let unknown = echo(C1, Ipv4Addr::new(198, 18, 0, 99), mac_of(C2));
     let broadcast = echo(C1, Ipv4Addr::new(198, 18, 0, 255), [0xff; 6]);
+    let limited_broadcast = echo(C1, Ipv4Addr::BROADCAST, [0xff; 6]);
+    let mdns = eth(
+        [0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb],
+        mac_of(C1),
+        ETH_P_IP,
+        &ipv4(
+            C1,
+            Ipv4Addr::new(224, 0, 0, 251),
+            IPPROTO_UDP,
+            &udp(5353, 5353, &[0; 12]),
+        ),
+    );
     let too_big = eth(
         mac_of(C2),
         mac_of(C1),
@@ -1019,7 +1041,11 @@ fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
     let cases = [
         ("IPv6", ipv6, DropReason::Unsupported),
         ("unknown destination", unknown, DropReason::NoEndpoint),
-        ("broadcast", broadcast, DropReason::NoEndpoint),
+        // ovl floods nothing: broadcast and multicast are traffic it does
+        // not carry, not a peer gone missing.
+        ("subnet broadcast", broadcast, DropReason::Unsupported),
+        ("limited broadcast", limited_broadcast, DropReason::Unsupported),
+        ("mDNS multicast", mdns, DropReason::Unsupported),
         (
             "1488-byte packet on a 1500 underlay",
             too_big,

@@ -1637,9 +1637,11 @@ fn routed_subnets_and_static_endpoints_of_an_encrypted_network_never_go_out_in_c
         );
     }
     // Dropped and counted: the static endpoint's pings no_key, the
-    // broadcasts no_endpoint.
+    // broadcasts unsupported (ovl floods nothing).
     ensure!(
-        after.no_key - before.no_key == 3 && after.no_endpoint - before.no_endpoint == 3,
+        after.no_key - before.no_key == 3
+            && after.unsupported - before.unsupported == 3
+            && after.no_endpoint == before.no_endpoint,
         "{before:?}\n{after:?}"
     );
     ensure!(
