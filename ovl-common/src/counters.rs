@@ -17,7 +17,10 @@ pub enum DropReason {
     /// Truncated or malformed headers; VXLAN whose lengths disagree (a
     /// frame cut short, datagrams merged by UDP GRO on the underlay).
     Malformed = 3,
-    /// Would not fit the underlay MTU after encapsulation.
+    /// Would not fit the way to the remote VTEP after encapsulation, and
+    /// was sent without DF: ovl does not fragment (RFC 7348 §4.3; a DF
+    /// packet is answered and counted as [`PathMtu`](Self::PathMtu)). Or
+    /// received beyond the network's MTU.
     TooBig = 4,
     /// A frame ovl does not switch (IPv6, other EtherTypes, non-request ARP,
     /// broadcast and multicast to no endpoint, IPv4 fragments of VXLAN), or a packet the crypto device opened that
@@ -34,8 +37,10 @@ pub enum DropReason {
     /// Routed through the gateway with a TTL of 1 or less; the sender got
     /// ICMP time exceeded from the gateway.
     TtlExceeded = 8,
-    /// Larger than the path MTU to the remote VTEP that the underlay
-    /// reported (ICMP fragmentation needed); the sender got ICMP
+    /// A DF packet larger than the way to the remote VTEP takes after
+    /// encapsulation: the underlay's own MTU (less WireGuard's overhead
+    /// for an encrypted network), its route's, or a smaller path MTU the
+    /// underlay reported (ICMP fragmentation needed); the sender got ICMP
     /// fragmentation needed with that MTU less VXLAN's overhead.
     PathMtu = 9,
     /// A frame of an encrypted network that cannot be encrypted: the

@@ -92,41 +92,25 @@ pub fn to_remote(
     let (gso_size, gso_segs) = unsafe { ((*skb).gso_size, (*skb).gso_segs) };
 
     let outer_len = largest_outer_len(ctx, inner_ip, inner_frame_len, gso_size)?;
-    let route = match exit_of(iface, dst)? {
-        Exit::Crypto(device) => {
-            // The WireGuard message around it must fit the underlay too.
-            // (Path MTU reports quote the WireGuard packet, not ovl's
-            // VXLAN: they are the host stack's, like any UDP socket's.)
-            if outer_len + WIREGUARD_OVERHEAD > node.underlay_mtu {
-                return Err(DropReason::TooBig);
-            }
-            Route::device(device)
+    let exit = exit_of(iface, dst)?;
+    let route = if outer_len <= largest_fitting(node, exit, dst.vtep, outer_len) {
+        match exit {
+            Exit::Crypto(device) => Ok(Route::device(device)),
+            Exit::Underlay => route_to(ctx, node, dst.vtep, outer_len, flow),
         }
-        Exit::Underlay => {
-            // The underlay link's MTU bounds every path (the network's MTU
-            // is chosen to fit it: a frame beyond it is a container ignoring
-            // its MTU).
-            if outer_len > node.underlay_mtu {
-                return Err(DropReason::TooBig);
-            }
-            // A router on the way reported a smaller path MTU (RFC 1191):
-            // tell the sender, as a router on its path would, unless it
-            // allows fragmenting.
-            // Every recorded path MTU is at least MIN_PATH_MTU
-            // (set_path_mtu raises smaller reports), so small packets
-            // skip the lookup.
-            if outer_len > MIN_PATH_MTU
-                && let Some(path_mtu) = maps::path_mtu(dst.vtep)
-                && outer_len > path_mtu
-            {
-                if u16::from_be_bytes(inner_ip.frags) & IPV4_DF == 0 {
-                    return Err(DropReason::TooBig);
-                }
-                let inner_mtu = path_mtu.saturating_sub(ENCAP_OVERHEAD) as u16;
-                return icmp::frag_needed(ctx, ifindex, iface, inner_mtu);
-            }
-            route_to(ctx, node, dst.vtep, outer_len, flow)?
+    } else {
+        Err(DropReason::PathMtu)
+    };
+    let route = match route {
+        Ok(route) => route,
+        // Too big for the way to the VTEP (the FIB may just have said so,
+        // and recorded the route's MTU as the path's): one place answers,
+        // with what fits now.
+        Err(DropReason::PathMtu) => {
+            let fitting = largest_fitting(node, exit, dst.vtep, u32::MAX);
+            return refuse_oversize(ctx, ifindex, iface, inner_ip, fitting);
         }
+        Err(reason) => return Err(reason),
     };
 
     // Flow entropy from the inner flow (RFC 7348 §5, source port): taken
@@ -188,6 +172,53 @@ pub fn to_remote(
         u64::from(inner_frame_len),
     );
     Ok(route.redirect())
+}
+
+/// The largest VXLAN packet (underlay L3 bytes) the way to `vtep` takes:
+/// the underlay link's MTU, less WireGuard's overhead on the crypto
+/// device's way, or a smaller path MTU a router reported (or the FIB's
+/// route had) for the VTEP. Every recorded path MTU is at least
+/// MIN_PATH_MTU (`set_path_mtu` raises smaller reports), so a packet of
+/// `outer_len` no longer than that skips the lookup.
+#[inline(always)]
+fn largest_fitting(node: &NodeConfig, exit: Exit, vtep: [u8; 4], outer_len: u32) -> u32 {
+    let link = node.underlay_mtu;
+    match exit {
+        // Path MTU reports quote the WireGuard packet, not ovl's VXLAN:
+        // they are the host stack's, like any UDP socket's.
+        Exit::Crypto(_) => link.saturating_sub(WIREGUARD_OVERHEAD),
+        Exit::Underlay if outer_len > MIN_PATH_MTU => match maps::path_mtu(vtep) {
+            Some(path) if path < link => path,
+            _ => link,
+        },
+        Exit::Underlay => link,
+    }
+}
+
+/// Refuses a frame whose packets would exceed `fitting` bytes of VXLAN on
+/// the way to their VTEP. With DF its sender is told the MTU that fits,
+/// `fitting` less VXLAN's overhead, in ICMP fragmentation needed from its
+/// gateway (RFC 1191 §4), as a router on its path would: the sender's
+/// path MTU discovery then sends smaller packets, where a silent drop
+/// would be a black hole (the underlay's MTU lowered under a running
+/// network, a narrower route or link, a container that raised its own
+/// MTU). Without DF the sender asked for fragments, which ovl does not
+/// make (RFC 7348 §4.3): dropped as `too_big`.
+#[inline(always)]
+fn refuse_oversize(
+    ctx: &TcContext,
+    ifindex: u32,
+    iface: &Iface,
+    inner_ip: &Ipv4Hdr,
+    fitting: u32,
+) -> Result<i32, DropReason> {
+    if u16::from_be_bytes(inner_ip.frags) & IPV4_DF == 0 {
+        return Err(DropReason::TooBig);
+    }
+    let inner_mtu = fitting
+        .saturating_sub(ENCAP_OVERHEAD)
+        .min(u32::from(u16::MAX)) as u16;
+    icmp::frag_needed(ctx, ifindex, iface, inner_mtu)
 }
 
 /// Underlay L3 length of the largest packet this frame turns into: the
@@ -402,11 +433,12 @@ fn fib_route(
         }),
         r if r == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 => {
             // The route (or the kernel's own path MTU cache) is smaller:
-            // remembered, so the next packet's sender is told.
+            // remembered as the VTEP's path MTU, which `to_remote` tells
+            // this packet's sender.
             // SAFETY: on FRAG_NEEDED the kernel wrote the MTU in the union.
             let mtu = u32::from(unsafe { fib.__bindgen_anon_1.mtu_result });
             maps::set_path_mtu(vtep, mtu);
-            Err(DropReason::TooBig)
+            Err(DropReason::PathMtu)
         }
         _ => Err(DropReason::NoRoute),
     }

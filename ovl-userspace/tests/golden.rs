@@ -1029,12 +1029,12 @@ fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
             &udp(5353, 5353, &[0; 12]),
         ),
     );
-    let too_big = eth(
+    let too_big = without_df(&eth(
         mac_of(C2),
         mac_of(C1),
         ETH_P_IP,
         &ipv4(C1, C2, IPPROTO_ICMP, &icmp_echo(7, 1, 1460)),
-    );
+    ));
     // BPF_PROG_TEST_RUN refuses IPv4 frames shorter than an IPv4 header, so
     // the truncated case is an ARP request cut short.
     let runt = arp_request(mac_of(C1), C1, C2)[..24].to_vec();
@@ -1044,10 +1044,14 @@ fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
         // ovl floods nothing: broadcast and multicast are traffic it does
         // not carry, not a peer gone missing.
         ("subnet broadcast", broadcast, DropReason::Unsupported),
-        ("limited broadcast", limited_broadcast, DropReason::Unsupported),
+        (
+            "limited broadcast",
+            limited_broadcast,
+            DropReason::Unsupported,
+        ),
         ("mDNS multicast", mdns, DropReason::Unsupported),
         (
-            "1488-byte packet on a 1500 underlay",
+            "1488-byte packet without DF on a 1500 underlay",
             too_big,
             DropReason::TooBig,
         ),
@@ -1065,6 +1069,71 @@ fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
         .with_context(|| what)?;
         ensure!(action == TC_ACT_SHOT, "{what}: action {action}");
     }
+    Ok(())
+}
+
+/// `frame` (Ethernet, IPv4 with no options) with DF cleared.
+fn without_df(frame: &[u8]) -> Vec<u8> {
+    with_ipv4_header(frame, ETH_HDR_LEN, |ip| ip[6] &= !0x40)
+}
+
+/// The egress program answers `input` (from C1) with ICMP fragmentation
+/// needed from C1's gateway carrying `mtu`, counted once as `path_mtu`.
+fn answers_frag_needed(f: &Fixture, what: &str, input: &[u8], mtu: u16) -> Result<()> {
+    let (action, out) = egress(f, input, |c| c.drops[DropReason::PathMtu as usize] += 1)
+        .with_context(|| what.to_owned())?;
+    ensure!(action == TC_ACT_REDIRECT, "{what}: action {action}");
+    let [hi, lo] = mtu.to_be_bytes();
+    let want = icmp_error(GATEWAY, C1, [3, 4], [0, 0, hi, lo], input);
+    ensure!(
+        out == want,
+        "{what}: frag needed\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
+    Ok(())
+}
+
+/// A DF packet that would not fit the underlay once encapsulated is no
+/// container ignoring its MTU only: the underlay's MTU can be lowered under
+/// a running network whose containers keep theirs. RFC 1191 has the hop
+/// that cannot forward it tell the sender the MTU that fits; a silent drop
+/// would be a black hole for the sender's TCP.
+#[test]
+fn egress_answers_a_df_packet_too_big_for_the_underlay_with_frag_needed() -> Result<()> {
+    let mut f = fixture("gold-ul-mtu")?;
+    // 1488 bytes of IPv4 are 1538 with VXLAN, on a 1500 underlay: 1450 fit.
+    let big = echo_ttl(C1, C2, mac_of(C2), 64, 1488 - 28);
+    answers_frag_needed(&f, "beyond a 1500 underlay", &big, 1450)?;
+
+    // The underlay's MTU lowered to 1400 under the network: the
+    // containers' 1450 no longer fits, 1350 does.
+    f.set_underlay_mtu(1400)?;
+    let full = echo_ttl(C1, C2, mac_of(C2), 64, 1450 - 28);
+    answers_frag_needed(&f, "beyond a 1400 underlay", &full, 1350)?;
+    egress_drops(
+        &f,
+        "beyond a 1400 underlay, without DF",
+        &without_df(&full),
+        DropReason::TooBig,
+    )?;
+    let fits = echo_ttl(C1, C2, mac_of(C2), 64, 1350 - 28);
+    encap(&f, &fits)?;
+
+    // An encrypted network's frames carry WireGuard's 60 bytes too: 1290
+    // fit a 1400 underlay.
+    f.set_network_flags(network_flags::ENCRYPTED)?;
+    f.add_crypto_device()?;
+    f.set_remote_vtep_flags(vtep_flags::ALLOWED | vtep_flags::KEYED)?;
+    let sealed = echo_ttl(C1, C2, mac_of(C2), 64, 1291 - 28);
+    answers_frag_needed(&f, "encrypted, beyond a 1400 underlay", &sealed, 1290)?;
+    egress_drops(
+        &f,
+        "encrypted, beyond a 1400 underlay, without DF",
+        &without_df(&sealed),
+        DropReason::TooBig,
+    )?;
+    encap(&f, &echo_ttl(C1, C2, mac_of(C2), 64, 1290 - 28))?;
     Ok(())
 }
 
@@ -1745,11 +1814,11 @@ fn encap_asks_the_fib_for_a_packet_larger_than_the_cached_route_mtu() -> Result<
     encap(&f, &small)?;
     let hop = cached_hop(&f)?.context("nothing cached")?;
     ensure!(hop.mtu == 1400, "cached {hop:?}");
-    // 1351 bytes of IPv4 are 1401 with VXLAN: the FIB refuses it and the
-    // route's MTU becomes the VTEP's path MTU.
+    // 1351 bytes of IPv4 are 1401 with VXLAN: the FIB refuses it, the
+    // route's MTU becomes the VTEP's path MTU, and this very packet's
+    // sender is told (not only the next one's).
     let big = echo_ttl(C1, C2, mac_of(C2), 64, 1351 - 28);
-    let (action, _) = egress(&f, &big, |c| c.drops[DropReason::TooBig as usize] += 1)?;
-    ensure!(action == TC_ACT_SHOT, "oversize: action {action}");
+    answers_frag_needed(&f, "beyond the route's MTU", &big, 1350)?;
     let learned = datapath::read_path_mtus(f.pin_dir())?;
     ensure!(
         learned.len() == 1 && learned[0].1.mtu == 1400,

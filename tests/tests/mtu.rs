@@ -1,6 +1,7 @@
 //! The overlay MTU: containers get 1450 bytes (a 1500-byte underlay minus
 //! 50 bytes of VXLAN headers), the largest unfragmented ping crosses, and
-//! anything that would not fit the underlay never leaves the host.
+//! anything that would not fit the underlay never leaves the host: with DF
+//! its sender is told the MTU that fits, without it is dropped.
 
 use std::time::Duration;
 
@@ -82,7 +83,7 @@ fn container_mtu_is_1450_and_1422_byte_pings_cross_1423_are_refused() -> Result<
 }
 
 #[test]
-fn oversized_frame_is_dropped_as_too_big() -> Result<()> {
+fn oversized_frame_is_answered_with_frag_needed_or_dropped_without_df() -> Result<()> {
     let lab = Lab::new("mtu-big")?;
     let (world, c1, _c2, ip2) = connected(&lab)?;
 
@@ -96,11 +97,14 @@ fn oversized_frame_is_dropped_as_too_big() -> Result<()> {
     c1.ip(&["link", "set", CONTAINER_IFACE, "mtu", "1500"])?;
 
     // 1450 bytes of payload: a 1478-byte packet, 1528 once encapsulated.
+    // Without DF the sender allowed fragments, which ovl does not make.
     let (before, after) = dropped_as_too_big(&world, &c1, ip2, 5, 1450)?;
     ensure!(
         after.tx_packets == before.tx_packets,
         "oversized frames were encapsulated: {before:?} -> {after:?}"
     );
+    // With DF its gateway tells it what fits, as a router would.
+    told_frag_needed(&world, &c1, ip2, 1450, OVERLAY_MTU)?;
     world.stop()
 }
 
@@ -157,9 +161,18 @@ fn underlay_mtu_lowered_under_a_running_agent_reaches_store_and_data_path() -> R
     );
 
     // And the programs act on it: what filled 1500 bytes on the wire no
-    // longer fits and is dropped as too big; what fits 1400 crosses.
+    // longer fits. The containers keep MTU 1450, so their DF packets of
+    // that size are answered with the MTU that fits now (silently dropped
+    // they would be a black hole for every TCP connection); what fits
+    // 1400 crosses.
     const N: u64 = 3;
-    dropped_as_too_big(&world, &c1, ip2, N, LARGEST_PAYLOAD)?;
+    told_frag_needed(
+        &world,
+        &c1,
+        ip2,
+        LARGEST_PAYLOAD,
+        LOWER - (UNDERLAY_MTU - OVERLAY_MTU),
+    )?;
     let fitting = (LOWER - (UNDERLAY_MTU - OVERLAY_MTU) - ICMP_HEADERS).to_string();
     let r = ping(
         &c1,
@@ -175,8 +188,9 @@ fn underlay_mtu_lowered_under_a_running_agent_reaches_store_and_data_path() -> R
     world.stop()
 }
 
-/// `n` DF pings of `payload` bytes from `c1` to `ip2`, none of which may
-/// cross: each counted `too_big` on host A. The counters before and after.
+/// `n` pings without DF of `payload` bytes from `c1` to `ip2`, none of
+/// which may cross: each counted `too_big` on host A. The counters before
+/// and after.
 fn dropped_as_too_big(
     world: &TwoHosts,
     c1: &Netns,
@@ -190,7 +204,7 @@ fn dropped_as_too_big(
         c1,
         ip2,
         n as u32,
-        &["-M", "do", "-s", &size, "-i", "0.05", "-W", "1"],
+        &["-M", "dont", "-s", &size, "-i", "0.05", "-W", "1"],
     )?;
     ensure!(
         r.received == 0,
@@ -204,6 +218,44 @@ fn dropped_as_too_big(
         after.too_big - before.too_big
     );
     Ok((before, after))
+}
+
+/// One DF ping of `payload` bytes from `c1` to `ip2`, too big for the way
+/// to host B: answered by c1's gateway with ICMP fragmentation needed
+/// carrying `mtu`, counted once as `path_mtu` on host A and nothing else
+/// dropped or sent, and learned by c1's stack as the path's MTU.
+fn told_frag_needed(
+    world: &TwoHosts,
+    c1: &Netns,
+    ip2: std::net::Ipv4Addr,
+    payload: u32,
+    mtu: u32,
+) -> Result<()> {
+    let before = world.counters(0, "uber-net")?;
+    let size = payload.to_string();
+    let dst = ip2.to_string();
+    let out = c1.exec_unchecked(&[
+        "ping", "-n", "-c", "1", "-W", "1", "-M", "do", "-s", &size, &dst,
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        text.contains(&format!("Frag needed and DF set (mtu = {mtu})")),
+        "a {payload}-byte DF ping was not answered with frag needed (mtu {mtu}):\n{text}"
+    );
+    let after = world.counters(0, "uber-net")?;
+    ensure!(
+        after.path_mtu - before.path_mtu == 1
+            && after.too_big == before.too_big
+            && after.tx_packets == before.tx_packets,
+        "expected exactly one path_mtu drop: {before:?} -> {after:?}"
+    );
+    let route = c1.ip(&["route", "get", &dst])?;
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    ensure!(
+        route.contains(&format!("mtu {mtu}")),
+        "{c1} did not learn the path MTU {mtu}:\n{route}"
+    );
+    Ok(())
 }
 
 /// The name, in `host`, of the host end of `container`'s eth0 veth.

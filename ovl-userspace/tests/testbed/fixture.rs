@@ -266,6 +266,20 @@ impl Fixture {
         Ok(())
     }
 
+    /// Gives the node's config the underlay MTU `mtu`, as the agent does
+    /// when the underlay's MTU changes under it.
+    #[allow(dead_code, reason = "the micro-benchmark keeps the MTU as it is")]
+    pub fn set_underlay_mtu(&mut self, mtu: u32) -> Result<()> {
+        let underlay_ifindex = self.underlay_ifindex()?;
+        self.datapath.set_config(NodeConfig {
+            vtep: LOCAL_VTEP.octets(),
+            underlay_ifindex,
+            underlay_mtu: mtu,
+            udp_port: 0,
+            _pad: 0,
+        })
+    }
+
     /// Index of the stand-in underlay device.
     #[allow(dead_code, reason = "the micro-benchmark does not look")]
     pub fn underlay_ifindex(&self) -> Result<u32> {
