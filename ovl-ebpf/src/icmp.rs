@@ -9,16 +9,13 @@ use ovl_common::{
     DropReason, Iface,
     wire::{
         ANYCAST_GATEWAY_MAC, ETH_HDR_LEN, ETH_P_IP, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
-        ICMP_ECHO_REQUEST, ICMP_ERROR_FRAME_LEN, ICMP_ERROR_TOS, ICMP_EXC_TTL, ICMP_FRAG_NEEDED,
-        ICMP_HDR_LEN, ICMP_QUOTE_LEN, ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPV4_FRAG_MASK,
-        IPV4_FRAG_OFFSET, IPV4_HDR_LEN, ORIGIN_TTL, checksum_replace16, internet_checksum,
+        ICMP_ECHO_REQUEST, ICMP_ERROR_TOS, ICMP_EXC_TTL, ICMP_FRAG_NEEDED, ICMP_HDR_LEN,
+        ICMP_TIME_EXCEEDED, IPPROTO_ICMP, IPV4_FRAG_MASK, IPV4_FRAG_OFFSET, IPV4_HDR_LEN,
+        ORIGIN_TTL, checksum_replace16, internet_checksum,
     },
 };
 
 use crate::{egress::to_container, packet::Frame, stats};
-
-/// Bytes of an ICMP error message: header and quote.
-const ICMP_ERROR_LEN: usize = ICMP_HDR_LEN + ICMP_QUOTE_LEN;
 
 /// Answers a packet whose TTL ran out at the gateway with ICMP time
 /// exceeded (what makes the gateway a hop in traceroute), counted as a
@@ -56,27 +53,95 @@ pub fn frag_needed(
     )
 }
 
-/// Whether an ICMP error may be sent about the packet whose IPv4 header
-/// (no options) and first 8 bytes are `quote` (RFC 1812 §4.3.2.7, RFC 1122
-/// §3.2.2): not about an ICMP error, a packet to a broadcast or multicast
-/// address, or a fragment other than the first (the container's source
-/// address was checked on the way in).
+/// What an ICMP error quotes of the packet it answers (RFC 792): its IPv4
+/// header, options and all (a receiver finds the quoted transport header
+/// by the quoted IHL), and the first 64 bits of its data. It is moved
+/// within the packet, behind the error's headers, a word at a time.
+struct Quote {
+    /// The IPv4 header without its options.
+    header: [u8; IPV4_HDR_LEN],
+    /// 32-bit words of options after it.
+    option_words: usize,
+    /// The first 64 bits of data.
+    data: [u8; 8],
+}
+
+impl Quote {
+    /// The quote of the IPv4 packet at `ETH_HDR_LEN` of `frame`; `None`
+    /// for a runt shorter than its header and 8 bytes.
+    #[inline(always)]
+    fn of(frame: &Frame) -> Option<Quote> {
+        let header: [u8; IPV4_HDR_LEN] = frame.read(ETH_HDR_LEN).ok()?;
+        let words = usize::from(header[0] & 0x0f);
+        if header[0] >> 4 != 4 || words < 5 {
+            return None;
+        }
+        let data: [u8; 8] = frame.read(ETH_HDR_LEN + words * 4).ok()?;
+        Some(Quote {
+            header,
+            option_words: words - 5,
+            data,
+        })
+    }
+
+    /// Its length in bytes (a multiple of 4).
+    #[inline(always)]
+    fn len(&self) -> usize {
+        IPV4_HDR_LEN + 4 * self.option_words + self.data.len()
+    }
+
+    /// Whether an ICMP error may be sent about the packet it quotes (RFC
+    /// 1812 §4.3.2.7, RFC 1122 §3.2.2): not about an ICMP error, a packet
+    /// to a broadcast or multicast address, or a fragment other than the
+    /// first (the container's source address was checked on the way in).
+    #[inline(always)]
+    fn may_answer(&self) -> bool {
+        let h = &self.header;
+        let broadcast = h[16..20] == [0xff; 4];
+        let multicast = h[16] >= 224;
+        let later_fragment = u16::from_be_bytes([h[6], h[7]]) & IPV4_FRAG_OFFSET != 0;
+        // The ICMP error types (RFC 792, 1812): destination unreachable,
+        // source quench, redirect, time exceeded, parameter problem.
+        let icmp_error = h[9] == IPPROTO_ICMP && matches!(self.data[0], 3 | 4 | 5 | 11 | 12);
+        !(broadcast || multicast || later_fragment || icmp_error)
+    }
+
+    /// Moves it from `ETH_HDR_LEN` of `frame`, where the packet's IPv4
+    /// header starts, to `to` further on: last word first, as the two
+    /// overlap. Returns its one's complement sum (RFC 1071), not yet
+    /// folded. A word at a time, through no buffer: a copy of a whole
+    /// quote would overrun the programs' 512-byte stack. Unrolled with
+    /// constant offsets: as a loop, LLVM turns the bounds checks into
+    /// arithmetic on the packet's end, which the verifier refuses.
+    #[inline(always)]
+    fn move_to(&self, frame: &Frame, to: usize) -> Result<u32, DropReason> {
+        let words = self.len() / 4;
+        let mut sum = 0;
+        macro_rules! move_words {
+            ($($i:literal)*) => {$(
+                if $i < words {
+                    let word: [u8; 4] = frame.read(ETH_HDR_LEN + 4 * $i)?;
+                    frame.write(to + 4 * $i, word)?;
+                    sum += ones_sum(&word);
+                }
+            )*};
+        }
+        move_words!(16 15 14 13 12 11 10 9 8 7 6 5 4 3 2 1 0);
+        Ok(sum)
+    }
+}
+
+/// The one's complement sum of `bytes`, folded to 16 bits.
 #[inline(always)]
-fn may_answer(quote: &[u8; ICMP_QUOTE_LEN]) -> bool {
-    let dst_first_octet = quote[16];
-    let broadcast = quote[16..20] == [0xff; 4];
-    let multicast = dst_first_octet >= 224;
-    let later_fragment = u16::from_be_bytes([quote[6], quote[7]]) & IPV4_FRAG_OFFSET != 0;
-    // The ICMP error types (RFC 792, 1812): destination unreachable, source
-    // quench, redirect, time exceeded, parameter problem.
-    let icmp_error = quote[9] == IPPROTO_ICMP && matches!(quote[IPV4_HDR_LEN], 3 | 4 | 5 | 11 | 12);
-    !(broadcast || multicast || later_fragment || icmp_error)
+fn ones_sum<const N: usize>(bytes: &[u8; N]) -> u32 {
+    u32::from(!internet_checksum(bytes))
 }
 
 /// Rewrites the frame into an ICMP error from the container's gateway
 /// that quotes it, and sends it back to the container. The offending
-/// packet is counted dropped for `reason`; when no error can be built (IP
-/// options, a runt) it is dropped for `reason` without one.
+/// packet is counted dropped for `reason`; when no error may or can be
+/// built (about an error or a broadcast, a runt) it is dropped for
+/// `reason` without one.
 #[inline(always)]
 fn send_error(
     ctx: &TcContext,
@@ -89,27 +154,33 @@ fn send_error(
     // Counted as the packets it stands for, read before the rewrite drops
     // its GSO state.
     let packets = stats::gso_segs(ctx);
-    let frame = Frame::of_skb(ctx);
-    let quote: [u8; ICMP_QUOTE_LEN] = frame.read(ETH_HDR_LEN).map_err(|_| reason)?;
-    // Only headers without options: the quote is then exactly header + 8.
-    if quote[0] != 0x45 || !may_answer(&quote) {
+    let quote = Quote::of(&Frame::of_skb(ctx)).ok_or(reason)?;
+    if !quote.may_answer() {
         return Err(reason);
     }
-    // Trims (or pads) the frame to the error's size; also drops GSO state.
+    // Trims (or pads) the frame to the error's size, which also drops its
+    // GSO state. Never shorter than the packet's headers and its checksum
+    // offload's field (the helper refuses that: a TCP segment's is 18
+    // bytes into its TCP header), since the error's headers come before a
+    // quote of them.
+    let frame_len = ETH_HDR_LEN + IPV4_HDR_LEN + ICMP_HDR_LEN + quote.len();
     // SAFETY: helper call on the program's own context.
-    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, ICMP_ERROR_FRAME_LEN as u32, 0) };
+    let rc = unsafe { bpf_skb_change_tail(ctx.skb.skb, frame_len as u32, 0) };
     if rc != 0 {
         return Err(reason);
     }
-    let _ = ctx.pull_data(ICMP_ERROR_FRAME_LEN as u32);
+    let _ = ctx.pull_data(frame_len as u32);
     let frame = Frame::of_skb(ctx);
+    let quote_sum = quote.move_to(&frame, ETH_HDR_LEN + IPV4_HDR_LEN + ICMP_HDR_LEN)?;
 
-    let mut message = [0u8; ICMP_ERROR_LEN];
+    let mut message = [0u8; ICMP_HDR_LEN];
     message[0] = type_code[0];
     message[1] = type_code[1];
     message[4..8].copy_from_slice(&rest);
-    message[ICMP_HDR_LEN..].copy_from_slice(&quote);
-    let check = internet_checksum(&message).to_be_bytes();
+    let mut sum = ones_sum(&message) + quote_sum;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let check = (!(sum as u16)).to_be_bytes();
     message[2] = check[0];
     message[3] = check[1];
 
@@ -124,7 +195,7 @@ fn send_error(
     frame.write(
         ETH_HDR_LEN,
         ipv4_header(
-            (IPV4_HDR_LEN + ICMP_ERROR_LEN) as u16,
+            (frame_len - ETH_HDR_LEN) as u16,
             ICMP_ERROR_TOS,
             iface.gateway,
             iface.addr,

@@ -1149,7 +1149,8 @@ fn echo_ttl(src: Ipv4Addr, dst: Ipv4Addr, dst_mac: [u8; 6], ttl: u8, len: usize)
 
 /// The ICMP error (type, code, 4 bytes of rest) the gateway `from` sends
 /// to container `to` about `offending` (an Ethernet frame): RFC 792 quote
-/// of its IPv4 header and 8 bytes, TOS 0xc0, TTL 64, checksums valid.
+/// of its IPv4 header (options and all) and 8 bytes, TOS 0xc0, TTL 64,
+/// checksums valid.
 fn icmp_error(
     from: Ipv4Addr,
     to: Ipv4Addr,
@@ -1159,7 +1160,8 @@ fn icmp_error(
 ) -> Vec<u8> {
     let mut message = vec![kind[0], kind[1], 0, 0];
     message.extend_from_slice(&rest);
-    message.extend_from_slice(&offending[14..14 + 28]);
+    let header_len = usize::from(offending[ETH_HDR_LEN] & 0x0f) * 4;
+    message.extend_from_slice(&offending[ETH_HDR_LEN..ETH_HDR_LEN + header_len + 8]);
     let c = checksum(&message);
     message[2..4].copy_from_slice(&c.to_be_bytes());
     let mut ip = ipv4_ttl(from, to, IPPROTO_ICMP, 64, &message);
@@ -1248,6 +1250,51 @@ fn egress_answers_ttl_1_at_the_gateway_with_time_exceeded() -> Result<()> {
         hex(&want)
     );
     ensure!(checksum(&out[34..]) == 0, "ICMP checksum does not verify");
+    Ok(())
+}
+
+/// A packet with IPv4 options (`ping -R`, `traceroute` with options,
+/// security labels) that the gateway cannot forward is answered as any
+/// other: the quote holds its header with the options, so the sender's
+/// stack finds the quoted transport header (by the quoted IHL) and the
+/// socket it belongs to. Silently dropped, it would be a black hole.
+#[test]
+fn the_gateway_answers_packets_with_ipv4_options_quoting_them_whole() -> Result<()> {
+    let f = fixture("gold-icmp-opts")?;
+    // Record route with room for two addresses, then NOP and end of list:
+    // 12 bytes of options, IHL 8.
+    let options = [7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let ttl_1 = with_ipv4_options(&echo_ttl(C1, D1, GW_MAC, 1, 56), &options);
+    let (action, out) = egress(&f, &ttl_1, |c| {
+        c.drops[DropReason::TtlExceeded as usize] += 1
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "TTL 1: action {action}");
+    let want = icmp_error(GATEWAY, C1, [11, 0], [0; 4], &ttl_1);
+    ensure!(
+        out == want,
+        "time exceeded\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
+    ensure!(checksum(&out[34..]) == 0, "ICMP checksum does not verify");
+    // Too big for the underlay, with DF: 1476 bytes of IPv4 with its 12 of
+    // options, 1526 once encapsulated.
+    let big = with_ipv4_options(&echo_ttl(C1, C2, mac_of(C2), 64, 1464 - 28), &options);
+    answers_frag_needed(&f, "with options, beyond a 1500 underlay", &big, 1450)?;
+    // The largest header: 40 bytes of options (NOPs, end of list).
+    let mut nops = vec![1u8; 39];
+    nops.push(0);
+    let longest = with_ipv4_options(&echo_ttl(C1, D1, GW_MAC, 1, 56), &nops);
+    let (_, out) = egress(&f, &longest, |c| {
+        c.drops[DropReason::TtlExceeded as usize] += 1
+    })?;
+    let want = icmp_error(GATEWAY, C1, [11, 0], [0; 4], &longest);
+    ensure!(
+        out == want,
+        "time exceeded, IHL 15\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
     Ok(())
 }
 
