@@ -1,6 +1,7 @@
 //! Proxy ARP (RFC 826): a container's request for an address of its own
 //! network — an endpoint, or a subnet's gateway — is answered in place from
-//! the maps; nothing is flooded.
+//! the maps (a probe for one of them too: a conflict, RFC 5227); nothing is
+//! flooded.
 
 use network_types::{arp::ArpHdr, eth::EthHdr};
 use ovl_common::{
@@ -12,6 +13,9 @@ use ovl_common::{
 
 use crate::{maps, packet::Frame};
 
+/// The sender protocol address of an ARP probe (RFC 5227).
+const PROBE_SENDER: [u8; 4] = [0; 4];
+
 /// Turns the ARP request in `frame`, sent by the container of `iface`,
 /// into the reply the target would send. On success the frame is ready to
 /// be sent back to the requester.
@@ -22,12 +26,17 @@ pub fn answer_request(frame: &Frame, iface: &Iface) -> Result<(), DropReason> {
         return Err(DropReason::Unsupported);
     }
     // A sender claiming another MAC or address would poison the caches of
-    // whoever learns from it.
-    if arp.sha != iface.mac || arp.spa != iface.addr {
+    // whoever learns from it. An ARP probe (RFC 5227 §2.1.1: sender
+    // address 0.0.0.0, sent before an address is used, by `arping -D` and
+    // address conflict detection) claims no address, and no receiver
+    // learns from it.
+    let probe = arp.spa == PROBE_SENDER;
+    if arp.sha != iface.mac || (arp.spa != iface.addr && !probe) {
         return Err(DropReason::SpoofedSource);
     }
-    // Replies and gratuitous announcements have no answer to give.
-    if arp.oper() != ARP_OP_REQUEST || arp.tpa == arp.spa {
+    // Replies and gratuitous announcements have no answer to give, nor
+    // has a probe for the container's own address: no one else holds it.
+    if arp.oper() != ARP_OP_REQUEST || arp.tpa == arp.spa || arp.tpa == iface.addr {
         return Err(DropReason::Unsupported);
     }
     let target_mac = target_mac(iface.vni, arp.tpa)?;

@@ -821,6 +821,48 @@ fn egress_answers_arp_for_an_endpoint_of_the_network() -> Result<()> {
     Ok(())
 }
 
+/// An ARP probe (RFC 5227: sender address 0.0.0.0, as `arping -D` and
+/// address conflict detection send before using an address) claims no
+/// address and poisons no cache: it is no spoofing. One for another
+/// endpoint's address is answered, as its holder would (a conflict); one
+/// for the container's own address has no one to answer it.
+#[test]
+fn egress_answers_arp_probes_for_taken_addresses_and_counts_none_as_spoofed() -> Result<()> {
+    let f = fixture("gold-arp-probe")?;
+    let unspecified = Ipv4Addr::UNSPECIFIED;
+    let (action, out) = egress(&f, &arp_request(mac_of(C1), unspecified, C2), |c| {
+        c.arp_replies += 1
+    })?;
+    ensure!(action == TC_ACT_REDIRECT, "probe for C2: action {action}");
+    let want = arp_reply(mac_of(C2), C2, mac_of(C1), unspecified);
+    ensure!(
+        out == want,
+        "probe for C2: reply\n{}\nwant\n{}",
+        hex(&out),
+        hex(&want)
+    );
+    for (what, probe, reason) in [
+        (
+            "probe for its own address",
+            arp_request(mac_of(C1), unspecified, C1),
+            DropReason::Unsupported,
+        ),
+        (
+            "probe for a free address",
+            arp_request(mac_of(C1), unspecified, Ipv4Addr::new(198, 18, 0, 200)),
+            DropReason::NoEndpoint,
+        ),
+        (
+            "probe with another sender MAC",
+            arp_request(mac_of(C3), unspecified, C2),
+            DropReason::SpoofedSource,
+        ),
+    ] {
+        egress_drops(&f, what, &probe, reason)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn egress_switches_to_a_local_endpoint_without_encapsulation() -> Result<()> {
     let f = fixture("gold-local")?;
