@@ -93,24 +93,23 @@ pub fn to_remote(
 
     let outer_len = largest_outer_len(ctx, inner_ip, inner_frame_len, gso_size)?;
     let exit = exit_of(iface, dst)?;
-    let route = if outer_len <= largest_fitting(node, exit, dst.vtep, outer_len) {
-        match exit {
-            Exit::Crypto(device) => Ok(Route::device(device)),
-            Exit::Underlay => route_to(ctx, node, dst.vtep, outer_len, flow),
-        }
-    } else {
-        Err(DropReason::PathMtu)
-    };
-    let route = match route {
-        Ok(route) => route,
-        // Too big for the way to the VTEP (the FIB may just have said so,
-        // and recorded the route's MTU as the path's): one place answers,
-        // with what fits now.
-        Err(DropReason::PathMtu) => {
-            let fitting = largest_fitting(node, exit, dst.vtep, u32::MAX);
-            return refuse_oversize(ctx, ifindex, iface, inner_ip, fitting);
-        }
-        Err(reason) => return Err(reason),
+    // Too big for the way to the VTEP, as known or as the FIB says (it
+    // records the route's MTU as the path's): one place answers, with
+    // what fits now.
+    if outer_len > largest_fitting(node, exit, dst.vtep, outer_len) {
+        let fitting = largest_fitting(node, exit, dst.vtep, u32::MAX);
+        return refuse_oversize(ctx, ifindex, iface, inner_ip, fitting);
+    }
+    let route = match exit {
+        Exit::Crypto(device) => Route::device(device),
+        Exit::Underlay => match route_to(ctx, node, dst.vtep, outer_len, flow) {
+            Ok(route) => route,
+            Err(DropReason::PathMtu) => {
+                let fitting = largest_fitting(node, exit, dst.vtep, u32::MAX);
+                return refuse_oversize(ctx, ifindex, iface, inner_ip, fitting);
+            }
+            Err(reason) => return Err(reason),
+        },
     };
 
     // Flow entropy from the inner flow (RFC 7348 §5, source port): taken
