@@ -371,7 +371,14 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) -> Re
         .and_then(|t| t.guarded.clone())
         .or_else(|| memory.guarded.clone());
     let former = recorded.clone().filter(|g| g != underlay);
+    // Where the host forwards by its owner's choice — dockerd switches
+    // `ip_forward` on for its bridge — ovl's switch is no longer what
+    // makes a device forward, and switching it off, or guarding it, would
+    // cut off what the host forwards for others (Docker's bridge
+    // containers' replies and published ports arrive on the underlay).
+    let host_forwards = host_forwarding()?;
     if let Some(former) = &former
+        && !host_forwards
         && has_ipv4_conf(former)
     {
         set_sysctl(former, "forwarding", "0")?;
@@ -384,12 +391,21 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) -> Re
     // leave the host forwarding with no guard and no record, and `ovl
     // detach` would not switch it off.
     let switch_forwarding_on = !endpoints.is_empty() && !ipv4_forwarding(underlay)?;
-    let guard = switch_forwarding_on
-        || (former.is_none()
-            && (recorded.is_some()
-                || table
-                    .as_ref()
-                    .is_some_and(|t| t.chains.contains(GUARD_CHAIN))));
+    let guarded = recorded.is_some()
+        || table
+            .as_ref()
+            .is_some_and(|t| t.chains.contains(GUARD_CHAIN));
+    let guard = switch_forwarding_on || (former.is_none() && guarded && !host_forwards);
+    if let Some(device) = recorded.as_deref()
+        && guarded
+        && !guard
+        && host_forwards
+    {
+        log::info!(
+            "the host forwards IPv4 now (net.ipv4.ip_forward is on, as dockerd sets it): \
+             ovl's guard on {device} goes, and `ovl detach` leaves its forwarding on"
+        );
+    }
     // A table of another version (an agent before or after this one: other
     // rules, maybe in the same chains) is replaced whole, as is one that
     // lacks a chain.
@@ -620,6 +636,9 @@ pub fn remove() -> Result<Vec<String>> {
                     "{underlay}, whose IPv4 forwarding ovl had switched on, is gone"
                 ));
             }
+            (Some(underlay), _) if host_forwarding()? => done.push(format!(
+                "left IPv4 forwarding on {underlay} on: the host forwards (net.ipv4.ip_forward)"
+            )),
             (Some(underlay), _) => {
                 set_sysctl(underlay, "forwarding", "0")?;
                 done.push(format!("switched IPv4 forwarding on {underlay} off again"));
@@ -759,6 +778,15 @@ pub fn ipv4_forwarding(ifname: &str) -> Result<bool> {
 /// Whether device `ifname` exists here with IPv4 settings of its own.
 fn has_ipv4_conf(ifname: &str) -> bool {
     Path::new(&format!("/proc/sys/net/ipv4/conf/{ifname}")).exists()
+}
+
+/// Whether the host forwards IPv4 by its owner's choice:
+/// `net.ipv4.ip_forward` (ovl switches only its underlay's forwarding on,
+/// never this; dockerd switches this on, on its default `--ip-forward`).
+fn host_forwarding() -> Result<bool> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let now = std::fs::read_to_string(PATH).with_context(|| format!("read {PATH}"))?;
+    Ok(now.trim() == "1")
 }
 
 fn set_sysctl(ifname: &str, key: &str, value: &str) -> Result<()> {

@@ -55,6 +55,10 @@ pub struct DockerdOptions {
     /// the policy of iptables' FORWARD chain to DROP. Off, the tests' hosts
     /// are left alone.
     pub firewall: bool,
+    /// Docker's default bridge (`docker0`) with this address and prefix
+    /// (`--bip`), as on a host with Docker's defaults; `None`: no bridge
+    /// (`--bridge=none`).
+    pub bridge: Option<&'static str>,
 }
 
 /// `docker network create -d ovl --ipam-driver ovl --subnet SUBNET
@@ -159,7 +163,7 @@ impl Dockerd {
         let d = |p: &str| self.dir.join(p).display().to_string();
         let mut dockerd = format!(
             "exec {DOCKERD} --data-root {} --exec-root {} --pidfile {} -H unix://{} \
-             --iptables={fw} --bridge=none --ip-forward={fw} \
+             --iptables={fw} --ip-forward={fw} \
              --exec-opt native.cgroupdriver=cgroupfs --cgroup-parent /{cg} \
              --containerd-namespace {cg} --containerd-plugins-namespace {cg}-plugins",
             d("data"),
@@ -169,6 +173,10 @@ impl Dockerd {
             cg = self.cgroup_parent,
             fw = self.options.firewall,
         );
+        match self.options.bridge {
+            Some(bip) => dockerd.push_str(&format!(" --bip {bip}")),
+            None => dockerd.push_str(" --bridge=none"),
+        }
         if self.options.live_restore {
             dockerd.push_str(" --live-restore");
         }

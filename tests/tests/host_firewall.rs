@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    BUSYBOX_IMAGE, DockerCluster, DockerdOptions, Lab, Netns, StoreKind, TwoHosts,
+    BUSYBOX_IMAGE, DockerCluster, Dockerd, DockerdOptions, Lab, Netns, StoreKind, TwoHosts,
     ovl_network_argv, wait_until,
 };
 
@@ -20,6 +20,9 @@ const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const SERVER_PORT: u16 = 8080;
 /// Host A's underlay address: where the container's port is published.
 const HOST_A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// Docker's default bridge where a test has one (`--bip`): outside the
+/// overlay's 198.18.0.0/24.
+const DOCKER_BRIDGE: &str = "198.19.255.1/24";
 
 /// What a TCP connection from `from` to `addr`:`port` receives (empty
 /// when it failed).
@@ -157,5 +160,90 @@ fn a_container_docker_runs_on_its_default_firewall_has_its_way_out() -> Result<(
         forward_rules(host).unwrap_or_default()
     );
     world.docker(0, &["network", "rm", NETWORK])?;
+    world.stop()
+}
+
+/// What `ping -c 3` from a container on Docker's default bridge to `addr`
+/// said (`Err`: it failed).
+fn bridge_ping(dockerd: &Dockerd, addr: Ipv4Addr) -> Result<String> {
+    dockerd.docker(&[
+        "run",
+        "--rm",
+        BUSYBOX_IMAGE,
+        "ping",
+        "-c",
+        "3",
+        "-W",
+        "2",
+        &addr.to_string(),
+    ])
+}
+
+/// ovl switched the underlay's forwarding on (guarded: it forwards
+/// nothing but replies to ovl's connections) before a dockerd on its
+/// defaults started, which switches the whole host's forwarding on for its
+/// own bridge. The host forwards by its owner's choice now: the guard must
+/// not cut Docker's bridge containers off, and `ovl detach` must not
+/// switch the underlay's forwarding off under them.
+#[test]
+fn a_dockerd_started_after_ovl_switched_forwarding_on_keeps_its_bridge_working() -> Result<()> {
+    let lab = Lab::new("fw-guard")?;
+    let mut world = TwoHosts::start(&lab, "auto")?;
+    let host = world.hosts[0].clone();
+    let router = host.gateway.context("routed hosts have a gateway")?;
+    world
+        .ovl
+        .create_network(&host.netns, NETWORK, "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    world.run(0, &["connect", NETWORK, c1.name()])?;
+    let guard = |netns: &Netns| -> Result<bool> {
+        let out = netns.exec_unchecked(&["nft", "list", "chain", "ip", "ovl", "underlay_guard"])?;
+        Ok(out.status.success())
+    };
+    wait_until(Duration::from_secs(10), || guard(&host.netns)).context(
+        "ovl did not switch the underlay's forwarding on with its guard: the test would prove nothing",
+    )?;
+
+    let dockerd = Dockerd::start(
+        &lab,
+        &host,
+        "host-a",
+        &world.ovl.docker_plugin_socket("host-a"),
+        DockerdOptions {
+            firewall: true,
+            bridge: Some(DOCKER_BRIDGE),
+            ..DockerdOptions::default()
+        },
+    )?;
+    let mut got = Err(anyhow::anyhow!("not run"));
+    let reached = wait_until(Duration::from_secs(20), || {
+        got = bridge_ping(&dockerd, router);
+        Ok(got.as_ref().is_ok_and(|o| o.contains("3 packets received")))
+    });
+    ensure!(
+        reached.is_ok(),
+        "a container on Docker's bridge could not ping {router}: {got:?}; ovl's table:\n{}",
+        host.netns
+            .exec_unchecked(&["nft", "list", "table", "ip", "ovl"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    );
+    // ovl's own container still has its way out.
+    let out = c1.exec_unchecked(&["ping", "-c", "1", "-W", "2", &router.to_string()])?;
+    ensure!(
+        out.status.success(),
+        "c1 lost its way out: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // `ovl detach` leaves the host's forwarding as its owner set it.
+    let agent = world.agents.remove(0);
+    agent.stop()?;
+    world.run(0, &["detach", "eth0"])?;
+    let got = bridge_ping(&dockerd, router);
+    ensure!(
+        got.as_ref().is_ok_and(|o| o.contains("3 packets received")),
+        "after ovl detach a container on Docker's bridge could not ping {router}: {got:?}"
+    );
     world.stop()
 }
