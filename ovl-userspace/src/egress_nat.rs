@@ -23,8 +23,13 @@
 //! - IPv4 forwarding on the container veths and the underlay;
 //! - published ports (Docker's `-p`): per port a DNAT rule in chain
 //!   `published` of the same table, reached from prerouting for packets to
-//!   a local address and from output for the host's own connections to its
-//!   non-loopback addresses. It marks the connection with the container's
+//!   a local address and from output for the host's own connections to
+//!   its addresses and 127.0.0.1 (`localhost`; the rest of 127/8 is left
+//!   to the host's own services, a resolver on 127.0.0.53 say): such a
+//!   connection from the loopback is masqueraded
+//!   as it leaves for the container, whose veth has `route_localnet` on
+//!   (and what a container sends to 127/8 is dropped). It marks the
+//!   connection with the container's
 //!   network, so the packet is routed by that network's table and the
 //!   forward guard lets it through; the container's replies come back
 //!   marked by the egress program and conntrack undoes the DNAT. The
@@ -503,6 +508,14 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) -> Re
         // Marked packets from the container are checked against the
         // container's table by rp_filter, where it is on.
         set_sysctl(&e.ifname, "src_valid_mark", "1")?;
+        // The host's own connections to a published port through
+        // 127.0.0.1 (`curl localhost:8080`, which Docker's userland proxy
+        // serves) leave through the veth from a loopback address, and
+        // their replies come back to one. What the container itself sends
+        // to 127/8 is dropped in chain `prerouting`.
+        if !e.ports.is_empty() {
+            set_sysctl(&e.ifname, "route_localnet", "1")?;
+        }
         if installed {
             continue;
         }
@@ -1006,6 +1019,7 @@ fn fixed_part(version: &str) -> String {
          \t}}\n\
          \tchain prerouting {{\n\
          \t\ttype filter hook prerouting priority mangle; policy accept;\n\
+         \t\t{ours} ip daddr 127.0.0.0/8 counter drop\n\
          \t\t{ours} ct direction original ct status ! dnat ct mark set meta mark\n\
          \t\tct direction original {ct_ours} meta mark set ct mark\n\
          \t\tct direction reply {ct_ours} meta mark set ct mark\n\
@@ -1019,6 +1033,7 @@ fn fixed_part(version: &str) -> String {
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tip saddr . meta mark @endpoints masquerade\n\
+         \t\tip saddr 127.0.0.0/8 {ours} masquerade\n\
          \t}}\n\
          \tchain {PUBLISHED_CHAIN} {{\n\
          \t}}\n\
@@ -1029,6 +1044,7 @@ fn fixed_part(version: &str) -> String {
          \tchain publish_local {{\n\
          \t\ttype nat hook output priority -100; policy accept;\n\
          \t\tip daddr != 127.0.0.0/8 fib daddr type local jump {PUBLISHED_CHAIN}\n\
+         \t\tip daddr 127.0.0.1 jump {PUBLISHED_CHAIN}\n\
          \t}}\n\
          \tchain {HAIRPIN_CHAIN} {{\n\
          \t\ttype nat hook postrouting priority srcnat - 1; policy accept;\n\

@@ -175,7 +175,7 @@ pub enum PortError {
     #[error("invalid protocol {0:?}: ovl publishes tcp and udp ports")]
     Protocol(String),
     #[error(
-        "{0} cannot be published: the host's loopback addresses do not forward to containers (route_localnet is off); publish on another address or on every address"
+        "{0} cannot be published: ovl publishes no port for the host's loopback alone; publish on every address (the host reaches it on 127.0.0.1 too) or on another address of the host"
     )]
     Loopback(PublishedPort),
     #[error(

@@ -1246,6 +1246,148 @@ fn a_port_published_with_docker_run_p_is_reached_from_outside_the_host() -> Resu
     world.stop()
 }
 
+/// `docker run -p 8080:80` on a host with Docker's defaults (its
+/// firewall, its bridge, its userland proxy): Docker serves its own
+/// bridge's published ports on the host's loopback too (`curl
+/// localhost:8080`), and so does ovl. A container on the network still
+/// cannot reach the host's loopback through its veth.
+#[test]
+fn a_port_published_with_docker_run_p_is_reached_from_the_host_through_localhost() -> Result<()> {
+    let lab = Lab::new("dk-localhost")?;
+    let world = DockerCluster::start(
+        &lab,
+        StoreKind::File,
+        1,
+        DockerdOptions {
+            firewall: true,
+            bridge: Some("198.19.255.1/24"),
+            ..DockerdOptions::default()
+        },
+    )?;
+    create_network(&world, 0, NET, SUBNET)?;
+    let serve = |name: &str| {
+        format!("mkdir -p /www && echo hello from {name} > /www/index.html && httpd -p 80 -h /www")
+    };
+    let web = world.dockerds[0].run(&lab, "web", NET, &["-p", "8080:80"])?;
+    world.docker(0, &["exec", "web", "sh", "-c", &serve("web")])?;
+    world.dockerds[0].run(&lab, "bridged", "bridge", &["-p", "8090:80"])?;
+    world.docker(0, &["exec", "bridged", "sh", "-c", &serve("bridged")])?;
+    let host = &world.hosts[0].netns;
+    let get = |port: u16| -> Result<String> {
+        let fetch = format!(
+            "import urllib.request\n\
+             print(urllib.request.urlopen('http://127.0.0.1:{port}/index.html', timeout=3).read().decode())"
+        );
+        let out = host.exec_unchecked(&["/usr/bin/python3", "-c", &fetch])?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    let mut got = String::new();
+    wait_until(Duration::from_secs(10), || {
+        got = get(8090)?;
+        Ok(got.contains("hello from bridged"))
+    })
+    .with_context(|| {
+        format!(
+            "Docker's own bridge is not served on localhost: the test would prove nothing: {got}"
+        )
+    })?;
+    wait_until(Duration::from_secs(10), || {
+        got = get(8080)?;
+        Ok(got.contains("hello from web"))
+    })
+    .with_context(|| format!("127.0.0.1:8080 on host A answered {got:?}"))?;
+    // The rest of the loopback stays the host's own services' (a resolver
+    // on 127.0.0.53): one there on the same port still gets its clients.
+    let _own = lab.python_tcp_server(
+        host,
+        Ipv4Addr::new(127, 0, 0, 2),
+        8080,
+        "c.sendall(b'the host itself\\n')\nc.close()",
+    )?;
+    let out = host.exec_unchecked(&["nc", "-w", "3", "127.0.0.2", "8080"])?;
+    let own = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        own.contains("the host itself"),
+        "127.0.0.2:8080 did not reach the host's own service there: {own:?}"
+    );
+
+    // A UDP service on the host's loopback (a syslog, a statsd: nothing
+    // needs to answer), and web sending to it through its gateway as a
+    // crafted packet would (its own loopback takes 127/8 otherwise):
+    // nothing of it may arrive. The host's own datagram after it ends the
+    // listening.
+    let port = "9999";
+    let listen = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('127.0.0.1', {port}))\n\
+         print('listening', flush=True)\n\
+         while True:\n\
+         \x20   data, peer = s.recvfrom(100)\n\
+         \x20   print(data, peer, flush=True)\n\
+         \x20   if data.startswith(b'the host'):\n\
+         \x20       break\n"
+    );
+    let server = lab.spawn(host, &["/usr/bin/python3", "-c", &listen], &[])?;
+    wait_until(Duration::from_secs(10), || {
+        Ok(server.stdout()?.contains("listening"))
+    })
+    .with_context(|| format!("UDP server did not start:\n{}", server.output_report()))?;
+    let gateway = "198.18.0.1";
+    for argv in [
+        &["sysctl", "-qw", "net.ipv4.conf.eth0.route_localnet=1"][..],
+        &[
+            "ip", "route", "add", "default", "via", gateway, "dev", "eth0", "table", "100",
+        ],
+        &[
+            "ip",
+            "rule",
+            "add",
+            "pref",
+            "10",
+            "to",
+            "127.0.0.1",
+            "lookup",
+            "100",
+        ],
+        &["ip", "rule", "del", "pref", "0", "lookup", "local"],
+        &["ip", "rule", "add", "pref", "20", "lookup", "local"],
+    ] {
+        web.netns.exec(argv)?;
+    }
+    let route = web.netns.ip(&["route", "get", "127.0.0.1"])?;
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    ensure!(
+        route.contains(&format!("via {gateway}")),
+        "web does not send 127.0.0.1 to its gateway: the test would prove nothing: {route}"
+    );
+    web.netns.exec(&[
+        "sh",
+        "-c",
+        &format!("echo from web | nc -u -w 1 127.0.0.1 {port}"),
+    ])?;
+    host.exec(&[
+        "sh",
+        "-c",
+        &format!("echo the host | nc -u -w 1 127.0.0.1 {port}"),
+    ])?;
+    let mut got = String::new();
+    wait_until(Duration::from_secs(10), || {
+        got = server.stdout()?;
+        Ok(got.contains("the host"))
+    })
+    .with_context(|| format!("the host's own datagram did not arrive: {got}"))?;
+    ensure!(
+        !got.contains("from web"),
+        "a container reached a service on the host's loopback:\n{got}"
+    );
+    world.stop()
+}
+
 /// `--ipam-driver ovl` on a network of another driver: Docker asks for the
 /// pool before it says which driver the network is for, so the network is
 /// made; but a container on it is refused saying that ovl's IPAM serves
