@@ -546,7 +546,7 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) -> Re
     // A FORWARD policy of DROP (dockerd's) must not drop what the host
     // forwards for ovl.
     if !endpoints.is_empty() {
-        host_firewall::ensure_logged();
+        host_firewall::ensure_logged(underlay);
     }
     Ok(())
 }

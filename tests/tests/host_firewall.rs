@@ -92,11 +92,16 @@ fn a_forward_policy_of_drop_keeps_egress_and_published_ports_working() -> Result
         )
     })?;
 
-    // One rule of ovl's, after the policy's own rules (none here).
+    // ovl's rules, after the policy's own rules (none here): into its
+    // veths, out of them on accepted connections, egress out of eth0.
     let rules = forward_rules(host_a)?;
-    let ours: Vec<&str> = rules.lines().filter(|l| l.contains("ovl:")).collect();
+    let ours: Vec<&str> = rules.lines().filter(|l| l.contains("ovl-")).collect();
     ensure!(
-        ours.len() == 1 && ours[0].contains("0x6f000000/0xff000000") && ours[0].contains("ACCEPT"),
+        ours.len() == 3
+            && ours
+                .iter()
+                .all(|r| r.contains("0x6f000000/0xff000000") && r.contains("ACCEPT"))
+            && ours.iter().any(|r| r.contains("-o eth0")),
         "FORWARD holds {} rule(s) of ovl's:\n{rules}",
         ours.len()
     );
@@ -245,5 +250,121 @@ fn a_dockerd_started_after_ovl_switched_forwarding_on_keeps_its_bridge_working()
         got.as_ref().is_ok_and(|o| o.contains("3 packets received")),
         "after ovl detach a container on Docker's bridge could not ping {router}: {got:?}"
     );
+    world.stop()
+}
+
+/// What a TCP connection from a container of `dockerd` on `network` to
+/// `addr`:80 got (busybox's nc, an HTTP request for /index.html).
+fn docker_fetch(dockerd: &Dockerd, network: &str, addr: Ipv4Addr) -> Result<String> {
+    let request =
+        format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {addr} 80");
+    let out = dockerd.docker_unchecked(&[
+        "run",
+        "--rm",
+        "--network",
+        network,
+        BUSYBOX_IMAGE,
+        "sh",
+        "-c",
+        &request,
+    ])?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Docker keeps its networks apart on a host (what one bridge sends into
+/// another is dropped), and Docker's own overlay containers reach other
+/// networks only through docker_gwbridge, isolated the same way. ovl's
+/// containers must not get past that isolation: the host forwards their
+/// external egress and published ports, not their connections into
+/// Docker's bridges.
+#[test]
+fn a_container_on_an_ovl_network_cannot_reach_dockers_bridge_networks() -> Result<()> {
+    let lab = Lab::new("fw-isolate")?;
+    let world = DockerCluster::start(
+        &lab,
+        StoreKind::File,
+        1,
+        DockerdOptions {
+            firewall: true,
+            bridge: Some(DOCKER_BRIDGE),
+            ..DockerdOptions::default()
+        },
+    )?;
+    let dockerd = &world.dockerds[0];
+    let web = dockerd.run(&lab, "web", "bridge", &[])?;
+    world.docker(
+        0,
+        &[
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello from web > /www/index.html && httpd -p 80 -h /www",
+        ],
+    )?;
+    let web_ip = web.ip()?;
+    // Docker's baseline: its default bridge reaches web, another bridge
+    // network does not.
+    let got = docker_fetch(dockerd, "bridge", web_ip)?;
+    ensure!(
+        got.contains("hello from web"),
+        "web does not answer on Docker's bridge: {got:?}"
+    );
+    world.docker(
+        0,
+        &["network", "create", "--subnet", "198.19.254.0/24", "other"],
+    )?;
+    let got = docker_fetch(dockerd, "other", web_ip)?;
+    ensure!(
+        !got.contains("hello from web"),
+        "Docker does not isolate its networks here: the test would prove nothing"
+    );
+
+    world.docker(
+        0,
+        &[
+            "network",
+            "create",
+            "-d",
+            "ovl",
+            "--ipam-driver",
+            "ovl",
+            "--subnet",
+            "198.18.0.0/24",
+            NETWORK,
+        ],
+    )?;
+    // The container has its way out...
+    let router = world.hosts[0]
+        .gateway
+        .context("routed hosts have a gateway")?;
+    let out = world.docker(
+        0,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            NETWORK,
+            BUSYBOX_IMAGE,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            &router.to_string(),
+        ],
+    );
+    ensure!(
+        out.as_ref().is_ok_and(|o| o.contains("1 packets received")),
+        "a container on {NETWORK} could not ping {router}: {out:?}"
+    );
+    // ...but not into Docker's bridge.
+    let got = docker_fetch(dockerd, NETWORK, web_ip)?;
+    ensure!(
+        !got.contains("hello from web"),
+        "a container on {NETWORK} reached {web_ip} on Docker's bridge: {got:?}; FORWARD:\n{}",
+        forward_rules(&world.hosts[0].netns).unwrap_or_default()
+    );
+    world.docker(0, &["network", "rm", NETWORK])?;
     world.stop()
 }
