@@ -40,10 +40,6 @@ const INTO_CONTAINERS: &str = "ovl-into-containers";
 const FROM_CONTAINERS: &str = "ovl-from-containers";
 const EGRESS: &str = "ovl-egress";
 
-/// The single rule of an earlier agent, accepting everything ovl marked:
-/// taken away where found.
-const FORMER_COMMENT: &str = "ovl: forward its networks' external egress and published ports";
-
 fn mark() -> String {
     format!("{EGRESS_MARK_BASE:#x}/{EGRESS_MARK_MASK:#x}")
 }
@@ -69,21 +65,6 @@ fn rules(underlay: &str) -> Vec<Vec<String>> {
     .iter()
     .map(|rule| rule.split_whitespace().map(str::to_owned).collect())
     .collect()
-}
-
-fn former_rule() -> Vec<String> {
-    strings(&[
-        "-m",
-        "mark",
-        "--mark",
-        &mark(),
-        "-m",
-        "comment",
-        "--comment",
-        FORMER_COMMENT,
-        "-j",
-        "ACCEPT",
-    ])
 }
 
 /// Runs `iptables -w 5 <op> FORWARD <rule>`; `None` when there is no
@@ -155,7 +136,7 @@ fn egress_elsewhere(rule: &[String], underlay: &str) -> bool {
 }
 
 /// Appends the rules for `underlay` the chain lacks, and deletes ovl's
-/// rules for another underlay (or of an earlier agent).
+/// rules for another underlay.
 pub fn ensure(underlay: &str) -> Result<()> {
     let want = rules(underlay);
     let mut added = 0;
@@ -178,9 +159,6 @@ pub fn ensure(underlay: &str) -> Result<()> {
     if added > 0 {
         for stale in listed()?.iter().filter(|r| egress_elsewhere(r, underlay)) {
             delete(stale)?;
-        }
-        while present(&former_rule())? == Some(true) {
-            delete(&former_rule())?;
         }
         log::info!(
             "appended to the host firewall's {CHAIN} chain {added} rule(s) accepting what ovl \
@@ -223,10 +201,6 @@ pub fn remove() -> Result<Option<String>> {
     let mut removed = 0;
     for rule in listed()? {
         delete(&rule)?;
-        removed += 1;
-    }
-    while present(&former_rule())? == Some(true) {
-        delete(&former_rule())?;
         removed += 1;
     }
     Ok((removed > 0)
