@@ -16,7 +16,7 @@ use std::{
         Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use etcd_client::{Client, ConnectOptions};
@@ -41,6 +41,19 @@ pub struct Members {
     current: Mutex<Current>,
     /// A member said it had no leader since [`take_election`](Self::take_election) last looked.
     election: AtomicBool,
+    /// When a move to another member was last logged at info.
+    said: Mutex<Option<Instant>>,
+}
+
+/// Whether nothing was said (`said`) for `quiet`; if so, records now.
+fn quiet_since(said: &Mutex<Option<Instant>>, quiet: Duration) -> bool {
+    let mut said = said.lock().expect("members lock");
+    let now = Instant::now();
+    if said.is_some_and(|at| now.duration_since(at) < quiet) {
+        return false;
+    }
+    *said = Some(now);
+    true
 }
 
 struct Current {
@@ -80,6 +93,7 @@ impl Members {
                         options,
                         current: Mutex::new(Current { index, client }),
                         election: AtomicBool::new(false),
+                        said: Mutex::new(None),
                     });
                 }
                 Err(e) if unavailable(&e) || matches!(e, etcd_client::Error::Internal(_)) => {
@@ -135,6 +149,9 @@ impl Members {
     /// no-op when another request moved on already, or when the URL names
     /// one member.
     pub async fn fail_over(&self, from: usize) {
+        if self.current.lock().expect("members lock").index != from {
+            return;
+        }
         let n = self.endpoints.len();
         for step in 1..n {
             let next = (from + step) % n;
@@ -147,7 +164,15 @@ impl Members {
             };
             let mut current = self.current.lock().expect("members lock");
             if current.index == from {
-                log::info!(
+                // Said once a minute at most: while the cluster has no
+                // quorum every member fails in turn, twice a second.
+                let level = if quiet_since(&self.said, Duration::from_secs(60)) {
+                    log::Level::Info
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(
+                    level,
                     "etcd member {} failed a request; talking to {} now",
                     self.endpoint(from),
                     self.endpoint(next)
