@@ -1279,19 +1279,27 @@ fn egress_routes_to_another_subnet_rewriting_macs_and_decrementing_ttl() -> Resu
 #[test]
 fn egress_answers_ttl_1_at_the_gateway_with_time_exceeded() -> Result<()> {
     let f = fixture("gold-ttl")?;
-    let input = echo_ttl(C1, D1, GW_MAC, 1, 56);
-    let (action, out) = egress(&f, &input, |c| {
-        c.drops[DropReason::TtlExceeded as usize] += 1
-    })?;
-    ensure!(action == TC_ACT_REDIRECT, "action {action}");
-    let want = icmp_error(GATEWAY, C1, [11, 0], [0; 4], &input);
+    answers_time_exceeded(&f, "TTL 1", &echo_ttl(C1, D1, GW_MAC, 1, 56))
+}
+
+/// Sends `input` (TTL 1 through the gateway) through C1's egress, which
+/// must answer it with ICMP time exceeded from the gateway quoting it,
+/// with a checksum that verifies, counted `ttl_exceeded`.
+fn answers_time_exceeded(f: &Fixture, what: &str, input: &[u8]) -> Result<()> {
+    let (action, out) = egress(f, input, |c| c.drops[DropReason::TtlExceeded as usize] += 1)
+        .with_context(|| what.to_owned())?;
+    ensure!(action == TC_ACT_REDIRECT, "{what}: action {action}");
+    let want = icmp_error(GATEWAY, C1, [11, 0], [0; 4], input);
     ensure!(
         out == want,
-        "time exceeded\n{}\nwant\n{}",
+        "{what}: time exceeded\n{}\nwant\n{}",
         hex(&out),
         hex(&want)
     );
-    ensure!(checksum(&out[34..]) == 0, "ICMP checksum does not verify");
+    ensure!(
+        checksum(&out[34..]) == 0,
+        "{what}: ICMP checksum does not verify"
+    );
     Ok(())
 }
 
@@ -1307,18 +1315,7 @@ fn the_gateway_answers_packets_with_ipv4_options_quoting_them_whole() -> Result<
     // 12 bytes of options, IHL 8.
     let options = [7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     let ttl_1 = with_ipv4_options(&echo_ttl(C1, D1, GW_MAC, 1, 56), &options);
-    let (action, out) = egress(&f, &ttl_1, |c| {
-        c.drops[DropReason::TtlExceeded as usize] += 1
-    })?;
-    ensure!(action == TC_ACT_REDIRECT, "TTL 1: action {action}");
-    let want = icmp_error(GATEWAY, C1, [11, 0], [0; 4], &ttl_1);
-    ensure!(
-        out == want,
-        "time exceeded\n{}\nwant\n{}",
-        hex(&out),
-        hex(&want)
-    );
-    ensure!(checksum(&out[34..]) == 0, "ICMP checksum does not verify");
+    answers_time_exceeded(&f, "TTL 1 with options", &ttl_1)?;
     // Too big for the underlay, with DF: 1476 bytes of IPv4 with its 12 of
     // options, 1526 once encapsulated.
     let big = with_ipv4_options(&echo_ttl(C1, C2, mac_of(C2), 64, 1464 - 28), &options);

@@ -30,6 +30,12 @@ fn world(lab: &Lab, extra: &[&str]) -> Result<(TwoHosts, Netns, Ipv4Addr)> {
     Ok((world, c1, ip1))
 }
 
+/// Whether one echo request from `c` to the server beyond the router is
+/// answered (within 1 s): the container's way out works.
+fn reaches_server(c: &Netns) -> Result<bool> {
+    Ok(ping(c, SERVER, 1, &["-W", "1"])?.all_received())
+}
+
 /// IPv4 forwarding on the underlay of host `host`: "1" or "0".
 fn underlay_forwarding(host: &Netns) -> Result<String> {
     let out = host.exec(&["sysctl", "-n", "net.ipv4.conf.eth0.forwarding"])?;
@@ -170,10 +176,8 @@ fn a_container_reaches_the_underlay_masqueraded_and_leaves_no_translation_behind
     let lab = Lab::new("egress")?;
     let (world, c1, ip1) = world(&lab, &[])?;
     let host_a = &world.hosts[0].netns;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
-    })
-    .context("the container never reached the router")?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c1))
+        .context("the container never reached the router")?;
 
     let server = start_server(&lab, &world)?;
     let got = fetch(&c1)?;
@@ -259,10 +263,8 @@ fn a_packet_conntrack_takes_for_invalid_never_leaves_untranslated() -> Result<()
     let lab = Lab::new("egress-inv")?;
     let (world, c1, _ip1) = world(&lab, &[])?;
     let host_a = &world.hosts[0].netns;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
-    })
-    .context("the container never reached the router")?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c1))
+        .context("the container never reached the router")?;
     let dropped_before = invalid_dropped(host_a)?;
     let before = world.counters(0, NETWORK)?;
     // In order on one path: had the invalid segment left, it would be the
@@ -342,9 +344,7 @@ fn egress_survives_the_agent_and_ovl_detach_removes_it() -> Result<()> {
     let lab = Lab::new("egress-dt")?;
     let (mut world, c1, _ip1) = world(&lab, &[])?;
     let host_a = world.hosts[0].netns.clone();
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
-    })?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c1))?;
     let forwarding = || underlay_forwarding(&host_a);
     ensure!(
         forwarding()? == "1",
@@ -452,9 +452,7 @@ fn a_table_an_operator_flushed_comes_back_with_its_guard() -> Result<()> {
     let lab = Lab::new("egress-flush")?;
     let (mut world, c1, _ip1) = world(&lab, &[])?;
     let host_a = world.hosts[0].netns.clone();
-    let reached =
-        |c: &Netns| -> Result<bool> { Ok(ping(c, SERVER, 1, &["-W", "1"])?.all_received()) };
-    wait_until(Duration::from_secs(10), || reached(&c1))?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c1))?;
     ensure!(
         underlay_forwarding(&host_a)? == "1" && guarded_table(&host_a)?,
         "the agent did not switch forwarding on behind its guard"
@@ -462,7 +460,7 @@ fn a_table_an_operator_flushed_comes_back_with_its_guard() -> Result<()> {
 
     // Nothing comes or goes: only the agent's own look brings it back.
     host_a.exec(&["nft", "flush", "ruleset"])?;
-    wait_until(Duration::from_secs(30), || reached(&c1)).with_context(|| {
+    wait_until(Duration::from_secs(30), || reaches_server(&c1)).with_context(|| {
         format!(
             "no way out after the flush:
 {}",
@@ -480,7 +478,7 @@ fn a_table_an_operator_flushed_comes_back_with_its_guard() -> Result<()> {
     // guarded too.
     host_a.exec(&["nft", "flush", "ruleset"])?;
     let (c2, _) = world.container(&lab, 0, NETWORK, "c2")?;
-    wait_until(Duration::from_secs(10), || reached(&c2))?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c2))?;
     ensure!(
         guarded_table(&host_a)?,
         "the table a new container brought back has no guard: eth0 forwards whatever arrives"
@@ -521,9 +519,7 @@ fn delete_rule(world: &TwoHosts) -> Result<u64> {
 fn detach_removes_a_return_table_whose_rule_is_gone() -> Result<()> {
     let lab = Lab::new("egress-dtrt")?;
     let (mut world, c1, ip1) = world(&lab, &[])?;
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
-    })?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c1))?;
     world.terminate_agent(0)?;
     delete_rule(&world)?;
     world.run(0, &["detach", "eth0"])?;
@@ -545,9 +541,7 @@ fn detach_removes_egress_after_the_underlay_is_gone() -> Result<()> {
     let lab = Lab::new("egress-dtgone")?;
     let (mut world, c1, ip1) = world(&lab, &[])?;
     let host_a = world.hosts[0].netns.clone();
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
-    })?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c1))?;
     world.terminate_agent(0)?;
     host_a.ip(&["link", "del", "eth0"])?;
     let out = world.run(0, &["detach", "eth0"])?;
@@ -576,7 +570,7 @@ fn a_rule_someone_deleted_comes_back() -> Result<()> {
     let lab = Lab::new("egress-rule")?;
     let (world, c1, _ip1) = world(&lab, &[])?;
     let host_a = world.hosts[0].netns.clone();
-    let reached = || -> Result<bool> { Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received()) };
+    let reached = || reaches_server(&c1);
     wait_until(Duration::from_secs(10), reached)?;
     let mark = delete_rule(&world)?;
     let rule = format!("fwmark {mark:#x} lookup {mark}");
@@ -599,7 +593,7 @@ fn forwarding_switched_off_everywhere_comes_back_on_the_veths() -> Result<()> {
     let lab = Lab::new("egress-ipfwd")?;
     let (world, c1, _ip1) = world(&lab, &[])?;
     let host_a = world.hosts[0].netns.clone();
-    let reached = || -> Result<bool> { Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received()) };
+    let reached = || reaches_server(&c1);
     wait_until(Duration::from_secs(10), reached)?;
     let veth = world.host_end(0, NETWORK, &c1)?;
     let veth_forwarding = || -> Result<String> {
@@ -716,9 +710,7 @@ fn an_address_taken_over_while_no_agent_ran_does_not_inherit_translations() -> R
     let lab = Lab::new("egress-reuse")?;
     let (mut world, c1, ip1) = world(&lab, &[])?;
     let host_a = world.hosts[0].clone();
-    wait_until(Duration::from_secs(10), || {
-        Ok(ping(&c1, SERVER, 1, &["-W", "1"])?.all_received())
-    })?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c1))?;
     let server = start_server(&lab, &world)?;
     ensure!(
         fetch(&c1)?.contains(GREETING),

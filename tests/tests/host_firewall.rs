@@ -119,20 +119,27 @@ fn a_forward_policy_of_drop_keeps_egress_and_published_ports_working() -> Result
     world.stop()
 }
 
+/// One host whose dockerd runs on its default firewall, with Docker's
+/// bridge at `bridge` (`--bip`) or none, and ovl's agent.
+fn docker_host(lab: &Lab, bridge: Option<&'static str>) -> Result<DockerCluster> {
+    DockerCluster::start(
+        lab,
+        StoreKind::File,
+        1,
+        DockerdOptions {
+            firewall: true,
+            bridge,
+            ..DockerdOptions::default()
+        },
+    )
+}
+
 /// The same with a real dockerd on its defaults, which sets the policy
 /// itself: a container Docker runs on an ovl network reaches the router.
 #[test]
 fn a_container_docker_runs_on_its_default_firewall_has_its_way_out() -> Result<()> {
     let lab = Lab::new("fw-docker")?;
-    let world = DockerCluster::start(
-        &lab,
-        StoreKind::File,
-        1,
-        DockerdOptions {
-            firewall: true,
-            ..DockerdOptions::default()
-        },
-    )?;
+    let world = docker_host(&lab, None)?;
     let host = &world.hosts[0].netns;
     let rules = forward_rules(host)?;
     ensure!(
@@ -267,16 +274,7 @@ fn docker_fetch(dockerd: &Dockerd, network: &str, addr: Ipv4Addr) -> Result<Stri
 #[test]
 fn a_container_on_an_ovl_network_cannot_reach_dockers_bridge_networks() -> Result<()> {
     let lab = Lab::new("fw-isolate")?;
-    let world = DockerCluster::start(
-        &lab,
-        StoreKind::File,
-        1,
-        DockerdOptions {
-            firewall: true,
-            bridge: Some(DOCKER_BRIDGE),
-            ..DockerdOptions::default()
-        },
-    )?;
+    let world = docker_host(&lab, Some(DOCKER_BRIDGE))?;
     let dockerd = &world.dockerds[0];
     let web = dockerd.run(&lab, "web", "bridge", &[])?;
     world.docker(

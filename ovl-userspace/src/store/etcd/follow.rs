@@ -115,11 +115,11 @@ impl EtcdStore {
                 // The member went away (or cancelled the stream): the
                 // watch starts again on the next one.
                 Ok(None) => {
-                    self.fail_over(c.member).await;
+                    self.members.fail_over(c.member).await;
                     return Err(broken(self.members.naming(c.member, "watch stream ended")));
                 }
                 Err(e) => {
-                    self.fail_over(c.member).await;
+                    self.members.fail_over(c.member).await;
                     let what = self.members.naming(c.member, "watch");
                     return Err(broken(format!("{what}: {e}")));
                 }

@@ -38,6 +38,8 @@ pub struct Members {
     /// `http(s)://HOST:PORT` of each member, in the URL's order.
     endpoints: Vec<String>,
     options: ConnectOptions,
+    /// Bound on connecting to a member (a login is a request).
+    timeout: Duration,
     current: Mutex<Current>,
     /// A member said it had no leader since [`take_election`](Self::take_election) last looked.
     election: AtomicBool,
@@ -80,17 +82,12 @@ impl Members {
         let mut last = None;
         for step in 0..n {
             let index = (start + step) % n;
-            let connected = tokio::time::timeout(
-                timeout,
-                Client::connect([&endpoints[index]], Some(options.clone())),
-            )
-            .await
-            .unwrap_or_else(|_| Err(etcd_client::Error::Internal("connect timed out".into())));
-            match connected {
+            match connect_member(&endpoints[index], &options, timeout).await {
                 Ok(client) => {
                     return Ok(Members {
                         endpoints,
                         options,
+                        timeout,
                         current: Mutex::new(Current { index, client }),
                         election: AtomicBool::new(false),
                         said: Mutex::new(None),
@@ -158,7 +155,7 @@ impl Members {
             // Lazy: without a login this makes no connection, and a dead
             // member is found by the request that goes there next.
             let Ok(client) =
-                Client::connect([&self.endpoints[next]], Some(self.options.clone())).await
+                connect_member(&self.endpoints[next], &self.options, self.timeout).await
             else {
                 continue;
             };
@@ -186,6 +183,18 @@ impl Members {
             return;
         }
     }
+}
+
+/// A client of the member at `endpoint`, within `timeout` (a timeout is an
+/// `Internal` error, as no request of etcd's failed).
+async fn connect_member(
+    endpoint: &str,
+    options: &ConnectOptions,
+    timeout: Duration,
+) -> Result<Client, etcd_client::Error> {
+    tokio::time::timeout(timeout, Client::connect([endpoint], Some(options.clone())))
+        .await
+        .unwrap_or_else(|_| Err(etcd_client::Error::Internal("connect timed out".into())))
 }
 
 /// A client of one member, which a failed request of it names to

@@ -307,11 +307,6 @@ impl EtcdStore {
         }
     }
 
-    /// Leaves member `member` for the next one: a stream of it broke.
-    async fn fail_over(&self, member: usize) {
-        self.members.fail_over(member).await;
-    }
-
     async fn ensure_schema(&self) -> Result<(), StoreError> {
         let mut c = self.client();
         let txn = Txn::new()
