@@ -84,11 +84,12 @@ fn present(rule: &[String]) -> Result<Option<bool>> {
     Ok(iptables("-C", rule)?.map(|out| out.status.success()))
 }
 
-fn delete(rule: &[String]) -> Result<()> {
-    let out = iptables("-D", rule)?.context("iptables went away")?;
+/// Runs `iptables <op> FORWARD <rule>` (`-A`, `-D`), which must succeed.
+fn change(op: &str, rule: &[String]) -> Result<()> {
+    let out = iptables(op, rule)?.context("iptables went away")?;
     if !out.status.success() {
         bail!(
-            "iptables -D {CHAIN} {}: {}",
+            "iptables {op} {CHAIN} {}: {}",
             rule.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -146,19 +147,12 @@ pub fn ensure(underlay: &str) -> Result<()> {
             Some(true) => continue,
             Some(false) => {}
         }
-        let out = iptables("-A", rule)?.context("iptables went away")?;
-        if !out.status.success() {
-            bail!(
-                "iptables -A {CHAIN} {}: {}",
-                rule.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        change("-A", rule)?;
         added += 1;
     }
     if added > 0 {
         for stale in listed()?.iter().filter(|r| egress_elsewhere(r, underlay)) {
-            delete(stale)?;
+            change("-D", stale)?;
         }
         log::info!(
             "appended to the host firewall's {CHAIN} chain {added} rule(s) accepting what ovl \
@@ -200,7 +194,7 @@ pub fn ensure_logged(underlay: &str) {
 pub fn remove() -> Result<Option<String>> {
     let mut removed = 0;
     for rule in listed()? {
-        delete(&rule)?;
+        change("-D", &rule)?;
         removed += 1;
     }
     Ok((removed > 0)
