@@ -468,6 +468,27 @@ fn a_store_file_moved_aside_keeps_the_data_path_until_a_change_writes_it_anew() 
     .to_owned();
     std::fs::rename(dir.join("state.json"), dir.join("moved-aside.json"))?;
 
+    // A readiness wait makes an agent read the store at once rather than
+    // at its follower's next look: a missing file is no empty store there
+    // either. (One `ovl connect` waiting as the file went took every
+    // network off its node's maps.)
+    for (i, node) in TwoHosts::NODES.iter().take(2).enumerate() {
+        let socket = world.ovl.api_socket(node).display().to_string();
+        let out = world.hosts[i].netns.exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--unix-socket",
+            &socket,
+            "http://ovl/v1/endpoints/ready?network=none&ip=198.18.0.99&timeout_ms=300",
+        ])?;
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).contains(r#""ready":false"#),
+            "{node}'s readiness answer: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     // Several of the agents' looks at the file later (one each 200 ms).
     std::thread::sleep(Duration::from_secs(2));
     let r = ping(&pair.c1, pair.ip2, 3, &["-i", "0.2", "-W", "1"])?;

@@ -197,6 +197,12 @@ impl FileStore {
         self.read()
     }
 
+    /// The current state, `None` when there is no file (a store never
+    /// written, or its file moved aside).
+    pub fn load_present(&self) -> Result<Option<State>, StoreError> {
+        self.read_file()
+    }
+
     /// Applies `change` under the lock and commits it atomically.
     pub fn update(
         &self,
@@ -411,6 +417,13 @@ mod tests {
         // Several polls later, the state is what it was.
         tokio::time::sleep(POLL * 4).await;
         assert!(!rx.has_changed().unwrap(), "{:?}", rx.borrow().state);
+        // A reader that held a state (an agent asked to read now) keeps
+        // it too; one that held none finds an empty store.
+        let reader = crate::store::Store::File(FileStore::new(dir));
+        let kept = reader.load_keeping(mine.as_ref()).await.unwrap();
+        assert_eq!(kept.revision, 1);
+        assert!(kept.networks.contains_key("a"), "{kept:?}");
+        assert_eq!(reader.load_keeping(None).await.unwrap().revision, 0);
         // A change writes the file anew (the store as it now is): followed.
         create(&store, "b").unwrap();
         tokio::time::timeout(Duration::from_secs(10), rx.changed())

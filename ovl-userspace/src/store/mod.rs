@@ -252,13 +252,20 @@ impl Store {
         self.load_in(Scope::All).await
     }
 
-    /// The current state, all of it, for a reader that held `last`: a
-    /// value that cannot be read keeps what `last` held for it, as it
-    /// does for a follower ([`subscribe`](Self::subscribe)). (The file
-    /// store is read whole or not at all.)
+    /// The current state, all of it, for a reader that held `last`: what
+    /// cannot be read keeps what `last` held for it, as it does for a
+    /// follower ([`subscribe`](Self::subscribe)). In etcd that is a value;
+    /// the file store is read whole or not at all, and a file gone (moved
+    /// aside or deleted by hand: ovl never removes it) is no empty store
+    /// until a change writes it anew.
     pub async fn load_keeping(&self, last: Option<&State>) -> Result<State, StoreError> {
         match (self, last) {
             (Store::Etcd(e), Some(last)) => e.list_keeping(last).await,
+            (Store::File(f), Some(last)) => match blocking(|| f.load_present())? {
+                Some(state) => Ok(state),
+                None if last.revision > 0 => Ok(last.clone()),
+                None => Ok(State::default()),
+            },
             _ => self.load().await,
         }
     }
