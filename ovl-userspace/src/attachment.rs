@@ -413,6 +413,10 @@ async fn register_replacing(
                 mac: req.mac,
                 attacher,
             })?;
+            // Last, once the store found the ports free of ovl's own: a
+            // socket of this host's (front ends run in the node's own
+            // namespace) would lose its clients to the container.
+            crate::ports::check_free_on_host(&req.ports)?;
             let ep = if aliases.is_empty() {
                 ep
             } else {

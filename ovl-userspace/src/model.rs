@@ -265,6 +265,8 @@ pub enum ModelError {
         node: String,
         what: &'static str,
     },
+    #[error(transparent)]
+    HostPortInUse(#[from] crate::ports::HostPortInUse),
     #[error(
         "{port} is already published on node {node:?} by {holder} ({ip} on network {network:?}); pick another host port, or disconnect that endpoint first"
     )]

@@ -205,12 +205,91 @@ pub fn validate(ports: &[PublishedPort]) -> Result<(), PortError> {
     Ok(())
 }
 
+/// A host port a socket of the node already serves: its rule would take
+/// that server's clients from outside (and from the host itself, on
+/// `127.0.0.1`) to the container — an `sshd` on 22, a `docker-proxy` of
+/// Docker's own bridge.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "{port} cannot be published: a socket on this host already serves {protocol} port {host_port}{on} (`ss -lntup 'sport = :{host_port}'` names its process), and the container would take its clients; stop that server or publish another host port",
+    protocol = port.protocol,
+    host_port = port.host_port,
+    on = port.host_ip.map(|ip| format!(" on {ip}")).unwrap_or_default()
+)]
+pub struct HostPortInUse {
+    pub port: PublishedPort,
+}
+
+/// Refuses the first of `ports` a socket of this host (the caller's
+/// namespace) already serves, found as a server starting on it would
+/// find it: by binding a socket of its protocol to its address and port.
+/// TCP binds with `SO_REUSEADDR`, so only a listener (or a socket bound
+/// without it) is in the way, not connections that linger closed; UDP
+/// binds without, as any socket bound there takes its datagrams. Another
+/// error than `EADDRINUSE` says nothing about the port: it passes.
+pub fn check_free_on_host(ports: &[PublishedPort]) -> Result<(), HostPortInUse> {
+    use socket2::{Domain, Socket, Type};
+    for p in ports {
+        let addr =
+            std::net::SocketAddrV4::new(p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), p.host_port);
+        let socket = match p.protocol {
+            Protocol::Tcp => Socket::new(Domain::IPV4, Type::STREAM, None)
+                .and_then(|s| s.set_reuse_address(true).map(|()| s)),
+            Protocol::Udp => Socket::new(Domain::IPV4, Type::DGRAM, None),
+        };
+        let bound = socket.and_then(|s| s.bind(&addr.into()));
+        if let Err(e) = bound {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                return Err(HostPortInUse { port: *p });
+            }
+            log::debug!("cannot look whether {p} is in use on this host: {e}");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn port(s: &str) -> PublishedPort {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_port_a_host_socket_serves_is_refused_and_free_once_it_closes() {
+        use std::net::{TcpListener, TcpStream, UdpSocket};
+        let every = |protocol, host_port| PublishedPort {
+            protocol,
+            host_ip: None,
+            host_port,
+            container_port: 80,
+        };
+        // A listener on every address, on one address, dual-stack IPv6.
+        for at in ["0.0.0.0:0", "127.0.0.1:0", "[::]:0"] {
+            let server = TcpListener::bind(at).unwrap();
+            let port = every(Protocol::Tcp, server.local_addr().unwrap().port());
+            let err = check_free_on_host(&[port]).unwrap_err();
+            assert_eq!(err, HostPortInUse { port }, "{at}");
+            assert!(err.to_string().contains("ss -lntup"), "{err}");
+            // The same port number over UDP is another port.
+            check_free_on_host(&[every(Protocol::Udp, port.host_port)]).unwrap();
+        }
+        let server = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = every(Protocol::Udp, server.local_addr().unwrap().port());
+        assert!(check_free_on_host(&[port]).is_err());
+        drop(server);
+        check_free_on_host(&[port]).unwrap();
+        // A server gone whose connection lingers closed (TIME_WAIT on the
+        // side that closed first): free, as for a server starting anew.
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let (accepted, _) = server.accept().unwrap();
+        drop(accepted);
+        drop(server);
+        drop(client);
+        check_free_on_host(&[every(Protocol::Tcp, addr.port())]).unwrap();
     }
 
     #[test]

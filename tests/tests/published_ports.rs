@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ovl_tests::{ChildHandle, Lab, Netns, TwoHosts, wait_until};
+use ovl_tests::{ChildHandle, Lab, Netns, Signal, TwoHosts, wait_until};
 
 const NETWORK: &str = "web";
 /// Host A's underlay address: where the ports are published.
@@ -692,6 +692,70 @@ fn the_overlays_own_udp_ports_are_not_published() -> Result<()> {
         ovl_table(&host_a)? == table,
         "a refused connect changed nft"
     );
+    world.stop()
+}
+
+/// A host port a server of the host itself listens on (an `sshd`, a
+/// `docker-proxy` of Docker's bridge) is not published: its rule would
+/// hand that server's clients to the container. Refused at connect,
+/// naming how to find the server, changing nothing; the server keeps its
+/// clients; once it stops, the port is published.
+#[test]
+fn a_port_a_host_server_listens_on_is_not_taken_from_it() -> Result<()> {
+    let lab = Lab::new("publishedhost")?;
+    let world = TwoHosts::start(&lab, "auto")?;
+    let (host_a, host_b) = (&world.hosts[0].netns.clone(), &world.hosts[1].netns.clone());
+    world
+        .ovl
+        .create_network(host_a, NETWORK, "198.18.0.0/24", &[])?;
+    // A container already publishing: the table to compare exists.
+    let c0 = lab.container("c0")?;
+    world.run(0, &["connect", NETWORK, c0.name(), "--publish", "8080:80"])?;
+    let host_tcp = tcp_server(&lab, host_a, 2222, "hello from host A")?;
+    let host_udp = udp_server(&lab, host_a, Ipv4Addr::UNSPECIFIED, 5300)?;
+    let c1 = lab.container("c1")?;
+    let table = ovl_table(host_a)?;
+    let endpoints = world.run(0, &["endpoint", "ls", "--json"])?;
+    for (port, served) in [
+        ("2222:22", "tcp port 2222"),
+        (&format!("{HOST_A}:2222:22"), "tcp port 2222 on 192.0.2.10"),
+        ("5300:53/udp", "udp port 5300"),
+    ] {
+        let err = world.refused(0, &["connect", NETWORK, c1.name(), "--publish", port])?;
+        ensure!(
+            err.contains(&format!("already serves {served}")) && err.contains("ss -lntup"),
+            "--publish {port} was not refused for the host's server: {err}"
+        );
+    }
+    ensure!(
+        world.run(0, &["endpoint", "ls", "--json"])? == endpoints,
+        "a refused connect changed the store"
+    );
+    ensure!(ovl_table(host_a)? == table, "a refused connect changed nft");
+    let got = fetch(host_b, HOST_A, 2222)?;
+    ensure!(
+        got.contains("hello from host A"),
+        "host B got {got:?} from host A's own server"
+    );
+    let answer = udp_exchange(host_b, HOST_A, 5300)?;
+    ensure!(
+        answer.contains("pong ping"),
+        "host A's own UDP server answered {answer:?}"
+    );
+
+    // The server gone, the port is the container's.
+    for server in [host_tcp, host_udp] {
+        server.signal(Signal::Kill)?;
+        server.wait_timeout(Duration::from_secs(10))?;
+    }
+    world.run(0, &["connect", NETWORK, c1.name(), "--publish", "2222:22"])?;
+    let _web = tcp_server(&lab, &c1, 22, "hello from c1")?;
+    let mut got = String::new();
+    wait_until(Duration::from_secs(10), || {
+        got = fetch(host_b, HOST_A, 2222)?;
+        Ok(got.contains("hello from c1"))
+    })
+    .with_context(|| format!("host B got {got:?} from {HOST_A}:2222"))?;
     world.stop()
 }
 

@@ -179,6 +179,7 @@ fn model_code(e: &ModelError) -> Code {
         ModelError::AlreadyConnected { .. } => Code::AlreadyOnNetwork,
         ModelError::Ipam(i) => ipam_code(i),
         ModelError::PortTaken { .. }
+        | ModelError::HostPortInUse(_)
         | ModelError::PortOfOverlay { .. }
         | ModelError::MacTaken { .. }
         | ModelError::AuxAddress { .. } => Code::AddressInUse,
