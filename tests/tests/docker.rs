@@ -2270,3 +2270,104 @@ fn a_docker_container_keeps_the_mac_address_it_is_run_with() -> Result<()> {
     world.agree(1, net)?;
     world.stop()
 }
+
+/// The IPv4 addresses of the interfaces in `c`, by interface name.
+fn addresses(c: &DockerContainer) -> Result<Vec<(String, Ipv4Addr)>> {
+    let out = c.netns.ip(&["-o", "-4", "addr", "show"])?;
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let (Some(dev), Some(at)) = (words.get(1), words.iter().position(|w| *w == "inet"))
+            && *dev != "lo"
+            && let Some(ip) = words.get(at + 1).and_then(|a| a.split('/').next())
+        {
+            found.push(((*dev).to_owned(), ip.parse()?));
+        }
+    }
+    Ok(found)
+}
+
+/// `docker network connect` and `disconnect` on a running container, as
+/// on Docker's overlay: a container on one ovl network joins a second
+/// (a new interface, its address from ovl, traffic to a container of that
+/// network on the other host), leaves the first (interface, endpoint and
+/// map entries gone, the second still carrying traffic), and a `docker
+/// restart` brings it back on the network it kept.
+#[test]
+fn a_running_container_joins_and_leaves_networks_with_docker_network_connect() -> Result<()> {
+    const SECOND: &str = "second-net";
+    let lab = Lab::new("dk-netconn")?;
+    let world = DockerCluster::start(&lab, StoreKind::File, 2, DockerdOptions::default())?;
+    create_network(&world, 0, NET, SUBNET)?;
+    create_network(&world, 0, SECOND, "198.18.8.0/24")?;
+    wait_listed(&world, 1, SECOND, true)?;
+    let peer = world.dockerds[1].run(&lab, "peer", SECOND, &[])?;
+    let peer_ip = peer.ip()?;
+    let mover = world.dockerds[0].run(&lab, "mover", NET, &[])?;
+    let first_ip = mover.ip()?;
+
+    world.docker(0, &["network", "connect", SECOND, "mover"])?;
+    let joined = addresses(&mover)?;
+    let second_ip = joined
+        .iter()
+        .find(|(_, ip)| ip.octets()[2] == 8)
+        .map(|(_, ip)| *ip)
+        .with_context(|| format!("mover has no address on {SECOND}: {joined:?}"))?;
+    ensure!(
+        joined.len() == 2 && joined.iter().any(|(_, ip)| *ip == first_ip),
+        "mover's interfaces after the connect: {joined:?}"
+    );
+    let r = ping(&mover.netns, peer_ip, 3, &["-i", "0.2", "-W", "2"])?;
+    ensure!(r.all_received(), "mover -> peer on {SECOND}:\n{}", r.output);
+    ensure!(
+        world.ovl_endpoints(0, SECOND)?.contains_key(&second_ip),
+        "ovl holds no endpoint {second_ip} on {SECOND}"
+    );
+    world.agree(0, SECOND)?;
+    world.agree(0, NET)?;
+
+    world.docker(0, &["network", "disconnect", NET, "mover"])?;
+    let left = addresses(&mover)?;
+    ensure!(
+        left.len() == 1 && left[0].1 == second_ip,
+        "mover's interfaces after the disconnect: {left:?}"
+    );
+    wait_until(RECONCILE_WITHIN, || {
+        Ok(!world.ovl_endpoints(0, NET)?.contains_key(&first_ip))
+    })
+    .with_context(|| format!("ovl still holds {first_ip} on {NET}"))?;
+    world.agree(0, NET)?;
+    let vni = vni_of(&world, NET)?;
+    ensure!(
+        !world
+            .ovl
+            .endpoint_map("host-a")?
+            .keys()
+            .any(|(v, ip)| u64::from(*v) == vni && *ip == first_ip),
+        "host A's endpoint map still holds {first_ip}"
+    );
+    let r = ping(&mover.netns, peer_ip, 3, &["-i", "0.2", "-W", "2"])?;
+    ensure!(
+        r.all_received(),
+        "mover -> peer after leaving {NET}:\n{}",
+        r.output
+    );
+
+    world.docker(0, &["restart", "-t", "0", "mover"])?;
+    let mover = world.dockerds[0].container(&lab, "mover")?;
+    let back = addresses(&mover)?;
+    ensure!(
+        back.len() == 1 && back[0].1.octets()[2] == 8,
+        "mover's interfaces after the restart: {back:?}"
+    );
+    let mut r = None;
+    wait_until(VISIBLE_WITHIN, || {
+        let got = ping(&mover.netns, peer_ip, 1, &["-W", "1"])?;
+        let ok = got.all_received();
+        r = Some(got);
+        Ok(ok)
+    })
+    .with_context(|| format!("mover -> peer after the restart: {r:?}"))?;
+    world.agree(0, SECOND)?;
+    world.stop()
+}
