@@ -15,6 +15,7 @@ pub mod dns;
 pub mod docker;
 pub mod egress_nat;
 pub mod exporter;
+pub mod files;
 pub mod host_firewall;
 pub mod http_server;
 pub mod ipam;

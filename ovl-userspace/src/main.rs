@@ -187,6 +187,10 @@ enum Command {
     /// Settings every node of the cluster shares.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Print a systemd template unit running the agent on an interface
+    /// (`ovl systemd-unit > /etc/systemd/system/ovl@.service; systemctl
+    /// enable --now ovl@eth0`), with this binary's path.
+    SystemdUnit,
 }
 
 #[derive(Subcommand)]
@@ -451,6 +455,10 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Cni(cmd) = &cli.command {
         return print(cni_command(cmd, &cli, &node, &api_socket)?);
     }
+    if let Command::SystemdUnit = &cli.command {
+        let exe = std::env::current_exe().context("find the path of this ovl binary")?;
+        return print(ovl_userspace::agent::service::unit(&exe)?);
+    }
     if let Command::Detach { iface } = &cli.command {
         return print(commands::detach(iface, &node, &cli.pin_root, &api_socket).await?);
     }
@@ -545,7 +553,8 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Status { .. }
         | Command::Detach { .. }
         | Command::Stats { .. }
-        | Command::Cni(_) => {
+        | Command::Cni(_)
+        | Command::SystemdUnit => {
             unreachable!("dispatched above")
         }
         Command::Endpoint(EndpointCmd::Add {

@@ -2371,3 +2371,58 @@ fn a_running_container_joins_and_leaves_networks_with_docker_network_connect() -
     world.agree(0, SECOND)?;
     world.stop()
 }
+
+/// A host's boot, as far as Docker and ovl see it: dockerd (no
+/// live-restore) stops its containers, and the agent stops too; the
+/// agent starts first, as its unit orders it (`Before=docker.service`:
+/// a dockerd that finds no plugin leaves the container stopped, "legacy
+/// plugin: ... no such file or directory"), then dockerd, which restarts
+/// the `--restart=always` container on the ovl network. The container is
+/// back on the network, reaches its peer on the other host, and Docker
+/// and ovl agree.
+#[test]
+fn a_restart_always_container_is_back_on_its_network_after_a_boot() -> Result<()> {
+    let lab = Lab::new("dk-boot")?;
+    let mut world = DockerCluster::start(&lab, StoreKind::File, 2, DockerdOptions::default())?;
+    create_network(&world, 0, NET, SUBNET)?;
+    wait_listed(&world, 1, NET, true)?;
+    let peer = world.dockerds[1].run(&lab, "peer", NET, &[])?;
+    let peer_ip = peer.ip()?;
+    let web = world.dockerds[0].run(&lab, "web", NET, &["--restart=always"])?;
+    let web_ip = web.ip()?;
+    let r = ping(&web.netns, peer_ip, 1, &["-W", "2"])?;
+    ensure!(r.all_received(), "web -> peer before:\n{}", r.output);
+
+    world.dockerds[0].stop()?;
+    world.stop_agent(0)?;
+    world.start_agent(&lab, 0)?;
+    world.dockerds[0].restart(&lab)?;
+
+    let mut running = String::new();
+    wait_until(Duration::from_secs(60), || {
+        running = world.docker(
+            0,
+            &[
+                "inspect",
+                "-f",
+                "{{.State.Running}} {{.RestartCount}} {{.State.Error}}",
+                "web",
+            ],
+        )?;
+        Ok(running.starts_with("true"))
+    })
+    .with_context(|| format!("web after the boot: {running}\n{}", world.dockerds[0].log()))?;
+    let web = world.dockerds[0].container(&lab, "web")?;
+    let mut r = None;
+    wait_until(RECONCILE_WITHIN, || {
+        let got = ping(&web.netns, peer_ip, 1, &["-W", "1"])?;
+        let ok = got.all_received();
+        r = Some(got);
+        Ok(ok)
+    })
+    .with_context(|| format!("web -> peer after the boot: {r:?}"))?;
+    eprintln!("web was {web_ip}, is {}", web.ip()?);
+    wait_until(RECONCILE_WITHIN, || Ok(world.agree(0, NET).is_ok()))
+        .with_context(|| format!("{:?}", world.agree(0, NET)))?;
+    world.stop()
+}

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use ovl_tests::{
-    AGENT_METRICS, BackgroundPing, Lab, Netns, Pair, TwoHosts, bpf, dump_endpoints, iperf3_server,
-    ping, upgrade_object, wait_until,
+    AGENT_METRICS, BackgroundPing, Lab, Netns, Ovl, Pair, TwoHosts, bpf, dump_endpoints,
+    iperf3_server, ping, upgrade_object, wait_until,
 };
 use serde_json::Value;
 
@@ -1113,4 +1113,102 @@ fn an_agent_moved_to_another_underlay_moves_the_forwarding_it_switched_on() -> R
         "`ovl detach eth1` left eth1 forwarding"
     );
     world.stop()
+}
+
+/// The next notification the agent sent to `socket`, as text.
+fn notification(socket: &std::os::unix::net::UnixDatagram) -> Result<String> {
+    let mut buf = [0u8; 4096];
+    let n = socket
+        .recv(&mut buf)
+        .context("no notification from the agent")?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Run as a systemd `Type=notify` service with a watchdog (the unit `ovl
+/// systemd-unit` prints, which `systemd-analyze verify` accepts): the
+/// agent says it is ready once it serves, with a status; says it is
+/// alive at half the watchdog's period for as long as its loop turns,
+/// and nothing while the process is stopped; says it is stopping when
+/// told to stop.
+#[test]
+fn the_agent_tells_its_service_manager_it_is_ready_alive_and_stopping() -> Result<()> {
+    let lab = Lab::new("sdnotify")?;
+    let ovl = Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+
+    let unit_file = lab.tempdir().join("ovl@eth0.service");
+    std::fs::write(
+        &unit_file,
+        ovl.run(&host.netns, "host-a", &["systemd-unit"])?,
+    )?;
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_file)
+        .output()
+        .context("run systemd-analyze")?;
+    ensure!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let path = lab.tempdir().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path)?;
+    socket.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let path = path.display().to_string();
+    let agent = ovl.attach_with_env(
+        &lab,
+        host,
+        "host-a",
+        "auto",
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")],
+    )?;
+    let ready = notification(&socket)?;
+    ensure!(
+        ready.lines().next() == Some("READY=1")
+            && ready.contains("STATUS=node host-a forwarding on eth0 (VTEP 192.0.2.10)"),
+        "the first notification: {ready:?}"
+    );
+    let status = ovl.run(&host.netns, "host-a", &["status"])?;
+    ensure!(status.contains("host-a"), "status once ready: {status}");
+
+    // Every 200 ms while it runs: 2 s hold at least 8.
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let count_alive = |over: Duration| -> Result<usize> {
+        let until = Instant::now() + over;
+        let mut n = 0;
+        while Instant::now() < until {
+            match notification(&socket) {
+                Ok(m) if m == "WATCHDOG=1\n" => n += 1,
+                Ok(m) => anyhow::bail!("unexpected notification {m:?}"),
+                Err(_) => {}
+            }
+        }
+        Ok(n)
+    };
+    let alive = count_alive(Duration::from_secs(2))?;
+    ensure!(alive >= 8, "{alive} watchdog notifications in 2 s");
+    // What was in flight as it stopped, then silence.
+    let stopped = agent.frozen(|| {
+        let _ = count_alive(Duration::from_millis(300))?;
+        count_alive(Duration::from_secs(1))
+    })?;
+    ensure!(
+        stopped == 0,
+        "{stopped} watchdog notifications from a stopped agent"
+    );
+
+    agent.terminate()?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut last = String::new();
+    while !last.contains("STOPPING=1") {
+        last = notification(&socket).context("no STOPPING=1 after SIGTERM")?;
+    }
+    ensure!(
+        last.contains("STATUS=stopping; the data path keeps forwarding"),
+        "{last:?}"
+    );
+    Ok(())
 }

@@ -45,8 +45,9 @@ const LLVM_PREFIX_DIR: &str = "ovl-llvm-prefix";
 /// to forget a leaving container's translations) with netcat to open
 /// connections through it, and for the DNS scenarios dnsmasq (the lab's
 /// upstream resolver) and dig; strace, to stop a command at a chosen
-/// system call (a connect killed half-way).
-const DEBIAN_PACKAGES: [&str; 27] = [
+/// system call (a connect killed half-way); systemd, whose
+/// `systemd-analyze verify` checks the agent's unit.
+const DEBIAN_PACKAGES: [&str; 28] = [
     "iproute2",
     "iputils-ping",
     "traceroute",
@@ -74,6 +75,7 @@ const DEBIAN_PACKAGES: [&str; 27] = [
     "conntrack",
     "netcat-openbsd",
     "strace",
+    "systemd",
 ];
 
 /// Debian packages the build itself needs: protoc and protobuf's

@@ -5,10 +5,8 @@
 
 use std::{
     collections::BTreeMap,
-    fs::{self, File},
-    io::Write,
+    fs,
     net::Ipv4Addr,
-    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
@@ -95,24 +93,9 @@ impl Journal {
         if *memory == self.last {
             return Ok(());
         }
-        let tmp = self.path.with_extension("json.tmp");
         let json = serde_json::to_vec_pretty(memory).expect("the journal serialises");
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(&json)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("write {}", tmp.display()))?;
-        fs::rename(&tmp, &self.path).with_context(|| format!("replace {}", self.path.display()))?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .with_context(|| format!("fsync {}", dir.display()))?;
-        }
+        crate::files::replace(&self.path, &json, 0o600)
+            .with_context(|| format!("write {}", self.path.display()))?;
         self.last = memory.clone();
         Ok(())
     }

@@ -8,6 +8,7 @@ mod host_ends;
 mod ifindex;
 mod journal;
 mod reconcile;
+pub mod service;
 pub mod view;
 
 use std::{
@@ -198,24 +199,41 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         metrics_listener.map(|l| tokio::spawn(exporter::serve(l, agent.view.clone())));
     let docker_task = docker_listener.map(|l| {
         let store = docker::StoreHandle::new(&opts.store_url, store.clone());
-        tokio::spawn(docker::serve(
-            l,
+        let (node, view, state_dir) = (
             opts.node.clone(),
-            store,
             agent.view.clone(),
-        ))
+            opts.state_dir.clone(),
+        );
+        tokio::spawn(async move {
+            docker::serve(l, node, store, view, &state_dir).await;
+        })
     });
 
+    service::ready(&format!(
+        "node {} forwarding on {} (VTEP {}); store {}",
+        opts.node, opts.iface, agent.underlay.addr, opts.store_url
+    ));
     let result = agent.serve(&opts, store, kicks, signals).await;
+    service::stopping();
     // Now, not when the last holder of the view lets it go: WireGuard's
     // socket closes and its device goes with the agent.
     if let Some(c) = &agent.crypto {
         c.stop();
     }
-    api_task.abort();
-    for t in metrics_task.into_iter().chain(docker_task) {
+    // Stopped and waited for: nothing of theirs still runs (a Docker
+    // reconcile pass, say) while the runtime shuts down.
+    let tasks: Vec<_> = [Some(api_task), metrics_task, docker_task]
+        .into_iter()
+        .flatten()
+        .collect();
+    for t in &tasks {
         t.abort();
     }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures_util::future::join_all(tasks),
+    )
+    .await;
     let _ = std::fs::remove_file(&opts.api_socket);
     log::info!(
         "agent stopped; the data path keeps forwarding with the last state (pins under {}). `ovl detach {}{}` removes it",
@@ -970,8 +988,14 @@ impl Agent {
         // The revision of a state read directly for a waiting `connect`,
         // and when.
         let mut kicked: Option<(u64, Instant)> = None;
+        // A service manager's watchdog hears from the loop itself: a loop
+        // stuck in one of its steps is restarted.
+        let watchdog = service::watchdog_period();
+        let mut alive = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = alive.tick(), if watchdog.is_some() => service::alive(),
                 _ = sigint.recv() => { log::info!("SIGINT: stopping"); return Ok(()); }
                 _ = sigterm.recv() => { log::info!("SIGTERM: stopping"); return Ok(()); }
                 guard = logs.readable_mut() => {

@@ -27,7 +27,7 @@ mod protocol;
 mod sync;
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -175,7 +175,7 @@ pub struct Context {
     pub view: Arc<View>,
     pub engine: Engine,
     /// Docker network ID on this node → the ovl network, as learnt.
-    networks: Mutex<HashMap<String, Known>>,
+    networks: KnownNetworks,
     /// Wakes the reconcile loop (a network was created or named).
     nudge: tokio::sync::Notify,
     /// Containers' names as learnt from dockerd.
@@ -184,10 +184,73 @@ pub struct Context {
 
 /// An ovl network a Docker network ID was found to be: name and VNI (a
 /// network of that name with another VNI is another network).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Known {
     name: String,
     vni: u32,
+}
+
+/// The Docker network IDs learnt, kept in the agent's state directory
+/// across its restarts: dockerd restarts its containers as it starts (a
+/// boot) and asks the plugin to attach them before it answers its own
+/// API, so an ID that needed dockerd to be resolved would never be (the
+/// container stays stopped: "CreateEndpoint: dockerd does not answer").
+struct KnownNetworks {
+    /// `None`: kept in memory only (tests).
+    path: Option<PathBuf>,
+    map: Mutex<BTreeMap<String, Known>>,
+}
+
+impl KnownNetworks {
+    const FILE: &str = "docker-networks.json";
+
+    /// Those kept in `dir` (none when there is no file; an unreadable
+    /// one is said and taken as none: dockerd answers the rest again).
+    fn open(dir: Option<&Path>) -> KnownNetworks {
+        let path = dir.map(|d| d.join(Self::FILE));
+        let map = match path.as_deref().map(std::fs::read) {
+            Some(Ok(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                log::warn!(
+                    "ignoring unreadable {} ({e}): Docker networks are looked up in dockerd again",
+                    path.as_deref().unwrap_or(Path::new("")).display()
+                );
+                BTreeMap::new()
+            }),
+            _ => BTreeMap::new(),
+        };
+        KnownNetworks {
+            path,
+            map: Mutex::new(map),
+        }
+    }
+
+    fn get(&self, docker_id: &str) -> Option<Known> {
+        self.lock().get(docker_id).cloned()
+    }
+
+    /// Applies `change`, and writes the file if it changed anything.
+    fn change(&self, change: impl FnOnce(&mut BTreeMap<String, Known>)) {
+        let mut map = self.lock();
+        let before = map.clone();
+        change(&mut map);
+        if *map == before {
+            return;
+        }
+        let Some(path) = &self.path else {
+            return;
+        };
+        let json = serde_json::to_vec_pretty(&*map).expect("known networks serialise");
+        if let Err(e) = crate::files::replace(path, &json, 0o600) {
+            log::warn!(
+                "cannot write {} ({e}): after an agent restart, dockerd starting its containers before it answers finds their networks unknown",
+                path.display()
+            );
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Known>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Known {
@@ -201,31 +264,38 @@ impl Known {
 
 impl Context {
     fn remember(&self, docker_id: &str, known: Known) {
-        self.lock().insert(docker_id.to_owned(), known);
+        self.networks.change(|m| {
+            m.insert(docker_id.to_owned(), known);
+        });
     }
 
     fn known(&self, docker_id: &str) -> Option<Known> {
-        self.lock().get(docker_id).cloned()
+        self.networks.get(docker_id)
     }
 
     fn forget(&self, docker_id: &str) {
-        self.lock().remove(docker_id);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
-        self.networks.lock().unwrap_or_else(|p| p.into_inner())
+        self.networks.change(|m| {
+            m.remove(docker_id);
+        });
     }
 }
 
 /// Serves the plugin on `listener` and keeps dockerd and the store in step,
 /// until the task is dropped.
-pub async fn serve(mut listener: Listener, node: String, store: StoreHandle, view: Arc<View>) {
+/// What it learnt of dockerd's networks is kept in `state_dir`.
+pub async fn serve(
+    mut listener: Listener,
+    node: String,
+    store: StoreHandle,
+    view: Arc<View>,
+    state_dir: &Path,
+) {
     let ctx = Arc::new(Context {
         node,
         store,
         view,
         engine: listener.engine.clone(),
-        networks: Mutex::new(HashMap::new()),
+        networks: KnownNetworks::open(Some(state_dir)),
         nudge: tokio::sync::Notify::new(),
         names: names::Memory::default(),
     });
@@ -235,9 +305,12 @@ pub async fn serve(mut listener: Listener, node: String, store: StoreHandle, vie
         ctx.engine.socket().display()
     );
     let socket = listener.listener.take().expect("taken once, here");
-    let reconcile = tokio::spawn(sync::run(ctx.clone()));
-    api::serve_router(socket, router(ctx), "Docker plugin").await;
-    reconcile.abort();
+    // One task: when the agent stops it, the reconciling stops with the
+    // serving, not while the runtime shuts down under it.
+    tokio::select! {
+        () = sync::run(ctx.clone()) => {}
+        () = api::serve_router(socket, router(ctx), "Docker plugin") => {}
+    }
     drop(listener);
 }
 
@@ -330,7 +403,7 @@ mod tests {
             store: StoreHandle::new("file:///nonexistent", None),
             view,
             engine: Engine::from_url("unix:///nonexistent.sock").unwrap(),
-            networks: Mutex::new(HashMap::new()),
+            networks: KnownNetworks::open(None),
             nudge: tokio::sync::Notify::new(),
             names: names::Memory::default(),
         });
