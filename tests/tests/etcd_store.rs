@@ -4,7 +4,8 @@
 //! dead node's endpoints leave every map and the store, a node returning
 //! to an address (or a MAC) taken meanwhile reports the conflict and
 //! leaves the newer owner alone, an etcd outage costs no
-//! packet, a disconnected endpoint is gone everywhere, and a bad store URL
+//! packet, commands ride out a leader killed or cut off (each write made
+//! once), a disconnected endpoint is gone everywhere, and a bad store URL
 //! leaves nothing attached.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -1332,6 +1333,232 @@ fn agents_on_a_three_member_etcd_ride_out_a_member_cut_off_from_the_others() -> 
             "{} counted {n} moves between members",
             ThreeHosts::NODES[i]
         );
+    }
+    world.stop()
+}
+
+/// Containers each host's writer may connect while the leader dies and
+/// is cut off (it stops early once the member faults are over).
+const WRITES_PER_HOST: usize = 60;
+
+/// One command of a writer, and how it ended.
+struct Write {
+    host: usize,
+    command: Vec<String>,
+    result: Result<String>,
+}
+
+/// What a writer on host `host` commands until `stop`: connects of its
+/// containers, a disconnect of every third one, and (host A) a network
+/// created every fourth step. Returns every command with its outcome.
+fn write_until(
+    world: &Cluster,
+    host: usize,
+    containers: &[Netns],
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<Write> {
+    let mut writes = Vec::new();
+    let mut run = |args: Vec<String>| {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = world.run(host, &argv);
+        writes.push(Write {
+            host,
+            command: args,
+            result,
+        });
+    };
+    for (k, c) in containers.iter().enumerate() {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        run(vec!["connect".into(), NETWORK.into(), c.name().into()]);
+        if k % 3 == 2 {
+            run(vec![
+                "disconnect".into(),
+                NETWORK.into(),
+                containers[k - 1].name().into(),
+            ]);
+        }
+        if host == A && k % 4 == 0 {
+            run(vec![
+                "network".into(),
+                "create".into(),
+                format!("w{k}"),
+                "--subnet".into(),
+                format!("198.19.{k}.0/24"),
+            ]);
+        }
+    }
+    writes
+}
+
+/// The store's keys under `prefix`, as the members that run read them.
+fn stored_keys(etcd: &EtcdCluster, prefix: &str) -> Result<Vec<String>> {
+    let member = etcd
+        .members
+        .iter()
+        .find(|m| m.is_running())
+        .context("no etcd member runs")?;
+    member.keys(prefix)
+}
+
+/// Commands from every host go on while the etcd leader is killed, and
+/// again while the next leader is cut off from the others: each connect,
+/// disconnect and network create succeeds, once (a write whose member
+/// failed it is made again only if it had not committed), and the store
+/// holds exactly what was commanded. The containers left connected reach
+/// each other.
+#[test]
+fn writes_on_a_three_member_etcd_ride_out_a_leader_killed_and_cut_off() -> Result<()> {
+    let lab = Lab::new("etcd-3w")?;
+    let (world, mut etcd) = three_members(&lab)?;
+    world
+        .ovl
+        .create_network(&world.hosts[A].netns, NETWORK, SUBNET, &[])?;
+    let mut containers: Vec<Vec<Netns>> = Vec::new();
+    for host in [A, B, C] {
+        let mine = (0..WRITES_PER_HOST)
+            .map(|k| lab.container(&format!("w{host}-{k}")))
+            .collect::<Result<Vec<_>>>()?;
+        containers.push(mine);
+    }
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (writes, faults): (Vec<Write>, Result<()>) = thread::scope(|s| {
+        let writers: Vec<_> = [A, B, C]
+            .into_iter()
+            .map(|host| {
+                let (world, mine, stop) = (&world, &containers[host], &stop);
+                s.spawn(move || write_until(world, host, mine, stop))
+            })
+            .collect();
+        let faults = (|| -> Result<()> {
+            thread::sleep(Duration::from_secs(1));
+            let leader = etcd.leader()?;
+            etcd.members[leader].kill()?;
+            let next = etcd.leader()?;
+            thread::sleep(Duration::from_secs(2));
+            etcd.members[leader].restart(&lab)?;
+            cut_off_member(&world, next, true)?;
+            let cut = (|| -> Result<()> {
+                etcd.leader_of_all_but(Some(next))?;
+                thread::sleep(Duration::from_secs(2));
+                Ok(())
+            })();
+            cut_off_member(&world, next, false)?;
+            cut?;
+            etcd.members[next].wait_healthy(Duration::from_secs(20))?;
+            // Writes after the faults, through a healed cluster.
+            thread::sleep(Duration::from_secs(1));
+            Ok(())
+        })();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let writes = writers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a writer thread panicked"))
+            .collect();
+        (writes, faults)
+    });
+    faults?;
+    let failed: Vec<String> = writes
+        .iter()
+        .filter_map(|w| {
+            w.result.as_ref().err().map(|e| {
+                format!(
+                    "{}: ovl {}: {e:#}",
+                    ThreeHosts::NODES[w.host],
+                    w.command.join(" ")
+                )
+            })
+        })
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {} writes failed while the etcd leader was killed and cut off:\n{}",
+        failed.len(),
+        writes.len(),
+        failed.join("\n")
+    );
+
+    // The store holds what was commanded: each container connected and
+    // not disconnected, once, on its own node; each network created.
+    let mut expected: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut networks = BTreeSet::from([NETWORK.to_owned()]);
+    for w in &writes {
+        let node = ThreeHosts::NODES[w.host].to_owned();
+        match w.command.first().map(String::as_str) {
+            Some("connect") => *expected.entry((node, w.command[2].clone())).or_default() += 1,
+            Some("disconnect") => {
+                expected.remove(&(node, w.command[2].clone()));
+            }
+            _ => {
+                networks.insert(w.command[2].clone());
+            }
+        }
+    }
+    ensure!(
+        expected.values().all(|n| *n == 1),
+        "a container was connected twice: {expected:?}"
+    );
+    let mut listed: Vec<(String, String)> = listed_endpoints(&world.inspect(C, NETWORK)?)?
+        .into_values()
+        .collect();
+    listed.sort();
+    let expected: Vec<(String, String)> = expected.into_keys().collect();
+    ensure!(
+        listed == expected,
+        "the store lists endpoints {listed:?}, commanded {expected:?}"
+    );
+    let endpoint_keys = stored_keys(&etcd, &format!("/ovl/endpoints/{NETWORK}/"))?;
+    let attachment_keys = stored_keys(&etcd, &format!("/ovl/attachments/{NETWORK}/"))?;
+    ensure!(
+        endpoint_keys.len() == expected.len() && attachment_keys.len() == expected.len(),
+        "{} endpoint keys and {} attachment claims for {} endpoints",
+        endpoint_keys.len(),
+        attachment_keys.len(),
+        expected.len()
+    );
+    let stored: BTreeSet<String> = stored_keys(&etcd, "/ovl/networks/")?
+        .iter()
+        .filter_map(|k| k.strip_prefix("/ovl/networks/").map(str::to_owned))
+        .collect();
+    ensure!(
+        stored == networks,
+        "the store holds networks {stored:?}, commanded {networks:?}"
+    );
+    let vnis = stored_keys(&etcd, "/ovl/vnis/")?;
+    ensure!(
+        vnis.len() == networks.len(),
+        "{} VNI claims for networks {networks:?}: {vnis:?}",
+        vnis.len()
+    );
+
+    // The last container each host left connected reaches the others'.
+    let last: Vec<(usize, &Netns)> = [A, B, C]
+        .into_iter()
+        .filter_map(|host| {
+            containers[host]
+                .iter()
+                .rev()
+                .find(|c| {
+                    expected
+                        .iter()
+                        .any(|(n, ns)| n == ThreeHosts::NODES[host] && ns == c.name())
+                })
+                .map(|c| (host, c))
+        })
+        .collect();
+    ensure!(last.len() == 3, "a host has no container left connected");
+    let listed = listed_endpoints(&world.inspect(A, NETWORK)?)?;
+    let ip_of = |c: &Netns| {
+        listed
+            .iter()
+            .find(|(_, (_, ns))| ns == c.name())
+            .map(|(ip, _)| *ip)
+            .context("a connected container has no address")
+    };
+    for (i, (_, from)) in last.iter().enumerate() {
+        let (_, to) = last[(i + 1) % last.len()];
+        expect_reachable(from, ip_of(to)?, 3)?;
     }
     world.stop()
 }

@@ -163,9 +163,10 @@ fn store_code(e: &StoreError) -> Code {
         StoreError::UnsupportedUrl(_) | StoreError::BadOption(_) => Code::InvalidConfig,
         // Another process holds the file store's lock: contention, as
         // etcd's conflicting changes are.
-        StoreError::Etcd { .. } | StoreError::Contended(_) | StoreError::LockTimeout { .. } => {
-            Code::TryAgainLater
-        }
+        StoreError::Etcd { .. }
+        | StoreError::EtcdOutcomeUnknown { .. }
+        | StoreError::Contended(_)
+        | StoreError::LockTimeout { .. } => Code::TryAgainLater,
         StoreError::Io { .. } => Code::Io,
         StoreError::Rejected(m) => model_code(m),
         StoreError::TooManyPorts { .. } => Code::InvalidConfig,

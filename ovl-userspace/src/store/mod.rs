@@ -132,6 +132,12 @@ pub enum StoreError {
     /// etcd answered, but refused who we are (TLS or authentication).
     #[error("etcd at {endpoints} refused the connection: {detail}")]
     EtcdAccess { endpoints: String, detail: String },
+    /// etcd failed while committing a change, and whether the change was
+    /// made cannot be told.
+    #[error(
+        "etcd failed while committing the change and cannot tell whether it was made ({cause}; {detail}); look at the store (ovl network ls / ovl network inspect) before running the command again"
+    )]
+    EtcdOutcomeUnknown { cause: String, detail: String },
     #[error(
         "the change needs {ops} operations in one etcd transaction, more than etcd's limit of {limit}; make it in smaller steps"
     )]

@@ -230,6 +230,91 @@ pub fn electing(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether `e` says the member did not take the request at all, so that a
+/// write certainly was not applied: no connection to it could be made (the
+/// request was never sent), or etcd refused it before proposing it —
+/// "no leader" and "not capable" come from its gRPC interceptor, ahead of
+/// the handler, and "raft proposal dropped" from a raft node that had no
+/// leader to forward it to (etcd's `api/v3rpc/rpctypes/error.go`,
+/// `v3rpc/interceptor.go`). Every other failure of a write leaves it
+/// unknown whether it committed: a reset or a timeout after sending,
+/// "request timed out", "server stopped", "leader changed" (etcd says it
+/// of linearizable reads and lease lookups only, never after proposing).
+pub fn unserved(e: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return false;
+    };
+    let m = s.message();
+    if [
+        "etcdserver: no leader",
+        "etcdserver: not capable",
+        "raft proposal dropped",
+    ]
+    .iter()
+    .any(|said| m.contains(said))
+    {
+        return true;
+    }
+    // tonic reports a connection it could not make as Unavailable, with
+    // the connect error in the status's source chain.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(c) = cause {
+        if c.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// How long a request is tried again on the members while they fail it
+/// unserved or elect a leader, counted from its first failure: a round
+/// over the members at once, then rounds [`ELECTION_PAUSE`] apart while
+/// one of them answered it had no leader, until the members' request
+/// timeout has passed. etcd's own client retries reads this way; ovl does
+/// so for writes too where trying again is safe (see `EtcdStore::commit`).
+pub struct Patience {
+    deadline: Option<tokio::time::Instant>,
+    /// Members not yet tried in this round.
+    left: usize,
+    electing: bool,
+}
+
+/// Pause between two rounds over the members while they elect a leader.
+pub const ELECTION_PAUSE: Duration = Duration::from_millis(250);
+
+impl Patience {
+    pub fn new(members: &Members) -> Patience {
+        Patience {
+            deadline: None,
+            left: members.count(),
+            electing: false,
+        }
+    }
+
+    /// After a request to `member` failed (and `call` moved on from it if
+    /// it could not serve): whether to try again, having paused when a
+    /// whole round of members failed during an election.
+    pub async fn again(&mut self, members: &Members, member: usize) -> bool {
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + members.timeout);
+        self.left = self.left.saturating_sub(1);
+        self.electing |= members.take_election();
+        let moved = members.client().member != member;
+        if self.left > 0 && moved {
+            return true;
+        }
+        if !self.electing || tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(ELECTION_PAUSE).await;
+        self.left = members.count();
+        self.electing = false;
+        true
+    }
+}
+
 /// Whether `e` says the member could not serve the request — unreachable,
 /// its connection broken, no leader, a leader election under way — rather
 /// than that the request was wrong or not allowed: worth asking another

@@ -41,8 +41,6 @@ use crate::{
 /// Bound on every unary request, so an unreachable etcd fails a command
 /// instead of hanging it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause before asking the members again while they elect a leader.
-const ELECTION_PAUSE: Duration = Duration::from_millis(250);
 /// Conflicting concurrent transactions are retried this often.
 const MAX_ATTEMPTS: u32 = 64;
 /// Longest pause between two attempts of a contended transaction.
@@ -240,32 +238,10 @@ impl EtcdStore {
             endpoints_total: around::Total::default(),
         };
         // Each member that cannot answer moves the store on to the next
-        // one: the first that answers serves this process. A round in
-        // which a member had no leader (an election under way, a second
-        // or two) is tried again until the request timeout.
-        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-        let mut left = store.members.count();
-        let mut electing = false;
-        loop {
-            let member = store.client().member;
-            match store.ensure_schema().await {
-                Ok(()) => return Ok(store),
-                Err(e) => {
-                    left -= 1;
-                    electing |= store.members.take_election();
-                    let moved = store.client().member != member;
-                    if left > 0 && moved {
-                        continue;
-                    }
-                    if !electing || tokio::time::Instant::now() >= deadline {
-                        return Err(e);
-                    }
-                    tokio::time::sleep(ELECTION_PAUSE).await;
-                    left = store.members.count();
-                    electing = false;
-                }
-            }
-        }
+        // one: the first that answers serves this process; during an
+        // election, rounds over them go on until the request timeout.
+        store.ensure_schema().await?;
+        Ok(store)
     }
 
     /// A client of the member this process talks to.
@@ -285,6 +261,14 @@ impl EtcdStore {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.attempt(member, what, fut).await.map_err(|f| f.error)
+    }
+
+    /// [`call`](Self::call), telling how it failed.
+    async fn attempt<T, F>(&self, member: usize, what: &str, fut: F) -> Result<T, Failed>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let what = self.members.naming(member, what);
         match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
@@ -292,29 +276,229 @@ impl EtcdStore {
                 if members::electing(&e) {
                     self.members.note_election();
                 }
-                if members::unavailable(&e) {
+                let how = if members::unserved(&e) {
+                    Failure::Unserved
+                } else if members::unavailable(&e) {
+                    Failure::Unknown
+                } else {
+                    Failure::Refused
+                };
+                if how != Failure::Refused {
                     self.members.fail_over(member).await;
                 }
-                Err(access::store_error(&self.url, &what, &e))
+                Err(Failed {
+                    error: access::store_error(&self.url, &what, &e),
+                    how,
+                })
             }
             Err(_) => {
                 self.members.fail_over(member).await;
-                Err(StoreError::Etcd {
-                    endpoints: self.describe(),
-                    detail: format!("{what}: timed out"),
+                Err(Failed {
+                    error: StoreError::Etcd {
+                        endpoints: self.describe(),
+                        detail: format!("{what}: timed out"),
+                    },
+                    how: Failure::Unknown,
                 })
             }
         }
     }
 
+    /// Request `what`, made by `make` of the member in use, made again of
+    /// the next members while they fail it (see [`members::Patience`]).
+    /// Only for requests that may be repeated whether or not they were
+    /// served: reads, and writes whose second application changes nothing
+    /// (a put of a value the writer alone writes, a put-if-absent).
+    async fn repeatable<T, F, Fut>(&self, what: &str, mut make: F) -> Result<T, StoreError>
+    where
+        F: FnMut(members::MemberClient) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut patience = members::Patience::new(&self.members);
+        loop {
+            let c = self.client();
+            let member = c.member;
+            match self.attempt(member, what, make(c)).await {
+                Ok(v) => return Ok(v),
+                Err(f) if f.how == Failure::Refused => return Err(f.error),
+                Err(f) => {
+                    if !patience.again(&self.members, member).await {
+                        return Err(f.error);
+                    }
+                    log::debug!("{}; asking again", f.error);
+                }
+            }
+        }
+    }
+
+    /// Commits `txn`, which writes `written` (see [`Written`]): `Some` of
+    /// the revision it committed at, `None` when its compares failed.
+    ///
+    /// A member that did not take it ([`members::unserved`]) is asked
+    /// again, the next one in turn, within [`members::Patience`]. One that
+    /// failed while it may have committed (a reset, a timeout, a leader
+    /// lost after proposing) leaves that unknown: the members are asked
+    /// whether `written` happened ([`Self::committed`]), and only if it
+    /// did not is the same transaction sent again. Its compares make it
+    /// commit at most once whoever wins: every key it writes is guarded as
+    /// read, so once one copy committed, another fails.
+    async fn commit(&self, txn: Txn, written: &Written) -> Result<Option<i64>, StoreError> {
+        let mut patience = members::Patience::new(&self.members);
+        // A copy of the transaction may have committed unseen.
+        let mut unknown: Option<StoreError> = None;
+        loop {
+            let mut c = self.client();
+            let member = c.member;
+            let failed = match self.attempt(member, "commit", c.txn(txn.clone())).await {
+                Ok(resp) if resp.succeeded() => {
+                    return Ok(Some(resp.header().map_or(0, |h| h.revision())));
+                }
+                // Lost to a racer, or to an earlier copy of its own.
+                Ok(_) => match unknown {
+                    None => return Ok(None),
+                    Some(e) => match self.committed(written).await {
+                        Ok(Outcome::Committed(revision)) => return Ok(Some(revision)),
+                        Ok(Outcome::NotCommitted) => return Ok(None),
+                        Ok(Outcome::Unknown(detail)) => return Err(unknown_outcome(e, detail)),
+                        Err(why) => return Err(unknown_outcome(e, why.to_string())),
+                    },
+                },
+                Err(f) => f,
+            };
+            match failed.how {
+                Failure::Refused => return Err(failed.error),
+                Failure::Unserved => {}
+                Failure::Unknown => {
+                    log::info!(
+                        "{}; asking whether the change was made before making it again",
+                        failed.error
+                    );
+                    match self.committed(written).await {
+                        Ok(Outcome::Committed(revision)) => return Ok(Some(revision)),
+                        Ok(Outcome::NotCommitted) => {}
+                        Ok(Outcome::Unknown(detail)) => {
+                            return Err(unknown_outcome(failed.error, detail));
+                        }
+                        Err(e) => {
+                            return Err(unknown_outcome(failed.error, e.to_string()));
+                        }
+                    }
+                }
+            }
+            if !patience.again(&self.members, member).await {
+                // A copy sent earlier might still commit.
+                return Err(if failed.how == Failure::Unknown || unknown.is_some() {
+                    unknown_outcome(failed.error, "it had not when last asked".into())
+                } else {
+                    failed.error
+                });
+            }
+            if failed.how == Failure::Unknown {
+                unknown = Some(failed.error);
+            }
+        }
+    }
+
+    /// Whether a transaction writing `written` committed. Every key it
+    /// writes is guarded as read, so if it committed, the first change of
+    /// its first key after the read is its own: that change is found in
+    /// etcd's history (a watch from the read's revision on), and the
+    /// transaction's other keys are read as of the change's revision.
+    async fn committed(&self, written: &Written) -> Result<Outcome, StoreError> {
+        let Some((key, first)) = written.keys.first() else {
+            return Ok(Outcome::Unknown("it writes no single key".into()));
+        };
+        let now = self
+            .repeatable("read", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        let rev_now = now.kvs().first().map_or(0, |kv| kv.mod_revision());
+        let touched = rev_now > written.revision || (rev_now == 0 && first.was_present);
+        if !touched {
+            return Ok(Outcome::NotCommitted);
+        }
+        let event = match self.first_change(key, written.revision).await? {
+            Ok(event) => event,
+            Err(detail) => return Ok(Outcome::Unknown(detail)),
+        };
+        let Some((revision, value)) = event else {
+            return Ok(Outcome::NotCommitted);
+        };
+        if value != first.value {
+            return Ok(Outcome::NotCommitted);
+        }
+        let ranges: Vec<Range> = written
+            .keys
+            .iter()
+            .map(|(k, _)| Range::Key(k.clone()))
+            .collect();
+        let mut at = Snapshot {
+            revision,
+            ..Snapshot::default()
+        };
+        self.read_into(&ranges, &mut at).await?;
+        let all = written.keys.iter().all(|(k, w)| match &w.value {
+            Some(v) => at
+                .kvs
+                .get(k)
+                .is_some_and(|(got, r)| got == v && *r == revision),
+            None => !at.kvs.contains_key(k),
+        });
+        Ok(if all {
+            Outcome::Committed(revision)
+        } else {
+            Outcome::NotCommitted
+        })
+    }
+
+    /// The first change of `key` after revision `after`: its revision and
+    /// the value it left (`None`: deleted); `Ok(None)` when there was none.
+    /// The inner `Err` says why etcd's history could not tell (compacted).
+    async fn first_change(
+        &self,
+        key: &str,
+        after: i64,
+    ) -> Result<Result<Option<(i64, Option<Vec<u8>>)>, String>, StoreError> {
+        self.repeatable("read the history of a key", |mut c| {
+            let key = key.to_owned();
+            async move {
+                let opts = etcd_client::WatchOptions::new().with_start_revision(after + 1);
+                let mut stream = c.watch(key, Some(opts)).await?;
+                while let Some(resp) = stream.message().await? {
+                    if resp.compact_revision() > 0 || resp.canceled() {
+                        return Ok(Err(format!(
+                            "etcd's history of the key is gone (compacted to revision {})",
+                            resp.compact_revision()
+                        )));
+                    }
+                    if let Some(event) = resp.events().first() {
+                        let Some(kv) = event.kv() else {
+                            return Ok(Err("a change without its key".into()));
+                        };
+                        let value = (event.event_type() == etcd_client::EventType::Put)
+                            .then(|| kv.value().to_vec());
+                        return Ok(Ok(Some((kv.mod_revision(), value))));
+                    }
+                }
+                Err(etcd_client::Error::WatchError("watch stream ended".into()))
+            }
+        })
+        .await
+    }
+
     async fn ensure_schema(&self) -> Result<(), StoreError> {
-        let mut c = self.client();
         let txn = Txn::new()
             .when([Compare::create_revision(SCHEMA_KEY, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(SCHEMA_KEY, SCHEMA_VERSION.to_string(), None)])
             .or_else([TxnOp::get(SCHEMA_KEY, None)]);
+        // Put only if absent: a second copy changes nothing.
         let resp = self
-            .call(c.member, "check the schema key", c.txn(txn))
+            .repeatable("check the schema key", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         if resp.succeeded() {
             return Ok(());
@@ -383,13 +567,16 @@ impl EtcdStore {
     /// range reads, then further pages of any range longer than a page.
     async fn read_into(&self, ranges: &[Range], snap: &mut Snapshot) -> Result<(), StoreError> {
         let at = (snap.revision > 0).then_some(snap.revision);
-        let mut c = self.client();
         let ops: Vec<TxnOp> = ranges
             .iter()
             .map(|r| TxnOp::get(r.start(), Some(r.options(at))))
             .collect();
+        let txn = Txn::new().and_then(ops);
         let resp = self
-            .call(c.member, "read", c.txn(Txn::new().and_then(ops)))
+            .repeatable("read", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
         if at.is_none() {
             snap.revision = resp.header().map_or(0, |h| h.revision());
@@ -427,12 +614,14 @@ impl EtcdStore {
         mut after: Option<Vec<u8>>,
         snap: &mut Snapshot,
     ) -> Result<(), StoreError> {
-        let mut c = self.client();
         while let Some(mut start) = after.take() {
             start.push(0);
             let opts = range.options(Some(snap.revision));
             let page = self
-                .call(c.member, "read a page", c.get(start, Some(opts)))
+                .repeatable("read a page", |mut c| {
+                    let (start, opts) = (start.clone(), opts.clone());
+                    async move { c.get(start, Some(opts)).await }
+                })
                 .await?;
             snap.add(range, &page);
             if page.more() {
@@ -444,10 +633,11 @@ impl EtcdStore {
 
     /// Checks that etcd answers: one read of the schema key.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut c = self.client();
-        self.call(c.member, "read the schema key", c.get(SCHEMA_KEY, None))
-            .await
-            .map(|_| ())
+        self.repeatable("read the schema key", |mut c| async move {
+            c.get(SCHEMA_KEY, None).await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// The part of the state `scope` covers.
@@ -495,16 +685,13 @@ impl EtcdStore {
                     limit: MAX_TXN_OPS,
                 });
             }
-            let mut c = self.client();
-            let resp = self
-                .call(
-                    c.member,
-                    "commit",
-                    c.txn(Txn::new().when(txn.compares).and_then(txn.ops)),
-                )
-                .await?;
-            if resp.succeeded() {
-                after.revision = resp.header().map_or(0, |h| h.revision()).max(0) as u64;
+            let written = Written {
+                revision: snap.revision,
+                keys: txn.written,
+            };
+            let commit = Txn::new().when(txn.compares).and_then(txn.ops);
+            if let Some(revision) = self.commit(commit, &written).await? {
+                after.revision = revision.max(0) as u64;
                 return Ok(after);
             }
             // Lost a race: back off and redo the change against what the
@@ -537,6 +724,60 @@ struct CommitPlan {
     ops: Vec<TxnOp>,
     /// The keys (or prefixes) `compares` look at, in order.
     guarded: Vec<String>,
+    /// The single keys `ops` write (not the prefixes they delete).
+    written: Vec<(String, WrittenKey)>,
+}
+
+/// A request that failed, and whether the member served it.
+struct Failed {
+    error: StoreError,
+    how: Failure,
+}
+
+/// How a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// The member did not take it ([`members::unserved`]): a write was
+    /// not applied.
+    Unserved,
+    /// The member could not finish serving it: a write may have been
+    /// applied.
+    Unknown,
+    /// The member refused it: asking again would not change the answer.
+    Refused,
+}
+
+/// Whether a transaction whose outcome was not seen committed.
+enum Outcome {
+    Committed(i64),
+    NotCommitted,
+    /// etcd cannot tell (why).
+    Unknown(String),
+}
+
+/// What a transaction writes, for telling afterwards whether it committed:
+/// the revision its compares were read at, and each key it puts or deletes
+/// (each guarded as read: a racer writing one first makes it fail).
+struct Written {
+    revision: i64,
+    keys: Vec<(String, WrittenKey)>,
+}
+
+/// One key a transaction writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct WrittenKey {
+    /// What it puts there; `None`: deletes it.
+    value: Option<Vec<u8>>,
+    /// Whether the key existed when the transaction's compares were read.
+    was_present: bool,
+}
+
+/// The error of a change etcd may or may not have made.
+fn unknown_outcome(cause: StoreError, detail: String) -> StoreError {
+    StoreError::EtcdOutcomeUnknown {
+        cause: cause.to_string(),
+        detail,
+    }
 }
 
 /// The error of the first key of `guarded` (or under a guarded prefix,
@@ -633,6 +874,13 @@ fn commit_plan(
             ),
         }
         plan.ops.push(TxnOp::put(key.as_str(), value.clone(), None));
+        plan.written.push((
+            key.clone(),
+            WrittenKey {
+                value: Some(value.clone()),
+                was_present: snap.kvs.contains_key(key),
+            },
+        ));
         // A port claimed on every address clashes with the same port
         // claimed on one, under another key: no claim of the port may have
         // been created since the read (which read them all).
@@ -698,6 +946,13 @@ fn commit_plan(
             Compare::mod_revision(key.as_str(), CompareOp::Equal, snap.mod_rev(key)),
         );
         plan.ops.push(TxnOp::delete(key.as_str(), None));
+        plan.written.push((
+            key.clone(),
+            WrittenKey {
+                value: None,
+                was_present: snap.kvs.contains_key(key),
+            },
+        ));
     }
     for network in removed_networks {
         // No endpoint may have joined since we saw it empty; its held-back
