@@ -1345,7 +1345,12 @@ const WRITES_PER_HOST: usize = 60;
 struct Write {
     host: usize,
     command: Vec<String>,
-    result: Result<String>,
+    /// What it said on stderr (at log level info) if it failed.
+    result: Result<(), String>,
+    /// How often it moved on from a member that failed it, and how often
+    /// it asked whether a commit a member failed had been made.
+    fail_overs: usize,
+    looked_up: usize,
 }
 
 /// What a writer on host `host` commands until `stop`: connects of its
@@ -1360,11 +1365,30 @@ fn write_until(
     let mut writes = Vec::new();
     let mut run = |args: Vec<String>| {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let result = world.run(host, &argv);
+        let out = world.ovl.run_with_env_unchecked(
+            &world.hosts[host].netns,
+            ThreeHosts::NODES[host],
+            &[("RUST_LOG", "info")],
+            &argv,
+        );
+        let (result, said) = match out {
+            Ok(o) => {
+                let said = String::from_utf8_lossy(&o.stderr).into_owned();
+                let result = if o.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("{}: {said}", o.status))
+                };
+                (result, said)
+            }
+            Err(e) => (Err(format!("{e:#}")), String::new()),
+        };
         writes.push(Write {
             host,
             command: args,
             result,
+            fail_overs: said.matches("failed a request; talking to").count(),
+            looked_up: said.matches("asking whether the change was made").count(),
         });
     };
     for (k, c) in containers.iter().enumerate() {
@@ -1464,7 +1488,7 @@ fn writes_on_a_three_member_etcd_ride_out_a_leader_killed_and_cut_off() -> Resul
         .filter_map(|w| {
             w.result.as_ref().err().map(|e| {
                 format!(
-                    "{}: ovl {}: {e:#}",
+                    "{}: ovl {}: {e}",
                     ThreeHosts::NODES[w.host],
                     w.command.join(" ")
                 )
@@ -1477,6 +1501,12 @@ fn writes_on_a_three_member_etcd_ride_out_a_leader_killed_and_cut_off() -> Resul
         failed.len(),
         writes.len(),
         failed.join("\n")
+    );
+    eprintln!(
+        "{} writes; their commands moved between members {} times and asked {} times whether a commit had been made",
+        writes.len(),
+        writes.iter().map(|w| w.fail_overs).sum::<usize>(),
+        writes.iter().map(|w| w.looked_up).sum::<usize>()
     );
 
     // The store holds what was commanded: each container connected and

@@ -60,7 +60,6 @@ impl EtcdStore {
         ttl: Duration,
     ) -> Result<Liveness, StoreError> {
         crate::validate::node_name(name).map_err(crate::model::ModelError::from)?;
-        let mut c = self.client();
         // The key the node published survives re-registration (its agent
         // restarting, say): peers keep reaching it meanwhile.
         let wireguard = self.node_record(name).await?.and_then(|n| n.wireguard);
@@ -70,11 +69,12 @@ impl EtcdStore {
             underlay_mtu: Some(underlay_mtu),
             wireguard,
         };
-        self.call(
-            c.member,
-            "register node",
-            c.put(node_key(name), json(&node), None),
-        )
+        // The node's record, written by its agent alone: a second copy
+        // changes nothing.
+        self.repeatable("register node", |mut c| {
+            let (key, record) = (node_key(name), json(&node));
+            async move { c.put(key, record, None).await }
+        })
         .await?;
         let ttl_secs = ttl.as_secs().max(1) as i64;
         let lease = self.grant_alive(&node, ttl_secs).await?;
@@ -123,9 +123,11 @@ impl EtcdStore {
     /// unless there is one: after the node's lease lapsed, `ovl node rm`
     /// may have removed it, and peers find a node's VTEP there.
     async fn grant_alive(&self, node: &Node, ttl_secs: i64) -> Result<i64, StoreError> {
-        let mut c = self.client();
+        // A lease granted twice: the one not used lapses, holding nothing.
         let lease = self
-            .call(c.member, "grant lease", c.lease_grant(ttl_secs, None))
+            .repeatable("grant lease", |mut c| async move {
+                c.lease_grant(ttl_secs, None).await
+            })
             .await?
             .id();
         let alive = TxnOp::put(
@@ -144,7 +146,13 @@ impl EtcdStore {
                 alive.clone(),
             ])
             .or_else([alive]);
-        let resp = self.call(c.member, "mark node alive", c.txn(txn)).await?;
+        // Puts (the record only if absent): a second copy changes nothing.
+        let resp = self
+            .repeatable("mark node alive", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if resp.succeeded() {
             log::warn!(
                 "node {} had been removed from the store (`ovl node rm`) while its lease \

@@ -372,6 +372,37 @@ mod tests {
         }
     }
 
+    #[test]
+    fn only_requests_a_member_never_took_count_as_surely_not_applied() {
+        let refused = Status::from_error(Box::new(tonic::ConnectError(Box::new(
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "tcp connect error"),
+        ))));
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        for e in [
+            Error::GRpcStatus(Status::unavailable("etcdserver: no leader")),
+            Error::GRpcStatus(Status::failed_precondition("etcdserver: not capable")),
+            Error::GRpcStatus(Status::unknown("raft proposal dropped")),
+            Error::GRpcStatus(refused),
+        ] {
+            assert!(unserved(&e), "{e}");
+        }
+        // Sent, and then the member failed: it may have committed.
+        for e in [
+            Error::GRpcStatus(Status::unavailable("etcdserver: request timed out")),
+            Error::GRpcStatus(Status::unavailable(
+                "etcdserver: request timed out, possibly due to previous leader failure",
+            )),
+            Error::GRpcStatus(Status::unavailable("etcdserver: leader changed")),
+            Error::GRpcStatus(Status::unavailable("etcdserver: server stopped")),
+            Error::GRpcStatus(Status::unknown("h2 protocol error: connection reset")),
+            Error::GRpcStatus(Status::cancelled("timeout expired")),
+            Error::WatchError("stream closed".into()),
+        ] {
+            assert!(!unserved(&e), "{e}");
+            assert!(unavailable(&e), "{e}");
+        }
+    }
+
     #[tokio::test]
     async fn a_failed_member_is_left_for_the_next_in_turn_once() {
         let endpoints: Vec<String> = ["192.0.2.1:2379", "198.51.100.1:2379", "203.0.113.1:2379"]

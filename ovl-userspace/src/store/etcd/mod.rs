@@ -1091,6 +1091,12 @@ mod tests {
         // Endpoint, name claim and attachment claim are new; the network
         // unchanged; the address not released since the read.
         assert_eq!(plan.ops.len(), 3);
+        assert!(
+            plan.written
+                .iter()
+                .all(|(_, w)| w.value.is_some() && !w.was_present)
+        );
+        assert_eq!(plan.written.len(), 3);
         assert_eq!(
             plan.guarded,
             [
@@ -1280,5 +1286,8 @@ mod tests {
         // addresses, name claims, attachment claims and MAC claims
         assert_eq!(plan.ops.len(), 6);
         assert_eq!(plan.compares.len(), 3);
+        // The two single keys it deletes tell whether it committed.
+        let written: Vec<&str> = plan.written.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(written, ["/ovl/networks/blue", "/ovl/vnis/4096"]);
     }
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 
 use super::{
-    ENDPOINTS, EtcdStore, MAX_ATTEMPTS, MAX_TXN_OPS, Range, Snapshot,
+    ENDPOINTS, EtcdStore, MAX_ATTEMPTS, MAX_TXN_OPS, Range, Snapshot, Written, WrittenKey,
     codec::{
         ALIVE, ConflictsRecord, NODES, alive_key, claim_value_of, claims_of, conflicts_key,
         endpoint_key, holder_of, json, mac_key, name_key, network_key, node_key, parse, port_key,
@@ -67,9 +67,11 @@ impl EtcdStore {
     }
 
     async fn is_alive(&self, name: &str) -> Result<bool, StoreError> {
-        let mut c = self.client();
         let resp = self
-            .call(c.member, "read liveness", c.get(alive_key(name), None))
+            .repeatable("read liveness", |mut c| {
+                let key = alive_key(name);
+                async move { c.get(key, None).await }
+            })
             .await?;
         Ok(!resp.kvs().is_empty())
     }
@@ -112,19 +114,18 @@ impl EtcdStore {
                     0,
                 )];
                 let mut ops = Vec::new();
+                // Each endpoint's key is guarded as of its mod revision:
+                // the first one's tells whether a copy committed.
+                let mut written = Written {
+                    revision: batch.first().map_or(0, |(_, rev, _)| *rev),
+                    keys: Vec::new(),
+                };
                 for (key, rev, e) in &batch {
                     compares.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev));
-                    ops.extend(free_ops(key, e, now));
+                    ops.extend(free_ops(key, e, now, &mut written.keys));
                 }
-                let mut c = self.client();
-                let resp = self
-                    .call(
-                        c.member,
-                        "free a dead node's endpoints",
-                        c.txn(Txn::new().when(compares).and_then(ops)),
-                    )
-                    .await?;
-                if resp.succeeded() {
+                let txn = Txn::new().when(compares).and_then(ops);
+                if self.commit(txn, &written).await?.is_some() {
                     freed += batch.len();
                     break;
                 }
@@ -164,9 +165,11 @@ impl EtcdStore {
     /// Removes dead node `name`: its endpoints (batched, each batch only
     /// while the node is dead), then its registration and conflicts.
     pub async fn remove_node(&self, name: &str) -> Result<usize, StoreError> {
-        let mut c = self.client();
         let registered = !self
-            .call(c.member, "read the node", c.get(node_key(name), None))
+            .repeatable("read the node", |mut c| {
+                let key = node_key(name);
+                async move { c.get(key, None).await }
+            })
             .await?
             .kvs()
             .is_empty();
@@ -186,7 +189,13 @@ impl EtcdStore {
                 TxnOp::delete(node_key(name), None),
                 TxnOp::delete(conflicts_key(name), None),
             ]);
-        let resp = self.call(c.member, "remove the node", c.txn(txn)).await?;
+        // Deletes while the node is dead: a second copy changes nothing.
+        let resp = self
+            .repeatable("remove the node", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
         if !resp.succeeded() {
             return Err(StoreError::NodeAlive(name.to_owned()));
         }
@@ -211,23 +220,22 @@ impl EtcdStore {
             self.restore_batch(batch, &mut out).await?;
             rest = after;
         }
-        let mut c = self.client();
+        // The node's own record, written by its agent alone: a second
+        // copy changes nothing.
         if out.conflicts.is_empty() {
-            self.call(
-                c.member,
-                "clear conflicts",
-                c.delete(conflicts_key(node), None),
-            )
+            self.repeatable("clear conflicts", |mut c| {
+                let key = conflicts_key(node);
+                async move { c.delete(key, None).await }
+            })
             .await?;
         } else {
             let record = json(ConflictsRecord {
                 conflicts: out.conflicts.clone(),
             });
-            self.call(
-                c.member,
-                "record conflicts",
-                c.put(conflicts_key(node), record, None),
-            )
+            self.repeatable("record conflicts", |mut c| {
+                let (key, record) = (conflicts_key(node), record.clone());
+                async move { c.put(key, record, None).await }
+            })
             .await?;
         }
         Ok(out)
@@ -275,6 +283,10 @@ impl EtcdStore {
             let mut verdicts = Vec::new();
             let mut compares = Vec::new();
             let mut ops = Vec::new();
+            let mut written = Written {
+                revision: snap.revision,
+                keys: Vec::new(),
+            };
             let mut guarded_networks = BTreeMap::new();
             let mut unpublished = Vec::new();
             // MACs this transaction claims: one claim per key and
@@ -347,7 +359,13 @@ impl EtcdStore {
                         CompareOp::Equal,
                         snap.mod_rev(&claim),
                     ));
-                    ops.push(TxnOp::put(claim.as_str(), claim_value_of(&claim, &e), None));
+                    put(
+                        &mut ops,
+                        &mut written,
+                        &snap,
+                        &claim,
+                        claim_value_of(&claim, &e),
+                    );
                     named_here.insert(claim, e.clone());
                     // Its MAC's claim, as read (absent, or left pointing at
                     // an endpoint without that MAC): a connect giving the
@@ -358,7 +376,13 @@ impl EtcdStore {
                             CompareOp::Equal,
                             snap.mod_rev(&claim),
                         ));
-                        ops.push(TxnOp::put(claim.as_str(), claim_value_of(&claim, &e), None));
+                        put(
+                            &mut ops,
+                            &mut written,
+                            &snap,
+                            &claim,
+                            claim_value_of(&claim, &e),
+                        );
                         claimed.insert(claim, e.clone());
                     }
                     // Its published ports, unless another endpoint of the
@@ -380,11 +404,8 @@ impl EtcdStore {
                             );
                             let claim = port_key(node, p);
                             if !snap.kvs.contains_key(&claim) {
-                                ops.push(TxnOp::put(
-                                    claim.as_str(),
-                                    claim_value_of(&claim, &e),
-                                    None,
-                                ));
+                                let value = claim_value_of(&claim, &e);
+                                put(&mut ops, &mut written, &snap, &claim, value);
                             }
                         }
                     }
@@ -398,24 +419,24 @@ impl EtcdStore {
                     guarded_networks.entry(net.clone()).or_insert_with(|| {
                         Compare::mod_revision(net.as_str(), CompareOp::Equal, snap.mod_rev(&net))
                     });
-                    ops.push(TxnOp::put(key.as_str(), json(&e), None));
+                    put(&mut ops, &mut written, &snap, &key, json(&e));
                     if snap.kvs.contains_key(&rel) {
                         ops.push(TxnOp::delete(rel.as_str(), None));
+                        written.keys.push((
+                            rel.clone(),
+                            WrittenKey {
+                                value: None,
+                                was_present: true,
+                            },
+                        ));
                     }
                 }
                 verdicts.push((e, verdict));
             }
             compares.extend(guarded_networks.into_values());
             if !ops.is_empty() {
-                let mut c = self.client();
-                let resp = self
-                    .call(
-                        c.member,
-                        "restore endpoints",
-                        c.txn(Txn::new().when(compares).and_then(ops)),
-                    )
-                    .await?;
-                if !resp.succeeded() {
+                let txn = Txn::new().when(compares).and_then(ops);
+                if self.commit(txn, &written).await?.is_none() {
                     // Something changed since the read: judge again.
                     continue;
                 }
@@ -440,20 +461,49 @@ impl EtcdStore {
     }
 }
 
+/// A put of `value` at `key` (read in `snap`), in `ops` and `written`.
+fn put(ops: &mut Vec<TxnOp>, written: &mut Written, snap: &Snapshot, key: &str, value: Vec<u8>) {
+    ops.push(TxnOp::put(key, value.clone(), None));
+    written.keys.push((
+        key.to_owned(),
+        WrittenKey {
+            value: Some(value),
+            was_present: snap.kvs.contains_key(key),
+        },
+    ));
+}
+
 /// What freeing endpoint `e` (at `key`) at `now_ms` writes: its key
 /// deleted, its address held back, and each of its claims deleted if it
 /// still names `e` (a name two endpoints hold, which only an older ovl
 /// wrote, stays the other's) — a nested transaction each, one operation
-/// of the outer one.
-fn free_ops(key: &str, e: &Endpoint, now_ms: u64) -> Vec<TxnOp> {
+/// of the outer one. The keys it surely writes are added to `written`.
+fn free_ops(
+    key: &str,
+    e: &Endpoint,
+    now_ms: u64,
+    written: &mut Vec<(String, WrittenKey)>,
+) -> Vec<TxnOp> {
+    let held = released_key(&e.network, e.ip);
+    let record = json(Released::of(e, now_ms));
     let mut ops = vec![
         TxnOp::delete(key, None),
-        TxnOp::put(
-            released_key(&e.network, e.ip),
-            json(Released::of(e, now_ms)),
-            None,
-        ),
+        TxnOp::put(held.as_str(), record.clone(), None),
     ];
+    written.push((
+        key.to_owned(),
+        WrittenKey {
+            value: None,
+            was_present: true,
+        },
+    ));
+    written.push((
+        held,
+        WrittenKey {
+            value: Some(record),
+            was_present: false,
+        },
+    ));
     for claim in claims_of(e) {
         ops.push(TxnOp::txn(
             Txn::new()
@@ -596,13 +646,16 @@ mod tests {
         let mut batches = 0;
         while !theirs.is_empty() {
             let rest = theirs.split_off(free_batch(&theirs));
-            let ops: usize = theirs.iter().map(|(k, _, e)| free_ops(k, e, 0).len()).sum();
+            let ops: usize = theirs
+                .iter()
+                .map(|(k, _, e)| free_ops(k, e, 0, &mut Vec::new()).len())
+                .sum();
             assert!(ops <= FREE_OPS, "{ops} operations");
             assert!(theirs.len() < FREE_OPS);
             // Each endpoint: delete, hold back, the claims of its name
             // (its aliases, shared, have none) and its attachment.
             for (k, _, e) in &theirs {
-                assert_eq!(free_ops(k, e, 0).len(), 2 + 1 + 1);
+                assert_eq!(free_ops(k, e, 0, &mut Vec::new()).len(), 2 + 1 + 1);
             }
             freed += theirs.len();
             batches += 1;

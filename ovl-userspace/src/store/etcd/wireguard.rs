@@ -11,10 +11,12 @@ use crate::{crypto::NodeKey, model::Node, store::StoreError};
 impl EtcdStore {
     /// The record of node `name`, if registered.
     pub(super) async fn node_record(&self, name: &str) -> Result<Option<Node>, StoreError> {
-        let mut c = self.client();
         let key = node_key(name);
         let resp = self
-            .call(c.member, "read node", c.get(key.as_str(), None))
+            .repeatable("read node", |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
             .await?;
         resp.kvs()
             .first()
@@ -30,12 +32,12 @@ impl EtcdStore {
             )));
         };
         node.wireguard = Some(key);
-        let mut c = self.client();
-        self.call(
-            c.member,
-            "publish node key",
-            c.put(node_key(name), json(&node), None),
-        )
+        // The node's record, written by its agent alone: a second copy
+        // changes nothing.
+        self.repeatable("publish node key", |mut c| {
+            let (key, record) = (node_key(name), json(&node));
+            async move { c.put(key, record, None).await }
+        })
         .await
         .map(|_| ())
     }
