@@ -3,7 +3,8 @@
 //! at most 128 operations per transaction; addresses freed from a dead node
 //! are held back, and their claims deleted; a change to one network reads
 //! only that network; a connect reads a few keys however big its network;
-//! the follower's state, built from watch deltas, equals a fresh read.
+//! the follower's state, built from watch deltas, equals a fresh read; a
+//! change whose commit or its answer was lost is made exactly once.
 //!
 //! The test process talks to an etcd that a lab runs in a namespace of its
 //! own, from a thread that entered that namespace.
@@ -1095,6 +1096,167 @@ fn a_returning_node_puts_back_an_endpoint_whose_name_another_took_under_its_fall
             again.present == 2 && again.restored.is_empty() && again.renamed.is_empty(),
             "{again:?}"
         );
+        Ok(())
+    })
+}
+
+/// What the [`Severing`] proxy does to the next request it sees.
+const PASS: u8 = 0;
+/// Forwards it to etcd, which serves it, and then closes the client's
+/// connection without its answer: a member lost after committing.
+const LOSE_ANSWER: u8 = 1;
+/// Closes the client's connection without forwarding it: a member lost
+/// before the request reached it.
+const LOSE_REQUEST: u8 = 2;
+
+/// A TCP proxy in front of etcd that can lose one request's answer, or
+/// the request itself, on command ([`LOSE_ANSWER`], [`LOSE_REQUEST`]).
+struct Severing {
+    addr: std::net::SocketAddr,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+}
+
+impl Severing {
+    /// Listens on an ephemeral port of 127.0.0.1, forwarding to `upstream`.
+    async fn start(upstream: String) -> Result<Severing> {
+        use std::sync::{Arc, atomic::AtomicU8};
+        let listener = tokio::net::TcpListener::bind((LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let shared = mode.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let mode = shared.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(server) = tokio::net::TcpStream::connect(upstream).await {
+                        Self::relay(client, server, &mode).await;
+                    }
+                });
+            }
+        });
+        Ok(Severing { addr, mode })
+    }
+
+    /// Relays between `client` and `server` until either closes, or until
+    /// the mode severs the connection.
+    async fn relay(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        mode: &std::sync::atomic::AtomicU8,
+    ) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client_rx, mut client_tx) = client.into_split();
+        let (mut server_rx, mut server_tx) = server.into_split();
+        let (mut up, mut down) = ([0u8; 16384], [0u8; 16384]);
+        loop {
+            tokio::select! {
+                n = client_rx.read(&mut up) => {
+                    let Ok(n @ 1..) = n else { return };
+                    match mode.swap(PASS, Ordering::SeqCst) {
+                        LOSE_REQUEST => return,
+                        LOSE_ANSWER => {
+                            // The request, and whatever of it follows
+                            // within a moment, reaches etcd; nothing comes
+                            // back.
+                            if server_tx.write_all(&up[..n]).await.is_err() {
+                                return;
+                            }
+                            let more = tokio::time::timeout(
+                                Duration::from_millis(300),
+                                tokio::io::copy(&mut client_rx, &mut server_tx),
+                            );
+                            let _ = more.await;
+                            return;
+                        }
+                        _ => {
+                            if server_tx.write_all(&up[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                n = server_rx.read(&mut down) => {
+                    let Ok(n @ 1..) = n else { return };
+                    if client_tx.write_all(&down[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Arms `mode` for the next request.
+    fn arm(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a request met the armed mode.
+    fn fired(&self) -> bool {
+        self.mode.load(std::sync::atomic::Ordering::SeqCst) == PASS
+    }
+}
+
+/// A change whose commit etcd served but whose answer was lost, or whose
+/// request was lost, is made once: ovl looks the commit up before sending
+/// it again, and reports what it made — not "already exists" or
+/// "already connected", and not a second endpoint.
+#[test]
+fn a_change_whose_commit_or_its_answer_was_lost_is_made_exactly_once() -> Result<()> {
+    let (_lab, ns, etcd) = etcd("st-lost")?;
+    let etcd = &etcd;
+    inside(&ns, async || {
+        let proxy = Severing::start(etcd.endpoint()).await?;
+        let store = Store::open(&format!("etcd://{}", proxy.addr)).await?;
+        for (mode, network, netns) in [
+            (LOSE_ANSWER, "answered", "c1"),
+            (LOSE_REQUEST, "unsent", "c2"),
+        ] {
+            // Armed by the change itself: between its read and its commit.
+            let mut runs = 0;
+            store
+                .update_with(Scope::Networks, |s| {
+                    runs += 1;
+                    proxy.arm(mode);
+                    s.create_network(NetworkSpec::new(
+                        network,
+                        "198.18.0.0/24".parse().expect("a valid subnet"),
+                    ))
+                    .map(|_| ())
+                })
+                .await
+                .with_context(|| format!("network create, mode {mode}"))?;
+            ensure!(runs == 1, "network create ran {runs} times (mode {mode})");
+            ensure!(proxy.fired(), "no request met mode {mode}");
+            let mut runs = 0;
+            let spec = container(network, "a", netns, None);
+            let made = store
+                .update_with(Scope::Network(network), |s| {
+                    runs += 1;
+                    proxy.arm(mode);
+                    s.add_container(spec.clone())
+                })
+                .await
+                .with_context(|| format!("connect, mode {mode}"))?;
+            ensure!(runs == 1, "connect ran {runs} times (mode {mode})");
+            ensure!(proxy.fired(), "no request met mode {mode}");
+            let state = store.load().await?;
+            let vnis = etcd.keys("/ovl/vnis/")?;
+            ensure!(
+                state.networks.contains_key(network) && vnis.len() == state.networks.len(),
+                "networks {:?}, VNI claims {vnis:?}",
+                state.networks.keys()
+            );
+            let endpoints: Vec<&Endpoint> = state.endpoints_of(network).collect();
+            ensure!(
+                endpoints.len() == 1 && endpoints[0].ip == made.ip,
+                "connected once at {}, the store holds {endpoints:?}",
+                made.ip
+            );
+            let keys = etcd.keys(&format!("/ovl/endpoints/{network}/"))?;
+            ensure!(keys.len() == 1, "endpoint keys {keys:?}");
+        }
         Ok(())
     })
 }

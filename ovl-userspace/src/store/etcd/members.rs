@@ -292,13 +292,23 @@ impl Patience {
         }
     }
 
+    /// Whether the request timeout has not passed since the first
+    /// failure (which is now, if there was none).
+    pub fn in_time(&mut self, members: &Members) -> bool {
+        tokio::time::Instant::now() < self.deadline(members)
+    }
+
+    fn deadline(&mut self, members: &Members) -> tokio::time::Instant {
+        *self
+            .deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + members.timeout)
+    }
+
     /// After a request to `member` failed (and `call` moved on from it if
     /// it could not serve): whether to try again, having paused when a
     /// whole round of members failed during an election.
     pub async fn again(&mut self, members: &Members, member: usize) -> bool {
-        let deadline = *self
-            .deadline
-            .get_or_insert_with(|| tokio::time::Instant::now() + members.timeout);
+        let deadline = self.deadline(members);
         self.left = self.left.saturating_sub(1);
         self.electing |= members.take_election();
         let moved = members.client().member != member;

@@ -383,6 +383,13 @@ impl EtcdStore {
                             return Err(unknown_outcome(failed.error, e.to_string()));
                         }
                     }
+                    // The members answered the question: the one in use
+                    // serves again, whether or not this process moved on
+                    // (one member only, say).
+                    if patience.in_time(&self.members) {
+                        unknown = Some(failed.error);
+                        continue;
+                    }
                 }
             }
             if !patience.again(&self.members, member).await {
