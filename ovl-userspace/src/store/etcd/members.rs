@@ -273,8 +273,16 @@ pub fn unserved(e: &etcd_client::Error) -> bool {
 /// one of them answered it had no leader, until the members' request
 /// timeout has passed. etcd's own client retries reads this way; ovl does
 /// so for writes too where trying again is safe (see `EtcdStore::commit`).
+///
+/// A member that holds a request for the whole request timeout — it took
+/// it while it still followed a leader that had just died, and waits for
+/// that leader's answer — would use up the rounds' time at once: once
+/// per request, the time is counted again from that failure. Bound: two
+/// request timeouts and the last attempt.
 pub struct Patience {
     deadline: Option<tokio::time::Instant>,
+    /// Whether the deadline was moved for a member that held a request.
+    extended: bool,
     /// Members not yet tried in this round.
     left: usize,
     electing: bool,
@@ -287,30 +295,46 @@ impl Patience {
     pub fn new(members: &Members) -> Patience {
         Patience {
             deadline: None,
+            extended: false,
             left: members.count(),
             electing: false,
         }
     }
 
-    /// Whether the request timeout has not passed since the first
-    /// failure (which is now, if there was none).
-    pub fn in_time(&mut self, members: &Members) -> bool {
-        tokio::time::Instant::now() < self.deadline(members)
+    /// The deadline, after a failure of an attempt sent at `sent`.
+    fn deadline(&mut self, members: &Members, sent: tokio::time::Instant) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(sent) >= members.timeout {
+            // Held for a leader that did not answer: as good as told
+            // there is none.
+            self.electing = true;
+            if !self.extended {
+                self.extended = true;
+                self.deadline = Some(now + members.timeout);
+            }
+        }
+        *self.deadline.get_or_insert(now + members.timeout)
     }
 
-    fn deadline(&mut self, members: &Members) -> tokio::time::Instant {
-        *self
-            .deadline
-            .get_or_insert_with(|| tokio::time::Instant::now() + members.timeout)
+    /// After an attempt sent at `sent` failed: whether the time for
+    /// trying again has not run out.
+    pub fn in_time(&mut self, members: &Members, sent: tokio::time::Instant) -> bool {
+        tokio::time::Instant::now() < self.deadline(members, sent)
     }
 
-    /// After a request to `member` failed (and `call` moved on from it if
-    /// it could not serve): whether to try again, having paused when a
-    /// whole round of members failed during an election.
-    pub async fn again(&mut self, members: &Members, member: usize) -> bool {
-        let deadline = self.deadline(members);
-        self.left = self.left.saturating_sub(1);
+    /// After a request to `member`, sent at `sent`, failed (and `call`
+    /// moved on from it if it could not serve): whether to try again,
+    /// having paused when a whole round of members failed during an
+    /// election.
+    pub async fn again(
+        &mut self,
+        members: &Members,
+        member: usize,
+        sent: tokio::time::Instant,
+    ) -> bool {
         self.electing |= members.take_election();
+        let deadline = self.deadline(members, sent);
+        self.left = self.left.saturating_sub(1);
         let moved = members.client().member != member;
         if self.left > 0 && moved {
             return true;
@@ -411,6 +435,39 @@ mod tests {
             assert!(!unserved(&e), "{e}");
             assert!(unavailable(&e), "{e}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_lone_member_is_asked_again_only_after_it_held_a_request_for_a_lost_leader() {
+        let timeout = Duration::from_secs(1);
+        let members = Members::connect(
+            vec!["http://192.0.2.1:2379".into()],
+            ConnectOptions::new(),
+            timeout,
+        )
+        .await
+        .unwrap();
+        // Refused at once, no election: nobody else to ask.
+        let now = tokio::time::Instant::now();
+        assert!(!Patience::new(&members).again(&members, 0, now).await);
+        // Held for the whole timeout: a leader was lost; asked again, with
+        // the time counted anew, once.
+        let mut patience = Patience::new(&members);
+        let held = now.checked_sub(timeout).unwrap();
+        assert!(patience.again(&members, 0, held).await);
+        assert!(patience.in_time(&members, tokio::time::Instant::now()));
+        assert!(
+            !patience
+                .again(&members, 0, tokio::time::Instant::now())
+                .await
+        );
+        // An election said by the member: another round.
+        members.note_election();
+        assert!(
+            patience
+                .again(&members, 0, tokio::time::Instant::now())
+                .await
+        );
     }
 
     #[tokio::test]

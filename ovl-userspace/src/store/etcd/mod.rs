@@ -318,11 +318,12 @@ impl EtcdStore {
         loop {
             let c = self.client();
             let member = c.member;
+            let sent = tokio::time::Instant::now();
             match self.attempt(member, what, make(c)).await {
                 Ok(v) => return Ok(v),
                 Err(f) if f.how == Failure::Refused => return Err(f.error),
                 Err(f) => {
-                    if !patience.again(&self.members, member).await {
+                    if !patience.again(&self.members, member, sent).await {
                         return Err(f.error);
                     }
                     log::debug!("{}; asking again", f.error);
@@ -349,6 +350,7 @@ impl EtcdStore {
         loop {
             let mut c = self.client();
             let member = c.member;
+            let sent = tokio::time::Instant::now();
             let failed = match self.attempt(member, "commit", c.txn(txn.clone())).await {
                 Ok(resp) if resp.succeeded() => {
                     return Ok(Some(resp.header().map_or(0, |h| h.revision())));
@@ -386,13 +388,13 @@ impl EtcdStore {
                     // The members answered the question: the one in use
                     // serves again, whether or not this process moved on
                     // (one member only, say).
-                    if patience.in_time(&self.members) {
+                    if patience.in_time(&self.members, sent) {
                         unknown = Some(failed.error);
                         continue;
                     }
                 }
             }
-            if !patience.again(&self.members, member).await {
+            if !patience.again(&self.members, member, sent).await {
                 // A copy sent earlier might still commit.
                 return Err(if failed.how == Failure::Unknown || unknown.is_some() {
                     unknown_outcome(failed.error, "it had not when last asked".into())
@@ -495,33 +497,35 @@ impl EtcdStore {
         .await
     }
 
+    /// Checks that the store's schema is one this ovl reads, writing it
+    /// into an empty store. Read first: every command checks it, and a
+    /// transaction that may write is a raft proposal even when it writes
+    /// nothing (one that waits on a dead leader until it times out).
     async fn ensure_schema(&self) -> Result<(), StoreError> {
+        let read = self
+            .repeatable("read the schema key", |mut c| async move {
+                c.get(SCHEMA_KEY, None).await
+            })
+            .await?;
+        if let Some(kv) = read.kvs().first() {
+            return schema_readable(kv);
+        }
         let txn = Txn::new()
             .when([Compare::create_revision(SCHEMA_KEY, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(SCHEMA_KEY, SCHEMA_VERSION.to_string(), None)])
             .or_else([TxnOp::get(SCHEMA_KEY, None)]);
         // Put only if absent: a second copy changes nothing.
         let resp = self
-            .repeatable("check the schema key", |mut c| {
+            .repeatable("write the schema key", |mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
             .await?;
-        if resp.succeeded() {
-            return Ok(());
-        }
         for r in resp.op_responses() {
             if let TxnOpResponse::Get(g) = r
                 && let Some(kv) = g.kvs().first()
             {
-                let found: u32 = kv.value_str().unwrap_or("0").trim().parse().unwrap_or(0);
-                if found > SCHEMA_VERSION {
-                    return Err(StoreError::EtcdNewer {
-                        key: SCHEMA_KEY.into(),
-                        found,
-                        supported: SCHEMA_VERSION,
-                    });
-                }
+                schema_readable(kv)?;
             }
         }
         Ok(())
@@ -980,6 +984,19 @@ fn commit_plan(
         }
     }
     plan
+}
+
+/// An error if the schema key `kv` names a schema newer than this ovl's.
+fn schema_readable(kv: &etcd_client::KeyValue) -> Result<(), StoreError> {
+    let found: u32 = kv.value_str().unwrap_or("0").trim().parse().unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::EtcdNewer {
+            key: SCHEMA_KEY.into(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
 }
 
 /// `host:port` with a plausible host and a numeric port.
