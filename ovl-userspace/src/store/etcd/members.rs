@@ -1,7 +1,8 @@
 //! The members of an etcd cluster a store URL names, spoken to one at a
 //! time, as etcd's own Go client does: a request that finds its member
 //! unreachable, failing or without a leader moves this process on to the
-//! next member, and the request after it goes there.
+//! next member, where it is asked again when that is safe ([`Patience`],
+//! [`unserved`]), and the requests after it go there.
 //!
 //! etcd-client would balance every request over all the endpoints it is
 //! given and keeps a dead one in the balance (tonic connects lazily and
@@ -292,6 +293,7 @@ pub struct Patience {
 pub const ELECTION_PAUSE: Duration = Duration::from_millis(250);
 
 impl Patience {
+    /// The patience of a request not yet failed, to `members`.
     pub fn new(members: &Members) -> Patience {
         Patience {
             deadline: None,

@@ -1,6 +1,7 @@
 //! The etcd v3 store: the state as versioned JSON values under `/ovl/`
 //! (schema in `codec`), changed by compare-and-swap transactions that read
-//! only the part of the store a change needs, followed by list + watch
+//! only the part of the store a change needs (and committed once through a
+//! leader election: `commit`), followed by list + watch
 //! (`follow`), node liveness as a lease (`liveness`), and the node-wide
 //! changes that must be split to fit etcd's limits (`nodes`).
 
