@@ -390,6 +390,9 @@ impl EtcdStore {
                     // serves again, whether or not this process moved on
                     // (one member only, say).
                     if patience.in_time(&self.members, sent) {
+                        if self.client().member == member {
+                            tokio::time::sleep(members::ELECTION_PAUSE).await;
+                        }
                         unknown = Some(failed.error);
                         continue;
                     }
