@@ -199,6 +199,13 @@ pub fn render(view: &View) -> Result<String> {
             "Times the agent left an etcd member that failed a request (unreachable, its connection broken, no leader) for the next member its store URL names.",
         )?,
     )?;
+    let looked_up = register(
+        &reg,
+        IntCounter::new(
+            "ovl_store_commits_looked_up_total",
+            "Times a change of the agent's (a Docker or CNI attach, a dead node's freeing) met an etcd member that failed after the change was sent, and was looked up in etcd's history before being sent again.",
+        )?,
+    )?;
     let collected = register(
         &reg,
         IntCounter::new(
@@ -274,6 +281,7 @@ pub fn render(view: &View) -> Result<String> {
     underlay_up.set(i64::from(live.underlay_problem.is_none()));
     store_up.set(i64::from(live.store_reachable));
     fail_overs.inc_by(crate::store::etcd_fail_overs());
+    looked_up.inc_by(crate::store::etcd_commits_looked_up());
     conflicts.set(live.address_conflicts as i64);
     collected.inc_by(live.collected_endpoints);
 

@@ -1214,6 +1214,7 @@ fn a_change_whose_commit_or_its_answer_was_lost_is_made_exactly_once() -> Result
             (LOSE_REQUEST, "unsent", "c2"),
         ] {
             // Armed by the change itself: between its read and its commit.
+            let looked_up = ovl_userspace::store::etcd_commits_looked_up();
             let mut runs = 0;
             store
                 .update_with(Scope::Networks, |s| {
@@ -1229,6 +1230,9 @@ fn a_change_whose_commit_or_its_answer_was_lost_is_made_exactly_once() -> Result
                 .with_context(|| format!("network create, mode {mode}"))?;
             ensure!(runs == 1, "network create ran {runs} times (mode {mode})");
             ensure!(proxy.fired(), "no request met mode {mode}");
+            let n = ovl_userspace::store::etcd_commits_looked_up() - looked_up;
+            ensure!(n == 1, "network create looked up {n} times (mode {mode})");
+            let looked_up = ovl_userspace::store::etcd_commits_looked_up();
             let mut runs = 0;
             let spec = container(network, "a", netns, None);
             let made = store
@@ -1241,6 +1245,8 @@ fn a_change_whose_commit_or_its_answer_was_lost_is_made_exactly_once() -> Result
                 .with_context(|| format!("connect, mode {mode}"))?;
             ensure!(runs == 1, "connect ran {runs} times (mode {mode})");
             ensure!(proxy.fired(), "no request met mode {mode}");
+            let n = ovl_userspace::store::etcd_commits_looked_up() - looked_up;
+            ensure!(n == 1, "connect looked up {n} times (mode {mode})");
             let state = store.load().await?;
             let vnis = etcd.keys("/ovl/vnis/")?;
             ensure!(

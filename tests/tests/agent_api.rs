@@ -484,6 +484,7 @@ fn prometheus_scrapes_the_agent_and_counts_exactly_the_pings_sent() -> Result<()
         "ovl_network_endpoints{location=\"local\",network=\"uber-net\",vni=\"4096\"} 2",
         "ovl_store_up 1",
         "ovl_store_failovers_total 0",
+        "ovl_store_commits_looked_up_total 0",
         "ovl_underlay_up 1",
         "ovl_store_last_sync_age_seconds ",
         "ovl_agent_info{decap_mode=\"tc\",node=\"host-a\",underlay=\"eth0\"",

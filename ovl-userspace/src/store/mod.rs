@@ -12,7 +12,10 @@ pub mod options;
 
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
-pub use etcd::{EtcdStore, KEY_PREFIX, fail_overs as etcd_fail_overs};
+pub use etcd::{
+    EtcdStore, KEY_PREFIX, commits_looked_up as etcd_commits_looked_up,
+    fail_overs as etcd_fail_overs,
+};
 pub use file::FileStore;
 pub use followed::{ChangeLog, Changed, Dirty, EndpointChange, Followed, Part, catch_up};
 pub use options::{EtcdAccess, StoreOptions, StoreUrl};

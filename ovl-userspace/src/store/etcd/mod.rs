@@ -55,6 +55,16 @@ pub const MAX_TXN_OPS: usize = 128;
 /// 4 MiB message limit whatever the cluster's size.
 const PAGE: i64 = 512;
 
+/// Commits of this process whose member failed after they were sent,
+/// looked up in etcd's history before being sent again.
+static LOOKED_UP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many commits this process looked up after their member failed
+/// them with their outcome unknown (`ovl_store_commits_looked_up_total`).
+pub fn commits_looked_up() -> u64 {
+    LOOKED_UP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Keys with their values and mod revisions, as of one etcd revision.
 #[derive(Clone, Default)]
 struct Snapshot {
@@ -372,6 +382,7 @@ impl EtcdStore {
                 Failure::Refused => return Err(failed.error),
                 Failure::Unserved => {}
                 Failure::Unknown => {
+                    LOOKED_UP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     log::info!(
                         "{}; asking whether the change was made before making it again",
                         failed.error
