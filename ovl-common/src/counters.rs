@@ -15,7 +15,9 @@ pub enum DropReason {
     /// VXLAN from a source address that is not a VTEP of that network.
     UnknownVtep = 2,
     /// Truncated or malformed headers; VXLAN whose lengths disagree (a
-    /// frame cut short, datagrams merged by UDP GRO on the underlay).
+    /// frame cut short, datagrams merged by UDP GRO on the underlay); IPv4
+    /// a container sent whose frame does not hold the packet its header
+    /// says (cut short, or a total length below the header's).
     Malformed = 3,
     /// Would not fit the way to the remote VTEP after encapsulation, and
     /// was sent without DF: ovl does not fragment (RFC 7348 §4.3; a DF

@@ -18,6 +18,7 @@ use ovl_common::{
 };
 
 use crate::{
+    ipv4,
     maps::{self, DecapFlow},
     packet::Frame,
     pmtu, stats,
@@ -243,14 +244,8 @@ struct Outer {
 /// be lost while counted received. Less is a cut packet.
 #[inline(always)]
 fn whole_ipv4(inner_ip: &Ipv4Hdr, inner_room: usize) -> bool {
-    let header_len = usize::from(inner_ip.vihl & 0x0f) * 4;
-    let total_len = usize::from(u16::from_be_bytes(inner_ip.tot_len));
-    let inner_frame = ETH_HDR_LEN + total_len;
-    inner_ip.vihl >> 4 == 4
-        && header_len >= IPV4_HDR_LEN
-        && total_len >= header_len
-        && inner_frame <= inner_room
-        && inner_room - inner_frame <= MAX_INNER_PADDING
+    ipv4::is_whole(inner_ip, inner_room)
+        && inner_room - (ETH_HDR_LEN + ipv4::total_len(inner_ip)) <= MAX_INNER_PADDING
 }
 
 /// Carries a congestion mark of the outer header (its TOS `outer_tos`)

@@ -11,7 +11,7 @@ use ovl_common::{
 };
 
 use crate::{
-    arp, encap, gateway,
+    arp, encap, gateway, ipv4,
     maps::{self, EgressFlow},
     packet::Frame,
     stats,
@@ -49,7 +49,13 @@ pub fn switch(
     }
 
     let ip: Ipv4Hdr = frame.read(ETH_HDR_LEN)?;
-    if ip.vihl >> 4 != 4 || ip.vihl & 0x0f < 5 {
+    // A packet its frame does not hold whole (cut short, or lengths that
+    // lie) would be counted switched or sent only for the stack it
+    // reaches to drop it: the container's, or the remote VTEP's decap. A
+    // GSO super-packet's total length is its whole length too, up to 64
+    // KiB (BIG TCP's beyond, whose headers say 0, ovl does not carry: its
+    // outer headers have 16-bit lengths too).
+    if !ipv4::is_whole(&ip, ctx.len() as usize) {
         return Err(DropReason::Malformed);
     }
     if ip.src_addr != iface.addr {

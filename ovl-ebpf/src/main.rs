@@ -14,6 +14,7 @@ mod egress;
 mod encap;
 mod gateway;
 mod icmp;
+mod ipv4;
 mod maps;
 mod packet;
 mod pmtu;

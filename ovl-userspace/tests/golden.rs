@@ -8,6 +8,9 @@
 #[allow(dead_code, reason = "shared with the micro-benchmark; each uses part")]
 mod testbed;
 
+#[path = "golden/mutations.rs"]
+mod mutations;
+
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use anyhow::{Context, Result, ensure};
@@ -1080,6 +1083,12 @@ fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
     // BPF_PROG_TEST_RUN refuses IPv4 frames shorter than an IPv4 header, so
     // the truncated case is an ARP request cut short.
     let runt = arp_request(mac_of(C1), C1, C2)[..24].to_vec();
+    // IPv4 whose frame does not hold the packet its header says: the stack
+    // it reaches (the container's, or the remote VTEP's decap) drops it.
+    let cut = echo(C1, C2, mac_of(C2))[..60].to_vec();
+    let total_below_header = with_ipv4_header(&echo(C1, C3, mac_of(C3)), ETH_HDR_LEN, |ip| {
+        ip[2..4].copy_from_slice(&19u16.to_be_bytes())
+    });
     let cases = [
         ("IPv6", ipv6, DropReason::Unsupported),
         ("unknown destination", unknown, DropReason::NoEndpoint),
@@ -1098,6 +1107,12 @@ fn egress_drops_what_it_cannot_switch_by_reason() -> Result<()> {
             DropReason::TooBig,
         ),
         ("truncated ARP", runt, DropReason::Malformed),
+        ("IPv4 cut short", cut, DropReason::Malformed),
+        (
+            "IPv4 total length below its header's",
+            total_below_header,
+            DropReason::Malformed,
+        ),
     ];
     for (what, input, reason) in cases {
         let (action, _) = run(
