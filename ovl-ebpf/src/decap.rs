@@ -142,7 +142,10 @@ fn inspect_vxlan(
         };
     }
     if ip.proto == IPPROTO_ICMP {
-        if pmtu::learn(frame, udp_off, node) {
+        // Path MTU reports come from the underlay's routers. One the
+        // crypto device opened came through a peer's tunnel, from no
+        // router on the way (and `inspect` drops it): it teaches nothing.
+        if !decrypted && pmtu::learn(frame, udp_off, node) {
             stats::path_mtu_report();
         }
         return Ok(None);

@@ -1651,6 +1651,35 @@ fn decap_learns_the_path_mtu_and_encap_answers_larger_packets_with_frag_needed()
     Ok(())
 }
 
+/// Path MTU reports come from routers on the underlay. One the crypto
+/// device opened came through a peer's tunnel, from no router on the way:
+/// dropped as everything the device opens that is no VXLAN for here, and
+/// nothing learned from it.
+#[test]
+fn decap_learns_no_path_mtu_from_a_report_the_crypto_device_opened() -> Result<()> {
+    let mut f = fixture("gold-pmtu-crypto")?;
+    let crypto = skb_ctx(f.add_crypto_device()?);
+    let report = frag_needed_report(REMOTE_VTEP, 4789, 1400);
+    let g0 = datapath::read_global(f.pin_dir())?;
+    let (action, _) = run(
+        &f,
+        programs::TC_DECAP,
+        &report,
+        Some(&crypto),
+        UNATTRIBUTED_VNI,
+        |c| c.drops[DropReason::Unsupported as usize] += 1,
+    )?;
+    ensure!(action == TC_ACT_SHOT, "action {action}");
+    let g1 = datapath::read_global(f.pin_dir())?;
+    ensure!(
+        g1.path_mtu_reports == g0.path_mtu_reports,
+        "path_mtu_reports {g0:?} -> {g1:?}"
+    );
+    let learned = datapath::read_path_mtus(f.pin_dir())?;
+    ensure!(learned.is_empty(), "learned {learned:?}");
+    Ok(())
+}
+
 /// Encapsulates `inner` (from C1) and returns the output frame, checking
 /// it was redirected and counted.
 fn encap(f: &Fixture, inner: &[u8]) -> Result<Vec<u8>> {

@@ -135,19 +135,22 @@ fn moved(before: &Counts, after: &Counts) -> Result<Vec<(u32, Counter, u64)>, St
 }
 
 /// What the maps hold that a verdict may send a frame to: the network's
-/// endpoints by address.
+/// endpoints by address, and the crypto device when the network is
+/// encrypted.
 struct Destinations {
     endpoints: BTreeMap<[u8; 4], Endpoint>,
+    crypto_device: Option<u32>,
 }
 
 impl Destinations {
-    fn of(f: &Fixture) -> Result<Destinations> {
+    fn of(f: &Fixture, crypto_device: Option<u32>) -> Result<Destinations> {
         Ok(Destinations {
             endpoints: datapath::read_endpoints(f.pin_dir())?
                 .into_iter()
                 .filter(|(k, _)| k.vni == VNI)
                 .map(|(k, e)| (k.addr, e))
                 .collect(),
+            crypto_device,
         })
     }
 }
@@ -230,6 +233,11 @@ fn judge(
         };
     }
     if action == pass {
+        // What the crypto device opened never reaches the host's stack.
+        ensure_that(
+            hook != Hook::TcDecap || dest.crypto_device.is_none(),
+            || "a frame from the crypto device went on to the host".into(),
+        )?;
         let counted = if hook == Hook::Egress {
             only(&[(VNI, Counter::Egress, 1)])?;
             "to the host"
@@ -336,9 +344,15 @@ fn check_encapsulated(dest: &Destinations, input: &[u8], output: &[u8]) -> Resul
         format!("{} bytes out of {}", output.len(), input.len())
     })?;
     let outer = &output[ETH_HDR_LEN..ETH_HDR_LEN + IPV4_HDR_LEN];
+    // To the underlay's next hop, or to the crypto device, which takes
+    // any MAC, for an encrypted network.
+    let macs = match dest.crypto_device {
+        None => [GATEWAY_MAC, UNDERLAY_MAC],
+        Some(_) => [[0; 6]; 2],
+    };
     ensure_that(
-        output[..6] == GATEWAY_MAC
-            && output[6..12] == UNDERLAY_MAC
+        output[..6] == macs[0]
+            && output[6..12] == macs[1]
             && outer[0] == 0x45
             && be16(outer, 2) == output.len() - ETH_HDR_LEN
             && checksum(outer) == 0
@@ -820,17 +834,44 @@ fn refused_by_test_run(frame: &[u8]) -> bool {
         }
 }
 
+/// The network the fixture's maps hold.
+#[derive(Clone, Copy)]
+enum Network {
+    Clear,
+    /// Encrypted, its remote VTEP keyed, the crypto device up.
+    Encrypted,
+}
+
 /// Scrambled mutants per seed, on top of the systematic ones.
 const RANDOM_PER_SEED: usize = 200;
 
 /// Runs every mutant of every seed of `hook`; fails with the packets that
 /// were not accounted for.
-fn every_mutant_is_accounted_for(hook: Hook, tag: &str, rng_seed: u64) -> Result<()> {
-    let f = fixture(tag)?;
+fn every_mutant_is_accounted_for(
+    hook: Hook,
+    network: Network,
+    tag: &str,
+    rng_seed: u64,
+) -> Result<()> {
+    let mut f = fixture(tag)?;
+    let crypto_device = match network {
+        Network::Clear => None,
+        Network::Encrypted => {
+            f.set_network_flags(network_flags::ENCRYPTED)?;
+            f.set_remote_vtep_flags(vtep_flags::ALLOWED | vtep_flags::KEYED)?;
+            Some(f.add_crypto_device()?)
+        }
+    };
     // The flow caches are per CPU: one CPU makes a run reproducible.
     testbed::stay_on_one_cpu()?;
-    let dest = Destinations::of(&f)?;
-    let ctx = hook.ctx();
+    let dest = Destinations::of(&f, crypto_device)?;
+    // Decap of an encrypted network's frames: as the agent writes them to
+    // the crypto device, decrypted.
+    let ctx = match (hook, crypto_device) {
+        (Hook::TcDecap, Some(device)) => Some(skb_ctx(device)),
+        _ => hook.ctx(),
+    };
+    let [pass, drop, _] = hook.verdicts();
     let mut rng = Xorshift(rng_seed);
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     // Violations by kind (the message without its numbers): how many, and
@@ -838,6 +879,10 @@ fn every_mutant_is_accounted_for(hook: Hook, tag: &str, rng_seed: u64) -> Result
     let mut violations: BTreeMap<String, (usize, String)> = BTreeMap::new();
     let mut refused = 0;
     for (name, seed, verdict) in seeds(hook) {
+        let verdict = match ctx {
+            Some(_) if verdict == pass && crypto_device.is_some() && hook == Hook::TcDecap => drop,
+            _ => verdict,
+        };
         let out = f
             .datapath
             .test_run(hook.program(), &seed, ctx.as_deref(), 1)?;
@@ -921,6 +966,7 @@ fn every_mutant_is_accounted_for(hook: Hook, tag: &str, rng_seed: u64) -> Result
             "encapsulated",
             "answered",
         ],
+        Hook::TcDecap if crypto_device.is_some() => &["dropped", "delivered"],
         _ => &["dropped", "passed", "delivered"],
     };
     ensure!(
@@ -932,15 +978,50 @@ fn every_mutant_is_accounted_for(hook: Hook, tag: &str, rng_seed: u64) -> Result
 
 #[test]
 fn every_mutated_frame_through_xdp_decap_is_accounted_for() -> Result<()> {
-    every_mutant_is_accounted_for(Hook::XdpDecap, "gold-mut-xdp", 0x9e37_79b9_7f4a_7c15)
+    every_mutant_is_accounted_for(
+        Hook::XdpDecap,
+        Network::Clear,
+        "gold-mut-xdp",
+        0x9e37_79b9_7f4a_7c15,
+    )
 }
 
 #[test]
 fn every_mutated_frame_through_tc_decap_is_accounted_for() -> Result<()> {
-    every_mutant_is_accounted_for(Hook::TcDecap, "gold-mut-tc", 0xd1b5_4a32_d192_ed03)
+    every_mutant_is_accounted_for(
+        Hook::TcDecap,
+        Network::Clear,
+        "gold-mut-tc",
+        0xd1b5_4a32_d192_ed03,
+    )
+}
+
+#[test]
+fn every_mutated_frame_the_crypto_device_opened_is_accounted_for() -> Result<()> {
+    every_mutant_is_accounted_for(
+        Hook::TcDecap,
+        Network::Encrypted,
+        "gold-mut-crypto",
+        0x2545_f491_4f6c_dd1d,
+    )
 }
 
 #[test]
 fn every_mutated_frame_through_container_egress_is_accounted_for() -> Result<()> {
-    every_mutant_is_accounted_for(Hook::Egress, "gold-mut-egress", 0xa076_1d64_78bd_642f)
+    every_mutant_is_accounted_for(
+        Hook::Egress,
+        Network::Clear,
+        "gold-mut-egress",
+        0xa076_1d64_78bd_642f,
+    )
+}
+
+#[test]
+fn every_mutated_frame_of_an_encrypted_network_through_egress_is_accounted_for() -> Result<()> {
+    every_mutant_is_accounted_for(
+        Hook::Egress,
+        Network::Encrypted,
+        "gold-mut-egress-enc",
+        0x6a09_e667_f3bc_c908,
+    )
 }
