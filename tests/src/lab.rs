@@ -120,6 +120,9 @@ pub struct Lab {
     prefix: String,
     tempdir: PathBuf,
     namespaces: Mutex<Vec<Netns>>,
+    /// Namespaces deleted before the lab dropped whose `/etc/netns` entry
+    /// may be left.
+    deleted_namespaces: Mutex<Vec<String>>,
     processes: Mutex<Vec<Arc<SpawnedProcess>>>,
     mounts: Mutex<Vec<PathBuf>>,
     cleanups: Mutex<Vec<(CleanupStage, Cleanup)>>,
@@ -160,6 +163,7 @@ impl Lab {
             prefix,
             tempdir,
             namespaces: Mutex::new(Vec::new()),
+            deleted_namespaces: Mutex::new(Vec::new()),
             processes: Mutex::new(Vec::new()),
             mounts: Mutex::new(Vec::new()),
             cleanups: Mutex::new(Vec::new()),
@@ -457,11 +461,21 @@ impl Lab {
     /// Deletes namespace `netns` now (a container that goes away without
     /// telling ovl), so the lab does not delete it again.
     pub fn remove_netns(&self, netns: &Netns) -> Result<()> {
+        self.delete_netns_keeping_etc(netns)?;
+        remove_netns_etc(netns.name());
+        Ok(())
+    }
+
+    /// Deletes namespace `netns` now as `ip netns del` does, leaving its
+    /// `/etc/netns/NAME` to whoever wrote there (ovl's agent removes the
+    /// resolv.conf of a namespace it collects); the lab removes what is
+    /// still there when it drops.
+    pub fn delete_netns_keeping_etc(&self, netns: &Netns) -> Result<()> {
         let mut namespaces = lock(&self.namespaces);
         let _admin = netns_admin();
         cmd::run(&["ip", "netns", "del", netns.name()])?;
-        remove_netns_etc(netns.name());
         namespaces.retain(|n| n.name() != netns.name());
+        lock(&self.deleted_namespaces).push(netns.name().to_owned());
         Ok(())
     }
 
@@ -473,6 +487,9 @@ impl Lab {
                 eprintln!("ovl-tests: cannot delete namespace {netns}: {error:#}");
             }
             remove_netns_etc(netns.name());
+        }
+        for name in lock(&self.deleted_namespaces).drain(..) {
+            remove_netns_etc(&name);
         }
     }
 

@@ -16,6 +16,7 @@ mod dns_upstream;
 mod docker;
 mod ecn;
 mod etcd;
+mod footprint;
 mod hooks;
 mod interrupt;
 mod lab;
@@ -44,6 +45,7 @@ pub use ecn::{
     send_udp_with_tos,
 };
 pub use etcd::{ETCD_CLIENT_PORT, ETCD_PEER_PORT, Etcd, EtcdCluster, EtcdTls};
+pub use footprint::Footprint;
 pub use hooks::{HookedProgram, hooked_programs};
 pub use interrupt::remove_labs_on_interrupt;
 pub use lab::{CleanupStage, LAB_NAME_PREFIX, Lab, require_root};

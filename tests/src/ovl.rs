@@ -160,12 +160,14 @@ impl Ovl {
             ),
             (
                 "OVL_STATE_DIR".into(),
-                self.run_dir
-                    .join(format!("state-{node}"))
-                    .display()
-                    .to_string(),
+                self.state_dir(node).display().to_string(),
             ),
         ]
+    }
+
+    /// The agent state directory of node `node` (`OVL_STATE_DIR`).
+    pub fn state_dir(&self, node: &str) -> PathBuf {
+        self.run_dir.join(format!("state-{node}"))
     }
 
     /// The API socket of node `node`'s agent.
@@ -226,6 +228,14 @@ impl Ovl {
         let argv = self.argv_with_env(node, extra_env, args);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         ns.exec_unchecked(&argv)
+    }
+
+    /// Starts `ovl args...` in the background in namespace `ns` as node
+    /// `node`, as a process of `lab` (for a command a test kills half-way).
+    pub fn spawn(&self, lab: &Lab, ns: &Netns, node: &str, args: &[&str]) -> Result<ChildHandle> {
+        let argv = self.argv(node, args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        lab.spawn(ns, &argv, &[])
     }
 
     /// Starts `ovl attach eth0 --mode MODE` on `host` as `node` and waits

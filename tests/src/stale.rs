@@ -62,6 +62,17 @@ fn remove_labs(belongs: fn(&str) -> bool, reap: Reap) -> Result<usize> {
         }
     }
 
+    // A namespace deleted before its lab dropped may have left its
+    // /etc/netns entry (see `Lab::delete_netns_keeping_etc`).
+    if let Ok(entries) = fs::read_dir(NETNS_ETC) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if belongs(&name) {
+                crate::lab::remove_netns_etc(&name);
+            }
+        }
+    }
+
     for name in lab_cgroups()? {
         if belongs(&name) {
             note(remove_cgroup_tree(&name));
@@ -101,6 +112,9 @@ fn remove_labs(belongs: fn(&str) -> bool, reap: Reap) -> Result<usize> {
     }
     Ok(removed)
 }
+
+/// Where `ip netns exec` finds per-namespace /etc files.
+const NETNS_ETC: &str = "/etc/netns";
 
 /// Whether [`kill_processes_in`] waits for the children it killed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
