@@ -641,6 +641,24 @@ async fn remove_link(store: &Store, node: &str, network: &str, netns: &str) -> R
     Ok(())
 }
 
+/// Deletes the veth pair with host end `host_ifname` if it is still whole
+/// in the host's namespace (its container end never moved: what an attach
+/// killed half-way leaves, [`abandoned_attach`]); a host end whose peer
+/// is in a container is left alone. Returns whether a pair went.
+pub async fn remove_unmoved_pair(host_ifname: &str) -> Result<bool> {
+    let peer = crate::model::unmoved_peer_ifname(host_ifname);
+    if netlink::ifindex(&peer).is_none() || netlink::ifindex(host_ifname).is_none() {
+        return Ok(false);
+    }
+    let handle = netlink::connect()?;
+    netlink::delete_link(&handle, host_ifname)
+        .await
+        .with_context(|| {
+            format!("remove the veth pair {host_ifname} / {peer} a killed attach left")
+        })?;
+    Ok(true)
+}
+
 /// Deletes the host end of a container veth (and so the pair), if present.
 pub async fn remove_host_link(host_ifname: &str) -> Result<()> {
     if netlink::ifindex(host_ifname).is_some() {

@@ -721,6 +721,32 @@ fn killed_connects_are_reclaimed(lab: &Lab, ovl: &Ovl, host: &Host) -> Result<()
     })
     .context("the agent never freed the address of c2's killed connect")?;
 
+    // c6's killed with its pair made, the container end still in the
+    // host's namespace, and the container goes: no connect of c6 will come.
+    // The agent removes the pair and frees the address after the grace.
+    let c6 = lab.container("c6")?;
+    let before = host_links(&host.netns)?;
+    let argv = connect_interrupted_argv(ovl, &c6, "SIGKILL", veth + 1)?;
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    host.netns.exec_unchecked(&argv)?;
+    let made = links_since(&host.netns, &before)?;
+    ensure!(
+        made.len() == 2 && recorded(ovl, host, &c6)?.len() == 1,
+        "c6's connect was not killed with its pair whole: {made:?}, {:?}",
+        recorded(ovl, host, &c6)?
+    );
+    lab.remove_netns(&c6)?;
+    wait_until(Duration::from_secs(20), || {
+        Ok(recorded(ovl, host, &c6)?.is_empty() && host_links(&host.netns)? == before)
+    })
+    .with_context(|| {
+        format!(
+            "the agent left what c6's killed connect made: {:?} in the store, {:?} in the host",
+            recorded(ovl, host, &c6),
+            links_since(&host.netns, &before)
+        )
+    })?;
+
     ensure!(
         recorded(ovl, host, &c3)?.len() == 1,
         "the agent took the endpoint of an attach in progress"

@@ -1,10 +1,11 @@
 //! Collecting endpoints whose container went away without a disconnect: a
 //! local endpoint whose host veth is gone along with its network namespace
 //! — or with the attach that registered it, killed before it made the veth
+//! or before it moved the container end out of the host's namespace
 //! ([`attachment::abandoned_attach`]) — for longer than a grace period is
-//! deleted from the store (freeing its address), logged and counted.
-//! Docker's endpoints are left to the Docker plugin, which reconciles them
-//! with dockerd.
+//! deleted from the store (freeing its address), logged and counted; a
+//! pair such an attach left whole goes first. Docker's endpoints are left
+//! to the Docker plugin, which reconciles them with dockerd.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -58,9 +59,11 @@ impl Collector {
     /// resolves a host interface): returns those abandoned for longer than
     /// the grace, and when to look again (the earliest moment another one
     /// will be due), if any is pending. Those returned are due again
-    /// [`RETRY`] later while `state` still holds them. Only endpoints without a veth can
-    /// be abandoned; their namespaces are looked at when that set changed,
-    /// when one is due, or [`RECHECK`] after the last look.
+    /// [`RETRY`] later while `state` still holds them. Only endpoints
+    /// without a container's veth (no host end, or the pair still whole in
+    /// the host's namespace) can be abandoned; their namespaces are looked
+    /// at when that set changed, when one is due, or [`RECHECK`] after the
+    /// last look.
     pub fn scan(
         &mut self,
         state: &State,
@@ -97,7 +100,10 @@ impl Collector {
         let abandoned: BTreeMap<(String, Ipv4Addr), &Endpoint> = candidates
             .into_iter()
             .filter(|(_, e)| {
-                let gone = namespace_gone(e) || attachment::abandoned_attach(e, ifindex_of);
+                // A pair left whole by an attach still running is its own
+                // to finish or undo, whatever became of its namespace.
+                let gone = (lacks_host_end(e, ifindex_of) && namespace_gone(e))
+                    || attachment::abandoned_attach(e, ifindex_of);
                 attach_running |= !gone && e.attacher.is_some();
                 gone
             })
@@ -139,11 +145,24 @@ pub fn collect(state: &mut State, ep: &Endpoint) -> bool {
 }
 
 /// A container endpoint (not Docker's: its plugin reconciles those with
-/// dockerd) whose host veth does not exist.
+/// dockerd, and its container end waits in the host's namespace for
+/// Docker to move) without a container's veth: its host end does not
+/// exist, or the pair is still whole in the host's namespace.
 fn lacks_veth(e: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>) -> bool {
     if e.owner.as_deref().is_some_and(|o| o.starts_with("docker:")) {
         return false;
     }
+    match &e.location {
+        Location::Container { host_ifname, .. } => {
+            ifindex_of(host_ifname).is_none()
+                || ifindex_of(&crate::model::unmoved_peer_ifname(host_ifname)).is_some()
+        }
+        Location::Static { .. } | Location::Reserved { .. } => false,
+    }
+}
+
+/// A container endpoint whose host end does not exist.
+fn lacks_host_end(e: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>) -> bool {
     match &e.location {
         Location::Container { host_ifname, .. } => ifindex_of(host_ifname).is_none(),
         Location::Static { .. } | Location::Reserved { .. } => false,
@@ -180,6 +199,12 @@ mod tests {
         (s, spec)
     }
 
+    /// Whether `name` is a host end (never the container end a killed
+    /// attach left in the host's namespace).
+    fn host_ends_only(name: &str) -> bool {
+        crate::model::is_host_ifname(name)
+    }
+
     #[test]
     fn an_endpoint_is_collected_only_after_its_grace_and_only_while_abandoned() {
         let (mut s, _) = one_container("/nonexistent/ovl-gc-test");
@@ -198,7 +223,7 @@ mod tests {
         assert_eq!(due[0].ip, Ipv4Addr::new(198, 18, 0, 2));
         // An endpoint whose veth exists is never collected.
         let mut other = Collector::new(Duration::from_secs(10));
-        let veth = |_: &str| Some(7);
+        let veth = |n: &str| host_ends_only(n).then_some(7);
         other.scan(&s, "a", t0, &veth);
         assert!(
             other
@@ -239,12 +264,47 @@ mod tests {
         for (attacher, veth) in [(Some(me), None), (Some(dead), Some(7)), (None, None)] {
             s.endpoints[0].attacher = attacher;
             let mut gc = Collector::new(Duration::from_secs(10));
-            gc.scan(&s, "a", t0, &|_| veth);
+            let ifindex_of = |n: &str| veth.filter(|_| host_ends_only(n));
+            gc.scan(&s, "a", t0, &ifindex_of);
             assert!(
-                gc.scan(&s, "a", later, &|_| veth).0.is_empty(),
+                gc.scan(&s, "a", later, &ifindex_of).0.is_empty(),
                 "{attacher:?} {veth:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_pair_left_whole_in_the_host_by_a_dead_attach_is_collected_after_its_grace() {
+        // The container end never moved: both ends are host interfaces.
+        let whole = |_: &str| Some(7);
+        let me = crate::attachment::attacher::current().unwrap();
+        let dead = crate::model::Attacher {
+            started: me.started + 1,
+            ..me
+        };
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(11);
+        // Its namespace gone or not: the attach will never finish it.
+        for netns in ["/proc/self/ns/net", "/nonexistent/ovl-gc-whole"] {
+            let (mut s, _) = one_container(netns);
+            s.endpoints[0].attacher = Some(dead);
+            let mut gc = Collector::new(Duration::from_secs(10));
+            assert!(gc.scan(&s, "a", t0, &whole).0.is_empty(), "in its grace");
+            assert_eq!(gc.scan(&s, "a", later, &whole).0.len(), 1, "{netns}");
+        }
+        // Still being attached, its namespace gone: the attach undoes it.
+        let (mut s, _) = one_container("/nonexistent/ovl-gc-whole");
+        s.endpoints[0].attacher = Some(me);
+        let mut gc = Collector::new(Duration::from_secs(10));
+        gc.scan(&s, "a", t0, &whole);
+        assert!(gc.scan(&s, "a", later, &whole).0.is_empty());
+        // A finished veth (only the host end here) is never collected.
+        let (mut s, _) = one_container("/nonexistent/ovl-gc-whole");
+        s.endpoints[0].attacher = Some(dead);
+        let host_end = |n: &str| host_ends_only(n).then_some(7);
+        let mut gc = Collector::new(Duration::from_secs(10));
+        gc.scan(&s, "a", t0, &host_end);
+        assert!(gc.scan(&s, "a", later, &host_end).0.is_empty());
     }
 
     #[test]
@@ -306,11 +366,11 @@ mod tests {
         gc.scan(&s, "a", t1, &|_| None);
         assert_eq!(gc.last_look, Some(t0));
         // Changed candidates (a veth appeared): looked at at once.
-        gc.scan(&s, "a", t1, &|_| Some(3));
+        gc.scan(&s, "a", t1, &|n| host_ends_only(n).then_some(3));
         assert_eq!(gc.last_look, Some(t1));
         // Past RECHECK: looked at again.
         let t2 = t1 + RECHECK;
-        gc.scan(&s, "a", t2, &|_| Some(3));
+        gc.scan(&s, "a", t2, &|n| host_ends_only(n).then_some(3));
         assert_eq!(gc.last_look, Some(t2));
     }
 }

@@ -1160,8 +1160,21 @@ impl Agent {
             });
         self.next_gc = next;
         for ep in due {
-            let Location::Container { netns, .. } = &ep.location else {
+            let Location::Container {
+                netns, host_ifname, ..
+            } = &ep.location
+            else {
                 continue;
+            };
+            // What the attach left of its veth goes first, while the
+            // endpoint still says whose it was: should the store change
+            // fail, the endpoint, without a veth now, is due again.
+            let pair_removed = match crate::attachment::remove_unmoved_pair(host_ifname).await {
+                Ok(removed) => removed,
+                Err(e) => {
+                    log::warn!("collecting endpoint {} of {}: {e:#}", ep.ip, ep.network);
+                    continue;
+                }
             };
             let around = crate::store::Around {
                 ip: Some(ep.ip),
@@ -1176,7 +1189,11 @@ impl Agent {
             {
                 Ok(true) => {
                     let namespace_gone = gc::namespace_gone(&ep);
-                    let why = if namespace_gone {
+                    let why = if pair_removed {
+                        format!(
+                            "the attach of {netns} that registered it died before moving its veth into the container; removed the pair {host_ifname} it left"
+                        )
+                    } else if namespace_gone {
                         format!("its namespace {netns} is gone without a disconnect")
                     } else {
                         format!(
