@@ -521,6 +521,58 @@ fn an_endpoint_whose_namespace_was_deleted_without_disconnect_is_freed_after_the
     agent.stop()
 }
 
+/// The resolv.conf `ovl connect` wrote for a namespace deleted without a
+/// disconnect goes before the agent frees its endpoint in the store: an
+/// agent killed between the two would otherwise leave a file nothing
+/// removes (the store no longer says whose it is). Here the store's lock
+/// is held meanwhile, so the agent's store change waits.
+#[test]
+fn the_resolv_conf_of_a_namespace_gone_without_disconnect_goes_before_its_endpoint() -> Result<()> {
+    let lab = Lab::new("lc-resolv")?;
+    let ovl = ovl_tests::Ovl::new(&lab)?;
+    let (_router, hosts) = lab.routed_hosts(1)?;
+    let host = &hosts[0];
+    let agent = ovl.attach_with_env(&lab, host, "host-a", "auto", &[("OVL_GC_GRACE", "1")])?;
+    ovl.create_network(&host.netns, "uber-net", "198.18.0.0/24", &[])?;
+    let c1 = lab.container("c1")?;
+    let ip1 = ovl.connect(host, "host-a", "uber-net", &c1, &[])?;
+    let resolv_conf = Path::new("/etc/netns").join(c1.name()).join("resolv.conf");
+    ensure!(
+        resolv_conf.exists(),
+        "connect wrote no {}",
+        resolv_conf.display()
+    );
+
+    let store = lab.tempdir().join("store");
+    let lock = store.join("state.lock").display().to_string();
+    let holder = lab.spawn_here(&["flock", &lock, "sleep", "5"], &[])?;
+    wait_until(Duration::from_secs(5), || {
+        Ok(!ovl_tests::run_unchecked(&["flock", "-n", &lock, "true"])?
+            .status
+            .success())
+    })
+    .with_context(|| format!("flock never took the lock:\n{}", holder.output_report()))?;
+    lab.delete_netns_keeping_etc(&c1)?;
+    let recorded = || -> Result<bool> {
+        let state = std::fs::read_to_string(store.join("state.json"))?;
+        Ok(state.contains(&format!("\"{ip1}\"")))
+    };
+    wait_until(Duration::from_secs(4), || Ok(!resolv_conf.exists()))
+        .with_context(|| format!("{} outlived its namespace", resolv_conf.display()))?;
+    ensure!(
+        recorded()?,
+        "the endpoint was freed before the lock was released"
+    );
+    holder.wait_timeout(Duration::from_secs(10))?;
+    wait_until(Duration::from_secs(15), || Ok(!recorded()?)).with_context(|| {
+        format!(
+            "endpoint {ip1} never freed:\n{}",
+            agent.log().unwrap_or_default()
+        )
+    })?;
+    agent.stop()
+}
+
 #[test]
 fn a_new_underlay_address_under_a_running_agent_is_followed_by_every_node() -> Result<()> {
     let lab = Lab::new("lc-readdr")?;

@@ -1166,9 +1166,10 @@ impl Agent {
             else {
                 continue;
             };
-            // What the attach left of its veth goes first, while the
-            // endpoint still says whose it was: should the store change
-            // fail, the endpoint, without a veth now, is due again.
+            // What the container left on this host goes first, while the
+            // endpoint still says whose it was: an agent stopped before the
+            // store change finds the endpoint again (without a veth now),
+            // one stopped after it would find nothing to say whose they are.
             let pair_removed = match crate::attachment::remove_unmoved_pair(host_ifname).await {
                 Ok(removed) => removed,
                 Err(e) => {
@@ -1176,6 +1177,13 @@ impl Agent {
                     continue;
                 }
             };
+            // A namespace that lives on may have other networks' endpoints,
+            // which use its resolv.conf. One made anew under the name of a
+            // gone one is connected only once this endpoint has left.
+            let namespace_gone = gc::namespace_gone(&ep);
+            if namespace_gone && let Err(e) = crate::dns::resolv_conf::remove(netns) {
+                log::warn!("collecting endpoint {} of {}: {e:#}", ep.ip, ep.network);
+            }
             let around = crate::store::Around {
                 ip: Some(ep.ip),
                 ..crate::store::Around::container(&ep.network, &self.node, netns)
@@ -1188,7 +1196,6 @@ impl Agent {
                 .await
             {
                 Ok(true) => {
-                    let namespace_gone = gc::namespace_gone(&ep);
                     let why = if pair_removed {
                         format!(
                             "the attach of {netns} that registered it died before moving its veth into the container; removed the pair {host_ifname} it left"
@@ -1207,11 +1214,6 @@ impl Agent {
                         ep.network
                     );
                     self.view.update(|l| l.collected_endpoints += 1);
-                    // A namespace that lives on may have other networks'
-                    // endpoints, which use its resolv.conf.
-                    if namespace_gone {
-                        let _ = crate::dns::resolv_conf::remove(netns);
-                    }
                 }
                 Ok(false) => log::debug!(
                     "not collecting endpoint {} of {}: the store no longer holds it as found (disconnected, or {netns} connected anew)",
