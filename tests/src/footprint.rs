@@ -44,6 +44,16 @@ impl Footprint {
         self.parts.insert(part.into(), lines);
     }
 
+    /// The lines of part `part` (none if there is none).
+    pub fn lines(&self, part: &str) -> &[String] {
+        self.parts.get(part).map_or(&[], Vec::as_slice)
+    }
+
+    /// Removes part `part` and returns its lines (none if there was none).
+    pub fn take(&mut self, part: &str) -> Vec<String> {
+        self.parts.remove(part).unwrap_or_default()
+    }
+
     /// Takes in every part of `other`, each named `<prefix>: <part>`.
     pub fn merge(&mut self, prefix: &str, other: Footprint) {
         for (part, lines) in other.parts {
