@@ -37,7 +37,11 @@ pub struct LinkEvent {
 /// of polling for them. A deletion names its link: a device deleted and
 /// made anew under the same index between two looks is otherwise the same
 /// device to whoever looks.
-pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>> {
+/// `received` counts the notifications as they arrive, before the
+/// receiver takes them: what remembers link names checks it.
+pub fn link_events(
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>> {
     use rtnetlink::packet_core::NetlinkPayload;
     use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage as M};
     let (conn, _handle, messages) = rtnetlink::new_multicast_connection(&[
@@ -45,7 +49,8 @@ pub fn link_events() -> Result<tokio::sync::mpsc::UnboundedReceiver<LinkEvent>> 
         rtnetlink::MulticastGroup::Ipv4Ifaddr,
     ])
     .context("subscribe to link and address notifications")?;
-    Ok(forward_notifications(conn, messages, |message| {
+    Ok(forward_notifications(conn, messages, move |message| {
+        received.fetch_add(1, std::sync::atomic::Ordering::Release);
         let deleted = match &message.payload {
             // A bridge port's leaving its bridge is an AF_BRIDGE
             // RTM_DELLINK of a device that stays.

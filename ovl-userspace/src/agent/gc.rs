@@ -100,10 +100,7 @@ impl Collector {
         let abandoned: BTreeMap<(String, Ipv4Addr), &Endpoint> = candidates
             .into_iter()
             .filter(|(_, e)| {
-                // A pair left whole by an attach still running is its own
-                // to finish or undo, whatever became of its namespace.
-                let gone = (lacks_host_end(e, ifindex_of) && namespace_gone(e))
-                    || attachment::abandoned_attach(e, ifindex_of);
+                let gone = abandoned(e, ifindex_of);
                 attach_running |= !gone && e.attacher.is_some();
                 gone
             })
@@ -134,6 +131,15 @@ impl Collector {
         self.next = next;
         (due, next)
     }
+}
+
+/// Whether local endpoint `ep`, without a container's veth, is abandoned:
+/// its namespace went, or the attach that registered it died before
+/// finishing its veth. A pair left whole by an attach still running is its
+/// own to finish or undo, whatever became of its namespace.
+pub fn abandoned(ep: &Endpoint, ifindex_of: &dyn Fn(&str) -> Option<u32>) -> bool {
+    (lacks_host_end(ep, ifindex_of) && namespace_gone(ep))
+        || attachment::abandoned_attach(ep, ifindex_of)
 }
 
 /// The store change that collects `ep`, found abandoned by a scan of a

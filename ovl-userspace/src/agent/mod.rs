@@ -971,7 +971,7 @@ impl Agent {
         // Container veths come and go under the agent (`ovl connect` makes
         // one just after registering it; a deleted namespace takes its own
         // along): the kernel says when, nothing is polled.
-        let mut links = netlink::link_events()?;
+        let mut links = netlink::link_events(self.ifindexes.notifications())?;
         // The data path caches next hops to other VTEPs for at most a
         // second; a changed route or neighbour empties the cache at once.
         let mut paths = netlink::underlay_path_events(self.underlay.ifindex)?;
@@ -1159,6 +1159,7 @@ impl Agent {
                 ifindexes.get(name)
             });
         self.next_gc = next;
+        let mut view_outdated = false;
         for ep in due {
             let Location::Container {
                 netns, host_ifname, ..
@@ -1166,12 +1167,32 @@ impl Agent {
             else {
                 continue;
             };
+            // Taking a container's address away is decided on what the
+            // kernel says now, not on the agent's cache of link names.
+            if !gc::abandoned(&ep, &crate::netlink::ifindex) {
+                log::warn!(
+                    "not collecting endpoint {} ({}) of {}: its veth {host_ifname} is there after all; the agent's view of this host's links was out of date and is read again",
+                    ep.ip,
+                    ep.name,
+                    ep.network
+                );
+                view_outdated = true;
+                continue;
+            }
             // What the container left on this host goes first, while the
             // endpoint still says whose it was: an agent stopped before the
             // store change finds the endpoint again (without a veth now),
             // one stopped after it would find nothing to say whose they are.
             let pair_removed = match crate::attachment::remove_unmoved_pair(host_ifname).await {
-                Ok(removed) => removed,
+                Ok(removed) => {
+                    // Its names may be made again at once (the address
+                    // given to the next container): never answered from
+                    // before the removal.
+                    if removed {
+                        self.ifindexes.invalidate();
+                    }
+                    removed
+                }
                 Err(e) => {
                     log::warn!("collecting endpoint {} of {}: {e:#}", ep.ip, ep.network);
                     continue;
@@ -1222,6 +1243,10 @@ impl Agent {
                 ),
                 Err(e) => log::warn!("collecting endpoint {} of {}: {e}", ep.ip, ep.network),
             }
+        }
+        if view_outdated {
+            self.ifindexes.invalidate();
+            self.reapply();
         }
     }
 
