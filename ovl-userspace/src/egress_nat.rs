@@ -497,24 +497,24 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) -> Re
         }
     }
 
-    // Return routes, neighbours and forwarding on the veths.
+    // Return routes, neighbours and forwarding on the veths. One veth
+    // that cannot take them (a host end a killed connect left down, a
+    // veth gone since it was planned) leaves the others theirs, and the
+    // rules and firewall below: its error is returned at the end, and it
+    // is tried again at the next apply.
+    let mut failed: Option<anyhow::Error> = None;
+    let mut not_done: BTreeSet<(u32, Ipv4Addr)> = BTreeSet::new();
     let mut batch = String::new();
+    let mut batched = Vec::new();
     for e in endpoints {
         let installed = memory.endpoints.get(&(e.vni, e.ip)) == Some(&(e.ifindex, e.mac));
         if installed && !recheck {
             continue;
         }
-        set_sysctl(&e.ifname, "forwarding", "1")?;
-        // Marked packets from the container are checked against the
-        // container's table by rp_filter, where it is on.
-        set_sysctl(&e.ifname, "src_valid_mark", "1")?;
-        // The host's own connections to a published port through
-        // 127.0.0.1 (`curl localhost:8080`, which Docker's userland proxy
-        // serves) leave through the veth from a loopback address, and
-        // their replies come back to one. What the container itself sends
-        // to 127/8 is dropped in chain `prerouting`.
-        if !e.ports.is_empty() {
-            set_sysctl(&e.ifname, "route_localnet", "1")?;
+        if let Err(err) = veth_sysctls(e) {
+            failed.get_or_insert(err);
+            not_done.insert((e.vni, e.ip));
+            continue;
         }
         if installed {
             continue;
@@ -529,12 +529,19 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) -> Re
             mac_text(e.mac),
             e.ifname
         ));
+        batched.push((e.vni, e.ip));
     }
-    if !batch.is_empty() {
-        ip_batch(&batch)?;
+    // `-force`: every line is tried; which failed is not told apart, so
+    // all of this batch's are tried again next time (they replace).
+    if !batch.is_empty()
+        && let Err(err) = ip_batch(&batch)
+    {
+        failed.get_or_insert(err);
+        not_done.extend(batched);
     }
     memory.endpoints = endpoints
         .iter()
+        .filter(|e| !not_done.contains(&(e.vni, e.ip)))
         .map(|e| ((e.vni, e.ip), (e.ifindex, e.mac)))
         .collect();
 
@@ -547,6 +554,23 @@ pub fn ensure(underlay: &str, endpoints: &[EgressEndpoint], recheck: bool) -> Re
     // forwards for ovl.
     if !endpoints.is_empty() {
         host_firewall::ensure_logged(underlay);
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Forwarding (and what goes with it) on the host end of `e`'s veth.
+fn veth_sysctls(e: &EgressEndpoint) -> Result<()> {
+    set_sysctl(&e.ifname, "forwarding", "1")?;
+    // Marked packets from the container are checked against the
+    // container's table by rp_filter, where it is on.
+    set_sysctl(&e.ifname, "src_valid_mark", "1")?;
+    // The host's own connections to a published port through 127.0.0.1
+    // (`curl localhost:8080`, which Docker's userland proxy serves) leave
+    // through the veth from a loopback address, and their replies come
+    // back to one. What the container itself sends to 127/8 is dropped in
+    // chain `prerouting`.
+    if !e.ports.is_empty() {
+        set_sysctl(&e.ifname, "route_localnet", "1")?;
     }
     Ok(())
 }
@@ -1127,8 +1151,8 @@ fn nft(script: &str) -> Result<()> {
 }
 
 fn ip_batch(batch: &str) -> Result<()> {
-    run_with_stdin("ip", &["-batch", "-"], batch)
-        .with_context(|| format!("ip -batch - with:\n{batch}"))
+    run_with_stdin("ip", &["-force", "-batch", "-"], batch)
+        .with_context(|| format!("ip -force -batch - with:\n{batch}"))
         .map(|_| ())
 }
 

@@ -795,3 +795,32 @@ fn a_node_without_external_egress_runs_no_nft_on_link_events() -> Result<()> {
     );
     world.stop()
 }
+
+/// One container's veth that cannot take its return route (its host end
+/// down: a connect killed before it raised it, or an operator) costs
+/// only that container its way out: a container connected after it
+/// reaches the outside, and the agent's log names the failing veth. It
+/// once failed the whole batch of return routes, and every container
+/// connected meanwhile got none.
+#[test]
+fn a_veth_that_cannot_take_its_return_route_costs_only_its_own_container() -> Result<()> {
+    let lab = Lab::new("egress-down")?;
+    let (mut world, c1, _ip1) = world(&lab, &[])?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c1))?;
+    let (c2, _ip2) = world.container(&lab, 0, NETWORK, "c2")?;
+    let down = world.host_end(0, NETWORK, &c2)?;
+    world.hosts[0].netns.ip(&["link", "set", &down, "down"])?;
+    // A new agent installs every return route again, c2's first.
+    world.kill_agent(0)?;
+    world.restart_agent(&lab, 0, &[])?;
+    let (c3, _ip3) = world.container(&lab, 0, NETWORK, "c3")?;
+    wait_until(Duration::from_secs(10), || reaches_server(&c3))
+        .context("c3 has no way out while c2's host end is down")?;
+    ensure!(reaches_server(&c1)?, "c1 lost its way out");
+    let log = world.agents[0].log()?;
+    ensure!(
+        log.contains("external egress cannot be set up") && log.contains(&down),
+        "the agent did not name {down}:\n{log}"
+    );
+    world.stop()
+}
