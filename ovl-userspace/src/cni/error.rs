@@ -237,6 +237,18 @@ mod tests {
     }
 
     #[test]
+    fn a_host_port_a_server_of_the_host_serves_is_in_use() {
+        let port = "8080:80".parse().unwrap();
+        let taken = anyhow::Error::from(StoreError::Rejected(ModelError::HostPortInUse(
+            crate::ports::HostPortInUse { port },
+        )))
+        .context("connect x to net1");
+        let e = CniError::from_failure(&taken);
+        assert_eq!(e.code, Code::AddressInUse);
+        assert!(e.details.contains("ss -lntup"), "{}", e.details);
+    }
+
+    #[test]
     fn addresses_held_back_for_their_grace_are_try_again_later() {
         let held = StoreError::Rejected(ModelError::AddressHeld {
             network: "net1".into(),
