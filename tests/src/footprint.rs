@@ -281,13 +281,7 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<()> {
 /// The entries of the map pinned at `pin` as `key = value` lines (the
 /// value left out for [`VOLATILE_MAPS`]), bytes in hex.
 fn map_entries(pin: &Path, name: &str) -> Result<Vec<String>> {
-    let pin_text = pin.to_string_lossy().into_owned();
-    let out = cmd::run(&["bpftool", "-j", "map", "dump", "pinned", &pin_text])?;
-    let dump: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("bpftool dump of {pin_text} is not JSON"))?;
-    let entries = dump
-        .as_array()
-        .with_context(|| format!("bpftool dump of {pin_text} is not a list: {dump}"))?;
+    let entries = crate::maps::bpftool_dump(pin)?;
     let volatile = VOLATILE_MAPS.contains(&name);
     Ok(entries
         .iter()

@@ -139,13 +139,7 @@ fn dump_pinned(
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let pin = pin_dir.join(name);
     let pin_text = pin.to_string_lossy().into_owned();
-    let out = cmd::run(&["bpftool", "-j", "map", "dump", "pinned", &pin_text])?;
-    let dump: Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("bpftool dump of {pin_text} is not JSON"))?;
-    let entries = dump
-        .as_array()
-        .with_context(|| format!("bpftool dump of {pin_text} is not a list: {dump}"))?;
-    entries
+    bpftool_dump(&pin)?
         .iter()
         .map(|entry| {
             let key = bytes(&entry["key"]).with_context(|| format!("key of {entry}"))?;
@@ -159,6 +153,19 @@ fn dump_pinned(
             Ok((key, value))
         })
         .collect()
+}
+
+/// The entries of the map pinned at `pin`, as `bpftool -j map dump`
+/// lists them.
+pub(crate) fn bpftool_dump(pin: &Path) -> Result<Vec<Value>> {
+    let pin_text = pin.to_string_lossy().into_owned();
+    let out = cmd::run(&["bpftool", "-j", "map", "dump", "pinned", &pin_text])?;
+    let dump: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("bpftool dump of {pin_text} is not JSON"))?;
+    match dump {
+        Value::Array(entries) => Ok(entries),
+        other => bail!("bpftool dump of {pin_text} is not a list: {other}"),
+    }
 }
 
 /// `["0x1f", "0x00", ...]` as bytes.

@@ -354,14 +354,8 @@ impl EtcdStore {
                     // and this commit fails. A name another holds is not
                     // written: its claim stays the holder's.
                     let claim = name_key(&e.network, &e.name);
-                    compares.push(Compare::mod_revision(
-                        claim.as_str(),
-                        CompareOp::Equal,
-                        snap.mod_rev(&claim),
-                    ));
-                    put(
-                        &mut ops,
-                        &mut written,
+                    put_as_read(
+                        (&mut compares, &mut ops, &mut written),
                         &snap,
                         &claim,
                         claim_value_of(&claim, &e),
@@ -371,14 +365,8 @@ impl EtcdStore {
                     // an endpoint without that MAC): a connect giving the
                     // MAC meanwhile changed it, and this commit fails.
                     if let Some(claim) = mac_claim {
-                        compares.push(Compare::mod_revision(
-                            claim.as_str(),
-                            CompareOp::Equal,
-                            snap.mod_rev(&claim),
-                        ));
-                        put(
-                            &mut ops,
-                            &mut written,
+                        put_as_read(
+                            (&mut compares, &mut ops, &mut written),
                             &snap,
                             &claim,
                             claim_value_of(&claim, &e),
@@ -471,6 +459,22 @@ fn put(ops: &mut Vec<TxnOp>, written: &mut Written, snap: &Snapshot, key: &str, 
             was_present: snap.kvs.contains_key(key),
         },
     ));
+}
+
+/// [`put`], guarded by `key`'s mod revision as `snap` read it: the
+/// commit fails if anyone changed the key since.
+fn put_as_read(
+    (compares, ops, written): (&mut Vec<Compare>, &mut Vec<TxnOp>, &mut Written),
+    snap: &Snapshot,
+    key: &str,
+    value: Vec<u8>,
+) {
+    compares.push(Compare::mod_revision(
+        key,
+        CompareOp::Equal,
+        snap.mod_rev(key),
+    ));
+    put(ops, written, snap, key, value);
 }
 
 /// What freeing endpoint `e` (at `key`) at `now_ms` writes: its key
