@@ -1213,6 +1213,15 @@ fn a_change_whose_commit_or_its_answer_was_lost_is_made_exactly_once() -> Result
             (LOSE_ANSWER, "answered", "c1"),
             (LOSE_REQUEST, "unsent", "c2"),
         ] {
+            // The change ran once, the proxy lost what it was armed to,
+            // and the commit was looked up once (`looked_up` before it).
+            let made_once = |what: &str, runs: u32, looked_up: u64| -> Result<()> {
+                ensure!(runs == 1, "{what} ran {runs} times (mode {mode})");
+                ensure!(proxy.fired(), "no request met mode {mode}");
+                let n = ovl_userspace::store::etcd_commits_looked_up() - looked_up;
+                ensure!(n == 1, "{what} looked up {n} times (mode {mode})");
+                Ok(())
+            };
             // Armed by the change itself: between its read and its commit.
             let looked_up = ovl_userspace::store::etcd_commits_looked_up();
             let mut runs = 0;
@@ -1228,10 +1237,7 @@ fn a_change_whose_commit_or_its_answer_was_lost_is_made_exactly_once() -> Result
                 })
                 .await
                 .with_context(|| format!("network create, mode {mode}"))?;
-            ensure!(runs == 1, "network create ran {runs} times (mode {mode})");
-            ensure!(proxy.fired(), "no request met mode {mode}");
-            let n = ovl_userspace::store::etcd_commits_looked_up() - looked_up;
-            ensure!(n == 1, "network create looked up {n} times (mode {mode})");
+            made_once("network create", runs, looked_up)?;
             let looked_up = ovl_userspace::store::etcd_commits_looked_up();
             let mut runs = 0;
             let spec = container(network, "a", netns, None);
@@ -1243,10 +1249,7 @@ fn a_change_whose_commit_or_its_answer_was_lost_is_made_exactly_once() -> Result
                 })
                 .await
                 .with_context(|| format!("connect, mode {mode}"))?;
-            ensure!(runs == 1, "connect ran {runs} times (mode {mode})");
-            ensure!(proxy.fired(), "no request met mode {mode}");
-            let n = ovl_userspace::store::etcd_commits_looked_up() - looked_up;
-            ensure!(n == 1, "connect looked up {n} times (mode {mode})");
+            made_once("connect", runs, looked_up)?;
             let state = store.load().await?;
             let vnis = etcd.keys("/ovl/vnis/")?;
             ensure!(

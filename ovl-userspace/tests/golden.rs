@@ -754,10 +754,10 @@ fn decap_refuses_a_first_fragment_of_vxlan_and_passes_later_ones() -> Result<()>
     Ok(())
 }
 
-#[test]
-fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
-    let f = fixture("gold-pass")?;
-    let other_udp = eth(
+/// A UDP datagram from a peer VTEP to this one that is not VXLAN (DNS):
+/// the host's, passed untouched.
+fn other_udp_to_this_vtep() -> Vec<u8> {
+    eth(
         ARRIVAL_MAC,
         GATEWAY_MAC,
         ETH_P_IP,
@@ -767,7 +767,13 @@ fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
             IPPROTO_UDP,
             &udp(5000, 53, &[0; 20]),
         ),
-    );
+    )
+}
+
+#[test]
+fn decap_passes_everything_that_is_not_ovls_vxlan_untouched() -> Result<()> {
+    let f = fixture("gold-pass")?;
+    let other_udp = other_udp_to_this_vtep();
     let to_other_host = vxlan_frame(
         REMOTE_VTEP,
         Ipv4Addr::new(192, 0, 2, 11),

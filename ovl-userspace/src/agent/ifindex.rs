@@ -67,6 +67,16 @@ impl IfindexCache {
 mod tests {
     use super::*;
 
+    /// Puts a made-up answer for `name` in the cache.
+    fn plant(cache: &IfindexCache, name: &str, ifindex: u32) {
+        cache
+            .known
+            .lock()
+            .unwrap()
+            .1
+            .insert(name.into(), Some(ifindex));
+    }
+
     #[test]
     fn answers_are_kept_until_invalidated() {
         let cache = IfindexCache::default();
@@ -74,12 +84,7 @@ mod tests {
         assert!(lo.is_some(), "every namespace has lo");
         assert_eq!(cache.get("ovl-no-such-link"), None);
         // Served from memory: a planted answer is returned as is.
-        cache
-            .known
-            .lock()
-            .unwrap()
-            .1
-            .insert("ovl-no-such-link".into(), Some(42));
+        plant(&cache, "ovl-no-such-link", 42);
         assert_eq!(cache.get("ovl-no-such-link"), Some(42));
         cache.invalidate();
         assert_eq!(cache.get("ovl-no-such-link"), None);
@@ -90,12 +95,7 @@ mod tests {
     fn a_notification_received_makes_every_answer_old_at_once() {
         let cache = IfindexCache::default();
         assert_eq!(cache.get("ovl-no-such-link"), None);
-        cache
-            .known
-            .lock()
-            .unwrap()
-            .1
-            .insert("ovl-no-such-link".into(), Some(42));
+        plant(&cache, "ovl-no-such-link", 42);
         // Received, not yet taken by the agent's loop.
         cache.notifications().fetch_add(1, Ordering::Release);
         assert_eq!(cache.get("ovl-no-such-link"), None);

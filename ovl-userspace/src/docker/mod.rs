@@ -228,12 +228,11 @@ impl KnownNetworks {
         self.lock().get(docker_id).cloned()
     }
 
-    /// Applies `change`, and writes the file if it changed anything.
-    fn change(&self, change: impl FnOnce(&mut BTreeMap<String, Known>)) {
+    /// Applies `change`, and writes the file if it says it changed
+    /// anything.
+    fn change(&self, change: impl FnOnce(&mut BTreeMap<String, Known>) -> bool) {
         let mut map = self.lock();
-        let before = map.clone();
-        change(&mut map);
-        if *map == before {
+        if !change(&mut map) {
             return;
         }
         let Some(path) = &self.path else {
@@ -264,9 +263,8 @@ impl Known {
 
 impl Context {
     fn remember(&self, docker_id: &str, known: Known) {
-        self.networks.change(|m| {
-            m.insert(docker_id.to_owned(), known);
-        });
+        self.networks
+            .change(|m| m.insert(docker_id.to_owned(), known.clone()).as_ref() != Some(&known));
     }
 
     fn known(&self, docker_id: &str) -> Option<Known> {
@@ -274,9 +272,7 @@ impl Context {
     }
 
     fn forget(&self, docker_id: &str) {
-        self.networks.change(|m| {
-            m.remove(docker_id);
-        });
+        self.networks.change(|m| m.remove(docker_id).is_some());
     }
 }
 

@@ -807,21 +807,7 @@ fn seeds(hook: Hook) -> Vec<(&'static str, Vec<u8>, u32)> {
             frag_needed_report(REMOTE_VTEP, 4789, 1400),
             passed,
         ),
-        (
-            "other UDP",
-            eth(
-                ARRIVAL_MAC,
-                GATEWAY_MAC,
-                ETH_P_IP,
-                &ipv4(
-                    REMOTE_VTEP,
-                    LOCAL_VTEP,
-                    IPPROTO_UDP,
-                    &udp(5000, 53, &[0; 20]),
-                ),
-            ),
-            passed,
-        ),
+        ("other UDP", other_udp_to_this_vtep(), passed),
         (
             "from a stranger",
             vxlan_from(Ipv4Addr::new(192, 0, 2, 66), VNI, &echo(C2, C1, mac_of(C1))),
